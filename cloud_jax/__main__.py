@@ -1,1 +1,46 @@
-def main(): print("cloud_jax")
+"""``python -m cloud_jax <command> ...``: one entry point for everything but training.
+
+Training has its own entry point, ``python -m cloud_jax.train``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Optional, Sequence
+
+# command -> (module with a `main(argv) -> int`, one-line help). Modules load only when used, so
+# `--help` stays fast.
+COMMANDS = {
+    "demo": ("cloud_jax.demo", "run the end-to-end demo (what `make demo` runs)"),
+    "convert-gguf": ("cloud_jax.checkpoints.gguf",
+                     "convert a Llama GGUF (default: bundled SmolLM2-135M) to a HF directory"),
+    "export-hf": ("cloud_jax.checkpoints.export",
+                  "re-export a checkpoint: CLoud reference layout or plain HF backbone"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: python -m cloud_jax <command> [args...]", "", "commands:"]
+    width = max(len(c) for c in COMMANDS)
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "training: python -m cloud_jax.train --config configs/X.yaml [key=value ...]",
+              "`python -m cloud_jax <command> -h` describes one command."]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,9 +17,14 @@ from typing import Any, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from cloud_jax.data.config import DataConfig
+from cloud_jax.errors import ConfigError
+from cloud_jax.losses import LossConfig
+from cloud_jax.optim import OptimConfig
+from cloud_jax.train_config import TrainConfig
 
-class ConfigError(ValueError):
-    """A config file or override that does not fit the schema."""
+__all__ = ["Config", "ConfigError", "MeshConfig", "ModelConfig", "RopeScalingConfig",
+           "config_from_dict", "load_config", "save_config", "to_yaml"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,16 +123,15 @@ class Config:
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     seed: int = 0
     output_dir: str = "runs/default"
     # Where the model comes from: "" (random init from `model`), a local HF or CLoud directory, or a
     # hub id.
     init_from: str = ""
-    # The critique prompt opening the critique turn (the reference wording).
-    critique_prefix: str = (
-        "The following is a break down on the correctness and usefulness of the assistant's "
-        "response to my question: "
-    )
 
 
 def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
@@ -169,6 +173,10 @@ def config_from_dict(data: dict, overrides: Sequence[str] = (), schema: type = C
         raise _explain(err, source) from None
     if isinstance(cfg, Config):
         cfg.model.validate()
+        cfg.optim.validate()
+        cfg.data.validate()
+        cfg.loss.validate()
+        cfg.train.validate()
     return cfg
 
 

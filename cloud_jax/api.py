@@ -1,0 +1,111 @@
+"""The Python surface: ``cloud_jax.load(path)`` -> :class:`RewardModel`.
+
+    rm = cloud_jax.load("path/to/cloud_or_hf_dir")      # or a hub id, where the network allows
+    logits, rewards = rm.forward(input_ids, attention_mask)
+    rm.save_pretrained("out_dir")                       # the reference CLoud layout
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from cloud_jax.checkpoints import hf as hf_io
+from cloud_jax.config import ModelConfig
+from cloud_jax.model import CLoudModel, init_params, last_attended_index, mesh_context
+from cloud_jax.sharding import TRAIN_RULES, Rules
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class RewardModel:
+    """A CLoud reward model: config, parameters (a pytree of jax arrays) and optional tokenizer."""
+
+    config: ModelConfig
+    params: Any
+    tokenizer: Any = None
+    mesh: Optional[Mesh] = None
+    rules: Rules = TRAIN_RULES
+    base_model_name_or_path: Optional[str] = None
+
+    @property
+    def module(self) -> CLoudModel:
+        return CLoudModel(self.config)
+
+    @functools.cached_property
+    def _forward_fn(self):
+        module = self.module
+
+        @jax.jit
+        def fwd(params, ids, mask):
+            out = module.apply({"params": params}, ids, mask,
+                               reward_index_b=last_attended_index(mask))
+            return out["logits"], out["rewards"]
+
+        return fwd
+
+    def forward(self, input_ids, attention_mask=None) -> tuple[jax.Array, jax.Array]:
+        """``(logits [B,T,V] fp32, rewards [B] fp32)``; each reward is read at the row's last
+        attended position, whether the batch is left- or right-padded."""
+        ids = jnp.asarray(input_ids, jnp.int32)
+        if ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {ids.shape}")
+        mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask,
+                                                                             jnp.int32)
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
+        if not bool(jnp.all(jnp.any(mask > 0, axis=1))):
+            raise ValueError("every row needs at least one attended token (attention_mask=1)")
+        if int(jnp.max(ids)) >= self.config.vocab_size or int(jnp.min(ids)) < 0:
+            raise ValueError(f"token ids must lie in [0, vocab_size={self.config.vocab_size})")
+        with mesh_context(self.mesh, self.rules):
+            return self._forward_fn(self.params, ids, mask)
+
+    def save_pretrained(self, directory: str | os.PathLike, *,
+                        base_model_name_or_path: Optional[str] = None) -> Path:
+        """Writes the reference CLoud layout (safetensors + config.json) and the tokenizer."""
+        out = hf_io.save_cloud_reference(
+            self.params, self.config, directory,
+            base_model_name_or_path=base_model_name_or_path or self.base_model_name_or_path)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(out))
+        return out
+
+
+def _load_tokenizer(directory: Path):
+    if not any((directory / name).exists() for name in ("tokenizer.json", "tokenizer_config.json",
+                                                        "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+    # Never trust_remote_code: a checkpoint from a stranger must not run code on load.
+    return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
+
+
+def load(path: str | os.PathLike, *, mesh: Optional[Mesh] = None, rules: Rules = TRAIN_RULES,
+         seed: int = 0, **config_overrides) -> RewardModel:
+    """Loads a CLoud reward model from a reference-layout directory, or a plain HF Llama / Mistral /
+    Qwen2 directory (the reward head then starts from random init), or a hub id.
+
+    ``config_overrides`` replace ModelConfig fields, e.g. ``dtype="bfloat16"`` or
+    ``scan_layers=True``.
+    """
+    cfg, params, directory, raw = hf_io.load_model_dir(
+        path, mesh=mesh, rules=rules, rng=jax.random.key(seed), **config_overrides)
+    base_name = raw.get("base_model_name_or_path") if hf_io.is_cloud_reference(raw) else str(path)
+    return RewardModel(cfg, params, _load_tokenizer(directory), mesh, rules, base_name)
+
+
+def from_config(cfg: ModelConfig, *, seed: int = 0, mesh: Optional[Mesh] = None,
+                rules: Rules = TRAIN_RULES, tokenizer=None) -> RewardModel:
+    """A randomly initialised model (tiny CPU configs, tests, demos)."""
+    return RewardModel(cfg, init_params(cfg, jax.random.key(seed), mesh, rules), tokenizer, mesh,
+                       rules)

@@ -1,0 +1,1 @@
+"""Checkpoint formats: orbax train state, Hugging Face safetensors in/out, GGUF conversion."""

@@ -1,0 +1,489 @@
+"""Hugging Face safetensors in and out: plain Llama / Mistral / Qwen2 directories, and CLoud reward
+models in the reference implementation's layout.
+
+Reference CLoud layout (``CLoudRewardModel`` in the original PyTorch code)::
+
+    config.json          {"architectures": ["CLoudRewardModel"], "feedback_method": "teacher",
+                          "base_model_name_or_path": ..., "base_model_config": {...}}
+    model.safetensors    reward_base_model.model.layers.0.self_attn.q_proj.weight, ...
+                         reward_base_model.lm_head.weight, reward_head.dense.{weight,bias},
+                         reward_head.out_proj.{weight,bias}
+
+The reference reads the backbone config from ``base_model_name_or_path``; we also write it inline as
+``base_model_config`` (and as ``base_config/config.json``) so an exported directory is self-contained.
+
+Only safetensors and JSON are ever read: no pickle, no remote code. Tensors are read one at a time
+and placed straight into their target sharding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from cloud_jax.config import ModelConfig, RopeScalingConfig
+from cloud_jax.model.params import (Params, init_params, param_shapes, param_shardings,
+                                    stack_layers, unstack_layers)
+from cloud_jax.sharding import TRAIN_RULES, Rules
+
+log = logging.getLogger(__name__)
+
+REWARD_PREFIX = "reward_base_model."
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# Non-parameter tensors some exporters include.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be read as asked, with the reason."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+
+
+def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
+    """ModelConfig from a transformers ``config.json`` dict (Llama, Mistral or Qwen2)."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise CheckpointError(
+            f"model_type={model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
+    # transformers 5 keeps RoPE settings in `rope_parameters`; older files use `rope_scaling`.
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type in ("default", None):
+        scaling = RopeScalingConfig()
+    elif rope_type in ("llama3", "linear"):
+        scaling = RopeScalingConfig(
+            type=rope_type, factor=float(rope.get("factor", 1.0)),
+            low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(
+                rope.get("original_max_position_embeddings", 8192)))
+    else:
+        raise CheckpointError(f"rope type {rope_type!r} is not supported (default, linear, llama3)")
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    sliding = None
+    if model_type == "mistral":
+        sliding = hf.get("sliding_window")
+    elif model_type == "qwen2" and hf.get("use_sliding_window"):
+        raise CheckpointError("Qwen2 with use_sliding_window=true is not supported")
+
+    def first(x):
+        return x[0] if isinstance(x, list) else x
+
+    fields = dict(
+        family=model_type,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"],
+        num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        head_dim=hf.get("head_dim"),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(theta),
+        rope_scaling=scaling,
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attention_bias=True if model_type == "qwen2" else bool(hf.get("attention_bias", False)),
+        sliding_window=sliding,
+        reward_dropout=float(hf.get("attention_dropout", 0.0)),
+        bos_token_id=first(hf.get("bos_token_id")),
+        eos_token_id=first(hf.get("eos_token_id")),
+        pad_token_id=first(hf.get("pad_token_id")),
+    )
+    if fields["head_dim"] == fields["hidden_size"] // fields["num_heads"]:
+        fields["head_dim"] = None
+    fields.update(overrides)
+    return ModelConfig(**fields).validate()
+
+
+def hf_config_from_model_config(cfg: ModelConfig) -> dict:
+    """transformers ``config.json`` dict for the backbone."""
+    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+            "qwen2": "Qwen2ForCausalLM"}[cfg.family]
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling.type != "none":
+        rs = cfg.rope_scaling
+        rope = {"rope_type": rs.type, "rope_theta": cfg.rope_theta, "factor": rs.factor}
+        if rs.type == "llama3":
+            rope.update(low_freq_factor=rs.low_freq_factor, high_freq_factor=rs.high_freq_factor,
+                        original_max_position_embeddings=rs.original_max_position_embeddings)
+    out = {
+        "architectures": [arch],
+        "model_type": cfg.family,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.resolved_head_dim,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": rope,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "hidden_act": "silu",
+        "attention_dropout": cfg.reward_dropout,
+        "torch_dtype": cfg.param_dtype,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id,
+    }
+    if cfg.family == "llama":
+        out["attention_bias"] = cfg.attention_bias
+        out["mlp_bias"] = False
+    if cfg.family == "mistral":
+        out["sliding_window"] = cfg.sliding_window
+    if cfg.family == "qwen2":
+        out["use_sliding_window"] = False
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The weight mapping, as data. Each entry: HF name (with {i} for the layer), our path, and how the
+# array is reshaped. Our kernels are [in, out] (q/k/v: [D, heads, head_dim], o: [heads, head_dim, D]);
+# HF linear weights are [out, in].
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+    hf: str
+    ours: tuple[str, ...]
+    kind: str  # copy | linear | qkv | qkv_bias | o_proj
+
+
+_BACKBONE_RULES = (
+    _Rule("model.embed_tokens.weight", ("embed", "embedding"), "copy"),
+    _Rule("model.norm.weight", ("final_norm", "scale"), "copy"),
+    _Rule("lm_head.weight", ("lm_head",), "linear"),
+)
+_LAYER_RULES = (
+    _Rule("model.layers.{i}.input_layernorm.weight", ("input_norm", "scale"), "copy"),
+    _Rule("model.layers.{i}.post_attention_layernorm.weight", ("post_attn_norm", "scale"), "copy"),
+    _Rule("model.layers.{i}.self_attn.q_proj.weight", ("attn", "q_proj", "kernel"), "qkv"),
+    _Rule("model.layers.{i}.self_attn.k_proj.weight", ("attn", "k_proj", "kernel"), "qkv"),
+    _Rule("model.layers.{i}.self_attn.v_proj.weight", ("attn", "v_proj", "kernel"), "qkv"),
+    _Rule("model.layers.{i}.self_attn.q_proj.bias", ("attn", "q_proj", "bias"), "qkv_bias"),
+    _Rule("model.layers.{i}.self_attn.k_proj.bias", ("attn", "k_proj", "bias"), "qkv_bias"),
+    _Rule("model.layers.{i}.self_attn.v_proj.bias", ("attn", "v_proj", "bias"), "qkv_bias"),
+    _Rule("model.layers.{i}.self_attn.o_proj.weight", ("attn", "o_proj", "kernel"), "o_proj"),
+    _Rule("model.layers.{i}.mlp.gate_proj.weight", ("mlp", "gate_proj", "kernel"), "linear"),
+    _Rule("model.layers.{i}.mlp.up_proj.weight", ("mlp", "up_proj", "kernel"), "linear"),
+    _Rule("model.layers.{i}.mlp.down_proj.weight", ("mlp", "down_proj", "kernel"), "linear"),
+)
+_HEAD_RULES = (
+    _Rule("reward_head.dense.weight", ("reward_head", "dense", "kernel"), "linear"),
+    _Rule("reward_head.dense.bias", ("reward_head", "dense", "bias"), "copy"),
+    _Rule("reward_head.out_proj.weight", ("reward_head", "out_proj", "kernel"), "linear"),
+    _Rule("reward_head.out_proj.bias", ("reward_head", "out_proj", "bias"), "copy"),
+)
+
+
+def weight_table(cfg: ModelConfig, with_head: bool, hf_prefix: str = "") -> dict[str, tuple]:
+    """{HF tensor name: (our param path, kind)} for every parameter of ``cfg``."""
+    table: dict[str, tuple] = {}
+    for rule in _BACKBONE_RULES:
+        if rule.ours == ("lm_head",) and cfg.tie_word_embeddings:
+            continue
+        table[hf_prefix + rule.hf] = (rule.ours, rule.kind)
+    for i in range(cfg.num_layers):
+        for rule in _LAYER_RULES:
+            if rule.kind == "qkv_bias" and not cfg.attention_bias:
+                continue
+            table[hf_prefix + rule.hf.format(i=i)] = ((f"layers_{i}",) + rule.ours, rule.kind)
+    if with_head:
+        for rule in _HEAD_RULES:
+            table[rule.hf] = (rule.ours, rule.kind)
+    return table
+
+
+def _to_ours(arr: np.ndarray, kind: str, target_shape: tuple[int, ...]) -> np.ndarray:
+    if kind == "copy":
+        out = arr
+    elif kind == "linear":
+        out = arr.T
+    elif kind == "qkv":  # [H*Dh, D] -> [D, H, Dh]
+        out = arr.T.reshape(target_shape)
+    elif kind == "qkv_bias":  # [H*Dh] -> [H, Dh]
+        out = arr.reshape(target_shape)
+    elif kind == "o_proj":  # [D, H*Dh] -> [H, Dh, D]
+        out = arr.T.reshape(target_shape)
+    else:
+        raise AssertionError(kind)
+    if out.shape != tuple(target_shape):
+        raise CheckpointError(f"shape {arr.shape} does not map onto {target_shape}")
+    return out
+
+
+def _to_hf(arr: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "copy":
+        return arr
+    if kind == "linear":
+        return arr.T
+    if kind == "qkv":  # [D, H, Dh] -> [H*Dh, D]
+        return arr.reshape(arr.shape[0], -1).T
+    if kind == "qkv_bias":
+        return arr.reshape(-1)
+    if kind == "o_proj":  # [H, Dh, D] -> [D, H*Dh]
+        return arr.reshape(-1, arr.shape[-1]).T
+    raise AssertionError(kind)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def resolve_path(path_or_id: str | os.PathLike) -> Path:
+    """A local directory as is; otherwise a hub id fetched with huggingface_hub (safetensors only)."""
+    p = Path(path_or_id)
+    if p.exists():
+        if not p.is_dir():
+            raise CheckpointError(f"{p} is a file; expected a checkpoint directory")
+        return p
+    try:
+        from huggingface_hub import snapshot_download
+        local = snapshot_download(str(path_or_id), allow_patterns=[
+            "*.json", "*.safetensors", "tokenizer*", "*.jinja"])
+    except Exception as err:
+        raise CheckpointError(
+            f"{path_or_id}: not a local directory, and fetching it as a hub id failed: {err}"
+        ) from None
+    return Path(local)
+
+
+def safetensors_files(directory: Path) -> list[Path]:
+    """The weight files of a directory: an index's shards, or every *.safetensors file."""
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [directory / f for f in sorted(set(weight_map.values()))]
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        pickles = [f.name for f in directory.iterdir()
+                   if f.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
+        hint = (f" It holds pickle-based weights ({', '.join(pickles)}), which are never loaded "
+                "because unpickling can run arbitrary code; convert them to safetensors first."
+                if pickles else "")
+        raise CheckpointError(f"{directory}: no *.safetensors weights found.{hint}")
+    return files
+
+
+def iter_tensors(directory: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (name, numpy array) one tensor at a time (bf16 comes back as ml_dtypes.bfloat16)."""
+    from safetensors import safe_open
+
+    for f in safetensors_files(directory):
+        try:
+            handle = safe_open(str(f), framework="numpy")
+        except Exception as err:
+            raise CheckpointError(f"{f}: not a readable safetensors file: {err}") from None
+        with handle:
+            for name in handle.keys():
+                yield name, handle.get_tensor(name)
+
+
+def _set_path(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _get_path(tree: dict, path: tuple[str, ...]):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def load_params(directory: Path, cfg: ModelConfig, *, hf_prefix: str = "", with_head: bool,
+                mesh: Optional[Mesh] = None, rules: Rules = TRAIN_RULES,
+                rng: Optional[jax.Array] = None) -> Params:
+    """Reads HF tensors into our parameter tree, each straight into its sharding.
+
+    Without the reward head in the file (``with_head=False``) the head is initialised randomly from
+    ``rng``. Any unmapped or missing tensor, or a shape mismatch, is an error naming it.
+    """
+    unrolled = dataclasses.replace(cfg, scan_layers=False)
+    table = weight_table(unrolled, with_head=with_head, hf_prefix=hf_prefix)
+    shardings = param_shardings(unrolled, mesh, rules) if mesh is not None else None
+    shapes = param_shapes(unrolled)
+    pdtype = jnp.dtype(cfg.param_dtype)
+    params: dict = {}
+    unexpected = []
+    for name, arr in iter_tensors(directory):
+        if name not in table:
+            if name.endswith(_IGNORED_SUFFIXES):
+                continue
+            unexpected.append(name)
+            continue
+        path, kind = table.pop(name)
+        target = _get_path(shapes, path)
+        try:
+            value = _to_ours(arr, kind, target.shape).astype(pdtype)
+        except CheckpointError as err:
+            raise CheckpointError(f"{directory}: tensor {name}: {err}") from None
+        if shardings is not None:
+            sharding: NamedSharding = _get_path(shardings, path)
+            placed = jax.make_array_from_callback(value.shape, sharding, lambda idx, v=value: v[idx])
+        else:
+            placed = jnp.asarray(value)
+        _set_path(params, path, placed)
+    if unexpected:
+        raise CheckpointError(
+            f"{directory}: {len(unexpected)} tensors do not belong to a {cfg.family} model with "
+            f"this config (e.g. {unexpected[:5]}); check the config or the checkpoint layout")
+    if table:
+        raise CheckpointError(f"{directory}: missing tensors: {sorted(table)[:10]}"
+                              + (" ..." if len(table) > 10 else ""))
+    if not with_head:
+        fresh = init_params(unrolled, rng if rng is not None else jax.random.key(0), mesh, rules)
+        params["reward_head"] = fresh["reward_head"]
+    if cfg.scan_layers:
+        params = stack_layers(params, cfg.num_layers)
+    return params
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def hf_state_dict(params: Params, cfg: ModelConfig, *, with_head: bool,
+                  hf_prefix: str = "") -> dict[str, np.ndarray]:
+    """Our parameters as {HF name: numpy array in HF layout}, gathered to the host."""
+    if "layers" in params and "layers_0" not in params:
+        params = unstack_layers(params, cfg.num_layers)
+    unrolled = dataclasses.replace(cfg, scan_layers=False)
+    out = {}
+    for name, (path, kind) in weight_table(unrolled, with_head, hf_prefix).items():
+        arr = np.asarray(jax.device_get(_get_path(params, path)))
+        out[name] = np.ascontiguousarray(_to_hf(arr, kind))
+    return out
+
+
+def write_safetensors(tensors: dict[str, np.ndarray], directory: Path,
+                      max_shard_bytes: int = 4 << 30) -> None:
+    """Writes ``model.safetensors``, or shards plus ``model.safetensors.index.json`` when large."""
+    from safetensors.numpy import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, arr in tensors.items():
+        if size and size + arr.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = arr
+        size += arr.nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for k, shard in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    total = sum(a.nbytes for a in tensors.values())
+    (directory / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def save_hf_backbone(params: Params, cfg: ModelConfig, directory: str | os.PathLike) -> Path:
+    """A plain transformers ``*ForCausalLM`` directory (the reward head is not written)."""
+    directory = Path(directory)
+    write_safetensors(hf_state_dict(params, cfg, with_head=False), directory)
+    (directory / "config.json").write_text(json.dumps(hf_config_from_model_config(cfg), indent=2))
+    return directory
+
+
+def save_cloud_reference(params: Params, cfg: ModelConfig, directory: str | os.PathLike, *,
+                         base_model_name_or_path: Optional[str] = None,
+                         feedback_method: str = "teacher") -> Path:
+    """A CLoud reward model in the reference implementation's layout (see module docstring)."""
+    if feedback_method not in ("vanilla", "teacher"):
+        raise ValueError(f"feedback_method={feedback_method!r}: expected 'vanilla' or 'teacher'")
+    directory = Path(directory)
+    write_safetensors(hf_state_dict(params, cfg, with_head=True, hf_prefix=REWARD_PREFIX),
+                      directory)
+    base = hf_config_from_model_config(cfg)
+    base_dir = directory / "base_config"
+    base_dir.mkdir(parents=True, exist_ok=True)
+    (base_dir / "config.json").write_text(json.dumps(base, indent=2))
+    config = {
+        "architectures": ["CLoudRewardModel"],
+        "feedback_method": feedback_method,
+        # The reference resolves this with AutoConfig; without a hub id, point it at the copy we
+        # write beside the weights.
+        "base_model_name_or_path": base_model_name_or_path or str(base_dir.resolve()),
+        "base_model_config": base,
+        "torch_dtype": cfg.param_dtype,
+    }
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    return directory
+
+
+def read_config_json(directory: Path) -> dict:
+    path = directory / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{directory}: no config.json; expected a Hugging Face or CLoud "
+                              "reward-model directory")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: invalid JSON: {err}") from None
+
+
+def is_cloud_reference(config: dict) -> bool:
+    return "feedback_method" in config or "base_model_name_or_path" in config
+
+
+def cloud_base_config(directory: Path, config: dict) -> dict:
+    """The backbone config of a reference-layout CLoud directory."""
+    if isinstance(config.get("base_model_config"), dict):
+        return config["base_model_config"]
+    local = directory / "base_config" / "config.json"
+    if local.exists():
+        return json.loads(local.read_text())
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise CheckpointError(f"{directory}/config.json: no base_model_config and no "
+                              "base_model_name_or_path, so the backbone shape is unknown")
+    try:
+        return read_config_json(resolve_path(base))
+    except CheckpointError as err:
+        raise CheckpointError(
+            f"{directory}: the backbone config comes from base_model_name_or_path={base!r}, "
+            f"which could not be read ({err}). Put that model's config.json at "
+            f"{directory}/base_config/config.json to load offline.") from None
+
+
+def load_model_dir(path: str | os.PathLike, *, mesh: Optional[Mesh] = None,
+                   rules: Rules = TRAIN_RULES, rng: Optional[jax.Array] = None,
+                   **config_overrides) -> tuple[ModelConfig, Params, Path, dict]:
+    """Reads a plain HF causal-LM directory or a reference-layout CLoud directory.
+
+    Returns (model config, params, resolved directory, the raw config.json). A plain causal LM gets
+    a freshly initialised reward head (logged).
+    """
+    directory = resolve_path(path)
+    raw = read_config_json(directory)
+    if is_cloud_reference(raw):
+        cfg = model_config_from_hf(cloud_base_config(directory, raw), **config_overrides)
+        params = load_params(directory, cfg, hf_prefix=REWARD_PREFIX, with_head=True, mesh=mesh,
+                             rules=rules)
+    else:
+        cfg = model_config_from_hf(raw, **config_overrides)
+        log.info("%s is a plain %s checkpoint: the reward head starts from random init",
+                 directory, cfg.family)
+        params = load_params(directory, cfg, with_head=False, mesh=mesh, rules=rules, rng=rng)
+    return cfg, params, directory, raw

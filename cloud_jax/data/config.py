@@ -1,0 +1,95 @@
+"""Settings of the data package: row files, tokenization, the TFDS cache and batching.
+
+Kept free of ``cloud_jax.config`` (which embeds :class:`DataConfig` as its ``data`` section) so
+there is no import cycle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Tuple
+
+from cloud_jax.errors import ConfigError
+
+STAGES = ("critique_sft", "cloud", "classic", "lm_pretrain")
+OVERLENGTH_POLICIES = ("drop", "truncate_prompt")
+
+# The reference wording of the opening of the critique turn.
+CRITIQUE_PREFIX = (
+    "The following is a break down on the correctness and usefulness of the assistant's "
+    "response to my question: "
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the preference rows come from and how they become batches.
+
+    Paths may be one file, a comma-separated list or a glob (``data/train-*.parquet``).
+    """
+
+    train_path: str = ""
+    eval_path: str = ""
+    # "byte" (the built-in byte tokenizer), a local HF tokenizer directory or a hub id.
+    tokenizer: str = "byte"
+    max_length: int = 2048
+    # drop: skip a pair whose chosen or rejected sequence is longer than max_length (counted and
+    # logged). truncate_prompt: cut prompt tokens from the left until it fits; drop it if even an
+    # empty prompt does not fit. Responses and critiques are never cut.
+    overlength_policy: str = "drop"
+    # Padded sequence lengths; a batch is right-padded to the smallest bucket that holds its
+    # longest row, which bounds the number of compiled shapes. Empty: powers of two from 128, with
+    # max_length as the last bucket.
+    length_buckets: Tuple[int, ...] = ()
+    # Skip bad rows (and duplicate ids, chosen == rejected) instead of failing; each is written to
+    # the rejects file with its file, line, field and reason.
+    lenient: bool = False
+    # Empty: <tfds_dir>/rejects-<split>.jsonl.
+    rejects_path: str = ""
+    critique_prefix: str = CRITIQUE_PREFIX
+    # Pairs per global batch (each pair is a chosen and a rejected sequence); every host gets
+    # batch_pairs / host_count of them.
+    batch_pairs: int = 8
+    shuffle: bool = True
+    seed: int = 0
+    num_epochs: int = 1
+    # False: the last partial batch of an epoch is filled with pair_valid=0 pairs; True: dropped.
+    drop_remainder: bool = False
+    # Where tokenized datasets are stored (one subdirectory per rows/tokenizer/settings hash).
+    tfds_dir: str = "tfds_cache"
+    # grain read threads and prefetched elements per host.
+    num_threads: int = 2
+    prefetch_buffer_size: int = 8
+
+    def validate(self) -> "DataConfig":
+        if self.overlength_policy not in OVERLENGTH_POLICIES:
+            raise ConfigError(
+                f"data.overlength_policy={self.overlength_policy!r}: expected one of "
+                f"{', '.join(OVERLENGTH_POLICIES)}"
+            )
+        if self.max_length < 2:
+            raise ConfigError(f"data.max_length={self.max_length}: must be at least 2")
+        if self.batch_pairs < 1:
+            raise ConfigError(f"data.batch_pairs={self.batch_pairs}: must be at least 1")
+        if self.num_epochs < 1:
+            raise ConfigError(f"data.num_epochs={self.num_epochs}: must be at least 1")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"data.seed={self.seed}: must be in [0, 2**32)")
+        if list(self.length_buckets) != sorted(set(self.length_buckets)) or any(
+            b < 1 for b in self.length_buckets
+        ):
+            raise ConfigError(
+                f"data.length_buckets={list(self.length_buckets)}: expected strictly increasing "
+                "positive lengths"
+            )
+        return self
+
+
+def resolved_buckets(length_buckets, max_length: int) -> Tuple[int, ...]:
+    """The padded lengths in use: the configured buckets below max_length, then max_length."""
+    if not length_buckets:
+        length_buckets, b = [], 128
+        while b < max_length:
+            length_buckets.append(b)
+            b *= 2
+    return tuple(b for b in length_buckets if b < max_length) + (max_length,)

@@ -1,0 +1,187 @@
+"""Chat layout of one scored sequence, tokenized, with its loss targets and reward position.
+
+Critique layout (stages critique_sft, cloud, lm_pretrain):
+
+    [user: PROMPT] [assistant: RESPONSE] [user: CRITIQUE_PREFIX + CRITIQUE]<end-of-turn>
+
+Classic layout (stage classic): ``[user: PROMPT] [assistant: RESPONSE]<end-of-turn>``. The reward
+is read at the final end-of-turn token, recorded as ``reward_index``; the sequence ends there.
+
+The chat template is rendered once per tokenizer with a sentinel in place of every message's text,
+and cut at the sentinels into fixed template pieces. A sequence is the template pieces' tokens
+with the tokens of each text in between, each part tokenized on its own, so:
+- the prefill the sampler uses (``encode_critique_prefix``) is exactly a prefix of the training
+  sequence, whatever the tokenizer would merge across the boundary;
+- special-token strings inside row text (say a literal "<|eot_id|>" in a prompt) stay plain text
+  and cannot end a turn early;
+- the prompt's tokens are known, so ``truncate_prompt`` can cut them from the left.
+Templates that trim message text (Llama-3's does) are detected and the texts trimmed likewise.
+There is exactly one BOS: the one the template writes, or else the one the tokenizer would add.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from typing import List, Optional
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from cloud_jax.data.config import CRITIQUE_PREFIX, OVERLENGTH_POLICIES, STAGES
+from cloud_jax.data.tokenizer import render_around, turn_closer_after
+
+_PROMPT, _RESPONSE, _CRITIQUE = "\ue001P\ue001", "\ue001R\ue001", "\ue001C\ue001"
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    input_ids: np.ndarray  # [L] int32
+    # [L] uint8: 1 where the token is a loss target, i.e. is predicted from position t-1.
+    target_mask: np.ndarray
+    # Position of the end-of-turn token the reward is read at (always L-1).
+    reward_index: int
+    # Prompt tokens cut from the left by the truncate_prompt policy.
+    prompt_tokens_cut: int = 0
+
+
+def _split(text: str, *sentinels: str) -> List[str]:
+    pieces = []
+    for s in sentinels:
+        if text.count(s) != 1:
+            raise ValueError("the chat template does not write message content verbatim; it "
+                             "cannot be used for the critique layout")
+        head, text = text.split(s)
+        pieces.append(head)
+    return pieces + [text]
+
+
+class ChatLayout:
+    """Template pieces of one tokenizer, tokenized once; encodes rows in either layout."""
+
+    def __init__(self, tok: PreTrainedTokenizerBase):
+        self.tok = tok
+        self.chat_template = tok.chat_template
+        # Sentinels hide whether the template trims message text (Llama-3's does); render real
+        # padded text once to find out, so the texts can be trimmed the same way.
+        probe = [{"role": "user", "content": " x "}]
+        before, after = render_around(tok, probe, 0)
+        self.trims = not (tok.apply_chat_template(probe, tokenize=False)
+                          == before + " x " + after)
+        critique_msgs = [{"role": "user", "content": _PROMPT},
+                         {"role": "assistant", "content": _RESPONSE},
+                         {"role": "user", "content": _CRITIQUE}]
+        text = tok.apply_chat_template(critique_msgs, tokenize=False)
+        head, mid1, mid2, tail = _split(text, _PROMPT, _RESPONSE, _CRITIQUE)
+        self.critique_pieces = [self._template_ids(p) for p in (head, mid1, mid2)]
+        self.critique_closer = turn_closer_after(tok, tail, "the critique's user turn")
+        text = tok.apply_chat_template(critique_msgs[:2], tokenize=False)
+        head, mid1, tail = _split(text, _PROMPT, _RESPONSE)
+        self.classic_pieces = [self._template_ids(p) for p in (head, mid1)]
+        self.classic_closer = turn_closer_after(tok, tail, "the response's assistant turn")
+        bos = tok.bos_token_id
+        adds_bos = bos is not None and tok.encode("a", add_special_tokens=True)[:1] == [bos]
+        # Template text is tokenized without added special tokens, so the only BOS so far is the
+        # one the template writes (Llama-3: <|begin_of_text|>); add the tokenizer's if it has none.
+        for pieces in (self.critique_pieces, self.classic_pieces):
+            if adds_bos and pieces[0][:1] != [bos]:
+                pieces[0] = [bos] + pieces[0]
+
+    def _template_ids(self, text: str) -> List[int]:
+        return self.tok.encode(text, add_special_tokens=False) if text else []
+
+    def _text_ids(self, text: str) -> List[int]:
+        # Row text never yields special tokens: "<|eot_id|>" written in a prompt stays characters.
+        return self.tok.encode(text, add_special_tokens=False, split_special_tokens=True)
+
+    def _texts(self, prompt: str, response: str, critique_prefix: str):
+        if self.trims:
+            return prompt.strip(), response.strip(), critique_prefix.lstrip()
+        return prompt, response, critique_prefix
+
+    def critique_prefix_ids(self, prompt: str, response: str, critique_prefix: str,
+                            max_length: Optional[int] = None) -> List[int]:
+        prompt, response, critique_prefix = self._texts(prompt, response, critique_prefix)
+        head, mid1, mid2 = self.critique_pieces
+        prompt_ids = self._text_ids(prompt)
+        rest = mid1 + self._text_ids(response) + mid2 + self._text_ids(critique_prefix)
+        if max_length is not None:
+            excess = len(head) + len(prompt_ids) + len(rest) - max_length
+            if excess > len(prompt_ids):
+                raise ValueError(f"the critique prefill is {excess - len(prompt_ids)} tokens "
+                                 f"over max_length={max_length} even with the prompt cut away")
+            prompt_ids = prompt_ids[max(excess, 0):]
+        return head + prompt_ids + rest
+
+    def encode(self, prompt: str, response: str, critique: Optional[str], stage: str,
+               critique_prefix: str, max_length: int,
+               overlength_policy: str = "drop") -> Optional[Example]:
+        if stage not in STAGES:
+            raise ValueError(f"stage {stage!r}: expected one of {', '.join(STAGES)}")
+        if overlength_policy not in OVERLENGTH_POLICIES:
+            raise ValueError(f"overlength_policy {overlength_policy!r}: expected one of "
+                             f"{', '.join(OVERLENGTH_POLICIES)}")
+        prompt, response, critique_prefix = self._texts(prompt, response, critique_prefix)
+        if stage == "classic":
+            head, mid1 = self.classic_pieces
+            middle = mid1 + self._text_ids(response) + [self.classic_closer]
+            num_targets = 0
+        else:
+            if not critique:
+                raise ValueError(f"stage {stage!r} needs a critique for every response")
+            if self.trims:
+                critique = critique.rstrip()
+            head, mid1, mid2 = self.critique_pieces
+            targets = self._text_ids(critique) + [self.critique_closer]
+            middle = (mid1 + self._text_ids(response) + mid2 + self._text_ids(critique_prefix)
+                      + targets)
+            num_targets = len(targets)
+        prompt_ids = self._text_ids(prompt)
+        excess = len(head) + len(prompt_ids) + len(middle) - max_length
+        cut = 0
+        if excess > 0:
+            if overlength_policy == "drop" or excess > len(prompt_ids):
+                return None
+            cut = excess
+        ids = np.asarray(head + prompt_ids[cut:] + middle, np.int32)
+        mask = np.zeros(len(ids), np.uint8)
+        if stage == "lm_pretrain":
+            mask[1:] = 1
+        elif num_targets:
+            mask[len(ids) - num_targets:] = 1
+        return Example(input_ids=ids, target_mask=mask, reward_index=len(ids) - 1,
+                       prompt_tokens_cut=cut)
+
+
+_layouts: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def chat_layout(tok: PreTrainedTokenizerBase) -> ChatLayout:
+    """The ChatLayout of ``tok``, built once per tokenizer (and again if its template changes)."""
+    layout = _layouts.get(tok)
+    if layout is None or layout.chat_template != tok.chat_template:
+        layout = _layouts[tok] = ChatLayout(tok)
+    return layout
+
+
+def encode_critique_prefix(tok: PreTrainedTokenizerBase, prompt: str, response: str,
+                           critique_prefix: str = CRITIQUE_PREFIX,
+                           max_length: Optional[int] = None) -> List[int]:
+    """Tokens up to and including the critique prefix: what the sampler prefills before writing
+    a critique. With ``max_length``, prompt tokens are cut from the left to fit (ValueError if
+    even an empty prompt does not)."""
+    return chat_layout(tok).critique_prefix_ids(prompt, response, critique_prefix, max_length)
+
+
+def encode_example(tok: PreTrainedTokenizerBase, prompt: str, response: str,
+                   critique: Optional[str], stage: str,
+                   critique_prefix: str = CRITIQUE_PREFIX, max_length: int = 2048,
+                   overlength_policy: str = "drop") -> Optional[Example]:
+    """One response in the layout of ``stage``; None when it is over ``max_length`` and the
+    policy drops it.
+
+    Loss targets: the critique and its end-of-turn token (critique_sft, cloud); every token after
+    the first (lm_pretrain); none (classic). ``critique`` is unused by classic.
+    """
+    return chat_layout(tok).encode(prompt, response, critique, stage, critique_prefix,
+                                   max_length, overlength_policy)

@@ -1,0 +1,159 @@
+"""Tokenized pairs -> per-host numpy batches, with grain.
+
+One batch (P pairs per host, T a length bucket; pair axis 0 = chosen, 1 = rejected):
+
+    input_ids       int32   [P, 2, T]  right-padded with pad_id
+    attention_mask  int32   [P, 2, T]  1 on real tokens
+    positions       int32   [P, 2, T]  0, 1, ... on real tokens, 0 on pads
+    targets         int32   [P, 2, T]  input_ids[t + 1], 0 where there is none
+    loss_mask       float32 [P, 2, T]  1 where targets[t] is a loss target
+    reward_index    int32   [P, 2]     position of the end-of-turn token the reward is read at
+    pair_valid      int32   [P]        0 for filler pairs
+    pair_index      int32   [P]        the pair's record index in the source, -1 for filler
+
+Filler pairs (the tail of a last partial batch, and the one-pair top-up that gives every host
+the same number of batches) are copies of a real pair with pair_valid 0 and loss_mask 0, so no
+row is all padding and every reward_index points at a real end-of-turn token.
+
+Order: each host takes every shard_count-th record from shard_index, shuffles them with a
+permutation that depends on (seed, epoch), batches each epoch separately and repeats for
+num_epochs. Batch i is a pure function of i, so the iterator state (grain's get_state /
+set_state) is just a position, and a restored iterator yields exactly the batches that followed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence
+
+import grain
+import numpy as np
+
+from cloud_jax.data.config import DataConfig, resolved_buckets
+
+BATCH_KEYS = ("input_ids", "attention_mask", "positions", "targets", "loss_mask",
+              "reward_index", "pair_valid", "pair_index")
+_SIDES = ("chosen", "rejected")
+
+
+class _ReadPair:
+    """Host position -> source record; -1 (the top-up) reads record 0 and marks it filler."""
+
+    def __init__(self, source):
+        self._source = source
+
+    def __call__(self, index: int) -> dict:
+        record = dict(self._source[max(index, 0)])
+        record["pair_index"] = index
+        return record
+
+
+class _Collate:
+    def __init__(self, pairs: int, buckets: Sequence[int], pad_id: int):
+        self._pairs, self._buckets, self._pad_id = pairs, tuple(buckets), pad_id
+
+    def __call__(self, records: Sequence[dict]) -> dict:
+        longest = max(len(r[f"{s}_input_ids"]) for r in records for s in _SIDES)
+        length = next((b for b in self._buckets if b >= longest), None)
+        if length is None:
+            raise ValueError(f"a stored sequence has {longest} tokens, more than the largest "
+                             f"length bucket {self._buckets[-1]}; rebuild the dataset with this "
+                             "max_length")
+        p = self._pairs
+        out = {
+            "input_ids": np.full((p, 2, length), self._pad_id, np.int32),
+            "attention_mask": np.zeros((p, 2, length), np.int32),
+            "positions": np.zeros((p, 2, length), np.int32),
+            "targets": np.zeros((p, 2, length), np.int32),
+            "loss_mask": np.zeros((p, 2, length), np.float32),
+            "reward_index": np.zeros((p, 2), np.int32),
+            "pair_valid": np.zeros((p,), np.int32),
+            "pair_index": np.full((p,), -1, np.int32),
+        }
+        for i in range(p):
+            record = records[i] if i < len(records) else records[0]
+            valid = i < len(records) and record["pair_index"] >= 0
+            for j, side in enumerate(_SIDES):
+                ids = np.asarray(record[f"{side}_input_ids"])
+                n = len(ids)
+                reward_index = int(record[f"{side}_reward_index"])
+                if not 0 <= reward_index < n:
+                    raise ValueError(f"pair {record['id']!r}: {side} reward_index "
+                                     f"{reward_index} is outside its {n} tokens")
+                out["input_ids"][i, j, :n] = ids
+                out["attention_mask"][i, j, :n] = 1
+                out["positions"][i, j, :n] = np.arange(n)
+                out["targets"][i, j, :n - 1] = ids[1:]
+                if valid:
+                    out["loss_mask"][i, j, :n - 1] = record[f"{side}_target_mask"][1:]
+                out["reward_index"][i, j] = reward_index
+            if valid:
+                out["pair_valid"][i] = 1
+                out["pair_index"][i] = record["pair_index"]
+        return out
+
+
+def host_positions(num_records: int, shard_index: int, shard_count: int,
+                   drop_remainder: bool) -> List[int]:
+    """The records of one host; -1 tops a short host up so every host has as many (without
+    drop_remainder), or the longer hosts lose their last record (with it)."""
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index={shard_index} is not in [0, shard_count={shard_count})")
+    per_host = (num_records // shard_count if drop_remainder
+                else math.ceil(num_records / shard_count))
+    if per_host == 0:
+        raise ValueError(f"{num_records} pairs cannot give each of {shard_count} hosts one")
+    mine = list(range(shard_index, num_records, shard_count))[:per_host]
+    return mine + [-1] * (per_host - len(mine))
+
+
+def pair_batches(source, *, pairs_per_host: int, length_buckets: Sequence[int], seed: int = 0,
+                 shuffle: bool = True, num_epochs: int = 1, drop_remainder: bool = False,
+                 shard_index: int = 0, shard_count: int = 1,
+                 pad_id: int = 0) -> grain.MapDataset:
+    """The batches of one host as a grain MapDataset: ``len`` is the number of batches over all
+    epochs and ``ds[i]`` is batch i (see the module docstring for layout and order)."""
+    positions = host_positions(len(source), shard_index, shard_count, drop_remainder)
+    if drop_remainder and len(positions) < pairs_per_host:
+        raise ValueError(f"{len(positions)} pairs per host make no full batch of "
+                         f"{pairs_per_host}; lower batch_pairs or set drop_remainder=False")
+    ds = grain.MapDataset.source(positions)
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.map(_ReadPair(source))
+    ds = ds.batch(pairs_per_host, drop_remainder=drop_remainder,
+                  batch_fn=_Collate(pairs_per_host, length_buckets, pad_id))
+    return ds.repeat(num_epochs)
+
+
+def _default_shard(shard_index: Optional[int], shard_count: Optional[int]):
+    if shard_index is None or shard_count is None:
+        import jax
+
+        return jax.process_index(), jax.process_count()
+    return shard_index, shard_count
+
+
+def batch_iterator(cfg: DataConfig, source, *, shard_index: Optional[int] = None,
+                   shard_count: Optional[int] = None, shuffle: Optional[bool] = None,
+                   num_epochs: Optional[int] = None) -> grain.DatasetIterator:
+    """A checkpointable iterator over this host's batches (``get_state`` / ``set_state``).
+
+    Hosts default to JAX processes; every host gets cfg.batch_pairs / shard_count pairs per
+    batch and the same number of batches. ``shuffle`` and ``num_epochs`` default to cfg's (an
+    evaluation pass passes shuffle=False, num_epochs=1).
+    """
+    cfg.validate()
+    shard_index, shard_count = _default_shard(shard_index, shard_count)
+    if cfg.batch_pairs % shard_count:
+        raise ValueError(f"data.batch_pairs={cfg.batch_pairs} is not divisible by the "
+                         f"{shard_count} hosts")
+    ds = pair_batches(
+        source, pairs_per_host=cfg.batch_pairs // shard_count,
+        length_buckets=resolved_buckets(cfg.length_buckets, cfg.max_length), seed=cfg.seed,
+        shuffle=cfg.shuffle if shuffle is None else shuffle,
+        num_epochs=cfg.num_epochs if num_epochs is None else num_epochs,
+        drop_remainder=cfg.drop_remainder, shard_index=shard_index, shard_count=shard_count)
+    read = grain.ReadOptions(num_threads=cfg.num_threads,
+                             prefetch_buffer_size=cfg.prefetch_buffer_size)
+    return iter(ds.to_iter_dataset(read))

@@ -1,0 +1,272 @@
+"""Preference rows: loading from JSONL / JSON / Parquet and validation.
+
+A row is one object with the columns
+
+    id, prompt, chosen, rejected, chosen_feedback, rejected_feedback, subset (optional)
+
+``*_feedback`` is a string or a one-element list of one string (the self-generated sets use lists);
+it is required when ``require_feedback`` (stages critique_sft, cloud, lm_pretrain) and not read
+otherwise. ``id`` is a string or an integer (RewardBench ids are integers) and is kept as a string.
+Other columns (RewardBench's model names, for instance) are kept in ``PreferenceRow.extra`` unread.
+
+Every problem is a :class:`RowError` naming the file, the place (1-based line for JSONL, 0-based
+row index for Parquet and JSON arrays) and the field. Strict mode raises the first one. Lenient
+mode skips the row, counts it and writes it to a rejects JSONL file with file, line/row, field,
+reason and the raw row. Duplicate ids and ``chosen == rejected`` are problems of the later row:
+strict mode raises, lenient mode rejects that row and keeps the first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import logging
+import os
+from typing import Any, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+log = logging.getLogger(__name__)
+
+TEXT_FIELDS = ("prompt", "chosen", "rejected")
+FEEDBACK_FIELDS = ("chosen_feedback", "rejected_feedback")
+KNOWN_FIELDS = ("id",) + TEXT_FIELDS + FEEDBACK_FIELDS + ("subset",)
+
+
+class RowError(ValueError):
+    """A bad row: where it is (file, line or row index), which field, and what is wrong."""
+
+    def __init__(self, file: str, line: Optional[int], row: Optional[int], field: Optional[str],
+                 reason: str):
+        self.file, self.line, self.row, self.field, self.reason = file, line, row, field, reason
+        super().__init__(f"{self.location}: {self._what}: {reason}")
+
+    @property
+    def location(self) -> str:
+        return _location(self.file, self.line, self.row)
+
+    @property
+    def _what(self) -> str:
+        return f"field '{self.field}'" if self.field else "row"
+
+
+def _location(file: str, line: Optional[int], row: Optional[int]) -> str:
+    return f"{file}:{line}" if line is not None else f"{file}[row {row}]"
+
+
+class _FieldError(Exception):
+    def __init__(self, field: Optional[str], reason: str):
+        super().__init__(reason)
+        self.field, self.reason = field, reason
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceRow:
+    id: str
+    prompt: str
+    chosen: str
+    rejected: str
+    chosen_feedback: Optional[str]
+    rejected_feedback: Optional[str]
+    subset: Optional[str]
+    # "file:line" or "file[row i]", for messages further down the pipeline.
+    source: str
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadResult:
+    rows: List[PreferenceRow]
+    num_rejected: int
+    rejects_path: Optional[str]
+
+
+def expand_paths(spec: Union[str, Sequence[str]]) -> List[str]:
+    """A file, a comma-separated list or globs -> the sorted, existing files they name."""
+    parts = [p.strip() for p in spec.split(",")] if isinstance(spec, str) else list(spec)
+    paths: List[str] = []
+    for part in filter(None, parts):
+        matches = sorted(glob.glob(part)) if glob.has_magic(part) else [part]
+        if not matches or not all(os.path.isfile(m) for m in matches):
+            raise FileNotFoundError(
+                f"data file {part!r} does not exist (or the glob matches nothing)")
+        paths.extend(matches)
+    if not paths:
+        raise FileNotFoundError(f"no data files given ({spec!r})")
+    return paths
+
+
+# --- reading: (line, row, raw object or _FieldError, raw text for the rejects file) -------------
+
+_Raw = Tuple[Optional[int], Optional[int], Union[Any, _FieldError], str]
+
+
+def _iter_jsonl(path: str) -> Iterator[_Raw]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            if not raw.strip():
+                continue
+            text = raw.decode("utf-8", "backslashreplace").rstrip("\r\n")
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as err:
+                obj = _FieldError(None, f"invalid UTF-8 at byte {err.start} of the line")
+            except json.JSONDecodeError as err:
+                obj = _FieldError(None, f"invalid JSON: {err.msg} (column {err.colno})")
+            yield lineno, None, obj, text
+
+
+def _iter_json_array(path: str) -> Iterator[_Raw]:
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        rows = json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as err:
+        raise RowError(path, None, None, None, f"invalid UTF-8 at byte {err.start}") from None
+    except json.JSONDecodeError as err:
+        raise RowError(path, err.lineno, None, None, f"invalid JSON: {err.msg}") from None
+    if not isinstance(rows, list):
+        raise RowError(path, None, None, None,
+                       "a .json file must hold an array of row objects (or one object per line)")
+    for i, obj in enumerate(rows):
+        yield None, i, obj, json.dumps(obj, ensure_ascii=True, default=repr)
+
+
+def _iter_parquet(path: str) -> Iterator[_Raw]:
+    import pyarrow.parquet as pq
+
+    offset = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        try:
+            objs: List[Any] = batch.to_pylist()
+        except (UnicodeDecodeError, ValueError):
+            objs = []
+            for i in range(batch.num_rows):
+                obj = {}
+                for name in batch.schema.names:
+                    try:
+                        obj[name] = batch.column(name)[i].as_py()
+                    except (UnicodeDecodeError, ValueError):
+                        obj = _FieldError(name, "invalid UTF-8")
+                        break
+                objs.append(obj)
+        for i, obj in enumerate(objs):
+            raw = obj.reason if isinstance(obj, _FieldError) else json.dumps(
+                obj, ensure_ascii=True, default=repr)
+            yield None, offset + i, obj, raw
+        offset += batch.num_rows
+
+
+def _iter_raw(path: str) -> Iterator[_Raw]:
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".parquet":
+        return _iter_parquet(path)
+    if ext == ".jsonl":
+        return _iter_jsonl(path)
+    if ext == ".json":
+        with open(path, "rb") as f:
+            head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+        return _iter_json_array(path) if head.startswith(b"[") else _iter_jsonl(path)
+    raise ValueError(f"{path}: unknown row file type {ext!r}; expected .jsonl, .json or .parquet")
+
+
+# --- validation -----------------------------------------------------------------------------------
+
+def _check_text(field: str, value: Any) -> str:
+    if value is None:
+        raise _FieldError(field, "is null; expected a non-empty string")
+    if not isinstance(value, str):
+        raise _FieldError(field, f"expected a string, got {type(value).__name__}")
+    if not value.strip():
+        raise _FieldError(field, "is empty")
+    if "\x00" in value:
+        raise _FieldError(field, f"contains a NUL character at offset {value.index(chr(0))}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise _FieldError(field, f"contains a lone surrogate (\\u{ord(value[err.start]):04x}) at "
+                                 f"offset {err.start}; the text is not valid Unicode") from None
+    return value
+
+
+def _check_feedback(field: str, value: Any) -> str:
+    if isinstance(value, list):
+        if len(value) != 1:
+            raise _FieldError(field, f"expected a string or a one-element list, got a list of "
+                                     f"{len(value)} elements")
+        value = value[0]
+    return _check_text(field, value)
+
+
+def validate_row(obj: Any, require_feedback: bool, source: str) -> PreferenceRow:
+    """One raw row object -> a PreferenceRow, or _FieldError naming the first bad field."""
+    if not isinstance(obj, dict):
+        raise _FieldError(None, f"expected a JSON object, got {type(obj).__name__}")
+    required = ("id",) + TEXT_FIELDS + (FEEDBACK_FIELDS if require_feedback else ())
+    for field in required:
+        if field not in obj:
+            hint = " (feedback is required for this stage)" if field in FEEDBACK_FIELDS else ""
+            raise _FieldError(field, f"missing{hint}")
+    row_id = obj["id"]
+    if isinstance(row_id, int) and not isinstance(row_id, bool):
+        row_id = str(row_id)
+    else:
+        row_id = _check_text("id", row_id)
+    texts = {f: _check_text(f, obj[f]) for f in TEXT_FIELDS}
+    feedback = {f: _check_feedback(f, obj[f]) if require_feedback else None
+                for f in FEEDBACK_FIELDS}
+    subset = obj.get("subset")
+    if subset is not None:
+        subset = _check_text("subset", subset) if subset != "" else None
+    if texts["chosen"] == texts["rejected"]:
+        raise _FieldError("rejected", "identical to chosen; the pair carries no preference")
+    extra = {k: v for k, v in obj.items() if k not in KNOWN_FIELDS}
+    return PreferenceRow(id=row_id, **texts, **feedback, subset=subset, source=source, extra=extra)
+
+
+def load_rows(paths: Union[str, Sequence[str]], *, require_feedback: bool, lenient: bool = False,
+              rejects_path: Optional[str] = None) -> LoadResult:
+    """Loads and validates every row of ``paths`` (see the module docstring for the rules).
+
+    Raises RowError on the first bad row unless ``lenient``; then bad rows are skipped, counted
+    and, when ``rejects_path`` is given, written there one JSON object per line.
+    """
+    files = expand_paths(paths)
+    rows: List[PreferenceRow] = []
+    first_seen: dict = {}
+    num_rejected = 0
+    rejects = None
+    if lenient and rejects_path:
+        os.makedirs(os.path.dirname(os.path.abspath(rejects_path)), exist_ok=True)
+        rejects = open(rejects_path, "w", encoding="utf-8")
+    try:
+        for path in files:
+            for line, index, obj, raw in _iter_raw(path):
+                try:
+                    if isinstance(obj, _FieldError):
+                        raise obj
+                    row = validate_row(obj, require_feedback, _location(path, line, index))
+                    if row.id in first_seen:
+                        raise _FieldError("id", f"duplicate id {row.id!r} (first at "
+                                                f"{first_seen[row.id]})")
+                except _FieldError as bad:
+                    error = RowError(path, line, index, bad.field, bad.reason)
+                    if not lenient:
+                        raise error from None
+                    num_rejected += 1
+                    if rejects is not None:
+                        rejects.write(json.dumps({
+                            "file": path, "line": line, "row": index, "field": bad.field,
+                            "reason": bad.reason, "raw": raw}, ensure_ascii=True) + "\n")
+                    continue
+                first_seen[row.id] = row.source
+                rows.append(row)
+    finally:
+        if rejects is not None:
+            rejects.close()
+    if num_rejected:
+        log.warning("%d bad rows skipped in %s%s", num_rejected, ", ".join(files),
+                    f" (details in {rejects_path})" if rejects is not None else "")
+    return LoadResult(rows=rows, num_rejected=num_rejected,
+                      rejects_path=rejects_path if rejects is not None else None)

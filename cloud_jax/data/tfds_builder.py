@@ -1,0 +1,199 @@
+"""Validated rows -> tokenized pairs stored as a TFDS dataset in array_record files.
+
+TFDS writes and reads array_record without TensorFlow: a ``GeneratorBasedBuilder`` prepared with
+``file_format='array_record'``, read back with ``tfds.data_source`` (random access, what grain
+needs). Each record is one pair, tokenized once so training never re-tokenizes:
+
+    id, subset                        text
+    {chosen,rejected}_input_ids       int32 [L]
+    {chosen,rejected}_target_mask     uint8 [L]  (1 where the token is a loss target)
+    {chosen,rejected}_reward_index    int32      (the final end-of-turn token)
+
+Records keep the order of the rows. A pair is stored only if both of its sequences fit
+``max_length`` under the over-length policy. The dataset lives in
+``<tfds_dir>/cloud_pairs/<stage>-<hash>/<version>``, where the hash covers the row files'
+bytes, the tokenizer and every setting that changes a record, so a change builds a new dataset
+and an unchanged one is reused. Build counts (rows, rejected rows, dropped and prompt-truncated
+pairs) are stored in the dataset's metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from typing import Dict, Mapping, Optional
+
+import numpy as np
+import tensorflow_datasets as tfds
+from transformers import PreTrainedTokenizerBase
+
+from cloud_jax.data.config import STAGES, DataConfig
+from cloud_jax.data.layout import chat_layout
+from cloud_jax.data.schema import expand_paths, load_rows
+from cloud_jax.data.tokenizer import tokenizer_fingerprint
+
+log = logging.getLogger(__name__)
+
+DATASET_NAME = "cloud_pairs"
+
+
+def _features() -> tfds.features.FeaturesDict:
+    seq = {}
+    for side in ("chosen", "rejected"):
+        seq[f"{side}_input_ids"] = tfds.features.Tensor(shape=(None,), dtype=np.int32)
+        seq[f"{side}_target_mask"] = tfds.features.Tensor(shape=(None,), dtype=np.uint8)
+        seq[f"{side}_reward_index"] = tfds.features.Scalar(dtype=np.int32)
+    return tfds.features.FeaturesDict(
+        {"id": tfds.features.Text(), "subset": tfds.features.Text(), **seq})
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildSettings:
+    """Everything besides the row files and the tokenizer that changes a stored record."""
+
+    stage: str
+    max_length: int
+    overlength_policy: str
+    critique_prefix: str
+    lenient: bool
+
+
+class CloudPairs(tfds.core.GeneratorBasedBuilder):
+    """Tokenized preference pairs. Built by :func:`prepare_dataset`; read with
+    ``tfds.data_source('cloud_pairs/<config>', data_dir=...)`` or :func:`open_split`."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Pairs of tokenized sequences with target masks and reward index."}
+    # TFDS looks beside a builder's source file for checksums of its downloads. There are no
+    # downloads here, and that lookup imports `importlib_resources`, which TFDS only installs on
+    # Python < 3.9.
+    code_path = None
+
+    def __init__(self, *, split_files: Optional[Mapping[str, list]] = None,
+                 tokenizer: Optional[PreTrainedTokenizerBase] = None,
+                 settings: Optional[BuildSettings] = None,
+                 rejects_paths: Optional[Mapping[str, str]] = None, **kwargs):
+        self._split_files = split_files
+        self._tokenizer = tokenizer
+        self._settings = settings
+        self._rejects_paths = rejects_paths or {}
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self, description=__doc__, features=_features(),
+            metadata=tfds.core.MetadataDict(), disable_shuffling=True)
+
+    def _split_generators(self, dl_manager):
+        if self._split_files is None:
+            raise RuntimeError("CloudPairs datasets are built with "
+                               "cloud_jax.data.tfds_builder.prepare_dataset")
+        return {split: self._generate_examples(split, files)
+                for split, files in self._split_files.items()}
+
+    def _generate_examples(self, split: str, files: list):
+        s = self._settings
+        layout = chat_layout(self._tokenizer)
+        loaded = load_rows(files, require_feedback=s.stage != "classic", lenient=s.lenient,
+                           rejects_path=self._rejects_paths.get(split))
+        stats = {"rows": len(loaded.rows) + loaded.num_rejected,
+                 "rejected_rows": loaded.num_rejected, "pairs": 0, "dropped_overlength": 0,
+                 "prompt_truncated": 0, "rejects_path": loaded.rejects_path}
+        self.info.metadata[split] = stats
+        for index, row in enumerate(loaded.rows):
+            record = {"id": row.id, "subset": row.subset or ""}
+            truncated = False
+            for side, response, critique in (("chosen", row.chosen, row.chosen_feedback),
+                                             ("rejected", row.rejected, row.rejected_feedback)):
+                ex = layout.encode(row.prompt, response, critique, s.stage, s.critique_prefix,
+                                   s.max_length, s.overlength_policy)
+                if ex is None:
+                    break
+                truncated |= ex.prompt_tokens_cut > 0
+                record[f"{side}_input_ids"] = ex.input_ids
+                record[f"{side}_target_mask"] = ex.target_mask
+                record[f"{side}_reward_index"] = ex.reward_index
+            else:
+                stats["pairs"] += 1
+                stats["prompt_truncated"] += int(truncated)
+                yield index, record
+                continue
+            stats["dropped_overlength"] += 1
+        if stats["dropped_overlength"]:
+            log.warning("%s: %d of %d pairs dropped: longer than max_length=%d (%s policy)",
+                        split, stats["dropped_overlength"], len(loaded.rows), s.max_length,
+                        s.overlength_policy)
+        if stats["pairs"] == 0:
+            raise ValueError(f"split {split!r} ({', '.join(files)}) has no usable pair: "
+                             f"{json.dumps(stats)}")
+        log.info("%s: %s", split, json.dumps(stats))
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedDataset:
+    data_dir: str
+    config_name: str
+    # Per split: rows, rejected_rows, pairs, dropped_overlength, prompt_truncated, rejects_path.
+    stats: Dict[str, dict]
+
+    @property
+    def name(self) -> str:
+        return f"{DATASET_NAME}/{self.config_name}"
+
+
+def _file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def prepare_dataset(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, stage: str,
+                    splits: Optional[Mapping[str, str]] = None,
+                    data_dir: Optional[str] = None) -> PreparedDataset:
+    """Builds (or reuses) the tokenized dataset of ``splits`` ({split: path spec}; default: train
+    and, when set, eval from ``cfg``) under ``data_dir`` (default ``cfg.tfds_dir``)."""
+    cfg.validate()
+    if stage not in STAGES:
+        raise ValueError(f"stage {stage!r}: expected one of {', '.join(STAGES)}")
+    if splits is None:
+        splits = {"train": cfg.train_path}
+        if cfg.eval_path:
+            splits["eval"] = cfg.eval_path
+    split_files = {split: expand_paths(spec) for split, spec in splits.items()}
+    data_dir = os.path.abspath(data_dir or cfg.tfds_dir)
+    settings = BuildSettings(stage=stage, max_length=cfg.max_length,
+                             overlength_policy=cfg.overlength_policy,
+                             critique_prefix=cfg.critique_prefix, lenient=cfg.lenient)
+    fingerprint = json.dumps({
+        "version": str(CloudPairs.VERSION), "settings": dataclasses.asdict(settings),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "splits": {s: [_file_digest(p) for p in files] for s, files in split_files.items()},
+    }, sort_keys=True)
+    config_name = f"{stage}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}"
+    rejects_paths = {}
+    for split in split_files:
+        pattern = cfg.rejects_path or os.path.join(data_dir, "rejects-{split}.jsonl")
+        if "{split}" not in pattern and len(split_files) > 1:
+            root, ext = os.path.splitext(pattern)
+            pattern = root + "-{split}" + ext
+        rejects_paths[split] = pattern.format(split=split)
+    builder = CloudPairs(
+        split_files=split_files, tokenizer=tokenizer, settings=settings,
+        rejects_paths=rejects_paths, data_dir=data_dir, file_format="array_record",
+        config=tfds.core.BuilderConfig(name=config_name, description=fingerprint))
+    builder.download_and_prepare(
+        download_dir=os.path.join(data_dir, "downloads"),
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    stats = dict(tfds.builder_from_directory(builder.data_dir).info.metadata or {})
+    return PreparedDataset(data_dir=data_dir, config_name=config_name, stats=stats)
+
+
+def open_split(dataset: PreparedDataset, split: str):
+    """Random-access source of one split's records (numpy arrays; text fields as bytes)."""
+    return tfds.data_source(dataset.name, split=split, data_dir=dataset.data_dir,
+                            download=False)

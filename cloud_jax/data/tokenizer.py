@@ -1,0 +1,131 @@
+"""Tokenizers: HF tokenizers from a directory or hub id, a built-in byte tokenizer, chat templates
+and the end-of-turn tokens at which critiques stop and rewards are read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import List
+
+from tokenizers import Tokenizer, decoders, models, processors
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+# ChatML layout for tokenizers that ship without a chat template. The turn closer is the
+# tokenizer's own eos_token rather than the literal "<|im_end|>": that string is several ordinary
+# tokens in most vocabularies, while the reward must be read at one known token, and a base model's
+# eos is one special token in every vocabulary that has one. Renders as
+#   <|im_start|>user\nPROMPT{eos}\n<|im_start|>assistant\nRESPONSE{eos}\n...
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + eos_token + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# The byte tokenizer: ids 0-255 are the bytes of the UTF-8 text (id == byte value), then these
+# special tokens. Its template renders
+#   <bos><|user|>PROMPT<eot><|assistant|>RESPONSE<eot><|user|>CRITIQUE...<eot>
+BYTE_SPECIAL_TOKENS = ("<pad>", "<bos>", "<eot>", "<|system|>", "<|user|>", "<|assistant|>")
+BYTE_VOCAB_SIZE = 256 + len(BYTE_SPECIAL_TOKENS)
+BYTE_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role ' + message['role']) }}{% endif %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<eot>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+_SENTINEL = "\ue000cloud-jax-turn\ue000"
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A tokenizer over UTF-8 bytes (vocabulary of BYTE_VOCAB_SIZE), for tests and tiny models.
+
+    Like Llama-3's, it adds <bos> when asked for special tokens and its chat template writes one
+    too, so callers must keep exactly one (``layout`` does).
+    """
+    vocab = {f"<0x{b:02X}>": b for b in range(256)}
+    # No merges and nothing but byte-fallback entries in the vocabulary: every character falls
+    # back to the tokens of its UTF-8 bytes.
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
+    core.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    core.add_special_tokens(list(BYTE_SPECIAL_TOKENS))
+    bos_id = core.token_to_id("<bos>")
+    core.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos_id)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<bos>", eos_token="<eot>", pad_token="<pad>",
+        additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
+        chat_template=BYTE_CHAT_TEMPLATE)
+
+
+def load_tokenizer(path_or_id: str) -> PreTrainedTokenizerBase:
+    """"byte", a local tokenizer directory or a hub id -> a tokenizer with a chat template.
+
+    Remote code is never run. A tokenizer without a chat template gets DEFAULT_CHAT_TEMPLATE.
+    """
+    if path_or_id == "byte":
+        return byte_tokenizer()
+    tok = AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=False)
+    if not tok.chat_template:
+        if tok.eos_token is None:
+            raise ValueError(
+                f"tokenizer {path_or_id!r} has neither a chat template nor an eos token; add a "
+                "chat_template to its tokenizer_config.json")
+        tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    return tok
+
+
+def _is_special(tok: PreTrainedTokenizerBase, token_id: int) -> bool:
+    added = tok.added_tokens_decoder.get(token_id)
+    return bool(added is not None and added.special) or token_id in tok.all_special_ids
+
+
+def turn_closer_after(tok: PreTrainedTokenizerBase, text_after_content: str, where: str) -> int:
+    """The token that closes a turn: the first token the template writes after a message's text."""
+    ids = tok.encode(text_after_content, add_special_tokens=False)
+    if not ids or not _is_special(tok, ids[0]):
+        raise ValueError(
+            f"the chat template closes {where} with {text_after_content[:40]!r}, which does not "
+            "start with a special end-of-turn token; rewards are read at that token, so use a "
+            "template whose turns end with one (e.g. <|eot_id|>, <|im_end|>, or eos_token)")
+    return ids[0]
+
+
+def render_around(tok: PreTrainedTokenizerBase, messages: List[dict], index: int) -> tuple:
+    """Renders ``messages`` with message ``index``'s content replaced by a sentinel and returns
+    (text before, text after) it. Cutting at a sentinel finds where a template puts a message's
+    text whatever the template looks like."""
+    marked = [dict(m) for m in messages]
+    marked[index]["content"] = _SENTINEL
+    text = tok.apply_chat_template(marked, tokenize=False)
+    if text.count(_SENTINEL) != 1:
+        raise ValueError("the chat template does not write message content verbatim; it cannot "
+                         "be used for the critique layout")
+    before, after = text.split(_SENTINEL)
+    return before, after
+
+
+def end_of_turn_ids(tok: PreTrainedTokenizerBase) -> List[int]:
+    """Tokens that end a turn, the one closing a user turn first (where critiques stop and the
+    reward is read), then the assistant-turn closer and eos (further stop tokens). Llama-3:
+    [<|eot_id|>, <|end_of_text|>]; ChatML: [<|im_end|>, eos]; byte tokenizer: [<eot>]."""
+    convo = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+             {"role": "user", "content": "c"}]
+    ids = [turn_closer_after(tok, render_around(tok, convo, 2)[1], "a user turn"),
+           turn_closer_after(tok, render_around(tok, convo, 1)[1], "an assistant turn")]
+    if tok.eos_token_id is not None:
+        ids.append(tok.eos_token_id)
+    return list(dict.fromkeys(ids))
+
+
+def tokenizer_fingerprint(tok: PreTrainedTokenizerBase) -> str:
+    """A hash of everything that decides token ids: vocabulary, merges, specials and template."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
+    extra = json.dumps([tok.chat_template, tok.bos_token, tok.eos_token, tok.pad_token,
+                        type(tok).__name__])
+    return hashlib.sha256((body + extra).encode("utf-8")).hexdigest()

@@ -1,0 +1,191 @@
+"""Building blocks of a Llama-family decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cloud_jax.config import ModelConfig, RopeScalingConfig
+
+# Finite rather than -inf so a row with no visible key (a pad query) gives a uniform, finite
+# softmax instead of NaN that could leak into gradients.
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def dtype_of(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def param_with_axes(init, axes: tuple[Optional[str], ...]):
+    return nn.with_logical_partitioning(init, axes)
+
+
+def dense_init(stddev: float = 0.02):
+    return nn.initializers.normal(stddev=stddev)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x_btd: jax.Array) -> jax.Array:
+        scale = self.param("scale", param_with_axes(nn.initializers.ones, ("norm",)),
+                           (x_btd.shape[-1],), self.param_dtype)
+        x32 = x_btd.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        # Same rounding order as the Llama reference: normalise in fp32, cast, then scale.
+        return normed.astype(self.dtype) * scale.astype(self.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScalingConfig) -> np.ndarray:
+    """Inverse frequencies [head_dim // 2] (fp32), with optional Llama-3.1 or linear scaling."""
+    exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponent)).astype(np.float32)
+    if scaling.type == "linear":
+        inv_freq = inv_freq / np.float32(scaling.factor)
+    elif scaling.type == "llama3":
+        old_len = scaling.original_max_position_embeddings
+        low_wavelen = old_len / scaling.low_freq_factor
+        high_wavelen = old_len / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+        smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
+def apply_rope(x_bthd: jax.Array, positions_bt: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotary embedding in the split-halves layout used by Hugging Face Llama checkpoints."""
+    freqs_btf = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+    emb = jnp.concatenate([freqs_btf, freqs_btf], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb).astype(x_bthd.dtype), jnp.sin(emb).astype(x_bthd.dtype)
+    half = x_bthd.shape[-1] // 2
+    rotated = jnp.concatenate([-x_bthd[..., half:], x_bthd[..., :half]], axis=-1)
+    return x_bthd * cos + rotated * sin
+
+
+def attention_mask(q_slot_t: jax.Array, k_slot_s: jax.Array, k_valid_bs: jax.Array,
+                   q_pos_bt: jax.Array, k_pos_bs: jax.Array,
+                   sliding_window: Optional[int]) -> jax.Array:
+    """Boolean [B, T, S]: causal by slot, only valid keys, optionally within a position window."""
+    causal_ts = k_slot_s[None, :] <= q_slot_t[:, None]
+    mask = causal_ts[None] & k_valid_bs[:, None, :].astype(bool)
+    if sliding_window is not None:
+        mask = mask & (q_pos_bt[:, :, None] - k_pos_bs[:, None, :] < sliding_window)
+    return mask
+
+
+def gqa_attention(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array,
+                  mask_bts: jax.Array) -> jax.Array:
+    """Grouped-query attention; logits and softmax in fp32. Returns [B, T, H, D]."""
+    b, t, h, d = q_bthd.shape
+    kv = k_bksd.shape[1]
+    q = q_bthd.reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k_bksd,
+                        preferred_element_type=jnp.float32) / np.float32(math.sqrt(d))
+    scores = jnp.where(mask_bts[:, None, None, :, :], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bksd.dtype)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v_bksd)
+    return out.reshape(b, t, h, d)
+
+
+class HeadProjection(nn.Module):
+    """A linear map whose kernel keeps its head axes ([D, H, Dh] or [H, Dh, D]).
+
+    Written out instead of ``nn.DenseGeneral`` because that initialises a flattened kernel, which
+    breaks per-axis logical sharding annotations.
+    """
+
+    features: tuple[int, ...]
+    axes: tuple[str, ...]
+    use_bias: bool
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+    in_dims: int = 1
+
+    @nn.compact
+    def __call__(self, x):
+        in_shape = x.shape[-self.in_dims:]
+        kernel = self.param("kernel", param_with_axes(dense_init(), self.axes),
+                            in_shape + self.features, self.param_dtype)
+        contract = tuple(range(x.ndim - self.in_dims, x.ndim))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                                ((contract, tuple(range(self.in_dims))), ((), ())))
+        if self.use_bias:
+            bias = self.param("bias", param_with_axes(nn.initializers.zeros,
+                                                      self.axes[self.in_dims:]),
+                              self.features, self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_btd, positions_bt, mask_info, layer_cache=None):
+        """``mask_info`` carries slots, validity and positions of the keys (see Transformer)."""
+        cfg = self.cfg
+        dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        hd = cfg.resolved_head_dim
+
+        def proj(name, heads, head_axis):
+            return HeadProjection((heads, hd), ("embed", head_axis, "head_dim"),
+                                  cfg.attention_bias, dtype, pdtype, name=name)
+
+        q = proj("q_proj", cfg.num_heads, "heads")(x_btd)
+        k = proj("k_proj", cfg.num_kv_heads, "kv_heads")(x_btd)
+        v = proj("v_proj", cfg.num_kv_heads, "kv_heads")(x_btd)
+        inv_freq = rope_inv_freq(hd, cfg.rope_theta, cfg.rope_scaling)
+        q = apply_rope(q, positions_bt, inv_freq)
+        k = apply_rope(k, positions_bt, inv_freq)
+        q = nn.with_logical_constraint(
+            q, ("activation_batch", "activation_length", "activation_heads", None))
+        k_bksd = jnp.swapaxes(k, 1, 2)
+        v_bksd = jnp.swapaxes(v, 1, 2)
+        new_cache = None
+        if layer_cache is not None:
+            start = mask_info["cache_end"]
+            k_bksd = jax.lax.dynamic_update_slice(
+                layer_cache["k"], k_bksd.astype(layer_cache["k"].dtype), (0, 0, start, 0))
+            v_bksd = jax.lax.dynamic_update_slice(
+                layer_cache["v"], v_bksd.astype(layer_cache["v"].dtype), (0, 0, start, 0))
+            cache_axes = ("cache_batch", "cache_kv_heads", "cache_length", "cache_head_dim")
+            k_bksd = nn.with_logical_constraint(k_bksd, cache_axes)
+            v_bksd = nn.with_logical_constraint(v_bksd, cache_axes)
+            new_cache = {"k": k_bksd, "v": v_bksd}
+        mask = attention_mask(mask_info["q_slot"], mask_info["k_slot"], mask_info["k_valid"],
+                              positions_bt, mask_info["k_pos"], cfg.sliding_window)
+        out = gqa_attention(q, k_bksd.astype(dtype), v_bksd.astype(dtype), mask)
+        out = HeadProjection((cfg.hidden_size,), ("heads", "head_dim", "embed"), False, dtype,
+                             pdtype, in_dims=2, name="o_proj")(out)
+        return out, new_cache
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_btd):
+        cfg = self.cfg
+        dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+
+        def dense(name, features, axes):
+            return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=pdtype, name=name,
+                            kernel_init=param_with_axes(dense_init(), axes))
+
+        gate = dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x_btd)
+        up = dense("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x_btd)
+        h = nn.with_logical_constraint(
+            nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
+        return dense("down_proj", cfg.hidden_size, ("mlp", "embed"))(h)

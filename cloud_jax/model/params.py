@@ -1,0 +1,98 @@
+"""Parameter initialisation straight into shardings, and the scan <-> unrolled layer layouts."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from cloud_jax.config import ModelConfig
+from cloud_jax.model.transformer import CLoudModel
+from cloud_jax.sharding import TRAIN_RULES, Rules, logical_to_shardings
+
+Params = dict[str, Any]
+
+_LAYER_KEY = re.compile(r"^layers_(\d+)$")
+
+
+def _dummy_inputs():
+    ids = jnp.zeros((1, 2), jnp.int32)
+    return ids, jnp.ones((1, 2), jnp.int32)
+
+
+def abstract_params(cfg: ModelConfig) -> Any:
+    """Shapes/dtypes of the (boxed, logically annotated) parameters, without allocating them."""
+    model = CLoudModel(cfg)
+    return jax.eval_shape(lambda r: model.init(r, *_dummy_inputs()), jax.random.key(0))["params"]
+
+
+def _strip_boxes(tree: Any) -> Any:
+    # `nn.unbox` would also apply sharding constraints, which fails on abstract values under a mesh.
+    return jax.tree.map(lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x, tree,
+                        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
+def param_shapes(cfg: ModelConfig) -> Any:
+    """Tree of ShapeDtypeStructs of the (unboxed) parameters."""
+    return _strip_boxes(abstract_params(cfg))
+
+
+def param_logical_specs(cfg: ModelConfig) -> Any:
+    return nn.get_partition_spec(abstract_params(cfg))
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: Rules = TRAIN_RULES) -> Any:
+    abstract = abstract_params(cfg)
+    return logical_to_shardings(nn.get_partition_spec(abstract), _strip_boxes(abstract), mesh,
+                                rules)
+
+
+def mesh_context(mesh: Optional[Mesh], rules: Rules):
+    """Mesh + logical rules in force for tracing (a no-op context without a mesh)."""
+    if mesh is None:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(mesh))
+    stack.enter_context(nn.logical_axis_rules(rules))
+    return stack
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, mesh: Optional[Mesh] = None,
+                rules: Rules = TRAIN_RULES) -> Params:
+    """Random parameters; with a mesh, each one is created directly in its sharding."""
+    model = CLoudModel(cfg)
+
+    def init(r):
+        return nn.unbox(model.init(r, *_dummy_inputs())["params"])
+
+    if mesh is None:
+        return jax.jit(init)(rng)
+    shardings = param_shardings(cfg, mesh, rules)
+    with mesh_context(mesh, rules):
+        return jax.jit(init, out_shardings=shardings)(rng)
+
+
+def count_params(params: Params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def stack_layers(params: Params, num_layers: int) -> Params:
+    """Unrolled (``layers_0`` ... ``layers_{L-1}``) -> scanned (``layers`` with a leading L axis)."""
+    out = {k: v for k, v in params.items() if not _LAYER_KEY.match(k)}
+    out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs),
+                                 *[params[f"layers_{i}"] for i in range(num_layers)])
+    return out
+
+
+def unstack_layers(params: Params, num_layers: int) -> Params:
+    """Scanned -> unrolled; the inverse of :func:`stack_layers`."""
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(num_layers):
+        out[f"layers_{i}"] = jax.tree.map(lambda x: x[i], params["layers"])
+    return out

@@ -1,0 +1,132 @@
+"""Device mesh and the logical-axis rules that map array dimensions onto it.
+
+Every parameter, activation and cache array is annotated with logical axis names (``embed``,
+``heads``, ``activation_batch``, ...). One rules table maps those names to the mesh axes ``data``,
+``fsdp`` and ``tensor``; the sampling variant keeps weights unsharded along ``fsdp`` so a decode
+step does not all-gather every weight.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from cloud_jax.config import MeshConfig
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+Rules = Sequence[tuple[str, Any]]
+
+# Training: batch over data x fsdp, weights' embed dim over fsdp (ZeRO-3 style), heads / mlp / vocab
+# over tensor.
+TRAIN_RULES: Rules = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("norm", None),
+    ("layers", None),
+    ("reward_hidden", None),
+    ("reward_out", None),
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+    ("cache_batch", ("data", "fsdp")),
+    ("cache_kv_heads", "tensor"),
+    ("cache_length", None),
+    ("cache_head_dim", None),
+)
+
+# Sampling: weights replicated across data x fsdp (tensor-parallel only), so each decode step reads
+# local weights; rows of the batch spread over data x fsdp.
+SAMPLE_RULES: Rules = tuple(
+    (name, None) if name == "embed" else (name, target) for name, target in TRAIN_RULES
+)
+
+
+def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds a ``data x fsdp x tensor`` mesh; one axis may be -1 to take the remaining devices."""
+    cfg = cfg or MeshConfig()
+    devices = list(devices) if devices is not None else jax.devices()
+    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got data={cfg.data}, "
+                         f"fsdp={cfg.fsdp}, tensor={cfg.tensor}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"mesh: {len(devices)} devices are not divisible by the fixed axes "
+                             f"(product {known}) of data={cfg.data}, fsdp={cfg.fsdp}, "
+                             f"tensor={cfg.tensor}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but {len(devices)} devices "
+                         f"are present; set mesh.data=-1 to use them all")
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
+                         devices=devices)
+
+
+def _fit_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh, where: str) -> PartitionSpec:
+    """Drops mesh axes that do not divide a dimension, and says so (instead of failing later)."""
+    fixed = []
+    for dim, axes in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
+        if axes is None:
+            fixed.append(None)
+            continue
+        names = axes if isinstance(axes, tuple) else (axes,)
+        size = math.prod(mesh.shape[a] for a in names)
+        if shape[dim] % size:
+            log.warning("%s: dimension %d (size %d) is not divisible by mesh axes %s (size %d); "
+                        "replicating it instead", where, dim, shape[dim], names, size)
+            fixed.append(None)
+        else:
+            fixed.append(axes)
+    return PartitionSpec(*fixed)
+
+
+def logical_to_shardings(logical_specs: Any, shapes: Any, mesh: Mesh, rules: Rules) -> Any:
+    """Maps a tree of logical PartitionSpecs (and matching shapes) to NamedShardings on ``mesh``."""
+    mesh_specs = nn.logical_to_mesh(logical_specs, rules)
+    flat_specs, treedef = jax.tree.flatten_with_path(
+        mesh_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    flat_shapes = treedef.flatten_up_to(shapes)
+    out = []
+    for (path, spec), shape in zip(flat_specs, flat_shapes):
+        shape = tuple(getattr(shape, "shape", shape))
+        spec = _fit_spec(spec, shape, mesh, jax.tree_util.keystr(path))
+        out.append(NamedSharding(mesh, spec))
+    return jax.tree.unflatten(treedef, out)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = TRAIN_RULES) -> NamedSharding:
+    """Sharding for a batch array whose leading dim is the batch: over the rule for ``batch``."""
+    axes = dict(rules)["batch"]
+    return NamedSharding(mesh, PartitionSpec(axes, *([None] * (ndim - 1))))
+
+
+def global_batch_from_host(local: dict[str, np.ndarray], mesh: Mesh,
+                           rules: Rules = TRAIN_RULES) -> dict[str, jax.Array]:
+    """Assembles global arrays from each host's shard of the batch (leading dim split by host)."""
+    return {
+        k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim, rules), v)
+        for k, v in local.items()
+    }

@@ -1,0 +1,64 @@
+"""Strict typed config: YAML + dotted overrides, errors that name the key, saved resolved config."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from cloud_jax.config import Config, ConfigError, load_config, save_config
+
+YAML = """
+model:
+  num_layers: 3
+  rope_scaling:
+    type: llama3
+    factor: 8.0
+seed: 5
+"""
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(YAML)
+    cfg = load_config(path, ["model.hidden_size=96", "model.num_heads=6", "seed=7"])
+    assert isinstance(cfg, Config)
+    assert cfg.model.num_layers == 3 and cfg.model.hidden_size == 96 and cfg.seed == 7
+    assert cfg.model.rope_scaling.type == "llama3" and cfg.model.rope_scaling.factor == 8.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.seed = 1
+
+
+@pytest.mark.parametrize("text,override,needle", [
+    ("model:\n  num_layer: 2\n", [], "model.num_layer"),
+    ("", ["model.hidden_sise=3"], "model.hidden_sise"),
+    ("", ["model.num_layers=two"], "model.num_layers"),
+    ("", ["model.num_heads"], "key=value"),
+    ("model:\n  family: gpt2\n", [], "model.family"),
+    ("model:\n  num_heads: 4\n  num_kv_heads: 3\n", [], "num_kv_heads"),
+    ("model: [1, 2\n", [], "not valid YAML"),
+])
+def test_bad_config_names_the_key(tmp_path, text, override, needle):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load_config(path, override)
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_saved_config_loads_back_identically(tmp_path):
+    cfg = load_config(None, ["model.num_layers=5", "output_dir=/x/y"])
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    assert load_config(tmp_path / "run" / "config.yaml") == cfg
+
+
+def test_every_shipped_config_loads():
+    import glob
+    root = Path(__file__).resolve().parent.parent
+    paths = sorted(glob.glob(str(root / "configs" / "*.yaml")))
+    assert paths, "configs/ has no YAML files"
+    for p in paths:
+        load_config(p)

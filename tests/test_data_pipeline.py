@@ -1,0 +1,226 @@
+"""TFDS build (array_record, no TensorFlow) and grain batches: shapes, pairs, order, sharding,
+filler pairs, and iterator state across epochs."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from cloud_jax.data.config import DataConfig, resolved_buckets
+from cloud_jax.data.pipeline import BATCH_KEYS, batch_iterator, host_positions, pair_batches
+from cloud_jax.data.tfds_builder import open_split, prepare_dataset
+from cloud_jax.data.tokenizer import byte_tokenizer
+
+NUM_ROWS = 11
+
+
+def _rows(n=NUM_ROWS):
+    # Prompt lengths grow so sequences straddle the 64-token bucket.
+    return [{"id": f"r{i}", "prompt": "q" * (3 * i + 1), "chosen": f"good {i}",
+             "rejected": f"bad {i}", "chosen_feedback": f"fine {i}",
+             "rejected_feedback": [f"wrong {i}"], "subset": "s" if i % 2 else None}
+            for i in range(n)]
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _cfg(tmp, **kw):
+    base = dict(train_path=str(tmp / "train.jsonl"), max_length=96, length_buckets=(32, 64),
+                critique_prefix="C: ", tfds_dir=str(tmp / "tfds"), batch_pairs=4, num_epochs=3,
+                seed=5, num_threads=1, prefetch_buffer_size=2)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pairs")
+    _write(tmp / "train.jsonl", _rows())
+    cfg = _cfg(tmp)
+    tok = byte_tokenizer()
+    dataset = prepare_dataset(cfg, tok, "cloud")
+    return cfg, tok, dataset, open_split(dataset, "train")
+
+
+def test_tfds_round_trip(built):
+    cfg, tok, dataset, source = built
+    assert len(source) == NUM_ROWS
+    assert dataset.stats["train"] == {"rows": NUM_ROWS, "rejected_rows": 0, "pairs": NUM_ROWS,
+                                      "dropped_overlength": 0, "prompt_truncated": 0,
+                                      "rejects_path": None}
+    # Readable with tfds.data_source by name, without TensorFlow, in row order.
+    by_name = tfds.data_source(dataset.name, split="train", data_dir=dataset.data_dir)
+    record = by_name[3]
+    assert record["id"] == b"r3" and record["subset"] == b"s"
+    assert by_name[2]["subset"] == b""
+    text = tok.decode(record["chosen_input_ids"])
+    assert text == ("<bos><|user|>qqqqqqqqqq<eot><|assistant|>good 3<eot><|user|>C: fine 3<eot>")
+    assert tok.decode(record["rejected_input_ids"]).endswith("bad 3<eot><|user|>C: wrong 3<eot>")
+    assert record["chosen_input_ids"].dtype == np.int32
+    assert record["chosen_reward_index"] == len(record["chosen_input_ids"]) - 1
+    mask = record["rejected_target_mask"].astype(bool)
+    assert tok.decode(record["rejected_input_ids"][mask]) == "wrong 3<eot>"
+    # Same inputs and settings: reused; a changed setting: a new dataset.
+    assert prepare_dataset(cfg, tok, "cloud").config_name == dataset.config_name
+    assert prepare_dataset(cfg, tok, "classic").config_name != dataset.config_name
+
+
+def test_tfds_counts_drops_and_rejects(tmp_path):
+    rows = _rows(4) + [{"id": "r0", "prompt": "dup", "chosen": "a", "rejected": "b",
+                        "chosen_feedback": "c", "rejected_feedback": "d"}]
+    rows[1]["prompt"] = "x" * 200
+    _write(tmp_path / "train.jsonl", rows)
+    cfg = _cfg(tmp_path, lenient=True)
+    dataset = prepare_dataset(cfg, byte_tokenizer(), "critique_sft")
+    stats = dataset.stats["train"]
+    assert (stats["rows"], stats["rejected_rows"], stats["pairs"],
+            stats["dropped_overlength"]) == (5, 1, 3, 1)
+    reject = json.loads(open(stats["rejects_path"]).read())
+    assert (reject["line"], reject["field"]) == (5, "id")
+    assert [r["id"] for r in open_split(dataset, "train")] == [b"r0", b"r2", b"r3"]
+    cut = prepare_dataset(_cfg(tmp_path, lenient=True, overlength_policy="truncate_prompt"),
+                          byte_tokenizer(), "critique_sft")
+    assert (cut.stats["train"]["pairs"], cut.stats["train"]["prompt_truncated"]) == (4, 1)
+
+
+def test_tfds_build_strict_error_and_eval_split(tmp_path):
+    _write(tmp_path / "train.jsonl", _rows(3))
+    _write(tmp_path / "eval.jsonl", _rows(2)[:1] + [{"id": "e", "prompt": "p"}])
+    cfg = _cfg(tmp_path, eval_path=str(tmp_path / "eval.jsonl"))
+    with pytest.raises(ValueError, match=r"eval.jsonl:2: field 'chosen': missing"):
+        prepare_dataset(cfg, byte_tokenizer(), "cloud")
+    _write(tmp_path / "eval.jsonl", _rows(2))
+    dataset = prepare_dataset(cfg, byte_tokenizer(), "cloud")
+    assert len(open_split(dataset, "eval")) == 2 and len(open_split(dataset, "train")) == 3
+
+
+def test_batch_shapes_dtypes_and_pairs(built):
+    cfg, tok, _, source = built
+    batches = list(batch_iterator(cfg, source, shard_index=0, shard_count=1))
+    # 11 pairs in batches of 4: 3 batches per epoch, the last with one filler pair.
+    assert len(batches) == 3 * 3
+    dtypes = {"input_ids": np.int32, "attention_mask": np.int32, "positions": np.int32,
+              "targets": np.int32, "loss_mask": np.float32, "reward_index": np.int32,
+              "pair_valid": np.int32, "pair_index": np.int32}
+    for b in batches:
+        assert set(b) == set(BATCH_KEYS)
+        t = b["input_ids"].shape[-1]
+        assert t in (32, 64, 96)
+        for key, dtype in dtypes.items():
+            assert b[key].dtype == dtype, key
+            assert b[key].shape == {"reward_index": (4, 2), "pair_valid": (4,),
+                                    "pair_index": (4,)}.get(key, (4, 2, t)), key
+        for i in range(4):
+            if not b["pair_valid"][i]:
+                continue
+            record = source[int(b["pair_index"][i])]
+            for j, side in enumerate(("chosen", "rejected")):
+                ids = record[f"{side}_input_ids"]
+                n = len(ids)
+                assert b["input_ids"][i, j, :n].tolist() == ids.tolist()
+                assert (b["input_ids"][i, j, n:] == 0).all()
+                assert b["attention_mask"][i, j].tolist() == [1] * n + [0] * (t - n)
+                assert b["positions"][i, j, :n].tolist() == list(range(n))
+                assert b["targets"][i, j, :n - 1].tolist() == ids[1:].tolist()
+                assert (b["targets"][i, j, n - 1:] == 0).all()
+                r = b["reward_index"][i, j]
+                assert r == n - 1 and b["attention_mask"][i, j, r] == 1
+                picked = b["targets"][i, j][b["loss_mask"][i, j] == 1]
+                assert tok.decode(picked) == tok.decode(ids[record[f"{side}_target_mask"] == 1])
+        # The bucket is the smallest that holds the batch's longest sequence.
+        longest = b["attention_mask"].sum(-1).max()
+        assert t == min(x for x in (32, 64, 96) if x >= longest)
+    valid = [b["pair_valid"].sum() for b in batches]
+    assert valid == [4, 4, 3] * 3
+
+
+def test_filler_pairs_are_real_tokens_without_loss(built):
+    cfg, _, _, source = built
+    last = list(batch_iterator(cfg, source, shard_index=0, shard_count=1, num_epochs=1))[-1]
+    assert last["pair_valid"].tolist() == [1, 1, 1, 0] and last["pair_index"][3] == -1
+    assert last["loss_mask"][3].sum() == 0
+    for j in range(2):
+        r = last["reward_index"][3, j]
+        assert last["attention_mask"][3, j, r] == 1 and last["attention_mask"][3, j].sum() > 0
+
+
+def test_drop_remainder(built):
+    cfg, _, _, source = built
+    no_filler = dataclasses.replace(cfg, drop_remainder=True)
+    batches = list(batch_iterator(no_filler, source, shard_index=0, shard_count=1))
+    assert len(batches) == 2 * 3 and all(b["pair_valid"].all() for b in batches)
+
+
+def _order(batches):
+    return [b["pair_index"].tolist() for b in batches]
+
+
+def test_deterministic_and_reshuffled_each_epoch(built):
+    cfg, _, _, source = built
+    first = _order(list(batch_iterator(cfg, source, shard_index=0, shard_count=1)))
+    again = _order(list(batch_iterator(cfg, source, shard_index=0, shard_count=1)))
+    assert first == again
+    epochs = [sorted(x for b in first[e * 3:(e + 1) * 3] for x in b) for e in range(3)]
+    assert all(e == [-1] + list(range(NUM_ROWS)) for e in epochs)
+    assert first[0:3] != first[3:6] != first[6:9]
+    other = _order(list(batch_iterator(dataclasses.replace(cfg, seed=6), source, shard_index=0,
+                                       shard_count=1)))
+    assert other != first
+    plain = _order(list(batch_iterator(cfg, source, shard_index=0, shard_count=1,
+                                       shuffle=False, num_epochs=1)))
+    assert plain == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, -1]]
+
+
+def test_two_hosts_disjoint_equal_batches(built):
+    cfg, _, _, source = built
+    hosts = [list(batch_iterator(cfg, source, shard_index=h, shard_count=2, num_epochs=1))
+             for h in range(2)]
+    # 11 pairs over 2 hosts: 6 each (host 1 topped up with a filler), 2 per batch -> 3 batches.
+    assert [len(h) for h in hosts] == [3, 3]
+    assert all(b["input_ids"].shape[0] == 2 for h in hosts for b in h)
+    seen = [{int(x) for b in h for x, v in zip(b["pair_index"], b["pair_valid"]) if v}
+            for h in hosts]
+    assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] == set(range(NUM_ROWS))
+    assert host_positions(11, 1, 2, drop_remainder=False) == [1, 3, 5, 7, 9, -1]
+    assert host_positions(11, 0, 2, drop_remainder=True) == [0, 2, 4, 6, 8]
+    with pytest.raises(ValueError, match="not divisible by the 3 hosts"):
+        batch_iterator(cfg, source, shard_index=0, shard_count=3)
+
+
+@pytest.mark.parametrize("consumed", [1, 3, 4])  # mid-epoch, at and across an epoch boundary
+def test_restored_iterator_yields_the_same_batches(built, consumed):
+    cfg, _, _, source = built
+    it = batch_iterator(cfg, source, shard_index=0, shard_count=1)
+    for _ in range(consumed):
+        next(it)
+    state = it.get_state()
+    expected = list(it)
+    restored = batch_iterator(cfg, source, shard_index=0, shard_count=1)
+    restored.set_state(state)
+    got = list(restored)
+    assert len(got) == len(expected) == 9 - consumed
+    for a, b in zip(got, expected):
+        for key in BATCH_KEYS:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_pair_batches_random_access_matches_iteration(built):
+    cfg, _, _, source = built
+    ds = pair_batches(source, pairs_per_host=4, length_buckets=(32, 64, 96), seed=5,
+                      num_epochs=3)
+    assert len(ds) == 9
+    iterated = list(batch_iterator(cfg, source, shard_index=0, shard_count=1))
+    assert _order([ds[i] for i in range(9)]) == _order(iterated)
+
+
+def test_resolved_buckets():
+    assert resolved_buckets((), 1000) == (128, 256, 512, 1000)
+    assert resolved_buckets((), 512) == (128, 256, 512)
+    assert resolved_buckets((32, 64, 512), 100) == (32, 64, 100)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        DataConfig(length_buckets=(64, 32)).validate()

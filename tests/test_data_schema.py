@@ -1,0 +1,181 @@
+"""Row loading and validation: every bad-row kind names file, line (or row) and field."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cloud_jax.data.schema import RowError, load_rows
+
+
+def _row(i=0, **over):
+    row = {"id": f"r{i}", "prompt": f"What is {i}+1?", "chosen": f"{i + 1}.",
+           "rejected": f"{i + 2}.", "chosen_feedback": "Correct.",
+           "rejected_feedback": ["Off by one."], "subset": "math"}
+    row.update(over)
+    return row
+
+
+def _jsonl(path, lines):
+    path.write_bytes(b"".join(
+        (line if isinstance(line, bytes) else json.dumps(line).encode()) + b"\n" for line in lines))
+    return str(path)
+
+
+def test_good_rows_jsonl_json_parquet(tmp_path):
+    rows = [_row(0), _row(1, extra_model="m", id=7)]
+    a = _jsonl(tmp_path / "a.jsonl", rows)
+    b = tmp_path / "b.json"
+    b.write_text(json.dumps([_row(2)]))
+    c = tmp_path / "c.parquet"
+    pq.write_table(pa.Table.from_pylist([_row(3, chosen_feedback=["x"])]), c)
+    result = load_rows(f"{a},{b},{c}", require_feedback=True)
+    assert [r.id for r in result.rows] == ["r0", "7", "r2", "r3"]
+    assert result.num_rejected == 0
+    first, second = result.rows[:2]
+    assert first.rejected_feedback == "Off by one." and first.subset == "math"
+    assert first.source == f"{a}:1"
+    assert second.extra == {"extra_model": "m"}
+    assert result.rows[3].chosen_feedback == "x" and result.rows[3].source == f"{c}[row 0]"
+
+
+def test_glob_and_missing_file(tmp_path):
+    _jsonl(tmp_path / "t-0.jsonl", [_row(0)])
+    _jsonl(tmp_path / "t-1.jsonl", [_row(1)])
+    assert len(load_rows(str(tmp_path / "t-*.jsonl"), require_feedback=True).rows) == 2
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        load_rows(str(tmp_path / "nope.jsonl"), require_feedback=True)
+
+
+BAD_ROWS = [
+    # (line content, field named in the error, words in the reason)
+    (b'{"id": "x", "prompt": ', None, "invalid JSON"),
+    (b'["not", "an", "object"]', None, "expected a JSON object"),
+    (b'{"id": "x", "prompt": "\xff\xfe"}', None, "invalid UTF-8"),
+    (_row(prompt=None), "prompt", "null"),
+    (_row(chosen=3), "chosen", "expected a string, got int"),
+    (_row(rejected=""), "rejected", "empty"),
+    (_row(prompt="  \n"), "prompt", "empty"),
+    (_row(chosen="a\x00b"), "chosen", "NUL"),
+    (b'{"id": "x", "prompt": "\\ud800", "chosen": "a", "rejected": "b", '
+     b'"chosen_feedback": "c", "rejected_feedback": "d"}', "prompt", "lone surrogate"),
+    (_row(chosen_feedback=["a", "b"]), "chosen_feedback", "list of 2 elements"),
+    (_row(rejected_feedback=[]), "rejected_feedback", "list of 0 elements"),
+    (_row(rejected_feedback=[None]), "rejected_feedback", "null"),
+    (_row(chosen_feedback=None), "chosen_feedback", "null"),
+    ({k: v for k, v in _row().items() if k != "rejected"}, "rejected", "missing"),
+    ({k: v for k, v in _row().items() if k != "chosen_feedback"}, "chosen_feedback",
+     "required for this stage"),
+    (_row(id=True), "id", "expected a string, got bool"),
+    (_row(subset=5), "subset", "expected a string"),
+    (_row(rejected="1."), "rejected", "identical to chosen"),
+]
+
+
+@pytest.mark.parametrize("bad,field,reason", BAD_ROWS)
+def test_bad_row_names_file_line_field(tmp_path, bad, field, reason):
+    path = _jsonl(tmp_path / "rows.jsonl", [_row(1), _row(2), bad])
+    with pytest.raises(RowError) as info:
+        load_rows(path, require_feedback=True)
+    err = info.value
+    assert (err.file, err.line, err.field) == (path, 3, field)
+    assert reason in err.reason
+    assert str(err).startswith(f"{path}:3: ")
+    if field:
+        assert f"field '{field}'" in str(err)
+
+
+def test_duplicate_id_strict_names_both_places(tmp_path):
+    path = _jsonl(tmp_path / "rows.jsonl", [_row(1), _row(2), _row(3, id="r1")])
+    with pytest.raises(RowError, match=rf"rows.jsonl:3: field 'id': duplicate id 'r1' \(first at "
+                                       rf".*rows.jsonl:1\)"):
+        load_rows(path, require_feedback=True)
+
+
+def test_duplicate_id_across_files(tmp_path):
+    a = _jsonl(tmp_path / "a.jsonl", [_row(1)])
+    b = _jsonl(tmp_path / "b.jsonl", [_row(2), _row(1)])
+    with pytest.raises(RowError) as info:
+        load_rows([a, b], require_feedback=True)
+    assert (info.value.file, info.value.line, info.value.field) == (b, 2, "id")
+
+
+def test_feedback_not_read_without_requirement(tmp_path):
+    # RewardBench-style rows: no feedback, integer ids, extra model-name columns.
+    path = _jsonl(tmp_path / "rb.jsonl", [
+        {"prompt": "p", "chosen": "a", "rejected": "b", "subset": "chat", "id": 3,
+         "chosen_model": "m1", "rejected_model": "m2"},
+        _row(4, chosen_feedback=None)])
+    rows = load_rows(path, require_feedback=False).rows
+    assert [r.id for r in rows] == ["3", "r4"]
+    assert rows[0].extra == {"chosen_model": "m1", "rejected_model": "m2"}
+    assert rows[1].chosen_feedback is None
+
+
+def test_lenient_writes_rejects_and_keeps_good_rows(tmp_path):
+    lines = [_row(0), b"{oops", _row(1, prompt=""), _row(2), _row(3, id="r0"),
+             _row(4, rejected="5."), b"\xffbad", _row(5)]
+    path = _jsonl(tmp_path / "rows.jsonl", lines)
+    rejects = tmp_path / "out" / "rejects.jsonl"
+    result = load_rows(path, require_feedback=True, lenient=True, rejects_path=str(rejects))
+    assert [r.id for r in result.rows] == ["r0", "r2", "r5"]
+    assert result.num_rejected == 5 and result.rejects_path == str(rejects)
+    records = [json.loads(line) for line in rejects.read_text().splitlines()]
+    assert [(r["line"], r["field"]) for r in records] == [
+        (2, None), (3, "prompt"), (5, "id"), (6, "rejected"), (7, None)]
+    assert all(r["file"] == path and r["reason"] for r in records)
+    assert records[0]["raw"] == "{oops"
+    assert "duplicate id 'r0'" in records[2]["reason"]
+    assert "invalid UTF-8" in records[4]["reason"]
+
+
+def test_parquet_errors_name_row_index(tmp_path):
+    path = tmp_path / "rows.parquet"
+    rows = [_row(0, chosen_feedback=["a"]), _row(1, chosen_feedback=["a"]),
+            _row(2, chosen_feedback=["a", "b"])]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    with pytest.raises(RowError) as info:
+        load_rows(str(path), require_feedback=True)
+    err = info.value
+    assert (err.line, err.row, err.field) == (None, 2, "chosen_feedback")
+    assert str(err).startswith(f"{path}[row 2]: field 'chosen_feedback'")
+
+
+def test_parquet_missing_column_and_lenient(tmp_path):
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist([{"id": "a", "prompt": "p", "chosen": "c"}]), path)
+    with pytest.raises(RowError, match=r"\[row 0\]: field 'rejected': missing"):
+        load_rows(str(path), require_feedback=False)
+    rejects = tmp_path / "rej.jsonl"
+    result = load_rows(str(path), require_feedback=False, lenient=True,
+                       rejects_path=str(rejects))
+    assert result.rows == [] and result.num_rejected == 1
+    assert json.loads(rejects.read_text())["row"] == 0
+
+
+def test_parquet_invalid_utf8_names_row_and_column(tmp_path):
+    good = pa.array([b"fine", b"\xff\xfe"], pa.binary()).view(pa.string())
+    table = pa.table({"id": ["a", "b"], "prompt": good, "chosen": ["c", "c"],
+                      "rejected": ["r", "r"]})
+    path = tmp_path / "rows.parquet"
+    pq.write_table(table, path)
+    with pytest.raises(RowError) as info:
+        load_rows(str(path), require_feedback=False)
+    assert (info.value.row, info.value.field) == (1, "prompt")
+    assert "invalid UTF-8" in info.value.reason
+
+
+def test_json_array_error_names_row(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([_row(0), _row(1, chosen=["x"])]))
+    with pytest.raises(RowError) as info:
+        load_rows(str(path), require_feedback=True)
+    assert (info.value.row, info.value.field) == (1, "chosen")
+
+
+def test_unknown_extension(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text("id,prompt\n")
+    with pytest.raises(ValueError, match="unknown row file type '.csv'"):
+        load_rows(str(path), require_feedback=False)

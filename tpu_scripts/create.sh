@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Usage: tpu_scripts/create.sh [-h]
+#
+# Requests the TPU slice as a queued resource (ACCELERATOR_TYPE in ZONE, CAPACITY spot, reserved or
+# on-demand) and waits until it is ACTIVE, printing its state every POLL_SECONDS, for at most
+# CREATE_TIMEOUT seconds. Does nothing if the queued resource is already ACTIVE, and only waits if
+# it is already queued. Settings come from tpu_scripts/env.sh (see there).
+set -euo pipefail
+# shellcheck source=env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+
+while getopts h opt; do
+  case $opt in
+    h) usage; exit 0 ;;
+    *) usage >&2; exit 2 ;;
+  esac
+done
+shift $((OPTIND - 1))
+(($# == 0)) || die "unexpected argument '$1' (see -h)"
+require_settings PROJECT ZONE TPU_NAME QUEUED_RESOURCE ACCELERATOR_TYPE RUNTIME_VERSION
+
+read_qr_state || die "could not read the state of queued resource $QUEUED_RESOURCE (see above)"
+case "$QR_STATE" in
+  ACTIVE)
+    log "queued resource $QUEUED_RESOURCE is already ACTIVE; nothing to do"
+    exit 0
+    ;;
+  "")
+    create=(compute tpus queued-resources create "$QUEUED_RESOURCE" "${GCLOUD_LOCATION[@]}"
+      --node-id="$TPU_NAME" --accelerator-type="$ACCELERATOR_TYPE"
+      --runtime-version="$RUNTIME_VERSION"
+      --scopes=https://www.googleapis.com/auth/cloud-platform --quiet)
+    case "$CAPACITY" in
+      spot) create+=(--spot) ;;
+      reserved) create+=(--reserved) ;;
+    esac
+    [[ -z "$SERVICE_ACCOUNT" ]] || create+=(--service-account="$SERVICE_ACCOUNT")
+    if [[ -n "$CREATE_FLAGS" ]]; then
+      read -r -a extra <<<"$CREATE_FLAGS"
+      create+=("${extra[@]}")
+    fi
+    log "requesting $ACCELERATOR_TYPE ($CAPACITY) in $ZONE as queued resource $QUEUED_RESOURCE"
+    run_gcloud "${create[@]}"
+    ;;
+  CREATING | ACCEPTED | WAITING_FOR_RESOURCES | PROVISIONING)
+    log "queued resource $QUEUED_RESOURCE already requested (state $QR_STATE); waiting for it"
+    ;;
+  *)
+    die "queued resource $QUEUED_RESOURCE is in state $QR_STATE and will not become ACTIVE:" \
+      "delete it with tpu_scripts/delete.sh, then run create.sh again"
+    ;;
+esac
+
+if [[ "$DRY_RUN" == 1 ]]; then
+  log "DRY_RUN: would poll every ${POLL_SECONDS}s, for at most ${CREATE_TIMEOUT}s, until ACTIVE"
+  exit 0
+fi
+
+start=$SECONDS
+while :; do
+  elapsed=$((SECONDS - start))
+  if read_qr_state; then
+    case "$QR_STATE" in
+      ACTIVE)
+        log "queued resource $QUEUED_RESOURCE is ACTIVE after ${elapsed}s"
+        exit 0
+        ;;
+      FAILED | SUSPENDING | SUSPENDED | DELETING)
+        die "queued resource $QUEUED_RESOURCE went to state $QR_STATE after ${elapsed}s; see" \
+          "gcloud compute tpus queued-resources describe $QUEUED_RESOURCE --zone=$ZONE" \
+          "--project=$PROJECT, then delete.sh and create.sh"
+        ;;
+    esac
+    log "state ${QR_STATE:-not visible yet} after ${elapsed}s (waiting up to ${CREATE_TIMEOUT}s)"
+  fi
+  if ((elapsed >= CREATE_TIMEOUT)); then
+    die "queued resource $QUEUED_RESOURCE not ACTIVE after ${CREATE_TIMEOUT}s (state" \
+      "${QR_STATE:-unknown}); the request stays queued: run create.sh again to keep waiting," \
+      "or delete.sh to withdraw it"
+  fi
+  sleep "$POLL_SECONDS"
+done
