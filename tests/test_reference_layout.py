@@ -154,3 +154,40 @@ def test_forward_rejects_bad_input():
         rm.forward(np.array([[1, 99]]))
     with pytest.raises(ValueError, match="at least one attended"):
         rm.forward(np.array([[1, 2]]), np.array([[0, 0]]))
+
+
+def _tiny_checkpoint(directory):
+    cfg = ModelConfig(vocab_size=61, hidden_size=HIDDEN, intermediate_size=64, num_layers=1,
+                      num_heads=4, num_kv_heads=2)
+    cloud_jax.from_config(cfg).save_pretrained(directory)
+    return directory / "model.safetensors"
+
+
+@pytest.mark.parametrize("corruption,needle", [
+    ("truncate", "truncated|outside"),
+    ("huge_header", "header claims"),
+    ("bad_offsets", "bytes but its data_offsets span"),
+    ("not_json", "not valid JSON"),
+])
+def test_hostile_safetensors_are_rejected(tmp_path, corruption, needle):
+    path = _tiny_checkpoint(tmp_path)
+    raw = bytearray(path.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    if corruption == "truncate":
+        raw = raw[: len(raw) - 100]
+    elif corruption == "huge_header":
+        raw[:8] = (1 << 40).to_bytes(8, "little")
+    elif corruption == "bad_offsets":
+        header = json.loads(raw[8:8 + n])
+        name = next(k for k in header if k != "__metadata__")
+        start, end = header[name]["data_offsets"]
+        header[name]["data_offsets"] = [start, end - 4]
+        text = json.dumps(header, separators=(",", ":")).encode()
+        assert len(text) <= n
+        text += b" " * (n - len(text))
+        raw[8:8 + n] = text
+    elif corruption == "not_json":
+        raw[8:12] = b"\xff\xfe{{"
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=needle):
+        cloud_jax.load(tmp_path)

@@ -280,11 +280,69 @@ def safetensors_files(directory: Path) -> list[Path]:
     return files
 
 
+# A header this large is no real checkpoint's (a 70B model's is well under 1 MB) but could make a
+# reader allocate without bound.
+MAX_HEADER_BYTES = 100 << 20
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2,
+                "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def check_safetensors_header(path: Path) -> dict:
+    """Validates a safetensors file's header against the file before any tensor is read.
+
+    Rejects an oversized or truncated header, offsets outside the data section, a tensor whose
+    byte length disagrees with its dtype and shape, and overlapping tensors. Returns the header.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: too short to be a safetensors file ({size} bytes)")
+        n = int.from_bytes(head, "little")
+        if n > MAX_HEADER_BYTES:
+            raise CheckpointError(f"{path}: safetensors header claims {n} bytes (limit "
+                                  f"{MAX_HEADER_BYTES}); the file is corrupt or hostile")
+        if 8 + n > size:
+            raise CheckpointError(f"{path}: safetensors header claims {n} bytes but the file has "
+                                  f"{size - 8} after the length field; the file is truncated")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{path}: safetensors header is not valid JSON: {err}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is not a JSON object")
+    data_size = size - 8 - n
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+            count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+            nbytes = count * _DTYPE_BYTES[dtype]
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry "
+                                  f"({err!r})") from None
+        if not 0 <= start <= end <= data_size:
+            raise CheckpointError(f"{path}: tensor {name!r} has data_offsets [{start}, {end}] "
+                                  f"outside the {data_size}-byte data section (truncated file?)")
+        if end - start != nbytes:
+            raise CheckpointError(f"{path}: tensor {name!r} is {dtype}{list(shape)} = {nbytes} "
+                                  f"bytes but its data_offsets span {end - start}")
+        spans.append((start, end, name))
+    spans.sort()
+    for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
+        if start_b < end_a:
+            raise CheckpointError(f"{path}: tensors {a!r} and {b!r} overlap")
+    return header
+
+
 def iter_tensors(directory: Path) -> Iterator[tuple[str, np.ndarray]]:
     """Yields (name, numpy array) one tensor at a time (bf16 comes back as ml_dtypes.bfloat16)."""
     from safetensors import safe_open
 
     for f in safetensors_files(directory):
+        check_safetensors_header(f)
         try:
             handle = safe_open(str(f), framework="numpy")
         except Exception as err:
