@@ -17,6 +17,12 @@ COMMANDS = {
                      "convert a Llama GGUF (default: bundled SmolLM2-135M) to a HF directory"),
     "export-hf": ("cloud_jax.checkpoints.export",
                   "re-export a checkpoint: CLoud reference layout or plain HF backbone"),
+    "score": ("cloud_jax.scoring", "score rows: sample K critiques each and read the rewards"),
+    "critique": ("cloud_jax.critique",
+                 "stage 2: regenerate every critique of a dataset with the SFT model"),
+    "evaluate": ("cloud_jax.evaluation.cli",
+                 "RewardBench-style pairwise accuracy (with a K sweep) and Best-of-N"),
+    "bench": ("cloud_jax.bench", "benchmarks: `bench train`, `bench sample`"),
 }
 
 

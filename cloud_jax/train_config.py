@@ -21,7 +21,8 @@ class TrainConfig:
 
     # critique_sft | cloud | classic | lm_pretrain (see docs/TRAINING.md).
     stage: str = "critique_sft"
-    # Optimizer updates in the whole run; the learning-rate schedule spans exactly these.
+    # Optimizer updates in the whole run; the learning-rate schedule spans exactly these. 0: one
+    # pass over the train split for data.num_epochs epochs (the count is saved with the run).
     total_steps: int = 100
     # Stop (after a checkpoint) once this step is reached, leaving the schedule untouched; a later
     # run with the same output_dir resumes. 0 runs to total_steps. For time-limited jobs.
@@ -67,9 +68,10 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         if self.stage not in STAGES:
             raise ConfigError(f"train.stage={self.stage!r}: expected one of {', '.join(STAGES)}")
-        if self.total_steps < 1:
-            raise ConfigError(f"train.total_steps={self.total_steps}: must be at least 1")
-        if not 0 <= self.stop_at_step <= self.total_steps:
+        if self.total_steps < 0:
+            raise ConfigError(f"train.total_steps={self.total_steps}: must be >= 0 (0: one "
+                              "pass over the data for data.num_epochs epochs)")
+        if self.stop_at_step < 0 or self.total_steps and self.stop_at_step > self.total_steps:
             raise ConfigError(f"train.stop_at_step={self.stop_at_step}: must be in "
                               f"[0, train.total_steps={self.total_steps}]")
         if self.grad_accum_steps < 1:

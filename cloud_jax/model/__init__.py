@@ -4,10 +4,10 @@ from cloud_jax.model.params import (abstract_params, count_params, init_params, 
                                     param_logical_specs, param_shapes, param_shardings, stack_layers,
                                     unstack_layers)
 from cloud_jax.model.transformer import (CLoudModel, cache_logical_axes, init_cache,
-                                         last_attended_index)
+                                         last_attended_index, with_shared_prefix)
 
 __all__ = [
     "CLoudModel", "abstract_params", "cache_logical_axes", "count_params", "init_cache",
     "init_params", "last_attended_index", "mesh_context", "param_logical_specs",
-    "param_shapes", "param_shardings", "stack_layers", "unstack_layers",
+    "param_shapes", "param_shardings", "stack_layers", "unstack_layers", "with_shared_prefix",
 ]

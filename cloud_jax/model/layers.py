@@ -86,16 +86,38 @@ def attention_mask(q_slot_t: jax.Array, k_slot_s: jax.Array, k_valid_bs: jax.Arr
 
 
 def gqa_attention(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array,
-                  mask_bts: jax.Array) -> jax.Array:
-    """Grouped-query attention; logits and softmax in fp32. Returns [B, T, H, D]."""
+                  mask_bts: jax.Array, prefix=None) -> jax.Array:
+    """Grouped-query attention; logits and softmax in fp32. Returns [B, T, H, D].
+
+    ``prefix`` is an optional shared segment ``(k [G, KV, P, D], v [G, KV, P, D], mask [B, T, P])``
+    read by groups of B // G consecutive rows (the K samples of one input): each input's prompt is
+    cached, and read from memory, once instead of once per sample. Its keys precede every key of
+    ``k_bksd`` and share one softmax with them.
+    """
     b, t, h, d = q_bthd.shape
     kv = k_bksd.shape[1]
     q = q_bthd.reshape(b, t, kv, h // kv, d)
+    scale = np.float32(1.0 / math.sqrt(d))
     scores = jnp.einsum("btkgd,bksd->bkgts", q, k_bksd,
-                        preferred_element_type=jnp.float32) / np.float32(math.sqrt(d))
+                        preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask_bts[:, None, None, :, :], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_bksd.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v_bksd)
+    if prefix is None:
+        probs = jax.nn.softmax(scores, axis=-1).astype(v_bksd.dtype)
+        out = jnp.einsum("bkgts,bksd->btkgd", probs, v_bksd)
+        return out.reshape(b, t, h, d)
+    pk, pv, pmask_btp = prefix
+    groups = pk.shape[0]
+    qg = q.reshape(groups, b // groups, t, kv, h // kv, d)
+    pscores = jnp.einsum("nrtkgd,nkpd->nrkgtp", qg, pk.astype(q.dtype),
+                         preferred_element_type=jnp.float32) * scale
+    pscores = pscores.reshape(b, kv, h // kv, t, -1)
+    pscores = jnp.where(pmask_btp[:, None, None, :, :], pscores, _MASK_VALUE)
+    probs = jax.nn.softmax(jnp.concatenate([pscores, scores], axis=-1), axis=-1)
+    plen = pscores.shape[-1]
+    pprobs = probs[..., :plen].astype(pv.dtype).reshape(groups, b // groups, kv, h // kv, t, plen)
+    out = jnp.einsum("nrkgtp,nkpd->nrtkgd", pprobs, pv.astype(q.dtype)).reshape(
+        b, t, kv, h // kv, d)
+    out = out + jnp.einsum("bkgts,bksd->btkgd", probs[..., plen:].astype(v_bksd.dtype), v_bksd)
     return out.reshape(b, t, h, d)
 
 
@@ -166,7 +188,16 @@ class Attention(nn.Module):
             new_cache = {"k": k_bksd, "v": v_bksd}
         mask = attention_mask(mask_info["q_slot"], mask_info["k_slot"], mask_info["k_valid"],
                               positions_bt, mask_info["k_pos"], cfg.sliding_window)
-        out = gqa_attention(q, k_bksd.astype(dtype), v_bksd.astype(dtype), mask)
+        prefix = None
+        if layer_cache is not None and "prefix_k" in layer_cache:
+            # Every prefix slot precedes the query: no causal term, only validity and window.
+            pmask = jnp.broadcast_to(mask_info["prefix_valid"][:, None, :].astype(bool),
+                                     (q.shape[0], q.shape[1], mask_info["prefix_valid"].shape[1]))
+            if cfg.sliding_window is not None:
+                pmask = pmask & (positions_bt[:, :, None] - mask_info["prefix_pos"][:, None, :]
+                                 < cfg.sliding_window)
+            prefix = (layer_cache["prefix_k"], layer_cache["prefix_v"], pmask)
+        out = gqa_attention(q, k_bksd.astype(dtype), v_bksd.astype(dtype), mask, prefix)
         out = HeadProjection((cfg.hidden_size,), ("heads", "head_dim", "embed"), False, dtype,
                              pdtype, in_dims=2, name="o_proj")(out)
         return out, new_cache

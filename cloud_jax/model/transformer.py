@@ -113,8 +113,12 @@ class CLoudModel(nn.Module):
         cfg = self.cfg
         mask_bt = attention_mask_bt.astype(jnp.int32)
         t = input_ids_bt.shape[1]
+        prefix = None if cache is None else cache.get("prefix")
         if positions_bt is None:
             seen_b = 0 if cache is None else jnp.sum(cache["valid"], axis=1, dtype=jnp.int32)
+            if prefix is not None:
+                seen_b = seen_b + _rows_of_groups(
+                    jnp.sum(prefix["valid"], axis=1, dtype=jnp.int32), mask_bt.shape[0])
             positions_bt = jnp.maximum(jnp.cumsum(mask_bt, axis=1) - 1, 0) + jnp.reshape(
                 seen_b, (-1, 1))
         positions_bt = positions_bt.astype(jnp.int32)
@@ -127,6 +131,9 @@ class CLoudModel(nn.Module):
             pos = jax.lax.dynamic_update_slice(cache["pos"], positions_bt, (0, start))
             mask_info = {"q_slot": start + jnp.arange(t), "k_slot": jnp.arange(valid.shape[1]),
                          "k_valid": valid, "k_pos": pos, "cache_end": start}
+            if prefix is not None:
+                mask_info["prefix_valid"] = _rows_of_groups(prefix["valid"], mask_bt.shape[0])
+                mask_info["prefix_pos"] = _rows_of_groups(prefix["pos"], mask_bt.shape[0])
         x = self.embed(input_ids_bt)
         new_layers = None
         if cfg.scan_layers:
@@ -137,14 +144,19 @@ class CLoudModel(nn.Module):
         else:
             new_layers = []
             for i, layer in enumerate(self.layers):
-                x, layer_cache = layer(x, positions_bt, mask_info,
-                                       None if cache is None else cache["layers"][i])
+                layer_cache = None if cache is None else cache["layers"][i]
+                if prefix is not None:
+                    layer_cache = {**layer_cache, "prefix_k": prefix["layers"][i]["k"],
+                                   "prefix_v": prefix["layers"][i]["v"]}
+                x, layer_cache = layer(x, positions_bt, mask_info, layer_cache)
                 new_layers.append(layer_cache)
         x = self.final_norm(x)
         new_cache = None
         if cache is not None:
             new_cache = {"layers": tuple(new_layers), "valid": mask_info["k_valid"],
                          "pos": mask_info["k_pos"], "end": cache["end"] + t}
+            if prefix is not None:
+                new_cache["prefix"] = prefix
         return x, new_cache
 
     def logits(self, hidden_btd):
@@ -181,6 +193,27 @@ class CLoudModel(nn.Module):
         return out
 
 
+def _rows_of_groups(x_g, rows: int):
+    """Repeats each group's entry to its rows (groups of rows // G consecutive rows)."""
+    return jnp.repeat(x_g, rows // x_g.shape[0], axis=0)
+
+
+def with_shared_prefix(cfg: ModelConfig, prefix_cache: Cache, rows: int, max_len: int) -> Cache:
+    """A decode cache for ``rows`` rows over a prefilled cache of G inputs.
+
+    Rows come in G groups of ``rows // G`` consecutive rows (e.g. the K samples of each input);
+    each group reads its input's prefix segment, which is stored and read once, not once per row.
+    New tokens go to a fresh segment of ``max_len`` slots per row.
+    """
+    groups = prefix_cache["valid"].shape[0]
+    if rows % groups:
+        raise ValueError(f"{rows} rows do not split into {groups} equal groups")
+    cache = init_cache(cfg, rows, max_len, str(prefix_cache["layers"][0]["k"].dtype))
+    cache["prefix"] = {"layers": prefix_cache["layers"], "valid": prefix_cache["valid"],
+                       "pos": prefix_cache["pos"]}
+    return cache
+
+
 def last_attended_index(attention_mask_bt: jax.Array) -> jax.Array:
     """Index of each row's last attended position (works for left and right padding)."""
     t = attention_mask_bt.shape[1]
@@ -201,12 +234,17 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Optional[str] 
     }
 
 
-def cache_logical_axes(cfg: ModelConfig) -> Cache:
-    """Logical axis names of every cache array (same structure as ``init_cache``)."""
+def cache_logical_axes(cfg: ModelConfig, shared_prefix: bool = False) -> Cache:
+    """Logical axis names of every cache array (same structure as ``init_cache``, or as
+    ``with_shared_prefix`` when ``shared_prefix``)."""
     kv = PartitionSpec("cache_batch", "cache_kv_heads", "cache_length", "cache_head_dim")
-    return {
+    row = PartitionSpec("cache_batch", "cache_length")
+    axes = {
         "layers": tuple({"k": kv, "v": kv} for _ in range(cfg.num_layers)),
-        "valid": PartitionSpec("cache_batch", "cache_length"),
-        "pos": PartitionSpec("cache_batch", "cache_length"),
+        "valid": row,
+        "pos": row,
         "end": PartitionSpec(),
     }
+    if shared_prefix:
+        axes["prefix"] = {"layers": axes["layers"], "valid": row, "pos": row}
+    return axes

@@ -1,0 +1,183 @@
+"""``python -m cloud_jax bench sample``: the CLoud scoring workload, ours against transformers.
+
+On the same random Llama weights (fp32; default ~100M parameters: hidden 768, 12 layers, 12 heads,
+4 KV heads, MLP 2048, vocab 32000, tied embeddings) and the same prompts: B inputs x K critiques,
+prompt length P, N new tokens, temperature sampling. Prints
+
+- critiques per second of our sampler (prefill once per input, cache repeated to K rows, a jitted
+  while-loop decode that also reads each reward) and of ``transformers`` ``generate`` with
+  ``num_return_sequences=K``, and their ratio;
+- our decode step time against the floor of reading every weight and the whole KV cache once per
+  step, at the memory bandwidth measured in the same run (a jitted sum over a large array);
+- our wall time for K samples relative to K = 1;
+
+and, last, one JSON line with those numbers. Both frameworks get the same CPU threads
+(``--threads``; XLA's pool is sized by the machine, torch's by ``torch.set_num_threads``).
+Every time is the best of ``--repeats`` runs after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cloud_jax.config import ModelConfig
+from cloud_jax.model import CLoudModel, count_params, init_params
+from cloud_jax.sampling import Temperature, content_row_ids, pad_prefixes, sample
+from cloud_jax.sampling.loop import decode, prefill, row_keys, stop_array
+from cloud_jax.sharding import SAMPLE_RULES
+
+
+def _best(fn, repeats: int) -> tuple[float, object]:
+    fn()  # warm-up: compiles
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def read_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes per second a jitted reduction reads from memory."""
+    x = jnp.ones((num_bytes // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    seconds, _ = _best(lambda: total(x).block_until_ready(), repeats)
+    del x
+    return num_bytes / seconds
+
+
+def _hf_model(cfg: ModelConfig, params):
+    import torch
+    import transformers
+
+    from cloud_jax.checkpoints.hf import hf_config_from_model_config, hf_state_dict
+
+    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in hf_config_from_model_config(cfg).items()
+                                         if k not in ("architectures", "model_type")})
+    model = transformers.LlamaForCausalLM(hf_cfg).eval()
+    state = {k: torch.from_numpy(np.array(v))
+             for k, v in hf_state_dict(params, cfg, with_head=False).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [m for m in missing if m != "lm_head.weight"]:
+        raise RuntimeError(f"weight transfer to transformers failed: missing {missing}, "
+                           f"unexpected {unexpected}")
+    return model
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cloud_jax bench sample", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--inputs", type=int, default=2)
+    parser.add_argument("--samples", type=int, default=8, help="K critiques per input")
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--hidden-size", type=int, default=768)
+    parser.add_argument("--num-layers", type=int, default=12)
+    parser.add_argument("--num-heads", type=int, default=12)
+    parser.add_argument("--num-kv-heads", type=int, default=4)
+    parser.add_argument("--intermediate-size", type=int, default=2048)
+    parser.add_argument("--vocab-size", type=int, default=32000)
+    parser.add_argument("--skip-hf", action="store_true", help="time our sampler only")
+    args = parser.parse_args(argv)
+
+    cfg = ModelConfig(vocab_size=args.vocab_size, hidden_size=args.hidden_size,
+                      intermediate_size=args.intermediate_size, num_layers=args.num_layers,
+                      num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
+                      tie_word_embeddings=True,
+                      max_position_embeddings=args.prompt_len + args.new_tokens + 1).validate()
+    params = init_params(cfg, jax.random.key(0))
+    n_params = count_params(params)
+    b, k, p, m = args.inputs, args.samples, args.prompt_len, args.new_tokens
+    stop = 0
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(1, cfg.vocab_size, p).tolist() for _ in range(b)]
+    method = Temperature(args.temperature)
+    print(f"[bench sample] {n_params / 1e6:.1f}M params fp32, {b} inputs x K={k}, prompt {p}, "
+          f"{m} new tokens, temperature {args.temperature}, {jax.device_count()} "
+          f"{jax.default_backend()} device(s)", flush=True)
+
+    def ours(samples: int):
+        out = sample(cfg, params, prompts, max_new_tokens=m, stop_ids=(stop,),
+                     num_samples=samples, method=method, seed=0)
+        return out
+
+    ours_s, out = _best(lambda: ours(k), args.repeats)
+    ours_k1_s, _ = _best(lambda: ours(1), args.repeats)
+    ours_cps = b * k / ours_s
+    print(f"[bench sample] ours: {ours_s:.2f}s for {b * k} critiques ({ours_cps:.2f}/s), "
+          f"mean critique length {out.lengths.mean():.1f}; K=1: {ours_k1_s:.2f}s, "
+          f"K={k}/K=1 = {ours_s / ours_k1_s:.2f}", flush=True)
+
+    # Decode step alone: the prefill is timed apart and the loop's step count read back.
+    ids, mask = pad_prefixes(prompts, p)
+    logits_bv, cache = prefill(params, ids, mask, cfg=cfg, cache_len=p,
+                               rules=tuple(SAMPLE_RULES))
+    keys = row_keys(0, content_row_ids(prompts))
+    stops = stop_array((stop,))
+
+    def run_decode():
+        res = decode(params, cache, logits_bv, keys, stops, cfg=cfg, rules=tuple(SAMPLE_RULES),
+                     method=method, num_samples=k, max_new_tokens=m, pad_id=0)
+        return jax.block_until_ready(res)
+
+    decode_s, res = _best(run_decode, args.repeats)
+    steps = int(np.max(np.asarray(res[1]))) + 1
+    step_s = decode_s / steps
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    # The decode cache: each input's prompt once (shared by its K samples), plus K sample segments.
+    kv_slots = b * p + b * k * (m + 1)
+    kv_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * kv_slots * cfg.resolved_head_dim * 4
+    bandwidth = read_bandwidth()
+    floor_s = (weight_bytes + kv_bytes) / bandwidth
+    print(f"[bench sample] decode: {steps} steps in {decode_s:.2f}s = {step_s * 1e3:.1f} ms/step; "
+          f"floor {floor_s * 1e3:.1f} ms (weights {weight_bytes / 1e6:.0f} MB + KV cache "
+          f"{kv_bytes / 1e6:.0f} MB at {bandwidth / 1e9:.1f} GB/s read); "
+          f"step/floor = {step_s / floor_s:.2f}", flush=True)
+
+    hf_cps = float("nan")
+    if not args.skip_hf:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        model = _hf_model(cfg, params)
+        input_ids = torch.tensor(prompts, dtype=torch.long)
+        # Same weights, same function: compare one forward's logits before timing anything.
+        with torch.inference_mode():
+            hf_logits = model(input_ids[:1, :32]).logits.numpy()
+        our_logits = CLoudModel(cfg).apply({"params": params}, jnp.asarray(prompts[0][:32])[None],
+                                           jnp.ones((1, 32), jnp.int32))["logits"]
+        diff = float(np.abs(np.asarray(our_logits) - hf_logits).max())
+        if diff > 1e-3:
+            raise RuntimeError(f"transformers and our logits differ by {diff}: the comparison "
+                               "would not be on the same model")
+
+        def hf():
+            with torch.inference_mode():
+                return model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                                      do_sample=True, temperature=args.temperature, top_k=0,
+                                      top_p=1.0, max_new_tokens=m, num_return_sequences=k,
+                                      eos_token_id=stop, pad_token_id=stop)
+
+        hf_s, _ = _best(hf, args.repeats)
+        hf_cps = b * k / hf_s
+        print(f"[bench sample] transformers generate ({args.threads} torch threads): "
+              f"{hf_s:.2f}s for {b * k} critiques ({hf_cps:.2f}/s)", flush=True)
+
+    print(json.dumps({
+        "ours_critiques_per_s": round(ours_cps, 3),
+        "hf_critiques_per_s": round(hf_cps, 3),
+        "ratio": round(ours_cps / hf_cps, 3),
+        "decode_step_over_floor": round(step_s / floor_s, 3),
+        "k8_over_k1": round(ours_s / ours_k1_s, 3),
+    }))
+    return 0

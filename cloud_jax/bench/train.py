@@ -1,0 +1,239 @@
+"""``python -m cloud_jax bench train``: the ``cloud`` train step, ours against transformers + torch.
+
+On the same random Llama weights (fp32; default ~100M parameters: hidden 768, 12 layers, 12 heads,
+4 KV heads, MLP 2048, vocab 32000, tied embeddings) and the same batch (P pairs of sequence T,
+chosen and rejected rows, LM targets on the second half of each row, the reward read at the last
+token), one optimizer update of the ``cloud`` loss (BT + 1.25 * LM):
+
+- ours: the jitted, donated train step of ``python -m cloud_jax.train`` (``StepBuilder``);
+- torch: ``transformers.LlamaForCausalLM`` plus the same reward head, forward + backward +
+  gradient clipping + ``torch.optim.AdamW``.
+
+Prints tokens/s of both and their ratio, both first-step losses (the same weights and batch give
+the same loss: a check that the two do the same work), and achieved FLOP/s (PaLM's model-FLOPs
+count) as a fraction of this machine's fp32 matmul FLOP/s, measured in the same run as the best of
+JAX's and torch's large square matmuls. Ends with one JSON line. Both frameworks get the same CPU
+threads (``--threads``). Every time is the best of ``--repeats`` rounds after a warm-up; each
+round runs the matmuls, our step and torch's step one after another, so that on a shared machine
+all of them meet the same load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Optional, Sequence
+
+# torch's OpenMP threads otherwise spin after each op and take the cores from the XLA step that
+# runs next in the same round (and the JAX step is measured right after torch's).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from cloud_jax.config import Config, MeshConfig, ModelConfig  # noqa: E402
+from cloud_jax.losses import LossConfig  # noqa: E402
+from cloud_jax.model import count_params, init_params  # noqa: E402
+from cloud_jax.optim import OptimConfig  # noqa: E402
+from cloud_jax.sharding import TRAIN_RULES, make_mesh  # noqa: E402
+from cloud_jax.train_config import TrainConfig  # noqa: E402
+from cloud_jax.training.step import StepBuilder, model_flops_per_token  # noqa: E402
+
+LM_COEF = 1.25
+MATMUL_N = 2048
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m cloud_jax bench train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pairs", type=int, default=1, help="pairs per step (2 rows each)")
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--hidden", type=int, default=768)
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--mlp", type=int, default=2048)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="torch threads (XLA uses every core of the machine)")
+    p.add_argument("--scan-layers", action="store_true", help="ours: lax.scan over the layers")
+    p.add_argument("--remat", default="none", help="ours: none | full | dots | dots_no_batch")
+    p.add_argument("--skip-torch", action="store_true")
+    return p.parse_args(argv)
+
+
+def make_batch(pairs: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, (pairs, 2, seq)).astype(np.int32)
+    targets = np.concatenate([ids[..., 1:], np.zeros((pairs, 2, 1), np.int32)], axis=-1)
+    loss_mask = np.zeros((pairs, 2, seq), np.float32)
+    loss_mask[..., seq // 2:seq - 1] = 1.0
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids),
+            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), ids.shape).copy(),
+            "targets": targets, "loss_mask": loss_mask,
+            "reward_index": np.full((pairs, 2), seq - 1, np.int32),
+            "pair_valid": np.ones(pairs, np.int32), "pair_index": np.arange(pairs, dtype=np.int32)}
+
+
+def best_times(fns: dict, repeats: int) -> dict[str, float]:
+    """Best wall time of each closure over ``repeats`` rounds. Rounds interleave the closures, so
+    on a shared machine each sees the same spread of load."""
+    for fn in fns.values():
+        fn()  # warm-up
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def matmuls(threads: int, n: int = MATMUL_N) -> dict:
+    """fp32 n x n matmuls in JAX (XLA) and in torch, as closures; the best FLOP/s of either is
+    the machine's peak for this benchmark."""
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    out = {"matmul_jax": lambda: f(a, a).block_until_ready()}
+    try:
+        import torch
+    except ImportError:
+        return out
+    torch.set_num_threads(threads)
+    t = torch.randn(n, n)
+    out["matmul_torch"] = lambda: torch.mm(t, t)
+    return out
+
+
+def ours(cfg: Config, batch: dict, params_host: dict):
+    """One update of our jitted step as a closure (it blocks until done), and its losses."""
+    mesh = make_mesh(cfg.mesh, jax.devices()[:1])
+    builder = StepBuilder(cfg, mesh, TRAIN_RULES, cfg.model)
+    state = builder.init_state(jax.device_put(params_host, builder.param_shardings))
+    step = builder.train_step()
+    device_batch = builder.device_batch(batch)
+    losses = []
+
+    def run():
+        nonlocal state
+        state, metrics = step(state, device_batch)
+        losses.append(float(metrics["loss"]))  # blocks until the step is done
+
+    run()  # compiles
+    print(step.reports[0])
+    return run, losses
+
+
+def torch_step(cfg: ModelConfig, batch: dict, params_host: dict, threads: int):
+    """One update of transformers + torch as a closure, and its losses."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cloud_jax.checkpoints.hf import hf_config_from_model_config, hf_state_dict
+
+    torch.set_num_threads(threads)
+    hf_cfg = hf_config_from_model_config(cfg)
+    model = LlamaForCausalLM(LlamaConfig(**hf_cfg))
+    weights = {k: torch.from_numpy(np.array(v))
+               for k, v in hf_state_dict(params_host, cfg, with_head=False).items()}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise RuntimeError(f"weight mismatch: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    head = torch.nn.Sequential(torch.nn.Linear(cfg.hidden_size, cfg.hidden_size), torch.nn.Tanh(),
+                               torch.nn.Linear(cfg.hidden_size, 1))
+    rh = params_host["reward_head"]
+    with torch.no_grad():
+        head[0].weight.copy_(torch.from_numpy(np.array(rh["dense"]["kernel"]).T))
+        head[0].bias.copy_(torch.from_numpy(np.array(rh["dense"]["bias"])))
+        head[2].weight.copy_(torch.from_numpy(np.array(rh["out_proj"]["kernel"]).T))
+        head[2].bias.copy_(torch.from_numpy(np.array(rh["out_proj"]["bias"])))
+    params = list(model.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), eps=1e-10, weight_decay=1.0)
+    p, _, t = batch["input_ids"].shape
+    ids = torch.from_numpy(batch["input_ids"].reshape(2 * p, t)).long()
+    pos = torch.from_numpy(batch["positions"].reshape(2 * p, t)).long()
+    targets = torch.from_numpy(batch["targets"].reshape(2 * p, t)).long()
+    mask = torch.from_numpy(batch["loss_mask"].reshape(2 * p, t)).bool()
+    ridx = torch.from_numpy(batch["reward_index"].reshape(2 * p)).long()
+    attn = torch.ones_like(ids)
+    losses = []
+
+    def run():
+        hidden = model.model(input_ids=ids, attention_mask=attn, position_ids=pos)[0]
+        logits = model.lm_head(hidden).float()
+        lm = torch.nn.functional.cross_entropy(logits[mask], targets[mask])
+        rewards = head(hidden[torch.arange(2 * p), ridx]).float()[:, 0].view(p, 2)
+        bt = -torch.nn.functional.logsigmoid(rewards[:, 0] - rewards[:, 1]).mean()
+        loss = bt + LM_COEF * lm
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+
+    run()
+    return run, losses
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    model_cfg = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden,
+                            intermediate_size=args.mlp, num_layers=args.layers,
+                            num_heads=args.heads, num_kv_heads=args.kv_heads,
+                            tie_word_embeddings=True, max_position_embeddings=max(args.seq, 2048),
+                            scan_layers=args.scan_layers, remat=args.remat)
+    cfg = Config(model=model_cfg, mesh=MeshConfig(data=1),
+                 optim=OptimConfig(learning_rate=1e-5, warmup_ratio=0.0),
+                 loss=LossConfig(lm_coef=LM_COEF),
+                 train=TrainConfig(stage="cloud", total_steps=1000))
+    batch = make_batch(args.pairs, args.seq, args.vocab)
+    tokens = 2 * args.pairs * args.seq
+    flops_per_step = model_flops_per_token(model_cfg, args.seq, "cloud") * tokens
+    params_host = jax.device_get(init_params(model_cfg, jax.random.key(0)))
+    n_params = count_params(params_host)
+    print(f"model: {n_params / 1e6:.1f}M parameters, fp32; batch {args.pairs} pairs x 2 rows x "
+          f"{args.seq} tokens = {tokens} tokens; {flops_per_step / 1e12:.3f} TFLOP per step; "
+          f"{os.cpu_count()} CPU cores, torch threads {args.threads}")
+
+    if args.scan_layers:
+        from cloud_jax.model import stack_layers
+
+        params_ours = stack_layers(params_host, model_cfg.num_layers)
+    else:
+        params_ours = params_host
+    fns = matmuls(args.threads)
+    fns["ours"], ours_losses = ours(cfg, batch, params_ours)
+    if not args.skip_torch:
+        fns["torch"], torch_losses = torch_step(model_cfg, batch, params_host, args.threads)
+    times = best_times(fns, args.repeats)
+    peaks = {k: 2 * MATMUL_N**3 / v for k, v in times.items() if k.startswith("matmul")}
+    peak = max(peaks.values())
+    print(f"fp32 matmul {MATMUL_N}^3: " + ", ".join(
+        f"{k.split('_')[1]} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()))
+    ours_tps = tokens / times["ours"]
+    fraction = flops_per_step / times["ours"] / peak
+    print(f"ours:  {times['ours']:.3f} s/step, {ours_tps:.1f} tokens/s, "
+          f"{flops_per_step / times['ours'] / 1e9:.1f} GFLOP/s = {fraction:.1%} of matmul peak; "
+          f"first loss {ours_losses[0]:.6f}")
+    result = {"ours_tokens_per_s": ours_tps, "torch_tokens_per_s": None, "ratio": None,
+              "matmul_fraction": fraction}
+    if not args.skip_torch:
+        t_torch = times["torch"]
+        torch_tps = tokens / t_torch
+        print(f"torch: {t_torch:.3f} s/step, {torch_tps:.1f} tokens/s, "
+              f"{flops_per_step / t_torch / 1e9:.1f} GFLOP/s = "
+              f"{flops_per_step / t_torch / peak:.1%} of matmul peak; first loss "
+              f"{torch_losses[0]:.6f}")
+        print(f"ratio ours / torch: {ours_tps / torch_tps:.2f}x")
+        result.update(torch_tokens_per_s=torch_tps, ratio=ours_tps / torch_tps)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

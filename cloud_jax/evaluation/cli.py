@@ -1,0 +1,149 @@
+"""``python -m cloud_jax evaluate``: pairwise (RewardBench-format) and Best-of-N evaluation.
+
+    python -m cloud_jax evaluate --checkpoint C --input rows.jsonl --output-dir D \\
+        [--num-samples 1,4,8] [--temperature T] [--max-critique-tokens N] [--seed S] [--classic] \\
+        [--best-of-n file.jsonl]
+
+``--input`` takes preference rows (``prompt, chosen, rejected, subset, id``: RewardBench's format;
+JSONL, JSON or Parquet, comma-separated or globs); ``--best-of-n`` takes Best-of-N JSONL (see
+docs/EVALUATION.md). Give either or both. Writes report.json, report.md, accuracy_by_section.png,
+accuracy_vs_k.png and the critiques (critiques.jsonl, best_of_n_critiques.jsonl) to the output
+directory. Input files are checked before the model loads; a bad row is reported with its file,
+line and field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import List, Optional, Sequence
+
+from cloud_jax.data.schema import RowError, load_rows
+from cloud_jax.evaluation.best_of_n import BASELINES, load_best_of_n
+from cloud_jax.evaluation.run import EvalConfig, run_evaluation
+from cloud_jax.evaluation.scorer import score_fn_from_model
+
+
+def parse_ks(text: str) -> tuple[int, ...]:
+    """``"1,4,8"`` -> (1, 4, 8); argparse reports a ValueError as a usage error."""
+    try:
+        ks = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected positive integers separated by commas, e.g. 1,4,8") from None
+    if not ks or any(k < 1 for k in ks):
+        raise argparse.ArgumentTypeError(f"{text!r}: every K must be >= 1")
+    return ks
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = EvalConfig()
+    p = argparse.ArgumentParser(prog="python -m cloud_jax evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True,
+                   help="CLoud reference-layout or HF directory (or hub id)")
+    p.add_argument("--input", default=None, help="preference rows (RewardBench format)")
+    p.add_argument("--best-of-n", default=None, help="Best-of-N JSONL file(s)")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--num-samples", type=parse_ks, default=d.num_samples,
+                   help="K critiques per response; a comma list is a sweep (default 1)")
+    p.add_argument("--temperature", type=float, default=d.temperature,
+                   help="critique sampling temperature; 0 is greedy (default %(default)s)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--max-critique-tokens", type=int, default=d.max_critique_tokens)
+    p.add_argument("--max-length", type=int, default=None,
+                   help="prefill tokens at most (the scorer's default if unset)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="inputs per compiled batch (default %(default)s)")
+    p.add_argument("--classic", action="store_true",
+                   help="a classic reward model: no critiques, one reward per response")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer ('byte', a directory or hub id) if the checkpoint has none")
+    p.add_argument("--tie-credit", type=float, default=d.tie_credit, choices=(0.0, 0.5),
+                   help="what a tie scores: 0 (RewardBench's rule, default) or 0.5")
+    p.add_argument("--baseline", choices=BASELINES, default=d.baseline,
+                   help="Best-of-N baseline pick (default %(default)s)")
+    p.add_argument("--bootstrap-resamples", type=int, default=d.bootstrap_resamples)
+    p.add_argument("--confidence", type=float, default=d.confidence)
+    p.add_argument("--lenient", action="store_true",
+                   help="skip bad preference rows (listed in OUTPUT_DIR/rejects.jsonl) instead "
+                        "of stopping at the first")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _load_model(args: argparse.Namespace):
+    import cloud_jax
+
+    rm = cloud_jax.load(args.checkpoint)
+    if args.tokenizer is not None:
+        from cloud_jax.data.tokenizer import load_tokenizer
+
+        rm.tokenizer = load_tokenizer(args.tokenizer)
+    if rm.tokenizer is None:
+        raise SystemExit(f"error: {args.checkpoint} holds no tokenizer: pass --tokenizer")
+    return rm
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.input is None and args.best_of_n is None:
+        parser.error("give --input (preference rows), --best-of-n (Best-of-N rows) or both")
+    cfg = EvalConfig(num_samples=args.num_samples, temperature=args.temperature,
+                     max_critique_tokens=args.max_critique_tokens, seed=args.seed,
+                     batch_size=args.batch_size, classic=args.classic,
+                     tie_credit=args.tie_credit, baseline=args.baseline,
+                     bootstrap_resamples=args.bootstrap_resamples, confidence=args.confidence)
+    try:
+        cfg.validate()
+    except ValueError as err:
+        parser.error(str(err))
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Inputs are read and checked before the (slow) model load.
+    try:
+        rows = None
+        if args.input is not None:
+            rows = load_rows(args.input, require_feedback=False, lenient=args.lenient,
+                             rejects_path=os.path.join(args.output_dir, "rejects.jsonl")).rows
+        items = load_best_of_n(args.best_of_n) if args.best_of_n is not None else None
+        if rows is not None and not rows:
+            raise ValueError(f"no usable preference rows in {args.input}")
+    except (RowError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    settings = {"checkpoint": args.checkpoint, "input": args.input, "best_of_n": args.best_of_n}
+    sampler = {k: v for k, v in (("top_k", args.top_k), ("top_p", args.top_p),
+                                 ("max_length", args.max_length)) if v is not None}
+    settings.update(sampler)
+    score_fn = score_fn_from_model(_load_model(args), temperature=cfg.temperature,
+                                   max_critique_tokens=cfg.max_critique_tokens, seed=cfg.seed,
+                                   batch_size=cfg.batch_size, classic=cfg.classic, **sampler)
+    report = run_evaluation(score_fn, cfg, args.output_dir, rows=rows, best_of_n_items=items,
+                            settings=settings, progress=not args.no_progress)
+    _print_summary(report)
+    return 0
+
+
+def _print_summary(report) -> None:
+    lines: List[str] = []
+    if "rewardbench" in report:
+        for k, acc in report["rewardbench"]["accuracy_vs_k"].items():
+            score = report["rewardbench"]["by_k"][k]["score"]
+            lines.append(f"K={k}: pairwise accuracy {100 * acc:.1f}%"
+                         + (f", RewardBench score {100 * score:.1f}" if score is not None else ""))
+    if "best_of_n" in report:
+        for k, m in report["best_of_n"]["by_k"].items():
+            lines.append(f"K={k}: Best-of-N win rate vs baseline "
+                         f"{100 * m['against_baseline']['win_rate']:.1f}%, oracle match "
+                         f"{100 * m['against_oracle']['match_rate']:.1f}%")
+    lines.append(f"report: {report['files']['markdown']}")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

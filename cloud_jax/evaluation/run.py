@@ -1,0 +1,226 @@
+"""One evaluation run: score the rows once, tally every K, write the report and the critiques.
+
+Critiques are drawn once, at the largest K of the sweep; accuracy at a smaller K uses each
+response's first K samples (the samples are independent draws, so the first K of a larger draw are
+a draw of K). One sampling run thus serves the whole sweep, and the K values are nested: K = 4's
+critiques are K = 8's first four.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from cloud_jax.data.schema import PreferenceRow
+from cloud_jax.evaluation import best_of_n as bon
+from cloud_jax.evaluation import rewardbench as rbm
+from cloud_jax.evaluation.report import write_report
+from cloud_jax.evaluation.scorer import ScoreFn, Scores, score_all
+
+log = logging.getLogger(__name__)
+
+CRITIQUES_JSONL = "critiques.jsonl"
+BEST_OF_N_JSONL = "best_of_n_critiques.jsonl"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """What ``python -m cloud_jax evaluate`` measures and how critiques are sampled."""
+
+    # The K sweep: critiques per response. Sampled once at the largest K (see the module doc).
+    num_samples: tuple[int, ...] = (1,)
+    # 0 is greedy: every sample is then the same critique, so K > 1 needs a temperature.
+    temperature: float = 0.0
+    max_critique_tokens: int = 256
+    # Critique sampling, the random Best-of-N baseline and the bootstrap all derive from it.
+    seed: int = 0
+    # Inputs per compiled scoring batch.
+    batch_size: int = 8
+    # A classic reward model: one reward per response, no critique (K = 1).
+    classic: bool = False
+    # What a tie (equal rewards) scores: 0 is RewardBench's rule, 0.5 half a pair.
+    tie_credit: float = 0.0
+    # Best-of-N baseline pick: "first" candidate or a seeded "random" one.
+    baseline: str = "first"
+    bootstrap_resamples: int = 2000
+    confidence: float = 0.95
+    # Inputs per scorer call: the progress bar's step. A multiple of batch_size wastes no batch.
+    chunk_size: int = 64
+
+    def validate(self) -> "EvalConfig":
+        if not self.num_samples or any(k < 1 for k in self.num_samples):
+            raise ValueError(f"num_samples={self.num_samples}: need one or more K >= 1")
+        if self.classic and tuple(self.num_samples) != (1,):
+            raise ValueError(f"num_samples={self.num_samples}: a classic reward model writes no "
+                             "critiques, so K is 1; drop num_samples or classic")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature}: must be >= 0")
+        if self.max_critique_tokens < 1 and not self.classic:
+            raise ValueError(f"max_critique_tokens={self.max_critique_tokens}: must be >= 1")
+        if self.batch_size < 1 or self.chunk_size < 1:
+            raise ValueError(f"batch_size={self.batch_size}, chunk_size={self.chunk_size}: "
+                             "both must be >= 1")
+        if not 0.0 <= self.tie_credit <= 1.0:
+            raise ValueError(f"tie_credit={self.tie_credit}: must lie in [0, 1]")
+        if self.baseline not in bon.BASELINES:
+            raise ValueError(f"baseline={self.baseline!r}: expected one of "
+                             f"{', '.join(bon.BASELINES)}")
+        if self.bootstrap_resamples < 1 or not 0.0 < self.confidence < 1.0:
+            raise ValueError(f"bootstrap_resamples={self.bootstrap_resamples} must be >= 1 and "
+                             f"confidence={self.confidence} in (0, 1)")
+        return self
+
+    @property
+    def ks(self) -> tuple[int, ...]:
+        return tuple(sorted(set(self.num_samples)))
+
+
+def _score(score_fn: ScoreFn, cfg: EvalConfig, prompts: List[str], responses: List[str],
+           sources: Sequence[str], progress: bool, desc: str) -> Scores:
+    scores = score_all(score_fn, prompts, responses, max(cfg.ks),
+                       expected_samples=1 if cfg.classic else max(cfg.ks),
+                       chunk_size=cfg.chunk_size, progress=progress, desc=desc)
+    bad = np.flatnonzero(~np.all(np.isfinite(scores.sample_rewards), axis=1))
+    if bad.size:
+        raise ValueError(f"{sources[bad[0]]}: the model gave a non-finite reward "
+                         f"({scores.sample_rewards[bad[0]].tolist()}); {bad.size} responses "
+                         "affected")
+    return scores
+
+
+def _truncated_fraction(scores: Scores) -> Optional[float]:
+    if scores.truncated is None or not any(scores.critiques):
+        return None
+    return float(scores.truncated.mean())
+
+
+def _sample_fields(scores: Scores, i: int, prefix: str) -> Dict[str, Any]:
+    out = {f"{prefix}sample_rewards": scores.sample_rewards[i].tolist(),
+           f"{prefix}critiques": scores.critiques[i]}
+    if scores.truncated is not None:
+        out[f"{prefix}truncated"] = scores.truncated[i].tolist()
+    return out
+
+
+def evaluate_rewardbench(rows: Sequence[PreferenceRow], score_fn: ScoreFn, cfg: EvalConfig, *,
+                         progress: bool = False) -> tuple[Dict[str, Any], List[Dict[str, Any]]]:
+    """Pairwise accuracy of ``rows`` at every K: (report section, one record per row)."""
+    if not rows:
+        raise ValueError("no preference rows to evaluate")
+    n = len(rows)
+    sources = [f"{r.source} (chosen)" for r in rows] + [f"{r.source} (rejected)" for r in rows]
+    scores = _score(score_fn, cfg, [r.prompt for r in rows] * 2,
+                    [r.chosen for r in rows] + [r.rejected for r in rows], sources, progress,
+                    "pairs (chosen + rejected)")
+    subsets = [r.subset for r in rows]
+    chosen, rejected = scores.sample_rewards[:n], scores.sample_rewards[n:]
+    by_k = rbm.accuracy_by_k(subsets, chosen, rejected, cfg.ks, tie_credit=cfg.tie_credit)
+    outcome_names = {rbm.CORRECT: "correct", rbm.TIE: "tie", rbm.WRONG: "wrong"}
+    r_chosen, r_rejected = chosen.mean(axis=1), rejected.mean(axis=1)
+    outcomes = rbm.pair_outcomes(r_chosen, r_rejected)
+    records = []
+    for i, row in enumerate(rows):
+        records.append({
+            "id": row.id, "subset": row.subset, "section": rbm.section_of(row.subset),
+            "source": row.source, "outcome": outcome_names[int(outcomes[i])],
+            "chosen_reward": float(r_chosen[i]), "rejected_reward": float(r_rejected[i]),
+            **_sample_fields(scores, i, "chosen_"), **_sample_fields(scores, n + i, "rejected_")})
+    section = {"num_rows": n, "by_k": {str(k): s.to_dict() for k, s in by_k.items()},
+               "accuracy_vs_k": {str(k): s.accuracy for k, s in by_k.items()},
+               "truncated_fraction": _truncated_fraction(scores)}
+    return section, records
+
+
+def evaluate_best_of_n(items: Sequence[bon.BestOfNItem], score_fn: ScoreFn, cfg: EvalConfig, *,
+                       progress: bool = False) -> tuple[Dict[str, Any], List[Dict[str, Any]]]:
+    """Best-of-N picks and win rates at every K: (report section, one record per prompt)."""
+    if not items:
+        raise ValueError("no Best-of-N rows to evaluate")
+    prompts, responses, sources = [], [], []
+    for item in items:
+        prompts += [item.prompt] * len(item.candidates)
+        responses += list(item.candidates)
+        sources += [f"{item.source} (candidates[{j}])" for j in range(len(item.candidates))]
+    scores = _score(score_fn, cfg, prompts, responses, sources, progress, "Best-of-N candidates")
+    offsets = np.cumsum([0] + [len(item.candidates) for item in items])
+    sizes = [len(item.candidates) for item in items]
+    base = bon.baseline_picks(sizes, cfg.baseline, cfg.seed)
+    qualities = [np.asarray(item.scores) for item in items]
+    by_k = {}
+    for k in cfg.ks:
+        rewards = [rbm.mean_over_first_k(scores.sample_rewards[a:b], k)
+                   for a, b in zip(offsets[:-1], offsets[1:])]
+        by_k[str(k)] = bon.best_of_n_metrics(qualities, rewards, base, seed=cfg.seed,
+                                             num_resamples=cfg.bootstrap_resamples,
+                                             level=cfg.confidence)
+    records = []
+    for i, item in enumerate(items):
+        a, b = offsets[i], offsets[i + 1]
+        part = dataclasses.replace(scores, sample_rewards=scores.sample_rewards[a:b],
+                                   critiques=scores.critiques[a:b],
+                                   truncated=None if scores.truncated is None
+                                   else scores.truncated[a:b])
+        rewards = part.sample_rewards.mean(axis=1)
+        records.append({
+            "id": item.id, "subset": item.subset, "source": item.source,
+            "scores": list(item.scores), "rewards": rewards.tolist(),
+            "model_pick": int(np.argmax(rewards)), "baseline_pick": int(base[i]),
+            "oracle_picks": np.flatnonzero(qualities[i] == qualities[i].max()).tolist(),
+            "sample_rewards": part.sample_rewards.tolist(), "critiques": part.critiques,
+            **({"truncated": part.truncated.tolist()} if part.truncated is not None else {})})
+    section = {"num_prompts": len(items), "baseline": cfg.baseline, "seed": cfg.seed,
+               "confidence": cfg.confidence, "bootstrap_resamples": cfg.bootstrap_resamples,
+               "by_k": by_k, "truncated_fraction": _truncated_fraction(scores)}
+    return section, records
+
+
+def _write_jsonl(path: str, records: Sequence[Dict[str, Any]]) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def run_evaluation(score_fn: ScoreFn, cfg: EvalConfig, output_dir: str, *,
+                   rows: Optional[Sequence[PreferenceRow]] = None,
+                   best_of_n_items: Optional[Sequence[bon.BestOfNItem]] = None,
+                   settings: Optional[Dict[str, Any]] = None,
+                   progress: bool = False) -> Dict[str, Any]:
+    """Evaluates ``rows`` and/or ``best_of_n_items``; writes into ``output_dir``:
+
+    report.json, report.md, accuracy_by_section.png (with rows), accuracy_vs_k.png,
+    critiques.jsonl (with rows), best_of_n_critiques.jsonl (with Best-of-N items).
+    Returns the report dictionary (what report.json holds) with the written paths under "files".
+    """
+    cfg.validate()
+    if not rows and not best_of_n_items:
+        raise ValueError("nothing to evaluate: give preference rows, Best-of-N rows or both")
+    if not cfg.classic and max(cfg.ks) > 1 and cfg.temperature == 0:
+        log.warning("temperature 0 is greedy: all K critiques of a response are the same, so "
+                    "the K sweep measures nothing; set a temperature (e.g. 0.7)")
+    os.makedirs(output_dir, exist_ok=True)
+    start = time.perf_counter()
+    report: Dict[str, Any] = {"settings": {**dataclasses.asdict(cfg), "num_samples": list(cfg.ks),
+                                           **(settings or {})}}
+    files: Dict[str, str] = {}
+    if rows:
+        report["rewardbench"], records = evaluate_rewardbench(rows, score_fn, cfg,
+                                                              progress=progress)
+        files["critiques"] = os.path.join(output_dir, CRITIQUES_JSONL)
+        _write_jsonl(files["critiques"], records)
+    if best_of_n_items:
+        report["best_of_n"], records = evaluate_best_of_n(best_of_n_items, score_fn, cfg,
+                                                          progress=progress)
+        files["best_of_n_critiques"] = os.path.join(output_dir, BEST_OF_N_JSONL)
+        _write_jsonl(files["best_of_n_critiques"], records)
+    report["wall_seconds"] = time.perf_counter() - start
+    files.update(write_report(report, output_dir))
+    report["files"] = files
+    return report

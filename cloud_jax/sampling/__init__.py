@@ -1,0 +1,13 @@
+"""Sampling critiques with the KV cache and reading their rewards in the same loop."""
+
+from cloud_jax.sampling.loop import (DecodeState, SampleOutput, bucket_length, content_row_ids,
+                                     decode, pad_prefixes, prefill, row_keys, sample,
+                                     sample_padded)
+from cloud_jax.sampling.methods import (Greedy, SamplingMethod, Temperature, TopK, TopP,
+                                        method_from)
+
+__all__ = [
+    "DecodeState", "Greedy", "SampleOutput", "SamplingMethod", "Temperature", "TopK", "TopP",
+    "bucket_length", "content_row_ids", "decode", "method_from", "pad_prefixes", "prefill",
+    "row_keys", "sample", "sample_padded",
+]

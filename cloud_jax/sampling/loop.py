@@ -1,0 +1,249 @@
+"""Critiques and their rewards in two compiled calls: a prefill, then a ``lax.while_loop`` decode.
+
+    out = sample(cfg, params, prefixes, max_new_tokens=256, stop_ids=(eot,), num_samples=K,
+                 method=Temperature(0.8), seed=0)
+    out.tokens [B,K,M], out.lengths [B,K], out.rewards [B,K] fp32, out.truncated [B,K]
+
+Prefill runs once per input over a batch padded to a length bucket (left or right padding both
+work: positions and validity come from the mask). Its cache becomes a shared prefix segment that
+the K samples of an input all read, stored and read from memory once per input rather than once
+per sample; each sample's own tokens go to a separate segment. Each decode step chooses one token per row; a row ends its critique when it draws a
+stop token or when the budget of ``max_new_tokens`` critique tokens is spent (then it is flagged
+truncated). Either way the next token fed is the end-of-turn token ``stop_ids[0]``, and the reward
+is read from the hidden state of that very step, so a critique's reward costs no second forward
+over prefix + critique. Tokens after a row's end are ``pad_id``.
+
+Random keys are ``fold_in(fold_in(fold_in(key(seed), row_id), sample), step)``: a row's critique
+depends on the seed, its row id and its sample index only, never on the batch it shares.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec
+
+from cloud_jax.config import ModelConfig
+from cloud_jax.model import (CLoudModel, cache_logical_axes, init_cache, last_attended_index,
+                             mesh_context, with_shared_prefix)
+from cloud_jax.sampling.methods import Greedy, SamplingMethod
+from cloud_jax.sharding import SAMPLE_RULES, Rules
+
+Cache = dict
+
+
+@flax.struct.dataclass
+class DecodeState:
+    """Carry of the decode loop; N = inputs x samples rows."""
+
+    step: jax.Array  # [] int32: index of the critique token chosen by the next iteration
+    cache: Cache
+    logits_nv: jax.Array  # fp32, next-token logits of every row
+    tokens_nm: jax.Array  # int32 [N, M+1]: the critique so far, pad_id after its end
+    lengths_n: jax.Array  # int32: critique tokens written, the end-of-turn token excluded
+    done_n: jax.Array  # bool: end-of-turn fed and reward read
+    truncated_n: jax.Array  # bool: ended by the budget, not by a stop token
+    rewards_n: jax.Array  # fp32, valid where done
+    keys_n: jax.Array  # per-row keys, folded with the step at each draw
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleOutput:
+    """Host-side result; B inputs, K samples each, M = max_new_tokens."""
+
+    tokens: np.ndarray  # int32 [B, K, M], pad_id after each critique
+    lengths: np.ndarray  # int32 [B, K]
+    rewards: np.ndarray  # float32 [B, K]
+    truncated: np.ndarray  # bool [B, K]
+
+    def critique_ids(self, b: int, k: int) -> list[int]:
+        return self.tokens[b, k, :self.lengths[b, k]].tolist()
+
+
+def bucket_length(n: int, buckets: Optional[Sequence[int]] = None) -> int:
+    """The smallest bucket >= n; default buckets are the powers of two from 16, so a batch of any
+    length compiles to one of a few shapes."""
+    if buckets:
+        fitting = [b for b in sorted(buckets) if b >= n]
+        if not fitting:
+            raise ValueError(f"a prefix of {n} tokens is longer than the largest prefill bucket "
+                             f"{max(buckets)}; add a larger bucket or shorten the inputs")
+        return fitting[0]
+    return max(16, 1 << max(n - 1, 0).bit_length())
+
+
+def pad_prefixes(prefixes: Sequence[Sequence[int]], length: int, pad_id: int = 0,
+                 side: str = "left") -> tuple[np.ndarray, np.ndarray]:
+    """Token lists -> (ids [B, length] int32, mask [B, length] int32), padded on ``side``."""
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side {side!r}: expected 'left' or 'right'")
+    ids = np.full((len(prefixes), length), pad_id, np.int32)
+    mask = np.zeros((len(prefixes), length), np.int32)
+    for i, p in enumerate(prefixes):
+        if not 0 < len(p) <= length:
+            raise ValueError(f"input {i}: prefix of {len(p)} tokens does not fit length {length} "
+                             "(it must hold at least one token)")
+        cols = slice(length - len(p), length) if side == "left" else slice(0, len(p))
+        ids[i, cols] = p
+        mask[i, cols] = 1
+    return ids, mask
+
+
+def content_row_ids(prefixes: Sequence[Sequence[int]]) -> np.ndarray:
+    """A uint32 id per input from its tokens: the same input gets the same random stream in any
+    batch, at any position."""
+    out = np.empty(len(prefixes), np.uint32)
+    for i, p in enumerate(prefixes):
+        digest = hashlib.blake2b(np.asarray(p, np.int64).tobytes(), digest_size=4).digest()
+        out[i] = int.from_bytes(digest, "little")
+    return out
+
+
+def _constrain_cache(cache: Cache, cfg: ModelConfig) -> Cache:
+    # A no-op without a mesh; on one, lays the decode cache out like the prefilled one.
+    return jax.tree.map(lambda x, spec: nn.with_logical_constraint(x, tuple(spec)), cache,
+                        cache_logical_axes(cfg, shared_prefix=True),
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "rules"))
+def prefill(params, ids_bl, mask_bl, *, cfg: ModelConfig, cache_len: int, rules: Rules):
+    """Writes the prefixes into a fresh cache of ``cache_len`` slots; returns (next-token logits
+    [B, V] fp32 read at each row's last attended token, cache)."""
+    model = CLoudModel(cfg)
+    with nn.logical_axis_rules(rules):
+        cache = init_cache(cfg, ids_bl.shape[0], cache_len)
+        hidden_bld, cache = model.apply({"params": params}, ids_bl, mask_bl, cache=cache,
+                                        method=CLoudModel.hidden_states)
+        last_b = last_attended_index(mask_bl)
+        hidden_bd = jnp.take_along_axis(hidden_bld, last_b[:, None, None], axis=1)[:, 0]
+        logits_bv = model.apply({"params": params}, hidden_bd, method=CLoudModel.logits)
+    return logits_bv, cache
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "cfg", "rules", "method", "num_samples", "max_new_tokens", "pad_id"))
+def decode(params, cache: Cache, logits_bv, row_keys_b, stop_ids_s, *, cfg: ModelConfig,
+           rules: Rules, method: SamplingMethod, num_samples: int, max_new_tokens: int,
+           pad_id: int):
+    """Decodes K samples per input over its shared prefill cache until every row has its reward.
+
+    ``stop_ids_s`` [S] int32 are data, not compile-time constants: ``stop_ids_s[0]`` is the
+    end-of-turn token fed at each row's end.
+
+    Returns (tokens [N, M] int32, lengths [N], rewards [N] fp32, truncated [N] bool), rows ordered
+    input-major (row ``b * K + k``).
+    """
+    model = CLoudModel(cfg)
+    k, m = num_samples, max_new_tokens
+    eot = stop_ids_s[0]
+    sample_keys_bk = jax.vmap(lambda key: jax.vmap(lambda s: jax.random.fold_in(key, s))(
+        jnp.arange(k, dtype=jnp.uint32)))(row_keys_b)
+    with nn.logical_axis_rules(rules):
+        logits_nv = jnp.repeat(logits_bv, k, axis=0)
+        n = logits_nv.shape[0]
+        cache = _constrain_cache(with_shared_prefix(cfg, cache, n, m + 1), cfg)
+        state = DecodeState(
+            step=jnp.zeros((), jnp.int32), cache=cache, logits_nv=logits_nv,
+            tokens_nm=jnp.full((n, m + 1), pad_id, jnp.int32),
+            lengths_n=jnp.zeros((n,), jnp.int32), done_n=jnp.zeros((n,), bool),
+            truncated_n=jnp.zeros((n,), bool), rewards_n=jnp.zeros((n,), jnp.float32),
+            keys_n=sample_keys_bk.reshape(n))
+
+        def cond(s: DecodeState):
+            return (s.step <= m) & ~jnp.all(s.done_n)
+
+        def body(s: DecodeState):
+            step_keys = jax.vmap(lambda key: jax.random.fold_in(key, s.step))(s.keys_n)
+            drawn_n = method(s.logits_nv, step_keys)
+            is_stop = jnp.isin(drawn_n, stop_ids_s)
+            ending = ~s.done_n & (is_stop | (s.step == m))
+            writing = ~s.done_n & ~ending
+            fed_n = jnp.where(ending, eot, jnp.where(writing, drawn_n, pad_id))
+            out = model.apply({"params": params}, fed_n[:, None], (~s.done_n)[:, None],
+                              reward_index_b=jnp.zeros((n,), jnp.int32), cache=s.cache)
+            return DecodeState(
+                step=s.step + 1, cache=out["cache"], logits_nv=out["logits"][:, 0],
+                tokens_nm=s.tokens_nm.at[:, s.step].set(jnp.where(writing, drawn_n, pad_id)),
+                lengths_n=s.lengths_n + writing.astype(jnp.int32),
+                done_n=s.done_n | ending, truncated_n=s.truncated_n | (ending & ~is_stop),
+                rewards_n=jnp.where(ending, out["rewards"], s.rewards_n), keys_n=s.keys_n)
+
+        final = jax.lax.while_loop(cond, body, state)
+    return final.tokens_nm[:, :m], final.lengths_n, final.rewards_n, final.truncated_n
+
+
+def stop_array(stop_ids: Sequence[int]) -> np.ndarray:
+    """Stop ids as the int32 array :func:`decode` takes, padded with the end-of-turn id (the
+    first) to a multiple of 4 so a new stop set rarely recompiles."""
+    ids = [int(s) for s in stop_ids]
+    return np.asarray(ids + ids[:1] * (-len(ids) % 4), np.int32)
+
+
+def row_keys(seed: int, row_ids_b: np.ndarray) -> jax.Array:
+    """One PRNG key per input: ``fold_in(key(seed), row_id)``."""
+    base = jax.random.key(seed)
+    return jax.vmap(lambda r: jax.random.fold_in(base, r))(jnp.asarray(row_ids_b, jnp.uint32))
+
+
+def sample_padded(cfg: ModelConfig, params, ids_bl: np.ndarray, mask_bl: np.ndarray, *,
+                  max_new_tokens: int, stop_ids: Sequence[int], num_samples: int = 1,
+                  method: SamplingMethod = Greedy(), seed: int = 0,
+                  row_ids: Optional[np.ndarray] = None, pad_id: int = 0,
+                  mesh: Optional[Mesh] = None, rules: Rules = SAMPLE_RULES) -> SampleOutput:
+    """Samples from an already padded batch (any padding side). ``row_ids`` [B] default to
+    :func:`content_row_ids` of the attended tokens."""
+    if cfg.scan_layers:
+        raise ValueError("sampling needs unrolled layers: convert the params with "
+                         "cloud_jax.model.unstack_layers and use scan_layers=False")
+    if not stop_ids:
+        raise ValueError("stop_ids is empty: give at least the end-of-turn token id")
+    if max_new_tokens < 0 or num_samples < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0 and "
+                         f"num_samples={num_samples} >= 1")
+    ids_bl, mask_bl = np.asarray(ids_bl, np.int32), np.asarray(mask_bl, np.int32)
+    if ids_bl.ndim != 2 or ids_bl.shape != mask_bl.shape:
+        raise ValueError(f"ids {ids_bl.shape} and mask {mask_bl.shape} must both be [batch, len]")
+    if not mask_bl.any(axis=1).all():
+        raise ValueError("every input needs at least one attended token")
+    if row_ids is None:
+        row_ids = content_row_ids([r[m > 0] for r, m in zip(ids_bl, mask_bl)])
+    b, length = ids_bl.shape
+    with mesh_context(mesh, rules):
+        logits_bv, cache = prefill(params, ids_bl, mask_bl, cfg=cfg, cache_len=length,
+                                   rules=tuple(rules))
+        tokens, lengths, rewards, truncated = decode(
+            params, cache, logits_bv, row_keys(seed, row_ids), stop_array(stop_ids),
+            cfg=cfg, rules=tuple(rules), method=method, num_samples=num_samples,
+            max_new_tokens=max_new_tokens, pad_id=pad_id)
+    k = num_samples
+    return SampleOutput(
+        tokens=np.asarray(tokens).reshape(b, k, max_new_tokens),
+        lengths=np.asarray(lengths).reshape(b, k),
+        rewards=np.asarray(rewards, np.float32).reshape(b, k),
+        truncated=np.asarray(truncated).reshape(b, k))
+
+
+def sample(cfg: ModelConfig, params, prefixes: Sequence[Sequence[int]], *, max_new_tokens: int,
+           stop_ids: Sequence[int], num_samples: int = 1, method: SamplingMethod = Greedy(),
+           seed: int = 0, row_ids: Optional[np.ndarray] = None, pad_id: int = 0,
+           buckets: Optional[Sequence[int]] = None, mesh: Optional[Mesh] = None,
+           rules: Rules = SAMPLE_RULES) -> SampleOutput:
+    """K critiques (and their rewards) for each token prefix, left-padded to a length bucket."""
+    if not prefixes:
+        raise ValueError("no inputs to sample from")
+    length = bucket_length(max(len(p) for p in prefixes), buckets)
+    ids, mask = pad_prefixes(prefixes, length, pad_id)
+    if row_ids is None:
+        row_ids = content_row_ids(prefixes)
+    return sample_padded(cfg, params, ids, mask, max_new_tokens=max_new_tokens,
+                         stop_ids=stop_ids, num_samples=num_samples, method=method, seed=seed,
+                         row_ids=row_ids, pad_id=pad_id, mesh=mesh, rules=rules)

@@ -1,0 +1,116 @@
+"""How the next token is chosen from a row's logits: small frozen objects, usable as jit statics.
+
+Every method maps ``(logits_nv fp32, keys_n)`` to ``tokens_n``; ``keys_n`` holds one PRNG key per
+row, so a row's draw depends only on its own key, never on the rest of the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+
+def _categorical(logits_nv: jax.Array, keys_n: jax.Array) -> jax.Array:
+    """One draw per row from ``softmax(logits)`` by inverting the cumulative distribution: one
+    uniform number per row instead of ``jax.random.categorical``'s one per vocabulary entry (on
+    CPU, 2 ms instead of 20 ms a step for 16 rows x 32000 entries). Entries at -inf are never
+    drawn."""
+    probs_nv = jnp.exp(logits_nv - jnp.max(logits_nv, axis=-1, keepdims=True))
+    cdf_nv = jnp.cumsum(probs_nv, axis=-1)
+    u_n = jax.vmap(jax.random.uniform)(keys_n) * cdf_nv[:, -1]
+    drawn_n = jnp.sum(cdf_nv <= u_n[:, None], axis=-1)
+    # Rounding can put u at the very top of the cdf: fall back to the last possible entry.
+    last_n = logits_nv.shape[-1] - 1 - jnp.argmax(probs_nv[:, ::-1] > 0, axis=-1)
+    return jnp.minimum(drawn_n, last_n).astype(jnp.int32)
+
+
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature}: must be > 0 (use Greedy() for 0)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Greedy:
+    """The most likely token (ties go to the lowest id)."""
+
+    def __call__(self, logits_nv: jax.Array, keys_n: jax.Array) -> jax.Array:
+        del keys_n
+        return jnp.argmax(logits_nv, axis=-1).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Temperature:
+    """A draw from ``softmax(logits / temperature)``."""
+
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        _check_temperature(self.temperature)
+
+    def __call__(self, logits_nv: jax.Array, keys_n: jax.Array) -> jax.Array:
+        return _categorical(logits_nv / self.temperature, keys_n)
+
+
+@dataclasses.dataclass(frozen=True)
+class TopK:
+    """A draw among the ``k`` most likely tokens, at ``temperature``."""
+
+    k: int
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        if self.k < 1:
+            raise ValueError(f"top_k={self.k}: must be >= 1")
+        _check_temperature(self.temperature)
+
+    def __call__(self, logits_nv: jax.Array, keys_n: jax.Array) -> jax.Array:
+        k = min(self.k, logits_nv.shape[-1])
+        top_nk, idx_nk = jax.lax.top_k(logits_nv, k)
+        choice_n = _categorical(top_nk / self.temperature, keys_n)
+        return jnp.take_along_axis(idx_nk, choice_n[:, None], axis=-1)[:, 0]
+
+
+@dataclasses.dataclass(frozen=True)
+class TopP:
+    """Nucleus sampling: a draw among the fewest most likely tokens whose probability (at
+    ``temperature``) reaches ``p``; the most likely token is always kept."""
+
+    p: float
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        if not 0 < self.p <= 1:
+            raise ValueError(f"top_p={self.p}: must lie in (0, 1]")
+        _check_temperature(self.temperature)
+
+    def __call__(self, logits_nv: jax.Array, keys_n: jax.Array) -> jax.Array:
+        scaled = logits_nv / self.temperature
+        order_nv = jnp.argsort(-scaled, axis=-1)
+        sorted_nv = jnp.take_along_axis(scaled, order_nv, axis=-1)
+        probs = jax.nn.softmax(sorted_nv, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        kept = jnp.where(mass_before < self.p, sorted_nv, -jnp.inf)
+        choice_n = _categorical(kept, keys_n)
+        return jnp.take_along_axis(order_nv, choice_n[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+SamplingMethod = Greedy | Temperature | TopK | TopP
+
+
+def method_from(temperature: float = 0.0, top_k: Optional[int] = None,
+                top_p: Optional[float] = None) -> SamplingMethod:
+    """The method the usual knobs describe: temperature 0 is greedy (top-k / top-p then unused)."""
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature}: must be >= 0")
+    if temperature == 0:
+        return Greedy()
+    if top_k is not None and top_p is not None:
+        raise ValueError("give top_k or top_p, not both")
+    if top_k is not None:
+        return TopK(top_k, temperature)
+    if top_p is not None:
+        return TopP(top_p, temperature)
+    return Temperature(temperature)

@@ -1,0 +1,287 @@
+"""A training run: set-up (mesh, data, model, state or resume), the loop, eval, checkpoints.
+
+    result = run(load_config("configs/tiny_cpu_cloud.yaml"))
+
+Every process runs this same code; each reads its own share of every batch, and the batch enters
+the jitted step as one global array. Only process 0 writes logs, metrics and the final export;
+orbax coordinates the checkpoint writes of all processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from cloud_jax.config import Config, ModelConfig, config_from_dict, save_config, to_dict
+from cloud_jax.data.pipeline import batch_iterator, host_positions
+from cloud_jax.data.tfds_builder import open_split, prepare_dataset
+from cloud_jax.data.tokenizer import load_tokenizer
+from cloud_jax.errors import ConfigError
+from cloud_jax.losses import finalize_metrics
+from cloud_jax.model import count_params, init_params
+from cloud_jax.sharding import TRAIN_RULES, make_mesh
+from cloud_jax.training.checkpointing import Checkpointer, compare_configs
+from cloud_jax.training.metrics import MetricsWriter, peak_flops, summarize_window
+from cloud_jax.training.step import StepBuilder, model_flops_per_token
+
+log = logging.getLogger(__name__)
+
+# Architecture fields a checkpoint named by init_from must agree on with the run's model section.
+_ARCH_FIELDS = ("family", "vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                "num_heads", "num_kv_heads", "tie_word_embeddings")
+# Run-time choices of the model section that apply to weights loaded with init_from.
+_COMPUTE_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "reward_dropout")
+
+
+def _resolve(path: str, output_dir: str) -> str:
+    return path if not path or os.path.isabs(path) else os.path.join(output_dir, path)
+
+
+def _is_main() -> bool:
+    return jax.process_index() == 0
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def prepare_data(cfg: Config):
+    """Tokenizer and the tokenized dataset; process 0 builds it first so that hosts sharing a
+    filesystem reuse one copy instead of writing it at the same time."""
+    tok = load_tokenizer(cfg.data.tokenizer)
+    if len(tok) > cfg.model.vocab_size:
+        raise ConfigError(f"tokenizer {cfg.data.tokenizer!r} has {len(tok)} tokens but "
+                          f"model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size")
+    dataset = None
+    if _is_main():
+        dataset = prepare_dataset(cfg.data, tok, cfg.train.stage)
+    _sync("dataset prepared")
+    if dataset is None:
+        dataset = prepare_dataset(cfg.data, tok, cfg.train.stage)
+    return tok, dataset
+
+
+def batches_available(cfg: Config, num_records: int) -> int:
+    """Train batches the pipeline yields over all epochs (the same on every host)."""
+    count = jax.process_count()
+    per_host = len(host_positions(num_records, jax.process_index(), count,
+                                  cfg.data.drop_remainder))
+    pairs = cfg.data.batch_pairs // count
+    per_epoch = per_host // pairs if cfg.data.drop_remainder else math.ceil(per_host / pairs)
+    return per_epoch * cfg.data.num_epochs
+
+
+def _check_batch_layout(cfg: Config, mesh) -> None:
+    data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    tc = cfg.train
+    per_micro, rest = divmod(cfg.data.batch_pairs, tc.grad_accum_steps)
+    if rest or per_micro % data_shards:
+        raise ConfigError(
+            f"data.batch_pairs={cfg.data.batch_pairs} must be a multiple of "
+            f"train.grad_accum_steps={tc.grad_accum_steps} x the data-parallel size "
+            f"{data_shards} (mesh data x fsdp), so every micro-batch splits evenly over devices")
+
+
+def _initial_params(cfg: Config, mesh) -> tuple[Any, ModelConfig]:
+    if not cfg.init_from:
+        return init_params(cfg.model, jax.random.key(cfg.seed), mesh, TRAIN_RULES), cfg.model
+    from cloud_jax.checkpoints import hf as hf_io
+
+    overrides = {k: getattr(cfg.model, k) for k in _COMPUTE_FIELDS}
+    loaded_cfg, params, directory, _ = hf_io.load_model_dir(
+        cfg.init_from, mesh=mesh, rules=TRAIN_RULES, rng=jax.random.key(cfg.seed), **overrides)
+    diff = [f"{k}: config {getattr(cfg.model, k)!r}, checkpoint {getattr(loaded_cfg, k)!r}"
+            for k in _ARCH_FIELDS if getattr(cfg.model, k) != getattr(loaded_cfg, k)]
+    if diff:
+        raise ConfigError(f"init_from={cfg.init_from!r} ({directory}) does not match the model "
+                          f"section: {'; '.join(diff)}. Fix model.* or init_from.")
+    log.info("initial weights from %s", directory)
+    return params, loaded_cfg
+
+
+def _agree_on_length(local: dict) -> dict:
+    """Pads every host's batch to the longest host's length bucket: the global array needs one
+    shape, and each host picks its bucket from its own rows."""
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    length = local["input_ids"].shape[-1]
+    longest = int(np.max(multihost_utils.process_allgather(np.int32(length))))
+    if longest == length:
+        return local
+    pad = longest - length
+    return {k: np.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, pad)]) if v.ndim == 3 else v
+            for k, v in local.items()}
+
+
+class Evaluator:
+    """Runs the eval step over the eval split (or its first ``eval_batches`` batches)."""
+
+    def __init__(self, cfg: Config, builder: StepBuilder, source):
+        self.cfg, self.builder, self.source = cfg, builder, source
+
+    def __call__(self, params) -> dict[str, float]:
+        it = batch_iterator(self.cfg.data, self.source, shuffle=False, num_epochs=1)
+        step = self.builder.eval_step()
+        sums = None
+        for i, local in enumerate(it):
+            if self.cfg.train.eval_batches and i >= self.cfg.train.eval_batches:
+                break
+            out = step(params, self.builder.device_batch(_agree_on_length(local)))
+            sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
+        if sums is None:
+            return {}
+        return {k: float(v) for k, v in finalize_metrics(jax.device_get(sums)).items()}
+
+
+def _export_final(cfg: Config, model_cfg: ModelConfig, params, tokenizer) -> Optional[str]:
+    from cloud_jax.api import RewardModel
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        params = multihost_utils.process_allgather(params, tiled=True)
+    else:
+        params = jax.device_get(params)
+    if not _is_main():
+        return None
+    out = os.path.join(cfg.output_dir, "final")
+    RewardModel(model_cfg, params, tokenizer).save_pretrained(out)
+    log.info("final weights written to %s (a CLoud directory: init_from / cloud_jax.load)", out)
+    return out
+
+
+def run(cfg: Config) -> dict:
+    """Trains (or resumes) ``cfg`` up to train.stop_at_step or train.total_steps.
+
+    Returns a summary: ``{"step", "train": last logged train metrics, "eval": last eval metrics,
+    "final_dir", "data": the dataset's build counts per split (rows, rejected, dropped
+    over-length, prompt-truncated), "compile_reports"}``.
+    """
+    mesh = make_mesh(cfg.mesh)
+    _check_batch_layout(cfg, mesh)
+    tokenizer, dataset = prepare_data(cfg)
+    train_source = open_split(dataset, "train")
+    available = batches_available(cfg, len(train_source))
+    if cfg.train.total_steps == 0:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, total_steps=available))
+        log.info("train.total_steps=0: %d steps, %d epoch(s) of the train split", available,
+                 cfg.data.num_epochs)
+    tc = cfg.train.validate()
+    end_step = tc.stop_at_step or tc.total_steps
+    if available < tc.total_steps:
+        raise ConfigError(
+            f"the train split gives {available} batches ({len(train_source)} pairs, "
+            f"data.batch_pairs={cfg.data.batch_pairs}, data.num_epochs={cfg.data.num_epochs}) "
+            f"but train.total_steps={tc.total_steps}; raise data.num_epochs or lower "
+            "train.total_steps")
+    eval_source = open_split(dataset, "eval") if cfg.data.eval_path else None
+
+    ckpt = Checkpointer(_resolve(tc.checkpoint_dir or "checkpoints", cfg.output_dir),
+                        tc.keep_checkpoints, tc.async_checkpointing)
+    data_iter = batch_iterator(cfg.data, train_source)
+    latest = ckpt.latest_step()
+    current = to_dict(cfg)
+    if latest is not None:
+        saved = ckpt.saved_config(latest)
+        model_cfg = config_from_dict(saved["model"], schema=ModelConfig).validate()
+        if cfg.init_from:
+            # The architecture came from the init_from checkpoint, not from the model section.
+            current["model"] = saved["model"]
+        compare_configs(saved, current, f"checkpoint {ckpt.directory}/{latest}")
+        builder = StepBuilder(cfg, mesh, TRAIN_RULES, model_cfg)
+        state = ckpt.restore(latest, builder.abstract_state(), data_iter)
+        log.info("resumed from %s step %d", ckpt.directory, latest)
+    else:
+        params, model_cfg = _initial_params(cfg, mesh)
+        builder = StepBuilder(cfg, mesh, TRAIN_RULES, model_cfg)
+        state = builder.init_state(params)
+    resolved = dataclasses.replace(cfg, model=model_cfg)
+    resolved_dict = to_dict(resolved)
+    if _is_main():
+        save_config(resolved, os.path.join(cfg.output_dir, "config.yaml"))
+    start_step = int(jax.device_get(state["step"]))
+    n_params = count_params(state["params"])
+    log.info("stage %s: %s parameters, steps %d -> %d of %d, mesh %s, %d process(es)",
+             tc.stage, f"{n_params:,}", start_step, end_step, tc.total_steps,
+             dict(mesh.shape), jax.process_count())
+
+    writer = MetricsWriter(_resolve(tc.metrics_file, cfg.output_dir),
+                           _resolve(tc.tensorboard_dir, cfg.output_dir), resolved_dict,
+                           enabled=_is_main(), wandb_project=tc.wandb_project,
+                           wandb_run_name=tc.wandb_run_name)
+    evaluator = Evaluator(cfg, builder, eval_source) if eval_source is not None else None
+    train_step = builder.train_step()
+    peak = peak_flops(jax.devices()[0].device_kind, tc.peak_flops_per_device)
+    summary: dict = {"step": start_step, "train": {}, "eval": {}, "final_dir": None,
+                     "data": dataset.stats}
+    window: list = []
+    flops_per_token: list = []
+    digest = hashlib.sha1()
+    t0, compile0 = time.perf_counter(), train_step.compile_seconds
+    bar = tqdm(total=tc.total_steps, initial=start_step, disable=not (_is_main()
+                                                                       and tc.progress_bar),
+               desc=tc.stage, dynamic_ncols=True)
+    try:
+        for step in range(start_step + 1, end_step + 1):
+            local = next(data_iter)
+            digest.update(local["pair_index"].tobytes())
+            digest.update(local["input_ids"].tobytes())
+            batch = builder.device_batch(_agree_on_length(local))
+            state, metrics = train_step(state, batch)
+            window.append(metrics)
+            flops_per_token.append(
+                model_flops_per_token(model_cfg, batch["input_ids"].shape[-1], tc.stage))
+            bar.update(1)
+            if step % tc.log_every == 0 or step == end_step:
+                values = summarize_window(window)
+                elapsed = time.perf_counter() - t0 - (train_step.compile_seconds - compile0)
+                values["tokens_per_s"] = values["tokens"] / max(elapsed, 1e-9)
+                if peak:
+                    tokens = jax.device_get([m["tokens"] for m in window])
+                    flops = float(np.dot(flops_per_token, tokens))
+                    values["mfu"] = flops / max(elapsed, 1e-9) / (peak * jax.device_count())
+                values["batch_digest"] = digest.hexdigest()[:16]
+                if values["nonfinite_steps"] and tc.on_nonfinite == "error":
+                    raise FloatingPointError(
+                        f"non-finite loss or gradient norm in steps {step - len(window) + 1}"
+                        f"..{step} (loss {values['loss']}, grad_norm {values['grad_norm']}); "
+                        "lower optim.learning_rate, check the data, or set "
+                        "train.on_nonfinite=skip to skip such steps")
+                writer.write(step, "train", values)
+                bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
+                summary["train"] = values
+                window, flops_per_token, digest = [], [], hashlib.sha1()
+                t0, compile0 = time.perf_counter(), train_step.compile_seconds
+            if evaluator is not None and tc.eval_every and (step % tc.eval_every == 0
+                                                            or step == end_step):
+                start = time.perf_counter()
+                summary["eval"] = evaluator(state["params"])
+                writer.write(step, "eval", summary["eval"])
+                log.info("eval at step %d: %s", step, summary["eval"])
+                t0 += time.perf_counter() - start
+            if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == end_step:
+                ckpt.save(step, state, data_iter, resolved_dict)
+            summary["step"] = step
+        ckpt.wait()
+        if tc.export_final and end_step == tc.total_steps and summary["step"] == end_step:
+            summary["final_dir"] = _export_final(cfg, model_cfg, state["params"], tokenizer)
+    finally:
+        bar.close()
+        ckpt.close()
+        writer.close()
+    summary["compile_reports"] = list(train_step.reports)
+    return summary

@@ -1,0 +1,103 @@
+"""Metric windows and where they go: a JSONL file, TensorBoard event files, W&B.
+
+Per-step metrics stay on the device until a window is logged; then the window's sums are added
+and turned into means (``cloud_jax.losses.finalize_metrics``), so a logged accuracy is over every
+pair of the window rather than a mean of per-step means.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+
+from cloud_jax.errors import ConfigError
+from cloud_jax.losses import finalize_metrics
+
+log = logging.getLogger(__name__)
+
+# bf16 dense peak FLOP/s per device, for the MFU estimate; matched as substrings of
+# jax.Device.device_kind, most specific first.
+PEAK_FLOPS = (
+    ("TPU v6", 918e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5p", 459e12),
+    ("TPU v5", 459e12), ("TPU v4", 275e12), ("H200", 989e12), ("H100", 989e12),
+    ("A100", 312e12),
+)
+
+# Step outputs that are per-step values (averaged over a window), not additive sums.
+_MEANS = ("loss", "grad_norm")
+
+
+def peak_flops(device_kind: str, configured: float = 0.0) -> Optional[float]:
+    if configured > 0:
+        return configured
+    for name, flops in PEAK_FLOPS:
+        if name.lower() in device_kind.lower():
+            return flops
+    return None
+
+
+def summarize_window(steps: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Per-step metric dicts (device or host arrays) -> one dict of floats for the window."""
+    host = jax.device_get(list(steps))
+    sums = {k: np.sum([s[k] for s in host], axis=0) for k in host[0]}
+    out = {k: float(v) for k, v in finalize_metrics(sums).items()}
+    for k in _MEANS:
+        out[k] = float(np.mean([s[k] for s in host]))
+    out["learning_rate"] = float(host[-1]["learning_rate"])
+    out["nonfinite_steps"] = int(sums["nonfinite"])
+    out["tokens"] = float(sums["tokens"])
+    return out
+
+
+class MetricsWriter:
+    """Writes metric dicts to JSONL, TensorBoard and (when asked) W&B; only on process 0."""
+
+    def __init__(self, jsonl_path: str, tensorboard_dir: str, config: dict, *, enabled: bool,
+                 wandb_project: str = "", wandb_run_name: str = ""):
+        self.enabled = enabled
+        self._jsonl = self._tb = self._wandb = None
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise ConfigError(f"train.wandb_project={wandb_project!r} needs the wandb "
+                                  "package: pip install wandb, or leave wandb_project empty"
+                                  ) from None
+            if enabled:
+                self._wandb = wandb.init(project=wandb_project, name=wandb_run_name or None,
+                                         config=config)
+        if not enabled:
+            return
+        if jsonl_path:
+            os.makedirs(os.path.dirname(jsonl_path) or ".", exist_ok=True)
+            self._jsonl = open(jsonl_path, "a", buffering=1)
+        if tensorboard_dir:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(tensorboard_dir)
+
+    def write(self, step: int, split: str, values: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps({"step": step, "split": split, **values}) + "\n")
+        numeric = {k: v for k, v in values.items() if isinstance(v, (int, float))}
+        if self._tb is not None:
+            for k, v in numeric.items():
+                self._tb.add_scalar(f"{split}/{k}", v, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log({f"{split}/{k}": v for k, v in numeric.items()}, step=step)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()

@@ -1,0 +1,136 @@
+"""Stage 2 (`python -m cloud_jax critique`): shards, provenance, resuming, several hosts."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import cloud_jax
+from cloud_jax import critique
+from cloud_jax.config import ModelConfig
+from cloud_jax.data.schema import load_rows
+from cloud_jax.data.tokenizer import byte_tokenizer
+from cloud_jax.model import param_shapes
+
+CFG = ModelConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
+                  num_kv_heads=2)
+
+
+def random_params(cfg, seed):
+    """Random weights without compiling the initialiser (which costs seconds per test file)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, 0.1, s.shape), s.dtype),
+                        param_shapes(cfg))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("critique")
+    ckpt = cloud_jax.RewardModel(CFG, random_params(CFG, 2), byte_tokenizer()).save_pretrained(
+        root / "sft")
+    rows = [{"id": f"r{i}", "prompt": f"Question {i}?", "chosen": f"Good answer {i}.",
+             "rejected": f"Bad {i}", "chosen_feedback": "old", "rejected_feedback": "old",
+             "subset": "s"} for i in range(5)]
+    src = root / "train.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root, ckpt, src
+
+
+def run(setup, out, *extra):
+    root, ckpt, src = setup
+    return critique.main(["--checkpoint", str(ckpt), "--input", str(src), "--output", str(out),
+                          "--shard-rows", "2", "--batch-size", "4", "--max-critique-tokens",
+                          "5", "--checkpoint-step", "100", *extra])
+
+
+def files(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    out = setup[0] / "uninterrupted"
+    assert run(setup, out) == 0
+    return out
+
+
+def test_output_is_a_cloud_dataset_with_provenance(setup, reference):
+    assert sorted(files(reference)) == [f"critiques-0000{i}-of-00003.jsonl" for i in range(3)] + [
+        "provenance.json"]
+    loaded = load_rows(str(reference / "critiques-*.jsonl"), require_feedback=True).rows
+    assert [r.id for r in loaded] == [f"r{i}" for i in range(5)]
+    assert all(r.chosen_feedback != "old" and r.subset == "s" for r in loaded)
+    prov = json.loads((reference / "provenance.json").read_text())
+    assert prov["checkpoint_step"] == 100 and prov["num_rows"] == 5
+    assert prov["sampling"]["temperature"] == 0.0 and prov["sampling"]["seed"] == 0
+    assert prov["sampling"]["max_critique_tokens"] == 5
+
+
+def test_interrupted_run_resumes_to_identical_files(setup, reference, monkeypatch):
+    out = setup[0] / "interrupted"
+    real_write = critique.write_jsonl_atomic
+    calls = []
+
+    def write_then_die(path, objs):
+        if calls:
+            # Killed while writing the second shard: a partial temporary file is left behind.
+            with open(f"{path}.tmp", "w") as f:
+                f.write('{"id": "r2", "pro')
+            raise KeyboardInterrupt
+        calls.append(path)
+        real_write(path, objs)
+
+    monkeypatch.setattr(critique, "write_jsonl_atomic", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(setup, out)
+    monkeypatch.setattr(critique, "write_jsonl_atomic", real_write)
+    assert len([p for p in out.iterdir() if p.name.endswith(".jsonl")]) == 1
+    assert run(setup, out) == 0
+    assert files(out) == files(reference)
+
+
+def test_two_hosts_split_the_shards(setup, reference):
+    out = setup[0] / "two_hosts"
+    assert run(setup, out, "--num-hosts", "2", "--host-index", "1") == 0
+    assert sorted(p.name for p in out.glob("*.jsonl")) == ["critiques-00001-of-00003.jsonl"]
+    assert run(setup, out, "--num-hosts", "2", "--host-index", "0") == 0
+    assert files(out) == files(reference)
+
+
+def test_other_settings_into_the_same_directory_are_refused(setup, reference):
+    with pytest.raises(SystemExit, match="seed"):
+        run(setup, reference, "--seed", "1")
+
+
+@pytest.mark.slow
+def test_killed_process_restarts_to_identical_files(setup, tmp_path):
+    """A real SIGKILL of `python -m cloud_jax critique` after its first shard, then a rerun."""
+    root, ckpt, _ = setup
+    src = tmp_path / "many.jsonl"
+    src.write_text("".join(json.dumps({"id": f"m{i}", "prompt": f"Q{i}?", "chosen": f"A{i}.",
+                                       "rejected": f"B{i}"}) + "\n" for i in range(120)))
+    args = ["--checkpoint", str(ckpt), "--input", str(src), "--shard-rows", "2",
+            "--batch-size", "4", "--max-critique-tokens", "5"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "cloud_jax", "critique", *args, "--output",
+                             str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not list(killed.glob("critiques-*.jsonl")) and time.time() < deadline:
+            assert proc.poll() is None, "the critique command ended before writing a shard"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    done = len(list(killed.glob("critiques-*.jsonl")))
+    assert 0 < done < 60, f"{done} of 60 shards written when killed: not midway"
+    assert critique.main([*args, "--output", str(killed)]) == 0
+    whole = tmp_path / "whole"
+    assert critique.main([*args, "--output", str(whole)]) == 0
+    assert files(killed) == files(whole)

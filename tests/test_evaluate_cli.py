@@ -1,0 +1,217 @@
+"""Report files, the command line, and one run on a tiny real model."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from test_evaluate_helpers import HAND, FakeScorer, pair, synthetic_rows, write_jsonl
+
+import cloud_jax
+from cloud_jax.data.schema import load_rows
+from cloud_jax.evaluation import EvalConfig, load_best_of_n, run_evaluation, score_fn_from_model
+from cloud_jax.evaluation.cli import main
+
+
+def _assert_png(path):
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as img:
+        img.verify()
+    with Image.open(path) as img:
+        assert img.size[0] > 100 and img.size[1] > 100
+
+
+def _inputs(tmp_path):
+    rows_path = write_jsonl(tmp_path / "rb.jsonl", synthetic_rows())
+    bon_path = write_jsonl(tmp_path / "bon.jsonl", HAND)
+    return rows_path, bon_path
+
+
+def test_report_files(tmp_path):
+    rows_path, bon_path = _inputs(tmp_path)
+    out = tmp_path / "out"
+    report = run_evaluation(FakeScorer(), EvalConfig(num_samples=(1, 2), temperature=1.0),
+                            str(out), rows=load_rows(rows_path, require_feedback=False).rows,
+                            best_of_n_items=load_best_of_n(bon_path), settings={"checkpoint": "c"})
+    files = report.pop("files")
+    assert sorted(os.path.basename(p) for p in files.values()) == sorted([
+        "report.json", "report.md", "accuracy_by_section.png", "accuracy_vs_k.png",
+        "critiques.jsonl", "best_of_n_critiques.jsonl"])
+    with open(out / "report.json") as f:
+        assert json.load(f) == json.loads(json.dumps(report))
+    assert report["settings"]["num_samples"] == [1, 2] and report["settings"]["checkpoint"] == "c"
+    assert report["rewardbench"]["accuracy_vs_k"]["2"] == pytest.approx(8 / 13)
+    md = (out / "report.md").read_text()
+    # Section table: Chat row with 3 pairs, 66.7% per prompt, 60.9% weighted (78/128), no ties.
+    assert "| Chat | 3 | 66.7 | 60.9 | 0 |" in md
+    assert "| other | 2 | 50.0 | – | 0 |" in md
+    assert "### Accuracy against K" in md and "## Best-of-N" in md
+    assert "| 1 | 62.5 [" in md  # Best-of-N win rate at K = 1
+    for name in ("accuracy_by_section.png", "accuracy_vs_k.png"):
+        _assert_png(out / name)
+    with open(out / "critiques.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["id"] for r in records] == [str(i) for i in range(1, 14)]
+    assert set(records[0]) >= {"id", "subset", "chosen_reward", "rejected_reward",
+                               "chosen_sample_rewards", "rejected_sample_rewards",
+                               "chosen_critiques", "rejected_critiques", "outcome"}
+    assert records[0]["chosen_critiques"] == ["critique 0 of chosen 1 R:1",
+                                              "critique 1 of chosen 1 R:1"]
+    with open(out / "best_of_n_critiques.jsonl") as f:
+        assert [json.loads(line)["id"] for line in f] == ["p1", "p2", "p3", "p4"]
+
+
+def test_best_of_n_only_writes_no_section_plot(tmp_path):
+    _, bon_path = _inputs(tmp_path)
+    report = run_evaluation(FakeScorer(), EvalConfig(), str(tmp_path / "o"),
+                            best_of_n_items=load_best_of_n(bon_path))
+    assert "rewardbench" not in report and "accuracy_by_section" not in report["files"]
+    _assert_png(report["files"]["accuracy_vs_k"])
+
+
+class FakeModel:
+    """Stands in for cloud_jax.RewardModel: records the settings ``score`` is called with."""
+
+    tokenizer = "tok"
+
+    def __init__(self):
+        self.settings = []
+        self._scorer = FakeScorer()
+
+    def score(self, prompts, responses, *, num_samples, **settings):
+        self.settings.append(dict(settings, num_samples=num_samples))
+        return self._scorer(prompts, responses, 1 if settings.get("classic") else num_samples)
+
+
+def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
+    rows_path, bon_path = _inputs(tmp_path)
+    model = FakeModel()
+    monkeypatch.setattr(cloud_jax, "load", lambda path: model)
+    out = tmp_path / "out"
+    rc = main(["--checkpoint", "ckpt", "--input", rows_path, "--best-of-n", bon_path,
+               "--output-dir", str(out), "--num-samples", "1,4", "--temperature", "0.7",
+               "--max-critique-tokens", "32", "--seed", "3", "--top-p", "0.9", "--no-progress"])
+    assert rc == 0
+    assert model.settings[0] == {"num_samples": 4, "temperature": 0.7, "max_critique_tokens": 32,
+                                 "seed": 3, "batch_size": 8, "classic": False, "top_p": 0.9}
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["rewardbench"]["by_k"]) == ["1", "4"]
+    assert report["settings"]["top_p"] == 0.9 and report["settings"]["checkpoint"] == "ckpt"
+    printed = capsys.readouterr().out
+    assert "K=4: pairwise accuracy 61.5%" in printed and "report.md" in printed
+
+
+def test_cli_classic(tmp_path, monkeypatch):
+    rows_path, _ = _inputs(tmp_path)
+    model = FakeModel()
+    monkeypatch.setattr(cloud_jax, "load", lambda path: model)
+    assert main(["--checkpoint", "c", "--input", rows_path, "--output-dir", str(tmp_path / "o"),
+                 "--classic", "--no-progress"]) == 0
+    assert model.settings[0]["classic"] is True and model.settings[0]["num_samples"] == 1
+
+
+def _no_model(path):
+    raise AssertionError("the model must not load when the inputs are bad")
+
+
+def test_cli_bad_row_names_file_line_and_field_before_loading_the_model(tmp_path, monkeypatch,
+                                                                        capsys):
+    monkeypatch.setattr(cloud_jax, "load", _no_model)
+    bad = pair(2, "math-prm", "1", "0")
+    del bad["chosen"]
+    path = write_jsonl(tmp_path / "rb.jsonl", [pair(1, "math-prm", "1", "0"), bad])
+    assert main(["--checkpoint", "c", "--input", path, "--output-dir", str(tmp_path)]) == 2
+    assert f"{path}:2: field 'chosen': missing" in capsys.readouterr().err
+
+    bon = write_jsonl(tmp_path / "bon.jsonl", [{"id": 1, "prompt": "p", "candidates": ["a", "b"],
+                                                "scores": [1, True]}])
+    assert main(["--checkpoint", "c", "--best-of-n", bon, "--output-dir", str(tmp_path)]) == 2
+    assert f"{bon}:1: field 'scores[1]': expected a finite number" in capsys.readouterr().err
+
+    empty = write_jsonl(tmp_path / "empty.jsonl", [])
+    assert main(["--checkpoint", "c", "--input", empty, "--output-dir", str(tmp_path)]) == 2
+    assert "no usable preference rows" in capsys.readouterr().err
+
+    assert main(["--checkpoint", "c", "--input", str(tmp_path / "nope.jsonl"),
+                 "--output-dir", str(tmp_path)]) == 2
+    assert "nope.jsonl" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "give --input"),
+    (["--input", "x.jsonl", "--num-samples", "1,x"], "positive integers"),
+    (["--input", "x.jsonl", "--num-samples", "0"], "every K must be >= 1"),
+    (["--input", "x.jsonl", "--classic", "--num-samples", "1,4"], "classic"),
+    (["--input", "x.jsonl", "--tie-credit", "0.3"], "invalid choice"),
+])
+def test_cli_usage_errors(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.setattr(cloud_jax, "load", _no_model)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--checkpoint", "c", "--output-dir", str(tmp_path)] + args)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_rm():
+    from cloud_jax.config import ModelConfig
+    from cloud_jax.data.tokenizer import byte_tokenizer
+
+    cfg = ModelConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2)
+    return cloud_jax.from_config(cfg, seed=1, tokenizer=byte_tokenizer())
+
+
+def _tiny_inputs(tmp_path):
+    rows = load_rows(write_jsonl(tmp_path / "rb.jsonl", [
+        {"id": 1, "prompt": "2+2?", "chosen": "4", "rejected": "5", "subset": "math-prm"},
+        {"id": 2, "prompt": "Hi", "chosen": "Hello!", "rejected": "Go away.",
+         "subset": "alpacaeval-easy"},
+    ]), require_feedback=False).rows
+    items = load_best_of_n(write_jsonl(tmp_path / "bon.jsonl", [
+        {"id": "q", "prompt": "3*3?", "candidates": ["9", "6", "33", "8"],
+         "scores": [1, 0, 0, 0]}]))
+    return rows, items
+
+
+def _correct_at(records, k):
+    return sum(np.mean(r["chosen_sample_rewards"][:k], dtype=np.float32)
+               > np.mean(r["rejected_sample_rewards"][:k], dtype=np.float32) for r in records)
+
+
+def test_tiny_real_model_classic(tmp_path, tiny_rm):
+    rows, items = _tiny_inputs(tmp_path)
+    score_fn = score_fn_from_model(tiny_rm, batch_size=4, classic=True)
+    report = run_evaluation(score_fn, EvalConfig(classic=True, batch_size=4),
+                            str(tmp_path / "out"), rows=rows, best_of_n_items=items)
+    with open(report["files"]["critiques"]) as f:
+        records = [json.loads(line) for line in f]
+    # The classic reward is one forward over [prompt][response]: the same as rm.score's.
+    direct = tiny_rm.score(["2+2?", "Hi", "2+2?", "Hi"], ["4", "Hello!", "5", "Go away."],
+                           classic=True, batch_size=4).rewards
+    np.testing.assert_allclose([[r["chosen_reward"], r["rejected_reward"]] for r in records],
+                               direct.reshape(2, 2).T, rtol=1e-6)
+    assert report["rewardbench"]["by_k"]["1"]["all_rows"]["correct"] == _correct_at(records, 1)
+    assert records[0]["chosen_critiques"] == []
+
+
+def test_tiny_real_model_critiques(tmp_path, tiny_rm):
+    rows, items = _tiny_inputs(tmp_path)
+    cfg = EvalConfig(num_samples=(1, 2), temperature=1.0, max_critique_tokens=4, batch_size=4,
+                     chunk_size=4)
+    score_fn = score_fn_from_model(tiny_rm, temperature=1.0, max_critique_tokens=4, seed=0,
+                                   batch_size=4)
+    report = run_evaluation(score_fn, cfg, str(tmp_path / "out"), rows=rows,
+                            best_of_n_items=items)
+    with open(report["files"]["critiques"]) as f:
+        records = [json.loads(line) for line in f]
+    # The report's numbers follow from the model's own sample rewards.
+    for k in (1, 2):
+        assert report["rewardbench"]["by_k"][str(k)]["all_rows"]["correct"] == _correct_at(
+            records, k)
+    assert all(len(r["chosen_critiques"]) == 2 for r in records)
+    assert 0.0 <= report["rewardbench"]["truncated_fraction"] <= 1.0
+    assert report["best_of_n"]["by_k"]["2"]["num_prompts"] == 1

@@ -1,0 +1,143 @@
+"""RewardBench-style scoring against hand-computed values, ties, "other", and the K sweep."""
+
+import numpy as np
+import pytest
+from test_evaluate_helpers import FakeScorer, pair, synthetic_rows, write_jsonl
+
+from cloud_jax.data.schema import load_rows
+from cloud_jax.evaluation import EXAMPLE_COUNTS, SECTIONS, EvalConfig, score_pairs
+from cloud_jax.evaluation.rewardbench import NO_SUBSET, OTHER, pair_outcomes
+from cloud_jax.evaluation.run import evaluate_rewardbench
+
+
+def _load(tmp_path, rows):
+    return load_rows(write_jsonl(tmp_path / "rb.jsonl", rows), require_feedback=False).rows
+
+
+def test_official_subset_lists_and_counts():
+    # RewardBench's four sections: 5 + 6 + 5 + 7 subsets, each with an official example count.
+    assert [len(s) for s in SECTIONS.values()] == [5, 6, 5, 7]
+    assert set(EXAMPLE_COUNTS) == {s for subs in SECTIONS.values() for s in subs}
+    # math-prm counts as much as the six code subsets together.
+    assert EXAMPLE_COUNTS["math-prm"] == sum(EXAMPLE_COUNTS[f"hep-{lang}"] for lang in
+                                             ("cpp", "go", "java", "js", "python", "rust"))
+
+
+def test_pair_outcomes_compare_exactly():
+    out = pair_outcomes(np.array([1.0, 0.5, 0.0, 1e-30], np.float32),
+                        np.array([0.0, 0.5, 1.0, 0.0], np.float32))
+    assert out.tolist() == [1, 0, -1, 1]
+    with pytest.raises(ValueError, match="finite"):
+        pair_outcomes(np.array([np.nan]), np.array([0.0]))
+
+
+def test_sections_and_weighting_equal_hand_computed_values(tmp_path):
+    rows = _load(tmp_path, synthetic_rows())
+    section, records = evaluate_rewardbench(rows, FakeScorer(), EvalConfig())
+    s = section["by_k"]["1"]
+    sec = s["sections"]
+    assert list(sec) == ["Chat", "Chat Hard", "Safety", "Reasoning", OTHER]
+    # Chat: alpacaeval-easy 1/2, mt-bench-easy 1/1.
+    assert sec["Chat"]["accuracy"] == pytest.approx(2 / 3)
+    assert sec["Chat"]["weighted"] == pytest.approx((0.5 * 100 + 1.0 * 28) / (100 + 28))
+    assert sec["Chat"]["missing_subsets"] == ["alpacaeval-length", "alpacaeval-hard",
+                                              "mt-bench-med"]
+    # Chat Hard: one tie (scored 0) and one correct.
+    assert sec["Chat Hard"]["accuracy"] == pytest.approx(0.5)
+    assert sec["Chat Hard"]["weighted"] == pytest.approx(0.5)
+    assert sec["Chat Hard"]["ties"] == 1
+    # Safety: xstest-should-refuse 1/1 (count 250), donotanswer 0/1 (count 136).
+    assert sec["Safety"]["accuracy"] == pytest.approx(0.5)
+    assert sec["Safety"]["weighted"] == pytest.approx(250 / 386)
+    # Reasoning: math-prm 2/2 (count 984), hep-python 1/2 (count 164).
+    assert sec["Reasoning"]["accuracy"] == pytest.approx(3 / 4)
+    assert sec["Reasoning"]["weighted"] == pytest.approx((984 + 0.5 * 164) / (984 + 164))
+    # Unknown subset and no subset: reported under "other", not dropped, and not weighted.
+    assert sec[OTHER]["accuracy"] == pytest.approx(0.5)
+    assert sec[OTHER]["weighted"] is None
+    assert sec[OTHER]["subsets"] == ["(none)", "arith-easy"]
+    assert s["subsets"]["arith-easy"] == {"n": 1, "correct": 0, "ties": 0, "wrong": 1,
+                                          "accuracy": 0.0, "section": OTHER}
+    assert s["subsets"][NO_SUBSET]["correct"] == 1
+    # All rows: 8 correct of 13; the score is the mean of the four weighted sections.
+    assert s["accuracy"] == pytest.approx(8 / 13)
+    assert s["all_rows"] == {"n": 13, "correct": 8, "ties": 1, "wrong": 4,
+                             "accuracy": pytest.approx(8 / 13)}
+    assert s["score"] == pytest.approx(np.mean([78 / 128, 0.5, 250 / 386, 1066 / 1148]))
+    assert [r["outcome"] for r in records][:4] == ["correct", "wrong", "correct", "tie"]
+    assert records[3]["section"] == "Chat Hard" and records[11]["section"] == OTHER
+
+
+def test_tie_credit_half_scores_a_tie_as_half_a_pair():
+    subsets = ["mt-bench-hard", "mt-bench-hard", "llmbar-natural"]
+    chosen, rejected = np.array([0.5, 3.0, 1.0]), np.array([0.5, -3.0, 2.0])
+    strict = score_pairs(subsets, chosen, rejected)
+    half = score_pairs(subsets, chosen, rejected, tie_credit=0.5)
+    assert strict.subsets["mt-bench-hard"].accuracy == pytest.approx(0.5)
+    assert half.subsets["mt-bench-hard"].accuracy == pytest.approx(0.75)
+    # Chat Hard weighted: mt-bench-hard (37) and llmbar-natural (100, accuracy 0).
+    assert half.sections["Chat Hard"].weighted == pytest.approx(0.75 * 37 / 137)
+    assert half.accuracy == pytest.approx(1.5 / 3)
+    assert strict.all_rows.ties == half.all_rows.ties == 1
+    with pytest.raises(ValueError, match="tie_credit"):
+        score_pairs(subsets, chosen, rejected, tie_credit=2.0)
+
+
+def test_only_other_rows_give_no_section_score():
+    s = score_pairs(["arith", "arith"], np.array([1.0, 0.0]), np.array([0.0, 1.0]))
+    assert list(s.sections) == [OTHER] and s.score is None and s.accuracy == 0.5
+
+
+def test_k_sweep_uses_the_first_k_samples_of_one_draw(tmp_path):
+    rows = _load(tmp_path, [
+        pair("a", "math-prm", "0,1", "0.5,0.5"),   # K=1 wrong, K=2 tie (0.5 vs 0.5)
+        pair("b", "math-prm", "-1,3", "0,0"),      # K=1 wrong, K=2 correct (1 vs 0)
+        pair("c", "hep-go", "2,2", "1,1"),         # correct at every K
+        pair("d", "hep-go", "0,0,9", "1,1,1"),     # wrong at K=1,2; correct at K=3 (3 vs 1)
+    ])
+    scorer = FakeScorer()
+    section, records = evaluate_rewardbench(
+        rows, scorer, EvalConfig(num_samples=(3, 1, 2), temperature=1.0))
+    # One scoring call at the largest K covers the whole sweep.
+    assert scorer.calls == [(8, 3)]
+    assert section["accuracy_vs_k"] == {"1": pytest.approx(1 / 4), "2": pytest.approx(2 / 4),
+                                        "3": pytest.approx(3 / 4)}
+    assert section["by_k"]["2"]["all_rows"]["ties"] == 1
+    assert section["by_k"]["1"]["subsets"]["hep-go"]["correct"] == 1
+    # Records hold every sample's reward and critique, and the mean over all K.
+    assert records[1]["chosen_sample_rewards"] == [-1.0, 3.0, -1.0]
+    assert records[1]["chosen_reward"] == pytest.approx(1 / 3)
+    assert len(records[0]["rejected_critiques"]) == 3
+    assert records[0]["chosen_truncated"] == [False] * 3
+
+
+def test_classic_scorer_gives_k1(tmp_path):
+    rows = _load(tmp_path, synthetic_rows())
+    scorer = FakeScorer(classic=True)
+    section, records = evaluate_rewardbench(rows, scorer, EvalConfig(classic=True))
+    assert list(section["by_k"]) == ["1"]
+    assert section["accuracy_vs_k"]["1"] == pytest.approx(8 / 13)
+    assert records[0]["chosen_critiques"] == []
+    assert section["truncated_fraction"] is None
+    with pytest.raises(ValueError, match="classic"):
+        EvalConfig(classic=True, num_samples=(1, 4)).validate()
+
+
+def test_scorer_that_breaks_the_contract_is_an_error(tmp_path):
+    rows = _load(tmp_path, synthetic_rows()[:2])
+    # Asked for K = 4, the classic fake returns one sample per input.
+    with pytest.raises(ValueError, match=r"sample_rewards has shape \(4, 1\), expected \(4, 4\)"):
+        evaluate_rewardbench(rows, FakeScorer(classic=True),
+                             EvalConfig(num_samples=(4,), temperature=1.0))
+
+
+def test_non_finite_reward_names_the_row(tmp_path):
+    rows = _load(tmp_path, [pair(1, "math-prm", "1", "0"), pair(2, "math-prm", "1", "0")])
+
+    def scorer(prompts, responses, k):
+        out = FakeScorer()(prompts, responses, k)
+        out.sample_rewards[3, 0] = np.nan  # rejected response of row 2
+        return out
+
+    with pytest.raises(ValueError, match=r"rb.jsonl:2 \(rejected\): the model gave a non-finite"):
+        evaluate_rewardbench(rows, scorer, EvalConfig())

@@ -1,0 +1,162 @@
+"""The KV-cache sampler against full forwards: greedy tokens, in-loop rewards, padding, batching."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cloud_jax.config import ModelConfig
+from cloud_jax.model import CLoudModel, param_shapes
+from cloud_jax.sampling import (Greedy, Temperature, TopK, TopP, bucket_length, method_from,
+                                pad_prefixes, sample, sample_padded)
+
+CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                  num_kv_heads=2)
+EOT = 62
+PREFIXES = [[1, 5, 9, 2], [3, 4, 5, 6, 7, 8, 9, 10, 11], [20], [7, 7, 30, 31, 2, 9]]
+
+
+def random_params(cfg, seed):
+    """Random weights without compiling the initialiser (which costs seconds per test file)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, 0.1, s.shape), s.dtype),
+                        param_shapes(cfg))
+
+
+@pytest.fixture(scope="module")
+def params():
+    return random_params(CFG, 0)
+
+
+@pytest.fixture(scope="module")
+def full_forward(params):
+    """(logits [T, V], reward at the last token) of one causal forward over a sequence: the
+    logits at t are those of a full forward over its first t + 1 tokens."""
+    model = CLoudModel(CFG)
+    width = 32  # right padding to one shape, so the reference compiles once
+
+    @jax.jit
+    def fwd(ids, mask, last):
+        out = model.apply({"params": params}, ids[None], mask[None], reward_index_b=last[None])
+        return out["logits"][0], out["rewards"][0]
+
+    def run(seq):
+        ids, mask = pad_prefixes([seq], width, side="right")
+        logits, reward = fwd(jnp.asarray(ids[0]), jnp.asarray(mask[0]), jnp.asarray(len(seq) - 1))
+        return np.asarray(logits)[:len(seq)], float(reward)
+
+    return run
+
+
+def check_against_full_forward(out, prefixes, stop_ids, max_new, full_forward):
+    """Every greedy token is the argmax of a full forward over the sequence so far; each reward
+    is the full-forward reward over prefix + critique + end-of-turn."""
+    for b, prefix in enumerate(prefixes):
+        for k in range(out.tokens.shape[1]):
+            critique = out.critique_ids(b, k)
+            logits, reward = full_forward(prefix + critique + [stop_ids[0]])
+            for t in range(len(critique) + 1):
+                predicted = int(np.argmax(logits[len(prefix) + t - 1]))
+                if t < len(critique):
+                    assert predicted == critique[t], (b, k, t)
+                elif out.truncated[b, k]:
+                    assert len(critique) == max_new
+                else:
+                    assert predicted in stop_ids
+            assert np.all(out.tokens[b, k, len(critique):] == 0)
+            np.testing.assert_allclose(out.rewards[b, k], reward, atol=1e-5, rtol=0)
+
+
+def test_greedy_decode_and_rewards_equal_full_forward(params, full_forward):
+    probe = sample(CFG, params, PREFIXES, max_new_tokens=6, stop_ids=(EOT,))
+    # A second stop id that row 0 draws at step 3 (and not before): that row stops, the others
+    # most likely run into the budget.
+    stop = int(probe.tokens[0, 0, 3])
+    assert stop not in probe.tokens[0, 0, :3]
+    out = sample(CFG, params, PREFIXES, max_new_tokens=6, stop_ids=(EOT, stop))
+    check_against_full_forward(out, PREFIXES, (EOT, stop), 6, full_forward)
+    assert out.lengths[0, 0] == 3 and not out.truncated[0, 0]
+    assert out.truncated.any()
+
+
+# Tests share shapes and settings where they can: each new combination is one more compile.
+MORE_PREFIXES = PREFIXES + [[40, 41], [2, 4, 6, 8, 10], [33] * 7, [12, 13, 14]]
+RANDOM = dict(max_new_tokens=6, stop_ids=(EOT, 5), num_samples=2, method=TopK(20, 1.5), seed=7)
+
+
+def test_left_and_right_padding_agree(params):
+    left = sample_padded(CFG, params, *pad_prefixes(MORE_PREFIXES, 16, side="left"), **RANDOM)
+    right = sample_padded(CFG, params, *pad_prefixes(MORE_PREFIXES, 16, side="right"), **RANDOM)
+    np.testing.assert_array_equal(left.tokens, right.tokens)
+    np.testing.assert_allclose(left.rewards, right.rewards, atol=1e-5, rtol=0)
+
+
+def test_greedy_samples_all_equal_single_greedy(params):
+    one = sample(CFG, params, PREFIXES, max_new_tokens=6, stop_ids=(EOT,))
+    three = sample(CFG, params, PREFIXES, max_new_tokens=6, stop_ids=(EOT,), num_samples=3,
+                   method=method_from(temperature=0.0))
+    for k in range(3):
+        np.testing.assert_array_equal(three.tokens[:, k], one.tokens[:, 0])
+        np.testing.assert_allclose(three.rewards[:, k], one.rewards[:, 0], atol=1e-6, rtol=0)
+
+
+def test_same_seed_same_samples_at_any_batch_size_and_order(params):
+    whole = sample(CFG, params, MORE_PREFIXES, **RANDOM)
+    assert len({tuple(t) for t in whole.tokens.reshape(-1, 6)}) > 8  # samples really differ
+
+    def in_chunks(order, size):
+        parts = [sample(CFG, params, [MORE_PREFIXES[i] for i in order[s:s + size]], **RANDOM)
+                 for s in range(0, len(order), size)]
+        tokens = np.concatenate([p.tokens for p in parts])
+        rewards = np.concatenate([p.rewards for p in parts])
+        back = np.argsort(order)
+        return tokens[back], rewards[back]
+
+    # Batch sizes 1, 3 (over the first six inputs) and 8 in a shuffled order.
+    for order, size in [(np.arange(8), 1), (np.arange(6), 3),
+                        (np.array([5, 2, 7, 0, 3, 6, 1, 4]), 8)]:
+        tokens, rewards = in_chunks(order, size)
+        np.testing.assert_array_equal(tokens, whole.tokens[:len(order)])
+        np.testing.assert_allclose(rewards, whole.rewards[:len(order)], atol=1e-5, rtol=0)
+
+
+def test_zero_token_budget_forces_end_of_turn(params, full_forward):
+    out = sample(CFG, params, PREFIXES, max_new_tokens=0, stop_ids=(EOT,))
+    assert out.tokens.shape == (4, 1, 0) and (out.lengths == 0).all()
+    check_against_full_forward(out, PREFIXES, (EOT,), 0, full_forward)
+
+
+def test_empty_critique_ends_in_eot_with_finite_reward(params, full_forward):
+    first = int(sample(CFG, params, PREFIXES, max_new_tokens=6, stop_ids=(EOT,)).tokens[0, 0, 0])
+    out = sample(CFG, params, PREFIXES, max_new_tokens=6, stop_ids=(EOT, first))
+    assert out.lengths[0, 0] == 0 and not out.truncated[0, 0]
+    assert np.isfinite(out.rewards).all()
+    check_against_full_forward(out, PREFIXES, (EOT, first), 6, full_forward)
+
+
+def test_methods_draw_from_the_right_distribution():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 2000, jnp.float32))
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(2000))
+    freq = lambda toks: np.bincount(np.asarray(toks), minlength=4) / 2000  # noqa: E731
+    np.testing.assert_allclose(freq(Temperature(1.0)(logits, keys)), [0.5, 0.3, 0.15, 0.05],
+                               atol=0.03)
+    np.testing.assert_allclose(freq(TopK(2)(logits, keys)), [0.625, 0.375, 0, 0], atol=0.03)
+    # The top tokens reaching p=0.7 are the first two (0.5 + 0.3); the third is never drawn.
+    np.testing.assert_allclose(freq(TopP(0.7)(logits, keys)), [0.625, 0.375, 0, 0], atol=0.03)
+    assert (np.asarray(Greedy()(logits, keys)) == 0).all()
+    assert (np.asarray(TopK(1)(logits, keys)) == 0).all()
+    assert (np.asarray(TopP(0.1)(logits, keys)) == 0).all()
+    low = freq(Temperature(0.25)(logits, keys))
+    assert low[0] > 0.85
+
+
+def test_bad_settings_are_clear_errors(params):
+    with pytest.raises(ValueError, match="temperature"):
+        Temperature(0.0)
+    with pytest.raises(ValueError, match="top_k or top_p"):
+        method_from(1.0, top_k=3, top_p=0.5)
+    with pytest.raises(ValueError, match="stop_ids"):
+        sample(CFG, params, PREFIXES, max_new_tokens=2, stop_ids=())
+    with pytest.raises(ValueError, match="largest prefill bucket"):
+        bucket_length(40, buckets=(16, 32))
+    assert bucket_length(17) == 32 and bucket_length(3) == 16 and bucket_length(20, (24, 64)) == 24

@@ -1,0 +1,133 @@
+"""Scoring API and CLI on a tiny random model with the byte tokenizer."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import cloud_jax
+from cloud_jax.config import ModelConfig
+from cloud_jax.data.layout import encode_critique_prefix, encode_example
+from cloud_jax.data.tokenizer import byte_tokenizer, end_of_turn_ids
+from cloud_jax.model import param_shapes
+from cloud_jax.sampling import Greedy, pad_prefixes, sample
+from cloud_jax.scoring import ScoreConfig, main, score
+
+# One layer keeps compiles short; the sampler's own tests cover deeper models.
+CFG = ModelConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
+                  num_kv_heads=2)
+PROMPTS = ["What is 2+2?", "Name a colour.", "Hi"]
+RESPONSES = ["4", "Blue, like the sky.", "Hello there!"]
+BUDGET = 6
+
+
+def random_params(cfg, seed):
+    """Random weights without compiling the initialiser (which costs seconds per test file)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, 0.1, s.shape), s.dtype),
+                        param_shapes(cfg))
+
+
+# Settings shared by several tests, so they reuse one compiled sampler.
+RANDOM = ScoreConfig(num_samples=3, temperature=1.0, max_critique_tokens=BUDGET, seed=5,
+                     batch_size=3)
+
+
+@pytest.fixture(scope="module")
+def rm():
+    return cloud_jax.RewardModel(CFG, random_params(CFG, 1), byte_tokenizer())
+
+
+def full_rewards(rm, seqs):
+    """Rewards of one right-padded forward over whole sequences (read at each last token)."""
+    ids, mask = pad_prefixes(seqs, 256, side="right")
+    return np.asarray(rm.forward(ids, mask)[1])
+
+
+def test_k1_temperature0_is_greedy_and_reward_matches_a_full_forward(rm):
+    result = rm.score(PROMPTS, RESPONSES, max_critique_tokens=BUDGET)
+    tok = rm.tokenizer
+    eot = end_of_turn_ids(tok)
+    prefixes = [encode_critique_prefix(tok, p, r) for p, r in zip(PROMPTS, RESPONSES)]
+    greedy = sample(CFG, rm.params, prefixes, max_new_tokens=BUDGET, stop_ids=eot,
+                    method=Greedy(), pad_id=tok.pad_token_id)
+    for b in range(len(PROMPTS)):
+        ids = greedy.critique_ids(b, 0)
+        assert result.critiques[b] == [tok.decode(ids, skip_special_tokens=True)]
+        assert result.critique_tokens[b, 0] == len(ids)
+    # The in-loop reward is the reward at the end-of-turn token after the critique.
+    full = full_rewards(rm, [prefixes[b] + greedy.critique_ids(b, 0) + [eot[0]]
+                             for b in range(len(PROMPTS))])
+    np.testing.assert_allclose(result.sample_rewards[:, 0], full, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(result.truncated, greedy.truncated)
+    np.testing.assert_array_equal(result.rewards, result.sample_rewards[:, 0])
+    assert (result.reward_std == 0).all()
+
+
+def test_self_consistency_statistics_and_batch_invariance(rm):
+    cfg = RANDOM
+    result = score(rm, PROMPTS, RESPONSES, cfg)
+    assert result.sample_rewards.shape == (3, 3) and result.truncated.shape == (3, 3)
+    assert [len(c) for c in result.critiques] == [3, 3, 3]
+    assert (result.reward_std > 0).all()  # the samples differ
+    np.testing.assert_allclose(result.rewards, result.sample_rewards.mean(axis=1), rtol=1e-6)
+    np.testing.assert_allclose(result.reward_std, result.sample_rewards.std(axis=1), rtol=1e-6)
+    # One input per batch, in reverse order: the same critiques and rewards.
+    single = score(rm, PROMPTS[::-1], RESPONSES[::-1], dataclasses.replace(cfg, batch_size=1))
+    assert single.critiques[::-1] == result.critiques
+    np.testing.assert_allclose(single.sample_rewards[::-1], result.sample_rewards, atol=1e-5)
+
+
+def test_classic_model_scores_with_one_forward(rm):
+    result = rm.score(PROMPTS, RESPONSES, classic=True)
+    assert result.sample_rewards.shape == (3, 1) and result.critiques == [[], [], []]
+    seqs = [encode_example(rm.tokenizer, p, r, None, "classic").input_ids.tolist()
+            for p, r in zip(PROMPTS, RESPONSES)]
+    np.testing.assert_allclose(result.rewards, full_rewards(rm, seqs), atol=1e-5, rtol=0)
+
+
+def test_score_command_writes_every_row_back(rm, tmp_path):
+    ckpt = rm.save_pretrained(tmp_path / "ckpt")
+    rows = [{"id": "a", "prompt": PROMPTS[0], "response": RESPONSES[0], "note": 1},
+            {"id": "b", "prompt": PROMPTS[1], "chosen": RESPONSES[1], "rejected": RESPONSES[2]}]
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "scored.jsonl"
+    assert main(["--checkpoint", str(ckpt), "--input", str(src), "--output", str(out),
+                 "--num-samples", "3", "--temperature", "1.0", "--seed", "5", "--batch-size",
+                 "3", "--max-critique-tokens", str(BUDGET)]) == 0
+    scored = [json.loads(line) for line in out.read_text().splitlines()]
+    assert scored[0]["note"] == 1 and scored[0]["response"] == RESPONSES[0]
+    assert len(scored[0]["sample_rewards"]) == 3 and len(scored[0]["critiques"]) == 3
+    assert scored[0]["reward"] == pytest.approx(np.mean(scored[0]["sample_rewards"]), abs=1e-6)
+    for side in ("chosen", "rejected"):
+        assert len(scored[1][f"{side}_critiques"]) == 3
+        assert len(scored[1][f"{side}_truncated"]) == 3
+        assert np.isfinite(scored[1][f"{side}_reward"])
+    # The API gives the same numbers for the same settings.
+    api = score(rm, PROMPTS, RESPONSES, RANDOM)
+    np.testing.assert_allclose(scored[0]["sample_rewards"], api.sample_rewards[0], atol=1e-5)
+    np.testing.assert_allclose(scored[1]["chosen_sample_rewards"], api.sample_rewards[1],
+                               atol=1e-5)
+
+
+def test_bad_rows_and_settings_are_clear_errors(rm, tmp_path):
+    src = tmp_path / "bad.jsonl"
+    src.write_text(json.dumps({"prompt": "p", "chosen": "c"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: field 'rejected'"):
+        main(["--checkpoint", str(tmp_path), "--input", str(src), "--output",
+              str(tmp_path / "o.jsonl")])
+    with pytest.raises(ValueError, match="num_samples"):
+        rm.score(PROMPTS, RESPONSES, num_samples=0)
+    with pytest.raises(ValueError, match="3 prompts but 2 responses"):
+        rm.score(PROMPTS, RESPONSES[:2])
+    with pytest.raises(ValueError, match="top_k or top_p"):
+        rm.score(PROMPTS, RESPONSES, temperature=1.0, top_k=2, top_p=0.5)
+    with pytest.raises(ValueError, match="input 1: .*max_length=200"):
+        rm.score(["a", "b"], ["short", "x" * 300], max_length=200)
+    no_tok = cloud_jax.RewardModel(CFG, rm.params)
+    with pytest.raises(ValueError, match="no tokenizer"):
+        no_tok.score(PROMPTS, RESPONSES)

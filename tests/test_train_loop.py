@@ -1,0 +1,224 @@
+"""The training loop on the toy preference set: every stage learns, stop + resume equals an
+uninterrupted run exactly, two processes equal one, bad data and bad settings give clear errors."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cloud_jax.config import load_config
+from cloud_jax.errors import ConfigError
+from cloud_jax.training.loop import run
+from cloud_jax.training.toy_data import write_toy_data
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compilation_cache(tmp_path_factory):
+    """Runs of one config compile the same programs; a persistent cache compiles them once."""
+    import jax
+    # JAX decides once per process whether the cache is on; resetting makes that decision see
+    # (and, afterwards, forget) this module's settings. There is no public API for it.
+    from jax._src.compilation_cache import reset_cache
+
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    saved = {k: getattr(jax.config, k) for k in keys}
+    jax.config.update(keys[0], str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update(keys[1], 0.0)
+    jax.config.update(keys[2], 0)
+    reset_cache()
+    yield
+    for k, v in saved.items():
+        jax.config.update(k, v)
+    reset_cache()
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    base = tmp_path_factory.mktemp("toy")
+    train, eval_ = write_toy_data(str(base / "data"), n_train=128, n_eval=32)
+    return {"train": train, "eval": eval_, "tfds": str(base / "tfds")}
+
+
+def tiny(stage, toy, out, *extra):
+    return load_config(ROOT / f"configs/tiny_cpu_{stage}.yaml", [
+        f"data.train_path={toy['train']}", f"data.eval_path={toy['eval']}",
+        f"data.tfds_dir={toy['tfds']}", f"output_dir={out}", "init_from=\"\"",
+        "train.progress_bar=false", *extra])
+
+
+def read_metrics(out, split="train"):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["split"] == split]
+
+
+@pytest.mark.parametrize("stage", ["lm_pretrain", "critique_sft", "cloud", "classic"])
+def test_every_stage_learns(stage, toy, tmp_path):
+    out = str(tmp_path / stage)
+    summary = run(tiny(stage, toy, out, "train.total_steps=30", "train.eval_every=30",
+                       "train.log_every=5", "train.export_final=false",
+                       "train.peak_flops_per_device=1e12"))
+    train = read_metrics(out)
+    assert 0 < train[-1]["mfu"] < 1 and train[-1]["tokens_per_s"] > 0
+    assert os.listdir(os.path.join(out, "tensorboard"))
+    assert summary["step"] == 30 and [r["step"] for r in train] == [5, 10, 15, 20, 25, 30]
+    assert train[-1]["loss"] < 0.6 * train[0]["loss"], train
+    assert summary["compile_reports"] and "memory per device" in summary["compile_reports"][0]
+    ev = read_metrics(out, "eval")[-1]
+    if stage in ("cloud", "classic"):
+        # Chance is 0.5 (and a constant reward scores 0: ties count as wrong).
+        assert ev["accuracy"] >= 0.9, ev
+    if stage != "classic":
+        # A model that has learnt nothing scores about log(vocab) = 5.6 nats per token.
+        assert ev["lm_loss"] < 0.6 * np.log(272), ev
+    assert os.path.exists(os.path.join(out, "config.yaml"))
+
+
+def test_stop_and_resume_equals_uninterrupted_run(toy, tmp_path):
+    common = ["train.total_steps=8", "train.log_every=1", "train.eval_every=0",
+              "train.checkpoint_every=0", "train.export_final=false"]
+    full = str(tmp_path / "full")
+    run(tiny("cloud", toy, full, *common))
+    parts = str(tmp_path / "parts")
+    first = run(tiny("cloud", toy, parts, *common, "train.stop_at_step=3"))
+    assert first["step"] == 3
+    assert sorted(os.listdir(os.path.join(parts, "checkpoints"))) == ["3"]
+    second = run(tiny("cloud", toy, parts, *common))
+    assert second["step"] == 8
+    a, b = read_metrics(full), read_metrics(parts)
+    assert [r["step"] for r in b] == list(range(1, 9))
+    for key in ("loss", "batch_digest", "grad_norm", "accuracy", "lm_loss", "learning_rate"):
+        assert [r[key] for r in a] == [r[key] for r in b], key
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(toy, tmp_path):
+    # No shuffling: then global batch k holds the same pairs however they are split over hosts.
+    args = ["--config", str(ROOT / "configs/tiny_cpu_cloud.yaml"),
+            f"data.train_path={toy['train']}", f"data.eval_path={toy['eval']}",
+            f"data.tfds_dir={toy['tfds']}", "init_from=\"\"", "train.progress_bar=false",
+            "train.tensorboard_dir=\"\"", "train.total_steps=4", "train.log_every=1",
+            "train.eval_every=4", "train.export_final=false", "data.shuffle=false"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    one = str(tmp_path / "one")
+    proc = subprocess.run([sys.executable, "-m", "cloud_jax.train", *args, f"output_dir={one}"],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = str(tmp_path / "two")
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "cloud_jax.train", *args, f"output_dir={two}"],
+        env=dict(env, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                 JAX_PROCESS_ID=str(i)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    a, b = read_metrics(one), read_metrics(two)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], rtol=1e-5)
+    np.testing.assert_allclose(read_metrics(one, "eval")[-1]["accuracy"],
+                               read_metrics(two, "eval")[-1]["accuracy"])
+
+
+def test_malformed_row_is_an_error_naming_file_line_and_field(toy, tmp_path, capsys):
+    from cloud_jax.train import main
+
+    bad = tmp_path / "bad.jsonl"
+    lines = Path(toy["train"]).read_text().splitlines()
+    row = json.loads(lines[2])
+    row["chosen"] = 7
+    lines[2] = json.dumps(row)
+    lines[4] = "{not json"
+    bad.write_text("\n".join(lines) + "\n")
+    args = ["--config", str(ROOT / "configs/tiny_cpu_classic.yaml"), f"data.train_path={bad}",
+            "data.eval_path=\"\"", f"data.tfds_dir={tmp_path / 'tfds'}",
+            f"output_dir={tmp_path / 'out'}", "init_from=\"\"", "train.progress_bar=false"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:3" in err and "chosen" in err, err
+    # Lenient mode skips both bad rows, writes them to the rejects file, and trains.
+    assert main(args + ["data.lenient=true", "train.total_steps=2",
+                        "train.export_final=false"]) == 0
+    rejects = tmp_path / "tfds" / "rejects-train.jsonl"
+    assert len(rejects.read_text().splitlines()) == 2
+
+
+def test_overlength_pairs_are_dropped_and_counted(toy, tmp_path):
+    rows = [json.loads(line) for line in Path(toy["train"]).read_text().splitlines()]
+    rows[0]["rejected"] = "x" * 200  # over data.max_length=96 tokens of the byte tokenizer
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = run(tiny("classic", toy, str(tmp_path / "out"), f"data.train_path={path}",
+                       "train.total_steps=2", "train.export_final=false", "train.eval_every=0"))
+    stats = summary["data"]["train"]
+    assert (stats["pairs"], stats["dropped_overlength"]) == (len(rows) - 1, 1)
+
+
+def test_too_few_batches_and_uneven_micro_batches_are_config_errors(toy, tmp_path):
+    with pytest.raises(ConfigError, match="raise data.num_epochs"):
+        run(tiny("classic", toy, str(tmp_path / "a"), "train.total_steps=1000"))
+    with pytest.raises(ConfigError, match="grad_accum_steps=3"):
+        run(tiny("classic", toy, str(tmp_path / "b"), "train.grad_accum_steps=3"))
+
+
+def test_resume_with_another_stage_is_refused(toy, tmp_path):
+    out = str(tmp_path / "run")
+    run(tiny("classic", toy, out, "train.total_steps=2", "train.export_final=false",
+             "train.eval_every=0"))
+    with pytest.raises(ConfigError, match="train.stage"):
+        run(tiny("cloud", toy, out, "train.total_steps=2"))
+
+
+TRAIN_CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*_*.yaml")
+                       if p.stem.split("_")[-1] in ("sft", "cloud", "classic", "pretrain"))
+
+
+def test_train_configs_load_with_the_reference_hyperparameters():
+    assert len(TRAIN_CONFIGS) == 13, TRAIN_CONFIGS
+    for path in TRAIN_CONFIGS:
+        cfg = load_config(ROOT / path)
+        assert cfg.train.stage in path, path
+        if path.startswith("configs/llama3_"):
+            o = cfg.optim
+            assert (o.b1, o.b2, o.eps, o.warmup_ratio, o.final_lr_ratio, o.grad_clip_norm) == (
+                0.9, 0.95, 1e-10, 0.1, 0.01, 1.0), path
+            assert o.resolved_weight_decay == o.learning_rate
+            assert o.learning_rate == (1e-6 if cfg.train.stage == "cloud" else 5e-6), path
+            assert (cfg.data.batch_pairs, cfg.data.max_length) == (96, 2048)
+            assert cfg.loss.lm_coef == (1.25 if "8b" in path else 0.75)
+            assert cfg.data.num_epochs == (2 if path.endswith("8b_classic.yaml") else 1)
+            assert cfg.model.dtype == "bfloat16" and cfg.model.param_dtype == "float32"
+
+
+@pytest.mark.slow
+def test_tiny_stage_chain_from_the_command_line(toy, tmp_path):
+    """lm_pretrain -> critique_sft -> cloud and classic through each stage's final export."""
+    from cloud_jax.train import main
+
+    common = [f"data.train_path={toy['train']}", f"data.eval_path={toy['eval']}",
+              f"data.tfds_dir={toy['tfds']}", "train.progress_bar=false", "data.num_epochs=16"]
+    finals = {}
+    for stage, base in (("lm_pretrain", None), ("critique_sft", "lm_pretrain"),
+                        ("cloud", "critique_sft"), ("classic", "lm_pretrain")):
+        init = finals[base] if base else '""'
+        out = tmp_path / stage
+        assert main(["--config", str(ROOT / f"configs/tiny_cpu_{stage}.yaml"), *common,
+                     f"output_dir={out}", f"init_from={init}"]) == 0
+        finals[stage] = str(out / "final")
+        assert (out / "final" / "config.json").exists()
+    for stage in ("cloud", "classic"):
+        assert read_metrics(str(tmp_path / stage), "eval")[-1]["accuracy"] >= 0.95
