@@ -60,6 +60,10 @@ class ModelConfig:
     attention_bias: bool = False
     # Mistral's sliding-window attention; None attends to the whole prefix.
     sliding_window: Optional[int] = None
+    # Causal attention without a cache runs in query blocks of this many tokens, each reading only
+    # the keys up to its own end: about half the score and value FLOPs of one masked square at
+    # long lengths. 0 computes the whole masked square at once.
+    causal_block_size: int = 128
     # Reward-head dropout, applied before each dense layer (the reference uses attention_dropout).
     reward_dropout: float = 0.0
     # dtype of stored parameters and dtype of activations/matmuls. Logits, the reward and every
@@ -96,6 +100,8 @@ class ModelConfig:
             raise ConfigError(
                 f"model.rope_scaling.type={self.rope_scaling.type!r}: expected none, llama3 or linear"
             )
+        if self.causal_block_size < 0:
+            raise ConfigError(f"model.causal_block_size={self.causal_block_size}: must be >= 0")
         if self.remat not in ("none", "full", "dots", "dots_no_batch"):
             raise ConfigError(
                 f"model.remat={self.remat!r}: expected none, full, dots or dots_no_batch"

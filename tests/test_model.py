@@ -128,3 +128,16 @@ def test_shared_prefix_decode_equals_full_forward(params):
     full_mask = jnp.concatenate([jnp.repeat(pmask, k, axis=0), jnp.ones_like(new)], axis=1)
     want = np.asarray(_full(params, full_ids, full_mask)["logits"][:, 6:])
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("block", [1, 4, 5])
+def test_blockwise_causal_attention_equals_one_square(params, block):
+    rng = np.random.default_rng(2)
+    ids = jnp.asarray(rng.integers(1, 53, (2, 13)))
+    mask = jnp.asarray([[1] * 13, [0] * 4 + [1] * 9])
+    whole = _full(params, ids, mask, dataclasses.replace(CFG, causal_block_size=0))
+    got = _full(params, ids, mask, dataclasses.replace(CFG, causal_block_size=block))
+    attended = np.asarray(mask).astype(bool)  # pad queries see no key: their output is arbitrary
+    np.testing.assert_allclose(np.asarray(got["logits"])[attended],
+                               np.asarray(whole["logits"])[attended], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got["rewards"], whole["rewards"], atol=1e-6, rtol=0)

@@ -197,7 +197,17 @@ class Attention(nn.Module):
                 pmask = pmask & (positions_bt[:, :, None] - mask_info["prefix_pos"][:, None, :]
                                  < cfg.sliding_window)
             prefix = (layer_cache["prefix_k"], layer_cache["prefix_v"], pmask)
-        out = gqa_attention(q, k_bksd.astype(dtype), v_bksd.astype(dtype), mask, prefix)
+        k_bksd, v_bksd = k_bksd.astype(dtype), v_bksd.astype(dtype)
+        block = cfg.causal_block_size
+        t = q.shape[1]
+        if layer_cache is None and 0 < block < t:
+            # Without a cache key slot j is query slot j, so query block [s, e) needs keys [0, e).
+            out = jnp.concatenate([
+                gqa_attention(q[:, s:s + block], k_bksd[:, :, :s + block],
+                              v_bksd[:, :, :s + block], mask[:, s:s + block, :s + block])
+                for s in range(0, t, block)], axis=1)
+        else:
+            out = gqa_attention(q, k_bksd, v_bksd, mask, prefix)
         out = HeadProjection((cfg.hidden_size,), ("heads", "head_dim", "embed"), False, dtype,
                              pdtype, in_dims=2, name="o_proj")(out)
         return out, new_cache
