@@ -22,6 +22,9 @@ COMMANDS = {
                  "stage 2: regenerate every critique of a dataset with the SFT model"),
     "evaluate": ("cloud_jax.evaluation.cli",
                  "RewardBench-style pairwise accuracy (with a K sweep) and Best-of-N"),
+    "make-benchmark": ("cloud_jax.benchmarks.reasoning",
+                       "write the built-in arithmetic reasoning benchmark (rows with oracle "
+                       "critiques)"),
     "bench": ("cloud_jax.bench", "benchmarks: `bench train`, `bench sample`"),
 }
 

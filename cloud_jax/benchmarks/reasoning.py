@@ -1,0 +1,462 @@
+"""A built-in, verifiable reasoning benchmark: arithmetic preference rows with oracle critiques.
+
+    python -m cloud_jax.benchmarks.reasoning --out data/reasoning --train 4000 --eval 500
+
+writes ``train.jsonl``, ``eval.jsonl``, ``test.jsonl`` (the project's row format: ``id, prompt,
+chosen, rejected, chosen_feedback, rejected_feedback, subset``) and ``benchmark.json`` (the config,
+byte lengths, and the accuracy of simple shortcut predictors on the result). Each prompt is an
+arithmetic problem, ``chosen`` answers it correctly, ``rejected`` gives a plausible wrong answer
+(a carry the wrong way, a digit off by one, two digits swapped; see ``arithmetic``), and each
+feedback is the oracle critique that checks the answer column by column and ends in a verdict
+(see ``reasoning_text``). ``subset`` is ``<op>-<error kind>``, so a per-subset report says which
+errors a reward model misses.
+
+Why no shortcut works: rows come in twos whose two responses swap roles (a problem with answer t
+and wrong answer w, and one with answer w for which t is the same kind of mistake), so every
+response is chosen exactly as often as it is rejected and every function of the response alone
+scores exactly 50%; both answers of a row have the same number of digits and the same wording.
+docs/REASONING_BENCHMARK.md has the measured numbers. ``train_random_share`` of the train pairs
+get a random same-length wrong answer instead, which keeps a small model from learning to copy
+the response into its working (the doc's Learnability section).
+
+Splits are held out by computation: a problem's split is a hash of the sums/differences/products it
+asks for (a + b and b + a, and a claim or comparison using a + b, all land in the same split),
+independent of the seed and of the sizes asked for, so no prompt, nor any computation, of the test
+split is ever trained on. The rows of a split depend only on the config's seed and that split's
+size, and a smaller split is a prefix of a larger one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import re
+import statistics
+import sys
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from cloud_jax.benchmarks.arithmetic import (BASE_OP, ERROR_KINDS, KINDS_OF_OP, OPS, RANDOM,
+                                             OperandRange, Problem, columns, computation_keys,
+                                             problems_with_answer, sample_problem, true_answer,
+                                             wrong_answers)
+from cloud_jax.benchmarks.reasoning_text import (STYLES, critique_text, num_variants, parse_prompt,
+                                                 prompt_text, response_text, verdict_of, verify)
+from cloud_jax.errors import ConfigError
+
+__all__ = ["ReasoningBenchmarkConfig", "SPLITS", "generate_rows", "generate_split",
+           "length_stats", "main", "partial_check_accuracies", "response_prior_accuracy",
+           "shortcut_accuracies", "split_of", "verdict_of", "verify", "write_splits"]
+
+SPLITS = ("train", "eval", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReasoningBenchmarkConfig:
+    """What the generator makes. Difficulty: ``min_digits``/``max_digits`` (operand digits, which
+    is also the number of column steps), ``ops`` and ``op_weights`` (the mix), ``error_kinds`` and
+    ``error_weights`` (``carry`` errors need the carry worked out to be caught, ``digit`` errors in
+    the ones column only the ones digits, ``swap`` errors mostly a rough size)."""
+
+    num_train: int = 4000
+    num_eval: int = 500
+    num_test: int = 500
+    seed: int = 0
+    # columns: short regular text for byte-level models trained from scratch, whose critiques
+    # check the response column by column; compact: the same prompts and responses, with
+    # critiques that compare whole numbers at the end (harder for a small model to learn to
+    # judge); natural: chat-like wording for pretrained models. All three draw the same problems
+    # and answers for the same seed.
+    style: str = "columns"
+    # Any of add, sub, mul, claim ("is a+b=c?"), compare ("which is larger, a+b or c+d?").
+    ops: Tuple[str, ...] = ("add", "sub")
+    # Relative frequency of each op; empty means equal.
+    op_weights: Tuple[float, ...] = ()
+    min_digits: int = 2
+    max_digits: int = 2
+    # mul: the second factor is 2..max_multiplier.
+    max_multiplier: int = 9
+    error_kinds: Tuple[str, ...] = ERROR_KINDS
+    error_weights: Tuple[float, ...] = (0.6, 0.3, 0.1)
+    # Share of the train split's pairs whose wrong answer is any other number of the same length
+    # (error kind "random") instead of a plausible one. Such answers break the pull to copy the
+    # response's digits into the critique's working, which matches the working on every digit
+    # but one when all wrong answers are plausible. eval and test never have them.
+    train_random_share: float = 0.3
+    # Shares of the problem space held by train / eval / test (by hash of the computation).
+    split_fractions: Tuple[float, ...] = (0.8, 0.1, 0.1)
+
+    def validate(self) -> "ReasoningBenchmarkConfig":
+        def bad(key: str, why: str) -> ConfigError:
+            return ConfigError(f"reasoning benchmark: {key}={getattr(self, key)!r}: {why}")
+
+        for key in ("num_train", "num_eval", "num_test"):
+            if getattr(self, key) < 0:
+                raise bad(key, "must be >= 0")
+        if self.style not in STYLES:
+            raise bad("style", f"expected one of {', '.join(STYLES)}")
+        if not self.ops or any(op not in OPS for op in self.ops):
+            raise bad("ops", f"expected a non-empty list of {', '.join(OPS)}")
+        if len(set(self.ops)) != len(self.ops):
+            raise bad("ops", "lists an operation twice")
+        if self.op_weights and (len(self.op_weights) != len(self.ops)
+                                or min(self.op_weights) < 0 or sum(self.op_weights) <= 0):
+            raise bad("op_weights", f"expected one non-negative weight per op ({len(self.ops)}), "
+                                    "not all zero, or empty for equal weights")
+        if not 1 <= self.min_digits <= self.max_digits <= 3:
+            raise bad("min_digits" if self.min_digits < 1 else "max_digits",
+                      "expected 1 <= min_digits <= max_digits <= 3 (the generator enumerates the "
+                      "problems with a given answer, which grows with 10**digits)")
+        if not 2 <= self.max_multiplier <= 9:
+            raise bad("max_multiplier", "expected 2..9 (mul multiplies by a single digit)")
+        if not self.error_kinds or any(k not in ERROR_KINDS for k in self.error_kinds):
+            raise bad("error_kinds", f"expected a non-empty list of {', '.join(ERROR_KINDS)}")
+        if (len(self.error_weights) != len(self.error_kinds) or min(self.error_weights) < 0
+                or sum(self.error_weights) <= 0):
+            raise bad("error_weights", f"expected one non-negative weight per error kind "
+                                       f"({len(self.error_kinds)}), not all zero")
+        for op in self.ops:
+            usable = [k for k, w in zip(self.error_kinds, self.error_weights)
+                      if w > 0 and k in KINDS_OF_OP[op]]
+            if not usable:
+                raise bad("error_kinds", f"op {op!r} has none of its error kinds "
+                                         f"({', '.join(KINDS_OF_OP[op])}) with a positive weight")
+        if not 0 <= self.train_random_share < 1:
+            raise bad("train_random_share", "expected a share in [0, 1)")
+        if (len(self.split_fractions) != 3 or min(self.split_fractions) <= 0
+                or abs(sum(self.split_fractions) - 1) > 1e-6):
+            raise bad("split_fractions", "expected three positive shares (train, eval, test) "
+                                         "summing to 1")
+        return self
+
+    @property
+    def operand_range(self) -> OperandRange:
+        return OperandRange(self.min_digits, self.max_digits, self.max_multiplier)
+
+    def size(self, split: str) -> int:
+        return {"train": self.num_train, "eval": self.num_eval, "test": self.num_test}[split]
+
+
+# --- splits -------------------------------------------------------------------------------------
+
+def _unit_hash(key: str) -> float:
+    digest = hashlib.sha256(f"cloud_jax.reasoning:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
+
+
+def split_of(p: Problem, fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> Optional[str]:
+    """The split a problem belongs to, or None when its computations hash to different splits (a
+    comparison whose two sums do; the generator skips those)."""
+    found = set()
+    for key in computation_keys(p):
+        u, edge = _unit_hash(key), 0.0
+        for split, share in zip(SPLITS, fractions):
+            edge += share
+            if u < edge:
+                found.add(split)
+                break
+        else:
+            found.add(SPLITS[-1])
+    return found.pop() if len(found) == 1 else None
+
+
+# --- generation ---------------------------------------------------------------------------------
+
+_Row = Tuple[Problem, object, object, str]  # problem, chosen answer, rejected answer, error kind
+
+
+def _pair(rand: random.Random, cfg: ReasoningBenchmarkConfig, op: str, split: str):
+    """Two problems of ``op`` (add/sub/mul) in ``split`` whose answers are each other's wrong
+    answer of one kind: (p, q, kind) with ``true_answer(q)`` a wrong answer of that kind for p and
+    ``true_answer(p)`` one for q. None to draw again."""
+    rng, fractions = cfg.operand_range, cfg.split_fractions
+    p = sample_problem(op, rand, rng)
+    if split_of(p, fractions) != split:
+        return None
+    kinds = [(k, w) for k, w in zip(cfg.error_kinds, cfg.error_weights) if k in KINDS_OF_OP[op]]
+    kind = rand.choices([k for k, _ in kinds], [w for _, w in kinds])[0]
+    if cfg.train_random_share and split == "train" and rand.random() < cfg.train_random_share:
+        kind = RANDOM
+    candidates = wrong_answers(kind, p)
+    if not candidates:
+        return None
+    col, wrong = rand.choice(candidates)
+    truth = true_answer(p)
+    other_side = list(problems_with_answer(op, wrong, rng))
+    if kind == "carry":
+        # The carry into `col` must be the other way round for `truth` to be q's carry error.
+        other_side = [q for q in other_side if (col, truth) in wrong_answers(kind, q)]
+    # (digit, swap and random relate two answers whatever the problems: every problem qualifies.)
+    other_side = [q for q in other_side if split_of(q, fractions) == split]
+    if not other_side:
+        return None
+    # Weighted like the forward draw, which picks one of p's candidates uniformly (for the other
+    # kinds their number depends on the answer alone, so the weights would be equal).
+    weights = ([1.0 / len(wrong_answers(kind, q)) for q in other_side] if kind == "carry"
+               else None)
+    return p, rand.choices(other_side, weights)[0], kind
+
+
+def _fresh(rand: random.Random, cfg: ReasoningBenchmarkConfig, value: int, split: str) -> Problem:
+    options = [q for q in problems_with_answer("add", value, cfg.operand_range)
+               if split_of(q, cfg.split_fractions) == split]
+    return rand.choice(options)
+
+
+def _unit(rand: random.Random, cfg: ReasoningBenchmarkConfig, op: str, split: str
+          ) -> Optional[List[_Row]]:
+    """Two rows in which the same two responses swap roles: what is chosen in one is rejected in
+    the other. So every response is chosen exactly as often as it is rejected, and no function of
+    the response alone can beat chance. None to draw again."""
+    pair = _pair(rand, cfg, BASE_OP[op], split)
+    if pair is None:
+        return None
+    p, q, kind = pair
+    t, w = true_answer(p), true_answer(q)
+    if op in ("add", "sub", "mul"):
+        unit: List[_Row] = [(p, t, w, kind), (q, w, t, kind)]
+    elif op == "claim":
+        # The same claimed value, right for one sum and wrong for the other.
+        c = t if rand.random() < 0.5 else w
+        unit = [(Problem("claim", p.operands + (c,)), c == t, c != t, kind),
+                (Problem("claim", q.operands + (c,)), c == w, c != w, kind)]
+    else:
+        # compare: the two sums in both orders, each time from fresh problems (p and q are tied to
+        # the error's direction through their carries).
+        first = Problem("compare", _fresh(rand, cfg, t, split).operands
+                        + _fresh(rand, cfg, w, split).operands)
+        second = Problem("compare", _fresh(rand, cfg, w, split).operands
+                         + _fresh(rand, cfg, t, split).operands)
+        unit = [(x, true_answer(x), 1 - true_answer(x), kind) for x in (first, second)]
+    if rand.random() < 0.5:
+        unit.reverse()
+    return unit
+
+
+def generate_split(cfg: ReasoningBenchmarkConfig, split: str, n: Optional[int] = None
+                   ) -> List[dict]:
+    """``n`` rows (default: the config's size of ``split``) with distinct prompts, all of whose
+    computations belong to ``split``. Rows come in consecutive twos whose responses swap roles
+    (see ``_unit``); an odd ``n`` keeps the first row of the last two."""
+    cfg.validate()
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    n = cfg.size(split) if n is None else n
+    rand = random.Random(f"cloud_jax.reasoning:{cfg.seed}:{split}")
+    weights = list(cfg.op_weights) or [1.0] * len(cfg.ops)
+    seen, rows = set(), []
+    max_draws = 100 * n + 20_000
+    draws = 0
+    while len(rows) < n:
+        draws += 1
+        if draws > max_draws:
+            raise ValueError(
+                f"reasoning benchmark: found only {len(rows)} of the {n} distinct {split} rows "
+                f"asked for in {max_draws} draws; the {split} share of the problem space "
+                f"({cfg.min_digits}-{cfg.max_digits} digit operands, ops {list(cfg.ops)}) is too "
+                "small: ask for fewer rows, allow more digits or add operations")
+        op = rand.choices(cfg.ops, weights)[0]
+        unit = _unit(rand, cfg, op, split)
+        # A whole unit or nothing, so that the roles stay balanced.
+        if unit is None or any(problem in seen for problem, *_ in unit):
+            continue
+        for problem, chosen, rejected, kind in unit[:n - len(rows)]:
+            seen.add(problem)
+            # Wordings come from their own stream, so both styles draw the same problems.
+            wording = random.Random(f"cloud_jax.reasoning:{cfg.seed}:{split}:{len(rows)}")
+            prompt_variant = wording.randrange(num_variants(cfg.style, op, "prompt"))
+            response_variant = wording.randrange(num_variants(cfg.style, op, "response"))
+            rows.append({
+                "id": f"reasoning-s{cfg.seed}-{split}-{len(rows):05d}",
+                "prompt": prompt_text(problem, cfg.style, prompt_variant),
+                "chosen": response_text(problem, chosen, cfg.style, response_variant),
+                "rejected": response_text(problem, rejected, cfg.style, response_variant),
+                "chosen_feedback": critique_text(problem, chosen, cfg.style),
+                "rejected_feedback": critique_text(problem, rejected, cfg.style),
+                "subset": f"{op}-{kind}",
+            })
+    return rows
+
+
+def generate_rows(cfg: ReasoningBenchmarkConfig) -> Dict[str, List[dict]]:
+    """Every split with a positive size -> its rows."""
+    return {split: generate_split(cfg, split) for split in SPLITS if cfg.size(split) > 0}
+
+
+# --- statistics and shortcut predictors -----------------------------------------------------------
+
+def length_stats(rows: Sequence[Mapping[str, str]]) -> Dict[str, Dict[str, float]]:
+    """UTF-8 byte lengths (mean, min, max) of each text field."""
+    out = {}
+    for field in ("prompt", "chosen", "rejected", "chosen_feedback", "rejected_feedback"):
+        lengths = [len(r[field].encode("utf-8")) for r in rows]
+        out[field] = {"mean": round(statistics.fmean(lengths), 1), "min": min(lengths),
+                      "max": max(lengths)}
+    return out
+
+
+def _pairwise(rows: Sequence[Mapping[str, str]], score: Callable[[str, str], float]) -> float:
+    """Accuracy of preferring the higher ``score(prompt, response)``, a tie counting one half."""
+    total = 0.0
+    for r in rows:
+        c, j = score(r["prompt"], r["chosen"]), score(r["prompt"], r["rejected"])
+        total += 1.0 if c > j else 0.5 if c == j else 0.0
+    return total / len(rows)
+
+
+def _last_int(text: str) -> int:
+    found = re.findall(r"\d+", text)
+    return int(found[-1]) if found else -1
+
+
+def shortcut_accuracies(rows: Sequence[Mapping[str, str]]) -> Dict[str, float]:
+    """Pairwise accuracy of predictors that do no arithmetic (all should be near 0.5): longer
+    response, larger number, more of each digit (the one furthest from 0.5 is reported), even last
+    digit, larger digit sum, lexicographically later, more digits shared with the prompt."""
+    out = {
+        "longer response": _pairwise(rows, lambda p, r: len(r)),
+        "larger number": _pairwise(rows, lambda p, r: _last_int(r)),
+        "even last digit": _pairwise(
+            rows, lambda p, r: float(_last_int(r) >= 0 and _last_int(r) % 2 == 0)),
+        "larger digit sum": _pairwise(rows, lambda p, r: sum(int(c) for c in r if c.isdigit())),
+        "lexicographically later": _pairwise(rows, lambda p, r: r),  # type: ignore[arg-type]
+        "digits shared with prompt": _pairwise(
+            rows, lambda p, r: sum(c in p for c in r if c.isdigit())),
+    }
+    per_digit = {d: _pairwise(rows, lambda p, r, d=d: r.count(d)) for d in "0123456789"}
+    worst = max(per_digit, key=lambda d: abs(per_digit[d] - 0.5))
+    out[f"more of digit {worst} (worst of 0-9)"] = per_digit[worst]
+    return out
+
+
+def response_prior_accuracy(fit_rows: Sequence[Mapping[str, str]],
+                            test_rows: Sequence[Mapping[str, str]]) -> float:
+    """Accuracy on ``test_rows`` of the best response-only lookup fitted on ``fit_rows``: score a
+    response by how much more often it was chosen than rejected there."""
+    counts: Dict[str, int] = collections.Counter()
+    for r in fit_rows:
+        counts[r["chosen"]] += 1
+        counts[r["rejected"]] -= 1
+    return _pairwise(test_rows, lambda p, r: counts[r])
+
+
+def partial_check_accuracies(rows: Sequence[Mapping[str, str]]) -> Dict[str, float]:
+    """What a reward model that does only part of the arithmetic scores on the add/sub rows:
+    "ones digit" checks the ones digit only; "columns without carries" checks every digit up to
+    the carry/borrow (each column's digit may be off by the one carry it does not work out)."""
+    rows = [r for r in rows if parse_prompt(r["prompt"]).op in ("add", "sub")]
+    if not rows:
+        return {}
+
+    def ones(prompt: str, response: str) -> float:
+        return float(_last_int(response) % 10 == true_answer(parse_prompt(prompt)) % 10)
+
+    def no_carry(prompt: str, response: str) -> float:
+        p = parse_prompt(prompt)
+        got = [int(c) for c in reversed(str(_last_int(response)))]
+        for col, s in enumerate(columns(p.op, *p.operands)):
+            base = (s.x + s.y) % 10 if p.op == "add" else (s.x - s.y) % 10
+            allowed = {base, (base + 1) % 10} if p.op == "add" else {base, (base - 1) % 10}
+            if col < len(got) and got[col] not in allowed:
+                return 0.0
+        return 1.0
+
+    return {"ones digit": _pairwise(rows, ones),
+            "columns without carries": _pairwise(rows, no_carry)}
+
+
+# --- files and the command line -------------------------------------------------------------------
+
+def write_splits(out_dir: str, cfg: ReasoningBenchmarkConfig) -> Dict[str, str]:
+    """Writes ``<split>.jsonl`` for every split with a positive size and ``benchmark.json`` (config,
+    row counts, byte lengths, shortcut accuracies) into ``out_dir``; returns split -> path."""
+    cfg.validate()
+    rows = generate_rows(cfg)
+    os.makedirs(out_dir, exist_ok=True)
+    paths, summary = {}, {"config": dataclasses.asdict(cfg), "splits": {}}
+    for split, split_rows in rows.items():
+        path = os.path.join(out_dir, f"{split}.jsonl")
+        with open(path, "w", encoding="utf-8") as f:
+            for row in split_rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        paths[split] = path
+        summary["splits"][split] = {"path": path, "rows": len(split_rows),
+                                    "bytes": length_stats(split_rows)}
+    # Measured where models are scored: the held-out split (plausible wrong answers only).
+    held_out = rows.get("test") or rows.get("eval")
+    measured = held_out or rows["train"]
+    summary["measured_on"] = "test" if rows.get("test") else "eval" if held_out else "train"
+    summary["shortcut_accuracy"] = shortcut_accuracies(measured)
+    summary["partial_check_accuracy"] = partial_check_accuracies(measured)
+    if "train" in rows and held_out:
+        summary["response_prior_accuracy"] = response_prior_accuracy(rows["train"], held_out)
+    with open(os.path.join(out_dir, "benchmark.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2, ensure_ascii=False)
+    return paths
+
+
+def _floats(text: str) -> Tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
+def _names(text: str) -> Tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    d = ReasoningBenchmarkConfig()
+    parser = argparse.ArgumentParser(
+        prog="python -m cloud_jax make-benchmark",
+        description="Write the built-in arithmetic reasoning benchmark (train/eval/test JSONL in "
+                    "the row format, with oracle critiques) and benchmark.json.")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--train", type=int, default=d.num_train, help="rows in train.jsonl")
+    parser.add_argument("--eval", type=int, default=d.num_eval, help="rows in eval.jsonl")
+    parser.add_argument("--test", type=int, default=d.num_test, help="rows in test.jsonl")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--style", choices=STYLES, default=d.style)
+    parser.add_argument("--ops", default=",".join(d.ops), help=f"comma list of {', '.join(OPS)}")
+    parser.add_argument("--op-weights", default="", help="comma list, one per op (default equal)")
+    parser.add_argument("--digits", type=int, help="operand digits (sets min and max)")
+    parser.add_argument("--min-digits", type=int, default=d.min_digits)
+    parser.add_argument("--max-digits", type=int, default=d.max_digits)
+    parser.add_argument("--max-multiplier", type=int, default=d.max_multiplier)
+    parser.add_argument("--error-kinds", default=",".join(d.error_kinds))
+    parser.add_argument("--error-weights", default=",".join(map(str, d.error_weights)))
+    parser.add_argument("--train-random-share", type=float, default=d.train_random_share,
+                        help="share of train pairs with a random (implausible) wrong answer")
+    parser.add_argument("--split-fractions", default=",".join(map(str, d.split_fractions)))
+    args = parser.parse_args(argv)
+    try:
+        cfg = ReasoningBenchmarkConfig(
+            num_train=args.train, num_eval=args.eval, num_test=args.test, seed=args.seed,
+            style=args.style, ops=_names(args.ops), op_weights=_floats(args.op_weights),
+            min_digits=args.digits or args.min_digits, max_digits=args.digits or args.max_digits,
+            max_multiplier=args.max_multiplier, error_kinds=_names(args.error_kinds),
+            error_weights=_floats(args.error_weights),
+            train_random_share=args.train_random_share,
+            split_fractions=_floats(args.split_fractions)).validate()
+        paths = write_splits(args.out, cfg)
+    except (ConfigError, ValueError) as err:
+        print(f"make-benchmark: {err}", file=sys.stderr)
+        return 2
+    with open(os.path.join(args.out, "benchmark.json"), encoding="utf-8") as f:
+        summary = json.load(f)
+    for split, path in paths.items():
+        info = summary["splits"][split]
+        print(f"{split:5s} {info['rows']:6d} rows  {path}  (critique bytes: mean "
+              f"{info['bytes']['chosen_feedback']['mean']}, max "
+              f"{info['bytes']['rejected_feedback']['max']})")
+    print(f"on {summary['measured_on']}, pairwise accuracy (0.5 = chance) of shortcut predictors: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in summary["shortcut_accuracy"].items())
+          + "; of partial checks: " + ", ".join(
+              f"{k} {v:.3f}" for k, v in summary["partial_check_accuracy"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
