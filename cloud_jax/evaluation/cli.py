@@ -24,6 +24,7 @@ from cloud_jax.data.schema import RowError, load_rows
 from cloud_jax.evaluation.best_of_n import BASELINES, load_best_of_n
 from cloud_jax.evaluation.run import EvalConfig, run_evaluation
 from cloud_jax.evaluation.scorer import score_fn_from_model
+from cloud_jax.scoring import load_model
 
 
 def parse_ks(text: str) -> tuple[int, ...]:
@@ -76,19 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_model(args: argparse.Namespace):
-    import cloud_jax
-
-    rm = cloud_jax.load(args.checkpoint)
-    if args.tokenizer is not None:
-        from cloud_jax.data.tokenizer import load_tokenizer
-
-        rm.tokenizer = load_tokenizer(args.tokenizer)
-    if rm.tokenizer is None:
-        raise SystemExit(f"error: {args.checkpoint} holds no tokenizer: pass --tokenizer")
-    return rm
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -120,7 +108,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sampler = {k: v for k, v in (("top_k", args.top_k), ("top_p", args.top_p),
                                  ("max_length", args.max_length)) if v is not None}
     settings.update(sampler)
-    score_fn = score_fn_from_model(_load_model(args), temperature=cfg.temperature,
+    score_fn = score_fn_from_model(load_model(args), temperature=cfg.temperature,
                                    max_critique_tokens=cfg.max_critique_tokens, seed=cfg.seed,
                                    batch_size=cfg.batch_size, classic=cfg.classic, **sampler)
     report = run_evaluation(score_fn, cfg, args.output_dir, rows=rows, best_of_n_items=items,
