@@ -62,6 +62,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[str | None, list[s
     return args.config, list(args.overrides)
 
 
+# EX_TEMPFAIL: stopped by SIGTERM (preemption) after saving; run the same command again to resume.
+PREEMPTED_EXIT_CODE = 75
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     config_path, overrides = parse_args(argv)
     try:
@@ -87,7 +91,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     if main_process:
         print(json.dumps({k: summary[k] for k in ("step", "train", "eval", "final_dir")}))
-    return 0
+    # A preempted run is not finished: a non-zero status tells schedulers (and
+    # tpu_scripts/babysit.sh) to relaunch it; it then resumes from the checkpoint it just wrote.
+    return PREEMPTED_EXIT_CODE if summary.get("preempted") else 0
 
 
 if __name__ == "__main__":

@@ -6,23 +6,36 @@ One ``CheckpointManager`` directory holds a step directory per checkpoint with t
     data    grain iterator state, one JSON file per process
     config  the resolved config as JSON
 
-Orbax writes each checkpoint under a temporary name and renames it when complete, so
-``latest_step`` only ever sees complete checkpoints and a run killed mid-save resumes from the
-one before.
+Orbax writes each checkpoint under a temporary name, adds a commit marker
+(``commit_success.txt``) and renames it when complete, so a run killed mid-save (kill -9, a lost
+host) leaves only a temporary directory: it is never listed as a step, is deleted on the next
+start, and the run resumes from the checkpoint before. :meth:`Checkpointer.restore_latest` also
+refuses a step directory without the marker and one whose files do not read back (truncated,
+corrupt): it logs why and falls back to the next older checkpoint, and raises
+:class:`CheckpointError` naming every path when none is usable, never starting again from step 0.
+A checkpoint whose arrays do not fit the model (other shapes, missing or extra keys) is an error
+naming those keys and shapes (docs/RELIABILITY.md).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Optional
+import time
+from typing import Any, Callable, Optional
 
 import grain
+import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
+from cloud_jax.checkpoints.hf import CheckpointError
 from cloud_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+# Written by orbax into a step directory as the last act of a save (for every path type).
+COMMIT_MARKER = "commit_success.txt"
 
 # Config keys whose change makes a checkpoint unusable for the run: the parameter shapes, the stage
 # (what the weights were trained for) and the batch size the data position counts in.
@@ -61,17 +74,27 @@ def compare_configs(saved: dict, current: dict, where: str) -> None:
                     "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in loose[:8]))
 
 
+def _shapes(tree: Any) -> dict[str, tuple[tuple, str]]:
+    """``{dotted key: (shape, dtype)}``: orbax's metadata stores tuples and named tuples by
+    position and field name, which is how the key paths of the state pytree read too."""
+    def name(path) -> str:
+        return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                        for k in path)
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {name(p): (tuple(leaf.shape), str(leaf.dtype)) for p, leaf in leaves}
+
+
 class Checkpointer:
     """Saves and restores a run's checkpoints in ``directory`` (keeps the newest ``keep``)."""
 
     def __init__(self, directory: str, keep: int, async_save: bool = True):
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+            # Temporary directories are saves that never finished (the process died mid-save).
+            cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
-
-    def latest_step(self) -> Optional[int]:
-        return self.manager.latest_step()
 
     def save(self, step: int, state: Any, data_iter: Any, config: dict) -> None:
         """Starts writing checkpoint ``step``; with async saving it finishes in the background.
@@ -88,12 +111,91 @@ class Checkpointer:
         return self.manager.restore(
             step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def check_fits(self, step: int, abstract_state: Any) -> None:
+        """Raises CheckpointError naming every key whose shape or dtype differs between
+        checkpoint ``step`` and ``abstract_state``, and the keys only one of them has."""
+        saved = ocp.StandardCheckpointHandler().metadata(
+            epath.Path(self.step_dir(step)) / "state")
+        a, b = _shapes(saved), _shapes(abstract_state)
+        # Parameters first: the optimizer state mirrors them, so they say it in fewer words.
+        def order(keys):
+            return sorted(keys, key=lambda k: (not k.startswith("params."), k))
+
+        problems = [f"{k}: checkpoint {a[k][0]} {a[k][1]}, model {b[k][0]} {b[k][1]}"
+                    for k in order(set(a) & set(b)) if a[k] != b[k]]
+        problems += [f"{k}: only in the checkpoint {a[k][0]}" for k in order(set(a) - set(b))]
+        problems += [f"{k}: only in the model {b[k][0]}" for k in order(set(b) - set(a))]
+        if problems:
+            shown = "; ".join(problems[:12])
+            more = f" (and {len(problems) - 12} more)" if len(problems) > 12 else ""
+            raise CheckpointError(
+                f"checkpoint {self.step_dir(step)} does not fit the model: {shown}{more}. "
+                "Restore with the model config it was written with, or set output_dir (or "
+                "train.checkpoint_dir) to a new directory to start a new run.")
+
     def restore(self, step: int, abstract_state: Any, data_iter: Any) -> Any:
         """Restores ``step`` into ``abstract_state``'s shardings and ``data_iter``'s position."""
+        self.check_fits(step, abstract_state)
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
             data=grain.checkpoint.CheckpointRestore(data_iter)))
         return out["state"]
+
+    def restore_latest(self, target: Callable[[int, dict], Any],
+                       data_iter: Any) -> Optional[tuple[int, Any]]:
+        """Restores the newest usable checkpoint: ``(step, state)``, or None when there is none.
+
+        ``target(step, saved_config)`` checks the saved config (raising ConfigError) and returns
+        the abstract state to restore into. A step without the commit marker or whose files do
+        not read back is logged and skipped for the next older one; a config or shape mismatch
+        is raised at once, since an older checkpoint of the same run would not fit either.
+        """
+        failures = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            path = self.step_dir(step)
+            if not os.path.exists(os.path.join(path, COMMIT_MARKER)):
+                failures.append(f"{path}: no {COMMIT_MARKER}, the save did not complete")
+                log.error("checkpoint %s has no commit marker %s (the save did not complete); "
+                          "falling back to the previous checkpoint", path, COMMIT_MARKER)
+                continue
+            try:
+                state = self.restore(step, target(step, self.saved_config(step)), data_iter)
+            except (ConfigError, CheckpointError):
+                raise
+            except Exception as err:  # noqa: BLE001 - any read failure means this copy is bad
+                failures.append(f"{path}: {type(err).__name__}: {err}")
+                log.error("checkpoint %s does not read back (%s: %s); falling back to the "
+                          "previous checkpoint", path, type(err).__name__, err)
+                continue
+            if failures:
+                self._set_aside([s for s in self.manager.all_steps() if s > step])
+                log.warning("resumed from %s after skipping %d unusable checkpoint(s): %s",
+                            path, len(failures), " | ".join(failures))
+            return step, state
+        if failures:
+            raise CheckpointError(
+                f"no usable checkpoint in {self.directory}: " + " | ".join(failures)
+                + ". Delete or move the broken step directories to resume from an older one, "
+                "or point output_dir (or train.checkpoint_dir) elsewhere to start a new run.")
+        return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Renames unusable step directories to ``unusable.<step>.<time>``: kept for a post
+        mortem, and out of the way of the resumed run, which saves those steps again."""
+        if jax.process_index() == 0:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            for step in steps:
+                target = os.path.join(self.directory, f"unusable.{step}.{stamp}")
+                os.rename(self.step_dir(step), target)
+                log.warning("moved unusable checkpoint %s to %s", self.step_dir(step), target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("unusable checkpoints set aside")
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

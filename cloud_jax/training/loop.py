@@ -14,6 +14,8 @@ import hashlib
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any, Optional
 
@@ -164,12 +166,39 @@ def _export_final(cfg: Config, model_cfg: ModelConfig, params, tokenizer) -> Opt
     return out
 
 
+class _PreemptionWatch:
+    """Notices preemption: SIGTERM in a single process; on several hosts JAX's preemption sync
+    point (its coordination service catches the signal), so that every host stops, and saves, at
+    the same step."""
+
+    def __init__(self, ckpt: Checkpointer):
+        self.ckpt, self.signalled, self.previous = ckpt, False, None
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        log.warning("SIGTERM: saving a checkpoint after the current step, then stopping")
+        self.signalled = True
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() == 1:
+            return self.signalled
+        return self.ckpt.manager.reached_preemption(step)
+
+    def close(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
 def run(cfg: Config) -> dict:
     """Trains (or resumes) ``cfg`` up to train.stop_at_step or train.total_steps.
 
-    Returns a summary: ``{"step", "train": last logged train metrics, "eval": last eval metrics,
-    "final_dir", "data": the dataset's build counts per split (rows, rejected, dropped
-    over-length, prompt-truncated), "compile_reports"}``.
+    SIGTERM (how preemption arrives), or a JAX preemption sync point on several hosts, ends the
+    run after the current step with a completed checkpoint of that step (``"preempted": True``).
+
+    Returns a summary: ``{"step", "preempted", "train": last logged train metrics, "eval":
+    last eval metrics, "final_dir", "data": the dataset's build counts per split (rows,
+    rejected, dropped over-length, prompt-truncated), "compile_reports"}``.
     """
     mesh = make_mesh(cfg.mesh)
     _check_batch_layout(cfg, mesh)
@@ -193,18 +222,24 @@ def run(cfg: Config) -> dict:
     ckpt = Checkpointer(_resolve(tc.checkpoint_dir or "checkpoints", cfg.output_dir),
                         tc.keep_checkpoints, tc.async_checkpointing)
     data_iter = batch_iterator(cfg.data, train_source)
-    latest = ckpt.latest_step()
     current = to_dict(cfg)
-    if latest is not None:
-        saved = ckpt.saved_config(latest)
+    restored_model: dict = {}
+
+    def restore_target(step: int, saved: dict):
         model_cfg = config_from_dict(saved["model"], schema=ModelConfig).validate()
+        mine = dict(current)
         if cfg.init_from:
             # The architecture came from the init_from checkpoint, not from the model section.
-            current["model"] = saved["model"]
-        compare_configs(saved, current, f"checkpoint {ckpt.directory}/{latest}")
-        builder = StepBuilder(cfg, mesh, TRAIN_RULES, model_cfg)
-        state = ckpt.restore(latest, builder.abstract_state(), data_iter)
-        log.info("resumed from %s step %d", ckpt.directory, latest)
+            mine["model"] = saved["model"]
+        compare_configs(saved, mine, f"checkpoint {ckpt.step_dir(step)}")
+        restored_model["builder"] = StepBuilder(cfg, mesh, TRAIN_RULES, model_cfg)
+        return restored_model["builder"].abstract_state()
+
+    restored = ckpt.restore_latest(restore_target, data_iter)
+    if restored is not None:
+        builder = restored_model["builder"]
+        model_cfg, state = builder.model_cfg, restored[1]
+        log.info("resumed from %s step %d", ckpt.directory, restored[0])
     else:
         params, model_cfg = _initial_params(cfg, mesh)
         builder = StepBuilder(cfg, mesh, TRAIN_RULES, model_cfg)
@@ -227,7 +262,7 @@ def run(cfg: Config) -> dict:
     train_step = builder.train_step()
     peak = peak_flops(jax.devices()[0].device_kind, tc.peak_flops_per_device)
     summary: dict = {"step": start_step, "train": {}, "eval": {}, "final_dir": None,
-                     "data": dataset.stats}
+                     "data": dataset.stats, "preempted": False}
     window: list = []
     flops_per_token: list = []
     digest = hashlib.sha1()
@@ -235,6 +270,7 @@ def run(cfg: Config) -> dict:
     bar = tqdm(total=tc.total_steps, initial=start_step, disable=not (_is_main()
                                                                        and tc.progress_bar),
                desc=tc.stage, dynamic_ncols=True)
+    preemption = _PreemptionWatch(ckpt)
     try:
         for step in range(start_step + 1, end_step + 1):
             local = next(data_iter)
@@ -246,7 +282,8 @@ def run(cfg: Config) -> dict:
             flops_per_token.append(
                 model_flops_per_token(model_cfg, batch["input_ids"].shape[-1], tc.stage))
             bar.update(1)
-            if step % tc.log_every == 0 or step == end_step:
+            preempted = preemption.reached(step)
+            if step % tc.log_every == 0 or step == end_step or preempted:
                 values = summarize_window(window)
                 elapsed = time.perf_counter() - t0 - (train_step.compile_seconds - compile0)
                 values["tokens_per_s"] = values["tokens"] / max(elapsed, 1e-9)
@@ -273,13 +310,21 @@ def run(cfg: Config) -> dict:
                 writer.write(step, "eval", summary["eval"])
                 log.info("eval at step %d: %s", step, summary["eval"])
                 t0 += time.perf_counter() - start
-            if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == end_step:
+            if ((tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == end_step
+                    or preempted):
                 ckpt.save(step, state, data_iter, resolved_dict)
             summary["step"] = step
+            if preempted:
+                ckpt.wait()
+                log.warning("preempted: checkpoint of step %d written to %s; the same command "
+                            "resumes from it", step, ckpt.step_dir(step))
+                summary["preempted"] = True
+                break
         ckpt.wait()
         if tc.export_final and end_step == tc.total_steps and summary["step"] == end_step:
             summary["final_dir"] = _export_final(cfg, model_cfg, state["params"], tokenizer)
     finally:
+        preemption.close()
         bar.close()
         ckpt.close()
         writer.close()
