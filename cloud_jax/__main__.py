@@ -25,6 +25,8 @@ COMMANDS = {
     "make-benchmark": ("cloud_jax.benchmarks.reasoning",
                        "write the built-in arithmetic reasoning benchmark (rows with oracle "
                        "critiques)"),
+    "aot": ("cloud_jax.aot", "compile the train and sampling steps for a TPU topology from a CPU "
+                             "host; print memory, FLOPs, step time"),
     "bench": ("cloud_jax.bench", "benchmarks: `bench train`, `bench sample`"),
 }
 

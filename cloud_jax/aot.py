@@ -1,0 +1,320 @@
+"""``python -m cloud_jax aot``: compile the real steps for a TPU slice from a CPU host.
+
+    python -m cloud_jax aot --config configs/llama3_8b_cloud.yaml --topology v5p-64 [key=value ...]
+    python -m cloud_jax aot --config configs/llama3_8b_cloud.yaml --topology v5e-256 --sample
+
+With ``libtpu`` installed (``pip install -r requirements-tpu.txt``) JAX describes the devices of
+any TPU topology without owning one; the train step of the config's stage (and with ``--sample``
+the self-consistency prefill and decode) are lowered onto a mesh of those devices and compiled by
+the TPU compiler. Printed per step: per-device memory (arguments, outputs, temporaries, total
+against the chip's HBM), FLOPs, and the step time implied at ``--mfu`` of the slice's peak.
+Exit status 1 when a step does not fit in HBM (after printing its figures) or libtpu is missing.
+
+Peak bf16 FLOP/s per chip and the slice shapes are from Google's Cloud TPU system-architecture
+pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e); the HBM a program may use per chip is the
+TPU compiler's own limit (see ``CHIPS``), which it also enforces: a step it refuses for memory is
+reported like one whose figures exceed the table. v4 and v5p names count TensorCores (two per
+chip, one JAX device per chip in megacore mode), v5e and v6e names count chips.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import re
+import sys
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from cloud_jax.config import Config, load_config
+from cloud_jax.errors import ConfigError
+from cloud_jax.model import mesh_context, param_shapes, param_shardings
+from cloud_jax.sampling import Temperature
+from cloud_jax.sampling.loop import decode, prefill
+from cloud_jax.sharding import SAMPLE_RULES, TRAIN_RULES, make_mesh
+from cloud_jax.training.step import DEVICE_KEYS, StepBuilder, model_flops_per_token
+
+INSTALL_HINT = ("libtpu is not installed: `pip install -r requirements-tpu.txt` (the libtpu "
+                "release matching this JAX) into this environment, then run again")
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    generation: str  # the topology-string prefix libtpu knows
+    peak_flops: float  # bf16 dense FLOP/s per chip
+    hbm_bytes: float
+    dims: int  # 3: 3D torus (v4, v5p); 2: 2D (v5e, v6e)
+    cores_in_name: int  # TensorCores per chip counted by the accelerator-type name
+
+
+# hbm_bytes: what the TPU compiler of libtpu 0.0.42.1 lets one program use per chip (read from its
+# out-of-memory message), a little under the 32 / 96 / 16 / 32 GiB on the chip.
+CHIPS = {
+    "v4": Chip("v4", 275e12, 30.75 * 2**30, 3, 2),
+    "v5p": Chip("v5p", 459e12, 95.74 * 2**30, 3, 2),
+    "v5e": Chip("v5e", 197e12, 15.75 * 2**30, 2, 1),
+    "v6e": Chip("v6e", 918e12, 31.25 * 2**30, 2, 1),
+}
+_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+    name: str
+    chip: Chip
+    chips: int
+    shape: tuple[int, ...]
+
+    @property
+    def topology(self) -> str:
+        return f"{self.chip.generation}:{'x'.join(map(str, self.shape))}"
+
+
+def _shape(chips: int, dims: int) -> tuple[int, ...]:
+    # The published slice shapes grow by doubling the last of the smallest sides: 2x2x1, 2x2x2,
+    # 2x2x4, 2x4x4, 4x4x4, ... and 2x2, 2x4, 4x4, 4x8, ...
+    shape = [1] * dims if chips == 1 else [2, 2] + [1] * (dims - 2)
+    while math.prod(shape) < chips:
+        smallest = min(shape)
+        shape[max(i for i, s in enumerate(shape) if s == smallest)] *= 2
+    return tuple(shape)
+
+
+def parse_slice(name: str) -> Slice:
+    """``v5p-64`` / ``v5e-16`` / ``v5litepod-16`` / ``v4-8`` / ``v6e-256`` -> its chips and
+    topology shape."""
+    m = re.fullmatch(r"(v\w+?)-(\d+)", name.strip().lower())
+    gen = m and _ALIASES.get(m.group(1), m.group(1))
+    if not m or gen not in CHIPS:
+        raise ConfigError(f"--topology {name!r}: expected <generation>-<size> with generation one "
+                          f"of {', '.join(CHIPS)} (e.g. v5p-64, v5e-16)")
+    chip, size = CHIPS[gen], int(m.group(2))
+    chips, rest = divmod(size, chip.cores_in_name)
+    if rest or not (chips == 1 or chips >= 4 and chips & (chips - 1) == 0):
+        unit = "TensorCores (2 per chip)" if chip.cores_in_name == 2 else "chips"
+        raise ConfigError(f"--topology {name!r}: the size counts {unit}; expected 1 or 4, 8, 16, "
+                          f"... chips")
+    return Slice(name, chip, chips, _shape(chips, chip.dims))
+
+
+def tpu_devices(sl: Slice) -> list:
+    """Compile-only devices of the slice; a RuntimeError with install advice without libtpu."""
+    try:
+        import libtpu  # noqa: F401  (only its presence matters: JAX loads it for the topology)
+    except ImportError:
+        raise RuntimeError(INSTALL_HINT) from None
+    from jax.experimental import topologies
+
+    # libtpu reads these when it loads; set, it neither looks for TPU metadata nor warns that
+    # this host is not a TPU VM (the topology itself comes from the arguments below), and
+    # compile-only processes, which own no chip, do not lock each other out.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", sl.name)
+    kwargs: dict[str, Any] = {}
+    if sl.chip.cores_in_name == 2:
+        kwargs["chip_config_name"] = "megacore"  # one device per chip, as on a real v4 / v5p VM
+    if sl.chips == 1:
+        kwargs["chips_per_host_bounds"] = (1, 1, 1)
+    return topologies.get_topology_desc(sl.topology, "tpu", **kwargs).devices
+
+
+def memory_figures(compiled) -> Optional[dict[str, int]]:
+    """Per-device bytes of a compiled step: arguments, outputs, temporaries, the donated bytes
+    outputs share with arguments (alias), generated code, and the total resident at once."""
+    mem = compiled.memory_analysis()
+    if mem is None:
+        return None
+    out = {k: int(getattr(mem, f"{k}_size_in_bytes"))
+           for k in ("argument", "output", "alias", "temp", "generated_code")}
+    out["total"] = (out["argument"] + out["output"] - out["alias"] + out["temp"]
+                    + out["generated_code"])
+    return out
+
+
+def xla_flops(compiled) -> Optional[float]:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
+        cost = cost[0] if cost else None
+    return None if not cost or "flops" not in cost else float(cost["flops"])
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+
+
+@dataclasses.dataclass
+class Result:
+    name: str
+    memory: Optional[dict[str, int]] = None
+    xla_flops: Optional[float] = None
+    model_flops: Optional[float] = None  # whole slice, per step
+    refused: str = ""  # the TPU compiler's out-of-memory message, when it refused the step
+
+    def fits(self, hbm: float) -> bool:
+        return not self.refused and (self.memory is None or self.memory["total"] <= hbm)
+
+    def overshoot(self, hbm: float) -> str:
+        if self.memory is not None:
+            return (f"{_gib(self.memory['total'])} per device is "
+                    f"{_gib(self.memory['total'] - hbm)} over the {_gib(hbm)} HBM")
+        m = re.search(r"\(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", self.refused)
+        if m:
+            need, have = float(m.group(1)), float(m.group(2))
+            return (f"the TPU compiler needs {need:.2f} GiB per device, {need - have:.2f} GiB "
+                    f"over the {have:.2f} GiB HBM")
+        return f"the TPU compiler refused it: {self.refused}"
+
+
+def _compile(name: str, lower_and_compile, **figures) -> tuple[Any, Result]:
+    """(compiled or None, its Result); the compiler's out-of-memory refusal becomes a Result."""
+    try:
+        compiled = lower_and_compile()
+    except jax.errors.JaxRuntimeError as err:
+        if "RESOURCE_EXHAUSTED" not in str(err):
+            raise
+        return None, Result(name, refused=str(err).splitlines()[0], **figures)
+    return compiled, Result(name, memory_figures(compiled), xla_flops(compiled), **figures)
+
+
+def report(res: Result, sl: Slice, mfu: float) -> list[str]:
+    lines = [f"{res.name}:"]
+    hbm = sl.chip.hbm_bytes
+    if res.refused:
+        lines.append(f"  does not fit: {res.overshoot(hbm)}")
+    elif res.memory is None:
+        lines.append("  memory: the compiler gave no memory analysis")
+    else:
+        m = res.memory
+        lines.append(f"  memory per device: arguments {_gib(m['argument'])}, outputs "
+                     f"{_gib(m['output'])} ({_gib(m['alias'])} aliased to donated arguments), "
+                     f"temporaries {_gib(m['temp'])}, code {_gib(m['generated_code'])}")
+        lines.append(f"  total {_gib(m['total'])} of {_gib(hbm)} HBM "
+                     f"({100 * m['total'] / hbm:.1f}%)")
+    if res.xla_flops is not None:
+        # XLA counts a loop body (scanned layers, the decode loop) once, not per iteration.
+        lines.append(f"  XLA FLOPs per device (loop bodies counted once): {res.xla_flops:.4g}")
+    if res.model_flops is not None:
+        seconds = res.model_flops / (sl.chips * sl.chip.peak_flops * mfu)
+        lines.append(f"  model FLOPs per step: {res.model_flops:.4g} "
+                     f"({res.model_flops / sl.chips:.4g} per chip); at {mfu:.0%} MFU of "
+                     f"{sl.chips} x {sl.chip.peak_flops / 1e12:.0f} TFLOP/s: "
+                     f"{seconds:.4g} s per step")
+    return lines
+
+
+def _abstract(shape, dtype, sharding) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+
+def compile_train(cfg: Config, devices: Sequence) -> Result:
+    """The jitted train step of ``cfg.train.stage`` on ``cfg.mesh`` over ``devices``."""
+    if cfg.train.total_steps == 0:
+        # 0 means "count the data"; the schedule's length changes no shape or buffer.
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, total_steps=1))
+    mesh = make_mesh(cfg.mesh, devices)
+    builder = StepBuilder(cfg, mesh, TRAIN_RULES, cfg.model)
+    p, t = cfg.data.batch_pairs, cfg.data.max_length
+    shapes = {"input_ids": (p, 2, t), "attention_mask": (p, 2, t), "positions": (p, 2, t),
+              "targets": (p, 2, t), "loss_mask": (p, 2, t), "reward_index": (p, 2),
+              "pair_valid": (p,)}
+    batch = {k: _abstract(shapes[k], jnp.float32 if k == "loss_mask" else jnp.int32,
+                          builder.batch_shardings[k]) for k in DEVICE_KEYS}
+    flops = model_flops_per_token(cfg.model, t, cfg.train.stage) * 2 * p * t
+    _, res = _compile(f"train step ({cfg.train.stage}, {p} pairs x 2 x {t} tokens, mesh "
+                      f"{dict(mesh.shape)})",
+                      lambda: builder.train_step().compiled_for(builder.abstract_state(), batch),
+                      model_flops=flops)
+    return res
+
+
+def compile_sample(cfg: Config, devices: Sequence, *, inputs: int, prefix_len: int,
+                   num_samples: int, max_new_tokens: int) -> list[Result]:
+    """Self-consistency scoring: the prefill of ``inputs`` prefixes, then the decode of
+    ``num_samples`` critiques each, with the sampling rules (weights not split over fsdp)."""
+    model_cfg = dataclasses.replace(cfg.model, scan_layers=False)  # sampling runs unrolled
+    mesh = make_mesh(cfg.mesh, devices)
+    rules = tuple(SAMPLE_RULES)
+    params = jax.tree.map(lambda s, sh: _abstract(s.shape, s.dtype, sh),
+                          param_shapes(model_cfg), param_shardings(model_cfg, mesh, rules))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(dict(rules)["batch"]))
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    ids = _abstract((inputs, prefix_len), jnp.int32, rows)
+    keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), inputs))
+    keys = _abstract(keys.shape, keys.dtype, rows)
+    stops = _abstract((4,), jnp.int32, rep)
+    with mesh_context(mesh, rules):
+        pre, pre_res = _compile(
+            f"sampling prefill ({inputs} inputs x {prefix_len} tokens)",
+            lambda: prefill.lower(params, ids, ids, cfg=model_cfg, cache_len=prefix_len,
+                                  rules=rules).compile())
+        if pre is None:
+            return [pre_res]  # the decode reads the prefill's cache: nothing to compile it on
+        logits, cache = jax.tree.map(lambda s, sh: _abstract(s.shape, s.dtype, sh),
+                                     pre.out_info, pre.output_shardings)
+        _, dec_res = _compile(
+            f"sampling decode ({inputs} inputs x K={num_samples}, {max_new_tokens} new tokens)",
+            lambda: decode.lower(params, cache, logits, keys, stops, cfg=model_cfg, rules=rules,
+                                 method=Temperature(1.0), num_samples=num_samples,
+                                 max_new_tokens=max_new_tokens, pad_id=0).compile())
+    return [pre_res, dec_res]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cloud_jax aot", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="configs/X.yaml")
+    parser.add_argument("--topology", required=True,
+                        help="TPU slice: v4-N, v5p-N (N TensorCores), v5e-N, v6e-N (N chips)")
+    parser.add_argument("--mfu", type=float, default=0.4,
+                        help="utilisation of the slice's peak bf16 FLOP/s for the step time")
+    parser.add_argument("--sample", action="store_true",
+                        help="also compile the self-consistency prefill and decode")
+    parser.add_argument("--sample-inputs", type=int, default=0,
+                        help="inputs per sampling batch; 0: one per data x fsdp shard")
+    parser.add_argument("--prefix-len", type=int, default=0,
+                        help="prefill tokens per input; 0: data.max_length")
+    parser.add_argument("--num-samples", type=int, default=8, help="K critiques per input")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="critique budget")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
+    args = parser.parse_args(argv)
+    if not 0 < args.mfu <= 1:
+        parser.error(f"--mfu {args.mfu}: must be in (0, 1]")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        sl = parse_slice(args.topology)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        devices = tpu_devices(sl)
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"{sl.name}: topology {sl.topology}, {sl.chips} chip(s) ({devices[0].device_kind}), "
+          f"{_gib(sl.chip.hbm_bytes)} HBM and {sl.chip.peak_flops / 1e12:.0f} TFLOP/s bf16 "
+          f"per chip; config {args.config}", flush=True)
+    results = [compile_train(cfg, devices)]
+    if args.sample:
+        data_fsdp = math.prod(make_mesh(cfg.mesh, devices).shape[a] for a in ("data", "fsdp"))
+        results += compile_sample(
+            cfg, devices, inputs=args.sample_inputs or data_fsdp,
+            prefix_len=args.prefix_len or cfg.data.max_length, num_samples=args.num_samples,
+            max_new_tokens=args.max_new_tokens)
+    for res in results:
+        print("\n".join(report(res, sl, args.mfu)), flush=True)
+    over = [r for r in results if not r.fits(sl.chip.hbm_bytes)]
+    for r in over:
+        print(f"error: {r.name} does not fit on {sl.name}: {r.overshoot(sl.chip.hbm_bytes)}; "
+              "use a larger slice, more remat, grad accumulation or a smaller batch",
+              file=sys.stderr)
+    return 1 if over else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
