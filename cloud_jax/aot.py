@@ -36,7 +36,8 @@ from cloud_jax.model import mesh_context, param_shapes, param_shardings
 from cloud_jax.sampling import Temperature
 from cloud_jax.sampling.loop import decode, prefill
 from cloud_jax.sharding import SAMPLE_RULES, TRAIN_RULES, make_mesh
-from cloud_jax.training.step import DEVICE_KEYS, StepBuilder, model_flops_per_token
+from cloud_jax.training.step import (DEVICE_KEYS, StepBuilder, memory_figures,
+                                     model_flops_per_token)
 
 INSTALL_HINT = ("libtpu is not installed: `pip install -r requirements-tpu.txt` (the libtpu "
                 "release matching this JAX) into this environment, then run again")
@@ -122,19 +123,6 @@ def tpu_devices(sl: Slice) -> list:
     if sl.chips == 1:
         kwargs["chips_per_host_bounds"] = (1, 1, 1)
     return topologies.get_topology_desc(sl.topology, "tpu", **kwargs).devices
-
-
-def memory_figures(compiled) -> Optional[dict[str, int]]:
-    """Per-device bytes of a compiled step: arguments, outputs, temporaries, the donated bytes
-    outputs share with arguments (alias), generated code, and the total resident at once."""
-    mem = compiled.memory_analysis()
-    if mem is None:
-        return None
-    out = {k: int(getattr(mem, f"{k}_size_in_bytes"))
-           for k in ("argument", "output", "alias", "temp", "generated_code")}
-    out["total"] = (out["argument"] + out["output"] - out["alias"] + out["temp"]
-                    + out["generated_code"])
-    return out
 
 
 def xla_flops(compiled) -> Optional[float]:

@@ -235,21 +235,30 @@ def _gib(n: Optional[int]) -> str:
     return "n/a" if n is None else f"{n / 2**30:.3f} GiB"
 
 
-def memory_report(compiled, name: str) -> str:
-    """One line per buffer class of a compiled executable's per-device memory analysis."""
+def memory_figures(compiled) -> Optional[dict[str, int]]:
+    """Per-device bytes of a compiled step: arguments, outputs, temporaries, the donated bytes
+    outputs share with arguments (alias), generated code, and the total resident at once; None on
+    backends without a memory analysis."""
     try:
         mem = compiled.memory_analysis()
-    except Exception as err:  # backends without the analysis raise NotImplementedError & co.
-        return f"{name}: memory analysis unavailable on this backend ({err})"
+    except NotImplementedError:
+        return None
     if mem is None:
+        return None
+    out = {k: int(getattr(mem, f"{k}_size_in_bytes"))
+           for k in ("argument", "output", "alias", "temp", "generated_code")}
+    out["total"] = (out["argument"] + out["output"] - out["alias"] + out["temp"]
+                    + out["generated_code"])
+    return out
+
+
+def memory_report(compiled, name: str) -> str:
+    """One line with a compiled executable's per-device memory figures."""
+    figures = memory_figures(compiled)
+    if figures is None:
         return f"{name}: memory analysis unavailable on this backend"
-    fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
-              "temp_size_in_bytes", "generated_code_size_in_bytes")
-    parts = {f.replace("_size_in_bytes", ""): getattr(mem, f, None) for f in fields}
-    total = sum(v for k, v in parts.items() if v is not None and k != "alias") - (
-        parts.get("alias") or 0)
-    detail = ", ".join(f"{k} {_gib(v)}" for k, v in parts.items())
-    return f"{name} memory per device: {detail}; total ~{_gib(total)}"
+    detail = ", ".join(f"{k} {_gib(v)}" for k, v in figures.items() if k != "total")
+    return f"{name} memory per device: {detail}; total ~{_gib(figures['total'])}"
 
 
 class CompiledStep:
