@@ -12,7 +12,7 @@ STAMP_SMOLLM2 := $(VENV)/.stamp-smollm2
 STAMP_TPU := $(VENV)/.stamp-tpu
 SMOLLM2_DIR := .cache/smollm2-135m-instruct
 
-.PHONY: venv venv-test venv-tpu smollm2 test test-slow test-all demo clean
+.PHONY: venv venv-test venv-tpu smollm2 test test-slow test-all demo demo-smollm2 clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -62,7 +62,13 @@ test-slow: venv-test
 test-all: venv-test
 	$(PY) -m pytest -q --runslow tests
 
-demo: $(STAMP_RUN) $(STAMP_SMOLLM2)
+# CLoud against a classic reward model, trained from scratch on the built-in reasoning benchmark
+# (about 10 minutes on 2 CPU cores; docs/RESULTS.md). Writes runs/demo_cpu/.
+demo: $(STAMP_RUN)
+	$(PY) -m cloud_jax pipeline --config configs/demo_cpu.yaml
+
+# SmolLM2-135M-Instruct (converted from the GGUF) scoring a few responses with critiques.
+demo-smollm2: $(STAMP_RUN) $(STAMP_SMOLLM2)
 	$(PY) -m cloud_jax demo --model-dir $(SMOLLM2_DIR)
 
 clean:

@@ -12,7 +12,8 @@ from typing import Optional, Sequence
 # command -> (module with a `main(argv) -> int`, one-line help). Modules load only when used, so
 # `--help` stays fast.
 COMMANDS = {
-    "demo": ("cloud_jax.demo", "run the end-to-end demo (what `make demo` runs)"),
+    "demo": ("cloud_jax.demo", "SmolLM2-135M scores a few responses with critiques (make "
+                               "demo-smollm2)"),
     "convert-gguf": ("cloud_jax.checkpoints.gguf",
                      "convert a Llama GGUF (default: bundled SmolLM2-135M) to a HF directory"),
     "export-hf": ("cloud_jax.checkpoints.export",
@@ -25,6 +26,9 @@ COMMANDS = {
     "make-benchmark": ("cloud_jax.benchmarks.reasoning",
                        "write the built-in arithmetic reasoning benchmark (rows with oracle "
                        "critiques)"),
+    "pipeline": ("cloud_jax.pipeline",
+                 "CLoud vs classic end to end: pretrain, critique SFT, self-critique, train both, "
+                 "evaluate"),
     "aot": ("cloud_jax.aot", "compile the train and sampling steps for a TPU topology from a CPU "
                              "host; print memory, FLOPs, step time"),
     "bench": ("cloud_jax.bench", "benchmarks: `bench train`, `bench sample`"),

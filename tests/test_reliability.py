@@ -1,7 +1,10 @@
-"""Preemption-safe checkpoints (issue 7, items 1-4): kill -9 mid-save, SIGTERM, corrupt or
-unfinished checkpoints, and restoring into another model shape. docs/RELIABILITY.md maps each
-guarantee to its test."""
+"""Reliability (issue 7): kill -9 mid-save, SIGTERM, corrupt or unfinished checkpoints,
+restoring into another model shape (items 1-4); non-finite steps through the trainer (6); no
+loader runs remote code (9); identical runs write identical metrics files (10).
+docs/RELIABILITY.md maps each guarantee to its test."""
 
+import ast
+import fnmatch
 import json
 import logging
 import os
@@ -11,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
 from cloud_jax.checkpoints.hf import CheckpointError
@@ -58,15 +63,15 @@ COMMON = ["train.log_every=1", "train.eval_every=0", "train.export_final=false",
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     base = tmp_path_factory.mktemp("toy")
-    train, _ = write_toy_data(str(base / "data"), n_train=64, n_eval=8)
-    return {"train": train, "tfds": str(base / "tfds"), "cache": str(base / "jax_cache")}
+    train, eval_ = write_toy_data(str(base / "data"), n_train=64, n_eval=8)
+    return {"train": train, "eval": eval_, "tfds": str(base / "tfds"),
+            "cache": str(base / "jax_cache")}
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _compilation_cache(toy):
     """Every run here compiles the same programs: one persistent cache, shared with the
     subprocesses, compiles them once (as in test_train_loop.py)."""
-    import jax
     # JAX decides once per process whether the cache is on; resetting makes that decision see
     # (and, afterwards, forget) this module's settings. There is no public API for it.
     from jax._src.compilation_cache import reset_cache
@@ -267,3 +272,150 @@ def test_restoring_into_another_model_shape_names_the_keys_and_shapes(
     with pytest.raises(ConfigError, match=r"model.intermediate_size: 176 -> 192"):
         run(tiny(toy, _copy(two_checkpoints, tmp_path / "run"), "train.total_steps=6",
                  "model.intermediate_size=192"))
+
+
+# -- item 6: non-finite steps through the trainer ----------------------------------------------
+
+# With no warmup the first step moves every weight by about the learning rate: the weights stay
+# finite (1e30 < 3.4e38) but the next forward overflows, so step 2 is the first non-finite one.
+OVERFLOW = ["optim.learning_rate=1e30", "optim.warmup_ratio=0"]
+
+
+def _saved_params(cfg, out, step):
+    """The parameters of checkpoint ``step`` (its state item only)."""
+    import orbax.checkpoint as ocp
+
+    from cloud_jax.sharding import TRAIN_RULES, make_mesh
+    from cloud_jax.training.checkpointing import Checkpointer
+    from cloud_jax.training.step import StepBuilder
+
+    builder = StepBuilder(cfg, make_mesh(cfg.mesh), TRAIN_RULES, cfg.model)
+    ckpt = Checkpointer(os.path.join(out, "checkpoints"), keep=8)
+    try:
+        state = ckpt.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(builder.abstract_state())))["state"]
+        return jax.device_get(state["params"])
+    finally:
+        ckpt.close()
+
+
+def test_nonfinite_error_names_the_step_and_saves_nothing_after_it(toy, tmp_path):
+    out = str(tmp_path / "nan")
+    # Logged every 4 steps but saved every step: the check must come before each save, not
+    # only when a window is logged.
+    proc = trainer(toy, out, *OVERFLOW, "train.total_steps=4", "train.checkpoint_every=1",
+                   "train.log_every=4", env={})
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "step 2: non-finite loss" in stderr, stderr[-3000:]
+    assert "train.on_nonfinite=skip" in stderr
+    assert step_dirs(out) == ["1"]
+
+
+def test_nonfinite_skip_counts_steps_and_checkpoints_finite_unchanged_params(toy, tmp_path):
+    out = str(tmp_path / "skip")
+    cfg = tiny(toy, out, *OVERFLOW, "train.total_steps=3", "train.checkpoint_every=1",
+               "train.keep_checkpoints=3", "train.on_nonfinite=skip")
+    summary = run(cfg)
+    rows = metrics_by_step(out)
+    assert [rows[s]["nonfinite_steps"] for s in (1, 2, 3)] == [0, 1, 1]
+    assert summary["step"] == 3 and step_dirs(out) == ["1", "2", "3"]
+    after_1, after_3 = _saved_params(cfg, out, 1), _saved_params(cfg, out, 3)
+    leaves = jax.tree.leaves(after_3)
+    assert all(np.isfinite(x).all() for x in leaves)
+    for a, b in zip(jax.tree.leaves(after_1), leaves):
+        np.testing.assert_array_equal(a, b)
+
+
+# -- item 9: no loader runs remote code ----------------------------------------------------------
+
+# Calls that can fetch or import code a checkpoint names; hub downloads may fetch only data files.
+_LOADERS = {"from_pretrained"}
+_DOWNLOADS = {"snapshot_download", "hf_hub_download"}
+
+
+def _calls(package: Path):
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call):
+                func = node.func
+                name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+                yield f"{path.relative_to(package.parent)}:{node.lineno}", name, node
+
+
+def test_no_loader_in_the_package_can_run_remote_code():
+    loaders = 0
+    for where, name, call in _calls(ROOT / "cloud_jax"):
+        keywords = {k.arg: k.value for k in call.keywords}
+        trust = keywords.get("trust_remote_code")
+        if trust is not None:
+            assert isinstance(trust, ast.Constant) and trust.value is False, where
+        if name in _LOADERS:
+            loaders += 1
+            # Explicit, so that no default (or a **kwargs from a caller) decides it.
+            assert trust is not None and None not in keywords, f"{where}: {name} without " \
+                "trust_remote_code=False"
+        if name in _DOWNLOADS:
+            patterns = keywords.get("allow_patterns")
+            assert isinstance(patterns, (ast.List, ast.Tuple)), f"{where}: {name} unrestricted"
+            globs = [ast.literal_eval(p) for p in patterns.elts]
+            assert not any(fnmatch.fnmatch(f, g) for f in ("modeling_x.py", "x.py", "x.bin",
+                                                            "x.pt", "x.pkl") for g in globs), where
+    assert loaders >= 2  # the tokenizer loaders of data/tokenizer.py and api.py
+
+
+def test_a_checkpoint_that_asks_for_remote_code_never_runs_it(tmp_path):
+    from cloud_jax.api import from_config, load
+    from cloud_jax.config import ModelConfig
+    from cloud_jax.data.tokenizer import BYTE_VOCAB_SIZE, byte_tokenizer, load_tokenizer
+
+    directory = tmp_path / "stranger"
+    cfg = ModelConfig(vocab_size=BYTE_VOCAB_SIZE, hidden_size=16, intermediate_size=32,
+                      num_layers=1, num_heads=2, num_kv_heads=1)
+    from_config(cfg, tokenizer=byte_tokenizer()).save_pretrained(directory)
+    marker = tmp_path / "code_ran"
+    (directory / "evil.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n"
+        "from transformers import LlamaConfig, PreTrainedTokenizerFast\n"
+        "class EvilConfig(LlamaConfig):\n    model_type = 'evil'\n"
+        "class EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+
+    def edit(name, **fields):
+        data = json.loads((directory / name).read_text())
+        data.update(fields)
+        (directory / name).write_text(json.dumps(data))
+
+    # Weights are read from JSON and safetensors only: the config's auto_map is never followed.
+    edit("config.json", auto_map={"AutoConfig": "evil.EvilConfig",
+                                  "AutoModel": "evil.EvilModel"})
+    assert load(directory).config == cfg
+    assert not marker.exists()
+    # A tokenizer that needs its own code is refused, with transformers' explanation.
+    edit("tokenizer_config.json", tokenizer_class="EvilTokenizer",
+         auto_map={"AutoTokenizer": [None, "evil.EvilTokenizer"]})
+    for loader in (lambda: load(directory), lambda: load_tokenizer(str(directory))):
+        with pytest.raises(ValueError, match="contains custom code"):
+            loader()
+    assert not marker.exists()
+
+
+# -- item 10: identical runs, identical metrics files --------------------------------------------
+
+def test_two_identical_runs_write_byte_identical_metrics_files(toy, tmp_path):
+    files = []
+    for name in ("a", "b"):
+        out = str(tmp_path / name)
+        # total_steps=6 and checkpoints every 2 steps: the programs two_checkpoints compiled.
+        run(tiny(toy, out, "train.total_steps=6", "train.checkpoint_every=2",
+                 f"data.eval_path={toy['eval']}", "train.eval_every=3",
+                 "train.peak_flops_per_device=1e12"))
+        files.append(Path(out, "metrics.jsonl").read_bytes())
+        timing = [json.loads(line) for line in open(Path(out, "throughput.jsonl"))]
+        assert [r["step"] for r in timing] == list(range(1, 7))
+        assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in timing)
+    rows = [json.loads(line) for line in files[0].splitlines()]
+    assert [(r["step"], r["split"]) for r in rows] == [
+        (1, "train"), (2, "train"), (3, "train"), (3, "eval"), (4, "train"), (5, "train"),
+        (6, "train"), (6, "eval")]
+    assert not any(k in r for r in rows for k in ("tokens_per_s", "mfu"))
+    assert files[0] == files[1]

@@ -159,6 +159,18 @@ def test_nonfinite_skip_keeps_params():
     np.testing.assert_array_equal(after["embed"]["embedding"], params["embed"]["embedding"])
 
 
+def test_update_that_overflows_the_params_is_skipped():
+    # Loss and gradients are finite, but a learning rate beyond float32 turns the update into
+    # inf: such a step must not be applied (nor, in the trainer, checkpointed).
+    batch = make_batch()
+    params = jax.device_get(init_params(MODEL, jax.random.key(0)))
+    after, losses, metrics, _ = run_steps(make_config(on_nonfinite="skip", lr=1e39), [batch],
+                                          params=params)
+    assert np.isfinite(losses[0]) and np.isfinite(float(metrics["grad_norm"]))
+    assert int(metrics["nonfinite"]) == 1
+    assert max_diff(after, params) == 0
+
+
 def test_flops_per_token_matches_parameter_count():
     cfg = dataclasses.replace(MODEL, tie_word_embeddings=False)
     d, f, v, L = 32, 64, 64, 2

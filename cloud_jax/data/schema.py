@@ -13,7 +13,8 @@ Every problem is a :class:`RowError` naming the file, the place (1-based line fo
 row index for Parquet and JSON arrays) and the field. Strict mode raises the first one. Lenient
 mode skips the row, counts it and writes it to a rejects JSONL file with file, line/row, field,
 reason and the raw row. Duplicate ids and ``chosen == rejected`` are problems of the later row:
-strict mode raises, lenient mode rejects that row and keeps the first.
+strict mode raises, lenient mode rejects that row and keeps the first. Problems found later, when
+a row is tokenized (:func:`reject_loaded_row`), are handled the same way.
 """
 
 from __future__ import annotations
@@ -71,6 +72,10 @@ class PreferenceRow:
     # "file:line" or "file[row i]", for messages further down the pipeline.
     source: str
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # Where the row was read: its file, and the 1-based line (JSONL) or 0-based row index.
+    file: str = ""
+    line: Optional[int] = None
+    index: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +204,8 @@ def _check_feedback(field: str, value: Any) -> str:
     return _check_text(field, value)
 
 
-def validate_row(obj: Any, require_feedback: bool, source: str) -> PreferenceRow:
+def validate_row(obj: Any, require_feedback: bool, file: str, line: Optional[int] = None,
+                 index: Optional[int] = None) -> PreferenceRow:
     """One raw row object -> a PreferenceRow, or _FieldError naming the first bad field."""
     if not isinstance(obj, dict):
         raise _FieldError(None, f"expected a JSON object, got {type(obj).__name__}")
@@ -222,7 +228,32 @@ def validate_row(obj: Any, require_feedback: bool, source: str) -> PreferenceRow
     if texts["chosen"] == texts["rejected"]:
         raise _FieldError("rejected", "identical to chosen; the pair carries no preference")
     extra = {k: v for k, v in obj.items() if k not in KNOWN_FIELDS}
-    return PreferenceRow(id=row_id, **texts, **feedback, subset=subset, source=source, extra=extra)
+    return PreferenceRow(id=row_id, **texts, **feedback, subset=subset,
+                         source=_location(file, line, index), extra=extra, file=file, line=line,
+                         index=index)
+
+
+def _reject_record(file: str, line: Optional[int], index: Optional[int], field: Optional[str],
+                   reason: str, raw: str) -> str:
+    return json.dumps({"file": file, "line": line, "row": index, "field": field,
+                       "reason": reason, "raw": raw}, ensure_ascii=True) + "\n"
+
+
+def reject_loaded_row(row: PreferenceRow, field: str, reason: str, *, lenient: bool,
+                      rejects_path: Optional[str]) -> None:
+    """A problem found after loading (when the row is tokenized, say), handled like one found
+    while loading: strict mode raises RowError naming the row's file, line and field; lenient mode
+    appends the row to ``rejects_path`` (the file :func:`load_rows` wrote, if any) and returns.
+    The row is written as loaded (``raw``: its fields as JSON), the original text being gone."""
+    if not lenient:
+        raise RowError(row.file, row.line, row.index, field, reason)
+    if rejects_path:
+        fields = {"id": row.id, "prompt": row.prompt, "chosen": row.chosen,
+                  "rejected": row.rejected, "chosen_feedback": row.chosen_feedback,
+                  "rejected_feedback": row.rejected_feedback, "subset": row.subset, **row.extra}
+        with open(rejects_path, "a", encoding="utf-8") as f:
+            f.write(_reject_record(row.file, row.line, row.index, field, reason,
+                                   json.dumps(fields, ensure_ascii=True, default=repr)))
 
 
 def load_rows(paths: Union[str, Sequence[str]], *, require_feedback: bool, lenient: bool = False,
@@ -246,7 +277,7 @@ def load_rows(paths: Union[str, Sequence[str]], *, require_feedback: bool, lenie
                 try:
                     if isinstance(obj, _FieldError):
                         raise obj
-                    row = validate_row(obj, require_feedback, _location(path, line, index))
+                    row = validate_row(obj, require_feedback, path, line, index)
                     if row.id in first_seen:
                         raise _FieldError("id", f"duplicate id {row.id!r} (first at "
                                                 f"{first_seen[row.id]})")
@@ -256,9 +287,8 @@ def load_rows(paths: Union[str, Sequence[str]], *, require_feedback: bool, lenie
                         raise error from None
                     num_rejected += 1
                     if rejects is not None:
-                        rejects.write(json.dumps({
-                            "file": path, "line": line, "row": index, "field": bad.field,
-                            "reason": bad.reason, "raw": raw}, ensure_ascii=True) + "\n")
+                        rejects.write(_reject_record(path, line, index, bad.field, bad.reason,
+                                                     raw))
                     continue
                 first_seen[row.id] = row.source
                 rows.append(row)

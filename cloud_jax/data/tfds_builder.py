@@ -10,7 +10,13 @@ needs). Each record is one pair, tokenized once so training never re-tokenizes:
     {chosen,rejected}_reward_index    int32      (the final end-of-turn token)
 
 Records keep the order of the rows. A pair is stored only if both of its sequences fit
-``max_length`` under the over-length policy. The dataset lives in
+``max_length`` under the over-length policy, and only if its two responses differ as tokens: a
+pair whose responses differ as text but not once the chat template has trimmed them and the
+tokenizer has read them (``"4."`` and ``"4. "`` under a template that trims, as Llama-3's does)
+carries no preference. It is a bad row like ``chosen == rejected`` (field ``rejected``): an error
+naming its file and line, or in lenient mode a line of the rejects file and a count in
+``rejected_rows``. The over-length policy cuts only the prompt, which both sides share, so it
+never makes a pair identical; the check does not depend on it. The dataset lives in
 ``<tfds_dir>/cloud_pairs/<stage>-<hash>/<version>``, where the hash covers the row files'
 bytes, the tokenizer and every setting that changes a record, so a change builds a new dataset
 and an unchanged one is reused. Build counts (rows, rejected rows, dropped and prompt-truncated
@@ -24,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from typing import Dict, Mapping, Optional
 
 import numpy as np
@@ -32,7 +39,7 @@ from transformers import PreTrainedTokenizerBase
 
 from cloud_jax.data.config import STAGES, DataConfig
 from cloud_jax.data.layout import chat_layout
-from cloud_jax.data.schema import expand_paths, load_rows
+from cloud_jax.data.schema import PreferenceRow, expand_paths, load_rows, reject_loaded_row
 from cloud_jax.data.tokenizer import tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
@@ -65,8 +72,9 @@ class CloudPairs(tfds.core.GeneratorBasedBuilder):
     """Tokenized preference pairs. Built by :func:`prepare_dataset`; read with
     ``tfds.data_source('cloud_pairs/<config>', data_dir=...)`` or :func:`open_split`."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Pairs of tokenized sequences with target masks and reward index."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Pairs of tokenized sequences with target masks and reward index.",
+                     "1.1.0": "Pairs whose responses are the same tokens are rejected."}
     # TFDS looks beside a builder's source file for checksums of its downloads. There are no
     # downloads here, and that lookup imports `importlib_resources`, which TFDS only installs on
     # Python < 3.9.
@@ -104,6 +112,13 @@ class CloudPairs(tfds.core.GeneratorBasedBuilder):
                  "prompt_truncated": 0, "rejects_path": loaded.rejects_path}
         self.info.metadata[split] = stats
         for index, row in enumerate(loaded.rows):
+            if _same_response_tokens(layout, row, s):
+                reject_loaded_row(row, "rejected", "the same tokens as chosen once the chat "
+                                  "template has trimmed it and the tokenizer has read it; the "
+                                  "pair carries no preference",
+                                  lenient=s.lenient, rejects_path=loaded.rejects_path)
+                stats["rejected_rows"] += 1
+                continue
             record = {"id": row.id, "subset": row.subset or ""}
             truncated = False
             for side, response, critique in (("chosen", row.chosen, row.chosen_feedback),
@@ -122,6 +137,10 @@ class CloudPairs(tfds.core.GeneratorBasedBuilder):
                 yield index, record
                 continue
             stats["dropped_overlength"] += 1
+        if stats["rejected_rows"] > loaded.num_rejected:
+            log.warning("%s: %d pairs rejected: chosen and rejected are the same tokens%s", split,
+                        stats["rejected_rows"] - loaded.num_rejected,
+                        f" (details in {loaded.rejects_path})" if loaded.rejects_path else "")
         if stats["dropped_overlength"]:
             log.warning("%s: %d of %d pairs dropped: longer than max_length=%d (%s policy)",
                         split, stats["dropped_overlength"], len(loaded.rows), s.max_length,
@@ -130,6 +149,16 @@ class CloudPairs(tfds.core.GeneratorBasedBuilder):
             raise ValueError(f"split {split!r} ({', '.join(files)}) has no usable pair: "
                              f"{json.dumps(stats)}")
         log.info("%s: %s", split, json.dumps(stats))
+
+
+def _same_response_tokens(layout, row: PreferenceRow, s: BuildSettings) -> bool:
+    """Whether chosen and rejected are the same tokens in the layout (after any trimming)."""
+    # Each text is tokenized on its own and the prompt is shared, so a one-character stand-in
+    # for it decides the same and saves tokenizing the real one twice more.
+    chosen, rejected = (layout.encode("?", response, None, "classic", s.critique_prefix,
+                                      sys.maxsize).input_ids
+                        for response in (row.chosen, row.rejected))
+    return np.array_equal(chosen, rejected)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -166,6 +166,26 @@ def _export_final(cfg: Config, model_cfg: ModelConfig, params, tokenizer) -> Opt
     return out
 
 
+def _stop_if_nonfinite(window: list, step: int, ckpt: Checkpointer) -> None:
+    """train.on_nonfinite=error: raises FloatingPointError naming the first non-finite step of
+    ``window`` (the per-step metrics of the steps up to ``step``)."""
+    flags = jax.device_get([m["nonfinite"] for m in window])
+    bad = np.flatnonzero(flags)
+    if not bad.size:
+        return
+    first = step - len(window) + 1 + int(bad[0])
+    m = jax.device_get(window[int(bad[0])])
+    ckpt.wait()
+    saved = ckpt.manager.latest_step()
+    kept = (f"the newest checkpoint is step {saved} in {ckpt.directory}" if saved is not None
+            else "no checkpoint was written")
+    raise FloatingPointError(
+        f"step {first}: non-finite loss, gradient norm or updated parameters (loss "
+        f"{float(m['loss'])}, grad_norm {float(m['grad_norm'])}); the run stops without saving "
+        f"it ({kept}). Lower optim.learning_rate, check the data, or set "
+        "train.on_nonfinite=skip to skip such steps")
+
+
 class _PreemptionWatch:
     """Notices preemption: SIGTERM in a single process; on several hosts JAX's preemption sync
     point (its coordination service catches the signal), so that every host stops, and saves, at
@@ -195,8 +215,11 @@ def run(cfg: Config) -> dict:
 
     SIGTERM (how preemption arrives), or a JAX preemption sync point on several hosts, ends the
     run after the current step with a completed checkpoint of that step (``"preempted": True``).
+    With train.on_nonfinite=error a non-finite step raises FloatingPointError naming it, before
+    anything after it is saved.
 
-    Returns a summary: ``{"step", "preempted", "train": last logged train metrics, "eval":
+    Returns a summary: ``{"step", "preempted", "train": last logged train metrics (with that
+    window's tokens_per_s and, where the peak is known, mfu), "eval":
     last eval metrics, "final_dir", "data": the dataset's build counts per split (rows,
     rejected, dropped over-length, prompt-truncated), "compile_reports"}``.
     """
@@ -283,35 +306,36 @@ def run(cfg: Config) -> dict:
                 model_flops_per_token(model_cfg, batch["input_ids"].shape[-1], tc.stage))
             bar.update(1)
             preempted = preemption.reached(step)
-            if step % tc.log_every == 0 or step == end_step or preempted:
+            log_now = step % tc.log_every == 0 or step == end_step or preempted
+            save_now = ((tc.checkpoint_every and step % tc.checkpoint_every == 0)
+                        or step == end_step or preempted)
+            eval_now = evaluator is not None and tc.eval_every and (step % tc.eval_every == 0
+                                                                    or step == end_step)
+            if tc.on_nonfinite == "error" and (log_now or save_now or eval_now):
+                # Before any save: the state after a non-finite step must never be checkpointed.
+                _stop_if_nonfinite(window, step, ckpt)
+            if log_now:
                 values = summarize_window(window)
                 elapsed = time.perf_counter() - t0 - (train_step.compile_seconds - compile0)
-                values["tokens_per_s"] = values["tokens"] / max(elapsed, 1e-9)
+                timing = {"tokens_per_s": values["tokens"] / max(elapsed, 1e-9)}
                 if peak:
                     tokens = jax.device_get([m["tokens"] for m in window])
                     flops = float(np.dot(flops_per_token, tokens))
-                    values["mfu"] = flops / max(elapsed, 1e-9) / (peak * jax.device_count())
+                    timing["mfu"] = flops / max(elapsed, 1e-9) / (peak * jax.device_count())
                 values["batch_digest"] = digest.hexdigest()[:16]
-                if values["nonfinite_steps"] and tc.on_nonfinite == "error":
-                    raise FloatingPointError(
-                        f"non-finite loss or gradient norm in steps {step - len(window) + 1}"
-                        f"..{step} (loss {values['loss']}, grad_norm {values['grad_norm']}); "
-                        "lower optim.learning_rate, check the data, or set "
-                        "train.on_nonfinite=skip to skip such steps")
-                writer.write(step, "train", values)
-                bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
-                summary["train"] = values
+                writer.write(step, "train", values, timing)
+                bar.set_postfix(loss=f"{values['loss']:.4f}",
+                                tokens_per_s=f"{timing['tokens_per_s']:.0f}", refresh=False)
+                summary["train"] = {**values, **timing}
                 window, flops_per_token, digest = [], [], hashlib.sha1()
                 t0, compile0 = time.perf_counter(), train_step.compile_seconds
-            if evaluator is not None and tc.eval_every and (step % tc.eval_every == 0
-                                                            or step == end_step):
+            if eval_now:
                 start = time.perf_counter()
                 summary["eval"] = evaluator(state["params"])
                 writer.write(step, "eval", summary["eval"])
                 log.info("eval at step %d: %s", step, summary["eval"])
                 t0 += time.perf_counter() - start
-            if ((tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == end_step
-                    or preempted):
+            if save_now:
                 ckpt.save(step, state, data_iter, resolved_dict)
             summary["step"] = step
             if preempted:

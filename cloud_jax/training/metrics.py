@@ -1,8 +1,12 @@
-"""Metric windows and where they go: a JSONL file, TensorBoard event files, W&B.
+"""Metric windows and where they go: JSONL files, TensorBoard event files, W&B.
 
 Per-step metrics stay on the device until a window is logged; then the window's sums are added
 and turned into means (``cloud_jax.losses.finalize_metrics``), so a logged accuracy is over every
 pair of the window rather than a mean of per-step means.
+
+The metrics file holds only what the run computes, so two identical runs write byte-identical
+files (docs/RELIABILITY.md, item 10). Wall-clock figures (tokens/s, MFU) differ from run to run:
+they go to ``throughput.jsonl`` beside it, and to TensorBoard and W&B with the rest.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ PEAK_FLOPS = (
     ("TPU v5", 459e12), ("TPU v4", 275e12), ("H200", 989e12), ("H100", 989e12),
     ("A100", 312e12),
 )
+
+# Written beside the metrics file: the timing figures kept out of it.
+THROUGHPUT_FILE = "throughput.jsonl"
 
 # Step outputs that are per-step values (averaged over a window), not additive sums.
 _MEANS = ("loss", "grad_norm")
@@ -55,12 +62,16 @@ def summarize_window(steps: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 
 
 class MetricsWriter:
-    """Writes metric dicts to JSONL, TensorBoard and (when asked) W&B; only on process 0."""
+    """Writes metric dicts to JSONL, TensorBoard and (when asked) W&B; only on process 0.
+
+    ``write(step, split, values, timing)``: ``values`` go to ``jsonl_path``, ``timing`` (wall-clock
+    figures) to ``throughput.jsonl`` in the same directory; both go to TensorBoard and W&B.
+    """
 
     def __init__(self, jsonl_path: str, tensorboard_dir: str, config: dict, *, enabled: bool,
                  wandb_project: str = "", wandb_run_name: str = ""):
         self.enabled = enabled
-        self._jsonl = self._tb = self._wandb = None
+        self._jsonl = self._throughput = self._tb = self._wandb = None
         if wandb_project:
             try:
                 import wandb
@@ -76,17 +87,24 @@ class MetricsWriter:
         if jsonl_path:
             os.makedirs(os.path.dirname(jsonl_path) or ".", exist_ok=True)
             self._jsonl = open(jsonl_path, "a", buffering=1)
+            self._throughput = open(os.path.join(os.path.dirname(jsonl_path), THROUGHPUT_FILE),
+                                    "a", buffering=1)
         if tensorboard_dir:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(tensorboard_dir)
 
-    def write(self, step: int, split: str, values: Mapping[str, Any]) -> None:
+    def write(self, step: int, split: str, values: Mapping[str, Any],
+              timing: Optional[Mapping[str, float]] = None) -> None:
         if not self.enabled:
             return
+        timing = timing or {}
         if self._jsonl is not None:
             self._jsonl.write(json.dumps({"step": step, "split": split, **values}) + "\n")
-        numeric = {k: v for k, v in values.items() if isinstance(v, (int, float))}
+            if timing:
+                self._throughput.write(
+                    json.dumps({"step": step, "split": split, **timing}) + "\n")
+        numeric = {k: v for k, v in {**values, **timing}.items() if isinstance(v, (int, float))}
         if self._tb is not None:
             for k, v in numeric.items():
                 self._tb.add_scalar(f"{split}/{k}", v, step)
@@ -97,6 +115,7 @@ class MetricsWriter:
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()
+            self._throughput.close()
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:

@@ -79,6 +79,10 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int, stage: str) -> float:
     return 3.0 * (2.0 * weights + attention)
 
 
+def _all_finite(tree: Any) -> jax.Array:
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]).all()
+
+
 @dataclasses.dataclass
 class StepBuilder:
     """Jitted train / eval steps for one config and mesh, with the shardings they agree on."""
@@ -180,7 +184,9 @@ class StepBuilder:
             grad_norm = optax.tree.norm(grads)
             updates, opt_state = self.tx.update(grads, state["opt_state"], params)
             new_params = optax.apply_updates(params, updates)
-            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            # Finite gradients can still overflow the parameters (an extreme learning rate or
+            # weight decay); such a step is as unusable as one with a NaN loss.
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(new_params)
             if skip_nonfinite:
                 keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
                 new_params = jax.tree.map(keep, new_params, params)

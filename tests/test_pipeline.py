@@ -1,0 +1,97 @@
+"""The end-to-end pipeline (cloud_jax/pipeline.py) at a tiny size: every stage runs, results.json
+and report.md hold what the docs say, a rerun skips finished stages, a changed config is refused.
+Whether CLoud beats classic at the demo's real size is measured by `make demo` (docs/RESULTS.md),
+not here: a few steps teach nothing."""
+
+import json
+import os
+
+import pytest
+
+from cloud_jax.errors import ConfigError
+from cloud_jax.pipeline import (_exact, _pairs_judged_right, _verdicts, load_pipeline_config,
+                                run_pipeline)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "configs", "demo_cpu.yaml")
+TINY = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2",
+        "model.num_heads=2", "model.num_kv_heads=2",
+        "benchmark.num_train=48", "benchmark.num_eval=12", "data.batch_pairs=8",
+        "stages.lm_pretrain.total_steps=3", "stages.critique_sft.total_steps=3",
+        "stages.cloud.total_steps=2", "self_critique.batch_size=96",
+        "self_critique.max_critique_tokens=8", "evaluation.max_critique_tokens=8",
+        "evaluation.batch_size=24", "evaluation.num_samples=[1,2]", "evaluation.num_examples=2",
+        "train.progress_bar=false"]
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline")
+    cfg = load_pipeline_config(DEMO, TINY + [f"output_dir={out}"])
+    return cfg, run_pipeline(cfg)
+
+
+def test_every_stage_runs_and_results_json_holds_the_comparison(pipeline_run):
+    cfg, results = pipeline_run
+    out = cfg.output_dir
+    with open(os.path.join(out, "results.json")) as f:
+        saved = json.load(f)
+    assert saved["classic"]["accuracy"] == results["classic"]["accuracy"]
+    for acc in [saved["classic"]["accuracy"], saved["cloud"]["accuracy"],
+                *saved["cloud"]["self_consistency"].values(),
+                saved["diagnostics"]["cloud_accuracy_with_oracle_critiques"]]:
+        assert 0.0 <= acc <= 1.0
+    assert set(saved["cloud"]["self_consistency"]) == {"1", "2"}
+    assert saved["cloud_minus_classic"] == pytest.approx(
+        saved["cloud"]["accuracy"] - saved["classic"]["accuracy"])
+    assert saved["num_eval_rows"] == 12
+    steps = {name: s["steps"] for name, s in saved["stages"].items()}
+    # classic trains as many steps as cloud: equal data and steps.
+    assert steps == {"lm_pretrain": 3, "critique_sft": 3, "cloud": 2, "classic": 2}
+    for name in ("critiques_greedy", "critiques_sampled", "sft_self_critique_train"):
+        assert "agreement" in saved["diagnostics"][name]
+    assert saved["diagnostics"]["critiques_sampled"]["critiques"] in (0, 2 * 12 * 2)
+    for arm in ("classic", "cloud_greedy", "cloud_sampled"):
+        assert os.path.exists(os.path.join(out, "eval", arm, "report.json"))
+        assert os.path.exists(os.path.join(out, "eval", arm, "critiques.jsonl"))
+    shards = [f for f in os.listdir(os.path.join(out, "self_critique")) if f.endswith(".jsonl")]
+    assert shards
+    report = open(os.path.join(out, "report.md")).read()
+    assert "| classic reward model |" in report and "## Sample critiques" in report
+    assert report.count("  - oracle: ") == 2 * 2
+
+
+def test_rerun_skips_finished_stages_and_refuses_a_changed_config(pipeline_run, caplog):
+    cfg, first = pipeline_run
+    with caplog.at_level("INFO", logger="cloud_jax.pipeline"):
+        again = run_pipeline(cfg)
+    skipped = [r.getMessage() for r in caplog.records if "already finished" in r.getMessage()]
+    assert len(skipped) == 4
+    assert again["classic"] == first["classic"] and again["cloud"] == first["cloud"]
+    changed = load_pipeline_config(DEMO, TINY + [f"output_dir={cfg.output_dir}",
+                                                 "stages.cloud.total_steps=3"])
+    with pytest.raises(ConfigError, match="stages"):
+        run_pipeline(changed)
+
+
+def test_config_errors_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="train_path and data.eval_path go together"):
+        load_pipeline_config(DEMO, ["data.train_path=x.jsonl"])
+    with pytest.raises(ConfigError, match="needs sampled critiques"):
+        load_pipeline_config(DEMO, ["evaluation.temperature=0"])
+    with pytest.raises(ConfigError, match="stages.cloud.total_steps"):
+        load_pipeline_config(DEMO, ["stages.cloud.total_steps=0"])
+    with pytest.raises(ConfigError, match="nonsense"):
+        load_pipeline_config(DEMO, ["stages.cloud.nonsense=1"])
+
+
+def test_diagnostics_by_hand():
+    chosen = [["12+3: 2+3=5 5 ok, 1=1 1 ok: Correct"], ["x: Incorrect"]]
+    rejected = [["12+3: 2+3=5 6 no, 1=1 1 ok: Incorrect"], ["cut off befo"]]
+    oracle = [True, True, False, False]
+    d = _verdicts(chosen + rejected, oracle)
+    # Verdicts: Correct (agrees), Incorrect (disagrees), Incorrect (agrees), none.
+    assert d == {"agreement": 0.5, "no_verdict": 0.25, "critiques": 4}
+    assert _pairs_judged_right(chosen, rejected) == 0.5
+    assert _exact([["a "], ["b"]], ["a", "c"]) == 0.5
+    assert _verdicts([["Correct"]], [None])["agreement"] is None
