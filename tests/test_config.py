@@ -60,5 +60,13 @@ def test_every_shipped_config_loads():
     root = Path(__file__).resolve().parent.parent
     paths = sorted(glob.glob(str(root / "configs" / "*.yaml")))
     assert paths, "configs/ has no YAML files"
+    from omegaconf import OmegaConf
+
+    from cloud_jax.pipeline import load_pipeline_config
+
     for p in paths:
-        load_config(p)
+        # Pipeline configs (python -m cloud_jax pipeline) carry a `stages` section.
+        if "stages" in OmegaConf.load(p):
+            load_pipeline_config(p)
+        else:
+            load_config(p)
