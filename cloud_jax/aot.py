@@ -1,14 +1,17 @@
 """``python -m cloud_jax aot``: compile the real steps for a TPU slice from a CPU host.
 
     python -m cloud_jax aot --config configs/llama3_8b_cloud.yaml --topology v5p-64 [key=value ...]
-    python -m cloud_jax aot --config configs/llama3_8b_cloud.yaml --topology v5e-256 --sample
+    python -m cloud_jax aot --config configs/llama3_8b_cloud.yaml --topology v5e-32 --sample
+    python -m cloud_jax aot --config configs/llama3_8b_cloud.yaml --topology v5e-8 --sample-only \
+        mesh.fsdp=1 mesh.tensor=4                  # sampling on its own mesh
 
 With ``libtpu`` installed (``pip install -r requirements-tpu.txt``) JAX describes the devices of
 any TPU topology without owning one; the train step of the config's stage (and with ``--sample``
 the self-consistency prefill and decode) are lowered onto a mesh of those devices and compiled by
 the TPU compiler. Printed per step: per-device memory (arguments, outputs, temporaries, total
 against the chip's HBM), FLOPs, and the step time implied at ``--mfu`` of the slice's peak.
-Exit status 1 when a step does not fit in HBM (after printing its figures) or libtpu is missing.
+Exit status 1 when a step does not fit in HBM (after printing its figures) or libtpu is missing;
+2 for a config error, such as a batch that does not split evenly over the mesh.
 
 Peak bf16 FLOP/s per chip and the slice shapes are from Google's Cloud TPU system-architecture
 pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e); the HBM a program may use per chip is the
@@ -36,6 +39,7 @@ from cloud_jax.model import mesh_context, param_shapes, param_shardings
 from cloud_jax.sampling import Temperature
 from cloud_jax.sampling.loop import decode, prefill
 from cloud_jax.sharding import SAMPLE_RULES, TRAIN_RULES, make_mesh
+from cloud_jax.training.loop import check_batch_layout
 from cloud_jax.training.step import (DEVICE_KEYS, StepBuilder, memory_figures,
                                      model_flops_per_token)
 
@@ -206,6 +210,9 @@ def compile_train(cfg: Config, devices: Sequence) -> Result:
         # 0 means "count the data"; the schedule's length changes no shape or buffer.
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, total_steps=1))
     mesh = make_mesh(cfg.mesh, devices)
+    # The check training runs first: a batch that does not split evenly is a config error there,
+    # and would otherwise surface here as a sharding failure inside the compiler.
+    check_batch_layout(cfg, mesh)
     builder = StepBuilder(cfg, mesh, TRAIN_RULES, cfg.model)
     p, t = cfg.data.batch_pairs, cfg.data.max_length
     shapes = {"input_ids": (p, 2, t), "attention_mask": (p, 2, t), "positions": (p, 2, t),
@@ -214,8 +221,10 @@ def compile_train(cfg: Config, devices: Sequence) -> Result:
     batch = {k: _abstract(shapes[k], jnp.float32 if k == "loss_mask" else jnp.int32,
                           builder.batch_shardings[k]) for k in DEVICE_KEYS}
     flops = model_flops_per_token(cfg.model, t, cfg.train.stage) * 2 * p * t
+    m = cfg.model
     _, res = _compile(f"train step ({cfg.train.stage}, {p} pairs x 2 x {t} tokens, mesh "
-                      f"{dict(mesh.shape)})",
+                      f"{dict(mesh.shape)}, grad_accum_steps {cfg.train.grad_accum_steps}, "
+                      f"remat {m.remat}, scan_layers {m.scan_layers}, weights {m.param_dtype})",
                       lambda: builder.train_step().compiled_for(builder.abstract_state(), batch),
                       model_flops=flops)
     return res
@@ -238,7 +247,8 @@ def compile_sample(cfg: Config, devices: Sequence, *, inputs: int, prefix_len: i
     stops = _abstract((4,), jnp.int32, rep)
     with mesh_context(mesh, rules):
         pre, pre_res = _compile(
-            f"sampling prefill ({inputs} inputs x {prefix_len} tokens)",
+            f"sampling prefill ({inputs} inputs x {prefix_len} tokens, mesh "
+            f"{dict(mesh.shape)}, weights {model_cfg.param_dtype})",
             lambda: prefill.lower(params, ids, ids, cfg=model_cfg, cache_len=prefix_len,
                                   rules=rules).compile())
         if pre is None:
@@ -263,6 +273,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="utilisation of the slice's peak bf16 FLOP/s for the step time")
     parser.add_argument("--sample", action="store_true",
                         help="also compile the self-consistency prefill and decode")
+    parser.add_argument("--sample-only", action="store_true",
+                        help="compile only the prefill and decode (a sampling mesh or dtype "
+                             "given as overrides then leaves the train step alone)")
     parser.add_argument("--sample-inputs", type=int, default=0,
                         help="inputs per sampling batch; 0: one per data x fsdp shard")
     parser.add_argument("--prefix-len", type=int, default=0,
@@ -287,8 +300,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"{sl.name}: topology {sl.topology}, {sl.chips} chip(s) ({devices[0].device_kind}), "
           f"{_gib(sl.chip.hbm_bytes)} HBM and {sl.chip.peak_flops / 1e12:.0f} TFLOP/s bf16 "
           f"per chip; config {args.config}", flush=True)
-    results = [compile_train(cfg, devices)]
-    if args.sample:
+    results = []
+    if not args.sample_only:
+        try:
+            results.append(compile_train(cfg, devices))
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    if args.sample or args.sample_only:
         data_fsdp = math.prod(make_mesh(cfg.mesh, devices).shape[a] for a in ("data", "fsdp"))
         results += compile_sample(
             cfg, devices, inputs=args.sample_inputs or data_fsdp,

@@ -95,3 +95,25 @@ def test_missing_libtpu(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert rc == 1
     assert "libtpu is not installed" in err and "pip install -r requirements-tpu.txt" in err
+
+
+@needs_libtpu
+def test_sample_only_compiles_no_train_step(capsys):
+    rc = aot.main(TINY + ["mesh.data=2", "mesh.tensor=2", "--topology", "v5e-4", "--sample-only",
+                          "--prefix-len", "16", "--num-samples", "2", "--max-new-tokens", "4"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "train step" not in out
+    assert ("sampling prefill (2 inputs x 16 tokens, mesh {'data': 2, 'fsdp': 1, 'tensor': 2}, "
+            "weights float32)") in out
+    assert out.count("memory per device: arguments") == 2
+
+
+@needs_libtpu
+def test_batch_that_does_not_split_over_the_mesh_is_a_config_error(capsys):
+    # 8 pairs over data 4 are 2 per device: 4 micro-batches cannot split them evenly.
+    rc = aot.main(TINY + ["train.grad_accum_steps=4", "--topology", "v5e-4"])
+    captured = capsys.readouterr()
+    assert rc == 2
+    assert "data.batch_pairs=8 must be a multiple of train.grad_accum_steps=4" in captured.err
+    assert "train step" not in captured.out

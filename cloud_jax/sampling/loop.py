@@ -29,6 +29,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec
 
 from cloud_jax.config import ModelConfig
@@ -224,6 +225,10 @@ def sample_padded(cfg: ModelConfig, params, ids_bl: np.ndarray, mask_bl: np.ndar
             params, cache, logits_bv, row_keys(seed, row_ids), stop_array(stop_ids),
             cfg=cfg, rules=tuple(rules), method=method, num_samples=num_samples,
             max_new_tokens=max_new_tokens, pad_id=pad_id)
+    if not tokens.is_fully_addressable:
+        # Several processes: the rows are spread over all of them, and each returns every row.
+        tokens, lengths, rewards, truncated = multihost_utils.process_allgather(
+            (tokens, lengths, rewards, truncated), tiled=True)
     k = num_samples
     return SampleOutput(
         tokens=np.asarray(tokens).reshape(b, k, max_new_tokens),

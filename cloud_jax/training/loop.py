@@ -85,7 +85,7 @@ def batches_available(cfg: Config, num_records: int) -> int:
     return per_epoch * cfg.data.num_epochs
 
 
-def _check_batch_layout(cfg: Config, mesh) -> None:
+def check_batch_layout(cfg: Config, mesh) -> None:
     data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     tc = cfg.train
     per_micro, rest = divmod(cfg.data.batch_pairs, tc.grad_accum_steps)
@@ -224,7 +224,7 @@ def run(cfg: Config) -> dict:
     rejected, dropped over-length, prompt-truncated), "compile_reports"}``.
     """
     mesh = make_mesh(cfg.mesh)
-    _check_batch_layout(cfg, mesh)
+    check_batch_layout(cfg, mesh)
     tokenizer, dataset = prepare_data(cfg)
     train_source = open_split(dataset, "train")
     available = batches_available(cfg, len(train_source))

@@ -1,0 +1,104 @@
+"""The pod path on loopback: two processes (jax.distributed on 127.0.0.1), four fake CPU devices
+each, train `cloud` to a checkpoint, are restarted and resume from it, then restore the checkpoints
+and sample critiques on the global mesh. Every result equals one process holding all eight devices
+and running the same global batches straight through."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cloud_jax.training.toy_data import toy_rows, write_toy_data
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests/scripts/multihost_cloud.py"
+STEPS, STOP = 6, 3
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(args: dict, processes: int, cache: str) -> None:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // processes}")
+    if processes > 1:
+        env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
+                   JAX_NUM_PROCESSES=str(processes))
+    procs = [subprocess.Popen([sys.executable, str(WORKER), json.dumps(args)],
+                              env=dict(env, JAX_PROCESS_ID=str(i)) if processes > 1 else env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+             for i in range(processes)]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for i, (p, (_, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"process {i} of {processes}:\n{err[-4000:]}"
+
+
+def _losses(out: Path) -> list[tuple[int, float]]:
+    with open(out / "metrics.jsonl") as f:
+        return [(r["step"], r["loss"]) for r in map(json.loads, f) if r["split"] == "train"]
+
+
+@pytest.mark.slow
+def test_two_processes_train_resume_and_sample_equal_one(tmp_path):
+    train, _ = write_toy_data(str(tmp_path / "data"), n_train=64, n_eval=8)
+    rows = toy_rows(6, seed=7)
+    # No shuffling: global batch k then holds the same pairs however the hosts split it.
+    # mesh fsdp 4 x tensor 2: with two processes the fsdp axis crosses them, so parameters,
+    # optimizer state and checkpoints are split between processes, as on a pod.
+    common = [f"data.train_path={train}", "data.eval_path=\"\"",
+              f"data.tfds_dir={tmp_path / 'tfds'}", "data.shuffle=false", "init_from=\"\"",
+              "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", f"train.total_steps={STEPS}",
+              f"train.checkpoint_every={STOP}", "train.log_every=1", "train.eval_every=0",
+              "train.export_final=false", "train.progress_bar=false",
+              "train.tensorboard_dir=\"\""]
+    sample = {"steps": [STOP, STEPS], "prompts": [r["prompt"] for r in rows],
+              "responses": [r["chosen"] if i % 2 else r["rejected"] for i, r in enumerate(rows)]}
+    config = str(ROOT / "configs/tiny_cpu_cloud.yaml")
+    cache = str(tmp_path / "jax_cache")
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    _launch(dict(sample, config=config, overrides=common + [f"output_dir={one}"],
+                 sample_out=str(one / "sampled.npz")), 1, cache)
+    _launch(dict(config=config, overrides=common + [f"output_dir={two}",
+                                                     f"train.stop_at_step={STOP}"]), 2, cache)
+    assert sorted(os.listdir(two / "checkpoints")) == [str(STOP)]
+    _launch(dict(sample, config=config, overrides=common + [f"output_dir={two}"],
+                 sample_out=str(two / "sampled.npz")), 2, cache)
+
+    a, b = _losses(one), _losses(two)
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([x for _, x in b], [x for _, x in a], rtol=1e-5)
+    want, got = np.load(one / "sampled.npz"), np.load(two / "sampled.npz")
+    assert sorted(got.files) == sorted(want.files)
+    for step in (STOP, STEPS):
+        keys = [k for k in want.files if k.startswith(f"params{step}[")]
+        assert len(keys) > 10, want.files
+        for k in keys:
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    # Training moved the weights between the two checkpoints.
+    assert not np.allclose(got[f"params{STOP}['lm_head']"], got[f"params{STEPS}['lm_head']"])
+    assert got["sample_rewards"].shape == (len(rows), 4)
+    np.testing.assert_allclose(got["sample_rewards"], want["sample_rewards"], rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(got["rewards"], want["rewards"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got["critique_tokens"], want["critique_tokens"])
+    # After six steps the byte-level critiques are mostly bytes that decode to U+FFFD, so the
+    # equal lengths and rewards (each read after its own critique tokens) say more than the text.
+    np.testing.assert_array_equal(got["critiques"], want["critiques"])
+    # Sampled at temperature 1: the K critiques of an input differ.
+    assert len(set(got["critique_tokens"].ravel().tolist())) > 1
+    assert all(len(set(r)) == 4 for r in got["sample_rewards"].tolist())
