@@ -1,5 +1,7 @@
 """The KV-cache sampler against full forwards: greedy tokens, in-loop rewards, padding, batching."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -160,3 +162,36 @@ def test_bad_settings_are_clear_errors(params):
     with pytest.raises(ValueError, match="largest prefill bucket"):
         bucket_length(40, buckets=(16, 32))
     assert bucket_length(17) == 32 and bucket_length(3) == 16 and bucket_length(20, (24, 64)) == 24
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_step_logits_equal_logits(tied):
+    cfg = dataclasses.replace(CFG, tie_word_embeddings=tied)
+    params = random_params(cfg, 1)
+    hidden_nd = jnp.asarray(np.random.default_rng(2).normal(size=(5, cfg.hidden_size)),
+                            jnp.float32)
+    model = CLoudModel(cfg)
+    want = model.apply({"params": params}, hidden_nd, method=CLoudModel.logits)
+    got = model.apply({"params": params}, hidden_nd, method=CLoudModel.step_logits)
+    assert got.shape == (5, cfg.vocab_size) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_prefix_attention_equals_attention_over_concatenated_keys():
+    """The shared-prefix branch equals plain attention over [prefix copied to each row, own keys],
+    one softmax over both, with masked slots in both segments."""
+    from cloud_jax.model.layers import gqa_attention
+
+    rng = np.random.default_rng(3)
+    groups, rows, t, h, kv, d, p, s = 2, 3, 2, 4, 2, 8, 5, 6
+    b = groups * rows
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+    q, k, v = normal(b, t, h, d), normal(b, kv, s, d), normal(b, kv, s, d)
+    pk, pv = normal(groups, kv, p, d), normal(groups, kv, p, d)
+    pmask = jnp.asarray(rng.random((b, t, p)) < 0.7)
+    mask = jnp.asarray(rng.random((b, t, s)) < 0.6)
+    got = gqa_attention(q, k, v, mask, (pk, pv, pmask))
+    want = gqa_attention(q, jnp.concatenate([jnp.repeat(pk, rows, axis=0), k], axis=2),
+                         jnp.concatenate([jnp.repeat(pv, rows, axis=0), v], axis=2),
+                         jnp.concatenate([pmask, mask], axis=2))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)

@@ -7,8 +7,11 @@ prompt length P, N new tokens, temperature sampling. Prints
 - critiques per second of our sampler (prefill once per input, cache repeated to K rows, a jitted
   while-loop decode that also reads each reward) and of ``transformers`` ``generate`` with
   ``num_return_sequences=K``, and their ratio;
-- our decode step time against the floor of reading every weight and the whole KV cache once per
-  step, at the memory bandwidth measured in the same run (a jitted sum over a large array);
+- our decode step time against two floors measured in the same run: reading every weight and the
+  whole KV cache once per step at the machine's memory bandwidth (a jitted sum over a large
+  array), and doing the step's FLOPs at the machine's fp32 matmul rate at the step's own shapes
+  (every weight matrix of the model times a [rows, in] activation; see :func:`decode_step_flops`
+  and :func:`matmul_rate`). With 16 rows a CPU step is bound by the second;
 - our wall time for K samples relative to K = 1;
 
 and, last, one JSON line with those numbers. Both frameworks get the same CPU threads
@@ -51,6 +54,56 @@ def read_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
     seconds, _ = _best(lambda: total(x).block_until_ready(), repeats)
     del x
     return num_bytes / seconds
+
+
+def _weight_matrices(params, cfg: ModelConfig) -> list[jax.Array]:
+    """Every weight matrix a decode step multiplies by, as [in, out]: per layer q, k, v, o, gate,
+    up, down, then the LM head (the transposed embedding when tied)."""
+    mats = []
+    for i in range(cfg.num_layers):
+        attn, mlp = params[f"layers_{i}"]["attn"], params[f"layers_{i}"]["mlp"]
+        for name in ("q_proj", "k_proj", "v_proj"):
+            mats.append(attn[name]["kernel"].reshape(cfg.hidden_size, -1))
+        mats.append(attn["o_proj"]["kernel"].reshape(-1, cfg.hidden_size))
+        mats += [mlp[name]["kernel"] for name in ("gate_proj", "up_proj", "down_proj")]
+    mats.append(params["embed"]["embedding"].T if cfg.tie_word_embeddings else params["lm_head"])
+    return mats
+
+
+def decode_step_flops(cfg: ModelConfig, rows: int, kv_slots_per_row: int) -> tuple[int, int]:
+    """(weight-matmul FLOPs, attention FLOPs) of one decode step of ``rows`` rows, each attending
+    to ``kv_slots_per_row`` cached keys: 2 per weight per row, and per layer, head and key 2 for
+    the score plus 2 for the weighted value (over every slot of the cache, as the step computes)."""
+    weights = (cfg.num_layers * (cfg.hidden_size * cfg.resolved_head_dim
+                                 * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+                                 + 3 * cfg.hidden_size * cfg.intermediate_size)
+               + cfg.hidden_size * cfg.vocab_size)
+    attention = 4 * cfg.num_layers * cfg.num_heads * cfg.resolved_head_dim * kv_slots_per_row
+    return 2 * rows * weights, rows * attention
+
+
+def matmul_rate(matrices_io: Sequence[jax.Array], rows: int, repeats: int = 5) -> float:
+    """fp32 FLOP/s of multiplying a [rows, in] activation by each [in, out] matrix, the fastest of
+    two layouts XLA may be given: ``x @ W`` and the weight stored [out, in] as the left operand
+    (``W_oi . x^T``, output [out, rows]). Each matrix is a distinct array, so the weights are read
+    from memory as in a step; the products are independent (summed so none is dropped)."""
+    xs = {w.shape[0]: jax.random.normal(jax.random.key(w.shape[0]), (rows, w.shape[0]))
+          for w in matrices_io}
+
+    @jax.jit
+    def right(ws, xs):
+        return sum(jnp.sum(xs[w.shape[0]] @ w) for w in ws)
+
+    @jax.jit
+    def left(ws_oi, xs):
+        return sum(jnp.sum(jnp.einsum("oi,ni->on", w, xs[w.shape[1]])) for w in ws_oi)
+
+    transposed = [jnp.asarray(w.T) for w in matrices_io]
+    flops = sum(2 * rows * w.size for w in matrices_io)
+    seconds = min(_best(lambda: right(list(matrices_io), xs).block_until_ready(), repeats)[0],
+                  _best(lambda: left(transposed, xs).block_until_ready(), repeats)[0])
+    del transposed
+    return flops / seconds
 
 
 def _hf_model(cfg: ModelConfig, params):
@@ -143,6 +196,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"floor {floor_s * 1e3:.1f} ms (weights {weight_bytes / 1e6:.0f} MB + KV cache "
           f"{kv_bytes / 1e6:.0f} MB at {bandwidth / 1e9:.1f} GB/s read); "
           f"step/floor = {step_s / floor_s:.2f}", flush=True)
+    weight_flops, attn_flops = decode_step_flops(cfg, b * k, p + m + 1)
+    rate = matmul_rate(_weight_matrices(params, cfg), b * k, repeats=max(args.repeats, 5))
+    compute_floor_s = (weight_flops + attn_flops) / rate
+    print(f"[bench sample] compute floor {compute_floor_s * 1e3:.1f} ms ({weight_flops / 1e9:.2f} "
+          f"GFLOP weight matmuls + {attn_flops / 1e9:.2f} GFLOP attention at {rate / 1e9:.1f} "
+          f"GFLOP/s, this machine's fp32 matmul rate at the step's [{b * k}, in] x [in, out] "
+          f"shapes); step/compute floor = {step_s / compute_floor_s:.2f}", flush=True)
 
     hf_cps = float("nan")
     if not args.skip_hf:
@@ -178,6 +238,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "hf_critiques_per_s": round(hf_cps, 3),
         "ratio": round(ours_cps / hf_cps, 3),
         "decode_step_over_floor": round(step_s / floor_s, 3),
+        "decode_step_over_compute_floor": round(step_s / compute_floor_s, 3),
         "k8_over_k1": round(ours_s / ours_k1_s, 3),
     }))
     return 0

@@ -172,6 +172,20 @@ class CLoudModel(nn.Module):
                 logits, ("activation_batch", "activation_length", "activation_vocab"))
         return logits
 
+    def step_logits(self, hidden_nd):
+        """LM logits [N, V] fp32 of a few rows (a decode step); the same values as :meth:`logits`.
+
+        With a tied head the product is taken as embedding [V, D] . hidden [N, D]^T, the long
+        vocabulary axis first, and the small [V, N] result transposed after it: on CPU, XLA runs
+        that form about 1.6x faster than [N, D] . [D, V] at N = 16. The barrier keeps the
+        compiler from folding the transpose back into the slower form.
+        """
+        if not self.cfg.tie_word_embeddings:
+            return self.logits(hidden_nd)
+        logits_vn = jnp.einsum("vd,nd->vn", self.embed.embedding.astype(hidden_nd.dtype),
+                               hidden_nd, preferred_element_type=jnp.float32)
+        return jnp.transpose(jax.lax.optimization_barrier(logits_vn))
+
     def reward(self, hidden_bd, deterministic: bool = True):
         """Reward [...] in fp32 from hidden states [..., D]."""
         return self.reward_head(hidden_bd, deterministic=deterministic)

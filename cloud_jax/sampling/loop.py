@@ -169,14 +169,18 @@ def decode(params, cache: Cache, logits_bv, row_keys_b, stop_ids_s, *, cfg: Mode
             ending = ~s.done_n & (is_stop | (s.step == m))
             writing = ~s.done_n & ~ending
             fed_n = jnp.where(ending, eot, jnp.where(writing, drawn_n, pad_id))
-            out = model.apply({"params": params}, fed_n[:, None], (~s.done_n)[:, None],
-                              reward_index_b=jnp.zeros((n,), jnp.int32), cache=s.cache)
+            hidden_n1d, cache = model.apply({"params": params}, fed_n[:, None],
+                                            (~s.done_n)[:, None], cache=s.cache,
+                                            method=CLoudModel.hidden_states)
+            hidden_nd = hidden_n1d[:, 0]
+            logits_nv = model.apply({"params": params}, hidden_nd, method=CLoudModel.step_logits)
+            rewards_n = model.apply({"params": params}, hidden_nd, method=CLoudModel.reward)
             return DecodeState(
-                step=s.step + 1, cache=out["cache"], logits_nv=out["logits"][:, 0],
+                step=s.step + 1, cache=cache, logits_nv=logits_nv,
                 tokens_nm=s.tokens_nm.at[:, s.step].set(jnp.where(writing, drawn_n, pad_id)),
                 lengths_n=s.lengths_n + writing.astype(jnp.int32),
                 done_n=s.done_n | ending, truncated_n=s.truncated_n | (ending & ~is_stop),
-                rewards_n=jnp.where(ending, out["rewards"], s.rewards_n), keys_n=s.keys_n)
+                rewards_n=jnp.where(ending, rewards_n, s.rewards_n), keys_n=s.keys_n)
 
         final = jax.lax.while_loop(cond, body, state)
     return final.tokens_nm[:, :m], final.lengths_n, final.rewards_n, final.truncated_n
