@@ -30,13 +30,8 @@ import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from cloud_jax.benchmarks.reasoning import ReasoningBenchmarkConfig
-from cloud_jax.config import (MeshConfig, ModelConfig, config_from_dict, load_config, save_config,
-                              to_dict)
-from cloud_jax.data.config import DataConfig
+from cloud_jax.config import Config, config_from_dict, load_config, save_config, to_dict
 from cloud_jax.errors import ConfigError
-from cloud_jax.losses import LossConfig
-from cloud_jax.optim import OptimConfig
-from cloud_jax.train_config import TrainConfig
 
 log = logging.getLogger("cloud_jax.pipeline")
 
@@ -94,22 +89,15 @@ class PipelineEvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class PipelineConfig:
-    """The shared sections are those of a training config (configs/tiny_cpu.yaml); each stage
-    starts from them, with ``train.stage``, ``output_dir``, ``init_from`` and the data paths set
-    by the pipeline, then its ``stages.<name>`` plan on top."""
+class PipelineConfig(Config):
+    """A training config (its sections are shared by every stage) plus the pipeline's own
+    sections. Each stage starts from the shared sections, with ``train.stage``, ``output_dir``,
+    ``init_from`` and the data paths set by the pipeline, then its ``stages.<name>`` plan on top.
+    ``init_from`` names the base model of both arms: "" trains one from scratch (stage
+    lm_pretrain); a local HF or CLoud directory (or hub id) is used as is, and lm_pretrain is
+    skipped."""
 
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    seed: int = 0
     output_dir: str = "runs/pipeline"
-    # The base model of both arms: "" trains one from scratch (stage lm_pretrain); a local HF or
-    # CLoud directory (or hub id) is used as is, and lm_pretrain is skipped.
-    init_from: str = ""
     # Written to <output_dir>/data when data.train_path is empty.
     benchmark: ReasoningBenchmarkConfig = dataclasses.field(
         default_factory=ReasoningBenchmarkConfig)
@@ -151,10 +139,8 @@ class PipelineConfig:
 
 
 def load_pipeline_config(path: Optional[str], overrides: Sequence[str] = ()) -> PipelineConfig:
-    cfg = load_config(path, overrides, schema=PipelineConfig)
-    for section in (cfg.model, cfg.optim, cfg.data, cfg.loss, cfg.train):
-        section.validate()
-    return cfg.validate()
+    # config_from_dict validates the shared sections (PipelineConfig is a Config).
+    return load_config(path, overrides, schema=PipelineConfig).validate()
 
 
 # --- stages ---------------------------------------------------------------------------------
@@ -175,10 +161,9 @@ def _stage_config(cfg: PipelineConfig, name: str, *, train_path: str, eval_path:
                   init_from: str):
     plan: StagePlan = getattr(cfg.stages, name)
     steps = plan.total_steps or cfg.stages.cloud.total_steps
-    shared = {k: to_dict(getattr(cfg, k))
-              for k in ("model", "mesh", "data", "optim", "loss", "train")}
-    shared.update(seed=cfg.seed, output_dir=os.path.join(cfg.output_dir, name),
-                  init_from=init_from)
+    everything = to_dict(cfg)
+    shared = {f.name: everything[f.name] for f in dataclasses.fields(Config)}
+    shared.update(output_dir=os.path.join(cfg.output_dir, name), init_from=init_from)
     shared["data"].update(train_path=train_path, eval_path=eval_path,
                           tfds_dir=os.path.join(cfg.output_dir, "tfds"))
     fixed = [f"train.stage={name}", f"train.total_steps={steps}", "train.stop_at_step=0"]
