@@ -48,9 +48,13 @@ class LossConfig:
     margin: float = 0.0
     # TRL-style reward centering, center_coef * mean((r_c + r_r)^2); keeps rewards near zero.
     center_coef: float = 0.0
+    # The LM loss is computed this many sequence positions at a time, with no [B, T, V] logits
+    # array; a chunk without target tokens (prompt, response, padding) skips the LM head.
+    # 0: the whole logits array at once.
+    lm_chunk_size: int = 256
 
     def validate(self) -> "LossConfig":
-        for key in ("lm_coef", "center_coef"):
+        for key in ("lm_coef", "center_coef", "lm_chunk_size"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"loss.{key}={getattr(self, key)}: must be >= 0")
         return self
@@ -193,7 +197,8 @@ def _require(mapping: Mapping, key: str, what: str, stage: str):
     return mapping[key]
 
 
-def _lm_mask(batch: Mapping, stage: str) -> jax.Array:
+def lm_target_mask(batch: Mapping, stage: str) -> jax.Array:
+    """[P, 2, T] bool: the LM target positions of the valid pairs."""
     loss_mask = _require(batch, "loss_mask", "batch", stage)
     pair_valid = _require(batch, "pair_valid", "batch", stage)
     # A padding pair contributes no tokens even if its loss_mask was left nonzero.
@@ -215,7 +220,7 @@ def loss_normalizers(stage: str, batch: Mapping) -> dict[str, jax.Array]:
     _check_stage(stage)
     out = {}
     if stage in _LM_STAGES:
-        out["lm_tokens"] = jnp.sum(_lm_mask(batch, stage), dtype=F32)
+        out["lm_tokens"] = jnp.sum(lm_target_mask(batch, stage), dtype=F32)
     if stage in _BT_STAGES:
         out["pairs"] = jnp.sum(_require(batch, "pair_valid", "batch", stage) != 0, dtype=F32)
     return out
@@ -235,6 +240,8 @@ def stage_loss(stage: str, outputs: Mapping[str, jax.Array], batch: Mapping[str,
     Args:
       stage: one of :data:`STAGES`.
       outputs: ``{"logits": [P, 2, T, V], "rewards": [P, 2]}``; only what the stage uses is read.
+        Instead of logits, ``"lm": (loss_sum, token_count)`` of the LM loss already computed over
+        :func:`lm_target_mask` (the model's chunked LM loss).
       batch: the training batch (``targets``, ``loss_mask``, ``pair_valid`` are read).
       lm_coef, margin, center_coef: see :class:`LossConfig`; ignored by stages without the term.
       normalizers: whole-batch counts when this is one micro-batch of it.
@@ -249,9 +256,12 @@ def stage_loss(stage: str, outputs: Mapping[str, jax.Array], batch: Mapping[str,
     loss = jnp.zeros((), F32)
     sums: dict[str, jax.Array] = {}
     if stage in _LM_STAGES:
-        logits = _require(outputs, "logits", "outputs", stage)
-        targets = _require(batch, "targets", "batch", stage)
-        lm_sum, lm_tokens = lm_loss(logits, targets, _lm_mask(batch, stage))
+        if "lm" in outputs:  # computed with the forward (chunked, see LossConfig.lm_chunk_size)
+            lm_sum, lm_tokens = outputs["lm"]
+        else:
+            logits = _require(outputs, "logits", "outputs", stage)
+            targets = _require(batch, "targets", "batch", stage)
+            lm_sum, lm_tokens = lm_loss(logits, targets, lm_target_mask(batch, stage))
         sums.update(lm_loss_sum=lm_sum, lm_tokens=lm_tokens)
         lm_term = _safe_divide(lm_sum, _require(normalizers, "lm_tokens", "normalizers", stage))
         loss = loss + (lm_coef * lm_term if stage == "cloud" else lm_term)

@@ -29,10 +29,14 @@ MODEL = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_lay
                     num_heads=4, num_kv_heads=2)
 
 
-def make_config(stage="cloud", grad_accum=1, mesh=MeshConfig(data=1), lr=1e-2, **train):
+def make_config(stage="cloud", grad_accum=1, mesh=MeshConfig(data=1), lr=1e-2, lm_chunk=5,
+                **train):
+    # lm_chunk 5 over rows of 12: the chunked LM loss with a shorter last chunk, and (see
+    # make_batch) a first chunk without targets that is skipped.
     return Config(model=MODEL, mesh=mesh,
                   optim=OptimConfig(learning_rate=lr, warmup_ratio=0.0, grad_clip_norm=1.0),
-                  loss=LossConfig(lm_coef=0.5, margin=0.1, center_coef=0.01),
+                  loss=LossConfig(lm_coef=0.5, margin=0.1, center_coef=0.01,
+                                  lm_chunk_size=lm_chunk),
                   train=TrainConfig(stage=stage, total_steps=10, grad_accum_steps=grad_accum,
                                     **train))
 
@@ -46,7 +50,7 @@ def make_batch(pairs=8, length=12, seed=0):
     mask = (pos[None, None, :] < lengths[..., None]).astype(np.int32)
     ids = np.where(mask == 1, ids, 0)
     targets = np.concatenate([ids[..., 1:], np.zeros((pairs, 2, 1), np.int32)], axis=-1)
-    loss_mask = ((pos >= 3)[None, None, :] & (pos[None, None, :] < lengths[..., None] - 1))
+    loss_mask = ((pos >= 5)[None, None, :] & (pos[None, None, :] < lengths[..., None] - 1))
     pair_valid = np.ones(pairs, np.int32)
     pair_valid[-1] = 0
     loss_mask = loss_mask.astype(np.float32) * pair_valid[:, None, None]
@@ -125,6 +129,21 @@ def test_grad_accumulation_over_4_micro_batches_equals_one_batch():
     for key in m1:
         np.testing.assert_allclose(np.asarray(m1[key]), np.asarray(m4[key]), rtol=1e-5,
                                    atol=1e-5, err_msg=key)
+
+
+@pytest.mark.parametrize("stage", ["cloud", "critique_sft"])
+def test_chunked_lm_loss_step_equals_full_logits_step(stage):
+    """loss.lm_chunk_size > 0 (chunks of 5 and 4 positions, chunks without targets skipped)
+    gives the step of the whole-logits loss (lm_chunk_size 0): losses, metrics, parameters."""
+    batches = [make_batch(seed=0), make_batch(seed=1)]
+    full, l0, m0, _ = run_steps(make_config(stage, lr=1e-4, lm_chunk=0), batches)
+    for chunk in (4, 5, 64):
+        chunked, lc, mc, _ = run_steps(make_config(stage, lr=1e-4, lm_chunk=chunk), batches)
+        assert max_diff(full, chunked) <= 1e-5, chunk
+        np.testing.assert_allclose(l0, lc, rtol=1e-6)
+        for key in m0:
+            np.testing.assert_allclose(np.asarray(m0[key]), np.asarray(mc[key]), rtol=1e-5,
+                                       atol=1e-6, err_msg=key)
 
 
 def test_cloud_loss_equals_hand_computed_value():

@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec
 
 from cloud_jax.config import ModelConfig
 from cloud_jax.model.layers import MLP, Attention, RMSNorm, dtype_of, param_with_axes
+from cloud_jax.model.lm_loss import chunked_lm_loss
 
 Cache = dict[str, Any]
 
@@ -165,12 +166,23 @@ class CLoudModel(nn.Module):
             kernel = jnp.transpose(self.embed.embedding)
         else:
             kernel = self.lm_head
-        logits = jnp.einsum("...d,dv->...v", hidden_btd, kernel.astype(hidden_btd.dtype),
+        # Rows flattened to one axis (see HeadProjection).
+        h_nd = hidden_btd.reshape(-1, hidden_btd.shape[-1])
+        logits = jnp.einsum("nd,dv->nv", h_nd, kernel.astype(hidden_btd.dtype),
                             preferred_element_type=jnp.float32)
+        logits = logits.reshape(hidden_btd.shape[:-1] + (logits.shape[-1],))
         if logits.ndim == 3:
             logits = nn.with_logical_constraint(
                 logits, ("activation_batch", "activation_length", "activation_vocab"))
         return logits
+
+    def lm_loss(self, hidden_btd, targets_bt, loss_mask_bt, chunk_size: int):
+        """``(loss_sum, token_count)`` of the LM head's cross-entropy, ``chunk_size`` positions at a
+        time without a full logits array (:func:`cloud_jax.model.lm_loss.chunked_lm_loss`)."""
+        tied = self.cfg.tie_word_embeddings
+        kernel = self.embed.embedding if tied else self.lm_head
+        return chunked_lm_loss(hidden_btd, kernel, targets_bt, loss_mask_bt, chunk_size,
+                               vocab_first=tied)
 
     def step_logits(self, hidden_nd):
         """LM logits [N, V] fp32 of a few rows (a decode step); the same values as :meth:`logits`.
@@ -192,12 +204,16 @@ class CLoudModel(nn.Module):
 
     def __call__(self, input_ids_bt, attention_mask_bt, positions_bt=None, reward_index_b=None,
                  cache: Optional[Cache] = None, deterministic: bool = True,
-                 return_logits: bool = True):
+                 return_logits: bool = True, lm_targets=None):
+        """``lm_targets=(targets [B,T], loss_mask [B,T], chunk_size)`` adds ``out["lm"]``, the
+        chunked LM loss ``(loss_sum, token_count)`` (see :meth:`lm_loss`)."""
         hidden, new_cache = self.hidden_states(input_ids_bt, attention_mask_bt, positions_bt,
                                                cache)
         out = {"cache": new_cache, "logits": None, "rewards": None}
         if return_logits:
             out["logits"] = self.logits(hidden)
+        if lm_targets is not None:
+            out["lm"] = self.lm_loss(hidden, *lm_targets)
         if reward_index_b is not None:
             picked_bd = jnp.take_along_axis(
                 hidden, reward_index_b.astype(jnp.int32)[:, None, None], axis=1)[:, 0]

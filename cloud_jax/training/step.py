@@ -24,7 +24,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cloud_jax.config import Config, ModelConfig
-from cloud_jax.losses import loss_normalizers, stage_loss
+from cloud_jax.losses import lm_target_mask, loss_normalizers, stage_loss
 from cloud_jax.model import CLoudModel, mesh_context, param_shapes, param_shardings
 from cloud_jax.optim import current_learning_rate, make_optimizer, make_schedule
 from cloud_jax.sharding import Rules, batch_sharding, replicated
@@ -42,24 +42,32 @@ Batch = Mapping[str, jax.Array]
 
 
 def forward(model: CLoudModel, params: Any, batch: Batch, stage: str, *,
-            rng: Optional[jax.Array] = None) -> dict[str, jax.Array]:
-    """Chosen and rejected rows in one forward: ``logits [P,2,T,V]`` (LM stages) and ``rewards
-    [P,2]`` (BT stages). With ``rng`` the reward-head dropout is on."""
+            rng: Optional[jax.Array] = None, lm_chunk_size: int = 0) -> dict[str, jax.Array]:
+    """Chosen and rejected rows in one forward: for LM stages ``logits [P,2,T,V]``, or with
+    ``lm_chunk_size > 0`` the chunked LM loss ``lm = (loss_sum, token_count)`` over
+    :func:`lm_target_mask`; for BT stages ``rewards [P,2]``. With ``rng`` the reward-head dropout
+    is on."""
     p = batch["pair_valid"].shape[0]
 
     def rows(x):  # [P, 2, ...] -> [2P, ...]
         return x.reshape((2 * p,) + x.shape[2:])
 
     want_rewards = stage in BT_STAGES
+    chunked = stage in LM_STAGES and lm_chunk_size > 0
+    lm_targets = None
+    if chunked:
+        lm_targets = (rows(batch["targets"]), rows(lm_target_mask(batch, stage)), lm_chunk_size)
     out = model.apply(
         {"params": params}, rows(batch["input_ids"]), rows(batch["attention_mask"]),
         positions_bt=rows(batch["positions"]),
         reward_index_b=rows(batch["reward_index"]) if want_rewards else None,
-        deterministic=rng is None, return_logits=stage in LM_STAGES,
-        rngs=None if rng is None else {"dropout": rng})
+        deterministic=rng is None, return_logits=stage in LM_STAGES and not chunked,
+        lm_targets=lm_targets, rngs=None if rng is None else {"dropout": rng})
     outputs = {}
     if out["logits"] is not None:
         outputs["logits"] = out["logits"].reshape((p, 2) + out["logits"].shape[1:])
+    if chunked:
+        outputs["lm"] = out["lm"]
     if want_rewards:
         outputs["rewards"] = out["rewards"].reshape(p, 2)
     return outputs
@@ -137,7 +145,8 @@ class StepBuilder:
         margin = lc.margin if lc.margin else None
 
         def loss_fn(params, batch, normalizers, rng):
-            outputs = forward(self.model, params, batch, self.stage, rng=rng)
+            outputs = forward(self.model, params, batch, self.stage, rng=rng,
+                              lm_chunk_size=lc.lm_chunk_size)
             return stage_loss(self.stage, outputs, batch, lm_coef=lc.lm_coef, margin=margin,
                               center_coef=lc.center_coef, normalizers=normalizers)
 
@@ -207,7 +216,8 @@ class StepBuilder:
         margin = lc.margin if lc.margin else None
 
         def eval_fn(params, batch):
-            outputs = forward(self.model, params, batch, self.stage)
+            outputs = forward(self.model, params, batch, self.stage,
+                              lm_chunk_size=lc.lm_chunk_size)
             _, sums = stage_loss(self.stage, outputs, batch, lm_coef=lc.lm_coef, margin=margin,
                                  center_coef=lc.center_coef)
             return sums
