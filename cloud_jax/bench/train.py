@@ -13,9 +13,11 @@ Prints tokens/s of both and their ratio, both first-step losses (the same weight
 the same loss: a check that the two do the same work), and achieved FLOP/s (PaLM's model-FLOPs
 count) as a fraction of this machine's fp32 matmul FLOP/s, measured in the same run as the best of
 JAX's and torch's large square matmuls. Ends with one JSON line. Both frameworks get the same CPU
-threads (``--threads``). Every time is the best of ``--repeats`` rounds after a warm-up; each
-round runs the matmuls, our step and torch's step one after another, so that on a shared machine
-all of them meet the same load.
+threads (``--threads``). Every time is the best over ``--repeats`` rounds after a warm-up; each
+round runs the matmuls, then ``--steps`` consecutive steps of ours, then of torch's, so that on a
+shared machine all of them meet the same load and each step is measured in steady state. Also
+prints the FLOP fraction counting the LM head at the target tokens only (ours skips the rest:
+``loss.lm_chunk_size``, ``--lm-chunk``).
 """
 
 from __future__ import annotations
