@@ -36,6 +36,9 @@ class RewardModel:
     mesh: Optional[Mesh] = None
     rules: Rules = TRAIN_RULES
     base_model_name_or_path: Optional[str] = None
+    # The text the model was trained to write its critiques after (stored in the checkpoint by
+    # training); scoring uses it unless told otherwise. None: not known, the default is used.
+    critique_prefix: Optional[str] = None
 
     @property
     def module(self) -> CLoudModel:
@@ -91,7 +94,8 @@ class RewardModel:
         """Writes the reference CLoud layout (safetensors + config.json) and the tokenizer."""
         out = hf_io.save_cloud_reference(
             self.params, self.config, directory,
-            base_model_name_or_path=base_model_name_or_path or self.base_model_name_or_path)
+            base_model_name_or_path=base_model_name_or_path or self.base_model_name_or_path,
+            critique_prefix=self.critique_prefix)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(out))
         return out
@@ -116,8 +120,13 @@ def load(path: str | os.PathLike, *, mesh: Optional[Mesh] = None, rules: Rules =
     """
     cfg, params, directory, raw = hf_io.load_model_dir(
         path, mesh=mesh, rules=rules, rng=jax.random.key(seed), **config_overrides)
-    base_name = raw.get("base_model_name_or_path") if hf_io.is_cloud_reference(raw) else str(path)
-    return RewardModel(cfg, params, _load_tokenizer(directory), mesh, rules, base_name)
+    cloud = hf_io.is_cloud_reference(raw)
+    base_name = raw.get("base_model_name_or_path") if cloud else str(path)
+    prefix = raw.get("critique_prefix") if cloud else None
+    if prefix is not None and not isinstance(prefix, str):
+        raise hf_io.CheckpointError(f"{directory}/config.json: critique_prefix must be a string, "
+                                    f"got {prefix!r}")
+    return RewardModel(cfg, params, _load_tokenizer(directory), mesh, rules, base_name, prefix)
 
 
 def from_config(cfg: ModelConfig, *, seed: int = 0, mesh: Optional[Mesh] = None,

@@ -13,8 +13,10 @@ so a rerun after an interruption skips the finished shards and redoes the rest. 
 on the seed and each input's tokens only, so the files are identical to an uninterrupted run.
 A rerun with other settings into the same directory is refused.
 
-Several hosts: each process takes the shards ``s`` with ``s % num_hosts == host_index`` (from
-``jax.process_count()`` / ``jax.process_index()`` unless given) and samples on its own devices.
+Several hosts: start the same command on every host. ``jax.distributed.initialize()`` runs first
+where the environment asks for it (``--distributed``, as in training); each process then takes
+the shards ``s`` with ``s % num_hosts == host_index`` (from ``jax.process_count()`` /
+``jax.process_index()`` unless given) and samples them on its own devices (``--mesh``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from typing import Optional, Sequence
 
 from cloud_jax.data.schema import FEEDBACK_FIELDS, PreferenceRow, expand_paths, load_rows
 from cloud_jax.scoring import (ScoreConfig, add_sampling_args, config_from_args, load_model,
-                               progress_bar, score, write_jsonl_atomic)
+                               progress_bar, resolve_critique_prefix, score, write_jsonl_atomic)
+
+from cloud_jax.train_config import DISTRIBUTED_MODES
 
 PROVENANCE = "provenance.json"
 
@@ -106,10 +110,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="processes sharing the work (default: jax.process_count())")
     parser.add_argument("--host-index", type=int, default=None,
                         help="this process's share (default: jax.process_index())")
+    parser.add_argument("--distributed", choices=DISTRIBUTED_MODES, default="auto",
+                        help="jax.distributed.initialize() first: auto (default) on a multi-host "
+                             "TPU slice or where JAX_COORDINATOR_ADDRESS is set, as training does")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
     if args.shard_rows < 1:
         parser.error("--shard-rows must be >= 1")
+    from cloud_jax.train import init_distributed
+
+    init_distributed(args.distributed)
     import jax
 
     num_hosts = jax.process_count() if args.num_hosts is None else args.num_hosts
@@ -121,6 +131,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     num_shards = max(1, math.ceil(len(rows) / args.shard_rows))
     os.makedirs(args.output, exist_ok=True)
     rm = load_model(args)
+    cfg = dataclasses.replace(cfg, critique_prefix=resolve_critique_prefix(rm, cfg))
     from cloud_jax.data.tokenizer import tokenizer_fingerprint
 
     _write_provenance(args.output, {
@@ -133,6 +144,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "num_shards": num_shards,
         "sampling": dataclasses.asdict(cfg),
         "tokenizer_sha256": tokenizer_fingerprint(rm.tokenizer),
+        # Precision changes the critiques; the mesh does not, so a run may resume on another one.
+        **{key: value for key, value in (("dtype", args.dtype),
+                                         ("param_dtype", args.param_dtype)) if value is not None},
     })
     mine = [s for s in range(num_shards) if s % num_hosts == host]
     todo = [s for s in mine

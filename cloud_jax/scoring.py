@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import logging
 import os
 import sys
 from typing import Any, Callable, Optional, Sequence
@@ -35,6 +36,8 @@ from cloud_jax.data.tokenizer import end_of_turn_ids
 from cloud_jax.model import CLoudModel, param_shardings, unstack_layers
 from cloud_jax.sampling import bucket_length, method_from, pad_prefixes, sample
 from cloud_jax.sharding import SAMPLE_RULES
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +57,9 @@ class ScoreConfig:
     batch_size: int = 8
     # Prefill tokens at most; longer inputs lose prompt tokens from the left.
     max_length: int = 2048
-    critique_prefix: str = CRITIQUE_PREFIX
+    # The text the critique starts after. None: the one stored in the model's checkpoint by
+    # training (RewardModel.critique_prefix), else data.config.CRITIQUE_PREFIX.
+    critique_prefix: Optional[str] = None
     # A classic reward model: no critique, one forward.
     classic: bool = False
     # Prefill length buckets; empty: powers of two.
@@ -137,6 +142,22 @@ def _score_classic(rm, prompts, responses, cfg: ScoreConfig, on_batch) -> ScoreR
                        truncated=np.zeros((n, 1), bool), critique_tokens=np.zeros((n, 1), np.int32))
 
 
+def resolve_critique_prefix(rm, cfg: ScoreConfig) -> str:
+    """The prefix to score with: ``cfg``'s, else the model's own, else CRITIQUE_PREFIX."""
+    trained = getattr(rm, "critique_prefix", None)
+    if cfg.critique_prefix is None:
+        return CRITIQUE_PREFIX if trained is None else trained
+    if trained is not None and cfg.critique_prefix != trained:
+        _warn_once(f"scoring with critique_prefix {cfg.critique_prefix!r}, but the model was "
+                   f"trained with {trained!r}")
+    return cfg.critique_prefix
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    log.warning(message)
+
+
 def score(rm, prompts: Sequence[str], responses: Sequence[str], cfg: ScoreConfig = ScoreConfig(),
           on_batch: Optional[Callable[[int, int], None]] = None) -> ScoreResult:
     """Scores every (prompt, response); ``rm`` is a :class:`cloud_jax.RewardModel`.
@@ -146,6 +167,7 @@ def score(rm, prompts: Sequence[str], responses: Sequence[str], cfg: ScoreConfig
     random stream derives from its tokens.
     """
     cfg.validate()
+    cfg = dataclasses.replace(cfg, critique_prefix=resolve_critique_prefix(rm, cfg))
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     if not prompts:
@@ -198,13 +220,56 @@ def score(rm, prompts: Sequence[str], responses: Sequence[str], cfg: ScoreConfig
 # --- command line ---------------------------------------------------------------------------
 
 
-def add_sampling_args(parser: argparse.ArgumentParser, defaults: ScoreConfig) -> None:
-    """Options shared by ``score`` and ``critique``."""
+MESH_AXES = ("data", "fsdp", "tensor")
+DTYPES = ("float32", "bfloat16")
+
+
+def parse_mesh(text: str):
+    """``"tensor=4"`` or ``"data=2,fsdp=1,tensor=2"`` -> MeshConfig; unnamed axes keep
+    data=-1 (the devices the others leave), fsdp=1, tensor=1."""
+    from cloud_jax.config import MeshConfig
+
+    sizes = {}
+    for part in (p.strip() for p in text.split(",")):
+        axis, eq, value = part.partition("=")
+        axis = axis.strip()
+        if not eq or axis not in MESH_AXES:
+            raise argparse.ArgumentTypeError(
+                f"{part!r}: expected AXIS=N with AXIS one of {', '.join(MESH_AXES)}, "
+                "e.g. tensor=4 or data=2,tensor=2")
+        if axis in sizes:
+            raise argparse.ArgumentTypeError(f"{text!r}: axis {axis} given twice")
+        try:
+            sizes[axis] = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r}: {value!r} is not an integer") from None
+        if sizes[axis] < 1 and sizes[axis] != -1:
+            raise argparse.ArgumentTypeError(f"{part!r}: an axis size is >= 1, or -1 for the "
+                                             "devices the others leave")
+    return MeshConfig(**sizes)
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Where and in what precision the model runs (``score``, ``critique``, ``evaluate``)."""
     parser.add_argument("--checkpoint", required=True,
                         help="CLoud reference-layout or HF directory (or hub id)")
-    parser.add_argument("--input", required=True, help="rows: JSONL file(s), comma-separated")
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer ('byte', a directory or hub id) if the checkpoint has none")
+    parser.add_argument("--mesh", type=parse_mesh, default=None, metavar="AXIS=N[,AXIS=N]",
+                        help="a data x fsdp x tensor mesh over this host's devices, e.g. "
+                             "tensor=4 to split the weights four ways (unnamed axes: data=-1, "
+                             "fsdp=1, tensor=1); default: every local device on data, weights "
+                             "replicated")
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="compute dtype (default: float32)")
+    parser.add_argument("--param-dtype", choices=DTYPES, default=None,
+                        help="weights in memory (default: float32; bfloat16 halves them)")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, defaults: ScoreConfig) -> None:
+    """Options shared by ``score`` and ``critique``."""
+    add_model_args(parser)
+    parser.add_argument("--input", required=True, help="rows: JSONL file(s), comma-separated")
     parser.add_argument("--temperature", type=float, default=defaults.temperature,
                         help="0 is greedy (default %(default)s)")
     parser.add_argument("--top-k", type=int, default=None)
@@ -215,7 +280,9 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: ScoreConfig) ->
                         help="inputs per compiled batch (default %(default)s)")
     parser.add_argument("--max-length", type=int, default=defaults.max_length,
                         help="prefill tokens at most; prompts are cut from the left")
-    parser.add_argument("--critique-prefix", default=defaults.critique_prefix)
+    parser.add_argument("--critique-prefix", default=defaults.critique_prefix,
+                        help="text the critique starts after (default: the one the checkpoint "
+                             "was trained with, else the standard prefix)")
 
 
 def config_from_args(args: argparse.Namespace, **fields) -> ScoreConfig:
@@ -226,10 +293,25 @@ def config_from_args(args: argparse.Namespace, **fields) -> ScoreConfig:
 
 
 def load_model(args: argparse.Namespace):
+    """The model of ``add_model_args``' options, placed on this host's devices."""
     import cloud_jax
+    from cloud_jax.config import MeshConfig
     from cloud_jax.data.tokenizer import load_tokenizer
+    from cloud_jax.sharding import make_mesh
 
-    rm = cloud_jax.load(args.checkpoint)
+    # Local devices only: every host of a pod samples its own share, with no traffic between hosts.
+    devices = jax.local_devices()
+    mesh_cfg = args.mesh if args.mesh is not None else (MeshConfig() if len(devices) > 1 else None)
+    try:
+        mesh = None if mesh_cfg is None else make_mesh(mesh_cfg, devices)
+    except ValueError as err:
+        raise SystemExit(f"--mesh: {err}") from None
+    overrides = {k: v for k, v in (("dtype", args.dtype), ("param_dtype", args.param_dtype))
+                 if v is not None}
+    rm = cloud_jax.load(args.checkpoint, mesh=mesh, rules=SAMPLE_RULES, **overrides)
+    if mesh is not None:
+        print(f"model on a {dict(mesh.shape)} mesh of {len(devices)} local device(s)",
+              file=sys.stderr)
     if args.tokenizer is not None:
         rm.tokenizer = load_tokenizer(args.tokenizer)
     if rm.tokenizer is None:

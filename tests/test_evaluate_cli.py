@@ -89,14 +89,19 @@ class FakeModel:
 def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
     rows_path, bon_path = _inputs(tmp_path)
     model = FakeModel()
-    monkeypatch.setattr(cloud_jax, "load", lambda path: model)
+    loads = []
+    monkeypatch.setattr(cloud_jax, "load", lambda path, **kw: loads.append((path, kw)) or model)
     out = tmp_path / "out"
     rc = main(["--checkpoint", "ckpt", "--input", rows_path, "--best-of-n", bon_path,
                "--output-dir", str(out), "--num-samples", "1,4", "--temperature", "0.7",
-               "--max-critique-tokens", "32", "--seed", "3", "--top-p", "0.9", "--no-progress"])
+               "--max-critique-tokens", "32", "--seed", "3", "--top-p", "0.9",
+               "--critique-prefix", "Check: ", "--param-dtype", "bfloat16", "--no-progress"])
     assert rc == 0
+    [(path, kw)] = loads
+    assert path == "ckpt" and kw["param_dtype"] == "bfloat16" and "dtype" not in kw
     assert model.settings[0] == {"num_samples": 4, "temperature": 0.7, "max_critique_tokens": 32,
-                                 "seed": 3, "batch_size": 8, "classic": False, "top_p": 0.9}
+                                 "seed": 3, "batch_size": 8, "classic": False, "top_p": 0.9,
+                                 "critique_prefix": "Check: "}
     report = json.loads((out / "report.json").read_text())
     assert list(report["rewardbench"]["by_k"]) == ["1", "4"]
     assert report["settings"]["top_p"] == 0.9 and report["settings"]["checkpoint"] == "ckpt"
@@ -107,13 +112,13 @@ def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
 def test_cli_classic(tmp_path, monkeypatch):
     rows_path, _ = _inputs(tmp_path)
     model = FakeModel()
-    monkeypatch.setattr(cloud_jax, "load", lambda path: model)
+    monkeypatch.setattr(cloud_jax, "load", lambda path, **kw: model)
     assert main(["--checkpoint", "c", "--input", rows_path, "--output-dir", str(tmp_path / "o"),
                  "--classic", "--no-progress"]) == 0
     assert model.settings[0]["classic"] is True and model.settings[0]["num_samples"] == 1
 
 
-def _no_model(path):
+def _no_model(path, **kw):
     raise AssertionError("the model must not load when the inputs are bad")
 
 

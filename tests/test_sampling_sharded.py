@@ -41,7 +41,9 @@ def _compare_on_fake_devices() -> dict:
     plain = cloud_jax.RewardModel(cfg, params, byte_tokenizer()).score(*texts, **settings)
     on_mesh = cloud_jax.RewardModel(cfg, sharded_params, byte_tokenizer(), mesh,
                                     SAMPLE_RULES).score(*texts, **settings)
+    cli = _score_command_on_meshes(cloud_jax.RewardModel(cfg, params, byte_tokenizer()), texts)
     return {
+        **cli,
         "score_critiques_equal": plain.critiques == on_mesh.critiques,
         "score_rewards_diff": float(np.abs(plain.sample_rewards - on_mesh.sample_rewards).max()),
         "tokens_equal": bool(np.array_equal(single.tokens, sharded.tokens)),
@@ -49,6 +51,50 @@ def _compare_on_fake_devices() -> dict:
         "rewards_diff": float(np.abs(single.rewards - sharded.rewards).max()),
         "q_spec": str(q_spec),
     }
+
+
+def _score_command_on_meshes(rm, texts) -> dict:
+    """``python -m cloud_jax score`` with ``--mesh`` (and without: every device on data) gives
+    the numbers of the model on one device; ``--param-dtype bfloat16`` loads bf16 weights."""
+    import tempfile
+
+    import numpy as np
+
+    from cloud_jax.scoring import load_model, main
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = str(rm.save_pretrained(os.path.join(tmp, "ckpt")))
+        rows = os.path.join(tmp, "rows.jsonl")
+        with open(rows, "w") as f:
+            for p, r in zip(*texts):
+                f.write(json.dumps({"prompt": p, "response": r}) + "\n")
+        common = ["--checkpoint", ckpt, "--input", rows, "--num-samples", "2", "--temperature",
+                  "1.0", "--max-critique-tokens", "4", "--seed", "1", "--batch-size", "3"]
+        settings = dict(num_samples=2, temperature=1.0, max_critique_tokens=4, seed=1,
+                        batch_size=3)
+        for name, extra in (("mesh_2x2x2", ["--mesh", "data=2,fsdp=2,tensor=2"]),
+                            ("mesh_default", []), ("classic_tensor_4", ["--mesh", "tensor=4",
+                                                                        "--classic"])):
+            classic = "--classic" in extra
+            want = rm.score(*texts, **settings, classic=classic)
+            path = os.path.join(tmp, f"{name}.jsonl")
+            assert main(common + extra + ["--output", path]) == 0
+            got = [json.loads(line) for line in open(path)]
+            rewards = np.array([row["sample_rewards"] for row in got])
+            out[f"{name}_rewards_diff"] = float(np.abs(rewards - want.sample_rewards).max())
+            out[f"{name}_critiques_equal"] = classic or [row["critiques"] for row in got] == \
+                want.critiques
+        parser = __import__("argparse").ArgumentParser()
+        from cloud_jax.scoring import add_model_args
+
+        add_model_args(parser)
+        loaded = load_model(parser.parse_args(["--checkpoint", ckpt, "--mesh", "tensor=2",
+                                               "--param-dtype", "bfloat16"]))
+        kernel = loaded.params["layers_0"]["attn"]["q_proj"]["kernel"]
+        out["bf16_kernel"] = str(kernel.dtype)
+        out["loaded_mesh"] = dict(loaded.mesh.shape)
+    return out
 
 
 def test_sampling_on_8_devices_equals_single_device():
@@ -62,6 +108,11 @@ def test_sampling_on_8_devices_equals_single_device():
     assert result["tokens_equal"] and result["lengths_equal"]
     assert result["rewards_diff"] <= 1e-5
     assert result["score_critiques_equal"] and result["score_rewards_diff"] <= 1e-5
+    for name in ("mesh_2x2x2", "mesh_default", "classic_tensor_4"):
+        assert result[f"{name}_critiques_equal"], name
+        assert result[f"{name}_rewards_diff"] <= 1e-5, (name, result)
+    assert result["bf16_kernel"] == "bfloat16"
+    assert result["loaded_mesh"] == {"data": 4, "fsdp": 1, "tensor": 2}
 
 
 if __name__ == "__main__":

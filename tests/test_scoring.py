@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,9 @@ import numpy as np
 import pytest
 
 import cloud_jax
+from cloud_jax.checkpoints.hf import CheckpointError
 from cloud_jax.config import ModelConfig
+from cloud_jax.data.config import CRITIQUE_PREFIX
 from cloud_jax.data.layout import encode_critique_prefix, encode_example
 from cloud_jax.data.tokenizer import byte_tokenizer, end_of_turn_ids
 from cloud_jax.model import param_shapes
@@ -112,6 +115,36 @@ def test_score_command_writes_every_row_back(rm, tmp_path):
     np.testing.assert_allclose(scored[0]["sample_rewards"], api.sample_rewards[0], atol=1e-5)
     np.testing.assert_allclose(scored[1]["chosen_sample_rewards"], api.sample_rewards[1],
                                atol=1e-5)
+
+
+def test_the_critique_prefix_a_model_was_trained_with_is_saved_and_scored_with(rm, tmp_path,
+                                                                                caplog):
+    prefix = "Check: "
+    ckpt = dataclasses.replace(rm, critique_prefix=prefix).save_pretrained(tmp_path / "ckpt")
+    assert json.loads((ckpt / "config.json").read_text())["critique_prefix"] == prefix
+    loaded = cloud_jax.load(ckpt)
+    assert loaded.critique_prefix == prefix
+    stored = loaded.score(PROMPTS, RESPONSES, max_critique_tokens=BUDGET)
+    given = rm.score(PROMPTS, RESPONSES, max_critique_tokens=BUDGET, critique_prefix=prefix)
+    default = rm.score(PROMPTS, RESPONSES, max_critique_tokens=BUDGET)
+    assert stored.critiques == given.critiques
+    np.testing.assert_allclose(stored.sample_rewards, given.sample_rewards, atol=1e-6, rtol=0)
+    assert np.abs(stored.rewards - default.rewards).max() > 1e-5  # the prefix is in the prefill
+    # A prefix given explicitly wins, with a warning naming both.
+    with caplog.at_level(logging.WARNING, logger="cloud_jax.scoring"):
+        other = loaded.score(PROMPTS, RESPONSES, max_critique_tokens=BUDGET,
+                             critique_prefix=CRITIQUE_PREFIX)
+    np.testing.assert_allclose(other.sample_rewards, default.sample_rewards, atol=1e-6, rtol=0)
+    assert f"but the model was trained with {prefix!r}" in caplog.text
+    # Re-exporting keeps it; a model without one writes no key and scores with the default.
+    assert cloud_jax.load(loaded.save_pretrained(tmp_path / "again")).critique_prefix == prefix
+    plain = rm.save_pretrained(tmp_path / "plain")
+    assert "critique_prefix" not in json.loads((plain / "config.json").read_text())
+    assert cloud_jax.load(plain).critique_prefix is None
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "critique_prefix": 3}))
+    with pytest.raises(CheckpointError, match="critique_prefix must be a string, got 3"):
+        cloud_jax.load(ckpt)
 
 
 def test_bad_rows_and_settings_are_clear_errors(rm, tmp_path):

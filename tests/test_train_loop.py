@@ -222,6 +222,9 @@ def test_tiny_stage_chain_from_the_command_line(toy, tmp_path):
         assert main(["--config", str(ROOT / f"configs/tiny_cpu_{stage}.yaml"), *common,
                      f"output_dir={out}", f"init_from={init}"]) == 0
         finals[stage] = str(out / "final")
-        assert (out / "final" / "config.json").exists()
+        exported = json.loads((out / "final" / "config.json").read_text())
+        # Models trained on critiques record the prefix they start after; scoring reads it.
+        assert exported.get("critique_prefix") == (
+            "Critique: " if stage in ("critique_sft", "cloud") else None), stage
     for stage in ("cloud", "classic"):
         assert read_metrics(str(tmp_path / stage), "eval")[-1]["accuracy"] >= 0.95

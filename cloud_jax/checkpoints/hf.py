@@ -10,7 +10,9 @@ Reference CLoud layout (``CLoudRewardModel`` in the original PyTorch code)::
                          reward_head.out_proj.{weight,bias}
 
 The reference reads the backbone config from ``base_model_name_or_path``; we also write it inline as
-``base_model_config`` (and as ``base_config/config.json``) so an exported directory is self-contained.
+``base_model_config`` (and as ``base_config/config.json``) so an exported directory is self-contained,
+and add ``critique_prefix`` (the text the model writes its critiques after) when it is known; the
+reference ignores both.
 
 Only safetensors and JSON are ever read: no pickle, no remote code. Tensors are read one at a time
 and placed straight into their target sharding.
@@ -466,8 +468,13 @@ def save_hf_backbone(params: Params, cfg: ModelConfig, directory: str | os.PathL
 
 def save_cloud_reference(params: Params, cfg: ModelConfig, directory: str | os.PathLike, *,
                          base_model_name_or_path: Optional[str] = None,
-                         feedback_method: str = "teacher") -> Path:
-    """A CLoud reward model in the reference implementation's layout (see module docstring)."""
+                         feedback_method: str = "teacher",
+                         critique_prefix: Optional[str] = None) -> Path:
+    """A CLoud reward model in the reference implementation's layout (see module docstring).
+
+    ``critique_prefix``, when given, is the text the model was trained to start its critiques
+    after; it is stored in config.json, where scoring finds it.
+    """
     if feedback_method not in ("vanilla", "teacher"):
         raise ValueError(f"feedback_method={feedback_method!r}: expected 'vanilla' or 'teacher'")
     directory = Path(directory)
@@ -486,6 +493,8 @@ def save_cloud_reference(params: Params, cfg: ModelConfig, directory: str | os.P
         "base_model_config": base,
         "torch_dtype": cfg.param_dtype,
     }
+    if critique_prefix is not None:
+        config["critique_prefix"] = critique_prefix
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     return directory
 

@@ -24,7 +24,7 @@ from cloud_jax.data.schema import RowError, load_rows
 from cloud_jax.evaluation.best_of_n import BASELINES, load_best_of_n
 from cloud_jax.evaluation.run import EvalConfig, run_evaluation
 from cloud_jax.evaluation.scorer import score_fn_from_model
-from cloud_jax.scoring import load_model
+from cloud_jax.scoring import add_model_args, load_model
 
 
 def parse_ks(text: str) -> tuple[int, ...]:
@@ -43,8 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = EvalConfig()
     p = argparse.ArgumentParser(prog="python -m cloud_jax evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True,
-                   help="CLoud reference-layout or HF directory (or hub id)")
+    add_model_args(p)  # --checkpoint, --tokenizer, --mesh, --dtype, --param-dtype
     p.add_argument("--input", default=None, help="preference rows (RewardBench format)")
     p.add_argument("--best-of-n", default=None, help="Best-of-N JSONL file(s)")
     p.add_argument("--output-dir", required=True)
@@ -57,13 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-critique-tokens", type=int, default=d.max_critique_tokens)
     p.add_argument("--max-length", type=int, default=None,
                    help="prefill tokens at most (the scorer's default if unset)")
+    p.add_argument("--critique-prefix", default=None,
+                   help="text the critique starts after (default: the one the checkpoint was "
+                        "trained with, else the standard prefix)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--batch-size", type=int, default=d.batch_size,
                    help="inputs per compiled batch (default %(default)s)")
     p.add_argument("--classic", action="store_true",
                    help="a classic reward model: no critiques, one reward per response")
-    p.add_argument("--tokenizer", default=None,
-                   help="tokenizer ('byte', a directory or hub id) if the checkpoint has none")
     p.add_argument("--tie-credit", type=float, default=d.tie_credit, choices=(0.0, 0.5),
                    help="what a tie scores: 0 (RewardBench's rule, default) or 0.5")
     p.add_argument("--baseline", choices=BASELINES, default=d.baseline,
@@ -106,7 +106,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     settings = {"checkpoint": args.checkpoint, "input": args.input, "best_of_n": args.best_of_n}
     sampler = {k: v for k, v in (("top_k", args.top_k), ("top_p", args.top_p),
-                                 ("max_length", args.max_length)) if v is not None}
+                                 ("max_length", args.max_length),
+                                 ("critique_prefix", args.critique_prefix)) if v is not None}
     settings.update(sampler)
     score_fn = score_fn_from_model(load_model(args), temperature=cfg.temperature,
                                    max_critique_tokens=cfg.max_critique_tokens, seed=cfg.seed,

@@ -161,7 +161,9 @@ def _export_final(cfg: Config, model_cfg: ModelConfig, params, tokenizer) -> Opt
     if not _is_main():
         return None
     out = os.path.join(cfg.output_dir, "final")
-    RewardModel(model_cfg, params, tokenizer).save_pretrained(out)
+    # A model trained on critiques records the prefix they start after, for scoring.
+    prefix = cfg.data.critique_prefix if cfg.train.stage in ("critique_sft", "cloud") else None
+    RewardModel(model_cfg, params, tokenizer, critique_prefix=prefix).save_pretrained(out)
     log.info("final weights written to %s (a CLoud directory: init_from / cloud_jax.load)", out)
     return out
 
