@@ -78,7 +78,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def _write_provenance(out_dir: str, provenance: dict) -> None:
+def _write_provenance(out_dir: str, provenance: dict, host: int = 0) -> None:
     path = os.path.join(out_dir, PROVENANCE)
     # Through JSON once, so tuples compare equal to the lists read back.
     provenance = json.loads(json.dumps(provenance))
@@ -91,7 +91,8 @@ def _write_provenance(out_dir: str, provenance: dict) -> None:
             raise SystemExit(f"{path} records other settings ({', '.join(changed)} differ); "
                              "write to a new --output directory or restore the settings")
         return
-    tmp = f"{path}.tmp"
+    # Each host writes its own temporary file: all hosts may get here at once, with equal contents.
+    tmp = f"{path}.tmp{host}"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(provenance, f, indent=2, sort_keys=True)
         f.write("\n")
@@ -117,6 +118,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = config_from_args(args)
     if args.shard_rows < 1:
         parser.error("--shard-rows must be >= 1")
+    for name in ("input", "output"):
+        if "://" in getattr(args, name):
+            parser.error(f"--{name} {getattr(args, name)}: local paths only; mount the bucket "
+                         "(e.g. gcsfuse) and give the mounted path")
     from cloud_jax.train import init_distributed
 
     init_distributed(args.distributed)
@@ -147,7 +152,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # Precision changes the critiques; the mesh does not, so a run may resume on another one.
         **{key: value for key, value in (("dtype", args.dtype),
                                          ("param_dtype", args.param_dtype)) if value is not None},
-    })
+    }, host)
     mine = [s for s in range(num_shards) if s % num_hosts == host]
     todo = [s for s in mine
             if not os.path.exists(os.path.join(args.output, shard_name(s, num_shards)))]

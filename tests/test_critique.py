@@ -106,6 +106,16 @@ def test_two_hosts_split_the_shards(setup, reference):
 def test_other_settings_into_the_same_directory_are_refused(setup, reference):
     with pytest.raises(SystemExit, match="seed"):
         run(setup, reference, "--seed", "1")
+    # Weights in another precision give other critiques: refused too.
+    with pytest.raises(SystemExit, match="param_dtype"):
+        run(setup, reference, "--param-dtype", "bfloat16")
+
+
+def test_a_url_output_is_a_usage_error(setup, capsys):
+    with pytest.raises(SystemExit) as err:
+        run(setup, "gs://bucket/self_critique")
+    assert err.value.code == 2
+    assert "--output gs://bucket/self_critique: local paths only" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -41,7 +41,7 @@ BASE_ENV = {
 }
 SETTING_NAMES = [
     "PROJECT", "ZONE", "TPU_NAME", "QUEUED_RESOURCE", "ACCELERATOR_TYPE", "RUNTIME_VERSION",
-    "CAPACITY", "SERVICE_ACCOUNT", "CREATE_FLAGS", "BUCKET", "REPO_DIR", "VENV_DIR", "LOG_DIR",
+    "CAPACITY", "SERVICE_ACCOUNT", "CREATE_FLAGS", "BUCKET", "BUCKET_MOUNT", "REPO_DIR", "VENV_DIR", "LOG_DIR",
     "PYTHON_VERSION", "JAX_VERSION", "UV_VERSION", "CREATE_TIMEOUT", "POLL_SECONDS",
     "STOP_TIMEOUT", "SSH_RETRIES", "CHECK_SECONDS", "MAX_RETRIES", "BACKOFF_BASE", "BACKOFF_MAX",
     "MAX_ITERATIONS", "DRY_RUN", "DRY_RUN_STATE", "DRY_RUN_TRAINER", "TPU_ENV", "SRC_DIR",
@@ -277,7 +277,7 @@ def test_babysit_dry_run_recreates_a_preempted_tpu():
     assert result.returncode == 0, result.stderr
     steps = [c[4] for c in printed_commands(result.stdout) if c[3] == "queued-resources"]
     assert steps.index("delete") < steps.index("create")
-    assert "does not mention BUCKET" in result.stderr
+    assert "does not mention BUCKET_MOUNT=/mnt/bucket" in result.stderr
 
 
 def test_babysit_dry_run_leaves_a_healthy_run_alone():
@@ -322,6 +322,14 @@ def test_settings_precedence(tmp_path):
     env["TPU_ENV"] = str(tmp_path / "missing.env")
     result = script("create", env=env)
     assert result.returncode == 2 and "missing.env: no such file" in result.stderr
+
+
+def test_bucket_settings_are_checked():
+    result = dry_run("setup", BUCKET_MOUNT="mnt/bucket")
+    assert result.returncode != 0 and "BUCKET_MOUNT=mnt/bucket: expected an absolute" in \
+        result.stderr
+    result = dry_run("setup", BUCKET="my-bucket")
+    assert result.returncode != 0 and "expected a gs:// location" in result.stderr
 
 
 def test_setup_checks_the_jax_pin(tmp_path):
@@ -432,6 +440,14 @@ def fake_tpu(tmp_path):
     curl = state / "remote-bin" / "curl"  # the metadata server: this worker's index
     curl.write_text('#!/bin/sh\nprintf "%s" "$FAKE_WORKER_ID"\n')
     curl.chmod(0o755)
+    # gcsfuse, mountpoint and sudo: a worker's mount is a marker file in its home.
+    for name, text in (("gcsfuse", 'printf "%s\\n" "$*" >>"$HOME/gcsfuse.calls"\n'
+                                   'touch "$HOME/.fake-mounted"\n'),
+                       ("mountpoint", 'test -e "$HOME/.fake-mounted"\n'),
+                       ("sudo", 'exec "$@"\n')):
+        stub = state / "remote-bin" / name
+        stub.write_text("#!/bin/sh\n" + text)
+        stub.chmod(0o755)
 
     src = tmp_path / "checkout"
     (src / ".venv" / "bin").mkdir(parents=True)
@@ -452,7 +468,8 @@ def fake_tpu(tmp_path):
         (venv / "bin" / "python").symlink_to(sys.executable)
         (venv / ".cloud_jax_setup").write_text(want + "\n")
 
-    env = clean_env(FAKE_GCLOUD_DIR=str(state), SRC_DIR=str(src), POLL_SECONDS="0",
+    env = clean_env(FAKE_GCLOUD_DIR=str(state), SRC_DIR=str(src), BUCKET_MOUNT=str(tmp_path / "mnt"),
+                    POLL_SECONDS="0",
                     CHECK_SECONDS="0", BACKOFF_BASE="0", STOP_TIMEOUT="20", SSH_RETRIES="1")
     env["PATH"] = f"{bin_dir}:{env['PATH']}"
     yield state, src, env
@@ -504,6 +521,31 @@ def test_setup_skips_a_matching_stamp(fake_tpu):
     result = script("setup", env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("is up to date") == 2
+
+
+def test_setup_mounts_the_bucket_on_every_worker_once(fake_tpu):
+    state, src, env = fake_tpu
+    mount = env["BUCKET_MOUNT"]
+    result = script("setup", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(f"mounted gs://test-bucket/cloud at {mount}") == 2
+    for i in range(2):
+        calls = (state / f"worker-{i}" / "gcsfuse.calls").read_text().splitlines()
+        assert calls == [f"--implicit-dirs --rename-dir-limit=1000000 --only-dir cloud "
+                         f"test-bucket {mount}"]
+    assert os.path.isdir(mount)
+    # Run again (as babysit.sh does after a relaunch): already mounted, not mounted twice.
+    again = script("setup", env=env)
+    assert again.stdout.count(f"gs://test-bucket/cloud is mounted at {mount}") == 2
+    assert len((state / "worker-0" / "gcsfuse.calls").read_text().splitlines()) == 1
+    # A whole bucket has no --only-dir; without BUCKET nothing is mounted.
+    (state / "worker-0" / ".fake-mounted").unlink()
+    (state / "worker-1" / ".fake-mounted").unlink()
+    assert script("setup", env=dict(env, BUCKET="gs://whole")).returncode == 0
+    assert (state / "worker-1" / "gcsfuse.calls").read_text().splitlines()[-1] == \
+        f"--implicit-dirs --rename-dir-limit=1000000 whole {mount}"
+    plain = script("setup", env=dict(env, BUCKET=""))
+    assert plain.returncode == 0 and "mount" not in plain.stdout
 
 
 def test_sync_copies_the_checkout_and_removes_stale_files(fake_tpu):

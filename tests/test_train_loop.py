@@ -228,3 +228,17 @@ def test_tiny_stage_chain_from_the_command_line(toy, tmp_path):
             "Critique: " if stage in ("critique_sft", "cloud") else None), stage
     for stage in ("cloud", "classic"):
         assert read_metrics(str(tmp_path / stage), "eval")[-1]["accuracy"] >= 0.95
+
+
+@pytest.mark.parametrize("override", ["output_dir=gs://bucket/run", "data.tfds_dir=gs://b/tfds",
+                                      "init_from=gs://bucket/sft/final",
+                                      "train.checkpoint_dir=s3://b/ckpt"])
+def test_a_url_path_is_a_config_error_before_anything_is_written(tmp_path, monkeypatch, override):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(ROOT / "configs/tiny_cpu_critique_sft.yaml",
+                      [f"output_dir={tmp_path / 'run'}", override])
+    key, value = override.split("=", 1)
+    with pytest.raises(ConfigError, match=f"{key}={value!r}: runs read and write local paths"):
+        run(cfg)
+    assert os.listdir(tmp_path) == []  # no local directory named "gs:" (or anything else)
+

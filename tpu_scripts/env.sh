@@ -20,7 +20,7 @@ fi
 
 TPU_SETTINGS=(
   PROJECT ZONE TPU_NAME QUEUED_RESOURCE ACCELERATOR_TYPE RUNTIME_VERSION CAPACITY SERVICE_ACCOUNT
-  CREATE_FLAGS BUCKET REPO_DIR VENV_DIR LOG_DIR PYTHON_VERSION JAX_VERSION UV_VERSION
+  CREATE_FLAGS BUCKET BUCKET_MOUNT REPO_DIR VENV_DIR LOG_DIR PYTHON_VERSION JAX_VERSION UV_VERSION
   CREATE_TIMEOUT POLL_SECONDS STOP_TIMEOUT SSH_RETRIES CHECK_SECONDS MAX_RETRIES BACKOFF_BASE
   BACKOFF_MAX MAX_ITERATIONS
 )
@@ -68,7 +68,10 @@ fi
 # (e.g. "--network=my-net --internal-ips").
 : "${CREATE_FLAGS:=}"
 # gs:// location for checkpoints and outputs; exported to the trainer's environment as BUCKET.
+# setup.sh mounts it with gcsfuse at BUCKET_MOUNT on every worker: runs read and write local
+# paths, so output_dir and the other run paths go under BUCKET_MOUNT.
 : "${BUCKET:=}"
+: "${BUCKET_MOUNT:=/mnt/bucket}"
 # On the workers, relative to the home directory (or absolute): the synced code, the virtualenv
 # (kept outside the code so sync.sh never touches it) and the per-run logs.
 : "${REPO_DIR:=cloud_jax}"
@@ -148,6 +151,9 @@ validate_settings() {
   case "$DRY_RUN" in 0 | 1) ;; *) die "DRY_RUN=$DRY_RUN: expected 0 or 1" ;; esac
   if [[ -n "$BUCKET" && "$BUCKET" != gs://?* ]]; then
     die "BUCKET=$BUCKET: expected a gs:// location, e.g. gs://my-bucket/cloud_jax"
+  fi
+  if [[ "$BUCKET_MOUNT" != /?* ]]; then
+    die "BUCKET_MOUNT=$BUCKET_MOUNT: expected an absolute path on the workers, e.g. /mnt/bucket"
   fi
   local name
   for name in CREATE_TIMEOUT POLL_SECONDS STOP_TIMEOUT SSH_RETRIES CHECK_SECONDS MAX_RETRIES \

@@ -6,6 +6,10 @@
 # virtualenv records what it was built from, so a re-run with the same requirements, Python and
 # JAX_VERSION does nothing, and any change rebuilds it from scratch. The virtualenv lives at
 # VENV_DIR, outside REPO_DIR, so sync.sh never touches it.
+#
+# With BUCKET set, it first mounts the bucket with gcsfuse at BUCKET_MOUNT on every worker
+# (installing gcsfuse from Google's apt repository if missing), every time it runs: a recreated
+# worker starts unmounted, and babysit.sh runs setup.sh before relaunching.
 set -euo pipefail
 # shellcheck source=env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
@@ -32,6 +36,36 @@ REQUIREMENTS=$(<"$requirements_file")
 
 body=$(
   cat <<'EOF'
+if [ -n "$BUCKET" ]; then
+  if ! command -v gcsfuse >/dev/null 2>&1; then
+    echo "worker $WORKER: installing gcsfuse"
+    repo="gcsfuse-$(lsb_release -c -s)"
+    key=/usr/share/keyrings/cloud.google.asc
+    curl -sfL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee "$key" >/dev/null
+    echo "deb [signed-by=$key] https://packages.cloud.google.com/apt $repo main" |
+      sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null
+    sudo apt-get update -qq
+    sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcsfuse
+  fi
+  if mountpoint -q "$BUCKET_MOUNT"; then
+    echo "worker $WORKER: $BUCKET is mounted at $BUCKET_MOUNT"
+  else
+    sudo mkdir -p "$BUCKET_MOUNT"
+    sudo chown "$(id -u):$(id -g)" "$BUCKET_MOUNT"
+    # gs://name/some/prefix: the bucket "name", showing only some/prefix.
+    path=${BUCKET#gs://}
+    name=${path%%/*}
+    only=${path#"$name"}
+    only=${only#/}
+    only=${only%/}
+    # Directories another worker or tool created are visible (--implicit-dirs), and directory
+    # renames (how a checkpoint is committed) are allowed for large directories.
+    set -- --implicit-dirs --rename-dir-limit=1000000
+    if [ -n "$only" ]; then set -- "$@" --only-dir "$only"; fi
+    gcsfuse "$@" "$name" "$BUCKET_MOUNT"
+    echo "worker $WORKER: mounted $BUCKET at $BUCKET_MOUNT"
+  fi
+fi
 req=$(mktemp)
 printf "%s\n" "$REQUIREMENTS" >"$req"
 hash=$(sha256sum "$req" | cut -d" " -f1)
@@ -73,5 +107,5 @@ EOF
 
 log "setting up $VENV_DIR on every worker of $TPU_NAME"
 with_retries on_all_workers "$body" VENV_DIR PYTHON_VERSION JAX_VERSION UV_VERSION \
-  REQUIREMENTS
+  REQUIREMENTS BUCKET BUCKET_MOUNT
 log "done"

@@ -44,6 +44,25 @@ _ARCH_FIELDS = ("family", "vocab_size", "hidden_size", "intermediate_size", "num
 _COMPUTE_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "reward_dropout")
 
 
+# Every path a run reads or writes with local file calls.
+_LOCAL_PATHS = ("output_dir", "init_from", "train.checkpoint_dir", "train.metrics_file",
+                "train.tensorboard_dir", "data.train_path", "data.eval_path", "data.tfds_dir")
+
+
+def check_local_paths(cfg: Config) -> None:
+    """A URL (``gs://...``) among the run's paths is a ConfigError before anything is written:
+    files go through local file calls, which would make a directory named ``gs:`` instead."""
+    flat = to_dict(cfg)
+    for key in _LOCAL_PATHS:
+        value = flat
+        for part in key.split("."):
+            value = value[part]
+        if "://" in str(value):
+            raise ConfigError(
+                f"{key}={value!r}: runs read and write local paths only. Mount the bucket on "
+                "every host (e.g. gcsfuse, docs/TPU_SCRIPTS.md) and give the mounted path.")
+
+
 def _resolve(path: str, output_dir: str) -> str:
     return path if not path or os.path.isabs(path) else os.path.join(output_dir, path)
 
@@ -225,6 +244,7 @@ def run(cfg: Config) -> dict:
     last eval metrics, "final_dir", "data": the dataset's build counts per split (rows,
     rejected, dropped over-length, prompt-truncated), "compile_reports"}``.
     """
+    check_local_paths(cfg)
     mesh = make_mesh(cfg.mesh)
     check_batch_layout(cfg, mesh)
     tokenizer, dataset = prepare_data(cfg)
