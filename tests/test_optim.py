@@ -104,6 +104,31 @@ def test_several_steps_match_reference_decoupled_adamw(clip):
         np.testing.assert_allclose(current[k], expected[k], atol=1e-6, err_msg=k)
 
 
+def test_bf16_first_moment_is_stored_in_bf16_and_tracks_the_fp32_reference():
+    total = 10
+    cfg = OptimConfig(learning_rate=0.05, weight_decay=0.02, warmup_ratio=0.2,
+                      mu_dtype="bfloat16")
+    rng = np.random.default_rng(1)
+    params = {"kernel": rng.normal(size=(8, 4)).astype(np.float32)}
+    grads_seq = [{"kernel": (rng.normal(size=(8, 4)) * s).astype(np.float32)}
+                 for s in (3.0, 0.1, 2.0, 0.05, 5.0, 0.3)]
+    tx = make_optimizer(cfg, total)
+    state = tx.init(params)
+    adam = [s for s in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "mu"))
+            if hasattr(s, "mu")][0]
+    assert adam.mu["kernel"].dtype == jnp.bfloat16 and adam.nu["kernel"].dtype == jnp.float32
+    update = jax.jit(tx.update)
+    current = {"kernel": jnp.asarray(params["kernel"])}
+    for grads in grads_seq:
+        updates, state = update(grads, state, current)
+        current = jax.tree.map(jnp.add, current, updates)
+    expected = _reference_decoupled_adamw(params, grads_seq, cfg, total)["kernel"]
+    moved = np.abs(expected - params["kernel"]).max()
+    # bf16 keeps 8 bits of the moment: the result is close to fp32 AdamW, but not equal to it.
+    error = np.abs(np.asarray(current["kernel"]) - expected).max()
+    assert 0 < error < 0.02 * moved, (error, moved)
+
+
 @pytest.mark.parametrize("decay_all", [True, False])
 def test_decay_mask(decay_all):
     # Zero gradients make Adam's step 0, so only decay moves a parameter: p <- p - 0.01 * p.
@@ -148,6 +173,7 @@ def test_weight_decay_defaults_to_learning_rate():
     ("learning_rate", 0.0, "optim.learning_rate"),
     ("grad_clip_norm", -1.0, "optim.grad_clip_norm"),
     ("b2", 1.0, "optim.b2"),
+    ("mu_dtype", "float16", "optim.mu_dtype"),
 ])
 def test_invalid_config_names_field(field, value, match):
     with pytest.raises(ConfigError, match=match):
