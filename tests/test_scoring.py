@@ -164,3 +164,22 @@ def test_bad_rows_and_settings_are_clear_errors(rm, tmp_path):
     no_tok = cloud_jax.RewardModel(CFG, rm.params)
     with pytest.raises(ValueError, match="no tokenizer"):
         no_tok.score(PROMPTS, RESPONSES)
+
+
+def test_mesh_option_parses_axis_sizes_and_names_mistakes():
+    import argparse
+
+    from cloud_jax.config import MeshConfig
+    from cloud_jax.scoring import parse_mesh
+
+    assert parse_mesh("tensor=4") == MeshConfig(data=-1, fsdp=1, tensor=4)
+    assert parse_mesh("data=2, fsdp=2,tensor=2") == MeshConfig(data=2, fsdp=2, tensor=2)
+    for text, message in (("tensors=4", "AXIS one of data, fsdp, tensor"),
+                          ("tensor", "expected AXIS=N"), ("tensor=four", "not an integer"),
+                          ("tensor=0", ">= 1, or -1"), ("data=2,data=4", "given twice")):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            parse_mesh(text)
+    # Through the command line: a usage error (exit status 2), before any model loads.
+    with pytest.raises(SystemExit) as err:
+        main(["--checkpoint", "c", "--input", "x.jsonl", "--output", "o", "--mesh", "gpu=2"])
+    assert err.value.code == 2
