@@ -1,6 +1,7 @@
 """Stage 2 (`python -m cloud_jax critique`): shards, provenance, resuming, several hosts."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from distributed_helpers import run_joined
 
 import cloud_jax
 from cloud_jax import critique
@@ -150,30 +152,14 @@ def test_killed_process_restarts_to_identical_files(setup, tmp_path):
 def test_two_processes_split_the_shards_and_write_what_one_writes(setup, reference, tmp_path):
     """`python -m cloud_jax critique` started on two processes joined by jax.distributed (on
     127.0.0.1, as on a pod's workers), each sampling on its own two-device tensor mesh."""
-    import os
-    import socket
-
     root, ckpt, src = setup
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "two"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_PROCESSES="2",
-               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=2")
     cmd = [sys.executable, "-m", "cloud_jax", "critique", "--checkpoint", str(ckpt), "--input",
            str(src), "--output", str(out), "--shard-rows", "2", "--batch-size", "4",
            "--max-critique-tokens", "5", "--checkpoint-step", "100", "--mesh", "tensor=2"]
-    procs = [subprocess.Popen(cmd, env=dict(env, JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
-    try:
-        outs = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for i, (p, (_, err)) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"process {i}:\n{err[-3000:]}"
+    for i, err in enumerate(run_joined(cmd, 2, env, timeout=300)):
         # 3 shards: host 0 takes shards 0 and 2, host 1 shard 1.
         assert f"host {i}/2: {2 - i} shards" in err, err[-3000:]
         assert "{'data': 1, 'fsdp': 1, 'tensor': 2} mesh of 2 local device(s)" in err

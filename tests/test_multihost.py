@@ -5,13 +5,12 @@ and running the same global batches straight through."""
 
 import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from distributed_helpers import run_joined
 
 from cloud_jax.training.toy_data import toy_rows, write_toy_data
 
@@ -20,31 +19,12 @@ WORKER = ROOT / "tests/scripts/multihost_cloud.py"
 STEPS, STOP = 6, 3
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(args: dict, processes: int, cache: str) -> None:
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache,
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // processes}")
-    if processes > 1:
-        env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
-                   JAX_NUM_PROCESSES=str(processes))
-    procs = [subprocess.Popen([sys.executable, str(WORKER), json.dumps(args)],
-                              env=dict(env, JAX_PROCESS_ID=str(i)) if processes > 1 else env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-             for i in range(processes)]
-    try:
-        outs = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for i, (p, (_, err)) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"process {i} of {processes}:\n{err[-4000:]}"
+    run_joined([sys.executable, str(WORKER), json.dumps(args)], processes, env, timeout=300,
+               cwd=ROOT)
 
 
 def _losses(out: Path) -> list[tuple[int, float]]:

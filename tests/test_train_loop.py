@@ -3,13 +3,13 @@ uninterrupted run exactly, two processes equal one, bad data and bad settings gi
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from distributed_helpers import run_joined
 
 from cloud_jax.config import load_config
 from cloud_jax.errors import ConfigError
@@ -101,12 +101,6 @@ def test_stop_and_resume_equals_uninterrupted_run(toy, tmp_path):
         assert [r[key] for r in a] == [r[key] for r in b], key
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_equal_one(toy, tmp_path):
     # No shuffling: then global batch k holds the same pairs however they are split over hosts.
@@ -121,15 +115,8 @@ def test_two_processes_equal_one(toy, tmp_path):
                           env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = str(tmp_path / "two")
-    port = _free_port()
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "cloud_jax.train", *args, f"output_dir={two}"],
-        env=dict(env, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                 JAX_PROCESS_ID=str(i)),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT) for i in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+    run_joined([sys.executable, "-m", "cloud_jax.train", *args, f"output_dir={two}"], 2, env,
+               timeout=600, cwd=ROOT)
     a, b = read_metrics(one), read_metrics(two)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], rtol=1e-5)

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import logging
 import math
+import operator
 import os
 import signal
 import threading
@@ -52,12 +53,9 @@ _LOCAL_PATHS = ("output_dir", "init_from", "train.checkpoint_dir", "train.metric
 def check_local_paths(cfg: Config) -> None:
     """A URL (``gs://...``) among the run's paths is a ConfigError before anything is written:
     files go through local file calls, which would make a directory named ``gs:`` instead."""
-    flat = to_dict(cfg)
     for key in _LOCAL_PATHS:
-        value = flat
-        for part in key.split("."):
-            value = value[part]
-        if "://" in str(value):
+        value = operator.attrgetter(key)(cfg)
+        if "://" in value:
             raise ConfigError(
                 f"{key}={value!r}: runs read and write local paths only. Mount the bucket on "
                 "every host (e.g. gcsfuse, docs/TPU_SCRIPTS.md) and give the mounted path.")
