@@ -12,26 +12,26 @@ from typing import Optional, Sequence
 # command -> (module with a `main(argv) -> int`, one-line help). Modules load only when used, so
 # `--help` stays fast.
 COMMANDS = {
-    "demo": ("cloud_jax.demo", "SmolLM2-135M scores a few responses with critiques (make "
+    "demo": ("cloud_jax.cli.demo", "SmolLM2-135M scores a few responses with critiques (make "
                                "demo-smollm2)"),
-    "convert-gguf": ("cloud_jax.checkpoints.gguf",
+    "convert-gguf": ("cloud_jax.cli.convert",
                      "convert a Llama GGUF (default: bundled SmolLM2-135M) to a HF directory"),
-    "export-hf": ("cloud_jax.checkpoints.export",
+    "export-hf": ("cloud_jax.cli.export",
                   "re-export a checkpoint: CLoud reference layout or plain HF backbone"),
-    "score": ("cloud_jax.scoring", "score rows: sample K critiques each and read the rewards"),
-    "critique": ("cloud_jax.critique",
+    "score": ("cloud_jax.cli.score", "score rows: sample K critiques each and read the rewards"),
+    "critique": ("cloud_jax.cli.critique",
                  "stage 2: regenerate every critique of a dataset with the SFT model"),
-    "evaluate": ("cloud_jax.evaluation.cli",
+    "evaluate": ("cloud_jax.cli.evaluate",
                  "RewardBench-style pairwise accuracy (with a K sweep) and Best-of-N"),
-    "make-benchmark": ("cloud_jax.benchmarks.reasoning",
+    "make-benchmark": ("cloud_jax.cli.make_benchmark",
                        "write the built-in arithmetic reasoning benchmark (rows with oracle "
                        "critiques)"),
-    "pipeline": ("cloud_jax.pipeline",
+    "pipeline": ("cloud_jax.cli.pipeline",
                  "CLoud vs classic end to end: pretrain, critique SFT, self-critique, train both, "
                  "evaluate"),
-    "aot": ("cloud_jax.aot", "compile the train and sampling steps for a TPU topology from a CPU "
+    "aot": ("cloud_jax.cli.aot", "compile the train and sampling steps for a TPU topology from a CPU "
                              "host; print memory, FLOPs, step time"),
-    "bench": ("cloud_jax.bench", "benchmarks: `bench train`, `bench sample`"),
+    "bench": ("cloud_jax.cli.bench", "benchmarks: `bench train`, `bench sample`"),
 }
 
 

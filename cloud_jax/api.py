@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from cloud_jax.checkpoints import hf as hf_io
-from cloud_jax.config import ModelConfig
+from cloud_jax.model.config import ModelConfig
 from cloud_jax.model import CLoudModel, init_params, last_attended_index, mesh_context
 from cloud_jax.sharding import TRAIN_RULES, Rules
 
@@ -78,12 +78,12 @@ class RewardModel:
         """Critiques and rewards for every (prompt, response): K critiques each (greedy at
         temperature 0), the reward read at each critique's end-of-turn token.
 
-        Returns a :class:`cloud_jax.scoring.ScoreResult`: ``rewards`` [B] (mean over samples),
+        Returns a :class:`cloud_jax.scoring.rewards.ScoreResult`: ``rewards`` [B] (mean over samples),
         ``sample_rewards`` [B, K], ``reward_std`` [B], ``critiques`` [B][K], ``truncated`` [B, K].
-        ``settings`` are further :class:`cloud_jax.scoring.ScoreConfig` fields (``top_k``,
+        ``settings`` are further :class:`cloud_jax.scoring.rewards.ScoreConfig` fields (``top_k``,
         ``top_p``, ``batch_size``, ``classic=True`` for a model without critiques, ...).
         """
-        from cloud_jax.scoring import ScoreConfig, score
+        from cloud_jax.scoring.rewards import ScoreConfig, score
 
         cfg = ScoreConfig(num_samples=num_samples, temperature=temperature,
                           max_critique_tokens=max_critique_tokens, seed=seed, **settings)

@@ -1,5 +1,13 @@
-"""Exception types shared across modules (kept import-free to avoid cycles)."""
+"""Exception types and exit codes shared across layers (this module imports nothing)."""
+
+# EX_TEMPFAIL: stopped by SIGTERM (preemption) after saving; run the same command again to resume.
+PREEMPTED_EXIT_CODE = 75
 
 
 class ConfigError(ValueError):
     """A config file, override or value that does not fit the schema; the message names the key."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or file that cannot be read as what it claims to be; the message
+    names the path and what to do."""

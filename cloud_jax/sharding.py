@@ -1,4 +1,4 @@
-"""Device mesh and the logical-axis rules that map array dimensions onto it.
+"""Device mesh, multi-host start-up, and the logical-axis rules that map array dimensions onto it.
 
 Every parameter, activation and cache array is annotated with logical axis names (``embed``,
 ``heads``, ``activation_batch``, ...). One rules table maps those names to the mesh axes ``data``,
@@ -8,20 +8,30 @@ step does not all-gather every weight.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-from typing import Any, Sequence
+import os
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from cloud_jax.config import MeshConfig
 
 log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh. -1 on one axis takes the devices the others leave."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
 
 Rules = Sequence[tuple[str, Any]]
 
@@ -130,3 +140,34 @@ def global_batch_from_host(local: dict[str, np.ndarray], mesh: Mesh,
         k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim, rules), v)
         for k, v in local.items()
     }
+
+
+# When to call jax.distributed.initialize(); see init_distributed.
+DISTRIBUTED_MODES = ("auto", "on", "off")
+
+
+def _multi_host_environment() -> bool:
+    env = os.environ
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        return True
+    # A TPU pod slice lists every worker; one host lists one (or nothing).
+    if len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
+        return True
+    return int(env.get("SLURM_NTASKS", "1") or 1) > 1
+
+
+def init_distributed(mode: str) -> bool:
+    """Calls ``jax.distributed.initialize()`` where the environment asks for it; returns whether
+    it did. Must run before anything touches a JAX device."""
+    if mode == "off" or (mode == "auto" and not _multi_host_environment()):
+        return False
+    import jax
+
+    def env_int(name: str) -> Optional[int]:
+        value = os.environ.get(name)
+        return int(value) if value not in (None, "") else None
+
+    # Unset values are left to JAX's cluster detection (TPU metadata, SLURM, Open MPI).
+    jax.distributed.initialize(num_processes=env_int("JAX_NUM_PROCESSES"),
+                               process_id=env_int("JAX_PROCESS_ID"))
+    return True

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from cloud_jax import aot
+from cloud_jax.cli import aot
 from cloud_jax.errors import ConfigError
 
 needs_libtpu = pytest.mark.skipif(

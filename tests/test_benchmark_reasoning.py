@@ -7,13 +7,14 @@ import re
 
 import pytest
 
-from cloud_jax.benchmarks.arithmetic import Problem, computation_keys, wrong_answers
-from cloud_jax.benchmarks.reasoning import (ReasoningBenchmarkConfig, generate_rows,
-                                            generate_split, length_stats, main,
-                                            partial_check_accuracies, response_prior_accuracy,
-                                            shortcut_accuracies, split_of, write_splits)
-from cloud_jax.benchmarks.reasoning_text import (critique_text, parse_prompt, prompt_text,
-                                                 response_text, steps_of, verdict_of, verify)
+from cloud_jax.data.synthetic.arithmetic import Problem, computation_keys, wrong_answers
+from cloud_jax.cli.make_benchmark import main
+from cloud_jax.data.synthetic.reasoning import (ReasoningBenchmarkConfig, generate_rows,
+                                                generate_split, length_stats,
+                                                partial_check_accuracies, response_prior_accuracy,
+                                                shortcut_accuracies, split_of, write_splits)
+from cloud_jax.data.synthetic.reasoning_text import (critique_text, parse_prompt, prompt_text,
+                                                     response_text, steps_of, verdict_of, verify)
 from cloud_jax.data.schema import load_rows
 from cloud_jax.errors import ConfigError
 

@@ -14,8 +14,9 @@ import pytest
 from distributed_helpers import run_joined
 
 import cloud_jax
-from cloud_jax import critique
-from cloud_jax.config import ModelConfig
+from cloud_jax.cli import critique
+from cloud_jax.scoring import relabel
+from cloud_jax.model.config import ModelConfig
 from cloud_jax.data.schema import load_rows
 from cloud_jax.data.tokenizer import byte_tokenizer
 from cloud_jax.model import param_shapes
@@ -76,7 +77,7 @@ def test_output_is_a_cloud_dataset_with_provenance(setup, reference):
 
 def test_interrupted_run_resumes_to_identical_files(setup, reference, monkeypatch):
     out = setup[0] / "interrupted"
-    real_write = critique.write_jsonl_atomic
+    real_write = relabel.write_jsonl_atomic
     calls = []
 
     def write_then_die(path, objs):
@@ -88,10 +89,10 @@ def test_interrupted_run_resumes_to_identical_files(setup, reference, monkeypatc
         calls.append(path)
         real_write(path, objs)
 
-    monkeypatch.setattr(critique, "write_jsonl_atomic", write_then_die)
+    monkeypatch.setattr(relabel, "write_jsonl_atomic", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         run(setup, out)
-    monkeypatch.setattr(critique, "write_jsonl_atomic", real_write)
+    monkeypatch.setattr(relabel, "write_jsonl_atomic", real_write)
     assert len([p for p in out.iterdir() if p.name.endswith(".jsonl")]) == 1
     assert run(setup, out) == 0
     assert files(out) == files(reference)

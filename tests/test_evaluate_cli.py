@@ -10,7 +10,7 @@ from test_evaluate_helpers import HAND, FakeScorer, pair, synthetic_rows, write_
 import cloud_jax
 from cloud_jax.data.schema import load_rows
 from cloud_jax.evaluation import EvalConfig, load_best_of_n, run_evaluation, score_fn_from_model
-from cloud_jax.evaluation.cli import main
+from cloud_jax.cli.evaluate import main
 
 
 def _assert_png(path):
@@ -162,7 +162,7 @@ def test_cli_usage_errors(tmp_path, monkeypatch, capsys, args, message):
 
 @pytest.fixture(scope="module")
 def tiny_rm():
-    from cloud_jax.config import ModelConfig
+    from cloud_jax.model.config import ModelConfig
     from cloud_jax.data.tokenizer import byte_tokenizer
 
     cfg = ModelConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_layers=2,

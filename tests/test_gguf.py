@@ -17,6 +17,7 @@ import safetensors.numpy
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from cloud_jax.checkpoints import gguf as gguf_convert
+from cloud_jax.cli import convert as convert_cli
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -200,7 +201,7 @@ def test_tiny_gguf_converts_to_loadable_hf_dir(tmp_path, tied):
 def test_conversion_needs_no_torch_and_skips_a_converted_dir(tmp_path):
     write_tiny_llama_gguf(tmp_path / "tiny.gguf")
     script = (
-        "import sys; from cloud_jax.checkpoints.gguf import main; main(sys.argv[1:]); "
+        "import sys; from cloud_jax.cli.convert import main; main(sys.argv[1:]); "
         "assert 'torch' not in sys.modules, 'the conversion imported torch'"
     )
     argv = [
@@ -248,7 +249,7 @@ def test_rejects_missing_tensor(tmp_path):
 
 def test_cli_reports_missing_file(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        gguf_convert.main(["--gguf", str(tmp_path / "absent.gguf"), "--out", str(tmp_path / "hf")])
+        convert_cli.main(["--gguf", str(tmp_path / "absent.gguf"), "--out", str(tmp_path / "hf")])
     assert exit_info.value.code == 1
     assert "absent.gguf does not exist" in capsys.readouterr().err
 

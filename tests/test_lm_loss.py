@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cloud_jax.losses import lm_loss
+from cloud_jax.training.losses import lm_loss
 from cloud_jax.model.lm_loss import chunked_lm_loss
 
 R, T, D, V = 3, 37, 16, 50

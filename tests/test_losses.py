@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cloud_jax import losses
-from cloud_jax.config import ConfigError
+from cloud_jax.training import losses
+from cloud_jax.errors import ConfigError
 
 # Compiled once per shape: much cheaper on CPU than dispatching every op eagerly.
 lm_loss = jax.jit(losses.lm_loss)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cloud_jax.config import ModelConfig
+from cloud_jax.model.config import ModelConfig
 from cloud_jax.model import (CLoudModel, init_cache, init_params, last_attended_index,
                              stack_layers, unstack_layers)
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from distributed_helpers import run_joined
 
-from cloud_jax.training.toy_data import toy_rows, write_toy_data
+from cloud_jax.data.synthetic.toy import toy_rows, write_toy_data
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests/scripts/multihost_cloud.py"

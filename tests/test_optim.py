@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cloud_jax.config import ConfigError
-from cloud_jax.optim import (OptimConfig, current_learning_rate, make_optimizer, make_schedule,
+from cloud_jax.errors import ConfigError
+from cloud_jax.training.optim import (OptimConfig, current_learning_rate, make_optimizer, make_schedule,
                              update_count, warmup_steps)
 
 PEAK = 1e-3

@@ -1,4 +1,4 @@
-"""The end-to-end pipeline (cloud_jax/pipeline.py) at a tiny size: every stage runs, results.json
+"""The end-to-end pipeline (cloud_jax/experiments/cloud_vs_classic/run.py) at a tiny size: every stage runs, results.json
 and report.md hold what the docs say, a rerun skips finished stages, a changed config is refused.
 Whether CLoud beats classic at the demo's real size is measured by `make demo` (docs/RESULTS.md),
 not here: a few steps teach nothing."""
@@ -9,7 +9,7 @@ import os
 import pytest
 
 from cloud_jax.errors import ConfigError
-from cloud_jax.pipeline import (_exact, _pairs_judged_right, _verdicts, load_pipeline_config,
+from cloud_jax.experiments.cloud_vs_classic.run import (_exact, _pairs_judged_right, _verdicts, load_pipeline_config,
                                 run_pipeline)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,7 +63,7 @@ def test_every_stage_runs_and_results_json_holds_the_comparison(pipeline_run):
 
 def test_rerun_skips_finished_stages_and_refuses_a_changed_config(pipeline_run, caplog):
     cfg, first = pipeline_run
-    with caplog.at_level("INFO", logger="cloud_jax.pipeline"):
+    with caplog.at_level("INFO", logger="cloud_jax.experiments.cloud_vs_classic.run"):
         again = run_pipeline(cfg)
     skipped = [r.getMessage() for r in caplog.records if "already finished" in r.getMessage()]
     assert len(skipped) == 4

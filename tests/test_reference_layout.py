@@ -11,8 +11,8 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import save_file as torch_save_file  # noqa: E402
 
 import cloud_jax  # noqa: E402
-from cloud_jax.checkpoints.hf import CheckpointError  # noqa: E402
-from cloud_jax.config import ModelConfig  # noqa: E402
+from cloud_jax.errors import CheckpointError  # noqa: E402
+from cloud_jax.model.config import ModelConfig  # noqa: E402
 
 HIDDEN = 32
 

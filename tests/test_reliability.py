@@ -19,12 +19,12 @@ import jax
 import numpy as np
 import pytest
 
-from cloud_jax.checkpoints.hf import CheckpointError
-from cloud_jax.config import load_config
+from cloud_jax.errors import CheckpointError
+from cloud_jax.training.config import load_config
 from cloud_jax.errors import ConfigError
 from cloud_jax.training.checkpointing import COMMIT_MARKER
 from cloud_jax.training.loop import run
-from cloud_jax.training.toy_data import write_toy_data
+from cloud_jax.data.synthetic.toy import write_toy_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ def slow_write(self, *args, **kwargs):
     time.sleep(float(os.environ.get("RELIABILITY_SLOW_STEP", "0")))
 
 metrics.MetricsWriter.write = slow_write
-from cloud_jax.train import main
+from cloud_jax.cli.train import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -168,7 +168,7 @@ def test_sigterm_saves_the_current_step_and_the_restart_resumes_there(toy, tmp_p
     wait_for(lambda: os.path.exists(metrics) and len(open(metrics).readlines()) >= 3, proc)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
-    from cloud_jax.train import PREEMPTED_EXIT_CODE
+    from cloud_jax.errors import PREEMPTED_EXIT_CODE
     assert proc.returncode == PREEMPTED_EXIT_CODE, stderr[-3000:]
     stopped = json.loads(stdout.strip().splitlines()[-1])["step"]
     assert 3 <= stopped < 30
@@ -250,7 +250,7 @@ def test_restoring_into_another_model_shape_names_the_keys_and_shapes(
         toy, two_checkpoints, tmp_path):
     import dataclasses
 
-    from cloud_jax.config import ModelConfig
+    from cloud_jax.model.config import ModelConfig
     from cloud_jax.sharding import TRAIN_RULES, make_mesh
     from cloud_jax.training.checkpointing import Checkpointer
     from cloud_jax.training.step import StepBuilder
@@ -380,7 +380,7 @@ def test_no_loader_in_the_package_can_run_remote_code():
 
 def test_a_checkpoint_that_asks_for_remote_code_never_runs_it(tmp_path):
     from cloud_jax.api import from_config, load
-    from cloud_jax.config import ModelConfig
+    from cloud_jax.model.config import ModelConfig
     from cloud_jax.data.tokenizer import BYTE_VOCAB_SIZE, byte_tokenizer, load_tokenizer
 
     directory = tmp_path / "stranger"

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cloud_jax.config import ModelConfig
+from cloud_jax.model.config import ModelConfig
 from cloud_jax.model import CLoudModel, param_shapes
 from cloud_jax.sampling import (Greedy, Temperature, TopK, TopP, bucket_length, method_from,
                                 pad_prefixes, sample, sample_padded)

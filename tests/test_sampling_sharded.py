@@ -15,7 +15,8 @@ def _compare_on_fake_devices() -> dict:
     import numpy as np
 
     import cloud_jax
-    from cloud_jax.config import MeshConfig, ModelConfig
+    from cloud_jax.model.config import ModelConfig
+    from cloud_jax.sharding import MeshConfig
     from cloud_jax.data.tokenizer import byte_tokenizer
     from cloud_jax.model import param_shapes, param_shardings
     from cloud_jax.sampling import TopP, sample
@@ -60,7 +61,8 @@ def _score_command_on_meshes(rm, texts) -> dict:
 
     import numpy as np
 
-    from cloud_jax.scoring import load_model, main
+    from cloud_jax.cli.common import load_model
+    from cloud_jax.cli.score import main
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,7 +88,7 @@ def _score_command_on_meshes(rm, texts) -> dict:
             out[f"{name}_critiques_equal"] = classic or [row["critiques"] for row in got] == \
                 want.critiques
         parser = __import__("argparse").ArgumentParser()
-        from cloud_jax.scoring import add_model_args
+        from cloud_jax.cli.common import add_model_args
 
         add_model_args(parser)
         loaded = load_model(parser.parse_args(["--checkpoint", ckpt, "--mesh", "tensor=2",

@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 
 import cloud_jax
-from cloud_jax.checkpoints.hf import CheckpointError
-from cloud_jax.config import ModelConfig
+from cloud_jax.errors import CheckpointError
+from cloud_jax.model.config import ModelConfig
 from cloud_jax.data.config import CRITIQUE_PREFIX
 from cloud_jax.data.layout import encode_critique_prefix, encode_example
 from cloud_jax.data.tokenizer import byte_tokenizer, end_of_turn_ids
 from cloud_jax.model import param_shapes
 from cloud_jax.sampling import Greedy, pad_prefixes, sample
-from cloud_jax.scoring import ScoreConfig, main, score
+from cloud_jax.cli.score import main
+from cloud_jax.scoring.rewards import ScoreConfig, score
 
 # One layer keeps compiles short; the sampler's own tests cover deeper models.
 CFG = ModelConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
@@ -131,7 +132,7 @@ def test_the_critique_prefix_a_model_was_trained_with_is_saved_and_scored_with(r
     np.testing.assert_allclose(stored.sample_rewards, given.sample_rewards, atol=1e-6, rtol=0)
     assert np.abs(stored.rewards - default.rewards).max() > 1e-5  # the prefix is in the prefill
     # A prefix given explicitly wins, with a warning naming both.
-    with caplog.at_level(logging.WARNING, logger="cloud_jax.scoring"):
+    with caplog.at_level(logging.WARNING, logger="cloud_jax.scoring.rewards"):
         other = loaded.score(PROMPTS, RESPONSES, max_critique_tokens=BUDGET,
                              critique_prefix=CRITIQUE_PREFIX)
     np.testing.assert_allclose(other.sample_rewards, default.sample_rewards, atol=1e-6, rtol=0)
@@ -169,8 +170,8 @@ def test_bad_rows_and_settings_are_clear_errors(rm, tmp_path):
 def test_mesh_option_parses_axis_sizes_and_names_mistakes():
     import argparse
 
-    from cloud_jax.config import MeshConfig
-    from cloud_jax.scoring import parse_mesh
+    from cloud_jax.sharding import MeshConfig
+    from cloud_jax.cli.common import parse_mesh
 
     assert parse_mesh("tensor=4") == MeshConfig(data=-1, fsdp=1, tensor=4)
     assert parse_mesh("data=2, fsdp=2,tensor=2") == MeshConfig(data=2, fsdp=2, tensor=2)

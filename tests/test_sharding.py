@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud_jax.config import MeshConfig
+from cloud_jax.sharding import MeshConfig
 from cloud_jax.sharding import SAMPLE_RULES, TRAIN_RULES, make_mesh
 
 SCRIPT = Path(__file__).parent / "scripts" / "sharded_forward.py"

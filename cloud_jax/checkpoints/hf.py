@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from cloud_jax.config import ModelConfig, RopeScalingConfig
+from cloud_jax.errors import CheckpointError
+from cloud_jax.model.config import ModelConfig, RopeScalingConfig
 from cloud_jax.model.params import (Params, init_params, param_shapes, param_shardings,
                                     stack_layers, unstack_layers)
 from cloud_jax.sharding import TRAIN_RULES, Rules
@@ -43,10 +44,6 @@ REWARD_PREFIX = "reward_base_model."
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # Non-parameter tensors some exporters include.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be read as asked, with the reason."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Settings of the data package: row files, tokenization, the TFDS cache and batching.
 
-Kept free of ``cloud_jax.config`` (which embeds :class:`DataConfig` as its ``data`` section) so
+Kept free of ``cloud_jax.training.config`` (which embeds :class:`DataConfig` as its ``data`` section) so
 there is no import cycle.
 """
 

@@ -8,7 +8,7 @@
     rows = load_rows("rewardbench.jsonl", require_feedback=False).rows
     report = run_evaluation(score_fn, cfg, "out/", rows=rows)
 
-``python -m cloud_jax evaluate`` is :func:`cloud_jax.evaluation.cli.main`; docs/EVALUATION.md
+``python -m cloud_jax evaluate`` is :func:`cloud_jax.cli.evaluate.main`; docs/EVALUATION.md
 describes the scoring rules and the file formats.
 """
 

@@ -1,6 +1,6 @@
 """Report files: ``report.json``, ``report.md`` and the PNG plots, from the report dictionary.
 
-The dictionary (built by :mod:`cloud_jax.evaluation.cli`) holds ``settings``, and ``rewardbench``
+The dictionary (built by :mod:`cloud_jax.cli.evaluate`) holds ``settings``, and ``rewardbench``
 and/or ``best_of_n``, each with a ``by_k`` map from K (as a string) to its scores. Plots are drawn
 on matplotlib ``Figure`` objects with the Agg canvas, so no global backend or pyplot state is
 touched.

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cloud_jax.config import ModelConfig, RopeScalingConfig
+from cloud_jax.model.config import ModelConfig, RopeScalingConfig
 
 # Finite rather than -inf so a row with no visible key (a pad query) gives a uniform, finite
 # softmax instead of NaN that could leak into gradients.

@@ -1,7 +1,7 @@
 """The LM head and its cross-entropy in sequence chunks, without a ``[B, T, V]`` logits array.
 
 ``chunked_lm_loss(hidden, kernel, targets, mask, chunk_size)`` returns the same
-``(loss_sum, token_count)`` as :func:`cloud_jax.losses.lm_loss` on ``hidden @ kernel`` logits,
+``(loss_sum, token_count)`` as :func:`cloud_jax.training.losses.lm_loss` on ``hidden @ kernel`` logits,
 computed ``chunk_size`` positions at a time:
 
 - A chunk in which no row has a target token is skipped (``lax.cond``): the prompt and response
@@ -117,7 +117,7 @@ def chunked_lm_loss(hidden: jax.Array, kernel: jax.Array, targets: jax.Array,
       chunk_size: positions per chunk (> 0); a last, shorter chunk takes the remainder.
 
     Returns:
-      ``(loss_sum, token_count)`` fp32 scalars, equal to :func:`cloud_jax.losses.lm_loss` of the
+      ``(loss_sum, token_count)`` fp32 scalars, equal to :func:`cloud_jax.training.losses.lm_loss` of the
       full logits; differentiable in ``hidden`` and ``kernel``.
     """
     if chunk_size <= 0:

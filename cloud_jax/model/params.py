@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from cloud_jax.config import ModelConfig
+from cloud_jax.model.config import ModelConfig
 from cloud_jax.model.transformer import CLoudModel
 from cloud_jax.sharding import TRAIN_RULES, Rules, logical_to_shardings
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from cloud_jax.config import ModelConfig
+from cloud_jax.model.config import ModelConfig
 from cloud_jax.model.layers import MLP, Attention, RMSNorm, dtype_of, param_with_axes
 from cloud_jax.model.lm_loss import chunked_lm_loss
 

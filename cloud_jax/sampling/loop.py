@@ -32,7 +32,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec
 
-from cloud_jax.config import ModelConfig
+from cloud_jax.model.config import ModelConfig
 from cloud_jax.model import (CLoudModel, cache_logical_axes, init_cache, last_attended_index,
                              mesh_context, with_shared_prefix)
 from cloud_jax.sampling.methods import Greedy, SamplingMethod

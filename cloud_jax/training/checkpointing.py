@@ -29,8 +29,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from cloud_jax.checkpoints.hf import CheckpointError
-from cloud_jax.errors import ConfigError
+from cloud_jax.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 

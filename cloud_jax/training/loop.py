@@ -24,12 +24,14 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from cloud_jax.config import Config, ModelConfig, config_from_dict, save_config, to_dict
+from cloud_jax.model.config import ModelConfig
+from cloud_jax.training.config import Config, config_from_dict, save_config, to_dict
+from cloud_jax.checkpoints.hf import save_cloud_reference
 from cloud_jax.data.pipeline import batch_iterator, host_positions
 from cloud_jax.data.tfds_builder import open_split, prepare_dataset
 from cloud_jax.data.tokenizer import load_tokenizer
 from cloud_jax.errors import ConfigError
-from cloud_jax.losses import finalize_metrics
+from cloud_jax.training.losses import finalize_metrics
 from cloud_jax.model import count_params, init_params
 from cloud_jax.sharding import TRAIN_RULES, make_mesh
 from cloud_jax.training.checkpointing import Checkpointer, compare_configs
@@ -167,8 +169,6 @@ class Evaluator:
 
 
 def _export_final(cfg: Config, model_cfg: ModelConfig, params, tokenizer) -> Optional[str]:
-    from cloud_jax.api import RewardModel
-
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -180,7 +180,9 @@ def _export_final(cfg: Config, model_cfg: ModelConfig, params, tokenizer) -> Opt
     out = os.path.join(cfg.output_dir, "final")
     # A model trained on critiques records the prefix they start after, for scoring.
     prefix = cfg.data.critique_prefix if cfg.train.stage in ("critique_sft", "cloud") else None
-    RewardModel(model_cfg, params, tokenizer, critique_prefix=prefix).save_pretrained(out)
+    save_cloud_reference(params, model_cfg, out, critique_prefix=prefix)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
     log.info("final weights written to %s (a CLoud directory: init_from / cloud_jax.load)", out)
     return out
 

@@ -1,7 +1,7 @@
 """Metric windows and where they go: JSONL files, TensorBoard event files, W&B.
 
 Per-step metrics stay on the device until a window is logged; then the window's sums are added
-and turned into means (``cloud_jax.losses.finalize_metrics``), so a logged accuracy is over every
+and turned into means (``cloud_jax.training.losses.finalize_metrics``), so a logged accuracy is over every
 pair of the window rather than a mean of per-step means.
 
 The metrics file holds only what the run computes, so two identical runs write byte-identical
@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from cloud_jax.errors import ConfigError
-from cloud_jax.losses import finalize_metrics
+from cloud_jax.training.losses import finalize_metrics
 
 log = logging.getLogger(__name__)
 

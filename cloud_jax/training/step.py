@@ -6,7 +6,7 @@ donates it and returns the next one. A batch is the pipeline's ``[P, 2, T]`` lay
 
 Gradient accumulation splits the P pairs into ``grad_accum_steps`` micro-batches and runs them
 with ``lax.scan``. Every micro-batch's loss is divided by the *whole* batch's token and pair counts
-(:func:`cloud_jax.losses.loss_normalizers`), so the summed gradients equal the full batch's.
+(:func:`cloud_jax.training.losses.loss_normalizers`), so the summed gradients equal the full batch's.
 Micro-batch ``i`` takes pairs ``i, A + i, 2A + i, ...``: with the batch split over devices in
 contiguous blocks, every device then holds its share of every micro-batch and nothing moves.
 """
@@ -23,10 +23,11 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cloud_jax.config import Config, ModelConfig
-from cloud_jax.losses import lm_target_mask, loss_normalizers, stage_loss
+from cloud_jax.model.config import ModelConfig
+from cloud_jax.training.config import Config
+from cloud_jax.training.losses import lm_target_mask, loss_normalizers, stage_loss
 from cloud_jax.model import CLoudModel, mesh_context, param_shapes, param_shardings
-from cloud_jax.optim import current_learning_rate, make_optimizer, make_schedule
+from cloud_jax.training.optim import current_learning_rate, make_optimizer, make_schedule
 from cloud_jax.sharding import Rules, batch_sharding, replicated
 
 log = logging.getLogger(__name__)

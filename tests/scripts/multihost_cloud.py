@@ -16,7 +16,7 @@ import json
 import os
 import sys
 
-from cloud_jax.train import init_distributed
+from cloud_jax.sharding import init_distributed
 
 # As `python -m cloud_jax.train` does, before anything touches a device: with
 # JAX_COORDINATOR_ADDRESS set, jax.distributed.initialize() from the JAX_* variables.
@@ -28,9 +28,9 @@ import orbax.checkpoint as ocp  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
 from cloud_jax.api import RewardModel  # noqa: E402
-from cloud_jax.config import load_config  # noqa: E402
+from cloud_jax.training.config import load_config  # noqa: E402
 from cloud_jax.data.tokenizer import load_tokenizer  # noqa: E402
-from cloud_jax.scoring import ScoreConfig, score  # noqa: E402
+from cloud_jax.scoring.rewards import ScoreConfig, score  # noqa: E402
 from cloud_jax.sharding import TRAIN_RULES, make_mesh  # noqa: E402
 from cloud_jax.training.checkpointing import Checkpointer  # noqa: E402
 from cloud_jax.training.loop import run  # noqa: E402

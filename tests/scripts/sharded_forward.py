@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cloud_jax.config import MeshConfig, ModelConfig
+from cloud_jax.model.config import ModelConfig
+from cloud_jax.sharding import MeshConfig
 from cloud_jax.model import CLoudModel, init_params, last_attended_index, mesh_context
 from cloud_jax.model.params import param_shardings
 from cloud_jax.sharding import TRAIN_RULES, batch_sharding, make_mesh

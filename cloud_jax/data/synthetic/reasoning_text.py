@@ -33,7 +33,7 @@ from __future__ import annotations
 import re
 from typing import List, Optional, Tuple, Union
 
-from cloud_jax.benchmarks.arithmetic import Problem, Step, columns, true_answer
+from cloud_jax.data.synthetic.arithmetic import Problem, Step, columns, true_answer
 
 STYLES = ("compact", "columns", "natural")
 Answer = Union[int, bool]

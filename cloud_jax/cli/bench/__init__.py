@@ -7,8 +7,8 @@ import sys
 from typing import Optional, Sequence
 
 BENCHMARKS = {
-    "sample": ("cloud_jax.bench.sample", "critiques/s of our sampler against transformers"),
-    "train": ("cloud_jax.bench.train", "training step time and throughput"),
+    "sample": ("cloud_jax.cli.bench.sample", "critiques/s of our sampler against transformers"),
+    "train": ("cloud_jax.cli.bench.train", "training step time and throughput"),
 }
 
 

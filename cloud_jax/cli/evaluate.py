@@ -24,7 +24,7 @@ from cloud_jax.data.schema import RowError, load_rows
 from cloud_jax.evaluation.best_of_n import BASELINES, load_best_of_n
 from cloud_jax.evaluation.run import EvalConfig, run_evaluation
 from cloud_jax.evaluation.scorer import score_fn_from_model
-from cloud_jax.scoring import add_model_args, load_model
+from cloud_jax.cli.common import add_model_args, load_model
 
 
 def parse_ks(text: str) -> tuple[int, ...]:

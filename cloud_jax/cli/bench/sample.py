@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cloud_jax.config import ModelConfig
+from cloud_jax.model.config import ModelConfig
 from cloud_jax.model import CLoudModel, count_params, init_params
 from cloud_jax.sampling import Temperature, content_row_ids, pad_prefixes, sample
 from cloud_jax.sampling.loop import decode, prefill, row_keys, stop_array

@@ -1,6 +1,6 @@
 """A small learnable preference set for tiny CPU runs and tests.
 
-    python -m cloud_jax.training.toy_data runs/toy_data      # writes train.jsonl and eval.jsonl
+    python -m cloud_jax.data.synthetic.toy runs/toy_data      # writes train.jsonl and eval.jsonl
 
 Each row asks a made-up question; the chosen response ends with one of a few approving words and
 the rejected one with a disapproving word, after the same random filler, and the critiques say so.
@@ -56,7 +56,7 @@ def write_toy_data(directory: str, n_train: int = 256, n_eval: int = 64,
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) != 1:
-        print("usage: python -m cloud_jax.training.toy_data OUTPUT_DIR", file=sys.stderr)
+        print("usage: python -m cloud_jax.data.synthetic.toy OUTPUT_DIR", file=sys.stderr)
         return 2
     train, eval_ = write_toy_data(argv[0])
     print(f"wrote {train} and {eval_}")

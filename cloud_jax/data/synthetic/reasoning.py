@@ -1,6 +1,6 @@
 """A built-in, verifiable reasoning benchmark: arithmetic preference rows with oracle critiques.
 
-    python -m cloud_jax.benchmarks.reasoning --out data/reasoning --train 4000 --eval 500
+    python -m cloud_jax.data.synthetic.reasoning --out data/reasoning --train 4000 --eval 500
 
 writes ``train.jsonl``, ``eval.jsonl``, ``test.jsonl`` (the project's row format: ``id, prompt,
 chosen, rejected, chosen_feedback, rejected_feedback, subset``) and ``benchmark.json`` (the config,
@@ -28,7 +28,6 @@ size, and a smaller split is a prefix of a larger one.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import hashlib
@@ -37,14 +36,13 @@ import os
 import random
 import re
 import statistics
-import sys
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from cloud_jax.benchmarks.arithmetic import (BASE_OP, ERROR_KINDS, KINDS_OF_OP, OPS, RANDOM,
+from cloud_jax.data.synthetic.arithmetic import (BASE_OP, ERROR_KINDS, KINDS_OF_OP, OPS, RANDOM,
                                              OperandRange, Problem, columns, computation_keys,
                                              problems_with_answer, sample_problem, true_answer,
                                              wrong_answers)
-from cloud_jax.benchmarks.reasoning_text import (STYLES, critique_text, num_variants, parse_prompt,
+from cloud_jax.data.synthetic.reasoning_text import (STYLES, critique_text, num_variants, parse_prompt,
                                                  prompt_text, response_text, verdict_of, verify)
 from cloud_jax.errors import ConfigError
 
@@ -397,66 +395,3 @@ def write_splits(out_dir: str, cfg: ReasoningBenchmarkConfig) -> Dict[str, str]:
     with open(os.path.join(out_dir, "benchmark.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2, ensure_ascii=False)
     return paths
-
-
-def _floats(text: str) -> Tuple[float, ...]:
-    return tuple(float(x) for x in text.split(",") if x.strip())
-
-
-def _names(text: str) -> Tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    d = ReasoningBenchmarkConfig()
-    parser = argparse.ArgumentParser(
-        prog="python -m cloud_jax make-benchmark",
-        description="Write the built-in arithmetic reasoning benchmark (train/eval/test JSONL in "
-                    "the row format, with oracle critiques) and benchmark.json.")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--train", type=int, default=d.num_train, help="rows in train.jsonl")
-    parser.add_argument("--eval", type=int, default=d.num_eval, help="rows in eval.jsonl")
-    parser.add_argument("--test", type=int, default=d.num_test, help="rows in test.jsonl")
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--style", choices=STYLES, default=d.style)
-    parser.add_argument("--ops", default=",".join(d.ops), help=f"comma list of {', '.join(OPS)}")
-    parser.add_argument("--op-weights", default="", help="comma list, one per op (default equal)")
-    parser.add_argument("--digits", type=int, help="operand digits (sets min and max)")
-    parser.add_argument("--min-digits", type=int, default=d.min_digits)
-    parser.add_argument("--max-digits", type=int, default=d.max_digits)
-    parser.add_argument("--max-multiplier", type=int, default=d.max_multiplier)
-    parser.add_argument("--error-kinds", default=",".join(d.error_kinds))
-    parser.add_argument("--error-weights", default=",".join(map(str, d.error_weights)))
-    parser.add_argument("--train-random-share", type=float, default=d.train_random_share,
-                        help="share of train pairs with a random (implausible) wrong answer")
-    parser.add_argument("--split-fractions", default=",".join(map(str, d.split_fractions)))
-    args = parser.parse_args(argv)
-    try:
-        cfg = ReasoningBenchmarkConfig(
-            num_train=args.train, num_eval=args.eval, num_test=args.test, seed=args.seed,
-            style=args.style, ops=_names(args.ops), op_weights=_floats(args.op_weights),
-            min_digits=args.digits or args.min_digits, max_digits=args.digits or args.max_digits,
-            max_multiplier=args.max_multiplier, error_kinds=_names(args.error_kinds),
-            error_weights=_floats(args.error_weights),
-            train_random_share=args.train_random_share,
-            split_fractions=_floats(args.split_fractions)).validate()
-        paths = write_splits(args.out, cfg)
-    except (ConfigError, ValueError) as err:
-        print(f"make-benchmark: {err}", file=sys.stderr)
-        return 2
-    with open(os.path.join(args.out, "benchmark.json"), encoding="utf-8") as f:
-        summary = json.load(f)
-    for split, path in paths.items():
-        info = summary["splits"][split]
-        print(f"{split:5s} {info['rows']:6d} rows  {path}  (critique bytes: mean "
-              f"{info['bytes']['chosen_feedback']['mean']}, max "
-              f"{info['bytes']['rejected_feedback']['max']})")
-    print(f"on {summary['measured_on']}, pairwise accuracy (0.5 = chance) of shortcut predictors: "
-          + ", ".join(f"{k} {v:.3f}" for k, v in summary["shortcut_accuracy"].items())
-          + "; of partial checks: " + ", ".join(
-              f"{k} {v:.3f}" for k, v in summary["partial_check_accuracy"].items()))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

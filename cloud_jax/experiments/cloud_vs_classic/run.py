@@ -29,11 +29,11 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from cloud_jax.benchmarks.reasoning import ReasoningBenchmarkConfig
-from cloud_jax.config import Config, config_from_dict, load_config, save_config, to_dict
+from cloud_jax.data.synthetic.reasoning import ReasoningBenchmarkConfig
+from cloud_jax.training.config import Config, config_from_dict, load_config, save_config, to_dict
 from cloud_jax.errors import ConfigError
 
-log = logging.getLogger("cloud_jax.pipeline")
+log = logging.getLogger("cloud_jax.experiments.cloud_vs_classic.run")
 
 TRAIN_STAGES = ("lm_pretrain", "critique_sft", "cloud", "classic")
 RESULTS_JSON = "results.json"
@@ -201,19 +201,28 @@ def _train(cfg: PipelineConfig, name: str, **paths) -> dict:
 
 
 def _self_critique(cfg: PipelineConfig, sft_dir: str, train_path: str) -> str:
-    from cloud_jax import critique
+    import jax
 
-    out = os.path.join(cfg.output_dir, "self_critique")
+    import cloud_jax
+    from cloud_jax.data.schema import expand_paths, load_rows
+    from cloud_jax.scoring.relabel import RelabelSettings, relabel
+    from cloud_jax.scoring.rewards import ScoreConfig
+    from cloud_jax.sharding import SAMPLE_RULES, MeshConfig, make_mesh
+
     sc = cfg.self_critique
-    argv = ["--checkpoint", sft_dir, "--input", train_path, "--output", out,
-            "--temperature", str(sc.temperature), "--max-critique-tokens",
-            str(sc.max_critique_tokens), "--batch-size", str(sc.batch_size), "--seed",
-            str(sc.seed), "--max-length", str(cfg.data.max_length), "--critique-prefix",
-            cfg.data.critique_prefix, "--shard-rows", "1024"]
-    status = critique.main(argv)
-    if status:
-        raise SystemExit(f"self-critique failed with status {status}")
-    return os.path.join(out, "critiques-*.jsonl")
+    devices = jax.local_devices()
+    mesh = make_mesh(MeshConfig(), devices) if len(devices) > 1 else None
+    rm = cloud_jax.load(sft_dir, mesh=mesh, rules=SAMPLE_RULES)
+    score_cfg = ScoreConfig(temperature=sc.temperature, max_critique_tokens=sc.max_critique_tokens,
+                            batch_size=sc.batch_size, seed=sc.seed, max_length=cfg.data.max_length,
+                            critique_prefix=cfg.data.critique_prefix).validate()
+    rows = load_rows(train_path, require_feedback=False).rows
+    summary = relabel(rm, rows, os.path.join(cfg.output_dir, "self_critique"), score_cfg,
+                      RelabelSettings(checkpoint=sft_dir, input_paths=expand_paths(train_path),
+                                      shard_rows=1024))
+    if summary.unusable:
+        log.warning("%d self-critiques are empty or hold NUL characters", summary.unusable)
+    return summary.glob
 
 
 # --- evaluation -----------------------------------------------------------------------------
@@ -247,14 +256,14 @@ def _rewards_with_critiques(rm, rows, critiques: List[List[str]], cfg: PipelineC
 
 
 def _oracle_verdicts(texts: Sequence[str]) -> List[Optional[bool]]:
-    from cloud_jax.benchmarks.reasoning import verdict_of
+    from cloud_jax.data.synthetic.reasoning import verdict_of
 
     return [verdict_of(t) for t in texts]
 
 
 def _verdicts(critiques_nk: List[List[str]], oracle: List[Optional[bool]]) -> Dict[str, Any]:
     """How often the model's critiques end in the verdict the oracle critique ends in."""
-    from cloud_jax.benchmarks.reasoning import verdict_of
+    from cloud_jax.data.synthetic.reasoning import verdict_of
 
     agree = total = missing = 0
     for crits, want in zip(critiques_nk, oracle):
@@ -272,7 +281,7 @@ def _verdicts(critiques_nk: List[List[str]], oracle: List[Optional[bool]]) -> Di
 
 
 def _pairs_judged_right(chosen_nk, rejected_nk) -> Optional[float]:
-    from cloud_jax.benchmarks.reasoning import verdict_of
+    from cloud_jax.data.synthetic.reasoning import verdict_of
 
     right = [verdict_of(c) is True and verdict_of(r) is False
              for cs, rs in zip(chosen_nk, rejected_nk) for c, r in zip(cs, rs)]
@@ -439,7 +448,7 @@ def _sft_self_critique_quality(train_glob: str, original_rows) -> Dict[str, Any]
 
 def run_pipeline(cfg: PipelineConfig) -> Dict[str, Any]:
     """Runs every stage (skipping finished ones) and returns what ``results.json`` holds."""
-    from cloud_jax.benchmarks.reasoning import write_splits
+    from cloud_jax.data.synthetic.reasoning import write_splits
     from cloud_jax.data.schema import load_rows
 
     cfg = cfg.validate()
@@ -519,37 +528,3 @@ def summary_table(results: Dict[str, Any]) -> str:
               f"{_pct(d['critiques_greedy']['agreement'])} of the time; "
               f"total {results['seconds']['total']:.0f} s"]
     return "\n".join(lines)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cloud_jax pipeline", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="pipeline YAML (configs/demo_cpu.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted overrides, e.g. output_dir=runs/x stages.cloud.total_steps=100")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        force=True)
-    # orbax logs every save step at INFO; the pipeline's own lines are what a user follows.
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    try:
-        cfg = load_pipeline_config(args.config, args.overrides)
-        results = run_pipeline(cfg)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(summary_table(results))
-    with open(os.path.join(cfg.output_dir, "eval", "cloud_greedy", "critiques.jsonl"),
-              encoding="utf-8") as f:
-        examples = [json.loads(line) for _, line in zip(range(3), f)]
-    print("\nsample critiques (greedy):")
-    for rec in examples:
-        for side in ("chosen", "rejected"):
-            print(f"  {side:<8} reward {rec[side + '_reward']:+.3f}  {rec[side + '_critiques'][0]}")
-    print(f"results: {os.path.join(cfg.output_dir, RESULTS_JSON)}, report: "
-          f"{os.path.join(cfg.output_dir, REPORT_MD)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

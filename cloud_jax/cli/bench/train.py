@@ -36,12 +36,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cloud_jax.config import Config, MeshConfig, ModelConfig  # noqa: E402
-from cloud_jax.losses import LossConfig  # noqa: E402
+from cloud_jax.model.config import ModelConfig  # noqa: E402
+from cloud_jax.sharding import MeshConfig  # noqa: E402
+from cloud_jax.training.config import Config  # noqa: E402
+from cloud_jax.training.losses import LossConfig  # noqa: E402
 from cloud_jax.model import count_params, init_params  # noqa: E402
-from cloud_jax.optim import OptimConfig  # noqa: E402
+from cloud_jax.training.optim import OptimConfig  # noqa: E402
 from cloud_jax.sharding import TRAIN_RULES, make_mesh  # noqa: E402
-from cloud_jax.train_config import TrainConfig  # noqa: E402
+from cloud_jax.training.config import TrainConfig  # noqa: E402
 from cloud_jax.training.step import StepBuilder, model_flops_per_token  # noqa: E402
 
 LM_COEF = 1.25

@@ -33,7 +33,7 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from cloud_jax.config import Config, load_config
+from cloud_jax.training.config import Config, load_config
 from cloud_jax.errors import ConfigError
 from cloud_jax.model import mesh_context, param_shapes, param_shardings
 from cloud_jax.sampling import Temperature

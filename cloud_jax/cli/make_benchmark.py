@@ -1,0 +1,78 @@
+"""``python -m cloud_jax make-benchmark --out DIR``: write the built-in arithmetic reasoning
+benchmark (docs/REASONING_BENCHMARK.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional, Sequence, Tuple
+
+from cloud_jax.data.synthetic.arithmetic import OPS
+from cloud_jax.data.synthetic.reasoning import ReasoningBenchmarkConfig, write_splits
+from cloud_jax.data.synthetic.reasoning_text import STYLES
+from cloud_jax.errors import ConfigError
+
+
+def _floats(text: str) -> Tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
+def _names(text: str) -> Tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    d = ReasoningBenchmarkConfig()
+    parser = argparse.ArgumentParser(
+        prog="python -m cloud_jax make-benchmark",
+        description="Write the built-in arithmetic reasoning benchmark (train/eval/test JSONL in "
+                    "the row format, with oracle critiques) and benchmark.json.")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--train", type=int, default=d.num_train, help="rows in train.jsonl")
+    parser.add_argument("--eval", type=int, default=d.num_eval, help="rows in eval.jsonl")
+    parser.add_argument("--test", type=int, default=d.num_test, help="rows in test.jsonl")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--style", choices=STYLES, default=d.style)
+    parser.add_argument("--ops", default=",".join(d.ops), help=f"comma list of {', '.join(OPS)}")
+    parser.add_argument("--op-weights", default="", help="comma list, one per op (default equal)")
+    parser.add_argument("--digits", type=int, help="operand digits (sets min and max)")
+    parser.add_argument("--min-digits", type=int, default=d.min_digits)
+    parser.add_argument("--max-digits", type=int, default=d.max_digits)
+    parser.add_argument("--max-multiplier", type=int, default=d.max_multiplier)
+    parser.add_argument("--error-kinds", default=",".join(d.error_kinds))
+    parser.add_argument("--error-weights", default=",".join(map(str, d.error_weights)))
+    parser.add_argument("--train-random-share", type=float, default=d.train_random_share,
+                        help="share of train pairs with a random (implausible) wrong answer")
+    parser.add_argument("--split-fractions", default=",".join(map(str, d.split_fractions)))
+    args = parser.parse_args(argv)
+    try:
+        cfg = ReasoningBenchmarkConfig(
+            num_train=args.train, num_eval=args.eval, num_test=args.test, seed=args.seed,
+            style=args.style, ops=_names(args.ops), op_weights=_floats(args.op_weights),
+            min_digits=args.digits or args.min_digits, max_digits=args.digits or args.max_digits,
+            max_multiplier=args.max_multiplier, error_kinds=_names(args.error_kinds),
+            error_weights=_floats(args.error_weights),
+            train_random_share=args.train_random_share,
+            split_fractions=_floats(args.split_fractions)).validate()
+        paths = write_splits(args.out, cfg)
+    except (ConfigError, ValueError) as err:
+        print(f"make-benchmark: {err}", file=sys.stderr)
+        return 2
+    with open(os.path.join(args.out, "benchmark.json"), encoding="utf-8") as f:
+        summary = json.load(f)
+    for split, path in paths.items():
+        info = summary["splits"][split]
+        print(f"{split:5s} {info['rows']:6d} rows  {path}  (critique bytes: mean "
+              f"{info['bytes']['chosen_feedback']['mean']}, max "
+              f"{info['bytes']['rejected_feedback']['max']})")
+    print(f"on {summary['measured_on']}, pairwise accuracy (0.5 = chance) of shortcut predictors: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in summary["shortcut_accuracy"].items())
+          + "; of partial checks: " + ", ".join(
+              f"{k} {v:.3f}" for k, v in summary["partial_check_accuracy"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

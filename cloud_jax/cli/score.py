@@ -1,0 +1,60 @@
+"""``python -m cloud_jax score --checkpoint C --input rows.jsonl --output scored.jsonl`` writes every
+input row back with its rewards and critiques: rows with ``prompt`` + ``response`` get ``reward``,
+``sample_rewards``, ``reward_std``, ``critiques``, ``truncated``; preference rows (``prompt``,
+``chosen``, ``rejected``) get those fields prefixed ``chosen_`` and ``rejected_``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from cloud_jax.cli.common import add_sampling_args, config_from_args, load_model, progress_bar
+from cloud_jax.data.jsonl import read_jsonl, write_jsonl_atomic
+from cloud_jax.scoring.rewards import ScoreConfig, score
+
+
+def _texts(rows: list[tuple[str, dict]]) -> tuple[list[str], list[tuple[int, str]]]:
+    """The fields to score in each row: ``response``, or ``chosen`` and ``rejected``."""
+    jobs = []
+    for i, (where, obj) in enumerate(rows):
+        fields = ["response"] if "response" in obj else ["chosen", "rejected"]
+        for field in ["prompt"] + fields:
+            if not isinstance(obj.get(field), str):
+                raise ValueError(f"{where}: field '{field}' must be a string (a row needs "
+                                 "'prompt' and 'response', or 'prompt', 'chosen' and 'rejected')")
+        jobs.extend((i, f) for f in fields)
+    return [rows[i][1]["prompt"] for i, _ in jobs], jobs
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cloud_jax score", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_sampling_args(parser, ScoreConfig())
+    parser.add_argument("--output", required=True, help="scored rows (JSONL)")
+    parser.add_argument("--num-samples", type=int, default=1, help="K critiques per response")
+    parser.add_argument("--classic", action="store_true",
+                        help="a classic reward model: no critique, one forward per response")
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args, num_samples=args.num_samples, classic=args.classic)
+    rows = read_jsonl(args.input)
+    prompts, jobs = _texts(rows)
+    rm = load_model(args)
+    bar, on_batch = progress_bar(len(jobs), "responses")
+    with bar:
+        result = score(rm, prompts, [rows[i][1][f] for i, f in jobs], cfg, on_batch)
+    out = [dict(obj) for _, obj in rows]
+    for j, (i, field) in enumerate(jobs):
+        prefix = "" if field == "response" else f"{field}_"
+        out[i].update({
+            f"{prefix}reward": float(result.rewards[j]),
+            f"{prefix}sample_rewards": result.sample_rewards[j].tolist(),
+            f"{prefix}reward_std": float(result.reward_std[j]),
+        })
+        if not cfg.classic:
+            out[i][f"{prefix}critiques"] = result.critiques[j]
+            out[i][f"{prefix}truncated"] = result.truncated[j].tolist()
+    write_jsonl_atomic(args.output, out)
+    print(f"scored {len(jobs)} responses of {len(rows)} rows -> {args.output}", file=sys.stderr)
+    return 0

@@ -1,0 +1,36 @@
+"""JSON Lines in and out: rows with their ``file:line``, and files written whole or not at all."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+from cloud_jax.data.schema import expand_paths
+
+
+def read_jsonl(paths: str) -> list[tuple[str, dict]]:
+    """(``file:line``, row object) for every non-blank line of the comma-separated files."""
+    rows = []
+    for path in expand_paths(paths):
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{lineno}: invalid JSON: {err.msg}") from None
+                if not isinstance(obj, dict):
+                    raise ValueError(f"{path}:{lineno}: a row must be a JSON object")
+                rows.append((f"{path}:{lineno}", obj))
+    return rows
+
+
+def write_jsonl_atomic(path: str, objs: Sequence[dict]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for obj in objs:
+            f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,1 @@
+"""Experiments built from the library: ``cloud_vs_classic`` (``python -m cloud_jax pipeline``)."""

@@ -1,0 +1,97 @@
+"""The backbone and reward-head configuration (the ``model`` section of a run config)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from cloud_jax.errors import ConfigError
+
+__all__ = ["ModelConfig", "RopeScalingConfig"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScalingConfig:
+    """RoPE frequency scaling. ``type='llama3'`` is Llama-3.1's piecewise scaling."""
+
+    type: str = "none"  # none | llama3 | linear
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Decoder backbone (Llama family: Llama, Mistral, Qwen2) plus the reward head."""
+
+    family: str = "llama"  # llama | mistral | qwen2
+    vocab_size: int = 256
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    # None means hidden_size // num_heads.
+    head_dim: Optional[int] = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = dataclasses.field(default_factory=RopeScalingConfig)
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    # Bias on the q/k/v projections (Qwen2).
+    attention_bias: bool = False
+    # Mistral's sliding-window attention; None attends to the whole prefix.
+    sliding_window: Optional[int] = None
+    # Causal attention without a cache runs in query blocks of this many tokens, each reading only
+    # the keys up to its own end: about half the score and value FLOPs of one masked square at
+    # long lengths. 0 computes the whole masked square at once.
+    causal_block_size: int = 128
+    # Reward-head dropout, applied before each dense layer (the reference uses attention_dropout).
+    reward_dropout: float = 0.0
+    # dtype of stored parameters and dtype of activations/matmuls. Logits, the reward and every
+    # loss term are fp32 regardless.
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    # Stack the layers and run them with lax.scan (fast compiles for deep models). Parameters then
+    # carry a leading layer axis; the unrolled form keeps one subtree per layer.
+    scan_layers: bool = False
+    # Rematerialisation policy for each decoder layer: none | full | dots | dots_no_batch
+    remat: str = "none"
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[int] = None
+    pad_token_id: Optional[int] = None
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+    def validate(self) -> "ModelConfig":
+        if self.family not in ("llama", "mistral", "qwen2"):
+            raise ConfigError(f"model.family={self.family!r}: expected one of llama, mistral, qwen2")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"model.num_heads={self.num_heads} is not a multiple of "
+                f"model.num_kv_heads={self.num_kv_heads}"
+            )
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"model.hidden_size={self.hidden_size} is not divisible by "
+                f"model.num_heads={self.num_heads}; set model.head_dim explicitly"
+            )
+        if self.rope_scaling.type not in ("none", "llama3", "linear"):
+            raise ConfigError(
+                f"model.rope_scaling.type={self.rope_scaling.type!r}: expected none, llama3 or linear"
+            )
+        if self.causal_block_size < 0:
+            raise ConfigError(f"model.causal_block_size={self.causal_block_size}: must be >= 0")
+        if self.remat not in ("none", "full", "dots", "dots_no_batch"):
+            raise ConfigError(
+                f"model.remat={self.remat!r}: expected none, full, dots or dots_no_batch"
+            )
+        for key in ("param_dtype", "dtype"):
+            if getattr(self, key) not in ("float32", "bfloat16", "float16"):
+                raise ConfigError(
+                    f"model.{key}={getattr(self, key)!r}: expected float32, bfloat16 or float16"
+                )
+        return self

@@ -1,0 +1,179 @@
+"""Stage 2 (self-critique): the critique-SFT model rewrites every critique of a dataset.
+
+    summary = relabel(rm, rows, "DIR", ScoreConfig(max_critique_tokens=512),
+                      RelabelSettings(checkpoint="runs/sft/final", input_paths=[...]))
+
+``python -m cloud_jax critique`` (:mod:`cloud_jax.cli.critique`) is this function's command.
+
+For every row, new ``chosen_feedback`` and ``rejected_feedback`` are sampled (greedy by default)
+and the row is written in the format the ``cloud`` stage reads, plus
+``chosen_feedback_truncated`` / ``rejected_feedback_truncated`` (the critique hit the token
+budget). Rows go to shards ``DIR/critiques-SSSSS-of-NNNNN.jsonl`` of ``--shard-rows`` rows each;
+``DIR/provenance.json`` records the checkpoint, its step, the seed and every sampling setting.
+
+Resuming: a shard file appears only when complete (written to a temporary name, then renamed),
+so a rerun after an interruption skips the finished shards and redoes the rest. Critiques depend
+on the seed and each input's tokens only, so the files are identical to an uninterrupted run.
+A rerun with other settings into the same directory is refused.
+
+Several hosts: each process takes the shards ``s`` with ``s % num_hosts == host`` and samples
+them on its own devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from typing import Any, Callable, Optional, Sequence
+
+from cloud_jax.data.jsonl import write_jsonl_atomic
+from cloud_jax.data.schema import FEEDBACK_FIELDS, PreferenceRow
+from cloud_jax.data.tokenizer import tokenizer_fingerprint
+from cloud_jax.scoring.rewards import ScoreConfig, resolve_critique_prefix, score
+
+log = logging.getLogger(__name__)
+
+PROVENANCE = "provenance.json"
+
+
+def _usable(critique: str) -> bool:
+    # What the row loader accepts as feedback text.
+    return bool(critique.strip()) and "\x00" not in critique
+
+
+def shard_name(index: int, count: int) -> str:
+    return f"critiques-{index:05d}-of-{count:05d}.jsonl"
+
+
+def _row_out(row: PreferenceRow, chosen: str, rejected: str, chosen_cut: bool,
+             rejected_cut: bool) -> dict:
+    out = {"id": row.id, "prompt": row.prompt, "chosen": row.chosen, "rejected": row.rejected,
+           "chosen_feedback": chosen, "rejected_feedback": rejected,
+           "chosen_feedback_truncated": chosen_cut, "rejected_feedback_truncated": rejected_cut}
+    if row.subset is not None:
+        out["subset"] = row.subset
+    out.update({k: v for k, v in row.extra.items() if k not in out})
+    return out
+
+
+def regenerate(rm, rows: Sequence[PreferenceRow], cfg: ScoreConfig, on_batch=None) -> list[dict]:
+    """The rows with freshly sampled critiques of both responses."""
+    prompts = [r.prompt for r in rows for _ in range(2)]
+    responses = [text for r in rows for text in (r.chosen, r.rejected)]
+    result = score(rm, prompts, responses, cfg, on_batch)
+    return [_row_out(row, result.critiques[2 * i][0], result.critiques[2 * i + 1][0],
+                     bool(result.truncated[2 * i, 0]), bool(result.truncated[2 * i + 1, 0]))
+            for i, row in enumerate(rows)]
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _write_provenance(out_dir: str, provenance: dict, host: int = 0) -> None:
+    path = os.path.join(out_dir, PROVENANCE)
+    # Through JSON once, so tuples compare equal to the lists read back.
+    provenance = json.loads(json.dumps(provenance))
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            old = _flat(json.load(f))
+        new = _flat(provenance)
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if changed:
+            raise ValueError(f"{path} records other settings ({', '.join(changed)} differ); "
+                             "write to a new output directory or restore the settings")
+        return
+    # Each host writes its own temporary file: all hosts may get here at once, with equal contents.
+    tmp = f"{path}.tmp{host}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(provenance, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+@dataclasses.dataclass(frozen=True)
+class RelabelSettings:
+    """Where the rows come from and how the work is split; recorded in the provenance."""
+
+    # The model's directory (or hub id) and training step, for the provenance.
+    checkpoint: str = ""
+    checkpoint_step: Optional[int] = None
+    # The row files the rows were read from, for the provenance.
+    input_paths: Sequence[str] = ()
+    shard_rows: int = 512
+    num_hosts: int = 1
+    host: int = 0
+    # Precision settings the model was loaded with (they change the critiques; the mesh does not,
+    # so a run may resume on another one). None: not given.
+    dtype: Optional[str] = None
+    param_dtype: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RelabelSummary:
+    out_dir: str
+    num_shards: int
+    # This host's shards, and how many of them an earlier run had finished.
+    shards: int
+    already_done: int
+    # Critiques the cloud stage would reject (empty, or holding NUL characters).
+    unusable: int
+
+    @property
+    def glob(self) -> str:
+        return os.path.join(self.out_dir, "critiques-*.jsonl")
+
+
+def relabel(rm, rows: Sequence[PreferenceRow], out_dir: str, cfg: ScoreConfig,
+            settings: RelabelSettings = RelabelSettings(),
+            progress: Optional[Callable[[int], Any]] = None) -> RelabelSummary:
+    """Writes ``rows`` with freshly sampled critiques into shards under ``out_dir``.
+
+    Finished shards of an earlier run with the same settings are kept; other settings in the
+    same directory are refused. ``progress(total_responses)`` may return an ``on_batch`` callback
+    (see :func:`cloud_jax.scoring.rewards.score`).
+    """
+    if settings.shard_rows < 1:
+        raise ValueError(f"shard_rows={settings.shard_rows}: must be >= 1")
+    if not 0 <= settings.host < settings.num_hosts:
+        raise ValueError(f"host {settings.host} must lie in [0, {settings.num_hosts})")
+    cfg = dataclasses.replace(cfg, critique_prefix=resolve_critique_prefix(rm, cfg))
+    num_shards = max(1, math.ceil(len(rows) / settings.shard_rows))
+    os.makedirs(out_dir, exist_ok=True)
+    checkpoint = settings.checkpoint
+    _write_provenance(out_dir, {
+        "checkpoint": os.path.abspath(checkpoint) if os.path.exists(checkpoint) else checkpoint,
+        "checkpoint_step": settings.checkpoint_step,
+        "input": [os.path.abspath(p) for p in settings.input_paths],
+        "num_rows": len(rows),
+        "shard_rows": settings.shard_rows,
+        "num_shards": num_shards,
+        "sampling": dataclasses.asdict(cfg),
+        "tokenizer_sha256": tokenizer_fingerprint(rm.tokenizer),
+        **{key: value for key, value in (("dtype", settings.dtype),
+                                         ("param_dtype", settings.param_dtype))
+           if value is not None},
+    }, settings.host)
+    per = settings.shard_rows
+    mine = [s for s in range(num_shards) if s % settings.num_hosts == settings.host]
+    todo = [s for s in mine if not os.path.exists(os.path.join(out_dir, shard_name(s, num_shards)))]
+    log.info("host %d/%d: %d shards, %d already done", settings.host, settings.num_hosts,
+             len(mine), len(mine) - len(todo))
+    on_batch = None
+    if progress is not None:
+        on_batch = progress(2 * sum(len(rows[s * per:(s + 1) * per]) for s in todo))
+    unusable = 0
+    for s in todo:
+        out = regenerate(rm, rows[s * per:(s + 1) * per], cfg, on_batch)
+        unusable += sum(not _usable(r[f]) for r in out for f in FEEDBACK_FIELDS)
+        write_jsonl_atomic(os.path.join(out_dir, shard_name(s, num_shards)), out)
+    return RelabelSummary(out_dir, num_shards, len(mine), len(mine) - len(todo), unusable)

@@ -1,0 +1,208 @@
+"""Scoring: critique -> reward for (prompt, response) pairs, with self-consistency over K samples.
+
+    result = rm.score(prompts, responses, num_samples=8, temperature=0.7)
+    result.rewards [B] (mean over samples), result.sample_rewards [B, K], result.reward_std [B],
+    result.critiques [B][K], result.truncated [B, K]
+
+Each input is prefilled as ``[user: prompt][assistant: response][user: critique prefix`` once;
+K critiques are sampled from its replicated cache and each reward is read inside the decode loop
+at the end-of-turn token. A classic model (``classic=True``) has no critique: its reward is read
+by one forward over ``[user: prompt][assistant: response]<end-of-turn>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import numpy as np
+
+from cloud_jax.model.config import ModelConfig
+from cloud_jax.data.config import CRITIQUE_PREFIX
+from cloud_jax.data.layout import encode_critique_prefix, encode_example
+from cloud_jax.data.tokenizer import end_of_turn_ids
+from cloud_jax.model import CLoudModel, param_shardings, unstack_layers
+from cloud_jax.sampling import bucket_length, method_from, pad_prefixes, sample
+from cloud_jax.sharding import SAMPLE_RULES
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreConfig:
+    """How critiques are sampled and rewards read."""
+
+    num_samples: int = 1
+    # 0 is greedy; top_k / top_p (at most one) apply when temperature > 0.
+    temperature: float = 0.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    # Critique-token budget; a critique that reaches it gets the end-of-turn token forced and is
+    # flagged truncated.
+    max_critique_tokens: int = 256
+    seed: int = 0
+    # Inputs per compiled batch (each becomes num_samples decode rows).
+    batch_size: int = 8
+    # Prefill tokens at most; longer inputs lose prompt tokens from the left.
+    max_length: int = 2048
+    # The text the critique starts after. None: the one stored in the model's checkpoint by
+    # training (RewardModel.critique_prefix), else data.config.CRITIQUE_PREFIX.
+    critique_prefix: Optional[str] = None
+    # A classic reward model: no critique, one forward.
+    classic: bool = False
+    # Prefill length buckets; empty: powers of two.
+    length_buckets: tuple[int, ...] = ()
+
+    def validate(self) -> "ScoreConfig":
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples={self.num_samples}: must be >= 1")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size}: must be >= 1")
+        if self.max_critique_tokens < 0:
+            raise ValueError(f"max_critique_tokens={self.max_critique_tokens}: must be >= 0")
+        method_from(self.temperature, self.top_k, self.top_p)
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreResult:
+    rewards: np.ndarray  # float32 [B]: mean over the samples
+    sample_rewards: np.ndarray  # float32 [B, K] (K = 1 for a classic model)
+    reward_std: np.ndarray  # float32 [B]: population std over the samples
+    critiques: list[list[str]]  # [B][K]; [B][0] (empty lists) for a classic model
+    truncated: np.ndarray  # bool [B, K]: critique hit the token budget
+    critique_tokens: np.ndarray  # int32 [B, K]: critique length in tokens
+
+
+def _batches(n: int, size: int):
+    for start in range(0, n, size):
+        yield start, min(start + size, n)
+
+
+def _sampling_params(rm) -> tuple[ModelConfig, Any]:
+    cfg, params = rm.config, rm.params
+    if cfg.scan_layers:
+        params = unstack_layers(params, cfg.num_layers)
+        cfg = dataclasses.replace(cfg, scan_layers=False)
+    if rm.mesh is not None:
+        params = jax.device_put(params, param_shardings(cfg, rm.mesh, SAMPLE_RULES))
+    return cfg, params
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _classic_rewards(params, ids_bl, mask_bl, reward_index_b, *, cfg: ModelConfig):
+    out = CLoudModel(cfg).apply({"params": params}, ids_bl, mask_bl,
+                                reward_index_b=reward_index_b, return_logits=False)
+    return out["rewards"]
+
+
+def _require_tokenizer(rm):
+    if rm.tokenizer is None:
+        raise ValueError("this model has no tokenizer: load a checkpoint directory that holds "
+                         "one, or set rm.tokenizer (e.g. cloud_jax.data.tokenizer.load_tokenizer)")
+    return rm.tokenizer
+
+
+def _score_classic(rm, prompts, responses, cfg: ScoreConfig, on_batch) -> ScoreResult:
+    tok = _require_tokenizer(rm)
+    seqs = []
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ex = encode_example(tok, p, r, None, "classic", cfg.critique_prefix, cfg.max_length,
+                            "truncate_prompt")
+        if ex is None:
+            raise ValueError(f"input {i}: the response alone is longer than "
+                             f"max_length={cfg.max_length} tokens")
+        seqs.append(ex.input_ids.tolist())
+    rewards = np.zeros(len(seqs), np.float32)
+    for start, end in _batches(len(seqs), cfg.batch_size):
+        chunk = seqs[start:end]
+        # Right padding: the reward index is each row's last token.
+        ids, mask = pad_prefixes(chunk, bucket_length(max(map(len, chunk)), cfg.length_buckets),
+                                 side="right")
+        index = np.asarray([len(s) - 1 for s in chunk], np.int32)
+        rewards[start:end] = np.asarray(_classic_rewards(rm.params, ids, mask, index,
+                                                         cfg=rm.config))
+        if on_batch is not None:
+            on_batch(end - start, 0)
+    n = len(seqs)
+    return ScoreResult(rewards=rewards, sample_rewards=rewards[:, None],
+                       reward_std=np.zeros(n, np.float32), critiques=[[] for _ in range(n)],
+                       truncated=np.zeros((n, 1), bool), critique_tokens=np.zeros((n, 1), np.int32))
+
+
+def resolve_critique_prefix(rm, cfg: ScoreConfig) -> str:
+    """The prefix to score with: ``cfg``'s, else the model's own, else CRITIQUE_PREFIX."""
+    trained = getattr(rm, "critique_prefix", None)
+    if cfg.critique_prefix is None:
+        return CRITIQUE_PREFIX if trained is None else trained
+    if trained is not None and cfg.critique_prefix != trained:
+        _warn_once(f"scoring with critique_prefix {cfg.critique_prefix!r}, but the model was "
+                   f"trained with {trained!r}")
+    return cfg.critique_prefix
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    log.warning(message)
+
+
+def score(rm, prompts: Sequence[str], responses: Sequence[str], cfg: ScoreConfig = ScoreConfig(),
+          on_batch: Optional[Callable[[int, int], None]] = None) -> ScoreResult:
+    """Scores every (prompt, response); ``rm`` is a :class:`cloud_jax.RewardModel`.
+
+    ``on_batch(inputs_done, critique_tokens)`` is called after each batch (progress bars).
+    A fixed seed gives the same critiques whatever the batch size or input order: each input's
+    random stream derives from its tokens.
+    """
+    cfg.validate()
+    cfg = dataclasses.replace(cfg, critique_prefix=resolve_critique_prefix(rm, cfg))
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    if not prompts:
+        raise ValueError("nothing to score: no prompts given")
+    if cfg.classic:
+        return _score_classic(rm, prompts, responses, cfg, on_batch)
+    tok = _require_tokenizer(rm)
+    stop_ids = end_of_turn_ids(tok)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    prefixes = []
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        try:
+            prefixes.append(encode_critique_prefix(tok, p, r, cfg.critique_prefix,
+                                                   cfg.max_length))
+        except ValueError as err:
+            raise ValueError(f"input {i}: {err}; raise max_length or shorten the "
+                             "response") from None
+    model_cfg, params = _sampling_params(rm)
+    method = method_from(cfg.temperature, cfg.top_k, cfg.top_p)
+    n, k, m = len(prefixes), cfg.num_samples, cfg.max_critique_tokens
+    tokens = np.zeros((n, k, m), np.int32)
+    lengths = np.zeros((n, k), np.int32)
+    rewards = np.zeros((n, k), np.float32)
+    truncated = np.zeros((n, k), bool)
+    # Rows per prefill: on a mesh, a multiple of the devices the batch is split over.
+    split = 1 if rm.mesh is None else rm.mesh.shape["data"] * rm.mesh.shape["fsdp"]
+    rows = -(-min(cfg.batch_size, n) // split) * split
+    # Similar lengths share a batch (less padding); results do not depend on the grouping.
+    order = sorted(range(n), key=lambda i: len(prefixes[i]))
+    for start, end in _batches(n, cfg.batch_size):
+        idx = order[start:end]
+        chunk = [prefixes[i] for i in idx]
+        # A short last batch is filled up with copies, so every batch has one compiled shape.
+        filler = [chunk[0]] * (rows - len(chunk))
+        out = sample(model_cfg, params, chunk + filler, max_new_tokens=m, stop_ids=stop_ids,
+                     num_samples=k, method=method, seed=cfg.seed, pad_id=pad_id,
+                     buckets=cfg.length_buckets or None, mesh=rm.mesh, rules=SAMPLE_RULES)
+        real = slice(0, len(chunk))
+        tokens[idx], lengths[idx] = out.tokens[real], out.lengths[real]
+        rewards[idx], truncated[idx] = out.rewards[real], out.truncated[real]
+        if on_batch is not None:
+            on_batch(len(chunk), int(out.lengths[real].sum()))
+    critiques = [[tok.decode(tokens[b, j, :lengths[b, j]].tolist(), skip_special_tokens=True)
+                  for j in range(k)] for b in range(n)]
+    return ScoreResult(rewards=rewards.mean(axis=1), sample_rewards=rewards,
+                       reward_std=rewards.std(axis=1), critiques=critiques, truncated=truncated,
+                       critique_tokens=lengths)

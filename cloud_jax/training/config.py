@@ -1,0 +1,209 @@
+"""Typed, frozen configuration loaded from YAML with dotted ``key=value`` overrides.
+
+OmegaConf does the YAML parsing, merging and type checking against the dataclass schema; an
+unknown key or a value of the wrong type is a :class:`ConfigError` that names the key. The result is
+a tree of frozen dataclasses, so a loaded config cannot change under a running job.
+
+    cfg = load_config("configs/tiny_cpu.yaml", ["model.num_layers=4", "seed=1"])
+    save_config(cfg, run_dir / "config.yaml")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from cloud_jax.data.config import DataConfig
+from cloud_jax.errors import ConfigError
+from cloud_jax.model.config import ModelConfig, RopeScalingConfig
+from cloud_jax.sharding import DISTRIBUTED_MODES, MeshConfig
+from cloud_jax.training.losses import LossConfig
+from cloud_jax.training.optim import OptimConfig
+
+__all__ = ["Config", "ConfigError", "MeshConfig", "ModelConfig", "RopeScalingConfig",
+           "config_from_dict", "load_config", "save_config", "to_yaml"]
+
+
+STAGES = ("critique_sft", "cloud", "classic", "lm_pretrain")
+NONFINITE_POLICIES = ("error", "skip")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Paths are relative to the top-level ``output_dir`` unless absolute."""
+
+    # critique_sft | cloud | classic | lm_pretrain (see docs/TRAINING.md).
+    stage: str = "critique_sft"
+    # Optimizer updates in the whole run; the learning-rate schedule spans exactly these. 0: one
+    # pass over the train split for data.num_epochs epochs (the count is saved with the run).
+    total_steps: int = 100
+    # Stop (after a checkpoint) once this step is reached, leaving the schedule untouched; a later
+    # run with the same output_dir resumes. 0 runs to total_steps. For time-limited jobs.
+    stop_at_step: int = 0
+    # Micro-batches per update: data.batch_pairs pairs are split into this many equal parts that
+    # run one after another (lax.scan), and their gradients add up to the full batch's.
+    grad_accum_steps: int = 1
+    # Held-out evaluation every this many steps and at the end (needs data.eval_path); 0: never.
+    eval_every: int = 100
+    # Eval batches per evaluation; 0 reads the whole eval split.
+    eval_batches: int = 0
+    # Checkpoint every this many steps and at the end; 0: only at the end.
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    # Orbax writes checkpoints in the background while training goes on.
+    async_checkpointing: bool = True
+    # Directory of the orbax checkpoints; empty: <output_dir>/checkpoints.
+    checkpoint_dir: str = ""
+    # Write the final weights as a reference-layout CLoud directory, <output_dir>/final, which
+    # `init_from` of the next stage and `cloud_jax.load` read.
+    export_final: bool = True
+    # Metrics are averaged over this many steps before they are written.
+    log_every: int = 10
+    # One JSON object per logged step and per evaluation; empty: <output_dir>/metrics.jsonl.
+    metrics_file: str = "metrics.jsonl"
+    # TensorBoard event files (tensorboardX, no TensorFlow) under this directory; empty: off.
+    tensorboard_dir: str = "tensorboard"
+    # Weights & Biases project; empty: off. Needs `pip install wandb`.
+    wandb_project: str = ""
+    wandb_run_name: str = ""
+    # What a non-finite loss or gradient norm does: error (stop with the step number) or skip
+    # (leave params and optimizer state unchanged for that step, count it and go on).
+    on_nonfinite: str = "error"
+    # Peak FLOP/s of one device for the MFU estimate; 0 looks the device kind up in a small table
+    # (TPU and recent NVIDIA GPUs, bf16) and leaves MFU out where it is unknown.
+    peak_flops_per_device: float = 0.0
+    # jax.distributed.initialize(): auto when JAX_COORDINATOR_ADDRESS is set or a multi-host TPU /
+    # SLURM job is detected; on: always; off: never.
+    distributed: str = "auto"
+    # A tqdm progress bar on process 0.
+    progress_bar: bool = True
+
+    def validate(self) -> "TrainConfig":
+        if self.stage not in STAGES:
+            raise ConfigError(f"train.stage={self.stage!r}: expected one of {', '.join(STAGES)}")
+        if self.total_steps < 0:
+            raise ConfigError(f"train.total_steps={self.total_steps}: must be >= 0 (0: one "
+                              "pass over the data for data.num_epochs epochs)")
+        if self.stop_at_step < 0 or self.total_steps and self.stop_at_step > self.total_steps:
+            raise ConfigError(f"train.stop_at_step={self.stop_at_step}: must be in "
+                              f"[0, train.total_steps={self.total_steps}]")
+        if self.grad_accum_steps < 1:
+            raise ConfigError(f"train.grad_accum_steps={self.grad_accum_steps}: must be >= 1")
+        for key in ("eval_every", "eval_batches", "checkpoint_every"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key}={getattr(self, key)}: must be >= 0")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"train.keep_checkpoints={self.keep_checkpoints}: must be >= 1")
+        if self.log_every < 1:
+            raise ConfigError(f"train.log_every={self.log_every}: must be >= 1")
+        if self.on_nonfinite not in NONFINITE_POLICIES:
+            raise ConfigError(f"train.on_nonfinite={self.on_nonfinite!r}: expected one of "
+                              f"{', '.join(NONFINITE_POLICIES)}")
+        if self.distributed not in DISTRIBUTED_MODES:
+            raise ConfigError(f"train.distributed={self.distributed!r}: expected one of "
+                              f"{', '.join(DISTRIBUTED_MODES)}")
+        if self.peak_flops_per_device < 0:
+            raise ConfigError(f"train.peak_flops_per_device={self.peak_flops_per_device}: "
+                              "must be >= 0")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Top-level config. Sections for later stages are added here as they land."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    seed: int = 0
+    output_dir: str = "runs/default"
+    # Where the model comes from: "" (random init from `model`), a local HF or CLoud directory, or a
+    # hub id.
+    init_from: str = ""
+
+
+def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None)
+    msg = (getattr(err, "msg", None) or str(err)).splitlines()[0]
+    where = f" key '{key}'" if key else ""
+    return ConfigError(f"{source}:{where}: {msg}")
+
+
+def _make_writable(node) -> None:
+    # Frozen dataclasses give read-only nodes at every level; merging needs them writable until
+    # `to_object` turns the tree back into frozen dataclasses.
+    OmegaConf.set_readonly(node, False)
+    for key in node:
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            _make_writable(child)
+
+
+def config_from_dict(data: dict, overrides: Sequence[str] = (), schema: type = Config,
+                     source: str = "<dict>"):
+    """Builds a frozen ``schema`` instance from a plain dict plus ``key=value`` overrides."""
+    base = OmegaConf.structured(schema)
+    _make_writable(base)
+    try:
+        merged = OmegaConf.merge(base, OmegaConf.create(data or {}))
+    except OmegaConfBaseException as err:
+        raise _explain(err, source) from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. model.num_layers=4")
+        try:
+            merged.merge_with(OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as err:
+            raise _explain(err, f"override {item!r}") from None
+    try:
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise _explain(err, source) from None
+    if isinstance(cfg, Config):
+        cfg.model.validate()
+        cfg.optim.validate()
+        cfg.data.validate()
+        cfg.loss.validate()
+        cfg.train.validate()
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = (),
+                schema: type = Config):
+    """Loads ``path`` (YAML) onto the ``schema`` defaults, then applies dotted overrides."""
+    data: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        source = os.fspath(path)
+        if not os.path.exists(source):
+            raise ConfigError(f"config file {source} does not exist")
+        try:
+            loaded = OmegaConf.load(source)
+        except Exception as err:  # yaml errors carry line numbers in their text
+            raise ConfigError(f"{source}: not valid YAML: {err}") from None
+        data = OmegaConf.to_container(loaded) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping of keys")
+    return config_from_dict(data, overrides, schema=schema, source=source)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> None:
+    """Writes the resolved config, so a run or checkpoint records exactly what produced it."""
+    os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write(to_yaml(cfg))
