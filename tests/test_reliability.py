@@ -5,7 +5,6 @@ docs/RELIABILITY.md maps each guarantee to its test."""
 
 import ast
 import fnmatch
-import gc
 import json
 import logging
 import os
@@ -18,6 +17,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from source_helpers import parse
 
 from cloud_jax.errors import CheckpointError
 from cloud_jax.training.config import load_config
@@ -335,22 +335,9 @@ _LOADERS = {"from_pretrained"}
 _DOWNLOADS = {"snapshot_download", "hf_hub_download"}
 
 
-def _parse(path: Path) -> ast.Module:
-    # No garbage collection inside ast.parse. On Python 3.11.7 a finalizer that runs there and
-    # formats a traceback (which calls ast.parse) makes the outer parse raise "SystemError: AST
-    # constructor recursion depth mismatch". A failed orbax restore in an earlier test leaves such
-    # objects: asyncio tasks whose exceptions were never retrieved.
-    gc.collect()
-    gc.disable()
-    try:
-        return ast.parse(path.read_text(), str(path))
-    finally:
-        gc.enable()
-
-
 def _calls(package: Path):
     for path in sorted(package.rglob("*.py")):
-        for node in ast.walk(_parse(path)):
+        for node in ast.walk(parse(path)):
             if isinstance(node, ast.Call):
                 func = node.func
                 name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
