@@ -116,9 +116,8 @@ def _attention_with_prefix(q_btkgd, k_bksd, v_bksd, mask_bts, prefix, scale):
     Each product is one batched matmul per (input, KV head) whose rows are all the queries that
     read those keys (every row of the group, step and query head of the KV head), and the two
     segments share one softmax through a common maximum and denominator rather than a
-    concatenation. Kept on every backend: the prefix is read once per group in fewer, larger
-    matmuls, and no concatenated score array is built (measured on CPU in docs/BENCHMARKS.md,
-    "Backend-specific choices").
+    concatenation. Kept on every backend: fewer, larger matmuls and no concatenated score array
+    (measured on CPU in docs/BENCHMARKS.md, "Backend-specific choices").
     """
     pk, pv, pmask_btp = prefix
     b, t, kv, g, d = q_btkgd.shape
