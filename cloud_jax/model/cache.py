@@ -105,7 +105,7 @@ class KVCache(_LogicalAxes):
                 jnp.sum(self.prefix.valid, axis=1, dtype=jnp.int32), rows)
         return seen_b
 
-    def mask_info(self, mask_bt: jax.Array, positions_bt: jax.Array) -> "MaskInfo":
+    def mask_info(self, mask_bt: jax.Array, positions_bt: jax.Array) -> MaskInfo:
         """Where the T new tokens (written from slot ``end``) and every key of the cache sit."""
         t, rows = mask_bt.shape[1], mask_bt.shape[0]
         valid = jax.lax.dynamic_update_slice(self.valid, mask_bt, (0, self.end))
@@ -117,6 +117,11 @@ class KVCache(_LogicalAxes):
         return MaskInfo(q_slot=self.end + jnp.arange(t), k_slot=jnp.arange(valid.shape[1]),
                         k_valid=valid, k_pos=pos, cache_end=self.end, prefix_valid=prefix_valid,
                         prefix_pos=prefix_pos)
+
+    def written(self, layers: tuple[LayerKV, ...], info: MaskInfo) -> KVCache:
+        """The cache after the forward that :meth:`mask_info` described wrote ``layers``."""
+        return self.replace(layers=layers, valid=info.k_valid, pos=info.k_pos,
+                            end=self.end + info.q_slot.shape[0])
 
 
 @flax.struct.dataclass
@@ -135,7 +140,7 @@ class MaskInfo(_LogicalAxes):
     prefix_pos: Optional[jax.Array] = _array(*SLOT_AXES, default=None)
 
     @classmethod
-    def uncached(cls, mask_bt: jax.Array, positions_bt: jax.Array) -> "MaskInfo":
+    def uncached(cls, mask_bt: jax.Array, positions_bt: jax.Array) -> MaskInfo:
         t = mask_bt.shape[1]
         return cls(q_slot=jnp.arange(t), k_slot=jnp.arange(t), k_valid=mask_bt, k_pos=positions_bt)
 

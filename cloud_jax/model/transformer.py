@@ -157,9 +157,7 @@ class CLoudModel(nn.Module):
                 x, layer_cache = layer(x, positions_bt, mask_info, layer_cache, prefix_kv)
                 new_layers.append(layer_cache)
             if cache is not None:
-                new_cache = cache.replace(layers=tuple(new_layers), valid=mask_info.k_valid,
-                                          pos=mask_info.k_pos,
-                                          end=cache.end + input_ids_bt.shape[1])
+                new_cache = cache.written(tuple(new_layers), mask_info)
         x = self.final_norm(x)
         return x, new_cache
 
