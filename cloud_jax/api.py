@@ -52,7 +52,7 @@ class RewardModel:
         def fwd(params, ids, mask):
             out = module.apply({"params": params}, ids, mask,
                                reward_index_b=last_attended_index(mask))
-            return out["logits"], out["rewards"]
+            return out.logits, out.rewards
 
         return fwd
 

@@ -68,8 +68,8 @@ def test_logits_match_transformers(case, padding_side, tmp_path):
                  position_ids=torch.tensor(positions)).logits.numpy()
     out = CLoudModel(cfg).apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask),
                                 reward_index_b=last_attended_index(jnp.asarray(mask)))
-    ours = np.asarray(out["logits"])
+    ours = np.asarray(out.logits)
     attended = mask.astype(bool)
     assert np.abs(ref).max() > 1.0, "logits too small for the comparison to mean much"
     np.testing.assert_array_less(np.abs(ours - ref)[attended].max(), 1e-4)
-    assert np.isfinite(np.asarray(out["rewards"])).all()
+    assert np.isfinite(np.asarray(out.rewards)).all()

@@ -30,28 +30,28 @@ def test_cached_decode_equals_full_forward(params):
     ids = jnp.asarray(rng.integers(1, 53, (2, 10)))
     # Row 1 is left-padded by 3: its cache slots 0..2 stay invalid throughout.
     mask = jnp.asarray(np.array([[1] * 10, [0] * 3 + [1] * 7]))
-    full = _full(params, ids, mask)["logits"]
+    full = _full(params, ids, mask).logits
     model = CLoudModel(CFG)
     cache = init_cache(CFG, 2, 16)
     out = model.apply({"params": params}, ids[:, :6], mask[:, :6], cache=cache)
-    got = [out["logits"]]
-    cache = out["cache"]
+    got = [out.logits]
+    cache = out.cache
     for t in range(6, 10):
         out = model.apply({"params": params}, ids[:, t:t + 1], mask[:, t:t + 1], cache=cache)
-        cache = out["cache"]
-        got.append(out["logits"])
+        cache = out.cache
+        got.append(out.logits)
     got = np.concatenate([np.asarray(g) for g in got], axis=1)
     attended = np.asarray(mask).astype(bool)
     np.testing.assert_allclose(got[attended], np.asarray(full)[attended], atol=1e-5, rtol=0)
-    assert int(cache["end"]) == 10
+    assert int(cache.end) == 10
 
 
 def test_padding_side_does_not_change_results(params):
     ids = jnp.asarray([[7, 8, 9, 10, 0, 0], [0, 0, 7, 8, 9, 10]])
     mask = jnp.asarray([[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1]])
     out = _full(params, ids, mask)
-    np.testing.assert_allclose(out["logits"][0, :4], out["logits"][1, 2:], atol=1e-5)
-    np.testing.assert_allclose(out["rewards"][0], out["rewards"][1], atol=1e-6)
+    np.testing.assert_allclose(out.logits[0, :4], out.logits[1, 2:], atol=1e-5)
+    np.testing.assert_allclose(out.rewards[0], out.rewards[1], atol=1e-6)
 
 
 @pytest.mark.parametrize("remat", ["none", "full", "dots"])
@@ -62,8 +62,8 @@ def test_scan_layers_equals_unrolled(params, remat):
     scan_cfg = dataclasses.replace(CFG, scan_layers=True, remat=remat)
     stacked = stack_layers(params, CFG.num_layers)
     got = _full(stacked, ids, mask, scan_cfg)
-    np.testing.assert_allclose(got["logits"], want["logits"], atol=1e-5)
-    np.testing.assert_allclose(got["rewards"], want["rewards"], atol=1e-6)
+    np.testing.assert_allclose(got.logits, want.logits, atol=1e-5)
+    np.testing.assert_allclose(got.rewards, want.rewards, atol=1e-6)
     back = unstack_layers(stacked, CFG.num_layers)
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), back, params))
 
@@ -74,7 +74,7 @@ def test_gradients_flow_through_both_heads(params):
 
     def loss(p):
         out = _full(p, ids, mask)
-        return out["logits"].sum() * 1e-3 + out["rewards"].sum()
+        return out.logits.sum() * 1e-3 + out.rewards.sum()
 
     grads = jax.grad(loss)(params)
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
@@ -87,9 +87,9 @@ def test_bf16_compute_keeps_fp32_logits_and_reward(params):
     cfg = dataclasses.replace(CFG, dtype="bfloat16")
     ids = jnp.asarray([[3, 4, 5, 6]])
     out = _full(params, ids, jnp.ones_like(ids), cfg)
-    assert out["logits"].dtype == jnp.float32 and out["rewards"].dtype == jnp.float32
+    assert out.logits.dtype == jnp.float32 and out.rewards.dtype == jnp.float32
     ref = _full(params, ids, jnp.ones_like(ids))
-    np.testing.assert_allclose(out["logits"], ref["logits"], atol=5e-2)
+    np.testing.assert_allclose(out.logits, ref.logits, atol=5e-2)
 
 
 def test_reward_dropout_is_active_only_in_training(params):
@@ -98,10 +98,10 @@ def test_reward_dropout_is_active_only_in_training(params):
     mask = jnp.ones_like(ids)
     idx = last_attended_index(mask)
     model = CLoudModel(cfg)
-    det = model.apply({"params": params}, ids, mask, reward_index_b=idx)["rewards"]
-    np.testing.assert_allclose(det, _full(params, ids, mask)["rewards"], atol=1e-6)
+    det = model.apply({"params": params}, ids, mask, reward_index_b=idx).rewards
+    np.testing.assert_allclose(det, _full(params, ids, mask).rewards, atol=1e-6)
     r1 = model.apply({"params": params}, ids, mask, reward_index_b=idx, deterministic=False,
-                     rngs={"dropout": jax.random.key(1)})["rewards"]
+                     rngs={"dropout": jax.random.key(1)}).rewards
     assert not np.allclose(r1, det)
 
 
@@ -116,17 +116,17 @@ def test_shared_prefix_decode_equals_full_forward(params):
     new = jnp.asarray(rng.integers(1, 53, (2 * k, steps)))
     model = CLoudModel(CFG)
     prefill = model.apply({"params": params}, prompts, pmask, cache=init_cache(CFG, 2, 6))
-    cache = with_shared_prefix(CFG, prefill["cache"], 2 * k, steps)
+    cache = with_shared_prefix(CFG, prefill.cache, 2 * k, steps)
     got = []
     for t in range(steps):
         out = model.apply({"params": params}, new[:, t:t + 1], jnp.ones((2 * k, 1), jnp.int32),
                           cache=cache)
-        cache = out["cache"]
-        got.append(np.asarray(out["logits"][:, 0]))
+        cache = out.cache
+        got.append(np.asarray(out.logits[:, 0]))
     got = np.stack(got, axis=1)
     full_ids = jnp.concatenate([jnp.repeat(prompts, k, axis=0), new], axis=1)
     full_mask = jnp.concatenate([jnp.repeat(pmask, k, axis=0), jnp.ones_like(new)], axis=1)
-    want = np.asarray(_full(params, full_ids, full_mask)["logits"][:, 6:])
+    want = np.asarray(_full(params, full_ids, full_mask).logits[:, 6:])
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 
@@ -138,6 +138,6 @@ def test_blockwise_causal_attention_equals_one_square(params, block):
     whole = _full(params, ids, mask, dataclasses.replace(CFG, causal_block_size=0))
     got = _full(params, ids, mask, dataclasses.replace(CFG, causal_block_size=block))
     attended = np.asarray(mask).astype(bool)  # pad queries see no key: their output is arbitrary
-    np.testing.assert_allclose(np.asarray(got["logits"])[attended],
-                               np.asarray(whole["logits"])[attended], atol=1e-5, rtol=0)
-    np.testing.assert_allclose(got["rewards"], whole["rewards"], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(np.asarray(got.logits)[attended],
+                               np.asarray(whole.logits)[attended], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got.rewards, whole.rewards, atol=1e-6, rtol=0)

@@ -40,7 +40,7 @@ def full_forward(params):
     @jax.jit
     def fwd(ids, mask, last):
         out = model.apply({"params": params}, ids[None], mask[None], reward_index_b=last[None])
-        return out["logits"][0], out["rewards"][0]
+        return out.logits[0], out.rewards[0]
 
     def run(seq):
         ids, mask = pad_prefixes([seq], width, side="right")

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cloud_jax.model.cache import LayerKV, MaskInfo
 from cloud_jax.model.config import ModelConfig, RopeScalingConfig
 
 # Finite rather than -inf so a row with no visible key (a pad query) gives a uniform, finite
@@ -115,9 +116,8 @@ def _attention_with_prefix(q_btkgd, k_bksd, v_bksd, mask_bts, prefix, scale):
     Each product is one batched matmul per (input, KV head) whose rows are all the queries that
     read those keys (every row of the group, step and query head of the KV head), and the two
     segments share one softmax through a common maximum and denominator rather than a
-    concatenation. On CPU, for the 16 rows of a 2 x 8-sample decode step over a 512-token prefix,
-    this took 15-17 ms for 12 layers against 21-31 ms for per-row products over concatenated
-    scores.
+    concatenation. Kept on every backend: fewer, larger matmuls and no concatenated score array
+    (measured on CPU in docs/BENCHMARKS.md, "Backend-specific choices").
     """
     pk, pv, pmask_btp = prefix
     b, t, kv, g, d = q_btkgd.shape
@@ -173,8 +173,8 @@ class HeadProjection(nn.Module):
         in_shape = x.shape[-self.in_dims:]
         kernel = self.param("kernel", param_with_axes(dense_init(), self.axes),
                             in_shape + self.features, self.param_dtype)
-        # Rows flattened to one axis: the weight gradient then contracts a single axis, which
-        # XLA's CPU backend runs about 1.3x faster than a contraction over (batch, length).
+        # Rows flattened to one axis, so the weight gradient contracts a single axis: free on
+        # every backend, faster on CPU (docs/BENCHMARKS.md, "Backend-specific choices").
         lead = x.shape[:-self.in_dims]
         x = x.reshape((-1,) + in_shape)
         contract = tuple(range(1, 1 + self.in_dims))
@@ -192,8 +192,10 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_btd, positions_bt, mask_info, layer_cache=None):
-        """``mask_info`` carries slots, validity and positions of the keys (see Transformer)."""
+    def __call__(self, x_btd, positions_bt, mask_info: MaskInfo,
+                 layer_cache: Optional[LayerKV] = None, prefix_kv: Optional[LayerKV] = None):
+        """Self-attention over the cache's keys (when given) and the shared prefix's (when
+        given); returns the output and the layer's updated cache (None without one)."""
         cfg = self.cfg
         dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         hd = cfg.resolved_head_dim
@@ -214,26 +216,25 @@ class Attention(nn.Module):
         v_bksd = jnp.swapaxes(v, 1, 2)
         new_cache = None
         if layer_cache is not None:
-            start = mask_info["cache_end"]
-            k_bksd = jax.lax.dynamic_update_slice(
-                layer_cache["k"], k_bksd.astype(layer_cache["k"].dtype), (0, 0, start, 0))
-            v_bksd = jax.lax.dynamic_update_slice(
-                layer_cache["v"], v_bksd.astype(layer_cache["v"].dtype), (0, 0, start, 0))
-            cache_axes = ("cache_batch", "cache_kv_heads", "cache_length", "cache_head_dim")
-            k_bksd = nn.with_logical_constraint(k_bksd, cache_axes)
-            v_bksd = nn.with_logical_constraint(v_bksd, cache_axes)
-            new_cache = {"k": k_bksd, "v": v_bksd}
-        mask = attention_mask(mask_info["q_slot"], mask_info["k_slot"], mask_info["k_valid"],
-                              positions_bt, mask_info["k_pos"], cfg.sliding_window)
+            start = mask_info.cache_end
+            new_cache = LayerKV(
+                k=jax.lax.dynamic_update_slice(
+                    layer_cache.k, k_bksd.astype(layer_cache.k.dtype), (0, 0, start, 0)),
+                v=jax.lax.dynamic_update_slice(
+                    layer_cache.v, v_bksd.astype(layer_cache.v.dtype), (0, 0, start, 0)),
+            ).constrain()
+            k_bksd, v_bksd = new_cache.k, new_cache.v
+        mask = attention_mask(mask_info.q_slot, mask_info.k_slot, mask_info.k_valid,
+                              positions_bt, mask_info.k_pos, cfg.sliding_window)
         prefix = None
-        if layer_cache is not None and "prefix_k" in layer_cache:
+        if prefix_kv is not None:
             # Every prefix slot precedes the query: no causal term, only validity and window.
-            pmask = jnp.broadcast_to(mask_info["prefix_valid"][:, None, :].astype(bool),
-                                     (q.shape[0], q.shape[1], mask_info["prefix_valid"].shape[1]))
+            pmask = jnp.broadcast_to(mask_info.prefix_valid[:, None, :].astype(bool),
+                                     (q.shape[0], q.shape[1], mask_info.prefix_valid.shape[1]))
             if cfg.sliding_window is not None:
-                pmask = pmask & (positions_bt[:, :, None] - mask_info["prefix_pos"][:, None, :]
+                pmask = pmask & (positions_bt[:, :, None] - mask_info.prefix_pos[:, None, :]
                                  < cfg.sliding_window)
-            prefix = (layer_cache["prefix_k"], layer_cache["prefix_v"], pmask)
+            prefix = (prefix_kv.k, prefix_kv.v, pmask)
         k_bksd, v_bksd = k_bksd.astype(dtype), v_bksd.astype(dtype)
         block = cfg.causal_block_size
         t = q.shape[1]

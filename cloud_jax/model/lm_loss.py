@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 
 F32 = jnp.float32
-# A chunk's rows and positions are flattened to one axis for its matmuls: the kernel's gradient
-# then contracts a single axis, which XLA's CPU backend runs faster than two.
+# A chunk's rows and positions are flattened to one axis for its matmuls, so the kernel's gradient
+# contracts a single axis: free on every backend, faster on CPU (docs/BENCHMARKS.md).
 _LOGITS_AXES = ("activation_batch", "activation_vocab")
 
 

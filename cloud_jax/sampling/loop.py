@@ -30,15 +30,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh
 
 from cloud_jax.model.config import ModelConfig
-from cloud_jax.model import (CLoudModel, cache_logical_axes, init_cache, last_attended_index,
-                             mesh_context, with_shared_prefix)
+from cloud_jax.model import (CLoudModel, KVCache, init_cache, last_attended_index, mesh_context,
+                             with_shared_prefix)
 from cloud_jax.sampling.methods import Greedy, SamplingMethod
 from cloud_jax.sharding import SAMPLE_RULES, Rules
-
-Cache = dict
 
 
 @flax.struct.dataclass
@@ -46,7 +44,7 @@ class DecodeState:
     """Carry of the decode loop; N = inputs x samples rows."""
 
     step: jax.Array  # [] int32: index of the critique token chosen by the next iteration
-    cache: Cache
+    cache: KVCache
     logits_nv: jax.Array  # fp32, next-token logits of every row
     tokens_nm: jax.Array  # int32 [N, M+1]: the critique so far, pad_id after its end
     lengths_n: jax.Array  # int32: critique tokens written, the end-of-turn token excluded
@@ -108,13 +106,6 @@ def content_row_ids(prefixes: Sequence[Sequence[int]]) -> np.ndarray:
     return out
 
 
-def _constrain_cache(cache: Cache, cfg: ModelConfig) -> Cache:
-    # A no-op without a mesh; on one, lays the decode cache out like the prefilled one.
-    return jax.tree.map(lambda x, spec: nn.with_logical_constraint(x, tuple(spec)), cache,
-                        cache_logical_axes(cfg, shared_prefix=True),
-                        is_leaf=lambda x: isinstance(x, PartitionSpec))
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "rules"))
 def prefill(params, ids_bl, mask_bl, *, cfg: ModelConfig, cache_len: int, rules: Rules):
     """Writes the prefixes into a fresh cache of ``cache_len`` slots; returns (next-token logits
@@ -132,7 +123,7 @@ def prefill(params, ids_bl, mask_bl, *, cfg: ModelConfig, cache_len: int, rules:
 
 @functools.partial(jax.jit, static_argnames=(
     "cfg", "rules", "method", "num_samples", "max_new_tokens", "pad_id"))
-def decode(params, cache: Cache, logits_bv, row_keys_b, stop_ids_s, *, cfg: ModelConfig,
+def decode(params, cache: KVCache, logits_bv, row_keys_b, stop_ids_s, *, cfg: ModelConfig,
            rules: Rules, method: SamplingMethod, num_samples: int, max_new_tokens: int,
            pad_id: int):
     """Decodes K samples per input over its shared prefill cache until every row has its reward.
@@ -151,7 +142,8 @@ def decode(params, cache: Cache, logits_bv, row_keys_b, stop_ids_s, *, cfg: Mode
     with nn.logical_axis_rules(rules):
         logits_nv = jnp.repeat(logits_bv, k, axis=0)
         n = logits_nv.shape[0]
-        cache = _constrain_cache(with_shared_prefix(cfg, cache, n, m + 1), cfg)
+        # A no-op without a mesh; on one, lays the decode cache out like the prefilled one.
+        cache = with_shared_prefix(cfg, cache, n, m + 1).constrain()
         state = DecodeState(
             step=jnp.zeros((), jnp.int32), cache=cache, logits_nv=logits_nv,
             tokens_nm=jnp.full((n, m + 1), pad_id, jnp.int32),

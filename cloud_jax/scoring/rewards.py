@@ -96,7 +96,7 @@ def _sampling_params(rm) -> tuple[ModelConfig, Any]:
 def _classic_rewards(params, ids_bl, mask_bl, reward_index_b, *, cfg: ModelConfig):
     out = CLoudModel(cfg).apply({"params": params}, ids_bl, mask_bl,
                                 reward_index_b=reward_index_b, return_logits=False)
-    return out["rewards"]
+    return out.rewards
 
 
 def _require_tokenizer(rm):

@@ -65,12 +65,12 @@ def forward(model: CLoudModel, params: Any, batch: Batch, stage: str, *,
         deterministic=rng is None, return_logits=stage in LM_STAGES and not chunked,
         lm_targets=lm_targets, rngs=None if rng is None else {"dropout": rng})
     outputs = {}
-    if out["logits"] is not None:
-        outputs["logits"] = out["logits"].reshape((p, 2) + out["logits"].shape[1:])
+    if out.logits is not None:
+        outputs["logits"] = out.logits.reshape((p, 2) + out.logits.shape[1:])
     if chunked:
-        outputs["lm"] = out["lm"]
+        outputs["lm"] = out.lm
     if want_rewards:
-        outputs["rewards"] = out["rewards"].reshape(p, 2)
+        outputs["rewards"] = out.rewards.reshape(p, 2)
     return outputs
 
 

@@ -24,7 +24,7 @@ model = CLoudModel(cfg)
 
 def fwd(params, ids, mask):
     out = model.apply({"params": params}, ids, mask, reward_index_b=last_attended_index(mask))
-    return out["logits"], out["rewards"]
+    return out.logits, out.rewards
 
 
 params = init_params(cfg, jax.random.key(0))

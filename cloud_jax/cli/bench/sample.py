@@ -215,7 +215,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with torch.inference_mode():
             hf_logits = model(input_ids[:1, :32]).logits.numpy()
         our_logits = CLoudModel(cfg).apply({"params": params}, jnp.asarray(prompts[0][:32])[None],
-                                           jnp.ones((1, 32), jnp.int32))["logits"]
+                                           jnp.ones((1, 32), jnp.int32)).logits
         diff = float(np.abs(np.asarray(our_logits) - hf_logits).max())
         if diff > 1e-3:
             raise RuntimeError(f"transformers and our logits differ by {diff}: the comparison "
