@@ -17,7 +17,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from source_helpers import parse
+from source_helpers import package_sources
 
 from cloud_jax.errors import CheckpointError
 from cloud_jax.training.config import load_config
@@ -335,18 +335,18 @@ _LOADERS = {"from_pretrained"}
 _DOWNLOADS = {"snapshot_download", "hf_hub_download"}
 
 
-def _calls(package: Path):
-    for path in sorted(package.rglob("*.py")):
-        for node in ast.walk(parse(path)):
+def _calls():
+    for path, tree in package_sources().items():
+        for node in ast.walk(tree):
             if isinstance(node, ast.Call):
                 func = node.func
                 name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
-                yield f"{path.relative_to(package.parent)}:{node.lineno}", name, node
+                yield f"{path.relative_to(ROOT)}:{node.lineno}", name, node
 
 
 def test_no_loader_in_the_package_can_run_remote_code():
     loaders = 0
-    for where, name, call in _calls(ROOT / "cloud_jax"):
+    for where, name, call in _calls():
         keywords = {k.arg: k.value for k in call.keywords}
         trust = keywords.get("trust_remote_code")
         if trust is not None:
