@@ -6,8 +6,8 @@ The output is what ``LlamaForCausalLM.from_pretrained`` and ``AutoTokenizer.from
 kernels (the ones transformers' own GGUF loader calls for Llama), and llama.cpp's reordering of the
 q/k projection rows is undone. Nothing here needs torch.
 
-    python -m cloud_jax.checkpoints.gguf --out DIR     # the bundled SmolLM2-135M-Instruct
-    python -m cloud_jax.checkpoints.gguf --gguf model.gguf --out DIR
+    python -m cloud_jax convert-gguf --out DIR     # the bundled SmolLM2-135M-Instruct
+    python -m cloud_jax convert-gguf --gguf model.gguf --out DIR
 """
 
 from __future__ import annotations
