@@ -16,8 +16,9 @@ Exit status 1 when a step does not fit in HBM (after printing its figures) or li
 Peak bf16 FLOP/s per chip and the slice shapes are from Google's Cloud TPU system-architecture
 pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e); the HBM a program may use per chip is the
 TPU compiler's own limit (see ``cloud_jax.sharding.CHIPS``), which it also enforces: a step it
-refuses for memory is reported like one whose figures exceed the table. v4 and v5p names count TensorCores (two per
-chip, one JAX device per chip in megacore mode), v5e and v6e names count chips.
+refuses for memory is reported like one whose figures exceed the table. v4 and v5p names count
+TensorCores (two per chip, one JAX device per chip in megacore mode), v5e and v6e names count
+chips.
 """
 
 from __future__ import annotations
