@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 from pathlib import Path
@@ -44,18 +43,6 @@ class RewardModel:
     def module(self) -> CLoudModel:
         return CLoudModel(self.config)
 
-    @functools.cached_property
-    def _forward_fn(self):
-        module = self.module
-
-        @jax.jit
-        def fwd(params, ids, mask):
-            out = module.apply({"params": params}, ids, mask,
-                               reward_index_b=last_attended_index(mask))
-            return out.logits, out.rewards
-
-        return fwd
-
     def forward(self, input_ids, attention_mask=None) -> tuple[jax.Array, jax.Array]:
         """``(logits [B,T,V] fp32, rewards [B] fp32)``; each reward is read at the row's last
         attended position, whether the batch is left- or right-padded."""
@@ -70,8 +57,12 @@ class RewardModel:
             raise ValueError("every row needs at least one attended token (attention_mask=1)")
         if int(jnp.max(ids)) >= self.config.vocab_size or int(jnp.min(ids)) < 0:
             raise ValueError(f"token ids must lie in [0, vocab_size={self.config.vocab_size})")
+        # Imported here: scoring loads transformers (seconds), which `import cloud_jax` should not.
+        from cloud_jax.scoring.rewards import sequence_rewards
+
         with mesh_context(self.mesh, self.rules):
-            return self._forward_fn(self.params, ids, mask)
+            return sequence_rewards(self.params, ids, mask, last_attended_index(mask),
+                                    cfg=self.config, return_logits=True)
 
     def score(self, prompts, responses, *, num_samples: int = 1, temperature: float = 0.0,
               max_critique_tokens: int = 256, seed: int = 0, **settings):

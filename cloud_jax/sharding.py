@@ -1,4 +1,5 @@
-"""Device mesh, multi-host start-up, and the logical-axis rules that map array dimensions onto it.
+"""Device mesh, multi-host start-up, the logical-axis rules that map array dimensions onto it, and
+the chips' peak figures (MFU, the ``aot`` command).
 
 Every parameter, activation and cache array is annotated with logical axis names (``embed``,
 ``heads``, ``activation_batch``, ...). One rules table maps those names to the mesh axes ``data``,
@@ -171,3 +172,41 @@ def init_distributed(mode: str) -> bool:
     jax.distributed.initialize(num_processes=env_int("JAX_NUM_PROCESSES"),
                                process_id=env_int("JAX_PROCESS_ID"))
     return True
+
+
+# --- the chips the devices are ----------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """One accelerator chip's figures: its peak for MFU, and for TPUs what the ``aot`` command
+    needs to lay out a slice of them."""
+
+    name: str  # for a TPU, the topology-string prefix libtpu knows
+    device_kinds: tuple[str, ...]  # substrings of jax.Device.device_kind that name this chip
+    peak_flops: float  # bf16 dense FLOP/s per chip
+    hbm_bytes: float = 0.0  # per program; recorded for TPUs only
+    torus_dims: int = 0  # 3: 3D torus (v4, v5p); 2: 2D (v5e, v6e); 0: not a TPU slice
+    cores_in_name: int = 1  # TensorCores per chip counted by the accelerator-type name
+
+
+# Peak FLOP/s: Google's Cloud TPU system-architecture pages and NVIDIA's data sheets (dense, not
+# sparse). TPU hbm_bytes: what the TPU compiler of libtpu 0.0.42.1 lets one program use per chip
+# (read from its out-of-memory message), a little under the 32 / 96 / 16 / 32 GiB on the chip.
+CHIPS = {chip.name: chip for chip in (
+    Chip("v4", ("TPU v4",), 275e12, 30.75 * 2**30, 3, 2),
+    Chip("v5p", ("TPU v5p", "TPU v5"), 459e12, 95.74 * 2**30, 3, 2),
+    Chip("v5e", ("TPU v5e", "TPU v5 lite"), 197e12, 15.75 * 2**30, 2, 1),
+    Chip("v6e", ("TPU v6",), 918e12, 31.25 * 2**30, 2, 1),
+    Chip("H200", ("H200",), 989e12),
+    Chip("H100", ("H100",), 989e12),
+    Chip("A100", ("A100",), 312e12),
+)}
+
+
+def chip_of(device_kind: str) -> Optional[Chip]:
+    """The chip a ``jax.Device.device_kind`` names, or None; the longest matching name wins
+    ("TPU v5 lite" is a v5e, not the v5p that "TPU v5" names)."""
+    kind = device_kind.lower()
+    matches = [(len(name), chip) for chip in CHIPS.values() for name in chip.device_kinds
+               if name.lower() in kind]
+    return max(matches, key=lambda m: m[0])[1] if matches else None

@@ -10,6 +10,7 @@ import pytest
 
 from cloud_jax.cli import aot
 from cloud_jax.errors import ConfigError
+from cloud_jax.sharding import CHIPS, chip_of
 
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
@@ -38,6 +39,18 @@ TINY = ["--config", "configs/tiny_cpu_cloud.yaml", "data.batch_pairs=8", "data.m
 def test_slice_names(name, chips, topology):
     sl = aot.parse_slice(name)
     assert (sl.chips, sl.topology) == (chips, topology)
+
+
+@pytest.mark.parametrize("device_kind,chip", [
+    ("TPU v4", "v4"), ("TPU v5 lite", "v5e"), ("TPU v5e", "v5e"), ("TPU v5", "v5p"),
+    ("TPU v5p", "v5p"), ("TPU v6 lite", "v6e"), ("NVIDIA H100 80GB HBM3", "H100"), ("cpu", None),
+])
+def test_the_chip_a_device_kind_names(device_kind, chip):
+    # One table serves the training MFU (by device kind) and the slices above (by generation).
+    found = chip_of(device_kind)
+    assert (found.name if found else None) == chip
+    if chip in CHIPS and CHIPS[chip].torus_dims:
+        assert aot.parse_slice(f"{chip}-8").chip is found
 
 
 @pytest.mark.parametrize("name", ["v5p-6", "v5p-4", "v5e-2", "v7-8", "v5p", "tpu-8"])

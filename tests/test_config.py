@@ -63,7 +63,7 @@ def test_every_shipped_config_loads():
     assert paths, "configs/ has no YAML files"
     from omegaconf import OmegaConf
 
-    from cloud_jax.experiments.cloud_vs_classic.run import load_pipeline_config
+    from cloud_jax.experiments.cloud_vs_classic.config import load_pipeline_config
 
     for p in paths:
         # Pipeline configs (python -m cloud_jax pipeline) carry a `stages` section.

@@ -1,4 +1,4 @@
-"""The end-to-end pipeline (cloud_jax/experiments/cloud_vs_classic/run.py) at a tiny size: every stage runs, results.json
+"""The end-to-end pipeline (cloud_jax/experiments/cloud_vs_classic/) at a tiny size: every stage runs, results.json
 and report.md hold what the docs say, a rerun skips finished stages, a changed config is refused.
 Whether CLoud beats classic at the demo's real size is measured by `make demo` (docs/RESULTS.md),
 not here: a few steps teach nothing."""
@@ -9,8 +9,10 @@ import os
 import pytest
 
 from cloud_jax.errors import ConfigError
-from cloud_jax.experiments.cloud_vs_classic.run import (_exact, _pairs_judged_right, _verdicts, load_pipeline_config,
-                                run_pipeline)
+from cloud_jax.experiments.cloud_vs_classic.config import load_pipeline_config
+from cloud_jax.experiments.cloud_vs_classic.diagnostics import (exact_match, pairs_judged_right,
+                                                                verdict_agreement)
+from cloud_jax.experiments.cloud_vs_classic.run import run_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo_cpu.yaml")
@@ -89,9 +91,9 @@ def test_diagnostics_by_hand():
     chosen = [["12+3: 2+3=5 5 ok, 1=1 1 ok: Correct"], ["x: Incorrect"]]
     rejected = [["12+3: 2+3=5 6 no, 1=1 1 ok: Incorrect"], ["cut off befo"]]
     oracle = [True, True, False, False]
-    d = _verdicts(chosen + rejected, oracle)
+    d = verdict_agreement(chosen + rejected, oracle)
     # Verdicts: Correct (agrees), Incorrect (disagrees), Incorrect (agrees), none.
     assert d == {"agreement": 0.5, "no_verdict": 0.25, "critiques": 4}
-    assert _pairs_judged_right(chosen, rejected) == 0.5
-    assert _exact([["a "], ["b"]], ["a", "c"]) == 0.5
-    assert _verdicts([["Correct"]], [None])["agreement"] is None
+    assert pairs_judged_right(chosen, rejected) == 0.5
+    assert exact_match([["a "], ["b"]], ["a", "c"]) == 0.5
+    assert verdict_agreement([["Correct"]], [None])["agreement"] is None

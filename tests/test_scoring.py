@@ -18,7 +18,7 @@ from cloud_jax.data.tokenizer import byte_tokenizer, end_of_turn_ids
 from cloud_jax.model import param_shapes
 from cloud_jax.sampling import Greedy, pad_prefixes, sample
 from cloud_jax.cli.score import main
-from cloud_jax.scoring.rewards import ScoreConfig, score
+from cloud_jax.scoring.rewards import ScoreConfig, score, teacher_forced_rewards
 
 # One layer keeps compiles short; the sampler's own tests cover deeper models.
 CFG = ModelConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
@@ -91,6 +91,16 @@ def test_classic_model_scores_with_one_forward(rm):
     seqs = [encode_example(rm.tokenizer, p, r, None, "classic").input_ids.tolist()
             for p, r in zip(PROMPTS, RESPONSES)]
     np.testing.assert_allclose(result.rewards, full_rewards(rm, seqs), atol=1e-5, rtol=0)
+
+
+def test_teacher_forced_rewards_read_the_given_critiques_with_one_forward(rm):
+    critiques = ["Correct.", "A colour indeed.", "It greets back."]
+    got = teacher_forced_rewards(rm, PROMPTS, RESPONSES, critiques, ScoreConfig(batch_size=2))
+    seqs = [encode_example(rm.tokenizer, p, r, c, "cloud").input_ids.tolist()
+            for p, r, c in zip(PROMPTS, RESPONSES, critiques)]
+    np.testing.assert_allclose(got, full_rewards(rm, seqs), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="2 critiques"):
+        teacher_forced_rewards(rm, PROMPTS, RESPONSES, critiques[:2])
 
 
 def test_score_command_writes_every_row_back(rm, tmp_path):

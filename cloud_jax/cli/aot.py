@@ -15,9 +15,10 @@ Exit status 1 when a step does not fit in HBM (after printing its figures) or li
 
 Peak bf16 FLOP/s per chip and the slice shapes are from Google's Cloud TPU system-architecture
 pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e); the HBM a program may use per chip is the
-TPU compiler's own limit (see ``CHIPS``), which it also enforces: a step it refuses for memory is
-reported like one whose figures exceed the table. v4 and v5p names count TensorCores (two per
-chip, one JAX device per chip in megacore mode), v5e and v6e names count chips.
+TPU compiler's own limit (see ``cloud_jax.sharding.CHIPS``), which it also enforces: a step it
+refuses for memory is reported like one whose figures exceed the table. v4 and v5p names count
+TensorCores (two per chip, one JAX device per chip in megacore mode), v5e and v6e names count
+chips.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from cloud_jax.errors import ConfigError
 from cloud_jax.model import mesh_context, param_shapes, param_shardings
 from cloud_jax.sampling import Temperature
 from cloud_jax.sampling.loop import decode, prefill
-from cloud_jax.sharding import SAMPLE_RULES, TRAIN_RULES, make_mesh
+from cloud_jax.sharding import CHIPS, SAMPLE_RULES, TRAIN_RULES, Chip, make_mesh
 from cloud_jax.training.loop import check_batch_layout
 from cloud_jax.training.step import (DEVICE_KEYS, StepBuilder, memory_figures,
                                      model_flops_per_token)
@@ -47,23 +48,6 @@ INSTALL_HINT = ("libtpu is not installed: `pip install -r requirements-tpu.txt` 
                 "release matching this JAX) into this environment, then run again")
 
 
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    generation: str  # the topology-string prefix libtpu knows
-    peak_flops: float  # bf16 dense FLOP/s per chip
-    hbm_bytes: float
-    dims: int  # 3: 3D torus (v4, v5p); 2: 2D (v5e, v6e)
-    cores_in_name: int  # TensorCores per chip counted by the accelerator-type name
-
-
-# hbm_bytes: what the TPU compiler of libtpu 0.0.42.1 lets one program use per chip (read from its
-# out-of-memory message), a little under the 32 / 96 / 16 / 32 GiB on the chip.
-CHIPS = {
-    "v4": Chip("v4", 275e12, 30.75 * 2**30, 3, 2),
-    "v5p": Chip("v5p", 459e12, 95.74 * 2**30, 3, 2),
-    "v5e": Chip("v5e", 197e12, 15.75 * 2**30, 2, 1),
-    "v6e": Chip("v6e", 918e12, 31.25 * 2**30, 2, 1),
-}
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
 
 
@@ -76,7 +60,7 @@ class Slice:
 
     @property
     def topology(self) -> str:
-        return f"{self.chip.generation}:{'x'.join(map(str, self.shape))}"
+        return f"{self.chip.name}:{'x'.join(map(str, self.shape))}"
 
 
 def _shape(chips: int, dims: int) -> tuple[int, ...]:
@@ -94,16 +78,17 @@ def parse_slice(name: str) -> Slice:
     topology shape."""
     m = re.fullmatch(r"(v\w+?)-(\d+)", name.strip().lower())
     gen = m and _ALIASES.get(m.group(1), m.group(1))
-    if not m or gen not in CHIPS:
+    if not m or gen not in CHIPS or not CHIPS[gen].torus_dims:
+        tpus = ", ".join(k for k, chip in CHIPS.items() if chip.torus_dims)
         raise ConfigError(f"--topology {name!r}: expected <generation>-<size> with generation one "
-                          f"of {', '.join(CHIPS)} (e.g. v5p-64, v5e-16)")
+                          f"of {tpus} (e.g. v5p-64, v5e-16)")
     chip, size = CHIPS[gen], int(m.group(2))
     chips, rest = divmod(size, chip.cores_in_name)
     if rest or not (chips == 1 or chips >= 4 and chips & (chips - 1) == 0):
         unit = "TensorCores (2 per chip)" if chip.cores_in_name == 2 else "chips"
         raise ConfigError(f"--topology {name!r}: the size counts {unit}; expected 1 or 4, 8, 16, "
                           f"... chips")
-    return Slice(name, chip, chips, _shape(chips, chip.dims))
+    return Slice(name, chip, chips, _shape(chips, chip.torus_dims))
 
 
 def tpu_devices(sl: Slice) -> list:

@@ -11,7 +11,9 @@ import sys
 from typing import Optional, Sequence
 
 from cloud_jax.errors import ConfigError
-from cloud_jax.experiments.cloud_vs_classic.run import REPORT_MD, RESULTS_JSON, load_pipeline_config, run_pipeline, summary_table
+from cloud_jax.experiments.cloud_vs_classic.config import load_pipeline_config
+from cloud_jax.experiments.cloud_vs_classic.report import summary_table
+from cloud_jax.experiments.cloud_vs_classic.run import REPORT_MD, RESULTS_JSON, run_pipeline
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -28,9 +28,11 @@ def read_jsonl(paths: str) -> list[tuple[str, dict]]:
 
 
 def write_jsonl_atomic(path: str, objs: Sequence[dict]) -> None:
+    """One JSON object a line, through a temporary file so that ``path`` is whole or absent.
+    NaN and infinities are refused: they are not JSON, and other readers would reject the file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         for obj in objs:
-            f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+            f.write(json.dumps(obj, ensure_ascii=False, allow_nan=False) + "\n")
     os.replace(tmp, path)

@@ -9,7 +9,6 @@ critiques are K = 8's first four.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -17,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from cloud_jax.data.jsonl import write_jsonl_atomic
 from cloud_jax.data.schema import PreferenceRow
 from cloud_jax.evaluation import best_of_n as bon
 from cloud_jax.evaluation import rewardbench as rbm
@@ -180,14 +180,6 @@ def evaluate_best_of_n(items: Sequence[bon.BestOfNItem], score_fn: ScoreFn, cfg:
     return section, records
 
 
-def _write_jsonl(path: str, records: Sequence[Dict[str, Any]]) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-
-
 def run_evaluation(score_fn: ScoreFn, cfg: EvalConfig, output_dir: str, *,
                    rows: Optional[Sequence[PreferenceRow]] = None,
                    best_of_n_items: Optional[Sequence[bon.BestOfNItem]] = None,
@@ -214,12 +206,12 @@ def run_evaluation(score_fn: ScoreFn, cfg: EvalConfig, output_dir: str, *,
         report["rewardbench"], records = evaluate_rewardbench(rows, score_fn, cfg,
                                                               progress=progress)
         files["critiques"] = os.path.join(output_dir, CRITIQUES_JSONL)
-        _write_jsonl(files["critiques"], records)
+        write_jsonl_atomic(files["critiques"], records)
     if best_of_n_items:
         report["best_of_n"], records = evaluate_best_of_n(best_of_n_items, score_fn, cfg,
                                                           progress=progress)
         files["best_of_n_critiques"] = os.path.join(output_dir, BEST_OF_N_JSONL)
-        _write_jsonl(files["best_of_n_critiques"], records)
+        write_jsonl_atomic(files["best_of_n_critiques"], records)
     report["wall_seconds"] = time.perf_counter() - start
     files.update(write_report(report, output_dir))
     report["files"] = files

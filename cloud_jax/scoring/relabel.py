@@ -29,6 +29,7 @@ import math
 import os
 from typing import Any, Callable, Optional, Sequence
 
+from cloud_jax import records
 from cloud_jax.data.jsonl import write_jsonl_atomic
 from cloud_jax.data.schema import FEEDBACK_FIELDS, PreferenceRow
 from cloud_jax.data.tokenizer import tokenizer_fingerprint
@@ -69,25 +70,13 @@ def regenerate(rm, rows: Sequence[PreferenceRow], cfg: ScoreConfig, on_batch=Non
             for i, row in enumerate(rows)]
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _write_provenance(out_dir: str, provenance: dict, host: int = 0) -> None:
     path = os.path.join(out_dir, PROVENANCE)
     # Through JSON once, so tuples compare equal to the lists read back.
     provenance = json.loads(json.dumps(provenance))
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
-            old = _flat(json.load(f))
-        new = _flat(provenance)
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            changed = records.changes(json.load(f), provenance)
         if changed:
             raise ValueError(f"{path} records other settings ({', '.join(changed)} differ); "
                              "write to a new output directory or restore the settings")

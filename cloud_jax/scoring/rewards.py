@@ -7,7 +7,9 @@
 Each input is prefilled as ``[user: prompt][assistant: response][user: critique prefix`` once;
 K critiques are sampled from its replicated cache and each reward is read inside the decode loop
 at the end-of-turn token. A classic model (``classic=True``) has no critique: its reward is read
-by one forward over ``[user: prompt][assistant: response]<end-of-turn>``.
+by one forward over ``[user: prompt][assistant: response]<end-of-turn>``. Given critiques
+(:func:`teacher_forced_rewards`) are read the same way, after the critique. Every whole-sequence
+forward, ``RewardModel.forward`` included, is :func:`sequence_rewards`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 
 from cloud_jax.model.config import ModelConfig
 from cloud_jax.data.config import CRITIQUE_PREFIX
-from cloud_jax.data.layout import encode_critique_prefix, encode_example
+from cloud_jax.data.layout import Example, encode_critique_prefix, encode_example
 from cloud_jax.data.tokenizer import end_of_turn_ids
 from cloud_jax.model import CLoudModel, param_shardings, unstack_layers
 from cloud_jax.sampling import bucket_length, method_from, pad_prefixes, sample
@@ -92,11 +94,14 @@ def _sampling_params(rm) -> tuple[ModelConfig, Any]:
     return cfg, params
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _classic_rewards(params, ids_bl, mask_bl, reward_index_b, *, cfg: ModelConfig):
-    out = CLoudModel(cfg).apply({"params": params}, ids_bl, mask_bl,
-                                reward_index_b=reward_index_b, return_logits=False)
-    return out.rewards
+@functools.partial(jax.jit, static_argnames=("cfg", "return_logits"))
+def sequence_rewards(params, ids_bt, mask_bt, reward_index_b, *, cfg: ModelConfig,
+                     return_logits: bool = False):
+    """One forward over whole sequences: rewards [B] fp32 read at ``reward_index_b``; with
+    ``return_logits``, ``(logits [B, T, V] fp32, rewards [B])``."""
+    out = CLoudModel(cfg).apply({"params": params}, ids_bt, mask_bt,
+                                reward_index_b=reward_index_b, return_logits=return_logits)
+    return (out.logits, out.rewards) if return_logits else out.rewards
 
 
 def _require_tokenizer(rm):
@@ -106,31 +111,59 @@ def _require_tokenizer(rm):
     return rm.tokenizer
 
 
-def _score_classic(rm, prompts, responses, cfg: ScoreConfig, on_batch) -> ScoreResult:
-    tok = _require_tokenizer(rm)
-    seqs = []
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        ex = encode_example(tok, p, r, None, "classic", cfg.critique_prefix, cfg.max_length,
+def _encode_whole(tok, prompts, responses, critiques, stage: str,
+                  cfg: ScoreConfig) -> list[Example]:
+    """Every input in ``stage``'s layout, its prompt cut from the left to fit ``cfg.max_length``."""
+    examples = []
+    for i, (p, r, c) in enumerate(zip(prompts, responses, critiques)):
+        ex = encode_example(tok, p, r, c, stage, cfg.critique_prefix, cfg.max_length,
                             "truncate_prompt")
         if ex is None:
-            raise ValueError(f"input {i}: the response alone is longer than "
-                             f"max_length={cfg.max_length} tokens")
-        seqs.append(ex.input_ids.tolist())
-    rewards = np.zeros(len(seqs), np.float32)
-    for start, end in _batches(len(seqs), cfg.batch_size):
-        chunk = seqs[start:end]
-        # Right padding: the reward index is each row's last token.
-        ids, mask = pad_prefixes(chunk, bucket_length(max(map(len, chunk)), cfg.length_buckets),
-                                 side="right")
-        index = np.asarray([len(s) - 1 for s in chunk], np.int32)
-        rewards[start:end] = np.asarray(_classic_rewards(rm.params, ids, mask, index,
+            raise ValueError(f"input {i}: longer than max_length={cfg.max_length} tokens even "
+                             "with its whole prompt cut")
+        examples.append(ex)
+    return examples
+
+
+def _forward_rewards(rm, examples: Sequence[Example], cfg: ScoreConfig, on_batch) -> np.ndarray:
+    """float32 [N]: each example's reward at its reward index, ``cfg.batch_size`` per forward."""
+    rewards = np.zeros(len(examples), np.float32)
+    for start, end in _batches(len(examples), cfg.batch_size):
+        chunk = examples[start:end]
+        length = bucket_length(max(len(ex.input_ids) for ex in chunk), cfg.length_buckets)
+        ids, mask = pad_prefixes([ex.input_ids.tolist() for ex in chunk], length, side="right")
+        index = np.asarray([ex.reward_index for ex in chunk], np.int32)
+        rewards[start:end] = np.asarray(sequence_rewards(rm.params, ids, mask, index,
                                                          cfg=rm.config))
         if on_batch is not None:
             on_batch(end - start, 0)
-    n = len(seqs)
+    return rewards
+
+
+def _score_classic(rm, prompts, responses, cfg: ScoreConfig, on_batch) -> ScoreResult:
+    examples = _encode_whole(_require_tokenizer(rm), prompts, responses, [None] * len(prompts),
+                             "classic", cfg)
+    rewards = _forward_rewards(rm, examples, cfg, on_batch)
+    n = len(examples)
     return ScoreResult(rewards=rewards, sample_rewards=rewards[:, None],
                        reward_std=np.zeros(n, np.float32), critiques=[[] for _ in range(n)],
                        truncated=np.zeros((n, 1), bool), critique_tokens=np.zeros((n, 1), np.int32))
+
+
+def teacher_forced_rewards(rm, prompts: Sequence[str], responses: Sequence[str],
+                           critiques: Sequence[str], cfg: ScoreConfig = ScoreConfig(),
+                           on_batch: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
+    """float32 [B]: the reward a CLoud model gives each (prompt, response) after the critique
+    given (e.g. the oracle's) rather than one it samples, read by one forward over
+    ``[prompt][response][critique prefix + critique]<end-of-turn>``. Uses ``cfg``'s
+    ``batch_size``, ``max_length``, ``critique_prefix`` and ``length_buckets``."""
+    cfg.validate()
+    cfg = dataclasses.replace(cfg, critique_prefix=resolve_critique_prefix(rm, cfg))
+    if not len(prompts) == len(responses) == len(critiques):
+        raise ValueError(f"{len(prompts)} prompts, {len(responses)} responses and "
+                         f"{len(critiques)} critiques: one each per input")
+    examples = _encode_whole(_require_tokenizer(rm), prompts, responses, critiques, "cloud", cfg)
+    return _forward_rewards(rm, examples, cfg, on_batch)
 
 
 def resolve_critique_prefix(rm, cfg: ScoreConfig) -> str:

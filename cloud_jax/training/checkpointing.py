@@ -29,6 +29,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from cloud_jax import records
 from cloud_jax.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -46,23 +47,13 @@ _FREE = ("train.", "output_dir", "data.num_threads", "data.prefetch_buffer_size"
          "data.tfds_dir", "data.eval_path")
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: tree}
-
-
 def compare_configs(saved: dict, current: dict, where: str) -> None:
     """Raises ConfigError for a change that breaks resuming; logs a warning for other changes
     that alter the run."""
-    a, b = _flatten(saved), _flatten(current)
-    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    changed = records.changes(saved, current)
     fatal = [k for k in changed if k.startswith(_MUST_MATCH)]
     if fatal:
-        detail = "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in fatal[:8])
+        detail = "; ".join(f"{k}: {changed[k][0]!r} -> {changed[k][1]!r}" for k in fatal[:8])
         raise ConfigError(
             f"{where} was written by a run with a different config ({detail}). Resume with the "
             "same settings, or set output_dir (or train.checkpoint_dir) to a new directory to "
@@ -70,7 +61,7 @@ def compare_configs(saved: dict, current: dict, where: str) -> None:
     loose = [k for k in changed if not k.startswith(_FREE) or k in _TRAIN_KEYS_THAT_MATTER]
     if loose:
         log.warning("%s: resuming with changed settings: %s", where,
-                    "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in loose[:8]))
+                    "; ".join(f"{k}: {changed[k][0]!r} -> {changed[k][1]!r}" for k in loose[:8]))
 
 
 def _shapes(tree: Any) -> dict[str, tuple[tuple, str]]:

@@ -20,17 +20,10 @@ import jax
 import numpy as np
 
 from cloud_jax.errors import ConfigError
+from cloud_jax.sharding import chip_of
 from cloud_jax.training.losses import finalize_metrics
 
 log = logging.getLogger(__name__)
-
-# bf16 dense peak FLOP/s per device, for the MFU estimate; matched as substrings of
-# jax.Device.device_kind, most specific first.
-PEAK_FLOPS = (
-    ("TPU v6", 918e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5p", 459e12),
-    ("TPU v5", 459e12), ("TPU v4", 275e12), ("H200", 989e12), ("H100", 989e12),
-    ("A100", 312e12),
-)
 
 # Written beside the metrics file: the timing figures kept out of it.
 THROUGHPUT_FILE = "throughput.jsonl"
@@ -42,10 +35,8 @@ _MEANS = ("loss", "grad_norm")
 def peak_flops(device_kind: str, configured: float = 0.0) -> Optional[float]:
     if configured > 0:
         return configured
-    for name, flops in PEAK_FLOPS:
-        if name.lower() in device_kind.lower():
-            return flops
-    return None
+    chip = chip_of(device_kind)
+    return chip.peak_flops if chip else None
 
 
 def summarize_window(steps: Sequence[Mapping[str, Any]]) -> dict[str, float]:

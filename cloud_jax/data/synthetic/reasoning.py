@@ -38,6 +38,7 @@ import re
 import statistics
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from cloud_jax.data.jsonl import write_jsonl_atomic
 from cloud_jax.data.synthetic.arithmetic import (BASE_OP, ERROR_KINDS, KINDS_OF_OP, OPS, RANDOM,
                                              OperandRange, Problem, columns, computation_keys,
                                              problems_with_answer, sample_problem, true_answer,
@@ -378,9 +379,7 @@ def write_splits(out_dir: str, cfg: ReasoningBenchmarkConfig) -> Dict[str, str]:
     paths, summary = {}, {"config": dataclasses.asdict(cfg), "splits": {}}
     for split, split_rows in rows.items():
         path = os.path.join(out_dir, f"{split}.jsonl")
-        with open(path, "w", encoding="utf-8") as f:
-            for row in split_rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        write_jsonl_atomic(path, split_rows)
         paths[split] = path
         summary["splits"][split] = {"path": path, "rows": len(split_rows),
                                     "bytes": length_stats(split_rows)}

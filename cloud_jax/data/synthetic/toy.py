@@ -10,11 +10,12 @@ which is what the tiny configs and the "every stage learns" tests need: a signal
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import sys
 from typing import Optional, Sequence
+
+from cloud_jax.data.jsonl import write_jsonl_atomic
 
 GOOD = ("correct", "right", "exact", "true", "solid")
 BAD = ("wrong", "false", "bogus", "broken", "absurd")
@@ -46,9 +47,7 @@ def write_toy_data(directory: str, n_train: int = 256, n_eval: int = 64,
     paths = []
     for name, n, s in (("train", n_train, seed), ("eval", n_eval, seed + 1)):
         path = os.path.join(directory, f"{name}.jsonl")
-        with open(path, "w") as f:
-            for row in toy_rows(n, s):
-                f.write(json.dumps(row) + "\n")
+        write_jsonl_atomic(path, toy_rows(n, s))
         paths.append(path)
     return paths[0], paths[1]
 

@@ -1,0 +1,118 @@
+"""The pipeline's config: a training config whose sections every stage shares, plus the
+pipeline's own sections (``benchmark``, ``stages``, ``self_critique``, ``evaluation``).
+
+    cfg = load_pipeline_config("configs/demo_cpu.yaml", ["stages.cloud.total_steps=100"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence, Tuple
+
+from cloud_jax.data.synthetic.reasoning import ReasoningBenchmarkConfig
+from cloud_jax.errors import ConfigError
+from cloud_jax.training.config import Config, load_config
+
+TRAIN_STAGES = ("lm_pretrain", "critique_sft", "cloud", "classic")
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+    """One training stage of the pipeline; 0 / empty fields take the shared sections' values."""
+
+    total_steps: int = 0
+    learning_rate: float = 0.0
+    batch_pairs: int = 0
+    # Further `key=value` overrides of this stage's config, e.g. ["loss.lm_coef=1.0"].
+    overrides: Tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class StagesConfig:
+    lm_pretrain: StagePlan = StagePlan(total_steps=300)
+    critique_sft: StagePlan = StagePlan(total_steps=600)
+    cloud: StagePlan = StagePlan(total_steps=200)
+    # total_steps 0: as many as `cloud` (the comparison is at equal data and steps).
+    classic: StagePlan = StagePlan()
+
+
+@dataclasses.dataclass(frozen=True)
+class SelfCritiqueConfig:
+    """How the SFT model rewrites the train critiques (stage 2)."""
+
+    temperature: float = 0.0
+    max_critique_tokens: int = 96
+    batch_size: int = 256
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineEvalConfig:
+    """The final evaluation on the held-out split."""
+
+    # The K sweep of sampled critiques (sampled once at the largest K).
+    num_samples: Tuple[int, ...] = (1, 4, 8)
+    temperature: float = 0.7
+    top_p: Optional[float] = None
+    max_critique_tokens: int = 96
+    batch_size: int = 64
+    seed: int = 0
+    # Held-out rows evaluated; 0: all of them.
+    num_rows: int = 0
+    # Sample critiques shown in report.md.
+    num_examples: int = 6
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig(Config):
+    """A training config (its sections are shared by every stage) plus the pipeline's own
+    sections. Each stage starts from the shared sections, with ``train.stage``, ``output_dir``,
+    ``init_from`` and the data paths set by the pipeline, then its ``stages.<name>`` plan on top.
+    ``init_from`` names the base model of both arms: "" trains one from scratch (stage
+    lm_pretrain); a local HF or CLoud directory (or hub id) is used as is, and lm_pretrain is
+    skipped."""
+
+    output_dir: str = "runs/pipeline"
+    # Written to <output_dir>/data when data.train_path is empty.
+    benchmark: ReasoningBenchmarkConfig = dataclasses.field(
+        default_factory=ReasoningBenchmarkConfig)
+    stages: StagesConfig = dataclasses.field(default_factory=StagesConfig)
+    self_critique: SelfCritiqueConfig = dataclasses.field(default_factory=SelfCritiqueConfig)
+    evaluation: PipelineEvalConfig = dataclasses.field(default_factory=PipelineEvalConfig)
+
+    def validate(self) -> "PipelineConfig":
+        if bool(self.data.train_path) != bool(self.data.eval_path):
+            raise ConfigError("data.train_path and data.eval_path go together: give both (rows "
+                              "with oracle feedback) or neither (the built-in benchmark)")
+        if not self.data.train_path:
+            self.benchmark.validate()
+            if self.benchmark.num_eval < 1:
+                raise ConfigError("benchmark.num_eval must be >= 1: the evaluation needs a "
+                                  "held-out split")
+        for name in TRAIN_STAGES:
+            if name == "lm_pretrain" and self.init_from:
+                continue
+            plan: StagePlan = getattr(self.stages, name)
+            if plan.total_steps < 0 or (plan.total_steps == 0 and name != "classic"):
+                raise ConfigError(f"stages.{name}.total_steps={plan.total_steps}: must be >= 1"
+                                  + (" (0 only for classic: as many as cloud)"
+                                     if name == "classic" else ""))
+            if plan.learning_rate < 0 or plan.batch_pairs < 0:
+                raise ConfigError(f"stages.{name}: learning_rate and batch_pairs must be >= 0 "
+                                  "(0: the shared optim / data value)")
+        ev = self.evaluation
+        if not ev.num_samples or any(k < 1 for k in ev.num_samples):
+            raise ConfigError(f"evaluation.num_samples={list(ev.num_samples)}: need K >= 1")
+        if ev.temperature <= 0 and max(ev.num_samples) > 1:
+            raise ConfigError(f"evaluation.temperature={ev.temperature}: the K sweep needs "
+                              "sampled critiques (e.g. 0.7)")
+        if ev.max_critique_tokens < 1 or self.self_critique.max_critique_tokens < 1:
+            raise ConfigError("max_critique_tokens must be >= 1 (evaluation and self_critique)")
+        if ev.num_rows < 0 or ev.num_examples < 0:
+            raise ConfigError("evaluation.num_rows and evaluation.num_examples must be >= 0")
+        return self
+
+
+def load_pipeline_config(path: Optional[str], overrides: Sequence[str] = ()) -> PipelineConfig:
+    # config_from_dict validates the shared sections (PipelineConfig is a Config).
+    return load_config(path, overrides, schema=PipelineConfig).validate()

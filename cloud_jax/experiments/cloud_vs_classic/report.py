@@ -1,0 +1,74 @@
+"""The pipeline's results for people: ``report.md`` (markdown) and the terminal summary."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence
+
+from cloud_jax.data.schema import PreferenceRow
+from cloud_jax.experiments.cloud_vs_classic.diagnostics import oracle_critique
+
+
+def _pct(x: Optional[float]) -> str:
+    """0.123 -> "12.3%"; None (not measured) -> "n/a"."""
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def markdown_report(results: Dict[str, Any], records: List[dict], rows: Sequence[PreferenceRow],
+                    num_examples: int) -> str:
+    """What ``report.md`` holds: the accuracy table, the diagnostics, the stage times and the
+    first ``num_examples`` rows' greedy critiques (``records``: the greedy arm's critiques.jsonl)
+    beside the oracle's."""
+    c, k = results["classic"], results["cloud"]
+    d = results["diagnostics"]
+    gap = k["accuracy"] - c["accuracy"]
+    lines = ["# CLoud vs classic: pipeline results", "",
+             f"Held-out pairs: {results['num_eval_rows']}. Pairwise accuracy (a tie counts as "
+             "wrong):", "",
+             "| model | accuracy |", "|---|---|",
+             f"| classic reward model | {_pct(c['accuracy'])} |",
+             f"| CLoud, greedy critique (K = 1) | {_pct(k['accuracy'])} |"]
+    for kk, a in k["self_consistency"].items():
+        lines.append(f"| CLoud, K = {kk} sampled critiques (T = {k['temperature']}) | {_pct(a)} |")
+    lines += [f"| CLoud given the oracle critiques (the reward head's ceiling) | "
+              f"{_pct(d['cloud_accuracy_with_oracle_critiques'])} |", "",
+              f"CLoud (greedy) minus classic: **{100 * gap:+.1f} points**.", "",
+              "## Diagnostics", "",
+              "| critiques | verdict agrees with the oracle | no verdict | pairs judged right | "
+              "word for word the oracle's | truncated |", "|---|---|---|---|---|---|"]
+    for name in ("sft_self_critique_train", "critiques_greedy", "critiques_sampled"):
+        if name not in d:
+            continue
+        x = d[name]
+        lines.append(f"| {name} | {_pct(x.get('agreement'))} | {_pct(x.get('no_verdict'))} | "
+                     f"{_pct(x.get('pairs_judged_right'))} | "
+                     f"{_pct(x.get('exact_match_with_oracle'))} | "
+                     f"{_pct(x.get('truncated_fraction'))} |")
+    lines += ["", "Stage times (s): " + ", ".join(f"{n} {s:.0f}"
+                                                  for n, s in results["seconds"].items()), "",
+              "## Sample critiques (greedy)", ""]
+    for rec, row in list(zip(records, rows))[:num_examples]:
+        lines += [f"### {row.id} ({rec['outcome']})", "", f"- prompt: `{row.prompt}`"]
+        for side in ("chosen", "rejected"):
+            lines += [f"- {side}: `{getattr(row, side)}`, reward {rec[side + '_reward']:+.3f}",
+                      f"  - model:  `{rec[side + '_critiques'][0]}`",
+                      f"  - oracle: `{oracle_critique(row, side)}`"]
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def summary_table(results: Dict[str, Any]) -> str:
+    """The accuracies and the headline diagnostics as plain text, for the terminal."""
+    c, k = results["classic"], results["cloud"]
+    lines = [f"{'model':<44}accuracy", f"{'classic':<44}{_pct(c['accuracy'])}",
+             f"{'CLoud, greedy critique (K=1)':<44}{_pct(k['accuracy'])}"]
+    temperature = k["temperature"]
+    lines += [f"{f'CLoud, K={kk} sampled (T={temperature})':<44}{_pct(a)}"
+              for kk, a in k["self_consistency"].items()]
+    d = results["diagnostics"]
+    lines += [f"{'CLoud given oracle critiques (ceiling)':<44}"
+              f"{_pct(d['cloud_accuracy_with_oracle_critiques'])}",
+              f"CLoud - classic: {100 * results['cloud_minus_classic']:+.1f} points; "
+              f"greedy critiques reach the oracle's verdict "
+              f"{_pct(d['critiques_greedy']['agreement'])} of the time; "
+              f"total {results['seconds']['total']:.0f} s"]
+    return "\n".join(lines)
