@@ -125,6 +125,7 @@ def test_two_processes_equal_one(toy, tmp_path):
 
 
 def test_malformed_row_is_an_error_naming_file_line_and_field(toy, tmp_path, capsys):
+    from cloud_jax.cli.common import run_command
     from cloud_jax.cli.train import main
 
     bad = tmp_path / "bad.jsonl"
@@ -137,7 +138,7 @@ def test_malformed_row_is_an_error_naming_file_line_and_field(toy, tmp_path, cap
     args = ["--config", str(ROOT / "configs/tiny_cpu_classic.yaml"), f"data.train_path={bad}",
             "data.eval_path=\"\"", f"data.tfds_dir={tmp_path / 'tfds'}",
             f"output_dir={tmp_path / 'out'}", "init_from=\"\"", "train.progress_bar=false"]
-    assert main(args) == 2
+    assert run_command(main, args) == 2
     err = capsys.readouterr().err
     assert f"{bad}:3" in err and "chosen" in err, err
     # Lenient mode skips both bad rows, writes them to the rejects file, and trains.

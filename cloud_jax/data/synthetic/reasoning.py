@@ -252,7 +252,7 @@ def generate_split(cfg: ReasoningBenchmarkConfig, split: str, n: Optional[int] =
     while len(rows) < n:
         draws += 1
         if draws > max_draws:
-            raise ValueError(
+            raise ConfigError(
                 f"reasoning benchmark: found only {len(rows)} of the {n} distinct {split} rows "
                 f"asked for in {max_draws} draws; the {split} share of the problem space "
                 f"({cfg.min_digits}-{cfg.max_digits} digit operands, ops {list(cfg.ops)}) is too "

@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from cloud_jax.data.synthetic.reasoning import ReasoningBenchmarkConfig
 from cloud_jax.training.config import Config, config_from_dict, load_config, save_config, to_dict
-from cloud_jax.errors import ConfigError
+from cloud_jax.errors import ConfigError, Preempted
 
 log = logging.getLogger("cloud_jax.experiments.cloud_vs_classic.run")
 
@@ -192,8 +192,8 @@ def _train(cfg: PipelineConfig, name: str, **paths) -> dict:
     log.info("%s: %d steps -> %s", name, stage_cfg.train.total_steps, stage_cfg.output_dir)
     summary = run(stage_cfg)
     if summary.get("preempted"):
-        raise SystemExit(f"{name} was stopped by SIGTERM after saving step {summary['step']}; "
-                         "run the same command again to resume")
+        raise Preempted(f"{name} was stopped by SIGTERM after saving step {summary['step']}; "
+                        "run the same command again to resume")
     keep = {k: summary.get(k) for k in ("step", "train", "eval", "final_dir", "data")}
     with open(done, "w", encoding="utf-8") as f:
         json.dump(keep, f, indent=2, sort_keys=True, default=str)
