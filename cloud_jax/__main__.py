@@ -56,7 +56,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        print(f"error: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     from cloud_jax.cli.common import run_command
 

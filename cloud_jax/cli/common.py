@@ -146,8 +146,8 @@ def run_command(main_fn: Callable[[Optional[Sequence[str]]], Optional[int]],
     """Runs one command: a user error becomes one ``error: ...`` line on stderr and exit status 2.
 
     A run stopped by SIGTERM after saving exits with PREEMPTED_EXIT_CODE, as ``train`` does, so that
-    schedulers relaunch it. Any other exception is a bug and keeps its traceback. A leading ``--debug`` in ``argv`` keeps
-    the traceback of user errors too.
+    schedulers relaunch it. Any other exception is a bug and keeps its traceback. A leading
+    ``--debug`` in ``argv`` keeps the traceback of user errors too.
     """
     argv = list(argv)
     debug = argv[:1] == ["--debug"]
@@ -160,7 +160,6 @@ def run_command(main_fn: Callable[[Optional[Sequence[str]]], Optional[int]],
         if debug or not isinstance(err, user_error_types()):
             raise
         print(f"error: {_one_line(err)}", file=sys.stderr)
-        print(f"error: {message}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE
 
 
