@@ -159,6 +159,22 @@ def test_overlength_pairs_are_dropped_and_counted(toy, tmp_path):
     assert (stats["pairs"], stats["dropped_overlength"]) == (len(rows) - 1, 1)
 
 
+def test_a_split_of_overlength_pairs_is_an_error_naming_the_longest_and_the_settings(toy, tmp_path):
+    rows = [json.loads(line) for line in Path(toy["train"]).read_text().splitlines()]
+    rows[1]["rejected"] = "x" * 300
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ConfigError) as err:
+        run(tiny("cloud", toy, str(tmp_path / "out"), f"data.train_path={path}",
+                 "data.max_length=8"))
+    message = str(err.value)
+    assert f"{len(rows)} of {len(rows)} pairs are longer than data.max_length=8" in message
+    assert f"the longest, {path}:2 (rejected), has " in message
+    for setting in ("data.max_length", "model.max_position_embeddings", "data.length_buckets",
+                    "self_critique.max_critique_tokens"):
+        assert setting in message
+
+
 def test_too_few_batches_and_uneven_micro_batches_are_config_errors(toy, tmp_path):
     with pytest.raises(ConfigError, match="raise data.num_epochs"):
         run(tiny("classic", toy, str(tmp_path / "a"), "train.total_steps=1000"))
