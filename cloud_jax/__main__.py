@@ -36,25 +36,32 @@ COMMANDS = {
 
 
 def _usage() -> str:
-    lines = ["usage: python -m cloud_jax <command> [args...]", "", "commands:"]
+    lines = ["usage: python -m cloud_jax [--debug] <command> [args...]", "", "commands:"]
     width = max(len(c) for c in COMMANDS)
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "training: python -m cloud_jax.train --config configs/X.yaml [key=value ...]",
-              "`python -m cloud_jax <command> -h` describes one command."]
+    lines += ["", "training: python -m cloud_jax.train [--debug] --config configs/X.yaml "
+              "[key=value ...]",
+              "`python -m cloud_jax <command> -h` describes one command.",
+              "A user error (a missing file, a bad flag or config value, a malformed row) prints "
+              "one `error:` line and exits 2; --debug shows its traceback instead."]
     return "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = argv[:1] == ["--debug"]
+    argv = argv[debug:]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        print(f"error: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    from cloud_jax.cli.common import run_command
+
     module = importlib.import_module(COMMANDS[command][0])
-    return int(module.main(rest) or 0)
+    return run_command(module.main, ["--debug"] * debug + rest)
 
 
 if __name__ == "__main__":

@@ -11,3 +11,8 @@ class ConfigError(ValueError):
 class CheckpointError(ValueError):
     """A checkpoint directory or file that cannot be read as what it claims to be; the message
     names the path and what to do."""
+
+
+class Preempted(Exception):
+    """A run stopped by SIGTERM after saving its state; the command exits with
+    PREEMPTED_EXIT_CODE, and running the same command again resumes it."""

@@ -6,7 +6,8 @@ Kept at this path because pods, scripts and docs launch it by this name; the com
 
 import sys
 
+from cloud_jax.cli.common import run_command
 from cloud_jax.cli.train import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main, sys.argv[1:]))

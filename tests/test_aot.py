@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from cloud_jax.cli import aot
+from cloud_jax.cli.common import run_command
 from cloud_jax.errors import ConfigError
 from cloud_jax.sharding import CHIPS, chip_of
 
@@ -125,7 +126,7 @@ def test_sample_only_compiles_no_train_step(capsys):
 @needs_libtpu
 def test_batch_that_does_not_split_over_the_mesh_is_a_config_error(capsys):
     # 8 pairs over data 4 are 2 per device: 4 micro-batches cannot split them evenly.
-    rc = aot.main(TINY + ["train.grad_accum_steps=4", "--topology", "v5e-4"])
+    rc = run_command(aot.main, TINY + ["train.grad_accum_steps=4", "--topology", "v5e-4"])
     captured = capsys.readouterr()
     assert rc == 2
     assert "data.batch_pairs=8 must be a multiple of train.grad_accum_steps=4" in captured.err

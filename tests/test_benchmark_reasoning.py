@@ -8,6 +8,7 @@ import re
 import pytest
 
 from cloud_jax.data.synthetic.arithmetic import Problem, computation_keys, wrong_answers
+from cloud_jax.cli.common import run_command
 from cloud_jax.cli.make_benchmark import main
 from cloud_jax.data.synthetic.reasoning import (ReasoningBenchmarkConfig, generate_rows,
                                                 generate_split, length_stats,
@@ -442,5 +443,5 @@ def test_cli(tmp_path, capsys):
     rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
     assert len(rows) == 40 and rows[0]["id"].startswith("reasoning-s3-train-")
     assert all(len(str(parse_prompt(r["prompt"]).operands[0])) == 3 for r in rows)
-    assert main(["--out", str(out), "--ops", "add,div"]) == 2
+    assert run_command(main, ["--out", str(out), "--ops", "add,div"]) == 2
     assert "ops=" in capsys.readouterr().err

@@ -10,7 +10,12 @@ from test_evaluate_helpers import HAND, FakeScorer, pair, synthetic_rows, write_
 import cloud_jax
 from cloud_jax.data.schema import load_rows
 from cloud_jax.evaluation import EvalConfig, load_best_of_n, run_evaluation, score_fn_from_model
-from cloud_jax.cli.evaluate import main
+from cloud_jax.cli import evaluate
+from cloud_jax.cli.common import run_command
+
+
+def main(argv):
+    return run_command(evaluate.main, argv)
 
 
 def _assert_png(path):

@@ -18,6 +18,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from cloud_jax.checkpoints import gguf as gguf_convert
 from cloud_jax.cli import convert as convert_cli
+from cloud_jax.cli.common import run_command
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -248,9 +249,9 @@ def test_rejects_missing_tensor(tmp_path):
 
 
 def test_cli_reports_missing_file(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        convert_cli.main(["--gguf", str(tmp_path / "absent.gguf"), "--out", str(tmp_path / "hf")])
-    assert exit_info.value.code == 1
+    code = run_command(convert_cli.main,
+                       ["--gguf", str(tmp_path / "absent.gguf"), "--out", str(tmp_path / "hf")])
+    assert code == 2
     assert "absent.gguf does not exist" in capsys.readouterr().err
 
 

@@ -97,3 +97,16 @@ def test_diagnostics_by_hand():
     assert pairs_judged_right(chosen, rejected) == 0.5
     assert exact_match([["a "], ["b"]], ["a", "c"]) == 0.5
     assert verdict_agreement([["Correct"]], [None])["agreement"] is None
+
+
+def test_a_preempted_stage_exits_like_a_preempted_train(tmp_path, monkeypatch, capsys):
+    from cloud_jax.__main__ import main
+    from cloud_jax.errors import PREEMPTED_EXIT_CODE
+    from cloud_jax.training import loop
+
+    monkeypatch.setattr(loop, "run", lambda cfg: {"preempted": True, "step": 3})
+    code = main(["pipeline", "--config", DEMO, *TINY, f"output_dir={tmp_path}"])
+    assert code == PREEMPTED_EXIT_CODE
+    err = capsys.readouterr().err
+    assert "lm_pretrain was stopped by SIGTERM after saving step 3" in err
+    assert "run the same command again" in err and "Traceback" not in err

@@ -125,6 +125,7 @@ def test_two_processes_equal_one(toy, tmp_path):
 
 
 def test_malformed_row_is_an_error_naming_file_line_and_field(toy, tmp_path, capsys):
+    from cloud_jax.cli.common import run_command
     from cloud_jax.cli.train import main
 
     bad = tmp_path / "bad.jsonl"
@@ -137,7 +138,7 @@ def test_malformed_row_is_an_error_naming_file_line_and_field(toy, tmp_path, cap
     args = ["--config", str(ROOT / "configs/tiny_cpu_classic.yaml"), f"data.train_path={bad}",
             "data.eval_path=\"\"", f"data.tfds_dir={tmp_path / 'tfds'}",
             f"output_dir={tmp_path / 'out'}", "init_from=\"\"", "train.progress_bar=false"]
-    assert main(args) == 2
+    assert run_command(main, args) == 2
     err = capsys.readouterr().err
     assert f"{bad}:3" in err and "chosen" in err, err
     # Lenient mode skips both bad rows, writes them to the rejects file, and trains.
@@ -156,6 +157,22 @@ def test_overlength_pairs_are_dropped_and_counted(toy, tmp_path):
                        "train.total_steps=2", "train.export_final=false", "train.eval_every=0"))
     stats = summary["data"]["train"]
     assert (stats["pairs"], stats["dropped_overlength"]) == (len(rows) - 1, 1)
+
+
+def test_a_split_of_overlength_pairs_is_an_error_naming_the_longest_and_the_settings(toy, tmp_path):
+    rows = [json.loads(line) for line in Path(toy["train"]).read_text().splitlines()]
+    rows[1]["rejected"] = "x" * 300
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ConfigError) as err:
+        run(tiny("cloud", toy, str(tmp_path / "out"), f"data.train_path={path}",
+                 "data.max_length=8"))
+    message = str(err.value)
+    assert f"{len(rows)} of {len(rows)} pairs are longer than data.max_length=8" in message
+    assert f"the longest, {path}:2 (rejected), has " in message
+    for setting in ("data.max_length", "model.max_position_embeddings", "data.length_buckets",
+                    "self_critique.max_critique_tokens"):
+        assert setting in message
 
 
 def test_too_few_batches_and_uneven_micro_batches_are_config_errors(toy, tmp_path):

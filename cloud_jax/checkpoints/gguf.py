@@ -18,7 +18,7 @@ import json
 import os
 import pathlib
 from collections import Counter
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Sequence, Union
 
 import gguf
 import numpy as np

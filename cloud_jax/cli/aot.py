@@ -271,12 +271,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if not 0 < args.mfu <= 1:
         parser.error(f"--mfu {args.mfu}: must be in (0, 1]")
-    try:
-        cfg = load_config(args.config, args.overrides)
-        sl = parse_slice(args.topology)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
+    sl = parse_slice(args.topology)
     try:
         devices = tpu_devices(sl)
     except RuntimeError as err:
@@ -287,11 +283,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"per chip; config {args.config}", flush=True)
     results = []
     if not args.sample_only:
-        try:
-            results.append(compile_train(cfg, devices))
-        except ConfigError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+        results.append(compile_train(cfg, devices))
     if args.sample or args.sample_only:
         data_fsdp = math.prod(make_mesh(cfg.mesh, devices).shape[a] for a in ("data", "fsdp"))
         results += compile_sample(

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Callable, Optional, Sequence
 
 import jax
 
+from cloud_jax.errors import PREEMPTED_EXIT_CODE, CheckpointError, ConfigError, Preempted
 from cloud_jax.scoring.rewards import ScoreConfig
 from cloud_jax.sharding import MESH_AXES, SAMPLE_RULES, MeshConfig, make_mesh
 
@@ -91,7 +93,7 @@ def load_model(args: argparse.Namespace):
     try:
         mesh = None if mesh_cfg is None else make_mesh(mesh_cfg, devices)
     except ValueError as err:
-        raise SystemExit(f"--mesh: {err}") from None
+        raise ConfigError(f"--mesh: {err}") from None
     overrides = {k: v for k, v in (("dtype", args.dtype), ("param_dtype", args.param_dtype))
                  if v is not None}
     rm = cloud_jax.load(args.checkpoint, mesh=mesh, rules=SAMPLE_RULES, **overrides)
@@ -101,7 +103,7 @@ def load_model(args: argparse.Namespace):
     if args.tokenizer is not None:
         rm.tokenizer = load_tokenizer(args.tokenizer)
     if rm.tokenizer is None:
-        raise SystemExit(f"{args.checkpoint} holds no tokenizer: pass --tokenizer")
+        raise ConfigError(f"{args.checkpoint} holds no tokenizer: pass --tokenizer")
     return rm
 
 
@@ -120,3 +122,49 @@ def progress_bar(total: int, unit: str):
         bar.set_postfix(tokens_per_s=f"{counted[0] / max(time.perf_counter() - start, 1e-9):.1f}")
 
     return bar, on_batch
+
+
+USER_ERROR_EXIT_CODE = 2
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """What a user can fix by changing a flag, a config value, a file or a path.
+
+    Imported here, not at module level, so that ``--help`` of a command does not load the data and
+    checkpoint stacks. FloatingPointError is the training loss turning NaN, which the config (learning
+    rate, dtype) fixes.
+    """
+    from cloud_jax.checkpoints.gguf import GGUFConversionError
+    from cloud_jax.data.schema import RowError
+
+    return (ConfigError, CheckpointError, RowError, GGUFConversionError, FileNotFoundError,
+            IsADirectoryError, NotADirectoryError, PermissionError, FloatingPointError)
+
+
+def run_command(main_fn: Callable[[Optional[Sequence[str]]], Optional[int]],
+                argv: Sequence[str]) -> int:
+    """Runs one command: a user error becomes one ``error: ...`` line on stderr and exit status 2.
+
+    A run stopped by SIGTERM after saving exits with PREEMPTED_EXIT_CODE, as ``train`` does, so that
+    schedulers relaunch it. Any other exception is a bug and keeps its traceback. A leading
+    ``--debug`` in ``argv`` keeps the traceback of user errors too.
+    """
+    argv = list(argv)
+    debug = argv[:1] == ["--debug"]
+    try:
+        return int(main_fn(argv[debug:]) or 0)
+    except Preempted as err:
+        print(f"preempted: {err}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    except Exception as err:  # noqa: BLE001 - sorted into user errors and bugs just below
+        if debug or not isinstance(err, user_error_types()):
+            raise
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return USER_ERROR_EXIT_CODE
+
+
+def _one_line(err: Exception) -> str:
+    # An OSError's own text starts with "[Errno 2]"; the path and the reason are what a user acts on.
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        return f"{err.filename}: {err.strerror}"
+    return " ".join(str(err).split()) or type(err).__name__

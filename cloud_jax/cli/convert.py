@@ -7,7 +7,7 @@ import argparse
 import pathlib
 from typing import Optional, Sequence
 
-from cloud_jax.checkpoints.gguf import GGUFConversionError, convert_gguf_to_hf, find_smollm2_gguf
+from cloud_jax.checkpoints.gguf import convert_gguf_to_hf, find_smollm2_gguf
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -22,10 +22,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     parser.add_argument("--out", type=pathlib.Path, required=True, help="output directory")
     args = parser.parse_args(argv)
-    try:
-        convert_gguf_to_hf(args.gguf or find_smollm2_gguf(), args.out)
-    except (FileNotFoundError, GGUFConversionError) as error:
-        parser.exit(1, f"error: {error}\n")
+    convert_gguf_to_hf(args.gguf or find_smollm2_gguf(), args.out)
     return 0
 
 

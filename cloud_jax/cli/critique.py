@@ -77,8 +77,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         summary = relabel(rm, rows, args.output, cfg, settings, progress)
-    except ValueError as err:
-        raise SystemExit(str(err)) from None
     finally:
         for bar in bars:
             bar.close()

@@ -20,11 +20,12 @@ import os
 import sys
 from typing import List, Optional, Sequence
 
-from cloud_jax.data.schema import RowError, load_rows
+from cloud_jax.data.schema import load_rows
 from cloud_jax.evaluation.best_of_n import BASELINES, load_best_of_n
 from cloud_jax.evaluation.run import EvalConfig, run_evaluation
 from cloud_jax.evaluation.scorer import score_fn_from_model
 from cloud_jax.cli.common import add_model_args, load_model
+from cloud_jax.errors import ConfigError
 
 
 def parse_ks(text: str) -> tuple[int, ...]:
@@ -93,17 +94,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # Inputs are read and checked before the (slow) model load.
-    try:
-        rows = None
-        if args.input is not None:
-            rows = load_rows(args.input, require_feedback=False, lenient=args.lenient,
-                             rejects_path=os.path.join(args.output_dir, "rejects.jsonl")).rows
-        items = load_best_of_n(args.best_of_n) if args.best_of_n is not None else None
-        if rows is not None and not rows:
-            raise ValueError(f"no usable preference rows in {args.input}")
-    except (RowError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    rows = None
+    if args.input is not None:
+        rows = load_rows(args.input, require_feedback=False, lenient=args.lenient,
+                         rejects_path=os.path.join(args.output_dir, "rejects.jsonl")).rows
+    items = load_best_of_n(args.best_of_n) if args.best_of_n is not None else None
+    if rows is not None and not rows:
+        raise ConfigError(f"no usable preference rows in {args.input}")
     settings = {"checkpoint": args.checkpoint, "input": args.input, "best_of_n": args.best_of_n}
     sampler = {k: v for k, v in (("top_k", args.top_k), ("top_p", args.top_p),
                                  ("max_length", args.max_length),

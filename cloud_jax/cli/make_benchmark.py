@@ -16,7 +16,10 @@ from cloud_jax.errors import ConfigError
 
 
 def _floats(text: str) -> Tuple[float, ...]:
-    return tuple(float(x) for x in text.split(",") if x.strip())
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _names(text: str) -> Tuple[str, ...]:
@@ -47,19 +50,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="share of train pairs with a random (implausible) wrong answer")
     parser.add_argument("--split-fractions", default=",".join(map(str, d.split_fractions)))
     args = parser.parse_args(argv)
-    try:
-        cfg = ReasoningBenchmarkConfig(
-            num_train=args.train, num_eval=args.eval, num_test=args.test, seed=args.seed,
-            style=args.style, ops=_names(args.ops), op_weights=_floats(args.op_weights),
-            min_digits=args.digits or args.min_digits, max_digits=args.digits or args.max_digits,
-            max_multiplier=args.max_multiplier, error_kinds=_names(args.error_kinds),
-            error_weights=_floats(args.error_weights),
-            train_random_share=args.train_random_share,
-            split_fractions=_floats(args.split_fractions)).validate()
-        paths = write_splits(args.out, cfg)
-    except (ConfigError, ValueError) as err:
-        print(f"make-benchmark: {err}", file=sys.stderr)
-        return 2
+    cfg = ReasoningBenchmarkConfig(
+        num_train=args.train, num_eval=args.eval, num_test=args.test, seed=args.seed,
+        style=args.style, ops=_names(args.ops), op_weights=_floats(args.op_weights),
+        min_digits=args.digits or args.min_digits, max_digits=args.digits or args.max_digits,
+        max_multiplier=args.max_multiplier, error_kinds=_names(args.error_kinds),
+        error_weights=_floats(args.error_weights),
+        train_random_share=args.train_random_share,
+        split_fractions=_floats(args.split_fractions)).validate()
+    paths = write_splits(args.out, cfg)
     with open(os.path.join(args.out, "benchmark.json"), encoding="utf-8") as f:
         summary = json.load(f)
     for split, path in paths.items():

@@ -10,7 +10,6 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from cloud_jax.errors import ConfigError
 from cloud_jax.experiments.cloud_vs_classic.config import load_pipeline_config
 from cloud_jax.experiments.cloud_vs_classic.report import summary_table
 from cloud_jax.experiments.cloud_vs_classic.run import REPORT_MD, RESULTS_JSON, run_pipeline
@@ -27,12 +26,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         force=True)
     # orbax logs every save step at INFO; the pipeline's own lines are what a user follows.
     logging.getLogger("absl").setLevel(logging.WARNING)
-    try:
-        cfg = load_pipeline_config(args.config, args.overrides)
-        results = run_pipeline(cfg)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_pipeline_config(args.config, args.overrides)
+    results = run_pipeline(cfg)
     print(summary_table(results))
     with open(os.path.join(cfg.output_dir, "eval", "cloud_greedy", "critiques.jsonl"),
               encoding="utf-8") as f:

@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 from cloud_jax.cli.common import add_sampling_args, config_from_args, load_model, progress_bar
 from cloud_jax.data.jsonl import read_jsonl, write_jsonl_atomic
+from cloud_jax.data.schema import RowError
 from cloud_jax.scoring.rewards import ScoreConfig, score
 
 
@@ -22,8 +23,9 @@ def _texts(rows: list[tuple[str, dict]]) -> tuple[list[str], list[tuple[int, str
         fields = ["response"] if "response" in obj else ["chosen", "rejected"]
         for field in ["prompt"] + fields:
             if not isinstance(obj.get(field), str):
-                raise ValueError(f"{where}: field '{field}' must be a string (a row needs "
-                                 "'prompt' and 'response', or 'prompt', 'chosen' and 'rejected')")
+                file, _, line = where.rpartition(":")
+                raise RowError(file, int(line), None, field, "must be a string (a row needs "
+                               "'prompt' and 'response', or 'prompt', 'chosen' and 'rejected')")
         jobs.extend((i, f) for f in fields)
     return [rows[i][1]["prompt"] for i, _ in jobs], jobs
 

@@ -17,7 +17,7 @@ import sys
 from typing import Optional, Sequence
 
 from cloud_jax.training.config import Config, load_config
-from cloud_jax.errors import PREEMPTED_EXIT_CODE, CheckpointError, ConfigError
+from cloud_jax.errors import PREEMPTED_EXIT_CODE
 from cloud_jax.sharding import init_distributed
 
 log = logging.getLogger("cloud_jax.train")
@@ -37,11 +37,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[str | None, list[s
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     config_path, overrides = parse_args(argv)
-    try:
-        cfg: Config = load_config(config_path, overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg: Config = load_config(config_path, overrides)
     init_distributed(cfg.train.distributed)
     import jax
 
@@ -50,13 +46,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     main_process = jax.process_index() == 0
     logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    from cloud_jax.data.schema import RowError
-
-    try:
-        summary = run(cfg)
-    except (ConfigError, RowError, CheckpointError, FloatingPointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    summary = run(cfg)
     if main_process:
         print(json.dumps({k: summary[k] for k in ("step", "train", "eval", "final_dir")}))
     # A preempted run is not finished: a non-zero status tells schedulers (and

@@ -41,6 +41,7 @@ from cloud_jax.data.config import STAGES, DataConfig
 from cloud_jax.data.layout import chat_layout
 from cloud_jax.data.schema import PreferenceRow, expand_paths, load_rows, reject_loaded_row
 from cloud_jax.data.tokenizer import tokenizer_fingerprint
+from cloud_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ class CloudPairs(tfds.core.GeneratorBasedBuilder):
                  "rejected_rows": loaded.num_rejected, "pairs": 0, "dropped_overlength": 0,
                  "prompt_truncated": 0, "rejects_path": loaded.rejects_path}
         self.info.metadata[split] = stats
+        longest = (0, "")  # (tokens, where) of the longest dropped sequence, for the messages
         for index, row in enumerate(loaded.rows):
             if _same_response_tokens(layout, row, s):
                 reject_loaded_row(row, "rejected", "the same tokens as chosen once the chat "
@@ -121,11 +123,16 @@ class CloudPairs(tfds.core.GeneratorBasedBuilder):
                 continue
             record = {"id": row.id, "subset": row.subset or ""}
             truncated = False
-            for side, response, critique in (("chosen", row.chosen, row.chosen_feedback),
-                                             ("rejected", row.rejected, row.rejected_feedback)):
+            sides = (("chosen", row.chosen, row.chosen_feedback),
+                     ("rejected", row.rejected, row.rejected_feedback))
+            for side, response, critique in sides:
                 ex = layout.encode(row.prompt, response, critique, s.stage, s.critique_prefix,
                                    s.max_length, s.overlength_policy)
                 if ex is None:
+                    for name, text, feedback in sides:
+                        full = layout.encode(row.prompt, text, feedback, s.stage,
+                                             s.critique_prefix, sys.maxsize)
+                        longest = max(longest, (len(full.input_ids), f"{row.source} ({name})"))
                     break
                 truncated |= ex.prompt_tokens_cut > 0
                 record[f"{side}_input_ids"] = ex.input_ids
@@ -141,14 +148,26 @@ class CloudPairs(tfds.core.GeneratorBasedBuilder):
             log.warning("%s: %d pairs rejected: chosen and rejected are the same tokens%s", split,
                         stats["rejected_rows"] - loaded.num_rejected,
                         f" (details in {loaded.rejects_path})" if loaded.rejects_path else "")
+        too_long = ""
         if stats["dropped_overlength"]:
-            log.warning("%s: %d of %d pairs dropped: longer than max_length=%d (%s policy)",
-                        split, stats["dropped_overlength"], len(loaded.rows), s.max_length,
-                        s.overlength_policy)
+            too_long = (f"{stats['dropped_overlength']} of {len(loaded.rows)} pairs are longer "
+                        f"than data.max_length={s.max_length} ({s.overlength_policy} policy); the "
+                        f"longest, {longest[1]}, has {longest[0]} tokens. "
+                        + _how_to_keep_long_pairs(s.stage))
+            log.warning("%s: %s", split, too_long)
         if stats["pairs"] == 0:
-            raise ValueError(f"split {split!r} ({', '.join(files)}) has no usable pair: "
-                             f"{json.dumps(stats)}")
+            raise ConfigError(f"split {split!r} ({', '.join(files)}) has no usable pair: "
+                              f"{json.dumps(stats)}" + (f". {too_long}" if too_long else ""))
         log.info("%s: %s", split, json.dumps(stats))
+
+
+def _how_to_keep_long_pairs(stage: str) -> str:
+    text = ("To keep them, raise data.max_length (at most model.max_position_embeddings) and the "
+            "last of data.length_buckets, or shorten the rows")
+    if stage in ("critique_sft", "cloud"):
+        # The critique is part of these stages' sequences: shorter critiques fit too.
+        text += " or their critiques (the pipeline's self_critique.max_critique_tokens)"
+    return text + "."
 
 
 def _same_response_tokens(layout, row: PreferenceRow, s: BuildSettings) -> bool:

@@ -30,6 +30,7 @@ import os
 from typing import Any, Callable, Optional, Sequence
 
 from cloud_jax import records
+from cloud_jax.errors import ConfigError
 from cloud_jax.data.jsonl import write_jsonl_atomic
 from cloud_jax.data.schema import FEEDBACK_FIELDS, PreferenceRow
 from cloud_jax.data.tokenizer import tokenizer_fingerprint
@@ -78,7 +79,7 @@ def _write_provenance(out_dir: str, provenance: dict, host: int = 0) -> None:
         with open(path, encoding="utf-8") as f:
             changed = records.changes(json.load(f), provenance)
         if changed:
-            raise ValueError(f"{path} records other settings ({', '.join(changed)} differ); "
+            raise ConfigError(f"{path} records other settings ({', '.join(changed)} differ); "
                              "write to a new output directory or restore the settings")
         return
     # Each host writes its own temporary file: all hosts may get here at once, with equal contents.
@@ -132,9 +133,9 @@ def relabel(rm, rows: Sequence[PreferenceRow], out_dir: str, cfg: ScoreConfig,
     (see :func:`cloud_jax.scoring.rewards.score`).
     """
     if settings.shard_rows < 1:
-        raise ValueError(f"shard_rows={settings.shard_rows}: must be >= 1")
+        raise ConfigError(f"shard_rows={settings.shard_rows}: must be >= 1")
     if not 0 <= settings.host < settings.num_hosts:
-        raise ValueError(f"host {settings.host} must lie in [0, {settings.num_hosts})")
+        raise ConfigError(f"host {settings.host} must lie in [0, {settings.num_hosts})")
     cfg = dataclasses.replace(cfg, critique_prefix=resolve_critique_prefix(rm, cfg))
     num_shards = max(1, math.ceil(len(rows) / settings.shard_rows))
     os.makedirs(out_dir, exist_ok=True)

@@ -24,7 +24,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(_usage())
         return 0
     if argv[0] not in BENCHMARKS:
-        print(f"unknown benchmark {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
+        print(f"error: unknown benchmark {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     name = BENCHMARKS[argv[0]][0]
     try:

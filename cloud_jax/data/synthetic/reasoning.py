@@ -48,7 +48,7 @@ from cloud_jax.data.synthetic.reasoning_text import (STYLES, critique_text, num_
 from cloud_jax.errors import ConfigError
 
 __all__ = ["ReasoningBenchmarkConfig", "SPLITS", "generate_rows", "generate_split",
-           "length_stats", "main", "partial_check_accuracies", "response_prior_accuracy",
+           "length_stats", "partial_check_accuracies", "response_prior_accuracy",
            "shortcut_accuracies", "split_of", "verdict_of", "verify", "write_splits"]
 
 SPLITS = ("train", "eval", "test")
@@ -253,7 +253,7 @@ def generate_split(cfg: ReasoningBenchmarkConfig, split: str, n: Optional[int] =
     while len(rows) < n:
         draws += 1
         if draws > max_draws:
-            raise ValueError(
+            raise ConfigError(
                 f"reasoning benchmark: found only {len(rows)} of the {n} distinct {split} rows "
                 f"asked for in {max_draws} draws; the {split} share of the problem space "
                 f"({cfg.min_digits}-{cfg.max_digits} digit operands, ops {list(cfg.ops)}) is too "

@@ -37,7 +37,7 @@ from cloud_jax import records
 from cloud_jax.data.jsonl import read_jsonl
 from cloud_jax.data.schema import expand_paths, load_rows
 from cloud_jax.data.synthetic.reasoning import write_splits
-from cloud_jax.errors import ConfigError
+from cloud_jax.errors import ConfigError, Preempted
 from cloud_jax.evaluation.run import EvalConfig, run_evaluation
 from cloud_jax.evaluation.scorer import score_fn_from_model
 from cloud_jax.experiments.cloud_vs_classic.config import PipelineConfig, StagePlan
@@ -103,8 +103,8 @@ def _train(cfg: PipelineConfig, name: str, **paths) -> dict:
     log.info("%s: %d steps -> %s", name, stage_cfg.train.total_steps, stage_cfg.output_dir)
     summary = run(stage_cfg)
     if summary.get("preempted"):
-        raise SystemExit(f"{name} was stopped by SIGTERM after saving step {summary['step']}; "
-                         "run the same command again to resume")
+        raise Preempted(f"{name} was stopped by SIGTERM after saving step {summary['step']}; "
+                        "run the same command again to resume")
     keep = {k: summary.get(k) for k in ("step", "train", "eval", "final_dir", "data")}
     with open(done, "w", encoding="utf-8") as f:
         json.dump(keep, f, indent=2, sort_keys=True, default=str)

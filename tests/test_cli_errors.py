@@ -1,0 +1,166 @@
+"""Every command's user errors: one ``error:`` line naming the offending thing, exit status 2, and
+no traceback (``--debug`` brings the traceback back)."""
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import cloud_jax
+from cloud_jax.__main__ import main
+from cloud_jax.data.tokenizer import byte_tokenizer
+from cloud_jax.model import param_shapes
+from cloud_jax.model.config import ModelConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_YAML = os.path.join(ROOT, "configs", "tiny_cpu_classic.yaml")
+CFG = ModelConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
+                  num_kv_heads=2)
+
+
+@pytest.fixture(autouse=True)
+def _root_log_handlers():
+    # Commands point the root logger at the stderr of their time, which capsys closes afterwards.
+    handlers = list(logging.root.handlers)
+    yield
+    logging.root.handlers[:] = handlers
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_errors")
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, 0.1, s.shape), s.dtype),
+                          param_shapes(CFG))
+    ckpt = cloud_jax.RewardModel(CFG, params, byte_tokenizer()).save_pretrained(root / "ckpt")
+    alien = shutil.copytree(ckpt, root / "alien")
+    config = json.loads((ckpt / "config.json").read_text())
+    config["base_model_config"]["model_type"] = "mamba"
+    (alien / "config.json").write_text(json.dumps(config))
+    (root / "empty").mkdir()
+    good = {"id": "r0", "prompt": "p", "chosen": "c", "rejected": "r", "chosen_feedback": "f",
+            "rejected_feedback": "f"}
+    rows = root / "rows.jsonl"
+    rows.write_text(json.dumps(good) + "\n")
+    bad = root / "bad.jsonl"
+    bad.write_text(json.dumps(good) + "\n" + json.dumps({**good, "chosen": 7}) + "\n")
+    return {"root": root, "ckpt": str(ckpt), "alien": str(alien), "empty": str(root / "empty"),
+            "rows": str(rows), "bad": str(bad), "missing": str(root / "missing.jsonl")}
+
+
+def user_error(capsys, argv, *named):
+    """Runs ``python -m cloud_jax ARGV`` in process; returns its one error line."""
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for thing in named:
+        assert thing in lines[0], err
+    return lines[0]
+
+
+def test_train(capsys, files, tmp_path):
+    from cloud_jax.cli.common import run_command
+    from cloud_jax.cli.train import main as train
+
+    def train_error(argv, *named):
+        capsys.readouterr()
+        assert run_command(train, argv) == 2
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and "Traceback" not in err, err
+        for thing in named:
+            assert thing in lines[0], err
+
+    out = f"output_dir={tmp_path / 'out'}"
+    train_error(["--config", str(tmp_path / "nope.yaml")], "nope.yaml")
+    train_error(["--config", TINY_YAML, "train.nonsense=1", out], "nonsense")
+    train_error(["--config", TINY_YAML, "train.total_steps=many", out], "total_steps")
+    train_error(["--config", TINY_YAML, f"data.train_path={files['missing']}",
+                 "data.eval_path=\"\"", f"data.tfds_dir={tmp_path / 'tfds'}", "init_from=\"\"",
+                 out], "missing.jsonl")
+
+
+def test_score(capsys, files, tmp_path):
+    out = str(tmp_path / "o.jsonl")
+
+    def score(checkpoint, src):
+        return ["score", "--checkpoint", checkpoint, "--input", src, "--output", out]
+
+    user_error(capsys, score(files["ckpt"], files["missing"]), "missing.jsonl")
+    user_error(capsys, score(str(tmp_path / "no_ckpt"), files["rows"]), "no_ckpt")
+    user_error(capsys, score(files["empty"], files["rows"]), files["empty"])
+    user_error(capsys, score(files["alien"], files["rows"]), "mamba")
+    user_error(capsys, score(files["ckpt"], files["bad"]), "bad.jsonl:2", "chosen")
+
+
+def test_critique(capsys, files, tmp_path):
+    def critique(checkpoint, src):
+        return ["critique", "--checkpoint", checkpoint, "--input", src, "--output",
+                str(tmp_path / "out")]
+
+    user_error(capsys, critique(files["ckpt"], files["missing"]), "missing.jsonl")
+    user_error(capsys, critique(str(tmp_path / "no_ckpt"), files["rows"]), "no_ckpt")
+    user_error(capsys, critique(files["alien"], files["rows"]), "mamba")
+    user_error(capsys, critique(files["ckpt"], files["bad"]), "bad.jsonl:2", "chosen")
+
+
+def test_evaluate(capsys, files, tmp_path):
+    def evaluate(checkpoint, src):
+        return ["evaluate", "--checkpoint", checkpoint, "--input", src, "--output-dir",
+                str(tmp_path / "out")]
+
+    user_error(capsys, evaluate(files["ckpt"], files["missing"]), "missing.jsonl")
+    user_error(capsys, evaluate(files["ckpt"], files["bad"]), "bad.jsonl:2", "chosen")
+    user_error(capsys, evaluate(files["empty"], files["rows"]), files["empty"])
+
+
+def test_export_convert_make_benchmark_pipeline(capsys, files, tmp_path):
+    out = str(tmp_path / "out")
+    user_error(capsys, ["export-hf", "--checkpoint", str(tmp_path / "no_ckpt"), "--out", out],
+               "no_ckpt")
+    user_error(capsys, ["export-hf", "--checkpoint", files["alien"], "--out", out], "mamba")
+    user_error(capsys, ["convert-gguf", "--gguf", str(tmp_path / "m.gguf"), "--out", out],
+               "m.gguf")
+    user_error(capsys, ["make-benchmark", "--out", out, "--ops", "add,div"], "ops")
+    user_error(capsys, ["make-benchmark", "--out", out, "--op-weights", "1,x"], "1,x")
+    user_error(capsys, ["pipeline", "--config", os.path.join(ROOT, "configs", "demo_cpu.yaml"),
+                        "stages.cloud.nonsense=1", f"output_dir={out}"], "nonsense")
+    user_error(capsys, ["pipeline", "--config", str(tmp_path / "nope.yaml")], "nope.yaml")
+
+
+def test_aot_bench_and_usage_errors(capsys, tmp_path):
+    pytest.importorskip("libtpu")
+    user_error(capsys, ["aot", "--config", TINY_YAML, "--topology", "v9z-3"], "--topology")
+    user_error(capsys, ["aot", "--config", TINY_YAML, "train.nonsense=1", "--topology", "v5e-4"],
+               "nonsense")
+
+
+def test_bench_and_usage_errors_keep_argparse_status(capsys):
+    user_error(capsys, ["bench", "nonsense"], "nonsense")
+    user_error(capsys, ["no-such-command"], "no-such-command")
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "train", "--no-such-flag"])
+    assert exit_.value.code == 2
+    assert "--no-such-flag" in capsys.readouterr().err
+
+
+def test_the_real_exit_status_and_debug(files, tmp_path):
+    argv = [sys.executable, "-m", "cloud_jax", "export-hf", "--checkpoint",
+            str(tmp_path / "no_ckpt"), "--out", str(tmp_path / "out")]
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    plain = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+    assert plain.returncode == 2, plain.stderr
+    assert "no_ckpt" in plain.stderr and "Traceback" not in plain.stderr
+    debug = subprocess.run(argv[:3] + ["--debug"] + argv[3:], capture_output=True, text=True,
+                           env=env, timeout=120)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr, debug.stderr
