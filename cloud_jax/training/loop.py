@@ -36,6 +36,7 @@ from cloud_jax.model import count_params, init_params
 from cloud_jax.sharding import TRAIN_RULES, make_mesh
 from cloud_jax.training.checkpointing import Checkpointer, compare_configs
 from cloud_jax.training.metrics import MetricsWriter, peak_flops, summarize_window
+from cloud_jax.training.stages import stage as stage_record
 from cloud_jax.training.step import StepBuilder, model_flops_per_token
 
 log = logging.getLogger(__name__)
@@ -178,9 +179,10 @@ def _export_final(cfg: Config, model_cfg: ModelConfig, params, tokenizer) -> Opt
     if not _is_main():
         return None
     out = os.path.join(cfg.output_dir, "final")
-    # A model trained on critiques records the prefix they start after, for scoring.
-    prefix = cfg.data.critique_prefix if cfg.train.stage in ("critique_sft", "cloud") else None
-    save_cloud_reference(params, model_cfg, out, critique_prefix=prefix)
+    record = stage_record(cfg.train.stage)
+    prefix = cfg.data.critique_prefix if record.exports_critique_prefix else None
+    save_cloud_reference(params, model_cfg, out, feedback_method=record.feedback_method,
+                         critique_prefix=prefix)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     log.info("final weights written to %s (a CLoud directory: init_from / cloud_jax.load)", out)
