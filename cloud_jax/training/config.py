@@ -23,12 +23,12 @@ from cloud_jax.model.config import ModelConfig, RopeScalingConfig
 from cloud_jax.sharding import DISTRIBUTED_MODES, MeshConfig
 from cloud_jax.training.losses import LossConfig
 from cloud_jax.training.optim import OptimConfig
+from cloud_jax.training.stages import stage
 
 __all__ = ["Config", "ConfigError", "MeshConfig", "ModelConfig", "RopeScalingConfig",
            "config_from_dict", "load_config", "save_config", "to_yaml"]
 
 
-STAGES = ("critique_sft", "cloud", "classic", "lm_pretrain")
 NONFINITE_POLICIES = ("error", "skip")
 
 
@@ -83,8 +83,7 @@ class TrainConfig:
     progress_bar: bool = True
 
     def validate(self) -> "TrainConfig":
-        if self.stage not in STAGES:
-            raise ConfigError(f"train.stage={self.stage!r}: expected one of {', '.join(STAGES)}")
+        stage(self.stage)
         if self.total_steps < 0:
             raise ConfigError(f"train.total_steps={self.total_steps}: must be >= 0 (0: one "
                               "pass over the data for data.num_epochs epochs)")

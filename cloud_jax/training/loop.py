@@ -36,6 +36,7 @@ from cloud_jax.model import count_params, init_params
 from cloud_jax.sharding import TRAIN_RULES, make_mesh
 from cloud_jax.training.checkpointing import Checkpointer, compare_configs
 from cloud_jax.training.metrics import MetricsWriter, peak_flops, summarize_window
+from cloud_jax.training.stages import stage as stage_record
 from cloud_jax.training.step import StepBuilder, model_flops_per_token
 
 log = logging.getLogger(__name__)
@@ -178,9 +179,10 @@ def _export_final(cfg: Config, model_cfg: ModelConfig, params, tokenizer) -> Opt
     if not _is_main():
         return None
     out = os.path.join(cfg.output_dir, "final")
-    # A model trained on critiques records the prefix they start after, for scoring.
-    prefix = cfg.data.critique_prefix if cfg.train.stage in ("critique_sft", "cloud") else None
-    save_cloud_reference(params, model_cfg, out, critique_prefix=prefix)
+    record = stage_record(cfg.train.stage)
+    prefix = cfg.data.critique_prefix if record.exports_critique_prefix else None
+    save_cloud_reference(params, model_cfg, out, feedback_method=record.feedback_method,
+                         critique_prefix=prefix)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     log.info("final weights written to %s (a CLoud directory: init_from / cloud_jax.load)", out)
@@ -231,6 +233,34 @@ class _PreemptionWatch:
             signal.signal(signal.SIGTERM, self.previous)
 
 
+def _restore_or_init(cfg: Config, mesh, ckpt: Checkpointer,
+                     data_iter) -> tuple[StepBuilder, dict]:
+    """The step builder and train state of the latest checkpoint in ``ckpt`` (``data_iter`` is
+    moved to its position), or fresh ones when there is none."""
+    current = to_dict(cfg)
+    builder: Optional[StepBuilder] = None
+
+    def restore_target(step: int, saved: dict):
+        # The builder is made from the saved architecture, which is only known here.
+        nonlocal builder
+        model_cfg = config_from_dict(saved["model"], schema=ModelConfig).validate()
+        mine = dict(current)
+        if cfg.init_from:
+            # The architecture came from the init_from checkpoint, not from the model section.
+            mine["model"] = saved["model"]
+        compare_configs(saved, mine, f"checkpoint {ckpt.step_dir(step)}")
+        builder = StepBuilder(cfg, mesh, TRAIN_RULES, model_cfg)
+        return builder.abstract_state()
+
+    restored = ckpt.restore_latest(restore_target, data_iter)
+    if restored is not None:
+        log.info("resumed from %s step %d", ckpt.directory, restored[0])
+        return builder, restored[1]
+    params, model_cfg = _initial_params(cfg, mesh)
+    builder = StepBuilder(cfg, mesh, TRAIN_RULES, model_cfg)
+    return builder, builder.init_state(params)
+
+
 def run(cfg: Config) -> dict:
     """Trains (or resumes) ``cfg`` up to train.stop_at_step or train.total_steps.
 
@@ -267,28 +297,8 @@ def run(cfg: Config) -> dict:
     ckpt = Checkpointer(_resolve(tc.checkpoint_dir or "checkpoints", cfg.output_dir),
                         tc.keep_checkpoints, tc.async_checkpointing)
     data_iter = batch_iterator(cfg.data, train_source)
-    current = to_dict(cfg)
-    restored_model: dict = {}
-
-    def restore_target(step: int, saved: dict):
-        model_cfg = config_from_dict(saved["model"], schema=ModelConfig).validate()
-        mine = dict(current)
-        if cfg.init_from:
-            # The architecture came from the init_from checkpoint, not from the model section.
-            mine["model"] = saved["model"]
-        compare_configs(saved, mine, f"checkpoint {ckpt.step_dir(step)}")
-        restored_model["builder"] = StepBuilder(cfg, mesh, TRAIN_RULES, model_cfg)
-        return restored_model["builder"].abstract_state()
-
-    restored = ckpt.restore_latest(restore_target, data_iter)
-    if restored is not None:
-        builder = restored_model["builder"]
-        model_cfg, state = builder.model_cfg, restored[1]
-        log.info("resumed from %s step %d", ckpt.directory, restored[0])
-    else:
-        params, model_cfg = _initial_params(cfg, mesh)
-        builder = StepBuilder(cfg, mesh, TRAIN_RULES, model_cfg)
-        state = builder.init_state(params)
+    builder, state = _restore_or_init(cfg, mesh, ckpt, data_iter)
+    model_cfg = builder.model_cfg
     resolved = dataclasses.replace(cfg, model=model_cfg)
     resolved_dict = to_dict(resolved)
     if _is_main():

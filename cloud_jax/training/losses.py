@@ -28,14 +28,10 @@ import jax
 import jax.numpy as jnp
 
 from cloud_jax.errors import ConfigError
+from cloud_jax.training.stages import stage as stage_record
 
 F32 = jnp.float32
 
-# critique_sft: LM on oracle critiques; cloud: BT + lm_coef * LM on self-generated critiques;
-# classic: BT only, no critique; lm_pretrain: LM on every text token (loss_mask says which).
-STAGES = ("critique_sft", "cloud", "classic", "lm_pretrain")
-_LM_STAGES = ("critique_sft", "cloud", "lm_pretrain")
-_BT_STAGES = ("cloud", "classic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,11 +201,6 @@ def lm_target_mask(batch: Mapping, stage: str) -> jax.Array:
     return (loss_mask != 0) & (pair_valid != 0)[:, None, None]
 
 
-def _check_stage(stage: str) -> None:
-    if stage not in STAGES:
-        raise ValueError(f"unknown training stage {stage!r}; expected one of {', '.join(STAGES)}")
-
-
 def loss_normalizers(stage: str, batch: Mapping) -> dict[str, jax.Array]:
     """Token and pair counts of a whole batch, the denominators for its micro-batches.
 
@@ -217,11 +208,11 @@ def loss_normalizers(stage: str, batch: Mapping) -> dict[str, jax.Array]:
     :func:`stage_loss` for every micro-batch: the micro-batch losses then add up to the full-batch
     loss, and so do their gradients.
     """
-    _check_stage(stage)
+    record = stage_record(stage)
     out = {}
-    if stage in _LM_STAGES:
+    if record.lm_loss:
         out["lm_tokens"] = jnp.sum(lm_target_mask(batch, stage), dtype=F32)
-    if stage in _BT_STAGES:
+    if record.bt_loss:
         out["pairs"] = jnp.sum(_require(batch, "pair_valid", "batch", stage) != 0, dtype=F32)
     return out
 
@@ -238,7 +229,7 @@ def stage_loss(stage: str, outputs: Mapping[str, jax.Array], batch: Mapping[str,
     ``normalizers`` (default: this batch's own counts, see :func:`loss_normalizers`).
 
     Args:
-      stage: one of :data:`STAGES`.
+      stage: a name from :data:`cloud_jax.training.stages.STAGES`.
       outputs: ``{"logits": [P, 2, T, V], "rewards": [P, 2]}``; only what the stage uses is read.
         Instead of logits, ``"lm": (loss_sum, token_count)`` of the LM loss already computed over
         :func:`lm_target_mask` (the model's chunked LM loss).
@@ -250,12 +241,12 @@ def stage_loss(stage: str, outputs: Mapping[str, jax.Array], batch: Mapping[str,
       ``(loss, metric_sums)``; ``metric_sums`` holds only sums and counts, so it adds across
       micro-batches and steps; :func:`finalize_metrics` turns it into means.
     """
-    _check_stage(stage)
+    record = stage_record(stage)
     if normalizers is None:
         normalizers = loss_normalizers(stage, batch)
     loss = jnp.zeros((), F32)
     sums: dict[str, jax.Array] = {}
-    if stage in _LM_STAGES:
+    if record.lm_loss:
         if "lm" in outputs:  # computed with the forward (chunked, see LossConfig.lm_chunk_size)
             lm_sum, lm_tokens = outputs["lm"]
         else:
@@ -264,8 +255,8 @@ def stage_loss(stage: str, outputs: Mapping[str, jax.Array], batch: Mapping[str,
             lm_sum, lm_tokens = lm_loss(logits, targets, lm_target_mask(batch, stage))
         sums.update(lm_loss_sum=lm_sum, lm_tokens=lm_tokens)
         lm_term = _safe_divide(lm_sum, _require(normalizers, "lm_tokens", "normalizers", stage))
-        loss = loss + (lm_coef * lm_term if stage == "cloud" else lm_term)
-    if stage in _BT_STAGES:
+        loss = loss + (lm_coef * lm_term if record.lm_coef_applies else lm_term)
+    if record.bt_loss:
         rewards = _require(outputs, "rewards", "outputs", stage)
         pair_valid = _require(batch, "pair_valid", "batch", stage)
         r_chosen, r_rejected = rewards[:, 0], rewards[:, 1]

@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from cloud_jax.model.config import ModelConfig
 from cloud_jax.training.config import Config
 from cloud_jax.training.losses import lm_target_mask, loss_normalizers, stage_loss
+from cloud_jax.training.stages import stage as stage_record
 from cloud_jax.model import CLoudModel, mesh_context, param_shapes, param_shardings
 from cloud_jax.training.optim import current_learning_rate, make_optimizer, make_schedule
 from cloud_jax.sharding import Rules, batch_sharding, replicated
@@ -35,8 +36,6 @@ log = logging.getLogger(__name__)
 # What the step reads from a pipeline batch (pair_index stays on the host).
 DEVICE_KEYS = ("input_ids", "attention_mask", "positions", "targets", "loss_mask",
                "reward_index", "pair_valid")
-LM_STAGES = ("critique_sft", "cloud", "lm_pretrain")
-BT_STAGES = ("cloud", "classic")
 
 State = dict[str, Any]
 Batch = Mapping[str, jax.Array]
@@ -53,8 +52,9 @@ def forward(model: CLoudModel, params: Any, batch: Batch, stage: str, *,
     def rows(x):  # [P, 2, ...] -> [2P, ...]
         return x.reshape((2 * p,) + x.shape[2:])
 
-    want_rewards = stage in BT_STAGES
-    chunked = stage in LM_STAGES and lm_chunk_size > 0
+    record = stage_record(stage)
+    want_rewards = record.bt_loss
+    chunked = record.lm_loss and lm_chunk_size > 0
     lm_targets = None
     if chunked:
         lm_targets = (rows(batch["targets"]), rows(lm_target_mask(batch, stage)), lm_chunk_size)
@@ -62,7 +62,7 @@ def forward(model: CLoudModel, params: Any, batch: Batch, stage: str, *,
         {"params": params}, rows(batch["input_ids"]), rows(batch["attention_mask"]),
         positions_bt=rows(batch["positions"]),
         reward_index_b=rows(batch["reward_index"]) if want_rewards else None,
-        deterministic=rng is None, return_logits=stage in LM_STAGES and not chunked,
+        deterministic=rng is None, return_logits=record.lm_loss and not chunked,
         lm_targets=lm_targets, rngs=None if rng is None else {"dropout": rng})
     outputs = {}
     if out.logits is not None:
@@ -82,7 +82,7 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int, stage: str) -> float:
     per_layer = (d * cfg.num_heads * hd * 2 + d * cfg.num_kv_heads * hd * 2
                  + 3 * d * cfg.intermediate_size)
     weights = cfg.num_layers * per_layer
-    if stage in LM_STAGES:
+    if stage_record(stage).lm_loss:
         weights += d * cfg.vocab_size
     attention = 2 * 2 * cfg.num_layers * cfg.num_heads * hd * seq_len
     return 3.0 * (2.0 * weights + attention)
