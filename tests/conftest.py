@@ -1,9 +1,39 @@
-"""Shared test set-up: CPU only, fp32, 1 torch thread, and the --runslow switch."""
+"""Shared test set-up: CPU only, fp32, 1 torch thread, a persistent compilation cache, and the
+--runslow switch."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _compilation_cache_dir() -> str | None:
+    """Most of the suite's time is XLA compiling the same tiny programs; a cache on disk makes
+    every later session (and every subprocess a test starts) load them instead. An existing
+    JAX_COMPILATION_CACHE_DIR wins; an unwritable location leaves the cache off."""
+    path = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    if not path:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        root = Path(xdg) / "cloud_jax" if xdg else Path(__file__).resolve().parents[1] / ".cache"
+        path = str(root / "jax_compilation_cache")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return None
+    return path
+
+
+# Set as environment variables before JAX is imported so that this process and every
+# subprocess read the same settings. Tiny test programs compile in well under JAX's default
+# one-second threshold, so both size and time thresholds go to zero.
+_cache = _compilation_cache_dir()
+if _cache:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+else:
+    os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
 
 import pytest  # noqa: E402
 

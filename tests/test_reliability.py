@@ -65,28 +65,7 @@ COMMON = ["train.log_every=1", "train.eval_every=0", "train.export_final=false",
 def toy(tmp_path_factory):
     base = tmp_path_factory.mktemp("toy")
     train, eval_ = write_toy_data(str(base / "data"), n_train=64, n_eval=8)
-    return {"train": train, "eval": eval_, "tfds": str(base / "tfds"),
-            "cache": str(base / "jax_cache")}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(toy):
-    """Every run here compiles the same programs: one persistent cache, shared with the
-    subprocesses, compiles them once (as in test_train_loop.py)."""
-    # JAX decides once per process whether the cache is on; resetting makes that decision see
-    # (and, afterwards, forget) this module's settings. There is no public API for it.
-    from jax._src.compilation_cache import reset_cache
-
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")
-    saved = {k: getattr(jax.config, k) for k in keys}
-    for key, value in zip(keys, (toy["cache"], 0.0, 0)):
-        jax.config.update(key, value)
-    reset_cache()
-    yield
-    for k, v in saved.items():
-        jax.config.update(k, v)
-    reset_cache()
+    return {"train": train, "eval": eval_, "tfds": str(base / "tfds")}
 
 
 def overrides(toy, out, *extra):
@@ -101,8 +80,7 @@ def tiny(toy, out, *extra):
 
 def trainer(toy, out, *extra, env):
     """Starts ``python -m cloud_jax.train``, with the hooks above, in a subprocess."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=toy["cache"],
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **env)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **env)
     cmd = [sys.executable, "-c", TRAINER, "--config", str(ROOT / "configs/tiny_cpu_cloud.yaml"),
            *overrides(toy, out, *extra)]
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,

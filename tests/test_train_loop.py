@@ -19,27 +19,6 @@ from cloud_jax.data.synthetic.toy import write_toy_data
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-    """Runs of one config compile the same programs; a persistent cache compiles them once."""
-    import jax
-    # JAX decides once per process whether the cache is on; resetting makes that decision see
-    # (and, afterwards, forget) this module's settings. There is no public API for it.
-    from jax._src.compilation_cache import reset_cache
-
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")
-    saved = {k: getattr(jax.config, k) for k in keys}
-    jax.config.update(keys[0], str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update(keys[1], 0.0)
-    jax.config.update(keys[2], 0)
-    reset_cache()
-    yield
-    for k, v in saved.items():
-        jax.config.update(k, v)
-    reset_cache()
-
-
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     base = tmp_path_factory.mktemp("toy")
