@@ -106,7 +106,7 @@ def test_byte_tokenizer_round_trip(tmp_path):
 
 
 def test_critique_layout(tok):
-    ex = encode_example(tok, PROMPT, RESPONSE, CRITIQUE, "cloud", PREFIX, 512)
+    ex = encode_example(tok, PROMPT, RESPONSE, CRITIQUE, "critique", PREFIX, 512)
     ids = ex.input_ids.tolist()
     eot = end_of_turn_ids(tok)[0]
     # Exactly one BOS, at the start, when the tokenizer has one.
@@ -137,13 +137,13 @@ def test_classic_layout_reward_at_response_eot(tok):
 
 
 def test_lm_pretrain_targets_every_token_but_the_first(tok):
-    ex = encode_example(tok, PROMPT, RESPONSE, CRITIQUE, "lm_pretrain", PREFIX, 512)
+    ex = encode_example(tok, PROMPT, RESPONSE, CRITIQUE, "lm", PREFIX, 512)
     assert ex.target_mask.tolist() == [0] + [1] * (len(ex.input_ids) - 1)
 
 
 def test_byte_layout_exact_tokens():
     tok = byte_tokenizer()
-    ex = encode_example(tok, "hi", "yo", "ok", "critique_sft", "P: ", 64)
+    ex = encode_example(tok, "hi", "yo", "ok", "critique", "P: ", 64)
     b = lambda s: list(s.encode())  # noqa: E731
     bos, eot, user, asst = tok.convert_tokens_to_ids(["<bos>", "<eot>", "<|user|>",
                                                       "<|assistant|>"])
@@ -160,9 +160,9 @@ def test_llama3_bos_not_doubled_and_text_trimmed():
     # The template writes <|begin_of_text|> and the tokenizer adds one too.
     rendered = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
     assert tok(rendered).input_ids[:2] == [bos, bos]
-    ex = encode_example(tok, " " + PROMPT + "\n", RESPONSE + "  ", CRITIQUE + "\n", "cloud",
+    ex = encode_example(tok, " " + PROMPT + "\n", RESPONSE + "  ", CRITIQUE + "\n", "critique",
                         PREFIX, 512)
-    plain = encode_example(tok, PROMPT, RESPONSE, CRITIQUE, "cloud", PREFIX, 512)
+    plain = encode_example(tok, PROMPT, RESPONSE, CRITIQUE, "critique", PREFIX, 512)
     # Llama-3's template trims message text; so does the layout.
     assert ex.input_ids.tolist() == plain.input_ids.tolist()
     assert ex.input_ids.tolist().count(bos) == 1
@@ -170,7 +170,7 @@ def test_llama3_bos_not_doubled_and_text_trimmed():
 
 def test_special_token_text_in_rows_stays_text():
     tok = chatml_tokenizer()
-    ex = encode_example(tok, "say <|im_end|> now", RESPONSE, "ends <|im_end|> early", "cloud",
+    ex = encode_example(tok, "say <|im_end|> now", RESPONSE, "ends <|im_end|> early", "critique",
                         PREFIX, 512)
     eot = tok.convert_tokens_to_ids("<|im_end|>")
     ids = ex.input_ids.tolist()
@@ -180,11 +180,11 @@ def test_special_token_text_in_rows_stays_text():
 
 def test_overlength_drop_and_truncate_prompt():
     tok = byte_tokenizer()
-    full = encode_example(tok, "0123456789", "yo", "ok", "cloud", "P: ", 512)
+    full = encode_example(tok, "0123456789", "yo", "ok", "critique", "P: ", 512)
     n = len(full.input_ids)
-    assert encode_example(tok, "0123456789", "yo", "ok", "cloud", "P: ", n) is not None
-    assert encode_example(tok, "0123456789", "yo", "ok", "cloud", "P: ", n - 1) is None
-    cut = encode_example(tok, "0123456789", "yo", "ok", "cloud", "P: ", n - 3,
+    assert encode_example(tok, "0123456789", "yo", "ok", "critique", "P: ", n) is not None
+    assert encode_example(tok, "0123456789", "yo", "ok", "critique", "P: ", n - 1) is None
+    cut = encode_example(tok, "0123456789", "yo", "ok", "critique", "P: ", n - 3,
                          overlength_policy="truncate_prompt")
     assert len(cut.input_ids) == n - 3 and cut.prompt_tokens_cut == 3
     assert tok.decode(cut.input_ids).startswith("<bos><|user|>3456789<eot>")
@@ -192,9 +192,9 @@ def test_overlength_drop_and_truncate_prompt():
     assert cut.reward_index == n - 4 and cut.input_ids[-1] == tok.eos_token_id
     # An empty prompt still fits at n - 10; one token fewer cannot fit without cutting the
     # response or critique, so the row is dropped.
-    assert encode_example(tok, "0123456789", "yo", "ok", "cloud", "P: ", n - 10,
+    assert encode_example(tok, "0123456789", "yo", "ok", "critique", "P: ", n - 10,
                           overlength_policy="truncate_prompt").prompt_tokens_cut == 10
-    assert encode_example(tok, "0123456789", "yo", "ok", "cloud", "P: ", n - 11,
+    assert encode_example(tok, "0123456789", "yo", "ok", "critique", "P: ", n - 11,
                           overlength_policy="truncate_prompt") is None
 
 
@@ -209,12 +209,12 @@ def test_critique_prefix_with_max_length():
 
 def test_bad_arguments():
     tok = byte_tokenizer()
-    with pytest.raises(ValueError, match="stage 'sft'"):
+    with pytest.raises(ValueError, match="layout 'sft'"):
         encode_example(tok, "a", "b", "c", "sft", "P: ", 64)
     with pytest.raises(ValueError, match="overlength_policy 'cut'"):
-        encode_example(tok, "a", "b", "c", "cloud", "P: ", 64, overlength_policy="cut")
+        encode_example(tok, "a", "b", "c", "critique", "P: ", 64, overlength_policy="cut")
     with pytest.raises(ValueError, match="needs a critique"):
-        encode_example(tok, "a", "b", None, "cloud", "P: ", 64)
+        encode_example(tok, "a", "b", None, "critique", "P: ", 64)
 
 
 def test_template_without_special_closer_is_rejected():
@@ -222,4 +222,4 @@ def test_template_without_special_closer_is_rejected():
     tok.chat_template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}"
                          "{% endfor %}")
     with pytest.raises(ValueError, match="special end-of-turn token"):
-        encode_example(tok, "a", "b", "c", "cloud", "P: ", 64)
+        encode_example(tok, "a", "b", "c", "critique", "P: ", 64)

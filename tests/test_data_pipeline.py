@@ -43,7 +43,7 @@ def built(tmp_path_factory):
     _write(tmp / "train.jsonl", _rows())
     cfg = _cfg(tmp)
     tok = byte_tokenizer()
-    dataset = prepare_dataset(cfg, tok, "cloud")
+    dataset = prepare_dataset(cfg, tok, "critique")
     return cfg, tok, dataset, open_split(dataset, "train")
 
 
@@ -66,7 +66,7 @@ def test_tfds_round_trip(built):
     mask = record["rejected_target_mask"].astype(bool)
     assert tok.decode(record["rejected_input_ids"][mask]) == "wrong 3<eot>"
     # Same inputs and settings: reused; a changed setting: a new dataset.
-    assert prepare_dataset(cfg, tok, "cloud").config_name == dataset.config_name
+    assert prepare_dataset(cfg, tok, "critique").config_name == dataset.config_name
     assert prepare_dataset(cfg, tok, "classic").config_name != dataset.config_name
 
 
@@ -76,7 +76,7 @@ def test_tfds_counts_drops_and_rejects(tmp_path):
     rows[1]["prompt"] = "x" * 200
     _write(tmp_path / "train.jsonl", rows)
     cfg = _cfg(tmp_path, lenient=True)
-    dataset = prepare_dataset(cfg, byte_tokenizer(), "critique_sft")
+    dataset = prepare_dataset(cfg, byte_tokenizer(), "critique")
     stats = dataset.stats["train"]
     assert (stats["rows"], stats["rejected_rows"], stats["pairs"],
             stats["dropped_overlength"]) == (5, 1, 3, 1)
@@ -84,7 +84,7 @@ def test_tfds_counts_drops_and_rejects(tmp_path):
     assert (reject["line"], reject["field"]) == (5, "id")
     assert [r["id"] for r in open_split(dataset, "train")] == [b"r0", b"r2", b"r3"]
     cut = prepare_dataset(_cfg(tmp_path, lenient=True, overlength_policy="truncate_prompt"),
-                          byte_tokenizer(), "critique_sft")
+                          byte_tokenizer(), "critique")
     assert (cut.stats["train"]["pairs"], cut.stats["train"]["prompt_truncated"]) == (4, 1)
 
 
@@ -93,9 +93,9 @@ def test_tfds_build_strict_error_and_eval_split(tmp_path):
     _write(tmp_path / "eval.jsonl", _rows(2)[:1] + [{"id": "e", "prompt": "p"}])
     cfg = _cfg(tmp_path, eval_path=str(tmp_path / "eval.jsonl"))
     with pytest.raises(ValueError, match=r"eval.jsonl:2: field 'chosen': missing"):
-        prepare_dataset(cfg, byte_tokenizer(), "cloud")
+        prepare_dataset(cfg, byte_tokenizer(), "critique")
     _write(tmp_path / "eval.jsonl", _rows(2))
-    dataset = prepare_dataset(cfg, byte_tokenizer(), "cloud")
+    dataset = prepare_dataset(cfg, byte_tokenizer(), "critique")
     assert len(open_split(dataset, "eval")) == 2 and len(open_split(dataset, "train")) == 3
 
 

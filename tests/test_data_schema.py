@@ -206,7 +206,7 @@ def test_pair_identical_after_tokenization_is_a_bad_row(tmp_path, policy):
         cfg = DataConfig(train_path=path, max_length=96, critique_prefix="C: ", lenient=lenient,
                          overlength_policy=policy, tfds_dir=str(tmp_path / "tfds"),
                          rejects_path=str(tmp_path / f"rejects-{lenient}.jsonl"))
-        return prepare_dataset(cfg, tok, "cloud")
+        return prepare_dataset(cfg, tok, "critique")
 
     with pytest.raises(RowError) as info:
         build(_trimming_byte_tokenizer(), lenient=False)

@@ -240,7 +240,7 @@ def test_classic_stage_needs_no_logits():
 
 def test_unknown_stage_lists_stages():
     outputs, batch = _random_batch(5)
-    with pytest.raises(ValueError, match="critique_sft, cloud, classic, lm_pretrain"):
+    with pytest.raises(ValueError, match="lm_pretrain, critique_sft, cloud, classic"):
         stage_loss("reward", outputs, batch)
 
 

@@ -96,7 +96,7 @@ def test_classic_model_scores_with_one_forward(rm):
 def test_teacher_forced_rewards_read_the_given_critiques_with_one_forward(rm):
     critiques = ["Correct.", "A colour indeed.", "It greets back."]
     got = teacher_forced_rewards(rm, PROMPTS, RESPONSES, critiques, ScoreConfig(batch_size=2))
-    seqs = [encode_example(rm.tokenizer, p, r, c, "cloud").input_ids.tolist()
+    seqs = [encode_example(rm.tokenizer, p, r, c, "critique").input_ids.tolist()
             for p, r, c in zip(PROMPTS, RESPONSES, critiques)]
     np.testing.assert_allclose(got, full_rewards(rm, seqs), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="2 critiques"):

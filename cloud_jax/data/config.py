@@ -11,7 +11,10 @@ from typing import Tuple
 
 from cloud_jax.errors import ConfigError
 
-STAGES = ("critique_sft", "cloud", "classic", "lm_pretrain")
+# How a sequence is laid out (data/layout.py): "critique" (prompt, response, critique prefix,
+# critique; targets on the critique), "classic" (prompt, response; no targets), "lm" (the critique
+# layout with targets on every token). Training maps each stage to one (training/stages.py).
+LAYOUTS = ("critique", "classic", "lm")
 OVERLENGTH_POLICIES = ("drop", "truncate_prompt")
 
 # The reference wording of the opening of the critique turn.

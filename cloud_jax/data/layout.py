@@ -1,10 +1,11 @@
 """Chat layout of one scored sequence, tokenized, with its loss targets and reward position.
 
-Critique layout (stages critique_sft, cloud, lm_pretrain):
+Critique layout (``layout="critique"``: stages critique_sft and cloud; ``"lm"``, with a target
+at every token: lm_pretrain):
 
     [user: PROMPT] [assistant: RESPONSE] [user: CRITIQUE_PREFIX + CRITIQUE]<end-of-turn>
 
-Classic layout (stage classic): ``[user: PROMPT] [assistant: RESPONSE]<end-of-turn>``. The reward
+Classic layout (``layout="classic"``: stage classic): ``[user: PROMPT] [assistant: RESPONSE]<end-of-turn>``. The reward
 is read at the final end-of-turn token, recorded as ``reward_index``; the sequence ends there.
 
 The chat template is rendered once per tokenizer with a sentinel in place of every message's text,
@@ -28,7 +29,7 @@ from typing import List, Optional
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from cloud_jax.data.config import CRITIQUE_PREFIX, OVERLENGTH_POLICIES, STAGES
+from cloud_jax.data.config import CRITIQUE_PREFIX, LAYOUTS, OVERLENGTH_POLICIES
 from cloud_jax.data.tokenizer import render_around, turn_closer_after
 
 _PROMPT, _RESPONSE, _CRITIQUE = "\ue001P\ue001", "\ue001R\ue001", "\ue001C\ue001"
@@ -113,22 +114,22 @@ class ChatLayout:
             prompt_ids = prompt_ids[max(excess, 0):]
         return head + prompt_ids + rest
 
-    def encode(self, prompt: str, response: str, critique: Optional[str], stage: str,
+    def encode(self, prompt: str, response: str, critique: Optional[str], layout: str,
                critique_prefix: str, max_length: int,
                overlength_policy: str = "drop") -> Optional[Example]:
-        if stage not in STAGES:
-            raise ValueError(f"stage {stage!r}: expected one of {', '.join(STAGES)}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
         if overlength_policy not in OVERLENGTH_POLICIES:
             raise ValueError(f"overlength_policy {overlength_policy!r}: expected one of "
                              f"{', '.join(OVERLENGTH_POLICIES)}")
         prompt, response, critique_prefix = self._texts(prompt, response, critique_prefix)
-        if stage == "classic":
+        if layout == "classic":
             head, mid1 = self.classic_pieces
             middle = mid1 + self._text_ids(response) + [self.classic_closer]
             num_targets = 0
         else:
             if not critique:
-                raise ValueError(f"stage {stage!r} needs a critique for every response")
+                raise ValueError(f"the {layout} layout needs a critique for every response")
             if self.trims:
                 critique = critique.rstrip()
             head, mid1, mid2 = self.critique_pieces
@@ -145,7 +146,7 @@ class ChatLayout:
             cut = excess
         ids = np.asarray(head + prompt_ids[cut:] + middle, np.int32)
         mask = np.zeros(len(ids), np.uint8)
-        if stage == "lm_pretrain":
+        if layout == "lm":
             mask[1:] = 1
         elif num_targets:
             mask[len(ids) - num_targets:] = 1
@@ -174,14 +175,14 @@ def encode_critique_prefix(tok: PreTrainedTokenizerBase, prompt: str, response: 
 
 
 def encode_example(tok: PreTrainedTokenizerBase, prompt: str, response: str,
-                   critique: Optional[str], stage: str,
+                   critique: Optional[str], layout: str,
                    critique_prefix: str = CRITIQUE_PREFIX, max_length: int = 2048,
                    overlength_policy: str = "drop") -> Optional[Example]:
-    """One response in the layout of ``stage``; None when it is over ``max_length`` and the
-    policy drops it.
+    """One response in ``layout`` (one of :data:`cloud_jax.data.config.LAYOUTS`); None when it is
+    over ``max_length`` and the policy drops it.
 
-    Loss targets: the critique and its end-of-turn token (critique_sft, cloud); every token after
-    the first (lm_pretrain); none (classic). ``critique`` is unused by classic.
+    Loss targets: the critique and its end-of-turn token ("critique"); every token after the first
+    ("lm"); none ("classic"). ``critique`` is unused by "classic".
     """
-    return chat_layout(tok).encode(prompt, response, critique, stage, critique_prefix,
+    return chat_layout(tok).encode(prompt, response, critique, layout, critique_prefix,
                                    max_length, overlength_policy)

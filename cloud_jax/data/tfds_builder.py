@@ -37,7 +37,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from transformers import PreTrainedTokenizerBase
 
-from cloud_jax.data.config import STAGES, DataConfig
+from cloud_jax.data.config import LAYOUTS, DataConfig
 from cloud_jax.data.layout import chat_layout
 from cloud_jax.data.schema import PreferenceRow, expand_paths, load_rows, reject_loaded_row
 from cloud_jax.data.tokenizer import tokenizer_fingerprint
@@ -62,7 +62,8 @@ def _features() -> tfds.features.FeaturesDict:
 class BuildSettings:
     """Everything besides the row files and the tokenizer that changes a stored record."""
 
-    stage: str
+    layout: str
+    require_feedback: bool
     max_length: int
     overlength_policy: str
     critique_prefix: str
@@ -106,7 +107,7 @@ class CloudPairs(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split: str, files: list):
         s = self._settings
         layout = chat_layout(self._tokenizer)
-        loaded = load_rows(files, require_feedback=s.stage != "classic", lenient=s.lenient,
+        loaded = load_rows(files, require_feedback=s.require_feedback, lenient=s.lenient,
                            rejects_path=self._rejects_paths.get(split))
         stats = {"rows": len(loaded.rows) + loaded.num_rejected,
                  "rejected_rows": loaded.num_rejected, "pairs": 0, "dropped_overlength": 0,
@@ -126,11 +127,11 @@ class CloudPairs(tfds.core.GeneratorBasedBuilder):
             sides = (("chosen", row.chosen, row.chosen_feedback),
                      ("rejected", row.rejected, row.rejected_feedback))
             for side, response, critique in sides:
-                ex = layout.encode(row.prompt, response, critique, s.stage, s.critique_prefix,
+                ex = layout.encode(row.prompt, response, critique, s.layout, s.critique_prefix,
                                    s.max_length, s.overlength_policy)
                 if ex is None:
                     for name, text, feedback in sides:
-                        full = layout.encode(row.prompt, text, feedback, s.stage,
+                        full = layout.encode(row.prompt, text, feedback, s.layout,
                                              s.critique_prefix, sys.maxsize)
                         longest = max(longest, (len(full.input_ids), f"{row.source} ({name})"))
                     break
@@ -153,7 +154,7 @@ class CloudPairs(tfds.core.GeneratorBasedBuilder):
             too_long = (f"{stats['dropped_overlength']} of {len(loaded.rows)} pairs are longer "
                         f"than data.max_length={s.max_length} ({s.overlength_policy} policy); the "
                         f"longest, {longest[1]}, has {longest[0]} tokens. "
-                        + _how_to_keep_long_pairs(s.stage))
+                        + _how_to_keep_long_pairs(s.layout))
             log.warning("%s: %s", split, too_long)
         if stats["pairs"] == 0:
             raise ConfigError(f"split {split!r} ({', '.join(files)}) has no usable pair: "
@@ -161,11 +162,11 @@ class CloudPairs(tfds.core.GeneratorBasedBuilder):
         log.info("%s: %s", split, json.dumps(stats))
 
 
-def _how_to_keep_long_pairs(stage: str) -> str:
+def _how_to_keep_long_pairs(layout: str) -> str:
     text = ("To keep them, raise data.max_length (at most model.max_position_embeddings) and the "
             "last of data.length_buckets, or shorten the rows")
-    if stage in ("critique_sft", "cloud"):
-        # The critique is part of these stages' sequences: shorter critiques fit too.
+    if layout == "critique":
+        # The critique is part of these sequences: shorter critiques fit too.
         text += " or their critiques (the pipeline's self_critique.max_critique_tokens)"
     return text + "."
 
@@ -200,21 +201,27 @@ def _file_digest(path: str) -> str:
     return digest.hexdigest()
 
 
-def prepare_dataset(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, stage: str,
+def prepare_dataset(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, layout: str,
                     splits: Optional[Mapping[str, str]] = None,
-                    data_dir: Optional[str] = None) -> PreparedDataset:
+                    data_dir: Optional[str] = None, *,
+                    require_feedback: Optional[bool] = None) -> PreparedDataset:
     """Builds (or reuses) the tokenized dataset of ``splits`` ({split: path spec}; default: train
-    and, when set, eval from ``cfg``) under ``data_dir`` (default ``cfg.tfds_dir``)."""
+    and, when set, eval from ``cfg``) under ``data_dir`` (default ``cfg.tfds_dir``), every row in
+    ``layout`` (one of :data:`cloud_jax.data.config.LAYOUTS`). Rows must carry critiques when
+    ``require_feedback`` (default: every layout but "classic")."""
     cfg.validate()
-    if stage not in STAGES:
-        raise ValueError(f"stage {stage!r}: expected one of {', '.join(STAGES)}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+    if require_feedback is None:
+        require_feedback = layout != "classic"
     if splits is None:
         splits = {"train": cfg.train_path}
         if cfg.eval_path:
             splits["eval"] = cfg.eval_path
     split_files = {split: expand_paths(spec) for split, spec in splits.items()}
     data_dir = os.path.abspath(data_dir or cfg.tfds_dir)
-    settings = BuildSettings(stage=stage, max_length=cfg.max_length,
+    settings = BuildSettings(layout=layout, require_feedback=require_feedback,
+                             max_length=cfg.max_length,
                              overlength_policy=cfg.overlength_policy,
                              critique_prefix=cfg.critique_prefix, lenient=cfg.lenient)
     fingerprint = json.dumps({
@@ -222,7 +229,7 @@ def prepare_dataset(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, stage: 
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "splits": {s: [_file_digest(p) for p in files] for s, files in split_files.items()},
     }, sort_keys=True)
-    config_name = f"{stage}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}"
+    config_name = f"{layout}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}"
     rejects_paths = {}
     for split in split_files:
         pattern = cfg.rejects_path or os.path.join(data_dir, "rejects-{split}.jsonl")

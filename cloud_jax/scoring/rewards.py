@@ -111,12 +111,12 @@ def _require_tokenizer(rm):
     return rm.tokenizer
 
 
-def _encode_whole(tok, prompts, responses, critiques, stage: str,
+def _encode_whole(tok, prompts, responses, critiques, layout: str,
                   cfg: ScoreConfig) -> list[Example]:
-    """Every input in ``stage``'s layout, its prompt cut from the left to fit ``cfg.max_length``."""
+    """Every input in ``layout``, its prompt cut from the left to fit ``cfg.max_length``."""
     examples = []
     for i, (p, r, c) in enumerate(zip(prompts, responses, critiques)):
-        ex = encode_example(tok, p, r, c, stage, cfg.critique_prefix, cfg.max_length,
+        ex = encode_example(tok, p, r, c, layout, cfg.critique_prefix, cfg.max_length,
                             "truncate_prompt")
         if ex is None:
             raise ValueError(f"input {i}: longer than max_length={cfg.max_length} tokens even "
@@ -162,7 +162,7 @@ def teacher_forced_rewards(rm, prompts: Sequence[str], responses: Sequence[str],
     if not len(prompts) == len(responses) == len(critiques):
         raise ValueError(f"{len(prompts)} prompts, {len(responses)} responses and "
                          f"{len(critiques)} critiques: one each per input")
-    examples = _encode_whole(_require_tokenizer(rm), prompts, responses, critiques, "cloud", cfg)
+    examples = _encode_whole(_require_tokenizer(rm), prompts, responses, critiques, "critique", cfg)
     return _forward_rewards(rm, examples, cfg, on_batch)
 
 

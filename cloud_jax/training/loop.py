@@ -82,16 +82,19 @@ def _sync(name: str) -> None:
 def prepare_data(cfg: Config):
     """Tokenizer and the tokenized dataset; process 0 builds it first so that hosts sharing a
     filesystem reuse one copy instead of writing it at the same time."""
+    record = stage_record(cfg.train.stage)
     tok = load_tokenizer(cfg.data.tokenizer)
     if len(tok) > cfg.model.vocab_size:
         raise ConfigError(f"tokenizer {cfg.data.tokenizer!r} has {len(tok)} tokens but "
                           f"model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size")
     dataset = None
     if _is_main():
-        dataset = prepare_dataset(cfg.data, tok, cfg.train.stage)
+        dataset = prepare_dataset(cfg.data, tok, record.layout,
+                                  require_feedback=record.needs_feedback)
     _sync("dataset prepared")
     if dataset is None:
-        dataset = prepare_dataset(cfg.data, tok, cfg.train.stage)
+        dataset = prepare_dataset(cfg.data, tok, record.layout,
+                                  require_feedback=record.needs_feedback)
     return tok, dataset
 
 

@@ -30,14 +30,15 @@ class Stage:
     lm_coef_applies: bool = False
 
 
+# In the order a run goes through them (the pipeline trains them in this order).
 _RECORDS = (
+    Stage("lm_pretrain", lm_loss=True, bt_loss=False, needs_feedback=True, layout="lm",
+          feedback_method="teacher", exports_critique_prefix=False),
     Stage("critique_sft", lm_loss=True, bt_loss=False, needs_feedback=True, layout="critique",
           feedback_method="teacher", exports_critique_prefix=True),
     Stage("cloud", lm_loss=True, bt_loss=True, needs_feedback=True, layout="critique",
           feedback_method="teacher", exports_critique_prefix=True, lm_coef_applies=True),
     Stage("classic", lm_loss=False, bt_loss=True, needs_feedback=False, layout="classic",
-          feedback_method="teacher", exports_critique_prefix=False),
-    Stage("lm_pretrain", lm_loss=True, bt_loss=False, needs_feedback=True, layout="lm",
           feedback_method="teacher", exports_critique_prefix=False),
 )
 _BY_NAME = {s.name: s for s in _RECORDS}

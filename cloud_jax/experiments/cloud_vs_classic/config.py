@@ -12,8 +12,8 @@ from typing import Optional, Sequence, Tuple
 from cloud_jax.data.synthetic.reasoning import ReasoningBenchmarkConfig
 from cloud_jax.errors import ConfigError
 from cloud_jax.training.config import Config, load_config
+from cloud_jax.training.stages import STAGES
 
-TRAIN_STAGES = ("lm_pretrain", "critique_sft", "cloud", "classic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +89,7 @@ class PipelineConfig(Config):
             if self.benchmark.num_eval < 1:
                 raise ConfigError("benchmark.num_eval must be >= 1: the evaluation needs a "
                                   "held-out split")
-        for name in TRAIN_STAGES:
+        for name in STAGES:
             if name == "lm_pretrain" and self.init_from:
                 continue
             plan: StagePlan = getattr(self.stages, name)
