@@ -264,6 +264,62 @@ def _restore_or_init(cfg: Config, mesh, ckpt: Checkpointer,
     return builder, builder.init_state(params)
 
 
+def _with_total_steps(cfg: Config, num_pairs: int) -> Config:
+    """``cfg`` with train.total_steps resolved (0: every batch of the train split's epochs),
+    checked against the batches the split gives."""
+    available = batches_available(cfg, num_pairs)
+    if cfg.train.total_steps == 0:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, total_steps=available))
+        log.info("train.total_steps=0: %d steps, %d epoch(s) of the train split", available,
+                 cfg.data.num_epochs)
+    tc = cfg.train.validate()
+    if available < tc.total_steps:
+        raise ConfigError(
+            f"the train split gives {available} batches ({num_pairs} pairs, "
+            f"data.batch_pairs={cfg.data.batch_pairs}, data.num_epochs={cfg.data.num_epochs}) "
+            f"but train.total_steps={tc.total_steps}; raise data.num_epochs or lower "
+            "train.total_steps")
+    return cfg
+
+
+class _LogWindow:
+    """The steps since the last log line: their metrics, model FLOPs per token, a digest of the
+    batches they read, and the time they took (compilation and evaluation excluded)."""
+
+    def __init__(self, train_step, peak: Optional[float]):
+        self._step_fn, self._peak = train_step, peak
+        self._reset()
+
+    def _reset(self) -> None:
+        self.metrics: list = []
+        self._flops_per_token: list = []
+        self._digest = hashlib.sha1()
+        self._t0, self._compile0 = time.perf_counter(), self._step_fn.compile_seconds
+
+    def add(self, local_batch: dict, metrics: dict, flops_per_token: float) -> None:
+        self._digest.update(local_batch["pair_index"].tobytes())
+        self._digest.update(local_batch["input_ids"].tobytes())
+        self.metrics.append(metrics)
+        self._flops_per_token.append(flops_per_token)
+
+    def exclude(self, seconds: float) -> None:
+        self._t0 += seconds
+
+    def flush(self) -> tuple[dict, dict]:
+        """(averaged metrics with the batch digest, throughput), and a new window."""
+        values = summarize_window(self.metrics)
+        elapsed = (time.perf_counter() - self._t0
+                   - (self._step_fn.compile_seconds - self._compile0))
+        timing = {"tokens_per_s": values["tokens"] / max(elapsed, 1e-9)}
+        if self._peak:
+            tokens = jax.device_get([m["tokens"] for m in self.metrics])
+            flops = float(np.dot(self._flops_per_token, tokens))
+            timing["mfu"] = flops / max(elapsed, 1e-9) / (self._peak * jax.device_count())
+        values["batch_digest"] = self._digest.hexdigest()[:16]
+        self._reset()
+        return values, timing
+
+
 def run(cfg: Config) -> dict:
     """Trains (or resumes) ``cfg`` up to train.stop_at_step or train.total_steps.
 
@@ -282,19 +338,9 @@ def run(cfg: Config) -> dict:
     check_batch_layout(cfg, mesh)
     tokenizer, dataset = prepare_data(cfg)
     train_source = open_split(dataset, "train")
-    available = batches_available(cfg, len(train_source))
-    if cfg.train.total_steps == 0:
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, total_steps=available))
-        log.info("train.total_steps=0: %d steps, %d epoch(s) of the train split", available,
-                 cfg.data.num_epochs)
-    tc = cfg.train.validate()
+    cfg = _with_total_steps(cfg, len(train_source))
+    tc = cfg.train
     end_step = tc.stop_at_step or tc.total_steps
-    if available < tc.total_steps:
-        raise ConfigError(
-            f"the train split gives {available} batches ({len(train_source)} pairs, "
-            f"data.batch_pairs={cfg.data.batch_pairs}, data.num_epochs={cfg.data.num_epochs}) "
-            f"but train.total_steps={tc.total_steps}; raise data.num_epochs or lower "
-            "train.total_steps")
     eval_source = open_split(dataset, "eval") if cfg.data.eval_path else None
 
     ckpt = Checkpointer(_resolve(tc.checkpoint_dir or "checkpoints", cfg.output_dir),
@@ -321,10 +367,7 @@ def run(cfg: Config) -> dict:
     peak = peak_flops(jax.devices()[0].device_kind, tc.peak_flops_per_device)
     summary: dict = {"step": start_step, "train": {}, "eval": {}, "final_dir": None,
                      "data": dataset.stats, "preempted": False}
-    window: list = []
-    flops_per_token: list = []
-    digest = hashlib.sha1()
-    t0, compile0 = time.perf_counter(), train_step.compile_seconds
+    window = _LogWindow(train_step, peak)
     bar = tqdm(total=tc.total_steps, initial=start_step, disable=not (_is_main()
                                                                        and tc.progress_bar),
                desc=tc.stage, dynamic_ncols=True)
@@ -332,13 +375,10 @@ def run(cfg: Config) -> dict:
     try:
         for step in range(start_step + 1, end_step + 1):
             local = next(data_iter)
-            digest.update(local["pair_index"].tobytes())
-            digest.update(local["input_ids"].tobytes())
             batch = builder.device_batch(_agree_on_length(local))
             state, metrics = train_step(state, batch)
-            window.append(metrics)
-            flops_per_token.append(
-                model_flops_per_token(model_cfg, batch["input_ids"].shape[-1], tc.stage))
+            window.add(local, metrics,
+                       model_flops_per_token(model_cfg, batch["input_ids"].shape[-1], tc.stage))
             bar.update(1)
             preempted = preemption.reached(step)
             log_now = step % tc.log_every == 0 or step == end_step or preempted
@@ -348,28 +388,19 @@ def run(cfg: Config) -> dict:
                                                                     or step == end_step)
             if tc.on_nonfinite == "error" and (log_now or save_now or eval_now):
                 # Before any save: the state after a non-finite step must never be checkpointed.
-                _stop_if_nonfinite(window, step, ckpt)
+                _stop_if_nonfinite(window.metrics, step, ckpt)
             if log_now:
-                values = summarize_window(window)
-                elapsed = time.perf_counter() - t0 - (train_step.compile_seconds - compile0)
-                timing = {"tokens_per_s": values["tokens"] / max(elapsed, 1e-9)}
-                if peak:
-                    tokens = jax.device_get([m["tokens"] for m in window])
-                    flops = float(np.dot(flops_per_token, tokens))
-                    timing["mfu"] = flops / max(elapsed, 1e-9) / (peak * jax.device_count())
-                values["batch_digest"] = digest.hexdigest()[:16]
+                values, timing = window.flush()
                 writer.write(step, "train", values, timing)
                 bar.set_postfix(loss=f"{values['loss']:.4f}",
                                 tokens_per_s=f"{timing['tokens_per_s']:.0f}", refresh=False)
                 summary["train"] = {**values, **timing}
-                window, flops_per_token, digest = [], [], hashlib.sha1()
-                t0, compile0 = time.perf_counter(), train_step.compile_seconds
             if eval_now:
                 start = time.perf_counter()
                 summary["eval"] = evaluator(state["params"])
                 writer.write(step, "eval", summary["eval"])
                 log.info("eval at step %d: %s", step, summary["eval"])
-                t0 += time.perf_counter() - start
+                window.exclude(time.perf_counter() - start)
             if save_now:
                 ckpt.save(step, state, data_iter, resolved_dict)
             summary["step"] = step
