@@ -1,0 +1,91 @@
+"""The contract between the HTTP front and the backends that score requests.
+
+A backend takes a request (items plus its sampling settings), queues it and answers it through a
+``concurrent.futures.Future``. A request's result never depends on what else is in flight: it
+equals ``rm.score`` on the same items and settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from concurrent.futures import Future
+from typing import Optional, Protocol, Sequence, Union
+
+# A prompt is a string (one user turn) or a list of chat messages ({"role", "content"}).
+Prompt = Union[str, list]
+
+
+class QueueFull(Exception):
+    """The backend's bounded queue has no room: the caller should retry later (HTTP 503)."""
+
+    def __init__(self, limit: int, retry_after_s: float = 1.0):
+        super().__init__(f"the request queue is full ({limit} waiting); retry later")
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+
+
+class InputTooLong(ValueError):
+    """An item's prefill is longer than the server's maximum (HTTP 413)."""
+
+    def __init__(self, index: int, length: int, limit: int):
+        super().__init__(f"items[{index}] is {length} tokens long; this server takes at most "
+                         f"{limit} (its --max-length)")
+        self.index, self.length, self.limit = index, length, limit
+
+
+class ShuttingDown(Exception):
+    """The backend no longer admits requests (SIGTERM received): HTTP 503."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    prompt: Prompt
+    response: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Per-request sampling settings; the fields and defaults of ``ScoreConfig``'s sampling part."""
+
+    num_samples: int = 1
+    temperature: float = 0.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    max_critique_tokens: int = 256
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemResult:
+    reward: float  # mean over the samples
+    sample_rewards: list[float]  # [K]
+    reward_std: float  # population std over the samples
+    critiques: list[str]  # [K]; empty strings for a classic model
+    truncated: list[bool]  # [K]: the critique hit its token budget
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendStats:
+    queue_depth: int  # items admitted but not yet started
+    busy_slots: int  # decode rows in use
+    total_slots: int
+    critique_tokens: int  # critique tokens generated since start (a counter)
+
+
+class Backend(Protocol):
+    """What the HTTP front needs from whatever produces results. All methods are thread-safe."""
+
+    def start(self) -> None:
+        """Loads and compiles; after it returns, the backend is ready (GET /health says so)."""
+
+    def submit(self, items: Sequence[Item], settings: Settings) -> "Future[list[ItemResult]]":
+        """Queues a request. Raises QueueFull, InputTooLong, ShuttingDown or ValueError (bad
+        settings) at once; the future carries the results in item order."""
+
+    def cancel(self, future: Future) -> None:
+        """The client went away: free the request's queue entries and decode slots."""
+
+    def stats(self) -> BackendStats: ...
+
+    def close(self, drain: bool = True) -> None:
+        """Stops admitting; with drain, finishes every request already accepted, then returns."""
