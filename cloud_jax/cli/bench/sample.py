@@ -35,6 +35,7 @@ from cloud_jax.model import CLoudModel, count_params, init_params
 from cloud_jax.sampling import Temperature, content_row_ids, pad_prefixes, sample
 from cloud_jax.sampling.loop import decode, prefill, row_keys, stop_array
 from cloud_jax.sharding import SAMPLE_RULES
+from cloud_jax.cli.bench.host import host_info, host_line
 
 
 def _best(fn, repeats: int) -> tuple[float, object]:
@@ -155,6 +156,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rng = np.random.default_rng(0)
     prompts = [rng.integers(1, cfg.vocab_size, p).tolist() for _ in range(b)]
     method = Temperature(args.temperature)
+    host = host_info()
+    print(f"[bench sample] {host_line(host)}", flush=True)
     print(f"[bench sample] {n_params / 1e6:.1f}M params fp32, {b} inputs x K={k}, prompt {p}, "
           f"{m} new tokens, temperature {args.temperature}, {jax.device_count()} "
           f"{jax.default_backend()} device(s)", flush=True)
@@ -240,5 +243,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "decode_step_over_floor": round(step_s / floor_s, 3),
         "decode_step_over_compute_floor": round(step_s / compute_floor_s, 3),
         "k8_over_k1": round(ours_s / ours_k1_s, 3),
+        **host,
     }))
     return 0

@@ -45,6 +45,7 @@ from cloud_jax.training.optim import OptimConfig  # noqa: E402
 from cloud_jax.sharding import TRAIN_RULES, make_mesh  # noqa: E402
 from cloud_jax.training.config import TrainConfig  # noqa: E402
 from cloud_jax.training.step import StepBuilder, model_flops_per_token  # noqa: E402
+from cloud_jax.cli.bench.host import host_info, host_line  # noqa: E402
 
 LM_COEF = 1.25
 MATMUL_N = 2048
@@ -194,6 +195,7 @@ def torch_step(cfg: ModelConfig, batch: dict, params_host: dict, threads: int):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    print(host_line(host_info()), flush=True)
     model_cfg = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden,
                             intermediate_size=args.mlp, num_layers=args.layers,
                             num_heads=args.heads, num_kv_heads=args.kv_heads,
@@ -256,6 +258,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{torch_losses[0]:.6f}")
         print(f"ratio ours / torch: {ours_tps / torch_tps:.2f}x")
         result.update(torch_tokens_per_s=torch_tps, ratio=ours_tps / torch_tps)
+    result.update(host_info())
     print(json.dumps(result))
     return 0
 
