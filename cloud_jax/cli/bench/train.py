@@ -18,6 +18,11 @@ round runs the matmuls, then ``--steps`` consecutive steps of ours, then of torc
 shared machine all of them meet the same load and each step is measured in steady state. Also
 prints the FLOP fraction counting the LM head at the target tokens only (ours skips the rest:
 ``loss.lm_chunk_size``, ``--lm-chunk``).
+
+On a GPU (``--backend gpu``; ``--preset llama-1b``: the Llama-3.2-1B shape, sequence 2048, bf16
+compute over fp32 master weights and optimizer state) torch runs on the same GPU under bf16
+autocast, the peak is the best bf16 ``--matmul-n`` square matmul of either framework, and the JSON's
+``mfu`` is the model FLOPs per second over that peak.
 """
 
 from __future__ import annotations
@@ -49,6 +54,11 @@ from cloud_jax.cli.bench.host import host_info, host_line  # noqa: E402
 
 LM_COEF = 1.25
 MATMUL_N = 2048
+# The issue's GPU workload: Llama-3.2-1B's shape with random weights, 8 rows of 2048 tokens.
+PRESETS = {
+    "llama-1b": dict(hidden=2048, layers=16, heads=32, kv_heads=8, mlp=8192, vocab=128256,
+                     seq=2048, pairs=4, dtype="bfloat16", matmul_n=8192, repeats=2, steps=3),
+}
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -72,6 +82,17 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--lm-chunk", type=int, default=LossConfig.lm_chunk_size,
                    help="ours: loss.lm_chunk_size (0: the whole [B, T, V] logits at once)")
     p.add_argument("--skip-torch", action="store_true")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype; parameters and optimizer state stay fp32")
+    p.add_argument("--backend", choices=("cpu", "gpu", "tpu"), default=None,
+                   help="JAX platform (default: JAX's choice); torch runs on the same device")
+    p.add_argument("--matmul-n", type=int, default=MATMUL_N,
+                   help="side of the square matmul that measures the peak")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="a named workload; flags given explicitly still win")
+    preset = p.parse_known_args(argv)[0].preset
+    if preset is not None:
+        p.set_defaults(**PRESETS[preset])
     return p.parse_args(argv)
 
 
@@ -106,19 +127,33 @@ def best_times(fns: dict, repeats: int, steps: int = 1) -> dict[str, list[float]
     return times
 
 
-def matmuls(threads: int, n: int = MATMUL_N) -> dict:
-    """fp32 n x n matmuls in JAX (XLA) and in torch, as closures; the best FLOP/s of either is
-    the machine's peak for this benchmark."""
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+def _torch_device() -> str:
+    return "cuda" if jax.default_backend() == "gpu" else "cpu"
+
+
+def matmuls(threads: int, n: int = MATMUL_N, dtype: str = "float32",
+            with_torch: bool = True) -> dict:
+    """n x n matmuls in ``dtype`` in JAX (XLA) and in torch (on JAX's device), as closures; the
+    best FLOP/s of either is the machine's peak for this benchmark."""
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
     f = jax.jit(lambda x, y: x @ y)
     out = {"matmul_jax": lambda: f(a, a).block_until_ready()}
+    if not with_torch:
+        return out
     try:
         import torch
     except ImportError:
         return out
     torch.set_num_threads(threads)
-    t = torch.randn(n, n)
-    out["matmul_torch"] = lambda: torch.mm(t, t)
+    device = _torch_device()
+    t = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
+
+    def mm():
+        torch.mm(t, t)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    out["matmul_torch"] = mm
     return out
 
 
@@ -142,7 +177,10 @@ def ours(cfg: Config, batch: dict, params_host: dict):
 
 
 def torch_step(cfg: ModelConfig, batch: dict, params_host: dict, threads: int):
-    """One update of transformers + torch as a closure, and its losses."""
+    """One update of transformers + torch as a closure, and its losses: fp32 weights and AdamW,
+    the forward under bf16 autocast when ``cfg.dtype`` is bfloat16, on JAX's device."""
+    import contextlib
+
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -165,24 +203,31 @@ def torch_step(cfg: ModelConfig, batch: dict, params_host: dict, threads: int):
         head[0].bias.copy_(torch.from_numpy(np.array(rh["dense"]["bias"])))
         head[2].weight.copy_(torch.from_numpy(np.array(rh["out_proj"]["kernel"]).T))
         head[2].bias.copy_(torch.from_numpy(np.array(rh["out_proj"]["bias"])))
+    device = _torch_device()
+    model.to(device)
+    head.to(device)
+    autocast = (torch.autocast(device, dtype=torch.bfloat16) if cfg.dtype == "bfloat16"
+                else contextlib.nullcontext())
     params = list(model.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), eps=1e-10, weight_decay=1.0)
     p, _, t = batch["input_ids"].shape
-    ids = torch.from_numpy(batch["input_ids"].reshape(2 * p, t)).long()
-    pos = torch.from_numpy(batch["positions"].reshape(2 * p, t)).long()
-    targets = torch.from_numpy(batch["targets"].reshape(2 * p, t)).long()
-    mask = torch.from_numpy(batch["loss_mask"].reshape(2 * p, t)).bool()
-    ridx = torch.from_numpy(batch["reward_index"].reshape(2 * p)).long()
+    ids = torch.from_numpy(batch["input_ids"].reshape(2 * p, t)).long().to(device)
+    pos = torch.from_numpy(batch["positions"].reshape(2 * p, t)).long().to(device)
+    targets = torch.from_numpy(batch["targets"].reshape(2 * p, t)).long().to(device)
+    mask = torch.from_numpy(batch["loss_mask"].reshape(2 * p, t)).bool().to(device)
+    ridx = torch.from_numpy(batch["reward_index"].reshape(2 * p)).long().to(device)
     attn = torch.ones_like(ids)
     losses = []
 
     def run():
-        hidden = model.model(input_ids=ids, attention_mask=attn, position_ids=pos)[0]
-        logits = model.lm_head(hidden).float()
-        lm = torch.nn.functional.cross_entropy(logits[mask], targets[mask])
-        rewards = head(hidden[torch.arange(2 * p), ridx]).float()[:, 0].view(p, 2)
-        bt = -torch.nn.functional.logsigmoid(rewards[:, 0] - rewards[:, 1]).mean()
-        loss = bt + LM_COEF * lm
+        with autocast:
+            hidden = model.model(input_ids=ids, attention_mask=attn, position_ids=pos)[0]
+            logits = model.lm_head(hidden).float()
+            lm = torch.nn.functional.cross_entropy(logits[mask], targets[mask])
+            rewards = head(hidden[torch.arange(2 * p, device=device), ridx]).float()
+            rewards = rewards[:, 0].view(p, 2)
+            bt = -torch.nn.functional.logsigmoid(rewards[:, 0] - rewards[:, 1]).mean()
+            loss = bt + LM_COEF * lm
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -195,12 +240,15 @@ def torch_step(cfg: ModelConfig, batch: dict, params_host: dict, threads: int):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    print(host_line(host_info()), flush=True)
+    if args.backend is not None:
+        jax.config.update("jax_platforms", args.backend)
+    host = host_info()
+    print(host_line(host), flush=True)
     model_cfg = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden,
                             intermediate_size=args.mlp, num_layers=args.layers,
                             num_heads=args.heads, num_kv_heads=args.kv_heads,
                             tie_word_embeddings=True, max_position_embeddings=max(args.seq, 2048),
-                            scan_layers=args.scan_layers, remat=args.remat)
+                            scan_layers=args.scan_layers, remat=args.remat, dtype=args.dtype)
     cfg = Config(model=model_cfg, mesh=MeshConfig(data=1),
                  optim=OptimConfig(learning_rate=1e-5, warmup_ratio=0.0),
                  loss=LossConfig(lm_coef=LM_COEF, lm_chunk_size=args.lm_chunk),
@@ -214,7 +262,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     needed_flops = flops_per_step - 6.0 * args.hidden * args.vocab * (tokens - targets)
     params_host = jax.device_get(init_params(model_cfg, jax.random.key(0)))
     n_params = count_params(params_host)
-    print(f"model: {n_params / 1e6:.1f}M parameters, fp32; batch {args.pairs} pairs x 2 rows x "
+    print(f"model: {n_params / 1e6:.1f}M parameters, fp32 master weights, {args.dtype} compute; "
+          f"batch {args.pairs} pairs x 2 rows x "
           f"{args.seq} tokens = {tokens} tokens ({targets} LM targets); "
           f"{flops_per_step / 1e12:.3f} TFLOP per step (PaLM's count), "
           f"{needed_flops / 1e12:.3f} with the LM head on the targets only; "
@@ -227,7 +276,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         params_ours = stack_layers(params_host, model_cfg.num_layers)
     else:
         params_ours = params_host
-    fns = matmuls(args.threads)
+    fns = matmuls(args.threads, args.matmul_n, args.dtype, with_torch=not args.skip_torch)
     fns["ours"], ours_losses = ours(cfg, batch, params_ours)
     if not args.skip_torch:
         fns["torch"], torch_losses = torch_step(model_cfg, batch, params_host, args.threads)
@@ -236,9 +285,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for k in ("ours", "torch"):
         if k in all_times:
             print(f"{k} step times (s): " + " ".join(f"{t:.2f}" for t in all_times[k]))
-    peaks = {k: 2 * MATMUL_N**3 / v for k, v in times.items() if k.startswith("matmul")}
+    peaks = {k: 2 * args.matmul_n**3 / v for k, v in times.items() if k.startswith("matmul")}
     peak = max(peaks.values())
-    print(f"fp32 matmul {MATMUL_N}^3: " + ", ".join(
+    print(f"{args.dtype} matmul {args.matmul_n}^3: " + ", ".join(
         f"{k.split('_')[1]} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()))
     ours_tps = tokens / times["ours"]
     fraction = flops_per_step / times["ours"] / peak
@@ -248,7 +297,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     needed_fraction = needed_flops / times["ours"] / peak
     print(f"       {needed_fraction:.1%} of matmul peak counting the LM head on the targets only")
     result = {"ours_tokens_per_s": ours_tps, "torch_tokens_per_s": None, "ratio": None,
-              "matmul_fraction": fraction, "matmul_fraction_targets_only": needed_fraction}
+              "matmul_fraction": fraction, "matmul_fraction_targets_only": needed_fraction,
+              # Model FLOPs utilisation against the peak measured above, in the compute dtype.
+              "mfu": fraction, "peak_flops": peak, "dtype": args.dtype,
+              "step_s": times["ours"], "tokens_per_step": tokens,
+              "params_m": round(n_params / 1e6, 1)}
     if not args.skip_torch:
         t_torch = times["torch"]
         torch_tps = tokens / t_torch
@@ -258,7 +311,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{torch_losses[0]:.6f}")
         print(f"ratio ours / torch: {ours_tps / torch_tps:.2f}x")
         result.update(torch_tokens_per_s=torch_tps, ratio=ours_tps / torch_tps)
-    result.update(host_info())
+    result.update(host)
     print(json.dumps(result))
     return 0
 

@@ -1,0 +1,117 @@
+"""The benchmark commands at tiny sizes on the CPU: every bench names its host (CPU model, vector
+extensions), and the GPU code paths (bf16, transformers on the same device, presets) run here too."""
+
+import json
+
+from cloud_jax.cli.bench.host import host_info, host_line
+
+AVX2_HOST = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC 7B12
+flags\t\t: fpu vme sse4_2 avx avx2 fma bmi2
+processor\t: 1
+model name\t: AMD EPYC 7B12
+flags\t\t: fpu vme sse4_2 avx avx2 fma bmi2
+"""
+
+ARM_HOST = """processor\t: 0
+BogoMIPS\t: 243.75
+Features\t: fp asimd evtstrm aes sve
+CPU implementer\t: 0x41
+"""
+
+
+def test_an_avx2_only_host_is_named_with_its_extensions(tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text(AVX2_HOST)
+    info = host_info(str(path))
+    assert info["cpu_model"] == "AMD EPYC 7B12"
+    assert info["vector_extensions"] == ["sse4_2", "avx", "avx2", "fma"]
+    assert "avx512f" not in host_line(info)
+    assert "AMD EPYC 7B12" in host_line(info) and "avx2" in host_line(info)
+    assert info["backend"] == "cpu"
+
+
+def test_an_arm_host_lists_its_vector_units(tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text(ARM_HOST)
+    info = host_info(str(path))
+    assert info["vector_extensions"] == ["asimd", "sve"]
+    assert info["cpu_model"]  # platform fallback, never empty
+
+
+def test_a_missing_cpuinfo_still_describes_the_host(tmp_path):
+    info = host_info(str(tmp_path / "absent"))
+    assert info["cpu_model"] and info["vector_extensions"] == []
+    json.dumps(info)
+
+
+def test_bench_sample_prints_the_host_and_puts_it_in_its_json(capsys):
+    from cloud_jax.cli.bench import sample
+
+    assert sample.main(["--inputs", "1", "--samples", "2", "--prompt-len", "8", "--new-tokens",
+                        "4", "--repeats", "1", "--hidden-size", "32", "--num-layers", "1",
+                        "--num-heads", "2", "--num-kv-heads", "1", "--intermediate-size", "64",
+                        "--vocab-size", "64", "--skip-hf", "--bandwidth-bytes",
+                        str(1 << 24)]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["cpu_model"] == host_info()["cpu_model"]
+    assert result["vector_extensions"] == host_info()["vector_extensions"]
+    assert "[bench sample] host: " in out
+
+
+def test_the_gpu_preset_is_the_1b_workload_and_explicit_flags_win():
+    from cloud_jax.cli.bench.sample import parse_args
+
+    args = parse_args(["--preset", "llama-1b"])
+    assert (args.hidden_size, args.num_layers, args.num_heads, args.num_kv_heads,
+            args.intermediate_size, args.vocab_size) == (2048, 16, 32, 8, 8192, 128256)
+    assert (args.inputs, args.samples, args.prompt_len, args.new_tokens) == (32, 8, 1024, 256)
+    assert args.dtype == "bfloat16"
+    assert parse_args(["--inputs", "8", "--preset", "llama-1b"]).inputs == 8
+    assert parse_args([]).dtype == "float32" and parse_args([]).inputs == 2
+
+
+def test_bench_sample_in_bf16_against_transformers_on_the_same_device(capsys):
+    """The GPU path (bf16 weights, transformers on JAX's device) at a tiny size on the CPU."""
+    from cloud_jax.cli.bench import sample
+
+    assert sample.main(["--inputs", "2", "--samples", "2", "--prompt-len", "8", "--new-tokens",
+                        "4", "--repeats", "1", "--hidden-size", "32", "--num-layers", "1",
+                        "--num-heads", "2", "--num-kv-heads", "1", "--intermediate-size", "64",
+                        "--vocab-size", "64", "--dtype", "bfloat16", "--backend", "cpu",
+                        "--threads", "1", "--bandwidth-bytes", str(1 << 24)]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["dtype"] == "bfloat16" and result["backend"] == "cpu"
+    assert result["hf_critiques_per_s"] > 0 and result["ratio"] > 0
+    assert result["decode_step_over_hbm_floor"] > 0
+    assert "transformers generate (cpu" in out
+
+
+def test_bench_train_in_bf16_over_fp32_masters_agrees_with_torch_autocast(capsys):
+    from cloud_jax.cli.bench import train
+
+    assert train.main(["--pairs", "1", "--seq", "16", "--hidden", "32", "--layers", "1",
+                       "--heads", "2", "--kv-heads", "1", "--mlp", "64", "--vocab", "64",
+                       "--repeats", "1", "--steps", "1", "--threads", "1", "--dtype", "bfloat16",
+                       "--backend", "cpu", "--matmul-n", "128", "--lm-chunk", "0"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["dtype"] == "bfloat16" and 0 < result["mfu"] and result["ratio"] > 0
+    assert result["cpu_model"] == host_info()["cpu_model"]
+    # The same weights and batch: both first losses agree to bf16 precision.
+    ours, torch_ = (float(line.rsplit("first loss ", 1)[1]) for line in out.splitlines()
+                    if line.startswith(("ours:", "torch:")))
+    assert abs(ours - torch_) < 2e-2 * abs(ours), (ours, torch_)
+
+
+def test_the_train_preset_is_the_1b_workload():
+    from cloud_jax.cli.bench.train import parse_args
+
+    args = parse_args(["--preset", "llama-1b"])
+    assert (args.hidden, args.layers, args.heads, args.kv_heads, args.mlp, args.vocab,
+            args.seq) == (2048, 16, 32, 8, 8192, 128256, 2048)
+    assert args.dtype == "bfloat16" and args.matmul_n == 8192
+    assert parse_args(["--preset", "llama-1b", "--seq", "512"]).seq == 512
