@@ -90,10 +90,11 @@ def test_bench_sample_in_bf16_against_transformers_on_the_same_device(capsys):
     assert "transformers generate (cpu" in out
 
 
-def test_bench_train_in_bf16_over_fp32_masters_agrees_with_torch_autocast(capsys):
+def test_bench_train_in_bf16_over_fp32_masters_agrees_with_torch_autocast(capsys, tmp_path):
     from cloud_jax.cli.bench import train
 
-    assert train.main(["--pairs", "1", "--seq", "16", "--hidden", "32", "--layers", "1",
+    record = tmp_path / "measurements" / "train.json"
+    assert train.main(["--record", str(record), "--pairs", "1", "--seq", "16", "--hidden", "32", "--layers", "1",
                        "--heads", "2", "--kv-heads", "1", "--mlp", "64", "--vocab", "64",
                        "--repeats", "1", "--steps", "1", "--threads", "1", "--dtype", "bfloat16",
                        "--backend", "cpu", "--matmul-n", "128", "--lm-chunk", "0"]) == 0
@@ -105,6 +106,10 @@ def test_bench_train_in_bf16_over_fp32_masters_agrees_with_torch_autocast(capsys
     ours, torch_ = (float(line.rsplit("first loss ", 1)[1]) for line in out.splitlines()
                     if line.startswith(("ours:", "torch:")))
     assert abs(ours - torch_) < 2e-2 * abs(ours), (ours, torch_)
+    saved = json.loads(record.read_text())
+    assert saved["result"] == result
+    assert saved["command"].startswith("python -m cloud_jax bench train --record")
+    assert saved["date"][:2] == "20" and host_info()["cpu_model"] in saved["machine"]
 
 
 def test_the_train_preset_is_the_1b_workload():

@@ -50,3 +50,21 @@ def host_line(info: dict) -> str:
     ext = " ".join(info["vector_extensions"]) or "unknown"
     return (f"host: {info['cpu_model']} ({info['cpu_count']} cores; {ext}); "
             f"{info['backend']}: {', '.join(info['devices'])}")
+
+
+def write_record(path: str, command: str, result: dict) -> None:
+    """One measurement as docs/measurements/ keeps it: ``{"date", "machine", "command",
+    "result"}``, the result being the bench's JSON line."""
+    import datetime
+    import json
+    from pathlib import Path
+
+    info = {k: result[k] for k in ("cpu_model", "vector_extensions", "cpu_count", "backend",
+                                   "devices") if k in result}
+    machine = (f"{', '.join(info['devices'])} ({info['backend']}); host {info['cpu_model']}, "
+               f"{info['cpu_count']} cores" if info else "unknown")
+    out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "machine": machine, "command": command, "result": result}
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(out, indent=1) + "\n")

@@ -41,7 +41,7 @@ from cloud_jax.model import CLoudModel, count_params, init_params
 from cloud_jax.sampling import Temperature, content_row_ids, pad_prefixes, sample
 from cloud_jax.sampling.loop import decode, prefill, row_keys, stop_array
 from cloud_jax.sharding import SAMPLE_RULES
-from cloud_jax.cli.bench.host import host_info, host_line
+from cloud_jax.cli.bench.host import host_info, host_line, write_record
 
 
 def _best(fn, repeats: int) -> tuple[float, object]:
@@ -174,6 +174,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--backend", choices=("cpu", "gpu", "tpu"), default=None,
                         help="JAX platform (default: JAX's choice); transformers runs on the "
                              "same device (cuda for gpu)")
+    parser.add_argument("--record", metavar="PATH", default=None,
+                        help="also write the result as a measurement record (JSON: date, "
+                             "machine, command, result), as docs/measurements/ keeps them")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="a named workload; flags given explicitly still win")
     parser.add_argument("--bandwidth-bytes", type=int, default=1 << 30,
@@ -188,6 +191,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     _set_backend(args.backend)
 
@@ -303,7 +309,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"[bench sample] transformers generate ({device}, {args.threads} torch threads): "
               f"{hf_s:.2f}s for {b * k} critiques ({hf_cps:.2f}/s)", flush=True)
 
-    print(json.dumps({
+    result = {
         "ours_critiques_per_s": round(ours_cps, 3),
         "hf_critiques_per_s": round(hf_cps, 3),
         "ratio": round(ours_cps / hf_cps, 3),
@@ -317,5 +323,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      "params_m": round(n_params / 1e6, 1)},
         "k8_over_k1": round(ours_s / ours_k1_s, 3),
         **host,
-    }))
+    }
+    print(json.dumps(result))
+    if args.record:
+        write_record(args.record, "python -m cloud_jax bench sample " + " ".join(argv or []),
+                     result)
     return 0

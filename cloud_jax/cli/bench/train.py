@@ -50,7 +50,7 @@ from cloud_jax.training.optim import OptimConfig  # noqa: E402
 from cloud_jax.sharding import TRAIN_RULES, make_mesh  # noqa: E402
 from cloud_jax.training.config import TrainConfig  # noqa: E402
 from cloud_jax.training.step import StepBuilder, model_flops_per_token  # noqa: E402
-from cloud_jax.cli.bench.host import host_info, host_line  # noqa: E402
+from cloud_jax.cli.bench.host import host_info, host_line, write_record  # noqa: E402
 
 LM_COEF = 1.25
 MATMUL_N = 2048
@@ -88,6 +88,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    help="JAX platform (default: JAX's choice); torch runs on the same device")
     p.add_argument("--matmul-n", type=int, default=MATMUL_N,
                    help="side of the square matmul that measures the peak")
+    p.add_argument("--record", metavar="PATH", default=None,
+                        help="also write the result as a measurement record (JSON: date, "
+                             "machine, command, result), as docs/measurements/ keeps them")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="a named workload; flags given explicitly still win")
     preset = p.parse_known_args(argv)[0].preset
@@ -239,6 +242,9 @@ def torch_step(cfg: ModelConfig, batch: dict, params_host: dict, threads: int):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.backend is not None:
         jax.config.update("jax_platforms", args.backend)
@@ -313,6 +319,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         result.update(torch_tokens_per_s=torch_tps, ratio=ours_tps / torch_tps)
     result.update(host)
     print(json.dumps(result))
+    if args.record:
+        write_record(args.record, "python -m cloud_jax bench train " + " ".join(argv), result)
     return 0
 
 
