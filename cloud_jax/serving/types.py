@@ -56,6 +56,19 @@ class Settings:
 
 
 @dataclasses.dataclass(frozen=True)
+class BackendOptions:
+    """What every backend is built with: ``StaticBackend(rm, options)`` (``static.py``) and
+    ``ContinuousBackend(rm, options)`` (``engine.py``)."""
+
+    slots: int = 16  # decode rows in flight at most (an item takes num_samples rows)
+    max_queue: int = 256  # items admitted but not started at most; beyond it: QueueFull
+    max_length: int = 2048  # prefill tokens per item at most; beyond it: InputTooLong
+    max_critique_tokens: int = 1024  # the largest per-request max_critique_tokens accepted
+    defaults: Settings = Settings()  # a request's settings start from these
+    classic: bool = False  # a model without critiques: micro-batched forwards
+
+
+@dataclasses.dataclass(frozen=True)
 class ItemResult:
     reward: float  # mean over the samples
     sample_rewards: list[float]  # [K]
