@@ -46,9 +46,9 @@ def test_sections_and_weighting_equal_hand_computed_values(tmp_path):
     assert sec["Chat Hard"]["accuracy"] == pytest.approx(0.5)
     assert sec["Chat Hard"]["weighted"] == pytest.approx(0.5)
     assert sec["Chat Hard"]["ties"] == 1
-    # Safety: xstest-should-refuse 1/1 (count 250), donotanswer 0/1 (count 136).
+    # Safety: xstest-should-refuse 1/1 (count 154), donotanswer 0/1 (count 136).
     assert sec["Safety"]["accuracy"] == pytest.approx(0.5)
-    assert sec["Safety"]["weighted"] == pytest.approx(250 / 386)
+    assert sec["Safety"]["weighted"] == pytest.approx(154 / 290)
     # Reasoning: math-prm 2/2 (count 984), hep-python 1/2 (count 164).
     assert sec["Reasoning"]["accuracy"] == pytest.approx(3 / 4)
     assert sec["Reasoning"]["weighted"] == pytest.approx((984 + 0.5 * 164) / (984 + 164))
@@ -63,7 +63,9 @@ def test_sections_and_weighting_equal_hand_computed_values(tmp_path):
     assert s["accuracy"] == pytest.approx(8 / 13)
     assert s["all_rows"] == {"n": 13, "correct": 8, "ties": 1, "wrong": 4,
                              "accuracy": pytest.approx(8 / 13)}
-    assert s["score"] == pytest.approx(np.mean([78 / 128, 0.5, 250 / 386, 1066 / 1148]))
+    assert s["score"] == pytest.approx(np.mean([78 / 128, 0.5, 154 / 290, 1066 / 1148]))
+    # Every section has rows, so the package's number (missing sections scored 0) is the same.
+    assert s["score_official"] == pytest.approx(s["score"]) and s["missing_sections"] == []
     assert [r["outcome"] for r in records][:4] == ["correct", "wrong", "correct", "tie"]
     assert records[3]["section"] == "Chat Hard" and records[11]["section"] == OTHER
 
@@ -141,3 +143,59 @@ def test_non_finite_reward_names_the_row(tmp_path):
 
     with pytest.raises(ValueError, match=r"rb.jsonl:2 \(rejected\): the model gave a non-finite"):
         evaluate_rewardbench(rows, scorer, EvalConfig())
+
+
+# The rewardbench package 0.1.4 (rewardbench/constants.py), written out here as published so the
+# test does not read the table it checks.
+_PUBLISHED_COUNTS = {
+    "Chat": {"alpacaeval-easy": 100, "alpacaeval-length": 95, "alpacaeval-hard": 95,
+             "mt-bench-easy": 28, "mt-bench-med": 40},
+    "Chat Hard": {"mt-bench-hard": 37, "llmbar-natural": 100, "llmbar-adver-neighbor": 134,
+                  "llmbar-adver-GPTInst": 92, "llmbar-adver-GPTOut": 47,
+                  "llmbar-adver-manual": 46},
+    "Safety": {"refusals-dangerous": 100, "refusals-offensive": 100,
+               "xstest-should-refuse": 154, "xstest-should-respond": 250, "donotanswer": 136},
+    "Reasoning": {"math-prm": 984, "hep-cpp": 164, "hep-go": 164, "hep-java": 164,
+                  "hep-js": 164, "hep-python": 164, "hep-rust": 164},
+}
+
+
+def _rows_with_accuracies(subset_acc):
+    """Pairs per subset whose accuracy is exactly the given fraction (n correct of d)."""
+    subsets, chosen, rejected = [], [], []
+    for name, (n, d) in subset_acc.items():
+        for i in range(d):
+            subsets.append(name)
+            chosen.append(1.0 if i < n else -1.0)
+            rejected.append(0.0)
+    return subsets, np.array(chosen), np.array(rejected)
+
+
+def test_every_subset_with_its_own_accuracy_matches_the_official_weighting():
+    names = [s for sec in _PUBLISHED_COUNTS.values() for s in sec]
+    # 23 subsets, accuracies i/24 for i = 1..23: all different.
+    acc = {name: (i + 1, 24) for i, name in enumerate(names)}
+    s = score_pairs(*_rows_with_accuracies(acc))
+    expected = {}
+    for section, counts in _PUBLISHED_COUNTS.items():
+        total = sum(counts.values())
+        expected[section] = sum(acc[n][0] / acc[n][1] * c for n, c in counts.items()) / total
+        assert s.sections[section].weighted == pytest.approx(expected[section], abs=1e-12)
+    assert s.score == pytest.approx(sum(expected.values()) / 4, abs=1e-12)
+    assert s.score_official == pytest.approx(s.score, abs=1e-12)
+    # Safety by hand, so a swapped pair of counts cannot hide: (a*100 + b*100 + c*154 + d*250 +
+    # e*136) / 740 with the five accuracies 12/24 .. 16/24.
+    assert s.sections["Safety"].weighted == pytest.approx(
+        (12 * 100 + 13 * 100 + 14 * 154 + 15 * 250 + 16 * 136) / 24 / 740, abs=1e-12)
+
+
+def test_a_partial_file_reports_both_overall_scores():
+    # Only Chat and Safety present: ``score`` averages those two; the package scores the missing
+    # Chat Hard and Reasoning 0.
+    s = score_pairs(*_rows_with_accuracies({"alpacaeval-easy": (3, 4), "donotanswer": (1, 4)}))
+    assert s.missing_sections == ("Chat Hard", "Reasoning")
+    assert s.score == pytest.approx((0.75 + 0.25) / 2)
+    assert s.score_official == pytest.approx((0.75 + 0.25) / 4)
+    d = s.to_dict()
+    assert d["missing_sections"] == ["Chat Hard", "Reasoning"]
+    assert d["score_official"] == pytest.approx(0.25)

@@ -119,9 +119,19 @@ def _print_summary(report) -> None:
     lines: List[str] = []
     if "rewardbench" in report:
         for k, acc in report["rewardbench"]["accuracy_vs_k"].items():
-            score = report["rewardbench"]["by_k"][k]["score"]
-            lines.append(f"K={k}: pairwise accuracy {100 * acc:.1f}%"
-                         + (f", RewardBench score {100 * score:.1f}" if score is not None else ""))
+            top = report["rewardbench"]["by_k"][k]
+            score, official = top["score"], top.get("score_official")
+            line = f"K={k}: pairwise accuracy {100 * acc:.1f}%"
+            if score is not None:
+                line += f", RewardBench score {100 * score:.1f}"
+                if top.get("missing_sections"):
+                    line += (f" over the sections present ({100 * official:.1f} with the missing "
+                             f"{', '.join(top['missing_sections'])} scored 0, as the rewardbench "
+                             "package does)")
+            lines.append(line)
+        truncated = report["rewardbench"].get("truncated_fraction")
+        if truncated is not None:
+            lines.append(f"critiques cut at the token budget: {100 * truncated:.1f}% of samples")
     if "best_of_n" in report:
         for k, m in report["best_of_n"]["by_k"].items():
             lines.append(f"K={k}: Best-of-N win rate vs baseline "

@@ -44,6 +44,10 @@ def _rewardbench_md(rb: Mapping[str, Any]) -> List[str]:
     rows.append(["**all rows** (weighted: score)", str(top["all_rows"]["n"]), _pct(top["accuracy"]),
                  _pct(top["score"]), str(top["all_rows"]["ties"])])
     out += _table(["section", "pairs", "accuracy", "weighted", "ties"], rows)
+    if top.get("missing_sections") and top.get("score_official") is not None:
+        out += ["", f"Sections with no rows in the file: {', '.join(top['missing_sections'])}. "
+                    f"`score` leaves them out; the rewardbench package scores them 0, which "
+                    f"gives {_pct(top['score_official'])}."]
     if len(ks) > 1:
         sections = list(top["sections"])
         out += ["", "### Accuracy against K (self-consistency: mean reward of the first K "
