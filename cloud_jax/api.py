@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from cloud_jax.checkpoints import hf as hf_io
+from cloud_jax.data.config import LAYOUT_VERSION
 from cloud_jax.model.config import ModelConfig
 from cloud_jax.model import CLoudModel, init_params, last_attended_index, mesh_context
 from cloud_jax.sharding import TRAIN_RULES, Rules
@@ -38,6 +39,22 @@ class RewardModel:
     # The text the model was trained to write its critiques after (stored in the checkpoint by
     # training); scoring uses it unless told otherwise. None: not known, the default is used.
     critique_prefix: Optional[str] = None
+    # "teacher": writes a critique before its reward; "vanilla": a classic reward model, scored by
+    # one forward (the reference's two values, read from and written to config.json).
+    feedback_method: str = "teacher"
+    # How its critique turn is tokenized (cloud_jax.data.config.LAYOUT_VERSIONS); scoring follows
+    # it. Read from and written to config.json.
+    layout_version: int = LAYOUT_VERSION
+
+    def __post_init__(self):
+        if self.feedback_method not in hf_io.FEEDBACK_METHODS:
+            raise ValueError(f"feedback_method={self.feedback_method!r}: expected one of "
+                             f"{', '.join(hf_io.FEEDBACK_METHODS)}")
+
+    @property
+    def is_classic(self) -> bool:
+        """A classic (``vanilla``) model: ``score`` reads its rewards without critiques."""
+        return self.feedback_method == "vanilla"
 
     @property
     def module(self) -> CLoudModel:
@@ -72,7 +89,8 @@ class RewardModel:
         Returns a :class:`cloud_jax.scoring.rewards.ScoreResult`: ``rewards`` [B] (mean over samples),
         ``sample_rewards`` [B, K], ``reward_std`` [B], ``critiques`` [B][K], ``truncated`` [B, K].
         ``settings`` are further :class:`cloud_jax.scoring.rewards.ScoreConfig` fields (``top_k``,
-        ``top_p``, ``batch_size``, ``classic=True`` for a model without critiques, ...).
+        ``top_p``, ``batch_size``, ``classic``, ...). ``classic`` defaults to the model's own kind:
+        a ``vanilla`` checkpoint is scored without critiques.
         """
         from cloud_jax.scoring.rewards import ScoreConfig, score
 
@@ -86,7 +104,8 @@ class RewardModel:
         out = hf_io.save_cloud_reference(
             self.params, self.config, directory,
             base_model_name_or_path=base_model_name_or_path or self.base_model_name_or_path,
-            critique_prefix=self.critique_prefix)
+            critique_prefix=self.critique_prefix, feedback_method=self.feedback_method,
+            layout_version=self.layout_version)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(out))
         return out
@@ -112,12 +131,15 @@ def load(path: str | os.PathLike, *, mesh: Optional[Mesh] = None, rules: Rules =
     cfg, params, directory, raw = hf_io.load_model_dir(
         path, mesh=mesh, rules=rules, rng=jax.random.key(seed), **config_overrides)
     cloud = hf_io.is_cloud_reference(raw)
-    base_name = raw.get("base_model_name_or_path") if cloud else str(path)
+    # The hub id the model descends from, where one is known (exports record it).
+    base_name = hf_io.base_model_name_of(path)
     prefix = raw.get("critique_prefix") if cloud else None
     if prefix is not None and not isinstance(prefix, str):
         raise hf_io.CheckpointError(f"{directory}/config.json: critique_prefix must be a string, "
                                     f"got {prefix!r}")
-    return RewardModel(cfg, params, _load_tokenizer(directory), mesh, rules, base_name, prefix)
+    feedback = hf_io.feedback_method_of(directory, raw)
+    return RewardModel(cfg, params, _load_tokenizer(directory), mesh, rules, base_name, prefix,
+                       feedback, hf_io.layout_version_of(directory, raw))
 
 
 def from_config(cfg: ModelConfig, *, seed: int = 0, mesh: Optional[Mesh] = None,

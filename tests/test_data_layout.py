@@ -118,7 +118,10 @@ def test_critique_layout(tok):
     prefill = encode_critique_prefix(tok, PROMPT, RESPONSE, PREFIX)
     assert ids[:len(prefill)] == prefill
     assert ex.target_mask.tolist() == [0] * len(prefill) + [1] * (len(ids) - len(prefill))
-    assert _targets(tok, ex).replace(tok.decode([eot]), "") == CRITIQUE
+    # Layout version 2 (the reference's): the prefill ends at the prefix without its trailing
+    # space, so the targets are " " + the critique.
+    assert prefill == encode_critique_prefix(tok, PROMPT, RESPONSE, PREFIX.rstrip())
+    assert _targets(tok, ex).replace(tok.decode([eot]), "") == " " + CRITIQUE
     # The whole sequence reads as the template renders it (the byte tokenizer decodes exactly).
     text = tok.decode(ids)
     for part in (PROMPT, RESPONSE, PREFIX + CRITIQUE):
@@ -150,8 +153,15 @@ def test_byte_layout_exact_tokens():
     expected = ([bos, user] + b("hi") + [eot, asst] + b("yo") + [eot, user] + b("P: ") + b("ok")
                 + [eot])
     assert ex.input_ids.tolist() == expected
-    assert ex.target_mask.tolist() == [0] * (len(expected) - 3) + [1, 1, 1]
+    # Version 2: the targets are " ok" and the end of turn; the prefill stops at "P:".
+    assert ex.target_mask.tolist() == [0] * (len(expected) - 4) + [1, 1, 1, 1]
     assert ex.reward_index == len(expected) - 1
+    assert encode_critique_prefix(tok, "hi", "yo", "P: ") == expected[:-4]
+    # Version 1: the same tokens, with the prefix's space in the prefill.
+    v1 = encode_example(tok, "hi", "yo", "ok", "critique", "P: ", 64, version=1)
+    assert v1.input_ids.tolist() == expected
+    assert v1.target_mask.tolist() == [0] * (len(expected) - 3) + [1, 1, 1]
+    assert encode_critique_prefix(tok, "hi", "yo", "P: ", version=1) == expected[:-3]
 
 
 def test_llama3_bos_not_doubled_and_text_trimmed():

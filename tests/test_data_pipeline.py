@@ -64,10 +64,13 @@ def test_tfds_round_trip(built):
     assert record["chosen_input_ids"].dtype == np.int32
     assert record["chosen_reward_index"] == len(record["chosen_input_ids"]) - 1
     mask = record["rejected_target_mask"].astype(bool)
-    assert tok.decode(record["rejected_input_ids"][mask]) == "wrong 3<eot>"
+    # Layout version 2: the prefill ends at "C:", so the critique's targets start with the space.
+    assert tok.decode(record["rejected_input_ids"][mask]) == " wrong 3<eot>"
     # Same inputs and settings: reused; a changed setting: a new dataset.
     assert prepare_dataset(cfg, tok, "critique").config_name == dataset.config_name
     assert prepare_dataset(cfg, tok, "classic").config_name != dataset.config_name
+    v1 = dataclasses.replace(cfg, layout_version=1)
+    assert prepare_dataset(v1, tok, "critique").config_name != dataset.config_name
 
 
 def test_tfds_counts_drops_and_rejects(tmp_path):

@@ -12,7 +12,9 @@ Reference CLoud layout (``CLoudRewardModel`` in the original PyTorch code)::
 The reference reads the backbone config from ``base_model_name_or_path``; we also write it inline as
 ``base_model_config`` (and as ``base_config/config.json``) so an exported directory is self-contained,
 and add ``critique_prefix`` (the text the model writes its critiques after) when it is known; the
-reference ignores both.
+reference ignores both. ``base_model_name_or_path`` is always portable: the hub id the model
+descends from when one is known, else ``"base_config"`` (the copy beside the weights, which
+cloud_jax resolves against the directory; never an absolute local path).
 
 Only safetensors and JSON are ever read: no pickle, no remote code. Tensors are read one at a time
 and placed straight into their target sharding.
@@ -24,6 +26,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -242,6 +245,40 @@ def _to_hf(arr: np.ndarray, kind: str) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------
 # Reading
+
+
+# base_model_name_or_path of an export whose hub id is not known: the backbone config written
+# beside the weights. cloud_jax reads it relative to the export (or the inline copy); the reference
+# class resolves it against the working directory (docs/COMPATIBILITY.md).
+LOCAL_BASE = "base_config"
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9_.-]+)?")
+
+
+def is_hub_id(name: Optional[str]) -> bool:
+    """``name`` has the form of a hub id ("owner/name" or "name") and is not a local path."""
+    if not name or not isinstance(name, str) or name == LOCAL_BASE:
+        return False
+    return bool(_HUB_ID.fullmatch(name)) and not name.startswith(".") and not Path(name).exists()
+
+
+def base_model_name_of(path_or_id: str | os.PathLike) -> Optional[str]:
+    """The hub id a model descends from, for an export's ``base_model_name_or_path``: a hub id as
+    given; a CLoud directory's own ``base_model_name_or_path``; a plain HF directory's
+    ``_name_or_path``, where those are hub ids; else None."""
+    name = str(path_or_id)
+    if is_hub_id(name):
+        return name
+    path = Path(name) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    for key in ("base_model_name_or_path", "_name_or_path"):
+        if is_hub_id(config.get(key)):
+            return config[key]
+    return None
 
 
 def resolve_path(path_or_id: str | os.PathLike) -> Path:
@@ -466,13 +503,14 @@ def save_hf_backbone(params: Params, cfg: ModelConfig, directory: str | os.PathL
 def save_cloud_reference(params: Params, cfg: ModelConfig, directory: str | os.PathLike, *,
                          base_model_name_or_path: Optional[str] = None,
                          feedback_method: str = "teacher",
-                         critique_prefix: Optional[str] = None) -> Path:
+                         critique_prefix: Optional[str] = None,
+                         layout_version: Optional[int] = None) -> Path:
     """A CLoud reward model in the reference implementation's layout (see module docstring).
 
     ``critique_prefix``, when given, is the text the model was trained to start its critiques
     after; it is stored in config.json, where scoring finds it.
     """
-    if feedback_method not in ("vanilla", "teacher"):
+    if feedback_method not in FEEDBACK_METHODS:
         raise ValueError(f"feedback_method={feedback_method!r}: expected 'vanilla' or 'teacher'")
     directory = Path(directory)
     write_safetensors(hf_state_dict(params, cfg, with_head=True, hf_prefix=REWARD_PREFIX),
@@ -484,14 +522,17 @@ def save_cloud_reference(params: Params, cfg: ModelConfig, directory: str | os.P
     config = {
         "architectures": ["CLoudRewardModel"],
         "feedback_method": feedback_method,
-        # The reference resolves this with AutoConfig; without a hub id, point it at the copy we
-        # write beside the weights.
-        "base_model_name_or_path": base_model_name_or_path or str(base_dir.resolve()),
+        # The reference resolves this with AutoConfig. A hub id where one is known; otherwise the
+        # copy beside the weights, named relative to the directory so the export can move.
+        "base_model_name_or_path": (base_model_name_or_path if is_hub_id(base_model_name_or_path)
+                                    else LOCAL_BASE),
         "base_model_config": base,
         "torch_dtype": cfg.param_dtype,
     }
     if critique_prefix is not None:
         config["critique_prefix"] = critique_prefix
+    if layout_version is not None:
+        config["layout_version"] = layout_version
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     return directory
 
@@ -507,6 +548,40 @@ def read_config_json(directory: Path) -> dict:
         raise CheckpointError(f"{path}: invalid JSON: {err}") from None
 
 
+# The reference's two kinds of CLoud checkpoint: "teacher" writes a critique before its reward,
+# "vanilla" is a classic reward model.
+FEEDBACK_METHODS = ("teacher", "vanilla")
+
+
+def feedback_method_of(directory: Path, config: dict) -> str:
+    """The ``feedback_method`` of a config.json: the reference's default ("vanilla") when a CLoud
+    config leaves it out, "teacher" for a plain causal LM (a backbone to train critiques on)."""
+    if not is_cloud_reference(config):
+        return "teacher"
+    method = config.get("feedback_method", "vanilla")
+    if method not in FEEDBACK_METHODS:
+        raise CheckpointError(f"{directory}/config.json: feedback_method={method!r}; expected "
+                              f"one of {', '.join(FEEDBACK_METHODS)}")
+    return method
+
+
+def layout_version_of(directory: Path, config: dict) -> int:
+    """How the model's critique turn was tokenized (data.config.LAYOUT_VERSIONS): as recorded;
+    1 for a cloud_jax export from before the version was recorded (it has the inline backbone
+    config but no version); the reference's own (2) for any other checkpoint."""
+    from cloud_jax.data.config import LAYOUT_VERSION, LAYOUT_VERSIONS
+
+    if "layout_version" in config:
+        version = config["layout_version"]
+        if version not in LAYOUT_VERSIONS:
+            raise CheckpointError(f"{directory}/config.json: layout_version={version!r}; "
+                                  f"expected one of {', '.join(map(str, LAYOUT_VERSIONS))}")
+        return version
+    if is_cloud_reference(config) and "base_model_config" in config:
+        return 1
+    return LAYOUT_VERSION
+
+
 def is_cloud_reference(config: dict) -> bool:
     return "feedback_method" in config or "base_model_name_or_path" in config
 
@@ -519,6 +594,9 @@ def cloud_base_config(directory: Path, config: dict) -> dict:
     if local.exists():
         return json.loads(local.read_text())
     base = config.get("base_model_name_or_path")
+    if base == LOCAL_BASE:
+        raise CheckpointError(f"{directory}/config.json: base_model_name_or_path is "
+                              f"{LOCAL_BASE!r} but {local} is missing; copy the whole directory")
     if not base:
         raise CheckpointError(f"{directory}/config.json: no base_model_config and no "
                               "base_model_name_or_path, so the backbone shape is unknown")

@@ -15,6 +15,7 @@ line and field.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -63,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--batch-size", type=int, default=d.batch_size,
                    help="inputs per compiled batch (default %(default)s)")
-    p.add_argument("--classic", action="store_true",
-                   help="a classic reward model: no critiques, one reward per response")
+    p.add_argument("--classic", action=argparse.BooleanOptionalAction, default=None,
+                   help="score without critiques, one reward per response (default: as the "
+                        "checkpoint says; its feedback_method 'vanilla' is classic)")
     p.add_argument("--tie-credit", type=float, default=d.tie_credit, choices=(0.0, 0.5),
                    help="what a tie scores: 0 (RewardBench's rule, default) or 0.5")
     p.add_argument("--baseline", choices=BASELINES, default=d.baseline,
@@ -85,7 +87,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("give --input (preference rows), --best-of-n (Best-of-N rows) or both")
     cfg = EvalConfig(num_samples=args.num_samples, temperature=args.temperature,
                      max_critique_tokens=args.max_critique_tokens, seed=args.seed,
-                     batch_size=args.batch_size, classic=args.classic,
+                     batch_size=args.batch_size, classic=bool(args.classic),
                      tie_credit=args.tie_credit, baseline=args.baseline,
                      bootstrap_resamples=args.bootstrap_resamples, confidence=args.confidence)
     try:
@@ -106,7 +108,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  ("max_length", args.max_length),
                                  ("critique_prefix", args.critique_prefix)) if v is not None}
     settings.update(sampler)
-    score_fn = score_fn_from_model(load_model(args), temperature=cfg.temperature,
+    rm = load_model(args)
+    if args.classic is None and getattr(rm, "feedback_method", "teacher") == "vanilla":
+        if tuple(cfg.num_samples) != (1,):
+            raise ConfigError(f"{args.checkpoint} is a classic reward model (feedback_method "
+                              f"'vanilla'): it writes no critiques, so K is 1; drop "
+                              f"--num-samples, or pass --no-classic to sample critiques anyway")
+        cfg = dataclasses.replace(cfg, classic=True)
+    score_fn = score_fn_from_model(rm, temperature=cfg.temperature,
                                    max_critique_tokens=cfg.max_critique_tokens, seed=cfg.seed,
                                    batch_size=cfg.batch_size, classic=cfg.classic, **sampler)
     report = run_evaluation(score_fn, cfg, args.output_dir, rows=rows, best_of_n_items=items,

@@ -7,13 +7,14 @@ input row back with its rewards and critiques: rows with ``prompt`` + ``response
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Optional, Sequence
 
 from cloud_jax.cli.common import add_sampling_args, config_from_args, load_model, progress_bar
 from cloud_jax.data.jsonl import read_jsonl, write_jsonl_atomic
 from cloud_jax.data.schema import RowError
-from cloud_jax.scoring.rewards import ScoreConfig, score
+from cloud_jax.scoring.rewards import ScoreConfig, resolve_classic, score
 
 
 def _texts(rows: list[tuple[str, dict]]) -> tuple[list[str], list[tuple[int, str]]]:
@@ -36,13 +37,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     add_sampling_args(parser, ScoreConfig())
     parser.add_argument("--output", required=True, help="scored rows (JSONL)")
     parser.add_argument("--num-samples", type=int, default=1, help="K critiques per response")
-    parser.add_argument("--classic", action="store_true",
-                        help="a classic reward model: no critique, one forward per response")
+    parser.add_argument("--classic", action=argparse.BooleanOptionalAction, default=None,
+                        help="score without critiques, one forward per response (default: as "
+                             "the checkpoint says; its feedback_method 'vanilla' is classic)")
     args = parser.parse_args(argv)
     cfg = config_from_args(args, num_samples=args.num_samples, classic=args.classic)
     rows = read_jsonl(args.input)
     prompts, jobs = _texts(rows)
     rm = load_model(args)
+    cfg = dataclasses.replace(cfg, classic=resolve_classic(rm, cfg))
     bar, on_batch = progress_bar(len(jobs), "responses")
     with bar:
         result = score(rm, prompts, [rows[i][1][f] for i, f in jobs], cfg, on_batch)
@@ -59,4 +62,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             out[i][f"{prefix}truncated"] = result.truncated[j].tolist()
     write_jsonl_atomic(args.output, out)
     print(f"scored {len(jobs)} responses of {len(rows)} rows -> {args.output}", file=sys.stderr)
+    if not cfg.classic:
+        cut = int(result.truncated.sum())
+        print(f"critiques cut at the token budget (--max-critique-tokens "
+              f"{cfg.max_critique_tokens}): {cut} of {result.truncated.size} samples "
+              f"({100 * cut / result.truncated.size:.1f}%)"
+              + ("; raise --max-critique-tokens" if cut else ""), file=sys.stderr)
     return 0

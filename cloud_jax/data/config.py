@@ -16,6 +16,11 @@ from cloud_jax.errors import ConfigError
 # layout with targets on every token). Training maps each stage to one (training/stages.py).
 LAYOUTS = ("critique", "classic", "lm")
 OVERLENGTH_POLICIES = ("drop", "truncate_prompt")
+# How the critique turn is tokenized (data/layout.py). 2, the default: as the reference builds it
+# (the prefill ends at the prefix without its trailing whitespace; prefix + critique are one text).
+# 1: the prefix and the critique tokenized on their own (exports written before versions existed).
+LAYOUT_VERSIONS = (1, 2)
+LAYOUT_VERSION = 2
 
 # The reference wording of the opening of the critique turn.
 CRITIQUE_PREFIX = (
@@ -50,6 +55,9 @@ class DataConfig:
     # Empty: <tfds_dir>/rejects-<split>.jsonl.
     rejects_path: str = ""
     critique_prefix: str = CRITIQUE_PREFIX
+    # How the critique turn is tokenized (LAYOUT_VERSIONS); the export records it and scoring
+    # follows it.
+    layout_version: int = LAYOUT_VERSION
     # Pairs per global batch (each pair is a chosen and a rejected sequence); every host gets
     # batch_pairs / host_count of them.
     batch_pairs: int = 8
@@ -72,6 +80,9 @@ class DataConfig:
             )
         if self.max_length < 2:
             raise ConfigError(f"data.max_length={self.max_length}: must be at least 2")
+        if self.layout_version not in LAYOUT_VERSIONS:
+            raise ConfigError(f"data.layout_version={self.layout_version}: expected one of "
+                              f"{', '.join(map(str, LAYOUT_VERSIONS))}")
         if self.batch_pairs < 1:
             raise ConfigError(f"data.batch_pairs={self.batch_pairs}: must be at least 1")
         if self.num_epochs < 1:

@@ -18,6 +18,16 @@ with the tokens of each text in between, each part tokenized on its own, so:
 - the prompt's tokens are known, so ``truncate_prompt`` can cut them from the left.
 Templates that trim message text (Llama-3's does) are detected and the texts trimmed likewise.
 There is exactly one BOS: the one the template writes, or else the one the tokenizer would add.
+
+The critique turn comes in two layout versions (``data.config.LAYOUT_VERSIONS``):
+- 2 (default), the reference's: the turn's text is ``CRITIQUE_PREFIX + CRITIQUE`` (trimmed as a
+  whole where the template trims), tokenized as one text; the prefill ends at the prefix without
+  its trailing whitespace, so the critique's first token carries the separating space
+  (``'ĠThe'``), as in the reference's rows. Should the tokenizer merge across the end of the
+  prefix (a prefix that ends in a letter-joining character), the critique is tokenized on its
+  own after it instead, so the prefill is always a prefix of the training sequence.
+- 1: the prefix (with its trailing space) and the critique tokenized on their own. Models
+  exported before the version was recorded were trained this way and are scored this way.
 """
 
 from __future__ import annotations
@@ -29,7 +39,8 @@ from typing import List, Optional
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from cloud_jax.data.config import CRITIQUE_PREFIX, LAYOUTS, OVERLENGTH_POLICIES
+from cloud_jax.data.config import (CRITIQUE_PREFIX, LAYOUT_VERSION, LAYOUT_VERSIONS, LAYOUTS,
+                                   OVERLENGTH_POLICIES)
 from cloud_jax.data.tokenizer import render_around, turn_closer_after
 
 _PROMPT, _RESPONSE, _CRITIQUE = "\ue001P\ue001", "\ue001R\ue001", "\ue001C\ue001"
@@ -100,12 +111,45 @@ class ChatLayout:
             return prompt.strip(), response.strip(), critique_prefix.lstrip()
         return prompt, response, critique_prefix
 
+    def _prefill_text(self, critique_prefix: str, version: int) -> str:
+        """The part of the critique turn the sampler prefills (``critique_prefix`` as _texts
+        leaves it)."""
+        _check_version(version)
+        return critique_prefix.rstrip() if version >= 2 else critique_prefix
+
+    def _critique_ids(self, critique_prefix: str, critique: str,
+                      version: int) -> tuple[List[int], List[int]]:
+        """(prefill, target) tokens of the critique turn's text."""
+        head_text = self._prefill_text(critique_prefix, version)
+        head = self._text_ids(head_text)
+        if version < 2:
+            return head, self._text_ids(critique.rstrip() if self.trims else critique)
+        full = critique_prefix + critique
+        if self.trims:
+            full = full.rstrip()
+        joint = self._text_ids(full)
+        if joint[:len(head)] == head:
+            return head, joint[len(head):]
+        # The tokenizer merges across the end of the prefix: keep the prefill a prefix.
+        return head, self._text_ids(full[len(head_text):])
+
+    def critique_text(self, generated: str, critique_prefix: str, version: int) -> str:
+        """A sampled critique as text the training rows take back: under version 2 the separator
+        the prefill left off (the prefix's trailing whitespace) is removed from its start."""
+        if self._prefill_text(critique_prefix, version) == critique_prefix:
+            return generated
+        sep = critique_prefix[len(critique_prefix.rstrip()):]
+        text = generated[len(sep):] if generated.startswith(sep) else generated
+        return text.rstrip() if self.trims else text
+
     def critique_prefix_ids(self, prompt: str, response: str, critique_prefix: str,
-                            max_length: Optional[int] = None) -> List[int]:
+                            max_length: Optional[int] = None,
+                            version: int = LAYOUT_VERSION) -> List[int]:
         prompt, response, critique_prefix = self._texts(prompt, response, critique_prefix)
         head, mid1, mid2 = self.critique_pieces
         prompt_ids = self._text_ids(prompt)
-        rest = mid1 + self._text_ids(response) + mid2 + self._text_ids(critique_prefix)
+        rest = (mid1 + self._text_ids(response) + mid2
+                + self._text_ids(self._prefill_text(critique_prefix, version)))
         if max_length is not None:
             excess = len(head) + len(prompt_ids) + len(rest) - max_length
             if excess > len(prompt_ids):
@@ -116,7 +160,8 @@ class ChatLayout:
 
     def encode(self, prompt: str, response: str, critique: Optional[str], layout: str,
                critique_prefix: str, max_length: int,
-               overlength_policy: str = "drop") -> Optional[Example]:
+               overlength_policy: str = "drop",
+               version: int = LAYOUT_VERSION) -> Optional[Example]:
         if layout not in LAYOUTS:
             raise ValueError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
         if overlength_policy not in OVERLENGTH_POLICIES:
@@ -130,12 +175,10 @@ class ChatLayout:
         else:
             if not critique:
                 raise ValueError(f"the {layout} layout needs a critique for every response")
-            if self.trims:
-                critique = critique.rstrip()
             head, mid1, mid2 = self.critique_pieces
-            targets = self._text_ids(critique) + [self.critique_closer]
-            middle = (mid1 + self._text_ids(response) + mid2 + self._text_ids(critique_prefix)
-                      + targets)
+            prefill, critique_ids = self._critique_ids(critique_prefix, critique, version)
+            targets = critique_ids + [self.critique_closer]
+            middle = mid1 + self._text_ids(response) + mid2 + prefill + targets
             num_targets = len(targets)
         prompt_ids = self._text_ids(prompt)
         excess = len(head) + len(prompt_ids) + len(middle) - max_length
@@ -154,6 +197,12 @@ class ChatLayout:
                        prompt_tokens_cut=cut)
 
 
+def _check_version(version: int) -> None:
+    if version not in LAYOUT_VERSIONS:
+        raise ValueError(f"layout version {version!r}: expected one of "
+                         f"{', '.join(map(str, LAYOUT_VERSIONS))}")
+
+
 _layouts: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -167,17 +216,20 @@ def chat_layout(tok: PreTrainedTokenizerBase) -> ChatLayout:
 
 def encode_critique_prefix(tok: PreTrainedTokenizerBase, prompt: str, response: str,
                            critique_prefix: str = CRITIQUE_PREFIX,
-                           max_length: Optional[int] = None) -> List[int]:
+                           max_length: Optional[int] = None,
+                           version: int = LAYOUT_VERSION) -> List[int]:
     """Tokens up to and including the critique prefix: what the sampler prefills before writing
     a critique. With ``max_length``, prompt tokens are cut from the left to fit (ValueError if
     even an empty prompt does not)."""
-    return chat_layout(tok).critique_prefix_ids(prompt, response, critique_prefix, max_length)
+    return chat_layout(tok).critique_prefix_ids(prompt, response, critique_prefix, max_length,
+                                                version)
 
 
 def encode_example(tok: PreTrainedTokenizerBase, prompt: str, response: str,
                    critique: Optional[str], layout: str,
                    critique_prefix: str = CRITIQUE_PREFIX, max_length: int = 2048,
-                   overlength_policy: str = "drop") -> Optional[Example]:
+                   overlength_policy: str = "drop",
+                   version: int = LAYOUT_VERSION) -> Optional[Example]:
     """One response in ``layout`` (one of :data:`cloud_jax.data.config.LAYOUTS`); None when it is
     over ``max_length`` and the policy drops it.
 
@@ -185,4 +237,4 @@ def encode_example(tok: PreTrainedTokenizerBase, prompt: str, response: str,
     ("lm"); none ("classic"). ``critique`` is unused by "classic".
     """
     return chat_layout(tok).encode(prompt, response, critique, layout, critique_prefix,
-                                   max_length, overlength_policy)
+                                   max_length, overlength_policy, version)

@@ -68,6 +68,7 @@ class BuildSettings:
     overlength_policy: str
     critique_prefix: str
     lenient: bool
+    layout_version: int
 
 
 class CloudPairs(tfds.core.GeneratorBasedBuilder):
@@ -128,11 +129,12 @@ class CloudPairs(tfds.core.GeneratorBasedBuilder):
                      ("rejected", row.rejected, row.rejected_feedback))
             for side, response, critique in sides:
                 ex = layout.encode(row.prompt, response, critique, s.layout, s.critique_prefix,
-                                   s.max_length, s.overlength_policy)
+                                   s.max_length, s.overlength_policy, s.layout_version)
                 if ex is None:
                     for name, text, feedback in sides:
                         full = layout.encode(row.prompt, text, feedback, s.layout,
-                                             s.critique_prefix, sys.maxsize)
+                                             s.critique_prefix, sys.maxsize,
+                                             version=s.layout_version)
                         longest = max(longest, (len(full.input_ids), f"{row.source} ({name})"))
                     break
                 truncated |= ex.prompt_tokens_cut > 0
@@ -223,7 +225,8 @@ def prepare_dataset(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, layout:
     settings = BuildSettings(layout=layout, require_feedback=require_feedback,
                              max_length=cfg.max_length,
                              overlength_policy=cfg.overlength_policy,
-                             critique_prefix=cfg.critique_prefix, lenient=cfg.lenient)
+                             critique_prefix=cfg.critique_prefix, lenient=cfg.lenient,
+                             layout_version=cfg.layout_version)
     fingerprint = json.dumps({
         "version": str(CloudPairs.VERSION), "settings": dataclasses.asdict(settings),
         "tokenizer": tokenizer_fingerprint(tokenizer),

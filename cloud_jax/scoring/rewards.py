@@ -23,8 +23,8 @@ import jax
 import numpy as np
 
 from cloud_jax.model.config import ModelConfig
-from cloud_jax.data.config import CRITIQUE_PREFIX
-from cloud_jax.data.layout import Example, encode_critique_prefix, encode_example
+from cloud_jax.data.config import CRITIQUE_PREFIX, LAYOUT_VERSION, LAYOUT_VERSIONS
+from cloud_jax.data.layout import Example, chat_layout, encode_critique_prefix, encode_example
 from cloud_jax.data.tokenizer import end_of_turn_ids
 from cloud_jax.model import CLoudModel, param_shardings, unstack_layers
 from cloud_jax.sampling import bucket_length, method_from, pad_prefixes, sample
@@ -53,8 +53,12 @@ class ScoreConfig:
     # The text the critique starts after. None: the one stored in the model's checkpoint by
     # training (RewardModel.critique_prefix), else data.config.CRITIQUE_PREFIX.
     critique_prefix: Optional[str] = None
-    # A classic reward model: no critique, one forward.
-    classic: bool = False
+    # A classic reward model: no critique, one forward. None: the model's own kind (a checkpoint
+    # whose feedback_method is "vanilla" is classic).
+    classic: Optional[bool] = None
+    # How the critique turn is tokenized (data.config.LAYOUT_VERSIONS). None: the version the
+    # model was trained with (RewardModel.layout_version).
+    layout_version: Optional[int] = None
     # Prefill length buckets; empty: powers of two.
     length_buckets: tuple[int, ...] = ()
 
@@ -66,6 +70,9 @@ class ScoreConfig:
         if self.max_critique_tokens < 0:
             raise ValueError(f"max_critique_tokens={self.max_critique_tokens}: must be >= 0")
         method_from(self.temperature, self.top_k, self.top_p)
+        if self.layout_version is not None and self.layout_version not in LAYOUT_VERSIONS:
+            raise ValueError(f"layout_version={self.layout_version}: expected one of "
+                             f"{', '.join(map(str, LAYOUT_VERSIONS))}")
         return self
 
 
@@ -117,7 +124,7 @@ def _encode_whole(tok, prompts, responses, critiques, layout: str,
     examples = []
     for i, (p, r, c) in enumerate(zip(prompts, responses, critiques)):
         ex = encode_example(tok, p, r, c, layout, cfg.critique_prefix, cfg.max_length,
-                            "truncate_prompt")
+                            "truncate_prompt", cfg.layout_version)
         if ex is None:
             raise ValueError(f"input {i}: longer than max_length={cfg.max_length} tokens even "
                              "with its whole prompt cut")
@@ -158,12 +165,31 @@ def teacher_forced_rewards(rm, prompts: Sequence[str], responses: Sequence[str],
     ``[prompt][response][critique prefix + critique]<end-of-turn>``. Uses ``cfg``'s
     ``batch_size``, ``max_length``, ``critique_prefix`` and ``length_buckets``."""
     cfg.validate()
-    cfg = dataclasses.replace(cfg, critique_prefix=resolve_critique_prefix(rm, cfg))
+    cfg = dataclasses.replace(cfg, critique_prefix=resolve_critique_prefix(rm, cfg),
+                              layout_version=resolve_layout_version(rm, cfg))
     if not len(prompts) == len(responses) == len(critiques):
         raise ValueError(f"{len(prompts)} prompts, {len(responses)} responses and "
                          f"{len(critiques)} critiques: one each per input")
     examples = _encode_whole(_require_tokenizer(rm), prompts, responses, critiques, "critique", cfg)
     return _forward_rewards(rm, examples, cfg, on_batch)
+
+
+def resolve_layout_version(rm, cfg: ScoreConfig) -> int:
+    """The critique-turn tokenization to score with: ``cfg``'s, else the model's own."""
+    if cfg.layout_version is not None:
+        return cfg.layout_version
+    return getattr(rm, "layout_version", None) or LAYOUT_VERSION
+
+
+def resolve_classic(rm, cfg: ScoreConfig) -> bool:
+    """Whether to score without critiques: ``cfg.classic`` if set, else the model's kind."""
+    model_classic = getattr(rm, "feedback_method", "teacher") == "vanilla"
+    if cfg.classic is None:
+        return model_classic
+    if model_classic and not cfg.classic:
+        _warn_once("sampling critiques from a classic (feedback_method 'vanilla') model: it was "
+                   "not trained to write them")
+    return bool(cfg.classic)
 
 
 def resolve_critique_prefix(rm, cfg: ScoreConfig) -> str:
@@ -191,7 +217,9 @@ def score(rm, prompts: Sequence[str], responses: Sequence[str], cfg: ScoreConfig
     random stream derives from its tokens.
     """
     cfg.validate()
-    cfg = dataclasses.replace(cfg, critique_prefix=resolve_critique_prefix(rm, cfg))
+    cfg = dataclasses.replace(cfg, critique_prefix=resolve_critique_prefix(rm, cfg),
+                              classic=resolve_classic(rm, cfg),
+                              layout_version=resolve_layout_version(rm, cfg))
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     if not prompts:
@@ -205,7 +233,7 @@ def score(rm, prompts: Sequence[str], responses: Sequence[str], cfg: ScoreConfig
     for i, (p, r) in enumerate(zip(prompts, responses)):
         try:
             prefixes.append(encode_critique_prefix(tok, p, r, cfg.critique_prefix,
-                                                   cfg.max_length))
+                                                   cfg.max_length, cfg.layout_version))
         except ValueError as err:
             raise ValueError(f"input {i}: {err}; raise max_length or shorten the "
                              "response") from None
@@ -234,7 +262,10 @@ def score(rm, prompts: Sequence[str], responses: Sequence[str], cfg: ScoreConfig
         rewards[idx], truncated[idx] = out.rewards[real], out.truncated[real]
         if on_batch is not None:
             on_batch(len(chunk), int(out.lengths[real].sum()))
-    critiques = [[tok.decode(tokens[b, j, :lengths[b, j]].tolist(), skip_special_tokens=True)
+    layout = chat_layout(tok)
+    critiques = [[layout.critique_text(tok.decode(tokens[b, j, :lengths[b, j]].tolist(),
+                                                  skip_special_tokens=True),
+                                       cfg.critique_prefix, cfg.layout_version)
                   for j in range(k)] for b in range(n)]
     return ScoreResult(rewards=rewards.mean(axis=1), sample_rewards=rewards,
                        reward_std=rewards.std(axis=1), critiques=critiques, truncated=truncated,

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from cloud_jax.model.config import ModelConfig
 from cloud_jax.training.config import Config, config_from_dict, save_config, to_dict
-from cloud_jax.checkpoints.hf import save_cloud_reference
+from cloud_jax.checkpoints.hf import base_model_name_of, save_cloud_reference
 from cloud_jax.data.pipeline import batch_iterator, host_positions
 from cloud_jax.data.tfds_builder import open_split, prepare_dataset
 from cloud_jax.data.tokenizer import load_tokenizer
@@ -184,8 +184,12 @@ def _export_final(cfg: Config, model_cfg: ModelConfig, params, tokenizer) -> Opt
     out = os.path.join(cfg.output_dir, "final")
     record = stage_record(cfg.train.stage)
     prefix = cfg.data.critique_prefix if record.exports_critique_prefix else None
+    # The hub id the run descends from (init_from's, carried through every stage), so the export
+    # loads on any machine; none for a model trained from scratch (checkpoints.hf.LOCAL_BASE).
+    base = base_model_name_of(cfg.init_from) if cfg.init_from else None
     save_cloud_reference(params, model_cfg, out, feedback_method=record.feedback_method,
-                         critique_prefix=prefix)
+                         critique_prefix=prefix, base_model_name_or_path=base,
+                         layout_version=cfg.data.layout_version)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     log.info("final weights written to %s (a CLoud directory: init_from / cloud_jax.load)", out)

@@ -22,7 +22,8 @@ class Stage:
     needs_feedback: bool
     # How the data layer lays out a sequence: "critique", "classic" or "lm".
     layout: str
-    # Written to the exported config.json; see checkpoints.hf.save_cloud_reference.
+    # Written to the exported config.json (see checkpoints.hf.save_cloud_reference): "teacher" for
+    # a model that writes critiques, "vanilla" for a classic one (scored without critiques).
     feedback_method: str
     # The export records data.critique_prefix, which scoring needs to find where critiques start.
     exports_critique_prefix: bool
@@ -39,7 +40,7 @@ _RECORDS = (
     Stage("cloud", lm_loss=True, bt_loss=True, needs_feedback=True, layout="critique",
           feedback_method="teacher", exports_critique_prefix=True, lm_coef_applies=True),
     Stage("classic", lm_loss=False, bt_loss=True, needs_feedback=False, layout="classic",
-          feedback_method="teacher", exports_critique_prefix=False),
+          feedback_method="vanilla", exports_critique_prefix=False),
 )
 _BY_NAME = {s.name: s for s in _RECORDS}
 
