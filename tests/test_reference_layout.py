@@ -1,6 +1,8 @@
-"""The reference CLoud checkpoint layout, both ways, and reward-head parity with PyTorch."""
+"""The reference CLoud checkpoint layout, both ways, and reward-head parity with PyTorch; the
+reference classes are the stand-in of tests/reference_cloud.py, which behaves as the real ones."""
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -8,35 +10,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-from safetensors.torch import save_file as torch_save_file  # noqa: E402
+from reference_cloud import ReferenceCLoud, ReferenceCLoudPatched, ReferenceConfig  # noqa: E402
 
 import cloud_jax  # noqa: E402
 from cloud_jax.errors import CheckpointError  # noqa: E402
 from cloud_jax.model.config import ModelConfig  # noqa: E402
 
 HIDDEN = 32
-
-
-class RefRewardHead(torch.nn.Module):
-    """The reference head: dropout -> dense -> tanh -> dropout -> out_proj."""
-
-    def __init__(self, hidden, dropout=0.0):
-        super().__init__()
-        self.dense = torch.nn.Linear(hidden, hidden)
-        self.dropout = torch.nn.Dropout(dropout)
-        self.out_proj = torch.nn.Linear(hidden, 1)
-
-    def forward(self, h):
-        return self.out_proj(self.dropout(torch.tanh(self.dense(self.dropout(h)))))
-
-
-class RefCLoud(torch.nn.Module):
-    """Same module names as the reference ``CLoudRewardModel`` (so the same state-dict keys)."""
-
-    def __init__(self, base_config):
-        super().__init__()
-        self.reward_base_model = transformers.LlamaForCausalLM(base_config)
-        self.reward_head = RefRewardHead(base_config.hidden_size)
 
 
 def _base_config():
@@ -47,20 +27,16 @@ def _base_config():
 
 
 def _write_reference_checkpoint(directory, base_config, seed=0):
+    """What the reference writes: its CLoud config points at the base model's directory."""
+    base_dir = directory / "base"
+    base_config.save_pretrained(base_dir)
     torch.manual_seed(seed)
-    ref = RefCLoud(base_config).eval()
+    ref = ReferenceCLoudPatched(ReferenceConfig(feedback_method="teacher",
+                                                base_model_name_or_path=str(base_dir))).eval()
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(torch.randn_like(p) * 0.2)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in ref.state_dict().items()}
-    torch_save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    base_dir = directory / "base"
-    base_config.save_pretrained(base_dir)
-    # What the reference writes: the CLoud config points at the base model instead of holding it.
-    (directory / "config.json").write_text(json.dumps({
-        "architectures": ["CLoudRewardModel"], "feedback_method": "teacher",
-        "base_model_name_or_path": str(base_dir)}))
+    ref.save_pretrained(directory)
     return ref
 
 
@@ -112,7 +88,8 @@ def test_export_import_round_trip_is_exact_and_loads_in_torch(tmp_path):
 
     # The reference PyTorch module takes our file with strict key matching.
     from safetensors.torch import load_file
-    ref = RefCLoud(_base_config())
+    ref = ReferenceCLoudPatched(ReferenceConfig(
+        base_model_name_or_path=str(tmp_path / "out" / "base_config"))).eval()
     ref.load_state_dict(load_file(str(tmp_path / "out" / "model.safetensors")), strict=True)
     ids, mask = _ragged_batch(1)
     with torch.no_grad():
@@ -191,3 +168,121 @@ def test_hostile_safetensors_are_rejected(tmp_path, corruption, needle):
     path.write_bytes(bytes(raw))
     with pytest.raises(CheckpointError, match=needle):
         cloud_jax.load(tmp_path)
+
+
+def _tiny_model_config():
+    return ModelConfig(vocab_size=61, hidden_size=HIDDEN, intermediate_size=64, num_layers=2,
+                       num_heads=4, num_kv_heads=2)
+
+
+def _reference_rewards(ref, ids, mask):
+    """The stand-in's own forward: right-padded rows, reward at sum(mask) - 1."""
+    with torch.no_grad():
+        rewards, _ = ref(torch.tensor(ids), torch.tensor(mask))
+    return rewards.squeeze(-1).numpy()
+
+
+def test_the_reference_class_needs_post_init_under_transformers_5(tmp_path):
+    rm = cloud_jax.from_config(_tiny_model_config(), seed=1)
+    rm.save_pretrained(tmp_path / "out")
+    base = str(tmp_path / "out" / "base_config")
+    # As published, the class never calls post_init(), and transformers 5 cannot load it.
+    with pytest.raises(AttributeError, match="all_tied_weights_keys"):
+        ReferenceCLoud.from_pretrained(tmp_path / "out", base_model_name_or_path=base)
+    ReferenceCLoudPatched.from_pretrained(tmp_path / "out", base_model_name_or_path=base)
+
+
+def test_a_moved_export_loads_in_cloud_jax_and_in_the_reference(tmp_path, monkeypatch):
+    rm = cloud_jax.from_config(_tiny_model_config(), seed=2)
+    rm.params = jax.tree.map(lambda x: x + 0.05, rm.params)
+    rm.save_pretrained(tmp_path / "a" / "export")
+    written = json.loads((tmp_path / "a" / "export" / "config.json").read_text())
+    # No hub id is known: the backbone config beside the weights, named relative to them.
+    assert written["base_model_name_or_path"] == "base_config"
+    assert str(tmp_path) not in (tmp_path / "a" / "export" / "config.json").read_text()
+    moved = tmp_path / "b" / "moved"
+    moved.parent.mkdir()
+    shutil.move(str(tmp_path / "a" / "export"), str(moved))
+    shutil.rmtree(tmp_path / "a")
+
+    back = cloud_jax.load(moved)
+    ids, mask = _ragged_batch(2)
+    _, want = rm.forward(ids, mask)
+    _, got = back.forward(ids, mask)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert back.base_model_name_or_path is None and back.feedback_method == "teacher"
+
+    # The reference resolves base_model_name_or_path against the working directory: point it at
+    # the copy, or run from inside the directory.
+    ref = ReferenceCLoudPatched.from_pretrained(
+        moved, base_model_name_or_path=str(moved / "base_config")).eval()
+    np.testing.assert_allclose(_reference_rewards(ref, ids, mask), np.asarray(want), atol=1e-5,
+                               rtol=0)
+    monkeypatch.chdir(moved)
+    ref = ReferenceCLoudPatched.from_pretrained(moved).eval()
+    np.testing.assert_allclose(_reference_rewards(ref, ids, mask), np.asarray(want), atol=1e-5,
+                               rtol=0)
+    assert ref.feedback_method == "teacher"
+
+
+def test_a_checkpoint_the_reference_wrote_loads_with_its_kind_and_layout(tmp_path):
+    base_dir = tmp_path / "base"
+    _base_config().save_pretrained(base_dir)
+    torch.manual_seed(4)
+    # The reference's default kind is "vanilla" (a classic reward model).
+    ref = ReferenceCLoudPatched(ReferenceConfig(base_model_name_or_path=str(base_dir))).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    ref.save_pretrained(tmp_path / "ref")
+    rm = cloud_jax.load(tmp_path / "ref")
+    assert rm.feedback_method == "vanilla" and rm.is_classic and rm.layout_version == 2
+    ids, mask = _ragged_batch(3)
+    _, rewards = rm.forward(ids, mask)
+    np.testing.assert_allclose(np.asarray(rewards), _reference_rewards(ref, ids, mask),
+                               atol=1e-5, rtol=0)
+    # Re-exported, it stays vanilla and names no local path.
+    rm.save_pretrained(tmp_path / "again")
+    again = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert again["feedback_method"] == "vanilla" and again["base_model_name_or_path"] == "base_config"
+
+
+def test_an_export_from_before_layout_versions_is_scored_with_layout_1(tmp_path):
+    rm = cloud_jax.from_config(_tiny_model_config())
+    rm.save_pretrained(tmp_path / "new")
+    config = json.loads((tmp_path / "new" / "config.json").read_text())
+    assert config["layout_version"] == 2 and cloud_jax.load(tmp_path / "new").layout_version == 2
+    del config["layout_version"]
+    (tmp_path / "new" / "config.json").write_text(json.dumps(config))
+    assert cloud_jax.load(tmp_path / "new").layout_version == 1
+    config["layout_version"] = 7
+    (tmp_path / "new" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="layout_version=7"):
+        cloud_jax.load(tmp_path / "new")
+
+
+def test_the_hub_id_is_carried_and_local_paths_are_not_written(tmp_path, monkeypatch):
+    from cloud_jax.checkpoints.hf import base_model_name_of, is_hub_id
+
+    assert is_hub_id("meta-llama/Meta-Llama-3-8B") and is_hub_id("gpt2")
+    assert not is_hub_id("/models/llama") and not is_hub_id("base_config")
+    assert not is_hub_id("./llama") and not is_hub_id("a/b/c")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "x").mkdir(parents=True)
+    assert not is_hub_id("runs/x")  # an existing local directory
+
+    rm = cloud_jax.from_config(_tiny_model_config())
+    rm.save_pretrained(tmp_path / "one", base_model_name_or_path="org/base-model")
+    assert base_model_name_of(tmp_path / "one") == "org/base-model"
+    back = cloud_jax.load(tmp_path / "one")
+    assert back.base_model_name_or_path == "org/base-model"
+    back.save_pretrained(tmp_path / "two")
+    assert json.loads((tmp_path / "two" / "config.json").read_text())[
+        "base_model_name_or_path"] == "org/base-model"
+    # A local directory given as the base: the hub id it records, else the local copy.
+    rm.save_pretrained(tmp_path / "three", base_model_name_or_path=str(tmp_path / "one"))
+    assert json.loads((tmp_path / "three" / "config.json").read_text())[
+        "base_model_name_or_path"] == "org/base-model"
+    rm.save_pretrained(tmp_path / "four", base_model_name_or_path=str(tmp_path / "runs" / "x"))
+    assert json.loads((tmp_path / "four" / "config.json").read_text())[
+        "base_model_name_or_path"] == "base_config"

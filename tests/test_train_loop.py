@@ -225,3 +225,22 @@ def test_a_url_path_is_a_config_error_before_anything_is_written(tmp_path, monke
         run(cfg)
     assert os.listdir(tmp_path) == []  # no local directory named "gs:" (or anything else)
 
+
+
+def test_a_classic_export_says_vanilla_and_reloads_as_classic(toy, tmp_path):
+    import cloud_jax
+
+    out = tmp_path / "classic"
+    run(tiny("classic", toy, str(out), "train.total_steps=2", "train.eval_every=0"))
+    exported = json.loads((out / "final" / "config.json").read_text())
+    assert exported["feedback_method"] == "vanilla" and exported["layout_version"] == 2
+    # Trained from scratch: no hub id, so the portable name of the copy beside the weights.
+    assert exported["base_model_name_or_path"] == "base_config"
+    rm = cloud_jax.load(out / "final")
+    assert rm.is_classic
+    rows = [json.loads(line) for line in Path(toy["train"]).read_text().splitlines()[:3]]
+    prompts, responses = [r["prompt"] for r in rows], [r["chosen"] for r in rows]
+    auto = rm.score(prompts, responses)
+    explicit = rm.score(prompts, responses, classic=True)
+    assert auto.critiques == [[], [], []]
+    np.testing.assert_array_equal(auto.rewards, explicit.rewards)

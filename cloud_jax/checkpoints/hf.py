@@ -524,8 +524,8 @@ def save_cloud_reference(params: Params, cfg: ModelConfig, directory: str | os.P
         "feedback_method": feedback_method,
         # The reference resolves this with AutoConfig. A hub id where one is known; otherwise the
         # copy beside the weights, named relative to the directory so the export can move.
-        "base_model_name_or_path": (base_model_name_or_path if is_hub_id(base_model_name_or_path)
-                                    else LOCAL_BASE),
+        "base_model_name_or_path": ((base_model_name_or_path and
+                                     base_model_name_of(base_model_name_or_path)) or LOCAL_BASE),
         "base_model_config": base,
         "torch_dtype": cfg.param_dtype,
     }
