@@ -195,3 +195,36 @@ def test_prefix_attention_equals_attention_over_concatenated_keys():
                          jnp.concatenate([jnp.repeat(pv, rows, axis=0), v], axis=2),
                          jnp.concatenate([pmask, mask], axis=2))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_repetition_penalty_equals_hugging_face_over_full_forwards(params, full_forward):
+    torch = pytest.importorskip("torch")
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    penalty = 1.8
+    processor = RepetitionPenaltyLogitsProcessor(penalty)
+    plain = sample(CFG, params, PREFIXES, max_new_tokens=8, stop_ids=(EOT,))
+    out = sample(CFG, params, PREFIXES, max_new_tokens=8, stop_ids=(EOT,),
+                 repetition_penalty=penalty)
+    assert not np.array_equal(out.tokens, plain.tokens)  # the penalty changes what is drawn
+    for b, prefix in enumerate(PREFIXES):
+        critique = out.critique_ids(b, 0)
+        logits, reward = full_forward(prefix + critique + [EOT])
+        for t in range(len(critique) + 1):
+            so_far = torch.tensor([prefix + critique[:t]])
+            scores = processor(so_far, torch.tensor(logits[len(prefix) + t - 1][None]))
+            predicted = int(scores.argmax())
+            if t < len(critique):
+                assert predicted == critique[t], (b, t)
+            elif not out.truncated[b, 0]:
+                assert predicted == EOT
+        np.testing.assert_allclose(out.rewards[b, 0], reward, atol=1e-5, rtol=0)
+
+
+def test_repetition_penalty_keeps_samples_independent_of_the_batch(params):
+    settings = dict(RANDOM, repetition_penalty=1.3)
+    whole = sample(CFG, params, MORE_PREFIXES, **settings)
+    part = sample(CFG, params, MORE_PREFIXES[5:1:-1], **settings)
+    np.testing.assert_array_equal(part.tokens, whole.tokens[5:1:-1])
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        sample(CFG, params, PREFIXES, max_new_tokens=2, stop_ids=(EOT,), repetition_penalty=0.0)

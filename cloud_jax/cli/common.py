@@ -64,7 +64,12 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: ScoreConfig) ->
                         help="0 is greedy (default %(default)s)")
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--max-critique-tokens", type=int, default=defaults.max_critique_tokens)
+    parser.add_argument("--max-critique-tokens", type=int, default=defaults.max_critique_tokens,
+                        help="critique-token budget; a critique that reaches it is flagged "
+                             "truncated (default %(default)s; the reference samples up to 1024)")
+    parser.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty,
+                        help="Hugging Face's repetition penalty; 1.0 is off (default "
+                             "%(default)s; the reference samples with 1.01)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
                         help="inputs per compiled batch (default %(default)s)")
@@ -78,6 +83,7 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: ScoreConfig) ->
 def config_from_args(args: argparse.Namespace, **fields) -> ScoreConfig:
     return ScoreConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                        max_critique_tokens=args.max_critique_tokens, seed=args.seed,
+                       repetition_penalty=args.repetition_penalty,
                        batch_size=args.batch_size, max_length=args.max_length,
                        critique_prefix=args.critique_prefix, **fields).validate()
 

@@ -82,6 +82,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             bar.close()
     print(f"host {host}/{num_hosts}: {summary.shards} shards, {summary.already_done} already "
           "done", file=sys.stderr)
+    if summary.written:
+        print(f"critiques cut at the token budget (--max-critique-tokens "
+              f"{cfg.max_critique_tokens}): {summary.truncated} of {summary.written} "
+              f"({100 * summary.truncated / summary.written:.1f}%)"
+              + ("; raise --max-critique-tokens" if summary.truncated else ""), file=sys.stderr)
     if summary.unusable:
         print(f"warning: {summary.unusable} critiques are empty or hold NUL characters; the cloud "
               "stage rejects their rows (data.lenient=true skips and counts them)",

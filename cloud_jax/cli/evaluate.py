@@ -55,7 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="critique sampling temperature; 0 is greedy (default %(default)s)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--max-critique-tokens", type=int, default=d.max_critique_tokens)
+    p.add_argument("--max-critique-tokens", type=int, default=d.max_critique_tokens,
+                   help="critique-token budget; a critique that reaches it is flagged truncated "
+                        "(default %(default)s; the reference samples up to 1024)")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="Hugging Face's repetition penalty; 1.0 (off) if unset (the reference "
+                        "samples with 1.01)")
     p.add_argument("--max-length", type=int, default=None,
                    help="prefill tokens at most (the scorer's default if unset)")
     p.add_argument("--critique-prefix", default=None,
@@ -105,6 +110,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise ConfigError(f"no usable preference rows in {args.input}")
     settings = {"checkpoint": args.checkpoint, "input": args.input, "best_of_n": args.best_of_n}
     sampler = {k: v for k, v in (("top_k", args.top_k), ("top_p", args.top_p),
+                                 ("repetition_penalty", args.repetition_penalty),
                                  ("max_length", args.max_length),
                                  ("critique_prefix", args.critique_prefix)) if v is not None}
     settings.update(sampler)

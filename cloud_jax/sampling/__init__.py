@@ -4,10 +4,11 @@ from cloud_jax.sampling.loop import (DecodeState, SampleOutput, bucket_length, c
                                      decode, pad_prefixes, prefill, row_keys, sample,
                                      sample_padded)
 from cloud_jax.sampling.methods import (Greedy, SamplingMethod, Temperature, TopK, TopP,
-                                        method_from)
+                                        check_repetition_penalty, method_from, penalize_repeats)
 
 __all__ = [
     "DecodeState", "Greedy", "SampleOutput", "SamplingMethod", "Temperature", "TopK", "TopP",
-    "bucket_length", "content_row_ids", "decode", "method_from", "pad_prefixes", "prefill",
+    "bucket_length", "check_repetition_penalty", "content_row_ids", "decode", "method_from",
+    "pad_prefixes", "penalize_repeats", "prefill",
     "row_keys", "sample", "sample_padded",
 ]

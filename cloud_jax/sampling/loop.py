@@ -15,6 +15,11 @@ over prefix + critique. Tokens after a row's end are ``pad_id``.
 
 Random keys are ``fold_in(fold_in(fold_in(key(seed), row_id), sample), step)``: a row's critique
 depends on the seed, its row id and its sample index only, never on the batch it shares.
+
+With ``repetition_penalty`` != 1, each row carries the set of tokens it holds (its prefix, then
+its critique so far) and the next-token logits of those are penalized as Hugging Face's
+``generate`` does, before the sampling method; a row's set is its own, so the result is still
+independent of the batch.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ from jax.sharding import Mesh
 from cloud_jax.model.config import ModelConfig
 from cloud_jax.model import (CLoudModel, KVCache, init_cache, last_attended_index, mesh_context,
                              with_shared_prefix)
-from cloud_jax.sampling.methods import Greedy, SamplingMethod
+from cloud_jax.sampling.methods import (Greedy, SamplingMethod, check_repetition_penalty,
+                                        penalize_repeats)
 from cloud_jax.sharding import SAMPLE_RULES, Rules
 
 
@@ -52,6 +58,8 @@ class DecodeState:
     truncated_n: jax.Array  # bool: ended by the budget, not by a stop token
     rewards_n: jax.Array  # fp32, valid where done
     keys_n: jax.Array  # per-row keys, folded with the step at each draw
+    # bool [N, V]: tokens the row holds, for the repetition penalty (None without one).
+    seen_nv: Optional[jax.Array] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,15 +129,23 @@ def prefill(params, ids_bl, mask_bl, *, cfg: ModelConfig, cache_len: int, rules:
     return logits_bv, cache
 
 
+def seen_tokens(ids_bl, mask_bl, vocab_size: int) -> jax.Array:
+    """bool [B, V]: which tokens each row's attended prefix holds."""
+    b = ids_bl.shape[0]
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], ids_bl.shape)
+    return jnp.zeros((b, vocab_size), bool).at[rows, ids_bl].max(mask_bl > 0)
+
+
 @functools.partial(jax.jit, static_argnames=(
-    "cfg", "rules", "method", "num_samples", "max_new_tokens", "pad_id"))
-def decode(params, cache: KVCache, logits_bv, row_keys_b, stop_ids_s, *, cfg: ModelConfig,
-           rules: Rules, method: SamplingMethod, num_samples: int, max_new_tokens: int,
-           pad_id: int):
+    "cfg", "rules", "method", "num_samples", "max_new_tokens", "pad_id", "repetition_penalty"))
+def decode(params, cache: KVCache, logits_bv, row_keys_b, stop_ids_s, seen_bv=None, *,
+           cfg: ModelConfig, rules: Rules, method: SamplingMethod, num_samples: int,
+           max_new_tokens: int, pad_id: int, repetition_penalty: float = 1.0):
     """Decodes K samples per input over its shared prefill cache until every row has its reward.
 
     ``stop_ids_s`` [S] int32 are data, not compile-time constants: ``stop_ids_s[0]`` is the
-    end-of-turn token fed at each row's end.
+    end-of-turn token fed at each row's end. ``seen_bv`` (:func:`seen_tokens` of the prefill)
+    is needed when ``repetition_penalty`` != 1.
 
     Returns (tokens [N, M] int32, lengths [N], rewards [N] fp32, truncated [N] bool), rows ordered
     input-major (row ``b * K + k``).
@@ -149,14 +165,18 @@ def decode(params, cache: KVCache, logits_bv, row_keys_b, stop_ids_s, *, cfg: Mo
             tokens_nm=jnp.full((n, m + 1), pad_id, jnp.int32),
             lengths_n=jnp.zeros((n,), jnp.int32), done_n=jnp.zeros((n,), bool),
             truncated_n=jnp.zeros((n,), bool), rewards_n=jnp.zeros((n,), jnp.float32),
-            keys_n=sample_keys_bk.reshape(n))
+            keys_n=sample_keys_bk.reshape(n),
+            seen_nv=None if repetition_penalty == 1.0 else jnp.repeat(seen_bv, k, axis=0))
 
         def cond(s: DecodeState):
             return (s.step <= m) & ~jnp.all(s.done_n)
 
         def body(s: DecodeState):
             step_keys = jax.vmap(lambda key: jax.random.fold_in(key, s.step))(s.keys_n)
-            drawn_n = method(s.logits_nv, step_keys)
+            logits_nv = s.logits_nv
+            if s.seen_nv is not None:
+                logits_nv = penalize_repeats(logits_nv, s.seen_nv, repetition_penalty)
+            drawn_n = method(logits_nv, step_keys)
             is_stop = jnp.isin(drawn_n, stop_ids_s)
             ending = ~s.done_n & (is_stop | (s.step == m))
             writing = ~s.done_n & ~ending
@@ -172,7 +192,9 @@ def decode(params, cache: KVCache, logits_bv, row_keys_b, stop_ids_s, *, cfg: Mo
                 tokens_nm=s.tokens_nm.at[:, s.step].set(jnp.where(writing, drawn_n, pad_id)),
                 lengths_n=s.lengths_n + writing.astype(jnp.int32),
                 done_n=s.done_n | ending, truncated_n=s.truncated_n | (ending & ~is_stop),
-                rewards_n=jnp.where(ending, rewards_n, s.rewards_n), keys_n=s.keys_n)
+                rewards_n=jnp.where(ending, rewards_n, s.rewards_n), keys_n=s.keys_n,
+                seen_nv=None if s.seen_nv is None else s.seen_nv.at[
+                    jnp.arange(s.seen_nv.shape[0]), drawn_n].max(writing))
 
         final = jax.lax.while_loop(cond, body, state)
     return final.tokens_nm[:, :m], final.lengths_n, final.rewards_n, final.truncated_n
@@ -195,9 +217,11 @@ def sample_padded(cfg: ModelConfig, params, ids_bl: np.ndarray, mask_bl: np.ndar
                   max_new_tokens: int, stop_ids: Sequence[int], num_samples: int = 1,
                   method: SamplingMethod = Greedy(), seed: int = 0,
                   row_ids: Optional[np.ndarray] = None, pad_id: int = 0,
-                  mesh: Optional[Mesh] = None, rules: Rules = SAMPLE_RULES) -> SampleOutput:
+                  mesh: Optional[Mesh] = None, rules: Rules = SAMPLE_RULES,
+                  repetition_penalty: float = 1.0) -> SampleOutput:
     """Samples from an already padded batch (any padding side). ``row_ids`` [B] default to
     :func:`content_row_ids` of the attended tokens."""
+    check_repetition_penalty(repetition_penalty)
     if cfg.scan_layers:
         raise ValueError("sampling needs unrolled layers: convert the params with "
                          "cloud_jax.model.unstack_layers and use scan_layers=False")
@@ -217,10 +241,13 @@ def sample_padded(cfg: ModelConfig, params, ids_bl: np.ndarray, mask_bl: np.ndar
     with mesh_context(mesh, rules):
         logits_bv, cache = prefill(params, ids_bl, mask_bl, cfg=cfg, cache_len=length,
                                    rules=tuple(rules))
+        seen = (None if repetition_penalty == 1.0
+                else seen_tokens(ids_bl, mask_bl, cfg.vocab_size))
         tokens, lengths, rewards, truncated = decode(
-            params, cache, logits_bv, row_keys(seed, row_ids), stop_array(stop_ids),
+            params, cache, logits_bv, row_keys(seed, row_ids), stop_array(stop_ids), seen,
             cfg=cfg, rules=tuple(rules), method=method, num_samples=num_samples,
-            max_new_tokens=max_new_tokens, pad_id=pad_id)
+            max_new_tokens=max_new_tokens, pad_id=pad_id,
+            repetition_penalty=float(repetition_penalty))
     if not tokens.is_fully_addressable:
         # Several processes: the rows are spread over all of them, and each returns every row.
         tokens, lengths, rewards, truncated = multihost_utils.process_allgather(
@@ -237,7 +264,7 @@ def sample(cfg: ModelConfig, params, prefixes: Sequence[Sequence[int]], *, max_n
            stop_ids: Sequence[int], num_samples: int = 1, method: SamplingMethod = Greedy(),
            seed: int = 0, row_ids: Optional[np.ndarray] = None, pad_id: int = 0,
            buckets: Optional[Sequence[int]] = None, mesh: Optional[Mesh] = None,
-           rules: Rules = SAMPLE_RULES) -> SampleOutput:
+           rules: Rules = SAMPLE_RULES, repetition_penalty: float = 1.0) -> SampleOutput:
     """K critiques (and their rewards) for each token prefix, left-padded to a length bucket."""
     if not prefixes:
         raise ValueError("no inputs to sample from")
@@ -247,4 +274,5 @@ def sample(cfg: ModelConfig, params, prefixes: Sequence[Sequence[int]], *, max_n
         row_ids = content_row_ids(prefixes)
     return sample_padded(cfg, params, ids, mask, max_new_tokens=max_new_tokens,
                          stop_ids=stop_ids, num_samples=num_samples, method=method, seed=seed,
-                         row_ids=row_ids, pad_id=pad_id, mesh=mesh, rules=rules)
+                         row_ids=row_ids, pad_id=pad_id, mesh=mesh, rules=rules,
+                         repetition_penalty=repetition_penalty)

@@ -100,6 +100,20 @@ class TopP:
 SamplingMethod = Greedy | Temperature | TopK | TopP
 
 
+def penalize_repeats(logits_nv: jax.Array, seen_nv: jax.Array, penalty: float) -> jax.Array:
+    """The repetition penalty of Hugging Face's ``generate`` (applied before any sampling
+    method): a token already in the row (prefix or critique so far) has its logit divided by
+    ``penalty`` where positive, multiplied where negative."""
+    penalized = jnp.where(logits_nv > 0, logits_nv / penalty, logits_nv * penalty)
+    return jnp.where(seen_nv, penalized, logits_nv)
+
+
+def check_repetition_penalty(penalty: float) -> None:
+    if not penalty > 0:
+        raise ValueError(f"repetition_penalty={penalty}: must be > 0 (1.0 is off; the reference "
+                         "samples with 1.01)")
+
+
 def method_from(temperature: float = 0.0, top_k: Optional[int] = None,
                 top_p: Optional[float] = None) -> SamplingMethod:
     """The method the usual knobs describe: temperature 0 is greedy (top-k / top-p then unused)."""

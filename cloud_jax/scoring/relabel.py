@@ -117,6 +117,9 @@ class RelabelSummary:
     already_done: int
     # Critiques the cloud stage would reject (empty, or holding NUL characters).
     unusable: int
+    # Critiques written this run that hit the token budget, of all written this run.
+    truncated: int = 0
+    written: int = 0
 
     @property
     def glob(self) -> str:
@@ -161,9 +164,12 @@ def relabel(rm, rows: Sequence[PreferenceRow], out_dir: str, cfg: ScoreConfig,
     on_batch = None
     if progress is not None:
         on_batch = progress(2 * sum(len(rows[s * per:(s + 1) * per]) for s in todo))
-    unusable = 0
+    unusable = truncated = written = 0
     for s in todo:
         out = regenerate(rm, rows[s * per:(s + 1) * per], cfg, on_batch)
         unusable += sum(not _usable(r[f]) for r in out for f in FEEDBACK_FIELDS)
+        truncated += sum(r[f"{f}_truncated"] for r in out for f in FEEDBACK_FIELDS)
+        written += len(out) * len(FEEDBACK_FIELDS)
         write_jsonl_atomic(os.path.join(out_dir, shard_name(s, num_shards)), out)
-    return RelabelSummary(out_dir, num_shards, len(mine), len(mine) - len(todo), unusable)
+    return RelabelSummary(out_dir, num_shards, len(mine), len(mine) - len(todo), unusable,
+                          truncated, written)

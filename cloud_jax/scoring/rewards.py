@@ -27,7 +27,8 @@ from cloud_jax.data.config import CRITIQUE_PREFIX, LAYOUT_VERSION, LAYOUT_VERSIO
 from cloud_jax.data.layout import Example, chat_layout, encode_critique_prefix, encode_example
 from cloud_jax.data.tokenizer import end_of_turn_ids
 from cloud_jax.model import CLoudModel, param_shardings, unstack_layers
-from cloud_jax.sampling import bucket_length, method_from, pad_prefixes, sample
+from cloud_jax.sampling import (bucket_length, check_repetition_penalty, method_from,
+                                pad_prefixes, sample)
 from cloud_jax.sharding import SAMPLE_RULES
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,11 @@ class ScoreConfig:
     top_k: Optional[int] = None
     top_p: Optional[float] = None
     # Critique-token budget; a critique that reaches it gets the end-of-turn token forced and is
-    # flagged truncated.
+    # flagged truncated (the reference samples up to 1024).
     max_critique_tokens: int = 256
+    # Hugging Face's repetition penalty over the prefix and the critique so far; 1.0 is off (the
+    # reference samples with 1.01).
+    repetition_penalty: float = 1.0
     seed: int = 0
     # Inputs per compiled batch (each becomes num_samples decode rows).
     batch_size: int = 8
@@ -70,6 +74,7 @@ class ScoreConfig:
         if self.max_critique_tokens < 0:
             raise ValueError(f"max_critique_tokens={self.max_critique_tokens}: must be >= 0")
         method_from(self.temperature, self.top_k, self.top_p)
+        check_repetition_penalty(self.repetition_penalty)
         if self.layout_version is not None and self.layout_version not in LAYOUT_VERSIONS:
             raise ValueError(f"layout_version={self.layout_version}: expected one of "
                              f"{', '.join(map(str, LAYOUT_VERSIONS))}")
@@ -256,7 +261,8 @@ def score(rm, prompts: Sequence[str], responses: Sequence[str], cfg: ScoreConfig
         filler = [chunk[0]] * (rows - len(chunk))
         out = sample(model_cfg, params, chunk + filler, max_new_tokens=m, stop_ids=stop_ids,
                      num_samples=k, method=method, seed=cfg.seed, pad_id=pad_id,
-                     buckets=cfg.length_buckets or None, mesh=rm.mesh, rules=SAMPLE_RULES)
+                     buckets=cfg.length_buckets or None, mesh=rm.mesh, rules=SAMPLE_RULES,
+                     repetition_penalty=cfg.repetition_penalty)
         real = slice(0, len(chunk))
         tokens[idx], lengths[idx] = out.tokens[real], out.lengths[real]
         rewards[idx], truncated[idx] = out.rewards[real], out.truncated[real]
