@@ -31,6 +31,8 @@ COMMANDS = {
                  "evaluate"),
     "aot": ("cloud_jax.cli.aot", "compile the train and sampling steps for a TPU topology from a CPU "
                              "host; print memory, FLOPs, step time"),
+    "serve": ("cloud_jax.cli.serve", "an HTTP reward server for RL loops (OpenRLHF protocol and "
+                                     "a native one)"),
     "bench": ("cloud_jax.cli.bench", "benchmarks: `bench train`, `bench sample`"),
 }
 

@@ -53,6 +53,11 @@ class Settings:
     top_p: Optional[float] = None
     max_critique_tokens: int = 256
     seed: int = 0
+    repetition_penalty: float = 1.0
+
+    def score_kwargs(self) -> dict:
+        """The keyword arguments of ``rm.score`` these settings stand for."""
+        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True)

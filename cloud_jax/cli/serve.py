@@ -1,0 +1,114 @@
+"""``python -m cloud_jax serve --checkpoint DIR``: CLoud rewards over HTTP for RL loops and
+Best-of-N.
+
+    POST /get_reward   OpenRLHF's remote reward model ({"query", "prompts", "labels"} -> "rewards")
+    POST /v1/score     {"items": [{"prompt", "response"}], "num_samples": K, ...}
+    GET  /health       200 once loaded and compiled
+    GET  /metrics      Prometheus text
+
+The server answers once the model is loaded and compiled. SIGTERM stops admitting, answers every
+accepted request and exits 0. docs/SERVING.md has the protocols, curl examples and sizing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional, Sequence
+
+from cloud_jax.cli.common import add_model_args, load_model
+from cloud_jax.errors import ConfigError
+from cloud_jax.serving.types import BackendOptions, Settings
+
+BATCHING = ("continuous", "static")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = Settings()
+    o = BackendOptions()
+    p = argparse.ArgumentParser(prog="python -m cloud_jax serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
+    p.add_argument("--num-samples", type=int, default=d.num_samples,
+                   help="K critiques per response, unless a request says otherwise "
+                        "(default %(default)s)")
+    p.add_argument("--temperature", type=float, default=d.temperature,
+                   help="default sampling temperature; 0 is greedy (default %(default)s)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
+                   help="default repetition penalty; 1.0 is off (the reference uses 1.01)")
+    p.add_argument("--max-critique-tokens", type=int, default=d.max_critique_tokens,
+                   help="default critique budget (default %(default)s); requests may ask for up "
+                        "to --max-critique-tokens-limit")
+    p.add_argument("--max-critique-tokens-limit", type=int, default=None,
+                   help="the largest budget a request may ask for (default: "
+                        f"max(--max-critique-tokens, {o.max_critique_tokens}))")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--slots", type=int, default=o.slots,
+                   help="decode rows in flight (an item takes K); size it to the accelerator "
+                        "(default %(default)s)")
+    p.add_argument("--max-queue", type=int, default=o.max_queue,
+                   help="items waiting at most; beyond it requests get 503 (default %(default)s)")
+    p.add_argument("--max-length", type=int, default=o.max_length,
+                   help="prefill tokens per item at most; longer items get 413 "
+                        "(default %(default)s)")
+    p.add_argument("--batching", choices=BATCHING, default="static",
+                   help="static: a batch is admitted and waits for its longest critique "
+                        "(default); continuous: decode slots refilled as critiques finish")
+    p.add_argument("--classic", action=argparse.BooleanOptionalAction, default=None,
+                   help="serve without critiques (default: as the checkpoint says)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return p
+
+
+def make_backend(kind: str, rm, options: BackendOptions):
+    if kind == "static":
+        from cloud_jax.serving.static import StaticBackend
+
+        return StaticBackend(rm, options)
+    try:
+        from cloud_jax.serving.engine import ContinuousBackend
+    except ImportError:
+        raise ConfigError("--batching continuous: the continuous-batching engine is not part of "
+                          "this version; use --batching static") from None
+    return ContinuousBackend(rm, options)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("slots", "max_queue", "max_length", "num_samples"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    defaults = Settings(num_samples=args.num_samples, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p,
+                        max_critique_tokens=args.max_critique_tokens, seed=args.seed,
+                        repetition_penalty=args.repetition_penalty)
+    limit = args.max_critique_tokens_limit
+    if limit is None:
+        limit = max(args.max_critique_tokens, BackendOptions().max_critique_tokens)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(levelname)s %(name)s: %(message)s")
+    rm = load_model(args)
+    classic = args.classic if args.classic is not None else rm.is_classic
+    options = BackendOptions(slots=args.slots, max_queue=args.max_queue,
+                             max_length=args.max_length, max_critique_tokens=limit,
+                             defaults=defaults, classic=classic)
+    from cloud_jax.serving.protocol import InvalidField, check_settings
+
+    try:
+        check_settings(defaults, options, classic)
+    except InvalidField as err:
+        parser.error(f"--{err.field.replace('_', '-')}: {err}")
+    from cloud_jax.serving.server import serve
+
+    return serve(make_backend(args.batching, rm, options), defaults, rm.tokenizer,
+                 host=args.host, port=args.port, log_level=args.log_level)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

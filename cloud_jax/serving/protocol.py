@@ -1,0 +1,260 @@
+"""The two request shapes the server takes, checked field by field, and the checks every backend
+shares (settings, prefill lengths).
+
+Native, ``POST /v1/score``::
+
+    {"items": [{"prompt": str | [{"role": "user", "content": str}], "response": str}, ...],
+     "num_samples": K, "temperature": T, "top_k": k, "top_p": p, "max_critique_tokens": N,
+     "seed": S, "repetition_penalty": r}            # every setting optional
+
+OpenRLHF's remote reward model, ``POST /get_reward``::
+
+    {"query": [prompt + response, ...], "prompts": [prompt, ...], "labels": [...]}
+
+Each query is the prompt followed by the response, usually rendered with a chat template. With
+``prompts``, the response is the query after its prompt. Without, the query is cut at its last
+assistant header (see :func:`split_query`). Either way, where the prompt part is a rendered chat
+(the model's own template), the user's text is taken out of it and the response's end-of-turn is
+dropped, so the model sees the conversation it was trained on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional, Sequence
+
+from cloud_jax.serving.types import BackendOptions, Item, Settings
+
+_SETTING_TYPES = {"num_samples": int, "temperature": float, "top_k": int, "top_p": float,
+                  "max_critique_tokens": int, "seed": int, "repetition_penalty": float}
+
+
+class InvalidField(ValueError):
+    """A request field is missing, of the wrong type or out of range (HTTP 422, or 400 for a body
+    that is not a JSON object)."""
+
+    def __init__(self, field: str, message: str, status: int = 422):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.status = status
+
+
+def prompt_text(prompt: Any, field: str = "prompt") -> str:
+    """A prompt as the text of its user turn: a string as is, or a message list holding one user
+    message (the layout has one user turn before the response)."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list):
+        users = [m for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+        others = [m for m in prompt if not (isinstance(m, dict) and m.get("role") == "user")]
+        if len(users) == 1 and not others and isinstance(users[0].get("content"), str):
+            return users[0]["content"]
+        raise InvalidField(field, "a message list must hold exactly one {\"role\": \"user\", "
+                                  "\"content\": str} message (multi-turn and system prompts are "
+                                  "not supported)")
+    raise InvalidField(field, f"expected a string or a message list, got {type(prompt).__name__}")
+
+
+def _number(body: dict, name: str, kind: type):
+    value = body[name]
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise InvalidField(name, f"expected an integer, got {value!r}")
+    if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))
+                          or not math.isfinite(value)):
+        raise InvalidField(name, f"expected a number, got {value!r}")
+    return kind(value)
+
+
+def settings_from(body: dict, defaults: Settings) -> Settings:
+    """The request's settings over the server's defaults; unknown keys are refused by the
+    caller."""
+    values = dataclasses.asdict(defaults)
+    for name, kind in _SETTING_TYPES.items():
+        if name in body and body[name] is not None:
+            values[name] = _number(body, name, kind)
+        elif name in body and name in ("top_k", "top_p"):
+            values[name] = None
+    return Settings(**values)
+
+
+def check_settings(settings: Settings, options: BackendOptions, classic: bool) -> None:
+    """InvalidField naming the setting that no backend can serve."""
+    from cloud_jax.sampling import check_repetition_penalty, method_from
+
+    if settings.num_samples < 1:
+        raise InvalidField("num_samples", f"must be >= 1, got {settings.num_samples}")
+    if not 0 <= settings.max_critique_tokens <= options.max_critique_tokens:
+        raise InvalidField("max_critique_tokens", f"must lie in [0, {options.max_critique_tokens}]"
+                           f" (the server's --max-critique-tokens), got "
+                           f"{settings.max_critique_tokens}")
+    if not 0 <= settings.seed < 2**32:
+        raise InvalidField("seed", f"must lie in [0, 2**32), got {settings.seed}")
+    for name, check in (("temperature", lambda: method_from(settings.temperature, settings.top_k,
+                                                            settings.top_p)),
+                        ("repetition_penalty",
+                         lambda: check_repetition_penalty(settings.repetition_penalty))):
+        try:
+            check()
+        except ValueError as err:
+            field = name
+            if "top_k" in str(err):
+                field = "top_k"
+            elif "top_p" in str(err):
+                field = "top_p"
+            raise InvalidField(field, str(err)) from None
+    del classic  # every setting is accepted for a classic model (it samples nothing)
+
+
+def item_lengths(rm, items: Sequence[Item], classic: bool, settings: Settings) -> list[int]:
+    """Each item's prefill length in tokens (the whole sequence for a classic model)."""
+    from cloud_jax.data.layout import encode_critique_prefix, encode_example
+    from cloud_jax.scoring.rewards import (ScoreConfig, resolve_critique_prefix,
+                                           resolve_layout_version)
+
+    del settings
+    tok = rm.tokenizer
+    if tok is None:
+        raise ValueError("the model has no tokenizer; serve a checkpoint directory that holds one")
+    cfg = ScoreConfig()
+    prefix, version = resolve_critique_prefix(rm, cfg), resolve_layout_version(rm, cfg)
+    out = []
+    for i, item in enumerate(items):
+        prompt = prompt_text(item.prompt, f"items[{i}].prompt")
+        if classic:
+            ex = encode_example(tok, prompt, item.response, None, "classic", prefix, 1 << 30,
+                                version=version)
+            out.append(len(ex.input_ids))
+        else:
+            out.append(len(encode_critique_prefix(tok, prompt, item.response, prefix,
+                                                  version=version)))
+    return out
+
+
+def _list_of_strings(body: dict, name: str, required: bool = True) -> Optional[list]:
+    if name not in body or body[name] is None:
+        if required:
+            raise InvalidField(name, "missing")
+        return None
+    value = body[name]
+    if not isinstance(value, list):
+        raise InvalidField(name, f"expected a list of strings, got {type(value).__name__}")
+    if not value:
+        raise InvalidField(name, "must not be empty")
+    for i, v in enumerate(value):
+        if not isinstance(v, str):
+            raise InvalidField(f"{name}[{i}]", f"expected a string, got {type(v).__name__}")
+    return value
+
+
+def parse_score(body: Any, defaults: Settings) -> tuple[list[Item], Settings]:
+    """A ``/v1/score`` body as items and settings."""
+    if not isinstance(body, dict):
+        raise InvalidField("body", "expected a JSON object", status=400)
+    unknown = sorted(set(body) - {"items"} - set(_SETTING_TYPES))
+    if unknown:
+        raise InvalidField(unknown[0], f"unknown field (known: items, "
+                                       f"{', '.join(_SETTING_TYPES)})")
+    if "items" not in body:
+        raise InvalidField("items", "missing")
+    raw = body["items"]
+    if not isinstance(raw, list):
+        raise InvalidField("items", f"expected a list, got {type(raw).__name__}")
+    if not raw:
+        raise InvalidField("items", "must not be empty")
+    items = []
+    for i, obj in enumerate(raw):
+        if not isinstance(obj, dict):
+            raise InvalidField(f"items[{i}]", "expected an object with prompt and response")
+        for key in ("prompt", "response"):
+            if key not in obj:
+                raise InvalidField(f"items[{i}].{key}", "missing")
+        if not isinstance(obj["response"], str):
+            raise InvalidField(f"items[{i}].response", "expected a string")
+        prompt_text(obj["prompt"], f"items[{i}].prompt")
+        extra = sorted(set(obj) - {"prompt", "response"})
+        if extra:
+            raise InvalidField(f"items[{i}].{extra[0]}", "unknown field")
+        items.append(Item(obj["prompt"], obj["response"]))
+    return items, settings_from(body, defaults)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatMarkers:
+    """Where the model's chat template puts text: before the user's text (``user_head``, the BOS
+    included), between it and the response (``assistant_head``), after the response (``tail``)."""
+
+    user_head: str
+    assistant_head: str
+    tail: str
+    bos: str
+
+    @classmethod
+    def of(cls, tok) -> "ChatMarkers":
+        p, r = "\ue001P\ue001", "\ue001R\ue001"
+        text = tok.apply_chat_template([{"role": "user", "content": p},
+                                        {"role": "assistant", "content": r}], tokenize=False)
+        head, rest = text.split(p, 1)
+        middle, tail = rest.split(r, 1)
+        bos = tok.bos_token if isinstance(getattr(tok, "bos_token", None), str) else ""
+        return cls(head, middle, tail, bos)
+
+    def user_text(self, prompt: str) -> str:
+        """The user's text of a rendered prompt (a plain prompt is returned unchanged)."""
+        text = prompt
+        for head in (self.user_head, self.user_head.removeprefix(self.bos)):
+            if head and text.startswith(head):
+                text = text[len(head):]
+                break
+        else:
+            return prompt
+        for end in (self.assistant_head, self.assistant_head.rstrip()):
+            if end and text.endswith(end):
+                return text[:-len(end)]
+        return text
+
+    def response_text(self, response: str) -> str:
+        """The response without the template's end of turn (and an EOS after it)."""
+        text = response
+        for end in (self.tail, self.tail.rstrip()):
+            if end and text.endswith(end):
+                return text[:-len(end)]
+        return text
+
+
+def split_query(query: str, prompt: Optional[str], markers: ChatMarkers,
+                field: str) -> tuple[str, str]:
+    """(user text, response text) of one OpenRLHF query."""
+    if prompt is not None:
+        if not query.startswith(prompt):
+            raise InvalidField(field, "does not start with its prompt (prompts[i]); the query "
+                                      "must be the prompt followed by the response")
+        head, response = prompt, query[len(prompt):]
+    else:
+        cut = query.rfind(markers.assistant_head) if markers.assistant_head.strip() else -1
+        if cut < 0:
+            raise InvalidField(field, f"no assistant turn marker {markers.assistant_head!r} of "
+                                      "the model's chat template found; send prompts too")
+        head = query[:cut + len(markers.assistant_head)]
+        response = query[cut + len(markers.assistant_head):]
+    return markers.user_text(head), markers.response_text(response)
+
+
+def parse_openrlhf(body: Any, markers: ChatMarkers) -> list[Item]:
+    """A ``/get_reward`` body as items; ``labels`` are accepted and unused."""
+    if not isinstance(body, dict):
+        raise InvalidField("body", "expected a JSON object", status=400)
+    queries = _list_of_strings(body, "query")
+    prompts = _list_of_strings(body, "prompts", required=False)
+    if prompts is not None and len(prompts) != len(queries):
+        raise InvalidField("prompts", f"{len(prompts)} prompts for {len(queries)} queries: give "
+                                      "one per query, or none")
+    labels = body.get("labels")
+    if labels is not None and (not isinstance(labels, list) or len(labels) != len(queries)):
+        raise InvalidField("labels", f"expected a list of {len(queries)} entries (one per query)")
+    items = []
+    for i, query in enumerate(queries):
+        user, response = split_query(query, None if prompts is None else prompts[i], markers,
+                                     f"query[{i}]")
+        items.append(Item(user, response))
+    return items

@@ -1,0 +1,217 @@
+"""The HTTP front: a Starlette app over a backend, served by uvicorn.
+
+    POST /get_reward   OpenRLHF's remote reward model: {"query", "prompts", "labels"} ->
+                       {"rewards", "scores", "extra_logs": {"reward_std", "truncated_fraction"}}
+    POST /v1/score     native: {"items": [...], settings} -> {"results": [...]}
+    GET  /health       200 once the backend is loaded and compiled, 503 before and while draining
+    GET  /metrics      Prometheus text
+
+Bad input is answered 400 (not JSON, not an object) or 422 (a field: missing, wrong type, out of
+range, lengths that disagree), naming the field; an item longer than the server's maximum 413; a
+full queue 503 with Retry-After. A client that goes away has its request cancelled. SIGTERM (or
+Ctrl-C) stops admitting, lets every accepted request finish, then the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import time
+from concurrent.futures import Future
+from typing import Optional
+
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
+                               generate_latest)
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from cloud_jax.serving.protocol import ChatMarkers, InvalidField, parse_openrlhf, parse_score
+from cloud_jax.serving.types import (Backend, InputTooLong, ItemResult, QueueFull, Settings,
+                                     ShuttingDown)
+
+log = logging.getLogger(__name__)
+
+# How often a waiting request checks whether its client is still there.
+_DISCONNECT_POLL_S = 0.05
+
+
+class Metrics:
+    """The server's Prometheus metrics, in a registry of their own."""
+
+    def __init__(self, backend: Backend):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.queue_depth = Gauge("cloud_queue_depth", "items admitted but not yet started",
+                                 registry=r)
+        self.busy_slots = Gauge("cloud_busy_slots", "decode rows in use", registry=r)
+        self.total_slots = Gauge("cloud_total_slots", "decode rows", registry=r)
+        self.tokens = Gauge("cloud_critique_tokens_total",
+                            "critique tokens generated since start (rate() gives tokens/s)",
+                            registry=r)
+        self.latency = Histogram("cloud_request_latency_seconds",
+                                 "time from a request's arrival to its answer", ["endpoint"],
+                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+                                 registry=r)
+        self.requests = Counter("cloud_requests_total", "answered requests", ["endpoint", "status"],
+                                registry=r)
+        self.rejected = Counter("cloud_rejected_requests_total",
+                                "requests refused before scoring", ["reason"], registry=r)
+        self.items = Counter("cloud_scored_items_total", "items scored", registry=r)
+        self.admitted = Counter("cloud_admitted_items_total", "items accepted into the queue",
+                                registry=r)
+        self._backend = backend
+
+    def render(self) -> bytes:
+        s = self._backend.stats()
+        self.queue_depth.set(s.queue_depth)
+        self.busy_slots.set(s.busy_slots)
+        self.total_slots.set(s.total_slots)
+        self.tokens.set(s.critique_tokens)
+        return generate_latest(self.registry)
+
+
+def _error(status: int, message: str, field: Optional[str] = None, **headers) -> JSONResponse:
+    body = {"error": message}
+    if field is not None:
+        body["field"] = field
+    return JSONResponse(body, status_code=status, headers=headers or None)
+
+
+def build_app(backend: Backend, defaults: Settings, tokenizer) -> Starlette:
+    """The app over ``backend`` (already started, or started by the caller before serving)."""
+    metrics = Metrics(backend)
+    markers = ChatMarkers.of(tokenizer) if tokenizer is not None else None
+    state = {"draining": False}
+
+    async def read_json(request: Request):
+        raw = await request.body()
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise InvalidField("body", f"malformed JSON: {err}", status=400) from None
+
+    async def run(request: Request, endpoint: str, parse, answer):
+        started = time.monotonic()
+        status = 200
+        try:
+            if state["draining"] or not getattr(backend, "ready", True):
+                raise ShuttingDown("the server is not ready" if not state["draining"] else
+                                   "the server is shutting down")
+            items, settings = parse(await read_json(request))
+            future: Future = backend.submit(items, settings)
+            metrics.admitted.inc(len(items))
+            results = await _wait(request, backend, future)
+            if results is None:  # the client went away
+                status = 499
+                return Response(status_code=499)
+            metrics.items.inc(len(results))
+            return JSONResponse(answer(results))
+        except InvalidField as err:
+            status = err.status
+            metrics.rejected.labels("invalid").inc()
+            return _error(err.status, str(err), err.field)
+        except InputTooLong as err:
+            status = 413
+            metrics.rejected.labels("too_long").inc()
+            return _error(413, str(err), f"items[{err.index}]")
+        except QueueFull as err:
+            status = 503
+            metrics.rejected.labels("queue_full").inc()
+            return _error(503, str(err), **{"Retry-After": str(max(1, round(err.retry_after_s)))})
+        except ShuttingDown as err:
+            status = 503
+            metrics.rejected.labels("shutting_down").inc()
+            return _error(503, str(err), **{"Retry-After": "5"})
+        except Exception as err:  # a bug in one request must not take the server down
+            status = 500
+            log.exception("request to %s failed", endpoint)
+            return _error(500, f"internal error: {type(err).__name__}: {err}")
+        finally:
+            metrics.requests.labels(endpoint, str(status)).inc()
+            metrics.latency.labels(endpoint).observe(time.monotonic() - started)
+
+    async def score(request: Request):
+        return await run(request, "/v1/score", lambda body: parse_score(body, defaults),
+                         lambda results: {"results": [_result_json(r) for r in results]})
+
+    async def get_reward(request: Request):
+        if markers is None:
+            return _error(503, "the model has no tokenizer, so queries cannot be split")
+
+        def parse(body):
+            return parse_openrlhf(body, markers), defaults
+
+        def answer(results: list[ItemResult]):
+            rewards = [r.reward for r in results]
+            return {"rewards": rewards, "scores": rewards, "extra_logs": {
+                "reward_std": [r.reward_std for r in results],
+                "truncated_fraction": [sum(r.truncated) / len(r.truncated) for r in results]}}
+
+        return await run(request, "/get_reward", parse, answer)
+
+    async def health(request: Request):
+        ready = getattr(backend, "ready", True) and not state["draining"]
+        return JSONResponse({"status": "ok" if ready else "unavailable"},
+                            status_code=200 if ready else 503)
+
+    async def metrics_endpoint(request: Request):
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    app = Starlette(routes=[
+        Route("/v1/score", score, methods=["POST"]),
+        Route("/get_reward", get_reward, methods=["POST"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+    ])
+    app.state.serving = state
+    return app
+
+
+def _result_json(r: ItemResult) -> dict:
+    return {"reward": r.reward, "sample_rewards": r.sample_rewards, "reward_std": r.reward_std,
+            "critiques": r.critiques, "truncated": r.truncated}
+
+
+async def _wait(request: Request, backend: Backend, future: Future):
+    """The request's results, or None (after cancelling it) if the client disconnects first."""
+    wrapped = asyncio.wrap_future(future)
+    while True:
+        done, _ = await asyncio.wait({wrapped}, timeout=_DISCONNECT_POLL_S)
+        if done:
+            return wrapped.result()
+        if await request.is_disconnected():
+            backend.cancel(future)
+            return None
+
+
+def serve(backend: Backend, defaults: Settings, tokenizer, *, host: str = "127.0.0.1",
+          port: int = 8000, log_level: str = "info") -> int:
+    """Starts the backend, serves until SIGTERM / Ctrl-C, drains, and returns 0."""
+    import uvicorn
+
+    app = build_app(backend, defaults, tokenizer)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=None, lifespan="off")
+    server = uvicorn.Server(config)
+    log.info("loading and compiling before accepting requests")
+    backend.start()
+    log.info("ready on http://%s:%d", host, port)
+
+    def on_signal(sig, frame):
+        # Stop admitting at once; uvicorn then waits for the requests in flight. Handled here
+        # rather than by uvicorn's own handler, which re-raises the signal after the shutdown
+        # (the process would then die of SIGTERM instead of exiting 0).
+        app.state.serving["draining"] = True
+        if server.should_exit and sig == signal.SIGINT:
+            server.force_exit = True
+        server.should_exit = True
+
+    server.handle_exit = on_signal
+    server.run()
+    backend.close(drain=True)
+    log.info("every accepted request answered; exiting")
+    return 0

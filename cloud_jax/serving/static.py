@@ -1,0 +1,182 @@
+"""The static batcher: waiting requests are taken as one batch and scored with ``rm.score``; every
+request of the batch waits for the batch's longest critique.
+
+It is the simplest backend behind the serving contract (``types.py``) and the baseline the
+continuous-batching engine is measured against (``python -m cloud_jax bench serve``). Requests with
+equal settings share a batch (their items are scored in one ``rm.score`` call); a request's
+results equal ``rm.score`` on its own items, because each input's random stream derives from its
+own tokens, never from its batch.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from typing import Optional, Sequence
+
+import numpy as np
+
+from cloud_jax.serving.types import (BackendOptions, BackendStats, InputTooLong, Item, ItemResult,
+                                     QueueFull, Settings, ShuttingDown)
+from cloud_jax.serving.protocol import InvalidField, check_settings, item_lengths, prompt_text
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _Request:
+    items: Sequence[Item]
+    settings: Settings
+    future: Future
+    submitted: float
+
+
+class StaticBackend:
+    """See the module docstring; implements :class:`cloud_jax.serving.types.Backend`."""
+
+    def __init__(self, rm, options: BackendOptions = BackendOptions()):
+        self.rm = rm
+        self.options = options
+        self.classic = options.classic or getattr(rm, "feedback_method", "teacher") == "vanilla"
+        self._lock = threading.Condition()
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._queued_items = 0
+        self._busy_rows = 0
+        self._tokens = 0
+        self._closing = False
+        self._worker: Optional[threading.Thread] = None
+        self.ready = False
+
+    # -- Backend protocol ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Compiles the prefill and decode shapes of a one-item request, then starts the worker."""
+        warm = Settings(**{**dataclasses.asdict(self.options.defaults), "max_critique_tokens": 2})
+        self._score([Item("warm-up", "warm-up")], warm)
+        self._worker = threading.Thread(target=self._run, name="static-backend", daemon=True)
+        self._worker.start()
+        self.ready = True
+
+    def submit(self, items: Sequence[Item], settings: Settings) -> Future:
+        check_settings(settings, self.options, self.classic)
+        if not items:
+            raise InvalidField("items", "must not be empty")
+        for i, length in enumerate(item_lengths(self.rm, items, self.classic, settings)):
+            if length > self.options.max_length:
+                raise InputTooLong(i, length, self.options.max_length)
+        future: Future = Future()
+        with self._lock:
+            if self._closing:
+                raise ShuttingDown("the server is shutting down and admits no new requests")
+            if self._queued_items + len(items) > self.options.max_queue:
+                raise QueueFull(self.options.max_queue)
+            self._queue.append(_Request(list(items), settings, future, time.monotonic()))
+            self._queued_items += len(items)
+            self._lock.notify_all()
+        return future
+
+    def cancel(self, future: Future) -> None:
+        """Drops a request still waiting; one already in a running batch finishes unseen."""
+        with self._lock:
+            for req in list(self._queue):
+                if req.future is future:
+                    self._queue.remove(req)
+                    self._queued_items -= len(req.items)
+                    break
+        future.cancel()
+
+    def stats(self) -> BackendStats:
+        with self._lock:
+            return BackendStats(queue_depth=self._queued_items, busy_slots=self._busy_rows,
+                                total_slots=self.options.slots, critique_tokens=self._tokens)
+
+    def close(self, drain: bool = True) -> None:
+        with self._lock:
+            self._closing = True
+            if not drain:
+                while self._queue:
+                    req = self._queue.popleft()
+                    req.future.set_exception(ShuttingDown("the server stopped before this "
+                                                          "request started"))
+                self._queued_items = 0
+            self._lock.notify_all()
+        if self._worker is not None:
+            self._worker.join()
+
+    # -- the worker ---------------------------------------------------------------------------
+
+    def _rows(self, req: _Request) -> int:
+        return len(req.items) * (1 if self.classic else req.settings.num_samples)
+
+    def _take_batch(self) -> Optional[list[_Request]]:
+        """The oldest request and every later waiting one with the same settings, up to the
+        slots (a request larger than that runs alone). None when closing with nothing left."""
+        with self._lock:
+            while not self._queue and not self._closing:
+                self._lock.wait()
+            if not self._queue:
+                return None
+            first = self._queue.popleft()
+            batch, rows = [first], self._rows(first)
+            for req in list(self._queue):
+                if req.settings == first.settings and rows + self._rows(req) <= self.options.slots:
+                    self._queue.remove(req)
+                    batch.append(req)
+                    rows += self._rows(req)
+            self._queued_items -= sum(len(r.items) for r in batch)
+            self._busy_rows = rows
+            return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            live = [r for r in batch if r.future.set_running_or_notify_cancel()]
+            try:
+                if live:
+                    items = [item for r in live for item in r.items]
+                    results, tokens = self._score(items, live[0].settings)
+                    start = 0
+                    for r in live:
+                        r.future.set_result(results[start:start + len(r.items)])
+                        start += len(r.items)
+                    with self._lock:
+                        self._tokens += tokens
+            except Exception as err:  # one bad batch must not stop the server
+                log.exception("scoring a batch of %d requests failed", len(live))
+                for r in live:
+                    if not r.future.done():
+                        r.future.set_exception(err)
+            finally:
+                with self._lock:
+                    self._busy_rows = 0
+
+    def _score(self, items: Sequence[Item], settings: Settings) -> tuple[list[ItemResult], int]:
+        prompts = [prompt_text(item.prompt) for item in items]
+        responses = [item.response for item in items]
+        kwargs = settings.score_kwargs()
+        if self.classic:
+            kwargs.update(num_samples=1, classic=True)
+        per_batch = max(1, self.options.slots // kwargs["num_samples"])
+        res = self.rm.score(prompts, responses, batch_size=per_batch,
+                            max_length=self.options.max_length, **kwargs)
+        return results_from_score(res, self.classic), int(np.sum(res.critique_tokens))
+
+
+def results_from_score(res, classic: bool) -> list[ItemResult]:
+    """``rm.score``'s arrays as one :class:`ItemResult` per item."""
+    out = []
+    for i in range(len(res.rewards)):
+        k = res.sample_rewards.shape[1]
+        out.append(ItemResult(
+            reward=float(res.rewards[i]),
+            sample_rewards=[float(x) for x in res.sample_rewards[i]],
+            reward_std=float(res.reward_std[i]),
+            critiques=[""] * k if classic else list(res.critiques[i]),
+            truncated=[bool(x) for x in res.truncated[i]]))
+    return out

@@ -1,0 +1,241 @@
+"""The reward server in a subprocess on 127.0.0.1: results over HTTP equal offline ``rm.score``
+under concurrent clients, the OpenRLHF request shape, every bad input with its status and field,
+overload (503 + Retry-After, nothing accepted lost), and SIGTERM under load (every accepted
+request answered, exit 0)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import requests
+
+import cloud_jax
+from cloud_jax.data.tokenizer import byte_tokenizer
+from cloud_jax.model import param_shapes
+from cloud_jax.model.config import ModelConfig
+
+CFG = ModelConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
+                  num_kv_heads=2)
+PROMPTS = ["What is 2+2?", "Name a colour.", "Hi", "Say something long: " + "la " * 12,
+           "Why is the sky blue?"]
+RESPONSES = ["4", "Blue, like the sky.", "Hello there!", "la la", "Rayleigh scattering."]
+LIMIT = 256  # --max-length
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    rng = np.random.default_rng(3)
+    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, 0.1, s.shape), s.dtype),
+                          param_shapes(CFG))
+    out = tmp_path_factory.mktemp("ckpt") / "model"
+    cloud_jax.RewardModel(CFG, params, byte_tokenizer()).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def rm(checkpoint):
+    return cloud_jax.load(checkpoint)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, checkpoint, *flags):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cloud_jax", "serve", "--checkpoint", str(checkpoint),
+             "--port", str(self.port), "--max-length", str(LIMIT), "--log-level", "warning",
+             *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited {self.proc.returncode}: "
+                                   f"{self.proc.stdout.read()}")
+            try:
+                if requests.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("the server did not become ready")
+
+    def metric(self, name):
+        text = requests.get(self.url + "/metrics", timeout=5).text
+        return sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith(name) and not line.startswith("#"))
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    s = Server(checkpoint, "--slots", "6", "--max-critique-tokens", "6", "--batching", "static")
+    yield s
+    s.stop()
+
+
+def _offline(rm, prompts, responses, **settings):
+    return rm.score(prompts, responses, **settings)
+
+
+def _check(result_json, offline, i):
+    assert result_json["critiques"] == offline.critiques[i]
+    np.testing.assert_allclose(result_json["sample_rewards"], offline.sample_rewards[i],
+                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose(result_json["reward"], offline.rewards[i], atol=1e-5, rtol=0)
+    assert result_json["truncated"] == offline.truncated[i].tolist()
+
+
+def test_concurrent_clients_get_what_offline_scoring_gives(server, rm):
+    # 16 clients, mixed lengths and settings, all at once.
+    jobs = []
+    for c in range(16):
+        idx = [(c + j) % len(PROMPTS) for j in range(1 + c % 3)]
+        settings = {"num_samples": 1 + c % 3, "temperature": [0.0, 0.7, 1.3][c % 3],
+                    "max_critique_tokens": 2 + c % 5, "seed": c % 4}
+        jobs.append((idx, settings))
+
+    def call(job):
+        idx, settings = job
+        body = {"items": [{"prompt": PROMPTS[i], "response": RESPONSES[i]} for i in idx],
+                **settings}
+        return requests.post(server.url + "/v1/score", json=body, timeout=120)
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(call, jobs))
+    for (idx, settings), answer in zip(jobs, answers):
+        assert answer.status_code == 200, answer.text
+        offline = _offline(rm, [PROMPTS[i] for i in idx], [RESPONSES[i] for i in idx], **settings)
+        for j, result in enumerate(answer.json()["results"]):
+            _check(result, offline, j)
+
+
+def test_the_openrlhf_request_shape(server, rm):
+    tok = rm.tokenizer
+    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                       add_generation_prompt=True) for p in PROMPTS[:3]]
+    queries = [p + r + "<eot>" for p, r in zip(prompts, RESPONSES[:3])]
+    offline = _offline(rm, PROMPTS[:3], RESPONSES[:3], max_critique_tokens=6)
+    for body in ({"query": queries, "prompts": prompts, "labels": ["", "", ""]},
+                 {"query": queries}):
+        answer = requests.post(server.url + "/get_reward", json=body, timeout=60)
+        assert answer.status_code == 200, answer.text
+        out = answer.json()
+        np.testing.assert_allclose(out["rewards"], offline.rewards, atol=1e-5, rtol=0)
+        assert out["scores"] == out["rewards"]
+        assert set(out["extra_logs"]) == {"reward_std", "truncated_fraction"}
+
+
+@pytest.mark.parametrize("path,body,status,field", [
+    ("/v1/score", b"{not json", 400, "body"),
+    ("/v1/score", [1, 2], 400, "body"),
+    ("/v1/score", {}, 422, "items"),
+    ("/v1/score", {"items": []}, 422, "items"),
+    ("/v1/score", {"items": "x"}, 422, "items"),
+    ("/v1/score", {"items": [{"prompt": "a"}]}, 422, "items[0].response"),
+    ("/v1/score", {"items": [{"prompt": "a", "response": 3}]}, 422, "items[0].response"),
+    ("/v1/score", {"items": [{"prompt": 5, "response": "b"}]}, 422, "items[0].prompt"),
+    ("/v1/score", {"items": [{"prompt": [{"role": "system", "content": "s"}], "response": "b"}]},
+     422, "items[0].prompt"),
+    ("/v1/score", {"items": [{"prompt": "a", "response": "b"}], "num_samples": 0}, 422,
+     "num_samples"),
+    ("/v1/score", {"items": [{"prompt": "a", "response": "b"}], "num_samples": "2"}, 422,
+     "num_samples"),
+    ("/v1/score", {"items": [{"prompt": "a", "response": "b"}], "temperature": -1}, 422,
+     "temperature"),
+    ("/v1/score", {"items": [{"prompt": "a", "response": "b"}], "temperature": 1, "top_k": 3,
+                   "top_p": 0.5}, 422, "top_k"),
+    ("/v1/score", {"items": [{"prompt": "a", "response": "b"}], "max_critique_tokens": 10**6},
+     422, "max_critique_tokens"),
+    ("/v1/score", {"items": [{"prompt": "a", "response": "b"}], "colour": "red"}, 422, "colour"),
+    ("/v1/score", {"items": [{"prompt": "a" * 600, "response": "b"}]}, 413, "items[0]"),
+    ("/get_reward", {"query": ["a", 3]}, 422, "query[1]"),
+    ("/get_reward", {"query": []}, 422, "query"),
+    ("/get_reward", {"query": ["ab"], "prompts": ["a", "b"]}, 422, "prompts"),
+    ("/get_reward", {"query": ["ab"], "prompts": ["x"]}, 422, "query[0]"),
+    ("/get_reward", {"query": ["no template here"]}, 422, "query[0]"),
+])
+def test_bad_input_gets_its_status_and_names_the_field(server, path, body, status, field):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    answer = requests.post(server.url + path, data=data,
+                           headers={"Content-Type": "application/json"}, timeout=30)
+    assert answer.status_code == status, answer.text
+    assert answer.json()["field"] == field, answer.json()
+    if status == 413:
+        assert str(LIMIT) in answer.json()["error"]
+    # The server keeps serving.
+    ok = requests.post(server.url + "/v1/score",
+                       json={"items": [{"prompt": "a", "response": "b"}]}, timeout=30)
+    assert ok.status_code == 200
+
+
+def test_metrics_are_prometheus_text(server):
+    text = requests.get(server.url + "/metrics", timeout=5).text
+    for name in ("cloud_queue_depth", "cloud_busy_slots", "cloud_critique_tokens_total",
+                 "cloud_request_latency_seconds_bucket", "cloud_rejected_requests_total"):
+        assert name in text
+    assert server.metric("cloud_critique_tokens_total") > 0
+
+
+def test_overload_then_sigterm_under_load(checkpoint, rm):
+    server = Server(checkpoint, "--slots", "1", "--max-queue", "3",
+                    "--max-critique-tokens", "48", "--batching", "static")
+    try:
+        settings = {"num_samples": 1, "temperature": 1.0, "max_critique_tokens": 48, "seed": 1}
+        body = {"items": [{"prompt": PROMPTS[0], "response": RESPONSES[0]}], **settings}
+        offline = _offline(rm, PROMPTS[:1], RESPONSES[:1], **settings)
+
+        def call(_):
+            return requests.post(server.url + "/v1/score", json=body, timeout=120)
+
+        # Overload: more at once than the queue holds.
+        with ThreadPoolExecutor(24) as pool:
+            answers = list(pool.map(call, range(24)))
+        codes = [a.status_code for a in answers]
+        assert set(codes) <= {200, 503} and codes.count(503) > 0 and codes.count(200) >= 3
+        for a in answers:
+            if a.status_code == 503:
+                assert int(a.headers["Retry-After"]) >= 1
+            else:
+                _check(a.json()["results"][0], offline, 0)
+        assert server.metric("cloud_rejected_requests_total") >= codes.count(503)
+
+        # SIGTERM while requests are queued: each accepted one is answered, then exit 0.
+        admitted_before = server.metric("cloud_admitted_items_total")
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(call(0))) for _ in range(3)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while server.metric("cloud_admitted_items_total") < admitted_before + 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        server.proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join()
+        assert [r.status_code for r in results] == [200, 200, 200]
+        for r in results:
+            _check(r.json()["results"][0], offline, 0)
+        assert server.proc.wait(timeout=60) == 0
+    finally:
+        server.stop()
