@@ -1,0 +1,95 @@
+"""CLoud rewards as a reward function for GRPO-style trainers, in the same process.
+
+    from cloud_jax.rewards import CLoudReward
+    reward = CLoudReward("runs/cloud/final", num_samples=4, temperature=0.7)
+    reward(prompts=["What is 2+2?"], completions=["4"])          # -> [0.83]
+    reward.last_critiques                                          # [["The answer is right...", ...]]
+
+The call signature is the one TRL's ``GRPOTrainer`` and tunix's GRPO learner use for reward
+functions: ``fn(prompts, completions, **kwargs) -> list[float]``, one float per completion, in
+order; extra keyword arguments (dataset columns, trainer state, completion ids) are accepted and
+ignored. Prompts and completions may be strings or chat messages (TRL's conversational format):
+a prompt's user message and a completion's assistant message are what get scored. The rewards
+equal ``rm.score`` on the same texts and settings.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+from cloud_jax.api import RewardModel
+
+
+def _prompt_text(prompt: Any, index: int) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list):
+        users = [m.get("content") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+        if users and isinstance(users[-1], str):
+            if len(users) > 1 or any(m.get("role") not in ("user", "system") for m in prompt):
+                raise ValueError(f"prompts[{index}]: multi-turn conversations are not supported; "
+                                 "give one user message")
+            return users[-1]
+    raise ValueError(f"prompts[{index}]: expected a string or a list of chat messages with one "
+                     f"user message, got {prompt!r:.80}")
+
+
+def _completion_text(completion: Any, index: int) -> str:
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list):
+        parts = [m.get("content") for m in completion
+                 if isinstance(m, dict) and m.get("role") == "assistant"]
+        if len(parts) == 1 and isinstance(parts[0], str):
+            return parts[0]
+    raise ValueError(f"completions[{index}]: expected a string or a list holding one assistant "
+                     f"message, got {completion!r:.80}")
+
+
+class CLoudReward:
+    """A reward function over a CLoud model (a :class:`cloud_jax.RewardModel`, or a path or hub id
+    to load). ``settings`` are the sampling settings of ``rm.score`` (``num_samples``,
+    ``temperature``, ``top_k``, ``top_p``, ``max_critique_tokens``, ``repetition_penalty``,
+    ``seed``, ``batch_size``, ...)."""
+
+    def __init__(self, model: RewardModel | str | os.PathLike, **settings):
+        if not isinstance(model, RewardModel):
+            import cloud_jax
+
+            model = cloud_jax.load(model)
+        self.rm = model
+        self.settings = settings
+        # Trainers name a reward function by __name__ in their logs.
+        self.__name__ = "cloud_reward"
+        self.last_critiques: list[list[str]] = []
+        self.last_result = None
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any],
+                 **kwargs: Any) -> list[float]:
+        del kwargs  # dataset columns, trainer state, completion ids: not needed
+        rewards, _ = self.with_critiques(prompts, completions)
+        return rewards
+
+    def with_critiques(self, prompts: Sequence[Any],
+                       completions: Sequence[Any]) -> tuple[list[float], list[list[str]]]:
+        """The rewards and each completion's K critiques (for logging)."""
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions: the "
+                             "trainer passes one prompt per completion")
+        if not prompts:
+            return [], []
+        texts = [_prompt_text(p, i) for i, p in enumerate(prompts)]
+        answers = [_completion_text(c, i) for i, c in enumerate(completions)]
+        result = self.rm.score(texts, answers, **self.settings)
+        self.last_result = result
+        self.last_critiques = [list(c) for c in result.critiques]
+        return [float(r) for r in result.rewards], self.last_critiques
+
+
+def cloud_reward(model: RewardModel | str | os.PathLike,
+                 **settings) -> CLoudReward:
+    """``CLoudReward(model, **settings)``: a reward function for ``GRPOTrainer(reward_funcs=...)``
+    and tunix's GRPO learner."""
+    return CLoudReward(model, **settings)
+

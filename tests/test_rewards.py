@@ -1,0 +1,107 @@
+"""The in-process reward function: one float per completion, in order, equal to ``rm.score``;
+chat-format inputs; and the function inside a real TRL ``GRPOTrainer`` loop."""
+
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import cloud_jax
+from cloud_jax.data.tokenizer import byte_tokenizer
+from cloud_jax.model import param_shapes
+from cloud_jax.model.config import ModelConfig
+from cloud_jax.rewards import CLoudReward, cloud_reward
+
+CFG = ModelConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
+                  num_kv_heads=2)
+PROMPTS = ["What is 2+2?", "Name a colour.", "Hi"]
+COMPLETIONS = ["4", "Blue, like the sky.", "Hello there!"]
+SETTINGS = dict(num_samples=2, temperature=0.9, max_critique_tokens=5, seed=3)
+
+
+@pytest.fixture(scope="module")
+def rm():
+    rng = np.random.default_rng(7)
+    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, 0.1, s.shape), s.dtype),
+                          param_shapes(CFG))
+    return cloud_jax.RewardModel(CFG, params, byte_tokenizer())
+
+
+def test_one_float_per_completion_in_order_equal_to_score(rm):
+    fn = cloud_reward(rm, **SETTINGS)
+    # Repeated prompts (GRPO's groups) and extra trainer kwargs.
+    prompts, completions = PROMPTS + PROMPTS[:1], COMPLETIONS + ["five"]
+    rewards = fn(prompts=prompts, completions=completions, answer=["4"] * 4, trainer_state=None)
+    assert isinstance(rewards, list) and all(type(r) is float for r in rewards)
+    want = rm.score(prompts, completions, **SETTINGS)
+    np.testing.assert_allclose(rewards, want.rewards, atol=1e-6, rtol=0)
+    assert fn.last_critiques == want.critiques
+    # Reversed order in, reversed rewards out.
+    back = fn(prompts[::-1], completions[::-1])
+    np.testing.assert_allclose(back, rewards[::-1], atol=1e-6, rtol=0)
+
+
+def test_chat_messages_are_read_as_their_texts(rm):
+    fn = CLoudReward(rm, **SETTINGS)
+    prompts = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": p}]
+               for p in PROMPTS]
+    completions = [[{"role": "assistant", "content": c}] for c in COMPLETIONS]
+    np.testing.assert_allclose(fn(prompts, completions), fn(PROMPTS, COMPLETIONS), atol=1e-6,
+                               rtol=0)
+    with pytest.raises(ValueError, match="1 prompts for 2 completions"):
+        fn(PROMPTS[:1], COMPLETIONS[:2])
+    with pytest.raises(ValueError, match=r"completions\[0\]"):
+        fn(PROMPTS[:1], [[{"role": "user", "content": "x"}]])
+    assert fn([], []) == []
+
+
+def test_the_signature_trainers_call():
+    # TRL's GRPOTrainer calls reward_func(prompts=..., completions=..., completion_ids=...,
+    # trainer_state=..., **dataset columns); tunix's GRPO learner calls
+    # reward_fn(prompts=..., completions=..., **dataset columns). Both by keyword.
+    params = inspect.signature(CLoudReward.__call__).parameters
+    assert list(params)[1:3] == ["prompts", "completions"]
+    assert any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+@pytest.mark.slow
+def test_inside_a_trl_grpo_training_loop(rm, tmp_path):
+    torch = pytest.importorskip("torch")
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    policy = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id))
+    calls = []
+
+    class Recording(CLoudReward):
+        def __call__(self, prompts, completions, **kwargs):
+            rewards = super().__call__(prompts, completions, **kwargs)
+            calls.append((list(prompts), list(completions), rewards))
+            return rewards
+
+    reward = Recording(rm, max_critique_tokens=4)
+    config = trl.GRPOConfig(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, num_generations=2,
+        max_completion_length=6, logging_steps=1, report_to=[], save_strategy="no",
+        use_cpu=True, bf16=False, learning_rate=1e-3, temperature=1.0, seed=0)
+    trainer = trl.GRPOTrainer(model=policy, reward_funcs=reward, args=config,
+                              train_dataset=Dataset.from_dict({"prompt": PROMPTS * 2}),
+                              processing_class=tok)
+    trainer.train()
+    assert calls, "the trainer never called the reward function"
+    for prompts, completions, rewards in calls:
+        assert len(rewards) == len(completions) == len(prompts)
+        want = rm.score([p if isinstance(p, str) else p[-1]["content"] for p in prompts],
+                        completions, max_critique_tokens=4)
+        np.testing.assert_allclose(rewards, want.rewards, atol=1e-5, rtol=0)
+    logged = [k for row in trainer.state.log_history for k in row]
+    assert any("cloud_reward" in k for k in logged), logged
