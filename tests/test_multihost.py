@@ -68,7 +68,10 @@ def test_two_processes_train_resume_and_sample_equal_one(tmp_path):
         keys = [k for k in want.files if k.startswith(f"params{step}[")]
         assert len(keys) > 10, want.files
         for k in keys:
-            np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+            # Two processes sum the gradients in another order than one; Adam's update divides by
+            # the root of the second moment, which magnifies that rounding for the few weights
+            # whose gradients are near zero (seen: 5e-6 on a weight of 0.02 after 3 steps).
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=2e-5, err_msg=k)
     # Training moved the weights between the two checkpoints.
     assert not np.allclose(got[f"params{STOP}['lm_head']"], got[f"params{STEPS}['lm_head']"])
     assert got["sample_rewards"].shape == (len(rows), 4)
