@@ -103,6 +103,21 @@ def test_score(capsys, files, tmp_path):
     user_error(capsys, score(files["ckpt"], files["bad"]), "bad.jsonl:2", "chosen")
 
 
+def test_serve(capsys, files, tmp_path):
+    def serve(checkpoint, *flags):
+        return ["serve", "--checkpoint", checkpoint, "--port", "0", *flags]
+
+    user_error(capsys, serve(str(tmp_path / "no_ckpt")), "no_ckpt")
+    user_error(capsys, serve(files["empty"]), files["empty"])
+    user_error(capsys, serve(files["alien"]), "mamba")
+    with pytest.raises(SystemExit) as exit_:
+        main(serve(files["ckpt"], "--num-samples", "0"))
+    assert exit_.value.code == 2 and "--num-samples" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(serve(files["ckpt"], "--temperature", "-1"))
+    assert exit_.value.code == 2 and "--temperature" in capsys.readouterr().err
+
+
 def test_critique(capsys, files, tmp_path):
     def critique(checkpoint, src):
         return ["critique", "--checkpoint", checkpoint, "--input", src, "--output",
