@@ -86,7 +86,7 @@ def check_settings(settings: Settings, options: BackendOptions, classic: bool) -
         raise InvalidField("num_samples", f"must be >= 1, got {settings.num_samples}")
     if not 0 <= settings.max_critique_tokens <= options.max_critique_tokens:
         raise InvalidField("max_critique_tokens", f"must lie in [0, {options.max_critique_tokens}]"
-                           f" (the server's --max-critique-tokens), got "
+                           f" (the server's --max-critique-tokens-limit), got "
                            f"{settings.max_critique_tokens}")
     if not 0 <= settings.seed < 2**32:
         raise InvalidField("seed", f"must lie in [0, 2**32), got {settings.seed}")

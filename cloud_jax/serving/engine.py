@@ -1,0 +1,476 @@
+"""Continuous batching of critique generation: a fixed set of decode slots, refilled as critiques
+finish, so a short critique never waits for a long one.
+
+A *pool* is ``options.slots`` decode rows that share one sampling method (greedy, or a
+temperature with its top-k / top-p) and repetition penalty: those are compile-time constants of
+the decode step, so requests with another method get a pool of their own (compiled once per
+method). Within a pool every row carries its own state: its KV slots (validity and positions per
+slot), next-token logits, random key, step, token budget, tokens so far.
+
+The worker thread loops:
+
+1. admit: waiting items enter free rows (an item takes ``num_samples`` rows); their prefixes are
+   prefilled in length buckets and a batch size from a few powers of two, and each prefill is
+   copied into its rows' slots ``[0, L)`` (:func:`_insert`; nothing recompiles once the
+   bucket and batch sizes have been seen);
+2. decode: ``chunk_steps`` steps of every pool with live rows in one compiled call
+   (:func:`_chunk`); a row that draws a stop token, or spends its budget, is fed the end-of-turn
+   token and its reward is read from that very step, as in ``cloud_jax.sampling``;
+3. collect: finished rows hand their tokens and reward to their request and are freed; a request
+   is answered when all its rows are.
+
+All rows write the same cache column each step; a new row's prefill sits in the first slots of
+its row, so columns free up only by compaction (:func:`_compact`, a per-row gather that moves
+each row's valid slots to the front) when the next chunk would run past the end.
+
+A row draws with the key ``fold_in(fold_in(key(seed), content_id), sample)`` folded with its own
+step, its prefill tokens are the same, and its reward is read the same way, so a request's
+critiques and rewards equal ``rm.score`` on the same items and settings whatever else is in
+flight. The K samples of an item each hold a copy of its prefill (the batch sampler shares one);
+rows are cheap next to the weights at the sizes this runs at, and the copy keeps insertion a
+plain scatter.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cloud_jax.data.layout import chat_layout, encode_critique_prefix
+from cloud_jax.data.tokenizer import end_of_turn_ids
+from cloud_jax.model import CLoudModel, KVCache, init_cache, unstack_layers
+from cloud_jax.model.config import ModelConfig
+from cloud_jax.sampling import (bucket_length, content_row_ids, method_from, pad_prefixes, prefill,
+                                row_keys, penalize_repeats)
+from cloud_jax.sampling.loop import seen_tokens, stop_array
+from cloud_jax.sampling.methods import SamplingMethod
+from cloud_jax.scoring.rewards import ScoreConfig, resolve_critique_prefix, resolve_layout_version
+from cloud_jax.serving.protocol import InvalidField, check_settings, item_lengths, prompt_text
+from cloud_jax.serving.static import StaticBackend
+from cloud_jax.serving.types import (BackendOptions, BackendStats, InputTooLong, Item, ItemResult,
+                                     QueueFull, Settings, ShuttingDown)
+from cloud_jax.sharding import SAMPLE_RULES
+
+log = logging.getLogger(__name__)
+
+
+@flax.struct.dataclass
+class PoolState:
+    """Device state of one pool of S rows (M: the largest budget + 1)."""
+
+    cache: KVCache
+    logits: jax.Array  # [S, V] fp32
+    keys: jax.Array  # [S] per-row keys (seed, input, sample)
+    step: jax.Array  # [S] int32: draws made (= critique tokens written while live)
+    budget: jax.Array  # [S] int32
+    done: jax.Array  # [S] bool: free, or finished and not yet collected
+    tokens: jax.Array  # [S, M] int32
+    rewards: jax.Array  # [S] fp32
+    truncated: jax.Array  # [S] bool
+    seen: Optional[jax.Array] = None  # [S, V] bool, with a repetition penalty
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "method", "penalty", "steps", "pad_id"),
+                   donate_argnums=(1,))
+def _chunk(params, s: PoolState, stop_ids, *, cfg: ModelConfig, method: SamplingMethod,
+           penalty: float, steps: int, pad_id: int) -> PoolState:
+    model = CLoudModel(cfg)
+    eot = stop_ids[0]
+    rows = jnp.arange(s.step.shape[0])
+
+    def body(_, s: PoolState) -> PoolState:
+        live = ~s.done
+        step_keys = jax.vmap(jax.random.fold_in)(s.keys, s.step)
+        logits = s.logits if s.seen is None else penalize_repeats(s.logits, s.seen, penalty)
+        drawn = method(logits, step_keys)
+        is_stop = jnp.isin(drawn, stop_ids)
+        ending = live & (is_stop | (s.step >= s.budget))
+        writing = live & ~ending
+        fed = jnp.where(ending, eot, jnp.where(writing, drawn, pad_id))
+        hidden, cache = model.apply({"params": params}, fed[:, None], live[:, None],
+                                    cache=s.cache, method=CLoudModel.hidden_states)
+        hidden = hidden[:, 0]
+        new_logits = model.apply({"params": params}, hidden, method=CLoudModel.step_logits)
+        rewards = model.apply({"params": params}, hidden, method=CLoudModel.reward)
+        column = jnp.minimum(s.step, s.tokens.shape[1] - 1)
+        return s.replace(
+            cache=cache, logits=new_logits,
+            tokens=s.tokens.at[rows, column].set(jnp.where(writing, drawn, s.tokens[rows, column])),
+            step=s.step + writing.astype(jnp.int32), done=s.done | ending,
+            rewards=jnp.where(ending, rewards, s.rewards),
+            truncated=jnp.where(ending, ~is_stop, s.truncated),
+            seen=None if s.seen is None else s.seen.at[rows, drawn].max(writing))
+
+    with nn.logical_axis_rules(SAMPLE_RULES):
+        return jax.lax.fori_loop(0, steps, body, s)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _insert(s: PoolState, small: KVCache, logits, seen, rows, src, keys, budgets) -> PoolState:
+    """Copies prefill ``src[j]`` (of ``small``) into row ``rows[j]``; entries with ``rows[j]``
+    out of range are dropped (they pad ``rows`` to a fixed length)."""
+    length = small.valid.shape[1]
+    total = s.cache.valid.shape[1]
+
+    def put(big, part):  # [S, H, C, D] <- [b, H, L, D] rows
+        return big.at[rows, :, :length, :].set(part[src], mode="drop")
+
+    layers = tuple(layer.replace(k=put(layer.k, sl.k), v=put(layer.v, sl.v))
+                   for layer, sl in zip(s.cache.layers, small.layers))
+    pad = jnp.zeros((src.shape[0], total - length), jnp.int32)
+    valid = s.cache.valid.at[rows].set(jnp.concatenate([small.valid[src], pad], 1), mode="drop")
+    pos = s.cache.pos.at[rows].set(jnp.concatenate([small.pos[src], pad], 1), mode="drop")
+    cache = s.cache.replace(layers=layers, valid=valid, pos=pos,
+                            end=jnp.maximum(s.cache.end, length))
+    return s.replace(
+        cache=cache, logits=s.logits.at[rows].set(logits[src], mode="drop"),
+        keys=s.keys.at[rows].set(keys, mode="drop"),
+        step=s.step.at[rows].set(0, mode="drop"), budget=s.budget.at[rows].set(budgets, mode="drop"),
+        done=s.done.at[rows].set(False, mode="drop"),
+        tokens=s.tokens.at[rows].set(0, mode="drop"),
+        rewards=s.rewards.at[rows].set(0.0, mode="drop"),
+        truncated=s.truncated.at[rows].set(False, mode="drop"),
+        seen=None if s.seen is None else s.seen.at[rows].set(seen[src], mode="drop"))
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _compact(s: PoolState) -> PoolState:
+    """Moves each row's valid cache slots to the front, in order; ``end`` becomes the most any
+    row holds."""
+    order = jnp.argsort(1 - s.cache.valid, axis=1, stable=True)  # valid slots first, in order
+
+    def gather(x):  # [S, H, C, D]
+        return jnp.take_along_axis(x, order[:, None, :, None], axis=2)
+
+    layers = tuple(layer.replace(k=gather(layer.k), v=gather(layer.v)) for layer in s.cache.layers)
+    valid = jnp.take_along_axis(s.cache.valid, order, axis=1)
+    cache = s.cache.replace(layers=layers, valid=valid,
+                            pos=jnp.take_along_axis(s.cache.pos, order, axis=1),
+                            end=jnp.max(jnp.sum(valid, axis=1)).astype(jnp.int32))
+    return s.replace(cache=cache)
+
+
+@jax.jit
+def _free(s: PoolState, rows) -> PoolState:
+    return s.replace(done=s.done.at[rows].set(True, mode="drop"))
+
+
+@dataclasses.dataclass
+class _Request:
+    items: list
+    settings: Settings
+    future: Future
+    prefixes: list  # token ids per item
+    results: list  # per item: per sample (tokens, reward, truncated) or None
+    waiting: collections.deque  # item indices not yet admitted
+    rows_left: int
+    cancelled: bool = False
+    # Chunk counters (for tests and metrics): when its first row started, when it finished.
+    started_chunk: Optional[int] = None
+    finished_chunk: Optional[int] = None
+
+
+class _Pool:
+    def __init__(self, engine: "ContinuousBackend", method: SamplingMethod, penalty: float):
+        self.method, self.penalty = method, penalty
+        e = engine
+        s, cfg = e.options.slots, e.cfg
+        self.capacity = e.capacity
+        self.owner: list = [None] * s  # (request, item, sample) per row
+        self.state = PoolState(
+            cache=init_cache(cfg, s, self.capacity), logits=jnp.zeros((s, cfg.vocab_size)),
+            keys=jax.random.split(jax.random.key(0), s), step=jnp.zeros(s, jnp.int32),
+            budget=jnp.zeros(s, jnp.int32), done=jnp.ones(s, bool),
+            tokens=jnp.zeros((s, e.max_budget + 1), jnp.int32), rewards=jnp.zeros(s),
+            truncated=jnp.zeros(s, bool),
+            seen=None if penalty == 1.0 else jnp.zeros((s, cfg.vocab_size), bool))
+
+    def free_rows(self) -> list[int]:
+        return [r for r, o in enumerate(self.owner) if o is None]
+
+    def busy(self) -> int:
+        return sum(o is not None for o in self.owner)
+
+
+class ContinuousBackend:
+    """See the module docstring; implements :class:`cloud_jax.serving.types.Backend`. A classic
+    model has no critiques to batch: it is served by the static batcher."""
+
+    def __new__(cls, rm, options: BackendOptions = BackendOptions(), **kwargs):
+        if options.classic or getattr(rm, "feedback_method", "teacher") == "vanilla":
+            return StaticBackend(rm, options)
+        return super().__new__(cls)
+
+    def __init__(self, rm, options: BackendOptions = BackendOptions(), *, chunk_steps: int = 8):
+        self.rm, self.options, self.chunk_steps = rm, options, chunk_steps
+        self.classic = False
+        self.cfg, self.params = rm.config, rm.params
+        if self.cfg.scan_layers:
+            self.params = unstack_layers(self.params, self.cfg.num_layers)
+            self.cfg = dataclasses.replace(self.cfg, scan_layers=False)
+        tok = rm.tokenizer
+        if tok is None:
+            raise ValueError("the model has no tokenizer; serve a directory that holds one")
+        self.stop_ids = stop_array(end_of_turn_ids(tok))
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        score_cfg = ScoreConfig()
+        self.prefix = resolve_critique_prefix(rm, score_cfg)
+        self.version = resolve_layout_version(rm, score_cfg)
+        self.max_budget = options.max_critique_tokens
+        self.capacity = (bucket_length(options.max_length) + self.max_budget + 2 * chunk_steps)
+        self._lock = threading.Condition()
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._queued_items = 0
+        self._pools: dict = {}
+        self._tokens = 0
+        self._closing = False
+        self._cancel: list[_Request] = []
+        self.chunks = 0
+        # future -> (chunk its first row started in, chunk it finished in), for the last requests.
+        self.spans: collections.OrderedDict = collections.OrderedDict()
+        self._worker: Optional[threading.Thread] = None
+        self.ready = False
+
+    # -- Backend protocol ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        warm = dataclasses.replace(self.options.defaults, max_critique_tokens=2)
+        future = self._enqueue([Item("warm-up", "warm-up")], warm)
+        self._worker = threading.Thread(target=self._run, name="continuous-backend", daemon=True)
+        self._worker.start()
+        future.result()
+        self.ready = True
+
+    def submit(self, items: Sequence[Item], settings: Settings) -> Future:
+        check_settings(settings, self.options, False)
+        if not items:
+            raise InvalidField("items", "must not be empty")
+        if settings.num_samples > self.options.slots:
+            raise InvalidField("num_samples", f"{settings.num_samples} samples need more decode "
+                                              f"rows than the server has (--slots "
+                                              f"{self.options.slots})")
+        for i, length in enumerate(item_lengths(self.rm, items, False, settings)):
+            if length > self.options.max_length:
+                raise InputTooLong(i, length, self.options.max_length)
+        with self._lock:
+            if self._closing:
+                raise ShuttingDown("the server is shutting down and admits no new requests")
+            if self._queued_items + len(items) > self.options.max_queue:
+                raise QueueFull(self.options.max_queue)
+        return self._enqueue(items, settings)
+
+    def _enqueue(self, items: Sequence[Item], settings: Settings) -> Future:
+        prefixes = [encode_critique_prefix(self.rm.tokenizer, prompt_text(it.prompt), it.response,
+                                           self.prefix, None, self.version) for it in items]
+        req = _Request(list(items), settings, Future(), prefixes,
+                       [[None] * settings.num_samples for _ in items],
+                       collections.deque(range(len(items))), len(items) * settings.num_samples)
+        with self._lock:
+            self._queue.append(req)
+            self._queued_items += len(items)
+            self._lock.notify_all()
+        return req.future
+
+    def cancel(self, future: Future) -> None:
+        with self._lock:
+            for req in list(self._queue):
+                if req.future is future:
+                    req.cancelled = True
+                    self._cancel.append(req)
+            for pool in self._pools.values():
+                for owner in pool.owner:
+                    if owner is not None and owner[0].future is future:
+                        owner[0].cancelled = True
+                        self._cancel.append(owner[0])
+            self._lock.notify_all()
+        future.cancel()
+
+    def stats(self) -> BackendStats:
+        with self._lock:
+            busy = sum(p.busy() for p in self._pools.values())
+            return BackendStats(queue_depth=self._queued_items, busy_slots=busy,
+                                total_slots=self.options.slots * max(1, len(self._pools)),
+                                critique_tokens=self._tokens)
+
+    def close(self, drain: bool = True) -> None:
+        with self._lock:
+            self._closing = True
+            if not drain:
+                for req in self._queue:
+                    req.cancelled = True
+                    if not req.future.done():
+                        req.future.set_exception(ShuttingDown("the server stopped first"))
+            self._lock.notify_all()
+        if self._worker is not None:
+            self._worker.join()
+
+    # -- the worker ---------------------------------------------------------------------------
+
+    def _pool(self, settings: Settings) -> _Pool:
+        method = method_from(settings.temperature, settings.top_k, settings.top_p)
+        key = (method, float(settings.repetition_penalty))
+        if key not in self._pools:
+            self._pools[key] = _Pool(self, method, float(settings.repetition_penalty))
+        return self._pools[key]
+
+    def _idle(self) -> bool:
+        return not self._queue and all(p.busy() == 0 for p in self._pools.values())
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while self._idle() and not self._closing and not self._cancel:
+                    self._lock.wait()
+                if self._closing and self._idle():
+                    return
+            try:
+                self._drop_cancelled()
+                self._admit()
+                self._decode()
+            except Exception as err:  # fail what is in flight, keep serving
+                log.exception("the decode loop failed")
+                self._fail_all(err)
+
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            cancelled, self._cancel = self._cancel, []
+            for req in cancelled:
+                if req in self._queue:
+                    self._queue.remove(req)
+                    self._queued_items -= len(req.waiting)
+        for pool in self._pools.values():
+            rows = [r for r, o in enumerate(pool.owner) if o is not None and o[0].cancelled]
+            if rows:
+                pool.state = _free(pool.state, jnp.asarray(rows, jnp.int32))
+                for r in rows:
+                    pool.owner[r] = None
+
+    def _admit(self) -> None:
+        """Moves waiting items into free rows, oldest request first."""
+        placed: dict = collections.defaultdict(list)  # pool -> [(request, item, rows)]
+        with self._lock:
+            for req in list(self._queue):
+                pool = self._pool(req.settings)
+                free = [r for r in pool.free_rows()
+                        if all(r not in rows for _, _, rows in placed[id(pool)])]
+                k = req.settings.num_samples
+                while req.waiting and len(free) >= k:
+                    item = req.waiting.popleft()
+                    rows, free = free[:k], free[k:]
+                    for sample, r in enumerate(rows):
+                        pool.owner[r] = (req, item, sample)
+                    placed[id(pool)].append((req, item, rows))
+                    self._queued_items -= 1
+                    if req.started_chunk is None:
+                        req.started_chunk = self.chunks
+                if not req.waiting:
+                    self._queue.remove(req)
+        for pool in self._pools.values():
+            if placed[id(pool)]:
+                self._prefill_into(pool, placed[id(pool)])
+
+    def _prefill_into(self, pool: _Pool, placed: list) -> None:
+        by_bucket = collections.defaultdict(list)
+        for req, item, rows in placed:
+            by_bucket[bucket_length(len(req.prefixes[item]))].append((req, item, rows))
+        s = self.options.slots
+        for length, group in sorted(by_bucket.items()):
+            b = 1 << max(len(group) - 1, 0).bit_length()  # a power of two: few compiled sizes
+            prefixes = [req.prefixes[item] for req, item, _ in group]
+            ids, mask = pad_prefixes(prefixes + [prefixes[0]] * (b - len(group)), length,
+                                     self.pad_id)
+            logits, small = prefill(self.params, ids, mask, cfg=self.cfg, cache_len=length,
+                                    rules=tuple(SAMPLE_RULES))
+            seen = (None if pool.penalty == 1.0 else seen_tokens(jnp.asarray(ids), jnp.asarray(mask),
+                                                                  self.cfg.vocab_size))
+            content = content_row_ids(prefixes)
+            rows, src, keys, budgets = [], [], [], []
+            for j, (req, item, row_list) in enumerate(group):
+                base = row_keys(req.settings.seed, content[j:j + 1])[0]
+                for sample, r in enumerate(row_list):
+                    rows.append(r)
+                    src.append(j)
+                    keys.append(jax.random.fold_in(base, sample))
+                    budgets.append(req.settings.max_critique_tokens)
+            n = len(rows)
+            rows += [s] * (s - n)
+            src += [0] * (s - n)
+            keys += [keys[0]] * (s - n)
+            budgets += [0] * (s - n)
+            pool.state = _insert(pool.state, small, logits, seen, jnp.asarray(rows, jnp.int32),
+                                 jnp.asarray(src, jnp.int32), jnp.stack(keys),
+                                 jnp.asarray(budgets, jnp.int32))
+
+    def _decode(self) -> None:
+        for pool in list(self._pools.values()):
+            if pool.busy() == 0:
+                continue
+            if int(pool.state.cache.end) + self.chunk_steps > pool.capacity:
+                pool.state = _compact(pool.state)
+            pool.state = _chunk(self.params, pool.state, self.stop_ids, cfg=self.cfg,
+                                method=pool.method, penalty=pool.penalty,
+                                steps=self.chunk_steps, pad_id=self.pad_id)
+            self._collect(pool)
+        self.chunks += 1
+
+    def _collect(self, pool: _Pool) -> None:
+        done = np.asarray(pool.state.done)
+        finished = [r for r, o in enumerate(pool.owner) if o is not None and done[r]]
+        if not finished:
+            return
+        idx = jnp.asarray(finished, jnp.int32)
+        tokens, steps, rewards, truncated = jax.device_get(
+            (pool.state.tokens[idx], pool.state.step[idx], pool.state.rewards[idx],
+             pool.state.truncated[idx]))
+        complete = []
+        for j, r in enumerate(finished):
+            req, item, sample = pool.owner[r]
+            pool.owner[r] = None
+            n = int(steps[j])
+            req.results[item][sample] = (tokens[j, :n].tolist(), float(rewards[j]),
+                                         bool(truncated[j]))
+            self._tokens += n
+            req.rows_left -= 1
+            if req.rows_left == 0:
+                req.finished_chunk = self.chunks
+                self.spans[req.future] = (req.started_chunk, req.finished_chunk)
+                while len(self.spans) > 1024:
+                    self.spans.popitem(last=False)
+                complete.append(req)
+        for req in complete:
+            if not req.cancelled and not req.future.done():
+                req.future.set_result(self._results(req))
+
+    def _results(self, req: _Request) -> list[ItemResult]:
+        tok, layout = self.rm.tokenizer, chat_layout(self.rm.tokenizer)
+        out = []
+        for samples in req.results:
+            rewards = np.asarray([s[1] for s in samples], np.float32)
+            out.append(ItemResult(
+                reward=float(rewards.mean()), sample_rewards=[float(x) for x in rewards],
+                reward_std=float(rewards.std()),
+                critiques=[layout.critique_text(tok.decode(s[0], skip_special_tokens=True),
+                                                self.prefix, self.version) for s in samples],
+                truncated=[s[2] for s in samples]))
+        return out
+
+    def _fail_all(self, err: Exception) -> None:
+        for pool in self._pools.values():
+            for r, owner in enumerate(pool.owner):
+                if owner is not None:
+                    if not owner[0].future.done():
+                        owner[0].future.set_exception(err)
+                    pool.owner[r] = None
+            pool.state = _free(pool.state, jnp.arange(self.options.slots, dtype=jnp.int32))

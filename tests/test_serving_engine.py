@@ -1,0 +1,145 @@
+"""The continuous-batching engine: results equal ``rm.score`` for mixed concurrent requests,
+finished rows are refilled while others decode (chunk counters), and the queue, length, cancel
+and shutdown rules of the backend contract."""
+
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import cloud_jax
+from cloud_jax.data.tokenizer import byte_tokenizer
+from cloud_jax.model import param_shapes
+from cloud_jax.model.config import ModelConfig
+from cloud_jax.serving.engine import ContinuousBackend
+from cloud_jax.serving.protocol import InvalidField
+from cloud_jax.serving.static import StaticBackend
+from cloud_jax.serving.types import (BackendOptions, InputTooLong, Item, QueueFull, Settings,
+                                     ShuttingDown)
+
+CFG = ModelConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
+                  num_kv_heads=2)
+PROMPTS = ["What is 2+2?", "Name a colour.", "Hi", "Why is the sky blue?", "Say: " + "la " * 9]
+RESPONSES = ["4", "Blue.", "Hello there!", "Rayleigh scattering.", "la la la"]
+
+
+@pytest.fixture(scope="module")
+def rm():
+    rng = np.random.default_rng(3)
+    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, 0.1, s.shape), s.dtype),
+                          param_shapes(CFG))
+    return cloud_jax.RewardModel(CFG, params, byte_tokenizer())
+
+
+def _engine(rm, **options):
+    options = {"slots": 6, "max_critique_tokens": 40, "max_length": 256, **options}
+    engine = ContinuousBackend(rm, BackendOptions(**options), chunk_steps=4)
+    engine.start()
+    return engine
+
+
+def _items(idx):
+    return [Item(PROMPTS[i], RESPONSES[i]) for i in idx]
+
+
+def _check(out, rm, idx, st):
+    want = rm.score([PROMPTS[i] for i in idx], [RESPONSES[i] for i in idx],
+                    num_samples=st.num_samples, temperature=st.temperature, top_k=st.top_k,
+                    top_p=st.top_p, max_critique_tokens=st.max_critique_tokens, seed=st.seed,
+                    repetition_penalty=st.repetition_penalty)
+    assert len(out) == len(idx)
+    for i, o in enumerate(out):
+        assert o.critiques == want.critiques[i]
+        np.testing.assert_allclose(o.sample_rewards, want.sample_rewards[i], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(o.reward, want.rewards[i], atol=1e-5, rtol=0)
+        assert o.truncated == want.truncated[i].tolist()
+
+
+def test_mixed_concurrent_requests_equal_score(rm):
+    engine = _engine(rm)
+    jobs = [([0, 1], Settings(num_samples=2, temperature=0.9, max_critique_tokens=20, seed=1)),
+            ([2, 3], Settings(num_samples=1, temperature=0.0, max_critique_tokens=7)),
+            ([1, 2, 4], Settings(num_samples=3, temperature=0.9, max_critique_tokens=12, seed=2)),
+            ([4], Settings(num_samples=2, temperature=1.2, top_k=20, max_critique_tokens=15)),
+            ([3, 0], Settings(num_samples=2, temperature=0.8, top_p=0.9, max_critique_tokens=9,
+                              seed=5)),
+            ([0], Settings(num_samples=1, temperature=0.0, max_critique_tokens=25,
+                           repetition_penalty=1.5)),
+            ([2], Settings(num_samples=4, temperature=0.9, max_critique_tokens=3, seed=1))]
+    futures = [None] * len(jobs)
+
+    def submit(j):
+        time.sleep(0.01 * j)
+        futures[j] = engine.submit(_items(jobs[j][0]), jobs[j][1])
+
+    threads = [threading.Thread(target=submit, args=(j,)) for j in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for (idx, st), future in zip(jobs, futures):
+        _check(future.result(timeout=300), rm, idx, st)
+    assert engine.stats().busy_slots == 0 and engine.stats().critique_tokens > 0
+    engine.close()
+
+
+def test_a_request_that_arrives_later_starts_and_ends_before_a_long_one(rm):
+    engine = _engine(rm, slots=4)
+    # One long critique in one row (a random tiny model rarely stops on its own: it runs into
+    # its budget), then short ones that arrive while it decodes.
+    long_settings = Settings(num_samples=1, temperature=0.9, max_critique_tokens=40, seed=3)
+    long = engine.submit(_items([3]), long_settings)
+    deadline = time.monotonic() + 60
+    while engine.chunks < 2:
+        assert time.monotonic() < deadline and not long.done()
+        time.sleep(0.001)
+    short_settings = Settings(num_samples=2, temperature=0.9, max_critique_tokens=3, seed=4)
+    short = engine.submit(_items([0]), short_settings)
+    _check(short.result(timeout=60), rm, [0], short_settings)
+    _check(long.result(timeout=60), rm, [3], long_settings)
+    long_start, long_end = engine.spans[long]
+    short_start, short_end = engine.spans[short]
+    assert long_start < short_start < long_end and short_end < long_end, engine.spans
+    engine.close()
+
+
+def test_queue_length_cancel_and_shutdown_rules(rm):
+    engine = _engine(rm, slots=2, max_queue=2)
+    hog = Settings(num_samples=1, temperature=0.9, max_critique_tokens=40, seed=9)
+    running = engine.submit(_items([0, 1]), hog)  # fills both rows
+    deadline = time.monotonic() + 60
+    while engine.stats().busy_slots < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    waiting = engine.submit(_items([2, 3]), hog)  # two items wait: the queue is full
+    with pytest.raises(QueueFull):
+        engine.submit(_items([4]), hog)
+    with pytest.raises(InputTooLong, match="at most 256"):
+        engine.submit([Item("x" * 400, "y")], hog)
+    with pytest.raises(InvalidField, match="num_samples"):
+        engine.submit(_items([0]), Settings(num_samples=3, max_critique_tokens=4))
+    # Cancelling the running request frees its rows for the waiting one.
+    engine.cancel(running)
+    _check(waiting.result(timeout=120), rm, [2, 3], hog)
+    assert running.cancelled() and engine.stats().busy_slots == 0
+    # Draining answers what was accepted, then nothing more is admitted.
+    last = engine.submit(_items([4]), hog)
+    engine.close(drain=True)
+    _check(last.result(timeout=1), rm, [4], hog)
+    with pytest.raises(ShuttingDown):
+        engine.submit(_items([0]), hog)
+
+
+def test_a_classic_model_is_served_by_micro_batched_forwards(rm):
+    classic = cloud_jax.RewardModel(rm.config, rm.params, rm.tokenizer, feedback_method="vanilla")
+    backend = ContinuousBackend(classic, BackendOptions(slots=4))
+    assert isinstance(backend, StaticBackend)
+    backend.start()
+    out = backend.submit(_items([0, 1]), Settings()).result(timeout=60)
+    want = classic.score(PROMPTS[:2], RESPONSES[:2])
+    np.testing.assert_allclose([o.reward for o in out], want.rewards, atol=1e-6, rtol=0)
+    assert out[0].critiques == [""]
+    backend.close()
