@@ -87,9 +87,10 @@ class Server:
         self.proc.wait()
 
 
-@pytest.fixture(scope="module")
-def server(checkpoint):
-    s = Server(checkpoint, "--slots", "6", "--max-critique-tokens", "6", "--batching", "static")
+@pytest.fixture(scope="module", params=["static", "continuous"])
+def server(checkpoint, request):
+    s = Server(checkpoint, "--slots", "6", "--max-critique-tokens", "6", "--batching",
+               request.param)
     yield s
     s.stop()
 
@@ -197,9 +198,10 @@ def test_metrics_are_prometheus_text(server):
     assert server.metric("cloud_critique_tokens_total") > 0
 
 
-def test_overload_then_sigterm_under_load(checkpoint, rm):
+@pytest.mark.parametrize("batching", ["static", "continuous"])
+def test_overload_then_sigterm_under_load(checkpoint, rm, batching):
     server = Server(checkpoint, "--slots", "1", "--max-queue", "3",
-                    "--max-critique-tokens", "48", "--batching", "static")
+                    "--max-critique-tokens", "48", "--batching", batching)
     try:
         settings = {"num_samples": 1, "temperature": 1.0, "max_critique_tokens": 48, "seed": 1}
         body = {"items": [{"prompt": PROMPTS[0], "response": RESPONSES[0]}], **settings}

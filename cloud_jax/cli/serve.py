@@ -18,7 +18,6 @@ import sys
 from typing import Optional, Sequence
 
 from cloud_jax.cli.common import add_model_args, load_model
-from cloud_jax.errors import ConfigError
 from cloud_jax.serving.types import BackendOptions, Settings
 
 BATCHING = ("continuous", "static")
@@ -56,9 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=o.max_length,
                    help="prefill tokens per item at most; longer items get 413 "
                         "(default %(default)s)")
-    p.add_argument("--batching", choices=BATCHING, default="static",
-                   help="static: a batch is admitted and waits for its longest critique "
-                        "(default); continuous: decode slots refilled as critiques finish")
+    p.add_argument("--batching", choices=BATCHING, default="continuous",
+                   help="continuous (default): decode slots refilled as critiques finish; "
+                        "static: a batch is admitted and waits for its longest critique")
     p.add_argument("--classic", action=argparse.BooleanOptionalAction, default=None,
                    help="serve without critiques (default: as the checkpoint says)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -70,11 +69,8 @@ def make_backend(kind: str, rm, options: BackendOptions):
         from cloud_jax.serving.static import StaticBackend
 
         return StaticBackend(rm, options)
-    try:
-        from cloud_jax.serving.engine import ContinuousBackend
-    except ImportError:
-        raise ConfigError("--batching continuous: the continuous-batching engine is not part of "
-                          "this version; use --batching static") from None
+    from cloud_jax.serving.engine import ContinuousBackend
+
     return ContinuousBackend(rm, options)
 
 
