@@ -194,3 +194,16 @@ def test_mesh_option_parses_axis_sizes_and_names_mistakes():
     with pytest.raises(SystemExit) as err:
         main(["--checkpoint", "c", "--input", "x.jsonl", "--output", "o", "--mesh", "gpu=2"])
     assert err.value.code == 2
+
+
+def test_per_input_budgets_equal_scoring_each_with_its_own(rm):
+    budgets = [2, 6, 4]
+    cfg = dataclasses.replace(RANDOM, max_critique_tokens=1)
+    mixed = score(rm, PROMPTS, RESPONSES, cfg, budgets=budgets)
+    for i, b in enumerate(budgets):
+        alone = score(rm, PROMPTS[i:i + 1], RESPONSES[i:i + 1],
+                      dataclasses.replace(RANDOM, max_critique_tokens=b))
+        assert mixed.critiques[i] == alone.critiques[0]
+        np.testing.assert_allclose(mixed.sample_rewards[i], alone.sample_rewards[0], atol=1e-5)
+        np.testing.assert_array_equal(mixed.truncated[i], alone.truncated[0])
+        assert mixed.critique_tokens[i].max() <= b

@@ -138,14 +138,17 @@ def seen_tokens(ids_bl, mask_bl, vocab_size: int) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=(
     "cfg", "rules", "method", "num_samples", "max_new_tokens", "pad_id", "repetition_penalty"))
-def decode(params, cache: KVCache, logits_bv, row_keys_b, stop_ids_s, seen_bv=None, *,
+def decode(params, cache: KVCache, logits_bv, row_keys_b, stop_ids_s, seen_bv=None,
+           budget_b=None, *,
            cfg: ModelConfig, rules: Rules, method: SamplingMethod, num_samples: int,
            max_new_tokens: int, pad_id: int, repetition_penalty: float = 1.0):
     """Decodes K samples per input over its shared prefill cache until every row has its reward.
 
     ``stop_ids_s`` [S] int32 are data, not compile-time constants: ``stop_ids_s[0]`` is the
     end-of-turn token fed at each row's end. ``seen_bv`` (:func:`seen_tokens` of the prefill)
-    is needed when ``repetition_penalty`` != 1.
+    is needed when ``repetition_penalty`` != 1. ``budget_b`` [B] int32, optional: each input's
+    own critique budget (at most ``max_new_tokens``); a row ends at its budget exactly as it
+    would with ``max_new_tokens`` equal to it.
 
     Returns (tokens [N, M] int32, lengths [N], rewards [N] fp32, truncated [N] bool), rows ordered
     input-major (row ``b * K + k``).
@@ -168,6 +171,9 @@ def decode(params, cache: KVCache, logits_bv, row_keys_b, stop_ids_s, seen_bv=No
             keys_n=sample_keys_bk.reshape(n),
             seen_nv=None if repetition_penalty == 1.0 else jnp.repeat(seen_bv, k, axis=0))
 
+        budget_n = (jnp.full((n,), m, jnp.int32) if budget_b is None
+                     else jnp.repeat(jnp.minimum(budget_b, m), k, axis=0))
+
         def cond(s: DecodeState):
             return (s.step <= m) & ~jnp.all(s.done_n)
 
@@ -178,7 +184,7 @@ def decode(params, cache: KVCache, logits_bv, row_keys_b, stop_ids_s, seen_bv=No
                 logits_nv = penalize_repeats(logits_nv, s.seen_nv, repetition_penalty)
             drawn_n = method(logits_nv, step_keys)
             is_stop = jnp.isin(drawn_n, stop_ids_s)
-            ending = ~s.done_n & (is_stop | (s.step == m))
+            ending = ~s.done_n & (is_stop | (s.step >= budget_n))
             writing = ~s.done_n & ~ending
             fed_n = jnp.where(ending, eot, jnp.where(writing, drawn_n, pad_id))
             hidden_n1d, cache = model.apply({"params": params}, fed_n[:, None],
@@ -218,9 +224,11 @@ def sample_padded(cfg: ModelConfig, params, ids_bl: np.ndarray, mask_bl: np.ndar
                   method: SamplingMethod = Greedy(), seed: int = 0,
                   row_ids: Optional[np.ndarray] = None, pad_id: int = 0,
                   mesh: Optional[Mesh] = None, rules: Rules = SAMPLE_RULES,
-                  repetition_penalty: float = 1.0) -> SampleOutput:
+                  repetition_penalty: float = 1.0,
+                  budgets: Optional[Sequence[int]] = None) -> SampleOutput:
     """Samples from an already padded batch (any padding side). ``row_ids`` [B] default to
-    :func:`content_row_ids` of the attended tokens."""
+    :func:`content_row_ids` of the attended tokens. ``budgets`` [B]: per-input critique budgets
+    (at most ``max_new_tokens``), as if each input were sampled with its own."""
     check_repetition_penalty(repetition_penalty)
     if cfg.scan_layers:
         raise ValueError("sampling needs unrolled layers: convert the params with "
@@ -243,8 +251,10 @@ def sample_padded(cfg: ModelConfig, params, ids_bl: np.ndarray, mask_bl: np.ndar
                                    rules=tuple(rules))
         seen = (None if repetition_penalty == 1.0
                 else seen_tokens(ids_bl, mask_bl, cfg.vocab_size))
+        budget_b = None if budgets is None else np.asarray(budgets, np.int32)
         tokens, lengths, rewards, truncated = decode(
             params, cache, logits_bv, row_keys(seed, row_ids), stop_array(stop_ids), seen,
+            budget_b,
             cfg=cfg, rules=tuple(rules), method=method, num_samples=num_samples,
             max_new_tokens=max_new_tokens, pad_id=pad_id,
             repetition_penalty=float(repetition_penalty))
@@ -264,7 +274,8 @@ def sample(cfg: ModelConfig, params, prefixes: Sequence[Sequence[int]], *, max_n
            stop_ids: Sequence[int], num_samples: int = 1, method: SamplingMethod = Greedy(),
            seed: int = 0, row_ids: Optional[np.ndarray] = None, pad_id: int = 0,
            buckets: Optional[Sequence[int]] = None, mesh: Optional[Mesh] = None,
-           rules: Rules = SAMPLE_RULES, repetition_penalty: float = 1.0) -> SampleOutput:
+           rules: Rules = SAMPLE_RULES, repetition_penalty: float = 1.0,
+           budgets: Optional[Sequence[int]] = None) -> SampleOutput:
     """K critiques (and their rewards) for each token prefix, left-padded to a length bucket."""
     if not prefixes:
         raise ValueError("no inputs to sample from")
@@ -275,4 +286,4 @@ def sample(cfg: ModelConfig, params, prefixes: Sequence[Sequence[int]], *, max_n
     return sample_padded(cfg, params, ids, mask, max_new_tokens=max_new_tokens,
                          stop_ids=stop_ids, num_samples=num_samples, method=method, seed=seed,
                          row_ids=row_ids, pad_id=pad_id, mesh=mesh, rules=rules,
-                         repetition_penalty=repetition_penalty)
+                         repetition_penalty=repetition_penalty, budgets=budgets)

@@ -214,12 +214,17 @@ def _warn_once(message: str) -> None:
 
 
 def score(rm, prompts: Sequence[str], responses: Sequence[str], cfg: ScoreConfig = ScoreConfig(),
-          on_batch: Optional[Callable[[int, int], None]] = None) -> ScoreResult:
+          on_batch: Optional[Callable[[int, int], None]] = None,
+          budgets: Optional[Sequence[int]] = None) -> ScoreResult:
     """Scores every (prompt, response); ``rm`` is a :class:`cloud_jax.RewardModel`.
 
     ``on_batch(inputs_done, critique_tokens)`` is called after each batch (progress bars).
     A fixed seed gives the same critiques whatever the batch size or input order: each input's
     random stream derives from its tokens.
+
+    ``budgets`` [B], optional: each input's own critique budget in place of
+    ``cfg.max_critique_tokens`` (results equal scoring each input with its own); batches compile
+    for the largest budget rounded up to a power of two.
     """
     cfg.validate()
     cfg = dataclasses.replace(cfg, critique_prefix=resolve_critique_prefix(rm, cfg),
@@ -245,6 +250,10 @@ def score(rm, prompts: Sequence[str], responses: Sequence[str], cfg: ScoreConfig
     model_cfg, params = _sampling_params(rm)
     method = method_from(cfg.temperature, cfg.top_k, cfg.top_p)
     n, k, m = len(prefixes), cfg.num_samples, cfg.max_critique_tokens
+    if budgets is not None:
+        if len(budgets) != len(prefixes) or min(budgets) < 0:
+            raise ValueError(f"budgets: one critique budget >= 0 per input ({len(prefixes)})")
+        m = max(16, 1 << max(max(budgets) - 1, 0).bit_length())
     tokens = np.zeros((n, k, m), np.int32)
     lengths = np.zeros((n, k), np.int32)
     rewards = np.zeros((n, k), np.float32)
@@ -262,7 +271,9 @@ def score(rm, prompts: Sequence[str], responses: Sequence[str], cfg: ScoreConfig
         out = sample(model_cfg, params, chunk + filler, max_new_tokens=m, stop_ids=stop_ids,
                      num_samples=k, method=method, seed=cfg.seed, pad_id=pad_id,
                      buckets=cfg.length_buckets or None, mesh=rm.mesh, rules=SAMPLE_RULES,
-                     repetition_penalty=cfg.repetition_penalty)
+                     repetition_penalty=cfg.repetition_penalty,
+                     budgets=None if budgets is None else
+                     [budgets[i] for i in idx] + [budgets[idx[0]]] * len(filler))
         real = slice(0, len(chunk))
         tokens[idx], lengths[idx] = out.tokens[real], out.lengths[real]
         rewards[idx], truncated[idx] = out.rewards[real], out.truncated[real]

@@ -2,10 +2,10 @@
 request of the batch waits for the batch's longest critique.
 
 It is the simplest backend behind the serving contract (``types.py``) and the baseline the
-continuous-batching engine is measured against (``python -m cloud_jax bench serve``). Requests with
-equal settings share a batch (their items are scored in one ``rm.score`` call); a request's
-results equal ``rm.score`` on its own items, because each input's random stream derives from its
-own tokens, never from its batch.
+continuous-batching engine is measured against (``python -m cloud_jax bench serve``). Requests
+whose settings differ at most in their critique budget share a batch (one scoring call, each input
+with its own budget); a request's results equal ``rm.score`` on its own items, because each
+input's random stream derives from its own tokens, never from its batch.
 """
 
 from __future__ import annotations
@@ -123,7 +123,8 @@ class StaticBackend:
             first = self._queue.popleft()
             batch, rows = [first], self._rows(first)
             for req in list(self._queue):
-                if req.settings == first.settings and rows + self._rows(req) <= self.options.slots:
+                if (_batch_key(req.settings) == _batch_key(first.settings)
+                        and rows + self._rows(req) <= self.options.slots):
                     self._queue.remove(req)
                     batch.append(req)
                     rows += self._rows(req)
@@ -140,7 +141,8 @@ class StaticBackend:
             try:
                 if live:
                     items = [item for r in live for item in r.items]
-                    results, tokens = self._score(items, live[0].settings)
+                    budgets = [r.settings.max_critique_tokens for r in live for _ in r.items]
+                    results, tokens = self._score(items, live[0].settings, budgets)
                     start = 0
                     for r in live:
                         r.future.set_result(results[start:start + len(r.items)])
@@ -156,16 +158,25 @@ class StaticBackend:
                 with self._lock:
                     self._busy_rows = 0
 
-    def _score(self, items: Sequence[Item], settings: Settings) -> tuple[list[ItemResult], int]:
+    def _score(self, items: Sequence[Item], settings: Settings,
+               budgets: Optional[Sequence[int]] = None) -> tuple[list[ItemResult], int]:
+        from cloud_jax.scoring.rewards import ScoreConfig, score
+
         prompts = [prompt_text(item.prompt) for item in items]
         responses = [item.response for item in items]
         kwargs = settings.score_kwargs()
         if self.classic:
             kwargs.update(num_samples=1, classic=True)
+            budgets = None
         per_batch = max(1, self.options.slots // kwargs["num_samples"])
-        res = self.rm.score(prompts, responses, batch_size=per_batch,
-                            max_length=self.options.max_length, **kwargs)
+        cfg = ScoreConfig(batch_size=per_batch, max_length=self.options.max_length, **kwargs)
+        res = score(self.rm, prompts, responses, cfg, budgets=budgets)
         return results_from_score(res, self.classic), int(np.sum(res.critique_tokens))
+
+
+def _batch_key(settings: Settings) -> Settings:
+    """What requests sharing a batch must agree on: everything but the critique budget."""
+    return dataclasses.replace(settings, max_critique_tokens=0)
 
 
 def results_from_score(res, classic: bool) -> list[ItemResult]:
