@@ -33,7 +33,7 @@ COMMANDS = {
                              "host; print memory, FLOPs, step time"),
     "serve": ("cloud_jax.cli.serve", "an HTTP reward server for RL loops (OpenRLHF protocol and "
                                      "a native one)"),
-    "bench": ("cloud_jax.cli.bench", "benchmarks: `bench train`, `bench sample`"),
+    "bench": ("cloud_jax.cli.bench", "benchmarks: `bench train`, `bench sample`, `bench serve`"),
 }
 
 

@@ -58,26 +58,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batching", choices=BATCHING, default="continuous",
                    help="continuous (default): decode slots refilled as critiques finish; "
                         "static: a batch is admitted and waits for its longest critique")
+    p.add_argument("--chunk-steps", type=int, default=8,
+                   help="continuous batching: decode steps per compiled chunk, between which "
+                        "finished rows leave and waiting items enter (default %(default)s)")
     p.add_argument("--classic", action=argparse.BooleanOptionalAction, default=None,
                    help="serve without critiques (default: as the checkpoint says)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
 
 
-def make_backend(kind: str, rm, options: BackendOptions):
+def make_backend(kind: str, rm, options: BackendOptions, chunk_steps: int = 8):
     if kind == "static":
         from cloud_jax.serving.static import StaticBackend
 
         return StaticBackend(rm, options)
     from cloud_jax.serving.engine import ContinuousBackend
 
-    return ContinuousBackend(rm, options)
+    return ContinuousBackend(rm, options, chunk_steps=chunk_steps)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("slots", "max_queue", "max_length", "num_samples"):
+    for name in ("slots", "max_queue", "max_length", "num_samples", "chunk_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     defaults = Settings(num_samples=args.num_samples, temperature=args.temperature,
@@ -102,7 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--{err.field.replace('_', '-')}: {err}")
     from cloud_jax.serving.server import serve
 
-    return serve(make_backend(args.batching, rm, options), defaults, rm.tokenizer,
+    return serve(make_backend(args.batching, rm, options, args.chunk_steps), defaults, rm.tokenizer,
                  host=args.host, port=args.port, log_level=args.log_level)
 
 

@@ -34,6 +34,7 @@ plain scatter.
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import functools
 import logging
@@ -242,6 +243,9 @@ class ContinuousBackend:
         self.spans: collections.OrderedDict = collections.OrderedDict()
         self._worker: Optional[threading.Thread] = None
         self.ready = False
+        # Tokenizers are not thread-safe: requests are encoded with a copy, the worker decodes with
+        # the model's own.
+        self._submit_tok = copy.deepcopy(tok)
 
     # -- Backend protocol ---------------------------------------------------------------------
 
@@ -261,7 +265,8 @@ class ContinuousBackend:
             raise InvalidField("num_samples", f"{settings.num_samples} samples need more decode "
                                               f"rows than the server has (--slots "
                                               f"{self.options.slots})")
-        for i, length in enumerate(item_lengths(self.rm, items, False, settings)):
+        for i, length in enumerate(item_lengths(self.rm, items, False, settings,
+                                                self._submit_tok)):
             if length > self.options.max_length:
                 raise InputTooLong(i, length, self.options.max_length)
         with self._lock:
@@ -272,7 +277,7 @@ class ContinuousBackend:
         return self._enqueue(items, settings)
 
     def _enqueue(self, items: Sequence[Item], settings: Settings) -> Future:
-        prefixes = [encode_critique_prefix(self.rm.tokenizer, prompt_text(it.prompt), it.response,
+        prefixes = [encode_critique_prefix(self._submit_tok, prompt_text(it.prompt), it.response,
                                            self.prefix, None, self.version) for it in items]
         req = _Request(list(items), settings, Future(), prefixes,
                        [[None] * settings.num_samples for _ in items],

@@ -106,14 +106,16 @@ def check_settings(settings: Settings, options: BackendOptions, classic: bool) -
     del classic  # every setting is accepted for a classic model (it samples nothing)
 
 
-def item_lengths(rm, items: Sequence[Item], classic: bool, settings: Settings) -> list[int]:
-    """Each item's prefill length in tokens (the whole sequence for a classic model)."""
+def item_lengths(rm, items: Sequence[Item], classic: bool, settings: Settings,
+                 tok=None) -> list[int]:
+    """Each item's prefill length in tokens (the whole sequence for a classic model), tokenized
+    with ``tok`` (default the model's)."""
     from cloud_jax.data.layout import encode_critique_prefix, encode_example
     from cloud_jax.scoring.rewards import (ScoreConfig, resolve_critique_prefix,
                                            resolve_layout_version)
 
     del settings
-    tok = rm.tokenizer
+    tok = tok if tok is not None else rm.tokenizer
     if tok is None:
         raise ValueError("the model has no tokenizer; serve a checkpoint directory that holds one")
     cfg = ScoreConfig()

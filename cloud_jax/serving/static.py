@@ -11,6 +11,7 @@ input's random stream derives from its own tokens, never from its batch.
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import logging
 import threading
@@ -50,6 +51,9 @@ class StaticBackend:
         self._closing = False
         self._worker: Optional[threading.Thread] = None
         self.ready = False
+        # Tokenizers are not thread-safe (a call may switch settings for its duration): requests
+        # are checked with a copy of the model's, the worker scores with the model's own.
+        self._submit_tok = copy.deepcopy(rm.tokenizer)
 
     # -- Backend protocol ---------------------------------------------------------------------
 
@@ -65,7 +69,8 @@ class StaticBackend:
         check_settings(settings, self.options, self.classic)
         if not items:
             raise InvalidField("items", "must not be empty")
-        for i, length in enumerate(item_lengths(self.rm, items, self.classic, settings)):
+        for i, length in enumerate(item_lengths(self.rm, items, self.classic, settings,
+                                                self._submit_tok)):
             if length > self.options.max_length:
                 raise InputTooLong(i, length, self.options.max_length)
         future: Future = Future()

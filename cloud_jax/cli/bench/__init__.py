@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 BENCHMARKS = {
     "sample": ("cloud_jax.cli.bench.sample", "critiques/s of our sampler against transformers"),
     "train": ("cloud_jax.cli.bench.train", "training step time and throughput"),
+    "serve": ("cloud_jax.cli.bench.serve", "the reward server: continuous against static batching"),
 }
 
 
