@@ -120,3 +120,19 @@ def test_the_train_preset_is_the_1b_workload():
             args.seq) == (2048, 16, 32, 8, 8192, 128256, 2048)
     assert args.dtype == "bfloat16" and args.matmul_n == 8192
     assert parse_args(["--preset", "llama-1b", "--seq", "512"]).seq == 512
+
+
+def test_bench_serve_small_runs_both_modes_over_http(capsys, tmp_path):
+    from cloud_jax.cli.bench import serve
+
+    record = tmp_path / "serve.json"
+    assert serve.main(["--small", "--requests", "6", "--record", str(record)]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    for key in ("continuous_critiques_per_s", "static_critiques_per_s", "ratio", "p50_s",
+                "p99_s"):
+        assert result[key] > 0, key
+    assert result["ratio"] == (result["continuous_critiques_per_s"]
+                               / result["static_critiques_per_s"])
+    assert "[bench serve] host: " in out and "continuous:" in out and "static:" in out
+    assert json.loads(record.read_text())["result"]["requests"] == 6
