@@ -19,9 +19,11 @@ The worker thread loops:
 3. collect: finished rows hand their tokens and reward to their request and are freed; a request
    is answered when all its rows are.
 
-All rows write the same cache column each step; a new row's prefill sits in the first slots of
-its row, so columns free up only by compaction (:func:`_compact`, a per-row gather that moves
-each row's valid slots to the front) when the next chunk would run past the end.
+A row's cache is two segments, as in the batch sampler: its prefill (the prefix segment, one per
+row) and its critique so far (the decode segment). All rows write the same decode column each
+step; a row that enters clears its decode slots and starts writing at the current column, so
+columns free up only by compaction (:func:`_compact`, a per-row gather that moves each row's valid
+decode slots to the front) when the next chunk would run past the segment's end.
 
 A row draws with the key ``fold_in(fold_in(key(seed), content_id), sample)`` folded with its own
 step, its prefill tokens are the same, and its reward is read the same way, so a request's
@@ -51,7 +53,8 @@ import numpy as np
 
 from cloud_jax.data.layout import chat_layout, encode_critique_prefix
 from cloud_jax.data.tokenizer import end_of_turn_ids
-from cloud_jax.model import CLoudModel, KVCache, init_cache, unstack_layers
+from cloud_jax.model import (CLoudModel, KVCache, init_cache, unstack_layers,
+                             with_shared_prefix)
 from cloud_jax.model.config import ModelConfig
 from cloud_jax.sampling import (bucket_length, content_row_ids, method_from, pad_prefixes, prefill,
                                 row_keys, penalize_repeats)
@@ -120,21 +123,24 @@ def _chunk(params, s: PoolState, stop_ids, *, cfg: ModelConfig, method: Sampling
 
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _insert(s: PoolState, small: KVCache, logits, seen, rows, src, keys, budgets) -> PoolState:
-    """Copies prefill ``src[j]`` (of ``small``) into row ``rows[j]``; entries with ``rows[j]``
-    out of range are dropped (they pad ``rows`` to a fixed length)."""
+    """Copies prefill ``src[j]`` (of ``small``) into the prefix slots of row ``rows[j]`` and
+    clears the row's decode slots; entries with ``rows[j]`` out of range are dropped (they pad
+    ``rows`` to a fixed length)."""
     length = small.valid.shape[1]
-    total = s.cache.valid.shape[1]
+    prefix = s.cache.prefix
+    total = prefix.valid.shape[1]
 
-    def put(big, part):  # [S, H, C, D] <- [b, H, L, D] rows
+    def put(big, part):  # [S, H, P, D] <- [b, H, L, D] rows
         return big.at[rows, :, :length, :].set(part[src], mode="drop")
 
     layers = tuple(layer.replace(k=put(layer.k, sl.k), v=put(layer.v, sl.v))
-                   for layer, sl in zip(s.cache.layers, small.layers))
+                   for layer, sl in zip(prefix.layers, small.layers))
     pad = jnp.zeros((src.shape[0], total - length), jnp.int32)
-    valid = s.cache.valid.at[rows].set(jnp.concatenate([small.valid[src], pad], 1), mode="drop")
-    pos = s.cache.pos.at[rows].set(jnp.concatenate([small.pos[src], pad], 1), mode="drop")
-    cache = s.cache.replace(layers=layers, valid=valid, pos=pos,
-                            end=jnp.maximum(s.cache.end, length))
+    prefix = prefix.replace(
+        layers=layers,
+        valid=prefix.valid.at[rows].set(jnp.concatenate([small.valid[src], pad], 1), mode="drop"),
+        pos=prefix.pos.at[rows].set(jnp.concatenate([small.pos[src], pad], 1), mode="drop"))
+    cache = s.cache.replace(prefix=prefix, valid=s.cache.valid.at[rows].set(0, mode="drop"))
     return s.replace(
         cache=cache, logits=s.logits.at[rows].set(logits[src], mode="drop"),
         keys=s.keys.at[rows].set(keys, mode="drop"),
@@ -148,8 +154,8 @@ def _insert(s: PoolState, small: KVCache, logits, seen, rows, src, keys, budgets
 
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _compact(s: PoolState) -> PoolState:
-    """Moves each row's valid cache slots to the front, in order; ``end`` becomes the most any
-    row holds."""
+    """Moves each row's valid decode slots to the front, in order; ``end`` becomes the most any
+    row holds. The prefix slots stay where they are."""
     order = jnp.argsort(1 - s.cache.valid, axis=1, stable=True)  # valid slots first, in order
 
     def gather(x):  # [S, H, C, D]
@@ -190,8 +196,10 @@ class _Pool:
         s, cfg = e.options.slots, e.cfg
         self.capacity = e.capacity
         self.owner: list = [None] * s  # (request, item, sample) per row
+        prefix = init_cache(cfg, s, e.prefix_capacity)
         self.state = PoolState(
-            cache=init_cache(cfg, s, self.capacity), logits=jnp.zeros((s, cfg.vocab_size)),
+            cache=with_shared_prefix(cfg, prefix, s, self.capacity),
+            logits=jnp.zeros((s, cfg.vocab_size)),
             keys=jax.random.split(jax.random.key(0), s), step=jnp.zeros(s, jnp.int32),
             budget=jnp.zeros(s, jnp.int32), done=jnp.ones(s, bool),
             tokens=jnp.zeros((s, e.max_budget + 1), jnp.int32), rewards=jnp.zeros(s),
@@ -230,7 +238,9 @@ class ContinuousBackend:
         self.prefix = resolve_critique_prefix(rm, score_cfg)
         self.version = resolve_layout_version(rm, score_cfg)
         self.max_budget = options.max_critique_tokens
-        self.capacity = (bucket_length(options.max_length) + self.max_budget + 2 * chunk_steps)
+        # Prefix slots per row (the largest prefill bucket) and decode slots per row.
+        self.prefix_capacity = bucket_length(options.max_length)
+        self.capacity = self.max_budget + 1 + 2 * chunk_steps
         self._lock = threading.Condition()
         self._queue: collections.deque[_Request] = collections.deque()
         self._queued_items = 0
