@@ -53,6 +53,7 @@ import numpy as np
 
 from cloud_jax.data.layout import chat_layout, encode_critique_prefix
 from cloud_jax.data.tokenizer import end_of_turn_ids
+from cloud_jax.errors import ConfigError
 from cloud_jax.model import (CLoudModel, KVCache, init_cache, unstack_layers,
                              with_shared_prefix)
 from cloud_jax.model.config import ModelConfig
@@ -223,6 +224,9 @@ class ContinuousBackend:
         return super().__new__(cls)
 
     def __init__(self, rm, options: BackendOptions = BackendOptions(), *, chunk_steps: int = 8):
+        if rm.mesh is not None and rm.mesh.size > 1:
+            raise ConfigError("--batching continuous runs on one device; with --mesh over "
+                              f"{rm.mesh.size} devices use --batching static")
         self.rm, self.options, self.chunk_steps = rm, options, chunk_steps
         self.classic = False
         self.cfg, self.params = rm.config, rm.params
