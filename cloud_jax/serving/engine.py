@@ -1,10 +1,11 @@
 """Continuous batching of critique generation: a fixed set of decode slots, refilled as critiques
 finish, so a short critique never waits for a long one.
 
-A *pool* is ``options.slots`` decode rows that share one sampling method (greedy, or a
-temperature with its top-k / top-p) and repetition penalty: those are compile-time constants of
-the decode step, so requests with another method get a pool of their own (compiled once per
-method). Within a pool every row carries its own state: its KV slots (validity and positions per
+A *pool* is ``options.slots`` decode rows (rounded down to a multiple of K) that share one
+sampling method (greedy, or a temperature with its top-k / top-p), repetition penalty and number
+of samples K: the first two are compile-time constants of the decode step, and K is the size of
+the groups of rows that read one cached prefill, so requests with another combination get a pool
+of their own (compiled once per combination). Within a pool every row carries its own state: its KV slots (validity and positions per
 slot), next-token logits, random key, step, token budget, tokens so far.
 
 The worker thread loops:
@@ -28,9 +29,8 @@ decode slots to the front) when the next chunk would run past the segment's end.
 A row draws with the key ``fold_in(fold_in(key(seed), content_id), sample)`` folded with its own
 step, its prefill tokens are the same, and its reward is read the same way, so a request's
 critiques and rewards equal ``rm.score`` on the same items and settings whatever else is in
-flight. The K samples of an item each hold a copy of its prefill (the batch sampler shares one);
-rows are cheap next to the weights at the sizes this runs at, and the copy keeps insertion a
-plain scatter.
+flight. As in the batch sampler, the K samples of an item are a group of consecutive rows that
+read one cached copy of its prefill.
 """
 
 from __future__ import annotations
@@ -123,24 +123,27 @@ def _chunk(params, s: PoolState, stop_ids, *, cfg: ModelConfig, method: Sampling
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
-def _insert(s: PoolState, small: KVCache, logits, seen, rows, src, keys, budgets) -> PoolState:
-    """Copies prefill ``src[j]`` (of ``small``) into the prefix slots of row ``rows[j]`` and
-    clears the row's decode slots; entries with ``rows[j]`` out of range are dropped (they pad
-    ``rows`` to a fixed length)."""
+def _insert(s: PoolState, small: KVCache, logits, seen, groups, group_src, rows, src, keys,
+            budgets) -> PoolState:
+    """Copies prefill ``group_src[i]`` (of ``small``) into prefix slot ``groups[i]`` (read by that
+    group's K rows), and starts row ``rows[j]`` on prefill ``src[j]`` with its decode slots
+    cleared; entries out of range are dropped (they pad the index arrays to fixed lengths)."""
     length = small.valid.shape[1]
     prefix = s.cache.prefix
     total = prefix.valid.shape[1]
 
-    def put(big, part):  # [S, H, P, D] <- [b, H, L, D] rows
-        return big.at[rows, :, :length, :].set(part[src], mode="drop")
+    def put(big, part):  # [G, H, P, D] <- [b, H, L, D]
+        return big.at[groups, :, :length, :].set(part[group_src], mode="drop")
 
     layers = tuple(layer.replace(k=put(layer.k, sl.k), v=put(layer.v, sl.v))
                    for layer, sl in zip(prefix.layers, small.layers))
-    pad = jnp.zeros((src.shape[0], total - length), jnp.int32)
+    pad = jnp.zeros((group_src.shape[0], total - length), jnp.int32)
     prefix = prefix.replace(
         layers=layers,
-        valid=prefix.valid.at[rows].set(jnp.concatenate([small.valid[src], pad], 1), mode="drop"),
-        pos=prefix.pos.at[rows].set(jnp.concatenate([small.pos[src], pad], 1), mode="drop"))
+        valid=prefix.valid.at[groups].set(jnp.concatenate([small.valid[group_src], pad], 1),
+                                          mode="drop"),
+        pos=prefix.pos.at[groups].set(jnp.concatenate([small.pos[group_src], pad], 1),
+                                      mode="drop"))
     cache = s.cache.replace(prefix=prefix, valid=s.cache.valid.at[rows].set(0, mode="drop"))
     return s.replace(
         cache=cache, logits=s.logits.at[rows].set(logits[src], mode="drop"),
@@ -191,13 +194,16 @@ class _Request:
 
 
 class _Pool:
-    def __init__(self, engine: "ContinuousBackend", method: SamplingMethod, penalty: float):
-        self.method, self.penalty = method, penalty
+    def __init__(self, engine: "ContinuousBackend", method: SamplingMethod, penalty: float,
+                 k: int):
+        self.method, self.penalty, self.k = method, penalty, k
         e = engine
-        s, cfg = e.options.slots, e.cfg
+        self.groups = e.options.slots // k
+        s, cfg = self.groups * k, e.cfg
+        self.rows = s
         self.capacity = e.capacity
         self.owner: list = [None] * s  # (request, item, sample) per row
-        prefix = init_cache(cfg, s, e.prefix_capacity)
+        prefix = init_cache(cfg, self.groups, e.prefix_capacity)
         self.state = PoolState(
             cache=with_shared_prefix(cfg, prefix, s, self.capacity),
             logits=jnp.zeros((s, cfg.vocab_size)),
@@ -207,8 +213,11 @@ class _Pool:
             truncated=jnp.zeros(s, bool),
             seen=None if penalty == 1.0 else jnp.zeros((s, cfg.vocab_size), bool))
 
-    def free_rows(self) -> list[int]:
-        return [r for r, o in enumerate(self.owner) if o is None]
+    def free_groups(self) -> list[int]:
+        """Groups whose K rows are all free (an item takes one group)."""
+        k = self.k
+        return [g for g in range(self.groups)
+                if all(o is None for o in self.owner[g * k:(g + 1) * k])]
 
     def busy(self) -> int:
         return sum(o is not None for o in self.owner)
@@ -320,7 +329,8 @@ class ContinuousBackend:
         with self._lock:
             busy = sum(p.busy() for p in self._pools.values())
             return BackendStats(queue_depth=self._queued_items, busy_slots=busy,
-                                total_slots=self.options.slots * max(1, len(self._pools)),
+                                total_slots=sum(p.rows for p in self._pools.values())
+                                or self.options.slots,
                                 critique_tokens=self._tokens)
 
     def close(self, drain: bool = True) -> None:
@@ -339,9 +349,10 @@ class ContinuousBackend:
 
     def _pool(self, settings: Settings) -> _Pool:
         method = method_from(settings.temperature, settings.top_k, settings.top_p)
-        key = (method, float(settings.repetition_penalty))
+        key = (method, float(settings.repetition_penalty), settings.num_samples)
         if key not in self._pools:
-            self._pools[key] = _Pool(self, method, float(settings.repetition_penalty))
+            self._pools[key] = _Pool(self, method, float(settings.repetition_penalty),
+                                     settings.num_samples)
         return self._pools[key]
 
     def _idle(self) -> bool:
@@ -378,19 +389,18 @@ class ContinuousBackend:
 
     def _admit(self) -> None:
         """Moves waiting items into free rows, oldest request first."""
-        placed: dict = collections.defaultdict(list)  # pool -> [(request, item, rows)]
+        placed: dict = collections.defaultdict(list)  # pool -> [(request, item, group)]
         with self._lock:
             for req in list(self._queue):
                 pool = self._pool(req.settings)
-                free = [r for r in pool.free_rows()
-                        if all(r not in rows for _, _, rows in placed[id(pool)])]
-                k = req.settings.num_samples
-                while req.waiting and len(free) >= k:
+                free = pool.free_groups()
+                k = pool.k
+                while req.waiting and free:
                     item = req.waiting.popleft()
-                    rows, free = free[:k], free[k:]
-                    for sample, r in enumerate(rows):
-                        pool.owner[r] = (req, item, sample)
-                    placed[id(pool)].append((req, item, rows))
+                    group, free = free[0], free[1:]
+                    for sample in range(k):
+                        pool.owner[group * k + sample] = (req, item, sample)
+                    placed[id(pool)].append((req, item, group))
                     self._queued_items -= 1
                     if req.started_chunk is None:
                         req.started_chunk = self.chunks
@@ -402,9 +412,9 @@ class ContinuousBackend:
 
     def _prefill_into(self, pool: _Pool, placed: list) -> None:
         by_bucket = collections.defaultdict(list)
-        for req, item, rows in placed:
-            by_bucket[bucket_length(len(req.prefixes[item]))].append((req, item, rows))
-        s = self.options.slots
+        for req, item, group in placed:
+            by_bucket[bucket_length(len(req.prefixes[item]))].append((req, item, group))
+        s, k = pool.rows, pool.k
         for length, group in sorted(by_bucket.items()):
             b = 1 << max(len(group) - 1, 0).bit_length()  # a power of two: few compiled sizes
             prefixes = [req.prefixes[item] for req, item, _ in group]
@@ -415,22 +425,26 @@ class ContinuousBackend:
             seen = (None if pool.penalty == 1.0 else seen_tokens(jnp.asarray(ids), jnp.asarray(mask),
                                                                   self.cfg.vocab_size))
             content = content_row_ids(prefixes)
-            rows, src, keys, budgets = [], [], [], []
-            for j, (req, item, row_list) in enumerate(group):
+            groups, group_src, rows, src, keys, budgets = [], [], [], [], [], []
+            for j, (req, item, g) in enumerate(group):
+                groups.append(g)
+                group_src.append(j)
                 base = row_keys(req.settings.seed, content[j:j + 1])[0]
-                for sample, r in enumerate(row_list):
-                    rows.append(r)
+                for sample in range(k):
+                    rows.append(g * k + sample)
                     src.append(j)
                     keys.append(jax.random.fold_in(base, sample))
                     budgets.append(req.settings.max_critique_tokens)
-            n = len(rows)
+            n, ng = len(rows), len(groups)
+            groups += [pool.groups] * (pool.groups - ng)
+            group_src += [0] * (pool.groups - ng)
             rows += [s] * (s - n)
             src += [0] * (s - n)
             keys += [keys[0]] * (s - n)
             budgets += [0] * (s - n)
-            pool.state = _insert(pool.state, small, logits, seen, jnp.asarray(rows, jnp.int32),
-                                 jnp.asarray(src, jnp.int32), jnp.stack(keys),
-                                 jnp.asarray(budgets, jnp.int32))
+            i32 = functools.partial(jnp.asarray, dtype=jnp.int32)
+            pool.state = _insert(pool.state, small, logits, seen, i32(groups), i32(group_src),
+                                 i32(rows), i32(src), jnp.stack(keys), i32(budgets))
 
     def _decode(self) -> None:
         for pool in list(self._pools.values()):
@@ -492,4 +506,4 @@ class ContinuousBackend:
                     if not owner[0].future.done():
                         owner[0].future.set_exception(err)
                     pool.owner[r] = None
-            pool.state = _free(pool.state, jnp.arange(self.options.slots, dtype=jnp.int32))
+            pool.state = _free(pool.state, jnp.arange(pool.rows, dtype=jnp.int32))
