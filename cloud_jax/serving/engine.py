@@ -41,7 +41,6 @@ import dataclasses
 import functools
 import logging
 import threading
-import time
 from concurrent.futures import Future
 from typing import Optional, Sequence
 
