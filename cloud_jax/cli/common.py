@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import jax
 
@@ -56,10 +56,42 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="weights in memory (default: float32; bfloat16 halves them)")
 
 
+def add_input_args(parser: argparse.ArgumentParser, *, required: bool,
+                   what: str = "rows") -> None:
+    """``--input`` (files or Hugging Face datasets), ``--split`` and ``--column``."""
+    parser.add_argument("--input", required=required, default=None,
+                        help=f"{what}: JSONL / JSON / Parquet file(s), comma-separated or a glob, "
+                             "a Hugging Face dataset directory (save_to_disk, or Parquet/Arrow "
+                             "files with a README card) or hf://owner/name")
+    parser.add_argument("--split", default="",
+                        help="the split of a dataset input that has several (default: its only "
+                             "split)")
+    parser.add_argument("--column", action="append", default=[], metavar="FIELD=COLUMN",
+                        help="read FIELD from the input's COLUMN (repeatable), e.g. "
+                             "--column prompt=question")
+
+
+def columns_from_args(args: argparse.Namespace) -> Dict[str, str]:
+    """``--column FIELD=COLUMN`` options -> {field: column}, each checked."""
+    from cloud_jax.data.config import Columns
+
+    columns: Dict[str, str] = {}
+    for item in args.column:
+        field, sep, column = item.partition("=")
+        field, column = field.strip(), column.strip()
+        if not sep or not field or not column:
+            raise ConfigError(f"--column {item!r}: expected FIELD=COLUMN, e.g. prompt=question")
+        Columns.check_field(field, f"--column {item!r}")
+        if field in columns:
+            raise ConfigError(f"--column {item!r}: {field} is mapped twice")
+        columns[field] = column
+    return columns
+
+
 def add_sampling_args(parser: argparse.ArgumentParser, defaults: ScoreConfig) -> None:
     """Options shared by ``score`` and ``critique``."""
     add_model_args(parser)
-    parser.add_argument("--input", required=True, help="rows: JSONL file(s), comma-separated")
+    add_input_args(parser, required=True)
     parser.add_argument("--temperature", type=float, default=defaults.temperature,
                         help="0 is greedy (default %(default)s)")
     parser.add_argument("--top-k", type=int, default=None)

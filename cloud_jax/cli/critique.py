@@ -24,7 +24,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from cloud_jax.cli.common import add_sampling_args, config_from_args, load_model, progress_bar
+from cloud_jax.cli.common import (add_sampling_args, columns_from_args, config_from_args,
+                                  load_model, progress_bar)
 from cloud_jax.data.schema import expand_paths, load_rows
 from cloud_jax.scoring.relabel import RelabelSettings, relabel
 from cloud_jax.scoring.rewards import ScoreConfig
@@ -51,7 +52,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.shard_rows < 1:
         parser.error("--shard-rows must be >= 1")
     for name in ("input", "output"):
-        if "://" in getattr(args, name):
+        if "://" in getattr(args, name) and not getattr(args, name).startswith("hf://"):
             parser.error(f"--{name} {getattr(args, name)}: local paths only; mount the bucket "
                          "(e.g. gcsfuse) and give the mounted path")
     init_distributed(args.distributed)
@@ -62,11 +63,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not 0 <= host < num_hosts:
         parser.error(f"--host-index {host} must lie in [0, {num_hosts})")
 
-    rows = load_rows(args.input, require_feedback=False).rows
+    columns = columns_from_args(args)
+    rows = load_rows(args.input, require_feedback=False, split=args.split, columns=columns).rows
     rm = load_model(args)
     settings = RelabelSettings(
         checkpoint=args.checkpoint, checkpoint_step=args.checkpoint_step,
-        input_paths=expand_paths(args.input), shard_rows=args.shard_rows, num_hosts=num_hosts,
+        input_paths=expand_paths(args.input), input_split=args.split, columns=columns,
+        shard_rows=args.shard_rows, num_hosts=num_hosts,
         host=host, dtype=args.dtype, param_dtype=args.param_dtype)
     bars = []
 

@@ -25,7 +25,7 @@ from cloud_jax.data.schema import load_rows
 from cloud_jax.evaluation.best_of_n import BASELINES, load_best_of_n
 from cloud_jax.evaluation.run import EvalConfig, run_evaluation
 from cloud_jax.evaluation.scorer import score_fn_from_model
-from cloud_jax.cli.common import add_model_args, load_model
+from cloud_jax.cli.common import add_input_args, add_model_args, columns_from_args, load_model
 from cloud_jax.errors import ConfigError
 
 
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cloud_jax evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)  # --checkpoint, --tokenizer, --mesh, --dtype, --param-dtype
-    p.add_argument("--input", default=None, help="preference rows (RewardBench format)")
+    add_input_args(p, required=False, what="preference rows (RewardBench format)")
     p.add_argument("--best-of-n", default=None, help="Best-of-N JSONL file(s)")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--num-samples", type=parse_ks, default=d.num_samples,
@@ -90,6 +90,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.input is None and args.best_of_n is None:
         parser.error("give --input (preference rows), --best-of-n (Best-of-N rows) or both")
+    if args.input is None and (args.split or args.column):
+        parser.error("--split and --column apply to --input, which is not given")
     cfg = EvalConfig(num_samples=args.num_samples, temperature=args.temperature,
                      max_critique_tokens=args.max_critique_tokens, seed=args.seed,
                      batch_size=args.batch_size, classic=bool(args.classic),
@@ -104,11 +106,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows = None
     if args.input is not None:
         rows = load_rows(args.input, require_feedback=False, lenient=args.lenient,
-                         rejects_path=os.path.join(args.output_dir, "rejects.jsonl")).rows
+                         rejects_path=os.path.join(args.output_dir, "rejects.jsonl"),
+                         split=args.split, columns=columns_from_args(args)).rows
     items = load_best_of_n(args.best_of_n) if args.best_of_n is not None else None
     if rows is not None and not rows:
         raise ConfigError(f"no usable preference rows in {args.input}")
     settings = {"checkpoint": args.checkpoint, "input": args.input, "best_of_n": args.best_of_n}
+    if args.split:
+        settings["split"] = args.split
+    if args.column:
+        settings["columns"] = columns_from_args(args)
     sampler = {k: v for k, v in (("top_k", args.top_k), ("top_p", args.top_p),
                                  ("repetition_penalty", args.repetition_penalty),
                                  ("max_length", args.max_length),

@@ -11,9 +11,11 @@ import dataclasses
 import sys
 from typing import Optional, Sequence
 
-from cloud_jax.cli.common import add_sampling_args, config_from_args, load_model, progress_bar
-from cloud_jax.data.jsonl import read_jsonl, write_jsonl_atomic
-from cloud_jax.data.schema import RowError
+from cloud_jax.cli.common import (add_sampling_args, columns_from_args, config_from_args,
+                                  load_model, progress_bar)
+from cloud_jax.data.jsonl import write_jsonl_atomic
+from cloud_jax.data.schema import read_records
+from cloud_jax.errors import ConfigError
 from cloud_jax.scoring.rewards import ScoreConfig, resolve_classic, score
 
 
@@ -24,9 +26,9 @@ def _texts(rows: list[tuple[str, dict]]) -> tuple[list[str], list[tuple[int, str
         fields = ["response"] if "response" in obj else ["chosen", "rejected"]
         for field in ["prompt"] + fields:
             if not isinstance(obj.get(field), str):
-                file, _, line = where.rpartition(":")
-                raise RowError(file, int(line), None, field, "must be a string (a row needs "
-                               "'prompt' and 'response', or 'prompt', 'chosen' and 'rejected')")
+                raise ConfigError(f"{where}: field '{field}': must be a string (a row needs "
+                                  "'prompt' and 'response', or 'prompt', 'chosen' and "
+                                  "'rejected'; --column renames a dataset's columns)")
         jobs.extend((i, f) for f in fields)
     return [rows[i][1]["prompt"] for i, _ in jobs], jobs
 
@@ -42,7 +44,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "the checkpoint says; its feedback_method 'vanilla' is classic)")
     args = parser.parse_args(argv)
     cfg = config_from_args(args, num_samples=args.num_samples, classic=args.classic)
-    rows = read_jsonl(args.input)
+    rows = read_records(args.input, args.split, columns_from_args(args))
     prompts, jobs = _texts(rows)
     rm = load_model(args)
     cfg = dataclasses.replace(cfg, classic=resolve_classic(rm, cfg))

@@ -7,7 +7,7 @@ there is no import cycle.
 from __future__ import annotations
 
 import dataclasses
-from typing import Tuple
+from typing import Dict, Tuple
 
 from cloud_jax.errors import ConfigError
 
@@ -30,14 +30,54 @@ CRITIQUE_PREFIX = (
 
 
 @dataclasses.dataclass(frozen=True)
+class Columns:
+    """Which column of the row source holds each field; empty: the field's own name. For
+    datasets whose columns are named differently (``data.columns.prompt=question``)."""
+
+    id: str = ""
+    prompt: str = ""
+    chosen: str = ""
+    rejected: str = ""
+    chosen_feedback: str = ""
+    rejected_feedback: str = ""
+    subset: str = ""
+
+    @classmethod
+    def check_field(cls, field: str, what: str) -> None:
+        names = [f.name for f in dataclasses.fields(cls)]
+        if field not in names:
+            raise ConfigError(f"{what}: {field!r} is not a row field; expected one of "
+                              f"{', '.join(names)}")
+
+    def mapping(self) -> Dict[str, str]:
+        """{field: column} for the renamed fields."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v and v != k}
+
+    def validate(self) -> "Columns":
+        mapped = [v for v in dataclasses.asdict(self).values() if v]
+        twice = sorted({c for c in mapped if mapped.count(c) > 1})
+        if twice:
+            raise ConfigError(f"data.columns: column(s) {', '.join(twice)} mapped to more than "
+                              "one field")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where the preference rows come from and how they become batches.
 
-    Paths may be one file, a comma-separated list or a glob (``data/train-*.parquet``).
+    Paths may be one file, a comma-separated list or a glob (``data/train-*.parquet``), a Hugging
+    Face dataset directory or ``hf://owner/name`` (``cloud_jax.data.schema``).
     """
 
     train_path: str = ""
     eval_path: str = ""
+    # The split of a Hugging Face dataset read for train_path / eval_path when it has several;
+    # empty: its only split (a dataset with several splits must name one).
+    split: str = ""
+    eval_split: str = ""
+    # Columns holding the row fields, for any row source: data.columns.prompt=question.
+    columns: Columns = dataclasses.field(default_factory=Columns)
     # "byte" (the built-in byte tokenizer), a local HF tokenizer directory or a hub id.
     tokenizer: str = "byte"
     max_length: int = 2048
@@ -73,6 +113,7 @@ class DataConfig:
     prefetch_buffer_size: int = 8
 
     def validate(self) -> "DataConfig":
+        self.columns.validate()
         if self.overlength_policy not in OVERLENGTH_POLICIES:
             raise ConfigError(
                 f"data.overlength_policy={self.overlength_policy!r}: expected one of "

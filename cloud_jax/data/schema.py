@@ -1,4 +1,5 @@
-"""Preference rows: loading from JSONL / JSON / Parquet and validation.
+"""Preference rows: loading from JSONL / JSON / Parquet files or Hugging Face datasets, and
+validation.
 
 A row is one object with the columns
 
@@ -9,8 +10,17 @@ it is required when ``require_feedback`` (stages critique_sft, cloud, lm_pretrai
 otherwise. ``id`` is a string or an integer (RewardBench ids are integers) and is kept as a string.
 Other columns (RewardBench's model names, for instance) are kept in ``PreferenceRow.extra`` unread.
 
-Every problem is a :class:`RowError` naming the file, the place (1-based line for JSONL, 0-based
-row index for Parquet and JSON arrays) and the field. Strict mode raises the first one. Lenient
+A row source is a file (``.jsonl``, ``.json``, ``.parquet``), a directory holding a Hugging Face
+dataset (what ``datasets.Dataset.save_to_disk`` writes, or a script-free dataset repository:
+Parquet / Arrow / JSON files with a README card) or a hub id ``hf://owner/name`` (where the network
+allows). A dataset with several splits needs the split named (``split``; training takes
+``data.split`` / ``data.eval_split``); one with a single split uses it. ``columns`` maps a field
+to the column that holds it (``{"prompt": "question"}``) for any source. Datasets need the optional
+``datasets`` package (``pip install 'cloud-jax[datasets]'``).
+
+Every problem is a :class:`RowError` naming the file (for a dataset: ``<dataset>:<split>``), the
+place (1-based line for JSONL, 0-based row index for Parquet, JSON arrays and datasets) and the
+field (with its column, where ``columns`` renames it). Strict mode raises the first one. Lenient
 mode skips the row, counts it and writes it to a rejects JSONL file with file, line/row, field,
 reason and the raw row. Duplicate ids and ``chosen == rejected`` are problems of the later row:
 strict mode raises, lenient mode rejects that row and keeps the first. Problems found later, when
@@ -21,10 +31,13 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import json
 import logging
 import os
-from typing import Any, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+from cloud_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +50,10 @@ class RowError(ValueError):
     """A bad row: where it is (file, line or row index), which field, and what is wrong."""
 
     def __init__(self, file: str, line: Optional[int], row: Optional[int], field: Optional[str],
-                 reason: str):
+                 reason: str, column: Optional[str] = None):
         self.file, self.line, self.row, self.field, self.reason = file, line, row, field, reason
+        # The source's column holding the field, where a column mapping renames it.
+        self.column = column
         super().__init__(f"{self.location}: {self._what}: {reason}")
 
     @property
@@ -47,7 +62,9 @@ class RowError(ValueError):
 
     @property
     def _what(self) -> str:
-        return f"field '{self.field}'" if self.field else "row"
+        if not self.field:
+            return "row"
+        return f"field '{self.field}'" + (f" (column '{self.column}')" if self.column else "")
 
 
 def _location(file: str, line: Optional[int], row: Optional[int]) -> str:
@@ -85,19 +102,98 @@ class LoadResult:
     rejects_path: Optional[str]
 
 
+HUB_PREFIX = "hf://"
+# What a Hugging Face dataset needs: the optional extra, pinned like every dependency.
+_DATASETS_HINT = "pip install 'cloud-jax[datasets]' (datasets==5.2.0)"
+
+
+def is_dataset_source(path: str) -> bool:
+    """Whether ``path`` names a Hugging Face dataset (a directory or an ``hf://`` id)."""
+    return path.startswith(HUB_PREFIX) or os.path.isdir(path)
+
+
 def expand_paths(spec: Union[str, Sequence[str]]) -> List[str]:
-    """A file, a comma-separated list or globs -> the sorted, existing files they name."""
+    """A file, a dataset directory, an ``hf://`` id, a comma-separated list of them or globs ->
+    the sources they name (the matches of a glob sorted), each checked to exist."""
     parts = [p.strip() for p in spec.split(",")] if isinstance(spec, str) else list(spec)
     paths: List[str] = []
     for part in filter(None, parts):
+        if part.startswith(HUB_PREFIX):
+            paths.append(part)
+            continue
         matches = sorted(glob.glob(part)) if glob.has_magic(part) else [part]
-        if not matches or not all(os.path.isfile(m) for m in matches):
+        if not matches or not all(os.path.exists(m) for m in matches):
             raise FileNotFoundError(
                 f"data file {part!r} does not exist (or the glob matches nothing)")
         paths.extend(matches)
     if not paths:
         raise FileNotFoundError(f"no data files given ({spec!r})")
     return paths
+
+
+def source_digest(path: str, split: str = "") -> str:
+    """What a dataset build depends on in one source: the bytes of a file, of every file of a
+    dataset directory (with their names), or a hub dataset's fingerprint (its revision)."""
+    digest = hashlib.sha256()
+    if path.startswith(HUB_PREFIX):
+        dataset, split = load_hf_dataset(path, split)
+        digest.update(f"{split}:{dataset._fingerprint}".encode())
+        return digest.hexdigest()
+    if os.path.isfile(path):
+        _hash_file(digest, path)
+        return digest.hexdigest()
+    # Hidden entries (.git, caches) are not the dataset.
+    for file in sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
+                       if not any(part.startswith(".")
+                                  for part in os.path.relpath(os.path.join(d, f), path).split(os.sep))):
+        digest.update(os.path.relpath(file, path).encode() + b"\0")
+        _hash_file(digest, file)
+    digest.update(f"split:{split}".encode())
+    return digest.hexdigest()
+
+
+def _hash_file(digest, path: str) -> None:
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+
+
+def load_hf_dataset(path: str, split: str = ""):
+    """A Hugging Face dataset source -> (``datasets.Dataset``, the split read).
+
+    ``path``: a ``save_to_disk`` directory, a script-free dataset repository directory, or
+    ``hf://owner/name`` (``hf://datasets/owner/name`` too). ``split``: which split of a dataset
+    that has several; "" takes the only one."""
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError(f"{path}: reading a Hugging Face dataset needs the datasets package: "
+                          f"{_DATASETS_HINT}") from None
+    try:
+        if path.startswith(HUB_PREFIX):
+            repo = path[len(HUB_PREFIX):]
+            repo = repo[len("datasets/"):] if repo.startswith("datasets/") else repo
+            loaded = datasets.load_dataset(repo)
+        elif os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(
+                os.path.join(path, "state.json")):
+            loaded = datasets.load_from_disk(path)
+        else:
+            loaded = datasets.load_dataset(path)
+    except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as err:
+        raise ConfigError(f"{path}: not a Hugging Face dataset that can be read here (a "
+                          f"save_to_disk directory, a directory of Parquet/Arrow/JSON files, or "
+                          f"hf://owner/name): {err}") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        names = list(loaded)
+        if not split and len(names) == 1:
+            split = names[0]
+        if split not in loaded:
+            what = f"has no split {split!r}" if split else "has several splits; name one"
+            raise ConfigError(f"{path} {what} (its splits: {', '.join(names)}; set data.split / "
+                              f"data.eval_split, or --split)")
+        return loaded[split], split
+    # A single Dataset (save_to_disk of one split): it is the split, whatever its name.
+    return loaded, split or str(loaded.split or "train")
 
 
 # --- reading: (line, row, raw object or _FieldError, raw text for the rejects file) -------------
@@ -161,6 +257,38 @@ def _iter_parquet(path: str) -> Iterator[_Raw]:
                 obj, ensure_ascii=True, default=repr)
             yield None, offset + i, obj, raw
         offset += batch.num_rows
+
+
+def _iter_dataset(dataset) -> Iterator[_Raw]:
+    for i, obj in enumerate(dataset):
+        yield None, i, obj, json.dumps(obj, ensure_ascii=True, default=repr)
+
+
+def source_name(path: str, split: str = "") -> str:
+    """How messages name a source: the file, or ``<dataset>:<split>``."""
+    if not is_dataset_source(path):
+        return path
+    return f"{path}:{split}" if split else path
+
+
+def _iter_source(path: str, split: str = "") -> Tuple[str, Iterator[_Raw]]:
+    """(the source's name for messages, its raw rows)."""
+    if is_dataset_source(path):
+        dataset, split = load_hf_dataset(path, split)
+        return source_name(path, split), _iter_dataset(dataset)
+    return path, _iter_raw(path)
+
+
+def apply_columns(obj: Any, columns: Optional[Mapping[str, str]]) -> Any:
+    """The row with each mapped column under its field's name (``{"prompt": "question"}``
+    moves ``question`` to ``prompt``)."""
+    if not columns or not isinstance(obj, dict):
+        return obj
+    out = {k: v for k, v in obj.items() if k not in columns.values()}
+    for field, column in columns.items():
+        if column in obj:
+            out[field] = obj[column]
+    return out
 
 
 def _iter_raw(path: str) -> Iterator[_Raw]:
@@ -257,37 +385,45 @@ def reject_loaded_row(row: PreferenceRow, field: str, reason: str, *, lenient: b
 
 
 def load_rows(paths: Union[str, Sequence[str]], *, require_feedback: bool, lenient: bool = False,
-              rejects_path: Optional[str] = None) -> LoadResult:
-    """Loads and validates every row of ``paths`` (see the module docstring for the rules).
+              rejects_path: Optional[str] = None, split: str = "",
+              columns: Optional[Mapping[str, str]] = None) -> LoadResult:
+    """Loads and validates every row of ``paths`` (see the module docstring for the rules; ``split``
+    and ``columns`` as there).
 
     Raises RowError on the first bad row unless ``lenient``; then bad rows are skipped, counted
     and, when ``rejects_path`` is given, written there one JSON object per line.
     """
+    columns = dict(columns or {})
     files = expand_paths(paths)
     rows: List[PreferenceRow] = []
     first_seen: dict = {}
     num_rejected = 0
     rejects = None
+    names = []
     if lenient and rejects_path:
         os.makedirs(os.path.dirname(os.path.abspath(rejects_path)), exist_ok=True)
         rejects = open(rejects_path, "w", encoding="utf-8")
     try:
         for path in files:
-            for line, index, obj, raw in _iter_raw(path):
+            name, raw_rows = _iter_source(path, split)
+            names.append(name)
+            for line, index, obj, raw in raw_rows:
                 try:
                     if isinstance(obj, _FieldError):
                         raise obj
-                    row = validate_row(obj, require_feedback, path, line, index)
+                    row = validate_row(apply_columns(obj, columns), require_feedback, name, line,
+                                       index)
                     if row.id in first_seen:
                         raise _FieldError("id", f"duplicate id {row.id!r} (first at "
                                                 f"{first_seen[row.id]})")
                 except _FieldError as bad:
-                    error = RowError(path, line, index, bad.field, bad.reason)
+                    error = RowError(name, line, index, bad.field, bad.reason,
+                                     columns.get(bad.field or ""))
                     if not lenient:
                         raise error from None
                     num_rejected += 1
                     if rejects is not None:
-                        rejects.write(_reject_record(path, line, index, bad.field, bad.reason,
+                        rejects.write(_reject_record(name, line, index, bad.field, bad.reason,
                                                      raw))
                     continue
                 first_seen[row.id] = row.source
@@ -296,7 +432,25 @@ def load_rows(paths: Union[str, Sequence[str]], *, require_feedback: bool, lenie
         if rejects is not None:
             rejects.close()
     if num_rejected:
-        log.warning("%d bad rows skipped in %s%s", num_rejected, ", ".join(files),
+        log.warning("%d bad rows skipped in %s%s", num_rejected, ", ".join(names),
                     f" (details in {rejects_path})" if rejects is not None else "")
     return LoadResult(rows=rows, num_rejected=num_rejected,
                       rejects_path=rejects_path if rejects is not None else None)
+
+
+def read_records(paths: Union[str, Sequence[str]], split: str = "",
+                 columns: Optional[Mapping[str, str]] = None) -> List[Tuple[str, Dict[str, Any]]]:
+    """(where, row object) for every row of the sources, unvalidated: ``file:line`` for JSONL,
+    ``file[row i]`` for the others (``<dataset>:<split>[row i]`` for a dataset); ``columns``
+    renames as in :func:`load_rows`. For commands that read rows of their own shape (``score``)."""
+    out = []
+    for path in expand_paths(paths):
+        name, raw_rows = _iter_source(path, split)
+        for line, index, obj, _ in raw_rows:
+            if isinstance(obj, _FieldError):
+                raise RowError(name, line, index, obj.field, obj.reason)
+            if not isinstance(obj, dict):
+                raise RowError(name, line, index, None,
+                               f"expected a JSON object, got {type(obj).__name__}")
+            out.append((_location(name, line, index), apply_columns(obj, columns)))
+    return out

@@ -39,7 +39,8 @@ from transformers import PreTrainedTokenizerBase
 
 from cloud_jax.data.config import LAYOUTS, DataConfig
 from cloud_jax.data.layout import chat_layout
-from cloud_jax.data.schema import PreferenceRow, expand_paths, load_rows, reject_loaded_row
+from cloud_jax.data.schema import (PreferenceRow, expand_paths, load_rows, reject_loaded_row,
+                                   source_digest)
 from cloud_jax.data.tokenizer import tokenizer_fingerprint
 from cloud_jax.errors import ConfigError
 
@@ -86,8 +87,13 @@ class CloudPairs(tfds.core.GeneratorBasedBuilder):
     def __init__(self, *, split_files: Optional[Mapping[str, list]] = None,
                  tokenizer: Optional[PreTrainedTokenizerBase] = None,
                  settings: Optional[BuildSettings] = None,
-                 rejects_paths: Optional[Mapping[str, str]] = None, **kwargs):
+                 rejects_paths: Optional[Mapping[str, str]] = None,
+                 source_splits: Optional[Mapping[str, str]] = None,
+                 columns: Optional[Mapping[str, str]] = None, **kwargs):
         self._split_files = split_files
+        # Per split: the Hugging Face split its dataset sources are read from.
+        self._source_splits = source_splits or {}
+        self._columns = dict(columns or {})
         self._tokenizer = tokenizer
         self._settings = settings
         self._rejects_paths = rejects_paths or {}
@@ -109,7 +115,8 @@ class CloudPairs(tfds.core.GeneratorBasedBuilder):
         s = self._settings
         layout = chat_layout(self._tokenizer)
         loaded = load_rows(files, require_feedback=s.require_feedback, lenient=s.lenient,
-                           rejects_path=self._rejects_paths.get(split))
+                           rejects_path=self._rejects_paths.get(split),
+                           split=self._source_splits.get(split, ""), columns=self._columns)
         stats = {"rows": len(loaded.rows) + loaded.num_rejected,
                  "rejected_rows": loaded.num_rejected, "pairs": 0, "dropped_overlength": 0,
                  "prompt_truncated": 0, "rejects_path": loaded.rejects_path}
@@ -195,14 +202,6 @@ class PreparedDataset:
         return f"{DATASET_NAME}/{self.config_name}"
 
 
-def _file_digest(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def prepare_dataset(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, layout: str,
                     splits: Optional[Mapping[str, str]] = None,
                     data_dir: Optional[str] = None, *,
@@ -221,6 +220,10 @@ def prepare_dataset(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, layout:
         if cfg.eval_path:
             splits["eval"] = cfg.eval_path
     split_files = {split: expand_paths(spec) for split, spec in splits.items()}
+    # The Hugging Face split each of our splits reads from a dataset source.
+    source_splits = {split: cfg.eval_split if split == "eval" else cfg.split
+                     for split in split_files}
+    columns = cfg.columns.mapping()
     data_dir = os.path.abspath(data_dir or cfg.tfds_dir)
     settings = BuildSettings(layout=layout, require_feedback=require_feedback,
                              max_length=cfg.max_length,
@@ -230,7 +233,9 @@ def prepare_dataset(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, layout:
     fingerprint = json.dumps({
         "version": str(CloudPairs.VERSION), "settings": dataclasses.asdict(settings),
         "tokenizer": tokenizer_fingerprint(tokenizer),
-        "splits": {s: [_file_digest(p) for p in files] for s, files in split_files.items()},
+        "splits": {s: [source_digest(p, source_splits[s]) for p in files]
+                   for s, files in split_files.items()},
+        **({"columns": columns} if columns else {}),
     }, sort_keys=True)
     config_name = f"{layout}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}"
     rejects_paths = {}
@@ -242,7 +247,8 @@ def prepare_dataset(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, layout:
         rejects_paths[split] = pattern.format(split=split)
     builder = CloudPairs(
         split_files=split_files, tokenizer=tokenizer, settings=settings,
-        rejects_paths=rejects_paths, data_dir=data_dir, file_format="array_record",
+        rejects_paths=rejects_paths, source_splits=source_splits, columns=columns,
+        data_dir=data_dir, file_format="array_record",
         config=tfds.core.BuilderConfig(name=config_name, description=fingerprint))
     builder.download_and_prepare(
         download_dir=os.path.join(data_dir, "downloads"),

@@ -27,12 +27,12 @@ import json
 import logging
 import math
 import os
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 from cloud_jax import records
 from cloud_jax.errors import ConfigError
 from cloud_jax.data.jsonl import write_jsonl_atomic
-from cloud_jax.data.schema import FEEDBACK_FIELDS, PreferenceRow
+from cloud_jax.data.schema import FEEDBACK_FIELDS, HUB_PREFIX, PreferenceRow
 from cloud_jax.data.tokenizer import tokenizer_fingerprint
 from cloud_jax.scoring.rewards import ScoreConfig, resolve_critique_prefix, score
 
@@ -99,6 +99,9 @@ class RelabelSettings:
     checkpoint_step: Optional[int] = None
     # The row files the rows were read from, for the provenance.
     input_paths: Sequence[str] = ()
+    # The split and column mapping they were read with (datasets; recorded when set).
+    input_split: str = ""
+    columns: Optional[Dict[str, str]] = None
     shard_rows: int = 512
     num_hosts: int = 1
     host: int = 0
@@ -146,7 +149,10 @@ def relabel(rm, rows: Sequence[PreferenceRow], out_dir: str, cfg: ScoreConfig,
     _write_provenance(out_dir, {
         "checkpoint": os.path.abspath(checkpoint) if os.path.exists(checkpoint) else checkpoint,
         "checkpoint_step": settings.checkpoint_step,
-        "input": [os.path.abspath(p) for p in settings.input_paths],
+        "input": [p if p.startswith(HUB_PREFIX) else os.path.abspath(p)
+                  for p in settings.input_paths],
+        **({"input_split": settings.input_split} if settings.input_split else {}),
+        **({"columns": dict(settings.columns)} if settings.columns else {}),
         "num_rows": len(rows),
         "shard_rows": settings.shard_rows,
         "num_shards": num_shards,

@@ -58,6 +58,10 @@ def check_local_paths(cfg: Config) -> None:
     files go through local file calls, which would make a directory named ``gs:`` instead."""
     for key in _LOCAL_PATHS:
         value = operator.attrgetter(key)(cfg)
+        if key.startswith("data.") and key.endswith("_path") and all(
+                part.strip().startswith("hf://") or "://" not in part
+                for part in value.split(",")):
+            continue  # Hugging Face hub datasets (hf://owner/name) are read by `datasets`
         if "://" in value:
             raise ConfigError(
                 f"{key}={value!r}: runs read and write local paths only. Mount the bucket on "
