@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from cloud_jax import storage
 from cloud_jax.checkpoints import hf as hf_io
 from cloud_jax.data.config import LAYOUT_VERSION
 from cloud_jax.model.config import ModelConfig
@@ -99,16 +100,18 @@ class RewardModel:
         return score(self, list(prompts), list(responses), cfg)
 
     def save_pretrained(self, directory: str | os.PathLike, *,
-                        base_model_name_or_path: Optional[str] = None) -> Path:
-        """Writes the reference CLoud layout (safetensors + config.json) and the tokenizer."""
-        out = hf_io.save_cloud_reference(
-            self.params, self.config, directory,
-            base_model_name_or_path=base_model_name_or_path or self.base_model_name_or_path,
-            critique_prefix=self.critique_prefix, feedback_method=self.feedback_method,
-            layout_version=self.layout_version)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(str(out))
-        return out
+                        base_model_name_or_path: Optional[str] = None):
+        """Writes the reference CLoud layout (safetensors + config.json) and the tokenizer to a
+        local directory (returned as a Path) or a ``gs://`` / ``s3://`` URL (returned as is)."""
+        with storage.staged_output(os.fspath(directory)) as local:
+            out = hf_io.save_cloud_reference(
+                self.params, self.config, local,
+                base_model_name_or_path=base_model_name_or_path or self.base_model_name_or_path,
+                critique_prefix=self.critique_prefix, feedback_method=self.feedback_method,
+                layout_version=self.layout_version)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(str(out))
+        return os.fspath(directory) if storage.is_url(directory) else out
 
 
 def _load_tokenizer(directory: Path):
@@ -123,7 +126,9 @@ def _load_tokenizer(directory: Path):
 def load(path: str | os.PathLike, *, mesh: Optional[Mesh] = None, rules: Rules = TRAIN_RULES,
          seed: int = 0, **config_overrides) -> RewardModel:
     """Loads a CLoud reward model from a reference-layout directory, or a plain HF Llama / Mistral /
-    Qwen2 directory (the reward head then starts from random init), or a hub id.
+    Qwen2 directory (the reward head then starts from random init), or a hub id. A directory may
+    be a ``gs://`` / ``s3://`` URL: it is downloaded into the local cache first
+    (``cloud_jax.storage.local_copy``).
 
     ``config_overrides`` replace ModelConfig fields, e.g. ``dtype="bfloat16"`` or
     ``scan_layers=True``.

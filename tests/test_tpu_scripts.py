@@ -277,7 +277,14 @@ def test_babysit_dry_run_recreates_a_preempted_tpu():
     assert result.returncode == 0, result.stderr
     steps = [c[4] for c in printed_commands(result.stdout) if c[3] == "queued-resources"]
     assert steps.index("delete") < steps.index("create")
-    assert "does not mention BUCKET_MOUNT=/mnt/bucket" in result.stderr
+    # Native gs:// paths by default: the command should name one.
+    assert "the command mentions no gs:// path (BUCKET=gs://test-bucket/cloud)" in result.stderr
+    mounted = dry_run("babysit", "python", "x.py", DRY_RUN_STATE="SUSPENDED", MAX_ITERATIONS="1",
+                      BUCKET_MOUNT="/mnt/bucket")
+    assert "mentions neither BUCKET_MOUNT=/mnt/bucket" in mounted.stderr
+    native = dry_run("babysit", "python", "x.py", "output_dir=gs://test-bucket/cloud/run",
+                     DRY_RUN_STATE="SUSPENDED", MAX_ITERATIONS="1")
+    assert "warning: the command" not in native.stderr
 
 
 def test_babysit_dry_run_leaves_a_healthy_run_alone():
@@ -546,6 +553,9 @@ def test_setup_mounts_the_bucket_on_every_worker_once(fake_tpu):
         f"--implicit-dirs --rename-dir-limit=1000000 whole {mount}"
     plain = script("setup", env=dict(env, BUCKET=""))
     assert plain.returncode == 0 and "mount" not in plain.stdout
+    # The default: runs use gs:// paths natively, and nothing is mounted.
+    native = script("setup", env=dict(env, BUCKET_MOUNT=""))
+    assert native.returncode == 0 and "mount" not in native.stdout
 
 
 def test_sync_copies_the_checkout_and_removes_stale_files(fake_tpu):

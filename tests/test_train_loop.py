@@ -213,17 +213,29 @@ def test_tiny_stage_chain_from_the_command_line(toy, tmp_path):
         assert read_metrics(str(tmp_path / stage), "eval")[-1]["accuracy"] >= 0.95
 
 
-@pytest.mark.parametrize("override", ["output_dir=gs://bucket/run", "data.tfds_dir=gs://b/tfds",
-                                      "init_from=gs://bucket/sft/final",
-                                      "train.checkpoint_dir=s3://b/ckpt"])
-def test_a_url_path_is_a_config_error_before_anything_is_written(tmp_path, monkeypatch, override):
+@pytest.mark.parametrize("override", ["output_dir=ftp://bucket/run", "data.tfds_dir=http://b/tfds",
+                                      "init_from=gcs://bucket/sft/final",
+                                      "data.train_path=az://b/train.jsonl"])
+def test_an_unsupported_url_is_a_config_error_before_anything_is_written(tmp_path, monkeypatch,
+                                                                         override):
     monkeypatch.chdir(tmp_path)
     cfg = load_config(ROOT / "configs/tiny_cpu_critique_sft.yaml",
                       [f"output_dir={tmp_path / 'run'}", override])
     key, value = override.split("=", 1)
-    with pytest.raises(ConfigError, match=f"{key}={value!r}: runs read and write local paths"):
+    with pytest.raises(ConfigError, match=f"{key}={value!r}: unsupported URL scheme"):
         run(cfg)
-    assert os.listdir(tmp_path) == []  # no local directory named "gs:" (or anything else)
+    assert os.listdir(tmp_path) == []  # no local directory named "ftp:" (or anything else)
+
+
+def test_a_url_whose_client_is_missing_says_what_to_install(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "s3fs", None)
+    cfg = load_config(ROOT / "configs/tiny_cpu_critique_sft.yaml",
+                      [f"output_dir={tmp_path / 'run'}", "train.checkpoint_dir=s3://b/ckpt"])
+    with pytest.raises(ConfigError, match="train.checkpoint_dir='s3://b/ckpt' needs the s3fs "
+                                          "package: pip install s3fs"):
+        run(cfg)
 
 
 

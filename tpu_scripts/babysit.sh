@@ -5,7 +5,8 @@
 # queued resource, the TPU VM and the run's state on each worker, and:
 #   - TPU missing, preempted, suspended or failed: delete.sh -y, create.sh, setup.sh, sync.sh, then
 #     run.sh with the same RUN_NAME and CMD (the trainer resumes from its latest checkpoint, which
-#     must therefore be in BUCKET, under its mount BUCKET_MOUNT: worker disks do not survive);
+#     must therefore be in BUCKET - output_dir=gs://..., or under its mount BUCKET_MOUNT: worker
+#     disks do not survive);
 #   - run crashed or gone on some worker (or its state unreadable 3 checks in a row): stop.sh,
 #     then run.sh again;
 #   - run finished (exit status 0) on every worker: exits 0.
@@ -38,11 +39,16 @@ CMD=("$@")
 
 if [[ -z "$BUCKET" ]]; then
   log "warning: BUCKET is not set; a recreated TPU starts with empty disks, so the run can only" \
-    "resume if its checkpoints are written to a bucket (setup.sh mounts BUCKET at BUCKET_MOUNT)"
-elif [[ "${CMD[*]}" != *"$BUCKET_MOUNT"* ]]; then
-  log "warning: the command does not mention BUCKET_MOUNT=$BUCKET_MOUNT (where setup.sh mounts" \
-    "BUCKET=$BUCKET); make sure its config writes checkpoints there, or a recreated TPU" \
-    "restarts the run from scratch"
+    "resume if its checkpoints are written to a bucket (output_dir=gs://...)"
+elif [[ -n "$BUCKET_MOUNT" && "${CMD[*]}" != *"$BUCKET_MOUNT"* && "${CMD[*]}" != *gs://* &&
+  "${CMD[*]}" != *"\$BUCKET"* ]]; then
+  log "warning: the command mentions neither BUCKET_MOUNT=$BUCKET_MOUNT (where setup.sh mounts" \
+    "BUCKET=$BUCKET) nor a gs:// path; make sure its config writes checkpoints there, or a" \
+    "recreated TPU restarts the run from scratch"
+elif [[ -z "$BUCKET_MOUNT" && "${CMD[*]}" != *gs://* && "${CMD[*]}" != *"\$BUCKET"* ]]; then
+  log "warning: the command mentions no gs:// path (BUCKET=$BUCKET); make sure its config" \
+    "writes checkpoints to the bucket (output_dir=$BUCKET/run), or a recreated TPU restarts the" \
+    "run from scratch"
 fi
 
 # Sets TRAINER to running | finished | none | failed | unknown, and TRAINER_DETAIL to what each

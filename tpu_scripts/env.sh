@@ -68,10 +68,11 @@ fi
 # (e.g. "--network=my-net --internal-ips").
 : "${CREATE_FLAGS:=}"
 # gs:// location for checkpoints and outputs; exported to the trainer's environment as BUCKET.
-# setup.sh mounts it with gcsfuse at BUCKET_MOUNT on every worker: runs read and write local
-# paths, so output_dir and the other run paths go under BUCKET_MOUNT.
+# Runs read and write gs:// paths natively (output_dir=$BUCKET/run: orbax commits checkpoints in
+# the bucket itself), so nothing is mounted by default. BUCKET_MOUNT, when set (e.g. /mnt/bucket),
+# makes setup.sh mount BUCKET there with gcsfuse on every worker, for runs that give local paths.
 : "${BUCKET:=}"
-: "${BUCKET_MOUNT:=/mnt/bucket}"
+: "${BUCKET_MOUNT:=}"
 # On the workers, relative to the home directory (or absolute): the synced code, the virtualenv
 # (kept outside the code so sync.sh never touches it) and the per-run logs.
 : "${REPO_DIR:=cloud_jax}"
@@ -152,7 +153,7 @@ validate_settings() {
   if [[ -n "$BUCKET" && "$BUCKET" != gs://?* ]]; then
     die "BUCKET=$BUCKET: expected a gs:// location, e.g. gs://my-bucket/cloud_jax"
   fi
-  if [[ "$BUCKET_MOUNT" != /?* ]]; then
+  if [[ -n "$BUCKET_MOUNT" && "$BUCKET_MOUNT" != /?* ]]; then
     die "BUCKET_MOUNT=$BUCKET_MOUNT: expected an absolute path on the workers, e.g. /mnt/bucket"
   fi
   local name

@@ -7,7 +7,8 @@
 # JAX_VERSION does nothing, and any change rebuilds it from scratch. The virtualenv lives at
 # VENV_DIR, outside REPO_DIR, so sync.sh never touches it.
 #
-# With BUCKET set, it first mounts the bucket with gcsfuse at BUCKET_MOUNT on every worker
+# Runs read and write gs:// paths natively, so nothing is mounted by default. With BUCKET and
+# BUCKET_MOUNT set, it first mounts the bucket with gcsfuse at BUCKET_MOUNT on every worker
 # (installing gcsfuse from Google's apt repository if missing), every time it runs: a recreated
 # worker starts unmounted, and babysit.sh runs setup.sh before relaunching.
 set -euo pipefail
@@ -36,7 +37,7 @@ REQUIREMENTS=$(<"$requirements_file")
 
 body=$(
   cat <<'EOF'
-if [ -n "$BUCKET" ]; then
+if [ -n "$BUCKET" ] && [ -n "$BUCKET_MOUNT" ]; then
   if ! command -v gcsfuse >/dev/null 2>&1; then
     echo "worker $WORKER: installing gcsfuse"
     repo="gcsfuse-$(lsb_release -c -s)"

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from cloud_jax import storage
 from cloud_jax.errors import CheckpointError
 from cloud_jax.model.config import ModelConfig, RopeScalingConfig
 from cloud_jax.model.params import (Params, init_params, param_shapes, param_shardings,
@@ -268,6 +269,8 @@ def base_model_name_of(path_or_id: str | os.PathLike) -> Optional[str]:
     name = str(path_or_id)
     if is_hub_id(name):
         return name
+    if storage.is_url(name):
+        name = storage.local_copy(name)
     path = Path(name) / "config.json"
     if not path.is_file():
         return None
@@ -282,7 +285,15 @@ def base_model_name_of(path_or_id: str | os.PathLike) -> Optional[str]:
 
 
 def resolve_path(path_or_id: str | os.PathLike) -> Path:
-    """A local directory as is; otherwise a hub id fetched with huggingface_hub (safetensors only)."""
+    """A local directory as is; a ``gs://`` / ``s3://`` directory downloaded into the local cache
+    (``cloud_jax.storage.local_copy``); otherwise a hub id fetched with huggingface_hub
+    (safetensors only)."""
+    if storage.is_url(path_or_id):
+        storage.check_path(str(path_or_id), "checkpoint")
+        try:
+            return Path(storage.local_copy(str(path_or_id)))
+        except FileNotFoundError as err:
+            raise CheckpointError(f"{path_or_id}: no checkpoint there ({err})") from None
     p = Path(path_or_id)
     if p.exists():
         if not p.is_dir():

@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 
 from cloud_jax.cli.common import (add_sampling_args, columns_from_args, config_from_args,
                                   load_model, progress_bar)
+from cloud_jax import storage
 from cloud_jax.data.schema import expand_paths, load_rows
 from cloud_jax.scoring.relabel import RelabelSettings, relabel
 from cloud_jax.scoring.rewards import ScoreConfig
@@ -36,7 +37,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cloud_jax critique", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_sampling_args(parser, ScoreConfig(max_critique_tokens=512))
-    parser.add_argument("--output", required=True, help="directory for the shards")
+    parser.add_argument("--output", required=True,
+                        help="directory for the shards: a local path or a gs:// / s3:// URL")
     parser.add_argument("--shard-rows", type=int, default=512, help="rows per output shard")
     parser.add_argument("--checkpoint-step", type=int, default=None,
                         help="training step of the checkpoint, recorded in the provenance")
@@ -51,10 +53,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = config_from_args(args)
     if args.shard_rows < 1:
         parser.error("--shard-rows must be >= 1")
-    for name in ("input", "output"):
-        if "://" in getattr(args, name) and not getattr(args, name).startswith("hf://"):
-            parser.error(f"--{name} {getattr(args, name)}: local paths only; mount the bucket "
-                         "(e.g. gcsfuse) and give the mounted path")
+    storage.check_path(args.output, "--output")
     init_distributed(args.distributed)
     import jax
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import sys
 from typing import List, Optional, Sequence
 
@@ -26,6 +25,7 @@ from cloud_jax.evaluation.best_of_n import BASELINES, load_best_of_n
 from cloud_jax.evaluation.run import EvalConfig, run_evaluation
 from cloud_jax.evaluation.scorer import score_fn_from_model
 from cloud_jax.cli.common import add_input_args, add_model_args, columns_from_args, load_model
+from cloud_jax import storage
 from cloud_jax.errors import ConfigError
 
 
@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)  # --checkpoint, --tokenizer, --mesh, --dtype, --param-dtype
     add_input_args(p, required=False, what="preference rows (RewardBench format)")
     p.add_argument("--best-of-n", default=None, help="Best-of-N JSONL file(s)")
-    p.add_argument("--output-dir", required=True)
+    p.add_argument("--output-dir", required=True,
+                   help="where the report, plots and critiques go: a local directory or a "
+                        "gs:// / s3:// URL")
     p.add_argument("--num-samples", type=parse_ks, default=d.num_samples,
                    help="K critiques per response; a comma list is a sweep (default 1)")
     p.add_argument("--temperature", type=float, default=d.temperature,
@@ -102,11 +104,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    storage.check_path(args.output_dir, "--output-dir")
     # Inputs are read and checked before the (slow) model load.
     rows = None
     if args.input is not None:
         rows = load_rows(args.input, require_feedback=False, lenient=args.lenient,
-                         rejects_path=os.path.join(args.output_dir, "rejects.jsonl"),
+                         rejects_path=storage.join(args.output_dir, "rejects.jsonl"),
                          split=args.split, columns=columns_from_args(args)).rows
     items = load_best_of_n(args.best_of_n) if args.best_of_n is not None else None
     if rows is not None and not rows:

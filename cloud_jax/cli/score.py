@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 from cloud_jax.cli.common import (add_sampling_args, columns_from_args, config_from_args,
                                   load_model, progress_bar)
+from cloud_jax import storage
 from cloud_jax.data.jsonl import write_jsonl_atomic
 from cloud_jax.data.schema import read_records
 from cloud_jax.errors import ConfigError
@@ -37,13 +38,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cloud_jax score", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_sampling_args(parser, ScoreConfig())
-    parser.add_argument("--output", required=True, help="scored rows (JSONL)")
+    parser.add_argument("--output", required=True,
+                        help="scored rows (JSONL): a local path or a gs:// / s3:// URL")
     parser.add_argument("--num-samples", type=int, default=1, help="K critiques per response")
     parser.add_argument("--classic", action=argparse.BooleanOptionalAction, default=None,
                         help="score without critiques, one forward per response (default: as "
                              "the checkpoint says; its feedback_method 'vanilla' is classic)")
     args = parser.parse_args(argv)
     cfg = config_from_args(args, num_samples=args.num_samples, classic=args.classic)
+    storage.check_path(args.output, "--output")
     rows = read_records(args.input, args.split, columns_from_args(args))
     prompts, jobs = _texts(rows)
     rm = load_model(args)

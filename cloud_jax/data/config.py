@@ -106,7 +106,8 @@ class DataConfig:
     num_epochs: int = 1
     # False: the last partial batch of an epoch is filled with pair_valid=0 pairs; True: dropped.
     drop_remainder: bool = False
-    # Where tokenized datasets are stored (one subdirectory per rows/tokenizer/settings hash).
+    # Where tokenized datasets are stored (one subdirectory per rows/tokenizer/settings hash); a
+    # local directory or a gs:// URL (mirrored locally, docs/TRAINING.md "Storage").
     tfds_dir: str = "tfds_cache"
     # grain read threads and prefetched elements per host.
     num_threads: int = 2

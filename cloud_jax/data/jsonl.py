@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Sequence
 
+from cloud_jax import storage
 from cloud_jax.data.schema import expand_paths
 
 
@@ -13,7 +13,7 @@ def read_jsonl(paths: str) -> list[tuple[str, dict]]:
     """(``file:line``, row object) for every non-blank line of the comma-separated files."""
     rows = []
     for path in expand_paths(paths):
-        with open(path, encoding="utf-8") as f:
+        with storage.open_file(path, "r") as f:
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
@@ -28,11 +28,8 @@ def read_jsonl(paths: str) -> list[tuple[str, dict]]:
 
 
 def write_jsonl_atomic(path: str, objs: Sequence[dict]) -> None:
-    """One JSON object a line, through a temporary file so that ``path`` is whole or absent.
-    NaN and infinities are refused: they are not JSON, and other readers would reject the file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for obj in objs:
-            f.write(json.dumps(obj, ensure_ascii=False, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    """One JSON object a line, through a temporary file so that ``path`` is whole or absent (on an
+    object store: one object write, atomic by itself). NaN and infinities are refused: they are
+    not JSON, and other readers would reject the file."""
+    lines = [json.dumps(obj, ensure_ascii=False, allow_nan=False) + "\n" for obj in objs]
+    storage.write_text_atomic(path, "".join(lines))

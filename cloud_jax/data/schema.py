@@ -37,6 +37,7 @@ import logging
 import os
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
+from cloud_jax import storage
 from cloud_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -108,8 +109,8 @@ _DATASETS_HINT = "pip install 'cloud-jax[datasets]' (datasets==5.2.0)"
 
 
 def is_dataset_source(path: str) -> bool:
-    """Whether ``path`` names a Hugging Face dataset (a directory or an ``hf://`` id)."""
-    return path.startswith(HUB_PREFIX) or os.path.isdir(path)
+    """Whether ``path`` names a Hugging Face dataset (a local directory or an ``hf://`` id)."""
+    return path.startswith(HUB_PREFIX) or (not storage.is_url(path) and os.path.isdir(path))
 
 
 def expand_paths(spec: Union[str, Sequence[str]]) -> List[str]:
@@ -120,6 +121,14 @@ def expand_paths(spec: Union[str, Sequence[str]]) -> List[str]:
     for part in filter(None, parts):
         if part.startswith(HUB_PREFIX):
             paths.append(part)
+            continue
+        if storage.is_url(part):
+            storage.check_path(part, "data path")
+            matches = storage.glob(part) if glob.has_magic(part) else [part]
+            if not matches or not all(storage.isfile(m) for m in matches):
+                raise FileNotFoundError(
+                    f"data file {part!r} does not exist (or the glob matches nothing)")
+            paths.extend(matches)
             continue
         matches = sorted(glob.glob(part)) if glob.has_magic(part) else [part]
         if not matches or not all(os.path.exists(m) for m in matches):
@@ -139,7 +148,7 @@ def source_digest(path: str, split: str = "") -> str:
         dataset, split = load_hf_dataset(path, split)
         digest.update(f"{split}:{dataset._fingerprint}".encode())
         return digest.hexdigest()
-    if os.path.isfile(path):
+    if storage.is_url(path) or os.path.isfile(path):
         _hash_file(digest, path)
         return digest.hexdigest()
     # Hidden entries (.git, caches) are not the dataset.
@@ -153,7 +162,7 @@ def source_digest(path: str, split: str = "") -> str:
 
 
 def _hash_file(digest, path: str) -> None:
-    with open(path, "rb") as f:
+    with storage.open_file(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
 
@@ -202,7 +211,7 @@ _Raw = Tuple[Optional[int], Optional[int], Union[Any, _FieldError], str]
 
 
 def _iter_jsonl(path: str) -> Iterator[_Raw]:
-    with open(path, "rb") as f:
+    with storage.open_file(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
@@ -219,7 +228,7 @@ def _iter_jsonl(path: str) -> Iterator[_Raw]:
 
 
 def _iter_json_array(path: str) -> Iterator[_Raw]:
-    with open(path, "rb") as f:
+    with storage.open_file(path, "rb") as f:
         data = f.read()
     try:
         rows = json.loads(data.decode("utf-8-sig"))
@@ -238,7 +247,8 @@ def _iter_parquet(path: str) -> Iterator[_Raw]:
     import pyarrow.parquet as pq
 
     offset = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+    handle = storage.open_file(path, "rb") if storage.is_url(path) else path
+    for batch in pq.ParquetFile(handle).iter_batches(batch_size=1024):
         try:
             objs: List[Any] = batch.to_pylist()
         except (UnicodeDecodeError, ValueError):
@@ -298,7 +308,7 @@ def _iter_raw(path: str) -> Iterator[_Raw]:
     if ext == ".jsonl":
         return _iter_jsonl(path)
     if ext == ".json":
-        with open(path, "rb") as f:
+        with storage.open_file(path, "rb") as f:
             head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
         return _iter_json_array(path) if head.startswith(b"[") else _iter_jsonl(path)
     raise ValueError(f"{path}: unknown row file type {ext!r}; expected .jsonl, .json or .parquet")
@@ -379,9 +389,10 @@ def reject_loaded_row(row: PreferenceRow, field: str, reason: str, *, lenient: b
         fields = {"id": row.id, "prompt": row.prompt, "chosen": row.chosen,
                   "rejected": row.rejected, "chosen_feedback": row.chosen_feedback,
                   "rejected_feedback": row.rejected_feedback, "subset": row.subset, **row.extra}
-        with open(rejects_path, "a", encoding="utf-8") as f:
-            f.write(_reject_record(row.file, row.line, row.index, field, reason,
-                                   json.dumps(fields, ensure_ascii=True, default=repr)))
+        f = storage.AppendText(rejects_path)
+        f.write(_reject_record(row.file, row.line, row.index, field, reason,
+                               json.dumps(fields, ensure_ascii=True, default=repr)))
+        f.close()
 
 
 def load_rows(paths: Union[str, Sequence[str]], *, require_feedback: bool, lenient: bool = False,
@@ -401,8 +412,7 @@ def load_rows(paths: Union[str, Sequence[str]], *, require_feedback: bool, lenie
     rejects = None
     names = []
     if lenient and rejects_path:
-        os.makedirs(os.path.dirname(os.path.abspath(rejects_path)), exist_ok=True)
-        rejects = open(rejects_path, "w", encoding="utf-8")
+        rejects = storage.AppendText(rejects_path, fresh=True)
     try:
         for path in files:
             name, raw_rows = _iter_source(path, split)

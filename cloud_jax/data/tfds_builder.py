@@ -20,7 +20,8 @@ never makes a pair identical; the check does not depend on it. The dataset lives
 ``<tfds_dir>/cloud_pairs/<stage>-<hash>/<version>``, where the hash covers the row files'
 bytes, the tokenizer and every setting that changes a record, so a change builds a new dataset
 and an unchanged one is reused. Build counts (rows, rejected rows, dropped and prompt-truncated
-pairs) are stored in the dataset's metadata.
+pairs) are stored in the dataset's metadata. A ``tfds_dir`` on an object store (``gs://...``) is
+mirrored: the dataset is built or downloaded in a local directory and uploaded once complete.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 from typing import Dict, Mapping, Optional
 
@@ -37,6 +39,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from transformers import PreTrainedTokenizerBase
 
+from cloud_jax import storage
 from cloud_jax.data.config import LAYOUTS, DataConfig
 from cloud_jax.data.layout import chat_layout
 from cloud_jax.data.schema import (PreferenceRow, expand_paths, load_rows, reject_loaded_row,
@@ -47,6 +50,8 @@ from cloud_jax.errors import ConfigError
 log = logging.getLogger(__name__)
 
 DATASET_NAME = "cloud_pairs"
+# Marks a complete upload of a dataset version to an object-store cache (data.tfds_dir=gs://...).
+_UPLOADED = "cloud_jax_uploaded"
 
 
 def _features() -> tfds.features.FeaturesDict:
@@ -224,7 +229,14 @@ def prepare_dataset(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, layout:
     source_splits = {split: cfg.eval_split if split == "eval" else cfg.split
                      for split in split_files}
     columns = cfg.columns.mapping()
-    data_dir = os.path.abspath(data_dir or cfg.tfds_dir)
+    data_dir = data_dir or cfg.tfds_dir
+    # TFDS writes array_record files with local file calls only: a cache on an object store is
+    # built (or downloaded) in a local mirror and uploaded once complete.
+    remote_dir = storage.resolve(data_dir) if storage.is_url(data_dir) else None
+    if remote_dir is not None:
+        data_dir = os.path.join(storage.cache_root(), "tfds",
+                                hashlib.sha256(remote_dir.encode()).hexdigest()[:16])
+    data_dir = os.path.abspath(data_dir)
     settings = BuildSettings(layout=layout, require_feedback=require_feedback,
                              max_length=cfg.max_length,
                              overlength_policy=cfg.overlength_policy,
@@ -240,7 +252,8 @@ def prepare_dataset(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, layout:
     config_name = f"{layout}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}"
     rejects_paths = {}
     for split in split_files:
-        pattern = cfg.rejects_path or os.path.join(data_dir, "rejects-{split}.jsonl")
+        pattern = cfg.rejects_path or storage.join(remote_dir or data_dir,
+                                                   "rejects-{split}.jsonl")
         if "{split}" not in pattern and len(split_files) > 1:
             root, ext = os.path.splitext(pattern)
             pattern = root + "-{split}" + ext
@@ -250,9 +263,20 @@ def prepare_dataset(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, layout:
         rejects_paths=rejects_paths, source_splits=source_splits, columns=columns,
         data_dir=data_dir, file_format="array_record",
         config=tfds.core.BuilderConfig(name=config_name, description=fingerprint))
+    version_dir = os.path.relpath(builder.data_dir, data_dir)
+    remote_version = storage.join(remote_dir, version_dir) if remote_dir else None
+    if remote_version and not os.path.isdir(builder.data_dir) and storage.exists(
+            storage.join(remote_version, _UPLOADED)):
+        shutil.copytree(storage.local_copy(remote_version), builder.data_dir)
+        log.info("tokenized dataset %s downloaded from %s", config_name, remote_version)
     builder.download_and_prepare(
         download_dir=os.path.join(data_dir, "downloads"),
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    if remote_version and not storage.exists(storage.join(remote_version, _UPLOADED)):
+        storage.upload_dir(builder.data_dir, remote_version)
+        # Written last: a copy without it is incomplete and is never downloaded.
+        storage.write_text_atomic(storage.join(remote_version, _UPLOADED), config_name + "\n")
+        log.info("tokenized dataset %s uploaded to %s", config_name, remote_version)
     stats = dict(tfds.builder_from_directory(builder.data_dir).info.metadata or {})
     return PreparedDataset(data_dir=data_dir, config_name=config_name, stats=stats)
 

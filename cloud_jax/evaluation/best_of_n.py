@@ -37,6 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from cloud_jax import storage
 from cloud_jax.data.schema import RowError, expand_paths
 
 BASELINES = ("first", "random")
@@ -95,7 +96,7 @@ def load_best_of_n(paths) -> List[BestOfNItem]:
     items: List[BestOfNItem] = []
     first_seen: Dict[str, str] = {}
     for path in expand_paths(paths):
-        with open(path, "rb") as f:
+        with storage.open_file(path, "rb") as f:
             for line, raw in enumerate(f, start=1):
                 if not raw.strip():
                     continue

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from cloud_jax import storage
 from cloud_jax.data.jsonl import write_jsonl_atomic
 from cloud_jax.data.schema import PreferenceRow
 from cloud_jax.evaluation import best_of_n as bon
@@ -190,7 +191,17 @@ def run_evaluation(score_fn: ScoreFn, cfg: EvalConfig, output_dir: str, *,
     report.json, report.md, accuracy_by_section.png (with rows), accuracy_vs_k.png,
     critiques.jsonl (with rows), best_of_n_critiques.jsonl (with Best-of-N items).
     Returns the report dictionary (what report.json holds) with the written paths under "files".
+    A ``gs://`` / ``s3://`` ``output_dir`` gets the files once all are written (they are written
+    to a local directory first: the plots and reports are written with local file calls).
     """
+    if storage.is_url(output_dir):
+        with storage.staged_output(output_dir) as local:
+            report = run_evaluation(score_fn, cfg, local, rows=rows,
+                                    best_of_n_items=best_of_n_items, settings=settings,
+                                    progress=progress)
+        report["files"] = {k: storage.join(output_dir, os.path.relpath(v, local))
+                           for k, v in report["files"].items()}
+        return report
     cfg.validate()
     if not rows and not best_of_n_items:
         raise ValueError("nothing to evaluate: give preference rows, Best-of-N rows or both")

@@ -29,7 +29,7 @@ import math
 import os
 from typing import Any, Callable, Dict, Optional, Sequence
 
-from cloud_jax import records
+from cloud_jax import records, storage
 from cloud_jax.errors import ConfigError
 from cloud_jax.data.jsonl import write_jsonl_atomic
 from cloud_jax.data.schema import FEEDBACK_FIELDS, HUB_PREFIX, PreferenceRow
@@ -72,21 +72,24 @@ def regenerate(rm, rows: Sequence[PreferenceRow], cfg: ScoreConfig, on_batch=Non
 
 
 def _write_provenance(out_dir: str, provenance: dict, host: int = 0) -> None:
-    path = os.path.join(out_dir, PROVENANCE)
+    path = storage.join(out_dir, PROVENANCE)
     # Through JSON once, so tuples compare equal to the lists read back.
     provenance = json.loads(json.dumps(provenance))
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            changed = records.changes(json.load(f), provenance)
+    if storage.exists(path):
+        changed = records.changes(json.loads(storage.read_text(path)), provenance)
         if changed:
             raise ConfigError(f"{path} records other settings ({', '.join(changed)} differ); "
                              "write to a new output directory or restore the settings")
         return
+    text = json.dumps(provenance, indent=2, sort_keys=True) + "\n"
+    if storage.is_url(path):
+        # One object write is atomic; hosts that get here at once write equal contents.
+        storage.write_text_atomic(path, text)
+        return
     # Each host writes its own temporary file: all hosts may get here at once, with equal contents.
     tmp = f"{path}.tmp{host}"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(provenance, f, indent=2, sort_keys=True)
-        f.write("\n")
+        f.write(text)
     os.replace(tmp, path)
 
 
@@ -126,7 +129,7 @@ class RelabelSummary:
 
     @property
     def glob(self) -> str:
-        return os.path.join(self.out_dir, "critiques-*.jsonl")
+        return storage.join(self.out_dir, "critiques-*.jsonl")
 
 
 def relabel(rm, rows: Sequence[PreferenceRow], out_dir: str, cfg: ScoreConfig,
@@ -144,12 +147,13 @@ def relabel(rm, rows: Sequence[PreferenceRow], out_dir: str, cfg: ScoreConfig,
         raise ConfigError(f"host {settings.host} must lie in [0, {settings.num_hosts})")
     cfg = dataclasses.replace(cfg, critique_prefix=resolve_critique_prefix(rm, cfg))
     num_shards = max(1, math.ceil(len(rows) / settings.shard_rows))
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)
     checkpoint = settings.checkpoint
     _write_provenance(out_dir, {
-        "checkpoint": os.path.abspath(checkpoint) if os.path.exists(checkpoint) else checkpoint,
+        "checkpoint": (os.path.abspath(checkpoint) if not storage.is_url(checkpoint)
+                       and os.path.exists(checkpoint) else checkpoint),
         "checkpoint_step": settings.checkpoint_step,
-        "input": [p if p.startswith(HUB_PREFIX) else os.path.abspath(p)
+        "input": [p if p.startswith(HUB_PREFIX) or storage.is_url(p) else os.path.abspath(p)
                   for p in settings.input_paths],
         **({"input_split": settings.input_split} if settings.input_split else {}),
         **({"columns": dict(settings.columns)} if settings.columns else {}),
@@ -164,7 +168,8 @@ def relabel(rm, rows: Sequence[PreferenceRow], out_dir: str, cfg: ScoreConfig,
     }, settings.host)
     per = settings.shard_rows
     mine = [s for s in range(num_shards) if s % settings.num_hosts == settings.host]
-    todo = [s for s in mine if not os.path.exists(os.path.join(out_dir, shard_name(s, num_shards)))]
+    done = set(storage.listdir(out_dir))
+    todo = [s for s in mine if shard_name(s, num_shards) not in done]
     log.info("host %d/%d: %d shards, %d already done", settings.host, settings.num_hosts,
              len(mine), len(mine) - len(todo))
     on_batch = None
@@ -176,6 +181,6 @@ def relabel(rm, rows: Sequence[PreferenceRow], out_dir: str, cfg: ScoreConfig,
         unusable += sum(not _usable(r[f]) for r in out for f in FEEDBACK_FIELDS)
         truncated += sum(r[f"{f}_truncated"] for r in out for f in FEEDBACK_FIELDS)
         written += len(out) * len(FEEDBACK_FIELDS)
-        write_jsonl_atomic(os.path.join(out_dir, shard_name(s, num_shards)), out)
+        write_jsonl_atomic(storage.join(out_dir, shard_name(s, num_shards)), out)
     return RelabelSummary(out_dir, num_shards, len(mine), len(mine) - len(todo), unusable,
                           truncated, written)

@@ -20,7 +20,6 @@ naming those keys and shapes (docs/RELIABILITY.md).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any, Callable, Optional
 
@@ -29,7 +28,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from cloud_jax import records
+from cloud_jax import records, storage
 from cloud_jax.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -79,7 +78,8 @@ class Checkpointer:
     """Saves and restores a run's checkpoints in ``directory`` (keeps the newest ``keep``)."""
 
     def __init__(self, directory: str, keep: int, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        # A local path or a gs:// / s3:// URL: orbax writes either (arrays through tensorstore).
+        self.directory = storage.resolve(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
             # Temporary directories are saves that never finished (the process died mid-save).
@@ -102,7 +102,7 @@ class Checkpointer:
             step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
     def step_dir(self, step: int) -> str:
-        return os.path.join(self.directory, str(step))
+        return storage.join(self.directory, str(step))
 
     def check_fits(self, step: int, abstract_state: Any) -> None:
         """Raises CheckpointError naming every key whose shape or dtype differs between
@@ -146,7 +146,7 @@ class Checkpointer:
         failures = []
         for step in sorted(self.manager.all_steps(), reverse=True):
             path = self.step_dir(step)
-            if not os.path.exists(os.path.join(path, COMMIT_MARKER)):
+            if not storage.exists(storage.join(path, COMMIT_MARKER)):
                 failures.append(f"{path}: no {COMMIT_MARKER}, the save did not complete")
                 log.error("checkpoint %s has no commit marker %s (the save did not complete); "
                           "falling back to the previous checkpoint", path, COMMIT_MARKER)
@@ -178,8 +178,8 @@ class Checkpointer:
         if jax.process_index() == 0:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             for step in steps:
-                target = os.path.join(self.directory, f"unusable.{step}.{stamp}")
-                os.rename(self.step_dir(step), target)
+                target = storage.join(self.directory, f"unusable.{step}.{stamp}")
+                storage.rename(self.step_dir(step), target)
                 log.warning("moved unusable checkpoint %s to %s", self.step_dir(step), target)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils

@@ -203,6 +203,6 @@ def to_yaml(cfg: Any) -> str:
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Writes the resolved config, so a run or checkpoint records exactly what produced it."""
-    os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        f.write(to_yaml(cfg))
+    from cloud_jax import storage
+
+    storage.write_text_atomic(os.fspath(path), to_yaml(cfg))

@@ -30,6 +30,7 @@ from cloud_jax.checkpoints.hf import base_model_name_of, save_cloud_reference
 from cloud_jax.data.pipeline import batch_iterator, host_positions
 from cloud_jax.data.tfds_builder import open_split, prepare_dataset
 from cloud_jax.data.tokenizer import load_tokenizer
+from cloud_jax import storage
 from cloud_jax.errors import ConfigError
 from cloud_jax.training.losses import finalize_metrics
 from cloud_jax.model import count_params, init_params
@@ -48,28 +49,30 @@ _ARCH_FIELDS = ("family", "vocab_size", "hidden_size", "intermediate_size", "num
 _COMPUTE_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "reward_dropout")
 
 
-# Every path a run reads or writes with local file calls.
-_LOCAL_PATHS = ("output_dir", "init_from", "train.checkpoint_dir", "train.metrics_file",
-                "train.tensorboard_dir", "data.train_path", "data.eval_path", "data.tfds_dir")
+# Every path a run reads or writes: each a local path or a gs:// / s3:// URL (cloud_jax.storage);
+# the data paths may also be Hugging Face hub datasets (hf://owner/name).
+_RUN_PATHS = ("output_dir", "init_from", "train.checkpoint_dir", "train.metrics_file",
+              "train.tensorboard_dir", "data.train_path", "data.eval_path", "data.tfds_dir")
 
 
-def check_local_paths(cfg: Config) -> None:
-    """A URL (``gs://...``) among the run's paths is a ConfigError before anything is written:
-    files go through local file calls, which would make a directory named ``gs:`` instead."""
-    for key in _LOCAL_PATHS:
+def check_paths(cfg: Config) -> None:
+    """A ConfigError, before anything is written, for a URL the run cannot use: an unknown
+    scheme, or one whose client library is not installed."""
+    for key in _RUN_PATHS:
         value = operator.attrgetter(key)(cfg)
-        if key.startswith("data.") and key.endswith("_path") and all(
-                part.strip().startswith("hf://") or "://" not in part
-                for part in value.split(",")):
-            continue  # Hugging Face hub datasets (hf://owner/name) are read by `datasets`
-        if "://" in value:
-            raise ConfigError(
-                f"{key}={value!r}: runs read and write local paths only. Mount the bucket on "
-                "every host (e.g. gcsfuse, docs/TPU_SCRIPTS.md) and give the mounted path.")
+        parts = value.split(",") if key.startswith("data.") and key.endswith("_path") else [value]
+        for part in parts:
+            part = part.strip()
+            if key.startswith("data.") and part.startswith("hf://"):
+                continue  # a Hugging Face hub dataset, read by `datasets`
+            storage.check_path(part, key)
 
 
 def _resolve(path: str, output_dir: str) -> str:
-    return path if not path or os.path.isabs(path) else os.path.join(output_dir, path)
+    """A run path: absolute or a URL as given, else relative to output_dir."""
+    if not path or storage.is_url(path) or os.path.isabs(path):
+        return path
+    return storage.join(output_dir, path)
 
 
 def _is_main() -> bool:
@@ -185,17 +188,18 @@ def _export_final(cfg: Config, model_cfg: ModelConfig, params, tokenizer) -> Opt
         params = jax.device_get(params)
     if not _is_main():
         return None
-    out = os.path.join(cfg.output_dir, "final")
+    out = storage.join(cfg.output_dir, "final")
     record = stage_record(cfg.train.stage)
     prefix = cfg.data.critique_prefix if record.exports_critique_prefix else None
     # The hub id the run descends from (init_from's, carried through every stage), so the export
     # loads on any machine; none for a model trained from scratch (checkpoints.hf.LOCAL_BASE).
     base = base_model_name_of(cfg.init_from) if cfg.init_from else None
-    save_cloud_reference(params, model_cfg, out, feedback_method=record.feedback_method,
-                         critique_prefix=prefix, base_model_name_or_path=base,
-                         layout_version=cfg.data.layout_version)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+    with storage.staged_output(out) as local:
+        save_cloud_reference(params, model_cfg, local, feedback_method=record.feedback_method,
+                             critique_prefix=prefix, base_model_name_or_path=base,
+                             layout_version=cfg.data.layout_version)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(local)
     log.info("final weights written to %s (a CLoud directory: init_from / cloud_jax.load)", out)
     return out
 
@@ -341,7 +345,7 @@ def run(cfg: Config) -> dict:
     last eval metrics, "final_dir", "data": the dataset's build counts per split (rows,
     rejected, dropped over-length, prompt-truncated), "compile_reports"}``.
     """
-    check_local_paths(cfg)
+    check_paths(cfg)
     mesh = make_mesh(cfg.mesh)
     check_batch_layout(cfg, mesh)
     tokenizer, dataset = prepare_data(cfg)
@@ -359,7 +363,7 @@ def run(cfg: Config) -> dict:
     resolved = dataclasses.replace(cfg, model=model_cfg)
     resolved_dict = to_dict(resolved)
     if _is_main():
-        save_config(resolved, os.path.join(cfg.output_dir, "config.yaml"))
+        save_config(resolved, storage.join(cfg.output_dir, "config.yaml"))
     start_step = int(jax.device_get(state["step"]))
     n_params = count_params(state["params"])
     log.info("stage %s: %s parameters, steps %d -> %d of %d, mesh %s, %d process(es)",

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
 
+from cloud_jax import storage
 from cloud_jax.errors import ConfigError
 from cloud_jax.sharding import chip_of
 from cloud_jax.training.losses import finalize_metrics
@@ -75,15 +75,18 @@ class MetricsWriter:
                                          config=config)
         if not enabled:
             return
+        # On an object store the JSONL files are rewritten whole at each write (objects cannot be
+        # appended to) and TensorBoard's event files are written locally and uploaded after each
+        # flush (cloud_jax.storage).
         if jsonl_path:
-            os.makedirs(os.path.dirname(jsonl_path) or ".", exist_ok=True)
-            self._jsonl = open(jsonl_path, "a", buffering=1)
-            self._throughput = open(os.path.join(os.path.dirname(jsonl_path), THROUGHPUT_FILE),
-                                    "a", buffering=1)
+            self._jsonl = storage.AppendText(jsonl_path)
+            self._throughput = storage.AppendText(
+                storage.join(storage.dirname(jsonl_path) or ".", THROUGHPUT_FILE))
         if tensorboard_dir:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(tensorboard_dir)
+            self._tb_dir = storage.StagedDir(tensorboard_dir)
+            self._tb = SummaryWriter(self._tb_dir.local)
 
     def write(self, step: int, split: str, values: Mapping[str, Any],
               timing: Optional[Mapping[str, float]] = None) -> None:
@@ -100,6 +103,7 @@ class MetricsWriter:
             for k, v in numeric.items():
                 self._tb.add_scalar(f"{split}/{k}", v, step)
             self._tb.flush()
+            self._tb_dir.sync()
         if self._wandb is not None:
             self._wandb.log({f"{split}/{k}": v for k, v in numeric.items()}, step=step)
 
@@ -109,5 +113,6 @@ class MetricsWriter:
             self._throughput.close()
         if self._tb is not None:
             self._tb.close()
+            self._tb_dir.close()
         if self._wandb is not None:
             self._wandb.finish()

@@ -81,6 +81,11 @@ class PipelineConfig(Config):
     evaluation: PipelineEvalConfig = dataclasses.field(default_factory=PipelineEvalConfig)
 
     def validate(self) -> "PipelineConfig":
+        if "://" in self.output_dir:
+            raise ConfigError(f"output_dir={self.output_dir!r}: the pipeline experiment writes its "
+                              "report and plots with local file calls; give a local directory "
+                              "(each stage on its own, python -m cloud_jax.train / critique / "
+                              "evaluate, takes gs:// paths)")
         if bool(self.data.train_path) != bool(self.data.eval_path):
             raise ConfigError("data.train_path and data.eval_path go together: give both (rows "
                               "with oracle feedback) or neither (the built-in benchmark)")

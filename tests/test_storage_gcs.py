@@ -1,0 +1,258 @@
+"""gs:// everywhere, against a real storage server (fake-gcs-server on 127.0.0.1, tests/gcs_helpers.py):
+the storage calls, a training run that is preempted and resumes from the bucket, the corrupt
+checkpoint fall-back, the export loaded back from the bucket, and stage-2 shards written to the
+bucket and resumed."""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gcs_helpers import gcs_emulator, gcs_fs
+from test_reliability import COMMON, TRAINER, wait_for
+
+from cloud_jax import storage
+from cloud_jax.data.synthetic.toy import write_toy_data
+from cloud_jax.errors import PREEMPTED_EXIT_CODE
+from cloud_jax.training.config import load_config
+from cloud_jax.training.loop import run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bucket():
+    with gcs_emulator() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory, bucket):
+    """The toy rows in the bucket, and a copy on local disk for the local reference runs."""
+    base = tmp_path_factory.mktemp("toy")
+    train, eval_ = write_toy_data(str(base / "data"), n_train=64, n_eval=8)
+    storage.copy_file(train, f"{bucket}/data/train.jsonl")
+    return {"train": train, "gs_train": f"{bucket}/data/train.jsonl",
+            "tfds": str(base / "tfds")}
+
+
+def overrides(out, train, tfds, *extra):
+    return [f"data.train_path={train}", "data.eval_path=\"\"", f"data.tfds_dir={tfds}",
+            f"output_dir={out}", "init_from=\"\"", "train.progress_bar=false", *COMMON, *extra]
+
+
+def tiny(out, train, tfds, *extra):
+    return load_config(ROOT / "configs/tiny_cpu_cloud.yaml", overrides(out, train, tfds, *extra))
+
+
+def train_metrics(path):
+    """The last row written for each train step of a metrics file (local or in the bucket)."""
+    rows = {}
+    for line in storage.read_text(path).splitlines():
+        row = json.loads(line)
+        if row["split"] == "train":
+            rows[row["step"]] = row
+    return rows
+
+
+def test_storage_calls_against_the_emulator(bucket, tmp_path):
+    base = f"{bucket}/calls"
+    storage.write_text_atomic(f"{base}/a/x.txt", "one")
+    storage.write_text_atomic(f"{base}/a/y.txt", "two")
+    assert storage.exists(f"{base}/a/x.txt") and storage.isdir(f"{base}/a")
+    assert not storage.exists(f"{base}/b") and storage.listdir(f"{base}/b") == []
+    assert storage.listdir(f"{base}/a") == ["x.txt", "y.txt"]
+    assert storage.glob(f"{base}/a/*.txt") == [f"{base}/a/x.txt", f"{base}/a/y.txt"]
+    # Append on an object store: the whole object is rewritten, earlier text kept.
+    log = storage.AppendText(f"{base}/log.jsonl")
+    log.write("1\n")
+    log.write("2\n")
+    log.close()
+    storage.AppendText(f"{base}/log.jsonl").write("3\n")
+    assert storage.read_text(f"{base}/log.jsonl") == "1\n2\n3\n"
+    storage.rename(f"{base}/a", f"{base}/moved")
+    assert storage.listdir(f"{base}/moved") == ["x.txt", "y.txt"] and not storage.exists(
+        f"{base}/a/x.txt")
+    # A remote directory staged on local disk; reused while unchanged, fetched again if changed.
+    local = storage.local_copy(f"{base}/moved")
+    assert Path(local, "x.txt").read_text() == "one"
+    storage.write_text_atomic(f"{base}/moved/x.txt", "changed")
+    assert Path(storage.local_copy(f"{base}/moved"), "x.txt").read_text() == "changed"
+    with pytest.raises(FileNotFoundError):
+        storage.local_copy(f"{base}/nothing")
+
+
+def test_a_run_in_the_bucket_is_preempted_resumes_to_the_same_losses_and_exports(
+        toy, bucket, tmp_path, caplog):
+    out = f"{bucket}/run"
+    gs_tfds = f"{bucket}/tfds"
+    steps = ["train.total_steps=16", "train.checkpoint_every=0",
+             "train.tensorboard_dir=tensorboard"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", RELIABILITY_SLOW_STEP="0.2")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", TRAINER, "--config", str(ROOT / "configs/tiny_cpu_cloud.yaml"),
+         *overrides(out, toy["gs_train"], gs_tfds, *steps)],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = f"{out}/metrics.jsonl"
+    wait_for(lambda: storage.exists(metrics) and len(storage.read_text(metrics).splitlines()) >= 3,
+             proc, timeout=300)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, stderr[-3000:]
+    stopped = json.loads(stdout.strip().splitlines()[-1])["step"]
+    assert 3 <= stopped < 16
+    # The checkpoint is in the bucket with orbax's commit marker; nothing went to local disk.
+    assert storage.listdir(f"{out}/checkpoints") == [str(stopped)]
+    assert storage.exists(f"{out}/checkpoints/{stopped}/commit_success.txt")
+    assert storage.exists(f"{out}/config.yaml")
+    assert storage.listdir(f"{out}/tensorboard"), "TensorBoard events were not uploaded"
+    # The tokenized dataset went to the bucket's cache, complete.
+    assert storage.glob(f"{gs_tfds}/cloud_pairs/*/*/cloud_jax_uploaded")
+
+    with caplog.at_level(logging.INFO):
+        summary = run(tiny(out, toy["gs_train"], gs_tfds, *steps, "train.export_final=true"))
+    assert f"resumed from {out}/checkpoints step {stopped}" in caplog.text
+    assert summary["step"] == 16 and summary["final_dir"] == f"{out}/final"
+
+    full = str(tmp_path / "full")
+    run(tiny(full, toy["train"], toy["tfds"], *steps, "train.export_final=true"))
+    a, b = train_metrics(f"{full}/metrics.jsonl"), train_metrics(metrics)
+    assert sorted(b) == list(range(1, 17))
+    for step in range(1, 17):
+        for key in ("loss", "batch_digest", "grad_norm"):
+            assert a[step][key] == b[step][key], (step, key)
+
+    import cloud_jax
+
+    rm = cloud_jax.load(f"{out}/final")
+    reference = cloud_jax.load(f"{full}/final")
+    prompts, responses = ["What is 2+2?", "Name a colour."], ["4.", "Blue."]
+    got = rm.score(prompts, responses, max_critique_tokens=8)
+    want = reference.score(prompts, responses, max_critique_tokens=8)
+    np.testing.assert_allclose(got.rewards, want.rewards, atol=1e-5)
+    assert got.critiques == want.critiques
+    assert rm.base_model_name_or_path is None  # trained from scratch: nothing to point at
+
+
+def _truncate_remote_arrays(step_dir):
+    fs = gcs_fs()
+    inner = step_dir.removeprefix("gs://")
+    for name in fs.find(f"{inner}/state"):
+        if name.rsplit("/", 2)[-2] == "d":
+            data = fs.cat_file(name)
+            fs.pipe_file(name, data[: len(data) // 2])
+
+
+def test_a_truncated_checkpoint_in_the_bucket_falls_back_with_a_log(toy, bucket, caplog):
+    out = f"{bucket}/two"
+    steps = ["train.total_steps=6", "train.checkpoint_every=2"]
+    run(tiny(out, toy["train"], toy["tfds"], *steps, "train.stop_at_step=4"))
+    assert storage.listdir(f"{out}/checkpoints") == ["2", "4"]
+    _truncate_remote_arrays(f"{out}/checkpoints/4")
+    with caplog.at_level(logging.INFO):
+        summary = run(tiny(out, toy["train"], toy["tfds"], *steps))
+    bad = f"{out}/checkpoints/4"
+    assert any(r.levelno == logging.ERROR and bad in r.getMessage()
+               and "falling back" in r.getMessage() for r in caplog.records), caplog.text
+    assert f"resumed from {out}/checkpoints step 2" in caplog.text
+    assert summary["step"] == 6
+    listed = storage.listdir(f"{out}/checkpoints")
+    assert listed[:2] == ["4", "6"] and listed[2].startswith("unusable.4."), listed
+
+
+def test_a_config_change_is_refused_in_the_bucket_as_on_disk(toy, bucket):
+    from cloud_jax.errors import ConfigError
+
+    out = f"{bucket}/changed"
+    run(tiny(out, toy["train"], toy["tfds"], "train.total_steps=4", "train.stop_at_step=2"))
+    with pytest.raises(ConfigError, match="different config .*data.batch_pairs"):
+        run(tiny(out, toy["train"], toy["tfds"], "train.total_steps=4", "data.batch_pairs=4"))
+
+
+@pytest.fixture(scope="module")
+def model_and_rows(bucket, tmp_path_factory):
+    """A tiny random model saved straight to the bucket, and five preference rows there and on
+    local disk."""
+    import cloud_jax
+    from cloud_jax.data.tokenizer import byte_tokenizer
+    from test_critique import CFG, random_params
+
+    model = f"{bucket}/models/sft"
+    saved = cloud_jax.RewardModel(CFG, random_params(CFG, 2), byte_tokenizer()).save_pretrained(
+        model)
+    assert saved == model and storage.exists(f"{model}/config.json")
+    rows = tmp_path_factory.mktemp("rows") / "rows.jsonl"
+    rows.write_text("".join(json.dumps(
+        {"id": f"r{i}", "prompt": f"Question {i}?", "chosen": f"Good {i}.", "rejected": f"Bad {i}",
+         "chosen_feedback": "old", "rejected_feedback": "old"}) + "\n" for i in range(5)))
+    storage.copy_file(str(rows), f"{bucket}/rows.jsonl")
+    return model, rows
+
+
+def test_score_and_evaluate_read_and_write_the_bucket(model_and_rows, bucket, tmp_path):
+    from cloud_jax.cli import evaluate, score
+    from cloud_jax.cli.common import run_command
+
+    model, rows = model_and_rows
+    common = ["--checkpoint", model, "--max-critique-tokens", "4", "--batch-size", "4"]
+    assert run_command(score.main, [*common, "--input", f"{bucket}/rows.jsonl", "--output",
+                                    f"{bucket}/scored.jsonl"]) == 0
+    assert run_command(score.main, [*common, "--input", str(rows), "--output",
+                                    str(tmp_path / "scored.jsonl")]) == 0
+    assert storage.read_text(f"{bucket}/scored.jsonl") == (tmp_path / "scored.jsonl").read_text()
+    out = f"{bucket}/eval"
+    assert run_command(evaluate.main, [*common, "--input", f"{bucket}/rows.jsonl",
+                                       "--output-dir", out, "--no-progress"]) == 0
+    names = storage.listdir(out)
+    assert {"report.json", "report.md", "critiques.jsonl"} <= set(names), names
+    report = json.loads(storage.read_text(f"{out}/report.json"))
+    assert report["rewardbench"]["num_rows"] == 5
+    assert len(storage.read_text(f"{out}/critiques.jsonl").splitlines()) == 5
+
+
+def test_stage_2_writes_its_shards_to_the_bucket_and_resumes(model_and_rows, bucket, tmp_path,
+                                                              monkeypatch):
+    from cloud_jax.cli import critique
+    from cloud_jax.cli.common import run_command
+    from cloud_jax.data.schema import load_rows
+    from cloud_jax.scoring import relabel
+
+    model, _ = model_and_rows
+
+    def cmd(out):
+        return ["--checkpoint", model, "--input", f"{bucket}/rows.jsonl", "--output", out,
+                "--shard-rows", "2", "--batch-size", "4", "--max-critique-tokens", "5"]
+
+    local = tmp_path / "local"
+    assert run_command(critique.main, cmd(str(local))) == 0
+    out = f"{bucket}/critiques"
+    real_write, calls = relabel.write_jsonl_atomic, []
+
+    def write_then_die(path, objs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(path)
+        real_write(path, objs)
+
+    monkeypatch.setattr(relabel, "write_jsonl_atomic", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_command(critique.main, cmd(out))
+    monkeypatch.setattr(relabel, "write_jsonl_atomic", real_write)
+    assert [n for n in storage.listdir(out) if n.endswith(".jsonl")] == [
+        "critiques-00000-of-00003.jsonl"]
+    assert run_command(critique.main, cmd(out)) == 0
+    names = sorted(p.name for p in local.iterdir())
+    assert storage.listdir(out) == names
+    for name in names:
+        if name != "provenance.json":
+            assert storage.read_text(f"{out}/{name}") == (local / name).read_text(), name
+    # The shards in the bucket are what the cloud stage reads.
+    loaded = load_rows(f"{out}/critiques-*.jsonl", require_feedback=True).rows
+    assert [r.id for r in loaded] == [f"r{i}" for i in range(5)]
+    prov = json.loads(storage.read_text(f"{out}/provenance.json"))
+    assert prov["checkpoint"] == model and prov["input"] == [f"{bucket}/rows.jsonl"]
