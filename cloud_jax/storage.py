@@ -256,33 +256,35 @@ def cache_root() -> str:
 
 def local_copy(url: str) -> str:
     """A local directory holding what ``url`` holds (a URL directory is downloaded into the
-    cache; a local path is returned as it is). A copy whose objects (names, sizes, etags) are
-    unchanged is reused; a changed one is downloaded again."""
+    cache; a local path is returned as it is). Each version of the directory (its objects' names,
+    sizes and etags) has its own cache entry: an unchanged directory is not downloaded again, a
+    changed one is, and older versions are then removed. Processes that download the same
+    version at once each download it; the first complete copy is kept."""
     if not is_url(url):
         return url
     url = url.rstrip("/")
     files = _remote_files(url)
     if not files:
         raise FileNotFoundError(f"{url}: no such directory (no object under it)")
-    target = os.path.join(cache_root(), hashlib.sha256(url.encode()).hexdigest()[:16],
-                          basename(url))
-    manifest = os.path.join(os.path.dirname(target), "manifest.json")
-    if os.path.isfile(manifest):
-        with open(manifest, encoding="utf-8") as f:
-            if json.load(f) == {"url": url, "files": files}:
-                return target
-    parent = os.path.dirname(target)
+    parent = os.path.join(cache_root(), hashlib.sha256(url.encode()).hexdigest()[:16])
+    version = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+    target = os.path.join(parent, version, basename(url))
+    if os.path.isdir(target):
+        return target
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(dir=parent, prefix=".download-")
     fs, inner = _fs(url)
     for rel in files:
-        dest = os.path.join(staging, rel)
+        dest = os.path.join(staging, basename(url), rel)
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         fs.get_file(f"{inner}/{rel}", dest)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(staging, target)
-    with open(manifest, "w", encoding="utf-8") as f:
-        json.dump({"url": url, "files": files}, f)
+    try:
+        os.rename(staging, os.path.join(parent, version))
+    except OSError:  # another process finished the same version first
+        shutil.rmtree(staging, ignore_errors=True)
+    for name in os.listdir(parent):
+        if name != version and not name.startswith(".download-"):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
     return target
 
 
