@@ -3,7 +3,8 @@
 Every file a run, a command or an export reads or writes goes through here. Local paths use the
 local file calls; URLs go through ``etils.epath`` (what orbax uses for its own files) over fsspec:
 ``gcsfs`` for ``gs://``, ``s3fs`` for ``s3://``. Orbax writes its checkpoint arrays through
-tensorstore, which reads and writes ``gs://`` natively.
+tensorstore, which reads and writes ``gs://`` natively; orbax has no ``s3://`` path, so checkpoints
+stay on local disk or ``gs://`` (:data:`CHECKPOINT_SCHEMES`).
 
 What differs on an object store, and how it is handled:
 
@@ -39,7 +40,11 @@ log = logging.getLogger(__name__)
 
 # The URL schemes runs accept, and the package each needs.
 SCHEMES = {"gs": "gcsfs", "s3": "s3fs"}
-_INSTALL = {"gs": "pip install 'cloud-jax[gcs]' (gcsfs)", "s3": "pip install s3fs"}
+# Where orbax can write checkpoints: local disk ("") and gs:// (tensorstore's GCS driver);
+# orbax-checkpoint 0.12.8 builds no tensorstore spec for s3://.
+CHECKPOINT_SCHEMES = ("", "gs")
+_INSTALL = {"gs": "pip install 'cloud-jax[gcs]' (gcsfs)",
+            "s3": "pip install 'cloud-jax[s3]' (s3fs)"}
 
 
 def is_url(path) -> bool:

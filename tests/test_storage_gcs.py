@@ -1,4 +1,4 @@
-"""gs:// everywhere, against a real storage server (fake-gcs-server on 127.0.0.1, tests/gcs_helpers.py):
+"""gs:// everywhere, against a real storage server (fake-gcs-server on 127.0.0.1, tests/storage_emulators.py):
 the storage calls, a training run that is preempted and resumes from the bucket, the corrupt
 checkpoint fall-back, the export loaded back from the bucket, and stage-2 shards written to the
 bucket and resumed."""
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gcs_helpers import gcs_emulator, gcs_fs
+from storage_emulators import gcs_emulator, gcs_fs
 from test_reliability import COMMON, TRAINER, wait_for
 
 from cloud_jax import storage

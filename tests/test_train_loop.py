@@ -233,8 +233,8 @@ def test_a_url_whose_client_is_missing_says_what_to_install(tmp_path, monkeypatc
     monkeypatch.setitem(sys.modules, "s3fs", None)
     cfg = load_config(ROOT / "configs/tiny_cpu_critique_sft.yaml",
                       [f"output_dir={tmp_path / 'run'}", "train.checkpoint_dir=s3://b/ckpt"])
-    with pytest.raises(ConfigError, match="train.checkpoint_dir='s3://b/ckpt' needs the s3fs "
-                                          "package: pip install s3fs"):
+    with pytest.raises(ConfigError, match=r"train.checkpoint_dir='s3://b/ckpt' needs the s3fs "
+                                          r"package: pip install 'cloud-jax\[s3\]'"):
         run(cfg)
 
 

@@ -66,6 +66,13 @@ def check_paths(cfg: Config) -> None:
             if key.startswith("data.") and part.startswith("hf://"):
                 continue  # a Hugging Face hub dataset, read by `datasets`
             storage.check_path(part, key)
+    checkpoints = _resolve(cfg.train.checkpoint_dir or "checkpoints", cfg.output_dir)
+    if storage.scheme(checkpoints) not in storage.CHECKPOINT_SCHEMES:
+        raise ConfigError(
+            f"checkpoints would go to {checkpoints!r}: orbax writes checkpoint arrays to local "
+            f"disk or {', '.join(s + '://' for s in storage.CHECKPOINT_SCHEMES if s)} only (its "
+            "tensorstore path has no s3:// support). Set train.checkpoint_dir to a gs:// or local "
+            "directory; the other run paths may stay on s3://.")
 
 
 def _resolve(path: str, output_dir: str) -> str:

