@@ -278,6 +278,8 @@ def local_copy(url: str) -> str:
         return target
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(dir=parent, prefix=".download-")
+    size = sum(int(info[0] or 0) for info in files.values())
+    log.info("downloading %s (%d files, %.2f GB) to %s", url, len(files), size / 1e9, target)
     fs, inner = _fs(url)
     for rel in files:
         dest = os.path.join(staging, basename(url), rel)
@@ -314,6 +316,7 @@ def staged_output(path: str) -> Iterator[str]:
     local = tempfile.mkdtemp(prefix="cloud_jax-upload-")
     try:
         yield local
+        log.info("uploading to %s", path)
         upload_dir(local, path)
     finally:
         shutil.rmtree(local, ignore_errors=True)

@@ -27,6 +27,14 @@ import pytest
 ENV_KEYS = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING")
 
 
+def _restore_env(saved: dict) -> None:
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -92,11 +100,7 @@ def gcs_emulator(bucket: str = "bucket"):
             fsspec.filesystem("gs").mkdir(bucket)
             yield f"gs://{bucket}"
         finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+            _restore_env(saved)
             fsspec.filesystem("gs").clear_instance_cache()
 
 
@@ -132,9 +136,5 @@ def s3_emulator(bucket: str = "bucket"):
         yield f"s3://{bucket}"
     finally:
         server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        _restore_env(saved)
         fsspec.filesystem("s3").clear_instance_cache()
