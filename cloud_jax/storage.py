@@ -253,6 +253,15 @@ def _remote_files(url: str) -> dict:
     return out
 
 
+def fingerprint(url: str) -> str:
+    """A hash of the objects under ``url`` (names, sizes, etags): changes when any of them does."""
+    return _version(_remote_files(url))
+
+
+def _version(files: dict) -> str:
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def cache_root() -> str:
     """Where remote directories are staged: $CLOUD_JAX_CACHE, else ~/.cache/cloud_jax/remote."""
     return os.environ.get("CLOUD_JAX_CACHE") or os.path.join(
@@ -272,7 +281,7 @@ def local_copy(url: str) -> str:
     if not files:
         raise FileNotFoundError(f"{url}: no such directory (no object under it)")
     parent = os.path.join(cache_root(), hashlib.sha256(url.encode()).hexdigest()[:16])
-    version = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+    version = _version(files)
     target = os.path.join(parent, version, basename(url))
     if os.path.isdir(target):
         return target

@@ -256,3 +256,19 @@ def test_stage_2_writes_its_shards_to_the_bucket_and_resumes(model_and_rows, buc
     assert [r.id for r in loaded] == [f"r{i}" for i in range(5)]
     prov = json.loads(storage.read_text(f"{out}/provenance.json"))
     assert prov["checkpoint"] == model and prov["input"] == [f"{bucket}/rows.jsonl"]
+
+
+def test_a_hugging_face_dataset_directory_in_the_bucket_is_a_row_source(bucket, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from cloud_jax.data.schema import RowError, load_rows
+
+    local = tmp_path / "prefs"
+    rows = [{"id": f"r{i}", "question": f"What is {i}+1?", "chosen": f"{i + 1}.",
+             "rejected": f"{i + 2}." if i != 2 else ""} for i in range(3)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(local))
+    url = f"{bucket}/datasets/prefs"
+    storage.upload_dir(str(local), url)
+    loaded = load_rows(url, require_feedback=False, columns={"prompt": "question"}, lenient=True)
+    assert [r.id for r in loaded.rows] == ["r0", "r1"] and loaded.rows[1].prompt == "What is 1+1?"
+    with pytest.raises(RowError, match=rf"{url}:train\[row 2\]: field 'rejected': is empty"):
+        load_rows(url, require_feedback=False, columns={"prompt": "question"})

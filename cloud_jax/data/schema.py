@@ -109,8 +109,9 @@ _DATASETS_HINT = "pip install 'cloud-jax[datasets]' (datasets==5.2.0)"
 
 
 def is_dataset_source(path: str) -> bool:
-    """Whether ``path`` names a Hugging Face dataset (a local directory or an ``hf://`` id)."""
-    return path.startswith(HUB_PREFIX) or (not storage.is_url(path) and os.path.isdir(path))
+    """Whether ``path`` names a Hugging Face dataset: a directory (local or in a bucket) or an
+    ``hf://`` id."""
+    return path.startswith(HUB_PREFIX) or storage.isdir(path)
 
 
 def expand_paths(spec: Union[str, Sequence[str]]) -> List[str]:
@@ -125,7 +126,7 @@ def expand_paths(spec: Union[str, Sequence[str]]) -> List[str]:
         if storage.is_url(part):
             storage.check_path(part, "data path")
             matches = storage.glob(part) if glob.has_magic(part) else [part]
-            if not matches or not all(storage.isfile(m) for m in matches):
+            if not matches or not all(storage.isfile(m) or storage.isdir(m) for m in matches):
                 raise FileNotFoundError(
                     f"data file {part!r} does not exist (or the glob matches nothing)")
             paths.extend(matches)
@@ -147,6 +148,10 @@ def source_digest(path: str, split: str = "") -> str:
     if path.startswith(HUB_PREFIX):
         dataset, split = load_hf_dataset(path, split)
         digest.update(f"{split}:{dataset._fingerprint}".encode())
+        return digest.hexdigest()
+    if storage.is_url(path) and storage.isdir(path):
+        # A dataset directory in a bucket: its objects' names, sizes and etags.
+        digest.update(f"{storage.fingerprint(path)}:split:{split}".encode())
         return digest.hexdigest()
     if storage.is_url(path) or os.path.isfile(path):
         _hash_file(digest, path)
@@ -178,16 +183,19 @@ def load_hf_dataset(path: str, split: str = ""):
     except ImportError:
         raise ConfigError(f"{path}: reading a Hugging Face dataset needs the datasets package: "
                           f"{_DATASETS_HINT}") from None
+    # A dataset directory in a bucket is read from its local copy (storage.local_copy).
+    hub = path.startswith(HUB_PREFIX)
+    local = storage.local_copy(path) if storage.is_url(path) and not hub else path
     try:
-        if path.startswith(HUB_PREFIX):
+        if hub:
             repo = path[len(HUB_PREFIX):]
             repo = repo[len("datasets/"):] if repo.startswith("datasets/") else repo
             loaded = datasets.load_dataset(repo)
-        elif os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(
-                os.path.join(path, "state.json")):
-            loaded = datasets.load_from_disk(path)
+        elif os.path.isfile(os.path.join(local, "dataset_dict.json")) or os.path.isfile(
+                os.path.join(local, "state.json")):
+            loaded = datasets.load_from_disk(local)
         else:
-            loaded = datasets.load_dataset(path)
+            loaded = datasets.load_dataset(local)
     except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as err:
         raise ConfigError(f"{path}: not a Hugging Face dataset that can be read here (a "
                           f"save_to_disk directory, a directory of Parquet/Arrow/JSON files, or "
