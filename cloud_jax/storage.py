@@ -1,8 +1,8 @@
 """Local paths and object-store URLs (``gs://``, ``s3://``) behind one set of calls.
 
 Every file a run, a command or an export reads or writes goes through here. Local paths use the
-local file calls; URLs go through ``etils.epath`` (what orbax uses for its own files) over fsspec:
-``gcsfs`` for ``gs://``, ``s3fs`` for ``s3://``. Orbax writes its checkpoint arrays through
+local file calls; URLs go through fsspec (the layer under ``etils.epath``, which orbax uses for its
+own files): ``gcsfs`` for ``gs://``, ``s3fs`` for ``s3://``. Orbax writes its checkpoint arrays through
 tensorstore, which reads and writes ``gs://`` natively; orbax has no ``s3://`` path, so checkpoints
 stay on local disk or ``gs://`` (:data:`CHECKPOINT_SCHEMES`).
 
@@ -111,12 +111,6 @@ def _fs(path: str):
     return fs, inner
 
 
-def epath(path: str):
-    from etils import epath as _epath
-
-    return _epath.Path(path)
-
-
 def exists(path: str) -> bool:
     if not is_url(path):
         return os.path.exists(path)
@@ -169,7 +163,8 @@ def open_file(path: str, mode: str = "r") -> IO:
         return open(path, mode, encoding="utf-8")
     if "a" in mode:
         raise ValueError(f"{path}: objects cannot be appended to; use storage.AppendText")
-    return epath(path).open(mode)
+    fs, inner = _fs(path)
+    return fs.open(inner, mode) if "b" in mode else fs.open(inner, mode, encoding="utf-8")
 
 
 def read_text(path: str) -> str:
@@ -177,40 +172,19 @@ def read_text(path: str) -> str:
         return f.read()
 
 
-def read_bytes(path: str) -> bytes:
-    with open_file(path, "rb") as f:
-        return f.read()
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    """``path`` holds ``text`` whole, or what it held before: through a temporary file and a
-    rename on disk; in one object write (atomic by itself) on an object store."""
+def write_text_atomic(path: str, text: str, tmp_suffix: str = ".tmp") -> None:
+    """``path`` holds ``text`` whole, or what it held before: through a temporary file
+    (``path + tmp_suffix``; writers that may run at once each need their own) and a rename on
+    disk; in one object write (atomic by itself) on an object store."""
     if is_url(path):
         with open_file(path, "w") as f:
             f.write(text)
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
+    tmp = f"{path}{tmp_suffix}"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)
-
-
-def remove(path: str) -> None:
-    if not is_url(path):
-        os.remove(path)
-        return
-    fs, inner = _fs(path)
-    fs.rm(inner)
-
-
-def rmtree(path: str) -> None:
-    if not is_url(path):
-        shutil.rmtree(path, ignore_errors=True)
-        return
-    fs, inner = _fs(path)
-    if fs.exists(inner):
-        fs.rm(inner, recursive=True)
 
 
 def rename(src: str, dst: str) -> None:
@@ -283,25 +257,38 @@ def local_copy(url: str) -> str:
     parent = os.path.join(cache_root(), hashlib.sha256(url.encode()).hexdigest()[:16])
     version = _version(files)
     target = os.path.join(parent, version, basename(url))
-    if os.path.isdir(target):
-        return target
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=parent, prefix=".download-")
-    size = sum(int(info[0] or 0) for info in files.values())
-    log.info("downloading %s (%d files, %.2f GB) to %s", url, len(files), size / 1e9, target)
-    fs, inner = _fs(url)
-    for rel in files:
-        dest = os.path.join(staging, basename(url), rel)
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        fs.get_file(f"{inner}/{rel}", dest)
-    try:
-        os.rename(staging, os.path.join(parent, version))
-    except OSError:  # another process finished the same version first
-        shutil.rmtree(staging, ignore_errors=True)
+    if not os.path.isdir(target):
+        _download(url, files, target)
     for name in os.listdir(parent):
         if name != version and not name.startswith(".download-"):
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
     return target
+
+
+def download_dir(url: str, dest: str) -> None:
+    """Downloads every object under ``url`` into the local directory ``dest`` (which appears
+    whole, or not at all; if another process made it first, its copy is kept)."""
+    files = _remote_files(url.rstrip("/"))
+    if not files:
+        raise FileNotFoundError(f"{url}: no such directory (no object under it)")
+    _download(url.rstrip("/"), files, dest)
+
+
+def _download(url: str, files: dict, dest: str) -> None:
+    parent = os.path.dirname(os.path.abspath(dest))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=parent, prefix=".download-")
+    size = sum(int(info[0] or 0) for info in files.values())
+    log.info("downloading %s (%d files, %.2f GB) to %s", url, len(files), size / 1e9, dest)
+    fs, inner = _fs(url)
+    for rel in files:
+        local = os.path.join(staging, rel)
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        fs.get_file(f"{inner}/{rel}", local)
+    try:
+        os.rename(staging, dest)
+    except OSError:  # another process finished the same copy first
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def upload_dir(local_dir: str, url: str) -> None:
@@ -391,15 +378,3 @@ class StagedDir:
         self.sync()
         if is_url(self.url):
             shutil.rmtree(self.local, ignore_errors=True)
-
-
-def walk_files(path: str) -> Iterator[str]:
-    """Every file under a local directory or URL, sorted, as full paths."""
-    if not is_url(path):
-        for root, dirs, names in os.walk(path):
-            dirs.sort()
-            for name in sorted(names):
-                yield os.path.join(root, name)
-        return
-    for rel in sorted(_remote_files(path)):
-        yield f"{path.rstrip('/')}/{rel}"

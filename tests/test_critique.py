@@ -7,37 +7,20 @@ import subprocess
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 from distributed_helpers import run_joined
+from model_helpers import tiny_reward_model
 
-import cloud_jax
 from cloud_jax.cli import critique
 from cloud_jax.cli.common import run_command
 from cloud_jax.scoring import relabel
-from cloud_jax.model.config import ModelConfig
 from cloud_jax.data.schema import load_rows
-from cloud_jax.data.tokenizer import byte_tokenizer
-from cloud_jax.model import param_shapes
-
-CFG = ModelConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
-                  num_kv_heads=2)
-
-
-def random_params(cfg, seed):
-    """Random weights without compiling the initialiser (which costs seconds per test file)."""
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, 0.1, s.shape), s.dtype),
-                        param_shapes(cfg))
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("critique")
-    ckpt = cloud_jax.RewardModel(CFG, random_params(CFG, 2), byte_tokenizer()).save_pretrained(
-        root / "sft")
+    ckpt = tiny_reward_model(2).save_pretrained(root / "sft")
     rows = [{"id": f"r{i}", "prompt": f"Question {i}?", "chosen": f"Good answer {i}.",
              "rejected": f"Bad {i}", "chosen_feedback": "old", "rejected_feedback": "old",
              "subset": "s"} for i in range(5)]

@@ -171,21 +171,9 @@ def test_without_the_datasets_package_the_error_says_what_to_install(saved, monk
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
+    from model_helpers import tiny_reward_model
 
-    import cloud_jax
-    from cloud_jax.model import param_shapes
-    from cloud_jax.model.config import ModelConfig
-
-    cfg = ModelConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_layers=1,
-                      num_heads=4, num_kv_heads=2)
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, 0.1, s.shape), s.dtype),
-                          param_shapes(cfg))
-    return str(cloud_jax.RewardModel(cfg, params, byte_tokenizer()).save_pretrained(
-        tmp_path_factory.mktemp("hf") / "model"))
+    return str(tiny_reward_model(0).save_pretrained(tmp_path_factory.mktemp("hf") / "model"))
 
 
 def test_score_and_critique_commands_read_a_dataset_split_with_columns(repo, checkpoint, tmp_path):

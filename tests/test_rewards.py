@@ -3,19 +3,13 @@ chat-format inputs; and the function inside a real TRL ``GRPOTrainer`` loop."""
 
 import inspect
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from model_helpers import tiny_reward_model
 
-import cloud_jax
 from cloud_jax.data.tokenizer import byte_tokenizer
-from cloud_jax.model import param_shapes
-from cloud_jax.model.config import ModelConfig
 from cloud_jax.rewards import CLoudReward, cloud_reward
 
-CFG = ModelConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
-                  num_kv_heads=2)
 PROMPTS = ["What is 2+2?", "Name a colour.", "Hi"]
 COMPLETIONS = ["4", "Blue, like the sky.", "Hello there!"]
 SETTINGS = dict(num_samples=2, temperature=0.9, max_critique_tokens=5, seed=3)
@@ -23,10 +17,7 @@ SETTINGS = dict(num_samples=2, temperature=0.9, max_critique_tokens=5, seed=3)
 
 @pytest.fixture(scope="module")
 def rm():
-    rng = np.random.default_rng(7)
-    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, 0.1, s.shape), s.dtype),
-                          param_shapes(CFG))
-    return cloud_jax.RewardModel(CFG, params, byte_tokenizer())
+    return tiny_reward_model(7)
 
 
 def test_one_float_per_completion_in_order_equal_to_score(rm):

@@ -5,33 +5,24 @@ and shutdown rules of the backend contract."""
 import threading
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from model_helpers import tiny_reward_model
 
 import cloud_jax
-from cloud_jax.data.tokenizer import byte_tokenizer
-from cloud_jax.model import param_shapes
-from cloud_jax.model.config import ModelConfig
 from cloud_jax.serving.engine import ContinuousBackend
 from cloud_jax.serving.protocol import InvalidField
 from cloud_jax.serving.static import StaticBackend
 from cloud_jax.serving.types import (BackendOptions, InputTooLong, Item, QueueFull, Settings,
                                      ShuttingDown)
 
-CFG = ModelConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
-                  num_kv_heads=2)
 PROMPTS = ["What is 2+2?", "Name a colour.", "Hi", "Why is the sky blue?", "Say: " + "la " * 9]
 RESPONSES = ["4", "Blue.", "Hello there!", "Rayleigh scattering.", "la la la"]
 
 
 @pytest.fixture(scope="module")
 def rm():
-    rng = np.random.default_rng(3)
-    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, 0.1, s.shape), s.dtype),
-                          param_shapes(CFG))
-    return cloud_jax.RewardModel(CFG, params, byte_tokenizer())
+    return tiny_reward_model(3)
 
 
 def _engine(rm, **options):

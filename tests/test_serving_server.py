@@ -13,19 +13,13 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import requests
+from model_helpers import tiny_reward_model
 
 import cloud_jax
-from cloud_jax.data.tokenizer import byte_tokenizer
-from cloud_jax.model import param_shapes
-from cloud_jax.model.config import ModelConfig
 
-CFG = ModelConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
-                  num_kv_heads=2)
 PROMPTS = ["What is 2+2?", "Name a colour.", "Hi", "Say something long: " + "la " * 12,
            "Why is the sky blue?"]
 RESPONSES = ["4", "Blue, like the sky.", "Hello there!", "la la", "Rayleigh scattering."]
@@ -34,11 +28,8 @@ LIMIT = 256  # --max-length
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    rng = np.random.default_rng(3)
-    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, 0.1, s.shape), s.dtype),
-                          param_shapes(CFG))
     out = tmp_path_factory.mktemp("ckpt") / "model"
-    cloud_jax.RewardModel(CFG, params, byte_tokenizer()).save_pretrained(out)
+    tiny_reward_model(3).save_pretrained(out)
     return out
 
 

@@ -178,13 +178,10 @@ def test_a_config_change_is_refused_in_the_bucket_as_on_disk(toy, bucket):
 def model_and_rows(bucket, tmp_path_factory):
     """A tiny random model saved straight to the bucket, and five preference rows there and on
     local disk."""
-    import cloud_jax
-    from cloud_jax.data.tokenizer import byte_tokenizer
-    from test_critique import CFG, random_params
+    from model_helpers import tiny_reward_model
 
     model = f"{bucket}/models/sft"
-    saved = cloud_jax.RewardModel(CFG, random_params(CFG, 2), byte_tokenizer()).save_pretrained(
-        model)
+    saved = tiny_reward_model(2).save_pretrained(model)
     assert saved == model and storage.exists(f"{model}/config.json")
     rows = tmp_path_factory.mktemp("rows") / "rows.jsonl"
     rows.write_text("".join(json.dumps(

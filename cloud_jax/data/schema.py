@@ -156,12 +156,13 @@ def source_digest(path: str, split: str = "") -> str:
     if storage.is_url(path) or os.path.isfile(path):
         _hash_file(digest, path)
         return digest.hexdigest()
-    # Hidden entries (.git, caches) are not the dataset.
-    for file in sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
-                       if not any(part.startswith(".")
-                                  for part in os.path.relpath(os.path.join(d, f), path).split(os.sep))):
-        digest.update(os.path.relpath(file, path).encode() + b"\0")
-        _hash_file(digest, file)
+    for root, dirs, names in os.walk(path):
+        # Hidden entries (.git, caches) are not the dataset.
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(n for n in names if not n.startswith(".")):
+            file = os.path.join(root, name)
+            digest.update(os.path.relpath(file, path).encode() + b"\0")
+            _hash_file(digest, file)
     digest.update(f"split:{split}".encode())
     return digest.hexdigest()
 
@@ -282,18 +283,11 @@ def _iter_dataset(dataset) -> Iterator[_Raw]:
         yield None, i, obj, json.dumps(obj, ensure_ascii=True, default=repr)
 
 
-def source_name(path: str, split: str = "") -> str:
-    """How messages name a source: the file, or ``<dataset>:<split>``."""
-    if not is_dataset_source(path):
-        return path
-    return f"{path}:{split}" if split else path
-
-
 def _iter_source(path: str, split: str = "") -> Tuple[str, Iterator[_Raw]]:
-    """(the source's name for messages, its raw rows)."""
+    """(the source's name for messages: the file, or ``<dataset>:<split>``; its raw rows)."""
     if is_dataset_source(path):
         dataset, split = load_hf_dataset(path, split)
-        return source_name(path, split), _iter_dataset(dataset)
+        return f"{path}:{split}", _iter_dataset(dataset)
     return path, _iter_raw(path)
 
 

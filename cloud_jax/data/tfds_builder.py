@@ -31,7 +31,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import sys
 from typing import Dict, Mapping, Optional
 
@@ -267,7 +266,7 @@ def prepare_dataset(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, layout:
     remote_version = storage.join(remote_dir, version_dir) if remote_dir else None
     if remote_version and not os.path.isdir(builder.data_dir) and storage.exists(
             storage.join(remote_version, _UPLOADED)):
-        shutil.copytree(storage.local_copy(remote_version), builder.data_dir)
+        storage.download_dir(remote_version, builder.data_dir)
         log.info("tokenized dataset %s downloaded from %s", config_name, remote_version)
     builder.download_and_prepare(
         download_dir=os.path.join(data_dir, "downloads"),

@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 from cloud_jax import records, storage
 from cloud_jax.errors import ConfigError
 from cloud_jax.data.jsonl import write_jsonl_atomic
-from cloud_jax.data.schema import FEEDBACK_FIELDS, HUB_PREFIX, PreferenceRow
+from cloud_jax.data.schema import FEEDBACK_FIELDS, PreferenceRow
 from cloud_jax.data.tokenizer import tokenizer_fingerprint
 from cloud_jax.scoring.rewards import ScoreConfig, resolve_critique_prefix, score
 
@@ -81,16 +81,9 @@ def _write_provenance(out_dir: str, provenance: dict, host: int = 0) -> None:
             raise ConfigError(f"{path} records other settings ({', '.join(changed)} differ); "
                              "write to a new output directory or restore the settings")
         return
-    text = json.dumps(provenance, indent=2, sort_keys=True) + "\n"
-    if storage.is_url(path):
-        # One object write is atomic; hosts that get here at once write equal contents.
-        storage.write_text_atomic(path, text)
-        return
-    # Each host writes its own temporary file: all hosts may get here at once, with equal contents.
-    tmp = f"{path}.tmp{host}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    # All hosts may get here at once, with equal contents: each writes its own temporary file.
+    storage.write_text_atomic(path, json.dumps(provenance, indent=2, sort_keys=True) + "\n",
+                              tmp_suffix=f".tmp{host}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,10 +143,9 @@ def relabel(rm, rows: Sequence[PreferenceRow], out_dir: str, cfg: ScoreConfig,
     storage.makedirs(out_dir)
     checkpoint = settings.checkpoint
     _write_provenance(out_dir, {
-        "checkpoint": (os.path.abspath(checkpoint) if not storage.is_url(checkpoint)
-                       and os.path.exists(checkpoint) else checkpoint),
+        "checkpoint": os.path.abspath(checkpoint) if os.path.exists(checkpoint) else checkpoint,
         "checkpoint_step": settings.checkpoint_step,
-        "input": [p if p.startswith(HUB_PREFIX) or storage.is_url(p) else os.path.abspath(p)
+        "input": [p if storage.is_url(p) else os.path.abspath(p)
                   for p in settings.input_paths],
         **({"input_split": settings.input_split} if settings.input_split else {}),
         **({"columns": dict(settings.columns)} if settings.columns else {}),
