@@ -59,6 +59,8 @@ def test_bench_sample_prints_the_host_and_puts_it_in_its_json(capsys):
     assert result["cpu_model"] == host_info()["cpu_model"]
     assert result["vector_extensions"] == host_info()["vector_extensions"]
     assert "[bench sample] host: " in out
+    assert result["decode_layout"] == "feature_major" and result["prepare_s"] >= 0
+    assert "feature_major decode layout" in out
 
 
 def test_the_gpu_preset_is_the_1b_workload_and_explicit_flags_win():
@@ -81,10 +83,12 @@ def test_bench_sample_in_bf16_against_transformers_on_the_same_device(capsys):
                         "4", "--repeats", "1", "--hidden-size", "32", "--num-layers", "1",
                         "--num-heads", "2", "--num-kv-heads", "1", "--intermediate-size", "64",
                         "--vocab-size", "64", "--dtype", "bfloat16", "--backend", "cpu",
-                        "--threads", "1", "--bandwidth-bytes", str(1 << 24)]) == 0
+                        "--threads", "1", "--bandwidth-bytes", str(1 << 24),
+                        "--decode-layout", "standard"]) == 0
     out = capsys.readouterr().out
     result = json.loads(out.strip().splitlines()[-1])
     assert result["dtype"] == "bfloat16" and result["backend"] == "cpu"
+    assert result["decode_layout"] == "standard" and result["prepare_s"] == 0
     assert result["hf_critiques_per_s"] > 0 and result["ratio"] > 0
     assert result["decode_step_over_hbm_floor"] > 0
     assert "transformers generate (cpu" in out

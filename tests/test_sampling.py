@@ -69,13 +69,16 @@ def check_against_full_forward(out, prefixes, stop_ids, max_new, full_forward):
             np.testing.assert_allclose(out.rewards[b, k], reward, atol=1e-5, rtol=0)
 
 
-def test_greedy_decode_and_rewards_equal_full_forward(params, full_forward):
-    probe = sample(CFG, params, PREFIXES, max_new_tokens=6, stop_ids=(EOT,))
+@pytest.mark.parametrize("layout", ["standard", "feature_major"])
+def test_greedy_decode_and_rewards_equal_full_forward(params, full_forward, layout):
+    probe = sample(CFG, params, PREFIXES, max_new_tokens=6, stop_ids=(EOT,),
+                   decode_layout=layout)
     # A second stop id that row 0 draws at step 3 (and not before): that row stops, the others
     # most likely run into the budget.
     stop = int(probe.tokens[0, 0, 3])
     assert stop not in probe.tokens[0, 0, :3]
-    out = sample(CFG, params, PREFIXES, max_new_tokens=6, stop_ids=(EOT, stop))
+    out = sample(CFG, params, PREFIXES, max_new_tokens=6, stop_ids=(EOT, stop),
+                 decode_layout=layout)
     check_against_full_forward(out, PREFIXES, (EOT, stop), 6, full_forward)
     assert out.lengths[0, 0] == 3 and not out.truncated[0, 0]
     assert out.truncated.any()
@@ -228,3 +231,23 @@ def test_repetition_penalty_keeps_samples_independent_of_the_batch(params):
     np.testing.assert_array_equal(part.tokens, whole.tokens[5:1:-1])
     with pytest.raises(ValueError, match="repetition_penalty"):
         sample(CFG, params, PREFIXES, max_new_tokens=2, stop_ids=(EOT,), repetition_penalty=0.0)
+
+
+def test_attention_over_transposed_keys_is_the_same():
+    """Keys stored [.., D, S] (the feature-major decode's cache) give the same attention, with a
+    prefix segment and without."""
+    from cloud_jax.model.layers import gqa_attention
+
+    rng = np.random.default_rng(4)
+    groups, rows, t, h, kv, d, p, s = 2, 3, 1, 4, 2, 8, 5, 6
+    b = groups * rows
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+    q, k, v = normal(b, t, h, d), normal(b, kv, s, d), normal(b, kv, s, d)
+    pk, pv = normal(groups, kv, p, d), normal(groups, kv, p, d)
+    pmask = jnp.asarray(rng.random((b, t, p)) < 0.7)
+    mask = jnp.asarray(rng.random((b, t, s)) < 0.6)
+    kt, pkt = jnp.swapaxes(k, 2, 3), jnp.swapaxes(pk, 2, 3)
+    for prefix, prefix_t in (((pk, pv, pmask), (pkt, pv, pmask)), (None, None)):
+        want = gqa_attention(q, k, v, mask, prefix)
+        got = gqa_attention(q, kt, v, mask, prefix_t, keys_transposed=True)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)

@@ -41,6 +41,9 @@ def _axes_of(node: Any) -> Any:
         return tuple(_axes_of(x) for x in node)
     if not dataclasses.is_dataclass(node):
         return node  # None: an optional part that is absent
+    if getattr(node, "keys_transposed", False):
+        return node.replace(k=PartitionSpec(*KV_AXES[:2], KV_AXES[3], KV_AXES[2]),
+                            v=PartitionSpec(*KV_AXES))
     return node.replace(**{
         f.name: (PartitionSpec(*f.metadata["logical_axes"])
                  if "logical_axes" in f.metadata and getattr(node, f.name) is not None
@@ -68,10 +71,18 @@ class _LogicalAxes:
 
 @flax.struct.dataclass
 class LayerKV(_LogicalAxes):
-    """One layer's keys and values [B, KV_heads, S, head_dim]."""
+    """One layer's keys and values [B, KV_heads, S, head_dim]; with ``keys_transposed`` the keys
+    are stored [B, KV_heads, head_dim, S] (:meth:`KVCache.with_keys_transposed`)."""
 
     k: jax.Array = _array(*KV_AXES)
     v: jax.Array = _array(*KV_AXES)
+    keys_transposed: bool = flax.struct.field(pytree_node=False, default=False)
+
+    def transposed_keys(self) -> LayerKV:
+        """The same keys stored [B, KV_heads, head_dim, S] (a copy)."""
+        if self.keys_transposed:
+            return self
+        return self.replace(k=jnp.swapaxes(self.k, 2, 3), keys_transposed=True)
 
 
 @flax.struct.dataclass
@@ -117,6 +128,31 @@ class KVCache(_LogicalAxes):
         return MaskInfo(q_slot=self.end + jnp.arange(t), k_slot=jnp.arange(valid.shape[1]),
                         k_valid=valid, k_pos=pos, cache_end=self.end, prefix_valid=prefix_valid,
                         prefix_pos=prefix_pos)
+
+    def with_keys_transposed(self) -> KVCache:
+        """The same cache with every layer's keys (the prefix's too) stored
+        [B, KV_heads, head_dim, S]: the layout whose attention scores XLA:CPU computes fastest
+        at decode shapes (docs/BENCHMARKS.md, "Backend-specific choices")."""
+        prefix = self.prefix
+        if prefix is not None:
+            prefix = prefix.replace(layers=tuple(x.transposed_keys() for x in prefix.layers))
+        return self.replace(layers=tuple(x.transposed_keys() for x in self.layers), prefix=prefix)
+
+    def grown(self, length: int) -> KVCache:
+        """The same cache with ``length`` slots per row (at least as many as now): the new slots
+        are empty, so every attention over it gives the same values."""
+        extra = length - self.valid.shape[1]
+        if extra < 0:
+            raise ValueError(f"a cache of {self.valid.shape[1]} slots cannot shrink to {length}")
+
+        def pad(x, axis):
+            widths = [(0, 0)] * x.ndim
+            widths[axis] = (0, extra)
+            return jnp.pad(x, widths)
+
+        layers = tuple(x.replace(k=pad(x.k, 3 if x.keys_transposed else 2), v=pad(x.v, 2))
+                       for x in self.layers)
+        return self.replace(layers=layers, valid=pad(self.valid, 1), pos=pad(self.pos, 1))
 
     def written(self, layers: tuple[LayerKV, ...], info: MaskInfo) -> KVCache:
         """The cache after the forward that :meth:`mask_info` described wrote ``layers``."""

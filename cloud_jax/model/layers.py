@@ -39,10 +39,17 @@ class RMSNorm(nn.Module):
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         scale = self.param("scale", param_with_axes(nn.initializers.ones, ("norm",)),
                            (x_btd.shape[-1],), self.param_dtype)
-        x32 = x_btd.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        # Same rounding order as the Llama reference: normalise in fp32, cast, then scale.
-        return normed.astype(self.dtype) * scale.astype(self.dtype)
+        return rms_norm(x_btd, scale, self.eps, self.dtype)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, dtype, axis: int = -1) -> jax.Array:
+    """RMS normalisation of ``x`` over ``axis`` (its feature axis, ``scale``'s length)."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axis, keepdims=True) + eps)
+    shape = [1] * x.ndim
+    shape[axis] = scale.shape[0]
+    # Same rounding order as the Llama reference: normalise in fp32, cast, then scale.
+    return normed.astype(dtype) * scale.astype(dtype).reshape(shape)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScalingConfig) -> np.ndarray:
@@ -65,11 +72,19 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScalingConfig) -> np
     return inv_freq
 
 
-def apply_rope(x_bthd: jax.Array, positions_bt: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotary embedding in the split-halves layout used by Hugging Face Llama checkpoints."""
+def rope_tables(positions_bt: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin) [B, T, 1, head_dim] fp32 of the rotary embedding at ``positions_bt``."""
     freqs_btf = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
     emb = jnp.concatenate([freqs_btf, freqs_btf], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(emb).astype(x_bthd.dtype), jnp.sin(emb).astype(x_bthd.dtype)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x_bthd: jax.Array, positions_bt: jax.Array, inv_freq: np.ndarray,
+               tables: Optional[tuple[jax.Array, jax.Array]] = None) -> jax.Array:
+    """Rotary embedding in the split-halves layout used by Hugging Face Llama checkpoints;
+    ``tables``: :func:`rope_tables` of the positions, when computed already."""
+    cos, sin = rope_tables(positions_bt, inv_freq) if tables is None else tables
+    cos, sin = cos.astype(x_bthd.dtype), sin.astype(x_bthd.dtype)
     half = x_bthd.shape[-1] // 2
     rotated = jnp.concatenate([-x_bthd[..., half:], x_bthd[..., :half]], axis=-1)
     return x_bthd * cos + rotated * sin
@@ -87,22 +102,24 @@ def attention_mask(q_slot_t: jax.Array, k_slot_s: jax.Array, k_valid_bs: jax.Arr
 
 
 def gqa_attention(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array,
-                  mask_bts: jax.Array, prefix=None) -> jax.Array:
+                  mask_bts: jax.Array, prefix=None, keys_transposed: bool = False) -> jax.Array:
     """Grouped-query attention; logits and softmax in fp32. Returns [B, T, H, D].
 
     ``prefix`` is an optional shared segment ``(k [G, KV, P, D], v [G, KV, P, D], mask [B, T, P])``
     read by groups of B // G consecutive rows (the K samples of one input): each input's prompt is
     cached, and read from memory, once instead of once per sample. Its keys precede every key of
-    ``k_bksd`` and share one softmax with them.
+    ``k_bksd`` and share one softmax with them. With ``keys_transposed`` every key array (the
+    prefix's too) is stored [.., D, S] instead of [.., S, D].
     """
     b, t, h, d = q_bthd.shape
     kv = k_bksd.shape[1]
     q = q_bthd.reshape(b, t, kv, h // kv, d)
     scale = np.float32(1.0 / math.sqrt(d))
     if prefix is not None:
-        out = _attention_with_prefix(q, k_bksd, v_bksd, mask_bts, prefix, scale)
+        out = _attention_with_prefix(q, k_bksd, v_bksd, mask_bts, prefix, scale, keys_transposed)
         return out.astype(v_bksd.dtype).reshape(b, t, h, d)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k_bksd,
+    keys = "bkds" if keys_transposed else "bksd"
+    scores = jnp.einsum(f"btkgd,{keys}->bkgts", q, k_bksd,
                         preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask_bts[:, None, None, :, :], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_bksd.dtype)
@@ -110,7 +127,7 @@ def gqa_attention(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array,
     return out.reshape(b, t, h, d)
 
 
-def _attention_with_prefix(q_btkgd, k_bksd, v_bksd, mask_bts, prefix, scale):
+def _attention_with_prefix(q_btkgd, k_bksd, v_bksd, mask_bts, prefix, scale, keys_transposed):
     """The prefix branch of :func:`gqa_attention`: [B, T, KV, G, D] fp32 from q [B, T, KV, G, D].
 
     Each product is one batched matmul per (input, KV head) whose rows are all the queries that
@@ -125,13 +142,14 @@ def _attention_with_prefix(q_btkgd, k_bksd, v_bksd, mask_bts, prefix, scale):
     r = b // groups
     # Prefix scores [N, KV, R*T*G, P]: the rows of a group and their query heads share the keys.
     qp = jnp.transpose(q_btkgd.reshape(groups, r, t, kv, g, d), (0, 3, 1, 2, 4, 5))
-    pscores = jnp.einsum("nkqd,nkpd->nkqp", qp.reshape(groups, kv, r * t * g, d),
+    pkeys, keys = ("nkdp", "bkds") if keys_transposed else ("nkpd", "bksd")
+    pscores = jnp.einsum(f"nkqd,{pkeys}->nkqp", qp.reshape(groups, kv, r * t * g, d),
                          pk.astype(q_btkgd.dtype), preferred_element_type=jnp.float32) * scale
     pmask = pmask_btp.reshape(groups, r, t, -1)[:, None, :, :, None, :]
     pscores = jnp.where(pmask, pscores.reshape(groups, kv, r, t, g, -1), _MASK_VALUE)
     # Own-segment scores [B, KV, T, G, S].
     qo = jnp.transpose(q_btkgd, (0, 2, 1, 3, 4)).reshape(b, kv, t * g, d)
-    scores = jnp.einsum("bkqd,bksd->bkqs", qo, k_bksd,
+    scores = jnp.einsum(f"bkqd,{keys}->bkqs", qo, k_bksd,
                         preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask_bts[:, None, :, None, :], scores.reshape(b, kv, t, g, -1),
                        _MASK_VALUE)
@@ -152,6 +170,64 @@ def _attention_with_prefix(q_btkgd, k_bksd, v_bksd, mask_bts, prefix, scale):
                      v_bksd, preferred_element_type=jnp.float32)
     out = to_rows(pout.reshape(groups, kv, r, t, g, d)) + out.reshape(b, kv, t, g, d)
     return jnp.transpose(out / denom[..., None], (0, 2, 1, 3, 4))
+
+
+def attend(cfg: ModelConfig, q_bthd: jax.Array, k_bthd: jax.Array, v_bthd: jax.Array,
+           positions_bt: jax.Array, mask_info: MaskInfo, layer_cache: Optional[LayerKV] = None,
+           prefix_kv: Optional[LayerKV] = None, rope: Optional[tuple[jax.Array, jax.Array]] = None,
+           ) -> tuple[jax.Array, Optional[LayerKV]]:
+    """Attention after the q/k/v projections: RoPE, the cache write (when a cache is given), the
+    mask and the attention over the cache's keys and the shared prefix's. Returns the output
+    [B, T, H, D] and the layer's updated cache (None without one). ``rope``: the positions'
+    :func:`rope_tables`, when the caller computes them once for every layer."""
+    dtype = dtype_of(cfg.dtype)
+    inv_freq = rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
+    q = apply_rope(q_bthd, positions_bt, inv_freq, rope)
+    k = apply_rope(k_bthd, positions_bt, inv_freq, rope)
+    q = nn.with_logical_constraint(
+        q, ("activation_batch", "activation_length", "activation_heads", None))
+    k_bksd = jnp.swapaxes(k, 1, 2)
+    v_bksd = jnp.swapaxes(v_bthd, 1, 2)
+    new_cache = None
+    keys_transposed = layer_cache is not None and layer_cache.keys_transposed
+    if prefix_kv is not None and prefix_kv.keys_transposed != keys_transposed:
+        raise ValueError("the prefix and the cache must store their keys the same way")
+    if layer_cache is not None:
+        start = mask_info.cache_end
+        if keys_transposed:
+            k_new, k_at = jnp.swapaxes(k_bksd, 2, 3), (0, 0, 0, start)
+        else:
+            k_new, k_at = k_bksd, (0, 0, start, 0)
+        new_cache = layer_cache.replace(
+            k=jax.lax.dynamic_update_slice(layer_cache.k, k_new.astype(layer_cache.k.dtype),
+                                           k_at),
+            v=jax.lax.dynamic_update_slice(
+                layer_cache.v, v_bksd.astype(layer_cache.v.dtype), (0, 0, start, 0)),
+        ).constrain()
+        k_bksd, v_bksd = new_cache.k, new_cache.v
+    mask = attention_mask(mask_info.q_slot, mask_info.k_slot, mask_info.k_valid,
+                          positions_bt, mask_info.k_pos, cfg.sliding_window)
+    prefix = None
+    if prefix_kv is not None:
+        # Every prefix slot precedes the query: no causal term, only validity and window.
+        pmask = jnp.broadcast_to(mask_info.prefix_valid[:, None, :].astype(bool),
+                                 (q.shape[0], q.shape[1], mask_info.prefix_valid.shape[1]))
+        if cfg.sliding_window is not None:
+            pmask = pmask & (positions_bt[:, :, None] - mask_info.prefix_pos[:, None, :]
+                             < cfg.sliding_window)
+        prefix = (prefix_kv.k, prefix_kv.v, pmask)
+    k_bksd, v_bksd = k_bksd.astype(dtype), v_bksd.astype(dtype)
+    block = cfg.causal_block_size
+    t = q.shape[1]
+    if layer_cache is None and 0 < block < t:
+        # Without a cache key slot j is query slot j, so query block [s, e) needs keys [0, e).
+        out = jnp.concatenate([
+            gqa_attention(q[:, s:s + block], k_bksd[:, :, :s + block],
+                          v_bksd[:, :, :s + block], mask[:, s:s + block, :s + block])
+            for s in range(0, t, block)], axis=1)
+    else:
+        out = gqa_attention(q, k_bksd, v_bksd, mask, prefix, keys_transposed)
+    return out, new_cache
 
 
 class HeadProjection(nn.Module):
@@ -207,45 +283,7 @@ class Attention(nn.Module):
         q = proj("q_proj", cfg.num_heads, "heads")(x_btd)
         k = proj("k_proj", cfg.num_kv_heads, "kv_heads")(x_btd)
         v = proj("v_proj", cfg.num_kv_heads, "kv_heads")(x_btd)
-        inv_freq = rope_inv_freq(hd, cfg.rope_theta, cfg.rope_scaling)
-        q = apply_rope(q, positions_bt, inv_freq)
-        k = apply_rope(k, positions_bt, inv_freq)
-        q = nn.with_logical_constraint(
-            q, ("activation_batch", "activation_length", "activation_heads", None))
-        k_bksd = jnp.swapaxes(k, 1, 2)
-        v_bksd = jnp.swapaxes(v, 1, 2)
-        new_cache = None
-        if layer_cache is not None:
-            start = mask_info.cache_end
-            new_cache = LayerKV(
-                k=jax.lax.dynamic_update_slice(
-                    layer_cache.k, k_bksd.astype(layer_cache.k.dtype), (0, 0, start, 0)),
-                v=jax.lax.dynamic_update_slice(
-                    layer_cache.v, v_bksd.astype(layer_cache.v.dtype), (0, 0, start, 0)),
-            ).constrain()
-            k_bksd, v_bksd = new_cache.k, new_cache.v
-        mask = attention_mask(mask_info.q_slot, mask_info.k_slot, mask_info.k_valid,
-                              positions_bt, mask_info.k_pos, cfg.sliding_window)
-        prefix = None
-        if prefix_kv is not None:
-            # Every prefix slot precedes the query: no causal term, only validity and window.
-            pmask = jnp.broadcast_to(mask_info.prefix_valid[:, None, :].astype(bool),
-                                     (q.shape[0], q.shape[1], mask_info.prefix_valid.shape[1]))
-            if cfg.sliding_window is not None:
-                pmask = pmask & (positions_bt[:, :, None] - mask_info.prefix_pos[:, None, :]
-                                 < cfg.sliding_window)
-            prefix = (prefix_kv.k, prefix_kv.v, pmask)
-        k_bksd, v_bksd = k_bksd.astype(dtype), v_bksd.astype(dtype)
-        block = cfg.causal_block_size
-        t = q.shape[1]
-        if layer_cache is None and 0 < block < t:
-            # Without a cache key slot j is query slot j, so query block [s, e) needs keys [0, e).
-            out = jnp.concatenate([
-                gqa_attention(q[:, s:s + block], k_bksd[:, :, :s + block],
-                              v_bksd[:, :, :s + block], mask[:, s:s + block, :s + block])
-                for s in range(0, t, block)], axis=1)
-        else:
-            out = gqa_attention(q, k_bksd, v_bksd, mask, prefix)
+        out, new_cache = attend(cfg, q, k, v, positions_bt, mask_info, layer_cache, prefix_kv)
         out = HeadProjection((cfg.hidden_size,), ("heads", "head_dim", "embed"), False, dtype,
                              pdtype, in_dims=2, name="o_proj")(out)
         return out, new_cache

@@ -130,16 +130,7 @@ class CLoudModel(nn.Module):
                       cache: Optional[KVCache] = None):
         """Final-norm hidden states [B,T,D] and the updated cache (None without a cache)."""
         cfg = self.cfg
-        mask_bt = attention_mask_bt.astype(jnp.int32)
-        if positions_bt is None:
-            seen_b = 0 if cache is None else cache.seen(mask_bt.shape[0])
-            positions_bt = jnp.maximum(jnp.cumsum(mask_bt, axis=1) - 1, 0) + jnp.reshape(
-                seen_b, (-1, 1))
-        positions_bt = positions_bt.astype(jnp.int32)
-        if cache is None:
-            mask_info = MaskInfo.uncached(mask_bt, positions_bt)
-        else:
-            mask_info = cache.mask_info(mask_bt, positions_bt)
+        positions_bt, mask_info = token_positions(attention_mask_bt, positions_bt, cache)
         x = self.embed(input_ids_bt)
         new_cache = None
         if cfg.scan_layers:
@@ -223,6 +214,21 @@ class CLoudModel(nn.Module):
         elif self.is_initializing():
             self.reward(hidden[:, 0])
         return ModelOutput(logits=logits, rewards=rewards, lm=lm, cache=new_cache)
+
+
+def token_positions(attention_mask_bt: jax.Array, positions_bt: Optional[jax.Array] = None,
+                    cache: Optional[KVCache] = None) -> tuple[jax.Array, MaskInfo]:
+    """The tokens' positions [B, T] int32 (by default from the mask, after the cached tokens) and
+    the attention's :class:`MaskInfo` for a forward over them."""
+    mask_bt = attention_mask_bt.astype(jnp.int32)
+    if positions_bt is None:
+        seen_b = 0 if cache is None else cache.seen(mask_bt.shape[0])
+        positions_bt = jnp.maximum(jnp.cumsum(mask_bt, axis=1) - 1, 0) + jnp.reshape(
+            seen_b, (-1, 1))
+    positions_bt = positions_bt.astype(jnp.int32)
+    if cache is None:
+        return positions_bt, MaskInfo.uncached(mask_bt, positions_bt)
+    return positions_bt, cache.mask_info(mask_bt, positions_bt)
 
 
 def last_attended_index(attention_mask_bt: jax.Array) -> jax.Array:

@@ -7,8 +7,11 @@
 Prefill runs once per input over a batch padded to a length bucket (left or right padding both
 work: positions and validity come from the mask). Its cache becomes a shared prefix segment that
 the K samples of an input all read, stored and read from memory once per input rather than once
-per sample; each sample's own tokens go to a separate segment. Each decode step chooses one token per row; a row ends its critique when it draws a
-stop token or when the budget of ``max_new_tokens`` critique tokens is spent (then it is flagged
+per sample; each sample's own tokens go to a separate segment, grown in phases
+(:func:`phase_lengths`) so that early steps do not attend over slots that later steps fill. Each
+decode step (:func:`cloud_jax.model.decode_step.decode_step`, in the layout
+:func:`~cloud_jax.model.decode_step.decode_layout` picks for the machine) chooses one token per
+row; a row ends its critique when it draws a stop token or when the budget of ``max_new_tokens`` critique tokens is spent (then it is flagged
 truncated). Either way the next token fed is the end-of-turn token ``stop_ids[0]``, and the reward
 is read from the hidden state of that very step, so a critique's reward costs no second forward
 over prefix + critique. Tokens after a row's end are ``pad_id``.
@@ -40,6 +43,9 @@ from jax.sharding import Mesh
 from cloud_jax.model.config import ModelConfig
 from cloud_jax.model import (CLoudModel, KVCache, init_cache, last_attended_index, mesh_context,
                              with_shared_prefix)
+from cloud_jax.model.decode_step import (DecodeWeights, check_layout, decode_step,
+                                         prepare_decode_weights, rope_table)
+from cloud_jax.model.decode_step import decode_layout as default_layout
 from cloud_jax.sampling.methods import (Greedy, SamplingMethod, check_repetition_penalty,
                                         penalize_repeats)
 from cloud_jax.sharding import SAMPLE_RULES, Rules
@@ -137,23 +143,32 @@ def seen_tokens(ids_bl, mask_bl, vocab_size: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "cfg", "rules", "method", "num_samples", "max_new_tokens", "pad_id", "repetition_penalty"))
+    "cfg", "rules", "method", "num_samples", "max_new_tokens", "pad_id", "repetition_penalty",
+    "layout"))
 def decode(params, cache: KVCache, logits_bv, row_keys_b, stop_ids_s, seen_bv=None,
-           budget_b=None, *,
+           budget_b=None, weights=None, *,
            cfg: ModelConfig, rules: Rules, method: SamplingMethod, num_samples: int,
-           max_new_tokens: int, pad_id: int, repetition_penalty: float = 1.0):
+           max_new_tokens: int, pad_id: int, repetition_penalty: float = 1.0,
+           layout: str = "standard"):
     """Decodes K samples per input over its shared prefill cache until every row has its reward.
 
     ``stop_ids_s`` [S] int32 are data, not compile-time constants: ``stop_ids_s[0]`` is the
     end-of-turn token fed at each row's end. ``seen_bv`` (:func:`seen_tokens` of the prefill)
     is needed when ``repetition_penalty`` != 1. ``budget_b`` [B] int32, optional: each input's
     own critique budget (at most ``max_new_tokens``); a row ends at its budget exactly as it
-    would with ``max_new_tokens`` equal to it.
+    would with ``max_new_tokens`` equal to it. ``layout``: the decode step's
+    (:mod:`cloud_jax.model.decode_step`); ``feature_major`` reads ``weights``
+    (:func:`~cloud_jax.model.decode_step.prepare_decode_weights` of ``params``), prepared here,
+    once before the loop, when not given.
 
     Returns (tokens [N, M] int32, lengths [N], rewards [N] fp32, truncated [N] bool), rows ordered
     input-major (row ``b * K + k``).
     """
-    model = CLoudModel(cfg)
+    check_layout(layout)
+    if layout == "standard":
+        weights = None
+    elif weights is None:
+        weights = prepare_decode_weights(params, cfg)
     k, m = num_samples, max_new_tokens
     eot = stop_ids_s[0]
     sample_keys_bk = jax.vmap(lambda key: jax.vmap(lambda s: jax.random.fold_in(key, s))(
@@ -162,7 +177,12 @@ def decode(params, cache: KVCache, logits_bv, row_keys_b, stop_ids_s, seen_bv=No
         logits_nv = jnp.repeat(logits_bv, k, axis=0)
         n = logits_nv.shape[0]
         # A no-op without a mesh; on one, lays the decode cache out like the prefilled one.
-        cache = with_shared_prefix(cfg, cache, n, m + 1).constrain()
+        phases = phase_lengths(m + 1)
+        cache = with_shared_prefix(cfg, cache, n, phases[0]).constrain()
+        table = None
+        if weights is not None:
+            cache = cache.with_keys_transposed()
+            table = rope_table(cfg, phases[-1] + cache.prefix.valid.shape[1])
         state = DecodeState(
             step=jnp.zeros((), jnp.int32), cache=cache, logits_nv=logits_nv,
             tokens_nm=jnp.full((n, m + 1), pad_id, jnp.int32),
@@ -175,7 +195,8 @@ def decode(params, cache: KVCache, logits_bv, row_keys_b, stop_ids_s, seen_bv=No
                      else jnp.repeat(jnp.minimum(budget_b, m), k, axis=0))
 
         def cond(s: DecodeState):
-            return (s.step <= m) & ~jnp.all(s.done_n)
+            # Also stops when this phase's cache is full (each step writes one slot per row).
+            return (s.step <= m) & ~jnp.all(s.done_n) & (s.cache.end < s.cache.valid.shape[1])
 
         def body(s: DecodeState):
             step_keys = jax.vmap(lambda key: jax.random.fold_in(key, s.step))(s.keys_n)
@@ -187,12 +208,8 @@ def decode(params, cache: KVCache, logits_bv, row_keys_b, stop_ids_s, seen_bv=No
             ending = ~s.done_n & (is_stop | (s.step >= budget_n))
             writing = ~s.done_n & ~ending
             fed_n = jnp.where(ending, eot, jnp.where(writing, drawn_n, pad_id))
-            hidden_n1d, cache = model.apply({"params": params}, fed_n[:, None],
-                                            (~s.done_n)[:, None], cache=s.cache,
-                                            method=CLoudModel.hidden_states)
-            hidden_nd = hidden_n1d[:, 0]
-            logits_nv = model.apply({"params": params}, hidden_nd, method=CLoudModel.step_logits)
-            rewards_n = model.apply({"params": params}, hidden_nd, method=CLoudModel.reward)
+            logits_nv, rewards_n, cache = decode_step(params, weights, cfg, fed_n, ~s.done_n,
+                                                      s.cache, table)
             return DecodeState(
                 step=s.step + 1, cache=cache, logits_nv=logits_nv,
                 tokens_nm=s.tokens_nm.at[:, s.step].set(jnp.where(writing, drawn_n, pad_id)),
@@ -202,8 +219,21 @@ def decode(params, cache: KVCache, logits_bv, row_keys_b, stop_ids_s, seen_bv=No
                 seen_nv=None if s.seen_nv is None else s.seen_nv.at[
                     jnp.arange(s.seen_nv.shape[0]), drawn_n].max(writing))
 
-        final = jax.lax.while_loop(cond, body, state)
-    return final.tokens_nm[:, :m], final.lengths_n, final.rewards_n, final.truncated_n
+        for i, length in enumerate(phases):
+            if i:
+                state = state.replace(cache=state.cache.grown(length).constrain())
+            state = jax.lax.while_loop(cond, body, state)
+    return state.tokens_nm[:, :m], state.lengths_n, state.rewards_n, state.truncated_n
+
+
+def phase_lengths(slots: int, phases: int = 4, shortest: int = 64) -> list[int]:
+    """The decode's own-segment cache sizes, phase by phase: a decode of ``slots`` steps runs in
+    ``phases`` loops over caches of a quarter, a half, ... of ``slots`` slots (one loop when
+    ``slots`` < ``shortest``), so a step's attention reads about half the empty slots it would
+    read with the whole cache from the start. Each phase compiles its own loop."""
+    if slots < shortest:
+        return [slots]
+    return [-(-slots * j // phases) for j in range(1, phases + 1)]
 
 
 def stop_array(stop_ids: Sequence[int]) -> np.ndarray:
@@ -225,11 +255,23 @@ def sample_padded(cfg: ModelConfig, params, ids_bl: np.ndarray, mask_bl: np.ndar
                   row_ids: Optional[np.ndarray] = None, pad_id: int = 0,
                   mesh: Optional[Mesh] = None, rules: Rules = SAMPLE_RULES,
                   repetition_penalty: float = 1.0,
-                  budgets: Optional[Sequence[int]] = None) -> SampleOutput:
+                  budgets: Optional[Sequence[int]] = None,
+                  decode_layout: Optional[str] = None,
+                  decode_weights: Optional[DecodeWeights] = None) -> SampleOutput:
     """Samples from an already padded batch (any padding side). ``row_ids`` [B] default to
     :func:`content_row_ids` of the attended tokens. ``budgets`` [B]: per-input critique budgets
-    (at most ``max_new_tokens``), as if each input were sampled with its own."""
+    (at most ``max_new_tokens``), as if each input were sampled with its own. ``decode_layout``:
+    ``standard`` or ``feature_major`` (:mod:`cloud_jax.model.decode_step`); None picks the
+    machine's (:func:`~cloud_jax.model.decode_step.decode_layout`). Both give the same critiques
+    up to float rounding. ``decode_weights``: the feature-major weights of ``params``
+    (:func:`~cloud_jax.model.decode_step.prepare_decode_weights`), prepared once by a caller that
+    samples many batches; without them the decode prepares its own."""
     check_repetition_penalty(repetition_penalty)
+    if decode_layout is None:
+        decode_layout = "feature_major" if decode_weights is not None else default_layout(cfg, mesh)
+    check_layout(decode_layout)
+    if decode_weights is not None and decode_layout != "feature_major":
+        raise ValueError(f"decode_weights are for the feature_major layout, not {decode_layout}")
     if cfg.scan_layers:
         raise ValueError("sampling needs unrolled layers: convert the params with "
                          "cloud_jax.model.unstack_layers and use scan_layers=False")
@@ -254,10 +296,10 @@ def sample_padded(cfg: ModelConfig, params, ids_bl: np.ndarray, mask_bl: np.ndar
         budget_b = None if budgets is None else np.asarray(budgets, np.int32)
         tokens, lengths, rewards, truncated = decode(
             params, cache, logits_bv, row_keys(seed, row_ids), stop_array(stop_ids), seen,
-            budget_b,
+            budget_b, decode_weights,
             cfg=cfg, rules=tuple(rules), method=method, num_samples=num_samples,
             max_new_tokens=max_new_tokens, pad_id=pad_id,
-            repetition_penalty=float(repetition_penalty))
+            repetition_penalty=float(repetition_penalty), layout=decode_layout)
     if not tokens.is_fully_addressable:
         # Several processes: the rows are spread over all of them, and each returns every row.
         tokens, lengths, rewards, truncated = multihost_utils.process_allgather(
@@ -275,7 +317,9 @@ def sample(cfg: ModelConfig, params, prefixes: Sequence[Sequence[int]], *, max_n
            seed: int = 0, row_ids: Optional[np.ndarray] = None, pad_id: int = 0,
            buckets: Optional[Sequence[int]] = None, mesh: Optional[Mesh] = None,
            rules: Rules = SAMPLE_RULES, repetition_penalty: float = 1.0,
-           budgets: Optional[Sequence[int]] = None) -> SampleOutput:
+           budgets: Optional[Sequence[int]] = None,
+           decode_layout: Optional[str] = None,
+           decode_weights: Optional[DecodeWeights] = None) -> SampleOutput:
     """K critiques (and their rewards) for each token prefix, left-padded to a length bucket."""
     if not prefixes:
         raise ValueError("no inputs to sample from")
@@ -286,4 +330,5 @@ def sample(cfg: ModelConfig, params, prefixes: Sequence[Sequence[int]], *, max_n
     return sample_padded(cfg, params, ids, mask, max_new_tokens=max_new_tokens,
                          stop_ids=stop_ids, num_samples=num_samples, method=method, seed=seed,
                          row_ids=row_ids, pad_id=pad_id, mesh=mesh, rules=rules,
-                         repetition_penalty=repetition_penalty, budgets=budgets)
+                         repetition_penalty=repetition_penalty, budgets=budgets,
+                         decode_layout=decode_layout, decode_weights=decode_weights)

@@ -13,18 +13,37 @@ import jax
 import jax.numpy as jnp
 
 
-def _categorical(logits_nv: jax.Array, keys_n: jax.Array) -> jax.Array:
-    """One draw per row from ``softmax(logits)`` by inverting the cumulative distribution: one
-    uniform number per row instead of ``jax.random.categorical``'s one per vocabulary entry (on
-    CPU, 2 ms instead of 20 ms a step for 16 rows x 32000 entries). Entries at -inf are never
-    drawn."""
+def _last_positive(x_nv: jax.Array) -> jax.Array:
+    """Index of each row's last entry > 0 [N] int32 (0 where none is)."""
+    return (x_nv.shape[-1] - 1 - jnp.argmax(x_nv[:, ::-1] > 0, axis=-1)).astype(jnp.int32)
+
+
+def _categorical(logits_nv: jax.Array, keys_n: jax.Array, block: int = 256) -> jax.Array:
+    """One draw per row from ``softmax(logits)`` by inverting the cumulative distribution with one
+    uniform number per row, instead of ``jax.random.categorical``'s one per vocabulary entry (on
+    CPU, 20 ms a step for 16 rows x 32000 entries). The inversion runs in two levels: it finds the
+    block of ``block`` entries where the number falls through the cumulative sums of the blocks,
+    then the entry inside that block, so no cumulative sum runs over the whole vocabulary. Entries
+    at -inf are never drawn."""
+    n, v = logits_nv.shape
     probs_nv = jnp.exp(logits_nv - jnp.max(logits_nv, axis=-1, keepdims=True))
-    cdf_nv = jnp.cumsum(probs_nv, axis=-1)
-    u_n = jax.vmap(jax.random.uniform)(keys_n) * cdf_nv[:, -1]
-    drawn_n = jnp.sum(cdf_nv <= u_n[:, None], axis=-1)
-    # Rounding can put u at the very top of the cdf: fall back to the last possible entry.
-    last_n = logits_nv.shape[-1] - 1 - jnp.argmax(probs_nv[:, ::-1] > 0, axis=-1)
-    return jnp.minimum(drawn_n, last_n).astype(jnp.int32)
+    blocks = -(-v // block)
+    probs_nlb = jnp.pad(probs_nv, ((0, 0), (0, blocks * block - v))).reshape(n, blocks, block)
+    sums_nl = jnp.sum(probs_nlb, axis=-1)
+    cdf_nl = jnp.cumsum(sums_nl, axis=-1)
+    u_n = jax.vmap(jax.random.uniform)(keys_n) * cdf_nl[:, -1]
+    # The first block whose cumulative sum exceeds u; rounding can put u at the very top of the
+    # cdf, then the last block holding any probability.
+    block_n = jnp.minimum(jnp.sum(cdf_nl <= u_n[:, None], axis=-1, dtype=jnp.int32),
+                          _last_positive(sums_nl))
+    before_n = jnp.where(block_n > 0, jnp.take_along_axis(
+        cdf_nl, jnp.maximum(block_n - 1, 0)[:, None], axis=-1)[:, 0], 0.0)
+    inner_nb = jnp.take_along_axis(probs_nlb, block_n[:, None, None], axis=1)[:, 0]
+    inside_n = jnp.sum(jnp.cumsum(inner_nb, axis=-1) <= (u_n - before_n)[:, None], axis=-1,
+                       dtype=jnp.int32)
+    # The same rounding inside the block: fall back to its last possible entry.
+    inside_n = jnp.minimum(inside_n, _last_positive(inner_nb))
+    return block_n * block + inside_n
 
 
 def _check_temperature(temperature: float) -> None:

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from cloud_jax.model.config import ModelConfig
+from cloud_jax.model.decode_step import decode_layout, prepare_decode_weights_jit
 from cloud_jax.data.config import CRITIQUE_PREFIX, LAYOUT_VERSION, LAYOUT_VERSIONS
 from cloud_jax.data.layout import Example, chat_layout, encode_critique_prefix, encode_example
 from cloud_jax.data.tokenizer import end_of_turn_ids
@@ -248,6 +249,11 @@ def score(rm, prompts: Sequence[str], responses: Sequence[str], cfg: ScoreConfig
             raise ValueError(f"input {i}: {err}; raise max_length or shorten the "
                              "response") from None
     model_cfg, params = _sampling_params(rm)
+    # The decode's weight layout for this machine; the feature-major weights are prepared once
+    # for every batch of this call.
+    layout = decode_layout(model_cfg, rm.mesh)
+    weights = (prepare_decode_weights_jit(params, cfg=model_cfg) if layout == "feature_major"
+               else None)
     method = method_from(cfg.temperature, cfg.top_k, cfg.top_p)
     n, k, m = len(prefixes), cfg.num_samples, cfg.max_critique_tokens
     if budgets is not None:
@@ -271,7 +277,8 @@ def score(rm, prompts: Sequence[str], responses: Sequence[str], cfg: ScoreConfig
         out = sample(model_cfg, params, chunk + filler, max_new_tokens=m, stop_ids=stop_ids,
                      num_samples=k, method=method, seed=cfg.seed, pad_id=pad_id,
                      buckets=cfg.length_buckets or None, mesh=rm.mesh, rules=SAMPLE_RULES,
-                     repetition_penalty=cfg.repetition_penalty,
+                     repetition_penalty=cfg.repetition_penalty, decode_layout=layout,
+                     decode_weights=weights,
                      budgets=None if budgets is None else
                      [budgets[i] for i in idx] + [budgets[idx[0]]] * len(filler))
         real = slice(0, len(chunk))

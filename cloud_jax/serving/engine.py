@@ -53,9 +53,9 @@ import numpy as np
 from cloud_jax.data.layout import chat_layout, encode_critique_prefix
 from cloud_jax.data.tokenizer import end_of_turn_ids
 from cloud_jax.errors import ConfigError
-from cloud_jax.model import (CLoudModel, KVCache, init_cache, unstack_layers,
-                             with_shared_prefix)
+from cloud_jax.model import KVCache, init_cache, unstack_layers, with_shared_prefix
 from cloud_jax.model.config import ModelConfig
+from cloud_jax.model.decode_step import decode_step
 from cloud_jax.sampling import (bucket_length, content_row_ids, method_from, pad_prefixes, prefill,
                                 row_keys, penalize_repeats)
 from cloud_jax.sampling.loop import seen_tokens, stop_array
@@ -90,7 +90,6 @@ class PoolState:
                    donate_argnums=(1,))
 def _chunk(params, s: PoolState, stop_ids, *, cfg: ModelConfig, method: SamplingMethod,
            penalty: float, steps: int, pad_id: int) -> PoolState:
-    model = CLoudModel(cfg)
     eot = stop_ids[0]
     rows = jnp.arange(s.step.shape[0])
 
@@ -103,11 +102,7 @@ def _chunk(params, s: PoolState, stop_ids, *, cfg: ModelConfig, method: Sampling
         ending = live & (is_stop | (s.step >= s.budget))
         writing = live & ~ending
         fed = jnp.where(ending, eot, jnp.where(writing, drawn, pad_id))
-        hidden, cache = model.apply({"params": params}, fed[:, None], live[:, None],
-                                    cache=s.cache, method=CLoudModel.hidden_states)
-        hidden = hidden[:, 0]
-        new_logits = model.apply({"params": params}, hidden, method=CLoudModel.step_logits)
-        rewards = model.apply({"params": params}, hidden, method=CLoudModel.reward)
+        new_logits, rewards, cache = decode_step(params, None, cfg, fed, live, s.cache)
         column = jnp.minimum(s.step, s.tokens.shape[1] - 1)
         return s.replace(
             cache=cache, logits=new_logits,

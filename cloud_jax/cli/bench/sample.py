@@ -38,8 +38,9 @@ import numpy as np
 
 from cloud_jax.model.config import ModelConfig
 from cloud_jax.model import CLoudModel, count_params, init_params
+from cloud_jax.model.decode_step import LAYOUTS, decode_layout, prepare_decode_weights_jit
 from cloud_jax.sampling import Temperature, content_row_ids, pad_prefixes, sample
-from cloud_jax.sampling.loop import decode, prefill, row_keys, stop_array
+from cloud_jax.sampling.loop import decode, phase_lengths, prefill, row_keys, stop_array
 from cloud_jax.sharding import SAMPLE_RULES
 from cloud_jax.cli.bench.host import host_info, host_line, write_record
 
@@ -77,16 +78,23 @@ def _weight_matrices(params, cfg: ModelConfig) -> list[jax.Array]:
     return mats
 
 
-def decode_step_flops(cfg: ModelConfig, rows: int, kv_slots_per_row: int) -> tuple[int, int]:
+def decode_step_flops(cfg: ModelConfig, rows: int, kv_slots_per_row: float) -> tuple[int, int]:
     """(weight-matmul FLOPs, attention FLOPs) of one decode step of ``rows`` rows, each attending
     to ``kv_slots_per_row`` cached keys: 2 per weight per row, and per layer, head and key 2 for
-    the score plus 2 for the weighted value (over every slot of the cache, as the step computes)."""
+    the score plus 2 for the weighted value (over every slot the step reads, filled or not)."""
     weights = (cfg.num_layers * (cfg.hidden_size * cfg.resolved_head_dim
                                  * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
                                  + 3 * cfg.hidden_size * cfg.intermediate_size)
                + cfg.hidden_size * cfg.vocab_size)
     attention = 4 * cfg.num_layers * cfg.num_heads * cfg.resolved_head_dim * kv_slots_per_row
-    return 2 * rows * weights, rows * attention
+    return 2 * rows * weights, int(rows * attention)
+
+
+def mean_slots_read(new_tokens: int, steps: int) -> float:
+    """Own-segment cache slots a decode step attends to, averaged over ``steps`` steps: the
+    decode reads the cache of its current phase (:func:`cloud_jax.sampling.loop.phase_lengths`)."""
+    phases = phase_lengths(new_tokens + 1)
+    return sum(next(n for n in phases if n > s) for s in range(steps)) / steps
 
 
 def matmul_rate(matrices_io: Sequence[jax.Array], rows: int, repeats: int = 5) -> float:
@@ -181,6 +189,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="a named workload; flags given explicitly still win")
     parser.add_argument("--bandwidth-bytes", type=int, default=1 << 30,
                         help="bytes the bandwidth measurement reads")
+    parser.add_argument("--decode-layout", choices=LAYOUTS, default=None,
+                        help="our decode step's weight layout (default: the machine's choice, "
+                             "see cloud_jax.model.decode_step)")
     if argv is None:
         import sys
         argv = sys.argv[1:]
@@ -209,15 +220,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rng = np.random.default_rng(0)
     prompts = [rng.integers(1, cfg.vocab_size, p).tolist() for _ in range(b)]
     method = Temperature(args.temperature)
+    layout = args.decode_layout or decode_layout(cfg)
     host = host_info()
     print(f"[bench sample] {host_line(host)}", flush=True)
     print(f"[bench sample] {n_params / 1e6:.1f}M params {args.dtype}, {b} inputs x K={k}, prompt {p}, "
           f"{m} new tokens, temperature {args.temperature}, {jax.device_count()} "
-          f"{jax.default_backend()} device(s)", flush=True)
+          f"{jax.default_backend()} device(s), {layout} decode layout", flush=True)
+
+    # The feature-major weights are prepared once, as a caller scoring many batches does.
+    weights, prepare_s = None, 0.0
+    if layout == "feature_major":
+        prepare_s, weights = _best(lambda: jax.block_until_ready(
+            prepare_decode_weights_jit(params, cfg=cfg)), 1)
+        print(f"[bench sample] feature-major decode weights prepared once in {prepare_s:.2f}s "
+              "(not in the times below)", flush=True)
 
     def ours(samples: int):
         out = sample(cfg, params, prompts, max_new_tokens=m, stop_ids=(stop,),
-                     num_samples=samples, method=method, seed=0)
+                     num_samples=samples, method=method, seed=0, decode_layout=layout,
+                     decode_weights=weights)
         return out
 
     ours_s, out = _best(lambda: ours(k), args.repeats)
@@ -235,8 +256,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     stops = stop_array((stop,))
 
     def run_decode():
-        res = decode(params, cache, logits_bv, keys, stops, cfg=cfg, rules=tuple(SAMPLE_RULES),
-                     method=method, num_samples=k, max_new_tokens=m, pad_id=0)
+        res = decode(params, cache, logits_bv, keys, stops, None, None, weights, cfg=cfg,
+                     rules=tuple(SAMPLE_RULES),
+                     method=method, num_samples=k, max_new_tokens=m, pad_id=0, layout=layout)
         return jax.block_until_ready(res)
 
     decode_s, res = _best(run_decode, args.repeats)
@@ -259,11 +281,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"step/floor = {step_s / floor_s:.2f}; against the valid KV only "
           f"({valid_kv_bytes / 1e6:.0f} MB on average) {hbm_floor_s * 1e3:.1f} ms, "
           f"step/memory floor = {step_s / hbm_floor_s:.2f}", flush=True)
-    weight_flops, attn_flops = decode_step_flops(cfg, b * k, p + m + 1)
+    own_slots = mean_slots_read(m, steps)
+    weight_flops, attn_flops = decode_step_flops(cfg, b * k, p + own_slots)
     rate = matmul_rate(_weight_matrices(params, cfg), b * k, repeats=max(args.repeats, 5))
     compute_floor_s = (weight_flops + attn_flops) / rate
     print(f"[bench sample] compute floor {compute_floor_s * 1e3:.1f} ms ({weight_flops / 1e9:.2f} "
-          f"GFLOP weight matmuls + {attn_flops / 1e9:.2f} GFLOP attention at {rate / 1e9:.1f} "
+          f"GFLOP weight matmuls + {attn_flops / 1e9:.2f} GFLOP attention over {p} prompt + "
+          f"{own_slots:.1f} own cache slots on average, at {rate / 1e9:.1f} "
           f"GFLOP/s, this machine's {args.dtype} matmul rate at the step's [{b * k}, in] x [in, out] "
           f"shapes); step/compute floor = {step_s / compute_floor_s:.2f}", flush=True)
 
@@ -319,6 +343,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "decode_step_ms": round(step_s * 1e3, 3),
         "bandwidth_gb_per_s": round(bandwidth / 1e9, 1),
         "dtype": args.dtype,
+        "decode_layout": layout,
+        "prepare_s": round(prepare_s, 3),
         "workload": {"inputs": b, "samples": k, "prompt_len": p, "new_tokens": m,
                      "params_m": round(n_params / 1e6, 1)},
         "k8_over_k1": round(ours_s / ours_k1_s, 3),

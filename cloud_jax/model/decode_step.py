@@ -1,0 +1,241 @@
+"""One decode step of the samplers: next-token logits and rewards of a few rows over a KV cache.
+
+    layout = decode_layout(cfg, mesh)                     # "standard" or "feature_major"
+    weights = prepare_decode_weights(params, cfg) if layout == "feature_major" else None
+    logits_nv, rewards_n, cache = decode_step(params, weights, cfg, fed_n, live_n, cache)
+
+The same computation in two layouts:
+
+- ``standard``: :class:`CLoudModel`'s own forward (``hidden_states``, ``step_logits``,
+  ``reward``) over the parameters as stored. Every backend, any mesh.
+- ``feature_major``: a decode-only forward over weights prepared once per decode
+  (:func:`prepare_decode_weights`): every weight matrix stored ``[out, in]``, q/k/v and gate/up
+  each joined into one matrix, activations ``[features, rows]``, so each product is
+  ``W[out, in] . x[in, rows]``. XLA's CPU backend runs a few-row product about 1.2-1.5x faster in
+  that form than ``x[rows, in] . W[in, out]`` (docs/BENCHMARKS.md, "Backend-specific choices").
+  It costs a second copy of the layer weights while decoding, so :func:`decode_layout` picks it on
+  CPU only, on one device, and only when that copy is small against the machine's memory.
+
+Both layouts share RoPE, the cache write, the mask and the attention (:func:`layers.attend`), the
+RMSNorm and the reward head; the tests hold them equal.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from cloud_jax.model.cache import KVCache
+from cloud_jax.model.config import ModelConfig
+from cloud_jax.model.layers import attend, dtype_of, rms_norm, rope_inv_freq, rope_tables
+from cloud_jax.model.transformer import CLoudModel, token_positions
+
+__all__ = ["DecodeWeights", "LAYOUTS", "decode_layout", "decode_step", "prepare_decode_weights",
+           "prepare_decode_weights_jit", "prepared_bytes"]
+
+LAYOUTS = ("standard", "feature_major")
+
+# The feature-major copy of the weights may take at most this share of the machine's memory.
+_MAX_MEMORY_SHARE = 0.125
+
+
+Matrix = tuple[jax.Array, ...]  # a [out, in] matrix as consecutive blocks of its rows
+
+
+@flax.struct.dataclass
+class DecodeLayerWeights:
+    """One decoder layer's weights in the compute dtype, each matrix [out, in] in row blocks."""
+
+    input_norm: jax.Array  # [D]
+    qkv: Matrix  # [(H + 2 KV) * hd, D]: q, then k, then v
+    qkv_bias: Optional[jax.Array]  # [(H + 2 KV) * hd], with attention_bias
+    o: Matrix  # [D, H * hd]
+    post_attn_norm: jax.Array  # [D]
+    gate_up: Matrix  # [2 F, D]: gate, then up
+    down: Matrix  # [D, F]
+
+
+@flax.struct.dataclass
+class DecodeWeights:
+    """The weights of the feature-major decode step (:func:`prepare_decode_weights`)."""
+
+    embedding: jax.Array  # [V, D], as stored: the token lookup
+    lm_head: Matrix  # [V, D]: the embedding when tied, else the LM head transposed
+    layers: tuple[DecodeLayerWeights, ...]
+    final_norm: jax.Array  # [D]
+
+
+def prepare_decode_weights(params: Any, cfg: ModelConfig, blocks: int = 2) -> DecodeWeights:
+    """The feature-major layout of ``params`` (unrolled layers): a new copy of every layer
+    matrix (and of the LM head), transposed to [out, in], cast to ``cfg.dtype`` and cut into
+    ``blocks`` blocks of rows. The blocks of a product are independent operations, which XLA's CPU
+    runtime runs at once, one per core, instead of splitting one small product over its threads.
+    Traceable: inside a jitted decode it is computed once, before the loop."""
+    if cfg.scan_layers:
+        raise ValueError("the decode step needs unrolled layers: convert the params with "
+                         "cloud_jax.model.unstack_layers and use scan_layers=False")
+    if blocks < 1:
+        raise ValueError(f"blocks={blocks}: must be >= 1")
+    dtype = dtype_of(cfg.dtype)
+    d = cfg.hidden_size
+
+    def cut(w_oi: jax.Array) -> Matrix:
+        rows = w_oi.shape[0]
+        edges = [rows * j // blocks for j in range(blocks + 1)]
+        return tuple(w_oi[a:b].astype(dtype) for a, b in zip(edges, edges[1:]) if b > a)
+
+    def out_in(*kernels_in_out):  # [in, ...] kernels -> one [sum(out), in] matrix
+        joined = jnp.concatenate([k.reshape(k.shape[0], -1) for k in kernels_in_out], axis=1)
+        return cut(jnp.transpose(joined))
+
+    layers = []
+    for i in range(cfg.num_layers):
+        layer = params[f"layers_{i}"]
+        attn, mlp = layer["attn"], layer["mlp"]
+        bias = None
+        if cfg.attention_bias:
+            bias = jnp.concatenate([attn[n]["bias"].reshape(-1)
+                                    for n in ("q_proj", "k_proj", "v_proj")]).astype(dtype)
+        layers.append(DecodeLayerWeights(
+            input_norm=layer["input_norm"]["scale"],
+            qkv=out_in(attn["q_proj"]["kernel"], attn["k_proj"]["kernel"],
+                       attn["v_proj"]["kernel"]),
+            qkv_bias=bias,
+            o=out_in(attn["o_proj"]["kernel"].reshape(-1, d)),
+            post_attn_norm=layer["post_attn_norm"]["scale"],
+            gate_up=out_in(mlp["gate_proj"]["kernel"], mlp["up_proj"]["kernel"]),
+            down=out_in(mlp["down_proj"]["kernel"])))
+    embedding = params["embed"]["embedding"]
+    lm_head = cut(embedding if cfg.tie_word_embeddings else jnp.transpose(params["lm_head"]))
+    return DecodeWeights(embedding=embedding, lm_head=lm_head, layers=tuple(layers),
+                         final_norm=params["final_norm"]["scale"])
+
+
+prepare_decode_weights_jit = jax.jit(prepare_decode_weights, static_argnames=("cfg", "blocks"))
+
+
+def prepared_bytes(cfg: ModelConfig) -> int:
+    """Bytes of the copy :func:`prepare_decode_weights` makes (the layer matrices and the LM
+    head)."""
+    hd = cfg.resolved_head_dim
+    per_layer = (cfg.hidden_size * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+                 + 3 * cfg.hidden_size * cfg.intermediate_size)
+    count = cfg.num_layers * per_layer + cfg.hidden_size * cfg.vocab_size
+    return count * jnp.dtype(cfg.dtype).itemsize
+
+
+def _memory_bytes() -> Optional[int]:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def decode_layout(cfg: ModelConfig, mesh: Optional[Mesh] = None) -> str:
+    """The layout a decode on this machine should take: ``feature_major`` on CPU, on one device,
+    when the prepared copy of the weights takes at most 1/8 of the machine's memory; otherwise
+    ``standard``."""
+    if jax.default_backend() != "cpu" or (mesh is not None and mesh.size > 1):
+        return "standard"
+    memory = _memory_bytes()
+    if memory is not None and prepared_bytes(cfg) > _MAX_MEMORY_SHARE * memory:
+        return "standard"
+    return "feature_major"
+
+
+def check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"decode layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+
+
+def _times(w_oi: Matrix, x_in: jax.Array, **kwargs) -> jax.Array:
+    """``W[out, in] . x[in, n]``, one product per block of W's rows."""
+    parts = [jnp.einsum("oi,in->on", w, x_in.astype(w.dtype), **kwargs) for w in w_oi]
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+
+
+def rope_table(cfg: ModelConfig, positions: int) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin) [positions, head_dim] fp32 of the rotary embedding at positions 0, 1, ...:
+    computed once before a decode loop, read by :func:`decode_step` (``rope_table``)."""
+    inv_freq = rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
+    cos, sin = rope_tables(jnp.arange(positions)[None, :], inv_freq)
+    return cos[0, :, 0], sin[0, :, 0]
+
+
+def feature_major_hidden(weights: DecodeWeights, cfg: ModelConfig, ids_bt: jax.Array,
+                         mask_bt: jax.Array, cache: KVCache,
+                         rope_table: Optional[tuple[jax.Array, jax.Array]] = None,
+                         ) -> tuple[jax.Array, KVCache]:
+    """Final-norm hidden states [D, B * T] (feature-major, rows batch-major) of new tokens over
+    ``cache``, and the updated cache: the values of ``CLoudModel.hidden_states``.
+    ``rope_table``: :func:`rope_table` of at least every position the tokens take."""
+    b, t = ids_bt.shape
+    dtype = dtype_of(cfg.dtype)
+    hd, h, kv = cfg.resolved_head_dim, cfg.num_heads, cfg.num_kv_heads
+    eps = cfg.rms_norm_eps
+    positions_bt, info = token_positions(mask_bt, None, cache)
+    x_dn = jnp.transpose(jnp.take(weights.embedding, ids_bt.reshape(-1), axis=0).astype(dtype))
+    rope = None
+    if rope_table is not None:
+        # Rows of a table computed before the loop: XLA would otherwise recompute the sines and
+        # cosines inside every fusion that applies them (three per layer).
+        cos, sin = rope_table
+        rope = (jnp.take(cos, positions_bt, axis=0)[:, :, None, :],
+                jnp.take(sin, positions_bt, axis=0)[:, :, None, :])
+
+    def heads(part_fn, count):  # [count * hd, B * T] -> [B, T, count, hd]
+        return jnp.transpose(part_fn.reshape(count, hd, b, t), (2, 3, 0, 1))
+
+    new_layers = []
+    for i, w in enumerate(weights.layers):
+        with jax.named_scope(f"layers_{i}"):
+            normed = rms_norm(x_dn, w.input_norm, eps, dtype, axis=0)
+            qkv = _times(w.qkv, normed)
+            if w.qkv_bias is not None:
+                qkv = qkv + w.qkv_bias[:, None]
+            q = heads(qkv[:h * hd], h)
+            k = heads(qkv[h * hd:(h + kv) * hd], kv)
+            v = heads(qkv[(h + kv) * hd:], kv)
+            prefix = None if cache.prefix is None else cache.prefix.layers[i]
+            out, layer_cache = attend(cfg, q, k, v, positions_bt, info, cache.layers[i], prefix,
+                                      rope)
+            new_layers.append(layer_cache)
+            x_dn = x_dn + _times(w.o, jnp.transpose(out.reshape(b * t, h * hd)))
+            normed = rms_norm(x_dn, w.post_attn_norm, eps, dtype, axis=0)
+            gate_up = _times(w.gate_up, normed)
+            f = gate_up.shape[0] // 2
+            x_dn = x_dn + _times(w.down, nn.silu(gate_up[:f]) * gate_up[f:])
+    x_dn = rms_norm(x_dn, weights.final_norm, eps, dtype, axis=0)
+    return x_dn, cache.written(tuple(new_layers), info)
+
+
+def decode_step(params: Any, weights: Optional[DecodeWeights], cfg: ModelConfig,
+                fed_n: jax.Array, live_n: jax.Array, cache: KVCache,
+                rope_table: Optional[tuple[jax.Array, jax.Array]] = None,
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Feeds one token per row (``live_n`` False: a finished row, not attended) and returns the
+    next-token logits [N, V] fp32, the rewards [N] fp32 read at the fed token, and the cache.
+    ``weights`` None takes the standard layout, else the feature-major one, which reads the
+    rotary embedding from ``rope_table`` (:func:`rope_table`, made before the loop) when given."""
+    model = CLoudModel(cfg)
+    if weights is None:
+        hidden_n1d, cache = model.apply({"params": params}, fed_n[:, None], live_n[:, None],
+                                        cache=cache, method=CLoudModel.hidden_states)
+        hidden_nd = hidden_n1d[:, 0]
+        logits_nv = model.apply({"params": params}, hidden_nd, method=CLoudModel.step_logits)
+    else:
+        hidden_dn, cache = feature_major_hidden(weights, cfg, fed_n[:, None], live_n[:, None],
+                                                cache, rope_table)
+        with jax.named_scope("lm_head"):
+            logits_vn = _times(weights.lm_head, hidden_dn, preferred_element_type=jnp.float32)
+            # Keeps XLA from folding the transpose into the product's output layout.
+            logits_nv = jnp.transpose(jax.lax.optimization_barrier(logits_vn))
+        hidden_nd = jnp.transpose(hidden_dn)
+    rewards_n = model.apply({"params": params}, hidden_nd, method=CLoudModel.reward)
+    return logits_nv, rewards_n, cache
