@@ -180,19 +180,26 @@ def test_step_logits_equal_logits(tied):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
 
 
-def test_prefix_attention_equals_attention_over_concatenated_keys():
-    """The shared-prefix branch equals plain attention over [prefix copied to each row, own keys],
-    one softmax over both, with masked slots in both segments."""
-    from cloud_jax.model.layers import gqa_attention
-
-    rng = np.random.default_rng(3)
-    groups, rows, t, h, kv, d, p, s = 2, 3, 2, 4, 2, 8, 5, 6
+def _attention_inputs(seed, t, groups=2, rows=3):
+    """Random q, k, v, mask and a shared prefix (k, v, mask) for :func:`gqa_attention`."""
+    rng = np.random.default_rng(seed)
+    h, kv, d, p, s = 4, 2, 8, 5, 6
     b = groups * rows
     normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
     q, k, v = normal(b, t, h, d), normal(b, kv, s, d), normal(b, kv, s, d)
     pk, pv = normal(groups, kv, p, d), normal(groups, kv, p, d)
     pmask = jnp.asarray(rng.random((b, t, p)) < 0.7)
     mask = jnp.asarray(rng.random((b, t, s)) < 0.6)
+    return q, k, v, mask, (pk, pv, pmask)
+
+
+def test_prefix_attention_equals_attention_over_concatenated_keys():
+    """The shared-prefix branch equals plain attention over [prefix copied to each row, own keys],
+    one softmax over both, with masked slots in both segments."""
+    from cloud_jax.model.layers import gqa_attention
+
+    rows = 3
+    q, k, v, mask, (pk, pv, pmask) = _attention_inputs(3, t=2, rows=rows)
     got = gqa_attention(q, k, v, mask, (pk, pv, pmask))
     want = gqa_attention(q, jnp.concatenate([jnp.repeat(pk, rows, axis=0), k], axis=2),
                          jnp.concatenate([jnp.repeat(pv, rows, axis=0), v], axis=2),
@@ -238,14 +245,7 @@ def test_attention_over_transposed_keys_is_the_same():
     prefix segment and without."""
     from cloud_jax.model.layers import gqa_attention
 
-    rng = np.random.default_rng(4)
-    groups, rows, t, h, kv, d, p, s = 2, 3, 1, 4, 2, 8, 5, 6
-    b = groups * rows
-    normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
-    q, k, v = normal(b, t, h, d), normal(b, kv, s, d), normal(b, kv, s, d)
-    pk, pv = normal(groups, kv, p, d), normal(groups, kv, p, d)
-    pmask = jnp.asarray(rng.random((b, t, p)) < 0.7)
-    mask = jnp.asarray(rng.random((b, t, s)) < 0.6)
+    q, k, v, mask, (pk, pv, pmask) = _attention_inputs(4, t=1)
     kt, pkt = jnp.swapaxes(k, 2, 3), jnp.swapaxes(pk, 2, 3)
     for prefix, prefix_t in (((pk, pv, pmask), (pkt, pv, pmask)), (None, None)):
         want = gqa_attention(q, k, v, mask, prefix)

@@ -41,14 +41,14 @@ def _axes_of(node: Any) -> Any:
         return tuple(_axes_of(x) for x in node)
     if not dataclasses.is_dataclass(node):
         return node  # None: an optional part that is absent
-    if getattr(node, "keys_transposed", False):
-        return node.replace(k=PartitionSpec(*KV_AXES[:2], KV_AXES[3], KV_AXES[2]),
-                            v=PartitionSpec(*KV_AXES))
-    return node.replace(**{
+    axes = node.replace(**{
         f.name: (PartitionSpec(*f.metadata["logical_axes"])
                  if "logical_axes" in f.metadata and getattr(node, f.name) is not None
                  else _axes_of(getattr(node, f.name)))
         for f in dataclasses.fields(node)})
+    if getattr(node, "keys_transposed", False):  # keys stored [.., head_dim, slots]
+        axes = axes.replace(k=PartitionSpec(*KV_AXES[:2], KV_AXES[3], KV_AXES[2]))
+    return axes
 
 
 class _LogicalAxes:

@@ -66,6 +66,13 @@ class ModelConfig:
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
 
+    @property
+    def layer_matmul_params(self) -> int:
+        """Weights of one decoder layer's matrices (q, k, v, o, gate, up, down)."""
+        return (self.hidden_size * self.resolved_head_dim * (2 * self.num_heads
+                                                              + 2 * self.num_kv_heads)
+                + 3 * self.hidden_size * self.intermediate_size)
+
     def validate(self) -> "ModelConfig":
         if self.family not in ("llama", "mistral", "qwen2"):
             raise ConfigError(f"model.family={self.family!r}: expected one of llama, mistral, qwen2")

@@ -123,10 +123,7 @@ prepare_decode_weights_jit = jax.jit(prepare_decode_weights, static_argnames=("c
 def prepared_bytes(cfg: ModelConfig) -> int:
     """Bytes of the copy :func:`prepare_decode_weights` makes (the layer matrices and the LM
     head)."""
-    hd = cfg.resolved_head_dim
-    per_layer = (cfg.hidden_size * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
-                 + 3 * cfg.hidden_size * cfg.intermediate_size)
-    count = cfg.num_layers * per_layer + cfg.hidden_size * cfg.vocab_size
+    count = cfg.num_layers * cfg.layer_matmul_params + cfg.hidden_size * cfg.vocab_size
     return count * jnp.dtype(cfg.dtype).itemsize
 
 

@@ -78,12 +78,10 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int, stage: str) -> float:
     """Training FLOPs per token (forward + backward = 3x forward): 6 per matmul weight plus the
     attention score and value products (PaLM's estimate). Embedding lookups are not matmuls; the
     LM head is one only in stages that compute logits."""
-    d, hd = cfg.hidden_size, cfg.resolved_head_dim
-    per_layer = (d * cfg.num_heads * hd * 2 + d * cfg.num_kv_heads * hd * 2
-                 + 3 * d * cfg.intermediate_size)
-    weights = cfg.num_layers * per_layer
+    hd = cfg.resolved_head_dim
+    weights = cfg.num_layers * cfg.layer_matmul_params
     if stage_record(stage).lm_loss:
-        weights += d * cfg.vocab_size
+        weights += cfg.hidden_size * cfg.vocab_size
     attention = 2 * 2 * cfg.num_layers * cfg.num_heads * hd * seq_len
     return 3.0 * (2.0 * weights + attention)
 

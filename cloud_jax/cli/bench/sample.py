@@ -82,10 +82,7 @@ def decode_step_flops(cfg: ModelConfig, rows: int, kv_slots_per_row: float) -> t
     """(weight-matmul FLOPs, attention FLOPs) of one decode step of ``rows`` rows, each attending
     to ``kv_slots_per_row`` cached keys: 2 per weight per row, and per layer, head and key 2 for
     the score plus 2 for the weighted value (over every slot the step reads, filled or not)."""
-    weights = (cfg.num_layers * (cfg.hidden_size * cfg.resolved_head_dim
-                                 * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
-                                 + 3 * cfg.hidden_size * cfg.intermediate_size)
-               + cfg.hidden_size * cfg.vocab_size)
+    weights = cfg.num_layers * cfg.layer_matmul_params + cfg.hidden_size * cfg.vocab_size
     attention = 4 * cfg.num_layers * cfg.num_heads * cfg.resolved_head_dim * kv_slots_per_row
     return 2 * rows * weights, int(rows * attention)
 
