@@ -7,6 +7,8 @@ from cloud_jax.cli.bench.host import host_info, host_line
 
 AVX2_HOST = """processor\t: 0
 vendor_id\t: AuthenticAMD
+cpu family\t: 23
+model\t\t: 49
 model name\t: AMD EPYC 7B12
 flags\t\t: fpu vme sse4_2 avx avx2 fma bmi2
 processor\t: 1
@@ -29,7 +31,20 @@ def test_an_avx2_only_host_is_named_with_its_extensions(tmp_path):
     assert info["vector_extensions"] == ["sse4_2", "avx", "avx2", "fma"]
     assert "avx512f" not in host_line(info)
     assert "AMD EPYC 7B12" in host_line(info) and "avx2" in host_line(info)
+    assert info["cpu_signature"] == "family 23 model 49"
+    assert "family 23 model 49" in host_line(info)
     assert info["backend"] == "cpu"
+
+
+def test_the_host_line_says_when_the_machine_is_busy(tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text(AVX2_HOST)
+    info = host_info(str(path))
+    quiet = dict(info, cpu_count=2, load_average=0.1)
+    busy = dict(info, cpu_count=2, load_average=3.4)
+    assert "load average 0.10" in host_line(quiet) and "busy" not in host_line(quiet)
+    assert "load average 3.40" in host_line(busy) and "busy" in host_line(busy)
+    assert "load average" not in host_line(dict(info, load_average=None))
 
 
 def test_an_arm_host_lists_its_vector_units(tmp_path):
@@ -38,6 +53,7 @@ def test_an_arm_host_lists_its_vector_units(tmp_path):
     info = host_info(str(path))
     assert info["vector_extensions"] == ["asimd", "sve"]
     assert info["cpu_model"]  # platform fallback, never empty
+    assert info["cpu_signature"] is None
 
 
 def test_a_missing_cpuinfo_still_describes_the_host(tmp_path):
@@ -58,6 +74,7 @@ def test_bench_sample_prints_the_host_and_puts_it_in_its_json(capsys):
     result = json.loads(out.strip().splitlines()[-1])
     assert result["cpu_model"] == host_info()["cpu_model"]
     assert result["vector_extensions"] == host_info()["vector_extensions"]
+    assert "load_average" in result and "cpu_signature" in result
     assert "[bench sample] host: " in out
     assert result["decode_layout"] == "feature_major" and result["prepare_s"] >= 0
     assert "feature_major decode layout" in out

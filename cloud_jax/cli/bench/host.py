@@ -1,7 +1,10 @@
-"""What machine a benchmark ran on: the CPU model, its vector extensions and the JAX backend.
+"""What machine a benchmark ran on: the CPU model, its vector extensions, how busy it was and the
+JAX backend.
 
-The same benchmark differs by 2x between an AVX-512 host and an AVX2-only one, so every bench
-prints this line and puts the fields in its JSON.
+The same benchmark differs by 2x between an AVX-512 host and an AVX2-only one, and by 10-20%
+between a quiet and a shared one, so every bench prints this line and puts the fields in its JSON.
+Virtual machines often name every Xeon "Intel(R) Xeon(R) Processor"; the x86 family and model
+numbers (``cpu_signature``) tell the generations apart.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ VECTOR_EXTENSIONS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx
                      "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "neon", "asimd", "sve")
 
 
-def _cpuinfo(path: str = "/proc/cpuinfo") -> tuple[Optional[str], set[str]]:
-    model, flags = None, set()
+def _cpuinfo(path: str = "/proc/cpuinfo") -> tuple[Optional[str], set[str], Optional[str]]:
+    """(model name, flags, "family F model M") of the first processor listed."""
+    model, flags, numbers = None, set(), {}
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
@@ -28,19 +32,36 @@ def _cpuinfo(path: str = "/proc/cpuinfo") -> tuple[Optional[str], set[str]]:
                     model = value.strip()
                 elif key in ("flags", "features") and not flags:
                     flags = set(value.split())
+                elif key in ("cpu family", "model") and key not in numbers:
+                    numbers[key] = value.strip()
     except OSError:
         pass
-    return model, flags
+    signature = None
+    if numbers.get("cpu family") and numbers.get("model"):
+        signature = f"family {numbers['cpu family']} model {numbers['model']}"
+    return model, flags, signature
+
+
+def load_average() -> Optional[float]:
+    """The 1-minute load average (runnable processes), None where the OS does not report one."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def host_info(cpuinfo_path: str = "/proc/cpuinfo") -> dict:
-    """``cpu_model``, ``vector_extensions`` (those of VECTOR_EXTENSIONS this CPU has),
-    ``cpu_count``, ``backend`` and ``devices`` (the accelerator kinds when not CPU)."""
-    model, flags = _cpuinfo(cpuinfo_path)
+    """``cpu_model``, ``cpu_signature`` (x86 family and model numbers, else None),
+    ``vector_extensions`` (those of VECTOR_EXTENSIONS this CPU has), ``cpu_count``,
+    ``load_average`` (1 minute, when the bench starts), ``backend`` and ``devices`` (the
+    accelerator kinds when not CPU)."""
+    model, flags, signature = _cpuinfo(cpuinfo_path)
     return {
         "cpu_model": model or platform.processor() or platform.machine() or "unknown",
+        "cpu_signature": signature,
         "vector_extensions": [ext for ext in VECTOR_EXTENSIONS if ext in flags],
         "cpu_count": os.cpu_count(),
+        "load_average": load_average(),
         "backend": jax.default_backend(),
         "devices": sorted({d.device_kind for d in jax.devices()}),
     }
@@ -48,7 +69,14 @@ def host_info(cpuinfo_path: str = "/proc/cpuinfo") -> dict:
 
 def host_line(info: dict) -> str:
     ext = " ".join(info["vector_extensions"]) or "unknown"
-    return (f"host: {info['cpu_model']} ({info['cpu_count']} cores; {ext}); "
+    signature = f", {info['cpu_signature']}" if info.get("cpu_signature") else ""
+    load = info.get("load_average")
+    busy = ""
+    if load is not None:
+        busy = f"; load average {load:.2f}"
+        if info.get("cpu_count") and load >= 0.5 * info["cpu_count"]:
+            busy += " (busy: other work shares the cores, timings will be noisy)"
+    return (f"host: {info['cpu_model']}{signature} ({info['cpu_count']} cores; {ext}{busy}); "
             f"{info['backend']}: {', '.join(info['devices'])}")
 
 
@@ -59,8 +87,9 @@ def write_record(path: str, command: str, result: dict) -> None:
     import json
     from pathlib import Path
 
-    info = {k: result[k] for k in ("cpu_model", "vector_extensions", "cpu_count", "backend",
-                                   "devices") if k in result}
+    info = {k: result[k] for k in ("cpu_model", "cpu_signature", "vector_extensions",
+                                   "cpu_count", "load_average", "backend", "devices")
+            if k in result}
     machine = (f"{', '.join(info['devices'])} ({info['backend']}); host {info['cpu_model']}, "
                f"{info['cpu_count']} cores" if info else "unknown")
     out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
