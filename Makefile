@@ -68,7 +68,7 @@ test-all: venv-test
 	$(PY) -m pytest -q --runslow tests
 
 # CLoud against a classic reward model, trained from scratch on the built-in reasoning benchmark
-# (about 10 minutes on 2 CPU cores; docs/RESULTS.md). Writes runs/demo_cpu/.
+# (10-14 minutes on 2 CPU cores; docs/RESULTS.md). Writes runs/demo_cpu/.
 demo: $(STAMP_RUN)
 	$(PY) -m cloud_jax pipeline --config configs/demo_cpu.yaml
 

@@ -1,4 +1,4 @@
-"""`make demo`'s run, configs/demo_cpu.yaml unchanged (about ten minutes on two CPU cores): CLoud
+"""`make demo`'s run, configs/demo_cpu.yaml unchanged (10-14 minutes on two CPU cores): CLoud
 beats the classic reward model on the held-out reasoning pairs, by the margin docs/RESULTS.md
 reports, and sampling more critiques does not hurt. Its wall time is reported, not asserted."""
 
