@@ -87,9 +87,8 @@ def write_record(path: str, command: str, result: dict) -> None:
     import json
     from pathlib import Path
 
-    info = {k: result[k] for k in ("cpu_model", "cpu_signature", "vector_extensions",
-                                   "cpu_count", "load_average", "backend", "devices")
-            if k in result}
+    info = {k: result[k] for k in ("cpu_model", "vector_extensions", "cpu_count", "backend",
+                                   "devices") if k in result}
     machine = (f"{', '.join(info['devices'])} ({info['backend']}); host {info['cpu_model']}, "
                f"{info['cpu_count']} cores" if info else "unknown")
     out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
