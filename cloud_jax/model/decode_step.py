@@ -17,7 +17,9 @@ The same computation in two layouts:
   CPU only, on one device, and only when that copy is small against the machine's memory.
 
 Both layouts share RoPE, the cache write, the mask and the attention (:func:`layers.attend`), the
-RMSNorm and the reward head; the tests hold them equal.
+RMSNorm and the reward head; the tests hold them equal. The feature-major one computes the
+attention of one new token per row in one CPU kernel call a layer where that kernel is built
+(:mod:`cloud_jax.model.cpu_attention`), else as the standard one does.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from cloud_jax.model import cpu_attention
 from cloud_jax.model.cache import KVCache
 from cloud_jax.model.config import ModelConfig
 from cloud_jax.model.layers import attend, dtype_of, rms_norm, rope_inv_freq, rope_tables
@@ -189,6 +192,8 @@ def feature_major_hidden(weights: DecodeWeights, cfg: ModelConfig, ids_bt: jax.A
     def heads(part_fn, count):  # [count * hd, B * T] -> [B, T, count, hd]
         return jnp.transpose(part_fn.reshape(count, hd, b, t), (2, 3, 0, 1))
 
+    # One kernel call a layer for the attention where it is built (cpu_attention.py).
+    attention = cpu_attention.decode_attention if cpu_attention.available() else None
     new_layers = []
     for i, w in enumerate(weights.layers):
         with jax.named_scope(f"layers_{i}"):
@@ -201,7 +206,7 @@ def feature_major_hidden(weights: DecodeWeights, cfg: ModelConfig, ids_bt: jax.A
             v = heads(qkv[(h + kv) * hd:], kv)
             prefix = None if cache.prefix is None else cache.prefix.layers[i]
             out, layer_cache = attend(cfg, q, k, v, positions_bt, info, cache.layers[i], prefix,
-                                      rope)
+                                      rope, attention)
             new_layers.append(layer_cache)
             x_dn = x_dn + _times(w.o, jnp.transpose(out.reshape(b * t, h * hd)))
             normed = rms_norm(x_dn, w.post_attn_norm, eps, dtype, axis=0)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -175,11 +175,14 @@ def _attention_with_prefix(q_btkgd, k_bksd, v_bksd, mask_bts, prefix, scale, key
 def attend(cfg: ModelConfig, q_bthd: jax.Array, k_bthd: jax.Array, v_bthd: jax.Array,
            positions_bt: jax.Array, mask_info: MaskInfo, layer_cache: Optional[LayerKV] = None,
            prefix_kv: Optional[LayerKV] = None, rope: Optional[tuple[jax.Array, jax.Array]] = None,
+           attention: Optional[Callable[..., jax.Array]] = None,
            ) -> tuple[jax.Array, Optional[LayerKV]]:
     """Attention after the q/k/v projections: RoPE, the cache write (when a cache is given), the
     mask and the attention over the cache's keys and the shared prefix's. Returns the output
     [B, T, H, D] and the layer's updated cache (None without one). ``rope``: the positions'
-    :func:`rope_tables`, when the caller computes them once for every layer."""
+    :func:`rope_tables`, when the caller computes them once for every layer. ``attention``: a
+    function with :func:`gqa_attention`'s arguments and values (the CPU decode kernel,
+    :mod:`cloud_jax.model.cpu_attention`) used in its place."""
     dtype = dtype_of(cfg.dtype)
     inv_freq = rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
     q = apply_rope(q_bthd, positions_bt, inv_freq, rope)
@@ -226,7 +229,7 @@ def attend(cfg: ModelConfig, q_bthd: jax.Array, k_bthd: jax.Array, v_bthd: jax.A
                           v_bksd[:, :, :s + block], mask[:, s:s + block, :s + block])
             for s in range(0, t, block)], axis=1)
     else:
-        out = gqa_attention(q, k_bksd, v_bksd, mask, prefix, keys_transposed)
+        out = (attention or gqa_attention)(q, k_bksd, v_bksd, mask, prefix, keys_transposed)
     return out, new_cache
 
 

@@ -38,6 +38,7 @@ import numpy as np
 
 from cloud_jax.model.config import ModelConfig
 from cloud_jax.model import CLoudModel, count_params, init_params
+from cloud_jax.model import cpu_attention
 from cloud_jax.model.decode_step import LAYOUTS, decode_layout, prepare_decode_weights_jit
 from cloud_jax.sampling import Temperature, content_row_ids, pad_prefixes, sample
 from cloud_jax.sampling.loop import decode, phase_lengths, prefill, row_keys, stop_array
@@ -218,11 +219,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     prompts = [rng.integers(1, cfg.vocab_size, p).tolist() for _ in range(b)]
     method = Temperature(args.temperature)
     layout = args.decode_layout or decode_layout(cfg)
+    # The feature-major fp32 step's attention: the CPU kernel where it builds, else XLA's.
+    attention = ("cpu_kernel" if layout == "feature_major" and args.dtype == "float32"
+                 and cpu_attention.available() else "xla")
     host = host_info()
     print(f"[bench sample] {host_line(host)}", flush=True)
     print(f"[bench sample] {n_params / 1e6:.1f}M params {args.dtype}, {b} inputs x K={k}, prompt {p}, "
           f"{m} new tokens, temperature {args.temperature}, {jax.device_count()} "
-          f"{jax.default_backend()} device(s), {layout} decode layout", flush=True)
+          f"{jax.default_backend()} device(s), {layout} decode layout, {attention} decode "
+          "attention", flush=True)
 
     # The feature-major weights are prepared once, as a caller scoring many batches does.
     weights, prepare_s = None, 0.0
@@ -341,6 +346,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "bandwidth_gb_per_s": round(bandwidth / 1e9, 1),
         "dtype": args.dtype,
         "decode_layout": layout,
+        "decode_attention": attention,
         "prepare_s": round(prepare_s, 3),
         "workload": {"inputs": b, "samples": k, "prompt_len": p, "new_tokens": m,
                      "params_m": round(n_params / 1e6, 1)},
