@@ -105,6 +105,12 @@ def test_the_feature_major_step_calls_the_kernel_once_a_layer():
     assert _decode_step_text(CFG).count(f"custom_call @{cpu_attention.TARGET}(") == CFG.num_layers
 
 
+def test_only_a_cpu_program_takes_it(monkeypatch):
+    assert cpu_attention.active()
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not cpu_attention.active()
+
+
 def test_turned_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("CLOUD_JAX_CPU_ATTENTION", "0")
     assert not cpu_attention.available()

@@ -1,6 +1,6 @@
 """The decode step's attention as one CPU kernel per layer (``cpu_attention.cc``, an XLA FFI call).
 
-    attention = cpu_attention.decode_attention if cpu_attention.available() else None
+    attention = cpu_attention.decode_attention if cpu_attention.active() else None
     out, layer_cache = attend(cfg, q, k, v, positions, info, layer_cache, prefix, rope, attention)
 
 XLA's CPU backend runs a decode step's attention (one new token per row over a shared prefix and
@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-__all__ = ["available", "build", "decode_attention", "supports", "unavailable_reason"]
+__all__ = ["active", "available", "build", "decode_attention", "supports", "unavailable_reason"]
 
 TARGET = "cloud_jax_decode_attention"
 _SOURCE = Path(__file__).with_name("cpu_attention.cc")
@@ -139,6 +139,13 @@ def available() -> bool:
                               f"XLA's attention (the same values, slower): {e}", RuntimeWarning,
                               stacklevel=2)
         return _state["ok"]
+
+
+def active() -> bool:
+    """Whether a decode step traced now takes the kernel: it is :func:`available` and the
+    default backend is the CPU (the kernel is a CPU custom call; the feature-major layout can
+    also be asked for on other backends)."""
+    return jax.default_backend() == "cpu" and available()
 
 
 def unavailable_reason() -> Optional[str]:

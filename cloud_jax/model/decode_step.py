@@ -193,7 +193,7 @@ def feature_major_hidden(weights: DecodeWeights, cfg: ModelConfig, ids_bt: jax.A
         return jnp.transpose(part_fn.reshape(count, hd, b, t), (2, 3, 0, 1))
 
     # One kernel call a layer for the attention where it is built (cpu_attention.py).
-    attention = cpu_attention.decode_attention if cpu_attention.available() else None
+    attention = cpu_attention.decode_attention if cpu_attention.active() else None
     new_layers = []
     for i, w in enumerate(weights.layers):
         with jax.named_scope(f"layers_{i}"):

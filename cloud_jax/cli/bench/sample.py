@@ -221,7 +221,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     layout = args.decode_layout or decode_layout(cfg)
     # The feature-major fp32 step's attention: the CPU kernel where it builds, else XLA's.
     attention = ("cpu_kernel" if layout == "feature_major" and args.dtype == "float32"
-                 and cpu_attention.available() else "xla")
+                 and cpu_attention.active() else "xla")
     host = host_info()
     print(f"[bench sample] {host_line(host)}", flush=True)
     print(f"[bench sample] {n_params / 1e6:.1f}M params {args.dtype}, {b} inputs x K={k}, prompt {p}, "
