@@ -9,7 +9,7 @@
 // Shapes (fp32, row-major): q [B, KV, G, D]; prefix keys [N, KV, D, P], values [N, KV, P, D];
 // own keys [B, KV, D, S], values [B, KV, S, D]; masks (int32, nonzero = attend) [B, P], [B, S];
 // output [B, KV, G, D]. Rows come in N groups of B / N consecutive rows, each reading its group's
-// prefix. A masked score is kMaskValue, as in layers.py, so a row with every key masked averages
+// prefix. A masked score takes the attribute mask_value (layers.py's), so a row with every key masked averages
 // every value, as the XLA path does.
 
 #include <algorithm>
@@ -26,8 +26,6 @@
 namespace ffi = xla::ffi;
 
 namespace {
-
-constexpr float kMaskValue = -0.7f * 3.4028234663852886e38f;
 
 #if defined(__AVX512F__)
 constexpr int kW = 16;
@@ -146,19 +144,19 @@ void Weighted(const float* p, int64_t ld_p, const float* values, int64_t len, in
 typedef int32_t IVec __attribute__((vector_size(kW * sizeof(int32_t))));
 inline IVec LoadI(const int32_t* p) { IVec v; std::memcpy(&v, p, sizeof(IVec)); return v; }
 
-// x[j] = mask[j] ? x[j] : kMaskValue; returns max_j x[j] (kMaskValue when len is 0).
-inline float MaskAndMax(float* x, const int32_t* mask, int64_t len) {
-  Vec top = Vec{} + kMaskValue;
+// x[j] = mask[j] ? x[j] : masked; returns max_j x[j] (masked when len is 0).
+inline float MaskAndMax(float* x, const int32_t* mask, int64_t len, float masked) {
+  Vec top = Vec{} + masked;
   int64_t j = 0;
   for (; j + kW <= len; j += kW) {
-    Vec v = LoadI(mask + j) != 0 ? Load(x + j) : Vec{} + kMaskValue;
+    Vec v = LoadI(mask + j) != 0 ? Load(x + j) : Vec{} + masked;
     Store(x + j, v);
     top = v > top ? v : top;
   }
-  float best = kMaskValue;
+  float best = masked;
   for (int e = 0; e < kW; ++e) best = std::max(best, top[e]);
   for (; j < len; ++j) {
-    x[j] = mask[j] ? x[j] : kMaskValue;
+    x[j] = mask[j] ? x[j] : masked;
     best = std::max(best, x[j]);
   }
   return best;
@@ -214,7 +212,7 @@ struct Problem {
   const int32_t* mask;  // [B, S]
   float* out;           // [B, KV, G, D]
   int64_t b, kv, g, d, n, p, s;
-  float scale;
+  float scale, mask_value;
 };
 
 void RunTask(const Problem& pr, int64_t task) {
@@ -246,7 +244,8 @@ void RunTask(const Problem& pr, int64_t task) {
     const int32_t* m = pr.mask + row * pr.s;
     for (int64_t gi = 0; gi < pr.g; ++gi) {
       float* x = sc + (ri * pr.g + gi) * width;
-      const float top = std::max(MaskAndMax(x, pm, pr.p), MaskAndMax(x + pr.p, m, pr.s));
+      const float top = std::max(MaskAndMax(x, pm, pr.p, pr.mask_value),
+                                 MaskAndMax(x + pr.p, m, pr.s, pr.mask_value));
       denom[ri * pr.g + gi] = ExpAndSum(x, width, top);
     }
   }
@@ -286,7 +285,8 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                                ffi::Buffer<ffi::F32> pk, ffi::Buffer<ffi::F32> pv,
                                ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                                ffi::Buffer<ffi::S32> pmask, ffi::Buffer<ffi::S32> mask,
-                               ffi::ResultBuffer<ffi::F32> out, float scale) {
+                               ffi::ResultBuffer<ffi::F32> out, float scale,
+                               float mask_value) {
   auto qd = q.dimensions(), pkd = pk.dimensions(), pvd = pv.dimensions(), kd = k.dimensions(),
        vd = v.dimensions(), pmd = pmask.dimensions(), md = mask.dimensions();
   if (qd.size() != 4 || pkd.size() != 4 || pvd.size() != 4 || kd.size() != 4 || vd.size() != 4 ||
@@ -311,6 +311,7 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   pr.k = k.typed_data(); pr.v = v.typed_data();
   pr.pmask = pmask.typed_data(); pr.mask = mask.typed_data();
   pr.out = out->typed_data(); pr.scale = scale;
+  pr.mask_value = mask_value;
   sh->tasks = pr.n * pr.kv;
   // The calling thread works too, and every task is claimed from one counter, so the call
   // finishes even when no pool thread is free; a helper that starts late finds no work left.
@@ -334,4 +335,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CloudJaxDecodeAttention, DecodeAttentionImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale"));
+                                  .Attr<float>("scale")
+                                  .Attr<float>("mask_value"));

@@ -42,6 +42,8 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
+from cloud_jax.model.layers import _MASK_VALUE, gqa_attention
+
 __all__ = ["active", "available", "build", "decode_attention", "supports", "unavailable_reason"]
 
 TARGET = "cloud_jax_decode_attention"
@@ -49,7 +51,7 @@ _SOURCE = Path(__file__).with_name("cpu_attention.cc")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-w")
 
 _lock = threading.Lock()
-_state: dict = {}  # "ok": bool, "reason": str, "path": Path, once the first check ran
+_state: dict = {}  # "ok": bool, "reason": str (and the library), once the first check ran
 
 
 def _enabled() -> bool:
@@ -128,11 +130,10 @@ def available() -> bool:
             try:
                 if platform.system() == "Windows":
                     raise RuntimeError("not built on Windows")
-                path = build()
-                library = ctypes.cdll.LoadLibrary(str(path))
+                library = ctypes.cdll.LoadLibrary(str(build()))
                 jax.ffi.register_ffi_target(
                     TARGET, jax.ffi.pycapsule(library.CloudJaxDecodeAttention), platform="cpu")
-                _state.update(ok=True, reason="", path=path, library=library)
+                _state.update(ok=True, reason="", library=library)  # the handle keeps it loaded
             except (RuntimeError, OSError, subprocess.SubprocessError, AttributeError) as e:
                 _state.update(ok=False, reason=str(e))
                 warnings.warn(f"the fused CPU decode attention is unavailable, so decoding uses "
@@ -169,9 +170,7 @@ def supports(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array, prefix,
 def decode_attention(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array,
                      mask_bts: jax.Array, prefix=None, keys_transposed: bool = False) -> jax.Array:
     """:func:`~cloud_jax.model.layers.gqa_attention` (same arguments, same values) through the
-    kernel where :func:`supports` holds; the caller checks :func:`available` first."""
-    from cloud_jax.model.layers import gqa_attention  # layers imports nothing from here
-
+    kernel where :func:`supports` holds; the caller checks :func:`active` first."""
     if not supports(q_bthd, k_bksd, v_bksd, prefix, keys_transposed):
         return gqa_attention(q_bthd, k_bksd, v_bksd, mask_bts, prefix, keys_transposed)
     pk, pv, pmask_btp = prefix
@@ -180,5 +179,5 @@ def decode_attention(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array,
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((b, kv, h // kv, d), jnp.float32))
     out = call(q_bthd.reshape(b, kv, h // kv, d), pk, pv, k_bksd, v_bksd,
                pmask_btp[:, 0].astype(jnp.int32), mask_bts[:, 0].astype(jnp.int32),
-               scale=np.float32(1.0 / np.sqrt(d)))
+               scale=np.float32(1.0 / np.sqrt(d)), mask_value=np.float32(_MASK_VALUE))
     return out.reshape(b, 1, h, d)
