@@ -4,7 +4,7 @@ extensions), and the GPU code paths (bf16, transformers on the same device, pres
 import json
 
 from cloud_jax.cli.bench.host import host_info, host_line
-from cloud_jax.model import cpu_attention
+from cloud_jax.model import cpu_kernels
 
 AVX2_HOST = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -79,9 +79,11 @@ def test_bench_sample_prints_the_host_and_puts_it_in_its_json(capsys):
     assert "[bench sample] host: " in out
     assert result["decode_layout"] == "feature_major" and result["prepare_s"] >= 0
     assert "feature_major decode layout" in out
-    kernel = cpu_attention._compiler() is not None  # built wherever a C++ compiler is
+    kernel = cpu_kernels._compiler() is not None  # built wherever a C++ compiler is
     assert result["decode_attention"] == ("cpu_kernel" if kernel else "xla")
     assert f"{result['decode_attention']} decode attention" in out
+    assert result["decode_matmul"] == ("cpu_kernel" if kernel else "xla")
+    assert f"{result['decode_matmul']} decode matmul" in out
 
 
 def test_the_gpu_preset_is_the_1b_workload_and_explicit_flags_win():

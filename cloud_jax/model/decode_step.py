@@ -17,9 +17,10 @@ The same computation in two layouts:
   CPU only, on one device, and only when that copy is small against the machine's memory.
 
 Both layouts share RoPE, the cache write, the mask and the attention (:func:`layers.attend`), the
-RMSNorm and the reward head; the tests hold them equal. The feature-major one computes the
-attention of one new token per row in one CPU kernel call a layer where that kernel is built
-(:mod:`cloud_jax.model.cpu_attention`), else as the standard one does.
+RMSNorm and the reward head; the tests hold them equal. Where the CPU kernels are built
+(:mod:`cloud_jax.model.cpu_kernels`), the feature-major one computes the attention of one new
+token per row in one kernel call a layer and its fp32 weight products in the kernel's matmul,
+else as the standard one does.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from cloud_jax.model import cpu_attention
+from cloud_jax.model import cpu_kernels
 from cloud_jax.model.cache import KVCache
 from cloud_jax.model.config import ModelConfig
 from cloud_jax.model.layers import attend, dtype_of, rms_norm, rope_inv_freq, rope_tables
@@ -74,15 +75,20 @@ class DecodeWeights:
     final_norm: jax.Array  # [D]
 
 
-def prepare_decode_weights(params: Any, cfg: ModelConfig, blocks: int = 2) -> DecodeWeights:
+def prepare_decode_weights(params: Any, cfg: ModelConfig,
+                           blocks: Optional[int] = None) -> DecodeWeights:
     """The feature-major layout of ``params`` (unrolled layers): a new copy of every layer
     matrix (and of the LM head), transposed to [out, in], cast to ``cfg.dtype`` and cut into
     ``blocks`` blocks of rows. The blocks of a product are independent operations, which XLA's CPU
     runtime runs at once, one per core, instead of splitting one small product over its threads.
-    Traceable: inside a jitted decode it is computed once, before the loop."""
+    ``blocks`` None: 1 where the CPU matmul kernel takes the products (it splits each over the
+    threads itself), else 2. Traceable: inside a jitted decode it is computed once, before the
+    loop."""
     if cfg.scan_layers:
         raise ValueError("the decode step needs unrolled layers: convert the params with "
                          "cloud_jax.model.unstack_layers and use scan_layers=False")
+    if blocks is None:
+        blocks = 1 if _kernel_matmul(cfg) else 2
     if blocks < 1:
         raise ValueError(f"blocks={blocks}: must be >= 1")
     dtype = dtype_of(cfg.dtype)
@@ -154,9 +160,17 @@ def check_layout(layout: str) -> None:
         raise ValueError(f"decode layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
 
 
-def _times(w_oi: Matrix, x_in: jax.Array, **kwargs) -> jax.Array:
-    """``W[out, in] . x[in, n]``, one product per block of W's rows."""
-    parts = [jnp.einsum("oi,in->on", w, x_in.astype(w.dtype), **kwargs) for w in w_oi]
+def _kernel_matmul(cfg: ModelConfig) -> bool:
+    """Whether the feature-major step's weight products go to the CPU matmul kernel (fp32)."""
+    return dtype_of(cfg.dtype) == jnp.float32 and cpu_kernels.active("matmul")
+
+
+def _times(w_oi: Matrix, x_in: jax.Array, kernel: bool = False, **kwargs) -> jax.Array:
+    """``W[out, in] . x[in, n]``, one product per block of W's rows; ``kernel``: fp32 products
+    through :func:`cpu_kernels.decode_matmul`."""
+    parts = [cpu_kernels.decode_matmul(w, x_in)
+             if kernel and w.dtype == x_in.dtype == jnp.float32
+             else jnp.einsum("oi,in->on", w, x_in.astype(w.dtype), **kwargs) for w in w_oi]
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
 
 
@@ -192,13 +206,15 @@ def feature_major_hidden(weights: DecodeWeights, cfg: ModelConfig, ids_bt: jax.A
     def heads(part_fn, count):  # [count * hd, B * T] -> [B, T, count, hd]
         return jnp.transpose(part_fn.reshape(count, hd, b, t), (2, 3, 0, 1))
 
-    # One kernel call a layer for the attention where it is built (cpu_attention.py).
-    attention = cpu_attention.decode_attention if cpu_attention.active() else None
+    # The CPU kernels where they are built (cpu_kernels.py): one call a layer for the attention,
+    # one a product for the fp32 weight matmuls.
+    attention = cpu_kernels.decode_attention if cpu_kernels.active("attention") else None
+    kernel = _kernel_matmul(cfg)
     new_layers = []
     for i, w in enumerate(weights.layers):
         with jax.named_scope(f"layers_{i}"):
             normed = rms_norm(x_dn, w.input_norm, eps, dtype, axis=0)
-            qkv = _times(w.qkv, normed)
+            qkv = _times(w.qkv, normed, kernel)
             if w.qkv_bias is not None:
                 qkv = qkv + w.qkv_bias[:, None]
             q = heads(qkv[:h * hd], h)
@@ -208,11 +224,11 @@ def feature_major_hidden(weights: DecodeWeights, cfg: ModelConfig, ids_bt: jax.A
             out, layer_cache = attend(cfg, q, k, v, positions_bt, info, cache.layers[i], prefix,
                                       rope, attention)
             new_layers.append(layer_cache)
-            x_dn = x_dn + _times(w.o, jnp.transpose(out.reshape(b * t, h * hd)))
+            x_dn = x_dn + _times(w.o, jnp.transpose(out.reshape(b * t, h * hd)), kernel)
             normed = rms_norm(x_dn, w.post_attn_norm, eps, dtype, axis=0)
-            gate_up = _times(w.gate_up, normed)
+            gate_up = _times(w.gate_up, normed, kernel)
             f = gate_up.shape[0] // 2
-            x_dn = x_dn + _times(w.down, nn.silu(gate_up[:f]) * gate_up[f:])
+            x_dn = x_dn + _times(w.down, nn.silu(gate_up[:f]) * gate_up[f:], kernel)
     x_dn = rms_norm(x_dn, weights.final_norm, eps, dtype, axis=0)
     return x_dn, cache.written(tuple(new_layers), info)
 
@@ -235,7 +251,8 @@ def decode_step(params: Any, weights: Optional[DecodeWeights], cfg: ModelConfig,
         hidden_dn, cache = feature_major_hidden(weights, cfg, fed_n[:, None], live_n[:, None],
                                                 cache, rope_table)
         with jax.named_scope("lm_head"):
-            logits_vn = _times(weights.lm_head, hidden_dn, preferred_element_type=jnp.float32)
+            logits_vn = _times(weights.lm_head, hidden_dn, _kernel_matmul(cfg),
+                               preferred_element_type=jnp.float32)
             # Keeps XLA from folding the transpose into the product's output layout.
             logits_nv = jnp.transpose(jax.lax.optimization_barrier(logits_vn))
         hidden_nd = jnp.transpose(hidden_dn)

@@ -182,7 +182,7 @@ def attend(cfg: ModelConfig, q_bthd: jax.Array, k_bthd: jax.Array, v_bthd: jax.A
     [B, T, H, D] and the layer's updated cache (None without one). ``rope``: the positions'
     :func:`rope_tables`, when the caller computes them once for every layer. ``attention``: a
     function with :func:`gqa_attention`'s arguments and values (the CPU decode kernel,
-    :mod:`cloud_jax.model.cpu_attention`) used in its place."""
+    :mod:`cloud_jax.model.cpu_kernels`) used in its place."""
     dtype = dtype_of(cfg.dtype)
     inv_freq = rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
     q = apply_rope(q_bthd, positions_bt, inv_freq, rope)

@@ -38,7 +38,7 @@ import numpy as np
 
 from cloud_jax.model.config import ModelConfig
 from cloud_jax.model import CLoudModel, count_params, init_params
-from cloud_jax.model import cpu_attention
+from cloud_jax.model import cpu_kernels
 from cloud_jax.model.decode_step import LAYOUTS, decode_layout, prepare_decode_weights_jit
 from cloud_jax.sampling import Temperature, content_row_ids, pad_prefixes, sample
 from cloud_jax.sampling.loop import decode, phase_lengths, prefill, row_keys, stop_array
@@ -95,11 +95,14 @@ def mean_slots_read(new_tokens: int, steps: int) -> float:
     return sum(next(n for n in phases if n > s) for s in range(steps)) / steps
 
 
-def matmul_rate(matrices_io: Sequence[jax.Array], rows: int, repeats: int = 5) -> float:
-    """fp32 FLOP/s of multiplying a [rows, in] activation by each [in, out] matrix, the fastest of
-    two layouts XLA may be given: ``x @ W`` and the weight stored [out, in] as the left operand
-    (``W_oi . x^T``, output [out, rows]). Each matrix is a distinct array, so the weights are read
-    from memory as in a step; the products are independent (summed so none is dropped)."""
+def matmul_rate(matrices_io: Sequence[jax.Array], rows: int, repeats: int = 5,
+                kernel: bool = False) -> float:
+    """fp32 FLOP/s of multiplying a [rows, in] activation by each [in, out] matrix, the fastest
+    of the ways a decode step may take the product: ``x @ W``, the weight stored [out, in] as
+    XLA's left operand (``W_oi . x^T``, output [out, rows]), and with ``kernel`` the CPU matmul
+    kernel on that layout (:func:`cloud_jax.model.cpu_kernels.decode_matmul`). Each matrix is a
+    distinct array, so the weights are read from memory as in a step; the products are
+    independent (summed so none is dropped)."""
     xs = {w.shape[0]: jax.random.normal(jax.random.key(w.shape[0]), (rows, w.shape[0]), w.dtype)
           for w in matrices_io}
 
@@ -111,10 +114,17 @@ def matmul_rate(matrices_io: Sequence[jax.Array], rows: int, repeats: int = 5) -
     def left(ws_oi, xs):
         return sum(jnp.sum(jnp.einsum("oi,ni->on", w, xs[w.shape[1]])) for w in ws_oi)
 
+    @jax.jit
+    def kernel_left(ws_oi, xs):
+        return sum(jnp.sum(cpu_kernels.decode_matmul(w, xs[w.shape[1]].T)) for w in ws_oi)
+
     transposed = [jnp.asarray(w.T) for w in matrices_io]
     flops = sum(2 * rows * w.size for w in matrices_io)
     seconds = min(_best(lambda: right(list(matrices_io), xs).block_until_ready(), repeats)[0],
                   _best(lambda: left(transposed, xs).block_until_ready(), repeats)[0])
+    if kernel:
+        seconds = min(seconds,
+                      _best(lambda: kernel_left(transposed, xs).block_until_ready(), repeats)[0])
     del transposed
     return flops / seconds
 
@@ -219,15 +229,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     prompts = [rng.integers(1, cfg.vocab_size, p).tolist() for _ in range(b)]
     method = Temperature(args.temperature)
     layout = args.decode_layout or decode_layout(cfg)
-    # The feature-major fp32 step's attention: the CPU kernel where it builds, else XLA's.
-    attention = ("cpu_kernel" if layout == "feature_major" and args.dtype == "float32"
-                 and cpu_attention.active() else "xla")
+    # The feature-major fp32 step's attention and weight products: the CPU kernels where they
+    # build, else XLA's.
+    kernels = {name: ("cpu_kernel" if layout == "feature_major" and args.dtype == "float32"
+                      and cpu_kernels.active(name) else "xla") for name in cpu_kernels.KERNELS}
+    attention, matmul = kernels["attention"], kernels["matmul"]
     host = host_info()
     print(f"[bench sample] {host_line(host)}", flush=True)
     print(f"[bench sample] {n_params / 1e6:.1f}M params {args.dtype}, {b} inputs x K={k}, prompt {p}, "
           f"{m} new tokens, temperature {args.temperature}, {jax.device_count()} "
           f"{jax.default_backend()} device(s), {layout} decode layout, {attention} decode "
-          "attention", flush=True)
+          f"attention, {matmul} decode matmul", flush=True)
 
     # The feature-major weights are prepared once, as a caller scoring many batches does.
     weights, prepare_s = None, 0.0
@@ -285,7 +297,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"step/memory floor = {step_s / hbm_floor_s:.2f}", flush=True)
     own_slots = mean_slots_read(m, steps)
     weight_flops, attn_flops = decode_step_flops(cfg, b * k, p + own_slots)
-    rate = matmul_rate(_weight_matrices(params, cfg), b * k, repeats=max(args.repeats, 5))
+    # The floor's rate is the fastest way this machine takes the step's products, the matmul
+    # kernel included where the step uses it.
+    rate = matmul_rate(_weight_matrices(params, cfg), b * k, repeats=max(args.repeats, 5),
+                       kernel=matmul == "cpu_kernel")
     compute_floor_s = (weight_flops + attn_flops) / rate
     print(f"[bench sample] compute floor {compute_floor_s * 1e3:.1f} ms ({weight_flops / 1e9:.2f} "
           f"GFLOP weight matmuls + {attn_flops / 1e9:.2f} GFLOP attention over {p} prompt + "
@@ -347,6 +362,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "dtype": args.dtype,
         "decode_layout": layout,
         "decode_attention": attention,
+        "decode_matmul": matmul,
         "prepare_s": round(prepare_s, 3),
         "workload": {"inputs": b, "samples": k, "prompt_len": p, "new_tokens": m,
                      "params_m": round(n_params / 1e6, 1)},

@@ -1,26 +1,35 @@
-"""The decode step's attention as one CPU kernel per layer (``cpu_attention.cc``, an XLA FFI call).
+"""The feature-major decode step's CPU kernels (``cpu_kernels.cc``, XLA FFI calls).
 
-    attention = cpu_attention.decode_attention if cpu_attention.active() else None
+    attention = cpu_kernels.decode_attention if cpu_kernels.active("attention") else None
     out, layer_cache = attend(cfg, q, k, v, positions, info, layer_cache, prefix, rope, attention)
+    y_on = cpu_kernels.decode_matmul(w_oi, x_in)   # W[out, in] . x[in, rows], fp32
 
-XLA's CPU backend runs a decode step's attention (one new token per row over a shared prefix and
-the row's own cache) as ~20 small operations a layer, one after another on one core, with thread
-hand-offs between them: on a 2-core host about a quarter of the step (docs/BENCHMARKS.md). The
-kernel computes the same values in one call a layer: scores against the prefix and own keys, the
-masked softmax over both, the weighted values, split by (prefix group, key/value head) over XLA's
-intra-op thread pool.
+XLA's CPU backend runs a decode step (a few rows, one new token each) well below what the machine
+can do in two places (docs/BENCHMARKS.md):
 
-The feature-major decode layout (CPU, one device) uses it when it applies: one new token per
-row, fp32, a shared prefix, keys stored [.., head_dim, slots]. Anything else goes to
-:func:`cloud_jax.model.layers.gqa_attention`, which gives the same values (tests hold them
-equal).
+- **attention** over a shared prefix and each row's own cache: ~20 small operations a layer, one
+  after another on one core, with thread hand-offs between them. The kernel computes the same
+  values in one call a layer (scores against the prefix and own keys, the masked softmax over
+  both, the weighted values), split by (prefix group, key/value head) over XLA's intra-op thread
+  pool.
+- **matmul**, the weight products ``W[out, in] . x[in, rows]`` at a few rows: XLA's dot kernels
+  tile the output for many columns and reach about a third of the host's bandwidth at 16 rows.
+  The kernel keeps each output row's values in vector registers, reads every weight once as a
+  broadcast multiply-add and streams the weight rows with a prefetch ahead, a block of rows per
+  task over the same thread pool.
+
+The feature-major decode layout (CPU, one device) uses them where they apply: attention for one
+new token per row in fp32 over a shared prefix with keys stored [.., head_dim, slots]; matmul for
+fp32 2-D operands. Anything else goes to XLA (:func:`cloud_jax.model.layers.gqa_attention`, an
+einsum), which gives the same values (tests hold them equal).
 
 The source is compiled once per machine with the system C++ compiler (``$CXX``, else ``c++``,
 ``g++`` or ``clang++``) against the FFI headers that jaxlib ships, and cached under
 ``$CLOUD_JAX_KERNEL_CACHE`` (default ``~/.cache/cloud_jax/kernels``), keyed by the source,
 jaxlib's version, the compiler and the CPU. Without a compiler, or when the build fails, one
-warning says why and decoding takes XLA's attention. ``CLOUD_JAX_CPU_ATTENTION=0`` turns the
-kernel off.
+warning says why and decoding takes XLA's operations. ``CLOUD_JAX_CPU_KERNELS`` picks the kernels
+used: unset or ``all`` both, ``0`` (or ``none``, ``off``) none, else a comma-separated list of
+``attention`` and ``matmul``.
 """
 
 from __future__ import annotations
@@ -44,19 +53,39 @@ import numpy as np
 
 from cloud_jax.model.layers import _MASK_VALUE, gqa_attention
 
-__all__ = ["active", "available", "build", "decode_attention", "supports", "unavailable_reason"]
+__all__ = ["KERNELS", "active", "available", "build", "decode_attention", "decode_matmul",
+           "enabled_kernels", "supports", "unavailable_reason"]
 
-TARGET = "cloud_jax_decode_attention"
-_SOURCE = Path(__file__).with_name("cpu_attention.cc")
+TARGET = "cloud_jax_decode_attention"  # the attention kernel's XLA custom-call target
+MATMUL_TARGET = "cloud_jax_decode_matmul"
+KERNELS = ("attention", "matmul")
+_SYMBOLS = {TARGET: "CloudJaxDecodeAttention", MATMUL_TARGET: "CloudJaxDecodeMatmul"}
+_ENV = "CLOUD_JAX_CPU_KERNELS"
+_SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-w")
 
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "reason": str (and the library), once the first check ran
 
 
-def _enabled() -> bool:
-    return os.environ.get("CLOUD_JAX_CPU_ATTENTION", "1").strip().lower() not in (
-        "0", "false", "no", "off")
+def enabled_kernels() -> tuple[str, ...]:
+    """The kernels ``CLOUD_JAX_CPU_KERNELS`` allows (all of :data:`KERNELS` when unset)."""
+    value = os.environ.get(_ENV, "all").strip().lower()
+    if value in ("", "1", "all", "true", "yes", "on"):
+        return KERNELS
+    if value in ("0", "none", "false", "no", "off"):
+        return ()
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    unknown = [n for n in names if n not in KERNELS]
+    if unknown:
+        raise ValueError(f"{_ENV}={os.environ[_ENV]!r}: unknown kernel(s) {', '.join(unknown)}; "
+                         f"expected all, none, or a comma-separated list of {', '.join(KERNELS)}")
+    return names
+
+
+def _check(kernel: str) -> None:
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel {kernel!r}: expected one of {', '.join(KERNELS)}")
 
 
 def _compiler() -> Optional[str]:
@@ -100,7 +129,7 @@ def build(compiler: Optional[str] = None) -> Path:
     key = hashlib.sha256(b"\0".join([
         source, jaxlib.__version__.encode(), compiler.encode(), " ".join(_FLAGS).encode(),
         _cpu_identity().encode()])).hexdigest()[:20]
-    out = _cache_dir() / f"cpu_attention-{key}.so"
+    out = _cache_dir() / f"cpu_kernels-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -120,10 +149,12 @@ def build(compiler: Optional[str] = None) -> Path:
     return out
 
 
-def available() -> bool:
-    """Whether the kernel is built, loaded and registered with XLA (tried once per process; a
-    failure warns once and returns False)."""
-    if not _enabled():
+def available(kernel: str = "attention") -> bool:
+    """Whether ``kernel`` (one of :data:`KERNELS`) is allowed by ``CLOUD_JAX_CPU_KERNELS`` and the
+    library is built, loaded and registered with XLA (tried once per process; a failure warns
+    once and returns False)."""
+    _check(kernel)
+    if kernel not in enabled_kernels():
         return False
     with _lock:
         if "ok" not in _state:
@@ -131,28 +162,31 @@ def available() -> bool:
                 if platform.system() == "Windows":
                     raise RuntimeError("not built on Windows")
                 library = ctypes.cdll.LoadLibrary(str(build()))
-                jax.ffi.register_ffi_target(
-                    TARGET, jax.ffi.pycapsule(library.CloudJaxDecodeAttention), platform="cpu")
+                for target, symbol in _SYMBOLS.items():
+                    jax.ffi.register_ffi_target(
+                        target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
                 _state.update(ok=True, reason="", library=library)  # the handle keeps it loaded
             except (RuntimeError, OSError, subprocess.SubprocessError, AttributeError) as e:
                 _state.update(ok=False, reason=str(e))
-                warnings.warn(f"the fused CPU decode attention is unavailable, so decoding uses "
-                              f"XLA's attention (the same values, slower): {e}", RuntimeWarning,
+                warnings.warn(f"the CPU decode kernels are unavailable, so decoding uses XLA's "
+                              f"operations (the same values, slower): {e}", RuntimeWarning,
                               stacklevel=2)
         return _state["ok"]
 
 
-def active() -> bool:
-    """Whether a decode step traced now takes the kernel: it is :func:`available` and the
-    default backend is the CPU (the kernel is a CPU custom call; the feature-major layout can
+def active(kernel: str = "attention") -> bool:
+    """Whether a decode step traced now takes ``kernel``: it is :func:`available` and the
+    default backend is the CPU (the kernels are CPU custom calls; the feature-major layout can
     also be asked for on other backends)."""
-    return jax.default_backend() == "cpu" and available()
+    return jax.default_backend() == "cpu" and available(kernel)
 
 
-def unavailable_reason() -> Optional[str]:
-    """Why :func:`available` returned False (None when it did not, or was not asked)."""
-    if not _enabled():
-        return "turned off by CLOUD_JAX_CPU_ATTENTION"
+def unavailable_reason(kernel: str = "attention") -> Optional[str]:
+    """Why :func:`available` returned False for ``kernel`` (None when it did not, or was not
+    asked)."""
+    _check(kernel)
+    if kernel not in enabled_kernels():
+        return f"turned off by {_ENV}"
     return _state.get("reason") or None
 
 
@@ -181,3 +215,16 @@ def decode_attention(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array,
                pmask_btp[:, 0].astype(jnp.int32), mask_bts[:, 0].astype(jnp.int32),
                scale=np.float32(1.0 / np.sqrt(d)), mask_value=np.float32(_MASK_VALUE))
     return out.reshape(b, 1, h, d)
+
+
+def decode_matmul(w_oi: jax.Array, x_in: jax.Array) -> jax.Array:
+    """``W[out, in] . x[in, n]`` -> [out, n]: through the kernel for fp32 2-D operands, else an
+    einsum (same values to fp32 rounding); the caller checks ``active("matmul")`` first."""
+    if w_oi.ndim != 2 or x_in.ndim != 2 or w_oi.shape[1] != x_in.shape[0]:
+        raise ValueError(f"decode_matmul: expected W [out, in] and x [in, n], got "
+                         f"{w_oi.shape} and {x_in.shape}")
+    if w_oi.dtype != jnp.float32 or x_in.dtype != jnp.float32:
+        return jnp.einsum("oi,in->on", w_oi, x_in.astype(w_oi.dtype))
+    call = jax.ffi.ffi_call(MATMUL_TARGET,
+                            jax.ShapeDtypeStruct((w_oi.shape[0], x_in.shape[1]), jnp.float32))
+    return call(w_oi, x_in)

@@ -1,16 +1,23 @@
-// Decode attention on the CPU: one call per layer for every row, key/value head and query head.
+// The CPU kernels of the feature-major decode step (cloud_jax/model/decode_step.py), XLA FFI
+// handlers built and loaded by cpu_kernels.py:
 //
-// The decode step's attention (cloud_jax/model/layers.py, gqa_attention with a shared prefix and
-// keys stored [.., D, S]) for one new token per row, computed in one pass instead of XLA's ~20
-// small operations a layer: scores against the group's prefix keys and the row's own keys, the
-// masked softmax over both segments, and the weighted values. Work is split by (prefix group,
-// key/value head) over XLA's intra-op thread pool. Built and loaded by cpu_attention.py.
+// CloudJaxDecodeAttention: the decode step's attention (layers.py, gqa_attention with a shared
+// prefix and keys stored [.., D, S]) for one new token per row, computed in one pass instead of
+// XLA's ~20 small operations a layer: scores against the group's prefix keys and the row's own
+// keys, the masked softmax over both segments, and the weighted values. Work is split by (prefix
+// group, key/value head) over XLA's intra-op thread pool.
 //
 // Shapes (fp32, row-major): q [B, KV, G, D]; prefix keys [N, KV, D, P], values [N, KV, P, D];
 // own keys [B, KV, D, S], values [B, KV, S, D]; masks (int32, nonzero = attend) [B, P], [B, S];
 // output [B, KV, G, D]. Rows come in N groups of B / N consecutive rows, each reading its group's
-// prefix. A masked score takes the attribute mask_value (layers.py's), so a row with every key masked averages
-// every value, as the XLA path does.
+// prefix. A masked score takes the attribute mask_value (layers.py's), so a row with every key
+// masked averages every value, as the XLA path does.
+//
+// CloudJaxDecodeMatmul: y [O, N] = w [O, I] . x [I, N] in fp32 for a few columns N (the decode's
+// rows): each output row's N values are held in vector registers, a block of output rows at a
+// time, and each weight is read once, as one broadcast multiply-add, streaming the weight rows
+// from memory with a software prefetch ahead. Blocks of output rows are split over XLA's
+// intra-op thread pool.
 
 #include <algorithm>
 #include <atomic>
@@ -28,9 +35,11 @@ namespace ffi = xla::ffi;
 namespace {
 
 #if defined(__AVX512F__)
-constexpr int kW = 16;
+constexpr int kW = 16;     // floats a vector
+constexpr int kRegs = 32;  // vector registers
 #else
 constexpr int kW = 8;
+constexpr int kRegs = 16;
 #endif
 typedef float Vec __attribute__((vector_size(kW * sizeof(float))));
 
@@ -322,6 +331,116 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   return ffi::Error::Success();
 }
 
+// ---- CloudJaxDecodeMatmul ----
+
+struct Matmul {
+  const float* w;  // [O, I]
+  const float* x;  // [I, NP]: the input, its columns padded to a multiple of kW
+  float* y;        // [O, N]
+  int64_t o, i, n, np, chunk, tasks;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+constexpr int64_t kPrefetch = 64;  // floats ahead in each weight row (4 cache lines)
+
+// y[o0 + r][c0 + c * kW + e] for R rows and NV vectors of columns.
+template <int R, int NV>
+inline void MatmulBlock(const Matmul& m, int64_t o0, int64_t c0) {
+  Vec acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NV; ++c) acc[r][c] = Vec{};
+  const float* w = m.w + o0 * m.i;
+  const float* x = m.x + c0;
+  const int64_t ni = m.i, np = m.np;
+#pragma GCC unroll 4
+  for (int64_t i = 0; i < ni; ++i) {
+    Vec xv[NV];
+    for (int c = 0; c < NV; ++c) xv[c] = Load(x + i * np + c * kW);
+    for (int r = 0; r < R; ++r) {
+      // One prefetch a cache line of each weight row; past the row's end it is a harmless hint.
+      if ((i & 15) == 0) __builtin_prefetch(w + r * ni + i + kPrefetch);
+      const float s = w[r * ni + i];
+      for (int c = 0; c < NV; ++c) acc[r][c] += s * xv[c];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float* dst = m.y + (o0 + r) * m.n + c0;
+    for (int c = 0; c < NV; ++c) {
+      const int64_t left = m.n - c0 - c * kW;
+      if (left >= kW)
+        Store(dst + c * kW, acc[r][c]);
+      else if (left > 0)
+        std::memcpy(dst + c * kW, &acc[r][c], left * sizeof(float));
+    }
+  }
+}
+
+// Rows a block: as many accumulators as the registers hold beside the inputs (12 x 1 or 2
+// vectors with AVX-512; 12 x 1 or 6 x 2 with 16 registers). Measured on a 2-core AVX-512 host,
+// 12 rows beat 8, 10, 14, 16 and 24 (docs/BENCHMARKS.md).
+template <int NV>
+constexpr int MatmulRows() { return NV == 1 ? 12 : (kRegs == 32 ? 12 : 6); }
+
+template <int NV>
+void MatmulRowRange(const Matmul& m, int64_t o0, int64_t o1, int64_t c0) {
+  constexpr int R = MatmulRows<NV>();
+  int64_t o = o0;
+  for (; o + R <= o1; o += R) MatmulBlock<R, NV>(m, o, c0);
+  for (; o + 4 <= o1; o += 4) MatmulBlock<4, NV>(m, o, c0);
+  for (; o < o1; ++o) MatmulBlock<1, NV>(m, o, c0);
+}
+
+void MatmulTask(const Matmul& m, int64_t task) {
+  const int64_t o0 = task * m.chunk, o1 = std::min(m.o, o0 + m.chunk);
+  int64_t c0 = 0;
+  for (; c0 + 2 * kW <= m.np; c0 += 2 * kW) MatmulRowRange<2>(m, o0, o1, c0);
+  if (c0 < m.np) MatmulRowRange<1>(m, o0, o1, c0);
+}
+
+void DrainMatmul(Matmul& m) {
+  for (int64_t t; (t = m.next.fetch_add(1)) < m.tasks;) {
+    MatmulTask(m, t);
+    m.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+ffi::Error DecodeMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w,
+                            ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y) {
+  auto wd = w.dimensions(), xd = x.dimensions(), yd = y->dimensions();
+  if (wd.size() != 2 || xd.size() != 2 || yd.size() != 2 || wd[1] != xd[0] ||
+      yd[0] != wd[0] || yd[1] != xd[1])
+    return ffi::Error::InvalidArgument(
+        "decode matmul: expected w [O, I], x [I, N] and an output [O, N]");
+  auto m = std::make_shared<Matmul>();
+  m->w = w.typed_data();
+  m->y = y->typed_data();
+  m->o = wd[0];
+  m->i = wd[1];
+  m->n = xd[1];
+  m->np = (m->n + kW - 1) / kW * kW;
+  if (m->o == 0 || m->n == 0) return ffi::Error::Success();
+  std::vector<float> padded;  // outlives every task: the call waits for all of them below
+  if (m->np != m->n) {
+    padded.assign(m->i * m->np, 0.f);
+    for (int64_t i = 0; i < m->i; ++i)
+      std::memcpy(padded.data() + i * m->np, x.typed_data() + i * m->n, m->n * sizeof(float));
+    m->x = padded.data();
+  } else {
+    m->x = x.typed_data();
+  }
+  // About 8 tasks a thread, a multiple of 16 rows each, claimed from one counter.
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t chunk = (m->o + 8 * threads - 1) / (8 * threads);
+  m->chunk = std::max<int64_t>(16, (chunk + 15) / 16 * 16);
+  m->tasks = (m->o + m->chunk - 1) / m->chunk;
+  const int64_t helpers = std::min<int64_t>(threads, m->tasks) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([m] { DrainMatmul(*m); });
+  DrainMatmul(*m);
+  while (m->done.load(std::memory_order_acquire) < m->tasks) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CloudJaxDecodeAttention, DecodeAttentionImpl,
@@ -337,3 +456,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CloudJaxDecodeAttention, DecodeAttentionImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")
                                   .Attr<float>("mask_value"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CloudJaxDecodeMatmul, DecodeMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

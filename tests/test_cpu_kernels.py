@@ -1,5 +1,5 @@
-"""The CPU decode attention kernel (cloud_jax/model/cpu_attention.py) against XLA's attention, its
-use in the feature-major decode step, and its build, cache and fallback."""
+"""The CPU decode kernels (cloud_jax/model/cpu_kernels.py) against XLA's attention and dot, their
+use in the feature-major decode step, and their build, cache, switches and fallback."""
 
 import dataclasses
 import os
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cloud_jax.model import cpu_attention, with_shared_prefix
+from cloud_jax.model import cpu_kernels, with_shared_prefix
 from cloud_jax.model import decode_step as ds
 from cloud_jax.model.config import ModelConfig
 from cloud_jax.model.layers import gqa_attention
@@ -18,13 +18,13 @@ from cloud_jax.sampling.loop import prefill
 from cloud_jax.sharding import SAMPLE_RULES
 from model_helpers import random_params
 
-pytestmark = pytest.mark.skipif(cpu_attention._compiler() is None,
+pytestmark = pytest.mark.skipif(cpu_kernels._compiler() is None,
                                 reason="no C++ compiler: the kernel cannot be built here")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def built():
-    assert cpu_attention.available(), cpu_attention.unavailable_reason()
+    assert cpu_kernels.available(), cpu_kernels.unavailable_reason()
 
 
 def _inputs(seed, groups, rows_per_group, kv, g, d, p, s, masked_row=True):
@@ -54,9 +54,9 @@ def _inputs(seed, groups, rows_per_group, kv, g, d, p, s, masked_row=True):
 ])
 def test_the_kernel_gives_xla_attention_values(groups, rows_per_group, kv, g, d, p, s):
     q, k, v, mask, prefix = _inputs(0, groups, rows_per_group, kv, g, d, p, s)
-    assert cpu_attention.supports(q, k, v, prefix, True)
+    assert cpu_kernels.supports(q, k, v, prefix, True)
     want = jax.jit(lambda *a: gqa_attention(*a[:4], a[4], True))(q, k, v, mask, prefix)
-    got = jax.jit(lambda *a: cpu_attention.decode_attention(*a[:4], a[4], True))(
+    got = jax.jit(lambda *a: cpu_kernels.decode_attention(*a[:4], a[4], True))(
         q, k, v, mask, prefix)
     assert got.shape == want.shape == q.shape
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-6)
@@ -75,12 +75,12 @@ def test_calls_it_does_not_cover_go_to_xla_attention():
                                  for x in prefix), True),
     }
     for name, (q_, k_, v_, mask_, prefix_, transposed) in cases.items():
-        assert not cpu_attention.supports(q_, k_, v_, prefix_, transposed), name
-        lowered = jax.jit(lambda *a: cpu_attention.decode_attention(*a, transposed)).lower(
+        assert not cpu_kernels.supports(q_, k_, v_, prefix_, transposed), name
+        lowered = jax.jit(lambda *a: cpu_kernels.decode_attention(*a, transposed)).lower(
             q_, k_, v_, mask_, prefix_).as_text()
-        assert cpu_attention.TARGET not in lowered, name
+        assert cpu_kernels.TARGET not in lowered, name
         np.testing.assert_array_equal(
-            np.asarray(cpu_attention.decode_attention(q_, k_, v_, mask_, prefix_, transposed),
+            np.asarray(cpu_kernels.decode_attention(q_, k_, v_, mask_, prefix_, transposed),
                        np.float32),
             np.asarray(gqa_attention(q_, k_, v_, mask_, prefix_, transposed), np.float32))
 
@@ -101,49 +101,101 @@ def _decode_step_text(cfg):
     return step.lower(weights, cache).as_text()
 
 
-def test_the_feature_major_step_calls_the_kernel_once_a_layer():
-    assert _decode_step_text(CFG).count(f"custom_call @{cpu_attention.TARGET}(") == CFG.num_layers
+def test_the_feature_major_step_calls_the_kernels():
+    text = _decode_step_text(CFG)
+    assert text.count(f"custom_call @{cpu_kernels.TARGET}(") == CFG.num_layers
+    # q/k/v, o, gate/up and down a layer, and the LM head: each one matrix (one block of rows).
+    assert text.count(f"custom_call @{cpu_kernels.MATMUL_TARGET}(") == 4 * CFG.num_layers + 1
+    weights = ds.prepare_decode_weights(random_params(CFG, 3), CFG)
+    assert len(weights.lm_head) == 1 and all(len(w.qkv) == 1 for w in weights.layers)
 
 
-def test_only_a_cpu_program_takes_it(monkeypatch):
-    assert cpu_attention.active()
+def test_only_a_cpu_program_takes_them(monkeypatch):
+    assert cpu_kernels.active("attention") and cpu_kernels.active("matmul")
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert not cpu_attention.active()
+    assert not cpu_kernels.active("attention") and not cpu_kernels.active("matmul")
+    assert not ds._kernel_matmul(CFG)
 
 
-def test_turned_off_by_the_environment(monkeypatch):
-    monkeypatch.setenv("CLOUD_JAX_CPU_ATTENTION", "0")
-    assert not cpu_attention.available()
-    assert "CLOUD_JAX_CPU_ATTENTION" in cpu_attention.unavailable_reason()
+@pytest.mark.parametrize("value,attention,matmul", [
+    ("0", False, False), ("none", False, False), ("attention", True, False),
+    ("matmul", False, True), (" matmul , attention ", True, True), ("all", True, True)])
+def test_the_environment_picks_the_kernels(monkeypatch, value, attention, matmul):
+    monkeypatch.setenv("CLOUD_JAX_CPU_KERNELS", value)
+    assert (cpu_kernels.available("attention"), cpu_kernels.available("matmul")) == (
+        attention, matmul)
+    for name, on in (("attention", attention), ("matmul", matmul)):
+        assert (cpu_kernels.unavailable_reason(name) is None) == on
+        if not on:
+            assert "CLOUD_JAX_CPU_KERNELS" in cpu_kernels.unavailable_reason(name)
     # A new config, so the step is traced again rather than taken from jit's cache.
-    cfg = dataclasses.replace(CFG, rms_norm_eps=1e-5).validate()
-    assert cpu_attention.TARGET not in _decode_step_text(cfg)
+    cfg = dataclasses.replace(CFG, rms_norm_eps=1e-5 + len(value) * 1e-7).validate()
+    text = _decode_step_text(cfg)
+    assert (cpu_kernels.TARGET in text) == attention
+    assert (cpu_kernels.MATMUL_TARGET in text) == matmul
+
+
+def test_an_unknown_kernel_name_is_an_error(monkeypatch):
+    monkeypatch.setenv("CLOUD_JAX_CPU_KERNELS", "attention,flash")
+    with pytest.raises(ValueError, match="unknown kernel.*flash.*attention, matmul"):
+        cpu_kernels.available("matmul")
+    with pytest.raises(ValueError, match="kernel 'flash'"):
+        cpu_kernels.active("flash")
+
+
+@pytest.mark.parametrize("out,inner,n", [
+    (1280, 768, 16),   # the bench's q/k/v at 2 inputs x K=8
+    (96, 64, 2),       # K = 1: two columns of one vector
+    (37, 50, 17),      # a remainder of output rows (12-row blocks, then 4, then 1) and columns
+    (5, 3, 1),         # tiny: a single column, rows below one block
+    (70, 33, 40),      # two full vectors of columns and a partial third
+    (200, 128, 32),    # two vectors of columns exactly
+])
+def test_the_matmul_kernel_gives_the_product(out, inner, n):
+    rng = np.random.default_rng(out + n)
+    w = jnp.asarray(rng.normal(size=(out, inner)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(inner, n)), jnp.float32)
+    got = jax.jit(cpu_kernels.decode_matmul)(w, x)
+    assert cpu_kernels.MATMUL_TARGET in jax.jit(cpu_kernels.decode_matmul).lower(w, x).as_text()
+    want = np.asarray(w, np.float64) @ np.asarray(x, np.float64)
+    assert got.shape == (out, n)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.sqrt(inner))
+
+
+def test_the_matmul_kernel_leaves_other_dtypes_to_xla_and_checks_shapes():
+    w = jnp.ones((8, 4), jnp.bfloat16)
+    x = jnp.ones((4, 3), jnp.bfloat16)
+    lowered = jax.jit(cpu_kernels.decode_matmul).lower(w, x).as_text()
+    assert cpu_kernels.MATMUL_TARGET not in lowered
+    np.testing.assert_array_equal(np.asarray(cpu_kernels.decode_matmul(w, x), np.float32), 4.0)
+    with pytest.raises(ValueError, match=r"W \[out, in\] and x \[in, n\]"):
+        cpu_kernels.decode_matmul(jnp.ones((8, 4)), jnp.ones((5, 3)))
 
 
 def test_a_build_is_cached_and_rebuilt_for_a_new_cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("CLOUD_JAX_KERNEL_CACHE", str(tmp_path))
-    first = cpu_attention.build()
+    first = cpu_kernels.build()
     assert first.parent == tmp_path and first.exists()
     stamp = first.stat().st_mtime_ns
-    assert cpu_attention.build() == first and first.stat().st_mtime_ns == stamp
+    assert cpu_kernels.build() == first and first.stat().st_mtime_ns == stamp
     assert [x.name for x in tmp_path.iterdir()] == [first.name]  # no temporary files left
 
 
 def test_without_a_compiler_decoding_warns_once_and_uses_xla(tmp_path, monkeypatch):
-    saved = dict(cpu_attention._state)
+    saved = dict(cpu_kernels._state)
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("CLOUD_JAX_KERNEL_CACHE", str(tmp_path / "cache"))
-    cpu_attention._state.clear()
+    cpu_kernels._state.clear()
     try:
         with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler.*set CXX"):
-            assert not cpu_attention.available()
+            assert not cpu_kernels.available()
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # the second ask does not warn again
-            assert not cpu_attention.available()
-        assert "no C++ compiler" in cpu_attention.unavailable_reason()
+            assert not cpu_kernels.available()
+        assert "no C++ compiler" in cpu_kernels.unavailable_reason()
     finally:
-        cpu_attention._state.clear()
-        cpu_attention._state.update(saved)
+        cpu_kernels._state.clear()
+        cpu_kernels._state.update(saved)
 
 
 def test_a_failed_build_says_what_the_compiler_said(tmp_path, monkeypatch):
@@ -152,5 +204,5 @@ def test_a_failed_build_says_what_the_compiler_said(tmp_path, monkeypatch):
     fake.chmod(0o755)
     monkeypatch.setenv("CLOUD_JAX_KERNEL_CACHE", str(tmp_path / "cache"))
     with pytest.raises(RuntimeError, match="unsupported option"):
-        cpu_attention.build(str(fake))
+        cpu_kernels.build(str(fake))
     assert os.listdir(tmp_path / "cache") == []
