@@ -24,7 +24,8 @@ pytestmark = pytest.mark.skipif(cpu_kernels._compiler() is None,
 
 @pytest.fixture(scope="module", autouse=True)
 def built():
-    assert cpu_kernels.available(), cpu_kernels.unavailable_reason()
+    for name in cpu_kernels.KERNELS:
+        assert cpu_kernels.available(name), cpu_kernels.unavailable_reason(name)
 
 
 def _inputs(seed, groups, rows_per_group, kv, g, d, p, s, masked_row=True):
@@ -78,7 +79,7 @@ def test_calls_it_does_not_cover_go_to_xla_attention():
         assert not cpu_kernels.supports(q_, k_, v_, prefix_, transposed), name
         lowered = jax.jit(lambda *a: cpu_kernels.decode_attention(*a, transposed)).lower(
             q_, k_, v_, mask_, prefix_).as_text()
-        assert cpu_kernels.TARGET not in lowered, name
+        assert cpu_kernels.ATTENTION_TARGET not in lowered, name
         np.testing.assert_array_equal(
             np.asarray(cpu_kernels.decode_attention(q_, k_, v_, mask_, prefix_, transposed),
                        np.float32),
@@ -103,7 +104,7 @@ def _decode_step_text(cfg):
 
 def test_the_feature_major_step_calls_the_kernels():
     text = _decode_step_text(CFG)
-    assert text.count(f"custom_call @{cpu_kernels.TARGET}(") == CFG.num_layers
+    assert text.count(f"custom_call @{cpu_kernels.ATTENTION_TARGET}(") == CFG.num_layers
     # q/k/v, o, gate/up and down a layer, and the LM head: each one matrix (one block of rows).
     assert text.count(f"custom_call @{cpu_kernels.MATMUL_TARGET}(") == 4 * CFG.num_layers + 1
     weights = ds.prepare_decode_weights(random_params(CFG, 3), CFG)
@@ -131,7 +132,7 @@ def test_the_environment_picks_the_kernels(monkeypatch, value, attention, matmul
     # A new config, so the step is traced again rather than taken from jit's cache.
     cfg = dataclasses.replace(CFG, rms_norm_eps=1e-5 + len(value) * 1e-7).validate()
     text = _decode_step_text(cfg)
-    assert (cpu_kernels.TARGET in text) == attention
+    assert (cpu_kernels.ATTENTION_TARGET in text) == attention
     assert (cpu_kernels.MATMUL_TARGET in text) == matmul
 
 
@@ -188,11 +189,11 @@ def test_without_a_compiler_decoding_warns_once_and_uses_xla(tmp_path, monkeypat
     cpu_kernels._state.clear()
     try:
         with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler.*set CXX"):
-            assert not cpu_kernels.available()
+            assert not cpu_kernels.available("matmul")
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # the second ask does not warn again
-            assert not cpu_kernels.available()
-        assert "no C++ compiler" in cpu_kernels.unavailable_reason()
+            assert not cpu_kernels.available("matmul")
+        assert "no C++ compiler" in cpu_kernels.unavailable_reason("matmul")
     finally:
         cpu_kernels._state.clear()
         cpu_kernels._state.update(saved)

@@ -276,18 +276,29 @@ void RunTask(const Problem& pr, int64_t task) {
   }
 }
 
-struct Shared {
-  Problem pr;
-  int64_t tasks;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-};
-
-void Drain(Shared& sh) {
-  for (int64_t t; (t = sh.next.fetch_add(1)) < sh.tasks;) {
-    RunTask(sh.pr, t);
-    sh.done.fetch_add(1, std::memory_order_release);
-  }
+// Runs task(0) .. task(count - 1) over XLA's intra-op pool. The calling thread works too, and
+// every task is claimed from one counter, so the call finishes even when no pool thread is free;
+// a helper that starts late finds no work left (the shared state outlives it).
+template <typename Task>
+void ParallelFor(ffi::ThreadPool& pool, int64_t count, Task task) {
+  struct State {
+    State(Task t, int64_t n) : task(std::move(t)), count(n) {}
+    Task task;
+    int64_t count;
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  auto state = std::make_shared<State>(std::move(task), count);
+  auto drain = [](State& st) {
+    for (int64_t t; (t = st.next.fetch_add(1)) < st.count;) {
+      st.task(t);
+      st.done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([state, drain] { drain(*state); });
+  drain(*state);
+  while (state->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
 }
 
 ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
@@ -302,8 +313,7 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
       pmd.size() != 2 || md.size() != 2)
     return ffi::Error::InvalidArgument(
         "decode attention: expected rank-4 q, keys and values and rank-2 masks");
-  auto sh = std::make_shared<Shared>();
-  Problem& pr = sh->pr;
+  Problem pr;
   pr.b = qd[0]; pr.kv = qd[1]; pr.g = qd[2]; pr.d = qd[3];
   pr.n = pkd[0]; pr.p = pkd[3]; pr.s = kd[3];
   const bool consistent =
@@ -321,13 +331,7 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   pr.pmask = pmask.typed_data(); pr.mask = mask.typed_data();
   pr.out = out->typed_data(); pr.scale = scale;
   pr.mask_value = mask_value;
-  sh->tasks = pr.n * pr.kv;
-  // The calling thread works too, and every task is claimed from one counter, so the call
-  // finishes even when no pool thread is free; a helper that starts late finds no work left.
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), sh->tasks) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([sh] { Drain(*sh); });
-  Drain(*sh);
-  while (sh->done.load(std::memory_order_acquire) < sh->tasks) std::this_thread::yield();
+  ParallelFor(pool, pr.n * pr.kv, [pr](int64_t task) { RunTask(pr, task); });
   return ffi::Error::Success();
 }
 
@@ -337,9 +341,7 @@ struct Matmul {
   const float* w;  // [O, I]
   const float* x;  // [I, NP]: the input, its columns padded to a multiple of kW
   float* y;        // [O, N]
-  int64_t o, i, n, np, chunk, tasks;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
+  int64_t o, i, n, np, chunk;
 };
 
 constexpr int64_t kPrefetch = 64;  // floats ahead in each weight row (4 cache lines)
@@ -398,13 +400,6 @@ void MatmulTask(const Matmul& m, int64_t task) {
   if (c0 < m.np) MatmulRowRange<1>(m, o0, o1, c0);
 }
 
-void DrainMatmul(Matmul& m) {
-  for (int64_t t; (t = m.next.fetch_add(1)) < m.tasks;) {
-    MatmulTask(m, t);
-    m.done.fetch_add(1, std::memory_order_release);
-  }
-}
-
 ffi::Error DecodeMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w,
                             ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y) {
   auto wd = w.dimensions(), xd = x.dimensions(), yd = y->dimensions();
@@ -412,32 +407,28 @@ ffi::Error DecodeMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w,
       yd[0] != wd[0] || yd[1] != xd[1])
     return ffi::Error::InvalidArgument(
         "decode matmul: expected w [O, I], x [I, N] and an output [O, N]");
-  auto m = std::make_shared<Matmul>();
-  m->w = w.typed_data();
-  m->y = y->typed_data();
-  m->o = wd[0];
-  m->i = wd[1];
-  m->n = xd[1];
-  m->np = (m->n + kW - 1) / kW * kW;
-  if (m->o == 0 || m->n == 0) return ffi::Error::Success();
-  std::vector<float> padded;  // outlives every task: the call waits for all of them below
-  if (m->np != m->n) {
-    padded.assign(m->i * m->np, 0.f);
-    for (int64_t i = 0; i < m->i; ++i)
-      std::memcpy(padded.data() + i * m->np, x.typed_data() + i * m->n, m->n * sizeof(float));
-    m->x = padded.data();
+  Matmul m;
+  m.w = w.typed_data();
+  m.y = y->typed_data();
+  m.o = wd[0];
+  m.i = wd[1];
+  m.n = xd[1];
+  m.np = (m.n + kW - 1) / kW * kW;
+  if (m.o == 0 || m.n == 0) return ffi::Error::Success();
+  std::vector<float> padded;  // outlives every task: ParallelFor returns after all of them
+  if (m.np != m.n) {
+    padded.assign(m.i * m.np, 0.f);
+    for (int64_t i = 0; i < m.i; ++i)
+      std::memcpy(padded.data() + i * m.np, x.typed_data() + i * m.n, m.n * sizeof(float));
+    m.x = padded.data();
   } else {
-    m->x = x.typed_data();
+    m.x = x.typed_data();
   }
-  // About 8 tasks a thread, a multiple of 16 rows each, claimed from one counter.
+  // About 8 tasks a thread, a multiple of 16 rows each.
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t chunk = (m->o + 8 * threads - 1) / (8 * threads);
-  m->chunk = std::max<int64_t>(16, (chunk + 15) / 16 * 16);
-  m->tasks = (m->o + m->chunk - 1) / m->chunk;
-  const int64_t helpers = std::min<int64_t>(threads, m->tasks) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([m] { DrainMatmul(*m); });
-  DrainMatmul(*m);
-  while (m->done.load(std::memory_order_acquire) < m->tasks) std::this_thread::yield();
+  const int64_t chunk = (m.o + 8 * threads - 1) / (8 * threads);
+  m.chunk = std::max<int64_t>(16, (chunk + 15) / 16 * 16);
+  ParallelFor(pool, (m.o + m.chunk - 1) / m.chunk, [m](int64_t task) { MatmulTask(m, task); });
   return ffi::Error::Success();
 }
 

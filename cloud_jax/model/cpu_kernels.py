@@ -56,10 +56,10 @@ from cloud_jax.model.layers import _MASK_VALUE, gqa_attention
 __all__ = ["KERNELS", "active", "available", "build", "decode_attention", "decode_matmul",
            "enabled_kernels", "supports", "unavailable_reason"]
 
-TARGET = "cloud_jax_decode_attention"  # the attention kernel's XLA custom-call target
+ATTENTION_TARGET = "cloud_jax_decode_attention"  # the kernels' XLA custom-call targets
 MATMUL_TARGET = "cloud_jax_decode_matmul"
 KERNELS = ("attention", "matmul")
-_SYMBOLS = {TARGET: "CloudJaxDecodeAttention", MATMUL_TARGET: "CloudJaxDecodeMatmul"}
+_SYMBOLS = {ATTENTION_TARGET: "CloudJaxDecodeAttention", MATMUL_TARGET: "CloudJaxDecodeMatmul"}
 _ENV = "CLOUD_JAX_CPU_KERNELS"
 _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-w")
@@ -149,7 +149,7 @@ def build(compiler: Optional[str] = None) -> Path:
     return out
 
 
-def available(kernel: str = "attention") -> bool:
+def available(kernel: str) -> bool:
     """Whether ``kernel`` (one of :data:`KERNELS`) is allowed by ``CLOUD_JAX_CPU_KERNELS`` and the
     library is built, loaded and registered with XLA (tried once per process; a failure warns
     once and returns False)."""
@@ -174,14 +174,14 @@ def available(kernel: str = "attention") -> bool:
         return _state["ok"]
 
 
-def active(kernel: str = "attention") -> bool:
+def active(kernel: str) -> bool:
     """Whether a decode step traced now takes ``kernel``: it is :func:`available` and the
     default backend is the CPU (the kernels are CPU custom calls; the feature-major layout can
     also be asked for on other backends)."""
     return jax.default_backend() == "cpu" and available(kernel)
 
 
-def unavailable_reason(kernel: str = "attention") -> Optional[str]:
+def unavailable_reason(kernel: str) -> Optional[str]:
     """Why :func:`available` returned False for ``kernel`` (None when it did not, or was not
     asked)."""
     _check(kernel)
@@ -204,13 +204,13 @@ def supports(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array, prefix,
 def decode_attention(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array,
                      mask_bts: jax.Array, prefix=None, keys_transposed: bool = False) -> jax.Array:
     """:func:`~cloud_jax.model.layers.gqa_attention` (same arguments, same values) through the
-    kernel where :func:`supports` holds; the caller checks :func:`active` first."""
+    kernel where :func:`supports` holds; the caller checks ``active("attention")`` first."""
     if not supports(q_bthd, k_bksd, v_bksd, prefix, keys_transposed):
         return gqa_attention(q_bthd, k_bksd, v_bksd, mask_bts, prefix, keys_transposed)
     pk, pv, pmask_btp = prefix
     b, _, h, d = q_bthd.shape
     kv = k_bksd.shape[1]
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((b, kv, h // kv, d), jnp.float32))
+    call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct((b, kv, h // kv, d), jnp.float32))
     out = call(q_bthd.reshape(b, kv, h // kv, d), pk, pv, k_bksd, v_bksd,
                pmask_btp[:, 0].astype(jnp.int32), mask_bts[:, 0].astype(jnp.int32),
                scale=np.float32(1.0 / np.sqrt(d)), mask_value=np.float32(_MASK_VALUE))

@@ -166,10 +166,9 @@ def _kernel_matmul(cfg: ModelConfig) -> bool:
 
 
 def _times(w_oi: Matrix, x_in: jax.Array, kernel: bool = False, **kwargs) -> jax.Array:
-    """``W[out, in] . x[in, n]``, one product per block of W's rows; ``kernel``: fp32 products
-    through :func:`cpu_kernels.decode_matmul`."""
-    parts = [cpu_kernels.decode_matmul(w, x_in)
-             if kernel and w.dtype == x_in.dtype == jnp.float32
+    """``W[out, in] . x[in, n]``, one product per block of W's rows; ``kernel`` (an fp32 step,
+    :func:`_kernel_matmul`): through :func:`cpu_kernels.decode_matmul`."""
+    parts = [cpu_kernels.decode_matmul(w, x_in) if kernel
              else jnp.einsum("oi,in->on", w, x_in.astype(w.dtype), **kwargs) for w in w_oi]
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
 
