@@ -78,10 +78,11 @@ def test_mixed_concurrent_requests_equal_score(rm):
 
 
 def test_a_request_that_arrives_later_starts_and_ends_before_a_long_one(rm):
-    engine = _engine(rm, slots=4)
+    engine = _engine(rm, slots=4, max_critique_tokens=120)
     # One long critique in one row (a random tiny model rarely stops on its own: it runs into
-    # its budget), then short ones that arrive while it decodes.
-    long_settings = Settings(num_samples=1, temperature=0.9, max_critique_tokens=40, seed=3)
+    # its budget), then short ones that arrive while it decodes. 30 chunks of budget leave the
+    # submitting thread room to be late on a loaded machine (40 tokens were once too few).
+    long_settings = Settings(num_samples=1, temperature=0.9, max_critique_tokens=120, seed=3)
     long = engine.submit(_items([3]), long_settings)
     deadline = time.monotonic() + 60
     while engine.chunks < 2:
