@@ -13,7 +13,8 @@ import pytest
 from cloud_jax.model import cpu_kernels, with_shared_prefix
 from cloud_jax.model import decode_step as ds
 from cloud_jax.model.config import ModelConfig
-from cloud_jax.model.layers import gqa_attention
+from cloud_jax.model.config import RopeScalingConfig
+from cloud_jax.model.layers import apply_rope, gqa_attention, rope_inv_freq, rope_tables
 from cloud_jax.sampling.loop import prefill
 from cloud_jax.sharding import SAMPLE_RULES
 from model_helpers import random_params
@@ -63,6 +64,38 @@ def test_the_kernel_gives_xla_attention_values(groups, rows_per_group, kv, g, d,
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("p,s", [(512, 97), (40, 33), (16, 5)])
+def test_keys_outside_the_attended_spans_are_not_read(p, s):
+    # As in a decode: each group's prompt left-padded (its rows share the prefix mask), each
+    # row's own slots filled up to its step; one row attends to nothing at all. The keys and
+    # values outside what a row attends to are large, so reading them would show.
+    groups, rows, kv, g, d = 2, 4, 2, 3, 64
+    q, k, v, _, (pk, pv, _) = _inputs(7, groups, rows, kv, g, d, p, s, masked_row=False)
+    b = groups * rows
+    pads = [3 * p // 8, 0]  # group 0 left-padded
+    filled = [s, 1, s // 2, 0, s - 1, 2, s // 3 + 1, 5]  # own slots per row; row 3 none
+    pmask = np.zeros((b, 1, p), bool)
+    mask = np.zeros((b, 1, s), bool)
+    for row in range(b):
+        pmask[row, 0, pads[row // rows]:] = True
+        mask[row, 0, :min(filled[row], s)] = True
+    pmask[3] = False  # row 3: nothing to attend to, so every value is averaged
+    pk, pv = np.array(pk), np.array(pv)
+    k, v = np.array(k), np.array(v)
+    pk[0, :, :, :pads[0]] = 1e4
+    pv[0, :, :pads[0]] = 1e4
+    for row in range(b):
+        if row != 3:
+            k[row, :, :, filled[row]:] = 1e4
+            v[row, :, filled[row]:] = 1e4
+    prefix = (jnp.asarray(pk), jnp.asarray(pv), jnp.asarray(pmask))
+    args = (q, jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask), prefix)
+    want = jax.jit(lambda *a: gqa_attention(*a[:4], a[4], True))(*args)
+    got = jax.jit(lambda *a: cpu_kernels.decode_attention(*a[:4], a[4], True))(*args)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-6)
+    assert np.abs(np.asarray(got)[3]).max() > 100  # row 3 averaged the large values too
+
+
 def test_calls_it_does_not_cover_go_to_xla_attention():
     q, k, v, mask, prefix = _inputs(1, 2, 2, 2, 2, 16, 8, 4, masked_row=False)
     cases = {
@@ -90,7 +123,58 @@ CFG = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=48, num_layer
                   num_kv_heads=2, tie_word_embeddings=True).validate()
 
 
-def _decode_step_text(cfg):
+@pytest.mark.parametrize("groups,rows,kv,g,d,p,s,start", [
+    (2, 8, 4, 3, 64, 512, 97, 40),   # the bench's shape
+    (1, 3, 1, 2, 16, 7, 5, 4),       # the last slot; lengths below a vector
+    (3, 1, 2, 2, 128, 33, 17, 30),   # a start past the end writes the last slot, as XLA does
+])
+def test_the_fused_attention_writes_the_cache_and_attends(groups, rows, kv, g, d, p, s, start):
+    rng = np.random.default_rng(d + s)
+    b, h = groups * rows, kv * g
+
+    def normal(*shape):
+        return jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+    qkv = normal((h + 2 * kv) * d, b)
+    k_cache, v_cache = normal(b, kv, d, s), normal(b, kv, s, d)
+    pk, pv = normal(groups, kv, d, p), normal(groups, kv, p, d)
+    positions = jnp.asarray(rng.integers(0, 1000, b), jnp.int32)
+    cos, sin = rope_tables(positions[:, None], rope_inv_freq(d, 10000.0, RopeScalingConfig()))
+    slot = min(start, s - 1)
+    mask = jnp.asarray(np.arange(s)[None, :] <= slot - rng.integers(0, 3, (b, 1)))
+    pmask = jnp.asarray(np.arange(p)[None, :] >= rng.integers(0, p // 2, (b, 1)))
+
+    def reference(qkv, k_cache, v_cache):
+        def heads(x, count):
+            return jnp.transpose(x.reshape(count, d, b, 1), (2, 3, 0, 1))
+        q = apply_rope(heads(qkv[:h * d], h), None, None, (cos, sin))
+        k = apply_rope(heads(qkv[h * d:(h + kv) * d], kv), None, None, (cos, sin))
+        v = heads(qkv[(h + kv) * d:], kv)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, jnp.transpose(k, (0, 2, 3, 1)),
+                                               (0, 0, 0, start))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, jnp.swapaxes(v, 1, 2), (0, 0, start, 0))
+        out = gqa_attention(q, k_cache, v_cache, mask[:, None], (pk, pv, pmask[:, None]), True)
+        return jnp.transpose(out.reshape(b, h * d)), k_cache, v_cache
+
+    def fused(qkv, k_cache, v_cache):
+        return cpu_kernels.decode_attention_write(
+            qkv, cos.reshape(b, d), sin.reshape(b, d), jnp.int32(start), k_cache, v_cache, mask,
+            (pk, pv, pmask), h)
+
+    want = jax.jit(reference)(qkv, k_cache, v_cache)
+    lowered = jax.jit(fused).lower(qkv, k_cache, v_cache).as_text()
+    assert cpu_kernels.ATTENTION_WRITE_TARGET in lowered
+    got = jax.jit(fused, donate_argnums=(1, 2))(qkv, jnp.array(k_cache), jnp.array(v_cache))
+    for name, a, e in zip(("out", "keys", "values"), got, want):
+        assert a.shape == e.shape, name
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=2e-5, atol=2e-5,
+                                   err_msg=name)
+    with pytest.raises(ValueError, match="does not hold 5 query heads"):
+        cpu_kernels.decode_attention_write(qkv, cos.reshape(b, d), sin.reshape(b, d), 0,
+                                           k_cache, v_cache, mask, (pk, pv, pmask), 5)
+
+
+def _decode_step_text(cfg, table=False):
     params = random_params(cfg, 3)
     ids = jnp.asarray([[5, 6, 7, 8, 9], [0, 0, 10, 11, 12]], jnp.int32)
     _, cache = prefill(params, ids, (ids > 0).astype(jnp.int32), cfg=cfg, cache_len=5,
@@ -98,13 +182,19 @@ def _decode_step_text(cfg):
     cache = with_shared_prefix(cfg, cache, 4, 6).with_keys_transposed()
     weights = ds.prepare_decode_weights(params, cfg)
     fed, live = jnp.asarray([1, 2, 3, 4], jnp.int32), jnp.ones((4,), bool)
-    step = jax.jit(lambda w, c: ds.decode_step(params, w, cfg, fed, live, c))
+    rope = ds.rope_table(cfg, 16) if table else None
+    step = jax.jit(lambda w, c: ds.decode_step(params, w, cfg, fed, live, c, rope))
     return step.lower(weights, cache).as_text()
 
 
-def test_the_feature_major_step_calls_the_kernels():
-    text = _decode_step_text(CFG)
-    assert text.count(f"custom_call @{cpu_kernels.ATTENTION_TARGET}(") == CFG.num_layers
+@pytest.mark.parametrize("table", [False, True])
+def test_the_feature_major_step_calls_the_kernels(table):
+    text = _decode_step_text(CFG, table)
+    # With the loop's rope table the attention call also applies RoPE and writes the cache.
+    calls = {cpu_kernels.ATTENTION_TARGET: 0 if table else CFG.num_layers,
+             cpu_kernels.ATTENTION_WRITE_TARGET: CFG.num_layers if table else 0}
+    for target, count in calls.items():
+        assert text.count(f"custom_call @{target}(") == count, target
     # q/k/v, o, gate/up and down a layer, and the LM head: each one matrix (one block of rows).
     assert text.count(f"custom_call @{cpu_kernels.MATMUL_TARGET}(") == 4 * CFG.num_layers + 1
     weights = ds.prepare_decode_weights(random_params(CFG, 3), CFG)
@@ -163,14 +253,62 @@ def test_the_matmul_kernel_gives_the_product(out, inner, n):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.sqrt(inner))
 
 
+@pytest.mark.parametrize("prologue", ["none", "norm", "gated"])
+@pytest.mark.parametrize("residual,transposed", [(False, False), (True, False), (False, True),
+                                                 (True, True)])
+@pytest.mark.parametrize("out,inner,n", [(768, 256, 16), (37, 50, 17), (5, 3, 1)])
+def test_the_matmul_kernel_fuses_the_operations_around_the_product(prologue, residual,
+                                                                   transposed, out, inner, n):
+    rng = np.random.default_rng(out * n + len(prologue))
+    w = rng.normal(size=(out, inner))
+    x = rng.normal(size=(2 * inner if prologue == "gated" else inner, n))
+    scale = rng.normal(size=inner)
+    r = rng.normal(size=(n, out) if transposed else (out, n))
+    if prologue == "norm":  # layers.rms_norm in float64
+        xin = x / np.sqrt((x * x).mean(0, keepdims=True) + 1e-5) * scale[:, None]
+    elif prologue == "gated":
+        xin = x[:inner] / (1 + np.exp(-x[:inner])) * x[inner:]
+    else:
+        xin = x
+    want = w @ xin
+    want = (want.T if transposed else want) + (r if residual else 0)
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    kwargs = dict(norm=f32(scale) if prologue == "norm" else None, eps=1e-5,
+                  gated=prologue == "gated", residual=f32(r) if residual else None,
+                  transposed=transposed)
+    call = jax.jit(lambda w, x: cpu_kernels.decode_matmul(w, x, **kwargs))
+    assert cpu_kernels.MATMUL_TARGET in call.lower(f32(w), f32(x)).as_text()
+    got = np.asarray(call(f32(w), f32(x)))
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5 * np.sqrt(inner))
+    # bfloat16 goes to the same operations in XLA.
+    bf = lambda a: None if a is None else a.astype(jnp.bfloat16)  # noqa: E731
+    kwargs_bf = dict(kwargs, norm=bf(kwargs["norm"]), residual=bf(kwargs["residual"]))
+    got_bf = cpu_kernels.decode_matmul(bf(f32(w)), bf(f32(x)), **kwargs_bf)
+    assert got_bf.dtype == jnp.bfloat16 and got_bf.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got_bf, np.float32), want, rtol=0.1,
+                               atol=0.1 * np.sqrt(inner))
+
+
 def test_the_matmul_kernel_leaves_other_dtypes_to_xla_and_checks_shapes():
     w = jnp.ones((8, 4), jnp.bfloat16)
     x = jnp.ones((4, 3), jnp.bfloat16)
     lowered = jax.jit(cpu_kernels.decode_matmul).lower(w, x).as_text()
     assert cpu_kernels.MATMUL_TARGET not in lowered
     np.testing.assert_array_equal(np.asarray(cpu_kernels.decode_matmul(w, x), np.float32), 4.0)
-    with pytest.raises(ValueError, match=r"W \[out, in\] and x \[in, n\]"):
-        cpu_kernels.decode_matmul(jnp.ones((8, 4)), jnp.ones((5, 3)))
+    w, x = jnp.ones((8, 4)), jnp.ones((4, 3))
+    with pytest.raises(ValueError, match=r"W \(8, 4\) takes x \[4, n\], got \(5, 3\)"):
+        cpu_kernels.decode_matmul(w, jnp.ones((5, 3)))
+    with pytest.raises(ValueError, match=r"takes x \[8, n\] \(the gated unit"):
+        cpu_kernels.decode_matmul(w, x, gated=True)
+    with pytest.raises(ValueError, match=r"expected W \[out, in\] and x \[in, n\]"):
+        cpu_kernels.decode_matmul(w, jnp.ones((4,)))
+    with pytest.raises(ValueError, match=r"norm must be \[4\]"):
+        cpu_kernels.decode_matmul(w, x, norm=jnp.ones((8,)))
+    with pytest.raises(ValueError, match="exclusive"):
+        cpu_kernels.decode_matmul(w, jnp.ones((8, 3)), norm=jnp.ones((4,)), gated=True)
+    with pytest.raises(ValueError, match=r"residual must be \(3, 8\)"):
+        cpu_kernels.decode_matmul(w, x, residual=jnp.ones((8, 3)), transposed=True)
 
 
 def test_a_build_is_cached_and_rebuilt_for_a_new_cache_dir(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
     attention = cpu_kernels.decode_attention if cpu_kernels.active("attention") else None
     out, layer_cache = attend(cfg, q, k, v, positions, info, layer_cache, prefix, rope, attention)
     y_on = cpu_kernels.decode_matmul(w_oi, x_in)   # W[out, in] . x[in, rows], fp32
+    x_dn = cpu_kernels.decode_matmul(w_down, gate_up, gated=True, residual=x_dn)  # fused
 
 XLA's CPU backend runs a decode step (a few rows, one new token each) well below what the machine
 can do in two places (docs/BENCHMARKS.md):
@@ -17,6 +18,13 @@ can do in two places (docs/BENCHMARKS.md):
   The kernel keeps each output row's values in vector registers, reads every weight once as a
   broadcast multiply-add and streams the weight rows with a prefetch ahead, a block of rows per
   task over the same thread pool.
+
+Both also take in the small operations around them that XLA would run as separate steps with a
+thread hand-off each: the attention reads only the keys a row attends to (the span of its mask)
+and, in its fused form (:func:`decode_attention_write`), applies the rotary embedding to the q/k/v
+product and writes the new keys and values into the caches itself; the matmul applies the RMS norm
+to its input, or the gated unit ``silu(gate) * up``, adds the residual to its output and can write
+the output transposed (the logits [rows, vocab]).
 
 The feature-major decode layout (CPU, one device) uses them where they apply: attention for one
 new token per row in fp32 over a shared prefix with keys stored [.., head_dim, slots]; matmul for
@@ -51,15 +59,19 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-from cloud_jax.model.layers import _MASK_VALUE, gqa_attention
+from cloud_jax.model.layers import _MASK_VALUE, gqa_attention, rms_norm
 
-__all__ = ["KERNELS", "active", "available", "build", "decode_attention", "decode_matmul",
+__all__ = ["KERNELS", "active", "available", "build", "decode_attention",
+           "decode_attention_write", "decode_matmul",
            "enabled_kernels", "supports", "unavailable_reason"]
 
 ATTENTION_TARGET = "cloud_jax_decode_attention"  # the kernels' XLA custom-call targets
+ATTENTION_WRITE_TARGET = "cloud_jax_decode_attention_write"
 MATMUL_TARGET = "cloud_jax_decode_matmul"
 KERNELS = ("attention", "matmul")
-_SYMBOLS = {ATTENTION_TARGET: "CloudJaxDecodeAttention", MATMUL_TARGET: "CloudJaxDecodeMatmul"}
+_SYMBOLS = {ATTENTION_TARGET: "CloudJaxDecodeAttention",
+            ATTENTION_WRITE_TARGET: "CloudJaxDecodeAttentionWrite",
+            MATMUL_TARGET: "CloudJaxDecodeMatmul"}
 _ENV = "CLOUD_JAX_CPU_KERNELS"
 _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-w")
@@ -217,14 +229,77 @@ def decode_attention(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array,
     return out.reshape(b, 1, h, d)
 
 
-def decode_matmul(w_oi: jax.Array, x_in: jax.Array) -> jax.Array:
-    """``W[out, in] . x[in, n]`` -> [out, n]: through the kernel for fp32 2-D operands, else an
-    einsum (same values to fp32 rounding); the caller checks ``active("matmul")`` first."""
-    if w_oi.ndim != 2 or x_in.ndim != 2 or w_oi.shape[1] != x_in.shape[0]:
+def decode_attention_write(qkv_fn: jax.Array, cos_nd: jax.Array, sin_nd: jax.Array,
+                           start: jax.Array, k_nksd: jax.Array, v_nksd: jax.Array,
+                           mask_ns: jax.Array, prefix, num_heads: int,
+                           ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The feature-major decode step's attention for one new token per row in one call, from the
+    q/k/v product: the rotary embedding of the queries and new keys (``cos_nd``, ``sin_nd``:
+    each row's :func:`~cloud_jax.model.layers.rope_tables` [N, head_dim]), the new keys and
+    values written into the caches at slot ``start`` (as ``dynamic_update_slice``; the caches'
+    buffers are reused), and :func:`decode_attention` over the shared prefix and the caches.
+
+    ``qkv_fn`` [(H + 2 KV) head_dim, N] fp32; caches: keys [N, KV, head_dim, S], values
+    [N, KV, S, head_dim]; ``mask_ns`` [N, S]; ``prefix`` (keys [G, KV, head_dim, P], values
+    [G, KV, P, head_dim], mask [N, P]). Returns the output [H head_dim, N] (feature-major) and
+    the two caches. CPU and fp32 only: the caller checks ``active("attention")``."""
+    pk, pv, pmask_np = prefix
+    n = qkv_fn.shape[1]
+    kv, d = k_nksd.shape[1], k_nksd.shape[2]
+    if qkv_fn.shape[0] != (num_heads + 2 * kv) * d or num_heads % kv:
+        raise ValueError(f"decode_attention_write: q/k/v product {qkv_fn.shape} does not hold "
+                         f"{num_heads} query heads and {kv} key/value heads of size {d}")
+    if any(x.dtype != jnp.float32 for x in (qkv_fn, cos_nd, sin_nd, k_nksd, v_nksd, pk, pv)):
+        raise ValueError("decode_attention_write: fp32 operands only")
+    call = jax.ffi.ffi_call(
+        ATTENTION_WRITE_TARGET,
+        (jax.ShapeDtypeStruct((num_heads * d, n), jnp.float32),
+         jax.ShapeDtypeStruct(k_nksd.shape, jnp.float32),
+         jax.ShapeDtypeStruct(v_nksd.shape, jnp.float32)),
+        input_output_aliases={6: 1, 7: 2})
+    return call(qkv_fn, cos_nd, sin_nd, jnp.asarray(start, jnp.int32).reshape(()), pk, pv,
+                k_nksd, v_nksd, pmask_np.astype(jnp.int32), mask_ns.astype(jnp.int32),
+                scale=np.float32(1.0 / np.sqrt(d)), mask_value=np.float32(_MASK_VALUE))
+
+
+def decode_matmul(w_oi: jax.Array, x_in: jax.Array, *, norm: Optional[jax.Array] = None,
+                  eps: float = 1e-6, gated: bool = False, residual: Optional[jax.Array] = None,
+                  transposed: bool = False) -> jax.Array:
+    """``residual + W[out, in] . f(x)`` -> [out, n] ([n, out] with ``transposed``), where f is
+    the identity, the RMS norm over x's features with scale ``norm`` [in] and ``eps``
+    (:func:`~cloud_jax.model.layers.rms_norm`), or with ``gated`` the gated unit
+    ``silu(x[:in]) * x[in:]`` of an x of 2 * in features. Through the kernel (one call: the
+    operations around the product run inside it) for fp32 operands, else the same operations
+    in XLA; the caller checks ``active("matmul")`` first. ``residual`` has the output's shape."""
+    if w_oi.ndim != 2 or x_in.ndim != 2:
         raise ValueError(f"decode_matmul: expected W [out, in] and x [in, n], got "
                          f"{w_oi.shape} and {x_in.shape}")
-    if w_oi.dtype != jnp.float32 or x_in.dtype != jnp.float32:
-        return jnp.einsum("oi,in->on", w_oi, x_in.astype(w_oi.dtype))
-    call = jax.ffi.ffi_call(MATMUL_TARGET,
-                            jax.ShapeDtypeStruct((w_oi.shape[0], x_in.shape[1]), jnp.float32))
-    return call(w_oi, x_in)
+    o, i = w_oi.shape
+    n = x_in.shape[1]
+    if x_in.shape[0] != (2 * i if gated else i):
+        raise ValueError(f"decode_matmul: W {w_oi.shape} takes x [{2 * i if gated else i}, n]"
+                         f"{' (the gated unit: twice its inputs)' if gated else ''}, got "
+                         f"{x_in.shape}")
+    if norm is not None and gated:
+        raise ValueError("decode_matmul: norm and gated are exclusive")
+    if norm is not None and norm.shape != (i,):
+        raise ValueError(f"decode_matmul: norm must be [{i}], got {norm.shape}")
+    out_shape = (n, o) if transposed else (o, n)
+    if residual is not None and residual.shape != out_shape:
+        raise ValueError(f"decode_matmul: residual must be {out_shape}, got {residual.shape}")
+    operands = (w_oi, x_in) + tuple(a for a in (norm, residual) if a is not None)
+    if any(a.dtype != jnp.float32 for a in operands):
+        x = x_in.astype(w_oi.dtype)
+        if norm is not None:
+            x = rms_norm(x, norm, eps, w_oi.dtype, axis=0)
+        elif gated:
+            x = jax.nn.silu(x[:i]) * x[i:]
+        y = jnp.einsum("oi,in->on", w_oi, x)
+        y = y.T if transposed else y
+        return y if residual is None else residual + y
+    call = jax.ffi.ffi_call(MATMUL_TARGET, jax.ShapeDtypeStruct(out_shape, jnp.float32))
+    none = jnp.zeros((0,), jnp.float32)
+    return call(w_oi, x_in, none if norm is None else norm,
+                none if residual is None else residual,
+                prologue=np.int32(1 if norm is not None else 2 if gated else 0),
+                eps=np.float32(eps), transposed=np.int32(transposed))

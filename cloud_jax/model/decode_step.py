@@ -18,9 +18,10 @@ The same computation in two layouts:
 
 Both layouts share RoPE, the cache write, the mask and the attention (:func:`layers.attend`), the
 RMSNorm and the reward head; the tests hold them equal. Where the CPU kernels are built
-(:mod:`cloud_jax.model.cpu_kernels`), the feature-major one computes the attention of one new
-token per row in one kernel call a layer and its fp32 weight products in the kernel's matmul,
-else as the standard one does.
+(:mod:`cloud_jax.model.cpu_kernels`), the feature-major one takes them for fp32: the attention of
+one new token per row in one call a layer (with the rotary embedding and the cache write when the
+loop gives a ``rope_table``), and each weight product with the RMS norm before it, the gated unit
+or the residual add in one call of the kernel's matmul; else it computes as the standard one does.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from jax.sharding import Mesh
 from cloud_jax.model import cpu_kernels
 from cloud_jax.model.cache import KVCache
 from cloud_jax.model.config import ModelConfig
-from cloud_jax.model.layers import attend, dtype_of, rms_norm, rope_inv_freq, rope_tables
+from cloud_jax.model.layers import (attend, attention_masks, dtype_of, rms_norm, rope_inv_freq,
+                                   rope_tables)
 from cloud_jax.model.transformer import CLoudModel, token_positions
 
 __all__ = ["DecodeWeights", "LAYOUTS", "decode_layout", "decode_step", "prepare_decode_weights",
@@ -173,6 +175,24 @@ def _times(w_oi: Matrix, x_in: jax.Array, kernel: bool = False, **kwargs) -> jax
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
 
 
+def _product(w_oi: Matrix, x_in: jax.Array, cfg: ModelConfig, kernel: bool,
+             norm: Optional[jax.Array] = None, gated: bool = False,
+             residual: Optional[jax.Array] = None) -> jax.Array:
+    """``residual + W . f(x)``, f the RMS norm with scale ``norm``, the gated unit
+    ``silu(x[:f]) * x[f:]`` (``gated``) or nothing: in one kernel call where the matmul kernel
+    runs (its one block of rows), else as XLA operations around :func:`_times`."""
+    if kernel and len(w_oi) == 1:
+        return cpu_kernels.decode_matmul(w_oi[0], x_in, norm=norm, eps=cfg.rms_norm_eps,
+                                         gated=gated, residual=residual)
+    if norm is not None:
+        x_in = rms_norm(x_in, norm, cfg.rms_norm_eps, dtype_of(cfg.dtype), axis=0)
+    elif gated:
+        f = x_in.shape[0] // 2
+        x_in = nn.silu(x_in[:f]) * x_in[f:]
+    y = _times(w_oi, x_in, kernel)
+    return y if residual is None else residual + y
+
+
 def rope_table(cfg: ModelConfig, positions: int) -> tuple[jax.Array, jax.Array]:
     """(cos, sin) [positions, head_dim] fp32 of the rotary embedding at positions 0, 1, ...:
     computed once before a decode loop, read by :func:`decode_step` (``rope_table``)."""
@@ -206,28 +226,43 @@ def feature_major_hidden(weights: DecodeWeights, cfg: ModelConfig, ids_bt: jax.A
         return jnp.transpose(part_fn.reshape(count, hd, b, t), (2, 3, 0, 1))
 
     # The CPU kernels where they are built (cpu_kernels.py): one call a layer for the attention,
-    # one a product for the fp32 weight matmuls.
+    # one a product for the fp32 weight matmuls, each with the RMS norm before it, the gated
+    # unit or the residual add inside the call.
     attention = cpu_kernels.decode_attention if cpu_kernels.active("attention") else None
     kernel = _kernel_matmul(cfg)
+    # The attention kernel's fused form: one new token per row over a shared prefix and caches
+    # with transposed keys, fp32, the rotary embedding from the loop's table.
+    fused = (attention is not None and t == 1 and rope is not None and cache.prefix is not None
+             and dtype == jnp.float32 and b % cache.prefix.layers[0].k.shape[0] == 0
+             and all(layer.keys_transposed and layer.k.dtype == jnp.float32
+                     and layer.v.dtype == jnp.float32 for layer in cache.layers))
+    if fused:
+        mask, pmask = attention_masks(cfg, positions_bt, info, True)
     new_layers = []
     for i, w in enumerate(weights.layers):
         with jax.named_scope(f"layers_{i}"):
-            normed = rms_norm(x_dn, w.input_norm, eps, dtype, axis=0)
-            qkv = _times(w.qkv, normed, kernel)
+            qkv = _product(w.qkv, x_dn, cfg, kernel, norm=w.input_norm)
             if w.qkv_bias is not None:
                 qkv = qkv + w.qkv_bias[:, None]
-            q = heads(qkv[:h * hd], h)
-            k = heads(qkv[h * hd:(h + kv) * hd], kv)
-            v = heads(qkv[(h + kv) * hd:], kv)
             prefix = None if cache.prefix is None else cache.prefix.layers[i]
-            out, layer_cache = attend(cfg, q, k, v, positions_bt, info, cache.layers[i], prefix,
-                                      rope, attention)
-            new_layers.append(layer_cache)
-            x_dn = x_dn + _times(w.o, jnp.transpose(out.reshape(b * t, h * hd)), kernel)
-            normed = rms_norm(x_dn, w.post_attn_norm, eps, dtype, axis=0)
-            gate_up = _times(w.gate_up, normed, kernel)
-            f = gate_up.shape[0] // 2
-            x_dn = x_dn + _times(w.down, nn.silu(gate_up[:f]) * gate_up[f:], kernel)
+            if fused:
+                # RoPE, the cache write and the attention in one call, on the product as it is.
+                layer = cache.layers[i]
+                out_fn, k_cache, v_cache = cpu_kernels.decode_attention_write(
+                    qkv, rope[0].reshape(b, hd), rope[1].reshape(b, hd), info.cache_end,
+                    layer.k, layer.v, mask[:, 0], (prefix.k, prefix.v, pmask[:, 0]), h)
+                new_layers.append(layer.replace(k=k_cache, v=v_cache).constrain())
+            else:
+                q = heads(qkv[:h * hd], h)
+                k = heads(qkv[h * hd:(h + kv) * hd], kv)
+                v = heads(qkv[(h + kv) * hd:], kv)
+                out, layer_cache = attend(cfg, q, k, v, positions_bt, info, cache.layers[i],
+                                          prefix, rope, attention)
+                new_layers.append(layer_cache)
+                out_fn = jnp.transpose(out.reshape(b * t, h * hd))
+            x_dn = _product(w.o, out_fn, cfg, kernel, residual=x_dn)
+            gate_up = _product(w.gate_up, x_dn, cfg, kernel, norm=w.post_attn_norm)
+            x_dn = _product(w.down, gate_up, cfg, kernel, gated=True, residual=x_dn)
     x_dn = rms_norm(x_dn, weights.final_norm, eps, dtype, axis=0)
     return x_dn, cache.written(tuple(new_layers), info)
 
@@ -250,10 +285,15 @@ def decode_step(params: Any, weights: Optional[DecodeWeights], cfg: ModelConfig,
         hidden_dn, cache = feature_major_hidden(weights, cfg, fed_n[:, None], live_n[:, None],
                                                 cache, rope_table)
         with jax.named_scope("lm_head"):
-            logits_vn = _times(weights.lm_head, hidden_dn, _kernel_matmul(cfg),
-                               preferred_element_type=jnp.float32)
-            # Keeps XLA from folding the transpose into the product's output layout.
-            logits_nv = jnp.transpose(jax.lax.optimization_barrier(logits_vn))
+            if _kernel_matmul(cfg) and len(weights.lm_head) == 1:
+                # The kernel writes the logits [N, V] itself.
+                logits_nv = cpu_kernels.decode_matmul(weights.lm_head[0], hidden_dn,
+                                                      transposed=True)
+            else:
+                logits_vn = _times(weights.lm_head, hidden_dn, _kernel_matmul(cfg),
+                                   preferred_element_type=jnp.float32)
+                # Keeps XLA from folding the transpose into the product's output layout.
+                logits_nv = jnp.transpose(jax.lax.optimization_barrier(logits_vn))
         hidden_nd = jnp.transpose(hidden_dn)
     rewards_n = model.apply({"params": params}, hidden_nd, method=CLoudModel.reward)
     return logits_nv, rewards_n, cache

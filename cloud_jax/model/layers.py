@@ -172,6 +172,24 @@ def _attention_with_prefix(q_btkgd, k_bksd, v_bksd, mask_bts, prefix, scale, key
     return jnp.transpose(out / denom[..., None], (0, 2, 1, 3, 4))
 
 
+def attention_masks(cfg: ModelConfig, positions_bt: jax.Array, mask_info: MaskInfo,
+                    with_prefix: bool) -> tuple[jax.Array, Optional[jax.Array]]:
+    """The boolean masks [B, T, S] over the cache's keys and, ``with_prefix``, [B, T, P] over the
+    shared prefix's keys (None without) of queries at ``positions_bt``."""
+    mask = attention_mask(mask_info.q_slot, mask_info.k_slot, mask_info.k_valid,
+                          positions_bt, mask_info.k_pos, cfg.sliding_window)
+    if not with_prefix:
+        return mask, None
+    # Every prefix slot precedes the query: no causal term, only validity and window.
+    b, t = positions_bt.shape
+    pmask = jnp.broadcast_to(mask_info.prefix_valid[:, None, :].astype(bool),
+                             (b, t, mask_info.prefix_valid.shape[1]))
+    if cfg.sliding_window is not None:
+        pmask = pmask & (positions_bt[:, :, None] - mask_info.prefix_pos[:, None, :]
+                         < cfg.sliding_window)
+    return mask, pmask
+
+
 def attend(cfg: ModelConfig, q_bthd: jax.Array, k_bthd: jax.Array, v_bthd: jax.Array,
            positions_bt: jax.Array, mask_info: MaskInfo, layer_cache: Optional[LayerKV] = None,
            prefix_kv: Optional[LayerKV] = None, rope: Optional[tuple[jax.Array, jax.Array]] = None,
@@ -208,17 +226,8 @@ def attend(cfg: ModelConfig, q_bthd: jax.Array, k_bthd: jax.Array, v_bthd: jax.A
                 layer_cache.v, v_bksd.astype(layer_cache.v.dtype), (0, 0, start, 0)),
         ).constrain()
         k_bksd, v_bksd = new_cache.k, new_cache.v
-    mask = attention_mask(mask_info.q_slot, mask_info.k_slot, mask_info.k_valid,
-                          positions_bt, mask_info.k_pos, cfg.sliding_window)
-    prefix = None
-    if prefix_kv is not None:
-        # Every prefix slot precedes the query: no causal term, only validity and window.
-        pmask = jnp.broadcast_to(mask_info.prefix_valid[:, None, :].astype(bool),
-                                 (q.shape[0], q.shape[1], mask_info.prefix_valid.shape[1]))
-        if cfg.sliding_window is not None:
-            pmask = pmask & (positions_bt[:, :, None] - mask_info.prefix_pos[:, None, :]
-                             < cfg.sliding_window)
-        prefix = (prefix_kv.k, prefix_kv.v, pmask)
+    mask, pmask = attention_masks(cfg, positions_bt, mask_info, prefix_kv is not None)
+    prefix = None if prefix_kv is None else (prefix_kv.k, prefix_kv.v, pmask)
     k_bksd, v_bksd = k_bksd.astype(dtype), v_bksd.astype(dtype)
     block = cfg.causal_block_size
     t = q.shape[1]

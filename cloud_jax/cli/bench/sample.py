@@ -41,7 +41,7 @@ from cloud_jax.model import CLoudModel, count_params, init_params
 from cloud_jax.model import cpu_kernels
 from cloud_jax.model.decode_step import LAYOUTS, decode_layout, prepare_decode_weights_jit
 from cloud_jax.sampling import Temperature, content_row_ids, pad_prefixes, sample
-from cloud_jax.sampling.loop import decode, phase_lengths, prefill, row_keys, stop_array
+from cloud_jax.sampling.loop import decode, prefill, row_keys, stop_array
 from cloud_jax.sharding import SAMPLE_RULES
 from cloud_jax.cli.bench.host import host_info, host_line, write_record
 
@@ -82,17 +82,18 @@ def _weight_matrices(params, cfg: ModelConfig) -> list[jax.Array]:
 def decode_step_flops(cfg: ModelConfig, rows: int, kv_slots_per_row: float) -> tuple[int, int]:
     """(weight-matmul FLOPs, attention FLOPs) of one decode step of ``rows`` rows, each attending
     to ``kv_slots_per_row`` cached keys: 2 per weight per row, and per layer, head and key 2 for
-    the score plus 2 for the weighted value (over every slot the step reads, filled or not)."""
+    the score plus 2 for the weighted value."""
     weights = cfg.num_layers * cfg.layer_matmul_params + cfg.hidden_size * cfg.vocab_size
     attention = 4 * cfg.num_layers * cfg.num_heads * cfg.resolved_head_dim * kv_slots_per_row
     return 2 * rows * weights, int(rows * attention)
 
 
-def mean_slots_read(new_tokens: int, steps: int) -> float:
-    """Own-segment cache slots a decode step attends to, averaged over ``steps`` steps: the
-    decode reads the cache of its current phase (:func:`cloud_jax.sampling.loop.phase_lengths`)."""
-    phases = phase_lengths(new_tokens + 1)
-    return sum(next(n for n in phases if n > s) for s in range(steps)) / steps
+def mean_slots_attended(steps: int) -> float:
+    """Own-segment cache slots a row attends to in a decode step, averaged over ``steps`` steps:
+    the tokens it has fed so far (step s: s + 1). The floor counts these, not the slots of the
+    cache phase XLA's attention reads (:func:`cloud_jax.sampling.loop.phase_lengths`): the CPU
+    attention kernel reads only the slots a row attends to."""
+    return (steps + 1) / 2
 
 
 def matmul_rate(matrices_io: Sequence[jax.Array], rows: int, repeats: int = 5,
@@ -295,7 +296,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"step/floor = {step_s / floor_s:.2f}; against the valid KV only "
           f"({valid_kv_bytes / 1e6:.0f} MB on average) {hbm_floor_s * 1e3:.1f} ms, "
           f"step/memory floor = {step_s / hbm_floor_s:.2f}", flush=True)
-    own_slots = mean_slots_read(m, steps)
+    own_slots = mean_slots_attended(steps)
     weight_flops, attn_flops = decode_step_flops(cfg, b * k, p + own_slots)
     # The floor's rate is the fastest way this machine takes the step's products, the matmul
     # kernel included where the step uses it.
@@ -304,7 +305,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     compute_floor_s = (weight_flops + attn_flops) / rate
     print(f"[bench sample] compute floor {compute_floor_s * 1e3:.1f} ms ({weight_flops / 1e9:.2f} "
           f"GFLOP weight matmuls + {attn_flops / 1e9:.2f} GFLOP attention over {p} prompt + "
-          f"{own_slots:.1f} own cache slots on average, at {rate / 1e9:.1f} "
+          f"{own_slots:.1f} own slots attended on average, at {rate / 1e9:.1f} "
           f"GFLOP/s, this machine's {args.dtype} matmul rate at the step's [{b * k}, in] x [in, out] "
           f"shapes); step/compute floor = {step_s / compute_floor_s:.2f}", flush=True)
 
