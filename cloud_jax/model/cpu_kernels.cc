@@ -274,6 +274,7 @@ inline void Rope(const float* x, int64_t stride, int64_t d, const float* cos, co
 // key at all keeps every key (the masked scores are then equal and it averages every value).
 struct Span {
   int64_t lo, hi;
+  int64_t size() const { return std::max<int64_t>(0, hi - lo); }
 };
 
 inline Span Attended(const int32_t* mask, int64_t len) {
@@ -302,7 +303,7 @@ void RunTask(const Problem& pr, int64_t task) {
     if (ps.lo < ps.hi) prefix = {std::min(prefix.lo, ps.lo), std::max(prefix.hi, ps.hi)};
   }
   if (all_keys) prefix = {0, pr.p};
-  const int64_t plen = std::max<int64_t>(0, prefix.hi - prefix.lo);
+  const int64_t plen = prefix.size();
 
   thread_local std::vector<float> scratch;
   scratch.resize(nq * d + nq * width);
@@ -340,8 +341,7 @@ void RunTask(const Problem& pr, int64_t task) {
   for (int64_t ri = 0; ri < r; ++ri) {
     const int64_t row = n * r + ri;
     const float* k = pr.k + (row * pr.kv + kh) * d * pr.s;
-    const int64_t olen = std::max<int64_t>(0, own[ri].hi - own[ri].lo);
-    Scores(q + ri * pr.g * d, pr.g, d, k + own[ri].lo, pr.s, olen, pr.s - own[ri].lo,
+    Scores(q + ri * pr.g * d, pr.g, d, k + own[ri].lo, pr.s, own[ri].size(), pr.s - own[ri].lo,
            sc + ri * pr.g * width + pr.p + own[ri].lo, width);
   }
   // Masked softmax numerators and denominators over the two spans.
@@ -351,13 +351,12 @@ void RunTask(const Problem& pr, int64_t task) {
     const int64_t row = n * r + ri;
     const int32_t* pm = pr.pmask + row * pr.p + prefix.lo;
     const int32_t* m = pr.mask + row * pr.s + own[ri].lo;
-    const int64_t olen = std::max<int64_t>(0, own[ri].hi - own[ri].lo);
     for (int64_t gi = 0; gi < pr.g; ++gi) {
       float* xp = sc + (ri * pr.g + gi) * width + prefix.lo;
       float* xo = sc + (ri * pr.g + gi) * width + pr.p + own[ri].lo;
       const float top = std::max(MaskAndMax(xp, pm, plen, pr.mask_value),
-                                 MaskAndMax(xo, m, olen, pr.mask_value));
-      denom[ri * pr.g + gi] = ExpAndSum(xp, plen, top) + ExpAndSum(xo, olen, top);
+                                 MaskAndMax(xo, m, own[ri].size(), pr.mask_value));
+      denom[ri * pr.g + gi] = ExpAndSum(xp, plen, top) + ExpAndSum(xo, own[ri].size(), top);
     }
   }
   // Weighted values into a local buffer, then normalised into the output.
@@ -367,9 +366,8 @@ void RunTask(const Problem& pr, int64_t task) {
   for (int64_t ri = 0; ri < r; ++ri) {
     const int64_t row = n * r + ri;
     const float* v = pr.v + (row * pr.kv + kh) * pr.s * d;
-    const int64_t olen = std::max<int64_t>(0, own[ri].hi - own[ri].lo);
-    Weighted(sc + ri * pr.g * width + pr.p + own[ri].lo, width, v + own[ri].lo * d, olen, d,
-             pr.g, acc.data() + ri * pr.g * d);
+    Weighted(sc + ri * pr.g * width + pr.p + own[ri].lo, width, v + own[ri].lo * d,
+             own[ri].size(), d, pr.g, acc.data() + ri * pr.g * d);
   }
   for (int64_t ri = 0; ri < r; ++ri) {
     const int64_t row = n * r + ri;
@@ -591,9 +589,8 @@ inline Vec Silu(Vec v) {
 //   prologue 2: the gated unit silu(x[:I]) * x[I:] (IX = 2I).
 void Prologue(const float* x, int64_t ix, int64_t n, int64_t np, int prologue,
               const float* norm, float eps, float* out) {
-  const int64_t ni = prologue == 2 ? ix / 2 : ix;
-  for (int64_t i = 0; i < ix; ++i) {  // the padded copy first: whole vectors below
-    if (prologue == 2 && i >= ni) break;
+  const int64_t ni = prologue == 2 ? ix / 2 : ix;  // the product's inputs
+  for (int64_t i = 0; i < ni; ++i) {  // the padded copy first: whole vectors below
     std::memcpy(out + i * np, x + i * n, n * sizeof(float));
     std::fill(out + i * np + n, out + (i + 1) * np, 0.f);
   }
