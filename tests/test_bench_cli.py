@@ -84,6 +84,9 @@ def test_bench_sample_prints_the_host_and_puts_it_in_its_json(capsys):
     assert f"{result['decode_attention']} decode attention" in out
     assert result["decode_matmul"] == ("cpu_kernel" if kernel else "xla")
     assert f"{result['decode_matmul']} decode matmul" in out
+    avx512 = "avx512f" in host_info()["vector_extensions"]
+    assert result["kernel_vector_floats"] == ((16 if avx512 else 8) if kernel else None)
+    assert (f"({result['kernel_vector_floats']}-float vectors)" in out) == kernel
 
 
 def test_the_gpu_preset_is_the_1b_workload_and_explicit_flags_win():
@@ -112,7 +115,7 @@ def test_bench_sample_in_bf16_against_transformers_on_the_same_device(capsys):
     result = json.loads(out.strip().splitlines()[-1])
     assert result["dtype"] == "bfloat16" and result["backend"] == "cpu"
     assert result["decode_layout"] == "standard" and result["prepare_s"] == 0
-    assert result["decode_attention"] == "xla"
+    assert result["decode_attention"] == "xla" and result["kernel_vector_floats"] is None
     assert result["hf_critiques_per_s"] > 0 and result["ratio"] > 0
     assert result["decode_step_over_hbm_floor"] > 0
     assert "transformers generate (cpu" in out

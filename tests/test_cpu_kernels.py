@@ -3,7 +3,11 @@ use in the feature-major decode step, and their build, cache, switches and fallb
 
 import dataclasses
 import os
+import platform
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -335,6 +339,52 @@ def test_without_a_compiler_decoding_warns_once_and_uses_xla(tmp_path, monkeypat
     finally:
         cpu_kernels._state.clear()
         cpu_kernels._state.update(saved)
+
+
+def test_a_target_that_is_no_march_name_is_refused_before_the_compiler_runs(tmp_path,
+                                                                             monkeypatch):
+    monkeypatch.setenv("CLOUD_JAX_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CLOUD_JAX_KERNEL_ARCH", "native -o /tmp/x")
+    with pytest.raises(RuntimeError, match="CLOUD_JAX_KERNEL_ARCH=.* is not a -march target"):
+        cpu_kernels.build()
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_loaded_library_is_built_for_this_cpu():
+    """Without CLOUD_JAX_KERNEL_ARCH the library targets this CPU: 16-float vectors where it has
+    AVX-512, else 8."""
+    if os.environ.get("CLOUD_JAX_KERNEL_ARCH", "native") != "native":
+        pytest.skip("running under a chosen target")
+    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
+    if not flags:
+        pytest.skip("no /proc/cpuinfo to say what this CPU has")
+    assert cpu_kernels.vector_floats() == (16 if "avx512f" in flags else 8)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="an x86-64 target")
+def test_the_avx2_build_passes_the_kernel_and_decode_step_tests(tmp_path):
+    """The kernels' 8-float-vector code (AVX2 hosts), built with CLOUD_JAX_KERNEL_ARCH=x86-64-v3
+    on any x86-64 machine that runs it, through this file's tests and the decode step's."""
+    if os.environ.get("CLOUD_JAX_KERNEL_ARCH"):
+        pytest.skip("already running under a chosen target")
+    root = Path(__file__).resolve().parent.parent
+    native = cpu_kernels.build()  # this process's library (cached): another target, another file
+    env = dict(os.environ, CLOUD_JAX_KERNEL_ARCH="x86-64-v3",
+               CLOUD_JAX_KERNEL_CACHE=str(tmp_path / "kernels"))
+    check = ("from cloud_jax.model import cpu_kernels; assert cpu_kernels.available('matmul'); "
+             "print(cpu_kernels.vector_floats())")
+    done = subprocess.run([sys.executable, "-c", check], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-1] == "8"
+    built = [p.name for p in (tmp_path / "kernels").glob("*.so")]
+    assert len(built) == 1 and built[0] != native.name
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+         "tests/test_cpu_kernels.py", "tests/test_decode_step.py", "-k", "not avx2_build"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and " failed" not in done.stdout
 
 
 def test_a_failed_build_says_what_the_compiler_said(tmp_path, monkeypatch):

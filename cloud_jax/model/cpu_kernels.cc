@@ -100,7 +100,9 @@ void ScoresQB(const float* q, int64_t d_size, const float* keys_t, int64_t ld_k,
     }
 }
 
-constexpr int kQB = 4;  // queries a score block; with 2 key vectors, 8 accumulators
+// Queries a score block, with 2 key vectors a block: 4 x 2 accumulators with 32 vector registers
+// (6 measured no faster with AVX-512), 6 x 2 with 16 (faster than 4 x 2 with AVX2).
+constexpr int kQB = kRegs == 32 ? 4 : 6;
 
 void Scores(const float* q, int64_t nq, int64_t d_size, const float* keys_t, int64_t ld_k,
             int64_t len, int64_t room, float* out, int64_t ld_out) {
@@ -110,6 +112,8 @@ void Scores(const float* q, int64_t nq, int64_t d_size, const float* keys_t, int
   const float* qa = q + a * d_size;
   float* oa = out + a * ld_out;
   switch (nq - a) {
+    case 5: ScoresQB<5>(qa, d_size, keys_t, ld_k, len, room, oa, ld_out); break;
+    case 4: ScoresQB<4>(qa, d_size, keys_t, ld_k, len, room, oa, ld_out); break;
     case 3: ScoresQB<3>(qa, d_size, keys_t, ld_k, len, room, oa, ld_out); break;
     case 2: ScoresQB<2>(qa, d_size, keys_t, ld_k, len, room, oa, ld_out); break;
     case 1: ScoresQB<1>(qa, d_size, keys_t, ld_k, len, room, oa, ld_out); break;
@@ -119,18 +123,19 @@ void Scores(const float* q, int64_t nq, int64_t d_size, const float* keys_t, int
 
 constexpr int kValueRowsAhead = 8;  // value rows ahead that the weighted sum prefetches
 
-// out[a][:] += sum_j p[a][j] * values[j][:] for QB queries; values [len, D], D = DV * kW.
+// out[a][:DV kW] += sum_j p[a][j] * values[j][:DV kW] for QB queries: DV vectors of the value
+// rows (stride ld_v floats) and of the output rows (stride ld_out).
 template <int QB, int DV>
-inline void WeightedBlock(const float* p, int64_t ld_p, const float* values, int64_t len,
-                          float* out) {
+inline void WeightedBlock(const float* p, int64_t ld_p, const float* values, int64_t ld_v,
+                          int64_t len, float* out, int64_t ld_out) {
   Vec acc[QB][DV];
   for (int a = 0; a < QB; ++a)
     for (int e = 0; e < DV; ++e) acc[a][e] = Vec{};
   for (int64_t j = 0; j < len; ++j) {
     for (int e = 0; e < DV * kW; e += 16)  // the value row kValueRowsAhead on, a line at a time
-      __builtin_prefetch(values + (j + kValueRowsAhead) * DV * kW + e);
+      __builtin_prefetch(values + (j + kValueRowsAhead) * ld_v + e);
     Vec row[DV];
-    for (int e = 0; e < DV; ++e) row[e] = Load(values + j * DV * kW + e * kW);
+    for (int e = 0; e < DV; ++e) row[e] = Load(values + j * ld_v + e * kW);
     for (int a = 0; a < QB; ++a) {
       const float pj = p[a * ld_p + j];
       for (int e = 0; e < DV; ++e) acc[a][e] += pj * row[e];
@@ -138,7 +143,7 @@ inline void WeightedBlock(const float* p, int64_t ld_p, const float* values, int
   }
   for (int a = 0; a < QB; ++a)
     for (int e = 0; e < DV; ++e)
-      Store(out + a * DV * kW + e * kW, Load(out + a * DV * kW + e * kW) + acc[a][e]);
+      Store(out + a * ld_out + e * kW, Load(out + a * ld_out + e * kW) + acc[a][e]);
 }
 
 inline void WeightedGeneric(const float* p, int64_t ld_p, const float* values, int64_t len,
@@ -152,18 +157,27 @@ inline void WeightedGeneric(const float* p, int64_t ld_p, const float* values, i
     }
 }
 
+// The value rows (D = DV kW floats) in slices of 4 vectors, each slice taken by blocks of as many
+// queries as the registers hold beside it: 4 x 4 accumulators with 32 vector registers, 3 x 4
+// with 16. Each slice of a value row loaded serves the block's queries.
 template <int DV>
 void WeightedD(const float* p, int64_t ld_p, const float* values, int64_t len, int64_t nq,
                float* out) {
-  constexpr int qb = DV <= 4 ? 4 : 1;  // at most 16 accumulators
-  int64_t a = 0;
-  for (; a + qb <= nq; a += qb)
-    WeightedBlock<qb, DV>(p + a * ld_p, ld_p, values, len, out + a * DV * kW);
-  switch (nq - a) {
-    case 3: WeightedBlock<3, DV>(p + a * ld_p, ld_p, values, len, out + a * DV * kW); break;
-    case 2: WeightedBlock<2, DV>(p + a * ld_p, ld_p, values, len, out + a * DV * kW); break;
-    case 1: WeightedBlock<1, DV>(p + a * ld_p, ld_p, values, len, out + a * DV * kW); break;
-    default: for (; a < nq; ++a) WeightedBlock<1, DV>(p + a * ld_p, ld_p, values, len, out + a * DV * kW);
+  constexpr int sv = DV < 4 ? DV : 4;  // vectors a slice
+  constexpr int qb = kRegs == 32 ? 4 : 3;
+  constexpr int64_t d = DV * kW;
+  static_assert(DV % sv == 0, "the value rows split into whole slices");
+  for (int e0 = 0; e0 < DV; e0 += sv) {
+    const float* v = values + e0 * kW;
+    float* o = out + e0 * kW;
+    int64_t a = 0;
+    for (; a + qb <= nq; a += qb) WeightedBlock<qb, sv>(p + a * ld_p, ld_p, v, d, len, o + a * d, d);
+    switch (nq - a) {
+      case 3: WeightedBlock<3, sv>(p + a * ld_p, ld_p, v, d, len, o + a * d, d); break;
+      case 2: WeightedBlock<2, sv>(p + a * ld_p, ld_p, v, d, len, o + a * d, d); break;
+      case 1: WeightedBlock<1, sv>(p + a * ld_p, ld_p, v, d, len, o + a * d, d); break;
+      default: break;  // nq - a < qb <= 4
+    }
   }
 }
 
@@ -666,6 +680,10 @@ ffi::Error DecodeMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w,
 }
 
 }  // namespace
+
+// The floats a vector holds in this build (16 with AVX-512, else 8): what the library was
+// compiled for, which `-march` decides (cpu_kernels.py, CLOUD_JAX_KERNEL_ARCH).
+extern "C" int CloudJaxKernelVectorFloats() { return kW; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CloudJaxDecodeAttention, DecodeAttentionImpl,
                               ffi::Ffi::Bind()

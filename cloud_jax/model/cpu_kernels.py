@@ -34,8 +34,11 @@ einsum), which gives the same values (tests hold them equal).
 The source is compiled once per machine with the system C++ compiler (``$CXX``, else ``c++``,
 ``g++`` or ``clang++``) against the FFI headers that jaxlib ships, and cached under
 ``$CLOUD_JAX_KERNEL_CACHE`` (default ``~/.cache/cloud_jax/kernels``), keyed by the source,
-jaxlib's version, the compiler and the CPU. Without a compiler, or when the build fails, one
-warning says why and decoding takes XLA's operations. ``CLOUD_JAX_CPU_KERNELS`` picks the kernels
+jaxlib's version, the compiler, its flags and the CPU. It targets this CPU (``-march=native``);
+``CLOUD_JAX_KERNEL_ARCH`` names another ``-march`` target, e.g. ``x86-64-v3`` (AVX2 and FMA, no
+AVX-512) to run the 8-float-vector code on an AVX-512 machine, or a library that also runs on
+older CPUs of a mixed fleet. Without a compiler, or when the build fails, one warning says why
+and decoding takes XLA's operations. ``CLOUD_JAX_CPU_KERNELS`` picks the kernels
 used: unset or ``all`` both, ``0`` (or ``none``, ``off``) none, else a comma-separated list of
 ``attention`` and ``matmul``.
 """
@@ -63,7 +66,7 @@ from cloud_jax.model.layers import _MASK_VALUE, gqa_attention, rms_norm
 
 __all__ = ["KERNELS", "active", "available", "build", "decode_attention",
            "decode_attention_write", "decode_matmul",
-           "enabled_kernels", "supports", "unavailable_reason"]
+           "enabled_kernels", "supports", "unavailable_reason", "vector_floats"]
 
 ATTENTION_TARGET = "cloud_jax_decode_attention"  # the kernels' XLA custom-call targets
 ATTENTION_WRITE_TARGET = "cloud_jax_decode_attention_write"
@@ -74,7 +77,8 @@ _SYMBOLS = {ATTENTION_TARGET: "CloudJaxDecodeAttention",
             MATMUL_TARGET: "CloudJaxDecodeMatmul"}
 _ENV = "CLOUD_JAX_CPU_KERNELS"
 _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
-_FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-w")
+_ARCH_ENV = "CLOUD_JAX_KERNEL_ARCH"
+_ARCH_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.+")
 
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "reason": str (and the library), once the first check ran
@@ -109,6 +113,15 @@ def _compiler() -> Optional[str]:
     return None
 
 
+def _flags() -> tuple[str, ...]:
+    """The compiler's flags: ``-march`` from ``CLOUD_JAX_KERNEL_ARCH`` (default ``native``)."""
+    arch = os.environ.get(_ARCH_ENV, "").strip() or "native"
+    if not set(arch) <= _ARCH_CHARS:
+        raise RuntimeError(f"{_ARCH_ENV}={arch!r} is not a -march target name (e.g. native, "
+                           f"x86-64-v3, haswell)")
+    return ("-O3", f"-march={arch}", "-std=c++17", "-fPIC", "-shared", "-w")
+
+
 def _cpu_identity() -> str:
     """What ``-march=native`` compiles for: the CPU's model and feature flags where Linux lists
     them, else the platform's description."""
@@ -138,8 +151,9 @@ def build(compiler: Optional[str] = None) -> Path:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
     include = jax.ffi.include_dir()
     source = _SOURCE.read_bytes()
+    flags = _flags()
     key = hashlib.sha256(b"\0".join([
-        source, jaxlib.__version__.encode(), compiler.encode(), " ".join(_FLAGS).encode(),
+        source, jaxlib.__version__.encode(), compiler.encode(), " ".join(flags).encode(),
         _cpu_identity().encode()])).hexdigest()[:20]
     out = _cache_dir() / f"cpu_kernels-{key}.so"
     if out.exists():
@@ -149,7 +163,7 @@ def build(compiler: Optional[str] = None) -> Path:
     # partial file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    cmd = [compiler, *_FLAGS, "-I", include, str(_SOURCE), "-o", tmp]
+    cmd = [compiler, *flags, "-I", include, str(_SOURCE), "-o", tmp]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
@@ -191,6 +205,13 @@ def active(kernel: str) -> bool:
     default backend is the CPU (the kernels are CPU custom calls; the feature-major layout can
     also be asked for on other backends)."""
     return jax.default_backend() == "cpu" and available(kernel)
+
+
+def vector_floats() -> Optional[int]:
+    """The floats a vector register holds in the loaded kernel library (16 built for AVX-512, 8
+    for AVX2 or older), or None when no library is loaded."""
+    library = _state.get("library")
+    return int(library.CloudJaxKernelVectorFloats()) if library is not None else None
 
 
 def unavailable_reason(kernel: str) -> Optional[str]:

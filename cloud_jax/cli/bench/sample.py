@@ -235,12 +235,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     kernels = {name: ("cpu_kernel" if layout == "feature_major" and args.dtype == "float32"
                       and cpu_kernels.active(name) else "xla") for name in cpu_kernels.KERNELS}
     attention, matmul = kernels["attention"], kernels["matmul"]
+    # What the kernel library was compiled for (CLOUD_JAX_KERNEL_ARCH; -march=native by default).
+    vector_floats = cpu_kernels.vector_floats() if "cpu_kernel" in kernels.values() else None
+    built_for = f" ({vector_floats}-float vectors)" if vector_floats else ""
     host = host_info()
     print(f"[bench sample] {host_line(host)}", flush=True)
     print(f"[bench sample] {n_params / 1e6:.1f}M params {args.dtype}, {b} inputs x K={k}, prompt {p}, "
           f"{m} new tokens, temperature {args.temperature}, {jax.device_count()} "
           f"{jax.default_backend()} device(s), {layout} decode layout, {attention} decode "
-          f"attention, {matmul} decode matmul", flush=True)
+          f"attention, {matmul} decode matmul{built_for}", flush=True)
 
     # The feature-major weights are prepared once, as a caller scoring many batches does.
     weights, prepare_s = None, 0.0
@@ -364,6 +367,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "decode_layout": layout,
         "decode_attention": attention,
         "decode_matmul": matmul,
+        "kernel_vector_floats": vector_floats,
         "prepare_s": round(prepare_s, 3),
         "workload": {"inputs": b, "samples": k, "prompt_len": p, "new_tokens": m,
                      "params_m": round(n_params / 1e6, 1)},
