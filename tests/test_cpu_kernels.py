@@ -387,6 +387,30 @@ def test_the_avx2_build_passes_the_kernel_and_decode_step_tests(tmp_path):
     assert " passed" in done.stdout and " failed" not in done.stdout
 
 
+def test_a_library_built_beyond_this_cpu_is_not_registered(monkeypatch):
+    """A library whose code uses an extension the CPU lacks (say AVX-512, built for another
+    target) would stop the process at its first call: it is refused with a warning instead,
+    and decoding takes XLA's operations."""
+    saved = dict(cpu_kernels._state)
+    library = cpu_kernels._state["library"]
+    bits = library.CloudJaxKernelExtensions()
+    flags = cpu_kernels._cpu_flags()
+    if platform.machine() != "x86_64" or flags is None or not bits:
+        pytest.skip("an x86-64 Linux build")
+    assert all(name in flags for bit, name in cpu_kernels._EXTENSION_BITS.items() if bits & bit)
+    lacking = flags - {name for bit, name in cpu_kernels._EXTENSION_BITS.items() if bits & bit}
+    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: lacking)
+    cpu_kernels._state.clear()
+    try:
+        with pytest.warns(RuntimeWarning, match=r"uses .*which this CPU lacks: unset "
+                                                r"CLOUD_JAX_KERNEL_ARCH"):
+            assert not cpu_kernels.available("matmul")
+        assert cpu_kernels.vector_floats() is None
+    finally:
+        cpu_kernels._state.clear()
+        cpu_kernels._state.update(saved)
+
+
 def test_a_failed_build_says_what_the_compiler_said(tmp_path, monkeypatch):
     fake = tmp_path / "fake-cxx"
     fake.write_text("#!/bin/sh\necho 'fake-cxx: error: unsupported option' >&2\nexit 1\n")

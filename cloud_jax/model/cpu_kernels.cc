@@ -685,6 +685,23 @@ ffi::Error DecodeMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w,
 // compiled for, which `-march` decides (cpu_kernels.py, CLOUD_JAX_KERNEL_ARCH).
 extern "C" int CloudJaxKernelVectorFloats() { return kW; }
 
+// The x86 extensions this build's code may use (the compiler's target): 1 AVX2, 2 FMA, 4 AVX-512F.
+// A library built for a -march this CPU lacks would stop the process with an illegal
+// instruction; cpu_kernels.py compares these with the CPU's flags before registering it.
+extern "C" int CloudJaxKernelExtensions() {
+  int bits = 0;
+#if defined(__AVX2__)
+  bits |= 1;
+#endif
+#if defined(__FMA__)
+  bits |= 2;
+#endif
+#if defined(__AVX512F__)
+  bits |= 4;
+#endif
+  return bits;
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CloudJaxDecodeAttention, DecodeAttentionImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()

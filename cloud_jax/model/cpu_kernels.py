@@ -37,8 +37,9 @@ The source is compiled once per machine with the system C++ compiler (``$CXX``, 
 jaxlib's version, the compiler, its flags and the CPU. It targets this CPU (``-march=native``);
 ``CLOUD_JAX_KERNEL_ARCH`` names another ``-march`` target, e.g. ``x86-64-v3`` (AVX2 and FMA, no
 AVX-512) to run the 8-float-vector code on an AVX-512 machine, or a library that also runs on
-older CPUs of a mixed fleet. Without a compiler, or when the build fails, one warning says why
-and decoding takes XLA's operations. ``CLOUD_JAX_CPU_KERNELS`` picks the kernels
+older CPUs of a mixed fleet; a library using an extension this CPU lacks (AVX2, FMA, AVX-512F)
+is not loaded. Without a compiler, when the build fails or the library is refused, one warning
+says why and decoding takes XLA's operations. ``CLOUD_JAX_CPU_KERNELS`` picks the kernels
 used: unset or ``all`` both, ``0`` (or ``none``, ``off``) none, else a comma-separated list of
 ``attention`` and ``matmul``.
 """
@@ -122,6 +123,34 @@ def _flags() -> tuple[str, ...]:
     return ("-O3", f"-march={arch}", "-std=c++17", "-fPIC", "-shared", "-w")
 
 
+_EXTENSION_BITS = {1: "avx2", 2: "fma", 4: "avx512f"}  # CloudJaxKernelExtensions's bits
+
+
+def _cpu_flags() -> Optional[frozenset[str]]:
+    """The CPU's feature flags as Linux lists them, or None where it does not."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = [line.split(":", 1)[1].split() for line in text.splitlines()
+             if line.split(":")[0].strip() in ("flags", "Features") and ":" in line]
+    return frozenset(flags[0]) if flags else None
+
+
+def _check_extensions(bits: int) -> None:
+    """Raise RuntimeError when the library uses x86 extensions the CPU lacks (a -march target
+    from CLOUD_JAX_KERNEL_ARCH beyond this CPU), before any of its code runs."""
+    flags = _cpu_flags()
+    if flags is None:
+        return
+    missing = [name for bit, name in _EXTENSION_BITS.items() if bits & bit and name not in flags]
+    if missing:
+        arch = os.environ.get(_ARCH_ENV, "").strip() or "native"
+        raise RuntimeError(f"the kernel library built for -march={arch} uses {', '.join(missing)}, "
+                           f"which this CPU lacks: unset {_ARCH_ENV} or name a target this CPU "
+                           f"runs (e.g. x86-64-v3 needs avx2 and fma)")
+
+
 def _cpu_identity() -> str:
     """What ``-march=native`` compiles for: the CPU's model and feature flags where Linux lists
     them, else the platform's description."""
@@ -188,6 +217,7 @@ def available(kernel: str) -> bool:
                 if platform.system() == "Windows":
                     raise RuntimeError("not built on Windows")
                 library = ctypes.cdll.LoadLibrary(str(build()))
+                _check_extensions(library.CloudJaxKernelExtensions())
                 for target, symbol in _SYMBOLS.items():
                     jax.ffi.register_ffi_target(
                         target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
