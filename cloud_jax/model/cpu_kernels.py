@@ -114,9 +114,14 @@ def _compiler() -> Optional[str]:
     return None
 
 
+def _arch() -> str:
+    """The ``-march`` target: ``CLOUD_JAX_KERNEL_ARCH``, else ``native``."""
+    return os.environ.get(_ARCH_ENV, "").strip() or "native"
+
+
 def _flags() -> tuple[str, ...]:
-    """The compiler's flags: ``-march`` from ``CLOUD_JAX_KERNEL_ARCH`` (default ``native``)."""
-    arch = os.environ.get(_ARCH_ENV, "").strip() or "native"
+    """The compiler's flags, ``-march`` from :func:`_arch`."""
+    arch = _arch()
     if not set(arch) <= _ARCH_CHARS:
         raise RuntimeError(f"{_ARCH_ENV}={arch!r} is not a -march target name (e.g. native, "
                            f"x86-64-v3, haswell)")
@@ -145,8 +150,7 @@ def _check_extensions(bits: int) -> None:
         return
     missing = [name for bit, name in _EXTENSION_BITS.items() if bits & bit and name not in flags]
     if missing:
-        arch = os.environ.get(_ARCH_ENV, "").strip() or "native"
-        raise RuntimeError(f"the kernel library built for -march={arch} uses {', '.join(missing)}, "
+        raise RuntimeError(f"the kernel library built for -march={_arch()} uses {', '.join(missing)}, "
                            f"which this CPU lacks: unset {_ARCH_ENV} or name a target this CPU "
                            f"runs (e.g. x86-64-v3 needs avx2 and fma)")
 
