@@ -3,6 +3,8 @@ extensions), and the GPU code paths (bf16, transformers on the same device, pres
 
 import json
 
+import jax
+
 from cloud_jax.cli.bench.host import host_info, host_line
 from cloud_jax.model import cpu_kernels
 
@@ -141,6 +143,7 @@ def test_bench_train_in_bf16_over_fp32_masters_agrees_with_torch_autocast(capsys
     assert saved["result"] == result
     assert saved["command"].startswith("python -m cloud_jax bench train --record")
     assert saved["date"][:2] == "20" and host_info()["cpu_model"] in saved["machine"]
+    assert saved["versions"]["jax"] == jax.__version__ and saved["versions"]["python"]
 
 
 def test_the_train_preset_is_the_1b_workload():

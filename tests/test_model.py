@@ -10,6 +10,8 @@ import pytest
 from cloud_jax.model.config import ModelConfig
 from cloud_jax.model import (CLoudModel, init_cache, init_params, last_attended_index,
                              stack_layers, unstack_layers)
+from cloud_jax.model.params import init_reward_head
+from cloud_jax.sharding import MeshConfig, make_mesh
 
 CFG = ModelConfig(vocab_size=53, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4,
                   num_kv_heads=2, sliding_window=None)
@@ -23,6 +25,17 @@ def params():
 def _full(params, ids, mask, cfg=CFG):
     return CLoudModel(cfg).apply({"params": params}, ids, mask,
                                  reward_index_b=last_attended_index(mask))
+
+
+def test_reward_head_alone_equals_the_whole_models_head(params):
+    """A pretrained backbone's head starts at random (checkpoints/hf.py): init_reward_head must
+    give the very numbers init_params gives for the same seed, sharded or not."""
+    for mesh in (None, make_mesh(MeshConfig())):
+        head = init_reward_head(CFG, jax.random.key(0), mesh)
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                     head, params["reward_head"])
+    other = init_reward_head(CFG, jax.random.key(1))
+    assert not np.array_equal(other["dense"]["kernel"], params["reward_head"]["dense"]["kernel"])
 
 
 def test_cached_decode_equals_full_forward(params):

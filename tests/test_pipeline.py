@@ -110,3 +110,24 @@ def test_a_preempted_stage_exits_like_a_preempted_train(tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert "lm_pretrain was stopped by SIGTERM after saving step 3" in err
     assert "run the same command again" in err and "Traceback" not in err
+
+
+def test_cli_record_holds_results_json_and_the_host(pipeline_run, tmp_path, capsys):
+    """`pipeline --record PATH` (docs/measurements/): the rerun over the finished stages only
+    evaluates again, and the record holds what results.json holds plus the host's fields."""
+    from cloud_jax.cli import pipeline as cli
+
+    cfg, _ = pipeline_run
+    record = tmp_path / "measurements" / "pipeline.json"
+    argv = ["--config", DEMO, *TINY, f"output_dir={cfg.output_dir}", "--record", str(record)]
+    assert cli.main(argv) == 0
+    assert f"record: {record}" in capsys.readouterr().out
+    saved = json.loads(record.read_text())
+    assert saved["command"] == "python -m cloud_jax pipeline " + " ".join(argv)
+    assert saved["machine"].startswith("cpu (cpu); host ")
+    with open(os.path.join(cfg.output_dir, "results.json")) as f:
+        results = json.load(f)
+    result = saved["result"]
+    assert {k: result[k] for k in results} == results
+    assert result["backend"] == "cpu" and result["cpu_count"] >= 1
+    assert "agreement" in result["diagnostics"]["critiques_greedy"]

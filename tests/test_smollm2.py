@@ -50,3 +50,42 @@ def test_smollm2_logits_match_transformers(smollm2_dir, padding_side):
     # Greedy next tokens agree at every attended position.
     agree = (ours.argmax(-1) == ref.argmax(-1))[attended]
     assert agree.all(), f"{(~agree).sum()} of {agree.size} greedy tokens differ"
+
+
+@pytest.mark.slow
+def test_gpu_run_script_runs_on_cpu_at_a_tiny_budget(tmp_path):
+    """tools/gpu_smollm2.sh as the GPU machine runs it (docs/RESULTS.md, "On one GPU"): the GGUF
+    split by tools/offline_bundle.py and joined again, converted, the GPU pipeline config (bf16,
+    scanned layers) at a few steps, the record and report written to $OUT."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    try:
+        gguf_path = find_smollm2_gguf()
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    root = Path(__file__).resolve().parent.parent
+    bundle, out = tmp_path / "bundle", tmp_path / "out"
+    subprocess.run([sys.executable, str(root / "tools" / "offline_bundle.py"), "pack", "--gguf",
+                    str(gguf_path), "--out", str(bundle), "--part-mib", "40", "--packages", ""],
+                   check=True, capture_output=True, timeout=120)
+    env = dict(os.environ, BUNDLE=str(bundle), OUT=str(out), PYTHON=sys.executable,
+               RUN_DIR=str(tmp_path / "run"), WORK=str(tmp_path / "work"))
+    tiny = ["benchmark.num_train=8", "benchmark.num_eval=4", "data.batch_pairs=2",
+            "stages.critique_sft.total_steps=2", "stages.cloud.total_steps=1",
+            "self_critique.max_critique_tokens=4", "self_critique.batch_size=16",
+            "evaluation.max_critique_tokens=4", "evaluation.batch_size=8"]
+    done = subprocess.run(["bash", str(root / "tools" / "gpu_smollm2.sh"), *tiny], env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "sha256 ok" in done.stdout
+    record = json.loads((out / "gpu_smollm2.json").read_text())
+    assert "configs/smollm2_135m_gpu_pipeline.yaml" in record["command"]
+    result = record["result"]
+    assert result["num_eval_rows"] == 4 and set(result["cloud"]["self_consistency"]) == {"1", "4",
+                                                                                         "8"}
+    assert result["stages"]["critique_sft"]["steps"] == 2
+    assert (out / "gpu_smollm2_report.md").read_text().startswith("#")

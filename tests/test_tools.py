@@ -42,3 +42,43 @@ def test_avx2_host_says_how_to_call_it():
     done = subprocess.run([sys.executable, str(ROOT / "tools" / "avx2_host.py")], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "usage: python tools/avx2_host.py -m MODULE" in done.stderr
+
+
+def _bundle(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "offline_bundle.py"), *args],
+                          cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_offline_bundle_splits_and_joins_and_names_a_missing_or_damaged_part(tmp_path):
+    data = os.urandom(3 * (1 << 20) + 12345)
+    (tmp_path / "model.gguf").write_bytes(data)
+    bundle = tmp_path / "bundle"
+    done = _bundle("pack", "--gguf", str(tmp_path / "model.gguf"), "--out", str(bundle),
+                   "--part-mib", "1", "--packages", "")
+    assert done.returncode == 0, done.stderr
+    parts = sorted(p.name for p in bundle.iterdir())
+    assert parts == ["part1", "part2", "part3", "part4"]
+    assert all((bundle / p).stat().st_size <= 1 << 20 for p in bundle.glob("part*/smollm2.gguf.*"))
+    manifest = json.loads((bundle / "part4" / "manifest.json").read_text())
+    assert manifest["bytes"] == len(data) and len(manifest["parts"]) == 4
+
+    done = _bundle("join", "--bundle", str(bundle), "--out", str(tmp_path / "joined.gguf"))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "joined.gguf").read_bytes() == data
+
+    piece = bundle / "part2" / "smollm2.gguf.002"
+    saved = piece.read_bytes()
+    piece.write_bytes(saved[:-1] + bytes([saved[-1] ^ 1]))
+    done = _bundle("join", "--bundle", str(bundle), "--out", str(tmp_path / "again.gguf"))
+    assert done.returncode != 0 and "smollm2.gguf.002 differs" in done.stderr
+    piece.unlink()
+    done = _bundle("join", "--bundle", str(bundle), "--out", str(tmp_path / "again.gguf"))
+    assert done.returncode != 0 and "smollm2.gguf.002 is missing" in done.stderr
+    assert not (tmp_path / "again.gguf").exists()
+    shutil.rmtree(bundle / "part4")
+    done = _bundle("join", "--bundle", str(bundle), "--out", str(tmp_path / "again.gguf"))
+    assert done.returncode != 0 and "manifest.json" in done.stderr
+
+    done = _bundle("pack", "--gguf", str(tmp_path / "model.gguf"), "--out", str(bundle),
+                   "--part-mib", "0.5", "--packages", "")
+    assert done.returncode != 0 and "below 1 MiB" in done.stderr

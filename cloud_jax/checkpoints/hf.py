@@ -38,7 +38,7 @@ from jax.sharding import Mesh, NamedSharding
 from cloud_jax import storage
 from cloud_jax.errors import CheckpointError
 from cloud_jax.model.config import ModelConfig, RopeScalingConfig
-from cloud_jax.model.params import (Params, init_params, param_shapes, param_shardings,
+from cloud_jax.model.params import (Params, init_reward_head, param_shapes, param_shardings,
                                     stack_layers, unstack_layers)
 from cloud_jax.sharding import TRAIN_RULES, Rules
 
@@ -452,8 +452,8 @@ def load_params(directory: Path, cfg: ModelConfig, *, hf_prefix: str = "", with_
         raise CheckpointError(f"{directory}: missing tensors: {sorted(table)[:10]}"
                               + (" ..." if len(table) > 10 else ""))
     if not with_head:
-        fresh = init_params(unrolled, rng if rng is not None else jax.random.key(0), mesh, rules)
-        params["reward_head"] = fresh["reward_head"]
+        params["reward_head"] = init_reward_head(
+            unrolled, rng if rng is not None else jax.random.key(0), mesh, rules)
     if cfg.scan_layers:
         params = stack_layers(params, cfg.num_layers)
     return params

@@ -18,9 +18,14 @@ from cloud_jax.experiments.cloud_vs_classic.run import REPORT_MD, RESULTS_JSON, 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cloud_jax pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser.add_argument("--config", help="pipeline YAML (configs/demo_cpu.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, e.g. output_dir=runs/x stages.cloud.total_steps=100")
+    parser.add_argument("--record", metavar="PATH", default=None,
+                        help="also write the results as a measurement record (JSON: date, "
+                             "machine, command, result = results.json plus the host's fields), "
+                             "as docs/measurements/ keeps them")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         force=True)
@@ -29,6 +34,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = load_pipeline_config(args.config, args.overrides)
     results = run_pipeline(cfg)
     print(summary_table(results))
+    if args.record:
+        from cloud_jax.cli.bench.host import host_info, write_record
+        write_record(args.record, "python -m cloud_jax pipeline " + " ".join(argv),
+                     {**results, **host_info()})
+        print(f"record: {args.record}")
     with open(os.path.join(cfg.output_dir, "eval", "cloud_greedy", "critiques.jsonl"),
               encoding="utf-8") as f:
         examples = [json.loads(line) for _, line in zip(range(3), f)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 from typing import Any, Optional
 
@@ -76,6 +77,24 @@ def init_params(cfg: ModelConfig, rng: jax.Array, mesh: Optional[Mesh] = None,
     shardings = param_shardings(cfg, mesh, rules)
     with mesh_context(mesh, rules):
         return jax.jit(init, out_shardings=shardings)(rng)
+
+
+def init_reward_head(cfg: ModelConfig, rng: jax.Array, mesh: Optional[Mesh] = None,
+                     rules: Rules = TRAIN_RULES) -> Params:
+    """``init_params(cfg, rng, ...)["reward_head"]`` without compiling the rest of the model: flax
+    draws each submodule's random numbers from a stream named by its path, so a model of one
+    layer and a small vocabulary gives the same head, and only the head leaves the program.
+    Loading a pretrained backbone needs only this part at random."""
+    small = dataclasses.replace(cfg, num_layers=1, vocab_size=128, scan_layers=False)
+    model = CLoudModel(small)
+
+    def init(r):
+        return nn.unbox(model.init(r, *_dummy_inputs())["params"])["reward_head"]
+
+    if mesh is None:
+        return jax.jit(init)(rng)
+    with mesh_context(mesh, rules):
+        return jax.jit(init, out_shardings=param_shardings(small, mesh, rules)["reward_head"])(rng)
 
 
 def count_params(params: Params) -> int:

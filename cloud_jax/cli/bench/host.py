@@ -80,9 +80,26 @@ def host_line(info: dict) -> str:
             f"{info['backend']}: {', '.join(info['devices'])}")
 
 
+# The packages a measurement depends on, recorded with it (an accelerator's image has its own).
+RECORDED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "torch")
+
+
+def package_versions() -> dict:
+    """{distribution: version} of RECORDED_PACKAGES installed, plus Python's."""
+    import importlib.metadata
+
+    versions = {"python": platform.python_version()}
+    for name in RECORDED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
 def write_record(path: str, command: str, result: dict) -> None:
     """One measurement as docs/measurements/ keeps it: ``{"date", "machine", "command",
-    "result"}``, the result being the bench's JSON line."""
+    "versions", "result"}``, the result being the bench's JSON line."""
     import datetime
     import json
     from pathlib import Path
@@ -92,7 +109,8 @@ def write_record(path: str, command: str, result: dict) -> None:
     machine = (f"{', '.join(info['devices'])} ({info['backend']}); host {info['cpu_model']}, "
                f"{info['cpu_count']} cores" if info else "unknown")
     out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "machine": machine, "command": command, "result": result}
+           "machine": machine, "command": command, "versions": package_versions(),
+           "result": result}
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(out, indent=1) + "\n")

@@ -120,7 +120,7 @@ def _self_critique(cfg: PipelineConfig, sft_dir: str, train_path: str) -> str:
     sc = cfg.self_critique
     devices = jax.local_devices()
     mesh = make_mesh(MeshConfig(), devices) if len(devices) > 1 else None
-    rm = cloud_jax.load(sft_dir, mesh=mesh, rules=SAMPLE_RULES)
+    rm = cloud_jax.load(sft_dir, mesh=mesh, rules=SAMPLE_RULES, dtype=cfg.model.dtype)
     score_cfg = ScoreConfig(temperature=sc.temperature, max_critique_tokens=sc.max_critique_tokens,
                             batch_size=sc.batch_size, seed=sc.seed, max_length=cfg.data.max_length,
                             critique_prefix=cfg.data.critique_prefix).validate()
@@ -145,12 +145,13 @@ def _evaluate(cfg: PipelineConfig, rows, cloud_dir: str, classic_dir: str,
     common = dict(max_critique_tokens=ev.max_critique_tokens, seed=ev.seed,
                   batch_size=ev.batch_size)
     shared = dict(max_length=cfg.data.max_length, critique_prefix=cfg.data.critique_prefix)
-    classic_rm = cloud_jax.load(classic_dir)
+    # Sampling and scoring compute in the model section's dtype, as training did.
+    classic_rm = cloud_jax.load(classic_dir, dtype=cfg.model.dtype)
     classic = timer.run("evaluate_classic", run_evaluation,
                         score_fn_from_model(classic_rm, classic=True, **common, **shared),
                         EvalConfig(classic=True, **common), os.path.join(out_dir, "classic"),
                         rows=rows, progress=True)
-    rm = cloud_jax.load(cloud_dir)
+    rm = cloud_jax.load(cloud_dir, dtype=cfg.model.dtype)
     greedy = timer.run("evaluate_cloud_greedy", run_evaluation,
                        score_fn_from_model(rm, temperature=0.0, **common, **shared),
                        EvalConfig(num_samples=(1,), temperature=0.0, **common),

@@ -1,0 +1,47 @@
+#!/bin/bash
+# SmolLM2-135M-Instruct through the CLoud pipeline on a machine with no network, from a bundle
+# that tools/offline_bundle.py packed (docs/RESULTS.md, "On one GPU"):
+#
+#   bash tools/gpu_smollm2.sh [key=value ...]
+#
+# 1. joins the GGUF from the bundle's parts (checked against their sha256),
+# 2. installs the bundle's wheels into a private folder (nothing else on the machine changes),
+# 3. converts the GGUF (python -m cloud_jax convert-gguf),
+# 4. runs configs/smollm2_135m_gpu_pipeline.yaml plus the key=value overrides given,
+# 5. writes the measurement record and report.md to $OUT (default runs/gpu_smollm2_out).
+#
+# Environment: BUNDLE (default .device), OUT, PYTHON (default python3), CONFIG (default
+# configs/smollm2_135m_gpu_pipeline.yaml), RUN_DIR (default runs/smollm2_135m_gpu_pipeline).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BUNDLE=${BUNDLE:-.device}
+OUT=${OUT:-runs/gpu_smollm2_out}
+PYTHON=${PYTHON:-python3}
+CONFIG=${CONFIG:-configs/smollm2_135m_gpu_pipeline.yaml}
+RUN_DIR=${RUN_DIR:-runs/smollm2_135m_gpu_pipeline}
+WORK=${WORK:-$(mktemp -d)}
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+start=$(date +%s)
+
+"$PYTHON" tools/offline_bundle.py join --bundle "$BUNDLE" --out "$WORK/smollm2.gguf"
+shopt -s nullglob
+wheels=("$BUNDLE"/part*/wheels/*.whl)
+if ((${#wheels[@]})); then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --target "$WORK/site" "${wheels[@]}"
+    export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+    echo "installed ${#wheels[@]} wheels into $WORK/site"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+"$PYTHON" -c 'import jax, flax, optax, orbax.checkpoint as ocp, transformers, sys
+print("python", sys.version.split()[0], "jax", jax.__version__, "flax", flax.__version__,
+      "optax", optax.__version__, "orbax", ocp.__version__, "transformers",
+      transformers.__version__, "devices", jax.devices())'
+
+"$PYTHON" -m cloud_jax convert-gguf --gguf "$WORK/smollm2.gguf" --out "$WORK/smollm2-135m-instruct"
+"$PYTHON" -m cloud_jax pipeline --config "$CONFIG" --record "$OUT/gpu_smollm2.json" \
+    "init_from=$WORK/smollm2-135m-instruct" "data.tokenizer=$WORK/smollm2-135m-instruct" \
+    "output_dir=$RUN_DIR" "$@"
+cp "$RUN_DIR/report.md" "$OUT/gpu_smollm2_report.md"
+echo "wall time $(($(date +%s) - start)) s (join, install, convert and pipeline)"
