@@ -95,6 +95,7 @@ def pack(gguf: Path, out: Path, part_mib: float, packages, python_version: str) 
     if out.exists():
         shutil.rmtree(out)
     parts, offset, index = [], 0, 0
+    whole = hashlib.sha256()  # the file's and each part's hashes in the one pass that copies it
     with open(gguf, "rb") as src:
         while offset < size:
             index += 1
@@ -102,17 +103,20 @@ def pack(gguf: Path, out: Path, part_mib: float, packages, python_version: str) 
             path = out / f"part{index}" / name
             path.parent.mkdir(parents=True)
             n = min(limit, size - offset)
+            piece = hashlib.sha256()
             with open(path, "wb") as dst:
                 left = n
                 while left:
                     block = src.read(min(_CHUNK, left))
                     dst.write(block)
+                    piece.update(block)
+                    whole.update(block)
                     left -= len(block)
             parts.append({"folder": f"part{index}", "file": name, "bytes": n,
-                          "sha256": _sha256(path)})
+                          "sha256": piece.hexdigest()})
             offset += n
     last = out / parts[-1]["folder"]
-    manifest = {"file": NAME, "bytes": size, "sha256": _sha256(gguf), "source": gguf.name,
+    manifest = {"file": NAME, "bytes": size, "sha256": whole.hexdigest(), "source": gguf.name,
                 "parts": parts}
     (last / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     if packages:
@@ -120,7 +124,6 @@ def pack(gguf: Path, out: Path, part_mib: float, packages, python_version: str) 
     for part in parts:
         folder = out / part["folder"]
         used = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-        part["folder_bytes"] = used
         print(f"{folder}: {used / (1 << 20):.1f} MiB", flush=True)
     return manifest
 

@@ -16,9 +16,9 @@ from cloud_jax.experiments.cloud_vs_classic.run import REPORT_MD, RESULTS_JSON, 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m cloud_jax pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    argv = list(sys.argv[1:] if argv is None else argv)
     parser.add_argument("--config", help="pipeline YAML (configs/demo_cpu.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, e.g. output_dir=runs/x stages.cloud.total_steps=100")

@@ -64,19 +64,27 @@ def mesh_context(mesh: Optional[Mesh], rules: Rules):
     return stack
 
 
-def init_params(cfg: ModelConfig, rng: jax.Array, mesh: Optional[Mesh] = None,
-                rules: Rules = TRAIN_RULES) -> Params:
-    """Random parameters; with a mesh, each one is created directly in its sharding."""
+def _jit_init(cfg: ModelConfig, rng: jax.Array, mesh: Optional[Mesh], rules: Rules,
+              part: Optional[str] = None) -> Params:
+    """The model's random parameters, or only its subtree ``part``, from one jitted init; with a
+    mesh, each one is created directly in its sharding."""
     model = CLoudModel(cfg)
+    pick = (lambda tree: tree) if part is None else (lambda tree: tree[part])
 
     def init(r):
-        return nn.unbox(model.init(r, *_dummy_inputs())["params"])
+        return pick(nn.unbox(model.init(r, *_dummy_inputs())["params"]))
 
     if mesh is None:
         return jax.jit(init)(rng)
-    shardings = param_shardings(cfg, mesh, rules)
+    shardings = pick(param_shardings(cfg, mesh, rules))
     with mesh_context(mesh, rules):
         return jax.jit(init, out_shardings=shardings)(rng)
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, mesh: Optional[Mesh] = None,
+                rules: Rules = TRAIN_RULES) -> Params:
+    """Random parameters; with a mesh, each one is created directly in its sharding."""
+    return _jit_init(cfg, rng, mesh, rules)
 
 
 def init_reward_head(cfg: ModelConfig, rng: jax.Array, mesh: Optional[Mesh] = None,
@@ -86,15 +94,7 @@ def init_reward_head(cfg: ModelConfig, rng: jax.Array, mesh: Optional[Mesh] = No
     layer and a small vocabulary gives the same head, and only the head leaves the program.
     Loading a pretrained backbone needs only this part at random."""
     small = dataclasses.replace(cfg, num_layers=1, vocab_size=128, scan_layers=False)
-    model = CLoudModel(small)
-
-    def init(r):
-        return nn.unbox(model.init(r, *_dummy_inputs())["params"])["reward_head"]
-
-    if mesh is None:
-        return jax.jit(init)(rng)
-    with mesh_context(mesh, rules):
-        return jax.jit(init, out_shardings=param_shardings(small, mesh, rules)["reward_head"])(rng)
+    return _jit_init(small, rng, mesh, rules, part="reward_head")
 
 
 def count_params(params: Params) -> int:
