@@ -256,3 +256,48 @@ def test_a_classic_export_says_vanilla_and_reloads_as_classic(toy, tmp_path):
     explicit = rm.score(prompts, responses, classic=True)
     assert auto.critiques == [[], [], []]
     np.testing.assert_array_equal(auto.rewards, explicit.rewards)
+
+
+def test_a_saved_step_exports_as_the_final_step_does(toy, tmp_path):
+    """export-hf --checkpoint RUN [--step N]: the newest step of a finished run gives final/'s
+    files; an earlier step other weights, from the run's output_dir or its checkpoint directory."""
+    from safetensors.numpy import load_file
+
+    import cloud_jax
+    from cloud_jax.cli.export import main
+    from cloud_jax.errors import CheckpointError
+
+    out = tmp_path / "sft"
+    run(tiny("critique_sft", toy, str(out), "train.total_steps=4", "train.checkpoint_every=2",
+             "train.keep_checkpoints=3", "train.eval_every=0"))
+
+    def weights(d):
+        return load_file(str(d / "model.safetensors"))
+
+    final = weights(out / "final")
+    assert main(["--checkpoint", str(out), "--out", str(tmp_path / "newest")]) == 0
+    newest = weights(tmp_path / "newest")
+    assert newest.keys() == final.keys()
+    for k in final:
+        np.testing.assert_array_equal(newest[k], final[k], err_msg=k)
+    for name in ("config.json", "tokenizer_config.json"):
+        assert (tmp_path / "newest" / name).read_text() == (out / "final" / name).read_text()
+
+    assert main(["--checkpoint", str(out), "--step", "2", "--out", str(tmp_path / "s2")]) == 0
+    assert main(["--checkpoint", str(out / "checkpoints"), "--step", "2",
+                 "--out", str(tmp_path / "s2b")]) == 0
+    s2, s2b = weights(tmp_path / "s2"), weights(tmp_path / "s2b")
+    assert all(np.array_equal(s2[k], s2b[k]) for k in final)
+    assert not all(np.array_equal(s2[k], final[k]) for k in final)
+    rm = cloud_jax.load(tmp_path / "s2")
+    assert rm.critique_prefix == "Critique: " and not rm.is_classic
+
+    assert main(["--checkpoint", str(out), "--step", "2", "--format", "backbone",
+                 "--out", str(tmp_path / "s2_hf")]) == 0
+    assert json.loads((tmp_path / "s2_hf" / "config.json").read_text())["model_type"] == "llama"
+
+    with pytest.raises(CheckpointError, match="no completed checkpoint of step 3; saved steps: "
+                                              "2, 4"):
+        main(["--checkpoint", str(out), "--step", "3", "--out", str(tmp_path / "s3")])
+    with pytest.raises(CheckpointError, match="training run's output_dir.*export-hf --checkpoint"):
+        cloud_jax.load(out)

@@ -551,8 +551,13 @@ def save_cloud_reference(params: Params, cfg: ModelConfig, directory: str | os.P
 def read_config_json(directory: Path) -> dict:
     path = directory / "config.json"
     if not path.exists():
+        hint = ""
+        if (directory / "config.yaml").exists() or (directory / "checkpoints").is_dir():
+            hint = (" (this is a training run's output_dir: load its final/ directory, or "
+                    "export a saved step with `python -m cloud_jax export-hf --checkpoint "
+                    f"{directory} --step N --out DIR`)")
         raise CheckpointError(f"{directory}: no config.json; expected a Hugging Face or CLoud "
-                              "reward-model directory")
+                              f"reward-model directory{hint}")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:

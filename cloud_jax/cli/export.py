@@ -1,5 +1,13 @@
 """``python -m cloud_jax export-hf``: write a loaded model in the CLoud reference layout, or its
-backbone as a plain transformers causal-LM directory."""
+backbone as a plain transformers causal-LM directory.
+
+    python -m cloud_jax export-hf --checkpoint runs/sft/final --out exported
+    python -m cloud_jax export-hf --checkpoint runs/sft --step 400 --out runs/sft/step_400
+
+With ``--checkpoint`` a training run's output_dir (or its checkpoint directory) the weights of a
+saved step are exported (``--step``, default the newest), as the run exports its last step to
+``final/``: to evaluate or sample from a checkpoint before the end of training.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +18,41 @@ from cloud_jax.checkpoints.hf import save_hf_backbone
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cloud_jax export-hf", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m cloud_jax export-hf", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True,
-                        help="CLoud reference-layout directory, HF causal-LM directory or hub id")
+                        help="CLoud reference-layout directory, HF causal-LM directory or hub "
+                             "id; or a training run's output_dir or checkpoint directory")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--format", choices=("cloud", "backbone"), default="cloud",
                         help="cloud: reference CLoud layout (default); backbone: plain HF LM")
     parser.add_argument("--base-model-name", default=None,
                         help="base_model_name_or_path to record in the CLoud config")
+    parser.add_argument("--step", type=int, default=None,
+                        help="a training run's saved step to export (default: the newest)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="with a training run: the tokenizer to write beside the weights, "
+                             "when the run's data.tokenizer does not load here")
     args = parser.parse_args(argv)
+
+    from cloud_jax.training.loop import is_run_dir, load_checkpoint
+
+    if args.step is not None or is_run_dir(args.checkpoint):
+        if args.base_model_name:
+            parser.error("--base-model-name applies to a loaded model; a run's export records "
+                         "the base model of its init_from")
+        step, cfg, params, tok = load_checkpoint(args.checkpoint, args.step, args.tokenizer)
+        if args.format == "cloud":
+            from cloud_jax.training.loop import export_params
+
+            out = export_params(cfg, cfg.model, params, tok, args.out)
+        else:
+            out = save_hf_backbone(params, cfg.model, args.out)
+            tok.save_pretrained(str(out))
+        print(f"wrote {out} (step {step} of {args.checkpoint})")
+        return 0
+    if args.tokenizer:
+        parser.error("--tokenizer applies to a training run's checkpoint (with --step)")
 
     import cloud_jax
 

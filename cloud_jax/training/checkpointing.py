@@ -193,3 +193,44 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def restore_params(directory: str, step: Optional[int] = None) -> tuple[int, Any, dict]:
+    """``(step, params, saved config)`` of checkpoint ``step`` in a run's checkpoint directory
+    (the newest committed one when ``step`` is None), the parameters alone on this process's
+    first device: the optimizer state is not read.
+
+    For exporting or evaluating a saved step on one host (``python -m cloud_jax export-hf
+    --step``); a run resumes through :meth:`Checkpointer.restore_latest` instead.
+    """
+    path = storage.resolve(directory)
+    manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(
+        read_only=True, create=False, save_interval_steps=0))
+    try:
+        steps = sorted(s for s in manager.all_steps()
+                       if storage.exists(storage.join(path, str(s), COMMIT_MARKER)))
+        if not steps:
+            raise CheckpointError(f"{directory}: no completed checkpoint (step directories with "
+                                  f"{COMMIT_MARKER}); is it a training run's checkpoint "
+                                  "directory?")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise CheckpointError(f"{directory}: no completed checkpoint of step {step}; saved "
+                                  f"steps: {', '.join(map(str, steps))}")
+        saved = ocp.StandardCheckpointHandler().metadata(
+            epath.Path(storage.join(path, str(step))) / "state").tree
+        if "params" not in saved:
+            raise CheckpointError(f"{storage.join(path, str(step))}: the saved state has no "
+                                  f"params (keys: {sorted(saved)})")
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        item = {"params": jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved["params"])}
+        restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), item)
+        out = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                         partial_restore=True),
+            config=ocp.args.JsonRestore()))
+    finally:
+        manager.close()
+    return step, out["state"]["params"], out["config"]

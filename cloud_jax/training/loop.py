@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 import jax
 import numpy as np
+import yaml
 from tqdm.auto import tqdm
 
 from cloud_jax.model.config import ModelConfig
@@ -195,7 +196,13 @@ def _export_final(cfg: Config, model_cfg: ModelConfig, params, tokenizer) -> Opt
         params = jax.device_get(params)
     if not _is_main():
         return None
-    out = storage.join(cfg.output_dir, "final")
+    return export_params(cfg, model_cfg, params, tokenizer, storage.join(cfg.output_dir, "final"))
+
+
+def export_params(cfg: Config, model_cfg: ModelConfig, params, tokenizer, out: str) -> str:
+    """Writes ``params`` of a run of ``cfg`` to ``out`` (a local path or URL) as a CLoud directory
+    (``cloud_jax.load``, init_from of a later stage), with the stage's feedback method and
+    critique prefix and the tokenizer."""
     record = stage_record(cfg.train.stage)
     prefix = cfg.data.critique_prefix if record.exports_critique_prefix else None
     # The hub id the run descends from (init_from's, carried through every stage), so the export
@@ -207,8 +214,45 @@ def _export_final(cfg: Config, model_cfg: ModelConfig, params, tokenizer) -> Opt
                              layout_version=cfg.data.layout_version)
         if tokenizer is not None:
             tokenizer.save_pretrained(local)
-    log.info("final weights written to %s (a CLoud directory: init_from / cloud_jax.load)", out)
+    log.info("weights written to %s (a CLoud directory: init_from / cloud_jax.load)", out)
     return out
+
+
+def is_run_dir(path: str) -> bool:
+    """Whether ``path`` is a training run's output_dir (its config.yaml beside the checkpoints)."""
+    return storage.isfile(storage.join(path, "config.yaml"))
+
+
+def load_checkpoint(path: str, step: Optional[int] = None, tokenizer: Optional[str] = None):
+    """``(step, cfg, params, tokenizer)`` of a saved training step, the parameters on the host:
+    ``path`` is a run's output_dir (its train.checkpoint_dir is read from its config.yaml) or
+    the checkpoint directory itself; ``step`` None takes the newest completed checkpoint. The
+    tokenizer is the run's data.tokenizer unless ``tokenizer`` names another (a relative path in
+    the run's config resolves from the current directory)."""
+    from cloud_jax.training.checkpointing import restore_params
+
+    checkpoints = path
+    if is_run_dir(path):
+        run = yaml.safe_load(storage.read_text(storage.join(path, "config.yaml"))) or {}
+        checkpoints = _resolve((run.get("train") or {}).get("checkpoint_dir") or "checkpoints",
+                               path)
+    step, params, saved = restore_params(checkpoints, step)
+    cfg = config_from_dict(saved, source=f"the config saved with step {step} in {checkpoints}")
+    name = tokenizer or cfg.data.tokenizer
+    try:
+        tok = load_tokenizer(name)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"the run's tokenizer {name!r} does not load here ({err}); name it "
+                          "with --tokenizer (a directory or hub id, or 'byte')") from None
+    return step, cfg, jax.device_get(params), tok
+
+
+def export_checkpoint(path: str, out: str, step: Optional[int] = None,
+                      tokenizer: Optional[str] = None) -> tuple[int, str]:
+    """Exports a saved training step (:func:`load_checkpoint`) as :func:`export_params` does the
+    final one; returns ``(step, out)``."""
+    step, cfg, params, tok = load_checkpoint(path, step, tokenizer)
+    return step, export_params(cfg, cfg.model, params, tok, out)
 
 
 def _stop_if_nonfinite(window: list, step: int, ckpt: Checkpointer) -> None:
