@@ -45,6 +45,16 @@ def test_bad_config_names_the_key(tmp_path, text, override, needle):
         load_config(path, override)
 
 
+def test_an_empty_override_of_a_text_field_is_the_empty_text(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(YAML + "data:\n  eval_path: eval.jsonl\n")
+    assert load_config(path).data.eval_path == "eval.jsonl"
+    assert load_config(path, ["data.eval_path="]).data.eval_path == ""
+    assert load_config(path, ["data.eval_path=''"]).data.eval_path == ""
+    with pytest.raises(ConfigError, match=r"model\.num_layers"):
+        load_config(path, ["model.num_layers="])
+
+
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")

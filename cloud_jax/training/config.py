@@ -157,7 +157,13 @@ def config_from_dict(data: dict, overrides: Sequence[str] = (), schema: type = C
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. model.num_layers=4")
+        key, value = item.split("=", 1)
         try:
+            if not value.strip() and isinstance(OmegaConf.select(merged, key.strip()), str):
+                # `key=` on a command line means the empty text (e.g. data.eval_path= for no
+                # eval split), not the null OmegaConf reads it as.
+                OmegaConf.update(merged, key.strip(), "", merge=True)
+                continue
             merged.merge_with(OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as err:
             raise _explain(err, f"override {item!r}") from None
