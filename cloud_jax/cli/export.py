@@ -35,7 +35,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "when the run's data.tokenizer does not load here")
     args = parser.parse_args(argv)
 
-    from cloud_jax.training.loop import is_run_dir, load_checkpoint
+    from cloud_jax.training.loop import export_params, is_run_dir, load_checkpoint
 
     if args.step is not None or is_run_dir(args.checkpoint):
         if args.base_model_name:
@@ -43,8 +43,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          "the base model of its init_from")
         step, cfg, params, tok = load_checkpoint(args.checkpoint, args.step, args.tokenizer)
         if args.format == "cloud":
-            from cloud_jax.training.loop import export_params
-
             out = export_params(cfg, cfg.model, params, tok, args.out)
         else:
             out = save_hf_backbone(params, cfg.model, args.out)

@@ -247,14 +247,6 @@ def load_checkpoint(path: str, step: Optional[int] = None, tokenizer: Optional[s
     return step, cfg, jax.device_get(params), tok
 
 
-def export_checkpoint(path: str, out: str, step: Optional[int] = None,
-                      tokenizer: Optional[str] = None) -> tuple[int, str]:
-    """Exports a saved training step (:func:`load_checkpoint`) as :func:`export_params` does the
-    final one; returns ``(step, out)``."""
-    step, cfg, params, tok = load_checkpoint(path, step, tokenizer)
-    return step, export_params(cfg, cfg.model, params, tok, out)
-
-
 def _stop_if_nonfinite(window: list, step: int, ckpt: Checkpointer) -> None:
     """train.on_nonfinite=error: raises FloatingPointError naming the first non-finite step of
     ``window`` (the per-step metrics of the steps up to ``step``)."""
