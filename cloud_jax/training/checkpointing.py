@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -35,6 +36,11 @@ log = logging.getLogger(__name__)
 
 # Written by orbax into a step directory as the last act of a save (for every path type).
 COMMIT_MARKER = "commit_success.txt"
+
+
+def is_committed(step_dir: str) -> bool:
+    """Whether the save of a step directory completed (orbax wrote its commit marker)."""
+    return storage.exists(storage.join(step_dir, COMMIT_MARKER))
 
 # Config keys whose change makes a checkpoint unusable for the run: the parameter shapes, the stage
 # (what the weights were trained for) and the batch size the data position counts in.
@@ -146,7 +152,7 @@ class Checkpointer:
         failures = []
         for step in sorted(self.manager.all_steps(), reverse=True):
             path = self.step_dir(step)
-            if not storage.exists(storage.join(path, COMMIT_MARKER)):
+            if not is_committed(path):
                 failures.append(f"{path}: no {COMMIT_MARKER}, the save did not complete")
                 log.error("checkpoint %s has no commit marker %s (the save did not complete); "
                           "falling back to the previous checkpoint", path, COMMIT_MARKER)
@@ -197,8 +203,8 @@ class Checkpointer:
 
 def restore_params(directory: str, step: Optional[int] = None) -> tuple[int, Any, dict]:
     """``(step, params, saved config)`` of checkpoint ``step`` in a run's checkpoint directory
-    (the newest committed one when ``step`` is None), the parameters alone on this process's
-    first device: the optimizer state is not read.
+    (the newest committed one when ``step`` is None), the parameters alone as host (numpy)
+    arrays: the optimizer state is not read.
 
     For exporting or evaluating a saved step on one host (``python -m cloud_jax export-hf
     --step``); a run resumes through :meth:`Checkpointer.restore_latest` instead.
@@ -208,7 +214,7 @@ def restore_params(directory: str, step: Optional[int] = None) -> tuple[int, Any
         read_only=True, create=False, save_interval_steps=0))
     try:
         steps = sorted(s for s in manager.all_steps()
-                       if storage.exists(storage.join(path, str(s), COMMIT_MARKER)))
+                       if is_committed(storage.join(path, str(s))))
         if not steps:
             raise CheckpointError(f"{directory}: no completed checkpoint (step directories with "
                                   f"{COMMIT_MARKER}); is it a training run's checkpoint "
@@ -223,10 +229,9 @@ def restore_params(directory: str, step: Optional[int] = None) -> tuple[int, Any
         if "params" not in saved:
             raise CheckpointError(f"{storage.join(path, str(step))}: the saved state has no "
                                   f"params (keys: {sorted(saved)})")
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        item = {"params": jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved["params"])}
-        restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), item)
+        # Read straight into host arrays: nothing is placed on a device only to be copied back.
+        item = {"params": jax.tree.map(lambda m: np.zeros((), m.dtype), saved["params"])}
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
         out = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
                                          partial_restore=True),

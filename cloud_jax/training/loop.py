@@ -67,13 +67,18 @@ def check_paths(cfg: Config) -> None:
             if key.startswith("data.") and part.startswith("hf://"):
                 continue  # a Hugging Face hub dataset, read by `datasets`
             storage.check_path(part, key)
-    checkpoints = _resolve(cfg.train.checkpoint_dir or "checkpoints", cfg.output_dir)
+    checkpoints = _checkpoint_dir(cfg.train.checkpoint_dir, cfg.output_dir)
     if storage.scheme(checkpoints) not in storage.CHECKPOINT_SCHEMES:
         raise ConfigError(
             f"checkpoints would go to {checkpoints!r}: orbax writes checkpoint arrays to local "
             f"disk or {', '.join(s + '://' for s in storage.CHECKPOINT_SCHEMES if s)} only (its "
             "tensorstore path has no s3:// support). Set train.checkpoint_dir to a gs:// or local "
             "directory; the other run paths may stay on s3://.")
+
+
+def _checkpoint_dir(checkpoint_dir: str, output_dir: str) -> str:
+    """Where a run's checkpoints are: train.checkpoint_dir, by default <output_dir>/checkpoints."""
+    return _resolve(checkpoint_dir or "checkpoints", output_dir)
 
 
 def _resolve(path: str, output_dir: str) -> str:
@@ -234,8 +239,7 @@ def load_checkpoint(path: str, step: Optional[int] = None, tokenizer: Optional[s
     checkpoints = path
     if is_run_dir(path):
         run = yaml.safe_load(storage.read_text(storage.join(path, "config.yaml"))) or {}
-        checkpoints = _resolve((run.get("train") or {}).get("checkpoint_dir") or "checkpoints",
-                               path)
+        checkpoints = _checkpoint_dir((run.get("train") or {}).get("checkpoint_dir"), path)
     step, params, saved = restore_params(checkpoints, step)
     cfg = config_from_dict(saved, source=f"the config saved with step {step} in {checkpoints}")
     name = tokenizer or cfg.data.tokenizer
@@ -244,7 +248,7 @@ def load_checkpoint(path: str, step: Optional[int] = None, tokenizer: Optional[s
     except (OSError, ValueError) as err:
         raise ConfigError(f"the run's tokenizer {name!r} does not load here ({err}); name it "
                           "with --tokenizer (a directory or hub id, or 'byte')") from None
-    return step, cfg, jax.device_get(params), tok
+    return step, cfg, params, tok
 
 
 def _stop_if_nonfinite(window: list, step: int, ckpt: Checkpointer) -> None:
@@ -398,7 +402,7 @@ def run(cfg: Config) -> dict:
     end_step = tc.stop_at_step or tc.total_steps
     eval_source = open_split(dataset, "eval") if cfg.data.eval_path else None
 
-    ckpt = Checkpointer(_resolve(tc.checkpoint_dir or "checkpoints", cfg.output_dir),
+    ckpt = Checkpointer(_checkpoint_dir(tc.checkpoint_dir, cfg.output_dir),
                         tc.keep_checkpoints, tc.async_checkpointing)
     data_iter = batch_iterator(cfg.data, train_source)
     builder, state = _restore_or_init(cfg, mesh, ckpt, data_iter)
