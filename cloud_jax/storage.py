@@ -148,6 +148,17 @@ def listdir(path: str) -> List[str]:
         return []
 
 
+def remove_tree(path: str) -> None:
+    """Deletes a directory and everything under it; nothing when it does not exist."""
+    if not is_url(path):
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        return
+    fs, inner = _fs(path)
+    if fs.exists(inner):
+        fs.rm(inner, recursive=True)
+
+
 def glob(pattern: str) -> List[str]:
     if not is_url(pattern):
         return sorted(_glob.glob(pattern))

@@ -23,7 +23,7 @@ TINY = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=
         "stages.cloud.total_steps=2", "self_critique.batch_size=96",
         "self_critique.max_critique_tokens=8", "evaluation.max_critique_tokens=8",
         "evaluation.batch_size=24", "evaluation.num_samples=[1,2]", "evaluation.num_examples=2",
-        "train.progress_bar=false"]
+        "self_critique.num_rows=20", "train.progress_bar=false"]
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +56,22 @@ def test_every_stage_runs_and_results_json_holds_the_comparison(pipeline_run):
     for arm in ("classic", "cloud_greedy", "cloud_sampled"):
         assert os.path.exists(os.path.join(out, "eval", arm, "report.json"))
         assert os.path.exists(os.path.join(out, "eval", arm, "critiques.jsonl"))
+    # self_critique.num_rows=20: both arms train on the first 20 of the 48 train rows, written
+    # as read; the SFT model rewrote just those.
+    assert saved["num_train_rows"] == 48 and saved["num_arm_train_rows"] == 20
+    with open(os.path.join(out, "data", "train.jsonl")) as f:
+        first = [json.loads(line) for line in f][:20]
+    with open(os.path.join(out, "arm_train.jsonl")) as f:
+        assert [json.loads(line) for line in f] == first
     shards = [f for f in os.listdir(os.path.join(out, "self_critique")) if f.endswith(".jsonl")]
-    assert shards
+    rewritten = []
+    for name in shards:
+        with open(os.path.join(out, "self_critique", name)) as f:
+            rewritten += [json.loads(line)["id"] for line in f]
+    assert rewritten == [row["id"] for row in first]
+    for arm in ("cloud", "classic"):
+        assert saved["stages"][arm]["data"]["train"]["rows"] == 20, saved["stages"][arm]["data"]
+    assert saved["stages"]["critique_sft"]["data"]["train"]["rows"] == 48
     report = open(os.path.join(out, "report.md")).read()
     assert "| classic reward model |" in report and "## Sample critiques" in report
     assert report.count("  - oracle: ") == 2 * 2
@@ -69,6 +83,18 @@ def test_rerun_skips_finished_stages_and_refuses_a_changed_config(pipeline_run, 
         again = run_pipeline(cfg)
     skipped = [r.getMessage() for r in caplog.records if "already finished" in r.getMessage()]
     assert len(skipped) == 4
+    assert again["classic"] == first["classic"] and again["cloud"] == first["cloud"]
+    # stages.keep_checkpoints=false, which a rerun may change: each finished stage's checkpoint
+    # directory goes, its final/ export stays, and the numbers are the same.
+    stages = ("lm_pretrain", "critique_sft", "cloud", "classic")
+    checkpoints = [os.path.join(cfg.output_dir, name, "checkpoints") for name in stages]
+    assert all(os.path.isdir(path) for path in checkpoints)
+    lean = load_pipeline_config(DEMO, TINY + [f"output_dir={cfg.output_dir}",
+                                              "stages.keep_checkpoints=false"])
+    again = run_pipeline(lean)
+    assert not any(os.path.exists(path) for path in checkpoints)
+    for name in stages:
+        assert os.path.isfile(os.path.join(cfg.output_dir, name, "final", "config.json"))
     assert again["classic"] == first["classic"] and again["cloud"] == first["cloud"]
     changed = load_pipeline_config(DEMO, TINY + [f"output_dir={cfg.output_dir}",
                                                  "stages.cloud.total_steps=3"])
@@ -85,6 +111,8 @@ def test_config_errors_are_clear(tmp_path):
         load_pipeline_config(DEMO, ["stages.cloud.total_steps=0"])
     with pytest.raises(ConfigError, match="nonsense"):
         load_pipeline_config(DEMO, ["stages.cloud.nonsense=1"])
+    with pytest.raises(ConfigError, match="every stage would share"):
+        load_pipeline_config(DEMO, [f"train.checkpoint_dir={tmp_path}"])
 
 
 def test_diagnostics_by_hand():

@@ -85,6 +85,9 @@ def test_storage_calls_against_the_emulator(bucket, tmp_path):
     assert Path(storage.local_copy(f"{base}/moved"), "x.txt").read_text() == "changed"
     with pytest.raises(FileNotFoundError):
         storage.local_copy(f"{base}/nothing")
+    storage.remove_tree(f"{base}/moved")
+    assert not storage.exists(f"{base}/moved/x.txt") and storage.listdir(f"{base}/moved") == []
+    storage.remove_tree(f"{base}/moved")  # gone already: nothing to do
 
 
 def test_a_run_in_the_bucket_is_preempted_resumes_to_the_same_losses_and_exports(

@@ -96,6 +96,18 @@ class PreferenceRow:
     index: Optional[int] = None
 
 
+def row_record(row: PreferenceRow, **fields: Any) -> dict:
+    """The row as a JSON object in the project's format (its ``extra`` keys included), with
+    ``fields`` set on top, e.g. new critiques."""
+    out = {"id": row.id, "prompt": row.prompt, "chosen": row.chosen, "rejected": row.rejected,
+           "chosen_feedback": row.chosen_feedback, "rejected_feedback": row.rejected_feedback}
+    out.update(fields)
+    if row.subset is not None:
+        out["subset"] = row.subset
+    out.update({k: v for k, v in row.extra.items() if k not in out})
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class LoadResult:
     rows: List[PreferenceRow]

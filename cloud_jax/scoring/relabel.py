@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 from cloud_jax import records, storage
 from cloud_jax.errors import ConfigError
 from cloud_jax.data.jsonl import write_jsonl_atomic
-from cloud_jax.data.schema import FEEDBACK_FIELDS, PreferenceRow
+from cloud_jax.data.schema import FEEDBACK_FIELDS, PreferenceRow, row_record
 from cloud_jax.data.tokenizer import tokenizer_fingerprint
 from cloud_jax.scoring.rewards import ScoreConfig, resolve_critique_prefix, score
 
@@ -52,13 +52,8 @@ def shard_name(index: int, count: int) -> str:
 
 def _row_out(row: PreferenceRow, chosen: str, rejected: str, chosen_cut: bool,
              rejected_cut: bool) -> dict:
-    out = {"id": row.id, "prompt": row.prompt, "chosen": row.chosen, "rejected": row.rejected,
-           "chosen_feedback": chosen, "rejected_feedback": rejected,
-           "chosen_feedback_truncated": chosen_cut, "rejected_feedback_truncated": rejected_cut}
-    if row.subset is not None:
-        out["subset"] = row.subset
-    out.update({k: v for k, v in row.extra.items() if k not in out})
-    return out
+    return row_record(row, chosen_feedback=chosen, rejected_feedback=rejected,
+                      chosen_feedback_truncated=chosen_cut, rejected_feedback_truncated=rejected_cut)
 
 
 def regenerate(rm, rows: Sequence[PreferenceRow], cfg: ScoreConfig, on_batch=None) -> list[dict]:

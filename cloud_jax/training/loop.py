@@ -67,7 +67,7 @@ def check_paths(cfg: Config) -> None:
             if key.startswith("data.") and part.startswith("hf://"):
                 continue  # a Hugging Face hub dataset, read by `datasets`
             storage.check_path(part, key)
-    checkpoints = _checkpoint_dir(cfg.train.checkpoint_dir, cfg.output_dir)
+    checkpoints = run_checkpoint_dir(cfg.train.checkpoint_dir, cfg.output_dir)
     if storage.scheme(checkpoints) not in storage.CHECKPOINT_SCHEMES:
         raise ConfigError(
             f"checkpoints would go to {checkpoints!r}: orbax writes checkpoint arrays to local "
@@ -76,7 +76,7 @@ def check_paths(cfg: Config) -> None:
             "directory; the other run paths may stay on s3://.")
 
 
-def _checkpoint_dir(checkpoint_dir: str, output_dir: str) -> str:
+def run_checkpoint_dir(checkpoint_dir: str, output_dir: str) -> str:
     """Where a run's checkpoints are: train.checkpoint_dir, by default <output_dir>/checkpoints."""
     return _resolve(checkpoint_dir or "checkpoints", output_dir)
 
@@ -239,7 +239,7 @@ def load_checkpoint(path: str, step: Optional[int] = None, tokenizer: Optional[s
     checkpoints = path
     if is_run_dir(path):
         run = yaml.safe_load(storage.read_text(storage.join(path, "config.yaml"))) or {}
-        checkpoints = _checkpoint_dir((run.get("train") or {}).get("checkpoint_dir"), path)
+        checkpoints = run_checkpoint_dir((run.get("train") or {}).get("checkpoint_dir"), path)
     step, params, saved = restore_params(checkpoints, step)
     cfg = config_from_dict(saved, source=f"the config saved with step {step} in {checkpoints}")
     name = tokenizer or cfg.data.tokenizer
@@ -402,7 +402,7 @@ def run(cfg: Config) -> dict:
     end_step = tc.stop_at_step or tc.total_steps
     eval_source = open_split(dataset, "eval") if cfg.data.eval_path else None
 
-    ckpt = Checkpointer(_checkpoint_dir(tc.checkpoint_dir, cfg.output_dir),
+    ckpt = Checkpointer(run_checkpoint_dir(tc.checkpoint_dir, cfg.output_dir),
                         tc.keep_checkpoints, tc.async_checkpointing)
     data_iter = batch_iterator(cfg.data, train_source)
     builder, state = _restore_or_init(cfg, mesh, ckpt, data_iter)

@@ -7,6 +7,7 @@ pipeline's own sections (``benchmark``, ``stages``, ``self_critique``, ``evaluat
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional, Sequence, Tuple
 
 from cloud_jax.data.synthetic.reasoning import ReasoningBenchmarkConfig
@@ -34,6 +35,11 @@ class StagesConfig:
     cloud: StagePlan = StagePlan(total_steps=200)
     # total_steps 0: as many as `cloud` (the comparison is at equal data and steps).
     classic: StagePlan = StagePlan()
+    # false: a stage's checkpoint directory (parameters and optimizer state, about 3x the
+    # exported model in fp32) is deleted once the stage has finished and exported final/, which
+    # is all that later stages and the evaluation read. true keeps every saved step for
+    # `python -m cloud_jax export-hf --step N`.
+    keep_checkpoints: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +50,10 @@ class SelfCritiqueConfig:
     max_critique_tokens: int = 96
     batch_size: int = 256
     seed: int = 0
+    # The first N train rows are rewritten, and both arms (cloud and classic) train on just
+    # those rows: equal data, with N x 2 critiques to sample instead of every row's. The
+    # earlier stages (lm_pretrain, critique_sft) still see every train row. 0: all rows.
+    num_rows: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +96,13 @@ class PipelineConfig(Config):
                               "report and plots with local file calls; give a local directory "
                               "(each stage on its own, python -m cloud_jax.train / critique / "
                               "evaluate, takes gs:// paths)")
+        ckpt = self.train.checkpoint_dir
+        if ckpt and ("://" in ckpt or os.path.isabs(ckpt)):
+            raise ConfigError(f"train.checkpoint_dir={ckpt!r}: every stage would share this "
+                              "directory, and the second would find the first one's checkpoints; "
+                              "leave it "
+                              "empty (<output_dir>/<stage>/checkpoints) or give a relative path "
+                              "(under each stage's directory)")
         if bool(self.data.train_path) != bool(self.data.eval_path):
             raise ConfigError("data.train_path and data.eval_path go together: give both (rows "
                               "with oracle feedback) or neither (the built-in benchmark)")
@@ -113,6 +130,9 @@ class PipelineConfig(Config):
                               "sampled critiques (e.g. 0.7)")
         if ev.max_critique_tokens < 1 or self.self_critique.max_critique_tokens < 1:
             raise ConfigError("max_critique_tokens must be >= 1 (evaluation and self_critique)")
+        if self.self_critique.num_rows < 0:
+            raise ConfigError(f"self_critique.num_rows={self.self_critique.num_rows}: must be "
+                              ">= 0 (0: every train row)")
         if ev.num_rows < 0 or ev.num_examples < 0:
             raise ConfigError("evaluation.num_rows and evaluation.num_examples must be >= 0")
         return self

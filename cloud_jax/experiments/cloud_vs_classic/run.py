@@ -33,9 +33,9 @@ import jax
 import numpy as np
 
 import cloud_jax
-from cloud_jax import records
-from cloud_jax.data.jsonl import read_jsonl
-from cloud_jax.data.schema import expand_paths, load_rows
+from cloud_jax import records, storage
+from cloud_jax.data.jsonl import read_jsonl, write_jsonl_atomic
+from cloud_jax.data.schema import expand_paths, load_rows, row_record
 from cloud_jax.data.synthetic.reasoning import write_splits
 from cloud_jax.errors import ConfigError, Preempted
 from cloud_jax.evaluation.run import EvalConfig, run_evaluation
@@ -99,6 +99,7 @@ def _train(cfg: PipelineConfig, name: str, **paths) -> dict:
         with open(done, encoding="utf-8") as f:
             summary = json.load(f)
         log.info("%s: already finished (%s), skipped", name, done)
+        _drop_checkpoints(cfg, stage_cfg)
         return summary
     log.info("%s: %d steps -> %s", name, stage_cfg.train.total_steps, stage_cfg.output_dir)
     summary = run(stage_cfg)
@@ -108,7 +109,20 @@ def _train(cfg: PipelineConfig, name: str, **paths) -> dict:
     keep = {k: summary.get(k) for k in ("step", "train", "eval", "final_dir", "data")}
     with open(done, "w", encoding="utf-8") as f:
         json.dump(keep, f, indent=2, sort_keys=True, default=str)
+    # Only after the summary is written: a stage is never left unfinished without checkpoints.
+    _drop_checkpoints(cfg, stage_cfg)
     return keep
+
+
+def _drop_checkpoints(cfg: PipelineConfig, stage_cfg: Config) -> None:
+    """stages.keep_checkpoints=false: a finished stage's checkpoint directory is deleted."""
+    from cloud_jax.training.loop import run_checkpoint_dir
+
+    path = run_checkpoint_dir(stage_cfg.train.checkpoint_dir, stage_cfg.output_dir)
+    if cfg.stages.keep_checkpoints or not storage.exists(path):
+        return
+    storage.remove_tree(path)
+    log.info("stages.keep_checkpoints=false: deleted %s (the stage's final/ export stays)", path)
 
 
 def _self_critique(cfg: PipelineConfig, sft_dir: str, train_path: str) -> str:
@@ -131,6 +145,19 @@ def _self_critique(cfg: PipelineConfig, sft_dir: str, train_path: str) -> str:
     if summary.unusable:
         log.warning("%d self-critiques are empty or hold NUL characters", summary.unusable)
     return summary.glob
+
+
+def _arm_rows(cfg: PipelineConfig, train_path: str, rows):
+    """The train rows that the cloud and classic arms share (self_critique.num_rows): every row
+    at train_path, or the first N written to <output_dir>/arm_train.jsonl."""
+    n = cfg.self_critique.num_rows
+    if not n or n >= len(rows):
+        return train_path, rows
+    path = os.path.join(cfg.output_dir, "arm_train.jsonl")
+    write_jsonl_atomic(path, [row_record(row) for row in rows[:n]])
+    log.info("self_critique.num_rows=%d: cloud and classic train on the first %d of %d train "
+             "rows (%s)", n, n, len(rows), path)
+    return path, rows[:n]
 
 
 # --- evaluation -----------------------------------------------------------------------------
@@ -199,7 +226,7 @@ def _check_same_config(cfg: PipelineConfig, path: str) -> None:
     if not os.path.exists(path):
         return
     changed = records.changes(to_dict(load_config(path, schema=PipelineConfig)), to_dict(cfg),
-                              ignore=("evaluation",))
+                              ignore=("evaluation", "stages.keep_checkpoints"))
     if changed:
         raise ConfigError(f"{path} records other settings ({', '.join(changed)} differ); use a "
                           "new output_dir, or delete the stages that should be redone")
@@ -241,11 +268,12 @@ def run_pipeline(cfg: PipelineConfig) -> Dict[str, Any]:
                                           train_path=train_path, eval_path=eval_path,
                                           init_from=base)
     sft = summaries["critique_sft"]["final_dir"]
-    log.info("self_critique: the SFT model rewrites %d x 2 train critiques", len(train_rows))
-    critiqued = timer.run("self_critique", _self_critique, cfg, sft, train_path)
+    arm_path, arm_rows = _arm_rows(cfg, train_path, train_rows)
+    log.info("self_critique: the SFT model rewrites %d x 2 train critiques", len(arm_rows))
+    critiqued = timer.run("self_critique", _self_critique, cfg, sft, arm_path)
     summaries["cloud"] = timer.run("cloud", _train, cfg, "cloud", train_path=critiqued,
                                    eval_path=eval_path, init_from=sft)
-    summaries["classic"] = timer.run("classic", _train, cfg, "classic", train_path=train_path,
+    summaries["classic"] = timer.run("classic", _train, cfg, "classic", train_path=arm_path,
                                      eval_path=eval_path, init_from=base)
     log.info("evaluate: classic, CLoud greedy and K = %s on %d held-out pairs",
              list(cfg.evaluation.num_samples), len(eval_rows))
@@ -253,9 +281,10 @@ def run_pipeline(cfg: PipelineConfig) -> Dict[str, Any]:
                         summaries["classic"]["final_dir"], timer)
     greedy_critiques = results.pop("_records")
     results["diagnostics"]["sft_self_critique_train"] = self_critique_quality(critiqued,
-                                                                             train_rows)
+                                                                             arm_rows)
     results["cloud_minus_classic"] = results["cloud"]["accuracy"] - results["classic"]["accuracy"]
     results["num_train_rows"] = len(train_rows)
+    results["num_arm_train_rows"] = len(arm_rows)
     results["num_eval_rows"] = len(eval_rows)
     results["stages"] = {name: {"steps": s.get("step"), "final_dir": s.get("final_dir"),
                                 "train": s.get("train"), "eval": s.get("eval"),
