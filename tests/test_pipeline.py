@@ -74,6 +74,7 @@ def test_every_stage_runs_and_results_json_holds_the_comparison(pipeline_run):
     assert saved["stages"]["critique_sft"]["data"]["train"]["rows"] == 48
     report = open(os.path.join(out, "report.md")).read()
     assert "| classic reward model |" in report and "## Sample critiques" in report
+    assert "Train pairs: 48 (cloud and classic: 20). Held-out pairs: 12." in report
     assert report.count("  - oracle: ") == 2 * 2
 
 

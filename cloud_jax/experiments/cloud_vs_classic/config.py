@@ -100,9 +100,8 @@ class PipelineConfig(Config):
         if ckpt and ("://" in ckpt or os.path.isabs(ckpt)):
             raise ConfigError(f"train.checkpoint_dir={ckpt!r}: every stage would share this "
                               "directory, and the second would find the first one's checkpoints; "
-                              "leave it "
-                              "empty (<output_dir>/<stage>/checkpoints) or give a relative path "
-                              "(under each stage's directory)")
+                              "leave it empty (<output_dir>/<stage>/checkpoints) or give a "
+                              "relative path (under each stage's directory)")
         if bool(self.data.train_path) != bool(self.data.eval_path):
             raise ConfigError("data.train_path and data.eval_path go together: give both (rows "
                               "with oracle feedback) or neither (the built-in benchmark)")

@@ -21,9 +21,10 @@ def markdown_report(results: Dict[str, Any], records: List[dict], rows: Sequence
     c, k = results["classic"], results["cloud"]
     d = results["diagnostics"]
     gap = k["accuracy"] - c["accuracy"]
+    arms = results.get("num_arm_train_rows", results["num_train_rows"])
     lines = ["# CLoud vs classic: pipeline results", "",
-             f"Held-out pairs: {results['num_eval_rows']}. Pairwise accuracy (a tie counts as "
-             "wrong):", "",
+             f"Train pairs: {results['num_train_rows']} (cloud and classic: {arms}). Held-out "
+             f"pairs: {results['num_eval_rows']}. Pairwise accuracy (a tie counts as wrong):", "",
              "| model | accuracy |", "|---|---|",
              f"| classic reward model | {_pct(c['accuracy'])} |",
              f"| CLoud, greedy critique (K = 1) | {_pct(k['accuracy'])} |"]
