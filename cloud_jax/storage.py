@@ -148,15 +148,19 @@ def listdir(path: str) -> List[str]:
         return []
 
 
-def remove_tree(path: str) -> None:
-    """Deletes a directory and everything under it; nothing when it does not exist."""
+def remove_tree(path: str) -> bool:
+    """Deletes a directory and everything under it; False (and nothing done) when there is
+    none."""
     if not is_url(path):
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        return
+        if not os.path.isdir(path):
+            return False
+        shutil.rmtree(path)
+        return True
     fs, inner = _fs(path)
-    if fs.exists(inner):
-        fs.rm(inner, recursive=True)
+    if not fs.exists(inner):
+        return False
+    fs.rm(inner, recursive=True)
+    return True
 
 
 def glob(pattern: str) -> List[str]:

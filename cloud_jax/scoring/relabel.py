@@ -50,19 +50,15 @@ def shard_name(index: int, count: int) -> str:
     return f"critiques-{index:05d}-of-{count:05d}.jsonl"
 
 
-def _row_out(row: PreferenceRow, chosen: str, rejected: str, chosen_cut: bool,
-             rejected_cut: bool) -> dict:
-    return row_record(row, chosen_feedback=chosen, rejected_feedback=rejected,
-                      chosen_feedback_truncated=chosen_cut, rejected_feedback_truncated=rejected_cut)
-
-
 def regenerate(rm, rows: Sequence[PreferenceRow], cfg: ScoreConfig, on_batch=None) -> list[dict]:
     """The rows with freshly sampled critiques of both responses."""
     prompts = [r.prompt for r in rows for _ in range(2)]
     responses = [text for r in rows for text in (r.chosen, r.rejected)]
     result = score(rm, prompts, responses, cfg, on_batch)
-    return [_row_out(row, result.critiques[2 * i][0], result.critiques[2 * i + 1][0],
-                     bool(result.truncated[2 * i, 0]), bool(result.truncated[2 * i + 1, 0]))
+    return [row_record(row, chosen_feedback=result.critiques[2 * i][0],
+                       rejected_feedback=result.critiques[2 * i + 1][0],
+                       chosen_feedback_truncated=bool(result.truncated[2 * i, 0]),
+                       rejected_feedback_truncated=bool(result.truncated[2 * i + 1, 0]))
             for i, row in enumerate(rows)]
 
 

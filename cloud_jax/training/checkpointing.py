@@ -42,6 +42,7 @@ def is_committed(step_dir: str) -> bool:
     """Whether the save of a step directory completed (orbax wrote its commit marker)."""
     return storage.exists(storage.join(step_dir, COMMIT_MARKER))
 
+
 # Config keys whose change makes a checkpoint unusable for the run: the parameter shapes, the stage
 # (what the weights were trained for) and the batch size the data position counts in.
 _MUST_MATCH = ("model.", "train.stage", "data.batch_pairs")

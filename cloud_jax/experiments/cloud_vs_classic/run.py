@@ -118,11 +118,12 @@ def _drop_checkpoints(cfg: PipelineConfig, stage_cfg: Config) -> None:
     """stages.keep_checkpoints=false: a finished stage's checkpoint directory is deleted."""
     from cloud_jax.training.loop import run_checkpoint_dir
 
-    path = run_checkpoint_dir(stage_cfg.train.checkpoint_dir, stage_cfg.output_dir)
-    if cfg.stages.keep_checkpoints or not storage.exists(path):
+    if cfg.stages.keep_checkpoints:
         return
-    storage.remove_tree(path)
-    log.info("stages.keep_checkpoints=false: deleted %s (the stage's final/ export stays)", path)
+    path = run_checkpoint_dir(stage_cfg.train.checkpoint_dir, stage_cfg.output_dir)
+    if storage.remove_tree(path):
+        log.info("stages.keep_checkpoints=false: deleted %s (the stage's final/ export stays)",
+                 path)
 
 
 def _self_critique(cfg: PipelineConfig, sft_dir: str, train_path: str) -> str:
