@@ -146,13 +146,111 @@ def test_bench_train_in_bf16_over_fp32_masters_agrees_with_torch_autocast(capsys
     assert saved["versions"]["jax"] == jax.__version__ and saved["versions"]["python"]
 
 
+TINY_TRAIN = ["--pairs", "1", "--seq", "16", "--hidden", "32", "--layers", "1", "--heads", "2",
+              "--kv-heads", "1", "--mlp", "64", "--vocab", "64", "--repeats", "1", "--steps", "1",
+              "--threads", "1", "--dtype", "bfloat16", "--backend", "cpu", "--matmul-n", "128",
+              "--lm-chunk", "0"]
+
+
+def _first_losses(out):
+    return [float(line.rsplit("first loss ", 1)[1]) for line in out.splitlines()
+            if line.startswith(("ours:", "torch:"))]
+
+
+def test_bench_train_runs_the_frameworks_one_after_the_other_as_on_a_gpu(capsys):
+    """--phases sequential, the GPU default: torch's rounds alone, its memory released, then
+    ours; the same step and numbers as interleaved rounds."""
+    from cloud_jax.cli.bench import train
+
+    assert train.main(TINY_TRAIN + ["--phases", "sequential"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["phases"] == "sequential" and result["torch_error"] is None
+    assert result["ratio"] > 0 and result["mfu"] > 0
+    ours, torch_ = _first_losses(out)
+    assert abs(ours - torch_) < 2e-2 * abs(ours), (ours, torch_)
+    peaks = out.split("matmul 128^3:")[1].splitlines()[0]  # both frameworks' matmuls measured
+    assert "torch" in peaks and "jax" in peaks
+
+
+def test_torch_running_out_of_device_memory_is_reported_and_ours_still_measured(
+        capsys, monkeypatch):
+    import torch
+
+    from cloud_jax.cli.bench import train
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore")
+
+    monkeypatch.setattr(train, "torch_step", out_of_memory)
+    assert train.main(TINY_TRAIN + ["--phases", "sequential"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["torch_error"] == "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert result["ratio"] is None and result["torch_tokens_per_s"] is None
+    assert result["mfu"] > 0 and result["ours_tokens_per_s"] > 0
+    assert "torch ran out of device memory" in out
+
+
+def test_transformers_running_out_of_memory_leaves_our_sampling_numbers(capsys, monkeypatch):
+    import torch
+
+    from cloud_jax.cli.bench import sample
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 10.70 GiB")
+
+    monkeypatch.setattr(sample, "transformers_critiques_per_s", out_of_memory)
+    assert sample.main(["--inputs", "1", "--samples", "2", "--prompt-len", "8", "--new-tokens",
+                        "2", "--repeats", "1", "--hidden-size", "32", "--num-layers", "1",
+                        "--num-heads", "2", "--num-kv-heads", "1", "--intermediate-size", "64",
+                        "--vocab-size", "64", "--backend", "cpu", "--bandwidth-bytes",
+                        str(1 << 20), "--decode-layout", "standard"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["hf_error"] == "out of memory: CUDA out of memory. Tried to allocate 10.70 GiB"
+    assert result["ours_critiques_per_s"] > 0 and result["decode_step_ms"] > 0
+    assert "ran out of GPU memory" in out
+
+
+def test_backend_gpu_is_checked_not_pinned_and_jax_shares_the_gpu_with_torch(monkeypatch):
+    """JAX expands the platform name "gpu" to cuda, rocm and oneapi and fails on the first
+    plugin that is missing, so --backend gpu never pins it: JAX's own choice is checked. Before
+    that, JAX is told not to take 75% of the GPU at start (torch runs on the same device)."""
+    import pytest
+
+    from cloud_jax.cli.bench.host import select_backend
+
+    for name in ("XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_CLIENT_MEM_FRACTION",
+                 "XLA_PYTHON_CLIENT_MEM_FRACTION"):
+        monkeypatch.delenv(name, raising=False)
+    before = jax.config.jax_platforms
+    with pytest.raises(SystemExit, match="--backend gpu: JAX found no gpu here, only cpu"):
+        select_backend("gpu")
+    assert jax.config.jax_platforms == before
+    import os
+
+    assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    assert os.environ["XLA_CLIENT_MEM_FRACTION"] == "0.90"
+    select_backend("cpu")  # the platform this process runs on: no error
+    # A value the user set wins; the deprecated fraction name is not joined by the new one (JAX
+    # refuses both at once).
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "true")
+    monkeypatch.delenv("XLA_CLIENT_MEM_FRACTION")
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", ".5")
+    select_backend(None)
+    assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true"
+    assert "XLA_CLIENT_MEM_FRACTION" not in os.environ
+
+
 def test_the_train_preset_is_the_1b_workload():
     from cloud_jax.cli.bench.train import parse_args
 
     args = parse_args(["--preset", "llama-1b"])
     assert (args.hidden, args.layers, args.heads, args.kv_heads, args.mlp, args.vocab,
             args.seq) == (2048, 16, 32, 8, 8192, 128256, 2048)
-    assert args.dtype == "bfloat16" and args.matmul_n == 8192
+    assert args.dtype == "bfloat16" and args.matmul_n == 8192 and args.pairs == 2
+    assert args.phases is None  # sequential on a GPU, interleaved on a CPU
     assert parse_args(["--preset", "llama-1b", "--seq", "512"]).seq == 512
 
 

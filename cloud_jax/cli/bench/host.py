@@ -67,6 +67,38 @@ def host_info(cpuinfo_path: str = "/proc/cpuinfo") -> dict:
     }
 
 
+# The names JAX reads for the share of a GPU its memory pool may take (the second is deprecated;
+# setting both is an error).
+_MEM_FRACTION_NAMES = ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION")
+
+
+def select_backend(backend: Optional[str]) -> None:
+    """Call before anything asks JAX for a device (JAX reads its GPU memory settings when it
+    first creates a GPU client). The benches run torch on JAX's device, so unless the user set
+    them: JAX takes GPU memory as its arrays need it instead of 75% of the device at start
+    (``XLA_PYTHON_CLIENT_PREALLOCATE=false``), up to 90% of it (``XLA_CLIENT_MEM_FRACTION``).
+
+    With ``backend`` (``cpu``, ``gpu`` or ``tpu``) this also makes sure JAX runs there: ``cpu``
+    and ``tpu`` pin ``jax_platforms``; ``gpu`` is checked instead of pinned, because JAX expands
+    the platform name "gpu" to every GPU platform (cuda, rocm, oneapi) and fails on the first
+    whose plugin is not installed. A backend JAX cannot give is a clear error (SystemExit)."""
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    if not any(os.environ.get(name) for name in _MEM_FRACTION_NAMES):
+        os.environ["XLA_CLIENT_MEM_FRACTION"] = "0.90"
+    if backend is None:
+        return
+    if backend != "gpu":
+        jax.config.update("jax_platforms", backend)
+    try:
+        found = jax.default_backend()
+    except RuntimeError as err:
+        raise SystemExit(f"error: --backend {backend}: JAX has no such device here ({err})")
+    if found != backend:
+        kinds = ", ".join(sorted({d.device_kind for d in jax.devices()}))
+        raise SystemExit(f"error: --backend {backend}: JAX found no {backend} here, only {found} "
+                         f"({kinds}); install a JAX build for it (jax[cuda13] for an NVIDIA GPU)")
+
+
 def host_line(info: dict) -> str:
     ext = " ".join(info["vector_extensions"]) or "unknown"
     signature = f", {info['cpu_signature']}" if info.get("cpu_signature") else ""

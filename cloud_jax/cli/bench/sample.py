@@ -43,7 +43,7 @@ from cloud_jax.model.decode_step import LAYOUTS, decode_layout, prepare_decode_w
 from cloud_jax.sampling import Temperature, content_row_ids, pad_prefixes, sample
 from cloud_jax.sampling.loop import decode, prefill, row_keys, stop_array
 from cloud_jax.sharding import SAMPLE_RULES
-from cloud_jax.cli.bench.host import host_info, host_line, write_record
+from cloud_jax.cli.bench.host import host_info, host_line, select_backend, write_record
 
 
 def _best(fn, repeats: int) -> tuple[float, object]:
@@ -158,15 +158,52 @@ PRESETS = {
 }
 
 
-def _set_backend(backend: Optional[str]) -> None:
-    """Pins JAX to one platform before anything runs; a missing one is a clear error."""
-    if backend is None:
-        return
-    jax.config.update("jax_platforms", backend)
-    try:
-        jax.devices()
-    except RuntimeError as err:
-        raise SystemExit(f"error: --backend {backend}: JAX has no such device here ({err})")
+def transformers_critiques_per_s(cfg: ModelConfig, params, prompts: list[list[int]],
+                                 args: argparse.Namespace, stop: int) -> float:
+    """transformers ``generate`` on the same weights, prompts and device as ours: critiques per
+    second, the best of ``args.repeats`` after a warm-up. First checks that one forward gives our
+    logits (the comparison is on the same model)."""
+    import torch
+
+    b, k, p, m = len(prompts), args.samples, args.prompt_len, args.new_tokens
+    torch.set_num_threads(args.threads)
+    device = "cuda" if jax.default_backend() == "gpu" else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: JAX runs on a GPU but torch sees no CUDA device; "
+                         "pass --skip-hf to time ours only")
+    model = _hf_model(cfg, params, device)
+    input_ids = torch.tensor(prompts, dtype=torch.long, device=device)
+    # Same weights, same function: compare one forward's logits before timing anything.
+    with torch.inference_mode():
+        n = min(32, p)
+        hf_logits = model(input_ids[:1, :n]).logits.float().cpu().numpy()
+    our_logits = CLoudModel(cfg).apply({"params": params}, jnp.asarray(prompts[0][:n])[None],
+                                       jnp.ones((1, n), jnp.int32)).logits
+    diff = float(np.abs(np.asarray(our_logits) - hf_logits).max())
+    # bf16 rounds differently in the two frameworks' kernels; fp32 agrees to ~1e-5.
+    tolerance = 1e-3 if args.dtype == "float32" else 0.25
+    if diff > tolerance:
+        raise RuntimeError(f"transformers and our logits differ by {diff}: the comparison "
+                           "would not be on the same model")
+
+    def hf():
+        with torch.inference_mode():
+            return model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                                  do_sample=True, temperature=args.temperature, top_k=0,
+                                  top_p=1.0, max_new_tokens=m, num_return_sequences=k,
+                                  eos_token_id=stop, pad_token_id=stop)
+
+    def hf_synced():
+        out = hf()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    hf_s, _ = _best(hf_synced, args.repeats)
+    hf_cps = b * k / hf_s
+    print(f"[bench sample] transformers generate ({device}, {args.threads} torch threads): "
+          f"{hf_s:.2f}s for {b * k} critiques ({hf_cps:.2f}/s)", flush=True)
+    return hf_cps
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -215,7 +252,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    _set_backend(args.backend)
+    select_backend(args.backend)
 
     cfg = ModelConfig(vocab_size=args.vocab_size, hidden_size=args.hidden_size,
                       intermediate_size=args.intermediate_size, num_layers=args.num_layers,
@@ -312,52 +349,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"GFLOP/s, this machine's {args.dtype} matmul rate at the step's [{b * k}, in] x [in, out] "
           f"shapes); step/compute floor = {step_s / compute_floor_s:.2f}", flush=True)
 
-    hf_cps = float("nan")
+    hf_cps, hf_error = float("nan"), None
     if not args.skip_hf:
         import torch
 
-        torch.set_num_threads(args.threads)
-        device = "cuda" if jax.default_backend() == "gpu" else "cpu"
-        if device == "cuda" and not torch.cuda.is_available():
-            raise SystemExit("error: JAX runs on a GPU but torch sees no CUDA device; "
-                             "pass --skip-hf to time ours only")
-        model = _hf_model(cfg, params, device)
-        input_ids = torch.tensor(prompts, dtype=torch.long, device=device)
-        # Same weights, same function: compare one forward's logits before timing anything.
-        with torch.inference_mode():
-            n = min(32, p)
-            hf_logits = model(input_ids[:1, :n]).logits.float().cpu().numpy()
-        our_logits = CLoudModel(cfg).apply({"params": params}, jnp.asarray(prompts[0][:n])[None],
-                                           jnp.ones((1, n), jnp.int32)).logits
-        diff = float(np.abs(np.asarray(our_logits) - hf_logits).max())
-        # bf16 rounds differently in the two frameworks' kernels; fp32 agrees to ~1e-5.
-        tolerance = 1e-3 if args.dtype == "float32" else 0.25
-        if diff > tolerance:
-            raise RuntimeError(f"transformers and our logits differ by {diff}: the comparison "
-                               "would not be on the same model")
-
-        def hf():
-            with torch.inference_mode():
-                return model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
-                                      do_sample=True, temperature=args.temperature, top_k=0,
-                                      top_p=1.0, max_new_tokens=m, num_return_sequences=k,
-                                      eos_token_id=stop, pad_token_id=stop)
-
-        def hf_synced():
-            out = hf()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            return out
-
-        hf_s, _ = _best(hf_synced, args.repeats)
-        hf_cps = b * k / hf_s
-        print(f"[bench sample] transformers generate ({device}, {args.threads} torch threads): "
-              f"{hf_s:.2f}s for {b * k} critiques ({hf_cps:.2f}/s)", flush=True)
+        try:
+            hf_cps = transformers_critiques_per_s(cfg, params, prompts, args, stop)
+        except torch.OutOfMemoryError as err:
+            # Reported, not raised: our numbers above are measured and still written.
+            hf_error = f"out of memory: {str(err).splitlines()[0]}"
+            print(f"[bench sample] transformers generate ran out of GPU memory at this workload "
+                  f"({hf_error}); no ratio", flush=True)
 
     result = {
         "ours_critiques_per_s": round(ours_cps, 3),
         "hf_critiques_per_s": round(hf_cps, 3),
         "ratio": round(ours_cps / hf_cps, 3),
+        "hf_error": hf_error,
         "decode_step_over_floor": round(step_s / floor_s, 3),
         "decode_step_over_compute_floor": round(step_s / compute_floor_s, 3),
         "decode_step_over_hbm_floor": round(step_s / hbm_floor_s, 3),

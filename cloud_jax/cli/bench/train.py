@@ -22,7 +22,10 @@ prints the FLOP fraction counting the LM head at the target tokens only (ours sk
 On a GPU (``--backend gpu``; ``--preset llama-1b``: the Llama-3.2-1B shape, sequence 2048, bf16
 compute over fp32 master weights and optimizer state) torch runs on the same GPU under bf16
 autocast, the peak is the best bf16 ``--matmul-n`` square matmul of either framework, and the JSON's
-``mfu`` is the model FLOPs per second over that peak.
+``mfu`` is the model FLOPs per second over that peak. There the frameworks run one after the other
+(``--phases sequential``): torch's rounds first, then its memory is released and ours runs, so the
+device never holds two models, two optimizer states and two steps' activations at once. Torch
+running out of device memory is reported (``torch_error`` in the JSON, no ratio), not fatal.
 """
 
 from __future__ import annotations
@@ -50,14 +53,18 @@ from cloud_jax.training.optim import OptimConfig  # noqa: E402
 from cloud_jax.sharding import TRAIN_RULES, make_mesh  # noqa: E402
 from cloud_jax.training.config import TrainConfig  # noqa: E402
 from cloud_jax.training.step import StepBuilder, model_flops_per_token  # noqa: E402
-from cloud_jax.cli.bench.host import host_info, host_line, write_record  # noqa: E402
+from cloud_jax.cli.bench.host import (host_info, host_line, select_backend,  # noqa: E402
+                                      write_record)
 
 LM_COEF = 1.25
 MATMUL_N = 2048
-# The issue's GPU workload: Llama-3.2-1B's shape with random weights, 8 rows of 2048 tokens.
+# The GPU workload: Llama-3.2-1B's shape with random weights, 4 rows of 2048 tokens. Sized for an
+# 80 GB GPU: compiled for one 95.7 GiB TPU v5p chip (`python -m cloud_jax aot`, the closest
+# memory figures a CPU host can get), our step needs 51.5 GiB at 2 pairs and 88.2 GiB at 4
+# (fp32 weights and AdamW state 13.9 GiB of it); the two frameworks run one after the other.
 PRESETS = {
     "llama-1b": dict(hidden=2048, layers=16, heads=32, kv_heads=8, mlp=8192, vocab=128256,
-                     seq=2048, pairs=4, dtype="bfloat16", matmul_n=8192, repeats=2, steps=3),
+                     seq=2048, pairs=2, dtype="bfloat16", matmul_n=8192, repeats=2, steps=3),
 }
 
 
@@ -82,6 +89,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--lm-chunk", type=int, default=LossConfig.lm_chunk_size,
                    help="ours: loss.lm_chunk_size (0: the whole [B, T, V] logits at once)")
     p.add_argument("--skip-torch", action="store_true")
+    p.add_argument("--phases", choices=("interleaved", "sequential"), default=None,
+                   help="interleaved: rounds alternate the frameworks (default on a CPU, whose "
+                        "load they then share); sequential: torch's rounds, its memory released, "
+                        "then ours (default on a GPU, which then never holds both at once)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype; parameters and optimizer state stay fp32")
     p.add_argument("--backend", choices=("cpu", "gpu", "tpu"), default=None,
@@ -241,13 +252,37 @@ def torch_step(cfg: ModelConfig, batch: dict, params_host: dict, threads: int):
     return run, losses
 
 
+def torch_alone(model_cfg: ModelConfig, batch: dict, params_host: dict,
+                args: argparse.Namespace, matmul_torch) -> tuple[dict, list, Optional[str]]:
+    """torch's rounds on their own (``--phases sequential``): its step and matmul timed, then
+    its model, optimizer state and cached device memory released, so that ours, built after,
+    has the device to itself. Returns (times per closure, torch's losses, an error message when
+    torch ran out of device memory, else None: reported, not raised, and ours still runs)."""
+    import gc
+
+    import torch
+
+    fns = {} if matmul_torch is None else {"matmul_torch": matmul_torch}
+    times, losses, error = {}, [], None
+    try:
+        fns["torch"], losses = torch_step(model_cfg, batch, params_host, args.threads)
+        times = best_times(fns, args.repeats, args.steps)
+    except torch.OutOfMemoryError as err:
+        error = f"out of memory: {str(err).splitlines()[0]}"
+        print(f"torch ran out of device memory at this workload ({error}); no ratio")
+    fns.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return times, losses, error
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    if args.backend is not None:
-        jax.config.update("jax_platforms", args.backend)
+    select_backend(args.backend)
     host = host_info()
     print(host_line(host), flush=True)
     model_cfg = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden,
@@ -282,11 +317,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         params_ours = stack_layers(params_host, model_cfg.num_layers)
     else:
         params_ours = params_host
+    phases = args.phases or ("sequential" if jax.default_backend() == "gpu" else "interleaved")
     fns = matmuls(args.threads, args.matmul_n, args.dtype, with_torch=not args.skip_torch)
+    all_times: dict[str, list[float]] = {}
+    torch_losses, torch_error = [], None
+    if not args.skip_torch and phases == "sequential":
+        all_times, torch_losses, torch_error = torch_alone(
+            model_cfg, batch, params_host, args, fns.pop("matmul_torch", None))
     fns["ours"], ours_losses = ours(cfg, batch, params_ours)
-    if not args.skip_torch:
+    if not args.skip_torch and phases == "interleaved":
         fns["torch"], torch_losses = torch_step(model_cfg, batch, params_host, args.threads)
-    all_times = best_times(fns, args.repeats, args.steps)
+    all_times.update(best_times(fns, args.repeats, args.steps))
     times = {k: min(v) for k, v in all_times.items()}
     for k in ("ours", "torch"):
         if k in all_times:
@@ -307,8 +348,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               # Model FLOPs utilisation against the peak measured above, in the compute dtype.
               "mfu": fraction, "peak_flops": peak, "dtype": args.dtype,
               "step_s": times["ours"], "tokens_per_step": tokens,
-              "params_m": round(n_params / 1e6, 1)}
-    if not args.skip_torch:
+              "params_m": round(n_params / 1e6, 1), "phases": phases, "torch_error": torch_error}
+    if "torch" in times:
         t_torch = times["torch"]
         torch_tps = tokens / t_torch
         print(f"torch: {t_torch:.3f} s/step, {torch_tps:.1f} tokens/s, "
