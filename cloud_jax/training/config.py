@@ -14,9 +14,6 @@ import dataclasses
 import os
 from typing import Any, Sequence
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
 from cloud_jax.data.config import DataConfig
 from cloud_jax.errors import ConfigError
 from cloud_jax.model.config import ModelConfig, RopeScalingConfig
@@ -128,16 +125,23 @@ class Config:
     init_from: str = ""
 
 
-def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
+def _explain(err: Exception, source: str) -> ConfigError:
+    """An OmegaConf error as a ConfigError naming its key."""
     key = getattr(err, "full_key", None)
     msg = (getattr(err, "msg", None) or str(err)).splitlines()[0]
     where = f" key '{key}'" if key else ""
     return ConfigError(f"{source}:{where}: {msg}")
 
 
+# OmegaConf is imported where a config is read or written, not with this module: the schema's
+# dataclasses alone (what `bench train` builds its step from) need no YAML stack.
+
+
 def _make_writable(node) -> None:
     # Frozen dataclasses give read-only nodes at every level; merging needs them writable until
     # `to_object` turns the tree back into frozen dataclasses.
+    from omegaconf import DictConfig, OmegaConf
+
     OmegaConf.set_readonly(node, False)
     for key in node:
         child = node._get_node(key)
@@ -148,6 +152,9 @@ def _make_writable(node) -> None:
 def config_from_dict(data: dict, overrides: Sequence[str] = (), schema: type = Config,
                      source: str = "<dict>"):
     """Builds a frozen ``schema`` instance from a plain dict plus ``key=value`` overrides."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     base = OmegaConf.structured(schema)
     _make_writable(base)
     try:
@@ -183,6 +190,8 @@ def config_from_dict(data: dict, overrides: Sequence[str] = (), schema: type = C
 def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = (),
                 schema: type = Config):
     """Loads ``path`` (YAML) onto the ``schema`` defaults, then applies dotted overrides."""
+    from omegaconf import OmegaConf
+
     data: dict = {}
     source = "<defaults>"
     if path is not None:
@@ -204,6 +213,8 @@ def to_dict(cfg: Any) -> dict:
 
 
 def to_yaml(cfg: Any) -> str:
+    from omegaconf import OmegaConf
+
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 

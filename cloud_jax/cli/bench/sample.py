@@ -231,6 +231,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--record", metavar="PATH", default=None,
                         help="also write the result as a measurement record (JSON: date, "
                              "machine, command, result), as docs/measurements/ keeps them")
+    parser.add_argument("--profile", metavar="DIR", default=None,
+                        help="trace one more decode loop into DIR and print the XLA operations "
+                             "that took the most time (also in the JSON: profile)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="a named workload; flags given explicitly still win")
     parser.add_argument("--bandwidth-bytes", type=int, default=1 << 30,
@@ -317,6 +320,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return jax.block_until_ready(res)
 
     decode_s, res = _best(run_decode, args.repeats)
+    profile_summary = None
+    if args.profile:
+        from cloud_jax.cli.bench import profile
+
+        profile_summary = profile.summary(profile.trace(run_decode, args.profile))
+        print(f"[bench sample] {profile.report(profile_summary, 'one decode loop')}", flush=True)
     steps = int(np.max(np.asarray(res[1]))) + 1
     step_s = decode_s / steps
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
@@ -380,6 +389,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "workload": {"inputs": b, "samples": k, "prompt_len": p, "new_tokens": m,
                      "params_m": round(n_params / 1e6, 1)},
         "k8_over_k1": round(ours_s / ours_k1_s, 3),
+        "profile": profile_summary,
         **host,
     }
     print(json.dumps(result))

@@ -99,6 +99,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    help="JAX platform (default: JAX's choice); torch runs on the same device")
     p.add_argument("--matmul-n", type=int, default=MATMUL_N,
                    help="side of the square matmul that measures the peak")
+    p.add_argument("--profile", metavar="DIR", default=None,
+                   help="after timing, trace one more step of ours into DIR and print the XLA "
+                        "operations that took the most time (also in the JSON: profile)")
     p.add_argument("--record", metavar="PATH", default=None,
                         help="also write the result as a measurement record (JSON: date, "
                              "machine, command, result), as docs/measurements/ keeps them")
@@ -358,6 +361,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{torch_losses[0]:.6f}")
         print(f"ratio ours / torch: {ours_tps / torch_tps:.2f}x")
         result.update(torch_tokens_per_s=torch_tps, ratio=ours_tps / torch_tps)
+    if args.profile:
+        from cloud_jax.cli.bench import profile
+
+        result["profile"] = profile.summary(profile.trace(fns["ours"], args.profile))
+        print(profile.report(result["profile"], "one step of ours"))
     result.update(host)
     print(json.dumps(result))
     if args.record:

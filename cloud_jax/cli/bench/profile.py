@@ -1,0 +1,120 @@
+"""``--profile DIR`` of the benches: one more step under ``jax.profiler.trace``, and where its
+time went, read back from the trace.
+
+The trace (an XSpace protobuf, ``DIR/plugins/profile/<run>/<host>.xplane.pb``) opens in
+TensorBoard's or XProf's profile viewer. The bench also reads it itself
+(``jax.profiler.ProfileData``) and prints the XLA operations that took the most time, so a run on
+a machine one cannot keep (a lent GPU) brings its profile summary back in its output and JSON:
+
+- on an accelerator, the events of its device planes (``/device:...``): kernels, each counted
+  under the HLO operation that launched it where the trace names one (the ``hlo_op`` stat), and
+  the "XLA Ops" line alone where the trace has one;
+- on a CPU, the host events that name an HLO operation (XLA:CPU's thunks).
+
+Shares are of the summed time of those events. Operations that overlap (several streams) are
+each counted in full, so the shares say where device time went, not what a shorter step needs.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import os
+import re
+from typing import Callable, Optional
+
+import jax
+
+# Derived timeline lines that span many operations; counting them would count time twice.
+_SPANNING_LINES = ("XLA Modules", "Steps", "Framework Ops", "TensorFlow Ops", "Source code",
+                   "XLA TraceMe", "Launch Stats")
+
+
+def trace(fn: Callable[[], object], log_dir: str) -> str:
+    """Runs ``fn`` once under the profiler (it must block until its work is done); returns the
+    trace file written."""
+    os.makedirs(log_dir, exist_ok=True)
+    before = set(glob.glob(os.path.join(log_dir, "**", "*.xplane.pb"), recursive=True))
+    with jax.profiler.trace(log_dir):
+        fn()
+    new = sorted(set(glob.glob(os.path.join(log_dir, "**", "*.xplane.pb"), recursive=True))
+                 - before, key=os.path.getmtime)
+    if not new:
+        raise RuntimeError(f"the profiler wrote no trace under {log_dir}")
+    return new[-1]
+
+
+def _stat(event, name: str) -> Optional[str]:
+    for key, value in event.stats:
+        if key == name:
+            return str(value)
+    return None
+
+
+def op_times(path: str) -> tuple[str, dict[str, float], dict[str, str]]:
+    """(where the times come from, {operation: summed nanoseconds}, {operation: the name of one of
+    its events where that differs, e.g. the GPU kernel it launched}) of one trace file."""
+    from jax.profiler import ProfileData
+
+    data = ProfileData.from_file(path)
+    times: dict[str, float] = collections.defaultdict(float)
+    kernels: dict[str, str] = {}
+    for plane in data.planes:
+        if not plane.name.startswith("/device:"):
+            continue
+        lines = [line for line in plane.lines if line.name not in _SPANNING_LINES]
+        ops_line = [line for line in lines if line.name == "XLA Ops"]
+        for line in ops_line or lines:
+            for event in line.events:
+                op = _stat(event, "hlo_op") or event.name
+                times[op] += event.duration_ns
+                if event.name != op:
+                    kernels.setdefault(op, event.name)
+    if times:
+        return "device", dict(times), kernels
+    for plane in data.planes:
+        for line in plane.lines:
+            for event in line.events:
+                op = _stat(event, "hlo_op")
+                if op is not None:
+                    times[op] += event.duration_ns
+    return "host", dict(times), kernels
+
+
+def _kind(op: str) -> str:
+    """An operation's name without its instance number: fusion.12 -> fusion."""
+    return re.sub(r"\.\d+$", "", op)
+
+
+def summary(path: str, top: int = 12) -> dict:
+    """The ``top`` operations by time and the time of each kind of operation (the name without
+    its number: ``fusion``, ``dot``, ``custom-call``, ...): ``{"trace", "source", "total_ms",
+    "top": [{"op", "ms", "share", "kernel"}], "by_kind": [{"kind", "ms", "share", "ops"}]}``."""
+    source, times, kernels = op_times(path)
+    total = sum(times.values())
+
+    def share(ns: float) -> float:
+        return round(ns / total, 4) if total else 0.0
+
+    kinds: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
+    for op, ns in times.items():
+        kinds[_kind(op)][0] += ns
+        kinds[_kind(op)][1] += 1
+    ranked = sorted(times.items(), key=lambda kv: -kv[1])[:top]
+    return {"trace": path, "source": source, "total_ms": round(total / 1e6, 3),
+            "top": [{"op": op, "ms": round(ns / 1e6, 3), "share": share(ns),
+                     "kernel": kernels.get(op)} for op, ns in ranked],
+            "by_kind": [{"kind": kind, "ms": round(ns / 1e6, 3), "share": share(ns), "ops": n}
+                        for kind, (ns, n) in sorted(kinds.items(), key=lambda kv: -kv[1][0])[:top]]}
+
+
+def report(summary_: dict, what: str) -> str:
+    """Printable lines of :func:`summary`."""
+    lines = [f"profile of {what}: {summary_['total_ms']:.1f} ms in XLA operations "
+             f"({summary_['source']} events), trace {summary_['trace']}", "  by kind:"]
+    lines += [f"  {row['share']:6.1%} {row['ms']:10.3f} ms  {row['kind']} ({row['ops']} ops)"
+              for row in summary_["by_kind"]]
+    lines.append("  top operations:")
+    lines += [f"  {row['share']:6.1%} {row['ms']:10.3f} ms  {row['op']}"
+              + (f"  [{row['kernel']}]" if row["kernel"] else "") for row in summary_["top"]]
+    return "\n".join(lines)

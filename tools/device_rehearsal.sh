@@ -1,0 +1,56 @@
+#!/bin/bash
+# A rehearsal of the GPU device runs on this CPU host, in an environment built like the GPU
+# image: its Python and JAX, and only the packages that image is known to hold. What the device
+# run would lack or trip over shows up here, before any device time is spent:
+#
+#   bash tools/device_rehearsal.sh
+#
+# 1. makes a virtual environment ($VENV, default /tmp/cloud_jax_device_venv) with $PYTHON312
+#    and the image's packages ($IMAGE_PACKAGES: jax 0.11.2, flax, optax, orbax-checkpoint,
+#    transformers, Jinja2; no torch, so the torch halves of the benches are skipped),
+# 2. runs both benches at tiny sizes there with --backend cpu (the device's bench call carries
+#    no packages, so nothing else may be needed),
+# 3. packs the offline bundle (tools/offline_bundle.py) and runs tools/gpu_smollm2.sh from it
+#    at a few steps, as the device would, writing to $OUT (default /tmp/cloud_jax_rehearsal).
+#
+# Needs a Python 3.12 (the image's; JAX 0.11 needs >= 3.12), PyPI, this checkout's .venv (for
+# `pack`) and the SmolLM2 GGUF (make smollm2). Not part of the test suite: it installs packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON312=${PYTHON312:-$(command -v python3.12 || echo /root/.pyenv/versions/3.12.1/bin/python)}
+VENV=${VENV:-/tmp/cloud_jax_device_venv}
+OUT=${OUT:-/tmp/cloud_jax_rehearsal}
+IMAGE_PACKAGES=${IMAGE_PACKAGES:-"jax==0.11.2 jaxlib==0.11.2 flax==0.12.10 optax==0.2.8
+    orbax-checkpoint==0.12.8 transformers==5.17.0 Jinja2==3.1.6"}
+export PYTHONUNBUFFERED=1
+
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PYTHON312" -m venv "$VENV"
+    # shellcheck disable=SC2086  # the package list is split on purpose
+    "$VENV/bin/python" -m pip install -q $IMAGE_PACKAGES
+fi
+"$VENV/bin/python" -c 'import sys, jax, flax, transformers
+print("rehearsal environment: python", sys.version.split()[0], "jax", jax.__version__,
+      "flax", flax.__version__, "transformers", transformers.__version__)'
+rm -rf "$OUT"
+mkdir -p "$OUT/work"
+
+echo "== benches (torch-free halves), tiny, --backend cpu"
+PYTHONPATH=$PWD "$VENV/bin/python" -m cloud_jax bench train --pairs 1 --seq 16 --hidden 32 \
+    --layers 1 --heads 2 --kv-heads 1 --mlp 64 --vocab 64 --repeats 1 --steps 1 --dtype bfloat16 \
+    --backend cpu --matmul-n 128 --skip-torch --phases sequential --record "$OUT/train.json" \
+    | tail -1
+PYTHONPATH=$PWD "$VENV/bin/python" -m cloud_jax bench sample --inputs 2 --samples 2 \
+    --prompt-len 8 --new-tokens 4 --repeats 1 --hidden-size 32 --num-layers 1 --num-heads 2 \
+    --num-kv-heads 1 --intermediate-size 64 --vocab-size 64 --dtype bfloat16 --backend cpu \
+    --bandwidth-bytes 1048576 --skip-hf --record "$OUT/sample.json" | tail -1
+
+echo "== the SmolLM2 pipeline from the offline bundle, a few steps"
+.venv/bin/python tools/offline_bundle.py pack --out "$OUT/bundle"
+REHEARSAL=$OUT
+BUNDLE="$REHEARSAL/bundle" OUT="$REHEARSAL/smollm2" PYTHON="$VENV/bin/python" \
+    RUN_DIR="$REHEARSAL/run" WORK="$REHEARSAL/work" bash tools/gpu_smollm2.sh benchmark.num_train=8 benchmark.num_eval=4 \
+    data.batch_pairs=2 stages.critique_sft.total_steps=2 stages.cloud.total_steps=1 \
+    self_critique.max_critique_tokens=4 self_critique.batch_size=16 \
+    evaluation.max_critique_tokens=4 evaluation.batch_size=8
+echo "rehearsal passed: $OUT"
