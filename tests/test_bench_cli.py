@@ -173,6 +173,19 @@ def test_bench_train_runs_the_frameworks_one_after_the_other_as_on_a_gpu(capsys)
     assert "torch" in peaks and "jax" in peaks
 
 
+def test_cudnn_attention_that_cannot_run_is_reported_and_xla_measured(capsys):
+    """--attention cudnn (the GPU preset's) where cuDNN is missing, as on this CPU: the run says
+    why and measures ours with XLA's attention instead of stopping."""
+    from cloud_jax.cli.bench import train
+
+    assert train.main(TINY_TRAIN + ["--skip-torch", "--attention", "cudnn"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["attention"] == "xla" and "cuDNN" in result["attention_error"]
+    assert result["mfu"] > 0
+    assert "ours with cuDNN attention failed" in out
+
+
 def test_torch_running_out_of_device_memory_is_reported_and_ours_still_measured(
         capsys, monkeypatch):
     import torch
@@ -334,6 +347,7 @@ def test_the_train_preset_is_the_1b_workload():
             args.seq) == (2048, 16, 32, 8, 8192, 128256, 2048)
     assert args.dtype == "bfloat16" and args.matmul_n == 8192 and args.pairs == 2
     assert args.phases is None  # sequential on a GPU, interleaved on a CPU
+    assert args.attention == "cudnn" and parse_args([]).attention == "xla"
     assert parse_args(["--preset", "llama-1b", "--seq", "512"]).seq == 512
 
 

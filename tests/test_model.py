@@ -154,3 +154,68 @@ def test_blockwise_causal_attention_equals_one_square(params, block):
     np.testing.assert_allclose(np.asarray(got.logits)[attended],
                                np.asarray(whole.logits)[attended], atol=1e-5, rtol=0)
     np.testing.assert_allclose(got.rewards, whole.rewards, atol=1e-6, rtol=0)
+
+
+def test_fused_attention_equals_ours_over_the_same_mask():
+    """jax.nn.dot_product_attention (its XLA version; cuDNN's computes the same on a GPU) over
+    our mask: grouped heads, causal, left and right padding."""
+    from cloud_jax.model.layers import attention_mask, fused_attention, gqa_attention
+
+    rng = np.random.default_rng(3)
+    b, t, h, kv, d = 2, 9, 4, 2, 8
+    q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32)
+               for shape in ((b, t, h, d), (b, t, kv, d), (b, t, kv, d)))
+    valid = jnp.asarray([[1] * 7 + [0] * 2, [0] * 3 + [1] * 6])
+    slots = jnp.arange(t)
+    pos = jnp.broadcast_to(slots, (b, t))
+    mask = attention_mask(slots, slots, valid, pos, pos, None)
+    want = gqa_attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask)
+    got = fused_attention(q, k, v, mask, "xla")
+    seen = np.asarray(valid).astype(bool)  # a padding query before every key sees none
+    seen[0] = True  # row 0's trailing pads still see its tokens
+    np.testing.assert_allclose(np.asarray(got)[seen], np.asarray(want)[seen], atol=1e-5, rtol=0)
+
+
+def test_the_cudnn_path_trains_like_ours_and_leaves_cached_forwards_alone(params, monkeypatch):
+    """model.attention_impl=cudnn on this CPU, with the library's call made in its XLA version:
+    the same logits, reward and gradients as the default path (bf16), and only cache-free
+    forwards take it."""
+    calls = []
+    original = jax.nn.dot_product_attention
+
+    def as_xla(*args, implementation=None, **kwargs):
+        calls.append(implementation)
+        return original(*args, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", as_xla)
+    cfg = dataclasses.replace(CFG, dtype="bfloat16")
+    fused = dataclasses.replace(cfg, attention_impl="cudnn")
+    ids = jnp.asarray([[3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 0, 0]])
+    mask = jnp.asarray([[1] * 6, [1] * 4 + [0] * 2])
+
+    def loss(p, c):
+        out = _full(p, ids, mask, c)
+        return out.logits[mask.astype(bool)].mean() + out.rewards.sum(), out
+
+    (want_loss, want), want_grads = jax.value_and_grad(loss, has_aux=True)(params, cfg)
+    assert calls == []
+    (got_loss, got), got_grads = jax.value_and_grad(loss, has_aux=True)(params, fused)
+    assert calls == ["cudnn"] * CFG.num_layers
+    np.testing.assert_allclose(got.rewards, want.rewards, atol=2e-2)
+    np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=2e-2)
+    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                                   atol=5e-2 * float(np.abs(np.asarray(w)).max()) + 1e-6)
+    calls.clear()
+    CLoudModel(fused).apply({"params": params}, ids, mask, cache=init_cache(fused, 2, 8))
+    assert calls == []  # a cached forward keeps our attention
+
+
+def test_attention_impl_is_checked():
+    from cloud_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="attention_impl='flash': expected xla or cudnn"):
+        dataclasses.replace(CFG, attention_impl="flash").validate()
+    with pytest.raises(ConfigError, match="needs model.dtype bfloat16 or float16"):
+        dataclasses.replace(CFG, attention_impl="cudnn").validate()
+    dataclasses.replace(CFG, attention_impl="cudnn", dtype="bfloat16").validate()

@@ -7,7 +7,9 @@
 #
 # 1. makes a virtual environment ($VENV, default /tmp/cloud_jax_device_venv) with $PYTHON312
 #    and the image's packages ($IMAGE_PACKAGES: jax 0.11.2, flax, optax, orbax-checkpoint,
-#    transformers, Jinja2; no torch, so the torch halves of the benches are skipped),
+#    transformers, Jinja2; no torch, so the torch halves of the benches are skipped; the image
+#    was seen with transformers 5.17, whose GGUF integration imports torch, which the image has
+#    and this environment not, so the default takes this project's transformers pin),
 # 2. runs both benches at tiny sizes there with --backend cpu (the device's bench call carries
 #    no packages, so nothing else may be needed),
 # 3. packs the offline bundle (tools/offline_bundle.py) and runs tools/gpu_smollm2.sh from it
@@ -21,7 +23,7 @@ PYTHON312=${PYTHON312:-$(command -v python3.12 || echo /root/.pyenv/versions/3.1
 VENV=${VENV:-/tmp/cloud_jax_device_venv}
 OUT=${OUT:-/tmp/cloud_jax_rehearsal}
 IMAGE_PACKAGES=${IMAGE_PACKAGES:-"jax==0.11.2 jaxlib==0.11.2 flax==0.12.10 optax==0.2.8
-    orbax-checkpoint==0.12.8 transformers==5.17.0 Jinja2==3.1.6"}
+    orbax-checkpoint==0.12.8 transformers==5.24.0 Jinja2==3.1.6"}
 export PYTHONUNBUFFERED=1
 
 if [ ! -x "$VENV/bin/python" ]; then

@@ -47,6 +47,11 @@ class ModelConfig:
     # the keys up to its own end: about half the score and value FLOPs of one masked square at
     # long lengths. 0 computes the whole masked square at once.
     causal_block_size: int = 128
+    # How a forward without a KV cache (training, evaluation) computes attention: "xla" (the
+    # masked score arrays above, fp32 softmax) or "cudnn" (jax.nn.dot_product_attention's cuDNN
+    # flash attention over the same mask: no [T, S] score arrays in device memory; NVIDIA GPUs,
+    # bfloat16 or float16 compute). Forwards with a cache (sampling, scoring) use "xla".
+    attention_impl: str = "xla"
     # Reward-head dropout, applied before each dense layer (the reference uses attention_dropout).
     reward_dropout: float = 0.0
     # dtype of stored parameters and dtype of activations/matmuls. Logits, the reward and every
@@ -92,6 +97,13 @@ class ModelConfig:
             )
         if self.causal_block_size < 0:
             raise ConfigError(f"model.causal_block_size={self.causal_block_size}: must be >= 0")
+        if self.attention_impl not in ("xla", "cudnn"):
+            raise ConfigError(
+                f"model.attention_impl={self.attention_impl!r}: expected xla or cudnn")
+        if self.attention_impl == "cudnn" and self.dtype not in ("bfloat16", "float16"):
+            raise ConfigError(
+                f"model.attention_impl=cudnn needs model.dtype bfloat16 or float16 (cuDNN's "
+                f"flash attention has no {self.dtype} kernel); got model.dtype={self.dtype}")
         if self.remat not in ("none", "full", "dots", "dots_no_batch"):
             raise ConfigError(
                 f"model.remat={self.remat!r}: expected none, full, dots or dots_no_batch"

@@ -127,6 +127,18 @@ def gqa_attention(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array,
     return out.reshape(b, t, h, d)
 
 
+def fused_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array,
+                    mask_bts: jax.Array, implementation: Optional[str]) -> jax.Array:
+    """:func:`gqa_attention` without a prefix, through ``jax.nn.dot_product_attention``: the same
+    keys, mask and scale, grouped query heads taken by the library. ``implementation="cudnn"`` is
+    cuDNN's flash attention (bf16/fp16 on NVIDIA GPUs), which never holds the [T, S] scores in
+    device memory; ``"xla"`` is the library's XLA version of the same call, which runs anywhere
+    (the tests compare it with :func:`gqa_attention`). Returns [B, T, H, D]."""
+    dtype = v_bskd.dtype
+    return jax.nn.dot_product_attention(q_bthd.astype(dtype), k_bskd.astype(dtype), v_bskd,
+                                        mask=mask_bts[:, None], implementation=implementation)
+
+
 def _attention_with_prefix(q_btkgd, k_bksd, v_bksd, mask_bts, prefix, scale, keys_transposed):
     """The prefix branch of :func:`gqa_attention`: [B, T, KV, G, D] fp32 from q [B, T, KV, G, D].
 
@@ -231,7 +243,9 @@ def attend(cfg: ModelConfig, q_bthd: jax.Array, k_bthd: jax.Array, v_bthd: jax.A
     k_bksd, v_bksd = k_bksd.astype(dtype), v_bksd.astype(dtype)
     block = cfg.causal_block_size
     t = q.shape[1]
-    if layer_cache is None and 0 < block < t:
+    if layer_cache is None and prefix is None and cfg.attention_impl == "cudnn":
+        out = fused_attention(q, k, v_bthd.astype(dtype), mask, "cudnn")
+    elif layer_cache is None and 0 < block < t:
         # Without a cache key slot j is query slot j, so query block [s, e) needs keys [0, e).
         out = jnp.concatenate([
             gqa_attention(q[:, s:s + block], k_bksd[:, :, :s + block],

@@ -27,9 +27,16 @@ def _dummy_inputs():
     return ids, jnp.ones((1, 2), jnp.int32)
 
 
+def _init_model(cfg: ModelConfig) -> CLoudModel:
+    """The model whose ``init`` makes ``cfg``'s parameters. Attention has none, so its
+    implementation is left at ``xla``: the parameters are the same, and they can be made (or
+    their shapes read) on a host without the accelerator library a ``cudnn`` config calls."""
+    return CLoudModel(dataclasses.replace(cfg, attention_impl="xla"))
+
+
 def abstract_params(cfg: ModelConfig) -> Any:
     """Shapes/dtypes of the (boxed, logically annotated) parameters, without allocating them."""
-    model = CLoudModel(cfg)
+    model = _init_model(cfg)
     return jax.eval_shape(lambda r: model.init(r, *_dummy_inputs()), jax.random.key(0))["params"]
 
 
@@ -68,7 +75,7 @@ def _jit_init(cfg: ModelConfig, rng: jax.Array, mesh: Optional[Mesh], rules: Rul
               part: Optional[str] = None) -> Params:
     """The model's random parameters, or only its subtree ``part``, from one jitted init; with a
     mesh, each one is created directly in its sharding."""
-    model = CLoudModel(cfg)
+    model = _init_model(cfg)
     pick = (lambda tree: tree) if part is None else (lambda tree: tree[part])
 
     def init(r):

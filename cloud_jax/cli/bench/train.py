@@ -31,6 +31,7 @@ running out of device memory is reported (``torch_error`` in the JSON, no ratio)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -60,11 +61,13 @@ LM_COEF = 1.25
 MATMUL_N = 2048
 # The GPU workload: Llama-3.2-1B's shape with random weights, 4 rows of 2048 tokens. Sized for an
 # 80 GB GPU: compiled for one 95.7 GiB TPU v5p chip (`python -m cloud_jax aot`, the closest
-# memory figures a CPU host can get), our step needs 51.5 GiB at 2 pairs and 88.2 GiB at 4
-# (fp32 weights and AdamW state 13.9 GiB of it); the two frameworks run one after the other.
+# memory figures a CPU host can get), our step with XLA attention needs 51.5 GiB at 2 pairs and
+# 88.2 GiB at 4 (fp32 weights and AdamW state 13.9 GiB of it); cuDNN's attention keeps no score
+# arrays, so needs less. The two frameworks run one after the other.
 PRESETS = {
     "llama-1b": dict(hidden=2048, layers=16, heads=32, kv_heads=8, mlp=8192, vocab=128256,
-                     seq=2048, pairs=2, dtype="bfloat16", matmul_n=8192, repeats=2, steps=3),
+                     seq=2048, pairs=2, dtype="bfloat16", matmul_n=8192, repeats=2, steps=3,
+                     attention="cudnn"),
 }
 
 
@@ -86,6 +89,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    help="torch threads (XLA uses every core of the machine)")
     p.add_argument("--scan-layers", action="store_true", help="ours: lax.scan over the layers")
     p.add_argument("--remat", default="none", help="ours: none | full | dots | dots_no_batch")
+    p.add_argument("--attention", choices=("xla", "cudnn"), default="xla",
+                   help="ours: model.attention_impl (cudnn: cuDNN flash attention, bf16 on an "
+                        "NVIDIA GPU; if it fails the run says why and measures xla)")
     p.add_argument("--lm-chunk", type=int, default=LossConfig.lm_chunk_size,
                    help="ours: loss.lm_chunk_size (0: the whole [B, T, V] logits at once)")
     p.add_argument("--skip-torch", action="store_true")
@@ -292,7 +298,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             intermediate_size=args.mlp, num_layers=args.layers,
                             num_heads=args.heads, num_kv_heads=args.kv_heads,
                             tie_word_embeddings=True, max_position_embeddings=max(args.seq, 2048),
-                            scan_layers=args.scan_layers, remat=args.remat, dtype=args.dtype)
+                            scan_layers=args.scan_layers, remat=args.remat, dtype=args.dtype,
+                            attention_impl=args.attention).validate()
     cfg = Config(model=model_cfg, mesh=MeshConfig(data=1),
                  optim=OptimConfig(learning_rate=1e-5, warmup_ratio=0.0),
                  loss=LossConfig(lm_coef=LM_COEF, lm_chunk_size=args.lm_chunk),
@@ -312,7 +319,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{flops_per_step / 1e12:.3f} TFLOP per step (PaLM's count), "
           f"{needed_flops / 1e12:.3f} with the LM head on the targets only; "
           f"{os.cpu_count()} CPU cores, torch threads {args.threads}; ours: "
-          f"loss.lm_chunk_size={args.lm_chunk}")
+          f"loss.lm_chunk_size={args.lm_chunk}, model.attention_impl={args.attention}")
 
     if args.scan_layers:
         from cloud_jax.model import stack_layers
@@ -327,7 +334,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.skip_torch and phases == "sequential":
         all_times, torch_losses, torch_error = torch_alone(
             model_cfg, batch, params_host, args, fns.pop("matmul_torch", None))
-    fns["ours"], ours_losses = ours(cfg, batch, params_ours)
+    attention_error = None
+    try:
+        fns["ours"], ours_losses = ours(cfg, batch, params_ours)
+    except Exception as err:  # noqa: BLE001 - any failure of the cuDNN call falls back, told
+        if model_cfg.attention_impl != "cudnn":
+            raise
+        attention_error = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+        print(f"ours with cuDNN attention failed ({attention_error}); measuring ours with "
+              "model.attention_impl=xla instead", flush=True)
+        model_cfg = dataclasses.replace(model_cfg, attention_impl="xla")
+        cfg = dataclasses.replace(cfg, model=model_cfg)
+        fns["ours"], ours_losses = ours(cfg, batch, params_ours)
     if not args.skip_torch and phases == "interleaved":
         fns["torch"], torch_losses = torch_step(model_cfg, batch, params_host, args.threads)
     all_times.update(best_times(fns, args.repeats, args.steps))
@@ -351,7 +369,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               # Model FLOPs utilisation against the peak measured above, in the compute dtype.
               "mfu": fraction, "peak_flops": peak, "dtype": args.dtype,
               "step_s": times["ours"], "tokens_per_step": tokens,
-              "params_m": round(n_params / 1e6, 1), "phases": phases, "torch_error": torch_error}
+              "params_m": round(n_params / 1e6, 1), "phases": phases, "torch_error": torch_error,
+              "attention": model_cfg.attention_impl, "attention_error": attention_error}
     if "torch" in times:
         t_torch = times["torch"]
         torch_tps = tokens / t_torch
