@@ -365,3 +365,19 @@ def test_bench_serve_small_runs_both_modes_over_http(capsys, tmp_path):
                                / result["static_critiques_per_s"])
     assert "[bench serve] host: " in out and "continuous:" in out and "static:" in out
     assert json.loads(record.read_text())["result"]["requests"] == 6
+
+
+def test_two_traces_into_one_directory_each_read_their_own(tmp_path):
+    import jax.numpy as jnp
+
+    from cloud_jax.cli.bench import profile
+
+    small = jax.jit(lambda x: jnp.tanh(x).sum())
+    big = jax.jit(lambda x: jnp.tanh(x @ x).sum())
+    x = jnp.ones((256, 256))
+    small(x).block_until_ready(), big(x).block_until_ready()
+    first = profile.summary(profile.trace(lambda: small(x).block_until_ready(), str(tmp_path)))
+    second = profile.summary(profile.trace(lambda: big(x).block_until_ready(), str(tmp_path)))
+    assert first["total_ms"] > 0 and second["total_ms"] > 0
+    assert not any("dot" in row["op"] for row in first["top"])
+    assert any(row["op"].startswith(("dot", "ynn")) for row in second["top"]), second["top"]

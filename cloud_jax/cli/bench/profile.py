@@ -21,6 +21,7 @@ import collections
 import glob
 import os
 import re
+import time
 from typing import Callable, Optional
 
 import jax
@@ -34,14 +35,16 @@ def trace(fn: Callable[[], object], log_dir: str) -> str:
     """Runs ``fn`` once under the profiler (it must block until its work is done); returns the
     trace file written."""
     os.makedirs(log_dir, exist_ok=True)
-    before = set(glob.glob(os.path.join(log_dir, "**", "*.xplane.pb"), recursive=True))
+    start = time.time()
     with jax.profiler.trace(log_dir):
         fn()
-    new = sorted(set(glob.glob(os.path.join(log_dir, "**", "*.xplane.pb"), recursive=True))
-                 - before, key=os.path.getmtime)
-    if not new:
+    # The newest trace written since the start: a second trace in the same second may reuse
+    # the run directory's name and overwrite the file of the first.
+    written = [path for path in glob.glob(os.path.join(log_dir, "**", "*.xplane.pb"),
+                                          recursive=True) if os.path.getmtime(path) >= start - 1]
+    if not written:
         raise RuntimeError(f"the profiler wrote no trace under {log_dir}")
-    return new[-1]
+    return max(written, key=os.path.getmtime)
 
 
 def _stat(event, name: str) -> Optional[str]:
