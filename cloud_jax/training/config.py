@@ -2,7 +2,9 @@
 
 OmegaConf does the YAML parsing, merging and type checking against the dataclass schema; an
 unknown key or a value of the wrong type is a :class:`ConfigError` that names the key. The result is
-a tree of frozen dataclasses, so a loaded config cannot change under a running job.
+a tree of frozen dataclasses, so a loaded config cannot change under a running job. OmegaConf
+is imported where a config is read or written, not with this module: the schema's dataclasses
+alone (what `bench train` builds its step from) need no YAML stack.
 
     cfg = load_config("configs/tiny_cpu.yaml", ["model.num_layers=4", "seed=1"])
     save_config(cfg, run_dir / "config.yaml")
@@ -131,10 +133,6 @@ def _explain(err: Exception, source: str) -> ConfigError:
     msg = (getattr(err, "msg", None) or str(err)).splitlines()[0]
     where = f" key '{key}'" if key else ""
     return ConfigError(f"{source}:{where}: {msg}")
-
-
-# OmegaConf is imported where a config is read or written, not with this module: the schema's
-# dataclasses alone (what `bench train` builds its step from) need no YAML stack.
 
 
 def _make_writable(node) -> None:

@@ -99,6 +99,12 @@ def select_backend(backend: Optional[str]) -> None:
                          f"({kinds}); install a JAX build for it (jax[cuda13] for an NVIDIA GPU)")
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's text ("" when it has none): a framework's out-of-memory
+    message goes on for lines of allocator statistics."""
+    return next(iter(str(err).splitlines()), "")
+
+
 def host_line(info: dict) -> str:
     ext = " ".join(info["vector_extensions"]) or "unknown"
     signature = f", {info['cpu_signature']}" if info.get("cpu_signature") else ""

@@ -43,7 +43,8 @@ from cloud_jax.model.decode_step import LAYOUTS, decode_layout, prepare_decode_w
 from cloud_jax.sampling import Temperature, content_row_ids, pad_prefixes, sample
 from cloud_jax.sampling.loop import decode, prefill, row_keys, stop_array
 from cloud_jax.sharding import SAMPLE_RULES
-from cloud_jax.cli.bench.host import host_info, host_line, select_backend, write_record
+from cloud_jax.cli.bench.host import (first_line, host_info, host_line, select_backend,
+                                      write_record)
 
 
 def _best(fn, repeats: int) -> tuple[float, object]:
@@ -366,7 +367,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             hf_cps = transformers_critiques_per_s(cfg, params, prompts, args, stop)
         except torch.OutOfMemoryError as err:
             # Reported, not raised: our numbers above are measured and still written.
-            hf_error = f"out of memory: {str(err).splitlines()[0]}"
+            hf_error = f"out of memory: {first_line(err)}"
             print(f"[bench sample] transformers generate ran out of GPU memory at this workload "
                   f"({hf_error}); no ratio", flush=True)
 

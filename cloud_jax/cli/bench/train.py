@@ -54,8 +54,8 @@ from cloud_jax.training.optim import OptimConfig  # noqa: E402
 from cloud_jax.sharding import TRAIN_RULES, make_mesh  # noqa: E402
 from cloud_jax.training.config import TrainConfig  # noqa: E402
 from cloud_jax.training.step import StepBuilder, model_flops_per_token  # noqa: E402
-from cloud_jax.cli.bench.host import (host_info, host_line, select_backend,  # noqa: E402
-                                      write_record)
+from cloud_jax.cli.bench.host import (first_line, host_info, host_line,  # noqa: E402
+                                      select_backend, write_record)
 
 LM_COEF = 1.25
 MATMUL_N = 2048
@@ -277,7 +277,7 @@ def torch_alone(model_cfg: ModelConfig, batch: dict, params_host: dict,
         fns["torch"], losses = torch_step(model_cfg, batch, params_host, args.threads)
         times = best_times(fns, args.repeats, args.steps)
     except torch.OutOfMemoryError as err:
-        error = f"out of memory: {str(err).splitlines()[0]}"
+        error = f"out of memory: {first_line(err)}"
         print(f"torch ran out of device memory at this workload ({error}); no ratio")
     fns.clear()
     gc.collect()
@@ -340,7 +340,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as err:  # noqa: BLE001 - any failure of the cuDNN call falls back, told
         if model_cfg.attention_impl != "cudnn":
             raise
-        attention_error = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+        attention_error = f"{type(err).__name__}: {first_line(err)}"
         print(f"ours with cuDNN attention failed ({attention_error}); measuring ours with "
               "model.attention_impl=xla instead", flush=True)
         model_cfg = dataclasses.replace(model_cfg, attention_impl="xla")
