@@ -59,6 +59,25 @@ def test_an_arm_host_lists_its_vector_units(tmp_path):
     assert info["cpu_signature"] is None
 
 
+def test_an_emulated_host_is_named_on_the_host_line_and_in_the_record(tmp_path, monkeypatch):
+    from cloud_jax.cli.bench.host import write_record
+
+    monkeypatch.delenv("CLOUD_JAX_EMULATED_HOST", raising=False)
+    assert host_info()["emulated_host"] is None and "emulating" not in host_line(host_info())
+    monkeypatch.setenv("CLOUD_JAX_EMULATED_HOST", "an AVX2-only x86 host (a tool)")
+    monkeypatch.setenv("CLOUD_JAX_KERNEL_ARCH", "x86-64-v3")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    info = host_info()
+    assert info["emulated_host"] == "an AVX2-only x86 host (a tool)"
+    assert "emulating an AVX2-only x86 host (a tool)" in host_line(info)
+    write_record(str(tmp_path / "r.json"), "python -m cloud_jax bench sample", dict(info, ratio=1.0))
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["machine"].endswith("emulating an AVX2-only x86 host (a tool)")
+    assert saved["environment"]["CLOUD_JAX_KERNEL_ARCH"] == "x86-64-v3"
+    assert saved["environment"]["CLOUD_JAX_EMULATED_HOST"] == info["emulated_host"]
+    assert "OMP_NUM_THREADS" not in saved["environment"]  # only what was set
+
+
 def test_a_missing_cpuinfo_still_describes_the_host(tmp_path):
     info = host_info(str(tmp_path / "absent"))
     assert info["cpu_model"] and info["vector_extensions"] == []

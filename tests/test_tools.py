@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_avx2_host_restricts_the_kernels_xla_and_torch(tmp_path):
     env = dict(os.environ, CLOUD_JAX_KERNEL_CACHE=str(tmp_path),
                PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests" / "scripts")]))
-    for name in ("CLOUD_JAX_KERNEL_ARCH", "XLA_FLAGS", "ATEN_CPU_CAPABILITY"):
+    for name in ("CLOUD_JAX_KERNEL_ARCH", "XLA_FLAGS", "ATEN_CPU_CAPABILITY",
+                 "CLOUD_JAX_EMULATED_HOST"):
         env.pop(name, None)
     done = subprocess.run([sys.executable, str(ROOT / "tools" / "avx2_host.py"), "-m",
                            "avx2_probe"], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -36,6 +37,8 @@ def test_avx2_host_restricts_the_kernels_xla_and_torch(tmp_path):
     assert result["kernels"] and result["vector_floats"] == 8
     assert "--xla_cpu_max_isa=AVX2" in result["xla_flags"] and result["aten"] == "avx2"
     assert result["dot_error"] < 1e-3
+    # A bench run this way says so on its host line (and in its record).
+    assert "emulating an AVX2-only x86 host (tools/avx2_host.py)" in result["host_line"]
 
 
 def test_avx2_host_says_how_to_call_it():

@@ -34,6 +34,8 @@ _JAXLIB = "0.10.2"
 
 
 def _restrict_environment() -> None:
+    # Named on the bench's host line and in its record (cloud_jax.cli.bench.host).
+    os.environ["CLOUD_JAX_EMULATED_HOST"] = "an AVX2-only x86 host (tools/avx2_host.py)"
     os.environ.setdefault("CLOUD_JAX_KERNEL_ARCH", "x86-64-v3")
     flags = os.environ.get("XLA_FLAGS", "")
     if "--xla_cpu_max_isa" not in flags:

@@ -8,6 +8,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
+from cloud_jax.cli.bench.host import host_info, host_line
 from cloud_jax.model import cpu_kernels
 
 rng = np.random.default_rng(0)
@@ -19,4 +20,5 @@ print(json.dumps({
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
     "aten": os.environ.get("ATEN_CPU_CAPABILITY"),
     "dot_error": dot_error,
+    "host_line": host_line(host_info()),
 }))

@@ -15,6 +15,17 @@ from typing import Optional
 
 import jax
 
+# Set by a tool that runs a bench restricted to an older host's code paths (tools/avx2_host.py);
+# printed on the host line and recorded, so such a run is never taken for the host's own.
+EMULATED_HOST_VARIABLE = "CLOUD_JAX_EMULATED_HOST"
+
+# The environment variables that change what a run measures, recorded with it where set.
+RECORDED_ENVIRONMENT = (EMULATED_HOST_VARIABLE, "CLOUD_JAX_KERNEL_ARCH", "JAX_PLATFORMS",
+                        "XLA_FLAGS", "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_CLIENT_MEM_FRACTION",
+                        "XLA_PYTHON_CLIENT_MEM_FRACTION", "JAX_DEFAULT_MATMUL_PRECISION",
+                        "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA",
+                        "OMP_NUM_THREADS", "OMP_WAIT_POLICY")
+
 # The extensions that decide how fast XLA's CPU matmuls and reductions run, in order of age.
 VECTOR_EXTENSIONS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl",
                      "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "neon", "asimd", "sve")
@@ -53,8 +64,10 @@ def load_average() -> Optional[float]:
 def host_info(cpuinfo_path: str = "/proc/cpuinfo") -> dict:
     """``cpu_model``, ``cpu_signature`` (x86 family and model numbers, else None),
     ``vector_extensions`` (those of VECTOR_EXTENSIONS this CPU has), ``cpu_count``,
-    ``load_average`` (1 minute, when the bench starts), ``backend`` and ``devices`` (the
-    accelerator kinds when not CPU)."""
+    ``load_average`` (1 minute, when the bench starts), ``backend``, ``devices`` (the
+    accelerator kinds when not CPU) and ``emulated_host`` (what a tool that restricts the run,
+    such as tools/avx2_host.py, says it emulates, from ``CLOUD_JAX_EMULATED_HOST``; else None:
+    the CPU's own extensions are listed either way)."""
     model, flags, signature = _cpuinfo(cpuinfo_path)
     return {
         "cpu_model": model or platform.processor() or platform.machine() or "unknown",
@@ -64,6 +77,7 @@ def host_info(cpuinfo_path: str = "/proc/cpuinfo") -> dict:
         "load_average": load_average(),
         "backend": jax.default_backend(),
         "devices": sorted({d.device_kind for d in jax.devices()}),
+        "emulated_host": os.environ.get(EMULATED_HOST_VARIABLE) or None,
     }
 
 
@@ -114,8 +128,10 @@ def host_line(info: dict) -> str:
         busy = f"; load average {load:.2f}"
         if info.get("cpu_count") and load >= 0.5 * info["cpu_count"]:
             busy += " (busy: other work shares the cores, timings will be noisy)"
-    return (f"host: {info['cpu_model']}{signature} ({info['cpu_count']} cores; {ext}{busy}); "
-            f"{info['backend']}: {', '.join(info['devices'])}")
+    emulated = (f"; emulating {info['emulated_host']}, not measuring this host's own code paths"
+                if info.get("emulated_host") else "")
+    return (f"host: {info['cpu_model']}{signature} ({info['cpu_count']} cores; {ext}{busy}"
+            f"{emulated}); {info['backend']}: {', '.join(info['devices'])}")
 
 
 # The packages a measurement depends on, recorded with it (an accelerator's image has its own).
@@ -137,7 +153,8 @@ def package_versions() -> dict:
 
 def write_record(path: str, command: str, result: dict) -> None:
     """One measurement as docs/measurements/ keeps it: ``{"date", "machine", "command",
-    "versions", "result"}``, the result being the bench's JSON line."""
+    "versions", "environment", "result"}``, the result being the bench's JSON line and
+    ``environment`` the variables of RECORDED_ENVIRONMENT that were set."""
     import datetime
     import json
     from pathlib import Path
@@ -146,8 +163,12 @@ def write_record(path: str, command: str, result: dict) -> None:
                                    "devices") if k in result}
     machine = (f"{', '.join(info['devices'])} ({info['backend']}); host {info['cpu_model']}, "
                f"{info['cpu_count']} cores" if info else "unknown")
+    if result.get("emulated_host"):
+        machine += f", emulating {result['emulated_host']}"
     out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "machine": machine, "command": command, "versions": package_versions(),
+           "environment": {name: os.environ[name] for name in RECORDED_ENVIRONMENT
+                           if os.environ.get(name)},
            "result": result}
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
