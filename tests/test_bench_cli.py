@@ -2,6 +2,7 @@
 extensions), and the GPU code paths (bf16, transformers on the same device, presets) run here too."""
 
 import json
+import sys
 
 import jax
 
@@ -43,11 +44,43 @@ def test_the_host_line_says_when_the_machine_is_busy(tmp_path):
     path = tmp_path / "cpuinfo"
     path.write_text(AVX2_HOST)
     info = host_info(str(path))
-    quiet = dict(info, cpu_count=2, load_average=0.1)
-    busy = dict(info, cpu_count=2, load_average=3.4)
+    quiet = dict(info, cpu_count=2, load_average=0.1, cpu_busy=None)
+    busy = dict(info, cpu_count=2, load_average=3.4, cpu_busy=None)
     assert "load average 0.10" in host_line(quiet) and "busy" not in host_line(quiet)
     assert "load average 3.40" in host_line(busy) and "busy" in host_line(busy)
     assert "load average" not in host_line(dict(info, load_average=None))
+
+
+def test_the_cores_in_use_at_start_decide_busy_over_the_trailing_load_average(tmp_path,
+                                                                               monkeypatch):
+    from cloud_jax.cli.bench import host
+
+    info = dict(host_info(str(tmp_path / "absent")), cpu_count=2)
+    # A bench just finished: the load average still counts it, the cores are idle now.
+    after_a_run = dict(info, load_average=1.8, cpu_busy=0.02)
+    assert "2% of the cores busy" in host_line(after_a_run) and "busy:" not in host_line(after_a_run)
+    shared = dict(info, load_average=0.1, cpu_busy=0.6)
+    assert "60% of the cores busy" in host_line(shared) and "busy:" in host_line(shared)
+    # Where the share is unknown, the load average decides as before.
+    assert "busy:" in host_line(dict(info, load_average=1.8, cpu_busy=None))
+
+    stat = tmp_path / "stat"
+    lines = iter(["cpu  100 0 100 700 100 0 0 0 0 0\n",    # busy 200 of 1000 ticks
+                  "cpu  160 0 140 800 100 0 0 0 0 0\n"])   # then +100 busy, +100 idle
+    read = host._cpu_times
+
+    def changing(path):
+        stat.write_text(next(lines))
+        return read(path)
+
+    monkeypatch.setattr(host, "_cpu_times", changing)
+    assert host.cpu_busy(interval=0.0, path=str(stat)) == 0.5
+    monkeypatch.setattr(host, "_cpu_times", read)
+    stat.write_text("cpu  1 0 1 8 0 0 0 0 0 0\n")  # no ticks pass: unknown, not 0
+    assert host.cpu_busy(interval=0.0, path=str(stat)) is None
+    assert host.cpu_busy(interval=0.0, path=str(tmp_path / "absent")) is None
+    if sys.platform == "linux":
+        assert 0.0 <= host.cpu_busy(interval=0.05) <= 1.0
 
 
 def test_an_arm_host_lists_its_vector_units(tmp_path):
@@ -400,3 +433,23 @@ def test_two_traces_into_one_directory_each_read_their_own(tmp_path):
     assert first["total_ms"] > 0 and second["total_ms"] > 0
     assert not any("dot" in row["op"] for row in first["top"])
     assert any(row["op"].startswith(("dot", "ynn")) for row in second["top"]), second["top"]
+
+
+def test_the_kept_measurements_are_records_that_say_how_they_were_taken():
+    """docs/measurements/ holds one record per run (docs/measurements/README.md): a file there
+    that lost a field, or an emulated run that does not say so, would be quoted as a real one."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent.parent / "docs" / "measurements"
+    records = sorted(folder.glob("*.json"))
+    assert records
+    for path in records:
+        record = json.loads(path.read_text())
+        assert {"date", "machine", "command", "versions", "result"} <= set(record), path.name
+        assert record["command"].startswith("python -m cloud_jax "), path.name
+        result = record["result"]
+        emulated = result.get("emulated_host")
+        assert ("emulated" in path.name) == bool(emulated), path.name
+        if emulated:
+            assert record["machine"].endswith(f"emulating {emulated}"), path.name
+            assert record["environment"]["CLOUD_JAX_EMULATED_HOST"] == emulated, path.name

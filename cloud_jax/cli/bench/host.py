@@ -61,10 +61,43 @@ def load_average() -> Optional[float]:
         return None
 
 
+def _cpu_times(path: str) -> Optional[tuple[int, int]]:
+    """(busy, total) clock ticks of all CPUs since boot, from /proc/stat's first line."""
+    try:
+        with open(path, encoding="ascii") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if len(fields) < 5 or fields[0] != "cpu":
+        return None
+    ticks = [int(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
+    return sum(ticks) - idle, sum(ticks)
+
+
+def cpu_busy(interval: float = 0.3, path: str = "/proc/stat") -> Optional[float]:
+    """The share of all cores busy over ``interval`` seconds, the caller sleeping meanwhile: what
+    other work takes from the machine as the bench starts (0.5 = one core of two). The load
+    average trails by a minute, so it still counts a bench that has just finished; this does
+    not. None where the OS does not report it."""
+    import time
+
+    first = _cpu_times(path)
+    if first is None:
+        return None
+    time.sleep(interval)
+    second = _cpu_times(path)
+    if second is None or second[1] <= first[1]:
+        return None
+    return round((second[0] - first[0]) / (second[1] - first[1]), 3)
+
+
 def host_info(cpuinfo_path: str = "/proc/cpuinfo") -> dict:
     """``cpu_model``, ``cpu_signature`` (x86 family and model numbers, else None),
     ``vector_extensions`` (those of VECTOR_EXTENSIONS this CPU has), ``cpu_count``,
-    ``load_average`` (1 minute, when the bench starts), ``backend``, ``devices`` (the
+    ``load_average`` (1 minute, when the bench starts), ``cpu_busy`` (the share of the cores
+    other work used in the moment before the bench started, see cpu_busy), ``backend``,
+    ``devices`` (the
     accelerator kinds when not CPU) and ``emulated_host`` (what a tool that restricts the run,
     such as tools/avx2_host.py, says it emulates, from ``CLOUD_JAX_EMULATED_HOST``; else None:
     the CPU's own extensions are listed either way)."""
@@ -75,6 +108,7 @@ def host_info(cpuinfo_path: str = "/proc/cpuinfo") -> dict:
         "vector_extensions": [ext for ext in VECTOR_EXTENSIONS if ext in flags],
         "cpu_count": os.cpu_count(),
         "load_average": load_average(),
+        "cpu_busy": cpu_busy(),
         "backend": jax.default_backend(),
         "devices": sorted({d.device_kind for d in jax.devices()}),
         "emulated_host": os.environ.get(EMULATED_HOST_VARIABLE) or None,
@@ -122,12 +156,18 @@ def first_line(err: BaseException) -> str:
 def host_line(info: dict) -> str:
     ext = " ".join(info["vector_extensions"]) or "unknown"
     signature = f", {info['cpu_signature']}" if info.get("cpu_signature") else ""
-    load = info.get("load_average")
+    load, used = info.get("load_average"), info.get("cpu_busy")
     busy = ""
     if load is not None:
         busy = f"; load average {load:.2f}"
-        if info.get("cpu_count") and load >= 0.5 * info["cpu_count"]:
-            busy += " (busy: other work shares the cores, timings will be noisy)"
+    if used is not None:
+        busy += f"; {used:.0%} of the cores busy at start"
+    # The share of the cores in use as the bench starts decides; the load average, which trails
+    # by a minute, only where that share is unknown.
+    if (used is not None and used >= 0.25) or (
+            used is None and load is not None and info.get("cpu_count")
+            and load >= 0.5 * info["cpu_count"]):
+        busy += " (busy: other work shares the cores, timings will be noisy)"
     emulated = (f"; emulating {info['emulated_host']}, not measuring this host's own code paths"
                 if info.get("emulated_host") else "")
     return (f"host: {info['cpu_model']}{signature} ({info['cpu_count']} cores; {ext}{busy}"
