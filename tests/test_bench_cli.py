@@ -2,6 +2,7 @@
 extensions), and the GPU code paths (bf16, transformers on the same device, presets) run here too."""
 
 import json
+import os
 import sys
 
 import jax
@@ -74,8 +75,14 @@ def test_the_cores_in_use_at_start_decide_busy_over_the_trailing_load_average(tm
         return read(path)
 
     monkeypatch.setattr(host, "_cpu_times", changing)
+    monkeypatch.setattr(host, "_own_cpu_seconds", lambda: 0.0)
     assert host.cpu_busy(interval=0.0, path=str(stat)) == 0.5
-    monkeypatch.setattr(host, "_cpu_times", read)
+    # This process's own CPU time is not other work's: 100 busy ticks, all of them its own.
+    lines = iter(["cpu  100 0 100 700 100 0 0 0 0 0\n", "cpu  160 0 140 800 100 0 0 0 0 0\n"])
+    used = iter([5.0, 5.0 + 100 / os.sysconf("SC_CLK_TCK")])
+    monkeypatch.setattr(host, "_own_cpu_seconds", lambda: next(used))
+    assert host.cpu_busy(interval=0.0, path=str(stat)) == 0.0
+    monkeypatch.undo()
     stat.write_text("cpu  1 0 1 8 0 0 0 0 0 0\n")  # no ticks pass: unknown, not 0
     assert host.cpu_busy(interval=0.0, path=str(stat)) is None
     assert host.cpu_busy(interval=0.0, path=str(tmp_path / "absent")) is None
@@ -124,9 +131,12 @@ def test_bench_sample_prints_the_host_and_puts_it_in_its_json(capsys):
                         "4", "--repeats", "1", "--hidden-size", "32", "--num-layers", "1",
                         "--num-heads", "2", "--num-kv-heads", "1", "--intermediate-size", "64",
                         "--vocab-size", "64", "--skip-hf", "--bandwidth-bytes",
-                        str(1 << 24)]) == 0
+                        str(1 << 24), "--steps-per-check", "2"]) == 0
     out = capsys.readouterr().out
     result = json.loads(out.strip().splitlines()[-1])
+    # 4 new tokens: 5 steps up to the end, run in checks of 2, so 6 steps timed.
+    assert result["steps_per_check"] == 2 and result["decode_steps"] == 6
+    assert "decode: 6 steps (5 up to the last row's end, which is checked every 2 steps)" in out
     assert result["cpu_model"] == host_info()["cpu_model"]
     assert result["vector_extensions"] == host_info()["vector_extensions"]
     assert "load_average" in result and "cpu_signature" in result
@@ -275,6 +285,7 @@ def test_transformers_running_out_of_memory_leaves_our_sampling_numbers(capsys, 
     result = json.loads(out.strip().splitlines()[-1])
     assert result["hf_error"] == "out of memory: CUDA out of memory. Tried to allocate 10.70 GiB"
     assert result["ours_critiques_per_s"] > 0 and result["decode_step_ms"] > 0
+    assert result["steps_per_check"] == 1 and result["decode_steps"] == 3
     assert "ran out of GPU memory" in out
 
 

@@ -251,3 +251,24 @@ def test_attention_over_transposed_keys_is_the_same():
         want = gqa_attention(q, k, v, mask, prefix)
         got = gqa_attention(q, kt, v, mask, prefix_t, keys_transposed=True)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["standard", "feature_major"])
+def test_checking_for_the_end_every_few_steps_gives_the_same_critiques(params, layout):
+    """steps_per_check = C runs C steps between two checks of whether every row has ended: the
+    steps past the last row's end change nothing, and the phases' caches round up to whole
+    checks. 70 new tokens: four phases (18, 36, 54, 71 slots; with C = 8: 24, 40, 56, 72)."""
+    settings = dict(max_new_tokens=70, stop_ids=(EOT,), num_samples=2, method=TopK(20, 1.5),
+                    seed=3, budgets=[70, 9, 70, 33], decode_layout=layout)
+    every = sample(CFG, params, PREFIXES, **settings)
+    # Rows end at different steps: by a stop token, by their own budget, at the last step.
+    assert len(set(every.lengths.ravel().tolist())) > 2 and every.truncated.any()
+    assert (every.lengths == 70).any() and not every.truncated.all()
+    for c in (3, 8, 100):
+        out = sample(CFG, params, PREFIXES, steps_per_check=c, **settings)
+        np.testing.assert_array_equal(out.tokens, every.tokens)
+        np.testing.assert_array_equal(out.lengths, every.lengths)
+        np.testing.assert_array_equal(out.truncated, every.truncated)
+        np.testing.assert_allclose(out.rewards, every.rewards, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="steps_per_check"):
+        sample(CFG, params, PREFIXES, steps_per_check=0, **settings)

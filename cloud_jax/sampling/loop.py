@@ -144,12 +144,12 @@ def seen_tokens(ids_bl, mask_bl, vocab_size: int) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=(
     "cfg", "rules", "method", "num_samples", "max_new_tokens", "pad_id", "repetition_penalty",
-    "layout"))
+    "layout", "steps_per_check"))
 def decode(params, cache: KVCache, logits_bv, row_keys_b, stop_ids_s, seen_bv=None,
            budget_b=None, weights=None, *,
            cfg: ModelConfig, rules: Rules, method: SamplingMethod, num_samples: int,
            max_new_tokens: int, pad_id: int, repetition_penalty: float = 1.0,
-           layout: str = "standard"):
+           layout: str = "standard", steps_per_check: int = 1):
     """Decodes K samples per input over its shared prefill cache until every row has its reward.
 
     ``stop_ids_s`` [S] int32 are data, not compile-time constants: ``stop_ids_s[0]`` is the
@@ -161,10 +161,17 @@ def decode(params, cache: KVCache, logits_bv, row_keys_b, stop_ids_s, seen_bv=No
     (:func:`~cloud_jax.model.decode_step.prepare_decode_weights` of ``params``), prepared here,
     once before the loop, when not given.
 
+    ``steps_per_check``: decode steps between two checks of whether every row has ended. The
+    loop's condition is read by the host on a GPU (a copy and a wait for the device each time
+    it is checked), while a fixed count of steps runs with no such wait; checking every C steps
+    costs up to C - 1 steps that change nothing once the last row has ended (a row that has
+    ended keeps its tokens and reward), and gives the same critiques and rewards.
+
     Returns (tokens [N, M] int32, lengths [N], rewards [N] fp32, truncated [N] bool), rows ordered
     input-major (row ``b * K + k``).
     """
     check_layout(layout)
+    check_steps_per_check(steps_per_check)
     if layout == "standard":
         weights = None
     elif weights is None:
@@ -176,8 +183,10 @@ def decode(params, cache: KVCache, logits_bv, row_keys_b, stop_ids_s, seen_bv=No
     with nn.logical_axis_rules(rules):
         logits_nv = jnp.repeat(logits_bv, k, axis=0)
         n = logits_nv.shape[0]
+        c = steps_per_check
+        # Each phase a whole number of checks, so that no step runs past its cache's end.
+        phases = sorted({-(-length // c) * c for length in phase_lengths(m + 1)})
         # A no-op without a mesh; on one, lays the decode cache out like the prefilled one.
-        phases = phase_lengths(m + 1)
         cache = with_shared_prefix(cfg, cache, n, phases[0]).constrain()
         table = None
         if weights is not None:
@@ -185,7 +194,7 @@ def decode(params, cache: KVCache, logits_bv, row_keys_b, stop_ids_s, seen_bv=No
             table = rope_table(cfg, phases[-1] + cache.prefix.valid.shape[1])
         state = DecodeState(
             step=jnp.zeros((), jnp.int32), cache=cache, logits_nv=logits_nv,
-            tokens_nm=jnp.full((n, m + 1), pad_id, jnp.int32),
+            tokens_nm=jnp.full((n, m + c), pad_id, jnp.int32),  # steps past m write pads
             lengths_n=jnp.zeros((n,), jnp.int32), done_n=jnp.zeros((n,), bool),
             truncated_n=jnp.zeros((n,), bool), rewards_n=jnp.zeros((n,), jnp.float32),
             keys_n=sample_keys_bk.reshape(n),
@@ -219,11 +228,22 @@ def decode(params, cache: KVCache, logits_bv, row_keys_b, stop_ids_s, seen_bv=No
                 seen_nv=None if s.seen_nv is None else s.seen_nv.at[
                     jnp.arange(s.seen_nv.shape[0]), drawn_n].max(writing))
 
+        def steps(s: DecodeState):
+            # A fixed count: no host check between these steps.
+            return jax.lax.fori_loop(0, c, lambda _, s: body(s), s) if c > 1 else body(s)
+
         for i, length in enumerate(phases):
             if i:
                 state = state.replace(cache=state.cache.grown(length).constrain())
-            state = jax.lax.while_loop(cond, body, state)
+            state = jax.lax.while_loop(cond, steps, state)
     return state.tokens_nm[:, :m], state.lengths_n, state.rewards_n, state.truncated_n
+
+
+def check_steps_per_check(steps_per_check) -> None:
+    if isinstance(steps_per_check, bool) or not isinstance(steps_per_check, int) \
+            or steps_per_check < 1:
+        raise ValueError(f"steps_per_check={steps_per_check!r} must be a whole number >= 1 "
+                         "(decode steps between two checks of whether every row has ended)")
 
 
 def phase_lengths(slots: int, phases: int = 4, shortest: int = 64) -> list[int]:
@@ -257,7 +277,8 @@ def sample_padded(cfg: ModelConfig, params, ids_bl: np.ndarray, mask_bl: np.ndar
                   repetition_penalty: float = 1.0,
                   budgets: Optional[Sequence[int]] = None,
                   decode_layout: Optional[str] = None,
-                  decode_weights: Optional[DecodeWeights] = None) -> SampleOutput:
+                  decode_weights: Optional[DecodeWeights] = None,
+                  steps_per_check: int = 1) -> SampleOutput:
     """Samples from an already padded batch (any padding side). ``row_ids`` [B] default to
     :func:`content_row_ids` of the attended tokens. ``budgets`` [B]: per-input critique budgets
     (at most ``max_new_tokens``), as if each input were sampled with its own. ``decode_layout``:
@@ -265,8 +286,10 @@ def sample_padded(cfg: ModelConfig, params, ids_bl: np.ndarray, mask_bl: np.ndar
     machine's (:func:`~cloud_jax.model.decode_step.decode_layout`). Both give the same critiques
     up to float rounding. ``decode_weights``: the feature-major weights of ``params``
     (:func:`~cloud_jax.model.decode_step.prepare_decode_weights`), prepared once by a caller that
-    samples many batches; without them the decode prepares its own."""
+    samples many batches; without them the decode prepares its own. ``steps_per_check``: see
+    :func:`decode` (the same critiques at any value)."""
     check_repetition_penalty(repetition_penalty)
+    check_steps_per_check(steps_per_check)
     if decode_layout is None:
         decode_layout = "feature_major" if decode_weights is not None else default_layout(cfg, mesh)
     check_layout(decode_layout)
@@ -299,7 +322,8 @@ def sample_padded(cfg: ModelConfig, params, ids_bl: np.ndarray, mask_bl: np.ndar
             budget_b, decode_weights,
             cfg=cfg, rules=tuple(rules), method=method, num_samples=num_samples,
             max_new_tokens=max_new_tokens, pad_id=pad_id,
-            repetition_penalty=float(repetition_penalty), layout=decode_layout)
+            repetition_penalty=float(repetition_penalty), layout=decode_layout,
+            steps_per_check=steps_per_check)
     if not tokens.is_fully_addressable:
         # Several processes: the rows are spread over all of them, and each returns every row.
         tokens, lengths, rewards, truncated = multihost_utils.process_allgather(
@@ -319,7 +343,8 @@ def sample(cfg: ModelConfig, params, prefixes: Sequence[Sequence[int]], *, max_n
            rules: Rules = SAMPLE_RULES, repetition_penalty: float = 1.0,
            budgets: Optional[Sequence[int]] = None,
            decode_layout: Optional[str] = None,
-           decode_weights: Optional[DecodeWeights] = None) -> SampleOutput:
+           decode_weights: Optional[DecodeWeights] = None,
+           steps_per_check: int = 1) -> SampleOutput:
     """K critiques (and their rewards) for each token prefix, left-padded to a length bucket."""
     if not prefixes:
         raise ValueError("no inputs to sample from")
@@ -331,4 +356,5 @@ def sample(cfg: ModelConfig, params, prefixes: Sequence[Sequence[int]], *, max_n
                          stop_ids=stop_ids, num_samples=num_samples, method=method, seed=seed,
                          row_ids=row_ids, pad_id=pad_id, mesh=mesh, rules=rules,
                          repetition_penalty=repetition_penalty, budgets=budgets,
-                         decode_layout=decode_layout, decode_weights=decode_weights)
+                         decode_layout=decode_layout, decode_weights=decode_weights,
+                         steps_per_check=steps_per_check)

@@ -75,32 +75,39 @@ def _cpu_times(path: str) -> Optional[tuple[int, int]]:
     return sum(ticks) - idle, sum(ticks)
 
 
+def _own_cpu_seconds() -> float:
+    """CPU seconds this process has used (all its threads)."""
+    t = os.times()
+    return t.user + t.system
+
+
 def cpu_busy(interval: float = 0.3, path: str = "/proc/stat") -> Optional[float]:
-    """The share of all cores busy over ``interval`` seconds, the caller sleeping meanwhile: what
-    other work takes from the machine as the bench starts (0.5 = one core of two). The load
-    average trails by a minute, so it still counts a bench that has just finished; this does
-    not. None where the OS does not report it."""
+    """The share of all cores that other work kept busy over ``interval`` seconds (0.5 = one
+    core of two): this process's own threads, such as JAX finishing work it was given, are not
+    counted. The load average trails by a minute, so it still counts a bench that has just
+    finished; this does not. None where the OS does not report it."""
     import time
 
-    first = _cpu_times(path)
+    first, own = _cpu_times(path), _own_cpu_seconds()
     if first is None:
         return None
     time.sleep(interval)
-    second = _cpu_times(path)
+    second, own = _cpu_times(path), _own_cpu_seconds() - own
     if second is None or second[1] <= first[1]:
         return None
-    return round((second[0] - first[0]) / (second[1] - first[1]), 3)
+    ticks_per_s = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    others = (second[0] - first[0]) / ticks_per_s - own
+    return round(max(others, 0.0) / ((second[1] - first[1]) / ticks_per_s), 3)
 
 
 def host_info(cpuinfo_path: str = "/proc/cpuinfo") -> dict:
     """``cpu_model``, ``cpu_signature`` (x86 family and model numbers, else None),
     ``vector_extensions`` (those of VECTOR_EXTENSIONS this CPU has), ``cpu_count``,
     ``load_average`` (1 minute, when the bench starts), ``cpu_busy`` (the share of the cores
-    other work used in the moment before the bench started, see cpu_busy), ``backend``,
-    ``devices`` (the
-    accelerator kinds when not CPU) and ``emulated_host`` (what a tool that restricts the run,
-    such as tools/avx2_host.py, says it emulates, from ``CLOUD_JAX_EMULATED_HOST``; else None:
-    the CPU's own extensions are listed either way)."""
+    other work used in the moment this is called: call it before the bench's own work),
+    ``backend``, ``devices`` (the accelerator kinds when not CPU) and ``emulated_host`` (what a
+    tool that restricts the run, such as tools/avx2_host.py, says it emulates, from
+    ``CLOUD_JAX_EMULATED_HOST``; else None: the CPU's own extensions are listed either way)."""
     model, flags, signature = _cpuinfo(cpuinfo_path)
     return {
         "cpu_model": model or platform.processor() or platform.machine() or "unknown",

@@ -239,6 +239,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="a named workload; flags given explicitly still win")
     parser.add_argument("--bandwidth-bytes", type=int, default=1 << 30,
                         help="bytes the bandwidth measurement reads")
+    parser.add_argument("--steps-per-check", type=int, default=1, metavar="C",
+                        help="decode steps between two checks of whether every row has ended "
+                             "(on a GPU each check waits for the device; see "
+                             "cloud_jax.sampling.loop.decode)")
     parser.add_argument("--decode-layout", choices=LAYOUTS, default=None,
                         help="our decode step's weight layout (default: the machine's choice, "
                              "see cloud_jax.model.decode_step)")
@@ -248,7 +252,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     preset = parser.parse_known_args(argv)[0].preset
     if preset is not None:
         parser.set_defaults(**PRESETS[preset])
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.steps_per_check < 1:
+        parser.error(f"--steps-per-check {args.steps_per_check}: give a whole number >= 1")
+    return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -257,6 +264,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     select_backend(args.backend)
+    host = host_info()  # before the bench's own work, which would count as other work's
 
     cfg = ModelConfig(vocab_size=args.vocab_size, hidden_size=args.hidden_size,
                       intermediate_size=args.intermediate_size, num_layers=args.num_layers,
@@ -279,7 +287,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # What the kernel library was compiled for (CLOUD_JAX_KERNEL_ARCH; -march=native by default).
     vector_floats = cpu_kernels.vector_floats() if "cpu_kernel" in kernels.values() else None
     built_for = f" ({vector_floats}-float vectors)" if vector_floats else ""
-    host = host_info()
     print(f"[bench sample] {host_line(host)}", flush=True)
     print(f"[bench sample] {n_params / 1e6:.1f}M params {args.dtype}, {b} inputs x K={k}, prompt {p}, "
           f"{m} new tokens, temperature {args.temperature}, {jax.device_count()} "
@@ -297,7 +304,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def ours(samples: int):
         out = sample(cfg, params, prompts, max_new_tokens=m, stop_ids=(stop,),
                      num_samples=samples, method=method, seed=0, decode_layout=layout,
-                     decode_weights=weights)
+                     decode_weights=weights, steps_per_check=args.steps_per_check)
         return out
 
     ours_s, out = _best(lambda: ours(k), args.repeats)
@@ -317,7 +324,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def run_decode():
         res = decode(params, cache, logits_bv, keys, stops, None, None, weights, cfg=cfg,
                      rules=tuple(SAMPLE_RULES),
-                     method=method, num_samples=k, max_new_tokens=m, pad_id=0, layout=layout)
+                     method=method, num_samples=k, max_new_tokens=m, pad_id=0, layout=layout,
+                     steps_per_check=args.steps_per_check)
         return jax.block_until_ready(res)
 
     decode_s, res = _best(run_decode, args.repeats)
@@ -327,8 +335,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         profile_summary = profile.summary(profile.trace(run_decode, args.profile))
         print(f"[bench sample] {profile.report(profile_summary, 'one decode loop')}", flush=True)
+    # Steps up to the last row's end; the loop runs on to its next check of the end.
     steps = int(np.max(np.asarray(res[1]))) + 1
-    step_s = decode_s / steps
+    c = args.steps_per_check
+    steps_run = -(-steps // c) * c
+    step_s = decode_s / steps_run
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     # The decode cache: each input's prompt once (shared by its K samples), plus K sample segments.
     kv_slots = b * p + b * k * (m + 1)
@@ -340,7 +351,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bandwidth = read_bandwidth(args.bandwidth_bytes)
     floor_s = (weight_bytes + kv_bytes) / bandwidth
     hbm_floor_s = (weight_bytes + valid_kv_bytes) / bandwidth
-    print(f"[bench sample] decode: {steps} steps in {decode_s:.2f}s = {step_s * 1e3:.1f} ms/step; "
+    checks = (f" ({steps} up to the last row's end, which is checked every {c} steps)"
+              if c > 1 else "")
+    print(f"[bench sample] decode: {steps_run} steps{checks} in {decode_s:.2f}s = "
+          f"{step_s * 1e3:.1f} ms/step; "
           f"floor {floor_s * 1e3:.1f} ms (weights {weight_bytes / 1e6:.0f} MB + KV cache "
           f"{kv_bytes / 1e6:.0f} MB at {bandwidth / 1e9:.1f} GB/s read); "
           f"step/floor = {step_s / floor_s:.2f}; against the valid KV only "
@@ -385,6 +399,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "decode_layout": layout,
         "decode_attention": attention,
         "decode_matmul": matmul,
+        "steps_per_check": c,
+        "decode_steps": steps_run,
         "kernel_vector_floats": vector_floats,
         "prepare_s": round(prepare_s, 3),
         "workload": {"inputs": b, "samples": k, "prompt_len": p, "new_tokens": m,
