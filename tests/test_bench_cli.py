@@ -6,6 +6,7 @@ import os
 import sys
 
 import jax
+import pytest
 
 from cloud_jax.cli.bench.host import host_info, host_line
 from cloud_jax.model import cpu_kernels
@@ -134,6 +135,9 @@ def test_bench_sample_prints_the_host_and_puts_it_in_its_json(capsys):
                         str(1 << 24), "--steps-per-check", "2"]) == 0
     out = capsys.readouterr().out
     result = json.loads(out.strip().splitlines()[-1])
+    # Without transformers' run: no ratio, and the line stays strict JSON (null, not NaN).
+    assert result["hf_critiques_per_s"] is None and result["ratio"] is None
+    json.loads(out.strip().splitlines()[-1], parse_constant=lambda name: pytest.fail(name))
     # 4 new tokens: 5 steps up to the end, run in checks of 2, so 6 steps timed.
     assert result["steps_per_check"] == 2 and result["decode_steps"] == 6
     assert "decode: 6 steps (5 up to the last row's end, which is checked every 2 steps)" in out

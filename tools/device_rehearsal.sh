@@ -10,8 +10,8 @@
 #    transformers, Jinja2; no torch, so the torch halves of the benches are skipped; the image
 #    was seen with transformers 5.17, whose GGUF integration imports torch, which the image has
 #    and this environment not, so the default takes this project's transformers pin),
-# 2. runs both benches at tiny sizes there with --backend cpu (the device's bench call carries
-#    no packages, so nothing else may be needed),
+# 2. runs tools/gpu_benches.sh (the device's bench call) there, its benches at tiny sizes with
+#    --backend cpu (that call carries no packages, so nothing else may be needed),
 # 3. packs the offline bundle (tools/offline_bundle.py) and runs tools/gpu_smollm2.sh from it
 #    at a few steps, as the device would, writing to $OUT (default /tmp/cloud_jax_rehearsal).
 #
@@ -37,15 +37,15 @@ print("rehearsal environment: python", sys.version.split()[0], "jax", jax.__vers
 rm -rf "$OUT"
 mkdir -p "$OUT/work"
 
-echo "== benches (torch-free halves), tiny, --backend cpu"
-PYTHONPATH=$PWD "$VENV/bin/python" -m cloud_jax bench train --pairs 1 --seq 16 --hidden 32 \
-    --layers 1 --heads 2 --kv-heads 1 --mlp 64 --vocab 64 --repeats 1 --steps 1 --dtype bfloat16 \
-    --backend cpu --matmul-n 128 --skip-torch --phases sequential --record "$OUT/train.json" \
-    | tail -1
-PYTHONPATH=$PWD "$VENV/bin/python" -m cloud_jax bench sample --inputs 2 --samples 2 \
-    --prompt-len 8 --new-tokens 4 --repeats 1 --hidden-size 32 --num-layers 1 --num-heads 2 \
-    --num-kv-heads 1 --intermediate-size 64 --vocab-size 64 --dtype bfloat16 --backend cpu \
-    --bandwidth-bytes 1048576 --skip-hf --record "$OUT/sample.json" | tail -1
+echo "== tools/gpu_benches.sh (torch-free halves), tiny, --backend cpu"
+benches_out="$OUT/benches"
+BACKEND=cpu PYTHON="$VENV/bin/python" PROFILE_DIR="$benches_out/profiles" OUT="$benches_out" \
+    EXTRA_SAMPLE="--inputs 2 --samples 2 --prompt-len 8 --new-tokens 4 --repeats 1
+                  --hidden-size 32 --num-layers 1 --num-heads 2 --num-kv-heads 1
+                  --intermediate-size 64 --vocab-size 64 --bandwidth-bytes 1048576 --skip-hf" \
+    EXTRA_TRAIN="--pairs 1 --seq 16 --hidden 32 --layers 1 --heads 2 --kv-heads 1 --mlp 64
+                 --vocab 64 --repeats 1 --steps 1 --matmul-n 128 --skip-torch" \
+    bash tools/gpu_benches.sh | tail -5
 
 echo "== the SmolLM2 pipeline from the offline bundle, a few steps"
 .venv/bin/python tools/offline_bundle.py pack --out "$OUT/bundle"

@@ -1,0 +1,104 @@
+#!/bin/bash
+# The GPU benchmarks of docs/BENCHMARKS.md ("On one GPU: the 1B-shaped workload") in one device
+# call, most important first, inside a time budget:
+#
+#   OUT=$OUT bash tools/gpu_benches.sh            # the device call: timeout_s 600, no carry
+#
+# 1. sample_32        bench sample, 32 inputs x K = 8, with transformers, a decode profile
+# 2. train            bench train, the llama-1b preset, with torch, a step profile
+# 3. sample_8         bench sample, 8 inputs x K = 8, with transformers
+# 4. sample_32_check8 bench sample, 32 inputs, ours only, the end checked every 8 steps
+#
+# Each bench writes its record ($OUT/gpu_<name>.json, for docs/measurements/) when it finishes,
+# so a call cut short keeps what ran; a bench that would start with under 30 s of the budget
+# left is skipped and named. All output also goes to $OUT/gpu_benches.log. The profiles' traces
+# stay out of $OUT (PROFILE_DIR): what a call brings back is a few files, and each record holds
+# its profile's summary. The last lines printed are a table of the main numbers.
+#
+# Environment: OUT (default runs/gpu_benches), PYTHON (python3), BUDGET_S (seconds for all,
+# default 560), BENCHES (which to run, in order; default all four), BACKEND (gpu),
+# PROFILE_DIR (/tmp/cloud_jax_profiles), EXTRA_SAMPLE / EXTRA_TRAIN (flags added after every
+# sample / train bench's own: tools/device_rehearsal.sh runs this at tiny sizes on a CPU).
+set -euo pipefail
+cd "$(dirname "$0")/.." || exit 1
+OUT=${OUT:-runs/gpu_benches}
+PYTHON=${PYTHON:-python3}
+BUDGET_S=${BUDGET_S:-560}
+BENCHES=${BENCHES:-sample_32 train sample_8 sample_32_check8}
+BACKEND=${BACKEND:-gpu}
+PROFILE_DIR=${PROFILE_DIR:-/tmp/cloud_jax_profiles}
+# Words split on spaces and newlines (read -d '' reads to the end and then returns 1).
+read -r -d '' -a extra_sample <<< "${EXTRA_SAMPLE:-}" || true
+read -r -d '' -a extra_train <<< "${EXTRA_TRAIN:-}" || true
+read -r -d '' -a benches <<< "$BENCHES" || true
+for name in "${benches[@]}"; do
+    case $name in
+        sample_32 | train | sample_8 | sample_32_check8) ;;
+        *) echo "error: no bench named $name (sample_32, train, sample_8, sample_32_check8)" >&2
+           exit 2 ;;
+    esac
+done
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+mkdir -p "$OUT"
+log="$OUT/gpu_benches.log"
+: > "$log"
+start=$(date +%s)
+status=0
+sample=(bench sample --backend "$BACKEND" --preset llama-1b --threads 8 --repeats 2
+        --bandwidth-bytes 4294967296)
+train=(bench train --backend "$BACKEND" --preset llama-1b)
+
+# run NAME CAP_S ARGS...: one bench under `timeout`, at most CAP_S and what the budget has left.
+run() {
+    local name=$1 cap=$2 left t0 rc
+    shift 2
+    left=$((BUDGET_S - ($(date +%s) - start)))
+    if ((left < 30)); then
+        echo "== $name: skipped, $left s of the $BUDGET_S s budget left" | tee -a "$log"
+        status=1
+        return
+    fi
+    if ((cap > left)); then cap=$left; fi
+    echo "== $name: at most $cap s: python -m cloud_jax $*" | tee -a "$log"
+    t0=$(date +%s)
+    rc=0
+    # A bench that fails or runs out of time is reported; the next one still runs.
+    timeout "$cap" "$PYTHON" -m cloud_jax "$@" 2>&1 | tee -a "$log" || rc=$?
+    echo "== $name: exit $rc after $(($(date +%s) - t0)) s" | tee -a "$log"
+    ((rc == 0)) || status=1
+}
+
+for name in "${benches[@]}"; do
+    case $name in
+        sample_32) run "$name" 240 "${sample[@]}" --profile "$PROFILE_DIR/sample_32" \
+            --record "$OUT/gpu_$name.json" "${extra_sample[@]}" ;;
+        train) run "$name" 240 "${train[@]}" --profile "$PROFILE_DIR/train" \
+            --record "$OUT/gpu_$name.json" "${extra_train[@]}" ;;
+        sample_8) run "$name" 150 "${sample[@]}" --inputs 8 --record "$OUT/gpu_$name.json" \
+            "${extra_sample[@]}" ;;
+        sample_32_check8) run "$name" 150 "${sample[@]}" --skip-hf --steps-per-check 8 \
+            --record "$OUT/gpu_$name.json" "${extra_sample[@]}" ;;
+    esac
+done
+
+echo "== all in $(($(date +%s) - start)) s; the main numbers:" | tee -a "$log"
+"$PYTHON" - "$OUT" "${benches[@]}" <<'PY' | tee -a "$log"
+import json, os, sys
+
+out, names = sys.argv[1], sys.argv[2:]
+keys = ("decode_step_over_hbm_floor", "decode_step_ms", "ours_critiques_per_s",
+        "hf_critiques_per_s", "ratio", "k8_over_k1", "steps_per_check", "mfu",
+        "ours_tokens_per_s", "torch_tokens_per_s", "attention", "hf_error", "torch_error",
+        "attention_error")
+for name in names:
+    path = os.path.join(out, f"gpu_{name}.json")
+    if not os.path.exists(path):
+        print(f"{name}: no record")
+        continue
+    result = json.load(open(path))["result"]
+    fields = [f"{k}={result[k]:.3g}" if isinstance(result[k], float) else f"{k}={result[k]}"
+              for k in keys if result.get(k) is not None]
+    print(f"{name}: " + ", ".join(fields))
+PY
+exit $status
