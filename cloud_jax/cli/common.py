@@ -111,6 +111,10 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: ScoreConfig) ->
     parser.add_argument("--critique-prefix", default=defaults.critique_prefix,
                         help="text the critique starts after (default: the one the checkpoint "
                              "was trained with, else the standard prefix)")
+    parser.add_argument("--steps-per-check", type=int, default=defaults.steps_per_check,
+                        help="decode steps between two checks of whether every critique has "
+                             "ended; on a GPU each check waits for the device (default "
+                             "%(default)s; the same critiques at any value)")
 
 
 def config_from_args(args: argparse.Namespace, **fields) -> ScoreConfig:
@@ -118,7 +122,8 @@ def config_from_args(args: argparse.Namespace, **fields) -> ScoreConfig:
                        max_critique_tokens=args.max_critique_tokens, seed=args.seed,
                        repetition_penalty=args.repetition_penalty,
                        batch_size=args.batch_size, max_length=args.max_length,
-                       critique_prefix=args.critique_prefix, **fields).validate()
+                       critique_prefix=args.critique_prefix,
+                       steps_per_check=args.steps_per_check, **fields).validate()
 
 
 def load_model(args: argparse.Namespace):
