@@ -100,3 +100,4 @@ def test_gpu_run_script_runs_on_cpu_at_a_tiny_budget(tmp_path):
         assert (tmp_path / "run" / stage / "final" / "model.safetensors").is_file()
         assert not (tmp_path / "run" / stage / "checkpoints").exists()
     assert (out / "gpu_smollm2_report.md").read_text().startswith("#")
+    assert "wall time" in (out / "gpu_smollm2.log").read_text()  # the whole output, as it went

@@ -71,11 +71,11 @@ run() {
 
 for name in "${benches[@]}"; do
     case $name in
-        sample_32) run "$name" 240 "${sample[@]}" --profile "$PROFILE_DIR/sample_32" \
+        sample_32) run "$name" 300 "${sample[@]}" --profile "$PROFILE_DIR/sample_32" \
             --record "$OUT/gpu_$name.json" "${extra_sample[@]}" ;;
-        train) run "$name" 240 "${train[@]}" --profile "$PROFILE_DIR/train" \
+        train) run "$name" 300 "${train[@]}" --profile "$PROFILE_DIR/train" \
             --record "$OUT/gpu_$name.json" "${extra_train[@]}" ;;
-        sample_8) run "$name" 150 "${sample[@]}" --inputs 8 --record "$OUT/gpu_$name.json" \
+        sample_8) run "$name" 200 "${sample[@]}" --inputs 8 --record "$OUT/gpu_$name.json" \
             "${extra_sample[@]}" ;;
         sample_32_check8) run "$name" 150 "${sample[@]}" --skip-hf --steps-per-check 8 \
             --record "$OUT/gpu_$name.json" "${extra_sample[@]}" ;;

@@ -8,7 +8,8 @@
 # 2. installs the bundle's wheels into a private folder (nothing else on the machine changes),
 # 3. converts the GGUF (python -m cloud_jax convert-gguf),
 # 4. runs configs/smollm2_135m_gpu_pipeline.yaml plus the key=value overrides given,
-# 5. writes the measurement record and report.md to $OUT (default runs/gpu_smollm2_out).
+# 5. writes the measurement record and report.md to $OUT (default runs/gpu_smollm2_out), and
+#    all it prints to $OUT/gpu_smollm2.log as it goes.
 #
 # Environment: BUNDLE (default .device), OUT, PYTHON (default python3), CONFIG (default
 # configs/smollm2_135m_gpu_pipeline.yaml), RUN_DIR (default runs/smollm2_135m_gpu_pipeline).
@@ -22,6 +23,8 @@ RUN_DIR=${RUN_DIR:-runs/smollm2_135m_gpu_pipeline}
 WORK=${WORK:-$(mktemp -d)}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
+# Everything printed also goes to $OUT, which comes back even when the call runs out of time.
+exec > >(tee "$OUT/gpu_smollm2.log") 2>&1
 start=$(date +%s)
 
 "$PYTHON" tools/offline_bundle.py join --bundle "$BUNDLE" --out "$WORK/smollm2.gguf"
