@@ -10,9 +10,10 @@ STAMP_RUN := $(VENV)/.stamp-run
 STAMP_TEST := $(VENV)/.stamp-test
 STAMP_SMOLLM2 := $(VENV)/.stamp-smollm2
 STAMP_TPU := $(VENV)/.stamp-tpu
+STAMP_GPU_AOT := $(VENV)/.stamp-gpu-aot
 SMOLLM2_DIR := .cache/smollm2-135m-instruct
 
-.PHONY: venv venv-test venv-tpu smollm2 test test-slow test-all demo demo-smollm2 clean
+.PHONY: venv venv-test venv-tpu venv-gpu-aot smollm2 test test-slow test-all demo demo-smollm2 clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,9 +41,17 @@ $(STAMP_TPU): requirements-tpu.txt $(STAMP_RUN)
 	$(PIP) install -q -r requirements-tpu.txt
 	touch $@
 
+# JAX's CUDA plugin and cuDNN: compile steps for NVIDIA GPUs from this host (`python -m cloud_jax
+# aot --topology h100`), no GPU needed; optional, the GPU aot tests skip without it. CI installs it.
+$(STAMP_GPU_AOT): requirements-gpu-aot.txt $(STAMP_RUN)
+	$(PIP) install -q -r requirements-gpu-aot.txt
+	touch $@
+
 venv: $(STAMP_RUN)
 
 venv-tpu: $(STAMP_TPU)
+
+venv-gpu-aot: $(STAMP_GPU_AOT)
 
 venv-test: $(STAMP_TEST) $(STAMP_RUN) $(STAMP_SMOLLM2)
 

@@ -1,9 +1,12 @@
 """`python -m cloud_jax aot`: slice names against Google's published shapes, the compiled figures
 of a tiny config on a small topology, and the failures: figures over the HBM, the TPU compiler's
-own out-of-memory refusal, libtpu missing."""
+own out-of-memory refusal, libtpu missing. The same for NVIDIA GPUs through JAX's CUDA plugin:
+names, a tiny config compiled for an H100 (cuDNN attention included), the memory budget, the
+plugin missing."""
 
 import dataclasses
 import importlib.util
+import re
 import sys
 
 import pytest
@@ -11,11 +14,15 @@ import pytest
 from cloud_jax.cli import aot
 from cloud_jax.cli.common import run_command
 from cloud_jax.errors import ConfigError
+from cloud_jax.training.config import load_config
 from cloud_jax.sharding import CHIPS, chip_of
 
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
     reason="libtpu not installed: pip install -r requirements-tpu.txt")
+needs_cuda_plugin = pytest.mark.skipif(
+    importlib.util.find_spec("jax_plugins.xla_cuda12") is None,
+    reason="JAX's CUDA plugin not installed: pip install -r requirements-gpu-aot.txt")
 
 
 @pytest.fixture(autouse=True)
@@ -131,3 +138,130 @@ def test_batch_that_does_not_split_over_the_mesh_is_a_config_error(capsys):
     assert rc == 2
     assert "data.batch_pairs=8 must be a multiple of train.grad_accum_steps=4" in captured.err
     assert "train step" not in captured.out
+
+
+# --- NVIDIA GPUs ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,chips,topology,kind", [
+    ("h100", 1, "1x1x1", "NVIDIA H100 80GB HBM3"), ("H100-8", 8, "1x1x8", "NVIDIA H100 80GB HBM3"),
+    ("h200-2", 2, "1x1x2", "NVIDIA H200"), ("h200-16", 16, "1x2x8", "NVIDIA H200"),
+    ("a100-4", 4, "1x1x4", "NVIDIA A100-SXM4-80GB"),
+])
+def test_gpu_names(name, chips, topology, kind):
+    sl = aot.parse_slice(name)
+    assert (sl.chips, sl.topology, sl.gpu.device_kind) == (chips, topology, kind)
+    # The peak FLOP/s comes from the table the training MFU reads by device kind.
+    assert sl.chip is chip_of(kind)
+
+
+@pytest.mark.parametrize("name", ["h100-12", "h100-0", "h300", "b200-8"])
+def test_bad_gpu_names(name):
+    with pytest.raises(ConfigError, match="--topology"):
+        aot.parse_slice(name)
+
+
+def test_gpu_memory_budget_is_the_allocators_share_of_the_card():
+    sl = aot.parse_slice("h100")
+    assert sl.gpu.memory_bytes == 81559 * 2**20  # what the driver reports for an H100 80GB HBM3
+    assert sl.memory_budget(0.75) == 0.75 * 81559 * 2**20
+    assert aot.parse_slice("v5e-4").memory_budget(0.75) == CHIPS["v5e"].hbm_bytes
+
+
+def test_gpu_target_description():
+    text = aot.GPUS["H200"].target_config((9, 1, 2))
+    for field in ("cuda_compute_capability { major: 9 minor: 0 }", "core_count: 132",
+                  f"device_memory_size: {143771 * 2**20}", "memory_bandwidth: 4800000000000",
+                  'platform_name: "CUDA"', "dnn_version_info { major: 9 minor: 1 patch: 2 }",
+                  'device_description_str: "NVIDIA H200"'):
+        assert field in text
+
+
+@needs_cuda_plugin
+def test_tiny_config_on_h100(capsys):
+    rc = aot.main(TINY + ["--topology", "h100", "--sample", "--prefix-len", "16",
+                          "--num-samples", "2", "--max-new-tokens", "4"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert ("h100: topology 1x1x1, 1 chip(s) (NVIDIA H100 80GB HBM3), 59.74 GiB HBM (75% of "
+            "79.65 GiB) and 989 TFLOP/s bf16 per chip") in out
+    for step in ("train step (cloud, 8 pairs x 2 x 32 tokens", "sampling prefill (1 inputs x 16",
+                 "sampling decode (1 inputs x K=2, 4 new tokens)"):
+        assert step in out
+    assert out.count("memory per device: arguments") == 3
+    assert out.count("of 59.74 GiB HBM (75% of the card's 79.65 GiB)") == 3
+    # The same model FLOPs as on the TPU (test_tiny_config_on_v5e_4), over one H100's peak.
+    assert "model FLOPs per step: 3.618e+08" in out
+    assert re.search(r"sampling decode .*\n(  .*\n)*  1 loop\(s\), \d+ operations launched per "
+                     r"iteration", out)
+
+
+@needs_cuda_plugin
+def test_cudnn_attention_compiles_for_the_gpu(monkeypatch):
+    """The cuDNN path (bench train's GPU preset) compiled by the GPU compiler: its attention
+    becomes cuDNN's fused calls, forward and backward, one each per layer."""
+    from cloud_jax.model.config import ModelConfig
+
+    assert ModelConfig().attention_impl == "xla"
+    devices = aot.gpu_devices(aot.parse_slice("h100"))
+    cfg = load_config("configs/tiny_cpu_cloud.yaml", TINY[2:] + [
+        "model.dtype=bfloat16", "model.attention_impl=cudnn"])
+    captured = {}
+    original = aot._compile
+
+    def keep(name, fn, **kw):
+        compiled, res = original(name, fn, **kw)
+        captured["text"] = compiled.as_text()
+        return compiled, res
+
+    monkeypatch.setattr(aot, "_compile", keep)
+    res = aot.compile_train(cfg, devices)
+    assert res.memory["total"] > 0
+    calls = re.findall(r'custom_call_target="(__cudnn\$fmha[A-Za-z]*)"', captured["text"])
+    layers = cfg.model.num_layers
+    assert len([c for c in calls if c.endswith("Backward")]) == layers
+    assert len([c for c in calls if not c.endswith("Backward")]) == layers
+
+
+@needs_cuda_plugin
+def test_gpu_step_over_the_memory_budget(capsys):
+    rc = aot.main(TINY + ["--topology", "h100", "--gpu-memory-fraction", "0.0000001"])
+    captured = capsys.readouterr()
+    assert rc == 1
+    assert "does not fit on h100" in captured.err
+    assert "over the 0.01 MiB HBM" in captured.err
+
+
+@needs_cuda_plugin
+def test_decode_checked_every_c_steps_launches_c_steps_per_iteration(capsys):
+    """The decode loop's operations per iteration at steps_per_check 1 and 3: the GPU compiler
+    keeps the 3 steps in one iteration (checked once), so it launches more per iteration."""
+    counts = {}
+    for c in (1, 3):
+        rc = aot.main(TINY + ["--topology", "h100", "--sample-only", "--prefix-len", "16",
+                              "--num-samples", "2", "--max-new-tokens", "5",
+                              "--steps-per-check", str(c)])
+        out = capsys.readouterr().out
+        assert rc == 0, out
+        counts[c] = [int(n) for n in re.findall(r"(\d+) operations launched per iteration", out)]
+    assert "checked every 3 steps" in out
+    assert counts[1] and counts[3] and min(counts[3]) > max(counts[1])
+
+
+def test_missing_cuda_plugin(monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "jax_plugins.xla_cuda12" else real(name, *a))
+    rc = aot.main(TINY + ["--topology", "h100"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "CUDA plugin is not installed" in err and "requirements-gpu-aot.txt" in err
+
+
+@pytest.mark.parametrize("flag,value", [("--gpu-memory-fraction", "0"),
+                                        ("--gpu-memory-fraction", "1.5"),
+                                        ("--steps-per-check", "0")])
+def test_bad_gpu_flags(flag, value, capsys):
+    with pytest.raises(SystemExit) as exc:
+        aot.main(TINY + ["--topology", "h100", flag, value])
+    assert exc.value.code == 2
+    assert flag in capsys.readouterr().err

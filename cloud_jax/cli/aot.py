@@ -1,9 +1,10 @@
-"""``python -m cloud_jax aot``: compile the real steps for a TPU slice from a CPU host.
+"""``python -m cloud_jax aot``: compile the real steps for a TPU slice or NVIDIA GPUs from a CPU host.
 
     python -m cloud_jax aot --config configs/llama3_8b_cloud.yaml --topology v5p-64 [key=value ...]
     python -m cloud_jax aot --config configs/llama3_8b_cloud.yaml --topology v5e-32 --sample
     python -m cloud_jax aot --config configs/llama3_8b_cloud.yaml --topology v5e-8 --sample-only \
         mesh.fsdp=1 mesh.tensor=4                  # sampling on its own mesh
+    python -m cloud_jax aot --config configs/llama3_8b_cloud.yaml --topology h100-8 --sample
 
 With ``libtpu`` installed (``pip install -r requirements-tpu.txt``) JAX describes the devices of
 any TPU topology without owning one; the train step of the config's stage (and with ``--sample``
@@ -12,6 +13,15 @@ the TPU compiler. Printed per step: per-device memory (arguments, outputs, tempo
 against the chip's HBM), FLOPs, and the step time implied at ``--mfu`` of the slice's peak.
 Exit status 1 when a step does not fit in HBM (after printing its figures) or libtpu is missing;
 2 for a config error, such as a batch that does not split evenly over the mesh.
+
+With JAX's CUDA plugin installed (``pip install -r requirements-gpu-aot.txt``) the same holds for
+NVIDIA GPUs: ``--topology h100`` (one card), ``h100-8`` (eight in one host), ``h100-16`` (two hosts
+of eight); also ``h200``, ``a100``. The plugin's compiler takes the card's description (compute
+capability, SMs, memory, caches: :data:`GPUS`, from NVIDIA's data sheets) in place of a device, so
+the figures are the GPU compiler's own, short of autotuning, which needs the card. A step fits
+when its total is within ``--gpu-memory-fraction`` of the card's memory: JAX's allocator takes 75%
+of it by default (``XLA_PYTHON_CLIENT_MEM_FRACTION``). For a loop (the sampling decode) the
+report adds the operations each iteration launches: on a GPU one kernel each, or more.
 
 Peak bf16 FLOP/s per chip and the slice shapes are from Google's Cloud TPU system-architecture
 pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e); the HBM a program may use per chip is the
@@ -25,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import math
 import os
 import re
@@ -46,9 +57,64 @@ from cloud_jax.training.step import (DEVICE_KEYS, StepBuilder, memory_figures,
 
 INSTALL_HINT = ("libtpu is not installed: `pip install -r requirements-tpu.txt` (the libtpu "
                 "release matching this JAX) into this environment, then run again")
+GPU_INSTALL_HINT = ("JAX's CUDA plugin is not installed: `pip install -r requirements-gpu-aot.txt` "
+                    "(the plugin release matching this JAX, and cuDNN) into this environment, "
+                    "then run again")
 
 
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuSpec:
+    """What XLA's GPU compiler reads off a card (its ``GpuTargetConfigProto``), for compiling on a
+    host without one. Figures from NVIDIA's data sheets and CUDA's per-architecture limits;
+    ``memory_bytes`` is the total the driver reports (nvidia-smi's MiB x 2**20)."""
+
+    device_kind: str
+    compute_capability: tuple[int, int]
+    sms: int
+    memory_bytes: int
+    bandwidth: float  # HBM bytes/s
+    l2_bytes: int
+    clock_ghz: float  # boost clock
+    shared_memory_per_sm: int
+    shared_memory_per_block_optin: int
+    fp32_units_per_sm: int
+
+    def target_config(self, cudnn: tuple[int, int, int]) -> str:
+        """The ``GpuTargetConfigProto`` in text format."""
+        major, minor = self.compute_capability
+        info = {
+            "threads_per_block_limit": 1024, "threads_per_warp": 32,
+            "shared_memory_per_block": 48 * 1024,
+            "shared_memory_per_core": self.shared_memory_per_sm,
+            "threads_per_core_limit": 2048, "core_count": self.sms,
+            "fpus_per_core": self.fp32_units_per_sm, "block_dim_limit_x": 2**31 - 1,
+            "block_dim_limit_y": 65535, "block_dim_limit_z": 65535,
+            "memory_bandwidth": int(self.bandwidth), "l2_cache_size": self.l2_bytes,
+            "clock_rate_ghz": self.clock_ghz, "device_memory_size": self.memory_bytes,
+            "shared_memory_per_block_optin": self.shared_memory_per_block_optin,
+            "registers_per_core_limit": 65536, "registers_per_block_limit": 65536,
+        }
+        fields = " ".join(f"{k}: {v}" for k, v in info.items())
+        return (f"gpu_device_info {{ cuda_compute_capability {{ major: {major} minor: {minor} }} "
+                f"{fields} }} platform_name: \"CUDA\" dnn_version_info {{ major: {cudnn[0]} "
+                f"minor: {cudnn[1]} patch: {cudnn[2]} }} device_description_str: "
+                f"\"{self.device_kind}\"")
+
+
+# Keyed like CHIPS (whose peak FLOP/s the report uses).
+GPUS = {
+    "H100": GpuSpec("NVIDIA H100 80GB HBM3", (9, 0), 132, 81559 * 2**20, 3.35e12, 50 * 2**20,
+                    1.98, 228 * 1024, 227 * 1024, 128),
+    "H200": GpuSpec("NVIDIA H200", (9, 0), 132, 143771 * 2**20, 4.8e12, 50 * 2**20, 1.98,
+                    228 * 1024, 227 * 1024, 128),
+    "A100": GpuSpec("NVIDIA A100-SXM4-80GB", (8, 0), 108, 81920 * 2**20, 2.039e12, 40 * 2**20,
+                    1.41, 164 * 1024, 163 * 1024, 64),
+}
+GPUS_PER_HOST = 8
+DEFAULT_GPU_MEMORY_FRACTION = 0.75  # JAX's allocator on a GPU, unless told otherwise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,10 +123,20 @@ class Slice:
     chip: Chip
     chips: int
     shape: tuple[int, ...]
+    gpu: Optional[GpuSpec] = None
 
     @property
     def topology(self) -> str:
+        if self.gpu is not None:  # partitions x hosts x GPUs per host, as XLA's GPU topology
+            hosts = max(1, self.chips // GPUS_PER_HOST)
+            return f"1x{hosts}x{self.chips // hosts}"
         return f"{self.chip.name}:{'x'.join(map(str, self.shape))}"
+
+    def memory_budget(self, gpu_memory_fraction: float) -> float:
+        """Bytes one program may use per device."""
+        if self.gpu is not None:
+            return self.gpu.memory_bytes * gpu_memory_fraction
+        return self.chip.hbm_bytes
 
 
 def _shape(chips: int, dims: int) -> tuple[int, ...]:
@@ -73,15 +149,33 @@ def _shape(chips: int, dims: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def parse_gpus(name: str) -> Optional[Slice]:
+    """``h100`` / ``h100-8`` / ``h200-16`` -> that many cards (up to 8 per host); None when the
+    name is not a GPU's."""
+    m = re.fullmatch(r"([a-z]\d+)(?:-(\d+))?", name.strip().lower())
+    if not m or m.group(1).upper() not in GPUS:
+        return None
+    key, n = m.group(1).upper(), int(m.group(2) or 1)
+    if n < 1 or not (n <= GPUS_PER_HOST or n % GPUS_PER_HOST == 0):
+        raise ConfigError(f"--topology {name!r}: 1 to {GPUS_PER_HOST} GPUs in one host, or whole "
+                          f"hosts of {GPUS_PER_HOST} (e.g. {m.group(1)}-16)")
+    return Slice(name, CHIPS[key], n, (n,), GPUS[key])
+
+
 def parse_slice(name: str) -> Slice:
     """``v5p-64`` / ``v5e-16`` / ``v5litepod-16`` / ``v4-8`` / ``v6e-256`` -> its chips and
-    topology shape."""
+    topology shape; ``h100``, ``h100-8``, ``h200``, ``a100``: NVIDIA GPUs (see :func:`parse_gpus`)."""
+    gpus = parse_gpus(name)
+    if gpus is not None:
+        return gpus
     m = re.fullmatch(r"(v\w+?)-(\d+)", name.strip().lower())
     gen = m and _ALIASES.get(m.group(1), m.group(1))
     if not m or gen not in CHIPS or not CHIPS[gen].torus_dims:
         tpus = ", ".join(k for k, chip in CHIPS.items() if chip.torus_dims)
+        gpus_names = ", ".join(k.lower() for k in GPUS)
         raise ConfigError(f"--topology {name!r}: expected <generation>-<size> with generation one "
-                          f"of {tpus} (e.g. v5p-64, v5e-16)")
+                          f"of {tpus} (e.g. v5p-64, v5e-16), or GPUs: {gpus_names}, optionally "
+                          f"-<count> (e.g. h100-8)")
     chip, size = CHIPS[gen], int(m.group(2))
     chips, rest = divmod(size, chip.cores_in_name)
     if rest or not (chips == 1 or chips >= 4 and chips & (chips - 1) == 0):
@@ -114,6 +208,75 @@ def tpu_devices(sl: Slice) -> list:
     return topologies.get_topology_desc(sl.topology, "tpu", **kwargs).devices
 
 
+def _cudnn_version() -> tuple[int, int, int]:
+    """The installed cuDNN's version, for the target description (9.8.0 when it cannot be read:
+    it then only gates cuDNN features the compiler would otherwise use)."""
+    try:
+        from jax_plugins.xla_cuda12 import cuda_versions
+
+        v = int(cuda_versions.cudnn_get_version())
+        return v // 10000, v // 100 % 100, v % 100
+    except Exception:  # noqa: BLE001 - no cuDNN library: the compile may still succeed
+        return 9, 8, 0
+
+
+def gpu_devices(sl: Slice) -> list:
+    """Compile-only devices of ``sl.chips`` GPUs described by ``sl.gpu``; a RuntimeError with
+    install advice without JAX's CUDA plugin."""
+    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+        raise RuntimeError(GPU_INSTALL_HINT)
+    from jax.experimental import topologies
+
+    # The plugin checks its CUDA libraries against a driver when it loads; a host without a GPU
+    # has none, and compiling needs none.
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    try:
+        topo = topologies.get_topology_desc(
+            "", "cuda", target_config=sl.gpu.target_config(_cudnn_version()),
+            topology=sl.topology)
+    except NotImplementedError as err:  # the plugin did not register (its own error was logged)
+        raise RuntimeError(f"JAX's CUDA plugin did not load ({err}): {GPU_INSTALL_HINT}") from None
+    return topo.devices
+
+
+def loop_kernels(compiled) -> list[int]:
+    """For each loop of the compiled program's entry computation, the operations one iteration
+    launches: fusions, library calls, copies (not tuples, bitcasts or constants), an inner loop's
+    counted once per trip where the compiler knows its trip count."""
+    text = compiled.as_text() or ""
+    bodies, current = {}, None
+    for line in text.splitlines():
+        head = re.match(r"(ENTRY )?%(\S+) .*\{$", line)
+        if head and not line.startswith(" "):
+            current = "ENTRY" if head.group(1) else head.group(2)
+            bodies[current] = []
+        elif line.startswith("}"):
+            current = None
+        elif current is not None:
+            bodies[current].append(line)
+    free = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "after-all"}
+
+    def body_of(line: str) -> Optional[str]:
+        m = re.search(r"body=%([^,\s]+)", line)
+        return m.group(1) if m else None
+
+    def launches(name: str) -> int:
+        total = 0
+        for line in bodies.get(name, ()):
+            op = re.match(r"\s*(?:ROOT )?%\S+ = .*?\s([a-z][a-z\-]*)\(", line)
+            if not op or op.group(1) in free:
+                continue
+            if op.group(1) == "while" and body_of(line):
+                trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+                total += launches(body_of(line)) * (int(trips.group(1)) if trips else 1)
+            else:
+                total += 1
+        return total
+
+    return [launches(body_of(line)) for line in bodies.get("ENTRY", ())
+            if " while(" in line and body_of(line)]
+
+
 def xla_flops(compiled) -> Optional[float]:
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
@@ -131,6 +294,7 @@ class Result:
     memory: Optional[dict[str, int]] = None
     xla_flops: Optional[float] = None
     model_flops: Optional[float] = None  # whole slice, per step
+    loop_kernels: Optional[list[int]] = None  # operations per iteration of each loop
     refused: str = ""  # the TPU compiler's out-of-memory message, when it refused the step
 
     def fits(self, hbm: float) -> bool:
@@ -141,27 +305,31 @@ class Result:
             return (f"{_gib(self.memory['total'])} per device is "
                     f"{_gib(self.memory['total'] - hbm)} over the {_gib(hbm)} HBM")
         m = re.search(r"\(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", self.refused)
-        if m:
+        if m:  # the TPU compiler's refusal
             need, have = float(m.group(1)), float(m.group(2))
             return (f"the TPU compiler needs {need:.2f} GiB per device, {need - have:.2f} GiB "
                     f"over the {have:.2f} GiB HBM")
         return f"the TPU compiler refused it: {self.refused}"
 
 
-def _compile(name: str, lower_and_compile, **figures) -> tuple[Any, Result]:
-    """(compiled or None, its Result); the compiler's out-of-memory refusal becomes a Result."""
+def _compile(name: str, lower_and_compile, loops: bool = False,
+             **figures) -> tuple[Any, Result]:
+    """(compiled or None, its Result); the compiler's out-of-memory refusal becomes a Result.
+    ``loops``: also count the operations per iteration of the program's loops."""
     try:
         compiled = lower_and_compile()
     except jax.errors.JaxRuntimeError as err:
         if "RESOURCE_EXHAUSTED" not in str(err):
             raise
         return None, Result(name, refused=str(err).splitlines()[0], **figures)
-    return compiled, Result(name, memory_figures(compiled), xla_flops(compiled), **figures)
+    return compiled, Result(name, memory_figures(compiled), xla_flops(compiled),
+                            loop_kernels=loop_kernels(compiled) if loops else None, **figures)
 
 
-def report(res: Result, sl: Slice, mfu: float) -> list[str]:
+def report(res: Result, sl: Slice, mfu: float,
+           gpu_memory_fraction: float = DEFAULT_GPU_MEMORY_FRACTION) -> list[str]:
     lines = [f"{res.name}:"]
-    hbm = sl.chip.hbm_bytes
+    hbm = sl.memory_budget(gpu_memory_fraction)
     if res.refused:
         lines.append(f"  does not fit: {res.overshoot(hbm)}")
     elif res.memory is None:
@@ -171,8 +339,15 @@ def report(res: Result, sl: Slice, mfu: float) -> list[str]:
         lines.append(f"  memory per device: arguments {_gib(m['argument'])}, outputs "
                      f"{_gib(m['output'])} ({_gib(m['alias'])} aliased to donated arguments), "
                      f"temporaries {_gib(m['temp'])}, code {_gib(m['generated_code'])}")
-        lines.append(f"  total {_gib(m['total'])} of {_gib(hbm)} HBM "
+        of_card = (f" ({gpu_memory_fraction:.0%} of the card's {_gib(sl.gpu.memory_bytes)})"
+                   if sl.gpu is not None else "")
+        lines.append(f"  total {_gib(m['total'])} of {_gib(hbm)} HBM{of_card} "
                      f"({100 * m['total'] / hbm:.1f}%)")
+    if res.loop_kernels:
+        counts = sorted(set(res.loop_kernels))
+        span = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+        lines.append(f"  {len(res.loop_kernels)} loop(s), {span} operations launched per "
+                     "iteration")
     if res.xla_flops is not None:
         # XLA counts a loop body (scanned layers, the decode loop) once, not per iteration.
         lines.append(f"  XLA FLOPs per device (loop bodies counted once): {res.xla_flops:.4g}")
@@ -216,9 +391,11 @@ def compile_train(cfg: Config, devices: Sequence) -> Result:
 
 
 def compile_sample(cfg: Config, devices: Sequence, *, inputs: int, prefix_len: int,
-                   num_samples: int, max_new_tokens: int) -> list[Result]:
+                   num_samples: int, max_new_tokens: int,
+                   steps_per_check: int = 1) -> list[Result]:
     """Self-consistency scoring: the prefill of ``inputs`` prefixes, then the decode of
-    ``num_samples`` critiques each, with the sampling rules (weights not split over fsdp)."""
+    ``num_samples`` critiques each, with the sampling rules (weights not split over fsdp).
+    ``steps_per_check``: the decode's (:func:`cloud_jax.sampling.loop.decode`)."""
     model_cfg = dataclasses.replace(cfg.model, scan_layers=False)  # sampling runs unrolled
     mesh = make_mesh(cfg.mesh, devices)
     rules = tuple(SAMPLE_RULES)
@@ -240,11 +417,15 @@ def compile_sample(cfg: Config, devices: Sequence, *, inputs: int, prefix_len: i
             return [pre_res]  # the decode reads the prefill's cache: nothing to compile it on
         logits, cache = jax.tree.map(lambda s, sh: _abstract(s.shape, s.dtype, sh),
                                      pre.out_info, pre.output_shardings)
+        checks = f", checked every {steps_per_check} steps" if steps_per_check > 1 else ""
         _, dec_res = _compile(
-            f"sampling decode ({inputs} inputs x K={num_samples}, {max_new_tokens} new tokens)",
+            f"sampling decode ({inputs} inputs x K={num_samples}, {max_new_tokens} new "
+            f"tokens{checks})",
             lambda: decode.lower(params, cache, logits, keys, stops, cfg=model_cfg, rules=rules,
                                  method=Temperature(1.0), num_samples=num_samples,
-                                 max_new_tokens=max_new_tokens, pad_id=0).compile())
+                                 max_new_tokens=max_new_tokens, pad_id=0,
+                                 steps_per_check=steps_per_check).compile(),
+            loops=True)
     return [pre_res, dec_res]
 
 
@@ -253,7 +434,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="configs/X.yaml")
     parser.add_argument("--topology", required=True,
-                        help="TPU slice: v4-N, v5p-N (N TensorCores), v5e-N, v6e-N (N chips)")
+                        help="TPU slice: v4-N, v5p-N (N TensorCores), v5e-N, v6e-N (N chips); "
+                             "NVIDIA GPUs: h100, h200, a100, or h100-N for N of them")
     parser.add_argument("--mfu", type=float, default=0.4,
                         help="utilisation of the slice's peak bf16 FLOP/s for the step time")
     parser.add_argument("--sample", action="store_true",
@@ -267,19 +449,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="prefill tokens per input; 0: data.max_length")
     parser.add_argument("--num-samples", type=int, default=8, help="K critiques per input")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="critique budget")
+    parser.add_argument("--steps-per-check", type=int, default=1, metavar="C",
+                        help="decode steps between two checks of whether every row has ended")
+    parser.add_argument("--gpu-memory-fraction", type=float,
+                        default=DEFAULT_GPU_MEMORY_FRACTION,
+                        help="share of a GPU's memory a program may use (JAX's allocator: 0.75 "
+                             "unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     args = parser.parse_args(argv)
     if not 0 < args.mfu <= 1:
         parser.error(f"--mfu {args.mfu}: must be in (0, 1]")
+    if not 0 < args.gpu_memory_fraction <= 1:
+        parser.error(f"--gpu-memory-fraction {args.gpu_memory_fraction}: must be in (0, 1]")
+    if args.steps_per_check < 1:
+        parser.error(f"--steps-per-check {args.steps_per_check}: give a whole number >= 1")
     cfg = load_config(args.config, args.overrides)
     sl = parse_slice(args.topology)
     try:
-        devices = tpu_devices(sl)
+        devices = gpu_devices(sl) if sl.gpu is not None else tpu_devices(sl)
     except RuntimeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    budget = sl.memory_budget(args.gpu_memory_fraction)
+    of_card = (f" ({args.gpu_memory_fraction:.0%} of {_gib(sl.gpu.memory_bytes)})"
+               if sl.gpu is not None else "")
     print(f"{sl.name}: topology {sl.topology}, {sl.chips} chip(s) ({devices[0].device_kind}), "
-          f"{_gib(sl.chip.hbm_bytes)} HBM and {sl.chip.peak_flops / 1e12:.0f} TFLOP/s bf16 "
+          f"{_gib(budget)} HBM{of_card} and {sl.chip.peak_flops / 1e12:.0f} TFLOP/s bf16 "
           f"per chip; config {args.config}", flush=True)
     results = []
     if not args.sample_only:
@@ -289,12 +484,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         results += compile_sample(
             cfg, devices, inputs=args.sample_inputs or data_fsdp,
             prefix_len=args.prefix_len or cfg.data.max_length, num_samples=args.num_samples,
-            max_new_tokens=args.max_new_tokens)
+            max_new_tokens=args.max_new_tokens, steps_per_check=args.steps_per_check)
     for res in results:
-        print("\n".join(report(res, sl, args.mfu)), flush=True)
-    over = [r for r in results if not r.fits(sl.chip.hbm_bytes)]
+        print("\n".join(report(res, sl, args.mfu, args.gpu_memory_fraction)), flush=True)
+    over = [r for r in results if not r.fits(budget)]
     for r in over:
-        print(f"error: {r.name} does not fit on {sl.name}: {r.overshoot(sl.chip.hbm_bytes)}; "
+        print(f"error: {r.name} does not fit on {sl.name}: {r.overshoot(budget)}; "
               "use a larger slice, more remat, grad accumulation or a smaller batch",
               file=sys.stderr)
     return 1 if over else 0

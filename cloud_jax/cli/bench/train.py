@@ -59,11 +59,12 @@ from cloud_jax.cli.bench.host import (first_line, host_info, host_line,  # noqa:
 
 LM_COEF = 1.25
 MATMUL_N = 2048
-# The GPU workload: Llama-3.2-1B's shape with random weights, 4 rows of 2048 tokens. Sized for an
-# 80 GB GPU: compiled for one 95.7 GiB TPU v5p chip (`python -m cloud_jax aot`, the closest
-# memory figures a CPU host can get), our step with XLA attention needs 51.5 GiB at 2 pairs and
-# 88.2 GiB at 4 (fp32 weights and AdamW state 13.9 GiB of it); cuDNN's attention keeps no score
-# arrays, so needs less. The two frameworks run one after the other.
+# The GPU workload: Llama-3.2-1B's shape with random weights, 4 rows of 2048 tokens
+# (configs/llama_1b_bench.yaml). Sized for an 80 GB GPU: compiled for an H100 by the GPU compiler
+# (`python -m cloud_jax aot --topology h100`), our step needs 27.7 GiB with cuDNN's attention and
+# 45.6 GiB with XLA's (fp32 weights and AdamW state 13.9 GiB of it); more pairs would likely leave
+# torch, which holds every activation and the whole logits, out of memory. The two frameworks run
+# one after the other.
 PRESETS = {
     "llama-1b": dict(hidden=2048, layers=16, heads=32, kv_heads=8, mlp=8192, vocab=128256,
                      seq=2048, pairs=2, dtype="bfloat16", matmul_n=8192, repeats=2, steps=3,
