@@ -142,6 +142,12 @@ def test_bench_sample_prints_the_host_and_puts_it_in_its_json(capsys):
     # 4 new tokens: 5 steps up to the end, run in checks of 2, so 6 steps timed.
     assert result["steps_per_check"] == 2 and result["decode_steps"] == 6
     assert "decode: 6 steps (5 up to the last row's end, which is checked every 2 steps)" in out
+    # The operations a step launches, from the compiled loop: an iteration holds 2 steps.
+    lo, hi = map(int, re.search(r"operations a step \((\d+)-(\d+) per iteration of its \d+ "
+                                r"loop\(s\), 2 step\(s\) each\)", out).groups())
+    assert lo <= 2 * result["decode_ops_per_step"] <= hi and lo > 10
+    assert result["decode_us_per_op"] == pytest.approx(
+        1e3 * result["decode_step_ms"] / result["decode_ops_per_step"], rel=1e-2)
     assert result["cpu_model"] == host_info()["cpu_model"]
     assert result["vector_extensions"] == host_info()["vector_extensions"]
     assert "load_average" in result and "cpu_signature" in result

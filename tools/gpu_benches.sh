@@ -87,9 +87,9 @@ echo "== all in $(($(date +%s) - start)) s; the main numbers:" | tee -a "$log"
 import json, os, sys
 
 out, names = sys.argv[1], sys.argv[2:]
-keys = ("decode_step_over_hbm_floor", "decode_step_ms", "ours_critiques_per_s",
-        "hf_critiques_per_s", "ratio", "k8_over_k1", "steps_per_check", "mfu",
-        "ours_tokens_per_s", "torch_tokens_per_s", "attention", "hf_error", "torch_error",
+keys = ("decode_step_over_hbm_floor", "decode_step_ms", "decode_us_per_op",
+        "ours_critiques_per_s", "hf_critiques_per_s", "ratio", "k8_over_k1", "steps_per_check",
+        "mfu", "ours_tokens_per_s", "torch_tokens_per_s", "attention", "hf_error", "torch_error",
         "attention_error")
 for name in names:
     path = os.path.join(out, f"gpu_{name}.json")

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 from cloud_jax.training.config import Config, load_config
 from cloud_jax.errors import ConfigError
 from cloud_jax.model import mesh_context, param_shapes, param_shardings
+from cloud_jax.cli.bench.profile import loop_kernels
 from cloud_jax.sampling import Temperature
 from cloud_jax.sampling.loop import decode, prefill
 from cloud_jax.sharding import CHIPS, SAMPLE_RULES, TRAIN_RULES, Chip, make_mesh
@@ -237,44 +238,6 @@ def gpu_devices(sl: Slice) -> list:
     except NotImplementedError as err:  # the plugin did not register (its own error was logged)
         raise RuntimeError(f"JAX's CUDA plugin did not load ({err}): {GPU_INSTALL_HINT}") from None
     return topo.devices
-
-
-def loop_kernels(compiled) -> list[int]:
-    """For each loop of the compiled program's entry computation, the operations one iteration
-    launches: fusions, library calls, copies (not tuples, bitcasts or constants), an inner loop's
-    counted once per trip where the compiler knows its trip count."""
-    text = compiled.as_text() or ""
-    bodies, current = {}, None
-    for line in text.splitlines():
-        head = re.match(r"(ENTRY )?%(\S+) .*\{$", line)
-        if head and not line.startswith(" "):
-            current = "ENTRY" if head.group(1) else head.group(2)
-            bodies[current] = []
-        elif line.startswith("}"):
-            current = None
-        elif current is not None:
-            bodies[current].append(line)
-    free = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "after-all"}
-
-    def body_of(line: str) -> Optional[str]:
-        m = re.search(r"body=%([^,\s]+)", line)
-        return m.group(1) if m else None
-
-    def launches(name: str) -> int:
-        total = 0
-        for line in bodies.get(name, ()):
-            op = re.match(r"\s*(?:ROOT )?%\S+ = .*?\s([a-z][a-z\-]*)\(", line)
-            if not op or op.group(1) in free:
-                continue
-            if op.group(1) == "while" and body_of(line):
-                trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
-                total += launches(body_of(line)) * (int(trips.group(1)) if trips else 1)
-            else:
-                total += 1
-        return total
-
-    return [launches(body_of(line)) for line in bodies.get("ENTRY", ())
-            if " while(" in line and body_of(line)]
 
 
 def xla_flops(compiled) -> Optional[float]:

@@ -13,6 +13,9 @@ a machine one cannot keep (a lent GPU) brings its profile summary back in its ou
 
 Shares are of the summed time of those events. Operations that overlap (several streams) are
 each counted in full, so the shares say where device time went, not what a shorter step needs.
+
+:func:`loop_kernels` reads a compiled program instead of a trace: the operations each iteration
+of its loops launches (the sampling decode's steps), for ``bench sample`` and ``aot``.
 """
 
 from __future__ import annotations
@@ -121,3 +124,41 @@ def report(summary_: dict, what: str) -> str:
     lines += [f"  {row['share']:6.1%} {row['ms']:10.3f} ms  {row['op']}"
               + (f"  [{row['kernel']}]" if row["kernel"] else "") for row in summary_["top"]]
     return "\n".join(lines)
+
+
+def loop_kernels(compiled) -> list[int]:
+    """For each loop of the compiled program's entry computation, the operations one iteration
+    launches: fusions, library calls, copies (not tuples, bitcasts or constants), an inner loop's
+    counted once per trip where the compiler knows its trip count."""
+    text = compiled.as_text() or ""
+    bodies, current = {}, None
+    for line in text.splitlines():
+        head = re.match(r"(ENTRY )?%(\S+) .*\{$", line)
+        if head and not line.startswith(" "):
+            current = "ENTRY" if head.group(1) else head.group(2)
+            bodies[current] = []
+        elif line.startswith("}"):
+            current = None
+        elif current is not None:
+            bodies[current].append(line)
+    free = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "after-all"}
+
+    def body_of(line: str) -> Optional[str]:
+        m = re.search(r"body=%([^,\s]+)", line)
+        return m.group(1) if m else None
+
+    def launches(name: str) -> int:
+        total = 0
+        for line in bodies.get(name, ()):
+            op = re.match(r"\s*(?:ROOT )?%\S+ = .*?\s([a-z][a-z\-]*)\(", line)
+            if not op or op.group(1) in free:
+                continue
+            if op.group(1) == "while" and body_of(line):
+                trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+                total += launches(body_of(line)) * (int(trips.group(1)) if trips else 1)
+            else:
+                total += 1
+        return total
+
+    return [launches(body_of(line)) for line in bodies.get("ENTRY", ())
+            if " while(" in line and body_of(line)]

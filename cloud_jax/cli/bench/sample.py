@@ -45,6 +45,7 @@ from cloud_jax.sampling.loop import decode, prefill, row_keys, stop_array
 from cloud_jax.sharding import SAMPLE_RULES
 from cloud_jax.cli.bench.host import (first_line, host_info, host_line, select_backend,
                                       write_record)
+from cloud_jax.cli.bench.profile import loop_kernels
 
 
 def _best(fn, repeats: int) -> tuple[float, object]:
@@ -321,14 +322,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     keys = row_keys(0, content_row_ids(prompts))
     stops = stop_array((stop,))
 
+    decode_args = (params, cache, logits_bv, keys, stops, None, None, weights)
+    decode_kwargs = dict(cfg=cfg, rules=tuple(SAMPLE_RULES), method=method, num_samples=k,
+                         max_new_tokens=m, pad_id=0, layout=layout,
+                         steps_per_check=args.steps_per_check)
+
     def run_decode():
-        res = decode(params, cache, logits_bv, keys, stops, None, None, weights, cfg=cfg,
-                     rules=tuple(SAMPLE_RULES),
-                     method=method, num_samples=k, max_new_tokens=m, pad_id=0, layout=layout,
-                     steps_per_check=args.steps_per_check)
-        return jax.block_until_ready(res)
+        return jax.block_until_ready(decode(*decode_args, **decode_kwargs))
 
     decode_s, res = _best(run_decode, args.repeats)
+    # The operations a decode step launches, read from the loop the timing ran (JAX's cache
+    # hands back the same compiled program): on a GPU each is at least one kernel, so the step
+    # time over their count says how much of a step launching and draining them can take.
+    per_iteration = loop_kernels(decode.lower(*decode_args, **decode_kwargs).compile())
+    ops_per_step = (sum(per_iteration) / len(per_iteration) / args.steps_per_check
+                    if per_iteration else None)
     profile_summary = None
     if args.profile:
         from cloud_jax.cli.bench import profile
@@ -360,6 +368,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"step/floor = {step_s / floor_s:.2f}; against the valid KV only "
           f"({valid_kv_bytes / 1e6:.0f} MB on average) {hbm_floor_s * 1e3:.1f} ms, "
           f"step/memory floor = {step_s / hbm_floor_s:.2f}", flush=True)
+    if ops_per_step:
+        print(f"[bench sample] decode: {ops_per_step:.0f} operations a step ({min(per_iteration)}"
+              f"-{max(per_iteration)} per iteration of its {len(per_iteration)} loop(s), "
+              f"{c} step(s) each); {step_s / ops_per_step * 1e6:.2f} us of a step per "
+              "operation", flush=True)
     own_slots = mean_slots_attended(steps)
     weight_flops, attn_flops = decode_step_flops(cfg, b * k, p + own_slots)
     # The floor's rate is the fastest way this machine takes the step's products, the matmul
@@ -394,6 +407,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "decode_step_over_compute_floor": round(step_s / compute_floor_s, 3),
         "decode_step_over_hbm_floor": round(step_s / hbm_floor_s, 3),
         "decode_step_ms": round(step_s * 1e3, 3),
+        "decode_ops_per_step": None if ops_per_step is None else round(ops_per_step, 1),
+        "decode_us_per_op": None if not ops_per_step else round(step_s / ops_per_step * 1e6, 3),
         "bandwidth_gb_per_s": round(bandwidth / 1e9, 1),
         "dtype": args.dtype,
         "decode_layout": layout,
