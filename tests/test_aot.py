@@ -67,18 +67,26 @@ def test_bad_slice_names(name):
         aot.parse_slice(name)
 
 
-@needs_libtpu
-def test_tiny_config_on_v5e_4(capsys):
-    rc = aot.main(TINY + ["--topology", "v5e-4", "--sample", "--prefix-len", "16",
+def compile_tiny(capsys, topology: str, inputs: int) -> str:
+    """aot of the tiny config with its sampling steps on ``topology``: what it printed, after the
+    checks every target shares (the three steps named, each with its memory figures)."""
+    rc = aot.main(TINY + ["--topology", topology, "--sample", "--prefix-len", "16",
                           "--num-samples", "2", "--max-new-tokens", "4"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "v5e-4: topology v5e:2x2, 4 chip(s) (TPU v5 lite)" in out
-    assert "mesh {'data': 4, 'fsdp': 1, 'tensor': 1}" in out
-    for step in ("train step (cloud, 8 pairs x 2 x 32 tokens", "sampling prefill (4 inputs x 16",
-                 "sampling decode (4 inputs x K=2, 4 new tokens)"):
+    for step in ("train step (cloud, 8 pairs x 2 x 32 tokens",
+                 f"sampling prefill ({inputs} inputs x 16",
+                 f"sampling decode ({inputs} inputs x K=2, 4 new tokens)"):
         assert step in out
     assert out.count("memory per device: arguments") == 3
+    return out
+
+
+@needs_libtpu
+def test_tiny_config_on_v5e_4(capsys):
+    out = compile_tiny(capsys, "v5e-4", inputs=4)
+    assert "v5e-4: topology v5e:2x2, 4 chip(s) (TPU v5 lite)" in out
+    assert "mesh {'data': 4, 'fsdp': 1, 'tensor': 1}" in out
     assert out.count("XLA FLOPs per device") == 3
     # By hand for the tiny model (d 64, 4 heads of 16, 2 KV heads, MLP 176, 2 layers, vocab 272):
     # weights 2 * (64*64*2 + 64*32*2 + 3*64*176) + 64*272 = 109568; per token
@@ -178,16 +186,9 @@ def test_gpu_target_description():
 
 @needs_cuda_plugin
 def test_tiny_config_on_h100(capsys):
-    rc = aot.main(TINY + ["--topology", "h100", "--sample", "--prefix-len", "16",
-                          "--num-samples", "2", "--max-new-tokens", "4"])
-    out = capsys.readouterr().out
-    assert rc == 0, out
+    out = compile_tiny(capsys, "h100", inputs=1)
     assert ("h100: topology 1x1x1, 1 chip(s) (NVIDIA H100 80GB HBM3), 59.74 GiB HBM (75% of "
             "79.65 GiB) and 989 TFLOP/s bf16 per chip") in out
-    for step in ("train step (cloud, 8 pairs x 2 x 32 tokens", "sampling prefill (1 inputs x 16",
-                 "sampling decode (1 inputs x K=2, 4 new tokens)"):
-        assert step in out
-    assert out.count("memory per device: arguments") == 3
     assert out.count("of 59.74 GiB HBM (75% of the card's 79.65 GiB)") == 3
     # The same model FLOPs as on the TPU (test_tiny_config_on_v5e_4), over one H100's peak.
     assert "model FLOPs per step: 3.618e+08" in out
