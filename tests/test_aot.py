@@ -250,8 +250,8 @@ def test_decode_checked_every_c_steps_launches_c_steps_per_iteration(capsys):
 
 def test_missing_cuda_plugin(monkeypatch, capsys):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "jax_plugins.xla_cuda12" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
+        None if name == "jax_plugins.xla_cuda12" else real(name, *a)))
     rc = aot.main(TINY + ["--topology", "h100"])
     err = capsys.readouterr().err
     assert rc == 1

@@ -1,4 +1,4 @@
-"""``python -m cloud_jax aot``: compile the real steps for a TPU slice or NVIDIA GPUs from a CPU host.
+"""``python -m cloud_jax aot``: compile the real steps for a TPU slice or NVIDIA GPUs on a CPU host.
 
     python -m cloud_jax aot --config configs/llama3_8b_cloud.yaml --topology v5p-64 [key=value ...]
     python -m cloud_jax aot --config configs/llama3_8b_cloud.yaml --topology v5e-32 --sample
@@ -165,7 +165,7 @@ def parse_gpus(name: str) -> Optional[Slice]:
 
 def parse_slice(name: str) -> Slice:
     """``v5p-64`` / ``v5e-16`` / ``v5litepod-16`` / ``v4-8`` / ``v6e-256`` -> its chips and
-    topology shape; ``h100``, ``h100-8``, ``h200``, ``a100``: NVIDIA GPUs (see :func:`parse_gpus`)."""
+    topology shape; ``h100``, ``h100-8``, ``h200``, ``a100``: NVIDIA GPUs (:func:`parse_gpus`)."""
     gpus = parse_gpus(name)
     if gpus is not None:
         return gpus
@@ -210,8 +210,8 @@ def tpu_devices(sl: Slice) -> list:
 
 
 def _cudnn_version() -> tuple[int, int, int]:
-    """The installed cuDNN's version, for the target description (9.8.0 when it cannot be read:
-    it then only gates cuDNN features the compiler would otherwise use)."""
+    """The installed cuDNN's version, for the target description (9.8.0 when it cannot be
+    read)."""
     try:
         from jax_plugins.xla_cuda12 import cuda_versions
 
