@@ -79,6 +79,7 @@ def compile_tiny(capsys, topology: str, inputs: int) -> str:
                  f"sampling decode ({inputs} inputs x K=2, 4 new tokens)"):
         assert step in out
     assert out.count("memory per device: arguments") == 3
+    assert len(re.findall(r", compiled in \d+\.\d s on this host:\n", out)) == 3
     return out
 
 

@@ -40,6 +40,7 @@ import math
 import os
 import re
 import sys
+import time
 from typing import Any, Optional, Sequence
 
 import jax
@@ -258,6 +259,7 @@ class Result:
     xla_flops: Optional[float] = None
     model_flops: Optional[float] = None  # whole slice, per step
     loop_kernels: Optional[list[int]] = None  # operations per iteration of each loop
+    compile_s: Optional[float] = None  # tracing, lowering and compiling, on this host
     refused: str = ""  # the TPU compiler's out-of-memory message, when it refused the step
 
     def fits(self, hbm: float) -> bool:
@@ -279,6 +281,7 @@ def _compile(name: str, lower_and_compile, loops: bool = False,
              **figures) -> tuple[Any, Result]:
     """(compiled or None, its Result); the compiler's out-of-memory refusal becomes a Result.
     ``loops``: also count the operations per iteration of the program's loops."""
+    start = time.perf_counter()
     try:
         compiled = lower_and_compile()
     except jax.errors.JaxRuntimeError as err:
@@ -286,12 +289,14 @@ def _compile(name: str, lower_and_compile, loops: bool = False,
             raise
         return None, Result(name, refused=str(err).splitlines()[0], **figures)
     return compiled, Result(name, memory_figures(compiled), xla_flops(compiled),
-                            loop_kernels=loop_kernels(compiled) if loops else None, **figures)
+                            loop_kernels=loop_kernels(compiled) if loops else None,
+                            compile_s=time.perf_counter() - start, **figures)
 
 
 def report(res: Result, sl: Slice, mfu: float,
            gpu_memory_fraction: float = DEFAULT_GPU_MEMORY_FRACTION) -> list[str]:
-    lines = [f"{res.name}:"]
+    took = f", compiled in {res.compile_s:.1f} s on this host" if res.compile_s else ""
+    lines = [f"{res.name}{took}:"]
     hbm = sl.memory_budget(gpu_memory_fraction)
     if res.refused:
         lines.append(f"  does not fit: {res.overshoot(hbm)}")
