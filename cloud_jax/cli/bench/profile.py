@@ -153,12 +153,13 @@ def loop_kernels(compiled) -> list[int]:
             op = re.match(r"\s*(?:ROOT )?%\S+ = .*?\s([a-z][a-z\-]*)\(", line)
             if not op or op.group(1) in free:
                 continue
-            if op.group(1) == "while" and body_of(line):
+            body = body_of(line) if op.group(1) == "while" else None
+            if body:
                 trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
-                total += launches(body_of(line)) * (int(trips.group(1)) if trips else 1)
+                total += launches(body) * (int(trips.group(1)) if trips else 1)
             else:
                 total += 1
         return total
 
-    return [launches(body_of(line)) for line in bodies.get("ENTRY", ())
-            if " while(" in line and body_of(line)]
+    return [launches(body) for line in bodies.get("ENTRY", ())
+            if " while(" in line and (body := body_of(line))]

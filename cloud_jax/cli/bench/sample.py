@@ -368,11 +368,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"step/floor = {step_s / floor_s:.2f}; against the valid KV only "
           f"({valid_kv_bytes / 1e6:.0f} MB on average) {hbm_floor_s * 1e3:.1f} ms, "
           f"step/memory floor = {step_s / hbm_floor_s:.2f}", flush=True)
-    if ops_per_step:
+    us_per_op = step_s / ops_per_step * 1e6 if ops_per_step else None
+    if us_per_op is not None:
         print(f"[bench sample] decode: {ops_per_step:.0f} operations a step ({min(per_iteration)}"
               f"-{max(per_iteration)} per iteration of its {len(per_iteration)} loop(s), "
-              f"{c} step(s) each); {step_s / ops_per_step * 1e6:.2f} us of a step per "
-              "operation", flush=True)
+              f"{c} step(s) each); {us_per_op:.2f} us of a step per operation", flush=True)
     own_slots = mean_slots_attended(steps)
     weight_flops, attn_flops = decode_step_flops(cfg, b * k, p + own_slots)
     # The floor's rate is the fastest way this machine takes the step's products, the matmul
@@ -407,8 +407,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "decode_step_over_compute_floor": round(step_s / compute_floor_s, 3),
         "decode_step_over_hbm_floor": round(step_s / hbm_floor_s, 3),
         "decode_step_ms": round(step_s * 1e3, 3),
-        "decode_ops_per_step": None if ops_per_step is None else round(ops_per_step, 1),
-        "decode_us_per_op": None if not ops_per_step else round(step_s / ops_per_step * 1e6, 3),
+        "decode_ops_per_step": None if us_per_op is None else round(ops_per_step, 1),
+        "decode_us_per_op": None if us_per_op is None else round(us_per_op, 3),
         "bandwidth_gb_per_s": round(bandwidth / 1e9, 1),
         "dtype": args.dtype,
         "decode_layout": layout,
