@@ -249,6 +249,22 @@ def test_decode_checked_every_c_steps_launches_c_steps_per_iteration(capsys):
     assert counts[1] and counts[3] and min(counts[3]) > max(counts[1])
 
 
+
+@needs_cuda_plugin
+def test_decode_phases_are_the_loops_compiled(capsys):
+    """--decode-phases P compiles P decode loops (64 new tokens: 4 by default, else P)."""
+    loops = {}
+    for phases in (None, 1, 2):
+        extra = [] if phases is None else ["--decode-phases", str(phases)]
+        rc = aot.main(TINY + ["--topology", "h100", "--sample-only", "--prefix-len", "16",
+                              "--num-samples", "2", "--max-new-tokens", "64"] + extra)
+        out = capsys.readouterr().out
+        assert rc == 0, out
+        loops[phases] = int(re.search(r"(\d+) loop\(s\), \d+(-\d+)? operations launched",
+                                      out).group(1))
+    assert "64 new tokens, 2 phases)" in out
+    assert loops == {None: 4, 1: 1, 2: 2}
+
 def test_missing_cuda_plugin(monkeypatch, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
@@ -261,7 +277,8 @@ def test_missing_cuda_plugin(monkeypatch, capsys):
 
 @pytest.mark.parametrize("flag,value", [("--gpu-memory-fraction", "0"),
                                         ("--gpu-memory-fraction", "1.5"),
-                                        ("--steps-per-check", "0")])
+                                        ("--steps-per-check", "0"),
+                                        ("--decode-phases", "0")])
 def test_bad_gpu_flags(flag, value, capsys):
     with pytest.raises(SystemExit) as exc:
         aot.main(TINY + ["--topology", "h100", flag, value])

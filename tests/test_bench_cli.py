@@ -141,6 +141,7 @@ def test_bench_sample_prints_the_host_and_puts_it_in_its_json(capsys):
     json.loads(out.strip().splitlines()[-1], parse_constant=lambda name: pytest.fail(name))
     # 4 new tokens: 5 steps up to the end, run in checks of 2, so 6 steps timed.
     assert result["steps_per_check"] == 2 and result["decode_steps"] == 6
+    assert result["decode_phases"] == 4
     assert "decode: 6 steps (5 up to the last row's end, which is checked every 2 steps)" in out
     # The operations a step launches, from the compiled loop: an iteration holds 2 steps.
     lo, hi = map(int, re.search(r"operations a step \((\d+)-(\d+) per iteration of its \d+ "

@@ -116,6 +116,10 @@ def test_phases_of_the_decode_cache():
     assert phase_lengths(129) == [33, 65, 97, 129]
     assert phase_lengths(257) == [65, 129, 193, 257]
     assert phase_lengths(63) == [63] and phase_lengths(1) == [1]
+    assert phase_lengths(129, 1) == [129] and phase_lengths(129, 2) == [65, 129]
+    assert phase_lengths(65, 100) == list(range(1, 66))  # at most one loop a slot
+    with pytest.raises(ValueError, match="decode_phases=0"):
+        phase_lengths(129, 0)
     cfg = BASE.validate()
     cache = init_cache(cfg, 4, 5)
     grown = cache.grown(9).with_keys_transposed().grown(12)

@@ -5,6 +5,7 @@ not here: a few steps teach nothing."""
 
 import json
 import os
+from unittest import mock
 
 import pytest
 
@@ -13,6 +14,7 @@ from cloud_jax.experiments.cloud_vs_classic.config import load_pipeline_config
 from cloud_jax.experiments.cloud_vs_classic.diagnostics import (exact_match, pairs_judged_right,
                                                                 verdict_agreement)
 from cloud_jax.experiments.cloud_vs_classic.run import run_pipeline
+from cloud_jax.scoring import rewards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo_cpu.yaml")
@@ -23,14 +25,25 @@ TINY = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=
         "stages.cloud.total_steps=2", "self_critique.batch_size=96",
         "self_critique.max_critique_tokens=8", "evaluation.max_critique_tokens=8",
         "evaluation.batch_size=24", "evaluation.num_samples=[1,2]", "evaluation.num_examples=2",
-        "self_critique.num_rows=20", "train.progress_bar=false"]
+        "self_critique.num_rows=20", "train.progress_bar=false",
+        "self_critique.decode_phases=1", "evaluation.decode_phases=2"]
 
 
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline")
     cfg = load_pipeline_config(DEMO, TINY + [f"output_dir={out}"])
-    return cfg, run_pipeline(cfg)
+    real = rewards.sample
+
+    def spy(*args, **kwargs):  # what each sampling call was asked for
+        PHASES_ASKED.append(kwargs["decode_phases"])
+        return real(*args, **kwargs)
+
+    with mock.patch.object(rewards, "sample", spy):
+        return cfg, run_pipeline(cfg)
+
+
+PHASES_ASKED: list = []
 
 
 def test_every_stage_runs_and_results_json_holds_the_comparison(pipeline_run):
@@ -76,6 +89,9 @@ def test_every_stage_runs_and_results_json_holds_the_comparison(pipeline_run):
     assert "| classic reward model |" in report and "## Sample critiques" in report
     assert "Train pairs: 48 (cloud and classic: 20). Held-out pairs: 12." in report
     assert report.count("  - oracle: ") == 2 * 2
+    # The sections' decode_phases reach the decodes: the self-critique's, then the evaluation's.
+    first_eval = PHASES_ASKED.index(2)
+    assert set(PHASES_ASKED[:first_eval]) == {1} and set(PHASES_ASKED[first_eval:]) == {2}
 
 
 def test_rerun_skips_finished_stages_and_refuses_a_changed_config(pipeline_run, caplog):
@@ -114,6 +130,9 @@ def test_config_errors_are_clear(tmp_path):
         load_pipeline_config(DEMO, ["stages.cloud.nonsense=1"])
     with pytest.raises(ConfigError, match="every stage would share"):
         load_pipeline_config(DEMO, [f"train.checkpoint_dir={tmp_path}"])
+    for section in ("self_critique", "evaluation"):
+        with pytest.raises(ConfigError, match=f"{section}.decode_phases=0: give a whole number"):
+            load_pipeline_config(DEMO, [f"{section}.decode_phases=0"])
 
 
 def test_diagnostics_by_hand():

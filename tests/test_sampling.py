@@ -272,3 +272,24 @@ def test_checking_for_the_end_every_few_steps_gives_the_same_critiques(params, l
         np.testing.assert_allclose(out.rewards, every.rewards, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="steps_per_check"):
         sample(CFG, params, PREFIXES, steps_per_check=0, **settings)
+
+
+@pytest.mark.parametrize("layout", ["standard", "feature_major"])
+def test_any_number_of_decode_phases_gives_the_same_critiques(params, layout):
+    """decode_phases = P grows the critiques' cache in P loops: fewer loops read more empty
+    slots a step (and compile faster), more read fewer; the critiques and rewards are the same.
+    70 new tokens: 1 phase (71 slots), 2 (36, 71), 4 (18, 36, 54, 71), 100 (one slot each, at
+    most 71 loops); with steps_per_check 8 each rounds up to whole checks."""
+    settings = dict(max_new_tokens=70, stop_ids=(EOT,), num_samples=2, method=TopK(20, 1.5),
+                    seed=3, budgets=[70, 9, 70, 33], decode_layout=layout)
+    four = sample(CFG, params, PREFIXES, decode_phases=4, **settings)
+    assert (four.lengths > 54).any()  # the decode reached its last phase
+    for phases, c in ((1, 1), (2, 1), (100, 1), (1, 8), (2, 8)):
+        out = sample(CFG, params, PREFIXES, decode_phases=phases, steps_per_check=c, **settings)
+        np.testing.assert_array_equal(out.tokens, four.tokens)
+        np.testing.assert_array_equal(out.lengths, four.lengths)
+        np.testing.assert_array_equal(out.truncated, four.truncated)
+        np.testing.assert_allclose(out.rewards, four.rewards, atol=1e-5, rtol=0)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="decode_phases"):
+            sample(CFG, params, PREFIXES, decode_phases=bad, **settings)

@@ -112,7 +112,8 @@ def test_score_command_writes_every_row_back(rm, tmp_path):
     out = tmp_path / "scored.jsonl"
     assert main(["--checkpoint", str(ckpt), "--input", str(src), "--output", str(out),
                  "--num-samples", "3", "--temperature", "1.0", "--seed", "5", "--batch-size",
-                 "3", "--max-critique-tokens", str(BUDGET), "--steps-per-check", "4"]) == 0
+                 "3", "--max-critique-tokens", str(BUDGET), "--steps-per-check", "4",
+                 "--decode-phases", "1"]) == 0
     scored = [json.loads(line) for line in out.read_text().splitlines()]
     assert scored[0]["note"] == 1 and scored[0]["response"] == RESPONSES[0]
     assert len(scored[0]["sample_rewards"]) == 3 and len(scored[0]["critiques"]) == 3
@@ -121,9 +122,10 @@ def test_score_command_writes_every_row_back(rm, tmp_path):
         assert len(scored[1][f"{side}_critiques"]) == 3
         assert len(scored[1][f"{side}_truncated"]) == 3
         assert np.isfinite(scored[1][f"{side}_reward"])
-    # The API gives the same numbers for the same settings (its end checked every step).
+    # The API gives the same numbers for the same settings (its end checked every step, its
+    # cache grown in 4 phases).
     api = score(rm, PROMPTS, RESPONSES, RANDOM)
-    assert RANDOM.steps_per_check == 1
+    assert RANDOM.steps_per_check == 1 and RANDOM.decode_phases == 4
     assert [scored[0]["critiques"], scored[1]["chosen_critiques"]] == api.critiques[:2]
     np.testing.assert_allclose(scored[0]["sample_rewards"], api.sample_rewards[0], atol=1e-5)
     np.testing.assert_allclose(scored[1]["chosen_sample_rewards"], api.sample_rewards[1],
@@ -170,6 +172,8 @@ def test_bad_rows_and_settings_are_clear_errors(rm, tmp_path):
         rm.score(PROMPTS, RESPONSES, num_samples=0)
     with pytest.raises(ValueError, match="steps_per_check"):
         rm.score(PROMPTS, RESPONSES, steps_per_check=0)
+    with pytest.raises(ValueError, match="decode_phases"):
+        rm.score(PROMPTS, RESPONSES, decode_phases=0)
     with pytest.raises(ValueError, match="3 prompts but 2 responses"):
         rm.score(PROMPTS, RESPONSES[:2])
     with pytest.raises(ValueError, match="top_k or top_p"):

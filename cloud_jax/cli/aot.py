@@ -51,7 +51,7 @@ from cloud_jax.errors import ConfigError
 from cloud_jax.model import mesh_context, param_shapes, param_shardings
 from cloud_jax.cli.bench.profile import loop_kernels
 from cloud_jax.sampling import Temperature
-from cloud_jax.sampling.loop import decode, prefill
+from cloud_jax.sampling.loop import DECODE_PHASES, decode, prefill
 from cloud_jax.sharding import CHIPS, SAMPLE_RULES, TRAIN_RULES, Chip, make_mesh
 from cloud_jax.training.loop import check_batch_layout
 from cloud_jax.training.step import (DEVICE_KEYS, StepBuilder, memory_figures,
@@ -360,10 +360,11 @@ def compile_train(cfg: Config, devices: Sequence) -> Result:
 
 def compile_sample(cfg: Config, devices: Sequence, *, inputs: int, prefix_len: int,
                    num_samples: int, max_new_tokens: int,
-                   steps_per_check: int = 1) -> list[Result]:
+                   steps_per_check: int = 1,
+                   decode_phases: int = DECODE_PHASES) -> list[Result]:
     """Self-consistency scoring: the prefill of ``inputs`` prefixes, then the decode of
     ``num_samples`` critiques each, with the sampling rules (weights not split over fsdp).
-    ``steps_per_check``: the decode's (:func:`cloud_jax.sampling.loop.decode`)."""
+    ``steps_per_check``, ``decode_phases``: the decode's (:func:`cloud_jax.sampling.loop.decode`)."""
     model_cfg = dataclasses.replace(cfg.model, scan_layers=False)  # sampling runs unrolled
     mesh = make_mesh(cfg.mesh, devices)
     rules = tuple(SAMPLE_RULES)
@@ -386,13 +387,16 @@ def compile_sample(cfg: Config, devices: Sequence, *, inputs: int, prefix_len: i
         logits, cache = jax.tree.map(lambda s, sh: _abstract(s.shape, s.dtype, sh),
                                      pre.out_info, pre.output_shardings)
         checks = f", checked every {steps_per_check} steps" if steps_per_check > 1 else ""
+        if decode_phases != DECODE_PHASES:
+            checks += f", {decode_phases} phase{'s' if decode_phases > 1 else ''}"
         _, dec_res = _compile(
             f"sampling decode ({inputs} inputs x K={num_samples}, {max_new_tokens} new "
             f"tokens{checks})",
             lambda: decode.lower(params, cache, logits, keys, stops, cfg=model_cfg, rules=rules,
                                  method=Temperature(1.0), num_samples=num_samples,
                                  max_new_tokens=max_new_tokens, pad_id=0,
-                                 steps_per_check=steps_per_check).compile(),
+                                 steps_per_check=steps_per_check,
+                                 decode_phases=decode_phases).compile(),
             loops=True)
     return [pre_res, dec_res]
 
@@ -419,6 +423,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=256, help="critique budget")
     parser.add_argument("--steps-per-check", type=int, default=1, metavar="C",
                         help="decode steps between two checks of whether every row has ended")
+    parser.add_argument("--decode-phases", type=int, default=DECODE_PHASES, metavar="P",
+                        help="loops the decode grows its critiques' cache in, each compiled on "
+                             "its own (default %(default)s; 1 compiles fastest)")
     parser.add_argument("--gpu-memory-fraction", type=float,
                         default=DEFAULT_GPU_MEMORY_FRACTION,
                         help="share of a GPU's memory a program may use (JAX's allocator: 0.75 "
@@ -431,6 +438,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--gpu-memory-fraction {args.gpu_memory_fraction}: must be in (0, 1]")
     if args.steps_per_check < 1:
         parser.error(f"--steps-per-check {args.steps_per_check}: give a whole number >= 1")
+    if args.decode_phases < 1:
+        parser.error(f"--decode-phases {args.decode_phases}: give a whole number >= 1")
     cfg = load_config(args.config, args.overrides)
     sl = parse_slice(args.topology)
     try:
@@ -452,7 +461,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         results += compile_sample(
             cfg, devices, inputs=args.sample_inputs or data_fsdp,
             prefix_len=args.prefix_len or cfg.data.max_length, num_samples=args.num_samples,
-            max_new_tokens=args.max_new_tokens, steps_per_check=args.steps_per_check)
+            max_new_tokens=args.max_new_tokens, steps_per_check=args.steps_per_check,
+            decode_phases=args.decode_phases)
     for res in results:
         print("\n".join(report(res, sl, args.mfu, args.gpu_memory_fraction)), flush=True)
     over = [r for r in results if not r.fits(budget)]

@@ -115,6 +115,10 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: ScoreConfig) ->
                         help="decode steps between two checks of whether every critique has "
                              "ended; on a GPU each check waits for the device (default "
                              "%(default)s; the same critiques at any value)")
+    parser.add_argument("--decode-phases", type=int, default=defaults.decode_phases,
+                        help="loops the decode grows the critiques' cache in, each compiled on "
+                             "its own: more read fewer empty slots a step, 1 compiles fastest "
+                             "(default %(default)s; the same critiques at any value)")
 
 
 def config_from_args(args: argparse.Namespace, **fields) -> ScoreConfig:
@@ -123,7 +127,8 @@ def config_from_args(args: argparse.Namespace, **fields) -> ScoreConfig:
                        repetition_penalty=args.repetition_penalty,
                        batch_size=args.batch_size, max_length=args.max_length,
                        critique_prefix=args.critique_prefix,
-                       steps_per_check=args.steps_per_check, **fields).validate()
+                       steps_per_check=args.steps_per_check,
+                       decode_phases=args.decode_phases, **fields).validate()
 
 
 def load_model(args: argparse.Namespace):

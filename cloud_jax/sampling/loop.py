@@ -51,6 +51,10 @@ from cloud_jax.sampling.methods import (Greedy, SamplingMethod, check_repetition
 from cloud_jax.sharding import SAMPLE_RULES, Rules
 
 
+# The loops a decode grows its critiques' cache in, by default (:func:`phase_lengths`).
+DECODE_PHASES = 4
+
+
 @flax.struct.dataclass
 class DecodeState:
     """Carry of the decode loop; N = inputs x samples rows."""
@@ -144,12 +148,13 @@ def seen_tokens(ids_bl, mask_bl, vocab_size: int) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=(
     "cfg", "rules", "method", "num_samples", "max_new_tokens", "pad_id", "repetition_penalty",
-    "layout", "steps_per_check"))
+    "layout", "steps_per_check", "decode_phases"))
 def decode(params, cache: KVCache, logits_bv, row_keys_b, stop_ids_s, seen_bv=None,
            budget_b=None, weights=None, *,
            cfg: ModelConfig, rules: Rules, method: SamplingMethod, num_samples: int,
            max_new_tokens: int, pad_id: int, repetition_penalty: float = 1.0,
-           layout: str = "standard", steps_per_check: int = 1):
+           layout: str = "standard", steps_per_check: int = 1,
+           decode_phases: int = DECODE_PHASES):
     """Decodes K samples per input over its shared prefill cache until every row has its reward.
 
     ``stop_ids_s`` [S] int32 are data, not compile-time constants: ``stop_ids_s[0]`` is the
@@ -167,11 +172,16 @@ def decode(params, cache: KVCache, logits_bv, row_keys_b, stop_ids_s, seen_bv=No
     costs up to C - 1 steps that change nothing once the last row has ended (a row that has
     ended keeps its tokens and reward), and gives the same critiques and rewards.
 
+    ``decode_phases``: the loops the critiques' cache grows in (:func:`phase_lengths`). Each is
+    compiled on its own, so compile time grows with their number; the same critiques and rewards
+    at any value.
+
     Returns (tokens [N, M] int32, lengths [N], rewards [N] fp32, truncated [N] bool), rows ordered
     input-major (row ``b * K + k``).
     """
     check_layout(layout)
     check_steps_per_check(steps_per_check)
+    check_decode_phases(decode_phases)
     if layout == "standard":
         weights = None
     elif weights is None:
@@ -185,7 +195,7 @@ def decode(params, cache: KVCache, logits_bv, row_keys_b, stop_ids_s, seen_bv=No
         n = logits_nv.shape[0]
         c = steps_per_check
         # Each phase a whole number of checks, so that no step runs past its cache's end.
-        phases = sorted({-(-length // c) * c for length in phase_lengths(m + 1)})
+        phases = sorted({-(-length // c) * c for length in phase_lengths(m + 1, decode_phases)})
         # A no-op without a mesh; on one, lays the decode cache out like the prefilled one.
         cache = with_shared_prefix(cfg, cache, n, phases[0]).constrain()
         table = None
@@ -246,14 +256,23 @@ def check_steps_per_check(steps_per_check) -> None:
                          "(decode steps between two checks of whether every row has ended)")
 
 
-def phase_lengths(slots: int, phases: int = 4, shortest: int = 64) -> list[int]:
+def phase_lengths(slots: int, phases: int = DECODE_PHASES, shortest: int = 64) -> list[int]:
     """The decode's own-segment cache sizes, phase by phase: a decode of ``slots`` steps runs in
-    ``phases`` loops over caches of a quarter, a half, ... of ``slots`` slots (one loop when
-    ``slots`` < ``shortest``), so a step's attention reads about half the empty slots it would
-    read with the whole cache from the start. Each phase compiles its own loop."""
+    ``phases`` loops over caches of 1/phases, 2/phases, ... of ``slots`` slots (one loop when
+    ``slots`` < ``shortest``), so with 4 phases a step's attention reads about 5/8 of the
+    critique slots it would read with the whole cache from the start. Each phase compiles its
+    own loop: one phase compiles fastest (docs/RESULTS.md, "On one GPU")."""
+    check_decode_phases(phases)
     if slots < shortest:
         return [slots]
-    return [-(-slots * j // phases) for j in range(1, phases + 1)]
+    return sorted({-(-slots * j // phases) for j in range(1, phases + 1)})
+
+
+def check_decode_phases(decode_phases) -> None:
+    if isinstance(decode_phases, bool) or not isinstance(decode_phases, int) \
+            or decode_phases < 1:
+        raise ValueError(f"decode_phases={decode_phases!r} must be a whole number >= 1 (the "
+                         "loops a decode grows its critiques' cache in; 1 compiles fastest)")
 
 
 def stop_array(stop_ids: Sequence[int]) -> np.ndarray:
@@ -278,7 +297,8 @@ def sample_padded(cfg: ModelConfig, params, ids_bl: np.ndarray, mask_bl: np.ndar
                   budgets: Optional[Sequence[int]] = None,
                   decode_layout: Optional[str] = None,
                   decode_weights: Optional[DecodeWeights] = None,
-                  steps_per_check: int = 1) -> SampleOutput:
+                  steps_per_check: int = 1,
+                  decode_phases: int = DECODE_PHASES) -> SampleOutput:
     """Samples from an already padded batch (any padding side). ``row_ids`` [B] default to
     :func:`content_row_ids` of the attended tokens. ``budgets`` [B]: per-input critique budgets
     (at most ``max_new_tokens``), as if each input were sampled with its own. ``decode_layout``:
@@ -286,10 +306,11 @@ def sample_padded(cfg: ModelConfig, params, ids_bl: np.ndarray, mask_bl: np.ndar
     machine's (:func:`~cloud_jax.model.decode_step.decode_layout`). Both give the same critiques
     up to float rounding. ``decode_weights``: the feature-major weights of ``params``
     (:func:`~cloud_jax.model.decode_step.prepare_decode_weights`), prepared once by a caller that
-    samples many batches; without them the decode prepares its own. ``steps_per_check``: see
-    :func:`decode` (the same critiques at any value)."""
+    samples many batches; without them the decode prepares its own. ``steps_per_check`` and
+    ``decode_phases``: see :func:`decode` (the same critiques at any value)."""
     check_repetition_penalty(repetition_penalty)
     check_steps_per_check(steps_per_check)
+    check_decode_phases(decode_phases)
     if decode_layout is None:
         decode_layout = "feature_major" if decode_weights is not None else default_layout(cfg, mesh)
     check_layout(decode_layout)
@@ -323,7 +344,7 @@ def sample_padded(cfg: ModelConfig, params, ids_bl: np.ndarray, mask_bl: np.ndar
             cfg=cfg, rules=tuple(rules), method=method, num_samples=num_samples,
             max_new_tokens=max_new_tokens, pad_id=pad_id,
             repetition_penalty=float(repetition_penalty), layout=decode_layout,
-            steps_per_check=steps_per_check)
+            steps_per_check=steps_per_check, decode_phases=decode_phases)
     if not tokens.is_fully_addressable:
         # Several processes: the rows are spread over all of them, and each returns every row.
         tokens, lengths, rewards, truncated = multihost_utils.process_allgather(
@@ -344,7 +365,8 @@ def sample(cfg: ModelConfig, params, prefixes: Sequence[Sequence[int]], *, max_n
            budgets: Optional[Sequence[int]] = None,
            decode_layout: Optional[str] = None,
            decode_weights: Optional[DecodeWeights] = None,
-           steps_per_check: int = 1) -> SampleOutput:
+           steps_per_check: int = 1,
+           decode_phases: int = DECODE_PHASES) -> SampleOutput:
     """K critiques (and their rewards) for each token prefix, left-padded to a length bucket."""
     if not prefixes:
         raise ValueError("no inputs to sample from")
@@ -357,4 +379,4 @@ def sample(cfg: ModelConfig, params, prefixes: Sequence[Sequence[int]], *, max_n
                          row_ids=row_ids, pad_id=pad_id, mesh=mesh, rules=rules,
                          repetition_penalty=repetition_penalty, budgets=budgets,
                          decode_layout=decode_layout, decode_weights=decode_weights,
-                         steps_per_check=steps_per_check)
+                         steps_per_check=steps_per_check, decode_phases=decode_phases)

@@ -28,8 +28,9 @@ from cloud_jax.data.config import CRITIQUE_PREFIX, LAYOUT_VERSION, LAYOUT_VERSIO
 from cloud_jax.data.layout import Example, chat_layout, encode_critique_prefix, encode_example
 from cloud_jax.data.tokenizer import end_of_turn_ids
 from cloud_jax.model import CLoudModel, param_shardings, unstack_layers
-from cloud_jax.sampling import (bucket_length, check_repetition_penalty, check_steps_per_check,
-                                method_from, pad_prefixes, sample)
+from cloud_jax.sampling import (DECODE_PHASES, bucket_length, check_decode_phases,
+                                check_repetition_penalty, check_steps_per_check, method_from,
+                                pad_prefixes, sample)
 from cloud_jax.sharding import SAMPLE_RULES
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,10 @@ class ScoreConfig:
     # Decode steps between two checks of whether every critique has ended: on a GPU each check
     # waits for the device (cloud_jax.sampling.loop.decode). The same critiques at any value.
     steps_per_check: int = 1
+    # Loops the decode grows the critiques' cache in, each compiled on its own: more read fewer
+    # empty cache slots a step, 1 compiles fastest (cloud_jax.sampling.loop.phase_lengths). The
+    # same critiques at any value.
+    decode_phases: int = DECODE_PHASES
 
     def validate(self) -> "ScoreConfig":
         if self.num_samples < 1:
@@ -80,6 +85,7 @@ class ScoreConfig:
         method_from(self.temperature, self.top_k, self.top_p)
         check_repetition_penalty(self.repetition_penalty)
         check_steps_per_check(self.steps_per_check)
+        check_decode_phases(self.decode_phases)
         if self.layout_version is not None and self.layout_version not in LAYOUT_VERSIONS:
             raise ValueError(f"layout_version={self.layout_version}: expected one of "
                              f"{', '.join(map(str, LAYOUT_VERSIONS))}")
@@ -283,6 +289,7 @@ def score(rm, prompts: Sequence[str], responses: Sequence[str], cfg: ScoreConfig
                      buckets=cfg.length_buckets or None, mesh=rm.mesh, rules=SAMPLE_RULES,
                      repetition_penalty=cfg.repetition_penalty, decode_layout=layout,
                      decode_weights=weights, steps_per_check=cfg.steps_per_check,
+                     decode_phases=cfg.decode_phases,
                      budgets=None if budgets is None else
                      [budgets[i] for i in idx] + [budgets[idx[0]]] * len(filler))
         real = slice(0, len(chunk))

@@ -41,7 +41,7 @@ from cloud_jax.model import CLoudModel, count_params, init_params
 from cloud_jax.model import cpu_kernels
 from cloud_jax.model.decode_step import LAYOUTS, decode_layout, prepare_decode_weights_jit
 from cloud_jax.sampling import Temperature, content_row_ids, pad_prefixes, sample
-from cloud_jax.sampling.loop import decode, prefill, row_keys, stop_array
+from cloud_jax.sampling.loop import DECODE_PHASES, decode, prefill, row_keys, stop_array
 from cloud_jax.sharding import SAMPLE_RULES
 from cloud_jax.cli.bench.host import (first_line, host_info, host_line, select_backend,
                                       write_record)
@@ -244,6 +244,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="decode steps between two checks of whether every row has ended "
                              "(on a GPU each check waits for the device; see "
                              "cloud_jax.sampling.loop.decode)")
+    parser.add_argument("--decode-phases", type=int, default=DECODE_PHASES, metavar="P",
+                        help="loops the decode grows its critiques' cache in, each compiled on "
+                             "its own (default %(default)s; see "
+                             "cloud_jax.sampling.loop.phase_lengths)")
     parser.add_argument("--decode-layout", choices=LAYOUTS, default=None,
                         help="our decode step's weight layout (default: the machine's choice, "
                              "see cloud_jax.model.decode_step)")
@@ -256,6 +260,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.steps_per_check < 1:
         parser.error(f"--steps-per-check {args.steps_per_check}: give a whole number >= 1")
+    if args.decode_phases < 1:
+        parser.error(f"--decode-phases {args.decode_phases}: give a whole number >= 1")
     return args
 
 
@@ -305,7 +311,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def ours(samples: int):
         out = sample(cfg, params, prompts, max_new_tokens=m, stop_ids=(stop,),
                      num_samples=samples, method=method, seed=0, decode_layout=layout,
-                     decode_weights=weights, steps_per_check=args.steps_per_check)
+                     decode_weights=weights, steps_per_check=args.steps_per_check,
+                     decode_phases=args.decode_phases)
         return out
 
     ours_s, out = _best(lambda: ours(k), args.repeats)
@@ -325,7 +332,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     decode_args = (params, cache, logits_bv, keys, stops, None, None, weights)
     decode_kwargs = dict(cfg=cfg, rules=tuple(SAMPLE_RULES), method=method, num_samples=k,
                          max_new_tokens=m, pad_id=0, layout=layout,
-                         steps_per_check=args.steps_per_check)
+                         steps_per_check=args.steps_per_check, decode_phases=args.decode_phases)
 
     def run_decode():
         return jax.block_until_ready(decode(*decode_args, **decode_kwargs))
@@ -415,6 +422,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "decode_attention": attention,
         "decode_matmul": matmul,
         "steps_per_check": c,
+        "decode_phases": args.decode_phases,
         "decode_steps": steps_run,
         "kernel_vector_floats": vector_floats,
         "prepare_s": round(prepare_s, 3),

@@ -12,6 +12,7 @@ from typing import Optional, Sequence, Tuple
 
 from cloud_jax.data.synthetic.reasoning import ReasoningBenchmarkConfig
 from cloud_jax.errors import ConfigError
+from cloud_jax.sampling.loop import DECODE_PHASES
 from cloud_jax.training.config import Config, load_config
 from cloud_jax.training.stages import STAGES
 
@@ -54,6 +55,9 @@ class SelfCritiqueConfig:
     # those rows: equal data, with N x 2 critiques to sample instead of every row's. The
     # earlier stages (lm_pretrain, critique_sft) still see every train row. 0: all rows.
     num_rows: int = 0
+    # Loops the decode grows the critiques' cache in, each compiled on its own
+    # (ScoreConfig.decode_phases): 1 compiles fastest, more read fewer empty slots a step.
+    decode_phases: int = DECODE_PHASES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +75,8 @@ class PipelineEvalConfig:
     num_rows: int = 0
     # Sample critiques shown in report.md.
     num_examples: int = 6
+    # As self_critique.decode_phases, for the evaluation's decodes.
+    decode_phases: int = DECODE_PHASES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +140,12 @@ class PipelineConfig(Config):
                               ">= 0 (0: every train row)")
         if ev.num_rows < 0 or ev.num_examples < 0:
             raise ConfigError("evaluation.num_rows and evaluation.num_examples must be >= 0")
+        for section in ("self_critique", "evaluation"):
+            phases = getattr(self, section).decode_phases
+            if isinstance(phases, bool) or not isinstance(phases, int) or phases < 1:
+                raise ConfigError(f"{section}.decode_phases={phases!r}: give a whole number >= 1 "
+                                  "(the loops a decode grows its critiques' cache in; 1 compiles "
+                                  "fastest)")
         return self
 
 

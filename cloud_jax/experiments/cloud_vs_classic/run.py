@@ -138,7 +138,8 @@ def _self_critique(cfg: PipelineConfig, sft_dir: str, train_path: str) -> str:
     rm = cloud_jax.load(sft_dir, mesh=mesh, rules=SAMPLE_RULES, dtype=cfg.model.dtype)
     score_cfg = ScoreConfig(temperature=sc.temperature, max_critique_tokens=sc.max_critique_tokens,
                             batch_size=sc.batch_size, seed=sc.seed, max_length=cfg.data.max_length,
-                            critique_prefix=cfg.data.critique_prefix).validate()
+                            critique_prefix=cfg.data.critique_prefix,
+                            decode_phases=sc.decode_phases).validate()
     rows = load_rows(train_path, require_feedback=False).rows
     summary = relabel(rm, rows, os.path.join(cfg.output_dir, "self_critique"), score_cfg,
                       RelabelSettings(checkpoint=sft_dir, input_paths=expand_paths(train_path),
@@ -172,6 +173,7 @@ def _evaluate(cfg: PipelineConfig, rows, cloud_dir: str, classic_dir: str,
     out_dir = os.path.join(cfg.output_dir, "eval")
     common = dict(max_critique_tokens=ev.max_critique_tokens, seed=ev.seed,
                   batch_size=ev.batch_size)
+    decoding = dict(decode_phases=ev.decode_phases)
     shared = dict(max_length=cfg.data.max_length, critique_prefix=cfg.data.critique_prefix)
     # Sampling and scoring compute in the model section's dtype, as training did.
     classic_rm = cloud_jax.load(classic_dir, dtype=cfg.model.dtype)
@@ -181,12 +183,13 @@ def _evaluate(cfg: PipelineConfig, rows, cloud_dir: str, classic_dir: str,
                         rows=rows, progress=True)
     rm = cloud_jax.load(cloud_dir, dtype=cfg.model.dtype)
     greedy = timer.run("evaluate_cloud_greedy", run_evaluation,
-                       score_fn_from_model(rm, temperature=0.0, **common, **shared),
+                       score_fn_from_model(rm, temperature=0.0, **common, **shared,
+                                           **decoding),
                        EvalConfig(num_samples=(1,), temperature=0.0, **common),
                        os.path.join(out_dir, "cloud_greedy"), rows=rows, progress=True)
     sampling = dict(temperature=ev.temperature, **({"top_p": ev.top_p} if ev.top_p else {}))
     sampled = timer.run("evaluate_cloud_sampled", run_evaluation,
-                        score_fn_from_model(rm, **sampling, **common, **shared),
+                        score_fn_from_model(rm, **sampling, **common, **shared, **decoding),
                         EvalConfig(num_samples=tuple(ev.num_samples),
                                    temperature=ev.temperature, **common),
                         os.path.join(out_dir, "cloud_sampled"), rows=rows, progress=True)
