@@ -19,7 +19,19 @@
 # `pack`) and the SmolLM2 GGUF (make smollm2). Not part of the test suite: it installs packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON312=${PYTHON312:-$(command -v python3.12 || echo /root/.pyenv/versions/3.12.1/bin/python)}
+# The first Python 3.12 that runs (a pyenv shim on PATH may name one it will not run).
+if [ -z "${PYTHON312:-}" ]; then
+    for candidate in python3.12 /root/.pyenv/versions/3.12.*/bin/python; do
+        if "$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then
+            PYTHON312=$candidate
+            break
+        fi
+    done
+fi
+if [ -z "${PYTHON312:-}" ]; then
+    echo "error: no Python 3.12 found: set PYTHON312=/path/to/python3.12" >&2
+    exit 1
+fi
 VENV=${VENV:-/tmp/cloud_jax_device_venv}
 OUT=${OUT:-/tmp/cloud_jax_rehearsal}
 IMAGE_PACKAGES=${IMAGE_PACKAGES:-"jax==0.11.2 jaxlib==0.11.2 flax==0.12.10 optax==0.2.8
