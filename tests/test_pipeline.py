@@ -131,7 +131,7 @@ def test_config_errors_are_clear(tmp_path):
     with pytest.raises(ConfigError, match="every stage would share"):
         load_pipeline_config(DEMO, [f"train.checkpoint_dir={tmp_path}"])
     for section in ("self_critique", "evaluation"):
-        with pytest.raises(ConfigError, match=f"{section}.decode_phases=0: give a whole number"):
+        with pytest.raises(ConfigError, match=f"{section}.decode_phases=0 must be a whole number"):
             load_pipeline_config(DEMO, [f"{section}.decode_phases=0"])
 
 

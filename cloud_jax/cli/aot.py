@@ -364,7 +364,8 @@ def compile_sample(cfg: Config, devices: Sequence, *, inputs: int, prefix_len: i
                    decode_phases: int = DECODE_PHASES) -> list[Result]:
     """Self-consistency scoring: the prefill of ``inputs`` prefixes, then the decode of
     ``num_samples`` critiques each, with the sampling rules (weights not split over fsdp).
-    ``steps_per_check``, ``decode_phases``: the decode's (:func:`cloud_jax.sampling.loop.decode`)."""
+    ``steps_per_check``, ``decode_phases``: the decode's
+    (:func:`cloud_jax.sampling.loop.decode`)."""
     model_cfg = dataclasses.replace(cfg.model, scan_layers=False)  # sampling runs unrolled
     mesh = make_mesh(cfg.mesh, devices)
     rules = tuple(SAMPLE_RULES)

@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Tuple
 
 from cloud_jax.data.synthetic.reasoning import ReasoningBenchmarkConfig
 from cloud_jax.errors import ConfigError
-from cloud_jax.sampling.loop import DECODE_PHASES
+from cloud_jax.sampling.loop import DECODE_PHASES, check_decode_phases
 from cloud_jax.training.config import Config, load_config
 from cloud_jax.training.stages import STAGES
 
@@ -141,11 +141,10 @@ class PipelineConfig(Config):
         if ev.num_rows < 0 or ev.num_examples < 0:
             raise ConfigError("evaluation.num_rows and evaluation.num_examples must be >= 0")
         for section in ("self_critique", "evaluation"):
-            phases = getattr(self, section).decode_phases
-            if isinstance(phases, bool) or not isinstance(phases, int) or phases < 1:
-                raise ConfigError(f"{section}.decode_phases={phases!r}: give a whole number >= 1 "
-                                  "(the loops a decode grows its critiques' cache in; 1 compiles "
-                                  "fastest)")
+            try:
+                check_decode_phases(getattr(self, section).decode_phases)
+            except ValueError as err:
+                raise ConfigError(f"{section}.{err}") from None
         return self
 
 
