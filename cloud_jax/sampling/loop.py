@@ -180,8 +180,7 @@ def decode(params, cache: KVCache, logits_bv, row_keys_b, stop_ids_s, seen_bv=No
     input-major (row ``b * K + k``).
     """
     check_layout(layout)
-    check_steps_per_check(steps_per_check)
-    check_decode_phases(decode_phases)
+    check_steps_per_check(steps_per_check)  # decode_phases: checked by phase_lengths below
     if layout == "standard":
         weights = None
     elif weights is None:
