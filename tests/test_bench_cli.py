@@ -5,6 +5,7 @@ import json
 import os
 import re
 import sys
+import warnings
 
 import jax
 import pytest
@@ -195,6 +196,38 @@ def test_bench_sample_in_bf16_against_transformers_on_the_same_device(capsys):
     assert result["hf_critiques_per_s"] > 0 and result["ratio"] > 0
     assert result["decode_step_over_hbm_floor"] > 0
     assert "transformers generate (cpu" in out
+
+
+def test_bench_sample_with_the_pallas_decode_attention(capsys):
+    """--decode-attention-impl pallas (tools/gpu_benches.sh's sample_32_pallas) at a tiny size:
+    the kernel's interpreter on the CPU, named in the JSON and the printed line; the K = 1
+    comparison run (K x G = 2 rows, below the kernel's 16) keeps XLA's, with a warning. (The
+    interpreter's loops are more operations on the CPU; on a GPU the kernel is one a layer:
+    tests/test_gpu_kernels.py.)"""
+    from cloud_jax.cli.bench import sample
+
+    tiny = ["--inputs", "2", "--samples", "8", "--prompt-len", "16", "--new-tokens", "16",
+            "--repeats", "1", "--hidden-size", "64", "--num-layers", "1", "--num-heads", "4",
+            "--num-kv-heads", "2", "--intermediate-size", "64", "--vocab-size", "64",
+            "--backend", "cpu", "--bandwidth-bytes", str(1 << 20), "--skip-hf",
+            "--decode-layout", "standard", "--decode-phases", "1"]
+    results = {}
+    for impl in ("xla", "pallas"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert sample.main(tiny + ["--decode-attention-impl", impl]) == 0
+        out = capsys.readouterr().out
+        results[impl] = json.loads(out.strip().splitlines()[-1])
+        assert f"{impl} decode attention" in out
+        declined = [w for w in caught if "does not take K=1" in str(w.message)]
+        assert bool(declined) == (impl == "pallas")
+    assert results["pallas"]["decode_attention"] == "pallas"
+    assert results["xla"]["decode_attention"] == "xla"
+    # The kernel checked against XLA's attention on the machine it ran on (fp32 here).
+    assert 0 <= results["pallas"]["pallas_max_abs_diff"] < 1e-5
+    assert results["xla"]["pallas_max_abs_diff"] is None
+    # The same model, prompts and seed: the same critiques, so the loops ran as many steps.
+    assert results["pallas"]["decode_steps"] == results["xla"]["decode_steps"]
 
 
 def test_bench_train_in_bf16_over_fp32_masters_agrees_with_torch_autocast(capsys, tmp_path):

@@ -398,3 +398,27 @@ def test_two_identical_runs_write_byte_identical_metrics_files(toy, tmp_path):
         (6, "train"), (6, "eval")]
     assert not any(k in r for r in rows for k in ("tokens_per_s", "mfu"))
     assert files[0] == files[1]
+
+
+def test_a_model_key_added_later_or_an_attention_choice_does_not_stop_a_resume(caplog):
+    """A checkpoint written before a model.* key existed resumes where the run leaves the key
+    at its default; the attention implementations may change (a warning); what shapes the
+    weights may not."""
+    from cloud_jax.training.checkpointing import compare_configs
+
+    saved = {"model": {"hidden_size": 64, "attention_impl": "xla"}, "data": {"batch_pairs": 4}}
+
+    def resume(**model):
+        compare_configs(saved, {"model": {"hidden_size": 64, "attention_impl": "xla", **model},
+                                "data": {"batch_pairs": 4}}, "ckpt")
+
+    with caplog.at_level(logging.WARNING):
+        resume(decode_attention_impl="xla")  # added since, at its default: no change at all
+        assert not caplog.records
+        resume(decode_attention_impl="pallas", attention_impl="cudnn")
+    assert "model.attention_impl: 'xla' -> 'cudnn'" in caplog.text
+    assert "model.decode_attention_impl: None -> 'pallas'" in caplog.text
+    with pytest.raises(ConfigError, match="model.causal_block_size: None -> 64"):
+        resume(causal_block_size=64)  # added since, away from its default (128)
+    with pytest.raises(ConfigError, match="model.hidden_size: 64 -> 32"):
+        resume(hidden_size=32)

@@ -119,9 +119,10 @@ def test_gpu_benches_refuse_an_unknown_name_and_skip_what_the_budget_cannot_hold
 @pytest.mark.slow
 def test_gpu_benches_run_every_bench_at_a_tiny_size_on_the_cpu(tmp_path):
     """The device call's script end to end, its benches shrunk by the flags it appends: four
-    records, the log, the summary table, and the profiles outside what the call brings back."""
-    tiny_sample = ("--inputs 2 --samples 2 --prompt-len 8 --new-tokens 4 --repeats 1 "
-                   "--hidden-size 32 --num-layers 1 --num-heads 2 --num-kv-heads 1 "
+    records, the log, the summary table, and the profiles outside what the call brings back.
+    The sample benches' shapes are ones the Pallas kernel takes (K x G = 8 x 2 rows)."""
+    tiny_sample = ("--inputs 2 --samples 8 --prompt-len 16 --new-tokens 16 --repeats 1 "
+                   "--hidden-size 64 --num-layers 1 --num-heads 4 --num-kv-heads 2 "
                    "--intermediate-size 64 --vocab-size 64 --bandwidth-bytes 1048576 --skip-hf "
                    "--threads 1")
     tiny_train = ("--pairs 1 --seq 16 --hidden 32 --layers 1 --heads 2 --kv-heads 1 --mlp 64 "
@@ -130,16 +131,20 @@ def test_gpu_benches_run_every_bench_at_a_tiny_size_on_the_cpu(tmp_path):
                         EXTRA_TRAIN=tiny_train)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = tmp_path / "out"
-    names = ["sample_32", "train", "sample_8", "sample_32_check8"]
+    names = ["sample_32", "train", "sample_32_pallas", "sample_8", "sample_32_check8"]
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["gpu_benches.log"] + [f"gpu_{n}.json" for n in names])
     records = {n: json.loads((out / f"gpu_{n}.json").read_text()) for n in names}
     assert records["sample_32"]["result"]["profile"] and records["train"]["result"]["profile"]
     assert records["sample_32_check8"]["result"]["steps_per_check"] == 8
+    assert records["sample_32_pallas"]["result"]["decode_attention"] == "pallas"
+    assert records["sample_32_pallas"]["result"]["profile"]
+    assert records["sample_32"]["result"]["decode_attention"] == "xla"
     assert records["sample_8"]["result"]["workload"]["inputs"] == 2  # the appended flag wins
     # cuDNN's attention (the preset's) fails on a CPU: reported, measured with XLA's instead.
     assert records["train"]["result"]["attention"] == "xla"
     assert (tmp_path / "profiles").is_dir()
-    table = done.stdout.strip().splitlines()[-4:]
+    table = done.stdout.strip().splitlines()[-5:]
     assert [line.split(":")[0] for line in table] == names
-    assert "mfu=" in table[1] and "steps_per_check=8" in table[3]
+    assert "mfu=" in table[1] and "decode_attention=pallas" in table[2]
+    assert "steps_per_check=8" in table[4]

@@ -52,12 +52,12 @@ mkdir -p "$OUT/work"
 echo "== tools/gpu_benches.sh (torch-free halves), tiny, --backend cpu"
 benches_out="$OUT/benches"
 BACKEND=cpu PYTHON="$VENV/bin/python" PROFILE_DIR="$benches_out/profiles" OUT="$benches_out" \
-    EXTRA_SAMPLE="--inputs 2 --samples 2 --prompt-len 8 --new-tokens 4 --repeats 1
-                  --hidden-size 32 --num-layers 1 --num-heads 2 --num-kv-heads 1
+    EXTRA_SAMPLE="--inputs 2 --samples 8 --prompt-len 16 --new-tokens 16 --repeats 1
+                  --hidden-size 64 --num-layers 1 --num-heads 4 --num-kv-heads 2
                   --intermediate-size 64 --vocab-size 64 --bandwidth-bytes 1048576 --skip-hf" \
     EXTRA_TRAIN="--pairs 1 --seq 16 --hidden 32 --layers 1 --heads 2 --kv-heads 1 --mlp 64
                  --vocab 64 --repeats 1 --steps 1 --matmul-n 128 --skip-torch" \
-    bash tools/gpu_benches.sh | tail -5
+    bash tools/gpu_benches.sh | tail -6
 
 echo "== the SmolLM2 pipeline from the offline bundle, a few steps"
 .venv/bin/python tools/offline_bundle.py pack --out "$OUT/bundle"

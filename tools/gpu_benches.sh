@@ -6,8 +6,10 @@
 #
 # 1. sample_32        bench sample, 32 inputs x K = 8, with transformers, a decode profile
 # 2. train            bench train, the llama-1b preset, with torch, a step profile
-# 3. sample_8         bench sample, 8 inputs x K = 8, with transformers
-# 4. sample_32_check8 bench sample, 32 inputs, ours only, the end checked every 8 steps
+# 3. sample_32_pallas bench sample, 32 inputs, ours only, the attention as the Pallas kernel
+#                     (cloud_jax/model/gpu_kernels.py), a decode profile
+# 4. sample_8         bench sample, 8 inputs x K = 8, with transformers
+# 5. sample_32_check8 bench sample, 32 inputs, ours only, the end checked every 8 steps
 #
 # Each bench writes its record ($OUT/gpu_<name>.json, for docs/measurements/) when it finishes,
 # so a call cut short keeps what ran; a bench that would start with under 30 s of the budget
@@ -16,7 +18,7 @@
 # its profile's summary. The last lines printed are a table of the main numbers.
 #
 # Environment: OUT (default runs/gpu_benches), PYTHON (python3), BUDGET_S (seconds for all,
-# default 560), BENCHES (which to run, in order; default all four), BACKEND (gpu),
+# default 560), BENCHES (which to run, in order; default all five), BACKEND (gpu),
 # PROFILE_DIR (/tmp/cloud_jax_profiles), EXTRA_SAMPLE / EXTRA_TRAIN (flags added after every
 # sample / train bench's own: tools/device_rehearsal.sh runs this at tiny sizes on a CPU).
 set -euo pipefail
@@ -24,7 +26,7 @@ cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-runs/gpu_benches}
 PYTHON=${PYTHON:-python3}
 BUDGET_S=${BUDGET_S:-560}
-BENCHES=${BENCHES:-sample_32 train sample_8 sample_32_check8}
+BENCHES=${BENCHES:-sample_32 train sample_32_pallas sample_8 sample_32_check8}
 BACKEND=${BACKEND:-gpu}
 PROFILE_DIR=${PROFILE_DIR:-/tmp/cloud_jax_profiles}
 # Words split on spaces and newlines (read -d '' reads to the end and then returns 1).
@@ -33,8 +35,9 @@ read -r -d '' -a extra_train <<< "${EXTRA_TRAIN:-}" || true
 read -r -d '' -a benches <<< "$BENCHES" || true
 for name in "${benches[@]}"; do
     case $name in
-        sample_32 | train | sample_8 | sample_32_check8) ;;
-        *) echo "error: no bench named $name (sample_32, train, sample_8, sample_32_check8)" >&2
+        sample_32 | train | sample_32_pallas | sample_8 | sample_32_check8) ;;
+        *) echo "error: no bench named $name (sample_32, train, sample_32_pallas, sample_8," \
+                "sample_32_check8)" >&2
            exit 2 ;;
     esac
 done
@@ -79,6 +82,8 @@ for name in "${benches[@]}"; do
             "${extra_sample[@]}" ;;
         sample_32_check8) run "$name" 150 "${sample[@]}" --skip-hf --steps-per-check 8 \
             --record "$OUT/gpu_$name.json" "${extra_sample[@]}" ;;
+        sample_32_pallas) run "$name" 150 "${sample[@]}" --skip-hf --decode-attention-impl pallas \
+            --profile "$PROFILE_DIR/$name" --record "$OUT/gpu_$name.json" "${extra_sample[@]}" ;;
     esac
 done
 
@@ -89,6 +94,7 @@ import json, os, sys
 out, names = sys.argv[1], sys.argv[2:]
 keys = ("decode_step_over_hbm_floor", "decode_step_ms", "decode_us_per_op",
         "ours_critiques_per_s", "hf_critiques_per_s", "ratio", "k8_over_k1", "steps_per_check",
+        "decode_attention", "pallas_max_abs_diff",
         "mfu", "ours_tokens_per_s", "torch_tokens_per_s", "attention", "hf_error", "torch_error",
         "attention_error")
 for name in names:

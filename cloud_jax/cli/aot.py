@@ -432,7 +432,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="share of a GPU's memory a program may use (JAX's allocator: 0.75 "
                              "unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if not 0 < args.mfu <= 1:
         parser.error(f"--mfu {args.mfu}: must be in (0, 1]")
     if not 0 < args.gpu_memory_fraction <= 1:

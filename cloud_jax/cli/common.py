@@ -55,6 +55,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="compute dtype (default: float32)")
     parser.add_argument("--param-dtype", choices=DTYPES, default=None,
                         help="weights in memory (default: float32; bfloat16 halves them)")
+    parser.add_argument("--decode-attention-impl", choices=("xla", "pallas"), default=None,
+                        help="the critique decode's attention: XLA's operations (default) or "
+                             "one Pallas (Triton) kernel a layer on NVIDIA GPUs "
+                             "(model.decode_attention_impl; cloud_jax/model/gpu_kernels.py)")
 
 
 def add_input_args(parser: argparse.ArgumentParser, *, required: bool,
@@ -143,7 +147,8 @@ def load_model(args: argparse.Namespace):
         mesh = None if mesh_cfg is None else make_mesh(mesh_cfg, devices)
     except ValueError as err:
         raise ConfigError(f"--mesh: {err}") from None
-    overrides = {k: v for k, v in (("dtype", args.dtype), ("param_dtype", args.param_dtype))
+    overrides = {k: v for k, v in (("dtype", args.dtype), ("param_dtype", args.param_dtype),
+                                   ("decode_attention_impl", args.decode_attention_impl))
                  if v is not None}
     rm = cloud_jax.load(args.checkpoint, mesh=mesh, rules=SAMPLE_RULES, **overrides)
     if mesh is not None:

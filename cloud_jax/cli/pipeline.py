@@ -26,7 +26,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="also write the results as a measurement record (JSON: date, "
                              "machine, command, result = results.json plus the host's fields), "
                              "as docs/measurements/ keeps them")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         force=True)
     # orbax logs every save step at INFO; the pipeline's own lines are what a user follows.

@@ -31,7 +31,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[str | None, list[s
     parser.add_argument("--config", help="YAML config (configs/*.yaml); defaults if omitted")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, e.g. train.total_steps=200 data.batch_pairs=16")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     return args.config, list(args.overrides)
 
 

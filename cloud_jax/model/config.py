@@ -52,6 +52,12 @@ class ModelConfig:
     # flash attention over the same mask: no [T, S] score arrays in device memory; NVIDIA GPUs,
     # bfloat16 or float16 compute). Forwards with a cache (sampling, scoring) use "xla".
     attention_impl: str = "xla"
+    # How a decode step (one new token per row over the shared prompt and the rows' own caches:
+    # sampling critiques) computes attention: "xla" (gqa_attention's operations, about 14 a
+    # layer) or "pallas" (cloud_jax.model.gpu_kernels: one Triton kernel a layer on NVIDIA GPUs,
+    # Pallas's interpreter off a GPU, for tests; XLA's attention on TPU). Steps whose shapes the
+    # kernel does not take (gpu_kernels.supported) keep "xla", with a warning.
+    decode_attention_impl: str = "xla"
     # Reward-head dropout, applied before each dense layer (the reference uses attention_dropout).
     reward_dropout: float = 0.0
     # dtype of stored parameters and dtype of activations/matmuls. Logits, the reward and every
@@ -104,6 +110,9 @@ class ModelConfig:
             raise ConfigError(
                 f"model.attention_impl=cudnn needs model.dtype bfloat16 or float16 (cuDNN's "
                 f"flash attention has no {self.dtype} kernel); got model.dtype={self.dtype}")
+        if self.decode_attention_impl not in ("xla", "pallas"):
+            raise ConfigError(f"model.decode_attention_impl={self.decode_attention_impl!r}: "
+                              "expected xla or pallas")
         if self.remat not in ("none", "full", "dots", "dots_no_batch"):
             raise ConfigError(
                 f"model.remat={self.remat!r}: expected none, full, dots or dots_no_batch"

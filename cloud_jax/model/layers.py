@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Optional
 
 import flax.linen as nn
@@ -10,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cloud_jax.model import gpu_kernels
 from cloud_jax.model.cache import LayerKV, MaskInfo
 from cloud_jax.model.config import ModelConfig, RopeScalingConfig
 
@@ -251,9 +253,46 @@ def attend(cfg: ModelConfig, q_bthd: jax.Array, k_bthd: jax.Array, v_bthd: jax.A
             gqa_attention(q[:, s:s + block], k_bksd[:, :, :s + block],
                           v_bksd[:, :, :s + block], mask[:, s:s + block, :s + block])
             for s in range(0, t, block)], axis=1)
+    elif (attention is None and cfg.decode_attention_impl == "pallas"
+          and _pallas_decode(q, k_bksd, prefix, keys_transposed)):
+        # The kernel is Triton's: a program compiled for a TPU keeps XLA's attention.
+        out = jax.lax.platform_dependent(q, k_bksd, v_bksd, mask, prefix, tpu=gqa_attention,
+                                         default=gpu_kernels.decode_attention)
     else:
         out = (attention or gqa_attention)(q, k_bksd, v_bksd, mask, prefix, keys_transposed)
     return out, new_cache
+
+
+_PALLAS_DECLINED: set = set()
+
+
+def _pallas_decode(q_bthd, k_bksd, prefix, keys_transposed: bool) -> bool:
+    """Whether a decode step's attention takes :func:`gpu_kernels.decode_attention`
+    (``model.decode_attention_impl=pallas``): one new token per row over a shared prefix, a
+    shape the kernel takes, on one device. Warns, once per case, where it keeps XLA's."""
+    b, t, h, d = q_bthd.shape
+    if prefix is None or t != 1:
+        return False  # prefill and scoring (no shared prefix, many tokens) stay on XLA
+    kv, s = k_bksd.shape[1], k_bksd.shape[-1 if keys_transposed else 2]
+    rows, p = b // prefix[0].shape[0], prefix[0].shape[-1 if keys_transposed else 2]
+    devices = jax.sharding.get_abstract_mesh().size  # 0 outside a mesh
+    if devices > 1:
+        # A Pallas call is not split over a mesh: XLA would gather the whole cache to each device.
+        reason = f"runs on one device, and this decode is on a mesh of {devices}"
+    elif keys_transposed:
+        reason = "reads keys stored [.., D, S], and this cache stores them transposed"
+    elif not gpu_kernels.supported(rows, h // kv, d, p, s):
+        reason = (f"does not take K={rows} rows per input x G={h // kv} query heads per KV head, "
+                  f"head size {d}, prefix {p}, own cache {s} (it needs K x G a power of two "
+                  f">= 16, a power-of-two head size >= 16 and segments of >= "
+                  f"{gpu_kernels.MIN_BLOCK} slots)")
+    else:
+        return True
+    if reason not in _PALLAS_DECLINED:
+        _PALLAS_DECLINED.add(reason)
+        warnings.warn(f"model.decode_attention_impl=pallas: the kernel {reason}; this decode "
+                      "uses XLA's attention", stacklevel=2)
+    return False
 
 
 class HeadProjection(nn.Module):

@@ -19,6 +19,7 @@ naming those keys and shapes (docs/RELIABILITY.md).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any, Callable, Optional
@@ -31,6 +32,7 @@ from etils import epath
 
 from cloud_jax import records, storage
 from cloud_jax.errors import CheckpointError, ConfigError
+from cloud_jax.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +53,26 @@ _MUST_MATCH = ("model.", "train.stage", "data.batch_pairs")
 _TRAIN_KEYS_THAT_MATTER = ("train.total_steps", "train.grad_accum_steps", "train.on_nonfinite")
 _FREE = ("train.", "output_dir", "data.num_threads", "data.prefetch_buffer_size",
          "data.tfds_dir", "data.eval_path")
+# model.* keys that choose how a step computes, not what the weights are: a resume may change
+# them (with a warning, as for other settings that alter the run).
+_COMPUTE_ONLY = ("model.attention_impl", "model.decode_attention_impl")
+
+
+def _added_at_default(key: str, old: Any, new: Any) -> bool:
+    """A model.* key that a checkpoint written before the key existed lacks, at the value every
+    run before it had (the key's default)."""
+    if old is not None or not key.startswith("model."):
+        return False
+    defaults = records.flatten({"model": dataclasses.asdict(ModelConfig())})
+    return key in defaults and defaults[key] == new
 
 
 def compare_configs(saved: dict, current: dict, where: str) -> None:
     """Raises ConfigError for a change that breaks resuming; logs a warning for other changes
     that alter the run."""
-    changed = records.changes(saved, current)
-    fatal = [k for k in changed if k.startswith(_MUST_MATCH)]
+    changed = {k: v for k, v in records.changes(saved, current).items()
+               if not _added_at_default(k, *v)}
+    fatal = [k for k in changed if k.startswith(_MUST_MATCH) and k not in _COMPUTE_ONLY]
     if fatal:
         detail = "; ".join(f"{k}: {changed[k][0]!r} -> {changed[k][1]!r}" for k in fatal[:8])
         raise ConfigError(

@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 _ARCH_FIELDS = ("family", "vocab_size", "hidden_size", "intermediate_size", "num_layers",
                 "num_heads", "num_kv_heads", "tie_word_embeddings")
 # Run-time choices of the model section that apply to weights loaded with init_from.
-_COMPUTE_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "reward_dropout")
+_COMPUTE_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "reward_dropout",
+                   "causal_block_size", "attention_impl", "decode_attention_impl")
 
 
 # Every path a run reads or writes: each a local path or a gs:// / s3:// URL (cloud_jax.storage);

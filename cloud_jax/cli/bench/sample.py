@@ -38,10 +38,11 @@ import numpy as np
 
 from cloud_jax.model.config import ModelConfig
 from cloud_jax.model import CLoudModel, count_params, init_params
-from cloud_jax.model import cpu_kernels
+from cloud_jax.model import cpu_kernels, gpu_kernels
 from cloud_jax.model.decode_step import LAYOUTS, decode_layout, prepare_decode_weights_jit
 from cloud_jax.sampling import Temperature, content_row_ids, pad_prefixes, sample
-from cloud_jax.sampling.loop import DECODE_PHASES, decode, prefill, row_keys, stop_array
+from cloud_jax.sampling.loop import (DECODE_PHASES, decode, phase_lengths, prefill, row_keys,
+                                    stop_array)
 from cloud_jax.sharding import SAMPLE_RULES
 from cloud_jax.cli.bench.host import (first_line, host_info, host_line, select_backend,
                                       write_record)
@@ -130,6 +131,32 @@ def matmul_rate(matrices_io: Sequence[jax.Array], rows: int, repeats: int = 5,
                       _best(lambda: kernel_left(transposed, xs).block_until_ready(), repeats)[0])
     del transposed
     return flops / seconds
+
+
+def pallas_difference(cfg: ModelConfig, inputs: int, samples: int, prefix_len: int,
+                      own_len: int) -> float:
+    """The largest difference between the Pallas decode attention and XLA's (``gqa_attention``)
+    on this machine, over random queries, keys and masks of one decode step's shapes in the
+    compute dtype: the kernel's check on the device it runs on (the tests check its values
+    through the interpreter only)."""
+    from cloud_jax.model.layers import gqa_attention
+
+    rng = np.random.default_rng(1)
+    b, kv, d = inputs * samples, cfg.num_kv_heads, cfg.resolved_head_dim
+    dtype = jnp.dtype(cfg.dtype)
+
+    def normal(*shape):
+        return jnp.asarray(rng.normal(size=shape), dtype)
+
+    pmask = rng.random((b, 1, prefix_len)) < 0.9
+    pmask[:, :, 0] = True
+    args = (normal(b, 1, cfg.num_heads, d), normal(b, kv, own_len, d),
+            normal(b, kv, own_len, d), jnp.asarray(rng.random((b, 1, own_len)) < 0.5),
+            (normal(inputs, kv, prefix_len, d), normal(inputs, kv, prefix_len, d),
+             jnp.asarray(pmask)))
+    got = jax.jit(gpu_kernels.decode_attention)(*args)
+    want = jax.jit(gqa_attention)(*args[:4], args[4])
+    return float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
 
 
 def _hf_model(cfg: ModelConfig, params, device: str = "cpu"):
@@ -248,6 +275,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="loops the decode grows its critiques' cache in, each compiled on "
                              "its own (default %(default)s; see "
                              "cloud_jax.sampling.loop.phase_lengths)")
+    parser.add_argument("--decode-attention-impl", choices=("xla", "pallas"), default="xla",
+                        help="model.decode_attention_impl: the decode step's attention as XLA's "
+                             "operations or as one Pallas (Triton) kernel a layer on an NVIDIA "
+                             "GPU (cloud_jax.model.gpu_kernels; elsewhere its interpreter); "
+                             "pallas runs the standard decode layout unless --decode-layout "
+                             "says otherwise")
     parser.add_argument("--decode-layout", choices=LAYOUTS, default=None,
                         help="our decode step's weight layout (default: the machine's choice, "
                              "see cloud_jax.model.decode_step)")
@@ -277,7 +310,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       intermediate_size=args.intermediate_size, num_layers=args.num_layers,
                       num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
                       tie_word_embeddings=True, param_dtype=args.dtype, dtype=args.dtype,
-                      max_position_embeddings=args.prompt_len + args.new_tokens + 1).validate()
+                      max_position_embeddings=args.prompt_len + args.new_tokens + 1,
+                      decode_attention_impl=args.decode_attention_impl).validate()
     params = init_params(cfg, jax.random.key(0))
     n_params = count_params(params)
     b, k, p, m = args.inputs, args.samples, args.prompt_len, args.new_tokens
@@ -285,12 +319,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rng = np.random.default_rng(0)
     prompts = [rng.integers(1, cfg.vocab_size, p).tolist() for _ in range(b)]
     method = Temperature(args.temperature)
-    layout = args.decode_layout or decode_layout(cfg)
+    # The Pallas kernel is written for the standard layout's cache (the GPU's).
+    layout = args.decode_layout or ("standard" if args.decode_attention_impl == "pallas"
+                                    else decode_layout(cfg))
     # The feature-major fp32 step's attention and weight products: the CPU kernels where they
     # build, else XLA's.
     kernels = {name: ("cpu_kernel" if layout == "feature_major" and args.dtype == "float32"
                       and cpu_kernels.active(name) else "xla") for name in cpu_kernels.KERNELS}
     attention, matmul = kernels["attention"], kernels["matmul"]
+    if attention == "xla" and args.decode_attention_impl == "pallas":
+        # The Pallas kernel where it takes the K-critique decode's shapes (its shortest phase).
+        own = min(phase_lengths(args.new_tokens + 1, args.decode_phases))
+        if gpu_kernels.supported(args.samples, cfg.num_heads // cfg.num_kv_heads,
+                                 cfg.resolved_head_dim, args.prompt_len, own):
+            attention = "pallas"
     # What the kernel library was compiled for (CLOUD_JAX_KERNEL_ARCH; -march=native by default).
     vector_floats = cpu_kernels.vector_floats() if "cpu_kernel" in kernels.values() else None
     built_for = f" ({vector_floats}-float vectors)" if vector_floats else ""
@@ -393,6 +435,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"GFLOP/s, this machine's {args.dtype} matmul rate at the step's [{b * k}, in] x [in, out] "
           f"shapes); step/compute floor = {step_s / compute_floor_s:.2f}", flush=True)
 
+    pallas_diff = None
+    if attention == "pallas":
+        pallas_diff = pallas_difference(cfg, b, k, p, m + 1)
+        # bf16 outputs of values about 1 round at ~4e-3; a wrong kernel is off by about 1.
+        verdict = "agrees" if pallas_diff < 0.05 else "DISAGREES: do not trust its timings"
+        print(f"[bench sample] the Pallas decode attention against XLA's on this device, one "
+              f"step's shapes ({b * k} rows, prompt {p}, own cache {m + 1}): largest "
+              f"difference {pallas_diff:.2e}, {verdict}", flush=True)
+
     hf_cps, hf_error = None, None  # null in the JSON where transformers did not run
     if not args.skip_hf:
         import torch
@@ -420,6 +471,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "dtype": args.dtype,
         "decode_layout": layout,
         "decode_attention": attention,
+        "pallas_max_abs_diff": None if pallas_diff is None else round(pallas_diff, 6),
         "decode_matmul": matmul,
         "steps_per_check": c,
         "decode_phases": args.decode_phases,

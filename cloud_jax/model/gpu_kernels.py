@@ -1,0 +1,204 @@
+"""A Pallas (Triton) kernel for the decode's attention on NVIDIA GPUs.
+
+A decode step attends one new token per row over two segments: the shared prefix (each input's
+prompt, cached once for its K critiques) and the row's own critique cache. XLA computes that in
+about 14 operations a layer (:func:`cloud_jax.model.layers.gqa_attention`: four products, the
+masks, maxima, exponents, sums and the combination), each a kernel launch on a GPU; at the sizes
+of a decode step those launches, not the bytes, can bound the step (docs/BENCHMARKS.md, "On one
+GPU"). :func:`decode_attention` is the same computation in one kernel a layer: one program per
+(input, KV head) reads the input's prefix keys and values once for all K rows and their query
+heads, then each row's own keys, with one running (online) softmax over both.
+
+Both segments are read in blocks of keys (:func:`blocks`) with the queries of all the program's
+rows as the rows of one matrix product (K x G rows, G query heads per KV head): the own
+segment's block holds the keys of all K rows, and the scores of a row against another row's
+keys are masked out (the products do K times the arithmetic they need, which a memory-bound step
+has to spare; the keys are read once). Triton's products need at least 16 rows and power-of-two sizes, so the kernel
+takes a step whose K x G is a power of two of at least 16 (:func:`supported`); the caller keeps
+XLA's attention otherwise.
+
+``interpret=True`` (the default off a GPU) runs the kernel through Pallas's interpreter: the
+tests check it against :func:`gqa_attention` on the CPU.
+
+Written for Pallas's Triton backend, which jax 0.10 and 0.11 compile (0.11 marks it deprecated
+in favour of Mosaic GPU); a Mosaic GPU form is the way on where a GPU run shows the kernel's
+worth.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+__all__ = ["blocks", "decode_attention", "supported"]
+
+
+def _load_interpreter() -> None:
+    """Imports Pallas's interpreter now. In jax 0.11 its module adds a setting to the context
+    every jit cache key holds when it is first imported, inside a trace: every program compiled
+    before that would compile once more (the tests' first decode with the kernel, say)."""
+    try:
+        importlib.import_module("jax._src.pallas.mosaic.interpret.interpret_pallas_call")
+    except ImportError:  # another JAX: nothing to load ahead
+        pass
+
+
+_load_interpreter()
+
+# Keys a program reads per block: up to PREFIX_BLOCK of the prefix (scores [K x G, block]) and
+# up to OWN_KEYS of the own segment, own_block = OWN_KEYS // K slots of each row's cache (scores
+# [K x G, K x own_block]); each block at least MIN_BLOCK keys wide (Triton's products). Sized,
+# without a GPU to tune on, so that a program's blocks, double-buffered (num_stages=2), take
+# about 100 KB of an H100 SM's 228 KB of shared memory: two programs an SM, and at 32 inputs x 8
+# KV heads one wave of 256 programs over 132 SMs.
+PREFIX_BLOCK = 64
+OWN_KEYS = 128
+MIN_BLOCK = 16
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # as layers.gqa_attention's
+
+
+def _pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def _floor_pow2(n: int) -> int:
+    return 1 << (n.bit_length() - 1) if n >= 1 else 0
+
+
+def blocks(rows_per_input: int, prefix_len: int, own_len: int) -> tuple[int, int]:
+    """(prefix block, own block): the keys of the prefix, and the slots of each row's own cache,
+    that a program reads at once."""
+    own = min(max(MIN_BLOCK, OWN_KEYS // max(rows_per_input, 1)), _floor_pow2(own_len))
+    return min(PREFIX_BLOCK, _floor_pow2(prefix_len)), own
+
+
+def supported(rows_per_input: int, group: int, head_dim: int, prefix_len: int,
+              own_len: int) -> bool:
+    """Whether :func:`decode_attention` takes a step whose inputs have ``rows_per_input`` rows
+    (K), whose KV heads have ``group`` query heads each of ``head_dim`` features, over a prefix
+    of ``prefix_len`` slots and own caches of ``own_len``."""
+    m = rows_per_input * group
+    if not (_pow2(m) and m >= 16 and _pow2(rows_per_input) and _pow2(head_dim)
+            and head_dim >= 16):
+        return False
+    return min(blocks(rows_per_input, prefix_len, own_len)) >= MIN_BLOCK
+
+
+def _kernel(q_ref, pk_ref, pv_ref, pm_ref, k_ref, v_ref, m_ref, o_ref, *, rows: int,
+            group: int, head_dim: int, prefix_len: int, own_len: int, prefix_block: int,
+            own_block: int, scale: float):
+    """One program: input ``program_id(0)``, KV head ``program_id(1)``."""
+    n, h = pl.program_id(0), pl.program_id(1)
+    m = rows * group
+    q = q_ref[pl.ds(n * rows, rows), h, :, :].reshape(m, head_dim)
+
+    def step(scores, values, state):
+        top, total, acc = state
+        new_top = jnp.maximum(top, jnp.max(scores, axis=1))
+        alpha = jnp.exp(top - new_top)
+        p = jnp.exp(scores - new_top[:, None])
+        total = total * alpha + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + jax.lax.dot_general(
+            p.astype(values.dtype), values, (((1,), (0,)), ((), ())),
+            preferred_element_type=jnp.float32)
+        return new_top, total, acc
+
+    # Block i of a segment covers keys [i * block, (i + 1) * block); the last one starts at
+    # len - block instead, so no read passes the end, and skips the keys the one before took.
+    def prefix_step(i, state):
+        bp = prefix_block
+        start = jnp.minimum(i * bp, prefix_len - bp)
+        inside = start + jax.lax.broadcasted_iota(jnp.int32, (1, bp), 1) >= i * bp
+        keys = pk_ref[n, h, pl.ds(start, bp), :]
+        values = pv_ref[n, h, pl.ds(start, bp), :]
+        valid = pm_ref[pl.ds(n * rows, rows), pl.ds(start, bp)] != 0  # [K, bp]
+        valid = jnp.broadcast_to(valid[:, None, :], (rows, group, bp)).reshape(m, bp)
+        scores = jax.lax.dot_general(q, keys, (((1,), (1,)), ((), ())),
+                                     preferred_element_type=jnp.float32) * scale
+        scores = jnp.where(valid, scores, _MASK_VALUE)
+        scores = jnp.where(inside, scores, -jnp.inf)
+        return step(scores, values, state)
+
+    def own_step(i, state):
+        bo = own_block
+        start = jnp.minimum(i * bo, own_len - bo)
+        width = rows * bo
+        slot = start + jax.lax.broadcasted_iota(jnp.int32, (rows, bo), 1)
+        inside = (slot >= i * bo).reshape(1, width)
+        rows_at = pl.ds(n * rows, rows)
+        keys = k_ref[rows_at, h, pl.ds(start, bo), :].reshape(width, head_dim)
+        values = v_ref[rows_at, h, pl.ds(start, bo), :].reshape(width, head_dim)
+        valid = (m_ref[rows_at, pl.ds(start, bo)] != 0).reshape(1, width)
+        # Query row r * G + g reads only row r's keys, columns r * bo ... (r + 1) * bo - 1.
+        own = (jax.lax.broadcasted_iota(jnp.int32, (m, width), 0) // group
+               == jax.lax.broadcasted_iota(jnp.int32, (m, width), 1) // bo)
+        scores = jax.lax.dot_general(q, keys, (((1,), (1,)), ((), ())),
+                                     preferred_element_type=jnp.float32) * scale
+        scores = jnp.where(valid, scores, _MASK_VALUE)
+        scores = jnp.where(own & inside, scores, -jnp.inf)
+        return step(scores, values, state)
+
+    state = (jnp.full((m,), -jnp.inf, jnp.float32), jnp.zeros((m,), jnp.float32),
+             jnp.zeros((m, head_dim), jnp.float32))
+    state = jax.lax.fori_loop(0, pl.cdiv(prefix_len, prefix_block), prefix_step, state)
+    state = jax.lax.fori_loop(0, pl.cdiv(own_len, own_block), own_step, state)
+    _, total, acc = state
+    out = (acc / total[:, None]).astype(o_ref.dtype)
+    o_ref[pl.ds(n * rows, rows), h, :, :] = out.reshape(rows, group, head_dim)
+
+
+def decode_attention(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array,
+                     mask_bts: jax.Array, prefix, *, interpret: Optional[bool] = None,
+                     num_warps: int = 4, num_stages: int = 2) -> jax.Array:
+    """:func:`cloud_jax.model.layers.gqa_attention` of one new token per row (T = 1) over the
+    shared prefix ``(k [N, KV, P, D], v [N, KV, P, D], mask [B, 1, P])`` and the rows' own
+    caches ``k, v [B, KV, S, D]`` (keys not transposed) under ``mask [B, 1, S]``, in one Pallas
+    call. Returns [B, 1, H, D] in ``v``'s dtype. Only for shapes :func:`supported` takes."""
+    pk, pv, pmask_btp = prefix
+    b, t, h, d = q_bthd.shape
+    kv, s = k_bksd.shape[1], k_bksd.shape[2]
+    n, p = pk.shape[0], pk.shape[2]
+    rows, group = b // n, h // kv
+    if t != 1 or not supported(rows, group, d, p, s):
+        raise ValueError(f"decode_attention takes one new token per row, K x G a power of two "
+                         f">= 16, a power-of-two head size >= 16 and segments of at least "
+                         f"{MIN_BLOCK} slots; got T={t}, K={rows}, G={group}, head size {d}, "
+                         f"prefix {p}, own cache {s}")
+    prefix_block, own_block = blocks(rows, p, s)
+    kernel = functools.partial(_kernel, rows=rows, group=group, head_dim=d, prefix_len=p,
+                               own_len=s, prefix_block=prefix_block, own_block=own_block,
+                               scale=1.0 / math.sqrt(d))
+    dtype = v_bksd.dtype
+    operands = (q_bthd.reshape(b, kv, group, d).astype(dtype), pk.astype(dtype),
+                pv.astype(dtype), pmask_btp[:, 0].astype(jnp.int8), k_bksd, v_bksd,
+                mask_bts[:, 0].astype(jnp.int8))
+
+    def call(*operands, interpret: bool):
+        kwargs = {}
+        if not interpret:
+            from jax.experimental.pallas import triton as plgpu
+
+            kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps,
+                                                             num_stages=num_stages)
+        return pl.pallas_call(
+            kernel, grid=(n, kv), out_shape=jax.ShapeDtypeStruct((b, kv, group, d), dtype),
+            interpret=interpret, **kwargs)(*operands)
+
+    if interpret is None and jax.default_backend() == "gpu":
+        out = call(*operands, interpret=False)
+    elif interpret is None:
+        # Triton where the program is compiled for an NVIDIA GPU from a host without one
+        # (`python -m cloud_jax aot --topology h100`), the interpreter elsewhere.
+        out = jax.lax.platform_dependent(
+            *operands, cuda=functools.partial(call, interpret=False),
+            default=functools.partial(call, interpret=True))
+    else:
+        out = call(*operands, interpret=interpret)
+    return out.reshape(b, 1, h, d)
