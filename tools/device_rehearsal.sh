@@ -13,7 +13,10 @@
 # 2. runs tools/gpu_benches.sh (the device's bench call) there, its benches at tiny sizes with
 #    --backend cpu (that call carries no packages, so nothing else may be needed),
 # 3. packs the offline bundle (tools/offline_bundle.py) and runs tools/gpu_smollm2.sh from it
-#    at a few steps, as the device would, writing to $OUT (default /tmp/cloud_jax_rehearsal).
+#    at a few steps, as the device would, writing to $OUT (default /tmp/cloud_jax_rehearsal),
+# 4. in a second environment ($AOT_VENV: the image's JAX with JAX's CUDA plugin of the same
+#    release, and this project's other requirements), runs tests/test_gpu_kernels.py: the
+#    Pallas decode attention as that JAX's Triton compiles it for an H100, and its interpreter.
 #
 # Needs a Python 3.12 (the image's; JAX 0.11 needs >= 3.12), PyPI, this checkout's .venv (for
 # `pack`) and the SmolLM2 GGUF (make smollm2). Not part of the test suite: it installs packages.
@@ -33,6 +36,7 @@ if [ -z "${PYTHON312:-}" ]; then
     exit 1
 fi
 VENV=${VENV:-/tmp/cloud_jax_device_venv}
+AOT_VENV=${AOT_VENV:-/tmp/cloud_jax_device_aot_venv}
 OUT=${OUT:-/tmp/cloud_jax_rehearsal}
 IMAGE_PACKAGES=${IMAGE_PACKAGES:-"jax==0.11.2 jaxlib==0.11.2 flax==0.12.10 optax==0.2.8
     orbax-checkpoint==0.12.8 transformers==5.24.0 Jinja2==3.1.6"}
@@ -67,4 +71,18 @@ BUNDLE="$REHEARSAL/bundle" OUT="$REHEARSAL/smollm2" PYTHON="$VENV/bin/python" \
     data.batch_pairs=2 stages.critique_sft.total_steps=2 stages.cloud.total_steps=1 \
     self_critique.max_critique_tokens=4 self_critique.batch_size=16 \
     evaluation.max_critique_tokens=4 evaluation.batch_size=8
+echo "== the Pallas decode attention under the image's JAX, compiled for an H100"
+if [ ! -x "$AOT_VENV/bin/python" ]; then
+    "$PYTHON312" -m venv "$AOT_VENV"
+    jax_version=$("$VENV/bin/python" -c 'import jax; print(jax.__version__)' 2>/dev/null)
+    # This project's requirements but JAX and its libraries, which stay the image's, and the
+    # CUDA libraries the GPU compiler loads (requirements-gpu-aot.txt's).
+    { grep -v -i -E '^(jax|jaxlib|flax|optax|orbax-checkpoint)==' requirements.txt
+      grep -i '^nvidia-' requirements-gpu-aot.txt; } > "$OUT/requirements-no-jax.txt"
+    # shellcheck disable=SC2086  # the package list is split on purpose
+    "$AOT_VENV/bin/python" -m pip install -q $IMAGE_PACKAGES \
+        "jax-cuda12-plugin==$jax_version" "jax-cuda12-pjrt==$jax_version" \
+        -r "$OUT/requirements-no-jax.txt"
+fi
+JAX_PLATFORMS=cpu "$AOT_VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py
 echo "rehearsal passed: $OUT"
