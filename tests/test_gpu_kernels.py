@@ -46,6 +46,8 @@ def attention_inputs(inputs=2, rows=8, kv=2, group=2, d=16, prefix=40, own=37,
     dict(rows=4, group=4, prefix=16, own=16),        # one block each, exactly
     dict(rows=16, group=1, d=32, prefix=300, own=70),  # several prefix blocks (64 keys each)
     dict(inputs=3, rows=2, group=8, prefix=129, own=20),
+    dict(inputs=4, rows=1, group=4, prefix=50, own=17),  # K = 1: 4 query rows a program
+    dict(inputs=3, rows=1, group=1, prefix=33, own=300),  # one row: several own blocks
 ])
 def test_kernel_equals_xla_attention(shape):
     q, k, v, mask, prefix = attention_inputs(**shape)
@@ -72,12 +74,13 @@ def test_supported_shapes_and_blocks():
     assert gpu_kernels.supported(8, 4, 64, 1024, 257)      # the GPU bench: 32 x K = 8, Llama 1B
     assert gpu_kernels.blocks(8, 1024, 257) == (64, 16)
     assert gpu_kernels.blocks(1, 40, 300) == (32, 128)
-    assert not gpu_kernels.supported(1, 4, 64, 1024, 257)  # K x G = 4 rows: below Triton's 16
+    assert gpu_kernels.supported(1, 4, 64, 1024, 257)      # K = 1 (Triton pads the 4 rows)
+    assert not gpu_kernels.supported(3, 4, 64, 1024, 257)  # K = 3: not a power of two
     assert not gpu_kernels.supported(8, 3, 64, 192, 97)    # SmolLM2: 3 query heads per KV head
     assert not gpu_kernels.supported(8, 4, 48, 1024, 257)  # head size not a power of two
     assert not gpu_kernels.supported(8, 4, 64, 1024, 12)   # own cache under one block
-    q, k, v, mask, prefix = attention_inputs(rows=2, group=2)
-    with pytest.raises(ValueError, match="K=2, G=2"):
+    q, k, v, mask, prefix = attention_inputs(rows=3, group=2)
+    with pytest.raises(ValueError, match="K=3, G=2"):
         gpu_kernels.decode_attention(q, k, v, mask, prefix)
 
 
@@ -148,9 +151,9 @@ def test_decode_with_the_kernel_gives_the_same_critiques(params):
 
 
 def test_a_shape_the_kernel_declines_keeps_xla_with_a_warning(params):
-    settings = dict(max_new_tokens=20, stop_ids=(62,), num_samples=2, seed=3,
+    settings = dict(max_new_tokens=20, stop_ids=(62,), num_samples=3, seed=3,
                     method=TopK(20, 1.5), decode_layout="standard")
-    with pytest.warns(UserWarning, match="does not take K=2 rows per input x G=2"):
+    with pytest.warns(UserWarning, match="does not take K=3 rows per input x G=2"):
         pallas = sample(PALLAS, params, PREFIXES, **settings)
     xla = sample(CFG, params, PREFIXES, **settings)
     np.testing.assert_array_equal(pallas.tokens, xla.tokens)

@@ -3,8 +3,8 @@
 A decode step attends one new token per row over two segments: the shared prefix (each input's
 prompt, cached once for its K critiques) and the row's own critique cache. XLA computes that in
 about 14 operations a layer (:func:`cloud_jax.model.layers.gqa_attention`: four products, the
-masks, maxima, exponents, sums and the combination), each a kernel launch on a GPU; at the sizes
-of a decode step those launches, not the bytes, can bound the step (docs/BENCHMARKS.md, "On one
+masks, maxima, exponents, sums and the combination), each a kernel launch on a GPU, with the
+score arrays written to device memory and read back between them (docs/BENCHMARKS.md, "On one
 GPU"). :func:`decode_attention` is the same computation in one kernel a layer: one program per
 (input, KV head) reads the input's prefix keys and values once for all K rows and their query
 heads, then each row's own keys, with one running (online) softmax over both.
@@ -13,9 +13,9 @@ Both segments are read in blocks of keys (:func:`blocks`) with the queries of al
 rows as the rows of one matrix product (K x G rows, G query heads per KV head): the own
 segment's block holds the keys of all K rows, and the scores of a row against another row's
 keys are masked out (the products do K times the arithmetic they need, which a memory-bound step
-has to spare; the keys are read once). Triton's products need at least 16 rows and power-of-two sizes, so the kernel
-takes a step whose K x G is a power of two of at least 16 (:func:`supported`); the caller keeps
-XLA's attention otherwise.
+has to spare; the keys are read once). Triton's blocks have power-of-two sizes, so the kernel
+takes a step whose K, G and head size are powers of two (:func:`supported`; Triton pads a
+product of fewer than 16 rows itself); the caller keeps XLA's attention otherwise.
 
 ``interpret=True`` (the default off a GPU) runs the kernel through Pallas's interpreter: the
 tests check it against :func:`gqa_attention` on the CPU.
@@ -85,9 +85,7 @@ def supported(rows_per_input: int, group: int, head_dim: int, prefix_len: int,
     """Whether :func:`decode_attention` takes a step whose inputs have ``rows_per_input`` rows
     (K), whose KV heads have ``group`` query heads each of ``head_dim`` features, over a prefix
     of ``prefix_len`` slots and own caches of ``own_len``."""
-    m = rows_per_input * group
-    if not (_pow2(m) and m >= 16 and _pow2(rows_per_input) and _pow2(head_dim)
-            and head_dim >= 16):
+    if not (_pow2(rows_per_input) and _pow2(group) and _pow2(head_dim) and head_dim >= 16):
         return False
     return min(blocks(rows_per_input, prefix_len, own_len)) >= MIN_BLOCK
 
@@ -168,8 +166,8 @@ def decode_attention(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array,
     n, p = pk.shape[0], pk.shape[2]
     rows, group = b // n, h // kv
     if t != 1 or not supported(rows, group, d, p, s):
-        raise ValueError(f"decode_attention takes one new token per row, K x G a power of two "
-                         f">= 16, a power-of-two head size >= 16 and segments of at least "
+        raise ValueError(f"decode_attention takes one new token per row, K and G powers of two, "
+                         f"a power-of-two head size >= 16 and segments of at least "
                          f"{MIN_BLOCK} slots; got T={t}, K={rows}, G={group}, head size {d}, "
                          f"prefix {p}, own cache {s}")
     prefix_block, own_block = blocks(rows, p, s)

@@ -283,8 +283,8 @@ def _pallas_decode(q_bthd, k_bksd, prefix, keys_transposed: bool) -> bool:
         reason = "reads keys stored [.., D, S], and this cache stores them transposed"
     elif not gpu_kernels.supported(rows, h // kv, d, p, s):
         reason = (f"does not take K={rows} rows per input x G={h // kv} query heads per KV head, "
-                  f"head size {d}, prefix {p}, own cache {s} (it needs K x G a power of two "
-                  f">= 16, a power-of-two head size >= 16 and segments of >= "
+                  f"head size {d}, prefix {p}, own cache {s} (it needs K and G powers of two, "
+                  f"a power-of-two head size >= 16 and segments of >= "
                   f"{gpu_kernels.MIN_BLOCK} slots)")
     else:
         return True

@@ -136,9 +136,9 @@ def matmul_rate(matrices_io: Sequence[jax.Array], rows: int, repeats: int = 5,
 def pallas_difference(cfg: ModelConfig, inputs: int, samples: int, prefix_len: int,
                       own_len: int) -> float:
     """The largest difference between the Pallas decode attention and XLA's (``gqa_attention``)
-    on this machine, over random queries, keys and masks of one decode step's shapes in the
-    compute dtype: the kernel's check on the device it runs on (the tests check its values
-    through the interpreter only)."""
+    on this machine, over random queries, keys and masks of one decode step's shapes (``samples``
+    rows per input) in the compute dtype: the kernel's check on the device it runs on (the tests
+    check its values through the interpreter only)."""
     from cloud_jax.model.layers import gqa_attention
 
     rng = np.random.default_rng(1)
@@ -437,11 +437,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     pallas_diff = None
     if attention == "pallas":
-        pallas_diff = pallas_difference(cfg, b, k, p, m + 1)
+        # At K and at 1 (the K = 1 run takes the kernel too where 1 x G is a shape it takes).
+        pallas_diff = max(pallas_difference(cfg, b, samples, p, m + 1) for samples in {k, 1}
+                          if gpu_kernels.supported(samples, cfg.num_heads // cfg.num_kv_heads,
+                                                   cfg.resolved_head_dim, p, m + 1))
         # bf16 outputs of values about 1 round at ~4e-3; a wrong kernel is off by about 1.
         verdict = "agrees" if pallas_diff < 0.05 else "DISAGREES: do not trust its timings"
         print(f"[bench sample] the Pallas decode attention against XLA's on this device, one "
-              f"step's shapes ({b * k} rows, prompt {p}, own cache {m + 1}): largest "
+              f"step's shapes (K = {k} and 1, prompt {p}, own cache {m + 1}): largest "
               f"difference {pallas_diff:.2e}, {verdict}", flush=True)
 
     hf_cps, hf_error = None, None  # null in the JSON where transformers did not run
