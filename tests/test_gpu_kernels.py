@@ -128,8 +128,9 @@ def params():
 
 
 def test_decode_with_the_kernel_gives_the_same_critiques(params):
-    """A whole decode (sampled, K = 8, rows ending at different steps) with the kernel in every
-    step's attention: the same tokens, lengths and rewards as with XLA's attention."""
+    """A whole decode (sampled, K = 8, rows ending at different steps; and greedy, K = 1) with
+    the kernel in every step's attention: the same tokens, lengths and rewards as with XLA's
+    attention."""
     settings = dict(max_new_tokens=20, stop_ids=(62,), num_samples=8, method=TopK(20, 1.5),
                     seed=3, budgets=[20, 9, 20], decode_layout="standard")
     xla = sample(CFG, params, PREFIXES, **settings)
@@ -148,6 +149,10 @@ def test_decode_with_the_kernel_gives_the_same_critiques(params):
     again = sample(PALLAS, params, PREFIXES, **settings)
     assert (loop.decode._cache_size(), loop.prefill._cache_size()) == compiled
     np.testing.assert_array_equal(again.tokens, pallas.tokens)
+    # K = 1, greedy: 2 query rows a program.
+    greedy = dict(max_new_tokens=20, stop_ids=(62,), decode_layout="standard")
+    np.testing.assert_array_equal(sample(PALLAS, params, PREFIXES, **greedy).tokens,
+                                  sample(CFG, params, PREFIXES, **greedy).tokens)
 
 
 def test_a_shape_the_kernel_declines_keeps_xla_with_a_warning(params):
