@@ -198,6 +198,34 @@ def test_kernel_compiles_for_an_h100_in_one_call_a_layer(capsys):
     assert sum(triton[:-1]) == 0
 
 
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu not installed: pip install -r requirements-tpu.txt")
+def test_a_program_compiled_for_a_tpu_keeps_xla_attention(capsys, monkeypatch):
+    """With model.decode_attention_impl=pallas, a decode compiled for a TPU (one chip) takes
+    XLA's attention (the kernel is Triton's): the same program as with xla, operation for
+    operation, where the interpreter's would differ."""
+    from cloud_jax.cli import aot
+
+    for key, value in (("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"), ("TPU_SKIP_MDS_QUERY", "1"),
+                       ("TPU_WORKER_HOSTNAMES", "localhost"), ("TPU_ACCELERATOR_TYPE", "v5e-1")):
+        monkeypatch.setenv(key, value)
+
+    def decode_ops(impl):
+        rc = aot.main(["--config", "configs/tiny_cpu_cloud.yaml", "--topology", "v5e-1",
+                       "--sample-only", "--prefix-len", "16", "--num-samples", "8",
+                       "--max-new-tokens", "16", "--decode-phases", "1",
+                       f"model.decode_attention_impl={impl}"])
+        out = capsys.readouterr().out
+        assert rc == 0, out
+        return re.search(r"sampling decode .*\n(  .*\n)*?  (\d+ loop\(s\), \d+ operations)",
+                         out).group(2)
+
+    with warnings.catch_warnings():
+        # Taken on one chip: no warning that it was declined.
+        warnings.filterwarnings("error", message="model.decode_attention_impl")
+        assert decode_ops("pallas") == decode_ops("xla")
+
+
 def test_the_model_commands_and_init_from_keep_the_choice(tmp_path):
     """--decode-attention-impl (score, critique, evaluate, serve) reaches the loaded model, and
     a run's model.decode_attention_impl (like attention_impl) applies to weights it loads with
