@@ -58,20 +58,13 @@ _FREE = ("train.", "output_dir", "data.num_threads", "data.prefetch_buffer_size"
 _COMPUTE_ONLY = ("model.attention_impl", "model.decode_attention_impl")
 
 
-def _added_at_default(key: str, old: Any, new: Any) -> bool:
-    """A model.* key that a checkpoint written before the key existed lacks, at the value every
-    run before it had (the key's default)."""
-    if old is not None or not key.startswith("model."):
-        return False
-    defaults = records.flatten({"model": dataclasses.asdict(ModelConfig())})
-    return key in defaults and defaults[key] == new
-
-
 def compare_configs(saved: dict, current: dict, where: str) -> None:
     """Raises ConfigError for a change that breaks resuming; logs a warning for other changes
-    that alter the run."""
-    changed = {k: v for k, v in records.changes(saved, current).items()
-               if not _added_at_default(k, *v)}
+    that alter the run. A model.* key the checkpoint lacks (written before the key existed) at
+    the value every run before it had, the key's default, is no change."""
+    defaults = records.flatten({"model": dataclasses.asdict(ModelConfig())})
+    changed = {k: (old, new) for k, (old, new) in records.changes(saved, current).items()
+               if not (old is None and k in defaults and defaults[k] == new)}
     fatal = [k for k in changed if k.startswith(_MUST_MATCH) and k not in _COMPUTE_ONLY]
     if fatal:
         detail = "; ".join(f"{k}: {changed[k][0]!r} -> {changed[k][1]!r}" for k in fatal[:8])

@@ -327,12 +327,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     kernels = {name: ("cpu_kernel" if layout == "feature_major" and args.dtype == "float32"
                       and cpu_kernels.active(name) else "xla") for name in cpu_kernels.KERNELS}
     attention, matmul = kernels["attention"], kernels["matmul"]
-    if attention == "xla" and args.decode_attention_impl == "pallas":
-        # The Pallas kernel where it takes the K-critique decode's shapes (its shortest phase).
-        own = min(phase_lengths(args.new_tokens + 1, args.decode_phases))
-        if gpu_kernels.supported(args.samples, cfg.num_heads // cfg.num_kv_heads,
-                                 cfg.resolved_head_dim, args.prompt_len, own):
-            attention = "pallas"
+
+    def kernel_takes(samples: int, own_len: int) -> bool:  # the Pallas kernel, at these shapes
+        return gpu_kernels.supported(samples, cfg.num_heads // cfg.num_kv_heads,
+                                     cfg.resolved_head_dim, args.prompt_len, own_len)
+
+    # The Pallas kernel where it takes the K-critique decode's shapes (its shortest phase).
+    if (attention == "xla" and args.decode_attention_impl == "pallas"
+            and kernel_takes(args.samples, min(phase_lengths(args.new_tokens + 1,
+                                                             args.decode_phases)))):
+        attention = "pallas"
     # What the kernel library was compiled for (CLOUD_JAX_KERNEL_ARCH; -march=native by default).
     vector_floats = cpu_kernels.vector_floats() if "cpu_kernel" in kernels.values() else None
     built_for = f" ({vector_floats}-float vectors)" if vector_floats else ""
@@ -439,8 +443,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if attention == "pallas":
         # At K and at 1 (the K = 1 run takes the kernel too where 1 x G is a shape it takes).
         pallas_diff = max(pallas_difference(cfg, b, samples, p, m + 1) for samples in {k, 1}
-                          if gpu_kernels.supported(samples, cfg.num_heads // cfg.num_kv_heads,
-                                                   cfg.resolved_head_dim, p, m + 1))
+                          if kernel_takes(samples, m + 1))
         # bf16 outputs of values about 1 round at ~4e-3; a wrong kernel is off by about 1.
         verdict = "agrees" if pallas_diff < 0.05 else "DISAGREES: do not trust its timings"
         print(f"[bench sample] the Pallas decode attention against XLA's on this device, one "
