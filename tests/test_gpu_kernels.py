@@ -48,6 +48,10 @@ def attention_inputs(inputs=2, rows=8, kv=2, group=2, d=16, prefix=40, own=37,
     dict(inputs=3, rows=2, group=8, prefix=129, own=20),
     dict(inputs=4, rows=1, group=4, prefix=50, own=17),  # K = 1: 4 query rows a program
     dict(inputs=3, rows=1, group=1, prefix=33, own=300),  # one row: several own blocks
+    dict(inputs=2, rows=8, group=3, d=64, prefix=40, own=37),  # G = 3 (SmolLM2): padded to 4
+    dict(inputs=2, rows=2, group=7, kv=1, prefix=20, own=18),  # G = 7 (Qwen2.5-7B): to 8
+    dict(inputs=2, rows=32, group=1, prefix=20, own=23),  # 4 slots of 32 rows a block
+    dict(rows=8, own=12),                            # own blocks of 8 slots (x 8 rows)
 ])
 def test_kernel_equals_xla_attention(shape):
     q, k, v, mask, prefix = attention_inputs(**shape)
@@ -74,33 +78,59 @@ def test_supported_shapes_and_blocks():
     assert gpu_kernels.supported(8, 4, 64, 1024, 257)      # the GPU bench: 32 x K = 8, Llama 1B
     assert gpu_kernels.blocks(8, 1024, 257) == (64, 16)
     assert gpu_kernels.blocks(1, 40, 300) == (32, 128)
+    assert gpu_kernels.blocks(32, 40, 300) == (32, 4)      # 128 own keys a block at any K
     assert gpu_kernels.supported(1, 4, 64, 1024, 257)      # K = 1 (Triton pads the 4 rows)
+    assert gpu_kernels.supported(8, 3, 64, 192, 97)        # SmolLM2: G = 3, computed as 4
+    assert [gpu_kernels.padded_group(g) for g in (1, 2, 3, 5, 7, 8)] == [1, 2, 4, 8, 8, 8]
+    assert gpu_kernels.supported(8, 8, 128, 1024, 257)     # 8 x 8 x 128 = 8192: the limit
+    assert not gpu_kernels.supported(16, 8, 128, 1024, 257)  # 16 x 8 x 128: past it
+    assert not gpu_kernels.supported(1, 16, 512, 1024, 257)  # head size over 256
     assert not gpu_kernels.supported(3, 4, 64, 1024, 257)  # K = 3: not a power of two
-    assert not gpu_kernels.supported(8, 3, 64, 192, 97)    # SmolLM2: 3 query heads per KV head
     assert not gpu_kernels.supported(8, 4, 48, 1024, 257)  # head size not a power of two
-    assert not gpu_kernels.supported(8, 4, 64, 1024, 12)   # own cache under one block
+    assert gpu_kernels.supported(8, 4, 64, 1024, 12)       # 8 slots x 8 rows: a 64-key block
+    assert not gpu_kernels.supported(1, 4, 64, 1024, 12)   # one row's 8 slots: under a block
+    assert not gpu_kernels.supported(1, 4, 64, 12, 257)    # prefix under one block
     q, k, v, mask, prefix = attention_inputs(rows=3, group=2)
     with pytest.raises(ValueError, match="K=3, G=2"):
         gpu_kernels.decode_attention(q, k, v, mask, prefix)
 
 
-def test_transposed_keys_or_a_mesh_of_several_devices_keep_xla(monkeypatch):
-    """The kernel reads keys [.., S, D] on one device: a cache of transposed keys (the CPU's
-    feature-major step) or a decode split over a mesh (a Pallas call is not partitioned) keeps
-    XLA's attention, with a warning naming why."""
-    import types
-
+def test_transposed_keys_keep_xla():
+    """The kernel reads keys [.., S, D]: a cache of transposed keys (the CPU's feature-major
+    step) keeps XLA's attention, with a warning naming why."""
     from cloud_jax.model import layers
 
     q, k, v, mask, prefix = attention_inputs(seed=2)
-    assert layers._pallas_decode(q, k, prefix, False)
+    assert layers._pallas_decode(q, k, prefix, False) is gpu_kernels.decode_attention
     transposed = (jnp.swapaxes(prefix[0], 2, 3), jnp.swapaxes(prefix[1], 2, 3), prefix[2])
     with pytest.warns(UserWarning, match="this cache stores them transposed"):
-        assert not layers._pallas_decode(q, jnp.swapaxes(k, 2, 3), transposed, True)
-    monkeypatch.setattr(jax.sharding, "get_abstract_mesh",
-                        lambda: types.SimpleNamespace(size=4))
-    with pytest.warns(UserWarning, match="a mesh of 4"):
-        assert not layers._pallas_decode(q, k, prefix, False)
+        assert layers._pallas_decode(q, jnp.swapaxes(k, 2, 3), transposed, True) is None
+
+
+def test_decode_on_a_mesh_runs_the_kernel_per_shard():
+    """On 8 fake CPU devices (a subprocess: the device count is set before JAX starts): a
+    decode on a data x fsdp x tensor = 2 x 2 x 2 mesh runs the kernel on each device's inputs
+    and KV heads (shard_map) and gives the critiques of XLA's attention on one device; on a
+    mesh whose tensor axis (4) does not split the 2 KV heads it keeps XLA's, with a warning,
+    and gives them too."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "tests/scripts/pallas_decode_on_mesh.py"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name in ("2x2x2", "tensor_4"):
+        assert result[name]["tokens_equal"] and result[name]["lengths_equal"], result
+        assert result[name]["rewards_diff"] <= 1e-5, result
+    assert result["2x2x2"]["warnings"] == []
+    assert len(result["tensor_4"]["warnings"]) == 1
+    assert "2 KV head(s) do not split over the 4 shards of mesh axes tensor" in \
+        result["tensor_4"]["warnings"][0]
 
 
 def test_config_names_the_implementation():
@@ -155,6 +185,26 @@ def test_decode_with_the_kernel_gives_the_same_critiques(params):
                                   sample(CFG, params, PREFIXES, **greedy).tokens)
 
 
+def test_a_model_of_three_query_heads_per_kv_head_takes_the_kernel():
+    """SmolLM2's grouping (G = 3: 6 heads over 2 KV heads here): the kernel computes 4 query
+    heads per KV head, the fourth's queries zeros, and the decode gives XLA's critiques."""
+    from cloud_jax.model import param_shapes
+
+    cfg = dataclasses.replace(CFG, hidden_size=96, num_heads=6, num_kv_heads=2)
+    rng = np.random.default_rng(1)
+    weights = jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, 0.1, s.shape), s.dtype),
+                           param_shapes(cfg))
+    settings = dict(max_new_tokens=16, stop_ids=(62,), num_samples=4, method=TopK(20, 1.5),
+                    seed=5, decode_layout="standard")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pallas = sample(dataclasses.replace(cfg, decode_attention_impl="pallas"), weights,
+                        PREFIXES, **settings)
+    xla = sample(cfg, weights, PREFIXES, **settings)
+    np.testing.assert_array_equal(pallas.tokens, xla.tokens)
+    np.testing.assert_allclose(pallas.rewards, xla.rewards, atol=1e-5, rtol=0)
+
+
 def test_a_shape_the_kernel_declines_keeps_xla_with_a_warning(params):
     settings = dict(max_new_tokens=20, stop_ids=(62,), num_samples=3, seed=3,
                     method=TopK(20, 1.5), decode_layout="standard")
@@ -196,6 +246,77 @@ def test_kernel_compiles_for_an_h100_in_one_call_a_layer(capsys):
     triton = [t.count('custom_call_target="__gpu$xla.gpu.triton"') for t in texts]
     assert triton[-1] == 2  # the decode: one kernel per layer (2 layers), prefill none
     assert sum(triton[:-1]) == 0
+
+
+@needs_cuda_plugin
+def test_kernel_on_eight_gpus_compiles_per_shard_without_gathering_the_cache(capsys):
+    """`aot --topology h100-8` on a 2 x 2 x 2 mesh: one Triton call per layer in the decode
+    (each GPU its shard) and the same collectives as XLA's attention, none gathering a cache."""
+    from cloud_jax.cli import aot
+
+    texts = []
+    original = aot._compile
+
+    def keep(name, fn, **kw):
+        compiled, res = original(name, fn, **kw)
+        texts.append(compiled.as_text())
+        return compiled, res
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(aot, "_compile", keep)
+        for impl in ("xla", "pallas"):
+            rc = aot.main(["--config", "configs/tiny_cpu_cloud.yaml", "data.max_length=32",
+                           "--topology", "h100-8", "--sample-only", "--prefix-len", "16",
+                           "--num-samples", "8", "--max-new-tokens", "16", "--sample-inputs",
+                           "8", "--decode-phases", "1", f"model.decode_attention_impl={impl}",
+                           "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
+            assert rc == 0, capsys.readouterr().out
+    xla, pallas = texts[1], texts[3]  # each run: the prefill, then the decode
+
+    def collectives(text):
+        return sorted(re.findall(r"(all-gather|all-reduce|all-to-all|collective-permute|"
+                                 r"reduce-scatter)-start\(", text))
+
+    assert pallas.count('custom_call_target="__gpu$xla.gpu.triton"') == 2
+    assert xla.count('custom_call_target="__gpu$xla.gpu.triton"') == 0
+    assert collectives(pallas) == collectives(xla)
+
+
+@needs_cuda_plugin
+@pytest.mark.parametrize("topology", ["h100", "a100"])
+def test_every_shape_at_the_limits_compiles_for_a_gpu(topology):
+    """Triton compiles the kernel, in bf16, at the shapes :func:`gpu_kernels.supported` takes at
+    its limits (K x G x head size = 8192, head size 256, many rows, G = 3) for an H100 and for an
+    A100 (less shared memory); a shape past them would ask for more than a program may hold."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from cloud_jax.cli import aot
+
+    device = aot.gpu_devices(aot.parse_slice(topology))[0]
+    on_gpu = NamedSharding(Mesh(np.array([device]), ("x",)), PartitionSpec())
+
+    def spec(*shape, dtype=jnp.bfloat16):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=on_gpu)
+
+    attention = jax.jit(lambda *a: gpu_kernels.decode_attention(*a, interpret=False))
+    for k, g, d in [(8, 8, 128), (8, 16, 64), (8, 4, 256), (64, 1, 128), (512, 1, 16),
+                    (8, 3, 64), (16, 4, 128)]:
+        n, kv, p, s = 4, 2, 1024, 257
+        assert gpu_kernels.supported(k, g, d, p, s)
+        args = (spec(n * k, 1, kv * g, d), spec(n * k, kv, s, d), spec(n * k, kv, s, d),
+                spec(n * k, 1, s, dtype=jnp.bool_),
+                (spec(n, kv, p, d), spec(n, kv, p, d), spec(n * k, 1, p, dtype=jnp.bool_)))
+        compiled = attention.lower(*args).compile()
+        assert compiled.as_text().count("__gpu$xla.gpu.triton") == 1, (k, g, d)
+    with pytest.raises(Exception, match="Shared memory size limit exceeded"):
+        # Past the limit (K x G x head size 16384): why supported() declines it.
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(gpu_kernels, "MAX_QUERY_ELEMENTS", 16384)
+            n, kv, p, s, k, g, d = 4, 2, 1024, 257, 8, 8, 256
+            attention.lower(spec(n * k, 1, kv * g, d), spec(n * k, kv, s, d),
+                            spec(n * k, kv, s, d), spec(n * k, 1, s, dtype=jnp.bool_),
+                            (spec(n, kv, p, d), spec(n, kv, p, d),
+                             spec(n * k, 1, p, dtype=jnp.bool_))).compile()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,

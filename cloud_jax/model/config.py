@@ -55,8 +55,9 @@ class ModelConfig:
     # How a decode step (one new token per row over the shared prompt and the rows' own caches:
     # sampling critiques) computes attention: "xla" (gqa_attention's operations, about 14 a
     # layer) or "pallas" (cloud_jax.model.gpu_kernels: one Triton kernel a layer on NVIDIA GPUs,
-    # Pallas's interpreter off a GPU, for tests; XLA's attention on TPU). Steps whose shapes the
-    # kernel does not take (gpu_kernels.supported) keep "xla", with a warning.
+    # Pallas's interpreter off a GPU, for tests; XLA's attention on TPU; on a mesh, one call per
+    # device over its shard). Steps whose shapes the kernel does not take
+    # (gpu_kernels.supported) or that do not split over the mesh keep "xla", with a warning.
     decode_attention_impl: str = "xla"
     # Reward-head dropout, applied before each dense layer (the reference uses attention_dropout).
     reward_dropout: float = 0.0

@@ -14,8 +14,10 @@ rows as the rows of one matrix product (K x G rows, G query heads per KV head): 
 segment's block holds the keys of all K rows, and the scores of a row against another row's
 keys are masked out (the products do K times the arithmetic they need, which a memory-bound step
 has to spare; the keys are read once). Triton's blocks have power-of-two sizes, so the kernel
-takes a step whose K, G and head size are powers of two (:func:`supported`; Triton pads a
-product of fewer than 16 rows itself); the caller keeps XLA's attention otherwise.
+takes a step whose K and head size are powers of two and computes G rounded up to one, the
+extra query heads zeros (:func:`padded_group`; Triton pads a product of fewer than 16 rows
+itself), as far as a program's blocks fit in a GPU's shared memory (:func:`supported`); the
+caller keeps XLA's attention otherwise.
 
 ``interpret=True`` (the default off a GPU) runs the kernel through Pallas's interpreter: the
 tests check it against :func:`gqa_attention` on the CPU.
@@ -37,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-__all__ = ["blocks", "decode_attention", "supported"]
+__all__ = ["blocks", "decode_attention", "padded_group", "supported"]
 
 
 def _load_interpreter() -> None:
@@ -53,15 +55,21 @@ def _load_interpreter() -> None:
 _load_interpreter()
 
 # Keys a program reads per block: up to PREFIX_BLOCK of the prefix (scores [K x G, block]) and
-# up to OWN_KEYS of the own segment, own_block = OWN_KEYS // K slots of each row's cache (scores
-# [K x G, K x own_block]); each block at least MIN_BLOCK keys wide (Triton's products). Sized
-# without a GPU to tune on: compiled for an H100 at the GPU bench's shapes (K = 8, G = 4, head
-# size 64, bf16), a program takes 44 KB of shared memory (XLA's thunk sequence) and spills no
-# registers (the PTX), so the 256 programs of 32 inputs x 8 KV heads are resident at once on
-# 132 SMs of 228 KB.
+# OWN_KEYS of the own segment, own_block = OWN_KEYS // K slots of each row's cache (scores
+# [K x G, K x own_block]); a product's sides at least MIN_BLOCK keys (Triton's). Sized without a
+# GPU to tune on: compiled for an H100 at the GPU bench's shapes (K = 8, G = 4, head size 64,
+# bf16), a program takes 44 KB of shared memory (XLA's thunk sequence) and spills no registers
+# (the PTX), so the 256 programs of 32 inputs x 8 KV heads are resident at once on 132 SMs of
+# 228 KB. A program's queries (K x G rows of the head size, G rounded up to a power of two) are
+# at most MAX_QUERY_ELEMENTS, and heads at most MAX_HEAD_DIM: compiled for an H100 and an A100
+# (deviceless, 2026-12-06) every power-of-two shape within those fits in shared memory (K up to
+# 512, G up to 16, head sizes 16 to 256), and the first shapes past them ask for 262-295 KB
+# (the H100 has 227 KB a program).
 PREFIX_BLOCK = 64
 OWN_KEYS = 128
 MIN_BLOCK = 16
+MAX_QUERY_ELEMENTS = 8192
+MAX_HEAD_DIM = 256
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # as layers.gqa_attention's
 
 
@@ -76,8 +84,21 @@ def _floor_pow2(n: int) -> int:
 def blocks(rows_per_input: int, prefix_len: int, own_len: int) -> tuple[int, int]:
     """(prefix block, own block): the keys of the prefix, and the slots of each row's own cache,
     that a program reads at once."""
-    own = min(max(MIN_BLOCK, OWN_KEYS // max(rows_per_input, 1)), _floor_pow2(own_len))
+    own = min(max(1, OWN_KEYS // max(rows_per_input, 1)), _floor_pow2(own_len))
     return min(PREFIX_BLOCK, _floor_pow2(prefix_len)), own
+
+
+REQUIREMENTS = (f"K a power of two, a power-of-two head size of 16 to {MAX_HEAD_DIM}, K x G x "
+                f"head size <= {MAX_QUERY_ELEMENTS} (G rounded up to a power of two) and "
+                f"segments of at least {MIN_BLOCK} slots (K x slots for the own caches)")
+
+
+def padded_group(group: int) -> int:
+    """The query heads per KV head the kernel computes: ``group`` up to a power of two (the
+    extra heads' queries are zeros, their outputs dropped), so a model whose KV heads serve 3
+    or 7 query heads (SmolLM2, Qwen2.5-7B) takes it at a third or a seventh more arithmetic on
+    a step bound by reading keys and values."""
+    return 1 << (group - 1).bit_length() if group >= 1 else 0
 
 
 def supported(rows_per_input: int, group: int, head_dim: int, prefix_len: int,
@@ -85,9 +106,13 @@ def supported(rows_per_input: int, group: int, head_dim: int, prefix_len: int,
     """Whether :func:`decode_attention` takes a step whose inputs have ``rows_per_input`` rows
     (K), whose KV heads have ``group`` query heads each of ``head_dim`` features, over a prefix
     of ``prefix_len`` slots and own caches of ``own_len``."""
-    if not (_pow2(rows_per_input) and _pow2(group) and _pow2(head_dim) and head_dim >= 16):
+    if not (_pow2(rows_per_input) and group >= 1 and _pow2(head_dim)
+            and 16 <= head_dim <= MAX_HEAD_DIM):
         return False
-    return min(blocks(rows_per_input, prefix_len, own_len)) >= MIN_BLOCK
+    if rows_per_input * padded_group(group) * head_dim > MAX_QUERY_ELEMENTS:
+        return False
+    prefix_block, own_block = blocks(rows_per_input, prefix_len, own_len)
+    return min(prefix_block, rows_per_input * own_block) >= MIN_BLOCK
 
 
 def _kernel(q_ref, pk_ref, pv_ref, pm_ref, k_ref, v_ref, m_ref, o_ref, *, rows: int,
@@ -166,16 +191,19 @@ def decode_attention(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array,
     n, p = pk.shape[0], pk.shape[2]
     rows, group = b // n, h // kv
     if t != 1 or not supported(rows, group, d, p, s):
-        raise ValueError(f"decode_attention takes one new token per row, K and G powers of two, "
-                         f"a power-of-two head size >= 16 and segments of at least "
-                         f"{MIN_BLOCK} slots; got T={t}, K={rows}, G={group}, head size {d}, "
-                         f"prefix {p}, own cache {s}")
+        raise ValueError(f"decode_attention takes one new token per row and {REQUIREMENTS}; "
+                         f"got T={t}, K={rows}, G={group}, head size {d}, prefix {p}, "
+                         f"own cache {s}")
+    gp = padded_group(group)
     prefix_block, own_block = blocks(rows, p, s)
-    kernel = functools.partial(_kernel, rows=rows, group=group, head_dim=d, prefix_len=p,
+    kernel = functools.partial(_kernel, rows=rows, group=gp, head_dim=d, prefix_len=p,
                                own_len=s, prefix_block=prefix_block, own_block=own_block,
                                scale=1.0 / math.sqrt(d))
     dtype = v_bksd.dtype
-    operands = (q_bthd.reshape(b, kv, group, d).astype(dtype), pk.astype(dtype),
+    q = q_bthd.reshape(b, kv, group, d).astype(dtype)
+    if gp != group:
+        q = jnp.pad(q, ((0, 0), (0, 0), (0, gp - group), (0, 0)))
+    operands = (q, pk.astype(dtype),
                 pv.astype(dtype), pmask_btp[:, 0].astype(jnp.int8), k_bksd, v_bksd,
                 mask_bts[:, 0].astype(jnp.int8))
 
@@ -187,7 +215,7 @@ def decode_attention(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array,
             kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps,
                                                              num_stages=num_stages)
         return pl.pallas_call(
-            kernel, grid=(n, kv), out_shape=jax.ShapeDtypeStruct((b, kv, group, d), dtype),
+            kernel, grid=(n, kv), out_shape=jax.ShapeDtypeStruct((b, kv, gp, d), dtype),
             interpret=interpret, **kwargs)(*operands)
 
     if interpret is None and jax.default_backend() == "gpu":
@@ -200,4 +228,4 @@ def decode_attention(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array,
             default=functools.partial(call, interpret=True))
     else:
         out = call(*operands, interpret=interpret)
-    return out.reshape(b, 1, h, d)
+    return out[:, :, :group].reshape(b, 1, h, d)

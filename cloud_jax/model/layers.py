@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from cloud_jax.model import gpu_kernels
 from cloud_jax.model.cache import LayerKV, MaskInfo
@@ -254,10 +255,10 @@ def attend(cfg: ModelConfig, q_bthd: jax.Array, k_bthd: jax.Array, v_bthd: jax.A
                           v_bksd[:, :, :s + block], mask[:, s:s + block, :s + block])
             for s in range(0, t, block)], axis=1)
     elif (attention is None and cfg.decode_attention_impl == "pallas"
-          and _pallas_decode(q, k_bksd, prefix, keys_transposed)):
+          and (kernel := _pallas_decode(q, k_bksd, prefix, keys_transposed)) is not None):
         # The kernel is Triton's: a program compiled for a TPU keeps XLA's attention.
         out = jax.lax.platform_dependent(q, k_bksd, v_bksd, mask, prefix, tpu=gqa_attention,
-                                         default=gpu_kernels.decode_attention)
+                                         default=kernel)
     else:
         out = (attention or gqa_attention)(q, k_bksd, v_bksd, mask, prefix, keys_transposed)
     return out, new_cache
@@ -266,33 +267,60 @@ def attend(cfg: ModelConfig, q_bthd: jax.Array, k_bthd: jax.Array, v_bthd: jax.A
 _PALLAS_DECLINED: set = set()
 
 
-def _pallas_decode(q_bthd, k_bksd, prefix, keys_transposed: bool) -> bool:
-    """Whether a decode step's attention takes :func:`gpu_kernels.decode_attention`
-    (``model.decode_attention_impl=pallas``): one new token per row over a shared prefix, a
-    shape the kernel takes, on one device. Warns, once per case, where it keeps XLA's."""
+def _pallas_decode(q_bthd, k_bksd, prefix, keys_transposed: bool) -> Optional[Callable]:
+    """The attention a decode step takes for ``model.decode_attention_impl=pallas``:
+    :func:`gpu_kernels.decode_attention` (on a mesh, one call per device over its shard,
+    :func:`_kernel_on_mesh`) for one new token per row over a shared prefix, at a shape the
+    kernel takes; None to keep XLA's, with a warning (once per case) where the step is a decode
+    step."""
     b, t, h, d = q_bthd.shape
     if prefix is None or t != 1:
-        return False  # prefill and scoring (no shared prefix, many tokens) stay on XLA
+        return None  # prefill and scoring (no shared prefix, many tokens) stay on XLA
     kv, s = k_bksd.shape[1], k_bksd.shape[-1 if keys_transposed else 2]
-    rows, p = b // prefix[0].shape[0], prefix[0].shape[-1 if keys_transposed else 2]
-    devices = jax.sharding.get_abstract_mesh().size  # 0 outside a mesh
-    if devices > 1:
-        # A Pallas call is not split over a mesh: XLA would gather the whole cache to each device.
-        reason = f"runs on one device, and this decode is on a mesh of {devices}"
-    elif keys_transposed:
+    n = prefix[0].shape[0]
+    rows, p = b // n, prefix[0].shape[-1 if keys_transposed else 2]
+    kernel, reason = gpu_kernels.decode_attention, None
+    if keys_transposed:
         reason = "reads keys stored [.., D, S], and this cache stores them transposed"
     elif not gpu_kernels.supported(rows, h // kv, d, p, s):
         reason = (f"does not take K={rows} rows per input x G={h // kv} query heads per KV head, "
-                  f"head size {d}, prefix {p}, own cache {s} (it needs K and G powers of two, "
-                  f"a power-of-two head size >= 16 and segments of >= "
-                  f"{gpu_kernels.MIN_BLOCK} slots)")
-    else:
-        return True
+                  f"head size {d}, prefix {p}, own cache {s} (it needs "
+                  f"{gpu_kernels.REQUIREMENTS})")
+    elif jax.sharding.get_abstract_mesh().size > 1:  # size 0 outside a mesh
+        kernel, reason = _kernel_on_mesh(n, kv)
+    if reason is None:
+        return kernel
     if reason not in _PALLAS_DECLINED:
         _PALLAS_DECLINED.add(reason)
         warnings.warn(f"model.decode_attention_impl=pallas: the kernel {reason}; this decode "
                       "uses XLA's attention", stacklevel=2)
-    return False
+    return None
+
+
+def _kernel_on_mesh(inputs: int, kv_heads: int) -> tuple[Optional[Callable], Optional[str]]:
+    """(the kernel over a mesh, None), or (None, why not). A Pallas call is not partitioned (XLA
+    would gather the whole cache onto every device), so the kernel runs under ``shard_map``: each
+    device attends its own inputs' rows (the cache's batch axes, ``cache_batch``) and its own KV
+    heads (``cache_kv_heads``) with their query heads, as the logical rules in force lay the
+    cache out. The inputs must split evenly over the batch axes and the KV heads over the head
+    axes; each shard is one input's K rows whole, so the kernel sees the shapes it would on one
+    device, fewer of them."""
+    mesh = jax.sharding.get_abstract_mesh()
+    batch_axes, head_axes = nn.logical_to_mesh_axes(("cache_batch", "cache_kv_heads"))
+    for count, what, axes in ((inputs, "input(s)", batch_axes),
+                              (kv_heads, "KV head(s)", head_axes)):
+        names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        shards = math.prod(mesh.shape[name] for name in names)
+        if count % shards:
+            return None, (f"splits a decode's inputs and KV heads evenly over the mesh, and this "
+                          f"decode's {count} {what} do not split over the {shards} shards of "
+                          f"mesh axes {' x '.join(names)}")
+    q = P(batch_axes, None, head_axes, None)
+    cache = P(batch_axes, head_axes, None, None)
+    mask = P(batch_axes, None, None)
+    return jax.shard_map(gpu_kernels.decode_attention, mesh=mesh,
+                         in_specs=(q, cache, cache, mask, (cache, cache, mask)), out_specs=q,
+                         check_vma=False), None
 
 
 class HeadProjection(nn.Module):
