@@ -201,7 +201,7 @@ def test_bench_sample_in_bf16_against_transformers_on_the_same_device(capsys):
 def test_bench_sample_with_the_pallas_decode_attention(capsys):
     """--decode-attention-impl pallas (tools/gpu_benches.sh's sample_32_pallas) at a tiny size:
     the kernel's interpreter on the CPU (its K = 1 comparison run too), named in the JSON and
-    the printed line, and checked against XLA's attention at both K. (The interpreter's loops are
+    the printed line, and checked against XLA's attention at both K; auto is XLA's here. (The interpreter's loops are
     more operations on the CPU; on a GPU the kernel is one a layer: tests/test_gpu_kernels.py.)"""
     from cloud_jax.cli.bench import sample
 
@@ -211,16 +211,18 @@ def test_bench_sample_with_the_pallas_decode_attention(capsys):
             "--backend", "cpu", "--bandwidth-bytes", str(1 << 20), "--skip-hf",
             "--decode-layout", "standard", "--decode-phases", "1"]
     results = {}
-    for impl in ("xla", "pallas"):
+    for impl in ("xla", "pallas", "auto"):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             assert sample.main(tiny + ["--decode-attention-impl", impl]) == 0
         out = capsys.readouterr().out
         results[impl] = json.loads(out.strip().splitlines()[-1])
-        assert f"{impl} decode attention" in out
+        assert f"{'xla' if impl == 'auto' else impl} decode attention" in out
         assert not [w for w in caught if "decode_attention_impl" in str(w.message)]
     assert results["pallas"]["decode_attention"] == "pallas"
-    assert results["xla"]["decode_attention"] == "xla"
+    # auto: the kernel on an NVIDIA GPU only; on this CPU, XLA's attention, named as such.
+    assert results["xla"]["decode_attention"] == results["auto"]["decode_attention"] == "xla"
+    assert results["auto"]["pallas_max_abs_diff"] is None
     # The kernel checked against XLA's attention on the machine it ran on (fp32 here).
     assert 0 <= results["pallas"]["pallas_max_abs_diff"] < 1e-5
     assert results["xla"]["pallas_max_abs_diff"] is None

@@ -136,7 +136,8 @@ def test_decode_on_a_mesh_runs_the_kernel_per_shard():
 def test_config_names_the_implementation():
     assert ModelConfig().decode_attention_impl == "xla"
     ModelConfig(decode_attention_impl="pallas").validate()
-    with pytest.raises(ConfigError, match="decode_attention_impl='triton'"):
+    ModelConfig(decode_attention_impl="auto").validate()
+    with pytest.raises(ConfigError, match="decode_attention_impl='triton'.*xla, pallas or auto"):
         ModelConfig(decode_attention_impl="triton").validate()
 
 
@@ -205,6 +206,27 @@ def test_a_model_of_three_query_heads_per_kv_head_takes_the_kernel():
     np.testing.assert_allclose(pallas.rewards, xla.rewards, atol=1e-5, rtol=0)
 
 
+def test_auto_off_a_gpu_is_xla_attention_without_the_interpreter(params):
+    """decode_attention_impl=auto on the CPU: XLA's attention, silently. Its kernel branch is
+    Triton's code (interpret=False), which cannot run on a CPU: the decode running at all says
+    that branch was not compiled here, where "pallas" would have run the interpreter."""
+    from cloud_jax.model import layers
+
+    q, k, v, mask, prefix = attention_inputs(seed=4)
+    kernel = layers._pallas_decode(q, k, prefix, False, "auto")
+    assert kernel.func is gpu_kernels.decode_attention and kernel.keywords == {"interpret": False}
+    settings = dict(max_new_tokens=12, stop_ids=(62,), num_samples=3, method=TopK(20, 1.5),
+                    seed=3, decode_layout="standard")
+    auto = dataclasses.replace(CFG, decode_attention_impl="auto")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # K = 3 is declined without a word under auto
+        got = sample(auto, params, PREFIXES, **settings)
+        got8 = sample(auto, params, PREFIXES, **{**settings, "num_samples": 8})
+    np.testing.assert_array_equal(got.tokens, sample(CFG, params, PREFIXES, **settings).tokens)
+    np.testing.assert_array_equal(
+        got8.tokens, sample(CFG, params, PREFIXES, **{**settings, "num_samples": 8}).tokens)
+
+
 def test_a_shape_the_kernel_declines_keeps_xla_with_a_warning(params):
     settings = dict(max_new_tokens=20, stop_ids=(62,), num_samples=3, seed=3,
                     method=TopK(20, 1.5), decode_layout="standard")
@@ -242,10 +264,10 @@ def test_kernel_compiles_for_an_h100_in_one_call_a_layer(capsys):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(aot, "_compile", keep)
         pallas = decode_ops("model.decode_attention_impl=pallas")
-    assert pallas < xla
+        auto = decode_ops("model.decode_attention_impl=auto")
+    assert pallas < xla and auto == pallas
     triton = [t.count('custom_call_target="__gpu$xla.gpu.triton"') for t in texts]
-    assert triton[-1] == 2  # the decode: one kernel per layer (2 layers), prefill none
-    assert sum(triton[:-1]) == 0
+    assert triton == [0, 2, 0, 2]  # each decode: one kernel per layer (2 layers); prefills none
 
 
 @needs_cuda_plugin
@@ -322,8 +344,8 @@ def test_every_shape_at_the_limits_compiles_for_a_gpu(topology):
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                     reason="libtpu not installed: pip install -r requirements-tpu.txt")
 def test_a_program_compiled_for_a_tpu_keeps_xla_attention(capsys, monkeypatch):
-    """With model.decode_attention_impl=pallas, a decode compiled for a TPU (one chip) takes
-    XLA's attention (the kernel is Triton's): the same program as with xla, operation for
+    """With model.decode_attention_impl=pallas (or auto), a decode compiled for a TPU (one chip)
+    takes XLA's attention (the kernel is Triton's): the same program as with xla, operation for
     operation, where the interpreter's would differ."""
     from cloud_jax.cli import aot
 
@@ -344,7 +366,7 @@ def test_a_program_compiled_for_a_tpu_keeps_xla_attention(capsys, monkeypatch):
     with warnings.catch_warnings():
         # Taken on one chip: no warning that it was declined.
         warnings.filterwarnings("error", message="model.decode_attention_impl")
-        assert decode_ops("pallas") == decode_ops("xla")
+        assert decode_ops("pallas") == decode_ops("xla") == decode_ops("auto")
 
 
 def test_the_model_commands_and_init_from_keep_the_choice(tmp_path):

@@ -11,6 +11,7 @@ import jax
 
 from cloud_jax.errors import (PREEMPTED_EXIT_CODE, CheckpointError, ConfigError,
                               GGUFConversionError, Preempted)
+from cloud_jax.model.config import DECODE_ATTENTION_IMPLS
 from cloud_jax.scoring.rewards import ScoreConfig
 from cloud_jax.sharding import MESH_AXES, SAMPLE_RULES, MeshConfig, make_mesh
 
@@ -55,10 +56,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="compute dtype (default: float32)")
     parser.add_argument("--param-dtype", choices=DTYPES, default=None,
                         help="weights in memory (default: float32; bfloat16 halves them)")
-    parser.add_argument("--decode-attention-impl", choices=("xla", "pallas"), default=None,
-                        help="the critique decode's attention: XLA's operations (default) or "
-                             "one Pallas (Triton) kernel a layer on NVIDIA GPUs "
-                             "(model.decode_attention_impl; cloud_jax/model/gpu_kernels.py)")
+    parser.add_argument("--decode-attention-impl", choices=DECODE_ATTENTION_IMPLS, default=None,
+                        help="the critique decode's attention: XLA's operations (default), "
+                             "one Pallas (Triton) kernel a layer on NVIDIA GPUs (pallas), or "
+                             "the kernel on an NVIDIA GPU where the shapes suit it and XLA's "
+                             "elsewhere (auto) (model.decode_attention_impl; "
+                             "cloud_jax/model/gpu_kernels.py)")
 
 
 def add_input_args(parser: argparse.ArgumentParser, *, required: bool,

@@ -7,7 +7,9 @@ from typing import Optional
 
 from cloud_jax.errors import ConfigError
 
-__all__ = ["ModelConfig", "RopeScalingConfig"]
+__all__ = ["DECODE_ATTENTION_IMPLS", "ModelConfig", "RopeScalingConfig"]
+
+DECODE_ATTENTION_IMPLS = ("xla", "pallas", "auto")  # ModelConfig.decode_attention_impl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +60,8 @@ class ModelConfig:
     # Pallas's interpreter off a GPU, for tests; XLA's attention on TPU; on a mesh, one call per
     # device over its shard). Steps whose shapes the kernel does not take
     # (gpu_kernels.supported) or that do not split over the mesh keep "xla", with a warning.
+    # "auto": the kernel where a program is compiled for an NVIDIA GPU and the step's shapes
+    # suit it, XLA's attention elsewhere (no interpreter, no warning).
     decode_attention_impl: str = "xla"
     # Reward-head dropout, applied before each dense layer (the reference uses attention_dropout).
     reward_dropout: float = 0.0
@@ -111,9 +115,9 @@ class ModelConfig:
             raise ConfigError(
                 f"model.attention_impl=cudnn needs model.dtype bfloat16 or float16 (cuDNN's "
                 f"flash attention has no {self.dtype} kernel); got model.dtype={self.dtype}")
-        if self.decode_attention_impl not in ("xla", "pallas"):
+        if self.decode_attention_impl not in DECODE_ATTENTION_IMPLS:
             raise ConfigError(f"model.decode_attention_impl={self.decode_attention_impl!r}: "
-                              "expected xla or pallas")
+                              "expected xla, pallas or auto")
         if self.remat not in ("none", "full", "dots", "dots_no_batch"):
             raise ConfigError(
                 f"model.remat={self.remat!r}: expected none, full, dots or dots_no_batch"

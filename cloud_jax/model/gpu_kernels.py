@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-__all__ = ["blocks", "decode_attention", "padded_group", "supported"]
+__all__ = ["blocks", "decode_attention", "on_nvidia_gpu", "padded_group", "supported"]
 
 
 def _load_interpreter() -> None:
@@ -91,6 +91,15 @@ def blocks(rows_per_input: int, prefix_len: int, own_len: int) -> tuple[int, int
 REQUIREMENTS = (f"K a power of two, a power-of-two head size of 16 to {MAX_HEAD_DIM}, K x G x "
                 f"head size <= {MAX_QUERY_ELEMENTS} (G rounded up to a power of two) and "
                 f"segments of at least {MIN_BLOCK} slots (K x slots for the own caches)")
+
+
+def on_nvidia_gpu() -> bool:
+    """Whether JAX's default backend is an NVIDIA GPU (CUDA), where ``decode_attention_impl``
+    ``auto`` takes the kernel."""
+    if jax.default_backend() != "gpu":
+        return False
+    version = getattr(jax.devices()[0].client, "platform_version", "")
+    return "rocm" not in str(version).lower()
 
 
 def padded_group(group: int) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Callable, Optional
@@ -254,11 +255,16 @@ def attend(cfg: ModelConfig, q_bthd: jax.Array, k_bthd: jax.Array, v_bthd: jax.A
             gqa_attention(q[:, s:s + block], k_bksd[:, :, :s + block],
                           v_bksd[:, :, :s + block], mask[:, s:s + block, :s + block])
             for s in range(0, t, block)], axis=1)
-    elif (attention is None and cfg.decode_attention_impl == "pallas"
-          and (kernel := _pallas_decode(q, k_bksd, prefix, keys_transposed)) is not None):
-        # The kernel is Triton's: a program compiled for a TPU keeps XLA's attention.
-        out = jax.lax.platform_dependent(q, k_bksd, v_bksd, mask, prefix, tpu=gqa_attention,
-                                         default=kernel)
+    elif (attention is None and cfg.decode_attention_impl != "xla"
+          and (kernel := _pallas_decode(q, k_bksd, prefix, keys_transposed,
+                                        cfg.decode_attention_impl)) is not None):
+        # The kernel is Triton's: "pallas" keeps XLA's attention in a program compiled for a TPU
+        # (off a GPU, the kernel runs through Pallas's interpreter); "auto" everywhere but on an
+        # NVIDIA GPU.
+        branches = (dict(tpu=gqa_attention, default=kernel)
+                    if cfg.decode_attention_impl == "pallas"
+                    else dict(cuda=kernel, default=gqa_attention))
+        out = jax.lax.platform_dependent(q, k_bksd, v_bksd, mask, prefix, **branches)
     else:
         out = (attention or gqa_attention)(q, k_bksd, v_bksd, mask, prefix, keys_transposed)
     return out, new_cache
@@ -267,19 +273,23 @@ def attend(cfg: ModelConfig, q_bthd: jax.Array, k_bthd: jax.Array, v_bthd: jax.A
 _PALLAS_DECLINED: set = set()
 
 
-def _pallas_decode(q_bthd, k_bksd, prefix, keys_transposed: bool) -> Optional[Callable]:
-    """The attention a decode step takes for ``model.decode_attention_impl=pallas``:
-    :func:`gpu_kernels.decode_attention` (on a mesh, one call per device over its shard,
-    :func:`_kernel_on_mesh`) for one new token per row over a shared prefix, at a shape the
-    kernel takes; None to keep XLA's, with a warning (once per case) where the step is a decode
-    step."""
+def _pallas_decode(q_bthd, k_bksd, prefix, keys_transposed: bool,
+                   impl: str = "pallas") -> Optional[Callable]:
+    """The attention a decode step takes for ``model.decode_attention_impl`` ``pallas`` or
+    ``auto``: :func:`gpu_kernels.decode_attention` (on a mesh, one call per device over its
+    shard, :func:`_kernel_on_mesh`) for one new token per row over a shared prefix, at a shape
+    the kernel takes; None to keep XLA's, with a warning (once per case) where ``pallas`` asked
+    for the kernel at a decode step it does not take (``auto`` keeps XLA's without one)."""
     b, t, h, d = q_bthd.shape
     if prefix is None or t != 1:
         return None  # prefill and scoring (no shared prefix, many tokens) stay on XLA
     kv, s = k_bksd.shape[1], k_bksd.shape[-1 if keys_transposed else 2]
     n = prefix[0].shape[0]
     rows, p = b // n, prefix[0].shape[-1 if keys_transposed else 2]
-    kernel, reason = gpu_kernels.decode_attention, None
+    kernel = gpu_kernels.decode_attention
+    if impl == "auto":  # only where the program is compiled for an NVIDIA GPU: Triton's code
+        kernel = functools.partial(kernel, interpret=False)
+    reason = None
     if keys_transposed:
         reason = "reads keys stored [.., D, S], and this cache stores them transposed"
     elif not gpu_kernels.supported(rows, h // kv, d, p, s):
@@ -287,18 +297,19 @@ def _pallas_decode(q_bthd, k_bksd, prefix, keys_transposed: bool) -> Optional[Ca
                   f"head size {d}, prefix {p}, own cache {s} (it needs "
                   f"{gpu_kernels.REQUIREMENTS})")
     elif jax.sharding.get_abstract_mesh().size > 1:  # size 0 outside a mesh
-        kernel, reason = _kernel_on_mesh(n, kv)
+        kernel, reason = _kernel_on_mesh(kernel, n, kv)
     if reason is None:
         return kernel
-    if reason not in _PALLAS_DECLINED:
+    if impl == "pallas" and reason not in _PALLAS_DECLINED:
         _PALLAS_DECLINED.add(reason)
         warnings.warn(f"model.decode_attention_impl=pallas: the kernel {reason}; this decode "
                       "uses XLA's attention", stacklevel=2)
     return None
 
 
-def _kernel_on_mesh(inputs: int, kv_heads: int) -> tuple[Optional[Callable], Optional[str]]:
-    """(the kernel over a mesh, None), or (None, why not). A Pallas call is not partitioned (XLA
+def _kernel_on_mesh(kernel: Callable, inputs: int,
+                    kv_heads: int) -> tuple[Optional[Callable], Optional[str]]:
+    """(``kernel`` over a mesh, None), or (None, why not). A Pallas call is not partitioned (XLA
     would gather the whole cache onto every device), so the kernel runs under ``shard_map``: each
     device attends its own inputs' rows (the cache's batch axes, ``cache_batch``) and its own KV
     heads (``cache_kv_heads``) with their query heads, as the logical rules in force lay the
@@ -318,7 +329,7 @@ def _kernel_on_mesh(inputs: int, kv_heads: int) -> tuple[Optional[Callable], Opt
     q = P(batch_axes, None, head_axes, None)
     cache = P(batch_axes, head_axes, None, None)
     mask = P(batch_axes, None, None)
-    return jax.shard_map(gpu_kernels.decode_attention, mesh=mesh,
+    return jax.shard_map(kernel, mesh=mesh,
                          in_specs=(q, cache, cache, mask, (cache, cache, mask)), out_specs=q,
                          check_vma=False), None
 

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cloud_jax.model.config import ModelConfig
+from cloud_jax.model.config import DECODE_ATTENTION_IMPLS, ModelConfig
 from cloud_jax.model import CLoudModel, count_params, init_params
 from cloud_jax.model import cpu_kernels, gpu_kernels
 from cloud_jax.model.decode_step import LAYOUTS, decode_layout, prepare_decode_weights_jit
@@ -275,12 +275,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="loops the decode grows its critiques' cache in, each compiled on "
                              "its own (default %(default)s; see "
                              "cloud_jax.sampling.loop.phase_lengths)")
-    parser.add_argument("--decode-attention-impl", choices=("xla", "pallas"), default="xla",
+    parser.add_argument("--decode-attention-impl", choices=DECODE_ATTENTION_IMPLS,
+                        default="xla",
                         help="model.decode_attention_impl: the decode step's attention as XLA's "
                              "operations or as one Pallas (Triton) kernel a layer on an NVIDIA "
                              "GPU (cloud_jax.model.gpu_kernels; elsewhere its interpreter); "
-                             "pallas runs the standard decode layout unless --decode-layout "
-                             "says otherwise")
+                             "auto: the kernel on an NVIDIA GPU, XLA's elsewhere; pallas runs "
+                             "the standard decode layout unless --decode-layout says otherwise")
     parser.add_argument("--decode-layout", choices=LAYOUTS, default=None,
                         help="our decode step's weight layout (default: the machine's choice, "
                              "see cloud_jax.model.decode_step)")
@@ -332,8 +333,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return gpu_kernels.supported(samples, cfg.num_heads // cfg.num_kv_heads,
                                      cfg.resolved_head_dim, args.prompt_len, own_len)
 
-    # The Pallas kernel where it takes the K-critique decode's shapes (its shortest phase).
-    if (attention == "xla" and args.decode_attention_impl == "pallas"
+    # The Pallas kernel where it takes the K-critique decode's shapes (its shortest phase);
+    # with auto, on an NVIDIA GPU only.
+    asked = args.decode_attention_impl == "pallas" or (
+        args.decode_attention_impl == "auto" and gpu_kernels.on_nvidia_gpu())
+    if (attention == "xla" and asked
             and kernel_takes(args.samples, min(phase_lengths(args.new_tokens + 1,
                                                              args.decode_phases)))):
         attention = "pallas"
