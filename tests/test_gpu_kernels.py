@@ -253,6 +253,10 @@ def test_kernel_compiles_for_an_h100_in_one_call_a_layer(capsys):
                        "--max-new-tokens", "16", "--decode-phases", "1", *overrides])
         out = capsys.readouterr().out
         assert rc == 0, out
+        impl = next((o.split("=")[1] for o in overrides if "decode_attention_impl" in o), "xla")
+        said = ("XLA's" if impl == "xla" else
+                "the Pallas kernel (model.decode_attention_impl=" + impl + "), 2 call(s)")
+        assert f"decode attention: {said}" in out
         return int(re.search(r"(\d+) operations launched per iteration", out).group(1))
 
     texts = []
@@ -365,6 +369,7 @@ def test_a_program_compiled_for_a_tpu_keeps_xla_attention(capsys, monkeypatch):
                        f"model.decode_attention_impl={impl}"])
         out = capsys.readouterr().out
         assert rc == 0, out
+        assert f"decode attention: XLA's (model.decode_attention_impl={impl})" in out
         return re.search(r"sampling decode .*\n(  .*\n)*?  (\d+ loop\(s\), \d+ operations)",
                          out).group(2)
 

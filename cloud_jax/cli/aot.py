@@ -260,6 +260,7 @@ class Result:
     model_flops: Optional[float] = None  # whole slice, per step
     loop_kernels: Optional[list[int]] = None  # operations per iteration of each loop
     compile_s: Optional[float] = None  # tracing, lowering and compiling, on this host
+    decode_attention: str = ""  # a decode's: XLA's or the Pallas kernel (with its call count)
     refused: str = ""  # the TPU compiler's out-of-memory message, when it refused the step
 
     def fits(self, hbm: float) -> bool:
@@ -316,6 +317,8 @@ def report(res: Result, sl: Slice, mfu: float,
         span = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
         lines.append(f"  {len(res.loop_kernels)} loop(s), {span} operations launched per "
                      "iteration")
+    if res.decode_attention:
+        lines.append(f"  decode attention: {res.decode_attention}")
     if res.xla_flops is not None:
         # XLA counts a loop body (scanned layers, the decode loop) once, not per iteration.
         lines.append(f"  XLA FLOPs per device (loop bodies counted once): {res.xla_flops:.4g}")
@@ -390,7 +393,7 @@ def compile_sample(cfg: Config, devices: Sequence, *, inputs: int, prefix_len: i
         checks = f", checked every {steps_per_check} steps" if steps_per_check > 1 else ""
         if decode_phases != DECODE_PHASES:
             checks += f", {decode_phases} phase{'s' if decode_phases > 1 else ''}"
-        _, dec_res = _compile(
+        dec, dec_res = _compile(
             f"sampling decode ({inputs} inputs x K={num_samples}, {max_new_tokens} new "
             f"tokens{checks})",
             lambda: decode.lower(params, cache, logits, keys, stops, cfg=model_cfg, rules=rules,
@@ -399,6 +402,14 @@ def compile_sample(cfg: Config, devices: Sequence, *, inputs: int, prefix_len: i
                                  steps_per_check=steps_per_check,
                                  decode_phases=decode_phases).compile(),
             loops=True)
+    if dec is not None:
+        # Pallas's Triton kernels are custom calls of this target in a GPU program.
+        calls = (dec.as_text() or "").count('custom_call_target="__gpu$xla.gpu.triton"')
+        impl = model_cfg.decode_attention_impl
+        dec_res.decode_attention = (
+            f"the Pallas kernel (model.decode_attention_impl={impl}), {calls} call(s) in the "
+            f"program (one a layer in each phase's loop)" if calls else
+            f"XLA's (model.decode_attention_impl={impl})")
     return [pre_res, dec_res]
 
 

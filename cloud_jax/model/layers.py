@@ -314,8 +314,8 @@ def _kernel_on_mesh(kernel: Callable, inputs: int,
     device attends its own inputs' rows (the cache's batch axes, ``cache_batch``) and its own KV
     heads (``cache_kv_heads``) with their query heads, as the logical rules in force lay the
     cache out. The inputs must split evenly over the batch axes and the KV heads over the head
-    axes; each shard is one input's K rows whole, so the kernel sees the shapes it would on one
-    device, fewer of them."""
+    axes: a shard then holds whole inputs (all K rows of each) and whole groups of query heads,
+    so the kernel sees the shapes it would on one device, fewer of them."""
     mesh = jax.sharding.get_abstract_mesh()
     batch_axes, head_axes = nn.logical_to_mesh_axes(("cache_batch", "cache_kv_heads"))
     for count, what, axes in ((inputs, "input(s)", batch_axes),
