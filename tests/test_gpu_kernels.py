@@ -2,6 +2,7 @@
 through Pallas's interpreter, a whole decode with model.decode_attention_impl=pallas, the
 shapes it declines, and (with JAX's CUDA plugin) the kernel compiled by Triton for an H100."""
 
+import contextlib
 import dataclasses
 import importlib.util
 import re
@@ -239,6 +240,23 @@ def test_a_shape_the_kernel_declines_keeps_xla_with_a_warning(params):
     np.testing.assert_array_equal(pallas.tokens, xla.tokens)
 
 
+@contextlib.contextmanager
+def compiled_texts():
+    """The text of each program `aot` compiles inside the block, in order."""
+    from cloud_jax.cli import aot
+
+    texts, original = [], aot._compile
+
+    def keep(name, fn, **kw):
+        compiled, res = original(name, fn, **kw)
+        texts.append(compiled.as_text())
+        return compiled, res
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(aot, "_compile", keep)
+        yield texts
+
+
 @needs_cuda_plugin
 def test_kernel_compiles_for_an_h100_in_one_call_a_layer(capsys):
     """`aot --topology h100` with the kernel: Triton compiles it (no GPU needed), one call per
@@ -259,17 +277,8 @@ def test_kernel_compiles_for_an_h100_in_one_call_a_layer(capsys):
         assert f"decode attention: {said}" in out
         return int(re.search(r"(\d+) operations launched per iteration", out).group(1))
 
-    texts = []
-    original = aot._compile
-
-    def keep(name, fn, **kw):
-        compiled, res = original(name, fn, **kw)
-        texts.append(compiled.as_text())
-        return compiled, res
-
     xla = decode_ops()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(aot, "_compile", keep)
+    with compiled_texts() as texts:
         pallas = decode_ops("model.decode_attention_impl=pallas")
         auto = decode_ops("model.decode_attention_impl=auto")
     assert pallas < xla and auto == pallas
@@ -283,16 +292,7 @@ def test_kernel_on_eight_gpus_compiles_per_shard_without_gathering_the_cache(cap
     (each GPU its shard) and the same collectives as XLA's attention, none gathering a cache."""
     from cloud_jax.cli import aot
 
-    texts = []
-    original = aot._compile
-
-    def keep(name, fn, **kw):
-        compiled, res = original(name, fn, **kw)
-        texts.append(compiled.as_text())
-        return compiled, res
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(aot, "_compile", keep)
+    with compiled_texts() as texts:
         for impl in ("xla", "pallas"):
             rc = aot.main(["--config", "configs/tiny_cpu_cloud.yaml", "data.max_length=32",
                            "--topology", "h100-8", "--sample-only", "--prefix-len", "16",
