@@ -1,5 +1,6 @@
 """tools/: the measuring aids of docs/BENCHMARKS.md."""
 
+import importlib.util
 import json
 import os
 import platform
@@ -15,6 +16,22 @@ import pytest
 from cloud_jax.model import cpu_kernels
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax_plugins.xla_cuda12") is None,
+                    reason="JAX's CUDA plugin not installed: pip install -r requirements-gpu-aot.txt")
+def test_kernel_shape_sweep_compiles_what_the_kernel_takes():
+    """tools/kernel_shape_sweep.py: a shape the kernel takes compiles for an H100; with --all,
+    one it declines (head 256, K x G x head 16384) is compiled too and the refusal printed."""
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "kernel_shape_sweep.py"),
+                           "--rows", "8", "--groups", "3,8", "--head-dims", "256", "--all"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("K=")]
+    assert len(lines) == 2
+    assert re.match(r"K=8 +G=3 +head 256 \(K x G x head +8192\): taken +ok$", lines[0])
+    assert re.match(r"K=8 +G=8 +head 256 .*declined RESOURCE_EXHAUSTED: Shared memory", lines[1])
+    assert "0 shape(s) the kernel takes did not compile for h100" in done.stdout
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64" or jaxlib.__version__ != "0.10.2"

@@ -61,10 +61,13 @@ _load_interpreter()
 # bf16), a program takes 44 KB of shared memory (XLA's thunk sequence) and spills no registers
 # (the PTX), so the 256 programs of 32 inputs x 8 KV heads are resident at once on 132 SMs of
 # 228 KB. A program's queries (K x G rows of the head size, G rounded up to a power of two) are
-# at most MAX_QUERY_ELEMENTS, and heads at most MAX_HEAD_DIM: compiled for an H100 and an A100
-# (deviceless, 2026-12-06) every power-of-two shape within those fits in shared memory (K up to
-# 512, G up to 16, head sizes 16 to 256), and the first shapes past them ask for 262-295 KB
-# (the H100 has 227 KB a program).
+# at most MAX_QUERY_ELEMENTS, and heads at most MAX_HEAD_DIM. The program's running output is
+# that many fp32 values over its 128 threads (num_warps 4): 64 registers each at the bound.
+# Compiled for an H100 (deviceless, tools/kernel_shape_sweep.py, 2026-12-06), every shape of a
+# sweep within the bounds fits in shared memory (K 1 to 64 x G 1 to 16 x head sizes 64, 128,
+# 256, and K 128 to 512 at head sizes 16 and 64; the bounds' corners for an A100 too); past
+# them, head size 256 asks for 262-328 KB (the H100 has 227 KB a program), and smaller heads
+# compile at first (K = 16, G = 8, head 128) with twice the registers a thread.
 PREFIX_BLOCK = 64
 OWN_KEYS = 128
 MIN_BLOCK = 16
