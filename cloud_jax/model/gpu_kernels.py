@@ -14,8 +14,8 @@ rows as the rows of one matrix product (K x G rows, G query heads per KV head): 
 segment's block holds the keys of all K rows, and the scores of a row against another row's
 keys are masked out (the products do K times the arithmetic they need, which a memory-bound step
 has to spare; the keys are read once). Triton's blocks have power-of-two sizes, so the kernel
-takes a step whose K and head size are powers of two and computes G rounded up to one, the
-extra query heads zeros (:func:`padded_group`; Triton pads a product of fewer than 16 rows
+takes a step whose K and head size are powers of two and computes G rounded up to a power of
+two, the extra query heads zeros (:func:`padded_group`; Triton pads a product of fewer than 16 rows
 itself), as far as a program's blocks fit in a GPU's shared memory (:func:`supported`); the
 caller keeps XLA's attention otherwise.
 
