@@ -161,7 +161,14 @@ def test_gpu_benches_run_every_bench_at_a_tiny_size_on_the_cpu(tmp_path):
     # cuDNN's attention (the preset's) fails on a CPU: reported, measured with XLA's instead.
     assert records["train"]["result"]["attention"] == "xla"
     assert (tmp_path / "profiles").is_dir()
-    table = done.stdout.strip().splitlines()[-5:]
+    lines = done.stdout.strip().splitlines()
+    table = lines[-7:-2]
     assert [line.split(":")[0] for line in table] == names
     assert "mfu=" in table[1] and "decode_attention=pallas" in table[2]
     assert "steps_per_check=8" in table[4]
+    # Then the kernel's and the wait's steps against sample_32's, each with what it argues for.
+    assert re.match(r"the Pallas decode attention: decode step [\d.e+-]+ ms against sample_32's "
+                    r"[\d.e+-]+ ms \([\d.]+x\); (faster by \d+%: a case for "
+                    r"model.decode_attention_impl=auto as the default|not clearly faster)",
+                    lines[-2]), lines[-2]
+    assert lines[-1].startswith("checking the end every 8 steps: decode step "), lines[-1]

@@ -15,7 +15,8 @@
 # so a call cut short keeps what ran; a bench that would start with under 30 s of the budget
 # left is skipped and named. All output also goes to $OUT/gpu_benches.log. The profiles' traces
 # stay out of $OUT (PROFILE_DIR): what a call brings back is a few files, and each record holds
-# its profile's summary. The last lines printed are a table of the main numbers.
+# its profile's summary. The last lines printed are a table of the main numbers, then the
+# kernel's and the every-8-steps check's decode steps against sample_32's.
 #
 # Environment: OUT (default runs/gpu_benches), PYTHON (python3), BUDGET_S (seconds for all,
 # default 560), BENCHES (which to run, in order; default all five), BACKEND (gpu),
@@ -106,5 +107,28 @@ for name in names:
     fields = [f"{k}={result[k]:.3g}" if isinstance(result[k], float) else f"{k}={result[k]}"
               for k in keys if result.get(k) is not None]
     print(f"{name}: " + ", ".join(fields))
+
+# What the next change to the defaults hangs on (docs/BENCHMARKS.md, "On one GPU"): the kernel's
+# and the wait's decode steps against sample_32's, where both ran.
+def step(name):
+    path = os.path.join(out, f"gpu_{name}.json")
+    return json.load(open(path))["result"] if name in names and os.path.exists(path) else None
+
+base = step("sample_32")
+for name, what, default in (
+        ("sample_32_pallas", "the Pallas decode attention", "model.decode_attention_impl=auto"),
+        ("sample_32_check8", "checking the end every 8 steps", "steps_per_check 8 on GPUs")):
+    other = step(name)
+    if not (base and other and base.get("decode_step_ms") and other.get("decode_step_ms")):
+        continue
+    ratio = other["decode_step_ms"] / base["decode_step_ms"]
+    diff = other.get("pallas_max_abs_diff")
+    agrees = diff is None or diff < 0.05
+    verdict = (f"faster by {1 - ratio:.0%}: a case for {default} as the default"
+               if ratio < 0.95 and agrees else
+               "DISAGREES with XLA's attention: keep the default" if not agrees else
+               "not clearly faster (under 5%): keep the default")
+    print(f"{what}: decode step {other['decode_step_ms']:.3g} ms against sample_32's "
+          f"{base['decode_step_ms']:.3g} ms ({ratio:.2f}x); {verdict}")
 PY
 exit $status
