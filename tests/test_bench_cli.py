@@ -226,6 +226,8 @@ def test_bench_sample_with_the_pallas_decode_attention(capsys):
     # The kernel checked against XLA's attention on the machine it ran on (fp32 here).
     assert 0 <= results["pallas"]["pallas_max_abs_diff"] < 1e-5
     assert results["xla"]["pallas_max_abs_diff"] is None
+    # 2 inputs x 2 KV heads: 4 programs, so each input's 16-key prompt in 1 part (1 block).
+    assert results["pallas"]["pallas_parts"] == 1 and results["xla"]["pallas_parts"] is None
     # The same model, prompts and seed: the same critiques, so the loops ran as many steps.
     assert results["pallas"]["decode_steps"] == results["xla"]["decode_steps"]
 

@@ -54,12 +54,24 @@ def attention_inputs(inputs=2, rows=8, kv=2, group=2, d=16, prefix=40, own=37,
     dict(inputs=2, rows=32, group=1, prefix=20, own=23),  # 4 slots of 32 rows a block
     dict(rows=8, own=12),                            # own blocks of 8 slots (x 8 rows)
 ])
-def test_kernel_equals_xla_attention(shape):
+@pytest.mark.parametrize("parts", [1, None, 3])
+def test_kernel_equals_xla_attention(shape, parts):
+    """Each (input, KV head) in one program, in the parts :func:`gpu_kernels.splits` chooses for
+    these few programs (up to 16), and in 3 (parts of unequal size, some with no prefix
+    block)."""
     q, k, v, mask, prefix = attention_inputs(**shape)
     want = gqa_attention(q, k, v, mask, prefix)
-    got = gpu_kernels.decode_attention(q, k, v, mask, prefix, interpret=True)
+    got = gpu_kernels.decode_attention(q, k, v, mask, prefix, interpret=True, parts=parts)
     assert got.shape == want.shape and got.dtype == want.dtype
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6, rtol=0)
+
+
+def test_splits_keep_about_256_programs():
+    assert gpu_kernels.splits(32 * 8, 1024, 8) == 1     # the GPU bench: 256 programs already
+    assert gpu_kernels.splits(8 * 8, 1024, 8) == 4      # sample_8: 64 programs -> 256
+    assert gpu_kernels.splits(1 * 8, 1024, 8) == 16     # one request: at most the 16 blocks
+    assert gpu_kernels.splits(2, 40, 8) == 2            # a 40-slot prompt: 2 blocks of 32
+    assert gpu_kernels.splits(300, 1024, 8) == 1
 
 
 def test_kernel_in_bfloat16_and_with_fully_masked_blocks():
@@ -69,10 +81,12 @@ def test_kernel_in_bfloat16_and_with_fully_masked_blocks():
     pmask = pmask.at[:, :, 16:].set(False)
     mask = mask.at[:, :, 1:].set(False).at[:, :, 0].set(True)
     want = gqa_attention(q, k, v, mask, (pk, pv, pmask)).astype(jnp.float32)
-    got = gpu_kernels.decode_attention(q, k, v, mask, (pk, pv, pmask), interpret=True)
-    assert got.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), np.asarray(want),
-                               atol=3e-2, rtol=0)
+    for parts in (1, None):
+        got = gpu_kernels.decode_attention(q, k, v, mask, (pk, pv, pmask), interpret=True,
+                                           parts=parts)
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), np.asarray(want),
+                                   atol=3e-2, rtol=0)
 
 
 def test_supported_shapes_and_blocks():
@@ -328,7 +342,8 @@ def test_every_shape_at_the_limits_compiles_for_a_gpu(topology):
     def spec(*shape, dtype=jnp.bfloat16):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=on_gpu)
 
-    attention = jax.jit(lambda *a: gpu_kernels.decode_attention(*a, interpret=False))
+    attention = jax.jit(lambda *a, parts: gpu_kernels.decode_attention(
+        *a, interpret=False, parts=parts), static_argnames="parts")
     for k, g, d in [(8, 8, 128), (8, 16, 64), (8, 4, 256), (64, 1, 128), (512, 1, 16),
                     (8, 3, 64), (16, 4, 128)]:
         n, kv, p, s = 4, 2, 1024, 257
@@ -336,9 +351,10 @@ def test_every_shape_at_the_limits_compiles_for_a_gpu(topology):
         args = (spec(n * k, 1, kv * g, d), spec(n * k, kv, s, d), spec(n * k, kv, s, d),
                 spec(n * k, 1, s, dtype=jnp.bool_),
                 (spec(n, kv, p, d), spec(n, kv, p, d), spec(n * k, 1, p, dtype=jnp.bool_)))
-        with jax.set_mesh(mesh):  # jax 0.11's Triton lowering reads the card from the mesh
-            compiled = attention.lower(*args).compile()
-        assert compiled.as_text().count("__gpu$xla.gpu.triton") == 1, (k, g, d)
+        for parts in (1, None):  # one program per (input, KV head), or 16 (8 programs here)
+            with jax.set_mesh(mesh):  # jax 0.11's Triton lowering reads the card from the mesh
+                compiled = attention.lower(*args, parts=parts).compile()
+            assert compiled.as_text().count("__gpu$xla.gpu.triton") == 1, (k, g, d, parts)
     with pytest.raises(Exception, match="Shared memory size limit exceeded"):
         # Past the limit (K x G x head size 16384): why supported() declines it.
         with pytest.MonkeyPatch.context() as mp, jax.set_mesh(mesh):
@@ -347,7 +363,7 @@ def test_every_shape_at_the_limits_compiles_for_a_gpu(topology):
             attention.lower(spec(n * k, 1, kv * g, d), spec(n * k, kv, s, d),
                             spec(n * k, kv, s, d), spec(n * k, 1, s, dtype=jnp.bool_),
                             (spec(n, kv, p, d), spec(n, kv, p, d),
-                             spec(n * k, 1, p, dtype=jnp.bool_))).compile()
+                             spec(n * k, 1, p, dtype=jnp.bool_)), parts=1).compile()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,

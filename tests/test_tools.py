@@ -135,8 +135,9 @@ def test_gpu_benches_refuse_an_unknown_name_and_skip_what_the_budget_cannot_hold
 
 @pytest.mark.slow
 def test_gpu_benches_run_every_bench_at_a_tiny_size_on_the_cpu(tmp_path):
-    """The device call's script end to end, its benches shrunk by the flags it appends: four
-    records, the log, the summary table, and the profiles outside what the call brings back.
+    """The device call's script end to end, its benches shrunk by the flags it appends: six
+    records, the log, the summary table and comparisons, and the profiles outside what the call
+    brings back.
     The sample benches' shapes are ones the Pallas kernel takes (K x G = 8 x 2 rows)."""
     tiny_sample = ("--inputs 2 --samples 8 --prompt-len 16 --new-tokens 16 --repeats 1 "
                    "--hidden-size 64 --num-layers 1 --num-heads 4 --num-kv-heads 2 "
@@ -148,7 +149,8 @@ def test_gpu_benches_run_every_bench_at_a_tiny_size_on_the_cpu(tmp_path):
                         EXTRA_TRAIN=tiny_train)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = tmp_path / "out"
-    names = ["sample_32", "train", "sample_32_pallas", "sample_8", "sample_32_check8"]
+    names = ["sample_32", "train", "sample_32_pallas", "sample_8", "sample_32_check8",
+             "sample_8_pallas"]
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["gpu_benches.log"] + [f"gpu_{n}.json" for n in names])
     records = {n: json.loads((out / f"gpu_{n}.json").read_text()) for n in names}
@@ -158,17 +160,20 @@ def test_gpu_benches_run_every_bench_at_a_tiny_size_on_the_cpu(tmp_path):
     assert records["sample_32_pallas"]["result"]["profile"]
     assert records["sample_32"]["result"]["decode_attention"] == "xla"
     assert records["sample_8"]["result"]["workload"]["inputs"] == 2  # the appended flag wins
+    assert records["sample_8_pallas"]["result"]["decode_attention"] == "pallas"
     # cuDNN's attention (the preset's) fails on a CPU: reported, measured with XLA's instead.
     assert records["train"]["result"]["attention"] == "xla"
     assert (tmp_path / "profiles").is_dir()
     lines = done.stdout.strip().splitlines()
-    table = lines[-7:-2]
+    table = lines[-9:-3]
     assert [line.split(":")[0] for line in table] == names
     assert "mfu=" in table[1] and "decode_attention=pallas" in table[2]
-    assert "steps_per_check=8" in table[4]
+    assert "steps_per_check=8" in table[4] and "decode_attention=pallas" in table[5]
     # Then the kernel's and the wait's steps against sample_32's, each with what it argues for.
     assert re.match(r"the Pallas decode attention: decode step [\d.e+-]+ ms against sample_32's "
                     r"[\d.e+-]+ ms \([\d.]+x\); (faster by \d+%: a case for "
                     r"model.decode_attention_impl=auto as the default|not clearly faster)",
-                    lines[-2]), lines[-2]
-    assert lines[-1].startswith("checking the end every 8 steps: decode step "), lines[-1]
+                    lines[-3]), lines[-3]
+    assert lines[-2].startswith("checking the end every 8 steps: decode step "), lines[-2]
+    assert lines[-1].startswith("the Pallas decode attention at 8 inputs: decode step "), \
+        lines[-1]

@@ -10,16 +10,18 @@
 #                     (cloud_jax/model/gpu_kernels.py), a decode profile
 # 4. sample_8         bench sample, 8 inputs x K = 8, with transformers
 # 5. sample_32_check8 bench sample, 32 inputs, ours only, the end checked every 8 steps
+# 6. sample_8_pallas  bench sample, 8 inputs, ours only, the Pallas kernel (each input's keys
+#                     split over 4 programs: cloud_jax.model.gpu_kernels.splits)
 #
 # Each bench writes its record ($OUT/gpu_<name>.json, for docs/measurements/) when it finishes,
 # so a call cut short keeps what ran; a bench that would start with under 30 s of the budget
 # left is skipped and named. All output also goes to $OUT/gpu_benches.log. The profiles' traces
 # stay out of $OUT (PROFILE_DIR): what a call brings back is a few files, and each record holds
 # its profile's summary. The last lines printed are a table of the main numbers, then the
-# kernel's and the every-8-steps check's decode steps against sample_32's.
+# kernel's and the every-8-steps check's decode steps against XLA's every-step ones.
 #
 # Environment: OUT (default runs/gpu_benches), PYTHON (python3), BUDGET_S (seconds for all,
-# default 560), BENCHES (which to run, in order; default all five), BACKEND (gpu),
+# default 560), BENCHES (which to run, in order; default all six), BACKEND (gpu),
 # PROFILE_DIR (/tmp/cloud_jax_profiles), EXTRA_SAMPLE / EXTRA_TRAIN (flags added after every
 # sample / train bench's own: tools/device_rehearsal.sh runs this at tiny sizes on a CPU).
 set -euo pipefail
@@ -27,7 +29,7 @@ cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-runs/gpu_benches}
 PYTHON=${PYTHON:-python3}
 BUDGET_S=${BUDGET_S:-560}
-BENCHES=${BENCHES:-sample_32 train sample_32_pallas sample_8 sample_32_check8}
+BENCHES=${BENCHES:-sample_32 train sample_32_pallas sample_8 sample_32_check8 sample_8_pallas}
 BACKEND=${BACKEND:-gpu}
 PROFILE_DIR=${PROFILE_DIR:-/tmp/cloud_jax_profiles}
 # Words split on spaces and newlines (read -d '' reads to the end and then returns 1).
@@ -36,9 +38,9 @@ read -r -d '' -a extra_train <<< "${EXTRA_TRAIN:-}" || true
 read -r -d '' -a benches <<< "$BENCHES" || true
 for name in "${benches[@]}"; do
     case $name in
-        sample_32 | train | sample_32_pallas | sample_8 | sample_32_check8) ;;
+        sample_32 | train | sample_32_pallas | sample_8 | sample_32_check8 | sample_8_pallas) ;;
         *) echo "error: no bench named $name (sample_32, train, sample_32_pallas, sample_8," \
-                "sample_32_check8)" >&2
+                "sample_32_check8, sample_8_pallas)" >&2
            exit 2 ;;
     esac
 done
@@ -85,6 +87,8 @@ for name in "${benches[@]}"; do
             --record "$OUT/gpu_$name.json" "${extra_sample[@]}" ;;
         sample_32_pallas) run "$name" 150 "${sample[@]}" --skip-hf --decode-attention-impl pallas \
             --profile "$PROFILE_DIR/$name" --record "$OUT/gpu_$name.json" "${extra_sample[@]}" ;;
+        sample_8_pallas) run "$name" 120 "${sample[@]}" --inputs 8 --skip-hf \
+            --decode-attention-impl pallas --record "$OUT/gpu_$name.json" "${extra_sample[@]}" ;;
     esac
 done
 
@@ -95,7 +99,7 @@ import json, os, sys
 out, names = sys.argv[1], sys.argv[2:]
 keys = ("decode_step_over_hbm_floor", "decode_step_ms", "decode_us_per_op",
         "ours_critiques_per_s", "hf_critiques_per_s", "ratio", "k8_over_k1", "steps_per_check",
-        "decode_attention", "pallas_max_abs_diff",
+        "decode_attention", "pallas_max_abs_diff", "pallas_parts",
         "mfu", "ours_tokens_per_s", "torch_tokens_per_s", "attention", "hf_error", "torch_error",
         "attention_error")
 for name in names:
@@ -109,16 +113,19 @@ for name in names:
     print(f"{name}: " + ", ".join(fields))
 
 # What the next change to the defaults hangs on (docs/BENCHMARKS.md, "On one GPU"): the kernel's
-# and the wait's decode steps against sample_32's, where both ran.
+# and the wait's decode steps against XLA's at the same inputs, where both ran.
 def step(name):
     path = os.path.join(out, f"gpu_{name}.json")
     return json.load(open(path))["result"] if name in names and os.path.exists(path) else None
 
-base = step("sample_32")
-for name, what, default in (
-        ("sample_32_pallas", "the Pallas decode attention", "model.decode_attention_impl=auto"),
-        ("sample_32_check8", "checking the end every 8 steps", "steps_per_check 8 on GPUs")):
-    other = step(name)
+for name, base_name, what, default in (
+        ("sample_32_pallas", "sample_32", "the Pallas decode attention",
+         "model.decode_attention_impl=auto"),
+        ("sample_32_check8", "sample_32", "checking the end every 8 steps",
+         "steps_per_check 8 on GPUs"),
+        ("sample_8_pallas", "sample_8", "the Pallas decode attention at 8 inputs",
+         "model.decode_attention_impl=auto")):
+    base, other = step(base_name), step(name)
     if not (base and other and base.get("decode_step_ms") and other.get("decode_step_ms")):
         continue
     ratio = other["decode_step_ms"] / base["decode_step_ms"]
@@ -128,7 +135,7 @@ for name, what, default in (
                if ratio < 0.95 and agrees else
                "DISAGREES with XLA's attention: keep the default" if not agrees else
                "not clearly faster (under 5%): keep the default")
-    print(f"{what}: decode step {other['decode_step_ms']:.3g} ms against sample_32's "
+    print(f"{what}: decode step {other['decode_step_ms']:.3g} ms against {base_name}'s "
           f"{base['decode_step_ms']:.3g} ms ({ratio:.2f}x); {verdict}")
 PY
 exit $status

@@ -7,7 +7,9 @@ masks, maxima, exponents, sums and the combination), each a kernel launch on a G
 score arrays written to device memory and read back between them (docs/BENCHMARKS.md, "On one
 GPU"). :func:`decode_attention` is the same computation in one kernel a layer: one program per
 (input, KV head) reads the input's prefix keys and values once for all K rows and their query
-heads, then each row's own keys, with one running (online) softmax over both.
+heads, then each row's own keys, with one running (online) softmax over both. A step of few
+inputs splits each one's keys over several programs (:func:`splits`, flash-decoding's way), so
+the card's SMs all read; XLA joins the parts' softmaxes after the kernel.
 
 Both segments are read in blocks of keys (:func:`blocks`) with the queries of all the program's
 rows as the rows of one matrix product (K x G rows, G query heads per KV head): the own
@@ -39,7 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-__all__ = ["blocks", "decode_attention", "on_nvidia_gpu", "padded_group", "supported"]
+__all__ = ["blocks", "decode_attention", "on_nvidia_gpu", "padded_group", "splits",
+           "supported"]
 
 
 def _load_interpreter() -> None:
@@ -73,6 +76,11 @@ OWN_KEYS = 128
 MIN_BLOCK = 16
 MAX_QUERY_ELEMENTS = 8192
 MAX_HEAD_DIM = 256
+# A step of inputs x KV heads programs under this splits each one's keys over several programs
+# (:func:`splits`), so that a step of few inputs (one request of K critiques: 8 programs for 8
+# KV heads) still spreads its reads over the card's SMs (132 on an H100: about two programs
+# each); the parts' softmaxes are joined by XLA afterwards (a few small operations a layer).
+TARGET_PROGRAMS = 256
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # as layers.gqa_attention's
 
 
@@ -127,10 +135,24 @@ def supported(rows_per_input: int, group: int, head_dim: int, prefix_len: int,
     return min(prefix_block, rows_per_input * own_block) >= MIN_BLOCK
 
 
-def _kernel(q_ref, pk_ref, pv_ref, pm_ref, k_ref, v_ref, m_ref, o_ref, *, rows: int,
+def splits(programs: int, prefix_len: int, rows_per_input: int) -> int:
+    """Into how many parts each (input, KV head)'s keys are split, each part its own program,
+    so that a step of few inputs still has about TARGET_PROGRAMS programs (``programs``: inputs
+    x KV heads on the device): a power of two, at most the prefix's blocks (each part takes one
+    or more of them and a share of the own cache's)."""
+    prefix_blocks = -(-prefix_len // blocks(rows_per_input, prefix_len, 1 << 30)[0])
+    parts = 1
+    while programs * parts < TARGET_PROGRAMS and parts * 2 <= prefix_blocks:
+        parts *= 2
+    return parts
+
+
+def _kernel(q_ref, pk_ref, pv_ref, pm_ref, k_ref, v_ref, m_ref, *out_refs, rows: int,
             group: int, head_dim: int, prefix_len: int, own_len: int, prefix_block: int,
-            own_block: int, scale: float):
-    """One program: input ``program_id(0)``, KV head ``program_id(1)``."""
+            own_block: int, scale: float, parts: int):
+    """One program: input ``program_id(0)``, KV head ``program_id(1)``, and with ``parts`` > 1
+    part ``program_id(2)`` of their keys: its share of each segment's blocks, written
+    unnormalised with its running maximum and sum for :func:`_combine`."""
     n, h = pl.program_id(0), pl.program_id(1)
     m = rows * group
     q = q_ref[pl.ds(n * rows, rows), h, :, :].reshape(m, head_dim)
@@ -183,20 +205,49 @@ def _kernel(q_ref, pk_ref, pv_ref, pm_ref, k_ref, v_ref, m_ref, o_ref, *, rows: 
 
     state = (jnp.full((m,), -jnp.inf, jnp.float32), jnp.zeros((m,), jnp.float32),
              jnp.zeros((m, head_dim), jnp.float32))
-    state = jax.lax.fori_loop(0, pl.cdiv(prefix_len, prefix_block), prefix_step, state)
-    state = jax.lax.fori_loop(0, pl.cdiv(own_len, own_block), own_step, state)
-    _, total, acc = state
-    out = (acc / total[:, None]).astype(o_ref.dtype)
-    o_ref[pl.ds(n * rows, rows), h, :, :] = out.reshape(rows, group, head_dim)
+    prefix_blocks, own_blocks = pl.cdiv(prefix_len, prefix_block), pl.cdiv(own_len, own_block)
+    rows_at = pl.ds(n * rows, rows)
+    if parts == 1:
+        state = jax.lax.fori_loop(0, prefix_blocks, prefix_step, state)
+        state = jax.lax.fori_loop(0, own_blocks, own_step, state)
+        _, total, acc = state
+        (o_ref,) = out_refs
+        out = (acc / total[:, None]).astype(o_ref.dtype)
+        o_ref[rows_at, h, :, :] = out.reshape(rows, group, head_dim)
+        return
+    # Part j takes blocks [j * count // parts, (j + 1) * count // parts) of each segment (with
+    # splits()'s parts, at least one of the prefix's). A part given no block keeps maximum -inf
+    # and sum 0: it weighs nothing when the parts are joined.
+    j = pl.program_id(2)
+    state = jax.lax.fori_loop(j * prefix_blocks // parts, (j + 1) * prefix_blocks // parts,
+                              prefix_step, state)
+    state = jax.lax.fori_loop(j * own_blocks // parts, (j + 1) * own_blocks // parts,
+                              own_step, state)
+    top, total, acc = state
+    acc_ref, top_ref, total_ref = out_refs
+    acc_ref[j, rows_at, h, :, :] = acc.reshape(rows, group, head_dim)
+    top_ref[j, rows_at, h, :] = top.reshape(rows, group)
+    total_ref[j, rows_at, h, :] = total.reshape(rows, group)
+
+
+def _combine(acc, top, total):
+    """The parts' outputs ([parts, B, KV, G, D] unnormalised, their maxima and sums [parts, B,
+    KV, G]) as one softmax over all the keys: [B, KV, G, D]."""
+    weight = jnp.exp(top - jnp.max(top, axis=0))
+    return (jnp.sum(weight[..., None] * acc, axis=0)
+            / jnp.sum(weight * total, axis=0)[..., None])
 
 
 def decode_attention(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array,
                      mask_bts: jax.Array, prefix, *, interpret: Optional[bool] = None,
-                     num_warps: int = 4, num_stages: int = 2) -> jax.Array:
+                     parts: Optional[int] = None, num_warps: int = 4,
+                     num_stages: int = 2) -> jax.Array:
     """:func:`cloud_jax.model.layers.gqa_attention` of one new token per row (T = 1) over the
     shared prefix ``(k [N, KV, P, D], v [N, KV, P, D], mask [B, 1, P])`` and the rows' own
     caches ``k, v [B, KV, S, D]`` (keys not transposed) under ``mask [B, 1, S]``, in one Pallas
-    call. Returns [B, 1, H, D] in ``v``'s dtype. Only for shapes :func:`supported` takes."""
+    call (and, where ``parts`` > 1, a few operations that join the parts' softmaxes). Returns
+    [B, 1, H, D] in ``v``'s dtype. Only for shapes :func:`supported` takes. ``parts``: into how
+    many programs each (input, KV head)'s keys are split (default :func:`splits`)."""
     pk, pv, pmask_btp = prefix
     b, t, h, d = q_bthd.shape
     kv, s = k_bksd.shape[1], k_bksd.shape[2]
@@ -208,9 +259,10 @@ def decode_attention(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array,
                          f"own cache {s}")
     gp = padded_group(group)
     prefix_block, own_block = blocks(rows, p, s)
+    parts = splits(n * kv, p, rows) if parts is None else parts
     kernel = functools.partial(_kernel, rows=rows, group=gp, head_dim=d, prefix_len=p,
                                own_len=s, prefix_block=prefix_block, own_block=own_block,
-                               scale=1.0 / math.sqrt(d))
+                               scale=1.0 / math.sqrt(d), parts=parts)
     dtype = v_bksd.dtype
     q = q_bthd.reshape(b, kv, group, d).astype(dtype)
     if gp != group:
@@ -226,9 +278,16 @@ def decode_attention(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array,
 
             kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps,
                                                              num_stages=num_stages)
-        return pl.pallas_call(
-            kernel, grid=(n, kv), out_shape=jax.ShapeDtypeStruct((b, kv, gp, d), dtype),
-            interpret=interpret, **kwargs)(*operands)
+        if parts == 1:
+            grid, out_shape = (n, kv), jax.ShapeDtypeStruct((b, kv, gp, d), dtype)
+        else:
+            grid = (n, kv, parts)
+            out_shape = (jax.ShapeDtypeStruct((parts, b, kv, gp, d), jnp.float32),
+                         jax.ShapeDtypeStruct((parts, b, kv, gp), jnp.float32),
+                         jax.ShapeDtypeStruct((parts, b, kv, gp), jnp.float32))
+        out = pl.pallas_call(kernel, grid=grid, out_shape=out_shape, interpret=interpret,
+                             **kwargs)(*operands)
+        return out if parts == 1 else _combine(*out).astype(dtype)
 
     if interpret is None and jax.default_backend() == "gpu":
         out = call(*operands, interpret=False)

@@ -443,8 +443,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"GFLOP/s, this machine's {args.dtype} matmul rate at the step's [{b * k}, in] x [in, out] "
           f"shapes); step/compute floor = {step_s / compute_floor_s:.2f}", flush=True)
 
-    pallas_diff = None
+    pallas_diff = pallas_parts = None
     if attention == "pallas":
+        # Programs of the kernel per (input, KV head): more than 1 where the step has few inputs.
+        pallas_parts = gpu_kernels.splits(b * cfg.num_kv_heads, p, k)
         # At K and at 1 (the K = 1 run takes the kernel too where 1 x G is a shape it takes).
         pallas_diff = max(pallas_difference(cfg, b, samples, p, m + 1) for samples in {k, 1}
                           if kernel_takes(samples, m + 1))
@@ -452,7 +454,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         verdict = "agrees" if pallas_diff < 0.05 else "DISAGREES: do not trust its timings"
         print(f"[bench sample] the Pallas decode attention against XLA's on this device, one "
               f"step's shapes (K = {k} and 1, prompt {p}, own cache {m + 1}): largest "
-              f"difference {pallas_diff:.2e}, {verdict}", flush=True)
+              f"difference {pallas_diff:.2e}, {verdict}; each input's keys in {pallas_parts} "
+              f"part(s) (programs) per KV head", flush=True)
 
     hf_cps, hf_error = None, None  # null in the JSON where transformers did not run
     if not args.skip_hf:
@@ -482,6 +485,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "decode_layout": layout,
         "decode_attention": attention,
         "pallas_max_abs_diff": None if pallas_diff is None else round(pallas_diff, 6),
+        "pallas_parts": pallas_parts,
         "decode_matmul": matmul,
         "steps_per_check": c,
         "decode_phases": args.decode_phases,
