@@ -11,7 +11,7 @@
 # 4. sample_8         bench sample, 8 inputs x K = 8, with transformers
 # 5. sample_32_check8 bench sample, 32 inputs, ours only, the end checked every 8 steps
 # 6. sample_8_pallas  bench sample, 8 inputs, ours only, the Pallas kernel (each input's keys
-#                     split over 4 programs: cloud_jax.model.gpu_kernels.splits)
+#                     split over 2 programs: cloud_jax.model.gpu_kernels.splits)
 #
 # Each bench writes its record ($OUT/gpu_<name>.json, for docs/measurements/) when it finishes,
 # so a call cut short keeps what ran; a bench that would start with under 30 s of the budget

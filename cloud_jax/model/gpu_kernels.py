@@ -78,9 +78,12 @@ MAX_QUERY_ELEMENTS = 8192
 MAX_HEAD_DIM = 256
 # A step of inputs x KV heads programs under this splits each one's keys over several programs
 # (:func:`splits`), so that a step of few inputs (one request of K critiques: 8 programs for 8
-# KV heads) still spreads its reads over the card's SMs (132 on an H100: about two programs
-# each); the parts' softmaxes are joined by XLA afterwards (a few small operations a layer).
-TARGET_PROGRAMS = 256
+# KV heads) still spreads its reads over the card's SMs: about one program an SM of an H100
+# (132). A program keeps two blocks of keys and values in flight (32-64 KB), so by Little's law
+# (3.35 TB/s x ~1 us) some 40-80 programs keep HBM busy; 128 leaves a margin. The parts'
+# softmaxes are joined by XLA afterwards (a few small operations a layer), which a step of
+# enough programs does without. A guess made without a card: sample_8_pallas measures it.
+TARGET_PROGRAMS = 128
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # as layers.gqa_attention's
 
 
