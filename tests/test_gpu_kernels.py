@@ -67,12 +67,12 @@ def test_kernel_equals_xla_attention(shape, parts):
 
 
 def test_splits_keep_about_128_programs():
-    assert gpu_kernels.splits(32 * 8, 1024, 8) == 1     # the GPU bench: 256 programs already
-    assert gpu_kernels.splits(16 * 8, 1024, 8) == 1     # 128: enough
-    assert gpu_kernels.splits(8 * 8, 1024, 8) == 2      # sample_8: 64 programs -> 128
-    assert gpu_kernels.splits(1 * 8, 1024, 8) == 16     # one request: at most the 16 blocks
-    assert gpu_kernels.splits(2, 40, 8) == 2            # a 40-slot prompt: 2 blocks of 32
-    assert gpu_kernels.splits(300, 1024, 8) == 1
+    assert gpu_kernels.splits(32 * 8, 1024) == 1  # the GPU bench: 256 programs already
+    assert gpu_kernels.splits(16 * 8, 1024) == 1  # 128: enough
+    assert gpu_kernels.splits(8 * 8, 1024) == 2   # sample_8: 64 programs -> 128
+    assert gpu_kernels.splits(1 * 8, 1024) == 16  # one request: at most the 16 blocks
+    assert gpu_kernels.splits(2, 40) == 2         # a 40-slot prompt: 2 blocks of 32
+    assert gpu_kernels.splits(300, 1024) == 1
 
 
 def test_kernel_in_bfloat16_and_with_fully_masked_blocks():

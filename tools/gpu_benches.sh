@@ -131,10 +131,11 @@ for name, base_name, what, default in (
     ratio = other["decode_step_ms"] / base["decode_step_ms"]
     diff = other.get("pallas_max_abs_diff")
     agrees = diff is None or diff < 0.05
-    verdict = (f"faster by {1 - ratio:.0%}: a case for {default} as the default"
-               if ratio < 0.95 and agrees else
-               "DISAGREES with XLA's attention: keep the default" if not agrees else
-               "not clearly faster (under 5%): keep the default")
+    verdict = ("DISAGREES with XLA's attention: keep the default" if not agrees else
+               f"faster by {1 - ratio:.0%}: a case for {default} as the default"
+               if ratio < 0.95 else
+               f"slower by {ratio - 1:.0%}: keep the default" if ratio > 1.05 else
+               "within 5%: keep the default")
     print(f"{what}: decode step {other['decode_step_ms']:.3g} ms against {base_name}'s "
           f"{base['decode_step_ms']:.3g} ms ({ratio:.2f}x); {verdict}")
 PY

@@ -138,12 +138,12 @@ def supported(rows_per_input: int, group: int, head_dim: int, prefix_len: int,
     return min(prefix_block, rows_per_input * own_block) >= MIN_BLOCK
 
 
-def splits(programs: int, prefix_len: int, rows_per_input: int) -> int:
+def splits(programs: int, prefix_len: int) -> int:
     """Into how many parts each (input, KV head)'s keys are split, each part its own program,
     so that a step of few inputs still has about TARGET_PROGRAMS programs (``programs``: inputs
     x KV heads on the device): a power of two, at most the prefix's blocks (each part takes one
     or more of them and a share of the own cache's)."""
-    prefix_blocks = -(-prefix_len // blocks(rows_per_input, prefix_len, 1 << 30)[0])
+    prefix_blocks = -(-prefix_len // min(PREFIX_BLOCK, _floor_pow2(prefix_len)))
     parts = 1
     while programs * parts < TARGET_PROGRAMS and parts * 2 <= prefix_blocks:
         parts *= 2
@@ -262,7 +262,7 @@ def decode_attention(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array,
                          f"own cache {s}")
     gp = padded_group(group)
     prefix_block, own_block = blocks(rows, p, s)
-    parts = splits(n * kv, p, rows) if parts is None else parts
+    parts = splits(n * kv, p) if parts is None else parts
     kernel = functools.partial(_kernel, rows=rows, group=gp, head_dim=d, prefix_len=p,
                                own_len=s, prefix_block=prefix_block, own_block=own_block,
                                scale=1.0 / math.sqrt(d), parts=parts)

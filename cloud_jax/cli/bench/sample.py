@@ -446,7 +446,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pallas_diff = pallas_parts = None
     if attention == "pallas":
         # Programs of the kernel per (input, KV head): more than 1 where the step has few inputs.
-        pallas_parts = gpu_kernels.splits(b * cfg.num_kv_heads, p, k)
+        pallas_parts = gpu_kernels.splits(b * cfg.num_kv_heads, p)
         # At K and at 1 (the K = 1 run takes the kernel too where 1 x G is a shape it takes).
         pallas_diff = max(pallas_difference(cfg, b, samples, p, m + 1) for samples in {k, 1}
                           if kernel_takes(samples, m + 1))
