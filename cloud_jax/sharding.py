@@ -92,6 +92,13 @@ def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | Non
                          devices=devices)
 
 
+def axes_size(mesh: Mesh, axes: Any) -> tuple[tuple[str, ...], int]:
+    """A PartitionSpec entry (None, a mesh axis or a tuple of them) as (its axis names, how many
+    shards they split a dimension into on ``mesh``)."""
+    names = () if axes is None else axes if isinstance(axes, tuple) else (axes,)
+    return names, math.prod(mesh.shape[a] for a in names)
+
+
 def _fit_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh, where: str) -> PartitionSpec:
     """Drops mesh axes that do not divide a dimension, and says so (instead of failing later)."""
     fixed = []
@@ -99,8 +106,7 @@ def _fit_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh, where: st
         if axes is None:
             fixed.append(None)
             continue
-        names = axes if isinstance(axes, tuple) else (axes,)
-        size = math.prod(mesh.shape[a] for a in names)
+        names, size = axes_size(mesh, axes)
         if shape[dim] % size:
             log.warning("%s: dimension %d (size %d) is not divisible by mesh axes %s (size %d); "
                         "replicating it instead", where, dim, shape[dim], names, size)

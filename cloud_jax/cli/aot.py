@@ -259,6 +259,7 @@ class Result:
     xla_flops: Optional[float] = None
     model_flops: Optional[float] = None  # whole slice, per step
     loop_kernels: Optional[list[int]] = None  # operations per iteration of each loop
+    pallas_calls: Optional[int] = None  # Pallas (Triton) kernel calls in a GPU program
     compile_s: Optional[float] = None  # tracing, lowering and compiling, on this host
     decode_attention: str = ""  # a decode's: XLA's or the Pallas kernel (with its call count)
     refused: str = ""  # the TPU compiler's out-of-memory message, when it refused the step
@@ -289,9 +290,13 @@ def _compile(name: str, lower_and_compile, loops: bool = False,
         if "RESOURCE_EXHAUSTED" not in str(err):
             raise
         return None, Result(name, refused=str(err).splitlines()[0], **figures)
-    return compiled, Result(name, memory_figures(compiled), xla_flops(compiled),
-                            loop_kernels=loop_kernels(compiled) if loops else None,
-                            compile_s=time.perf_counter() - start, **figures)
+    text = (compiled.as_text() or "") if loops else None
+    return compiled, Result(
+        name, memory_figures(compiled), xla_flops(compiled),
+        loop_kernels=loop_kernels(compiled, text) if loops else None,
+        # Pallas's Triton kernels are custom calls of this target in a GPU program.
+        pallas_calls=text.count('custom_call_target="__gpu$xla.gpu.triton"') if loops else None,
+        compile_s=time.perf_counter() - start, **figures)
 
 
 def report(res: Result, sl: Slice, mfu: float,
@@ -393,7 +398,7 @@ def compile_sample(cfg: Config, devices: Sequence, *, inputs: int, prefix_len: i
         checks = f", checked every {steps_per_check} steps" if steps_per_check > 1 else ""
         if decode_phases != DECODE_PHASES:
             checks += f", {decode_phases} phase{'s' if decode_phases > 1 else ''}"
-        dec, dec_res = _compile(
+        _, dec_res = _compile(
             f"sampling decode ({inputs} inputs x K={num_samples}, {max_new_tokens} new "
             f"tokens{checks})",
             lambda: decode.lower(params, cache, logits, keys, stops, cfg=model_cfg, rules=rules,
@@ -402,14 +407,12 @@ def compile_sample(cfg: Config, devices: Sequence, *, inputs: int, prefix_len: i
                                  steps_per_check=steps_per_check,
                                  decode_phases=decode_phases).compile(),
             loops=True)
-    if dec is not None:
-        # Pallas's Triton kernels are custom calls of this target in a GPU program.
-        calls = (dec.as_text() or "").count('custom_call_target="__gpu$xla.gpu.triton"')
+    if dec_res.pallas_calls is not None:
         impl = model_cfg.decode_attention_impl
         dec_res.decode_attention = (
-            f"the Pallas kernel (model.decode_attention_impl={impl}), {calls} call(s) in the "
-            f"program (one a layer in each phase's loop)" if calls else
-            f"XLA's (model.decode_attention_impl={impl})")
+            f"the Pallas kernel (model.decode_attention_impl={impl}), {dec_res.pallas_calls} "
+            f"call(s) in the program (one a layer in each phase's loop)" if dec_res.pallas_calls
+            else f"XLA's (model.decode_attention_impl={impl})")
     return [pre_res, dec_res]
 
 

@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 from cloud_jax.model import gpu_kernels
 from cloud_jax.model.cache import LayerKV, MaskInfo
 from cloud_jax.model.config import ModelConfig, RopeScalingConfig
+from cloud_jax.sharding import axes_size
 
 # Finite rather than -inf so a row with no visible key (a pad query) gives a uniform, finite
 # softmax instead of NaN that could leak into gradients.
@@ -320,8 +321,7 @@ def _kernel_on_mesh(kernel: Callable, inputs: int,
     batch_axes, head_axes = nn.logical_to_mesh_axes(("cache_batch", "cache_kv_heads"))
     for count, what, axes in ((inputs, "input(s)", batch_axes),
                               (kv_heads, "KV head(s)", head_axes)):
-        names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-        shards = math.prod(mesh.shape[name] for name in names)
+        names, shards = axes_size(mesh, axes)
         if count % shards:
             return None, (f"splits a decode's inputs and KV heads evenly over the mesh, and this "
                           f"decode's {count} {what} do not split over the {shards} shards of "

@@ -126,11 +126,11 @@ def report(summary_: dict, what: str) -> str:
     return "\n".join(lines)
 
 
-def loop_kernels(compiled) -> list[int]:
+def loop_kernels(compiled, text: Optional[str] = None) -> list[int]:
     """For each loop of the compiled program's entry computation, the operations one iteration
     launches: fusions, library calls, copies (not tuples, bitcasts or constants), an inner loop's
     counted once per trip where the compiler knows its trip count."""
-    text = compiled.as_text() or ""
+    text = (compiled.as_text() if text is None else text) or ""
     bodies, current = {}, None
     for line in text.splitlines():
         head = re.match(r"(ENTRY )?%(\S+) .*\{$", line)
