@@ -79,17 +79,27 @@ def test_mixed_concurrent_requests_equal_score(rm):
 
 def test_a_request_that_arrives_later_starts_and_ends_before_a_long_one(rm):
     engine = _engine(rm, slots=4, max_critique_tokens=120)
+    # The engine is held before its third chunk until the short request is in, so the short one
+    # arrives while the long one decodes however late this thread runs on a loaded machine (with
+    # a race instead, a starved submitting thread once saw the long critique end first).
+    held, submitted = threading.Event(), threading.Event()
+    decode = engine._decode
+
+    def decode_held_at_chunk_2():
+        if engine.chunks == 2 and not submitted.is_set():
+            held.set()
+            assert submitted.wait(60)
+        decode()
+
+    engine._decode = decode_held_at_chunk_2
     # One long critique in one row (a random tiny model rarely stops on its own: it runs into
-    # its budget), then short ones that arrive while it decodes. 30 chunks of budget leave the
-    # submitting thread room to be late on a loaded machine (40 tokens were once too few).
+    # its budget of 30 chunks), then a short one that arrives while it decodes.
     long_settings = Settings(num_samples=1, temperature=0.9, max_critique_tokens=120, seed=3)
     long = engine.submit(_items([3]), long_settings)
-    deadline = time.monotonic() + 60
-    while engine.chunks < 2:
-        assert time.monotonic() < deadline and not long.done()
-        time.sleep(0.001)
+    assert held.wait(60) and not long.done()
     short_settings = Settings(num_samples=2, temperature=0.9, max_critique_tokens=3, seed=4)
     short = engine.submit(_items([0]), short_settings)
+    submitted.set()
     _check(short.result(timeout=60), rm, [0], short_settings)
     _check(long.result(timeout=60), rm, [3], long_settings)
     long_start, long_end = engine.spans[long]
