@@ -177,12 +177,63 @@ def test_gpu_memory_budget_is_the_allocators_share_of_the_card():
 
 
 def test_gpu_target_description():
-    text = aot.GPUS["H200"].target_config((9, 1, 2))
+    text = aot.GPUS["H200"].target_config((9, 1, 2), (12, 8, 1))
     for field in ("cuda_compute_capability { major: 9 minor: 0 }", "core_count: 132",
                   f"device_memory_size: {143771 * 2**20}", "memory_bandwidth: 4800000000000",
                   'platform_name: "CUDA"', "dnn_version_info { major: 9 minor: 1 patch: 2 }",
-                  'device_description_str: "NVIDIA H200"'):
+                  'device_description_str: "NVIDIA H200"',
+                  # Without a CUDA version XLA takes the card for an older driver's and keeps
+                  # library calls and loops out of its command buffers.
+                  'runtime_version: "12.8.1"', 'driver_version: "12.8.1"',
+                  "runtime_version { major: 12 minor: 8 patch: 1 }"):
         assert field in text
+
+
+@needs_cuda_plugin
+def test_the_plugins_cuda_and_cudnn_versions_are_read():
+    # Read from the plugin (its module moved once; the fallbacks hid that the read failed).
+    versions = aot._plugin_versions()
+    assert versions is not None
+    v = int(versions.cudnn_get_version())
+    assert aot._cudnn_version() == (v // 10000, v // 100 % 100, v % 100)
+    assert aot._cuda_version()[0] == 12 and aot._cuda_version() >= (12, 3, 0)
+
+
+THUNKS_HOST_LOOP = """\
+000: kCommandBuffer [source       | next=016 (1) ]
+    001: kCustomKernel [source | sink] loop_broadcast_fusion grid: [9, 1, 1]
+016: kWhile         [prev=000 (1)  | next=000 (1) ]
+condition:
+    017: kCustomKernel [source       | next=018 (1)] input_reduce_fusion
+  body:
+    000: kCommandBuffer [source | sink]
+        019: kCustomKernel [source        | next=020 (3) ] loop_xor_fusion
+"""
+THUNKS_DEVICE_LOOPS = """\
+000: kCommandBuffer [source | sink]
+    015: kCopy [source | sink] kCopy
+    016: kWhile        [prev=015 (1)  | next=398 (1) ]
+condition:
+        017: kCustomKernel [source       | next=018 (1)] input_reduce_fusion
+      body:
+        019: kCustomKernel [source        | next=020 (3) ] loop_xor_fusion
+    431: kWhile        [prev=430 (1)  | next=831 (1) ]
+condition:
+        432: kCustomKernel [source       | next=433 (1)] input_reduce_fusion
+      body:
+        434: kCustomKernel [source        | next=435 (3) ] loop_xor_fusion
+900: kWhile [prev=431 (1) | sink]
+condition:
+    901: kCustomKernel [source | sink] input_reduce_fusion
+"""
+
+
+def test_loop_drivers_reads_which_loops_run_in_command_buffers():
+    # Shapes of the GPU compiler's dumps (a decode compiled for an H100 without and with
+    # --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL), cut short.
+    assert aot.loop_drivers(THUNKS_HOST_LOOP) == (0, 1)
+    assert aot.loop_drivers(THUNKS_DEVICE_LOOPS) == (2, 1)
+    assert aot.loop_drivers("") == (0, 0)
 
 
 @needs_cuda_plugin
@@ -262,8 +313,34 @@ def test_decode_phases_are_the_loops_compiled(capsys):
         assert rc == 0, out
         loops[phases] = int(re.search(r"(\d+) loop\(s\), \d+(-\d+)? operations launched",
                                       out).group(1))
+        # XLA's defaults keep loops out of command buffers: the host drives each of them.
+        assert ("loops in command buffers (CUDA graphs, run by the device): 0; driven by the "
+                f"host (condition read back before each iteration): {loops[phases]}") in out
     assert "64 new tokens, 2 phases)" in out
     assert loops == {None: 4, 1: 1, 2: 2}
+
+
+@needs_cuda_plugin
+def test_xla_flags_that_put_loops_in_command_buffers_are_reported(tmp_path):
+    """With loops and conditionals allowed in command buffers the decode runs as one CUDA graph:
+    no loop is left to the host (the GPU benches' sample_32_graphs measures what it is worth).
+    A dump the user asked for is read, not redirected."""
+    import os
+    import subprocess
+
+    dump = tmp_path / "dump"
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL "
+                         f"--xla_dump_to={dump}")
+    done = subprocess.run(
+        [sys.executable, "-m", "cloud_jax", "aot", *TINY, "--topology", "h100", "--sample-only",
+         "--prefix-len", "16", "--num-samples", "2", "--max-new-tokens", "64"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert ("loops in command buffers (CUDA graphs, run by the device): 4; driven by the host "
+            "(condition read back before each iteration): 0") in done.stdout
+    assert any(p.name.endswith("jit_decode.thunk_sequence_after_thunk_passes.txt")
+               for p in dump.iterdir())
 
 def test_missing_cuda_plugin(monkeypatch, capsys):
     real = importlib.util.find_spec

@@ -21,7 +21,11 @@ capability, SMs, memory, caches: :data:`GPUS`, from NVIDIA's data sheets) in pla
 the figures are the GPU compiler's own, short of autotuning, which needs the card. A step fits
 when its total is within ``--gpu-memory-fraction`` of the card's memory: JAX's allocator takes 75%
 of it by default (``XLA_PYTHON_CLIENT_MEM_FRACTION``). For a loop (the sampling decode) the
-report adds the operations each iteration launches: on a GPU one kernel each, or more.
+report adds the operations each iteration launches: on a GPU one kernel each, or more; and on a
+GPU, which loops run inside XLA's command buffers (CUDA graphs, the device running the loop) and
+which the host drives (it reads each iteration's condition before launching the next), read from
+the compiler's own thunk sequence. ``XLA_FLAGS=--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL``
+asks XLA to put loops in command buffers too.
 
 Peak bf16 FLOP/s per chip and the slice shapes are from Google's Cloud TPU system-architecture
 pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e); the HBM a program may use per chip is the
@@ -40,6 +44,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 import time
 from typing import Any, Optional, Sequence
 
@@ -84,9 +89,16 @@ class GpuSpec:
     shared_memory_per_block_optin: int
     fp32_units_per_sm: int
 
-    def target_config(self, cudnn: tuple[int, int, int]) -> str:
-        """The ``GpuTargetConfigProto`` in text format."""
+    def target_config(self, cudnn: tuple[int, int, int], cuda: tuple[int, int, int]) -> str:
+        """The ``GpuTargetConfigProto`` in text format, for cuDNN ``cudnn`` and a CUDA runtime and
+        driver of version ``cuda``.
+
+        The CUDA version decides what XLA's runtime may put in its command buffers (CUDA graphs):
+        from 12.3 on, library calls (cuBLAS, cuDNN, custom calls) and, where XLA's flags ask
+        for them, loops and conditionals run on the device; a description without one reads as
+        an older driver, and the compiled program would not be the one a card runs."""
         major, minor = self.compute_capability
+        version = ".".join(map(str, cuda))
         info = {
             "threads_per_block_limit": 1024, "threads_per_warp": 32,
             "shared_memory_per_block": 48 * 1024,
@@ -98,12 +110,14 @@ class GpuSpec:
             "clock_rate_ghz": self.clock_ghz, "device_memory_size": self.memory_bytes,
             "shared_memory_per_block_optin": self.shared_memory_per_block_optin,
             "registers_per_core_limit": 65536, "registers_per_block_limit": 65536,
+            "runtime_version": f'"{version}"', "driver_version": f'"{version}"',
         }
         fields = " ".join(f"{k}: {v}" for k, v in info.items())
         return (f"gpu_device_info {{ cuda_compute_capability {{ major: {major} minor: {minor} }} "
                 f"{fields} }} platform_name: \"CUDA\" dnn_version_info {{ major: {cudnn[0]} "
                 f"minor: {cudnn[1]} patch: {cudnn[2]} }} device_description_str: "
-                f"\"{self.device_kind}\"")
+                f"\"{self.device_kind}\" runtime_version {{ major: {cuda[0]} minor: {cuda[1]} "
+                f"patch: {cuda[2]} }}")
 
 
 # Keyed like CHIPS (whose peak FLOP/s the report uses).
@@ -210,16 +224,34 @@ def tpu_devices(sl: Slice) -> list:
     return topologies.get_topology_desc(sl.topology, "tpu", **kwargs).devices
 
 
+def _plugin_versions():
+    """JAX's CUDA plugin's module of library versions, or None."""
+    try:
+        from jax_cuda12_plugin import _versions
+
+        return _versions
+    except ImportError:
+        return None
+
+
 def _cudnn_version() -> tuple[int, int, int]:
     """The installed cuDNN's version, for the target description (9.8.0 when it cannot be
     read)."""
     try:
-        from jax_plugins.xla_cuda12 import cuda_versions
-
-        v = int(cuda_versions.cudnn_get_version())
+        v = int(_plugin_versions().cudnn_get_version())
         return v // 10000, v // 100 % 100, v % 100
     except Exception:  # noqa: BLE001 - no cuDNN library: the compile may still succeed
         return 9, 8, 0
+
+
+def _cuda_version() -> tuple[int, int, int]:
+    """The CUDA version JAX's CUDA plugin was built for (12.9.0 when it cannot be read), taken
+    as the card's runtime and driver: JAX's CUDA wheels ask for a driver at least that new."""
+    try:
+        v = int(_plugin_versions().cuda_runtime_build_version())
+        return v // 1000, v % 1000 // 10, 0
+    except Exception:  # noqa: BLE001 - an older plugin: its own CUDA 12 release
+        return 12, 9, 0
 
 
 def gpu_devices(sl: Slice) -> list:
@@ -234,7 +266,7 @@ def gpu_devices(sl: Slice) -> list:
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
     try:
         topo = topologies.get_topology_desc(
-            "", "cuda", target_config=sl.gpu.target_config(_cudnn_version()),
+            "", "cuda", target_config=sl.gpu.target_config(_cudnn_version(), _cuda_version()),
             topology=sl.topology)
     except NotImplementedError as err:  # the plugin did not register (its own error was logged)
         raise RuntimeError(f"JAX's CUDA plugin did not load ({err}): {GPU_INSTALL_HINT}") from None
@@ -260,6 +292,8 @@ class Result:
     model_flops: Optional[float] = None  # whole slice, per step
     loop_kernels: Optional[list[int]] = None  # operations per iteration of each loop
     pallas_calls: Optional[int] = None  # Pallas (Triton) kernel calls in a GPU program
+    # A GPU program's loops: (inside command buffers, driven by the host), where it could be read.
+    loop_drivers: Optional[tuple[int, int]] = None
     compile_s: Optional[float] = None  # tracing, lowering and compiling, on this host
     decode_attention: str = ""  # a decode's: XLA's or the Pallas kernel (with its call count)
     refused: str = ""  # the TPU compiler's out-of-memory message, when it refused the step
@@ -279,10 +313,56 @@ class Result:
         return f"the TPU compiler refused it: {self.refused}"
 
 
+def loop_drivers(thunks: str) -> tuple[int, int]:
+    """(loops inside a command buffer, loops the host drives) in XLA's GPU thunk sequence (the
+    text it dumps as ``*.thunk_sequence_after_thunk_passes.txt``): one thunk a line, ``NNN:
+    kKind``, nested thunks indented more than their parent. A ``kWhile`` under a
+    ``kCommandBuffer`` runs as a conditional node of a CUDA graph, on the device; one that is not
+    is XLA's while thunk, which copies the condition to the host before every iteration."""
+    on_device = by_host = 0
+    open_thunks: list[tuple[int, str]] = []  # (indent, kind) of the thunks enclosing this line
+    for line in thunks.splitlines():
+        m = re.match(r"( *)\d+: (k\w+)", line)
+        if not m:
+            continue  # "condition:", "body:" and other labels
+        indent, kind = len(m.group(1)), m.group(2)
+        while open_thunks and open_thunks[-1][0] >= indent:
+            open_thunks.pop()
+        if kind == "kWhile":
+            if any(k == "kCommandBuffer" for _, k in open_thunks):
+                on_device += 1
+            else:
+                by_host += 1
+        open_thunks.append((indent, kind))
+    return on_device, by_host
+
+
+def _thunk_sequence(lowered) -> tuple[Any, Optional[str]]:
+    """(the compiled program, its thunk sequence after XLA's thunk passes or None): compiled
+    with XLA's dump of this program into a temporary folder, or into the folder that
+    ``XLA_FLAGS``' ``--xla_dump_to`` already names (the user's dump is kept whole)."""
+    named = re.search(r"--xla_dump_to=(\S+)", os.environ.get("XLA_FLAGS", ""))
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = named.group(1) if named else scratch
+        start = time.time()
+        compiled = (lowered.compile() if named
+                    else lowered.compile(compiler_options={"xla_dump_to": folder}))
+        # Without a pass that changed the sequence, XLA dumps only the one before the passes.
+        for suffix in ("thunk_sequence_after_thunk_passes.txt", "thunk_sequence.txt"):
+            found = [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(suffix)
+                     and os.path.getmtime(os.path.join(folder, f)) >= start]
+            if found:
+                with open(max(found, key=os.path.getmtime)) as f:
+                    return compiled, f.read()
+    return compiled, None
+
+
 def _compile(name: str, lower_and_compile, loops: bool = False,
              **figures) -> tuple[Any, Result]:
     """(compiled or None, its Result); the compiler's out-of-memory refusal becomes a Result.
-    ``loops``: also count the operations per iteration of the program's loops."""
+    ``loops``: also count the operations per iteration of the program's loops; where
+    ``lower_and_compile`` returns (compiled, GPU thunk sequence), which of them run on the
+    device."""
     start = time.perf_counter()
     try:
         compiled = lower_and_compile()
@@ -290,12 +370,16 @@ def _compile(name: str, lower_and_compile, loops: bool = False,
         if "RESOURCE_EXHAUSTED" not in str(err):
             raise
         return None, Result(name, refused=str(err).splitlines()[0], **figures)
+    thunks = None
+    if isinstance(compiled, tuple):
+        compiled, thunks = compiled
     text = (compiled.as_text() or "") if loops else None
     return compiled, Result(
         name, memory_figures(compiled), xla_flops(compiled),
         loop_kernels=loop_kernels(compiled, text) if loops else None,
         # Pallas's Triton kernels are custom calls of this target in a GPU program.
         pallas_calls=text.count('custom_call_target="__gpu$xla.gpu.triton"') if loops else None,
+        loop_drivers=loop_drivers(thunks) if thunks is not None else None,
         compile_s=time.perf_counter() - start, **figures)
 
 
@@ -322,6 +406,11 @@ def report(res: Result, sl: Slice, mfu: float,
         span = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
         lines.append(f"  {len(res.loop_kernels)} loop(s), {span} operations launched per "
                      "iteration")
+    if res.loop_drivers is not None:
+        on_device, by_host = res.loop_drivers
+        lines.append(f"  loops in command buffers (CUDA graphs, run by the device): {on_device}; "
+                     f"driven by the host (condition read back before each iteration): "
+                     f"{by_host}")
     if res.decode_attention:
         lines.append(f"  decode attention: {res.decode_attention}")
     if res.xla_flops is not None:
@@ -398,14 +487,18 @@ def compile_sample(cfg: Config, devices: Sequence, *, inputs: int, prefix_len: i
         checks = f", checked every {steps_per_check} steps" if steps_per_check > 1 else ""
         if decode_phases != DECODE_PHASES:
             checks += f", {decode_phases} phase{'s' if decode_phases > 1 else ''}"
+        def lower_decode():
+            return decode.lower(params, cache, logits, keys, stops, cfg=model_cfg, rules=rules,
+                                method=Temperature(1.0), num_samples=num_samples,
+                                max_new_tokens=max_new_tokens, pad_id=0,
+                                steps_per_check=steps_per_check, decode_phases=decode_phases)
+
+        on_gpu = devices[0].platform in ("cuda", "gpu")
         _, dec_res = _compile(
             f"sampling decode ({inputs} inputs x K={num_samples}, {max_new_tokens} new "
             f"tokens{checks})",
-            lambda: decode.lower(params, cache, logits, keys, stops, cfg=model_cfg, rules=rules,
-                                 method=Temperature(1.0), num_samples=num_samples,
-                                 max_new_tokens=max_new_tokens, pad_id=0,
-                                 steps_per_check=steps_per_check,
-                                 decode_phases=decode_phases).compile(),
+            (lambda: _thunk_sequence(lower_decode())) if on_gpu
+            else lambda: lower_decode().compile(),
             loops=True)
     if dec_res.pallas_calls is not None:
         impl = model_cfg.decode_attention_impl
