@@ -164,6 +164,17 @@ def test_bench_sample_prints_the_host_and_puts_it_in_its_json(capsys):
     avx512 = "avx512f" in host_info()["vector_extensions"]
     assert result["kernel_vector_floats"] == ((16 if avx512 else 8) if kernel else None)
     assert (f"({result['kernel_vector_floats']}-float vectors)" in out) == kernel
+    # The critiques' hash: the same for the decode checked every step (it changes how the loop
+    # runs, not what it writes), another for another temperature.
+    assert re.fullmatch(r"[0-9a-f]{16}", result["critiques_sha256"])
+    assert f"(tokens sha256 {result['critiques_sha256']})" in out
+    hashes = {}
+    for extra in (["--steps-per-check", "1"], ["--temperature", "0.3"]):
+        assert sample.main(TINY_SAMPLE + ["--new-tokens", "4", "--skip-hf"] + extra) == 0
+        hashes[extra[0]] = json.loads(
+            capsys.readouterr().out.strip().splitlines()[-1])["critiques_sha256"]
+    assert hashes["--steps-per-check"] == result["critiques_sha256"]
+    assert hashes["--temperature"] != result["critiques_sha256"]
 
 
 def test_the_gpu_preset_is_the_1b_workload_and_explicit_flags_win():
@@ -255,6 +266,11 @@ def test_bench_train_in_bf16_over_fp32_masters_agrees_with_torch_autocast(capsys
     assert saved["versions"]["jax"] == jax.__version__ and saved["versions"]["python"]
 
 
+# bench sample at a tiny size on the CPU (1 input x K = 2, 2 new tokens).
+TINY_SAMPLE = ["--inputs", "1", "--samples", "2", "--prompt-len", "8", "--new-tokens", "2",
+               "--repeats", "1", "--hidden-size", "32", "--num-layers", "1", "--num-heads", "2",
+               "--num-kv-heads", "1", "--intermediate-size", "64", "--vocab-size", "64",
+               "--backend", "cpu", "--bandwidth-bytes", str(1 << 20)]
 TINY_TRAIN = ["--pairs", "1", "--seq", "16", "--hidden", "32", "--layers", "1", "--heads", "2",
               "--kv-heads", "1", "--mlp", "64", "--vocab", "64", "--repeats", "1", "--steps", "1",
               "--threads", "1", "--dtype", "bfloat16", "--backend", "cpu", "--matmul-n", "128",
@@ -327,11 +343,7 @@ def test_transformers_running_out_of_memory_leaves_our_sampling_numbers(capsys, 
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 10.70 GiB")
 
     monkeypatch.setattr(sample, "transformers_critiques_per_s", out_of_memory)
-    assert sample.main(["--inputs", "1", "--samples", "2", "--prompt-len", "8", "--new-tokens",
-                        "2", "--repeats", "1", "--hidden-size", "32", "--num-layers", "1",
-                        "--num-heads", "2", "--num-kv-heads", "1", "--intermediate-size", "64",
-                        "--vocab-size", "64", "--backend", "cpu", "--bandwidth-bytes",
-                        str(1 << 20), "--decode-layout", "standard"]) == 0
+    assert sample.main(TINY_SAMPLE + ["--decode-layout", "standard"]) == 0
     out = capsys.readouterr().out
     result = json.loads(out.strip().splitlines()[-1])
     assert result["hf_error"] == "out of memory: CUDA out of memory. Tried to allocate 10.70 GiB"
@@ -405,11 +417,7 @@ def test_the_benches_need_nothing_the_gpu_image_lacks(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     for command in (
             ["bench", "train", *TINY_TRAIN, "--skip-torch", "--phases", "sequential"],
-            ["bench", "sample", "--inputs", "1", "--samples", "2", "--prompt-len", "8",
-             "--new-tokens", "2", "--repeats", "1", "--hidden-size", "32", "--num-layers", "1",
-             "--num-heads", "2", "--num-kv-heads", "1", "--intermediate-size", "64",
-             "--vocab-size", "64", "--backend", "cpu", "--bandwidth-bytes", str(1 << 20),
-             "--skip-hf"]):
+            ["bench", "sample", *TINY_SAMPLE, "--skip-hf"]):
         done = subprocess.run([sys.executable, "-c", _REFUSE_BUNDLED, ",".join(sorted(modules)),
                                *command], cwd=root, env=env, capture_output=True, text=True,
                               timeout=300)
@@ -442,15 +450,41 @@ def test_profile_traces_one_step_and_says_where_its_time_went(capsys, tmp_path):
     result = json.loads(out.strip().splitlines()[-1])
     _check_profile(result["profile"], tmp_path / "train")
     assert "profile of one step of ours:" in out and "by kind:" in out
-    assert sample.main(["--inputs", "1", "--samples", "2", "--prompt-len", "8", "--new-tokens",
-                        "2", "--repeats", "1", "--hidden-size", "32", "--num-layers", "1",
-                        "--num-heads", "2", "--num-kv-heads", "1", "--intermediate-size", "64",
-                        "--vocab-size", "64", "--backend", "cpu", "--bandwidth-bytes",
-                        str(1 << 20), "--skip-hf", "--profile", str(tmp_path / "sample")]) == 0
+    assert sample.main(TINY_SAMPLE + ["--skip-hf", "--profile", str(tmp_path / "sample")]) == 0
     out = capsys.readouterr().out
     result = json.loads(out.strip().splitlines()[-1])
     _check_profile(result["profile"], tmp_path / "sample")
     assert "profile of one decode loop:" in out
+
+
+def test_a_profile_that_fails_is_reported_and_the_measurements_still_written(
+        capsys, tmp_path, monkeypatch):
+    """A profiler refused on the lent machine must not cost the run its record."""
+    from cloud_jax.cli.bench import profile, sample, train
+
+    def refused(fn, log_dir):
+        fn()
+        raise RuntimeError("CUPTI_ERROR_INSUFFICIENT_PRIVILEGES\nmore detail")
+
+    monkeypatch.setattr(profile, "trace", refused)
+    record = tmp_path / "train.json"
+    assert train.main(TINY_TRAIN + ["--skip-torch", "--profile", str(tmp_path / "t"),
+                                    "--record", str(record)]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    error = "RuntimeError: CUPTI_ERROR_INSUFFICIENT_PRIVILEGES"
+    assert result["profile"] == {"error": error, "trace_dir": str(tmp_path / "t")}
+    assert result["ours_tokens_per_s"] > 0
+    assert json.loads(record.read_text())["result"]["profile"]["error"] == error
+    assert f"profile of one step of ours: not taken ({error})" in out
+    record = tmp_path / "sample.json"
+    assert sample.main(TINY_SAMPLE + ["--skip-hf", "--profile", str(tmp_path / "s"),
+                        "--record", str(record)]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["profile"]["error"] == error and result["ours_critiques_per_s"] > 0
+    assert json.loads(record.read_text())["result"]["decode_step_ms"] > 0
+    assert f"[bench sample] profile of one decode loop: not taken ({error})" in out
 
 
 def test_the_train_preset_is_the_1b_workload():

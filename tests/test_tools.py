@@ -135,7 +135,7 @@ def test_gpu_benches_refuse_an_unknown_name_and_skip_what_the_budget_cannot_hold
 
 @pytest.mark.slow
 def test_gpu_benches_run_every_bench_at_a_tiny_size_on_the_cpu(tmp_path):
-    """The device call's script end to end, its benches shrunk by the flags it appends: six
+    """The device call's script end to end, its benches shrunk by the flags it appends: seven
     records, the log, the summary table and comparisons, and the profiles outside what the call
     brings back.
     The sample benches' shapes are ones the Pallas kernel takes (K x G = 8 x 2 rows)."""
@@ -149,13 +149,21 @@ def test_gpu_benches_run_every_bench_at_a_tiny_size_on_the_cpu(tmp_path):
                         EXTRA_TRAIN=tiny_train)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = tmp_path / "out"
-    names = ["sample_32", "train", "sample_32_pallas", "sample_8", "sample_32_check8",
-             "sample_8_pallas"]
+    names = ["sample_32", "train", "sample_32_pallas", "sample_8", "sample_32_graphs",
+             "sample_32_check8", "sample_8_pallas"]
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["gpu_benches.log"] + [f"gpu_{n}.json" for n in names])
     records = {n: json.loads((out / f"gpu_{n}.json").read_text()) for n in names}
     assert records["sample_32"]["result"]["profile"] and records["train"]["result"]["profile"]
     assert records["sample_32_check8"]["result"]["steps_per_check"] == 8
+    # The graphs' run is sample_32's with XLA's command-buffer flags, recorded with it; neither
+    # they nor checking every 8 steps change the critiques.
+    assert ("--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
+            in records["sample_32_graphs"]["environment"]["XLA_FLAGS"])
+    assert "XLA_FLAGS" not in records["sample_32"]["environment"]
+    hashes = {records[n]["result"]["critiques_sha256"] for n in
+              ("sample_32", "sample_32_graphs", "sample_32_check8")}
+    assert len(hashes) == 1 and len(hashes.pop()) == 16
     assert records["sample_32_pallas"]["result"]["decode_attention"] == "pallas"
     assert records["sample_32_pallas"]["result"]["profile"]
     assert records["sample_32"]["result"]["decode_attention"] == "xla"
@@ -165,16 +173,18 @@ def test_gpu_benches_run_every_bench_at_a_tiny_size_on_the_cpu(tmp_path):
     assert records["train"]["result"]["attention"] == "xla"
     assert (tmp_path / "profiles").is_dir()
     lines = done.stdout.strip().splitlines()
-    table = lines[-9:-3]
+    table = lines[-11:-4]
     assert [line.split(":")[0] for line in table] == names
     assert "mfu=" in table[1] and "decode_attention=pallas" in table[2]
-    assert "steps_per_check=8" in table[4] and "decode_attention=pallas" in table[5]
+    assert "steps_per_check=8" in table[5] and "decode_attention=pallas" in table[6]
     # Then the kernel's and the wait's steps against sample_32's, each with what it argues for.
     assert re.match(r"the Pallas decode attention: decode step [\d.e+-]+ ms against sample_32's "
                     r"[\d.e+-]+ ms \([\d.]+x\); (faster by \d+%: a case for "
                     r"model.decode_attention_impl=auto as the default|slower by \d+%: keep the "
                     r"default|within 5%: keep the default)$",
-                    lines[-3]), lines[-3]
+                    lines[-4]), lines[-4]
+    assert lines[-3].startswith("the decode loop in command buffers: decode step "), lines[-3]
     assert lines[-2].startswith("checking the end every 8 steps: decode step "), lines[-2]
+    assert not any("DIFFERENT" in line for line in lines[-4:])
     assert lines[-1].startswith("the Pallas decode attention at 8 inputs: decode step "), \
         lines[-1]

@@ -9,8 +9,11 @@
 # 3. sample_32_pallas bench sample, 32 inputs, ours only, the attention as the Pallas kernel
 #                     (cloud_jax/model/gpu_kernels.py), a decode profile
 # 4. sample_8         bench sample, 8 inputs x K = 8, with transformers
-# 5. sample_32_check8 bench sample, 32 inputs, ours only, the end checked every 8 steps
-# 6. sample_8_pallas  bench sample, 8 inputs, ours only, the Pallas kernel (each input's keys
+# 5. sample_32_graphs bench sample, 32 inputs, ours only, XLA's command buffers (CUDA graphs)
+#                     taking the decode's while loop and conditionals too (GRAPH_FLAGS), so the
+#                     host need not read the loop's condition before each step
+# 6. sample_32_check8 bench sample, 32 inputs, ours only, the end checked every 8 steps
+# 7. sample_8_pallas  bench sample, 8 inputs, ours only, the Pallas kernel (each input's keys
 #                     split over 2 programs: cloud_jax.model.gpu_kernels.splits)
 #
 # Each bench writes its record ($OUT/gpu_<name>.json, for docs/measurements/) when it finishes,
@@ -18,18 +21,22 @@
 # left is skipped and named. All output also goes to $OUT/gpu_benches.log. The profiles' traces
 # stay out of $OUT (PROFILE_DIR): what a call brings back is a few files, and each record holds
 # its profile's summary. The last lines printed are a table of the main numbers, then the
-# kernel's and the every-8-steps check's decode steps against XLA's every-step ones.
+# kernel's, the graphs' and the every-8-steps check's decode steps against sample_32's (and
+# sample_8's), and whether the graphs and the check wrote the same critiques.
 #
 # Environment: OUT (default runs/gpu_benches), PYTHON (python3), BUDGET_S (seconds for all,
-# default 560), BENCHES (which to run, in order; default all six), BACKEND (gpu),
-# PROFILE_DIR (/tmp/cloud_jax_profiles), EXTRA_SAMPLE / EXTRA_TRAIN (flags added after every
+# default 560), BENCHES (which to run, in order; default all seven), BACKEND (gpu),
+# PROFILE_DIR (/tmp/cloud_jax_profiles), GRAPH_FLAGS (XLA_FLAGS added for sample_32_graphs),
+# EXTRA_SAMPLE / EXTRA_TRAIN (flags added after every
 # sample / train bench's own: tools/device_rehearsal.sh runs this at tiny sizes on a CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-runs/gpu_benches}
 PYTHON=${PYTHON:-python3}
 BUDGET_S=${BUDGET_S:-560}
-BENCHES=${BENCHES:-sample_32 train sample_32_pallas sample_8 sample_32_check8 sample_8_pallas}
+BENCHES=${BENCHES:-sample_32 train sample_32_pallas sample_8 sample_32_graphs sample_32_check8
+sample_8_pallas}
+GRAPH_FLAGS=${GRAPH_FLAGS:---xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL}
 BACKEND=${BACKEND:-gpu}
 PROFILE_DIR=${PROFILE_DIR:-/tmp/cloud_jax_profiles}
 # Words split on spaces and newlines (read -d '' reads to the end and then returns 1).
@@ -38,9 +45,10 @@ read -r -d '' -a extra_train <<< "${EXTRA_TRAIN:-}" || true
 read -r -d '' -a benches <<< "$BENCHES" || true
 for name in "${benches[@]}"; do
     case $name in
-        sample_32 | train | sample_32_pallas | sample_8 | sample_32_check8 | sample_8_pallas) ;;
+        sample_32 | train | sample_32_pallas | sample_8 | sample_32_graphs | sample_32_check8 \
+            | sample_8_pallas) ;;
         *) echo "error: no bench named $name (sample_32, train, sample_32_pallas, sample_8," \
-                "sample_32_check8, sample_8_pallas)" >&2
+                "sample_32_graphs, sample_32_check8, sample_8_pallas)" >&2
            exit 2 ;;
     esac
 done
@@ -66,7 +74,8 @@ run() {
         return
     fi
     if ((cap > left)); then cap=$left; fi
-    echo "== $name: at most $cap s: python -m cloud_jax $*" | tee -a "$log"
+    echo "== $name: at most $cap s: ${XLA_FLAGS:+XLA_FLAGS=\"$XLA_FLAGS\" }python -m cloud_jax $*" \
+        | tee -a "$log"
     t0=$(date +%s)
     rc=0
     # A bench that fails or runs out of time is reported; the next one still runs.
@@ -83,6 +92,8 @@ for name in "${benches[@]}"; do
             --record "$OUT/gpu_$name.json" "${extra_train[@]}" ;;
         sample_8) run "$name" 200 "${sample[@]}" --inputs 8 --record "$OUT/gpu_$name.json" \
             "${extra_sample[@]}" ;;
+        sample_32_graphs) XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$GRAPH_FLAGS" run "$name" 150 \
+            "${sample[@]}" --skip-hf --record "$OUT/gpu_$name.json" "${extra_sample[@]}" ;;
         sample_32_check8) run "$name" 150 "${sample[@]}" --skip-hf --steps-per-check 8 \
             --record "$OUT/gpu_$name.json" "${extra_sample[@]}" ;;
         sample_32_pallas) run "$name" 150 "${sample[@]}" --skip-hf --decode-attention-impl pallas \
@@ -99,7 +110,7 @@ import json, os, sys
 out, names = sys.argv[1], sys.argv[2:]
 keys = ("decode_step_over_hbm_floor", "decode_step_ms", "decode_us_per_op",
         "ours_critiques_per_s", "hf_critiques_per_s", "ratio", "k8_over_k1", "steps_per_check",
-        "decode_attention", "pallas_max_abs_diff", "pallas_parts",
+        "decode_attention", "pallas_max_abs_diff", "pallas_parts", "critiques_sha256",
         "mfu", "ours_tokens_per_s", "torch_tokens_per_s", "attention", "hf_error", "torch_error",
         "attention_error")
 for name in names:
@@ -112,8 +123,10 @@ for name in names:
               for k in keys if result.get(k) is not None]
     print(f"{name}: " + ", ".join(fields))
 
-# What the next change to the defaults hangs on (docs/BENCHMARKS.md, "On one GPU"): the kernel's
-# and the wait's decode steps against XLA's at the same inputs, where both ran.
+# What the next change to the defaults hangs on (docs/BENCHMARKS.md, "On one GPU"): the kernel's,
+# the graphs' and the check's decode steps against XLA's every-step ones at the same inputs,
+# where both ran. The graphs and the check change how the decode runs, not what it computes: their
+# critiques must be sample_32's token for token.
 def step(name):
     path = os.path.join(out, f"gpu_{name}.json")
     return json.load(open(path))["result"] if name in names and os.path.exists(path) else None
@@ -121,6 +134,8 @@ def step(name):
 for name, base_name, what, default in (
         ("sample_32_pallas", "sample_32", "the Pallas decode attention",
          "model.decode_attention_impl=auto"),
+        ("sample_32_graphs", "sample_32", "the decode loop in command buffers",
+         "those XLA flags on GPUs"),
         ("sample_32_check8", "sample_32", "checking the end every 8 steps",
          "steps_per_check 8 on GPUs"),
         ("sample_8_pallas", "sample_8", "the Pallas decode attention at 8 inputs",
@@ -130,8 +145,10 @@ for name, base_name, what, default in (
         continue
     ratio = other["decode_step_ms"] / base["decode_step_ms"]
     diff = other.get("pallas_max_abs_diff")
-    agrees = diff is None or diff < 0.05
-    verdict = ("DISAGREES with XLA's attention: keep the default" if not agrees else
+    same = "pallas" in name or other.get("critiques_sha256") == base.get("critiques_sha256")
+    agrees = (diff is None or diff < 0.05) and same
+    verdict = ("DIFFERENT critiques from the same workload: a bug, keep the default" if not same
+               else "DISAGREES with XLA's attention: keep the default" if not agrees else
                f"faster by {1 - ratio:.0%}: a case for {default} as the default"
                if ratio < 0.95 else
                f"slower by {ratio - 1:.0%}: keep the default" if ratio > 1.05 else

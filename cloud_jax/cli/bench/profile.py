@@ -126,6 +126,30 @@ def report(summary_: dict, what: str) -> str:
     return "\n".join(lines)
 
 
+def traced_summary(fn: Callable[[], object], log_dir: str, what: str, prefix: str = "") -> dict:
+    """:func:`summary` of one run of ``fn`` under the profiler, printed (the first line after
+    ``prefix``); never raises.
+
+    A profile is what a bench adds to its measurements, so it must not cost them: where tracing
+    or reading the trace fails (a GPU container that refuses the profiler its counters, a trace
+    this JAX cannot read), the bench prints why and records ``{"error", "trace_dir"}`` in place
+    of the summary, and its timed numbers and record are written as without ``--profile``.
+    """
+    try:
+        result = summary(trace(fn, log_dir))
+    except Exception as err:  # noqa: BLE001 - whatever the profiler raises is reported
+        lines = str(err).strip().splitlines()
+        error = type(err).__name__ + (f": {lines[0]}" if lines else "")
+        print(f"{prefix}profile of {what}: not taken ({error}); the measurements stand",
+              flush=True)
+        return {"error": error, "trace_dir": log_dir}
+    print(prefix + report(result, what), flush=True)
+    if not result["top"]:
+        print("  the trace holds no timed XLA operations (on a GPU: does this container let the "
+              "profiler read the device's activity, CUPTI?)", flush=True)
+    return result
+
+
 def loop_kernels(compiled, text: Optional[str] = None) -> list[int]:
     """For each loop of the compiled program's entry computation, the operations one iteration
     launches: fusions, library calls, copies (not tuples, bitcasts or constants), an inner loop's

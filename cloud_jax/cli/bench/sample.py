@@ -28,6 +28,7 @@ same run (``decode_step_over_hbm_floor``).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from typing import Optional, Sequence
@@ -368,9 +369,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ours_s, out = _best(lambda: ours(k), args.repeats)
     ours_k1_s, _ = _best(lambda: ours(1), args.repeats)
     ours_cps = b * k / ours_s
+    # The critiques' tokens and lengths, hashed: two runs of one workload that differ only in
+    # how the decode is run (XLA flags, --steps-per-check) must write the same critiques.
+    critiques_sha256 = hashlib.sha256(np.ascontiguousarray(out.tokens, np.int32).tobytes()
+                                      + np.ascontiguousarray(out.lengths, np.int32).tobytes()
+                                      ).hexdigest()[:16]
     print(f"[bench sample] ours: {ours_s:.2f}s for {b * k} critiques ({ours_cps:.2f}/s), "
-          f"mean critique length {out.lengths.mean():.1f}; K=1: {ours_k1_s:.2f}s, "
-          f"K={k}/K=1 = {ours_s / ours_k1_s:.2f}", flush=True)
+          f"mean critique length {out.lengths.mean():.1f} (tokens sha256 {critiques_sha256}); "
+          f"K=1: {ours_k1_s:.2f}s, K={k}/K=1 = {ours_s / ours_k1_s:.2f}", flush=True)
 
     # Decode step alone: the prefill is timed apart and the loop's step count read back.
     ids, mask = pad_prefixes(prompts, p)
@@ -398,8 +404,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.profile:
         from cloud_jax.cli.bench import profile
 
-        profile_summary = profile.summary(profile.trace(run_decode, args.profile))
-        print(f"[bench sample] {profile.report(profile_summary, 'one decode loop')}", flush=True)
+        profile_summary = profile.traced_summary(run_decode, args.profile, "one decode loop",
+                                                 prefix="[bench sample] ")
     # Steps up to the last row's end; the loop runs on to its next check of the end.
     steps = int(np.max(np.asarray(res[1]))) + 1
     c = args.steps_per_check
@@ -495,6 +501,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "workload": {"inputs": b, "samples": k, "prompt_len": p, "new_tokens": m,
                      "params_m": round(n_params / 1e6, 1)},
         "k8_over_k1": round(ours_s / ours_k1_s, 3),
+        "critiques_sha256": critiques_sha256,
         "profile": profile_summary,
         **host,
     }

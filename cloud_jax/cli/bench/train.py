@@ -384,8 +384,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.profile:
         from cloud_jax.cli.bench import profile
 
-        result["profile"] = profile.summary(profile.trace(fns["ours"], args.profile))
-        print(profile.report(result["profile"], "one step of ours"))
+        result["profile"] = profile.traced_summary(fns["ours"], args.profile, "one step of ours")
     result.update(host)
     print(json.dumps(result))
     if args.record:
