@@ -146,7 +146,7 @@ def test_gpu_benches_run_every_bench_at_a_tiny_size_on_the_cpu(tmp_path):
     tiny_train = ("--pairs 1 --seq 16 --hidden 32 --layers 1 --heads 2 --kv-heads 1 --mlp 64 "
                   "--vocab 64 --repeats 1 --steps 1 --matmul-n 128 --skip-torch")
     done = _gpu_benches(tmp_path, BACKEND="cpu", EXTRA_SAMPLE=tiny_sample,
-                        EXTRA_TRAIN=tiny_train)
+                        EXTRA_TRAIN=tiny_train, AUTOTUNE_DIR=str(tmp_path / "autotune"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = tmp_path / "out"
     names = ["sample_32", "train", "sample_32_pallas", "sample_8", "sample_32_graphs",
@@ -158,9 +158,12 @@ def test_gpu_benches_run_every_bench_at_a_tiny_size_on_the_cpu(tmp_path):
     assert records["sample_32_check8"]["result"]["steps_per_check"] == 8
     # The graphs' run is sample_32's with XLA's command-buffer flags, recorded with it; neither
     # they nor checking every 8 steps change the critiques.
-    assert ("--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
-            in records["sample_32_graphs"]["environment"]["XLA_FLAGS"])
-    assert "XLA_FLAGS" not in records["sample_32"]["environment"]
+    flags = {n: records[n]["environment"]["XLA_FLAGS"] for n in names}
+    assert "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" in flags["sample_32_graphs"]
+    assert all("command_buffer" not in flags[n] for n in names if n != "sample_32_graphs")
+    # Every bench shares one cache of XLA's autotuning results: the same fusions, the same kernels.
+    tuned = f"--xla_gpu_per_fusion_autotune_cache_dir={tmp_path / 'autotune'}"
+    assert all(tuned in flags[n] for n in names)
     hashes = {records[n]["result"]["critiques_sha256"] for n in
               ("sample_32", "sample_32_graphs", "sample_32_check8")}
     assert len(hashes) == 1 and len(hashes.pop()) == 16

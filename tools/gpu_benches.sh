@@ -27,8 +27,11 @@
 # Environment: OUT (default runs/gpu_benches), PYTHON (python3), BUDGET_S (seconds for all,
 # default 560), BENCHES (which to run, in order; default all seven), BACKEND (gpu),
 # PROFILE_DIR (/tmp/cloud_jax_profiles), GRAPH_FLAGS (XLA_FLAGS added for sample_32_graphs),
-# EXTRA_SAMPLE / EXTRA_TRAIN (flags added after every
-# sample / train bench's own: tools/device_rehearsal.sh runs this at tiny sizes on a CPU).
+# AUTOTUNE_DIR (/tmp/cloud_jax_autotune: XLA's per-fusion autotuning results, shared by the
+# benches, so that the same fusion gets the same kernel in every bench, which the critiques'
+# comparison needs, and later benches skip tuning what an earlier one tuned), EXTRA_SAMPLE /
+# EXTRA_TRAIN (flags added after every sample / train bench's own: tools/device_rehearsal.sh
+# runs this at tiny sizes on a CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-runs/gpu_benches}
@@ -39,6 +42,7 @@ sample_8_pallas}
 GRAPH_FLAGS=${GRAPH_FLAGS:---xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL}
 BACKEND=${BACKEND:-gpu}
 PROFILE_DIR=${PROFILE_DIR:-/tmp/cloud_jax_profiles}
+AUTOTUNE_DIR=${AUTOTUNE_DIR:-/tmp/cloud_jax_autotune}
 # Words split on spaces and newlines (read -d '' reads to the end and then returns 1).
 read -r -d '' -a extra_sample <<< "${EXTRA_SAMPLE:-}" || true
 read -r -d '' -a extra_train <<< "${EXTRA_TRAIN:-}" || true
@@ -53,6 +57,8 @@ for name in "${benches[@]}"; do
     esac
 done
 export PYTHONUNBUFFERED=1
+mkdir -p "$AUTOTUNE_DIR"
+export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_per_fusion_autotune_cache_dir=$AUTOTUNE_DIR"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
 log="$OUT/gpu_benches.log"
@@ -147,7 +153,8 @@ for name, base_name, what, default in (
     diff = other.get("pallas_max_abs_diff")
     same = "pallas" in name or other.get("critiques_sha256") == base.get("critiques_sha256")
     agrees = (diff is None or diff < 0.05) and same
-    verdict = ("DIFFERENT critiques from the same workload: a bug, keep the default" if not same
+    verdict = ("DIFFERENT critiques from the same workload and kernels: keep the default"
+               if not same
                else "DISAGREES with XLA's attention: keep the default" if not agrees else
                f"faster by {1 - ratio:.0%}: a case for {default} as the default"
                if ratio < 0.95 else
