@@ -246,7 +246,8 @@ def _cudnn_version() -> tuple[int, int, int]:
 
 def _cuda_version() -> tuple[int, int, int]:
     """The CUDA version JAX's CUDA plugin was built for (12.9.0 when it cannot be read), taken
-    as the card's runtime and driver: JAX's CUDA wheels ask for a driver at least that new."""
+    as the card's runtime and driver: a card that runs this plugin has a CUDA 12 driver, and
+    what XLA decides by the version (command buffers) asks only for 12.3 or newer."""
     try:
         v = int(_plugin_versions().cuda_runtime_build_version())
         return v // 1000, v % 1000 // 10, 0
@@ -487,6 +488,7 @@ def compile_sample(cfg: Config, devices: Sequence, *, inputs: int, prefix_len: i
         checks = f", checked every {steps_per_check} steps" if steps_per_check > 1 else ""
         if decode_phases != DECODE_PHASES:
             checks += f", {decode_phases} phase{'s' if decode_phases > 1 else ''}"
+
         def lower_decode():
             return decode.lower(params, cache, logits, keys, stops, cfg=model_cfg, rules=rules,
                                 method=Temperature(1.0), num_samples=num_samples,
