@@ -10,7 +10,7 @@
 #                     (cloud_jax/model/gpu_kernels.py), a decode profile
 # 4. sample_8         bench sample, 8 inputs x K = 8, with transformers
 # 5. sample_32_graphs bench sample, 32 inputs, ours only, XLA's command buffers (CUDA graphs)
-#                     taking the decode's while loop and conditionals too (GRAPH_FLAGS), so the
+#                     taking the decode's while loops too (GRAPH_FLAGS), so the
 #                     host need not read the loop's condition before each step
 # 6. sample_32_check8 bench sample, 32 inputs, ours only, the end checked every 8 steps
 # 7. sample_8_pallas  bench sample, 8 inputs, ours only, the Pallas kernel (each input's keys

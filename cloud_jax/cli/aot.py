@@ -94,9 +94,9 @@ class GpuSpec:
         driver of version ``cuda``.
 
         The CUDA version decides what XLA's runtime may put in its command buffers (CUDA graphs):
-        from 12.3 on, library calls (cuBLAS, cuDNN, custom calls) and, where XLA's flags ask
-        for them, loops and conditionals run on the device; a description without one reads as
-        an older driver, and the compiled program would not be the one a card runs."""
+        from 12.3 on, library calls (cuBLAS, cuDNN, custom calls), conditionals and, where XLA's
+        flags ask for them, loops run on the device; a description without one reads as an
+        older driver, and the compiled program would not be the one a card runs."""
         major, minor = self.compute_capability
         version = ".".join(map(str, cuda))
         info = {
