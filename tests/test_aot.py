@@ -109,6 +109,32 @@ def test_does_not_fit(monkeypatch, capsys):
 
 
 @needs_libtpu
+def test_programs_for_a_topology_stay_out_of_the_persistent_compilation_cache(tmp_path):
+    """JAX cannot load a program compiled for a topology back from its persistent cache: a user
+    with JAX_COMPILATION_CACHE_DIR set got "Error reading persistent compilation cache entry" from
+    every `aot` run after the first. `aot` writes no entries, and puts the setting back for an
+    in-process caller."""
+    import os
+    import subprocess
+
+    import jax
+
+    cache = tmp_path / "cache"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    done = subprocess.run([sys.executable, "-m", "cloud_jax", "aot", *TINY, "--topology", "v5e-4"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "persistent compilation cache" not in done.stderr
+    assert not cache.exists() or not any(cache.iterdir())
+
+    before = jax.config.jax_enable_compilation_cache
+    assert aot.main(TINY + ["--topology", "v5e-4"]) == 0
+    assert jax.config.jax_enable_compilation_cache == before
+
+
+@needs_libtpu
 def test_compiler_refuses_out_of_memory(capsys):
     # 2048 pairs x 2 x 1024 tokens of fp32 logits alone are 17 GiB: more than a v5e chip holds.
     rc = aot.main(["--config", "configs/tiny_cpu_cloud.yaml", "data.batch_pairs=2048",
@@ -341,6 +367,7 @@ def test_xla_flags_that_put_loops_in_command_buffers_are_reported(tmp_path):
             "(condition read back before each iteration): 0") in done.stdout
     assert any(p.name.endswith("jit_decode.thunk_sequence_after_thunk_passes.txt")
                for p in dump.iterdir())
+
 
 def test_missing_cuda_plugin(monkeypatch, capsys):
     real = importlib.util.find_spec

@@ -212,7 +212,12 @@ def test_missing_commit_marker_is_not_resumed_from(toy, two_checkpoints, tmp_pat
 
 
 def test_no_usable_checkpoint_is_an_error_naming_each_path_not_a_fresh_start(
-        toy, two_checkpoints, tmp_path):
+        toy, two_checkpoints, tmp_path, monkeypatch):
+    from cloud_jax.training.checkpointing import Checkpointer
+
+    closed = []
+    close = Checkpointer.close
+    monkeypatch.setattr(Checkpointer, "close", lambda self: (closed.append(self), close(self)))
     out = _copy(two_checkpoints, tmp_path / "run")
     ckpts = os.path.join(out, "checkpoints")
     _truncate_arrays(os.path.join(ckpts, "4"))
@@ -222,6 +227,8 @@ def test_no_usable_checkpoint_is_an_error_naming_each_path_not_a_fresh_start(
     message = str(err.value)
     assert os.path.join(ckpts, "4") in message and os.path.join(ckpts, "2") in message, message
     assert "no usable checkpoint" in message
+    # The failed run closed its checkpoint manager (a caller in the same process goes on).
+    assert len(closed) == 1
 
 
 def test_restoring_into_another_model_shape_names_the_keys_and_shapes(

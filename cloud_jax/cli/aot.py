@@ -38,6 +38,7 @@ chips.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import math
@@ -550,6 +551,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--steps-per-check {args.steps_per_check}: give a whole number >= 1")
     if args.decode_phases < 1:
         parser.error(f"--decode-phases {args.decode_phases}: give a whole number >= 1")
+    with _without_compilation_cache():
+        return _run(args)
+
+
+@contextlib.contextmanager
+def _without_compilation_cache():
+    """Every program here is compiled for a topology this host does not have, and JAX cannot load
+    such a program back from its persistent compilation cache: a later run would warn "Error
+    reading persistent compilation cache entry ... PjRtCompiler must be constructed with a
+    Client" and compile again, and each run would write entries nothing can read. A process
+    decides at its first compile whether it uses the cache, so this holds where `aot` runs as
+    its own command; the setting is put back afterwards."""
+    before = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", before)
+
+
+def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     sl = parse_slice(args.topology)
     try:

@@ -9,6 +9,7 @@ orbax coordinates the checkpoint writes of all processes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -405,33 +406,41 @@ def run(cfg: Config) -> dict:
 
     ckpt = Checkpointer(run_checkpoint_dir(tc.checkpoint_dir, cfg.output_dir),
                         tc.keep_checkpoints, tc.async_checkpointing)
-    data_iter = batch_iterator(cfg.data, train_source)
-    builder, state = _restore_or_init(cfg, mesh, ckpt, data_iter)
-    model_cfg = builder.model_cfg
-    resolved = dataclasses.replace(cfg, model=model_cfg)
-    resolved_dict = to_dict(resolved)
-    if _is_main():
-        save_config(resolved, storage.join(cfg.output_dir, "config.yaml"))
-    start_step = int(jax.device_get(state["step"]))
-    n_params = count_params(state["params"])
-    log.info("stage %s: %s parameters, steps %d -> %d of %d, mesh %s, %d process(es)",
-             tc.stage, f"{n_params:,}", start_step, end_step, tc.total_steps,
-             dict(mesh.shape), jax.process_count())
+    # Until the loop's `finally` below takes them over, a failure while setting up (no usable
+    # checkpoint, a model that does not fit, a compile error) closes what is open, so that a
+    # caller going on in the same process is not left with the checkpoint manager's threads.
+    with contextlib.ExitStack() as setup:
+        setup.callback(ckpt.close)
+        data_iter = batch_iterator(cfg.data, train_source)
+        builder, state = _restore_or_init(cfg, mesh, ckpt, data_iter)
+        model_cfg = builder.model_cfg
+        resolved = dataclasses.replace(cfg, model=model_cfg)
+        resolved_dict = to_dict(resolved)
+        if _is_main():
+            save_config(resolved, storage.join(cfg.output_dir, "config.yaml"))
+        start_step = int(jax.device_get(state["step"]))
+        n_params = count_params(state["params"])
+        log.info("stage %s: %s parameters, steps %d -> %d of %d, mesh %s, %d process(es)",
+                 tc.stage, f"{n_params:,}", start_step, end_step, tc.total_steps,
+                 dict(mesh.shape), jax.process_count())
 
-    writer = MetricsWriter(_resolve(tc.metrics_file, cfg.output_dir),
-                           _resolve(tc.tensorboard_dir, cfg.output_dir), resolved_dict,
-                           enabled=_is_main(), wandb_project=tc.wandb_project,
-                           wandb_run_name=tc.wandb_run_name)
-    evaluator = Evaluator(cfg, builder, eval_source) if eval_source is not None else None
-    train_step = builder.train_step()
-    peak = peak_flops(jax.devices()[0].device_kind, tc.peak_flops_per_device)
-    summary: dict = {"step": start_step, "train": {}, "eval": {}, "final_dir": None,
-                     "data": dataset.stats, "preempted": False}
-    window = _LogWindow(train_step, peak)
-    bar = tqdm(total=tc.total_steps, initial=start_step, disable=not (_is_main()
-                                                                       and tc.progress_bar),
-               desc=tc.stage, dynamic_ncols=True)
-    preemption = _PreemptionWatch(ckpt)
+        writer = MetricsWriter(_resolve(tc.metrics_file, cfg.output_dir),
+                               _resolve(tc.tensorboard_dir, cfg.output_dir), resolved_dict,
+                               enabled=_is_main(), wandb_project=tc.wandb_project,
+                               wandb_run_name=tc.wandb_run_name)
+        setup.callback(writer.close)
+        evaluator = Evaluator(cfg, builder, eval_source) if eval_source is not None else None
+        train_step = builder.train_step()
+        peak = peak_flops(jax.devices()[0].device_kind, tc.peak_flops_per_device)
+        summary: dict = {"step": start_step, "train": {}, "eval": {}, "final_dir": None,
+                         "data": dataset.stats, "preempted": False}
+        window = _LogWindow(train_step, peak)
+        bar = tqdm(total=tc.total_steps, initial=start_step, disable=not (_is_main()
+                                                                           and tc.progress_bar),
+                   desc=tc.stage, dynamic_ncols=True)
+        setup.callback(bar.close)
+        preemption = _PreemptionWatch(ckpt)
+        setup.pop_all()
     try:
         for step in range(start_step + 1, end_step + 1):
             local = next(data_iter)
