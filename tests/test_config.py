@@ -45,6 +45,19 @@ def test_bad_config_names_the_key(tmp_path, text, override, needle):
         load_config(path, override)
 
 
+def test_a_key_given_in_the_wrong_section_names_where_it_is(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  learning_rate: 1.0e-4\n")
+    with pytest.raises(ConfigError, match=r"learning_rate is a key of another section: "
+                                          r"optim\.learning_rate$"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"another section: model\.rope_scaling\.factor$"):
+        load_config(None, ["train.factor=2"])
+    with pytest.raises(ConfigError) as err:  # a key no section has: no section named
+        load_config(None, ["train.lr=1"])
+    assert "another section" not in str(err.value)
+
+
 def test_an_empty_override_of_a_text_field_is_the_empty_text(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(YAML + "data:\n  eval_path: eval.jsonl\n")

@@ -127,12 +127,36 @@ class Config:
     init_from: str = ""
 
 
-def _explain(err: Exception, source: str) -> ConfigError:
-    """An OmegaConf error as a ConfigError naming its key."""
+def _explain(err: Exception, source: str, schema: type) -> ConfigError:
+    """An OmegaConf error as a ConfigError naming its key, and for a key the schema does not have,
+    the keys it may have meant."""
+    from omegaconf.errors import ConfigKeyError
+
     key = getattr(err, "full_key", None)
     msg = (getattr(err, "msg", None) or str(err)).splitlines()[0]
     where = f" key '{key}'" if key else ""
-    return ConfigError(f"{source}:{where}: {msg}")
+    hint = _did_you_mean(key, schema) if key and isinstance(err, ConfigKeyError) else ""
+    return ConfigError(f"{source}:{where}: {msg}{hint}")
+
+
+def _did_you_mean(key: str, schema: type) -> str:
+    """For `train.learning_rate`: '; learning_rate is a key of another section: optim.learning_rate'
+    (OmegaConf itself suggests the close spellings within the section)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    last = key.rsplit(".", 1)[-1]
+    found: list[str] = []
+
+    def walk(node, prefix: str) -> None:
+        for name in node:
+            child = node._get_node(name)
+            if isinstance(child, DictConfig) and not child._is_none():
+                walk(child, f"{prefix}{name}.")
+            elif name == last:
+                found.append(f"{prefix}{name}")
+
+    walk(OmegaConf.structured(schema), "")
+    return f"; {last} is a key of another section: {' or '.join(found)}" if found else ""
 
 
 def _make_writable(node) -> None:
@@ -158,7 +182,7 @@ def config_from_dict(data: dict, overrides: Sequence[str] = (), schema: type = C
     try:
         merged = OmegaConf.merge(base, OmegaConf.create(data or {}))
     except OmegaConfBaseException as err:
-        raise _explain(err, source) from None
+        raise _explain(err, source, schema) from None
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. model.num_layers=4")
@@ -171,11 +195,11 @@ def config_from_dict(data: dict, overrides: Sequence[str] = (), schema: type = C
                 continue
             merged.merge_with(OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as err:
-            raise _explain(err, f"override {item!r}") from None
+            raise _explain(err, f"override {item!r}", schema) from None
     try:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        raise _explain(err, source) from None
+        raise _explain(err, source, schema) from None
     if isinstance(cfg, Config):
         cfg.model.validate()
         cfg.optim.validate()
