@@ -68,6 +68,23 @@ def test_an_empty_override_of_a_text_field_is_the_empty_text(tmp_path):
         load_config(path, ["model.num_layers="])
 
 
+def test_a_text_override_is_taken_as_given_not_as_yaml():
+    """What a shell passes for data.critique_prefix="Critique: " is text, not a mapping; its
+    trailing space is the layout's; 0123 is not an octal number."""
+    def prefix(value):
+        return load_config(None, [f"data.critique_prefix={value}"]).data.critique_prefix
+
+    assert prefix("Critique: ") == "Critique: "
+    assert prefix("Feedback - ") == "Feedback - "
+    assert prefix('"Critique: "') == "Critique: "  # quoted whole: unquoted as YAML does
+    assert prefix("'it''s: '") == "it's: "
+    assert prefix("'half") == "'half"
+    assert load_config(None, ["data.tokenizer=0123"]).data.tokenizer == "0123"
+    assert load_config(None, ["data.train_path=a.jsonl,b.jsonl"]).data.train_path == \
+        "a.jsonl,b.jsonl"
+    assert load_config(None, ["seed=12"]).seed == 12  # a number key still reads a number
+
+
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")

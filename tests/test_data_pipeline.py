@@ -89,6 +89,17 @@ def test_tfds_counts_drops_and_rejects(tmp_path):
     cut = prepare_dataset(_cfg(tmp_path, lenient=True, overlength_policy="truncate_prompt"),
                           byte_tokenizer(), "critique")
     assert (cut.stats["train"]["pairs"], cut.stats["train"]["prompt_truncated"]) == (4, 1)
+    # Another dataset in the same tfds_dir keeps its rejects apart: the cached first one's
+    # stats still point at a file holding its own.
+    other = tmp_path / "other"
+    other.mkdir()
+    _write(other / "train.jsonl", _rows(3) + [dict(_rows(1)[0], id="r1")])
+    b = prepare_dataset(dataclasses.replace(cfg, train_path=str(other / "train.jsonl")),
+                        byte_tokenizer(), "critique")
+    assert b.stats["train"]["rejects_path"] != stats["rejects_path"]
+    again = prepare_dataset(cfg, byte_tokenizer(), "critique").stats["train"]
+    assert again["rejects_path"] == stats["rejects_path"]
+    assert json.loads(open(again["rejects_path"]).read())["line"] == 5
 
 
 def test_tfds_build_strict_error_and_eval_split(tmp_path):

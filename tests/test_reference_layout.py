@@ -100,6 +100,25 @@ def test_export_import_round_trip_is_exact_and_loads_in_torch(tmp_path):
     np.testing.assert_allclose(np.asarray(rewards), want.numpy(), atol=1e-5, rtol=0)
 
 
+def test_saving_over_an_earlier_sharded_export_loads_the_new_weights(tmp_path):
+    from cloud_jax.checkpoints import hf as hf_io
+
+    cfg = ModelConfig(vocab_size=61, hidden_size=HIDDEN, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2)
+    old, new = (cloud_jax.from_config(cfg, seed=s) for s in (1, 2))
+    out = tmp_path / "out"
+    # The old model as a large one is written: shards and an index.
+    hf_io.write_safetensors(hf_io.hf_state_dict(old.params, cfg, with_head=True,
+                                                hf_prefix=hf_io.REWARD_PREFIX), out,
+                            max_shard_bytes=20_000)
+    assert (out / "model.safetensors.index.json").exists()
+    new.save_pretrained(out)
+    assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
+    back = cloud_jax.load(out)
+    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(back.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_plain_hf_directory_loads_with_fresh_head(tmp_path):
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(_base_config()).save_pretrained(tmp_path)

@@ -123,7 +123,8 @@ def test_malformed_row_is_an_error_naming_file_line_and_field(toy, tmp_path, cap
     # Lenient mode skips both bad rows, writes them to the rejects file, and trains.
     assert main(args + ["data.lenient=true", "train.total_steps=2",
                         "train.export_final=false"]) == 0
-    rejects = tmp_path / "tfds" / "rejects-train.jsonl"
+    # Beside the dataset built from these rows (tfds/cloud_pairs/<dataset>/).
+    [rejects] = (tmp_path / "tfds" / "cloud_pairs").glob("*/rejects-train.jsonl")
     assert len(rejects.read_text().splitlines()) == 2
 
 
@@ -301,3 +302,96 @@ def test_a_saved_step_exports_as_the_final_step_does(toy, tmp_path):
         main(["--checkpoint", str(out), "--step", "3", "--out", str(tmp_path / "s3")])
     with pytest.raises(CheckpointError, match="training run's output_dir.*export-hf --checkpoint"):
         cloud_jax.load(out)
+
+
+def test_a_resume_after_a_crash_logs_each_step_once_and_uses_the_new_attention_choice(
+        toy, tmp_path, caplog):
+    """An attempt that died after logging steps it never checkpointed leaves lines the resume
+    drops; a changed attention choice is used, not just logged; a train split whose rows changed
+    is named; settings that did not change are not reported as changed."""
+    import logging
+    import shutil
+
+    import yaml
+
+    train = str(tmp_path / "train.jsonl")
+    shutil.copy(toy["train"], train)
+    out = str(tmp_path / "run")
+    common = ["train.total_steps=4", "train.log_every=1", "train.eval_every=0",
+              "train.export_final=false", f"data.train_path={train}"]
+    run(tiny("classic", toy, out, *common, "train.stop_at_step=2"))
+    metrics, throughput = (os.path.join(out, name) for name in ("metrics.jsonl",
+                                                               "throughput.jsonl"))
+    logged = open(metrics).read()
+    # What an attempt killed after step 3, and mid-line, would have left.
+    for path in (metrics, throughput):
+        with open(path, "a") as f:
+            f.write('{"step": 3, "split": "train", "loss": 9.0}\n{"step": 4, "spl')
+    with caplog.at_level(logging.WARNING):
+        run(tiny("classic", toy, out, *common, "train.stop_at_step=3"))
+    assert "changed settings" not in caplog.text  # nothing changed: no (list vs tuple) noise
+    steps = [json.loads(line)["step"] for line in open(metrics)]
+    assert steps == [1, 2, 3] and open(metrics).read().startswith(logged)
+    assert [json.loads(line)["step"] for line in open(throughput)] == [1, 2, 3]
+    assert json.loads(open(metrics).read().splitlines()[-1])["loss"] != 9.0
+
+    rows = open(train).read().splitlines(keepends=True)
+    with open(train, "w") as f:
+        f.writelines(rows[:100])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        run(tiny("classic", toy, out, *common, "model.decode_attention_impl=auto"))
+    assert "model.decode_attention_impl: 'xla' -> 'auto'" in caplog.text
+    assert "the train split's rows, or how they are tokenized, changed" in caplog.text
+    saved = yaml.safe_load(open(os.path.join(out, "config.yaml")))
+    assert saved["model"]["decode_attention_impl"] == "auto"
+    assert [json.loads(line)["step"] for line in open(metrics)] == [1, 2, 3, 4]
+
+
+def test_init_from_takes_the_checkpoints_architecture_and_says_what_it_overrides(
+        toy, tmp_path, caplog):
+    import logging
+
+    import cloud_jax
+
+    base = tiny("critique_sft", toy, str(tmp_path / "unused"))
+    init = str(tmp_path / "init")
+    cloud_jax.from_config(base.model, seed=1).save_pretrained(init)
+    for override, key in (("model.head_dim=32", "head_dim: config 32, checkpoint 16"),
+                          ("model.attention_bias=true", "attention_bias: config True")):
+        with pytest.raises(ConfigError, match=key):
+            run(tiny("critique_sft", toy, str(tmp_path / "bad"), f"init_from={init}", override,
+                     "train.total_steps=1"))
+    out = str(tmp_path / "run")
+    with caplog.at_level(logging.WARNING):
+        run(tiny("critique_sft", toy, out, f"init_from={init}", "model.rope_theta=500000",
+                 "train.total_steps=1", "train.eval_every=0", "train.export_final=false"))
+    assert "rope_theta: config 500000.0, checkpoint 10000.0" in caplog.text
+    assert "bos_token_id" not in caplog.text  # left at None in the model section: not given
+
+
+def test_eval_reads_the_whole_split_and_a_split_without_a_full_batch_is_a_config_error(
+        toy, tmp_path):
+    summary = run(tiny("classic", toy, str(tmp_path / "a"), "data.batch_pairs=24",
+                       "data.drop_remainder=true", "train.total_steps=1", "train.eval_every=1",
+                       "train.export_final=false"))
+    assert summary["eval"]["pairs"] == 32  # not the 24 of one full batch
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(open(toy["train"]).read().splitlines(keepends=True)[:5]))
+    for steps in ("0", "1"):
+        with pytest.raises(ConfigError, match="no full batch of data.batch_pairs=16 with "
+                                              "data.drop_remainder=true"):
+            run(tiny("classic", toy, str(tmp_path / "b"), f"data.train_path={small}",
+                     "data.drop_remainder=true", f"train.total_steps={steps}"))
+    assert not os.path.exists(tmp_path / "b" / "checkpoints")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.attention_impl=cudnn", "model.attention_impl=cudnn runs on NVIDIA GPUs only"),
+    ("data.rejects_path=foo://bucket/rejects.jsonl", "data.rejects_path='foo://bucket/rejects"),
+])
+def test_settings_this_machine_cannot_run_are_config_errors_before_training(
+        toy, tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        run(tiny("classic", toy, str(tmp_path / "run"), override, "model.dtype=bfloat16",
+                 "data.lenient=true"))

@@ -478,10 +478,15 @@ def hf_state_dict(params: Params, cfg: ModelConfig, *, with_head: bool,
 
 def write_safetensors(tensors: dict[str, np.ndarray], directory: Path,
                       max_shard_bytes: int = 4 << 30) -> None:
-    """Writes ``model.safetensors``, or shards plus ``model.safetensors.index.json`` when large."""
+    """Writes ``model.safetensors``, or shards plus ``model.safetensors.index.json`` when large.
+    The weight files of an earlier save into ``directory`` go first: a stale index (or shard)
+    would otherwise be what a load reads."""
     from safetensors.numpy import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
+    for stale in [directory / "model.safetensors", directory / "model.safetensors.index.json",
+                  *directory.glob("model-[0-9]*-of-[0-9]*.safetensors")]:
+        stale.unlink(missing_ok=True)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name, arr in tensors.items():

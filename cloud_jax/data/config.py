@@ -92,7 +92,8 @@ class DataConfig:
     # Skip bad rows (and duplicate ids, chosen == rejected) instead of failing; each is written to
     # the rejects file with its file, line, field and reason.
     lenient: bool = False
-    # Empty: <tfds_dir>/rejects-<split>.jsonl.
+    # Empty: <tfds_dir>/cloud_pairs/<dataset config name>/rejects-<split>.jsonl, beside the
+    # dataset built from these rows. A path without {split} gets -<split> added.
     rejects_path: str = ""
     critique_prefix: str = CRITIQUE_PREFIX
     # How the critique turn is tokenized (LAYOUT_VERSIONS); the export records it and scoring
@@ -105,6 +106,7 @@ class DataConfig:
     seed: int = 0
     num_epochs: int = 1
     # False: the last partial batch of an epoch is filled with pair_valid=0 pairs; True: dropped.
+    # Training's eval split is always read whole (as with False).
     drop_remainder: bool = False
     # Where tokenized datasets are stored (one subdirectory per rows/tokenizer/settings hash); a
     # local directory or a gs:// URL (mirrored locally, docs/TRAINING.md "Storage").

@@ -200,6 +200,8 @@ class PreparedDataset:
     config_name: str
     # Per split: rows, rejected_rows, pairs, dropped_overlength, prompt_truncated, rejects_path.
     stats: Dict[str, dict]
+    # Per split: a digest of what its records depend on (source rows, tokenizer, settings).
+    split_fingerprints: Dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -241,18 +243,24 @@ def prepare_dataset(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, layout:
                              overlength_policy=cfg.overlength_policy,
                              critique_prefix=cfg.critique_prefix, lenient=cfg.lenient,
                              layout_version=cfg.layout_version)
-    fingerprint = json.dumps({
-        "version": str(CloudPairs.VERSION), "settings": dataclasses.asdict(settings),
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "splits": {s: [source_digest(p, source_splits[s]) for p in files]
-                   for s, files in split_files.items()},
-        **({"columns": columns} if columns else {}),
-    }, sort_keys=True)
+    common = {"version": str(CloudPairs.VERSION), "settings": dataclasses.asdict(settings),
+              "tokenizer": tokenizer_fingerprint(tokenizer),
+              **({"columns": columns} if columns else {})}
+    sources = {s: [source_digest(p, source_splits[s]) for p in files]
+               for s, files in split_files.items()}
+    fingerprint = json.dumps({**common, "splits": sources}, sort_keys=True)
     config_name = f"{layout}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}"
+    # What each split's records depend on alone (a resumed run checks its train split's).
+    split_fingerprints = {
+        s: hashlib.sha256(json.dumps({**common, "layout": layout, "sources": digests},
+                                     sort_keys=True).encode()).hexdigest()[:16]
+        for s, digests in sources.items()}
     rejects_paths = {}
     for split in split_files:
-        pattern = cfg.rejects_path or storage.join(remote_dir or data_dir,
-                                                   "rejects-{split}.jsonl")
+        # By default beside the dataset's own files: datasets built into one tfds_dir (the
+        # stages of a pipeline, a changed source) keep their rejects apart.
+        pattern = cfg.rejects_path or storage.join(remote_dir or data_dir, DATASET_NAME,
+                                                   config_name, "rejects-{split}.jsonl")
         if "{split}" not in pattern and len(split_files) > 1:
             root, ext = os.path.splitext(pattern)
             pattern = root + "-{split}" + ext
@@ -277,7 +285,8 @@ def prepare_dataset(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, layout:
         storage.write_text_atomic(storage.join(remote_version, _UPLOADED), config_name + "\n")
         log.info("tokenized dataset %s uploaded to %s", config_name, remote_version)
     stats = dict(tfds.builder_from_directory(builder.data_dir).info.metadata or {})
-    return PreparedDataset(data_dir=data_dir, config_name=config_name, stats=stats)
+    return PreparedDataset(data_dir=data_dir, config_name=config_name, stats=stats,
+                           split_fingerprints=split_fingerprints)
 
 
 def open_split(dataset: PreparedDataset, split: str):

@@ -55,7 +55,7 @@ _FREE = ("train.", "output_dir", "data.num_threads", "data.prefetch_buffer_size"
          "data.tfds_dir", "data.eval_path")
 # model.* keys that choose how a step computes, not what the weights are: a resume may change
 # them (with a warning, as for other settings that alter the run).
-_COMPUTE_ONLY = ("model.attention_impl", "model.decode_attention_impl")
+COMPUTE_ONLY = ("model.attention_impl", "model.decode_attention_impl")
 
 
 def compare_configs(saved: dict, current: dict, where: str) -> None:
@@ -65,7 +65,7 @@ def compare_configs(saved: dict, current: dict, where: str) -> None:
     defaults = records.flatten({"model": dataclasses.asdict(ModelConfig())})
     changed = {k: (old, new) for k, (old, new) in records.changes(saved, current).items()
                if not (old is None and k in defaults and defaults[k] == new)}
-    fatal = [k for k in changed if k.startswith(_MUST_MATCH) and k not in _COMPUTE_ONLY]
+    fatal = [k for k in changed if k.startswith(_MUST_MATCH) and k not in COMPUTE_ONLY]
     if fatal:
         detail = "; ".join(f"{k}: {changed[k][0]!r} -> {changed[k][1]!r}" for k in fatal[:8])
         raise ConfigError(

@@ -62,7 +62,8 @@ class TrainConfig:
     export_final: bool = True
     # Metrics are averaged over this many steps before they are written.
     log_every: int = 10
-    # One JSON object per logged step and per evaluation; empty: <output_dir>/metrics.jsonl.
+    # One JSON object per logged step and per evaluation (relative: under output_dir), with
+    # throughput.jsonl beside it; empty: neither file is written.
     metrics_file: str = "metrics.jsonl"
     # TensorBoard event files (tensorboardX, no TensorFlow) under this directory; empty: off.
     tensorboard_dir: str = "tensorboard"
@@ -171,6 +172,32 @@ def _make_writable(node) -> None:
             _make_writable(child)
 
 
+def _declared_type(schema: type, key: str):
+    """The type the dataclass ``schema`` declares for the dotted ``key`` (None: no such key)."""
+    import typing
+
+    declared: Any = schema
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(declared):
+            return None
+        declared = typing.get_type_hints(declared).get(part)
+    return declared
+
+
+def _unquoted(value: str) -> str:
+    """``value`` less the quotes around it where it is one YAML-quoted string."""
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        import yaml
+
+        try:
+            text = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+        if isinstance(text, str):
+            return text
+    return value
+
+
 def config_from_dict(data: dict, overrides: Sequence[str] = (), schema: type = Config,
                      source: str = "<dict>"):
     """Builds a frozen ``schema`` instance from a plain dict plus ``key=value`` overrides."""
@@ -188,10 +215,12 @@ def config_from_dict(data: dict, overrides: Sequence[str] = (), schema: type = C
             raise ConfigError(f"override {item!r}: expected key=value, e.g. model.num_layers=4")
         key, value = item.split("=", 1)
         try:
-            if not value.strip() and isinstance(OmegaConf.select(merged, key.strip()), str):
-                # `key=` on a command line means the empty text (e.g. data.eval_path= for no
-                # eval split), not the null OmegaConf reads it as.
-                OmegaConf.update(merged, key.strip(), "", merge=True)
+            if _declared_type(schema, key.strip()) is str:
+                # A text key takes the text as given, not as YAML reads it: `key=` is the empty
+                # text (e.g. data.eval_path= for no eval split), not null; "Critique: " stays
+                # text with its trailing space, not a mapping; 0123 stays 0123. A value quoted
+                # whole ('...' or "...") is unquoted as YAML does.
+                OmegaConf.update(merged, key.strip(), _unquoted(value), merge=True)
                 continue
             merged.merge_with(OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as err:

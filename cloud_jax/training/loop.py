@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import logging
 import math
 import operator
@@ -37,16 +38,18 @@ from cloud_jax.errors import ConfigError
 from cloud_jax.training.losses import finalize_metrics
 from cloud_jax.model import count_params, init_params
 from cloud_jax.sharding import TRAIN_RULES, make_mesh
-from cloud_jax.training.checkpointing import Checkpointer, compare_configs
+from cloud_jax.training.checkpointing import COMPUTE_ONLY, Checkpointer, compare_configs
 from cloud_jax.training.metrics import MetricsWriter, peak_flops, summarize_window
 from cloud_jax.training.stages import stage as stage_record
 from cloud_jax.training.step import StepBuilder, model_flops_per_token
 
 log = logging.getLogger(__name__)
 
-# Architecture fields a checkpoint named by init_from must agree on with the run's model section.
+# Architecture fields a checkpoint named by init_from must agree on with the run's model section:
+# they fix the weights' shapes.
 _ARCH_FIELDS = ("family", "vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                "num_heads", "num_kv_heads", "tie_word_embeddings")
+                "num_heads", "num_kv_heads", "resolved_head_dim", "tie_word_embeddings",
+                "attention_bias")
 # Run-time choices of the model section that apply to weights loaded with init_from.
 _COMPUTE_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "reward_dropout",
                    "causal_block_size", "attention_impl", "decode_attention_impl")
@@ -55,7 +58,13 @@ _COMPUTE_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "reward_dropo
 # Every path a run reads or writes: each a local path or a gs:// / s3:// URL (cloud_jax.storage);
 # the data paths may also be Hugging Face hub datasets (hf://owner/name).
 _RUN_PATHS = ("output_dir", "init_from", "train.checkpoint_dir", "train.metrics_file",
-              "train.tensorboard_dir", "data.train_path", "data.eval_path", "data.tfds_dir")
+              "train.tensorboard_dir", "data.train_path", "data.eval_path", "data.tfds_dir",
+              "data.rejects_path")
+
+
+# The key of a checkpoint's config item that holds the train split's fingerprint
+# (PreparedDataset.split_fingerprints) beside the config's own sections.
+TRAIN_DATA_KEY = "train_data_fingerprint"
 
 
 def check_paths(cfg: Config) -> None:
@@ -63,10 +72,10 @@ def check_paths(cfg: Config) -> None:
     scheme, or one whose client library is not installed."""
     for key in _RUN_PATHS:
         value = operator.attrgetter(key)(cfg)
-        parts = value.split(",") if key.startswith("data.") and key.endswith("_path") else [value]
-        for part in parts:
+        rows = key in ("data.train_path", "data.eval_path")
+        for part in value.split(",") if rows else [value]:
             part = part.strip()
-            if key.startswith("data.") and part.startswith("hf://"):
+            if rows and part.startswith("hf://"):
                 continue  # a Hugging Face hub dataset, read by `datasets`
             storage.check_path(part, key)
     checkpoints = run_checkpoint_dir(cfg.train.checkpoint_dir, cfg.output_dir)
@@ -123,6 +132,8 @@ def prepare_data(cfg: Config):
 def batches_available(cfg: Config, num_records: int) -> int:
     """Train batches the pipeline yields over all epochs (the same on every host)."""
     count = jax.process_count()
+    if num_records < count:
+        return 0
     per_host = len(host_positions(num_records, jax.process_index(), count,
                                   cfg.data.drop_remainder))
     pairs = cfg.data.batch_pairs // count
@@ -149,11 +160,28 @@ def _initial_params(cfg: Config, mesh) -> tuple[Any, ModelConfig]:
     overrides = {k: getattr(cfg.model, k) for k in _COMPUTE_FIELDS}
     loaded_cfg, params, directory, _ = hf_io.load_model_dir(
         cfg.init_from, mesh=mesh, rules=TRAIN_RULES, rng=jax.random.key(cfg.seed), **overrides)
-    diff = [f"{k}: config {getattr(cfg.model, k)!r}, checkpoint {getattr(loaded_cfg, k)!r}"
-            for k in _ARCH_FIELDS if getattr(cfg.model, k) != getattr(loaded_cfg, k)]
+    def differ(fields, given_only=False):
+        # given_only: a key the model section leaves at None (token ids, sliding_window) is
+        # not given, so it takes the checkpoint's value without a word.
+        return [f"{k.replace('resolved_', '')}: config {getattr(cfg.model, k)!r}, checkpoint "
+                f"{getattr(loaded_cfg, k)!r}" for k in fields
+                if getattr(cfg.model, k) != getattr(loaded_cfg, k)
+                and not (given_only and getattr(cfg.model, k) is None)]
+
+    diff = differ(_ARCH_FIELDS)
     if diff:
         raise ConfigError(f"init_from={cfg.init_from!r} ({directory}) does not match the model "
                           f"section: {'; '.join(diff)}. Fix model.* or init_from.")
+    # The rest of the architecture (RoPE, norm epsilon, context length, sliding window, special
+    # token ids) is what the weights were trained with: the checkpoint's is used, and a model
+    # section that says otherwise is told so.
+    others = [f.name for f in dataclasses.fields(ModelConfig)
+              if f.name not in _ARCH_FIELDS + _COMPUTE_FIELDS + ("head_dim",)]
+    ignored = differ(others, given_only=True)
+    if ignored:
+        log.warning("init_from=%s: the checkpoint's values are used for model.* keys the model "
+                    "section sets otherwise (%s); match them to silence this", cfg.init_from,
+                    "; ".join(ignored))
     log.info("initial weights from %s", directory)
     return params, loaded_cfg
 
@@ -181,7 +209,10 @@ class Evaluator:
         self.cfg, self.builder, self.source = cfg, builder, source
 
     def __call__(self, params) -> dict[str, float]:
-        it = batch_iterator(self.cfg.data, self.source, shuffle=False, num_epochs=1)
+        # Every eval pair counts: the last partial batch is filled with padding pairs that
+        # the metrics leave out, whatever data.drop_remainder does to the train split.
+        data = dataclasses.replace(self.cfg.data, drop_remainder=False)
+        it = batch_iterator(data, self.source, shuffle=False, num_epochs=1)
         step = self.builder.eval_step()
         sums = None
         for i, local in enumerate(it):
@@ -243,6 +274,7 @@ def load_checkpoint(path: str, step: Optional[int] = None, tokenizer: Optional[s
         run = yaml.safe_load(storage.read_text(storage.join(path, "config.yaml"))) or {}
         checkpoints = run_checkpoint_dir((run.get("train") or {}).get("checkpoint_dir"), path)
     step, params, saved = restore_params(checkpoints, step)
+    saved = {k: v for k, v in saved.items() if k != TRAIN_DATA_KEY}
     cfg = config_from_dict(saved, source=f"the config saved with step {step} in {checkpoints}")
     name = tokenizer or cfg.data.tokenizer
     try:
@@ -297,21 +329,37 @@ class _PreemptionWatch:
             signal.signal(signal.SIGTERM, self.previous)
 
 
-def _restore_or_init(cfg: Config, mesh, ckpt: Checkpointer,
-                     data_iter) -> tuple[StepBuilder, dict]:
+def _restore_or_init(cfg: Config, mesh, ckpt: Checkpointer, data_iter,
+                     train_data: str = "") -> tuple[StepBuilder, dict]:
     """The step builder and train state of the latest checkpoint in ``ckpt`` (``data_iter`` is
-    moved to its position), or fresh ones when there is none."""
-    current = to_dict(cfg)
+    moved to its position), or fresh ones when there is none. ``train_data``: the train split's
+    fingerprint, compared with the one the checkpoint was written with."""
+    # Through JSON, as the saved config was: tuples read back as lists.
+    current = json.loads(json.dumps(to_dict(cfg)))
+    compute_only = [k.split(".", 1)[1] for k in COMPUTE_ONLY]
     builder: Optional[StepBuilder] = None
 
     def restore_target(step: int, saved: dict):
         # The builder is made from the saved architecture, which is only known here.
         nonlocal builder
-        model_cfg = config_from_dict(saved["model"], schema=ModelConfig).validate()
+        # The keys that choose how a step computes (COMPUTE_ONLY) may change on a resume: this
+        # run's values are used.
+        model_cfg = config_from_dict(
+            {**saved["model"], **{k: current["model"][k] for k in compute_only}},
+            schema=ModelConfig).validate()
+        saved = dict(saved)
+        saved_data = saved.pop(TRAIN_DATA_KEY, None)
+        if saved_data and train_data and saved_data != train_data:
+            log.warning("%s: the train split's rows, or how they are tokenized, changed since "
+                        "this checkpoint was written (data fingerprint %s -> %s): the resumed "
+                        "run's batches are not those an uninterrupted run would have read",
+                        ckpt.step_dir(step), saved_data, train_data)
         mine = dict(current)
         if cfg.init_from:
-            # The architecture came from the init_from checkpoint, not from the model section.
-            mine["model"] = saved["model"]
+            # The architecture came from the init_from checkpoint, not from the model section;
+            # its dtypes, remat and such from the model section (_COMPUTE_FIELDS).
+            mine["model"] = {**saved["model"],
+                             **{k: current["model"][k] for k in _COMPUTE_FIELDS}}
         compare_configs(saved, mine, f"checkpoint {ckpt.step_dir(step)}")
         builder = StepBuilder(cfg, mesh, TRAIN_RULES, model_cfg)
         return builder.abstract_state()
@@ -329,6 +377,15 @@ def _with_total_steps(cfg: Config, num_pairs: int) -> Config:
     """``cfg`` with train.total_steps resolved (0: every batch of the train split's epochs),
     checked against the batches the split gives."""
     available = batches_available(cfg, num_pairs)
+    if available == 0:
+        if num_pairs < jax.process_count():
+            raise ConfigError(f"the train split (data.train_path) has {num_pairs} pair(s) for "
+                              f"{jax.process_count()} process(es): every process needs one")
+        raise ConfigError(
+            f"the train split gives no batch: {num_pairs} pairs over {jax.process_count()} "
+            f"process(es) make no full batch of data.batch_pairs={cfg.data.batch_pairs} with "
+            "data.drop_remainder=true; lower data.batch_pairs, set data.drop_remainder=false "
+            "(the last batch is then filled with padding pairs) or add rows")
     if cfg.train.total_steps == 0:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, total_steps=available))
         log.info("train.total_steps=0: %d steps, %d epoch(s) of the train split", available,
@@ -396,6 +453,11 @@ def run(cfg: Config) -> dict:
     """
     check_paths(cfg)
     mesh = make_mesh(cfg.mesh)
+    platform = mesh.devices.flat[0].platform
+    if cfg.model.attention_impl == "cudnn" and platform != "gpu":
+        raise ConfigError(f"model.attention_impl=cudnn runs on NVIDIA GPUs only (cuDNN's flash "
+                          f"attention); this run's devices are {platform}: set "
+                          "model.attention_impl=xla")
     check_batch_layout(cfg, mesh)
     tokenizer, dataset = prepare_data(cfg)
     train_source = open_split(dataset, "train")
@@ -403,6 +465,10 @@ def run(cfg: Config) -> dict:
     tc = cfg.train
     end_step = tc.stop_at_step or tc.total_steps
     eval_source = open_split(dataset, "eval") if cfg.data.eval_path else None
+    if eval_source is not None and len(eval_source) < jax.process_count():
+        raise ConfigError(f"the eval split (data.eval_path) has {len(eval_source)} pair(s) for "
+                          f"{jax.process_count()} process(es): every process needs one; add "
+                          "rows or leave data.eval_path empty")
 
     ckpt = Checkpointer(run_checkpoint_dir(tc.checkpoint_dir, cfg.output_dir),
                         tc.keep_checkpoints, tc.async_checkpointing)
@@ -412,10 +478,14 @@ def run(cfg: Config) -> dict:
     with contextlib.ExitStack() as setup:
         setup.callback(ckpt.close)
         data_iter = batch_iterator(cfg.data, train_source)
-        builder, state = _restore_or_init(cfg, mesh, ckpt, data_iter)
+        train_data = dataset.split_fingerprints.get("train", "")
+        builder, state = _restore_or_init(cfg, mesh, ckpt, data_iter, train_data)
         model_cfg = builder.model_cfg
         resolved = dataclasses.replace(cfg, model=model_cfg)
         resolved_dict = to_dict(resolved)
+        # What a checkpoint's config item holds: the resolved config and the train split's
+        # fingerprint.
+        checkpoint_config = {**resolved_dict, TRAIN_DATA_KEY: train_data}
         if _is_main():
             save_config(resolved, storage.join(cfg.output_dir, "config.yaml"))
         start_step = int(jax.device_get(state["step"]))
@@ -427,7 +497,7 @@ def run(cfg: Config) -> dict:
         writer = MetricsWriter(_resolve(tc.metrics_file, cfg.output_dir),
                                _resolve(tc.tensorboard_dir, cfg.output_dir), resolved_dict,
                                enabled=_is_main(), wandb_project=tc.wandb_project,
-                               wandb_run_name=tc.wandb_run_name)
+                               wandb_run_name=tc.wandb_run_name, start_step=start_step)
         setup.callback(writer.close)
         evaluator = Evaluator(cfg, builder, eval_source) if eval_source is not None else None
         train_step = builder.train_step()
@@ -471,7 +541,7 @@ def run(cfg: Config) -> dict:
                 log.info("eval at step %d: %s", step, summary["eval"])
                 window.exclude(time.perf_counter() - start)
             if save_now:
-                ckpt.save(step, state, data_iter, resolved_dict)
+                ckpt.save(step, state, data_iter, checkpoint_config)
             summary["step"] = step
             if preempted:
                 ckpt.wait()

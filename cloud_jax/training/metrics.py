@@ -52,6 +52,30 @@ def summarize_window(steps: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     return out
 
 
+def drop_steps_after(path: str, step: int) -> int:
+    """Removes from the JSONL file ``path`` (when it exists) the lines of steps after ``step``,
+    and a last line cut short (no newline: the writer died mid-line); returns how many went."""
+    if not storage.exists(path):
+        return 0
+    lines = storage.read_text(path).splitlines(keepends=True)
+
+    def keep(line: str) -> bool:
+        if not line.endswith("\n"):
+            return False
+        try:
+            logged = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            return True  # not a line of ours: left alone
+        return not isinstance(logged, int) or logged <= step
+
+    kept = [line for line in lines if keep(line)]
+    if len(kept) != len(lines):
+        storage.write_text_atomic(path, "".join(kept))
+        log.info("%s: dropped %d line(s) after step %d, written by an earlier attempt that "
+                 "stopped without a checkpoint of them", path, len(lines) - len(kept), step)
+    return len(lines) - len(kept)
+
+
 class MetricsWriter:
     """Writes metric dicts to JSONL, TensorBoard and (when asked) W&B; only on process 0.
 
@@ -60,7 +84,11 @@ class MetricsWriter:
     """
 
     def __init__(self, jsonl_path: str, tensorboard_dir: str, config: dict, *, enabled: bool,
-                 wandb_project: str = "", wandb_run_name: str = ""):
+                 wandb_project: str = "", wandb_run_name: str = "", start_step: int = 0):
+        """``start_step``: the step the run starts after (the restored checkpoint's, 0 for a
+        new run). What an earlier attempt wrote about later steps (it stopped after them without
+        a checkpoint: killed, out of memory) is dropped, so the files hold each step once, as an
+        uninterrupted run's do."""
         self.enabled = enabled
         self._jsonl = self._throughput = self._tb = self._wandb = None
         if wandb_project:
@@ -79,14 +107,17 @@ class MetricsWriter:
         # appended to) and TensorBoard's event files are written locally and uploaded after each
         # flush (cloud_jax.storage).
         if jsonl_path:
+            throughput = storage.join(storage.dirname(jsonl_path) or ".", THROUGHPUT_FILE)
+            for path in (jsonl_path, throughput):
+                drop_steps_after(path, start_step)
             self._jsonl = storage.AppendText(jsonl_path)
-            self._throughput = storage.AppendText(
-                storage.join(storage.dirname(jsonl_path) or ".", THROUGHPUT_FILE))
+            self._throughput = storage.AppendText(throughput)
         if tensorboard_dir:
             from tensorboardX import SummaryWriter
 
             self._tb_dir = storage.StagedDir(tensorboard_dir)
-            self._tb = SummaryWriter(self._tb_dir.local)
+            # TensorBoard hides the events of steps after start_step that older files hold.
+            self._tb = SummaryWriter(self._tb_dir.local, purge_step=start_step + 1)
 
     def write(self, step: int, split: str, values: Mapping[str, Any],
               timing: Optional[Mapping[str, float]] = None) -> None:
