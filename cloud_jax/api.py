@@ -95,6 +95,10 @@ class RewardModel:
         """
         from cloud_jax.scoring.rewards import ScoreConfig, score
 
+        for name, value in (("prompts", prompts), ("responses", responses)):
+            if isinstance(value, (str, bytes)):
+                raise TypeError(f"{name} must be a list of texts, got one {type(value).__name__} "
+                                f"(for one pair: rm.score([prompt], [response]))")
         cfg = ScoreConfig(num_samples=num_samples, temperature=temperature,
                           max_critique_tokens=max_critique_tokens, seed=seed, **settings)
         return score(self, list(prompts), list(responses), cfg)

@@ -9,30 +9,47 @@ The call signature is the one TRL's ``GRPOTrainer`` and tunix's GRPO learner use
 functions: ``fn(prompts, completions, **kwargs) -> list[float]``, one float per completion, in
 order; extra keyword arguments (dataset columns, trainer state, completion ids) are accepted and
 ignored. Prompts and completions may be strings or chat messages (TRL's conversational format):
-a prompt's user message and a completion's assistant message are what get scored. The rewards
+a prompt's user message and a completion's assistant message are what get scored (a system
+message is left out, with a warning the first time: the model's layout has no place for it). The rewards
 equal ``rm.score`` on the same texts and settings.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Sequence
 
 from cloud_jax.api import RewardModel
 
+log = logging.getLogger(__name__)
+
 
 def _prompt_text(prompt: Any, index: int) -> str:
     if isinstance(prompt, str):
         return prompt
-    if isinstance(prompt, list):
-        users = [m.get("content") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+    if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+        users = [m.get("content") for m in prompt if m.get("role") == "user"]
         if users and isinstance(users[-1], str):
             if len(users) > 1 or any(m.get("role") not in ("user", "system") for m in prompt):
                 raise ValueError(f"prompts[{index}]: multi-turn conversations are not supported; "
                                  "give one user message")
+            if any(m.get("role") == "system" for m in prompt):
+                _warn_system_once()
             return users[-1]
     raise ValueError(f"prompts[{index}]: expected a string or a list of chat messages with one "
                      f"user message, got {prompt!r:.80}")
+
+
+_warned: set = set()
+
+
+def _warn_system_once() -> None:
+    if "system" not in _warned:
+        _warned.add("system")
+        log.warning("a prompt's system message is not scored: a CLoud model reads one user "
+                    "message and the response (its training layout), so the reward is the "
+                    "same with or without it")
 
 
 def _completion_text(completion: Any, index: int) -> str:

@@ -34,13 +34,20 @@ def test_one_float_per_completion_in_order_equal_to_score(rm):
     np.testing.assert_allclose(back, rewards[::-1], atol=1e-6, rtol=0)
 
 
-def test_chat_messages_are_read_as_their_texts(rm):
+def test_chat_messages_are_read_as_their_texts(rm, caplog):
+    import cloud_jax.rewards
+
+    cloud_jax.rewards._warned.clear()  # warned once per process: this test may not be first
     fn = CLoudReward(rm, **SETTINGS)
     prompts = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": p}]
                for p in PROMPTS]
     completions = [[{"role": "assistant", "content": c}] for c in COMPLETIONS]
     np.testing.assert_allclose(fn(prompts, completions), fn(PROMPTS, COMPLETIONS), atol=1e-6,
                                rtol=0)
+    # The system message is left out, and the log says so.
+    assert "system message is not scored" in caplog.text
+    with pytest.raises(ValueError, match=r"prompts\[0\]"):
+        fn([["not a message"]], COMPLETIONS[:1])
     with pytest.raises(ValueError, match="1 prompts for 2 completions"):
         fn(PROMPTS[:1], COMPLETIONS[:2])
     with pytest.raises(ValueError, match=r"completions\[0\]"):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import cloud_jax
-from cloud_jax.errors import CheckpointError
+from cloud_jax.errors import CheckpointError, ConfigError
 from cloud_jax.model.config import ModelConfig
 from cloud_jax.data.config import CRITIQUE_PREFIX
 from cloud_jax.data.layout import encode_critique_prefix, encode_example
@@ -168,6 +168,18 @@ def test_bad_rows_and_settings_are_clear_errors(rm, tmp_path):
     with pytest.raises(ValueError, match=r"bad.jsonl:1: field 'rejected'"):
         main(["--checkpoint", str(tmp_path), "--input", str(src), "--output",
               str(tmp_path / "o.jsonl")])
+    # Settings are checked before anything loads; an input too long for --max-length is
+    # named by its file, line and field.
+    with pytest.raises(ConfigError, match="give top_k or top_p, not both"):
+        main(["--checkpoint", str(tmp_path), "--input", str(src), "--output",
+              str(tmp_path / "o.jsonl"), "--temperature", "1", "--top-k", "5", "--top-p", "0.9"])
+    rm.save_pretrained(tmp_path / "model")
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "p", "chosen": "c", "rejected": "r"}) + "\n"
+                    + json.dumps({"prompt": "p", "chosen": "c", "rejected": "r" * 300}) + "\n")
+    with pytest.raises(ConfigError, match=r"long.jsonl:2: field 'rejected': .*max_length"):
+        main(["--checkpoint", str(tmp_path / "model"), "--input", str(long), "--output",
+              str(tmp_path / "o.jsonl"), "--max-length", "200"])
     with pytest.raises(ValueError, match="num_samples"):
         rm.score(PROMPTS, RESPONSES, num_samples=0)
     with pytest.raises(ValueError, match="steps_per_check"):
@@ -176,6 +188,9 @@ def test_bad_rows_and_settings_are_clear_errors(rm, tmp_path):
         rm.score(PROMPTS, RESPONSES, decode_phases=0)
     with pytest.raises(ValueError, match="3 prompts but 2 responses"):
         rm.score(PROMPTS, RESPONSES[:2])
+    # One pair given as two strings is not read as pairs of characters.
+    with pytest.raises(TypeError, match=r"prompts must be a list of texts.*rm.score\(\[prompt\]"):
+        rm.score("ab", "cd")
     with pytest.raises(ValueError, match="top_k or top_p"):
         rm.score(PROMPTS, RESPONSES, temperature=1.0, top_k=2, top_p=0.5)
     with pytest.raises(ValueError, match="input 1: .*max_length=200"):

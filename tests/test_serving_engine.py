@@ -61,6 +61,15 @@ def test_mixed_concurrent_requests_equal_score(rm):
                            repetition_penalty=1.5)),
             ([2], Settings(num_samples=4, temperature=0.9, max_critique_tokens=3, seed=1))]
     futures = [None] * len(jobs)
+    # However the settings mix, the pools' KV caches together hold at most --slots rows.
+    most_rows = []
+    admit = engine._admit
+
+    def admit_and_count():
+        admit()
+        most_rows.append(sum(p.rows for p in engine._pools.values()))
+
+    engine._admit = admit_and_count
 
     def submit(j):
         time.sleep(0.01 * j)
@@ -74,7 +83,46 @@ def test_mixed_concurrent_requests_equal_score(rm):
     for (idx, st), future in zip(jobs, futures):
         _check(future.result(timeout=300), rm, idx, st)
     assert engine.stats().busy_slots == 0 and engine.stats().critique_tokens > 0
+    assert most_rows and max(most_rows) <= 6, most_rows
     engine.close()
+
+
+def test_a_request_whose_pool_cannot_be_made_fails_alone(rm, monkeypatch):
+    """A decode pool that cannot be allocated (the device is out of memory, say) fails the
+    request that needed it; the requests behind it are served."""
+    from cloud_jax.serving import engine as engine_module
+
+    engine = _engine(rm)
+    pool = engine_module._Pool
+
+    def allocate(owner, method, penalty, k):
+        if k == 3:
+            raise MemoryError("RESOURCE_EXHAUSTED: out of memory allocating the KV cache")
+        return pool(owner, method, penalty, k)
+
+    monkeypatch.setattr(engine_module, "_Pool", allocate)
+    doomed = engine.submit(_items([0]), Settings(num_samples=3, max_critique_tokens=4))
+    fine = Settings(num_samples=2, temperature=0.9, max_critique_tokens=4, seed=1)
+    after = engine.submit(_items([1]), fine)
+    with pytest.raises(MemoryError):
+        doomed.result(timeout=60)
+    _check(after.result(timeout=60), rm, [1], fine)
+    assert engine.stats().queue_depth == 0
+    engine.close()
+
+
+def test_options_no_request_could_be_served_under_are_refused(rm):
+    from cloud_jax.errors import ConfigError
+
+    for backend in (ContinuousBackend, StaticBackend):
+        with pytest.raises(ConfigError, match=r"--num-samples\) 8 needs 8 decode rows"):
+            backend(rm, BackendOptions(slots=4, defaults=Settings(num_samples=8)))
+    static = StaticBackend(rm, BackendOptions(slots=4, max_queue=3, max_length=256))
+    with pytest.raises(InvalidField, match="num_samples"):
+        static.submit(_items([0]), Settings(num_samples=100000))
+    # More items than the queue ever holds: a permanent error, not "queue full, retry".
+    with pytest.raises(InvalidField, match=r"4 items in one request.*--max-queue 3"):
+        static.submit(_items([0, 1, 2, 3]), Settings())
 
 
 def test_a_request_that_arrives_later_starts_and_ends_before_a_long_one(rm):
@@ -97,7 +145,8 @@ def test_a_request_that_arrives_later_starts_and_ends_before_a_long_one(rm):
     long_settings = Settings(num_samples=1, temperature=0.9, max_critique_tokens=120, seed=3)
     long = engine.submit(_items([3]), long_settings)
     assert held.wait(60) and not long.done()
-    short_settings = Settings(num_samples=2, temperature=0.9, max_critique_tokens=3, seed=4)
+    # The same sampling method and K: the long one's pool, whose free rows the short one takes.
+    short_settings = Settings(num_samples=1, temperature=0.9, max_critique_tokens=3, seed=4)
     short = engine.submit(_items([0]), short_settings)
     submitted.set()
     _check(short.result(timeout=60), rm, [0], short_settings)
@@ -137,6 +186,9 @@ def test_queue_length_cancel_and_shutdown_rules(rm):
 
 def test_a_classic_model_is_served_by_micro_batched_forwards(rm):
     classic = cloud_jax.RewardModel(rm.config, rm.params, rm.tokenizer, feedback_method="vanilla")
+    # Served with critiques when asked to (serve --no-classic).
+    assert isinstance(ContinuousBackend(classic, BackendOptions(slots=4, classic=False)),
+                      ContinuousBackend)
     backend = ContinuousBackend(classic, BackendOptions(slots=4))
     assert isinstance(backend, StaticBackend)
     backend.start()

@@ -166,6 +166,17 @@ def test_the_openrlhf_request_shape(server, rm):
     ("/get_reward", {"query": ["ab"], "prompts": ["a", "b"]}, 422, "prompts"),
     ("/get_reward", {"query": ["ab"], "prompts": ["x"]}, 422, "query[0]"),
     ("/get_reward", {"query": ["no template here"]}, 422, "query[0]"),
+    # Errors name the endpoint's own field: the query, not "items".
+    ("/get_reward", {"query": ["<bos><|user|>" + "a" * 600 + "<eot><|assistant|>b<eot>"]}, 413,
+     "query[0]"),
+    # A system message or a second turn has no place in the layout: refused, as /v1/score does.
+    ("/get_reward", {"query": ["<bos><|system|>Be terse.<eot><|user|>a<eot><|assistant|>b<eot>"]},
+     422, "query[0]"),
+    # Requests no retry could help: 422, not 503 "retry later".
+    ("/v1/score", {"items": [{"prompt": "a", "response": "b"}] * 257}, 422, "items"),
+    ("/get_reward", {"query": ["<bos><|user|>a<eot><|assistant|>b<eot>"] * 257}, 422, "query"),
+    ("/v1/score", {"items": [{"prompt": "a", "response": "b"}], "num_samples": 7}, 422,
+     "num_samples"),
 ])
 def test_bad_input_gets_its_status_and_names_the_field(server, path, body, status, field):
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -179,6 +190,59 @@ def test_bad_input_gets_its_status_and_names_the_field(server, path, body, statu
     ok = requests.post(server.url + "/v1/score",
                        json={"items": [{"prompt": "a", "response": "b"}]}, timeout=30)
     assert ok.status_code == 200
+
+
+@pytest.mark.parametrize("name", ["byte", "llama3", "chatml"])
+def test_openrlhf_queries_reduce_to_the_user_text_and_the_response(name):
+    """What OpenRLHF sends (the rendered chat, the EOS after it) is split into what the model was
+    trained on; a rendered system message or earlier turn is refused, naming the query."""
+    from test_data_layout import chatml_tokenizer, llama3_tokenizer
+
+    from cloud_jax.data.tokenizer import byte_tokenizer
+    from cloud_jax.serving.protocol import ChatMarkers, InvalidField, parse_openrlhf
+
+    tok = {"byte": byte_tokenizer, "llama3": llama3_tokenizer, "chatml": chatml_tokenizer}[name]()
+    markers = ChatMarkers.of(tok)
+
+    def render(*messages, generation=False):
+        return tok.apply_chat_template([{"role": r, "content": c} for r, c in messages],
+                                       tokenize=False, add_generation_prompt=generation)
+
+    prompt = render(("user", "What is 2+2?"), generation=True)
+    query = render(("user", "What is 2+2?"), ("assistant", "4"))
+    for body in ({"query": [query + tok.eos_token]}, {"query": [query]},
+                 {"query": [query + tok.eos_token], "prompts": [prompt]}):
+        [item] = parse_openrlhf(body, markers)
+        assert (item.prompt, item.response) == ("What is 2+2?", "4"), body
+    for messages in ((("system", "Be terse."), ("user", "What is 2+2?"), ("assistant", "4")),
+                     (("user", "Hi"), ("assistant", "Hello"), ("user", "What is 2+2?"),
+                      ("assistant", "4"))):
+        with pytest.raises(InvalidField, match="not one user turn") as err:
+            parse_openrlhf({"query": [query, render(*messages)]}, markers)
+        assert err.value.field == "query[1]"
+
+
+def test_non_finite_rewards_are_a_clear_error(checkpoint, tmp_path):
+    """A model whose reward head holds NaN: a 500 that says so (not a JSON encoder's crash),
+    and the server keeps serving."""
+    import jax
+    import jax.numpy as jnp
+
+    rm = cloud_jax.load(checkpoint)
+    rm.params = jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.full_like(x, jnp.nan) if "reward" in jax.tree_util.keystr(path)
+        else x, rm.params)
+    rm.save_pretrained(tmp_path / "nan")
+    s = Server(tmp_path / "nan", "--slots", "2", "--max-critique-tokens", "2")
+    try:
+        for path, body in (("/v1/score", {"items": [{"prompt": "a", "response": "b"}] * 2}),
+                           ("/get_reward", {"query": ["<bos><|user|>a<eot><|assistant|>b<eot>"]})):
+            answer = requests.post(s.url + path, json=body, timeout=60)
+            assert answer.status_code == 500, answer.text
+            assert "non-finite rewards (NaN or inf) for" in answer.json()["error"]
+        assert requests.get(s.url + "/health", timeout=5).status_code == 200
+    finally:
+        s.stop()
 
 
 def test_metrics_are_prometheus_text(server):

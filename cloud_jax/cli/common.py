@@ -129,6 +129,14 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: ScoreConfig) ->
 
 
 def config_from_args(args: argparse.Namespace, **fields) -> ScoreConfig:
+    """The scoring options as a checked ScoreConfig; a bad one is a ConfigError (status 2)."""
+    try:
+        return _config_from_args(args, **fields)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _config_from_args(args: argparse.Namespace, **fields) -> ScoreConfig:
     return ScoreConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                        max_critique_tokens=args.max_critique_tokens, seed=args.seed,
                        repetition_penalty=args.repetition_penalty,
@@ -192,9 +200,11 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     rate, dtype) fixes.
     """
     from cloud_jax.data.schema import RowError
+    from cloud_jax.scoring.rewards import InputTooLongError
 
     return (ConfigError, CheckpointError, RowError, GGUFConversionError, FileNotFoundError,
-            IsADirectoryError, NotADirectoryError, PermissionError, FloatingPointError)
+            IsADirectoryError, NotADirectoryError, PermissionError, FloatingPointError,
+            InputTooLongError)
 
 
 def run_command(main_fn: Callable[[Optional[Sequence[str]]], Optional[int]],

@@ -99,8 +99,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      batch_size=args.batch_size, classic=bool(args.classic),
                      tie_credit=args.tie_credit, baseline=args.baseline,
                      bootstrap_resamples=args.bootstrap_resamples, confidence=args.confidence)
-    try:
+    sampler = {k: v for k, v in (("top_k", args.top_k), ("top_p", args.top_p),
+                                 ("repetition_penalty", args.repetition_penalty),
+                                 ("max_length", args.max_length),
+                                 ("critique_prefix", args.critique_prefix)) if v is not None}
+    from cloud_jax.scoring.rewards import ScoreConfig
+
+    try:  # the sampling flags too, before the rows are read and the model loaded
         cfg.validate()
+        ScoreConfig(temperature=cfg.temperature, max_critique_tokens=cfg.max_critique_tokens,
+                    batch_size=cfg.batch_size, **sampler).validate()
     except ValueError as err:
         parser.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -119,10 +127,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         settings["split"] = args.split
     if args.column:
         settings["columns"] = columns_from_args(args)
-    sampler = {k: v for k, v in (("top_k", args.top_k), ("top_p", args.top_p),
-                                 ("repetition_penalty", args.repetition_penalty),
-                                 ("max_length", args.max_length),
-                                 ("critique_prefix", args.critique_prefix)) if v is not None}
     settings.update(sampler)
     rm = load_model(args)
     if args.classic is None and getattr(rm, "feedback_method", "teacher") == "vanilla":

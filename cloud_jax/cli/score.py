@@ -17,7 +17,7 @@ from cloud_jax import storage
 from cloud_jax.data.jsonl import write_jsonl_atomic
 from cloud_jax.data.schema import read_records
 from cloud_jax.errors import ConfigError
-from cloud_jax.scoring.rewards import ScoreConfig, resolve_classic, score
+from cloud_jax.scoring.rewards import InputTooLongError, ScoreConfig, resolve_classic, score
 
 
 def _texts(rows: list[tuple[str, dict]]) -> tuple[list[str], list[tuple[int, str]]]:
@@ -52,8 +52,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rm = load_model(args)
     cfg = dataclasses.replace(cfg, classic=resolve_classic(rm, cfg))
     bar, on_batch = progress_bar(len(jobs), "responses")
-    with bar:
-        result = score(rm, prompts, [rows[i][1][f] for i, f in jobs], cfg, on_batch)
+    try:
+        with bar:
+            result = score(rm, prompts, [rows[i][1][f] for i, f in jobs], cfg, on_batch)
+    except InputTooLongError as err:  # named by its row and field, not its place in the batch
+        i, field = jobs[err.index]
+        raise ConfigError(f"{rows[i][0]}: field '{field}': {err.detail}") from None
     out = [dict(obj) for _, obj in rows]
     for j, (i, field) in enumerate(jobs):
         prefix = "" if field == "response" else f"{field}_"

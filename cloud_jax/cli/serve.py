@@ -97,12 +97,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     options = BackendOptions(slots=args.slots, max_queue=args.max_queue,
                              max_length=args.max_length, max_critique_tokens=limit,
                              defaults=defaults, classic=classic)
-    from cloud_jax.serving.protocol import InvalidField, check_settings
+    from cloud_jax.errors import ConfigError
+    from cloud_jax.serving.protocol import InvalidField, check_options, check_settings
 
     try:
         check_settings(defaults, options, classic)
+        check_options(options, classic)
     except InvalidField as err:
         parser.error(f"--{err.field.replace('_', '-')}: {err}")
+    except ConfigError as err:
+        parser.error(str(err))
     from cloud_jax.serving.server import serve
 
     return serve(make_backend(args.batching, rm, options, args.chunk_steps), defaults, rm.tokenizer,

@@ -92,6 +92,15 @@ class ScoreConfig:
         return self
 
 
+class InputTooLongError(ValueError):
+    """Input ``index`` (0-based, in the order given) does not fit ``max_length`` even with its
+    prompt cut (``detail`` says by how much)."""
+
+    def __init__(self, index: int, detail: str):
+        super().__init__(f"input {index}: {detail}")
+        self.index, self.detail = index, detail
+
+
 @dataclasses.dataclass(frozen=True)
 class ScoreResult:
     rewards: np.ndarray  # float32 [B]: mean over the samples
@@ -256,8 +265,8 @@ def score(rm, prompts: Sequence[str], responses: Sequence[str], cfg: ScoreConfig
             prefixes.append(encode_critique_prefix(tok, p, r, cfg.critique_prefix,
                                                    cfg.max_length, cfg.layout_version))
         except ValueError as err:
-            raise ValueError(f"input {i}: {err}; raise max_length or shorten the "
-                             "response") from None
+            raise InputTooLongError(i, f"{err}; raise max_length or shorten the "
+                                       "response") from None
     model_cfg, params = _sampling_params(rm)
     # The decode's weight layout for this machine; the feature-major weights are prepared once
     # for every batch of this call.

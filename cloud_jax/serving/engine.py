@@ -5,8 +5,12 @@ A *pool* is ``options.slots`` decode rows (rounded down to a multiple of K) that
 sampling method (greedy, or a temperature with its top-k / top-p), repetition penalty and number
 of samples K: the first two are compile-time constants of the decode step, and K is the size of
 the groups of rows that read one cached prefill, so requests with another combination get a pool
-of their own (compiled once per combination). Within a pool every row carries its own state: its KV slots (validity and positions per
-slot), next-token logits, random key, step, token budget, tokens so far.
+of their own (compiled once per combination). Pools never hold more than ``options.slots`` rows
+together (their KV caches are what ``--slots`` sizes): a request whose combination has no pool
+takes the rows of idle pools (least recently used first) or, while they are busy, waits at the
+head of the queue, later requests behind it, until they drain. Within a pool every row carries its
+own state: its KV slots (validity and positions per slot), next-token logits, random key, step,
+token budget, tokens so far.
 
 The worker thread loops:
 
@@ -61,8 +65,9 @@ from cloud_jax.sampling import (bucket_length, content_row_ids, method_from, pad
 from cloud_jax.sampling.loop import seen_tokens, stop_array
 from cloud_jax.sampling.methods import SamplingMethod
 from cloud_jax.scoring.rewards import ScoreConfig, resolve_critique_prefix, resolve_layout_version
-from cloud_jax.serving.protocol import InvalidField, check_settings, item_lengths, prompt_text
-from cloud_jax.serving.static import StaticBackend
+from cloud_jax.serving.protocol import (InvalidField, check_options, check_request_size,
+                                        check_settings, item_lengths, prompt_text)
+from cloud_jax.serving.static import StaticBackend, resolve_classic
 from cloud_jax.serving.types import (BackendOptions, BackendStats, InputTooLong, Item, ItemResult,
                                      QueueFull, Settings, ShuttingDown)
 from cloud_jax.sharding import SAMPLE_RULES
@@ -222,7 +227,7 @@ class ContinuousBackend:
     model has no critiques to batch: it is served by the static batcher."""
 
     def __new__(cls, rm, options: BackendOptions = BackendOptions(), **kwargs):
-        if options.classic or getattr(rm, "feedback_method", "teacher") == "vanilla":
+        if resolve_classic(rm, options):
             return StaticBackend(rm, options)
         return super().__new__(cls)
 
@@ -230,6 +235,7 @@ class ContinuousBackend:
         if rm.mesh is not None and rm.mesh.size > 1:
             raise ConfigError("--batching continuous runs on one device; with --mesh over "
                               f"{rm.mesh.size} devices use --batching static")
+        check_options(options, False)
         self.rm, self.options, self.chunk_steps = rm, options, chunk_steps
         self.classic = False
         self.cfg, self.params = rm.config, rm.params
@@ -251,7 +257,8 @@ class ContinuousBackend:
         self._lock = threading.Condition()
         self._queue: collections.deque[_Request] = collections.deque()
         self._queued_items = 0
-        self._pools: dict = {}
+        # (method, penalty, K) -> pool, least recently used first.
+        self._pools: collections.OrderedDict = collections.OrderedDict()
         self._tokens = 0
         self._closing = False
         self._cancel: list[_Request] = []
@@ -278,10 +285,7 @@ class ContinuousBackend:
         check_settings(settings, self.options, False)
         if not items:
             raise InvalidField("items", "must not be empty")
-        if settings.num_samples > self.options.slots:
-            raise InvalidField("num_samples", f"{settings.num_samples} samples need more decode "
-                                              f"rows than the server has (--slots "
-                                              f"{self.options.slots})")
+        check_request_size(items, settings, self.options, False)
         for i, length in enumerate(item_lengths(self.rm, items, False, settings,
                                                 self._submit_tok)):
             if length > self.options.max_length:
@@ -341,12 +345,24 @@ class ContinuousBackend:
 
     # -- the worker ---------------------------------------------------------------------------
 
-    def _pool(self, settings: Settings) -> _Pool:
+    def _pool(self, settings: Settings) -> Optional[_Pool]:
+        """The pool of ``settings``' combination; a new one takes the rows of idle pools. None
+        while the rows it needs are busy in other pools."""
         method = method_from(settings.temperature, settings.top_k, settings.top_p)
         key = (method, float(settings.repetition_penalty), settings.num_samples)
-        if key not in self._pools:
-            self._pools[key] = _Pool(self, method, float(settings.repetition_penalty),
-                                     settings.num_samples)
+        if key in self._pools:
+            self._pools.move_to_end(key)
+            return self._pools[key]
+        need = self.options.slots // settings.num_samples * settings.num_samples
+        for old in list(self._pools):
+            if sum(p.rows for p in self._pools.values()) + need <= self.options.slots:
+                break
+            if self._pools[old].busy() == 0:
+                del self._pools[old]  # its cache is freed with it
+        if sum(p.rows for p in self._pools.values()) + need > self.options.slots:
+            return None
+        self._pools[key] = _Pool(self, method, float(settings.repetition_penalty),
+                                 settings.num_samples)
         return self._pools[key]
 
     def _idle(self) -> bool:
@@ -386,7 +402,17 @@ class ContinuousBackend:
         placed: dict = collections.defaultdict(list)  # pool -> [(request, item, group)]
         with self._lock:
             for req in list(self._queue):
-                pool = self._pool(req.settings)
+                try:
+                    pool = self._pool(req.settings)
+                except Exception as err:  # its cache does not fit, say: this request fails
+                    log.exception("no decode pool for a request's settings %s", req.settings)
+                    self._queue.remove(req)
+                    self._queued_items -= len(req.waiting)
+                    if not req.future.done():
+                        req.future.set_exception(err)
+                    continue
+                if pool is None:
+                    break  # its rows are busy elsewhere: later requests wait behind it
                 free = pool.free_groups()
                 k = pool.k
                 while req.waiting and free:
@@ -400,7 +426,7 @@ class ContinuousBackend:
                         req.started_chunk = self.chunks
                 if not req.waiting:
                     self._queue.remove(req)
-        for pool in self._pools.values():
+        for pool in list(self._pools.values()):
             if placed[id(pool)]:
                 self._prefill_into(pool, placed[id(pool)])
 

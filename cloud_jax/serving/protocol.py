@@ -106,6 +106,34 @@ def check_settings(settings: Settings, options: BackendOptions, classic: bool) -
     del classic  # every setting is accepted for a classic model (it samples nothing)
 
 
+def check_options(options: BackendOptions, classic: bool) -> None:
+    """ConfigError for backend options under which no request, or no default one, is served."""
+    from cloud_jax.errors import ConfigError
+
+    for name in ("slots", "max_queue", "max_length"):
+        if getattr(options, name) < 1:
+            raise ConfigError(f"{name} (--{name.replace('_', '-')}) must be >= 1, got "
+                              f"{getattr(options, name)}")
+    k = options.defaults.num_samples
+    if not classic and k > options.slots:
+        raise ConfigError(f"the default num_samples (--num-samples) {k} needs {k} decode rows "
+                          f"per item, more than slots (--slots) {options.slots}: raise --slots "
+                          "or lower --num-samples")
+
+
+def check_request_size(items: Sequence[Item], settings: Settings, options: BackendOptions,
+                       classic: bool) -> None:
+    """InvalidField for a request no backend of ``options`` could ever take (a retry would not
+    help): more samples per item than decode rows, more items than the queue holds."""
+    if not classic and settings.num_samples > options.slots:
+        raise InvalidField("num_samples", f"{settings.num_samples} samples need more decode rows "
+                                          f"than the server has (--slots {options.slots})")
+    if len(items) > options.max_queue:
+        raise InvalidField("items", f"{len(items)} items in one request, more than the server "
+                                    f"queues (--max-queue {options.max_queue}); send at most "
+                                    f"{options.max_queue} per request")
+
+
 def item_lengths(rm, items: Sequence[Item], classic: bool, settings: Settings,
                  tok=None) -> list[int]:
     """Each item's prefill length in tokens (the whole sequence for a classic model), tokenized
@@ -190,6 +218,8 @@ class ChatMarkers:
     assistant_head: str
     tail: str
     bos: str
+    # Special tokens a client may leave after the response (OpenRLHF appends the EOS).
+    trailing: tuple = ()
 
     @classmethod
     def of(cls, tok) -> "ChatMarkers":
@@ -198,26 +228,48 @@ class ChatMarkers:
                                         {"role": "assistant", "content": r}], tokenize=False)
         head, rest = text.split(p, 1)
         middle, tail = rest.split(r, 1)
-        bos = tok.bos_token if isinstance(getattr(tok, "bos_token", None), str) else ""
-        return cls(head, middle, tail, bos)
 
-    def user_text(self, prompt: str) -> str:
-        """The user's text of a rendered prompt (a plain prompt is returned unchanged)."""
+        def token(name):
+            value = getattr(tok, name, None)
+            return value if isinstance(value, str) and value else ""
+
+        trailing = tuple(dict.fromkeys(t for t in (token("eos_token"), token("pad_token")) if t))
+        return cls(head, middle, tail, token("bos_token"), trailing)
+
+    def user_text(self, prompt: str, field: str = "prompt") -> str:
+        """The user's text of a rendered prompt (a plain prompt is returned unchanged).
+        InvalidField naming ``field`` for a rendered chat that is not one user turn (a system
+        message, several turns): the layout has no place for the rest."""
         text = prompt
         for head in (self.user_head, self.user_head.removeprefix(self.bos)):
             if head and text.startswith(head):
                 text = text[len(head):]
                 break
         else:
-            return prompt
-        for end in (self.assistant_head, self.assistant_head.rstrip()):
-            if end and text.endswith(end):
-                return text[:-len(end)]
-        return text
+            text = None
+        if text is not None:
+            for end in (self.assistant_head, self.assistant_head.rstrip()):
+                if end and text.endswith(end):
+                    text = text[:-len(end)]
+                    break
+        marker = self.assistant_head.strip()
+        if marker and marker in (prompt if text is None else text):
+            raise InvalidField(field, "a rendered chat that is not one user turn (a system "
+                                      "message, or several turns): the model scores one user "
+                                      "message and one response; send only those")
+        return prompt if text is None else text
 
     def response_text(self, response: str) -> str:
-        """The response without the template's end of turn (and an EOS after it)."""
+        """The response without the template's end of turn and the EOS (or padding) a client
+        leaves after it."""
         text = response
+        while True:
+            for token in self.trailing:
+                if text.endswith(token):
+                    text = text[:-len(token)]
+                    break
+            else:
+                break
         for end in (self.tail, self.tail.rstrip()):
             if end and text.endswith(end):
                 return text[:-len(end)]
@@ -239,7 +291,7 @@ def split_query(query: str, prompt: Optional[str], markers: ChatMarkers,
                                       "the model's chat template found; send prompts too")
         head = query[:cut + len(markers.assistant_head)]
         response = query[cut + len(markers.assistant_head):]
-    return markers.user_text(head), markers.response_text(response)
+    return markers.user_text(head, field), markers.response_text(response)
 
 
 def parse_openrlhf(body: Any, markers: ChatMarkers) -> list[Item]:

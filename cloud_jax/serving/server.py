@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import signal
 import time
 from concurrent.futures import Future
@@ -94,9 +95,14 @@ def build_app(backend: Backend, defaults: Settings, tokenizer) -> Starlette:
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise InvalidField("body", f"malformed JSON: {err}", status=400) from None
 
-    async def run(request: Request, endpoint: str, parse, answer):
+    async def run(request: Request, endpoint: str, parse, answer, items_field: str = "items"):
+        """``items_field``: what the endpoint's body calls its list of items (errors name it)."""
         started = time.monotonic()
         status = 200
+
+        def named(field: str) -> str:
+            return items_field + field[len("items"):] if field.startswith("items") else field
+
         try:
             if state["draining"] or not getattr(backend, "ready", True):
                 raise ShuttingDown("the server is not ready" if not state["draining"] else
@@ -109,15 +115,26 @@ def build_app(backend: Backend, defaults: Settings, tokenizer) -> Starlette:
                 status = 499
                 return Response(status_code=499)
             metrics.items.inc(len(results))
+            bad = [i for i, r in enumerate(results)
+                   if not all(math.isfinite(x) for x in (r.reward, *r.sample_rewards))]
+            if bad:
+                status = 500
+                log.error("%s: non-finite rewards for %s[%s]", endpoint, items_field, bad[:8])
+                return _error(500, f"the model gave non-finite rewards (NaN or inf) for "
+                                   f"{items_field}{bad[:8]}: its weights hold non-finite values, "
+                                   "or its compute dtype overflows; the server is otherwise fine")
             return JSONResponse(answer(results))
         except InvalidField as err:
             status = err.status
             metrics.rejected.labels("invalid").inc()
-            return _error(err.status, str(err), err.field)
+            field = named(err.field)
+            return _error(err.status, field + str(err)[len(err.field):], field)
         except InputTooLong as err:
             status = 413
             metrics.rejected.labels("too_long").inc()
-            return _error(413, str(err), f"items[{err.index}]")
+            field = f"{items_field}[{err.index}]"
+            return _error(413, f"{field} is {err.length} tokens long; this server takes at most "
+                               f"{err.limit} (its --max-length)", field)
         except QueueFull as err:
             status = 503
             metrics.rejected.labels("queue_full").inc()
@@ -151,7 +168,7 @@ def build_app(backend: Backend, defaults: Settings, tokenizer) -> Starlette:
                 "reward_std": [r.reward_std for r in results],
                 "truncated_fraction": [sum(r.truncated) / len(r.truncated) for r in results]}}
 
-        return await run(request, "/get_reward", parse, answer)
+        return await run(request, "/get_reward", parse, answer, items_field="query")
 
     async def health(request: Request):
         ready = getattr(backend, "ready", True) and not state["draining"]

@@ -23,7 +23,8 @@ import numpy as np
 
 from cloud_jax.serving.types import (BackendOptions, BackendStats, InputTooLong, Item, ItemResult,
                                      QueueFull, Settings, ShuttingDown)
-from cloud_jax.serving.protocol import InvalidField, check_settings, item_lengths, prompt_text
+from cloud_jax.serving.protocol import (InvalidField, check_options, check_request_size,
+                                        check_settings, item_lengths, prompt_text)
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,8 @@ class StaticBackend:
     def __init__(self, rm, options: BackendOptions = BackendOptions()):
         self.rm = rm
         self.options = options
-        self.classic = options.classic or getattr(rm, "feedback_method", "teacher") == "vanilla"
+        self.classic = resolve_classic(rm, options)
+        check_options(options, self.classic)
         self._lock = threading.Condition()
         self._queue: collections.deque[_Request] = collections.deque()
         self._queued_items = 0
@@ -69,6 +71,7 @@ class StaticBackend:
         check_settings(settings, self.options, self.classic)
         if not items:
             raise InvalidField("items", "must not be empty")
+        check_request_size(items, settings, self.options, self.classic)
         for i, length in enumerate(item_lengths(self.rm, items, self.classic, settings,
                                                 self._submit_tok)):
             if length > self.options.max_length:
@@ -170,13 +173,22 @@ class StaticBackend:
         prompts = [prompt_text(item.prompt) for item in items]
         responses = [item.response for item in items]
         kwargs = settings.score_kwargs()
+        kwargs["classic"] = self.classic
         if self.classic:
-            kwargs.update(num_samples=1, classic=True)
+            kwargs["num_samples"] = 1
             budgets = None
         per_batch = max(1, self.options.slots // kwargs["num_samples"])
         cfg = ScoreConfig(batch_size=per_batch, max_length=self.options.max_length, **kwargs)
         res = score(self.rm, prompts, responses, cfg, budgets=budgets)
         return results_from_score(res, self.classic), int(np.sum(res.critique_tokens))
+
+
+def resolve_classic(rm, options: BackendOptions) -> bool:
+    """Whether to serve without critiques: ``options.classic`` where set, else as the
+    checkpoint says (a ``vanilla`` model is classic)."""
+    from cloud_jax.scoring.rewards import ScoreConfig, resolve_classic as score_classic
+
+    return score_classic(rm, ScoreConfig(classic=options.classic))
 
 
 def _batch_key(settings: Settings) -> Settings:

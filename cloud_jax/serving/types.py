@@ -70,7 +70,9 @@ class BackendOptions:
     max_length: int = 2048  # prefill tokens per item at most; beyond it: InputTooLong
     max_critique_tokens: int = 1024  # the largest per-request max_critique_tokens accepted
     defaults: Settings = Settings()  # a request's settings start from these
-    classic: bool = False  # a model without critiques: micro-batched forwards
+    # Serve without critiques (micro-batched forwards); None: as the checkpoint says (a
+    # ``vanilla`` model is classic), False scores even a classic checkpoint with critiques.
+    classic: Optional[bool] = None
 
 
 @dataclasses.dataclass(frozen=True)
