@@ -382,7 +382,11 @@ def test_missing_cuda_plugin(monkeypatch, capsys):
 @pytest.mark.parametrize("flag,value", [("--gpu-memory-fraction", "0"),
                                         ("--gpu-memory-fraction", "1.5"),
                                         ("--steps-per-check", "0"),
-                                        ("--decode-phases", "0")])
+                                        ("--decode-phases", "0"),
+                                        ("--num-samples", "0"),
+                                        ("--max-new-tokens", "0"),
+                                        ("--prefix-len", "-5"),
+                                        ("--sample-inputs", "-1")])
 def test_bad_gpu_flags(flag, value, capsys):
     with pytest.raises(SystemExit) as exc:
         aot.main(TINY + ["--topology", "h100", flag, value])

@@ -569,3 +569,20 @@ def test_the_gpu_presets_and_their_config_agree():
     assert m.attention_impl == t["attention"] and m.param_dtype == "float32"
     assert (cfg.data.batch_pairs, cfg.data.max_length) == (t["pairs"], t["seq"])
     assert cfg.train.stage == "cloud" and cfg.loss.lm_coef == train.LM_COEF
+
+
+@pytest.mark.parametrize("command,flag,value", [
+    ("sample", "--samples", "0"), ("sample", "--inputs", "0"), ("sample", "--repeats", "0"),
+    ("train", "--steps", "0"), ("train", "--pairs", "0"),
+    ("serve", "--clients", "0"), ("serve", "--modes", "stati")])
+def test_a_count_below_one_or_an_unknown_mode_is_a_usage_error(command, flag, value, capsys):
+    """Refused when the flags are read, before a model is built: not a traceback deep in the
+    run, nor (--pairs 0) a result that measured nothing."""
+    import importlib
+
+    module = importlib.import_module(f"cloud_jax.cli.bench.{command}")
+    args = {"sample": TINY_SAMPLE, "train": TINY_TRAIN, "serve": ["--small"]}[command]
+    with pytest.raises(SystemExit) as exc:
+        module.parse_args(args + [flag, value])
+    assert exc.value.code == 2
+    assert flag in capsys.readouterr().err

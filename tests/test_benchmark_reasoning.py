@@ -445,3 +445,14 @@ def test_cli(tmp_path, capsys):
     assert all(len(str(parse_prompt(r["prompt"]).operands[0])) == 3 for r in rows)
     assert run_command(main, ["--out", str(out), "--ops", "add,div"]) == 2
     assert "ops=" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--train", "0", "--eval", "0", "--test", "0"], "all 0: nothing to write"),
+    (["--digits", "0"], "--digits 0: must be >= 1"),
+    (["--train", "-1"], "--train must be >= 0")])
+def test_make_benchmark_refuses_what_it_would_drop_or_crash_on(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path / "b"), *args])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()

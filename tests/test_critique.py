@@ -99,6 +99,50 @@ def test_other_settings_into_the_same_directory_are_refused(setup, reference, ca
     assert "param_dtype" in capsys.readouterr().err
 
 
+def test_a_resume_may_change_how_critiques_are_batched_but_not_the_rows(setup, reference,
+                                                                         tmp_path, capsys):
+    """The batch size, the checks per step and the decode phases give the same critiques, so a
+    resume may change them (a smaller batch after running out of memory); rows whose contents
+    changed are refused, even when their path and count are the same."""
+    root, ckpt, src = setup
+
+    def started(name):  # a run into `name` stopped after its first shard
+        out = tmp_path / name
+        out.mkdir()
+        for file in ("provenance.json", "critiques-00000-of-00003.jsonl"):
+            (out / file).write_bytes((reference / file).read_bytes())
+        return out
+
+    out = started("resumed")
+    assert run(setup, out, "--batch-size", "2", "--steps-per-check", "3",
+               "--decode-phases", "1") == 0
+    assert files(out) == files(reference)
+    original = src.read_text()
+    capsys.readouterr()
+    try:
+        src.write_text(original.replace("Question 4?", "Question 4, changed?"))
+        assert run(setup, started("changed")) == 2
+    finally:
+        src.write_text(original)
+    assert "rows_sha256" in capsys.readouterr().err
+
+
+def test_empty_inputs_are_usage_errors(setup, tmp_path, capsys):
+    from cloud_jax.cli import evaluate, score
+
+    root, ckpt, _ = setup
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    for main, args in ((critique.main, ["--output", str(tmp_path / "c")]),
+                       (score.main, ["--output", str(tmp_path / "s.jsonl")])):
+        assert run_command(main, ["--checkpoint", str(ckpt), "--input", str(empty), *args]) == 2
+        assert "no rows in" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+    assert run_command(evaluate.main, ["--checkpoint", str(ckpt), "--best-of-n", str(empty),
+                                       "--output-dir", str(tmp_path / "e")]) == 2
+    assert "no Best-of-N rows" in capsys.readouterr().err
+
+
 def test_an_unsupported_url_output_is_a_usage_error(setup, capsys):
     assert run(setup, "ftp://bucket/self_critique") == 2
     assert ("--output='ftp://bucket/self_critique': unsupported URL scheme 'ftp'"

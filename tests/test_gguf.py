@@ -255,6 +255,21 @@ def test_cli_reports_missing_file(tmp_path, capsys):
     assert "absent.gguf does not exist" in capsys.readouterr().err
 
 
+def test_a_file_that_is_no_gguf_or_cut_short_is_a_usage_error(tmp_path, capsys):
+    (tmp_path / "x.gguf").write_text("hello\n")
+    write_tiny_llama_gguf(tmp_path / "m.gguf")
+    whole = (tmp_path / "m.gguf").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(whole[:len(whole) // 2])
+    for name, message in (("x.gguf", "not a readable GGUF file"),
+                          ("cut.gguf", "cut.gguf"),  # the reader or a tensor names the file
+                          (".", "is a directory; give the .gguf file")):
+        code = run_command(convert_cli.main, ["--gguf", str(tmp_path / name),
+                                              "--out", str(tmp_path / "hf")])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, err
+        assert "Traceback" not in err
+
+
 def test_find_smollm2_gguf_says_how_to_install(monkeypatch):
     def not_installed(name):
         raise importlib.metadata.PackageNotFoundError(name)

@@ -73,3 +73,42 @@ def test_logits_match_transformers(case, padding_side, tmp_path):
     assert np.abs(ref).max() > 1.0, "logits too small for the comparison to mean much"
     np.testing.assert_array_less(np.abs(ours - ref)[attended].max(), 1e-4)
     assert np.isfinite(np.asarray(out.rewards)).all()
+
+
+def test_what_this_backbone_does_not_compute_is_refused_not_loaded(tmp_path):
+    """A config whose model this backbone would compute differently (another MLP activation, a
+    llama with biases on o_proj / the MLP) is refused, naming the key."""
+    from cloud_jax.errors import CheckpointError
+
+    for extra, key in ((dict(hidden_act="gelu"), "hidden_act='gelu'"),
+                       (dict(attention_bias=True), "attention_bias=true"),
+                       (dict(mlp_bias=True), "mlp_bias=true")):
+        cfg = transformers.LlamaConfig(**{**BASE, **extra})
+        transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / key)
+        with pytest.raises(CheckpointError, match=key):
+            load_model_dir(tmp_path / key)
+
+
+def test_several_eos_ids_survive_an_export_and_a_stored_tied_head_is_ignored(tmp_path):
+    """Llama-3.1-Instruct lists three EOS ids (<|eot_id|> ends a turn): a backbone export keeps
+    the list. A tied checkpoint that also stores lm_head.weight loads, as in transformers."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from cloud_jax.checkpoints.hf import save_hf_backbone
+
+    cfg = transformers.LlamaConfig(**{**BASE, "eos_token_id": [5, 6, 7],
+                                      "tie_word_embeddings": True})
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "src")
+    weights = load_file(str(tmp_path / "src" / "model.safetensors"))
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    save_file(weights, str(tmp_path / "src" / "model.safetensors"), metadata={"format": "pt"})
+    model_cfg, params, _, _ = load_model_dir(tmp_path / "src")
+    assert (model_cfg.eos_token_id, model_cfg.eos_token_ids) == (5, (5, 6, 7))
+    save_hf_backbone(params, model_cfg, tmp_path / "out")
+    exported = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert exported["eos_token_id"] == [5, 6, 7]
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert back.generation_config.eos_token_id == [5, 6, 7]

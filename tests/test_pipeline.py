@@ -87,7 +87,13 @@ def test_every_stage_runs_and_results_json_holds_the_comparison(pipeline_run):
     assert saved["stages"]["critique_sft"]["data"]["train"]["rows"] == 48
     report = open(os.path.join(out, "report.md")).read()
     assert "| classic reward model |" in report and "## Sample critiques" in report
-    assert "Train pairs: 48 (cloud and classic: 20). Held-out pairs: 12." in report
+    # At this tiny size some self-critiques are empty: the cloud arm trains on fewer pairs than
+    # the classic one, and the report says how many each.
+    pairs = {arm: saved["stages"][arm]["data"]["train"]["pairs"] for arm in ("cloud", "classic")}
+    assert pairs["classic"] == 20 and pairs["cloud"] <= 20
+    trained = (f"; trained on: cloud {pairs['cloud']}, classic 20 (rows whose self-critique is "
+               "unusable are left out of cloud)" if pairs["cloud"] < 20 else "")
+    assert f"Train pairs: 48 (cloud and classic: 20{trained}). Held-out pairs: 12." in report
     assert report.count("  - oracle: ") == 2 * 2
     # The sections' decode_phases reach the decodes: the self-critique's, then the evaluation's.
     first_eval = PHASES_ASKED.index(2)
@@ -101,6 +107,12 @@ def test_rerun_skips_finished_stages_and_refuses_a_changed_config(pipeline_run, 
     skipped = [r.getMessage() for r in caplog.records if "already finished" in r.getMessage()]
     assert len(skipped) == 4
     assert again["classic"] == first["classic"] and again["cloud"] == first["cloud"]
+    # Reused stages report the time they took when they ran, not the ~0 s of the skip.
+    assert again["reused_stages"] == ["lm_pretrain", "critique_sft", "cloud", "classic"]
+    with open(os.path.join(cfg.output_dir, "cloud", "stage_summary.json")) as f:
+        assert again["seconds"]["cloud"] == json.load(f)["seconds"] > 0
+    with open(os.path.join(cfg.output_dir, "report.md")) as f:
+        assert "reused from an earlier run" in f.read()
     # stages.keep_checkpoints=false, which a rerun may change: each finished stage's checkpoint
     # directory goes, its final/ export stays, and the numbers are the same.
     stages = ("lm_pretrain", "critique_sft", "cloud", "classic")
@@ -119,7 +131,32 @@ def test_rerun_skips_finished_stages_and_refuses_a_changed_config(pipeline_run, 
         run_pipeline(changed)
 
 
+def test_a_rerun_may_change_how_it_reports_but_not_what_its_stages_were_trained_with(tmp_path):
+    from cloud_jax.experiments.cloud_vs_classic.run import _check_same_config
+    from cloud_jax.training.config import save_config
+
+    def config(*extra):
+        return load_pipeline_config(DEMO, TINY + [f"output_dir={tmp_path}", *extra])
+
+    saved = str(tmp_path / "pipeline_config.yaml")
+    # Finished stages without the record of their settings: not reused blindly.
+    (tmp_path / "cloud").mkdir()
+    (tmp_path / "cloud" / "stage_summary.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"holds finished stages \(cloud\) but no "
+                                          r"pipeline_config.yaml"):
+        _check_same_config(config(), saved)
+    save_config(config(), saved)
+    for override in ("train.progress_bar=true", "train.log_every=3",
+                     "self_critique.batch_size=7", "evaluation.num_examples=1"):
+        _check_same_config(config(override), saved)
+    with pytest.raises(ConfigError, match=r"stages.cloud.total_steps differ\): the stages in "
+                                          r".* rerun with the recorded settings"):
+        _check_same_config(config("stages.cloud.total_steps=5"), saved)
+
+
 def test_config_errors_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="data.columns / data.split"):
+        load_pipeline_config(DEMO, ["data.columns.prompt=question"])
     with pytest.raises(ConfigError, match="train_path and data.eval_path go together"):
         load_pipeline_config(DEMO, ["data.train_path=x.jsonl"])
     with pytest.raises(ConfigError, match="needs sampled critiques"):

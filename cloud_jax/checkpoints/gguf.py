@@ -17,6 +17,7 @@ import importlib.metadata
 import json
 import os
 import pathlib
+import struct
 from collections import Counter
 from typing import Any, Sequence, Union
 
@@ -208,7 +209,11 @@ def _convert_weights(
     tensors = {}
     for gguf_name, tensor in file_tensors.items():
         hf_name = hf_names[gguf_name]
-        weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        try:
+            weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        except (ValueError, IndexError) as err:
+            raise GGUFConversionError(f"{gguf_path}: tensor {gguf_name} does not read back "
+                                      f"({err}): the file is truncated or corrupt") from None
         if weight.shape != shapes[hf_name]:
             raise GGUFConversionError(
                 f"{gguf_path}: tensor {gguf_name} has shape {weight.shape}; the file's metadata "
@@ -283,6 +288,8 @@ def convert_gguf_to_hf(gguf_path: PathLike, out_dir: PathLike) -> pathlib.Path:
     Returns ``out_dir``.
     """
     gguf_path, out_dir = pathlib.Path(gguf_path), pathlib.Path(out_dir)
+    if gguf_path.is_dir():
+        raise GGUFConversionError(f"{gguf_path} is a directory; give the .gguf file")
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file {gguf_path} does not exist.")
     provenance = {
@@ -297,8 +304,11 @@ def convert_gguf_to_hf(gguf_path: PathLike, out_dir: PathLike) -> pathlib.Path:
         return out_dir
 
     print(f"Reading {gguf_path}")
-    reader = gguf.GGUFReader(gguf_path)
-    metadata = {name: field.contents() for name, field in reader.fields.items()}
+    try:
+        reader = gguf.GGUFReader(gguf_path)
+        metadata = {name: field.contents() for name, field in reader.fields.items()}
+    except (ValueError, IndexError, KeyError, struct.error, OverflowError) as err:
+        raise GGUFConversionError(f"{gguf_path}: not a readable GGUF file ({err})") from None
     config = llama_config_from_gguf(metadata, [t.name for t in reader.tensors], gguf_path)
     types = ", ".join(
         f"{n} {k}" for k, n in Counter(t.tensor_type.name for t in reader.tensors).items()

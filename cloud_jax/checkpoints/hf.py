@@ -74,6 +74,18 @@ def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
                 rope.get("original_max_position_embeddings", 8192)))
     else:
         raise CheckpointError(f"rope type {rope_type!r} is not supported (default, linear, llama3)")
+    # The MLP is SwiGLU (SiLU gate): another activation would load and compute something else.
+    act = hf.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise CheckpointError(f"hidden_act={act!r} is not supported: this backbone's MLP gate is "
+                              "SiLU (silu / swish)")
+    if model_type == "llama":
+        # Llama's attention_bias puts a bias on o_proj too, and mlp_bias on the MLP: neither is
+        # in this backbone (its q/k/v bias is Qwen2's).
+        for key in ("attention_bias", "mlp_bias"):
+            if hf.get(key):
+                raise CheckpointError(f"a llama config with {key}=true is not supported (no "
+                                      "biases on o_proj or the MLP in this backbone)")
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     sliding = None
     if model_type == "mistral":
@@ -98,11 +110,15 @@ def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
         rope_scaling=scaling,
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        attention_bias=True if model_type == "qwen2" else bool(hf.get("attention_bias", False)),
+        attention_bias=model_type == "qwen2",
         sliding_window=sliding,
         reward_dropout=float(hf.get("attention_dropout", 0.0)),
         bos_token_id=first(hf.get("bos_token_id")),
         eos_token_id=first(hf.get("eos_token_id")),
+        # Every one where the checkpoint lists several (Llama-3.1-Instruct ends turns with
+        # <|eot_id|>, the second): written back as the list.
+        eos_token_ids=(tuple(hf["eos_token_id"]) if isinstance(hf.get("eos_token_id"), list)
+                       and len(hf["eos_token_id"]) > 1 else ()),
         pad_token_id=first(hf.get("pad_token_id")),
     )
     if fields["head_dim"] == fields["hidden_size"] // fields["num_heads"]:
@@ -141,7 +157,7 @@ def hf_config_from_model_config(cfg: ModelConfig) -> dict:
         "attention_dropout": cfg.reward_dropout,
         "torch_dtype": cfg.param_dtype,
         "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": cfg.eos_token_id,
+        "eos_token_id": list(cfg.eos_token_ids) if cfg.eos_token_ids else cfg.eos_token_id,
         "pad_token_id": cfg.pad_token_id,
     }
     if cfg.family == "llama":
@@ -426,9 +442,12 @@ def load_params(directory: Path, cfg: ModelConfig, *, hf_prefix: str = "", with_
     pdtype = jnp.dtype(cfg.param_dtype)
     params: dict = {}
     unexpected = []
+    # Some tied checkpoints store the LM head too, a copy of the embedding that transformers
+    # ignores when tying: so does this loader.
+    tied_copy = f"{hf_prefix}lm_head.weight" if cfg.tie_word_embeddings else None
     for name, arr in iter_tensors(directory):
         if name not in table:
-            if name.endswith(_IGNORED_SUFFIXES):
+            if name.endswith(_IGNORED_SUFFIXES) or name == tied_copy:
                 continue
             unexpected.append(name)
             continue

@@ -52,6 +52,7 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from cloud_jax.cli import check_counts
 from cloud_jax.training.config import Config, load_config
 from cloud_jax.errors import ConfigError
 from cloud_jax.model import mesh_context, param_shapes, param_shardings
@@ -551,6 +552,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--steps-per-check {args.steps_per_check}: give a whole number >= 1")
     if args.decode_phases < 1:
         parser.error(f"--decode-phases {args.decode_phases}: give a whole number >= 1")
+    check_counts(parser, args, 1, "num_samples", "max_new_tokens")
+    check_counts(parser, args, 0, "prefix_len", "sample_inputs")
     with _without_compilation_cache():
         return _run(args)
 

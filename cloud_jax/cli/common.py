@@ -203,8 +203,8 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from cloud_jax.scoring.rewards import InputTooLongError
 
     return (ConfigError, CheckpointError, RowError, GGUFConversionError, FileNotFoundError,
-            IsADirectoryError, NotADirectoryError, PermissionError, FloatingPointError,
-            InputTooLongError)
+            FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError,
+            FloatingPointError, InputTooLongError)
 
 
 def run_command(main_fn: Callable[[Optional[Sequence[str]]], Optional[int]],

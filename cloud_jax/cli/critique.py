@@ -28,6 +28,7 @@ from cloud_jax.cli.common import (add_sampling_args, columns_from_args, config_f
                                   load_model, progress_bar)
 from cloud_jax import storage
 from cloud_jax.data.schema import expand_paths, load_rows
+from cloud_jax.errors import ConfigError
 from cloud_jax.scoring.relabel import RelabelSettings, relabel
 from cloud_jax.scoring.rewards import ScoreConfig
 from cloud_jax.sharding import DISTRIBUTED_MODES, init_distributed
@@ -64,6 +65,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     columns = columns_from_args(args)
     rows = load_rows(args.input, require_feedback=False, split=args.split, columns=columns).rows
+    if not rows:
+        raise ConfigError(f"no rows in {args.input}: nothing to critique")
     rm = load_model(args)
     settings = RelabelSettings(
         checkpoint=args.checkpoint, checkpoint_step=args.checkpoint_step,

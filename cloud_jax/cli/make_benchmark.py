@@ -50,10 +50,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="share of train pairs with a random (implausible) wrong answer")
     parser.add_argument("--split-fractions", default=",".join(map(str, d.split_fractions)))
     args = parser.parse_args(argv)
+    for name in ("train", "eval", "test"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be >= 0")
+    if not args.train + args.eval + args.test:
+        parser.error("--train, --eval and --test are all 0: nothing to write")
+    if args.digits is not None and args.digits < 1:
+        parser.error(f"--digits {args.digits}: must be >= 1")
+    digits = (args.digits, args.digits) if args.digits is not None else (args.min_digits,
+                                                                         args.max_digits)
     cfg = ReasoningBenchmarkConfig(
         num_train=args.train, num_eval=args.eval, num_test=args.test, seed=args.seed,
         style=args.style, ops=_names(args.ops), op_weights=_floats(args.op_weights),
-        min_digits=args.digits or args.min_digits, max_digits=args.digits or args.max_digits,
+        min_digits=digits[0], max_digits=digits[1],
         max_multiplier=args.max_multiplier, error_kinds=_names(args.error_kinds),
         error_weights=_floats(args.error_weights),
         train_random_share=args.train_random_share,

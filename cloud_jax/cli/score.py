@@ -48,6 +48,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = config_from_args(args, num_samples=args.num_samples, classic=args.classic)
     storage.check_path(args.output, "--output")
     rows = read_records(args.input, args.split, columns_from_args(args))
+    if not rows:
+        raise ConfigError(f"no rows in {args.input}: nothing to score")
     prompts, jobs = _texts(rows)
     rm = load_model(args)
     cfg = dataclasses.replace(cfg, classic=resolve_classic(rm, cfg))

@@ -39,6 +39,7 @@ import numpy as np
 
 from cloud_jax import storage
 from cloud_jax.data.schema import RowError, expand_paths
+from cloud_jax.errors import ConfigError
 
 BASELINES = ("first", "random")
 
@@ -115,7 +116,7 @@ def load_best_of_n(paths) -> List[BestOfNItem]:
                 first_seen[item.id] = item.source
                 items.append(item)
     if not items:
-        raise ValueError(f"no Best-of-N rows in {paths}")
+        raise ConfigError(f"no Best-of-N rows in {paths}")
     return items
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Tuple
 
 from cloud_jax.errors import ConfigError
 
@@ -76,6 +76,9 @@ class ModelConfig:
     remat: str = "none"
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
+    # All of a checkpoint's EOS ids where its config lists several (eos_token_id is the first);
+    # exports write the list back. Empty: eos_token_id alone.
+    eos_token_ids: Tuple[int, ...] = ()
     pad_token_id: Optional[int] = None
 
     @property

@@ -23,6 +23,7 @@ them on its own devices.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -62,12 +63,28 @@ def regenerate(rm, rows: Sequence[PreferenceRow], cfg: ScoreConfig, on_batch=Non
             for i, row in enumerate(rows)]
 
 
+# Settings that give the same critiques at any value (cloud_jax.scoring.rewards.ScoreConfig): a
+# resume may change them (a smaller batch after running out of memory, say).
+_SAME_CRITIQUES = ("sampling.batch_size", "sampling.steps_per_check", "sampling.decode_phases")
+
+
+def rows_fingerprint(rows: Sequence[PreferenceRow]) -> str:
+    """A digest of the rows' contents, in order: a resume over rows that changed is refused."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps(row_record(row), sort_keys=True).encode() + b"\n")
+    return digest.hexdigest()
+
+
 def _write_provenance(out_dir: str, provenance: dict, host: int = 0) -> None:
     path = storage.join(out_dir, PROVENANCE)
     # Through JSON once, so tuples compare equal to the lists read back.
     provenance = json.loads(json.dumps(provenance))
     if storage.exists(path):
-        changed = records.changes(json.loads(storage.read_text(path)), provenance)
+        saved = json.loads(storage.read_text(path))
+        changed = records.changes(saved, provenance, ignore=_SAME_CRITIQUES)
+        if "rows_sha256" not in saved:  # written before rows were fingerprinted
+            changed.pop("rows_sha256", None)
         if changed:
             raise ConfigError(f"{path} records other settings ({', '.join(changed)} differ); "
                              "write to a new output directory or restore the settings")
@@ -141,6 +158,7 @@ def relabel(rm, rows: Sequence[PreferenceRow], out_dir: str, cfg: ScoreConfig,
         **({"input_split": settings.input_split} if settings.input_split else {}),
         **({"columns": dict(settings.columns)} if settings.columns else {}),
         "num_rows": len(rows),
+        "rows_sha256": rows_fingerprint(rows),
         "shard_rows": settings.shard_rows,
         "num_shards": num_shards,
         "sampling": dataclasses.asdict(cfg),

@@ -161,12 +161,12 @@ def _initial_params(cfg: Config, mesh) -> tuple[Any, ModelConfig]:
     loaded_cfg, params, directory, _ = hf_io.load_model_dir(
         cfg.init_from, mesh=mesh, rules=TRAIN_RULES, rng=jax.random.key(cfg.seed), **overrides)
     def differ(fields, given_only=False):
-        # given_only: a key the model section leaves at None (token ids, sliding_window) is
-        # not given, so it takes the checkpoint's value without a word.
+        # given_only: a key the model section leaves at None or empty (token ids,
+        # sliding_window) is not given, so it takes the checkpoint's value without a word.
         return [f"{k.replace('resolved_', '')}: config {getattr(cfg.model, k)!r}, checkpoint "
                 f"{getattr(loaded_cfg, k)!r}" for k in fields
                 if getattr(cfg.model, k) != getattr(loaded_cfg, k)
-                and not (given_only and getattr(cfg.model, k) is None)]
+                and not (given_only and getattr(cfg.model, k) in (None, ()))]
 
     diff = differ(_ARCH_FIELDS)
     if diff:

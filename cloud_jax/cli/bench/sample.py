@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cloud_jax.cli import check_counts
 from cloud_jax.model.config import DECODE_ATTENTION_IMPLS, ModelConfig
 from cloud_jax.model import CLoudModel, count_params, init_params
 from cloud_jax.model import cpu_kernels, gpu_kernels
@@ -297,6 +298,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f"--steps-per-check {args.steps_per_check}: give a whole number >= 1")
     if args.decode_phases < 1:
         parser.error(f"--decode-phases {args.decode_phases}: give a whole number >= 1")
+    check_counts(parser, args, 1, "inputs", "samples", "prompt_len", "new_tokens", "repeats",
+                 "threads", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                 "intermediate_size", "vocab_size")
     return args
 
 

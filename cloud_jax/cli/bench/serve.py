@@ -35,6 +35,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from cloud_jax.cli import check_counts
 from cloud_jax.cli.bench.host import host_info, host_line, write_record
 
 
@@ -70,6 +71,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                 setattr(args, name, value)
     if not 1 <= args.min_tokens <= args.max_tokens:
         p.error("need 1 <= --min-tokens <= --max-tokens")
+    check_counts(p, args, 1, "requests", "clients", "slots", "num_samples", "chunk_steps",
+                 "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in ("static", "continuous")]
+    if unknown or not modes:
+        p.error(f"--modes {args.modes!r}: a comma list of static, continuous")
     return args
 
 

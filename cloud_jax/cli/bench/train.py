@@ -45,6 +45,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from cloud_jax.cli import check_counts  # noqa: E402
 from cloud_jax.model.config import ModelConfig  # noqa: E402
 from cloud_jax.sharding import MeshConfig  # noqa: E402
 from cloud_jax.training.config import Config  # noqa: E402
@@ -117,7 +118,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     preset = p.parse_known_args(argv)[0].preset
     if preset is not None:
         p.set_defaults(**PRESETS[preset])
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_counts(p, args, 1, "pairs", "seq", "hidden", "layers", "heads", "kv_heads", "mlp",
+                 "vocab", "repeats", "steps", "threads")
+    return args
 
 
 def make_batch(pairs: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:

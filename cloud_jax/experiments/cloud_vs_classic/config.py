@@ -108,6 +108,12 @@ class PipelineConfig(Config):
                               "directory, and the second would find the first one's checkpoints; "
                               "leave it empty (<output_dir>/<stage>/checkpoints) or give a "
                               "relative path (under each stage's directory)")
+        if self.data.columns.mapping() or self.data.split or self.data.eval_split:
+            raise ConfigError("data.columns / data.split / data.eval_split: the pipeline reads "
+                              "its rows, and writes the self-critiqued ones, in the standard "
+                              "fields (prompt, chosen, rejected, chosen_feedback, "
+                              "rejected_feedback); convert the rows to them first (train, "
+                              "critique and evaluate on their own take these keys)")
         if bool(self.data.train_path) != bool(self.data.eval_path):
             raise ConfigError("data.train_path and data.eval_path go together: give both (rows "
                               "with oracle feedback) or neither (the built-in benchmark)")

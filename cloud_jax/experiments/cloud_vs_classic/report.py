@@ -22,9 +22,18 @@ def markdown_report(results: Dict[str, Any], records: List[dict], rows: Sequence
     d = results["diagnostics"]
     gap = k["accuracy"] - c["accuracy"]
     arms = results.get("num_arm_train_rows", results["num_train_rows"])
+    trained = {name: ((results.get("stages", {}).get(name) or {}).get("data") or {})
+               .get("train", {}).get("pairs") for name in ("cloud", "classic")}
+    dropped = ""
+    if trained["cloud"] is not None and trained["classic"] is not None \
+            and trained["cloud"] != trained["classic"]:
+        # The cloud stage skips rows whose self-critique is unusable (empty): say so.
+        dropped = (f"; trained on: cloud {trained['cloud']}, classic {trained['classic']} "
+                   f"(rows whose self-critique is unusable are left out of cloud)")
     lines = ["# CLoud vs classic: pipeline results", "",
-             f"Train pairs: {results['num_train_rows']} (cloud and classic: {arms}). Held-out "
-             f"pairs: {results['num_eval_rows']}. Pairwise accuracy (a tie counts as wrong):", "",
+             f"Train pairs: {results['num_train_rows']} (cloud and classic: {arms}{dropped}). "
+             f"Held-out pairs: {results['num_eval_rows']}. Pairwise accuracy (a tie counts as "
+             "wrong):", "",
              "| model | accuracy |", "|---|---|",
              f"| classic reward model | {_pct(c['accuracy'])} |",
              f"| CLoud, greedy critique (K = 1) | {_pct(k['accuracy'])} |"]
@@ -44,8 +53,11 @@ def markdown_report(results: Dict[str, Any], records: List[dict], rows: Sequence
                      f"{_pct(x.get('pairs_judged_right'))} | "
                      f"{_pct(x.get('exact_match_with_oracle'))} | "
                      f"{_pct(x.get('truncated_fraction'))} |")
+    reused = results.get("reused_stages") or []
     lines += ["", "Stage times (s): " + ", ".join(f"{n} {s:.0f}"
-                                                  for n, s in results["seconds"].items()), "",
+                                                  for n, s in results["seconds"].items())
+              + (f" ({', '.join(reused)}: reused from an earlier run, its time then)"
+                 if reused else ""), "",
               "## Sample critiques (greedy)", ""]
     for rec, row in list(zip(records, rows))[:num_examples]:
         lines += [f"### {row.id} ({rec['outcome']})", "", f"- prompt: `{row.prompt}`"]

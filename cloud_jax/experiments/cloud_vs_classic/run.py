@@ -46,6 +46,7 @@ from cloud_jax.experiments.cloud_vs_classic.diagnostics import (critique_quality
 from cloud_jax.experiments.cloud_vs_classic.report import markdown_report
 from cloud_jax.sharding import SAMPLE_RULES, MeshConfig, make_mesh
 from cloud_jax.training.config import Config, config_from_dict, load_config, save_config, to_dict
+from cloud_jax.training.stages import STAGES
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +101,16 @@ def _train(cfg: PipelineConfig, name: str, **paths) -> dict:
             summary = json.load(f)
         log.info("%s: already finished (%s), skipped", name, done)
         _drop_checkpoints(cfg, stage_cfg)
-        return summary
+        return {**summary, "reused": True}
     log.info("%s: %d steps -> %s", name, stage_cfg.train.total_steps, stage_cfg.output_dir)
+    start = time.perf_counter()
     summary = run(stage_cfg)
     if summary.get("preempted"):
         raise Preempted(f"{name} was stopped by SIGTERM after saving step {summary['step']}; "
                         "run the same command again to resume")
     keep = {k: summary.get(k) for k in ("step", "train", "eval", "final_dir", "data")}
+    # This attempt's time (a resumed stage: the steps after its checkpoint).
+    keep["seconds"] = round(time.perf_counter() - start, 2)
     with open(done, "w", encoding="utf-8") as f:
         json.dump(keep, f, indent=2, sort_keys=True, default=str)
     # Only after the summary is written: a stage is never left unfinished without checkpoints.
@@ -141,9 +145,24 @@ def _self_critique(cfg: PipelineConfig, sft_dir: str, train_path: str) -> str:
                             critique_prefix=cfg.data.critique_prefix,
                             decode_phases=sc.decode_phases).validate()
     rows = load_rows(train_path, require_feedback=False).rows
-    summary = relabel(rm, rows, os.path.join(cfg.output_dir, "self_critique"), score_cfg,
-                      RelabelSettings(checkpoint=sft_dir, input_paths=expand_paths(train_path),
-                                      shard_rows=1024))
+    bars = []
+
+    def progress(total: int):  # a bar over the responses still to critique
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="response", desc="self_critique", dynamic_ncols=True,
+                   disable=not cfg.train.progress_bar)
+        bars.append(bar)
+        return lambda done, new_tokens: bar.update(done)
+
+    try:
+        summary = relabel(rm, rows, os.path.join(cfg.output_dir, "self_critique"), score_cfg,
+                          RelabelSettings(checkpoint=sft_dir,
+                                          input_paths=expand_paths(train_path), shard_rows=1024),
+                          progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
     if summary.unusable:
         log.warning("%d self-critiques are empty or hold NUL characters", summary.unusable)
     return summary.glob
@@ -225,15 +244,33 @@ def _evaluate(cfg: PipelineConfig, rows, cloud_dir: str, classic_dir: str,
 # --- driver ---------------------------------------------------------------------------------
 
 
+# Settings that change no stage's result: a rerun may change them (the evaluation is redone
+# under its own settings; the rest is how runs report, checkpoint and batch their work).
+_FREE_SETTINGS = ("evaluation", "stages.keep_checkpoints", "train.progress_bar", "train.log_every",
+                  "train.tensorboard_dir", "train.wandb_project", "train.wandb_run_name",
+                  "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpointing",
+                  "train.peak_flops_per_device", "data.num_threads", "data.prefetch_buffer_size",
+                  "self_critique.batch_size", "self_critique.decode_phases")
+
+
 def _check_same_config(cfg: PipelineConfig, path: str) -> None:
-    """A rerun into the same output_dir must not mix stages trained under other settings."""
+    """A rerun into the same output_dir must not mix stages trained under other settings: the
+    stages of one output_dir are reused only under the settings they were trained with."""
+    out = os.path.dirname(path)
     if not os.path.exists(path):
+        finished = [name for name in STAGES
+                    if os.path.exists(os.path.join(out, name, _DONE))]
+        if finished:
+            raise ConfigError(f"{out} holds finished stages ({', '.join(finished)}) but no "
+                              f"{os.path.basename(path)} saying what they were trained with; "
+                              "use a new output_dir, or delete those stage directories")
         return
     changed = records.changes(to_dict(load_config(path, schema=PipelineConfig)), to_dict(cfg),
-                              ignore=("evaluation", "stages.keep_checkpoints"))
+                              ignore=_FREE_SETTINGS)
     if changed:
-        raise ConfigError(f"{path} records other settings ({', '.join(changed)} differ); use a "
-                          "new output_dir, or delete the stages that should be redone")
+        raise ConfigError(f"{path} records other settings ({', '.join(changed)} differ): the "
+                          f"stages in {out} were trained under those. Use a new output_dir, or "
+                          "rerun with the recorded settings")
 
 
 def run_pipeline(cfg: PipelineConfig) -> Dict[str, Any]:
@@ -293,7 +330,14 @@ def run_pipeline(cfg: PipelineConfig) -> Dict[str, Any]:
     results["stages"] = {name: {"steps": s.get("step"), "final_dir": s.get("final_dir"),
                                 "train": s.get("train"), "eval": s.get("eval"),
                                 "data": s.get("data")} for name, s in summaries.items()}
-    results["seconds"] = {**timer.seconds, "total": round(time.perf_counter() - start, 2)}
+    # A stage reused from an earlier run reports the time it took then.
+    reused = [name for name, s in summaries.items() if s.get("reused")]
+    seconds = dict(timer.seconds)
+    for name in reused:
+        if summaries[name].get("seconds") is not None:
+            seconds[name] = summaries[name]["seconds"]
+    results["seconds"] = {**seconds, "total": round(time.perf_counter() - start, 2)}
+    results["reused_stages"] = reused
     with open(os.path.join(out, RESULTS_JSON), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2, sort_keys=True, default=str)
         f.write("\n")
