@@ -153,14 +153,44 @@ def global_batch_from_host(local: dict[str, np.ndarray], mesh: Mesh,
 DISTRIBUTED_MODES = ("auto", "on", "off")
 
 
+_GCE_METADATA = "http://metadata.google.internal/computeMetadata/v1/instance/attributes/"
+
+
+def _tpu_vm_slice_workers() -> int:
+    """The workers of the Cloud TPU VM slice this host belongs to, as the GCE metadata server
+    lists them (what JAX's own cluster detection reads); 0 where that is not known. Asked only
+    on a host with TPU chips attached, so other machines make no network call."""
+    try:
+        from jax._src import hardware_utils
+
+        chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
+    except Exception:  # a JAX without the helper: the environment variables decide
+        return 0
+    if not chips:
+        return 0
+    import urllib.request
+
+    request = urllib.request.Request(_GCE_METADATA + "worker-network-endpoints",
+                                     headers={"Metadata-Flavor": "Google"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            endpoints = answer.read().decode()
+    except OSError:
+        return 0
+    return len([w for w in endpoints.split(",") if w.strip()])
+
+
 def _multi_host_environment() -> bool:
     env = os.environ
     if env.get("JAX_COORDINATOR_ADDRESS"):
         return True
-    # A TPU pod slice lists every worker; one host lists one (or nothing).
+    # A TPU pod slice on GKE lists every worker; one host lists one (or nothing).
     if len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
         return True
-    return int(env.get("SLURM_NTASKS", "1") or 1) > 1
+    if int(env.get("SLURM_NTASKS", "1") or 1) > 1:
+        return True
+    # A Cloud TPU VM slice (tpu_scripts/) sets none of these: its metadata lists the workers.
+    return _tpu_vm_slice_workers() > 1
 
 
 def init_distributed(mode: str) -> bool:

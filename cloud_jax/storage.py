@@ -164,8 +164,9 @@ def remove_tree(path: str) -> bool:
 
 
 def glob(pattern: str) -> List[str]:
+    """The matches of ``pattern``, sorted; ``**`` matches any depth, on disk as in a bucket."""
     if not is_url(pattern):
-        return sorted(_glob.glob(pattern))
+        return sorted(_glob.glob(pattern, recursive=True))
     fs, inner = _fs(pattern)
     return sorted(f"{scheme(pattern)}://{p}" for p in fs.glob(inner))
 

@@ -80,6 +80,44 @@ def test_a_single_saved_dataset_is_its_own_split(tmp_path):
     path = str(tmp_path / "one")
     datasets.Dataset.from_list([_row(0), _row(1)]).save_to_disk(path)
     assert [r.id for r in load_rows(path, require_feedback=True).rows] == ["r0", "r1"]
+    # Saved as the train split, it is not a test split too (an eval split of the train rows).
+    named = str(tmp_path / "named")
+    datasets.Dataset.from_list([_row(0)], split="train").save_to_disk(named)
+    assert [r.id for r in load_rows(named, require_feedback=True, split="train").rows] == ["r0"]
+    with pytest.raises(ConfigError, match="has no split 'test' \\(it holds one split, 'train'"):
+        load_rows(named, require_feedback=True, split="test")
+
+
+def test_a_directory_is_read_whole_or_refused(tmp_path):
+    """datasets infers splits from file names and reads one format: a directory it would read
+    in part is an error naming what it would leave out; a malformed file names itself."""
+    names = tmp_path / "names"
+    names.mkdir()
+    for name, i in (("train.jsonl", 0), ("more_rows.jsonl", 1)):
+        (names / name).write_text(json.dumps(_row(i)) + "\n")
+    with pytest.raises(ConfigError, match="leaving out more_rows.jsonl"):
+        load_rows(str(names), require_feedback=True)
+    formats = tmp_path / "formats"
+    formats.mkdir()
+    (formats / "part-0.jsonl").write_text(json.dumps(_row(0)) + "\n")
+    datasets.Dataset.from_list([_row(1)]).to_parquet(str(formats / "part-1.parquet"))
+    with pytest.raises(ConfigError, match="leaving out part-1.parquet|leaving out part-0.jsonl"):
+        load_rows(str(formats), require_feedback=True)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "train.jsonl").write_text(json.dumps(_row(0)) + '\n{"id": "b", "prompt": \n')
+    with pytest.raises(ConfigError, match="not a Hugging Face dataset that can be read here"):
+        load_rows(str(bad), require_feedback=True)
+
+
+def test_a_mapped_field_is_read_from_its_column_only(tmp_path):
+    """With prompt mapped to question, a row without question lacks its prompt (an error), even
+    where it has a prompt column: a misspelt mapping never trains on the other column."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(_renamed(_row(0))) + "\n" + json.dumps(_row(1)) + "\n")
+    with pytest.raises(RowError, match="rows.jsonl:2.*prompt"):
+        load_rows(str(path), require_feedback=True,
+                  columns={"prompt": "question", "chosen": "good", "rejected": "bad"})
 
 
 def test_a_script_free_repository_with_a_column_mapping(repo):

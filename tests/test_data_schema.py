@@ -46,6 +46,17 @@ def test_glob_and_missing_file(tmp_path):
     assert len(load_rows(str(tmp_path / "t-*.jsonl"), require_feedback=True).rows) == 2
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         load_rows(str(tmp_path / "nope.jsonl"), require_feedback=True)
+    # A name that exists is read as written, even with glob characters in it.
+    _jsonl(tmp_path / "data[1].jsonl", [_row(id="literal")])
+    _jsonl(tmp_path / "data1.jsonl", [_row(id="other")])
+    assert [r.id for r in load_rows(str(tmp_path / "data[1].jsonl"),
+                                    require_feedback=True).rows] == ["literal"]
+    # ** matches at any depth, as it does in a bucket.
+    (tmp_path / "sub" / "deep").mkdir(parents=True)
+    _jsonl(tmp_path / "sub" / "x.jsonl", [_row(id="x")])
+    _jsonl(tmp_path / "sub" / "deep" / "y.jsonl", [_row(id="y")])
+    assert sorted(r.id for r in load_rows(str(tmp_path / "sub" / "**" / "*.jsonl"),
+                                          require_feedback=True).rows) == ["x", "y"]
 
 
 BAD_ROWS = [

@@ -287,6 +287,22 @@ def test_babysit_dry_run_recreates_a_preempted_tpu():
     assert "warning: the command" not in native.stderr
 
 
+def test_babysit_stops_on_a_usage_error_instead_of_relaunching_it():
+    """Exit status 2 (a bad flag, config key, path or data) would fail the same way on every
+    relaunch: babysit says so and exits 2 rather than holding the slice through 20 retries."""
+    result = dry_run("babysit", "python", "x.py", "output_dir=gs://test-bucket/cloud/run",
+                     DRY_RUN_STATE="ACTIVE", DRY_RUN_TRAINER="usage_error", MAX_ITERATIONS="3")
+    assert result.returncode == 2, result.stderr
+    assert "a usage or config error that a relaunch would repeat" in result.stderr
+    assert not [c for c in printed_commands(result.stdout) if c[3] == "queued-resources"
+                and c[4] in ("delete", "create")]
+    # A literal $BUCKET reaches the trainer unexpanded: warned, not taken for a bucket path.
+    literal = dry_run("babysit", "python", "x.py", "output_dir=$BUCKET/run",
+                      DRY_RUN_STATE="ACTIVE", DRY_RUN_TRAINER="running", MAX_ITERATIONS="1")
+    assert "holds a literal $BUCKET, which nothing expands on the workers" in literal.stderr
+    assert "the command mentions no gs:// path" in literal.stderr
+
+
 def test_babysit_dry_run_leaves_a_healthy_run_alone():
     result = dry_run("babysit", "python", "x.py", DRY_RUN_STATE="ACTIVE",
                      DRY_RUN_TRAINER="running", MAX_ITERATIONS="2", CHECK_SECONDS="7")

@@ -9,7 +9,9 @@
 #     disks do not survive);
 #   - run crashed or gone on some worker (or its state unreadable 3 checks in a row): stop.sh,
 #     then run.sh again;
-#   - run finished (exit status 0) on every worker: exits 0.
+#   - run finished (exit status 0) on every worker: exits 0;
+#   - run stopped with exit status 2 on some worker (a usage or config error: bad flag, config key,
+#     path or data, which a relaunch would only repeat): exits 2.
 # On its first check it brings the TPU up and starts the run if needed (or adopts a run of the same
 # RUN_NAME that is already running). Recoveries wait BACKOFF_BASE seconds, doubling up to
 # BACKOFF_MAX while they keep failing; after MAX_RETRIES recoveries it gives up (exit 1).
@@ -37,15 +39,20 @@ valid_run_name "$RUN" || die "-n $RUN: use letters, digits, '.', '_' and '-' onl
 require_settings PROJECT ZONE TPU_NAME QUEUED_RESOURCE ACCELERATOR_TYPE RUNTIME_VERSION
 CMD=("$@")
 
+if [[ "${CMD[*]}" == *"\$BUCKET"* ]]; then
+  # Nothing on the workers expands it: the trainer would write under a directory named $BUCKET
+  # on the worker's own disk, which a recreated TPU does not have.
+  log "warning: the command holds a literal \$BUCKET, which nothing expands on the workers; let" \
+    "your shell expand it (no quotes around it) or write the gs:// path"
+fi
 if [[ -z "$BUCKET" ]]; then
   log "warning: BUCKET is not set; a recreated TPU starts with empty disks, so the run can only" \
     "resume if its checkpoints are written to a bucket (output_dir=gs://...)"
-elif [[ -n "$BUCKET_MOUNT" && "${CMD[*]}" != *"$BUCKET_MOUNT"* && "${CMD[*]}" != *gs://* &&
-  "${CMD[*]}" != *"\$BUCKET"* ]]; then
+elif [[ -n "$BUCKET_MOUNT" && "${CMD[*]}" != *"$BUCKET_MOUNT"* && "${CMD[*]}" != *gs://* ]]; then
   log "warning: the command mentions neither BUCKET_MOUNT=$BUCKET_MOUNT (where setup.sh mounts" \
     "BUCKET=$BUCKET) nor a gs:// path; make sure its config writes checkpoints there, or a" \
     "recreated TPU restarts the run from scratch"
-elif [[ -z "$BUCKET_MOUNT" && "${CMD[*]}" != *gs://* && "${CMD[*]}" != *"\$BUCKET"* ]]; then
+elif [[ -z "$BUCKET_MOUNT" && "${CMD[*]}" != *gs://* ]]; then
   log "warning: the command mentions no gs:// path (BUCKET=$BUCKET); make sure its config" \
     "writes checkpoints to the bucket (output_dir=$BUCKET/run), or a recreated TPU restarts the" \
     "run from scratch"
@@ -68,7 +75,7 @@ fi
 EOF
 )
 read_trainer_status() {
-  local out rc=0 line running=0 ok=0 none=0 bad=0
+  local out rc=0 line running=0 ok=0 none=0 bad=0 usage=0
   TRAINER_DETAIL=""
   if [[ "$DRY_RUN" == 1 ]]; then
     on_all_workers "$body" RUN LOG_DIR
@@ -82,12 +89,15 @@ read_trainer_status() {
     case "${BASH_REMATCH[2]}" in
       running) running=$((running + 1)) ;;
       "exited 0") ok=$((ok + 1)) ;;
+      "exited 2") usage=$((usage + 1)) bad=$((bad + 1)) ;;
       none) none=$((none + 1)) ;;
       *) bad=$((bad + 1)) ;;
     esac
   done <<<"$out"
   if ((rc != 0 || running + ok + none + bad == 0)); then
     TRAINER=unknown
+  elif ((usage > 0)); then
+    TRAINER=usage_error
   elif ((bad == 0 && none == 0 && running > 0)); then
     TRAINER=running
   elif ((bad == 0 && none == 0)); then
@@ -173,6 +183,14 @@ while :; do
               exit 0
               ;;
             none) recover "run $RUN is not running on the TPU" relaunch || log "recovery failed" ;;
+            usage_error)
+              # Status 2: a bad flag, config key, path or data file (cloud_jax's usage errors),
+              # which every relaunch would meet again.
+              log "run $RUN stopped with exit status 2 on some worker ($TRAINER_DETAIL): a usage" \
+                "or config error that a relaunch would repeat; tpu_scripts/logs.sh shows it." \
+                "Fix it, then start babysit.sh again"
+              exit 2
+              ;;
             failed)
               recover "run $RUN stopped on some worker ($TRAINER_DETAIL)" relaunch ||
                 log "recovery failed"

@@ -68,8 +68,9 @@ fi
 # (e.g. "--network=my-net --internal-ips").
 : "${CREATE_FLAGS:=}"
 # gs:// location for checkpoints and outputs; exported to the trainer's environment as BUCKET.
-# Runs read and write gs:// paths natively (output_dir=$BUCKET/run: orbax commits checkpoints in
-# the bucket itself), so nothing is mounted by default. BUCKET_MOUNT, when set (e.g. /mnt/bucket),
+# Runs read and write gs:// paths natively (output_dir=$BUCKET/run, which your shell expands
+# when you type the command - nothing on the workers expands a quoted '$BUCKET'; orbax commits
+# checkpoints in the bucket itself), so nothing is mounted by default. BUCKET_MOUNT, when set (e.g. /mnt/bucket),
 # makes setup.sh mount BUCKET there with gcsfuse on every worker, for runs that give local paths.
 : "${BUCKET:=}"
 : "${BUCKET_MOUNT:=}"

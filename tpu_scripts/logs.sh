@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Usage: tpu_scripts/logs.sh [-r RUN_NAME] [-n LINES] [WORKER]
 #
-# Without WORKER: prints the last LINES lines of every worker's log, each line tagged [worker N].
+# Without WORKER: prints the last LINES lines of every worker's log, each line tagged [worker N],
+# then whether the run is still running there or its exit status (changes nothing: stop.sh is
+# what stops a run).
 # With WORKER (0, 1, ...): follows that worker's log (tail -F) until Ctrl-C, which stops following,
 # not the run.
 #   -r RUN_NAME   the run whose logs to show (default: each worker's latest run.sh)
@@ -42,6 +44,14 @@ if [ "$FOLLOW" = 1 ]; then
   exec tail -n "$LINES" -F "$log"
 fi
 tail -n "$LINES" "$log" | sed "s/^/[worker $WORKER] /"
+base="$LOG_DIR/$run/worker-$WORKER"
+if [ -f "$base.pid" ] && kill -0 -- "-$(cat "$base.pid")" 2>/dev/null; then
+  echo "[worker $WORKER] run $run: running"
+elif [ -f "$base.exit" ]; then
+  echo "[worker $WORKER] run $run: exited with status $(cat "$base.exit")"
+else
+  echo "[worker $WORKER] run $run: not running, exit status not recorded"
+fi
 EOF
 )
 

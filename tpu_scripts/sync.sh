@@ -72,7 +72,8 @@ if [ -f .tpu_sync_files ]; then
 fi
 tar -xzf "$tarball"
 mv "$new" .tpu_sync_files
-rm -f "$tarball"
+# The tarball stays until every worker has unpacked it: a retry of this step on every worker,
+# after one of them failed, must find it on those that had already unpacked it.
 echo "worker $WORKER: $(wc -l <.tpu_sync_files) files in $REPO_DIR"
 EOF
 )
@@ -80,4 +81,7 @@ EOF
 with_retries run_gcloud compute tpus tpu-vm scp "$work/code.tgz" "$TPU_NAME:$TARBALL" \
   "${GCLOUD_LOCATION[@]}" --worker=all --quiet
 with_retries on_all_workers "$body" REPO_DIR TARBALL
+# shellcheck disable=SC2016  # expanded on the workers
+on_all_workers 'rm -f "$HOME/$TARBALL"' TARBALL >/dev/null ||
+  log "warning: could not remove ~/$TARBALL on every worker (the next sync overwrites it)"
 log "done"

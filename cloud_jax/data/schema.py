@@ -135,15 +135,18 @@ def expand_paths(spec: Union[str, Sequence[str]]) -> List[str]:
         if part.startswith(HUB_PREFIX):
             paths.append(part)
             continue
+        # A name that exists is that file, even where it holds glob characters (data[1].jsonl).
         if storage.is_url(part):
             storage.check_path(part, "data path")
-            matches = storage.glob(part) if glob.has_magic(part) else [part]
+            literal = not glob.has_magic(part) or storage.exists(part)
+            matches = [part] if literal else storage.glob(part)
             if not matches or not all(storage.isfile(m) or storage.isdir(m) for m in matches):
                 raise FileNotFoundError(
                     f"data file {part!r} does not exist (or the glob matches nothing)")
             paths.extend(matches)
             continue
-        matches = sorted(glob.glob(part)) if glob.has_magic(part) else [part]
+        literal = not glob.has_magic(part) or os.path.exists(part)
+        matches = [part] if literal else storage.glob(part)
         if not matches or not all(os.path.exists(m) for m in matches):
             raise FileNotFoundError(
                 f"data file {part!r} does not exist (or the glob matches nothing)")
@@ -185,6 +188,29 @@ def _hash_file(digest, path: str) -> None:
             digest.update(block)
 
 
+_DATA_FILE_TYPES = (".jsonl", ".json", ".parquet", ".arrow", ".csv")
+
+
+def _check_every_file_is_read(path: str, local: str, builder) -> None:
+    """ConfigError where ``datasets`` would read only some of a directory's data files: it infers
+    splits from file names (train, test, ...) and reads one file format, so a file named
+    otherwise, or of another format, would be left out without a word."""
+    used = {os.path.realpath(str(f)) for files in (builder.config.data_files or {}).values()
+            for f in files}
+    present = []
+    for root, dirs, names in os.walk(local):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        present += [os.path.join(root, n) for n in sorted(names)
+                    if not n.startswith(".") and n.lower().endswith(_DATA_FILE_TYPES)]
+    left = [os.path.relpath(p, local) for p in present if os.path.realpath(p) not in used]
+    if left:
+        raise ConfigError(f"{path}: the datasets library would read only some of its data files, "
+                          f"leaving out {', '.join(left[:5])}{' ...' if len(left) > 5 else ''} "
+                          "(it infers splits from file names such as train / test, and reads "
+                          "one file format); name the files instead (a comma-separated list or "
+                          "a glob), or give the directory one format and split-named files")
+
+
 def load_hf_dataset(path: str, split: str = ""):
     """A Hugging Face dataset source -> (``datasets.Dataset``, the split read).
 
@@ -208,11 +234,16 @@ def load_hf_dataset(path: str, split: str = ""):
                 os.path.join(local, "state.json")):
             loaded = datasets.load_from_disk(local)
         else:
+            _check_every_file_is_read(path, local, datasets.load_dataset_builder(local))
             loaded = datasets.load_dataset(local)
-    except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as err:
+    except ConfigError:
+        raise
+    except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError,
+            datasets.exceptions.DatasetBuildError) as err:
+        cause = f" ({err.__cause__})" if err.__cause__ is not None else ""
         raise ConfigError(f"{path}: not a Hugging Face dataset that can be read here (a "
                           f"save_to_disk directory, a directory of Parquet/Arrow/JSON files, or "
-                          f"hf://owner/name): {err}") from None
+                          f"hf://owner/name): {err}{cause}") from None
     if isinstance(loaded, datasets.DatasetDict):
         names = list(loaded)
         if not split and len(names) == 1:
@@ -222,7 +253,10 @@ def load_hf_dataset(path: str, split: str = ""):
             raise ConfigError(f"{path} {what} (its splits: {', '.join(names)}; set data.split / "
                               f"data.eval_split, or --split)")
         return loaded[split], split
-    # A single Dataset (save_to_disk of one split): it is the split, whatever its name.
+    # A single Dataset (save_to_disk of one split): the split it was saved as, if it says.
+    if split and loaded.split is not None and str(loaded.split) != split:
+        raise ConfigError(f"{path} has no split {split!r} (it holds one split, "
+                          f"{str(loaded.split)!r}; set data.split / data.eval_split, or --split)")
     return loaded, split or str(loaded.split or "train")
 
 
@@ -305,10 +339,12 @@ def _iter_source(path: str, split: str = "") -> Tuple[str, Iterator[_Raw]]:
 
 def apply_columns(obj: Any, columns: Optional[Mapping[str, str]]) -> Any:
     """The row with each mapped column under its field's name (``{"prompt": "question"}``
-    moves ``question`` to ``prompt``)."""
+    moves ``question`` to ``prompt``). A mapped field is read from its column only: a row
+    without that column lacks the field (an error naming it), even where it has a column of the
+    field's own name, which the mapping replaces."""
     if not columns or not isinstance(obj, dict):
         return obj
-    out = {k: v for k, v in obj.items() if k not in columns.values()}
+    out = {k: v for k, v in obj.items() if k not in columns.values() and k not in columns}
     for field, column in columns.items():
         if column in obj:
             out[field] = obj[column]
