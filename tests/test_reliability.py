@@ -421,6 +421,7 @@ def test_a_model_key_added_later_or_an_attention_choice_does_not_stop_a_resume(c
 
     with caplog.at_level(logging.WARNING):
         resume(decode_attention_impl="xla")  # added since, at its default: no change at all
+        resume(eos_token_ids=[])  # a tuple default, as JSON gives it back
         assert not caplog.records
         resume(decode_attention_impl="pallas", attention_impl="cudnn")
     assert "model.attention_impl: 'xla' -> 'cudnn'" in caplog.text

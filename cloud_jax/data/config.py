@@ -93,7 +93,8 @@ class DataConfig:
     # the rejects file with its file, line, field and reason.
     lenient: bool = False
     # Empty: <tfds_dir>/cloud_pairs/<dataset config name>/rejects-<split>.jsonl, beside the
-    # dataset built from these rows. A path without {split} gets -<split> added.
+    # dataset built from these rows. Where train and eval are both built, a path without {split}
+    # gets -<split> added.
     rejects_path: str = ""
     critique_prefix: str = CRITIQUE_PREFIX
     # How the critique turn is tokenized (LAYOUT_VERSIONS); the export records it and scoring

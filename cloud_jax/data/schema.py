@@ -195,13 +195,16 @@ def _check_every_file_is_read(path: str, local: str, builder) -> None:
     """ConfigError where ``datasets`` would read only some of a directory's data files: it infers
     splits from file names (train, test, ...) and reads one file format, so a file named
     otherwise, or of another format, would be left out without a word."""
+    from datasets.data_files import FILES_TO_IGNORE  # metadata, never rows (dataset_info.json)
+
     used = {os.path.realpath(str(f)) for files in (builder.config.data_files or {}).values()
             for f in files}
     present = []
     for root, dirs, names in os.walk(local):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         present += [os.path.join(root, n) for n in sorted(names)
-                    if not n.startswith(".") and n.lower().endswith(_DATA_FILE_TYPES)]
+                    if not n.startswith(".") and n.lower().endswith(_DATA_FILE_TYPES)
+                    and n not in FILES_TO_IGNORE]
     left = [os.path.relpath(p, local) for p in present if os.path.realpath(p) not in used]
     if left:
         raise ConfigError(f"{path}: the datasets library would read only some of its data files, "

@@ -20,6 +20,7 @@ naming those keys and shapes (docs/RELIABILITY.md).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from typing import Any, Callable, Optional
@@ -62,7 +63,8 @@ def compare_configs(saved: dict, current: dict, where: str) -> None:
     """Raises ConfigError for a change that breaks resuming; logs a warning for other changes
     that alter the run. A model.* key the checkpoint lacks (written before the key existed) at
     the value every run before it had, the key's default, is no change."""
-    defaults = records.flatten({"model": dataclasses.asdict(ModelConfig())})
+    # Through JSON, as the configs compared were: a tuple default reads back as a list.
+    defaults = records.flatten(json.loads(json.dumps({"model": dataclasses.asdict(ModelConfig())})))
     changed = {k: (old, new) for k, (old, new) in records.changes(saved, current).items()
                if not (old is None and k in defaults and defaults[k] == new)}
     fatal = [k for k in changed if k.startswith(_MUST_MATCH) and k not in COMPUTE_ONLY]
