@@ -111,6 +111,39 @@ def test_a_request_whose_pool_cannot_be_made_fails_alone(rm, monkeypatch):
     engine.close()
 
 
+def test_stats_are_answered_while_a_pool_is_being_allocated(rm, monkeypatch):
+    """Allocating a new settings' KV cache can take a while on a big model: /health and /metrics
+    (``stats``) and new submissions do not wait for it."""
+    from cloud_jax.serving import engine as engine_module
+
+    engine = _engine(rm)
+    pool = engine_module._Pool
+    allocating, release = threading.Event(), threading.Event()
+
+    def slow(owner, method, penalty, k):
+        if k == 3:
+            allocating.set()
+            release.wait(60)
+        return pool(owner, method, penalty, k)
+
+    monkeypatch.setattr(engine_module, "_Pool", slow)
+    st = Settings(num_samples=3, max_critique_tokens=4)
+    future = engine.submit(_items([0]), st)
+    assert allocating.wait(60)
+    answered = []
+    probe = threading.Thread(target=lambda: answered.append(engine.stats()))
+    probe.start()
+    probe.join(10)
+    try:
+        assert answered, "stats() waited for the pool's allocation"
+        later = engine.submit(_items([1]), st)
+    finally:
+        release.set()
+    _check(future.result(timeout=60), rm, [0], st)
+    _check(later.result(timeout=60), rm, [1], st)
+    engine.close()
+
+
 def test_options_no_request_could_be_served_under_are_refused(rm):
     from cloud_jax.errors import ConfigError
 

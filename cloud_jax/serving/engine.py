@@ -345,25 +345,22 @@ class ContinuousBackend:
 
     # -- the worker ---------------------------------------------------------------------------
 
-    def _pool(self, settings: Settings) -> Optional[_Pool]:
-        """The pool of ``settings``' combination; a new one takes the rows of idle pools. None
-        while the rows it needs are busy in other pools."""
+    @staticmethod
+    def _pool_key(settings: Settings) -> tuple:
         method = method_from(settings.temperature, settings.top_k, settings.top_p)
-        key = (method, float(settings.repetition_penalty), settings.num_samples)
-        if key in self._pools:
-            self._pools.move_to_end(key)
-            return self._pools[key]
+        return (method, float(settings.repetition_penalty), settings.num_samples)
+
+    def _make_room(self, settings: Settings) -> bool:
+        """Gives the rows of idle pools (least recently used first) back until a pool for
+        ``settings`` fits within --slots rows; False while the rows it needs are busy elsewhere.
+        Called under the lock; only the worker changes ``_pools``."""
         need = self.options.slots // settings.num_samples * settings.num_samples
         for old in list(self._pools):
             if sum(p.rows for p in self._pools.values()) + need <= self.options.slots:
                 break
             if self._pools[old].busy() == 0:
                 del self._pools[old]  # its cache is freed with it
-        if sum(p.rows for p in self._pools.values()) + need > self.options.slots:
-            return None
-        self._pools[key] = _Pool(self, method, float(settings.repetition_penalty),
-                                 settings.num_samples)
-        return self._pools[key]
+        return sum(p.rows for p in self._pools.values()) + need <= self.options.slots
 
     def _idle(self) -> bool:
         return not self._queue and all(p.busy() == 0 for p in self._pools.values())
@@ -398,37 +395,60 @@ class ContinuousBackend:
                     pool.owner[r] = None
 
     def _admit(self) -> None:
-        """Moves waiting items into free rows, oldest request first."""
+        """Moves waiting items into free rows, oldest request first. A pool for new settings is
+        allocated outside the lock, so /health and /metrics are answered meanwhile."""
         placed: dict = collections.defaultdict(list)  # pool -> [(request, item, group)]
-        with self._lock:
-            for req in list(self._queue):
-                try:
-                    pool = self._pool(req.settings)
-                except Exception as err:  # its cache does not fit, say: this request fails
-                    log.exception("no decode pool for a request's settings %s", req.settings)
-                    self._queue.remove(req)
-                    self._queued_items -= len(req.waiting)
-                    if not req.future.done():
-                        req.future.set_exception(err)
-                    continue
-                if pool is None:
-                    break  # its rows are busy elsewhere: later requests wait behind it
-                free = pool.free_groups()
-                k = pool.k
-                while req.waiting and free:
-                    item = req.waiting.popleft()
-                    group, free = free[0], free[1:]
-                    for sample in range(k):
-                        pool.owner[group * k + sample] = (req, item, sample)
-                    placed[id(pool)].append((req, item, group))
-                    self._queued_items -= 1
-                    if req.started_chunk is None:
-                        req.started_chunk = self.chunks
-                if not req.waiting:
-                    self._queue.remove(req)
+        while True:
+            with self._lock:
+                wanted = self._place(placed)
+            if wanted is None:
+                break
+            req, key = wanted
+            method, penalty, k = key
+            try:
+                pool = _Pool(self, method, penalty, k)
+            except Exception as err:  # its cache does not fit, say: this request fails
+                log.exception("no decode pool for a request's settings %s", req.settings)
+                with self._lock:
+                    if req in self._queue:
+                        self._queue.remove(req)
+                        self._queued_items -= len(req.waiting)
+                if not req.future.done():
+                    req.future.set_exception(err)
+                continue
+            with self._lock:
+                self._pools[key] = pool
         for pool in list(self._pools.values()):
             if placed[id(pool)]:
                 self._prefill_into(pool, placed[id(pool)])
+
+    def _place(self, placed: dict) -> Optional[tuple]:
+        """Under the lock: places waiting items into the free groups of existing pools. Returns
+        (request, pool key) when the request at which it stopped needs a pool that fits once
+        allocated, None when nothing more can be placed now."""
+        for req in list(self._queue):
+            key = self._pool_key(req.settings)
+            if key in self._pools:
+                self._pools.move_to_end(key)
+            elif self._make_room(req.settings):
+                return req, key
+            else:
+                return None  # its rows are busy elsewhere: later requests wait behind it
+            pool = self._pools[key]
+            free = pool.free_groups()
+            k = pool.k
+            while req.waiting and free:
+                item = req.waiting.popleft()
+                group, free = free[0], free[1:]
+                for sample in range(k):
+                    pool.owner[group * k + sample] = (req, item, sample)
+                placed[id(pool)].append((req, item, group))
+                self._queued_items -= 1
+                if req.started_chunk is None:
+                    req.started_chunk = self.chunks
+            if not req.waiting:
+                self._queue.remove(req)
+        return None
 
     def _prefill_into(self, pool: _Pool, placed: list) -> None:
         by_bucket = collections.defaultdict(list)
