@@ -531,6 +531,15 @@ def test_create_polls_until_active(fake_tpu):
     assert [c[3] for c in calls(state)][-1] == "describe"
 
 
+def test_create_waits_out_a_deletion_then_requests_anew(fake_tpu):
+    state, _, env = fake_tpu
+    (state / "qr_states").write_text("DELETING\nDELETING\nMISSING")
+    result = script("create", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "being deleted" in result.stderr and "is ACTIVE" in result.stderr
+    assert [c[3] for c in calls(state)][:4] == ["describe", "describe", "describe", "create"]
+
+
 def test_create_gives_up_after_the_timeout(fake_tpu):
     state, _, env = fake_tpu
     (state / "qr_states").write_text("WAITING_FOR_RESOURCES")

@@ -4,7 +4,7 @@
 # Requests the TPU slice as a queued resource (ACCELERATOR_TYPE in ZONE, CAPACITY spot, reserved or
 # on-demand) and waits until it is ACTIVE, printing its state every POLL_SECONDS, for at most
 # CREATE_TIMEOUT seconds. Does nothing if the queued resource is already ACTIVE, and only waits if
-# it is already queued. Settings come from tpu_scripts/env.sh (see there).
+# it is already queued; one still being deleted is waited out first, then requested anew. Settings come from tpu_scripts/env.sh (see there).
 set -euo pipefail
 # shellcheck source=env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
@@ -20,6 +20,21 @@ shift $((OPTIND - 1))
 require_settings PROJECT ZONE TPU_NAME QUEUED_RESOURCE ACCELERATOR_TYPE RUNTIME_VERSION
 
 read_qr_state || die "could not read the state of queued resource $QUEUED_RESOURCE (see above)"
+# A queued resource still being deleted (delete.sh a moment ago, or a recreate) is waited out, then
+# requested anew under the same name.
+if [[ "$QR_STATE" == DELETING && "$DRY_RUN" == 1 ]]; then
+  log "DRY_RUN: would wait for queued resource $QUEUED_RESOURCE to be deleted, then request it"
+  QR_STATE=""
+fi
+start=$SECONDS
+while [[ "$QR_STATE" == DELETING ]]; do
+  elapsed=$((SECONDS - start))
+  ((elapsed < CREATE_TIMEOUT)) || die "queued resource $QUEUED_RESOURCE still DELETING after" \
+    "${elapsed}s; run create.sh again once it is gone"
+  log "queued resource $QUEUED_RESOURCE is being deleted; waiting for it to go (${elapsed}s)"
+  sleep "$POLL_SECONDS"
+  read_qr_state || die "could not read the state of queued resource $QUEUED_RESOURCE (see above)"
+done
 case "$QR_STATE" in
   ACTIVE)
     log "queued resource $QUEUED_RESOURCE is already ACTIVE; nothing to do"
