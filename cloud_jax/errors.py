@@ -13,6 +13,16 @@ class CheckpointError(ValueError):
     names the path and what to do."""
 
 
+class InputTooLongError(ValueError):
+    """Input ``index`` (0-based, in the order given) does not fit ``max_length`` even with its
+    prompt cut (``detail`` says by how much). A caller that knows where input ``index`` came from
+    (a file's line and field) names that instead of the index."""
+
+    def __init__(self, index: int, detail: str):
+        super().__init__(f"input {index}: {detail}")
+        self.index, self.detail = index, detail
+
+
 class GGUFConversionError(ValueError):
     """A GGUF file the converter (cloud_jax.checkpoints.gguf) cannot turn into a Hugging Face
     Llama directory."""

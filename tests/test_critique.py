@@ -143,6 +143,17 @@ def test_empty_inputs_are_usage_errors(setup, tmp_path, capsys):
     assert "no Best-of-N rows" in capsys.readouterr().err
 
 
+def test_a_too_long_row_is_named_by_its_line_and_field(setup, tmp_path, capsys):
+    root, ckpt, _ = setup
+    rows = [{"id": f"r{i}", "prompt": "Q?", "chosen": "Yes.", "rejected": "No."}
+            for i in range(5)]
+    rows[3]["rejected"] = "x" * 300  # line 4: the second row of the second shard
+    src = tmp_path / "long.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert run((root, ckpt, src), tmp_path / "out", "--max-length", "200") == 2
+    assert f"{src}:4: field 'rejected': " in capsys.readouterr().err
+
+
 def test_an_unsupported_url_output_is_a_usage_error(setup, capsys):
     assert run(setup, "ftp://bucket/self_critique") == 2
     assert ("--output='ftp://bucket/self_critique': unsupported URL scheme 'ftp'"

@@ -199,3 +199,31 @@ def test_a_partial_file_reports_both_overall_scores():
     d = s.to_dict()
     assert d["missing_sections"] == ["Chat Hard", "Reasoning"]
     assert d["score_official"] == pytest.approx(0.25)
+
+
+def test_too_long_input_names_its_row_and_field_not_its_place_in_a_chunk(tmp_path):
+    from test_evaluate_helpers import bon_row
+
+    from cloud_jax.errors import ConfigError, InputTooLongError
+    from cloud_jax.evaluation import load_best_of_n
+    from cloud_jax.evaluation.run import evaluate_best_of_n
+
+    def scorer(prompts, responses, k):
+        # What rm.score raises: the index within the inputs of this call.
+        for i, r in enumerate(responses):
+            if "LONG" in r:
+                raise InputTooLongError(i, "longer than max_length=8 tokens")
+        return FakeScorer()(prompts, responses, k)
+
+    rows = [pair(i, "math-prm", "1", "0") for i in range(1, 7)]
+    rows[4]["rejected"] = "LONG R:0"  # line 5; response 6 + 4 = 10 of 12, the second of chunk 3
+    rows = _load(tmp_path, rows)
+    with pytest.raises(ConfigError, match=r"rb.jsonl:5: field 'rejected': longer than "
+                                          r"max_length=8 tokens$"):
+        evaluate_rewardbench(rows, scorer, EvalConfig(chunk_size=4))
+    long_item = bon_row("b", [1, 0], ["1", "0"])
+    long_item["candidates"][1] = "LONG R:0"
+    items = load_best_of_n(write_jsonl(tmp_path / "bon.jsonl", [
+        bon_row("a", [1, 0, 0], ["1", "0", "0"]), long_item]))
+    with pytest.raises(ConfigError, match=r"bon.jsonl:2: field 'candidates\[1\]': longer"):
+        evaluate_best_of_n(items, scorer, EvalConfig(chunk_size=2))

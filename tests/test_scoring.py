@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import cloud_jax
-from cloud_jax.errors import CheckpointError, ConfigError
+from cloud_jax.errors import CheckpointError, ConfigError, InputTooLongError
 from cloud_jax.model.config import ModelConfig
 from cloud_jax.data.config import CRITIQUE_PREFIX
 from cloud_jax.data.layout import encode_critique_prefix, encode_example
@@ -180,6 +180,11 @@ def test_bad_rows_and_settings_are_clear_errors(rm, tmp_path):
     with pytest.raises(ConfigError, match=r"long.jsonl:2: field 'rejected': .*max_length"):
         main(["--checkpoint", str(tmp_path / "model"), "--input", str(long), "--output",
               str(tmp_path / "o.jsonl"), "--max-length", "200"])
+    # A classic model too: no critique prefill, the whole sequence is over the limit.
+    with pytest.raises(ConfigError, match=r"long.jsonl:2: field 'rejected': longer than "
+                                          r"max_length=200 tokens"):
+        main(["--checkpoint", str(tmp_path / "model"), "--input", str(long), "--output",
+              str(tmp_path / "o.jsonl"), "--max-length", "200", "--classic"])
     with pytest.raises(ValueError, match="num_samples"):
         rm.score(PROMPTS, RESPONSES, num_samples=0)
     with pytest.raises(ValueError, match="steps_per_check"):
@@ -195,6 +200,8 @@ def test_bad_rows_and_settings_are_clear_errors(rm, tmp_path):
         rm.score(PROMPTS, RESPONSES, temperature=1.0, top_k=2, top_p=0.5)
     with pytest.raises(ValueError, match="input 1: .*max_length=200"):
         rm.score(["a", "b"], ["short", "x" * 300], max_length=200)
+    with pytest.raises(InputTooLongError, match="input 1: .*max_length=200"):
+        rm.score(["a", "b"], ["short", "x" * 300], max_length=200, classic=True)
     no_tok = cloud_jax.RewardModel(CFG, rm.params)
     with pytest.raises(ValueError, match="no tokenizer"):
         no_tok.score(PROMPTS, RESPONSES)

@@ -19,6 +19,7 @@ import numpy as np
 from cloud_jax import storage
 from cloud_jax.data.jsonl import write_jsonl_atomic
 from cloud_jax.data.schema import PreferenceRow
+from cloud_jax.errors import ConfigError, InputTooLongError
 from cloud_jax.evaluation import best_of_n as bon
 from cloud_jax.evaluation import rewardbench as rbm
 from cloud_jax.evaluation.report import write_report
@@ -83,13 +84,19 @@ class EvalConfig:
 
 
 def _score(score_fn: ScoreFn, cfg: EvalConfig, prompts: List[str], responses: List[str],
-           sources: Sequence[str], progress: bool, desc: str) -> Scores:
-    scores = score_all(score_fn, prompts, responses, max(cfg.ks),
-                       expected_samples=1 if cfg.classic else max(cfg.ks),
-                       chunk_size=cfg.chunk_size, progress=progress, desc=desc)
+           sources: Sequence[tuple[str, str]], progress: bool, desc: str) -> Scores:
+    """``sources[i]``: where response i comes from, as (``file:line``, field)."""
+    try:
+        scores = score_all(score_fn, prompts, responses, max(cfg.ks),
+                           expected_samples=1 if cfg.classic else max(cfg.ks),
+                           chunk_size=cfg.chunk_size, progress=progress, desc=desc)
+    except InputTooLongError as err:  # named by its row and field, not its place in the list
+        where, field = sources[err.index]
+        raise ConfigError(f"{where}: field '{field}': {err.detail}") from None
     bad = np.flatnonzero(~np.all(np.isfinite(scores.sample_rewards), axis=1))
     if bad.size:
-        raise ValueError(f"{sources[bad[0]]}: the model gave a non-finite reward "
+        where, field = sources[bad[0]]
+        raise ValueError(f"{where} ({field}): the model gave a non-finite reward "
                          f"({scores.sample_rewards[bad[0]].tolist()}); {bad.size} responses "
                          "affected")
     return scores
@@ -115,7 +122,7 @@ def evaluate_rewardbench(rows: Sequence[PreferenceRow], score_fn: ScoreFn, cfg: 
     if not rows:
         raise ValueError("no preference rows to evaluate")
     n = len(rows)
-    sources = [f"{r.source} (chosen)" for r in rows] + [f"{r.source} (rejected)" for r in rows]
+    sources = [(r.source, "chosen") for r in rows] + [(r.source, "rejected") for r in rows]
     scores = _score(score_fn, cfg, [r.prompt for r in rows] * 2,
                     [r.chosen for r in rows] + [r.rejected for r in rows], sources, progress,
                     "pairs (chosen + rejected)")
@@ -147,7 +154,7 @@ def evaluate_best_of_n(items: Sequence[bon.BestOfNItem], score_fn: ScoreFn, cfg:
     for item in items:
         prompts += [item.prompt] * len(item.candidates)
         responses += list(item.candidates)
-        sources += [f"{item.source} (candidates[{j}])" for j in range(len(item.candidates))]
+        sources += [(item.source, f"candidates[{j}]") for j in range(len(item.candidates))]
     scores = _score(score_fn, cfg, prompts, responses, sources, progress, "Best-of-N candidates")
     offsets = np.cumsum([0] + [len(item.candidates) for item in items])
     sizes = [len(item.candidates) for item in items]

@@ -16,6 +16,8 @@ from typing import Any, Callable, List, Optional, Protocol, Sequence
 
 import numpy as np
 
+from cloud_jax.errors import InputTooLongError
+
 
 class ScoreLike(Protocol):
     rewards: Any  # [B]
@@ -74,7 +76,9 @@ def score_all(score_fn: ScoreFn, prompts: Sequence[str], responses: Sequence[str
     """Scores every (prompt, response) in chunks of ``chunk_size`` (a tqdm bar when ``progress``).
 
     ``expected_samples`` is the K the scorer must return (``num_samples``, or 1 for a classic
-    model); a scorer that returns another shape is an error, never silently reshaped.
+    model); a scorer that returns another shape is an error, never silently reshaped. An input
+    the scorer finds too long raises InputTooLongError with its index among all the inputs (not
+    within its chunk).
     """
     from tqdm import tqdm
 
@@ -88,7 +92,11 @@ def score_all(score_fn: ScoreFn, prompts: Sequence[str], responses: Sequence[str
               dynamic_ncols=True) as bar:
         for start in range(0, len(prompts), chunk_size):
             end = min(start + chunk_size, len(prompts))
-            out = score_fn(list(prompts[start:end]), list(responses[start:end]), num_samples)
+            try:
+                out = score_fn(list(prompts[start:end]), list(responses[start:end]),
+                               num_samples)
+            except InputTooLongError as err:
+                raise InputTooLongError(start + err.index, err.detail) from None
             rewards, crit, trunc = _check(out, end - start, k, start)
             parts.append(rewards)
             critiques += crit

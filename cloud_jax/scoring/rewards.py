@@ -32,6 +32,7 @@ from cloud_jax.sampling import (DECODE_PHASES, bucket_length, check_decode_phase
                                 check_repetition_penalty, check_steps_per_check, method_from,
                                 pad_prefixes, sample)
 from cloud_jax.sharding import SAMPLE_RULES
+from cloud_jax.errors import InputTooLongError
 
 log = logging.getLogger(__name__)
 
@@ -92,15 +93,6 @@ class ScoreConfig:
         return self
 
 
-class InputTooLongError(ValueError):
-    """Input ``index`` (0-based, in the order given) does not fit ``max_length`` even with its
-    prompt cut (``detail`` says by how much)."""
-
-    def __init__(self, index: int, detail: str):
-        super().__init__(f"input {index}: {detail}")
-        self.index, self.detail = index, detail
-
-
 @dataclasses.dataclass(frozen=True)
 class ScoreResult:
     rewards: np.ndarray  # float32 [B]: mean over the samples
@@ -151,8 +143,10 @@ def _encode_whole(tok, prompts, responses, critiques, layout: str,
         ex = encode_example(tok, p, r, c, layout, cfg.critique_prefix, cfg.max_length,
                             "truncate_prompt", cfg.layout_version)
         if ex is None:
-            raise ValueError(f"input {i}: longer than max_length={cfg.max_length} tokens even "
-                             "with its whole prompt cut")
+            raise InputTooLongError(i, f"longer than max_length={cfg.max_length} tokens even "
+                                       "with its whole prompt cut; raise max_length or shorten "
+                                       + ("the response" if layout == "classic"
+                                          else "the response or the critique"))
         examples.append(ex)
     return examples
 
