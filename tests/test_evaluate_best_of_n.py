@@ -103,6 +103,9 @@ def test_k_sweep_changes_the_picks(tmp_path):
      "finite number"),
     ({"id": "x", "prompt": "p", "candidates": ["a", "b"], "scores": [1, float("nan")]},
      "scores[1]", "finite number"),
+    # An integer too large for a float (JSON allows any number of digits).
+    ({"id": "x", "prompt": "p", "candidates": ["a", "b"], "scores": [1, 10 ** 400]},
+     "scores[1]", "expected a finite number, got 10000000000000000000..."),
     ({"id": "x", "prompt": "p", "candidates": ["a"], "scores": [1]}, "candidates",
      "at least 2"),
     ({"id": "x", "prompt": "p", "candidates": ["a", ""], "scores": [1, 0]}, "candidates[1]",

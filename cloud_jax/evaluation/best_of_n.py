@@ -61,6 +61,13 @@ def _text(path: str, line: int, field: str, value: Any) -> str:
     return value
 
 
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
 def _item(path: str, line: int, obj: Any) -> BestOfNItem:
     if not isinstance(obj, dict):
         raise RowError(path, line, None, None, f"expected a JSON object, got {type(obj).__name__}")
@@ -83,8 +90,10 @@ def _item(path: str, line: int, obj: Any) -> BestOfNItem:
                        f"expected a list of {len(candidates)} numbers (one per candidate), "
                        f"got {got}")
     for j, s in enumerate(scores):
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
-            raise RowError(path, line, None, f"scores[{j}]", f"expected a finite number, got {s!r}")
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not _finite(s):
+            shown = repr(s) if len(repr(s)) <= 40 else f"{repr(s)[:20]}..."
+            raise RowError(path, line, None, f"scores[{j}]",
+                           f"expected a finite number, got {shown}")
     subset = obj.get("subset")
     if subset is not None:
         subset = _text(path, line, "subset", subset)
