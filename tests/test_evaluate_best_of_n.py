@@ -8,7 +8,7 @@ from test_evaluate_helpers import HAND, FakeScorer, bon_row, write_jsonl
 
 from cloud_jax.data.schema import RowError
 from cloud_jax.evaluation import (EvalConfig, best_of_n_metrics, bootstrap_ci, load_best_of_n,
-                                  wilson_ci)
+                                  run_evaluation, wilson_ci)
 from cloud_jax.evaluation.best_of_n import baseline_picks
 from cloud_jax.evaluation.run import evaluate_best_of_n
 
@@ -128,3 +128,12 @@ def test_invalid_json_names_the_line(tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", [HAND[0], "{not json"])
     with pytest.raises(RowError, match=r"bad.jsonl:2: row: invalid JSON"):
         load_best_of_n(path)
+
+
+def test_a_negative_seed_is_refused_before_any_scoring(tmp_path):
+    items = load_best_of_n(write_jsonl(tmp_path / "bon.jsonl", HAND))
+    scorer = FakeScorer()
+    with pytest.raises(ValueError, match="seed=-1: must be >= 0 for Best-of-N"):
+        run_evaluation(scorer, EvalConfig(seed=-1, baseline="random"), str(tmp_path / "o"),
+                       best_of_n_items=items)
+    assert scorer.calls == []

@@ -106,7 +106,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from cloud_jax.scoring.rewards import ScoreConfig
 
     try:  # the sampling flags too, before the rows are read and the model loaded
-        cfg.validate()
+        cfg.validate(best_of_n=args.best_of_n is not None)
         ScoreConfig(temperature=cfg.temperature, max_critique_tokens=cfg.max_critique_tokens,
                     batch_size=cfg.batch_size, **sampler).validate()
     except ValueError as err:

@@ -55,7 +55,10 @@ class EvalConfig:
     # Inputs per scorer call: the progress bar's step. A multiple of batch_size wastes no batch.
     chunk_size: int = 64
 
-    def validate(self) -> "EvalConfig":
+    def validate(self, *, best_of_n: bool = False) -> "EvalConfig":
+        """Raises ValueError on a bad setting; ``best_of_n``: the settings will score Best-of-N
+        rows too (whose random baseline and bootstrap draw from numpy, which takes no negative
+        seed)."""
         if not self.num_samples or any(k < 1 for k in self.num_samples):
             raise ValueError(f"num_samples={self.num_samples}: need one or more K >= 1")
         if self.classic and tuple(self.num_samples) != (1,):
@@ -73,6 +76,9 @@ class EvalConfig:
         if self.baseline not in bon.BASELINES:
             raise ValueError(f"baseline={self.baseline!r}: expected one of "
                              f"{', '.join(bon.BASELINES)}")
+        if best_of_n and self.seed < 0:
+            raise ValueError(f"seed={self.seed}: must be >= 0 for Best-of-N (its random baseline "
+                             "and bootstrap draw from numpy.random.default_rng(seed))")
         if self.bootstrap_resamples < 1 or not 0.0 < self.confidence < 1.0:
             raise ValueError(f"bootstrap_resamples={self.bootstrap_resamples} must be >= 1 and "
                              f"confidence={self.confidence} in (0, 1)")
@@ -209,7 +215,7 @@ def run_evaluation(score_fn: ScoreFn, cfg: EvalConfig, output_dir: str, *,
         report["files"] = {k: storage.join(output_dir, os.path.relpath(v, local))
                            for k, v in report["files"].items()}
         return report
-    cfg.validate()
+    cfg.validate(best_of_n=bool(best_of_n_items))
     if not rows and not best_of_n_items:
         raise ValueError("nothing to evaluate: give preference rows, Best-of-N rows or both")
     if not cfg.classic and max(cfg.ks) > 1 and cfg.temperature == 0:
