@@ -443,6 +443,11 @@ def test_cli(tmp_path, capsys):
     rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
     assert len(rows) == 40 and rows[0]["id"].startswith("reasoning-s3-train-")
     assert all(len(str(parse_prompt(r["prompt"]).operands[0])) == 3 for r in rows)
+    # The critique bytes printed are over both critiques of a row.
+    critiques = [len(r[f].encode()) for r in rows for f in ("chosen_feedback",
+                                                            "rejected_feedback")]
+    assert (f"critique bytes: mean {sum(critiques) / len(critiques):.1f}, "
+            f"max {max(critiques)})") in printed.splitlines()[0]
     assert run_command(main, ["--out", str(out), "--ops", "add,div"]) == 2
     assert "ops=" in capsys.readouterr().err
 

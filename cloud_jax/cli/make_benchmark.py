@@ -72,9 +72,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         summary = json.load(f)
     for split, path in paths.items():
         info = summary["splits"][split]
+        # Every row has both critiques: their mean is the mean of the two fields' means.
+        chosen, rejected = info["bytes"]["chosen_feedback"], info["bytes"]["rejected_feedback"]
         print(f"{split:5s} {info['rows']:6d} rows  {path}  (critique bytes: mean "
-              f"{info['bytes']['chosen_feedback']['mean']}, max "
-              f"{info['bytes']['rejected_feedback']['max']})")
+              f"{(chosen['mean'] + rejected['mean']) / 2:.1f}, max "
+              f"{max(chosen['max'], rejected['max'])})")
     print(f"on {summary['measured_on']}, pairwise accuracy (0.5 = chance) of shortcut predictors: "
           + ", ".join(f"{k} {v:.3f}" for k, v in summary["shortcut_accuracy"].items())
           + "; of partial checks: " + ", ".join(
