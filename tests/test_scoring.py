@@ -207,6 +207,20 @@ def test_bad_rows_and_settings_are_clear_errors(rm, tmp_path):
         no_tok.score(PROMPTS, RESPONSES)
 
 
+def test_a_text_that_is_not_a_string_is_named_not_called_too_long(rm):
+    # None, a number or chat messages in place of a text: a TypeError naming the element, never
+    # an InputTooLongError telling the user to raise max_length.
+    for prompts, responses, where in (([None], ["r"], r"prompts\[0\]: expected a string, got None"),
+                                      (["p", "q"], ["r", 5], r"responses\[1\]: .* got int"),
+                                      ([[{"role": "user", "content": "p"}]], ["r"],
+                                       r"prompts\[0\]: .* got list")):
+        for classic in (False, True):
+            with pytest.raises(TypeError, match=where):
+                rm.score(prompts, responses, classic=classic)
+    with pytest.raises(TypeError, match=r"critiques\[0\]: .* got NoneType"):
+        teacher_forced_rewards(rm, ["p"], ["r"], [None])
+
+
 def test_mesh_option_parses_axis_sizes_and_names_mistakes():
     import argparse
 

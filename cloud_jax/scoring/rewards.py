@@ -135,6 +135,16 @@ def _require_tokenizer(rm):
     return rm.tokenizer
 
 
+def _check_texts(**named: Sequence[Any]) -> None:
+    """Every element a string: anything else (None, a number, chat messages) is named here rather
+    than failing in the tokenizer."""
+    for name, texts in named.items():
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"{name}[{i}]: expected a string, got {type(text).__name__} "
+                                f"{text!r:.60}")
+
+
 def _encode_whole(tok, prompts, responses, critiques, layout: str,
                   cfg: ScoreConfig) -> list[Example]:
     """Every input in ``layout``, its prompt cut from the left to fit ``cfg.max_length``."""
@@ -189,6 +199,7 @@ def teacher_forced_rewards(rm, prompts: Sequence[str], responses: Sequence[str],
     if not len(prompts) == len(responses) == len(critiques):
         raise ValueError(f"{len(prompts)} prompts, {len(responses)} responses and "
                          f"{len(critiques)} critiques: one each per input")
+    _check_texts(prompts=prompts, responses=responses, critiques=critiques)
     examples = _encode_whole(_require_tokenizer(rm), prompts, responses, critiques, "critique", cfg)
     return _forward_rewards(rm, examples, cfg, on_batch)
 
@@ -248,6 +259,7 @@ def score(rm, prompts: Sequence[str], responses: Sequence[str], cfg: ScoreConfig
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     if not prompts:
         raise ValueError("nothing to score: no prompts given")
+    _check_texts(prompts=prompts, responses=responses)
     if cfg.classic:
         return _score_classic(rm, prompts, responses, cfg, on_batch)
     tok = _require_tokenizer(rm)
