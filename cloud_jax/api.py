@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from cloud_jax import storage
@@ -64,17 +65,25 @@ class RewardModel:
     def forward(self, input_ids, attention_mask=None) -> tuple[jax.Array, jax.Array]:
         """``(logits [B,T,V] fp32, rewards [B] fp32)``; each reward is read at the row's last
         attended position, whether the batch is left- or right-padded."""
-        ids = jnp.asarray(input_ids, jnp.int32)
-        if ids.ndim != 2:
-            raise ValueError(f"input_ids must be [batch, length], got shape {ids.shape}")
+        # Checked before the int32 cast, which would truncate fractions and wrap large ids (a jax
+        # array, which may span hosts, is checked where it lies).
+        xp = jnp if isinstance(input_ids, jax.Array) else np
+        given = xp.asarray(input_ids)
+        if given.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {given.shape}")
+        if given.size == 0:
+            raise ValueError(f"input_ids is empty (shape {given.shape}): nothing to run")
+        if not np.issubdtype(given.dtype, np.integer):
+            raise TypeError(f"input_ids must be integer token ids, got dtype {given.dtype}")
+        if int(xp.max(given)) >= self.config.vocab_size or int(xp.min(given)) < 0:
+            raise ValueError(f"token ids must lie in [0, vocab_size={self.config.vocab_size})")
+        ids = jnp.asarray(given, jnp.int32)
         mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask,
                                                                              jnp.int32)
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
         if not bool(jnp.all(jnp.any(mask > 0, axis=1))):
             raise ValueError("every row needs at least one attended token (attention_mask=1)")
-        if int(jnp.max(ids)) >= self.config.vocab_size or int(jnp.min(ids)) < 0:
-            raise ValueError(f"token ids must lie in [0, vocab_size={self.config.vocab_size})")
         # Imported here: scoring loads transformers (seconds), which `import cloud_jax` should not.
         from cloud_jax.scoring.rewards import sequence_rewards
 

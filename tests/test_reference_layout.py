@@ -150,6 +150,20 @@ def test_forward_rejects_bad_input():
         rm.forward(np.array([[1, 99]]))
     with pytest.raises(ValueError, match="at least one attended"):
         rm.forward(np.array([[1, 2]]), np.array([[0, 0]]))
+    # Ids that an int32 cast would change are refused, not truncated or wrapped.
+    with pytest.raises(TypeError, match="integer token ids, got dtype float"):
+        rm.forward(np.array([[1.7, 2.2]]))
+    with pytest.raises(TypeError, match="integer token ids"):
+        rm.forward(jax.numpy.array([[1.0, 2.0]]))
+    with pytest.raises(ValueError, match="vocab"):
+        rm.forward(np.array([[2**32 + 5]]))
+    with pytest.raises(ValueError, match="empty"):
+        rm.forward(np.zeros((0, 4), np.int32))
+    # Integer ids of any width and a jax array are taken.
+    want = np.asarray(rm.forward(np.array([[1, 5]], np.int32))[1])
+    for ids in (np.array([[1, 5]], np.int64), np.array([[1, 5]], np.uint8),
+                jax.numpy.array([[1, 5]])):
+        np.testing.assert_array_equal(np.asarray(rm.forward(ids)[1]), want)
 
 
 def _tiny_checkpoint(directory):
