@@ -71,6 +71,12 @@ class CLoudReward:
     ``seed``, ``batch_size``, ...)."""
 
     def __init__(self, model: RewardModel | str | os.PathLike, **settings):
+        # Checked now, before loading, not at the trainer's first reward call: a misspelt or bad
+        # setting is an error before any policy generation (the TypeError or ValueError
+        # rm.score gives).
+        from cloud_jax.scoring.rewards import ScoreConfig
+
+        ScoreConfig(**settings).validate()
         if not isinstance(model, RewardModel):
             import cloud_jax
 
@@ -94,7 +100,7 @@ class CLoudReward:
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions: the "
                              "trainer passes one prompt per completion")
-        if not prompts:
+        if len(prompts) == 0:  # a list, or a dataset column as an array
             return [], []
         texts = [_prompt_text(p, i) for i, p in enumerate(prompts)]
         answers = [_completion_text(c, i) for i, c in enumerate(completions)]

@@ -55,6 +55,20 @@ def test_chat_messages_are_read_as_their_texts(rm, caplog):
     assert fn([], []) == []
 
 
+def test_settings_are_checked_when_built_and_array_columns_are_read(rm):
+    # A misspelt or bad setting fails at construction (before any loading), not at the
+    # trainer's first reward call.
+    with pytest.raises(TypeError, match="num_sample"):
+        CLoudReward("/no/such/model", num_sample=4)
+    with pytest.raises(ValueError, match="temperature"):
+        cloud_reward(rm, temperature=-1.0)
+    # Prompts and completions given as numpy arrays (a dataset column) score as lists do.
+    fn = CLoudReward(rm, **SETTINGS)
+    np.testing.assert_allclose(fn(np.array(PROMPTS), np.array(COMPLETIONS)),
+                               fn(PROMPTS, COMPLETIONS), atol=1e-6, rtol=0)
+    assert fn(np.array([], str), np.array([], str)) == []
+
+
 def test_the_signature_trainers_call():
     # TRL's GRPOTrainer calls reward_func(prompts=..., completions=..., completion_ids=...,
     # trainer_state=..., **dataset columns); tunix's GRPO learner calls
