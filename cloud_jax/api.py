@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from cloud_jax import storage
 from cloud_jax.checkpoints import hf as hf_io
-from cloud_jax.data.config import LAYOUT_VERSION
+from cloud_jax.data.config import LAYOUT_VERSION, LAYOUT_VERSIONS
 from cloud_jax.model.config import ModelConfig
 from cloud_jax.model import CLoudModel, init_params, last_attended_index, mesh_context
 from cloud_jax.sharding import TRAIN_RULES, Rules
@@ -52,6 +52,9 @@ class RewardModel:
         if self.feedback_method not in hf_io.FEEDBACK_METHODS:
             raise ValueError(f"feedback_method={self.feedback_method!r}: expected one of "
                              f"{', '.join(hf_io.FEEDBACK_METHODS)}")
+        if self.layout_version is not None and self.layout_version not in LAYOUT_VERSIONS:
+            raise ValueError(f"layout_version={self.layout_version!r}: expected one of "
+                             f"{', '.join(map(str, LAYOUT_VERSIONS))}")
 
     @property
     def is_classic(self) -> bool:

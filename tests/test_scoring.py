@@ -251,3 +251,12 @@ def test_per_input_budgets_equal_scoring_each_with_its_own(rm):
         np.testing.assert_allclose(mixed.sample_rewards[i], alone.sample_rewards[0], atol=1e-5)
         np.testing.assert_array_equal(mixed.truncated[i], alone.truncated[0])
         assert mixed.critique_tokens[i].max() <= b
+
+
+def test_a_model_with_an_unknown_kind_or_layout_version_is_refused_when_built(rm, tmp_path):
+    # Not later, as an input "too long for max_length" when scoring, or as a checkpoint that
+    # save_pretrained writes and load refuses.
+    with pytest.raises(ValueError, match="layout_version=3: expected one of 1, 2"):
+        cloud_jax.RewardModel(CFG, rm.params, rm.tokenizer, layout_version=3)
+    with pytest.raises(ValueError, match="feedback_method='critic'"):
+        cloud_jax.RewardModel(CFG, rm.params, rm.tokenizer, feedback_method="critic")
