@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -95,7 +95,8 @@ class RewardModel:
                                     cfg=self.config, return_logits=True)
 
     def score(self, prompts, responses, *, num_samples: int = 1, temperature: float = 0.0,
-              max_critique_tokens: int = 256, seed: int = 0, **settings):
+              max_critique_tokens: int = 256, seed: int = 0,
+              on_batch: Optional[Callable[[int, int], None]] = None, **settings):
         """Critiques and rewards for every (prompt, response): K critiques each (greedy at
         temperature 0), the reward read at each critique's end-of-turn token.
 
@@ -103,7 +104,8 @@ class RewardModel:
         ``sample_rewards`` [B, K], ``reward_std`` [B], ``critiques`` [B][K], ``truncated`` [B, K].
         ``settings`` are further :class:`cloud_jax.scoring.rewards.ScoreConfig` fields (``top_k``,
         ``top_p``, ``batch_size``, ``classic``, ...). ``classic`` defaults to the model's own kind:
-        a ``vanilla`` checkpoint is scored without critiques.
+        a ``vanilla`` checkpoint is scored without critiques. ``on_batch(inputs_done,
+        critique_tokens)``, if given, is called after each batch (a progress bar's update).
         """
         from cloud_jax.scoring.rewards import ScoreConfig, score
 
@@ -113,7 +115,7 @@ class RewardModel:
                                 f"(for one pair: rm.score([prompt], [response]))")
         cfg = ScoreConfig(num_samples=num_samples, temperature=temperature,
                           max_critique_tokens=max_critique_tokens, seed=seed, **settings)
-        return score(self, list(prompts), list(responses), cfg)
+        return score(self, list(prompts), list(responses), cfg, on_batch)
 
     def save_pretrained(self, directory: str | os.PathLike, *,
                         base_model_name_or_path: Optional[str] = None):

@@ -260,3 +260,13 @@ def test_a_model_with_an_unknown_kind_or_layout_version_is_refused_when_built(rm
         cloud_jax.RewardModel(CFG, rm.params, rm.tokenizer, layout_version=3)
     with pytest.raises(ValueError, match="feedback_method='critic'"):
         cloud_jax.RewardModel(CFG, rm.params, rm.tokenizer, feedback_method="critic")
+
+
+def test_score_reports_progress_after_each_batch(rm):
+    calls = []
+    for classic in (False, True):
+        calls.clear()
+        rm.score(PROMPTS, RESPONSES, batch_size=2, max_critique_tokens=BUDGET, classic=classic,
+                 on_batch=lambda inputs, tokens: calls.append((inputs, tokens)))
+        assert [inputs for inputs, _ in calls] == [2, 1]
+        assert all(tokens == 0 for _, tokens in calls) == classic
