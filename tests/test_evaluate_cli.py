@@ -228,6 +228,20 @@ def test_tiny_real_model_classic(tmp_path, tiny_rm):
     assert records[0]["chosen_critiques"] == []
 
 
+def test_a_vanilla_checkpoint_is_scored_classic_by_default(tiny_rm):
+    """score_fn_from_model takes the model's kind, as rm.score does: a classic (vanilla)
+    checkpoint gets no critiques sampled from it unless classic=False is asked for."""
+    import dataclasses
+
+    vanilla = dataclasses.replace(tiny_rm, feedback_method="vanilla")
+    out = score_fn_from_model(vanilla, batch_size=4)(["2+2?"], ["4"], 1)
+    assert out.critiques == [[]]
+    direct = vanilla.score(["2+2?"], ["4"], classic=True, batch_size=4).rewards
+    np.testing.assert_allclose(out.rewards, direct, rtol=1e-6)
+    assert score_fn_from_model(vanilla, batch_size=4, classic=False, max_critique_tokens=2)(
+        ["2+2?"], ["4"], 1).critiques != [[]]
+
+
 def test_tiny_real_model_critiques(tmp_path, tiny_rm):
     rows, items = _tiny_inputs(tmp_path)
     cfg = EvalConfig(num_samples=(1, 2), temperature=1.0, max_critique_tokens=4, batch_size=4,

@@ -42,11 +42,14 @@ class Scores:
 
 
 def score_fn_from_model(rm, *, temperature: float = 0.0, max_critique_tokens: int = 256,
-                        seed: int = 0, batch_size: int = 8, classic: bool = False,
+                        seed: int = 0, batch_size: int = 8, classic: Optional[bool] = None,
                         **settings) -> ScoreFn:
     """A ``score_fn`` over ``rm.score``; ``settings`` are further keyword arguments of it
     (``top_k``, ``top_p``, ``max_length``, ...). With ``classic`` the model reads one reward per
-    response without a critique, so K is always 1."""
+    response without a critique, so K is always 1; None (the default) takes the model's own
+    kind, as ``rm.score`` does: a ``vanilla`` checkpoint is scored without critiques."""
+    if classic is None:
+        classic = bool(rm.is_classic)
 
     def score_fn(prompts: List[str], responses: List[str], num_samples: int) -> ScoreLike:
         return rm.score(prompts, responses, num_samples=1 if classic else num_samples,
