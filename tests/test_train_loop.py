@@ -370,6 +370,39 @@ def test_init_from_takes_the_checkpoints_architecture_and_says_what_it_overrides
     assert "bos_token_id" not in caplog.text  # left at None in the model section: not given
 
 
+def test_init_from_a_qwen2_checkpoint_implies_its_bias_and_warns_only_of_keys_set(
+        toy, tmp_path, caplog):
+    """A qwen2 model section need not say attention_bias: true (the family has it); keys left at
+    their defaults (rope_theta, max_position_embeddings, rms_norm_eps) take the checkpoint's
+    values without a warning, and a key the section sets otherwise is still named."""
+    import dataclasses
+    import logging
+
+    import cloud_jax
+    from cloud_jax.training.loop import _initial_params
+
+    base = tiny("critique_sft", toy, str(tmp_path / "unused"), "model.family=qwen2")
+    assert not base.model.attention_bias
+    ckpt = dataclasses.replace(base.model, attention_bias=True, rope_theta=1e6, rms_norm_eps=1e-6,
+                               max_position_embeddings=4096)
+    init = str(tmp_path / "init")
+    cloud_jax.from_config(ckpt, seed=1).save_pretrained(init)
+    cfg = tiny("critique_sft", toy, str(tmp_path / "run"), "model.family=qwen2",
+               "model.max_position_embeddings=2048", f"init_from={init}")
+    with caplog.at_level(logging.WARNING):
+        params, model_cfg = _initial_params(cfg, None)
+    assert model_cfg.attention_bias and "bias" in params["layers_0"]["attn"]["q_proj"]
+    assert model_cfg.rope_theta == 1e6 and model_cfg.max_position_embeddings == 4096
+    assert "rope_theta" not in caplog.text and "rms_norm_eps" not in caplog.text
+    # tiny_cpu.yaml sets 1024 (not the default 2048), so this override is a key the run sets.
+    caplog.clear()
+    cfg = tiny("critique_sft", toy, str(tmp_path / "run"), "model.family=qwen2",
+               f"init_from={init}")
+    with caplog.at_level(logging.WARNING):
+        _initial_params(cfg, None)
+    assert "max_position_embeddings: config 1024, checkpoint 4096" in caplog.text
+
+
 def test_eval_reads_the_whole_split_and_a_split_without_a_full_batch_is_a_config_error(
         toy, tmp_path):
     summary = run(tiny("classic", toy, str(tmp_path / "a"), "data.batch_pairs=24",

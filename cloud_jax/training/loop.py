@@ -160,13 +160,21 @@ def _initial_params(cfg: Config, mesh) -> tuple[Any, ModelConfig]:
     overrides = {k: getattr(cfg.model, k) for k in _COMPUTE_FIELDS}
     loaded_cfg, params, directory, _ = hf_io.load_model_dir(
         cfg.init_from, mesh=mesh, rules=TRAIN_RULES, rng=jax.random.key(cfg.seed), **overrides)
+    model = cfg.model
+    if model.family == "qwen2":
+        # Qwen2 has bias on q/k/v by definition (every Qwen2 checkpoint carries it): the family
+        # implies attention_bias, whether or not the model section says so.
+        model = dataclasses.replace(model, attention_bias=True)
+    defaults = ModelConfig()
+
     def differ(fields, given_only=False):
-        # given_only: a key the model section leaves at None or empty (token ids,
-        # sliding_window) is not given, so it takes the checkpoint's value without a word.
-        return [f"{k.replace('resolved_', '')}: config {getattr(cfg.model, k)!r}, checkpoint "
+        # given_only: a key the model section leaves at its default (None or empty for the
+        # token ids and sliding_window; rope_theta, max_position_embeddings and such at
+        # ModelConfig's values) is not given, so it takes the checkpoint's value without a word.
+        return [f"{k.replace('resolved_', '')}: config {getattr(model, k)!r}, checkpoint "
                 f"{getattr(loaded_cfg, k)!r}" for k in fields
-                if getattr(cfg.model, k) != getattr(loaded_cfg, k)
-                and not (given_only and getattr(cfg.model, k) in (None, ()))]
+                if getattr(model, k) != getattr(loaded_cfg, k)
+                and not (given_only and getattr(model, k) == getattr(defaults, k))]
 
     diff = differ(_ARCH_FIELDS)
     if diff:
