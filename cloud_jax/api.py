@@ -121,7 +121,7 @@ class RewardModel:
                         base_model_name_or_path: Optional[str] = None):
         """Writes the reference CLoud layout (safetensors + config.json) and the tokenizer to a
         local directory (returned as a Path) or a ``gs://`` / ``s3://`` URL (returned as is)."""
-        with storage.staged_output(os.fspath(directory)) as local:
+        with hf_io.staged_export(directory) as local:
             out = hf_io.save_cloud_reference(
                 self.params, self.config, local,
                 base_model_name_or_path=base_model_name_or_path or self.base_model_name_or_path,

@@ -163,6 +163,18 @@ def remove_tree(path: str) -> bool:
     return True
 
 
+def remove(path: str) -> None:
+    """Deletes one file (object); none there is no error."""
+    if not is_url(path):
+        if os.path.exists(path):
+            os.remove(path)
+        return
+    fs, inner = _fs(path)
+    if fs.exists(inner):
+        fs.rm_file(inner)
+    _fs(path)  # no client keeps listing the old name
+
+
 def glob(pattern: str) -> List[str]:
     """The matches of ``pattern``, sorted; ``**`` matches any depth, on disk as in a bucket."""
     if not is_url(pattern):

@@ -272,3 +272,38 @@ def test_a_hugging_face_dataset_directory_in_the_bucket_is_a_row_source(bucket, 
     assert [r.id for r in loaded.rows] == ["r0", "r1"] and loaded.rows[1].prompt == "What is 1+1?"
     with pytest.raises(RowError, match=rf"{url}:train\[row 2\]: field 'rejected': is empty"):
         load_rows(url, require_feedback=False, columns={"prompt": "question"})
+
+
+def test_an_export_over_an_earlier_sharded_one_in_the_bucket_loads_the_new_weights(
+        bucket, tmp_path, capsys):
+    """As on disk, the index and shards of an earlier (larger) save do not outlive a new save
+    into the same bucket directory; and a backbone export to the bucket lands in the bucket."""
+    import jax
+
+    import cloud_jax
+    from cloud_jax.checkpoints import hf as hf_io
+    from cloud_jax.cli import export
+    from cloud_jax.cli.common import run_command
+    from model_helpers import TINY, tiny_reward_model
+
+    old, new = tiny_reward_model(1), tiny_reward_model(2)
+    url = f"{bucket}/models/resaved"
+    old.save_pretrained(url)
+    with storage.staged_output(url) as local:  # the old model as a large one: shards, an index
+        hf_io.write_safetensors(hf_io.hf_state_dict(old.params, TINY, with_head=True,
+                                                    hf_prefix=hf_io.REWARD_PREFIX), Path(local),
+                                max_shard_bytes=20_000)
+    assert "model.safetensors.index.json" in storage.listdir(url)
+    new.save_pretrained(url)
+    assert [n for n in storage.listdir(url) if n.startswith("model")] == ["model.safetensors"]
+    back = cloud_jax.load(url)
+    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(back.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    backbone = f"{bucket}/models/backbone"
+    assert run_command(export.main, ["--checkpoint", url, "--out", backbone,
+                                     "--format", "backbone"]) == 0
+    assert f"wrote {backbone}" in capsys.readouterr().out
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(
+        storage.listdir(backbone))
+    assert not os.path.exists("gs:")

@@ -22,6 +22,7 @@ and placed straight into their target sharding.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -495,6 +496,9 @@ def hf_state_dict(params: Params, cfg: ModelConfig, *, with_head: bool,
     return out
 
 
+_WEIGHT_FILE = re.compile(r"model\.safetensors(\.index\.json)?|model-\d+-of-\d+\.safetensors")
+
+
 def write_safetensors(tensors: dict[str, np.ndarray], directory: Path,
                       max_shard_bytes: int = 4 << 30) -> None:
     """Writes ``model.safetensors``, or shards plus ``model.safetensors.index.json`` when large.
@@ -503,9 +507,9 @@ def write_safetensors(tensors: dict[str, np.ndarray], directory: Path,
     from safetensors.numpy import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
-    for stale in [directory / "model.safetensors", directory / "model.safetensors.index.json",
-                  *directory.glob("model-[0-9]*-of-[0-9]*.safetensors")]:
-        stale.unlink(missing_ok=True)
+    for stale in directory.iterdir():
+        if _WEIGHT_FILE.fullmatch(stale.name):
+            stale.unlink(missing_ok=True)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name, arr in tensors.items():
@@ -525,6 +529,23 @@ def write_safetensors(tensors: dict[str, np.ndarray], directory: Path,
     total = sum(a.nbytes for a in tensors.values())
     (directory / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+@contextlib.contextmanager
+def staged_export(directory: str | os.PathLike) -> Iterator[Path]:
+    """A local directory to write an export of ``directory`` (a local path or a ``gs://`` /
+    ``s3://`` URL) into: ``storage.staged_output``. For a URL, the weight files an earlier save
+    left there that this one did not write are deleted once it is uploaded, as
+    :func:`write_safetensors` deletes them on disk (a stale index would be what a load reads)."""
+    directory = os.fspath(directory)
+    storage.check_path(directory, "output directory")
+    with storage.staged_output(directory) as local:
+        yield Path(local)
+        written = set(os.listdir(local))
+    if storage.is_url(directory):
+        for name in storage.listdir(directory):
+            if _WEIGHT_FILE.fullmatch(name) and name not in written:
+                storage.remove(storage.join(directory, name))
 
 
 def save_hf_backbone(params: Params, cfg: ModelConfig, directory: str | os.PathLike) -> Path:

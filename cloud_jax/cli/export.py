@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from cloud_jax.checkpoints.hf import save_hf_backbone
+from cloud_jax.checkpoints.hf import save_hf_backbone, staged_export
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -45,8 +45,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.format == "cloud":
             out = export_params(cfg, cfg.model, params, tok, args.out)
         else:
-            out = save_hf_backbone(params, cfg.model, args.out)
-            tok.save_pretrained(str(out))
+            with staged_export(args.out) as local:
+                save_hf_backbone(params, cfg.model, local)
+                tok.save_pretrained(str(local))
+            out = args.out
         print(f"wrote {out} (step {step} of {args.checkpoint})")
         return 0
     if args.tokenizer:
@@ -58,8 +60,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.format == "cloud":
         out = rm.save_pretrained(args.out, base_model_name_or_path=args.base_model_name)
     else:
-        out = save_hf_backbone(rm.params, rm.config, args.out)
-        if rm.tokenizer is not None:
-            rm.tokenizer.save_pretrained(str(out))
+        with staged_export(args.out) as local:
+            save_hf_backbone(rm.params, rm.config, local)
+            if rm.tokenizer is not None:
+                rm.tokenizer.save_pretrained(str(local))
+        out = args.out
     print(f"wrote {out}")
     return 0

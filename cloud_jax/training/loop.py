@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from cloud_jax.model.config import ModelConfig
 from cloud_jax.training.config import Config, config_from_dict, save_config, to_dict
-from cloud_jax.checkpoints.hf import base_model_name_of, save_cloud_reference
+from cloud_jax.checkpoints.hf import base_model_name_of, save_cloud_reference, staged_export
 from cloud_jax.data.pipeline import batch_iterator, host_positions
 from cloud_jax.data.tfds_builder import open_split, prepare_dataset
 from cloud_jax.data.tokenizer import load_tokenizer
@@ -254,7 +254,7 @@ def export_params(cfg: Config, model_cfg: ModelConfig, params, tokenizer, out: s
     # The hub id the run descends from (init_from's, carried through every stage), so the export
     # loads on any machine; none for a model trained from scratch (checkpoints.hf.LOCAL_BASE).
     base = base_model_name_of(cfg.init_from) if cfg.init_from else None
-    with storage.staged_output(out) as local:
+    with staged_export(out) as local:
         save_cloud_reference(params, model_cfg, local, feedback_method=record.feedback_method,
                              critique_prefix=prefix, base_model_name_or_path=base,
                              layout_version=cfg.data.layout_version)
