@@ -143,6 +143,26 @@ def test_mismatched_checkpoint_names_the_tensors(tmp_path):
         cloud_jax.load(tmp_path)
 
 
+def test_a_config_json_without_a_shape_key_or_not_an_object_is_a_checkpoint_error(tmp_path):
+    """Not a KeyError, AttributeError or JSONDecodeError traceback: the file and key are named."""
+    base = _base_config().to_dict()
+    del base["vocab_size"]
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "config.json").write_text(json.dumps(base))
+    with pytest.raises(CheckpointError, match="has no vocab_size"):
+        cloud_jax.load(tmp_path / "plain")
+    (tmp_path / "list").mkdir()
+    (tmp_path / "list" / "config.json").write_text("[1]")
+    with pytest.raises(CheckpointError, match="config.json: expected a JSON object, got list"):
+        cloud_jax.load(tmp_path / "list")
+    (tmp_path / "cloud" / "base_config").mkdir(parents=True)
+    (tmp_path / "cloud" / "config.json").write_text(json.dumps(
+        {"architectures": ["CLoudRewardModel"], "base_model_name_or_path": "base_config"}))
+    (tmp_path / "cloud" / "base_config" / "config.json").write_text("{bad")
+    with pytest.raises(CheckpointError, match="base_config/config.json: invalid JSON"):
+        cloud_jax.load(tmp_path / "cloud")
+
+
 def test_forward_rejects_bad_input():
     rm = cloud_jax.from_config(ModelConfig(vocab_size=61, hidden_size=HIDDEN, intermediate_size=64,
                                            num_heads=4, num_kv_heads=2))

@@ -55,12 +55,21 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # Configs
 
 
+# The keys of a transformers config.json that fix the backbone's shape and have no default here.
+_REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads")
+
+
 def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
     """ModelConfig from a transformers ``config.json`` dict (Llama, Mistral or Qwen2)."""
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(
             f"model_type={model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
+    missing = [key for key in _REQUIRED_KEYS if hf.get(key) is None]
+    if missing:
+        raise CheckpointError(f"the {model_type} config has no {', '.join(missing)}: the "
+                              "backbone's shape is unknown")
     # transformers 5 keeps RoPE settings in `rope_parameters`; older files use `rope_scaling`.
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -604,9 +613,12 @@ def read_config_json(directory: Path) -> dict:
         raise CheckpointError(f"{directory}: no config.json; expected a Hugging Face or CLoud "
                               f"reward-model directory{hint}")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path}: invalid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
 
 
 # The reference's two kinds of CLoud checkpoint: "teacher" writes a critique before its reward,
@@ -653,7 +665,7 @@ def cloud_base_config(directory: Path, config: dict) -> dict:
         return config["base_model_config"]
     local = directory / "base_config" / "config.json"
     if local.exists():
-        return json.loads(local.read_text())
+        return read_config_json(local.parent)
     base = config.get("base_model_name_or_path")
     if base == LOCAL_BASE:
         raise CheckpointError(f"{directory}/config.json: base_model_name_or_path is "
