@@ -163,6 +163,32 @@ def test_a_config_json_without_a_shape_key_or_not_an_object_is_a_checkpoint_erro
         cloud_jax.load(tmp_path / "cloud")
 
 
+def test_a_broken_safetensors_index_is_a_checkpoint_error(tmp_path):
+    """An index that is not JSON, has no weight_map, or names a shard that is not there (an
+    interrupted download) is named in a CheckpointError, not a traceback."""
+    from cloud_jax.checkpoints import hf as hf_io
+
+    cfg = ModelConfig(vocab_size=61, hidden_size=HIDDEN, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2)
+    out = tmp_path / "out"
+    cloud_jax.from_config(cfg, seed=1).save_pretrained(out)
+    (out / "model.safetensors").unlink()
+    hf_io.write_safetensors(hf_io.hf_state_dict(cloud_jax.from_config(cfg, seed=1).params, cfg,
+                                                with_head=True, hf_prefix=hf_io.REWARD_PREFIX),
+                            out, max_shard_bytes=20_000)
+    index = out / "model.safetensors.index.json"
+    good = index.read_text()
+    shard = sorted(out.glob("model-*.safetensors"))[1]
+    shard.rename(tmp_path / "aside")
+    with pytest.raises(CheckpointError, match=f"names 1 shard.*{shard.name}"):
+        cloud_jax.load(out)
+    (tmp_path / "aside").rename(shard)
+    for text, message in ((good[:40], "invalid JSON"), ('{"metadata": {}}', "no weight_map")):
+        index.write_text(text)
+        with pytest.raises(CheckpointError, match=message):
+            cloud_jax.load(out)
+
+
 def test_forward_rejects_bad_input():
     rm = cloud_jax.from_config(ModelConfig(vocab_size=61, hidden_size=HIDDEN, intermediate_size=64,
                                            num_heads=4, num_kv_heads=2))

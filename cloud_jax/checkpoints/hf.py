@@ -340,8 +340,19 @@ def safetensors_files(directory: Path) -> list[Path]:
     """The weight files of a directory: an index's shards, or every *.safetensors file."""
     index = directory / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [directory / f for f in sorted(set(weight_map.values()))]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{index}: invalid JSON: {err}") from None
+        except (KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"{index}: no weight_map of tensor names to file names (a "
+                                  "truncated or foreign index?)") from None
+        missing = [f for f in files if not (directory / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names {len(missing)} shard(s) that are not in "
+                                  f"{directory}: {missing[:3]} (an incomplete download?)")
+        return [directory / f for f in files]
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         pickles = [f.name for f in directory.iterdir()
