@@ -231,6 +231,22 @@ def test_conversion_needs_no_torch_and_skips_a_converted_dir(tmp_path):
     ]
 
 
+def test_converting_into_a_directory_with_a_sharded_model_drops_its_index(tmp_path):
+    """An index left by an earlier model in the output directory would be what a load reads."""
+    from safetensors.numpy import save_file
+
+    write_tiny_llama_gguf(tmp_path / "m.gguf")
+    out = tmp_path / "hf"
+    out.mkdir()
+    save_file({"model.embed_tokens.weight": np.zeros((3, 4), np.float32)},
+              str(out / "model-00001-of-00001.safetensors"))
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"model.embed_tokens.weight":
+                                        "model-00001-of-00001.safetensors"}}))
+    gguf_convert.convert_gguf_to_hf(tmp_path / "m.gguf", out)
+    assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
+
+
 def test_rejects_other_architectures(tmp_path):
     write_tiny_llama_gguf(tmp_path / "m.gguf", architecture="gpt2")
     with pytest.raises(

@@ -307,3 +307,17 @@ def test_an_export_over_an_earlier_sharded_one_in_the_bucket_loads_the_new_weigh
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(
         storage.listdir(backbone))
     assert not os.path.exists("gs:")
+
+
+def test_convert_gguf_writes_a_url_output_to_the_bucket(bucket, tmp_path, capsys):
+    from test_gguf import write_tiny_llama_gguf
+
+    from cloud_jax.cli import convert
+    from cloud_jax.cli.common import run_command
+
+    write_tiny_llama_gguf(tmp_path / "m.gguf")
+    out = f"{bucket}/converted"
+    assert run_command(convert.main, ["--gguf", str(tmp_path / "m.gguf"), "--out", out]) == 0
+    assert f"uploaded to {out}" in capsys.readouterr().out
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(storage.listdir(out))
+    assert not os.path.exists("gs:")

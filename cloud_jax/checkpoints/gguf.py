@@ -17,6 +17,7 @@ import importlib.metadata
 import json
 import os
 import pathlib
+import re
 import struct
 from collections import Counter
 from typing import Any, Sequence, Union
@@ -321,6 +322,11 @@ def convert_gguf_to_hf(gguf_path: PathLike, out_dir: PathLike) -> pathlib.Path:
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     # The chat template goes into tokenizer_config.json, where every transformers version looks.
     tokenizer.save_pretrained(out_dir, save_jinja_files=False)
+    # An index (and its shards) from an earlier model in out_dir would be what a load reads.
+    for stale in out_dir.iterdir():
+        if re.fullmatch(r"model\.safetensors\.index\.json|model-\d+-of-\d+\.safetensors",
+                        stale.name):
+            stale.unlink()
     partial = out_dir / "model.safetensors.partial"
     safetensors.numpy.save_file(tensors, partial, metadata=provenance)
     partial.chmod(0o644)  # safetensors creates it owner-only, unlike the JSON files beside it

