@@ -289,6 +289,10 @@ def test_a_saved_step_exports_as_the_final_step_does(toy, tmp_path):
                  "--out", str(tmp_path / "s2b")]) == 0
     s2, s2b = weights(tmp_path / "s2"), weights(tmp_path / "s2b")
     assert all(np.array_equal(s2[k], s2b[k]) for k in final)
+    # The checkpoint directory without --step: its newest step, as from the output_dir.
+    assert main(["--checkpoint", str(out / "checkpoints"), "--out", str(tmp_path / "c4")]) == 0
+    c4 = weights(tmp_path / "c4")
+    assert all(np.array_equal(c4[k], final[k]) for k in final)
     assert not all(np.array_equal(s2[k], final[k]) for k in final)
     rm = cloud_jax.load(tmp_path / "s2")
     assert rm.critique_prefix == "Critique: " and not rm.is_classic

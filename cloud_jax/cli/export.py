@@ -35,9 +35,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "when the run's data.tokenizer does not load here")
     args = parser.parse_args(argv)
 
-    from cloud_jax.training.loop import export_params, is_run_dir, load_checkpoint
+    from cloud_jax.training.loop import (export_params, is_checkpoint_dir, is_run_dir,
+                                         load_checkpoint)
 
-    if args.step is not None or is_run_dir(args.checkpoint):
+    if (args.step is not None or is_run_dir(args.checkpoint)
+            or is_checkpoint_dir(args.checkpoint)):
         if args.base_model_name:
             parser.error("--base-model-name applies to a loaded model; a run's export records "
                          "the base model of its init_from")

@@ -38,7 +38,8 @@ from cloud_jax.errors import ConfigError
 from cloud_jax.training.losses import finalize_metrics
 from cloud_jax.model import count_params, init_params
 from cloud_jax.sharding import TRAIN_RULES, make_mesh
-from cloud_jax.training.checkpointing import COMPUTE_ONLY, Checkpointer, compare_configs
+from cloud_jax.training.checkpointing import (COMPUTE_ONLY, Checkpointer, compare_configs,
+                                              is_committed)
 from cloud_jax.training.metrics import MetricsWriter, peak_flops, summarize_window
 from cloud_jax.training.stages import stage as stage_record
 from cloud_jax.training.step import StepBuilder, model_flops_per_token
@@ -267,6 +268,15 @@ def export_params(cfg: Config, model_cfg: ModelConfig, params, tokenizer, out: s
 def is_run_dir(path: str) -> bool:
     """Whether ``path`` is a training run's output_dir (its config.yaml beside the checkpoints)."""
     return storage.isfile(storage.join(path, "config.yaml"))
+
+
+def is_checkpoint_dir(path: str) -> bool:
+    """Whether ``path`` is a run's checkpoint directory: no config.json, and step directories
+    that orbax committed."""
+    if storage.isfile(storage.join(path, "config.json")):
+        return False
+    return any(name.isdigit() and is_committed(storage.join(path, name))
+               for name in storage.listdir(path))
 
 
 def load_checkpoint(path: str, step: Optional[int] = None, tokenizer: Optional[str] = None):
