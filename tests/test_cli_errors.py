@@ -139,6 +139,21 @@ def test_evaluate(capsys, files, tmp_path):
     user_error(capsys, evaluate(files["empty"], files["rows"]), files["empty"])
 
 
+def test_export_refuses_a_base_model_name_it_would_not_record(capsys, files, tmp_path):
+    """--base-model-name that is no hub id (a local path, which an export never records) is a
+    usage error, not silently replaced by base_config."""
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        main(["export-hf", "--checkpoint", files["ckpt"], "--out", str(out),
+              "--base-model-name", "/models/llama3-8b"])
+    assert exit_.value.code == 2
+    assert "--base-model-name '/models/llama3-8b' is not a hub id" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["export-hf", "--checkpoint", files["ckpt"], "--out", str(out),
+                 "--base-model-name", "owner/base"]) == 0
+    assert json.loads((out / "config.json").read_text())["base_model_name_or_path"] == "owner/base"
+
+
 def test_export_convert_make_benchmark_pipeline(capsys, files, tmp_path):
     out = str(tmp_path / "out")
     user_error(capsys, ["export-hf", "--checkpoint", str(tmp_path / "no_ckpt"), "--out", out],

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from cloud_jax.checkpoints.hf import save_hf_backbone, staged_export
+from cloud_jax.checkpoints.hf import base_model_name_of, save_hf_backbone, staged_export
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -55,6 +55,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if args.tokenizer:
         parser.error("--tokenizer applies to a training run's checkpoint (with --step)")
+    if args.base_model_name and base_model_name_of(args.base_model_name) is None:
+        parser.error(f"--base-model-name {args.base_model_name!r} is not a hub id (owner/name) "
+                     "nor a model directory that records one; an export never records a local "
+                     "path (leave the flag out to record base_config, the backbone config beside "
+                     "the weights)")
 
     import cloud_jax
 
