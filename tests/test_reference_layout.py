@@ -119,6 +119,29 @@ def test_saving_over_an_earlier_sharded_export_loads_the_new_weights(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_a_qwen2_model_without_qkv_bias_exports_zero_biases_and_reloads_the_same(tmp_path):
+    """A qwen2-family model trained without attention_bias (a model section that leaves it
+    out) exports as a Qwen2 checkpoint, which always has q/k/v biases: zeros, computing the same."""
+    from cloud_jax.checkpoints.hf import save_hf_backbone
+
+    cfg = ModelConfig(family="qwen2", vocab_size=61, hidden_size=HIDDEN, intermediate_size=64,
+                      num_layers=2, num_heads=4, num_kv_heads=2)
+    rm = cloud_jax.from_config(cfg, seed=3)
+    rm.params = jax.tree.map(lambda x: x + 0.1, rm.params)
+    rm.save_pretrained(tmp_path / "out")
+    back = cloud_jax.load(tmp_path / "out")
+    ids, mask = _ragged_batch(1)
+    for a, b in zip(rm.forward(ids, mask), back.forward(ids, mask)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+    save_hf_backbone(rm.params, cfg, tmp_path / "hf")
+    hf, info = transformers.Qwen2ForCausalLM.from_pretrained(
+        tmp_path / "hf", output_loading_info=True, attn_implementation="eager")
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    with torch.no_grad():
+        want = hf(input_ids=torch.tensor(ids[:1])).logits.numpy()
+    np.testing.assert_allclose(np.asarray(rm.forward(ids[:1])[0]), want, atol=1e-4, rtol=0)
+
+
 def test_plain_hf_directory_loads_with_fresh_head(tmp_path):
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(_base_config()).save_pretrained(tmp_path)

@@ -513,6 +513,14 @@ def hf_state_dict(params: Params, cfg: ModelConfig, *, with_head: bool,
     for name, (path, kind) in weight_table(unrolled, with_head, hf_prefix).items():
         arr = np.asarray(jax.device_get(_get_path(params, path)))
         out[name] = np.ascontiguousarray(_to_hf(arr, kind))
+    if cfg.family == "qwen2" and not cfg.attention_bias:
+        # Every Qwen2 checkpoint has q/k/v biases (transformers and this loader expect them): a
+        # model trained without them is written with zero biases, which compute the same.
+        for i in range(cfg.num_layers):
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                kernel = out[f"{hf_prefix}model.layers.{i}.self_attn.{proj}.weight"]
+                out[f"{hf_prefix}model.layers.{i}.self_attn.{proj}.bias"] = np.zeros(
+                    kernel.shape[0], kernel.dtype)
     return out
 
 
