@@ -212,6 +212,19 @@ def test_a_broken_safetensors_index_is_a_checkpoint_error(tmp_path):
             cloud_jax.load(out)
 
 
+def test_a_tensor_stored_in_two_weight_files_is_named_as_a_duplicate(tmp_path):
+    """A stale weight file beside model.safetensors holds the same tensors: the error says so,
+    not that the model's own tensors do not belong to it."""
+    import shutil
+
+    cfg = ModelConfig(vocab_size=61, hidden_size=HIDDEN, intermediate_size=64, num_layers=1,
+                      num_heads=4, num_kv_heads=2)
+    cloud_jax.from_config(cfg, seed=1).save_pretrained(tmp_path)
+    shutil.copy(tmp_path / "model.safetensors", tmp_path / "model-00001-of-00002.safetensors")
+    with pytest.raises(CheckpointError, match="stored twice.*model-00001-of-00002.safetensors"):
+        cloud_jax.load(tmp_path)
+
+
 def test_forward_rejects_bad_input():
     rm = cloud_jax.from_config(ModelConfig(vocab_size=61, hidden_size=HIDDEN, intermediate_size=64,
                                            num_heads=4, num_kv_heads=2))

@@ -466,7 +466,15 @@ def load_params(directory: Path, cfg: ModelConfig, *, hf_prefix: str = "", with_
     # Some tied checkpoints store the LM head too, a copy of the embedding that transformers
     # ignores when tying: so does this loader.
     tied_copy = f"{hf_prefix}lm_head.weight" if cfg.tie_word_embeddings else None
+    loaded: set[str] = set()
     for name, arr in iter_tensors(directory):
+        if name in loaded:
+            files = [f.name for f in safetensors_files(directory)]
+            raise CheckpointError(
+                f"{directory}: tensor {name} is stored twice, in more than one of its weight files "
+                f"({', '.join(files)}); a stale file from an earlier save? Keep one set: "
+                "model.safetensors, or the shards model.safetensors.index.json names")
+        loaded.add(name)
         if name not in table:
             if name.endswith(_IGNORED_SUFFIXES) or name == tied_copy:
                 continue
