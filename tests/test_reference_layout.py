@@ -401,3 +401,19 @@ def test_the_hub_id_is_carried_and_local_paths_are_not_written(tmp_path, monkeyp
     rm.save_pretrained(tmp_path / "four", base_model_name_or_path=str(tmp_path / "runs" / "x"))
     assert json.loads((tmp_path / "four" / "config.json").read_text())[
         "base_model_name_or_path"] == "base_config"
+
+
+def test_a_model_that_is_no_checkpoint_of_its_family_is_not_exported(tmp_path):
+    """A q/k/v bias outside Qwen2, or a sliding window outside Mistral, computes here but would
+    load as another model from a Hugging Face export: the export refuses it, naming the key."""
+    from cloud_jax.errors import CheckpointError
+    from cloud_jax.model.config import ModelConfig
+
+    for extra, key in ((dict(attention_bias=True), "attention_bias=true with model.family=llama"),
+                       (dict(family="qwen2", sliding_window=4), "sliding_window=4"),
+                       (dict(family="mistral", attention_bias=True), "family=mistral")):
+        cfg = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1,
+                          num_heads=2, num_kv_heads=1, **extra)
+        with pytest.raises(CheckpointError, match=key):
+            cloud_jax.from_config(cfg, seed=0).save_pretrained(tmp_path / key.split("=")[0])
+        assert not (tmp_path / key.split("=")[0] / "model.safetensors").exists()

@@ -362,7 +362,10 @@ def test_init_from_takes_the_checkpoints_architecture_and_says_what_it_overrides
     init = str(tmp_path / "init")
     cloud_jax.from_config(base.model, seed=1).save_pretrained(init)
     for override, key in (("model.head_dim=32", "head_dim: config 32, checkpoint 16"),
-                          ("model.attention_bias=true", "attention_bias: config True")):
+                          # A llama with q/k/v bias is refused before init_from is read: the
+                          # bias is Qwen2's, and such a model would not export as a llama.
+                          ("model.attention_bias=true", "attention_bias=true with model.family"),
+                          ("model.sliding_window=4", "sliding-window attention is Mistral's")):
         with pytest.raises(ConfigError, match=key):
             run(tiny("critique_sft", toy, str(tmp_path / "bad"), f"init_from={init}", override,
                      "train.total_steps=1"))

@@ -139,6 +139,9 @@ def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
 
 def hf_config_from_model_config(cfg: ModelConfig) -> dict:
     """transformers ``config.json`` dict for the backbone."""
+    problem = cfg.hf_family_problem()
+    if problem:
+        raise CheckpointError(f"cannot export: {problem}")
     arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
             "qwen2": "Qwen2ForCausalLM"}[cfg.family]
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
@@ -587,8 +590,9 @@ def staged_export(directory: str | os.PathLike) -> Iterator[Path]:
 def save_hf_backbone(params: Params, cfg: ModelConfig, directory: str | os.PathLike) -> Path:
     """A plain transformers ``*ForCausalLM`` directory (the reward head is not written)."""
     directory = Path(directory)
+    config = hf_config_from_model_config(cfg)  # first: a model it refuses writes nothing
     write_safetensors(hf_state_dict(params, cfg, with_head=False), directory)
-    (directory / "config.json").write_text(json.dumps(hf_config_from_model_config(cfg), indent=2))
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
     return directory
 
 
@@ -605,9 +609,9 @@ def save_cloud_reference(params: Params, cfg: ModelConfig, directory: str | os.P
     if feedback_method not in FEEDBACK_METHODS:
         raise ValueError(f"feedback_method={feedback_method!r}: expected 'vanilla' or 'teacher'")
     directory = Path(directory)
+    base = hf_config_from_model_config(cfg)  # first: a model it refuses writes nothing
     write_safetensors(hf_state_dict(params, cfg, with_head=True, hf_prefix=REWARD_PREFIX),
                       directory)
-    base = hf_config_from_model_config(cfg)
     base_dir = directory / "base_config"
     base_dir.mkdir(parents=True, exist_ok=True)
     (base_dir / "config.json").write_text(json.dumps(base, indent=2))

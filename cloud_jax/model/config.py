@@ -92,6 +92,20 @@ class ModelConfig:
                                                               + 2 * self.num_kv_heads)
                 + 3 * self.hidden_size * self.intermediate_size)
 
+    def hf_family_problem(self) -> Optional[str]:
+        """Why this model is no checkpoint of its Hugging Face family (None when it is one): the
+        q/k/v bias is Qwen2's (a Llama's attention_bias also biases o_proj; Mistral has none),
+        the sliding window Mistral's. Such a model computes here, but an export would load as
+        another model, so training and export refuse it."""
+        if self.attention_bias and self.family != "qwen2":
+            return (f"model.attention_bias=true with model.family={self.family}: the q/k/v bias "
+                    "is Qwen2's (set model.family=qwen2, or attention_bias=false)")
+        if self.sliding_window is not None and self.family != "mistral":
+            return (f"model.sliding_window={self.sliding_window} with model.family={self.family}:"
+                    " sliding-window attention is Mistral's (set model.family=mistral, or leave "
+                    "sliding_window unset)")
+        return None
+
     def validate(self) -> "ModelConfig":
         if self.family not in ("llama", "mistral", "qwen2"):
             raise ConfigError(f"model.family={self.family!r}: expected one of llama, mistral, qwen2")

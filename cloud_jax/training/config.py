@@ -231,6 +231,9 @@ def config_from_dict(data: dict, overrides: Sequence[str] = (), schema: type = C
         raise _explain(err, source, schema) from None
     if isinstance(cfg, Config):
         cfg.model.validate()
+        problem = cfg.model.hf_family_problem()
+        if problem:  # trained, it could not be exported as its family's checkpoint
+            raise ConfigError(problem)
         cfg.optim.validate()
         cfg.data.validate()
         cfg.loss.validate()
