@@ -321,3 +321,18 @@ def test_convert_gguf_writes_a_url_output_to_the_bucket(bucket, tmp_path, capsys
     assert f"uploaded to {out}" in capsys.readouterr().out
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(storage.listdir(out))
     assert not os.path.exists("gs:")
+
+
+def test_make_benchmark_writes_every_file_to_the_bucket(bucket, tmp_path, monkeypatch):
+    from cloud_jax.cli import make_benchmark
+    from cloud_jax.cli.common import run_command
+
+    monkeypatch.chdir(tmp_path)  # where a URL taken for a local path would land
+    out = f"{bucket}/benchmarks/small"
+    assert run_command(make_benchmark.main, ["--out", out, "--train", "4", "--eval", "2",
+                                             "--test", "2"]) == 0
+    assert not (tmp_path / "gs:").exists()
+    assert storage.listdir(out) == ["benchmark.json", "eval.jsonl", "test.jsonl", "train.jsonl"]
+    summary = json.loads(storage.read_text(f"{out}/benchmark.json"))
+    assert summary["splits"]["train"] == {**summary["splits"]["train"],
+                                          "path": f"{out}/train.jsonl", "rows": 4}

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Optional, Sequence, Tuple
 
+from cloud_jax import storage
 from cloud_jax.data.synthetic.arithmetic import OPS
 from cloud_jax.data.synthetic.reasoning import ReasoningBenchmarkConfig, write_splits
 from cloud_jax.data.synthetic.reasoning_text import STYLES
@@ -50,6 +50,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="share of train pairs with a random (implausible) wrong answer")
     parser.add_argument("--split-fractions", default=",".join(map(str, d.split_fractions)))
     args = parser.parse_args(argv)
+    storage.check_path(args.out, "--out")
     for name in ("train", "eval", "test"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0")
@@ -68,8 +69,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         train_random_share=args.train_random_share,
         split_fractions=_floats(args.split_fractions)).validate()
     paths = write_splits(args.out, cfg)
-    with open(os.path.join(args.out, "benchmark.json"), encoding="utf-8") as f:
-        summary = json.load(f)
+    summary = json.loads(storage.read_text(storage.join(args.out, "benchmark.json")))
     for split, path in paths.items():
         info = summary["splits"][split]
         # Every row has both critiques: their mean is the mean of the two fields' means.

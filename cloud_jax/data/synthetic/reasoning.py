@@ -32,12 +32,12 @@ import collections
 import dataclasses
 import hashlib
 import json
-import os
 import random
 import re
 import statistics
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from cloud_jax import storage
 from cloud_jax.data.jsonl import write_jsonl_atomic
 from cloud_jax.data.synthetic.arithmetic import (BASE_OP, ERROR_KINDS, KINDS_OF_OP, OPS, RANDOM,
                                              OperandRange, Problem, columns, computation_keys,
@@ -372,13 +372,14 @@ def partial_check_accuracies(rows: Sequence[Mapping[str, str]]) -> Dict[str, flo
 
 def write_splits(out_dir: str, cfg: ReasoningBenchmarkConfig) -> Dict[str, str]:
     """Writes ``<split>.jsonl`` for every split with a positive size and ``benchmark.json`` (config,
-    row counts, byte lengths, shortcut accuracies) into ``out_dir``; returns split -> path."""
+    row counts, byte lengths, shortcut accuracies) into ``out_dir`` (a local path or a URL);
+    returns split -> path."""
     cfg.validate()
     rows = generate_rows(cfg)
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)
     paths, summary = {}, {"config": dataclasses.asdict(cfg), "splits": {}}
     for split, split_rows in rows.items():
-        path = os.path.join(out_dir, f"{split}.jsonl")
+        path = storage.join(out_dir, f"{split}.jsonl")
         write_jsonl_atomic(path, split_rows)
         paths[split] = path
         summary["splits"][split] = {"path": path, "rows": len(split_rows),
@@ -391,6 +392,6 @@ def write_splits(out_dir: str, cfg: ReasoningBenchmarkConfig) -> Dict[str, str]:
     summary["partial_check_accuracy"] = partial_check_accuracies(measured)
     if "train" in rows and held_out:
         summary["response_prior_accuracy"] = response_prior_accuracy(rows["train"], held_out)
-    with open(os.path.join(out_dir, "benchmark.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2, ensure_ascii=False)
+    storage.write_text_atomic(storage.join(out_dir, "benchmark.json"),
+                              json.dumps(summary, indent=2, ensure_ascii=False))
     return paths
