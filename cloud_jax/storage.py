@@ -71,6 +71,19 @@ def check_path(path: str, what: str) -> None:
                           ) from None
 
 
+def check_output_file(path: str, what: str) -> None:
+    """:func:`check_path`, and a ConfigError for a file output that names a directory (one that
+    exists, a path ending in a slash, or a bucket without an object name): checked before the work
+    whose result the file is to hold, not when it is written."""
+    check_path(path, what)
+    path = os.fspath(path)
+    if is_url(path) and "/" not in path.split("://", 1)[1].rstrip("/"):
+        raise ConfigError(f"{what}={path!r} is a bucket, not an object: give a file name in it, "
+                          f"e.g. {path.rstrip('/')}/scored.jsonl")
+    if path.endswith(("/", os.sep)) or isdir(path):
+        raise ConfigError(f"{what}={path!r} is a directory: give a file name")
+
+
 def resolve(path: str) -> str:
     """An absolute local path, or the URL as it is (without a trailing slash)."""
     path = os.fspath(path)
@@ -210,9 +223,14 @@ def write_text_atomic(path: str, text: str, tmp_suffix: str = ".tmp") -> None:
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}{tmp_suffix}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def rename(src: str, dst: str) -> None:

@@ -103,6 +103,21 @@ def test_score(capsys, files, tmp_path):
     user_error(capsys, score(files["ckpt"], files["bad"]), "bad.jsonl:2", "chosen")
 
 
+def test_score_refuses_a_directory_for_its_output_before_scoring(capsys, files, tmp_path,
+                                                                  monkeypatch):
+    from cloud_jax.cli import score
+
+    def no_model(_):
+        raise AssertionError("the model was loaded: the output is checked after the work")
+
+    monkeypatch.setattr(score, "load_model", no_model)
+    (tmp_path / "existing").mkdir()
+    for output in (str(tmp_path / "existing"), str(tmp_path / "new") + "/"):
+        user_error(capsys, ["score", "--checkpoint", files["ckpt"], "--input", files["rows"],
+                            "--output", output], output, "is a directory")
+    assert sorted(os.listdir(tmp_path)) == ["existing"]  # no temporary file left behind
+
+
 def test_serve(capsys, files, tmp_path):
     def serve(checkpoint, *flags):
         return ["serve", "--checkpoint", checkpoint, "--port", "0", *flags]

@@ -213,6 +213,10 @@ def test_score_and_evaluate_read_and_write_the_bucket(model_and_rows, bucket, tm
     report = json.loads(storage.read_text(f"{out}/report.json"))
     assert report["rewardbench"]["num_rows"] == 5
     assert len(storage.read_text(f"{out}/critiques.jsonl").splitlines()) == 5
+    # An output that names the bucket or a directory in it is refused before any scoring.
+    for output in (bucket, f"{bucket}/", f"{bucket}/eval", f"{bucket}/eval/new/"):
+        assert run_command(score.main, [*common, "--input", f"{bucket}/rows.jsonl",
+                                        "--output", output]) == 2, output
 
 
 def test_stage_2_writes_its_shards_to_the_bucket_and_resumes(model_and_rows, bucket, tmp_path,

@@ -46,7 +46,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "the checkpoint says; its feedback_method 'vanilla' is classic)")
     args = parser.parse_args(argv)
     cfg = config_from_args(args, num_samples=args.num_samples, classic=args.classic)
-    storage.check_path(args.output, "--output")
+    storage.check_output_file(args.output, "--output")
     rows = read_records(args.input, args.split, columns_from_args(args))
     if not rows:
         raise ConfigError(f"no rows in {args.input}: nothing to score")
