@@ -213,13 +213,25 @@ def read_text(path: str) -> str:
         return f.read()
 
 
+@contextlib.contextmanager
+def _writing(url: str) -> Iterator[None]:
+    """Names the bucket when a write to ``url`` finds none: gcsfs says only the upload URL."""
+    try:
+        yield
+    except FileNotFoundError as err:
+        bucket = url.split("://", 1)[1].split("/", 1)[0]
+        raise FileNotFoundError(f"{url}: cannot be written: no bucket {bucket!r} (or no access "
+                                f"to it) ({' '.join(str(err).split())})") from None
+
+
 def write_text_atomic(path: str, text: str, tmp_suffix: str = ".tmp") -> None:
     """``path`` holds ``text`` whole, or what it held before: through a temporary file
     (``path + tmp_suffix``; writers that may run at once each need their own) and a rename on
     disk; in one object write (atomic by itself) on an object store."""
     if is_url(path):
-        with open_file(path, "w") as f:
-            f.write(text)
+        with _writing(path):
+            with open_file(path, "w") as f:
+                f.write(text)
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}{tmp_suffix}"
@@ -344,7 +356,8 @@ def upload_dir(local_dir: str, url: str) -> None:
         for name in sorted(names):
             src = os.path.join(root, name)
             rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
-            fs.put_file(src, f"{inner}/{rel}")
+            with _writing(url):
+                fs.put_file(src, f"{inner}/{rel}")
 
 
 @contextlib.contextmanager

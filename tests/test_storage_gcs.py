@@ -340,3 +340,11 @@ def test_make_benchmark_writes_every_file_to_the_bucket(bucket, tmp_path, monkey
     summary = json.loads(storage.read_text(f"{out}/benchmark.json"))
     assert summary["splits"]["train"] == {**summary["splits"]["train"],
                                           "path": f"{out}/train.jsonl", "rows": 4}
+
+
+def test_a_write_into_a_missing_bucket_names_the_bucket(bucket, tmp_path):
+    (tmp_path / "a.txt").write_text("a")
+    for write in (lambda: storage.write_text_atomic("gs://no-such-bucket/out/x.jsonl", "x"),
+                  lambda: storage.upload_dir(str(tmp_path), "gs://no-such-bucket/out")):
+        with pytest.raises(FileNotFoundError, match="no bucket 'no-such-bucket'"):
+            write()
