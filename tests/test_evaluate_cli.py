@@ -176,6 +176,7 @@ def test_cli_bad_row_names_file_line_and_field_before_loading_the_model(tmp_path
      "give top_k or top_p, not both"),
     (["--input", "x.jsonl", "--repetition-penalty", "0"], "repetition_penalty=0.0: must be > 0"),
     (["--best-of-n", "x.jsonl", "--seed", "-1"], "seed=-1: must be >= 0 for Best-of-N"),
+    (["--input", "x.jsonl", "--seed", str(2**32 + 1)], "seed=4294967297: must be a whole number"),
 ])
 def test_cli_usage_errors(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.setattr(cloud_jax, "load", _no_model)

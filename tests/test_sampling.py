@@ -162,6 +162,10 @@ def test_bad_settings_are_clear_errors(params):
         method_from(1.0, top_k=3, top_p=0.5)
     with pytest.raises(ValueError, match="stop_ids"):
         sample(CFG, params, PREFIXES, max_new_tokens=2, stop_ids=())
+    # Keys hold 32 bits: a larger seed would repeat a smaller one's critiques, or overflow.
+    for seed in (-1, 2**32 + 1, 2**63, 1.5, True):
+        with pytest.raises(ValueError, match=r"seed=.*\[0, 2\*\*32\)"):
+            sample(CFG, params, PREFIXES, max_new_tokens=2, stop_ids=(EOT,), seed=seed)
     with pytest.raises(ValueError, match="largest prefill bucket"):
         bucket_length(40, buckets=(16, 32))
     assert bucket_length(17) == 32 and bucket_length(3) == 16 and bucket_length(20, (24, 64)) == 24

@@ -185,6 +185,9 @@ def test_bad_rows_and_settings_are_clear_errors(rm, tmp_path):
                                           r"max_length=200 tokens"):
         main(["--checkpoint", str(tmp_path / "model"), "--input", str(long), "--output",
               str(tmp_path / "o.jsonl"), "--max-length", "200", "--classic"])
+    with pytest.raises(ConfigError, match=r"seed=9223372036854775808: .*\[0, 2\*\*32\)"):
+        main(["--checkpoint", str(tmp_path), "--input", str(src), "--output",
+              str(tmp_path / "o.jsonl"), "--seed", str(2**63)])
     with pytest.raises(ValueError, match="num_samples"):
         rm.score(PROMPTS, RESPONSES, num_samples=0)
     with pytest.raises(ValueError, match="steps_per_check"):

@@ -108,7 +108,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:  # the sampling flags too, before the rows are read and the model loaded
         cfg.validate(best_of_n=args.best_of_n is not None)
         ScoreConfig(temperature=cfg.temperature, max_critique_tokens=cfg.max_critique_tokens,
-                    batch_size=cfg.batch_size, **sampler).validate()
+                    batch_size=cfg.batch_size, seed=cfg.seed, **sampler).validate()
     except ValueError as err:
         parser.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

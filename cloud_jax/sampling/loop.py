@@ -47,7 +47,7 @@ from cloud_jax.model.decode_step import (DecodeWeights, check_layout, decode_ste
                                          prepare_decode_weights, rope_table)
 from cloud_jax.model.decode_step import decode_layout as default_layout
 from cloud_jax.sampling.methods import (Greedy, SamplingMethod, check_repetition_penalty,
-                                        penalize_repeats)
+                                        check_seed, penalize_repeats)
 from cloud_jax.sharding import SAMPLE_RULES, Rules
 
 
@@ -308,6 +308,7 @@ def sample_padded(cfg: ModelConfig, params, ids_bl: np.ndarray, mask_bl: np.ndar
     samples many batches; without them the decode prepares its own. ``steps_per_check`` and
     ``decode_phases``: see :func:`decode` (the same critiques at any value)."""
     check_repetition_penalty(repetition_penalty)
+    check_seed(seed)
     check_steps_per_check(steps_per_check)
     check_decode_phases(decode_phases)
     if decode_layout is None:

@@ -11,6 +11,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _last_positive(x_nv: jax.Array) -> jax.Array:
@@ -131,6 +132,14 @@ def check_repetition_penalty(penalty: float) -> None:
     if not penalty > 0:
         raise ValueError(f"repetition_penalty={penalty}: must be > 0 (1.0 is off; the reference "
                          "samples with 1.01)")
+
+
+def check_seed(seed: int) -> None:
+    """Seeds are 32-bit: ``jax.random.key`` keeps the low 32 bits of a larger one (seed 2**32 + 1
+    would give seed 1's critiques) and overflows past 64."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) \
+            or not 0 <= seed < 2**32:
+        raise ValueError(f"seed={seed!r}: must be a whole number in [0, 2**32)")
 
 
 def method_from(temperature: float = 0.0, top_k: Optional[int] = None,

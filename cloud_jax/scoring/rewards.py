@@ -29,8 +29,8 @@ from cloud_jax.data.layout import Example, chat_layout, encode_critique_prefix, 
 from cloud_jax.data.tokenizer import end_of_turn_ids
 from cloud_jax.model import CLoudModel, param_shardings, unstack_layers
 from cloud_jax.sampling import (DECODE_PHASES, bucket_length, check_decode_phases,
-                                check_repetition_penalty, check_steps_per_check, method_from,
-                                pad_prefixes, sample)
+                                check_repetition_penalty, check_seed, check_steps_per_check,
+                                method_from, pad_prefixes, sample)
 from cloud_jax.sharding import SAMPLE_RULES
 from cloud_jax.errors import InputTooLongError
 
@@ -85,6 +85,7 @@ class ScoreConfig:
             raise ValueError(f"max_critique_tokens={self.max_critique_tokens}: must be >= 0")
         method_from(self.temperature, self.top_k, self.top_p)
         check_repetition_penalty(self.repetition_penalty)
+        check_seed(self.seed)
         check_steps_per_check(self.steps_per_check)
         check_decode_phases(self.decode_phases)
         if self.layout_version is not None and self.layout_version not in LAYOUT_VERSIONS:
