@@ -103,7 +103,7 @@ def test_teacher_forced_rewards_read_the_given_critiques_with_one_forward(rm):
         teacher_forced_rewards(rm, PROMPTS, RESPONSES, critiques[:2])
 
 
-def test_score_command_writes_every_row_back(rm, tmp_path):
+def test_score_command_writes_every_row_back(rm, tmp_path, capsys):
     ckpt = rm.save_pretrained(tmp_path / "ckpt")
     rows = [{"id": "a", "prompt": PROMPTS[0], "response": RESPONSES[0], "note": 1},
             {"id": "b", "prompt": PROMPTS[1], "chosen": RESPONSES[1], "rejected": RESPONSES[2]}]
@@ -130,6 +130,12 @@ def test_score_command_writes_every_row_back(rm, tmp_path):
     np.testing.assert_allclose(scored[0]["sample_rewards"], api.sample_rewards[0], atol=1e-5)
     np.testing.assert_allclose(scored[1]["chosen_sample_rewards"], api.sample_rewards[1],
                                atol=1e-5)
+    # --no-progress, as evaluate's: the same rows, no bar on stderr.
+    capsys.readouterr()
+    assert main(["--checkpoint", str(ckpt), "--input", str(src), "--output", str(out),
+                 "--classic", "--no-progress"]) == 0
+    assert "%|" not in capsys.readouterr().err  # a tqdm bar draws "NN%|"
+    assert len(out.read_text().splitlines()) == 2
 
 
 def test_the_critique_prefix_a_model_was_trained_with_is_saved_and_scored_with(rm, tmp_path,

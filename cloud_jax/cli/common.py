@@ -111,6 +111,8 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: ScoreConfig) ->
                         help="Hugging Face's repetition penalty; 1.0 is off (default "
                              "%(default)s; the reference samples with 1.01)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (as evaluate's --no-progress)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
                         help="inputs per compiled batch (default %(default)s)")
     parser.add_argument("--max-length", type=int, default=defaults.max_length,
@@ -172,13 +174,14 @@ def load_model(args: argparse.Namespace):
     return rm
 
 
-def progress_bar(total: int, unit: str):
-    """A tqdm bar over rows that also shows critique tokens per second; returns (bar, callback)."""
+def progress_bar(total: int, unit: str, disable: bool = False):
+    """A tqdm bar over rows that also shows critique tokens per second; returns (bar, callback).
+    ``disable``: no bar (--no-progress)."""
     import time
 
     from tqdm import tqdm
 
-    bar = tqdm(total=total, unit=unit, dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=total, unit=unit, dynamic_ncols=True, file=sys.stderr, disable=disable)
     start, counted = time.perf_counter(), [0]
 
     def on_batch(done: int, new_tokens: int) -> None:

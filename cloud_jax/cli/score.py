@@ -53,7 +53,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     prompts, jobs = _texts(rows)
     rm = load_model(args)
     cfg = dataclasses.replace(cfg, classic=resolve_classic(rm, cfg))
-    bar, on_batch = progress_bar(len(jobs), "responses")
+    bar, on_batch = progress_bar(len(jobs), "responses", args.no_progress)
     try:
         with bar:
             result = score(rm, prompts, [rows[i][1][f] for i, f in jobs], cfg, on_batch)
