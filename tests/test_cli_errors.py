@@ -88,6 +88,9 @@ def test_train(capsys, files, tmp_path):
     train_error(["--config", TINY_YAML, f"data.train_path={files['missing']}",
                  "data.eval_path=\"\"", f"data.tfds_dir={tmp_path / 'tfds'}", "init_from=\"\"",
                  out], "missing.jsonl")
+    # A config without train rows (configs/tiny_cpu.yaml is a model config) names the key.
+    train_error(["--config", os.path.join(ROOT, "configs", "tiny_cpu.yaml"), out],
+                "data.train_path")
 
 
 def test_score(capsys, files, tmp_path):

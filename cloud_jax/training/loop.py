@@ -469,6 +469,10 @@ def run(cfg: Config) -> dict:
     last eval metrics, "final_dir", "data": the dataset's build counts per split (rows,
     rejected, dropped over-length, prompt-truncated), "compile_reports"}``.
     """
+    if not cfg.data.train_path.strip():
+        raise ConfigError("data.train_path is empty: give the train rows (JSONL, JSON or Parquet "
+                          "files, a glob, or a Hugging Face dataset), e.g. "
+                          "data.train_path=runs/toy_data/train.jsonl")
     check_paths(cfg)
     mesh = make_mesh(cfg.mesh)
     platform = mesh.devices.flat[0].platform
