@@ -104,6 +104,21 @@ def test_score(capsys, files, tmp_path):
     user_error(capsys, score(files["empty"], files["rows"]), files["empty"])
     user_error(capsys, score(files["alien"], files["rows"]), "mamba")
     user_error(capsys, score(files["ckpt"], files["bad"]), "bad.jsonl:2", "chosen")
+    # An existing directory as --output is refused before any scoring (it used to fail at the
+    # very end, naming a temporary file and leaving it behind).
+    user_error(capsys, ["score", "--checkpoint", files["ckpt"], "--input", files["rows"],
+                        "--output", files["empty"]], files["empty"], "is a directory")
+    assert not os.path.exists(files["empty"] + ".tmp")
+    # K > 1 from a classic model is refused, not silently scored with K = 1 (as evaluate does).
+    with pytest.raises(SystemExit) as exit_:
+        main(score(files["ckpt"], files["rows"]) + ["--classic", "--num-samples", "2"])
+    assert exit_.value.code == 2 and "--num-samples" in capsys.readouterr().err
+    vanilla = shutil.copytree(files["ckpt"], tmp_path / "vanilla")
+    config = json.loads((vanilla / "config.json").read_text())
+    (vanilla / "config.json").write_text(json.dumps({**config, "feedback_method": "vanilla"}))
+    user_error(capsys, score(str(vanilla), files["rows"]) + ["--num-samples", "2"],
+               "classic reward model", "--no-classic")
+    assert not os.path.exists(out)
 
 
 def test_score_refuses_a_directory_for_its_output_before_scoring(capsys, files, tmp_path,

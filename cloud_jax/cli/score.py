@@ -46,6 +46,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "the checkpoint says; its feedback_method 'vanilla' is classic)")
     args = parser.parse_args(argv)
     cfg = config_from_args(args, num_samples=args.num_samples, classic=args.classic)
+    if args.classic and args.num_samples != 1:
+        parser.error(f"--num-samples {args.num_samples} with --classic: a classic reward model "
+                     "writes no critiques, so K is 1; drop one of them")
     storage.check_output_file(args.output, "--output")
     rows = read_records(args.input, args.split, columns_from_args(args))
     if not rows:
@@ -53,6 +56,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     prompts, jobs = _texts(rows)
     rm = load_model(args)
     cfg = dataclasses.replace(cfg, classic=resolve_classic(rm, cfg))
+    if cfg.classic and cfg.num_samples != 1:
+        raise ConfigError(f"{args.checkpoint} is a classic reward model (feedback_method "
+                          f"'vanilla'): it writes no critiques, so K is 1; drop --num-samples, "
+                          "or pass --no-classic to sample critiques anyway")
     bar, on_batch = progress_bar(len(jobs), "responses", args.no_progress)
     try:
         with bar:
