@@ -141,6 +141,15 @@ def test_serve(capsys, files, tmp_path):
         return ["serve", "--checkpoint", checkpoint, "--port", "0", *flags]
 
     user_error(capsys, serve(str(tmp_path / "no_ckpt")), "no_ckpt")
+    # A port in use is an error at once, before the model loads (it used to load, compile, log
+    # "ready" and then fail in uvicorn with exit status 3).
+    import socket
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        user_error(capsys, ["serve", "--checkpoint", str(tmp_path / "no_ckpt"), "--port", port],
+                   f"--port {port}", "cannot listen")
     user_error(capsys, serve(files["empty"]), files["empty"])
     user_error(capsys, serve(files["alien"]), "mamba")
     with pytest.raises(SystemExit) as exit_:

@@ -92,6 +92,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         limit = max(args.max_critique_tokens, BackendOptions().max_critique_tokens)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(levelname)s %(name)s: %(message)s")
+    from cloud_jax.serving.server import listen_socket
+
+    sock = listen_socket(args.host, args.port)  # a port in use is an error before the load
+    try:
+        return _load_and_serve(parser, args, defaults, limit, sock)
+    finally:
+        sock.close()
+
+
+def _load_and_serve(parser, args, defaults: Settings, limit: int, sock) -> int:
+    from cloud_jax.serving.server import serve
+
     rm = load_model(args)
     classic = args.classic if args.classic is not None else rm.is_classic
     options = BackendOptions(slots=args.slots, max_queue=args.max_queue,
@@ -107,10 +119,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--{err.field.replace('_', '-')}: {err}")
     except ConfigError as err:
         parser.error(str(err))
-    from cloud_jax.serving.server import serve
-
     return serve(make_backend(args.batching, rm, options, args.chunk_steps), defaults, rm.tokenizer,
-                 host=args.host, port=args.port, log_level=args.log_level)
+                 host=args.host, port=args.port, log_level=args.log_level, sock=sock)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import signal
+import socket
 import time
 from concurrent.futures import Future
 from typing import Optional
@@ -205,11 +206,35 @@ async def _wait(request: Request, backend: Backend, future: Future):
             return None
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` as uvicorn binds one, or a ConfigError saying why it cannot
+    be: bound before the model loads, so that a port in use is reported at once, not after the
+    load and compile (and never after a "ready" line)."""
+    from cloud_jax.errors import ConfigError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family=family, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise ConfigError(f"--host {host} --port {port}: cannot listen there "
+                          f"({err.strerror or err}); choose another --port or --host") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(backend: Backend, defaults: Settings, tokenizer, *, host: str = "127.0.0.1",
-          port: int = 8000, log_level: str = "info") -> int:
-    """Starts the backend, serves until SIGTERM / Ctrl-C, drains, and returns 0."""
+          port: int = 8000, log_level: str = "info",
+          sock: Optional[socket.socket] = None) -> int:
+    """Starts the backend, serves until SIGTERM / Ctrl-C, drains, and returns 0. ``sock``: a
+    socket from :func:`listen_socket` (default: one bound to ``host:port`` here)."""
     import uvicorn
 
+    if sock is None:
+        sock = listen_socket(host, port)
+    port = sock.getsockname()[1]  # the port the system chose for --port 0
     app = build_app(backend, defaults, tokenizer)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=None, lifespan="off")
@@ -228,7 +253,7 @@ def serve(backend: Backend, defaults: Settings, tokenizer, *, host: str = "127.0
         server.should_exit = True
 
     server.handle_exit = on_signal
-    server.run()
+    server.run(sockets=[sock])
     backend.close(drain=True)
     log.info("every accepted request answered; exiting")
     return 0
