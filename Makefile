@@ -63,8 +63,8 @@ smollm2: $(STAMP_RUN) $(STAMP_SMOLLM2)
 # module fixtures are built once. `make test TEST_WORKERS=0` runs in this process only.
 TEST_WORKERS ?= 2
 
-# The fast suite: under 3 minutes on 2 cores once JAX's persistent compilation cache
-# (.cache/jax_compilation_cache, filled by the first run) is warm; about 7 from a fresh clone.
+# The fast suite: about 5 minutes on 2 cores once JAX's persistent compilation cache
+# (.cache/jax_compilation_cache, filled by the first run) is warm; about 10 from a fresh clone.
 test: venv-test
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
