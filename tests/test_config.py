@@ -111,3 +111,22 @@ def test_every_shipped_config_loads():
             load_pipeline_config(p)
         else:
             load_config(p)
+
+
+def test_shipped_cloud_configs_read_the_shards_critique_writes():
+    # The cloud stage trains on stage 2's output: `python -m cloud_jax critique --output DIR`
+    # writes DIR/critiques-SSSSS-of-NNNNN.jsonl (and provenance.json, which is not rows).
+    import fnmatch
+    import glob
+    import os
+
+    from cloud_jax.scoring.relabel import shard_name
+
+    root = Path(__file__).resolve().parent.parent
+    for p in sorted(glob.glob(str(root / "configs" / "*_cloud.yaml"))):
+        data = load_config(p).data
+        if "toy_data" in data.train_path:  # the tiny config trains on the toy set's oracle rows
+            continue
+        for path in (data.train_path, data.eval_path):
+            name = os.path.basename(path)
+            assert fnmatch.fnmatch(shard_name(0, 4), name), (p, path)
