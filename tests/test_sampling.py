@@ -160,6 +160,12 @@ def test_bad_settings_are_clear_errors(params):
         Temperature(0.0)
     with pytest.raises(ValueError, match="top_k or top_p"):
         method_from(1.0, top_k=3, top_p=0.5)
+    # At temperature 0 the filters are unused, but a bad one is still an error, not ignored.
+    for kwargs, message in ((dict(top_k=3, top_p=0.5), "top_k or top_p"),
+                            (dict(top_k=0), "top_k=0"), (dict(top_p=1.5), "top_p=1.5")):
+        with pytest.raises(ValueError, match=message):
+            method_from(0.0, **kwargs)
+    assert method_from(0.0, top_p=0.9) == Greedy()
     with pytest.raises(ValueError, match="stop_ids"):
         sample(CFG, params, PREFIXES, max_new_tokens=2, stop_ids=())
     # Keys hold 32 bits: a larger seed would repeat a smaller one's critiques, or overflow.

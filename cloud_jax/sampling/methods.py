@@ -144,13 +144,18 @@ def check_seed(seed: int) -> None:
 
 def method_from(temperature: float = 0.0, top_k: Optional[int] = None,
                 top_p: Optional[float] = None) -> SamplingMethod:
-    """The method the usual knobs describe: temperature 0 is greedy (top-k / top-p then unused)."""
+    """The method the usual knobs describe: temperature 0 is greedy (top-k / top-p then unused,
+    but still checked: a bad value is an error whatever the temperature)."""
     if temperature < 0:
         raise ValueError(f"temperature={temperature}: must be >= 0")
-    if temperature == 0:
-        return Greedy()
     if top_k is not None and top_p is not None:
         raise ValueError("give top_k or top_p, not both")
+    if temperature == 0:
+        if top_k is not None:
+            TopK(top_k, 1.0)
+        if top_p is not None:
+            TopP(top_p, 1.0)
+        return Greedy()
     if top_k is not None:
         return TopK(top_k, temperature)
     if top_p is not None:
