@@ -139,6 +139,26 @@ def test_cli_classic(tmp_path, monkeypatch):
     assert model.settings[0]["classic"] is True and model.settings[0]["num_samples"] == 1
 
 
+def test_a_rerun_into_the_same_directory_leaves_no_earlier_outputs(tmp_path, monkeypatch):
+    """A Best-of-N-only rerun into the directory of a full run with --lenient rejects: the
+    earlier critiques, section plot and rejects go (they would sit beside a report that does not
+    describe them); files evaluate does not write stay."""
+    rows_path, bon_path = _inputs(tmp_path)
+    monkeypatch.setattr(cloud_jax, "load", lambda path, **kw: FakeModel())
+    out = tmp_path / "o"
+    assert main(["--checkpoint", "c", "--input", rows_path, "--best-of-n", bon_path,
+                 "--output-dir", str(out), "--no-progress"]) == 0
+    (out / "rejects.jsonl").write_text('{"line": 3}\n')  # as an earlier --lenient run left it
+    (out / "notes.txt").write_text("mine")
+    assert (out / "critiques.jsonl").exists()
+    assert main(["--checkpoint", "c", "--best-of-n", bon_path, "--output-dir", str(out),
+                 "--no-progress"]) == 0
+    names = set(os.listdir(out))
+    assert not names & {"critiques.jsonl", "rejects.jsonl", "accuracy_by_section.png"}, names
+    assert {"report.json", "best_of_n_critiques.jsonl", "notes.txt"} <= names
+    assert "rewardbench" not in json.loads((out / "report.json").read_text())
+
+
 def _no_model(path, **kw):
     raise AssertionError("the model must not load when the inputs are bad")
 

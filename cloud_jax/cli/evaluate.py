@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence
 
 from cloud_jax.data.schema import load_rows
 from cloud_jax.evaluation.best_of_n import BASELINES, load_best_of_n
-from cloud_jax.evaluation.run import EvalConfig, run_evaluation
+from cloud_jax.evaluation.run import REJECTS_JSONL, EvalConfig, clear_outputs, run_evaluation
 from cloud_jax.evaluation.scorer import score_fn_from_model
 from cloud_jax.cli.common import add_input_args, add_model_args, columns_from_args, load_model
 from cloud_jax import storage
@@ -115,9 +115,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     storage.check_path(args.output_dir, "--output-dir")
     # Inputs are read and checked before the (slow) model load.
     rows = None
+    # An earlier run's rejects must not stand beside this run's report (its other files are
+    # replaced by run_evaluation).
+    clear_outputs(args.output_dir, [REJECTS_JSONL])
     if args.input is not None:
         rows = load_rows(args.input, require_feedback=False, lenient=args.lenient,
-                         rejects_path=storage.join(args.output_dir, "rejects.jsonl"),
+                         rejects_path=storage.join(args.output_dir, REJECTS_JSONL),
                          split=args.split, columns=columns_from_args(args)).rows
     items = load_best_of_n(args.best_of_n) if args.best_of_n is not None else None
     if rows is not None and not rows:

@@ -22,13 +22,29 @@ from cloud_jax.data.schema import PreferenceRow
 from cloud_jax.errors import ConfigError, InputTooLongError
 from cloud_jax.evaluation import best_of_n as bon
 from cloud_jax.evaluation import rewardbench as rbm
-from cloud_jax.evaluation.report import write_report
+from cloud_jax.evaluation.report import K_PNG, REPORT_JSON, REPORT_MD, SECTIONS_PNG, write_report
 from cloud_jax.evaluation.scorer import ScoreFn, Scores, score_all
 
 log = logging.getLogger(__name__)
 
 CRITIQUES_JSONL = "critiques.jsonl"
 BEST_OF_N_JSONL = "best_of_n_critiques.jsonl"
+# What an evaluation writes into its output directory (REJECTS_JSONL: the command's --lenient).
+REJECTS_JSONL = "rejects.jsonl"
+OUTPUT_FILES = (REPORT_JSON, REPORT_MD, SECTIONS_PNG, K_PNG, CRITIQUES_JSONL, BEST_OF_N_JSONL)
+
+
+def clear_outputs(output_dir: str, names: Sequence[str] = OUTPUT_FILES) -> list[str]:
+    """Removes the files named ``names`` that an earlier evaluation left in ``output_dir`` (a
+    local directory or a URL), so that what a new one writes there is never read beside an older
+    run's critiques, plots or rejects. Other files are left alone. Returns the names removed."""
+    present = set(storage.listdir(output_dir))
+    removed = [name for name in names if name in present]
+    for name in removed:
+        storage.remove(storage.join(output_dir, name))
+    if removed:
+        log.info("removed %s of an earlier evaluation from %s", ", ".join(removed), output_dir)
+    return removed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,9 +220,11 @@ def run_evaluation(score_fn: ScoreFn, cfg: EvalConfig, output_dir: str, *,
     report.json, report.md, accuracy_by_section.png (with rows), accuracy_vs_k.png,
     critiques.jsonl (with rows), best_of_n_critiques.jsonl (with Best-of-N items).
     Returns the report dictionary (what report.json holds) with the written paths under "files".
+    The files of an earlier evaluation in ``output_dir`` are removed first (:func:`clear_outputs`).
     A ``gs://`` / ``s3://`` ``output_dir`` gets the files once all are written (they are written
     to a local directory first: the plots and reports are written with local file calls).
     """
+    clear_outputs(output_dir)
     if storage.is_url(output_dir):
         with storage.staged_output(output_dir) as local:
             report = run_evaluation(score_fn, cfg, local, rows=rows,
