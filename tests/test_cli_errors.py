@@ -158,6 +158,11 @@ def test_serve(capsys, files, tmp_path):
     with pytest.raises(SystemExit) as exit_:
         main(serve(files["ckpt"], "--temperature", "-1"))
     assert exit_.value.code == 2 and "--temperature" in capsys.readouterr().err
+    # A bad sampling flag is named before the model loads (a missing checkpoint is not reached).
+    with pytest.raises(SystemExit) as exit_:
+        main(serve(str(tmp_path / "no_ckpt"), "--temperature", "0.7", "--top-p", "1.5"))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--top-p" in err and "no_ckpt" not in err
 
 
 def test_critique(capsys, files, tmp_path):

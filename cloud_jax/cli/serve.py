@@ -90,6 +90,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     limit = args.max_critique_tokens_limit
     if limit is None:
         limit = max(args.max_critique_tokens, BackendOptions().max_critique_tokens)
+    from cloud_jax.serving.protocol import InvalidField, check_settings
+
+    try:  # the sampling flags do not depend on the model: checked before it loads
+        check_settings(defaults, BackendOptions(max_critique_tokens=limit), False)
+    except InvalidField as err:
+        parser.error(f"--{err.field.replace('_', '-')}: {err}")
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(levelname)s %(name)s: %(message)s")
     from cloud_jax.serving.server import listen_socket
