@@ -417,3 +417,24 @@ def test_a_model_that_is_no_checkpoint_of_its_family_is_not_exported(tmp_path):
         with pytest.raises(CheckpointError, match=key):
             cloud_jax.from_config(cfg, seed=0).save_pretrained(tmp_path / key.split("=")[0])
         assert not (tmp_path / key.split("=")[0] / "model.safetensors").exists()
+
+
+def test_an_export_with_rope_scaling_names_it_for_transformers_4_and_5(tmp_path):
+    """transformers 4.x (the reference code's) reads RoPE scaling from rope_scaling, 5.x from
+    rope_parameters: an export writes both, and loads back with the same scaling."""
+    import transformers
+
+    from cloud_jax.model.config import RopeScalingConfig
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1,
+                      num_heads=2, num_kv_heads=1, rope_theta=500000.0,
+                      max_position_embeddings=16384,
+                      rope_scaling=RopeScalingConfig(type="llama3", factor=8.0))
+    out = cloud_jax.from_config(cfg, seed=0).save_pretrained(tmp_path / "m")
+    base = json.loads((out / "base_config" / "config.json").read_text())
+    assert base["rope_scaling"] == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0,
+                                    "original_max_position_embeddings": 8192}
+    assert base["rope_theta"] == 500000.0
+    assert transformers.LlamaConfig(**base).rope_parameters["rope_type"] == "llama3"
+    assert cloud_jax.load(out).config.rope_scaling == cfg.rope_scaling

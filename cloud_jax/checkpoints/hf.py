@@ -173,6 +173,10 @@ def hf_config_from_model_config(cfg: ModelConfig) -> dict:
         "eos_token_id": list(cfg.eos_token_ids) if cfg.eos_token_ids else cfg.eos_token_id,
         "pad_token_id": cfg.pad_token_id,
     }
+    if cfg.rope_scaling.type != "none":
+        # transformers 4.x (the reference code's) reads the scaling from rope_scaling only; 5.x
+        # reads rope_parameters and accepts both. Written as Llama-3.1's own config.json has it.
+        out["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
     if cfg.family == "llama":
         out["attention_bias"] = cfg.attention_bias
         out["mlp_bias"] = False
