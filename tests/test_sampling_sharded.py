@@ -79,9 +79,10 @@ def _score_command_on_meshes(rm, texts) -> dict:
                             ("mesh_default", []), ("classic_tensor_4", ["--mesh", "tensor=4",
                                                                         "--classic"])):
             classic = "--classic" in extra
-            want = rm.score(*texts, **settings, classic=classic)
+            k = 1 if classic else 2  # a classic model writes no critiques: K is 1
+            want = rm.score(*texts, **{**settings, "num_samples": k}, classic=classic)
             path = os.path.join(tmp, f"{name}.jsonl")
-            assert main(common + extra + ["--output", path]) == 0
+            assert main(common + extra + ["--output", path, "--num-samples", str(k)]) == 0
             got = [json.loads(line) for line in open(path)]
             rewards = np.array([row["sample_rewards"] for row in got])
             out[f"{name}_rewards_diff"] = float(np.abs(rewards - want.sample_rewards).max())
