@@ -32,3 +32,47 @@ def test_quickstart_notebook_runs(tmp_path):
     assert "CLoud - classic" in out and "critique:" in out
     results = json.loads((tmp_path / "quickstart" / "results.json").read_text())
     assert set(results["cloud"]["self_consistency"]) == {"1", "4"}
+
+
+def _colab_install_cell(tmp_path, monkeypatch, repo):
+    """The first code cell, run as on a fresh Colab runtime (google.colab imported, cwd /content):
+    `git clone` writes a checkout (failing, as git does, into an existing directory) and pip is
+    only recorded. Returns a function running the cell once, and the commands run."""
+    import subprocess
+    import types
+
+    with open(NOTEBOOK, encoding="utf-8") as f:
+        cell = "".join(next(c for c in json.load(f)["cells"] if c["cell_type"] == "code")["source"])
+    calls = []
+
+    def fake_run(cmd, check=False, **kwargs):
+        calls.append(cmd)
+        if cmd[:2] == ["git", "clone"]:
+            dest = cmd[-1]
+            if os.path.exists(dest):
+                raise subprocess.CalledProcessError(128, cmd)
+            os.makedirs(os.path.join(dest, "cloud_jax"))
+            open(os.path.join(dest, "pyproject.toml"), "w").close()
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    if repo is None:
+        monkeypatch.delenv("CLOUD_JAX_REPO", raising=False)
+    else:
+        monkeypatch.setenv("CLOUD_JAX_REPO", repo)
+    content = tmp_path / "content"
+    content.mkdir()
+    monkeypatch.chdir(content)
+    return (lambda: exec(compile(cell, "quickstart[code cell 1]", "exec"),
+                         {"__name__": "__main__"})), calls, content
+
+
+def test_colab_install_cell_runs_again_without_cloning_twice(tmp_path, monkeypatch):
+    run_cell, calls, content = _colab_install_cell(tmp_path, monkeypatch, "https://example.org/c")
+    run_cell()
+    assert os.getcwd() == str(content / "cloud_jax")
+    run_cell()  # a second run, now inside the clone, fetches and installs nothing
+    assert os.getcwd() == str(content / "cloud_jax")
+    assert [c[:2] for c in calls].count(["git", "clone"]) == 1
+    assert sum("pip" in c for c in calls) == 1
