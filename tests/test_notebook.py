@@ -76,3 +76,10 @@ def test_colab_install_cell_runs_again_without_cloning_twice(tmp_path, monkeypat
     assert os.getcwd() == str(content / "cloud_jax")
     assert [c[:2] for c in calls].count(["git", "clone"]) == 1
     assert sum("pip" in c for c in calls) == 1
+
+
+def test_colab_install_cell_without_a_repo_url_says_what_to_set(tmp_path, monkeypatch):
+    run_cell, calls, _ = _colab_install_cell(tmp_path, monkeypatch, None)
+    with pytest.raises(RuntimeError, match="CLOUD_JAX_REPO"):
+        run_cell()
+    assert calls == []  # no clone of a placeholder URL
