@@ -69,7 +69,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"[demo] reward (untrained head): greedy {greedy.rewards[i]:+.4f}; "
               f"self-consistency mean over {args.num_samples}: {sampled.rewards[i]:+.4f} "
               f"(std {sampled.reward_std[i]:.4f})")
-        print(f"[demo] a sampled critique: {sampled.critiques[i][0].strip()}")
+        flag = " (hit the token budget)" if sampled.truncated[i, 0] else ""
+        print(f"[demo] a sampled critique{flag}: {sampled.critiques[i][0].strip()}")
 
     out = Path(args.output_dir) / "cloud_smollm2"
     rm.save_pretrained(out, base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")
