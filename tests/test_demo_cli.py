@@ -1,5 +1,7 @@
 """``python -m cloud_jax demo`` (make demo-smollm2), with a tiny random model in SmolLM2's place."""
 
+import pytest
+
 import cloud_jax
 from cloud_jax.checkpoints import gguf
 from cloud_jax.cli import demo
@@ -21,3 +23,15 @@ def test_demo_marks_every_critique_cut_at_the_token_budget(tmp_path, monkeypatch
     out = capsys.readouterr().out
     assert out.count("[demo] greedy critique (hit the token budget):") == len(demo.EXAMPLES)
     assert out.count("[demo] a sampled critique (hit the token budget):") == len(demo.EXAMPLES)
+
+
+@pytest.mark.parametrize("flags", [["--num-samples", "0"], ["--max-critique-tokens", "-1"]])
+def test_demo_refuses_bad_flags_before_loading_the_model(flags, monkeypatch, capsys):
+    def no_model():
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(gguf, "find_smollm2_gguf", no_model)
+    with pytest.raises(SystemExit) as exit_:
+        demo.main(flags)
+    assert exit_.value.code == 2
+    assert flags[0] in capsys.readouterr().err

@@ -42,6 +42,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--num-samples", type=int, default=4,
                         help="critiques sampled per input for self-consistency")
     args = parser.parse_args(argv)
+    # Checked before the model loads, as the other commands check their scoring flags.
+    if args.num_samples < 1:
+        parser.error(f"--num-samples {args.num_samples}: must be >= 1")
+    if args.max_critique_tokens < 0:
+        parser.error(f"--max-critique-tokens {args.max_critique_tokens}: must be >= 0")
 
     import cloud_jax
     from cloud_jax.checkpoints.gguf import convert_gguf_to_hf, find_smollm2_gguf
