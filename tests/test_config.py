@@ -37,6 +37,9 @@ def test_yaml_and_overrides(tmp_path):
     ("model:\n  family: gpt2\n", [], "model.family"),
     ("model:\n  num_heads: 4\n  num_kv_heads: 3\n", [], "num_kv_heads"),
     ("model: [1, 2\n", [], "not valid YAML"),
+    ("", ["model.reward_dropout=1.0"], "model.reward_dropout"),
+    ("", ["model.reward_dropout=-0.1"], "model.reward_dropout"),
+    ("", ["model.reward_dropout=nan"], "model.reward_dropout"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, override, needle):
     path = tmp_path / "c.yaml"

@@ -123,6 +123,11 @@ class ModelConfig:
             raise ConfigError(
                 f"model.rope_scaling.type={self.rope_scaling.type!r}: expected none, llama3 or linear"
             )
+        if not 0 <= self.reward_dropout < 1:
+            # Flax's dropout takes any rate: 1 or more zeroes the reward head's input in
+            # training (the reward is then its bias alone), a negative rate rescales it; both
+            # only in training, so train and eval would read different heads.
+            raise ConfigError(f"model.reward_dropout={self.reward_dropout}: must be in [0, 1)")
         if self.causal_block_size < 0:
             raise ConfigError(f"model.causal_block_size={self.causal_block_size}: must be >= 0")
         if self.attention_impl not in ("xla", "cudnn"):
