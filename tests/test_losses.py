@@ -290,3 +290,7 @@ def test_loss_config_validate():
     assert losses.LossConfig().validate().lm_coef == 1.25
     with pytest.raises(ConfigError, match="loss.lm_coef"):
         losses.LossConfig(lm_coef=-1.0).validate()
+    for key, value in (("lm_coef", math.nan), ("center_coef", math.nan), ("margin", math.nan),
+                       ("margin", math.inf)):
+        with pytest.raises(ConfigError, match=f"loss.{key}"):
+            losses.LossConfig(**{key: value}).validate()

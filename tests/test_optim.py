@@ -174,6 +174,8 @@ def test_weight_decay_defaults_to_learning_rate():
     ("grad_clip_norm", -1.0, "optim.grad_clip_norm"),
     ("b2", 1.0, "optim.b2"),
     ("mu_dtype", "float16", "optim.mu_dtype"),
+    ("grad_clip_norm", float("nan"), "optim.grad_clip_norm"),
+    ("weight_decay", float("nan"), "optim.weight_decay"),
 ])
 def test_invalid_config_names_field(field, value, match):
     with pytest.raises(ConfigError, match=match):

@@ -22,6 +22,7 @@ Batch layout (pair axis: index 0 = chosen row, 1 = rejected row)::
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Mapping, Optional
 
 import jax
@@ -51,8 +52,10 @@ class LossConfig:
 
     def validate(self) -> "LossConfig":
         for key in ("lm_coef", "center_coef", "lm_chunk_size"):
-            if getattr(self, key) < 0:
+            if not getattr(self, key) >= 0:  # NaN too
                 raise ConfigError(f"loss.{key}={getattr(self, key)}: must be >= 0")
+        if not math.isfinite(self.margin):
+            raise ConfigError(f"loss.margin={self.margin}: must be a finite number")
         return self
 
 

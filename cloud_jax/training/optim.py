@@ -60,7 +60,7 @@ class OptimConfig:
                 raise ConfigError(f"optim.{key}={getattr(self, key)}: must be in [0, 1)")
         if not self.eps > 0:
             raise ConfigError(f"optim.eps={self.eps}: must be > 0")
-        if self.resolved_weight_decay < 0:
+        if not self.resolved_weight_decay >= 0:  # NaN too
             raise ConfigError(f"optim.weight_decay={self.weight_decay}: must be >= 0")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(
@@ -69,7 +69,7 @@ class OptimConfig:
             )
         if not 0 <= self.final_lr_ratio <= 1:
             raise ConfigError(f"optim.final_lr_ratio={self.final_lr_ratio}: must be in [0, 1]")
-        if self.grad_clip_norm < 0:
+        if not self.grad_clip_norm >= 0:  # NaN too: it would turn clipping off
             raise ConfigError(
                 f"optim.grad_clip_norm={self.grad_clip_norm}: must be >= 0 (0 disables clipping)"
             )
