@@ -20,6 +20,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from cloud_jax.errors import ConfigError
+
 
 log = logging.getLogger(__name__)
 
@@ -71,23 +73,28 @@ SAMPLE_RULES: Rules = tuple(
 
 
 def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Builds a ``data x fsdp x tensor`` mesh; one axis may be -1 to take the remaining devices."""
+    """Builds a ``data x fsdp x tensor`` mesh; one axis may be -1 to take the remaining devices.
+    Sizes that make no such mesh of ``devices`` are a ConfigError naming them."""
     cfg = cfg or MeshConfig()
     devices = list(devices) if devices is not None else jax.devices()
     sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    for axis, size in zip(MESH_AXES, sizes):
+        if size < 1 and size != -1:
+            raise ConfigError(f"mesh.{axis}={size}: an axis size is >= 1, or -1 for the devices "
+                              "the other axes leave")
     if sizes.count(-1) > 1:
-        raise ValueError(f"mesh: at most one axis may be -1, got data={cfg.data}, "
-                         f"fsdp={cfg.fsdp}, tensor={cfg.tensor}")
+        raise ConfigError(f"mesh: at most one axis may be -1, got data={cfg.data}, "
+                          f"fsdp={cfg.fsdp}, tensor={cfg.tensor}")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(f"mesh: {len(devices)} devices are not divisible by the fixed axes "
-                             f"(product {known}) of data={cfg.data}, fsdp={cfg.fsdp}, "
-                             f"tensor={cfg.tensor}")
+            raise ConfigError(f"mesh: {len(devices)} devices are not divisible by the fixed axes "
+                              f"(product {known}) of data={cfg.data}, fsdp={cfg.fsdp}, "
+                              f"tensor={cfg.tensor}")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but {len(devices)} devices "
-                         f"are present; set mesh.data=-1 to use them all")
+        raise ConfigError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but {len(devices)} devices "
+                          f"are present; set mesh.data=-1 to use them all")
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
                          devices=devices)
 

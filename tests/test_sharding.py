@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from cloud_jax.errors import ConfigError
 from cloud_jax.sharding import MeshConfig
 from cloud_jax.sharding import SAMPLE_RULES, TRAIN_RULES, make_mesh
 
@@ -37,7 +38,9 @@ def test_rules_tables_cover_the_same_names():
 @pytest.mark.parametrize("mesh_cfg,needle", [
     (MeshConfig(data=-1, fsdp=-1), "at most one axis"),
     (MeshConfig(data=2, fsdp=1, tensor=1), "devices are present"),
+    (MeshConfig(data=0, tensor=-1), "mesh.data=0: an axis size is >= 1"),
+    (MeshConfig(data=-2, fsdp=-4), "mesh.data=-2: an axis size is >= 1"),
 ])
 def test_bad_mesh_is_a_clear_error(mesh_cfg, needle):
-    with pytest.raises(ValueError, match=needle):
+    with pytest.raises(ConfigError, match=needle):
         make_mesh(mesh_cfg)

@@ -429,6 +429,10 @@ def test_eval_reads_the_whole_split_and_a_split_without_a_full_batch_is_a_config
 @pytest.mark.parametrize("override,message", [
     ("model.attention_impl=cudnn", "model.attention_impl=cudnn runs on NVIDIA GPUs only"),
     ("data.rejects_path=foo://bucket/rejects.jsonl", "data.rejects_path='foo://bucket/rejects"),
+    # Mesh sizes that make no mesh of this machine's devices (a traceback before).
+    ("mesh.data=64", r"data\*fsdp\*tensor = 64 but \d+ devices are present"),
+    ("mesh.fsdp=0", r"mesh.fsdp=0: an axis size is >= 1, or -1"),
+    ("mesh.tensor=-3", r"mesh.tensor=-3: an axis size is >= 1, or -1"),
 ])
 def test_settings_this_machine_cannot_run_are_config_errors_before_training(
         toy, tmp_path, override, message):
