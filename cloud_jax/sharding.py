@@ -147,6 +147,28 @@ def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = TRAIN_RULES) -> NamedSh
     return NamedSharding(mesh, PartitionSpec(axes, *([None] * (ndim - 1))))
 
 
+def check_batch_split_over_processes(mesh: Mesh, rules: Rules = TRAIN_RULES,
+                                     process_of=lambda device: device.process_index) -> None:
+    """A ConfigError unless the batch's sharding gives every process of ``mesh`` its own equal,
+    disjoint share of the rows: each process feeds only its rows (``global_batch_from_host``), so
+    a batch axis that leaves processes holding the same rows (``mesh.tensor`` across hosts with
+    ``data x fsdp`` smaller than the process count) would silently mix their batches."""
+    processes = sorted({process_of(d) for d in mesh.devices.flat})
+    if len(processes) == 1:
+        return
+    names, shards = axes_size(mesh, dict(rules)["batch"])
+    held = {p: set() for p in processes}
+    for device, index in batch_sharding(mesh, 1, rules).devices_indices_map((shards,)).items():
+        held[process_of(device)].add(index[0].indices(shards)[0])
+    sizes = {len(rows) for rows in held.values()}
+    if len(sizes) > 1 or sum(map(len, held.values())) != shards:
+        raise ConfigError(
+            f"mesh {dict(mesh.shape)}: the batch is split over {' x '.join(names) or 'no axis'} "
+            f"({shards} shard(s)), which does not give each of the {len(processes)} processes "
+            "its own rows; make mesh.data x mesh.fsdp a multiple of the process count, with "
+            "mesh.tensor within one host")
+
+
 def global_batch_from_host(local: dict[str, np.ndarray], mesh: Mesh,
                            rules: Rules = TRAIN_RULES) -> dict[str, jax.Array]:
     """Assembles global arrays from each host's shard of the batch (leading dim split by host)."""

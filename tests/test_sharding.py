@@ -44,3 +44,35 @@ def test_rules_tables_cover_the_same_names():
 def test_bad_mesh_is_a_clear_error(mesh_cfg, needle):
     with pytest.raises(ConfigError, match=needle):
         make_mesh(mesh_cfg)
+
+
+_PROCESS_SPLIT = """
+import json
+from cloud_jax.errors import ConfigError
+from cloud_jax.sharding import MeshConfig, check_batch_split_over_processes, make_mesh
+
+out = {}
+for sizes in ((1, 1, 8), (1, 2, 4), (2, 1, 4), (1, 4, 2), (8, 1, 1), (2, 2, 2)):
+    mesh = make_mesh(MeshConfig(*sizes))
+    try:  # as on two hosts of four devices each
+        check_batch_split_over_processes(mesh, process_of=lambda d: d.id // 4)
+        out[str(sizes)] = "ok"
+    except ConfigError as err:
+        out[str(sizes)] = str(err)
+print(json.dumps(out))
+"""
+
+
+def test_a_mesh_whose_batch_axis_leaves_hosts_sharing_rows_is_refused():
+    # Two hosts of 4 devices with the mesh all on tensor: both hosts would hold the whole batch,
+    # each filled with its own rows, mixing them silently (half the pairs, other losses).
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", _PROCESS_SPLIT], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "does not give each of the 2 processes its own rows" in result["(1, 1, 8)"]
+    assert "mesh.tensor within one host" in result["(1, 1, 8)"]
+    assert {k: v for k, v in result.items() if k != "(1, 1, 8)"} == dict.fromkeys(
+        ["(1, 2, 4)", "(2, 1, 4)", "(1, 4, 2)", "(8, 1, 1)", "(2, 2, 2)"], "ok")

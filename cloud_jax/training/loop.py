@@ -37,7 +37,7 @@ from cloud_jax import storage
 from cloud_jax.errors import ConfigError
 from cloud_jax.training.losses import finalize_metrics
 from cloud_jax.model import count_params, init_params
-from cloud_jax.sharding import TRAIN_RULES, make_mesh
+from cloud_jax.sharding import TRAIN_RULES, check_batch_split_over_processes, make_mesh
 from cloud_jax.training.checkpointing import (COMPUTE_ONLY, Checkpointer, compare_configs,
                                               is_committed)
 from cloud_jax.training.metrics import MetricsWriter, peak_flops, summarize_window
@@ -481,6 +481,7 @@ def run(cfg: Config) -> dict:
                           f"attention); this run's devices are {platform}: set "
                           "model.attention_impl=xla")
     check_batch_layout(cfg, mesh)
+    check_batch_split_over_processes(mesh, TRAIN_RULES)
     tokenizer, dataset = prepare_data(cfg)
     train_source = open_split(dataset, "train")
     cfg = _with_total_steps(cfg, len(train_source))
