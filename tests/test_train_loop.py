@@ -170,6 +170,23 @@ def test_resume_with_another_stage_is_refused(toy, tmp_path):
         run(tiny("cloud", toy, out, "train.total_steps=2"))
 
 
+def test_resume_on_another_number_of_processes_is_refused_and_the_checkpoint_kept(toy, tmp_path):
+    out = tmp_path / "run"
+    settings = ("train.total_steps=2", "train.export_final=false", "train.eval_every=0")
+    run(tiny("classic", toy, str(out), *settings))
+    # As written by two processes: each saved its own data position.
+    data = out / "checkpoints" / "2" / "data"
+    saved = (data / "process_0-of-1.json").read_text()
+    (data / "process_0-of-1.json").unlink()
+    for i in range(2):
+        (data / f"process_{i}-of-2.json").write_text(saved)
+    # It was "no usable checkpoint ... Delete or move the broken step directories".
+    with pytest.raises(ConfigError, match=r"written by a run of 2 process\(es\) and this run "
+                                          r"has 1: .* resume on as many processes"):
+        run(tiny("classic", toy, str(out), *settings))
+    assert sorted(os.listdir(out / "checkpoints")) == ["2"]
+
+
 TRAIN_CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*_*.yaml")
                        if p.stem.split("_")[-1] in ("sft", "cloud", "classic", "pretrain"))
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import time
 from typing import Any, Callable, Optional
 
@@ -143,6 +144,22 @@ class Checkpointer:
                 "Restore with the model config it was written with, or set output_dir (or "
                 "train.checkpoint_dir) to a new directory to start a new run.")
 
+    def check_processes(self, step: int) -> None:
+        """Raises ConfigError when checkpoint ``step`` holds the data positions of another number
+        of processes than this run's: each process saved its own position in its own rows, which
+        another split of the rows over hosts cannot continue from (the mesh may change)."""
+        names = storage.listdir(storage.join(self.step_dir(step), "data"))
+        counts = {int(m.group(1)) for m in map(re.compile(r"process_\d+-of-(\d+)\.json$").match,
+                                                 names) if m}
+        if counts and counts != {jax.process_count()}:
+            raise ConfigError(
+                f"checkpoint {self.step_dir(step)} was written by a run of "
+                f"{' or '.join(map(str, sorted(counts)))} process(es) and this run has "
+                f"{jax.process_count()}: each process saved its position in its own share of the "
+                "train rows, so resume on as many processes (the mesh and devices per process may "
+                "change), or set output_dir (or train.checkpoint_dir) to a new directory to "
+                "start a new run.")
+
     def restore(self, step: int, abstract_state: Any, data_iter: Any) -> Any:
         """Restores ``step`` into ``abstract_state``'s shardings and ``data_iter``'s position."""
         self.check_fits(step, abstract_state)
@@ -168,6 +185,7 @@ class Checkpointer:
                 log.error("checkpoint %s has no commit marker %s (the save did not complete); "
                           "falling back to the previous checkpoint", path, COMMIT_MARKER)
                 continue
+            self.check_processes(step)
             try:
                 state = self.restore(step, target(step, self.saved_config(step)), data_iter)
             except (ConfigError, CheckpointError):
