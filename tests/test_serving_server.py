@@ -296,3 +296,32 @@ def test_overload_then_sigterm_under_load(checkpoint, rm, batching):
         assert server.proc.wait(timeout=60) == 0
     finally:
         server.stop()
+
+
+_SERVE_ON_TWO_DEVICES = """
+import sys
+import cloud_jax.serving.server as server
+from cloud_jax.cli.serve import main
+
+def serve(backend, *args, **kwargs):  # what would serve: the backend and its devices
+    mesh = backend.rm.mesh
+    print(type(backend).__name__, None if mesh is None else dict(mesh.shape))
+    return 0
+
+server.serve = serve
+for batching in ("continuous", "static"):
+    main(["--checkpoint", sys.argv[1], "--port", "0", "--batching", batching])
+"""
+
+
+def test_the_default_serve_command_runs_on_a_host_of_several_devices(checkpoint):
+    # It was refused: "--batching continuous runs on one device; with --mesh over 2 devices use
+    # --batching static", though no --mesh was given.
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", _SERVE_ON_TWO_DEVICES, str(checkpoint)],
+                          env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == [
+        "ContinuousBackend None", "StaticBackend {'data': 2, 'fsdp': 1, 'tensor': 1}"]

@@ -148,14 +148,16 @@ def _config_from_args(args: argparse.Namespace, **fields) -> ScoreConfig:
                        decode_phases=args.decode_phases, **fields).validate()
 
 
-def load_model(args: argparse.Namespace):
-    """The model of ``add_model_args``' options, placed on this host's devices."""
+def load_model(args: argparse.Namespace, *, all_devices: bool = True):
+    """The model of ``add_model_args``' options, placed on this host's devices (without
+    ``--mesh``: every one on data, or the first alone where ``all_devices`` is false)."""
     import cloud_jax
     from cloud_jax.data.tokenizer import load_tokenizer
 
     # Local devices only: every host of a pod samples its own share, with no traffic between hosts.
     devices = jax.local_devices()
-    mesh_cfg = args.mesh if args.mesh is not None else (MeshConfig() if len(devices) > 1 else None)
+    many = all_devices and len(devices) > 1
+    mesh_cfg = args.mesh if args.mesh is not None else (MeshConfig() if many else None)
     try:
         mesh = None if mesh_cfg is None else make_mesh(mesh_cfg, devices)
     except ValueError as err:

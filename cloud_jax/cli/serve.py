@@ -110,7 +110,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _load_and_serve(parser, args, defaults: Settings, limit: int, sock) -> int:
     from cloud_jax.serving.server import serve
 
-    rm = load_model(args)
+    # The continuous engine runs on one device: without --mesh, it takes the first.
+    rm = load_model(args, all_devices=args.batching != "continuous")
     classic = args.classic if args.classic is not None else rm.is_classic
     options = BackendOptions(slots=args.slots, max_queue=args.max_queue,
                              max_length=args.max_length, max_critique_tokens=limit,
