@@ -175,6 +175,16 @@ def test_batch_that_does_not_split_over_the_mesh_is_a_config_error(capsys):
     assert "train step" not in captured.out
 
 
+@needs_libtpu
+def test_a_mesh_that_leaves_hosts_sharing_rows_is_a_config_error(capsys):
+    # v5e-16 is four hosts of four chips: tensor=16 puts every host on the same rows, which
+    # training refuses (each host feeds only its own); aot says so before compiling.
+    rc = run_command(aot.main, TINY + ["mesh.data=1", "mesh.tensor=16", "--topology", "v5e-16"])
+    captured = capsys.readouterr()
+    assert rc == 2 and "does not give each of the 4 processes its own rows" in captured.err
+    assert "train step" not in captured.out
+
+
 # --- NVIDIA GPUs ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name,chips,topology,kind", [

@@ -59,7 +59,8 @@ from cloud_jax.model import mesh_context, param_shapes, param_shardings
 from cloud_jax.cli.bench.profile import loop_kernels
 from cloud_jax.sampling import Temperature
 from cloud_jax.sampling.loop import DECODE_PHASES, decode, prefill
-from cloud_jax.sharding import CHIPS, SAMPLE_RULES, TRAIN_RULES, Chip, make_mesh
+from cloud_jax.sharding import (CHIPS, SAMPLE_RULES, TRAIN_RULES, Chip,
+                                check_batch_split_over_processes, make_mesh)
 from cloud_jax.training.loop import check_batch_layout
 from cloud_jax.training.step import (DEVICE_KEYS, StepBuilder, memory_figures,
                                      model_flops_per_token)
@@ -441,6 +442,8 @@ def compile_train(cfg: Config, devices: Sequence) -> Result:
     # The check training runs first: a batch that does not split evenly is a config error there,
     # and would otherwise surface here as a sharding failure inside the compiler.
     check_batch_layout(cfg, mesh)
+    # And, on a slice of several hosts, that each host feeds its own rows, as training requires.
+    check_batch_split_over_processes(mesh, TRAIN_RULES)
     builder = StepBuilder(cfg, mesh, TRAIN_RULES, cfg.model)
     p, t = cfg.data.batch_pairs, cfg.data.max_length
     shapes = {"input_ids": (p, 2, t), "attention_mask": (p, 2, t), "positions": (p, 2, t),
