@@ -187,6 +187,17 @@ def test_resume_on_another_number_of_processes_is_refused_and_the_checkpoint_kep
     assert sorted(os.listdir(out / "checkpoints")) == ["2"]
 
 
+def test_resume_past_total_steps_is_refused_not_a_finished_run(toy, tmp_path):
+    out = str(tmp_path / "run")
+    common = ["train.export_final=false", "train.eval_every=0", "train.checkpoint_every=0"]
+    run(tiny("cloud", toy, out, "train.total_steps=4", *common))
+    config = (Path(out) / "config.yaml").read_text()
+    # It ran no step and exported nothing, yet ended as a finished run (exit status 0).
+    with pytest.raises(ConfigError, match="step 4, past train.total_steps=2"):
+        run(tiny("cloud", toy, out, "train.total_steps=2", "train.export_final=true"))
+    assert not os.path.exists(os.path.join(out, "final"))
+    assert (Path(out) / "config.yaml").read_text() == config
+
 TRAIN_CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*_*.yaml")
                        if p.stem.split("_")[-1] in ("sft", "cloud", "classic", "pretrain"))
 

@@ -509,9 +509,16 @@ def run(cfg: Config) -> dict:
         # What a checkpoint's config item holds: the resolved config and the train split's
         # fingerprint.
         checkpoint_config = {**resolved_dict, TRAIN_DATA_KEY: train_data}
+        start_step = int(jax.device_get(state["step"]))
+        if start_step > tc.total_steps:
+            # Nothing would run and nothing would be exported, yet the run would end as finished.
+            raise ConfigError(
+                f"the newest checkpoint in {ckpt.directory} is step {start_step}, past "
+                f"train.total_steps={tc.total_steps}: raise train.total_steps to at least "
+                f"{start_step} to go on from it, or set output_dir (or train.checkpoint_dir) to a "
+                "new directory to start a new run")
         if _is_main():
             save_config(resolved, storage.join(cfg.output_dir, "config.yaml"))
-        start_step = int(jax.device_get(state["step"]))
         n_params = count_params(state["params"])
         log.info("stage %s: %s parameters, steps %d -> %d of %d, mesh %s, %d process(es)",
                  tc.stage, f"{n_params:,}", start_step, end_step, tc.total_steps,
