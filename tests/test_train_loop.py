@@ -335,6 +335,14 @@ def test_a_saved_step_exports_as_the_final_step_does(toy, tmp_path):
     with pytest.raises(CheckpointError, match="training run's output_dir.*export-hf --checkpoint"):
         cloud_jax.load(out)
 
+    # A truncated newest checkpoint is an error naming it and the other steps, not a traceback.
+    for path in (out / "checkpoints" / "4" / "state").rglob("*"):
+        if path.is_file() and path.parent.name == "d":
+            path.write_bytes(path.read_bytes()[:10])
+    with pytest.raises(CheckpointError, match=r"checkpoints/4 does not read back \(.*saved "
+                                              r"steps: 2\)"):
+        main(["--checkpoint", str(out), "--out", str(tmp_path / "broken")])
+
 
 def test_a_resume_after_a_crash_logs_each_step_once_and_uses_the_new_attention_choice(
         toy, tmp_path, caplog):

@@ -253,18 +253,34 @@ def restore_params(directory: str, step: Optional[int] = None) -> tuple[int, Any
         elif step not in steps:
             raise CheckpointError(f"{directory}: no completed checkpoint of step {step}; saved "
                                   f"steps: {', '.join(map(str, steps))}")
-        saved = ocp.StandardCheckpointHandler().metadata(
-            epath.Path(storage.join(path, str(step))) / "state").tree
+        step_dir = storage.join(path, str(step))
+        try:
+            saved = ocp.StandardCheckpointHandler().metadata(
+                epath.Path(step_dir) / "state").tree
+        except Exception as err:  # noqa: BLE001 - any read failure means this copy is bad
+            raise _unreadable(step_dir, err, step, steps) from None
         if "params" not in saved:
-            raise CheckpointError(f"{storage.join(path, str(step))}: the saved state has no "
+            raise CheckpointError(f"{step_dir}: the saved state has no "
                                   f"params (keys: {sorted(saved)})")
         # Read straight into host arrays: nothing is placed on a device only to be copied back.
         item = {"params": jax.tree.map(lambda m: np.zeros((), m.dtype), saved["params"])}
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-        out = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                         partial_restore=True),
-            config=ocp.args.JsonRestore()))
+        try:
+            out = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                             partial_restore=True),
+                config=ocp.args.JsonRestore()))
+        except Exception as err:  # noqa: BLE001 - as above
+            raise _unreadable(step_dir, err, step, steps) from None
     finally:
         manager.close()
     return step, out["state"]["params"], out["config"]
+
+
+def _unreadable(step_dir: str, err: Exception, step: int, steps: list[int]) -> CheckpointError:
+    """The error for a committed checkpoint whose files do not read back (truncated, corrupt)."""
+    others = [s for s in steps if s != step]
+    hint = (f"; export another step with --step (saved steps: {', '.join(map(str, others))})"
+            if others else "")
+    return CheckpointError(f"checkpoint {step_dir} does not read back "
+                           f"({type(err).__name__}: {' '.join(str(err).split())}){hint}")
