@@ -216,3 +216,30 @@ def test_cli_record_holds_results_json_and_the_host(pipeline_run, tmp_path, caps
     assert {k: result[k] for k in results} == results
     assert result["backend"] == "cpu" and result["cpu_count"] >= 1
     assert "agreement" in result["diagnostics"]["critiques_greedy"]
+
+
+def test_a_stage_summary_cut_short_runs_the_stage_again(tmp_path, monkeypatch):
+    """A kill while a stage's summary was written in place left a cut file: the rerun failed
+    with a JSONDecodeError traceback on every try."""
+    from cloud_jax.experiments.cloud_vs_classic.run import _train
+    from cloud_jax.training import loop
+
+    cfg = load_pipeline_config(DEMO, TINY + [f"output_dir={tmp_path}"])
+    calls = []
+
+    def fake_run(stage_cfg):
+        calls.append(stage_cfg.output_dir)
+        return {"step": 3, "train": {"loss": 1.0}, "eval": {}, "final_dir": "f", "data": {}}
+
+    monkeypatch.setattr(loop, "run", fake_run)
+    paths = dict(train_path="t.jsonl", eval_path="e.jsonl", init_from="")
+    (tmp_path / "lm_pretrain").mkdir()  # the run makes it
+    first = _train(cfg, "lm_pretrain", **paths)
+    summary = tmp_path / "lm_pretrain" / "stage_summary.json"
+    assert json.loads(summary.read_text())["step"] == 3 and len(calls) == 1
+    assert [p.name for p in summary.parent.iterdir()] == ["stage_summary.json"]
+    assert _train(cfg, "lm_pretrain", **paths)["reused"] and len(calls) == 1
+    summary.write_text(summary.read_text()[:20])
+    again = _train(cfg, "lm_pretrain", **paths)
+    assert len(calls) == 2 and again["step"] == first["step"] and "reused" not in again
+    assert json.loads(summary.read_text())["step"] == 3

@@ -96,9 +96,17 @@ def _train(cfg: PipelineConfig, name: str, **paths) -> dict:
 
     stage_cfg = _stage_config(cfg, name, **paths)
     done = os.path.join(stage_cfg.output_dir, _DONE)
+    summary = None
     if os.path.exists(done):
-        with open(done, encoding="utf-8") as f:
-            summary = json.load(f)
+        try:
+            with open(done, encoding="utf-8") as f:
+                summary = json.load(f)
+        except ValueError as err:
+            # Not whole (written by a release that wrote it in place, cut by a kill): the stage
+            # runs again, resuming from its last checkpoint.
+            log.warning("%s: %s does not read back (%s); running the stage again", name, done,
+                        err)
+    if summary is not None:
         log.info("%s: already finished (%s), skipped", name, done)
         _drop_checkpoints(cfg, stage_cfg)
         return {**summary, "reused": True}
@@ -111,8 +119,9 @@ def _train(cfg: PipelineConfig, name: str, **paths) -> dict:
     keep = {k: summary.get(k) for k in ("step", "train", "eval", "final_dir", "data")}
     # This attempt's time (a resumed stage: the steps after its checkpoint).
     keep["seconds"] = round(time.perf_counter() - start, 2)
-    with open(done, "w", encoding="utf-8") as f:
-        json.dump(keep, f, indent=2, sort_keys=True, default=str)
+    # Whole or absent (a temporary file, then a rename): a kill mid-write must not leave a
+    # summary that marks the stage finished but does not read back.
+    storage.write_text_atomic(done, json.dumps(keep, indent=2, sort_keys=True, default=str))
     # Only after the summary is written: a stage is never left unfinished without checkpoints.
     _drop_checkpoints(cfg, stage_cfg)
     return keep
