@@ -430,3 +430,24 @@ def test_a_model_key_added_later_or_an_attention_choice_does_not_stop_a_resume(c
         resume(causal_block_size=64)  # added since, away from its default (128)
     with pytest.raises(ConfigError, match="model.hidden_size: 64 -> 32"):
         resume(hidden_size=32)
+
+
+def test_sigterm_during_the_last_step_finishes_the_run(toy, tmp_path, monkeypatch):
+    """The last step's checkpoint and export are written either way: the run is finished, not
+    preempted (it exited 75, and its relaunch reported no train or eval metrics)."""
+    from cloud_jax.training import metrics
+
+    write = metrics.MetricsWriter.write
+
+    def write_then_sigterm(self, step, *args, **kwargs):
+        write(self, step, *args, **kwargs)
+        if step == 2:  # the signal lands while step 3, the last, is under way
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(metrics.MetricsWriter, "write", write_then_sigterm)
+    out = str(tmp_path / "run")
+    summary = run(tiny(toy, out, "train.total_steps=3", "train.checkpoint_every=0",
+                       "train.export_final=true"))
+    assert summary["step"] == 3 and not summary["preempted"]
+    assert summary["final_dir"] and os.path.isdir(os.path.join(out, "final"))
+    assert step_dirs(out) == ["3"]

@@ -550,6 +550,11 @@ def run(cfg: Config) -> dict:
                        model_flops_per_token(model_cfg, batch["input_ids"].shape[-1], tc.stage))
             bar.update(1)
             preempted = preemption.reached(step)
+            if preempted and step == end_step:
+                # The run ends at this step anyway, with its checkpoint (and export): it is
+                # finished, not preempted, and there is nothing for a relaunch to do.
+                log.warning("SIGTERM during the last step (%d): finishing the run", step)
+                preempted = False
             log_now = step % tc.log_every == 0 or step == end_step or preempted
             save_now = ((tc.checkpoint_every and step % tc.checkpoint_every == 0)
                         or step == end_step or preempted)
