@@ -25,6 +25,11 @@ def _hand_schedule(step, total, warmup, peak=PEAK, floor=FLOOR):
 def test_schedule_values():
     schedule = make_schedule(OptimConfig(learning_rate=PEAK), total_steps=100)
     assert warmup_steps(OptimConfig(), 100) == 10
+    # floor(ratio x steps) as written, not as binary floating point rounds it (0.29 * 100 is
+    # 28.999999999999996 there); still strictly below total_steps.
+    assert warmup_steps(OptimConfig(warmup_ratio=0.29), 100) == 29
+    assert warmup_steps(OptimConfig(warmup_ratio=0.57), 100) == 57
+    assert warmup_steps(OptimConfig(warmup_ratio=0.999), 100) == 99
     np.testing.assert_allclose(schedule(0), 0.0)
     np.testing.assert_allclose(schedule(5), PEAK / 2, rtol=1e-6)
     np.testing.assert_allclose(schedule(10), PEAK, rtol=1e-6)           # end of warmup

@@ -13,6 +13,7 @@ set it equal to the learning rate). ``optax.adamw`` instead decays by ``lr_t * w
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Optional
 
 import jax
@@ -80,8 +81,9 @@ class OptimConfig:
 
 
 def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
-    """Warmup length: floor(warmup_ratio * total_steps), always < total_steps."""
-    return int(cfg.warmup_ratio * total_steps)
+    """Warmup length: floor(warmup_ratio * total_steps), always < total_steps. The product is
+    rounded to 9 decimals first: in binary 0.29 * 100 is 28.999999999999996, not 29."""
+    return math.floor(round(cfg.warmup_ratio * total_steps, 9))
 
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
