@@ -127,6 +127,25 @@ def test_a_resume_may_change_how_critiques_are_batched_but_not_the_rows(setup, r
     assert "rows_sha256" in capsys.readouterr().err
 
 
+def test_a_resume_over_other_weights_at_the_same_path_is_refused(setup, tmp_path, capsys):
+    """The checkpoint directory retrained (rewritten) in place between a run and its resume: the
+    weights' digest in the provenance refuses the mix of two models' critiques."""
+    root, _, src = setup
+    ckpt = tiny_reward_model(2).save_pretrained(tmp_path / "model")
+    out = tmp_path / "out"
+    args = ["--checkpoint", str(ckpt), "--input", str(src), "--output", str(out),
+            "--shard-rows", "2", "--batch-size", "4", "--max-critique-tokens", "3"]
+    assert run_command(critique.main, args) == 0
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert len(provenance["weights_sha256"]) == 64
+    (out / "critiques-00002-of-00003.jsonl").unlink()  # as if stopped before the last shard
+    assert run_command(critique.main, args) == 0  # the same weights: resumed
+    tiny_reward_model(3).save_pretrained(ckpt)
+    capsys.readouterr()
+    assert run_command(critique.main, args) == 2
+    assert "weights_sha256" in capsys.readouterr().err
+
+
 def test_empty_inputs_are_usage_errors(setup, tmp_path, capsys):
     from cloud_jax.cli import evaluate, score
 

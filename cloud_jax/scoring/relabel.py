@@ -9,7 +9,8 @@ For every row, new ``chosen_feedback`` and ``rejected_feedback`` are sampled (gr
 and the row is written in the format the ``cloud`` stage reads, plus
 ``chosen_feedback_truncated`` / ``rejected_feedback_truncated`` (the critique hit the token
 budget). Rows go to shards ``DIR/critiques-SSSSS-of-NNNNN.jsonl`` of ``--shard-rows`` rows each;
-``DIR/provenance.json`` records the checkpoint, its step, the seed and every sampling setting.
+``DIR/provenance.json`` records the checkpoint, its step, a digest of its weights, the seed and
+every sampling setting.
 
 Resuming: a shard file appears only when complete (written to a temporary name, then renamed),
 so a rerun after an interruption skips the finished shards and redoes the rest. Critiques depend
@@ -80,6 +81,32 @@ def rows_fingerprint(rows: Sequence[PreferenceRow]) -> str:
     return digest.hexdigest()
 
 
+def params_fingerprint(params) -> str:
+    """A digest of the weights' bits, as loaded: a resume whose checkpoint directory now holds
+    other weights (retrained in place, say) is refused, as its critiques would mix two models.
+
+    Each array's bits are read as unsigned integers and summed, weighted by their positions,
+    modulo 2**32 on the devices where the array lies: integer sums are exact in any order, so
+    the digest is the same however the array is sharded, and no weight is copied to the host."""
+    import jax
+    import jax.numpy as jnp
+
+    def sums(x):
+        width = {4: jnp.uint32, 2: jnp.uint16, 1: jnp.uint8}[x.dtype.itemsize]
+        bits = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32).reshape(-1)
+        pos = jnp.arange(bits.size, dtype=jnp.uint32)
+        return jnp.stack([jnp.sum(bits * (pos * jnp.uint32(2654435761) + jnp.uint32(1))),
+                          jnp.sum(bits ^ (pos * jnp.uint32(40503) + jnp.uint32(7)))])
+
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    values = jax.device_get(jax.jit(lambda xs: [sums(x) for x in xs])([x for _, x in leaves]))
+    digest = hashlib.sha256()
+    for (path, x), value in zip(leaves, values):
+        digest.update(f"{jax.tree_util.keystr(path)} {x.dtype} {tuple(x.shape)} "
+                      f"{int(value[0])} {int(value[1])};".encode())
+    return digest.hexdigest()
+
+
 def _write_provenance(out_dir: str, provenance: dict, host: int = 0) -> None:
     path = storage.join(out_dir, PROVENANCE)
     # Through JSON once, so tuples compare equal to the lists read back.
@@ -87,8 +114,9 @@ def _write_provenance(out_dir: str, provenance: dict, host: int = 0) -> None:
     if storage.exists(path):
         saved = json.loads(storage.read_text(path))
         changed = records.changes(saved, provenance, ignore=_SAME_CRITIQUES)
-        if "rows_sha256" not in saved:  # written before rows were fingerprinted
-            changed.pop("rows_sha256", None)
+        for key in ("rows_sha256", "weights_sha256"):
+            if key not in saved:  # written before rows (weights) were fingerprinted
+                changed.pop(key, None)
         if changed:
             raise ConfigError(f"{path} records other settings ({', '.join(changed)} differ); "
                              "write to a new output directory or restore the settings")
@@ -167,6 +195,7 @@ def relabel(rm, rows: Sequence[PreferenceRow], out_dir: str, cfg: ScoreConfig,
         "num_shards": num_shards,
         "sampling": dataclasses.asdict(cfg),
         "tokenizer_sha256": tokenizer_fingerprint(rm.tokenizer),
+        "weights_sha256": params_fingerprint(rm.params),
         **{key: value for key, value in (("dtype", settings.dtype),
                                          ("param_dtype", settings.param_dtype))
            if value is not None},
