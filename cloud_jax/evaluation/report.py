@@ -14,6 +14,8 @@ import math
 import os
 from typing import Any, Dict, List, Mapping, Optional
 
+from cloud_jax import storage
+
 log = logging.getLogger(__name__)
 
 REPORT_JSON = "report.json"
@@ -185,11 +187,9 @@ def write_report(report: Dict[str, Any], output_dir: str) -> Dict[str, str]:
     os.makedirs(output_dir, exist_ok=True)
     paths = {"json": os.path.join(output_dir, REPORT_JSON),
              "markdown": os.path.join(output_dir, REPORT_MD)}
-    with open(paths["json"], "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2, allow_nan=False)
-        f.write("\n")
-    with open(paths["markdown"], "w", encoding="utf-8") as f:
-        f.write(markdown(report))
+    # Whole or absent (a temporary file, then a rename): a kill mid-write leaves no cut report.
+    storage.write_text_atomic(paths["json"], json.dumps(report, indent=2, allow_nan=False) + "\n")
+    storage.write_text_atomic(paths["markdown"], markdown(report))
     if not _have_matplotlib():
         log.warning("matplotlib is not installed: %s and %s written, the PNG plots skipped "
                     "(pip install -r requirements.txt installs it)", REPORT_JSON, REPORT_MD)

@@ -347,9 +347,9 @@ def run_pipeline(cfg: PipelineConfig) -> Dict[str, Any]:
             seconds[name] = summaries[name]["seconds"]
     results["seconds"] = {**seconds, "total": round(time.perf_counter() - start, 2)}
     results["reused_stages"] = reused
-    with open(os.path.join(out, RESULTS_JSON), "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
-    with open(os.path.join(out, REPORT_MD), "w", encoding="utf-8") as f:
-        f.write(markdown_report(results, greedy_critiques, eval_rows, cfg.evaluation.num_examples))
+    # Whole or absent: a kill mid-write leaves no cut results file.
+    storage.write_text_atomic(os.path.join(out, RESULTS_JSON),
+                              json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
+    storage.write_text_atomic(os.path.join(out, REPORT_MD), markdown_report(
+        results, greedy_critiques, eval_rows, cfg.evaluation.num_examples))
     return results
