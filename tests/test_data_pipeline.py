@@ -102,6 +102,19 @@ def test_tfds_counts_drops_and_rejects(tmp_path):
     assert json.loads(open(again["rejects_path"]).read())["line"] == 5
 
 
+def test_rejects_path_with_other_braces_is_taken_as_written(tmp_path):
+    rows = _rows(2) + [dict(_rows(1)[0], prompt="dup")]
+    _write(tmp_path / "train.jsonl", rows)
+    _write(tmp_path / "eval.jsonl", _rows(2))
+    pattern = str(tmp_path / "rejects {run} {}-{split}.jsonl")
+    cfg = _cfg(tmp_path, lenient=True, rejects_path=pattern,
+               eval_path=str(tmp_path / "eval.jsonl"))
+    stats = prepare_dataset(cfg, byte_tokenizer(), "critique").stats
+    assert stats["train"]["rejects_path"] == str(tmp_path / "rejects {run} {}-train.jsonl")
+    assert json.loads(open(stats["train"]["rejects_path"]).read())["field"] == "id"
+    assert stats["eval"]["rejected_rows"] == 0
+
+
 def test_tfds_build_strict_error_and_eval_split(tmp_path):
     _write(tmp_path / "train.jsonl", _rows(3))
     _write(tmp_path / "eval.jsonl", _rows(2)[:1] + [{"id": "e", "prompt": "p"}])

@@ -264,7 +264,8 @@ def prepare_dataset(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, layout:
         if "{split}" not in pattern and len(split_files) > 1:
             root, ext = os.path.splitext(pattern)
             pattern = root + "-{split}" + ext
-        rejects_paths[split] = pattern.format(split=split)
+        # Only {split} is replaced: other braces in a path are its own characters.
+        rejects_paths[split] = pattern.replace("{split}", split)
     builder = CloudPairs(
         split_files=split_files, tokenizer=tokenizer, settings=settings,
         rejects_paths=rejects_paths, source_splits=source_splits, columns=columns,
