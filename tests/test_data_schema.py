@@ -237,3 +237,18 @@ def test_pair_identical_after_tokenization_is_a_bad_row(tmp_path, policy):
     kept = build(byte_tokenizer(), lenient=False).stats["train"]
     assert kept["rejected_rows"] == 0 and kept["pairs"] == (3 if policy == "truncate_prompt"
                                                             else 2)
+
+
+def test_overlength_warning_counts_only_the_pairs_tokenized(tmp_path, caplog):
+    from cloud_jax.data.config import DataConfig
+    from cloud_jax.data.tfds_builder import prepare_dataset
+
+    # Row 0's responses are the same tokens once trimmed (rejected before measuring); row 1 is
+    # over max_length; row 2 fits: one of the two pairs measured is too long.
+    rows = [_row(0, chosen="2.", rejected=" 2.\n"), _row(1, prompt="q" * 200), _row(2)]
+    cfg = DataConfig(train_path=_jsonl(tmp_path / "rows.jsonl", rows), max_length=96,
+                     critique_prefix="C: ", lenient=True, tfds_dir=str(tmp_path / "tfds"))
+    with caplog.at_level("WARNING", logger="cloud_jax.data.tfds_builder"):
+        stats = prepare_dataset(cfg, _trimming_byte_tokenizer(), "critique").stats["train"]
+    assert (stats["rejected_rows"], stats["dropped_overlength"], stats["pairs"]) == (1, 1, 1)
+    assert "1 of 2 pairs are longer than data.max_length=96" in caplog.text

@@ -164,7 +164,9 @@ class CloudPairs(tfds.core.GeneratorBasedBuilder):
                         f" (details in {loaded.rejects_path})" if loaded.rejects_path else "")
         too_long = ""
         if stats["dropped_overlength"]:
-            too_long = (f"{stats['dropped_overlength']} of {len(loaded.rows)} pairs are longer "
+            # Of the pairs tokenized: rows rejected as the same tokens were never measured.
+            measured = len(loaded.rows) - (stats["rejected_rows"] - loaded.num_rejected)
+            too_long = (f"{stats['dropped_overlength']} of {measured} pairs are longer "
                         f"than data.max_length={s.max_length} ({s.overlength_policy} policy); the "
                         f"longest, {longest[1]}, has {longest[0]} tokens. "
                         + _how_to_keep_long_pairs(s.layout))
