@@ -352,6 +352,46 @@ def test_transformers_running_out_of_memory_leaves_our_sampling_numbers(capsys, 
     assert "ran out of GPU memory" in out
 
 
+def test_transformers_failing_otherwise_leaves_our_numbers_and_the_record(capsys, monkeypatch,
+                                                                          tmp_path):
+    """Not only running out of memory: torch that will not import or finds no GPU, or logits
+    that differ, come after our sampling was measured; the record is still written."""
+    from cloud_jax.cli.bench import sample
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("JAX runs on a GPU but torch sees no CUDA device\nmore")
+
+    monkeypatch.setattr(sample, "transformers_critiques_per_s", broken)
+    record = tmp_path / "sample.json"
+    assert sample.main(TINY_SAMPLE + ["--decode-layout", "standard", "--record",
+                                      str(record)]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(record.read_text())["result"]
+    assert result["hf_error"] == "RuntimeError: JAX runs on a GPU but torch sees no CUDA device"
+    assert result["ratio"] is None and result["hf_critiques_per_s"] is None
+    assert result["ours_critiques_per_s"] > 0 and result["decode_step_over_hbm_floor"] > 0
+    assert "transformers did not run" in out
+
+
+def test_torch_failing_before_ours_still_measures_ours_and_writes_the_record(
+        capsys, monkeypatch, tmp_path):
+    """--phases sequential runs torch first: a torch step that fails for any reason (an import
+    error, a CUDA error) must not cost the MFU measured after it."""
+    from cloud_jax.cli.bench import train
+
+    def broken(*args, **kwargs):
+        raise ImportError("libcudnn.so.9: cannot open shared object file")
+
+    monkeypatch.setattr(train, "torch_step", broken)
+    record = tmp_path / "train.json"
+    assert train.main(TINY_TRAIN + ["--phases", "sequential", "--record", str(record)]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(record.read_text())["result"]
+    assert result["torch_error"] == "ImportError: libcudnn.so.9: cannot open shared object file"
+    assert result["ratio"] is None and result["mfu"] > 0
+    assert "torch's step did not run" in out
+
+
 def test_backend_gpu_is_checked_not_pinned_and_jax_shares_the_gpu_with_torch(monkeypatch):
     """JAX expands the platform name "gpu" to cuda, rocm and oneapi and fails on the first
     plugin that is missing, so --backend gpu never pins it: JAX's own choice is checked. Before
