@@ -191,3 +191,42 @@ def test_gpu_benches_run_every_bench_at_a_tiny_size_on_the_cpu(tmp_path):
     assert not any("DIFFERENT" in line for line in lines[-4:])
     assert lines[-1].startswith("the Pallas decode attention at 8 inputs: decode step "), \
         lines[-1]
+
+
+def test_gpu_smollm2_brings_back_what_a_stopped_run_measured(tmp_path):
+    """tools/gpu_smollm2.sh: a pipeline that stops before its record (out of its budget, or
+    failed) leaves the finished stages' summaries and evaluations' reports in one file of $OUT,
+    which the device call brings back. The pipeline and the conversion are stood in for by a
+    wrapper around Python, so this runs in seconds."""
+    data = os.urandom(1 << 20)
+    (tmp_path / "model.gguf").write_bytes(data)
+    bundle, out, run = tmp_path / "bundle", tmp_path / "out", tmp_path / "run"
+    done = _bundle("pack", "--gguf", str(tmp_path / "model.gguf"), "--out", str(bundle),
+                   "--packages", "")
+    assert done.returncode == 0, done.stderr
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f"""#!/bin/bash
+if [ "$1" = -c ]; then exit 0; fi
+if [ "$1 $2 $3" = "-m cloud_jax convert-gguf" ]; then exit 0; fi
+if [ "$1 $2 $3" = "-m cloud_jax pipeline" ]; then
+    mkdir -p {run}/critique_sft {run}/eval/classic
+    echo '{{"steps": 500}}' > {run}/critique_sft/stage_summary.json
+    echo '{{"accuracy": 0.75}}' > {run}/eval/classic/report.json
+    echo "pipeline: stopped"
+    exit 3
+fi
+exec {sys.executable} "$@"
+""")
+    wrapper.chmod(0o755)
+    env = dict(os.environ, BUNDLE=str(bundle), OUT=str(out), PYTHON=str(wrapper),
+               RUN_DIR=str(run), WORK=str(tmp_path / "work"))
+    done = subprocess.run(["bash", str(ROOT / "tools" / "gpu_smollm2.sh")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stdout + done.stderr
+    partial = json.loads((out / "gpu_smollm2_partial.json").read_text())
+    assert partial["exit_status"] == 3 and partial["results"] is None
+    assert partial["stages"] == {"critique_sft": {"steps": 500}}
+    assert partial["evaluations"] == {"classic": {"accuracy": 0.75}}
+    log = (out / "gpu_smollm2.log").read_text()
+    assert "pipeline: at most" in log and "1 stage summaries and 1 evaluation reports" in log
+    assert not (out / "gpu_smollm2.json").exists()
