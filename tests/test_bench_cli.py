@@ -373,6 +373,29 @@ def test_transformers_failing_otherwise_leaves_our_numbers_and_the_record(capsys
     assert "transformers did not run" in out
 
 
+def test_our_sampling_is_recorded_before_transformers_runs(capsys, monkeypatch, tmp_path):
+    """A run stopped while transformers generates (the device script's time limit) keeps our
+    numbers: the record is written before transformers starts, then again with the ratio."""
+    from cloud_jax.cli.bench import sample
+
+    record = tmp_path / "sample.json"
+    seen = {}
+
+    def transformers_at_two_per_s(*args, **kwargs):
+        seen.update(json.loads(record.read_text())["result"])
+        return 2.0
+
+    monkeypatch.setattr(sample, "transformers_critiques_per_s", transformers_at_two_per_s)
+    assert sample.main(TINY_SAMPLE + ["--decode-layout", "standard", "--record",
+                                      str(record)]) == 0
+    assert seen["hf_error"].startswith("not finished") and seen["ratio"] is None
+    assert seen["ours_critiques_per_s"] > 0 and seen["decode_step_over_hbm_floor"] > 0
+    result = json.loads(record.read_text())["result"]
+    assert result["hf_error"] is None and result["hf_critiques_per_s"] == 2.0
+    assert result["ratio"] == round(result["ours_critiques_per_s"] / 2.0, 3)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+
+
 def test_torch_failing_before_ours_still_measures_ours_and_writes_the_record(
         capsys, monkeypatch, tmp_path):
     """--phases sequential runs torch first: a torch step that fails for any reason (an import

@@ -466,27 +466,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"difference {pallas_diff:.2e}, {verdict}; each input's keys in {pallas_parts} "
               f"part(s) (programs) per KV head", flush=True)
 
-    hf_cps, hf_error = None, None  # null in the JSON where transformers did not run
-    if not args.skip_hf:
-        try:
-            hf_cps = transformers_critiques_per_s(cfg, params, prompts, args, stop)
-        except Exception as err:  # noqa: BLE001 - reported, not raised
-            # Our numbers above are measured and still written, whatever stopped transformers
-            # (out of memory, torch failing to import or to find the GPU, logits that differ).
-            if type(err).__name__ == "OutOfMemoryError":
-                hf_error = f"out of memory: {first_line(err)}"
-                print(f"[bench sample] transformers generate ran out of GPU memory at this "
-                      f"workload ({hf_error}); no ratio", flush=True)
-            else:
-                hf_error = f"{type(err).__name__}: {first_line(err)}"
-                print(f"[bench sample] transformers did not run ({hf_error}); no ratio",
-                      flush=True)
-
     result = {
         "ours_critiques_per_s": round(ours_cps, 3),
-        "hf_critiques_per_s": None if hf_cps is None else round(hf_cps, 3),
-        "ratio": None if hf_cps is None else round(ours_cps / hf_cps, 3),
-        "hf_error": hf_error,
+        "hf_critiques_per_s": None,  # null where transformers did not run (hf_error says why)
+        "ratio": None,
+        "hf_error": None,
         "decode_step_over_floor": round(step_s / floor_s, 3),
         "decode_step_over_compute_floor": round(step_s / compute_floor_s, 3),
         "decode_step_over_hbm_floor": round(step_s / hbm_floor_s, 3),
@@ -512,8 +496,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "profile": profile_summary,
         **host,
     }
+    command = "python -m cloud_jax bench sample " + " ".join(argv or [])
+    if not args.skip_hf:
+        if args.record:
+            # Ours is measured: recorded before transformers starts, so a run stopped during
+            # transformers' (a time limit) keeps it. Rewritten below with the ratio.
+            write_record(args.record, command, {
+                **result, "hf_error": "not finished: the run stopped while transformers ran"})
+        hf_cps, hf_error = None, None
+        try:
+            hf_cps = transformers_critiques_per_s(cfg, params, prompts, args, stop)
+        except Exception as err:  # noqa: BLE001 - reported, not raised
+            # Our numbers above are measured and still written, whatever stopped transformers
+            # (out of memory, torch failing to import or to find the GPU, logits that differ).
+            if type(err).__name__ == "OutOfMemoryError":
+                hf_error = f"out of memory: {first_line(err)}"
+                print(f"[bench sample] transformers generate ran out of GPU memory at this "
+                      f"workload ({hf_error}); no ratio", flush=True)
+            else:
+                hf_error = f"{type(err).__name__}: {first_line(err)}"
+                print(f"[bench sample] transformers did not run ({hf_error}); no ratio",
+                      flush=True)
+        if hf_cps is not None:
+            result.update(hf_critiques_per_s=round(hf_cps, 3),
+                          ratio=round(ours_cps / hf_cps, 3))
+        result["hf_error"] = hf_error
     print(json.dumps(result))
     if args.record:
-        write_record(args.record, "python -m cloud_jax bench sample " + " ".join(argv or []),
-                     result)
+        write_record(args.record, command, result)
     return 0
