@@ -160,6 +160,11 @@ def test_the_openrlhf_request_shape(server, rm):
     ("/v1/score", {"items": [{"prompt": "a", "response": "b"}], "max_critique_tokens": 10**6},
      422, "max_critique_tokens"),
     ("/v1/score", {"items": [{"prompt": "a", "response": "b"}], "colour": "red"}, 422, "colour"),
+    # JSON integers have no size limit; one too large for a float is out of range, not a 500.
+    ("/v1/score", {"items": [{"prompt": "a", "response": "b"}], "temperature": 10**400}, 422,
+     "temperature"),
+    ("/v1/score", {"items": [{"prompt": "a", "response": "b"}], "repetition_penalty": -10**400},
+     422, "repetition_penalty"),
     ("/v1/score", {"items": [{"prompt": "a" * 600, "response": "b"}]}, 413, "items[0]"),
     ("/get_reward", {"query": ["a", 3]}, 422, "query[1]"),
     ("/get_reward", {"query": []}, 422, "query"),

@@ -60,9 +60,16 @@ def _number(body: dict, name: str, kind: type):
     value = body[name]
     if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise InvalidField(name, f"expected an integer, got {value!r}")
-    if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))
-                          or not math.isfinite(value)):
-        raise InvalidField(name, f"expected a number, got {value!r}")
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidField(name, f"expected a number, got {value!r}")
+        try:
+            value = float(value)  # an integer of hundreds of digits overflows
+        except OverflowError:
+            raise InvalidField(name, "expected a finite number, got an integer too large for "
+                                     "one") from None
+        if not math.isfinite(value):
+            raise InvalidField(name, f"expected a finite number, got {value!r}")
     return kind(value)
 
 
