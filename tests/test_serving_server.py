@@ -165,6 +165,10 @@ def test_the_openrlhf_request_shape(server, rm):
      "temperature"),
     ("/v1/score", {"items": [{"prompt": "a", "response": "b"}], "repetition_penalty": -10**400},
      422, "repetition_penalty"),
+    # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer takes.
+    ("/v1/score", {"items": [{"prompt": "a\ud800", "response": "b"}]}, 422, "items[0].prompt"),
+    ("/v1/score", {"items": [{"prompt": "a", "response": "\udc80"}]}, 422, "items[0].response"),
+    ("/get_reward", {"query": ["<bos><|user|>\ud800<eot><|assistant|>b<eot>"]}, 422, "query[0]"),
     ("/v1/score", {"items": [{"prompt": "a" * 600, "response": "b"}]}, 413, "items[0]"),
     ("/get_reward", {"query": ["a", 3]}, 422, "query[1]"),
     ("/get_reward", {"query": []}, 422, "query"),

@@ -40,16 +40,27 @@ class InvalidField(ValueError):
         self.status = status
 
 
+def _text(value: str, field: str) -> str:
+    """``value`` if it is Unicode text a tokenizer can take: JSON's ``\\ud800`` escapes decode to
+    lone surrogates, which are not (InvalidField naming ``field``)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InvalidField(field, f"not valid Unicode text (a lone surrogate, "
+                                  f"{value[err.start]!r}, at character {err.start})") from None
+    return value
+
+
 def prompt_text(prompt: Any, field: str = "prompt") -> str:
     """A prompt as the text of its user turn: a string as is, or a message list holding one user
     message (the layout has one user turn before the response)."""
     if isinstance(prompt, str):
-        return prompt
+        return _text(prompt, field)
     if isinstance(prompt, list):
         users = [m for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
         others = [m for m in prompt if not (isinstance(m, dict) and m.get("role") == "user")]
         if len(users) == 1 and not others and isinstance(users[0].get("content"), str):
-            return users[0]["content"]
+            return _text(users[0]["content"], field)
         raise InvalidField(field, "a message list must hold exactly one {\"role\": \"user\", "
                                   "\"content\": str} message (multi-turn and system prompts are "
                                   "not supported)")
@@ -181,6 +192,7 @@ def _list_of_strings(body: dict, name: str, required: bool = True) -> Optional[l
     for i, v in enumerate(value):
         if not isinstance(v, str):
             raise InvalidField(f"{name}[{i}]", f"expected a string, got {type(v).__name__}")
+        _text(v, f"{name}[{i}]")
     return value
 
 
@@ -208,6 +220,7 @@ def parse_score(body: Any, defaults: Settings) -> tuple[list[Item], Settings]:
                 raise InvalidField(f"items[{i}].{key}", "missing")
         if not isinstance(obj["response"], str):
             raise InvalidField(f"items[{i}].response", "expected a string")
+        _text(obj["response"], f"items[{i}].response")
         prompt_text(obj["prompt"], f"items[{i}].prompt")
         extra = sorted(set(obj) - {"prompt", "response"})
         if extra:
