@@ -219,8 +219,13 @@ def test_openrlhf_queries_reduce_to_the_user_text_and_the_response(name):
 
     prompt = render(("user", "What is 2+2?"), generation=True)
     query = render(("user", "What is 2+2?"), ("assistant", "4"))
+    # OpenRLHF before 0.8 decodes its left- and right-padded batch whole: padding (its pad token
+    # is the EOS where the tokenizer has none) before the prompt and after the EOS.
+    pad = tok.pad_token or tok.eos_token
+    padded = 2 * pad + query + tok.eos_token + 3 * pad
     for body in ({"query": [query + tok.eos_token]}, {"query": [query]},
-                 {"query": [query + tok.eos_token], "prompts": [prompt]}):
+                 {"query": [query + tok.eos_token], "prompts": [prompt]},
+                 {"query": [padded]}, {"query": [padded], "prompts": [prompt]}):
         [item] = parse_openrlhf(body, markers)
         assert (item.prompt, item.response) == ("What is 2+2?", "4"), body
     for messages in ((("system", "Be terse."), ("user", "What is 2+2?"), ("assistant", "4")),

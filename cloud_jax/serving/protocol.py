@@ -238,7 +238,8 @@ class ChatMarkers:
     assistant_head: str
     tail: str
     bos: str
-    # Special tokens a client may leave after the response (OpenRLHF appends the EOS).
+    # Special tokens a client may leave after the response (OpenRLHF appends the EOS), or
+    # before the prompt (the left padding of a decoded batch).
     trailing: tuple = ()
 
     @classmethod
@@ -279,6 +280,17 @@ class ChatMarkers:
                                       "message and one response; send only those")
         return prompt if text is None else text
 
+    def unpadded(self, text: str) -> str:
+        """``text`` without the EOS or padding tokens in front of it: a client that decodes a
+        left-padded batch (OpenRLHF before 0.8, without packing) leaves them there."""
+        while True:
+            for token in self.trailing:
+                if text.startswith(token):
+                    text = text[len(token):]
+                    break
+            else:
+                return text
+
     def response_text(self, response: str) -> str:
         """The response without the template's end of turn and the EOS (or padding) a client
         leaves after it."""
@@ -299,7 +311,9 @@ class ChatMarkers:
 def split_query(query: str, prompt: Optional[str], markers: ChatMarkers,
                 field: str) -> tuple[str, str]:
     """(user text, response text) of one OpenRLHF query."""
+    query = markers.unpadded(query)
     if prompt is not None:
+        prompt = markers.unpadded(prompt)
         if not query.startswith(prompt):
             raise InvalidField(field, "does not start with its prompt (prompts[i]); the query "
                                       "must be the prompt followed by the response")
