@@ -10,8 +10,9 @@ functions: ``fn(prompts, completions, **kwargs) -> list[float]``, one float per 
 order; extra keyword arguments (dataset columns, trainer state, completion ids) are accepted and
 ignored. Prompts and completions may be strings or chat messages (TRL's conversational format):
 a prompt's user message and a completion's assistant message are what get scored (a system
-message is left out, with a warning the first time: the model's layout has no place for it). The rewards
-equal ``rm.score`` on the same texts and settings.
+message is left out, with a warning the first time: the model's layout has no place for it); a
+completion holding more than its one assistant message (a tool call and its result) is a
+ValueError. The rewards equal ``rm.score`` on the same texts and settings.
 """
 
 from __future__ import annotations
@@ -55,13 +56,14 @@ def _warn_system_once() -> None:
 def _completion_text(completion: Any, index: int) -> str:
     if isinstance(completion, str):
         return completion
-    if isinstance(completion, list):
-        parts = [m.get("content") for m in completion
-                 if isinstance(m, dict) and m.get("role") == "assistant"]
-        if len(parts) == 1 and isinstance(parts[0], str):
-            return parts[0]
+    # Exactly one message, the assistant's: a tool call and its result, or a second turn, would
+    # otherwise be left out of what is scored without a word.
+    if isinstance(completion, list) and len(completion) == 1 and isinstance(completion[0], dict) \
+            and completion[0].get("role") == "assistant" \
+            and isinstance(completion[0].get("content"), str):
+        return completion[0]["content"]
     raise ValueError(f"completions[{index}]: expected a string or a list holding one assistant "
-                     f"message, got {completion!r:.80}")
+                     f"message (and nothing else), got {completion!r:.80}")
 
 
 class CLoudReward:

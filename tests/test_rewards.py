@@ -55,6 +55,20 @@ def test_chat_messages_are_read_as_their_texts(rm, caplog):
     assert fn([], []) == []
 
 
+def test_a_completion_with_more_than_its_assistant_message_is_refused(rm):
+    # TRL's tool loop appends the tool's result (and the next assistant turn) to a completion:
+    # scoring only the first assistant message would drop the rest without a word.
+    fn = CLoudReward(rm, **SETTINGS)
+    call = {"role": "assistant", "content": "Let me compute."}
+    for completion in ([call, {"role": "tool", "name": "calc", "content": "4"}],
+                       [{"role": "user", "content": "and?"}, call], [call, "4"]):
+        with pytest.raises(ValueError, match=r"completions\[0\]: .*one assistant message"):
+            fn(PROMPTS[:1], [completion])
+    # One assistant message, with further keys (TRL's parsed responses), is its content.
+    np.testing.assert_allclose(fn(PROMPTS[:1], [[dict(call, thinking="hmm")]]),
+                               fn(PROMPTS[:1], [call["content"]]), atol=1e-6, rtol=0)
+
+
 def test_settings_are_checked_when_built_and_array_columns_are_read(rm):
     # A misspelt or bad setting fails at construction (before any loading), not at the
     # trainer's first reward call.
