@@ -76,6 +76,16 @@ def test_settings_are_checked_when_built_and_array_columns_are_read(rm):
         CLoudReward("/no/such/model", num_sample=4)
     with pytest.raises(ValueError, match="temperature"):
         cloud_reward(rm, temperature=-1.0)
+    # A setting of the wrong kind too: a float count failed as a TypeError inside the sampler at
+    # the first call, and classic="no" (truthy) scored without critiques.
+    for bad, match in ((dict(num_samples=2.0), "num_samples=2.0: must be a whole number"),
+                       (dict(batch_size=2.5), "batch_size"),
+                       (dict(max_critique_tokens=1.5), "max_critique_tokens"),
+                       (dict(max_length=0), "max_length=0: must be >= 1"),
+                       (dict(classic="no"), "classic='no'")):
+        with pytest.raises(ValueError, match=match):
+            CLoudReward(rm, **bad)
+    CLoudReward(rm, num_samples=np.int64(2), classic=np.bool_(False))  # numpy scalars are fine
     # Prompts and completions given as numpy arrays (a dataset column) score as lists do.
     fn = CLoudReward(rm, **SETTINGS)
     np.testing.assert_allclose(fn(np.array(PROMPTS), np.array(COMPLETIONS)),

@@ -77,6 +77,16 @@ class ScoreConfig:
     decode_phases: int = DECODE_PHASES
 
     def validate(self) -> "ScoreConfig":
+        # Whole numbers, checked first: a float (2.0) would otherwise pass here and fail as a
+        # TypeError deep in the sampler at the first call, not when the settings are made.
+        for name in ("num_samples", "batch_size", "max_critique_tokens", "max_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ValueError(f"{name}={value!r}: must be a whole number")
+        if self.classic is not None and not isinstance(self.classic, (bool, np.bool_)):
+            raise ValueError(f"classic={self.classic!r}: must be True, False or None")
+        if self.max_length < 1:
+            raise ValueError(f"max_length={self.max_length}: must be >= 1")
         if self.num_samples < 1:
             raise ValueError(f"num_samples={self.num_samples}: must be >= 1")
         if self.batch_size < 1:
