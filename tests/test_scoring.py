@@ -93,6 +93,24 @@ def test_classic_model_scores_with_one_forward(rm):
     np.testing.assert_allclose(result.rewards, full_rewards(rm, seqs), atol=1e-5, rtol=0)
 
 
+def test_classic_scoring_compiles_one_batch_shape_whatever_the_input_count(rm):
+    # A short last batch is filled up, as critique sampling's is: 4, 6 and 5 inputs in batches of
+    # 4 share one compiled forward (the remainders 2 and 1 compiled shapes of their own), and the
+    # rewards are those of scoring each input alone.
+    from cloud_jax.scoring.rewards import sequence_rewards
+
+    prompts, responses = ["Q%d" % i for i in range(6)], ["A%d" % i for i in range(6)]
+    cfg = ScoreConfig(classic=True, batch_size=4)
+    score(rm, prompts[:4], responses[:4], cfg)
+    compiled = sequence_rewards._cache_size()
+    six = score(rm, prompts, responses, cfg).rewards
+    five = score(rm, prompts[:5], responses[:5], cfg).rewards
+    assert sequence_rewards._cache_size() == compiled
+    alone = [score(rm, [p], [r], cfg).rewards[0] for p, r in zip(prompts, responses)]
+    np.testing.assert_allclose(six, alone, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(five, alone[:5], atol=1e-5, rtol=0)
+
+
 def test_teacher_forced_rewards_read_the_given_critiques_with_one_forward(rm):
     critiques = ["Correct.", "A colour indeed.", "It greets back."]
     got = teacher_forced_rewards(rm, PROMPTS, RESPONSES, critiques, ScoreConfig(batch_size=2))

@@ -175,13 +175,16 @@ def _encode_whole(tok, prompts, responses, critiques, layout: str,
 def _forward_rewards(rm, examples: Sequence[Example], cfg: ScoreConfig, on_batch) -> np.ndarray:
     """float32 [N]: each example's reward at its reward index, ``cfg.batch_size`` per forward."""
     rewards = np.zeros(len(examples), np.float32)
+    rows = min(cfg.batch_size, len(examples))
     for start, end in _batches(len(examples), cfg.batch_size):
         chunk = examples[start:end]
+        # A short last batch is filled up with copies, so every batch has one compiled shape.
+        chunk = chunk + [chunk[0]] * (rows - len(chunk))
         length = bucket_length(max(len(ex.input_ids) for ex in chunk), cfg.length_buckets)
         ids, mask = pad_prefixes([ex.input_ids.tolist() for ex in chunk], length, side="right")
         index = np.asarray([ex.reward_index for ex in chunk], np.int32)
         rewards[start:end] = np.asarray(sequence_rewards(rm.params, ids, mask, index,
-                                                         cfg=rm.config))
+                                                         cfg=rm.config))[:end - start]
         if on_batch is not None:
             on_batch(end - start, 0)
     return rewards
