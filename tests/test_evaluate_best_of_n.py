@@ -112,6 +112,9 @@ def test_k_sweep_changes_the_picks(tmp_path):
      "non-empty string"),
     ({"id": "x", "prompt": 3, "candidates": ["a", "b"], "scores": [1, 0]}, "prompt",
      "non-empty string"),
+    # A JSON \ud800 escape: refused here, not a tokenizer TypeError once the model has loaded.
+    ({"id": "x", "prompt": "p", "candidates": ["a", "b\ud800"], "scores": [1, 0]},
+     "candidates[1]", "contains a lone surrogate (\\ud800) at offset 1"),
     ({"id": "p1", "prompt": "p", "candidates": ["a", "b"], "scores": [1, 0]}, "id",
      "duplicate id 'p1'"),
 ])

@@ -58,6 +58,12 @@ def _text(path: str, line: int, field: str, value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         got = "an empty string" if isinstance(value, str) else type(value).__name__
         raise RowError(path, line, None, field, f"expected a non-empty string, got {got}")
+    try:  # a JSON \ud800 escape: the tokenizer cannot encode it
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise RowError(path, line, None, field,
+                       f"contains a lone surrogate (\\u{ord(value[err.start]):04x}) at offset "
+                       f"{err.start}; the text is not valid Unicode") from None
     return value
 
 
