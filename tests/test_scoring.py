@@ -246,6 +246,11 @@ def test_a_text_that_is_not_a_string_is_named_not_called_too_long(rm):
                 rm.score(prompts, responses, classic=classic)
     with pytest.raises(TypeError, match=r"critiques\[0\]: .* got NoneType"):
         teacher_forced_rewards(rm, ["p"], ["r"], [None])
+    # A lone surrogate (a JSON \udc80 escape): named, not the tokenizer's TypeError.
+    for classic in (False, True):
+        with pytest.raises(ValueError, match=r"responses\[1\]: contains a lone surrogate "
+                                             r"\(\\udc80\) at offset 1"):
+            rm.score(["p", "q"], ["r", "a\udc80b"], classic=classic)
 
 
 def test_mesh_option_parses_axis_sizes_and_names_mistakes():

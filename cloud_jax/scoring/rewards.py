@@ -147,13 +147,19 @@ def _require_tokenizer(rm):
 
 
 def _check_texts(**named: Sequence[Any]) -> None:
-    """Every element a string: anything else (None, a number, chat messages) is named here rather
-    than failing in the tokenizer."""
+    """Every element a string of valid Unicode: anything else (None, a number, chat messages, a
+    lone surrogate) is named here rather than failing in the tokenizer."""
     for name, texts in named.items():
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"{name}[{i}]: expected a string, got {type(text).__name__} "
                                 f"{text!r:.60}")
+            try:  # e.g. a JSON \ud800 escape, or bytes decoded with "surrogateescape"
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise ValueError(f"{name}[{i}]: contains a lone surrogate "
+                                 f"(\\u{ord(text[err.start]):04x}) at offset {err.start}; the "
+                                 "text is not valid Unicode") from None
 
 
 def _encode_whole(tok, prompts, responses, critiques, layout: str,
