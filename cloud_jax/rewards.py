@@ -103,6 +103,8 @@ class CLoudReward:
             raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions: the "
                              "trainer passes one prompt per completion")
         if len(prompts) == 0:  # a list, or a dataset column as an array
+            # Nothing scored: last_critiques is this call's (none), not the call before's.
+            self.last_critiques, self.last_result = [], None
             return [], []
         texts = [_prompt_text(p, i) for i, p in enumerate(prompts)]
         answers = [_completion_text(c, i) for i, c in enumerate(completions)]

@@ -52,7 +52,8 @@ def test_chat_messages_are_read_as_their_texts(rm, caplog):
         fn(PROMPTS[:1], COMPLETIONS[:2])
     with pytest.raises(ValueError, match=r"completions\[0\]"):
         fn(PROMPTS[:1], [[{"role": "user", "content": "x"}]])
-    assert fn([], []) == []
+    assert fn.last_critiques  # from the last call that scored
+    assert fn([], []) == [] and fn.last_critiques == [] and fn.last_result is None
 
 
 def test_a_completion_with_more_than_its_assistant_message_is_refused(rm):
