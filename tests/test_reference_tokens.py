@@ -107,3 +107,17 @@ def test_a_sampled_critique_reads_back_as_the_row_it_came_from(tok):
     assert text == critique
     again = encode_example(tok, prompt, response, text, "critique", COT_PROMPT, 512)
     assert again.input_ids.tolist() == ex.input_ids.tolist()
+
+
+@pytest.mark.parametrize("prefix", ["", "  "])
+def test_a_blank_prefix_leaves_the_critique_trimmed_as_the_template_trims_it(tok, prefix):
+    # The template trims the turn's whole text, prefix and critique together: with nothing in
+    # the prefix, the critique's leading whitespace goes too.
+    prompt, response, _ = CASES[0]
+    critique = " The answer is right."
+    ex = encode_example(tok, prompt, response, critique, "critique", prefix, 512)
+    assert ex.input_ids.tolist() == reference_training_ids(tok, prompt, response, critique, prefix)
+    prefill = encode_critique_prefix(tok, prompt, response, prefix)
+    assert ex.input_ids.tolist()[:len(prefill)] == prefill
+    targets = tok.convert_ids_to_tokens(ex.input_ids[ex.target_mask.astype(bool)].tolist())
+    assert targets[0] == "The"

@@ -126,7 +126,8 @@ class ChatLayout:
             return head, self._text_ids(critique.rstrip() if self.trims else critique)
         full = critique_prefix + critique
         if self.trims:
-            full = full.rstrip()
+            # Both ends: a blank prefix (lstripped to "") leaves the critique's own start.
+            full = full.strip()
         joint = self._text_ids(full)
         if joint[:len(head)] == head:
             return head, joint[len(head):]

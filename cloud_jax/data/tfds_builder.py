@@ -80,9 +80,11 @@ class CloudPairs(tfds.core.GeneratorBasedBuilder):
     """Tokenized preference pairs. Built by :func:`prepare_dataset`; read with
     ``tfds.data_source('cloud_pairs/<config>', data_dir=...)`` or :func:`open_split`."""
 
-    VERSION = tfds.core.Version("1.1.0")
+    VERSION = tfds.core.Version("1.2.0")
     RELEASE_NOTES = {"1.0.0": "Pairs of tokenized sequences with target masks and reward index.",
-                     "1.1.0": "Pairs whose responses are the same tokens are rejected."}
+                     "1.1.0": "Pairs whose responses are the same tokens are rejected.",
+                     "1.2.0": "Under a template that trims, a blank critique prefix leaves the "
+                              "critique trimmed at its start too."}
     # TFDS looks beside a builder's source file for checksums of its downloads. There are no
     # downloads here, and that lookup imports `importlib_resources`, which TFDS only installs on
     # Python < 3.9.
