@@ -253,6 +253,21 @@ def test_a_text_that_is_not_a_string_is_named_not_called_too_long(rm):
             rm.score(["p", "q"], ["r", "a\udc80b"], classic=classic)
 
 
+def test_a_text_holding_a_lone_surrogate_is_named_not_a_tokenizer_error(rm, tmp_path):
+    # A JSON "\ud800" escape decodes to a lone surrogate, which no tokenizer takes.
+    for classic in (False, True):
+        with pytest.raises(ValueError, match=r"responses\[1\]: contains a lone surrogate "
+                                             r"\(\\ud800\) at offset 1"):
+            rm.score(["p", "q"], ["r", "x\ud800"], classic=classic)
+    with pytest.raises(ValueError, match=r"critiques\[0\]: contains a lone surrogate"):
+        teacher_forced_rewards(rm, ["p"], ["r"], ["\udc00"])
+    src = tmp_path / "rows.jsonl"
+    src.write_text('{"prompt": "p", "response": "r"}\n{"prompt": "a\\ud800", "response": "r"}\n')
+    with pytest.raises(ConfigError, match=r"rows.jsonl:2: field 'prompt': not valid Unicode text"):
+        main(["--checkpoint", str(tmp_path), "--input", str(src), "--output",
+              str(tmp_path / "o.jsonl")])
+
+
 def test_mesh_option_parses_axis_sizes_and_names_mistakes():
     import argparse
 

@@ -15,7 +15,7 @@ from cloud_jax.cli.common import (add_sampling_args, columns_from_args, config_f
                                   load_model, progress_bar)
 from cloud_jax import storage
 from cloud_jax.data.jsonl import write_jsonl_atomic
-from cloud_jax.data.schema import read_records
+from cloud_jax.data.schema import lone_surrogate, read_records
 from cloud_jax.errors import ConfigError
 from cloud_jax.scoring.rewards import InputTooLongError, ScoreConfig, resolve_classic, score
 
@@ -30,6 +30,9 @@ def _texts(rows: list[tuple[str, dict]]) -> tuple[list[str], list[tuple[int, str
                 raise ConfigError(f"{where}: field '{field}': must be a string (a row needs "
                                   "'prompt' and 'response', or 'prompt', 'chosen' and "
                                   "'rejected'; --column renames a dataset's columns)")
+            bad = lone_surrogate(obj[field])
+            if bad is not None:
+                raise ConfigError(f"{where}: field '{field}': {bad}")
         jobs.extend((i, f) for f in fields)
     return [rows[i][1]["prompt"] for i, _ in jobs], jobs
 

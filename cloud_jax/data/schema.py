@@ -378,12 +378,21 @@ def _check_text(field: str, value: Any) -> str:
         raise _FieldError(field, "is empty")
     if "\x00" in value:
         raise _FieldError(field, f"contains a NUL character at offset {value.index(chr(0))}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise _FieldError(field, f"contains a lone surrogate (\\u{ord(value[err.start]):04x}) at "
-                                 f"offset {err.start}; the text is not valid Unicode") from None
+    bad = lone_surrogate(value)
+    if bad is not None:
+        raise _FieldError(field, bad)
     return value
+
+
+def lone_surrogate(text: str) -> Optional[str]:
+    """Why ``text`` is not Unicode text a tokenizer can take, or None when it is: a JSON
+    ``\\ud800`` escape (or bytes decoded with "surrogateescape") leaves a lone surrogate."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return (f"contains a lone surrogate (\\u{ord(text[err.start]):04x}) at offset {err.start}; "
+                "the text is not valid Unicode")
+    return None
 
 
 def _check_feedback(field: str, value: Any) -> str:

@@ -38,7 +38,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from cloud_jax import storage
-from cloud_jax.data.schema import RowError, expand_paths
+from cloud_jax.data.schema import RowError, expand_paths, lone_surrogate
 from cloud_jax.errors import ConfigError
 
 BASELINES = ("first", "random")
@@ -58,12 +58,9 @@ def _text(path: str, line: int, field: str, value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         got = "an empty string" if isinstance(value, str) else type(value).__name__
         raise RowError(path, line, None, field, f"expected a non-empty string, got {got}")
-    try:  # a JSON \ud800 escape: the tokenizer cannot encode it
-        value.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise RowError(path, line, None, field,
-                       f"contains a lone surrogate (\\u{ord(value[err.start]):04x}) at offset "
-                       f"{err.start}; the text is not valid Unicode") from None
+    bad = lone_surrogate(value)  # a JSON \ud800 escape: no tokenizer takes it
+    if bad is not None:
+        raise RowError(path, line, None, field, bad)
     return value
 
 

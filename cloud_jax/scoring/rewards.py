@@ -26,6 +26,7 @@ from cloud_jax.model.config import ModelConfig
 from cloud_jax.model.decode_step import decode_layout, prepare_decode_weights_jit
 from cloud_jax.data.config import CRITIQUE_PREFIX, LAYOUT_VERSION, LAYOUT_VERSIONS
 from cloud_jax.data.layout import Example, chat_layout, encode_critique_prefix, encode_example
+from cloud_jax.data.schema import lone_surrogate
 from cloud_jax.data.tokenizer import end_of_turn_ids
 from cloud_jax.model import CLoudModel, param_shardings, unstack_layers
 from cloud_jax.sampling import (DECODE_PHASES, bucket_length, check_decode_phases,
@@ -154,12 +155,9 @@ def _check_texts(**named: Sequence[Any]) -> None:
             if not isinstance(text, str):
                 raise TypeError(f"{name}[{i}]: expected a string, got {type(text).__name__} "
                                 f"{text!r:.60}")
-            try:  # e.g. a JSON \ud800 escape, or bytes decoded with "surrogateescape"
-                text.encode("utf-8")
-            except UnicodeEncodeError as err:
-                raise ValueError(f"{name}[{i}]: contains a lone surrogate "
-                                 f"(\\u{ord(text[err.start]):04x}) at offset {err.start}; the "
-                                 "text is not valid Unicode") from None
+            bad = lone_surrogate(text)
+            if bad is not None:
+                raise ValueError(f"{name}[{i}]: {bad}")
 
 
 def _encode_whole(tok, prompts, responses, critiques, layout: str,

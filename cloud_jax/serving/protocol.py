@@ -24,6 +24,7 @@ import dataclasses
 import math
 from typing import Any, Optional, Sequence
 
+from cloud_jax.data.schema import lone_surrogate
 from cloud_jax.serving.types import BackendOptions, Item, Settings
 
 _SETTING_TYPES = {"num_samples": int, "temperature": float, "top_k": int, "top_p": float,
@@ -43,11 +44,9 @@ class InvalidField(ValueError):
 def _text(value: str, field: str) -> str:
     """``value`` if it is Unicode text a tokenizer can take: JSON's ``\\ud800`` escapes decode to
     lone surrogates, which are not (InvalidField naming ``field``)."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise InvalidField(field, f"not valid Unicode text (a lone surrogate, "
-                                  f"{value[err.start]!r}, at character {err.start})") from None
+    bad = lone_surrogate(value)
+    if bad is not None:
+        raise InvalidField(field, bad)
     return value
 
 
