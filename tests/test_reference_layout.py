@@ -374,6 +374,10 @@ def test_an_export_from_before_layout_versions_is_scored_with_layout_1(tmp_path)
     (tmp_path / "new" / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="layout_version=7"):
         cloud_jax.load(tmp_path / "new")
+    config["layout_version"] = True  # not read as version 1
+    (tmp_path / "new" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="layout_version=True"):
+        cloud_jax.load(tmp_path / "new")
 
 
 def test_the_hub_id_is_carried_and_local_paths_are_not_written(tmp_path, monkeypatch):

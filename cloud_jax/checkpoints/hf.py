@@ -681,7 +681,8 @@ def layout_version_of(directory: Path, config: dict) -> int:
 
     if "layout_version" in config:
         version = config["layout_version"]
-        if version not in LAYOUT_VERSIONS:
+        # true == 1 in Python: a boolean is no version.
+        if isinstance(version, bool) or version not in LAYOUT_VERSIONS:
             raise CheckpointError(f"{directory}/config.json: layout_version={version!r}; "
                                   f"expected one of {', '.join(map(str, LAYOUT_VERSIONS))}")
         return version
