@@ -263,7 +263,7 @@ def test_a_text_holding_a_lone_surrogate_is_named_not_a_tokenizer_error(rm, tmp_
         teacher_forced_rewards(rm, ["p"], ["r"], ["\udc00"])
     src = tmp_path / "rows.jsonl"
     src.write_text('{"prompt": "p", "response": "r"}\n{"prompt": "a\\ud800", "response": "r"}\n')
-    with pytest.raises(ConfigError, match=r"rows.jsonl:2: field 'prompt': not valid Unicode text"):
+    with pytest.raises(ConfigError, match=r"rows.jsonl:2: field 'prompt': contains a lone surrogate"):
         main(["--checkpoint", str(tmp_path), "--input", str(src), "--output",
               str(tmp_path / "o.jsonl")])
 
