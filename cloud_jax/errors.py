@@ -1,6 +1,6 @@
 """Exception types and exit codes shared across layers (this module imports nothing)."""
 
-# EX_TEMPFAIL: stopped by SIGTERM (preemption) after saving; run the same command again to resume.
+# EX_TEMPFAIL: stopped by SIGTERM (preemption); run the same command again to resume.
 PREEMPTED_EXIT_CODE = 75
 
 
@@ -28,6 +28,11 @@ class GGUFConversionError(ValueError):
     Llama directory."""
 
 
-class Preempted(Exception):
-    """A run stopped by SIGTERM after saving its state; the command exits with
-    PREEMPTED_EXIT_CODE, and running the same command again resumes it."""
+class Preempted(BaseException):
+    """A run stopped by SIGTERM: after saving its state (the training loop), or at once anywhere
+    else in a command (cloud_jax.cli.common.run_command); the command exits with
+    PREEMPTED_EXIT_CODE, and running the same command again resumes it.
+
+    A BaseException, as KeyboardInterrupt is: raised wherever the signal lands, it must not be
+    taken for a failure by an ``except Exception`` (a checkpoint that does not read back would
+    be set aside as unusable)."""

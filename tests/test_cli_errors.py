@@ -241,3 +241,54 @@ def test_the_real_exit_status_and_debug(files, tmp_path):
     debug = subprocess.run(argv[:3] + ["--debug"] + argv[3:], capture_output=True, text=True,
                            env=env, timeout=120)
     assert debug.returncode == 1 and "Traceback" in debug.stderr, debug.stderr
+
+
+# `python -m cloud_jax ARGV`, with `score`'s scoring touching argv[1] (a marker) and then waiting
+# there for a signal.
+PAUSED_SCORE = """
+import os, sys, time
+from cloud_jax.cli import score
+
+def pausing_score(*args, **kwargs):
+    open(sys.argv[1], "w").close()
+    time.sleep(600)
+
+score.score = pausing_score
+from cloud_jax.__main__ import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_sigterm_outside_training_exits_75_with_one_line(capsys, files, tmp_path):
+    """Preemption during `score` (as during `critique`, `evaluate` or a trainer's set-up): status
+    75 and one `preempted:` line, as a training run stopped in its step loop; nothing is written,
+    and the same command then writes the whole output."""
+    import time
+
+    from cloud_jax.errors import PREEMPTED_EXIT_CODE
+
+    marker, out = str(tmp_path / "scoring"), str(tmp_path / "scored.jsonl")
+    argv = ["score", "--checkpoint", files["ckpt"], "--input", files["rows"], "--output", out,
+            "--max-critique-tokens", "2", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen([sys.executable, "-c", PAUSED_SCORE, marker, *argv], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(marker):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("preempted: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert "run the same command again" in lines[0]
+    assert not os.path.exists(out)
+    assert main(argv) == 0
+    assert len(open(out).readlines()) == 1

@@ -451,3 +451,56 @@ def test_sigterm_during_the_last_step_finishes_the_run(toy, tmp_path, monkeypatc
     assert summary["step"] == 3 and not summary["preempted"]
     assert summary["final_dir"] and os.path.isdir(os.path.join(out, "final"))
     assert step_dirs(out) == ["3"]
+
+
+# The trainer's command line as `python -m cloud_jax.train` runs it (through run_command), with a
+# hook: the restore of a checkpoint touches RELIABILITY_MARKER, then waits there for a signal.
+RESTORE_TRAINER = """
+import os, sys, time
+from cloud_jax.training import checkpointing
+
+restore = checkpointing.Checkpointer.restore
+
+def pausing_restore(*args, **kwargs):
+    open(os.environ["RELIABILITY_MARKER"], "w").close()
+    time.sleep(600)
+    return restore(*args, **kwargs)
+
+checkpointing.Checkpointer.restore = pausing_restore
+from cloud_jax.cli.common import run_command
+from cloud_jax.cli.train import main
+sys.exit(run_command(main, sys.argv[1:]))
+"""
+
+
+def test_sigterm_during_a_restore_exits_75_and_the_rerun_resumes(toy, tmp_path, caplog):
+    """Preemption outside the step loop (here: while a checkpoint is read back): status 75 and
+    one `preempted:` line, as in the step loop; the checkpoint being read is not taken for an
+    unusable one (set aside), and the rerun resumes from it."""
+    from cloud_jax.errors import PREEMPTED_EXIT_CODE
+
+    out, marker = str(tmp_path / "run"), str(tmp_path / "restoring")
+    steps = ["train.total_steps=2", "train.checkpoint_every=1"]
+    run(tiny(toy, out, *steps, "train.stop_at_step=1"))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", RELIABILITY_MARKER=marker)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RESTORE_TRAINER, "--config",
+         str(ROOT / "configs/tiny_cpu_cloud.yaml"), *overrides(toy, out, *steps)],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: os.path.exists(marker), proc)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == PREEMPTED_EXIT_CODE, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("preempted: ")]
+    assert len(lines) == 1 and "run the same command again" in lines[0], stderr[-3000:]
+    assert step_dirs(out) == ["1"]  # not moved aside as unusable
+    with caplog.at_level(logging.INFO):
+        summary = run(tiny(toy, out, *steps))
+    assert f"resumed from {os.path.join(out, 'checkpoints')} step 1" in caplog.text
+    assert summary["step"] == 2 and not summary["preempted"]

@@ -4,7 +4,9 @@ progress bars."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from typing import Callable, Dict, Optional, Sequence
 
 import jax
@@ -216,12 +218,20 @@ def run_command(main_fn: Callable[[Optional[Sequence[str]]], Optional[int]],
                 argv: Sequence[str]) -> int:
     """Runs one command: a user error becomes one ``error: ...`` line on stderr and exit status 2.
 
-    A run stopped by SIGTERM after saving exits with PREEMPTED_EXIT_CODE, as ``train`` does, so that
-    schedulers relaunch it. Any other exception is a bug and keeps its traceback. A leading
-    ``--debug`` in ``argv`` keeps the traceback of user errors too.
+    SIGTERM (how preemption arrives) makes the command exit with PREEMPTED_EXIT_CODE and one
+    ``preempted: ...`` line, so that schedulers relaunch it: the training loop saves a checkpoint
+    first and installs its own handler for that; anywhere else (data preparation, a checkpoint
+    restore, ``critique``, ``score``, ``evaluate``) the signal raises Preempted where it lands,
+    and the rerun resumes or redoes the work (every output is written whole or not at all). On
+    several hosts JAX's coordination service takes the signal over once it is initialized. Any
+    other exception is a bug and keeps its traceback. A leading ``--debug`` in ``argv`` keeps
+    the traceback of user errors too.
     """
     argv = list(argv)
     debug = argv[:1] == ["--debug"]
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_preempted)
     try:
         return int(main_fn(argv[debug:]) or 0)
     except Preempted as err:
@@ -232,6 +242,14 @@ def run_command(main_fn: Callable[[Optional[Sequence[str]]], Optional[int]],
             raise
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_preempted(signum, frame) -> None:
+    raise Preempted("stopped by SIGTERM before finishing; run the same command again to resume "
+                    "(finished work is kept, unfinished work is redone)")
 
 
 def _one_line(err: Exception) -> str:

@@ -588,9 +588,10 @@ def run(cfg: Config) -> dict:
         if tc.export_final and end_step == tc.total_steps and summary["step"] == end_step:
             summary["final_dir"] = _export_final(cfg, model_cfg, state["params"], tokenizer)
     finally:
-        preemption.close()
         bar.close()
         ckpt.close()
         writer.close()
+        # Last: until the checkpoint manager is closed, a SIGTERM is only noted.
+        preemption.close()
     summary["compile_reports"] = list(train_step.reports)
     return summary
