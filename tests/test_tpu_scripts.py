@@ -440,6 +440,16 @@ if mode == "flaky":  # fails on its first start on each worker, succeeds after
     sys.exit(0)
 if mode == "fail":
     sys.exit(3)
+if mode in ("progress", "stuck"):
+    # Crashes after saving a checkpoint, each start resuming from a newer one (progress: it
+    # finishes at step 3) or always from the same one (stuck).
+    saved = pathlib.Path(os.environ["HOME"]) / "saved-step"
+    step = int(saved.read_text()) if saved.exists() else 0
+    if step:
+        print(f"2026-01-01 00:00:00,000 INFO cloud_jax.training.loop: resumed from "
+              f"gs://test-bucket/cloud/run/checkpoints step {step}", flush=True)
+    saved.write_text(str(step + 1 if mode == "progress" else 5))
+    sys.exit(0 if step >= 2 and mode == "progress" else 3)
 def on_term(*_):
     print("SIGTERM: saving checkpoint", flush=True)
     sys.exit(0)
@@ -690,3 +700,25 @@ def test_babysit_gives_up_after_max_retries(fake_tpu):
         **env, "MAX_RETRIES": "1"})
     assert result.returncode == 1
     assert "giving up after 1 recoveries" in result.stderr
+
+
+def test_babysit_resets_its_retry_count_when_the_run_makes_progress(fake_tpu):
+    """Every relaunch resumes from a newer checkpoint: more recoveries than MAX_RETRIES in all,
+    but never more than MAX_RETRIES in a row without progress, so the run is seen to its end."""
+    state, _, env = fake_tpu
+    result = script("babysit", "-n", "m", "python", "trainer.py", "progress", env={
+        **env, "MAX_RETRIES": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "resumed from gs://test-bucket/cloud/run/checkpoints step 1, a newer checkpoint" \
+        in result.stderr
+    assert "recovery count reset (was 1 of at most 1)" in result.stderr
+    assert "finished on every worker" in result.stderr
+    assert worker_log(state, 0, "m").count("=== ") == 3
+    # Relaunches that resume from the same checkpoint again and again are no progress.
+    for i in range(2):
+        (state / f"worker-{i}" / "saved-step").unlink()
+    stuck = script("babysit", "-n", "s", "python", "trainer.py", "stuck", env={
+        **env, "MAX_RETRIES": "1"})
+    assert stuck.returncode == 1, stuck.stderr
+    assert "giving up after 1 recoveries" in stuck.stderr
+    assert stuck.stderr.count("recovery count reset") == 1  # the first start's save: step 5

@@ -14,7 +14,10 @@
 #     path or data, which a relaunch would only repeat): exits 2.
 # On its first check it brings the TPU up and starts the run if needed (or adopts a run of the same
 # RUN_NAME that is already running). Recoveries wait BACKOFF_BASE seconds, doubling up to
-# BACKOFF_MAX while they keep failing; after MAX_RETRIES recoveries it gives up (exit 1).
+# BACKOFF_MAX while they keep failing; after MAX_RETRIES recoveries without progress it gives up
+# (exit 1). Progress: the trainer's log on a worker says it resumed from a newer checkpoint
+# ("resumed from DIR step N" with N above every step seen before for DIR); the count of recoveries
+# then starts again from 0, so a long run preempted many times is not given up on.
 # MAX_ITERATIONS > 0 stops it after that many checks. Every event is logged to stderr with a UTC
 # timestamp; keep it alive with e.g. `nohup tpu_scripts/babysit.sh ... >babysit.log 2>&1 &`.
 #   -n RUN_NAME     as for run.sh (default: run-<UTC date>-<time>, fixed for all relaunches)
@@ -72,6 +75,10 @@ elif [ -f "$base.exit" ]; then
 else
   echo "STATUS $WORKER lost"
 fi
+# The checkpoints this run's starts resumed from (the trainer logs "resumed from DIR step N").
+if [ "$(cat "$LOG_DIR/current" 2>/dev/null || true)" = "$RUN" ] && [ -f "$base.log" ]; then
+  sed -n 's/^.*resumed from \(.*[^ ]\) step \([0-9][0-9]*\)$/PROGRESS \2 \1/p' "$base.log"
+fi
 EOF
 )
 read_trainer_status() {
@@ -84,6 +91,10 @@ read_trainer_status() {
   fi
   out=$(on_all_workers "$body" RUN LOG_DIR) || rc=$?
   while IFS= read -r line; do
+    if [[ $line =~ ^PROGRESS\ ([0-9]+)\ (.+)$ ]]; then
+      note_resumed_step "${BASH_REMATCH[2]}" "${BASH_REMATCH[1]}"
+      continue
+    fi
     [[ $line =~ ^STATUS\ ([^ ]+)\ (.*)$ ]] || continue
     TRAINER_DETAIL+="${TRAINER_DETAIL:+, }${BASH_REMATCH[1]}:${BASH_REMATCH[2]}"
     case "${BASH_REMATCH[2]}" in
@@ -106,6 +117,21 @@ read_trainer_status() {
     TRAINER=none
   else
     TRAINER=failed
+  fi
+}
+
+# $1: a checkpoint directory the trainer resumed from, $2: the step. A step above every one seen
+# before for that directory means the runs since the last recovery made progress: the recovery
+# count starts again, so that only recoveries in a row without progress count against MAX_RETRIES.
+declare -A resumed_step=()
+note_resumed_step() {
+  if (($2 > ${resumed_step[$1]:--1})); then
+    resumed_step[$1]=$2
+    if ((recoveries > 0)); then
+      log "run $RUN resumed from $1 step $2, a newer checkpoint than before: it makes progress;" \
+        "recovery count reset (was $recoveries of at most $MAX_RETRIES)"
+      recoveries=0
+    fi
   fi
 }
 

@@ -90,7 +90,9 @@ fi
 : "${POLL_SECONDS:=30}"
 : "${STOP_TIMEOUT:=300}"
 : "${SSH_RETRIES:=3}"
-# babysit.sh: seconds between health checks; recoveries allowed in all; first and largest wait
+# babysit.sh: seconds between health checks; recoveries allowed in a row without progress (a
+# relaunch resuming from a newer checkpoint than before starts the count again); first and largest
+# wait
 # before a recovery (doubling in between, reset once the run is seen healthy); checks before it
 # exits (0: no limit).
 : "${CHECK_SECONDS:=300}"
