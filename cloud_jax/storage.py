@@ -245,6 +245,46 @@ def write_text_atomic(path: str, text: str, tmp_suffix: str = ".tmp") -> None:
         raise
 
 
+# The file in a local directory that :func:`hold_dir` locks; it names its holder.
+LOCK_FILE = ".cloud_jax.lock"
+
+
+@contextlib.contextmanager
+def hold_dir(path: str, what: str) -> Iterator[None]:
+    """Holds the local directory ``path`` (made if missing) for this process, so that a second
+    process that would write there at the same time is refused: a ConfigError naming the holder's
+    pid and host. An advisory ``flock`` of ``path/LOCK_FILE``: it ends with the process, however
+    that ends, so the file a dead holder leaves never blocks. Several hosts see one another's
+    locks only where their shared file system carries ``flock`` (NFS does; a gcsfuse mount keeps
+    each host's locks to itself). URLs are not held (an object store has no lock): a no-op."""
+    if is_url(path):
+        yield
+        return
+    import fcntl
+    import socket
+
+    os.makedirs(path, exist_ok=True)
+    lock_path = os.path.join(path, LOCK_FILE)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 1024).decode("utf-8", "replace").strip() or "another process"
+            raise ConfigError(f"{what} {path} is in use by {holder} ({lock_path}): two runs "
+                              f"writing there would mix their files; wait until it ends, stop "
+                              f"it, or give this run another {what}") from None
+        except OSError as err:  # a file system without flock: go on, unprotected
+            log.warning("%s: cannot lock %s (%s); nothing stops a second run from writing "
+                        "there at the same time", what, lock_path, err)
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # and with it the lock
+
+
 def rename(src: str, dst: str) -> None:
     """Moves a file or directory (on an object store: every object, copied then deleted)."""
     if not is_url(src):

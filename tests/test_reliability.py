@@ -504,3 +504,31 @@ def test_sigterm_during_a_restore_exits_75_and_the_rerun_resumes(toy, tmp_path, 
         summary = run(tiny(toy, out, *steps))
     assert f"resumed from {os.path.join(out, 'checkpoints')} step 1" in caplog.text
     assert summary["step"] == 2 and not summary["preempted"]
+
+
+def test_a_second_run_on_a_held_output_dir_is_refused_naming_the_holder(toy, tmp_path):
+    """Two runs on one output_dir would interleave their checkpoints: while one holds it, another
+    is refused, naming the holder's pid and host; the lock of a holder that died (kill -9: its
+    lock file stays) does not block."""
+    import socket
+
+    from cloud_jax.storage import LOCK_FILE
+
+    out = str(tmp_path / "run")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom cloud_jax.storage import hold_dir\n"
+         "with hold_dir(sys.argv[1], 'output_dir'):\n    print('held', flush=True)\n"
+         "    time.sleep(600)\n", out],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError, match=f"output_dir {out} is in use by pid {holder.pid} on "
+                                              f"host {socket.gethostname()}"):
+            run(tiny(toy, out, "train.total_steps=1"))
+        assert not os.path.exists(os.path.join(out, "checkpoints"))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert os.path.exists(os.path.join(out, LOCK_FILE))  # left by the killed holder
+    assert run(tiny(toy, out, "train.total_steps=1"))["step"] == 1

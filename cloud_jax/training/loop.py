@@ -482,6 +482,14 @@ def run(cfg: Config) -> dict:
                           "model.attention_impl=xla")
     check_batch_layout(cfg, mesh)
     check_batch_split_over_processes(mesh, TRAIN_RULES)
+    # One run at a time in an output directory: a second one would interleave its checkpoints
+    # and metrics with this one's. Process 0 holds it for every process of its job.
+    with storage.hold_dir(cfg.output_dir, "output_dir") if _is_main() else contextlib.nullcontext():
+        return _train(cfg, mesh)
+
+
+def _train(cfg: Config, mesh) -> dict:
+    """run() from the data on, with the output directory held."""
     tokenizer, dataset = prepare_data(cfg)
     train_source = open_split(dataset, "train")
     cfg = _with_total_steps(cfg, len(train_source))
