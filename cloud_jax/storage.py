@@ -263,6 +263,7 @@ def hold_dir(path: str, what: str) -> Iterator[None]:
     import fcntl
     import socket
 
+    path = path or os.curdir  # an empty run path is the working directory, as storage.join has it
     os.makedirs(path, exist_ok=True)
     lock_path = os.path.join(path, LOCK_FILE)
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -532,3 +532,12 @@ def test_a_second_run_on_a_held_output_dir_is_refused_naming_the_holder(toy, tmp
         holder.wait()
     assert os.path.exists(os.path.join(out, LOCK_FILE))  # left by the killed holder
     assert run(tiny(toy, out, "train.total_steps=1"))["step"] == 1
+
+
+def test_an_empty_output_dir_is_held_as_the_working_directory(tmp_path, monkeypatch):
+    """output_dir="" writes into the working directory (storage.join), and is held there."""
+    from cloud_jax.storage import LOCK_FILE, hold_dir
+
+    monkeypatch.chdir(tmp_path)
+    with hold_dir("", "output_dir"):
+        assert (tmp_path / LOCK_FILE).read_text().startswith(f"pid {os.getpid()} on host ")
