@@ -398,6 +398,7 @@ def test_train_random_share_only_touches_train():
     (dict(ops=("mul",), error_kinds=("carry",), error_weights=(1.0,)), "error_kinds"),
     (dict(split_fractions=(0.5, 0.5, 0.5)), "split_fractions"),
     (dict(num_eval=-1), "num_eval"),
+    (dict(num_train=301), "num_train"),
     (dict(train_random_share=1.0), "train_random_share"),
 ])
 def test_bad_config_names_the_key(change, key):
@@ -455,7 +456,9 @@ def test_cli(tmp_path, capsys):
 @pytest.mark.parametrize("args,message", [
     (["--train", "0", "--eval", "0", "--test", "0"], "all 0: nothing to write"),
     (["--digits", "0"], "--digits 0: must be >= 1"),
-    (["--train", "-1"], "--train must be >= 0")])
+    (["--train", "-1"], "--train must be >= 0"),
+    # Rows come in twos whose responses swap roles: an odd count would write an unpaired row.
+    (["--train", "1"], "--train 1: must be even")])
 def test_make_benchmark_refuses_what_it_would_drop_or_crash_on(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exc:
         main(["--out", str(tmp_path / "b"), *args])

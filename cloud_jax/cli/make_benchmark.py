@@ -33,9 +33,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         description="Write the built-in arithmetic reasoning benchmark (train/eval/test JSONL in "
                     "the row format, with oracle critiques) and benchmark.json.")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--train", type=int, default=d.num_train, help="rows in train.jsonl")
-    parser.add_argument("--eval", type=int, default=d.num_eval, help="rows in eval.jsonl")
-    parser.add_argument("--test", type=int, default=d.num_test, help="rows in test.jsonl")
+    parser.add_argument("--train", type=int, default=d.num_train, help="rows in train.jsonl (even)")
+    parser.add_argument("--eval", type=int, default=d.num_eval, help="rows in eval.jsonl (even)")
+    parser.add_argument("--test", type=int, default=d.num_test, help="rows in test.jsonl (even)")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--style", choices=STYLES, default=d.style)
     parser.add_argument("--ops", default=",".join(d.ops), help=f"comma list of {', '.join(OPS)}")
@@ -54,6 +54,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name in ("train", "eval", "test"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0")
+        if getattr(args, name) % 2:
+            parser.error(f"--{name} {getattr(args, name)}: must be even (rows come in twos whose "
+                         "responses swap roles; docs/REASONING_BENCHMARK.md)")
     if not args.train + args.eval + args.test:
         parser.error("--train, --eval and --test are all 0: nothing to write")
     if args.digits is not None and args.digits < 1:

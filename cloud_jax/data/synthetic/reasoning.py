@@ -96,6 +96,10 @@ class ReasoningBenchmarkConfig:
         for key in ("num_train", "num_eval", "num_test"):
             if getattr(self, key) < 0:
                 raise bad(key, "must be >= 0")
+            if getattr(self, key) % 2:
+                raise bad(key, "must be even: rows come in twos whose responses swap roles, and "
+                               "an unpaired row would make a response-only shortcut score above "
+                               "chance")
         if self.style not in STYLES:
             raise bad("style", f"expected one of {', '.join(STYLES)}")
         if not self.ops or any(op not in OPS for op in self.ops):
