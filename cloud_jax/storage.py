@@ -32,7 +32,7 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import IO, Iterator, List, Optional
+from typing import IO, Iterator, List, Optional, Sequence
 
 from cloud_jax.errors import ConfigError
 
@@ -390,15 +390,18 @@ def _download(url: str, files: dict, dest: str) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def upload_dir(local_dir: str, url: str) -> None:
-    """Copies every file under ``local_dir`` to ``url`` (same relative names)."""
+def upload_dir(local_dir: str, url: str, last: Sequence[str] = ()) -> None:
+    """Copies every file under ``local_dir`` to ``url`` (same relative names); those named in
+    ``last`` (relative names) after all the others."""
     fs, inner = _fs(url)
+    files = []
     for root, _, names in os.walk(local_dir):
         for name in sorted(names):
             src = os.path.join(root, name)
-            rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
-            with _writing(url):
-                fs.put_file(src, f"{inner}/{rel}")
+            files.append((os.path.relpath(src, local_dir).replace(os.sep, "/"), src))
+    for rel, src in sorted(files, key=lambda f: f[0] in last):
+        with _writing(url):
+            fs.put_file(src, f"{inner}/{rel}")
 
 
 @contextlib.contextmanager

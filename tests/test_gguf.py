@@ -423,3 +423,27 @@ def test_smollm2_greedy_answer_names_paris(smollm2_hf_dir, smollm2_converted_mod
         out = model.generate(prompt_ids, max_new_tokens=16, do_sample=False)
     answer = tokenizer.decode(out[0, prompt_ids.shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+def test_a_conversion_stopped_part_way_leaves_no_config_beside_other_weights(tmp_path,
+                                                                             monkeypatch):
+    """config.json goes first and is written last: a conversion into a directory holding another
+    model that stops while writing the weights leaves no config.json, not the new config beside
+    the old weights; the next conversion completes it."""
+    write_tiny_llama_gguf(tmp_path / "m.gguf")
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "config.json").write_text('{"model_type": "llama", "hidden_size": 1}')
+    (out / "model.safetensors").write_bytes(b"old weights")
+    real_save = gguf_convert.safetensors.numpy.save_file
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gguf_convert.safetensors.numpy, "save_file", die)
+    with pytest.raises(KeyboardInterrupt):
+        gguf_convert.convert_gguf_to_hf(tmp_path / "m.gguf", out)
+    assert not (out / "config.json").exists()
+    monkeypatch.setattr(gguf_convert.safetensors.numpy, "save_file", real_save)
+    gguf_convert.convert_gguf_to_hf(tmp_path / "m.gguf", out)
+    assert json.loads((out / "config.json").read_text())["hidden_size"] == TINY["hidden"]

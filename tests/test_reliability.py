@@ -541,3 +541,31 @@ def test_an_empty_output_dir_is_held_as_the_working_directory(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     with hold_dir("", "output_dir"):
         assert (tmp_path / LOCK_FILE).read_text().startswith(f"pid {os.getpid()} on host ")
+
+
+def test_an_export_stopped_after_its_weights_leaves_no_config_beside_them(tmp_path, monkeypatch):
+    """A save_pretrained over an earlier export that dies after writing the weights leaves a
+    directory without config.json (a load says so), not the earlier config beside new weights."""
+    import dataclasses
+
+    import cloud_jax
+    from cloud_jax.checkpoints import hf as hf_io
+    from model_helpers import TINY, tiny_reward_model
+
+    out = tmp_path / "export"
+    tiny_reward_model(1).save_pretrained(out)
+    real_write = hf_io.write_safetensors
+
+    def write_then_die(*args, **kwargs):
+        real_write(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hf_io, "write_safetensors", write_then_die)
+    new = tiny_reward_model(2, dataclasses.replace(TINY, intermediate_size=48))
+    with pytest.raises(KeyboardInterrupt):
+        new.save_pretrained(out)
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        cloud_jax.load(out)
+    new.save_pretrained(out)
+    assert cloud_jax.load(out).config.intermediate_size == 48

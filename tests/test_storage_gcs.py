@@ -348,3 +348,41 @@ def test_a_write_into_a_missing_bucket_names_the_bucket(bucket, tmp_path):
                   lambda: storage.upload_dir(str(tmp_path), "gs://no-such-bucket/out")):
         with pytest.raises(FileNotFoundError, match="no bucket 'no-such-bucket'"):
             write()
+
+
+def test_an_upload_that_fails_part_way_never_leaves_a_new_config_beside_old_weights(
+        bucket, monkeypatch):
+    """config.json goes last (and the earlier one first): an export whose upload stops part-way
+    is the earlier export whole, or a directory without config.json that no load takes for a
+    model; never the new config beside the old weights."""
+    import dataclasses
+
+    import cloud_jax
+    from cloud_jax.errors import CheckpointError
+    from model_helpers import TINY, tiny_reward_model
+
+    old = tiny_reward_model(1)
+    new = tiny_reward_model(2, dataclasses.replace(TINY, intermediate_size=48))
+    url = f"{bucket}/models/half_uploaded"
+    old.save_pretrained(url)
+    old_config = storage.read_text(f"{url}/config.json")
+    fs, _ = storage._fs(url)
+    real_put = fs.put_file  # the filesystem instance is shared (fsspec caches it)
+
+    def put_then_fail_on_weights(lpath, rpath, *args, **kwargs):
+        if str(rpath).endswith(".safetensors"):
+            raise OSError("connection reset")
+        return real_put(lpath, rpath, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "put_file", put_then_fail_on_weights)
+    with pytest.raises(OSError, match="connection reset"):
+        new.save_pretrained(url)
+    monkeypatch.undo()
+    names = storage.listdir(url)
+    if "config.json" in names:
+        assert storage.read_text(f"{url}/config.json") == old_config
+    else:
+        with pytest.raises(CheckpointError, match="no config.json"):
+            cloud_jax.load(url)
+    new.save_pretrained(url)  # a retry completes the export
+    assert cloud_jax.load(url).config.intermediate_size == 48

@@ -274,7 +274,8 @@ def _file_sha256(path: pathlib.Path) -> str:
 def _is_converted(out_dir: pathlib.Path, provenance: dict[str, str]) -> bool:
     """Whether ``out_dir`` holds a complete conversion of the same file by this converter version.
 
-    ``model.safetensors`` is written last, so its provenance metadata marks a finished conversion.
+    ``config.json`` is written last, after ``model.safetensors`` whose provenance metadata names
+    the file converted.
     """
     if not all((out_dir / name).is_file() for name in _OUTPUT_FILES):
         return False
@@ -319,7 +320,9 @@ def convert_gguf_to_hf(gguf_path: PathLike, out_dir: PathLike) -> pathlib.Path:
     tokenizer = _build_tokenizer(metadata, config)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    # config.json goes first and comes back last: a conversion stopped part-way never leaves an
+    # earlier model's config beside these weights (nor this config beside its weights).
+    (out_dir / "config.json").unlink(missing_ok=True)
     # The chat template goes into tokenizer_config.json, where every transformers version looks.
     tokenizer.save_pretrained(out_dir, save_jinja_files=False)
     # An index (and its shards) from an earlier model in out_dir would be what a load reads.
@@ -331,6 +334,7 @@ def convert_gguf_to_hf(gguf_path: PathLike, out_dir: PathLike) -> pathlib.Path:
     safetensors.numpy.save_file(tensors, partial, metadata=provenance)
     partial.chmod(0o644)  # safetensors creates it owner-only, unlike the JSON files beside it
     os.replace(partial, out_dir / "model.safetensors")
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     n_params = sum(t.size for t in tensors.values())
     print(f"Wrote {out_dir}: {n_params:,} parameters, vocabulary of {len(tokenizer)} tokens")
     return out_dir

@@ -28,6 +28,8 @@ import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -577,18 +579,33 @@ def write_safetensors(tensors: dict[str, np.ndarray], directory: Path,
 @contextlib.contextmanager
 def staged_export(directory: str | os.PathLike) -> Iterator[Path]:
     """A local directory to write an export of ``directory`` (a local path or a ``gs://`` /
-    ``s3://`` URL) into: ``storage.staged_output``. For a URL, the weight files an earlier save
-    left there that this one did not write are deleted once it is uploaded, as
+    ``s3://`` URL) into: ``directory`` itself on disk, a temporary directory uploaded when the
+    block ends without an error for a URL. An earlier export's ``config.json`` there is deleted
+    first and the new one is written (uploaded) last, so a reader never finds a config beside
+    weights it does not describe: an export stopped part-way leaves a directory without
+    ``config.json``, which no load takes for a model, until a retry completes it. The weight
+    files an earlier save left there that this one does not write are deleted, as
     :func:`write_safetensors` deletes them on disk (a stale index would be what a load reads)."""
     directory = os.fspath(directory)
     storage.check_path(directory, "output directory")
-    with storage.staged_output(directory) as local:
+    config = storage.join(directory, "config.json")
+    if not storage.is_url(directory):
+        storage.remove(config)
+        with storage.staged_output(directory) as local:
+            yield Path(local)
+        return
+    local = tempfile.mkdtemp(prefix="cloud_jax-upload-")
+    try:
         yield Path(local)
         written = set(os.listdir(local))
-    if storage.is_url(directory):
+        storage.remove(config)
         for name in storage.listdir(directory):
             if _WEIGHT_FILE.fullmatch(name) and name not in written:
                 storage.remove(storage.join(directory, name))
+        log.info("uploading to %s", directory)
+        storage.upload_dir(local, directory, last=("config.json",))
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
 
 
 def save_hf_backbone(params: Params, cfg: ModelConfig, directory: str | os.PathLike) -> Path:
