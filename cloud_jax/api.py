@@ -144,7 +144,8 @@ def _load_tokenizer(directory: Path):
 def load(path: str | os.PathLike, *, mesh: Optional[Mesh] = None, rules: Rules = TRAIN_RULES,
          seed: int = 0, **config_overrides) -> RewardModel:
     """Loads a CLoud reward model from a reference-layout directory, or a plain HF Llama / Mistral /
-    Qwen2 directory (the reward head then starts from random init), or a hub id. A directory may
+    Qwen2 directory (the reward head then starts from random init, with a warning: its rewards
+    are random until it is trained), or a hub id. A directory may
     be a ``gs://`` / ``s3://`` URL: it is downloaded into the local cache first
     (``cloud_jax.storage.local_copy``).
 
@@ -152,7 +153,8 @@ def load(path: str | os.PathLike, *, mesh: Optional[Mesh] = None, rules: Rules =
     ``scan_layers=True``.
     """
     cfg, params, directory, raw = hf_io.load_model_dir(
-        path, mesh=mesh, rules=rules, rng=jax.random.key(seed), **config_overrides)
+        path, mesh=mesh, rules=rules, rng=jax.random.key(seed),
+        fresh_head_log_level=logging.WARNING, **config_overrides)
     cloud = hf_io.is_cloud_reference(raw)
     # The hub id the model descends from, where one is known (exports record it).
     base_name = hf_io.base_model_name_of(path)

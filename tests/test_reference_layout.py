@@ -2,6 +2,7 @@
 reference classes are the stand-in of tests/reference_cloud.py, which behaves as the real ones."""
 
 import json
+import logging
 import shutil
 
 import jax
@@ -142,10 +143,14 @@ def test_a_qwen2_model_without_qkv_bias_exports_zero_biases_and_reloads_the_same
     np.testing.assert_allclose(np.asarray(rm.forward(ids[:1])[0]), want, atol=1e-4, rtol=0)
 
 
-def test_plain_hf_directory_loads_with_fresh_head(tmp_path):
+def test_plain_hf_directory_loads_with_fresh_head(tmp_path, caplog):
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(_base_config()).save_pretrained(tmp_path)
-    rm = cloud_jax.load(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="cloud_jax"):
+        rm = cloud_jax.load(tmp_path)
+    # A random head's rewards mean nothing: a warning, not an INFO line most users never see.
+    assert any(r.levelno == logging.WARNING and "starts from random init"
+               in r.getMessage() for r in caplog.records)
     _, rewards = rm.forward(np.array([[1, 2, 3]]))
     assert rewards.shape == (1,) and np.isfinite(np.asarray(rewards)).all()
 

@@ -737,11 +737,13 @@ def cloud_base_config(directory: Path, config: dict) -> dict:
 
 def load_model_dir(path: str | os.PathLike, *, mesh: Optional[Mesh] = None,
                    rules: Rules = TRAIN_RULES, rng: Optional[jax.Array] = None,
+                   fresh_head_log_level: int = logging.INFO,
                    **config_overrides) -> tuple[ModelConfig, Params, Path, dict]:
     """Reads a plain HF causal-LM directory or a reference-layout CLoud directory.
 
     Returns (model config, params, resolved directory, the raw config.json). A plain causal LM gets
-    a freshly initialised reward head (logged).
+    a freshly initialised reward head, logged at ``fresh_head_log_level`` (INFO for a training
+    start, whose head is about to be trained; ``cloud_jax.load`` warns).
     """
     directory = resolve_path(path)
     raw = read_config_json(directory)
@@ -751,7 +753,8 @@ def load_model_dir(path: str | os.PathLike, *, mesh: Optional[Mesh] = None,
                              rules=rules)
     else:
         cfg = model_config_from_hf(raw, **config_overrides)
-        log.info("%s is a plain %s checkpoint: the reward head starts from random init",
-                 directory, cfg.family)
+        log.log(fresh_head_log_level, "%s is a plain %s checkpoint with no reward head: the "
+                "head starts from random init, so its rewards are random until it is trained",
+                directory, cfg.family)
         params = load_params(directory, cfg, with_head=False, mesh=mesh, rules=rules, rng=rng)
     return cfg, params, directory, raw
