@@ -155,6 +155,17 @@ def test_methods_draw_from_the_right_distribution():
     assert low[0] > 0.85
 
 
+@pytest.mark.parametrize("temperature", [1e-37, 1e-39, 5e-324])
+def test_a_tiny_temperature_draws_as_greedy_does(temperature):
+    """logits / T overflows (and a subnormal T is flushed to 0 on CPU): the draw must still be the
+    most likely token, not token 0 or whatever NaN probabilities give."""
+    logits = jnp.asarray([[0.0, 1.0, 5.0, 2.0], [-3.0, 40.0, 50.0, 49.0]], jnp.float32)
+    keys = jax.random.split(jax.random.key(0), 2)
+    for method in (method_from(temperature), method_from(temperature, top_k=3),
+                   method_from(temperature, top_p=0.9)):
+        assert np.asarray(method(logits, keys)).tolist() == [2, 2], method
+
+
 def test_bad_settings_are_clear_errors(params):
     with pytest.raises(ValueError, match="temperature"):
         Temperature(0.0)

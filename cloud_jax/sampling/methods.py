@@ -52,6 +52,20 @@ def _check_temperature(temperature: float) -> None:
         raise ValueError(f"temperature={temperature}: must be > 0 (use Greedy() for 0)")
 
 
+# The smallest normal float32. A smaller temperature is subnormal in float32 (or 0), which CPUs
+# flush to 0.
+_MIN_TEMPERATURE = float(np.finfo(np.float32).tiny)
+
+
+def _scale(logits_nv: jax.Array, temperature: float) -> jax.Array:
+    """``logits / temperature`` less each row's maximum: the most likely tokens stay at 0 however
+    small the temperature, and the others go to -inf where the quotient overflows, so a tiny
+    temperature draws as greedy does (ties at random) instead of overflowing to inf - inf = NaN.
+    A temperature below the smallest normal float32 counts as that one."""
+    top_n1 = jnp.max(logits_nv, axis=-1, keepdims=True)
+    return (logits_nv - top_n1) / max(temperature, _MIN_TEMPERATURE)
+
+
 @dataclasses.dataclass(frozen=True)
 class Greedy:
     """The most likely token (ties go to the lowest id)."""
@@ -63,7 +77,8 @@ class Greedy:
 
 @dataclasses.dataclass(frozen=True)
 class Temperature:
-    """A draw from ``softmax(logits / temperature)``."""
+    """A draw from ``softmax(logits / temperature)``. However small the temperature, the draw is
+    among the most likely tokens, as greedy's (see ``_scale``)."""
 
     temperature: float = 1.0
 
@@ -71,7 +86,7 @@ class Temperature:
         _check_temperature(self.temperature)
 
     def __call__(self, logits_nv: jax.Array, keys_n: jax.Array) -> jax.Array:
-        return _categorical(logits_nv / self.temperature, keys_n)
+        return _categorical(_scale(logits_nv, self.temperature), keys_n)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +104,7 @@ class TopK:
     def __call__(self, logits_nv: jax.Array, keys_n: jax.Array) -> jax.Array:
         k = min(self.k, logits_nv.shape[-1])
         top_nk, idx_nk = jax.lax.top_k(logits_nv, k)
-        choice_n = _categorical(top_nk / self.temperature, keys_n)
+        choice_n = _categorical(_scale(top_nk, self.temperature), keys_n)
         return jnp.take_along_axis(idx_nk, choice_n[:, None], axis=-1)[:, 0]
 
 
@@ -107,7 +122,7 @@ class TopP:
         _check_temperature(self.temperature)
 
     def __call__(self, logits_nv: jax.Array, keys_n: jax.Array) -> jax.Array:
-        scaled = logits_nv / self.temperature
+        scaled = _scale(logits_nv, self.temperature)
         order_nv = jnp.argsort(-scaled, axis=-1)
         sorted_nv = jnp.take_along_axis(scaled, order_nv, axis=-1)
         probs = jax.nn.softmax(sorted_nv, axis=-1)
