@@ -292,3 +292,27 @@ def test_sigterm_outside_training_exits_75_with_one_line(capsys, files, tmp_path
     assert not os.path.exists(out)
     assert main(argv) == 0
     assert len(open(out).readlines()) == 1
+
+
+def test_export_and_convert_write_into_a_non_empty_out_only_when_told(capsys, files, tmp_path):
+    """Another model's files of other names (a chat template, base_config/) would stay beside the
+    new model's and be loaded with it: a non-empty --out is a usage error without --overwrite."""
+    from test_gguf import write_tiny_llama_gguf
+
+    write_tiny_llama_gguf(tmp_path / "m.gguf")
+    out = tmp_path / "other_model"
+    out.mkdir()
+    (out / "chat_template.jinja").write_text("another model's chat template")
+    convert = ["convert-gguf", "--gguf", str(tmp_path / "m.gguf"), "--out", str(out)]
+    for argv in (["export-hf", "--checkpoint", files["ckpt"], "--out", str(out)], convert):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+        assert f"error: --out {out} is not empty; pass --overwrite" in capsys.readouterr().err
+        assert (out / "chat_template.jinja").is_file()
+        assert main([*argv, "--overwrite"]) == 0
+        assert (out / "config.json").is_file()
+    # The same file converted there already: nothing to write over, so no flag needed.
+    assert main(convert) == 0
+    assert "nothing to do" in capsys.readouterr().out

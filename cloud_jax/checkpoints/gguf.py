@@ -283,6 +283,23 @@ def _is_converted(out_dir: pathlib.Path, provenance: dict[str, str]) -> bool:
         return f.metadata() == provenance
 
 
+def _provenance(gguf_path: pathlib.Path) -> dict[str, str]:
+    return {
+        # transformers refuses safetensors files without this tag; the arrays are plain fp32.
+        "format": "pt",
+        "converter": _CONVERTER,
+        "source_gguf": gguf_path.name,
+        "source_sha256": _file_sha256(gguf_path),
+    }
+
+
+def already_converted(gguf_path: PathLike, out_dir: PathLike) -> bool:
+    """Whether ``out_dir`` holds a complete conversion of ``gguf_path`` (the same file, by this
+    converter version): converting it again would change nothing."""
+    gguf_path, out_dir = pathlib.Path(gguf_path), pathlib.Path(out_dir)
+    return gguf_path.is_file() and _is_converted(out_dir, _provenance(gguf_path))
+
+
 def convert_gguf_to_hf(gguf_path: PathLike, out_dir: PathLike) -> pathlib.Path:
     """Write a Hugging Face Llama directory (fp32 safetensors, config, tokenizer) from a GGUF file.
 
@@ -294,13 +311,7 @@ def convert_gguf_to_hf(gguf_path: PathLike, out_dir: PathLike) -> pathlib.Path:
         raise GGUFConversionError(f"{gguf_path} is a directory; give the .gguf file")
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file {gguf_path} does not exist.")
-    provenance = {
-        # transformers refuses safetensors files without this tag; the arrays are plain fp32.
-        "format": "pt",
-        "converter": _CONVERTER,
-        "source_gguf": gguf_path.name,
-        "source_sha256": _file_sha256(gguf_path),
-    }
+    provenance = _provenance(gguf_path)
     if _is_converted(out_dir, provenance):
         print(f"{out_dir} already holds {gguf_path.name} converted; nothing to do.")
         return out_dir

@@ -8,7 +8,7 @@ import pathlib
 from typing import Optional, Sequence
 
 from cloud_jax import storage
-from cloud_jax.checkpoints.gguf import convert_gguf_to_hf, find_smollm2_gguf
+from cloud_jax.checkpoints.gguf import already_converted, convert_gguf_to_hf, find_smollm2_gguf
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -23,8 +23,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     parser.add_argument("--out", required=True,
                         help="output directory (a local path or a gs:// / s3:// URL)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into --out although it is not empty: files of the names "
+                             "the model has are replaced, an earlier model's weight files "
+                             "removed, and the other files left as they are")
     args = parser.parse_args(argv)
     gguf_path = args.gguf or find_smollm2_gguf()
+    # What --out holds is not written over unless asked (the same file converted there already is
+    # left as it is): another model's files of other names would stay beside this one's.
+    if (not args.overwrite and storage.listdir(args.out)
+            and (storage.is_url(args.out) or not already_converted(gguf_path, args.out))):
+        parser.error(f"--out {args.out} is not empty; pass --overwrite to write the model into it "
+                     "anyway, or give an empty or new directory")
     if not storage.is_url(args.out):
         convert_gguf_to_hf(gguf_path, args.out)
         return 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
+from cloud_jax import storage
 from cloud_jax.checkpoints.hf import base_model_name_of, save_hf_backbone, staged_export
 
 
@@ -33,7 +34,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--tokenizer", default=None,
                         help="with a training run: the tokenizer to write beside the weights, "
                              "when the run's data.tokenizer does not load here")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into --out although it is not empty: files of the names the "
+                             "export has are replaced, an earlier export's weight files removed, "
+                             "and the other files left as they are")
     args = parser.parse_args(argv)
+    # Another model's files of other names (a chat template, base_config/) would stay beside the
+    # export's.
+    if not args.overwrite and storage.listdir(args.out):
+        parser.error(f"--out {args.out} is not empty; pass --overwrite to write the export into "
+                     "it anyway, or give an empty or new directory")
 
     from cloud_jax.training.loop import (export_params, is_checkpoint_dir, is_run_dir,
                                          load_checkpoint)
