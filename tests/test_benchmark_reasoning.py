@@ -410,8 +410,11 @@ def test_bad_config_names_the_key(change, key):
 
 def test_write_splits_rows_validate(tmp_path):
     cfg = _cfg(ops=ALL_OPS, num_test=0)
+    # A test split an earlier call wrote, under other settings, goes: benchmark.json has no test.
+    (tmp_path / "test.jsonl").write_text("{}\n")
     paths = write_splits(str(tmp_path), cfg)
     assert set(paths) == {"train", "eval"}
+    assert not (tmp_path / "test.jsonl").exists()
     for split, path in paths.items():
         loaded = load_rows(path, require_feedback=True)
         assert loaded.num_rejected == 0 and len(loaded.rows) == cfg.size(split)

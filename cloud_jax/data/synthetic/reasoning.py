@@ -377,10 +377,15 @@ def partial_check_accuracies(rows: Sequence[Mapping[str, str]]) -> Dict[str, flo
 def write_splits(out_dir: str, cfg: ReasoningBenchmarkConfig) -> Dict[str, str]:
     """Writes ``<split>.jsonl`` for every split with a positive size and ``benchmark.json`` (config,
     row counts, byte lengths, shortcut accuracies) into ``out_dir`` (a local path or a URL);
-    returns split -> path."""
+    returns split -> path. The file of a split of size 0 that an earlier call left there is
+    deleted: its rows were drawn under another config (other split fractions can put its
+    problems in this call's train split), and benchmark.json would not describe it."""
     cfg.validate()
     rows = generate_rows(cfg)
     storage.makedirs(out_dir)
+    for split in SPLITS:
+        if split not in rows:
+            storage.remove(storage.join(out_dir, f"{split}.jsonl"))
     paths, summary = {}, {"config": dataclasses.asdict(cfg), "splits": {}}
     for split, split_rows in rows.items():
         path = storage.join(out_dir, f"{split}.jsonl")
