@@ -316,3 +316,12 @@ def test_export_and_convert_write_into_a_non_empty_out_only_when_told(capsys, fi
     # The same file converted there already: nothing to write over, so no flag needed.
     assert main(convert) == 0
     assert "nothing to do" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("port", ["70000", "-1"])
+def test_serve_refuses_a_port_out_of_range(capsys, tmp_path, port):
+    """A usage error before the model loads, not an OverflowError traceback from bind()."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--checkpoint", str(tmp_path / "never_loaded"), "--port", port])
+    assert exit_.value.code == 2
+    assert f"error: --port {port}: must lie in [0, 65535]" in capsys.readouterr().err

@@ -83,6 +83,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name in ("slots", "max_queue", "max_length", "num_samples", "chunk_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port {args.port}: must lie in [0, 65535] (0: any free port)")
     defaults = Settings(num_samples=args.num_samples, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p,
                         max_critique_tokens=args.max_critique_tokens, seed=args.seed,
