@@ -325,3 +325,12 @@ def test_serve_refuses_a_port_out_of_range(capsys, tmp_path, port):
         main(["serve", "--checkpoint", str(tmp_path / "never_loaded"), "--port", port])
     assert exit_.value.code == 2
     assert f"error: --port {port}: must lie in [0, 65535]" in capsys.readouterr().err
+
+
+def test_export_refuses_a_base_model_name_a_backbone_export_would_drop(capsys, files, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        main(["export-hf", "--checkpoint", files["ckpt"], "--out", str(tmp_path / "bb"),
+              "--format", "backbone", "--base-model-name", "owner/base"])
+    assert exit_.value.code == 2
+    assert "--base-model-name is recorded by a CLoud export" in capsys.readouterr().err
+    assert not (tmp_path / "bb").exists()

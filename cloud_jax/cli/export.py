@@ -39,6 +39,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "export has are replaced, an earlier export's weight files removed, "
                              "and the other files left as they are")
     args = parser.parse_args(argv)
+    if args.base_model_name and args.format == "backbone":
+        parser.error("--base-model-name is recorded by a CLoud export (--format cloud); a "
+                     "backbone export's config.json has no place for it")
     # Another model's files of other names (a chat template, base_config/) would stay beside the
     # export's.
     if not args.overwrite and storage.listdir(args.out):
