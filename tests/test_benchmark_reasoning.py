@@ -399,6 +399,10 @@ def test_train_random_share_only_touches_train():
     (dict(split_fractions=(0.5, 0.5, 0.5)), "split_fractions"),
     (dict(num_eval=-1), "num_eval"),
     (dict(num_train=301), "num_train"),
+    # Not random.choices' "Total of weights must be finite" traceback, nor a search that fails.
+    (dict(op_weights=(float("nan"), 1.0)), "op_weights"),
+    (dict(error_weights=(float("inf"), 1.0, 1.0)), "error_weights"),
+    (dict(split_fractions=(float("nan"), 0.5, 0.5)), "split_fractions"),
     (dict(train_random_share=1.0), "train_random_share"),
 ])
 def test_bad_config_names_the_key(change, key):

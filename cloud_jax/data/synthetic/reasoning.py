@@ -32,6 +32,7 @@ import collections
 import dataclasses
 import hashlib
 import json
+import math
 import random
 import re
 import statistics
@@ -52,6 +53,10 @@ __all__ = ["ReasoningBenchmarkConfig", "SPLITS", "generate_rows", "generate_spli
            "shortcut_accuracies", "split_of", "verdict_of", "verify", "write_splits"]
 
 SPLITS = ("train", "eval", "test")
+
+
+def _finite(numbers: Sequence[float]) -> bool:
+    return all(math.isfinite(x) for x in numbers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,9 +112,10 @@ class ReasoningBenchmarkConfig:
         if len(set(self.ops)) != len(self.ops):
             raise bad("ops", "lists an operation twice")
         if self.op_weights and (len(self.op_weights) != len(self.ops)
+                                or not _finite(self.op_weights)
                                 or min(self.op_weights) < 0 or sum(self.op_weights) <= 0):
-            raise bad("op_weights", f"expected one non-negative weight per op ({len(self.ops)}), "
-                                    "not all zero, or empty for equal weights")
+            raise bad("op_weights", f"expected one finite non-negative weight per op "
+                                    f"({len(self.ops)}), not all zero, or empty for equal weights")
         if not 1 <= self.min_digits <= self.max_digits <= 3:
             raise bad("min_digits" if self.min_digits < 1 else "max_digits",
                       "expected 1 <= min_digits <= max_digits <= 3 (the generator enumerates the "
@@ -118,9 +124,9 @@ class ReasoningBenchmarkConfig:
             raise bad("max_multiplier", "expected 2..9 (mul multiplies by a single digit)")
         if not self.error_kinds or any(k not in ERROR_KINDS for k in self.error_kinds):
             raise bad("error_kinds", f"expected a non-empty list of {', '.join(ERROR_KINDS)}")
-        if (len(self.error_weights) != len(self.error_kinds) or min(self.error_weights) < 0
-                or sum(self.error_weights) <= 0):
-            raise bad("error_weights", f"expected one non-negative weight per error kind "
+        if (len(self.error_weights) != len(self.error_kinds) or not _finite(self.error_weights)
+                or min(self.error_weights) < 0 or sum(self.error_weights) <= 0):
+            raise bad("error_weights", f"expected one finite non-negative weight per error kind "
                                        f"({len(self.error_kinds)}), not all zero")
         for op in self.ops:
             usable = [k for k, w in zip(self.error_kinds, self.error_weights)
@@ -130,7 +136,8 @@ class ReasoningBenchmarkConfig:
                                          f"({', '.join(KINDS_OF_OP[op])}) with a positive weight")
         if not 0 <= self.train_random_share < 1:
             raise bad("train_random_share", "expected a share in [0, 1)")
-        if (len(self.split_fractions) != 3 or min(self.split_fractions) <= 0
+        if (len(self.split_fractions) != 3 or not _finite(self.split_fractions)
+                or min(self.split_fractions) <= 0
                 or abs(sum(self.split_fractions) - 1) > 1e-6):
             raise bad("split_fractions", "expected three positive shares (train, eval, test) "
                                          "summing to 1")
