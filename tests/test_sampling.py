@@ -171,6 +171,10 @@ def test_bad_settings_are_clear_errors(params):
         Temperature(0.0)
     with pytest.raises(ValueError, match="top_k or top_p"):
         method_from(1.0, top_k=3, top_p=0.5)
+    # The knobs of the command line and the server: no Python-only advice, no uniform draws.
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match=r"must be a finite number >= 0 \(0 is greedy\)"):
+            method_from(bad)
     # At temperature 0 the filters are unused, but a bad one is still an error, not ignored.
     for kwargs, message in ((dict(top_k=3, top_p=0.5), "top_k or top_p"),
                             (dict(top_k=0), "top_k=0"), (dict(top_p=1.5), "top_p=1.5")):

@@ -48,8 +48,9 @@ def _categorical(logits_nv: jax.Array, keys_n: jax.Array, block: int = 256) -> j
 
 
 def _check_temperature(temperature: float) -> None:
-    if not temperature > 0:
-        raise ValueError(f"temperature={temperature}: must be > 0 (use Greedy() for 0)")
+    if not 0 < temperature < float("inf"):
+        raise ValueError(f"temperature={temperature}: must be a finite number > 0 (use Greedy() "
+                         "for 0)")
 
 
 # The smallest normal float32. A smaller temperature is subnormal in float32 (or 0), which CPUs
@@ -161,8 +162,8 @@ def method_from(temperature: float = 0.0, top_k: Optional[int] = None,
                 top_p: Optional[float] = None) -> SamplingMethod:
     """The method the usual knobs describe: temperature 0 is greedy (top-k / top-p then unused,
     but still checked: a bad value is an error whatever the temperature)."""
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature}: must be >= 0")
+    if not 0 <= temperature < float("inf"):
+        raise ValueError(f"temperature={temperature}: must be a finite number >= 0 (0 is greedy)")
     if top_k is not None and top_p is not None:
         raise ValueError("give top_k or top_p, not both")
     if temperature == 0:
