@@ -194,7 +194,7 @@ def test_cli_bad_row_names_file_line_and_field_before_loading_the_model(tmp_path
     (["--input", "x.jsonl", "--tie-credit", "0.3"], "invalid choice"),
     (["--input", "x.jsonl", "--temperature", "0.7", "--top-k", "5", "--top-p", "0.9"],
      "give top_k or top_p, not both"),
-    (["--input", "x.jsonl", "--repetition-penalty", "0"], "repetition_penalty=0.0: must be > 0"),
+    (["--input", "x.jsonl", "--repetition-penalty", "0"], "repetition_penalty=0.0: must be a finite number > 0"),
     (["--best-of-n", "x.jsonl", "--seed", "-1"], "seed=-1: must be >= 0 for Best-of-N"),
     (["--input", "x.jsonl", "--seed", str(2**32 + 1)], "seed=4294967297: must be a whole number"),
 ])

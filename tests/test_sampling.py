@@ -263,6 +263,10 @@ def test_repetition_penalty_keeps_samples_independent_of_the_batch(params):
     np.testing.assert_array_equal(part.tokens, whole.tokens[5:1:-1])
     with pytest.raises(ValueError, match="repetition_penalty"):
         sample(CFG, params, PREFIXES, max_new_tokens=2, stop_ids=(EOT,), repetition_penalty=0.0)
+    # An infinite penalty would make a seen token's logit of exactly 0 a NaN (0 * inf).
+    from cloud_jax.sampling.methods import check_repetition_penalty
+    with pytest.raises(ValueError, match=r"repetition_penalty=inf: must be a finite number > 0"):
+        check_repetition_penalty(float("inf"))
 
 
 def test_attention_over_transposed_keys_is_the_same():

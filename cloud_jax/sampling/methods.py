@@ -145,9 +145,10 @@ def penalize_repeats(logits_nv: jax.Array, seen_nv: jax.Array, penalty: float) -
 
 
 def check_repetition_penalty(penalty: float) -> None:
-    if not penalty > 0:
-        raise ValueError(f"repetition_penalty={penalty}: must be > 0 (1.0 is off; the reference "
-                         "samples with 1.01)")
+    # inf would turn a seen token's logit of exactly 0 into 0 * inf = NaN.
+    if not 0 < penalty < float("inf"):
+        raise ValueError(f"repetition_penalty={penalty}: must be a finite number > 0 (1.0 is off; "
+                         "the reference samples with 1.01)")
 
 
 def check_seed(seed: int) -> None:
