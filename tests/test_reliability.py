@@ -300,11 +300,19 @@ def test_nonfinite_error_names_the_step_and_saves_nothing_after_it(toy, tmp_path
 
 def test_nonfinite_skip_counts_steps_and_checkpoints_finite_unchanged_params(toy, tmp_path):
     out = str(tmp_path / "skip")
+    # Logged every 2 steps: step 1 (applied) and 2 (skipped), then step 3 (skipped) alone.
     cfg = tiny(toy, out, *OVERFLOW, "train.total_steps=3", "train.checkpoint_every=1",
-               "train.keep_checkpoints=3", "train.on_nonfinite=skip")
+               "train.keep_checkpoints=3", "train.on_nonfinite=skip", "train.log_every=2")
     summary = run(cfg)
     rows = metrics_by_step(out)
-    assert [rows[s]["nonfinite_steps"] for s in (1, 2, 3)] == [0, 1, 1]
+    assert sorted(rows) == [2, 3]
+    assert [rows[s]["nonfinite_steps"] for s in (2, 3)] == [1, 1]
+    # The window's figures are step 1's, not NaN from the skipped step 2, and its learning rate
+    # is the one step 1 applied (warmup 0: the peak); a window of skipped steps has none.
+    assert all(np.isfinite(rows[2][k]) for k in ("loss", "grad_norm", "bt_loss", "lm_loss"))
+    assert rows[2]["learning_rate"] == pytest.approx(1e30)
+    assert all(rows[3][k] is None for k in ("loss", "grad_norm", "learning_rate", "accuracy"))
+    assert rows[3]["tokens"] > 0
     assert summary["step"] == 3 and step_dirs(out) == ["1", "2", "3"]
     after_1, after_3 = _saved_params(cfg, out, 1), _saved_params(cfg, out, 3)
     leaves = jax.tree.leaves(after_3)

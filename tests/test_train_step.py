@@ -180,6 +180,55 @@ def test_nonfinite_skip_keeps_params():
     np.testing.assert_array_equal(after["embed"]["embedding"], params["embed"]["embedding"])
 
 
+def test_a_skipped_step_leaves_the_schedule_where_it_was():
+    # train.on_nonfinite=skip: the skipped step applies no rate and does not advance the
+    # schedule, so the next applied update uses the rate the skipped one would have, and its
+    # metrics log that rate.
+    from cloud_jax.training.optim import update_count
+
+    cfg = make_config(on_nonfinite="skip")  # warmup 0: the cosine falls from step 0 on
+    batch = make_batch()
+    mesh = make_mesh(cfg.mesh, jax.devices()[:1])
+    builder = StepBuilder(cfg, mesh, TRAIN_RULES, cfg.model)
+    good = jax.device_get(init_params(MODEL, jax.random.key(0)))
+    bad = jax.tree.map(np.copy, good)
+    bad["reward_head"]["out_proj"]["bias"] = np.full_like(
+        bad["reward_head"]["out_proj"]["bias"], np.nan)
+    step = builder.train_step()
+    state = builder.init_state(jax.device_put(bad, builder.param_shardings))
+    state, skipped = step(state, builder.device_batch(batch))
+    assert int(skipped["nonfinite"]) == 1
+    assert int(state["step"]) == 1 and int(update_count(state["opt_state"])) == 0
+    state = dict(state, params=jax.device_put(good, builder.param_shardings))
+    state, applied = step(state, builder.device_batch(batch))
+    assert int(applied["nonfinite"]) == 0
+    assert int(state["step"]) == 2 and int(update_count(state["opt_state"])) == 1
+    assert float(applied["learning_rate"]) == pytest.approx(float(builder.schedule(0)))
+    assert float(builder.schedule(0)) > float(builder.schedule(1))
+
+
+def test_a_logged_window_averages_the_applied_steps_and_counts_the_skipped():
+    from cloud_jax.training.metrics import summarize_window
+
+    def step(loss, lr, nonfinite, correct):
+        return {"loss": np.float32(loss), "grad_norm": np.float32(loss), "nonfinite":
+                np.int32(nonfinite), "learning_rate": np.float32(lr), "tokens": np.float32(10),
+                "pairs": np.float32(2), "correct": np.float32(correct),
+                "bt_loss_sum": np.float32(2 * loss), "center_sum": np.float32(0),
+                "margin_sum": np.float32(0), "chosen_sum": np.float32(0),
+                "chosen_sq_sum": np.float32(0), "rejected_sum": np.float32(0),
+                "rejected_sq_sum": np.float32(0)}
+
+    window = summarize_window([step(1.0, 0.3, 0, 2), step(np.nan, 0.2, 1, 0),
+                               step(3.0, 0.2, 0, 1), step(np.inf, 0.1, 1, 0)])
+    assert window["loss"] == window["grad_norm"] == window["bt_loss"] == 2.0
+    assert window["accuracy"] == 0.75 and window["learning_rate"] == pytest.approx(0.2)
+    assert window["nonfinite_steps"] == 2 and window["tokens"] == 40
+    skipped = summarize_window([step(np.nan, 0.1, 1, 0)])
+    assert skipped["loss"] is None and skipped["learning_rate"] is None
+    assert skipped["bt_loss"] is None and skipped["nonfinite_steps"] == 1
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # lr 1e39 in fp32
 def test_update_that_overflows_the_params_is_skipped():
     # Loss and gradients are finite, but a learning rate beyond float32 turns the update into

@@ -574,7 +574,8 @@ def _train(cfg: Config, mesh) -> dict:
             if log_now:
                 values, timing = window.flush()
                 writer.write(step, "train", values, timing)
-                bar.set_postfix(loss=f"{values['loss']:.4f}",
+                loss = values["loss"]  # None: every step of the window was skipped
+                bar.set_postfix(loss="skipped" if loss is None else f"{loss:.4f}",
                                 tokens_per_s=f"{timing['tokens_per_s']:.0f}", refresh=False)
                 summary["train"] = {**values, **timing}
             if eval_now:

@@ -39,16 +39,25 @@ def peak_flops(device_kind: str, configured: float = 0.0) -> Optional[float]:
     return chip.peak_flops if chip else None
 
 
-def summarize_window(steps: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """Per-step metric dicts (device or host arrays) -> one dict of floats for the window."""
+def summarize_window(steps: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per-step metric dicts (device or host arrays) -> one dict of floats for the window.
+
+    The losses, accuracy, rewards, grad norm and learning rate are those of the steps whose
+    update was applied: a non-finite step (skipped with train.on_nonfinite=skip) is only counted,
+    in ``nonfinite_steps``. ``learning_rate`` is the rate the window's last applied update used.
+    In a window of skipped steps only, these are None (JSON null). ``tokens`` counts the tokens of
+    every step, skipped or not (the work done, for throughput)."""
     host = jax.device_get(list(steps))
-    sums = {k: np.sum([s[k] for s in host], axis=0) for k in host[0]}
-    out = {k: float(v) for k, v in finalize_metrics(sums).items()}
+    applied = [s for s in host if not s["nonfinite"]]
+    sums = {k: np.sum([s[k] for s in applied or host[:1]], axis=0) for k in host[0]}
+    out: dict[str, Any] = {k: float(v) for k, v in finalize_metrics(sums).items()}
     for k in _MEANS:
-        out[k] = float(np.mean([s[k] for s in host]))
-    out["learning_rate"] = float(host[-1]["learning_rate"])
-    out["nonfinite_steps"] = int(sums["nonfinite"])
-    out["tokens"] = float(sums["tokens"])
+        out[k] = float(np.mean([s[k] for s in applied])) if applied else None
+    out["learning_rate"] = float(applied[-1]["learning_rate"]) if applied else None
+    if not applied:
+        out = {k: None for k in out}
+    out["nonfinite_steps"] = len(host) - len(applied)
+    out["tokens"] = float(np.sum([s["tokens"] for s in host]))
     return out
 
 
