@@ -413,6 +413,30 @@ def test_init_from_takes_the_checkpoints_architecture_and_says_what_it_overrides
     assert "bos_token_id" not in caplog.text  # left at None in the model section: not given
 
 
+def test_a_max_length_past_the_models_positions_is_refused(toy, tmp_path):
+    """data.max_length above model.max_position_embeddings (the model section's, or the
+    init_from checkpoint's) is a ConfigError naming both, before anything is built or written."""
+    import dataclasses
+
+    import cloud_jax
+
+    out = tmp_path / "long"
+    with pytest.raises(ConfigError) as err:
+        run(tiny("cloud", toy, str(out), "data.max_length=2048", "train.total_steps=1"))
+    assert "data.max_length=2048 is more than model.max_position_embeddings=1024" in str(err.value)
+    assert "raise model.max_position_embeddings" in str(err.value)
+    assert not out.exists()
+    base = tiny("critique_sft", toy, str(tmp_path / "unused"))
+    init = str(tmp_path / "init")
+    cloud_jax.from_config(dataclasses.replace(base.model, max_position_embeddings=64),
+                          seed=1).save_pretrained(init)
+    with pytest.raises(ConfigError, match=r"data.max_length=96 is more than "
+                                          r"model.max_position_embeddings=64 \(init_from="):
+        run(tiny("critique_sft", toy, str(tmp_path / "b"), f"init_from={init}",
+                 "train.total_steps=1"))
+    assert not (tmp_path / "b" / "config.yaml").exists()
+
+
 def test_init_from_a_qwen2_checkpoint_implies_its_bias_and_warns_only_of_keys_set(
         toy, tmp_path, caplog):
     """A qwen2 model section need not say attention_bias: true (the family has it); keys left at

@@ -80,6 +80,7 @@ class DataConfig:
     columns: Columns = dataclasses.field(default_factory=Columns)
     # "byte" (the built-in byte tokenizer), a local HF tokenizer directory or a hub id.
     tokenizer: str = "byte"
+    # Tokens per sequence at most; a run refuses one above the model's max_position_embeddings.
     max_length: int = 2048
     # drop: skip a pair whose chosen or rejected sequence is longer than max_length (counted and
     # logged). truncate_prompt: cut prompt tokens from the left until it fits; drop it if even an

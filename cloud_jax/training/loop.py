@@ -153,6 +153,24 @@ def check_batch_layout(cfg: Config, mesh) -> None:
             f"{data_shards} (mesh data x fsdp), so every micro-batch splits evenly over devices")
 
 
+def check_positions(cfg: Config, model_cfg: ModelConfig) -> None:
+    """A ConfigError where data.max_length is beyond the positions ``model_cfg`` (the run's
+    model: the model section, or init_from's checkpoint) was built for: RoPE would run past
+    them without a word."""
+    if cfg.data.max_length <= model_cfg.max_position_embeddings:
+        return
+    if cfg.init_from:
+        whose = f"init_from={cfg.init_from!r} has"
+        fix = "lower data.max_length"
+    else:
+        whose = "the model section sets"
+        fix = "lower data.max_length or raise model.max_position_embeddings"
+    raise ConfigError(
+        f"data.max_length={cfg.data.max_length} is more than model.max_position_embeddings="
+        f"{model_cfg.max_position_embeddings} ({whose}): sequences would run past the positions "
+        f"the model was built for; {fix} (to at most {model_cfg.max_position_embeddings})")
+
+
 def _initial_params(cfg: Config, mesh) -> tuple[Any, ModelConfig]:
     if not cfg.init_from:
         return init_params(cfg.model, jax.random.key(cfg.seed), mesh, TRAIN_RULES), cfg.model
@@ -482,6 +500,8 @@ def run(cfg: Config) -> dict:
                           "model.attention_impl=xla")
     check_batch_layout(cfg, mesh)
     check_batch_split_over_processes(mesh, TRAIN_RULES)
+    if not cfg.init_from:  # the model section is the model (init_from's is checked once read)
+        check_positions(cfg, cfg.model)
     # One run at a time in an output directory: a second one would interleave its checkpoints
     # and metrics with this one's. Process 0 holds it for every process of its job.
     with storage.hold_dir(cfg.output_dir, "output_dir") if _is_main() else contextlib.nullcontext():
@@ -512,6 +532,7 @@ def _train(cfg: Config, mesh) -> dict:
         train_data = dataset.split_fingerprints.get("train", "")
         builder, state = _restore_or_init(cfg, mesh, ckpt, data_iter, train_data)
         model_cfg = builder.model_cfg
+        check_positions(cfg, model_cfg)
         resolved = dataclasses.replace(cfg, model=model_cfg)
         resolved_dict = to_dict(resolved)
         # What a checkpoint's config item holds: the resolved config and the train split's
