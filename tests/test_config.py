@@ -40,6 +40,10 @@ def test_yaml_and_overrides(tmp_path):
     ("", ["model.reward_dropout=1.0"], "model.reward_dropout"),
     ("", ["model.reward_dropout=-0.1"], "model.reward_dropout"),
     ("", ["model.reward_dropout=nan"], "model.reward_dropout"),
+    # Seeds are 32-bit: 2**32 would initialise as seed 0 does, and 2**63 overflow in JAX.
+    ("", ["seed=4294967296"], "seed=4294967296: must be in"),
+    ("", ["seed=-1"], "seed=-1: must be in"),
+    ("seed: 9223372036854775808\n", [], "seed=9223372036854775808"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, override, needle):
     path = tmp_path / "c.yaml"

@@ -121,6 +121,7 @@ class Config:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    # Weight init and reward-head dropout; in [0, 2**32) (data.seed shuffles the rows).
     seed: int = 0
     output_dir: str = "runs/default"
     # Where the model comes from: "" (random init from `model`), a local HF or CLoud directory, or a
@@ -230,6 +231,8 @@ def config_from_dict(data: dict, overrides: Sequence[str] = (), schema: type = C
     except OmegaConfBaseException as err:
         raise _explain(err, source, schema) from None
     if isinstance(cfg, Config):
+        if not 0 <= cfg.seed < 2**32:  # jax.random.key keeps the low 32 bits of a larger seed
+            raise ConfigError(f"seed={cfg.seed}: must be in [0, 2**32)")
         cfg.model.validate()
         problem = cfg.model.hf_family_problem()
         if problem:  # trained, it could not be exported as its family's checkpoint
