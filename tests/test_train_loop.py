@@ -256,6 +256,16 @@ def test_an_unsupported_url_is_a_config_error_before_anything_is_written(tmp_pat
     assert os.listdir(tmp_path) == []  # no local directory named "ftp:" (or anything else)
 
 
+def test_an_empty_output_dir_is_a_config_error_before_anything_is_written(toy, tmp_path,
+                                                                          monkeypatch):
+    # Not the current directory, where a later run would resume from this one's checkpoints.
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny("lm_pretrain", toy, "", "train.total_steps=1", "train.eval_every=0")
+    with pytest.raises(ConfigError, match="output_dir is empty"):
+        run(cfg)
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_url_whose_client_is_missing_says_what_to_install(tmp_path, monkeypatch):
     import sys
 

@@ -123,6 +123,7 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     # Weight init and reward-head dropout; in [0, 2**32) (data.seed shuffles the rows).
     seed: int = 0
+    # The run's directory (config.yaml, checkpoints, metrics, final/); empty is refused.
     output_dir: str = "runs/default"
     # Where the model comes from: "" (random init from `model`), a local HF or CLoud directory, or a
     # hub id.

@@ -491,6 +491,11 @@ def run(cfg: Config) -> dict:
         raise ConfigError("data.train_path is empty: give the train rows (JSONL, JSON or Parquet "
                           "files, a glob, or a Hugging Face dataset), e.g. "
                           "data.train_path=runs/toy_data/train.jsonl")
+    if not cfg.output_dir.strip():
+        # Else the run's files land in the current directory, and a later run there resumes
+        # from its checkpoints.
+        raise ConfigError("output_dir is empty: name the run's directory, e.g. "
+                          "output_dir=runs/my_run (output_dir=. for the current directory)")
     check_paths(cfg)
     mesh = make_mesh(cfg.mesh)
     platform = mesh.devices.flat[0].platform
