@@ -181,6 +181,11 @@ def test_weight_decay_defaults_to_learning_rate():
     ("mu_dtype", "float16", "optim.mu_dtype"),
     ("grad_clip_norm", float("nan"), "optim.grad_clip_norm"),
     ("weight_decay", float("nan"), "optim.weight_decay"),
+    # Infinite: eps would silently zero every gradient step (only weight decay would act), a
+    # rate or a decay would make every update non-finite.
+    ("eps", float("inf"), "optim.eps=inf: must be a finite number > 0"),
+    ("learning_rate", float("inf"), "optim.learning_rate=inf"),
+    ("weight_decay", float("inf"), "optim.weight_decay=inf"),
 ])
 def test_invalid_config_names_field(field, value, match):
     with pytest.raises(ConfigError, match=match):

@@ -54,15 +54,17 @@ class OptimConfig:
         return self.learning_rate if self.weight_decay is None else self.weight_decay
 
     def validate(self) -> "OptimConfig":
-        if not self.learning_rate > 0:
-            raise ConfigError(f"optim.learning_rate={self.learning_rate}: must be > 0")
+        if not 0 < self.learning_rate < math.inf:
+            raise ConfigError(f"optim.learning_rate={self.learning_rate}: must be a finite "
+                              "number > 0")
         for key in ("b1", "b2"):
             if not 0 <= getattr(self, key) < 1:
                 raise ConfigError(f"optim.{key}={getattr(self, key)}: must be in [0, 1)")
-        if not self.eps > 0:
-            raise ConfigError(f"optim.eps={self.eps}: must be > 0")
-        if not self.resolved_weight_decay >= 0:  # NaN too
-            raise ConfigError(f"optim.weight_decay={self.weight_decay}: must be >= 0")
+        if not 0 < self.eps < math.inf:
+            raise ConfigError(f"optim.eps={self.eps}: must be a finite number > 0")
+        if not 0 <= self.resolved_weight_decay < math.inf:  # NaN too
+            raise ConfigError(f"optim.weight_decay={self.weight_decay}: must be a finite "
+                              "number >= 0")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(
                 f"optim.warmup_ratio={self.warmup_ratio}: must be in [0, 1) so the cosine decay "
