@@ -71,7 +71,8 @@ class TrainConfig:
     wandb_project: str = ""
     wandb_run_name: str = ""
     # What a non-finite loss or gradient norm does: error (stop with the step number) or skip
-    # (leave params and optimizer state unchanged for that step, count it and go on).
+    # (leave params and optimizer state unchanged for that step, count it and go on; the
+    # learning-rate schedule's counter is part of that state, so it does not advance).
     on_nonfinite: str = "error"
     # Peak FLOP/s of one device for the MFU estimate; 0 looks the device kind up in a small table
     # (TPU and recent NVIDIA GPUs, bf16) and leaves MFU out where it is unknown.
