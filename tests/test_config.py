@@ -114,10 +114,10 @@ def test_every_shipped_config_loads():
 
     for p in paths:
         # Pipeline configs (python -m cloud_jax pipeline) carry a `stages` section.
-        if "stages" in OmegaConf.load(p):
-            load_pipeline_config(p)
-        else:
-            load_config(p)
+        raw = OmegaConf.load(p)
+        cfg = load_pipeline_config(p) if "stages" in raw else load_config(p)
+        if "data" in raw:  # a config that trains: its sequences fit the model's positions
+            assert cfg.data.max_length <= cfg.model.max_position_embeddings, p
 
 
 def test_shipped_cloud_configs_read_the_shards_critique_writes():
