@@ -290,7 +290,8 @@ def test_loss_config_validate():
     assert losses.LossConfig().validate().lm_coef == 1.25
     with pytest.raises(ConfigError, match="loss.lm_coef"):
         losses.LossConfig(lm_coef=-1.0).validate()
+    # An infinite coefficient makes every loss infinite (each step non-finite).
     for key, value in (("lm_coef", math.nan), ("center_coef", math.nan), ("margin", math.nan),
-                       ("margin", math.inf)):
+                       ("margin", math.inf), ("lm_coef", math.inf), ("center_coef", math.inf)):
         with pytest.raises(ConfigError, match=f"loss.{key}"):
             losses.LossConfig(**{key: value}).validate()

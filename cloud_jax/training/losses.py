@@ -52,8 +52,9 @@ class LossConfig:
 
     def validate(self) -> "LossConfig":
         for key in ("lm_coef", "center_coef", "lm_chunk_size"):
-            if not getattr(self, key) >= 0:  # NaN too
-                raise ConfigError(f"loss.{key}={getattr(self, key)}: must be >= 0")
+            if not 0 <= getattr(self, key) < math.inf:  # NaN too
+                raise ConfigError(f"loss.{key}={getattr(self, key)}: must be a finite number "
+                                  ">= 0")
         if not math.isfinite(self.margin):
             raise ConfigError(f"loss.margin={self.margin}: must be a finite number")
         return self
