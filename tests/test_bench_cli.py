@@ -416,6 +416,25 @@ def test_torch_failing_before_ours_still_measures_ours_and_writes_the_record(
     assert "torch's step did not run" in out
 
 
+def test_torch_failing_in_interleaved_rounds_still_measures_ours(capsys, monkeypatch, tmp_path):
+    """The CPU's default phases build torch's step after ours: torch that will not import or
+    build there is reported (torch_error, no ratio), not a traceback that loses ours."""
+    from cloud_jax.cli.bench import train
+
+    def broken(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'torch'")
+
+    monkeypatch.setattr(train, "torch_step", broken)
+    record = tmp_path / "train.json"
+    assert train.main(TINY_TRAIN + ["--phases", "interleaved", "--record", str(record)]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(record.read_text())["result"]
+    assert result["torch_error"] == "ModuleNotFoundError: No module named 'torch'"
+    assert result["ratio"] is None and result["torch_tokens_per_s"] is None
+    assert result["mfu"] > 0 and result["phases"] == "interleaved"
+    assert "torch's step did not run" in out
+
+
 def test_backend_gpu_is_checked_not_pinned_and_jax_shares_the_gpu_with_torch(monkeypatch):
     """JAX expands the platform name "gpu" to cuda, rocm and oneapi and fails on the first
     plugin that is missing, so --backend gpu never pins it: JAX's own choice is checked. Before

@@ -25,8 +25,9 @@ autocast, the peak is the best bf16 ``--matmul-n`` square matmul of either frame
 ``mfu`` is the model FLOPs per second over that peak. There the frameworks run one after the other
 (``--phases sequential``): torch's rounds first, then its memory is released and ours runs, so the
 device never holds two models, two optimizer states and two steps' activations at once. Torch
-failing (out of device memory, or anything else: torch not importing, no CUDA device) is reported
-(``torch_error`` in the JSON, no ratio), not fatal: ours is still measured and recorded.
+failing (out of device memory, or anything else: torch not importing, no CUDA device), there or
+while its step is built in the interleaved rounds, is reported (``torch_error`` in the JSON, no
+ratio), not fatal: ours is still measured and recorded.
 """
 
 from __future__ import annotations
@@ -270,6 +271,17 @@ def torch_step(cfg: ModelConfig, batch: dict, params_host: dict, threads: int):
     return run, losses
 
 
+def torch_failed(err: BaseException) -> str:
+    """Prints why torch's step did not run and returns that for the JSON's ``torch_error``."""
+    if type(err).__name__ == "OutOfMemoryError":
+        error = f"out of memory: {first_line(err)}"
+        print(f"torch ran out of device memory at this workload ({error}); no ratio", flush=True)
+    else:
+        error = f"{type(err).__name__}: {first_line(err)}"
+        print(f"torch's step did not run ({error}); no ratio", flush=True)
+    return error
+
+
 def torch_alone(model_cfg: ModelConfig, batch: dict, params_host: dict,
                 args: argparse.Namespace, matmul_torch) -> tuple[dict, list, Optional[str]]:
     """torch's rounds on their own (``--phases sequential``): its step and matmul timed, then
@@ -284,12 +296,7 @@ def torch_alone(model_cfg: ModelConfig, batch: dict, params_host: dict,
         fns["torch"], losses = torch_step(model_cfg, batch, params_host, args.threads)
         times = best_times(fns, args.repeats, args.steps)
     except Exception as err:  # noqa: BLE001 - reported, not raised: ours runs next either way
-        if type(err).__name__ == "OutOfMemoryError":
-            error = f"out of memory: {first_line(err)}"
-            print(f"torch ran out of device memory at this workload ({error}); no ratio")
-        else:
-            error = f"{type(err).__name__}: {first_line(err)}"
-            print(f"torch's step did not run ({error}); no ratio", flush=True)
+        error = torch_failed(err)
         losses = []
     fns.clear()
     gc.collect()
@@ -364,7 +371,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = dataclasses.replace(cfg, model=model_cfg)
         fns["ours"], ours_losses = ours(cfg, batch, params_ours)
     if not args.skip_torch and phases == "interleaved":
-        fns["torch"], torch_losses = torch_step(model_cfg, batch, params_host, args.threads)
+        try:
+            fns["torch"], torch_losses = torch_step(model_cfg, batch, params_host, args.threads)
+        except Exception as err:  # noqa: BLE001 - reported, not raised: ours is still timed
+            torch_error = torch_failed(err)
     all_times.update(best_times(fns, args.repeats, args.steps))
     times = {k: min(v) for k, v in all_times.items()}
     for k in ("ours", "torch"):
