@@ -121,6 +121,38 @@ def test_an_emulated_host_is_named_on_the_host_line_and_in_the_record(tmp_path, 
     assert "OMP_NUM_THREADS" not in saved["environment"]  # only what was set
 
 
+_REWRITE_UNDER_A_SIZE_LIMIT = """
+import resource, signal, sys
+from cloud_jax.cli.bench.host import write_record
+write_record(sys.argv[1], "first", {"ours": 1})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (2048, resource.RLIM_INFINITY))
+try:
+    write_record(sys.argv[1], "second", {"ours": 2, "padding": "x" * 8192})
+except OSError as err:
+    print("write failed:", err.strerror)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE as on Linux")
+def test_a_record_is_replaced_whole_or_left_as_it_was(tmp_path):
+    """--record writes through a temporary file and a rename: a rewrite that stops part way (a
+    full disk, here a file-size limit; a time limit's kill) leaves the record that was there,
+    whole, for tools/gpu_benches.sh to read."""
+    import subprocess
+    from pathlib import Path
+
+    path = tmp_path / "gpu_sample_32.json"
+    done = subprocess.run([sys.executable, "-c", _REWRITE_UNDER_A_SIZE_LIMIT, str(path)],
+                          cwd=Path(__file__).resolve().parent.parent, capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "write failed" in done.stdout
+    saved = json.loads(path.read_text())
+    assert saved["command"] == "first" and saved["result"] == {"ours": 1}
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
+
+
 def test_a_missing_cpuinfo_still_describes_the_host(tmp_path):
     info = host_info(str(tmp_path / "absent"))
     assert info["cpu_model"] and info["vector_extensions"] == []

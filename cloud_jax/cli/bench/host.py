@@ -201,10 +201,12 @@ def package_versions() -> dict:
 def write_record(path: str, command: str, result: dict) -> None:
     """One measurement as docs/measurements/ keeps it: ``{"date", "machine", "command",
     "versions", "environment", "result"}``, the result being the bench's JSON line and
-    ``environment`` the variables of RECORDED_ENVIRONMENT that were set."""
+    ``environment`` the variables of RECORDED_ENVIRONMENT that were set. Written atomically
+    (through ``PATH.tmp``): ``path`` holds the whole new record or what it held before."""
     import datetime
     import json
-    from pathlib import Path
+
+    from cloud_jax import storage
 
     info = {k: result[k] for k in ("cpu_model", "vector_extensions", "cpu_count", "backend",
                                    "devices") if k in result}
@@ -217,6 +219,6 @@ def write_record(path: str, command: str, result: dict) -> None:
            "environment": {name: os.environ[name] for name in RECORDED_ENVIRONMENT
                            if os.environ.get(name)},
            "result": result}
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(out, indent=1) + "\n")
+    # Whole or not at all: a bench stopped by its time limit while rewriting its record (bench
+    # sample writes it twice) leaves the first one, which a reader can still load.
+    storage.write_text_atomic(path, json.dumps(out, indent=1) + "\n")
