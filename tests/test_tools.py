@@ -118,8 +118,10 @@ def test_tool_scripts_pass_shellcheck_and_run_strict(path):
 
 def _gpu_benches(tmp_path, **env):
     return subprocess.run(["bash", str(ROOT / "tools" / "gpu_benches.sh")], cwd=ROOT,
-                          env=dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / "out"),
-                                   PROFILE_DIR=str(tmp_path / "profiles"), **env),
+                          env=dict(os.environ, **{"PYTHON": sys.executable,
+                                                  "OUT": str(tmp_path / "out"),
+                                                  "PROFILE_DIR": str(tmp_path / "profiles"),
+                                                  **env}),
                           capture_output=True, text=True, timeout=900)
 
 
@@ -131,6 +133,36 @@ def test_gpu_benches_refuse_an_unknown_name_and_skip_what_the_budget_cannot_hold
     assert done.returncode == 1, done.stderr
     assert "== train: skipped, 20 s of the 20 s budget left" in done.stdout
     assert done.stdout.strip().splitlines()[-2:] == ["train: no record", "sample_8: no record"]
+
+
+def test_gpu_benches_table_holds_this_calls_records_and_names_an_unreadable_one(tmp_path):
+    """The benches are stood in for by a wrapper around Python, so this runs in seconds: one
+    stopped while writing its record (cut off JSON) is named in the table, which goes on with
+    the others; one that fails before writing shows no record, not an earlier call's."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "gpu_sample_32_check8.json").write_text(
+        json.dumps({"result": {"decode_step_ms": 9.0, "steps_per_check": 8}}))
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f"""#!/bin/bash
+if [ "$1 $2 $3" = "-m cloud_jax bench" ]; then
+    while [ $# -gt 0 ]; do if [ "$1" = --record ]; then record=$2; fi; shift; done
+    case $record in
+        *gpu_sample_32.json) printf '{{"result": {{"decode_step_ms": 3' > "$record"; exit 124 ;;
+        *gpu_sample_8.json) echo '{{"result": {{"decode_step_ms": 2.5}}}}' > "$record"; exit 0 ;;
+        *) exit 1 ;;
+    esac
+fi
+exec {sys.executable} "$@"
+""")
+    wrapper.chmod(0o755)
+    done = _gpu_benches(tmp_path, PYTHON=str(wrapper), BACKEND="cpu",
+                        BENCHES="sample_32 sample_8 sample_32_check8",
+                        AUTOTUNE_DIR=str(tmp_path / "autotune"))
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert lines[-3].startswith("sample_32: unreadable record (JSONDecodeError: "), lines[-3]
+    assert lines[-2:] == ["sample_8: decode_step_ms=2.5", "sample_32_check8: no record"]
 
 
 @pytest.mark.slow

@@ -18,7 +18,8 @@
 #
 # Each bench writes its record ($OUT/gpu_<name>.json, for docs/measurements/) when it finishes,
 # so a call cut short keeps what ran; a bench that would start with under 30 s of the budget
-# left is skipped and named. All output also goes to $OUT/gpu_benches.log. The profiles' traces
+# left is skipped and named. The named benches' records from an earlier call into the same $OUT
+# are removed first, so the table below holds this call's numbers only. All output also goes to $OUT/gpu_benches.log. The profiles' traces
 # stay out of $OUT (PROFILE_DIR): what a call brings back is a few files, and each record holds
 # its profile's summary. The last lines printed are a table of the main numbers, then the
 # kernel's, the graphs' and the every-8-steps check's decode steps against sample_32's (and
@@ -58,6 +59,11 @@ for name in "${benches[@]}"; do
 done
 export PYTHONUNBUFFERED=1
 mkdir -p "$AUTOTUNE_DIR"
+# A record left in $OUT by an earlier call is not this call's: one of a bench that is skipped or
+# stops before writing its own would be read into the table below as if it had run.
+for name in "${benches[@]}"; do
+    rm -f "$OUT/gpu_$name.json"
+done
 export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_per_fusion_autotune_cache_dir=$AUTOTUNE_DIR"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
@@ -119,12 +125,23 @@ keys = ("decode_step_over_hbm_floor", "decode_step_ms", "decode_us_per_op",
         "decode_attention", "pallas_max_abs_diff", "pallas_parts", "critiques_sha256",
         "mfu", "ours_tokens_per_s", "torch_tokens_per_s", "attention", "hf_error", "torch_error",
         "attention_error")
-for name in names:
+def load(name):
+    """(the record's result or None, why there is none)."""
     path = os.path.join(out, f"gpu_{name}.json")
     if not os.path.exists(path):
-        print(f"{name}: no record")
+        return None, "no record"
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)["result"], ""
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return None, f"unreadable record ({type(err).__name__}: {err})"
+
+
+for name in names:
+    result, why = load(name)
+    if result is None:
+        print(f"{name}: {why}")
         continue
-    result = json.load(open(path))["result"]
     fields = [f"{k}={result[k]:.3g}" if isinstance(result[k], float) else f"{k}={result[k]}"
               for k in keys if result.get(k) is not None]
     print(f"{name}: " + ", ".join(fields))
@@ -134,8 +151,7 @@ for name in names:
 # where both ran. The graphs and the check change how the decode runs, not what it computes: their
 # critiques must be sample_32's token for token.
 def step(name):
-    path = os.path.join(out, f"gpu_{name}.json")
-    return json.load(open(path))["result"] if name in names and os.path.exists(path) else None
+    return load(name)[0] if name in names else None
 
 for name, base_name, what, default in (
         ("sample_32_pallas", "sample_32", "the Pallas decode attention",
