@@ -689,7 +689,13 @@ def test_the_gpu_presets_and_their_config_agree():
 @pytest.mark.parametrize("command,flag,value", [
     ("sample", "--samples", "0"), ("sample", "--inputs", "0"), ("sample", "--repeats", "0"),
     ("train", "--steps", "0"), ("train", "--pairs", "0"),
-    ("serve", "--clients", "0"), ("serve", "--modes", "stati")])
+    ("serve", "--clients", "0"), ("serve", "--modes", "stati"),
+    # Values that failed only after the timing (a division by a zero bandwidth or peak), or
+    # with a traceback (a temperature the sampler or the server refuses).
+    ("sample", "--bandwidth-bytes", "0"), ("sample", "--bandwidth-bytes", "-8"),
+    ("sample", "--temperature", "0"), ("sample", "--temperature", "nan"),
+    ("train", "--matmul-n", "0"), ("train", "--lm-chunk", "-1"),
+    ("serve", "--temperature", "-1")])
 def test_a_count_below_one_or_an_unknown_mode_is_a_usage_error(command, flag, value, capsys):
     """Refused when the flags are read, before a model is built: not a traceback deep in the
     run, nor (--pairs 0) a result that measured nothing."""

@@ -300,6 +300,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     check_counts(parser, args, 1, "inputs", "samples", "prompt_len", "new_tokens", "repeats",
                  "threads", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                  "intermediate_size", "vocab_size")
+    # Checked here, not after the whole run: the floors divide by the bandwidth it measures.
+    check_counts(parser, args, 4, "bandwidth_bytes")  # one fp32 value
+    if not args.temperature > 0:  # NaN too
+        parser.error(f"--temperature {args.temperature}: must be > 0 (the workload samples)")
     return args
 
 

@@ -71,6 +71,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                 setattr(args, name, value)
     if not 1 <= args.min_tokens <= args.max_tokens:
         p.error("need 1 <= --min-tokens <= --max-tokens")
+    if not args.temperature >= 0:  # NaN too; 0 is greedy, as the server takes it
+        p.error(f"--temperature {args.temperature}: must be >= 0")
     check_counts(p, args, 1, "requests", "clients", "slots", "num_samples", "chunk_steps",
                  "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]

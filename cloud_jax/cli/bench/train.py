@@ -122,7 +122,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         p.set_defaults(**PRESETS[preset])
     args = p.parse_args(argv)
     check_counts(p, args, 1, "pairs", "seq", "hidden", "layers", "heads", "kv_heads", "mlp",
-                 "vocab", "repeats", "steps", "threads")
+                 "vocab", "repeats", "steps", "threads", "matmul_n")
+    check_counts(p, args, 0, "lm_chunk")
     return args
 
 
