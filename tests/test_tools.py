@@ -250,6 +250,9 @@ fi
 exec {sys.executable} "$@"
 """)
     wrapper.chmod(0o755)
+    # An earlier run's record in the same $OUT is not this run's: it must not stand in for it.
+    out.mkdir()
+    (out / "gpu_smollm2.json").write_text('{"result": {"from": "an earlier run"}}')
     env = dict(os.environ, BUNDLE=str(bundle), OUT=str(out), PYTHON=str(wrapper),
                RUN_DIR=str(run), WORK=str(tmp_path / "work"))
     done = subprocess.run(["bash", str(ROOT / "tools" / "gpu_smollm2.sh")], cwd=ROOT, env=env,

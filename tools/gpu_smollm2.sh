@@ -15,7 +15,8 @@
 # the pipeline runs under `timeout` with what is left. A run that stops before its record is
 # written (out of time, or failed) leaves $OUT/gpu_smollm2_partial.json: what RUN_DIR holds by
 # then (each finished stage's summary, each finished evaluation's report, results.json if
-# written), so the numbers measured so far come back with the call.
+# written), so the numbers measured so far come back with the call. The record, partial and
+# report an earlier run left in $OUT are removed first.
 #
 # Environment: BUNDLE (default .device), OUT, PYTHON (default python3), CONFIG (default
 # configs/smollm2_135m_gpu_pipeline.yaml), RUN_DIR (default runs/smollm2_135m_gpu_pipeline),
@@ -31,6 +32,9 @@ WORK=${WORK:-$(mktemp -d)}
 BUDGET_S=${BUDGET_S:-560}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
+# What an earlier run left in $OUT is not this run's: its record would stand in for this run's and
+# keep the partial below from being written.
+rm -f "$OUT/gpu_smollm2.json" "$OUT/gpu_smollm2_partial.json" "$OUT/gpu_smollm2_report.md"
 # Everything printed also goes to $OUT, which comes back even when the call runs out of time.
 exec > >(tee "$OUT/gpu_smollm2.log") 2>&1
 start=$(date +%s)
