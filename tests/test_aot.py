@@ -176,6 +176,18 @@ def test_batch_that_does_not_split_over_the_mesh_is_a_config_error(capsys):
 
 
 @needs_libtpu
+def test_sample_inputs_that_do_not_split_over_the_mesh_are_a_config_error(capsys):
+    # 3 inputs over data 4: said before compiling, not an IndivisibleError from the sharding.
+    rc = run_command(aot.main, TINY + ["--topology", "v5e-4", "--sample", "--sample-inputs", "3",
+                                       "--max-new-tokens", "4"])
+    captured = capsys.readouterr()
+    assert rc == 2
+    assert ("--sample-inputs 3 must be a multiple of the mesh's data x fsdp size 4"
+            in captured.err)
+    assert "train step" not in captured.out and "sampling" not in captured.out
+
+
+@needs_libtpu
 def test_a_mesh_that_leaves_hosts_sharing_rows_is_a_config_error(capsys):
     # v5e-16 is four hosts of four chips: tensor=16 puts every host on the same rows, which
     # training refuses (each host feeds only its own); aot says so before compiling.

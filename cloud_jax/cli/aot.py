@@ -531,7 +531,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="compile only the prefill and decode (a sampling mesh or dtype "
                              "given as overrides then leaves the train step alone)")
     parser.add_argument("--sample-inputs", type=int, default=0,
-                        help="inputs per sampling batch; 0: one per data x fsdp shard")
+                        help="inputs per sampling batch, a multiple of data x fsdp; 0: one "
+                             "per data x fsdp shard")
     parser.add_argument("--prefix-len", type=int, default=0,
                         help="prefill tokens per input; 0: data.max_length")
     parser.add_argument("--num-samples", type=int, default=8, help="K critiques per input")
@@ -591,11 +592,19 @@ def _run(args: argparse.Namespace) -> int:
     print(f"{sl.name}: topology {sl.topology}, {sl.chips} chip(s) ({devices[0].device_kind}), "
           f"{_gib(budget)} HBM{of_card} and {sl.chip.peak_flops / 1e12:.0f} TFLOP/s bf16 "
           f"per chip; config {args.config}", flush=True)
+    sampling = args.sample or args.sample_only
+    if sampling:
+        # The sampling batch is split over data x fsdp (SAMPLE_RULES): checked before anything
+        # compiles, as the train batch is, not left to fail inside the compiler.
+        data_fsdp = math.prod(make_mesh(cfg.mesh, devices).shape[a] for a in ("data", "fsdp"))
+        if args.sample_inputs % data_fsdp:
+            raise ConfigError(f"--sample-inputs {args.sample_inputs} must be a multiple of the "
+                              f"mesh's data x fsdp size {data_fsdp}, over which the sampling "
+                              "batch is split")
     results = []
     if not args.sample_only:
         results.append(compile_train(cfg, devices))
-    if args.sample or args.sample_only:
-        data_fsdp = math.prod(make_mesh(cfg.mesh, devices).shape[a] for a in ("data", "fsdp"))
+    if sampling:
         results += compile_sample(
             cfg, devices, inputs=args.sample_inputs or data_fsdp,
             prefix_len=args.prefix_len or cfg.data.max_length, num_samples=args.num_samples,
