@@ -236,6 +236,56 @@ def test_openrlhf_queries_reduce_to_the_user_text_and_the_response(name):
         assert err.value.field == "query[1]"
 
 
+# A Llama-3.2-style template: a system turn holding today's date opens every chat.
+DATED_TEMPLATE = (
+    "{{ bos_token }}{% set ns = namespace(system='') %}"
+    "{% if messages[0]['role'] == 'system' %}{% set ns.system = messages[0]['content'] %}"
+    "{% set messages = messages[1:] %}{% endif %}"
+    "{{ '<|start_header_id|>system<|end_header_id|>\n\nToday Date: ' + strftime_now('%d %b %Y')"
+    " + '\n\n' + ns.system + '<|eot_id|>' }}"
+    "{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n'"
+    " + m['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}")
+
+
+def test_openrlhf_queries_rendered_on_another_day_are_split():
+    """A template that writes today's date: a query the client rendered on another day (the
+    server started before midnight, or the client's clock differs) is split as one of today's.
+    They were refused as "not one user turn"."""
+    import datetime
+
+    from test_data_layout import llama3_tokenizer
+
+    from cloud_jax.serving.protocol import ChatMarkers, InvalidField, parse_openrlhf
+
+    tok = llama3_tokenizer()
+    tok.chat_template = DATED_TEMPLATE
+    markers = ChatMarkers.of(tok)
+
+    def render(*messages, generation=False):
+        return tok.apply_chat_template([{"role": r, "content": c} for r, c in messages],
+                                       tokenize=False, add_generation_prompt=generation)
+
+    today = datetime.datetime.now()
+    for other in (today + datetime.timedelta(days=1), datetime.datetime(1999, 1, 31)):
+        def on_other_day(text):
+            return text.replace(today.strftime("%d %b %Y"), other.strftime("%d %b %Y"))
+
+        prompt = on_other_day(render(("user", "What is 2+2?"), generation=True))
+        query = on_other_day(render(("user", "What is 2+2?"), ("assistant", "4")))
+        assert other.strftime("%d %b %Y") in query
+        for body in ({"query": [query + tok.eos_token]},
+                     {"query": [query + tok.eos_token], "prompts": [prompt]}):
+            [item] = parse_openrlhf(body, markers)
+            assert (item.prompt, item.response) == ("What is 2+2?", "4"), body
+        # A system message written after the date is still refused.
+        system = on_other_day(render(("system", "Be terse."), ("user", "What is 2+2?"),
+                                     ("assistant", "4")))
+        with pytest.raises(InvalidField, match="not one user turn"):
+            parse_openrlhf({"query": [system]}, markers)
+
+
 def test_non_finite_rewards_are_a_clear_error(checkpoint, tmp_path):
     """A model whose reward head holds NaN: a 500 that says so (not a JSON encoder's crash),
     and the server keeps serving."""

@@ -21,7 +21,9 @@ dropped, so the model sees the conversation it was trained on.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
+import re
 from typing import Any, Optional, Sequence
 
 from cloud_jax.data.schema import lone_surrogate
@@ -240,12 +242,17 @@ class ChatMarkers:
     # Special tokens a client may leave after the response (OpenRLHF appends the EOS), or
     # before the prompt (the left padding of a decoded batch).
     trailing: tuple = ()
+    # ``user_head`` as a regular expression where the template writes today's date into it
+    # (``strftime_now``, as Llama-3.2's does): a client renders the date of its own day.
+    dated_head: Optional[str] = None
 
     @classmethod
     def of(cls, tok) -> "ChatMarkers":
         p, r = "\ue001P\ue001", "\ue001R\ue001"
+        before = datetime.datetime.now()
         text = tok.apply_chat_template([{"role": "user", "content": p},
                                         {"role": "assistant", "content": r}], tokenize=False)
+        after = datetime.datetime.now()
         head, rest = text.split(p, 1)
         middle, tail = rest.split(r, 1)
 
@@ -254,7 +261,9 @@ class ChatMarkers:
             return value if isinstance(value, str) and value else ""
 
         trailing = tuple(dict.fromkeys(t for t in (token("eos_token"), token("pad_token")) if t))
-        return cls(head, middle, tail, token("bos_token"), trailing)
+        bos = token("bos_token")
+        return cls(head, middle, tail, bos, trailing,
+                   _dated_pattern(head, tok.chat_template, (before, after), bos))
 
     def user_text(self, prompt: str, field: str = "prompt") -> str:
         """The user's text of a rendered prompt (a plain prompt is returned unchanged).
@@ -266,7 +275,8 @@ class ChatMarkers:
                 text = text[len(head):]
                 break
         else:
-            text = None
+            found = self.dated_head and re.match(self.dated_head, text)
+            text = text[found.end():] if found else None
         if text is not None:
             for end in (self.assistant_head, self.assistant_head.rstrip()):
                 if end and text.endswith(end):
@@ -305,6 +315,41 @@ class ChatMarkers:
             if end and text.endswith(end):
                 return text[:-len(end)]
         return text
+
+
+_DIRECTIVE = re.compile(r"%[-_0^#]?([A-Za-z%])")
+# What strftime writes for a directive, as a regular expression: letters and digits for most.
+_DIRECTIVE_TEXT = {"%": "%", "e": r" ?\d+", "z": r"[+-]?[\d:]*", "Z": r"[\w+-]*"}
+
+
+def _date_regex(fmt: str) -> str:
+    out, at = [], 0
+    for m in _DIRECTIVE.finditer(fmt):
+        code = m.group(1)
+        out += [re.escape(fmt[at:m.start()]),
+                _DIRECTIVE_TEXT.get(code, r"[\w :/.,-]+?" if code in "cxXDTFRr" else r"\w+")]
+        at = m.end()
+    return "".join(out) + re.escape(fmt[at:])
+
+
+def _dated_pattern(head: str, template: Any, when: Sequence[datetime.datetime],
+                   bos: str) -> Optional[str]:
+    """``head`` as a regular expression in which each date the template wrote into it with
+    ``strftime_now(format)`` (at one of the times ``when``) stands for any date of that format,
+    the BOS optional; None if it holds no such date."""
+    if isinstance(template, dict):
+        template = "\n".join(t for t in template.values() if isinstance(t, str))
+    formats = re.findall(r"""strftime_now\(\s*(['"])(.*?)\1\s*\)""",
+                         template if isinstance(template, str) else "")
+    rest = head.removeprefix(bos) if bos else head
+    pattern = re.escape(rest)
+    for fmt in dict.fromkeys(f for _, f in formats):
+        for date in dict.fromkeys(t.strftime(fmt) for t in when):
+            if date and date in rest:
+                pattern = pattern.replace(re.escape(date), _date_regex(fmt))
+    if pattern == re.escape(rest):
+        return None
+    return (f"(?:{re.escape(bos)})?" if rest != head else "") + pattern
 
 
 def split_query(query: str, prompt: Optional[str], markers: ChatMarkers,
