@@ -144,6 +144,19 @@ def test_stats_are_answered_while_a_pool_is_being_allocated(rm, monkeypatch):
     engine.close()
 
 
+def test_total_slots_is_the_slots_option_whatever_the_pools_hold(rm):
+    """cloud_total_slots is --slots: the rows a pool of K rows per item holds (a multiple of K)
+    are not what a dashboard compares the busy rows with. It reported 4 of 6 after a K=4
+    request."""
+    engine = _engine(rm)
+    assert engine.stats().total_slots == 6
+    st = Settings(num_samples=4, max_critique_tokens=3)
+    _check(engine.submit(_items([0]), st).result(timeout=60), rm, [0], st)
+    assert sum(p.rows for p in engine._pools.values()) == 4
+    assert engine.stats().total_slots == 6
+    engine.close()
+
+
 def test_options_no_request_could_be_served_under_are_refused(rm):
     from cloud_jax.errors import ConfigError
 

@@ -326,10 +326,9 @@ class ContinuousBackend:
     def stats(self) -> BackendStats:
         with self._lock:
             busy = sum(p.busy() for p in self._pools.values())
+            # --slots: the pools' rows are a multiple of their K, and may be fewer.
             return BackendStats(queue_depth=self._queued_items, busy_slots=busy,
-                                total_slots=sum(p.rows for p in self._pools.values())
-                                or self.options.slots,
-                                critique_tokens=self._tokens)
+                                total_slots=self.options.slots, critique_tokens=self._tokens)
 
     def close(self, drain: bool = True) -> None:
         with self._lock:

@@ -50,7 +50,7 @@ class Metrics:
         self.queue_depth = Gauge("cloud_queue_depth", "items admitted but not yet started",
                                  registry=r)
         self.busy_slots = Gauge("cloud_busy_slots", "decode rows in use", registry=r)
-        self.total_slots = Gauge("cloud_total_slots", "decode rows", registry=r)
+        self.total_slots = Gauge("cloud_total_slots", "decode rows in all (--slots)", registry=r)
         self.tokens = Gauge("cloud_critique_tokens_total",
                             "critique tokens generated since start (rate() gives tokens/s)",
                             registry=r)

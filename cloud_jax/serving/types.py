@@ -88,7 +88,7 @@ class ItemResult:
 class BackendStats:
     queue_depth: int  # items admitted but not yet started
     busy_slots: int  # decode rows in use
-    total_slots: int
+    total_slots: int  # decode rows in all (--slots)
     critique_tokens: int  # critique tokens generated since start (a counter)
 
 
