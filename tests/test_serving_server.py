@@ -337,6 +337,7 @@ def test_overload_then_sigterm_under_load(checkpoint, rm, batching):
         for a in answers:
             if a.status_code == 503:
                 assert int(a.headers["Retry-After"]) >= 1
+                assert "--max-queue" in a.json()["error"]
             else:
                 _check(a.json()["results"][0], offline, 0)
         assert server.metric("cloud_rejected_requests_total") >= codes.count(503)
@@ -358,6 +359,9 @@ def test_overload_then_sigterm_under_load(checkpoint, rm, batching):
         for r in results:
             _check(r.json()["results"][0], offline, 0)
         assert server.proc.wait(timeout=60) == 0
+        # The server's log names the flag: clients such as OpenRLHF print only the status.
+        assert "refused with 503: the queue holds 3 items waiting (--max-queue)" in \
+            server.proc.stdout.read()
     finally:
         server.stop()
 

@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode rows in flight (an item takes K); size it to the accelerator "
                         "(default %(default)s)")
     p.add_argument("--max-queue", type=int, default=o.max_queue,
-                   help="items waiting at most; beyond it requests get 503 (default %(default)s)")
+                   help="items waiting at most; beyond it requests get 503 (default %(default)s); "
+                        "a client that sends each item of a batch as a request of its own "
+                        "(OpenRLHF) needs its batch's size")
     p.add_argument("--max-length", type=int, default=o.max_length,
                    help="prefill tokens per item at most; longer items get 413 "
                         "(default %(default)s)")

@@ -139,6 +139,7 @@ def build_app(backend: Backend, defaults: Settings, tokenizer) -> Starlette:
         except QueueFull as err:
             status = 503
             metrics.rejected.labels("queue_full").inc()
+            _warn_queue_full(state, err)
             return _error(503, str(err), **{"Retry-After": str(max(1, round(err.retry_after_s)))})
         except ShuttingDown as err:
             status = 503
@@ -187,6 +188,24 @@ def build_app(backend: Backend, defaults: Settings, tokenizer) -> Starlette:
     ])
     app.state.serving = state
     return app
+
+
+# At most one queue-full warning in this many seconds (an overloaded server refuses many).
+_QUEUE_FULL_WARN_S = 60.0
+
+
+def _warn_queue_full(state: dict, err: QueueFull) -> None:
+    """Logs that requests are refused for a full queue: a client that reports only the status
+    (OpenRLHF prints "503 Server Error") leaves the server's log the place that names the fix."""
+    now = time.monotonic()
+    state["queue_full"] = state.get("queue_full", 0) + 1
+    if now - state.get("queue_full_warned", -math.inf) < _QUEUE_FULL_WARN_S:
+        return
+    log.warning("%d request(s) refused with 503: the queue holds %d items waiting (--max-queue); "
+                "a client that sends more at once (OpenRLHF sends each query of a rollout as a "
+                "request of its own) needs --max-queue at least that large",
+                state["queue_full"], err.limit)
+    state["queue_full"], state["queue_full_warned"] = 0, now
 
 
 def _result_json(r: ItemResult) -> dict:

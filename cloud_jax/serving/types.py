@@ -19,7 +19,9 @@ class QueueFull(Exception):
     """The backend's bounded queue has no room: the caller should retry later (HTTP 503)."""
 
     def __init__(self, limit: int, retry_after_s: float = 1.0):
-        super().__init__(f"the request queue is full ({limit} waiting); retry later")
+        super().__init__(f"the request queue is full ({limit} items waiting, the server's "
+                         "--max-queue); retry later, or serve with a --max-queue as large as the "
+                         "items clients send at once")
         self.limit = limit
         self.retry_after_s = retry_after_s
 
