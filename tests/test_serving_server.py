@@ -141,6 +141,10 @@ def test_the_openrlhf_request_shape(server, rm):
 @pytest.mark.parametrize("path,body,status,field", [
     ("/v1/score", b"{not json", 400, "body"),
     ("/v1/score", [1, 2], 400, "body"),
+    # JSON Python's reader refuses past its limits: a 400, not a 500 from inside the reader.
+    pytest.param("/v1/score", b"[" * 100000 + b"]" * 100000, 400, "body", id="deeply-nested"),
+    pytest.param("/v1/score", b'{"items": [{"prompt": "a", "response": "b"}], "seed": '
+                 + b"1" * 5000 + b"}", 400, "body", id="5000-digit-integer"),
     ("/v1/score", {}, 422, "items"),
     ("/v1/score", {"items": []}, 422, "items"),
     ("/v1/score", {"items": "x"}, 422, "items"),

@@ -95,6 +95,11 @@ def build_app(backend: Backend, defaults: Settings, tokenizer) -> Starlette:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise InvalidField("body", f"malformed JSON: {err}", status=400) from None
+        except ValueError:  # Python reads integers of at most 4300 digits
+            raise InvalidField("body", "a JSON integer too long to read (more than 4300 digits)",
+                               status=400) from None
+        except RecursionError:
+            raise InvalidField("body", "JSON nested too deeply to read", status=400) from None
 
     async def run(request: Request, endpoint: str, parse, answer, items_field: str = "items"):
         """``items_field``: what the endpoint's body calls its list of items (errors name it)."""
