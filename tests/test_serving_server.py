@@ -205,6 +205,24 @@ def test_bad_input_gets_its_status_and_names_the_field(server, path, body, statu
     assert ok.status_code == 200
 
 
+def test_a_long_input_does_not_hold_up_the_rest_of_the_server(server):
+    """Tokenizing a megabyte prompt takes seconds; /health (and every answer) is served meanwhile.
+    It waited for the tokenizer: the request was checked on the event loop."""
+    answers = []
+    long = {"items": [{"prompt": "x" * 1_000_000, "response": "b"}]}
+    sender = threading.Thread(target=lambda: answers.append(
+        requests.post(server.url + "/v1/score", json=long, timeout=300)))
+    sender.start()
+    time.sleep(0.3)  # the long request is being tokenized
+    start = time.monotonic()
+    health = requests.get(server.url + "/health", timeout=60)
+    waited = time.monotonic() - start
+    in_flight = sender.is_alive()
+    sender.join()
+    assert health.status_code == 200 and answers[0].status_code == 413
+    assert in_flight and waited < 1.0, waited
+
+
 @pytest.mark.parametrize("name", ["byte", "llama3", "chatml"])
 def test_openrlhf_queries_reduce_to_the_user_text_and_the_response(name):
     """What OpenRLHF sends (the rendered chat, the EOS after it) is split into what the model was

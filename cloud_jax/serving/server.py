@@ -21,7 +21,7 @@ import math
 import signal
 import socket
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
@@ -89,8 +89,13 @@ def build_app(backend: Backend, defaults: Settings, tokenizer) -> Starlette:
     markers = ChatMarkers.of(tokenizer) if tokenizer is not None else None
     state = {"draining": False}
 
-    async def read_json(request: Request):
-        raw = await request.body()
+    # Decoding, checking and tokenizing a request run on this one thread, not the event loop: a
+    # long input (megabytes of prompt take seconds to tokenize) holds up only the requests being
+    # admitted behind it, never /health, /metrics or the answers. One thread, because the
+    # backends check requests with one tokenizer, and tokenizers are not thread-safe.
+    admitter = ThreadPoolExecutor(1, thread_name_prefix="cloud-admit")
+
+    def read_json(raw: bytes):
         try:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -113,8 +118,13 @@ def build_app(backend: Backend, defaults: Settings, tokenizer) -> Starlette:
             if state["draining"] or not getattr(backend, "ready", True):
                 raise ShuttingDown("the server is not ready" if not state["draining"] else
                                    "the server is shutting down")
-            items, settings = parse(await read_json(request))
-            future: Future = backend.submit(items, settings)
+            raw = await request.body()
+
+            def admit():
+                items, settings = parse(read_json(raw))
+                return items, backend.submit(items, settings)
+
+            items, future = await asyncio.get_running_loop().run_in_executor(admitter, admit)
             metrics.admitted.inc(len(items))
             results = await _wait(request, backend, future)
             if results is None:  # the client went away
