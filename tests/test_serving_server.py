@@ -223,6 +223,24 @@ def test_a_long_input_does_not_hold_up_the_rest_of_the_server(server):
     assert in_flight and waited < 1.0, waited
 
 
+def test_a_client_that_goes_away_while_sending_is_no_server_error(server):
+    """A client that closes its connection halfway through its body is counted as gone (499),
+    as one that goes away while its request is scored; it was a 500 with a logged traceback."""
+    def count(status):
+        return server.metric(f'cloud_requests_total{{endpoint="/v1/score",status="{status}"}}')
+
+    errors, gone = count(500), count(499)
+    with socket.create_connection(("127.0.0.1", server.port)) as conn:
+        conn.sendall(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"items\": [")
+        time.sleep(0.2)
+    deadline = time.monotonic() + 30
+    while count(499) == gone and count(500) == errors:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert (count(499), count(500)) == (gone + 1, errors)
+
+
 @pytest.mark.parametrize("name", ["byte", "llama3", "chatml"])
 def test_openrlhf_queries_reduce_to_the_user_text_and_the_response(name):
     """What OpenRLHF sends (the rendered chat, the EOS after it) is split into what the model was

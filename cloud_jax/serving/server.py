@@ -27,7 +27,7 @@ from typing import Optional
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
                                generate_latest)
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -140,6 +140,9 @@ def build_app(backend: Backend, defaults: Settings, tokenizer) -> Starlette:
                                    f"{items_field}{bad[:8]}: its weights hold non-finite values, "
                                    "or its compute dtype overflows; the server is otherwise fine")
             return JSONResponse(answer(results))
+        except ClientDisconnect:  # the client went away before its body arrived
+            status = 499
+            return Response(status_code=499)
         except InvalidField as err:
             status = err.status
             metrics.rejected.labels("invalid").inc()
