@@ -241,6 +241,88 @@ def test_a_client_that_goes_away_while_sending_is_no_server_error(server):
     assert (count(499), count(500)) == (gone + 1, errors)
 
 
+_WAITING_SERVER = """
+import sys
+from concurrent.futures import Future
+from cloud_jax.serving.server import serve
+from cloud_jax.serving.types import BackendStats, Settings
+
+class Waiting:  # answers nothing: its requests wait until their clients go
+    ready = True
+    def __init__(self):
+        self.waiting = set()
+    def start(self):
+        pass
+    def submit(self, items, settings):
+        future = Future()
+        self.waiting.add(future)
+        return future
+    def cancel(self, future):
+        self.waiting.discard(future)
+        future.cancel()
+    def stats(self):
+        return BackendStats(len(self.waiting), 0, 1, 0)
+    def close(self, drain=True):
+        pass
+
+sys.exit(serve(Waiting(), Settings(), None, port=int(sys.argv[1]), log_level="warning"))
+"""
+
+
+def test_waiting_requests_cost_no_cpu_and_are_cancelled_when_their_clients_go():
+    """An RL loop's whole rollout may wait in the queue, one request per item. Each waiting
+    request polled its connection 20 times a second: 500 of them took about half a core of the
+    event loop. They now wait for the disconnect itself, which still cancels them."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-c", _WAITING_SERVER, str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    conns = []
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert time.monotonic() < deadline and proc.poll() is None
+            try:
+                requests.get(url + "/health", timeout=1)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        body = json.dumps({"items": [{"prompt": "a", "response": "b"}]}).encode()
+        head = (b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(body))
+
+        def depth():
+            text = requests.get(url + "/metrics", timeout=30).text
+            return next(float(line.split()[-1]) for line in text.splitlines()
+                        if line.startswith("cloud_queue_depth "))
+
+        for _ in range(500):
+            conns.append(socket.create_connection(("127.0.0.1", port)))
+            conns[-1].sendall(head + body)
+        while depth() < 500:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        ticks = os.sysconf("SC_CLK_TCK")
+
+        def cpu_s():
+            fields = open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / ticks
+
+        before = cpu_s()
+        time.sleep(3)
+        assert cpu_s() - before < 0.25
+        for conn in conns:
+            conn.close()
+        while depth() > 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        for conn in conns:
+            conn.close()
+        proc.kill()
+        proc.wait()
+
+
 @pytest.mark.parametrize("name", ["byte", "llama3", "chatml"])
 def test_openrlhf_queries_reduce_to_the_user_text_and_the_response(name):
     """What OpenRLHF sends (the rendered chat, the EOS after it) is split into what the model was

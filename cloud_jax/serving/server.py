@@ -37,9 +37,6 @@ from cloud_jax.serving.types import (Backend, InputTooLong, ItemResult, QueueFul
 
 log = logging.getLogger(__name__)
 
-# How often a waiting request checks whether its client is still there.
-_DISCONNECT_POLL_S = 0.05
-
 
 class Metrics:
     """The server's Prometheus metrics, in a registry of their own."""
@@ -232,15 +229,25 @@ def _result_json(r: ItemResult) -> dict:
 
 
 async def _wait(request: Request, backend: Backend, future: Future):
-    """The request's results, or None (after cancelling it) if the client disconnects first."""
+    """The request's results, or None (after cancelling it) if the client disconnects first.
+    Waits on both events: no polling, so thousands of waiting requests cost nothing."""
     wrapped = asyncio.wrap_future(future)
-    while True:
-        done, _ = await asyncio.wait({wrapped}, timeout=_DISCONNECT_POLL_S)
-        if done:
-            return wrapped.result()
-        if await request.is_disconnected():
-            backend.cancel(future)
-            return None
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({wrapped, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if wrapped.done():
+        return wrapped.result()
+    backend.cancel(future)
+    return None
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone: its body has been read, so the next message the server
+    gives the app is the disconnect (it comes when the connection closes)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
