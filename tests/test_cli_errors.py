@@ -88,6 +88,11 @@ def test_train(capsys, files, tmp_path):
     train_error(["--config", TINY_YAML, f"data.train_path={files['missing']}",
                  "data.eval_path=\"\"", f"data.tfds_dir={tmp_path / 'tfds'}", "init_from=\"\"",
                  out], "missing.jsonl")
+    # A tokenizer that does not load (a directory not made yet, e.g. before `make smollm2`)
+    # names the key, not a transformers traceback.
+    train_error(["--config", TINY_YAML, f"data.train_path={files['rows']}", "data.eval_path=\"\"",
+                 f"data.tfds_dir={tmp_path / 'tfds'}", f"data.tokenizer={tmp_path / 'no_tok'}",
+                 "init_from=\"\"", out], "data.tokenizer=", "no_tok")
     # A config without train rows (configs/tiny_cpu.yaml is a model config) names the key.
     train_error(["--config", os.path.join(ROOT, "configs", "tiny_cpu.yaml"), out],
                 "data.train_path")
@@ -104,6 +109,9 @@ def test_score(capsys, files, tmp_path):
     user_error(capsys, score(files["empty"], files["rows"]), files["empty"])
     user_error(capsys, score(files["alien"], files["rows"]), "mamba")
     user_error(capsys, score(files["ckpt"], files["bad"]), "bad.jsonl:2", "chosen")
+    user_error(capsys, score(files["ckpt"], files["rows"]) + ["--tokenizer",
+                                                              str(tmp_path / "no_tok")],
+               "--tokenizer", "no_tok")
     # An existing directory as --output is refused before any scoring (it used to fail at the
     # very end, naming a temporary file and leaving it behind).
     user_error(capsys, ["score", "--checkpoint", files["ckpt"], "--input", files["rows"],

@@ -172,7 +172,11 @@ def load_model(args: argparse.Namespace, *, all_devices: bool = True):
         print(f"model on a {dict(mesh.shape)} mesh of {len(devices)} local device(s)",
               file=sys.stderr)
     if args.tokenizer is not None:
-        rm.tokenizer = load_tokenizer(args.tokenizer)
+        try:
+            rm.tokenizer = load_tokenizer(args.tokenizer)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"--tokenizer {args.tokenizer!r} does not load ({err}); give "
+                              "'byte', a tokenizer directory or a hub id") from None
     if rm.tokenizer is None:
         raise ConfigError(f"{args.checkpoint} holds no tokenizer: pass --tokenizer")
     return rm

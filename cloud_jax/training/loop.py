@@ -115,7 +115,11 @@ def prepare_data(cfg: Config):
     """Tokenizer and the tokenized dataset; process 0 builds it first so that hosts sharing a
     filesystem reuse one copy instead of writing it at the same time."""
     record = stage_record(cfg.train.stage)
-    tok = load_tokenizer(cfg.data.tokenizer)
+    try:
+        tok = load_tokenizer(cfg.data.tokenizer)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer!r} does not load ({err}); give "
+                          "'byte', a tokenizer directory or a hub id") from None
     if len(tok) > cfg.model.vocab_size:
         raise ConfigError(f"tokenizer {cfg.data.tokenizer!r} has {len(tok)} tokens but "
                           f"model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size")
