@@ -37,6 +37,9 @@ def test_yaml_and_overrides(tmp_path):
     ("model:\n  family: gpt2\n", [], "model.family"),
     ("model:\n  num_heads: 4\n  num_kv_heads: 3\n", [], "num_kv_heads"),
     ("model: [1, 2\n", [], "not valid YAML"),
+    # An override's value is read as YAML too: a malformed one is named, not a parser traceback.
+    ("", ["data.length_buckets=[64,128"], "the value is not valid YAML"),
+    ("", ["seed=@x"], "the value is not valid YAML"),
     ("", ["model.reward_dropout=1.0"], "model.reward_dropout"),
     ("", ["model.reward_dropout=-0.1"], "model.reward_dropout"),
     ("", ["model.reward_dropout=nan"], "model.reward_dropout"),

@@ -204,6 +204,7 @@ def _unquoted(value: str) -> str:
 def config_from_dict(data: dict, overrides: Sequence[str] = (), schema: type = Config,
                      source: str = "<dict>"):
     """Builds a frozen ``schema`` instance from a plain dict plus ``key=value`` overrides."""
+    import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -228,6 +229,9 @@ def config_from_dict(data: dict, overrides: Sequence[str] = (), schema: type = C
             merged.merge_with(OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as err:
             raise _explain(err, f"override {item!r}", schema) from None
+        except yaml.YAMLError as err:  # the value is read as YAML: model.num_layers=[1
+            why = getattr(err, "problem", None) or " ".join(str(err).split())
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({why})") from None
     try:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
