@@ -172,6 +172,34 @@ def test_config_errors_are_clear(tmp_path):
             load_pipeline_config(DEMO, [f"{section}.decode_phases=0"])
 
 
+def test_sampling_settings_are_checked_when_the_config_loads():
+    # They were first read by the stage that samples: a bad evaluation setting was a ValueError
+    # traceback after every stage had trained.
+    for override, needle in (("evaluation.top_p=1.5", "evaluation.top_p=1.5"),
+                             ("evaluation.top_p=0", "evaluation.top_p=0"),
+                             ("evaluation.batch_size=0", "evaluation.batch_size=0"),
+                             ("evaluation.seed=-1", "evaluation.seed=-1"),
+                             ("self_critique.temperature=-1", "self_critique.temperature=-1"),
+                             ("self_critique.batch_size=0", "self_critique.batch_size=0")):
+        with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+            load_pipeline_config(DEMO, [override])
+
+
+def test_every_stage_config_is_checked_before_the_first_stage_runs(tmp_path, monkeypatch):
+    from cloud_jax.training import loop
+
+    def no_training(cfg):
+        raise AssertionError("a stage ran before the classic stage's overrides were checked")
+
+    monkeypatch.setattr(loop, "run", no_training)
+    out = tmp_path / "out"
+    cfg = load_pipeline_config(DEMO, TINY + [f"output_dir={out}",
+                                             "stages.classic.overrides=[loss.lm_cof=1.0]"])
+    with pytest.raises(ConfigError, match=r"stages\.classic .*lm_cof"):
+        run_pipeline(cfg)
+    assert not out.exists()
+
+
 def test_diagnostics_by_hand():
     chosen = [["12+3: 2+3=5 5 ok, 1=1 1 ok: Correct"], ["x: Incorrect"]]
     rejected = [["12+3: 2+3=5 6 no, 1=1 1 ok: Incorrect"], ["cut off befo"]]

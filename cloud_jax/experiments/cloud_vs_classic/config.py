@@ -13,6 +13,7 @@ from typing import Optional, Sequence, Tuple
 from cloud_jax.data.synthetic.reasoning import ReasoningBenchmarkConfig
 from cloud_jax.errors import ConfigError
 from cloud_jax.sampling.loop import DECODE_PHASES, check_decode_phases
+from cloud_jax.sampling.methods import check_seed, method_from
 from cloud_jax.training.config import Config, load_config
 from cloud_jax.training.stages import STAGES
 
@@ -147,8 +148,15 @@ class PipelineConfig(Config):
         if ev.num_rows < 0 or ev.num_examples < 0:
             raise ConfigError("evaluation.num_rows and evaluation.num_examples must be >= 0")
         for section in ("self_critique", "evaluation"):
+            # The sampling settings are checked here, not first when the stage that samples
+            # runs (self-critique after two training stages, the evaluation after all four).
+            sc = getattr(self, section)
             try:
-                check_decode_phases(getattr(self, section).decode_phases)
+                check_decode_phases(sc.decode_phases)
+                method_from(sc.temperature, top_p=getattr(sc, "top_p", None))
+                check_seed(sc.seed)
+                if sc.batch_size < 1:
+                    raise ValueError(f"batch_size={sc.batch_size}: must be >= 1")
             except ValueError as err:
                 raise ConfigError(f"{section}.{err}") from None
         return self

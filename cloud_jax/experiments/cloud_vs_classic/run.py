@@ -87,8 +87,13 @@ def _stage_config(cfg: PipelineConfig, name: str, *, train_path: str, eval_path:
         # A critique the SFT model left empty cannot be trained on: its row is skipped and
         # counted in the rejects file rather than stopping the run.
         fixed.append("data.lenient=true")
-    return config_from_dict(shared, fixed + list(plan.overrides),
-                            source=f"stages.{name} of the pipeline config")
+    try:
+        return config_from_dict(shared, fixed + list(plan.overrides),
+                                source=f"stages.{name} of the pipeline config")
+    except ConfigError as err:
+        if str(err).startswith(f"stages.{name} "):
+            raise
+        raise ConfigError(f"stages.{name} of the pipeline config: {err}") from None
 
 
 def _train(cfg: PipelineConfig, name: str, **paths) -> dict:
@@ -285,6 +290,12 @@ def _check_same_config(cfg: PipelineConfig, path: str) -> None:
 def run_pipeline(cfg: PipelineConfig) -> Dict[str, Any]:
     """Runs every stage (skipping finished ones) and returns what ``results.json`` holds."""
     cfg = cfg.validate()
+    # Every stage's config (its stages.<name> plan and overrides on the shared sections) is
+    # checked before the first stage runs, not when its turn comes, maybe hours later.
+    for name in STAGES:
+        if not (name == "lm_pretrain" and cfg.init_from):
+            _stage_config(cfg, name, train_path=cfg.data.train_path,
+                          eval_path=cfg.data.eval_path, init_from=cfg.init_from)
     out = cfg.output_dir
     os.makedirs(out, exist_ok=True)
     saved = os.path.join(out, "pipeline_config.yaml")
