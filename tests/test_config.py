@@ -47,6 +47,14 @@ def test_yaml_and_overrides(tmp_path):
     ("", ["seed=4294967296"], "seed=4294967296: must be in"),
     ("", ["seed=-1"], "seed=-1: must be in"),
     ("seed: 9223372036854775808\n", [], "seed=9223372036854775808"),
+    # Sizes and RoPE settings no model has (num_kv_heads=0 was a ZeroDivisionError traceback).
+    ("", ["model.num_kv_heads=0"], "model.num_kv_heads=0: must be >= 1"),
+    ("", ["model.num_heads=0"], "model.num_heads=0: must be >= 1"),
+    ("", ["model.num_layers=0"], "model.num_layers=0: must be >= 1"),
+    ("", ["model.head_dim=0"], "model.head_dim=0"),
+    ("", ["model.rms_norm_eps=-1e-5"], "model.rms_norm_eps"),
+    ("", ["model.rope_theta=0"], "model.rope_theta"),
+    ("", ["model.rope_scaling.factor=0"], "model.rope_scaling.factor"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, override, needle):
     path = tmp_path / "c.yaml"

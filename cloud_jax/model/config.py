@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional, Tuple
 
 from cloud_jax.errors import ConfigError
@@ -109,6 +110,20 @@ class ModelConfig:
     def validate(self) -> "ModelConfig":
         if self.family not in ("llama", "mistral", "qwen2"):
             raise ConfigError(f"model.family={self.family!r}: expected one of llama, mistral, qwen2")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                    "num_kv_heads", "max_position_embeddings"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"model.{key}={getattr(self, key)}: must be >= 1")
+        for key in ("head_dim", "sliding_window"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"model.{key}={getattr(self, key)}: must be >= 1 (or null)")
+        if not self.rms_norm_eps >= 0:  # NaN too
+            raise ConfigError(f"model.rms_norm_eps={self.rms_norm_eps}: must be >= 0")
+        if not 0 < self.rope_theta < math.inf:
+            raise ConfigError(f"model.rope_theta={self.rope_theta}: must be a positive number")
+        if not 0 < self.rope_scaling.factor < math.inf:
+            raise ConfigError(f"model.rope_scaling.factor={self.rope_scaling.factor}: must be a "
+                              "positive number")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"model.num_heads={self.num_heads} is not a multiple of "
