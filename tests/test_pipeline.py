@@ -172,6 +172,17 @@ def test_config_errors_are_clear(tmp_path):
             load_pipeline_config(DEMO, [f"{section}.decode_phases=0"])
 
 
+def test_keys_the_pipeline_sets_for_every_stage_are_refused_not_ignored():
+    # Each stage replaced them with its own value: train.total_steps=5 trained 2500 steps.
+    for override, hint in (("train.total_steps=5", "stages.<name>.total_steps"),
+                           ("train.stage=cloud", "each stage has its own"),
+                           ("train.stop_at_step=3", "every stage runs to its end"),
+                           ("data.tfds_dir=/elsewhere", "<output_dir>/tfds")):
+        with pytest.raises(ConfigError) as err:
+            load_pipeline_config(DEMO, [override])
+        assert str(err.value).startswith(override.split("=")[0]) and hint in str(err.value)
+
+
 def test_sampling_settings_are_checked_when_the_config_loads():
     # They were first read by the stage that samples: a bad evaluation setting was a ValueError
     # traceback after every stage had trained.

@@ -14,7 +14,8 @@ from cloud_jax.data.synthetic.reasoning import ReasoningBenchmarkConfig
 from cloud_jax.errors import ConfigError
 from cloud_jax.sampling.loop import DECODE_PHASES, check_decode_phases
 from cloud_jax.sampling.methods import check_seed, method_from
-from cloud_jax.training.config import Config, load_config
+from cloud_jax.data.config import DataConfig
+from cloud_jax.training.config import Config, TrainConfig, load_config
 from cloud_jax.training.stages import STAGES
 
 
@@ -83,8 +84,10 @@ class PipelineEvalConfig:
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig(Config):
     """A training config (its sections are shared by every stage) plus the pipeline's own
-    sections. Each stage starts from the shared sections, with ``train.stage``, ``output_dir``,
-    ``init_from`` and the data paths set by the pipeline, then its ``stages.<name>`` plan on top.
+    sections. Each stage starts from the shared sections, with ``train.stage``,
+    ``train.total_steps``, ``output_dir``, ``init_from`` and the data paths set by the pipeline
+    (a config giving ``train.stage``, ``train.total_steps``, ``train.stop_at_step`` or
+    ``data.tfds_dir`` is refused), then its ``stages.<name>`` plan on top.
     ``init_from`` names the base model of both arms: "" trains one from scratch (stage
     lm_pretrain); a local HF or CLoud directory (or hub id) is used as is, and lm_pretrain is
     skipped."""
@@ -103,6 +106,19 @@ class PipelineConfig(Config):
                               "report and plots with local file calls; give a local directory "
                               "(each stage on its own, python -m cloud_jax.train / critique / "
                               "evaluate, takes gs:// paths)")
+        # Keys every stage sets for itself: a value given here would be silently replaced.
+        given = {"train.stage": (self.train.stage, TrainConfig.stage,
+                                 "each stage has its own"),
+                 "train.total_steps": (self.train.total_steps, TrainConfig.total_steps,
+                                       "set stages.<name>.total_steps"),
+                 "train.stop_at_step": (self.train.stop_at_step, TrainConfig.stop_at_step,
+                                        "every stage runs to its end"),
+                 "data.tfds_dir": (self.data.tfds_dir, DataConfig.tfds_dir,
+                                   "the stages share <output_dir>/tfds")}
+        for key, (value, default, instead) in given.items():
+            if value != default:
+                raise ConfigError(f"{key}={value!r}: the pipeline sets this key for every stage "
+                                  f"and would ignore it ({instead})")
         ckpt = self.train.checkpoint_dir
         if ckpt and ("://" in ckpt or os.path.isabs(ckpt)):
             raise ConfigError(f"train.checkpoint_dir={ckpt!r}: every stage would share this "
