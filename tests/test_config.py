@@ -55,6 +55,9 @@ def test_yaml_and_overrides(tmp_path):
     ("", ["model.rms_norm_eps=-1e-5"], "model.rms_norm_eps"),
     ("", ["model.rope_theta=0"], "model.rope_theta"),
     ("", ["model.rope_scaling.factor=0"], "model.rope_scaling.factor"),
+    # grain's ValueError traceback once the data was tokenized.
+    ("", ["data.num_threads=-1"], "data.num_threads=-1: must be >= 0"),
+    ("", ["data.prefetch_buffer_size=-1"], "data.prefetch_buffer_size=-1: must be >= 0"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, override, needle):
     path = tmp_path / "c.yaml"

@@ -133,6 +133,9 @@ class DataConfig:
             raise ConfigError(f"data.batch_pairs={self.batch_pairs}: must be at least 1")
         if self.num_epochs < 1:
             raise ConfigError(f"data.num_epochs={self.num_epochs}: must be at least 1")
+        for key in ("num_threads", "prefetch_buffer_size"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"data.{key}={getattr(self, key)}: must be >= 0")
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"data.seed={self.seed}: must be in [0, 2**32)")
         if list(self.length_buckets) != sorted(set(self.length_buckets)) or any(
