@@ -151,3 +151,23 @@ def test_shipped_cloud_configs_read_the_shards_critique_writes():
         for path in (data.train_path, data.eval_path):
             name = os.path.basename(path)
             assert fnmatch.fnmatch(shard_name(0, 4), name), (p, path)
+
+
+def test_shipped_configs_starting_from_a_pretrained_model_use_its_tokenizer():
+    # A config with init_from a pretrained model (not a run's final/) reads its rows with that
+    # model's tokenizer: the byte tokenizer (the default) would feed the model other token ids,
+    # and nothing at run time tells the two apart (its 272 ids fit any vocabulary).
+    import glob
+
+    from omegaconf import OmegaConf
+
+    from cloud_jax.experiments.cloud_vs_classic.config import PipelineConfig
+
+    root = Path(__file__).resolve().parent.parent
+    checked = 0
+    for p in sorted(glob.glob(str(root / "configs" / "*.yaml"))):
+        cfg = load_config(p, schema=PipelineConfig if "stages" in OmegaConf.load(p) else Config)
+        if cfg.init_from and not cfg.init_from.startswith("runs/"):
+            assert cfg.data.tokenizer == cfg.init_from, p
+            checked += 1
+    assert checked >= 10
