@@ -171,3 +171,21 @@ def test_shipped_configs_starting_from_a_pretrained_model_use_its_tokenizer():
             assert cfg.data.tokenizer == cfg.init_from, p
             checked += 1
     assert checked >= 10
+
+
+def test_readme_names_every_shipped_config():
+    import glob
+    import itertools
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "README.md").read_text()
+    section = text[text.index("## Configs"):text.index("## Sharding")]
+    named = set()
+    for pattern in re.findall(r"`([\w{},]+\.yaml)`", section):
+        parts = re.split(r"\{([^}]*)\}", pattern)  # expands tiny_cpu_{a,b}.yaml
+        choices = [[p] if i % 2 == 0 else p.split(",") for i, p in enumerate(parts)]
+        named.update("".join(c) for c in itertools.product(*choices))
+    shipped = {Path(p).name for p in glob.glob(str(root / "configs" / "*.yaml"))}
+    assert shipped - named == set()
+    assert named - shipped == set()
