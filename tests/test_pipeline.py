@@ -163,6 +163,9 @@ def test_config_errors_are_clear(tmp_path):
         load_pipeline_config(DEMO, ["evaluation.temperature=0"])
     with pytest.raises(ConfigError, match="stages.cloud.total_steps"):
         load_pipeline_config(DEMO, ["stages.cloud.total_steps=0"])
+    # No train rows was a KeyError traceback once the benchmark was written.
+    with pytest.raises(ConfigError, match="benchmark.num_train must be >= 1"):
+        load_pipeline_config(DEMO, ["benchmark.num_train=0"])
     with pytest.raises(ConfigError, match="nonsense"):
         load_pipeline_config(DEMO, ["stages.cloud.nonsense=1"])
     with pytest.raises(ConfigError, match="every stage would share"):

@@ -139,6 +139,8 @@ class PipelineConfig(Config):
             if self.benchmark.num_eval < 1:
                 raise ConfigError("benchmark.num_eval must be >= 1: the evaluation needs a "
                                   "held-out split")
+            if self.benchmark.num_train < 1:
+                raise ConfigError("benchmark.num_train must be >= 1: the stages train on it")
         for name in STAGES:
             if name == "lm_pretrain" and self.init_from:
                 continue
