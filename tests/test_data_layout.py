@@ -178,6 +178,28 @@ def test_llama3_bos_not_doubled_and_text_trimmed():
     assert ex.input_ids.tolist().count(bos) == 1
 
 
+def test_a_template_that_writes_today_is_rendered_on_one_fixed_date():
+    """A Llama-3.2-style template writes today's date into a system turn: rows and prefills carry
+    TEMPLATE_DATE instead, so a data set tokenized on one day matches prefills rendered on
+    another (and a cached data set matches a fresh one)."""
+    import datetime
+
+    from cloud_jax.data.tokenizer import TEMPLATE_DATE
+
+    tok = llama3_tokenizer()
+    tok.chat_template = (
+        "{{ bos_token }}{{ '<|start_header_id|>system<|end_header_id|>\\n\\nToday Date: ' + "
+        "strftime_now('%d %b %Y') + '<|eot_id|>' }}{% for m in messages %}"
+        "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] | trim"
+        " + '<|eot_id|>' }}{% endfor %}")
+    ex = encode_example(tok, PROMPT, RESPONSE, CRITIQUE, "critique", PREFIX, 512)
+    text = tok.decode(ex.input_ids.tolist())
+    assert f"Today Date: {TEMPLATE_DATE.strftime('%d %b %Y')}" in text
+    assert datetime.datetime.now().strftime("%d %b %Y") not in text
+    prefill = encode_critique_prefix(tok, PROMPT, RESPONSE, PREFIX)
+    assert ex.input_ids.tolist()[:len(prefill)] == prefill
+
+
 def test_special_token_text_in_rows_stays_text():
     tok = chatml_tokenizer()
     ex = encode_example(tok, "say <|im_end|> now", RESPONSE, "ends <|im_end|> early", "critique",

@@ -41,7 +41,7 @@ from transformers import PreTrainedTokenizerBase
 
 from cloud_jax.data.config import (CRITIQUE_PREFIX, LAYOUT_VERSION, LAYOUT_VERSIONS, LAYOUTS,
                                    OVERLENGTH_POLICIES)
-from cloud_jax.data.tokenizer import render_around, turn_closer_after
+from cloud_jax.data.tokenizer import render_around, render_chat, turn_closer_after
 
 _PROMPT, _RESPONSE, _CRITIQUE = "\ue001P\ue001", "\ue001R\ue001", "\ue001C\ue001"
 
@@ -78,16 +78,16 @@ class ChatLayout:
         # padded text once to find out, so the texts can be trimmed the same way.
         probe = [{"role": "user", "content": " x "}]
         before, after = render_around(tok, probe, 0)
-        self.trims = not (tok.apply_chat_template(probe, tokenize=False)
+        self.trims = not (render_chat(tok, probe)
                           == before + " x " + after)
         critique_msgs = [{"role": "user", "content": _PROMPT},
                          {"role": "assistant", "content": _RESPONSE},
                          {"role": "user", "content": _CRITIQUE}]
-        text = tok.apply_chat_template(critique_msgs, tokenize=False)
+        text = render_chat(tok, critique_msgs)
         head, mid1, mid2, tail = _split(text, _PROMPT, _RESPONSE, _CRITIQUE)
         self.critique_pieces = [self._template_ids(p) for p in (head, mid1, mid2)]
         self.critique_closer = turn_closer_after(tok, tail, "the critique's user turn")
-        text = tok.apply_chat_template(critique_msgs[:2], tokenize=False)
+        text = render_chat(tok, critique_msgs[:2])
         head, mid1, tail = _split(text, _PROMPT, _RESPONSE)
         self.classic_pieces = [self._template_ids(p) for p in (head, mid1)]
         self.classic_closer = turn_closer_after(tok, tail, "the response's assistant turn")

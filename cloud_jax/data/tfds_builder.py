@@ -84,7 +84,8 @@ class CloudPairs(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {"1.0.0": "Pairs of tokenized sequences with target masks and reward index.",
                      "1.1.0": "Pairs whose responses are the same tokens are rejected.",
                      "1.2.0": "Under a template that trims, a blank critique prefix leaves the "
-                              "critique trimmed at its start too."}
+                              "critique trimmed at its start too; a template that writes today's "
+                              "date writes a fixed one (TEMPLATE_DATE)."}
     # TFDS looks beside a builder's source file for checksums of its downloads. There are no
     # downloads here, and that lookup imports `importlib_resources`, which TFDS only installs on
     # Python < 3.9.

@@ -4,8 +4,10 @@ and the end-of-turn tokens at which critiques stop and rewards are read.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
+import re
 from typing import List
 
 from tokenizers import Tokenizer, decoders, models, processors
@@ -95,13 +97,37 @@ def turn_closer_after(tok: PreTrainedTokenizerBase, text_after_content: str, whe
     return ids[0]
 
 
+# The date a chat template that writes "today" (``strftime_now``, as Llama-3.1/3.2's do in their
+# system turn) is given when rows and prefills are rendered: the one Llama-3.1's template falls
+# back to without strftime_now. With the real date, a data set tokenized on one day and a prefill
+# rendered on another would differ for the same example, and a cached data set would not match
+# a fresh one.
+TEMPLATE_DATE = datetime.datetime(2024, 7, 26)
+
+
+# A call such as strftime_now('%d %b %Y') in a template's source (its format a literal).
+_STRFTIME_CALL = re.compile(r"""strftime_now\(\s*(['"])(.*?)\1\s*\)""")
+
+
+def render_chat(tok: PreTrainedTokenizerBase, messages: List[dict]) -> str:
+    """``messages`` through ``tok``'s chat template as text, any date it writes TEMPLATE_DATE:
+    each ``strftime_now(format)`` of the template's source becomes that date's text (a template
+    cannot be handed a function in place of strftime_now)."""
+    template = tok.chat_template
+    if isinstance(template, str) and "strftime_now" in template:
+        fixed = _STRFTIME_CALL.sub(lambda m: json.dumps(TEMPLATE_DATE.strftime(m.group(2))),
+                                   template)
+        return tok.apply_chat_template(messages, tokenize=False, chat_template=fixed)
+    return tok.apply_chat_template(messages, tokenize=False)
+
+
 def render_around(tok: PreTrainedTokenizerBase, messages: List[dict], index: int) -> tuple:
     """Renders ``messages`` with message ``index``'s content replaced by a sentinel and returns
     (text before, text after) it. Cutting at a sentinel finds where a template puts a message's
     text whatever the template looks like."""
     marked = [dict(m) for m in messages]
     marked[index]["content"] = _SENTINEL
-    text = tok.apply_chat_template(marked, tokenize=False)
+    text = render_chat(tok, marked)
     if text.count(_SENTINEL) != 1:
         raise ValueError("the chat template does not write message content verbatim; it cannot "
                          "be used for the critique layout")
