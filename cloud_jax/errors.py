@@ -14,9 +14,10 @@ class CheckpointError(ValueError):
 
 
 class InputTooLongError(ValueError):
-    """Input ``index`` (0-based, in the order given) does not fit ``max_length`` even with its
-    prompt cut (``detail`` says by how much). A caller that knows where input ``index`` came from
-    (a file's line and field) names that instead of the index."""
+    """Input ``index`` (0-based, in the order given) does not fit ``max_length``, or the model's
+    positions, even with its prompt cut (``detail`` says which and by how much). A caller that
+    knows where input ``index`` came from (a file's line and field) names that instead of the
+    index."""
 
     def __init__(self, index: int, detail: str):
         super().__init__(f"input {index}: {detail}")

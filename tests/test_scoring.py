@@ -317,3 +317,48 @@ def test_score_reports_progress_after_each_batch(rm):
                  on_batch=lambda inputs, tokens: calls.append((inputs, tokens)))
         assert [inputs for inputs, _ in calls] == [2, 1]
         assert all(tokens == 0 for _, tokens in calls) == classic
+
+
+def test_inputs_past_the_models_positions_lose_prompt_tokens_or_are_refused(rm, tmp_path,
+                                                                            caplog):
+    # A model built for 256 positions: whatever max_length says, an input (with, on the CLoud
+    # path, its critique and end-of-turn token) gets no position past them. The prompt is cut
+    # from the left exactly as for a max_length of what the positions allow.
+    short = cloud_jax.RewardModel(dataclasses.replace(CFG, max_position_embeddings=256),
+                                  rm.params, rm.tokenizer)
+    prompt, response = "p" * 600, "r" * 20
+    with caplog.at_level(logging.WARNING, logger="cloud_jax.scoring.rewards"):
+        classic = short.score([prompt], [response], classic=True, max_length=4096)
+    assert "max_length=4096 is more than the model's positions allow" in caplog.text
+    fitted = short.score([prompt], [response], classic=True, max_length=256)
+    np.testing.assert_allclose(classic.rewards, fitted.rewards, atol=1e-6, rtol=0)
+    given = teacher_forced_rewards(short, [prompt], [response], ["c" * 10],
+                                   ScoreConfig(max_length=4096))
+    np.testing.assert_allclose(given, teacher_forced_rewards(
+        short, [prompt], [response], ["c" * 10], ScoreConfig(max_length=256)), atol=1e-6)
+    # The default max_length (2048) is held to the positions too, without a warning.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cloud_jax.scoring.rewards"):
+        default = short.score([prompt], [response], max_critique_tokens=4)
+    assert "positions" not in caplog.text
+    # The critique's 4 tokens and its end-of-turn token leave the prefill 251 positions.
+    fitted = short.score([prompt], [response], max_critique_tokens=4, max_length=251)
+    np.testing.assert_allclose(default.sample_rewards, fitted.sample_rewards, atol=1e-6, rtol=0)
+    assert default.critiques == fitted.critiques
+    # One that does not fit even with its whole prompt cut names the positions.
+    with pytest.raises(InputTooLongError, match=r"input 0: longer than the model's "
+                                                r"max_position_embeddings=256 tokens"):
+        short.score(["p"], ["r" * 300], classic=True, max_length=4096)
+    with pytest.raises(InputTooLongError, match=r"input 0: the critique prefill is \d+ tokens "
+                                                r"over the 0 tokens the model's "
+                                                r"max_position_embeddings=256 leaves after a "
+                                                r"critique of 300 tokens"):
+        short.score(["p"], ["r"], max_critique_tokens=300)
+    # The score command too: the row and field are named.
+    short.save_pretrained(tmp_path / "model")
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "p", "chosen": "c", "rejected": "r" * 300}) + "\n")
+    with pytest.raises(ConfigError, match=r"long.jsonl:1: field 'rejected': longer than the "
+                                          r"model's max_position_embeddings=256 tokens"):
+        main(["--checkpoint", str(tmp_path / "model"), "--input", str(long), "--output",
+              str(tmp_path / "o.jsonl"), "--max-length", "4096", "--classic"])

@@ -118,7 +118,9 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: ScoreConfig) ->
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
                         help="inputs per compiled batch (default %(default)s)")
     parser.add_argument("--max-length", type=int, default=defaults.max_length,
-                        help="prefill tokens at most; prompts are cut from the left")
+                        help="prefill tokens at most, and never more than the model's "
+                             "positions leave after --max-critique-tokens + 1; prompts are cut "
+                             "from the left (default %(default)s)")
     parser.add_argument("--critique-prefix", default=defaults.critique_prefix,
                         help="text the critique starts after (default: the one the checkpoint "
                              "was trained with, else the standard prefix)")

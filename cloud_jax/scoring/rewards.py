@@ -56,7 +56,9 @@ class ScoreConfig:
     seed: int = 0
     # Inputs per compiled batch (each becomes num_samples decode rows).
     batch_size: int = 8
-    # Prefill tokens at most; longer inputs lose prompt tokens from the left.
+    # Prefill tokens at most; longer inputs lose prompt tokens from the left. Also never more
+    # than the model's positions allow: max_position_embeddings, less max_critique_tokens + 1
+    # (the critique and its end-of-turn token) where a critique is sampled.
     max_length: int = 2048
     # The text the critique starts after. None: the one stored in the model's checkpoint by
     # training (RewardModel.critique_prefix), else data.config.CRITIQUE_PREFIX.
@@ -160,16 +162,49 @@ def _check_texts(**named: Sequence[Any]) -> None:
                 raise ValueError(f"{name}[{i}]: {bad}")
 
 
-def _encode_whole(tok, prompts, responses, critiques, layout: str,
+def _positions(rm) -> int:
+    """The positions the model was built for (its max_position_embeddings)."""
+    return rm.config.max_position_embeddings
+
+
+def _token_limit(rm, cfg: ScoreConfig, reserved: int = 0) -> tuple[int, str, str]:
+    """(tokens an input may take, what sets that limit, how to fit it): ``cfg.max_length``, or
+    fewer where the model's positions less ``reserved`` (a sampled critique and its end-of-turn
+    token) allow fewer."""
+    positions = _positions(rm)
+    room = positions - reserved
+    if room >= cfg.max_length:
+        return cfg.max_length, f"max_length={cfg.max_length}", "raise max_length or shorten"
+    if not reserved:
+        return room, f"the model's max_position_embeddings={positions}", "shorten"
+    room = max(room, 0)
+    return (room, f"the {room} tokens the model's max_position_embeddings={positions} "
+            f"leaves after a critique of {reserved - 1} tokens and its end-of-turn token",
+            "lower max_critique_tokens or shorten")
+
+
+def _warn_positions(rm, cfg: ScoreConfig, reserved: int = 0) -> None:
+    """One warning where a max_length the caller chose (not the default) is more than the
+    model's positions allow: inputs are cut to fit them instead."""
+    limit, what, _ = _token_limit(rm, cfg, reserved)
+    if limit < cfg.max_length and cfg.max_length != ScoreConfig.max_length:
+        _warn_once(f"max_length={cfg.max_length} is more than the model's positions allow: "
+                   f"inputs are held to {what}")
+
+
+def _encode_whole(rm, tok, prompts, responses, critiques, layout: str,
                   cfg: ScoreConfig) -> list[Example]:
-    """Every input in ``layout``, its prompt cut from the left to fit ``cfg.max_length``."""
+    """Every input in ``layout``, its prompt cut from the left to fit ``cfg.max_length`` and the
+    model's positions."""
+    _warn_positions(rm, cfg)
+    limit, what, fix = _token_limit(rm, cfg)
     examples = []
     for i, (p, r, c) in enumerate(zip(prompts, responses, critiques)):
-        ex = encode_example(tok, p, r, c, layout, cfg.critique_prefix, cfg.max_length,
+        ex = encode_example(tok, p, r, c, layout, cfg.critique_prefix, limit,
                             "truncate_prompt", cfg.layout_version)
         if ex is None:
-            raise InputTooLongError(i, f"longer than max_length={cfg.max_length} tokens even "
-                                       "with its whole prompt cut; raise max_length or shorten "
+            raise InputTooLongError(i, f"longer than {what} tokens even with its whole prompt "
+                                       f"cut; {fix} "
                                        + ("the response" if layout == "classic"
                                           else "the response or the critique"))
         examples.append(ex)
@@ -195,8 +230,8 @@ def _forward_rewards(rm, examples: Sequence[Example], cfg: ScoreConfig, on_batch
 
 
 def _score_classic(rm, prompts, responses, cfg: ScoreConfig, on_batch) -> ScoreResult:
-    examples = _encode_whole(_require_tokenizer(rm), prompts, responses, [None] * len(prompts),
-                             "classic", cfg)
+    examples = _encode_whole(rm, _require_tokenizer(rm), prompts, responses,
+                             [None] * len(prompts), "classic", cfg)
     rewards = _forward_rewards(rm, examples, cfg, on_batch)
     n = len(examples)
     return ScoreResult(rewards=rewards, sample_rewards=rewards[:, None],
@@ -218,7 +253,8 @@ def teacher_forced_rewards(rm, prompts: Sequence[str], responses: Sequence[str],
         raise ValueError(f"{len(prompts)} prompts, {len(responses)} responses and "
                          f"{len(critiques)} critiques: one each per input")
     _check_texts(prompts=prompts, responses=responses, critiques=critiques)
-    examples = _encode_whole(_require_tokenizer(rm), prompts, responses, critiques, "critique", cfg)
+    examples = _encode_whole(rm, _require_tokenizer(rm), prompts, responses, critiques,
+                             "critique", cfg)
     return _forward_rewards(rm, examples, cfg, on_batch)
 
 
@@ -283,13 +319,24 @@ def score(rm, prompts: Sequence[str], responses: Sequence[str], cfg: ScoreConfig
     tok = _require_tokenizer(rm)
     stop_ids = end_of_turn_ids(tok)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    if budgets is not None and (len(budgets) != len(prompts) or min(budgets) < 0):
+        raise ValueError(f"budgets: one critique budget >= 0 per input ({len(prompts)})")
+    # Each input's critique (its budget, then the end-of-turn token) takes positions after its
+    # prefill: the prefill gets what the model's positions leave, at most max_length.
+    reserved = [1 + (cfg.max_critique_tokens if budgets is None else budgets[i])
+                for i in range(len(prompts))]
+    _warn_positions(rm, cfg, max(reserved))
     prefixes = []
     for i, (p, r) in enumerate(zip(prompts, responses)):
+        limit, what, fix = _token_limit(rm, cfg, reserved[i])
         try:
             prefixes.append(encode_critique_prefix(tok, p, r, cfg.critique_prefix,
-                                                   cfg.max_length, cfg.layout_version))
-        except ValueError as err:
-            raise InputTooLongError(i, f"{err}; raise max_length or shorten the "
+                                                   limit, cfg.layout_version))
+        except ValueError:
+            least = len(encode_critique_prefix(tok, "", r, cfg.critique_prefix, None,
+                                               cfg.layout_version))
+            raise InputTooLongError(i, f"the critique prefill is {least - limit} tokens over "
+                                       f"{what} even with the prompt cut away; {fix} the "
                                        "response") from None
     model_cfg, params = _sampling_params(rm)
     # The decode's weight layout for this machine; the feature-major weights are prepared once
@@ -300,8 +347,6 @@ def score(rm, prompts: Sequence[str], responses: Sequence[str], cfg: ScoreConfig
     method = method_from(cfg.temperature, cfg.top_k, cfg.top_p)
     n, k, m = len(prefixes), cfg.num_samples, cfg.max_critique_tokens
     if budgets is not None:
-        if len(budgets) != len(prefixes) or min(budgets) < 0:
-            raise ValueError(f"budgets: one critique budget >= 0 per input ({len(prefixes)})")
         m = max(16, 1 << max(max(budgets) - 1, 0).bit_length())
     tokens = np.zeros((n, k, m), np.int32)
     lengths = np.zeros((n, k), np.int32)
