@@ -2,6 +2,7 @@
 finished rows are refilled while others decode (chunk counters), and the queue, length, cancel
 and shutdown rules of the backend contract."""
 
+import dataclasses
 import threading
 import time
 
@@ -243,3 +244,23 @@ def test_a_classic_model_is_served_by_micro_batched_forwards(rm):
     np.testing.assert_allclose([o.reward for o in out], want.rewards, atol=1e-6, rtol=0)
     assert out[0].critiques == [""]
     backend.close()
+
+
+def test_an_item_past_the_models_positions_is_refused_not_read_past_them(rm):
+    # A model built for 256 positions, served with the default --max-length (2048): an item's
+    # prefill, its critique budget and the end-of-turn token must fit the positions.
+    short = cloud_jax.RewardModel(dataclasses.replace(rm.config, max_position_embeddings=256),
+                                  rm.params, rm.tokenizer)
+    options = BackendOptions(slots=2, max_critique_tokens=16)
+    item = [Item("p" * 400, "r")]
+    for backend in (ContinuousBackend(short, options), StaticBackend(short, options)):
+        with pytest.raises(InputTooLong, match=r"items\[0\] is \d+ tokens long; this server "
+                                               r"takes at most 247 \(what the model's "
+                                               r"max_position_embeddings=256 leaves after "
+                                               r"max_critique_tokens=8 and the end-of-turn"):
+            backend.submit(item, Settings(max_critique_tokens=8))
+    classic = cloud_jax.RewardModel(short.config, short.params, short.tokenizer,
+                                    feedback_method="vanilla")
+    with pytest.raises(InputTooLong, match=r"at most 256 \(the model's "
+                                           r"max_position_embeddings=256\)"):
+        StaticBackend(classic, options).submit(item, Settings(max_critique_tokens=8))

@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "a client that sends each item of a batch as a request of its own "
                         "(OpenRLHF) needs its batch's size")
     p.add_argument("--max-length", type=int, default=o.max_length,
-                   help="prefill tokens per item at most; longer items get 413 "
+                   help="prefill tokens per item at most, and never more than the model's "
+                        "positions leave after the critique budget + 1; longer items get 413 "
                         "(default %(default)s)")
     p.add_argument("--batching", choices=BATCHING, default="continuous",
                    help="continuous (default): decode slots refilled as critiques finish; "

@@ -66,9 +66,9 @@ from cloud_jax.sampling.loop import seen_tokens, stop_array
 from cloud_jax.sampling.methods import SamplingMethod
 from cloud_jax.scoring.rewards import ScoreConfig, resolve_critique_prefix, resolve_layout_version
 from cloud_jax.serving.protocol import (InvalidField, check_options, check_request_size,
-                                        check_settings, item_lengths, prompt_text)
+                                        check_item_lengths, check_settings, prompt_text)
 from cloud_jax.serving.static import StaticBackend, resolve_classic
-from cloud_jax.serving.types import (BackendOptions, BackendStats, InputTooLong, Item, ItemResult,
+from cloud_jax.serving.types import (BackendOptions, BackendStats, Item, ItemResult,
                                      QueueFull, Settings, ShuttingDown)
 from cloud_jax.sharding import SAMPLE_RULES
 
@@ -286,10 +286,7 @@ class ContinuousBackend:
         if not items:
             raise InvalidField("items", "must not be empty")
         check_request_size(items, settings, self.options, False)
-        for i, length in enumerate(item_lengths(self.rm, items, False, settings,
-                                                self._submit_tok)):
-            if length > self.options.max_length:
-                raise InputTooLong(i, length, self.options.max_length)
+        check_item_lengths(self.rm, items, False, settings, self.options, self._submit_tok)
         with self._lock:
             if self._closing:
                 raise ShuttingDown("the server is shutting down and admits no new requests")

@@ -27,7 +27,7 @@ import re
 from typing import Any, Optional, Sequence
 
 from cloud_jax.data.schema import lone_surrogate
-from cloud_jax.serving.types import BackendOptions, Item, Settings
+from cloud_jax.serving.types import BackendOptions, InputTooLong, Item, Settings
 
 _SETTING_TYPES = {"num_samples": int, "temperature": float, "top_k": int, "top_p": float,
                   "max_critique_tokens": int, "seed": int, "repetition_penalty": float}
@@ -151,6 +151,26 @@ def check_request_size(items: Sequence[Item], settings: Settings, options: Backe
         raise InvalidField("items", f"{len(items)} items in one request, more than the server "
                                     f"queues (--max-queue {options.max_queue}); send at most "
                                     f"{options.max_queue} per request")
+
+
+def check_item_lengths(rm, items: Sequence[Item], classic: bool, settings: Settings,
+                       options: BackendOptions, tok=None) -> None:
+    """InputTooLong for the first item whose prefill is over ``options.max_length``, or over
+    what the model's positions (max_position_embeddings) leave after the request's critique
+    budget and its end-of-turn token (the whole sequence for a classic model): no item is
+    read at a position the model was not built for."""
+    positions = rm.config.max_position_embeddings
+    room = positions if classic else positions - settings.max_critique_tokens - 1
+    if room < options.max_length:
+        limit = max(room, 0)
+        what = (f"the model's max_position_embeddings={positions}" if classic else
+                f"what the model's max_position_embeddings={positions} leaves after "
+                f"max_critique_tokens={settings.max_critique_tokens} and the end-of-turn token")
+    else:
+        limit, what = options.max_length, "its --max-length"
+    for i, length in enumerate(item_lengths(rm, items, classic, settings, tok)):
+        if length > limit:
+            raise InputTooLong(i, length, limit, what)
 
 
 def item_lengths(rm, items: Sequence[Item], classic: bool, settings: Settings,

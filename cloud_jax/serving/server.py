@@ -150,7 +150,7 @@ def build_app(backend: Backend, defaults: Settings, tokenizer) -> Starlette:
             metrics.rejected.labels("too_long").inc()
             field = f"{items_field}[{err.index}]"
             return _error(413, f"{field} is {err.length} tokens long; this server takes at most "
-                               f"{err.limit} (its --max-length)", field)
+                               f"{err.limit} ({err.what})", field)
         except QueueFull as err:
             status = 503
             metrics.rejected.labels("queue_full").inc()

@@ -21,10 +21,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from cloud_jax.serving.types import (BackendOptions, BackendStats, InputTooLong, Item, ItemResult,
+from cloud_jax.serving.types import (BackendOptions, BackendStats, Item, ItemResult,
                                      QueueFull, Settings, ShuttingDown)
 from cloud_jax.serving.protocol import (InvalidField, check_options, check_request_size,
-                                        check_settings, item_lengths, prompt_text)
+                                        check_item_lengths, check_settings, prompt_text)
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +72,8 @@ class StaticBackend:
         if not items:
             raise InvalidField("items", "must not be empty")
         check_request_size(items, settings, self.options, self.classic)
-        for i, length in enumerate(item_lengths(self.rm, items, self.classic, settings,
-                                                self._submit_tok)):
-            if length > self.options.max_length:
-                raise InputTooLong(i, length, self.options.max_length)
+        check_item_lengths(self.rm, items, self.classic, settings, self.options,
+                           self._submit_tok)
         future: Future = Future()
         with self._lock:
             if self._closing:

@@ -27,12 +27,13 @@ class QueueFull(Exception):
 
 
 class InputTooLong(ValueError):
-    """An item's prefill is longer than the server's maximum (HTTP 413)."""
+    """An item's prefill is longer than the server's maximum (HTTP 413): its --max-length, or
+    fewer where the model's positions allow fewer (``what`` says which)."""
 
-    def __init__(self, index: int, length: int, limit: int):
+    def __init__(self, index: int, length: int, limit: int, what: str = "its --max-length"):
         super().__init__(f"items[{index}] is {length} tokens long; this server takes at most "
-                         f"{limit} (its --max-length)")
-        self.index, self.length, self.limit = index, length, limit
+                         f"{limit} ({what})")
+        self.index, self.length, self.limit, self.what = index, length, limit, what
 
 
 class ShuttingDown(Exception):
