@@ -414,3 +414,29 @@ def test_bad_gpu_flags(flag, value, capsys):
         aot.main(TINY + ["--topology", "h100", flag, value])
     assert exc.value.code == 2
     assert flag in capsys.readouterr().err
+
+
+@needs_libtpu
+def test_shapes_past_the_models_positions_are_a_config_error(capsys):
+    # Training refuses a data.max_length above model.max_position_embeddings: so does aot, before
+    # compiling a train step no run would take.
+    rc = run_command(aot.main, TINY + ["model.max_position_embeddings=16", "--topology", "v5e-4"])
+    captured = capsys.readouterr()
+    assert rc == 2
+    assert ("data.max_length=32 is more than model.max_position_embeddings=16 (the model "
+            "section sets)" in captured.err)
+    assert "train step" not in captured.out
+    # A prefill, its critique and the critique's end-of-turn token must fit the positions too.
+    rc = run_command(aot.main, TINY + ["model.max_position_embeddings=16", "--topology", "v5e-4",
+                                       "--sample-only", "--prefix-len", "12",
+                                       "--max-new-tokens", "4"])
+    captured = capsys.readouterr()
+    assert rc == 2
+    assert ("--prefix-len 12, --max-new-tokens 4 and the critique's end-of-turn token need 17 "
+            "positions, more than model.max_position_embeddings=16" in captured.err)
+    assert "sampling" not in captured.out
+    # Without --prefix-len, the prefill is data.max_length held to what the positions leave.
+    assert aot.sample_prefix_len(load_config("configs/tiny_cpu_cloud.yaml", [
+        "data.max_length=32", "model.max_position_embeddings=24"]), 0, 4) == 19
+    assert aot.sample_prefix_len(load_config("configs/tiny_cpu_cloud.yaml", [
+        "data.max_length=32"]), 0, 4) == 32

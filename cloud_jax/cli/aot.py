@@ -61,7 +61,7 @@ from cloud_jax.sampling import Temperature
 from cloud_jax.sampling.loop import DECODE_PHASES, decode, prefill
 from cloud_jax.sharding import (CHIPS, SAMPLE_RULES, TRAIN_RULES, Chip,
                                 check_batch_split_over_processes, make_mesh)
-from cloud_jax.training.loop import check_batch_layout
+from cloud_jax.training.loop import check_batch_layout, check_positions
 from cloud_jax.training.step import (DEVICE_KEYS, StepBuilder, memory_figures,
                                      model_flops_per_token)
 
@@ -442,6 +442,9 @@ def compile_train(cfg: Config, devices: Sequence) -> Result:
     # The check training runs first: a batch that does not split evenly is a config error there,
     # and would otherwise surface here as a sharding failure inside the compiler.
     check_batch_layout(cfg, mesh)
+    # As is a data.max_length above the positions of the model section, which builds the model
+    # compiled here (an init_from checkpoint is not read).
+    check_positions(dataclasses.replace(cfg, init_from=""), cfg.model)
     # And, on a slice of several hosts, that each host feeds its own rows, as training requires.
     check_batch_split_over_processes(mesh, TRAIN_RULES)
     builder = StepBuilder(cfg, mesh, TRAIN_RULES, cfg.model)
@@ -534,7 +537,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="inputs per sampling batch, a multiple of data x fsdp; 0: one "
                              "per data x fsdp shard")
     parser.add_argument("--prefix-len", type=int, default=0,
-                        help="prefill tokens per input; 0: data.max_length")
+                        help="prefill tokens per input; 0: data.max_length, or what "
+                             "model.max_position_embeddings leaves after --max-new-tokens + 1 "
+                             "where that is less")
     parser.add_argument("--num-samples", type=int, default=8, help="K critiques per input")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="critique budget")
     parser.add_argument("--steps-per-check", type=int, default=1, metavar="C",
@@ -578,6 +583,25 @@ def _without_compilation_cache():
         jax.config.update("jax_enable_compilation_cache", before)
 
 
+def sample_prefix_len(cfg: Config, prefix_len: int, max_new_tokens: int) -> int:
+    """The prefill tokens per input to compile the sampler for: ``prefix_len`` (0:
+    data.max_length, or fewer where the model's positions allow fewer, as scoring holds it).
+    A ConfigError where a prefill, its critique and the critique's end-of-turn token would run
+    past model.max_position_embeddings."""
+    positions = cfg.model.max_position_embeddings
+    room = positions - max_new_tokens - 1
+    if room < 1:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens} and the critique's end-of-turn "
+                          f"token leave no prefill room in model.max_position_embeddings="
+                          f"{positions}: lower --max-new-tokens (to at most {positions - 2})")
+    if prefix_len > room:
+        raise ConfigError(f"--prefix-len {prefix_len}, --max-new-tokens {max_new_tokens} and the "
+                          f"critique's end-of-turn token need {prefix_len + max_new_tokens + 1} "
+                          f"positions, more than model.max_position_embeddings={positions}: "
+                          f"lower --prefix-len (to at most {room}) or --max-new-tokens")
+    return prefix_len or min(cfg.data.max_length, room)
+
+
 def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     sl = parse_slice(args.topology)
@@ -601,13 +625,14 @@ def _run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--sample-inputs {args.sample_inputs} must be a multiple of the "
                               f"mesh's data x fsdp size {data_fsdp}, over which the sampling "
                               "batch is split")
+        prefix_len = sample_prefix_len(cfg, args.prefix_len, args.max_new_tokens)
     results = []
     if not args.sample_only:
         results.append(compile_train(cfg, devices))
     if sampling:
         results += compile_sample(
             cfg, devices, inputs=args.sample_inputs or data_fsdp,
-            prefix_len=args.prefix_len or cfg.data.max_length, num_samples=args.num_samples,
+            prefix_len=prefix_len, num_samples=args.num_samples,
             max_new_tokens=args.max_new_tokens, steps_per_check=args.steps_per_check,
             decode_phases=args.decode_phases)
     for res in results:
