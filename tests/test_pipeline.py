@@ -186,6 +186,23 @@ def test_keys_the_pipeline_sets_for_every_stage_are_refused_not_ignored():
         assert str(err.value).startswith(override.split("=")[0]) and hint in str(err.value)
 
 
+def test_keys_the_pipeline_sets_are_refused_in_a_stage_s_overrides():
+    # stages.classic.overrides=[train.stage=cloud] turned the classic baseline into a CLoud run.
+    for stage, item, key in (("classic", "train.stage=cloud", "train.stage"),
+                             ("cloud", "init_from=other", "init_from"),
+                             ("cloud", "train.total_steps=3", "train.total_steps"),
+                             ("critique_sft", "data.train_path=x.jsonl", "data.train_path"),
+                             ("classic", "output_dir=elsewhere", "output_dir"),
+                             ("classic", "train={stage: cloud}", "train.stage")):
+        with pytest.raises(ConfigError) as err:
+            load_pipeline_config(DEMO, [f"stages.{stage}.overrides=[{item!r}]"])
+        assert str(err.value).startswith(f"stages.{stage}.overrides: ")
+        assert f"sets {key}," in str(err.value)
+    # Other keys stay per-stage settings.
+    cfg = load_pipeline_config(DEMO, ["stages.classic.overrides=[loss.lm_coef=0.0]"])
+    assert cfg.stages.classic.overrides == ("loss.lm_coef=0.0",)
+
+
 def test_sampling_settings_are_checked_when_the_config_loads():
     # They were first read by the stage that samples: a bad evaluation setting was a ValueError
     # traceback after every stage had trained.

@@ -31,6 +31,35 @@ class StagePlan:
     overrides: Tuple[str, ...] = ()
 
 
+# The keys the pipeline sets in each stage's config, and what to set instead: a stage's
+# overrides giving one would replace the pipeline's value (train.stage=cloud turned the classic
+# baseline into a second CLoud run).
+_WIRED_STAGE_KEYS = {
+    "train.stage": "each stage has its own",
+    "train.total_steps": "set stages.<name>.total_steps",
+    "train.stop_at_step": "every stage runs to its end",
+    "output_dir": "each stage writes <output_dir>/<name>",
+    "init_from": "each stage starts from the stage before it; the top-level init_from names "
+                 "the base model",
+    "data.train_path": "each stage reads the rows the pipeline gives it; set data.train_path "
+                       "at the top level",
+    "data.eval_path": "each stage reads the rows the pipeline gives it; set data.eval_path at "
+                      "the top level",
+    "data.tfds_dir": "the stages share <output_dir>/tfds",
+}
+
+
+def _check_stage_overrides(name: str, overrides: Sequence[str]) -> None:
+    for item in overrides:
+        key = str(item).split("=", 1)[0].strip()
+        # A whole section (train={...}) sets its keys too.
+        hit = [wired for wired in _WIRED_STAGE_KEYS
+               if wired == key or wired.startswith(key + ".")]
+        if hit:
+            raise ConfigError(f"stages.{name}.overrides: {item!r} sets {hit[0]}, which the "
+                              f"pipeline sets for this stage ({_WIRED_STAGE_KEYS[hit[0]]})")
+
+
 @dataclasses.dataclass(frozen=True)
 class StagesConfig:
     lm_pretrain: StagePlan = StagePlan(total_steps=300)
@@ -145,6 +174,7 @@ class PipelineConfig(Config):
             if name == "lm_pretrain" and self.init_from:
                 continue
             plan: StagePlan = getattr(self.stages, name)
+            _check_stage_overrides(name, plan.overrides)
             if plan.total_steps < 0 or (plan.total_steps == 0 and name != "classic"):
                 raise ConfigError(f"stages.{name}.total_steps={plan.total_steps}: must be >= 1"
                                   + (" (0 only for classic: as many as cloud)"
