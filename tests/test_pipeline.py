@@ -166,6 +166,11 @@ def test_config_errors_are_clear(tmp_path):
     # No train rows was a KeyError traceback once the benchmark was written.
     with pytest.raises(ConfigError, match="benchmark.num_train must be >= 1"):
         load_pipeline_config(DEMO, ["benchmark.num_train=0"])
+    # The pipeline writes no test split: a test size was ignored without a word.
+    with pytest.raises(ConfigError, match=r"benchmark\.num_test=100: the pipeline writes no "
+                                          "test split"):
+        load_pipeline_config(DEMO, ["benchmark.num_test=100"])
+    assert load_pipeline_config(DEMO, ["benchmark.num_test=0"]).benchmark.num_test == 0
     with pytest.raises(ConfigError, match="nonsense"):
         load_pipeline_config(DEMO, ["stages.cloud.nonsense=1"])
     with pytest.raises(ConfigError, match="every stage would share"):

@@ -122,7 +122,8 @@ class PipelineConfig(Config):
     skipped."""
 
     output_dir: str = "runs/pipeline"
-    # Written to <output_dir>/data when data.train_path is empty.
+    # Written to <output_dir>/data when data.train_path is empty: the train and eval splits only
+    # (no test split; num_test other than its default or 0 is refused).
     benchmark: ReasoningBenchmarkConfig = dataclasses.field(
         default_factory=ReasoningBenchmarkConfig)
     stages: StagesConfig = dataclasses.field(default_factory=StagesConfig)
@@ -170,6 +171,11 @@ class PipelineConfig(Config):
                                   "held-out split")
             if self.benchmark.num_train < 1:
                 raise ConfigError("benchmark.num_train must be >= 1: the stages train on it")
+            if self.benchmark.num_test not in (0, ReasoningBenchmarkConfig.num_test):
+                raise ConfigError(f"benchmark.num_test={self.benchmark.num_test}: the pipeline "
+                                  "writes no test split (it evaluates on the eval split, "
+                                  "benchmark.num_eval); leave num_test out, or write one with "
+                                  "python -m cloud_jax make-benchmark")
         for name in STAGES:
             if name == "lm_pretrain" and self.init_from:
                 continue
