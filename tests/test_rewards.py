@@ -142,3 +142,31 @@ def test_inside_a_trl_grpo_training_loop(rm, tmp_path):
         np.testing.assert_allclose(rewards, want.rewards, atol=1e-5, rtol=0)
     logged = [k for row in trainer.state.log_history for k in row]
     assert any("cloud_reward" in k for k in logged), logged
+
+
+def test_samples_that_cannot_differ_are_warned_about_once_per_setting(rm, caplog):
+    # K > 1 on a classic model was reduced to K = 1, and K greedy critiques were K copies of one,
+    # without a word (python -m cloud_jax evaluate refuses the one and warns about the other).
+    import dataclasses
+    import logging
+
+    from cloud_jax.scoring import rewards
+
+    rewards._warn_once.cache_clear()  # warned once per process: this test may not be first
+    greedy = CLoudReward(rm, num_samples=2, temperature=0.0, max_critique_tokens=5)
+    classic = CLoudReward(rm, num_samples=3, classic=True)
+    sampled = CLoudReward(rm, **SETTINGS)
+    with caplog.at_level(logging.WARNING, logger="cloud_jax.scoring.rewards"):
+        for fn in (greedy, classic):
+            fn(PROMPTS, COMPLETIONS)
+            fn(PROMPTS, COMPLETIONS)  # a trainer calls it every step: one warning, not one a call
+        sampled(PROMPTS, COMPLETIONS)
+        dataclasses.replace(rm, feedback_method="vanilla").score(PROMPTS, COMPLETIONS,
+                                                                 num_samples=2)
+    assert caplog.text.count("num_samples=2 at temperature 0: greedy decoding writes the same "
+                             "critique K times") == 1
+    assert caplog.text.count("num_samples=3 with classic=True: a classic reward model writes no "
+                             "critiques, so K is 1") == 1
+    assert caplog.text.count("num_samples=2 on a classic (feedback_method 'vanilla') model") == 1
+    assert len(caplog.records) == 3  # nothing about the sampled setting
+    assert len(classic.last_critiques[0]) == 0 and len(greedy.last_critiques[0]) == 2

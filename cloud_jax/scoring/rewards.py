@@ -306,9 +306,21 @@ def score(rm, prompts: Sequence[str], responses: Sequence[str], cfg: ScoreConfig
     for the largest budget rounded up to a power of two.
     """
     cfg.validate()
+    asked_classic = cfg.classic
     cfg = dataclasses.replace(cfg, critique_prefix=resolve_critique_prefix(rm, cfg),
                               classic=resolve_classic(rm, cfg),
                               layout_version=resolve_layout_version(rm, cfg))
+    # Once per setting (not once per call: a reward function scores every trainer step).
+    if cfg.classic and cfg.num_samples > 1:
+        why = ("with classic=True" if asked_classic else
+               "on a classic (feedback_method 'vanilla') model")
+        _warn_once(f"num_samples={cfg.num_samples} {why}: a classic reward model writes no "
+                   "critiques, so K is 1 (one reward per response); drop num_samples, or pass "
+                   "classic=False to sample critiques")
+    elif not cfg.classic and cfg.num_samples > 1 and cfg.temperature == 0:
+        _warn_once(f"num_samples={cfg.num_samples} at temperature 0: greedy decoding writes the "
+                   "same critique K times, so the mean is the K = 1 reward at K times the cost; "
+                   "set a temperature (e.g. 0.7) or num_samples=1")
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     if not prompts:
