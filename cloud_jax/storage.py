@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from typing import IO, Iterator, List, Optional, Sequence
@@ -224,17 +225,55 @@ def _writing(url: str) -> Iterator[None]:
                                 f"to it) ({' '.join(str(err).split())})") from None
 
 
-def write_text_atomic(path: str, text: str, tmp_suffix: str = ".tmp") -> None:
-    """``path`` holds ``text`` whole, or what it held before: through a temporary file
-    (``path + tmp_suffix``; writers that may run at once each need their own) and a rename on
-    disk; in one object write (atomic by itself) on an object store."""
+def _tmp_host() -> str:
+    import socket
+
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname()) or "host"
+
+
+# A writer's temporary file: <path>.tmp.<host>.<pid>.<random>, its own even when several
+# processes (or hosts sharing a file system) write one path at once.
+_TMP_NAME = re.compile(r"\.tmp\.(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.[0-9a-f]{8}")
+# The fixed names earlier releases wrote through (<path>.tmp, <path>.tmp<host index>).
+_OLD_TMP_NAME = re.compile(r"\.tmp\d*")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # alive, another user's
+        return True
+    return True
+
+
+def _remove_stale_temporaries(path: str) -> None:
+    """Deletes the temporary files of ``path`` that killed writers left: those of a process of
+    this host that has ended, and the fixed names of earlier releases. Another live writer's (or
+    another host's) are left alone."""
+    host = _tmp_host()
+    for name in _glob.glob(_glob.escape(path) + ".tmp*"):
+        tail = name[len(path):]
+        mine = _TMP_NAME.fullmatch(tail)
+        if (_OLD_TMP_NAME.fullmatch(tail)
+                or (mine and mine["host"] == host and not _pid_alive(int(mine["pid"])))):
+            with contextlib.suppress(OSError):
+                os.remove(name)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """``path`` holds ``text`` whole, or what it held before: through a temporary file of this
+    writer's own (``path.tmp.<host>.<pid>.<random>``: writers that run at once each write theirs,
+    and the last rename wins whole) and a rename on disk; in one object write (atomic by itself)
+    on an object store. Temporary files of ``path`` that killed writers left are deleted."""
     if is_url(path):
         with _writing(path):
             with open_file(path, "w") as f:
                 f.write(text)
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}{tmp_suffix}"
+    tmp = f"{path}.tmp.{_tmp_host()}.{os.getpid()}.{os.urandom(4).hex()}"
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
@@ -243,6 +282,7 @@ def write_text_atomic(path: str, text: str, tmp_suffix: str = ".tmp") -> None:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+    _remove_stale_temporaries(path)
 
 
 # The file in a local directory that :func:`hold_dir` locks; it names its holder.

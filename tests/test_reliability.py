@@ -577,3 +577,67 @@ def test_an_export_stopped_after_its_weights_leaves_no_config_beside_them(tmp_pa
         cloud_jax.load(out)
     new.save_pretrained(out)
     assert cloud_jax.load(out).config.intermediate_size == 48
+
+
+def test_two_writers_of_one_file_at_once_leave_one_writer_s_whole_text(tmp_path, monkeypatch):
+    """Two processes writing one output at once (two `score` runs with one --output): both went
+    through one fixed temporary name, so the second truncated the first one's file mid-write;
+    the result held the second's text, NUL bytes, then the rest of the first's, and the first
+    failed with FileNotFoundError. Each writer now has its own temporary file."""
+    import builtins
+
+    from cloud_jax import storage
+
+    path = str(tmp_path / "scored.jsonl")
+    first, second = "a" * 1000 + "\n", "b" * 300 + "\n"
+    real_open = builtins.open
+    interleaved = []
+
+    class Interleaved:
+        """The first writer's file: the second writer runs whole in the middle of its write."""
+
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            self.f.write(text[:500])
+            self.f.flush()
+            interleaved.append(True)
+            storage.write_text_atomic(path, second)
+            self.f.write(text[500:])
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+    def open_(name, mode="r", **kwargs):
+        f = real_open(name, mode, **kwargs)
+        return f if interleaved or "w" not in mode else Interleaved(f)
+
+    monkeypatch.setattr(storage, "open", open_, raising=False)
+    storage.write_text_atomic(path, first)
+    assert interleaved
+    assert Path(path).read_text() == first  # the last rename wins, whole
+    assert os.listdir(tmp_path) == ["scored.jsonl"]
+
+
+def test_temporaries_that_killed_writers_left_are_deleted_by_the_next_write(tmp_path):
+    from cloud_jax import storage
+
+    path = str(tmp_path / "out.json")
+    storage.write_text_atomic(path, "first")
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    host = storage._tmp_host()
+    stale = [f"{path}.tmp", f"{path}.tmp1", f"{path}.tmp.{host}.{ended.pid}.0123abcd"]
+    # A live writer's (this process) and another host's (its pids mean nothing here) stay.
+    live = [f"{path}.tmp.{host}.{os.getpid()}.0123abcd",
+            f"{path}.tmp.elsewhere.{ended.pid}.0123abcd"]
+    for name in stale + live:
+        Path(name).write_text("cut off")
+    storage.write_text_atomic(path, "second")
+    assert Path(path).read_text() == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["out.json"] + [os.path.basename(n) for n in live])

@@ -107,7 +107,7 @@ def params_fingerprint(params) -> str:
     return digest.hexdigest()
 
 
-def _write_provenance(out_dir: str, provenance: dict, host: int = 0) -> None:
+def _write_provenance(out_dir: str, provenance: dict) -> None:
     path = storage.join(out_dir, PROVENANCE)
     # Through JSON once, so tuples compare equal to the lists read back.
     provenance = json.loads(json.dumps(provenance))
@@ -122,8 +122,7 @@ def _write_provenance(out_dir: str, provenance: dict, host: int = 0) -> None:
                              "write to a new output directory or restore the settings")
         return
     # All hosts may get here at once, with equal contents: each writes its own temporary file.
-    storage.write_text_atomic(path, json.dumps(provenance, indent=2, sort_keys=True) + "\n",
-                              tmp_suffix=f".tmp{host}")
+    storage.write_text_atomic(path, json.dumps(provenance, indent=2, sort_keys=True) + "\n")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +198,7 @@ def relabel(rm, rows: Sequence[PreferenceRow], out_dir: str, cfg: ScoreConfig,
         **{key: value for key, value in (("dtype", settings.dtype),
                                          ("param_dtype", settings.param_dtype))
            if value is not None},
-    }, settings.host)
+    })
     per = settings.shard_rows
     mine = [s for s in range(num_shards) if s % settings.num_hosts == settings.host]
     done = set(storage.listdir(out_dir))

@@ -202,7 +202,7 @@ def write_record(path: str, command: str, result: dict) -> None:
     """One measurement as docs/measurements/ keeps it: ``{"date", "machine", "command",
     "versions", "environment", "result"}``, the result being the bench's JSON line and
     ``environment`` the variables of RECORDED_ENVIRONMENT that were set. Written atomically
-    (through ``PATH.tmp``): ``path`` holds the whole new record or what it held before."""
+    (through a temporary file): ``path`` holds the whole new record or what it held before."""
     import datetime
     import json
 
