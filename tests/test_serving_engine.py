@@ -6,6 +6,7 @@ import dataclasses
 import threading
 import time
 
+import jax
 import numpy as np
 import pytest
 from model_helpers import tiny_reward_model
@@ -264,3 +265,34 @@ def test_an_item_past_the_models_positions_is_refused_not_read_past_them(rm):
     with pytest.raises(InputTooLong, match=r"at most 256 \(the model's "
                                            r"max_position_embeddings=256\)"):
         StaticBackend(classic, options).submit(item, Settings(max_critique_tokens=8))
+
+
+def test_nothing_compiles_once_a_bucket_has_been_seen(rm):
+    # However many items arrive together, however many rows end in one chunk, and when the decode
+    # segment is first compacted: no compile once one request of each bucket was answered.
+    engine = _engine(rm, slots=4, max_critique_tokens=24)
+    for i in range(4):  # the pool and the buckets of these items, one chunk each
+        engine.submit(_items([i]), Settings(temperature=0.9, max_critique_tokens=1)).result(120)
+    # 33 decode slots a row (24 + 1 + 2 chunks of 4), 4 written a chunk: not compacted yet.
+    assert engine.chunks * 4 + 4 <= 33, engine.chunks
+    compiles = []
+
+    def count(event, seconds, **kwargs):  # a lowering: XLA compiles, or reads its disk cache
+        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        with engine._lock:  # all four are admitted together: one prefill of 4 items
+            futures = [engine.submit(_items([i]), Settings(temperature=0.9, seed=i,
+                                                           max_critique_tokens=b))
+                       for i, b in zip(range(4), (2, 2, 8, 8))]  # two rows end in one chunk
+        for f in futures:
+            f.result(timeout=120)
+        for i in range(4):  # one at a time, until the decode segment is compacted
+            engine.submit(_items([i]), Settings(temperature=0.9, max_critique_tokens=8)).result(120)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
+    assert engine.chunks * 4 > 33, engine.chunks
+    assert compiles == []
+    engine.close()

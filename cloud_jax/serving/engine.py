@@ -16,8 +16,10 @@ The worker thread loops:
 
 1. admit: waiting items enter free rows (an item takes ``num_samples`` rows); their prefixes are
    prefilled in length buckets and a batch size from a few powers of two, and each prefill is
-   copied into its rows' slots ``[0, L)`` (:func:`_insert`; nothing recompiles once the
-   bucket and batch sizes have been seen);
+   copied into its rows' slots ``[0, L)`` (:func:`_insert`). The first item of a bucket in a
+   pool compiles the prefill and insert for every batch size of that bucket, and a pool compiles
+   its compaction when it is made, so nothing compiles once a bucket has been seen: neither how
+   many items arrive together nor how many rows end in one chunk (they are read back whole);
 2. decode: ``chunk_steps`` steps of every pool with live rows in one compiled call
    (:func:`_chunk`); a row that draws a stop token, or spends its budget, is fed the end-of-turn
    token and its reward is read from that very step, as in ``cloud_jax.sampling``;
@@ -211,6 +213,9 @@ class _Pool:
             tokens=jnp.zeros((s, e.max_budget + 1), jnp.int32), rewards=jnp.zeros(s),
             truncated=jnp.zeros(s, bool),
             seen=None if penalty == 1.0 else jnp.zeros((s, cfg.vocab_size), bool))
+        # Compiled now (not run), so that the first compaction, chunks into the pool's life,
+        # does not stall every row for a compile.
+        _compact.lower(self.state).compile()
 
     def free_groups(self) -> list[int]:
         """Groups whose K rows are all free (an item takes one group)."""
@@ -259,6 +264,8 @@ class ContinuousBackend:
         self._queued_items = 0
         # (method, penalty, K) -> pool, least recently used first.
         self._pools: collections.OrderedDict = collections.OrderedDict()
+        # (K, with a repetition penalty, prefill bucket) whose prefill sizes are compiled.
+        self._compiled_buckets: set = set()
         self._tokens = 0
         self._closing = False
         self._cancel: list[_Request] = []
@@ -452,6 +459,7 @@ class ContinuousBackend:
             by_bucket[bucket_length(len(req.prefixes[item]))].append((req, item, group))
         s, k = pool.rows, pool.k
         for length, group in sorted(by_bucket.items()):
+            self._compile_bucket(pool, length)
             b = 1 << max(len(group) - 1, 0).bit_length()  # a power of two: few compiled sizes
             prefixes = [req.prefixes[item] for req, item, _ in group]
             ids, mask = pad_prefixes(prefixes + [prefixes[0]] * (b - len(group)), length,
@@ -482,6 +490,32 @@ class ContinuousBackend:
             pool.state = _insert(pool.state, small, logits, seen, i32(groups), i32(group_src),
                                  i32(rows), i32(src), jnp.stack(keys), i32(budgets))
 
+    def _compile_bucket(self, pool: _Pool, length: int) -> None:
+        """The first time a pool of this shape meets prefill bucket ``length``, compiles (without
+        running) the prefill and the insert for every batch size ``_prefill_into`` can take
+        there, so how many items happen to arrive together never compiles anything later."""
+        key = (pool.k, pool.penalty != 1.0, length)
+        if key in self._compiled_buckets:
+            return
+        groups = jax.ShapeDtypeStruct((pool.groups,), jnp.int32)
+        rows = jax.ShapeDtypeStruct((pool.rows,), jnp.int32)
+        static = dict(cfg=self.cfg, cache_len=length, rules=tuple(SAMPLE_RULES))
+        b = 1
+        while True:
+            ids = jax.ShapeDtypeStruct((b, length), jnp.int32)
+            prefill.lower(self.params, ids, ids, **static).compile()
+            logits, small = jax.eval_shape(functools.partial(prefill, **static), self.params,
+                                           ids, ids)
+            seen = (None if pool.penalty == 1.0 else
+                    seen_tokens(jnp.zeros(ids.shape, jnp.int32), jnp.zeros(ids.shape, jnp.int32),
+                                self.cfg.vocab_size))
+            _insert.lower(pool.state, small, logits, seen, groups, groups, rows, rows,
+                          pool.state.keys, rows).compile()
+            if b >= pool.groups:
+                break
+            b *= 2
+        self._compiled_buckets.add(key)
+
     def _decode(self) -> None:
         for pool in list(self._pools.values()):
             if pool.busy() == 0:
@@ -499,17 +533,17 @@ class ContinuousBackend:
         finished = [r for r, o in enumerate(pool.owner) if o is not None and done[r]]
         if not finished:
             return
-        idx = jnp.asarray(finished, jnp.int32)
+        # Whole arrays, not the finished rows: a gather shaped by how many rows ended in this
+        # chunk would compile again for every new count.
         tokens, steps, rewards, truncated = jax.device_get(
-            (pool.state.tokens[idx], pool.state.step[idx], pool.state.rewards[idx],
-             pool.state.truncated[idx]))
+            (pool.state.tokens, pool.state.step, pool.state.rewards, pool.state.truncated))
         complete = []
-        for j, r in enumerate(finished):
+        for r in finished:
             req, item, sample = pool.owner[r]
             pool.owner[r] = None
-            n = int(steps[j])
-            req.results[item][sample] = (tokens[j, :n].tolist(), float(rewards[j]),
-                                         bool(truncated[j]))
+            n = int(steps[r])
+            req.results[item][sample] = (tokens[r, :n].tolist(), float(rewards[r]),
+                                         bool(truncated[r]))
             self._tokens += n
             req.rows_left -= 1
             if req.rows_left == 0:
