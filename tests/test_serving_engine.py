@@ -296,3 +296,30 @@ def test_nothing_compiles_once_a_bucket_has_been_seen(rm):
     assert engine.chunks * 4 > 33, engine.chunks
     assert compiles == []
     engine.close()
+
+
+def test_static_batches_compile_nothing_new_for_the_requests_arriving_together(rm):
+    # A batch of fewer items than fit the slots is filled up with copies: after single requests,
+    # three arriving together (each with its own budget) compile nothing and equal rm.score.
+    static = StaticBackend(rm, BackendOptions(slots=4, max_critique_tokens=24, max_length=256))
+    static.start()
+    for i in range(3):
+        static.submit(_items([i]), Settings(temperature=0.9, max_critique_tokens=8)).result(120)
+    compiles = []
+
+    def count(event, seconds, **kwargs):
+        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(count)
+    settings = [Settings(temperature=0.9, seed=1, max_critique_tokens=b) for b in (2, 8, 5)]
+    try:
+        with static._lock:  # all three are taken as one batch
+            futures = [static.submit(_items([i]), st) for i, st in enumerate(settings)]
+        outs = [f.result(timeout=120) for f in futures]
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
+    assert compiles == []
+    for i, (out, st) in enumerate(zip(outs, settings)):
+        _check(out, rm, [i], st)
+    static.close()

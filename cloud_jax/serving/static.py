@@ -60,7 +60,8 @@ class StaticBackend:
     # -- Backend protocol ---------------------------------------------------------------------
 
     def start(self) -> None:
-        """Compiles the prefill and decode shapes of a one-item request, then starts the worker."""
+        """Compiles the prefill and decode shapes of a batch of short items, then starts the
+        worker."""
         warm = Settings(**{**dataclasses.asdict(self.options.defaults), "max_critique_tokens": 2})
         self._score([Item("warm-up", "warm-up")], warm)
         self._worker = threading.Thread(target=self._run, name="static-backend", daemon=True)
@@ -168,6 +169,7 @@ class StaticBackend:
                budgets: Optional[Sequence[int]] = None) -> tuple[list[ItemResult], int]:
         from cloud_jax.scoring.rewards import ScoreConfig, score
 
+        n = len(items)
         prompts = [prompt_text(item.prompt) for item in items]
         responses = [item.response for item in items]
         kwargs = settings.score_kwargs()
@@ -175,10 +177,21 @@ class StaticBackend:
         if self.classic:
             kwargs["num_samples"] = 1
             budgets = None
+        elif budgets is None:  # the warm-up: compiled as the batches it stands for
+            budgets = [settings.max_critique_tokens] * n
         per_batch = max(1, self.options.slots // kwargs["num_samples"])
+        # A batch of fewer inputs than fit the slots is filled up with copies of its first input
+        # (their results dropped), as rm.score fills a short last batch: every batch compiles
+        # one shape per length bucket and budget, however many requests happen to arrive together.
+        fill = max(per_batch - n, 0)
+        prompts += prompts[:1] * fill
+        responses += responses[:1] * fill
+        if budgets is not None:
+            budgets = list(budgets) + list(budgets[:1]) * fill
         cfg = ScoreConfig(batch_size=per_batch, max_length=self.options.max_length, **kwargs)
         res = score(self.rm, prompts, responses, cfg, budgets=budgets)
-        return results_from_score(res, self.classic), int(np.sum(res.critique_tokens))
+        return (results_from_score(res, self.classic)[:n],
+                int(np.sum(res.critique_tokens[:n])))
 
 
 def resolve_classic(rm, options: BackendOptions) -> bool:
