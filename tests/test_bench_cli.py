@@ -630,6 +630,30 @@ def test_bench_serve_small_runs_both_modes_over_http(capsys, tmp_path):
     assert json.loads(record.read_text())["result"]["requests"] == 6
 
 
+def test_bench_serve_servers_are_limited_to_the_workloads_largest_budget(monkeypatch):
+    # The continuous engine sizes every row's decode cache for the server's budget limit: the
+    # bench sets it to its own largest budget, not the server's default of 1024.
+    from cloud_jax.cli.bench import serve
+
+    commands = []
+
+    def popen(cmd, **kwargs):
+        commands.append(cmd)
+        raise OSError("not started")
+
+    monkeypatch.setattr(serve.subprocess, "Popen", popen)
+    for argv, limit in (([], 256), (["--small"], 24), (["--max-tokens", "100"], 100)):
+        args = serve.parse_args(argv)
+        for mode in ("static", "continuous"):
+            with pytest.raises(OSError, match="not started"):
+                serve._serve("model", mode, args)
+            cmd = commands[-1]
+            assert "--max-critique-tokens-limit" in cmd, cmd
+            assert cmd[cmd.index("--max-critique-tokens-limit") + 1] == str(limit)
+            assert cmd[cmd.index("--max-critique-tokens") + 1] == str(limit)
+        assert max(b["max_critique_tokens"] for b in serve._workload(args)) <= limit
+
+
 def test_two_traces_into_one_directory_each_read_their_own(tmp_path):
     import jax.numpy as jnp
 

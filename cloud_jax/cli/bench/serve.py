@@ -3,7 +3,8 @@ budgets differ widely, with static batching against continuous batching.
 
 A random Llama (default ~80M parameters: hidden 768, 12 layers, 12 heads, 4 KV heads, MLP 2048,
 fp32, the byte tokenizer's vocabulary) is written as a checkpoint and served twice by
-``python -m cloud_jax serve`` on 127.0.0.1, once per ``--batching`` mode, with the same slots.
+``python -m cloud_jax serve`` on 127.0.0.1, once per ``--batching`` mode, with the same slots
+and a budget limit (``--max-critique-tokens-limit``) of ``--max-tokens``.
 Each time, ``--clients`` concurrent clients send the same ``--requests`` requests over HTTP
 (``POST /v1/score``, one item each, K critiques, budgets drawn uniformly from
 [``--min-tokens``, ``--max-tokens``] with a fixed seed), each client sending its next request as
@@ -141,10 +142,15 @@ def _serve(checkpoint: str, mode: str, args) -> tuple[subprocess.Popen, str]:
     import requests
 
     port = _free_port()
+    # The budget limit is the workload's largest budget: the continuous engine sizes every row's
+    # decode cache for the limit (the server's default, 1024, has each of its steps read 4x the
+    # slots at --max-tokens 256), as static batching sizes each batch for its longest budget.
     cmd = [sys.executable, "-m", "cloud_jax", "serve", "--checkpoint", checkpoint,
            "--port", str(port), "--batching", mode, "--slots", str(args.slots),
-           "--max-critique-tokens", str(args.max_tokens), "--max-queue", str(4 * args.requests),
-           "--max-length", "512", "--chunk-steps", str(args.chunk_steps), "--log-level", "warning"]
+           "--max-critique-tokens", str(args.max_tokens),
+           "--max-critique-tokens-limit", str(args.max_tokens),
+           "--max-queue", str(4 * args.requests), "--max-length", "512",
+           "--chunk-steps", str(args.chunk_steps), "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
