@@ -280,3 +280,20 @@ def test_tiny_real_model_critiques(tmp_path, tiny_rm):
     assert all(len(r["chosen_critiques"]) == 2 for r in records)
     assert 0.0 <= report["rewardbench"]["truncated_fraction"] <= 1.0
     assert report["best_of_n"]["by_k"]["2"]["num_prompts"] == 1
+
+
+def test_greedy_k_sweep_warns_once(tmp_path, tiny_rm, caplog):
+    # K > 1 at temperature 0: one warning (rm.score's, given before scoring), not a second one
+    # of the evaluation's own.
+    from cloud_jax.scoring import rewards
+
+    rewards._warn_once.cache_clear()  # once per process: this test may not be first
+    rows, _ = _tiny_inputs(tmp_path)
+    score_fn = score_fn_from_model(tiny_rm, temperature=0.0, max_critique_tokens=2, batch_size=4)
+    with caplog.at_level("WARNING"):
+        run_evaluation(score_fn, EvalConfig(num_samples=(1, 2), temperature=0.0,
+                                            max_critique_tokens=2, batch_size=4),
+                       str(tmp_path / "out"), rows=rows)
+    greedy = [r.getMessage() for r in caplog.records if "temperature 0" in r.getMessage()]
+    assert len(greedy) == 1, greedy
+    assert greedy[0].startswith("num_samples=2 at temperature 0: greedy decoding writes the same")

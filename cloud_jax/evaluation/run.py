@@ -237,8 +237,11 @@ def run_evaluation(score_fn: ScoreFn, cfg: EvalConfig, output_dir: str, *,
     if not rows and not best_of_n_items:
         raise ValueError("nothing to evaluate: give preference rows, Best-of-N rows or both")
     if not cfg.classic and max(cfg.ks) > 1 and cfg.temperature == 0:
-        log.warning("temperature 0 is greedy: all K critiques of a response are the same, so "
-                    "the K sweep measures nothing; set a temperature (e.g. 0.7)")
+        # rm.score's own warning (once per process and K): a model's score_fn, which samples
+        # max(ks) critiques, does not give a second one.
+        from cloud_jax.scoring.rewards import warn_greedy_samples
+
+        warn_greedy_samples(max(cfg.ks))
     os.makedirs(output_dir, exist_ok=True)
     start = time.perf_counter()
     report: Dict[str, Any] = {"settings": {**dataclasses.asdict(cfg), "num_samples": list(cfg.ks),

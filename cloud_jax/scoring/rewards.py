@@ -292,6 +292,14 @@ def _warn_once(message: str) -> None:
     log.warning(message)
 
 
+def warn_greedy_samples(num_samples: int) -> None:
+    """The warning, once per process and K, that K > 1 critiques at temperature 0 are K copies
+    of the greedy one (rm.score's; ``evaluate`` gives it before scoring, not a second one)."""
+    _warn_once(f"num_samples={num_samples} at temperature 0: greedy decoding writes the same "
+               "critique K times, so the mean is the K = 1 reward at K times the cost (and a "
+               "sweep over K measures nothing); set a temperature (e.g. 0.7) or num_samples=1")
+
+
 def score(rm, prompts: Sequence[str], responses: Sequence[str], cfg: ScoreConfig = ScoreConfig(),
           on_batch: Optional[Callable[[int, int], None]] = None,
           budgets: Optional[Sequence[int]] = None) -> ScoreResult:
@@ -318,9 +326,7 @@ def score(rm, prompts: Sequence[str], responses: Sequence[str], cfg: ScoreConfig
                    "critiques, so K is 1 (one reward per response); drop num_samples, or pass "
                    "classic=False to sample critiques")
     elif not cfg.classic and cfg.num_samples > 1 and cfg.temperature == 0:
-        _warn_once(f"num_samples={cfg.num_samples} at temperature 0: greedy decoding writes the "
-                   "same critique K times, so the mean is the K = 1 reward at K times the cost; "
-                   "set a temperature (e.g. 0.7) or num_samples=1")
+        warn_greedy_samples(cfg.num_samples)
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     if not prompts:
