@@ -299,12 +299,16 @@ def test_nothing_compiles_once_a_bucket_has_been_seen(rm):
 
 
 def test_static_batches_compile_nothing_new_for_the_requests_arriving_together(rm):
-    # A batch of fewer items than fit the slots is filled up with copies: after single requests,
-    # three arriving together (each with its own budget) compile nothing and equal rm.score.
+    # A batch of fewer items than fit the slots is filled up with copies to a power of two:
+    # once a batch of three (run as four) has been seen, four and then three arriving together
+    # (each with its own budget) compile nothing and equal rm.score.
     static = StaticBackend(rm, BackendOptions(slots=4, max_critique_tokens=24, max_length=256))
     static.start()
-    for i in range(3):
-        static.submit(_items([i]), Settings(temperature=0.9, max_critique_tokens=8)).result(120)
+    warm = Settings(temperature=0.9, max_critique_tokens=8)
+    static.submit(_items([0]), warm).result(120)
+    with static._lock:
+        warmed = [static.submit(_items([i]), warm) for i in range(3)]
+    [f.result(120) for f in warmed]
     compiles = []
 
     def count(event, seconds, **kwargs):
@@ -312,14 +316,17 @@ def test_static_batches_compile_nothing_new_for_the_requests_arriving_together(r
             compiles.append(event)
 
     jax.monitoring.register_event_duration_secs_listener(count)
-    settings = [Settings(temperature=0.9, seed=1, max_critique_tokens=b) for b in (2, 8, 5)]
+    settings = [Settings(temperature=0.9, seed=1, max_critique_tokens=b) for b in (2, 8, 5, 3)]
+    outs = []
     try:
-        with static._lock:  # all three are taken as one batch
-            futures = [static.submit(_items([i]), st) for i, st in enumerate(settings)]
-        outs = [f.result(timeout=120) for f in futures]
+        for batch in (settings, settings[:3]):
+            with static._lock:  # taken as one batch
+                futures = [static.submit(_items([i]), st) for i, st in enumerate(batch)]
+            outs.append([f.result(timeout=120) for f in futures])
     finally:
         jax.monitoring.unregister_event_duration_listener(count)
     assert compiles == []
-    for i, (out, st) in enumerate(zip(outs, settings)):
-        _check(out, rm, [i], st)
+    for batch, results in zip((settings, settings[:3]), outs):
+        for i, (out, st) in enumerate(zip(results, batch)):
+            _check(out, rm, [i], st)
     static.close()

@@ -181,9 +181,11 @@ class StaticBackend:
             budgets = [settings.max_critique_tokens] * n
         per_batch = max(1, self.options.slots // kwargs["num_samples"])
         # A batch of fewer inputs than fit the slots is filled up with copies of its first input
-        # (their results dropped), as rm.score fills a short last batch: every batch compiles
-        # one shape per length bucket and budget, however many requests happen to arrive together.
-        fill = max(per_batch - n, 0)
+        # (their results dropped) to a power of two, as rm.score fills a short last batch: a few
+        # batch shapes per length bucket and budget, each compiled the first time it occurs,
+        # however many requests happen to arrive together; a lone request still decodes its own
+        # rows only (on a CPU a decode step grows with its rows).
+        fill = max(min(per_batch, 1 << max(n - 1, 0).bit_length()) - n, 0)
         prompts += prompts[:1] * fill
         responses += responses[:1] * fill
         if budgets is not None:
