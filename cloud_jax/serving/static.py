@@ -60,10 +60,10 @@ class StaticBackend:
     # -- Backend protocol ---------------------------------------------------------------------
 
     def start(self) -> None:
-        """Compiles the prefill and decode shapes of a batch of short items, then starts the
-        worker."""
+        """Compiles the prefill and decode shapes of a one-item request (the budgeted path every
+        request takes), then starts the worker."""
         warm = Settings(**{**dataclasses.asdict(self.options.defaults), "max_critique_tokens": 2})
-        self._score([Item("warm-up", "warm-up")], warm)
+        self._score([Item("warm-up", "warm-up")], warm, [warm.max_critique_tokens])
         self._worker = threading.Thread(target=self._run, name="static-backend", daemon=True)
         self._worker.start()
         self.ready = True
@@ -177,8 +177,6 @@ class StaticBackend:
         if self.classic:
             kwargs["num_samples"] = 1
             budgets = None
-        elif budgets is None:  # the warm-up: compiled as the batches it stands for
-            budgets = [settings.max_critique_tokens] * n
         per_batch = max(1, self.options.slots // kwargs["num_samples"])
         # A batch of fewer inputs than fit the slots is filled up with copies of its first input
         # (their results dropped) to a power of two, as rm.score fills a short last batch: a few
