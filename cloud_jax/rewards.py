@@ -13,15 +13,25 @@ a prompt's user message and a completion's assistant message are what get scored
 message is left out, with a warning the first time: the model's layout has no place for it); a
 completion holding more than its one assistant message (a tool call and its result) is a
 ValueError. The rewards equal ``rm.score`` on the same texts and settings.
+
+A completion too long for the model (it does not fit ``max_length``, or the positions the
+critique budget leaves, even with the whole prompt cut away) is not scored, and the call goes on:
+its reward is ``None`` (``on_too_long="skip"``, the default: TRL leaves such a sample out of that
+function's reward), or ``too_long_reward`` (``on_too_long="penalty"``), with a warning naming the
+samples; ``on_too_long="error"`` raises ``InputTooLongError`` as ``rm.score`` does.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
+
+import numpy as np
 
 from cloud_jax.api import RewardModel
+from cloud_jax.errors import InputTooLongError
 
 log = logging.getLogger(__name__)
 
@@ -66,52 +76,151 @@ def _completion_text(completion: Any, index: int) -> str:
                      f"message (and nothing else), got {completion!r:.80}")
 
 
+ON_TOO_LONG = ("skip", "penalty", "error")
+
+
+def _check_too_long_options(on_too_long: Any, too_long_reward: Any) -> Optional[float]:
+    """``too_long_reward`` as a float (None unless ``on_too_long`` is "penalty"); ValueError
+    naming the option that does not fit."""
+    if on_too_long not in ON_TOO_LONG:
+        raise ValueError(f"on_too_long={on_too_long!r}: expected one of "
+                         f"{', '.join(map(repr, ON_TOO_LONG))}")
+    if on_too_long != "penalty":
+        if too_long_reward is not None:
+            raise ValueError(f"too_long_reward={too_long_reward!r} is used only with "
+                             f"on_too_long='penalty' (here {on_too_long!r}): pass both, or "
+                             "neither")
+        return None
+    if isinstance(too_long_reward, (bool, np.bool_)) or \
+            not isinstance(too_long_reward, (int, float, np.integer, np.floating)) or \
+            not math.isfinite(too_long_reward):
+        raise ValueError(f"on_too_long='penalty' needs too_long_reward=<a finite number>, the "
+                         f"reward a too-long completion gets; got {too_long_reward!r}")
+    return float(too_long_reward)
+
+
 class CLoudReward:
     """A reward function over a CLoud model (a :class:`cloud_jax.RewardModel`, or a path or hub id
     to load). ``settings`` are the sampling settings of ``rm.score`` (``num_samples``,
     ``temperature``, ``top_k``, ``top_p``, ``max_critique_tokens``, ``repetition_penalty``,
-    ``seed``, ``batch_size``, ...)."""
+    ``seed``, ``batch_size``, ``max_length``, ...).
 
-    def __init__(self, model: RewardModel | str | os.PathLike, **settings):
+    ``on_too_long``: what a completion too long to score gets (it does not fit ``max_length``,
+    or what the model's positions leave after the critique budget, even with the whole prompt cut
+    away): ``"skip"`` (default) its reward is ``None``, which TRL's ``GRPOTrainer`` reads as "no
+    reward from this function" (a sample no reward function scores gets no advantage);
+    ``"penalty"`` its reward is ``too_long_reward`` (for trainers that need a number, tunix's);
+    ``"error"`` raises ``InputTooLongError`` (``rm.score``'s behaviour). The other completions of
+    the call are scored as always, a warning names the ones that were not, and
+    ``last_too_long`` lists them."""
+
+    def __init__(self, model: RewardModel | str | os.PathLike, *, on_too_long: str = "skip",
+                 too_long_reward: Optional[float] = None, **settings):
         # Checked now, before loading, not at the trainer's first reward call: a misspelt or bad
         # setting is an error before any policy generation (the TypeError or ValueError
         # rm.score gives).
-        from cloud_jax.scoring.rewards import ScoreConfig
+        from cloud_jax.scoring.rewards import ScoreConfig, too_long
 
-        ScoreConfig(**settings).validate()
+        self._cfg = ScoreConfig(**settings).validate()
+        self.too_long_reward = _check_too_long_options(on_too_long, too_long_reward)
+        self.on_too_long = on_too_long
         if not isinstance(model, RewardModel):
             import cloud_jax
 
             model = cloud_jax.load(model)
+        # Settings under which not even an empty completion fits (a critique budget the size of
+        # the model's positions) would leave every reward of the run unscored: refused now.
+        if model.tokenizer is not None:
+            for over in too_long(model, [""], [""], self._cfg):
+                raise ValueError(f"no completion can be scored with these settings: an empty one "
+                                 f"takes {over.tokens} tokens, over the limit of {over.limit} "
+                                 f"({over.what})")
         self.rm = model
         self.settings = settings
         # Trainers name a reward function by __name__ in their logs.
         self.__name__ = "cloud_reward"
         self.last_critiques: list[list[str]] = []
         self.last_result = None
+        self.last_too_long = []
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any],
-                 **kwargs: Any) -> list[float]:
+                 **kwargs: Any) -> list[Optional[float]]:
         del kwargs  # dataset columns, trainer state, completion ids: not needed
         rewards, _ = self.with_critiques(prompts, completions)
         return rewards
 
-    def with_critiques(self, prompts: Sequence[Any],
-                       completions: Sequence[Any]) -> tuple[list[float], list[list[str]]]:
-        """The rewards and each completion's K critiques (for logging)."""
+    def with_critiques(self, prompts: Sequence[Any], completions: Sequence[Any]
+                       ) -> tuple[list[Optional[float]], list[list[str]]]:
+        """The rewards and each completion's K critiques (for logging). A completion too long to
+        score has no critiques, and the reward ``on_too_long`` gives it; in ``last_result`` its
+        rewards are NaN."""
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions: the "
                              "trainer passes one prompt per completion")
         if len(prompts) == 0:  # a list, or a dataset column as an array
             # Nothing scored: last_critiques is this call's (none), not the call before's.
-            self.last_critiques, self.last_result = [], None
+            self.last_critiques, self.last_result, self.last_too_long = [], None, []
             return [], []
         texts = [_prompt_text(p, i) for i, p in enumerate(prompts)]
         answers = [_completion_text(c, i) for i, c in enumerate(completions)]
-        result = self.rm.score(texts, answers, **self.settings)
-        self.last_result = result
+        try:
+            result, over = self.rm.score(texts, answers, **self.settings), []
+        except InputTooLongError as err:
+            if self.on_too_long == "error":
+                raise InputTooLongError(err.index, err.detail + " (or build the reward function "
+                                        "with on_too_long='skip' or 'penalty' to go on without "
+                                        "it)") from None
+            from cloud_jax.scoring.rewards import too_long
+
+            over = too_long(self.rm, texts, answers, self._cfg)
+            if not over:  # score's check and too_long's are one: never here
+                raise
+            result = self._score_the_rest(texts, answers, {o.index for o in over})
+        self.last_result, self.last_too_long = result, over
         self.last_critiques = [list(c) for c in result.critiques]
-        return [float(r) for r in result.rewards], self.last_critiques
+        rewards: list[Optional[float]] = [float(r) for r in result.rewards]
+        if over:
+            for o in over:
+                rewards[o.index] = self.too_long_reward
+            self._warn_too_long(over, len(texts))
+        return rewards, self.last_critiques
+
+    def _score_the_rest(self, texts: list[str], answers: list[str], skipped: set):
+        """``rm.score`` over the inputs not in ``skipped``, as a result over all of them: the
+        skipped ones with NaN rewards, no critiques and no critique tokens."""
+        from cloud_jax.scoring.rewards import ScoreResult, resolve_classic
+
+        keep = [i for i in range(len(texts)) if i not in skipped]
+        n = len(texts)
+        k = 1 if resolve_classic(self.rm, self._cfg) else self._cfg.num_samples
+        sample_rewards = np.full((n, k), np.nan, np.float32)
+        truncated = np.zeros((n, k), bool)
+        critique_tokens = np.zeros((n, k), np.int32)
+        critiques: list[list[str]] = [[] for _ in range(n)]
+        if keep:
+            part = self.rm.score([texts[i] for i in keep], [answers[i] for i in keep],
+                                 **self.settings)
+            sample_rewards[keep], truncated[keep] = part.sample_rewards, part.truncated
+            critique_tokens[keep] = part.critique_tokens
+            for j, i in enumerate(keep):
+                critiques[i] = part.critiques[j]
+        rewards = np.full(n, np.nan, np.float32)
+        std = np.full(n, np.nan, np.float32)
+        if keep:
+            rewards[keep], std[keep] = part.rewards, part.reward_std
+        return ScoreResult(rewards=rewards, sample_rewards=sample_rewards, reward_std=std,
+                           critiques=critiques, truncated=truncated,
+                           critique_tokens=critique_tokens)
+
+    def _warn_too_long(self, over: list, n: int) -> None:
+        given = ("None" if self.too_long_reward is None else
+                 f"too_long_reward={self.too_long_reward}")
+        shown = ", ".join(f"[{o.index}] {o.tokens}" for o in over[:8])
+        more = f", and {len(over) - 8} more" if len(over) > 8 else ""
+        log.warning("%d of %d completions too long to score, not scored (their reward: %s, "
+                    "on_too_long=%r): tokens with the prompt cut away %s%s, over the limit of %d "
+                    "(%s)", len(over), n, given, self.on_too_long, shown, more, over[0].limit,
+                    over[0].what)
 
 
 def cloud_reward(model: RewardModel | str | os.PathLike,

@@ -103,8 +103,8 @@ def test_the_signature_trainers_call():
     assert any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-@pytest.mark.slow
-def test_inside_a_trl_grpo_training_loop(rm, tmp_path):
+def _train_grpo(reward, tmp_path):
+    """Two steps of TRL's GRPOTrainer over a tiny random policy with ``reward``; the trainer."""
     torch = pytest.importorskip("torch")
     trl = pytest.importorskip("trl")
     from datasets import Dataset
@@ -117,15 +117,6 @@ def test_inside_a_trl_grpo_training_loop(rm, tmp_path):
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id))
-    calls = []
-
-    class Recording(CLoudReward):
-        def __call__(self, prompts, completions, **kwargs):
-            rewards = super().__call__(prompts, completions, **kwargs)
-            calls.append((list(prompts), list(completions), rewards))
-            return rewards
-
-    reward = Recording(rm, max_critique_tokens=4)
     config = trl.GRPOConfig(
         output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, num_generations=2,
         max_completion_length=6, logging_steps=1, report_to=[], save_strategy="no",
@@ -134,6 +125,23 @@ def test_inside_a_trl_grpo_training_loop(rm, tmp_path):
                               train_dataset=Dataset.from_dict({"prompt": PROMPTS * 2}),
                               processing_class=tok)
     trainer.train()
+    return trainer
+
+
+def _recording(calls):
+    class Recording(CLoudReward):
+        def __call__(self, prompts, completions, **kwargs):
+            rewards = super().__call__(prompts, completions, **kwargs)
+            calls.append((list(prompts), list(completions), rewards))
+            return rewards
+
+    return Recording
+
+
+@pytest.mark.slow
+def test_inside_a_trl_grpo_training_loop(rm, tmp_path):
+    calls = []
+    trainer = _train_grpo(_recording(calls)(rm, max_critique_tokens=4), tmp_path)
     assert calls, "the trainer never called the reward function"
     for prompts, completions, rewards in calls:
         assert len(rewards) == len(completions) == len(prompts)
@@ -142,6 +150,38 @@ def test_inside_a_trl_grpo_training_loop(rm, tmp_path):
         np.testing.assert_allclose(rewards, want.rewards, atol=1e-5, rtol=0)
     logged = [k for row in trainer.state.log_history for k in row]
     assert any("cloud_reward" in k for k in logged), logged
+
+
+@pytest.mark.slow
+def test_a_too_long_completion_inside_a_trl_grpo_training_loop(rm, tmp_path):
+    # TRL takes None as "no reward from this function": the run goes on past completions the
+    # reward model cannot read.
+    from cloud_jax.data.layout import encode_critique_prefix
+    from cloud_jax.scoring.rewards import ScoreConfig, resolve_critique_prefix
+
+    calls = []
+    # Room for the layout and 3 bytes of completion: the random policy's 6-token answers (of
+    # multi-byte characters) do not fit, so here no completion of the run gets a reward, TRL's
+    # hardest case (an answer it ended early would).
+    least = len(encode_critique_prefix(rm.tokenizer, "", "",
+                                       resolve_critique_prefix(rm, ScoreConfig())))
+    settings = dict(max_critique_tokens=4, max_length=least + 3)
+    trainer = _train_grpo(_recording(calls)(rm, **settings), tmp_path)
+    from cloud_jax.scoring.rewards import too_long
+
+    assert calls and any(r is None for _, _, rewards in calls for r in rewards)
+    for prompts, completions, rewards in calls:
+        texts = [p if isinstance(p, str) else p[-1]["content"] for p in prompts]
+        over = {o.index for o in too_long(rm, texts, completions, ScoreConfig(**settings))}
+        assert {i for i, r in enumerate(rewards) if r is None} == over
+        keep = [i for i in range(len(texts)) if i not in over]
+        if keep:
+            want = rm.score([texts[i] for i in keep], [completions[i] for i in keep], **settings)
+            np.testing.assert_allclose([rewards[i] for i in keep], want.rewards, atol=1e-5,
+                                       rtol=0)
+    assert trainer.state.global_step == 2
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    assert losses and all(np.isfinite(losses)), trainer.state.log_history
 
 
 def test_samples_that_cannot_differ_are_warned_about_once_per_setting(rm, caplog):
@@ -170,3 +210,95 @@ def test_samples_that_cannot_differ_are_warned_about_once_per_setting(rm, caplog
     assert caplog.text.count("num_samples=2 on a classic (feedback_method 'vanilla') model") == 1
     assert len(caplog.records) == 3  # nothing about the sampled setting
     assert len(classic.last_critiques[0]) == 0 and len(greedy.last_critiques[0]) == 2
+
+
+# A completion the model cannot read even with its whole prompt cut away (max_length=160 here).
+LONG = "x" * 200
+SHORT_MAX = dict(SETTINGS, max_length=160)
+
+
+def test_a_too_long_completion_is_skipped_with_a_warning_not_raised(rm, caplog):
+    # It raised InputTooLongError from rm.score, which stopped the trainer's run at the first
+    # step whose policy wrote one; the call's other completions were not scored either.
+    import logging
+
+    from cloud_jax.errors import InputTooLongError
+
+    fn = CLoudReward(rm, **SHORT_MAX)
+    prompts = PROMPTS + ["Tell me more."]
+    completions = [COMPLETIONS[0], LONG, COMPLETIONS[2], LONG + "y" * 20]
+    with caplog.at_level(logging.WARNING, logger="cloud_jax.rewards"):
+        rewards = fn(prompts, completions)
+    assert rewards[1] is None and rewards[3] is None
+    want = rm.score([prompts[0], prompts[2]], [completions[0], completions[2]], **SHORT_MAX)
+    np.testing.assert_allclose([rewards[0], rewards[2]], want.rewards, atol=1e-6, rtol=0)
+    assert all(type(rewards[i]) is float for i in (0, 2))
+    # Which ones, by how much: the warning and last_too_long.
+    assert [(o.index, o.tokens, o.limit) for o in fn.last_too_long] == [
+        (1, fn.last_too_long[0].tokens, 160), (3, fn.last_too_long[0].tokens + 20, 160)]
+    assert fn.last_too_long[0].tokens > 200 and "max_length=160" in fn.last_too_long[0].what
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert "2 of 4 completions too long to score" in message, message
+    assert f"[1] {fn.last_too_long[0].tokens}, [3] {fn.last_too_long[1].tokens}" in message
+    assert "over the limit of 160 (max_length=160)" in message and "None" in message
+    # The result says so too: no critiques and NaN rewards for those two, the others as scored.
+    assert fn.last_critiques[1] == fn.last_critiques[3] == []
+    assert fn.last_critiques[0] == want.critiques[0] and fn.last_critiques[2] == want.critiques[1]
+    result = fn.last_result
+    assert np.isnan(result.rewards[[1, 3]]).all() and np.isnan(result.sample_rewards[[1, 3]]).all()
+    np.testing.assert_allclose(result.sample_rewards[[0, 2]], want.sample_rewards, atol=1e-6)
+    assert result.sample_rewards.shape == (4, 2) and result.critique_tokens[1].sum() == 0
+    # A call that fits clears it.
+    fn(PROMPTS, COMPLETIONS)
+    assert fn.last_too_long == [] and not np.isnan(fn.last_result.rewards).any()
+    # Every completion too long: nothing is scored, and the call still answers.
+    assert fn(PROMPTS[:2], [LONG, LONG]) == [None, None]
+    assert fn.last_critiques == [[], []] and np.isnan(fn.last_result.rewards).all()
+    # rm.score itself is unchanged.
+    with pytest.raises(InputTooLongError, match="input 1: the critique prefill is"):
+        rm.score(prompts, completions, **SHORT_MAX)
+
+
+def test_a_too_long_completion_can_be_penalised_or_raise(rm):
+    from cloud_jax.errors import InputTooLongError
+
+    prompts, completions = PROMPTS[:2], [COMPLETIONS[0], LONG]
+    penalty = CLoudReward(rm, on_too_long="penalty", too_long_reward=-3, **SHORT_MAX)
+    rewards = penalty(prompts, completions)
+    assert rewards[1] == -3.0 and type(rewards[1]) is float
+    np.testing.assert_allclose(rewards[0], rm.score(prompts[:1], completions[:1],
+                                                    **SHORT_MAX).rewards[0], atol=1e-6, rtol=0)
+    assert [o.index for o in penalty.last_too_long] == [1]
+    # Today's behaviour, asked for: the error, naming the input and the way out.
+    strict = CLoudReward(rm, on_too_long="error", **SHORT_MAX)
+    with pytest.raises(InputTooLongError, match=r"input 1: the critique prefill is \d+ tokens "
+                                                r"over max_length=160 .*on_too_long='skip' or "
+                                                r"'penalty'"):
+        strict(prompts, completions)
+    # A classic model's whole sequence is what must fit.
+    classic = CLoudReward(rm, classic=True, max_length=160)
+    assert classic(prompts, completions)[1] is None
+    assert classic.last_result.sample_rewards.shape == (2, 1)
+    assert classic.last_too_long[0].tokens > 200
+
+
+def test_too_long_options_are_checked_when_built(rm):
+    # Settings under which no completion fits at all (the critique budget takes every position
+    # of the model) fail when built, not as every reward of the run skipped.
+    with pytest.raises(ValueError, match=r"no completion can be scored with these settings: an "
+                                         r"empty one takes \d+ tokens, over the limit of 0"):
+        CLoudReward(rm, max_critique_tokens=rm.config.max_position_embeddings)
+    for bad, match in ((dict(on_too_long="drop"), "on_too_long='drop': expected one of 'skip', "
+                                                  "'penalty', 'error'"),
+                       (dict(on_too_long="penalty"), "on_too_long='penalty' needs "
+                                                     "too_long_reward=<a finite number>"),
+                       (dict(on_too_long="penalty", too_long_reward=float("nan")),
+                        "too_long_reward"),
+                       (dict(on_too_long="penalty", too_long_reward="-1"), "too_long_reward"),
+                       (dict(too_long_reward=-1.0), "too_long_reward=-1.0 is used only with "
+                                                    "on_too_long='penalty'")):
+        with pytest.raises(ValueError, match=match):
+            CLoudReward(rm, **bad)
+    assert cloud_reward(rm, on_too_long="penalty", too_long_reward=np.float32(-1)).too_long_reward \
+        == -1.0

@@ -192,23 +192,95 @@ def _warn_positions(rm, cfg: ScoreConfig, reserved: int = 0) -> None:
                    f"inputs are held to {what}")
 
 
-def _encode_whole(rm, tok, prompts, responses, critiques, layout: str,
-                  cfg: ScoreConfig) -> list[Example]:
+@dataclasses.dataclass(frozen=True)
+class TooLong:
+    """An input :func:`score` cannot read: even with its whole prompt cut away it takes
+    ``tokens`` (its critique prefill; for a classic model, or a given critique, the whole
+    sequence), over ``limit``, which ``what`` sets; ``detail`` says by how much and how to fit
+    it (the InputTooLongError's message)."""
+
+    index: int
+    tokens: int
+    limit: int
+    what: str
+    detail: str
+
+    def error(self) -> InputTooLongError:
+        return InputTooLongError(self.index, self.detail)
+
+
+def _encode_whole_checked(rm, tok, prompts, responses, critiques, layout: str,
+                          cfg: ScoreConfig) -> tuple[list[Optional[Example]], list[TooLong]]:
     """Every input in ``layout``, its prompt cut from the left to fit ``cfg.max_length`` and the
-    model's positions."""
+    model's positions; None, and a :class:`TooLong`, for each that does not fit."""
     _warn_positions(rm, cfg)
     limit, what, fix = _token_limit(rm, cfg)
-    examples = []
+    examples, over = [], []
     for i, (p, r, c) in enumerate(zip(prompts, responses, critiques)):
         ex = encode_example(tok, p, r, c, layout, cfg.critique_prefix, limit,
                             "truncate_prompt", cfg.layout_version)
         if ex is None:
-            raise InputTooLongError(i, f"longer than {what} tokens even with its whole prompt "
-                                       f"cut; {fix} "
-                                       + ("the response" if layout == "classic"
-                                          else "the response or the critique"))
+            least = encode_example(tok, "", r, c, layout, cfg.critique_prefix, 1 << 30,
+                                   "truncate_prompt", cfg.layout_version)
+            over.append(TooLong(i, len(least.input_ids), limit, what,
+                                f"longer than {what} tokens even with its whole prompt cut; {fix} "
+                                + ("the response" if layout == "classic"
+                                   else "the response or the critique")))
         examples.append(ex)
+    return examples, over
+
+
+def _encode_whole(rm, tok, prompts, responses, critiques, layout: str,
+                  cfg: ScoreConfig) -> list[Example]:
+    """Every input in ``layout``, its prompt cut from the left to fit ``cfg.max_length`` and the
+    model's positions (InputTooLongError for the first that does not fit)."""
+    examples, over = _encode_whole_checked(rm, tok, prompts, responses, critiques, layout, cfg)
+    if over:
+        raise over[0].error()
     return examples
+
+
+def _critique_prefixes(rm, tok, prompts, responses, cfg: ScoreConfig,
+                       reserved: Sequence[int]) -> tuple[list[Optional[list[int]]], list[TooLong]]:
+    """Each input's critique prefill, its prompt cut from the left to fit what ``cfg.max_length``
+    and the model's positions leave after its ``reserved`` critique tokens; None, and a
+    :class:`TooLong`, for each that does not fit."""
+    prefixes, over = [], []
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        limit, what, fix = _token_limit(rm, cfg, reserved[i])
+        try:
+            prefixes.append(encode_critique_prefix(tok, p, r, cfg.critique_prefix,
+                                                   limit, cfg.layout_version))
+        except ValueError:
+            least = len(encode_critique_prefix(tok, "", r, cfg.critique_prefix, None,
+                                               cfg.layout_version))
+            prefixes.append(None)
+            over.append(TooLong(i, least, limit, what,
+                                f"the critique prefill is {least - limit} tokens over {what} "
+                                f"even with the prompt cut away; {fix} the response"))
+    return prefixes, over
+
+
+def too_long(rm, prompts: Sequence[str], responses: Sequence[str],
+             cfg: ScoreConfig = ScoreConfig()) -> list[TooLong]:
+    """The inputs :func:`score` with ``cfg`` cannot read, in order (none: it scores them all):
+    those whose response does not fit ``cfg.max_length``, or the model's positions less the
+    critique budget, even with the whole prompt cut away. ``score`` raises InputTooLongError for
+    the first; a caller that must go on scores the others (their rewards do not depend on which
+    inputs are scored together)."""
+    cfg.validate()
+    cfg = dataclasses.replace(cfg, critique_prefix=resolve_critique_prefix(rm, cfg),
+                              classic=resolve_classic(rm, cfg),
+                              layout_version=resolve_layout_version(rm, cfg))
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    _check_texts(prompts=prompts, responses=responses)
+    tok = _require_tokenizer(rm)
+    if cfg.classic:
+        return _encode_whole_checked(rm, tok, prompts, responses, [None] * len(prompts),
+                                     "classic", cfg)[1]
+    return _critique_prefixes(rm, tok, prompts, responses, cfg,
+                              [1 + cfg.max_critique_tokens] * len(prompts))[1]
 
 
 def _forward_rewards(rm, examples: Sequence[Example], cfg: ScoreConfig, on_batch) -> np.ndarray:
@@ -344,18 +416,9 @@ def score(rm, prompts: Sequence[str], responses: Sequence[str], cfg: ScoreConfig
     reserved = [1 + (cfg.max_critique_tokens if budgets is None else budgets[i])
                 for i in range(len(prompts))]
     _warn_positions(rm, cfg, max(reserved))
-    prefixes = []
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        limit, what, fix = _token_limit(rm, cfg, reserved[i])
-        try:
-            prefixes.append(encode_critique_prefix(tok, p, r, cfg.critique_prefix,
-                                                   limit, cfg.layout_version))
-        except ValueError:
-            least = len(encode_critique_prefix(tok, "", r, cfg.critique_prefix, None,
-                                               cfg.layout_version))
-            raise InputTooLongError(i, f"the critique prefill is {least - limit} tokens over "
-                                       f"{what} even with the prompt cut away; {fix} the "
-                                       "response") from None
+    prefixes, over = _critique_prefixes(rm, tok, prompts, responses, cfg, reserved)
+    if over:
+        raise over[0].error()
     model_cfg, params = _sampling_params(rm)
     # The decode's weight layout for this machine; the feature-major weights are prepared once
     # for every batch of this call.
