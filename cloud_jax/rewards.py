@@ -12,7 +12,8 @@ ignored. Prompts and completions may be strings or chat messages (TRL's conversa
 a prompt's user message and a completion's assistant message are what get scored (a system
 message is left out, with a warning the first time: the model's layout has no place for it); a
 completion holding more than its one assistant message (a tool call and its result) is a
-ValueError. The rewards equal ``rm.score`` on the same texts and settings.
+ValueError, and so is an assistant message that makes a tool call (``tool_calls``). The rewards
+equal ``rm.score`` on the same texts and settings.
 
 A completion too long for the model (it does not fit ``max_length``, or the positions the
 critique budget leaves, even with the whole prompt cut away) is not scored, and the call goes on:
@@ -71,6 +72,11 @@ def _completion_text(completion: Any, index: int) -> str:
     if isinstance(completion, list) and len(completion) == 1 and isinstance(completion[0], dict) \
             and completion[0].get("role") == "assistant" \
             and isinstance(completion[0].get("content"), str):
+        # A tool call parsed out of the response (TRL's tool_calls, the content left empty or a
+        # preamble) is not in the content: scoring the content alone would drop it.
+        if completion[0].get("tool_calls"):
+            raise ValueError(f"completions[{index}]: its assistant message makes a tool call "
+                             "(tool_calls); only a response without tool calls can be scored")
         return completion[0]["content"]
     raise ValueError(f"completions[{index}]: expected a string or a list holding one assistant "
                      f"message (and nothing else), got {completion!r:.80}")

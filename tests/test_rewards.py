@@ -65,7 +65,17 @@ def test_a_completion_with_more_than_its_assistant_message_is_refused(rm):
                        [{"role": "user", "content": "and?"}, call], [call, "4"]):
         with pytest.raises(ValueError, match=r"completions\[0\]: .*one assistant message"):
             fn(PROMPTS[:1], [completion])
-    # One assistant message, with further keys (TRL's parsed responses), is its content.
+    # A tool call made in the message itself (TRL parses one out of the text into tool_calls,
+    # leaving the content empty or a preamble) is no more scored than a separate tool message.
+    tool_call = {"type": "function", "function": {"name": "calc", "arguments": {"x": "2+2"}}}
+    for content in ("", "Let me compute."):
+        with pytest.raises(ValueError, match=r"completions\[0\]: .*tool call"):
+            fn(PROMPTS[:1], [[{"role": "assistant", "content": content,
+                               "tool_calls": [tool_call]}]])
+    # One assistant message, with further keys (TRL's parsed responses, an empty tool_calls
+    # list), is its content.
+    np.testing.assert_allclose(fn(PROMPTS[:1], [[dict(call, tool_calls=[])]]),
+                               fn(PROMPTS[:1], [call["content"]]), atol=1e-6, rtol=0)
     np.testing.assert_allclose(fn(PROMPTS[:1], [[dict(call, thinking="hmm")]]),
                                fn(PROMPTS[:1], [call["content"]]), atol=1e-6, rtol=0)
 
