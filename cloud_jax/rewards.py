@@ -8,7 +8,8 @@
 The call signature is the one TRL's ``GRPOTrainer`` and tunix's GRPO learner use for reward
 functions: ``fn(prompts, completions, **kwargs) -> list[float]``, one float per completion, in
 order; extra keyword arguments (dataset columns, trainer state, completion ids) are accepted and
-ignored. Prompts and completions may be strings or chat messages (TRL's conversational format):
+ignored (tunix's ``prompts`` are rendered with the policy's chat template: score its raw question
+column instead, docs/SERVING.md). Prompts and completions may be strings or chat messages (TRL's conversational format):
 a prompt's user message and a completion's assistant message are what get scored (a system
 message is left out, with a warning the first time: the model's layout has no place for it); a
 completion holding more than its one assistant message (a tool call and its result) is a
