@@ -106,6 +106,10 @@ def test_k_sweep_changes_the_picks(tmp_path):
     # An integer too large for a float (JSON allows any number of digits).
     ({"id": "x", "prompt": "p", "candidates": ["a", "b"], "scores": [1, 10 ** 400]},
      "scores[1]", "expected a finite number, got 10000000000000000000..."),
+    # A finite score too large for the report's means and regrets (they overflowed to inf, and
+    # writing report.json failed once every candidate had been scored).
+    ({"id": "x", "prompt": "p", "candidates": ["a", "b"], "scores": [1.7e308, -1e101]},
+     "scores[0]", "expected a number of magnitude at most 1e+100, got 1.7e+308"),
     ({"id": "x", "prompt": "p", "candidates": ["a"], "scores": [1]}, "candidates",
      "at least 2"),
     ({"id": "x", "prompt": "p", "candidates": ["a", ""], "scores": [1, 0]}, "candidates[1]",
@@ -125,6 +129,18 @@ def test_bad_rows_name_file_line_and_field(tmp_path, line, field, reason):
     assert err.value.line == 3 and err.value.field == field
     assert str(err.value).startswith(f"{path}:3: field '{field}': ")
     assert reason in str(err.value)
+
+
+def test_the_largest_scores_read_give_a_finite_report(tmp_path):
+    rows = [bon_row("a", [1e100, 1e100, -1e100], [0, 1, 2]),
+            bon_row("b", [-1e100, 1e100], [0, 1])]
+    items = load_best_of_n(write_jsonl(tmp_path / "bon.jsonl", rows))
+    report = run_evaluation(FakeScorer(), EvalConfig(), str(tmp_path / "out"),
+                            best_of_n_items=items)
+    with open(report["files"]["json"]) as f:
+        m = json.load(f)["best_of_n"]["by_k"]["1"]
+    assert m["against_oracle"]["mean_regret"] == pytest.approx(1e100)  # (2e100 + 0) / 2: picks -1e100, then 1e100
+    assert m["mean_quality"]["oracle"] == pytest.approx(1e100)
 
 
 def test_invalid_json_names_the_line(tmp_path):

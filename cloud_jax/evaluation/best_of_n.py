@@ -5,7 +5,7 @@ Input: JSONL, one prompt per line:
     {"id": "q1", "prompt": "...", "candidates": ["...", "...", "..."], "scores": [0, 1, 0.5]}
 
 ``scores`` holds one number per candidate, higher is better: a 0/1 correctness label or a judge's
-score. ``id`` is a string or an integer; ``subset`` is optional; other keys are ignored. N may
+score (finite, at most 1e100 in magnitude). ``id`` is a string or an integer; ``subset`` is optional; other keys are ignored. N may
 differ between prompts (at least 2 each).
 
 Picks, per prompt:
@@ -42,6 +42,9 @@ from cloud_jax.data.schema import RowError, expand_paths, lone_surrogate
 from cloud_jax.errors import ConfigError
 
 BASELINES = ("first", "random")
+# The largest quality score read, in magnitude: the report's means and regrets (sums and
+# differences of scores) of larger ones could overflow to inf, which report.json cannot hold.
+MAX_SCORE = 1e100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +100,9 @@ def _item(path: str, line: int, obj: Any) -> BestOfNItem:
             shown = repr(s) if len(repr(s)) <= 40 else f"{repr(s)[:20]}..."
             raise RowError(path, line, None, f"scores[{j}]",
                            f"expected a finite number, got {shown}")
+        if abs(s) > MAX_SCORE:
+            raise RowError(path, line, None, f"scores[{j}]",
+                           f"expected a number of magnitude at most {MAX_SCORE:g}, got {s:g}")
     subset = obj.get("subset")
     if subset is not None:
         subset = _text(path, line, "subset", subset)
