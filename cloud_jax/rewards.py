@@ -14,7 +14,8 @@ a prompt's user message and a completion's assistant message are what get scored
 message is left out, with a warning the first time: the model's layout has no place for it); a
 completion holding more than its one assistant message (a tool call and its result) is a
 ValueError, and so is an assistant message that makes a tool call (``tool_calls``). The rewards
-equal ``rm.score`` on the same texts and settings.
+equal ``rm.score`` on the same texts and settings; a non-finite one (NaN weights, an overflowing
+dtype) is a ValueError, not a reward.
 
 A completion too long for the model (it does not fit ``max_length``, or the positions the
 critique budget leaves, even with the whole prompt cut away) is not scored, and the call goes on:
@@ -183,6 +184,16 @@ class CLoudReward:
             if not over:  # score's check and too_long's are one: never here
                 raise
             result = self._score_the_rest(texts, answers, {o.index for o in over})
+        # A NaN reaches a trainer as no reward (TRL) or as 0 (tunix's nansum), without a word.
+        # (A completion too long to score has NaN rewards by design: not a fault of the model.)
+        finite = (np.isfinite(np.asarray(result.rewards))
+                  & np.all(np.isfinite(np.asarray(result.sample_rewards)), axis=1))
+        finite[[o.index for o in over]] = True
+        bad = np.flatnonzero(~finite)
+        if bad.size:
+            raise ValueError(f"the model gave non-finite rewards (NaN or inf) for "
+                             f"completions{bad[:8].tolist()}: its weights hold non-finite "
+                             "values, or its compute dtype overflows")
         self.last_result, self.last_too_long = result, over
         self.last_critiques = [list(c) for c in result.critiques]
         rewards: list[Optional[float]] = [float(r) for r in result.rewards]

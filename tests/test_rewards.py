@@ -80,6 +80,23 @@ def test_a_completion_with_more_than_its_assistant_message_is_refused(rm):
                                fn(PROMPTS[:1], [call["content"]]), atol=1e-6, rtol=0)
 
 
+def test_non_finite_rewards_are_an_error_not_a_reward(rm):
+    # A NaN reward reaches the trainer as no reward (TRL leaves the completion out) or as 0
+    # (tunix sums rewards with nansum): the training run would go on without a word.
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    nan_rm = dataclasses.replace(rm, params=jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.full_like(x, jnp.nan) if "reward" in jax.tree_util.keystr(path)
+        else x, rm.params))
+    fn = CLoudReward(nan_rm, **SETTINGS)
+    with pytest.raises(ValueError, match=r"non-finite rewards \(NaN or inf\) for "
+                                         r"completions\[0, 1, 2\]"):
+        fn(PROMPTS, COMPLETIONS)
+
+
 def test_settings_are_checked_when_built_and_array_columns_are_read(rm):
     # A misspelt or bad setting fails at construction (before any loading), not at the
     # trainer's first reward call.
