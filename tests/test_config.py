@@ -1,6 +1,7 @@
 """Strict typed config: YAML + dotted overrides, errors that name the key, saved resolved config."""
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -176,7 +177,6 @@ def test_shipped_configs_starting_from_a_pretrained_model_use_its_tokenizer():
 def test_readme_names_every_shipped_config():
     import glob
     import itertools
-    import re
 
     root = Path(__file__).resolve().parent.parent
     text = (root / "README.md").read_text()
@@ -189,3 +189,74 @@ def test_readme_names_every_shipped_config():
     shipped = {Path(p).name for p in glob.glob(str(root / "configs" / "*.yaml"))}
     assert shipped - named == set()
     assert named - shipped == set()
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _flat_defaults(obj, prefix=""):
+    """{dotted key: default} of a config dataclass instance, nested sections flattened."""
+    out = {}
+    for field in dataclasses.fields(obj):
+        value = getattr(obj, field.name)
+        if dataclasses.is_dataclass(value):
+            out.update(_flat_defaults(value, f"{prefix}{field.name}."))
+        else:
+            out[prefix + field.name] = value
+    return out
+
+
+def _key_table(text):
+    """{key: (default cell, meaning)} of the `| `key` | `default` | meaning |` rows in text."""
+    rows = re.findall(r"^\| `([\w.]+)` \| `([^`]*)` \| (.*) \|$", text, re.M)
+    assert len({key for key, _, _ in rows}) == len(rows), "a key is listed twice"
+    return {key: (cell, meaning) for key, cell, meaning in rows}
+
+
+def _doc_value(cell):
+    """A default as docs/TRAINING.md writes it, as the dataclass holds it."""
+    import yaml
+
+    from cloud_jax.data.config import CRITIQUE_PREFIX
+
+    if cell == "CRITIQUE_PREFIX":
+        return CRITIQUE_PREFIX
+    value = yaml.safe_load(cell)
+    if isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads 1e-5 as text
+        except ValueError:
+            return value
+    return tuple(value) if isinstance(value, list) else value
+
+
+def test_every_config_key_is_documented_with_its_default():
+    # docs/TRAINING.md, "Config keys": one row per key of the training config and of the
+    # pipeline's own sections, with the dataclasses' default; a key added, renamed or given
+    # another default shows here until the table says so.
+    from cloud_jax.data.synthetic.reasoning import ReasoningBenchmarkConfig
+    from cloud_jax.experiments.cloud_vs_classic.config import PipelineConfig
+
+    text = (ROOT / "docs" / "TRAINING.md").read_text()
+    table = _key_table(text[text.index("## Config keys"):])
+    train = _flat_defaults(Config())
+    pipeline = {k: v for k, v in _flat_defaults(PipelineConfig()).items()
+                if k not in train and not k.startswith("benchmark.")}
+    assert (set(train) | set(pipeline)) - set(table) == set(), "keys missing from the table"
+    assert set(table) - set(train) - set(pipeline) == set(), "table rows that are no key"
+    for key, default in {**train, **pipeline}.items():
+        documented = _doc_value(table[key][0])
+        assert documented == default, (key, table[key][0], default)
+        assert isinstance(documented, bool) == isinstance(default, bool), (key, documented)
+    # A shared key whose pipeline default differs says so in its row.
+    for key, value in _flat_defaults(PipelineConfig()).items():
+        if key in train and value != train[key]:
+            assert f"`{value}`" in table[key][1], (key, value)
+    # The benchmark section: docs/REASONING_BENCHMARK.md, "Knobs", names every field.
+    bench = (ROOT / "docs" / "REASONING_BENCHMARK.md").read_text()
+    knobs = bench[bench.index("## Knobs"):]
+    knobs = knobs[:knobs.index("\n\n", knobs.index("|---"))]
+    named = {name for row in knobs.splitlines()[2:]
+             for name in re.findall(r"`(\w+)`", row.split("|")[1])}
+    assert named == {f.name for f in dataclasses.fields(ReasoningBenchmarkConfig)}
+
