@@ -104,8 +104,9 @@ class RewardModel:
         ``sample_rewards`` [B, K], ``reward_std`` [B], ``critiques`` [B][K], ``truncated`` [B, K].
         ``settings`` are further :class:`cloud_jax.scoring.rewards.ScoreConfig` fields (``top_k``,
         ``top_p``, ``batch_size``, ``classic``, ...). ``classic`` defaults to the model's own kind:
-        a ``vanilla`` checkpoint is scored without critiques. ``on_batch(inputs_done,
-        critique_tokens)``, if given, is called after each batch (a progress bar's update).
+        a ``vanilla`` checkpoint is scored without critiques. ``on_batch(inputs, critique_tokens)``,
+        if given, is called after each batch with that batch's inputs and critique tokens (a
+        progress bar's update).
         """
         from cloud_jax.scoring.rewards import ScoreConfig, score
 

@@ -260,3 +260,72 @@ def test_every_config_key_is_documented_with_its_default():
              for name in re.findall(r"`(\w+)`", row.split("|")[1])}
     assert named == {f.name for f in dataclasses.fields(ReasoningBenchmarkConfig)}
 
+
+def _command_options():
+    """{command: its option strings}, read from the usage line of every command's --help (the
+    commands of python -m cloud_jax, each benchmark of `bench`, and cloud_jax.train)."""
+    import contextlib
+    import importlib
+    import io
+
+    from cloud_jax.__main__ import COMMANDS
+    from cloud_jax.cli.bench import BENCHMARKS
+
+    modules = {name: module for name, (module, _) in COMMANDS.items() if name != "bench"}
+    modules.update({f"bench {name}": module for name, (module, _) in BENCHMARKS.items()})
+    modules["train"] = "cloud_jax.cli.train"
+    options = {}
+    for name, module in modules.items():
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+            importlib.import_module(module).main(["--help"])
+        usage = out.getvalue().split("\n\n")[0]  # the description may name other commands' flags
+        assert usage.startswith("usage:"), name
+        options[name] = set(re.findall(r"(?<![\w-])(--?[a-z][\w-]*)", usage)) | {"--help"}
+    return options
+
+
+def test_every_documented_command_line_uses_flags_its_command_has():
+    # Every `python -m cloud_jax <command> ...` (and `python -m cloud_jax.train ...`) in the
+    # README, docs/ and the Makefile names a command that exists and only flags it takes.
+    options = _command_options()
+    checked = 0
+    for path in [ROOT / "README.md", ROOT / "Makefile", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = re.sub(r"\\\n\s*", " ", path.read_text())  # shell line continuations
+        for line in text.splitlines():
+            for m in re.finditer(r"python3? -m cloud_jax(\.train\b)?((?: [\w-]+){0,2})", line):
+                words = m.group(2).split()
+                if m.group(1):
+                    command, rest = "train", line[m.start(2):]
+                elif not words or words[0] == "--debug":
+                    continue  # `python -m cloud_jax <command>`, `... [--debug] <command>`
+                elif words[0] == "bench":
+                    if len(words) < 2 or f"bench {words[1]}" not in options:
+                        continue  # `bench train|sample|serve`
+                    command, rest = f"bench {words[1]}", line[m.end(2):]
+                else:
+                    command = words[0]
+                    assert command in options, (path.name, line)
+                    rest = line[m.start(2) + 1 + len(command):]
+                rest = re.split(r"`| \| |;| && ", rest)[0]
+                flags = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", rest)) - {"--debug"}
+                assert flags <= options[command], (path.name, command, flags - options[command])
+                checked += 1
+    assert checked > 50
+
+
+@pytest.mark.parametrize("doc, heading, command", [
+    ("EVALUATION.md", "| option | meaning |", "evaluate"),
+    ("SERVING.md", "| flag | meaning (default) |", "serve"),
+])
+def test_flag_tables_list_every_flag_of_their_command(doc, heading, command):
+    text = (ROOT / "docs" / doc).read_text()
+    table = text[text.index(heading):].split("\n\n")[0]
+    documented = {flag for row in table.splitlines()[2:]
+                  for flag in re.findall(r"--[a-z][\w-]*", row.split("|")[1])}
+    flags = {o for o in _command_options()[command] if o.startswith("--") and o != "--help"}
+    # --no-classic goes with --classic (argparse's BooleanOptionalAction): a table may name it.
+    paired = {o for o in flags if o.startswith("--no-") and "--" + o[5:] in flags}
+    flags, documented = flags - paired, documented - paired
+    assert flags - documented == set(), "flags the table leaves out"
+    assert documented - flags == set(), "table rows that are no flag"
