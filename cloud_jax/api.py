@@ -44,7 +44,7 @@ class RewardModel:
     # "teacher": writes a critique before its reward; "vanilla": a classic reward model, scored by
     # one forward (the reference's two values, read from and written to config.json).
     feedback_method: str = "teacher"
-    # How its critique turn is tokenized (cloud_jax.data.config.LAYOUT_VERSIONS); scoring follows
+    # How its rows are tokenized (cloud_jax.data.config.LAYOUT_VERSIONS); scoring follows
     # it. Read from and written to config.json.
     layout_version: int = LAYOUT_VERSION
 

@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 from reference_cloud import ReferenceCLoud, ReferenceCLoudPatched, ReferenceConfig  # noqa: E402
 
 import cloud_jax  # noqa: E402
+from cloud_jax.data.config import LAYOUT_VERSION  # noqa: E402
 from cloud_jax.errors import CheckpointError  # noqa: E402
 from cloud_jax.model.config import ModelConfig  # noqa: E402
 
@@ -371,7 +372,8 @@ def test_an_export_from_before_layout_versions_is_scored_with_layout_1(tmp_path)
     rm = cloud_jax.from_config(_tiny_model_config())
     rm.save_pretrained(tmp_path / "new")
     config = json.loads((tmp_path / "new" / "config.json").read_text())
-    assert config["layout_version"] == 2 and cloud_jax.load(tmp_path / "new").layout_version == 2
+    assert config["layout_version"] == LAYOUT_VERSION == 3
+    assert cloud_jax.load(tmp_path / "new").layout_version == 3
     del config["layout_version"]
     (tmp_path / "new" / "config.json").write_text(json.dumps(config))
     assert cloud_jax.load(tmp_path / "new").layout_version == 1

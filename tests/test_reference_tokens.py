@@ -121,3 +121,19 @@ def test_a_blank_prefix_leaves_the_critique_trimmed_as_the_template_trims_it(tok
     assert ex.input_ids.tolist()[:len(prefill)] == prefill
     targets = tok.convert_ids_to_tokens(ex.input_ids[ex.target_mask.astype(bool)].tolist())
     assert targets[0] == "The"
+
+
+@pytest.mark.parametrize("prompt,response,critique", CASES)
+def test_layout_versions_2_and_3_agree_with_the_whole_rendered_conversation(tok, prompt, response,
+                                                                            critique):
+    """On Llama-3 tokenizing each text with the template text before it (version 3, the default)
+    changes no token: its pre-tokenizer splits where the template's text ends. The rows are the
+    whole conversation as apply_chat_template(..., tokenize=True) gives it."""
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response},
+                {"role": "user", "content": COT_PROMPT + critique}]
+    whole = list(tok.apply_chat_template(messages, tokenize=True)["input_ids"])
+    v2, v3 = (encode_example(tok, prompt, response, critique, "critique", COT_PROMPT, 512,
+                             version=v).input_ids.tolist() for v in (2, 3))
+    assert v2 == v3 == whole
+    assert (encode_critique_prefix(tok, prompt, response, COT_PROMPT, version=2)
+            == encode_critique_prefix(tok, prompt, response, COT_PROMPT, version=3))

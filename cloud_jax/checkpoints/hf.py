@@ -691,10 +691,10 @@ def feedback_method_of(directory: Path, config: dict) -> str:
 
 
 def layout_version_of(directory: Path, config: dict) -> int:
-    """How the model's critique turn was tokenized (data.config.LAYOUT_VERSIONS): as recorded;
+    """How the model's rows were tokenized (data.config.LAYOUT_VERSIONS): as recorded;
     1 for a cloud_jax export from before the version was recorded (it has the inline backbone
     config but no version); the reference's own (2) for any other checkpoint."""
-    from cloud_jax.data.config import LAYOUT_VERSION, LAYOUT_VERSIONS
+    from cloud_jax.data.config import LAYOUT_VERSIONS, REFERENCE_LAYOUT_VERSION
 
     if "layout_version" in config:
         version = config["layout_version"]
@@ -705,7 +705,7 @@ def layout_version_of(directory: Path, config: dict) -> int:
         return version
     if is_cloud_reference(config) and "base_model_config" in config:
         return 1
-    return LAYOUT_VERSION
+    return REFERENCE_LAYOUT_VERSION
 
 
 def is_cloud_reference(config: dict) -> bool:

@@ -16,11 +16,16 @@ from cloud_jax.errors import ConfigError
 # layout with targets on every token). Training maps each stage to one (training/stages.py).
 LAYOUTS = ("critique", "classic", "lm")
 OVERLENGTH_POLICIES = ("drop", "truncate_prompt")
-# How the critique turn is tokenized (data/layout.py). 2, the default: as the reference builds it
-# (the prefill ends at the prefix without its trailing whitespace; prefix + critique are one text).
-# 1: the prefix and the critique tokenized on their own (exports written before versions existed).
-LAYOUT_VERSIONS = (1, 2)
-LAYOUT_VERSION = 2
+# How a row's texts are tokenized (data/layout.py). 3, the default: each text together with the
+# template text before it, as the whole rendered conversation is (a SentencePiece tokenizer gives
+# a text no word-start marker of its own); the critique turn as in 2. 2: each text on its own; the
+# critique turn as the reference builds it (the prefill ends at the prefix without its trailing
+# whitespace; prefix + critique are one text); the same tokens as 3 for Llama-3. 1: the prefix and
+# the critique tokenized on their own (exports written before versions existed).
+LAYOUT_VERSIONS = (1, 2, 3)
+LAYOUT_VERSION = 3
+# The version of a checkpoint the reference code wrote (it records none): its own construction.
+REFERENCE_LAYOUT_VERSION = 2
 
 # The reference wording of the opening of the critique turn.
 CRITIQUE_PREFIX = (
@@ -98,7 +103,7 @@ class DataConfig:
     # gets -<split> added.
     rejects_path: str = ""
     critique_prefix: str = CRITIQUE_PREFIX
-    # How the critique turn is tokenized (LAYOUT_VERSIONS); the export records it and scoring
+    # How rows are tokenized (LAYOUT_VERSIONS); the export records it and scoring
     # follows it.
     layout_version: int = LAYOUT_VERSION
     # Pairs per global batch (each pair is a chosen and a rejected sequence); every host gets

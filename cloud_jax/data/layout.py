@@ -10,7 +10,8 @@ is read at the final end-of-turn token, recorded as ``reward_index``; the sequen
 
 The chat template is rendered once per tokenizer with a sentinel in place of every message's text,
 and cut at the sentinels into fixed template pieces. A sequence is the template pieces' tokens
-with the tokens of each text in between, each part tokenized on its own, so:
+with the tokens of each text in between, each text tokenized with the template piece before it
+(from layout version 3) or on its own (up to 2), so:
 - the prefill the sampler uses (``encode_critique_prefix``) is exactly a prefix of the training
   sequence, whatever the tokenizer would merge across the boundary;
 - special-token strings inside row text (say a literal "<|eot_id|>" in a prompt) stay plain text
@@ -19,15 +20,26 @@ with the tokens of each text in between, each part tokenized on its own, so:
 Templates that trim message text (Llama-3's does) are detected and the texts trimmed likewise.
 There is exactly one BOS: the one the template writes, or else the one the tokenizer would add.
 
-The critique turn comes in two layout versions (``data.config.LAYOUT_VERSIONS``):
-- 2 (default), the reference's: the turn's text is ``CRITIQUE_PREFIX + CRITIQUE`` (trimmed as a
-  whole where the template trims), tokenized as one text; the prefill ends at the prefix without
-  its trailing whitespace, so the critique's first token carries the separating space
-  (``'ĠThe'``), as in the reference's rows. Should the tokenizer merge across the end of the
-  prefix (a prefix that ends in a letter-joining character), the critique is tokenized on its
-  own after it instead, so the prefill is always a prefix of the training sequence.
-- 1: the prefix (with its trailing space) and the critique tokenized on their own. Models
-  exported before the version was recorded were trained this way and are scored this way.
+Three layout versions (``data.config.LAYOUT_VERSIONS``):
+- 3 (default): a text and the template piece before it are tokenized as one text and cut where
+  the text begins (a token holding any of the text's characters is the text's), so the row holds
+  the tokens of the whole rendered conversation (``apply_chat_template(..., tokenize=True)``).
+  A SentencePiece tokenizer (Llama-2, Mistral) writes a word-start marker at the start of every
+  text it tokenizes: on its own, a text after ``'[INST] '`` would start ``'▁', '▁What'``, and
+  ``'\nWhat'`` would become ``'\n', '▁What'``; in context it is ``'▁What'`` and ``'What'``, as
+  the model saw in chat tuning and as other tools render it. A text holding an added token's
+  string is tokenized on its own. The critique turn is built as in 2. For byte-level BPE
+  tokenizers whose pre-tokenizer splits at the template's boundaries (Llama-3, Qwen2) the tokens
+  are those of version 2.
+- 2, the reference's: each text tokenized on its own; the critique turn's text is
+  ``CRITIQUE_PREFIX + CRITIQUE`` (trimmed as a whole where the template trims), tokenized as one
+  text; the prefill ends at the prefix without its trailing whitespace, so the critique's first
+  token carries the separating space (``'ĠThe'``), as in the reference's rows. Should the
+  tokenizer merge across the end of the prefix (a prefix that ends in a letter-joining
+  character), the critique is tokenized on its own after it instead, so the prefill is always a
+  prefix of the training sequence. Checkpoints the reference wrote are scored this way.
+- 1: as 2, but the prefix (with its trailing space) and the critique tokenized on their own.
+  Models exported before the version was recorded were trained this way and are scored this way.
 """
 
 from __future__ import annotations
@@ -85,26 +97,54 @@ class ChatLayout:
                          {"role": "user", "content": _CRITIQUE}]
         text = render_chat(tok, critique_msgs)
         head, mid1, mid2, tail = _split(text, _PROMPT, _RESPONSE, _CRITIQUE)
-        self.critique_pieces = [self._template_ids(p) for p in (head, mid1, mid2)]
+        self.critique_texts = (head, mid1, mid2)
         self.critique_closer = turn_closer_after(tok, tail, "the critique's user turn")
         text = render_chat(tok, critique_msgs[:2])
         head, mid1, tail = _split(text, _PROMPT, _RESPONSE)
-        self.classic_pieces = [self._template_ids(p) for p in (head, mid1)]
+        self.classic_texts = (head, mid1)
         self.classic_closer = turn_closer_after(tok, tail, "the response's assistant turn")
         bos = tok.bos_token_id
-        adds_bos = bos is not None and tok.encode("a", add_special_tokens=True)[:1] == [bos]
         # Template text is tokenized without added special tokens, so the only BOS so far is the
         # one the template writes (Llama-3: <|begin_of_text|>); add the tokenizer's if it has none.
-        for pieces in (self.critique_pieces, self.classic_pieces):
-            if adds_bos and pieces[0][:1] != [bos]:
-                pieces[0] = [bos] + pieces[0]
+        self.bos = bos if (bos is not None
+                           and tok.encode("a", add_special_tokens=True)[:1] == [bos]) else None
+        # Strings the tokenizer reads as one added token wherever they stand in a text.
+        self.added = tuple(t.content for t in getattr(tok, "added_tokens_decoder", {}).values()
+                           if t.content)
+        self._ids_of_piece: dict = {}
 
     def _template_ids(self, text: str) -> List[int]:
-        return self.tok.encode(text, add_special_tokens=False) if text else []
+        ids = self._ids_of_piece.get(text)
+        if ids is None:
+            ids = self._ids_of_piece[text] = (
+                self.tok.encode(text, add_special_tokens=False) if text else [])
+        return ids
 
     def _text_ids(self, text: str) -> List[int]:
         # Row text never yields special tokens: "<|eot_id|>" written in a prompt stays characters.
         return self.tok.encode(text, add_special_tokens=False, split_special_tokens=True)
+
+    def _piece_and_text(self, piece: str, text: str, version: int) -> tuple[List[int], List[int]]:
+        """(tokens of the template piece ``piece``, tokens of the row ``text`` written after it).
+
+        Up to version 2 each is tokenized on its own. From version 3 they are tokenized as one
+        text, as the rendered conversation would be, and cut where the text begins: a token that
+        holds any of the text's characters is the text's (a SentencePiece tokenizer's ``'▁What'``
+        after ``'[INST] '``), so a text gets no word-start marker the whole rendering would not
+        give it. A text holding the string of an added token (say ``"<|eot_id|>"``) is tokenized
+        on its own, so it stays characters.
+        """
+        if version < 3 or not text or any(s in text for s in self.added):
+            return self._template_ids(piece), self._text_ids(text)
+        enc = self.tok(piece + text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+        cut = next((i for i, (_, end) in enumerate(offsets) if end > len(piece)), len(ids))
+        return ids[:cut], ids[cut:]
+
+    def _first(self, ids: List[int]) -> List[int]:
+        """The row's first tokens with the tokenizer's BOS in front where the template writes
+        none."""
+        return [self.bos] + ids if self.bos is not None and ids[:1] != [self.bos] else ids
 
     def _texts(self, prompt: str, response: str, critique_prefix: str):
         if self.trims:
@@ -117,25 +157,36 @@ class ChatLayout:
         _check_version(version)
         return critique_prefix.rstrip() if version >= 2 else critique_prefix
 
+    def _prefill_ids(self, critique_prefix: str, version: int) -> List[int]:
+        """Tokens of the critique turn up to the end of its prefill: the template's text before
+        the turn's text, then the part of the prefix the sampler prefills."""
+        mid2, head = self._piece_and_text(self.critique_texts[2],
+                                          self._prefill_text(critique_prefix, version), version)
+        return mid2 + head
+
     def _critique_ids(self, critique_prefix: str, critique: str,
                       version: int) -> tuple[List[int], List[int]]:
-        """(prefill, target) tokens of the critique turn's text."""
+        """(prefill, target) tokens of the critique turn: the turn's opening and its text up to
+        the end of the prefill, then the critique."""
+        prefill = self._prefill_ids(critique_prefix, version)
         head_text = self._prefill_text(critique_prefix, version)
-        head = self._text_ids(head_text)
         if version < 2:
-            return head, self._text_ids(critique.rstrip() if self.trims else critique)
+            return prefill, self._text_ids(critique.rstrip() if self.trims else critique)
         full = critique_prefix + critique
         if self.trims:
             # Both ends: a blank prefix (lstripped to "") leaves the critique's own start.
             full = full.strip()
-        joint = self._text_ids(full)
-        if joint[:len(head)] == head:
-            return head, joint[len(head):]
+        joint = sum(self._piece_and_text(self.critique_texts[2], full, version), [])
+        if joint[:len(prefill)] == prefill:
+            return prefill, joint[len(prefill):]
         # The tokenizer merges across the end of the prefix: keep the prefill a prefix.
-        return head, self._text_ids(full[len(head_text):])
+        rest = full[len(head_text):]
+        if version < 3:
+            return prefill, self._text_ids(rest)
+        return prefill, self._piece_and_text(self.critique_texts[2] + head_text, rest, version)[1]
 
     def critique_text(self, generated: str, critique_prefix: str, version: int) -> str:
-        """A sampled critique as text the training rows take back: under version 2 the separator
+        """A sampled critique as text the training rows take back: from version 2 the separator
         the prefill left off (the prefix's trailing whitespace) is removed from its start."""
         if self._prefill_text(critique_prefix, version) == critique_prefix:
             return generated
@@ -147,10 +198,10 @@ class ChatLayout:
                             max_length: Optional[int] = None,
                             version: int = LAYOUT_VERSION) -> List[int]:
         prompt, response, critique_prefix = self._texts(prompt, response, critique_prefix)
-        head, mid1, mid2 = self.critique_pieces
-        prompt_ids = self._text_ids(prompt)
-        rest = (mid1 + self._text_ids(response) + mid2
-                + self._text_ids(self._prefill_text(critique_prefix, version)))
+        head, prompt_ids = self._piece_and_text(self.critique_texts[0], prompt, version)
+        head = self._first(head)
+        rest = (sum(self._piece_and_text(self.critique_texts[1], response, version), [])
+                + self._prefill_ids(critique_prefix, version))
         if max_length is not None:
             excess = len(head) + len(prompt_ids) + len(rest) - max_length
             if excess > len(prompt_ids):
@@ -168,20 +219,24 @@ class ChatLayout:
         if overlength_policy not in OVERLENGTH_POLICIES:
             raise ValueError(f"overlength_policy {overlength_policy!r}: expected one of "
                              f"{', '.join(OVERLENGTH_POLICIES)}")
+        _check_version(version)
         prompt, response, critique_prefix = self._texts(prompt, response, critique_prefix)
         if layout == "classic":
-            head, mid1 = self.classic_pieces
-            middle = mid1 + self._text_ids(response) + [self.classic_closer]
+            texts = self.classic_texts
+            middle = (sum(self._piece_and_text(texts[1], response, version), [])
+                      + [self.classic_closer])
             num_targets = 0
         else:
             if not critique:
                 raise ValueError(f"the {layout} layout needs a critique for every response")
-            head, mid1, mid2 = self.critique_pieces
+            texts = self.critique_texts
             prefill, critique_ids = self._critique_ids(critique_prefix, critique, version)
             targets = critique_ids + [self.critique_closer]
-            middle = mid1 + self._text_ids(response) + mid2 + prefill + targets
+            middle = (sum(self._piece_and_text(texts[1], response, version), [])
+                      + prefill + targets)
             num_targets = len(targets)
-        prompt_ids = self._text_ids(prompt)
+        head, prompt_ids = self._piece_and_text(texts[0], prompt, version)
+        head = self._first(head)
         excess = len(head) + len(prompt_ids) + len(middle) - max_length
         cut = 0
         if excess > 0:

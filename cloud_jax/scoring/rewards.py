@@ -66,7 +66,7 @@ class ScoreConfig:
     # A classic reward model: no critique, one forward. None: the model's own kind (a checkpoint
     # whose feedback_method is "vanilla" is classic).
     classic: Optional[bool] = None
-    # How the critique turn is tokenized (data.config.LAYOUT_VERSIONS). None: the version the
+    # How rows are tokenized (data.config.LAYOUT_VERSIONS). None: the version the
     # model was trained with (RewardModel.layout_version).
     layout_version: Optional[int] = None
     # Prefill length buckets; empty: powers of two.

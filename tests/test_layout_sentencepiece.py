@@ -1,0 +1,122 @@
+"""Layout version 3 on SentencePiece-style tokenizers (a word-start marker ``'▁'`` in front of
+every text tokenized): a row holds the tokens of the whole rendered conversation, as
+``apply_chat_template(..., tokenize=True)`` gives them, where version 2 tokenized each text on its
+own and gave it a marker of its own. Two small tokenizers built here: Llama-2's legacy pipeline
+(a normalizer that writes the marker, under the default ChatML template a base model gets) and a
+Metaspace one with Mistral-v0.3-style ``[INST]`` control tokens and template."""
+
+import string
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from cloud_jax.data.layout import encode_critique_prefix, encode_example
+from cloud_jax.data.tokenizer import DEFAULT_CHAT_TEMPLATE
+from cloud_jax.serving.protocol import ChatMarkers, parse_openrlhf
+
+PREFIX = ("The following is a break down on the correctness and usefulness of the assistant's "
+          "response to my question: ")
+CASES = [  # prompt, response, critique
+    ("What is 2+2?", "It is 4.", "The answer is correct and short."),
+    ("Name a prime above 10.", "11 is prime.", " The response is right: 11 is prime."),
+    ("Is the sky green?", "Yes, always.", "\nWrong: the sky is not green."),
+]
+MISTRAL_TEMPLATE = (  # Mistral-7B-Instruct-v0.3's, tools and system message left out
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + '[/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] | trim + eos_token }}"
+    "{% endif %}{% endfor %}")
+
+
+def sentencepiece_tokenizer(style):
+    specials = ["<unk>", "<s>", "</s>"] + (["[INST]", "[/INST]"] if style == "metaspace" else [])
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    # Merges learnt within "▁word" pieces, as SentencePiece's never cross a word start.
+    core.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always", split=True)
+    corpus = [PREFIX, "[INST] user assistant"] + [" ".join(c) for c in CASES]
+    core.train_from_iterator(corpus * 3, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, show_progress=False,
+        initial_alphabet=list("▁\n" + string.printable.strip())))
+    if style == "legacy":  # Llama-2's tokenizer.json
+        core.pre_tokenizer = None
+        core.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
+                                                normalizers.Replace(" ", "▁")])
+        core.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(),
+                                          decoders.Strip(" ", 1, 0)])
+    else:  # legacy=False tokenizers (Mistral v0.3)
+        core.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+        core.decoder = decoders.Metaspace(prepend_scheme="first", split=False)
+    core.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", core.token_to_id("<s>"))])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>", additional_special_tokens=specials[3:])
+    tok.chat_template = DEFAULT_CHAT_TEMPLATE if style == "legacy" else MISTRAL_TEMPLATE
+    return tok
+
+
+@pytest.fixture(scope="module", params=["legacy", "metaspace"])
+def tok(request):
+    return sentencepiece_tokenizer(request.param)
+
+
+def _whole(tok, messages):
+    """The conversation rendered and tokenized as one text, with the tokenizer's BOS first."""
+    ids = list(tok.apply_chat_template(messages, tokenize=True)["input_ids"])
+    return ids if ids[:1] == [tok.bos_token_id] else [tok.bos_token_id] + ids
+
+
+@pytest.mark.parametrize("prompt,response,critique", CASES)
+def test_rows_hold_the_tokens_of_the_whole_rendered_conversation(tok, prompt, response,
+                                                                 critique):
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response},
+                {"role": "user", "content": PREFIX + critique}]
+    whole = _whole(tok, messages)
+    ex = encode_example(tok, prompt, response, critique, "critique", PREFIX, 512)
+    ids = ex.input_ids.tolist()
+    # The row ends at the critique turn's closing token; the template may write more after it.
+    assert ids == whole[:len(ids)] and ex.reward_index == len(ids) - 1
+    prefill = encode_critique_prefix(tok, prompt, response, PREFIX)
+    assert ids[:len(prefill)] == prefill
+    assert ex.target_mask.tolist() == [0] * len(prefill) + [1] * (len(ids) - len(prefill))
+    classic = encode_example(tok, prompt, response, None, "classic", PREFIX, 512).input_ids
+    assert classic.tolist() == _whole(tok, messages[:2])[:len(classic)]
+    # Version 2 gave every text a word-start marker of its own: '▁' tokens the model never saw
+    # in chat tuning ('[INST]', '▁', '▁What') or one in place of none ('\n', '▁What').
+    v2 = encode_example(tok, prompt, response, critique, "critique", PREFIX, 512, version=2)
+    assert v2.input_ids.tolist() != whole[:len(v2.input_ids)]
+
+
+def test_truncate_prompt_cuts_the_prompt_tokens_in_context(tok):
+    prompt, response, critique = CASES[0]
+    full = encode_example(tok, prompt, response, critique, "critique", PREFIX, 512)
+    cut = encode_example(tok, prompt, response, critique, "critique", PREFIX,
+                         len(full.input_ids) - 2, "truncate_prompt")
+    assert cut.prompt_tokens_cut == 2
+    ids, kept = full.input_ids.tolist(), cut.input_ids.tolist()
+    start = next(i for i in range(len(ids)) if ids[:i] + ids[i + 2:] == kept)
+    # The two tokens cut are the prompt's first (its first word holding the space before it).
+    assert prompt.startswith(tok.decode(ids[start:start + 2]).strip())
+    assert tok.decode(ids[:start]).rstrip().endswith(("user", "[INST]"))
+
+
+def test_a_special_token_string_in_a_row_stays_text(tok):
+    prompt = "Say </s> and stop."
+    ex = encode_example(tok, prompt, "ok", "Fine.", "critique", PREFIX, 512)
+    plain = encode_example(tok, "Say and stop.", "ok", "Fine.", "critique", PREFIX, 512)
+    # The template's own </s> tokens only: none from the prompt's text.
+    eos = tok.eos_token_id
+    assert ex.input_ids.tolist().count(eos) == plain.input_ids.tolist().count(eos)
+    assert "</s> and stop" in tok.decode(ex.input_ids)
+
+
+def test_get_reward_queries_reach_the_rows_the_model_was_trained_on(tok):
+    """/get_reward takes the rendered chat apart into the user text and the response and lays
+    them out as training does: the tokens scored are the training row's prefill."""
+    prompt, response, _ = CASES[0]
+    query = tok.apply_chat_template([{"role": "user", "content": prompt},
+                                     {"role": "assistant", "content": response}], tokenize=False)
+    [item] = parse_openrlhf({"query": [query + tok.eos_token]}, ChatMarkers.of(tok))
+    assert (item.prompt, item.response) == (prompt, response)
+    assert encode_critique_prefix(tok, item.prompt, item.response, PREFIX) == \
+        encode_critique_prefix(tok, prompt, response, PREFIX)
