@@ -120,3 +120,21 @@ def test_get_reward_queries_reach_the_rows_the_model_was_trained_on(tok):
     assert (item.prompt, item.response) == (prompt, response)
     assert encode_critique_prefix(tok, item.prompt, item.response, PREFIX) == \
         encode_critique_prefix(tok, prompt, response, PREFIX)
+
+
+def test_get_reward_prompts_that_end_before_the_assistant_turn_s_space():
+    """OpenRLHF sends the generation prompt beside each query. Mistral's ends at "[/INST]", and
+    its template writes " " + response: the space is the template's. The response kept it
+    (" It is 4."), and was scored as '[/INST]', '▁', '▁It', tokens it was not trained on."""
+    tok = sentencepiece_tokenizer("metaspace")
+    prompt, response, _ = CASES[0]
+    generation_prompt = tok.apply_chat_template([{"role": "user", "content": prompt}],
+                                                tokenize=False, add_generation_prompt=True)
+    query = tok.apply_chat_template([{"role": "user", "content": prompt},
+                                     {"role": "assistant", "content": response}], tokenize=False)
+    assert query.startswith(generation_prompt + " ")
+    [item] = parse_openrlhf({"query": [query], "prompts": [generation_prompt]},
+                            ChatMarkers.of(tok))
+    assert (item.prompt, item.response) == (prompt, response)
+    assert encode_critique_prefix(tok, item.prompt, item.response, PREFIX) == \
+        encode_critique_prefix(tok, prompt, response, PREFIX)

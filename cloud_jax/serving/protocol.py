@@ -382,6 +382,14 @@ def split_query(query: str, prompt: Optional[str], markers: ChatMarkers,
             raise InvalidField(field, "does not start with its prompt (prompts[i]); the query "
                                       "must be the prompt followed by the response")
         head, response = prompt, query[len(prompt):]
+        # A generation prompt may end short of the text the template writes before a response
+        # (Mistral's ends at "[/INST]" and its assistant turn starts " " + response): that text
+        # is the template's, not the response's.
+        ahead = markers.assistant_head
+        for k in range(len(ahead) - 1 if not head.endswith(ahead) else 0, 0, -1):
+            if head.endswith(ahead[:k]) and response.startswith(ahead[k:]):
+                head, response = head + ahead[k:], response[len(ahead) - k:]
+                break
     else:
         cut = query.rfind(markers.assistant_head) if markers.assistant_head.strip() else -1
         if cut < 0:
