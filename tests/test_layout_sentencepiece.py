@@ -138,3 +138,28 @@ def test_get_reward_prompts_that_end_before_the_assistant_turn_s_space():
     assert (item.prompt, item.response) == (prompt, response)
     assert encode_critique_prefix(tok, item.prompt, item.response, PREFIX) == \
         encode_critique_prefix(tok, prompt, response, PREFIX)
+
+
+def test_a_tokenizer_without_offsets_gives_the_same_rows(tok, monkeypatch):
+    """A Python ("slow") tokenizer has no character offsets: the text's tokens are found as those
+    past the ones the joint text shares with the template piece alone, and the rows are those a
+    fast tokenizer gives (the call for offsets would raise on such a tokenizer)."""
+    fast = [(encode_example(tok, p, r, c, "critique", PREFIX, 512).input_ids.tolist(),
+             encode_example(tok, p, r, None, "classic", PREFIX, 512).input_ids.tolist(),
+             encode_critique_prefix(tok, p, r, PREFIX)) for p, r, c in CASES]
+    calls = []
+    original = type(tok).__call__
+
+    def no_offsets(self, *args, **kwargs):
+        if kwargs.get("return_offsets_mapping"):
+            calls.append(kwargs)
+            raise NotImplementedError("return_offset_mapping is not available when using Python "
+                                      "tokenizers")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tok), "is_fast", property(lambda self: False))
+    monkeypatch.setattr(type(tok), "__call__", no_offsets)
+    slow = [(encode_example(tok, p, r, c, "critique", PREFIX, 512).input_ids.tolist(),
+             encode_example(tok, p, r, None, "classic", PREFIX, 512).input_ids.tolist(),
+             encode_critique_prefix(tok, p, r, PREFIX)) for p, r, c in CASES]
+    assert slow == fast and not calls

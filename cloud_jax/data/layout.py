@@ -136,6 +136,16 @@ class ChatLayout:
         """
         if version < 3 or not text or any(s in text for s in self.added):
             return self._template_ids(piece), self._text_ids(text)
+        if not getattr(self.tok, "is_fast", False):
+            # A Python tokenizer gives no character offsets: the piece's tokens are those that
+            # the joint text and the piece alone share from the start (a token that spans the
+            # boundary differs, so it is the text's, as with offsets).
+            ids = self.tok.encode(piece + text, add_special_tokens=False)
+            own = self._template_ids(piece)
+            cut = 0
+            while cut < min(len(ids), len(own)) and ids[cut] == own[cut]:
+                cut += 1
+            return ids[:cut], ids[cut:]
         enc = self.tok(piece + text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
         cut = next((i for i, (_, end) in enumerate(offsets) if end > len(piece)), len(ids))
