@@ -9,13 +9,17 @@ The call signature is the one TRL's ``GRPOTrainer`` and tunix's GRPO learner use
 functions: ``fn(prompts, completions, **kwargs) -> list[float]``, one float per completion, in
 order; extra keyword arguments (dataset columns, trainer state, completion ids) are accepted and
 ignored (tunix's ``prompts`` are rendered with the policy's chat template: score its raw question
-column instead, docs/SERVING.md). Prompts and completions may be strings or chat messages (TRL's conversational format):
-a prompt's user message and a completion's assistant message are what get scored (a system
-message is left out, with a warning the first time: the model's layout has no place for it); a
-completion holding more than its one assistant message (a tool call and its result) is a
-ValueError, and so is an assistant message that makes a tool call (``tool_calls``). The rewards
-equal ``rm.score`` on the same texts and settings; a non-finite one (NaN weights, an overflowing
-dtype) is a ValueError, not a reward.
+column instead, docs/SERVING.md), but TRL's logging hooks: given ``log_extra``, each completion's
+critiques go to TRL's completions table (column ``cloud_reward/critiques``), and given
+``log_metric``, their measures to its logs (``cloud_reward/sample_reward_std``,
+``truncated_frac``, ``critique_tokens``, ``too_long_frac``; docs/SERVING.md). Prompts and
+completions may be strings or chat messages (TRL's conversational format): a prompt's user
+message and a completion's assistant message are what get scored (a system message is left
+out, with a warning the first time: the model's layout has no place for it); a completion holding
+more than its one assistant message (a tool call and its result) is a ValueError, and so is an
+assistant message that makes a tool call (``tool_calls``). The rewards equal ``rm.score`` on the
+same texts and settings; a non-finite one (NaN weights, an overflowing dtype) is a ValueError, not
+a reward.
 
 A completion too long for the model (it does not fit ``max_length``, or the positions the
 critique budget leaves, even with the whole prompt cut away) is not scored, and the call goes on:
@@ -120,7 +124,11 @@ class CLoudReward:
     ``"penalty"`` its reward is ``too_long_reward`` (for trainers that need a number, tunix's);
     ``"error"`` raises ``InputTooLongError`` (``rm.score``'s behaviour). The other completions of
     the call are scored as always, a warning names the ones that were not, and
-    ``last_too_long`` lists them."""
+    ``last_too_long`` lists them.
+
+    Called with TRL's ``log_extra`` / ``log_metric`` hooks, a call logs its critiques and their
+    measures under ``<__name__>/`` (``cloud_reward/``: set ``__name__`` to tell two apart); the
+    rewards are the same with or without them."""
 
     def __init__(self, model: RewardModel | str | os.PathLike, *, on_too_long: str = "skip",
                  too_long_reward: Optional[float] = None, **settings):
@@ -153,9 +161,50 @@ class CLoudReward:
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any],
                  **kwargs: Any) -> list[Optional[float]]:
-        del kwargs  # dataset columns, trainer state, completion ids: not needed
+        # Dataset columns, trainer state, completion ids: not needed. TRL's GRPOTrainer also
+        # passes its logging hooks, log_extra (a column of its completions table) and log_metric
+        # (a scalar averaged into its logged metrics): the critiques behind the rewards go there.
+        log_extra, log_metric = kwargs.get("log_extra"), kwargs.get("log_metric")
         rewards, _ = self.with_critiques(prompts, completions)
+        if rewards and (callable(log_extra) or callable(log_metric)):
+            self._log_to_trainer(log_extra if callable(log_extra) else None,
+                                 log_metric if callable(log_metric) else None)
         return rewards
+
+    def _log_to_trainer(self, log_extra, log_metric) -> None:
+        """The last call's critiques, one text per completion, to ``log_extra`` (column
+        ``<__name__>/critiques``), and its means to ``log_metric`` (``<__name__>/...``): names
+        under the function's own, beside TRL's ``rewards/<__name__>/...`` and its reward column."""
+        from cloud_jax.scoring.rewards import resolve_classic
+
+        result, name = self.last_result, self.__name__
+        over = {o.index: o for o in self.last_too_long}
+        scored = [i for i in range(len(result.rewards)) if i not in over]
+        # A classic model writes no critiques: nothing to show or measure but the too-long ones.
+        critiqued = not resolve_classic(self.rm, self._cfg)
+        if log_extra is not None and critiqued:
+            budget = self._cfg.max_critique_tokens
+            texts = []
+            for i in range(len(result.rewards)):
+                if i in over:
+                    texts.append(f"(not scored: {over[i].tokens} tokens with the prompt cut "
+                                 f"away, over the limit of {over[i].limit})")
+                    continue
+                texts.append("\n\n".join(
+                    f"[{j + 1}] reward {result.sample_rewards[i, j]:.3f}"
+                    + (f", cut at {budget} tokens" if result.truncated[i, j] else "")
+                    + f": {critique}" for j, critique in enumerate(result.critiques[i])))
+            log_extra(f"{name}/critiques", texts)
+        if log_metric is None:
+            return
+        # A fraction, not a count: TRL averages each metric over its processes and generation
+        # batches, which a fraction survives (every process scores as many completions).
+        log_metric(f"{name}/too_long_frac", len(over) / len(result.rewards))
+        # With nothing scored there is no mean: left out (a NaN would blot the other processes').
+        if critiqued and scored:
+            log_metric(f"{name}/sample_reward_std", float(np.mean(result.reward_std[scored])))
+            log_metric(f"{name}/truncated_frac", float(np.mean(result.truncated[scored])))
+            log_metric(f"{name}/critique_tokens", float(np.mean(result.critique_tokens[scored])))
 
     def with_critiques(self, prompts: Sequence[Any], completions: Sequence[Any]
                        ) -> tuple[list[Optional[float]], list[list[str]]]:

@@ -130,8 +130,9 @@ def test_the_signature_trainers_call():
     assert any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def _train_grpo(reward, tmp_path):
-    """Two steps of TRL's GRPOTrainer over a tiny random policy with ``reward``; the trainer."""
+def _train_grpo(reward, tmp_path, **config):
+    """Two steps of TRL's GRPOTrainer over a tiny random policy with ``reward``; the trainer.
+    ``config``: further GRPOConfig settings."""
     torch = pytest.importorskip("torch")
     trl = pytest.importorskip("trl")
     from datasets import Dataset
@@ -147,7 +148,7 @@ def _train_grpo(reward, tmp_path):
     config = trl.GRPOConfig(
         output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, num_generations=2,
         max_completion_length=6, logging_steps=1, report_to=[], save_strategy="no",
-        use_cpu=True, bf16=False, learning_rate=1e-3, temperature=1.0, seed=0)
+        use_cpu=True, bf16=False, learning_rate=1e-3, temperature=1.0, seed=0, **config)
     trainer = trl.GRPOTrainer(model=policy, reward_funcs=reward, args=config,
                               train_dataset=Dataset.from_dict({"prompt": PROMPTS * 2}),
                               processing_class=tok)
@@ -179,6 +180,49 @@ def test_inside_a_trl_grpo_training_loop(rm, tmp_path):
     assert any("cloud_reward" in k for k in logged), logged
 
 
+def _completions_tables(trainer):
+    """The completions tables TRL wrote (log_completions=True), one per logged step."""
+    import glob
+    import os
+
+    import pandas as pd
+
+    paths = sorted(glob.glob(os.path.join(trainer.args.output_dir, "completions", "*.parquet")))
+    assert paths, "the trainer wrote no completions table"
+    return [pd.read_parquet(p) for p in paths]
+
+
+@pytest.mark.slow
+def test_the_critiques_and_their_measures_in_a_trl_grpo_run(rm, tmp_path):
+    # Through TRL's own log_extra / log_metric hooks: the completions table has each
+    # completion's critiques beside its reward, and the logs have the critiques' measures.
+    calls = []
+    settings = dict(num_samples=2, temperature=0.9, max_critique_tokens=4, seed=3)
+    trainer = _train_grpo(_recording(calls)(rm, **settings), tmp_path, log_completions=True)
+    tables = _completions_tables(trainer)
+    assert len(tables) == len(calls) == 2  # one call a step here
+    for table, (prompts, completions, rewards) in zip(tables, calls):
+        assert "cloud_reward/critiques" in table.columns
+        np.testing.assert_allclose(table["cloud_reward"], rewards, atol=1e-6, rtol=0)
+        # Each row's own critiques, in the trainer's order: the column a plain call gives.
+        extra, _, hooks = _hooks()
+        CLoudReward(rm, **settings)(prompts, completions, **hooks)
+        assert list(table["cloud_reward/critiques"]) == extra["cloud_reward/critiques"]
+        assert all(t.count("] reward ") == 2 for t in table["cloud_reward/critiques"])
+    steps = [row for row in trainer.state.log_history if "loss" in row]
+    assert len(steps) == 2
+    for row in steps:
+        assert row["cloud_reward/too_long_frac"] == 0.0
+        assert 0 <= row["cloud_reward/truncated_frac"] <= 1
+        assert 0 < row["cloud_reward/critique_tokens"] <= 4
+        assert row["cloud_reward/sample_reward_std"] >= 0
+    # What was logged is what the calls scored: the last step's measures are its call's.
+    result = trainer.reward_funcs[0].last_result
+    assert steps[-1]["cloud_reward/critique_tokens"] == pytest.approx(
+        result.critique_tokens.mean())
+    assert steps[-1]["cloud_reward/sample_reward_std"] == pytest.approx(result.reward_std.mean())
+
+
 @pytest.mark.slow
 def test_a_too_long_completion_inside_a_trl_grpo_training_loop(rm, tmp_path):
     # TRL takes None as "no reward from this function": the run goes on past completions the
@@ -193,7 +237,7 @@ def test_a_too_long_completion_inside_a_trl_grpo_training_loop(rm, tmp_path):
     least = len(encode_critique_prefix(rm.tokenizer, "", "",
                                        resolve_critique_prefix(rm, ScoreConfig())))
     settings = dict(max_critique_tokens=4, max_length=least + 3)
-    trainer = _train_grpo(_recording(calls)(rm, **settings), tmp_path)
+    trainer = _train_grpo(_recording(calls)(rm, **settings), tmp_path, log_completions=True)
     from cloud_jax.scoring.rewards import too_long
 
     assert calls and any(r is None for _, _, rewards in calls for r in rewards)
@@ -209,6 +253,16 @@ def test_a_too_long_completion_inside_a_trl_grpo_training_loop(rm, tmp_path):
     assert trainer.state.global_step == 2
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     assert losses and all(np.isfinite(losses)), trainer.state.log_history
+    # The logs say so (one call a step here): the fraction too long, and no critique measures
+    # (no NaN) for a step with nothing scored.
+    steps = [row for row in trainer.state.log_history if "loss" in row]
+    assert len(steps) == len(calls) == 2
+    for row, (_, _, rewards) in zip(steps, calls):
+        assert row["cloud_reward/too_long_frac"] == np.mean([r is None for r in rewards])
+        assert ("cloud_reward/critique_tokens" in row) == any(r is not None for r in rewards)
+    for table, (_, _, rewards) in zip(_completions_tables(trainer), calls):
+        assert [t.startswith("(not scored: ") for t in table["cloud_reward/critiques"]] == \
+            [r is None for r in rewards]
 
 
 def test_samples_that_cannot_differ_are_warned_about_once_per_setting(rm, caplog):
@@ -329,3 +383,76 @@ def test_too_long_options_are_checked_when_built(rm):
             CLoudReward(rm, **bad)
     assert cloud_reward(rm, on_too_long="penalty", too_long_reward=np.float32(-1)).too_long_reward \
         == -1.0
+
+
+def _hooks():
+    """Stand-ins for TRL's log_extra(column, values) and log_metric(name, value), recording."""
+    extra, metrics = {}, {}
+
+    def log_extra(column, values):
+        extra.setdefault(column, []).extend(values)
+
+    def log_metric(name, value):
+        metrics.setdefault(name, []).append(value)
+
+    return extra, metrics, dict(log_extra=log_extra, log_metric=log_metric)
+
+
+def test_the_critiques_and_their_measures_go_to_the_trainers_logging_hooks(rm):
+    # TRL's GRPOTrainer passes log_extra (a column of its completions table) and log_metric (a
+    # metric in its logs) to reward functions: the critiques behind each reward were not shown.
+    prompts = PROMPTS + ["Tell me more."]
+    completions = [COMPLETIONS[0], LONG, COMPLETIONS[2], "Yes."]
+    fn = CLoudReward(rm, **SHORT_MAX)
+    extra, metrics, hooks = _hooks()
+    rewards = fn(prompts, completions, trainer_state=None, **hooks)
+    plain = CLoudReward(rm, **SHORT_MAX)
+    assert rewards == plain(prompts, completions)  # the return value is unchanged
+    result, critiques = fn.last_result, fn.last_critiques
+    # One text per completion, in order, under the function's name: each of its K critiques
+    # with its reward (and whether it hit the budget); the too-long one says why it has none.
+    assert list(extra) == ["cloud_reward/critiques"]
+    column = extra["cloud_reward/critiques"]
+    assert len(column) == 4 and all(isinstance(t, str) for t in column)
+    for i in (0, 2, 3):
+        for j in range(2):
+            cut = ", cut at 5 tokens" if result.truncated[i, j] else ""
+            assert f"[{j + 1}] reward {result.sample_rewards[i, j]:.3f}{cut}: {critiques[i][j]}" \
+                in column[i]
+    assert result.truncated[[0, 2, 3]].any()  # the budget of 5 cuts some: shown
+    assert column[1] == (f"(not scored: {fn.last_too_long[0].tokens} tokens with the prompt cut "
+                         "away, over the limit of 160)")
+    # One value per call for each metric, over the scored completions.
+    scored = [0, 2, 3]
+    assert metrics == {
+        "cloud_reward/too_long_frac": [0.25],
+        "cloud_reward/sample_reward_std": [pytest.approx(result.reward_std[scored].mean())],
+        "cloud_reward/truncated_frac": [pytest.approx(result.truncated[scored].mean())],
+        "cloud_reward/critique_tokens": [pytest.approx(result.critique_tokens[scored].mean())],
+    }
+    assert 0 < metrics["cloud_reward/truncated_frac"][0] <= 1
+    assert metrics["cloud_reward/sample_reward_std"][0] > 0  # K=2 sampled critiques differ
+    # Nothing scored: only the fraction (a mean of nothing would be NaN in the trainer's logs).
+    extra, metrics, hooks = _hooks()
+    assert fn(PROMPTS[:2], [LONG, LONG], **hooks) == [None, None]
+    assert metrics == {"cloud_reward/too_long_frac": [1.0]}
+    assert [t.startswith("(not scored: ") for t in extra["cloud_reward/critiques"]] == [True] * 2
+    # The names follow __name__ (two reward models in one trainer need two names), and one hook
+    # alone is used alone; a classic model has no critiques to show or measure.
+    fn.__name__ = "cloud_helpful"
+    extra, metrics, hooks = _hooks()
+    fn(PROMPTS, COMPLETIONS, log_metric=hooks["log_metric"])
+    assert not extra and sorted(metrics) == ["cloud_helpful/critique_tokens",
+                                             "cloud_helpful/sample_reward_std",
+                                             "cloud_helpful/too_long_frac",
+                                             "cloud_helpful/truncated_frac"]
+    assert metrics["cloud_helpful/too_long_frac"] == [0.0]
+    extra, metrics, hooks = _hooks()
+    classic = CLoudReward(rm, classic=True)
+    assert classic(PROMPTS, COMPLETIONS, **hooks) == classic(PROMPTS, COMPLETIONS)
+    assert not extra and metrics == {"cloud_reward/too_long_frac": [0.0]}
+    # An error leaves nothing logged; an empty call logs nothing.
+    extra, metrics, hooks = _hooks()
+    with pytest.raises(ValueError):
+        fn(PROMPTS[:1], COMPLETIONS[:2], **hooks)
+    assert fn([], [], **hooks) == [] and not extra and not metrics
