@@ -233,6 +233,11 @@ def init_distributed(mode: str) -> bool:
         value = os.environ.get(name)
         return int(value) if value not in (None, "") else None
 
+    # SIGTERM stays with cloud_jax's handlers (cloud_jax.cli.common.run_command; the training
+    # loop's hosts agree on the step to stop at). JAX's preemption service would take it over
+    # for its own sync point, and swallow it before the step loop: a run resumed from a
+    # checkpoint then never reached that point, and trained on until killed.
+    jax.config.update("jax_enable_preemption_service", False)
     # Unset values are left to JAX's cluster detection (TPU metadata, SLURM, Open MPI).
     jax.distributed.initialize(num_processes=env_int("JAX_NUM_PROCESSES"),
                                process_id=env_int("JAX_PROCESS_ID"))

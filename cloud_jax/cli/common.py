@@ -229,7 +229,9 @@ def run_command(main_fn: Callable[[Optional[Sequence[str]]], Optional[int]],
     first and installs its own handler for that; anywhere else (data preparation, a checkpoint
     restore, ``critique``, ``score``, ``evaluate``) the signal raises Preempted where it lands,
     and the rerun resumes or redoes the work (every output is written whole or not at all). On
-    several hosts JAX's coordination service takes the signal over once it is initialized. Any
+    several hosts too (JAX's preemption service, which would catch the signal, is off:
+    cloud_jax.sharding.init_distributed), except that training there keeps a SIGTERM from
+    before its step loop until the first step, where every host stops together. Any
     other exception is a bug and keeps its traceback. A leading ``--debug`` in ``argv`` keeps
     the traceback of user errors too.
     """

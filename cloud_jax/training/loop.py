@@ -217,20 +217,23 @@ def _initial_params(cfg: Config, mesh) -> tuple[Any, ModelConfig]:
     return params, loaded_cfg
 
 
-def _agree_on_length(local: dict) -> dict:
-    """Pads every host's batch to the longest host's length bucket: the global array needs one
-    shape, and each host picks its bucket from its own rows."""
+def _agree_across_hosts(local: dict, signalled: bool = False) -> tuple[dict, bool]:
+    """Pads every host's batch to the longest host's length bucket (the global array needs one
+    shape, and each host picks its bucket from its own rows), and tells whether any host has
+    been sent SIGTERM (``signalled`` is this host's word): one gather of two numbers per step, so
+    that every host sees the same answer at the same step."""
     if jax.process_count() == 1:
-        return local
+        return local, signalled
     from jax.experimental import multihost_utils
 
     length = local["input_ids"].shape[-1]
-    longest = int(np.max(multihost_utils.process_allgather(np.int32(length))))
+    gathered = multihost_utils.process_allgather(np.array([length, signalled], np.int32))
+    longest, anyone = (int(v) for v in np.max(gathered.reshape(-1, 2), axis=0))
     if longest == length:
-        return local
+        return local, bool(anyone)
     pad = longest - length
     return {k: np.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, pad)]) if v.ndim == 3 else v
-            for k, v in local.items()}
+            for k, v in local.items()}, bool(anyone)
 
 
 class Evaluator:
@@ -249,7 +252,7 @@ class Evaluator:
         for i, local in enumerate(it):
             if self.cfg.train.eval_batches and i >= self.cfg.train.eval_batches:
                 break
-            out = step(params, self.builder.device_batch(_agree_on_length(local)))
+            out = step(params, self.builder.device_batch(_agree_across_hosts(local)[0]))
             sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
         if sums is None:
             return {}
@@ -346,27 +349,38 @@ def _stop_if_nonfinite(window: list, step: int, ckpt: Checkpointer) -> None:
 
 
 class _PreemptionWatch:
-    """Notices preemption: SIGTERM in a single process; on several hosts JAX's preemption sync
-    point (its coordination service catches the signal), so that every host stops, and saves, at
-    the same step."""
+    """Notices preemption (SIGTERM) and says at which step the run stops, and saves.
 
-    def __init__(self, ckpt: Checkpointer):
-        self.ckpt, self.signalled, self.previous = ckpt, False, None
-        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+    One process: after the step under way when the signal came. The watch starts once the step
+    loop is set up; a SIGTERM before that (data preparation, a restore, compilation) stops the
+    command where it lands (cloud_jax.cli.common.run_command).
+
+    Several hosts: after the first step whose gather (_agree_across_hosts) carries some host's
+    signal, the same step on every host whichever of them got it. The watch starts before the
+    data are prepared, so a SIGTERM before the step loop is kept for its first step: a host
+    leaving on its own there would leave the others waiting in a cross-host operation."""
+
+    def __init__(self):
+        self.signalled, self.started, self.previous = False, False, None
+
+    def start(self) -> None:
+        if not self.started and threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGTERM, self._on_signal)
+            self.started = True
 
     def _on_signal(self, signum, frame) -> None:
-        log.warning("SIGTERM: saving a checkpoint after the current step, then stopping")
+        log.warning("SIGTERM: saving a checkpoint after the current step, then stopping%s",
+                    " (every host stops at the same step)" if jax.process_count() > 1 else "")
         self.signalled = True
 
-    def reached(self, step: int) -> bool:
-        if jax.process_count() == 1:
-            return self.signalled
-        return self.ckpt.manager.reached_preemption(step)
+    def reached(self, anyone: bool) -> bool:
+        """Whether to stop after this step; ``anyone``: _agree_across_hosts's answer for it."""
+        return self.signalled if jax.process_count() == 1 else anyone
 
     def close(self) -> None:
-        if self.previous is not None:
+        if self.started and self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
+        self.started = False
 
 
 def _restore_or_init(cfg: Config, mesh, ckpt: Checkpointer, data_iter,
@@ -481,8 +495,10 @@ class _LogWindow:
 def run(cfg: Config) -> dict:
     """Trains (or resumes) ``cfg`` up to train.stop_at_step or train.total_steps.
 
-    SIGTERM (how preemption arrives), or a JAX preemption sync point on several hosts, ends the
-    run after the current step with a completed checkpoint of that step (``"preempted": True``).
+    SIGTERM (how preemption arrives) ends the run after the current step with a completed
+    checkpoint of that step (``"preempted": True``); on several hosts, after the same step on
+    every host, whichever of them got it, and also when it came before the step loop
+    (_PreemptionWatch).
     With train.on_nonfinite=error a non-finite step raises FloatingPointError naming it, before
     anything after it is saved.
 
@@ -513,11 +529,19 @@ def run(cfg: Config) -> dict:
         check_positions(cfg, cfg.model)
     # One run at a time in an output directory: a second one would interleave its checkpoints
     # and metrics with this one's. Process 0 holds it for every process of its job.
-    with storage.hold_dir(cfg.output_dir, "output_dir") if _is_main() else contextlib.nullcontext():
-        return _train(cfg, mesh)
+    preemption = _PreemptionWatch()
+    if jax.process_count() > 1:
+        preemption.start()
+    try:
+        with (storage.hold_dir(cfg.output_dir, "output_dir") if _is_main()
+              else contextlib.nullcontext()):
+            return _train(cfg, mesh, preemption)
+    finally:
+        # Last: until the checkpoint manager is closed, a SIGTERM is only noted.
+        preemption.close()
 
 
-def _train(cfg: Config, mesh) -> dict:
+def _train(cfg: Config, mesh, preemption: _PreemptionWatch) -> dict:
     """run() from the data on, with the output directory held."""
     tokenizer, dataset = prepare_data(cfg)
     train_source = open_split(dataset, "train")
@@ -577,17 +601,18 @@ def _train(cfg: Config, mesh) -> dict:
                                                                            and tc.progress_bar),
                    desc=tc.stage, dynamic_ncols=True)
         setup.callback(bar.close)
-        preemption = _PreemptionWatch(ckpt)
+        preemption.start()
         setup.pop_all()
     try:
         for step in range(start_step + 1, end_step + 1):
             local = next(data_iter)
-            batch = builder.device_batch(_agree_on_length(local))
+            agreed, anyone_signalled = _agree_across_hosts(local, preemption.signalled)
+            batch = builder.device_batch(agreed)
             state, metrics = train_step(state, batch)
             window.add(local, metrics,
                        model_flops_per_token(model_cfg, batch["input_ids"].shape[-1], tc.stage))
             bar.update(1)
-            preempted = preemption.reached(step)
+            preempted = preemption.reached(anyone_signalled)
             if preempted and step == end_step:
                 # The run ends at this step anyway, with its checkpoint (and export): it is
                 # finished, not preempted, and there is nothing for a relaunch to do.
@@ -630,7 +655,5 @@ def _train(cfg: Config, mesh) -> dict:
         bar.close()
         ckpt.close()
         writer.close()
-        # Last: until the checkpoint manager is closed, a SIGTERM is only noted.
-        preemption.close()
     summary["compile_reports"] = list(train_step.reports)
     return summary
