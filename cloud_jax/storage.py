@@ -15,7 +15,11 @@ What differs on an object store, and how it is handled:
 - there is no rename of a directory in one call: :func:`rename` copies and deletes, object by
   object; a single object write, though, is atomic (a reader sees the old object or the whole new
   one), so :func:`write_text_atomic` writes it directly;
-- listings may be cached by the client: every check for existence or listing here asks the store.
+- listings may be cached by the client: every check for existence or listing here asks the store;
+- a store that refuses the caller (no credentials: gcsfs then calls anonymously and Cloud Storage
+  answers 401; credentials without the permission: 403) raises PermissionError with one line
+  that names the URL and what to do, from every call here (gcsfs's own traceback log of the
+  refusal is dropped: the error says it).
 
 Files that other libraries read or write only on local disk (safetensors, a tokenizer directory,
 TensorBoard event files, TFDS's array_record files) are staged: downloaded into a local cache
@@ -113,6 +117,72 @@ def basename(path: str) -> str:
     return os.fspath(path).rstrip("/").rpartition("/")[2]
 
 
+def _refusal(err: BaseException) -> Optional[str]:
+    """Why the store refused the caller, where ``err`` is such a refusal: "credentials" (gcsfs's
+    HttpError 401: no credentials, so an anonymous call, or expired ones; botocore's
+    NoCredentialsError), "permission" (gcsfs's OSError "Forbidden" for a 403); else None."""
+    name = type(err).__name__
+    if (name == "HttpError" and getattr(err, "code", None) == 401) or name == "NoCredentialsError":
+        return "credentials"
+    if (isinstance(err, OSError) and not isinstance(err, PermissionError) and err.errno is None
+            and str(err).startswith("Forbidden")):
+        return "permission"
+    return None
+
+
+def _refused(url: str, err: BaseException, kind: str) -> PermissionError:
+    said = " ".join(str(err).split()).removeprefix("Forbidden: ")
+    if kind == "credentials":
+        return PermissionError(
+            f"{url}: the store refused the request ({said}): no valid Google Cloud credentials "
+            "were found (or they expired); run `gcloud auth application-default login`, or set "
+            "GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, or run on a VM whose "
+            "service account may use the bucket" if scheme(url) == "gs" else
+            f"{url}: no credentials for the store ({said}); set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)")
+    return PermissionError(f"{url}: access denied ({said}): the credentials in use may not do "
+                           "this; grant their account a role on the bucket (e.g. "
+                           "roles/storage.objectUser) or use other credentials")
+
+
+class _DropRefusals(logging.Filter):
+    """gcsfs logs a refused request with its traceback, then raises it: the error that reaches
+    the user (one line, from :func:`_refused`) says it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and record.exc_info[1] is not None
+                    and _refusal(record.exc_info[1]))
+
+
+logging.getLogger("gcsfs").addFilter(_DropRefusals())
+
+
+@contextlib.contextmanager
+def _access(url: str) -> Iterator[None]:
+    """A refusal of the caller by the store (no credentials, no permission) as one line."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - gcsfs raises its own HttpError
+        kind = _refusal(err)
+        if kind is None:
+            raise
+        raise _refused(url, err, kind) from None
+
+
+def _accessing(fn):
+    """:func:`_access` around ``fn``, whose first argument is the path it reads or writes."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(path, *args, **kwargs):
+        if not is_url(path):
+            return fn(path, *args, **kwargs)
+        with _access(os.fspath(path)):
+            return fn(path, *args, **kwargs)
+
+    return wrapper
+
+
 def _fs(path: str):
     """The fsspec filesystem of a URL and the path in its terms, with its listing cache dropped
     (other writers, tensorstore among them, change the store behind its back)."""
@@ -125,25 +195,34 @@ def _fs(path: str):
     return fs, inner
 
 
+@_accessing
+def _info(url: str) -> Optional[dict]:
+    """The store's entry for ``url`` ("type": "file" or "directory"); None when nothing is
+    there. Only that is None: fsspec's own exists / isfile / isdir answer False to any error,
+    a refused caller's included, which would read as a missing file."""
+    fs, inner = _fs(url)
+    try:
+        return fs.info(inner)
+    except FileNotFoundError:
+        return None
+
+
 def exists(path: str) -> bool:
     if not is_url(path):
         return os.path.exists(path)
-    fs, inner = _fs(path)
-    return fs.exists(inner)
+    return _info(path) is not None
 
 
 def isfile(path: str) -> bool:
     if not is_url(path):
         return os.path.isfile(path)
-    fs, inner = _fs(path)
-    return fs.isfile(inner)
+    return (_info(path) or {}).get("type") == "file"
 
 
 def isdir(path: str) -> bool:
     if not is_url(path):
         return os.path.isdir(path)
-    fs, inner = _fs(path)
-    return fs.isdir(inner)
+    return (_info(path) or {}).get("type") == "directory"
 
 
 def makedirs(path: str) -> None:
@@ -151,6 +230,7 @@ def makedirs(path: str) -> None:
         os.makedirs(path, exist_ok=True)
 
 
+@_accessing
 def listdir(path: str) -> List[str]:
     """Names of the entries directly under ``path`` (sorted); [] when there is none."""
     if not is_url(path):
@@ -162,6 +242,7 @@ def listdir(path: str) -> List[str]:
         return []
 
 
+@_accessing
 def remove_tree(path: str) -> bool:
     """Deletes a directory and everything under it; False (and nothing done) when there is
     none."""
@@ -171,12 +252,13 @@ def remove_tree(path: str) -> bool:
         shutil.rmtree(path)
         return True
     fs, inner = _fs(path)
-    if not fs.exists(inner):
+    if not exists(path):
         return False
     fs.rm(inner, recursive=True)
     return True
 
 
+@_accessing
 def remove(path: str) -> None:
     """Deletes one file (object); none there is no error."""
     if not is_url(path):
@@ -184,11 +266,12 @@ def remove(path: str) -> None:
             os.remove(path)
         return
     fs, inner = _fs(path)
-    if fs.exists(inner):
+    if exists(path):
         fs.rm_file(inner)
     _fs(path)  # no client keeps listing the old name
 
 
+@_accessing
 def glob(pattern: str) -> List[str]:
     """The matches of ``pattern``, sorted; ``**`` matches any depth, on disk as in a bucket."""
     if not is_url(pattern):
@@ -197,6 +280,7 @@ def glob(pattern: str) -> List[str]:
     return sorted(f"{scheme(pattern)}://{p}" for p in fs.glob(inner))
 
 
+@_accessing
 def open_file(path: str, mode: str = "r") -> IO:
     """``open`` for both kinds; text modes are UTF-8."""
     if not is_url(path):
@@ -216,9 +300,11 @@ def read_text(path: str) -> str:
 
 @contextlib.contextmanager
 def _writing(url: str) -> Iterator[None]:
-    """Names the bucket when a write to ``url`` finds none: gcsfs says only the upload URL."""
+    """Names the bucket when a write to ``url`` finds none: gcsfs says only the upload URL. A
+    refusal of the caller is one line too (:func:`_access`)."""
     try:
-        yield
+        with _access(url):
+            yield
     except FileNotFoundError as err:
         bucket = url.split("://", 1)[1].split("/", 1)[0]
         raise FileNotFoundError(f"{url}: cannot be written: no bucket {bucket!r} (or no access "
@@ -326,6 +412,7 @@ def hold_dir(path: str, what: str) -> Iterator[None]:
         os.close(fd)  # and with it the lock
 
 
+@_accessing
 def rename(src: str, dst: str) -> None:
     """Moves a file or directory (on an object store: every object, copied then deleted)."""
     if not is_url(src):
@@ -354,6 +441,7 @@ def rename(src: str, dst: str) -> None:
     _fs(src)  # no client keeps listing the old names
 
 
+@_accessing
 def _remote_files(url: str) -> dict:
     """{relative name: (size, etag or mtime)} of every object under ``url``."""
     fs, inner = _fs(url)
@@ -381,6 +469,7 @@ def cache_root() -> str:
         os.path.expanduser("~"), ".cache", "cloud_jax", "remote")
 
 
+@_accessing
 def local_copy(url: str) -> str:
     """A local directory holding what ``url`` holds (a URL directory is downloaded into the
     cache; a local path is returned as it is). Each version of the directory (its objects' names,
@@ -404,6 +493,7 @@ def local_copy(url: str) -> str:
     return target
 
 
+@_accessing
 def download_dir(url: str, dest: str) -> None:
     """Downloads every object under ``url`` into the local directory ``dest`` (which appears
     whole, or not at all; if another process made it first, its copy is kept)."""
@@ -462,8 +552,9 @@ def staged_output(path: str) -> Iterator[str]:
 
 
 def copy_file(src: str, dst: str) -> None:
-    with open_file(src, "rb") as r, open_file(dst, "wb") as w:
-        shutil.copyfileobj(r, w)
+    with open_file(src, "rb") as r, (_writing(dst) if is_url(dst) else contextlib.nullcontext()):
+        with open_file(dst, "wb") as w:
+            shutil.copyfileobj(r, w)
 
 
 class AppendText:
@@ -492,7 +583,7 @@ class AppendText:
             self._local.write(text)
             return
         self._text.append(text)
-        with open_file(self.path, "w") as f:
+        with _writing(self.path), open_file(self.path, "w") as f:
             f.write("".join(self._text))
 
     def close(self) -> None:

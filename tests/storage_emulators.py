@@ -104,6 +104,67 @@ def gcs_emulator(bucket: str = "bucket"):
             fsspec.filesystem("gs").clear_instance_cache()
 
 
+# What Cloud Storage answers a caller it refuses: 401 without credentials (gcsfs then calls as
+# an anonymous user), 403 with credentials that lack the permission.
+DENIALS = {
+    401: "Anonymous caller does not have storage.objects.get access to the Google Cloud Storage "
+         "object. Permission 'storage.objects.get' denied on resource (or it may not exist).",
+    403: "runner@project.iam.gserviceaccount.com does not have storage.objects.list access to "
+         "the Google Cloud Storage bucket. Permission 'storage.objects.list' denied on "
+         "resource (or it may not exist).",
+}
+
+
+@contextlib.contextmanager
+def denying_gcs(status: int):
+    """A stand-in Cloud Storage that refuses every request with ``status`` (401 or 403) and the
+    error body Cloud Storage sends (fake-gcs-server checks no credentials); gcsfs is pointed at
+    it for the block."""
+    import http.server
+    import json
+    import threading
+
+    pytest.importorskip("gcsfs")
+    body = json.dumps({"error": {"code": status, "message": DENIALS[status], "errors": [
+        {"message": DENIALS[status], "domain": "global", "reason": "required"}]}}).encode()
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def _refuse(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _refuse
+
+        def log_message(self, *args):
+            pass
+
+    class Server(http.server.ThreadingHTTPServer):
+        def handle_error(self, request, client_address):
+            pass  # a client that hangs up early is no matter here (and would print a traceback)
+
+    server = Server(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    saved = {k: os.environ.get(k) for k in (*ENV_KEYS, "NO_GCE_CHECK")}
+    import fsspec
+
+    fsspec.get_filesystem_class("gs").clear_instance_cache()
+    # A client made here looks for credentials: not on the metadata server of a Cloud VM (which
+    # takes seconds to find there is none).
+    os.environ.update({"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{server.server_address[1]}",
+                       "NO_GCE_CHECK": "true"})
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+        _restore_env(saved)
+        fsspec.get_filesystem_class("gs").clear_instance_cache()
+
+
 def gcs_fs():
     import fsspec
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from storage_emulators import gcs_emulator, gcs_fs
+from storage_emulators import denying_gcs, gcs_emulator, gcs_fs
 from test_reliability import COMMON, TRAINER, wait_for
 
 from cloud_jax import storage
@@ -386,3 +386,39 @@ def test_an_upload_that_fails_part_way_never_leaves_a_new_config_beside_old_weig
             cloud_jax.load(url)
     new.save_pretrained(url)  # a retry completes the export
     assert cloud_jax.load(url).config.intermediate_size == 48
+
+
+@pytest.mark.parametrize("status, needle", [
+    (401, "no valid Google Cloud credentials were found"),
+    (403, "the credentials in use may not do this"),
+])
+def test_a_store_that_refuses_the_caller_is_one_actionable_line(status, needle, tmp_path,
+                                                                caplog, capsys):
+    """Without credentials (gcsfs then calls as an anonymous user: 401) or with credentials that
+    lack the permission (403), a command prints one error line that names the URL and what to
+    do, not gcsfs's traceback; the storage calls raise PermissionError."""
+    from cloud_jax.cli import score
+    from cloud_jax.cli.common import run_command
+    from cloud_jax.data.schema import load_rows
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "Q?", "chosen": "a", "rejected": "b"}) + "\n")
+    with denying_gcs(status), caplog.at_level(logging.ERROR, logger="gcsfs"):
+        code = run_command(score.main, ["--checkpoint", "gs://private/model", "--input",
+                                        str(rows), "--output", str(tmp_path / "out.jsonl")])
+        for call in (lambda: storage.read_text("gs://private/rows.jsonl"),
+                     lambda: storage.exists("gs://private/rows.jsonl"),
+                     lambda: storage.isfile("gs://private/rows.jsonl"),
+                     lambda: storage.isdir("gs://private/prefs"),
+                     # not "does not exist": the rows may well be there
+                     lambda: load_rows("gs://private/rows.jsonl", require_feedback=False),
+                     lambda: storage.write_text_atomic("gs://private/out.jsonl", "x"),
+                     lambda: storage.upload_dir(str(tmp_path), "gs://private/out")):
+            with pytest.raises(PermissionError, match=needle):
+                call()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: gs://private/model: ") and needle in err[0], err
+    assert "HttpError" not in err[0] and "Traceback" not in err[0]
+    # gcsfs logs the refusal with its traceback before raising it: not shown, the line says it.
+    assert not [r for r in caplog.records if r.exc_info], caplog.text
