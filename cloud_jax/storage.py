@@ -76,10 +76,40 @@ def check_path(path: str, what: str) -> None:
                           ) from None
 
 
+def check_bucket(path: str, what: str) -> None:
+    """A ConfigError when ``path`` is a URL in a bucket that does not exist, for an output
+    checked before the work whose result it is to hold (the first write would find it missing,
+    maybe hours later); a PermissionError when the store refuses a caller without credentials.
+    A caller that may not see the bucket itself (only its objects) is let through: its writes
+    tell."""
+    path = os.fspath(path)
+    if not is_url(path):
+        return
+    bucket = path.split("://", 1)[1].split("/", 1)[0]
+    root = f"{scheme(path)}://{bucket}"
+    fs, inner = _fs(root)
+    try:
+        fs.info(inner)
+    except FileNotFoundError:
+        raise ConfigError(f"{what}={path!r}: no bucket {bucket!r} (or no access to it): create "
+                          f"it, or correct the name") from None
+    except Exception as err:  # noqa: BLE001 - gcsfs raises its own HttpError
+        if _refusal(err) == "credentials":
+            raise _refused(path, err, "credentials") from None
+        log.debug("%s: bucket %s not checked (%s)", what, bucket, err)
+
+
+def check_output_dir(path: str, what: str) -> None:
+    """:func:`check_path` and :func:`check_bucket`, for an output directory."""
+    check_path(path, what)
+    check_bucket(path, what)
+
+
 def check_output_file(path: str, what: str) -> None:
     """:func:`check_path`, and a ConfigError for a file output that names a directory (one that
-    exists, a path ending in a slash, or a bucket without an object name): checked before the work
-    whose result the file is to hold, not when it is written."""
+    exists, a path ending in a slash, or a bucket without an object name) or lies in a bucket
+    that does not exist (:func:`check_bucket`): checked before the work whose result the file is
+    to hold, not when it is written."""
     check_path(path, what)
     path = os.fspath(path)
     if is_url(path) and "/" not in path.split("://", 1)[1].rstrip("/"):
@@ -87,6 +117,7 @@ def check_output_file(path: str, what: str) -> None:
                           f"e.g. {path.rstrip('/')}/scored.jsonl")
     if path.endswith(("/", os.sep)) or isdir(path):
         raise ConfigError(f"{what}={path!r} is a directory: give a file name")
+    check_bucket(path, what)
 
 
 def resolve(path: str) -> str:
@@ -446,7 +477,12 @@ def _remote_files(url: str) -> dict:
     """{relative name: (size, etag or mtime)} of every object under ``url``."""
     fs, inner = _fs(url)
     out = {}
-    for name, info in fs.find(inner, detail=True).items():
+    try:
+        found = fs.find(inner, detail=True)
+    except FileNotFoundError:  # gcsfs names only its request path (b/<bucket>/o)
+        bucket = url.split("://", 1)[1].split("/", 1)[0]
+        raise FileNotFoundError(f"{url}: no bucket {bucket!r} (or no access to it)") from None
+    for name, info in found.items():
         rel = name[len(inner):].lstrip("/")
         if rel:
             out[rel] = [info.get("size"), info.get("etag") or info.get("md5Hash")

@@ -101,7 +101,8 @@ def gcs_emulator(bucket: str = "bucket"):
             yield f"gs://{bucket}"
         finally:
             _restore_env(saved)
-            fsspec.filesystem("gs").clear_instance_cache()
+            # By its class: an instance made now would look for credentials (seconds).
+            fsspec.get_filesystem_class("gs").clear_instance_cache()
 
 
 # What Cloud Storage answers a caller it refuses: 401 without credentials (gcsfs then calls as

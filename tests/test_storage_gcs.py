@@ -348,6 +348,12 @@ def test_a_write_into_a_missing_bucket_names_the_bucket(bucket, tmp_path):
                   lambda: storage.upload_dir(str(tmp_path), "gs://no-such-bucket/out")):
         with pytest.raises(FileNotFoundError, match="no bucket 'no-such-bucket'"):
             write()
+    # A read names it too (gcsfs says only its request path, b/no-such-bucket/o).
+    import cloud_jax
+    from cloud_jax.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="no checkpoint there .*no bucket 'no-such-bucket'"):
+        cloud_jax.load("gs://no-such-bucket/model")
 
 
 def test_an_upload_that_fails_part_way_never_leaves_a_new_config_beside_old_weights(
@@ -422,3 +428,51 @@ def test_a_store_that_refuses_the_caller_is_one_actionable_line(status, needle, 
     assert "HttpError" not in err[0] and "Traceback" not in err[0]
     # gcsfs logs the refusal with its traceback before raising it: not shown, the line says it.
     assert not [r for r in caplog.records if r.exc_info], caplog.text
+
+
+def test_an_output_in_a_missing_bucket_is_refused_before_any_work(bucket, toy, tmp_path,
+                                                                  monkeypatch, capsys):
+    """A mistyped bucket in an output is one error line naming the option and the bucket, given
+    before the model loads or the data is prepared; not after hours of scoring, training or
+    converting, when the first write finds no bucket."""
+    import cloud_jax
+    from test_gguf import write_tiny_llama_gguf
+
+    from cloud_jax.cli import convert, critique, evaluate, export, make_benchmark, score
+    from cloud_jax.cli.common import run_command
+    from cloud_jax.errors import ConfigError
+    from cloud_jax.training import loop
+    from model_helpers import tiny_reward_model
+
+    def work(*args, **kwargs):
+        raise AssertionError("the work began")
+
+    model = str(tmp_path / "model")
+    tiny_reward_model(1).save_pretrained(model)
+    write_tiny_llama_gguf(tmp_path / "m.gguf")
+    monkeypatch.setattr(cloud_jax, "load", work)
+    monkeypatch.setattr(convert, "convert_gguf_to_hf", work)
+    monkeypatch.setattr(loop, "prepare_data", work)
+    gone = "gs://no-such-bucket"
+    sampling = ["--checkpoint", model, "--input", toy["train"], "--max-critique-tokens", "4"]
+    commands = [
+        (score.main, [*sampling, "--output", f"{gone}/scored.jsonl"], "--output"),
+        (evaluate.main, [*sampling, "--output-dir", f"{gone}/eval"], "--output-dir"),
+        (critique.main, [*sampling, "--output", f"{gone}/critiques"], "--output"),
+        (export.main, ["--checkpoint", model, "--out", f"{gone}/export"], "--out"),
+        (convert.main, ["--gguf", str(tmp_path / "m.gguf"), "--out", f"{gone}/hf"], "--out"),
+        (make_benchmark.main, ["--out", f"{gone}/bench", "--train", "2", "--eval", "2",
+                               "--test", "2"], "--out"),
+    ]
+    for main, argv, option in commands:
+        assert run_command(main, argv) == 2, (main, argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {option}=") and (
+            "no bucket 'no-such-bucket'" in err[0]), (main, err)
+    for key in ("output_dir", "train.metrics_file", "data.tfds_dir"):
+        paths = {"output_dir": str(tmp_path / "run"), "tfds": toy["tfds"]}
+        paths["output_dir" if key == "output_dir" else "tfds"] = f"{gone}/x"
+        extra = [f"{key}={gone}/x"] if key == "train.metrics_file" else []
+        cfg = tiny(paths["output_dir"], toy["train"], paths["tfds"], *extra)
+        with pytest.raises(ConfigError, match=rf"^{key}='{gone}/x': no bucket 'no-such-bucket'"):
+            run(cfg)

@@ -28,6 +28,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "the model has are replaced, an earlier model's weight files "
                              "removed, and the other files left as they are")
     args = parser.parse_args(argv)
+    storage.check_output_dir(args.out, "--out")
     gguf_path = args.gguf or find_smollm2_gguf()
     # What --out holds is not written over unless asked (the same file converted there already is
     # left as it is): another model's files of other names would stay beside this one's.

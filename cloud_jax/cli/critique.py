@@ -54,7 +54,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = config_from_args(args)
     if args.shard_rows < 1:
         parser.error("--shard-rows must be >= 1")
-    storage.check_path(args.output, "--output")
+    storage.check_output_dir(args.output, "--output")
     init_distributed(args.distributed)
     import jax
 

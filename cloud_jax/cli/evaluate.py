@@ -112,7 +112,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    storage.check_path(args.output_dir, "--output-dir")
+    storage.check_output_dir(args.output_dir, "--output-dir")
     # Inputs are read and checked before the (slow) model load.
     rows = None
     # An earlier run's rejects must not stand beside this run's report (its other files are

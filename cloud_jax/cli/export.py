@@ -42,6 +42,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.base_model_name and args.format == "backbone":
         parser.error("--base-model-name is recorded by a CLoud export (--format cloud); a "
                      "backbone export's config.json has no place for it")
+    storage.check_output_dir(args.out, "--out")
     # Another model's files of other names (a chat template, base_config/) would stay beside the
     # export's.
     if not args.overwrite and storage.listdir(args.out):

@@ -50,7 +50,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="share of train pairs with a random (implausible) wrong answer")
     parser.add_argument("--split-fractions", default=",".join(map(str, d.split_fractions)))
     args = parser.parse_args(argv)
-    storage.check_path(args.out, "--out")
+    storage.check_output_dir(args.out, "--out")
     for name in ("train", "eval", "test"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0")

@@ -62,6 +62,9 @@ _RUN_PATHS = ("output_dir", "init_from", "train.checkpoint_dir", "train.metrics_
               "train.tensorboard_dir", "data.train_path", "data.eval_path", "data.tfds_dir",
               "data.rejects_path")
 
+# The run paths it writes (init_from and the rows are read).
+_OUTPUT_PATHS = ("output_dir", "train.checkpoint_dir", "train.metrics_file",
+                 "train.tensorboard_dir", "data.tfds_dir", "data.rejects_path")
 
 # The key of a checkpoint's config item that holds the train split's fingerprint
 # (PreparedDataset.split_fingerprints) beside the config's own sections.
@@ -70,7 +73,8 @@ TRAIN_DATA_KEY = "train_data_fingerprint"
 
 def check_paths(cfg: Config) -> None:
     """A ConfigError, before anything is written, for a URL the run cannot use: an unknown
-    scheme, or one whose client library is not installed."""
+    scheme, one whose client library is not installed, or an output in a bucket that does not
+    exist (found before the data is prepared, not at the first write)."""
     for key in _RUN_PATHS:
         value = operator.attrgetter(key)(cfg)
         rows = key in ("data.train_path", "data.eval_path")
@@ -79,6 +83,8 @@ def check_paths(cfg: Config) -> None:
             if rows and part.startswith("hf://"):
                 continue  # a Hugging Face hub dataset, read by `datasets`
             storage.check_path(part, key)
+            if key in _OUTPUT_PATHS:
+                storage.check_bucket(part, key)
     checkpoints = run_checkpoint_dir(cfg.train.checkpoint_dir, cfg.output_dir)
     if storage.scheme(checkpoints) not in storage.CHECKPOINT_SCHEMES:
         raise ConfigError(
