@@ -476,3 +476,37 @@ def test_an_output_in_a_missing_bucket_is_refused_before_any_work(bucket, toy, t
         cfg = tiny(paths["output_dir"], toy["train"], paths["tfds"], *extra)
         with pytest.raises(ConfigError, match=rf"^{key}='{gone}/x': no bucket 'no-such-bucket'"):
             run(cfg)
+
+
+def test_convert_gguf_reads_its_gguf_from_the_bucket(bucket, tmp_path, capsys):
+    """--gguf gs://... is the object (copied to a temporary local file, as the GGUF reader maps a
+    local file), not a local path "gs:/..." that does not exist; a missing object is named."""
+    from test_gguf import write_tiny_llama_gguf
+
+    from cloud_jax.cli import convert
+    from cloud_jax.cli.common import run_command
+
+    write_tiny_llama_gguf(tmp_path / "m.gguf")
+    storage.copy_file(str(tmp_path / "m.gguf"), f"{bucket}/gguf/m.gguf")
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    assert run_command(convert.main, ["--gguf", str(tmp_path / "m.gguf"), "--out", str(local)]) == 0
+    assert run_command(convert.main, ["--gguf", f"{bucket}/gguf/m.gguf", "--out", str(remote)]) == 0
+    names = sorted(p.name for p in local.iterdir())
+    assert sorted(p.name for p in remote.iterdir()) == names
+    for name in names:
+        if name.endswith(".safetensors"):  # its header's metadata comes in no set order
+            from safetensors import safe_open
+            from safetensors.numpy import load_file
+
+            a, b = load_file(local / name), load_file(remote / name)
+            assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+            with safe_open(local / name, "np") as f, safe_open(remote / name, "np") as g:
+                assert f.metadata() == g.metadata()
+        else:
+            assert (remote / name).read_bytes() == (local / name).read_bytes(), name
+    capsys.readouterr()
+    assert run_command(convert.main, ["--gguf", f"{bucket}/gguf/none.gguf", "--out",
+                                      str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --gguf {bucket}/gguf/none.gguf: no such object", err
+    assert not (tmp_path / "none").exists()

