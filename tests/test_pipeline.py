@@ -175,6 +175,10 @@ def test_config_errors_are_clear(tmp_path):
         load_pipeline_config(DEMO, ["stages.cloud.nonsense=1"])
     with pytest.raises(ConfigError, match="every stage would share"):
         load_pipeline_config(DEMO, [f"train.checkpoint_dir={tmp_path}"])
+    # As docs/TRAINING.md ("Storage") says: the one output that is local only.
+    with pytest.raises(ConfigError, match=r"output_dir='gs://b/run': the pipeline experiment "
+                                          "writes its report and plots with local file calls"):
+        load_pipeline_config(DEMO, ["output_dir=gs://b/run"])
     for section in ("self_critique", "evaluation"):
         with pytest.raises(ConfigError, match=f"{section}.decode_phases=0 must be a whole number"):
             load_pipeline_config(DEMO, [f"{section}.decode_phases=0"])
