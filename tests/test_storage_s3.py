@@ -65,3 +65,24 @@ def test_a_run_writes_everything_but_its_checkpoints_to_s3(bucket, tmp_path):
     rm = cloud_jax.load(f"{out}/final")
     result = rm.score(["What is 2+2?"], ["4."], max_critique_tokens=4)
     assert np.isfinite(result.rewards).all()
+
+
+def test_no_credentials_for_s3_is_one_actionable_line(bucket, monkeypatch):
+    import fsspec
+
+    storage.write_text_atomic(f"{bucket}/creds/x.txt", "x")
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    s3 = fsspec.get_filesystem_class("s3")
+    s3.clear_instance_cache()
+    try:
+        for call in (lambda: storage.read_text(f"{bucket}/creds/x.txt"),
+                     lambda: storage.exists(f"{bucket}/creds/x.txt"),
+                     lambda: storage.write_text_atomic(f"{bucket}/creds/y.txt", "y")):
+            with pytest.raises(PermissionError, match=r"no credentials for the store .*set "
+                                                      "AWS_ACCESS_KEY_ID"):
+                call()
+    finally:
+        s3.clear_instance_cache()  # the next test's clients find the credentials again
