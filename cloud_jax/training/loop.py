@@ -83,8 +83,6 @@ def check_paths(cfg: Config) -> None:
             if rows and part.startswith("hf://"):
                 continue  # a Hugging Face hub dataset, read by `datasets`
             storage.check_path(part, key)
-            if key in _OUTPUT_PATHS:
-                storage.check_bucket(part, key)
     checkpoints = run_checkpoint_dir(cfg.train.checkpoint_dir, cfg.output_dir)
     if storage.scheme(checkpoints) not in storage.CHECKPOINT_SCHEMES:
         raise ConfigError(
@@ -92,6 +90,9 @@ def check_paths(cfg: Config) -> None:
             f"disk or {', '.join(s + '://' for s in storage.CHECKPOINT_SCHEMES if s)} only (its "
             "tensorstore path has no s3:// support). Set train.checkpoint_dir to a gs:// or local "
             "directory; the other run paths may stay on s3://.")
+    # Last: these ask the store.
+    for key in _OUTPUT_PATHS:
+        storage.check_bucket(operator.attrgetter(key)(cfg), key)
 
 
 def run_checkpoint_dir(checkpoint_dir: str, output_dir: str) -> str:
