@@ -329,3 +329,30 @@ def test_flag_tables_list_every_flag_of_their_command(doc, heading, command):
     flags, documented = flags - paired, documented - paired
     assert flags - documented == set(), "flags the table leaves out"
     assert documented - flags == set(), "table rows that are no flag"
+
+def test_an_empty_section_takes_its_defaults(tmp_path):
+    """A section whose keys are all commented out is null in YAML: it means the defaults, as
+    leaving the section out does, at any depth (it was refused as 'not Optional')."""
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n#  num_layers: 4\n  rope_scaling:\ntrain:\nseed: 3\n")
+    assert load_config(path) == load_config(None, ["seed=3"])
+    from cloud_jax.experiments.cloud_vs_classic.config import PipelineConfig, StagesConfig
+
+    path.write_text("stages:\n  cloud:\n  #  total_steps: 5\n")
+    assert load_config(path, schema=PipelineConfig).stages == StagesConfig()
+
+
+@pytest.mark.parametrize("text,override,needle", [
+    # A section given a value rather than keys: named, not "Merge error: int is not a subclass".
+    ("model: 3\n", [], r"key 'model': a section of keys \(model\.KEY: value\), not 3"),
+    ("model:\n  rope_scaling: [1]\n", [],
+     r"key 'model\.rope_scaling': a section of keys .*not \[1\]"),
+    ("", ["model.rope_scaling=2"], r"key 'model\.rope_scaling': a section of keys"),
+    # On the command line a null section would read as a reset that does not happen.
+    ("", ["model=null"], r"override 'model=null': key 'model' is a section: set its keys"),
+])
+def test_a_section_given_a_value_names_the_section(tmp_path, text, override, needle):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=needle):
+        load_config(path, override)

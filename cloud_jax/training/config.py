@@ -1,7 +1,9 @@
 """Typed, frozen configuration loaded from YAML with dotted ``key=value`` overrides.
 
 OmegaConf does the YAML parsing, merging and type checking against the dataclass schema; an
-unknown key or a value of the wrong type is a :class:`ConfigError` that names the key. The result is
+unknown key or a value of the wrong type is a :class:`ConfigError` that names the key. A section
+left empty in the file (``model:`` with every key under it commented out) takes its defaults, as
+leaving it out does. The result is
 a tree of frozen dataclasses, so a loaded config cannot change under a running job. OmegaConf
 is imported where a config is read or written, not with this module: the schema's dataclasses
 alone (what `bench train` builds its step from) need no YAML stack.
@@ -187,6 +189,36 @@ def _declared_type(schema: type, key: str):
     return declared
 
 
+def _checked(value: Any, declared: Any, key: str, where: str, *, override: bool = False):
+    """``value`` (as YAML reads it) for the dotted ``key`` the schema declares as ``declared``,
+    ready to merge: a section left empty (null: every key under it commented out) is its
+    defaults; a section given anything but keys is a ConfigError naming it. Keys the schema does
+    not have pass through, for OmegaConf to name with the close spellings. ``override``: the
+    value of a command-line ``key=value``, where a null section is refused (it would read as a
+    reset, and merges nothing)."""
+    import typing
+
+    if not dataclasses.is_dataclass(declared):
+        return value
+    if value is None and not override:
+        return {}
+    if value is None:
+        raise ConfigError(f"{where}: key '{key}' is a section: set its keys ({key}.KEY=value)")
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: key '{key}': a section of keys ({key}.KEY: value), not "
+                          f"{value!r}")
+    hints = typing.get_type_hints(declared)
+    return {name: _checked(item, hints[name], f"{key}.{name}" if key else str(name), where)
+            if name in hints else item for name, item in value.items()}
+
+
+def _yaml_value(value: str) -> Any:
+    """An override's value as OmegaConf reads it (YAML; an interpolation stays as written)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.from_dotlist(["value=" + value]))["value"]
+
+
 def _unquoted(value: str) -> str:
     """``value`` less the quotes around it where it is one YAML-quoted string."""
     if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
@@ -211,7 +243,7 @@ def config_from_dict(data: dict, overrides: Sequence[str] = (), schema: type = C
     base = OmegaConf.structured(schema)
     _make_writable(base)
     try:
-        merged = OmegaConf.merge(base, OmegaConf.create(data or {}))
+        merged = OmegaConf.merge(base, OmegaConf.create(_checked(data or {}, schema, "", source)))
     except OmegaConfBaseException as err:
         raise _explain(err, source, schema) from None
     for item in overrides:
@@ -225,6 +257,13 @@ def config_from_dict(data: dict, overrides: Sequence[str] = (), schema: type = C
                 # text with its trailing space, not a mapping; 0123 stays 0123. A value quoted
                 # whole ('...' or "...") is unquoted as YAML does.
                 OmegaConf.update(merged, key.strip(), _unquoted(value), merge=True)
+                continue
+            key = key.strip()
+            declared = _declared_type(schema, key)
+            if dataclasses.is_dataclass(declared):  # a whole section: model={num_layers: 4}
+                section = _checked(_yaml_value(value), declared, key, f"override {item!r}",
+                                   override=True)
+                OmegaConf.update(merged, key, section, merge=True)
                 continue
             merged.merge_with(OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as err:
