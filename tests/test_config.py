@@ -356,3 +356,46 @@ def test_a_section_given_a_value_names_the_section(tmp_path, text, override, nee
     path.write_text(text)
     with pytest.raises(ConfigError, match=needle):
         load_config(path, override)
+
+
+@pytest.mark.parametrize("word", ["null", "~", "None", "NULL"])
+def test_null_leaves_a_key_unset(tmp_path, word):
+    """init_from=null was the text 'null' (a model directory to load); head_dim=None an error."""
+    path = tmp_path / "c.yaml"
+    path.write_text("init_from: runs/x/final\nmodel:\n  head_dim: 16\ndata:\n  eval_path: e.jsonl\n")
+    cfg = load_config(path, [f"init_from={word}", f"model.head_dim={word}",
+                             f"data.eval_path={word}", f"optim.weight_decay={word}"])
+    assert (cfg.init_from, cfg.model.head_dim, cfg.data.eval_path, cfg.optim.weight_decay) == \
+        ("", None, "", None)
+    from cloud_jax.experiments.cloud_vs_classic.config import PipelineConfig
+
+    assert load_config(None, [f"evaluation.top_p={word}"], schema=PipelineConfig
+                       ).evaluation.top_p is None
+    # Quoted, it is the text.
+    assert load_config(None, [f"init_from='{word}'"]).init_from == word
+
+
+def test_null_in_the_file_leaves_a_key_unset(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("init_from:\ndata:\n  eval_path: null\nmodel:\n  head_dim: None\n")
+    cfg = load_config(path)
+    assert (cfg.init_from, cfg.data.eval_path, cfg.model.head_dim) == ("", "", None)
+
+
+@pytest.mark.parametrize("text,override,needle", [
+    # Keys with no unset value: named with their default, not "'null': expected float32, ..."
+    # or "field 'seed' is not Optional".
+    ("", ["model.dtype=null"], r"override 'model\.dtype=null': key 'model\.dtype' has no "
+                               r"value \(null\); give one, or leave the key out for its "
+                               r"default \('float32'\)"),
+    ("", ["seed=~"], r"key 'seed' has no value \(null\).*default \(0\)"),
+    ("seed:\n", [], r"c\.yaml: key 'seed' has no value \(null\)"),
+    ("output_dir:\n", [], r"key 'output_dir' has no value \(null\).*'runs/default'"),
+    ("", ["data.length_buckets=null"], r"key 'data\.length_buckets' has no value \(null\).*"
+                                       r"default \(\[\]\)"),
+])
+def test_null_for_a_key_that_cannot_be_unset_names_it(tmp_path, text, override, needle):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=needle):
+        load_config(path, override)

@@ -3,10 +3,13 @@
 OmegaConf does the YAML parsing, merging and type checking against the dataclass schema; an
 unknown key or a value of the wrong type is a :class:`ConfigError` that names the key. A section
 left empty in the file (``model:`` with every key under it commented out) takes its defaults, as
-leaving it out does. The result is
-a tree of frozen dataclasses, so a loaded config cannot change under a running job. OmegaConf
-is imported where a config is read or written, not with this module: the schema's dataclasses
-alone (what `bench train` builds its step from) need no YAML stack.
+leaving it out does. Null (``key=null``, ``~`` or ``None`` on the command line; an empty value
+in the file) leaves a key unset: None for an Optional key (``model.head_dim``), the empty text
+for a text key that is off when empty (``init_from``, ``data.eval_path``); quoted
+(``key='null'``) it is the text. The result is a tree of frozen dataclasses, so a loaded config
+cannot change under a running job. OmegaConf is imported where a config is read or written, not
+with this module: the schema's dataclasses alone (what `bench train` builds its step from) need
+no YAML stack.
 
     cfg = load_config("configs/tiny_cpu.yaml", ["model.num_layers=4", "seed=1"])
     save_config(cfg, run_dir / "config.yaml")
@@ -177,39 +180,78 @@ def _make_writable(node) -> None:
             _make_writable(child)
 
 
-def _declared_type(schema: type, key: str):
-    """The type the dataclass ``schema`` declares for the dotted ``key`` (None: no such key)."""
+_NO_DEFAULT = object()
+
+# What `key=...` on the command line gives to leave a key unset (YAML's null, and Python's None).
+_NULL_WORDS = ("null", "Null", "NULL", "~", "None")
+
+
+def _defaults(schema: type) -> dict:
+    """The dataclass ``schema``'s default of each field (_NO_DEFAULT: none)."""
+    return {f.name: f.default if f.default is not dataclasses.MISSING
+            else f.default_factory() if f.default_factory is not dataclasses.MISSING
+            else _NO_DEFAULT for f in dataclasses.fields(schema)}
+
+
+def _declared(schema: type, key: str) -> tuple[Any, Any]:
+    """The type the dataclass ``schema`` declares for the dotted ``key`` and its default
+    ((None, _NO_DEFAULT): no such key)."""
     import typing
 
     declared: Any = schema
+    default: Any = _NO_DEFAULT
     for part in key.split("."):
         if not dataclasses.is_dataclass(declared):
-            return None
-        declared = typing.get_type_hints(declared).get(part)
-    return declared
+            return None, _NO_DEFAULT
+        declared, default = (typing.get_type_hints(declared).get(part),
+                             _defaults(declared).get(part, _NO_DEFAULT))
+    return declared, default
 
 
-def _checked(value: Any, declared: Any, key: str, where: str, *, override: bool = False):
-    """``value`` (as YAML reads it) for the dotted ``key`` the schema declares as ``declared``,
-    ready to merge: a section left empty (null: every key under it commented out) is its
-    defaults; a section given anything but keys is a ConfigError naming it. Keys the schema does
-    not have pass through, for OmegaConf to name with the close spellings. ``override``: the
-    value of a command-line ``key=value``, where a null section is refused (it would read as a
-    reset, and merges nothing)."""
+def _is_optional(declared: Any) -> bool:
+    import types
     import typing
 
-    if not dataclasses.is_dataclass(declared):
+    return (typing.get_origin(declared) in (typing.Union, types.UnionType)
+            and type(None) in typing.get_args(declared))
+
+
+def _checked(value: Any, declared: Any, key: str, where: str, *, default: Any = _NO_DEFAULT,
+             override: bool = False):
+    """``value`` (as YAML reads it) for the dotted ``key`` the schema declares as ``declared``
+    (with ``default``), ready to merge. A section left empty (null: every key under it commented
+    out) is its defaults; a section given anything but keys is a ConfigError naming it. Null
+    leaves a key unset: None for an Optional key (the text None too, which no Optional key
+    takes), the empty text for a text key that is off when empty (init_from, data.eval_path);
+    any other key has no unset value, and null for it is a ConfigError naming the key and its
+    default. Keys the schema does not have pass through, for OmegaConf to name with the close
+    spellings. ``override``: the value of a command-line ``key=value``, where a null section is
+    refused (it would read as a reset, and merges nothing)."""
+    import typing
+
+    if dataclasses.is_dataclass(declared):
+        if value is None and not override:
+            return {}
+        if value is None:
+            raise ConfigError(f"{where}: key '{key}' is a section: set its keys "
+                              f"({key}.KEY=value)")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: key '{key}': a section of keys ({key}.KEY: value), "
+                              f"not {value!r}")
+        hints, defaults = typing.get_type_hints(declared), _defaults(declared)
+        return {name: _checked(item, hints[name], f"{key}.{name}" if key else str(name), where,
+                               default=defaults[name])
+                if name in hints else item for name, item in value.items()}
+    if _is_optional(declared):
+        return None if value == "None" else value
+    if value is not None:
         return value
-    if value is None and not override:
-        return {}
-    if value is None:
-        raise ConfigError(f"{where}: key '{key}' is a section: set its keys ({key}.KEY=value)")
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}: key '{key}': a section of keys ({key}.KEY: value), not "
-                          f"{value!r}")
-    hints = typing.get_type_hints(declared)
-    return {name: _checked(item, hints[name], f"{key}.{name}" if key else str(name), where)
-            if name in hints else item for name, item in value.items()}
+    if declared is str and default == "":
+        return ""
+    shown = list(default) if isinstance(default, tuple) else default
+    raise ConfigError(f"{where}: key '{key}' has no value (null); give one"
+                      + (f", or leave the key out for its default ({shown!r})"
+                         if default is not _NO_DEFAULT else ""))
 
 
 def _yaml_value(value: str) -> Any:
@@ -250,27 +292,28 @@ def config_from_dict(data: dict, overrides: Sequence[str] = (), schema: type = C
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. model.num_layers=4")
         key, value = item.split("=", 1)
+        key, where = key.strip(), f"override {item!r}"
+        declared, default = _declared(schema, key)
         try:
-            if _declared_type(schema, key.strip()) is str:
+            if declared is None:  # no such key: OmegaConf names it, with the close spellings
+                merged.merge_with(OmegaConf.from_dotlist([item]))
+                continue
+            if declared is str:
                 # A text key takes the text as given, not as YAML reads it: `key=` is the empty
                 # text (e.g. data.eval_path= for no eval split), not null; "Critique: " stays
                 # text with its trailing space, not a mapping; 0123 stays 0123. A value quoted
-                # whole ('...' or "...") is unquoted as YAML does.
-                OmegaConf.update(merged, key.strip(), _unquoted(value), merge=True)
-                continue
-            key = key.strip()
-            declared = _declared_type(schema, key)
-            if dataclasses.is_dataclass(declared):  # a whole section: model={num_layers: 4}
-                section = _checked(_yaml_value(value), declared, key, f"override {item!r}",
-                                   override=True)
-                OmegaConf.update(merged, key, section, merge=True)
-                continue
-            merged.merge_with(OmegaConf.from_dotlist([item]))
+                # whole ('...' or "...") is unquoted as YAML does; unquoted, null (~, None)
+                # leaves the key unset.
+                value = None if value.strip() in _NULL_WORDS else _unquoted(value)
+            else:
+                value = _yaml_value(value)
+            OmegaConf.update(merged, key, _checked(value, declared, key, where, default=default,
+                                                   override=True), merge=True)
         except OmegaConfBaseException as err:
-            raise _explain(err, f"override {item!r}", schema) from None
+            raise _explain(err, where, schema) from None
         except yaml.YAMLError as err:  # the value is read as YAML: model.num_layers=[1
             why = getattr(err, "problem", None) or " ".join(str(err).split())
-            raise ConfigError(f"override {item!r}: the value is not valid YAML ({why})") from None
+            raise ConfigError(f"{where}: the value is not valid YAML ({why})") from None
     try:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
