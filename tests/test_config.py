@@ -399,3 +399,43 @@ def test_null_for_a_key_that_cannot_be_unset_names_it(tmp_path, text, override, 
     path.write_text(text)
     with pytest.raises(ConfigError, match=needle):
         load_config(path, override)
+
+
+@pytest.mark.parametrize("text,override,needle", [
+    # A wrong item named by its key and index (it was "Value '$VALUE' of type '$VALUE_TYPE'
+    # could not be converted to Integer", no key).
+    ("data:\n  length_buckets: [64, x, 128]\n", [],
+     r"c\.yaml: key 'data\.length_buckets\[1\]': 'x' is not an integer$"),
+    ("model:\n  eos_token_ids: [1, 2.5]\n", [],
+     r"key 'model\.eos_token_ids\[1\]': 2\.5 is not an integer"),
+    ("", ["data.length_buckets=[64,x,128]"],
+     r"override 'data\.length_buckets=\[64,x,128\]': key 'data\.length_buckets\[1\]': 'x' is "
+     r"not an integer"),
+    ("", ["data.length_buckets=[64,[128]]"], r"key 'data\.length_buckets\[1\]': \[128\] is not"),
+    ("", ["data.length_buckets=[64,null]"], r"key 'data\.length_buckets\[1\]': None is not"),
+    ("", ["data.length_buckets=64"],
+     r"key 'data\.length_buckets': a list \(\[a, b, \.\.\.\]\), not 64"),
+    # An item of a list is not a key of its own: the whole list is given.
+    ("", ["data.length_buckets.1=256"], r"key 'data\.length_buckets' is a list: give it whole"),
+    ("", ["data.length_buckets[1]=256"], r"key 'data\.length_buckets' is a list: give it whole"),
+])
+def test_a_bad_list_item_names_the_key_and_index(tmp_path, text, override, needle):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=needle):
+        load_config(path, override)
+
+
+def test_a_bad_list_item_of_the_pipeline_config_names_the_key_and_index(tmp_path):
+    from cloud_jax.experiments.cloud_vs_classic.config import PipelineConfig
+
+    with pytest.raises(ConfigError, match=r"key 'evaluation\.num_samples\[1\]': 'a' is not an "):
+        load_config(None, ["evaluation.num_samples=[1,a]"], schema=PipelineConfig)
+    path = tmp_path / "c.yaml"
+    # A stage's overrides are key=value texts: a nested list was taken as one.
+    path.write_text("stages:\n  cloud:\n    overrides: [loss.lm_coef=1.0, [seed=2]]\n")
+    with pytest.raises(ConfigError, match=r"key 'stages\.cloud\.overrides\[1\]': \['seed=2'\] "
+                                          r"is not a text"):
+        load_config(path, schema=PipelineConfig)
+    assert load_config(None, ["evaluation.num_samples=[1, '2']"], schema=PipelineConfig
+                       ).evaluation.num_samples == (1, 2)

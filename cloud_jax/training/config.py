@@ -143,9 +143,9 @@ def _explain(err: Exception, source: str, schema: type) -> ConfigError:
 
     key = getattr(err, "full_key", None)
     msg = (getattr(err, "msg", None) or str(err)).splitlines()[0]
-    where = f" key '{key}'" if key else ""
+    where = f": key '{key}'" if key else ""
     hint = _did_you_mean(key, schema) if key and isinstance(err, ConfigKeyError) else ""
-    return ConfigError(f"{source}:{where}: {msg}{hint}")
+    return ConfigError(f"{source}{where}: {msg}{hint}")
 
 
 def _did_you_mean(key: str, schema: type) -> str:
@@ -244,6 +244,8 @@ def _checked(value: Any, declared: Any, key: str, where: str, *, default: Any = 
                 if name in hints else item for name, item in value.items()}
     if _is_optional(declared):
         return None if value == "None" else value
+    if typing.get_origin(declared) in (tuple, list) and value is not None:
+        return _checked_list(value, typing.get_args(declared)[0], key, where)
     if value is not None:
         return value
     if declared is str and default == "":
@@ -252,6 +254,51 @@ def _checked(value: Any, declared: Any, key: str, where: str, *, default: Any = 
     raise ConfigError(f"{where}: key '{key}' has no value (null); give one"
                       + (f", or leave the key out for its default ({shown!r})"
                          if default is not _NO_DEFAULT else ""))
+
+
+# What an item of a list of each type must be, for the error that names a wrong one.
+_ITEM_KINDS = {int: "an integer", float: "a number", str: "a text", bool: "true or false"}
+
+
+def _checked_list(value: Any, item_type: Any, key: str, where: str) -> Any:
+    """``value`` for the list-typed ``key`` of ``item_type`` items; a value that is no list, or an
+    item that is not an ``item_type``, is a ConfigError naming the key (and the item's index),
+    where OmegaConf names neither."""
+    from omegaconf import AnyNode, BooleanNode, FloatNode, IntegerNode, StringNode
+    from omegaconf.errors import ValidationError
+
+    if isinstance(value, str) and value.startswith("${"):  # an interpolation: resolved later
+        return value
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where}: key '{key}': a list ([a, b, ...]), not {value!r}")
+    node = {int: IntegerNode, float: FloatNode, str: StringNode, bool: BooleanNode}.get(
+        item_type, AnyNode)
+    for i, item in enumerate(value):
+        try:
+            if item is None or isinstance(item, (dict, list, tuple)):
+                raise ValidationError("not a single value")
+            node(value=item)
+        except ValidationError:
+            kind = _ITEM_KINDS.get(item_type, getattr(item_type, "__name__", str(item_type)))
+            raise ConfigError(f"{where}: key '{key}[{i}]': {item!r} is not {kind}") from None
+    return value
+
+
+def _list_in(schema: type, key: str) -> str | None:
+    """The list-typed key that the dotted ``key`` goes into (data.length_buckets for
+    data.length_buckets.1 or data.length_buckets[1]), None where it goes into none."""
+    import typing
+
+    declared: Any = schema
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(declared):
+            return None
+        name = part.split("[", 1)[0]
+        declared = typing.get_type_hints(declared).get(name)
+        if typing.get_origin(declared) in (tuple, list) and (name != part or i < len(parts) - 1):
+            return ".".join(parts[:i] + [name])
+    return None
 
 
 def _yaml_value(value: str) -> Any:
@@ -295,6 +342,10 @@ def config_from_dict(data: dict, overrides: Sequence[str] = (), schema: type = C
         key, where = key.strip(), f"override {item!r}"
         declared, default = _declared(schema, key)
         try:
+            if declared is None and _list_in(schema, key):
+                whole = _list_in(schema, key)
+                raise ConfigError(f"{where}: key '{whole}' is a list: give it whole, e.g. "
+                                  f"{whole}=[a,b]")
             if declared is None:  # no such key: OmegaConf names it, with the close spellings
                 merged.merge_with(OmegaConf.from_dotlist([item]))
                 continue
