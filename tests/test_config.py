@@ -386,13 +386,13 @@ def test_null_in_the_file_leaves_a_key_unset(tmp_path):
     # Keys with no unset value: named with their default, not "'null': expected float32, ..."
     # or "field 'seed' is not Optional".
     ("", ["model.dtype=null"], r"override 'model\.dtype=null': key 'model\.dtype' has no "
-                               r"value \(null\); give one, or leave the key out for its "
-                               r"default \('float32'\)"),
-    ("", ["seed=~"], r"key 'seed' has no value \(null\).*default \(0\)"),
-    ("seed:\n", [], r"c\.yaml: key 'seed' has no value \(null\)"),
+                               r"value \(null\); give one \(its default: 'float32'\)$"),
+    ("", ["seed=~"], r"key 'seed' has no value \(null\).*default: 0"),
+    ("seed:\n", [], r"c\.yaml: key 'seed' has no value \(null\); give one, or leave the key "
+                     r"out for its default \(0\)$"),
     ("output_dir:\n", [], r"key 'output_dir' has no value \(null\).*'runs/default'"),
     ("", ["data.length_buckets=null"], r"key 'data\.length_buckets' has no value \(null\).*"
-                                       r"default \(\[\]\)"),
+                                       r"default: \[\]"),
 ])
 def test_null_for_a_key_that_cannot_be_unset_names_it(tmp_path, text, override, needle):
     path = tmp_path / "c.yaml"

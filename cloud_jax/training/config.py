@@ -251,9 +251,9 @@ def _checked(value: Any, declared: Any, key: str, where: str, *, default: Any = 
     if declared is str and default == "":
         return ""
     shown = list(default) if isinstance(default, tuple) else default
-    raise ConfigError(f"{where}: key '{key}' has no value (null); give one"
-                      + (f", or leave the key out for its default ({shown!r})"
-                         if default is not _NO_DEFAULT else ""))
+    hint = ("" if default is _NO_DEFAULT else f" (its default: {shown!r})" if override
+            else f", or leave the key out for its default ({shown!r})")
+    raise ConfigError(f"{where}: key '{key}' has no value (null); give one{hint}")
 
 
 # What an item of a list of each type must be, for the error that names a wrong one.
