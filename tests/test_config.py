@@ -439,3 +439,19 @@ def test_a_bad_list_item_of_the_pipeline_config_names_the_key_and_index(tmp_path
         load_config(path, schema=PipelineConfig)
     assert load_config(None, ["evaluation.num_samples=[1, '2']"], schema=PipelineConfig
                        ).evaluation.num_samples == (1, 2)
+
+
+def test_a_plus_override_is_refused_with_the_key_to_give():
+    """Hydra's +key=value adds a key: this schema's keys are fixed ("Key '+seed' not in 'Config'.
+    Did you mean: 'seed'?" named a key '+seed')."""
+    with pytest.raises(ConfigError, match=r"^override '\+seed=1': '\+' adds a key, and this "
+                                          r"config's keys are fixed; seed is one: give seed=1$"):
+        load_config(None, ["+seed=1"])
+    with pytest.raises(ConfigError, match=r"override '\+\+model\.num_layers=2': .*give "
+                                          r"model\.num_layers=2$"):
+        load_config(None, ["++model.num_layers=2"])
+    with pytest.raises(ConfigError, match=r"fixed; model\.new_key is not one of them$"):
+        load_config(None, ["+model.new_key=1"])
+    with pytest.raises(ConfigError, match=r"fixed; train\.learning_rate is not one of them; "
+                                          r"learning_rate is a key of another section"):
+        load_config(None, ["+train.learning_rate=1"])

@@ -340,6 +340,13 @@ def config_from_dict(data: dict, overrides: Sequence[str] = (), schema: type = C
             raise ConfigError(f"override {item!r}: expected key=value, e.g. model.num_layers=4")
         key, value = item.split("=", 1)
         key, where = key.strip(), f"override {item!r}"
+        if key.startswith("+"):  # Hydra's +key=value (add a key) and ++key=value
+            bare = key.lstrip("+")
+            if _declared(schema, bare)[0] is not None:
+                raise ConfigError(f"{where}: '+' adds a key, and this config's keys are fixed; "
+                                  f"{bare} is one: give {bare}={value}")
+            raise ConfigError(f"{where}: '+' adds a key, and this config's keys are fixed; "
+                              f"{bare} is not one of them{_did_you_mean(bare, schema)}")
         declared, default = _declared(schema, key)
         try:
             if declared is None and _list_in(schema, key):
