@@ -110,6 +110,9 @@ def test_a_text_override_is_taken_as_given_not_as_yaml():
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+    # Not "not valid YAML: [Errno 21] Is a directory".
+    with pytest.raises(ConfigError, match=r"config file .* is a directory: give a YAML file"):
+        load_config(tmp_path)
 
 
 def test_saved_config_loads_back_identically(tmp_path):

@@ -401,6 +401,9 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = (),
         source = os.fspath(path)
         if not os.path.exists(source):
             raise ConfigError(f"config file {source} does not exist")
+        if os.path.isdir(source):
+            raise ConfigError(f"config file {source} is a directory: give a YAML file in it "
+                              "(e.g. configs/tiny_cpu.yaml)")
         try:
             loaded = OmegaConf.load(source)
         except Exception as err:  # yaml errors carry line numbers in their text
