@@ -163,3 +163,51 @@ def test_a_tokenizer_without_offsets_gives_the_same_rows(tok, monkeypatch):
              encode_example(tok, p, r, None, "classic", PREFIX, 512).input_ids.tolist(),
              encode_critique_prefix(tok, p, r, PREFIX)) for p, r, c in CASES]
     assert slow == fast and not calls
+
+
+# A Zephyr-style template (TinyLlama-chat's, over Llama-2's legacy tokenizer) that writes the BOS
+# first: '<s>' then '<|user|>', which the decode gives back as '<s> <|user|>'.
+ZEPHYR_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+
+
+def _openrlhf_request(tok, prompt, response, padding):
+    """(query, prompt) as OpenRLHF sends them: the generation prompt rendered as text and
+    tokenized without special tokens, the policy's sample (here the tokens the rendered
+    conversation has past the prompt's, then the EOS) after it, the whole decoded with
+    ``skip_special_tokens=False`` (before 0.8 a batch left- and right-padded with the pad token,
+    the EOS where there is none); the prompt is the rendered text itself."""
+    user = {"role": "user", "content": prompt}
+    generation_prompt = tok.apply_chat_template([user], tokenize=False,
+                                                add_generation_prompt=True)
+    conversation = tok.apply_chat_template([user, {"role": "assistant", "content": response}],
+                                           tokenize=False)
+    prompt_ids = tok(generation_prompt, add_special_tokens=False)["input_ids"]
+    ids = tok(conversation, add_special_tokens=False)["input_ids"]
+    assert ids[:len(prompt_ids)] == prompt_ids
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    sequence = [pad] * padding + ids + [tok.eos_token_id] + [pad] * padding
+    return tok.decode(sequence, skip_special_tokens=False), generation_prompt
+
+
+@pytest.mark.parametrize("style,template", [("legacy", None), ("legacy", ZEPHYR_TEMPLATE),
+                                            ("metaspace", None)])
+def test_get_reward_queries_decoded_from_token_ids_are_split(style, template):
+    """OpenRLHF decodes its queries from token ids. Llama-2's legacy tokenizer writes a word-start
+    marker after every special token, which the decode turns into a space: '</s> \\n' where the
+    template wrote '</s>\\n', '<s> <|user|>' for '<s><|user|>'. Such queries were refused (no
+    assistant turn marker; with prompts, a query that does not start with its prompt)."""
+    tok = sentencepiece_tokenizer(style)
+    if template is not None:
+        tok.chat_template = template
+    markers = ChatMarkers.of(tok)
+    prompt, response, _ = CASES[0]
+    for padding in (0, 2):
+        query, generation_prompt = _openrlhf_request(tok, prompt, response, padding)
+        for body in ({"query": [query]}, {"query": [query], "prompts": [generation_prompt]}):
+            [item] = parse_openrlhf(body, markers)
+            assert (item.prompt, item.response) == (prompt, response), (body, padding)
+            assert encode_critique_prefix(tok, item.prompt, item.response, PREFIX) == \
+                encode_critique_prefix(tok, prompt, response, PREFIX)

@@ -15,7 +15,9 @@ Each query is the prompt followed by the response, usually rendered with a chat 
 ``prompts``, the response is the query after its prompt. Without, the query is cut at its last
 assistant header (see :func:`split_query`). Either way, where the prompt part is a rendered chat
 (the model's own template), the user's text is taken out of it and the response's end-of-turn is
-dropped, so the model sees the conversation it was trained on.
+dropped, so the model sees the conversation it was trained on. OpenRLHF decodes its queries from
+token ids; where the decode does not give the rendering back (a space after each special token,
+from Llama-2's legacy tokenizer), the template's markers are matched as the decode writes them.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import dataclasses
 import datetime
 import math
 import re
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from cloud_jax.data.schema import lone_surrogate
 from cloud_jax.serving.types import BackendOptions, InputTooLong, Item, Settings
@@ -265,32 +267,73 @@ class ChatMarkers:
     # ``user_head`` as a regular expression where the template writes today's date into it
     # (``strftime_now``, as Llama-3.2's does): a client renders the date of its own day.
     dated_head: Optional[str] = None
+    # The markers as they come back from the tokenizer's decode, where that differs from the
+    # rendering (see :meth:`decoded_forms`); None where the decode gives the rendering back.
+    decoded: Optional["ChatMarkers"] = None
+    # More forms of ``user_head``: in ``decoded``, as decoded after padding, or without the BOS.
+    other_heads: tuple = ()
+    # In ``decoded``: a text -> the forms its tokens decode to (see :meth:`decoded_forms`).
+    decoder: Optional[Callable[[str], tuple]] = dataclasses.field(default=None, compare=False,
+                                                                 repr=False)
 
     @classmethod
     def of(cls, tok) -> "ChatMarkers":
-        p, r = "\ue001P\ue001", "\ue001R\ue001"
-        before = datetime.datetime.now()
-        text = tok.apply_chat_template([{"role": "user", "content": p},
-                                        {"role": "assistant", "content": r}], tokenize=False)
-        after = datetime.datetime.now()
-        head, rest = text.split(p, 1)
-        middle, tail = rest.split(r, 1)
-
         def token(name):
             value = getattr(tok, name, None)
             return value if isinstance(value, str) and value else ""
 
         trailing = tuple(dict.fromkeys(t for t in (token("eos_token"), token("pad_token")) if t))
         bos = token("bos_token")
-        return cls(head, middle, tail, bos, trailing,
-                   _dated_pattern(head, tok.chat_template, (before, after), bos))
+        (head,), middle, tail, when = _rendered_markers(tok, _SENTINELS[0], lambda t: (t,))
+        raw = cls(head, middle, tail, bos, trailing,
+                  _dated_pattern(head, tok.chat_template, when, bos))
+        decode = _decoder(tok)
+
+        def forms(text):  # the rendering decoded, and without its BOS (a client may drop it)
+            return decode(text) + (decode(text[len(bos):]) if bos and text.startswith(bos)
+                                   else ())
+
+        for sentinels in _SENTINELS:
+            # A sentinel the tokenizer cannot write back (no byte fallback: "<unk>") is useless
+            # here; ASCII letters come back from any decode.
+            try:
+                heads, middle, tail, when = _rendered_markers(tok, sentinels, forms)
+            except ValueError:
+                continue
+            if ((middle, tail) == (raw.assistant_head, raw.tail)
+                    and set(heads) <= set(raw._heads())):
+                return raw
+            decoded = cls(heads[0], middle, tail, bos, trailing,
+                          _dated_pattern(heads[0], tok.chat_template, when, bos),
+                          other_heads=heads[1:], decoder=decode)
+            return dataclasses.replace(raw, decoded=decoded)
+        return raw
+
+    def decoded_forms(self, text: str) -> tuple:
+        """The forms ``text`` takes once tokenized (no special tokens added) and decoded with
+        special tokens kept, as OpenRLHF writes its queries: alone, and after padding tokens
+        (a decoder that drops the leading space of a decode's first token keeps it there)."""
+        return self.decoder(text) if self.decoder is not None else (text,)
+
+    def fits(self, query: str) -> bool:
+        """Whether ``query`` starts with the user head and holds the assistant head after it."""
+        found = self.dated_head and re.match(self.dated_head, query)
+        head = next((h for h in self._heads() if h and query.startswith(h)), None)
+        if head is None and not found:
+            return False
+        rest = query[found.end() if head is None else len(head):]
+        return bool(self.assistant_head.strip()) and self.assistant_head in rest
+
+    def _heads(self) -> tuple:
+        return tuple(dict.fromkeys((self.user_head, self.user_head.removeprefix(self.bos))
+                                   + self.other_heads))
 
     def user_text(self, prompt: str, field: str = "prompt") -> str:
         """The user's text of a rendered prompt (a plain prompt is returned unchanged).
         InvalidField naming ``field`` for a rendered chat that is not one user turn (a system
         message, several turns): the layout has no place for the rest."""
         text = prompt
-        for head in (self.user_head, self.user_head.removeprefix(self.bos)):
+        for head in self._heads():
             if head and text.startswith(head):
                 text = text[len(head):]
                 break
@@ -337,6 +380,50 @@ class ChatMarkers:
         return text
 
 
+# Stand-ins for the user's text and the response: private-use characters, which any template
+# writes as they are; ASCII letters where a tokenizer decodes those as "<unk>".
+_SENTINELS = (("\ue001P\ue001", "\ue001R\ue001"), ("PqzxjvP", "RqzxjvR"))
+
+
+def _rendered_markers(tok, sentinels: tuple, forms: Callable[[str], tuple]):
+    """(the forms of the user head, the assistant head, the tail, the time of the rendering) of
+    the one-turn chat rendered with ``sentinels`` as its texts, in each form ``forms`` gives the
+    rendering (ValueError if a form does not hold each sentinel once, in order)."""
+    p, r = sentinels
+    before = datetime.datetime.now()
+    text = tok.apply_chat_template([{"role": "user", "content": p},
+                                    {"role": "assistant", "content": r}], tokenize=False)
+    after = datetime.datetime.now()
+    heads, middle, tail = [], None, None
+    for form in forms(text):
+        if form.count(p) != 1 or form.count(r) != 1 or form.index(p) > form.index(r):
+            raise ValueError("the chat template does not write message content verbatim")
+        head, rest = form.split(p)
+        heads.append(head)
+        if middle is None:
+            middle, tail = rest.split(r)
+    return tuple(dict.fromkeys(heads)), middle, tail, (before, after)
+
+
+def _decoder(tok) -> Callable[[str], tuple]:
+    """A text -> the forms OpenRLHF's decode gives it: its tokens (no special tokens added, as
+    OpenRLHF tokenizes a prompt) decoded with ``skip_special_tokens=False`` and the tokenizer's
+    other defaults, alone and after a padding token (a left-padded batch, decoded whole)."""
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def forms(text: str) -> tuple:
+        ids = list(tok(text, add_special_tokens=False)["input_ids"])
+        alone = tok.decode(ids, skip_special_tokens=False)
+        if pad is None:
+            return (alone,)
+        lead = tok.decode([pad], skip_special_tokens=False)
+        padded = tok.decode([pad] + ids, skip_special_tokens=False)
+        return tuple(dict.fromkeys(
+            (alone, padded[len(lead):] if padded.startswith(lead) else alone)))
+
+    return forms
+
+
 _DIRECTIVE = re.compile(r"%[-_0^#]?([A-Za-z%])")
 # What strftime writes for a directive, as a regular expression: letters and digits for most.
 _DIRECTIVE_TEXT = {"%": "%", "e": r" ?\d+", "z": r"[+-]?[\d:]*", "Z": r"[\w+-]*"}
@@ -374,10 +461,21 @@ def _dated_pattern(head: str, template: Any, when: Sequence[datetime.datetime],
 
 def split_query(query: str, prompt: Optional[str], markers: ChatMarkers,
                 field: str) -> tuple[str, str]:
-    """(user text, response text) of one OpenRLHF query."""
+    """(user text, response text) of one OpenRLHF query.
+
+    OpenRLHF decodes its queries from token ids, and sends the prompts as rendered: where the
+    tokenizer's decode does not give the rendering back (Llama-2's legacy tokenizer writes a
+    space after a special token: ``'</s> \\n'`` for the template's ``'</s>\\n'``), the query is
+    split at the markers in their decoded form (``markers.decoded``), after its prompt decoded
+    likewise."""
     query = markers.unpadded(query)
+    decoded = markers.decoded
     if prompt is not None:
         prompt = markers.unpadded(prompt)
+        if not query.startswith(prompt) and decoded is not None:
+            form = next((f for f in decoded.decoded_forms(prompt) if query.startswith(f)), None)
+            if form is not None:
+                prompt, markers = form, decoded
         if not query.startswith(prompt):
             raise InvalidField(field, "does not start with its prompt (prompts[i]); the query "
                                       "must be the prompt followed by the response")
@@ -391,6 +489,8 @@ def split_query(query: str, prompt: Optional[str], markers: ChatMarkers,
                 head, response = head + ahead[k:], response[len(ahead) - k:]
                 break
     else:
+        if decoded is not None and not markers.fits(query) and decoded.fits(query):
+            markers = decoded
         cut = query.rfind(markers.assistant_head) if markers.assistant_head.strip() else -1
         if cut < 0:
             raise InvalidField(field, f"no assistant turn marker {markers.assistant_head!r} of "
