@@ -211,3 +211,42 @@ def test_get_reward_queries_decoded_from_token_ids_are_split(style, template):
             assert (item.prompt, item.response) == (prompt, response), (body, padding)
             assert encode_critique_prefix(tok, item.prompt, item.response, PREFIX) == \
                 encode_critique_prefix(tok, prompt, response, PREFIX)
+
+
+# Mistral v0.3's template trims the response and not the user's text; this one the other way.
+USER_TRIMMING_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] | trim + '[/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}"
+    "{% endif %}{% endfor %}")
+
+
+@pytest.mark.parametrize("template", [MISTRAL_TEMPLATE, USER_TRIMMING_TEMPLATE],
+                         ids=["trims-response", "trims-user-text"])
+def test_each_text_is_trimmed_as_the_template_trims_its_turn(template):
+    """A template may trim one role's text and not the other's. Trimming was detected from the
+    user turn and applied to every text, so under Mistral v0.3's template a response with
+    whitespace around it kept it (tokens the rendered conversation does not hold), and under
+    one that trims only the user's text the response lost its own. Version 3 trims each text
+    as its turn is trimmed (the critique's turn is a user turn); versions 1 and 2 keep their
+    rows: every text trimmed as the user's text is."""
+    tok = sentencepiece_tokenizer("metaspace")
+    tok.chat_template = template
+    user_trimmed = template is USER_TRIMMING_TEMPLATE
+    prompt, response, critique = " What is 2+2? ", "  It is 4. \n", " Right. "
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response},
+                {"role": "user", "content": PREFIX + critique}]
+    whole = _whole(tok, messages)
+    ids = encode_example(tok, prompt, response, critique, "critique", PREFIX, 512).input_ids
+    assert ids.tolist() == whole[:len(ids)]
+    classic = encode_example(tok, prompt, response, None, "classic", PREFIX, 512).input_ids
+    assert classic.tolist() == _whole(tok, messages[:2])[:len(classic)]
+    prefill = encode_critique_prefix(tok, prompt, response, PREFIX)
+    assert ids.tolist()[:len(prefill)] == prefill
+    for version in (1, 2):
+        def row(response):
+            return encode_example(tok, prompt, response, critique, "critique", PREFIX, 512,
+                                  version=version).input_ids.tolist()
+
+        # The response is trimmed where the user's text is, as these versions always did.
+        assert (row(response) == row(response.strip())) == user_trimmed

@@ -18,10 +18,12 @@ LAYOUTS = ("critique", "classic", "lm")
 OVERLENGTH_POLICIES = ("drop", "truncate_prompt")
 # How a row's texts are tokenized (data/layout.py). 3, the default: each text together with the
 # template text before it, as the whole rendered conversation is (a SentencePiece tokenizer gives
-# a text no word-start marker of its own); the critique turn as in 2. 2: each text on its own; the
-# critique turn as the reference builds it (the prefill ends at the prefix without its trailing
-# whitespace; prefix + critique are one text); the same tokens as 3 for Llama-3. 1: the prefix and
-# the critique tokenized on their own (exports written before versions existed).
+# a text no word-start marker of its own), and each text trimmed where the template trims its
+# turn (Mistral v0.3's trims the response only); the critique turn as in 2. 2: each text on its
+# own, every text trimmed where the template trims the user's; the critique turn as the reference
+# builds it (the prefill ends at the prefix without its trailing whitespace; prefix + critique are
+# one text); the same tokens as 3 for Llama-3. 1: the prefix and the critique tokenized on their
+# own (exports written before versions existed).
 LAYOUT_VERSIONS = (1, 2, 3)
 LAYOUT_VERSION = 3
 # The version of a checkpoint the reference code wrote (it records none): its own construction.

@@ -17,7 +17,9 @@ with the tokens of each text in between, each text tokenized with the template p
 - special-token strings inside row text (say a literal "<|eot_id|>" in a prompt) stay plain text
   and cannot end a turn early;
 - the prompt's tokens are known, so ``truncate_prompt`` can cut them from the left.
-Templates that trim message text (Llama-3's does) are detected and the texts trimmed likewise.
+Templates that trim message text (Llama-3's does) are detected and the texts trimmed likewise:
+from version 3 each text as the template trims its own turn (Mistral v0.3's trims the response and
+not the user's text; the critique's turn is a user turn), up to 2 every text as the user's text.
 There is exactly one BOS: the one the template writes, or else the one the tokenizer would add.
 
 Three layout versions (``data.config.LAYOUT_VERSIONS``):
@@ -28,7 +30,8 @@ Three layout versions (``data.config.LAYOUT_VERSIONS``):
   text it tokenizes: on its own, a text after ``'[INST] '`` would start ``'▁', '▁What'``, and
   ``'\nWhat'`` would become ``'\n', '▁What'``; in context it is ``'▁What'`` and ``'What'``, as
   the model saw in chat tuning and as other tools render it. A text holding an added token's
-  string is tokenized on its own. The critique turn is built as in 2. For byte-level BPE
+  string is tokenized on its own. A template that trims one role's text and not the other's
+  has each text trimmed as its own turn is. The critique turn is built as in 2. For byte-level BPE
   tokenizers whose pre-tokenizer splits at the template's boundaries (Llama-3, Qwen2) the tokens
   are those of version 2.
 - 2, the reference's: each text tokenized on its own; the critique turn's text is
@@ -87,11 +90,16 @@ class ChatLayout:
         self.tok = tok
         self.chat_template = tok.chat_template
         # Sentinels hide whether the template trims message text (Llama-3's does); render real
-        # padded text once to find out, so the texts can be trimmed the same way.
-        probe = [{"role": "user", "content": " x "}]
-        before, after = render_around(tok, probe, 0)
-        self.trims = not (render_chat(tok, probe)
-                          == before + " x " + after)
+        # padded text once a role to find out, so the texts can be trimmed the same way. Mistral
+        # v0.3's trims the response and not the user's text: each role is probed (the critique's
+        # turn is a user turn). Up to version 2 every text is trimmed as the user's text is.
+        probe = [{"role": "user", "content": " x "}, {"role": "assistant", "content": " y "}]
+
+        def trims(turn: int) -> bool:
+            before, after = render_around(tok, probe[:turn + 1], turn)
+            return render_chat(tok, probe[:turn + 1]) != before + probe[turn]["content"] + after
+
+        self.trims, self.trims_response = trims(0), trims(1)
         critique_msgs = [{"role": "user", "content": _PROMPT},
                          {"role": "assistant", "content": _RESPONSE},
                          {"role": "user", "content": _CRITIQUE}]
@@ -156,9 +164,14 @@ class ChatLayout:
         none."""
         return [self.bos] + ids if self.bos is not None and ids[:1] != [self.bos] else ids
 
-    def _texts(self, prompt: str, response: str, critique_prefix: str):
+    def _texts(self, prompt: str, response: str, critique_prefix: str, version: int):
+        """The texts trimmed as the template trims them: from version 3 the response as the
+        assistant's turn is, up to 2 as the user's."""
+        trims_response = self.trims_response if version >= 3 else self.trims
+        if trims_response:
+            response = response.strip()
         if self.trims:
-            return prompt.strip(), response.strip(), critique_prefix.lstrip()
+            return prompt.strip(), response, critique_prefix.lstrip()
         return prompt, response, critique_prefix
 
     def _prefill_text(self, critique_prefix: str, version: int) -> str:
@@ -207,7 +220,8 @@ class ChatLayout:
     def critique_prefix_ids(self, prompt: str, response: str, critique_prefix: str,
                             max_length: Optional[int] = None,
                             version: int = LAYOUT_VERSION) -> List[int]:
-        prompt, response, critique_prefix = self._texts(prompt, response, critique_prefix)
+        prompt, response, critique_prefix = self._texts(prompt, response, critique_prefix,
+                                                        version)
         head, prompt_ids = self._piece_and_text(self.critique_texts[0], prompt, version)
         head = self._first(head)
         rest = (sum(self._piece_and_text(self.critique_texts[1], response, version), [])
@@ -230,7 +244,8 @@ class ChatLayout:
             raise ValueError(f"overlength_policy {overlength_policy!r}: expected one of "
                              f"{', '.join(OVERLENGTH_POLICIES)}")
         _check_version(version)
-        prompt, response, critique_prefix = self._texts(prompt, response, critique_prefix)
+        prompt, response, critique_prefix = self._texts(prompt, response, critique_prefix,
+                                                        version)
         if layout == "classic":
             texts = self.classic_texts
             middle = (sum(self._piece_and_text(texts[1], response, version), [])

@@ -80,12 +80,15 @@ class CloudPairs(tfds.core.GeneratorBasedBuilder):
     """Tokenized preference pairs. Built by :func:`prepare_dataset`; read with
     ``tfds.data_source('cloud_pairs/<config>', data_dir=...)`` or :func:`open_split`."""
 
-    VERSION = tfds.core.Version("1.2.0")
+    VERSION = tfds.core.Version("1.3.0")
     RELEASE_NOTES = {"1.0.0": "Pairs of tokenized sequences with target masks and reward index.",
                      "1.1.0": "Pairs whose responses are the same tokens are rejected.",
                      "1.2.0": "Under a template that trims, a blank critique prefix leaves the "
                               "critique trimmed at its start too; a template that writes today's "
-                              "date writes a fixed one (TEMPLATE_DATE)."}
+                              "date writes a fixed one (TEMPLATE_DATE).",
+                     "1.3.0": "Layout version 3: under a template that trims one role's text and "
+                              "not the other's (Mistral v0.3's trims the response only), each "
+                              "text is trimmed as its own turn is."}
     # TFDS looks beside a builder's source file for checksums of its downloads. There are no
     # downloads here, and that lookup imports `importlib_resources`, which TFDS only installs on
     # Python < 3.9.
