@@ -398,6 +398,54 @@ def test_a_resume_after_a_crash_logs_each_step_once_and_uses_the_new_attention_c
     assert [json.loads(line)["step"] for line in open(metrics)] == [1, 2, 3, 4]
 
 
+def test_a_resume_may_change_how_the_step_computes_to_fit_another_slice(toy, tmp_path, caplog):
+    """remat and the attention's causal blocks change no array of the train state: a resume on a
+    slice with less memory per device may change them (it was refused as a changed model) and
+    goes on as the uninterrupted run does."""
+    import logging
+
+    import yaml
+
+    common = ["train.total_steps=3", "train.log_every=1", "train.eval_every=0",
+              "train.checkpoint_every=0", "train.export_final=false"]
+    full = str(tmp_path / "full")
+    run(tiny("cloud", toy, full, *common))
+    parts = str(tmp_path / "parts")
+    run(tiny("cloud", toy, parts, *common, "train.stop_at_step=2"))
+    with caplog.at_level(logging.WARNING):
+        run(tiny("cloud", toy, parts, *common, "model.remat=full", "model.causal_block_size=32"))
+    assert "model.remat: 'none' -> 'full'" in caplog.text
+    assert "model.causal_block_size: 128 -> 32" in caplog.text
+    saved = yaml.safe_load(open(os.path.join(parts, "config.yaml")))
+    assert (saved["model"]["remat"], saved["model"]["causal_block_size"]) == ("full", 32)
+    a, b = read_metrics(full), read_metrics(parts)
+    assert [r["step"] for r in b] == [1, 2, 3]
+    assert [r["batch_digest"] for r in a] == [r["batch_digest"] for r in b]
+    assert [r["learning_rate"] for r in a] == [r["learning_rate"] for r in b]
+    np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-5)
+
+
+@pytest.mark.parametrize("key, old, new, allowed", [
+    ("remat", "none", "dots_no_batch", True), ("causal_block_size", 128, 0, True),
+    ("dtype", "float32", "bfloat16", True), ("attention_impl", "xla", "cudnn", True),
+    # These change the saved arrays: their dtype, or the layers' tree.
+    ("param_dtype", "float32", "bfloat16", False), ("scan_layers", False, True, False)])
+def test_a_resume_refuses_only_model_keys_that_change_the_saved_state(key, old, new, allowed,
+                                                                       caplog):
+    import logging
+
+    from cloud_jax.training.checkpointing import compare_configs
+
+    saved, current = {"model": {key: old}}, {"model": {key: new}}
+    if not allowed:
+        with pytest.raises(ConfigError, match=f"model.{key}"):
+            compare_configs(saved, current, "checkpoint 2")
+        return
+    with caplog.at_level(logging.WARNING):
+        compare_configs(saved, current, "checkpoint 2")
+    assert f"resuming with changed settings: model.{key}" in caplog.text
+
+
 def test_init_from_takes_the_checkpoints_architecture_and_says_what_it_overrides(
         toy, tmp_path, caplog):
     import logging

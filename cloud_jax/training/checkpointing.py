@@ -55,9 +55,11 @@ _MUST_MATCH = ("model.", "train.stage", "data.batch_pairs")
 _TRAIN_KEYS_THAT_MATTER = ("train.total_steps", "train.grad_accum_steps", "train.on_nonfinite")
 _FREE = ("train.", "output_dir", "data.num_threads", "data.prefetch_buffer_size",
          "data.tfds_dir", "data.eval_path")
-# model.* keys that choose how a step computes, not what the weights are: a resume may change
-# them (with a warning, as for other settings that alter the run).
-COMPUTE_ONLY = ("model.attention_impl", "model.decode_attention_impl")
+# model.* keys that choose how a step computes, not what the weights are (no array of the train
+# state changes with them): a resume may change them (with a warning, as for other settings that
+# alter the run), e.g. to fit a slice with less memory per device.
+COMPUTE_ONLY = ("model.attention_impl", "model.decode_attention_impl", "model.remat",
+                "model.causal_block_size", "model.dtype")
 
 
 def compare_configs(saved: dict, current: dict, where: str) -> None:
