@@ -446,6 +446,39 @@ def test_a_resume_refuses_only_model_keys_that_change_the_saved_state(key, old, 
     assert f"resuming with changed settings: model.{key}" in caplog.text
 
 
+@pytest.mark.parametrize("key, old, new", [("data.seed", 0, 1), ("data.shuffle", True, False),
+                                            ("data.drop_remainder", False, True)])
+def test_a_resume_in_another_data_order_says_pairs_may_repeat_or_be_skipped(key, old, new,
+                                                                             caplog):
+    """The saved data position is a batch number: another order goes on at that number, so the
+    pairs of the current epoch are not each read once (it was only listed as a changed
+    setting)."""
+    import logging
+
+    from cloud_jax.training.checkpointing import compare_configs
+
+    section, name = key.split(".")
+    with caplog.at_level(logging.WARNING):
+        compare_configs({section: {name: old}}, {section: {name: new}}, "checkpoint 2")
+    assert (f"checkpoint 2: {key} changed, so the train split's batches may hold other pairs"
+            in caplog.text)
+    assert "may be read twice or not at all" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        compare_configs({"data": {"num_epochs": 1}}, {"data": {"num_epochs": 2}}, "checkpoint 2")
+    assert "read twice" not in caplog.text  # more epochs: the same batches, then more
+
+
+def test_a_resume_with_another_batch_size_says_how_to_keep_it_on_another_slice():
+    from cloud_jax.training.checkpointing import compare_configs
+
+    with pytest.raises(ConfigError, match=r"data.batch_pairs: 16 -> 8\). Resume with the same "
+                                          r"settings \(.*keep it and change "
+                                          r"train.grad_accum_steps or the mesh\)"):
+        compare_configs({"data": {"batch_pairs": 16}}, {"data": {"batch_pairs": 8}},
+                        "checkpoint 2")
+
+
 def test_init_from_takes_the_checkpoints_architecture_and_says_what_it_overrides(
         toy, tmp_path, caplog):
     import logging

@@ -60,6 +60,9 @@ _FREE = ("train.", "output_dir", "data.num_threads", "data.prefetch_buffer_size"
 # alter the run), e.g. to fit a slice with less memory per device.
 COMPUTE_ONLY = ("model.attention_impl", "model.decode_attention_impl", "model.remat",
                 "model.causal_block_size", "model.dtype")
+# data.* keys that choose which pairs each batch of the train split holds: the saved data
+# position is a batch number, which another order continues from at the same number.
+_DATA_ORDER = ("data.shuffle", "data.seed", "data.drop_remainder")
 
 
 def compare_configs(saved: dict, current: dict, where: str) -> None:
@@ -73,14 +76,24 @@ def compare_configs(saved: dict, current: dict, where: str) -> None:
     fatal = [k for k in changed if k.startswith(_MUST_MATCH) and k not in COMPUTE_ONLY]
     if fatal:
         detail = "; ".join(f"{k}: {changed[k][0]!r} -> {changed[k][1]!r}" for k in fatal[:8])
+        batch = (" (the saved data position counts batches of data.batch_pairs: on another "
+                 "slice keep it and change train.grad_accum_steps or the mesh)"
+                 if "data.batch_pairs" in fatal else "")
         raise ConfigError(
             f"{where} was written by a run with a different config ({detail}). Resume with the "
-            "same settings, or set output_dir (or train.checkpoint_dir) to a new directory to "
-            "start a new run.")
+            f"same settings{batch}, or set output_dir (or train.checkpoint_dir) to a new "
+            "directory to start a new run.")
     loose = [k for k in changed if not k.startswith(_FREE) or k in _TRAIN_KEYS_THAT_MATTER]
     if loose:
         log.warning("%s: resuming with changed settings: %s", where,
                     "; ".join(f"{k}: {changed[k][0]!r} -> {changed[k][1]!r}" for k in loose[:8]))
+    order = [k for k in changed if k in _DATA_ORDER]
+    if order:
+        log.warning("%s: %s changed, so the train split's batches may hold other pairs: the "
+                    "resumed run goes on at the checkpoint's batch number in the new order, and "
+                    "pairs of the current epoch may be read twice or not at all; resume with the "
+                    "same %s to read each pair once per epoch", where, " and ".join(order),
+                    " and ".join(order))
 
 
 def _shapes(tree: Any) -> dict[str, tuple[tuple, str]]:
