@@ -103,6 +103,42 @@ def test_two_processes_equal_one(toy, tmp_path):
                                read_metrics(two, "eval")[-1]["accuracy"])
 
 
+@pytest.mark.slow
+def test_a_resume_on_another_mesh_and_device_count_goes_on_as_the_uninterrupted_run(toy,
+                                                                                    tmp_path):
+    """Stopped on 8 devices as mesh data=8, resumed on 4 as fsdp=2 x tensor=2 with the same
+    global batch in two micro-batches: the state is restored into the new shardings, the data
+    position, step and learning-rate schedule go on, and the losses are the uninterrupted run's
+    up to rounding."""
+    args = ["--config", str(ROOT / "configs/tiny_cpu_cloud.yaml"),
+            f"data.train_path={toy['train']}", "data.eval_path=\"\"",
+            f"data.tfds_dir={toy['tfds']}", "init_from=\"\"", "train.progress_bar=false",
+            "train.tensorboard_dir=\"\"", "train.total_steps=4", "train.log_every=1",
+            "train.eval_every=0", "train.checkpoint_every=0", "train.export_final=false"]
+
+    def train(devices, *extra):
+        env = dict(os.environ, JAX_PLATFORMS="cpu",
+                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+        proc = subprocess.run([sys.executable, "-m", "cloud_jax.train", *args, *extra], env=env,
+                              capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stderr
+
+    full, parts = tmp_path / "full", tmp_path / "parts"
+    train(8, "mesh.data=8", f"output_dir={full}")
+    train(8, "mesh.data=8", f"output_dir={parts}", "train.stop_at_step=2")
+    log = train(4, "mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2", "train.grad_accum_steps=2",
+                f"output_dir={parts}")
+    assert "resumed from" in log and "step 2" in log
+    a, b = read_metrics(full), read_metrics(parts)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert [r["batch_digest"] for r in a] == [r["batch_digest"] for r in b]
+    assert [r["learning_rate"] for r in a] == [r["learning_rate"] for r in b]
+    for key in ("loss", "grad_norm", "accuracy", "lm_loss"):
+        np.testing.assert_allclose([r[key] for r in b], [r[key] for r in a], rtol=1e-5,
+                                   err_msg=key)
+
+
 def test_malformed_row_is_an_error_naming_file_line_and_field(toy, tmp_path, capsys):
     from cloud_jax.cli.common import run_command
     from cloud_jax.cli.train import main
