@@ -330,3 +330,42 @@ def test_static_batches_compile_nothing_new_for_the_requests_arriving_together(r
         for i, (out, st) in enumerate(zip(results, batch)):
             _check(out, rm, [i], st)
     static.close()
+
+
+def _count_compiles():
+    """Starts counting lowerings (XLA compiles, or reads of its disk cache); returns the list
+    they are appended to and the function that stops counting."""
+    compiles = []
+
+    def count(event, seconds, **kwargs):
+        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(count)
+    return compiles, lambda: jax.monitoring.unregister_event_duration_listener(count)
+
+
+def test_cancelling_any_number_of_rows_compiles_nothing(rm):
+    # Clients that disconnect cancel their rows; however many rows are freed at once, freeing
+    # them must not compile during traffic. The test drives the worker's steps itself (the
+    # engine is not started), so the rows are still decoding when they are cancelled.
+    engine = ContinuousBackend(rm, BackendOptions(slots=4, max_critique_tokens=8,
+                                                  max_length=256), chunk_steps=4)
+    settings = Settings(temperature=0.9, max_critique_tokens=8)
+
+    def admit(n):
+        future = engine.submit(_items([0] * n), settings)
+        engine._admit()
+        assert engine.stats().busy_slots == n
+        return future
+
+    first = admit(1)  # makes the pool and compiles the prefill of the item's bucket
+    compiles, stop = _count_compiles()
+    try:
+        for n in (1, 2, 3, 4):
+            engine.cancel(first if n == 1 else admit(n))
+            engine._drop_cancelled()
+            assert engine.stats().busy_slots == 0
+    finally:
+        stop()
+    assert compiles == []

@@ -18,8 +18,9 @@ The worker thread loops:
    prefilled in length buckets and a batch size from a few powers of two, and each prefill is
    copied into its rows' slots ``[0, L)`` (:func:`_insert`). The first item of a bucket in a
    pool compiles the prefill and insert for every batch size of that bucket, and a pool compiles
-   its compaction when it is made, so nothing compiles once a bucket has been seen: neither how
-   many items arrive together nor how many rows end in one chunk (they are read back whole);
+   its compaction and the freeing of cancelled rows when it is made, so nothing compiles once a
+   bucket has been seen: neither how many items arrive together, nor how many rows end in one
+   chunk (they are read back whole), nor how many are cancelled together (a mask of the rows);
 2. decode: ``chunk_steps`` steps of every pool with live rows in one compiled call
    (:func:`_chunk`); a row that draws a stop token, or spends its budget, is fed the end-of-turn
    token and its reward is read from that very step, as in ``cloud_jax.sampling``;
@@ -174,9 +175,11 @@ def _compact(s: PoolState) -> PoolState:
     return s.replace(cache=cache)
 
 
-@jax.jit
+@functools.partial(jax.jit, donate_argnums=(0,))
 def _free(s: PoolState, rows) -> PoolState:
-    return s.replace(done=s.done.at[rows].set(True, mode="drop"))
+    """Ends the rows where ``rows`` [S] bool is set: one shape whatever their number, so freeing
+    (a cancelled request's rows) never compiles during traffic."""
+    return s.replace(done=s.done | rows)
 
 
 @dataclasses.dataclass
@@ -213,9 +216,10 @@ class _Pool:
             tokens=jnp.zeros((s, e.max_budget + 1), jnp.int32), rewards=jnp.zeros(s),
             truncated=jnp.zeros(s, bool),
             seen=None if penalty == 1.0 else jnp.zeros((s, cfg.vocab_size), bool))
-        # Compiled now (not run), so that the first compaction, chunks into the pool's life,
-        # does not stall every row for a compile.
+        # Compiled now (not run), so that the first compaction, chunks into the pool's life, and
+        # the first cancelled request do not stall every row for a compile.
         _compact.lower(self.state).compile()
+        _free.lower(self.state, self.state.done).compile()
 
     def free_groups(self) -> list[int]:
         """Groups whose K rows are all free (an item takes one group)."""
@@ -391,11 +395,12 @@ class ContinuousBackend:
                     self._queue.remove(req)
                     self._queued_items -= len(req.waiting)
         for pool in self._pools.values():
-            rows = [r for r, o in enumerate(pool.owner) if o is not None and o[0].cancelled]
-            if rows:
-                pool.state = _free(pool.state, jnp.asarray(rows, jnp.int32))
-                for r in rows:
-                    pool.owner[r] = None
+            rows = [o is not None and o[0].cancelled for o in pool.owner]
+            if any(rows):
+                pool.state = _free(pool.state, np.asarray(rows))
+                for r, cancelled in enumerate(rows):
+                    if cancelled:
+                        pool.owner[r] = None
 
     def _admit(self) -> None:
         """Moves waiting items into free rows, oldest request first. A pool for new settings is
@@ -576,4 +581,4 @@ class ContinuousBackend:
                     if not owner[0].future.done():
                         owner[0].future.set_exception(err)
                     pool.owner[r] = None
-            pool.state = _free(pool.state, jnp.arange(pool.rows, dtype=jnp.int32))
+            pool.state = _free(pool.state, np.ones(pool.rows, bool))
