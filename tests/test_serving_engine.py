@@ -369,3 +369,22 @@ def test_cancelling_any_number_of_rows_compiles_nothing(rm):
     finally:
         stop()
     assert compiles == []
+
+
+def test_static_batches_compile_nothing_new_for_another_budget(rm):
+    # A batch decodes for the server's budget limit, each row to its own budget: once a batch
+    # shape was seen, budgets from 0 to the limit compile nothing and equal rm.score.
+    static = StaticBackend(rm, BackendOptions(slots=4, max_critique_tokens=40, max_length=256))
+    static.start()
+    static.submit(_items([0]), Settings(temperature=0.9, max_critique_tokens=2)).result(120)
+    compiles, stop = _count_compiles()
+    budgets = (0, 17, 40, 33)  # 16, 32 and 64 rounded up to a power of two
+    try:
+        outs = [static.submit(_items([0]), Settings(temperature=0.9, max_critique_tokens=b))
+                .result(120) for b in budgets]
+    finally:
+        stop()
+    assert compiles == []
+    for out, b in zip(outs, budgets):
+        _check(out, rm, [0], Settings(temperature=0.9, max_critique_tokens=b))
+    static.close()

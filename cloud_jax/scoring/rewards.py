@@ -382,8 +382,10 @@ def score(rm, prompts: Sequence[str], responses: Sequence[str], cfg: ScoreConfig
     random stream derives from its tokens.
 
     ``budgets`` [B], optional: each input's own critique budget in place of
-    ``cfg.max_critique_tokens`` (results equal scoring each input with its own); batches compile
-    for the largest budget rounded up to a power of two.
+    ``cfg.max_critique_tokens`` (results equal scoring each input with its own). Batches compile
+    for ``cfg.max_critique_tokens`` when no budget is over it (one decode length whatever the
+    budgets: the static server passes its budget limit), else for the largest budget rounded up
+    to a power of two.
     """
     cfg.validate()
     asked_classic = cfg.classic
@@ -427,8 +429,8 @@ def score(rm, prompts: Sequence[str], responses: Sequence[str], cfg: ScoreConfig
                else None)
     method = method_from(cfg.temperature, cfg.top_k, cfg.top_p)
     n, k, m = len(prefixes), cfg.num_samples, cfg.max_critique_tokens
-    if budgets is not None:
-        m = max(16, 1 << max(max(budgets) - 1, 0).bit_length())
+    if budgets is not None and max(budgets) > m:
+        m = max(16, 1 << (max(budgets) - 1).bit_length())
     tokens = np.zeros((n, k, m), np.int32)
     lengths = np.zeros((n, k), np.int32)
     rewards = np.zeros((n, k), np.float32)

@@ -177,10 +177,14 @@ class StaticBackend:
         if self.classic:
             kwargs["num_samples"] = 1
             budgets = None
+        elif budgets is not None:
+            # Every batch decodes for the budget limit, each row stopping at its own budget: the
+            # budgets never pick a compiled shape.
+            kwargs["max_critique_tokens"] = self.options.max_critique_tokens
         per_batch = max(1, self.options.slots // kwargs["num_samples"])
         # A batch of fewer inputs than fit the slots is filled up with copies of its first input
         # (their results dropped) to a power of two, as rm.score fills a short last batch: a few
-        # batch shapes per length bucket and budget, each compiled the first time it occurs,
+        # batch shapes per length bucket, each compiled the first time it occurs,
         # however many requests happen to arrive together; a lone request still decodes its own
         # rows only (on a CPU a decode step grows with its rows).
         fill = max(min(per_batch, 1 << max(n - 1, 0).bit_length()) - n, 0)
