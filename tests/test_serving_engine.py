@@ -13,7 +13,8 @@ from model_helpers import tiny_reward_model
 
 import cloud_jax
 from cloud_jax.serving.engine import ContinuousBackend
-from cloud_jax.serving.protocol import InvalidField
+from cloud_jax.sampling import bucket_length
+from cloud_jax.serving.protocol import InvalidField, item_lengths
 from cloud_jax.serving.static import StaticBackend
 from cloud_jax.serving.types import (BackendOptions, InputTooLong, Item, QueueFull, Settings,
                                      ShuttingDown)
@@ -165,6 +166,9 @@ def test_options_no_request_could_be_served_under_are_refused(rm):
     for backend in (ContinuousBackend, StaticBackend):
         with pytest.raises(ConfigError, match=r"--num-samples\) 8 needs 8 decode rows"):
             backend(rm, BackendOptions(slots=4, defaults=Settings(num_samples=8)))
+        with pytest.raises(ConfigError, match=r"warmup \(--warmup\) 'all': expected one of "
+                                              r"request, buckets"):
+            backend(rm, BackendOptions(warmup="all"))
     static = StaticBackend(rm, BackendOptions(slots=4, max_queue=3, max_length=256))
     with pytest.raises(InvalidField, match="num_samples"):
         static.submit(_items([0]), Settings(num_samples=100000))
@@ -388,3 +392,36 @@ def test_static_batches_compile_nothing_new_for_another_budget(rm):
     for out, b in zip(outs, budgets):
         _check(out, rm, [0], Settings(temperature=0.9, max_critique_tokens=b))
     static.close()
+
+
+@pytest.mark.parametrize("backend", ["static", "continuous", "classic"])
+def test_a_server_warmed_up_for_every_bucket_compiles_nothing_for_its_settings(rm, backend):
+    # --warmup buckets: with the default settings, no item length, number of items arriving
+    # together, budget or seed compiles anything once the server is started.
+    classic = backend == "classic"
+    if classic:
+        rm = cloud_jax.RewardModel(rm.config, rm.params, rm.tokenizer, feedback_method="vanilla")
+    defaults = Settings(temperature=0.9, max_critique_tokens=6)
+    longest = 60 if classic else 200  # two or three buckets
+    server = (StaticBackend if backend == "static" else ContinuousBackend)(
+        rm, BackendOptions(slots=4, max_critique_tokens=12, max_length=longest,
+                           defaults=defaults, warmup="buckets"))
+    server.start()
+    items = [Item("Hi", "a"), Item("Why? " * 8, "b"), Item("x" * 52, "c"),
+             Item("q" * (55 if classic else 87), "")]
+    # The shortest and the longest items fall in the first and the last bucket a server with
+    # this --max-length can meet.
+    lengths = item_lengths(rm, items + [Item("", "")], classic, defaults)
+    assert bucket_length(lengths[0]) == bucket_length(lengths[-1])
+    assert max(lengths) == longest
+    compiles, stop = _count_compiles()
+    try:
+        for batch in ([0], [1], [2], [3], [0, 3, 1], [2, 1], [3, 2, 1, 0]):
+            with server._lock:  # taken together
+                futures = [server.submit([items[i]], dataclasses.replace(
+                    defaults, seed=i, max_critique_tokens=(0, 12, 3, 7)[i])) for i in batch]
+            [f.result(120) for f in futures]
+    finally:
+        stop()
+    assert compiles == []
+    server.close()

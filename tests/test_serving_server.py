@@ -515,3 +515,18 @@ def test_the_default_serve_command_runs_on_a_host_of_several_devices(checkpoint)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.splitlines() == [
         "ContinuousBackend None", "StaticBackend {'data': 2, 'fsdp': 1, 'tensor': 1}"]
+
+
+def test_serve_builds_its_backend_with_the_warmup_asked_for(checkpoint, monkeypatch):
+    import cloud_jax.serving.server as server_module
+    from cloud_jax.cli.serve import main
+
+    built = []
+    monkeypatch.setattr(server_module, "serve",
+                        lambda backend, *args, **kwargs: built.append(backend.options.warmup) or 0)
+    for argv in (["--warmup", "buckets"], ["--batching", "static", "--warmup", "buckets"], []):
+        assert main(["--checkpoint", str(checkpoint), "--port", "0", *argv]) == 0
+    assert built == ["buckets", "buckets", "request"]
+    with pytest.raises(SystemExit) as err:
+        main(["--checkpoint", str(checkpoint), "--warmup", "all"])
+    assert err.value.code == 2

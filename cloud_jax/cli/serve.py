@@ -18,7 +18,7 @@ import sys
 from typing import Optional, Sequence
 
 from cloud_jax.cli.common import add_model_args, load_model
-from cloud_jax.serving.types import BackendOptions, Settings
+from cloud_jax.serving.types import WARMUP, BackendOptions, Settings
 
 BATCHING = ("continuous", "static")
 
@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-steps", type=int, default=8,
                    help="continuous batching: decode steps per compiled chunk, between which "
                         "finished rows leave and waiting items enter (default %(default)s)")
+    p.add_argument("--warmup", choices=WARMUP, default=o.warmup,
+                   help="what the server compiles for the default settings before it answers "
+                        "/health: request (default), the shapes of a one-item request; buckets, "
+                        "those of every prefill length bucket up to --max-length at every batch "
+                        "size, so that no request with these settings compiles later (a longer "
+                        "start: docs/SERVING.md)")
     p.add_argument("--classic", action=argparse.BooleanOptionalAction, default=None,
                    help="serve without critiques (default: as the checkpoint says)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -120,7 +126,7 @@ def _load_and_serve(parser, args, defaults: Settings, limit: int, sock) -> int:
     classic = args.classic if args.classic is not None else rm.is_classic
     options = BackendOptions(slots=args.slots, max_queue=args.max_queue,
                              max_length=args.max_length, max_critique_tokens=limit,
-                             defaults=defaults, classic=classic)
+                             defaults=defaults, classic=classic, warmup=args.warmup)
     from cloud_jax.errors import ConfigError
     from cloud_jax.serving.protocol import InvalidField, check_options, check_settings
 

@@ -48,6 +48,7 @@ import dataclasses
 import functools
 import logging
 import threading
+import time
 from concurrent.futures import Future
 from typing import Optional, Sequence
 
@@ -68,8 +69,9 @@ from cloud_jax.sampling import (bucket_length, content_row_ids, method_from, pad
 from cloud_jax.sampling.loop import seen_tokens, stop_array
 from cloud_jax.sampling.methods import SamplingMethod
 from cloud_jax.scoring.rewards import ScoreConfig, resolve_critique_prefix, resolve_layout_version
-from cloud_jax.serving.protocol import (InvalidField, check_options, check_request_size,
-                                        check_item_lengths, check_settings, prompt_text)
+from cloud_jax.serving.protocol import (InvalidField, bucket_items, check_options,
+                                        check_request_size, check_item_lengths, check_settings,
+                                        item_lengths, prompt_text)
 from cloud_jax.serving.static import StaticBackend, resolve_classic
 from cloud_jax.serving.types import (BackendOptions, BackendStats, Item, ItemResult,
                                      QueueFull, Settings, ShuttingDown)
@@ -285,11 +287,23 @@ class ContinuousBackend:
     # -- Backend protocol ---------------------------------------------------------------------
 
     def start(self) -> None:
+        """Answers a one-item request with the default settings (makes their pool, compiles its
+        decode and the prefill of the item's bucket); with ``options.warmup == "buckets"`` also
+        compiles the prefill of every length bucket an item can fall in."""
         warm = dataclasses.replace(self.options.defaults, max_critique_tokens=2)
         future = self._enqueue([Item("warm-up", "warm-up")], warm)
         self._worker = threading.Thread(target=self._run, name="continuous-backend", daemon=True)
         self._worker.start()
         future.result()
+        if self.options.warmup == "buckets":
+            # The worker is idle: no request is admitted before ``ready``.
+            started = time.perf_counter()
+            pool = self._pools[self._pool_key(warm)]
+            items = bucket_items(self.rm, False, self.options, self._submit_tok)
+            for length in item_lengths(self.rm, items, False, warm, self._submit_tok):
+                self._compile_bucket(pool, bucket_length(length))
+            log.info("warm-up: compiled %d length buckets in %.1f s", len(items),
+                     time.perf_counter() - started)
         self.ready = True
 
     def submit(self, items: Sequence[Item], settings: Settings) -> Future:

@@ -29,7 +29,7 @@ import re
 from typing import Any, Callable, Optional, Sequence
 
 from cloud_jax.data.schema import lone_surrogate
-from cloud_jax.serving.types import BackendOptions, InputTooLong, Item, Settings
+from cloud_jax.serving.types import WARMUP, BackendOptions, InputTooLong, Item, Settings
 
 _SETTING_TYPES = {"num_samples": int, "temperature": float, "top_k": int, "top_p": float,
                   "max_critique_tokens": int, "seed": int, "repetition_penalty": float}
@@ -135,6 +135,9 @@ def check_options(options: BackendOptions, classic: bool) -> None:
         if getattr(options, name) < 1:
             raise ConfigError(f"{name} (--{name.replace('_', '-')}) must be >= 1, got "
                               f"{getattr(options, name)}")
+    if options.warmup not in WARMUP:
+        raise ConfigError(f"warmup (--warmup) {options.warmup!r}: expected one of "
+                          + ", ".join(WARMUP))
     k = options.defaults.num_samples
     if not classic and k > options.slots:
         raise ConfigError(f"the default num_samples (--num-samples) {k} needs {k} decode rows "
@@ -173,6 +176,33 @@ def check_item_lengths(rm, items: Sequence[Item], classic: bool, settings: Setti
     for i, length in enumerate(item_lengths(rm, items, classic, settings, tok)):
         if length > limit:
             raise InputTooLong(i, length, limit, what)
+
+
+def bucket_items(rm, classic: bool, options: BackendOptions, tok=None) -> list[Item]:
+    """One item per prefill length bucket that an item the server takes can fall in (from the
+    shortest item's to the longest's: ``options.max_length``, or what the model's positions
+    allow), each as long as its bucket allows: what ``--warmup buckets`` compiles for."""
+    from cloud_jax.sampling import bucket_length
+
+    positions = rm.config.max_position_embeddings
+    longest = min(options.max_length, positions if classic else positions - 1)
+
+    def length(n: int) -> int:
+        return item_lengths(rm, [Item("a " * n, "a")], classic, options.defaults, tok)[0]
+
+    shortest = length(0)
+    out = []
+    bucket = bucket_length(shortest)
+    while shortest <= longest and bucket <= bucket_length(longest):
+        target = min(bucket, longest)
+        lo, hi = 0, 2 * target  # the most words whose item fits the target
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if length(mid) <= target else (lo, mid - 1)
+        if bucket_length(length(lo)) == bucket:
+            out.append(Item("a " * lo, "a"))
+        bucket *= 2
+    return out
 
 
 def item_lengths(rm, items: Sequence[Item], classic: bool, settings: Settings,

@@ -23,8 +23,9 @@ import numpy as np
 
 from cloud_jax.serving.types import (BackendOptions, BackendStats, Item, ItemResult,
                                      QueueFull, Settings, ShuttingDown)
-from cloud_jax.serving.protocol import (InvalidField, check_options, check_request_size,
-                                        check_item_lengths, check_settings, prompt_text)
+from cloud_jax.serving.protocol import (InvalidField, bucket_items, check_options,
+                                        check_request_size, check_item_lengths, check_settings,
+                                        prompt_text)
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +62,12 @@ class StaticBackend:
 
     def start(self) -> None:
         """Compiles the prefill and decode shapes of a one-item request (the budgeted path every
-        request takes), then starts the worker."""
+        request takes), or with ``options.warmup == "buckets"`` those of every length bucket and
+        batch size, then starts the worker."""
         warm = Settings(**{**dataclasses.asdict(self.options.defaults), "max_critique_tokens": 2})
         self._score([Item("warm-up", "warm-up")], warm, [warm.max_critique_tokens])
+        if self.options.warmup == "buckets":
+            self._warm_buckets()
         self._worker = threading.Thread(target=self._run, name="static-backend", daemon=True)
         self._worker.start()
         self.ready = True
@@ -113,6 +117,22 @@ class StaticBackend:
             self._lock.notify_all()
         if self._worker is not None:
             self._worker.join()
+
+    def _warm_buckets(self) -> None:
+        """Scores, with the default settings and a budget of 0 (one decode step), a batch of
+        every size a batch can take (powers of two below the items that fit the slots, and
+        that many) in every length bucket an item can fall in: each shape compiles now."""
+        started = time.perf_counter()
+        items = bucket_items(self.rm, self.classic, self.options, self._submit_tok)
+        k = 1 if self.classic else self.options.defaults.num_samples
+        per_batch = max(1, self.options.slots // k)
+        sizes = [1 << i for i in range(per_batch.bit_length()) if 1 << i < per_batch]
+        sizes.append(per_batch)
+        for item in items:
+            for n in sizes:
+                self._score([item] * n, self.options.defaults, [0] * n)
+        log.info("warm-up: compiled %d length buckets x %d batch sizes in %.1f s", len(items),
+                 len(sizes), time.perf_counter() - started)
 
     # -- the worker ---------------------------------------------------------------------------
 

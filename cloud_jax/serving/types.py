@@ -76,6 +76,13 @@ class BackendOptions:
     # Serve without critiques (micro-batched forwards); None: as the checkpoint says (a
     # ``vanilla`` model is classic), False scores even a classic checkpoint with critiques.
     classic: Optional[bool] = None
+    # What ``start()`` compiles for the default settings: "request", what a one-item request
+    # compiles; "buckets", every prefill length bucket a request can meet (up to max_length), at
+    # every batch size, so that requests with these settings compile nothing later.
+    warmup: str = "request"
+
+
+WARMUP = ("request", "buckets")
 
 
 @dataclasses.dataclass(frozen=True)
