@@ -59,6 +59,15 @@ def test_output_is_a_cloud_dataset_with_provenance(setup, reference):
     assert prov["sampling"]["max_critique_tokens"] == 5
 
 
+def test_progress_in_a_log_is_lines_without_carriage_returns(setup, tmp_path, capsys):
+    """stderr redirected to a file (not a terminal): no tqdm redraws, a plain line at the end."""
+    capsys.readouterr()
+    assert run(setup, tmp_path / "out") == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert "critique: 10/10 responses (100.0%), " in err and "tokens_per_s=" in err
+
+
 def test_interrupted_run_resumes_to_identical_files(setup, reference, monkeypatch):
     out = setup[0] / "interrupted"
     real_write = relabel.write_jsonl_atomic

@@ -130,6 +130,18 @@ def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
     assert "K=4: pairwise accuracy 61.5%" in printed and "report.md" in printed
 
 
+def test_cli_progress_in_a_log_is_lines_without_carriage_returns(tmp_path, monkeypatch, capsys):
+    rows_path, bon_path = _inputs(tmp_path)
+    monkeypatch.setattr(cloud_jax, "load", lambda path, **kw: FakeModel())
+    assert main(["--checkpoint", "c", "--input", rows_path, "--best-of-n", bon_path,
+                 "--output-dir", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    n = 2 * len(synthetic_rows())
+    assert f"pairs (chosen + rejected): {n}/{n} responses (100.0%), " in err
+    assert "Best-of-N candidates: " in err
+
+
 def test_cli_classic(tmp_path, monkeypatch):
     rows_path, _ = _inputs(tmp_path)
     model = FakeModel()

@@ -114,7 +114,8 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: ScoreConfig) ->
                              "%(default)s; the reference samples with 1.01)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--no-progress", action="store_true",
-                        help="no progress bar (as evaluate's --no-progress)")
+                        help="no progress (otherwise on stderr: a bar on a terminal, a line "
+                             "every 30 seconds in a log file or pipe)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
                         help="inputs per compiled batch (default %(default)s)")
     parser.add_argument("--max-length", type=int, default=defaults.max_length,
@@ -184,14 +185,15 @@ def load_model(args: argparse.Namespace, *, all_devices: bool = True):
     return rm
 
 
-def progress_bar(total: int, unit: str, disable: bool = False):
-    """A tqdm bar over rows that also shows critique tokens per second; returns (bar, callback).
-    ``disable``: no bar (--no-progress)."""
+def progress_bar(total: int, unit: str, disable: bool = False, desc: str = ""):
+    """A progress bar over rows that also shows critique tokens per second; returns (bar,
+    callback). On a terminal a tqdm bar, in a log a line every 30 seconds
+    (:mod:`cloud_jax.progress`). ``disable``: no bar (--no-progress)."""
     import time
 
-    from tqdm import tqdm
+    from cloud_jax import progress
 
-    bar = tqdm(total=total, unit=unit, dynamic_ncols=True, file=sys.stderr, disable=disable)
+    bar = progress.bar(total, unit, desc=desc, disable=disable)
     start, counted = time.perf_counter(), [0]
 
     def on_batch(done: int, new_tokens: int) -> None:

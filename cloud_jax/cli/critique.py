@@ -76,7 +76,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bars = []
 
     def progress(total: int):
-        bar, on_batch = progress_bar(total, "responses", args.no_progress)
+        bar, on_batch = progress_bar(total, "responses", args.no_progress, "critique")
         bars.append(bar)
         return on_batch
 

@@ -83,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lenient", action="store_true",
                    help="skip bad preference rows (listed in OUTPUT_DIR/rejects.jsonl) instead "
                         "of stopping at the first")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress (otherwise on stderr: a bar on a terminal, a line every 30 "
+                        "seconds in a log file or pipe)")
     return p
 
 

@@ -63,7 +63,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise ConfigError(f"{args.checkpoint} is a classic reward model (feedback_method "
                           f"'vanilla'): it writes no critiques, so K is 1; drop --num-samples, "
                           "or pass --no-classic to sample critiques anyway")
-    bar, on_batch = progress_bar(len(jobs), "responses", args.no_progress)
+    bar, on_batch = progress_bar(len(jobs), "responses", args.no_progress, "score")
     try:
         with bar:
             result = score(rm, prompts, [rows[i][1][f] for i, f in jobs], cfg, on_batch)

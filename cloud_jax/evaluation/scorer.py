@@ -76,14 +76,15 @@ def _check(out: ScoreLike, n: int, k: int, first: int) -> tuple[np.ndarray, list
 def score_all(score_fn: ScoreFn, prompts: Sequence[str], responses: Sequence[str], num_samples: int,
               *, expected_samples: Optional[int] = None, chunk_size: int = 64,
               progress: bool = False, desc: str = "scoring") -> Scores:
-    """Scores every (prompt, response) in chunks of ``chunk_size`` (a tqdm bar when ``progress``).
+    """Scores every (prompt, response) in chunks of ``chunk_size`` (with ``progress``, a tqdm bar on
+    a terminal, a line every 30 seconds in a log: :mod:`cloud_jax.progress`).
 
     ``expected_samples`` is the K the scorer must return (``num_samples``, or 1 for a classic
     model); a scorer that returns another shape is an error, never silently reshaped. An input
     the scorer finds too long raises InputTooLongError with its index among all the inputs (not
     within its chunk).
     """
-    from tqdm import tqdm
+    from cloud_jax import progress as progress_
 
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
@@ -91,8 +92,7 @@ def score_all(score_fn: ScoreFn, prompts: Sequence[str], responses: Sequence[str
         raise ValueError(f"chunk_size={chunk_size}: must be >= 1")
     k = num_samples if expected_samples is None else expected_samples
     parts, critiques, flags = [], [], []
-    with tqdm(total=len(prompts), unit="response", desc=desc, disable=not progress,
-              dynamic_ncols=True) as bar:
+    with progress_.bar(len(prompts), "responses", desc=desc, disable=not progress) as bar:
         for start in range(0, len(prompts), chunk_size):
             end = min(start + chunk_size, len(prompts))
             try:

@@ -33,7 +33,7 @@ import jax
 import numpy as np
 
 import cloud_jax
-from cloud_jax import records, storage
+from cloud_jax import progress, records, storage
 from cloud_jax.data.jsonl import read_jsonl, write_jsonl_atomic
 from cloud_jax.data.schema import expand_paths, load_rows, row_record
 from cloud_jax.data.synthetic.reasoning import write_splits
@@ -161,11 +161,9 @@ def _self_critique(cfg: PipelineConfig, sft_dir: str, train_path: str) -> str:
     rows = load_rows(train_path, require_feedback=False).rows
     bars = []
 
-    def progress(total: int):  # a bar over the responses still to critique
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, unit="response", desc="self_critique", dynamic_ncols=True,
-                   disable=not cfg.train.progress_bar)
+    def progress_bar(total: int):  # a bar over the responses still to critique
+        bar = progress.bar(total, "responses", desc="self_critique",
+                           disable=not cfg.train.progress_bar)
         bars.append(bar)
         return lambda done, new_tokens: bar.update(done)
 
@@ -173,7 +171,7 @@ def _self_critique(cfg: PipelineConfig, sft_dir: str, train_path: str) -> str:
         summary = relabel(rm, rows, os.path.join(cfg.output_dir, "self_critique"), score_cfg,
                           RelabelSettings(checkpoint=sft_dir,
                                           input_paths=expand_paths(train_path), shard_rows=1024),
-                          progress=progress)
+                          progress=progress_bar)
     finally:
         for bar in bars:
             bar.close()

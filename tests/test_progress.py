@@ -1,0 +1,60 @@
+"""Progress of long commands: tqdm on a terminal, plain lines without carriage returns in a log."""
+
+import io
+
+from cloud_jax import progress
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_a_log_gets_a_line_per_interval_and_one_at_the_end():
+    out, clock = io.StringIO(), Clock()
+    bar = progress.LogProgress(400, "responses", desc="critique", file=out, interval=30,
+                               clock=clock)
+    for _ in range(5):  # 8 responses every 10 seconds
+        clock.now += 10
+        bar.update(8)
+        bar.set_postfix(tokens_per_s="12.5")
+    bar.close()
+    bar.close()  # a second close writes nothing
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue()
+    assert lines == [
+        "critique: 24/400 responses (6.0%), 0.8 responses/s, 00:30 elapsed, 07:50 left, "
+        "tokens_per_s=12.5",
+        "critique: 40/400 responses (10.0%), 0.8 responses/s, 00:50 elapsed, 07:30 left, "
+        "tokens_per_s=12.5"]
+
+
+def test_the_end_line_is_not_repeated_and_a_finished_bar_shows_no_time_left():
+    out, clock = io.StringIO(), Clock()
+    with progress.LogProgress(10, "responses", file=out, interval=5, clock=clock) as bar:
+        clock.now += 5
+        bar.update(10)
+    assert out.getvalue() == "10/10 responses (100.0%), 2.0 responses/s, 00:05 elapsed\n"
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_a_terminal_gets_tqdm_and_a_file_plain_lines():
+    tty = Terminal()
+    with progress.bar(3, "responses", desc="score", file=tty) as bar:
+        bar.update(3)
+    assert "\r" in tty.getvalue() and "3/3" in tty.getvalue()
+    log = io.StringIO()
+    with progress.bar(3, "responses", desc="score", file=log) as bar:
+        bar.update(3)
+    assert log.getvalue().startswith("score: 3/3 responses (100.0%)") and "\r" not in log.getvalue()
+    off = io.StringIO()
+    with progress.bar(3, "responses", file=off, disable=True) as bar:
+        bar.update(3)
+    assert off.getvalue() == ""
