@@ -2,6 +2,8 @@
 
 # EX_TEMPFAIL: stopped by SIGTERM (preemption); run the same command again to resume.
 PREEMPTED_EXIT_CODE = 75
+# 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C.
+INTERRUPTED_EXIT_CODE = 130
 
 
 class ConfigError(ValueError):

@@ -343,3 +343,42 @@ def test_export_refuses_a_base_model_name_a_backbone_export_would_drop(capsys, f
     assert exit_.value.code == 2
     assert "--base-model-name is recorded by a CLoud export" in capsys.readouterr().err
     assert not (tmp_path / "bb").exists()
+
+
+def test_ctrl_c_exits_130_with_one_line_and_the_rerun_writes_the_output(files, tmp_path):
+    """Ctrl-C (SIGINT) during `score` (as during `critique` or `evaluate`): status 130 and one
+    `interrupted:` line saying how to resume, not a traceback of wherever the signal landed;
+    nothing is written, and the same command then writes the whole output."""
+    import signal
+    import time
+
+    from cloud_jax.errors import INTERRUPTED_EXIT_CODE
+
+    marker, out = str(tmp_path / "scoring"), str(tmp_path / "scored.jsonl")
+    argv = ["score", "--checkpoint", files["ckpt"], "--input", files["rows"], "--output", out,
+            "--max-critique-tokens", "2", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "JAX_PLATFORMS": "cpu"}
+    # Python's own Ctrl-C handler, even where the tests run with SIGINT ignored (a background job
+    # of a shell script passes that on to its children).
+    script = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+    proc = subprocess.Popen([sys.executable, "-c", script + PAUSED_SCORE, marker, *argv],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(marker):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == INTERRUPTED_EXIT_CODE, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("interrupted: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert "run the same command again" in lines[0]
+    assert not os.path.exists(out)
+    assert main(argv) == 0
+    assert len(open(out).readlines()) == 1

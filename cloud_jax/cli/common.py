@@ -11,8 +11,8 @@ from typing import Callable, Dict, Optional, Sequence
 
 import jax
 
-from cloud_jax.errors import (PREEMPTED_EXIT_CODE, CheckpointError, ConfigError,
-                              GGUFConversionError, Preempted)
+from cloud_jax.errors import (INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, CheckpointError,
+                              ConfigError, GGUFConversionError, Preempted)
 from cloud_jax.model.config import DECODE_ATTENTION_IMPLS
 from cloud_jax.scoring.rewards import ScoreConfig
 from cloud_jax.sharding import MESH_AXES, SAMPLE_RULES, MeshConfig, make_mesh
@@ -233,9 +233,11 @@ def run_command(main_fn: Callable[[Optional[Sequence[str]]], Optional[int]],
     and the rerun resumes or redoes the work (every output is written whole or not at all). On
     several hosts too (JAX's preemption service, which would catch the signal, is off:
     cloud_jax.sharding.init_distributed), except that training there keeps a SIGTERM from
-    before its step loop until the first step, where every host stops together. Any
-    other exception is a bug and keeps its traceback. A leading ``--debug`` in ``argv`` keeps
-    the traceback of user errors too.
+    before its step loop until the first step, where every host stops together.
+    Ctrl-C (SIGINT, KeyboardInterrupt) stops a command the same way, with one ``interrupted: ...``
+    line and INTERRUPTED_EXIT_CODE (130) instead of a traceback of wherever it landed. Any other
+    exception is a bug and keeps its traceback. A leading ``--debug`` in ``argv`` keeps the
+    traceback of user errors and of Ctrl-C too.
     """
     argv = list(argv)
     debug = argv[:1] == ["--debug"]
@@ -247,6 +249,13 @@ def run_command(main_fn: Callable[[Optional[Sequence[str]]], Optional[int]],
     except Preempted as err:
         print(f"preempted: {err}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted: stopped by Ctrl-C (SIGINT) before finishing; run the same command "
+              "again to resume (finished work is kept, unfinished work is redone)",
+              file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
     except Exception as err:  # noqa: BLE001 - sorted into user errors and bugs just below
         if debug or not isinstance(err, user_error_types()):
             raise
