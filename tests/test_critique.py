@@ -86,6 +86,9 @@ def test_interrupted_run_resumes_to_identical_files(setup, reference, monkeypatc
     assert run(setup, out) == 130  # Ctrl-C: one `interrupted:` line (tests/test_cli_errors.py)
     monkeypatch.setattr(relabel, "write_jsonl_atomic", real_write)
     assert len([p for p in out.iterdir() if p.name.endswith(".jsonl")]) == 1
+    # The shard written does not pass for the data set (the cloud stage reads this glob).
+    with pytest.raises(FileNotFoundError, match="2 of the 3 shards"):
+        load_rows(str(out / "critiques-*.jsonl"), require_feedback=True)
     assert run(setup, out) == 0
     assert files(out) == files(reference)
 

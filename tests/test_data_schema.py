@@ -40,6 +40,28 @@ def test_good_rows_jsonl_json_parquet(tmp_path):
     assert result.rows[3].chosen_feedback == "x" and result.rows[3].source == f"{c}[row 0]"
 
 
+def test_a_glob_over_an_unfinished_shard_set_is_refused_naming_a_missing_shard(tmp_path):
+    """Stage 2 stopped after 2 of its 4 shards: `critiques-*.jsonl` must not pass for the whole
+    data set (a training run would train on half the rows without a word)."""
+    for i in (0, 2):
+        _jsonl(tmp_path / f"critiques-0000{i}-of-00004.jsonl", [_row(i)])
+    with pytest.raises(FileNotFoundError, match=r"2 of the 4 shards critiques-\*-of-00004.jsonl "
+                       r"do not exist \(first: .*critiques-00001-of-00004.jsonl\)"):
+        load_rows(str(tmp_path / "critiques-*.jsonl"), require_feedback=True)
+    # Shards named one by one, or a glob that leaves out shards that exist: read as asked.
+    assert len(load_rows(str(tmp_path / "critiques-00000-of-00004.jsonl"),
+                         require_feedback=True).rows) == 1
+    for i in (1, 3):
+        _jsonl(tmp_path / f"critiques-0000{i}-of-00004.jsonl", [_row(i)])
+    assert len(load_rows(str(tmp_path / "critiques-0000[01]-*.jsonl"),
+                         require_feedback=True).rows) == 2
+    assert len(load_rows(str(tmp_path / "critiques-*.jsonl"), require_feedback=True).rows) == 4
+    # Numbered from 1, as some writers number them: whole.
+    for i in (1, 2):
+        _jsonl(tmp_path / f"part-0000{i}-of-00002.jsonl", [_row(10 + i)])
+    assert len(load_rows(str(tmp_path / "part-*.jsonl"), require_feedback=True).rows) == 2
+
+
 def test_glob_and_missing_file(tmp_path):
     _jsonl(tmp_path / "t-0.jsonl", [_row(0)])
     _jsonl(tmp_path / "t-1.jsonl", [_row(1)])

@@ -248,6 +248,9 @@ def test_stage_2_writes_its_shards_to_the_bucket_and_resumes(model_and_rows, buc
     monkeypatch.setattr(relabel, "write_jsonl_atomic", real_write)
     assert [n for n in storage.listdir(out) if n.endswith(".jsonl")] == [
         "critiques-00000-of-00003.jsonl"]
+    # The shard written does not pass for the data set.
+    with pytest.raises(FileNotFoundError, match="2 of the 3 shards"):
+        load_rows(f"{out}/critiques-*.jsonl", require_feedback=True)
     assert run_command(critique.main, cmd(out)) == 0
     names = sorted(p.name for p in local.iterdir())
     assert storage.listdir(out) == names

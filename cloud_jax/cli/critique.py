@@ -8,9 +8,12 @@ and the row is written in the format the ``cloud`` stage reads, plus
 budget). Rows go to shards ``DIR/critiques-SSSSS-of-NNNNN.jsonl`` of ``--shard-rows`` rows each;
 ``DIR/provenance.json`` records the checkpoint, its step, the seed and every sampling setting.
 
-Resuming: a shard file appears only when complete, so a rerun after an interruption skips the
-finished shards and redoes the rest, to files identical to an uninterrupted run. A rerun with
-other settings into the same directory is refused.
+Resuming: a shard file appears only when complete, so a rerun after an interruption (Ctrl-C,
+SIGTERM, a kill) skips the finished shards and redoes the rest, to files identical to an
+uninterrupted run. A rerun with other settings (or rows, or weights) into the same directory is
+refused. Until every shard is written, a glob over them (``DIR/critiques-*.jsonl``, what the
+``cloud`` stage reads) is refused by every reader, naming a missing shard, so a stopped run never
+passes for the whole data set.
 
 Several hosts: start the same command on every host. ``jax.distributed.initialize()`` runs first
 where the environment asks for it (``--distributed``, as in training); each process then takes

@@ -35,6 +35,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from cloud_jax import storage
@@ -126,9 +127,51 @@ def is_dataset_source(path: str) -> bool:
     return path.startswith(HUB_PREFIX) or storage.isdir(path)
 
 
+# A shard of a set written by one run: ``critiques-00003-of-00020.jsonl`` (stage 2,
+# cloud_jax.scoring.relabel), ``train-00000-of-00005.parquet`` (Hugging Face datasets).
+_SHARD = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})(?P<ext>\.[^/]+)$")
+
+
+def shard_name(stem: str, index: int, count: int, ext: str) -> str:
+    """``shard_name("critiques", 3, 20, ".jsonl")`` -> ``critiques-00003-of-00020.jsonl``."""
+    return f"{stem}-{index:05d}-of-{count:05d}{ext}"
+
+
+def _check_shard_sets(pattern: str, matches: Sequence[str]) -> None:
+    """A glob that matches shards ``X-SSSSS-of-NNNNN.ext`` of a set some of whose N shards do not
+    exist at all is an error: the set is unfinished (a stage 2 that was stopped, or whose other
+    hosts are still at work), and reading the shards present would pass for the whole data set.
+    Shards that exist but that the glob leaves out are a choice, not a gap."""
+    sets: Dict[Tuple[str, str, int, str], set] = {}
+    for path in matches:
+        head, sep, name = path.rpartition("/")
+        found = _SHARD.match(name)
+        if found:
+            key = (head + sep, found["stem"], int(found["count"]), found["ext"])
+            sets.setdefault(key, set()).add(int(found["index"]))
+    for (head, stem, count, ext), indices in sets.items():
+        if len(indices) == count:
+            continue
+        present = set(storage.listdir(head.rstrip("/") or "."))
+        # Numbered from 0 (ours, datasets') or from 1 (as safetensors shards are): either whole.
+        gaps = [[name for name in (shard_name(stem, i, count, ext)
+                                   for i in range(first, first + count))
+                 if name not in present] for first in (0, 1)]
+        if all(gaps):
+            missing = gaps[1] if count in indices else gaps[0]
+            raise FileNotFoundError(
+                f"data file {pattern!r}: {len(missing)} of the {count} shards "
+                f"{stem}-*-of-{count:05d}{ext} do not exist (first: {head}{missing[0]}): the run "
+                "that writes them has not finished (stage 2: run the same `python -m cloud_jax "
+                "critique` again to finish it); name the shards present one by one to read just "
+                "those")
+
+
 def expand_paths(spec: Union[str, Sequence[str]]) -> List[str]:
     """A file, a dataset directory, an ``hf://`` id, a comma-separated list of them or globs ->
-    the sources they name (the matches of a glob sorted), each checked to exist."""
+    the sources they name (the matches of a glob sorted), each checked to exist. A glob over
+    shards ``X-SSSSS-of-NNNNN.ext`` of which some do not exist is an error
+    (:func:`_check_shard_sets`): an unfinished set never passes for a whole one."""
     parts = [p.strip() for p in spec.split(",")] if isinstance(spec, str) else list(spec)
     paths: List[str] = []
     for part in filter(None, parts):
@@ -143,6 +186,8 @@ def expand_paths(spec: Union[str, Sequence[str]]) -> List[str]:
             if not matches or not all(storage.isfile(m) or storage.isdir(m) for m in matches):
                 raise FileNotFoundError(
                     f"data file {part!r} does not exist (or the glob matches nothing)")
+            if not literal:
+                _check_shard_sets(part, matches)
             paths.extend(matches)
             continue
         literal = not glob.has_magic(part) or os.path.exists(part)
@@ -150,6 +195,8 @@ def expand_paths(spec: Union[str, Sequence[str]]) -> List[str]:
         if not matches or not all(os.path.exists(m) for m in matches):
             raise FileNotFoundError(
                 f"data file {part!r} does not exist (or the glob matches nothing)")
+        if not literal:
+            _check_shard_sets(part, matches)
         paths.extend(matches)
     if not paths:
         raise FileNotFoundError(f"no data files given ({spec!r})")

@@ -15,7 +15,8 @@ every sampling setting.
 Resuming: a shard file appears only when complete (written to a temporary name, then renamed),
 so a rerun after an interruption skips the finished shards and redoes the rest. Critiques depend
 on the seed and each input's tokens only, so the files are identical to an uninterrupted run.
-A rerun with other settings into the same directory is refused.
+A rerun with other settings into the same directory is refused. A glob over an unfinished set of
+shards is refused by the row readers (:func:`cloud_jax.data.schema.expand_paths`).
 
 Several hosts: each process takes the shards ``s`` with ``s % num_hosts == host`` and samples
 them on its own devices.
@@ -35,6 +36,7 @@ from cloud_jax import records, storage
 from cloud_jax.errors import ConfigError, InputTooLongError
 from cloud_jax.data.jsonl import write_jsonl_atomic
 from cloud_jax.data.schema import FEEDBACK_FIELDS, PreferenceRow, row_record
+from cloud_jax.data.schema import shard_name as _shard_name
 from cloud_jax.data.tokenizer import tokenizer_fingerprint
 from cloud_jax.scoring.rewards import ScoreConfig, resolve_critique_prefix, score
 
@@ -49,7 +51,8 @@ def _usable(critique: str) -> bool:
 
 
 def shard_name(index: int, count: int) -> str:
-    return f"critiques-{index:05d}-of-{count:05d}.jsonl"
+    # The naming that a glob over the shards checks for gaps (cloud_jax.data.schema.expand_paths).
+    return _shard_name("critiques", index, count, ".jsonl")
 
 
 def regenerate(rm, rows: Sequence[PreferenceRow], cfg: ScoreConfig, on_batch=None) -> list[dict]:
