@@ -432,6 +432,28 @@ def test_write_splits_rows_validate(tmp_path):
     assert load_rows(natural["test"], require_feedback=True).rows[0].prompt.endswith("?")
 
 
+def test_a_write_stopped_midway_leaves_no_earlier_files_beside_its_own(tmp_path, monkeypatch):
+    """A call with other settings into a directory of an earlier call, stopped after its train
+    split: the earlier eval/test rows and the benchmark.json that describes them are gone, so
+    nothing reads as a finished benchmark; benchmark.json, written last, marks one."""
+    from cloud_jax.data.synthetic import reasoning
+
+    write_splits(str(tmp_path), _cfg(num_train=40, num_eval=20, num_test=20))
+    real_write, written = reasoning.write_jsonl_atomic, []
+
+    def write_then_stop(path, rows):
+        if written:
+            raise KeyboardInterrupt
+        written.append(path)
+        real_write(path, rows)
+
+    monkeypatch.setattr(reasoning, "write_jsonl_atomic", write_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        write_splits(str(tmp_path), _cfg(num_train=40, num_eval=20, num_test=20, seed=1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.jsonl"]
+    assert all("-s1-" in row["id"] for row in map(json.loads, open(written[0])))
+
+
 def test_default_critiques_are_short(big_default):
     stats = length_stats(big_default)
     assert stats["prompt"]["max"] == 7

@@ -384,15 +384,16 @@ def partial_check_accuracies(rows: Sequence[Mapping[str, str]]) -> Dict[str, flo
 def write_splits(out_dir: str, cfg: ReasoningBenchmarkConfig) -> Dict[str, str]:
     """Writes ``<split>.jsonl`` for every split with a positive size and ``benchmark.json`` (config,
     row counts, byte lengths, shortcut accuracies) into ``out_dir`` (a local path or a URL);
-    returns split -> path. The file of a split of size 0 that an earlier call left there is
-    deleted: its rows were drawn under another config (other split fractions can put its
-    problems in this call's train split), and benchmark.json would not describe it."""
+    returns split -> path. The files an earlier call left there are deleted before any is
+    written, and benchmark.json is written last: a call stopped midway (Ctrl-C, a kill) leaves
+    no earlier rows beside its own (drawn under another config, other split fractions can put
+    their problems in this call's train split) and no benchmark.json, which marks a finished
+    write; the same call again writes everything."""
     cfg.validate()
     rows = generate_rows(cfg)
     storage.makedirs(out_dir)
-    for split in SPLITS:
-        if split not in rows:
-            storage.remove(storage.join(out_dir, f"{split}.jsonl"))
+    for name in ("benchmark.json", *(f"{split}.jsonl" for split in SPLITS)):
+        storage.remove(storage.join(out_dir, name))
     paths, summary = {}, {"config": dataclasses.asdict(cfg), "splits": {}}
     for split, split_rows in rows.items():
         path = storage.join(out_dir, f"{split}.jsonl")
