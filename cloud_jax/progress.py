@@ -8,7 +8,8 @@ seconds, and one more when the work ends (or stops), e.g.
 
     critique: 1200/40000 responses (3.0%), 41.3 responses/s, 00:29 elapsed, 15:39 left, tokens_per_s=2900.1
 
-The rate is the average since the bar was made, and the time left is what it leaves at that rate.
+The rate is that since the line before (since the start, in the first line and the end line), so
+that work that slows down shows it, and the time left is what the rest takes at that rate.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class LogProgress:
 
     def close(self) -> None:
         if not self.closed and self.n != self.reported:
+            self.closed = True
             self._line()
         self.closed = True
 
@@ -80,7 +82,9 @@ class LogProgress:
 
         now = self.clock()
         elapsed = now - self.start
-        rate = self.n / elapsed if elapsed > 0 else None
+        since, done = ((self.start, self.n) if self.closed or not self.reported
+                       else (self.last, self.n - self.reported))
+        rate = done / (now - since) if now > since else None
         parts = [f"{self.n}/{self.total} {self.unit}"
                  + (f" ({100 * self.n / self.total:.1f}%)" if self.total else "")]
         if rate:

@@ -468,8 +468,13 @@ def test_cli(tmp_path, capsys):
     out = tmp_path / "bench"
     assert main(["--out", str(out), "--train", "40", "--eval", "10", "--test", "10",
                  "--ops", "add,mul", "--digits", "3", "--seed", "3"]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "train" in printed and "shortcut predictors" in printed
+    # Progress of the generation on stderr, lines in a log (no terminal here): one per split.
+    assert "\r" not in captured.err
+    for split, n in (("train", 40), ("eval", 10), ("test", 10)):
+        assert f"make-benchmark {split}: {n}/{n} rows (100.0%), " in captured.err
     rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
     assert len(rows) == 40 and rows[0]["id"].startswith("reasoning-s3-train-")
     assert all(len(str(parse_prompt(r["prompt"]).operands[0])) == 3 for r in rows)

@@ -21,14 +21,21 @@ def test_a_log_gets_a_line_per_interval_and_one_at_the_end():
         clock.now += 10
         bar.update(8)
         bar.set_postfix(tokens_per_s="12.5")
+    clock.now += 40  # then slower: 8 in 40 seconds
+    bar.update(8)
+    clock.now += 10
+    bar.update(4)
     bar.close()
     bar.close()  # a second close writes nothing
-    lines = out.getvalue().splitlines()
     assert "\r" not in out.getvalue()
-    assert lines == [
+    assert out.getvalue().splitlines() == [
         "critique: 24/400 responses (6.0%), 0.8 responses/s, 00:30 elapsed, 07:50 left, "
         "tokens_per_s=12.5",
-        "critique: 40/400 responses (10.0%), 0.8 responses/s, 00:50 elapsed, 07:30 left, "
+        # The rate since the line before: 24 in 60 seconds.
+        "critique: 48/400 responses (12.0%), 0.4 responses/s, 01:30 elapsed, 14:40 left, "
+        "tokens_per_s=12.5",
+        # The end line: the rate over the whole run, 52 in 100 seconds.
+        "critique: 52/400 responses (13.0%), 0.5 responses/s, 01:40 elapsed, 11:09 left, "
         "tokens_per_s=12.5"]
 
 

@@ -49,6 +49,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--train-random-share", type=float, default=d.train_random_share,
                         help="share of train pairs with a random (implausible) wrong answer")
     parser.add_argument("--split-fractions", default=",".join(map(str, d.split_fractions)))
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress of the generation (otherwise on stderr: a bar on a "
+                             "terminal, a line every 30 seconds in a log file or pipe)")
     args = parser.parse_args(argv)
     storage.check_output_dir(args.out, "--out")
     for name in ("train", "eval", "test"):
@@ -71,7 +74,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         error_weights=_floats(args.error_weights),
         train_random_share=args.train_random_share,
         split_fractions=_floats(args.split_fractions)).validate()
-    paths = write_splits(args.out, cfg)
+    paths = write_splits(args.out, cfg, progress=not args.no_progress)
     summary = json.loads(storage.read_text(storage.join(args.out, "benchmark.json")))
     for split, path in paths.items():
         info = summary["splits"][split]

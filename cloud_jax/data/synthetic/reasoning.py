@@ -247,11 +247,15 @@ def _unit(rand: random.Random, cfg: ReasoningBenchmarkConfig, op: str, split: st
     return unit
 
 
-def generate_split(cfg: ReasoningBenchmarkConfig, split: str, n: Optional[int] = None
-                   ) -> List[dict]:
+def generate_split(cfg: ReasoningBenchmarkConfig, split: str, n: Optional[int] = None, *,
+                   progress: bool = False) -> List[dict]:
     """``n`` rows (default: the config's size of ``split``) with distinct prompts, all of whose
     computations belong to ``split``. Rows come in consecutive twos whose responses swap roles
-    (see ``_unit``); an odd ``n`` keeps the first row of the last two."""
+    (see ``_unit``); an odd ``n`` keeps the first row of the last two. ``progress``: the rows
+    found so far on stderr (:mod:`cloud_jax.progress`): many rows take minutes, more as the
+    problem space of the chosen digits fills up."""
+    from cloud_jax import progress as progress_
+
     cfg.validate()
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
@@ -261,40 +265,46 @@ def generate_split(cfg: ReasoningBenchmarkConfig, split: str, n: Optional[int] =
     seen, rows = set(), []
     max_draws = 100 * n + 20_000
     draws = 0
-    while len(rows) < n:
-        draws += 1
-        if draws > max_draws:
-            raise ConfigError(
-                f"reasoning benchmark: found only {len(rows)} of the {n} distinct {split} rows "
-                f"asked for in {max_draws} draws; the {split} share of the problem space "
-                f"({cfg.min_digits}-{cfg.max_digits} digit operands, ops {list(cfg.ops)}) is too "
-                "small: ask for fewer rows, allow more digits or add operations")
-        op = rand.choices(cfg.ops, weights)[0]
-        unit = _unit(rand, cfg, op, split)
-        # A whole unit or nothing, so that the roles stay balanced.
-        if unit is None or any(problem in seen for problem, *_ in unit):
-            continue
-        for problem, chosen, rejected, kind in unit[:n - len(rows)]:
-            seen.add(problem)
-            # Wordings come from their own stream, so both styles draw the same problems.
-            wording = random.Random(f"cloud_jax.reasoning:{cfg.seed}:{split}:{len(rows)}")
-            prompt_variant = wording.randrange(num_variants(cfg.style, op, "prompt"))
-            response_variant = wording.randrange(num_variants(cfg.style, op, "response"))
-            rows.append({
-                "id": f"reasoning-s{cfg.seed}-{split}-{len(rows):05d}",
-                "prompt": prompt_text(problem, cfg.style, prompt_variant),
-                "chosen": response_text(problem, chosen, cfg.style, response_variant),
-                "rejected": response_text(problem, rejected, cfg.style, response_variant),
-                "chosen_feedback": critique_text(problem, chosen, cfg.style),
-                "rejected_feedback": critique_text(problem, rejected, cfg.style),
-                "subset": f"{op}-{kind}",
-            })
+    with progress_.bar(n, "rows", desc=f"make-benchmark {split}", disable=not progress) as bar:
+        while len(rows) < n:
+            draws += 1
+            if draws > max_draws:
+                raise ConfigError(
+                    f"reasoning benchmark: found only {len(rows)} of the {n} distinct {split} "
+                    f"rows asked for in {max_draws} draws; the {split} share of the problem "
+                    f"space ({cfg.min_digits}-{cfg.max_digits} digit operands, ops "
+                    f"{list(cfg.ops)}) is too small: ask for fewer rows, allow more digits or "
+                    "add operations")
+            op = rand.choices(cfg.ops, weights)[0]
+            unit = _unit(rand, cfg, op, split)
+            # A whole unit or nothing, so that the roles stay balanced.
+            if unit is None or any(problem in seen for problem, *_ in unit):
+                continue
+            added = unit[:n - len(rows)]
+            for problem, chosen, rejected, kind in added:
+                seen.add(problem)
+                # Wordings come from their own stream, so both styles draw the same problems.
+                wording = random.Random(f"cloud_jax.reasoning:{cfg.seed}:{split}:{len(rows)}")
+                prompt_variant = wording.randrange(num_variants(cfg.style, op, "prompt"))
+                response_variant = wording.randrange(num_variants(cfg.style, op, "response"))
+                rows.append({
+                    "id": f"reasoning-s{cfg.seed}-{split}-{len(rows):05d}",
+                    "prompt": prompt_text(problem, cfg.style, prompt_variant),
+                    "chosen": response_text(problem, chosen, cfg.style, response_variant),
+                    "rejected": response_text(problem, rejected, cfg.style, response_variant),
+                    "chosen_feedback": critique_text(problem, chosen, cfg.style),
+                    "rejected_feedback": critique_text(problem, rejected, cfg.style),
+                    "subset": f"{op}-{kind}",
+                })
+            bar.update(len(added))
     return rows
 
 
-def generate_rows(cfg: ReasoningBenchmarkConfig) -> Dict[str, List[dict]]:
-    """Every split with a positive size -> its rows."""
-    return {split: generate_split(cfg, split) for split in SPLITS if cfg.size(split) > 0}
+def generate_rows(cfg: ReasoningBenchmarkConfig, *, progress: bool = False
+                  ) -> Dict[str, List[dict]]:
+    """Every split with a positive size -> its rows (``progress``: as ``generate_split``)."""
+    return {split: generate_split(cfg, split, progress=progress) for split in SPLITS
+            if cfg.size(split) > 0}
 
 
 # --- statistics and shortcut predictors -----------------------------------------------------------
@@ -381,7 +391,8 @@ def partial_check_accuracies(rows: Sequence[Mapping[str, str]]) -> Dict[str, flo
 
 # --- files and the command line -------------------------------------------------------------------
 
-def write_splits(out_dir: str, cfg: ReasoningBenchmarkConfig) -> Dict[str, str]:
+def write_splits(out_dir: str, cfg: ReasoningBenchmarkConfig, *, progress: bool = False
+                 ) -> Dict[str, str]:
     """Writes ``<split>.jsonl`` for every split with a positive size and ``benchmark.json`` (config,
     row counts, byte lengths, shortcut accuracies) into ``out_dir`` (a local path or a URL);
     returns split -> path. The files an earlier call left there are deleted before any is
@@ -390,7 +401,7 @@ def write_splits(out_dir: str, cfg: ReasoningBenchmarkConfig) -> Dict[str, str]:
     their problems in this call's train split) and no benchmark.json, which marks a finished
     write; the same call again writes everything."""
     cfg.validate()
-    rows = generate_rows(cfg)
+    rows = generate_rows(cfg, progress=progress)
     storage.makedirs(out_dir)
     for name in ("benchmark.json", *(f"{split}.jsonl" for split in SPLITS)):
         storage.remove(storage.join(out_dir, name))
