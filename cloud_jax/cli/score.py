@@ -2,6 +2,12 @@
 input row back with its rewards and critiques: rows with ``prompt`` + ``response`` get ``reward``,
 ``sample_rewards``, ``reward_std``, ``critiques``, ``truncated``; preference rows (``prompt``,
 ``chosen``, ``rejected``) get those fields prefixed ``chosen_`` and ``rejected_``.
+
+The output is written once, whole, when every row is scored: a run stopped midway (Ctrl-C,
+SIGTERM) leaves no output (nor an earlier one changed), and the same command scores every row
+again; split a large input into several runs to keep what finished. Every input row is written
+back, duplicates included; a row that is not an object, or lacks a text field, stops the run
+before the model loads, naming its file, line and field.
 """
 
 from __future__ import annotations
