@@ -57,6 +57,8 @@ def test_output_is_a_cloud_dataset_with_provenance(setup, reference):
     assert prov["checkpoint_step"] == 100 and prov["num_rows"] == 5
     assert prov["sampling"]["temperature"] == 0.0 and prov["sampling"]["seed"] == 0
     assert prov["sampling"]["max_critique_tokens"] == 5
+    # No --max-length: the default it stands for, as runs before it recorded it.
+    assert prov["sampling"]["max_length"] == 2048
 
 
 def test_progress_in_a_log_is_lines_without_carriage_returns(setup, tmp_path, capsys):

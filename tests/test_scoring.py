@@ -300,6 +300,35 @@ def test_per_input_budgets_equal_scoring_each_with_its_own(rm):
         assert mixed.critique_tokens[i].max() <= b
 
 
+def test_a_max_length_given_above_the_positions_is_warned_about_even_at_the_default(
+        rm, tmp_path, caplog):
+    # max_length=2048 (the value the default stands for) given on a model built for 256
+    # positions is held to them as 4096 is, and warned about as 4096 is; left out, it is held
+    # to them without a word. It was taken for the default and not warned about.
+    from cloud_jax.scoring import rewards
+
+    short = cloud_jax.RewardModel(dataclasses.replace(CFG, max_position_embeddings=256),
+                                  rm.params, rm.tokenizer)
+    warning = "max_length=2048 is more than the model's positions allow"
+    for given in ({"max_length": 2048}, {}):
+        rewards._warn_once.cache_clear()  # warned once per process
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="cloud_jax.scoring.rewards"):
+            short.score(["p"], ["r"], classic=True, **given)
+        assert (warning in caplog.text) == bool(given), given
+    # The score command's --max-length 2048 likewise, and no warning without the flag.
+    short.save_pretrained(tmp_path / "model")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "p", "chosen": "c", "rejected": "r"}) + "\n")
+    for flag in (["--max-length", "2048"], []):
+        rewards._warn_once.cache_clear()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="cloud_jax.scoring.rewards"):
+            assert main(["--checkpoint", str(tmp_path / "model"), "--input", str(rows),
+                         "--output", str(tmp_path / "o.jsonl"), "--classic", *flag]) == 0
+        assert (warning in caplog.text) == bool(flag), flag
+
+
 def test_a_model_with_an_unknown_kind_or_layout_version_is_refused_when_built(rm, tmp_path):
     # Not later, as an input "too long for max_length" when scoring, or as a checkpoint that
     # save_pretrained writes and load refuses.

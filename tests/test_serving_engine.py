@@ -15,6 +15,9 @@ import cloud_jax
 from cloud_jax.serving.engine import ContinuousBackend
 from cloud_jax.sampling import bucket_length
 from cloud_jax.serving.protocol import InvalidField, item_lengths
+
+from cloud_jax.serving import protocol
+from cloud_jax.serving.protocol import InvalidField
 from cloud_jax.serving.static import StaticBackend
 from cloud_jax.serving.types import (BackendOptions, InputTooLong, Item, QueueFull, Settings,
                                      ShuttingDown)
@@ -269,6 +272,31 @@ def test_an_item_past_the_models_positions_is_refused_not_read_past_them(rm):
     with pytest.raises(InputTooLong, match=r"at most 256 \(the model's "
                                            r"max_position_embeddings=256\)"):
         StaticBackend(classic, options).submit(item, Settings(max_critique_tokens=8))
+
+
+def test_the_static_backend_scores_up_to_its_limits_without_a_positions_warning(rm, caplog):
+    # --max-length 4096 on a model built for 256 positions: the server refuses what does not
+    # fit with 413 itself, so scoring gives no "more than the model's positions allow" warning
+    # (it did, for any --max-length but 2048). Each item, batched with one of another critique
+    # budget, still gets the whole prefill its own budget leaves: 240 tokens fit under a budget
+    # of 2 (253 left), not under one of 40 (215 left).
+    from cloud_jax.scoring import rewards
+
+    short = cloud_jax.RewardModel(dataclasses.replace(rm.config, max_position_embeddings=256),
+                                  rm.params, rm.tokenizer)
+    static = StaticBackend(short, BackendOptions(slots=2, max_length=4096,
+                                                 max_critique_tokens=40))
+    base = protocol.item_lengths(short, [Item("p", "r")], False, Settings())[0]
+    items = [Item("p" * (241 - base), "r"), Item("q", "s")]
+    assert protocol.item_lengths(short, items[:1], False, Settings()) == [240]
+    rewards._warn_once.cache_clear()  # warned once per process
+    with caplog.at_level("WARNING", logger="cloud_jax.scoring.rewards"):
+        out, _ = static._score(items, Settings(max_critique_tokens=2), [2, 40])
+    assert "positions allow" not in caplog.text
+    for item, budget, got in zip(items, (2, 40), out):
+        want = short.score([item.prompt], [item.response], max_critique_tokens=budget)
+        assert got.critiques == want.critiques[0]
+        np.testing.assert_allclose(got.sample_rewards, want.sample_rewards[0], atol=1e-5, rtol=0)
 
 
 def test_nothing_compiles_once_a_bucket_has_been_seen(rm):

@@ -14,7 +14,7 @@ import jax
 from cloud_jax.errors import (INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, CheckpointError,
                               ConfigError, GGUFConversionError, Preempted)
 from cloud_jax.model.config import DECODE_ATTENTION_IMPLS
-from cloud_jax.scoring.rewards import ScoreConfig
+from cloud_jax.scoring.rewards import DEFAULT_MAX_LENGTH, ScoreConfig
 from cloud_jax.sharding import MESH_AXES, SAMPLE_RULES, MeshConfig, make_mesh
 
 DTYPES = ("float32", "bfloat16")
@@ -121,7 +121,8 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: ScoreConfig) ->
     parser.add_argument("--max-length", type=int, default=defaults.max_length,
                         help="prefill tokens at most, and never more than the model's "
                              "positions leave after --max-critique-tokens + 1; prompts are cut "
-                             "from the left (default %(default)s)")
+                             f"from the left (default {DEFAULT_MAX_LENGTH}, held to what the "
+                             "positions allow; a value given above them is warned about once)")
     parser.add_argument("--critique-prefix", default=defaults.critique_prefix,
                         help="text the critique starts after (default: the one the checkpoint "
                              "was trained with, else the standard prefix)")

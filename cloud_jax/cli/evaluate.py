@@ -24,6 +24,7 @@ from cloud_jax.data.schema import load_rows
 from cloud_jax.evaluation.best_of_n import BASELINES, load_best_of_n
 from cloud_jax.evaluation.run import REJECTS_JSONL, EvalConfig, clear_outputs, run_evaluation
 from cloud_jax.evaluation.scorer import score_fn_from_model
+from cloud_jax.scoring.rewards import DEFAULT_MAX_LENGTH
 from cloud_jax.cli.common import add_input_args, add_model_args, columns_from_args, load_model
 from cloud_jax import storage
 from cloud_jax.errors import ConfigError
@@ -64,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Hugging Face's repetition penalty; 1.0 (off) if unset (the reference "
                         "samples with 1.01)")
     p.add_argument("--max-length", type=int, default=None,
-                   help="prefill tokens at most (the scorer's default if unset)")
+                   help=f"prefill tokens at most (default {DEFAULT_MAX_LENGTH}, held to what "
+                        "the model's positions allow; a value given above them is warned about "
+                        "once)")
     p.add_argument("--critique-prefix", default=None,
                    help="text the critique starts after (default: the one the checkpoint was "
                         "trained with, else the standard prefix)")

@@ -38,7 +38,8 @@ from cloud_jax.data.jsonl import write_jsonl_atomic
 from cloud_jax.data.schema import FEEDBACK_FIELDS, PreferenceRow, row_record
 from cloud_jax.data.schema import shard_name as _shard_name
 from cloud_jax.data.tokenizer import tokenizer_fingerprint
-from cloud_jax.scoring.rewards import ScoreConfig, resolve_critique_prefix, score
+from cloud_jax.scoring.rewards import (DEFAULT_MAX_LENGTH, ScoreConfig,
+                                       resolve_critique_prefix, score)
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +183,10 @@ def relabel(rm, rows: Sequence[PreferenceRow], out_dir: str, cfg: ScoreConfig,
         raise ConfigError(f"host {settings.host} must lie in [0, {settings.num_hosts})")
     cfg = dataclasses.replace(cfg, critique_prefix=resolve_critique_prefix(rm, cfg))
     num_shards = max(1, math.ceil(len(rows) / settings.shard_rows))
+    # max_length None is recorded as the default it stands for, as runs before it recorded it.
+    sampling = dataclasses.asdict(cfg)
+    if sampling["max_length"] is None:
+        sampling["max_length"] = DEFAULT_MAX_LENGTH
     storage.makedirs(out_dir)
     checkpoint = settings.checkpoint
     _write_provenance(out_dir, {
@@ -195,7 +200,7 @@ def relabel(rm, rows: Sequence[PreferenceRow], out_dir: str, cfg: ScoreConfig,
         "rows_sha256": rows_fingerprint(rows),
         "shard_rows": settings.shard_rows,
         "num_shards": num_shards,
-        "sampling": dataclasses.asdict(cfg),
+        "sampling": sampling,
         "tokenizer_sha256": tokenizer_fingerprint(rm.tokenizer),
         "weights_sha256": params_fingerprint(rm.params),
         **{key: value for key, value in (("dtype", settings.dtype),

@@ -38,6 +38,10 @@ from cloud_jax.errors import InputTooLongError
 log = logging.getLogger(__name__)
 
 
+# Prefill tokens at most where ScoreConfig.max_length is None (as the CLI's --max-length).
+DEFAULT_MAX_LENGTH = 2048
+
+
 @dataclasses.dataclass(frozen=True)
 class ScoreConfig:
     """How critiques are sampled and rewards read."""
@@ -58,8 +62,10 @@ class ScoreConfig:
     batch_size: int = 8
     # Prefill tokens at most; longer inputs lose prompt tokens from the left. Also never more
     # than the model's positions allow: max_position_embeddings, less max_critique_tokens + 1
-    # (the critique and its end-of-turn token) where a critique is sampled.
-    max_length: int = 2048
+    # (the critique and its end-of-turn token) where a critique is sampled. None:
+    # DEFAULT_MAX_LENGTH, held to the positions without a word; a value given above what they
+    # allow is warned about once.
+    max_length: Optional[int] = None
     # The text the critique starts after. None: the one stored in the model's checkpoint by
     # training (RewardModel.critique_prefix), else data.config.CRITIQUE_PREFIX.
     critique_prefix: Optional[str] = None
@@ -84,11 +90,13 @@ class ScoreConfig:
         # TypeError deep in the sampler at the first call, not when the settings are made.
         for name in ("num_samples", "batch_size", "max_critique_tokens", "max_length"):
             value = getattr(self, name)
+            if name == "max_length" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                 raise ValueError(f"{name}={value!r}: must be a whole number")
         if self.classic is not None and not isinstance(self.classic, (bool, np.bool_)):
             raise ValueError(f"classic={self.classic!r}: must be True, False or None")
-        if self.max_length < 1:
+        if self.max_length is not None and self.max_length < 1:
             raise ValueError(f"max_length={self.max_length}: must be >= 1")
         if self.num_samples < 1:
             raise ValueError(f"num_samples={self.num_samples}: must be >= 1")
@@ -168,13 +176,14 @@ def _positions(rm) -> int:
 
 
 def _token_limit(rm, cfg: ScoreConfig, reserved: int = 0) -> tuple[int, str, str]:
-    """(tokens an input may take, what sets that limit, how to fit it): ``cfg.max_length``, or
-    fewer where the model's positions less ``reserved`` (a sampled critique and its end-of-turn
-    token) allow fewer."""
+    """(tokens an input may take, what sets that limit, how to fit it): ``cfg.max_length``
+    (None: DEFAULT_MAX_LENGTH), or fewer where the model's positions less ``reserved`` (a sampled
+    critique and its end-of-turn token) allow fewer."""
+    asked = DEFAULT_MAX_LENGTH if cfg.max_length is None else cfg.max_length
     positions = _positions(rm)
     room = positions - reserved
-    if room >= cfg.max_length:
-        return cfg.max_length, f"max_length={cfg.max_length}", "raise max_length or shorten"
+    if room >= asked:
+        return asked, f"max_length={asked}", "raise max_length or shorten"
     if not reserved:
         return room, f"the model's max_position_embeddings={positions}", "shorten"
     room = max(room, 0)
@@ -183,11 +192,24 @@ def _token_limit(rm, cfg: ScoreConfig, reserved: int = 0) -> tuple[int, str, str
             "lower max_critique_tokens or shorten")
 
 
+def fit_max_length(rm, max_length: int, reserved: int = 0) -> int:
+    """``max_length`` held to what the model's positions leave after ``reserved`` tokens (a
+    sampled critique's budget + 1 for its end-of-turn token; 0 for a classic model or a given
+    critique): the limit :func:`score` applies, for a caller that passes a length the user did
+    not choose for scoring (the pipeline's data.max_length, a server's --max-length), so that
+    no warning names it. Unchanged where the positions leave no token."""
+    room = _positions(rm) - reserved
+    return min(max_length, room) if room >= 1 else max_length
+
+
 def _warn_positions(rm, cfg: ScoreConfig, reserved: int = 0) -> None:
-    """One warning where a max_length the caller chose (not the default) is more than the
-    model's positions allow: inputs are cut to fit them instead."""
+    """One warning where a max_length the caller gave (not None) is more than the model's
+    positions allow after ``reserved`` tokens (the fewest any input reserves): inputs are cut
+    to fit them instead."""
+    if cfg.max_length is None:
+        return
     limit, what, _ = _token_limit(rm, cfg, reserved)
-    if limit < cfg.max_length and cfg.max_length != ScoreConfig.max_length:
+    if limit < cfg.max_length:
         _warn_once(f"max_length={cfg.max_length} is more than the model's positions allow: "
                    f"inputs are held to {what}")
 
@@ -417,7 +439,7 @@ def score(rm, prompts: Sequence[str], responses: Sequence[str], cfg: ScoreConfig
     # prefill: the prefill gets what the model's positions leave, at most max_length.
     reserved = [1 + (cfg.max_critique_tokens if budgets is None else budgets[i])
                 for i in range(len(prompts))]
-    _warn_positions(rm, cfg, max(reserved))
+    _warn_positions(rm, cfg, min(reserved))
     prefixes, over = _critique_prefixes(rm, tok, prompts, responses, cfg, reserved)
     if over:
         raise over[0].error()

@@ -187,7 +187,7 @@ class StaticBackend:
 
     def _score(self, items: Sequence[Item], settings: Settings,
                budgets: Optional[Sequence[int]] = None) -> tuple[list[ItemResult], int]:
-        from cloud_jax.scoring.rewards import ScoreConfig, score
+        from cloud_jax.scoring.rewards import ScoreConfig, fit_max_length, score
 
         n = len(items)
         prompts = [prompt_text(item.prompt) for item in items]
@@ -212,7 +212,12 @@ class StaticBackend:
         responses += responses[:1] * fill
         if budgets is not None:
             budgets = list(budgets) + list(budgets[:1]) * fill
-        cfg = ScoreConfig(batch_size=per_batch, max_length=self.options.max_length, **kwargs)
+        # --max-length held to what the positions leave the item with the smallest budget (the
+        # limit rm.score applies to each item, after its own budget, is the same): submit has
+        # refused every item over its limit with 413, so rm.score has nothing to warn about.
+        reserved = 0 if self.classic else 1 + min(budgets or [kwargs["max_critique_tokens"]])
+        cfg = ScoreConfig(batch_size=per_batch, **kwargs,
+                          max_length=fit_max_length(self.rm, self.options.max_length, reserved))
         res = score(self.rm, prompts, responses, cfg, budgets=budgets)
         return (results_from_score(res, self.classic)[:n],
                 int(np.sum(res.critique_tokens[:n])))
