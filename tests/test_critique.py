@@ -140,6 +140,25 @@ def test_a_resume_may_change_how_critiques_are_batched_but_not_the_rows(setup, r
     assert "rows_sha256" in capsys.readouterr().err
 
 
+def test_a_resume_may_give_max_length_as_any_value_held_to_the_same_limit(setup, reference,
+                                                                           tmp_path, capsys):
+    """A max_length the model's positions hold to the same limit samples the same critiques:
+    the tiny model's 2048 positions leave 2042 tokens after a 5-token critique, so the default
+    (recorded as 2048, as runs before it recorded it), 2048 and 4096 resume one another. The
+    pipeline holds data.max_length to that limit itself now, and its self-critiques recorded
+    before still resume. A max_length below the limit is another setting."""
+    for given in ("4096", "2042"):
+        out = tmp_path / given
+        out.mkdir()
+        for file in ("provenance.json", "critiques-00000-of-00003.jsonl"):
+            (out / file).write_bytes((reference / file).read_bytes())
+        assert run(setup, out, "--max-length", given) == 0
+        assert files(out) == files(reference)
+    capsys.readouterr()
+    assert run(setup, reference, "--max-length", "2041") == 2
+    assert "sampling.max_length" in capsys.readouterr().err
+
+
 def test_a_resume_over_other_weights_at_the_same_path_is_refused(setup, tmp_path, capsys):
     """The checkpoint directory retrained (rewritten) in place between a run and its resume: the
     weights' digest in the provenance refuses the mix of two models' critiques."""

@@ -311,3 +311,52 @@ def test_a_stage_summary_cut_short_runs_the_stage_again(tmp_path, monkeypatch):
     again = _train(cfg, "lm_pretrain", **paths)
     assert len(calls) == 2 and again["step"] == first["step"] and "reused" not in again
     assert json.loads(summary.read_text())["step"] == 3
+
+
+def test_scoring_holds_data_max_length_to_the_positions_without_a_warning(tmp_path, caplog):
+    """The demo's lengths: 128 positions leave 63 prefill tokens after a 64-token critique and its
+    end-of-turn token, fewer than data.max_length=80. data.max_length is the training rows'
+    length, not a scoring choice the user made: self-critique and every evaluation scorer hold
+    it to the positions, as scoring would, with no "more than the model's positions allow"
+    warning (it was given on every run of the demo)."""
+    import dataclasses
+
+    from model_helpers import TINY, tiny_reward_model
+
+    from cloud_jax.data.schema import load_rows
+    from cloud_jax.experiments.cloud_vs_classic import run
+    from cloud_jax.scoring.rewards import ScoreConfig, score
+
+    cfg = load_pipeline_config(DEMO, [f"output_dir={tmp_path}", "self_critique.batch_size=4",
+                                      "evaluation.batch_size=4", "evaluation.num_samples=[1]",
+                                      "evaluation.num_examples=1", "train.progress_bar=false"])
+    assert (cfg.model.max_position_embeddings, cfg.data.max_length,
+            cfg.self_critique.max_critique_tokens, cfg.evaluation.max_critique_tokens) == (
+        128, 80, 64, 64)
+    rm = tiny_reward_model(5, dataclasses.replace(TINY, max_position_embeddings=128))
+    model = str(rm.save_pretrained(tmp_path / "model"))
+    path = tmp_path / "rows.jsonl"
+    # A prompt long enough to be cut to the positions' 63 tokens, and one that is not.
+    path.write_text("".join(json.dumps({
+        "id": f"r{i}", "prompt": prompt, "chosen": "Yes.", "rejected": "No.",
+        "chosen_feedback": "Right.", "rejected_feedback": "Wrong.", "subset": "s"}) + "\n"
+        for i, prompt in enumerate(("Why? " * 20, "Why?"))))
+    rows = load_rows(str(path), require_feedback=True).rows
+    rewards._warn_once.cache_clear()  # warned once per process: this test may not be first
+    with caplog.at_level("WARNING", logger="cloud_jax.scoring.rewards"):
+        critiqued = run._self_critique(cfg, model, str(path))
+        results = run._evaluate(cfg, rows, model, model, run._Timer())
+    assert "positions allow" not in caplog.text
+    # The same critiques as scoring at data.max_length: the prompts are cut as before.
+    with caplog.at_level("WARNING", logger="cloud_jax.scoring.rewards"):
+        want = score(rm, [r.prompt for r in rows for _ in range(2)],
+                     [t for r in rows for t in (r.chosen, r.rejected)],
+                     ScoreConfig(max_critique_tokens=64, max_length=80, critique_prefix="",
+                                 batch_size=4))
+    assert "max_length=80 is more than the model's positions allow" in caplog.text
+    got = load_rows(critiqued, require_feedback=True).rows
+    assert [t for r in got for t in (r.chosen_feedback, r.rejected_feedback)] == \
+        [c[0] for c in want.critiques]
+    assert [c for rec in results["_records"] for c in (rec["chosen_critiques"][0],
+                                                       rec["rejected_critiques"][0])] == \
+        [c[0] for c in want.critiques]

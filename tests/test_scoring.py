@@ -327,6 +327,11 @@ def test_a_max_length_given_above_the_positions_is_warned_about_even_at_the_defa
             assert main(["--checkpoint", str(tmp_path / "model"), "--input", str(rows),
                          "--output", str(tmp_path / "o.jsonl"), "--classic", *flag]) == 0
         assert (warning in caplog.text) == bool(flag), flag
+    # A max_length equal to what the positions allow (as the pipeline and the server hold theirs
+    # to) names the positions, as a larger one does: raising it would fit no more.
+    with pytest.raises(InputTooLongError, match=r"longer than the model's "
+                                                r"max_position_embeddings=256 tokens .*; shorten"):
+        short.score(["p"], ["r" * 300], classic=True, max_length=256)
 
 
 def test_a_model_with_an_unknown_kind_or_layout_version_is_refused_when_built(rm, tmp_path):

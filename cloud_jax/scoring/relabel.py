@@ -38,7 +38,7 @@ from cloud_jax.data.jsonl import write_jsonl_atomic
 from cloud_jax.data.schema import FEEDBACK_FIELDS, PreferenceRow, row_record
 from cloud_jax.data.schema import shard_name as _shard_name
 from cloud_jax.data.tokenizer import tokenizer_fingerprint
-from cloud_jax.scoring.rewards import (DEFAULT_MAX_LENGTH, ScoreConfig,
+from cloud_jax.scoring.rewards import (DEFAULT_MAX_LENGTH, ScoreConfig, resolve_classic,
                                        resolve_critique_prefix, score)
 
 log = logging.getLogger(__name__)
@@ -111,13 +111,26 @@ def params_fingerprint(params) -> str:
     return digest.hexdigest()
 
 
-def _write_provenance(out_dir: str, provenance: dict) -> None:
+def _held_to(provenance: dict, room: Optional[int]) -> dict:
+    """``provenance`` with its sampling.max_length held to the ``room`` tokens the model's
+    positions leave a prefill (None: as recorded): a max_length above them cuts the same
+    critiques as one equal to them, so a run that recorded either resumes under the other."""
+    sampling = provenance.get("sampling")
+    if room is None or not isinstance(sampling, dict) or \
+            not isinstance(sampling.get("max_length"), int):
+        return provenance
+    return {**provenance, "sampling": {**sampling,
+                                       "max_length": min(sampling["max_length"], room)}}
+
+
+def _write_provenance(out_dir: str, provenance: dict, room: Optional[int] = None) -> None:
     path = storage.join(out_dir, PROVENANCE)
     # Through JSON once, so tuples compare equal to the lists read back.
     provenance = json.loads(json.dumps(provenance))
     if storage.exists(path):
         saved = json.loads(storage.read_text(path))
-        changed = records.changes(saved, provenance, ignore=_SAME_CRITIQUES)
+        changed = records.changes(_held_to(saved, room), _held_to(provenance, room),
+                                  ignore=_SAME_CRITIQUES)
         for key in ("rows_sha256", "weights_sha256"):
             if key not in saved:  # written before rows (weights) were fingerprinted
                 changed.pop(key, None)
@@ -187,6 +200,7 @@ def relabel(rm, rows: Sequence[PreferenceRow], out_dir: str, cfg: ScoreConfig,
     sampling = dataclasses.asdict(cfg)
     if sampling["max_length"] is None:
         sampling["max_length"] = DEFAULT_MAX_LENGTH
+    reserved = 0 if resolve_classic(rm, cfg) else 1 + cfg.max_critique_tokens
     storage.makedirs(out_dir)
     checkpoint = settings.checkpoint
     _write_provenance(out_dir, {
@@ -206,7 +220,7 @@ def relabel(rm, rows: Sequence[PreferenceRow], out_dir: str, cfg: ScoreConfig,
         **{key: value for key, value in (("dtype", settings.dtype),
                                          ("param_dtype", settings.param_dtype))
            if value is not None},
-    })
+    }, room=rm.config.max_position_embeddings - reserved)
     per = settings.shard_rows
     mine = [s for s in range(num_shards) if s % settings.num_hosts == settings.host]
     done = set(storage.listdir(out_dir))

@@ -178,11 +178,12 @@ def _positions(rm) -> int:
 def _token_limit(rm, cfg: ScoreConfig, reserved: int = 0) -> tuple[int, str, str]:
     """(tokens an input may take, what sets that limit, how to fit it): ``cfg.max_length``
     (None: DEFAULT_MAX_LENGTH), or fewer where the model's positions less ``reserved`` (a sampled
-    critique and its end-of-turn token) allow fewer."""
+    critique and its end-of-turn token) allow fewer. Where the two are equal the positions are
+    named: a larger max_length would not fit more."""
     asked = DEFAULT_MAX_LENGTH if cfg.max_length is None else cfg.max_length
     positions = _positions(rm)
     room = positions - reserved
-    if room >= asked:
+    if room > asked:
         return asked, f"max_length={asked}", "raise max_length or shorten"
     if not reserved:
         return room, f"the model's max_position_embeddings={positions}", "shorten"

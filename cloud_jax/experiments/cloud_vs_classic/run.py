@@ -148,14 +148,17 @@ def _self_critique(cfg: PipelineConfig, sft_dir: str, train_path: str) -> str:
     # Scoring loads transformers (seconds): imported where used, so that a config error is
     # reported without that wait.
     from cloud_jax.scoring.relabel import RelabelSettings, relabel
-    from cloud_jax.scoring.rewards import ScoreConfig
+    from cloud_jax.scoring.rewards import ScoreConfig, fit_max_length
 
     sc = cfg.self_critique
     devices = jax.local_devices()
     mesh = make_mesh(MeshConfig(), devices) if len(devices) > 1 else None
     rm = cloud_jax.load(sft_dir, mesh=mesh, rules=SAMPLE_RULES, dtype=cfg.model.dtype)
+    # data.max_length is the training rows' length, not a scoring choice: held here to what the
+    # model's positions leave after the critique (as scoring would), so no warning names it.
+    max_length = fit_max_length(rm, cfg.data.max_length, 1 + sc.max_critique_tokens)
     score_cfg = ScoreConfig(temperature=sc.temperature, max_critique_tokens=sc.max_critique_tokens,
-                            batch_size=sc.batch_size, seed=sc.seed, max_length=cfg.data.max_length,
+                            batch_size=sc.batch_size, seed=sc.seed, max_length=max_length,
                             critique_prefix=cfg.data.critique_prefix,
                             decode_phases=sc.decode_phases).validate()
     rows = load_rows(train_path, require_feedback=False).rows
@@ -198,21 +201,28 @@ def _arm_rows(cfg: PipelineConfig, train_path: str, rows):
 
 def _evaluate(cfg: PipelineConfig, rows, cloud_dir: str, classic_dir: str,
               timer: _Timer) -> Dict[str, Any]:
-    from cloud_jax.scoring.rewards import ScoreConfig, teacher_forced_rewards
+    from cloud_jax.scoring.rewards import ScoreConfig, fit_max_length, teacher_forced_rewards
 
     ev = cfg.evaluation
     out_dir = os.path.join(cfg.output_dir, "eval")
     common = dict(max_critique_tokens=ev.max_critique_tokens, seed=ev.seed,
                   batch_size=ev.batch_size)
     decoding = dict(decode_phases=ev.decode_phases)
-    shared = dict(max_length=cfg.data.max_length, critique_prefix=cfg.data.critique_prefix)
+    prefix = dict(critique_prefix=cfg.data.critique_prefix)
+    # data.max_length is the training rows' length, not a scoring choice: each scorer gets it
+    # held to what the model's positions leave (after a sampled critique), as scoring would hold
+    # it, so that no warning names it.
     # Sampling and scoring compute in the model section's dtype, as training did.
     classic_rm = cloud_jax.load(classic_dir, dtype=cfg.model.dtype)
     classic = timer.run("evaluate_classic", run_evaluation,
-                        score_fn_from_model(classic_rm, classic=True, **common, **shared),
+                        score_fn_from_model(classic_rm, classic=True, **common, **prefix,
+                                            max_length=fit_max_length(classic_rm,
+                                                                      cfg.data.max_length)),
                         EvalConfig(classic=True, **common), os.path.join(out_dir, "classic"),
                         rows=rows, progress=True)
     rm = cloud_jax.load(cloud_dir, dtype=cfg.model.dtype)
+    shared = dict(max_length=fit_max_length(rm, cfg.data.max_length,
+                                            1 + ev.max_critique_tokens), **prefix)
     greedy = timer.run("evaluate_cloud_greedy", run_evaluation,
                        score_fn_from_model(rm, temperature=0.0, **common, **shared,
                                            **decoding),
@@ -239,7 +249,8 @@ def _evaluate(cfg: PipelineConfig, rows, cloud_dir: str, classic_dir: str,
         [row.prompt for row in rows for _ in range(2)],
         [text for row in rows for text in (row.chosen, row.rejected)],
         [oracle_critique(row, side) for row in rows for side in ("chosen", "rejected")],
-        ScoreConfig(batch_size=ev.batch_size, **shared)).reshape(-1, 2)
+        ScoreConfig(batch_size=ev.batch_size, max_length=fit_max_length(rm, cfg.data.max_length),
+                    **prefix)).reshape(-1, 2)
     diag["cloud_accuracy_with_oracle_critiques"] = float(
         np.mean(oracle_rewards[:, 0] > oracle_rewards[:, 1]))
     acc = lambda report, k: report["rewardbench"]["accuracy_vs_k"][str(k)]  # noqa: E731
