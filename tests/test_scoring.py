@@ -337,8 +337,8 @@ def test_a_max_length_given_above_the_positions_is_warned_about_even_at_the_defa
 def test_a_model_with_an_unknown_kind_or_layout_version_is_refused_when_built(rm, tmp_path):
     # Not later, as an input "too long for max_length" when scoring, or as a checkpoint that
     # save_pretrained writes and load refuses.
-    with pytest.raises(ValueError, match="layout_version=3: expected one of 1, 2"):
-        cloud_jax.RewardModel(CFG, rm.params, rm.tokenizer, layout_version=3)
+    with pytest.raises(ValueError, match="layout_version=4: expected one of 1, 2, 3"):
+        cloud_jax.RewardModel(CFG, rm.params, rm.tokenizer, layout_version=4)
     with pytest.raises(ValueError, match="feedback_method='critic'"):
         cloud_jax.RewardModel(CFG, rm.params, rm.tokenizer, feedback_method="critic")
 
