@@ -60,3 +60,24 @@ def _torch_one_thread():
         return
     # Two torch threads on a busy 2-core machine can be 10-20x slower than one.
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """A command run in a test configures the root logger (``logging.basicConfig``) with a
+    handler on that test's ``sys.stderr``; under ``capsys`` that stream is closed when the test
+    ends, and a later test's log line would then print "--- Logging error ---" tracebacks into
+    whatever it captures. Each test leaves the root logger's handlers and level as it found
+    them."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):  # pytest's own capture handlers come and go by phase
+        if handler not in handlers and not type(handler).__module__.startswith("_pytest"):
+            root.removeHandler(handler)
+    for handler in handlers:
+        if handler not in root.handlers and not type(handler).__module__.startswith("_pytest"):
+            root.addHandler(handler)
+    root.setLevel(level)
