@@ -3,7 +3,9 @@ every text tokenized): a row holds the tokens of the whole rendered conversation
 ``apply_chat_template(..., tokenize=True)`` gives them, where version 2 tokenized each text on its
 own and gave it a marker of its own. Two small tokenizers built here: Llama-2's legacy pipeline
 (a normalizer that writes the marker, under the default ChatML template a base model gets) and a
-Metaspace one with Mistral-v0.3-style ``[INST]`` control tokens and template."""
+Metaspace one with Mistral-v0.3-style ``[INST]`` control tokens and template. Llama-2-chat's and
+Mistral-Instruct v0.1/v0.2's templates, whose user turns end in plain ``' [/INST]'``, are refused
+by name."""
 
 import string
 
@@ -12,7 +14,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import PreTrainedTokenizerFast
 
 from cloud_jax.data.layout import encode_critique_prefix, encode_example
-from cloud_jax.data.tokenizer import DEFAULT_CHAT_TEMPLATE
+from cloud_jax.data.tokenizer import DEFAULT_CHAT_TEMPLATE, end_of_turn_ids
 from cloud_jax.serving.protocol import ChatMarkers, parse_openrlhf
 
 PREFIX = ("The following is a break down on the correctness and usefulness of the assistant's "
@@ -250,3 +252,90 @@ def test_each_text_is_trimmed_as_the_template_trims_its_turn(template):
 
         # The response is trimmed where the user's text is, as these versions always did.
         assert (row(response) == row(response.strip())) == user_trimmed
+
+
+# The [INST] templates of the chat models whose vocabularies hold no [INST] tokens (32000 pieces,
+# only <unk>, <s> and </s> special), as their tokenizer_config.json files write them: a user turn
+# is '[INST] ' + text + ' [/INST]', closed by plain text. Llama-2-chat's writes a BOS before
+# every user turn, puts a system message inside the first [INST] block and strips each text.
+LLAMA2_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}"
+    "{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}"
+    "{% endif %}{% endfor %}")
+MISTRAL_V01_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}"
+    "{% endif %}{% endfor %}")
+MISTRAL_V02_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}"
+    "{%- endif %}{{- bos_token }}{%- for message in loop_messages %}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{- raise_exception('After the optional system message, conversation roles must alternate "
+    "user/assistant/user/assistant/...') }}{%- endif %}"
+    "{%- if message['role'] == 'user' %}{%- if loop.first and system_message is defined %}"
+    "{{- ' [INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}"
+    "{%- else %}{{- ' [INST] ' + message['content'] + ' [/INST]' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content'] + eos_token }}"
+    "{%- else %}{{- raise_exception('Only user and assistant roles are supported, with the "
+    "exception of an initial optional system message!') }}{%- endif %}{%- endfor %}")
+
+
+@pytest.mark.parametrize("template", [LLAMA2_CHAT_TEMPLATE, MISTRAL_V01_TEMPLATE,
+                                      MISTRAL_V02_TEMPLATE],
+                         ids=["llama2-chat", "mistral-v0.1", "mistral-v0.2"])
+def test_inst_templates_whose_user_turns_end_in_plain_text_are_refused_by_name(template):
+    """The CLoud conversation (user, assistant, user) alternates, so these templates render it;
+    but the critique's user turn ends with ' [/INST]', ordinary tokens to these vocabularies
+    ('▁[', '/', 'INST', ']'). A critique stops, and its reward is read, at one special token
+    closing that turn, which the template does not write. The refusal (in the layout, and in
+    end_of_turn_ids, which the scorer and the server start with) names the template family, why,
+    and what to do, where it spoke only of <|eot_id|>, <|im_end|> and eos_token."""
+    tok = sentencepiece_tokenizer("legacy")
+    tok.chat_template = template
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                {"role": "user", "content": "c"}]
+    assert tok.apply_chat_template(messages, tokenize=False).endswith("c [/INST]")
+    assert len(tok.encode(" [/INST]", add_special_tokens=False)) > 1
+    for call in (lambda: encode_example(tok, *CASES[0], "critique", PREFIX, 512),
+                 lambda: encode_example(tok, *CASES[0][:2], None, "classic", PREFIX, 512),
+                 lambda: encode_critique_prefix(tok, *CASES[0][:2], PREFIX),
+                 lambda: end_of_turn_ids(tok)):
+        with pytest.raises(ValueError) as err:
+            call()
+        message = str(err.value)
+        for part in ("' [/INST]'", "Llama-2-chat", "Mistral-Instruct v0.1/v0.2",
+                     "not one special token", "chat_template.jinja", "tokenizer_config.json",
+                     "eos_token", "data.tokenizer"):
+            assert part in message, (part, message)
+    # What the message offers works: without the template, the default one (every turn closed
+    # by eos_token) lays the rows out.
+    tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    assert encode_example(tok, *CASES[0], "critique", PREFIX, 512) is not None
+    assert end_of_turn_ids(tok) == [tok.eos_token_id]
+
+
+def test_a_v0_2_template_over_a_tokenizer_with_an_inst_control_token_is_refused_as_such():
+    """Mistral v0.3's tokenizer has '[/INST]' as a control token, but v0.2's template writes a
+    space before it: the turn's first closing token is '▁'. The refusal says so (and not that
+    '[/INST]' is ordinary text) and points at v0.3's own template."""
+    tok = sentencepiece_tokenizer("metaspace")
+    tok.chat_template = MISTRAL_V02_TEMPLATE
+    with pytest.raises(ValueError, match=r"'\[/INST\]' is a special token to this tokenizer, "
+                                         r"but the template writes text before it.*v0.3"):
+        encode_example(tok, *CASES[0], "critique", PREFIX, 512)

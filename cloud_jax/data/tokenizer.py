@@ -90,11 +90,44 @@ def turn_closer_after(tok: PreTrainedTokenizerBase, text_after_content: str, whe
     """The token that closes a turn: the first token the template writes after a message's text."""
     ids = tok.encode(text_after_content, add_special_tokens=False)
     if not ids or not _is_special(tok, ids[0]):
+        if text_after_content.lstrip().startswith(_INST_CLOSER):
+            raise ValueError(_inst_closer_message(tok, text_after_content, where))
         raise ValueError(
             f"the chat template closes {where} with {text_after_content[:40]!r}, which does not "
             "start with a special end-of-turn token; rewards are read at that token, so use a "
             "template whose turns end with one (e.g. <|eot_id|>, <|im_end|>, or eos_token)")
     return ids[0]
+
+
+# The text that closes a user turn in the [INST] templates (Llama-2-chat, Mistral-Instruct).
+_INST_CLOSER = "[/INST]"
+
+
+def _inst_closer_message(tok: PreTrainedTokenizerBase, text_after_content: str,
+                         where: str) -> str:
+    """Why an [INST] template whose user turn is not closed by one special token is refused, and
+    what to do. Llama-2-chat's and Mistral-Instruct v0.1/v0.2's write ``' [/INST]'``, ordinary
+    tokens in their vocabularies (``'▁[', '/', 'INST', ']'``): there is no token at which a
+    critique could stop and its reward be read, and ``']'`` ends ordinary text as well."""
+    closer_ids = tok.encode(_INST_CLOSER, add_special_tokens=False)
+    if len(closer_ids) == 1 and _is_special(tok, closer_ids[0]):
+        why = (f"{_INST_CLOSER!r} is a special token to this tokenizer, but the template writes "
+               "text before it (Mistral-Instruct v0.3's template, written for such tokenizers, "
+               f"closes a user turn with {_INST_CLOSER!r} itself)")
+    else:
+        why = (f"{_INST_CLOSER!r} is {len(closer_ids)} ordinary tokens to this tokenizer, not one "
+               "special token (as in the vocabularies of Llama-2-chat, Mistral-Instruct "
+               "v0.1/v0.2, Mixtral-Instruct v0.1 and CodeLlama-Instruct)")
+    return (
+        f"the chat template closes {where} with {text_after_content[:40]!r}: an [INST] template "
+        "(Llama-2-chat's or Mistral-Instruct v0.1/v0.2's) whose user turns do not end with one "
+        f"special token; {why}. A critique is written in a user turn and ends, and its reward "
+        "is read, at the special token that closes that turn, so this template cannot be used. "
+        "Give the tokenizer another chat template: save it to a directory (save_pretrained) and "
+        "delete its chat_template.jinja, or the \"chat_template\" entry of its "
+        "tokenizer_config.json, so that cloud_jax uses its default ChatML-style template, whose "
+        "turns end with eos_token; or write a template there whose turns each end with a special "
+        "token (eos_token), and point data.tokenizer (a command's --tokenizer) at that directory")
 
 
 # The date a chat template that writes "today" (``strftime_now``, as Llama-3.1/3.2's do in their
