@@ -309,3 +309,45 @@ def test_greedy_k_sweep_warns_once(tmp_path, tiny_rm, caplog):
     greedy = [r.getMessage() for r in caplog.records if "temperature 0" in r.getMessage()]
     assert len(greedy) == 1, greedy
     assert greedy[0].startswith("num_samples=2 at temperature 0: greedy decoding writes the same")
+
+
+def test_cli_lenient_report_counts_the_rejected_rows(tmp_path, monkeypatch, tiny_rm, capsys):
+    """Rows --lenient skipped are counted in report.json (rejected_rows, rejects_path: the keys
+    the training data stats use), in report.md and in the printed summary, so the report alone
+    tells that the accuracy is over fewer rows than the input holds."""
+    monkeypatch.setattr(cloud_jax, "load", lambda path, **kw: tiny_rm)
+    no_chosen = {"id": 3, "prompt": "p", "rejected": "r", "subset": "math-prm"}
+    path = write_jsonl(tmp_path / "rb.jsonl", [
+        {"id": 1, "prompt": "2+2?", "chosen": "4", "rejected": "5", "subset": "math-prm"},
+        no_chosen, "{not json",
+        {"id": 2, "prompt": "Hi", "chosen": "Hello!", "rejected": "Go away.",
+         "subset": "alpacaeval-easy"}])
+    out = tmp_path / "out"
+    common = ["--checkpoint", "c", "--classic", "--batch-size", "4", "--no-progress",
+              "--output-dir", str(out)]
+    assert main([*common, "--input", path, "--lenient"]) == 0
+    rejects = str(out / "rejects.jsonl")
+    report = json.loads((out / "report.json").read_text())
+    rb = report["rewardbench"]
+    assert (rb["num_rows"], rb["rejected_rows"], rb["rejects_path"]) == (2, 2, rejects)
+    assert [json.loads(line)["line"] for line in open(rejects)] == [2, 3]
+    md = (out / "report.md").read_text()
+    assert f"2 input rows were bad and skipped (`--lenient`), listed in `{rejects}`; the " \
+           "numbers below leave them out." in md
+    printed = capsys.readouterr().out
+    assert f"2 input rows skipped (--lenient), listed in {rejects}" in printed
+
+    # No bad row: 0 and the (empty) rejects file; without --lenient no rejects file at all.
+    good = write_jsonl(tmp_path / "good.jsonl", [
+        {"id": 1, "prompt": "2+2?", "chosen": "4", "rejected": "5", "subset": "math-prm"}])
+    assert main([*common, "--input", good, "--lenient"]) == 0
+    rb = json.loads((out / "report.json").read_text())["rewardbench"]
+    assert (rb["rejected_rows"], rb["rejects_path"]) == (0, rejects)
+    assert "No input row was skipped (`--lenient`)." in (out / "report.md").read_text()
+    assert "0 input rows skipped (--lenient)\n" in capsys.readouterr().out
+    assert main([*common, "--input", good]) == 0
+    rb = json.loads((out / "report.json").read_text())["rewardbench"]
+    assert (rb["rejected_rows"], rb["rejects_path"]) == (0, None)
+    assert "skipped" not in (out / "report.md").read_text()
+    assert "skipped" not in capsys.readouterr().out
+    assert not os.path.exists(rejects)

@@ -119,14 +119,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     storage.check_output_dir(args.output_dir, "--output-dir")
     # Inputs are read and checked before the (slow) model load.
-    rows = None
+    rows, loaded = None, None
     # An earlier run's rejects must not stand beside this run's report (its other files are
     # replaced by run_evaluation).
     clear_outputs(args.output_dir, [REJECTS_JSONL])
     if args.input is not None:
-        rows = load_rows(args.input, require_feedback=False, lenient=args.lenient,
-                         rejects_path=storage.join(args.output_dir, REJECTS_JSONL),
-                         split=args.split, columns=columns_from_args(args)).rows
+        loaded = load_rows(args.input, require_feedback=False, lenient=args.lenient,
+                           rejects_path=storage.join(args.output_dir, REJECTS_JSONL),
+                           split=args.split, columns=columns_from_args(args))
+        rows = loaded.rows
     items = load_best_of_n(args.best_of_n) if args.best_of_n is not None else None
     if rows is not None and not rows:
         raise ConfigError(f"no usable preference rows in {args.input}")
@@ -147,7 +148,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                    max_critique_tokens=cfg.max_critique_tokens, seed=cfg.seed,
                                    batch_size=cfg.batch_size, classic=cfg.classic, **sampler)
     report = run_evaluation(score_fn, cfg, args.output_dir, rows=rows, best_of_n_items=items,
-                            settings=settings, progress=not args.no_progress)
+                            settings=settings, progress=not args.no_progress,
+                            rejected_rows=loaded.num_rejected if loaded else 0,
+                            rejects_path=loaded.rejects_path if loaded else None)
     _print_summary(report)
     return 0
 
@@ -169,6 +172,11 @@ def _print_summary(report) -> None:
         truncated = report["rewardbench"].get("truncated_fraction")
         if truncated is not None:
             lines.append(f"critiques cut at the token budget: {100 * truncated:.1f}% of samples")
+        skipped = report["rewardbench"].get("rejected_rows", 0)
+        rejects = report["rewardbench"].get("rejects_path")
+        if skipped or rejects is not None:
+            lines.append(f"{skipped} input rows skipped (--lenient)"
+                         + (f", listed in {rejects}" if skipped and rejects is not None else ""))
     if "best_of_n" in report:
         for k, m in report["best_of_n"]["by_k"].items():
             lines.append(f"K={k}: Best-of-N win rate vs baseline "

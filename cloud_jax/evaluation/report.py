@@ -44,6 +44,12 @@ def _rewardbench_md(rb: Mapping[str, Any]) -> List[str]:
            f"{rb['num_rows']} pairs; accuracy in %; a tie scores {top['tie_credit']:g}. "
            "`weighted` is RewardBench's example-count weighting; `score` is the mean of the "
            "weighted sections.", ""]
+    skipped, rejects = rb.get("rejected_rows", 0), rb.get("rejects_path")
+    if skipped or rejects is not None:  # a lenient load: say how many rows it left out
+        listed = f", listed in `{rejects}`" if rejects is not None else ""
+        out += [f"{skipped} input rows were bad and skipped (`--lenient`){listed}; the numbers "
+                "below leave them out." if skipped else
+                "No input row was skipped (`--lenient`).", ""]
     rows = [[name, str(s["n"]), _pct(s["accuracy"]), _pct(s["weighted"]), str(s["ties"])]
             for name, s in top["sections"].items()]
     rows.append(["**all rows** (weighted: score)", str(top["all_rows"]["n"]), _pct(top["accuracy"]),

@@ -214,12 +214,16 @@ def run_evaluation(score_fn: ScoreFn, cfg: EvalConfig, output_dir: str, *,
                    rows: Optional[Sequence[PreferenceRow]] = None,
                    best_of_n_items: Optional[Sequence[bon.BestOfNItem]] = None,
                    settings: Optional[Dict[str, Any]] = None,
-                   progress: bool = False) -> Dict[str, Any]:
+                   progress: bool = False, rejected_rows: int = 0,
+                   rejects_path: Optional[str] = None) -> Dict[str, Any]:
     """Evaluates ``rows`` and/or ``best_of_n_items``; writes into ``output_dir``:
 
     report.json, report.md, accuracy_by_section.png (with rows), accuracy_vs_k.png,
     critiques.jsonl (with rows), best_of_n_critiques.jsonl (with Best-of-N items).
     Returns the report dictionary (what report.json holds) with the written paths under "files".
+    ``rejected_rows`` / ``rejects_path``: the input rows a lenient load skipped and the file that
+    lists them (:class:`~cloud_jax.data.schema.LoadResult`'s ``num_rejected`` and
+    ``rejects_path``), recorded beside ``num_rows`` so the report tells that rows were left out.
     The files of an earlier evaluation in ``output_dir`` are removed first (:func:`clear_outputs`).
     A ``gs://`` / ``s3://`` ``output_dir`` gets the files once all are written (they are written
     to a local directory first: the plots and reports are written with local file calls).
@@ -229,7 +233,8 @@ def run_evaluation(score_fn: ScoreFn, cfg: EvalConfig, output_dir: str, *,
         with storage.staged_output(output_dir) as local:
             report = run_evaluation(score_fn, cfg, local, rows=rows,
                                     best_of_n_items=best_of_n_items, settings=settings,
-                                    progress=progress)
+                                    progress=progress, rejected_rows=rejected_rows,
+                                    rejects_path=rejects_path)
         report["files"] = {k: storage.join(output_dir, os.path.relpath(v, local))
                            for k, v in report["files"].items()}
         return report
@@ -250,6 +255,7 @@ def run_evaluation(score_fn: ScoreFn, cfg: EvalConfig, output_dir: str, *,
     if rows:
         report["rewardbench"], records = evaluate_rewardbench(rows, score_fn, cfg,
                                                               progress=progress)
+        report["rewardbench"].update(rejected_rows=rejected_rows, rejects_path=rejects_path)
         files["critiques"] = os.path.join(output_dir, CRITIQUES_JSONL)
         write_jsonl_atomic(files["critiques"], records)
     if best_of_n_items:
