@@ -571,9 +571,10 @@ def upload_dir(local_dir: str, url: str, last: Sequence[str] = ()) -> None:
 
 
 @contextlib.contextmanager
-def staged_output(path: str) -> Iterator[str]:
+def staged_output(path: str, last: Sequence[str] = ()) -> Iterator[str]:
     """A local directory to write ``path``'s files into: ``path`` itself when it is local; for a
-    URL a temporary directory, uploaded to it when the block ends without an error."""
+    URL a temporary directory, uploaded to it when the block ends without an error (the files
+    named in ``last`` after all the others, as :func:`upload_dir`)."""
     if not is_url(path):
         os.makedirs(path, exist_ok=True)
         yield path
@@ -582,7 +583,7 @@ def staged_output(path: str) -> Iterator[str]:
     try:
         yield local
         log.info("uploading to %s", path)
-        upload_dir(local, path)
+        upload_dir(local, path, last=last)
     finally:
         shutil.rmtree(local, ignore_errors=True)
 

@@ -351,3 +351,55 @@ def test_cli_lenient_report_counts_the_rejected_rows(tmp_path, monkeypatch, tiny
     assert "skipped" not in (out / "report.md").read_text()
     assert "skipped" not in capsys.readouterr().out
     assert not os.path.exists(rejects)
+
+
+def _lenient_run(tmp_path, monkeypatch, out, bad_rows, load=None):
+    """--lenient over the synthetic rows plus ``bad_rows`` unreadable lines."""
+    rows = synthetic_rows() + ["{not json"] * bad_rows
+    path = write_jsonl(tmp_path / f"rb{bad_rows}.jsonl", rows)
+    monkeypatch.setattr(cloud_jax, "load", load or (lambda path, **kw: FakeModel()))
+    return main(["--checkpoint", "c", "--input", path, "--output-dir", str(out), "--lenient",
+                 "--no-progress"])
+
+
+def _refuse_load(path, **kw):
+    raise OSError("checkpoint unreadable")
+
+
+def test_a_rerun_that_stops_early_never_leaves_the_earlier_report_beside_new_rejects(
+        tmp_path, monkeypatch):
+    """report.json marks a finished run: it goes first, before this run's rejects are written,
+    and is written last. A rerun stopped after reading its rows (the model does not load) leaves
+    no report, never the earlier run's report beside this run's rejects; a strict rerun whose
+    input is bad stops before it touches the directory, so the earlier run stays whole."""
+    out = tmp_path / "o"
+    assert _lenient_run(tmp_path, monkeypatch, out, bad_rows=2) == 0
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    assert json.loads(before["report.json"])["rewardbench"]["rejected_rows"] == 2
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", ["{not json"])
+    monkeypatch.setattr(cloud_jax, "load", _no_model)
+    assert main(["--checkpoint", "c", "--input", bad, "--output-dir", str(out)]) == 2
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+
+    with pytest.raises(OSError, match="checkpoint unreadable"):
+        _lenient_run(tmp_path, monkeypatch, out, bad_rows=1, load=_refuse_load)
+    assert len((out / "rejects.jsonl").read_text().splitlines()) == 1
+    assert not (out / "report.json").exists(), sorted(os.listdir(out))
+
+
+def test_report_json_is_written_last(tmp_path, monkeypatch):
+    """A run stopped while its plots are drawn leaves no report.json: it is written after
+    report.md and the plots."""
+    from cloud_jax.evaluation import report as report_mod
+
+    rows_path, _ = _inputs(tmp_path)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report_mod, "plot_accuracy_vs_k", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluation(FakeScorer(), EvalConfig(), str(tmp_path / "o"),
+                       rows=load_rows(rows_path, require_feedback=False).rows)
+    assert "report.json" not in os.listdir(tmp_path / "o")

@@ -512,3 +512,60 @@ def test_convert_gguf_reads_its_gguf_from_the_bucket(bucket, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == f"error: --gguf {bucket}/gguf/none.gguf: no such object", err
     assert not (tmp_path / "none").exists()
+
+
+def test_an_evaluation_rerun_in_the_bucket_never_shows_a_report_beside_other_files(
+        bucket, tmp_path, monkeypatch):
+    """A rerun into the same gs:// --output-dir: the earlier report.json goes first (before the
+    new rejects are written) and the new one is uploaded last, so a reader never sees a
+    report.json beside files of another run; an upload that fails part-way leaves no report."""
+    import cloud_jax
+    from cloud_jax.cli import evaluate
+    from cloud_jax.cli.common import run_command
+    from test_evaluate_cli import FakeModel
+    from test_evaluate_helpers import synthetic_rows, write_jsonl
+
+    out = f"{bucket}/eval_rerun"
+    seen_at_load = []
+
+    def load(path, **kw):  # what a reader of the bucket sees while the model loads
+        seen_at_load.append(storage.listdir(out))
+        return FakeModel()
+
+    monkeypatch.setattr(cloud_jax, "load", load)
+
+    def run(bad_rows):
+        path = write_jsonl(tmp_path / f"rb{bad_rows}.jsonl",
+                           synthetic_rows() + ["{not json"] * bad_rows)
+        return run_command(evaluate.main, ["--checkpoint", "c", "--input", path, "--output-dir",
+                                           out, "--lenient", "--no-progress"])
+
+    assert run(2) == 0
+    assert json.loads(storage.read_text(f"{out}/report.json"))["rewardbench"][
+        "rejected_rows"] == 2
+    fs, _ = storage._fs(out)
+    real_put = fs.put_file  # the filesystem instance is shared (fsspec caches it)
+    uploaded = []
+
+    def put_then_fail_on_the_markdown(lpath, rpath, *args, **kwargs):
+        uploaded.append(os.path.basename(str(rpath)))
+        if str(rpath).endswith("report.md"):
+            raise OSError("connection reset")
+        return real_put(lpath, rpath, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "put_file", put_then_fail_on_the_markdown)
+    with pytest.raises(OSError, match="connection reset"):
+        run(1)
+    monkeypatch.setattr(fs, "put_file", real_put)
+    assert "report.json" not in seen_at_load[-1] and "rejects.jsonl" in seen_at_load[-1], \
+        seen_at_load[-1]
+    assert "report.json" not in storage.listdir(out) and "report.json" not in uploaded, uploaded
+    assert len(storage.read_text(f"{out}/rejects.jsonl").splitlines()) == 1
+
+    uploaded.clear()
+    monkeypatch.setattr(fs, "put_file", lambda lpath, rpath, *a, **kw: (
+        uploaded.append(os.path.basename(str(rpath))), real_put(lpath, rpath, *a, **kw))[1])
+    assert run(1) == 0
+    assert uploaded[-1] == "report.json" and "report.md" in uploaded, uploaded
+    report = json.loads(storage.read_text(f"{out}/report.json"))["rewardbench"]
+    assert (report["rejected_rows"], report["rejects_path"]) == (1, f"{out}/rejects.jsonl")

@@ -22,7 +22,8 @@ from typing import List, Optional, Sequence
 
 from cloud_jax.data.schema import load_rows
 from cloud_jax.evaluation.best_of_n import BASELINES, load_best_of_n
-from cloud_jax.evaluation.run import REJECTS_JSONL, EvalConfig, clear_outputs, run_evaluation
+from cloud_jax.evaluation.run import (OUTPUT_FILES, REJECTS_JSONL, EvalConfig, clear_outputs,
+                                      run_evaluation)
 from cloud_jax.evaluation.scorer import score_fn_from_model
 from cloud_jax.scoring.rewards import DEFAULT_MAX_LENGTH
 from cloud_jax.cli.common import add_input_args, add_model_args, columns_from_args, load_model
@@ -120,9 +121,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     storage.check_output_dir(args.output_dir, "--output-dir")
     # Inputs are read and checked before the (slow) model load.
     rows, loaded = None, None
-    # An earlier run's rejects must not stand beside this run's report (its other files are
-    # replaced by run_evaluation).
-    clear_outputs(args.output_dir, [REJECTS_JSONL])
+    # An earlier run's files, report.json first (it marks a finished run), go before this run
+    # writes any: before the rows are read when --lenient writes their rejects, else once the
+    # inputs are checked (a bad input leaves the earlier run whole). run_evaluation writes
+    # report.json last.
+    earlier = OUTPUT_FILES + (REJECTS_JSONL,)
+    writes_rejects = args.lenient and args.input is not None
+    if writes_rejects:
+        clear_outputs(args.output_dir, earlier)
     if args.input is not None:
         loaded = load_rows(args.input, require_feedback=False, lenient=args.lenient,
                            rejects_path=storage.join(args.output_dir, REJECTS_JSONL),
@@ -131,6 +137,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     items = load_best_of_n(args.best_of_n) if args.best_of_n is not None else None
     if rows is not None and not rows:
         raise ConfigError(f"no usable preference rows in {args.input}")
+    if not writes_rejects:
+        clear_outputs(args.output_dir, earlier)
     settings = {"checkpoint": args.checkpoint, "input": args.input, "best_of_n": args.best_of_n}
     if args.split:
         settings["split"] = args.split

@@ -187,22 +187,23 @@ def _have_matplotlib() -> bool:
 
 
 def write_report(report: Dict[str, Any], output_dir: str) -> Dict[str, str]:
-    """Writes the JSON, the markdown and the plots; returns {kind: path}. Without matplotlib
-    (a requirement, but an environment may lack it) the plots are skipped with a warning: the
-    numbers are all in the JSON and the markdown."""
+    """Writes the markdown, the plots and then the JSON, which marks a finished report (a run
+    stopped before it leaves none); returns {kind: path}. Without matplotlib (a requirement, but
+    an environment may lack it) the plots are skipped with a warning: the numbers are all in the
+    JSON and the markdown."""
     os.makedirs(output_dir, exist_ok=True)
     paths = {"json": os.path.join(output_dir, REPORT_JSON),
              "markdown": os.path.join(output_dir, REPORT_MD)}
     # Whole or absent (a temporary file, then a rename): a kill mid-write leaves no cut report.
-    storage.write_text_atomic(paths["json"], json.dumps(report, indent=2, allow_nan=False) + "\n")
     storage.write_text_atomic(paths["markdown"], markdown(report))
     if not _have_matplotlib():
         log.warning("matplotlib is not installed: %s and %s written, the PNG plots skipped "
                     "(pip install -r requirements.txt installs it)", REPORT_JSON, REPORT_MD)
-        return paths
-    paths["accuracy_vs_k"] = os.path.join(output_dir, K_PNG)
-    if "rewardbench" in report:
-        paths["accuracy_by_section"] = os.path.join(output_dir, SECTIONS_PNG)
-        plot_sections(report["rewardbench"], paths["accuracy_by_section"])
-    plot_accuracy_vs_k(report, paths["accuracy_vs_k"])
+    else:
+        paths["accuracy_vs_k"] = os.path.join(output_dir, K_PNG)
+        if "rewardbench" in report:
+            paths["accuracy_by_section"] = os.path.join(output_dir, SECTIONS_PNG)
+            plot_sections(report["rewardbench"], paths["accuracy_by_section"])
+        plot_accuracy_vs_k(report, paths["accuracy_vs_k"])
+    storage.write_text_atomic(paths["json"], json.dumps(report, indent=2, allow_nan=False) + "\n")
     return paths

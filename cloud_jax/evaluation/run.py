@@ -30,14 +30,17 @@ log = logging.getLogger(__name__)
 CRITIQUES_JSONL = "critiques.jsonl"
 BEST_OF_N_JSONL = "best_of_n_critiques.jsonl"
 # What an evaluation writes into its output directory (REJECTS_JSONL: the command's --lenient).
+# report.json marks a finished evaluation: it comes first here (an earlier run's is removed before
+# its other files) and is written last, so a reader never sees one beside another run's files.
 REJECTS_JSONL = "rejects.jsonl"
 OUTPUT_FILES = (REPORT_JSON, REPORT_MD, SECTIONS_PNG, K_PNG, CRITIQUES_JSONL, BEST_OF_N_JSONL)
 
 
 def clear_outputs(output_dir: str, names: Sequence[str] = OUTPUT_FILES) -> list[str]:
     """Removes the files named ``names`` that an earlier evaluation left in ``output_dir`` (a
-    local directory or a URL), so that what a new one writes there is never read beside an older
-    run's critiques, plots or rejects. Other files are left alone. Returns the names removed."""
+    local directory or a URL), in the order given, so that what a new one writes there is never
+    read beside an older run's critiques, plots or rejects. Other files are left alone. Returns
+    the names removed."""
     present = set(storage.listdir(output_dir))
     removed = [name for name in names if name in present]
     for name in removed:
@@ -227,10 +230,12 @@ def run_evaluation(score_fn: ScoreFn, cfg: EvalConfig, output_dir: str, *,
     The files of an earlier evaluation in ``output_dir`` are removed first (:func:`clear_outputs`).
     A ``gs://`` / ``s3://`` ``output_dir`` gets the files once all are written (they are written
     to a local directory first: the plots and reports are written with local file calls).
+    report.json is removed first and written (uploaded) last: a directory that holds one holds
+    that run's other files, and a run stopped part-way leaves none.
     """
     clear_outputs(output_dir)
     if storage.is_url(output_dir):
-        with storage.staged_output(output_dir) as local:
+        with storage.staged_output(output_dir, last=(REPORT_JSON,)) as local:
             report = run_evaluation(score_fn, cfg, local, rows=rows,
                                     best_of_n_items=best_of_n_items, settings=settings,
                                     progress=progress, rejected_rows=rejected_rows,
