@@ -9,7 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from cloud_jax.data.config import DataConfig, resolved_buckets
-from cloud_jax.data.pipeline import BATCH_KEYS, batch_iterator, host_positions, pair_batches
+from cloud_jax.data.pipeline import BATCH_KEYS, GlobalOrder, batch_iterator, pair_batches
 from cloud_jax.data.tfds_builder import open_split, prepare_dataset
 from cloud_jax.data.tokenizer import byte_tokenizer
 
@@ -207,16 +207,72 @@ def test_two_hosts_disjoint_equal_batches(built):
     cfg, _, _, source = built
     hosts = [list(batch_iterator(cfg, source, shard_index=h, shard_count=2, num_epochs=1))
              for h in range(2)]
-    # 11 pairs over 2 hosts: 6 each (host 1 topped up with a filler), 2 per batch -> 3 batches.
+    # 11 pairs in global batches of 4: 3 batches, the last one topped up with a filler, 2 rows
+    # of each for each host.
     assert [len(h) for h in hosts] == [3, 3]
     assert all(b["input_ids"].shape[0] == 2 for h in hosts for b in h)
     seen = [{int(x) for b in h for x, v in zip(b["pair_index"], b["pair_valid"]) if v}
             for h in hosts]
     assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] == set(range(NUM_ROWS))
-    assert host_positions(11, 1, 2, drop_remainder=False) == [1, 3, 5, 7, 9, -1]
-    assert host_positions(11, 0, 2, drop_remainder=True) == [0, 2, 4, 6, 8]
     with pytest.raises(ValueError, match="not divisible by the 3 hosts"):
         batch_iterator(cfg, source, shard_index=0, shard_count=3)
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+@pytest.mark.parametrize("drop_remainder", [False, True])
+def test_global_order_is_the_same_for_any_host_count(shuffle, drop_remainder):
+    """The hosts' rows of each global batch, in host order, are the one-host batch: 1, 2 and 4
+    virtual hosts read the same sequence of pairs, epoch after epoch."""
+    order = GlobalOrder(23, 8, seed=3, shuffle=shuffle, num_epochs=3,
+                        drop_remainder=drop_remainder)
+    assert len(order) == (2 if drop_remainder else 3) * 3
+    one = [order.host_rows(i, 0, 1) for i in range(len(order))]
+    assert one == [order.batch(i) for i in range(len(order))]
+    for hosts in (2, 4):
+        split = [sum((order.host_rows(i, h, hosts) for h in range(hosts)), [])
+                 for i in range(len(order))]
+        assert split == one, hosts
+        assert all(len(order.host_rows(i, h, hosts)) == 8 // hosts
+                   for i in range(len(order)) for h in range(hosts))
+    per_epoch = len(order) // 3
+    for e in range(3):
+        pairs = [p for b in one[e * per_epoch:(e + 1) * per_epoch] for p in b]
+        real = [p for p in pairs if p >= 0]
+        assert len(real) == len(set(real)) == (16 if drop_remainder else 23)
+        assert pairs.count(-1) == (0 if drop_remainder else 1)
+    if shuffle:
+        assert one[:per_epoch] != one[per_epoch:2 * per_epoch]
+        assert one != [GlobalOrder(23, 8, seed=4, num_epochs=3,
+                                   drop_remainder=drop_remainder).batch(i)
+                       for i in range(len(order))]
+    else:
+        assert one[0] == list(range(8)) and one[per_epoch] == list(range(8))
+    with pytest.raises(ValueError, match="not divisible by the 3 hosts"):
+        order.host_rows(0, 0, 3)
+
+
+def test_hosts_of_the_pipeline_read_the_one_host_batches(built):
+    """Through the pipeline (shuffled, three epochs): the two hosts' rows of batch i, host 0's
+    then host 1's, are the one-host batch i, tokens and all, and their common length bucket is
+    the one-host batch's."""
+    cfg, _, _, source = built
+    one = list(batch_iterator(cfg, source, shard_index=0, shard_count=1))
+    hosts = [list(batch_iterator(cfg, source, shard_index=h, shard_count=2)) for h in range(2)]
+    assert len(hosts[0]) == len(hosts[1]) == len(one) == 9
+    for i, whole in enumerate(one):
+        parts = [h[i] for h in hosts]
+        assert max(p["input_ids"].shape[-1] for p in parts) == whole["input_ids"].shape[-1]
+        for key in BATCH_KEYS:
+            if whole[key].ndim == 3:  # pad each part to the batch's bucket, as the hosts agree
+                got = np.concatenate([np.pad(p[key], [(0, 0), (0, 0), (0, whole[key].shape[-1]
+                                                                   - p[key].shape[-1])])
+                                      for p in parts])
+                real = np.concatenate([np.pad(p["attention_mask"], [(0, 0), (0, 0), (
+                    0, whole[key].shape[-1] - p[key].shape[-1])]) for p in parts]) == 1
+                np.testing.assert_array_equal(got[real], whole[key][real], err_msg=key)
+            else:
+                np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]),
+                                              whole[key], err_msg=key)
 
 
 @pytest.mark.parametrize("consumed", [1, 3, 4])  # mid-epoch, at and across an epoch boundary

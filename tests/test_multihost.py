@@ -85,3 +85,37 @@ def test_two_processes_train_resume_and_sample_equal_one(tmp_path):
     # Sampled at temperature 1: the K critiques of an input differ.
     assert len(set(got["critique_tokens"].ravel().tolist())) > 1
     assert all(len(set(r)) == 4 for r in got["sample_rewards"].tolist())
+
+
+@pytest.mark.slow
+def test_a_one_process_run_resumed_on_two_reads_the_same_global_batches(tmp_path):
+    """Shuffled, stopped after 2 steps on one process and resumed on two: the two processes go
+    on from the global batch number and read, between them, the global batches the
+    uninterrupted one-process run read (equal batch digests), with its losses."""
+    train, _ = write_toy_data(str(tmp_path / "data"), n_train=48, n_eval=8)
+    args = ["--config", str(ROOT / "configs/tiny_cpu_classic.yaml"),
+            f"data.train_path={train}", "data.eval_path=\"\"",
+            f"data.tfds_dir={tmp_path / 'tfds'}", "data.shuffle=true",
+            "init_from=\"\"", "train.progress_bar=false", "train.tensorboard_dir=\"\"",
+            "train.total_steps=4", "train.log_every=1", "train.eval_every=0",
+            "train.checkpoint_every=0", "train.export_final=false"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    cmd = [sys.executable, "-m", "cloud_jax.train", *args]
+    one, parts = tmp_path / "one", tmp_path / "parts"
+    run_joined(cmd + [f"output_dir={one}"], 1, env, timeout=300, cwd=ROOT)
+    run_joined(cmd + [f"output_dir={parts}", "train.stop_at_step=2"], 1, env, timeout=300,
+               cwd=ROOT)
+    err = run_joined(cmd + [f"output_dir={parts}"], 2, env, timeout=300, cwd=ROOT)
+    assert "written by 1 process(es), this run has 2" in err[0]
+    saved = os.listdir(parts / "checkpoints" / "4" / "data")
+    assert sorted(n for n in saved if n.startswith("process_")) == [
+        "process_0-of-2.json", "process_1-of-2.json"]
+    with open(one / "metrics.jsonl") as f:
+        a = [r for r in map(json.loads, f) if r["split"] == "train"]
+    with open(parts / "metrics.jsonl") as f:
+        b = [r for r in map(json.loads, f) if r["split"] == "train"]
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert [r["batch_digest"] for r in b] == [r["batch_digest"] for r in a]
+    np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-5)

@@ -2,6 +2,7 @@
 uninterrupted run exactly, two processes equal one, bad data and bad settings give clear errors."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -206,21 +207,62 @@ def test_resume_with_another_stage_is_refused(toy, tmp_path):
         run(tiny("cloud", toy, out, "train.total_steps=2"))
 
 
-def test_resume_on_another_number_of_processes_is_refused_and_the_checkpoint_kept(toy, tmp_path):
-    out = tmp_path / "run"
-    settings = ("train.total_steps=2", "train.export_final=false", "train.eval_every=0")
-    run(tiny("classic", toy, str(out), *settings))
-    # As written by two processes: each saved its own data position.
-    data = out / "checkpoints" / "2" / "data"
+def _as_written_by(step_dir: Path, processes: int) -> None:
+    """Rewrites a one-process checkpoint's data position as ``processes`` processes save it:
+    one file each, every one holding the global batch number."""
+    data = step_dir / "data"
     saved = (data / "process_0-of-1.json").read_text()
     (data / "process_0-of-1.json").unlink()
-    for i in range(2):
-        (data / f"process_{i}-of-2.json").write_text(saved)
-    # It was "no usable checkpoint ... Delete or move the broken step directories".
-    with pytest.raises(ConfigError, match=r"written by a run of 2 process\(es\) and this run "
-                                          r"has 1: .* resume on as many processes"):
-        run(tiny("classic", toy, str(out), *settings))
-    assert sorted(os.listdir(out / "checkpoints")) == ["2"]
+    for i in range(processes):
+        (data / f"process_{i}-of-{processes}.json").write_text(saved)
+
+
+def test_resume_on_another_number_of_processes_goes_on_with_the_same_global_batches(toy,
+                                                                                     tmp_path):
+    """A checkpoint's data position is a global batch number, the same in each process's file:
+    a checkpoint of two processes resumes on one and reads the batches the uninterrupted run
+    read (shuffled, as configured). One written before the order was global (no data_order in
+    its config) by two processes is refused on one, and kept."""
+    common = ["train.total_steps=5", "train.log_every=1", "train.eval_every=0",
+              "train.checkpoint_every=0", "train.export_final=false"]
+    full, parts = tmp_path / "full", tmp_path / "parts"
+    run(tiny("classic", toy, str(full), *common))
+    run(tiny("classic", toy, str(parts), *common, "train.stop_at_step=2"))
+    step_dir = parts / "checkpoints" / "2"
+    _as_written_by(step_dir, 2)
+
+    config_file = step_dir / "config" / "metadata"
+    config = json.loads(config_file.read_text())
+    assert config.pop("data_order") == "global"
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"written by a run of 2 processes before the train "
+                                          r"order was global .* this run has 1: resume it on 2 "
+                                          r"processes"):
+        run(tiny("classic", toy, str(parts), *common))
+    assert sorted(os.listdir(parts / "checkpoints")) == ["2"]
+
+    config_file.write_text(json.dumps({**config, "data_order": "global"}))
+    assert run(tiny("classic", toy, str(parts), *common))["step"] == 5
+    a, b = read_metrics(full), read_metrics(parts)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5]
+    for key in ("loss", "batch_digest", "grad_norm", "learning_rate"):
+        assert [r[key] for r in a] == [r[key] for r in b], key
+
+
+def test_which_checkpoints_go_on_in_the_global_order_on_which_host_counts(caplog):
+    from cloud_jax.training.checkpointing import check_data_order
+
+    with caplog.at_level(logging.WARNING):
+        for saved, now in ((1, 4), (4, 2), (2, 2), (None, 3)):
+            check_data_order("ckpt", "global", saved, now, shuffle=True)
+        check_data_order("ckpt", None, 1, 2, shuffle=True)  # one host's order was global
+        check_data_order("ckpt", None, 2, 2, shuffle=False)  # so was an unshuffled one
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING):
+        check_data_order("ckpt", None, 2, 2, shuffle=True)
+    assert "read twice or not at all" in caplog.text
+    with pytest.raises(ConfigError, match="ckpt was written by a run of 4 processes before"):
+        check_data_order("ckpt", None, 4, 2, shuffle=False)
 
 
 def test_resume_past_total_steps_is_refused_not_a_finished_run(toy, tmp_path):

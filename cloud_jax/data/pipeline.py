@@ -11,14 +11,18 @@ One batch (P pairs per host, T a length bucket; pair axis 0 = chosen, 1 = reject
     pair_valid      int32   [P]        0 for filler pairs
     pair_index      int32   [P]        the pair's record index in the source, -1 for filler
 
-Filler pairs (the tail of a last partial batch, and the one-pair top-up that gives every host
-the same number of batches) are copies of a real pair with pair_valid 0 and loss_mask 0, so no
-row is all padding and every reward_index points at a real end-of-turn token.
+Filler pairs (the tail of a last partial batch) are copies of a real pair with pair_valid 0 and
+loss_mask 0, so no row is all padding and every reward_index points at a real end-of-turn token.
 
-Order: each host takes every shard_count-th record from shard_index, shuffles them with a
-permutation that depends on (seed, epoch), batches each epoch separately and repeats for
-num_epochs. Batch i is a pure function of i, so the iterator state (grain's get_state /
-set_state) is just a position, and a restored iterator yields exactly the batches that followed.
+Order (:class:`GlobalOrder`): one global order of the pair indices per epoch, a permutation that
+depends on (seed, epoch) only (the identity without shuffling); global batch i is cut from it
+(batches of cfg.batch_pairs, each epoch separately, num_epochs of them), and host h of H takes
+rows [h * batch_pairs / H, (h + 1) * batch_pairs / H) of every global batch. The global batches
+are thus a function of (seed, epoch, batch number) and not of the host count: the hosts' rows of
+batch i, in host order, are the one-host batch i. Host batch i is a pure function of i, so the
+iterator state (grain's get_state / set_state) is just a position, the same on every host, and a
+restored iterator yields exactly the batches that followed, on any host count that divides
+batch_pairs.
 """
 
 from __future__ import annotations
@@ -37,14 +41,14 @@ _SIDES = ("chosen", "rejected")
 
 
 class _ReadPair:
-    """Host position -> source record; -1 (the top-up) reads record 0 and marks it filler."""
+    """Pair position -> source record; -1 (filler) reads record 0 and marks it filler."""
 
     def __init__(self, source):
         self._source = source
 
     def __call__(self, index: int) -> dict:
-        record = dict(self._source[max(index, 0)])
-        record["pair_index"] = index
+        record = dict(self._source[max(int(index), 0)])
+        record["pair_index"] = int(index)
         return record
 
 
@@ -93,18 +97,62 @@ class _Collate:
         return out
 
 
-def host_positions(num_records: int, shard_index: int, shard_count: int,
-                   drop_remainder: bool) -> List[int]:
-    """The records of one host; -1 tops a short host up so every host has as many (without
-    drop_remainder), or the longer hosts lose their last record (with it)."""
-    if not 0 <= shard_index < shard_count:
-        raise ValueError(f"shard_index={shard_index} is not in [0, shard_count={shard_count})")
-    per_host = (num_records // shard_count if drop_remainder
-                else math.ceil(num_records / shard_count))
-    if per_host == 0:
-        raise ValueError(f"{num_records} pairs cannot give each of {shard_count} hosts one")
-    mine = list(range(shard_index, num_records, shard_count))[:per_host]
-    return mine + [-1] * (per_host - len(mine))
+class GlobalOrder:
+    """The train order: which pairs global batch i holds, for every host count.
+
+    ``batch(i)`` is global batch i as ``batch_pairs`` pair positions (-1 for filler), a function
+    of (seed, epoch, i) only: epoch e = i // batches_per_epoch reads the pairs in a permutation
+    of (seed, e) (grain's index shuffle; the identity without ``shuffle``), cut in batches of
+    ``batch_pairs``; the last partial batch of an epoch is topped up with filler, or dropped with
+    ``drop_remainder``. ``host_rows(i, h, H)`` is host h's share: rows [h * P, (h + 1) * P) of
+    batch i, P = batch_pairs / H, so the hosts' shares in host order are batch i.
+    """
+
+    def __init__(self, num_records: int, batch_pairs: int, *, seed: int = 0,
+                 shuffle: bool = True, num_epochs: int = 1, drop_remainder: bool = False):
+        if batch_pairs < 1:
+            raise ValueError(f"batch_pairs={batch_pairs} must be at least 1")
+        self.num_records, self.batch_pairs, self.num_epochs = num_records, batch_pairs, num_epochs
+        self.batches_per_epoch = (num_records // batch_pairs if drop_remainder
+                                  else math.ceil(num_records / batch_pairs))
+        indices = grain.MapDataset.range(num_records)
+        self._order = indices.shuffle(seed=seed) if shuffle else None
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch * self.num_epochs
+
+    def batch(self, index: int) -> List[int]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"batch {index} is not in [0, {len(self)})")
+        epoch, j = divmod(index, self.batches_per_epoch)
+        first = j * self.batch_pairs
+        count = min(self.batch_pairs, self.num_records - first)
+        base = epoch * self.num_records  # grain's shuffle: epoch e's permutation at e * n + k
+        mine = [int(self._order[base + k]) if self._order is not None else k
+                for k in range(first, first + count)]
+        return mine + [-1] * (self.batch_pairs - count)
+
+    def host_rows(self, index: int, shard_index: int, shard_count: int) -> List[int]:
+        if not 0 <= shard_index < shard_count:
+            raise ValueError(f"shard_index={shard_index} is not in [0, shard_count={shard_count})")
+        if self.batch_pairs % shard_count:
+            raise ValueError(f"batch_pairs={self.batch_pairs} is not divisible by the "
+                             f"{shard_count} hosts")
+        per_host = self.batch_pairs // shard_count
+        return self.batch(index)[shard_index * per_host:(shard_index + 1) * per_host]
+
+
+class _HostBatch:
+    """Batch number -> this host's collated rows of that global batch."""
+
+    def __init__(self, order: GlobalOrder, source, shard_index: int, shard_count: int,
+                 collate: _Collate):
+        self._order, self._read, self._collate = order, _ReadPair(source), collate
+        self._shard = (shard_index, shard_count)
+
+    def __call__(self, index: int) -> dict:
+        rows = self._order.host_rows(int(index), *self._shard)
+        return self._collate([self._read(p) for p in rows])
 
 
 def pair_batches(source, *, pairs_per_host: int, length_buckets: Sequence[int], seed: int = 0,
@@ -112,18 +160,19 @@ def pair_batches(source, *, pairs_per_host: int, length_buckets: Sequence[int], 
                  shard_index: int = 0, shard_count: int = 1,
                  pad_id: int = 0) -> grain.MapDataset:
     """The batches of one host as a grain MapDataset: ``len`` is the number of batches over all
-    epochs and ``ds[i]`` is batch i (see the module docstring for layout and order)."""
-    positions = host_positions(len(source), shard_index, shard_count, drop_remainder)
-    if drop_remainder and len(positions) < pairs_per_host:
-        raise ValueError(f"{len(positions)} pairs per host make no full batch of "
-                         f"{pairs_per_host}; lower batch_pairs or set drop_remainder=False")
-    ds = grain.MapDataset.source(positions)
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    ds = ds.map(_ReadPair(source))
-    ds = ds.batch(pairs_per_host, drop_remainder=drop_remainder,
-                  batch_fn=_Collate(pairs_per_host, length_buckets, pad_id))
-    return ds.repeat(num_epochs)
+    epochs and ``ds[i]`` is this host's rows of global batch i (global batches of
+    ``pairs_per_host * shard_count`` pairs; see the module docstring for layout and order)."""
+    batch_pairs = pairs_per_host * shard_count
+    order = GlobalOrder(len(source), batch_pairs, seed=seed, shuffle=shuffle,
+                        num_epochs=num_epochs, drop_remainder=drop_remainder)
+    if order.batches_per_epoch == 0:
+        raise ValueError(f"{len(source)} pairs make no full batch of {batch_pairs}; lower "
+                         "batch_pairs or set drop_remainder=False")
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index={shard_index} is not in [0, shard_count={shard_count})")
+    return grain.MapDataset.range(len(order)).map(
+        _HostBatch(order, source, shard_index, shard_count,
+                   _Collate(pairs_per_host, length_buckets, pad_id)))
 
 
 def _default_shard(shard_index: Optional[int], shard_count: Optional[int]):
@@ -139,9 +188,9 @@ def batch_iterator(cfg: DataConfig, source, *, shard_index: Optional[int] = None
                    num_epochs: Optional[int] = None) -> grain.DatasetIterator:
     """A checkpointable iterator over this host's batches (``get_state`` / ``set_state``).
 
-    Hosts default to JAX processes; every host gets cfg.batch_pairs / shard_count pairs per
-    batch and the same number of batches. ``shuffle`` and ``num_epochs`` default to cfg's (an
-    evaluation pass passes shuffle=False, num_epochs=1).
+    Hosts default to JAX processes; every host gets its cfg.batch_pairs / shard_count rows of
+    each global batch (:class:`GlobalOrder`) and the same number of batches. ``shuffle`` and
+    ``num_epochs`` default to cfg's (an evaluation pass passes shuffle=False, num_epochs=1).
     """
     cfg.validate()
     shard_index, shard_count = _default_shard(shard_index, shard_count)

@@ -3,7 +3,7 @@
 One ``CheckpointManager`` directory holds a step directory per checkpoint with three items:
 
     state   params + optimizer state + step (sharded arrays, restored into their shardings)
-    data    grain iterator state, one JSON file per process
+    data    grain iterator state, one JSON file per process (the same position in each)
     config  the resolved config as JSON
 
 Orbax writes each checkpoint under a temporary name, adds a commit marker
@@ -60,6 +60,43 @@ _FREE = ("train.", "output_dir", "data.num_threads", "data.prefetch_buffer_size"
 # alter the run), e.g. to fit a slice with less memory per device.
 COMPUTE_ONLY = ("model.attention_impl", "model.decode_attention_impl", "model.remat",
                 "model.causal_block_size", "model.dtype")
+_DATA_FILE = re.compile(r"process_\d+-of-(\d+)\.json$")
+# What a checkpoint's config item records of the train order (cloud_jax.data.pipeline.GlobalOrder):
+# "global", a global order cut into global batches that every host count splits the same way.
+# Checkpoints written before it lack the key: each process then shuffled its own share of the rows.
+DATA_ORDER_KEY = "data_order"
+GLOBAL_ORDER = "global"
+
+
+def check_data_order(where: str, saved_order: Optional[str], saved_processes: Optional[int],
+                     processes: int, shuffle: bool) -> None:
+    """Raises ConfigError where a checkpoint's data position cannot go on in this run's data
+    order on ``processes`` processes; warns where it goes on in another order.
+
+    A checkpoint of the global order (``saved_order`` GLOBAL_ORDER) goes on from its global batch
+    number on any number of processes: the same global batches follow. One written before it by
+    several processes, each of which shuffled its own share of the rows, is refused on another
+    number of processes and goes on with a warning on as many (shuffled, its batches were not
+    the global order's); unshuffled, or by one process, its order is the global one.
+    """
+    if saved_order == GLOBAL_ORDER or saved_processes in (None, 1):
+        return
+    if saved_processes != processes:
+        raise ConfigError(
+            f"{where} was written by a run of {saved_processes} processes before the train order "
+            f"was global (each process read its own share of the rows), and this run has "
+            f"{processes}: resume it on {saved_processes} processes (the mesh and devices per "
+            "process may change), or set output_dir (or train.checkpoint_dir) to a new directory "
+            "to start a new run. Checkpoints written from then on resume on any number of "
+            "processes that divides data.batch_pairs.")
+    if shuffle:
+        log.warning("%s was written before the train order was global: each of its %d processes "
+                    "shuffled its own share of the rows. The run goes on at the checkpoint's "
+                    "batch number in the global order, so pairs of the current epoch may be read "
+                    "twice or not at all; from its next checkpoint on it resumes on any number "
+                    "of processes", where, saved_processes)
+
+
 # data.* keys that choose which pairs each batch of the train split holds: the saved data
 # position is a batch number, which another order continues from at the same number.
 _DATA_ORDER = ("data.shuffle", "data.seed", "data.drop_remainder")
@@ -159,28 +196,51 @@ class Checkpointer:
                 "Restore with the model config it was written with, or set output_dir (or "
                 "train.checkpoint_dir) to a new directory to start a new run.")
 
-    def check_processes(self, step: int) -> None:
-        """Raises ConfigError when checkpoint ``step`` holds the data positions of another number
-        of processes than this run's: each process saved its own position in its own rows, which
-        another split of the rows over hosts cannot continue from (the mesh may change)."""
+    def data_processes(self, step: int) -> Optional[int]:
+        """How many processes wrote checkpoint ``step``'s data positions (None: no file)."""
         names = storage.listdir(storage.join(self.step_dir(step), "data"))
-        counts = {int(m.group(1)) for m in map(re.compile(r"process_\d+-of-(\d+)\.json$").match,
-                                                 names) if m}
-        if counts and counts != {jax.process_count()}:
-            raise ConfigError(
-                f"checkpoint {self.step_dir(step)} was written by a run of "
-                f"{' or '.join(map(str, sorted(counts)))} process(es) and this run has "
-                f"{jax.process_count()}: each process saved its position in its own share of the "
-                "train rows, so resume on as many processes (the mesh and devices per process may "
-                "change), or set output_dir (or train.checkpoint_dir) to a new directory to "
-                "start a new run.")
+        counts = {int(m.group(1)) for m in map(_DATA_FILE.match, names) if m}
+        if len(counts) > 1:
+            raise CheckpointError(
+                f"checkpoint {self.step_dir(step)} holds the data positions of runs of "
+                f"{' and '.join(map(str, sorted(counts)))} processes; delete or move the step "
+                "directory to resume from an older one")
+        return counts.pop() if counts else None
+
+    def _shared_position(self, step: int, processes: int) -> dict:
+        """The one data position that the ``processes`` files of checkpoint ``step`` hold."""
+        data = storage.join(self.step_dir(step), "data")
+        states = [json.loads(storage.read_text(storage.join(data, f"process_{i}-of-{processes}"
+                                                                  ".json")))
+                  for i in range(processes)]
+        if any(state != states[0] for state in states):
+            raise CheckpointError(
+                f"checkpoint {self.step_dir(step)}: its {processes} processes saved different data "
+                f"positions ({states}), so no other number of processes can go on from them; "
+                f"resume on {processes} processes")
+        return states[0]
 
     def restore(self, step: int, abstract_state: Any, data_iter: Any) -> Any:
-        """Restores ``step`` into ``abstract_state``'s shardings and ``data_iter``'s position."""
+        """Restores ``step`` into ``abstract_state``'s shardings and ``data_iter``'s position.
+
+        The data position is a global batch number, the same in every process's file, so a run
+        of another number of processes reads it from the files the saving run wrote (whether its
+        data order allows that is :func:`check_data_order`'s to say).
+        """
         self.check_fits(step, abstract_state)
+        saved = self.data_processes(step)
+        if saved is None or saved == jax.process_count():
+            out = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=grain.checkpoint.CheckpointRestore(data_iter)))
+            return out["state"]
+        position = self._shared_position(step, saved)
         out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=grain.checkpoint.CheckpointRestore(data_iter)))
+            state=ocp.args.StandardRestore(abstract_state)))
+        data_iter.set_state(position)
+        log.info("checkpoint %s was written by %d process(es), this run has %d: every process "
+                 "goes on from the saved global batch number %s", self.step_dir(step), saved,
+                 jax.process_count(), position)
         return out["state"]
 
     def restore_latest(self, target: Callable[[int, dict], Any],
@@ -200,7 +260,6 @@ class Checkpointer:
                 log.error("checkpoint %s has no commit marker %s (the save did not complete); "
                           "falling back to the previous checkpoint", path, COMMIT_MARKER)
                 continue
-            self.check_processes(step)
             try:
                 state = self.restore(step, target(step, self.saved_config(step)), data_iter)
             except (ConfigError, CheckpointError):

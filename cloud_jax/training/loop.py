@@ -14,12 +14,12 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import operator
 import os
 import signal
 import threading
 import time
+import zlib
 from typing import Any, Optional
 
 import jax
@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from cloud_jax.model.config import ModelConfig
 from cloud_jax.training.config import Config, config_from_dict, save_config, to_dict
 from cloud_jax.checkpoints.hf import base_model_name_of, save_cloud_reference, staged_export
-from cloud_jax.data.pipeline import batch_iterator, host_positions
+from cloud_jax.data.pipeline import GlobalOrder, batch_iterator
 from cloud_jax.data.tfds_builder import open_split, prepare_dataset
 from cloud_jax.data.tokenizer import load_tokenizer
 from cloud_jax import storage
@@ -38,7 +38,8 @@ from cloud_jax.errors import ConfigError
 from cloud_jax.training.losses import finalize_metrics
 from cloud_jax.model import count_params, init_params
 from cloud_jax.sharding import TRAIN_RULES, check_batch_split_over_processes, make_mesh
-from cloud_jax.training.checkpointing import (COMPUTE_ONLY, Checkpointer, compare_configs,
+from cloud_jax.training.checkpointing import (COMPUTE_ONLY, DATA_ORDER_KEY, GLOBAL_ORDER,
+                                              Checkpointer, check_data_order, compare_configs,
                                               is_committed)
 from cloud_jax.training.metrics import MetricsWriter, peak_flops, summarize_window
 from cloud_jax.training.stages import stage as stage_record
@@ -142,15 +143,11 @@ def prepare_data(cfg: Config):
 
 
 def batches_available(cfg: Config, num_records: int) -> int:
-    """Train batches the pipeline yields over all epochs (the same on every host)."""
-    count = jax.process_count()
-    if num_records < count:
-        return 0
-    per_host = len(host_positions(num_records, jax.process_index(), count,
-                                  cfg.data.drop_remainder))
-    pairs = cfg.data.batch_pairs // count
-    per_epoch = per_host // pairs if cfg.data.drop_remainder else math.ceil(per_host / pairs)
-    return per_epoch * cfg.data.num_epochs
+    """Train batches the pipeline yields over all epochs (the same on every host, whatever the
+    host count)."""
+    return len(GlobalOrder(num_records, cfg.data.batch_pairs, shuffle=False,
+                           num_epochs=cfg.data.num_epochs,
+                           drop_remainder=cfg.data.drop_remainder))
 
 
 def check_batch_layout(cfg: Config, mesh) -> None:
@@ -224,23 +221,42 @@ def _initial_params(cfg: Config, mesh) -> tuple[Any, ModelConfig]:
     return params, loaded_cfg
 
 
-def _agree_across_hosts(local: dict, signalled: bool = False) -> tuple[dict, bool]:
+def _row_keys(local: dict) -> np.ndarray:
+    """``[P, 2]`` int32: each row's pair index and a CRC-32 of its real tokens (both sides), which
+    no length bucket or padding changes: what the batch digest is made of."""
+    keys = np.empty((local["pair_index"].shape[0], 2), np.int32)
+    keys[:, 0] = local["pair_index"]
+    for i, (ids, mask) in enumerate(zip(local["input_ids"], local["attention_mask"])):
+        crc = 0
+        for side in range(ids.shape[0]):
+            real = ids[side][mask[side] == 1].astype(np.int32)
+            crc = zlib.crc32(np.int32(len(real)).tobytes() + real.tobytes(), crc)
+        keys[i, 1] = np.uint32(crc).view(np.int32)
+    return keys
+
+
+def _agree_across_hosts(local: dict,
+                        signalled: bool = False) -> tuple[dict, bool, np.ndarray]:
     """Pads every host's batch to the longest host's length bucket (the global array needs one
-    shape, and each host picks its bucket from its own rows), and tells whether any host has
-    been sent SIGTERM (``signalled`` is this host's word): one gather of two numbers per step, so
-    that every host sees the same answer at the same step."""
+    shape, and each host picks its bucket from its own rows), tells whether any host has been
+    sent SIGTERM (``signalled`` is this host's word), and gives the global batch's row keys
+    (:func:`_row_keys` of every host's rows, in host order: the rows of the global batch). One
+    gather per step, so that every host sees the same answers at the same step."""
+    keys = _row_keys(local)
     if jax.process_count() == 1:
-        return local, signalled
+        return local, signalled, keys
     from jax.experimental import multihost_utils
 
     length = local["input_ids"].shape[-1]
-    gathered = multihost_utils.process_allgather(np.array([length, signalled], np.int32))
-    longest, anyone = (int(v) for v in np.max(gathered.reshape(-1, 2), axis=0))
+    mine = np.concatenate([np.array([length, signalled], np.int32), keys.ravel()])
+    gathered = multihost_utils.process_allgather(mine).reshape(jax.process_count(), -1)
+    longest, anyone = (int(v) for v in np.max(gathered[:, :2], axis=0))
+    keys = gathered[:, 2:].reshape(-1, 2)
     if longest == length:
-        return local, bool(anyone)
+        return local, bool(anyone), keys
     pad = longest - length
     return {k: np.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, pad)]) if v.ndim == 3 else v
-            for k, v in local.items()}, bool(anyone)
+            for k, v in local.items()}, bool(anyone), keys
 
 
 class Evaluator:
@@ -324,7 +340,7 @@ def load_checkpoint(path: str, step: Optional[int] = None, tokenizer: Optional[s
         run = yaml.safe_load(storage.read_text(storage.join(path, "config.yaml"))) or {}
         checkpoints = run_checkpoint_dir((run.get("train") or {}).get("checkpoint_dir"), path)
     step, params, saved = restore_params(checkpoints, step)
-    saved = {k: v for k, v in saved.items() if k != TRAIN_DATA_KEY}
+    saved = {k: v for k, v in saved.items() if k not in (TRAIN_DATA_KEY, DATA_ORDER_KEY)}
     cfg = config_from_dict(saved, source=f"the config saved with step {step} in {checkpoints}")
     name = tokenizer or cfg.data.tokenizer
     try:
@@ -410,6 +426,8 @@ def _restore_or_init(cfg: Config, mesh, ckpt: Checkpointer, data_iter,
             schema=ModelConfig).validate()
         saved = dict(saved)
         saved_data = saved.pop(TRAIN_DATA_KEY, None)
+        check_data_order(f"checkpoint {ckpt.step_dir(step)}", saved.pop(DATA_ORDER_KEY, None),
+                         ckpt.data_processes(step), jax.process_count(), cfg.data.shuffle)
         if saved_data and train_data and saved_data != train_data:
             log.warning("%s: the train split's rows, or how they are tokenized, changed since "
                         "this checkpoint was written (data fingerprint %s -> %s): the resumed "
@@ -439,12 +457,9 @@ def _with_total_steps(cfg: Config, num_pairs: int) -> Config:
     checked against the batches the split gives."""
     available = batches_available(cfg, num_pairs)
     if available == 0:
-        if num_pairs < jax.process_count():
-            raise ConfigError(f"the train split (data.train_path) has {num_pairs} pair(s) for "
-                              f"{jax.process_count()} process(es): every process needs one")
         raise ConfigError(
-            f"the train split gives no batch: {num_pairs} pairs over {jax.process_count()} "
-            f"process(es) make no full batch of data.batch_pairs={cfg.data.batch_pairs} with "
+            f"the train split gives no batch: {num_pairs} pairs make no full batch of "
+            f"data.batch_pairs={cfg.data.batch_pairs} with "
             "data.drop_remainder=true; lower data.batch_pairs, set data.drop_remainder=false "
             "(the last batch is then filled with padding pairs) or add rows")
     if cfg.train.total_steps == 0:
@@ -463,7 +478,8 @@ def _with_total_steps(cfg: Config, num_pairs: int) -> Config:
 
 class _LogWindow:
     """The steps since the last log line: their metrics, model FLOPs per token, a digest of the
-    batches they read, and the time they took (compilation and evaluation excluded)."""
+    global batches they read (their rows' pair indices and tokens, in order: the same on any
+    number of hosts), and the time they took (compilation and evaluation excluded)."""
 
     def __init__(self, train_step, peak: Optional[float]):
         self._step_fn, self._peak = train_step, peak
@@ -475,9 +491,8 @@ class _LogWindow:
         self._digest = hashlib.sha1()
         self._t0, self._compile0 = time.perf_counter(), self._step_fn.compile_seconds
 
-    def add(self, local_batch: dict, metrics: dict, flops_per_token: float) -> None:
-        self._digest.update(local_batch["pair_index"].tobytes())
-        self._digest.update(local_batch["input_ids"].tobytes())
+    def add(self, row_keys: np.ndarray, metrics: dict, flops_per_token: float) -> None:
+        self._digest.update(np.ascontiguousarray(row_keys, np.int32).tobytes())
         self.metrics.append(metrics)
         self._flops_per_token.append(flops_per_token)
 
@@ -575,9 +590,10 @@ def _train(cfg: Config, mesh, preemption: _PreemptionWatch) -> dict:
         check_positions(cfg, model_cfg)
         resolved = dataclasses.replace(cfg, model=model_cfg)
         resolved_dict = to_dict(resolved)
-        # What a checkpoint's config item holds: the resolved config and the train split's
-        # fingerprint.
-        checkpoint_config = {**resolved_dict, TRAIN_DATA_KEY: train_data}
+        # What a checkpoint's config item holds: the resolved config, the train split's
+        # fingerprint and the data order its position counts in.
+        checkpoint_config = {**resolved_dict, TRAIN_DATA_KEY: train_data,
+                             DATA_ORDER_KEY: GLOBAL_ORDER}
         start_step = int(jax.device_get(state["step"]))
         if start_step > tc.total_steps:
             # Nothing would run and nothing would be exported, yet the run would end as finished.
@@ -613,10 +629,11 @@ def _train(cfg: Config, mesh, preemption: _PreemptionWatch) -> dict:
     try:
         for step in range(start_step + 1, end_step + 1):
             local = next(data_iter)
-            agreed, anyone_signalled = _agree_across_hosts(local, preemption.signalled)
+            agreed, anyone_signalled, row_keys = _agree_across_hosts(local,
+                                                                     preemption.signalled)
             batch = builder.device_batch(agreed)
             state, metrics = train_step(state, batch)
-            window.add(local, metrics,
+            window.add(row_keys, metrics,
                        model_flops_per_token(model_cfg, batch["input_ids"].shape[-1], tc.stage))
             bar.update(1)
             preempted = preemption.reached(anyone_signalled)
