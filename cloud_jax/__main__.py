@@ -1,6 +1,8 @@
 """``python -m cloud_jax <command> ...``: one entry point for everything but training.
 
-Training has its own entry point, ``python -m cloud_jax.train``.
+Training has its own entry point, ``python -m cloud_jax.train``. Both pin JAX to the CPU on a host
+without an accelerator where ``JAX_PLATFORMS`` is unset
+(:func:`cloud_jax.cli.common.default_to_cpu_without_accelerator`).
 """
 
 from __future__ import annotations
@@ -45,7 +47,10 @@ def _usage() -> str:
               "[key=value ...]",
               "`python -m cloud_jax <command> -h` describes one command.",
               "A user error (a missing file, a bad flag or config value, a malformed row) prints "
-              "one `error:` line and exits 2; --debug shows its traceback instead."]
+              "one `error:` line and exits 2; --debug shows its traceback instead.",
+              "With JAX_PLATFORMS unset, a host with no accelerator device (NVIDIA, AMD, TPU) "
+              "runs JAX on the CPU without probing for one; JAX_PLATFORMS (\"\" for JAX's own "
+              "search) decides where set."]
     return "\n".join(lines)
 
 
@@ -60,8 +65,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if command not in COMMANDS:
         print(f"error: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    from cloud_jax.cli.common import run_command
+    from cloud_jax.cli.common import default_to_cpu_without_accelerator, run_command
 
+    default_to_cpu_without_accelerator()  # before a command's modules could make a backend
     module = importlib.import_module(COMMANDS[command][0])
     return run_command(module.main, ["--debug"] * debug + rest)
 

@@ -4,10 +4,12 @@ progress bars."""
 from __future__ import annotations
 
 import argparse
+import glob
+import os
 import signal
 import sys
 import threading
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Mapping, Optional, Sequence
 
 import jax
 
@@ -205,6 +207,86 @@ def progress_bar(total: int, unit: str, disable: bool = False, desc: str = ""):
     return bar, on_batch
 
 
+# Device nodes through which JAX could reach an accelerator on Linux, as globs under /dev: an
+# NVIDIA GPU's driver (nvidiactl inside containers, dxg under WSL2), AMD's ROCm driver (kfd), a
+# TPU's (accel* up to v4, a VFIO group from v5e on; any group counts, whatever its device).
+ACCELERATOR_DEVICE_NODES = ("nvidia[0-9]*", "nvidiactl", "dxg", "kfd", "accel*", "vfio/[0-9]*")
+# Variables that say this process is meant to run on a TPU (a GKE TPU pod sets them; JAX's own
+# override) or on a PJRT plugin named by path. Not every TPU_*: JAX and libtpu set
+# TPU_LIBRARY_PATH and TPU_SKIP_MDS_QUERY in-process on any host, the latter precisely when they
+# see no TPU.
+ACCELERATOR_VARIABLES = ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "TPU_WORKER_ID",
+                         "TPU_TOPOLOGY", "TPU_NAME", "CLOUD_TPU_TASK_ID", "JAX_FORCE_TPU_INIT",
+                         "PJRT_NAMES_AND_LIBRARY_PATHS")
+# Plugin families whose devices ACCELERATOR_DEVICE_NODES finds; a JAX plugin of any other name
+# may serve a device these nodes do not show, and keeps JAX's own discovery.
+KNOWN_PLUGIN_FAMILIES = ("cuda", "rocm")
+
+
+def _installed_jax_plugins() -> list:
+    """The names of the PJRT plugins JAX would load: modules of the ``jax_plugins`` namespace
+    and ``jax_plugins`` entry points (libtpu is not one; its devices are the TPU nodes)."""
+    import importlib.metadata
+    import importlib.util
+    import pkgutil
+
+    names = []
+    try:
+        spec = importlib.util.find_spec("jax_plugins")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        names += [m.name for m in pkgutil.iter_modules(spec.submodule_search_locations)]
+    names += [ep.value for ep in importlib.metadata.entry_points(group="jax_plugins")]
+    return names
+
+
+def accelerator_hint(environ: Optional[Mapping[str, str]] = None, dev: str = "/dev",
+                     plugins: Optional[Sequence[str]] = None,
+                     platform: Optional[str] = None) -> Optional[str]:
+    """Why JAX should look for accelerators itself on this host, or None where it has none to
+    find: a device node of ACCELERATOR_DEVICE_NODES, a variable of ACCELERATOR_VARIABLES, an
+    installed JAX plugin of a family other than KNOWN_PLUGIN_FAMILIES, or an OS other than Linux
+    (whose device nodes these are). Reads names of files and variables only: nothing is loaded
+    or initialised. ``environ``, ``dev``, ``plugins``, ``platform``: this host's by default."""
+    environ = os.environ if environ is None else environ
+    platform = sys.platform if platform is None else platform
+    if not platform.startswith("linux"):
+        return f"platform {platform}"
+    for pattern in ACCELERATOR_DEVICE_NODES:
+        found = sorted(glob.glob(os.path.join(dev, pattern)))
+        if found:
+            return found[0]
+    for name in ACCELERATOR_VARIABLES:
+        if name in environ:
+            return f"${name}"
+    for name in _installed_jax_plugins() if plugins is None else plugins:
+        if not any(family in name.lower() for family in KNOWN_PLUGIN_FAMILIES):
+            return f"JAX plugin {name}"
+    return None
+
+
+def default_to_cpu_without_accelerator(environ: Optional[Mapping[str, str]] = None) -> bool:
+    """Where ``JAX_PLATFORMS`` is not set and :func:`accelerator_hint` finds nothing, pins JAX to
+    the CPU (``jax_platforms=cpu``) before it creates a backend, and returns True.
+
+    A CPU host with libtpu or JAX's CUDA plugin installed (``make venv-tpu``, ``make
+    venv-gpu-aot``, for ``aot``) would otherwise print some 40 lines of plugin tracebacks and
+    TPU warnings as every command starts, and probe for a TPU first. Pinned, JAX still registers
+    the CUDA plugin and ``aot`` still loads libtpu for a topology: compiling for either needs no
+    device. Any ``JAX_PLATFORMS`` (``""`` included: JAX's own discovery), a platform set in
+    JAX's config, or a backend already made is left alone. Prints nothing."""
+    environ = os.environ if environ is None else environ
+    if ("JAX_PLATFORMS" in environ or jax.config.jax_platforms is not None
+            or accelerator_hint(environ) is not None):
+        return False
+    try:
+        jax.config.update("jax_platforms", "cpu")
+    except RuntimeError:  # a backend exists already: JAX has chosen
+        return False
+    return True
+
+
 USER_ERROR_EXIT_CODE = 2
 
 
@@ -235,11 +317,14 @@ def run_command(main_fn: Callable[[Optional[Sequence[str]]], Optional[int]],
     several hosts too (JAX's preemption service, which would catch the signal, is off:
     cloud_jax.sharding.init_distributed), except that training there keeps a SIGTERM from
     before its step loop until the first step, where every host stops together.
+    On a host with no accelerator device and no ``JAX_PLATFORMS``, JAX runs on the CPU without
+    probing for one (:func:`default_to_cpu_without_accelerator`).
     Ctrl-C (SIGINT, KeyboardInterrupt) stops a command the same way, with one ``interrupted: ...``
     line and INTERRUPTED_EXIT_CODE (130) instead of a traceback of wherever it landed. Any other
     exception is a bug and keeps its traceback. A leading ``--debug`` in ``argv`` keeps the
     traceback of user errors and of Ctrl-C too.
     """
+    default_to_cpu_without_accelerator()
     argv = list(argv)
     debug = argv[:1] == ["--debug"]
     previous = None
