@@ -3,6 +3,7 @@ finished rows are refilled while others decode (chunk counters), and the queue, 
 and shutdown rules of the backend contract."""
 
 import dataclasses
+import logging
 import threading
 import time
 
@@ -452,4 +453,51 @@ def test_a_server_warmed_up_for_every_bucket_compiles_nothing_for_its_settings(r
     finally:
         stop()
     assert compiles == []
+    server.close()
+
+
+@pytest.mark.parametrize("backend", ["static", "continuous"])
+def test_a_shape_first_met_under_traffic_is_logged_once_and_counted(backend, caplog):
+    # The default warm-up compiles a one-item request's shapes only. A request of a length
+    # bucket not seen yet compiles while it (and everything queued) waits: one INFO line names
+    # the bucket, the batch and the compile time, and /metrics counts it; a second request of
+    # that bucket compiles nothing and logs nothing. A model of its own: compiled programs are
+    # cached for the process, so no other test may have met its shapes.
+    from model_helpers import TINY
+    from cloud_jax.serving.server import Metrics
+
+    width = 48 if backend == "static" else 40  # nor the other backend's
+    rm = tiny_reward_model(5, dataclasses.replace(TINY, intermediate_size=width))
+    make = StaticBackend if backend == "static" else ContinuousBackend
+    server = make(rm, BackendOptions(slots=4, max_critique_tokens=12, max_length=200,
+                                     defaults=Settings(temperature=0.9)))
+    server.start()
+    st = Settings(temperature=0.9, max_critique_tokens=3)
+    short, long = Item("Hi", "a"), Item("Why? " * 12, "b")
+    short_len, long_len = item_lengths(rm, [short, long], False, st)
+    assert bucket_length(short_len) == 128 and bucket_length(long_len) == 256
+
+    def compile_lines():
+        return [r for r in caplog.records if r.name.startswith("cloud_jax.serving")
+                and r.levelno == logging.INFO and "compiled" in r.getMessage()]
+
+    caplog.set_level(logging.INFO, logger="cloud_jax.serving")
+    server.submit([short], st).result(120)  # the warm-up's shape
+    assert compile_lines() == []
+    assert server.stats().compiles == 0
+    server.submit([long], st).result(120)
+    lines = compile_lines()
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    text = lines[0].getMessage()
+    assert "bucket 256" in text and "--warmup buckets" in text
+    assert ("batch of 1" if backend == "static" else "batch sizes 1 to 4") in text
+    stats = server.stats()
+    assert stats.compiles == 1 and stats.compile_seconds > 0
+    metrics = Metrics(server).render().decode()
+    assert "cloud_compiles_total 1.0" in metrics
+    assert "cloud_compile_seconds_total" in metrics
+    caplog.clear()
+    server.submit([long], dataclasses.replace(st, seed=5)).result(120)
+    assert compile_lines() == []
+    assert server.stats().compiles == 1
     server.close()

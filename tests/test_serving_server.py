@@ -434,7 +434,8 @@ def test_non_finite_rewards_are_a_clear_error(checkpoint, tmp_path):
 def test_metrics_are_prometheus_text(server):
     text = requests.get(server.url + "/metrics", timeout=5).text
     for name in ("cloud_queue_depth", "cloud_busy_slots", "cloud_critique_tokens_total",
-                 "cloud_request_latency_seconds_bucket", "cloud_rejected_requests_total"):
+                 "cloud_request_latency_seconds_bucket", "cloud_rejected_requests_total",
+                 "cloud_compiles_total", "cloud_compile_seconds_total"):
         assert name in text
     assert server.metric("cloud_critique_tokens_total") > 0
 

@@ -72,7 +72,8 @@ from cloud_jax.scoring.rewards import ScoreConfig, resolve_critique_prefix, reso
 from cloud_jax.serving.protocol import (InvalidField, bucket_items, check_options,
                                         check_request_size, check_item_lengths, check_settings,
                                         item_lengths, prompt_text)
-from cloud_jax.serving.static import StaticBackend, resolve_classic
+from cloud_jax.serving.compiles import WARMUP_HINT, CompileWatch
+from cloud_jax.serving.static import StaticBackend, _sampling, resolve_classic
 from cloud_jax.serving.types import (BackendOptions, BackendStats, Item, ItemResult,
                                      QueueFull, Settings, ShuttingDown)
 from cloud_jax.sharding import SAMPLE_RULES
@@ -272,6 +273,11 @@ class ContinuousBackend:
         self._pools: collections.OrderedDict = collections.OrderedDict()
         # (K, with a repetition penalty, prefill bucket) whose prefill sizes are compiled.
         self._compiled_buckets: set = set()
+        # What the worker met for the first time in its current step (a pool, a bucket): named
+        # in the log line of the compiles they made.
+        self._firsts: list[str] = []
+        self._compiles = 0
+        self._compile_seconds = 0.0
         self._tokens = 0
         self._closing = False
         self._cancel: list[_Request] = []
@@ -350,7 +356,8 @@ class ContinuousBackend:
             busy = sum(p.busy() for p in self._pools.values())
             # --slots: the pools' rows are a multiple of their K, and may be fewer.
             return BackendStats(queue_depth=self._queued_items, busy_slots=busy,
-                                total_slots=self.options.slots, critique_tokens=self._tokens)
+                                total_slots=self.options.slots, critique_tokens=self._tokens,
+                                compiles=self._compiles, compile_seconds=self._compile_seconds)
 
     def close(self, drain: bool = True) -> None:
         with self._lock:
@@ -393,13 +400,33 @@ class ContinuousBackend:
                     self._lock.wait()
                 if self._closing and self._idle():
                     return
+                serving = self.ready  # start()'s warm-up request is no traffic
+                # Who waits for what this step compiles: the rows decoding, the items queued.
+                waiting = (sum(p.busy() for p in self._pools.values()), self._queued_items)
+            self._firsts = []
             try:
-                self._drop_cancelled()
-                self._admit()
-                self._decode()
+                with CompileWatch() as watch:
+                    self._drop_cancelled()
+                    self._admit()
+                    self._decode()
             except Exception as err:  # fail what is in flight, keep serving
                 log.exception("the decode loop failed")
                 self._fail_all(err)
+            if serving and watch.programs:
+                self._log_compile(watch, *waiting)
+
+    def _log_compile(self, watch: CompileWatch, busy: int, queued: int) -> None:
+        """The worker's last step met a shape (a pool's sampling settings, a length bucket)
+        for the first time and compiled for it while every row in flight, and every item
+        queued, waited: says which and how long, once (a shape once seen compiles nothing)."""
+        with self._lock:
+            self._compiles += 1
+            self._compile_seconds += watch.seconds
+        what = "; ".join(self._firsts) or "a shape"
+        log.info("compiled %d program(s) in %.1f s for %s met for the first time: the %d decode "
+                 "row(s) in flight and the %d item(s) waiting to start (the one that met it "
+                 "among them) waited for it; %s", watch.programs, watch.seconds, what, busy,
+                 queued, WARMUP_HINT)
 
     def _drop_cancelled(self) -> None:
         with self._lock:
@@ -440,6 +467,7 @@ class ContinuousBackend:
                 continue
             with self._lock:
                 self._pools[key] = pool
+            self._firsts.append(f"a decode pool for num_samples={k}, {_sampling(req.settings)}")
         for pool in list(self._pools.values()):
             if placed[id(pool)]:
                 self._prefill_into(pool, placed[id(pool)])
@@ -516,6 +544,8 @@ class ContinuousBackend:
         key = (pool.k, pool.penalty != 1.0, length)
         if key in self._compiled_buckets:
             return
+        self._firsts.append(f"prefill bucket {length} at batch sizes 1 to {pool.groups}"
+                            f" (num_samples={pool.k})")
         groups = jax.ShapeDtypeStruct((pool.groups,), jnp.int32)
         rows = jax.ShapeDtypeStruct((pool.rows,), jnp.int32)
         static = dict(cfg=self.cfg, cache_len=length, rules=tuple(SAMPLE_RULES))

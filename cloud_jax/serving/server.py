@@ -57,6 +57,11 @@ class Metrics:
                                  registry=r)
         self.requests = Counter("cloud_requests_total", "answered requests", ["endpoint", "status"],
                                 registry=r)
+        self.compiles = Gauge("cloud_compiles_total",
+                              "shapes first met under traffic whose programs were compiled while "
+                              "the requests in flight waited", registry=r)
+        self.compile_seconds = Gauge("cloud_compile_seconds_total",
+                                     "seconds those compiles took", registry=r)
         self.rejected = Counter("cloud_rejected_requests_total",
                                 "requests refused before scoring", ["reason"], registry=r)
         self.items = Counter("cloud_scored_items_total", "items scored", registry=r)
@@ -70,6 +75,8 @@ class Metrics:
         self.busy_slots.set(s.busy_slots)
         self.total_slots.set(s.total_slots)
         self.tokens.set(s.critique_tokens)
+        self.compiles.set(s.compiles)
+        self.compile_seconds.set(s.compile_seconds)
         return generate_latest(self.registry)
 
 

@@ -21,11 +21,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from cloud_jax.serving.compiles import WARMUP_HINT, CompileWatch
 from cloud_jax.serving.types import (BackendOptions, BackendStats, Item, ItemResult,
                                      QueueFull, Settings, ShuttingDown)
 from cloud_jax.serving.protocol import (InvalidField, bucket_items, check_options,
                                         check_request_size, check_item_lengths, check_settings,
-                                        prompt_text)
+                                        item_lengths, prompt_text)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ class StaticBackend:
         self._queued_items = 0
         self._busy_rows = 0
         self._tokens = 0
+        self._compiles = 0
+        self._compile_seconds = 0.0
         self._closing = False
         self._worker: Optional[threading.Thread] = None
         self.ready = False
@@ -103,7 +106,8 @@ class StaticBackend:
     def stats(self) -> BackendStats:
         with self._lock:
             return BackendStats(queue_depth=self._queued_items, busy_slots=self._busy_rows,
-                                total_slots=self.options.slots, critique_tokens=self._tokens)
+                                total_slots=self.options.slots, critique_tokens=self._tokens,
+                                compiles=self._compiles, compile_seconds=self._compile_seconds)
 
     def close(self, drain: bool = True) -> None:
         with self._lock:
@@ -169,7 +173,10 @@ class StaticBackend:
                 if live:
                     items = [item for r in live for item in r.items]
                     budgets = [r.settings.max_critique_tokens for r in live for _ in r.items]
-                    results, tokens = self._score(items, live[0].settings, budgets)
+                    with CompileWatch() as watch:
+                        results, tokens = self._score(items, live[0].settings, budgets)
+                    if watch.programs:
+                        self._log_compile(watch, items, live[0].settings)
                     start = 0
                     for r in live:
                         r.future.set_result(results[start:start + len(r.items)])
@@ -184,6 +191,41 @@ class StaticBackend:
             finally:
                 with self._lock:
                     self._busy_rows = 0
+
+    def _log_compile(self, watch: CompileWatch, items: Sequence[Item], settings: Settings) -> None:
+        """A batch met a shape (length bucket, batch size, sampling settings) for the first time
+        and compiled for it while it, and the requests queued behind it, waited: says which
+        shape and how long, once per shape (the next batch of that shape compiles nothing)."""
+        from cloud_jax.sampling import bucket_length
+
+        k = 1 if self.classic else settings.num_samples
+        per_batch = max(1, self.options.slots // k)
+        lengths = item_lengths(self.rm, items, self.classic, settings)
+        # As _score and rm.score run them: per_batch at a time (sorted by length, but for a
+        # classic model), a batch of fewer items than fit the slots filled up to a power of two,
+        # and on a mesh to a multiple of the devices the batch is split over.
+        mesh = self.rm.mesh
+        split = (1 if self.classic or mesh is None else
+                 mesh.shape["data"] * mesh.shape["fsdp"])
+        rows = min(per_batch, 1 << max(len(lengths) - 1, 0).bit_length())
+        rows = -(-rows // split) * split
+        lengths = lengths if self.classic else sorted(lengths)
+        shapes = []
+        for start in range(0, len(lengths), per_batch):
+            chunk = lengths[start:start + per_batch]
+            shape = f"prefill bucket {bucket_length(max(chunk))} x batch of {rows}"
+            if shape not in shapes:
+                shapes.append(shape)
+        with self._lock:
+            self._compiles += 1
+            self._compile_seconds += watch.seconds
+            queued = self._queued_items
+        what = ("classic forward" if self.classic else
+                f"num_samples={k}, {_sampling(settings)}")
+        log.info("compiled %d program(s) in %.1f s for a shape met for the first time (%s; %s): "
+                 "the batch of %d item(s), and the %d item(s) queued behind it, waited for it; %s",
+                 watch.programs, watch.seconds, ", ".join(shapes), what, len(items), queued,
+                 WARMUP_HINT)
 
     def _score(self, items: Sequence[Item], settings: Settings,
                budgets: Optional[Sequence[int]] = None) -> tuple[list[ItemResult], int]:
@@ -229,6 +271,18 @@ def resolve_classic(rm, options: BackendOptions) -> bool:
     from cloud_jax.scoring.rewards import ScoreConfig, resolve_classic as score_classic
 
     return score_classic(rm, ScoreConfig(classic=options.classic))
+
+
+def _sampling(settings: Settings) -> str:
+    """The settings that are compile-time constants of the decode, as a log line names them."""
+    out = f"temperature={settings.temperature:g}"
+    if settings.top_k is not None:
+        out += f", top_k={settings.top_k}"
+    if settings.top_p is not None:
+        out += f", top_p={settings.top_p:g}"
+    if settings.repetition_penalty != 1.0:
+        out += f", repetition_penalty={settings.repetition_penalty:g}"
+    return out
 
 
 def _batch_key(settings: Settings) -> Settings:

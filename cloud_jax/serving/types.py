@@ -100,6 +100,10 @@ class BackendStats:
     busy_slots: int  # decode rows in use
     total_slots: int  # decode rows in all (--slots)
     critique_tokens: int  # critique tokens generated since start (a counter)
+    # Shapes first met under traffic (after start()) whose programs were compiled while requests
+    # waited, and the seconds those compiles took (counters).
+    compiles: int = 0
+    compile_seconds: float = 0.0
 
 
 class Backend(Protocol):
