@@ -396,3 +396,38 @@ def test_inputs_past_the_models_positions_lose_prompt_tokens_or_are_refused(rm, 
                                           r"model's max_position_embeddings=256 tokens"):
         main(["--checkpoint", str(tmp_path / "model"), "--input", str(long), "--output",
               str(tmp_path / "o.jsonl"), "--max-length", "4096", "--classic"])
+
+
+@pytest.mark.parametrize("max_length,positions,reserved", [
+    (80, 128, 65),     # the positions leave 63: held to them
+    (40, 128, 65),     # the asked length fits: unchanged
+    (63, 128, 65),     # equal to the room
+    (64, 128, 65),     # one over the room
+    (300, 256, 0),     # classic / given critique: held to the positions
+    (2048, 256, 255),  # room 1, the least that fits a token
+    (100, 256, 256),   # room 0: nothing fits
+    (100, 64, 257),    # room < 0
+])
+def test_fit_max_length_is_the_limit_score_applies(monkeypatch, max_length, positions, reserved):
+    # The pipeline and the server pass fit_max_length(...) as ScoreConfig.max_length so that
+    # score neither warns nor cuts to a different length: the two must agree wherever the
+    # positions leave a token, and fit_max_length leaves max_length as it is where they leave
+    # none (score then refuses every input, naming the positions).
+    from types import SimpleNamespace
+
+    from cloud_jax.scoring import rewards
+
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=positions))
+    fitted = rewards.fit_max_length(model, max_length, reserved)
+    limit, _, _ = rewards._token_limit(model, ScoreConfig(max_length=max_length), reserved)
+    room = positions - reserved
+    if room >= 1:
+        assert fitted == limit == min(max_length, room)
+        # Given back to score, the fitted length is its own limit: nothing further to warn of.
+        again, _, _ = rewards._token_limit(model, ScoreConfig(max_length=fitted), reserved)
+        assert again == fitted
+    else:
+        assert fitted == max_length and limit == 0
+    # fit_max_length reads the limit from _token_limit, so a change to one is a change to both.
+    monkeypatch.setattr(rewards, "_token_limit", lambda rm, cfg, reserved=0: (7, "", ""))
+    assert rewards.fit_max_length(model, max_length, reserved) == 7

@@ -198,9 +198,10 @@ def fit_max_length(rm, max_length: int, reserved: int = 0) -> int:
     sampled critique's budget + 1 for its end-of-turn token; 0 for a classic model or a given
     critique): the limit :func:`score` applies, for a caller that passes a length the user did
     not choose for scoring (the pipeline's data.max_length, a server's --max-length), so that
-    no warning names it. Unchanged where the positions leave no token."""
-    room = _positions(rm) - reserved
-    return min(max_length, room) if room >= 1 else max_length
+    no warning names it. Unchanged where the positions leave no token (score then refuses
+    every input, naming the positions)."""
+    limit, _, _ = _token_limit(rm, ScoreConfig(max_length=max_length), reserved)
+    return limit if limit >= 1 else max_length
 
 
 def _warn_positions(rm, cfg: ScoreConfig, reserved: int = 0) -> None:
