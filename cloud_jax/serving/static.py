@@ -228,7 +228,9 @@ class StaticBackend:
                  WARMUP_HINT)
 
     def _score(self, items: Sequence[Item], settings: Settings,
-               budgets: Optional[Sequence[int]] = None) -> tuple[list[ItemResult], int]:
+               budgets: Sequence[int]) -> tuple[list[ItemResult], int]:
+        """``items`` scored with ``settings``, each with its own critique budget in ``budgets``
+        (ignored by a classic model): (one result per item, critique tokens sampled)."""
         from cloud_jax.scoring.rewards import ScoreConfig, fit_max_length, score
 
         n = len(items)
@@ -239,7 +241,7 @@ class StaticBackend:
         if self.classic:
             kwargs["num_samples"] = 1
             budgets = None
-        elif budgets is not None:
+        else:
             # Every batch decodes for the budget limit, each row stopping at its own budget: the
             # budgets never pick a compiled shape.
             kwargs["max_critique_tokens"] = self.options.max_critique_tokens
@@ -252,12 +254,12 @@ class StaticBackend:
         fill = max(min(per_batch, 1 << max(n - 1, 0).bit_length()) - n, 0)
         prompts += prompts[:1] * fill
         responses += responses[:1] * fill
-        if budgets is not None:
+        if not self.classic:
             budgets = list(budgets) + list(budgets[:1]) * fill
         # --max-length held to what the positions leave the item with the smallest budget (the
         # limit rm.score applies to each item, after its own budget, is the same): submit has
         # refused every item over its limit with 413, so rm.score has nothing to warn about.
-        reserved = 0 if self.classic else 1 + min(budgets or [kwargs["max_critique_tokens"]])
+        reserved = 0 if self.classic else 1 + min(budgets)
         cfg = ScoreConfig(batch_size=per_batch, **kwargs,
                           max_length=fit_max_length(self.rm, self.options.max_length, reserved))
         res = score(self.rm, prompts, responses, cfg, budgets=budgets)
