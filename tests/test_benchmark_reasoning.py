@@ -10,6 +10,7 @@ import pytest
 from cloud_jax.data.synthetic.arithmetic import Problem, computation_keys, wrong_answers
 from cloud_jax.cli.common import run_command
 from cloud_jax.cli.make_benchmark import main
+from cloud_jax.data.synthetic import reasoning
 from cloud_jax.data.synthetic.reasoning import (ReasoningBenchmarkConfig, generate_rows,
                                                 generate_split, length_stats,
                                                 partial_check_accuracies, response_prior_accuracy,
@@ -288,6 +289,59 @@ def test_splits_are_disjoint_in_prompts_and_computations():
 def test_too_many_rows_for_the_space_is_a_clear_error():
     with pytest.raises(ValueError, match="ask for fewer rows"):
         generate_split(_cfg(ops=("mul",), min_digits=1, max_digits=1, num_eval=200), "eval")
+
+
+@pytest.fixture
+def draws(monkeypatch):
+    """Counts the generator's draws; past 100,000 (seconds of 1-digit draws) a test fails rather
+    than wait for a search that goes on."""
+    count = [0]
+    draw = reasoning._unit
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        if count[0] > 100_000:
+            raise AssertionError("still drawing after 100,000 draws")
+        return draw(*args, **kwargs)
+
+    monkeypatch.setattr(reasoning, "_unit", counted)
+    return count
+
+
+def test_more_rows_than_the_split_holds_are_refused_before_any_draw(tmp_path, draws):
+    out = tmp_path / "bench"
+    with pytest.raises(ConfigError) as err:
+        main(["--out", str(out), "--digits", "1", "--ops", "add", "--train", "5000",
+              "--eval", "0", "--test", "0", "--no-progress"])
+    # Counted here one by one: the 1-digit sums a+b (and b+a) whose computation is in train.
+    held = sum(split_of(Problem("add", (a, b))) == "train"
+               for a in range(1, 10) for b in range(1, 10))
+    message = str(err.value)
+    assert draws[0] == 0 and "\n" not in message
+    assert f"holds at most {held} distinct problems" in message
+    assert f"ask for fewer rows (at most {held - held % 2}: num_train, make-benchmark --train)" \
+        in message
+    assert "--max-digits or --digits" in message and "(ops, --ops)" in message
+    assert not out.exists()
+    one_digit_add = _cfg(ops=("add",), min_digits=1, max_digits=1)
+    assert reasoning.max_distinct_problems(one_digit_add, "train") == held
+
+
+def test_a_used_up_split_stops_after_a_bounded_run_of_fruitless_draws(tmp_path, draws):
+    # 1-digit claims: the bound (sums times the values a claim can name) is far above what the
+    # pairs of the train split give, so the search itself has to notice.
+    cfg = _cfg(ops=("claim",), min_digits=1, max_digits=1, num_train=6000)
+    assert reasoning.max_distinct_problems(cfg, "train") >= 6000
+    with pytest.raises(ConfigError) as err:
+        main(["--out", str(tmp_path / "bench"), "--digits", "1", "--ops", "claim",
+              "--train", "6000", "--eval", "0", "--test", "0", "--no-progress"])
+    message = str(err.value)
+    found = int(re.search(r"found only (\d+) of the 6000 distinct train rows", message)[1])
+    assert f"{reasoning.MAX_IDLE_DRAWS} draws in a row found no new one" in message
+    assert f"ask for fewer rows (at most {found}: num_train, make-benchmark --train)" in message
+    assert draws[0] <= 100 * found + reasoning.MAX_IDLE_DRAWS + 1
+    # The rows of a smaller split are a prefix of the larger one's: the count named is found.
+    assert len(generate_split(cfg, "train", found)) == found
 
 
 # --- balance: no shortcut beats chance ------------------------------------------------------------

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -40,17 +41,18 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from cloud_jax import storage
 from cloud_jax.data.jsonl import write_jsonl_atomic
-from cloud_jax.data.synthetic.arithmetic import (BASE_OP, ERROR_KINDS, KINDS_OF_OP, OPS, RANDOM,
-                                             OperandRange, Problem, columns, computation_keys,
-                                             problems_with_answer, sample_problem, true_answer,
-                                             wrong_answers)
+from cloud_jax.data.synthetic.arithmetic import (BASE_OP, ERROR_KINDS, KINDS_OF_OP, NUMERIC_OPS,
+                                             OPS, RANDOM, OperandRange, Problem, columns,
+                                             computation_keys, problems_with_answer,
+                                             sample_problem, true_answer, wrong_answers)
 from cloud_jax.data.synthetic.reasoning_text import (STYLES, critique_text, num_variants, parse_prompt,
                                                  prompt_text, response_text, verdict_of, verify)
 from cloud_jax.errors import ConfigError
 
 __all__ = ["ReasoningBenchmarkConfig", "SPLITS", "generate_rows", "generate_split",
-           "length_stats", "partial_check_accuracies", "response_prior_accuracy",
-           "shortcut_accuracies", "split_of", "verdict_of", "verify", "write_splits"]
+           "length_stats", "max_distinct_problems", "partial_check_accuracies",
+           "response_prior_accuracy", "shortcut_accuracies", "split_of", "verdict_of", "verify",
+           "write_splits"]
 
 SPLITS = ("train", "eval", "test")
 
@@ -158,25 +160,127 @@ def _unit_hash(key: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0 ** 64
 
 
+def _split_of_key(key: str, fractions: Sequence[float]) -> str:
+    u, edge = _unit_hash(key), 0.0
+    for split, share in zip(SPLITS, fractions):
+        edge += share
+        if u < edge:
+            return split
+    return SPLITS[-1]
+
+
 def split_of(p: Problem, fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> Optional[str]:
     """The split a problem belongs to, or None when its computations hash to different splits (a
     comparison whose two sums do; the generator skips those)."""
-    found = set()
-    for key in computation_keys(p):
-        u, edge = _unit_hash(key), 0.0
-        for split, share in zip(SPLITS, fractions):
-            edge += share
-            if u < edge:
-                found.add(split)
-                break
-        else:
-            found.add(SPLITS[-1])
+    found = {_split_of_key(key, fractions) for key in computation_keys(p)}
     return found.pop() if len(found) == 1 else None
+
+
+# --- the size of the problem space ----------------------------------------------------------------
+
+@functools.lru_cache(maxsize=16)
+def _problems_per_split(op: str, rng: OperandRange, fractions: Tuple[float, ...]
+                        ) -> Dict[str, int]:
+    """split -> the number of distinct ``op`` problems (add/sub/mul) in it, counted one by one."""
+    counts = dict.fromkeys(SPLITS, 0)
+    lo, hi = rng.lo, rng.hi
+    if op == "add":  # a + b and b + a: one computation (one hash), two problems
+        for a in range(lo, hi + 1):
+            for b in range(a, hi + 1):
+                counts[_split_of_key(f"add:{a},{b}", fractions)] += 1 if a == b else 2
+    elif op == "sub":  # a - b with a >= b
+        for b in range(lo, hi + 1):
+            for a in range(b, hi + 1):
+                counts[_split_of_key(f"sub:{a},{b}", fractions)] += 1
+    else:  # mul: a * b, b a single digit 2..max_multiplier
+        for a in range(lo, hi + 1):
+            for b in range(2, rng.max_multiplier + 1):
+                counts[_split_of_key(f"mul:{a},{b}", fractions)] += 1
+    return counts
+
+
+def _problem_bound(op: str, cfg: ReasoningBenchmarkConfig, split: str, base: int) -> int:
+    """At most how many distinct ``op`` problems rows of ``split`` can ask, given ``base``: the
+    number of distinct problems of ``BASE_OP[op]`` there (or, unsplit, in the whole space)."""
+    if op in NUMERIC_OPS:
+        return base
+    if op == "claim":
+        # a + b = c with c the sum or one of its wrong answers, which keep the sum's length L:
+        # at most 2L digit, L-1 carry and L-1 swap errors, or any other L-digit number (random).
+        length = cfg.max_digits + 1
+        random_too = split == "train" and cfg.train_random_share > 0
+        return base * (10 ** length if random_too else 4 * length + 1)
+    return base * base  # compare: two sums of the split
+
+
+def max_distinct_problems(cfg: ReasoningBenchmarkConfig, split: str) -> int:
+    """An upper bound on the rows ``split`` can have (each row asks a distinct problem): exact
+    for add, sub and mul (the problems whose computation hashes to ``split``), and for claim and
+    compare the sums of the split times the values a claim can name, or squared. Ops of weight 0
+    are never drawn and add nothing. Counting hashes every computation of the space (a second
+    for each 400,000, as many as 3-digit add has)."""
+    cfg.validate()
+    weights = cfg.op_weights or (1.0,) * len(cfg.ops)
+    rng, fractions = cfg.operand_range, tuple(cfg.split_fractions)
+    return sum(_problem_bound(op, cfg, split,
+                              _problems_per_split(BASE_OP[op], rng, fractions)[split])
+               for op, w in zip(cfg.ops, weights) if w > 0)
+
+
+def _unsplit_problems(cfg: ReasoningBenchmarkConfig, op: str) -> int:
+    """The distinct problems of ``op`` (add/sub/mul) in the whole space: no hashing."""
+    n = cfg.operand_range.hi - cfg.operand_range.lo + 1
+    return {"add": n * n, "sub": n * (n + 1) // 2, "mul": n * (cfg.max_multiplier - 1)}[op]
+
+
+def _space_words(cfg: ReasoningBenchmarkConfig) -> str:
+    digits = (f"{cfg.min_digits}-digit" if cfg.min_digits == cfg.max_digits
+              else f"{cfg.min_digits}-{cfg.max_digits} digit")
+    return f"{digits} operands, ops {','.join(cfg.ops)}"
+
+
+def _remedies(cfg: ReasoningBenchmarkConfig, split: str, largest: str) -> str:
+    """What to change, as config keys and make-benchmark flags (``largest``: the rows there are,
+    in words)."""
+    key = {"train": "num_train", "eval": "num_eval", "test": "num_test"}[split]
+    out = [f"ask for fewer rows ({largest}: {key}, make-benchmark --{split})"]
+    if cfg.max_digits < 3:
+        out.append("allow more digits (max_digits, --max-digits or --digits)")
+    if len(cfg.ops) < len(OPS):
+        out.append("add operations (ops, --ops)")
+    if "mul" in cfg.ops and cfg.max_multiplier < 9:
+        out.append("raise max_multiplier (--max-multiplier)")
+    return ", ".join(out[:-1]) + " or " + out[-1] if len(out) > 1 else out[0]
+
+
+def _check_space(cfg: ReasoningBenchmarkConfig, split: str, n: int) -> None:
+    """Refuses at once ``n`` rows more than ``split`` can hold (``max_distinct_problems``). The
+    count hashes every computation of the space, so in a space of over 50,000 (a quarter of a
+    second or more) it is skipped where the split's expected share of it, which needs no count,
+    is 4 times ``n`` or more."""
+    weights = cfg.op_weights or (1.0,) * len(cfg.ops)
+    drawn = {BASE_OP[op] for op, w in zip(cfg.ops, weights) if w > 0}
+    share = cfg.split_fractions[SPLITS.index(split)]
+    expected = share * sum(_problem_bound(op, cfg, split, _unsplit_problems(cfg, BASE_OP[op]))
+                           for op, w in zip(cfg.ops, weights) if w > 0)
+    if sum(_unsplit_problems(cfg, op) for op in drawn) > 50_000 and 4 * n <= expected:
+        return
+    largest = max_distinct_problems(cfg, split)
+    if n > largest:
+        raise ConfigError(
+            f"reasoning benchmark: {n} {split} rows asked for, but the {split} share of the "
+            f"problem space ({_space_words(cfg)}) holds at most {largest} distinct problems, "
+            f"one a row: {_remedies(cfg, split, f'at most {largest - largest % 2}')}")
 
 
 # --- generation ---------------------------------------------------------------------------------
 
 _Row = Tuple[Problem, object, object, str]  # problem, chosen answer, rejected answer, error kind
+
+# Draws in a row that add no row (a problem of another split, or one already drawn) after which
+# generate_split gives up: a split whose share of the space is used up (a second or so of 1- or
+# 2-digit draws). A split whose rows are merely rare draws one every few hundred.
+MAX_IDLE_DRAWS = 20_000
 
 
 def _pair(rand: random.Random, cfg: ReasoningBenchmarkConfig, op: str, split: str):
@@ -253,7 +357,11 @@ def generate_split(cfg: ReasoningBenchmarkConfig, split: str, n: Optional[int] =
     computations belong to ``split``. Rows come in consecutive twos whose responses swap roles
     (see ``_unit``); an odd ``n`` keeps the first row of the last two. ``progress``: the rows
     found so far on stderr (:mod:`cloud_jax.progress`): many rows take minutes, more as the
-    problem space of the chosen digits fills up."""
+    problem space of the chosen digits fills up. More rows than the split's distinct problems
+    (``max_distinct_problems``) are refused before any draw; a search that finds no new row in
+    ``MAX_IDLE_DRAWS`` draws in a row, or in 100 draws a row asked for in all, stops with an error
+    naming the rows found."""
+
     from cloud_jax import progress as progress_
 
     cfg.validate()
@@ -262,25 +370,31 @@ def generate_split(cfg: ReasoningBenchmarkConfig, split: str, n: Optional[int] =
     n = cfg.size(split) if n is None else n
     rand = random.Random(f"cloud_jax.reasoning:{cfg.seed}:{split}")
     weights = list(cfg.op_weights) or [1.0] * len(cfg.ops)
+    _check_space(cfg, split, n)
     seen, rows = set(), []
     max_draws = 100 * n + 20_000
-    draws = 0
+    draws = idle = 0
     with progress_.bar(n, "rows", desc=f"make-benchmark {split}", disable=not progress) as bar:
         while len(rows) < n:
             draws += 1
-            if draws > max_draws:
+            idle += 1
+            if draws > max_draws or idle > MAX_IDLE_DRAWS:
+                if idle > MAX_IDLE_DRAWS:  # the same seed draws the same rows: this many fit
+                    how, largest = (f"{MAX_IDLE_DRAWS} draws in a row found no new one",
+                                    f"at most {len(rows)}")
+                else:
+                    how, largest = f"in {max_draws} draws", f"fewer than {len(rows)}"
                 raise ConfigError(
                     f"reasoning benchmark: found only {len(rows)} of the {n} distinct {split} "
-                    f"rows asked for in {max_draws} draws; the {split} share of the problem "
-                    f"space ({cfg.min_digits}-{cfg.max_digits} digit operands, ops "
-                    f"{list(cfg.ops)}) is too small: ask for fewer rows, allow more digits or "
-                    "add operations")
+                    f"rows asked for ({how}); the {split} share of the problem space "
+                    f"({_space_words(cfg)}) is used up: {_remedies(cfg, split, largest)}")
             op = rand.choices(cfg.ops, weights)[0]
             unit = _unit(rand, cfg, op, split)
             # A whole unit or nothing, so that the roles stay balanced.
             if unit is None or any(problem in seen for problem, *_ in unit):
                 continue
             added = unit[:n - len(rows)]
+            idle = 0
             for problem, chosen, rejected, kind in added:
                 seen.add(problem)
                 # Wordings come from their own stream, so both styles draw the same problems.
