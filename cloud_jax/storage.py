@@ -37,6 +37,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from typing import IO, Iterator, List, Optional, Sequence
 
 from cloud_jax.errors import ConfigError
@@ -510,8 +511,19 @@ def local_copy(url: str) -> str:
     """A local directory holding what ``url`` holds (a URL directory is downloaded into the
     cache; a local path is returned as it is). Each version of the directory (its objects' names,
     sizes and etags) has its own cache entry: an unchanged directory is not downloaded again, a
-    changed one is, and older versions are then removed. Processes that download the same
-    version at once each download it; the first complete copy is kept."""
+    changed one is, and older versions are then removed (one where another process is still
+    downloading, when that is over). Processes that download the same version at once each
+    download it; the first complete copy is kept.
+
+    A download fills a staging directory beside its destination,
+    ``.download-<host>.<pid>.<random>``, renamed into place when complete. A download that fails
+    or is stopped (an error, Ctrl-C, SIGTERM) removes its own; one killed outright (kill -9, a
+    lost machine) leaves it, and each use of the cache entry removes those whose process is
+    over: of this host, their pid ended, and not locked (the download holds an ``flock`` of its
+    staging directory while it runs; the lock ends with the process, however it ends, and
+    guards a download in another pid namespace on this machine). Another host's are left alone
+    (its pids mean nothing here), and so is an earlier release's ``.download-<random>`` until
+    nothing in it has changed for a day."""
     if not is_url(url):
         return url
     url = url.rstrip("/")
@@ -523,36 +535,129 @@ def local_copy(url: str) -> str:
     target = os.path.join(parent, version, basename(url))
     if not os.path.isdir(target):
         _download(url, files, target)
+    else:
+        _remove_stale_downloads(os.path.dirname(target))
     for name in os.listdir(parent):
-        if name != version and not name.startswith(".download-"):
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        path = os.path.join(parent, name)
+        if (name != version and not name.startswith(_DOWNLOAD_PREFIX)
+                and not _remove_stale_downloads(path)):
+            shutil.rmtree(path, ignore_errors=True)
     return target
 
 
 @_accessing
 def download_dir(url: str, dest: str) -> None:
     """Downloads every object under ``url`` into the local directory ``dest`` (which appears
-    whole, or not at all; if another process made it first, its copy is kept)."""
+    whole, or not at all; if another process made it first, its copy is kept). Staging
+    directories beside ``dest``: as :func:`local_copy`."""
     files = _remote_files(url.rstrip("/"))
     if not files:
         raise FileNotFoundError(f"{url}: no such directory (no object under it)")
     _download(url.rstrip("/"), files, dest)
 
 
+_DOWNLOAD_PREFIX = ".download-"
+# A download's staging directory: .download-<host>.<pid>.<random> (tempfile's 8 characters).
+_DOWNLOAD_NAME = re.compile(r"\.download-(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.[a-z0-9_]{8}")
+# Earlier releases': .download-<random>, with no owner to ask; removed once a day unchanged.
+_OLD_DOWNLOAD_NAME = re.compile(r"\.download-[a-z0-9_]{8}")
+_OLD_DOWNLOAD_AGE_S = 24 * 3600
+
+
+def _lock_held(path: str) -> bool:
+    """Whether a process holds the ``flock`` of the directory ``path`` (a running download's)."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # gone, or not ours to read: nothing to remove
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # a file system without flock: the pid alone says
+        return False
+    finally:
+        os.close(fd)  # and with it the lock just taken
+    return False
+
+
+def _unchanged_for(path: str, seconds: float) -> bool:
+    """Whether nothing under ``path`` (itself included) was modified in the last ``seconds``."""
+    cutoff = time.time() - seconds
+    try:
+        if os.stat(path).st_mtime > cutoff:
+            return False
+        for root, dirs, names in os.walk(path):
+            for name in dirs + names:
+                if os.lstat(os.path.join(root, name)).st_mtime > cutoff:
+                    return False
+    except OSError:
+        return False
+    return True
+
+
+def _download_over(path: str) -> bool:
+    """Whether the staging directory ``path`` belongs to no running download (see local_copy)."""
+    name = os.path.basename(path)
+    mine = _DOWNLOAD_NAME.fullmatch(name)
+    if mine:
+        return (mine["host"] == _tmp_host() and not _pid_alive(int(mine["pid"]))
+                and not _lock_held(path))
+    return bool(_OLD_DOWNLOAD_NAME.fullmatch(name)) and _unchanged_for(path, _OLD_DOWNLOAD_AGE_S)
+
+
+def _remove_stale_downloads(directory: str) -> bool:
+    """Removes the staging directories in ``directory`` whose download is over; True when a
+    running one (or one not known to be over) is left there."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return False
+    running = False
+    for name in names:
+        if not name.startswith(_DOWNLOAD_PREFIX):
+            continue
+        path = os.path.join(directory, name)
+        if _download_over(path):
+            log.info("removing %s, left by a download that did not finish", path)
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            running = True
+    return running
+
+
 def _download(url: str, files: dict, dest: str) -> None:
+    import fcntl
+
     parent = os.path.dirname(os.path.abspath(dest))
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=parent, prefix=".download-")
-    size = sum(int(info[0] or 0) for info in files.values())
-    log.info("downloading %s (%d files, %.2f GB) to %s", url, len(files), size / 1e9, dest)
-    fs, inner = _fs(url)
-    for rel in files:
-        local = os.path.join(staging, rel)
-        os.makedirs(os.path.dirname(local), exist_ok=True)
-        fs.get_file(f"{inner}/{rel}", local)
+    _remove_stale_downloads(parent)
+    staging = tempfile.mkdtemp(dir=parent,
+                               prefix=f"{_DOWNLOAD_PREFIX}{_tmp_host()}.{os.getpid()}.")
+    fd = os.open(staging, os.O_RDONLY)
     try:
-        os.rename(staging, dest)
-    except OSError:  # another process finished the same copy first
+        # Held while this process runs: the sweep of another process leaves the directory alone.
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        size = sum(int(info[0] or 0) for info in files.values())
+        log.info("downloading %s (%d files, %.2f GB) to %s", url, len(files), size / 1e9, dest)
+        fs, inner = _fs(url)
+        for rel in files:
+            local = os.path.join(staging, rel)
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            fs.get_file(f"{inner}/{rel}", local)
+        try:
+            os.rename(staging, dest)
+        except OSError:
+            if not os.path.isdir(dest):
+                raise
+            # another process finished the same copy first: its copy is kept, this one removed
+    finally:
+        os.close(fd)
+        # What a failed or stopped download fetched (Ctrl-C, SIGTERM, an error); gone after the
+        # rename.
         shutil.rmtree(staging, ignore_errors=True)
 
 

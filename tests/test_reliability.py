@@ -8,6 +8,7 @@ import fnmatch
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -644,3 +645,90 @@ def test_temporaries_that_killed_writers_left_are_deleted_by_the_next_write(tmp_
     assert Path(path).read_text() == "second"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["out.json"] + [os.path.basename(n) for n in live])
+
+
+@pytest.fixture
+def remote_model(tmp_path, monkeypatch):
+    """A directory in fsspec's in-memory store (memory://), and the download cache in tmp_path."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    url = f"memory://reliability-{os.getpid()}-{tmp_path.name}/model"
+    inner = url.split("://", 1)[1]
+    fs.pipe_file(f"/{inner}/config.json", b"{}")
+    fs.pipe_file(f"/{inner}/weights.bin", b"w" * 64)
+    monkeypatch.setenv("CLOUD_JAX_CACHE", str(tmp_path / "cache"))
+    yield url, fs, inner
+    fs.rm(f"/{inner.split('/')[0]}", recursive=True)
+
+
+def _staging_dirs(root):
+    return sorted(p for p in Path(root).rglob(".download-*"))
+
+
+@pytest.mark.parametrize("stop", ["Preempted", "KeyboardInterrupt", "OSError"])
+def test_a_download_stopped_part_way_removes_its_staging_directory(remote_model, tmp_path,
+                                                                     monkeypatch, stop):
+    """SIGTERM (Preempted), Ctrl-C or a network error in the middle of a download into the cache
+    left the half-filled .download-* directory there for good (gigabytes a model)."""
+    from cloud_jax import storage
+    from cloud_jax.errors import Preempted
+
+    url, fs, _ = remote_model
+    error = {"Preempted": Preempted("SIGTERM"), "KeyboardInterrupt": KeyboardInterrupt(),
+             "OSError": OSError("connection reset")}[stop]
+    real_get_file = type(fs).get_file
+
+    def get_file(self, rpath, lpath, **kwargs):
+        if rpath.endswith("weights.bin"):
+            assert _staging_dirs(tmp_path / "cache")  # it was there while downloading
+            raise error
+        return real_get_file(self, rpath, lpath, **kwargs)
+
+    monkeypatch.setattr(type(fs), "get_file", get_file)
+    with pytest.raises(type(error)):
+        storage.local_copy(url)
+    assert _staging_dirs(tmp_path / "cache") == []
+    monkeypatch.setattr(type(fs), "get_file", real_get_file)
+    assert Path(storage.local_copy(url), "weights.bin").read_bytes() == b"w" * 64
+
+
+def test_stale_staging_directories_are_removed_and_live_ones_kept(remote_model, tmp_path):
+    """Staging directories a killed download left (kill -9: no cleanup runs) are removed by the
+    next use of the cache entry; another download's, live or not known to be over, are kept."""
+    import fcntl
+
+    from cloud_jax import storage
+
+    url, fs, inner = remote_model
+    version_dir = Path(storage.local_copy(url)).parent
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    host = storage._tmp_host()
+    day_ago = time.time() - 2 * 24 * 3600
+    stale = [f".download-{host}.{ended.pid}.abcd_123", ".download-q8jnd17l"]
+    live = [f".download-{host}.{os.getpid()}.abcd_123",   # this process: alive
+            f".download-elsewhere.{ended.pid}.abcd_123",  # another host's pids mean nothing here
+            ".download-x1y2z3w4",                         # an earlier release's, changed today
+            f".download-{host}.{ended.pid}.locked_1"]     # its pid ended, but its lock is held
+    for name in stale + live:
+        (version_dir / name).mkdir()
+        (version_dir / name / "part.bin").write_bytes(b"p")
+    for path in (version_dir / ".download-q8jnd17l", version_dir / ".download-q8jnd17l/part.bin"):
+        os.utime(path, (day_ago, day_ago))
+    held = os.open(version_dir / live[-1], os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert Path(storage.local_copy(url)).parent == version_dir  # unchanged: not downloaded
+        assert _staging_dirs(version_dir) == sorted(version_dir / n for n in live)
+        # A changed directory is downloaded again; the older version, where downloads still
+        # run, is kept until they are over.
+        fs.pipe_file(f"/{inner}/weights.bin", b"v" * 65)  # another size: another version
+        new_dir = Path(storage.local_copy(url)).parent
+        assert new_dir != version_dir and version_dir.is_dir()
+    finally:
+        os.close(held)
+    for name in live:
+        shutil.rmtree(version_dir / name)
+    storage.local_copy(url)
+    assert not version_dir.exists() and _staging_dirs(tmp_path / "cache") == []
