@@ -10,17 +10,19 @@ step does not all-gather every weight.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
-from typing import Any, Optional, Sequence
+import time
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from cloud_jax.errors import ConfigError
+from cloud_jax.errors import ConfigError, Preempted
 
 
 log = logging.getLogger(__name__)
@@ -242,6 +244,116 @@ def init_distributed(mode: str) -> bool:
     jax.distributed.initialize(num_processes=env_int("JAX_NUM_PROCESSES"),
                                process_id=env_int("JAX_PROCESS_ID"))
     return True
+
+
+# How long the other processes wait for process 0's part of first_on_process_0 (a day: a data
+# set tokenized on one host can take hours; a dead process 0 ends the wait sooner, see there).
+FIRST_ON_PROCESS_0_TIMEOUT_S = 24 * 3600
+# Calls of first_on_process_0 so far in this process, by name: every process makes the same calls
+# in the same order, so the n-th call of a name has the same key on each.
+_FIRST_ON_PROCESS_0_CALLS: dict[str, int] = {}
+
+T = TypeVar("T")
+
+
+def first_on_process_0(work: Callable[[], T], name: str, what: str, *,
+                       timeout_s: float = FIRST_ON_PROCESS_0_TIMEOUT_S, poll_s: float = 0.5,
+                       user_errors: tuple[type[BaseException], ...] = (ConfigError,),
+                       client: Any = None, process_index: Optional[int] = None,
+                       process_count: Optional[int] = None) -> T:
+    """Runs ``work`` on process 0, then on every other process of the job, and returns its result
+    on each: process 0 makes something in a place the hosts may share (a cache directory on NFS
+    or a bucket), the others then find it made instead of writing it at the same time. One
+    process (no ``jax.distributed``) just runs ``work``.
+
+    The others wait on ``jax.distributed``'s key-value store, not on a device collective (on CPU
+    that one gives up after 30 s, and on an accelerator it would wait for ever on a process 0
+    that failed). Process 0 posts how its ``work`` ended under ``cloud_jax/<name>/<n>/outcome``;
+    where it raised, the others raise too, without running ``work``, naming process 0 and its error
+    (``what`` says what it was doing): a ConfigError where the error was one of ``user_errors``,
+    Preempted where process 0 was stopped, else a RuntimeError. A wait longer than ``timeout_s``,
+    or a key-value store that no longer answers (process 0, which runs it, is gone), is a
+    RuntimeError saying so. ``client``, ``process_index`` and ``process_count`` default to the
+    running job's."""
+    count = jax.process_count() if process_count is None else process_count
+    if count == 1:
+        return work()
+    index = jax.process_index() if process_index is None else process_index
+    if client is None:
+        from jax._src import distributed
+
+        client = distributed.global_state.client
+    if client is None:  # processes JAX joined without jax.distributed: only a device barrier
+        from jax.experimental import multihost_utils
+
+        result = work() if index == 0 else None
+        multihost_utils.sync_global_devices(f"cloud_jax {name}")
+        return result if index == 0 else work()
+    round_ = _FIRST_ON_PROCESS_0_CALLS.get(name, 0)
+    _FIRST_ON_PROCESS_0_CALLS[name] = round_ + 1
+    # A directory of one key: the store lists a directory without an error where it is empty.
+    directory = f"cloud_jax/{name}/{round_}"
+    key = directory + "/outcome"
+    if index == 0:
+        try:
+            result = work()
+        except BaseException as err:
+            kind = ("preempted" if isinstance(err, (Preempted, KeyboardInterrupt))
+                    else "user" if isinstance(err, user_errors) else "other")
+            try:
+                client.key_value_set(key, json.dumps(
+                    {"kind": kind, "error": f"{type(err).__name__}: {_one_line(err)}"}))
+            except Exception as post:  # noqa: BLE001 - process 0's own error is the one to raise
+                log.warning("could not tell the other processes that process 0 failed: %s",
+                            _one_line(post))
+            raise
+        client.key_value_set(key, json.dumps({"kind": "done"}))
+        return result
+    outcome = _wait_for_key(client, directory, key, what, timeout_s, poll_s)
+    if outcome["kind"] == "done":
+        return work()
+    message = (f"process 0 could not {what}: {outcome['error']} (process {index} of {count} "
+               "waited for it; process 0's log has the details)")
+    if outcome["kind"] == "user":
+        raise ConfigError(message)
+    if outcome["kind"] == "preempted":
+        raise Preempted(f"process 0 was stopped before it could {what}; run the same command "
+                        "again to resume")
+    raise RuntimeError(message)
+
+
+def _wait_for_key(client: Any, directory: str, key: str, what: str, timeout_s: float,
+                  poll_s: float) -> dict:
+    """The JSON value process 0 posts under ``key`` (in ``directory``). Polled with a short sleep
+    rather than one long blocking call, so that a signal (SIGTERM, Ctrl-C) is handled while
+    waiting."""
+    start = time.monotonic()
+    next_note = start + 600
+    while True:
+        try:
+            found = client.key_value_dir_get(directory)
+        except Exception as err:  # noqa: BLE001 - any failure of the store ends the wait
+            raise RuntimeError(
+                f"lost contact with process 0 (jax.distributed's coordinator) while waiting for "
+                f"it to {what}: {_one_line(err)}. Process 0's log says why it stopped") from None
+        values = [value for k, value in found if k == key]
+        if values:
+            return json.loads(values[0])
+        now = time.monotonic()
+        if now - start > timeout_s:
+            raise RuntimeError(
+                f"process 0 did not {what} within {timeout_s:.0f} s; see its log for where it "
+                "stands, and run again once it is unstuck (a finished part is reused)")
+        if now >= next_note:
+            log.info("waiting for process 0 to %s (%.0f min so far)", what, (now - start) / 60)
+            next_note = now + 600
+        time.sleep(poll_s)
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        return f"{err.filename}: {err.strerror}"
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 # --- the chips the devices are ----------------------------------------------------------------

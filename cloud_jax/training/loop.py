@@ -31,13 +31,15 @@ from cloud_jax.model.config import ModelConfig
 from cloud_jax.training.config import Config, config_from_dict, save_config, to_dict
 from cloud_jax.checkpoints.hf import base_model_name_of, save_cloud_reference, staged_export
 from cloud_jax.data.pipeline import GlobalOrder, batch_iterator
+from cloud_jax.data.schema import RowError
 from cloud_jax.data.tfds_builder import open_split, prepare_dataset
 from cloud_jax.data.tokenizer import load_tokenizer
 from cloud_jax import storage
 from cloud_jax.errors import ConfigError
 from cloud_jax.training.losses import finalize_metrics
 from cloud_jax.model import count_params, init_params
-from cloud_jax.sharding import TRAIN_RULES, check_batch_split_over_processes, make_mesh
+from cloud_jax.sharding import (TRAIN_RULES, check_batch_split_over_processes, first_on_process_0,
+                                make_mesh)
 from cloud_jax.training.checkpointing import (COMPUTE_ONLY, DATA_ORDER_KEY, GLOBAL_ORDER,
                                               Checkpointer, check_data_order, compare_configs,
                                               is_committed)
@@ -112,16 +114,17 @@ def _is_main() -> bool:
     return jax.process_index() == 0
 
 
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
+# The errors of a failed build on process 0 that the other hosts report as config errors (bad rows,
+# no usable pair, a row file that is not there), so that every host exits with the same status.
+_DATA_USER_ERRORS = (ConfigError, RowError, FileNotFoundError, IsADirectoryError,
+                     NotADirectoryError, PermissionError)
 
 
 def prepare_data(cfg: Config):
-    """Tokenizer and the tokenized dataset; process 0 builds it first so that hosts sharing a
-    filesystem reuse one copy instead of writing it at the same time."""
+    """Tokenizer and the tokenized dataset. On several hosts process 0 builds (or reuses, or
+    downloads) the dataset first and the others wait for it (cloud_jax.sharding.
+    first_on_process_0), then find it built where they share data.tfds_dir, or build their own
+    where they do not; where process 0's build fails, the others stop with its error."""
     record = stage_record(cfg.train.stage)
     try:
         tok = load_tokenizer(cfg.data.tokenizer)
@@ -131,14 +134,11 @@ def prepare_data(cfg: Config):
     if len(tok) > cfg.model.vocab_size:
         raise ConfigError(f"tokenizer {cfg.data.tokenizer!r} has {len(tok)} tokens but "
                           f"model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size")
-    dataset = None
-    if _is_main():
-        dataset = prepare_dataset(cfg.data, tok, record.layout,
-                                  require_feedback=record.needs_feedback)
-    _sync("dataset prepared")
-    if dataset is None:
-        dataset = prepare_dataset(cfg.data, tok, record.layout,
-                                  require_feedback=record.needs_feedback)
+    dataset = first_on_process_0(
+        lambda: prepare_dataset(cfg.data, tok, record.layout,
+                                require_feedback=record.needs_feedback),
+        "prepare_data", f"prepare the tokenized dataset in data.tfds_dir={cfg.data.tfds_dir!r}",
+        user_errors=_DATA_USER_ERRORS)
     return tok, dataset
 
 
