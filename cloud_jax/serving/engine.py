@@ -276,6 +276,7 @@ class ContinuousBackend:
         # What the worker met for the first time in its current step (a pool, a bucket): named
         # in the log line of the compiles they made.
         self._firsts: list[str] = []
+        self._complete: list[_Request] = []  # answered after the step (_deliver)
         self._compiles = 0
         self._compile_seconds = 0.0
         self._tokens = 0
@@ -404,6 +405,7 @@ class ContinuousBackend:
                 # Who waits for what this step compiles: the rows decoding, the items queued.
                 waiting = (sum(p.busy() for p in self._pools.values()), self._queued_items)
             self._firsts = []
+            self._complete = []
             try:
                 with CompileWatch() as watch:
                     self._drop_cancelled()
@@ -414,6 +416,9 @@ class ContinuousBackend:
                 self._fail_all(err)
             if serving and watch.programs:
                 self._log_compile(watch, *waiting)
+            # Answered after the step's compile line and count: a caller who reads the log or
+            # /metrics once its answer came finds the compile that delayed it there.
+            self._deliver()
 
     def _log_compile(self, watch: CompileWatch, busy: int, queued: int) -> None:
         """The worker's last step met a shape (a pool's sampling settings, a length bucket)
@@ -601,9 +606,19 @@ class ContinuousBackend:
                 while len(self.spans) > 1024:
                     self.spans.popitem(last=False)
                 complete.append(req)
+        self._complete.extend(complete)
+
+    def _deliver(self) -> None:
+        """Answers the requests whose last row ended in the worker's last step."""
+        complete, self._complete = self._complete, []
         for req in complete:
-            if not req.cancelled and not req.future.done():
+            if req.cancelled or req.future.done():
+                continue
+            try:
                 req.future.set_result(self._results(req))
+            except Exception as err:  # noqa: BLE001 - that request fails, the server serves on
+                log.exception("reading the results of a request failed")
+                req.future.set_exception(err)
 
     def _results(self, req: _Request) -> list[ItemResult]:
         tok, layout = self.rm.tokenizer, chat_layout(self.rm.tokenizer)
