@@ -39,3 +39,12 @@ class Preempted(BaseException):
     A BaseException, as KeyboardInterrupt is: raised wherever the signal lands, it must not be
     taken for a failure by an ``except Exception`` (a checkpoint that does not read back would
     be set aside as unusable)."""
+
+
+def one_line(err: BaseException) -> str:
+    """An error's text on one line, as a user acts on it: an OSError's path and reason (its own
+    text starts with "[Errno 2]"), else the message with its whitespace runs folded (the type's
+    name where it has none)."""
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        return f"{err.filename}: {err.strerror}"
+    return " ".join(str(err).split()) or type(err).__name__

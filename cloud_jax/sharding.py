@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from cloud_jax.errors import ConfigError, Preempted
+from cloud_jax.errors import ConfigError, Preempted, one_line
 
 
 log = logging.getLogger(__name__)
@@ -302,10 +302,10 @@ def first_on_process_0(work: Callable[[], T], name: str, what: str, *,
                     else "user" if isinstance(err, user_errors) else "other")
             try:
                 client.key_value_set(key, json.dumps(
-                    {"kind": kind, "error": f"{type(err).__name__}: {_one_line(err)}"}))
+                    {"kind": kind, "error": f"{type(err).__name__}: {one_line(err)}"}))
             except Exception as post:  # noqa: BLE001 - process 0's own error is the one to raise
                 log.warning("could not tell the other processes that process 0 failed: %s",
-                            _one_line(post))
+                            one_line(post))
             raise
         client.key_value_set(key, json.dumps({"kind": "done"}))
         return result
@@ -335,7 +335,7 @@ def _wait_for_key(client: Any, directory: str, key: str, what: str, timeout_s: f
         except Exception as err:  # noqa: BLE001 - any failure of the store ends the wait
             raise RuntimeError(
                 f"lost contact with process 0 (jax.distributed's coordinator) while waiting for "
-                f"it to {what}: {_one_line(err)}. Process 0's log says why it stopped") from None
+                f"it to {what}: {one_line(err)}. Process 0's log says why it stopped") from None
         values = [value for k, value in found if k == key]
         if values:
             return json.loads(values[0])
@@ -348,12 +348,6 @@ def _wait_for_key(client: Any, directory: str, key: str, what: str, timeout_s: f
             log.info("waiting for process 0 to %s (%.0f min so far)", what, (now - start) / 60)
             next_note = now + 600
         time.sleep(poll_s)
-
-
-def _one_line(err: BaseException) -> str:
-    if isinstance(err, OSError) and err.filename is not None and err.strerror:
-        return f"{err.filename}: {err.strerror}"
-    return " ".join(str(err).split()) or type(err).__name__
 
 
 # --- the chips the devices are ----------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Callable, Dict, Mapping, Optional, Sequence
 import jax
 
 from cloud_jax.errors import (INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, CheckpointError,
-                              ConfigError, GGUFConversionError, Preempted)
+                              ConfigError, GGUFConversionError, Preempted, one_line)
 from cloud_jax.model.config import DECODE_ATTENTION_IMPLS
 from cloud_jax.scoring.rewards import DEFAULT_MAX_LENGTH, ScoreConfig
 from cloud_jax.sharding import MESH_AXES, SAMPLE_RULES, MeshConfig, make_mesh
@@ -345,7 +345,7 @@ def run_command(main_fn: Callable[[Optional[Sequence[str]]], Optional[int]],
     except Exception as err:  # noqa: BLE001 - sorted into user errors and bugs just below
         if debug or not isinstance(err, user_error_types()):
             raise
-        print(f"error: {_one_line(err)}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE
     finally:
         if previous is not None:
@@ -357,8 +357,3 @@ def _raise_preempted(signum, frame) -> None:
                     "(finished work is kept, unfinished work is redone)")
 
 
-def _one_line(err: Exception) -> str:
-    # An OSError's own text starts with "[Errno 2]"; the path and the reason are what a user acts on.
-    if isinstance(err, OSError) and err.filename is not None and err.strerror:
-        return f"{err.filename}: {err.strerror}"
-    return " ".join(str(err).split()) or type(err).__name__
