@@ -323,3 +323,24 @@ def test_any_number_of_decode_phases_gives_the_same_critiques(params, layout):
     for bad in (0, 2.0, True):
         with pytest.raises(ValueError, match="decode_phases"):
             sample(CFG, params, PREFIXES, decode_phases=bad, **settings)
+
+
+def test_a_step_uniform_table_holds_the_numbers_each_step_would_draw_with_its_folded_key():
+    """The decode loop makes every step's uniform number before the loop (step_uniforms) instead
+    of folding the step into each row's key inside every step: the same numbers, so the same
+    critiques, and each method draws the same token from a number as from the key it came from."""
+    from cloud_jax.sampling.methods import step_uniforms, uniforms
+
+    keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(7), r))(jnp.arange(5))
+    table = np.asarray(step_uniforms(keys, 11))
+    assert table.shape == (5, 11) and ((table >= 0) & (table < 1)).all()
+    for t in (0, 3, 10):
+        folded = jax.vmap(lambda key: jax.random.fold_in(key, t))(keys)
+        np.testing.assert_array_equal(table[:, t], np.asarray(uniforms(folded)))
+    assert len(np.unique(table)) == table.size  # rows and steps draw apart
+    logits = jax.random.normal(jax.random.key(1), (5, 300)) * 3
+    for method in (Temperature(0.7), TopK(9, 1.3), TopP(0.8, 1.1), Greedy()):
+        for t in (0, 4):
+            folded = jax.vmap(lambda key: jax.random.fold_in(key, t))(keys)
+            np.testing.assert_array_equal(np.asarray(method.draw(logits, table[:, t])),
+                                          np.asarray(method(logits, folded)))

@@ -17,7 +17,9 @@ is read from the hidden state of that very step, so a critique's reward costs no
 over prefix + critique. Tokens after a row's end are ``pad_id``.
 
 Random keys are ``fold_in(fold_in(fold_in(key(seed), row_id), sample), step)``: a row's critique
-depends on the seed, its row id and its sample index only, never on the batch it shares.
+depends on the seed, its row id and its sample index only, never on the batch it shares. The
+uniform number each step's draw reads from its key is made for every step before the loop
+(:func:`~cloud_jax.sampling.methods.step_uniforms`).
 
 With ``repetition_penalty`` != 1, each row carries the set of tokens it holds (its prefix, then
 its critique so far) and the next-token logits of those are penalized as Hugging Face's
@@ -47,7 +49,7 @@ from cloud_jax.model.decode_step import (DecodeWeights, check_layout, decode_ste
                                          prepare_decode_weights, rope_table)
 from cloud_jax.model.decode_step import decode_layout as default_layout
 from cloud_jax.sampling.methods import (Greedy, SamplingMethod, check_repetition_penalty,
-                                        check_seed, penalize_repeats)
+                                        check_seed, penalize_repeats, step_uniforms)
 from cloud_jax.sharding import SAMPLE_RULES, Rules
 
 
@@ -209,6 +211,12 @@ def decode(params, cache: KVCache, logits_bv, row_keys_b, stop_ids_s, seen_bv=No
             keys_n=sample_keys_bk.reshape(n),
             seen_nv=None if repetition_penalty == 1.0 else jnp.repeat(seen_bv, k, axis=0))
 
+        # Every step's uniform number for each row, made here at once rather than by hashing each
+        # row's key in every step (two short loops of small operations a step on a CPU): the
+        # same numbers, uniforms(fold_in(key, step)), for the steps the loop can run (up to
+        # m + c - 1: the last check may start at step m).
+        uniforms_nt = step_uniforms(state.keys_n, m + c) if method.random else None
+
         budget_n = (jnp.full((n,), m, jnp.int32) if budget_b is None
                      else jnp.repeat(jnp.minimum(budget_b, m), k, axis=0))
 
@@ -217,11 +225,12 @@ def decode(params, cache: KVCache, logits_bv, row_keys_b, stop_ids_s, seen_bv=No
             return (s.step <= m) & ~jnp.all(s.done_n) & (s.cache.end < s.cache.valid.shape[1])
 
         def body(s: DecodeState):
-            step_keys = jax.vmap(lambda key: jax.random.fold_in(key, s.step))(s.keys_n)
+            uniforms_n = (None if uniforms_nt is None else
+                          jax.lax.dynamic_index_in_dim(uniforms_nt, s.step, 1, keepdims=False))
             logits_nv = s.logits_nv
             if s.seen_nv is not None:
                 logits_nv = penalize_repeats(logits_nv, s.seen_nv, repetition_penalty)
-            drawn_n = method(logits_nv, step_keys)
+            drawn_n = method.draw(logits_nv, uniforms_n)
             is_stop = jnp.isin(drawn_n, stop_ids_s)
             ending = ~s.done_n & (is_stop | (s.step >= budget_n))
             writing = ~s.done_n & ~ending

@@ -1,7 +1,10 @@
 """How the next token is chosen from a row's logits: small frozen objects, usable as jit statics.
 
 Every method maps ``(logits_nv fp32, keys_n)`` to ``tokens_n``; ``keys_n`` holds one PRNG key per
-row, so a row's draw depends only on its own key, never on the rest of the batch.
+row, so a row's draw depends only on its own key, never on the rest of the batch. A draw reads
+one uniform number per row from its key (:func:`uniforms`); ``method.draw(logits_nv, uniforms_n)``
+takes those numbers instead of the keys, so a decode loop can make every step's numbers before
+the loop (:func:`step_uniforms`) rather than run the key hashing inside every step.
 """
 
 from __future__ import annotations
@@ -19,20 +22,39 @@ def _last_positive(x_nv: jax.Array) -> jax.Array:
     return (x_nv.shape[-1] - 1 - jnp.argmax(x_nv[:, ::-1] > 0, axis=-1)).astype(jnp.int32)
 
 
+def uniforms(keys_n: jax.Array) -> jax.Array:
+    """The uniform number in [0, 1) [N] fp32 that a random method's draw reads from each row's
+    key."""
+    return jax.vmap(jax.random.uniform)(keys_n)
+
+
+def step_uniforms(keys_n: jax.Array, steps: int) -> jax.Array:
+    """[N, steps] fp32: row n's number at step t, ``uniforms(fold_in(keys_n[n], t))``, the one a
+    decode loop that folds the step into each row's key draws with, for every step at once."""
+    fold = jax.vmap(jax.vmap(jax.random.fold_in, (None, 0)), (0, None))
+    steps_t = jnp.arange(steps, dtype=jnp.uint32)
+    return jax.vmap(uniforms)(fold(keys_n, steps_t))
+
+
 def _categorical(logits_nv: jax.Array, keys_n: jax.Array, block: int = 256) -> jax.Array:
+    """One draw per row from ``softmax(logits)`` with each row's key (:func:`_inverse_cdf`)."""
+    return _inverse_cdf(logits_nv, uniforms(keys_n), block)
+
+
+def _inverse_cdf(logits_nv: jax.Array, u_n: jax.Array, block: int = 256) -> jax.Array:
     """One draw per row from ``softmax(logits)`` by inverting the cumulative distribution with one
-    uniform number per row, instead of ``jax.random.categorical``'s one per vocabulary entry (on
-    CPU, 20 ms a step for 16 rows x 32000 entries). The inversion runs in two levels: it finds the
-    block of ``block`` entries where the number falls through the cumulative sums of the blocks,
-    then the entry inside that block, so no cumulative sum runs over the whole vocabulary. Entries
-    at -inf are never drawn."""
+    uniform number per row ``u_n`` in [0, 1), instead of ``jax.random.categorical``'s one per
+    vocabulary entry (on CPU, 20 ms a step for 16 rows x 32000 entries). The inversion runs in
+    two levels: it finds the block of ``block`` entries where the number falls through the
+    cumulative sums of the blocks, then the entry inside that block, so no cumulative sum runs
+    over the whole vocabulary. Entries at -inf are never drawn."""
     n, v = logits_nv.shape
     probs_nv = jnp.exp(logits_nv - jnp.max(logits_nv, axis=-1, keepdims=True))
     blocks = -(-v // block)
     probs_nlb = jnp.pad(probs_nv, ((0, 0), (0, blocks * block - v))).reshape(n, blocks, block)
     sums_nl = jnp.sum(probs_nlb, axis=-1)
     cdf_nl = jnp.cumsum(sums_nl, axis=-1)
-    u_n = jax.vmap(jax.random.uniform)(keys_n) * cdf_nl[:, -1]
+    u_n = u_n * cdf_nl[:, -1]
     # The first block whose cumulative sum exceeds u; rounding can put u at the very top of the
     # cdf, then the last block holding any probability.
     block_n = jnp.minimum(jnp.sum(cdf_nl <= u_n[:, None], axis=-1, dtype=jnp.int32),
@@ -71,8 +93,14 @@ def _scale(logits_nv: jax.Array, temperature: float) -> jax.Array:
 class Greedy:
     """The most likely token (ties go to the lowest id)."""
 
+    random = False  # reads no uniform number
+
     def __call__(self, logits_nv: jax.Array, keys_n: jax.Array) -> jax.Array:
         del keys_n
+        return self.draw(logits_nv, None)
+
+    def draw(self, logits_nv: jax.Array, uniforms_n: Optional[jax.Array]) -> jax.Array:
+        del uniforms_n
         return jnp.argmax(logits_nv, axis=-1).astype(jnp.int32)
 
 
@@ -86,8 +114,13 @@ class Temperature:
     def __post_init__(self):
         _check_temperature(self.temperature)
 
+    random = True  # reads one uniform number a row
+
     def __call__(self, logits_nv: jax.Array, keys_n: jax.Array) -> jax.Array:
-        return _categorical(_scale(logits_nv, self.temperature), keys_n)
+        return self.draw(logits_nv, uniforms(keys_n))
+
+    def draw(self, logits_nv: jax.Array, uniforms_n: jax.Array) -> jax.Array:
+        return _inverse_cdf(_scale(logits_nv, self.temperature), uniforms_n)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,10 +135,15 @@ class TopK:
             raise ValueError(f"top_k={self.k}: must be >= 1")
         _check_temperature(self.temperature)
 
+    random = True  # reads one uniform number a row
+
     def __call__(self, logits_nv: jax.Array, keys_n: jax.Array) -> jax.Array:
+        return self.draw(logits_nv, uniforms(keys_n))
+
+    def draw(self, logits_nv: jax.Array, uniforms_n: jax.Array) -> jax.Array:
         k = min(self.k, logits_nv.shape[-1])
         top_nk, idx_nk = jax.lax.top_k(logits_nv, k)
-        choice_n = _categorical(_scale(top_nk, self.temperature), keys_n)
+        choice_n = _inverse_cdf(_scale(top_nk, self.temperature), uniforms_n)
         return jnp.take_along_axis(idx_nk, choice_n[:, None], axis=-1)[:, 0]
 
 
@@ -122,14 +160,19 @@ class TopP:
             raise ValueError(f"top_p={self.p}: must lie in (0, 1]")
         _check_temperature(self.temperature)
 
+    random = True  # reads one uniform number a row
+
     def __call__(self, logits_nv: jax.Array, keys_n: jax.Array) -> jax.Array:
+        return self.draw(logits_nv, uniforms(keys_n))
+
+    def draw(self, logits_nv: jax.Array, uniforms_n: jax.Array) -> jax.Array:
         scaled = _scale(logits_nv, self.temperature)
         order_nv = jnp.argsort(-scaled, axis=-1)
         sorted_nv = jnp.take_along_axis(scaled, order_nv, axis=-1)
         probs = jax.nn.softmax(sorted_nv, axis=-1)
         mass_before = jnp.cumsum(probs, axis=-1) - probs
         kept = jnp.where(mass_before < self.p, sorted_nv, -jnp.inf)
-        choice_n = _categorical(kept, keys_n)
+        choice_n = _inverse_cdf(kept, uniforms_n)
         return jnp.take_along_axis(order_nv, choice_n[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
