@@ -2,6 +2,7 @@
 
 import collections
 import dataclasses
+import hashlib
 import json
 import re
 
@@ -342,6 +343,59 @@ def test_a_used_up_split_stops_after_a_bounded_run_of_fruitless_draws(tmp_path, 
     assert draws[0] <= 100 * found + reasoning.MAX_IDLE_DRAWS + 1
     # The rows of a smaller split are a prefix of the larger one's: the count named is found.
     assert len(generate_split(cfg, "train", found)) == found
+
+
+def _digest(rows) -> str:
+    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+
+
+def test_a_seed_gives_the_rows_it_always_gave():
+    """Digests of rows from the search as it was before it paired the problems left near a full
+    space, and before its caches: requests it filled must keep their exact bytes."""
+    assert _digest(generate_rows(ReasoningBenchmarkConfig())) == \
+        "a783ab02e2a63e5b4814b5197a595b1085bc28dbd093bfe3f808f82ad400b03d"
+    assert _digest(generate_rows(ReasoningBenchmarkConfig(
+        num_train=600, num_eval=100, num_test=100, ops=ALL_OPS, min_digits=1, max_digits=3,
+        style="natural", seed=3))) == \
+        "c266e68781e5d74672430616401d92d68db29a7be9929cd96cfc8a0b2b8f2a00"
+    # The most rows the search found before it gave up: 122 1-digit claims, 54 1-digit sums.
+    claims = _cfg(ops=("claim",), min_digits=1, max_digits=1)
+    assert _digest(generate_split(claims, "train", 122)) == \
+        "a81e9919600d264d03ae0a157178f057045e1c8e8030641dd04f4bc9d278fe2d"
+    sums = _cfg(ops=("add",), min_digits=1, max_digits=1)
+    assert _digest(generate_split(sums, "train", 54)) == \
+        "23a6e289faf19083fca08df2582986d26a2a64e1f1e0c48115b9dd2fb8c9b0e9"
+
+
+def test_a_nearly_full_split_pairs_the_problems_left(monkeypatch):
+    # 1-digit sums: the train share holds 62 problems; 20,000 fruitless draws came after 54 rows.
+    cfg = _cfg(ops=("add",), min_digits=1, max_digits=1)
+    assert reasoning.max_distinct_problems(cfg, "train") == 62
+    rows = generate_split(cfg, "train", 60)
+    assert _digest(rows[:54]) == "23a6e289faf19083fca08df2582986d26a2a64e1f1e0c48115b9dd2fb8c9b0e9"
+    assert len({r["prompt"] for r in rows}) == 60
+    assert all(split_of(parse_prompt(r["prompt"])) == "train" for r in rows)
+    assert all(verify(r["prompt"], r["chosen"]) and not verify(r["prompt"], r["rejected"])
+               for r in rows)
+    # Still in swapped-role twos: every response chosen as often as rejected.
+    balance = collections.Counter()
+    for r in rows:
+        balance[r["chosen"]] += 1
+        balance[r["rejected"]] -= 1
+    assert not any(balance.values())
+    # The pairing depends on the draws alone: a smaller split is a prefix, the same seed the same.
+    assert generate_split(cfg, "train", 56) == rows[:56]
+    assert generate_split(cfg, "train", 60) == rows
+    with pytest.raises(ConfigError) as err:
+        generate_split(cfg, "train", 62)
+    message = str(err.value)
+    assert "found only 60 of the 62 distinct train rows" in message
+    assert "no two of the problems left pair up" in message
+    assert "ask for fewer rows (at most 60: num_train, make-benchmark --train)" in message
+    # Too many problems left to pair: the search gives up where the draws stalled.
+    monkeypatch.setattr(reasoning, "MAX_COMPLETION_PROBLEMS", 0)
+    with pytest.raises(ConfigError, match=r"found only 54 of the 60 .*at most 54"):
+        generate_split(cfg, "train", 60)
 
 
 # --- balance: no shortcut beats chance ------------------------------------------------------------

@@ -37,7 +37,7 @@ import math
 import random
 import re
 import statistics
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from cloud_jax import storage
 from cloud_jax.data.jsonl import write_jsonl_atomic
@@ -278,47 +278,124 @@ def _check_space(cfg: ReasoningBenchmarkConfig, split: str, n: int) -> None:
 _Row = Tuple[Problem, object, object, str]  # problem, chosen answer, rejected answer, error kind
 
 # Draws in a row that add no row (a problem of another split, or one already drawn) after which
-# generate_split gives up: a split whose share of the space is used up (a second or so of 1- or
-# 2-digit draws). A split whose rows are merely rare draws one every few hundred.
+# generate_split stops drawing: a split whose share of the space is nearly used up. With add, sub
+# and mul alone it then pairs the problems left directly (``_completion``); otherwise, or when
+# none pair, it gives up. A split whose rows are merely rare draws one every few hundred.
 MAX_IDLE_DRAWS = 20_000
+# The most problems left unasked that ``_completion`` pairs (each problem's partners are looked up
+# among them); beyond, the search gives up as with claim and compare.
+MAX_COMPLETION_PROBLEMS = 5_000
+
+
+class _OtherNumbers:
+    """``wrong_answers(RANDOM, p)`` without the list: every number of ``t``'s length but ``t`` (as
+    (column -1, number) pairs, in the same order), which is all ``rand.choice`` reads."""
+
+    def __init__(self, t: int):
+        length = len(str(t))
+        self.lo, self.t = (0 if length == 1 else 10 ** (length - 1)), t
+        self.size = 10 ** length - self.lo - 1
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> Tuple[int, int]:
+        if not 0 <= i < self.size:
+            raise IndexError(i)
+        w = self.lo + i
+        return -1, (w if w < self.t else w + 1)
+
+
+class _Tables:
+    """What ``_pair`` and ``_fresh`` compute from the problems alone, kept for one operand range,
+    split fractions and split: a search near a full space makes millions of draws. The random
+    calls, which fix the rows a seed gives, are the same with or without them."""
+
+    _LIMIT = 1 << 17  # entries a dict keeps before it starts over (3-digit spaces are large)
+
+    def __init__(self, rng: OperandRange, fractions: Tuple[float, ...], split: str):
+        self.rng, self.fractions, self.split = rng, fractions, split
+        self._in_split: Dict[Problem, bool] = {}
+        self._wrong: Dict[Tuple[str, Problem], Tuple[Tuple[int, int], ...]] = {}
+        self._side: Dict[tuple, tuple] = {}
+
+    @staticmethod
+    def _put(table: dict, key, value):
+        if len(table) >= _Tables._LIMIT:
+            table.clear()
+        table[key] = value
+        return value
+
+    def in_split(self, p: Problem) -> bool:
+        got = self._in_split.get(p)
+        if got is None:
+            got = self._put(self._in_split, p, split_of(p, self.fractions) == self.split)
+        return got
+
+    def wrong(self, kind: str, p: Problem) -> Tuple[Tuple[int, int], ...]:
+        got = self._wrong.get((kind, p))
+        if got is None:
+            got = self._put(self._wrong, (kind, p), tuple(wrong_answers(kind, p)))
+        return got
+
+    def with_answer(self, op: str, value: int) -> Tuple[Problem, ...]:
+        """The ``op`` problems of the split whose answer is ``value``, in
+        ``problems_with_answer``'s order."""
+        got = self._side.get((op, value))
+        if got is None:
+            got = self._put(self._side, (op, value), tuple(
+                q for q in problems_with_answer(op, value, self.rng) if self.in_split(q)))
+        return got
+
+    def carry_side(self, op: str, col: int, wrong: int, truth: int
+                   ) -> Tuple[Tuple[Problem, ...], List[float]]:
+        """Those of ``with_answer(op, wrong)`` for which ``truth`` is a carry error in column
+        ``col`` (the carry into it the other way round), and the weights to draw one with: like
+        the forward draw, which picks one of p's candidates uniformly (for the other kinds their
+        number depends on the answer alone, so the weights would be equal)."""
+        key = (op, wrong, col, truth)
+        got = self._side.get(key)
+        if got is None:
+            side = tuple(q for q in self.with_answer(op, wrong)
+                         if (col, truth) in self.wrong("carry", q))
+            got = self._put(self._side, key,
+                            (side, [1.0 / len(self.wrong("carry", q)) for q in side]))
+        return got
+
+
+@functools.lru_cache(maxsize=8)
+def _tables(rng: OperandRange, fractions: Tuple[float, ...], split: str) -> _Tables:
+    return _Tables(rng, fractions, split)
 
 
 def _pair(rand: random.Random, cfg: ReasoningBenchmarkConfig, op: str, split: str):
     """Two problems of ``op`` (add/sub/mul) in ``split`` whose answers are each other's wrong
     answer of one kind: (p, q, kind) with ``true_answer(q)`` a wrong answer of that kind for p and
     ``true_answer(p)`` one for q. None to draw again."""
-    rng, fractions = cfg.operand_range, cfg.split_fractions
-    p = sample_problem(op, rand, rng)
-    if split_of(p, fractions) != split:
+    tables = _tables(cfg.operand_range, tuple(cfg.split_fractions), split)
+    p = sample_problem(op, rand, tables.rng)
+    if not tables.in_split(p):
         return None
     kinds = [(k, w) for k, w in zip(cfg.error_kinds, cfg.error_weights) if k in KINDS_OF_OP[op]]
     kind = rand.choices([k for k, _ in kinds], [w for _, w in kinds])[0]
     if cfg.train_random_share and split == "train" and rand.random() < cfg.train_random_share:
         kind = RANDOM
-    candidates = wrong_answers(kind, p)
+    truth = true_answer(p)
+    candidates = _OtherNumbers(truth) if kind == RANDOM else tables.wrong(kind, p)
     if not candidates:
         return None
     col, wrong = rand.choice(candidates)
-    truth = true_answer(p)
-    other_side = list(problems_with_answer(op, wrong, rng))
-    if kind == "carry":
-        # The carry into `col` must be the other way round for `truth` to be q's carry error.
-        other_side = [q for q in other_side if (col, truth) in wrong_answers(kind, q)]
     # (digit, swap and random relate two answers whatever the problems: every problem qualifies.)
-    other_side = [q for q in other_side if split_of(q, fractions) == split]
+    other_side, weights = (tables.carry_side(op, col, wrong, truth) if kind == "carry"
+                           else (tables.with_answer(op, wrong), None))
     if not other_side:
         return None
-    # Weighted like the forward draw, which picks one of p's candidates uniformly (for the other
-    # kinds their number depends on the answer alone, so the weights would be equal).
-    weights = ([1.0 / len(wrong_answers(kind, q)) for q in other_side] if kind == "carry"
-               else None)
     return p, rand.choices(other_side, weights)[0], kind
 
 
 def _fresh(rand: random.Random, cfg: ReasoningBenchmarkConfig, value: int, split: str) -> Problem:
-    options = [q for q in problems_with_answer("add", value, cfg.operand_range)
-               if split_of(q, cfg.split_fractions) == split]
-    return rand.choice(options)
+    tables = _tables(cfg.operand_range, tuple(cfg.split_fractions), split)
+    return rand.choice(tables.with_answer("add", value))
 
 
 def _unit(rand: random.Random, cfg: ReasoningBenchmarkConfig, op: str, split: str
@@ -351,6 +428,85 @@ def _unit(rand: random.Random, cfg: ReasoningBenchmarkConfig, op: str, split: st
     return unit
 
 
+def _all_problems(op: str, rng: OperandRange):
+    """Every add/sub/mul problem within ``rng``, in a fixed order."""
+    lo, hi = rng.lo, rng.hi
+    if op == "add":
+        return (Problem("add", (a, b)) for a in range(lo, hi + 1) for b in range(lo, hi + 1))
+    if op == "sub":
+        return (Problem("sub", (a, b)) for a in range(lo, hi + 1) for b in range(lo, a + 1))
+    return (Problem("mul", (a, b)) for a in range(lo, hi + 1)
+            for b in range(2, rng.max_multiplier + 1))
+
+
+def _completion(rand: random.Random, cfg: ReasoningBenchmarkConfig, split: str, seen
+                ) -> Optional[Iterator[Tuple[str, List[_Row]]]]:
+    """(op, unit), one after the other, for the units that the problems no row asks yet (those
+    not in ``seen``) can still form, once the draws have stalled: near a full space a new unit
+    needs two of the few problems left, which random draws find ever more rarely. Each step
+    picks an op and an error kind by their weights (as ``_pair`` does, the random kind with
+    ``train_random_share``), then a problem left with a partner of that kind and one of its
+    partners, uniformly; an (op, kind) none of whose problems has a partner is dropped. Ends when
+    none is left. Only when every op drawn is add, sub or mul, and at most
+    ``MAX_COMPLETION_PROBLEMS`` problems are left; otherwise None."""
+    weights = cfg.op_weights or (1.0,) * len(cfg.ops)
+    ops = [(op, w) for op, w in zip(cfg.ops, weights) if w > 0]
+    if any(op not in NUMERIC_OPS for op, _ in ops):
+        return None
+    tables = _tables(cfg.operand_range, tuple(cfg.split_fractions), split)
+    # op -> the problems left, as an insertion-ordered set (a dict), so that picks are
+    # deterministic.
+    left = {op: dict.fromkeys(p for p in _all_problems(op, tables.rng)
+                              if p not in seen and tables.in_split(p)) for op, _ in ops}
+    if sum(map(len, left.values())) > MAX_COMPLETION_PROBLEMS:
+        return None
+    share = cfg.train_random_share if split == "train" else 0.0
+    choices: Dict[Tuple[str, str], float] = {}
+    for op, w in ops:
+        kinds = [(k, kw) for k, kw in zip(cfg.error_kinds, cfg.error_weights)
+                 if k in KINDS_OF_OP[op] and kw > 0]
+        total = sum(kw for _, kw in kinds)
+        for k, kw in kinds:
+            choices[(op, k)] = w * (1 - share) * kw / total
+        if share:
+            choices[(op, RANDOM)] = w * share
+
+    def partners(op: str, kind: str, p: Problem) -> List[Problem]:
+        t = true_answer(p)
+        if kind == RANDOM:
+            return [q for q in left[op] if q != p and true_answer(q) != t
+                    and len(str(true_answer(q))) == len(str(t))]
+        found: Dict[Problem, None] = {}
+        for col, w in tables.wrong(kind, p):
+            side = (tables.carry_side(op, col, w, t)[0] if kind == "carry"
+                    else tables.with_answer(op, w))
+            found.update((q, None) for q in side if q in left[op])
+        return list(found)
+
+    def units() -> Iterator[Tuple[str, List[_Row]]]:
+        while choices:
+            keys = list(choices)
+            op, kind = rand.choices(keys, [choices[k] for k in keys])[0]
+            order = list(left[op])
+            rand.shuffle(order)
+            for p in order:
+                found = partners(op, kind, p)
+                if found:
+                    q = rand.choice(found)
+                    break
+            else:
+                del choices[(op, kind)]
+                continue
+            t, w = true_answer(p), true_answer(q)
+            unit: List[_Row] = [(p, t, w, kind), (q, w, t, kind)]
+            if rand.random() < 0.5:
+                unit.reverse()
+            del left[op][p], left[op][q]
+            yield op, unit
+
+    return units()
+
+
 def generate_split(cfg: ReasoningBenchmarkConfig, split: str, n: Optional[int] = None, *,
                    progress: bool = False) -> List[dict]:
     """``n`` rows (default: the config's size of ``split``) with distinct prompts, all of whose
@@ -358,9 +514,10 @@ def generate_split(cfg: ReasoningBenchmarkConfig, split: str, n: Optional[int] =
     (see ``_unit``); an odd ``n`` keeps the first row of the last two. ``progress``: the rows
     found so far on stderr (:mod:`cloud_jax.progress`): many rows take minutes, more as the
     problem space of the chosen digits fills up. More rows than the split's distinct problems
-    (``max_distinct_problems``) are refused before any draw; a search that finds no new row in
-    ``MAX_IDLE_DRAWS`` draws in a row, or in 100 draws a row asked for in all, stops with an error
-    naming the rows found."""
+    (``max_distinct_problems``) are refused before any draw. After ``MAX_IDLE_DRAWS`` draws in a
+    row without a new row, the problems left are paired directly (``_completion``: add, sub and
+    mul); a search that still lacks rows then, or that took 100 draws a row asked for in all,
+    stops with an error naming the rows found."""
 
     from cloud_jax import progress as progress_
 
@@ -375,26 +532,9 @@ def generate_split(cfg: ReasoningBenchmarkConfig, split: str, n: Optional[int] =
     max_draws = 100 * n + 20_000
     draws = idle = 0
     with progress_.bar(n, "rows", desc=f"make-benchmark {split}", disable=not progress) as bar:
-        while len(rows) < n:
-            draws += 1
-            idle += 1
-            if draws > max_draws or idle > MAX_IDLE_DRAWS:
-                if idle > MAX_IDLE_DRAWS:  # the same seed draws the same rows: this many fit
-                    how, largest = (f"{MAX_IDLE_DRAWS} draws in a row found no new one",
-                                    f"at most {len(rows)}")
-                else:
-                    how, largest = f"in {max_draws} draws", f"fewer than {len(rows)}"
-                raise ConfigError(
-                    f"reasoning benchmark: found only {len(rows)} of the {n} distinct {split} "
-                    f"rows asked for ({how}); the {split} share of the problem space "
-                    f"({_space_words(cfg)}) is used up: {_remedies(cfg, split, largest)}")
-            op = rand.choices(cfg.ops, weights)[0]
-            unit = _unit(rand, cfg, op, split)
-            # A whole unit or nothing, so that the roles stay balanced.
-            if unit is None or any(problem in seen for problem, *_ in unit):
-                continue
+
+        def add(op: str, unit: List[_Row]) -> None:
             added = unit[:n - len(rows)]
-            idle = 0
             for problem, chosen, rejected, kind in added:
                 seen.add(problem)
                 # Wordings come from their own stream, so both styles draw the same problems.
@@ -411,6 +551,41 @@ def generate_split(cfg: ReasoningBenchmarkConfig, split: str, n: Optional[int] =
                     "subset": f"{op}-{kind}",
                 })
             bar.update(len(added))
+
+        while len(rows) < n:
+            draws += 1
+            idle += 1
+            if idle > MAX_IDLE_DRAWS:
+                # Near a full space: pair the problems left directly. The draws so far, and so
+                # every request they filled, are the same as without this step; what follows
+                # depends on them alone, not on n, so a smaller split is still a prefix.
+                how = f"{MAX_IDLE_DRAWS} draws in a row found no new one"
+                completed = _completion(rand, cfg, split, seen)
+                if completed is not None:
+                    how += ", and no two of the problems left pair up"
+                    for op, unit in completed:
+                        add(op, unit)
+                        if len(rows) >= n:
+                            return rows
+                # the same seed draws the same rows: this many fit
+                raise ConfigError(
+                    f"reasoning benchmark: found only {len(rows)} of the {n} distinct {split} "
+                    f"rows asked for ({how}); the {split} share of the problem space "
+                    f"({_space_words(cfg)}) is used up: "
+                    f"{_remedies(cfg, split, f'at most {len(rows)}')}")
+            if draws > max_draws:
+                raise ConfigError(
+                    f"reasoning benchmark: found only {len(rows)} of the {n} distinct {split} "
+                    f"rows asked for (in {max_draws} draws); the {split} share of the problem "
+                    f"space ({_space_words(cfg)}) is used up: "
+                    f"{_remedies(cfg, split, f'fewer than {len(rows)}')}")
+            op = rand.choices(cfg.ops, weights)[0]
+            unit = _unit(rand, cfg, op, split)
+            # A whole unit or nothing, so that the roles stay balanced.
+            if unit is None or any(problem in seen for problem, *_ in unit):
+                continue
+            idle = 0
+            add(op, unit)
     return rows
 
 
