@@ -444,6 +444,64 @@ def hold_dir(path: str, what: str) -> Iterator[None]:
         os.close(fd)  # and with it the lock
 
 
+# How often a process waiting for another's lock (wait_for_lock) tries again, and says it waits.
+LOCK_POLL_S = 0.5
+LOCK_LOG_EVERY_S = 600.0
+
+
+@contextlib.contextmanager
+def wait_for_lock(lock_path: str, what: str, *, poll_s: float = LOCK_POLL_S,
+                  log_every_s: float = LOCK_LOG_EVERY_S) -> Iterator[bool]:
+    """Holds an advisory ``flock`` of the local file ``lock_path`` (made, with its directory, if
+    missing) while the block runs; where another process holds it, waits until it is released,
+    with a warning naming ``what`` and the holder's pid and host (again every ``log_every_s``).
+    Unlike :func:`hold_dir`, which refuses a second process, the second one waits and then does
+    its own check (the first one's result is there by then). The kernel releases the lock when
+    its process ends, however it ends, so a killed holder's file never blocks; a holder that is
+    alive and stuck is waited for. Polled rather than a blocking call, so a signal handler that
+    only sets a flag still gets a waiting process to its next check. Yields whether the lock is
+    held: False on a file system without ``flock`` (a warning; the block runs unprotected).
+    Processes on several hosts see one another's locks only where their shared file system
+    carries ``flock`` (NFS does; a gcsfuse mount keeps each host's to itself)."""
+    import fcntl
+    import socket
+
+    os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        start = last_log = None
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                now = time.monotonic()
+                if start is None or now - last_log >= log_every_s:
+                    holder = (os.pread(fd, 1024, 0).decode("utf-8", "replace").strip()
+                              or "another process")
+                    waited = "" if start is None else f" (for {(now - start) / 60:.0f} min)"
+                    log.warning("waiting for another job building %s: %s holds %s%s; this one "
+                                "goes on once that one ends", what, holder, lock_path, waited)
+                    start = start if start is not None else now
+                    last_log = now
+                time.sleep(poll_s)
+                continue
+            except OSError as err:  # a file system without flock: go on, unprotected
+                log.warning("cannot lock %s (%s); nothing stops another job from building %s "
+                            "at the same time", lock_path, err, what)
+                held = False
+            else:
+                held = True
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+                if start is not None:
+                    log.info("done waiting for %s after %.0f s", lock_path,
+                             time.monotonic() - start)
+            break
+        yield held
+    finally:
+        os.close(fd)  # and with it the lock
+
+
 @_accessing
 def rename(src: str, dst: str) -> None:
     """Moves a file or directory (on an object store: every object, copied then deleted)."""

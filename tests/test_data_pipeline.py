@@ -2,12 +2,22 @@
 filler pairs, and iterator state across epochs."""
 
 import dataclasses
+import fcntl
 import json
+import logging
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import threading
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from cloud_jax import storage
+from cloud_jax.data import tfds_builder
 from cloud_jax.data.config import DataConfig, resolved_buckets
 from cloud_jax.data.pipeline import BATCH_KEYS, GlobalOrder, batch_iterator, pair_batches
 from cloud_jax.data.tfds_builder import open_split, prepare_dataset
@@ -29,12 +39,16 @@ def _write(path, rows):
     return str(path)
 
 
-def _cfg(tmp, **kw):
+def _cfg_args(tmp, **kw):
     base = dict(train_path=str(tmp / "train.jsonl"), max_length=96, length_buckets=(32, 64),
                 critique_prefix="C: ", tfds_dir=str(tmp / "tfds"), batch_pairs=4, num_epochs=3,
                 seed=5, num_threads=1, prefetch_buffer_size=2)
     base.update(kw)
-    return DataConfig(**base)
+    return base
+
+
+def _cfg(tmp, **kw):
+    return DataConfig(**_cfg_args(tmp, **kw))
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +138,164 @@ def test_tfds_build_strict_error_and_eval_split(tmp_path):
     _write(tmp_path / "eval.jsonl", _rows(2))
     dataset = prepare_dataset(cfg, byte_tokenizer(), "critique")
     assert len(open_split(dataset, "eval")) == 2 and len(open_split(dataset, "train")) == 3
+
+
+# A job that builds the dataset of _cfg(tmp) in layout "classic" and stops once it starts reading
+# the rows (the build's staging directory made, the lock held) until a line arrives on stdin.
+_BUILDING_JOB = """
+import json, sys
+from cloud_jax.data import tfds_builder
+from cloud_jax import storage
+from cloud_jax.data import tfds_builder
+from cloud_jax.data.config import DataConfig
+from cloud_jax.data.tokenizer import byte_tokenizer
+kwargs = json.loads(sys.argv[1])
+kwargs["length_buckets"] = tuple(kwargs["length_buckets"])
+read_rows = tfds_builder.load_rows
+def paused_load_rows(*args, **kw):
+    print("building", flush=True)
+    sys.stdin.readline()
+    return read_rows(*args, **kw)
+tfds_builder.load_rows = paused_load_rows
+dataset = tfds_builder.prepare_dataset(DataConfig(**kwargs), byte_tokenizer(), "classic")
+print("done", dataset.config_name, json.dumps(dataset.stats), flush=True)
+"""
+
+
+def _start_building_job(tmp_path):
+    """A _BUILDING_JOB process on tmp_path's rows, once it is building (paused)."""
+    cfg = _cfg_args(tmp_path)
+    root = str(pathlib.Path(tfds_builder.__file__).resolve().parents[2])
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    job = subprocess.Popen([sys.executable, "-c", _BUILDING_JOB, json.dumps(cfg)], env=env,
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           stderr=open(tmp_path / "job.err", "w"), text=True)
+    line = None
+    while line not in ("building\n", ""):  # TFDS writes lines of its own to stdout
+        line = job.stdout.readline()
+    assert line == "building\n", (tmp_path / "job.err").read_text()[-3000:]
+    return job
+
+
+class _Waiting(logging.Handler):
+    """Sets ``event`` on the line of a job that waits for another's build."""
+
+    def __init__(self):
+        super().__init__()
+        self.event, self.messages = threading.Event(), []
+
+    def emit(self, record):
+        if "waiting for another job building" in record.getMessage():
+            self.messages.append(record.getMessage())
+            self.event.set()
+
+
+def test_a_second_job_waits_for_the_build_of_the_first_and_reads_its_dataset(tmp_path,
+                                                                             monkeypatch):
+    # Two jobs build one new dataset into one tfds_dir at once: the second waits for the lock
+    # beside the dataset's directory (saying so) and reuses the first one's dataset, where it
+    # used to build its own and make the first one's rename fail (FileExistsError).
+    _write(tmp_path / "train.jsonl", _rows(5))
+    first = _start_building_job(tmp_path)
+    builds = []
+    read_rows = tfds_builder.load_rows
+    monkeypatch.setattr(tfds_builder, "load_rows",
+                        lambda *a, **k: builds.append(1) or read_rows(*a, **k))
+    waiting = _Waiting()
+    logging.getLogger("cloud_jax.storage").addHandler(waiting)
+    second = {}
+
+    def run_second():
+        try:
+            second["dataset"] = prepare_dataset(_cfg(tmp_path), byte_tokenizer(), "classic")
+        except BaseException as err:  # noqa: BLE001 - reported by the test below
+            second["error"] = err
+
+    thread = threading.Thread(target=run_second)
+    try:
+        thread.start()
+        # Until the second job says it waits, or ends without waiting (the defect).
+        while thread.is_alive() and not waiting.event.wait(0.05):
+            pass
+        assert waiting.event.is_set(), f"the second job did not wait: {second}"
+        assert thread.is_alive()
+    finally:
+        first.stdin.write("go\n")
+        first.stdin.flush()
+        out, _ = first.communicate(timeout=300)
+        thread.join(300)
+        logging.getLogger("cloud_jax.storage").removeHandler(waiting)
+    assert first.returncode == 0, (tmp_path / "job.err").read_text()[-3000:]
+    _, config_name, stats = next(l for l in out.splitlines() if l.startswith("done ")).split(
+        " ", 2)
+    assert "error" not in second, second
+    dataset = second["dataset"]
+    assert (dataset.config_name, dataset.stats) == (config_name, json.loads(stats))
+    assert builds == [] and len(open_split(dataset, "train")) == 5
+    config_dir = tmp_path / "tfds" / "cloud_pairs" / config_name
+    message = waiting.messages[0]
+    assert f"the tokenized dataset {config_dir}" in message
+    assert f"pid {first.pid} on host" in message and f"{config_dir}.lock" in message
+
+
+def test_a_killed_build_leaves_no_lock_that_blocks_and_its_staging_directory_is_removed(
+        tmp_path, caplog):
+    _write(tmp_path / "train.jsonl", _rows(5))
+    job = _start_building_job(tmp_path)
+    locks = list((tmp_path / "tfds" / "cloud_pairs").glob("*.lock"))
+    assert len(locks) == 1
+    fd = os.open(locks[0], os.O_RDWR)
+    try:
+        with pytest.raises(BlockingIOError):  # held by the building job
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        job.kill()
+        job.wait()
+        job.stdout.close()
+        job.stdin.close()
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the kernel with its process
+    finally:
+        os.close(fd)
+    config_dir = tmp_path / "tfds" / "cloud_pairs" / locks[0].name[:-len(".lock")]
+    assert [p.name.startswith("incomplete.") for p in config_dir.iterdir()] == [True]
+    with caplog.at_level(logging.INFO):
+        dataset = prepare_dataset(_cfg(tmp_path), byte_tokenizer(), "classic")
+    assert "waiting for another job" not in caplog.text
+    assert "left by a build of the tokenized dataset that did not finish" in caplog.text
+    assert len(open_split(dataset, "train")) == 5
+    assert sorted(p.name for p in config_dir.iterdir()) == ["1.3.0"]
+
+
+def test_wait_for_lock_waits_for_a_holder_with_another_descriptor(tmp_path):
+    # Two holders in one process with their own descriptors exclude each other as two processes
+    # do (flock locks an open file, not a process).
+    lock_path = str(tmp_path / "d" / "x.lock")
+    os.makedirs(tmp_path / "d")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, b"pid 1 on host elsewhere\n")
+    waiting = _Waiting()
+    logging.getLogger("cloud_jax.storage").addHandler(waiting)
+    inside = threading.Event()
+
+    def second():
+        with storage.wait_for_lock(lock_path, "the thing", poll_s=0.01) as held:
+            assert held
+            inside.set()
+
+    thread = threading.Thread(target=second)
+    try:
+        thread.start()
+        assert waiting.event.wait(60)
+        assert not inside.is_set()
+    finally:
+        os.close(fd)  # the first holder ends
+        thread.join(60)
+        logging.getLogger("cloud_jax.storage").removeHandler(waiting)
+    assert inside.is_set()
+    assert waiting.messages == [f"waiting for another job building the thing: pid 1 on host "
+                                f"elsewhere holds {lock_path}; this one goes on once that one "
+                                "ends"]
+    assert open(lock_path).read() == f"pid {os.getpid()} on host {socket.gethostname()}\n"
 
 
 def test_batch_shapes_dtypes_and_pairs(built):

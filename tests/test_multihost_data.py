@@ -91,8 +91,9 @@ def test_other_host_waits_for_a_long_build_on_process_0_and_reads_its_copy(tmp_p
     assert read[0][0].endswith("train: 16 records"), read
     assert BUILDING in results[0][1]
     assert BUILDING not in results[1][1], results[1][1][-3000:]
-    datasets = os.listdir(tmp_path / "tfds" / "cloud_pairs")
-    assert len(datasets) == 1, datasets
+    # One dataset, and beside it the lock its builds take (cloud_pairs/<dataset>.lock).
+    datasets = sorted(os.listdir(tmp_path / "tfds" / "cloud_pairs"))
+    assert len(datasets) == 2 and datasets[1] == datasets[0] + ".lock", datasets
     # One complete version directory: no incomplete or second copy beside it.
     assert os.listdir(tmp_path / "tfds" / "cloud_pairs" / datasets[0]) == ["1.3.0"]
 

@@ -22,6 +22,17 @@ bytes, the tokenizer and every setting that changes a record, so a change builds
 and an unchanged one is reused. Build counts (rows, rejected rows, dropped and prompt-truncated
 pairs) are stored in the dataset's metadata. A ``tfds_dir`` on an object store (``gs://...``) is
 mirrored: the dataset is built or downloaded in a local directory and uploaded once complete.
+
+A job holds an exclusive ``flock`` of ``<tfds_dir>/cloud_pairs/<stage>-<hash>.lock`` (in the local
+mirror for an object store) from its check for the dataset to the end of its build, so a second
+job that wants the same dataset in the same directory at the same time waits (a warning names the
+holder) and then reuses the first one's instead of building it too (TFDS builds into an
+``incomplete.*`` directory and renames it: the second rename failed). The kernel drops the lock
+when its process ends, however it ends; the next job to hold it removes a killed build's
+``incomplete.*`` directory. Jobs on several machines exclude one another only where the shared file
+system carries ``flock`` (NFS); two machines sharing a ``gs://`` tfds_dir each build in their own
+mirror and may both upload the same version (the same records; the marker is written after each
+upload's files).
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 from typing import Dict, Mapping, Optional
 
@@ -51,6 +63,11 @@ log = logging.getLogger(__name__)
 DATASET_NAME = "cloud_pairs"
 # Marks a complete upload of a dataset version to an object-store cache (data.tfds_dir=gs://...).
 _UPLOADED = "cloud_jax_uploaded"
+# Beside a dataset's directory (<tfds_dir>/cloud_pairs/<config>.lock): the lock a job holds while
+# it checks for the dataset and builds it (storage.wait_for_lock).
+LOCK_SUFFIX = ".lock"
+# The name TFDS gives a build's directory until it is complete and renamed.
+_INCOMPLETE_PREFIX = "incomplete."
 
 
 def _features() -> tfds.features.FeaturesDict:
@@ -274,28 +291,53 @@ def prepare_dataset(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, layout:
             pattern = root + "-{split}" + ext
         # Only {split} is replaced: other braces in a path are its own characters.
         rejects_paths[split] = pattern.replace("{split}", split)
-    builder = CloudPairs(
-        split_files=split_files, tokenizer=tokenizer, settings=settings,
-        rejects_paths=rejects_paths, source_splits=source_splits, columns=columns,
-        data_dir=data_dir, file_format="array_record",
-        config=tfds.core.BuilderConfig(name=config_name, description=fingerprint))
-    version_dir = os.path.relpath(builder.data_dir, data_dir)
-    remote_version = storage.join(remote_dir, version_dir) if remote_dir else None
-    if remote_version and not os.path.isdir(builder.data_dir) and storage.exists(
-            storage.join(remote_version, _UPLOADED)):
-        storage.download_dir(remote_version, builder.data_dir)
-        log.info("tokenized dataset %s downloaded from %s", config_name, remote_version)
-    builder.download_and_prepare(
-        download_dir=os.path.join(data_dir, "downloads"),
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    if remote_version and not storage.exists(storage.join(remote_version, _UPLOADED)):
-        storage.upload_dir(builder.data_dir, remote_version)
-        # Written last: a copy without it is incomplete and is never downloaded.
-        storage.write_text_atomic(storage.join(remote_version, _UPLOADED), config_name + "\n")
-        log.info("tokenized dataset %s uploaded to %s", config_name, remote_version)
-    stats = dict(tfds.builder_from_directory(builder.data_dir).info.metadata or {})
+    config_dir = os.path.join(data_dir, DATASET_NAME, config_name)
+    # Held from the check for a built dataset to its end: a second job building the same dataset
+    # into this tfds_dir (on this host, or another where the file system carries flock) waits
+    # here, then reuses what the first built instead of building it again at the same time.
+    with storage.wait_for_lock(config_dir + LOCK_SUFFIX,
+                               f"the tokenized dataset {config_dir}") as held:
+        if held:
+            _remove_unfinished_builds(config_dir)
+        builder = CloudPairs(
+            split_files=split_files, tokenizer=tokenizer, settings=settings,
+            rejects_paths=rejects_paths, source_splits=source_splits, columns=columns,
+            data_dir=data_dir, file_format="array_record",
+            config=tfds.core.BuilderConfig(name=config_name, description=fingerprint))
+        version_dir = os.path.relpath(builder.data_dir, data_dir)
+        remote_version = storage.join(remote_dir, version_dir) if remote_dir else None
+        if remote_version and not os.path.isdir(builder.data_dir) and storage.exists(
+                storage.join(remote_version, _UPLOADED)):
+            storage.download_dir(remote_version, builder.data_dir)
+            log.info("tokenized dataset %s downloaded from %s", config_name, remote_version)
+        builder.download_and_prepare(
+            download_dir=os.path.join(data_dir, "downloads"),
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        if remote_version and not storage.exists(storage.join(remote_version, _UPLOADED)):
+            storage.upload_dir(builder.data_dir, remote_version)
+            # Written last: a copy without it is incomplete and is never downloaded.
+            storage.write_text_atomic(storage.join(remote_version, _UPLOADED),
+                                      config_name + "\n")
+            log.info("tokenized dataset %s uploaded to %s", config_name, remote_version)
+        stats = dict(tfds.builder_from_directory(builder.data_dir).info.metadata or {})
     return PreparedDataset(data_dir=data_dir, config_name=config_name, stats=stats,
                            split_fingerprints=split_fingerprints)
+
+
+def _remove_unfinished_builds(config_dir: str) -> None:
+    """Removes the staging directories (TFDS's ``incomplete.*``) of builds of this dataset that
+    ended before their rename: a killed build's. Called with the dataset's lock held, when no
+    build of it runs."""
+    try:
+        names = os.listdir(config_dir)
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(config_dir, name)
+        if name.startswith(_INCOMPLETE_PREFIX) and os.path.isdir(path):
+            log.info("removing %s, left by a build of the tokenized dataset that did not finish",
+                     path)
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def open_split(dataset: PreparedDataset, split: str):
