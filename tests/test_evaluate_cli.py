@@ -12,6 +12,7 @@ from cloud_jax.data.schema import load_rows
 from cloud_jax.evaluation import EvalConfig, load_best_of_n, run_evaluation, score_fn_from_model
 from cloud_jax.cli import evaluate
 from cloud_jax.cli.common import run_command
+from cloud_jax.errors import INTERRUPTED_EXIT_CODE
 
 
 def main(argv):
@@ -367,25 +368,88 @@ def _refuse_load(path, **kw):
 
 
 def test_a_rerun_that_stops_early_never_leaves_the_earlier_report_beside_new_rejects(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, caplog):
     """report.json marks a finished run: it goes first, before this run's rejects are written,
-    and is written last. A rerun stopped after reading its rows (the model does not load) leaves
-    no report, never the earlier run's report beside this run's rejects; a strict rerun whose
-    input is bad stops before it touches the directory, so the earlier run stays whole."""
+    and is written last. A rerun stopped while it scores leaves no report, never the earlier
+    run's report beside this run's rejects; a rerun whose input is bad stops before it touches
+    the directory, so the earlier run stays whole."""
     out = tmp_path / "o"
     assert _lenient_run(tmp_path, monkeypatch, out, bad_rows=2) == 0
     before = {name: (out / name).read_bytes() for name in os.listdir(out)}
     assert json.loads(before["report.json"])["rewardbench"]["rejected_rows"] == 2
+    # The warning names the rejects file where the user finds it (not the staging copy).
+    assert f"(details in {out / 'rejects.jsonl'})" in caplog.text
 
     bad = write_jsonl(tmp_path / "bad.jsonl", ["{not json"])
     monkeypatch.setattr(cloud_jax, "load", _no_model)
     assert main(["--checkpoint", "c", "--input", bad, "--output-dir", str(out)]) == 2
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
 
-    with pytest.raises(OSError, match="checkpoint unreadable"):
-        _lenient_run(tmp_path, monkeypatch, out, bad_rows=1, load=_refuse_load)
+    # A rerun stopped once the model has loaded, while it scores: the earlier run's files are
+    # gone, this run's rejects are there, and there is no report.json.
+    class Stopped(FakeModel):
+        def score(self, *args, **kwargs):
+            raise KeyboardInterrupt
+
+    assert _lenient_run(tmp_path, monkeypatch, out, bad_rows=1,
+                        load=lambda path, **kw: Stopped()) == INTERRUPTED_EXIT_CODE
     assert len((out / "rejects.jsonl").read_text().splitlines()) == 1
     assert not (out / "report.json").exists(), sorted(os.listdir(out))
+
+
+def _snapshot(out):
+    return {name: (out / name).read_bytes() for name in sorted(os.listdir(out))}
+
+
+def test_a_rerun_that_fails_on_its_input_or_checkpoint_leaves_the_earlier_run_whole(
+        tmp_path, monkeypatch, capsys):
+    """Every check that can fail on what the user gave comes before the output directory is
+    touched: a rerun naming a missing --input (with or without --lenient) or --best-of-n, a
+    checkpoint that does not load or does not fit the flags, stops with an error naming what is
+    wrong and leaves the earlier run's report.json, rejects and critiques as they were."""
+    out = tmp_path / "o"
+    assert _lenient_run(tmp_path, monkeypatch, out, bad_rows=2) == 0
+    before = _snapshot(out)
+    assert {"report.json", "rejects.jsonl", "critiques.jsonl"} <= set(before)
+    good = write_jsonl(tmp_path / "good.jsonl", synthetic_rows())
+    missing = str(tmp_path / "typo.jsonl")
+    common = ["--output-dir", str(out), "--no-progress"]
+    monkeypatch.setattr(cloud_jax, "load", _no_model)
+    for extra in ([], ["--lenient"]):
+        assert main(["--checkpoint", "c", "--input", missing, *common, *extra]) == 2
+        assert missing in capsys.readouterr().err
+        assert _snapshot(out) == before, extra
+    assert main(["--checkpoint", "c", "--best-of-n", missing, *common]) == 2
+    assert missing in capsys.readouterr().err
+    assert _snapshot(out) == before
+
+    no_checkpoint = str(tmp_path / "no_such_checkpoint")
+    monkeypatch.undo()
+    for extra in ([], ["--lenient"]):
+        assert main(["--checkpoint", no_checkpoint, "--input", good, *common, *extra]) == 2
+        assert no_checkpoint in capsys.readouterr().err
+        assert _snapshot(out) == before, extra
+
+    vanilla = FakeModel()
+    vanilla.feedback_method = "vanilla"
+    monkeypatch.setattr(cloud_jax, "load", lambda path, **kw: vanilla)
+    assert main(["--checkpoint", "c", "--input", good, "--num-samples", "1,2",
+                 "--temperature", "0.7", "--lenient", *common]) == 2
+    assert "--num-samples" in capsys.readouterr().err
+    assert _snapshot(out) == before
+
+
+def test_run_evaluation_checks_its_settings_before_it_clears_the_directory(tmp_path):
+    rows_path, _ = _inputs(tmp_path)
+    rows = load_rows(rows_path, require_feedback=False).rows
+    out = tmp_path / "o"
+    run_evaluation(FakeScorer(), EvalConfig(), str(out), rows=rows)
+    before = _snapshot(out)
+    with pytest.raises(ValueError, match="temperature=-1"):
+        run_evaluation(FakeScorer(), EvalConfig(temperature=-1.0), str(out), rows=rows)
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        run_evaluation(FakeScorer(), EvalConfig(), str(out), rows=[])
+    assert _snapshot(out) == before
 
 
 def test_report_json_is_written_last(tmp_path, monkeypatch):

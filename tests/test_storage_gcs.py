@@ -516,9 +516,10 @@ def test_convert_gguf_reads_its_gguf_from_the_bucket(bucket, tmp_path, capsys):
 
 def test_an_evaluation_rerun_in_the_bucket_never_shows_a_report_beside_other_files(
         bucket, tmp_path, monkeypatch):
-    """A rerun into the same gs:// --output-dir: the earlier report.json goes first (before the
-    new rejects are written) and the new one is uploaded last, so a reader never sees a
-    report.json beside files of another run; an upload that fails part-way leaves no report."""
+    """A rerun into the same gs:// --output-dir: the earlier run stays whole while the inputs
+    are read and the model loads; then its report.json goes first (before the new rejects are
+    written) and the new one is uploaded last, so a reader never sees a report.json beside
+    files of another run; an upload that fails part-way leaves no report."""
     import cloud_jax
     from cloud_jax.cli import evaluate
     from cloud_jax.cli.common import run_command
@@ -529,7 +530,8 @@ def test_an_evaluation_rerun_in_the_bucket_never_shows_a_report_beside_other_fil
     seen_at_load = []
 
     def load(path, **kw):  # what a reader of the bucket sees while the model loads
-        seen_at_load.append(storage.listdir(out))
+        seen_at_load.append((storage.listdir(out), storage.read_text(f"{out}/rejects.jsonl")
+                             if storage.exists(f"{out}/rejects.jsonl") else None))
         return FakeModel()
 
     monkeypatch.setattr(cloud_jax, "load", load)
@@ -557,8 +559,8 @@ def test_an_evaluation_rerun_in_the_bucket_never_shows_a_report_beside_other_fil
     with pytest.raises(OSError, match="connection reset"):
         run(1)
     monkeypatch.setattr(fs, "put_file", real_put)
-    assert "report.json" not in seen_at_load[-1] and "rejects.jsonl" in seen_at_load[-1], \
-        seen_at_load[-1]
+    names, rejects = seen_at_load[-1]
+    assert "report.json" in names and len(rejects.splitlines()) == 2, seen_at_load[-1]
     assert "report.json" not in storage.listdir(out) and "report.json" not in uploaded, uploaded
     assert len(storage.read_text(f"{out}/rejects.jsonl").splitlines()) == 1
 

@@ -8,8 +8,9 @@
 JSONL, JSON or Parquet, comma-separated or globs); ``--best-of-n`` takes Best-of-N JSONL (see
 docs/EVALUATION.md). Give either or both. Writes report.json, report.md, accuracy_by_section.png,
 accuracy_vs_k.png and the critiques (critiques.jsonl, best_of_n_critiques.jsonl) to the output
-directory. Input files are checked before the model loads; a bad row is reported with its file,
-line and field.
+directory. Input files are checked before the model loads, and the earlier run's files in the
+output directory are removed only once both succeed; a bad row is reported with its file, line
+and field.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
+import shutil
 import sys
+import tempfile
 from typing import List, Optional, Sequence
 
 from cloud_jax.data.schema import load_rows
@@ -119,26 +123,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     storage.check_output_dir(args.output_dir, "--output-dir")
+    # Every check that can fail on what the user gave (the input files, their rows, the
+    # checkpoint and its tokenizer, the flags against the checkpoint) comes before this run
+    # touches --output-dir, so a rerun with a wrong path or a bad file leaves the earlier run
+    # whole. --lenient's rejects are written to a local staging file while the rows are read
+    # and copied into --output-dir once the earlier run's files are gone.
+    staging = tempfile.mkdtemp(prefix="cloud_jax-evaluate-")
+    try:
+        return _evaluate(args, cfg, sampler, staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _evaluate(args: argparse.Namespace, cfg: EvalConfig, sampler: dict, staging: str) -> int:
     # Inputs are read and checked before the (slow) model load.
     rows, loaded = None, None
-    # An earlier run's files, report.json first (it marks a finished run), go before this run
-    # writes any: before the rows are read when --lenient writes their rejects, else once the
-    # inputs are checked (a bad input leaves the earlier run whole). run_evaluation writes
-    # report.json last.
-    earlier = OUTPUT_FILES + (REJECTS_JSONL,)
-    writes_rejects = args.lenient and args.input is not None
-    if writes_rejects:
-        clear_outputs(args.output_dir, earlier)
     if args.input is not None:
         loaded = load_rows(args.input, require_feedback=False, lenient=args.lenient,
-                           rejects_path=storage.join(args.output_dir, REJECTS_JSONL),
+                           rejects_path=os.path.join(staging, REJECTS_JSONL),
+                           rejects_shown_as=storage.join(args.output_dir, REJECTS_JSONL),
                            split=args.split, columns=columns_from_args(args))
         rows = loaded.rows
     items = load_best_of_n(args.best_of_n) if args.best_of_n is not None else None
     if rows is not None and not rows:
         raise ConfigError(f"no usable preference rows in {args.input}")
-    if not writes_rejects:
-        clear_outputs(args.output_dir, earlier)
     settings = {"checkpoint": args.checkpoint, "input": args.input, "best_of_n": args.best_of_n}
     if args.split:
         settings["split"] = args.split
@@ -155,10 +163,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     score_fn = score_fn_from_model(rm, temperature=cfg.temperature,
                                    max_critique_tokens=cfg.max_critique_tokens, seed=cfg.seed,
                                    batch_size=cfg.batch_size, classic=cfg.classic, **sampler)
+    # Only now is --output-dir touched: an earlier run's files go, report.json first (it marks a
+    # finished run), then this run's rejects are copied in; run_evaluation writes report.json
+    # last.
+    clear_outputs(args.output_dir, OUTPUT_FILES + (REJECTS_JSONL,))
+    rejects_path = None
+    if loaded is not None and loaded.rejects_path is not None:
+        rejects_path = storage.join(args.output_dir, REJECTS_JSONL)
+        if not storage.is_url(args.output_dir):
+            os.makedirs(args.output_dir, exist_ok=True)
+        storage.copy_file(loaded.rejects_path, rejects_path)
     report = run_evaluation(score_fn, cfg, args.output_dir, rows=rows, best_of_n_items=items,
                             settings=settings, progress=not args.no_progress,
                             rejected_rows=loaded.num_rejected if loaded else 0,
-                            rejects_path=loaded.rejects_path if loaded else None)
+                            rejects_path=rejects_path)
     _print_summary(report)
     return 0
 

@@ -506,12 +506,16 @@ def reject_loaded_row(row: PreferenceRow, field: str, reason: str, *, lenient: b
 
 def load_rows(paths: Union[str, Sequence[str]], *, require_feedback: bool, lenient: bool = False,
               rejects_path: Optional[str] = None, split: str = "",
-              columns: Optional[Mapping[str, str]] = None) -> LoadResult:
+              columns: Optional[Mapping[str, str]] = None,
+              rejects_shown_as: Optional[str] = None) -> LoadResult:
     """Loads and validates every row of ``paths`` (see the module docstring for the rules; ``split``
     and ``columns`` as there).
 
     Raises RowError on the first bad row unless ``lenient``; then bad rows are skipped, counted
     and, when ``rejects_path`` is given, written there one JSON object per line.
+    ``rejects_shown_as``: the path the warning about skipped rows names (default
+    ``rejects_path``), for a caller that writes the rejects to a staging file and copies them
+    there afterwards.
     """
     columns = dict(columns or {})
     files = expand_paths(paths)
@@ -552,7 +556,8 @@ def load_rows(paths: Union[str, Sequence[str]], *, require_feedback: bool, lenie
             rejects.close()
     if num_rejected:
         log.warning("%d bad rows skipped in %s%s", num_rejected, ", ".join(names),
-                    f" (details in {rejects_path})" if rejects is not None else "")
+                    f" (details in {rejects_shown_as or rejects_path})" if rejects is not None
+                    else "")
     return LoadResult(rows=rows, num_rejected=num_rejected,
                       rejects_path=rejects_path if rejects is not None else None)
 

@@ -227,12 +227,17 @@ def run_evaluation(score_fn: ScoreFn, cfg: EvalConfig, output_dir: str, *,
     ``rejected_rows`` / ``rejects_path``: the input rows a lenient load skipped and the file that
     lists them (:class:`~cloud_jax.data.schema.LoadResult`'s ``num_rejected`` and
     ``rejects_path``), recorded beside ``num_rows`` so the report tells that rows were left out.
-    The files of an earlier evaluation in ``output_dir`` are removed first (:func:`clear_outputs`).
+    The settings are checked first (a ValueError leaves ``output_dir`` as it was); then the
+    files of an earlier evaluation in ``output_dir`` are removed (:func:`clear_outputs`).
     A ``gs://`` / ``s3://`` ``output_dir`` gets the files once all are written (they are written
     to a local directory first: the plots and reports are written with local file calls).
     report.json is removed first and written (uploaded) last: a directory that holds one holds
     that run's other files, and a run stopped part-way leaves none.
     """
+    # What can fail on the caller's settings is checked before the earlier run's files go.
+    cfg.validate(best_of_n=bool(best_of_n_items))
+    if not rows and not best_of_n_items:
+        raise ValueError("nothing to evaluate: give preference rows, Best-of-N rows or both")
     clear_outputs(output_dir)
     if storage.is_url(output_dir):
         with storage.staged_output(output_dir, last=(REPORT_JSON,)) as local:
@@ -243,9 +248,6 @@ def run_evaluation(score_fn: ScoreFn, cfg: EvalConfig, output_dir: str, *,
         report["files"] = {k: storage.join(output_dir, os.path.relpath(v, local))
                            for k, v in report["files"].items()}
         return report
-    cfg.validate(best_of_n=bool(best_of_n_items))
-    if not rows and not best_of_n_items:
-        raise ValueError("nothing to evaluate: give preference rows, Best-of-N rows or both")
     if not cfg.classic and max(cfg.ks) > 1 and cfg.temperature == 0:
         # rm.score's own warning (once per process and K): a model's score_fn, which samples
         # max(ks) critiques, does not give a second one.
