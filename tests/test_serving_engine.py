@@ -389,6 +389,10 @@ def test_cancelling_any_number_of_rows_compiles_nothing(rm):
     def admit(n):
         future = engine.submit(_items([0] * n), settings)
         engine._admit()
+        for job in list(engine._compiling.values()):  # the item's bucket, in the background
+            assert job.finished.wait(120)
+            engine._finish_compiles()
+            engine._admit()
         assert engine.stats().busy_slots == n
         return future
 
@@ -490,7 +494,11 @@ def test_a_shape_first_met_under_traffic_is_logged_once_and_counted(backend, cap
     assert len(lines) == 1, [r.getMessage() for r in lines]
     text = lines[0].getMessage()
     assert "bucket 256" in text and "--warmup buckets" in text
-    assert ("batch of 1" if backend == "static" else "batch sizes 1 to 4") in text
+    if backend == "static":
+        assert "batch of 1" in text
+    else:  # compiled in the background: who waited is the request that met the bucket
+        assert "batch sizes 1 to 4" in text
+        assert "the 1 item(s) of 1 request(s) that met it waited for it" in text
     stats = server.stats()
     assert stats.compiles == 1 and stats.compile_seconds > 0
     metrics = Metrics(server).render().decode()
@@ -501,3 +509,135 @@ def test_a_shape_first_met_under_traffic_is_logged_once_and_counted(backend, cap
     assert compile_lines() == []
     assert server.stats().compiles == 1
     server.close()
+
+
+def _blocked_bucket_compiles(engine, length=256):
+    """Makes the engine's compile of prefill bucket ``length`` (``_compile_bucket(pool, length)``)
+    wait for ``release`` (set by the test); ``started`` is set, and the chunk counter recorded,
+    when it begins."""
+    compile_bucket = engine._compile_bucket
+    started, release, at_chunk = threading.Event(), threading.Event(), []
+
+    def blocked(pool, bucket):
+        if bucket == length:
+            at_chunk.append(engine.chunks)
+            started.set()
+            assert release.wait(120), "the test never released the compile"
+        return compile_bucket(pool, bucket)
+
+    engine._compile_bucket = blocked
+    return started, release, at_chunk
+
+
+def test_rows_in_flight_decode_on_while_a_new_bucket_compiles(rm):
+    # A request of a length bucket not met before compiles that bucket in the background: the
+    # rows already decoding go on chunk after chunk meanwhile (the engine's loop compiled it
+    # itself, and every row stalled for the whole compile), and so does a later request whose
+    # bucket is compiled; the request that met the bucket starts once its compile is done.
+    engine = _engine(rm, slots=4, max_critique_tokens=120)
+    started, release, at_chunk = _blocked_bucket_compiles(engine)
+    # A long critique (a random tiny model rarely stops on its own: it runs into its budget of 30
+    # chunks), held at its second chunk (the warm-up took one) until the new bucket's request is
+    # in.
+    held, submitted = threading.Event(), threading.Event()
+    decode = engine._decode
+
+    def decode_held_at_chunk_2():
+        if engine.chunks == 2 and not submitted.is_set():
+            held.set()
+            assert submitted.wait(60)
+        decode()
+
+    engine._decode = decode_held_at_chunk_2
+    # Items 0 and 2 fall in the warm-up's bucket (128), item 3 in one not met yet (256).
+    lengths = item_lengths(rm, _items([0, 2, 3]), False, Settings())
+    assert [bucket_length(n) for n in lengths] == [128, 128, 256]
+    long_settings = Settings(num_samples=1, temperature=0.9, max_critique_tokens=120, seed=0)
+    long = engine.submit(_items([0]), long_settings)
+    assert held.wait(60) and not long.done()
+    new_settings = Settings(num_samples=1, temperature=0.9, max_critique_tokens=3, seed=4)
+    new = engine.submit(_items([3]), new_settings)
+    submitted.set()
+    try:
+        assert started.wait(60)
+        # A later request of a compiled bucket goes ahead of the one waiting for its compile.
+        later = engine.submit(_items([2]), new_settings)
+        later_out, long_out = later.result(timeout=60), long.result(timeout=60)
+        assert not new.done()
+        assert engine.spans[long][1] > at_chunk[0] + 2, (engine.spans, at_chunk)
+    finally:
+        release.set()
+    _check(new.result(timeout=60), rm, [3], new_settings)
+    _check(later_out, rm, [2], new_settings)
+    _check(long_out, rm, [0], long_settings)
+    assert engine.stats().busy_slots == 0 and engine.stats().queue_depth == 0
+    engine.close()
+
+
+def test_a_bucket_compile_that_fails_fails_the_requests_waiting_for_it(rm):
+    # An error in a background compile (the device out of memory, say) fails the requests that
+    # waited for that bucket with it, a request's rows already decoding included, and no other
+    # (the loop's own compile failed every request in flight); the engine serves on, and the next
+    # request of that bucket compiles it again.
+    engine = _engine(rm, slots=4, max_critique_tokens=40)
+    compile_bucket = engine._compile_bucket
+    broken = [True]
+
+    def compile_or_fail(pool, length):
+        if length == 256 and broken[0]:
+            raise RuntimeError("RESOURCE_EXHAUSTED: out of memory compiling the prefill")
+        return compile_bucket(pool, length)
+
+    engine._compile_bucket = compile_or_fail
+    st = Settings(temperature=0.9, max_critique_tokens=40, seed=1)
+    bystander_settings = dataclasses.replace(st, seed=0)
+    with engine._lock:  # met together: both wait for the compile of bucket 256
+        bystander = engine.submit(_items([0]), bystander_settings)  # bucket 128, 10 chunks
+        alone = engine.submit(_items([3]), st)
+        mixed = engine.submit(_items([0, 3]), st)  # item 0 (bucket 128) starts decoding
+    for future in (alone, mixed):
+        with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+            future.result(timeout=60)
+    # Served on: mixed's decoding row was freed when it failed.
+    _check(bystander.result(timeout=60), rm, [0], bystander_settings)
+    _check(engine.submit(_items([2]), st).result(timeout=60), rm, [2], st)
+    assert engine.stats().busy_slots == 0 and engine.stats().queue_depth == 0
+    broken[0] = False
+    _check(engine.submit(_items([3]), st).result(timeout=60), rm, [3], st)
+    engine.close()
+
+
+def test_cancel_and_shutdown_while_a_bucket_compiles(rm):
+    # A request waiting for its bucket's compile can be cancelled; draining waits for the
+    # compile and answers the requests that waited for it; closing without draining fails them
+    # at once and does not wait for the compile.
+    st = Settings(temperature=0.9, max_critique_tokens=4)
+    engine = _engine(rm, slots=4)
+    started, release, _ = _blocked_bucket_compiles(engine)
+    try:
+        dropped = engine.submit(_items([3]), st)
+        kept = engine.submit(_items([3]), dataclasses.replace(st, seed=2))
+        assert started.wait(60)
+        engine.cancel(dropped)
+        closer = threading.Thread(target=engine.close, kwargs={"drain": True})
+        closer.start()
+        with pytest.raises(ShuttingDown):
+            while True:  # until close() has begun
+                engine.submit(_items([0]), st).result(timeout=60)
+        assert not kept.done() and closer.is_alive()
+    finally:
+        release.set()
+    closer.join(120)
+    assert not closer.is_alive() and dropped.cancelled()
+    _check(kept.result(timeout=1), rm, [3], dataclasses.replace(st, seed=2))
+
+    engine = _engine(rm, slots=4)
+    started, release, _ = _blocked_bucket_compiles(engine)
+    try:
+        waiting = engine.submit(_items([3]), st)
+        assert started.wait(60)
+        engine.close(drain=False)
+        with pytest.raises(ShuttingDown):
+            waiting.result(timeout=1)
+    finally:
+        release.set()

@@ -17,10 +17,14 @@ The worker thread loops:
 1. admit: waiting items enter free rows (an item takes ``num_samples`` rows); their prefixes are
    prefilled in length buckets and a batch size from a few powers of two, and each prefill is
    copied into its rows' slots ``[0, L)`` (:func:`_insert`). The first item of a bucket in a
-   pool compiles the prefill and insert for every batch size of that bucket, and a pool compiles
-   its compaction and the freeing of cancelled rows when it is made, so nothing compiles once a
-   bucket has been seen: neither how many items arrive together, nor how many rows end in one
-   chunk (they are read back whole), nor how many are cancelled together (a mask of the rows);
+   pool of its shape starts the compile of the prefill and insert for every batch size of that
+   bucket on a background thread (one compile at a time, in the order met) and waits, in its
+   place in the queue, until it is done: the rows in flight decode on meanwhile, and items
+   behind it whose buckets are compiled take free rows; once compiled, it takes the next free
+   rows before any later item. A pool compiles its compaction and the freeing of cancelled rows
+   when it is made, so nothing compiles once a bucket has been seen: neither how many items
+   arrive together, nor how many rows end in one chunk (they are read back whole), nor how many
+   are cancelled together (a mask of the rows);
 2. decode: ``chunk_steps`` steps of every pool with live rows in one compiled call
    (:func:`_chunk`); a row that draws a stop token, or spends its budget, is fed the end-of-turn
    token and its reward is read from that very step, as in ``cloud_jax.sampling``;
@@ -49,7 +53,7 @@ import functools
 import logging
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional, Sequence
 
 import flax.linen as nn
@@ -200,6 +204,34 @@ class _Request:
     finished_chunk: Optional[int] = None
 
 
+@dataclasses.dataclass(frozen=True)
+class _PoolShape:
+    """A pool's sizes and the shapes of its state (what :meth:`ContinuousBackend._compile_bucket`
+    compiles for)."""
+
+    k: int
+    groups: int
+    rows: int
+    penalty: float
+    state: PoolState  # of jax.ShapeDtypeStruct
+
+
+@dataclasses.dataclass(eq=False)
+class _BucketCompile:
+    """A prefill bucket compiling in the background, and the items waiting to start in it."""
+
+    key: tuple  # (K, with a repetition penalty, prefill bucket)
+    what: str  # the bucket, as the log line names it
+    serving: bool  # met by traffic (start()'s warm-up is none): logged and counted
+    started_chunk: int
+    waiters: list = dataclasses.field(default_factory=list)  # [(request, item)] that waited
+    done: bool = False
+    error: Optional[BaseException] = None
+    programs: int = 0
+    seconds: float = 0.0
+    finished: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
 class _Pool:
     def __init__(self, engine: "ContinuousBackend", method: SamplingMethod, penalty: float,
                  k: int):
@@ -223,6 +255,13 @@ class _Pool:
         # the first cancelled request do not stall every row for a compile.
         _compact.lower(self.state).compile()
         _free.lower(self.state, self.state.done).compile()
+
+    def shape(self) -> "_PoolShape":
+        """What a bucket's compile reads of the pool: read on the worker, so that a compile in
+        the background never touches the pool's state, which the decode replaces (donates)."""
+        return _PoolShape(self.k, self.groups, self.rows, self.penalty,
+                          jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                       self.state))
 
     def free_groups(self) -> list[int]:
         """Groups whose K rows are all free (an item takes one group)."""
@@ -273,8 +312,12 @@ class ContinuousBackend:
         self._pools: collections.OrderedDict = collections.OrderedDict()
         # (K, with a repetition penalty, prefill bucket) whose prefill sizes are compiled.
         self._compiled_buckets: set = set()
-        # What the worker met for the first time in its current step (a pool, a bucket): named
-        # in the log line of the compiles they made.
+        # Those compiling in the background (one at a time, in the order met), or compiled and
+        # not yet taken up by the worker: key -> _BucketCompile.
+        self._compiling: dict = {}
+        self._compiler = ThreadPoolExecutor(1, thread_name_prefix="continuous-compile")
+        # What the worker met for the first time in its current step (a pool's settings): named
+        # in the log line of the compiles they made (a bucket has a line of its own).
         self._firsts: list[str] = []
         self._complete: list[_Request] = []  # answered after the step (_deliver)
         self._compiles = 0
@@ -308,7 +351,11 @@ class ContinuousBackend:
             pool = self._pools[self._pool_key(warm)]
             items = bucket_items(self.rm, False, self.options, self._submit_tok)
             for length in item_lengths(self.rm, items, False, warm, self._submit_tok):
-                self._compile_bucket(pool, bucket_length(length))
+                key = (pool.k, pool.penalty != 1.0, bucket_length(length))
+                if key not in self._compiled_buckets:
+                    self._compile_bucket(pool.shape(), bucket_length(length))
+                    with self._lock:
+                        self._compiled_buckets.add(key)
             log.info("warm-up: compiled %d length buckets in %.1f s", len(items),
                      time.perf_counter() - started)
         self.ready = True
@@ -366,11 +413,14 @@ class ContinuousBackend:
             if not drain:
                 for req in self._queue:
                     req.cancelled = True
+                    self._cancel.append(req)  # dropped, not admitted nor waited for
                     if not req.future.done():
                         req.future.set_exception(ShuttingDown("the server stopped first"))
             self._lock.notify_all()
         if self._worker is not None:
             self._worker.join()
+        # A compile that no request waits for any more is not waited for either.
+        self._compiler.shutdown(wait=False, cancel_futures=True)
 
     # -- the worker ---------------------------------------------------------------------------
 
@@ -379,25 +429,47 @@ class ContinuousBackend:
         method = method_from(settings.temperature, settings.top_k, settings.top_p)
         return (method, float(settings.repetition_penalty), settings.num_samples)
 
-    def _make_room(self, settings: Settings) -> bool:
-        """Gives the rows of idle pools (least recently used first) back until a pool for
-        ``settings`` fits within --slots rows; False while the rows it needs are busy elsewhere.
-        Called under the lock; only the worker changes ``_pools``."""
+    def _make_room(self, settings: Settings, keep: set = frozenset()) -> bool:
+        """Gives the rows of idle pools (least recently used first, except those in ``keep``)
+        back until a pool for ``settings`` fits within --slots rows; False while the rows it
+        needs are busy elsewhere. Called under the lock; only the worker changes ``_pools``."""
         need = self.options.slots // settings.num_samples * settings.num_samples
         for old in list(self._pools):
             if sum(p.rows for p in self._pools.values()) + need <= self.options.slots:
                 break
-            if self._pools[old].busy() == 0:
+            if self._pools[old].busy() == 0 and old not in keep:
                 del self._pools[old]  # its cache is freed with it
         return sum(p.rows for p in self._pools.values()) + need <= self.options.slots
 
     def _idle(self) -> bool:
         return not self._queue and all(p.busy() == 0 for p in self._pools.values())
 
+    def _nothing_to_do(self) -> bool:
+        """Under the lock: no row decodes, nothing is to be cancelled or taken up from a
+        finished compile, and every item queued waits for its bucket's compile, or behind a
+        request that does (as :meth:`_place` would find: with every pool idle, an item of a
+        compiled bucket enters at once)."""
+        if (self._cancel or any(p.busy() for p in self._pools.values())
+                or any(job.done for job in self._compiling.values())):
+            return False
+        waited_in = set()
+        for req in self._queue:
+            key = self._pool_key(req.settings)
+            pool = self._pools.get(key)
+            if pool is None:  # made now, unless the pools waited in leave it no room
+                need = self.options.slots // req.settings.num_samples * req.settings.num_samples
+                return sum(self._pools[k].rows for k in waited_in) + need > self.options.slots
+            for item in req.waiting:
+                length = bucket_length(len(req.prefixes[item]))
+                if (pool.k, pool.penalty != 1.0, length) not in self._compiling:
+                    return False
+            waited_in.add(key)
+        return True
+
     def _run(self) -> None:
         while True:
             with self._lock:
-                while self._idle() and not self._closing and not self._cancel:
+                while self._nothing_to_do() and not (self._closing and self._idle()):
                     self._lock.wait()
                 if self._closing and self._idle():
                     return
@@ -406,6 +478,7 @@ class ContinuousBackend:
                 waiting = (sum(p.busy() for p in self._pools.values()), self._queued_items)
             self._firsts = []
             self._complete = []
+            self._finish_compiles()
             try:
                 with CompileWatch() as watch:
                     self._drop_cancelled()
@@ -421,9 +494,10 @@ class ContinuousBackend:
             self._deliver()
 
     def _log_compile(self, watch: CompileWatch, busy: int, queued: int) -> None:
-        """The worker's last step met a shape (a pool's sampling settings, a length bucket)
-        for the first time and compiled for it while every row in flight, and every item
-        queued, waited: says which and how long, once (a shape once seen compiles nothing)."""
+        """The worker's last step met a shape (a pool's sampling settings; a length bucket
+        compiles in the background, :meth:`_log_bucket_compile`) for the first time and compiled
+        for it while every row in flight, and every item queued, waited: says which and how
+        long, once (a shape once seen compiles nothing)."""
         with self._lock:
             self._compiles += 1
             self._compile_seconds += watch.seconds
@@ -432,6 +506,45 @@ class ContinuousBackend:
                  "row(s) in flight and the %d item(s) waiting to start (the one that met it "
                  "among them) waited for it; %s", watch.programs, watch.seconds, what, busy,
                  queued, WARMUP_HINT)
+
+    def _log_bucket_compile(self, job: _BucketCompile) -> None:
+        """A bucket compiled in the background while the rows in flight decoded: says which,
+        how long and who waited (the items that met it), once, as a compile that stalled."""
+        requests = len({id(req) for req, _ in job.waiters})
+        log.info("compiled %d program(s) in %.1f s for %s met for the first time: the %d item(s) "
+                 "of %d request(s) that met it waited for it to start, while the rows in flight "
+                 "decoded on (%d chunk(s)); %s", job.programs, job.seconds, job.what,
+                 len(job.waiters), requests, self.chunks - job.started_chunk, WARMUP_HINT)
+
+    def _finish_compiles(self) -> None:
+        """Takes up the bucket compiles done in the background: a compiled bucket is logged and
+        counted (met by traffic) and its items may start; a failed one fails the requests that
+        waited for it with its error (their other rows freed), and the next item of that bucket
+        compiles it again."""
+        with self._lock:
+            done = [job for job in self._compiling.values() if job.done]
+            for job in done:
+                del self._compiling[job.key]
+                if job.error is None:
+                    self._compiled_buckets.add(job.key)
+                    if job.serving and job.programs:
+                        self._compiles += 1
+                        self._compile_seconds += job.seconds
+                    continue
+                for req, _ in job.waiters:
+                    if not req.future.done():
+                        req.future.set_exception(job.error)
+                    if not req.cancelled:
+                        req.cancelled = True
+                        self._cancel.append(req)
+        for job in done:
+            if job.error is not None:
+                log.error("compiling %s failed: the %d request(s) waiting for it fail with "
+                          "its error (the next request of that bucket compiles it again)",
+                          job.what, len({id(req) for req, _ in job.waiters}),
+                          exc_info=job.error)
+            elif job.serving and job.programs:
+                self._log_bucket_compile(job)
 
     def _drop_cancelled(self) -> None:
         with self._lock:
@@ -481,19 +594,26 @@ class ContinuousBackend:
         """Under the lock: places waiting items into the free groups of existing pools. Returns
         (request, pool key) when the request at which it stopped needs a pool that fits once
         allocated, None when nothing more can be placed now."""
+        # Pools an earlier request still waits in (for its bucket's compile): not given away to
+        # a later request's settings, however idle.
+        waited_in: set = set()
         for req in list(self._queue):
             key = self._pool_key(req.settings)
             if key in self._pools:
                 self._pools.move_to_end(key)
-            elif self._make_room(req.settings):
+            elif self._make_room(req.settings, waited_in):
                 return req, key
             else:
                 return None  # its rows are busy elsewhere: later requests wait behind it
             pool = self._pools[key]
             free = pool.free_groups()
             k = pool.k
-            while req.waiting and free:
-                item = req.waiting.popleft()
+            for item in list(req.waiting):
+                # An item whose bucket is compiling waits for it, in its place in the queue;
+                # the items behind it whose buckets are compiled take the free rows meanwhile.
+                if not self._bucket_compiled(pool, req, item) or not free:
+                    continue
+                req.waiting.remove(item)
                 group, free = free[0], free[1:]
                 for sample in range(k):
                     pool.owner[group * k + sample] = (req, item, sample)
@@ -501,9 +621,45 @@ class ContinuousBackend:
                 self._queued_items -= 1
                 if req.started_chunk is None:
                     req.started_chunk = self.chunks
-            if not req.waiting:
+            if req.waiting:
+                waited_in.add(key)
+            else:
                 self._queue.remove(req)
         return None
+
+    def _bucket_compiled(self, pool: _Pool, req: _Request, item: int) -> bool:
+        """Under the lock: whether the prefill bucket of ``item`` is compiled for ``pool``;
+        if not, the item waits for its compile, which starts in the background the first time
+        an item meets the bucket (one compile at a time, in the order met)."""
+        length = bucket_length(len(req.prefixes[item]))
+        key = (pool.k, pool.penalty != 1.0, length)
+        if key in self._compiled_buckets:
+            return True
+        job = self._compiling.get(key)
+        if job is None:
+            job = _BucketCompile(key, f"prefill bucket {length} at batch sizes 1 to "
+                                      f"{pool.groups} (num_samples={pool.k})",
+                                 self.ready, self.chunks)
+            self._compiling[key] = job
+            self._compiler.submit(self._compile_in_background, job, pool.shape(), length)
+        if not job.done and not any(r is req and i == item for r, i in job.waiters):
+            job.waiters.append((req, item))
+        return False
+
+    def _compile_in_background(self, job: _BucketCompile, shape: _PoolShape,
+                               length: int) -> None:
+        """Runs on the compile thread: compiles the bucket, then wakes the worker."""
+        error, watch = None, CompileWatch()
+        try:
+            with watch:
+                self._compile_bucket(shape, length)
+        except BaseException as err:  # noqa: BLE001 - fails the requests that waited for it
+            error = err
+        with self._lock:
+            job.programs, job.seconds, job.error = watch.programs, watch.seconds, error
+            job.done = True
+            self._lock.notify_all()
+        job.finished.set()
 
     def _prefill_into(self, pool: _Pool, placed: list) -> None:
         by_bucket = collections.defaultdict(list)
@@ -511,7 +667,6 @@ class ContinuousBackend:
             by_bucket[bucket_length(len(req.prefixes[item]))].append((req, item, group))
         s, k = pool.rows, pool.k
         for length, group in sorted(by_bucket.items()):
-            self._compile_bucket(pool, length)
             b = 1 << max(len(group) - 1, 0).bit_length()  # a power of two: few compiled sizes
             prefixes = [req.prefixes[item] for req, item, _ in group]
             ids, mask = pad_prefixes(prefixes + [prefixes[0]] * (b - len(group)), length,
@@ -542,15 +697,12 @@ class ContinuousBackend:
             pool.state = _insert(pool.state, small, logits, seen, i32(groups), i32(group_src),
                                  i32(rows), i32(src), jnp.stack(keys), i32(budgets))
 
-    def _compile_bucket(self, pool: _Pool, length: int) -> None:
-        """The first time a pool of this shape meets prefill bucket ``length``, compiles (without
-        running) the prefill and the insert for every batch size ``_prefill_into`` can take
-        there, so how many items happen to arrive together never compiles anything later."""
-        key = (pool.k, pool.penalty != 1.0, length)
-        if key in self._compiled_buckets:
-            return
-        self._firsts.append(f"prefill bucket {length} at batch sizes 1 to {pool.groups}"
-                            f" (num_samples={pool.k})")
+    def _compile_bucket(self, pool: _PoolShape, length: int) -> None:
+        """Compiles (without running) the prefill and the insert for every batch size
+        ``_prefill_into`` can take in prefill bucket ``length`` of a pool of this shape, so how
+        many items happen to arrive together never compiles anything later. Called on the
+        compile thread the first time an item meets the bucket (and by ``start`` for
+        ``--warmup buckets``); reads no state the worker changes."""
         groups = jax.ShapeDtypeStruct((pool.groups,), jnp.int32)
         rows = jax.ShapeDtypeStruct((pool.rows,), jnp.int32)
         static = dict(cfg=self.cfg, cache_len=length, rules=tuple(SAMPLE_RULES))
@@ -568,19 +720,23 @@ class ContinuousBackend:
             if b >= pool.groups:
                 break
             b *= 2
-        self._compiled_buckets.add(key)
 
     def _decode(self) -> None:
+        """Runs a chunk of every pool with live rows; counts a chunk if any ran (a step in which
+        every item waits for its bucket's compile decodes nothing)."""
+        ran = False
         for pool in list(self._pools.values()):
             if pool.busy() == 0:
                 continue
+            ran = True
             if int(pool.state.cache.end) + self.chunk_steps > pool.capacity:
                 pool.state = _compact(pool.state)
             pool.state = _chunk(self.params, pool.state, self.stop_ids, cfg=self.cfg,
                                 method=pool.method, penalty=pool.penalty,
                                 steps=self.chunk_steps, pad_id=self.pad_id)
             self._collect(pool)
-        self.chunks += 1
+        if ran:
+            self.chunks += 1
 
     def _collect(self, pool: _Pool) -> None:
         done = np.asarray(pool.state.done)
