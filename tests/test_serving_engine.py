@@ -181,21 +181,29 @@ def test_options_no_request_could_be_served_under_are_refused(rm):
         static.submit(_items([0, 1, 2, 3]), Settings())
 
 
+def _hold_decode_at_chunk(engine, chunk: int) -> tuple[threading.Event, threading.Event]:
+    """Holds the engine's loop before decode chunk ``chunk`` until the test sets ``submitted``
+    (``held`` tells it the loop is there), so a request submitted then arrives while earlier
+    rows decode however late the test's thread runs on a loaded machine."""
+    held, submitted = threading.Event(), threading.Event()
+    decode = engine._decode
+
+    def decode_held():
+        if engine.chunks == chunk and not submitted.is_set():
+            held.set()
+            assert submitted.wait(60)
+        decode()
+
+    engine._decode = decode_held
+    return held, submitted
+
+
 def test_a_request_that_arrives_later_starts_and_ends_before_a_long_one(rm):
     engine = _engine(rm, slots=4, max_critique_tokens=120)
     # The engine is held before its third chunk until the short request is in, so the short one
     # arrives while the long one decodes however late this thread runs on a loaded machine (with
     # a race instead, a starved submitting thread once saw the long critique end first).
-    held, submitted = threading.Event(), threading.Event()
-    decode = engine._decode
-
-    def decode_held_at_chunk_2():
-        if engine.chunks == 2 and not submitted.is_set():
-            held.set()
-            assert submitted.wait(60)
-        decode()
-
-    engine._decode = decode_held_at_chunk_2
+    held, submitted = _hold_decode_at_chunk(engine, 2)
     # One long critique in one row (a random tiny model rarely stops on its own: it runs into
     # its budget of 30 chunks), then a short one that arrives while it decodes.
     long_settings = Settings(num_samples=1, temperature=0.9, max_critique_tokens=120, seed=3)
@@ -539,16 +547,7 @@ def test_rows_in_flight_decode_on_while_a_new_bucket_compiles(rm):
     # A long critique (a random tiny model rarely stops on its own: it runs into its budget of 30
     # chunks), held at its second chunk (the warm-up took one) until the new bucket's request is
     # in.
-    held, submitted = threading.Event(), threading.Event()
-    decode = engine._decode
-
-    def decode_held_at_chunk_2():
-        if engine.chunks == 2 and not submitted.is_set():
-            held.set()
-            assert submitted.wait(60)
-        decode()
-
-    engine._decode = decode_held_at_chunk_2
+    held, submitted = _hold_decode_at_chunk(engine, 2)
     # Items 0 and 2 fall in the warm-up's bucket (128), item 3 in one not met yet (256).
     lengths = item_lengths(rm, _items([0, 2, 3]), False, Settings())
     assert [bucket_length(n) for n in lengths] == [128, 128, 256]
