@@ -237,8 +237,8 @@ class _Pool:
                  k: int):
         self.method, self.penalty, self.k = method, penalty, k
         e = engine
-        self.groups = e.options.slots // k
-        s, cfg = self.groups * k, e.cfg
+        s, cfg = e.rows_for(k), e.cfg
+        self.groups = s // k
         self.rows = s
         self.capacity = e.capacity
         self.owner: list = [None] * s  # (request, item, sample) per row
@@ -255,6 +255,11 @@ class _Pool:
         # the first cancelled request do not stall every row for a compile.
         _compact.lower(self.state).compile()
         _free.lower(self.state, self.state.done).compile()
+
+    def bucket_key(self, length: int) -> tuple:
+        """(K, with a repetition penalty, prefill bucket): what a bucket's compile is kept by;
+        pools of the same K and penalty share the shapes it compiles."""
+        return self.k, self.penalty != 1.0, length
 
     def shape(self) -> "_PoolShape":
         """What a bucket's compile reads of the pool: read on the worker, so that a compile in
@@ -351,7 +356,7 @@ class ContinuousBackend:
             pool = self._pools[self._pool_key(warm)]
             items = bucket_items(self.rm, False, self.options, self._submit_tok)
             for length in item_lengths(self.rm, items, False, warm, self._submit_tok):
-                key = (pool.k, pool.penalty != 1.0, bucket_length(length))
+                key = pool.bucket_key(bucket_length(length))
                 if key not in self._compiled_buckets:
                     self._compile_bucket(pool.shape(), bucket_length(length))
                     with self._lock:
@@ -429,11 +434,15 @@ class ContinuousBackend:
         method = method_from(settings.temperature, settings.top_k, settings.top_p)
         return (method, float(settings.repetition_penalty), settings.num_samples)
 
+    def rows_for(self, k: int) -> int:
+        """The rows of a pool of K samples an item: the most whole groups of K in --slots."""
+        return self.options.slots // k * k
+
     def _make_room(self, settings: Settings, keep: set = frozenset()) -> bool:
         """Gives the rows of idle pools (least recently used first, except those in ``keep``)
         back until a pool for ``settings`` fits within --slots rows; False while the rows it
         needs are busy elsewhere. Called under the lock; only the worker changes ``_pools``."""
-        need = self.options.slots // settings.num_samples * settings.num_samples
+        need = self.rows_for(settings.num_samples)
         for old in list(self._pools):
             if sum(p.rows for p in self._pools.values()) + need <= self.options.slots:
                 break
@@ -457,11 +466,11 @@ class ContinuousBackend:
             key = self._pool_key(req.settings)
             pool = self._pools.get(key)
             if pool is None:  # made now, unless the pools waited in leave it no room
-                need = self.options.slots // req.settings.num_samples * req.settings.num_samples
+                need = self.rows_for(req.settings.num_samples)
                 return sum(self._pools[k].rows for k in waited_in) + need > self.options.slots
             for item in req.waiting:
-                length = bucket_length(len(req.prefixes[item]))
-                if (pool.k, pool.penalty != 1.0, length) not in self._compiling:
+                if pool.bucket_key(bucket_length(len(req.prefixes[item]))) \
+                        not in self._compiling:
                     return False
             waited_in.add(key)
         return True
@@ -632,7 +641,7 @@ class ContinuousBackend:
         if not, the item waits for its compile, which starts in the background the first time
         an item meets the bucket (one compile at a time, in the order met)."""
         length = bucket_length(len(req.prefixes[item]))
-        key = (pool.k, pool.penalty != 1.0, length)
+        key = pool.bucket_key(length)
         if key in self._compiled_buckets:
             return True
         job = self._compiling.get(key)

@@ -552,6 +552,12 @@ def generate_split(cfg: ReasoningBenchmarkConfig, split: str, n: Optional[int] =
                 })
             bar.update(len(added))
 
+        def used_up(how: str, largest: str) -> ConfigError:
+            return ConfigError(
+                f"reasoning benchmark: found only {len(rows)} of the {n} distinct {split} rows "
+                f"asked for ({how}); the {split} share of the problem space "
+                f"({_space_words(cfg)}) is used up: {_remedies(cfg, split, largest)}")
+
         while len(rows) < n:
             draws += 1
             idle += 1
@@ -568,17 +574,9 @@ def generate_split(cfg: ReasoningBenchmarkConfig, split: str, n: Optional[int] =
                         if len(rows) >= n:
                             return rows
                 # the same seed draws the same rows: this many fit
-                raise ConfigError(
-                    f"reasoning benchmark: found only {len(rows)} of the {n} distinct {split} "
-                    f"rows asked for ({how}); the {split} share of the problem space "
-                    f"({_space_words(cfg)}) is used up: "
-                    f"{_remedies(cfg, split, f'at most {len(rows)}')}")
+                raise used_up(how, f"at most {len(rows)}")
             if draws > max_draws:
-                raise ConfigError(
-                    f"reasoning benchmark: found only {len(rows)} of the {n} distinct {split} "
-                    f"rows asked for (in {max_draws} draws); the {split} share of the problem "
-                    f"space ({_space_words(cfg)}) is used up: "
-                    f"{_remedies(cfg, split, f'fewer than {len(rows)}')}")
+                raise used_up(f"in {max_draws} draws", f"fewer than {len(rows)}")
             op = rand.choices(cfg.ops, weights)[0]
             unit = _unit(rand, cfg, op, split)
             # A whole unit or nothing, so that the roles stay balanced.
