@@ -531,3 +531,26 @@ def test_serve_builds_its_backend_with_the_warmup_asked_for(checkpoint, monkeypa
     with pytest.raises(SystemExit) as err:
         main(["--checkpoint", str(checkpoint), "--warmup", "all"])
     assert err.value.code == 2
+
+
+def test_a_request_that_picks_top_p_or_top_k_replaces_the_servers_default_of_the_other():
+    """top_k and top_p are two ways to cut the distribution, one at a time: a request that picks
+    one replaces the server's default of the other. A server started with --top-k refused every
+    request that set top_p, naming top_k, a field the request did not hold."""
+    from cloud_jax.serving.protocol import InvalidField, check_settings, parse_score
+    from cloud_jax.serving.types import BackendOptions, Settings
+
+    item = [{"prompt": "a", "response": "b"}]
+    for defaults, request, expected in (
+            (Settings(temperature=0.7, top_k=5), {"top_p": 0.9}, (None, 0.9)),
+            (Settings(temperature=0.7, top_p=0.9), {"top_k": 3}, (3, None)),
+            (Settings(temperature=0.7, top_k=5), {}, (5, None)),
+            (Settings(temperature=0.7, top_k=5), {"top_k": None}, (None, None)),
+            (Settings(temperature=0.7, top_k=5), {"top_p": None}, (5, None))):
+        _, settings = parse_score({"items": item, **request}, defaults)
+        assert (settings.top_k, settings.top_p) == expected, (defaults, request)
+        check_settings(settings, BackendOptions(defaults=defaults), False)
+    # Both in one request is still refused, naming the request's own fields.
+    _, settings = parse_score({"items": item, "top_k": 3, "top_p": 0.9}, Settings(temperature=1))
+    with pytest.raises(InvalidField, match="not both"):
+        check_settings(settings, BackendOptions(), False)

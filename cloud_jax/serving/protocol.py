@@ -89,13 +89,19 @@ def _number(body: dict, name: str, kind: type):
 
 def settings_from(body: dict, defaults: Settings) -> Settings:
     """The request's settings over the server's defaults; unknown keys are refused by the
-    caller."""
+    caller. A setting given as null is the server's default, but ``top_k`` / ``top_p``, where
+    null is none. The two cut the distribution one at a time: a request that picks one replaces
+    the server's default of the other (a server started with --top-k still takes a request's
+    top_p)."""
     values = dataclasses.asdict(defaults)
     for name, kind in _SETTING_TYPES.items():
         if name in body and body[name] is not None:
             values[name] = _number(body, name, kind)
         elif name in body and name in ("top_k", "top_p"):
             values[name] = None
+    for name, other in (("top_k", "top_p"), ("top_p", "top_k")):
+        if body.get(name) is not None and other not in body:
+            values[other] = None
     return Settings(**values)
 
 
