@@ -554,3 +554,23 @@ def test_a_request_that_picks_top_p_or_top_k_replaces_the_servers_default_of_the
     _, settings = parse_score({"items": item, "top_k": 3, "top_p": 0.9}, Settings(temperature=1))
     with pytest.raises(InvalidField, match="not both"):
         check_settings(settings, BackendOptions(), False)
+
+
+def test_openrlhf_requests_refuse_the_settings_they_would_not_apply():
+    """/get_reward scores with the server's defaults: a sampling setting sent there (as to
+    /v1/score) was accepted and ignored without a word. It is a 422 naming it; the fields OpenRLHF
+    sends, and others it may add, are still accepted."""
+    from cloud_jax.data.tokenizer import byte_tokenizer
+    from cloud_jax.serving.protocol import ChatMarkers, InvalidField, parse_openrlhf
+
+    markers = ChatMarkers.of(byte_tokenizer())
+    query = "<bos><|user|>a<eot><|assistant|>b<eot>"
+    for name, value in (("num_samples", 4), ("temperature", 0.7), ("top_p", 0.9),
+                        ("max_critique_tokens", 8), ("seed", 1), ("repetition_penalty", 1.01),
+                        ("top_k", None)):
+        with pytest.raises(InvalidField, match="/v1/score") as err:
+            parse_openrlhf({"query": [query], name: value}, markers)
+        assert err.value.field == name
+    [item] = parse_openrlhf({"query": [query], "prompts": None, "labels": ["x"],
+                             "datasource": ["gsm8k"]}, markers)
+    assert (item.prompt, item.response) == ("a", "b")

@@ -537,9 +537,17 @@ def split_query(query: str, prompt: Optional[str], markers: ChatMarkers,
 
 
 def parse_openrlhf(body: Any, markers: ChatMarkers) -> list[Item]:
-    """A ``/get_reward`` body as items; ``labels`` are accepted and unused."""
+    """A ``/get_reward`` body as items; ``labels`` are accepted and unused, and so are fields
+    this endpoint does not know (OpenRLHF versions add some), but for ``/v1/score``'s settings:
+    this endpoint scores with the server's defaults, so a setting sent here would be ignored."""
     if not isinstance(body, dict):
         raise InvalidField("body", "expected a JSON object", status=400)
+    for name in _SETTING_TYPES:
+        if name in body:
+            raise InvalidField(name, "/get_reward scores with the server's default settings (the "
+                                     f"serve command's --{name.replace('_', '-')} and the other "
+                                     "sampling flags) and takes none per request; send settings "
+                                     "of your own to /v1/score")
     queries = _list_of_strings(body, "query")
     prompts = _list_of_strings(body, "prompts", required=False)
     if prompts is not None and len(prompts) != len(queries):
