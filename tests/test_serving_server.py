@@ -574,3 +574,19 @@ def test_openrlhf_requests_refuse_the_settings_they_would_not_apply():
     [item] = parse_openrlhf({"query": [query], "prompts": None, "labels": ["x"],
                              "datasource": ["gsm8k"]}, markers)
     assert (item.prompt, item.response) == ("a", "b")
+
+
+def test_every_serve_flag_has_help_that_gives_its_default():
+    """--top-k, --top-p, --seed and --log-level were listed by --help with no word on what they
+    do or their default."""
+    import argparse
+
+    from cloud_jax.cli.serve import build_parser
+
+    for action in build_parser()._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help, action.option_strings
+        if action.default not in (None, argparse.SUPPRESS) and not action.required:
+            assert "%(default)s" in action.help or str(action.default) in action.help, \
+                action.option_strings

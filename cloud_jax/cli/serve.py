@@ -36,17 +36,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default %(default)s)")
     p.add_argument("--temperature", type=float, default=d.temperature,
                    help="default sampling temperature; 0 is greedy (default %(default)s)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None,
+                   help="default top-k cut, applied when the temperature is > 0 (default: none; "
+                        "give --top-k or --top-p, not both; a request that sets top_p replaces it)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="default top-p (nucleus) cut in (0, 1], applied when the temperature is "
+                        "> 0 (default: none; a request that sets top_k replaces it)")
     p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
-                   help="default repetition penalty; 1.0 is off (the reference uses 1.01)")
+                   help="default repetition penalty; 1.0 is off, the reference uses 1.01 "
+                        "(default %(default)s)")
     p.add_argument("--max-critique-tokens", type=int, default=d.max_critique_tokens,
                    help="default critique budget (default %(default)s); requests may ask for up "
                         "to --max-critique-tokens-limit")
     p.add_argument("--max-critique-tokens-limit", type=int, default=None,
                    help="the largest budget a request may ask for (default: "
                         f"max(--max-critique-tokens, {o.max_critique_tokens}))")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="default seed in [0, 2**32) of the critiques' sampling; each item's "
+                        "stream also derives from its own tokens (default %(default)s)")
     p.add_argument("--slots", type=int, default=o.slots,
                    help="decode rows in flight (an item takes K); size it to the accelerator "
                         "(default %(default)s)")
@@ -72,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "start: docs/SERVING.md)")
     p.add_argument("--classic", action=argparse.BooleanOptionalAction, default=None,
                    help="serve without critiques (default: as the checkpoint says)")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="the server's log level; compiles under traffic are logged at info "
+                        "(default %(default)s)")
     return p
 
 
