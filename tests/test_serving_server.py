@@ -153,6 +153,9 @@ def test_the_openrlhf_request_shape(server, rm):
     ("/v1/score", {"items": [{"prompt": 5, "response": "b"}]}, 422, "items[0].prompt"),
     ("/v1/score", {"items": [{"prompt": [{"role": "system", "content": "s"}], "response": "b"}]},
      422, "items[0].prompt"),
+    # A key the layout has no place for (a speaker's name) was dropped without a word.
+    ("/v1/score", {"items": [{"prompt": [{"role": "user", "content": "a", "name": "Ann"}],
+                              "response": "b"}]}, 422, "items[0].prompt[0].name"),
     ("/v1/score", {"items": [{"prompt": "a", "response": "b"}], "num_samples": 0}, 422,
      "num_samples"),
     ("/v1/score", {"items": [{"prompt": "a", "response": "b"}], "num_samples": "2"}, 422,
@@ -590,3 +593,18 @@ def test_every_serve_flag_has_help_that_gives_its_default():
         if action.default not in (None, argparse.SUPPRESS) and not action.required:
             assert "%(default)s" in action.help or str(action.default) in action.help, \
                 action.option_strings
+
+
+def test_a_message_key_the_layout_has_no_place_for_is_refused():
+    """/v1/score refuses unknown fields; a prompt message's own (a speaker's "name") was
+    accepted and dropped from what the model read."""
+    from cloud_jax.serving.protocol import InvalidField, parse_score
+    from cloud_jax.serving.types import Settings
+
+    with pytest.raises(InvalidField, match="unknown field") as err:
+        parse_score({"items": [{"prompt": [{"role": "user", "content": "a", "name": "Ann"}],
+                                "response": "b"}]}, Settings())
+    assert err.value.field == "items[0].prompt[0].name"
+    [item], _ = parse_score({"items": [{"prompt": [{"role": "user", "content": "a"}],
+                                        "response": "b"}]}, Settings())
+    assert item.prompt == [{"role": "user", "content": "a"}]

@@ -63,6 +63,10 @@ def prompt_text(prompt: Any, field: str = "prompt") -> str:
         users = [m for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
         others = [m for m in prompt if not (isinstance(m, dict) and m.get("role") == "user")]
         if len(users) == 1 and not others and isinstance(users[0].get("content"), str):
+            extra = sorted(set(users[0]) - {"role", "content"})
+            if extra:  # the layout has no place for it: read without it, the prompt would change
+                raise InvalidField(f"{field}[0].{extra[0]}", "unknown field (a message holds "
+                                                             "role and content only)")
             return _text(users[0]["content"], field)
         raise InvalidField(field, "a message list must hold exactly one {\"role\": \"user\", "
                                   "\"content\": str} message (multi-turn and system prompts are "
