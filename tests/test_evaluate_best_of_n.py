@@ -156,3 +156,35 @@ def test_a_negative_seed_is_refused_before_any_scoring(tmp_path):
         run_evaluation(scorer, EvalConfig(seed=-1, baseline="random"), str(tmp_path / "o"),
                        best_of_n_items=items)
     assert scorer.calls == []
+
+
+def _parquet(path, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return str(path)
+
+
+@pytest.mark.parametrize("make, expected", [
+    # Sources --input reads but Best-of-N does not: a clear refusal before any line is parsed,
+    # not a JSON error about the first bytes of a binary file, a directory's OS error or a
+    # network error (a traceback) for a hub id.
+    (lambda d: _parquet(d / "bon.parquet", HAND), "a Parquet file"),
+    (lambda d: (d / "ds").mkdir() or str(d / "ds"), "a directory"),
+    (lambda d: "hf://owner/name", "a Hugging Face hub id"),
+    # JSON that is not one object per line: said so, with the way to fix it.
+    (lambda d: write_jsonl(d / "bon.json", [json.dumps(HAND)]), "a JSON array"),
+    (lambda d: write_jsonl(d / "bon.json", [json.dumps(HAND[0], indent=2)]),
+     "one whole JSON object per line"),
+], ids=["parquet", "directory", "hub-id", "json-array", "pretty-printed-json"])
+def test_a_source_that_is_not_jsonl_is_refused_with_what_to_do(tmp_path, make, expected):
+    from cloud_jax.cli.common import user_error_types
+
+    path = make(tmp_path)
+    with pytest.raises(ValueError) as err:
+        load_best_of_n(path)
+    assert isinstance(err.value, user_error_types())
+    message = str(err.value)
+    assert path in message and expected in message
+    assert "JSONL" in message

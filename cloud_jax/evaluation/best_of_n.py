@@ -32,19 +32,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import statistics
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from cloud_jax import storage
-from cloud_jax.data.schema import RowError, expand_paths, lone_surrogate
+from cloud_jax.data.schema import HUB_PREFIX, RowError, expand_paths, lone_surrogate
 from cloud_jax.errors import ConfigError
 
 BASELINES = ("first", "random")
 # The largest quality score read, in magnitude: the report's means and regrets (sums and
 # differences of scores) of larger ones could overflow to inf, which report.json cannot hold.
 MAX_SCORE = 1e100
+# How every message about a source or a line that is not Best-of-N JSONL ends: what to do.
+_JSONL_HINT = "Best-of-N rows are JSONL, one whole JSON object per line (docs/EVALUATION.md)"
+# Row files that --input reads and Best-of-N does not.
+_NOT_JSONL = {".parquet": "a Parquet file", ".arrow": "an Arrow file"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +79,23 @@ def _finite(value: float) -> bool:
         return False
 
 
+def _check_jsonl_source(path: str) -> None:
+    """Refuses, before a line is read, a source that preference rows may come from but Best-of-N
+    rows do not: a dataset (hub id or directory) or a Parquet / Arrow file."""
+    if path.startswith(HUB_PREFIX):
+        what = "a Hugging Face hub id"
+    elif storage.isdir(path):
+        what = "a directory"
+    else:
+        what = _NOT_JSONL.get(os.path.splitext(path)[1].lower())
+    if what is not None:
+        raise ConfigError(f"{path}: {what}, not a JSONL file; {_JSONL_HINT}: write the rows out "
+                          "as JSONL (a datasets.Dataset: .to_json(path)) and pass that file")
+
+
 def _item(path: str, line: int, obj: Any) -> BestOfNItem:
+    if isinstance(obj, list):
+        raise RowError(path, line, None, None, f"a JSON array, not an object; {_JSONL_HINT}")
     if not isinstance(obj, dict):
         raise RowError(path, line, None, None, f"expected a JSON object, got {type(obj).__name__}")
     for field in ("id", "prompt", "candidates", "scores"):
@@ -114,7 +135,10 @@ def load_best_of_n(paths) -> List[BestOfNItem]:
     """Reads and checks Best-of-N JSONL file(s); a bad line raises RowError (file, line, field)."""
     items: List[BestOfNItem] = []
     first_seen: Dict[str, str] = {}
-    for path in expand_paths(paths):
+    sources = expand_paths(paths)
+    for path in sources:
+        _check_jsonl_source(path)
+    for path in sources:
         with storage.open_file(path, "rb") as f:
             for line, raw in enumerate(f, start=1):
                 if not raw.strip():
@@ -126,7 +150,8 @@ def load_best_of_n(paths) -> List[BestOfNItem]:
                                    f"invalid UTF-8 at byte {err.start}") from None
                 except json.JSONDecodeError as err:
                     raise RowError(path, line, None, None,
-                                   f"invalid JSON: {err.msg} (column {err.colno})") from None
+                                   f"invalid JSON: {err.msg} (column {err.colno}); "
+                                   f"{_JSONL_HINT}") from None
                 item = _item(path, line, obj)
                 if item.id in first_seen:
                     raise RowError(path, line, None, "id",
