@@ -199,6 +199,32 @@ def test_cli_bad_row_names_file_line_and_field_before_loading_the_model(tmp_path
     assert "nope.jsonl" in capsys.readouterr().err
 
 
+class NaNModel(FakeModel):
+    """A model whose weights went non-finite: every reward it gives is NaN."""
+
+    def score(self, prompts, responses, **kw):
+        out = super().score(prompts, responses, **kw)
+        out.sample_rewards[:] = np.nan
+        return out
+
+
+def test_cli_a_non_finite_reward_is_one_error_line_saying_what_to_do(tmp_path, monkeypatch,
+                                                                     capsys):
+    """A model that gives NaN is something the user fixes (the checkpoint, the dtype): one
+    `error:` line naming the row, the field and what to try, exit status 2, no traceback."""
+    rows_path, bon_path = _inputs(tmp_path)
+    monkeypatch.setattr(cloud_jax, "load", lambda path, **kw: NaNModel())
+    for flag, path, where in (("--input", rows_path, f"{rows_path}:1 (chosen)"),
+                              ("--best-of-n", bon_path, f"{bon_path}:1 (candidates[0])")):
+        assert main(["--checkpoint", "c", flag, path, "--output-dir", str(tmp_path / "o"),
+                     "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "Traceback" not in err
+        assert where in err and "non-finite reward" in err
+        assert "--dtype float32" in err and "checkpoint" in err
+        assert not (tmp_path / "o" / "report.json").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     ([], "give --input"),
     (["--input", "x.jsonl", "--num-samples", "1,x"], "positive integers"),

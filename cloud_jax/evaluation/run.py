@@ -121,9 +121,13 @@ def _score(score_fn: ScoreFn, cfg: EvalConfig, prompts: List[str], responses: Li
     bad = np.flatnonzero(~np.all(np.isfinite(scores.sample_rewards), axis=1))
     if bad.size:
         where, field = sources[bad[0]]
-        raise ValueError(f"{where} ({field}): the model gave a non-finite reward "
-                         f"({scores.sample_rewards[bad[0]].tolist()}); {bad.size} responses "
-                         "affected")
+        # Not a bug of this program but of the model the user gave, so a user error (one line,
+        # exit status 2) that says what to look at.
+        raise ConfigError(f"{where} ({field}): the model gave a non-finite reward "
+                          f"({scores.sample_rewards[bad[0]].tolist()}); {bad.size} responses "
+                          "affected: the checkpoint's weights hold NaN or inf (a diverged "
+                          "training run), or the compute dtype overflows (with bfloat16, try "
+                          "--dtype float32)")
     return scores
 
 
