@@ -493,3 +493,16 @@ def test_report_json_is_written_last(tmp_path, monkeypatch):
         run_evaluation(FakeScorer(), EvalConfig(), str(tmp_path / "o"),
                        rows=load_rows(rows_path, require_feedback=False).rows)
     assert "report.json" not in os.listdir(tmp_path / "o")
+
+
+def test_help_describes_every_option_with_its_default():
+    """Every option of `evaluate --help` says what it does; those with a default say it (the
+    defaults docs/EVALUATION.md gives)."""
+    parser = evaluate.build_parser()
+    undescribed = [a.option_strings[0] for a in parser._actions
+                   if a.option_strings and not a.help]
+    assert undescribed == []
+    text = " ".join(parser.format_help().split())
+    for default in ("(default 0; in [0, 2**32)", "(default 2000)", "(default 0.95)",
+                    "(default 256;", "(default 8)", "(default 1)", "(default first)"):
+        assert default in text

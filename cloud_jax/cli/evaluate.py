@@ -61,8 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="K critiques per response; a comma list is a sweep (default 1)")
     p.add_argument("--temperature", type=float, default=d.temperature,
                    help="critique sampling temperature; 0 is greedy (default %(default)s)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample each critique token from the K likeliest (default: off; not "
+                        "with --top-p)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample each critique token from the smallest set of likeliest tokens "
+                        "holding this probability (default: off; not with --top-k)")
     p.add_argument("--max-critique-tokens", type=int, default=d.max_critique_tokens,
                    help="critique-token budget; a critique that reaches it is flagged truncated "
                         "(default %(default)s; the reference samples up to 1024)")
@@ -76,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--critique-prefix", default=None,
                    help="text the critique starts after (default: the one the checkpoint was "
                         "trained with, else the standard prefix)")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="seeds critique sampling, the random Best-of-N baseline and the "
+                        "bootstrap (default %(default)s; in [0, 2**32))")
     p.add_argument("--batch-size", type=int, default=d.batch_size,
                    help="inputs per compiled batch (default %(default)s)")
     p.add_argument("--classic", action=argparse.BooleanOptionalAction, default=None,
@@ -86,8 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what a tie scores: 0 (RewardBench's rule, default) or 0.5")
     p.add_argument("--baseline", choices=BASELINES, default=d.baseline,
                    help="Best-of-N baseline pick (default %(default)s)")
-    p.add_argument("--bootstrap-resamples", type=int, default=d.bootstrap_resamples)
-    p.add_argument("--confidence", type=float, default=d.confidence)
+    p.add_argument("--bootstrap-resamples", type=int, default=d.bootstrap_resamples,
+                   help="resamples of the Best-of-N win rate's percentile-bootstrap interval "
+                        "(default %(default)s)")
+    p.add_argument("--confidence", type=float, default=d.confidence,
+                   help="level of the Best-of-N intervals, in (0, 1) (default %(default)s)")
     p.add_argument("--lenient", action="store_true",
                    help="skip bad preference rows (listed in OUTPUT_DIR/rejects.jsonl) instead "
                         "of stopping at the first")
