@@ -133,6 +133,17 @@ def test_scorer_that_breaks_the_contract_is_an_error(tmp_path):
                              EvalConfig(num_samples=(4,), temperature=1.0))
 
 
+def test_a_classic_scorer_under_a_k_sweep_says_to_set_classic(tmp_path):
+    """score_fn_from_model over a vanilla checkpoint gives one reward per response whatever K is
+    asked: the error says that the config must say classic, not only that a shape is wrong."""
+    rows = _load(tmp_path, synthetic_rows()[:2])
+    with pytest.raises(ValueError) as err:
+        evaluate_rewardbench(rows, FakeScorer(classic=True),
+                             EvalConfig(num_samples=(1, 4), temperature=1.0))
+    assert "EvalConfig(classic=True)" in str(err.value)
+    assert "one reward per response" in str(err.value)
+
+
 def test_non_finite_reward_names_the_row(tmp_path):
     rows = _load(tmp_path, [pair(1, "math-prm", "1", "0"), pair(2, "math-prm", "1", "0")])
 

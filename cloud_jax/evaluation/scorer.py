@@ -63,7 +63,13 @@ def _check(out: ScoreLike, n: int, k: int, first: int) -> tuple[np.ndarray, list
     where = f"score_fn on inputs {first}..{first + n - 1}"
     rewards = np.asarray(out.sample_rewards, np.float32)
     if rewards.shape != (n, k):
-        raise ValueError(f"{where}: sample_rewards has shape {rewards.shape}, expected ({n}, {k})")
+        hint = ""
+        if rewards.shape == (n, 1):  # score_fn_from_model over a vanilla checkpoint, say
+            hint = ("; a classic scorer gives one reward per response whatever K is asked: "
+                    "evaluate it with EvalConfig(classic=True) (K = 1), or sample critiques "
+                    "(score_fn_from_model(..., classic=False))")
+        raise ValueError(f"{where}: sample_rewards has shape {rewards.shape}, expected "
+                         f"({n}, {k}){hint}")
     critiques = [list(c) for c in out.critiques]
     if len(critiques) != n or any(len(c) not in (0, k) for c in critiques):
         raise ValueError(f"{where}: critiques must be {n} lists of {k} strings (or empty lists)")
