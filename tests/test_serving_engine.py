@@ -222,7 +222,10 @@ def test_a_request_that_arrives_later_starts_and_ends_before_a_long_one(rm):
 
 
 def test_queue_length_cancel_and_shutdown_rules(rm):
-    engine = _engine(rm, slots=2, max_queue=2)
+    # Every bucket compiled at the start: items 0 and 1 fall in two buckets, and an item whose
+    # bucket compiles under traffic waits for it while item 0 decodes (on a busy machine, until
+    # item 0 has ended: the two rows were then never busy together).
+    engine = _engine(rm, slots=2, max_queue=2, warmup="buckets")
     hog = Settings(num_samples=1, temperature=0.9, max_critique_tokens=40, seed=9)
     running = engine.submit(_items([0, 1]), hog)  # fills both rows
     deadline = time.monotonic() + 60
@@ -466,6 +469,21 @@ def test_a_server_warmed_up_for_every_bucket_compiles_nothing_for_its_settings(r
         stop()
     assert compiles == []
     server.close()
+
+
+def test_buckets_compiled_for_greedy_serve_sampled_requests_of_the_same_k(rm):
+    # A greedy pool and a sampling pool of one K copy a prefill into their rows with the same
+    # program (both hold every step's uniform numbers, the greedy one unread): the buckets that
+    # --warmup buckets compiled for greedy defaults compile nothing again for a sampled request.
+    engine = _engine(rm, slots=4, max_critique_tokens=12, warmup="buckets")
+    assert engine.options.defaults.temperature == 0.0
+    met = []
+    compile_bucket = engine._compile_bucket
+    engine._compile_bucket = lambda *args: (met.append(args), compile_bucket(*args))
+    st = Settings(num_samples=1, temperature=0.9, max_critique_tokens=6, seed=4)
+    _check(engine.submit(_items([0, 4]), st).result(120), rm, [0, 4], st)
+    assert met == [] and not engine._compiling
+    engine.close()
 
 
 @pytest.mark.parametrize("backend", ["static", "continuous"])

@@ -38,7 +38,8 @@ columns free up only by compaction (:func:`_compact`, a per-row gather that move
 decode slots to the front) when the next chunk would run past the segment's end.
 
 A row draws with the key ``fold_in(fold_in(key(seed), content_id), sample)`` folded with its own
-step, its prefill tokens are the same, and its reward is read the same way, so a request's
+step (every step's uniform number is made from it when the row starts, so a decode step hashes no
+keys: ``cloud_jax.sampling.methods.step_uniforms``), its prefill tokens are the same, and its reward is read the same way, so a request's
 critiques and rewards equal ``rm.score`` on the same items and settings whatever else is in
 flight. As in the batch sampler, the K samples of an item are a group of consecutive rows that
 read one cached copy of its prefill.
@@ -71,7 +72,7 @@ from cloud_jax.model.decode_step import decode_step
 from cloud_jax.sampling import (bucket_length, content_row_ids, method_from, pad_prefixes, prefill,
                                 row_keys, penalize_repeats)
 from cloud_jax.sampling.loop import seen_tokens, stop_array
-from cloud_jax.sampling.methods import SamplingMethod
+from cloud_jax.sampling.methods import SamplingMethod, step_uniforms
 from cloud_jax.scoring.rewards import ScoreConfig, resolve_critique_prefix, resolve_layout_version
 from cloud_jax.serving.protocol import (InvalidField, bucket_items, check_options,
                                         check_request_size, check_item_lengths, check_settings,
@@ -91,7 +92,11 @@ class PoolState:
 
     cache: KVCache
     logits: jax.Array  # [S, V] fp32
-    keys: jax.Array  # [S] per-row keys (seed, input, sample)
+    # [S, M] fp32: row r's uniform number at step t (from its key, (seed, input, sample), folded
+    # with t), made when the row starts (_insert), so that a step reads its numbers instead of
+    # hashing every row's key. Greedy pools hold them too, unread: the insert, and so a prefill
+    # bucket's compile, is then the same program whatever the sampling method.
+    uniforms: jax.Array
     step: jax.Array  # [S] int32: draws made (= critique tokens written while live)
     budget: jax.Array  # [S] int32
     done: jax.Array  # [S] bool: free, or finished and not yet collected
@@ -110,9 +115,8 @@ def _chunk(params, s: PoolState, stop_ids, *, cfg: ModelConfig, method: Sampling
 
     def body(_, s: PoolState) -> PoolState:
         live = ~s.done
-        step_keys = jax.vmap(jax.random.fold_in)(s.keys, s.step)
         logits = s.logits if s.seen is None else penalize_repeats(s.logits, s.seen, penalty)
-        drawn = method(logits, step_keys)
+        drawn = method.draw(logits, s.uniforms[rows, s.step] if method.random else None)
         is_stop = jnp.isin(drawn, stop_ids)
         ending = live & (is_stop | (s.step >= s.budget))
         writing = live & ~ending
@@ -136,7 +140,8 @@ def _insert(s: PoolState, small: KVCache, logits, seen, groups, group_src, rows,
             budgets) -> PoolState:
     """Copies prefill ``group_src[i]`` (of ``small``) into prefix slot ``groups[i]`` (read by that
     group's K rows), and starts row ``rows[j]`` on prefill ``src[j]`` with its decode slots
-    cleared; entries out of range are dropped (they pad the index arrays to fixed lengths)."""
+    cleared and the uniform numbers of its key ``keys[j]`` for every step; entries out of range
+    are dropped (they pad the index arrays to fixed lengths)."""
     length = small.valid.shape[1]
     prefix = s.cache.prefix
     total = prefix.valid.shape[1]
@@ -156,7 +161,7 @@ def _insert(s: PoolState, small: KVCache, logits, seen, groups, group_src, rows,
     cache = s.cache.replace(prefix=prefix, valid=s.cache.valid.at[rows].set(0, mode="drop"))
     return s.replace(
         cache=cache, logits=s.logits.at[rows].set(logits[src], mode="drop"),
-        keys=s.keys.at[rows].set(keys, mode="drop"),
+        uniforms=s.uniforms.at[rows].set(step_uniforms(keys, s.uniforms.shape[1]), mode="drop"),
         step=s.step.at[rows].set(0, mode="drop"), budget=s.budget.at[rows].set(budgets, mode="drop"),
         done=s.done.at[rows].set(False, mode="drop"),
         tokens=s.tokens.at[rows].set(0, mode="drop"),
@@ -246,7 +251,8 @@ class _Pool:
         self.state = PoolState(
             cache=with_shared_prefix(cfg, prefix, s, self.capacity),
             logits=jnp.zeros((s, cfg.vocab_size)),
-            keys=jax.random.split(jax.random.key(0), s), step=jnp.zeros(s, jnp.int32),
+            uniforms=jnp.zeros((s, e.max_budget + 1)),
+            step=jnp.zeros(s, jnp.int32),
             budget=jnp.zeros(s, jnp.int32), done=jnp.ones(s, bool),
             tokens=jnp.zeros((s, e.max_budget + 1), jnp.int32), rewards=jnp.zeros(s),
             truncated=jnp.zeros(s, bool),
@@ -725,7 +731,8 @@ class ContinuousBackend:
                     seen_tokens(jnp.zeros(ids.shape, jnp.int32), jnp.zeros(ids.shape, jnp.int32),
                                 self.cfg.vocab_size))
             _insert.lower(pool.state, small, logits, seen, groups, groups, rows, rows,
-                          pool.state.keys, rows).compile()
+                          jax.eval_shape(lambda: jax.random.split(jax.random.key(0), pool.rows)),
+                          rows).compile()
             if b >= pool.groups:
                 break
             b *= 2
