@@ -171,8 +171,9 @@ def _hf_model(cfg: ModelConfig, params, device: str = "cpu"):
                                          if k not in ("architectures", "model_type")})
     model = transformers.LlamaForCausalLM(hf_cfg).eval()
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.param_dtype]
-    # numpy has no bfloat16 torch understands: through fp32, then the weights' own dtype.
-    state = {k: torch.from_numpy(np.asarray(v, np.float32)).to(dtype)
+    # numpy has no bfloat16 torch understands: through fp32, then the weights' own dtype (a
+    # writable copy: a JAX array's numpy view is read-only, which torch warns about).
+    state = {k: torch.from_numpy(np.array(v, np.float32)).to(dtype)
              for k, v in hf_state_dict(params, cfg, with_head=False).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or [m for m in missing if m != "lm_head.weight"]:
