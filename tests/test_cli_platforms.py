@@ -1,6 +1,7 @@
 """Commands on a host without an accelerator: JAX pinned to the CPU where no accelerator device,
 TPU variable or unknown plugin says otherwise (no plugin tracebacks or TPU probe at start), and
-never where one does or where JAX_PLATFORMS is set."""
+never where one does or where JAX_PLATFORMS is set; and importing JAX with the CUDA plugin logs no
+missing-driver lines."""
 
 import importlib.util
 import os
@@ -89,9 +90,12 @@ def test_an_explicit_platform_an_accelerator_or_a_made_backend_is_left_alone(fak
     assert config.updates == []
 
 
-@pytest.mark.skipif(importlib.util.find_spec(CUDA_PLUGIN) is None,
-                    reason="JAX's CUDA plugin not installed: pip install -r "
-                           "requirements-gpu-aot.txt")
+needs_cuda_plugin = pytest.mark.skipif(
+    importlib.util.find_spec(CUDA_PLUGIN) is None,
+    reason="JAX's CUDA plugin not installed: pip install -r requirements-gpu-aot.txt")
+
+
+@needs_cuda_plugin
 def test_a_command_starts_without_plugin_tracebacks_on_a_cpu_host(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # conftest sets cpu
     if accelerator_hint(env) is not None:
@@ -108,3 +112,19 @@ def test_a_command_starts_without_plugin_tracebacks_on_a_cpu_host(tmp_path):
     assert "error: --mesh:" in done.stderr and "not divisible" in done.stderr, done.stderr
     assert "Jax plugin configuration error" not in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and "TPU" not in done.stderr, done.stderr
+
+
+@needs_cuda_plugin
+def test_importing_jax_with_the_cuda_plugin_logs_no_missing_driver_lines():
+    # The plugin's modules look for libcudart.so.12 as JAX imports them; without the CUDA runtime
+    # package (nvidia-cuda-runtime-cu12 in requirements-gpu-aot.txt) each logs an absl preamble
+    # and "Could not find cuda drivers", whatever JAX_PLATFORMS says. JAX still runs on the CPU.
+    done = subprocess.run([sys.executable, "-c", "import jax; print(jax.devices()[0].platform)"],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "cpu", done.stdout
+    for line in ("Could not find cuda drivers", "absl::InitializeLog()"):
+        assert line not in done.stderr, (
+            f"importing JAX logged {line!r}: is nvidia-cuda-runtime-cu12 installed? "
+            f"pip install -r requirements-gpu-aot.txt\n{done.stderr}")
