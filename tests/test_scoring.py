@@ -431,3 +431,53 @@ def test_fit_max_length_is_the_limit_score_applies(monkeypatch, max_length, posi
     # fit_max_length reads the limit from _token_limit, so a change to one is a change to both.
     monkeypatch.setattr(rewards, "_token_limit", lambda rm, cfg, reserved=0: (7, "", ""))
     assert rewards.fit_max_length(model, max_length, reserved) == 7
+
+
+def _parser_of(command, monkeypatch):
+    """The argument parser ``command``'s main builds (stopped before it parses anything)."""
+    import argparse
+
+    built = []
+
+    def stop(self, args=None, namespace=None):
+        built.append(self)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", stop)
+    with pytest.raises(SystemExit):
+        command([])
+    monkeypatch.undo()
+    return built[0]
+
+
+def test_the_generation_defaults_docs_compatibility_lists(monkeypatch):
+    """docs/COMPATIBILITY.md's Generation table: a critique budget of 256 tokens (512 for
+    critique), no repetition penalty and one critique per response by default, and the reference's
+    settings (1024 tokens, penalty 1.01, one critique) taken by every command."""
+    from cloud_jax.cli import critique, evaluate, serve
+    from cloud_jax.evaluation import EvalConfig
+    from cloud_jax.serving.types import Settings
+
+    parsers = {"score": _parser_of(main, monkeypatch),
+               "critique": _parser_of(critique.main, monkeypatch),
+               "serve": serve.build_parser(), "evaluate": evaluate.build_parser()}
+    budgets = {name: p.get_default("max_critique_tokens") for name, p in parsers.items()}
+    assert budgets == {"score": 256, "critique": 512, "serve": 256, "evaluate": 256}
+    penalties = {name: p.get_default("repetition_penalty") for name, p in parsers.items()}
+    # evaluate leaves it unset: the sampler's own default.
+    assert penalties == {"score": 1.0, "critique": 1.0, "serve": 1.0, "evaluate": None}
+    assert ScoreConfig().repetition_penalty == Settings().repetition_penalty == 1.0
+    assert (ScoreConfig().max_critique_tokens == EvalConfig().max_critique_tokens
+            == Settings().max_critique_tokens == 256)
+    samples = {name: parsers[name].get_default("num_samples")
+               for name in ("score", "serve", "evaluate")}
+    assert samples == {"score": 1, "serve": 1, "evaluate": (1,)}
+    assert ScoreConfig().num_samples == Settings().num_samples == 1
+    assert EvalConfig().num_samples == (1,)
+    reference = ["--max-critique-tokens", "1024", "--repetition-penalty", "1.01"]
+    for name, parser in parsers.items():
+        for action in parser._actions:  # --checkpoint, --output, ...: not what is checked here
+            action.required = False
+        known, _ = parser.parse_known_args(reference + (["--num-samples", "1"]
+                                                        if name != "critique" else []))
+        assert (known.max_critique_tokens, known.repetition_penalty) == (1024, 1.01), name
