@@ -89,6 +89,32 @@ def test_rows_hold_the_tokens_of_the_whole_rendered_conversation(tok, prompt, re
     assert v2.input_ids.tolist() != whole[:len(v2.input_ids)]
 
 
+def _pieces(tok, version, case=CASES[0]):
+    ids = encode_example(tok, *case, "critique", PREFIX, 512, version=version).input_ids
+    return tok.convert_ids_to_tokens(ids.tolist())
+
+
+def _follows(pieces, first):
+    return [pieces[i + 1] for i, p in enumerate(pieces[:-1]) if p == first]
+
+
+def test_the_marker_tokens_docs_compatibility_names():
+    """docs/COMPATIBILITY.md: under Mistral-v0.3-style templates version 3 gives '[INST]',
+    '▁What' where version 2 gave '[INST]', '▁', '▁What', one token more per text; under Llama-2's
+    legacy tokenizer and the default template the text after the header's '\\n' starts without
+    the marker in version 3, and with '▁What' in version 2."""
+    tok = sentencepiece_tokenizer("metaspace")
+    v2, v3 = _pieces(tok, 2), _pieces(tok, 3)
+    assert v3[v3.index("[INST]"):][:2] == ["[INST]", "▁What"]
+    assert v2[v2.index("[INST]"):][:3] == ["[INST]", "▁", "▁What"]
+    for case in CASES:  # three texts, three markers of their own
+        assert len(_pieces(tok, 2, case)) - len(_pieces(tok, 3, case)) == 3
+    legacy = sentencepiece_tokenizer("legacy")
+    v2, v3 = _pieces(legacy, 2), _pieces(legacy, 3)
+    assert "▁What" in _follows(v2, "\n")
+    assert not any(p.startswith("▁") for p in _follows(v3, "\n"))
+
+
 def test_truncate_prompt_cuts_the_prompt_tokens_in_context(tok):
     prompt, response, critique = CASES[0]
     full = encode_example(tok, prompt, response, critique, "critique", PREFIX, 512)

@@ -4,6 +4,7 @@ reference classes are the stand-in of tests/reference_cloud.py, which behaves as
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -449,3 +450,27 @@ def test_an_export_with_rope_scaling_names_it_for_transformers_4_and_5(tmp_path)
     assert base["rope_theta"] == 500000.0
     assert transformers.LlamaConfig(**base).rope_parameters["rope_type"] == "llama3"
     assert cloud_jax.load(out).config.rope_scaling == cfg.rope_scaling
+
+
+def test_the_hub_id_a_plain_hf_directory_records_reaches_a_stage_s_export(tmp_path):
+    """docs/COMPATIBILITY.md: an export names the hub id the model descends from, read from the
+    ``_name_or_path`` a plain Hugging Face directory recorded (transformers 4 wrote it) when
+    that directory is the run's init_from; a local path there is never written."""
+    from cloud_jax.checkpoints.hf import base_model_name_of
+    from cloud_jax.training.config import load_config
+    from cloud_jax.training.loop import export_params
+
+    root = Path(__file__).resolve().parents[1]
+    rm = cloud_jax.from_config(_tiny_model_config())
+    backbone = _base_config().to_dict()
+    for name, recorded, hub_id in (("hub", "org/base-model", "org/base-model"),
+                                   ("local", str(tmp_path / "elsewhere"), None)):
+        init = tmp_path / name
+        init.mkdir()
+        (init / "config.json").write_text(json.dumps({**backbone, "_name_or_path": recorded}))
+        assert base_model_name_of(init) == hub_id
+        cfg = load_config(root / "configs/tiny_cpu_critique_sft.yaml",
+                          [f"output_dir={tmp_path / 'run'}", f"init_from={init}"])
+        export_params(cfg, rm.config, rm.params, None, str(tmp_path / f"export_{name}"))
+        written = json.loads((tmp_path / f"export_{name}" / "config.json").read_text())
+        assert written["base_model_name_or_path"] == (hub_id or "base_config")

@@ -343,6 +343,24 @@ def test_a_model_with_an_unknown_kind_or_layout_version_is_refused_when_built(rm
         cloud_jax.RewardModel(CFG, rm.params, rm.tokenizer, feedback_method="critic")
 
 
+
+def test_scoring_follows_the_models_layout_version_unless_the_config_names_one(rm):
+    """docs/COMPATIBILITY.md: scoring follows the model's layout version; ScoreConfig's
+    layout_version overrides it. On the byte tokenizer version 1's prefill holds the prefix's
+    trailing space and version 3's does not; with no critique token to write, the reward is read
+    at the end-of-turn token right after the prefill."""
+    eot = end_of_turn_ids(rm.tokenizer)[0]
+    prefills = {v: [encode_critique_prefix(rm.tokenizer, p, r, version=v)
+                    for p, r in zip(PROMPTS, RESPONSES)] for v in (1, 3)}
+    assert prefills[1] != prefills[3]
+    want = {v: full_rewards(rm, [s + [eot] for s in prefills[v]]) for v in (1, 3)}
+    assert np.abs(want[1] - want[3]).min() > 1e-4  # the two versions read different rewards
+    old = dataclasses.replace(rm, layout_version=1)
+    for model, settings, version in ((old, {}, 1), (rm, {}, 3), (old, {"layout_version": 3}, 3),
+                                     (rm, {"layout_version": 1}, 1)):
+        got = model.score(PROMPTS, RESPONSES, max_critique_tokens=0, **settings).rewards
+        np.testing.assert_allclose(got, want[version], atol=1e-5, rtol=0)
+
 def test_score_reports_progress_after_each_batch(rm):
     calls = []
     for classic in (False, True):
