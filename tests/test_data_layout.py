@@ -286,3 +286,21 @@ def test_natural_benchmark_rows_are_the_same_tokens_under_layout_versions_2_and_
     v2, v3 = (encode_example(tok, "\n\n" + rows[0]["prompt"], rows[0]["chosen"], "ok", "critique",
                              "Critique: ", 1 << 20, version=v).input_ids.tolist() for v in (2, 3))
     assert v2 != v3
+
+
+def test_byte_level_rows_under_2_and_3_differ_where_the_split_joins_across_a_template_piece():
+    """docs/COMPATIBILITY.md: byte-level tokenizers give the same rows under layout versions 2 and
+    3 unless their pre-tokenizer would split a template piece and the text after it otherwise than
+    each alone. Llama-3's own split keeps "\\n\\n" whole either way
+    (tests/test_reference_tokens.py); the GPT-2 split of this file's Llama-3-style tokenizer
+    writes "\\n\\n" before a word as two tokens and at the end of a piece as one, so version 2
+    held 'ĊĊ' where the whole rendered conversation, version 3's row, holds 'Ċ', 'Ċ'."""
+    tok = llama3_tokenizer()
+    messages = [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": RESPONSE},
+                {"role": "user", "content": PREFIX + CRITIQUE}]
+    whole = list(tok.apply_chat_template(messages, tokenize=True)["input_ids"])
+    v2, v3 = (encode_example(tok, PROMPT, RESPONSE, CRITIQUE, "critique", PREFIX, 512,
+                             version=v).input_ids.tolist() for v in (2, 3))
+    assert v3 == whole
+    assert tok.convert_ids_to_tokens(v3).count("ĊĊ") == 0
+    assert tok.convert_ids_to_tokens(v2).count("ĊĊ") == 3
