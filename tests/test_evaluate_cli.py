@@ -506,3 +506,35 @@ def test_help_describes_every_option_with_its_default():
     for default in ("(default 0; in [0, 2**32)", "(default 2000)", "(default 0.95)",
                     "(default 256;", "(default 8)", "(default 1)", "(default first)"):
         assert default in text
+
+
+class _CuttingScorer(FakeScorer):
+    """FakeScorer whose critiques of each item's first candidate reached the token budget."""
+
+    def __call__(self, prompts, responses, num_samples):
+        out = super().__call__(prompts, responses, num_samples)
+        out.truncated[[r.startswith("candidate 0 ") for r in responses]] = True
+        return out
+
+
+def test_a_best_of_n_evaluation_reports_the_critiques_cut_at_the_budget(tmp_path, capsys):
+    """docs/COMPATIBILITY.md: how many critiques hit the budget is reported by evaluate, in its
+    summary line and its report, so a budget that is too small shows: for Best-of-N rows as for
+    pairs (it was only in report.json there)."""
+    _, bon_path = _inputs(tmp_path)
+    items = load_best_of_n(bon_path)
+    report = run_evaluation(_CuttingScorer(), EvalConfig(), str(tmp_path / "o"),
+                            best_of_n_items=items)
+    fraction = report["best_of_n"]["truncated_fraction"]
+    n = sum(len(item.candidates) for item in items)
+    assert fraction == pytest.approx(len(items) / n)
+    line = f"{100 * fraction:.1f}%"
+    md = (tmp_path / "o" / "report.md").read_text()
+    assert f"Critiques cut at the token budget: {line}" in md.split("## Best-of-N")[1]
+    evaluate._print_summary(report)
+    assert f"critiques cut at the token budget: {line}" in capsys.readouterr().out
+    # A classic model writes no critiques: nothing to report.
+    classic = run_evaluation(FakeScorer(classic=True), EvalConfig(classic=True),
+                             str(tmp_path / "c"), best_of_n_items=items)
+    assert classic["best_of_n"]["truncated_fraction"] is None
+    assert "token budget" not in (tmp_path / "c" / "report.md").read_text()

@@ -217,6 +217,10 @@ def _print_summary(report) -> None:
             lines.append(f"K={k}: Best-of-N win rate vs baseline "
                          f"{100 * m['against_baseline']['win_rate']:.1f}%, oracle match "
                          f"{100 * m['against_oracle']['match_rate']:.1f}%")
+        truncated = report["best_of_n"].get("truncated_fraction")
+        if truncated is not None:
+            lines.append(f"Best-of-N critiques cut at the token budget: {100 * truncated:.1f}% "
+                         "of samples")
     lines.append(f"report: {report['files']['markdown']}")
     print("\n".join(lines))
 

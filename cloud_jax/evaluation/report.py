@@ -95,6 +95,9 @@ def _best_of_n_md(bon: Mapping[str, Any]) -> List[str]:
                      f"{q['oracle']:.4g}", f"{q['all_candidates']:.4g}"])
     out += _table(["K", "win rate vs baseline %", "W/T/L", "oracle match %", "mean regret",
                    "quality: model", "baseline", "oracle", "all candidates"], rows)
+    if bon.get("truncated_fraction") is not None:
+        out += ["", f"Critiques cut at the token budget: {100 * bon['truncated_fraction']:.1f}% "
+                    "of samples."]
     return out
 
 
