@@ -368,6 +368,64 @@ def test_sync_list_uses_the_real_checkout():
     assert not [f for f in files if f.startswith((".venv/", "runs/"))]
 
 
+# ---- docs/TPU_SCRIPTS.md's worked example ---------------------------------------------------------
+
+DOC = REPO / "docs" / "TPU_SCRIPTS.md"
+
+
+def doc_commands(script_name: str) -> list[list[str]]:
+    """The argv of each `tpu_scripts/<script_name>` command in the doc's bash blocks, continuation
+    lines and quoted words over several lines joined, comments and redirections dropped, and `$NAME` expanded as the example's own
+    shell would from its exports and assignments (PROJECT=my-project)."""
+    values = {"PROJECT": "my-project"}
+    found = []
+    for block in re.findall(r"```bash\n(.*?)```", DOC.read_text(), flags=re.S):
+        pending = ""
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\$(\w+)", lambda m: values.get(m.group(1), m.group(0)), line)
+            try:  # a quoted word may span lines (python -c '...')
+                words = shlex.split(pending + line, comments=True)
+            except ValueError:
+                pending += line + "\n"
+                continue
+            pending = ""
+            if words[:1] == ["export"]:
+                words = words[1:]
+            if words and all(re.fullmatch(r"[A-Za-z_]\w*=\S*", w) for w in words):
+                values.update(w.split("=", 1) for w in words)
+            if f"tpu_scripts/{script_name}" in words:
+                argv = words[words.index(f"tpu_scripts/{script_name}") + 1:]
+                found.append([w for w in argv if w != "&" and not w.startswith((">", "2>"))])
+    return found
+
+
+def train_config(argv: list[str]):
+    """The config a `python -m cloud_jax.train ...` command of run.sh / babysit.sh would run
+    with, loaded the way the trainer loads it (an unknown key or a bad value raises)."""
+    from cloud_jax.cli.train import parse_args
+    from cloud_jax.training.config import load_config
+
+    start = argv.index("cloud_jax.train") + 1
+    config_path, overrides = parse_args(argv[start:])
+    return load_config(REPO / config_path, overrides)
+
+
+def test_the_babysat_run_of_the_worked_example_survives_a_recreate():
+    """babysit.sh relaunches its run on a recreated slice, whose disks, hub login and hub cache
+    are new: a tokenizer read from the hub there fails to load, a config error (exit status 2)
+    on which babysit stops instead of relaunching. The unattended run of the example must read
+    its tokenizer from the checkout, which sync.sh copies again after every recreate, as the
+    example saves it."""
+    saved = re.findall(r'save_pretrained\("([^"]+)"\)', DOC.read_text())
+    commands = doc_commands("babysit.sh")
+    assert commands, "the worked example has no babysit.sh command"
+    for argv in commands:
+        tokenizer = train_config(argv).data.tokenizer
+        assert tokenizer == "byte" or tokenizer in saved, (
+            f"babysit.sh runs with data.tokenizer={tokenizer!r}, which a recreated slice cannot "
+            f"load without a new hub login; the example saves tokenizers to {saved}")
+
+
 # ---- end to end against a fake gcloud ------------------------------------------------------------
 
 FAKE_GCLOUD = r'''
