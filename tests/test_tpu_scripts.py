@@ -426,6 +426,62 @@ def test_the_babysat_run_of_the_worked_example_survives_a_recreate():
             f"load without a new hub login; the example saves tokenizers to {saved}")
 
 
+def test_the_worked_example_commands_are_accepted_by_the_cli(monkeypatch):
+    """Every `python -m cloud_jax ...` the example starts with run.sh or babysit.sh parses, and its
+    config loads with its overrides: a misspelt flag or key would fail on the slice only after
+    the set-up."""
+    from cloud_jax.cli import critique
+
+    class Parsed(Exception):
+        pass
+
+    def parsed(args):
+        raise Parsed
+
+    monkeypatch.setattr(critique, "config_from_args", parsed)
+    commands = doc_commands("run.sh") + doc_commands("babysit.sh")
+    trained = criticised = 0
+    for argv in commands:
+        python = argv[argv.index("python"):]
+        if python[1:3] == ["-m", "cloud_jax.train"]:
+            train_config(argv)
+            trained += 1
+        else:
+            assert python[1:4] == ["-m", "cloud_jax", "critique"], python
+            with pytest.raises(Parsed):
+                critique.main(python[4:])
+            criticised += 1
+    assert trained == 2 and criticised == 2
+
+
+def test_the_settings_table_gives_env_sh_defaults():
+    """docs/TPU_SCRIPTS.md's Settings table: every setting it names is one of env.sh's, with
+    env.sh's default, and every setting a script requires (require_settings) is in it."""
+    table = DOC.read_text().split("## Settings", 1)[1].split("\n\n| setting |", 1)[1]
+    rows = [line for line in table.split("\n\n", 1)[0].splitlines()[2:]]
+    documented = {}
+    for row in rows:
+        names_cell, default_cell = row.split("|")[1:3]
+        names = re.findall(r"`(\w+)`", names_cell)
+        defaults = re.findall(r"`([^`]*)`", default_cell) or [""] * len(names)
+        assert len(defaults) == len(names), row
+        documented.update(zip(names, defaults))
+    shown = subprocess.run(
+        ["bash", "-c", 'source tpu_scripts/env.sh; for n in "${TPU_SETTINGS[@]}"; do '
+                       'printf "%s=%s\\n" "$n" "${!n}"; done'],
+        env={k: v for k, v in os.environ.items() if k not in SETTING_NAMES}, cwd=REPO,
+        capture_output=True, text=True, check=True).stdout
+    defaults = dict(line.split("=", 1) for line in shown.splitlines())
+    assert {name: defaults.get(name) for name in documented} == documented
+    required = set()
+    for name in SCRIPTS:
+        for line in re.findall(r"^require_settings (.*)$", (SCRIPTS_DIR / f"{name}.sh").read_text(),
+                               flags=re.M):
+            required.update(line.split())
+    # QUEUED_RESOURCE is given in TPU_NAME's row: the same name unless set.
+    assert required - {"QUEUED_RESOURCE"} <= set(documented), required - set(documented)
+
+
 # ---- end to end against a fake gcloud ------------------------------------------------------------
 
 FAKE_GCLOUD = r'''
