@@ -690,6 +690,69 @@ def test_the_kept_measurements_are_records_that_say_how_they_were_taken():
             assert record["environment"]["CLOUD_JAX_EMULATED_HOST"] == emulated, path.name
 
 
+_NUMBER_WORDS = dict(zip("one two three four five six seven eight nine ten".split(), range(1, 11)))
+
+
+def _count(word):
+    return int(word) if word.isdigit() else _NUMBER_WORDS[word.lower()]
+
+
+def test_what_docs_benchmarks_says_of_its_target_tables_is_what_the_rows_show():
+    """docs/BENCHMARKS.md: a table of runs that ends in a `target` row is followed by what the runs
+    met ("Every run meets the three targets", "on five runs of eight"); that sentence is checked
+    against the rows, each value against its column's target (a run without a value, such as the
+    ratio of a --skip-hf run, is not counted for that target)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md").read_text()
+    lines = text.splitlines()
+    checked = 0
+    for end, line in enumerate(lines):
+        if not line.startswith("| target |"):
+            continue
+        start = end
+        while lines[start - 1].startswith("|"):
+            start -= 1
+        cells = [[c.strip().strip("*") for c in row.strip().strip("|").split("|")]
+                 for row in lines[start:end + 1]]
+        header, rows, target = cells[0], cells[2:-1], cells[-1]
+        goals = {}
+        for col, (name, goal) in enumerate(zip(header, target)):
+            if col and goal:
+                op, value = goal.split()
+                kind = ("floor" if "floor" in name else "ratio" if name == "ratio"
+                        else "k8" if name.startswith("K = 8") else name)
+                goals[kind] = (col, op, float(value))
+        assert set(goals) == {"floor", "ratio", "k8"}, (end + 1, header)
+
+        def met(kind, goal=goals):
+            col, op, value = goal[kind]
+            values = [float(row[col].split()[0]) for row in rows if row[col]]
+            return sum(v <= value if op == "≤" else v >= value for v in values), len(values)
+
+        first = end + 1  # the first paragraph after the table (past a JSON line) says what it met
+        while not lines[first].strip() or lines[first].startswith("    "):
+            first += 1
+        last = first
+        while last < len(lines) and lines[last].strip():
+            last += 1
+        after = " ".join(lines[first:last])
+        said = False
+        if re.match(r"(Every run meets|All \w+ meet) the three targets", after):
+            assert all(met(k)[0] == met(k)[1] for k in goals), (end + 1, {k: met(k) for k in goals})
+            said = True
+        if re.search(r"The ratio and K = 8 / K = 1 meet their targets on every run", after):
+            assert met("ratio")[0] == met("ratio")[1] and met("k8")[0] == met("k8")[1], end + 1
+            said = True
+        m = re.search(r"its floor on (\w+) runs of (\w+)", after)
+        if m:
+            assert (_count(m.group(1)), _count(m.group(2))) == met("floor"), (end + 1, m.group(0))
+            said = True
+        assert said, f"docs/BENCHMARKS.md line {end + 1}: a target table with no word on its runs"
+        checked += 1
+    assert checked >= 5
+
+
 def test_the_gpu_presets_and_their_config_agree():
     """configs/llama_1b_bench.yaml (what `aot` compiles for the GPU, docs/BENCHMARKS.md) is the
     model and training batch of the benches' llama-1b preset."""
