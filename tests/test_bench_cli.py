@@ -690,6 +690,29 @@ def test_the_kept_measurements_are_records_that_say_how_they_were_taken():
             assert record["environment"]["CLOUD_JAX_EMULATED_HOST"] == emulated, path.name
 
 
+def test_every_kept_record_is_quoted_and_every_quoted_record_is_kept():
+    """docs/measurements/README.md: the docs quote these files. A record no doc names is a number
+    nobody can find from the text, and a name (or `*`/`{1,2}` pattern) that matches no file is a
+    number whose record is gone."""
+    import fnmatch
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    kept = {path.name for path in (root / "docs" / "measurements").glob("*.json")}
+    quoted = set()
+    for doc in [root / "README.md", *sorted((root / "docs").rglob("*.md"))]:
+        for name in re.findall(r"docs/measurements/([\w.*{},-]+\.json)", doc.read_text()):
+            braces = re.search(r"\{([^}]*)\}", name)
+            patterns = ([name[:braces.start()] + part + name[braces.end():]
+                         for part in braces.group(1).split(",")] if braces else [name])
+            for pattern in patterns:
+                found = fnmatch.filter(kept, pattern)
+                assert found, f"{doc.relative_to(root)} quotes {pattern}: no such record"
+                quoted.update(found)
+    assert kept - quoted == set(), "records no doc quotes"
+
+
+
 _NUMBER_WORDS = dict(zip("one two three four five six seven eight nine ten".split(), range(1, 11)))
 
 
