@@ -222,10 +222,11 @@ def test_a_request_that_arrives_later_starts_and_ends_before_a_long_one(rm):
 
 
 def test_queue_length_cancel_and_shutdown_rules(rm):
-    # Every bucket compiled at the start: items 0 and 1 fall in two buckets, and an item whose
-    # bucket compiles under traffic waits for it while item 0 decodes (on a busy machine, until
-    # item 0 has ended: the two rows were then never busy together).
-    engine = _engine(rm, slots=2, max_queue=2, warmup="buckets")
+    # The hog's pool and both its items' buckets are compiled at start-up, so its two items take
+    # both rows at once (a bucket compiling under traffic let the first item's critique end before
+    # the second started).
+    engine = _engine(rm, slots=2, max_queue=2, warmup="buckets",
+                     defaults=Settings(temperature=0.9, max_critique_tokens=40))
     hog = Settings(num_samples=1, temperature=0.9, max_critique_tokens=40, seed=9)
     running = engine.submit(_items([0, 1]), hog)  # fills both rows
     deadline = time.monotonic() + 60
@@ -400,8 +401,9 @@ def test_cancelling_any_number_of_rows_compiles_nothing(rm):
     def admit(n):
         future = engine.submit(_items([0] * n), settings)
         engine._admit()
-        for job in list(engine._compiling.values()):  # the item's bucket, in the background
-            assert job.finished.wait(120)
+        while engine._compiling:  # the pool's programs, then the item's bucket, in the background
+            for job in list(engine._compiling.values()):
+                assert job.finished.wait(120)
             engine._finish_compiles()
             engine._admit()
         assert engine.stats().busy_slots == n
@@ -658,3 +660,110 @@ def test_cancel_and_shutdown_while_a_bucket_compiles(rm):
             waiting.result(timeout=1)
     finally:
         release.set()
+
+
+def _blocked_pool_compiles(engine, k):
+    """Makes the engine's compile of a new sampling combination's pool of ``k`` samples an item
+    (``_compile_pool(method, penalty, k)``) wait for ``release`` (set by the test); ``started``
+    is set, and the chunk counter recorded, when it begins."""
+    compile_pool = engine._compile_pool
+    started, release, at_chunk = threading.Event(), threading.Event(), []
+
+    def blocked(method, penalty, num_samples):
+        if num_samples == k:
+            at_chunk.append(engine.chunks)
+            started.set()
+            assert release.wait(120), "the test never released the compile"
+        return compile_pool(method, penalty, num_samples)
+
+    engine._compile_pool = blocked
+    return started, release, at_chunk
+
+
+def test_rows_in_flight_decode_on_while_a_new_sampling_combination_compiles(caplog):
+    # A request whose sampling combination (method, penalty, K) has no pool yet compiles the
+    # pool's decode chunk, compaction and freeing in the background: the rows in flight in
+    # another pool decode on chunk after chunk meanwhile, and a later request of their
+    # combination is served (the engine's loop compiled the pool itself); the request that met
+    # the combination starts once its programs are compiled and the rows are free. Its compile
+    # is logged once, naming who waited, and counted; the loop compiles nothing for it. A model
+    # of its own (compiled programs are cached for the process).
+    from model_helpers import TINY
+    from cloud_jax.serving.server import Metrics
+
+    rm = tiny_reward_model(5, dataclasses.replace(TINY, intermediate_size=56))
+    hot = Settings(temperature=0.9)
+    engine = _engine(rm, slots=4, max_critique_tokens=120, defaults=hot)
+    started, release, at_chunk = _blocked_pool_compiles(engine, 2)
+    # A long critique in the warm-up's pool (a random tiny model rarely stops on its own: it runs
+    # into its budget of 30 chunks), held at its second chunk (the warm-up took one) until the
+    # new combination's request is in.
+    held, submitted = _hold_decode_at_chunk(engine, 2)
+    long_settings = dataclasses.replace(hot, max_critique_tokens=120)
+    long = engine.submit(_items([0]), long_settings)
+    assert held.wait(60) and not long.done()
+    caplog.set_level(logging.INFO, logger="cloud_jax.serving")
+    new_settings = Settings(num_samples=2, temperature=0.9, max_critique_tokens=3, seed=4)
+    new = engine.submit(_items([1]), new_settings)
+    submitted.set()
+    try:
+        assert started.wait(60)
+        # A later request of the rows' combination goes ahead of the one waiting for its pool.
+        later_settings = dataclasses.replace(hot, max_critique_tokens=3, seed=4)
+        later = engine.submit(_items([2]), later_settings)
+        later_out, long_out = later.result(timeout=60), long.result(timeout=60)
+        assert not new.done()
+        assert engine.spans[long][1] > at_chunk[0] + 2, (engine.spans, at_chunk)
+    finally:
+        release.set()
+    _check(new.result(timeout=60), rm, [1], new_settings)
+    _check(later_out, rm, [2], later_settings)
+    _check(long_out, rm, [0], long_settings)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("cloud_jax.serving")
+             and "compiled" in r.getMessage()]
+    pool_lines = [line for line in lines if "decode pool" in line]
+    assert len(pool_lines) == 1, lines
+    assert "a decode pool for num_samples=2, temperature=0.9 met for the first time" \
+        in pool_lines[0]
+    assert "the 1 item(s) of 1 request(s) that met it waited for it to start, while the rows " \
+           "in flight decoded on" in pool_lines[0]
+    chunks = int(pool_lines[0].split("decoded on (")[1].split(" ")[0])
+    assert chunks > 2, pool_lines[0]
+    # The other line is the new K's prefill bucket (also in the background); the loop itself
+    # compiled nothing ("decode row(s) in flight ... waited" is its line).
+    assert len(lines) == 2 and not any("waited for it;" in line for line in lines), lines
+    assert engine.stats().compiles == 2
+    assert "cloud_compiles_total 2.0" in Metrics(engine).render().decode()
+    assert engine.stats().busy_slots == 0 and engine.stats().queue_depth == 0
+    engine.close()
+
+
+def test_a_pool_compile_that_fails_fails_the_requests_waiting_for_it(rm):
+    # An error compiling a new sampling combination's pool (the device out of memory, say) fails
+    # the requests that waited for it with it, and no other; the engine serves on, and the next
+    # request of that combination compiles it again.
+    engine = _engine(rm, slots=4, max_critique_tokens=40)
+    compile_pool = engine._compile_pool
+    broken = [True]
+
+    def compile_or_fail(method, penalty, k):
+        if k == 2 and broken[0]:
+            raise RuntimeError("RESOURCE_EXHAUSTED: out of memory compiling the decode chunk")
+        return compile_pool(method, penalty, k)
+
+    engine._compile_pool = compile_or_fail
+    st = Settings(num_samples=2, temperature=0.9, max_critique_tokens=5, seed=1)
+    greedy = Settings(max_critique_tokens=40)  # the warm-up's pool
+    with engine._lock:  # met together: both wait for the compile of the K=2 pool
+        bystander = engine.submit(_items([0]), greedy)
+        alone = engine.submit(_items([3]), st)
+        two = engine.submit(_items([1, 2]), dataclasses.replace(st, seed=2))
+    for future in (alone, two):
+        with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+            future.result(timeout=60)
+    _check(bystander.result(timeout=60), rm, [0], greedy)
+    _check(engine.submit(_items([2]), greedy).result(timeout=60), rm, [2], greedy)
+    assert engine.stats().busy_slots == 0 and engine.stats().queue_depth == 0
+    broken[0] = False
+    _check(engine.submit(_items([3]), st).result(timeout=60), rm, [3], st)
+    engine.close()

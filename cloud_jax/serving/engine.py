@@ -5,12 +5,12 @@ A *pool* is ``options.slots`` decode rows (rounded down to a multiple of K) that
 sampling method (greedy, or a temperature with its top-k / top-p), repetition penalty and number
 of samples K: the first two are compile-time constants of the decode step, and K is the size of
 the groups of rows that read one cached prefill, so requests with another combination get a pool
-of their own (compiled once per combination). Pools never hold more than ``options.slots`` rows
-together (their KV caches are what ``--slots`` sizes): a request whose combination has no pool
-takes the rows of idle pools (least recently used first) or, while they are busy, waits at the
-head of the queue, later requests behind it, until they drain. Within a pool every row carries its
-own state: its KV slots (validity and positions per slot), next-token logits, random key, step,
-token budget, tokens so far.
+of their own (compiled once per combination, in the background: below). Pools never hold more
+than ``options.slots`` rows together (their KV caches are what ``--slots`` sizes): a request whose
+combination has no pool takes the rows of idle pools (least recently used first) or, while they
+are busy, waits at the head of the queue, later requests behind it, until they drain. Within a
+pool every row carries its own state: its KV slots (validity and positions per slot), next-token
+logits, the uniform numbers of its draws, step, token budget, tokens so far.
 
 The worker thread loops:
 
@@ -21,10 +21,15 @@ The worker thread loops:
    bucket on a background thread (one compile at a time, in the order met) and waits, in its
    place in the queue, until it is done: the rows in flight decode on meanwhile, and items
    behind it whose buckets are compiled take free rows; once compiled, it takes the next free
-   rows before any later item. A pool compiles its compaction and the freeing of cancelled rows
-   when it is made, so nothing compiles once a bucket has been seen: neither how many items
-   arrive together, nor how many rows end in one chunk (they are read back whole), nor how many
-   are cancelled together (a mask of the rows);
+   rows before any later item. Likewise a request whose sampling combination has no pool yet
+   starts the compile of the pool's programs on that thread (its state's allocation, its decode
+   chunk, the compaction of its decode segment and the freeing of cancelled rows) and waits in
+   its place: the rows in flight in another pool decode on, and requests behind it whose pools
+   exist take free rows; once compiled, its pool is allocated in the rows of idle pools as above
+   (while they are busy it waits at the head of the queue, later requests behind it). So the loop
+   itself compiles nothing for a new bucket or combination, and nothing compiles once a bucket
+   has been seen: neither how many items arrive together, nor how many rows end in one chunk
+   (they are read back whole), nor how many are cancelled together (a mask of the rows);
 2. decode: ``chunk_steps`` steps of every pool with live rows in one compiled call
    (:func:`_chunk`); a row that draws a stop token, or spends its budget, is fed the end-of-turn
    token and its reward is read from that very step, as in ``cloud_jax.sampling``;
@@ -84,6 +89,10 @@ from cloud_jax.serving.types import (BackendOptions, BackendStats, Item, ItemRes
 from cloud_jax.sharding import SAMPLE_RULES
 
 log = logging.getLogger(__name__)
+
+# What a compile line of a new sampling combination's pool ends with.
+POOL_HINT = ("before the server starts, only the default settings' sampling method, repetition "
+             "penalty and num_samples are compiled")
 
 
 @flax.struct.dataclass
@@ -170,6 +179,22 @@ def _insert(s: PoolState, small: KVCache, logits, seen, groups, group_src, rows,
         seen=None if s.seen is None else s.seen.at[rows].set(seen[src], mode="drop"))
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
+def _new_state(cfg: ModelConfig, s: int, groups: int, prefix_capacity: int, capacity: int,
+               width: int, penalized: bool) -> PoolState:
+    """The state of a pool of ``s`` rows, every row free: one compiled program (compiled with
+    the pool's others, in the background), so that making the pool compiles nothing."""
+    prefix = init_cache(cfg, groups, prefix_capacity)
+    return PoolState(
+        cache=with_shared_prefix(cfg, prefix, s, capacity),
+        logits=jnp.zeros((s, cfg.vocab_size)),
+        uniforms=jnp.zeros((s, width)), step=jnp.zeros(s, jnp.int32),
+        budget=jnp.zeros(s, jnp.int32), done=jnp.ones(s, bool),
+        tokens=jnp.zeros((s, width), jnp.int32), rewards=jnp.zeros(s),
+        truncated=jnp.zeros(s, bool),
+        seen=jnp.zeros((s, cfg.vocab_size), bool) if penalized else None)
+
+
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _compact(s: PoolState) -> PoolState:
     """Moves each row's valid decode slots to the front, in order; ``end`` becomes the most any
@@ -222,13 +247,17 @@ class _PoolShape:
 
 
 @dataclasses.dataclass(eq=False)
-class _BucketCompile:
-    """A prefill bucket compiling in the background, and the items waiting to start in it."""
+class _Compile:
+    """A prefill bucket, or a new sampling combination's pool, compiling in the background, and
+    the items waiting for it to start."""
 
-    key: tuple  # (K, with a repetition penalty, prefill bucket)
-    what: str  # the bucket, as the log line names it
+    # A bucket: (K, with a repetition penalty, prefill bucket); a pool: (method, penalty, K)
+    # (the two never compare equal: a method is no int).
+    key: tuple
+    what: str  # the bucket or the pool, as the log line names it
     serving: bool  # met by traffic (start()'s warm-up is none): logged and counted
     started_chunk: int
+    pool: bool = False  # a pool's programs (else a bucket's)
     waiters: list = dataclasses.field(default_factory=list)  # [(request, item)] that waited
     done: bool = False
     error: Optional[BaseException] = None
@@ -241,26 +270,14 @@ class _Pool:
     def __init__(self, engine: "ContinuousBackend", method: SamplingMethod, penalty: float,
                  k: int):
         self.method, self.penalty, self.k = method, penalty, k
-        e = engine
-        s, cfg = e.rows_for(k), e.cfg
+        s = engine.rows_for(k)
         self.groups = s // k
         self.rows = s
-        self.capacity = e.capacity
+        self.capacity = engine.capacity
         self.owner: list = [None] * s  # (request, item, sample) per row
-        prefix = init_cache(cfg, self.groups, e.prefix_capacity)
-        self.state = PoolState(
-            cache=with_shared_prefix(cfg, prefix, s, self.capacity),
-            logits=jnp.zeros((s, cfg.vocab_size)),
-            uniforms=jnp.zeros((s, e.max_budget + 1)),
-            step=jnp.zeros(s, jnp.int32),
-            budget=jnp.zeros(s, jnp.int32), done=jnp.ones(s, bool),
-            tokens=jnp.zeros((s, e.max_budget + 1), jnp.int32), rewards=jnp.zeros(s),
-            truncated=jnp.zeros(s, bool),
-            seen=None if penalty == 1.0 else jnp.zeros((s, cfg.vocab_size), bool))
-        # Compiled now (not run), so that the first compaction, chunks into the pool's life, and
-        # the first cancelled request do not stall every row for a compile.
-        _compact.lower(self.state).compile()
-        _free.lower(self.state, self.state.done).compile()
+        # Its programs (this allocation's among them) were compiled before it is made
+        # (ContinuousBackend._compile_pool), so making and running it compiles nothing.
+        self.state = _new_state(*engine.state_args(penalty, k))
 
     def bucket_key(self, length: int) -> tuple:
         """(K, with a repetition penalty, prefill bucket): what a bucket's compile is kept by;
@@ -323,12 +340,15 @@ class ContinuousBackend:
         self._pools: collections.OrderedDict = collections.OrderedDict()
         # (K, with a repetition penalty, prefill bucket) whose prefill sizes are compiled.
         self._compiled_buckets: set = set()
-        # Those compiling in the background (one at a time, in the order met), or compiled and
-        # not yet taken up by the worker: key -> _BucketCompile.
+        # (method, penalty, K) whose pool's programs are compiled.
+        self._compiled_pools: set = set()
+        # Buckets and pools compiling in the background (one at a time, in the order met), or
+        # compiled and not yet taken up by the worker: key -> _Compile.
         self._compiling: dict = {}
         self._compiler = ThreadPoolExecutor(1, thread_name_prefix="continuous-compile")
         # What the worker met for the first time in its current step (a pool's settings): named
-        # in the log line of the compiles they made (a bucket has a line of its own).
+        # in the log line of any compile the step made (a bucket or a pool compiled in the
+        # background has a line of its own).
         self._firsts: list[str] = []
         self._complete: list[_Request] = []  # answered after the step (_deliver)
         self._compiles = 0
@@ -444,6 +464,13 @@ class ContinuousBackend:
         """The rows of a pool of K samples an item: the most whole groups of K in --slots."""
         return self.options.slots // k * k
 
+    def state_args(self, penalty: float, k: int) -> tuple:
+        """What :func:`_new_state` makes a pool's state of (the arguments of the one program,
+        compiled and run)."""
+        s = self.rows_for(k)
+        return (self.cfg, s, s // k, self.prefix_capacity, self.capacity, self.max_budget + 1,
+                penalty != 1.0)
+
     def _make_room(self, settings: Settings, keep: set = frozenset()) -> bool:
         """Gives the rows of idle pools (least recently used first, except those in ``keep``)
         back until a pool for ``settings`` fits within --slots rows; False while the rows it
@@ -461,9 +488,9 @@ class ContinuousBackend:
 
     def _nothing_to_do(self) -> bool:
         """Under the lock: no row decodes, nothing is to be cancelled or taken up from a
-        finished compile, and every item queued waits for its bucket's compile, or behind a
-        request that does (as :meth:`_place` would find: with every pool idle, an item of a
-        compiled bucket enters at once)."""
+        finished compile, and every item queued waits for its bucket's or its pool's compile,
+        or behind a request that does (as :meth:`_place` would find: with every pool idle, an
+        item of a compiled bucket enters at once)."""
         if (self._cancel or any(p.busy() for p in self._pools.values())
                 or any(job.done for job in self._compiling.values())):
             return False
@@ -471,6 +498,10 @@ class ContinuousBackend:
         for req in self._queue:
             key = self._pool_key(req.settings)
             pool = self._pools.get(key)
+            if pool is None and key in self._compiling:
+                continue  # waits for its pool's programs; the requests behind it go on
+            if pool is None and key not in self._compiled_pools:
+                return False  # its pool's compile starts now
             if pool is None:  # made now, unless the pools waited in leave it no room
                 need = self.rows_for(req.settings.num_samples)
                 return sum(self._pools[k].rows for k in waited_in) + need > self.options.slots
@@ -509,10 +540,10 @@ class ContinuousBackend:
             self._deliver()
 
     def _log_compile(self, watch: CompileWatch, busy: int, queued: int) -> None:
-        """The worker's last step met a shape (a pool's sampling settings; a length bucket
-        compiles in the background, :meth:`_log_bucket_compile`) for the first time and compiled
-        for it while every row in flight, and every item queued, waited: says which and how
-        long, once (a shape once seen compiles nothing)."""
+        """The worker's last step compiled (a length bucket and a pool's programs compile in
+        the background, :meth:`_log_background_compile`, so only a shape met for the first time
+        that neither covers) while every row in flight, and every item queued, waited: says
+        which and how long, once (a shape once seen compiles nothing)."""
         with self._lock:
             self._compiles += 1
             self._compile_seconds += watch.seconds
@@ -522,26 +553,28 @@ class ContinuousBackend:
                  "among them) waited for it; %s", watch.programs, watch.seconds, what, busy,
                  queued, WARMUP_HINT)
 
-    def _log_bucket_compile(self, job: _BucketCompile) -> None:
-        """A bucket compiled in the background while the rows in flight decoded: says which,
-        how long and who waited (the items that met it), once, as a compile that stalled."""
+    def _log_background_compile(self, job: _Compile) -> None:
+        """A bucket or a pool compiled in the background while the rows in flight decoded: says
+        which, how long and who waited (the items that met it), once, as a compile that
+        stalled."""
         requests = len({id(req) for req, _ in job.waiters})
         log.info("compiled %d program(s) in %.1f s for %s met for the first time: the %d item(s) "
                  "of %d request(s) that met it waited for it to start, while the rows in flight "
                  "decoded on (%d chunk(s)); %s", job.programs, job.seconds, job.what,
-                 len(job.waiters), requests, self.chunks - job.started_chunk, WARMUP_HINT)
+                 len(job.waiters), requests, self.chunks - job.started_chunk,
+                 POOL_HINT if job.pool else WARMUP_HINT)
 
     def _finish_compiles(self) -> None:
-        """Takes up the bucket compiles done in the background: a compiled bucket is logged and
-        counted (met by traffic) and its items may start; a failed one fails the requests that
-        waited for it with its error (their other rows freed), and the next item of that bucket
-        compiles it again."""
+        """Takes up the bucket and pool compiles done in the background: a compiled one is
+        logged and counted (met by traffic) and its items may start; a failed one fails the
+        requests that waited for it with its error (their other rows freed), and the next item
+        that meets that bucket or combination compiles it again."""
         with self._lock:
             done = [job for job in self._compiling.values() if job.done]
             for job in done:
                 del self._compiling[job.key]
                 if job.error is None:
-                    self._compiled_buckets.add(job.key)
+                    (self._compiled_pools if job.pool else self._compiled_buckets).add(job.key)
                     if job.serving and job.programs:
                         self._compiles += 1
                         self._compile_seconds += job.seconds
@@ -555,11 +588,11 @@ class ContinuousBackend:
         for job in done:
             if job.error is not None:
                 log.error("compiling %s failed: the %d request(s) waiting for it fail with "
-                          "its error (the next request of that bucket compiles it again)",
+                          "its error (the next request that meets it compiles it again)",
                           job.what, len({id(req) for req, _ in job.waiters}),
                           exc_info=job.error)
             elif job.serving and job.programs:
-                self._log_bucket_compile(job)
+                self._log_background_compile(job)
 
     def _drop_cancelled(self) -> None:
         with self._lock:
@@ -577,8 +610,9 @@ class ContinuousBackend:
                         pool.owner[r] = None
 
     def _admit(self) -> None:
-        """Moves waiting items into free rows, oldest request first. A pool for new settings is
-        allocated outside the lock, so /health and /metrics are answered meanwhile."""
+        """Moves waiting items into free rows, oldest request first. A pool for new settings
+        (its programs compiled in the background first, :meth:`_pool_compiled`) is allocated
+        outside the lock, so /health and /metrics are answered meanwhile."""
         placed: dict = collections.defaultdict(list)  # pool -> [(request, item, group)]
         while True:
             with self._lock:
@@ -616,6 +650,10 @@ class ContinuousBackend:
             key = self._pool_key(req.settings)
             if key in self._pools:
                 self._pools.move_to_end(key)
+            elif not self._pool_compiled(req, key):
+                # Its pool's programs compile in the background: it waits in its place in the
+                # queue, and the requests behind it go on meanwhile.
+                continue
             elif self._make_room(req.settings, waited_in):
                 return req, key
             else:
@@ -652,22 +690,39 @@ class ContinuousBackend:
             return True
         job = self._compiling.get(key)
         if job is None:
-            job = _BucketCompile(key, f"prefill bucket {length} at batch sizes 1 to "
-                                      f"{pool.groups} (num_samples={pool.k})",
-                                 self.ready, self.chunks)
+            job = _Compile(key, f"prefill bucket {length} at batch sizes 1 to {pool.groups} "
+                                f"(num_samples={pool.k})", self.ready, self.chunks)
             self._compiling[key] = job
-            self._compiler.submit(self._compile_in_background, job, pool.shape(), length)
+            self._compiler.submit(self._compile_in_background, job, self._compile_bucket,
+                                  pool.shape(), length)
         if not job.done and not any(r is req and i == item for r, i in job.waiters):
             job.waiters.append((req, item))
         return False
 
-    def _compile_in_background(self, job: _BucketCompile, shape: _PoolShape,
-                               length: int) -> None:
-        """Runs on the compile thread: compiles the bucket, then wakes the worker."""
+    def _pool_compiled(self, req: _Request, key: tuple) -> bool:
+        """Under the lock: whether the programs of a pool for ``req``'s sampling combination
+        ``key`` are compiled; if not, the request's items wait for their compile, which starts
+        in the background the first time a request meets the combination (on the thread and in
+        the queue of the buckets' compiles: one at a time, in the order met)."""
+        if key in self._compiled_pools:
+            return True
+        job = self._compiling.get(key)
+        if job is None:
+            job = _Compile(key, f"a decode pool for num_samples={req.settings.num_samples}, "
+                                f"{_sampling(req.settings)}", self.ready, self.chunks, pool=True)
+            self._compiling[key] = job
+            self._compiler.submit(self._compile_in_background, job, self._compile_pool, *key)
+        if not job.done and not any(r is req for r, _ in job.waiters):
+            job.waiters.extend((req, item) for item in req.waiting)
+        return False
+
+    def _compile_in_background(self, job: _Compile, compile_fn, *args) -> None:
+        """Runs on the compile thread: ``compile_fn(*args)`` compiles the bucket or the pool,
+        then the worker is woken."""
         error, watch = None, CompileWatch()
         try:
             with watch:
-                self._compile_bucket(shape, length)
+                compile_fn(*args)
         except BaseException as err:  # noqa: BLE001 - fails the requests that waited for it
             error = err
         with self._lock:
@@ -708,7 +763,7 @@ class ContinuousBackend:
             src += [0] * (s - n)
             keys += [keys[0]] * (s - n)
             budgets += [0] * (s - n)
-            i32 = functools.partial(jnp.asarray, dtype=jnp.int32)
+            i32 = functools.partial(np.asarray, dtype=np.int32)  # no eager conversion to compile
             pool.state = _insert(pool.state, small, logits, seen, i32(groups), i32(group_src),
                                  i32(rows), i32(src), jnp.stack(keys), i32(budgets))
 
@@ -736,6 +791,21 @@ class ContinuousBackend:
             if b >= pool.groups:
                 break
             b *= 2
+
+    def _compile_pool(self, method: SamplingMethod, penalty: float, k: int) -> None:
+        """Compiles (without running) what a pool of these settings runs: its state's
+        allocation, its decode chunk, the compaction of its decode segment and the freeing of
+        cancelled rows, so that neither making the pool, nor its first chunk, first compaction
+        or first cancelled request compiles on the worker. Called on the compile thread the
+        first time a request meets the combination (start()'s warm-up request included); reads
+        no state the worker changes."""
+        args = self.state_args(penalty, k)
+        _new_state.lower(*args).compile()
+        state = jax.eval_shape(functools.partial(_new_state, *args))
+        _chunk.lower(self.params, state, self.stop_ids, cfg=self.cfg, method=method,
+                     penalty=penalty, steps=self.chunk_steps, pad_id=self.pad_id).compile()
+        _compact.lower(state).compile()
+        _free.lower(state, state.done).compile()
 
     def _decode(self) -> None:
         """Runs a chunk of every pool with live rows; counts a chunk if any ran (a step in which
