@@ -98,6 +98,27 @@ def test_train(capsys, files, tmp_path):
                 "data.train_path")
 
 
+def test_a_row_file_of_an_unknown_type_is_one_error_line_not_a_traceback(capsys, files,
+                                                                           tmp_path):
+    # A .csv (or a README a glob picked up) in data.train_path / --input is the user's to fix:
+    # one line naming the file and the types read, status 2 (it was a ValueError traceback, 1).
+    from cloud_jax.cli.common import run_command
+    from cloud_jax.cli.train import main as train
+
+    rows = tmp_path / "rows.csv"
+    rows.write_text("id,prompt,chosen,rejected\n")
+    capsys.readouterr()
+    assert run_command(train, ["--config", TINY_YAML, f"data.train_path={rows}",
+                               "data.eval_path=\"\"", f"data.tfds_dir={tmp_path / 'tfds'}",
+                               "init_from=\"\"", f"output_dir={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "rows.csv" in lines[0] and "'.csv'" in lines[0] and ".jsonl" in lines[0], err
+    user_error(capsys, ["score", "--checkpoint", files["ckpt"], "--input", str(rows), "--output",
+                        str(tmp_path / "o.jsonl")], "rows.csv", "'.csv'")
+
+
 def test_score(capsys, files, tmp_path):
     out = str(tmp_path / "o.jsonl")
 

@@ -6,6 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from cloud_jax.errors import ConfigError
 from cloud_jax.data.schema import RowError, load_rows
 
 
@@ -210,7 +211,7 @@ def test_json_array_error_names_row(tmp_path):
 def test_unknown_extension(tmp_path):
     path = tmp_path / "rows.csv"
     path.write_text("id,prompt\n")
-    with pytest.raises(ValueError, match="unknown row file type '.csv'"):
+    with pytest.raises(ConfigError, match="unknown row file type '.csv'"):
         load_rows(str(path), require_feedback=False)
 
 

@@ -411,7 +411,10 @@ def _iter_raw(path: str) -> Iterator[_Raw]:
         with storage.open_file(path, "rb") as f:
             head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
         return _iter_json_array(path) if head.startswith(b"[") else _iter_jsonl(path)
-    raise ValueError(f"{path}: unknown row file type {ext!r}; expected .jsonl, .json or .parquet")
+    # The user's to fix (a .csv, or a README a glob picked up): a ConfigError, one `error:` line.
+    raise ConfigError(f"{path}: unknown row file type {ext!r}; expected .jsonl, .json or .parquet "
+                      "files (or a Hugging Face dataset directory): convert it, or leave it out "
+                      "of the list or glob")
 
 
 # --- validation -----------------------------------------------------------------------------------
