@@ -158,11 +158,19 @@ def test_malformed_row_is_an_error_naming_file_line_and_field(toy, tmp_path, cap
     err = capsys.readouterr().err
     assert f"{bad}:3" in err and "chosen" in err, err
     # Lenient mode skips both bad rows, writes them to the rejects file, and trains.
-    assert main(args + ["data.lenient=true", "train.total_steps=2",
-                        "train.export_final=false"]) == 0
+    lenient = args + ["data.lenient=true", "train.total_steps=2", "train.export_final=false"]
+    assert main(lenient) == 0
     # Beside the dataset built from these rows (tfds/cloud_pairs/<dataset>/).
     [rejects] = (tmp_path / "tfds" / "cloud_pairs").glob("*/rejects-train.jsonl")
     assert len(rejects.read_text().splitlines()) == 2
+    # The summary line the command prints names them, also for a run that reuses the tokenized
+    # dataset (which logs nothing of the rows its build skipped).
+    for run_dir in ("out", "again"):
+        if run_dir == "again":
+            assert main(lenient + [f"output_dir={tmp_path / run_dir}"]) == 0
+        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        train = summary["data"]["train"]
+        assert (train["rejected_rows"], train["rejects_path"]) == (2, str(rejects)), summary
 
 
 def test_overlength_pairs_are_dropped_and_counted(toy, tmp_path):
