@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Runs the trainer's command line with two test hooks: RELIABILITY_HANG_AT=<step> blocks the
 # final rename of that step's checkpoint (a save caught in progress, orbax's temporary directory
 # in place) after touching RELIABILITY_MARKER; RELIABILITY_SLOW_STEP=<seconds> pauses after each
-# logged step so a signal lands mid-run.
+# logged step so a signal lands mid-run. It goes through run_command, as `python -m
+# cloud_jax.train` does: the exit status and the one-line messages are the command's.
 TRAINER = """
 import asyncio, os, sys, time
 from orbax.checkpoint._src.path import atomicity
@@ -54,8 +55,9 @@ def slow_write(self, *args, **kwargs):
     time.sleep(float(os.environ.get("RELIABILITY_SLOW_STEP", "0")))
 
 metrics.MetricsWriter.write = slow_write
+from cloud_jax.cli.common import run_command
 from cloud_jax.cli.train import main
-sys.exit(main(sys.argv[1:]))
+sys.exit(run_command(main, sys.argv[1:]))
 """
 
 COMMON = ["train.log_every=1", "train.eval_every=0", "train.export_final=false",
@@ -149,8 +151,9 @@ def test_sigterm_saves_the_current_step_and_the_restart_resumes_there(toy, tmp_p
     stdout, stderr = proc.communicate(timeout=120)
     from cloud_jax.errors import PREEMPTED_EXIT_CODE
     assert proc.returncode == PREEMPTED_EXIT_CODE, stderr[-3000:]
-    stopped = json.loads(stdout.strip().splitlines()[-1])["step"]
-    assert 3 <= stopped < 30
+    printed = json.loads(stdout.strip().splitlines()[-1])
+    stopped = printed["step"]
+    assert 3 <= stopped < 30 and printed["preempted"] is True, printed
     assert f"preempted: checkpoint of step {stopped} written" in stderr, stderr[-3000:]
     # The save finished before exit: the step is listed, with orbax's commit marker.
     assert step_dirs(out) == [str(stopped)]

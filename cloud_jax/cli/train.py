@@ -50,8 +50,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if main_process:
         # "data": each split's rows, rejected rows (with the rejects file), dropped over-length
         # and prompt-truncated pairs: a run that reuses a tokenized dataset logs none of them.
-        print(json.dumps({k: summary[k] for k in ("step", "train", "eval", "final_dir",
-                                                  "data")}))
+        # "preempted": true where SIGTERM stopped the run (exit status 75 below).
+        print(json.dumps({k: summary[k] for k in ("step", "train", "eval", "final_dir", "data",
+                                                  "preempted")}))
     # A preempted run is not finished: a non-zero status tells schedulers (and
     # tpu_scripts/babysit.sh) to relaunch it; it then resumes from the checkpoint it just wrote.
     return PREEMPTED_EXIT_CODE if summary.get("preempted") else 0
