@@ -200,6 +200,12 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one_with_a_log(
     assert any(r.levelno == logging.ERROR and bad in r.getMessage()
                and "falling back" in r.getMessage() for r in caplog.records), caplog.text
     assert f"resumed from {os.path.join(out, 'checkpoints')} step 2" in caplog.text
+    # The error names the read failure, and a warning lists what was skipped.
+    error = next(r.getMessage() for r in caplog.records
+                 if r.levelno == logging.ERROR and bad in r.getMessage())
+    assert "does not read back (" in error and "Error" in error.split("does not read back (")[1]
+    assert any(r.levelno == logging.WARNING and "after skipping 1 unusable checkpoint(s)"
+               in r.getMessage() and f"{bad}: " in r.getMessage() for r in caplog.records)
     assert summary["step"] == 6 and sorted(metrics_by_step(out)) == list(range(1, 7))
     # The broken copy is kept under another name for a post mortem, out of the step listing.
     assert step_dirs(out)[:2] == ["4", "6"] and step_dirs(out)[2].startswith("unusable.4.")
@@ -212,11 +218,14 @@ def test_missing_commit_marker_is_not_resumed_from(toy, two_checkpoints, tmp_pat
         run(tiny(toy, out, "train.total_steps=6", "train.checkpoint_every=0",
                  "train.stop_at_step=5"))
     assert f"{os.path.join(out, 'checkpoints', '4')} has no commit marker" in caplog.text
-    assert "step 2" in caplog.text
+    assert f"resumed from {os.path.join(out, 'checkpoints')} step 2" in caplog.text
+    # Set aside as in 3a: step 4 is saved again by the resumed run (here it stops at 5).
+    assert step_dirs(out)[:2] == ["2", "5"] and step_dirs(out)[2].startswith("unusable.4."), \
+        step_dirs(out)
 
 
 def test_no_usable_checkpoint_is_an_error_naming_each_path_not_a_fresh_start(
-        toy, two_checkpoints, tmp_path, monkeypatch):
+        toy, two_checkpoints, tmp_path, monkeypatch, capsys):
     from cloud_jax.training.checkpointing import Checkpointer
 
     closed = []
@@ -233,6 +242,19 @@ def test_no_usable_checkpoint_is_an_error_naming_each_path_not_a_fresh_start(
     assert "no usable checkpoint" in message
     # The failed run closed its checkpoint manager (a caller in the same process goes on).
     assert len(closed) == 1
+    # `python -m cloud_jax.train` prints it on one line and exits with status 2; neither run
+    # wrote or moved a step directory.
+    from cloud_jax.cli import train as train_cli
+    from cloud_jax.cli.common import run_command
+
+    monkeypatch.setattr(logging, "basicConfig", lambda **kwargs: None)  # keep pytest's logging
+    capsys.readouterr()
+    assert run_command(train_cli.main, ["--config", str(ROOT / "configs/tiny_cpu_cloud.yaml"),
+                                        *overrides(toy, out, "train.total_steps=6")]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert [line for line in lines if line.startswith("error: ")] == [
+        f"error: {' '.join(message.split())}"], lines
+    assert step_dirs(out) == ["2", "4"]
 
 
 def test_restoring_into_another_model_shape_names_the_keys_and_shapes(
