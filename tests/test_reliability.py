@@ -318,9 +318,11 @@ def test_nonfinite_error_names_the_step_and_saves_nothing_after_it(toy, tmp_path
     proc = trainer(toy, out, *OVERFLOW, "train.total_steps=4", "train.checkpoint_every=1",
                    "train.log_every=4", env={})
     _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode != 0
-    assert "step 2: non-finite loss" in stderr, stderr[-3000:]
-    assert "train.on_nonfinite=skip" in stderr
+    # A user error of the command: one `error:` line naming the first such step, status 2.
+    assert proc.returncode == 2 and "Traceback" not in stderr, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and lines[0].startswith("error: step 2: non-finite loss"), lines
+    assert "train.on_nonfinite=skip" in lines[0]
     assert step_dirs(out) == ["1"]
 
 

@@ -196,9 +196,15 @@ def test_a_skipped_step_leaves_the_schedule_where_it_was():
         bad["reward_head"]["out_proj"]["bias"], np.nan)
     step = builder.train_step()
     state = builder.init_state(jax.device_put(bad, builder.param_shardings))
+    before = jax.device_get(state["opt_state"])
     state, skipped = step(state, builder.device_batch(batch))
     assert int(skipped["nonfinite"]) == 1
     assert int(state["step"]) == 1 and int(update_count(state["opt_state"])) == 0
+    # Every leaf of the optimizer state (Adam's moments too, not only its counter) is kept.
+    kept = jax.tree.leaves(jax.device_get(state["opt_state"]))
+    assert len(kept) == len(jax.tree.leaves(before)) > 1
+    for a, b in zip(jax.tree.leaves(before), kept):
+        np.testing.assert_array_equal(a, b)
     state = dict(state, params=jax.device_put(good, builder.param_shardings))
     state, applied = step(state, builder.device_batch(batch))
     assert int(applied["nonfinite"]) == 0
