@@ -280,6 +280,19 @@ def test_restoring_into_another_model_shape_names_the_keys_and_shapes(
         two_checkpoints, "checkpoints", "4") in message
     assert message.index("params.layers_0.mlp.up_proj.kernel: checkpoint (64, 176) float32, "
                          "model (64, 192) float32") < message.index("opt_state"), message
+    # Keys only one side has are named too: a deeper model's extra layer, a shallower one's
+    # missing layer.
+    for layers, side in ((3, "only in the model"), (1, "only in the checkpoint")):
+        other = dataclasses.replace(cfg.model, num_layers=layers)
+        builder = StepBuilder(cfg, make_mesh(cfg.mesh), TRAIN_RULES, other)
+        ckpt = Checkpointer(os.path.join(two_checkpoints, "checkpoints"), keep=2)
+        try:
+            with pytest.raises(CheckpointError) as err:
+                ckpt.restore(4, builder.abstract_state(), data_iter=None)
+        finally:
+            ckpt.close()
+        missing = "params.layers_2" if layers == 3 else "params.layers_1"
+        assert f"{missing}.mlp.up_proj.kernel: {side} (64, 176)" in str(err.value), str(err.value)
     # Through the trainer the changed config is named before any array is read.
     with pytest.raises(ConfigError, match=r"model.intermediate_size: 176 -> 192"):
         run(tiny(toy, _copy(two_checkpoints, tmp_path / "run"), "train.total_steps=6",
