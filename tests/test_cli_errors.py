@@ -98,6 +98,24 @@ def test_train(capsys, files, tmp_path):
                 "data.train_path")
 
 
+def test_a_missing_local_init_from_is_named_before_the_data_is_prepared(capsys, files, tmp_path):
+    # A typo in init_from (a local path: not a hub id's owner/name form) is one error line naming
+    # the key, before the rows are tokenized: that can take hours on a real dataset.
+    from cloud_jax.cli.common import run_command
+    from cloud_jax.cli.train import main as train
+
+    for init in (tmp_path / "stage1" / "final", "./final", "stage1/final/"):
+        capsys.readouterr()
+        assert run_command(train, ["--config", TINY_YAML, f"data.train_path={files['rows']}",
+                                   "data.eval_path=\"\"", f"data.tfds_dir={tmp_path / 'tfds'}",
+                                   f"init_from={init}", f"output_dir={tmp_path / 'out'}"]) == 2
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and "Traceback" not in err, err
+        assert "init_from" in lines[0] and str(init) in lines[0], err
+        assert not (tmp_path / "tfds").exists() and not (tmp_path / "out").exists()
+
+
 def test_a_row_file_of_an_unknown_type_is_one_error_line_not_a_traceback(capsys, files,
                                                                            tmp_path):
     # A .csv (or a README a glob picked up) in data.train_path / --input is the user's to fix:

@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 
 from cloud_jax.model.config import ModelConfig
 from cloud_jax.training.config import Config, config_from_dict, save_config, to_dict
-from cloud_jax.checkpoints.hf import base_model_name_of, save_cloud_reference, staged_export
+from cloud_jax.checkpoints.hf import (base_model_name_of, is_hub_id, save_cloud_reference,
+                                      staged_export)
 from cloud_jax.data.pipeline import GlobalOrder, batch_iterator
 from cloud_jax.data.schema import RowError
 from cloud_jax.data.tfds_builder import open_split, prepare_dataset
@@ -77,7 +78,14 @@ TRAIN_DATA_KEY = "train_data_fingerprint"
 def check_paths(cfg: Config) -> None:
     """A ConfigError, before anything is written, for a URL the run cannot use: an unknown
     scheme, one whose client library is not installed, or an output in a bucket that does not
-    exist (found before the data is prepared, not at the first write)."""
+    exist (found before the data is prepared, not at the first write); and a local init_from
+    that does not exist and is no hub id (found before the rows are tokenized, not after)."""
+    init = cfg.init_from
+    if init and not storage.is_url(init) and not os.path.exists(init) and not is_hub_id(init):
+        raise ConfigError(f"init_from={init!r}: no such directory here "
+                          f"({os.path.abspath(init)}), and not a hub id (owner/name); give the "
+                          "path of a stage's checkpoint (its final/ directory), a gs:// or s3:// "
+                          "one, or a hub id")
     for key in _RUN_PATHS:
         value = operator.attrgetter(key)(cfg)
         rows = key in ("data.train_path", "data.eval_path")
