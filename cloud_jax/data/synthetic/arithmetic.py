@@ -225,9 +225,16 @@ def sample_problem(op: str, rand, rng: OperandRange) -> Problem:
     return Problem(op, (a, b))
 
 
+def mul_key(a: int, b: int) -> str:
+    """The split key of the product a * b, which b * a shares."""
+    return f"mul:{max(a, b)},{min(a, b)}"
+
+
 def computation_keys(p: Problem) -> List[str]:
     """The computations a problem asks for, as keys that decide its split: a claim and a compare
-    share their sums' keys with add, and a + b is the same computation as b + a."""
+    share their sums' keys with add, a + b is the same computation as b + a, and a * b the same
+    as b * a (both are drawn where the first factor has one digit; the larger factor comes
+    first, so a key with a single-digit second factor reads as the problem)."""
     o = p.operands
     if p.op in ("add", "claim"):
         return [f"add:{min(o[0], o[1])},{max(o[0], o[1])}"]
@@ -235,5 +242,5 @@ def computation_keys(p: Problem) -> List[str]:
         return [f"add:{min(o[0], o[1])},{max(o[0], o[1])}",
                 f"add:{min(o[2], o[3])},{max(o[2], o[3])}"]
     if p.op == "mul":
-        return [f"mul:{o[0]},{o[1]}"]
+        return [mul_key(o[0], o[1])]
     return [f"{p.op}:{o[0]},{o[1]}"]

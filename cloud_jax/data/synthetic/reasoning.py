@@ -20,9 +20,9 @@ get a random same-length wrong answer instead, which keeps a small model from le
 the response into its working (the doc's Learnability section).
 
 Splits are held out by computation: a problem's split is a hash of the sums/differences/products it
-asks for (a + b and b + a, and a claim or comparison using a + b, all land in the same split),
-independent of the seed and of the sizes asked for, so no prompt, nor any computation, of the test
-split is ever trained on. The rows of a split depend only on the config's seed and that split's
+asks for (a + b and b + a, and a claim or comparison using a + b, all land in the same split, as
+do a * b and b * a), independent of the seed and of the sizes asked for, so no prompt, nor any
+computation, of the test split is ever trained on. The rows of a split depend only on the config's seed and that split's
 size, and a smaller split is a prefix of a larger one.
 """
 
@@ -43,7 +43,7 @@ from cloud_jax import storage
 from cloud_jax.data.jsonl import write_jsonl_atomic
 from cloud_jax.data.synthetic.arithmetic import (BASE_OP, ERROR_KINDS, KINDS_OF_OP, NUMERIC_OPS,
                                              OPS, RANDOM, OperandRange, Problem, columns,
-                                             computation_keys, problems_with_answer,
+                                             computation_keys, mul_key, problems_with_answer,
                                              sample_problem, true_answer, wrong_answers)
 from cloud_jax.data.synthetic.reasoning_text import (STYLES, critique_text, num_variants, parse_prompt,
                                                  prompt_text, response_text, verdict_of, verify)
@@ -192,10 +192,10 @@ def _problems_per_split(op: str, rng: OperandRange, fractions: Tuple[float, ...]
         for b in range(lo, hi + 1):
             for a in range(b, hi + 1):
                 counts[_split_of_key(f"sub:{a},{b}", fractions)] += 1
-    else:  # mul: a * b, b a single digit 2..max_multiplier
+    else:  # mul: a * b, b a single digit 2..max_multiplier (a * b and b * a: one key)
         for a in range(lo, hi + 1):
             for b in range(2, rng.max_multiplier + 1):
-                counts[_split_of_key(f"mul:{a},{b}", fractions)] += 1
+                counts[_split_of_key(mul_key(a, b), fractions)] += 1
     return counts
 
 
