@@ -142,6 +142,18 @@ def test_verify_and_verdict_of():
     assert verdict_of("") is None
 
 
+def test_verdict_of_reads_a_negated_verdict_as_its_negation():
+    """A model's own critique may end "not correct": that judges the response wrong, and read as
+    "correct" it would count as agreeing with the oracle where the model disagreed."""
+    assert verdict_of("So 40 + 86 = 126, and 136 is not correct.") is False
+    assert verdict_of("... so the response isn't correct.") is False
+    assert verdict_of("... so the response is NOT correct!") is False
+    assert verdict_of("... so the response is not incorrect.") is True
+    # Only a negation right before the verdict word counts.
+    assert verdict_of("Not a carry slip: the response is correct.") is True
+    assert verdict_of("... says 85, knot: Correct") is True
+
+
 def _check_compact_working(critique: str, prompt: str) -> None:
     """Independent of the generator: every step is true arithmetic, on the right digits, with
     the carry/borrow of the step before, and the answer read off the steps is the true one."""

@@ -226,7 +226,8 @@ def critique_text(p: Problem, answer: Answer, style: str) -> str:
 
 _EXPR = re.compile(r"(\d+)\s*([-+*×])\s*(\d+)(?:\s*=\s*(\d+))?")
 _SYMBOL_OP = {"+": "add", "-": "sub", "*": "mul", "×": "mul"}
-_VERDICT = re.compile(r"\b(correct|incorrect)\W*\Z", re.IGNORECASE)
+# The verdict word at the end, and a "not" or "n't" right before it ("is not correct").
+_VERDICT = re.compile(r"(?:\b(not)\s+|n['’]t\s+)?\b(correct|incorrect)\W*\Z", re.IGNORECASE)
 
 
 def parse_prompt(prompt: str) -> Problem:
@@ -269,9 +270,13 @@ def verify(prompt: str, response: str) -> bool:
 def verdict_of(critique: str) -> Optional[bool]:
     """The verdict a critique ends in: True ("correct"), False ("incorrect"), or None when it does
     not end in one (a critique cut off by the token budget, say). Case and trailing punctuation
-    are ignored, so it reads model-written critiques of any style."""
+    are ignored, so it reads model-written critiques of any style; a "not" or "n't" right
+    before the word negates it ("... is not correct": False)."""
     m = _VERDICT.search(critique)
-    return None if m is None else m.group(1).lower() == "correct"
+    if m is None:
+        return None
+    negated = m.start() != m.start(2)  # the match begins with the negation
+    return (m.group(2).lower() == "correct") != negated
 
 
 def steps_of(critique: str) -> List[str]:
