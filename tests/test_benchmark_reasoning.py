@@ -637,3 +637,11 @@ def test_make_benchmark_refuses_what_it_would_drop_or_crash_on(tmp_path, capsys,
         main(["--out", str(tmp_path / "b"), *args])
     assert exc.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("flag", ["--op-weights", "--error-weights", "--split-fractions"])
+def test_make_benchmark_names_the_flag_of_a_list_that_is_not_numbers(tmp_path, capsys, flag):
+    assert run_command(main, ["--out", str(tmp_path / "b"), flag, "0.5,x"]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag} '0.5,x'" in err and "comma-separated numbers" in err
+    assert not (tmp_path / "b").exists()

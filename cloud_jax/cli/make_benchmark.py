@@ -15,11 +15,12 @@ from cloud_jax.data.synthetic.reasoning_text import STYLES
 from cloud_jax.errors import ConfigError
 
 
-def _floats(text: str) -> Tuple[float, ...]:
+def _floats(text: str, flag: str) -> Tuple[float, ...]:
     try:
         return tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise ConfigError(f"expected comma-separated numbers, got {text!r}") from None
+        raise ConfigError(f"{flag} {text!r}: expected comma-separated numbers, such as "
+                          f"0.6,0.3,0.1") from None
 
 
 def _names(text: str) -> Tuple[str, ...]:
@@ -68,12 +69,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                                          args.max_digits)
     cfg = ReasoningBenchmarkConfig(
         num_train=args.train, num_eval=args.eval, num_test=args.test, seed=args.seed,
-        style=args.style, ops=_names(args.ops), op_weights=_floats(args.op_weights),
+        style=args.style, ops=_names(args.ops), op_weights=_floats(args.op_weights, "--op-weights"),
         min_digits=digits[0], max_digits=digits[1],
         max_multiplier=args.max_multiplier, error_kinds=_names(args.error_kinds),
-        error_weights=_floats(args.error_weights),
+        error_weights=_floats(args.error_weights, "--error-weights"),
         train_random_share=args.train_random_share,
-        split_fractions=_floats(args.split_fractions)).validate()
+        split_fractions=_floats(args.split_fractions, "--split-fractions")).validate()
     paths = write_splits(args.out, cfg, progress=not args.no_progress)
     summary = json.loads(storage.read_text(storage.join(args.out, "benchmark.json")))
     for split, path in paths.items():
