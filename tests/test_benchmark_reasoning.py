@@ -631,7 +631,10 @@ def test_cli(tmp_path, capsys):
     (["--digits", "0"], "--digits 0: must be >= 1"),
     (["--train", "-1"], "--train must be >= 0"),
     # Rows come in twos whose responses swap roles: an odd count would write an unpaired row.
-    (["--train", "1"], "--train 1: must be even")])
+    (["--train", "1"], "--train 1: must be even"),
+    # --digits sets both bounds: a bound given beside it would be dropped.
+    (["--digits", "3", "--min-digits", "1"], "--digits 3 with --min-digits 1"),
+    (["--max-digits", "3", "--digits", "2"], "--digits 2 with --max-digits 3")])
 def test_make_benchmark_refuses_what_it_would_drop_or_crash_on(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exc:
         main(["--out", str(tmp_path / "b"), *args])

@@ -41,9 +41,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--style", choices=STYLES, default=d.style)
     parser.add_argument("--ops", default=",".join(d.ops), help=f"comma list of {', '.join(OPS)}")
     parser.add_argument("--op-weights", default="", help="comma list, one per op (default equal)")
-    parser.add_argument("--digits", type=int, help="operand digits (sets min and max)")
-    parser.add_argument("--min-digits", type=int, default=d.min_digits)
-    parser.add_argument("--max-digits", type=int, default=d.max_digits)
+    parser.add_argument("--digits", type=int,
+                        help="operand digits (sets min and max; not with --min/--max-digits)")
+    parser.add_argument("--min-digits", type=int, help=f"default {d.min_digits}")
+    parser.add_argument("--max-digits", type=int, help=f"default {d.max_digits}")
     parser.add_argument("--max-multiplier", type=int, default=d.max_multiplier)
     parser.add_argument("--error-kinds", default=",".join(d.error_kinds))
     parser.add_argument("--error-weights", default=",".join(map(str, d.error_weights)))
@@ -65,8 +66,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--train, --eval and --test are all 0: nothing to write")
     if args.digits is not None and args.digits < 1:
         parser.error(f"--digits {args.digits}: must be >= 1")
-    digits = (args.digits, args.digits) if args.digits is not None else (args.min_digits,
-                                                                         args.max_digits)
+    if args.digits is not None:
+        for flag in ("min_digits", "max_digits"):
+            if getattr(args, flag) is not None:
+                parser.error(f"--digits {args.digits} with --{flag.replace('_', '-')} "
+                             f"{getattr(args, flag)}: --digits sets both --min-digits and "
+                             f"--max-digits; give --digits alone or the two bounds")
+        digits = (args.digits, args.digits)
+    else:
+        digits = (d.min_digits if args.min_digits is None else args.min_digits,
+                  d.max_digits if args.max_digits is None else args.max_digits)
     cfg = ReasoningBenchmarkConfig(
         num_train=args.train, num_eval=args.eval, num_test=args.test, seed=args.seed,
         style=args.style, ops=_names(args.ops), op_weights=_floats(args.op_weights, "--op-weights"),
