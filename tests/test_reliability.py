@@ -175,6 +175,22 @@ def two_checkpoints(toy, tmp_path_factory):
     return out
 
 
+def test_a_resume_already_past_stop_at_step_says_that_nothing_runs(toy, two_checkpoints,
+                                                                    tmp_path, caplog):
+    # Checkpoint at step 4, train.stop_at_step=2: nothing to train. The run writes nothing new
+    # and says so (it ended as if finished, with only a "steps 4 -> 2" line to tell).
+    out = _copy(two_checkpoints, tmp_path / "run")
+    with caplog.at_level(logging.INFO):
+        summary = run(tiny(toy, out, "train.total_steps=6", "train.checkpoint_every=2",
+                           "train.stop_at_step=2"))
+    assert summary["step"] == 4 and summary["final_dir"] is None
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+              and "stop_at_step" in r.getMessage()]
+    assert len(warned) == 1 and "step 4" in warned[0] and "train.stop_at_step=2" in warned[0], \
+        caplog.text
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["2", "4"]
+
+
 def _copy(src, dst):
     import shutil
 

@@ -610,6 +610,12 @@ def _train(cfg: Config, mesh, preemption: _PreemptionWatch) -> dict:
                 f"train.total_steps={tc.total_steps}: raise train.total_steps to at least "
                 f"{start_step} to go on from it, or set output_dir (or train.checkpoint_dir) to a "
                 "new directory to start a new run")
+        if tc.stop_at_step and start_step >= tc.stop_at_step:
+            # Ends as a finished stop would, so say why nothing ran.
+            log.warning("the newest checkpoint in %s is step %d, already at or past "
+                        "train.stop_at_step=%d: nothing to train; raise train.stop_at_step (up to "
+                        "train.total_steps=%d) or leave it unset to go on", ckpt.directory,
+                        start_step, tc.stop_at_step, tc.total_steps)
         if _is_main():
             save_config(resolved, storage.join(cfg.output_dir, "config.yaml"))
         n_params = count_params(state["params"])
