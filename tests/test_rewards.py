@@ -100,7 +100,8 @@ def test_non_finite_rewards_are_an_error_not_a_reward(rm):
 def test_settings_are_checked_when_built_and_array_columns_are_read(rm):
     # A misspelt or bad setting fails at construction (before any loading), not at the
     # trainer's first reward call.
-    with pytest.raises(TypeError, match="num_sample"):
+    with pytest.raises(TypeError, match=r"CLoudReward: unknown setting 'num_sample' \(did you "
+                                        r"mean 'num_samples'\?\)"):
         CLoudReward("/no/such/model", num_sample=4)
     with pytest.raises(ValueError, match="temperature"):
         cloud_reward(rm, temperature=-1.0)
