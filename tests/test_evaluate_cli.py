@@ -76,6 +76,9 @@ def test_best_of_n_only_writes_no_section_plot(tmp_path):
                             best_of_n_items=load_best_of_n(bon_path))
     assert "rewardbench" not in report and "accuracy_by_section" not in report["files"]
     _assert_png(report["files"]["accuracy_vs_k"])
+    # From Python, with no checkpoint in the settings, report.md names none (it said `None`).
+    head = (tmp_path / "o" / "report.md").read_text().splitlines()[2]
+    assert "checkpoint" not in head and head.startswith("Critiques: K = 1"), head
 
 
 def test_without_matplotlib_the_numbers_are_written_and_the_plots_skipped(tmp_path, monkeypatch,

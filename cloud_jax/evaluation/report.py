@@ -103,12 +103,13 @@ def _best_of_n_md(bon: Mapping[str, Any]) -> List[str]:
 
 def markdown(report: Mapping[str, Any]) -> str:
     s = report["settings"]
-    lines = ["# Evaluation", "",
-             f"checkpoint `{s.get('checkpoint')}`; "
-             + ("classic reward model (no critiques)" if s.get("classic") else
-                f"critiques: K = {', '.join(map(str, s['num_samples']))}, temperature "
-                f"{s['temperature']:g}, at most {s['max_critique_tokens']} tokens, "
-                f"seed {s['seed']}"), ""]
+    model = ("classic reward model (no critiques)" if s.get("classic") else
+             f"critiques: K = {', '.join(map(str, s['num_samples']))}, temperature "
+             f"{s['temperature']:g}, at most {s['max_critique_tokens']} tokens, seed {s['seed']}")
+    # A checkpoint the command names; a Python caller's settings may name none.
+    head = (f"checkpoint `{s['checkpoint']}`; {model}" if s.get("checkpoint") else
+            model[0].upper() + model[1:])
+    lines = ["# Evaluation", "", head, ""]
     if "rewardbench" in report:
         lines += _rewardbench_md(report["rewardbench"]) + [""]
     if "best_of_n" in report:
