@@ -125,8 +125,8 @@ def _item(path: str, line: int, obj: Any) -> BestOfNItem:
             raise RowError(path, line, None, f"scores[{j}]",
                            f"expected a number of magnitude at most {MAX_SCORE:g}, got {s:g}")
     subset = obj.get("subset")
-    if subset is not None:
-        subset = _text(path, line, "subset", subset)
+    if subset is not None:  # "" is no subset, as preference rows read it
+        subset = _text(path, line, "subset", subset) if subset != "" else None
     return BestOfNItem(row_id, prompt, tuple(candidates), tuple(float(s) for s in scores), subset,
                        f"{path}:{line}")
 
