@@ -648,3 +648,17 @@ def test_make_benchmark_names_the_flag_of_a_list_that_is_not_numbers(tmp_path, c
     err = capsys.readouterr().err
     assert f"{flag} '0.5,x'" in err and "comma-separated numbers" in err
     assert not (tmp_path / "b").exists()
+
+
+def test_make_benchmark_weighs_error_kinds_of_ones_own_equally_unless_told(tmp_path, capsys):
+    # The default weights are one per default kind: --error-kinds alone (it failed, naming
+    # error_weights=(0.6, 0.3, 0.1)) weighs the kinds given equally; --error-weights still rules.
+    for extra, weights in (([], [1.0, 1.0]), (["--error-weights", "3,1"], [3.0, 1.0]),
+                           (["--error-kinds", "carry,digit,swap"], [0.6, 0.3, 0.1])):
+        out = tmp_path / str(len(extra)) / str(len(weights))
+        argv = ["--out", str(out), "--error-kinds", "carry,digit", "--train", "10", "--eval", "0",
+                "--test", "0", "--no-progress", *extra]
+        assert run_command(main, argv) == 0, capsys.readouterr().err
+        config = json.loads((out / "benchmark.json").read_text())["config"]
+        assert config["error_weights"] == weights
+

@@ -23,6 +23,15 @@ def _floats(text: str, flag: str) -> Tuple[float, ...]:
                           f"0.6,0.3,0.1") from None
 
 
+def _error_weights(args: argparse.Namespace, d: ReasoningBenchmarkConfig) -> Tuple[float, ...]:
+    """--error-weights as given; else the default weights for the default kinds, and equal
+    weights for kinds of the user's own (the defaults are one weight per default kind)."""
+    if args.error_weights is not None:
+        return _floats(args.error_weights, "--error-weights")
+    kinds = _names(args.error_kinds)
+    return d.error_weights if kinds == tuple(d.error_kinds) else (1.0,) * len(kinds)
+
+
 def _names(text: str) -> Tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
@@ -46,8 +55,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--min-digits", type=int, help=f"default {d.min_digits}")
     parser.add_argument("--max-digits", type=int, help=f"default {d.max_digits}")
     parser.add_argument("--max-multiplier", type=int, default=d.max_multiplier)
-    parser.add_argument("--error-kinds", default=",".join(d.error_kinds))
-    parser.add_argument("--error-weights", default=",".join(map(str, d.error_weights)))
+    parser.add_argument("--error-kinds", default=",".join(d.error_kinds),
+                        help="comma list of the wrong answers' kinds (default %(default)s)")
+    parser.add_argument("--error-weights", default=None,
+                        help="comma list, one per error kind (default "
+                             f"{','.join(map(str, d.error_weights))} for the default kinds, "
+                             "equal for others)")
     parser.add_argument("--train-random-share", type=float, default=d.train_random_share,
                         help="share of train pairs with a random (implausible) wrong answer")
     parser.add_argument("--split-fractions", default=",".join(map(str, d.split_fractions)))
@@ -81,7 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         style=args.style, ops=_names(args.ops), op_weights=_floats(args.op_weights, "--op-weights"),
         min_digits=digits[0], max_digits=digits[1],
         max_multiplier=args.max_multiplier, error_kinds=_names(args.error_kinds),
-        error_weights=_floats(args.error_weights, "--error-weights"),
+        error_weights=_error_weights(args, d),
         train_random_share=args.train_random_share,
         split_fractions=_floats(args.split_fractions, "--split-fractions")).validate()
     paths = write_splits(args.out, cfg, progress=not args.no_progress)
