@@ -116,6 +116,26 @@ def test_a_missing_local_init_from_is_named_before_the_data_is_prepared(capsys, 
         assert not (tmp_path / "tfds").exists() and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("command", ["score", "critique", "evaluate", "serve"])
+def test_a_bad_sampling_flag_is_named_as_the_flag(capsys, files, tmp_path, command):
+    # The checks are the Python API's (top_k=0, "give top_k or top_p"): a command line names
+    # its flags (it said top_k=0; serve said "--top-k: top_k: top_k=0").
+    out = (["--output-dir", str(tmp_path / "o")] if command == "evaluate" else [] if
+           command == "serve" else ["--output", str(tmp_path / "o.jsonl")])
+    src = [] if command == "serve" else ["--input", files["rows"]]
+    base = [command, "--checkpoint", files["ckpt"], *src, *out, "--temperature", "1"]
+    for flags, named in ((["--top-k", "0"], "--top-k 0: must be >= 1"),
+                         (["--top-k", "5", "--top-p", "0.5"], "give --top-k or --top-p, not both"),
+                         (["--repetition-penalty", "0"], "--repetition-penalty 0.0: must be")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            code = main(base + flags)
+            raise SystemExit(code)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and named in err and "top_k" not in err \
+            and "repetition_penalty" not in err, err
+
+
 def test_a_row_file_of_an_unknown_type_is_one_error_line_not_a_traceback(capsys, files,
                                                                            tmp_path):
     # A .csv (or a README a glob picked up) in data.train_path / --input is the user's to fix:

@@ -194,7 +194,7 @@ def test_bad_rows_and_settings_are_clear_errors(rm, tmp_path):
               str(tmp_path / "o.jsonl")])
     # Settings are checked before anything loads; an input too long for --max-length is
     # named by its file, line and field.
-    with pytest.raises(ConfigError, match="give top_k or top_p, not both"):
+    with pytest.raises(ConfigError, match="give --top-k or --top-p, not both"):
         main(["--checkpoint", str(tmp_path), "--input", str(src), "--output",
               str(tmp_path / "o.jsonl"), "--temperature", "1", "--top-k", "5", "--top-p", "0.9"])
     rm.save_pretrained(tmp_path / "model")
@@ -209,7 +209,7 @@ def test_bad_rows_and_settings_are_clear_errors(rm, tmp_path):
                                           r"max_length=200 tokens"):
         main(["--checkpoint", str(tmp_path / "model"), "--input", str(long), "--output",
               str(tmp_path / "o.jsonl"), "--max-length", "200", "--classic"])
-    with pytest.raises(ConfigError, match=r"seed=9223372036854775808: .*\[0, 2\*\*32\)"):
+    with pytest.raises(ConfigError, match=r"--seed 9223372036854775808: .*\[0, 2\*\*32\)"):
         main(["--checkpoint", str(tmp_path), "--input", str(src), "--output",
               str(tmp_path / "o.jsonl"), "--seed", str(2**63)])
     with pytest.raises(ValueError, match="num_samples"):

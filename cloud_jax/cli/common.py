@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import re
 import signal
 import sys
 import threading
@@ -138,12 +139,34 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: ScoreConfig) ->
                              "(default %(default)s; the same critiques at any value)")
 
 
+def as_flags(message: str, names) -> str:
+    """``message`` about settings by their Python names, told in the command's flags: ``top_k=0``
+    becomes ``--top-k 0`` and ``top_k`` ``--top-k`` (names without an underscore only in the
+    ``name=value`` form, so that words such as "seed" in prose stay words)."""
+    for name in sorted(names, key=len, reverse=True):
+        flag = "--" + name.replace("_", "-")
+        message = re.sub(rf"(?<![-\w]){re.escape(name)}=", flag + " ", message)
+        if "_" in name:
+            message = re.sub(rf"(?<![-\w]){re.escape(name)}(?!\w)", flag, message)
+    return message
+
+
+def field_error(field: str, err: Exception, names) -> str:
+    """A serving setting's error (``InvalidField``: "field: message") for a command line: the
+    message in flags, led by the flag unless it names it already."""
+    text = str(err)
+    text = as_flags(text[len(field) + 2:] if text.startswith(f"{field}: ") else text, names)
+    flag = "--" + field.replace("_", "-")
+    return text if re.search(rf"{flag}(?![-\w])", text) else f"{flag}: {text}"
+
+
 def config_from_args(args: argparse.Namespace, **fields) -> ScoreConfig:
-    """The scoring options as a checked ScoreConfig; a bad one is a ConfigError (status 2)."""
+    """The scoring options as a checked ScoreConfig; a bad one is a ConfigError (status 2) told in
+    the command's flags."""
     try:
         return _config_from_args(args, **fields)
     except ValueError as err:
-        raise ConfigError(str(err)) from None
+        raise ConfigError(as_flags(str(err), vars(args))) from None
 
 
 def _config_from_args(args: argparse.Namespace, **fields) -> ScoreConfig:

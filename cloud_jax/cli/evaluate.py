@@ -30,7 +30,8 @@ from cloud_jax.evaluation.run import (OUTPUT_FILES, REJECTS_JSONL, EvalConfig, c
                                       run_evaluation)
 from cloud_jax.evaluation.scorer import score_fn_from_model
 from cloud_jax.scoring.rewards import DEFAULT_MAX_LENGTH
-from cloud_jax.cli.common import add_input_args, add_model_args, columns_from_args, load_model
+from cloud_jax.cli.common import (add_input_args, add_model_args, as_flags, columns_from_args,
+                                  load_model)
 from cloud_jax import storage
 from cloud_jax.errors import ConfigError
 
@@ -129,7 +130,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ScoreConfig(temperature=cfg.temperature, max_critique_tokens=cfg.max_critique_tokens,
                     batch_size=cfg.batch_size, seed=cfg.seed, **sampler).validate()
     except ValueError as err:
-        parser.error(str(err))
+        parser.error(as_flags(str(err), vars(args)))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     storage.check_output_dir(args.output_dir, "--output-dir")
     # Every check that can fail on what the user gave (the input files, their rows, the

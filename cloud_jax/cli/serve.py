@@ -17,7 +17,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from cloud_jax.cli.common import add_model_args, load_model
+from cloud_jax.cli.common import add_model_args, field_error, load_model
 from cloud_jax.serving.types import WARMUP, BackendOptions, Settings
 
 BATCHING = ("continuous", "static")
@@ -115,7 +115,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:  # the sampling flags do not depend on the model: checked before it loads
         check_settings(defaults, BackendOptions(max_critique_tokens=limit), False)
     except InvalidField as err:
-        parser.error(f"--{err.field.replace('_', '-')}: {err}")
+        parser.error(field_error(err.field, err, vars(args)))
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(levelname)s %(name)s: %(message)s")
     from cloud_jax.serving.server import listen_socket
@@ -143,7 +143,7 @@ def _load_and_serve(parser, args, defaults: Settings, limit: int, sock) -> int:
         check_settings(defaults, options, classic)
         check_options(options, classic)
     except InvalidField as err:
-        parser.error(f"--{err.field.replace('_', '-')}: {err}")
+        parser.error(field_error(err.field, err, vars(args)))
     except ConfigError as err:
         parser.error(str(err))
     return serve(make_backend(args.batching, rm, options, args.chunk_steps), defaults, rm.tokenizer,
