@@ -21,7 +21,7 @@ needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
     reason="libtpu not installed: pip install -r requirements-tpu.txt")
 needs_cuda_plugin = pytest.mark.skipif(
-    importlib.util.find_spec("jax_plugins.xla_cuda12") is None,
+    not aot.cuda_plugin_installed(),
     reason="JAX's CUDA plugin not installed: pip install -r requirements-gpu-aot.txt")
 
 
@@ -391,10 +391,19 @@ def test_xla_flags_that_put_loops_in_command_buffers_are_reported(tmp_path):
                for p in dump.iterdir())
 
 
-def test_missing_cuda_plugin(monkeypatch, capsys):
+def _no_jax_plugins_package(name, *a):
+    # What find_spec does for a submodule whose package is missing: a JAX install with no plugin
+    # at all (`make venv`, without `make venv-gpu-aot`) has no `jax_plugins` namespace.
+    raise ModuleNotFoundError(f"No module named '{name.split('.')[0]}'")
+
+
+@pytest.mark.parametrize("no_plugin", ["plugin_missing", "jax_plugins_missing"])
+def test_missing_cuda_plugin(monkeypatch, capsys, no_plugin):
     real = importlib.util.find_spec
+    missing = (lambda name, *a: None) if no_plugin == "plugin_missing" else _no_jax_plugins_package
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
-        None if name == "jax_plugins.xla_cuda12" else real(name, *a)))
+        missing(name, *a) if name.startswith("jax_plugins") else real(name, *a)))
+    assert not aot.cuda_plugin_installed()
     rc = aot.main(TINY + ["--topology", "h100"])
     err = capsys.readouterr().err
     assert rc == 1

@@ -3,7 +3,6 @@ TPU variable or unknown plugin says otherwise (no plugin tracebacks or TPU probe
 never where one does or where JAX_PLATFORMS is set; and importing JAX with the CUDA plugin logs no
 missing-driver lines."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import sys
 import pytest
 
 from cloud_jax.cli import common
+from cloud_jax.cli.aot import cuda_plugin_installed
 from cloud_jax.cli.common import accelerator_hint, default_to_cpu_without_accelerator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,7 +91,7 @@ def test_an_explicit_platform_an_accelerator_or_a_made_backend_is_left_alone(fak
 
 
 needs_cuda_plugin = pytest.mark.skipif(
-    importlib.util.find_spec(CUDA_PLUGIN) is None,
+    not cuda_plugin_installed(),
     reason="JAX's CUDA plugin not installed: pip install -r requirements-gpu-aot.txt")
 
 

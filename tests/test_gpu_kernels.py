@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cloud_jax.cli.aot import cuda_plugin_installed
 from cloud_jax.errors import ConfigError
 from cloud_jax.model import gpu_kernels
 from cloud_jax.model.config import ModelConfig
@@ -21,7 +22,7 @@ from cloud_jax.sampling import TopK, sample
 from cloud_jax.training.config import load_config
 
 needs_cuda_plugin = pytest.mark.skipif(
-    importlib.util.find_spec("jax_plugins.xla_cuda12") is None,
+    not cuda_plugin_installed(),
     reason="JAX's CUDA plugin not installed: pip install -r requirements-gpu-aot.txt")
 
 

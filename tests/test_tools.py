@@ -1,6 +1,5 @@
 """tools/: the measuring aids of docs/BENCHMARKS.md."""
 
-import importlib.util
 import json
 import os
 import platform
@@ -13,12 +12,13 @@ from pathlib import Path
 import jaxlib
 import pytest
 
+from cloud_jax.cli.aot import cuda_plugin_installed
 from cloud_jax.model import cpu_kernels
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.skipif(importlib.util.find_spec("jax_plugins.xla_cuda12") is None,
+@pytest.mark.skipif(not cuda_plugin_installed(),
                     reason="JAX's CUDA plugin not installed: pip install -r requirements-gpu-aot.txt")
 def test_kernel_shape_sweep_compiles_what_the_kernel_takes():
     """tools/kernel_shape_sweep.py: a shape the kernel takes compiles for an H100; with --all,

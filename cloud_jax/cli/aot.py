@@ -258,10 +258,20 @@ def _cuda_version() -> tuple[int, int, int]:
         return 12, 9, 0
 
 
+def cuda_plugin_installed() -> bool:
+    """Whether JAX's CUDA plugin (``jax_plugins.xla_cuda12``) is installed. Where no JAX plugin
+    is, the ``jax_plugins`` namespace itself is missing and ``find_spec`` of the plugin raises
+    ModuleNotFoundError instead of returning None: that is "not installed" too."""
+    try:
+        return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+    except ImportError:
+        return False
+
+
 def gpu_devices(sl: Slice) -> list:
     """Compile-only devices of ``sl.chips`` GPUs described by ``sl.gpu``; a RuntimeError with
     install advice without JAX's CUDA plugin."""
-    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+    if not cuda_plugin_installed():
         raise RuntimeError(GPU_INSTALL_HINT)
     from jax.experimental import topologies
 
