@@ -128,3 +128,25 @@ def test_importing_jax_with_the_cuda_plugin_logs_no_missing_driver_lines():
         assert line not in done.stderr, (
             f"importing JAX logged {line!r}: is nvidia-cuda-runtime-cu12 installed? "
             f"pip install -r requirements-gpu-aot.txt\n{done.stderr}")
+
+
+HIDE_TORCH = """
+import importlib.util, runpy, sys
+find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a, **k: (
+    None if name.split(".")[0] == "torch" else find_spec(name, *a, **k))
+sys.argv = ["cloud_jax", "score", "--help"]
+runpy.run_module("cloud_jax", run_name="__main__")
+"""
+
+
+def test_a_command_without_pytorch_installed_starts_without_transformers_notice():
+    # `make demo` installs no PyTorch (only `make test` does); transformers then announced on
+    # every command that "Models won't be available", though cloud_jax uses none of them.
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-c", HIDE_TORCH], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "usage: python -m cloud_jax score" in done.stdout
+    assert "PyTorch was not found" not in done.stderr, done.stderr
+    assert "torch" not in done.stderr, done.stderr
