@@ -64,7 +64,8 @@ smollm2: $(STAMP_RUN) $(STAMP_SMOLLM2)
 TEST_WORKERS ?= 2
 
 # The fast suite: about 5 minutes on 2 cores once JAX's persistent compilation cache
-# (.cache/jax_compilation_cache, filled by the first run) is warm; about 10 from a fresh clone.
+# (.cache/jax_compilation_cache, filled by the first run) is warm; 16-29 from a fresh clone
+# (README.md, "Tests").
 test: venv-test
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
