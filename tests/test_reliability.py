@@ -283,15 +283,19 @@ def test_restoring_into_another_model_shape_names_the_keys_and_shapes(
     from cloud_jax.training.step import StepBuilder
 
     cfg = tiny(toy, two_checkpoints)
-    wider: ModelConfig = dataclasses.replace(cfg.model, intermediate_size=192)
-    builder = StepBuilder(cfg, make_mesh(cfg.mesh), TRAIN_RULES, wider)
-    ckpt = Checkpointer(os.path.join(two_checkpoints, "checkpoints"), keep=2)
-    try:
-        with pytest.raises(CheckpointError) as err:
-            ckpt.restore(4, builder.abstract_state(), data_iter=None)
-    finally:
-        ckpt.close()
-    message = str(err.value)
+
+    def restore_error(model: ModelConfig) -> str:
+        """The error of restoring step 4 into ``model``'s state."""
+        builder = StepBuilder(cfg, make_mesh(cfg.mesh), TRAIN_RULES, model)
+        ckpt = Checkpointer(os.path.join(two_checkpoints, "checkpoints"), keep=2)
+        try:
+            with pytest.raises(CheckpointError) as err:
+                ckpt.restore(4, builder.abstract_state(), data_iter=None)
+        finally:
+            ckpt.close()
+        return str(err.value)
+
+    message = restore_error(dataclasses.replace(cfg.model, intermediate_size=192))
     assert "does not fit the model" in message and os.path.join(
         two_checkpoints, "checkpoints", "4") in message
     assert message.index("params.layers_0.mlp.up_proj.kernel: checkpoint (64, 176) float32, "
@@ -299,16 +303,9 @@ def test_restoring_into_another_model_shape_names_the_keys_and_shapes(
     # Keys only one side has are named too: a deeper model's extra layer, a shallower one's
     # missing layer.
     for layers, side in ((3, "only in the model"), (1, "only in the checkpoint")):
-        other = dataclasses.replace(cfg.model, num_layers=layers)
-        builder = StepBuilder(cfg, make_mesh(cfg.mesh), TRAIN_RULES, other)
-        ckpt = Checkpointer(os.path.join(two_checkpoints, "checkpoints"), keep=2)
-        try:
-            with pytest.raises(CheckpointError) as err:
-                ckpt.restore(4, builder.abstract_state(), data_iter=None)
-        finally:
-            ckpt.close()
+        message = restore_error(dataclasses.replace(cfg.model, num_layers=layers))
         missing = "params.layers_2" if layers == 3 else "params.layers_1"
-        assert f"{missing}.mlp.up_proj.kernel: {side} (64, 176)" in str(err.value), str(err.value)
+        assert f"{missing}.mlp.up_proj.kernel: {side} (64, 176)" in message, message
     # Through the trainer the changed config is named before any array is read.
     with pytest.raises(ConfigError, match=r"model.intermediate_size: 176 -> 192"):
         run(tiny(toy, _copy(two_checkpoints, tmp_path / "run"), "train.total_steps=6",
