@@ -235,10 +235,10 @@ def test_cli_a_non_finite_reward_is_one_error_line_saying_what_to_do(tmp_path, m
     (["--input", "x.jsonl", "--classic", "--num-samples", "1,4"], "classic"),
     (["--input", "x.jsonl", "--tie-credit", "0.3"], "invalid choice"),
     (["--input", "x.jsonl", "--temperature", "0.7", "--top-k", "5", "--top-p", "0.9"],
-     "give top_k or top_p, not both"),
-    (["--input", "x.jsonl", "--repetition-penalty", "0"], "repetition_penalty=0.0: must be a finite number > 0"),
-    (["--best-of-n", "x.jsonl", "--seed", "-1"], "seed=-1: must be >= 0 for Best-of-N"),
-    (["--input", "x.jsonl", "--seed", str(2**32 + 1)], "seed=4294967297: must be a whole number"),
+     "give --top-k or --top-p, not both"),
+    (["--input", "x.jsonl", "--repetition-penalty", "0"], "--repetition-penalty 0.0: must be a finite number > 0"),
+    (["--best-of-n", "x.jsonl", "--seed", "-1"], "--seed -1: must be >= 0 for Best-of-N"),
+    (["--input", "x.jsonl", "--seed", str(2**32 + 1)], "--seed 4294967297: must be a whole number"),
 ])
 def test_cli_usage_errors(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.setattr(cloud_jax, "load", _no_model)
