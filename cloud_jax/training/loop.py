@@ -80,12 +80,6 @@ def check_paths(cfg: Config) -> None:
     scheme, one whose client library is not installed, or an output in a bucket that does not
     exist (found before the data is prepared, not at the first write); and a local init_from
     that does not exist and is no hub id (found before the rows are tokenized, not after)."""
-    init = cfg.init_from
-    if init and not storage.is_url(init) and not os.path.exists(init) and not is_hub_id(init):
-        raise ConfigError(f"init_from={init!r}: no such directory here "
-                          f"({os.path.abspath(init)}), and not a hub id (owner/name); give the "
-                          "path of a stage's checkpoint (its final/ directory), a gs:// or s3:// "
-                          "one, or a hub id")
     for key in _RUN_PATHS:
         value = operator.attrgetter(key)(cfg)
         rows = key in ("data.train_path", "data.eval_path")
@@ -101,6 +95,12 @@ def check_paths(cfg: Config) -> None:
             f"disk or {', '.join(s + '://' for s in storage.CHECKPOINT_SCHEMES if s)} only (its "
             "tensorstore path has no s3:// support). Set train.checkpoint_dir to a gs:// or local "
             "directory; the other run paths may stay on s3://.")
+    init = cfg.init_from
+    if init and not storage.is_url(init) and not os.path.exists(init) and not is_hub_id(init):
+        raise ConfigError(f"init_from={init!r}: no such directory here "
+                          f"({os.path.abspath(init)}), and not a hub id (owner/name); give the "
+                          "path of a stage's checkpoint (its final/ directory), a gs:// or s3:// "
+                          "one, or a hub id")
     # Last: these ask the store.
     for key in _OUTPUT_PATHS:
         storage.check_bucket(operator.attrgetter(key)(cfg), key)
