@@ -317,22 +317,6 @@ def test_every_documented_command_line_uses_flags_its_command_has():
     assert checked > 50
 
 
-@pytest.mark.parametrize("doc, heading, command", [
-    ("EVALUATION.md", "| option | meaning |", "evaluate"),
-    ("SERVING.md", "| flag | meaning (default) |", "serve"),
-])
-def test_flag_tables_list_every_flag_of_their_command(doc, heading, command):
-    text = (ROOT / "docs" / doc).read_text()
-    table = text[text.index(heading):].split("\n\n")[0]
-    documented = {flag for row in table.splitlines()[2:]
-                  for flag in re.findall(r"--[a-z][\w-]*", row.split("|")[1])}
-    flags = {o for o in _command_options()[command] if o.startswith("--") and o != "--help"}
-    # --no-classic goes with --classic (argparse's BooleanOptionalAction): a table may name it.
-    paired = {o for o in flags if o.startswith("--no-") and "--" + o[5:] in flags}
-    flags, documented = flags - paired, documented - paired
-    assert flags - documented == set(), "flags the table leaves out"
-    assert documented - flags == set(), "table rows that are no flag"
-
 def test_an_empty_section_takes_its_defaults(tmp_path):
     """A section whose keys are all commented out is null in YAML: it means the defaults, as
     leaving the section out does, at any depth (it was refused as 'not Optional')."""

@@ -1,0 +1,136 @@
+"""Every flag of every command is documented, with the default its --help has.
+
+Each command's flags are listed in one table of the docs (docs/CLI.md, or the command's own doc),
+`| flag | default | meaning |`, one row per flag or per group of flags sharing a default. A
+default that is a value (a number, a word, a list) is written first in its cell, in backticks,
+exactly as the parser holds it; a flag with no value by default (a switch, an optional flag, a
+required one) says in words what happens without it. A flag added, removed, renamed or given
+another default shows here until its table says so.
+"""
+
+import argparse
+import contextlib
+import importlib
+import io
+import pathlib
+import re
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+# command -> (doc, the heading its table follows)
+TABLES = {
+    "train": ("CLI.md", "## `python -m cloud_jax.train`"),
+    "pipeline": ("CLI.md", "## `pipeline`"),
+    "demo": ("CLI.md", "## `demo`"),
+    "convert-gguf": ("CLI.md", "## `convert-gguf`"),
+    "export-hf": ("CLI.md", "## `export-hf`"),
+    "score": ("CLI.md", "## `score`"),
+    "critique": ("CLI.md", "## `critique`"),
+    "evaluate": ("EVALUATION.md", "# Evaluation"),
+    "make-benchmark": ("CLI.md", "## `make-benchmark`"),
+    "aot": ("CLI.md", "## `aot`"),
+    "serve": ("SERVING.md", "## The server"),
+    "bench train": ("CLI.md", "## `bench train`"),
+    "bench sample": ("CLI.md", "## `bench sample`"),
+    "bench serve": ("CLI.md", "## `bench serve`"),
+}
+
+
+@pytest.fixture(scope="module")
+def parsers():
+    """{command: its argparse parser}, caught as `main(["--help"])` asks it to print its help."""
+    from cloud_jax.__main__ import COMMANDS
+    from cloud_jax.cli.bench import BENCHMARKS
+
+    modules = {name: module for name, (module, _) in COMMANDS.items() if name != "bench"}
+    modules.update({f"bench {name}": module for name, (module, _) in BENCHMARKS.items()})
+    modules["train"] = "cloud_jax.cli.train"
+    caught = {}
+
+    def catch(self, parser, *args, **kwargs):
+        caught["parser"] = parser
+        raise SystemExit(0)
+
+    found = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(argparse._HelpAction, "__call__", catch)
+        for name, module in modules.items():
+            caught.clear()
+            with contextlib.redirect_stdout(io.StringIO()), pytest.raises(SystemExit):
+                importlib.import_module(module).main(["--help"])
+            found[name] = caught["parser"]
+    return found
+
+
+def _flags(parser):
+    """{option string: its action} of every long option but --help."""
+    return {o: a for a in parser._actions for o in a.option_strings
+            if o.startswith("--") and not isinstance(a, argparse._HelpAction)}
+
+
+def _table(doc, heading):
+    """[(flags, default cell)] of the first table after heading in docs/doc (or README.md)."""
+    path = ROOT / doc if doc == "README.md" else ROOT / "docs" / doc
+    text = path.read_text()
+    assert heading in text, f"{doc}: no heading {heading!r}"
+    after = text[text.index(heading):]
+    start = after.index("\n| flag | default | meaning |")
+    table = after[start + 1:].split("\n\n")[0].splitlines()
+    assert set(table[1]) <= set("|-"), (doc, heading, table[1])
+    rows = []
+    for line in table[2:]:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        assert len(cells) == 3, (doc, heading, line)
+        flags = re.findall(r"`(--[a-z][\w-]*)`", cells[0])
+        assert flags and re.fullmatch(r"(`--[a-z][\w-]*`(, | / )?)+", cells[0]), (doc, line)
+        rows.append((flags, cells[1]))
+    return rows
+
+
+def _has_value(action):
+    """Whether a flag's default is a value the docs must show (not a switch, not unset)."""
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction,
+                           argparse.BooleanOptionalAction)):
+        return False
+    return action.default not in (None, "", [], ()) and action.default is not argparse.SUPPRESS
+
+
+def _same(cell_value, default):
+    if isinstance(default, (tuple, list)):
+        return cell_value == ",".join(map(str, default))
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        try:
+            return float(cell_value) == float(default)
+        except ValueError:
+            return False
+    return cell_value == str(default)
+
+
+def test_every_command_has_a_flag_table():
+    from cloud_jax.__main__ import COMMANDS
+    from cloud_jax.cli.bench import BENCHMARKS
+
+    commands = ({c for c in COMMANDS if c != "bench"} | {f"bench {b}" for b in BENCHMARKS}
+                | {"train"})
+    assert commands == set(TABLES)
+
+
+@pytest.mark.parametrize("command", sorted(TABLES))
+def test_the_flag_table_lists_every_flag_with_its_default(command, parsers):
+    flags = _flags(parsers[command])
+    rows = _table(*TABLES[command])
+    documented = [f for row_flags, _ in rows for f in row_flags]
+    assert len(documented) == len(set(documented)), f"{command}: a flag listed twice"
+    assert set(flags) - set(documented) == set(), f"{command}: flags the table leaves out"
+    assert set(documented) - set(flags) == set(), f"{command}: table rows that are no flag"
+    for row_flags, cell in rows:
+        assert cell, (command, row_flags, "an empty default cell")
+        for flag in row_flags:
+            action = flags[flag]
+            if _has_value(action):
+                m = re.match(r"`([^`]*)`", cell)
+                assert m, (command, flag, f"default {action.default!r} not written first in "
+                                          f"backticks: {cell!r}")
+                assert _same(m.group(1), action.default), (command, flag, cell, action.default)
