@@ -442,3 +442,26 @@ def test_a_plus_override_is_refused_with_the_key_to_give():
     with pytest.raises(ConfigError, match=r"fixed; train\.learning_rate is not one of them; "
                                           r"learning_rate is a key of another section"):
         load_config(None, ["+train.learning_rate=1"])
+
+
+def test_a_config_starting_from_another_run_names_the_config_that_makes_it():
+    # configs/tiny_cpu_critique_sft.yaml said "Data first: ... Then: python -m cloud_jax.train
+    # --config configs/tiny_cpu_critique_sft.yaml", which stops at once: its init_from is
+    # lm_pretrain's final/ directory, which no step named made. A shipped config whose init_from
+    # is another shipped config's output names that config in its header comment.
+    import yaml
+
+    configs = {path.name: (path.read_text(), yaml.safe_load(path.read_text()))
+               for path in sorted((ROOT / "configs").glob("*.yaml"))}
+    makers = {data.get("output_dir"): name for name, (_, data) in configs.items()}
+    checked = 0
+    for name, (text, data) in configs.items():
+        init_from = str(data.get("init_from") or "")
+        if not init_from.endswith("/final") or init_from[:-len("/final")] not in makers:
+            continue
+        header = "".join(line for line in text.splitlines(True) if line.startswith("#"))
+        maker = makers[init_from[:-len("/final")]]
+        assert f"configs/{maker}" in header, (name, f"starts from {init_from}: name "
+                                                    f"configs/{maker} in the header")
+        checked += 1
+    assert checked >= 5
