@@ -13,7 +13,8 @@ from cloud_jax.errors import ConfigError
 from cloud_jax.experiments.cloud_vs_classic.config import load_pipeline_config
 from cloud_jax.experiments.cloud_vs_classic.diagnostics import (exact_match, pairs_judged_right,
                                                                 verdict_agreement)
-from cloud_jax.experiments.cloud_vs_classic.run import run_pipeline
+from cloud_jax.experiments.cloud_vs_classic.report import markdown_report, summary_table
+from cloud_jax.experiments.cloud_vs_classic.run import run_pipeline, stage_times
 from cloud_jax.scoring import rewards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,6 +114,13 @@ def test_rerun_skips_finished_stages_and_refuses_a_changed_config(pipeline_run, 
         assert again["seconds"]["cloud"] == json.load(f)["seconds"] > 0
     with open(os.path.join(cfg.output_dir, "report.md")) as f:
         assert "reused from an earlier run" in f.read()
+    # This run's total and the total across runs are both said, and add up.
+    timing = again["timing"]
+    assert timing["total_this_run"] == again["seconds"]["total"]
+    assert {n: t["ran"] for n, t in timing["stages"].items() if t["ran"] == "earlier_run"} == {
+        n: "earlier_run" for n in again["reused_stages"]}
+    assert timing["total_across_runs"] == pytest.approx(timing["total_this_run"] + sum(
+        again["seconds"][n] for n in again["reused_stages"]))
     # stages.keep_checkpoints=false, which a rerun may change: each finished stage's checkpoint
     # directory goes, its final/ export stays, and the numbers are the same.
     stages = ("lm_pretrain", "critique_sft", "cloud", "classic")
@@ -129,6 +137,53 @@ def test_rerun_skips_finished_stages_and_refuses_a_changed_config(pipeline_run, 
                                                  "stages.cloud.total_steps=3"])
     with pytest.raises(ConfigError, match="stages"):
         run_pipeline(changed)
+
+
+def _results_timed(this_run, summaries, total):
+    return {"classic": {"accuracy": 0.5},
+            "cloud": {"accuracy": 0.75, "self_consistency": {"1": 0.75}, "temperature": 0.7},
+            "diagnostics": {"cloud_accuracy_with_oracle_critiques": 1.0,
+                            "critiques_greedy": {"agreement": 0.8}},
+            "cloud_minus_classic": 0.25, "num_train_rows": 4, "num_eval_rows": 2,
+            **stage_times(this_run, summaries, total)}
+
+
+def test_a_resumed_run_s_times_say_which_stages_ran_now_and_add_up():
+    # The rerun skipped lm_pretrain and critique_sft (0.1 s each this run; 100 s and 200 s when
+    # they ran) and ran cloud (30 s): 50 s this run, 350 s across runs.
+    this_run = {"data": 1.0, "lm_pretrain": 0.1, "critique_sft": 0.1, "cloud": 30.0}
+    summaries = {"lm_pretrain": {"seconds": 100.0, "reused": True},
+                 "critique_sft": {"seconds": 200.0, "reused": True}, "cloud": {"seconds": 30.0}}
+    results = _results_timed(this_run, summaries, 50.0)
+    # The keys earlier releases wrote keep their meaning.
+    assert results["seconds"] == {"data": 1.0, "lm_pretrain": 100.0, "critique_sft": 200.0,
+                                  "cloud": 30.0, "total": 50.0}
+    assert results["reused_stages"] == ["lm_pretrain", "critique_sft"]
+    timing = results["timing"]
+    assert timing["stages"] == {"data": {"seconds": 1.0, "ran": "this_run"},
+                                "lm_pretrain": {"seconds": 100.0, "ran": "earlier_run"},
+                                "critique_sft": {"seconds": 200.0, "ran": "earlier_run"},
+                                "cloud": {"seconds": 30.0, "ran": "this_run"}}
+    assert timing["total_this_run"] == 50.0 and timing["total_across_runs"] == 350.0
+    assert json.loads(json.dumps(results))["timing"] == timing
+    line = summary_table(results).splitlines()[-1]
+    assert line.endswith("total 50 s this run, 350 s across runs (with the reused stages)"), line
+    report = markdown_report(results, [], [], 0)
+    assert ("Stage times (s): data 1, lm_pretrain 100 (reused from an earlier run: its time "
+            "then), critique_sft 200 (reused from an earlier run: its time then), cloud 30; "
+            "total 50 this run, 350 across runs (with the reused stages)") in report
+    # A run that reused nothing: one total, which is both.
+    fresh = _results_timed(this_run, {"cloud": {"seconds": 30.0}}, 50.0)
+    assert fresh["timing"]["total_across_runs"] == 50.0 and fresh["reused_stages"] == []
+    assert summary_table(fresh).splitlines()[-1].endswith("; total 50 s")
+    # A reused stage whose summary holds no time (an earlier release's): said unknown, not the
+    # skip's 0.1 s, and the total across runs is unknown rather than short.
+    old = _results_timed(this_run, {"lm_pretrain": {"reused": True}}, 50.0)
+    assert old["timing"]["stages"]["lm_pretrain"] == {"seconds": None, "ran": "earlier_run"}
+    assert old["timing"]["total_across_runs"] is None
+    assert "lm_pretrain unknown (reused from an earlier run" in markdown_report(old, [], [], 0)
+    assert summary_table(old).endswith("total 50 s this run, unknown s across runs "
+                                       "(with the reused stages)")
 
 
 def test_a_rerun_may_change_how_it_reports_but_not_what_its_stages_were_trained_with(tmp_path):

@@ -53,11 +53,13 @@ def markdown_report(results: Dict[str, Any], records: List[dict], rows: Sequence
                      f"{_pct(x.get('pairs_judged_right'))} | "
                      f"{_pct(x.get('exact_match_with_oracle'))} | "
                      f"{_pct(x.get('truncated_fraction'))} |")
-    reused = results.get("reused_stages") or []
-    lines += ["", "Stage times (s): " + ", ".join(f"{n} {s:.0f}"
-                                                  for n, s in results["seconds"].items())
-              + (f" ({', '.join(reused)}: reused from an earlier run, its time then)"
-                 if reused else ""), "",
+    timed = (results.get("timing") or {}).get("stages") or {
+        n: {"seconds": s, "ran": "this_run"} for n, s in results["seconds"].items()
+        if n != "total"}
+    stages = [f"{n} {_seconds(t['seconds'])}" + (" (reused from an earlier run: its time then)"
+                                                  if t["ran"] == "earlier_run" else "")
+              for n, t in timed.items()]
+    lines += ["", "Stage times (s): " + ", ".join(stages) + "; " + _totals(results), "",
               "## Sample critiques (greedy)", ""]
     for rec, row in list(zip(records, rows))[:num_examples]:
         lines += [f"### {row.id} ({rec['outcome']})", "", f"- prompt: `{row.prompt}`"]
@@ -83,5 +85,20 @@ def summary_table(results: Dict[str, Any]) -> str:
               f"CLoud - classic: {100 * results['cloud_minus_classic']:+.1f} points; "
               f"greedy critiques reach the oracle's verdict "
               f"{_pct(d['critiques_greedy']['agreement'])} of the time; "
-              f"total {results['seconds']['total']:.0f} s"]
+              + _totals(results, unit=" s")]
     return "\n".join(lines)
+
+
+def _seconds(s: Optional[float]) -> str:
+    return "unknown" if s is None else f"{s:.0f}"
+
+
+def _totals(results: Dict[str, Any], unit: str = "") -> str:
+    """"total 12 s" for a run that ran every stage; a rerun that reused stages says this run's
+    total and the total across runs (the reused stages' earlier seconds added)."""
+    timing = results.get("timing") or {}
+    total = f"total {results['seconds']['total']:.0f}{unit}"
+    if not results.get("reused_stages"):
+        return total
+    return (f"{total} this run, {_seconds(timing.get('total_across_runs'))}{unit} across runs "
+            f"(with the reused stages)")

@@ -296,6 +296,32 @@ def _check_same_config(cfg: PipelineConfig, path: str) -> None:
                           "rerun with the recorded settings")
 
 
+def stage_times(this_run: Dict[str, float], summaries: Dict[str, dict],
+                total: float) -> Dict[str, Any]:
+    """What results.json says of time: ``seconds`` (each stage's seconds, a reused stage's from
+    the run that trained it, and ``total``, this run's wall time), ``reused_stages``, and
+    ``timing``, which tells the two apart: per stage its seconds and ``ran`` ("this_run" or
+    "earlier_run"), ``total_this_run``, and ``total_across_runs`` (this run's total plus the
+    reused stages' earlier seconds; None when a reused stage's summary holds no time)."""
+    reused = [name for name, s in summaries.items() if s.get("reused")]
+    seconds = dict(this_run)
+    stages = {name: {"seconds": s, "ran": "this_run"} for name, s in this_run.items()}
+    earlier: Any = 0.0
+    for name in reused:
+        then = summaries[name].get("seconds")
+        stages[name] = {"seconds": then, "ran": "earlier_run"}
+        if then is None:
+            earlier = None
+            continue
+        seconds[name] = then
+        if earlier is not None:
+            earlier += then
+    across = None if earlier is None else round(total + earlier, 2)
+    return {"seconds": {**seconds, "total": total}, "reused_stages": reused,
+            "timing": {"stages": stages, "total_this_run": total,
+                       "total_across_runs": across}}
+
+
 def run_pipeline(cfg: PipelineConfig) -> Dict[str, Any]:
     """Runs every stage (skipping finished ones) and returns what ``results.json`` holds."""
     cfg = cfg.validate()
@@ -359,14 +385,7 @@ def run_pipeline(cfg: PipelineConfig) -> Dict[str, Any]:
     results["stages"] = {name: {"steps": s.get("step"), "final_dir": s.get("final_dir"),
                                 "train": s.get("train"), "eval": s.get("eval"),
                                 "data": s.get("data")} for name, s in summaries.items()}
-    # A stage reused from an earlier run reports the time it took then.
-    reused = [name for name, s in summaries.items() if s.get("reused")]
-    seconds = dict(timer.seconds)
-    for name in reused:
-        if summaries[name].get("seconds") is not None:
-            seconds[name] = summaries[name]["seconds"]
-    results["seconds"] = {**seconds, "total": round(time.perf_counter() - start, 2)}
-    results["reused_stages"] = reused
+    results.update(stage_times(timer.seconds, summaries, round(time.perf_counter() - start, 2)))
     # Whole or absent: a kill mid-write leaves no cut results file.
     storage.write_text_atomic(os.path.join(out, RESULTS_JSON),
                               json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
