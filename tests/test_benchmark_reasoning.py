@@ -154,6 +154,59 @@ def test_verdict_of_reads_a_negated_verdict_as_its_negation():
     assert verdict_of("... says 85, knot: Correct") is True
 
 
+# How critiques phrase a verdict, and what it says of the response: True (correct), False (not
+# correct), None (no verdict, or one that does not say which).
+VERDICTS = [
+    ("... so the response is correct.", True),
+    ("... so the response is incorrect.", False),
+    ("... so the response is not correct.", False),
+    ("... so the response isn't correct.", False),
+    ("... so the response isn’t correct.", False),
+    ("... so the response is not quite correct.", False),
+    ("... so the response is not entirely correct.", False),
+    ("... so the response is not fully correct.", False),
+    ("... so the response is not really correct.", False),
+    ("... so the response is not at all correct.", False),
+    ("... so the response is not correct at all.", False),
+    ("... so the response is far from correct.", False),
+    ("... so the response is nowhere near correct.", False),
+    ("... so the response is never correct.", False),
+    ("... so the response cannot be correct.", False),
+    ("... so the response can't be correct.", False),
+    ("... so the response does not seem correct.", False),
+    ("... so the response doesn't look correct.", False),
+    ("... so the response is almost correct.", False),
+    ("... so the response is nearly correct.", False),
+    ("... so the response is partially correct.", False),
+    ("... so the response is partly incorrect.", False),
+    ("... so the response is entirely correct.", True),
+    ("... so the response is completely correct.", True),
+    ("... so the response seems correct.", True),
+    ("... so the response is wrong.", False),
+    ("... so the response is right!", True),
+    ("... so the response is not right.", False),
+    ("... so the response isn't quite right.", False),
+    ("... so the response is not wrong.", True),
+    ("... so the response is not incorrect.", True),
+    ("... so the response is not at all incorrect.", True),
+    # A hedge that leaves the verdict open: neither.
+    ("... so the response is not entirely incorrect.", None),
+    ("... so the response is not completely wrong.", None),
+    # Only the words right before the verdict count.
+    ("Not a carry slip: the response is correct.", True),
+    ("... says 85, knot: Correct", True),
+    ("Nothing is wrong: the response is correct.", True),
+    ("It is not 84; the response is correct.", True),
+    ("47+38: 7+8=15, 4+3+1=8, so 8", None),
+    ("Correct, but then 12", None),
+]
+
+
+@pytest.mark.parametrize("critique,verdict", VERDICTS)
+def test_verdict_of_reads_the_common_phrasings_of_a_verdict(critique, verdict):
+    assert verdict_of(critique) is verdict
+
+
 def _check_compact_working(critique: str, prompt: str) -> None:
     """Independent of the generator: every step is true arithmetic, on the right digits, with
     the carry/borrow of the step before, and the answer read off the steps is the true one."""

@@ -226,8 +226,21 @@ def critique_text(p: Problem, answer: Answer, style: str) -> str:
 
 _EXPR = re.compile(r"(\d+)\s*([-+*×])\s*(\d+)(?:\s*=\s*(\d+))?")
 _SYMBOL_OP = {"+": "add", "-": "sub", "*": "mul", "×": "mul"}
-# The verdict word at the end, and a "not" or "n't" right before it ("is not correct").
-_VERDICT = re.compile(r"(?:\b(not)\s+|n['’]t\s+)?\b(correct|incorrect)\W*\Z", re.IGNORECASE)
+# The verdict word at the end ("correct", "incorrect", "right", "wrong", "... at all" after it)
+# and the words right before it that change what it says: a negation ("not", "n't", "never",
+# "cannot", "far from", ...), maybe with a linking verb ("does not seem", "can't be") and a degree
+# ("not quite", "not at all"), or a limit ("almost", "partially").
+_NEGATION = r"(?:\b(?:not|never|cannot|hardly|far\s+from|nowhere\s+near)|n['’]t)"
+_LINK = r"(?:\s+(?:be|seems?|looks?|appears?|sounds?)(?:\s+to\s+be)?)?"
+# "not quite correct": not wholly correct, so not correct; "not quite wrong" says neither.
+_PARTIAL = (r"quite|entirely|fully|completely|totally|wholly|altogether|exactly|strictly|"
+            r"necessarily|100\s*%|all\s+that")
+_INTENSIFIER = r"really|at\s+all"
+_LIMIT = r"almost|nearly|partially|partly|mostly|half"
+_VERDICT = re.compile(
+    rf"(?:(?P<neg>{_NEGATION}){_LINK}(?:\s+(?:(?P<partial>{_PARTIAL})|{_INTENSIFIER}))?\s+"
+    rf"|\b(?P<limit>{_LIMIT})\s+)?"
+    r"\b(?P<word>correct|incorrect|right|wrong)(?:\s+at\s+all)?\W*\Z", re.IGNORECASE)
 
 
 def parse_prompt(prompt: str) -> Problem:
@@ -268,15 +281,24 @@ def verify(prompt: str, response: str) -> bool:
 
 
 def verdict_of(critique: str) -> Optional[bool]:
-    """The verdict a critique ends in: True ("correct"), False ("incorrect"), or None when it does
-    not end in one (a critique cut off by the token budget, say). Case and trailing punctuation
-    are ignored, so it reads model-written critiques of any style; a "not" or "n't" right
-    before the word negates it ("... is not correct": False)."""
+    """The verdict a critique ends in: True ("correct", "right"), False ("incorrect", "wrong"),
+    or None when it does not end in one (a critique cut off by the token budget, say). Case and
+    trailing punctuation are ignored, so it reads model-written critiques of any style. The
+    words right before the verdict word count: a negation turns it over ("is not correct",
+    "isn't right", "far from correct", "never correct", "cannot be correct", "does not seem
+    correct", "not correct at all": False; "not wrong": True); a negated degree says the
+    response is not wholly correct ("not quite correct", "not entirely right": False; "not
+    entirely wrong" says neither: None); a limit says it falls short ("almost correct",
+    "partially correct": False)."""
     m = _VERDICT.search(critique)
     if m is None:
         return None
-    negated = m.start() != m.start(2)  # the match begins with the negation
-    return (m.group(2).lower() == "correct") != negated
+    positive = m.group("word").lower() in ("correct", "right")
+    if m.group("limit"):
+        return False
+    if m.group("partial"):
+        return False if positive else None
+    return positive != bool(m.group("neg"))
 
 
 def steps_of(critique: str) -> List[str]:
