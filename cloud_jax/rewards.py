@@ -17,7 +17,11 @@ completions may be strings or chat messages (TRL's conversational format): a pro
 message and a completion's assistant message are what get scored (a system message is left
 out, with a warning the first time: the model's layout has no place for it); a completion holding
 more than its one assistant message (a tool call and its result) is a ValueError, and so is an
-assistant message that makes a tool call (``tool_calls``). The rewards equal ``rm.score`` on the
+assistant message that makes a tool call (``tool_calls``). A message key that is not read is a
+ValueError naming it (as /v1/score refuses it), not dropped: user and system messages hold role and
+content, an assistant message also tool_calls and its parsed-out reasoning (``reasoning_content``
+or ``thinking``: left out of the score, with a warning the first time); a key holding None counts
+as absent. The rewards equal ``rm.score`` on the
 same texts and settings; a non-finite one (NaN weights, an overflowing dtype) is a ValueError, not
 a reward.
 
@@ -45,6 +49,24 @@ from cloud_jax.errors import InputTooLongError
 log = logging.getLogger(__name__)
 
 
+# The keys of a chat message that are read. Any other key is refused (as /v1/score refuses it)
+# unless it holds None: datasets fills the fields one row's messages lack with None when another
+# row has them. An assistant message's tool_calls are refused when they hold a call, and its
+# reasoning (the part of the response a response schema parses out: TRL with transformers'
+# parsed responses) is left out of the score, with a warning the first time.
+_MESSAGE_KEYS = ("role", "content")
+_REASONING_KEYS = ("reasoning_content", "thinking")
+_ASSISTANT_KEYS = _MESSAGE_KEYS + ("tool_calls",) + _REASONING_KEYS
+
+
+def _check_keys(message: dict, where: str, accepted: Sequence[str]) -> None:
+    unknown = [k for k, v in message.items() if k not in accepted and v is not None]
+    if unknown:
+        raise ValueError(f"{where}.{unknown[0]}: unknown key (a {message.get('role')} message "
+                         f"holds {', '.join(accepted[:-1])} and {accepted[-1]}; a key the model "
+                         "does not read is refused, not dropped: remove it)")
+
+
 def _prompt_text(prompt: Any, index: int) -> str:
     if isinstance(prompt, str):
         return prompt
@@ -54,6 +76,8 @@ def _prompt_text(prompt: Any, index: int) -> str:
             if len(users) > 1 or any(m.get("role") not in ("user", "system") for m in prompt):
                 raise ValueError(f"prompts[{index}]: multi-turn conversations are not supported; "
                                  "give one user message")
+            for j, m in enumerate(prompt):
+                _check_keys(m, f"prompts[{index}][{j}]", _MESSAGE_KEYS)
             if any(m.get("role") == "system" for m in prompt):
                 _warn_system_once()
             return users[-1]
@@ -72,6 +96,14 @@ def _warn_system_once() -> None:
                     "same with or without it")
 
 
+def _warn_reasoning_once(key: str) -> None:
+    if "reasoning" not in _warned:
+        _warned.add("reasoning")
+        log.warning("a completion's reasoning (its assistant message's %s) is not scored: the "
+                    "reward is the model's judgement of the response's content, the same with "
+                    "or without it", key)
+
+
 def _completion_text(completion: Any, index: int) -> str:
     if isinstance(completion, str):
         return completion
@@ -85,6 +117,10 @@ def _completion_text(completion: Any, index: int) -> str:
         if completion[0].get("tool_calls"):
             raise ValueError(f"completions[{index}]: its assistant message makes a tool call "
                              "(tool_calls); only a response without tool calls can be scored")
+        _check_keys(completion[0], f"completions[{index}][0]", _ASSISTANT_KEYS)
+        for key in _REASONING_KEYS:
+            if completion[0].get(key):
+                _warn_reasoning_once(key)
         return completion[0]["content"]
     raise ValueError(f"completions[{index}]: expected a string or a list holding one assistant "
                      f"message (and nothing else), got {completion!r:.80}")

@@ -80,6 +80,40 @@ def test_a_completion_with_more_than_its_assistant_message_is_refused(rm):
                                fn(PROMPTS[:1], [call["content"]]), atol=1e-6, rtol=0)
 
 
+def test_a_message_key_that_would_not_be_scored_is_refused_not_dropped(rm, caplog):
+    import cloud_jax.rewards
+
+    fn = CLoudReward(rm, **SETTINGS)
+    user = {"role": "user", "content": PROMPTS[0]}
+    reply = {"role": "assistant", "content": COMPLETIONS[0]}
+    plain = fn(PROMPTS[:1], COMPLETIONS[:1])
+    # A key the model's layout has no place for (a speaker's name, a tool call id, a typo of
+    # content) is refused with its place and the keys accepted, as /v1/score refuses it (422).
+    for prompt, where in (([dict(user, name="alice")], r"prompts\[0\]\[0\]\.name"),
+                          ([{"role": "system", "content": "Be brief.", "name": "x"}, user],
+                           r"prompts\[0\]\[0\]\.name"),
+                          ([dict(user, contents="typo")], r"prompts\[0\]\[0\]\.contents")):
+        with pytest.raises(ValueError, match=where + r": unknown key .*role and content"):
+            fn([prompt], COMPLETIONS[:1])
+    for message, where in ((dict(reply, name="bot"), r"completions\[0\]\[0\]\.name"),
+                           (dict(reply, tool_call_id="7"),
+                            r"completions\[0\]\[0\]\.tool_call_id")):
+        with pytest.raises(ValueError, match=where + r": unknown key .*role, content"):
+            fn(PROMPTS[:1], [[message]])
+    # A key that holds None carries nothing (datasets fills a message's missing fields with
+    # None when another row has them): read as absent.
+    np.testing.assert_allclose(fn([[dict(user, name=None, tool_calls=None)]],
+                                  [[dict(reply, name=None, tool_calls=None)]]),
+                               plain, atol=1e-6, rtol=0)
+    # The reasoning a response schema parses out of the response (TRL with transformers' parsed
+    # responses: reasoning_content, or thinking) is left out of the score, and the log says so.
+    cloud_jax.rewards._warned.clear()
+    for key in ("reasoning_content", "thinking"):
+        np.testing.assert_allclose(fn(PROMPTS[:1], [[dict(reply, **{key: "2+2 is 4"})]]),
+                                   plain, atol=1e-6, rtol=0)
+    assert caplog.text.count("a completion's reasoning") == 1, caplog.text
+
+
 def test_non_finite_rewards_are_an_error_not_a_reward(rm):
     # A NaN reward reaches the trainer as no reward (TRL leaves the completion out) or as 0
     # (tunix sums rewards with nansum): the training run would go on without a word.
