@@ -503,3 +503,110 @@ def test_the_generation_defaults_docs_compatibility_lists(monkeypatch):
         known, _ = parser.parse_known_args(reference + (["--num-samples", "1"]
                                                         if name != "critique" else []))
         assert (known.max_critique_tokens, known.repetition_penalty) == (1024, 1.01), name
+
+
+def _ends_or_runs(rm, ends: bool):
+    """``rm`` made to end every critique at once (``ends``: its end-of-turn tokens win every
+    step) or never (they lose every step, so every critique runs into the budget). Feature 0 of
+    the residual stream is held at 100 for every token, so after the final norm it is large and
+    positive whatever the input; the LM head reads the end-of-turn logits from it alone."""
+    params = jax.tree.map(lambda x: x, rm.params)
+    params["embed"]["embedding"] = params["embed"]["embedding"].at[:, 0].set(100.0)
+    params["final_norm"]["scale"] = params["final_norm"]["scale"].at[0].set(1.0)
+    head = params["lm_head"].at[0, :].set(0.0)
+    for eot in end_of_turn_ids(rm.tokenizer):
+        head = head.at[0, eot].set(1000.0 if ends else -1000.0)
+    params["lm_head"] = head
+    return dataclasses.replace(rm, params=params)
+
+
+async def _post(app, path: str, body: dict):
+    """One request through the server's ASGI app, as uvicorn hands it over: (status, JSON)."""
+    import asyncio
+
+    incoming = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
+    never = asyncio.Event()  # the client stays until it has its answer
+
+    async def receive():
+        if incoming:
+            return incoming.pop(0)
+        await never.wait()
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    await app({"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+               "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
+               "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1),
+               "server": ("127.0.0.1", 80), "headers": [(b"content-type", b"application/json")]},
+              receive, send)
+    return sent[0]["status"], json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+
+
+def test_a_critique_cut_at_the_budget_is_flagged_where_users_read_it(rm, tmp_path, capsys):
+    """docs/RELIABILITY.md row 8 where users read it: the Python API's result, the score and
+    critique commands' output rows (and their summary line), and the /v1/score and /get_reward
+    answers. One model ends every critique at once, the other runs every one into the budget:
+    a flag dropped, or set the same for both, on the way to any of them fails here."""
+    import asyncio
+
+    from cloud_jax.cli.critique import main as critique_main
+    from cloud_jax.serving.server import build_app
+    from cloud_jax.serving.static import StaticBackend
+    from cloud_jax.serving.types import BackendOptions, Settings
+
+    pair = json.dumps({"id": "b", "prompt": PROMPTS[1], "chosen": RESPONSES[1],
+                       "rejected": RESPONSES[2]}) + "\n"
+    src, pairs = tmp_path / "rows.jsonl", tmp_path / "pairs.jsonl"
+    src.write_text(json.dumps({"id": "a", "prompt": PROMPTS[0], "response": RESPONSES[0]}) + "\n"
+                   + pair)
+    pairs.write_text(pair + pair.replace('"b"', '"c"'))
+    for ends in (True, False):
+        cut = not ends
+        model = _ends_or_runs(rm, ends)
+        # The Python API.
+        result = model.score(PROMPTS, RESPONSES, num_samples=2, temperature=1.0,
+                             max_critique_tokens=BUDGET)
+        assert (result.truncated == cut).all(), result.truncated
+        assert (result.critique_tokens == (BUDGET if cut else 0)).all()
+        ckpt = model.save_pretrained(tmp_path / f"ckpt_{ends}")
+        # The score command: each output row's flags, and the summary line.
+        out = tmp_path / f"scored_{ends}.jsonl"
+        assert main(["--checkpoint", str(ckpt), "--input", str(src), "--output", str(out),
+                     "--num-samples", "2", "--temperature", "1.0",
+                     "--max-critique-tokens", str(BUDGET)]) == 0
+        scored = [json.loads(line) for line in out.read_text().splitlines()]
+        assert scored[0]["truncated"] == [cut, cut]
+        assert scored[1]["chosen_truncated"] == scored[1]["rejected_truncated"] == [cut, cut]
+        assert (f"critiques cut at the token budget (--max-critique-tokens {BUDGET}): "
+                f"{6 if cut else 0} of 6 samples") in capsys.readouterr().err
+        # The critique command: each rewritten row's flags, and the summary line.
+        shards = tmp_path / f"critiques_{ends}"
+        assert critique_main(["--checkpoint", str(ckpt), "--input", str(pairs), "--output",
+                              str(shards), "--max-critique-tokens", str(BUDGET)]) == 0
+        rows = [json.loads(line) for f in sorted(shards.glob("critiques-*.jsonl"))
+                for line in f.read_text().splitlines()]
+        assert [(r["chosen_feedback_truncated"], r["rejected_feedback_truncated"])
+                for r in rows] == [(cut, cut)] * 2
+        assert f"): {4 if cut else 0} of 4" in capsys.readouterr().err
+        # The server: /v1/score's per-item flags and /get_reward's fraction.
+        backend = StaticBackend(model, BackendOptions(
+            slots=4, max_length=256, max_critique_tokens=BUDGET,
+            defaults=Settings(max_critique_tokens=BUDGET)))
+        backend.start()
+        try:
+            app = build_app(backend, Settings(max_critique_tokens=BUDGET), model.tokenizer)
+            status, body = asyncio.run(_post(app, "/v1/score", {
+                "items": [{"prompt": p, "response": r} for p, r in zip(PROMPTS, RESPONSES)],
+                "num_samples": 2, "temperature": 1.0}))
+            assert status == 200, body
+            assert [r["truncated"] for r in body["results"]] == [[cut, cut]] * len(PROMPTS)
+            status, body = asyncio.run(_post(app, "/get_reward", {
+                "query": [f"<bos><|user|>{p}<eot><|assistant|>{r}<eot>"
+                          for p, r in zip(PROMPTS, RESPONSES)]}))
+            assert status == 200, body
+            assert body["extra_logs"]["truncated_fraction"] == [float(cut)] * len(PROMPTS)
+        finally:
+            backend.close(drain=True)
