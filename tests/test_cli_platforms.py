@@ -45,6 +45,12 @@ def test_a_tpu_or_plugin_variable_keeps_jax_discovery(tmp_path, name):
     assert hint(tmp_path, {name: "x"}) == f"${name}"
 
 
+def test_a_tpu_vm_name_in_a_workstation_shell_is_no_accelerator(tmp_path):
+    # tpu_scripts/ name the slice to create or reach by TPU_NAME; exported in a workstation's
+    # shell it says nothing about this host (neither JAX nor libtpu reads it).
+    assert hint(tmp_path, {"TPU_NAME": "cloud-8b", "TPU_ENV": "/home/me/cloud-8b.env"}) is None
+
+
 def test_an_unknown_plugin_or_another_os_keeps_jax_discovery(tmp_path):
     assert hint(tmp_path, plugins=[CUDA_PLUGIN, "jax_plugins.intel_xpu"]) == \
         "JAX plugin jax_plugins.intel_xpu"
@@ -96,10 +102,12 @@ needs_cuda_plugin = pytest.mark.skipif(
 
 
 @needs_cuda_plugin
-def test_a_command_starts_without_plugin_tracebacks_on_a_cpu_host(tmp_path):
+@pytest.mark.parametrize("shell", [{}, {"TPU_NAME": "cloud-8b"}], ids=["plain", "TPU_NAME set"])
+def test_a_command_starts_without_plugin_tracebacks_on_a_cpu_host(tmp_path, shell):
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # conftest sets cpu
     if accelerator_hint(env) is not None:
         pytest.skip(f"this host may have an accelerator ({accelerator_hint(env)})")
+    env.update(shell)  # TPU_NAME: a shell that has used tpu_scripts/
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"prompt": "p", "response": "r"}\n')

@@ -237,9 +237,10 @@ ACCELERATOR_DEVICE_NODES = ("nvidia[0-9]*", "nvidiactl", "dxg", "kfd", "accel*",
 # Variables that say this process is meant to run on a TPU (a GKE TPU pod sets them; JAX's own
 # override) or on a PJRT plugin named by path. Not every TPU_*: JAX and libtpu set
 # TPU_LIBRARY_PATH and TPU_SKIP_MDS_QUERY in-process on any host, the latter precisely when they
-# see no TPU.
+# see no TPU; and TPU_NAME, which neither JAX nor libtpu reads, is tpu_scripts/' name of the
+# slice to reach, often exported in a workstation's shell (a TPU VM itself shows its device nodes).
 ACCELERATOR_VARIABLES = ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "TPU_WORKER_ID",
-                         "TPU_TOPOLOGY", "TPU_NAME", "CLOUD_TPU_TASK_ID", "JAX_FORCE_TPU_INIT",
+                         "TPU_TOPOLOGY", "CLOUD_TPU_TASK_ID", "JAX_FORCE_TPU_INIT",
                          "PJRT_NAMES_AND_LIBRARY_PATHS")
 # Plugin families whose devices ACCELERATOR_DEVICE_NODES finds; a JAX plugin of any other name
 # may serve a device these nodes do not show, and keeps JAX's own discovery.
