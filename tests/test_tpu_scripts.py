@@ -227,6 +227,22 @@ def test_run_rejects_missing_command_bad_names_and_missing_settings():
     assert missing.returncode == 1 and "PROJECT not set" in missing.stderr
 
 
+@pytest.mark.parametrize("args", [("python", "x.py", "output_dir=$BUCKET/run"),
+                                  ("python", "x.py", "output_dir=${BUCKET}/run"),
+                                  ("-e", "OUT=$BUCKET/out", "python", "x.py")],
+                         ids=["argument", "braced", "-e value"])
+def test_run_warns_about_a_literal_bucket_as_babysit_does(args):
+    """A '$BUCKET' quoted on the workstation reaches the workers unexpanded (nothing there expands
+    it): run.sh warns as babysit.sh does, with the same shared check, and still starts the run."""
+    result = dry_run("run", "-n", "r1", *args)
+    assert result.returncode == 0, result.stderr
+    assert "warning: the command holds a literal $BUCKET, which nothing expands on the workers" \
+        in result.stderr
+    assert ssh_commands(printed_commands(result.stdout))
+    plain = dry_run("run", "-n", "r1", "python", "x.py", "output_dir=gs://test-bucket/cloud/run")
+    assert "literal $BUCKET" not in plain.stderr
+
+
 def test_logs_follows_one_worker_or_shows_all():
     one = ssh_commands(printed_commands(dry_run("logs", "2").stdout))
     assert [flag(c, "worker") for c in one] == ["2"]
@@ -301,6 +317,10 @@ def test_babysit_stops_on_a_usage_error_instead_of_relaunching_it():
                       DRY_RUN_STATE="ACTIVE", DRY_RUN_TRAINER="running", MAX_ITERATIONS="1")
     assert "holds a literal $BUCKET, which nothing expands on the workers" in literal.stderr
     assert "the command mentions no gs:// path" in literal.stderr
+    braced = dry_run("babysit", "-e", "OUT=${BUCKET}/out", "python", "x.py",
+                     "output_dir=gs://test-bucket/cloud/run", DRY_RUN_STATE="ACTIVE",
+                     DRY_RUN_TRAINER="running", MAX_ITERATIONS="1")
+    assert "holds a literal $BUCKET" in braced.stderr
 
 
 def test_babysit_dry_run_leaves_a_healthy_run_alone():

@@ -42,12 +42,7 @@ valid_run_name "$RUN" || die "-n $RUN: use letters, digits, '.', '_' and '-' onl
 require_settings PROJECT ZONE TPU_NAME QUEUED_RESOURCE ACCELERATOR_TYPE RUNTIME_VERSION
 CMD=("$@")
 
-if [[ "${CMD[*]}" == *"\$BUCKET"* ]]; then
-  # Nothing on the workers expands it: the trainer would write under a directory named $BUCKET
-  # on the worker's own disk, which a recreated TPU does not have.
-  log "warning: the command holds a literal \$BUCKET, which nothing expands on the workers; let" \
-    "your shell expand it (no quotes around it) or write the gs:// path"
-fi
+warn_literal_bucket "${run_opts[@]}" "${CMD[@]}"
 if [[ -z "$BUCKET" ]]; then
   log "warning: BUCKET is not set; a recreated TPU starts with empty disks, so the run can only" \
     "resume if its checkpoints are written to a bucket (output_dir=gs://...)"

@@ -289,3 +289,18 @@ with_retries() {
 }
 
 valid_run_name() { [[ $1 =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]]; }
+
+# Warns when a word of a run's command or of its -e values holds a literal $BUCKET (or ${BUCKET}),
+# quoted on this machine: nothing on the workers expands it, so the trainer would write under a
+# directory named $BUCKET on the worker's own disk, which a recreated TPU does not have.
+warn_literal_bucket() {
+  local word
+  for word in "$@"; do
+    # shellcheck disable=SC2016  # the literal text is what is looked for
+    if [[ $word == *'$BUCKET'* || $word == *'${BUCKET}'* ]]; then
+      log "warning: the command holds a literal \$BUCKET, which nothing expands on the workers;" \
+        "let your shell expand it (no quotes around it) or write the gs:// path"
+      return 0
+    fi
+  done
+}

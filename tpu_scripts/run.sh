@@ -9,7 +9,8 @@
 #   -n RUN_NAME     name of the run and of its log folder (default: run-<UTC date>-<time>)
 #   -e NAME=VALUE   export NAME to CMD's environment (repeatable; do not pass secrets this way:
 #                   the value is visible in the ssh command line)
-# BUCKET, when set, is exported to CMD's environment too.
+# BUCKET, when set, is exported to CMD's environment too. A literal $BUCKET in CMD or a -e value
+# (quoted, so your shell left it) is warned about: nothing on the workers expands it.
 # Example:
 #   tpu_scripts/run.sh -n sft python -m cloud_jax.train --config configs/llama3_8b_critique_sft.yaml
 set -euo pipefail
@@ -18,6 +19,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
 RUN="run-$(date -u +%Y%m%d-%H%M%S)"
 ENV_EXPORTS=""
+env_values=()
 while getopts n:e:h opt; do
   case $opt in
     n) RUN=$OPTARG ;;
@@ -25,6 +27,7 @@ while getopts n:e:h opt; do
       [[ $OPTARG =~ ^([A-Za-z_][A-Za-z0-9_]*)=(.*)$ ]] ||
         die "-e $OPTARG: expected NAME=VALUE with NAME a shell variable name"
       ENV_EXPORTS+="export ${BASH_REMATCH[1]}=$(shquote "${BASH_REMATCH[2]}")"$'\n'
+      env_values+=("${BASH_REMATCH[2]}")
       ;;
     h) usage; exit 0 ;;
     *) usage >&2; exit 2 ;;
@@ -34,6 +37,7 @@ shift $((OPTIND - 1))
 (($# > 0)) || die "no command given; e.g. run.sh python -m cloud_jax.train --config configs/X.yaml"
 valid_run_name "$RUN" || die "-n $RUN: use letters, digits, '.', '_' and '-' only"
 require_settings PROJECT ZONE TPU_NAME REPO_DIR VENV_DIR LOG_DIR
+warn_literal_bucket "${env_values[@]}" "$@"
 CMD=$(quote_words "$@")
 
 # The wrapper records its pid (= the process group, thanks to setsid) before starting CMD and CMD's
