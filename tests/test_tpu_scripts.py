@@ -323,6 +323,21 @@ def test_babysit_stops_on_a_usage_error_instead_of_relaunching_it():
     assert "holds a literal $BUCKET" in braced.stderr
 
 
+def test_babysit_refuses_a_bad_option_before_touching_the_cloud():
+    """What run.sh would refuse at the first launch (after the slice was requested, set up and
+    synced, and again at every recovery) babysit.sh refuses at once, printing no gcloud command."""
+    for args, said in [(("-e", "1X=2", "python", "x.py"), "-e 1X=2: expected NAME=VALUE"),
+                       (("-e", "NOEQUALS", "python", "x.py"), "-e NOEQUALS: expected NAME=VALUE"),
+                       (("-n", "a/b", "python", "x.py"), "-n a/b"),
+                       ((), "no command given")]:
+        result = dry_run("babysit", *args, MAX_ITERATIONS="1")
+        assert result.returncode == 1 and said in result.stderr, (args, result.stderr)
+        assert printed_commands(result.stdout) == [], args
+    unknown = dry_run("babysit", "-x", "python", "x.py", MAX_ITERATIONS="1")
+    assert unknown.returncode == 2 and "Usage: tpu_scripts/babysit.sh" in unknown.stderr
+    assert printed_commands(unknown.stdout) == []
+
+
 def test_babysit_dry_run_leaves_a_healthy_run_alone():
     result = dry_run("babysit", "python", "x.py", DRY_RUN_STATE="ACTIVE",
                      DRY_RUN_TRAINER="running", MAX_ITERATIONS="2", CHECK_SECONDS="7")

@@ -31,7 +31,10 @@ run_opts=()
 while getopts n:e:h opt; do
   case $opt in
     n) RUN=$OPTARG ;;
-    e) run_opts+=(-e "$OPTARG") ;;
+    e)
+      parse_env_option "$OPTARG" # refused now, not at the first launch on a slice set up for it
+      run_opts+=(-e "$OPTARG")
+      ;;
     h) usage; exit 0 ;;
     *) usage >&2; exit 2 ;;
   esac

@@ -290,6 +290,14 @@ with_retries() {
 
 valid_run_name() { [[ $1 =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]]; }
 
+# The NAME=VALUE of a -e option (run.sh, babysit.sh) into ENV_NAME and ENV_VALUE, or dies.
+parse_env_option() {
+  [[ $1 =~ ^([A-Za-z_][A-Za-z0-9_]*)=(.*)$ ]] ||
+    die "-e $1: expected NAME=VALUE with NAME a shell variable name"
+  ENV_NAME=${BASH_REMATCH[1]}
+  ENV_VALUE=${BASH_REMATCH[2]}
+}
+
 # Warns when a word of a run's command or of its -e values holds a literal $BUCKET (or ${BUCKET}),
 # quoted on this machine: nothing on the workers expands it, so the trainer would write under a
 # directory named $BUCKET on the worker's own disk, which a recreated TPU does not have.

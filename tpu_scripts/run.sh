@@ -24,10 +24,9 @@ while getopts n:e:h opt; do
   case $opt in
     n) RUN=$OPTARG ;;
     e)
-      [[ $OPTARG =~ ^([A-Za-z_][A-Za-z0-9_]*)=(.*)$ ]] ||
-        die "-e $OPTARG: expected NAME=VALUE with NAME a shell variable name"
-      ENV_EXPORTS+="export ${BASH_REMATCH[1]}=$(shquote "${BASH_REMATCH[2]}")"$'\n'
-      env_values+=("${BASH_REMATCH[2]}")
+      parse_env_option "$OPTARG"
+      ENV_EXPORTS+="export $ENV_NAME=$(shquote "$ENV_VALUE")"$'\n'
+      env_values+=("$ENV_VALUE")
       ;;
     h) usage; exit 0 ;;
     *) usage >&2; exit 2 ;;
