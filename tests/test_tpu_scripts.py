@@ -397,6 +397,26 @@ def test_setup_checks_the_jax_pin(tmp_path):
     assert "DRY_RUN" not in result.stdout
 
 
+def test_babysit_checks_the_checkout_before_requesting_a_slice(tmp_path):
+    """What setup.sh and sync.sh refuse on this machine (a JAX_VERSION requirements.txt does not
+    pin, no requirements.txt, a SRC_DIR that is no git checkout) babysit.sh refuses itself before
+    any gcloud command, not after it requested (and waited for) the slice."""
+    (tmp_path / "requirements.txt").write_text("jax==0.9.0\n")
+    result = dry_run("babysit", "python", "x.py", "output_dir=gs://test-bucket/cloud/run",
+                     MAX_ITERATIONS="1", SRC_DIR=str(tmp_path))
+    assert result.returncode == 1 and "JAX_VERSION=0.10.2 but" in result.stderr, result.stderr
+    assert "pins jax==0.9.0" in result.stderr
+    assert printed_commands(result.stdout) == []
+    missing = dry_run("babysit", "python", "x.py", MAX_ITERATIONS="1",
+                      SRC_DIR=str(tmp_path / "nowhere"))
+    assert missing.returncode == 1 and "requirements.txt not found" in missing.stderr
+    assert printed_commands(missing.stdout) == []
+    (tmp_path / "requirements.txt").write_text("jax==0.10.2\n")
+    not_git = dry_run("babysit", "python", "x.py", MAX_ITERATIONS="1", SRC_DIR=str(tmp_path))
+    assert not_git.returncode == 1 and "is not a git checkout" in not_git.stderr, not_git.stderr
+    assert printed_commands(not_git.stdout) == []
+
+
 def test_sync_list_uses_the_real_checkout():
     files = script("sync", "-l", env=clean_env()).stdout.splitlines()
     assert "tpu_scripts/env.sh" in files and "requirements.txt" in files

@@ -290,6 +290,29 @@ with_retries() {
 
 valid_run_name() { [[ $1 =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]]; }
 
+# The checkout sync.sh copies and whose requirements.txt setup.sh installs (SRC_DIR; default: the
+# repository holding tpu_scripts/).
+SRC_DIR=${SRC_DIR:-$(dirname "$TPU_SCRIPTS_DIR")}
+
+# Sets REQUIREMENTS_FILE to SRC_DIR's requirements.txt, or dies where it is missing or pins a jax
+# other than JAX_VERSION (setup.sh; babysit.sh before it requests a slice).
+check_jax_pin() {
+  local pinned
+  REQUIREMENTS_FILE="$SRC_DIR/requirements.txt"
+  [[ -f "$REQUIREMENTS_FILE" ]] ||
+    die "$REQUIREMENTS_FILE not found (SRC_DIR must be the repo root)"
+  pinned=$(sed -n 's/^jax==\([^[:space:]#]*\).*/\1/p' "$REQUIREMENTS_FILE")
+  if [[ -n "$pinned" && "$pinned" != "$JAX_VERSION" ]]; then
+    die "JAX_VERSION=$JAX_VERSION but $REQUIREMENTS_FILE pins jax==$pinned; make them agree"
+  fi
+}
+
+# Dies unless SRC_DIR is a git checkout (sync.sh; babysit.sh before it requests a slice).
+check_source_checkout() {
+  git -C "$SRC_DIR" rev-parse --is-inside-work-tree >/dev/null 2>&1 ||
+    die "SRC_DIR=$SRC_DIR is not a git checkout; sync.sh copies what git ls-files lists"
+}
+
 # The NAME=VALUE of a -e option (run.sh, babysit.sh) into ENV_NAME and ENV_VALUE, or dies.
 parse_env_option() {
   [[ $1 =~ ^([A-Za-z_][A-Za-z0-9_]*)=(.*)$ ]] ||

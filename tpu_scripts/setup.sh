@@ -25,15 +25,10 @@ shift $((OPTIND - 1))
 (($# == 0)) || die "unexpected argument '$1' (see -h)"
 require_settings PROJECT ZONE TPU_NAME VENV_DIR PYTHON_VERSION JAX_VERSION UV_VERSION
 
-requirements_file="${SRC_DIR:-$(dirname "$TPU_SCRIPTS_DIR")}/requirements.txt"
-[[ -f "$requirements_file" ]] || die "$requirements_file not found (SRC_DIR must be the repo root)"
-pinned=$(sed -n 's/^jax==\([^[:space:]#]*\).*/\1/p' "$requirements_file")
-if [[ -n "$pinned" && "$pinned" != "$JAX_VERSION" ]]; then
-  die "JAX_VERSION=$JAX_VERSION but $requirements_file pins jax==$pinned; make them agree"
-fi
+check_jax_pin
 # Sent inline with the command, so the stamp hashes exactly this checkout's pins.
 # shellcheck disable=SC2034  # read on the workers, through remote_command
-REQUIREMENTS=$(<"$requirements_file")
+REQUIREMENTS=$(<"$REQUIREMENTS_FILE")
 
 body=$(
   cat <<'EOF'

@@ -23,9 +23,7 @@ done
 shift $((OPTIND - 1))
 (($# == 0)) || die "unexpected argument '$1' (see -h)"
 
-SRC_DIR=${SRC_DIR:-$(dirname "$TPU_SCRIPTS_DIR")}
-git -C "$SRC_DIR" rev-parse --is-inside-work-tree >/dev/null 2>&1 ||
-  die "SRC_DIR=$SRC_DIR is not a git checkout; sync.sh copies what git ls-files lists"
+check_source_checkout
 
 # NUL-separated paths relative to SRC_DIR. Explicit excludes, because a .gitignore can change: a
 # local virtualenv or run outputs must never land on (and overwrite things on) the workers.
