@@ -382,6 +382,26 @@ def test_settings_precedence(tmp_path):
     assert result.returncode == 2 and "missing.env: no such file" in result.stderr
 
 
+def test_a_dry_run_from_the_environment_beats_the_tpu_env_file(tmp_path):
+    """The environment wins over TPU_ENV for the DRY_RUN switches too: `DRY_RUN=1` with a file
+    that says DRY_RUN=0 rehearses, and never reaches gcloud (here one that fails if called)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "gcloud").write_text("#!/bin/sh\necho 'real gcloud called' >&2\nexit 99\n")
+    (bin_dir / "gcloud").chmod(0o755)
+    user_env = tmp_path / "my.env"
+    user_env.write_text("DRY_RUN=0\nDRY_RUN_STATE=SUSPENDED\nZONE=us-central1-a\n")
+    env = clean_env(DRY_RUN="1", DRY_RUN_STATE="ACTIVE", TPU_ENV=str(user_env),
+                    PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    del env["ZONE"]
+    result = script("create", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "real gcloud called" not in result.stderr
+    (describe,) = printed_commands(result.stdout)
+    assert flag(describe, "zone") == "us-central1-a"  # the file's value where the env has none
+    assert "already ACTIVE" in result.stderr
+
+
 def test_bucket_settings_are_checked():
     result = dry_run("setup", BUCKET_MOUNT="mnt/bucket")
     assert result.returncode != 0 and "BUCKET_MOUNT=mnt/bucket: expected an absolute" in \

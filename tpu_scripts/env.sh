@@ -26,25 +26,27 @@ TPU_SETTINGS=(
 )
 
 # The user file is read first and the environment re-applied over it, so an exported value always
-# wins even over a plain assignment in the file. The guard stops a full copy of this file, which
-# contains this very block, from reading itself again.
+# wins even over a plain assignment in the file: the settings, the DRY_RUN switches (a rehearsal
+# asked for on the command line stays one) and sync.sh's SRC_DIR. The guard stops a full copy of
+# this file, which contains this very block, from reading itself again.
 if [[ -n "${TPU_ENV:-}" && -z "${_TPU_ENV_LOADING:-}" ]]; then
   if [[ ! -f "$TPU_ENV" ]]; then
     echo "TPU_ENV=$TPU_ENV: no such file (unset TPU_ENV to use tpu_scripts/env.sh alone)" >&2
     exit 2
   fi
-  for _name in "${TPU_SETTINGS[@]}"; do
+  _TPU_ENV_WINS=("${TPU_SETTINGS[@]}" DRY_RUN DRY_RUN_STATE DRY_RUN_TRAINER SRC_DIR)
+  for _name in "${_TPU_ENV_WINS[@]}"; do
     if [[ -n "${!_name+set}" ]]; then printf -v "_TPU_FROM_ENV_$_name" '%s' "${!_name}"; fi
   done
   _TPU_ENV_LOADING=1
   # shellcheck source=/dev/null
   source "$TPU_ENV"
   unset _TPU_ENV_LOADING
-  for _name in "${TPU_SETTINGS[@]}"; do
+  for _name in "${_TPU_ENV_WINS[@]}"; do
     _saved="_TPU_FROM_ENV_$_name"
     if [[ -n "${!_saved+set}" ]]; then printf -v "$_name" '%s' "${!_saved}"; fi
   done
-  unset _name _saved
+  unset _name _saved _TPU_ENV_WINS
 fi
 
 # ---- settings ------------------------------------------------------------------------------------
