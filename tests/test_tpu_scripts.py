@@ -338,6 +338,20 @@ def test_babysit_refuses_a_bad_option_before_touching_the_cloud():
     assert printed_commands(unknown.stdout) == []
 
 
+def test_babysit_refuses_an_unknown_rehearsed_trainer_state():
+    """DRY_RUN_TRAINER names a state babysit.sh acts on; a misspelt one was rehearsed as a check
+    that did nothing, with no word about it."""
+    result = dry_run("babysit", "python", "x.py", "output_dir=gs://test-bucket/cloud/run",
+                     DRY_RUN_STATE="ACTIVE", DRY_RUN_TRAINER="finish", MAX_ITERATIONS="1")
+    assert result.returncode == 1, result.stderr
+    assert "DRY_RUN_TRAINER=finish: expected running, finished, failed, none, usage_error or " \
+        "unknown" in result.stderr
+    assert printed_commands(result.stdout) == []
+    done = dry_run("babysit", "python", "x.py", "output_dir=gs://test-bucket/cloud/run",
+                   DRY_RUN_STATE="ACTIVE", DRY_RUN_TRAINER="finished", MAX_ITERATIONS="2")
+    assert done.returncode == 0 and "finished on every worker" in done.stderr
+
+
 def test_babysit_dry_run_leaves_a_healthy_run_alone():
     result = dry_run("babysit", "python", "x.py", DRY_RUN_STATE="ACTIVE",
                      DRY_RUN_TRAINER="running", MAX_ITERATIONS="2", CHECK_SECONDS="7")

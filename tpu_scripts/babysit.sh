@@ -43,6 +43,11 @@ shift $((OPTIND - 1))
 (($# > 0)) || die "no command given; e.g. babysit.sh python -m cloud_jax.train --config X.yaml"
 valid_run_name "$RUN" || die "-n $RUN: use letters, digits, '.', '_' and '-' only"
 require_settings PROJECT ZONE TPU_NAME QUEUED_RESOURCE ACCELERATOR_TYPE RUNTIME_VERSION
+case "${DRY_RUN_TRAINER:-running}" in
+  running | finished | failed | none | usage_error | unknown) ;;
+  *) die "DRY_RUN_TRAINER=$DRY_RUN_TRAINER: expected running, finished, failed, none, usage_error" \
+    "or unknown (the trainer's state a DRY_RUN rehearses)" ;;
+esac
 # What setup.sh and sync.sh would refuse on this machine, refused before a slice is requested.
 check_jax_pin
 check_source_checkout

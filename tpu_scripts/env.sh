@@ -11,7 +11,8 @@
 # DRY_RUN=1 makes every script print the gcloud commands it would run ("DRY_RUN: gcloud ...", one
 # per line, shell-quoted) instead of running them. Read-only queries are printed too; they then
 # answer as if the queued resource were in state DRY_RUN_STATE (empty: it does not exist) and,
-# for babysit.sh, as if the trainer were DRY_RUN_TRAINER (running | finished | failed).
+# for babysit.sh, as if the trainer were DRY_RUN_TRAINER (running, the default | finished | failed |
+# none | usage_error | unknown).
 
 if ((BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 4))); then
   echo "tpu_scripts need bash >= 4.4, this is $BASH_VERSION (macOS: brew install bash)" >&2
