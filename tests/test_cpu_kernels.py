@@ -419,3 +419,27 @@ def test_a_failed_build_says_what_the_compiler_said(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="unsupported option"):
         cpu_kernels.build(str(fake))
     assert os.listdir(tmp_path / "cache") == []
+
+
+def test_another_source_and_flags_build_another_library(tmp_path, monkeypatch):
+    """build(source=, extra_flags=) (tools/attention_ab.py's two versions): the extra flags
+    reach the compiler after the usual ones, with the source given, and the library is cached
+    under its own name."""
+    log = tmp_path / "args"
+    fake = tmp_path / "fake-cxx"
+    fake.write_text('#!/bin/sh\necho "$@" >> "%s"\nwhile [ "$1" != "-o" ]; do shift; done\n'
+                    'touch "$2"\n' % log)
+    fake.chmod(0o755)
+    other = tmp_path / "other.cc"
+    other.write_text("// another version\n")
+    monkeypatch.setenv("CLOUD_JAX_KERNEL_CACHE", str(tmp_path / "cache"))
+    plain = cpu_kernels.build(str(fake))
+    varied = cpu_kernels.build(str(fake), extra_flags=("-DVARIANT=1",))
+    moved = cpu_kernels.build(str(fake), source=other)
+    assert len({plain, varied, moved}) == 3 and all(x.exists() for x in (plain, varied, moved))
+    calls = log.read_text().splitlines()
+    assert "-DVARIANT" not in calls[0] and str(cpu_kernels._SOURCE) in calls[0]
+    assert calls[1].split().index("-DVARIANT=1") > calls[1].split().index("-shared")
+    assert str(other) in calls[2] and str(cpu_kernels._SOURCE) not in calls[2]
+    assert cpu_kernels.build(str(fake), extra_flags=("-DVARIANT=1",)) == varied  # cached
+    assert len(log.read_text().splitlines()) == 3

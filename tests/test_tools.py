@@ -265,3 +265,30 @@ exec {sys.executable} "$@"
     log = (out / "gpu_smollm2.log").read_text()
     assert "pipeline: at most" in log and "1 stage summaries and 1 evaluation reports" in log
     assert not (out / "gpu_smollm2.json").exists()
+
+
+@pytest.mark.skipif(cpu_kernels._compiler() is None, reason="no C++ compiler to build the kernel")
+def test_attention_ab_times_two_builds_interleaved():
+    """tools/attention_ab.py at a tiny shape, the same build on both sides: every round timed,
+    the outputs bitwise equal, the summary's fields present."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "attention_ab.py"), "--rounds", "3", "--calls",
+         "1", "--layers", "2", "--inputs", "1", "--samples", "2", "--prompt-len", "40",
+         "--own-slots", "17", "--own-attended", "9", "--evict-mb", "1"],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+        timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["outputs_bitwise_equal"] and summary["outputs_max_abs_difference"] == 0.0
+    assert summary["ratio_b_over_a"]["rounds"] == 3 and summary["cores"] == 1
+    assert summary["a"]["median_ms"] > 0 and summary["b"]["median_ms"] > 0
+    assert summary["shape"]["prefix"] == 40 and summary["shape"]["query_heads_per_kv"] == 3
+    assert "B / A per round: median" in done.stdout
+
+
+def test_attention_ab_refuses_impossible_shapes():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "attention_ab.py"), "--own-slots", "8",
+         "--own-attended", "9"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--own-attended must be between 0 and --own-slots" in \
+        done.stderr

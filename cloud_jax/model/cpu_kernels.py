@@ -176,15 +176,21 @@ def _cache_dir() -> Path:
     return Path(base) / "cloud_jax" / "kernels"
 
 
-def build(compiler: Optional[str] = None) -> Path:
+def build(compiler: Optional[str] = None, source: Optional[Path] = None,
+          extra_flags: tuple[str, ...] = ()) -> Path:
     """The compiled kernel library (built now unless a cached build matches). Raises
-    RuntimeError with the compiler's message when there is no compiler or the build fails."""
+    RuntimeError with the compiler's message when there is no compiler or the build fails.
+
+    ``source`` (default ``cpu_kernels.cc``) and ``extra_flags`` (e.g. ``("-DNAME=1",)``, after
+    the usual flags) build another version of the kernels, cached apart: how
+    ``tools/attention_ab.py`` compares two versions in one process."""
     compiler = compiler or _compiler()
     if compiler is None:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
     include = jax.ffi.include_dir()
-    source = _SOURCE.read_bytes()
-    flags = _flags()
+    source_path = Path(source) if source is not None else _SOURCE
+    source = source_path.read_bytes()
+    flags = _flags() + tuple(extra_flags)
     key = hashlib.sha256(b"\0".join([
         source, jaxlib.__version__.encode(), compiler.encode(), " ".join(flags).encode(),
         _cpu_identity().encode()])).hexdigest()[:20]
@@ -196,7 +202,7 @@ def build(compiler: Optional[str] = None) -> Path:
     # partial file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    cmd = [compiler, *flags, "-I", include, str(_SOURCE), "-o", tmp]
+    cmd = [compiler, *flags, "-I", include, str(source_path), "-o", tmp]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
