@@ -104,8 +104,18 @@ void ScoresQB(const float* q, int64_t d_size, const float* keys_t, int64_t ld_k,
 // (6 measured no faster with AVX-512), 6 x 2 with 16 (faster than 4 x 2 with AVX2).
 constexpr int kQB = kRegs == 32 ? 4 : 6;
 
-void Scores(const float* q, int64_t nq, int64_t d_size, const float* keys_t, int64_t ld_k,
-            int64_t len, int64_t room, float* out, int64_t ld_out) {
+// Keys a panel (a multiple of both widths' 2 kW): with more queries than one block holds (the
+// prefix's), the scores take the keys a panel at a time, every query block against one panel
+// before the next. A panel's lines (D rows of 128 bytes, 8 KiB at D = 64) then come from memory
+// once, for the first query block, and the prefetch two key blocks ahead has the other blocks'
+// work to cover its latency; over the whole span one query block at a time, the keys came from
+// memory with one block's work between two key blocks (a quarter of it at 24 queries). On a
+// Zen 3 host (AVX2), the bench's attention alone: 32 keys a panel 9% faster than none, 16 as
+// much, 64 and 128 3% (tools/attention_ab.py; docs/BENCHMARKS.md).
+constexpr int64_t kKeyPanel = 32;
+
+void ScoresPanel(const float* q, int64_t nq, int64_t d_size, const float* keys_t, int64_t ld_k,
+                 int64_t len, int64_t room, float* out, int64_t ld_out) {
   int64_t a = 0;
   for (; a + kQB <= nq; a += kQB)
     ScoresQB<kQB>(q + a * d_size, d_size, keys_t, ld_k, len, room, out + a * ld_out, ld_out);
@@ -119,6 +129,15 @@ void Scores(const float* q, int64_t nq, int64_t d_size, const float* keys_t, int
     case 1: ScoresQB<1>(qa, d_size, keys_t, ld_k, len, room, oa, ld_out); break;
     default: break;  // nq - a < kQB
   }
+}
+
+void Scores(const float* q, int64_t nq, int64_t d_size, const float* keys_t, int64_t ld_k,
+            int64_t len, int64_t room, float* out, int64_t ld_out) {
+  int64_t j0 = 0;
+  if (nq > kQB)
+    for (; j0 + kKeyPanel < len; j0 += kKeyPanel)
+      ScoresPanel(q, nq, d_size, keys_t + j0, ld_k, kKeyPanel, kKeyPanel, out + j0, ld_out);
+  ScoresPanel(q, nq, d_size, keys_t + j0, ld_k, len - j0, room - j0, out + j0, ld_out);
 }
 
 constexpr int kValueRowsAhead = 8;  // value rows ahead that the weighted sum prefetches
