@@ -685,35 +685,37 @@ class ContinuousBackend:
         if not, the item waits for its compile, which starts in the background the first time
         an item meets the bucket (one compile at a time, in the order met)."""
         length = bucket_length(len(req.prefixes[item]))
-        key = pool.bucket_key(length)
-        if key in self._compiled_buckets:
-            return True
-        job = self._compiling.get(key)
-        if job is None:
-            job = _Compile(key, f"prefill bucket {length} at batch sizes 1 to {pool.groups} "
-                                f"(num_samples={pool.k})", self.ready, self.chunks)
-            self._compiling[key] = job
-            self._compiler.submit(self._compile_in_background, job, self._compile_bucket,
-                                  pool.shape(), length)
-        if not job.done and not any(r is req and i == item for r, i in job.waiters):
-            job.waiters.append((req, item))
-        return False
+        return self._compiled(
+            pool.bucket_key(length), [(req, item)],
+            lambda: (f"prefill bucket {length} at batch sizes 1 to {pool.groups} "
+                     f"(num_samples={pool.k})", self._compile_bucket, (pool.shape(), length)))
 
     def _pool_compiled(self, req: _Request, key: tuple) -> bool:
         """Under the lock: whether the programs of a pool for ``req``'s sampling combination
         ``key`` are compiled; if not, the request's items wait for their compile, which starts
         in the background the first time a request meets the combination (on the thread and in
         the queue of the buckets' compiles: one at a time, in the order met)."""
-        if key in self._compiled_pools:
+        return self._compiled(
+            key, [(req, item) for item in req.waiting],
+            lambda: (f"a decode pool for num_samples={req.settings.num_samples}, "
+                     f"{_sampling(req.settings)}", self._compile_pool, key), pool=True)
+
+    def _compiled(self, key: tuple, waiters: list, start, pool: bool = False) -> bool:
+        """Under the lock: whether the bucket (or, with ``pool``, the pool's programs) of
+        ``key`` is compiled; if not, ``waiters`` [(request, item)] wait for its compile (each
+        once), which starts in the background the first time ``key`` is met: ``start()`` gives
+        what the log names it, the compile function and its arguments."""
+        if key in (self._compiled_pools if pool else self._compiled_buckets):
             return True
         job = self._compiling.get(key)
         if job is None:
-            job = _Compile(key, f"a decode pool for num_samples={req.settings.num_samples}, "
-                                f"{_sampling(req.settings)}", self.ready, self.chunks, pool=True)
+            what, compile_fn, args = start()
+            job = _Compile(key, what, self.ready, self.chunks, pool=pool)
             self._compiling[key] = job
-            self._compiler.submit(self._compile_in_background, job, self._compile_pool, *key)
-        if not job.done and not any(r is req for r, _ in job.waiters):
-            job.waiters.extend((req, item) for item in req.waiting)
+            self._compiler.submit(self._compile_in_background, job, compile_fn, *args)
+        if not job.done:
+            met = {(id(r), i) for r, i in job.waiters}
+            job.waiters.extend((r, i) for r, i in waiters if (id(r), i) not in met)
         return False
 
     def _compile_in_background(self, job: _Compile, compile_fn, *args) -> None:
