@@ -767,3 +767,59 @@ def test_a_pool_compile_that_fails_fails_the_requests_waiting_for_it(rm):
     broken[0] = False
     _check(engine.submit(_items([3]), st).result(timeout=60), rm, [3], st)
     engine.close()
+
+
+class _QueuedCompiles:
+    """Stands in for the engine's compile thread: keeps what is queued on it, in order, and runs
+    it when the test says."""
+
+    def __init__(self):
+        self.queued = []
+
+    def submit(self, fn, *args):
+        self.queued.append((fn, args))
+
+    def run(self) -> None:
+        queued, self.queued = self.queued, []
+        for fn, args in queued:
+            fn(*args)
+
+    def shutdown(self, **kwargs) -> None:
+        pass
+
+
+def test_a_new_sampling_combination_queues_its_pool_and_bucket_compiles_at_once(rm):
+    # The first request of a combination that has no pool queues the compile of the pool's
+    # programs and, right behind it, of its items' prefill buckets, when it is first met: it
+    # waits one pass of the compile thread's queue (not a pool compile, then a round of the loop,
+    # then a bucket compile). The test drives the worker's steps and runs the queue itself.
+    engine = ContinuousBackend(rm, BackendOptions(slots=4, max_critique_tokens=4,
+                                                  max_length=256), chunk_steps=4)
+    compiler = engine._compiler = _QueuedCompiles()
+    st = Settings(num_samples=2, temperature=0.9, max_critique_tokens=4, seed=3)
+    lengths = item_lengths(rm, _items([0, 3]), False, st)
+    assert [bucket_length(n) for n in lengths] == [128, 256]
+    future = engine.submit(_items([0, 3]), st)
+    engine._admit()
+    jobs = list(engine._compiling.values())
+    assert [job.key for job in jobs] == [engine._pool_key(st), (2, False, 128), (2, False, 256)]
+    assert [[item for _, item in job.waiters] for job in jobs] == [[0, 1], [0], [1]]
+    assert len(compiler.queued) == 3 and engine.stats().busy_slots == 0
+    compiler.run()  # the thread runs them back to back
+    # What they compiled (the buckets before the pool existed) is what the pool runs.
+    compiles, stop = _count_compiles()
+    try:
+        engine._finish_compiles()
+        engine._admit()
+        assert compiler.queued == [] and not engine._compiling
+        assert engine.stats().busy_slots == 4 and engine.stats().queue_depth == 0
+        for _ in range(8):  # a budget of 4 tokens: one or two chunks of 4 steps
+            engine._decode()
+            engine._deliver()
+            if future.done():
+                break
+    finally:
+        stop()
+    assert compiles == []
+    _check(future.result(timeout=0), rm, [0, 3], st)
+    engine.close()

@@ -23,10 +23,12 @@ The worker thread loops:
    behind it whose buckets are compiled take free rows; once compiled, it takes the next free
    rows before any later item. Likewise a request whose sampling combination has no pool yet
    starts the compile of the pool's programs on that thread (its state's allocation, its decode
-   chunk, the compaction of its decode segment and the freeing of cancelled rows) and waits in
-   its place: the rows in flight in another pool decode on, and requests behind it whose pools
-   exist take free rows; once compiled, its pool is allocated in the rows of idle pools as above
-   (while they are busy it waits at the head of the queue, later requests behind it). So the loop
+   chunk, the compaction of its decode segment and the freeing of cancelled rows), with the
+   compiles of its items' buckets queued right behind it at once (so it waits for one pass of
+   that queue, not for a round of the loop between the two), and waits in its place: the rows
+   in flight in another pool decode on, and requests behind it whose pools exist take free rows;
+   once compiled, its pool is allocated in the rows of idle pools as above (while they are busy
+   it waits at the head of the queue, later requests behind it). So the loop
    itself compiles nothing for a new bucket or combination, and nothing compiles once a bucket
    has been seen: neither how many items arrive together, nor how many rows end in one chunk
    (they are read back whole), nor how many are cancelled together (a mask of the rows);
@@ -237,7 +239,9 @@ class _Request:
 @dataclasses.dataclass(frozen=True)
 class _PoolShape:
     """A pool's sizes and the shapes of its state (what :meth:`ContinuousBackend._compile_bucket`
-    compiles for)."""
+    compiles for), made from its settings (:meth:`ContinuousBackend._pool_shape`) on the compile
+    thread, so that a bucket can compile before its pool exists and never reads a pool's state,
+    which the decode replaces (donates)."""
 
     k: int
     groups: int
@@ -283,13 +287,6 @@ class _Pool:
         """(K, with a repetition penalty, prefill bucket): what a bucket's compile is kept by;
         pools of the same K and penalty share the shapes it compiles."""
         return self.k, self.penalty != 1.0, length
-
-    def shape(self) -> "_PoolShape":
-        """What a bucket's compile reads of the pool: read on the worker, so that a compile in
-        the background never touches the pool's state, which the decode replaces (donates)."""
-        return _PoolShape(self.k, self.groups, self.rows, self.penalty,
-                          jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                       self.state))
 
     def free_groups(self) -> list[int]:
         """Groups whose K rows are all free (an item takes one group)."""
@@ -384,7 +381,8 @@ class ContinuousBackend:
             for length in item_lengths(self.rm, items, False, warm, self._submit_tok):
                 key = pool.bucket_key(bucket_length(length))
                 if key not in self._compiled_buckets:
-                    self._compile_bucket(pool.shape(), bucket_length(length))
+                    self._compile_bucket(self._pool_shape(pool.penalty, pool.k),
+                                         bucket_length(length))
                     with self._lock:
                         self._compiled_buckets.add(key)
             log.info("warm-up: compiled %d length buckets in %.1f s", len(items),
@@ -652,7 +650,11 @@ class ContinuousBackend:
                 self._pools.move_to_end(key)
             elif not self._pool_compiled(req, key):
                 # Its pool's programs compile in the background: it waits in its place in the
-                # queue, and the requests behind it go on meanwhile.
+                # queue, and the requests behind it go on meanwhile. Its items' buckets are
+                # queued on that thread right behind them, when the request is first met, so it
+                # waits one pass of that queue (not the pool's compile, then the buckets').
+                for item in req.waiting:
+                    self._bucket_compiled(req, item)
                 continue
             elif self._make_room(req.settings, waited_in):
                 return req, key
@@ -664,7 +666,7 @@ class ContinuousBackend:
             for item in list(req.waiting):
                 # An item whose bucket is compiling waits for it, in its place in the queue;
                 # the items behind it whose buckets are compiled take the free rows meanwhile.
-                if not self._bucket_compiled(pool, req, item) or not free:
+                if not self._bucket_compiled(req, item) or not free:
                     continue
                 req.waiting.remove(item)
                 group, free = free[0], free[1:]
@@ -680,15 +682,23 @@ class ContinuousBackend:
                 self._queue.remove(req)
         return None
 
-    def _bucket_compiled(self, pool: _Pool, req: _Request, item: int) -> bool:
-        """Under the lock: whether the prefill bucket of ``item`` is compiled for ``pool``;
-        if not, the item waits for its compile, which starts in the background the first time
-        an item meets the bucket (one compile at a time, in the order met)."""
+    @staticmethod
+    def _bucket_key(settings: Settings, length: int) -> tuple:
+        """(K, with a repetition penalty, prefill bucket): what a bucket's compile is kept by
+        (as :meth:`_Pool.bucket_key` for the pool of ``settings``)."""
+        return settings.num_samples, float(settings.repetition_penalty) != 1.0, length
+
+    def _bucket_compiled(self, req: _Request, item: int) -> bool:
+        """Under the lock: whether the prefill bucket of ``item`` is compiled for the pool of
+        ``req``'s settings (which need not exist yet); if not, the item waits for its compile,
+        which starts in the background the first time an item meets the bucket (one compile at a
+        time, in the order met)."""
         length = bucket_length(len(req.prefixes[item]))
+        k, penalty = req.settings.num_samples, float(req.settings.repetition_penalty)
         return self._compiled(
-            pool.bucket_key(length), [(req, item)],
-            lambda: (f"prefill bucket {length} at batch sizes 1 to {pool.groups} "
-                     f"(num_samples={pool.k})", self._compile_bucket, (pool.shape(), length)))
+            self._bucket_key(req.settings, length), [(req, item)],
+            lambda: (f"prefill bucket {length} at batch sizes 1 to {self.rows_for(k) // k} "
+                     f"(num_samples={k})", self._compile_bucket_of, (penalty, k, length)))
 
     def _pool_compiled(self, req: _Request, key: tuple) -> bool:
         """Under the lock: whether the programs of a pool for ``req``'s sampling combination
@@ -768,6 +778,18 @@ class ContinuousBackend:
             i32 = functools.partial(np.asarray, dtype=np.int32)  # no eager conversion to compile
             pool.state = _insert(pool.state, small, logits, seen, i32(groups), i32(group_src),
                                  i32(rows), i32(src), jnp.stack(keys), i32(budgets))
+
+    def _pool_shape(self, penalty: float, k: int) -> _PoolShape:
+        """The sizes and state shapes of a pool of these settings, as :func:`_new_state` makes
+        them (traced, not run): what a bucket's compile needs, known before the pool exists."""
+        args = self.state_args(penalty, k)
+        state = jax.eval_shape(functools.partial(_new_state, *args))
+        return _PoolShape(k, args[2], args[1], penalty,
+                          jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state))
+
+    def _compile_bucket_of(self, penalty: float, k: int, length: int) -> None:
+        """Runs on the compile thread: :meth:`_compile_bucket` for the pool of these settings."""
+        self._compile_bucket(self._pool_shape(penalty, k), length)
 
     def _compile_bucket(self, pool: _PoolShape, length: int) -> None:
         """Compiles (without running) the prefill and the insert for every batch size
