@@ -823,3 +823,69 @@ def test_a_new_sampling_combination_queues_its_pool_and_bucket_compiles_at_once(
     assert compiles == []
     _check(future.result(timeout=0), rm, [0, 3], st)
     engine.close()
+
+
+def test_the_rows_keys_derived_in_one_program_are_the_per_row_ones():
+    # _sample_keys derives every row's key at once; the keys (and so the critiques of a seed) are
+    # bit for bit those of fold_in(row_keys(seed, [content id])[0], sample), row by row, the
+    # seeds and content ids at the ends of their uint32 range included.
+    from cloud_jax.sampling import row_keys
+    from cloud_jax.serving.engine import _sample_keys
+
+    seeds = [0, 1, 7, 2**31 - 1, 2**31, 2**32 - 1, 123456789]
+    content = [0, 5, 2**31, 2**32 - 1, 99, 12345, 4000000000]
+    want, args = [], ([], [], [])
+    for seed, content_id in zip(seeds, content):
+        base = row_keys(seed, np.asarray([content_id], np.uint32))[0]
+        for sample in range(3):
+            want.append(jax.random.key_data(jax.random.fold_in(base, sample)))
+            for arg, value in zip(args, (seed, content_id, sample)):
+                arg.append(value)
+    got = jax.jit(_sample_keys)(np.asarray(args[0], np.uint32), np.asarray(args[1], np.uint32),
+                                np.asarray(args[2], np.int32))
+    np.testing.assert_array_equal(np.asarray(jax.random.key_data(got)), np.stack(want))
+
+
+def test_an_admission_derives_its_rows_keys_in_its_insert_program(rm, monkeypatch):
+    # An admission derives the key of every row it starts (from its request's seed, its item's
+    # content id and its sample) in the program that copies the prefills into the rows: no key
+    # operation of its own per row (it took rows x K small dispatches). The critiques are those of
+    # rm.score for each seed. The test drives the worker's steps itself.
+    engine = ContinuousBackend(rm, BackendOptions(slots=4, max_critique_tokens=4,
+                                                  max_length=256), chunk_steps=4)
+    st = Settings(num_samples=2, temperature=0.9, max_critique_tokens=4)
+
+    def finish(futures):
+        for _ in range(8):  # a budget of 4 tokens: one or two chunks of 4 steps
+            engine._decode()
+            engine._deliver()
+            if all(f.done() for f in futures):
+                return
+        raise AssertionError("the rows did not finish")
+
+    first = engine.submit(_items([0]), st)
+    engine._admit()
+    while engine._compiling:  # the pool's programs and the item's bucket, in the background
+        for job in list(engine._compiling.values()):
+            assert job.finished.wait(120)
+        engine._finish_compiles()
+        engine._admit()
+    finish([first])
+    calls = []
+    for name in ("key", "fold_in", "split", "key_data", "wrap_key_data"):
+        fn = getattr(jax.random, name)
+        monkeypatch.setattr(jax.random, name,
+                            lambda *a, _fn=fn, _name=name, **kw: (calls.append(_name),
+                                                                  _fn(*a, **kw))[1])
+    seeds = (2**32 - 1, 5)
+    with engine._lock:  # admitted together: one prefill of two items of two seeds
+        futures = [engine.submit(_items([i]), dataclasses.replace(st, seed=seed))
+                   for i, seed in zip((0, 2), seeds)]
+    engine._admit()
+    assert engine.stats().busy_slots == 4 and engine.stats().queue_depth == 0
+    assert calls == []
+    monkeypatch.undo()
+    finish(futures)
+    for i, seed, future in zip((0, 2), seeds, futures):
+        _check(future.result(timeout=0), rm, [i], dataclasses.replace(st, seed=seed))
+    engine.close()

@@ -45,11 +45,12 @@ columns free up only by compaction (:func:`_compact`, a per-row gather that move
 decode slots to the front) when the next chunk would run past the segment's end.
 
 A row draws with the key ``fold_in(fold_in(key(seed), content_id), sample)`` folded with its own
-step (every step's uniform number is made from it when the row starts, so a decode step hashes no
-keys: ``cloud_jax.sampling.methods.step_uniforms``), its prefill tokens are the same, and its reward is read the same way, so a request's
-critiques and rewards equal ``rm.score`` on the same items and settings whatever else is in
-flight. As in the batch sampler, the K samples of an item are a group of consecutive rows that
-read one cached copy of its prefill.
+step (the key, and every step's uniform number from it, are made on the device when the row starts,
+in the program that copies its prefill in, so neither an admission nor a decode step hashes keys
+row by row: :func:`_sample_keys`, ``cloud_jax.sampling.methods.step_uniforms``), its prefill tokens
+are the same, and its reward is read the same way, so a request's critiques and rewards equal
+``rm.score`` on the same items and settings whatever else is in flight. As in the batch sampler,
+the K samples of an item are a group of consecutive rows that read one cached copy of its prefill.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ from cloud_jax.model import KVCache, init_cache, unstack_layers, with_shared_pre
 from cloud_jax.model.config import ModelConfig
 from cloud_jax.model.decode_step import decode_step
 from cloud_jax.sampling import (bucket_length, content_row_ids, method_from, pad_prefixes, prefill,
-                                row_keys, penalize_repeats)
+                                penalize_repeats)
 from cloud_jax.sampling.loop import seen_tokens, stop_array
 from cloud_jax.sampling.methods import SamplingMethod, step_uniforms
 from cloud_jax.scoring.rewards import ScoreConfig, resolve_critique_prefix, resolve_layout_version
@@ -146,13 +147,26 @@ def _chunk(params, s: PoolState, stop_ids, *, cfg: ModelConfig, method: Sampling
         return jax.lax.fori_loop(0, steps, body, s)
 
 
+def _sample_keys(seeds, content, samples) -> jax.Array:
+    """Row j's key, ``fold_in(fold_in(key(seeds[j]), content[j]), samples[j])`` (seeds and
+    content ids uint32), for every row at once: the per-row keys of
+    ``fold_in(row_keys(seed, [content id])[0], sample)``, bit for bit."""
+    def one(seed, content_id, sample):
+        return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), content_id), sample)
+
+    return jax.vmap(one)(seeds, content, samples)
+
+
 @functools.partial(jax.jit, donate_argnums=(0,))
-def _insert(s: PoolState, small: KVCache, logits, seen, groups, group_src, rows, src, keys,
-            budgets) -> PoolState:
+def _insert(s: PoolState, small: KVCache, logits, seen, groups, group_src, rows, src, seeds,
+            content, samples, budgets) -> PoolState:
     """Copies prefill ``group_src[i]`` (of ``small``) into prefix slot ``groups[i]`` (read by that
     group's K rows), and starts row ``rows[j]`` on prefill ``src[j]`` with its decode slots
-    cleared and the uniform numbers of its key ``keys[j]`` for every step; entries out of range
-    are dropped (they pad the index arrays to fixed lengths)."""
+    cleared and the uniform numbers of its key for every step, the key derived here from its
+    request's seed ``seeds[j]``, its input's content id ``content[j]`` and its sample
+    ``samples[j]`` (:func:`_sample_keys`: an admission dispatches no key operation per row);
+    entries out of range are dropped (they pad the index arrays to fixed lengths)."""
+    keys = _sample_keys(seeds, content, samples)
     length = small.valid.shape[1]
     prefix = s.cache.prefix
     total = prefix.valid.shape[1]
@@ -758,26 +772,29 @@ class ContinuousBackend:
             seen = (None if pool.penalty == 1.0 else seen_tokens(jnp.asarray(ids), jnp.asarray(mask),
                                                                   self.cfg.vocab_size))
             content = content_row_ids(prefixes)
-            groups, group_src, rows, src, keys, budgets = [], [], [], [], [], []
+            groups, group_src = [], []
+            rows, src, seeds, row_content, samples, budgets = [], [], [], [], [], []
             for j, (req, item, g) in enumerate(group):
                 groups.append(g)
                 group_src.append(j)
-                base = row_keys(req.settings.seed, content[j:j + 1])[0]
-                for sample in range(k):
+                for sample in range(k):  # its keys are derived in _insert
                     rows.append(g * k + sample)
                     src.append(j)
-                    keys.append(jax.random.fold_in(base, sample))
+                    seeds.append(req.settings.seed)
+                    row_content.append(content[j])
+                    samples.append(sample)
                     budgets.append(req.settings.max_critique_tokens)
             n, ng = len(rows), len(groups)
             groups += [pool.groups] * (pool.groups - ng)
             group_src += [0] * (pool.groups - ng)
-            rows += [s] * (s - n)
-            src += [0] * (s - n)
-            keys += [keys[0]] * (s - n)
-            budgets += [0] * (s - n)
+            for per_row, pad in ((rows, s), (src, 0), (seeds, 0), (row_content, 0),
+                                 (samples, 0), (budgets, 0)):
+                per_row += [pad] * (s - n)
             i32 = functools.partial(np.asarray, dtype=np.int32)  # no eager conversion to compile
+            u32 = functools.partial(np.asarray, dtype=np.uint32)
             pool.state = _insert(pool.state, small, logits, seen, i32(groups), i32(group_src),
-                                 i32(rows), i32(src), jnp.stack(keys), i32(budgets))
+                                 i32(rows), i32(src), u32(seeds), u32(row_content), i32(samples),
+                                 i32(budgets))
 
     def _pool_shape(self, penalty: float, k: int) -> _PoolShape:
         """The sizes and state shapes of a pool of these settings, as :func:`_new_state` makes
@@ -799,6 +816,7 @@ class ContinuousBackend:
         ``--warmup buckets``); reads no state the worker changes."""
         groups = jax.ShapeDtypeStruct((pool.groups,), jnp.int32)
         rows = jax.ShapeDtypeStruct((pool.rows,), jnp.int32)
+        keyed = jax.ShapeDtypeStruct((pool.rows,), jnp.uint32)  # rows' seeds, content ids
         static = dict(cfg=self.cfg, cache_len=length, rules=tuple(SAMPLE_RULES))
         b = 1
         while True:
@@ -809,9 +827,8 @@ class ContinuousBackend:
             seen = (None if pool.penalty == 1.0 else
                     seen_tokens(jnp.zeros(ids.shape, jnp.int32), jnp.zeros(ids.shape, jnp.int32),
                                 self.cfg.vocab_size))
-            _insert.lower(pool.state, small, logits, seen, groups, groups, rows, rows,
-                          jax.eval_shape(lambda: jax.random.split(jax.random.key(0), pool.rows)),
-                          rows).compile()
+            _insert.lower(pool.state, small, logits, seen, groups, groups, rows, rows, keyed,
+                          keyed, rows, rows).compile()
             if b >= pool.groups:
                 break
             b *= 2
