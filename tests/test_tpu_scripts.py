@@ -354,12 +354,12 @@ def test_babysit_refuses_an_unknown_rehearsed_trainer_state():
 
 def test_babysit_dry_run_leaves_a_healthy_run_alone():
     result = dry_run("babysit", "python", "x.py", DRY_RUN_STATE="ACTIVE",
-                     DRY_RUN_TRAINER="running", MAX_ITERATIONS="2", CHECK_SECONDS="7")
+                     DRY_RUN_TRAINER="running", MAX_ITERATIONS="2", CHECK_SECONDS="70")
     assert result.returncode == 0, result.stderr
     commands = printed_commands(result.stdout)
     assert all(c[4] in ("describe", "ssh") for c in commands)
     assert sum(c[4] == "ssh" for c in commands) == 2  # one status check per iteration
-    assert "would sleep 7s" in result.stderr
+    assert "would sleep 70s" in result.stderr
 
 
 @pytest.mark.parametrize("name,args", [("setup", ()), ("sync", ()), ("run", ("python", "-V")),
@@ -370,6 +370,45 @@ def test_remote_scripts_parse(name, args):
             result = subprocess.run(["bash", "-n"], input=remote_script(argv), text=True,
                                     capture_output=True)
             assert result.returncode == 0, result.stderr
+
+
+def no_gcloud_env(tmp_path: Path, **overrides: str) -> dict:
+    """Settings plus a gcloud first on PATH that only fails, loudly: for what must be refused
+    before any cloud call (not a rehearsal: DRY_RUN=0)."""
+    bin_dir = tmp_path / "no-gcloud"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "gcloud").write_text("#!/bin/sh\necho 'gcloud called' >&2\nexit 99\n")
+    (bin_dir / "gcloud").chmod(0o755)
+    return clean_env(DRY_RUN="0", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", **overrides)
+
+
+@pytest.mark.parametrize("name,setting,value,said", [
+    ("create", "POLL_SECONDS", "0", "POLL_SECONDS=0: expected at least 10"),
+    ("create", "POLL_SECONDS", "9", "POLL_SECONDS=9: expected at least 10"),
+    ("create", "POLL_SECONDS", "-5", "POLL_SECONDS=-5: expected a whole number"),
+    ("create", "POLL_SECONDS", "soon", "POLL_SECONDS=soon: expected a whole number"),
+    ("babysit", "CHECK_SECONDS", "0", "CHECK_SECONDS=0: expected at least 60"),
+    ("babysit", "CHECK_SECONDS", "59", "CHECK_SECONDS=59: expected at least 60"),
+    ("babysit", "CHECK_SECONDS", "-1", "CHECK_SECONDS=-1: expected a whole number"),
+    ("babysit", "POLL_SECONDS", "0", "POLL_SECONDS=0: expected at least 10"),  # for create.sh
+])
+def test_pauses_below_the_minimum_are_refused_before_any_gcloud_call(tmp_path, name, setting,
+                                                                     value, said):
+    """POLL_SECONDS=0 or CHECK_SECONDS=0 made create.sh and babysit.sh call gcloud in a loop with
+    no pause; a value below the minimum is refused before the first call."""
+    result = script(name, "python", "x.py", env=no_gcloud_env(tmp_path, **{setting: value})) \
+        if name == "babysit" else script(name, env=no_gcloud_env(tmp_path, **{setting: value}))
+    assert result.returncode == 1, result.stderr
+    assert said in result.stderr
+    assert "gcloud called" not in result.stderr
+
+
+def test_the_smallest_pauses_are_accepted():
+    create = dry_run("create", POLL_SECONDS="10")
+    assert create.returncode == 0 and "would poll every 10s" in create.stderr, create.stderr
+    babysit = dry_run("babysit", "python", "x.py", "output_dir=gs://test-bucket/cloud/run",
+                      DRY_RUN_STATE="ACTIVE", MAX_ITERATIONS="2", CHECK_SECONDS="60")
+    assert babysit.returncode == 0 and "would sleep 60s" in babysit.stderr, babysit.stderr
 
 
 def test_settings_precedence(tmp_path):
@@ -620,9 +659,11 @@ elif verb[1] == "scp":
 elif verb[1] == "ssh":
     which = flag("worker")
     chosen = range(workers) if which == "all" else [int(which)]
+    # The workers sleep for real: only the workstation's pauses are skipped (FAKE_LOCAL_BIN).
+    path = [p for p in os.environ["PATH"].split(":") if p != os.environ["FAKE_LOCAL_BIN"]]
     procs = [subprocess.Popen(["bash", "-c", flag("command")], env=dict(
         os.environ, HOME=str(homes[i]), FAKE_WORKER_ID=str(i),
-        PATH=f"{state / 'remote-bin'}:{os.environ['PATH']}")) for i in chosen]
+        PATH=":".join([str(state / "remote-bin"), *path]))) for i in chosen]
     sys.exit(max(p.wait() for p in procs))
 else:
     sys.exit(f"fake gcloud: unexpected {args}")
@@ -665,7 +706,9 @@ while True:
 
 @pytest.fixture
 def fake_tpu(tmp_path):
-    """A fake gcloud on PATH, two worker homes with a ready virtualenv, and a small git checkout."""
+    """A fake gcloud on PATH, two worker homes with a ready virtualenv, and a small git checkout.
+    The scripts' own pauses (create.sh's polls, babysit.sh's checks and backoffs) go to a fake
+    `sleep` that records how long it was asked to wait, in the file `sleeps`, and returns at once."""
     state = tmp_path / "gcloud"
     (state / "remote-bin").mkdir(parents=True)
     bin_dir = tmp_path / "bin"
@@ -673,6 +716,10 @@ def fake_tpu(tmp_path):
     gcloud = bin_dir / "gcloud"
     gcloud.write_text(f"#!{sys.executable}\n{FAKE_GCLOUD}")
     gcloud.chmod(0o755)
+    local_bin = tmp_path / "local-bin"
+    local_bin.mkdir()
+    (local_bin / "sleep").write_text('#!/bin/sh\nprintf "%s\\n" "$*" >>"$FAKE_GCLOUD_DIR/sleeps"\n')
+    (local_bin / "sleep").chmod(0o755)
     curl = state / "remote-bin" / "curl"  # the metadata server: this worker's index
     curl.write_text('#!/bin/sh\nprintf "%s" "$FAKE_WORKER_ID"\n')
     curl.chmod(0o755)
@@ -705,9 +752,9 @@ def fake_tpu(tmp_path):
         (venv / ".cloud_jax_setup").write_text(want + "\n")
 
     env = clean_env(FAKE_GCLOUD_DIR=str(state), SRC_DIR=str(src), BUCKET_MOUNT=str(tmp_path / "mnt"),
-                    POLL_SECONDS="0",
-                    CHECK_SECONDS="0", BACKOFF_BASE="0", STOP_TIMEOUT="20", SSH_RETRIES="1")
-    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+                    POLL_SECONDS="10", CHECK_SECONDS="60", BACKOFF_BASE="0", STOP_TIMEOUT="20",
+                    SSH_RETRIES="1", FAKE_LOCAL_BIN=str(local_bin))
+    env["PATH"] = f"{local_bin}:{bin_dir}:{env['PATH']}"
     yield state, src, env
     # End whatever the runs left behind, by the process group ids run.sh recorded.
     for pid_file in state.glob("worker-*/logs/*/worker-*.pid"):
@@ -739,6 +786,7 @@ def test_create_polls_until_active(fake_tpu):
     assert result.returncode == 0, result.stderr
     assert "WAITING_FOR_RESOURCES" in result.stderr and "is ACTIVE" in result.stderr
     assert [c[3] for c in calls(state)] == ["describe", "create", "describe", "describe"]
+    assert (state / "sleeps").read_text().split() == ["10"]  # POLL_SECONDS between the two polls
     again = script("create", env=env)
     assert again.returncode == 0 and "already ACTIVE" in again.stderr
     assert [c[3] for c in calls(state)][-1] == "describe"

@@ -87,17 +87,17 @@ fi
 # The project's jax pin (requirements.txt must agree; setup.sh checks).
 : "${JAX_VERSION:=0.10.2}"
 : "${UV_VERSION:=0.13.9}"
-# Seconds: how long create.sh waits for ACTIVE, how often it polls, how long stop.sh lets the
-# trainer save before SIGKILL. SSH_RETRIES: attempts for the idempotent remote steps.
+# Seconds: how long create.sh waits for ACTIVE, how often it polls (at least 10), how long
+# stop.sh lets the trainer save before SIGKILL. SSH_RETRIES: attempts for the idempotent remote
+# steps.
 : "${CREATE_TIMEOUT:=7200}"
 : "${POLL_SECONDS:=30}"
 : "${STOP_TIMEOUT:=300}"
 : "${SSH_RETRIES:=3}"
-# babysit.sh: seconds between health checks; recoveries allowed in a row without progress (a
-# relaunch resuming from a newer checkpoint than before starts the count again); first and largest
-# wait
-# before a recovery (doubling in between, reset once the run is seen healthy); checks before it
-# exits (0: no limit).
+# babysit.sh: seconds between health checks (at least 60); recoveries allowed in a row without
+# progress (a relaunch resuming from a newer checkpoint than before starts the count again); first
+# and largest wait before a recovery (doubling in between, reset once the run is seen healthy);
+# checks before it exits (0: no limit).
 : "${CHECK_SECONDS:=300}"
 : "${MAX_RETRIES:=20}"
 : "${BACKOFF_BASE:=60}"
@@ -162,12 +162,18 @@ validate_settings() {
   if [[ -n "$BUCKET_MOUNT" && "$BUCKET_MOUNT" != /?* ]]; then
     die "BUCKET_MOUNT=$BUCKET_MOUNT: expected an absolute path on the workers, e.g. /mnt/bucket"
   fi
-  local name
+  local name min_poll=10 min_check=60
   for name in CREATE_TIMEOUT POLL_SECONDS STOP_TIMEOUT SSH_RETRIES CHECK_SECONDS MAX_RETRIES \
     BACKOFF_BASE BACKOFF_MAX MAX_ITERATIONS; do
     is_uint "${!name}" || die "$name=${!name}: expected a whole number of seconds/attempts"
   done
   ((SSH_RETRIES >= 1)) || die "SSH_RETRIES=$SSH_RETRIES: expected at least 1"
+  # Each poll and each check is a round of gcloud calls (a check also ssh-es into every worker):
+  # with no pause between them a script would hammer the TPU API for hours.
+  ((10#$POLL_SECONDS >= min_poll)) || die "POLL_SECONDS=$POLL_SECONDS: expected at least" \
+    "$min_poll (seconds between two reads of the queued resource's state; default 30)"
+  ((10#$CHECK_SECONDS >= min_check)) || die "CHECK_SECONDS=$CHECK_SECONDS: expected at" \
+    "least $min_check (seconds between two of babysit.sh's health checks; default 300)"
 }
 validate_settings
 
