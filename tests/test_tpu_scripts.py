@@ -137,6 +137,35 @@ def test_help_and_strict_mode(name):
     assert "set -euo" not in result.stdout
 
 
+@pytest.mark.parametrize("name", SCRIPTS)
+@pytest.mark.parametrize("args", [("-h",), ("--help",)], ids=["-h", "--help"])
+def test_help_whatever_the_settings(tmp_path, name, args):
+    """-h and --help print the usage and exit 0 before any setting is read or checked: a bad or
+    missing setting, or a TPU_ENV naming no file, made them fail."""
+    for bad in ({"CAPACITY": "bad"}, {"PROJECT": ""}, {"POLL_SECONDS": "0", "DRY_RUN": "2"},
+                {"TPU_ENV": str(tmp_path / "missing.env")}):
+        result = script(name, *args, env=no_gcloud_env(tmp_path, **bad))
+        assert result.returncode == 0, (bad, result.stderr)
+        assert result.stdout.startswith(f"Usage: tpu_scripts/{name}.sh"), bad
+        assert result.stderr == "", (bad, result.stderr)
+
+
+@pytest.mark.parametrize("name,args", [("delete", ("-yh",)), ("logs", ("-n", "5", "-h")),
+                                       ("stop", ("-r", "r1", "--help"))])
+def test_help_among_other_options(tmp_path, name, args):
+    result = script(name, *args, env=no_gcloud_env(tmp_path, CAPACITY="bad"))
+    assert result.returncode == 0 and result.stdout.startswith("Usage: "), result.stderr
+
+
+def test_a_help_flag_of_the_command_or_an_option_value_is_not_the_scripts():
+    run = dry_run("run", "-n", "r1", "python", "-h")  # python's -h, passed on
+    assert run.returncode == 0, run.stderr
+    assert "Usage:" not in run.stdout
+    assert "python -h" in remote_script(ssh_commands(printed_commands(run.stdout))[0])
+    stop = dry_run("stop", "-r", "-h")  # -h is the run name here, and not a valid one
+    assert stop.returncode == 1 and "-r -h: not a run name" in stop.stderr
+
+
 def test_run_script_never_names_a_worker():
     # run.sh reaches the workers only through on_all_workers (--worker=all).
     code = "\n".join(line for line in (SCRIPTS_DIR / "run.sh").read_text().splitlines()
@@ -379,7 +408,8 @@ def no_gcloud_env(tmp_path: Path, **overrides: str) -> dict:
     bin_dir.mkdir(exist_ok=True)
     (bin_dir / "gcloud").write_text("#!/bin/sh\necho 'gcloud called' >&2\nexit 99\n")
     (bin_dir / "gcloud").chmod(0o755)
-    return clean_env(DRY_RUN="0", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", **overrides)
+    return clean_env(**{"DRY_RUN": "0", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+                        **overrides})
 
 
 @pytest.mark.parametrize("name,setting,value,said", [

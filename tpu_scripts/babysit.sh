@@ -23,12 +23,13 @@
 #   -n RUN_NAME     as for run.sh (default: run-<UTC date>-<time>, fixed for all relaunches)
 #   -e NAME=VALUE   as for run.sh
 set -euo pipefail
+TPU_OPTIONS=n:e:h # getopts option string; env.sh answers -h/--help with it
 # shellcheck source=env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
 RUN="run-$(date -u +%Y%m%d-%H%M%S)"
 run_opts=()
-while getopts n:e:h opt; do
+while getopts "$TPU_OPTIONS" opt; do
   case $opt in
     n) RUN=$OPTARG ;;
     e)

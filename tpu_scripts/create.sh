@@ -6,10 +6,11 @@
 # CREATE_TIMEOUT seconds. Does nothing if the queued resource is already ACTIVE, and only waits if
 # it is already queued; one still being deleted is waited out first, then requested anew. Settings come from tpu_scripts/env.sh (see there).
 set -euo pipefail
+TPU_OPTIONS=h # getopts option string; env.sh answers -h/--help with it
 # shellcheck source=env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
-while getopts h opt; do
+while getopts "$TPU_OPTIONS" opt; do
   case $opt in
     h) usage; exit 0 ;;
     *) usage >&2; exit 2 ;;

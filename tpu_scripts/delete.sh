@@ -7,11 +7,12 @@
 # Everything on the workers' disks goes with them; checkpoints in BUCKET stay.
 #   -y   do not ask
 set -euo pipefail
+TPU_OPTIONS=yh # getopts option string; env.sh answers -h/--help with it
 # shellcheck source=env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
 assume_yes=0
-while getopts yh opt; do
+while getopts "$TPU_OPTIONS" opt; do
   case $opt in
     y) assume_yes=1 ;;
     h) usage; exit 0 ;;

@@ -19,6 +19,43 @@ if ((BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 4))); 
   exit 2
 fi
 
+# Prints the usage block: the script's leading comment lines after the shebang, without '# '.
+usage() {
+  sed -n '2,/^[^#]/{/^#/!d; s/^# \{0,1\}//; p;}' "$0"
+}
+
+# True when the script's options (the words before its first other argument, read as getopts
+# reads them with the option string $1) ask for help: -h, also inside a group (-yh), or --help.
+help_requested() {
+  local spec=$1 word i c
+  shift
+  while (($#)); do
+    word=$1
+    shift
+    case $word in
+      --help) return 0 ;;
+      -- | --* | - | [!-]*) return 1 ;;
+    esac
+    for ((i = 1; i < ${#word}; i++)); do
+      c=${word:i:1}
+      [[ $c == h ]] && return 0
+      if [[ $c != : && $spec == *"$c:"* ]]; then
+        # The option's value is the rest of the word, or else the next word.
+        if ((i + 1 == ${#word} && $# > 0)); then shift; fi
+        break
+      fi
+    done
+  done
+  return 1
+}
+
+# -h/--help prints the usage and exits 0 before any setting is read or checked, so that it works
+# whatever the environment or TPU_ENV hold. "$@" are the sourcing script's arguments.
+if help_requested "${TPU_OPTIONS:-h}" "$@"; then
+  usage
+  exit 0
+fi
+
 TPU_SETTINGS=(
   PROJECT ZONE TPU_NAME QUEUED_RESOURCE ACCELERATOR_TYPE RUNTIME_VERSION CAPACITY SERVICE_ACCOUNT
   CREATE_FLAGS BUCKET BUCKET_MOUNT REPO_DIR VENV_DIR LOG_DIR PYTHON_VERSION JAX_VERSION UV_VERSION
@@ -115,11 +152,6 @@ log() { printf '%s %s: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$SCRIPT_NAME" "$*
 die() {
   printf '%s: error: %s\n' "$SCRIPT_NAME" "$*" >&2
   exit 1
-}
-
-# Prints the usage block: the script's leading comment lines after the shebang, without '# '.
-usage() {
-  sed -n '2,/^[^#]/{/^#/!d; s/^# \{0,1\}//; p;}' "$0"
 }
 
 # POSIX single-quoting, so a word survives one round of shell parsing on this machine or a worker.

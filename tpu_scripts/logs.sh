@@ -9,12 +9,13 @@
 #   -r RUN_NAME   the run whose logs to show (default: each worker's latest run.sh)
 #   -n LINES      how many lines (default 50)
 set -euo pipefail
+TPU_OPTIONS=r:n:h # getopts option string; env.sh answers -h/--help with it
 # shellcheck source=env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
 RUN=""
 LINES=50
-while getopts r:n:h opt; do
+while getopts "$TPU_OPTIONS" opt; do
   case $opt in
     r) RUN=$OPTARG ;;
     n) LINES=$OPTARG ;;

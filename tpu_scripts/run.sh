@@ -14,13 +14,14 @@
 # Example:
 #   tpu_scripts/run.sh -n sft python -m cloud_jax.train --config configs/llama3_8b_critique_sft.yaml
 set -euo pipefail
+TPU_OPTIONS=n:e:h # getopts option string; env.sh answers -h/--help with it
 # shellcheck source=env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
 RUN="run-$(date -u +%Y%m%d-%H%M%S)"
 ENV_EXPORTS=""
 env_values=()
-while getopts n:e:h opt; do
+while getopts "$TPU_OPTIONS" opt; do
   case $opt in
     n) RUN=$OPTARG ;;
     e)

@@ -12,10 +12,11 @@
 # (installing gcsfuse from Google's apt repository if missing), every time it runs: a recreated
 # worker starts unmounted, and babysit.sh runs setup.sh before relaunching.
 set -euo pipefail
+TPU_OPTIONS=h # getopts option string; env.sh answers -h/--help with it
 # shellcheck source=env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
-while getopts h opt; do
+while getopts "$TPU_OPTIONS" opt; do
   case $opt in
     h) usage; exit 0 ;;
     *) usage >&2; exit 2 ;;

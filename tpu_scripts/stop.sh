@@ -7,11 +7,12 @@
 #   -r RUN_NAME   the run to stop (default: each worker's latest run.sh)
 #   -t SECONDS    grace period before SIGKILL (default: STOP_TIMEOUT=300)
 set -euo pipefail
+TPU_OPTIONS=r:t:h # getopts option string; env.sh answers -h/--help with it
 # shellcheck source=env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
 RUN=""
-while getopts r:t:h opt; do
+while getopts "$TPU_OPTIONS" opt; do
   case $opt in
     r) RUN=$OPTARG ;;
     t) STOP_TIMEOUT=$OPTARG ;;

@@ -9,11 +9,12 @@
 #   -l   only list the files that would be copied, then exit (no gcloud)
 # SRC_DIR (default: the repo holding tpu_scripts/) names the checkout to copy.
 set -euo pipefail
+TPU_OPTIONS=lh # getopts option string; env.sh answers -h/--help with it
 # shellcheck source=env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
 list_only=0
-while getopts lh opt; do
+while getopts "$TPU_OPTIONS" opt; do
   case $opt in
     l) list_only=1 ;;
     h) usage; exit 0 ;;
