@@ -166,6 +166,33 @@ def test_a_help_flag_of_the_command_or_an_option_value_is_not_the_scripts():
     assert stop.returncode == 1 and "-r -h: not a run name" in stop.stderr
 
 
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_exit_status_2_for_the_command_line_1_for_a_setting(tmp_path, name):
+    """The exit statuses docs/TPU_SCRIPTS.md gives: 2 when the command line cannot be parsed (an
+    unknown option, an option without its value), with the usage on stderr; 1 when a setting is
+    missing or invalid, TPU_ENV naming no file included, with a message naming it. Neither calls
+    gcloud."""
+    cmd = ("python", "x.py") if name in ("run", "babysit") else ()
+    unknown = script(name, "-Z", *cmd, env=no_gcloud_env(tmp_path))
+    assert unknown.returncode == 2, unknown.stderr
+    assert f"Usage: tpu_scripts/{name}.sh" in unknown.stderr and unknown.stdout == ""
+    for bad, said in [({"PROJECT": ""}, "PROJECT not set"),
+                      ({"CAPACITY": "bad"}, "CAPACITY=bad: expected"),
+                      ({"SSH_RETRIES": "x"}, "SSH_RETRIES=x: expected"),
+                      ({"TPU_ENV": str(tmp_path / "missing.env")}, "missing.env: no such file")]:
+        result = script(name, *cmd, env=no_gcloud_env(tmp_path, **bad))
+        assert result.returncode == 1, (bad, result.stderr)
+        assert said in result.stderr and "gcloud called" not in result.stderr, (bad, result.stderr)
+
+
+@pytest.mark.parametrize("name,option", [("logs", "-n"), ("stop", "-r"), ("run", "-e"),
+                                         ("babysit", "-n")])
+def test_an_option_without_its_value_is_a_usage_error(tmp_path, name, option):
+    result = script(name, option, env=no_gcloud_env(tmp_path))
+    assert result.returncode == 2, result.stderr
+    assert "Usage: " in result.stderr and "gcloud called" not in result.stderr
+
+
 def test_run_script_never_names_a_worker():
     # run.sh reaches the workers only through on_all_workers (--worker=all).
     code = "\n".join(line for line in (SCRIPTS_DIR / "run.sh").read_text().splitlines()
@@ -462,7 +489,7 @@ def test_settings_precedence(tmp_path):
     assert flag(create, "zone") == "asia-east1-c"
     env["TPU_ENV"] = str(tmp_path / "missing.env")
     result = script("create", env=env)
-    assert result.returncode == 2 and "missing.env: no such file" in result.stderr
+    assert result.returncode == 1 and "missing.env: no such file" in result.stderr
 
 
 def test_a_dry_run_from_the_environment_beats_the_tpu_env_file(tmp_path):

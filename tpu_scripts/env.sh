@@ -16,7 +16,7 @@
 
 if ((BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 4))); then
   echo "tpu_scripts need bash >= 4.4, this is $BASH_VERSION (macOS: brew install bash)" >&2
-  exit 2
+  exit 1
 fi
 
 # Prints the usage block: the script's leading comment lines after the shebang, without '# '.
@@ -70,7 +70,7 @@ TPU_SETTINGS=(
 if [[ -n "${TPU_ENV:-}" && -z "${_TPU_ENV_LOADING:-}" ]]; then
   if [[ ! -f "$TPU_ENV" ]]; then
     echo "TPU_ENV=$TPU_ENV: no such file (unset TPU_ENV to use tpu_scripts/env.sh alone)" >&2
-    exit 2
+    exit 1
   fi
   _TPU_ENV_WINS=("${TPU_SETTINGS[@]}" DRY_RUN DRY_RUN_STATE DRY_RUN_TRAINER SRC_DIR)
   for _name in "${_TPU_ENV_WINS[@]}"; do
@@ -149,6 +149,9 @@ SCRIPT_NAME=$(basename "$0")
 
 log() { printf '%s %s: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$SCRIPT_NAME" "$*" >&2; }
 
+# Exit statuses of every script: 0 done (or -h); 2 the command line could not be parsed (getopts:
+# an unknown option, an option without its value; the usage goes to stderr); 1 anything else that
+# stops it, a missing or invalid setting first of all (docs/TPU_SCRIPTS.md, "Exit status").
 die() {
   printf '%s: error: %s\n' "$SCRIPT_NAME" "$*" >&2
   exit 1
