@@ -553,6 +553,7 @@ def test_a_critique_cut_at_the_budget_is_flagged_where_users_read_it(rm, tmp_pat
     import asyncio
 
     from cloud_jax.cli.critique import main as critique_main
+    from cloud_jax.serving.engine import ContinuousBackend
     from cloud_jax.serving.server import build_app
     from cloud_jax.serving.static import StaticBackend
     from cloud_jax.serving.types import BackendOptions, Settings
@@ -591,22 +592,30 @@ def test_a_critique_cut_at_the_budget_is_flagged_where_users_read_it(rm, tmp_pat
         assert [(r["chosen_feedback_truncated"], r["rejected_feedback_truncated"])
                 for r in rows] == [(cut, cut)] * 2
         assert f"): {4 if cut else 0} of 4" in capsys.readouterr().err
-        # The server: /v1/score's per-item flags and /get_reward's fraction.
-        backend = StaticBackend(model, BackendOptions(
-            slots=4, max_length=256, max_critique_tokens=BUDGET,
-            defaults=Settings(max_critique_tokens=BUDGET)))
-        backend.start()
-        try:
-            app = build_app(backend, Settings(max_critique_tokens=BUDGET), model.tokenizer)
-            status, body = asyncio.run(_post(app, "/v1/score", {
-                "items": [{"prompt": p, "response": r} for p, r in zip(PROMPTS, RESPONSES)],
-                "num_samples": 2, "temperature": 1.0}))
-            assert status == 200, body
-            assert [r["truncated"] for r in body["results"]] == [[cut, cut]] * len(PROMPTS)
-            status, body = asyncio.run(_post(app, "/get_reward", {
-                "query": [f"<bos><|user|>{p}<eot><|assistant|>{r}<eot>"
-                          for p, r in zip(PROMPTS, RESPONSES)]}))
-            assert status == 200, body
-            assert body["extra_logs"]["truncated_fraction"] == [float(cut)] * len(PROMPTS)
-        finally:
-            backend.close(drain=True)
+        # The server, with either batching: /v1/score's per-item flags and /get_reward's
+        # fraction (the continuous engine hands each row's flag over as its row ends). The
+        # continuous engine serves /get_reward with the request's own sampling combination and
+        # two rows (one compiled pool, batch size 1), which keeps its compiles to seconds.
+        sampled = Settings(num_samples=2, temperature=1.0, max_critique_tokens=BUDGET)
+        for make, slots, defaults in ((StaticBackend, 4, Settings(max_critique_tokens=BUDGET)),
+                                      (ContinuousBackend, 2, sampled)):
+            backend = make(model, BackendOptions(slots=slots, max_length=256,
+                                                 max_critique_tokens=BUDGET, defaults=defaults))
+            assert type(backend) is make
+            backend.start()
+            try:
+                app = build_app(backend, defaults, model.tokenizer)
+                status, body = asyncio.run(_post(app, "/v1/score", {
+                    "items": [{"prompt": p, "response": r} for p, r in zip(PROMPTS, RESPONSES)],
+                    "num_samples": 2, "temperature": 1.0}))
+                assert status == 200, (make, body)
+                assert [r["truncated"] for r in body["results"]] == [[cut, cut]] * len(PROMPTS), \
+                    make
+                status, body = asyncio.run(_post(app, "/get_reward", {
+                    "query": [f"<bos><|user|>{p}<eot><|assistant|>{r}<eot>"
+                              for p, r in zip(PROMPTS, RESPONSES)]}))
+                assert status == 200, (make, body)
+                assert body["extra_logs"]["truncated_fraction"] == [float(cut)] * len(PROMPTS), \
+                    make
+            finally:
+                backend.close(drain=True)
