@@ -779,8 +779,10 @@ class _QueuedCompiles:
     def submit(self, fn, *args):
         self.queued.append((fn, args))
 
-    def run(self) -> None:
-        queued, self.queued = self.queued, []
+    def run(self, count=None) -> None:
+        """Runs the first ``count`` compiles queued (all of them by default)."""
+        count = len(self.queued) if count is None else count
+        queued, self.queued = self.queued[:count], self.queued[count:]
         for fn, args in queued:
             fn(*args)
 
@@ -822,6 +824,114 @@ def test_a_new_sampling_combination_queues_its_pool_and_bucket_compiles_at_once(
         stop()
     assert compiles == []
     _check(future.result(timeout=0), rm, [0, 3], st)
+    engine.close()
+
+
+def _queued_engine(rm, slots=4):
+    """An engine whose worker steps the test drives (:func:`_steps`), its compile thread a
+    :class:`_QueuedCompiles`."""
+    engine = ContinuousBackend(rm, BackendOptions(slots=slots, max_critique_tokens=4,
+                                                  max_length=256), chunk_steps=4)
+    return engine, _QueuedCompiles()
+
+
+def _steps(engine, futures, limit=12):
+    """Runs the worker's steps (as its loop does) until every one of ``futures`` is done."""
+    for _ in range(limit):
+        engine._finish_compiles()
+        engine._drop_cancelled()
+        engine._admit()
+        engine._decode()
+        engine._deliver()
+        if all(f.done() for f in futures):
+            return
+    raise AssertionError(f"not done in {limit} steps: {futures}")
+
+
+def test_a_request_cancelled_while_its_combinations_compiles_are_queued(rm):
+    # The first request of a new combination queues its pool's and its buckets' compiles, then
+    # is cancelled: it leaves the queue at once, the compiles still finish (kept for the next
+    # request), and once taken up nothing refers to it. A later request of that combination
+    # queues nothing and compiles nothing.
+    engine, compiler = _queued_engine(rm)
+    engine._compiler = compiler
+    st = Settings(num_samples=2, temperature=0.9, max_critique_tokens=4, seed=3)
+    dropped = engine.submit(_items([0, 3]), st)
+    engine._admit()
+    assert len(compiler.queued) == 3
+    engine.cancel(dropped)
+    engine._drop_cancelled()
+    assert dropped.cancelled() and not engine._queue and engine.stats().queue_depth == 0
+    # A request of the combination met meanwhile waits for the same compiles (none queued anew).
+    kept_settings = dataclasses.replace(st, seed=4)
+    kept = engine.submit(_items([3]), kept_settings)
+    engine._admit()
+    assert len(compiler.queued) == 3
+    compiler.run()
+    engine._finish_compiles()
+    assert not engine._compiling and not engine._cancel
+    assert engine._pool_key(st) in engine._compiled_pools
+    assert {(2, False, 128), (2, False, 256)} <= engine._compiled_buckets
+    compiles, stop = _count_compiles()
+    try:
+        _steps(engine, [kept])
+        later = engine.submit(_items([0, 3]), st)
+        _steps(engine, [later])
+        assert compiler.queued == [] and not engine._compiling
+    finally:
+        stop()
+    assert compiles == []
+    _check(kept.result(timeout=0), rm, [3], kept_settings)
+    _check(later.result(timeout=0), rm, [0, 3], st)
+    assert engine.stats().busy_slots == 0 and engine.stats().queue_depth == 0
+    engine.close()
+
+
+def test_a_failed_pool_compile_with_its_buckets_compiled_fails_its_request_once(rm, caplog):
+    # The pool's compile fails, the buckets' queued behind it succeed (on the thread, the
+    # worker may take up the failure before they finish): the request fails with the pool's
+    # error, once; the buckets compiled are kept, so the next request of the combination queues
+    # only the pool's compile again, and is served.
+    engine, compiler = _queued_engine(rm)
+    engine._compiler = compiler
+    compile_pool, broken = engine._compile_pool, [True]
+
+    def compile_or_fail(method, penalty, k):
+        if broken[0]:
+            raise RuntimeError("RESOURCE_EXHAUSTED: out of memory compiling the decode chunk")
+        return compile_pool(method, penalty, k)
+
+    engine._compile_pool = compile_or_fail
+    st = Settings(num_samples=2, temperature=0.9, max_critique_tokens=4, seed=3)
+    failing = engine.submit(_items([0, 3]), st)
+    engine._admit()
+    assert len(compiler.queued) == 3
+    answers = []
+    failing.add_done_callback(answers.append)
+    caplog.set_level(logging.INFO, logger="cloud_jax.serving")
+    compiler.run(1)  # the pool's compile fails; the buckets' are still queued
+    engine._finish_compiles()
+    engine._drop_cancelled()
+    with pytest.raises(RuntimeError, match="compiling the decode chunk"):
+        failing.result(timeout=0)
+    assert not engine._queue and engine.stats().queue_depth == 0
+    compiler.run()  # the buckets compile, and are taken up: the failed request is left alone
+    engine._finish_compiles()
+    engine._drop_cancelled()
+    assert len(answers) == 1 and "decode chunk" in str(failing.exception())
+    assert not engine._compiling and engine._pool_key(st) not in engine._compiled_pools
+    assert {(2, False, 128), (2, False, 256)} <= engine._compiled_buckets
+    failed = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert len(failed) == 1 and failed[0].startswith("compiling a decode pool for num_samples=2")
+    assert "the 1 request(s) waiting for it fail" in failed[0], failed
+    broken[0] = False
+    again = engine.submit(_items([0, 3]), st)
+    engine._admit()
+    assert [job.key for job in engine._compiling.values()] == [engine._pool_key(st)]
+    assert len(compiler.queued) == 1
+    compiler.run()
+    _steps(engine, [again])
+    _check(again.result(timeout=0), rm, [0, 3], st)
     engine.close()
 
 
