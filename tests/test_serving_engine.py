@@ -935,6 +935,35 @@ def test_a_failed_pool_compile_with_its_buckets_compiled_fails_its_request_once(
     engine.close()
 
 
+def test_a_penalty_and_a_plain_combination_of_one_k_arriving_together(rm):
+    # Two requests of the same K, one with a repetition penalty, met in one step: each queues
+    # its own pool and its own buckets (a penalty's prefill also records the tokens seen), the
+    # second pool waits for the first to drain (each takes every row), and both are served as
+    # rm.score scores them, nothing compiling once their compiles ran.
+    engine, compiler = _queued_engine(rm)
+    engine._compiler = compiler
+    plain = Settings(num_samples=2, temperature=0.9, max_critique_tokens=4, seed=3)
+    penalised = dataclasses.replace(plain, repetition_penalty=1.3)
+    first = engine.submit(_items([0, 3]), plain)
+    second = engine.submit(_items([0, 3]), penalised)
+    engine._admit()
+    keys = [job.key for job in engine._compiling.values()]
+    assert keys == [engine._pool_key(plain), (2, False, 128), (2, False, 256),
+                    engine._pool_key(penalised), (2, True, 128), (2, True, 256)]
+    assert len(compiler.queued) == 6
+    compiler.run()
+    compiles, stop = _count_compiles()
+    try:
+        _steps(engine, [first, second])
+    finally:
+        stop()
+    assert compiles == [] and compiler.queued == [] and not engine._compiling
+    _check(first.result(timeout=0), rm, [0, 3], plain)
+    _check(second.result(timeout=0), rm, [0, 3], penalised)
+    assert engine.spans[first][1] <= engine.spans[second][0]
+    engine.close()
+
+
 def test_the_rows_keys_derived_in_one_program_are_the_per_row_ones():
     # _sample_keys derives every row's key at once; the keys (and so the critiques of a seed) are
     # bit for bit those of fold_in(row_keys(seed, [content id])[0], sample), row by row, the

@@ -157,6 +157,12 @@ def _sample_keys(seeds, content, samples) -> jax.Array:
     return jax.vmap(one)(seeds, content, samples)
 
 
+# The tokens each new row's prefix holds (a repetition penalty's pool), one compiled program
+# that takes the host's padded prefixes as they are: run op by op, moving them onto the device
+# compiled a program per bucket and batch size on the worker, which _compile_bucket missed.
+_seen = jax.jit(seen_tokens, static_argnames="vocab_size")
+
+
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _insert(s: PoolState, small: KVCache, logits, seen, groups, group_src, rows, src, seeds,
             content, samples, budgets) -> PoolState:
@@ -769,8 +775,8 @@ class ContinuousBackend:
                                      self.pad_id)
             logits, small = prefill(self.params, ids, mask, cfg=self.cfg, cache_len=length,
                                     rules=tuple(SAMPLE_RULES))
-            seen = (None if pool.penalty == 1.0 else seen_tokens(jnp.asarray(ids), jnp.asarray(mask),
-                                                                  self.cfg.vocab_size))
+            seen = (None if pool.penalty == 1.0 else
+                    _seen(ids, mask, vocab_size=self.cfg.vocab_size))
             content = content_row_ids(prefixes)
             groups, group_src = [], []
             rows, src, seeds, row_content, samples, budgets = [], [], [], [], [], []
@@ -809,7 +815,8 @@ class ContinuousBackend:
         self._compile_bucket(self._pool_shape(penalty, k), length)
 
     def _compile_bucket(self, pool: _PoolShape, length: int) -> None:
-        """Compiles (without running) the prefill and the insert for every batch size
+        """Compiles (without running) the prefill, the insert and, for a repetition penalty's
+        pool, the record of the tokens each prefix holds (``_seen``), for every batch size
         ``_prefill_into`` can take in prefill bucket ``length`` of a pool of this shape, so how
         many items happen to arrive together never compiles anything later. Called on the
         compile thread the first time an item meets the bucket (and by ``start`` for
@@ -824,9 +831,11 @@ class ContinuousBackend:
             prefill.lower(self.params, ids, ids, **static).compile()
             logits, small = jax.eval_shape(functools.partial(prefill, **static), self.params,
                                            ids, ids)
-            seen = (None if pool.penalty == 1.0 else
-                    seen_tokens(jnp.zeros(ids.shape, jnp.int32), jnp.zeros(ids.shape, jnp.int32),
-                                self.cfg.vocab_size))
+            seen = None
+            if pool.penalty != 1.0:
+                _seen.lower(ids, ids, vocab_size=self.cfg.vocab_size).compile()
+                seen = jax.eval_shape(functools.partial(_seen, vocab_size=self.cfg.vocab_size),
+                                      ids, ids)
             _insert.lower(pool.state, small, logits, seen, groups, groups, rows, rows, keyed,
                           keyed, rows, rows).compile()
             if b >= pool.groups:
