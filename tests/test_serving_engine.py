@@ -1028,3 +1028,37 @@ def test_an_admission_derives_its_rows_keys_in_its_insert_program(rm, monkeypatc
     for i, seed, future in zip((0, 2), seeds, futures):
         _check(future.result(timeout=0), rm, [i], dataclasses.replace(st, seed=seed))
     engine.close()
+
+
+def test_a_compiles_log_line_counts_only_the_requests_still_waiting(rm, caplog):
+    # A request cancelled while the compiles it met are queued no longer waits for them: the
+    # line a finished compile logs counts the items and requests that still wait (here the one
+    # item of the request met later), and a compile no request waits for any more says so.
+    engine, compiler = _queued_engine(rm)
+    engine._compiler = compiler
+    engine.ready = True  # after the warm-up: the compiles are met by traffic, logged and counted
+    st = Settings(num_samples=2, temperature=0.7, max_critique_tokens=4, seed=3)
+    dropped = engine.submit(_items([0, 4]), st)
+    engine._admit()
+    kept = engine.submit(_items([4]), dataclasses.replace(st, seed=4))
+    engine._admit()
+    buckets = {bucket_length(n) for n in item_lengths(rm, _items([0, 4]), False, st)}
+    assert buckets == {128, 256}  # item 0 alone meets one of them
+    engine.cancel(dropped)
+    engine._drop_cancelled()
+    compiler.run()
+    for job in engine._compiling.values():
+        job.programs = max(job.programs, 1)  # logged whether or not this process compiled it
+    caplog.set_level(logging.INFO, logger="cloud_jax.serving")
+    engine._finish_compiles()
+    lines = sorted(r.getMessage() for r in caplog.records if "compiled" in r.getMessage())
+    assert len(lines) == 3, lines
+    pool = [line for line in lines if "decode pool" in line]
+    assert len(pool) == 1
+    assert "the 1 item(s) of 1 request(s) that met it waited for it" in pool[0]
+    only_dropped = bucket_length(item_lengths(rm, _items([0]), False, st)[0])
+    alone = next(line for line in lines if f"bucket {only_dropped} " in line)
+    assert "no request waits for it any more" in alone and "waited for it" not in alone
+    _steps(engine, [kept])
+    _check(kept.result(timeout=0), rm, [4], dataclasses.replace(st, seed=4))
+    engine.close()

@@ -576,10 +576,12 @@ class ContinuousBackend:
         which, how long and who waited (the items that met it), once, as a compile that
         stalled."""
         requests = len({id(req) for req, _ in job.waiters})
-        log.info("compiled %d program(s) in %.1f s for %s met for the first time: the %d item(s) "
-                 "of %d request(s) that met it waited for it to start, while the rows in flight "
-                 "decoded on (%d chunk(s)); %s", job.programs, job.seconds, job.what,
-                 len(job.waiters), requests, self.chunks - job.started_chunk,
+        who = (f"the {len(job.waiters)} item(s) of {requests} request(s) that met it waited for "
+               "it to start" if job.waiters else
+               "no request waits for it any more (those that met it were cancelled)")
+        log.info("compiled %d program(s) in %.1f s for %s met for the first time: %s, while the "
+                 "rows in flight decoded on (%d chunk(s)); %s", job.programs, job.seconds,
+                 job.what, who, self.chunks - job.started_chunk,
                  POOL_HINT if job.pool else WARMUP_HINT)
 
     def _finish_compiles(self) -> None:
@@ -591,6 +593,8 @@ class ContinuousBackend:
             done = [job for job in self._compiling.values() if job.done]
             for job in done:
                 del self._compiling[job.key]
+                # A request cancelled meanwhile waits no more: not counted, not failed again.
+                job.waiters = [(req, item) for req, item in job.waiters if not req.cancelled]
                 if job.error is None:
                     (self._compiled_pools if job.pool else self._compiled_buckets).add(job.key)
                     if job.serving and job.programs:
