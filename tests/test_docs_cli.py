@@ -5,7 +5,9 @@ Each command's flags are listed in one table of the docs (docs/CLI.md, or the co
 default that is a value (a number, a word, a list) is written first in its cell, in backticks,
 exactly as the parser holds it; a flag with no value by default (a switch, an optional flag, a
 required one) says in words what happens without it. A flag added, removed, renamed or given
-another default shows here until its table says so.
+another default shows here until its table says so. And every command line the docs write
+(`python -m cloud_jax score --checkpoint C ...`, in a code block or in prose) names flags its
+command has.
 """
 
 import argparse
@@ -134,3 +136,42 @@ def test_the_flag_table_lists_every_flag_with_its_default(command, parsers):
                 assert m, (command, flag, f"default {action.default!r} not written first in "
                                           f"backticks: {cell!r}")
                 assert _same(m.group(1), action.default), (command, flag, cell, action.default)
+
+
+def _command_lines():
+    """[(where, command, [flags])] of every `python -m cloud_jax <command> --flag ...` (and
+    `python -m cloud_jax.train ...`) written in README.md and docs/*.md, in a code block or not."""
+    from cloud_jax.cli.bench import BENCHMARKS
+
+    found = []
+    for path in [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md")):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            for m in re.finditer(r"python -m cloud_jax(\.train)?\b((?: +[^`#|]*)?)", line):
+                # --debug, before the command, is the entry point's own.
+                words = [w for w in m.group(2).split() if w.strip("[]") != "--debug"]
+                if m.group(1):
+                    command = "train"
+                elif not words or not re.fullmatch(r"[a-z][a-z-]*", words[0]):
+                    continue  # `python -m cloud_jax <command>`, `python -m cloud_jax ...`
+                else:
+                    command, words = words[0], words[1:]
+                    if command == "bench" and words and words[0] in BENCHMARKS:
+                        command, words = f"bench {words[0]}", words[1:]
+                flags = [f for w in words for f in re.findall(r"(?:^|[\[(])(--[a-z][\w-]*)", w)]
+                found.append((f"{path.name}:{n}", command, flags))
+    return found
+
+
+def test_the_commands_the_docs_write_take_their_flags(parsers):
+    lines = _command_lines()
+    assert len(lines) > 50
+    wrong = []
+    for where, command, flags in lines:
+        if command == "bench":  # `bench train|sample|serve`
+            continue
+        if command not in parsers:
+            wrong.append(f"{where}: no command {command!r}")
+            continue
+        known = {o for a in parsers[command]._actions for o in a.option_strings}
+        wrong += [f"{where}: {command} has no flag {f}" for f in flags if f not in known]
+    assert wrong == []
