@@ -114,8 +114,9 @@ class RewardModel:
             if isinstance(value, (str, bytes)):
                 raise TypeError(f"{name} must be a list of texts, got one {type(value).__name__} "
                                 f"(for one pair: rm.score([prompt], [response]))")
-        cfg = ScoreConfig(num_samples=num_samples, temperature=temperature,
-                          max_critique_tokens=max_critique_tokens, seed=seed, **settings)
+        cfg = ScoreConfig.from_settings("rm.score", dict(
+            num_samples=num_samples, temperature=temperature,
+            max_critique_tokens=max_critique_tokens, seed=seed, **settings), ("on_batch",))
         return score(self, list(prompts), list(responses), cfg, on_batch)
 
     def save_pretrained(self, directory: str | os.PathLike, *,

@@ -34,8 +34,6 @@ samples; ``on_too_long="error"`` raises ``InputTooLongError`` as ``rm.score`` do
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import logging
 import math
 import os
@@ -175,14 +173,8 @@ class CLoudReward:
         # rm.score gives).
         from cloud_jax.scoring.rewards import ScoreConfig, too_long
 
-        known = [f.name for f in dataclasses.fields(ScoreConfig)]
-        for name in settings:
-            if name not in known:
-                near = difflib.get_close_matches(name, known, n=1)
-                hint = f" (did you mean {near[0]!r}?)" if near else ""
-                raise TypeError(f"CLoudReward: unknown setting {name!r}{hint}; the settings are "
-                                f"{', '.join(known)}, on_too_long and too_long_reward")
-        self._cfg = ScoreConfig(**settings).validate()
+        self._cfg = ScoreConfig.from_settings("CLoudReward", settings,
+                                              ("on_too_long", "too_long_reward"))
         self.too_long_reward = _check_too_long_options(on_too_long, too_long_reward)
         self.on_too_long = on_too_long
         if not isinstance(model, RewardModel):

@@ -541,3 +541,17 @@ def test_a_best_of_n_evaluation_reports_the_critiques_cut_at_the_budget(tmp_path
                              str(tmp_path / "c"), best_of_n_items=items)
     assert classic["best_of_n"]["truncated_fraction"] is None
     assert "token budget" not in (tmp_path / "c" / "report.md").read_text()
+
+
+def test_score_fn_from_model_checks_its_settings_when_made(tiny_rm):
+    """A misspelt or bad setting, or num_samples (which the evaluation gives per call), is an
+    error when the score_fn is made, before any scoring, not at its first call."""
+    with pytest.raises(TypeError, match=r"score_fn_from_model: unknown setting 'top_kk' "
+                                        r"\(did you mean 'top_k'\?\)"):
+        score_fn_from_model(tiny_rm, top_kk=3)
+    with pytest.raises(TypeError, match=r"score_fn_from_model: num_samples .* per call"):
+        score_fn_from_model(tiny_rm, num_samples=4)
+    with pytest.raises(ValueError, match="top_p=2.0"):
+        score_fn_from_model(tiny_rm, temperature=1.0, top_p=2.0)
+    with pytest.raises(ValueError, match="batch_size"):
+        score_fn_from_model(tiny_rm, batch_size=0)

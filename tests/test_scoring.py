@@ -220,6 +220,10 @@ def test_bad_rows_and_settings_are_clear_errors(rm, tmp_path):
         rm.score(PROMPTS, RESPONSES, decode_phases=0)
     with pytest.raises(ValueError, match="3 prompts but 2 responses"):
         rm.score(PROMPTS, RESPONSES[:2])
+    # A misspelt setting is named with the nearest one, not as ScoreConfig.__init__'s keyword.
+    with pytest.raises(TypeError, match=r"rm.score: unknown setting 'max_tokens' \(did you mean "
+                                        r"'max_critique_tokens'\?\); the settings are num_samples, "):
+        rm.score(PROMPTS, RESPONSES, max_tokens=3)
     # One pair given as two strings is not read as pairs of characters.
     with pytest.raises(TypeError, match=r"prompts must be a list of texts.*rm.score\(\[prompt\]"):
         rm.score("ab", "cd")

@@ -48,6 +48,16 @@ def score_fn_from_model(rm, *, temperature: float = 0.0, max_critique_tokens: in
     (``top_k``, ``top_p``, ``max_length``, ...). With ``classic`` the model reads one reward per
     response without a critique, so K is always 1; None (the default) takes the model's own
     kind, as ``rm.score`` does: a ``vanilla`` checkpoint is scored without critiques."""
+    from cloud_jax.scoring.rewards import ScoreConfig
+
+    if "num_samples" in settings:
+        raise TypeError("score_fn_from_model: num_samples is not a setting of the score_fn: the "
+                        "evaluation gives it per call (EvalConfig.num_samples)")
+    # Checked now, before any scoring: a misspelt or bad setting fails here, not at the first
+    # batch of an evaluation.
+    ScoreConfig.from_settings("score_fn_from_model", dict(
+        temperature=temperature, max_critique_tokens=max_critique_tokens, seed=seed,
+        batch_size=batch_size, classic=classic, **settings))
     if classic is None:
         classic = bool(rm.is_classic)
 

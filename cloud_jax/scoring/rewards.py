@@ -15,6 +15,7 @@ forward, ``RewardModel.forward`` included, is :func:`sequence_rewards`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import logging
 from typing import Any, Callable, Optional, Sequence
@@ -84,6 +85,22 @@ class ScoreConfig:
     # empty cache slots a step, 1 compiles fastest (cloud_jax.sampling.loop.phase_lengths). The
     # same critiques at any value.
     decode_phases: int = DECODE_PHASES
+
+    @classmethod
+    def from_settings(cls, caller: str, settings: dict, also: Sequence[str] = ()
+                      ) -> "ScoreConfig":
+        """``ScoreConfig(**settings)``, validated; a name that is no field is a TypeError that
+        names ``caller``, the nearest field and every setting ``caller`` takes (the fields, then
+        ``also``, its own keyword arguments)."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        for name in settings:
+            if name not in known:
+                near = difflib.get_close_matches(name, known + list(also), n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                more = f", {', '.join(also)}" if also else ""
+                raise TypeError(f"{caller}: unknown setting {name!r}{hint}; the settings are "
+                                f"{', '.join(known)}{more}")
+        return cls(**settings).validate()
 
     def validate(self) -> "ScoreConfig":
         # Whole numbers, checked first: a float (2.0) would otherwise pass here and fail as a
