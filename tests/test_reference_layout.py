@@ -164,6 +164,27 @@ def test_pickle_checkpoint_is_refused_with_a_reason(tmp_path):
         cloud_jax.load(tmp_path)
 
 
+def test_a_local_path_that_does_not_exist_is_named_as_such_not_fetched(tmp_path, monkeypatch):
+    # A path that cannot be a hub id (absolute, ./, three parts) is a missing directory: the
+    # hub is not asked, and the error says so. A name of a hub id's form is fetched.
+    import huggingface_hub
+
+    asked = []
+
+    def fetch(repo_id, **kwargs):
+        asked.append(repo_id)
+        raise OSError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fetch)
+    for missing in (tmp_path / "nope", "./no-such-model", "runs/a/final"):
+        with pytest.raises(CheckpointError, match=r"no such directory \(nor a hub id"):
+            cloud_jax.load(missing)
+    assert asked == []
+    with pytest.raises(CheckpointError, match="fetching it as a hub id failed: offline"):
+        cloud_jax.load("owner/some-model")
+    assert asked == ["owner/some-model"]
+
+
 def test_mismatched_checkpoint_names_the_tensors(tmp_path):
     _write_reference_checkpoint(tmp_path, _base_config())
     cfg = json.loads((tmp_path / "base" / "config.json").read_text())

@@ -334,6 +334,9 @@ def resolve_path(path_or_id: str | os.PathLike) -> Path:
         if not p.is_dir():
             raise CheckpointError(f"{p} is a file; expected a checkpoint directory")
         return p
+    if not is_hub_id(str(path_or_id)):
+        raise CheckpointError(f"{path_or_id}: no such directory (nor a hub id, which reads "
+                              "'owner/name' or 'name')")
     try:
         from huggingface_hub import snapshot_download
         local = snapshot_download(str(path_or_id), allow_patterns=[
