@@ -390,6 +390,17 @@ def _count_compiles():
     return compiles, lambda: jax.monitoring.unregister_event_duration_listener(count)
 
 
+def _admit_once_compiled(engine):
+    """Admits what was submitted to an engine whose worker steps the test drives, waiting for
+    the compiles in the background it meets (a new pool's programs, its items' buckets)."""
+    engine._admit()
+    while engine._compiling:
+        for job in list(engine._compiling.values()):
+            assert job.finished.wait(120)
+        engine._finish_compiles()
+        engine._admit()
+
+
 def test_cancelling_any_number_of_rows_compiles_nothing(rm):
     # Clients that disconnect cancel their rows; however many rows are freed at once, freeing
     # them must not compile during traffic. The test drives the worker's steps itself (the
@@ -400,12 +411,7 @@ def test_cancelling_any_number_of_rows_compiles_nothing(rm):
 
     def admit(n):
         future = engine.submit(_items([0] * n), settings)
-        engine._admit()
-        while engine._compiling:  # the pool's programs, then the item's bucket, in the background
-            for job in list(engine._compiling.values()):
-                assert job.finished.wait(120)
-            engine._finish_compiles()
-            engine._admit()
+        _admit_once_compiled(engine)
         assert engine.stats().busy_slots == n
         return future
 
@@ -1003,12 +1009,7 @@ def test_an_admission_derives_its_rows_keys_in_its_insert_program(rm, monkeypatc
         raise AssertionError("the rows did not finish")
 
     first = engine.submit(_items([0]), st)
-    engine._admit()
-    while engine._compiling:  # the pool's programs and the item's bucket, in the background
-        for job in list(engine._compiling.values()):
-            assert job.finished.wait(120)
-        engine._finish_compiles()
-        engine._admit()
+    _admit_once_compiled(engine)
     finish([first])
     calls = []
     for name in ("key", "fold_in", "split", "key_data", "wrap_key_data"):

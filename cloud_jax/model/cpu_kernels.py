@@ -189,10 +189,10 @@ def build(compiler: Optional[str] = None, source: Optional[Path] = None,
         raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
     include = jax.ffi.include_dir()
     source_path = Path(source) if source is not None else _SOURCE
-    source = source_path.read_bytes()
+    code = source_path.read_bytes()
     flags = _flags() + tuple(extra_flags)
     key = hashlib.sha256(b"\0".join([
-        source, jaxlib.__version__.encode(), compiler.encode(), " ".join(flags).encode(),
+        code, jaxlib.__version__.encode(), compiler.encode(), " ".join(flags).encode(),
         _cpu_identity().encode()])).hexdigest()[:20]
     out = _cache_dir() / f"cpu_kernels-{key}.so"
     if out.exists():
