@@ -262,6 +262,29 @@ def test_pair_identical_after_tokenization_is_a_bad_row(tmp_path, policy):
                                                             else 2)
 
 
+@pytest.mark.parametrize("trimmed_role,version,same", [
+    ("user", 2, True), ("user", 3, False), ("assistant", 2, False), ("assistant", 3, True)])
+def test_same_response_tokens_are_judged_under_the_configured_layout_version(
+        tmp_path, trimmed_role, version, same):
+    from cloud_jax.data.config import DataConfig
+    from cloud_jax.data.tfds_builder import prepare_dataset
+    from cloud_jax.data.tokenizer import BYTE_CHAT_TEMPLATE, byte_tokenizer
+
+    # A template that trims one role's text only. Version 2 trims every text as the user's is,
+    # version 3 the response as the assistant's is: "2." and " 2.\n" are the same tokens under
+    # one and not the other, and the check follows data.layout_version.
+    tok = byte_tokenizer()
+    tok.chat_template = BYTE_CHAT_TEMPLATE.replace(
+        "message['content']",
+        f"(message['content'] | trim if message['role'] == '{trimmed_role}' "
+        "else message['content'])")
+    path = _jsonl(tmp_path / "rows.jsonl", [_row(0), _row(1, chosen="2.", rejected=" 2.\n")])
+    cfg = DataConfig(train_path=path, max_length=256, critique_prefix="C: ", lenient=True,
+                     layout_version=version, tfds_dir=str(tmp_path / "tfds"))
+    stats = prepare_dataset(cfg, tok, "critique").stats["train"]
+    assert (stats["rejected_rows"], stats["pairs"]) == ((1, 1) if same else (0, 2))
+
+
 def test_overlength_warning_counts_only_the_pairs_tokenized(tmp_path, caplog):
     from cloud_jax.data.config import DataConfig
     from cloud_jax.data.tfds_builder import prepare_dataset

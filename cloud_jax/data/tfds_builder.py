@@ -97,7 +97,7 @@ class CloudPairs(tfds.core.GeneratorBasedBuilder):
     """Tokenized preference pairs. Built by :func:`prepare_dataset`; read with
     ``tfds.data_source('cloud_pairs/<config>', data_dir=...)`` or :func:`open_split`."""
 
-    VERSION = tfds.core.Version("1.3.0")
+    VERSION = tfds.core.Version("1.4.0")
     RELEASE_NOTES = {"1.0.0": "Pairs of tokenized sequences with target masks and reward index.",
                      "1.1.0": "Pairs whose responses are the same tokens are rejected.",
                      "1.2.0": "Under a template that trims, a blank critique prefix leaves the "
@@ -105,7 +105,9 @@ class CloudPairs(tfds.core.GeneratorBasedBuilder):
                               "date writes a fixed one (TEMPLATE_DATE).",
                      "1.3.0": "Layout version 3: under a template that trims one role's text and "
                               "not the other's (Mistral v0.3's trims the response only), each "
-                              "text is trimmed as its own turn is."}
+                              "text is trimmed as its own turn is.",
+                     "1.4.0": "Whether a pair's responses are the same tokens is judged under the "
+                              "configured layout version (was always version 3's trimming)."}
     # TFDS looks beside a builder's source file for checksums of its downloads. There are no
     # downloads here, and that lookup imports `importlib_resources`, which TFDS only installs on
     # Python < 3.9.
@@ -210,11 +212,12 @@ def _how_to_keep_long_pairs(layout: str) -> str:
 
 
 def _same_response_tokens(layout, row: PreferenceRow, s: BuildSettings) -> bool:
-    """Whether chosen and rejected are the same tokens in the layout (after any trimming)."""
-    # Each text is tokenized on its own and the prompt is shared, so a one-character stand-in
-    # for it decides the same and saves tokenizing the real one twice more.
+    """Whether chosen and rejected are the same tokens in the layout (after any trimming), under
+    the configured layout version (which decides how the response is trimmed)."""
+    # A response's tokens do not depend on the prompt's, which both share, so a one-character
+    # stand-in for it decides the same and saves tokenizing the real one twice more.
     chosen, rejected = (layout.encode("?", response, None, "classic", s.critique_prefix,
-                                      sys.maxsize).input_ids
+                                      sys.maxsize, version=s.layout_version).input_ids
                         for response in (row.chosen, row.rejected))
     return np.array_equal(chosen, rejected)
 
