@@ -208,6 +208,29 @@ def test_json_array_error_names_row(tmp_path):
     assert (info.value.row, info.value.field) == (1, "chosen")
 
 
+def test_a_key_given_twice_in_a_row_is_a_bad_row_not_its_last_value(tmp_path):
+    # JSON parsers keep one of the values without a word: the row would train on it.
+    twice = json.dumps(_row(2))[:-1].encode() + b', "prompt": "Another prompt?"}'
+    path = _jsonl(tmp_path / "rows.jsonl", [_row(1), twice, _row(3)])
+    with pytest.raises(RowError) as info:
+        load_rows(path, require_feedback=True)
+    assert (info.value.line, info.value.field) == (2, "prompt")
+    assert str(info.value).startswith(f"{path}:2: field 'prompt': given twice in the row")
+    loaded = load_rows(path, require_feedback=True, lenient=True,
+                       rejects_path=str(tmp_path / "rejects.jsonl"))
+    assert [r.id for r in loaded.rows] == ["r1", "r3"] and loaded.num_rejected == 1
+    array = tmp_path / "rows.json"
+    array.write_bytes(b"[" + json.dumps(_row(1)).encode() + b", " + twice + b"]")
+    with pytest.raises(RowError) as info:
+        load_rows(str(array), require_feedback=True)
+    assert (info.value.row, info.value.field) == (1, "prompt")
+    # Inside a column the project does not read, a repeated key is left alone.
+    nested = _row(4, meta={"a": 1})
+    path = _jsonl(tmp_path / "nested.jsonl", [json.dumps(nested).replace(
+        '"a": 1}', '"a": 1, "a": 2}').encode()])
+    assert load_rows(path, require_feedback=True).rows[0].extra == {"meta": {"a": 2}}
+
+
 def test_unknown_extension(tmp_path):
     path = tmp_path / "rows.csv"
     path.write_text("id,prompt\n")

@@ -315,6 +315,35 @@ def load_hf_dataset(path: str, split: str = ""):
 _Raw = Tuple[Optional[int], Optional[int], Union[Any, _FieldError], str]
 
 
+class _Object(dict):
+    """A JSON object as read, with the first key given in it more than once (None: none)."""
+
+    twice: Optional[str] = None
+
+
+def _object(pairs: List[Tuple[str, Any]]) -> _Object:
+    obj = _Object(pairs)
+    if len(obj) != len(pairs):
+        seen: set = set()
+        obj.twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+    return obj
+
+
+def _parse_json(text: Union[str, bytes]) -> Any:
+    """``json.loads``, noting in each object a key it gives twice (the parser keeps the last
+    value of the two and drops the other without a word)."""
+    return json.loads(text, object_pairs_hook=_object)
+
+
+def _key_given_twice(obj: Any) -> Any:
+    """A row object, or the _FieldError of a key it gives twice: which of the values is the
+    row's is not known. (Inside a column's value, unread here, a repeated key is left be.)"""
+    if isinstance(obj, _Object) and obj.twice is not None:
+        return _FieldError(obj.twice, "given twice in the row object; a JSON reader would keep "
+                                      "one of the values and drop the other")
+    return obj
+
+
 def _iter_jsonl(path: str) -> Iterator[_Raw]:
     with storage.open_file(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -324,7 +353,7 @@ def _iter_jsonl(path: str) -> Iterator[_Raw]:
                 continue
             text = raw.decode("utf-8", "backslashreplace").rstrip("\r\n")
             try:
-                obj = json.loads(raw.decode("utf-8"))
+                obj = _key_given_twice(_parse_json(raw.decode("utf-8")))
             except UnicodeDecodeError as err:
                 obj = _FieldError(None, f"invalid UTF-8 at byte {err.start} of the line")
             except json.JSONDecodeError as err:
@@ -336,7 +365,7 @@ def _iter_json_array(path: str) -> Iterator[_Raw]:
     with storage.open_file(path, "rb") as f:
         data = f.read()
     try:
-        rows = json.loads(data.decode("utf-8-sig"))
+        rows = _parse_json(data.decode("utf-8-sig"))
     except UnicodeDecodeError as err:
         raise RowError(path, None, None, None, f"invalid UTF-8 at byte {err.start}") from None
     except json.JSONDecodeError as err:
@@ -345,7 +374,7 @@ def _iter_json_array(path: str) -> Iterator[_Raw]:
         raise RowError(path, None, None, None,
                        "a .json file must hold an array of row objects (or one object per line)")
     for i, obj in enumerate(rows):
-        yield None, i, obj, json.dumps(obj, ensure_ascii=True, default=repr)
+        yield None, i, _key_given_twice(obj), json.dumps(obj, ensure_ascii=True, default=repr)
 
 
 def _iter_parquet(path: str) -> Iterator[_Raw]:
