@@ -205,6 +205,45 @@ def test_a_too_long_row_is_named_by_its_line_and_field(setup, tmp_path, capsys):
     assert f"{src}:4: field 'rejected': " in capsys.readouterr().err
 
 
+def test_a_column_json_cannot_hold_is_named_before_any_critique_is_sampled(setup, tmp_path,
+                                                                          capsys, monkeypatch):
+    # An unread column holding NaN (pandas writes a missing number so; Python's JSON reader takes
+    # it) or a time (a Parquet timestamp) cannot be written back out as JSON: the run says so
+    # before it samples, not after a whole shard's critiques.
+    root, ckpt, _ = setup
+    rows = [{"id": f"r{i}", "prompt": "Q?", "chosen": "Yes.", "rejected": "No.", "score": i}
+            for i in range(3)]
+    src = tmp_path / "nan.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows).replace('"score": 2', '"score": NaN'))
+    sampled = []
+    monkeypatch.setattr(relabel, "regenerate", lambda *a, **k: sampled.append(1))
+    out = tmp_path / "out"
+    assert run((root, ckpt, src), out) == 2
+    err = capsys.readouterr().err
+    assert f"{src}:3: field 'score': " in err and "NaN" in err
+    assert not sampled and not out.exists()
+    # `score` writes every column back out beside the rewards: the same check, before scoring.
+    from cloud_jax.cli import score
+
+    monkeypatch.setattr(score, "score", lambda *a, **k: sampled.append(1))
+    assert run_command(score.main, ["--checkpoint", str(ckpt), "--input", str(src),
+                                    "--output", str(tmp_path / "s.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert f"{src}:3: field 'score': " in err and "NaN" in err
+    assert not sampled and not (tmp_path / "s.jsonl").exists()
+
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    import datetime
+    table = pa.table({"id": ["a", "b"], "prompt": ["Q?", "Q?"], "chosen": ["Yes.", "Yes!"],
+                      "rejected": ["No.", "No!"],
+                      "when": [datetime.datetime(2026, 1, 1), datetime.datetime(2026, 1, 2)]})
+    pq.write_table(table, tmp_path / "rows.parquet")
+    assert run((root, ckpt, tmp_path / "rows.parquet"), out) == 2
+    err = capsys.readouterr().err
+    assert "field 'when': " in err and "JSON" in err
+    assert not sampled and not out.exists()
+
+
 def test_an_unsupported_url_output_is_a_usage_error(setup, capsys):
     assert run(setup, "ftp://bucket/self_critique") == 2
     assert ("--output='ftp://bucket/self_critique': unsupported URL scheme 'ftp'"

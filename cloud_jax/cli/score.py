@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 from cloud_jax.cli.common import (add_sampling_args, columns_from_args, config_from_args,
                                   load_model, progress_bar)
 from cloud_jax import storage
-from cloud_jax.data.jsonl import write_jsonl_atomic
+from cloud_jax.data.jsonl import unwritable, write_jsonl_atomic
 from cloud_jax.data.schema import lone_surrogate, read_records
 from cloud_jax.errors import ConfigError
 from cloud_jax.scoring.rewards import InputTooLongError, ScoreConfig, resolve_classic, score
@@ -39,6 +39,9 @@ def _texts(rows: list[tuple[str, dict]]) -> tuple[list[str], list[tuple[int, str
             bad = lone_surrogate(obj[field])
             if bad is not None:
                 raise ConfigError(f"{where}: field '{field}': {bad}")
+        unfit = unwritable(obj)  # every column is written back out, with the rewards
+        if unfit is not None:
+            raise ConfigError(f"{where}: field '{unfit[0]}': {unfit[1]}")
         jobs.extend((i, f) for f in fields)
     return [rows[i][1]["prompt"] for i, _ in jobs], jobs
 

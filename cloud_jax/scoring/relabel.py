@@ -34,7 +34,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 from cloud_jax import records, storage
 from cloud_jax.errors import ConfigError, InputTooLongError
-from cloud_jax.data.jsonl import write_jsonl_atomic
+from cloud_jax.data.jsonl import unwritable, write_jsonl_atomic
 from cloud_jax.data.schema import FEEDBACK_FIELDS, PreferenceRow, row_record
 from cloud_jax.data.schema import shard_name as _shard_name
 from cloud_jax.data.tokenizer import tokenizer_fingerprint
@@ -49,6 +49,16 @@ PROVENANCE = "provenance.json"
 def _usable(critique: str) -> bool:
     # What the row loader accepts as feedback text.
     return bool(critique.strip()) and "\x00" not in critique
+
+
+def check_writable(rows: Sequence[PreferenceRow]) -> None:
+    """Refuses, naming its row and field, a row whose unread columns cannot be written back out
+    as JSON (:func:`cloud_jax.data.jsonl.unwritable`): checked before any critique is sampled,
+    not when a shard's critiques are written."""
+    for row in rows:
+        bad = unwritable(row.extra)
+        if bad is not None:
+            raise ConfigError(f"{row.source}: field '{bad[0]}': {bad[1]}")
 
 
 def shard_name(index: int, count: int) -> str:
@@ -194,6 +204,7 @@ def relabel(rm, rows: Sequence[PreferenceRow], out_dir: str, cfg: ScoreConfig,
         raise ConfigError(f"shard_rows={settings.shard_rows}: must be >= 1")
     if not 0 <= settings.host < settings.num_hosts:
         raise ConfigError(f"host {settings.host} must lie in [0, {settings.num_hosts})")
+    check_writable(rows)
     cfg = dataclasses.replace(cfg, critique_prefix=resolve_critique_prefix(rm, cfg))
     num_shards = max(1, math.ceil(len(rows) / settings.shard_rows))
     # max_length None is recorded as the default it stands for, as runs before it recorded it.
