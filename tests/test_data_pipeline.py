@@ -298,6 +298,14 @@ def test_wait_for_lock_waits_for_a_holder_with_another_descriptor(tmp_path):
     assert open(lock_path).read() == f"pid {os.getpid()} on host {socket.gethostname()}\n"
 
 
+def test_a_host_share_is_given_whole_or_not_at_all(built):
+    # shard_index alone was dropped without a word, the process's index taken instead.
+    cfg, _, _, source = built
+    for given in ({"shard_index": 1}, {"shard_count": 2}):
+        with pytest.raises(ValueError, match="shard_index and shard_count together"):
+            batch_iterator(cfg, source, **given)
+
+
 def test_batch_shapes_dtypes_and_pairs(built):
     cfg, tok, _, source = built
     batches = list(batch_iterator(cfg, source, shard_index=0, shard_count=1))

@@ -176,7 +176,11 @@ def pair_batches(source, *, pairs_per_host: int, length_buckets: Sequence[int], 
 
 
 def _default_shard(shard_index: Optional[int], shard_count: Optional[int]):
-    if shard_index is None or shard_count is None:
+    if (shard_index is None) != (shard_count is None):
+        raise ValueError(f"shard_index={shard_index}, shard_count={shard_count}: give "
+                         "shard_index and shard_count together (or neither: this JAX "
+                         "process's index and the process count)")
+    if shard_index is None:
         import jax
 
         return jax.process_index(), jax.process_count()
