@@ -101,8 +101,12 @@ def check_bucket(path: str, what: str) -> None:
 
 
 def check_output_dir(path: str, what: str) -> None:
-    """:func:`check_path` and :func:`check_bucket`, for an output directory."""
+    """:func:`check_path` and :func:`check_bucket`, for an output directory; a ConfigError for a
+    local path that is a file (checked before the work, not when the directory is made)."""
     check_path(path, what)
+    if not is_url(path) and os.path.lexists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{what}={os.fspath(path)!r} is a file, not a directory: give a "
+                          "directory (a new one, or one that exists)")
     check_bucket(path, what)
 
 

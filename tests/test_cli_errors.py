@@ -441,3 +441,24 @@ def test_ctrl_c_exits_130_with_one_line_and_the_rerun_writes_the_output(files, t
     assert not os.path.exists(out)
     assert main(argv) == 0
     assert len(open(out).readlines()) == 1
+
+
+def test_an_output_directory_that_is_a_file_is_named_as_the_flag_before_any_work(capsys, files,
+                                                                              tmp_path,
+                                                                              monkeypatch):
+    """--out / --output / --output-dir naming an existing file: one error line naming the flag,
+    before the model loads (was os.makedirs' "File exists", after loading it)."""
+    taken = tmp_path / "taken"
+    taken.write_text("x")
+    monkeypatch.setattr(cloud_jax, "load", lambda *a, **k: pytest.fail("model loaded"))
+    for argv, flag in (
+            (["critique", "--checkpoint", files["ckpt"], "--input", files["rows"], "--output",
+              str(taken)], "--output"),
+            (["evaluate", "--checkpoint", files["ckpt"], "--input", files["rows"],
+              "--output-dir", str(taken)], "--output-dir"),
+            (["export-hf", "--checkpoint", files["ckpt"], "--out", str(taken)], "--out"),
+            (["make-benchmark", "--out", str(taken), "--train", "2", "--eval", "2", "--test",
+              "2", "--no-progress"], "--out")):
+        line = user_error(capsys, argv, f"{flag}={str(taken)!r}", "is a file")
+        assert "File exists" not in line
+    assert taken.read_text() == "x"
