@@ -294,3 +294,13 @@ def test_two_processes_split_the_shards_and_write_what_one_writes(setup, referen
         assert f"host {i}/2: {2 - i} shards" in err, err[-3000:]
         assert "{'data': 1, 'fsdp': 1, 'tensor': 2} mesh of 2 local device(s)" in err
     assert files(out) == files(reference)
+
+
+@pytest.mark.parametrize("hosts", ["0", "-2"])
+def test_a_host_count_below_one_is_named_as_num_hosts(setup, tmp_path, capsys, hosts):
+    with pytest.raises(SystemExit) as exit_:
+        run(setup, tmp_path / "out", "--num-hosts", hosts)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--num-hosts {hosts}: must be >= 1" in err and "--host-index" not in err.splitlines()[-1]
+    assert not (tmp_path / "out").exists()
