@@ -89,8 +89,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="rounds over both frameworks")
     p.add_argument("--steps", type=int, default=3,
                    help="consecutive steps of each framework per round (the best one counts)")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                   help="torch threads (XLA uses every core of the machine)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: the machine's CPU count; XLA uses every core "
+                        "of the machine)")
     p.add_argument("--scan-layers", action="store_true", help="ours: lax.scan over the layers")
     p.add_argument("--remat", default="none", help="ours: none | full | dots | dots_no_batch")
     p.add_argument("--attention", choices=("xla", "cudnn"), default="xla",
@@ -121,6 +122,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     if preset is not None:
         p.set_defaults(**PRESETS[preset])
     args = p.parse_args(argv)
+    if args.threads is None:  # resolved here, not a parser default: --help and the docs hold
+        args.threads = os.cpu_count() or 1
     check_counts(p, args, 1, "pairs", "seq", "hidden", "layers", "heads", "kv_heads", "mlp",
                  "vocab", "repeats", "steps", "threads", "matmul_n")
     check_counts(p, args, 0, "lm_chunk")
