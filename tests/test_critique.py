@@ -194,6 +194,25 @@ def test_empty_inputs_are_usage_errors(setup, tmp_path, capsys):
     assert "no Best-of-N rows" in capsys.readouterr().err
 
 
+def test_a_classic_checkpoint_is_refused_before_anything_is_written(setup, tmp_path, capsys):
+    """A classic (feedback_method 'vanilla') model writes no critiques: stage 2 from one is a
+    user error naming the cause, not an IndexError after the provenance is written."""
+    import dataclasses
+
+    root, _, src = setup
+    vanilla = dataclasses.replace(tiny_reward_model(2), feedback_method="vanilla")
+    ckpt = vanilla.save_pretrained(tmp_path / "classic")
+    out = tmp_path / "out"
+    assert run((root, ckpt, src), out) == 2
+    err = capsys.readouterr().err
+    assert "a classic reward model writes no critiques" in err and "vanilla" in err
+    assert "Traceback" not in err
+    assert not out.exists() or not any(out.iterdir())
+    rows = load_rows(str(src), require_feedback=False).rows
+    with pytest.raises(relabel.ConfigError, match="classic"):
+        relabel.relabel(vanilla, rows, str(tmp_path / "api"), relabel.ScoreConfig(classic=True))
+
+
 def test_a_too_long_row_is_named_by_its_line_and_field(setup, tmp_path, capsys):
     root, ckpt, _ = setup
     rows = [{"id": f"r{i}", "prompt": "Q?", "chosen": "Yes.", "rejected": "No."}

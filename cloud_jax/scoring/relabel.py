@@ -204,6 +204,13 @@ def relabel(rm, rows: Sequence[PreferenceRow], out_dir: str, cfg: ScoreConfig,
         raise ConfigError(f"shard_rows={settings.shard_rows}: must be >= 1")
     if not 0 <= settings.host < settings.num_hosts:
         raise ConfigError(f"host {settings.host} must lie in [0, {settings.num_hosts})")
+    if resolve_classic(rm, cfg):
+        # Checked before the output directory is touched: a classic model writes no critique.
+        why = ("classic=True" if cfg.classic else
+               "the model is a classic reward model (feedback_method 'vanilla')")
+        raise ConfigError(f"nothing to relabel with: {why}, and a classic reward model writes no "
+                          "critiques; stage 2 samples them from the critique_sft model "
+                          "(feedback_method 'teacher')")
     check_writable(rows)
     cfg = dataclasses.replace(cfg, critique_prefix=resolve_critique_prefix(rm, cfg))
     num_shards = max(1, math.ceil(len(rows) / settings.shard_rows))
@@ -211,7 +218,7 @@ def relabel(rm, rows: Sequence[PreferenceRow], out_dir: str, cfg: ScoreConfig,
     sampling = dataclasses.asdict(cfg)
     if sampling["max_length"] is None:
         sampling["max_length"] = DEFAULT_MAX_LENGTH
-    reserved = 0 if resolve_classic(rm, cfg) else 1 + cfg.max_critique_tokens
+    reserved = 1 + cfg.max_critique_tokens
     storage.makedirs(out_dir)
     checkpoint = settings.checkpoint
     _write_provenance(out_dir, {
