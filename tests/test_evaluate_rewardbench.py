@@ -238,3 +238,16 @@ def test_too_long_input_names_its_row_and_field_not_its_place_in_a_chunk(tmp_pat
         bon_row("a", [1, 0, 0], ["1", "0", "0"]), long_item]))
     with pytest.raises(ConfigError, match=r"bon.jsonl:2: field 'candidates\[1\]': longer"):
         evaluate_best_of_n(items, scorer, EvalConfig(chunk_size=2))
+
+
+@pytest.mark.parametrize("batch_size", [48, 100])
+def test_scorer_calls_hold_whole_batches(tmp_path, batch_size):
+    """Each scorer call but the last holds a whole number of --batch-size batches: a call of 64
+    inputs at batch size 48 compiled two batches of 48 (one a third filler), and at batch size
+    100 the batches held 64 inputs, not the 100 asked for."""
+    rows = _load(tmp_path, [pair(i, "math-prm", "1", "0") for i in range(150)])
+    scorer = FakeScorer()
+    evaluate_rewardbench(rows, scorer, EvalConfig(batch_size=batch_size))
+    sizes = [n for n, _ in scorer.calls]
+    assert sum(sizes) == 300
+    assert all(n % batch_size == 0 for n in sizes[:-1]) and sizes[0] >= 64

@@ -71,7 +71,8 @@ class EvalConfig:
     baseline: str = "first"
     bootstrap_resamples: int = 2000
     confidence: float = 0.95
-    # Inputs per scorer call: the progress bar's step. A multiple of batch_size wastes no batch.
+    # Inputs per scorer call (the progress bar's step), rounded up to a multiple of batch_size:
+    # every call but the last then fills whole batches.
     chunk_size: int = 64
 
     def validate(self, *, best_of_n: bool = False) -> "EvalConfig":
@@ -111,10 +112,13 @@ class EvalConfig:
 def _score(score_fn: ScoreFn, cfg: EvalConfig, prompts: List[str], responses: List[str],
            sources: Sequence[tuple[str, str]], progress: bool, desc: str) -> Scores:
     """``sources[i]``: where response i comes from, as (``file:line``, field)."""
+    # A call of a number of inputs that is no multiple of batch_size pads its last batch with
+    # copies (rm.score), and one below batch_size runs smaller batches than asked for.
+    chunk_size = -(-cfg.chunk_size // cfg.batch_size) * cfg.batch_size
     try:
         scores = score_all(score_fn, prompts, responses, max(cfg.ks),
                            expected_samples=1 if cfg.classic else max(cfg.ks),
-                           chunk_size=cfg.chunk_size, progress=progress, desc=desc)
+                           chunk_size=chunk_size, progress=progress, desc=desc)
     except InputTooLongError as err:  # named by its row and field, not its place in the list
         where, field = sources[err.index]
         raise ConfigError(f"{where}: field '{field}': {err.detail}") from None
