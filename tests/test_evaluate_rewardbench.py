@@ -251,3 +251,25 @@ def test_scorer_calls_hold_whole_batches(tmp_path, batch_size):
     sizes = [n for n, _ in scorer.calls]
     assert sum(sizes) == 300
     assert all(n % batch_size == 0 for n in sizes[:-1]) and sizes[0] >= 64
+
+
+def test_subsets_rewardbench_does_not_list_are_warned_about(tmp_path, caplog):
+    """Rows in subsets outside RewardBench's lists leave every section's score: a misspelt
+    subset (or another export's spelling) is named in a warning, with the official name it is
+    close to, rather than only showing up as "other" in the report."""
+    import logging
+
+    rows = _load(tmp_path, [pair(1, "alpacaeval-easy", "1", "0"),
+                            pair(2, "Alpacaeval_Hard", "1", "0"), pair(3, "my-set", "1", "0"),
+                            pair(4, None, "1", "0")])
+    with caplog.at_level(logging.WARNING):
+        evaluate_rewardbench(rows, FakeScorer(), EvalConfig())
+    text = caplog.text
+    assert "3 of 4 rows" in text and "'Alpacaeval_Hard' (alpacaeval-hard?)" in text
+    assert "'my-set'" in text and "(none)" in text
+    # A file of other rows only (the built-in benchmarks, say) has no close names: no warning.
+    caplog.clear()
+    rows = _load(tmp_path, [pair(1, "arith-easy", "1", "0"), pair(2, "arith-hard", "0", "1")])
+    with caplog.at_level(logging.WARNING):
+        evaluate_rewardbench(rows, FakeScorer(), EvalConfig())
+    assert "RewardBench" not in caplog.text

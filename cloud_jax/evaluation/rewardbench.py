@@ -34,6 +34,7 @@ file with every section.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 import numpy as np
@@ -72,6 +73,32 @@ CORRECT, TIE, WRONG = 1, 0, -1
 
 def section_of(subset: Optional[str]) -> str:
     return SECTION_OF.get(subset or NO_SUBSET, OTHER)
+
+
+def _close_official(name: str) -> Optional[str]:
+    """The official subset ``name`` is likely a misspelling of (case, ``_`` for ``-``, spaces)."""
+    key = name.strip().lower().replace("_", "-").replace(" ", "-")
+    lowered = {s.lower(): s for s in SECTION_OF}
+    near = difflib.get_close_matches(key, list(lowered), n=1, cutoff=0.8)
+    return lowered[near[0]] if near else None
+
+
+def unknown_subsets_warning(subsets: Sequence[Optional[str]]) -> Optional[str]:
+    """A warning naming the subsets outside RewardBench's lists (section "other": they count in
+    the all-rows accuracy, in no section's score), where the rows also hold official subsets or
+    a name is close to one (a misspelling); None otherwise (a file of other rows only, such as
+    the built-in benchmarks)."""
+    names = [s or NO_SUBSET for s in subsets]
+    unknown = sorted({s for s in names if section_of(s) == OTHER})
+    near = {s: _close_official(s) for s in unknown if s != NO_SUBSET}
+    if not unknown or (len(unknown) == len(set(names)) and not any(near.values())):
+        return None
+    count = sum(section_of(s) == OTHER for s in names)
+    shown = ", ".join(repr(s) + (f" ({near[s]}?)" if near.get(s) else "") for s in unknown[:10])
+    more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+    return (f"{count} of {len(names)} rows are in subsets RewardBench does not list: "
+            f"{shown}{more}; they count in the all-rows accuracy but in no section's score "
+            "(section 'other')")
 
 
 def pair_outcomes(r_chosen: np.ndarray, r_rejected: np.ndarray) -> np.ndarray:

@@ -155,6 +155,9 @@ def evaluate_rewardbench(rows: Sequence[PreferenceRow], score_fn: ScoreFn, cfg: 
     if not rows:
         raise ValueError("no preference rows to evaluate")
     n = len(rows)
+    unknown = rbm.unknown_subsets_warning([r.subset for r in rows])
+    if unknown is not None:  # before the (long) scoring, so a misspelt subset shows at once
+        log.warning(unknown)
     sources = [(r.source, "chosen") for r in rows] + [(r.source, "rejected") for r in rows]
     scores = _score(score_fn, cfg, [r.prompt for r in rows] * 2,
                     [r.chosen for r in rows] + [r.rejected for r in rows], sources, progress,
