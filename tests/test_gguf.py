@@ -55,8 +55,9 @@ def tiny_tokenizer_metadata():
     return tokens, types, ["h i", "Ġ hi"]
 
 
-def write_tiny_llama_gguf(path, *, tied=True, architecture="llama", drop=()):
-    """A tiny Llama GGUF laid out as llama.cpp writes one; returns the HF tensors it should give."""
+def write_tiny_llama_gguf(path, *, tied=True, architecture="llama", drop=(), float64=()):
+    """A tiny Llama GGUF laid out as llama.cpp writes one; returns the HF tensors it should give.
+    The tensors named in ``float64`` are stored as F64, a type gguf cannot dequantize."""
     tokens, types, merges = tiny_tokenizer_metadata()
     c = TINY
     q_dim, kv_dim = c["heads"] * c["head_dim"], c["kv_heads"] * c["head_dim"]
@@ -121,7 +122,9 @@ def write_tiny_llama_gguf(path, *, tied=True, architecture="llama", drop=()):
     writer.add_add_bos_token(False)
     writer.add_chat_template(CHAT_TEMPLATE)
     for name, w in gguf_tensors.items():
-        if name not in drop:
+        if name in float64:
+            writer.add_tensor(name, w.astype(np.float64))
+        elif name not in drop:
             writer.add_tensor(name, w, raw_dtype=Q8_0 if w.dtype == np.uint8 else None)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -262,6 +265,17 @@ def test_rejects_missing_tensor(tmp_path):
         gguf_convert.GGUFConversionError, match=r"missing \['blk\.1\.ffn_up\.weight'\]"
     ):
         gguf_convert.convert_gguf_to_hf(tmp_path / "m.gguf", tmp_path / "hf")
+
+
+def test_a_tensor_type_that_cannot_be_dequantized_is_named_and_nothing_written(tmp_path, capsys):
+    write_tiny_llama_gguf(tmp_path / "m.gguf", float64=("blk.1.ffn_up.weight",))
+    code = run_command(convert_cli.main,
+                       ["--gguf", str(tmp_path / "m.gguf"), "--out", str(tmp_path / "hf")])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    # One error line naming the tensor and its type, not gguf's NotImplementedError traceback.
+    assert code == 2 and last.startswith("error:"), last
+    assert "blk.1.ffn_up.weight" in last and "F64" in last and "Q8_0" in last, last
+    assert not (tmp_path / "hf").exists()
 
 
 def test_cli_reports_missing_file(tmp_path, capsys):

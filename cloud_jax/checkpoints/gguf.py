@@ -215,6 +215,12 @@ def _convert_weights(
         except (ValueError, IndexError) as err:
             raise GGUFConversionError(f"{gguf_path}: tensor {gguf_name} does not read back "
                                       f"({err}): the file is truncated or corrupt") from None
+        except NotImplementedError:
+            raise GGUFConversionError(
+                f"{gguf_path}: tensor {gguf_name} is stored as {tensor.tensor_type.name}, which "
+                f"the gguf package ({importlib.metadata.version('gguf')}) cannot dequantize; "
+                "convert the model to a type it reads (F32, F16, BF16, Q8_0, Q4_K, ...) first"
+            ) from None
         if weight.shape != shapes[hf_name]:
             raise GGUFConversionError(
                 f"{gguf_path}: tensor {gguf_name} has shape {weight.shape}; the file's metadata "
