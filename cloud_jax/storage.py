@@ -313,7 +313,25 @@ def glob(pattern: str) -> List[str]:
     if not is_url(pattern):
         return sorted(_glob.glob(pattern, recursive=True))
     fs, inner = _fs(pattern)
-    return sorted(f"{scheme(pattern)}://{p}" for p in fs.glob(inner))
+    try:
+        found = fs.glob(inner)
+    except FileNotFoundError:  # gcsfs names only its request path (b/<bucket>/o)
+        raise _not_found(pattern) from None
+    return sorted(f"{scheme(pattern)}://{p}" for p in found)
+
+
+def _not_found(url: str) -> FileNotFoundError:
+    """The error for a URL that a read found nothing at, naming it and what is missing: the
+    bucket, or the object (the client's own error names only its request path)."""
+    bucket = url.split("://", 1)[1].split("/", 1)[0]
+    fs, inner = _fs(f"{scheme(url)}://{bucket}")
+    try:
+        fs.info(inner)
+    except FileNotFoundError:
+        return FileNotFoundError(f"{url}: no bucket {bucket!r} (or no access to it)")
+    except Exception:  # noqa: BLE001 - not known: say what the read found
+        pass
+    return FileNotFoundError(f"{url}: no such object")
 
 
 @_accessing
@@ -326,7 +344,12 @@ def open_file(path: str, mode: str = "r") -> IO:
     if "a" in mode:
         raise ValueError(f"{path}: objects cannot be appended to; use storage.AppendText")
     fs, inner = _fs(path)
-    return fs.open(inner, mode) if "b" in mode else fs.open(inner, mode, encoding="utf-8")
+    try:
+        return fs.open(inner, mode) if "b" in mode else fs.open(inner, mode, encoding="utf-8")
+    except FileNotFoundError:
+        if "r" not in mode:
+            raise
+        raise _not_found(path) from None
 
 
 def read_text(path: str) -> str:

@@ -358,6 +358,20 @@ def test_a_write_into_a_missing_bucket_names_the_bucket(bucket, tmp_path):
         cloud_jax.load("gs://no-such-bucket/model")
 
 
+def test_a_glob_or_a_read_that_finds_no_bucket_or_object_names_the_url(bucket):
+    from cloud_jax.data.schema import expand_paths
+
+    # gcsfs says only its request path (b/no-such-bucket/o, b/bucket/o/absent.txt).
+    with pytest.raises(FileNotFoundError, match="gs://no-such-bucket/.*no bucket 'no-such-bucket'"):
+        storage.glob("gs://no-such-bucket/data/*.jsonl")
+    with pytest.raises(FileNotFoundError, match="gs://no-such-bucket/.*no bucket 'no-such-bucket'"):
+        expand_paths("gs://no-such-bucket/data/*.jsonl")
+    with pytest.raises(FileNotFoundError, match="gs://no-such-bucket/x.txt"):
+        storage.read_text("gs://no-such-bucket/x.txt")
+    with pytest.raises(FileNotFoundError, match=f"{bucket}/absent.txt: no such object"):
+        storage.read_text(f"{bucket}/absent.txt")
+
+
 def test_an_upload_that_fails_part_way_never_leaves_a_new_config_beside_old_weights(
         bucket, monkeypatch):
     """config.json goes last (and the earlier one first): an export whose upload stops part-way
