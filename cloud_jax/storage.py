@@ -14,7 +14,8 @@ What differs on an object store, and how it is handled:
   object at each flush (metrics files are a line per logged step, so this stays small);
 - there is no rename of a directory in one call: :func:`rename` copies and deletes, object by
   object; a single object write, though, is atomic (a reader sees the old object or the whole new
-  one), so :func:`write_text_atomic` writes it directly;
+  one), so :func:`write_text_atomic` and :func:`copy_file` write the object in one call (not
+  through a file object, which commits what it holds when closed, a stopped write's prefix too);
 - listings may be cached by the client: every check for existence or listing here asks the store;
 - a store that refuses the caller (no credentials: gcsfs then calls anonymously and Cloud Storage
   answers 401; credentials without the permission: 403) raises PermissionError with one line
@@ -413,15 +414,28 @@ def write_text_atomic(path: str, text: str) -> None:
     and the last rename wins whole) and a rename on disk; in one object write (atomic by itself)
     on an object store. Temporary files of ``path`` that killed writers left are deleted."""
     if is_url(path):
-        with _writing(path):
-            with open_file(path, "w") as f:
-                f.write(text)
+        _put_object(path, text.encode("utf-8"))
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    _replace_through_temporary(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def _put_object(url: str, data: bytes) -> None:
+    """Writes one object in one call: the store makes it visible only once all of ``data`` is
+    there. (A file object opened for writing commits what it has when it is closed, so a write
+    stopped part-way would leave a prefix that reads as the whole object.)"""
+    with _writing(url):
+        fs, inner = _fs(url)
+        fs.pipe_file(inner, data)
+
+
+def _replace_through_temporary(path: str, write) -> None:
+    """``write(f)`` into a temporary file of this writer's own, then renamed to the local
+    ``path``; a write that fails or is stopped leaves ``path`` as it was."""
     tmp = f"{path}.tmp.{_tmp_host()}.{os.getpid()}.{os.urandom(4).hex()}"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -779,9 +793,16 @@ def staged_output(path: str, last: Sequence[str] = ()) -> Iterator[str]:
 
 
 def copy_file(src: str, dst: str) -> None:
-    with open_file(src, "rb") as r, (_writing(dst) if is_url(dst) else contextlib.nullcontext()):
-        with open_file(dst, "wb") as w:
-            shutil.copyfileobj(r, w)
+    """Copies one file (object). ``dst`` holds the whole of ``src``, or what it held before when
+    the copy fails or is stopped part-way: an object is written in one call once ``src`` is
+    read (into memory), a local file through a temporary file and a rename."""
+    with open_file(src, "rb") as r:
+        if is_url(dst):
+            data = r.read()
+        else:
+            _replace_through_temporary(dst, lambda w: shutil.copyfileobj(r, w))
+            return
+    _put_object(dst, data)
 
 
 class AppendText:
@@ -810,8 +831,7 @@ class AppendText:
             self._local.write(text)
             return
         self._text.append(text)
-        with _writing(self.path), open_file(self.path, "w") as f:
-            f.write("".join(self._text))
+        write_text_atomic(self.path, "".join(self._text))
 
     def close(self) -> None:
         if self._local is not None:

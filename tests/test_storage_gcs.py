@@ -372,6 +372,44 @@ def test_a_glob_or_a_read_that_finds_no_bucket_or_object_names_the_url(bucket):
         storage.read_text(f"{bucket}/absent.txt")
 
 
+def test_a_copy_stopped_part_way_leaves_what_the_destination_held(bucket, tmp_path,
+                                                                  monkeypatch):
+    """A stop while the source is read (SIGTERM raising Preempted, Ctrl-C) never leaves the
+    destination holding a prefix of the source that reads as the whole file."""
+    from cloud_jax.errors import Preempted
+
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(f'{{"row": {i}}}\n' for i in range(100_000)))
+    real_open = storage.open_file
+
+    def stopping_open(path, mode="r"):
+        f = real_open(path, mode)
+        if os.fspath(path) == str(src):
+            reads = iter(range(1_000_000))
+            real_read = f.read
+
+            def read(size=-1):
+                # The third chunk of a streamed copy, or a read of the whole file.
+                if next(reads) == 2 or size is None or size < 0:
+                    raise Preempted("stopped by SIGTERM")
+                return real_read(size)
+
+            f.read = read
+        return f
+
+    monkeypatch.setattr(storage, "open_file", stopping_open)
+    for dst in (f"{bucket}/copy/rows.jsonl", str(tmp_path / "copy.jsonl")):
+        storage.write_text_atomic(dst, "old\n")
+        with pytest.raises(Preempted):
+            storage.copy_file(str(src), dst)
+        assert storage.read_text(dst) == "old\n", dst
+    monkeypatch.setattr(storage, "open_file", real_open)
+    for dst in (f"{bucket}/copy/rows.jsonl", str(tmp_path / "copy.jsonl")):
+        storage.copy_file(str(src), dst)
+        assert storage.read_text(dst) == src.read_text(), dst
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.jsonl", "rows.jsonl"]
+
+
 def test_an_upload_that_fails_part_way_never_leaves_a_new_config_beside_old_weights(
         bucket, monkeypatch):
     """config.json goes last (and the earlier one first): an export whose upload stops part-way
