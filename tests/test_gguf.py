@@ -250,6 +250,24 @@ def test_converting_into_a_directory_with_a_sharded_model_drops_its_index(tmp_pa
     assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
 
 
+def test_an_unreadable_model_file_in_the_output_is_replaced_not_a_crash(tmp_path, capsys):
+    """A weight file there that does not read (cut short, not safetensors) is no conversion of
+    this file: --overwrite replaces it, and without it the directory is not empty."""
+    write_tiny_llama_gguf(tmp_path / "m.gguf")
+    out = tmp_path / "hf"
+    out.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (out / name).write_text("{}")
+    (out / "model.safetensors").write_bytes(b"not safetensors")
+    argv = ["--gguf", str(tmp_path / "m.gguf"), "--out", str(out)]
+    with pytest.raises(SystemExit) as stopped:  # argparse's usage error
+        run_command(convert_cli.main, argv)
+    assert stopped.value.code == 2 and "is not empty" in capsys.readouterr().err
+    assert run_command(convert_cli.main, argv + ["--overwrite"]) == 0
+    assert safetensors.numpy.load_file(out / "model.safetensors").keys() == write_tiny_llama_gguf(
+        tmp_path / "again.gguf").keys()
+
+
 def test_rejects_other_architectures(tmp_path):
     write_tiny_llama_gguf(tmp_path / "m.gguf", architecture="gpt2")
     with pytest.raises(

@@ -285,8 +285,11 @@ def _is_converted(out_dir: pathlib.Path, provenance: dict[str, str]) -> bool:
     """
     if not all((out_dir / name).is_file() for name in _OUTPUT_FILES):
         return False
-    with safetensors.safe_open(out_dir / "model.safetensors", framework="numpy") as f:
-        return f.metadata() == provenance
+    try:
+        with safetensors.safe_open(out_dir / "model.safetensors", framework="numpy") as f:
+            return f.metadata() == provenance
+    except (safetensors.SafetensorError, OSError):  # cut short, or no safetensors file at all
+        return False
 
 
 def _provenance(gguf_path: pathlib.Path) -> dict[str, str]:
