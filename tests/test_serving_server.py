@@ -608,3 +608,39 @@ def test_a_message_key_the_layout_has_no_place_for_is_refused():
     [item], _ = parse_score({"items": [{"prompt": [{"role": "user", "content": "a"}],
                                         "response": "b"}]}, Settings())
     assert item.prompt == [{"role": "user", "content": "a"}]
+
+
+def test_the_metrics_that_count_since_start_are_counters():
+    """cloud_critique_tokens_total, cloud_compiles_total and cloud_compile_seconds_total only
+    grow (docs/SERVING.md: rate() of the first is tokens/s), as _total names promise; they were
+    exported with the type gauge, which Prometheus tools take for a value that goes up and down."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from cloud_jax.serving.server import Metrics
+    from cloud_jax.serving.types import BackendStats
+
+    class Backend:
+        def stats(self):
+            return BackendStats(queue_depth=2, busy_slots=3, total_slots=4, critique_tokens=70,
+                                compiles=1, compile_seconds=2.5)
+
+    metrics = Metrics(Backend())
+    metrics.requests.labels("/v1/score", "200").inc()
+    metrics.rejected.labels("invalid").inc()
+    metrics.admitted.inc()
+    metrics.items.inc()
+    metrics.latency.labels("/v1/score").observe(0.1)
+    families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
+    types = {name: f.type for name, f in families.items()}
+    samples = {s.name: s.value for f in families.values() for s in f.samples if not s.labels}
+    for name in ("cloud_critique_tokens", "cloud_compiles", "cloud_compile_seconds",
+                 "cloud_requests", "cloud_rejected_requests", "cloud_admitted_items",
+                 "cloud_scored_items"):
+        assert types.get(name) == "counter", (name, types)
+    for name in ("cloud_queue_depth", "cloud_busy_slots", "cloud_total_slots"):
+        assert types.get(name) == "gauge", (name, types)
+    assert types.get("cloud_request_latency_seconds") == "histogram"
+    assert (samples["cloud_critique_tokens_total"], samples["cloud_compiles_total"],
+            samples["cloud_compile_seconds_total"]) == (70, 1, 2.5)
+    assert (samples["cloud_queue_depth"], samples["cloud_busy_slots"],
+            samples["cloud_total_slots"]) == (2, 3, 4)

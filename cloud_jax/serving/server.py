@@ -26,14 +26,15 @@ from typing import Optional
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
                                generate_latest)
+from prometheus_client.core import CounterMetricFamily
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cloud_jax.serving.protocol import ChatMarkers, InvalidField, parse_openrlhf, parse_score
-from cloud_jax.serving.types import (Backend, InputTooLong, ItemResult, QueueFull, Settings,
-                                     ShuttingDown)
+from cloud_jax.serving.types import (Backend, BackendStats, InputTooLong, ItemResult, QueueFull,
+                                     Settings, ShuttingDown)
 
 log = logging.getLogger(__name__)
 
@@ -48,36 +49,51 @@ class Metrics:
                                  registry=r)
         self.busy_slots = Gauge("cloud_busy_slots", "decode rows in use", registry=r)
         self.total_slots = Gauge("cloud_total_slots", "decode rows in all (--slots)", registry=r)
-        self.tokens = Gauge("cloud_critique_tokens_total",
-                            "critique tokens generated since start (rate() gives tokens/s)",
-                            registry=r)
         self.latency = Histogram("cloud_request_latency_seconds",
                                  "time from a request's arrival to its answer", ["endpoint"],
                                  buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
                                  registry=r)
         self.requests = Counter("cloud_requests_total", "answered requests", ["endpoint", "status"],
                                 registry=r)
-        self.compiles = Gauge("cloud_compiles_total",
-                              "shapes first met under traffic whose programs were compiled while "
-                              "the requests in flight waited", registry=r)
-        self.compile_seconds = Gauge("cloud_compile_seconds_total",
-                                     "seconds those compiles took", registry=r)
         self.rejected = Counter("cloud_rejected_requests_total",
                                 "requests refused before scoring", ["reason"], registry=r)
         self.items = Counter("cloud_scored_items_total", "items scored", registry=r)
         self.admitted = Counter("cloud_admitted_items_total", "items accepted into the queue",
                                 registry=r)
         self._backend = backend
+        self._stats: Optional[BackendStats] = None  # read once a scrape, by render
+        # The backend's own counters: exported as counters (they only grow), not gauges, so that
+        # rate() and the tools that go by a metric's type read them right.
+        r.register(_BackendCounters(lambda: self._stats or backend.stats()))
 
     def render(self) -> bytes:
-        s = self._backend.stats()
+        s = self._stats = self._backend.stats()
         self.queue_depth.set(s.queue_depth)
         self.busy_slots.set(s.busy_slots)
         self.total_slots.set(s.total_slots)
-        self.tokens.set(s.critique_tokens)
-        self.compiles.set(s.compiles)
-        self.compile_seconds.set(s.compile_seconds)
         return generate_latest(self.registry)
+
+
+class _BackendCounters:
+    """A Prometheus collector of the counters a backend keeps (``BackendStats``)."""
+
+    _COUNTERS = (
+        ("cloud_critique_tokens", "critique_tokens",
+         "critique tokens generated since start (rate() gives tokens/s)"),
+        ("cloud_compiles", "compiles", "shapes first met under traffic whose programs were "
+                                       "compiled while the requests in flight waited"),
+        ("cloud_compile_seconds", "compile_seconds", "seconds those compiles took"))
+
+    def __init__(self, stats):
+        self._stats = stats
+
+    def describe(self):  # the names, for the registry, without asking the backend
+        return [CounterMetricFamily(name, doc) for name, _, doc in self._COUNTERS]
+
+    def collect(self):
+        s = self._stats()
+        return [CounterMetricFamily(name, doc, value=getattr(s, field))
+                for name, field, doc in self._COUNTERS]
 
 
 def _error(status: int, message: str, field: Optional[str] = None, **headers) -> JSONResponse:
