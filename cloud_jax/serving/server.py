@@ -3,7 +3,8 @@
     POST /get_reward   OpenRLHF's remote reward model: {"query", "prompts", "labels"} ->
                        {"rewards", "scores", "extra_logs": {"reward_std", "truncated_fraction"}}
     POST /v1/score     native: {"items": [...], settings} -> {"results": [...]}
-    GET  /health       200 once the backend is loaded and compiled, 503 before and while draining
+    GET  /health       200 once the backend is loaded and compiled (the socket listens from then
+                       on: connections before are refused), 503 while draining
     GET  /metrics      Prometheus text
 
 Bad input is answered 400 (not JSON, not an object) or 422 (a field: missing, wrong type, out of
