@@ -435,6 +435,11 @@ def test_non_finite_rewards_are_a_clear_error(checkpoint, tmp_path):
 
 
 def test_metrics_are_prometheus_text(server):
+    # The requests whose metrics are looked for (the test passed only after others had made them).
+    ok = {"items": [{"prompt": "a", "response": "b"}]}
+    assert requests.post(server.url + "/v1/score", json=ok, timeout=60).status_code == 200
+    bad = requests.post(server.url + "/v1/score", json={"items": []}, timeout=60)
+    assert bad.status_code == 422
     text = requests.get(server.url + "/metrics", timeout=5).text
     for name in ("cloud_queue_depth", "cloud_busy_slots", "cloud_critique_tokens_total",
                  "cloud_request_latency_seconds_bucket", "cloud_rejected_requests_total",
