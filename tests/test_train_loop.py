@@ -534,6 +534,42 @@ def test_a_resume_refuses_only_model_keys_that_change_the_saved_state(key, old, 
     assert f"resuming with changed settings: model.{key}" in caplog.text
 
 
+@pytest.mark.parametrize("key, old, new, allowed", [
+    ("grad_clip_norm", 1.0, 0.5, True), ("grad_clip_norm", 0.0, 2.0, False),
+    ("grad_clip_norm", 1.0, 0.0, False), ("grad_clip_norm", None, 0.0, False),
+    ("mu_dtype", "float32", "bfloat16", False), ("mu_dtype", None, "float32", True),
+    ("decay_norms_and_biases", True, False, False), ("learning_rate", 1e-3, 2e-3, True)])
+def test_a_resume_refuses_optimizer_keys_that_change_the_saved_state(key, old, new, allowed,
+                                                                      caplog):
+    """Another moment dtype, weight-decay mask or clipping on/off has other optimizer-state
+    arrays than the checkpoint: a config error naming the key, not a checkpoint that "does not
+    fit the model" or "does not read back" (None: a checkpoint written before the key existed,
+    which had its default)."""
+    import logging
+
+    from cloud_jax.training.checkpointing import compare_configs
+
+    saved = {"optim": {"b1": 0.9, **({} if old is None else {key: old})}}
+    current = {"optim": {"b1": 0.9, key: new}}
+    if not allowed:
+        with pytest.raises(ConfigError, match=f"optim.{key}: .*shapes the optimizer state"):
+            compare_configs(saved, current, "checkpoint 2")
+        return
+    with caplog.at_level(logging.WARNING):
+        compare_configs(saved, current, "checkpoint 2")
+    assert ("resuming with changed settings" in caplog.text) == (old is not None)
+
+
+def test_a_resume_with_another_weight_decay_mask_is_a_config_error_naming_it(toy, tmp_path):
+    common = ["train.total_steps=3", "train.log_every=1", "train.eval_every=0",
+              "train.checkpoint_every=0", "train.export_final=false"]
+    out = str(tmp_path / "run")
+    run(tiny("classic", toy, out, *common, "train.stop_at_step=1"))
+    with pytest.raises(ConfigError, match="optim.decay_norms_and_biases: True -> False"):
+        run(tiny("classic", toy, out, *common, "optim.decay_norms_and_biases=false"))
+    assert os.listdir(os.path.join(out, "checkpoints")) == ["1"]  # kept, not set aside
+
+
 @pytest.mark.parametrize("key, old, new", [("data.seed", 0, 1), ("data.shuffle", True, False),
                                             ("data.drop_remainder", False, True)])
 def test_a_resume_in_another_data_order_says_pairs_may_repeat_or_be_skipped(key, old, new,

@@ -35,6 +35,7 @@ from etils import epath
 from cloud_jax import records, storage
 from cloud_jax.errors import CheckpointError, ConfigError
 from cloud_jax.model.config import ModelConfig
+from cloud_jax.training.optim import OptimConfig
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,10 @@ _FREE = ("train.", "output_dir", "data.num_threads", "data.prefetch_buffer_size"
 # alter the run), e.g. to fit a slice with less memory per device.
 COMPUTE_ONLY = ("model.attention_impl", "model.decode_attention_impl", "model.remat",
                 "model.causal_block_size", "model.dtype")
+# optim.* keys that shape the saved optimizer state (the moments' dtype, the weight-decay mask's
+# wrapper): another value has other arrays than the checkpoint holds. optim.grad_clip_norm does
+# too where it turns clipping on or off (0), which adds or removes the clipping's state.
+OPTIM_STATE_KEYS = ("optim.mu_dtype", "optim.decay_norms_and_biases")
 _DATA_FILE = re.compile(r"process_\d+-of-(\d+)\.json$")
 # What a checkpoint's config item records of the train order (cloud_jax.data.pipeline.GlobalOrder):
 # "global", a global order cut into global batches that every host count splits the same way.
@@ -104,21 +109,29 @@ _DATA_ORDER = ("data.shuffle", "data.seed", "data.drop_remainder")
 
 def compare_configs(saved: dict, current: dict, where: str) -> None:
     """Raises ConfigError for a change that breaks resuming; logs a warning for other changes
-    that alter the run. A model.* key the checkpoint lacks (written before the key existed) at
-    the value every run before it had, the key's default, is no change."""
+    that alter the run. A model.* or optim.* key the checkpoint lacks (written before the key
+    existed) at the value every run before it had, the key's default, is no change."""
     # Through JSON, as the configs compared were: a tuple default reads back as a list.
-    defaults = records.flatten(json.loads(json.dumps({"model": dataclasses.asdict(ModelConfig())})))
+    defaults = records.flatten(json.loads(json.dumps(
+        {"model": dataclasses.asdict(ModelConfig()), "optim": dataclasses.asdict(OptimConfig())})))
     changed = {k: (old, new) for k, (old, new) in records.changes(saved, current).items()
                if not (old is None and k in defaults and defaults[k] == new)}
     fatal = [k for k in changed if k.startswith(_MUST_MATCH) and k not in COMPUTE_ONLY]
+    clips = [v if v is not None else defaults["optim.grad_clip_norm"]
+             for v in changed.get("optim.grad_clip_norm", ())]
+    optim = [k for k in changed if k in OPTIM_STATE_KEYS] + (
+        ["optim.grad_clip_norm"] if clips and (clips[0] == 0) != (clips[1] == 0) else [])
+    fatal += optim
     if fatal:
         detail = "; ".join(f"{k}: {changed[k][0]!r} -> {changed[k][1]!r}" for k in fatal[:8])
         batch = (" (the saved data position counts batches of data.batch_pairs: on another "
                  "slice keep it and change train.grad_accum_steps or the mesh)"
                  if "data.batch_pairs" in fatal else "")
+        state = (f" ({', '.join(optim)} shape{'s' if len(optim) == 1 else ''} the optimizer "
+                 "state the checkpoint holds)" if optim else "")
         raise ConfigError(
             f"{where} was written by a run with a different config ({detail}). Resume with the "
-            f"same settings{batch}, or set output_dir (or train.checkpoint_dir) to a new "
+            f"same settings{batch}{state}, or set output_dir (or train.checkpoint_dir) to a new "
             "directory to start a new run.")
     loose = [k for k in changed if not k.startswith(_FREE) or k in _TRAIN_KEYS_THAT_MATTER]
     if loose:
