@@ -360,8 +360,9 @@ def test_nonfinite_error_names_the_step_and_saves_nothing_after_it(toy, tmp_path
 
 def test_nonfinite_skip_counts_steps_and_checkpoints_finite_unchanged_params(toy, tmp_path):
     out = str(tmp_path / "skip")
-    # Logged every 2 steps: step 1 (applied) and 2 (skipped), then step 3 (skipped) alone.
-    cfg = tiny(toy, out, *OVERFLOW, "train.total_steps=3", "train.checkpoint_every=1",
+    # Logged every 2 steps: step 1 (applied) and 2 (skipped), then step 3 (skipped) alone. Saved
+    # at steps 2 and 3 (a logged window ends at each checkpoint too).
+    cfg = tiny(toy, out, *OVERFLOW, "train.total_steps=3", "train.checkpoint_every=2",
                "train.keep_checkpoints=3", "train.on_nonfinite=skip", "train.log_every=2")
     summary = run(cfg)
     rows = metrics_by_step(out)
@@ -373,11 +374,11 @@ def test_nonfinite_skip_counts_steps_and_checkpoints_finite_unchanged_params(toy
     assert rows[2]["learning_rate"] == pytest.approx(1e30)
     assert all(rows[3][k] is None for k in ("loss", "grad_norm", "learning_rate", "accuracy"))
     assert rows[3]["tokens"] > 0
-    assert summary["step"] == 3 and step_dirs(out) == ["1", "2", "3"]
-    after_1, after_3 = _saved_params(cfg, out, 1), _saved_params(cfg, out, 3)
+    assert summary["step"] == 3 and step_dirs(out) == ["2", "3"]
+    after_2, after_3 = _saved_params(cfg, out, 2), _saved_params(cfg, out, 3)
     leaves = jax.tree.leaves(after_3)
-    assert all(np.isfinite(x).all() for x in leaves)
-    for a, b in zip(jax.tree.leaves(after_1), leaves):
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(after_2) + leaves)
+    for a, b in zip(jax.tree.leaves(after_2), leaves):
         np.testing.assert_array_equal(a, b)
 
 

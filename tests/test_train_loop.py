@@ -4,6 +4,7 @@ uninterrupted run exactly, two processes equal one, bad data and bad settings gi
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +80,24 @@ def test_stop_and_resume_equals_uninterrupted_run(toy, tmp_path):
     assert [r["step"] for r in b] == list(range(1, 9))
     for key in ("loss", "batch_digest", "grad_norm", "accuracy", "lm_loss", "learning_rate"):
         assert [r[key] for r in a] == [r[key] for r in b], key
+
+
+def test_a_resume_after_a_crash_logs_the_windows_of_the_uninterrupted_run(toy, tmp_path):
+    """Checkpoints every 2 steps, a log line every 3: a run killed before its step 4 checkpoint
+    resumes from step 2 and drops the lines after it, so no logged window may reach across a
+    checkpoint (the step 3 line would have covered steps 1-3 and been replaced by one of step 3
+    alone)."""
+    out = str(tmp_path / "run")
+    common = ["train.total_steps=4", "train.log_every=3", "train.checkpoint_every=2",
+              "train.eval_every=0", "train.export_final=false"]
+    run(tiny("classic", toy, out, *common))
+    before = read_metrics(out)
+    shutil.rmtree(os.path.join(out, "checkpoints", "4"))  # killed before it was written
+    run(tiny("classic", toy, out, *common))
+    after = read_metrics(out)
+    for key in ("step", "loss", "batch_digest", "accuracy", "learning_rate"):
+        assert [r[key] for r in after] == [r[key] for r in before], key
+    assert [r["step"] for r in after] == [2, 3, 4]
 
 
 @pytest.mark.slow

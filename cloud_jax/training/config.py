@@ -65,7 +65,8 @@ class TrainConfig:
     # Write the final weights as a reference-layout CLoud directory, <output_dir>/final, which
     # `init_from` of the next stage and `cloud_jax.load` read.
     export_final: bool = True
-    # Metrics are averaged over this many steps before they are written.
+    # Metrics are averaged over this many steps before they are written; a window also ends at
+    # each checkpoint, so a run resumed from one logs the steps an uninterrupted run logs.
     log_every: int = 10
     # One JSON object per logged step and per evaluation (relative: under output_dir), with
     # throughput.jsonl beside it; empty: neither file is written.

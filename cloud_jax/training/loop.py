@@ -656,9 +656,11 @@ def _train(cfg: Config, mesh, preemption: _PreemptionWatch) -> dict:
                 # finished, not preempted, and there is nothing for a relaunch to do.
                 log.warning("SIGTERM during the last step (%d): finishing the run", step)
                 preempted = False
-            log_now = step % tc.log_every == 0 or step == end_step or preempted
             save_now = ((tc.checkpoint_every and step % tc.checkpoint_every == 0)
                         or step == end_step or preempted)
+            # A window also ends at each checkpoint: a run resumed from it drops what was logged
+            # after it, so a window across it would lose the steps before it.
+            log_now = step % tc.log_every == 0 or save_now
             eval_now = evaluator is not None and tc.eval_every and (step % tc.eval_every == 0
                                                                     or step == end_step)
             if tc.on_nonfinite == "error" and (log_now or save_now or eval_now):
