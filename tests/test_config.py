@@ -465,3 +465,20 @@ def test_a_config_starting_from_another_run_names_the_config_that_makes_it():
                                                     f"configs/{maker} in the header")
         checked += 1
     assert checked >= 5
+
+
+def test_a_number_with_a_leading_zero_is_refused_not_read_as_octal(tmp_path):
+    # YAML reads a plain 010 as octal 8: data.batch_pairs=010 trained with 8 pairs a batch.
+    with pytest.raises(ConfigError, match=r"override 'data\.batch_pairs=010': 010 has a leading "
+                                          r"0, and YAML reads such a number as octal \(010 is 8\)"):
+        load_config(None, ["data.batch_pairs=010"])
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  num_layers: 2\ndata:\n  batch_pairs: 016\n")
+    with pytest.raises(ConfigError, match=rf"{path}:4: 016 has a leading 0.*\(016 is 14\)"):
+        load_config(path)
+    # 0, a quoted text, 08 (no octal number: YAML's text, then the key's type error) and a
+    # hexadecimal number are as before.
+    assert load_config(None, ["train.eval_every=0", "data.batch_pairs=0x10"]).data.batch_pairs == 16
+    path.write_text("model:\n  num_layers: 2\noutput_dir: '010'\n")
+    assert load_config(path).output_dir == "010"
+    assert load_config(None, ["output_dir=010"]).output_dir == "010"

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Sequence
+import re
+from typing import Any, Optional, Sequence
 
 from cloud_jax.data.config import DataConfig
 from cloud_jax.errors import ConfigError
@@ -309,6 +310,43 @@ def _yaml_value(value: str) -> Any:
     return OmegaConf.to_container(OmegaConf.from_dotlist(["value=" + value]))["value"]
 
 
+# A plain YAML 1.1 integer with a leading 0 (010) is octal: 8. Nobody writing a batch size or a
+# step count means that, and the value would be taken without a word.
+_OCTAL = re.compile(r"[-+]?0[0-7_]*[0-7][0-7_]*")
+
+
+def _octal_problem(text: str) -> Optional[str]:
+    """Why ``text`` (a plain scalar) must not be read as YAML reads it, or None."""
+    text = text.strip()
+    if not _OCTAL.fullmatch(text):
+        return None
+    return (f"{text} has a leading 0, and YAML reads such a number as octal ({text} is "
+            f"{int(text.replace('_', ''), 8)}); write it without the leading 0 (or quoted, as "
+            "text)")
+
+
+def _octal_in_file(text: str, source: str) -> None:
+    """Refuses a plain integer with a leading 0 anywhere in a YAML file, naming its line."""
+    import yaml
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return  # the loader's own error names it
+    todo = [root] if root is not None else []
+    while todo:
+        node = todo.pop()
+        if isinstance(node, yaml.ScalarNode):
+            if node.style is None and node.tag == "tag:yaml.org,2002:int":
+                problem = _octal_problem(node.value)
+                if problem:
+                    raise ConfigError(f"{source}:{node.start_mark.line + 1}: {problem}")
+        elif isinstance(node, yaml.SequenceNode):
+            todo.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            todo.extend(v for pair in node.value for v in pair)
+
+
 def _unquoted(value: str) -> str:
     """``value`` less the quotes around it where it is one YAML-quoted string."""
     if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
@@ -365,6 +403,9 @@ def config_from_dict(data: dict, overrides: Sequence[str] = (), schema: type = C
                 # leaves the key unset.
                 value = None if value.strip() in _NULL_WORDS else _unquoted(value)
             else:
+                problem = _octal_problem(value)
+                if problem:
+                    raise ConfigError(f"{where}: {problem}")
                 value = _yaml_value(value)
             OmegaConf.update(merged, key, _checked(value, declared, key, where, default=default,
                                                    override=True), merge=True)
@@ -409,6 +450,8 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = (),
             loaded = OmegaConf.load(source)
         except Exception as err:  # yaml errors carry line numbers in their text
             raise ConfigError(f"{source}: not valid YAML: {err}") from None
+        with open(source, encoding="utf-8") as f:
+            _octal_in_file(f.read(), source)
         data = OmegaConf.to_container(loaded) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: the top level must be a mapping of keys")
