@@ -495,6 +495,8 @@ def test_a_model_key_added_later_or_an_attention_choice_does_not_stop_a_resume(c
         resume(decode_attention_impl="pallas", attention_impl="cudnn")
         # How the step computes (memory knobs for another slice) may change too.
         resume(causal_block_size=64)
+        resume(reward_dropout=0.1)  # a training choice: no saved array changes with it
+    assert "model.reward_dropout: None -> 0.1" in caplog.text
     assert "model.attention_impl: 'xla' -> 'cudnn'" in caplog.text
     assert "model.decode_attention_impl: None -> 'pallas'" in caplog.text
     assert "model.causal_block_size: None -> 64" in caplog.text

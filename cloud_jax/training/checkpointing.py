@@ -58,9 +58,9 @@ _FREE = ("train.", "output_dir", "data.num_threads", "data.prefetch_buffer_size"
          "data.tfds_dir", "data.eval_path")
 # model.* keys that choose how a step computes, not what the weights are (no array of the train
 # state changes with them): a resume may change them (with a warning, as for other settings that
-# alter the run), e.g. to fit a slice with less memory per device.
+# alter the run), e.g. to fit a slice with less memory per device, or the reward head's dropout.
 COMPUTE_ONLY = ("model.attention_impl", "model.decode_attention_impl", "model.remat",
-                "model.causal_block_size", "model.dtype")
+                "model.causal_block_size", "model.dtype", "model.reward_dropout")
 # optim.* keys that shape the saved optimizer state (the moments' dtype, the weight-decay mask's
 # wrapper): another value has other arrays than the checkpoint holds. optim.grad_clip_norm does
 # too where it turns clipping on or off (0), which adds or removes the clipping's state.
