@@ -21,7 +21,10 @@ assistant message that makes a tool call (``tool_calls``). A message key that is
 ValueError naming it (as /v1/score refuses it), not dropped: user and system messages hold role and
 content, an assistant message also tool_calls and its parsed-out reasoning (``reasoning_content``
 or ``thinking``: left out of the score, with a warning the first time); a key holding None counts
-as absent. The rewards equal ``rm.score`` on the
+as absent. A message's content is a string or a list of text parts (``{"type": "text", "text":
+...}``, the form of OpenAI's API and newer TRL), read joined in order with nothing between (the
+tokens of the joined string); a part of another type (an image, audio) is a ValueError naming the
+message and the part. The rewards equal ``rm.score`` on the
 same texts and settings; a non-finite one (NaN weights, an overflowing dtype) is a ValueError, not
 a reward.
 
@@ -42,6 +45,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from cloud_jax.api import RewardModel
+from cloud_jax.data.schema import content_text
 from cloud_jax.errors import InputTooLongError
 
 log = logging.getLogger(__name__)
@@ -69,16 +73,18 @@ def _prompt_text(prompt: Any, index: int) -> str:
     if isinstance(prompt, str):
         return prompt
     if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
-        users = [m.get("content") for m in prompt if m.get("role") == "user"]
-        if users and isinstance(users[-1], str):
+        users = [j for j, m in enumerate(prompt) if m.get("role") == "user"]
+        if users and isinstance(prompt[users[-1]].get("content"), (str, list)):
             if len(users) > 1 or any(m.get("role") not in ("user", "system") for m in prompt):
                 raise ValueError(f"prompts[{index}]: multi-turn conversations are not supported; "
                                  "give one user message")
             for j, m in enumerate(prompt):
                 _check_keys(m, f"prompts[{index}][{j}]", _MESSAGE_KEYS)
+            text = content_text(prompt[users[-1]]["content"],
+                                f"prompts[{index}][{users[-1]}].content")
             if any(m.get("role") == "system" for m in prompt):
                 _warn_system_once()
-            return users[-1]
+            return text
     raise ValueError(f"prompts[{index}]: expected a string or a list of chat messages with one "
                      f"user message, got {prompt!r:.80}")
 
@@ -109,17 +115,18 @@ def _completion_text(completion: Any, index: int) -> str:
     # otherwise be left out of what is scored without a word.
     if isinstance(completion, list) and len(completion) == 1 and isinstance(completion[0], dict) \
             and completion[0].get("role") == "assistant" \
-            and isinstance(completion[0].get("content"), str):
+            and isinstance(completion[0].get("content"), (str, list)):
         # A tool call parsed out of the response (TRL's tool_calls, the content left empty or a
         # preamble) is not in the content: scoring the content alone would drop it.
         if completion[0].get("tool_calls"):
             raise ValueError(f"completions[{index}]: its assistant message makes a tool call "
                              "(tool_calls); only a response without tool calls can be scored")
         _check_keys(completion[0], f"completions[{index}][0]", _ASSISTANT_KEYS)
+        text = content_text(completion[0]["content"], f"completions[{index}][0].content")
         for key in _REASONING_KEYS:
             if completion[0].get(key):
                 _warn_reasoning_once(key)
-        return completion[0]["content"]
+        return text
     raise ValueError(f"completions[{index}]: expected a string or a list holding one assistant "
                      f"message (and nothing else), got {completion!r:.80}")
 

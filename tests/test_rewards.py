@@ -114,6 +114,41 @@ def test_a_message_key_that_would_not_be_scored_is_refused_not_dropped(rm, caplo
     assert caplog.text.count("a completion's reasoning") == 1, caplog.text
 
 
+def test_content_given_as_text_parts_is_read_as_its_joined_text(rm):
+    """Newer TRL and OpenAI-style datasets give a message's content as a list of parts
+    ([{"type": "text", "text": ...}]); it was refused as not being chat messages. Text parts are
+    read joined in order with nothing between (as templates that take parts write them), so the
+    tokens, critiques and rewards are those of the string; another part is refused by name."""
+    fn = CLoudReward(rm, **SETTINGS)
+    plain = fn(PROMPTS, COMPLETIONS)
+    plain_critiques = fn.last_critiques
+
+    def parts(text, cut):
+        return [{"type": "text", "text": text[:cut]}, {"type": "text", "text": text[cut:]}]
+
+    prompts = [[{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                {"role": "user", "content": parts(p, 3)}] for p in PROMPTS]
+    completions = [[{"role": "assistant", "content": parts(c, 1)}] for c in COMPLETIONS]
+    assert fn(prompts, completions) == plain and fn.last_critiques == plain_critiques
+    # One part, and a key holding None (datasets fills "image" into a text part when another
+    # part of the column has one): the same.
+    assert fn([[{"role": "user", "content": [{"type": "text", "text": p, "image": None}]}]
+               for p in PROMPTS], COMPLETIONS) == plain
+    image = {"type": "image", "image": None}
+    with pytest.raises(ValueError,
+                       match=r"prompts\[1\]\[0\]\.content\[1\]: a part of type 'image'"):
+        fn(PROMPTS[:1] + [[{"role": "user", "content": [{"type": "text", "text": "a"}, image]}]],
+           COMPLETIONS[:2])
+    audio = {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}
+    with pytest.raises(ValueError, match=r"completions\[0\]\[0\]\.content\[0\]: a part of type "
+                                         r"'input_audio'; only text parts"):
+        fn(PROMPTS[:1], [[{"role": "assistant", "content": [audio]}]])
+    for bad, why in (("text", ": expected a part"), ({"type": "text"}, r"\.text: expected a string"),
+                     ({"type": "text", "text": "a", "cache": 1}, r"\.cache: unknown key")):
+        with pytest.raises(ValueError, match=r"prompts\[0\]\[0\]\.content\[0\]" + why):
+            fn([[{"role": "user", "content": [bad]}]], COMPLETIONS[:1])
+
+
 def test_non_finite_rewards_are_an_error_not_a_reward(rm):
     # A NaN reward reaches the trainer as no reward (TRL leaves the completion out) or as 0
     # (tunix sums rewards with nansum): the training run would go on without a word.

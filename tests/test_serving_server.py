@@ -615,6 +615,24 @@ def test_a_message_key_the_layout_has_no_place_for_is_refused():
     assert item.prompt == [{"role": "user", "content": "a"}]
 
 
+def test_a_prompt_message_whose_content_is_text_parts_is_read_as_its_text():
+    """/v1/score takes a user message's content as a list of text parts (OpenAI's form), read
+    joined as the string; a part that is not text is a 422 naming it (it was refused as not a
+    message list)."""
+    from cloud_jax.serving.protocol import InvalidField, parse_score, prompt_text
+    from cloud_jax.serving.types import Settings
+
+    content = [{"type": "text", "text": "What is "}, {"type": "text", "text": "2+2?"}]
+    [item], _ = parse_score({"items": [{"prompt": [{"role": "user", "content": content}],
+                                        "response": "4"}]}, Settings())
+    assert prompt_text(item.prompt) == "What is 2+2?"
+    with pytest.raises(InvalidField, match="a part of type 'image_url'") as err:
+        parse_score({"items": [{"prompt": [{"role": "user", "content": content + [
+            {"type": "image_url", "image_url": {"url": "http://x/a.png"}}]}],
+                                "response": "4"}]}, Settings())
+    assert err.value.field == "items[0].prompt[0].content[2]"
+
+
 def test_the_metrics_that_count_since_start_are_counters():
     """cloud_critique_tokens_total, cloud_compiles_total and cloud_compile_seconds_total only
     grow (docs/SERVING.md: rate() of the first is tokens/s), as _total names promise; they were

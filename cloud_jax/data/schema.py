@@ -474,6 +474,52 @@ def lone_surrogate(text: str) -> Optional[str]:
     return None
 
 
+class ContentError(ValueError):
+    """A chat message's content that is neither a string nor a list of text parts: ``field``
+    names the place (``<where>[k]`` for a part), ``reason`` what is wrong with it."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+def content_text(content: Any, where: str) -> str:
+    """A chat message's ``content`` (at ``where``) as text: a string as is, or a list of text
+    parts (``{"type": "text", "text": str}``, the form of OpenAI's API and of newer TRL) joined in
+    order with nothing between, as chat templates that take parts write them, so that parts and
+    their joined string are the same tokens. A part of another type (an image, audio) is a
+    :class:`ContentError` naming it: the model reads text only. A part's key other than type and
+    text is refused unless it holds None (``datasets`` fills the keys one part lacks with None
+    where another part of the column has them)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ContentError(where, "expected a string or a list of text parts "
+                                  f"([{{\"type\": \"text\", \"text\": str}}]), got "
+                                  f"{type(content).__name__}")
+    texts = []
+    for k, part in enumerate(content):
+        field = f"{where}[{k}]"
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise ContentError(field, "expected a part ({\"type\": \"text\", \"text\": str}), "
+                                      f"got {part!r:.60}")
+        if part["type"] != "text":
+            raise ContentError(field, f"a part of type {part['type']!r}; only text parts can be "
+                                      "scored (a CLoud model reads text): leave it out, or score "
+                                      "the message's text alone")
+        if not isinstance(part.get("text"), str):
+            raise ContentError(f"{field}.text", "expected a string, got "
+                                                f"{type(part.get('text')).__name__}")
+        unknown = [key for key, v in part.items() if key not in ("type", "text") and v is not None]
+        if unknown:
+            raise ContentError(f"{field}.{unknown[0]}", "unknown key (a text part holds type "
+                                                        "and text; a key the model does not read "
+                                                        "is refused, not dropped: remove it)")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
 def _check_feedback(field: str, value: Any) -> str:
     if isinstance(value, list):
         if len(value) != 1:

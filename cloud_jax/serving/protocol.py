@@ -3,7 +3,8 @@ shares (settings, prefill lengths).
 
 Native, ``POST /v1/score``::
 
-    {"items": [{"prompt": str | [{"role": "user", "content": str}], "response": str}, ...],
+    {"items": [{"prompt": str | [{"role": "user", "content": str | [text part, ...]}],
+                "response": str}, ...],
      "num_samples": K, "temperature": T, "top_k": k, "top_p": p, "max_critique_tokens": N,
      "seed": S, "repetition_penalty": r}            # every setting optional
 
@@ -28,7 +29,7 @@ import math
 import re
 from typing import Any, Callable, Optional, Sequence
 
-from cloud_jax.data.schema import lone_surrogate
+from cloud_jax.data.schema import ContentError, content_text, lone_surrogate
 from cloud_jax.serving.types import WARMUP, BackendOptions, InputTooLong, Item, Settings
 
 _SETTING_TYPES = {"num_samples": int, "temperature": float, "top_k": int, "top_p": float,
@@ -56,21 +57,25 @@ def _text(value: str, field: str) -> str:
 
 def prompt_text(prompt: Any, field: str = "prompt") -> str:
     """A prompt as the text of its user turn: a string as is, or a message list holding one user
-    message (the layout has one user turn before the response)."""
+    message (the layout has one user turn before the response), its content a string or a list
+    of text parts (read joined, :func:`cloud_jax.data.schema.content_text`)."""
     if isinstance(prompt, str):
         return _text(prompt, field)
     if isinstance(prompt, list):
         users = [m for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
         others = [m for m in prompt if not (isinstance(m, dict) and m.get("role") == "user")]
-        if len(users) == 1 and not others and isinstance(users[0].get("content"), str):
+        if len(users) == 1 and not others and isinstance(users[0].get("content"), (str, list)):
             extra = sorted(set(users[0]) - {"role", "content"})
             if extra:  # the layout has no place for it: read without it, the prompt would change
                 raise InvalidField(f"{field}[0].{extra[0]}", "unknown field (a message holds "
                                                              "role and content only)")
-            return _text(users[0]["content"], field)
+            try:  # a list of text parts is read as their text, joined
+                return _text(content_text(users[0]["content"], f"{field}[0].content"), field)
+            except ContentError as err:
+                raise InvalidField(err.field, err.reason) from None
         raise InvalidField(field, "a message list must hold exactly one {\"role\": \"user\", "
-                                  "\"content\": str} message (multi-turn and system prompts are "
-                                  "not supported)")
+                                  "\"content\": str | [text parts]} message (multi-turn and "
+                                  "system prompts are not supported)")
     raise InvalidField(field, f"expected a string or a message list, got {type(prompt).__name__}")
 
 
