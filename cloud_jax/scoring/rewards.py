@@ -307,8 +307,8 @@ def too_long(rm, prompts: Sequence[str], responses: Sequence[str],
     """The inputs :func:`score` with ``cfg`` cannot read, in order (none: it scores them all):
     those whose response does not fit ``cfg.max_length``, or the model's positions less the
     critique budget, even with the whole prompt cut away. ``score`` raises InputTooLongError for
-    the first; a caller that must go on scores the others (their rewards do not depend on which
-    inputs are scored together)."""
+    the first; a caller that must go on scores the others (their critiques do not depend on
+    which inputs are scored together, their rewards only up to float rounding)."""
     cfg.validate()
     cfg = dataclasses.replace(cfg, critique_prefix=resolve_critique_prefix(rm, cfg),
                               classic=resolve_classic(rm, cfg),
@@ -479,7 +479,8 @@ def score(rm, prompts: Sequence[str], responses: Sequence[str], cfg: ScoreConfig
     # Rows per prefill: on a mesh, a multiple of the devices the batch is split over.
     split = 1 if rm.mesh is None else rm.mesh.shape["data"] * rm.mesh.shape["fsdp"]
     rows = -(-min(cfg.batch_size, n) // split) * split
-    # Similar lengths share a batch (less padding); results do not depend on the grouping.
+    # Similar lengths share a batch (less padding); critiques do not depend on the grouping,
+    # rewards only up to float rounding (the padded length changes the order of float sums).
     order = sorted(range(n), key=lambda i: len(prefixes[i]))
     for start, end in _batches(n, cfg.batch_size):
         idx = order[start:end]
