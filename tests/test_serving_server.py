@@ -326,6 +326,54 @@ def test_waiting_requests_cost_no_cpu_and_are_cancelled_when_their_clients_go():
         proc.wait()
 
 
+# The waiting backend, with a log handler that tries to connect when "ready on" is logged.
+_READY_PROBE = _WAITING_SERVER.rsplit("sys.exit", 1)[0] + """
+import logging, socket
+
+host = sys.argv[2]
+
+class Probe(logging.Handler):
+    def emit(self, record):
+        message = record.getMessage()
+        if message.startswith("ready on"):
+            try:
+                socket.create_connection((host, int(sys.argv[1])), timeout=5).close()
+                print(message, "(accepting)", flush=True)
+            except OSError as err:
+                print(message, f"({err.strerror or err})", flush=True)
+
+logging.getLogger("cloud_jax.serving.server").addHandler(Probe())
+logging.getLogger("cloud_jax.serving.server").setLevel(logging.INFO)
+sys.exit(serve(Waiting(), Settings(), None, host=host, port=int(sys.argv[1]),
+               log_level="warning"))
+"""
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1"])
+def test_the_ready_line_comes_once_connections_are_accepted_and_its_url_works(host):
+    """"ready on http://..." was logged before the socket listened (a client that read it and
+    connected at once was refused), and an IPv6 host was written without brackets
+    (http://::1:8000, not a URL)."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+    except OSError:
+        pytest.skip(f"cannot bind {host} here")
+    proc = subprocess.Popen([sys.executable, "-c", _READY_PROBE, str(port), host],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline().strip()
+        url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        assert line == f"ready on {url} (accepting)"
+        assert requests.get(url + "/health", timeout=10).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.mark.parametrize("name", ["byte", "llama3", "chatml"])
 def test_openrlhf_queries_reduce_to_the_user_text_and_the_response(name):
     """What OpenRLHF sends (the rendered chat, the EOS after it) is split into what the model was

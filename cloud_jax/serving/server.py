@@ -306,10 +306,16 @@ def serve(backend: Backend, defaults: Settings, tokenizer, *, host: str = "127.0
     app = build_app(backend, defaults, tokenizer)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=None, lifespan="off")
-    server = uvicorn.Server(config)
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets=sockets)
+            if self.started:  # the socket listens: a client that reads the line can connect
+                log.info("ready on http://%s:%d", host, port)
+
+    server = Server(config)
     log.info("loading and compiling before accepting requests")
     backend.start()
-    log.info("ready on http://%s:%d", host, port)
 
     def on_signal(sig, frame):
         # Stop admitting at once; uvicorn then waits for the requests in flight. Handled here
