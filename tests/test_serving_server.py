@@ -349,7 +349,7 @@ sys.exit(serve(Waiting(), Settings(), None, host=host, port=int(sys.argv[1]),
 """
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1"])
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
 def test_the_ready_line_comes_once_connections_are_accepted_and_its_url_works(host):
     """"ready on http://..." was logged before the socket listened (a client that read it and
     connected at once was refused), and an IPv6 host was written without brackets

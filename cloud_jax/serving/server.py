@@ -311,7 +311,8 @@ def serve(backend: Backend, defaults: Settings, tokenizer, *, host: str = "127.0
         async def startup(self, sockets=None):
             await super().startup(sockets=sockets)
             if self.started:  # the socket listens: a client that reads the line can connect
-                log.info("ready on http://%s:%d", host, port)
+                # An IPv6 address is bracketed in a URL (http://[::1]:8000).
+                log.info("ready on http://%s:%d", f"[{host}]" if ":" in host else host, port)
 
     server = Server(config)
     log.info("loading and compiling before accepting requests")
