@@ -681,6 +681,21 @@ def test_a_prompt_message_whose_content_is_text_parts_is_read_as_its_text():
     assert err.value.field == "items[0].prompt[0].content[2]"
 
 
+def test_an_empty_prompts_list_beside_queries_is_named_as_a_count_that_differs():
+    """/get_reward with "prompts": [] and queries answered "prompts: must not be empty", as if
+    prompts were required; what is wrong is that there is not one per query."""
+    from cloud_jax.data.tokenizer import byte_tokenizer
+    from cloud_jax.serving.protocol import ChatMarkers, InvalidField, parse_openrlhf
+
+    markers = ChatMarkers.of(byte_tokenizer())
+    with pytest.raises(InvalidField, match=r"^prompts: 0 prompts for 1 queries: give one per "
+                                           r"query, or none") as err:
+        parse_openrlhf({"query": ["ab"], "prompts": []}, markers)
+    assert err.value.field == "prompts"
+    with pytest.raises(InvalidField, match="^query: must not be empty"):
+        parse_openrlhf({"query": [], "prompts": []}, markers)
+
+
 def test_the_metrics_that_count_since_start_are_counters():
     """cloud_critique_tokens_total, cloud_compiles_total and cloud_compile_seconds_total only
     grow (docs/SERVING.md: rate() of the first is tokens/s), as _total names promise; they were

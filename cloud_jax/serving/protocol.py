@@ -255,7 +255,7 @@ def _list_of_strings(body: dict, name: str, required: bool = True) -> Optional[l
     value = body[name]
     if not isinstance(value, list):
         raise InvalidField(name, f"expected a list of strings, got {type(value).__name__}")
-    if not value:
+    if not value and required:  # an optional list's length is checked against the required one
         raise InvalidField(name, "must not be empty")
     for i, v in enumerate(value):
         if not isinstance(v, str):
