@@ -326,6 +326,43 @@ def test_waiting_requests_cost_no_cpu_and_are_cancelled_when_their_clients_go():
         proc.wait()
 
 
+def test_a_request_its_client_gives_up_on_after_a_timeout_is_cancelled():
+    """OpenRLHF's client posts with requests and a fixed timeout, then sends the request again:
+    the request it gave up on leaves the queue (requests closes the connection when its timeout
+    fires, and the server cancels a request whose client has gone), so the queue does not hold
+    both (docs/SERVING.md)."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-c", _WAITING_SERVER, str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert time.monotonic() < deadline and proc.poll() is None
+            try:
+                requests.get(url + "/health", timeout=1)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+
+        def depth():
+            text = requests.get(url + "/metrics", timeout=30).text
+            return next(float(line.split()[-1]) for line in text.splitlines()
+                        if line.startswith("cloud_queue_depth "))
+
+        body = {"items": [{"prompt": "a", "response": "b"}]}
+        with pytest.raises(requests.Timeout):
+            requests.post(url + "/v1/score", json=body, timeout=1)
+        while depth() > 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        metrics = requests.get(url + "/metrics", timeout=30).text
+        assert 'cloud_requests_total{endpoint="/v1/score",status="499"} 1.0' in metrics
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 # The waiting backend, with a log handler that tries to connect when "ready on" is logged.
 _READY_PROBE = _WAITING_SERVER.rsplit("sys.exit", 1)[0] + """
 import logging, socket
