@@ -97,8 +97,37 @@ def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | Non
     if math.prod(sizes) != len(devices):
         raise ConfigError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but {len(devices)} devices "
                           f"are present; set mesh.data=-1 to use them all")
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
+    mesh = jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
                          devices=devices)
+    return _tensor_within_hosts(mesh)
+
+
+def _tensor_within_hosts(mesh: Mesh) -> Mesh:
+    """``mesh``, or where its devices span several processes and its tensor groups cross between
+    them while ``mesh.tensor`` divides every process's device count, the same mesh shape over the
+    same devices with each tensor group on one process's own devices.
+
+    JAX lays a mesh along the slice's physical torus, and the ring it picks for the last axis can
+    cross hosts (``tensor=4`` on v5p-64 or v5p-128, whose hosts hold 2x2x1 chips, or on v5e-16):
+    each host then holds parts of rows it does not feed, which training refuses
+    (:func:`check_batch_split_over_processes`). Kept in the physical order within each host and
+    the order the hosts first appear in, each host's devices make whole tensor groups and so
+    whole shards of the batch. A mesh whose batch split already suits the hosts is unchanged."""
+    groups: dict[int, list] = {}
+    for device in mesh.devices.flat:
+        groups.setdefault(device.process_index, []).append(device)
+    counts = {len(group) for group in groups.values()}
+    tensor = mesh.shape["tensor"]
+    if len(groups) == 1 or len(counts) != 1 or next(iter(counts)) % tensor:
+        return mesh  # one host, or a tensor group no host can hold: the check says so
+    try:
+        check_batch_split_over_processes(mesh)
+        return mesh
+    except ConfigError:
+        pass
+    devices = np.array([d for group in groups.values() for d in group]).reshape(
+        mesh.devices.shape)
+    return Mesh(devices, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
 def axes_size(mesh: Mesh, axes: Any) -> tuple[tuple[str, ...], int]:

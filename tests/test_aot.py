@@ -197,6 +197,25 @@ def test_a_mesh_that_leaves_hosts_sharing_rows_is_a_config_error(capsys):
     assert "train step" not in captured.out
 
 
+@needs_libtpu
+@pytest.mark.parametrize("topology,tensor,fsdp", [("v5e-16", 4, 4), ("v5p-64", 4, 8),
+                                                  ("v5p-128", 4, 16)])
+def test_a_tensor_axis_that_fits_in_a_host_is_laid_out_within_hosts(topology, tensor, fsdp):
+    """v5e-16 is four hosts of four chips, v5p-64 eight and v5p-128 sixteen (2x2x1 each):
+    mesh.tensor=4 fits in one host. JAX's physical layout put the tensor axis along a torus ring
+    that crosses two hosts, so the mesh was refused (the shipped 70B config on v5p-128 among
+    them); the hosts' own chips make the tensor groups instead, each host one fsdp shard."""
+    from cloud_jax.sharding import MeshConfig, check_batch_split_over_processes, make_mesh
+
+    devices = aot.tpu_devices(aot.parse_slice(topology))
+    mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=tensor), devices)
+    assert dict(mesh.shape) == {"data": 1, "fsdp": fsdp, "tensor": tensor}
+    check_batch_split_over_processes(mesh)
+    for group in mesh.devices.reshape(-1, tensor):
+        assert len({d.process_index for d in group}) == 1
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
+
+
 # --- NVIDIA GPUs ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name,chips,topology,kind", [
