@@ -468,3 +468,43 @@ def test_shapes_past_the_models_positions_are_a_config_error(capsys):
         "data.max_length=32", "model.max_position_embeddings=24"]), 0, 4) == 19
     assert aot.sample_prefix_len(load_config("configs/tiny_cpu_cloud.yaml", [
         "data.max_length=32"]), 0, 4) == 32
+
+
+def _documented_aot_commands() -> list[tuple[str, str]]:
+    """(where, arguments) of every `python -m cloud_jax aot --config ...` line of README.md,
+    docs/*.md and aot's own help, continuation lines joined, optional `[...]` parts left out and
+    the GA placeholder of docs/TPU.md given a value."""
+    import glob
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    found = []
+    for path in ["README.md", aot.__file__] + sorted(glob.glob(os.path.join(root, "docs", "*.md"))):
+        with open(os.path.join(root, path), encoding="utf-8") as f:
+            text = f.read().replace("\\\n", " ")
+        for m in re.finditer(r"python -m cloud_jax aot (--config [^\n`|#]*)", text):
+            args = re.sub(r" \[[^\]]*\]", "", m.group(1)).replace("=GA", "=1").strip()
+            found.append((os.path.relpath(path, root), args))
+    return sorted(set(found))
+
+
+@pytest.mark.parametrize("where,args", _documented_aot_commands())
+def test_documented_aot_commands_pass_the_checks_before_compiling(where, args, monkeypatch,
+                                                                   capsys):
+    """Each documented command gets through the config, mesh, batch and host checks it would
+    meet (exit status 0 with the compiler stubbed out): none is refused as a config error. The
+    help's sampling example once gave v5e-8 a 4-device mesh, and docs/TPU.md's 70B v5e rows a
+    tensor group across two hosts."""
+    import shlex
+
+    gpu = re.search(r"--topology ([ah]\d+)", args)
+    if gpu and not aot.cuda_plugin_installed():
+        pytest.skip("JAX's CUDA plugin not installed")
+    if not gpu and importlib.util.find_spec("libtpu") is None:
+        pytest.skip("libtpu not installed")
+    monkeypatch.setattr(aot, "_compile", lambda name, fn, loops=False, **figures:
+                        (None, aot.Result(name, **figures)))
+    # The sampling checks run before compile_sample, which has none of its own to add.
+    monkeypatch.setattr(aot, "compile_sample", lambda *a, **k: [])
+    rc = run_command(aot.main, shlex.split(args))
+    assert rc == 0, f"{where}: python -m cloud_jax aot {args}\n{capsys.readouterr().err}"

@@ -2,7 +2,7 @@
 
     python -m cloud_jax aot --config configs/llama3_8b_cloud.yaml --topology v5p-64 [key=value ...]
     python -m cloud_jax aot --config configs/llama3_8b_cloud.yaml --topology v5e-32 --sample
-    python -m cloud_jax aot --config configs/llama3_8b_cloud.yaml --topology v5e-8 --sample-only \
+    python -m cloud_jax aot --config configs/llama3_8b_cloud.yaml --topology v5e-4 --sample-only \
         mesh.fsdp=1 mesh.tensor=4                  # sampling on its own mesh
     python -m cloud_jax aot --config configs/llama3_8b_cloud.yaml --topology h100-8 --sample
 
