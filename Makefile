@@ -15,7 +15,10 @@ SMOLLM2_DIR := .cache/smollm2-135m-instruct
 
 .PHONY: venv venv-test venv-tpu venv-gpu-aot smollm2 test test-slow test-all demo demo-smollm2 clean
 
+# The pinned requirements (jax 0.10, numpy 2.4, ...) need Python 3.11 or newer: an older one is
+# named before anything is installed, instead of pip finding no version of jax to install.
 $(PY):
+	@$(PYTHON) -c 'import sys; v = sys.version_info; sys.exit(0 if v >= (3, 11) else "error: $(PYTHON) is Python %d.%d; the pinned requirements need 3.11 or newer: give one with PYTHON=python3.11 (or newer)" % v[:2])'
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip==26.3
 
