@@ -244,3 +244,12 @@ def test_a_bad_column_option_is_a_usage_error(repo, checkpoint, capsys):
     assert run_command(score.main, ["--checkpoint", checkpoint, "--input", repo, "--column",
                                     "answer=good", "--output", "x.jsonl"]) == 2
     assert "--column 'answer=good': 'answer' is not a row field" in capsys.readouterr().err
+
+
+def test_a_split_in_a_list_mixing_a_dataset_and_files_is_the_datasets(saved, tmp_path):
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text(json.dumps(_row(30)) + "\n")
+    rows = load_rows(f"{saved},{extra}", require_feedback=True, split="test").rows
+    assert [r.id for r in rows] == ["r10", "r11", "r30"]
+    with pytest.raises(ConfigError, match="extra.jsonl: split 'test' given"):
+        load_rows(str(extra), require_feedback=True, split="test")

@@ -321,3 +321,19 @@ def test_overlength_warning_counts_only_the_pairs_tokenized(tmp_path, caplog):
         stats = prepare_dataset(cfg, _trimming_byte_tokenizer(), "critique").stats["train"]
     assert (stats["rejected_rows"], stats["dropped_overlength"], stats["pairs"]) == (1, 1, 1)
     assert "1 of 2 pairs are longer than data.max_length=96" in caplog.text
+
+
+def test_a_split_given_for_row_files_is_refused_naming_the_files(tmp_path):
+    """A split picks one of a Hugging Face dataset's splits: row files have none, so a split
+    given for them alone is an error naming them, not dropped without a word."""
+    from cloud_jax.data.schema import read_records
+
+    a = _jsonl(tmp_path / "a.jsonl", [_row(0)])
+    b = tmp_path / "b.parquet"
+    pq.write_table(pa.Table.from_pylist([_row(1)]), b)
+    for spec in (a, f"{a},{b}"):
+        with pytest.raises(ConfigError, match=f"{a}.*split 'test' .*--split.*no splits"):
+            load_rows(spec, require_feedback=True, split="test")
+        with pytest.raises(ConfigError, match=f"{a}.*split 'test' .*--split.*no splits"):
+            read_records(spec, split="test")
+    assert [r.id for r in load_rows(a, require_feedback=True).rows] == ["r0"]

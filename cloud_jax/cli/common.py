@@ -78,7 +78,8 @@ def add_input_args(parser: argparse.ArgumentParser, *, required: bool,
                              "files with a README card) or hf://owner/name")
     parser.add_argument("--split", default="",
                         help="the split of a dataset input that has several (default: its only "
-                             "split)")
+                             "split; row files have none, and a split given for files only is "
+                             "refused)")
     parser.add_argument("--column", action="append", default=[], metavar="FIELD=COLUMN",
                         help="read FIELD from the input's COLUMN (repeatable), e.g. "
                              "--column prompt=question")

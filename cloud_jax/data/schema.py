@@ -14,7 +14,9 @@ A row source is a file (``.jsonl``, ``.json``, ``.parquet``), a directory holdin
 dataset (what ``datasets.Dataset.save_to_disk`` writes, or a script-free dataset repository:
 Parquet / Arrow / JSON files with a README card) or a hub id ``hf://owner/name`` (where the network
 allows). A dataset with several splits needs the split named (``split``; training takes
-``data.split`` / ``data.eval_split``); one with a single split uses it. ``columns`` maps a field
+``data.split`` / ``data.eval_split``); one with a single split uses it. Row files have no splits:
+a split given for sources that are all files is an error (in a list that mixes datasets and
+files, it is the datasets' split). ``columns`` maps a field
 to the column that holds it (``{"prompt": "question"}``) for any source. Datasets need the optional
 ``datasets`` package (``pip install 'cloud-jax[datasets]'``).
 
@@ -125,6 +127,18 @@ def is_dataset_source(path: str) -> bool:
     """Whether ``path`` names a Hugging Face dataset: a directory (local or in a bucket) or an
     ``hf://`` id."""
     return path.startswith(HUB_PREFIX) or storage.isdir(path)
+
+
+def check_split(files: Sequence[str], split: str) -> None:
+    """ConfigError where a split is given and none of ``files`` (expanded sources) is a dataset:
+    row files have no splits, so the split would be read by nothing."""
+    if not split or any(is_dataset_source(f) for f in files):
+        return
+    shown = ", ".join(files[:3]) + (" ..." if len(files) > 3 else "")
+    raise ConfigError(f"{shown}: split {split!r} given (--split, or data.split / "
+                      "data.eval_split), but row files (JSONL, JSON, Parquet) have no splits; a "
+                      "split picks one of a Hugging Face dataset's (a dataset directory or "
+                      "hf://owner/name): leave it out, or name the split's own files")
 
 
 # A shard of a set written by one run: ``critiques-00003-of-00020.jsonl`` (stage 2,
@@ -597,6 +611,7 @@ def load_rows(paths: Union[str, Sequence[str]], *, require_feedback: bool, lenie
     """
     columns = dict(columns or {})
     files = expand_paths(paths)
+    check_split(files, split)
     rows: List[PreferenceRow] = []
     first_seen: dict = {}
     num_rejected = 0
@@ -646,7 +661,9 @@ def read_records(paths: Union[str, Sequence[str]], split: str = "",
     ``file[row i]`` for the others (``<dataset>:<split>[row i]`` for a dataset); ``columns``
     renames as in :func:`load_rows`. For commands that read rows of their own shape (``score``)."""
     out = []
-    for path in expand_paths(paths):
+    files = expand_paths(paths)
+    check_split(files, split)
+    for path in files:
         name, raw_rows = _iter_source(path, split)
         for line, index, obj, _ in raw_rows:
             if isinstance(obj, _FieldError):

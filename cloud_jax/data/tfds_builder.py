@@ -53,8 +53,8 @@ from transformers import PreTrainedTokenizerBase
 from cloud_jax import storage
 from cloud_jax.data.config import LAYOUTS, DataConfig
 from cloud_jax.data.layout import chat_layout
-from cloud_jax.data.schema import (PreferenceRow, expand_paths, load_rows, reject_loaded_row,
-                                   source_digest)
+from cloud_jax.data.schema import (PreferenceRow, check_split, expand_paths, load_rows,
+                                   reject_loaded_row, source_digest)
 from cloud_jax.data.tokenizer import tokenizer_fingerprint
 from cloud_jax.errors import ConfigError
 
@@ -257,6 +257,8 @@ def prepare_dataset(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, layout:
     # The Hugging Face split each of our splits reads from a dataset source.
     source_splits = {split: cfg.eval_split if split == "eval" else cfg.split
                      for split in split_files}
+    for split, files in split_files.items():  # before a build made earlier is reused
+        check_split(files, source_splits[split])
     columns = cfg.columns.mapping()
     data_dir = data_dir or cfg.tfds_dir
     # TFDS writes array_record files with local file calls only: a cache on an object store is
