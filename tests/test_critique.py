@@ -323,3 +323,17 @@ def test_a_host_count_below_one_is_named_as_num_hosts(setup, tmp_path, capsys, h
     err = capsys.readouterr().err
     assert f"--num-hosts {hosts}: must be >= 1" in err and "--host-index" not in err.splitlines()[-1]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_negative_checkpoint_step_is_refused_before_anything_is_written(setup, tmp_path,
+                                                                         capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run(setup, tmp_path / "out", "--checkpoint-step", "-5")
+    assert exit_.value.code == 2
+    assert "--checkpoint-step -5: must be >= 0" in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "out").exists()
+    rows = load_rows(str(setup[2]), require_feedback=False).rows
+    with pytest.raises(relabel.ConfigError, match="checkpoint_step=-5: must be >= 0"):
+        relabel.relabel(tiny_reward_model(2), rows, str(tmp_path / "api"),
+                        relabel.ScoreConfig(), relabel.RelabelSettings(checkpoint_step=-5))
+    assert not (tmp_path / "api").exists()

@@ -57,6 +57,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = config_from_args(args)
     if args.shard_rows < 1:
         parser.error("--shard-rows must be >= 1")
+    if args.checkpoint_step is not None and args.checkpoint_step < 0:
+        parser.error(f"--checkpoint-step {args.checkpoint_step}: must be >= 0 (the checkpoint's "
+                     "training step)")
     if args.num_hosts is not None and args.num_hosts < 1:
         parser.error(f"--num-hosts {args.num_hosts}: must be >= 1")
     storage.check_output_dir(args.output, "--output")

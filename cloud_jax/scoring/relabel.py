@@ -202,6 +202,9 @@ def relabel(rm, rows: Sequence[PreferenceRow], out_dir: str, cfg: ScoreConfig,
     """
     if settings.shard_rows < 1:
         raise ConfigError(f"shard_rows={settings.shard_rows}: must be >= 1")
+    if settings.checkpoint_step is not None and settings.checkpoint_step < 0:
+        raise ConfigError(f"checkpoint_step={settings.checkpoint_step}: must be >= 0 (the "
+                          "checkpoint's training step)")
     if not 0 <= settings.host < settings.num_hosts:
         raise ConfigError(f"host {settings.host} must lie in [0, {settings.num_hosts})")
     if resolve_classic(rm, cfg):
