@@ -26,6 +26,16 @@ class InputTooLongError(ValueError):
         self.index, self.detail = index, detail
 
 
+class RowTooLongError(ConfigError):
+    """An InputTooLongError named by where its input came from (``where``: a file's line and
+    field) instead of its index. ``detail`` is the InputTooLongError's, in the Python settings'
+    names (``max_length``), which a command tells in its flags (cloud_jax.cli.common)."""
+
+    def __init__(self, where: str, detail: str):
+        super().__init__(f"{where}: {detail}")
+        self.where, self.detail = where, detail
+
+
 class GGUFConversionError(ValueError):
     """A GGUF file the converter (cloud_jax.checkpoints.gguf) cannot turn into a Hugging Face
     Llama directory."""

@@ -221,7 +221,16 @@ def test_a_too_long_row_is_named_by_its_line_and_field(setup, tmp_path, capsys):
     src = tmp_path / "long.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert run((root, ckpt, src), tmp_path / "out", "--max-length", "200") == 2
-    assert f"{src}:4: field 'rejected': " in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{src}:4: field 'rejected': " in err
+    # In the command's flags; from Python, in the settings' names.
+    assert "over --max-length 200 " in err and "; raise --max-length or shorten" in err
+    rows = load_rows(str(src), require_feedback=False).rows
+    with pytest.raises(relabel.ConfigError, match=f"{src}:4: field 'rejected': .*over "
+                                                  "max_length=200 .*; raise max_length or"):
+        relabel.relabel(tiny_reward_model(2), rows, str(tmp_path / "api"),
+                        relabel.ScoreConfig(max_length=200, max_critique_tokens=5),
+                        relabel.RelabelSettings(shard_rows=2))
 
 
 def test_a_column_json_cannot_hold_is_named_before_any_critique_is_sampled(setup, tmp_path,

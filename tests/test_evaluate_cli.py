@@ -12,7 +12,7 @@ from cloud_jax.data.schema import load_rows
 from cloud_jax.evaluation import EvalConfig, load_best_of_n, run_evaluation, score_fn_from_model
 from cloud_jax.cli import evaluate
 from cloud_jax.cli.common import run_command
-from cloud_jax.errors import INTERRUPTED_EXIT_CODE
+from cloud_jax.errors import INTERRUPTED_EXIT_CODE, ConfigError
 
 
 def main(argv):
@@ -381,6 +381,26 @@ def test_cli_lenient_report_counts_the_rejected_rows(tmp_path, monkeypatch, tiny
     assert "skipped" not in (out / "report.md").read_text()
     assert "skipped" not in capsys.readouterr().out
     assert not os.path.exists(rejects)
+
+
+def test_cli_a_too_long_row_is_named_with_the_flag_to_change(tmp_path, monkeypatch, tiny_rm,
+                                                              capsys):
+    monkeypatch.setattr(cloud_jax, "load", lambda path, **kw: tiny_rm)
+    path = write_jsonl(tmp_path / "rb.jsonl", [
+        {"id": 1, "prompt": "2+2?", "chosen": "4", "rejected": "5", "subset": "math-prm"},
+        {"id": 2, "prompt": "Hi", "chosen": "Hello!", "rejected": "x" * 300,
+         "subset": "alpacaeval-easy"}])
+    assert main(["--checkpoint", "c", "--classic", "--input", path, "--max-length", "100",
+                 "--no-progress", "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {path}:2: field 'rejected': longer than --max-length 100 ")
+    assert "; raise --max-length or shorten the response" in err
+    # From Python, the same error in the settings' names.
+    with pytest.raises(ConfigError, match=r"rb.jsonl:2: field 'rejected': longer than "
+                                          r"max_length=100 .*; raise max_length or"):
+        run_evaluation(score_fn_from_model(tiny_rm, classic=True, max_length=100),
+                       EvalConfig(classic=True), str(tmp_path / "api"),
+                       rows=load_rows(path, require_feedback=False).rows)
 
 
 def _lenient_run(tmp_path, monkeypatch, out, bad_rows, load=None):

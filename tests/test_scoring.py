@@ -201,12 +201,15 @@ def test_bad_rows_and_settings_are_clear_errors(rm, tmp_path):
     long = tmp_path / "long.jsonl"
     long.write_text(json.dumps({"prompt": "p", "chosen": "c", "rejected": "r"}) + "\n"
                     + json.dumps({"prompt": "p", "chosen": "c", "rejected": "r" * 300}) + "\n")
-    with pytest.raises(ConfigError, match=r"long.jsonl:2: field 'rejected': .*max_length"):
+    # Told in the command's flags (rm.score names its settings: below).
+    with pytest.raises(ConfigError, match=r"long.jsonl:2: field 'rejected': .* over "
+                                          r"--max-length 200 .*; raise --max-length or shorten"):
         main(["--checkpoint", str(tmp_path / "model"), "--input", str(long), "--output",
               str(tmp_path / "o.jsonl"), "--max-length", "200"])
     # A classic model too: no critique prefill, the whole sequence is over the limit.
     with pytest.raises(ConfigError, match=r"long.jsonl:2: field 'rejected': longer than "
-                                          r"max_length=200 tokens"):
+                                          r"--max-length 200 tokens .*; raise --max-length or "
+                                          r"shorten"):
         main(["--checkpoint", str(tmp_path / "model"), "--input", str(long), "--output",
               str(tmp_path / "o.jsonl"), "--max-length", "200", "--classic"])
     with pytest.raises(ConfigError, match=r"--seed 9223372036854775808: .*\[0, 2\*\*32\)"):
@@ -422,6 +425,11 @@ def test_inputs_past_the_models_positions_lose_prompt_tokens_or_are_refused(rm, 
                                           r"model's max_position_embeddings=256 tokens"):
         main(["--checkpoint", str(tmp_path / "model"), "--input", str(long), "--output",
               str(tmp_path / "o.jsonl"), "--max-length", "4096", "--classic"])
+    # The critique budget is named by its flag, as what to lower.
+    with pytest.raises(ConfigError, match=r"long.jsonl:1: field 'chosen': .*critique of 300 "
+                                          r"tokens .*; lower --max-critique-tokens or shorten"):
+        main(["--checkpoint", str(tmp_path / "model"), "--input", str(long), "--output",
+              str(tmp_path / "o.jsonl"), "--max-critique-tokens", "300"])
 
 
 @pytest.mark.parametrize("max_length,positions,reserved", [

@@ -15,7 +15,8 @@ from typing import Callable, Dict, Mapping, Optional, Sequence
 import jax
 
 from cloud_jax.errors import (INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, CheckpointError,
-                              ConfigError, GGUFConversionError, Preempted, one_line)
+                              ConfigError, GGUFConversionError, Preempted, RowTooLongError,
+                              one_line)
 from cloud_jax.model.config import DECODE_ATTENTION_IMPLS
 from cloud_jax.scoring.rewards import DEFAULT_MAX_LENGTH, ScoreConfig
 from cloud_jax.sharding import MESH_AXES, SAMPLE_RULES, MeshConfig, make_mesh
@@ -150,6 +151,12 @@ def as_flags(message: str, names) -> str:
         if "_" in name:
             message = re.sub(rf"(?<![-\w]){re.escape(name)}(?!\w)", flag, message)
     return message
+
+
+def too_long_in_flags(err: RowTooLongError, args: argparse.Namespace) -> ConfigError:
+    """An input too long (its row and field named), with what to change told in the command's
+    flags: ``raise --max-length`` where the Python API says ``raise max_length``."""
+    return ConfigError(f"{err.where}: {as_flags(err.detail, vars(args))}")
 
 
 def field_error(field: str, err: Exception, names) -> str:

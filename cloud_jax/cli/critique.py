@@ -28,10 +28,10 @@ import sys
 from typing import Optional, Sequence
 
 from cloud_jax.cli.common import (add_sampling_args, columns_from_args, config_from_args,
-                                  load_model, progress_bar)
+                                  load_model, progress_bar, too_long_in_flags)
 from cloud_jax import storage
 from cloud_jax.data.schema import expand_paths, load_rows
-from cloud_jax.errors import ConfigError
+from cloud_jax.errors import ConfigError, RowTooLongError
 from cloud_jax.scoring.relabel import RelabelSettings, relabel
 from cloud_jax.scoring.rewards import ScoreConfig
 from cloud_jax.sharding import DISTRIBUTED_MODES, init_distributed
@@ -90,6 +90,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         summary = relabel(rm, rows, args.output, cfg, settings, progress)
+    except RowTooLongError as err:
+        raise too_long_in_flags(err, args) from None
     finally:
         for bar in bars:
             bar.close()

@@ -31,9 +31,9 @@ from cloud_jax.evaluation.run import (OUTPUT_FILES, REJECTS_JSONL, EvalConfig, c
 from cloud_jax.evaluation.scorer import score_fn_from_model
 from cloud_jax.scoring.rewards import DEFAULT_MAX_LENGTH
 from cloud_jax.cli.common import (add_input_args, add_model_args, as_flags, columns_from_args,
-                                  load_model)
+                                  load_model, too_long_in_flags)
 from cloud_jax import storage
-from cloud_jax.errors import ConfigError
+from cloud_jax.errors import ConfigError, RowTooLongError
 
 
 def parse_ks(text: str) -> tuple[int, ...]:
@@ -141,6 +141,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     staging = tempfile.mkdtemp(prefix="cloud_jax-evaluate-")
     try:
         return _evaluate(args, cfg, sampler, staging)
+    except RowTooLongError as err:
+        raise too_long_in_flags(err, args) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

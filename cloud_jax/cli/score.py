@@ -18,11 +18,11 @@ import sys
 from typing import Optional, Sequence
 
 from cloud_jax.cli.common import (add_sampling_args, columns_from_args, config_from_args,
-                                  load_model, progress_bar)
+                                  load_model, progress_bar, too_long_in_flags)
 from cloud_jax import storage
 from cloud_jax.data.jsonl import unwritable, write_jsonl_atomic
 from cloud_jax.data.schema import lone_surrogate, read_records
-from cloud_jax.errors import ConfigError
+from cloud_jax.errors import ConfigError, RowTooLongError
 from cloud_jax.scoring.rewards import InputTooLongError, ScoreConfig, resolve_classic, score
 
 
@@ -78,7 +78,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             result = score(rm, prompts, [rows[i][1][f] for i, f in jobs], cfg, on_batch)
     except InputTooLongError as err:  # named by its row and field, not its place in the batch
         i, field = jobs[err.index]
-        raise ConfigError(f"{rows[i][0]}: field '{field}': {err.detail}") from None
+        where = f"{rows[i][0]}: field '{field}'"
+        raise too_long_in_flags(RowTooLongError(where, err.detail), args) from None
     out = [dict(obj) for _, obj in rows]
     for j, (i, field) in enumerate(jobs):
         prefix = "" if field == "response" else f"{field}_"

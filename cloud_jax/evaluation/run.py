@@ -19,7 +19,7 @@ import numpy as np
 from cloud_jax import storage
 from cloud_jax.data.jsonl import write_jsonl_atomic
 from cloud_jax.data.schema import PreferenceRow
-from cloud_jax.errors import ConfigError, InputTooLongError
+from cloud_jax.errors import ConfigError, InputTooLongError, RowTooLongError
 from cloud_jax.evaluation import best_of_n as bon
 from cloud_jax.evaluation import rewardbench as rbm
 from cloud_jax.evaluation.report import K_PNG, REPORT_JSON, REPORT_MD, SECTIONS_PNG, write_report
@@ -121,7 +121,7 @@ def _score(score_fn: ScoreFn, cfg: EvalConfig, prompts: List[str], responses: Li
                            chunk_size=chunk_size, progress=progress, desc=desc)
     except InputTooLongError as err:  # named by its row and field, not its place in the list
         where, field = sources[err.index]
-        raise ConfigError(f"{where}: field '{field}': {err.detail}") from None
+        raise RowTooLongError(f"{where}: field '{field}'", err.detail) from None
     bad = np.flatnonzero(~np.all(np.isfinite(scores.sample_rewards), axis=1))
     if bad.size:
         where, field = sources[bad[0]]

@@ -33,7 +33,7 @@ import os
 from typing import Any, Callable, Dict, Optional, Sequence
 
 from cloud_jax import records, storage
-from cloud_jax.errors import ConfigError, InputTooLongError
+from cloud_jax.errors import ConfigError, InputTooLongError, RowTooLongError
 from cloud_jax.data.jsonl import unwritable, write_jsonl_atomic
 from cloud_jax.data.schema import FEEDBACK_FIELDS, PreferenceRow, row_record
 from cloud_jax.data.schema import shard_name as _shard_name
@@ -74,7 +74,7 @@ def regenerate(rm, rows: Sequence[PreferenceRow], cfg: ScoreConfig, on_batch=Non
         result = score(rm, prompts, responses, cfg, on_batch)
     except InputTooLongError as err:  # named by its row and field, not its place in the shard
         row, field = rows[err.index // 2], ("chosen", "rejected")[err.index % 2]
-        raise ConfigError(f"{row.source}: field '{field}': {err.detail}") from None
+        raise RowTooLongError(f"{row.source}: field '{field}'", err.detail) from None
     return [row_record(row, chosen_feedback=result.critiques[2 * i][0],
                        rejected_feedback=result.critiques[2 * i + 1][0],
                        chosen_feedback_truncated=bool(result.truncated[2 * i, 0]),
