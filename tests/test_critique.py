@@ -346,3 +346,16 @@ def test_a_negative_checkpoint_step_is_refused_before_anything_is_written(setup,
         relabel.relabel(tiny_reward_model(2), rows, str(tmp_path / "api"),
                         relabel.ScoreConfig(), relabel.RelabelSettings(checkpoint_step=-5))
     assert not (tmp_path / "api").exists()
+
+
+def test_more_than_one_critique_per_response_is_refused_before_any_sampling(setup, tmp_path,
+                                                                           monkeypatch):
+    """Stage 2 writes one critique per response: K samples would cost K times as much for the
+    first alone, so num_samples other than 1 is refused before anything is sampled or written."""
+    rows = load_rows(str(setup[2]), require_feedback=False).rows
+    sampled = []
+    monkeypatch.setattr(relabel, "score", lambda *a, **kw: sampled.append(a))
+    with pytest.raises(relabel.ConfigError, match="num_samples=3: .*one critique"):
+        relabel.relabel(tiny_reward_model(2), rows, str(tmp_path / "api"),
+                        relabel.ScoreConfig(num_samples=3))
+    assert not sampled and not (tmp_path / "api").exists()

@@ -194,7 +194,8 @@ class RelabelSummary:
 def relabel(rm, rows: Sequence[PreferenceRow], out_dir: str, cfg: ScoreConfig,
             settings: RelabelSettings = RelabelSettings(),
             progress: Optional[Callable[[int], Any]] = None) -> RelabelSummary:
-    """Writes ``rows`` with freshly sampled critiques into shards under ``out_dir``.
+    """Writes ``rows`` with freshly sampled critiques into shards under ``out_dir``, one for
+    each response (``cfg.num_samples`` must be 1).
 
     Finished shards of an earlier run with the same settings are kept; other settings in the
     same directory are refused. ``progress(total_responses)`` may return an ``on_batch`` callback
@@ -207,6 +208,10 @@ def relabel(rm, rows: Sequence[PreferenceRow], out_dir: str, cfg: ScoreConfig,
                           "checkpoint's training step)")
     if not 0 <= settings.host < settings.num_hosts:
         raise ConfigError(f"host {settings.host} must lie in [0, {settings.num_hosts})")
+    if cfg.num_samples != 1:
+        raise ConfigError(f"num_samples={cfg.num_samples}: stage 2 writes one critique per "
+                          "response, so K samples would cost K times as much for the first "
+                          "alone; give num_samples=1")
     if resolve_classic(rm, cfg):
         # Checked before the output directory is touched: a classic model writes no critique.
         why = ("classic=True" if cfg.classic else
