@@ -482,3 +482,20 @@ def test_a_number_with_a_leading_zero_is_refused_not_read_as_octal(tmp_path):
     path.write_text("model:\n  num_layers: 2\noutput_dir: '010'\n")
     assert load_config(path).output_dir == "010"
     assert load_config(None, ["output_dir=010"]).output_dir == "010"
+
+
+def test_the_defaults_fit_together():
+    """No config (every key at its default) is a run, not an error: the default tokenizer fits
+    the default vocabulary, and the default lengths the default positions; the pipeline's too."""
+    from cloud_jax.data.tokenizer import load_tokenizer
+    from cloud_jax.experiments.cloud_vs_classic.config import load_pipeline_config
+
+    for cfg in (load_config(None, []), load_pipeline_config(None, [])):
+        assert len(load_tokenizer(cfg.data.tokenizer)) <= cfg.model.vocab_size
+        assert cfg.data.max_length <= cfg.model.max_position_embeddings
+    # Every stage's steps fit the epochs of the default benchmark's train rows (the classic
+    # arm's 0: as many as cloud).
+    batches = cfg.benchmark.num_train * cfg.data.num_epochs // cfg.data.batch_pairs
+    for name in ("lm_pretrain", "critique_sft", "cloud"):
+        assert 1 <= getattr(cfg.stages, name).total_steps <= batches, name
+    assert cfg.stages.classic.total_steps == 0

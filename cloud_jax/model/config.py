@@ -29,7 +29,8 @@ class ModelConfig:
     """Decoder backbone (Llama family: Llama, Mistral, Qwen2) plus the reward head."""
 
     family: str = "llama"  # llama | mistral | qwen2
-    vocab_size: int = 256
+    # The byte tokenizer's 262 tokens (data.tokenizer's default), rounded up to a multiple of 16.
+    vocab_size: int = 272
     hidden_size: int = 64
     intermediate_size: int = 128
     num_layers: int = 2
