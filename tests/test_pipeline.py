@@ -295,6 +295,16 @@ def test_every_stage_config_is_checked_before_the_first_stage_runs(tmp_path, mon
     assert not out.exists()
 
 
+def test_a_vocabulary_smaller_than_the_tokenizer_is_named_before_any_data_is_made(tmp_path):
+    # It was found by the first stage's training, after the benchmark's data was written.
+    out = tmp_path / "out"
+    cfg = load_pipeline_config(DEMO, TINY + [f"output_dir={out}", "model.vocab_size=200"])
+    with pytest.raises(ConfigError, match=r"tokenizer 'byte' has 262 tokens but "
+                                          r"model\.vocab_size=200; raise model\.vocab_size"):
+        run_pipeline(cfg)
+    assert not out.exists()
+
+
 def test_diagnostics_by_hand():
     chosen = [["12+3: 2+3=5 5 ok, 1=1 1 ok: Correct"], ["x: Incorrect"]]
     rejected = [["12+3: 2+3=5 6 no, 1=1 1 ok: Incorrect"], ["cut off befo"]]

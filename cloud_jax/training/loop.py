@@ -128,12 +128,9 @@ _DATA_USER_ERRORS = (ConfigError, RowError, FileNotFoundError, IsADirectoryError
                      NotADirectoryError, PermissionError)
 
 
-def prepare_data(cfg: Config):
-    """Tokenizer and the tokenized dataset. On several hosts process 0 builds (or reuses, or
-    downloads) the dataset first and the others wait for it (cloud_jax.sharding.
-    first_on_process_0), then find it built where they share data.tfds_dir, or build their own
-    where they do not; where process 0's build fails, the others stop with its error."""
-    record = stage_record(cfg.train.stage)
+def load_fitting_tokenizer(cfg: Config):
+    """cfg.data.tokenizer, or a ConfigError where it does not load or holds more tokens than
+    model.vocab_size."""
     try:
         tok = load_tokenizer(cfg.data.tokenizer)
     except (OSError, ValueError) as err:
@@ -142,6 +139,16 @@ def prepare_data(cfg: Config):
     if len(tok) > cfg.model.vocab_size:
         raise ConfigError(f"tokenizer {cfg.data.tokenizer!r} has {len(tok)} tokens but "
                           f"model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size")
+    return tok
+
+
+def prepare_data(cfg: Config):
+    """Tokenizer and the tokenized dataset. On several hosts process 0 builds (or reuses, or
+    downloads) the dataset first and the others wait for it (cloud_jax.sharding.
+    first_on_process_0), then find it built where they share data.tfds_dir, or build their own
+    where they do not; where process 0's build fails, the others stop with its error."""
+    record = stage_record(cfg.train.stage)
+    tok = load_fitting_tokenizer(cfg)
     dataset = first_on_process_0(
         lambda: prepare_dataset(cfg.data, tok, record.layout,
                                 require_feedback=record.needs_feedback),

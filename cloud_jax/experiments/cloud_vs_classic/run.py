@@ -327,10 +327,14 @@ def run_pipeline(cfg: PipelineConfig) -> Dict[str, Any]:
     cfg = cfg.validate()
     # Every stage's config (its stages.<name> plan and overrides on the shared sections) is
     # checked before the first stage runs, not when its turn comes, maybe hours later.
-    for name in STAGES:
-        if not (name == "lm_pretrain" and cfg.init_from):
-            _stage_config(cfg, name, train_path=cfg.data.train_path,
-                          eval_path=cfg.data.eval_path, init_from=cfg.init_from)
+    checked = [_stage_config(cfg, name, train_path=cfg.data.train_path,
+                             eval_path=cfg.data.eval_path, init_from=cfg.init_from)
+               for name in STAGES if not (name == "lm_pretrain" and cfg.init_from)]
+    # The stages share the tokenizer and the model section: one check of their fit, before the
+    # benchmark's data is written.
+    from cloud_jax.training.loop import load_fitting_tokenizer
+
+    load_fitting_tokenizer(checked[0])
     out = cfg.output_dir
     os.makedirs(out, exist_ok=True)
     saved = os.path.join(out, "pipeline_config.yaml")
