@@ -53,6 +53,9 @@ def test_yaml_and_overrides(tmp_path):
     ("", ["model.num_heads=0"], "model.num_heads=0: must be >= 1"),
     ("", ["model.num_layers=0"], "model.num_layers=0: must be >= 1"),
     ("", ["model.head_dim=0"], "model.head_dim=0"),
+    # An odd head size was a broadcasting TypeError inside the first forward's RoPE.
+    ("", ["model.head_dim=7"], "model.head_dim=7 is odd"),
+    ("", ["model.hidden_size=60"], r"model.head_dim=15 \(hidden_size 60 / num_heads 4\) is odd"),
     ("", ["model.rms_norm_eps=-1e-5"], "model.rms_norm_eps"),
     ("", ["model.rope_theta=0"], "model.rope_theta"),
     ("", ["model.rope_scaling.factor=0"], "model.rope_scaling.factor"),

@@ -135,6 +135,12 @@ class ModelConfig:
                 f"model.hidden_size={self.hidden_size} is not divisible by "
                 f"model.num_heads={self.num_heads}; set model.head_dim explicitly"
             )
+        if self.resolved_head_dim % 2:
+            given = ("" if self.head_dim is not None
+                     else f" (hidden_size {self.hidden_size} / num_heads {self.num_heads})")
+            raise ConfigError(
+                f"model.head_dim={self.resolved_head_dim}{given} is odd: the rotary embedding "
+                "turns pairs of features, so a head's size must be even")
         if self.rope_scaling.type not in ("none", "llama3", "linear"):
             raise ConfigError(
                 f"model.rope_scaling.type={self.rope_scaling.type!r}: expected none, llama3 or linear"
