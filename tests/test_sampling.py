@@ -139,6 +139,21 @@ def test_empty_critique_ends_in_eot_with_finite_reward(params, full_forward):
     check_against_full_forward(out, PREFIXES, (EOT, first), 6, full_forward)
 
 
+def test_a_pad_id_outside_the_vocabulary_is_never_read(params):
+    """A tokenizer's pad token may have no row in the embedding (a pad added after training):
+    pads are never attended, so the critiques and rewards are those of an in-vocabulary pad (it
+    was NaN rewards and critiques of token 0 for every padded input)."""
+    want = sample(CFG, params, PREFIXES, max_new_tokens=3, stop_ids=(EOT,))
+    for layout in ("standard", "feature_major"):
+        got = sample(CFG, params, PREFIXES, max_new_tokens=3, stop_ids=(EOT,),
+                     pad_id=CFG.vocab_size, decode_layout=layout)
+        np.testing.assert_array_equal(got.lengths, want.lengths)
+        written = np.arange(3)[None, None, :] < want.lengths[..., None]
+        np.testing.assert_array_equal(np.where(written, got.tokens, 0), want.tokens)
+        assert (got.tokens[~written] == CFG.vocab_size).all()
+        np.testing.assert_allclose(got.rewards, want.rewards, atol=1e-5, rtol=0)
+
+
 def test_methods_draw_from_the_right_distribution():
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 2000, jnp.float32))
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(2000))

@@ -40,7 +40,7 @@ from cloud_jax.model.cache import KVCache
 from cloud_jax.model.config import ModelConfig
 from cloud_jax.model.layers import (attend, attention_masks, dtype_of, rms_norm, rope_inv_freq,
                                    rope_tables)
-from cloud_jax.model.transformer import CLoudModel, token_positions
+from cloud_jax.model.transformer import CLoudModel, token_positions, unattended_as_zero
 
 __all__ = ["DecodeWeights", "LAYOUTS", "decode_layout", "decode_step", "prepare_decode_weights",
            "prepare_decode_weights_jit", "prepared_bytes"]
@@ -213,6 +213,7 @@ def feature_major_hidden(weights: DecodeWeights, cfg: ModelConfig, ids_bt: jax.A
     hd, h, kv = cfg.resolved_head_dim, cfg.num_heads, cfg.num_kv_heads
     eps = cfg.rms_norm_eps
     positions_bt, info = token_positions(mask_bt, None, cache)
+    ids_bt = unattended_as_zero(ids_bt, mask_bt)
     x_dn = jnp.transpose(jnp.take(weights.embedding, ids_bt.reshape(-1), axis=0).astype(dtype))
     rope = None
     if rope_table is not None:

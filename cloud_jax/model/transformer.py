@@ -131,7 +131,7 @@ class CLoudModel(nn.Module):
         """Final-norm hidden states [B,T,D] and the updated cache (None without a cache)."""
         cfg = self.cfg
         positions_bt, mask_info = token_positions(attention_mask_bt, positions_bt, cache)
-        x = self.embed(input_ids_bt)
+        x = self.embed(unattended_as_zero(input_ids_bt, attention_mask_bt))
         new_cache = None
         if cfg.scan_layers:
             if cache is not None:
@@ -229,6 +229,12 @@ def token_positions(attention_mask_bt: jax.Array, positions_bt: Optional[jax.Arr
     if cache is None:
         return positions_bt, MaskInfo.uncached(mask_bt, positions_bt)
     return positions_bt, cache.mask_info(mask_bt, positions_bt)
+
+
+def unattended_as_zero(input_ids_bt: jax.Array, attention_mask_bt: jax.Array) -> jax.Array:
+    """The ids with token 0 where the mask leaves a position out: a pad's id is never read, so a
+    pad id outside the vocabulary (a tokenizer's added pad token) embeds no NaN into the cache."""
+    return jnp.where(attention_mask_bt > 0, input_ids_bt, 0)
 
 
 def last_attended_index(attention_mask_bt: jax.Array) -> jax.Array:

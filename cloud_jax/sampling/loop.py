@@ -234,7 +234,8 @@ def decode(params, cache: KVCache, logits_bv, row_keys_b, stop_ids_s, seen_bv=No
             is_stop = jnp.isin(drawn_n, stop_ids_s)
             ending = ~s.done_n & (is_stop | (s.step >= budget_n))
             writing = ~s.done_n & ~ending
-            fed_n = jnp.where(ending, eot, jnp.where(writing, drawn_n, pad_id))
+            # A row that has ended feeds token 0 (not attended): pad_id may have no embedding.
+            fed_n = jnp.where(ending, eot, jnp.where(writing, drawn_n, 0))
             logits_nv, rewards_n, cache = decode_step(params, weights, cfg, fed_n, ~s.done_n,
                                                       s.cache, table)
             return DecodeState(
