@@ -154,6 +154,17 @@ def test_a_pad_id_outside_the_vocabulary_is_never_read(params):
         np.testing.assert_allclose(got.rewards, want.rewards, atol=1e-5, rtol=0)
 
 
+def test_token_ids_outside_the_vocabulary_are_clear_errors(params):
+    # They were read as NaN embeddings (or, negative, as other tokens): NaN rewards, no error.
+    for bad in (CFG.vocab_size, -1):
+        with pytest.raises(ValueError, match=rf"input 1: token id {bad} at position 1 is not "
+                                             rf"in the model's vocabulary \[0, 64\)"):
+            sample(CFG, params, [[1, 2], [3, bad, 4]], max_new_tokens=2, stop_ids=(EOT,))
+        with pytest.raises(ValueError, match=rf"stop_ids: {bad} is not in the model's "
+                                             rf"vocabulary \[0, 64\)"):
+            sample(CFG, params, PREFIXES, max_new_tokens=2, stop_ids=(EOT, bad))
+
+
 def test_methods_draw_from_the_right_distribution():
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 2000, jnp.float32))
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(2000))

@@ -284,6 +284,24 @@ def check_decode_phases(decode_phases) -> None:
                          "loops a decode grows its critiques' cache in; 1 compiles fastest)")
 
 
+def check_token_ids(ids_bl: np.ndarray, mask_bl: np.ndarray, stop_ids: Sequence[int],
+                    vocab_size: int) -> None:
+    """A ValueError naming the first attended token id or stop id outside ``[0, vocab_size)``:
+    the embedding has no row for it (a lookup would read NaN, or, for a negative id, another
+    token's row). Pads (mask 0) are never read, so any pad id is fine."""
+    outside = (mask_bl > 0) & ((ids_bl < 0) | (ids_bl >= vocab_size))
+    if outside.any():
+        b, t = np.argwhere(outside)[0]
+        # The position among the input's own tokens, as its caller gave them (pads not counted).
+        raise ValueError(f"input {b}: token id {ids_bl[b, t]} at position "
+                         f"{int(np.sum(mask_bl[b, :t] > 0))} is not in the model's vocabulary "
+                         f"[0, {vocab_size})")
+    for s in stop_ids:
+        if not 0 <= int(s) < vocab_size:
+            raise ValueError(f"stop_ids: {int(s)} is not in the model's vocabulary "
+                             f"[0, {vocab_size})")
+
+
 def stop_array(stop_ids: Sequence[int]) -> np.ndarray:
     """Stop ids as the int32 array :func:`decode` takes, padded with the end-of-turn id (the
     first) to a multiple of 4 so a new stop set rarely recompiles."""
@@ -339,6 +357,7 @@ def sample_padded(cfg: ModelConfig, params, ids_bl: np.ndarray, mask_bl: np.ndar
         raise ValueError(f"ids {ids_bl.shape} and mask {mask_bl.shape} must both be [batch, len]")
     if not mask_bl.any(axis=1).all():
         raise ValueError("every input needs at least one attended token")
+    check_token_ids(ids_bl, mask_bl, stop_ids, cfg.vocab_size)
     if row_ids is None:
         row_ids = content_row_ids([r[m > 0] for r, m in zip(ids_bl, mask_bl)])
     b, length = ids_bl.shape
