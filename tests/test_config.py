@@ -59,6 +59,15 @@ def test_yaml_and_overrides(tmp_path):
     ("", ["model.rms_norm_eps=-1e-5"], "model.rms_norm_eps"),
     ("", ["model.rope_theta=0"], "model.rope_theta"),
     ("", ["model.rope_scaling.factor=0"], "model.rope_scaling.factor"),
+    # Llama-3.1's scaling with equal factors divided by zero (numpy warnings, then a silent
+    # fallback), and a context of 0 scaled every frequency.
+    ("", ["model.rope_scaling.type=llama3", "model.rope_scaling.high_freq_factor=1.0"],
+     "needs 0 < low_freq_factor < high_freq_factor"),
+    ("", ["model.rope_scaling.type=llama3", "model.rope_scaling.low_freq_factor=0"],
+     "needs 0 < low_freq_factor < high_freq_factor"),
+    ("", ["model.rope_scaling.type=llama3",
+          "model.rope_scaling.original_max_position_embeddings=0"],
+     "model.rope_scaling.original_max_position_embeddings=0: must be >= 1"),
     # grain's ValueError traceback once the data was tokenized.
     ("", ["data.num_threads=-1"], "data.num_threads=-1: must be >= 0"),
     ("", ["data.prefetch_buffer_size=-1"], "data.prefetch_buffer_size=-1: must be >= 0"),

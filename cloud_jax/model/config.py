@@ -125,6 +125,20 @@ class ModelConfig:
         if not 0 < self.rope_scaling.factor < math.inf:
             raise ConfigError(f"model.rope_scaling.factor={self.rope_scaling.factor}: must be a "
                               "positive number")
+        rs = self.rope_scaling
+        if rs.type == "llama3":
+            # Llama-3.1's scaling interpolates between the two factors' wavelengths: equal
+            # factors divide by zero, and a context of 0 tokens puts every frequency in the
+            # scaled band (Hugging Face's check asks high_freq_factor > low_freq_factor too).
+            if not 0 < rs.low_freq_factor < rs.high_freq_factor < math.inf:
+                raise ConfigError(
+                    f"model.rope_scaling.low_freq_factor={rs.low_freq_factor}, high_freq_factor="
+                    f"{rs.high_freq_factor}: llama3 scaling needs 0 < low_freq_factor < "
+                    "high_freq_factor")
+            if rs.original_max_position_embeddings < 1:
+                raise ConfigError(
+                    "model.rope_scaling.original_max_position_embeddings="
+                    f"{rs.original_max_position_embeddings}: must be >= 1")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"model.num_heads={self.num_heads} is not a multiple of "
