@@ -165,6 +165,14 @@ def test_token_ids_outside_the_vocabulary_are_clear_errors(params):
             sample(CFG, params, PREFIXES, max_new_tokens=2, stop_ids=(EOT, bad))
 
 
+def test_budgets_of_the_wrong_shape_are_clear_errors(params):
+    # A broadcasting TypeError inside the decode; one budget for 4 inputs (K=1) was taken by all.
+    for budgets in ([2, 3], [2], [[2], [2], [2], [2]], [2, -1, 2, 2]):
+        with pytest.raises(ValueError, match=r"budgets: one critique budget >= 0 per input "
+                                             r"\(4 inputs\)"):
+            sample(CFG, params, PREFIXES, max_new_tokens=2, stop_ids=(EOT,), budgets=budgets)
+
+
 def test_methods_draw_from_the_right_distribution():
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 2000, jnp.float32))
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(2000))

@@ -358,6 +358,12 @@ def sample_padded(cfg: ModelConfig, params, ids_bl: np.ndarray, mask_bl: np.ndar
     if not mask_bl.any(axis=1).all():
         raise ValueError("every input needs at least one attended token")
     check_token_ids(ids_bl, mask_bl, stop_ids, cfg.vocab_size)
+    if budgets is not None:
+        budgets = np.asarray(budgets)
+        if budgets.shape != ids_bl.shape[:1] or (budgets < 0).any():
+            raise ValueError(f"budgets: one critique budget >= 0 per input ({len(ids_bl)} "
+                             f"inputs), got shape {budgets.shape}"
+                             + (", a negative one" if budgets.size and budgets.min() < 0 else ""))
     if row_ids is None:
         row_ids = content_row_ids([r[m > 0] for r, m in zip(ids_bl, mask_bl)])
     b, length = ids_bl.shape
