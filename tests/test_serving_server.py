@@ -272,37 +272,49 @@ sys.exit(serve(Waiting(), Settings(), None, port=int(sys.argv[1]), log_level="wa
 """
 
 
+def _start_waiting_server(port: int) -> subprocess.Popen:
+    """The server of _WAITING_SERVER on ``port``, once it answers /health."""
+    proc = subprocess.Popen([sys.executable, "-c", _WAITING_SERVER, str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    try:
+        while True:
+            assert time.monotonic() < deadline and proc.poll() is None
+            try:
+                requests.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                return proc
+            except requests.ConnectionError:
+                time.sleep(0.1)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+
+
+def _queue_depth(url: str) -> float:
+    text = requests.get(url + "/metrics", timeout=30).text
+    return next(float(line.split()[-1]) for line in text.splitlines()
+                if line.startswith("cloud_queue_depth "))
+
+
 def test_waiting_requests_cost_no_cpu_and_are_cancelled_when_their_clients_go():
     """An RL loop's whole rollout may wait in the queue, one request per item. Each waiting
     request polled its connection 20 times a second: 500 of them took about half a core of the
     event loop. They now wait for the disconnect itself, which still cancels them."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-c", _WAITING_SERVER, str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = _start_waiting_server(port)
     conns = []
     try:
         deadline = time.monotonic() + 60
-        while True:
-            assert time.monotonic() < deadline and proc.poll() is None
-            try:
-                requests.get(url + "/health", timeout=1)
-                break
-            except requests.ConnectionError:
-                time.sleep(0.1)
         body = json.dumps({"items": [{"prompt": "a", "response": "b"}]}).encode()
         head = (b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                 b"Content-Length: %d\r\n\r\n" % len(body))
 
-        def depth():
-            text = requests.get(url + "/metrics", timeout=30).text
-            return next(float(line.split()[-1]) for line in text.splitlines()
-                        if line.startswith("cloud_queue_depth "))
-
         for _ in range(500):
             conns.append(socket.create_connection(("127.0.0.1", port)))
             conns[-1].sendall(head + body)
-        while depth() < 500:
+        while _queue_depth(url) < 500:
             assert time.monotonic() < deadline
             time.sleep(0.1)
         ticks = os.sysconf("SC_CLK_TCK")
@@ -316,7 +328,7 @@ def test_waiting_requests_cost_no_cpu_and_are_cancelled_when_their_clients_go():
         assert cpu_s() - before < 0.25
         for conn in conns:
             conn.close()
-        while depth() > 0:
+        while _queue_depth(url) > 0:
             assert time.monotonic() < deadline
             time.sleep(0.1)
     finally:
@@ -333,27 +345,14 @@ def test_a_request_its_client_gives_up_on_after_a_timeout_is_cancelled():
     both (docs/SERVING.md)."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-c", _WAITING_SERVER, str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = _start_waiting_server(port)
     try:
         deadline = time.monotonic() + 60
-        while True:
-            assert time.monotonic() < deadline and proc.poll() is None
-            try:
-                requests.get(url + "/health", timeout=1)
-                break
-            except requests.ConnectionError:
-                time.sleep(0.1)
-
-        def depth():
-            text = requests.get(url + "/metrics", timeout=30).text
-            return next(float(line.split()[-1]) for line in text.splitlines()
-                        if line.startswith("cloud_queue_depth "))
 
         body = {"items": [{"prompt": "a", "response": "b"}]}
         with pytest.raises(requests.Timeout):
             requests.post(url + "/v1/score", json=body, timeout=1)
-        while depth() > 0:
+        while _queue_depth(url) > 0:
             assert time.monotonic() < deadline
             time.sleep(0.1)
         metrics = requests.get(url + "/metrics", timeout=30).text
