@@ -93,6 +93,19 @@ def test_classic_model_scores_with_one_forward(rm):
     np.testing.assert_allclose(result.rewards, full_rewards(rm, seqs), atol=1e-5, rtol=0)
 
 
+def test_a_forward_over_tokens_the_model_has_no_row_for_is_an_error_not_nan():
+    # A tokenizer larger than the model's vocabulary (the wrong tokenizer): the sampled path
+    # says so; classic and teacher-forced scoring returned NaN rewards without a word.
+    from model_helpers import TINY, tiny_reward_model
+
+    small = tiny_reward_model(0, dataclasses.replace(TINY, vocab_size=200))
+    match = r"input 0: token id 2\d\d at position \d+ is not in the model's vocabulary \[0, 200\)"
+    with pytest.raises(ValueError, match=match):
+        small.score(PROMPTS, RESPONSES, classic=True)
+    with pytest.raises(ValueError, match=match):
+        teacher_forced_rewards(small, PROMPTS, RESPONSES, ["Fine."] * len(PROMPTS))
+
+
 def test_classic_scoring_compiles_one_batch_shape_whatever_the_input_count(rm):
     # A short last batch is filled up, as critique sampling's is: 4, 6 and 5 inputs in batches of
     # 4 share one compiled forward (the remainders 2 and 1 compiled shapes of their own), and the

@@ -326,6 +326,13 @@ def too_long(rm, prompts: Sequence[str], responses: Sequence[str],
 
 def _forward_rewards(rm, examples: Sequence[Example], cfg: ScoreConfig, on_batch) -> np.ndarray:
     """float32 [N]: each example's reward at its reward index, ``cfg.batch_size`` per forward."""
+    vocab = rm.config.vocab_size
+    for i, ex in enumerate(examples):  # the embedding has no row for such a token: NaN rewards
+        outside = np.flatnonzero((ex.input_ids < 0) | (ex.input_ids >= vocab))
+        if outside.size:
+            raise ValueError(f"input {i}: token id {int(ex.input_ids[outside[0]])} at position "
+                             f"{int(outside[0])} is not in the model's vocabulary [0, {vocab}) "
+                             "(is the tokenizer the model's own?)")
     rewards = np.zeros(len(examples), np.float32)
     rows = min(cfg.batch_size, len(examples))
     for start, end in _batches(len(examples), cfg.batch_size):
