@@ -386,6 +386,21 @@ def test_export_and_convert_write_into_a_non_empty_out_only_when_told(capsys, fi
     assert "nothing to do" in capsys.readouterr().out
 
 
+def test_serve_takes_an_ipv6_host_with_or_without_brackets(capsys, tmp_path):
+    """--host [::1], as a URL writes it, was handed to bind() with its brackets: 'cannot listen
+    there'. Both spellings bind; the missing checkpoint is then the one error."""
+    import socket
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    for host in ("::1", "[::1]"):
+        line = user_error(capsys, ["serve", "--checkpoint", str(tmp_path / "no_ckpt"),
+                                   "--port", "0", "--host", host], "no_ckpt")
+        assert "cannot listen" not in line
+
+
 @pytest.mark.parametrize("port", ["70000", "-1"])
 def test_serve_refuses_a_port_out_of_range(capsys, tmp_path, port):
     """A usage error before the model loads, not an OverflowError traceback from bind()."""

@@ -29,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cloud_jax serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on, an IPv6 one with or without brackets (default "
+                        "%(default)s)")
     p.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
     p.add_argument("--num-samples", type=int, default=d.num_samples,
                    help="K critiques per response, unless a request says otherwise "
@@ -98,6 +100,8 @@ def make_backend(kind: str, rm, options: BackendOptions, chunk_steps: int = 8):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.host.startswith("[") and args.host.endswith("]"):  # an IPv6 address as URLs write it
+        args.host = args.host[1:-1]
     for name in ("slots", "max_queue", "max_length", "num_samples", "chunk_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
