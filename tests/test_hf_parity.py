@@ -112,3 +112,22 @@ def test_several_eos_ids_survive_an_export_and_a_stored_tied_head_is_ignored(tmp
     assert exported["eos_token_id"] == [5, 6, 7]
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert back.generation_config.eos_token_id == [5, 6, 7]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_keys_a_config_json_leaves_out_take_transformers_defaults_for_its_family(family):
+    """A config.json without max_position_embeddings or (Mistral) sliding_window loads as
+    transformers reads it: each family's own default (it was 2048 and no window for every
+    family). A window given as null stays none."""
+    from cloud_jax.checkpoints.hf import model_config_from_hf
+
+    config_class = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+                    "qwen2": transformers.Qwen2Config}[family]
+    hf = {"model_type": family, "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+          "num_hidden_layers": 1, "num_attention_heads": 4}
+    theirs = config_class(**{k: v for k, v in hf.items() if k != "model_type"})
+    ours = model_config_from_hf(hf)
+    assert ours.max_position_embeddings == theirs.max_position_embeddings
+    assert ours.sliding_window == (theirs.sliding_window if family == "mistral" else None)
+    if family == "mistral":
+        assert model_config_from_hf({**hf, "sliding_window": None}).sliding_window is None

@@ -57,6 +57,12 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # Configs
 
 
+# What transformers takes for keys a family's config.json leaves out (its config classes'
+# defaults): the context length, and Mistral's sliding window (null in the file: none).
+_FAMILY_DEFAULTS = {"llama": {"max_position_embeddings": 2048},
+                    "mistral": {"max_position_embeddings": 4096 * 32, "sliding_window": 4096},
+                    "qwen2": {"max_position_embeddings": 32768}}
+
 # The keys of a transformers config.json that fix the backbone's shape and have no default here.
 _REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                   "num_attention_heads")
@@ -99,9 +105,10 @@ def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
                 raise CheckpointError(f"a llama config with {key}=true is not supported (no "
                                       "biases on o_proj or the MLP in this backbone)")
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    defaults = _FAMILY_DEFAULTS[model_type]
     sliding = None
     if model_type == "mistral":
-        sliding = hf.get("sliding_window")
+        sliding = hf.get("sliding_window", defaults["sliding_window"])
     elif model_type == "qwen2" and hf.get("use_sliding_window"):
         raise CheckpointError("Qwen2 with use_sliding_window=true is not supported")
 
@@ -120,7 +127,8 @@ def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         rope_theta=float(theta),
         rope_scaling=scaling,
-        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        max_position_embeddings=hf.get("max_position_embeddings",
+                                       defaults["max_position_embeddings"]),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         attention_bias=model_type == "qwen2",
         sliding_window=sliding,
