@@ -304,3 +304,20 @@ def test_byte_level_rows_under_2_and_3_differ_where_the_split_joins_across_a_tem
     assert v3 == whole
     assert tok.convert_ids_to_tokens(v3).count("ĊĊ") == 0
     assert tok.convert_ids_to_tokens(v2).count("ĊĊ") == 3
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_a_critique_whose_first_token_would_take_the_turns_newline_is_not_given_it_twice(version):
+    # ChatML with no critique prefix: the critique turn's text starts right after the
+    # template's "user\n", and a critique starting with "\n\n" merges with that newline into
+    # one token. The row holds the rendered conversation, the prefill stays its prefix.
+    tok = chatml_tokenizer()
+    critique = "\n\nWrong."
+    messages = [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": RESPONSE},
+                {"role": "user", "content": critique}]
+    ex = encode_example(tok, PROMPT, RESPONSE, critique, "critique", "", 512, version=version)
+    ids = ex.input_ids.tolist()
+    assert tok.decode(ids) == tok.apply_chat_template(messages, tokenize=False).rstrip("\n")
+    prefill = encode_critique_prefix(tok, PROMPT, RESPONSE, "", version=version)
+    assert ids[:len(prefill)] == prefill
+    assert tok.decode(ids[len(prefill):]) == critique + "<|im_end|>"

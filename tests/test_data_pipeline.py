@@ -262,7 +262,7 @@ def test_a_killed_build_leaves_no_lock_that_blocks_and_its_staging_directory_is_
     assert "waiting for another job" not in caplog.text
     assert "left by a build of the tokenized dataset that did not finish" in caplog.text
     assert len(open_split(dataset, "train")) == 5
-    assert sorted(p.name for p in config_dir.iterdir()) == ["1.4.0"]
+    assert sorted(p.name for p in config_dir.iterdir()) == ["1.5.0"]
 
 
 def test_wait_for_lock_waits_for_a_holder_with_another_descriptor(tmp_path):

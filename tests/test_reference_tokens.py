@@ -137,3 +137,35 @@ def test_layout_versions_2_and_3_agree_with_the_whole_rendered_conversation(tok,
     assert v2 == v3 == whole
     assert (encode_critique_prefix(tok, prompt, response, COT_PROMPT, version=2)
             == encode_critique_prefix(tok, prompt, response, COT_PROMPT, version=3))
+
+
+def test_a_critique_merging_into_the_prefix_adds_no_character_under_any_version():
+    """Llama-3's split makes ":\\n\\n" one piece, and its vocabulary one token: after a prefix
+    ending in ':' (no space) a critique starting with newlines cannot start on a token of its
+    own. The prefill stays a prefix of the row, and the row holds the rendered conversation's
+    characters, each once (the critique is tokenized on its own after the prefill)."""
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    core.decoder = decoders.ByteLevel()
+    core.train_from_iterator(["Critique:\n\nWrong, it is 5.", "user assistant\n\n"] * 8,
+                             trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
+                                                 show_progress=False,
+                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|begin_of_text|>",
+                                  eos_token="<|eot_id|>")
+    tok.chat_template = LLAMA3_INSTRUCT_TEMPLATE
+    assert tok.tokenize("Critique:\n\nWrong") == ["Critique", ":ĊĊ", "Wrong"]
+    prefix, critique = "Critique:", "\n\nWrong, it is 5."
+    messages = [{"role": "user", "content": "What?"}, {"role": "assistant", "content": "Four."},
+                {"role": "user", "content": prefix + critique}]
+    rendered = tok.apply_chat_template(messages, tokenize=False)
+    for version in (1, 2, 3):
+        ex = encode_example(tok, "What?", "Four.", critique, "critique", prefix, 512,
+                            version=version)
+        ids = ex.input_ids.tolist()
+        assert tok.decode(ids) == rendered, version
+        prefill = encode_critique_prefix(tok, "What?", "Four.", prefix, version=version)
+        assert ids[:len(prefill)] == prefill
+        assert tok.decode(ids[len(prefill):]) == critique + "<|eot_id|>"

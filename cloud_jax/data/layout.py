@@ -204,9 +204,15 @@ class ChatLayout:
             return prefill, joint[len(prefill):]
         # The tokenizer merges across the end of the prefix: keep the prefill a prefix.
         rest = full[len(head_text):]
-        if version < 3:
-            return prefill, self._text_ids(rest)
-        return prefill, self._piece_and_text(self.critique_texts[2] + head_text, rest, version)[1]
+        if version >= 3:
+            # The critique in context where the tokens before it are the prefill's; where a
+            # token spans the end of the prefill (":\n\n" after "...:"), the critique's share of
+            # it would hold characters the prefill already has: tokenize it on its own instead.
+            before, in_context = self._piece_and_text(self.critique_texts[2] + head_text, rest,
+                                                      version)
+            if before == prefill:
+                return prefill, in_context
+        return prefill, self._text_ids(rest)
 
     def critique_text(self, generated: str, critique_prefix: str, version: int) -> str:
         """A sampled critique as text the training rows take back: from version 2 the separator

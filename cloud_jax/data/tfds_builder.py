@@ -97,7 +97,7 @@ class CloudPairs(tfds.core.GeneratorBasedBuilder):
     """Tokenized preference pairs. Built by :func:`prepare_dataset`; read with
     ``tfds.data_source('cloud_pairs/<config>', data_dir=...)`` or :func:`open_split`."""
 
-    VERSION = tfds.core.Version("1.4.0")
+    VERSION = tfds.core.Version("1.5.0")
     RELEASE_NOTES = {"1.0.0": "Pairs of tokenized sequences with target masks and reward index.",
                      "1.1.0": "Pairs whose responses are the same tokens are rejected.",
                      "1.2.0": "Under a template that trims, a blank critique prefix leaves the "
@@ -107,7 +107,10 @@ class CloudPairs(tfds.core.GeneratorBasedBuilder):
                               "not the other's (Mistral v0.3's trims the response only), each "
                               "text is trimmed as its own turn is.",
                      "1.4.0": "Whether a pair's responses are the same tokens is judged under the "
-                              "configured layout version (was always version 3's trimming)."}
+                              "configured layout version (was always version 3's trimming).",
+                     "1.5.0": "Layout version 3: a critique whose first token would merge with "
+                              "the end of the critique prefix (':' + '\\n\\n') is tokenized on "
+                              "its own after the prefill; the row held those characters twice."}
     # TFDS looks beside a builder's source file for checksums of its downloads. There are no
     # downloads here, and that lookup imports `importlib_resources`, which TFDS only installs on
     # Python < 3.9.
