@@ -262,7 +262,7 @@ def test_a_killed_build_leaves_no_lock_that_blocks_and_its_staging_directory_is_
     assert "waiting for another job" not in caplog.text
     assert "left by a build of the tokenized dataset that did not finish" in caplog.text
     assert len(open_split(dataset, "train")) == 5
-    assert sorted(p.name for p in config_dir.iterdir()) == ["1.5.0"]
+    assert sorted(p.name for p in config_dir.iterdir()) == ["1.6.0"]
 
 
 def test_wait_for_lock_waits_for_a_holder_with_another_descriptor(tmp_path):
@@ -487,3 +487,22 @@ def test_resolved_buckets():
     assert resolved_buckets((32, 64, 512), 100) == (32, 64, 100)
     with pytest.raises(ValueError, match="strictly increasing"):
         DataConfig(length_buckets=(64, 32)).validate()
+
+
+def test_truncate_prompt_gives_both_sides_of_a_pair_the_same_prompt(tmp_path):
+    # Chosen is 8 tokens longer than rejected: to fit, chosen loses 6 prompt tokens. Rejected
+    # loses the same 6, so the pair's rewards are compared on one prompt: "6789abcdef".
+    rows = [{"id": "a", "prompt": "0123456789abcdef", "chosen": "long answer",
+             "rejected": "abc", "chosen_feedback": "ok", "rejected_feedback": "no"}]
+    _write(tmp_path / "train.jsonl", rows)
+    tok = byte_tokenizer()
+    chosen = "<bos><|user|>0123456789abcdef<eot><|assistant|>long answer<eot><|user|>C: ok<eot>"
+    chosen_tokens = 1 + 1 + 16 + 1 + 1 + 11 + 1 + 1 + 5 + 1  # one token a character
+    cfg = _cfg(tmp_path, max_length=chosen_tokens - 6, length_buckets=(64,),
+               overlength_policy="truncate_prompt")
+    dataset = prepare_dataset(cfg, tok, "critique")
+    record = open_split(dataset, "train")[0]
+    assert tok.decode(record["chosen_input_ids"]) == chosen.replace("012345", "")
+    assert tok.decode(record["rejected_input_ids"]) == (
+        "<bos><|user|>6789abcdef<eot><|assistant|>abc<eot><|user|>C: no<eot>")
+    assert dataset.stats["train"]["prompt_truncated"] == 1

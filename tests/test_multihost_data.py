@@ -95,7 +95,7 @@ def test_other_host_waits_for_a_long_build_on_process_0_and_reads_its_copy(tmp_p
     datasets = sorted(os.listdir(tmp_path / "tfds" / "cloud_pairs"))
     assert len(datasets) == 2 and datasets[1] == datasets[0] + ".lock", datasets
     # One complete version directory: no incomplete or second copy beside it.
-    assert os.listdir(tmp_path / "tfds" / "cloud_pairs" / datasets[0]) == ["1.5.0"]
+    assert os.listdir(tmp_path / "tfds" / "cloud_pairs" / datasets[0]) == ["1.6.0"]
 
 
 @pytest.mark.slow

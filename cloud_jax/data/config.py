@@ -90,8 +90,9 @@ class DataConfig:
     # Tokens per sequence at most; a run refuses one above the model's max_position_embeddings.
     max_length: int = 2048
     # drop: skip a pair whose chosen or rejected sequence is longer than max_length (counted and
-    # logged). truncate_prompt: cut prompt tokens from the left until it fits; drop it if even an
-    # empty prompt does not fit. Responses and critiques are never cut.
+    # logged). truncate_prompt: cut prompt tokens from the left until it fits, as many from both
+    # sides of the pair (one prompt); drop it if even an empty prompt does not fit. Responses and
+    # critiques are never cut.
     overlength_policy: str = "drop"
     # Padded sequence lengths; a batch is right-padded to the smallest bucket that holds its
     # longest row, which bounds the number of compiled shapes. Empty: powers of two from 128, with

@@ -97,7 +97,7 @@ class CloudPairs(tfds.core.GeneratorBasedBuilder):
     """Tokenized preference pairs. Built by :func:`prepare_dataset`; read with
     ``tfds.data_source('cloud_pairs/<config>', data_dir=...)`` or :func:`open_split`."""
 
-    VERSION = tfds.core.Version("1.5.0")
+    VERSION = tfds.core.Version("1.6.0")
     RELEASE_NOTES = {"1.0.0": "Pairs of tokenized sequences with target masks and reward index.",
                      "1.1.0": "Pairs whose responses are the same tokens are rejected.",
                      "1.2.0": "Under a template that trims, a blank critique prefix leaves the "
@@ -110,7 +110,10 @@ class CloudPairs(tfds.core.GeneratorBasedBuilder):
                               "configured layout version (was always version 3's trimming).",
                      "1.5.0": "Layout version 3: a critique whose first token would merge with "
                               "the end of the critique prefix (':' + '\\n\\n') is tokenized on "
-                              "its own after the prefill; the row held those characters twice."}
+                              "its own after the prefill; the row held those characters twice.",
+                     "1.6.0": "truncate_prompt cuts the same prompt tokens from both sides of a "
+                              "pair (each side lost only what it needed, so the two rewards "
+                              "were read after different prompts)."}
     # TFDS looks beside a builder's source file for checksums of its downloads. There are no
     # downloads here, and that lookup imports `importlib_resources`, which TFDS only installs on
     # Python < 3.9.
@@ -163,29 +166,35 @@ class CloudPairs(tfds.core.GeneratorBasedBuilder):
                 stats["rejected_rows"] += 1
                 continue
             record = {"id": row.id, "subset": row.subset or ""}
-            truncated = False
             sides = (("chosen", row.chosen, row.chosen_feedback),
                      ("rejected", row.rejected, row.rejected_feedback))
-            for side, response, critique in sides:
-                ex = layout.encode(row.prompt, response, critique, s.layout, s.critique_prefix,
-                                   s.max_length, s.overlength_policy, s.layout_version)
-                if ex is None:
-                    for name, text, feedback in sides:
-                        full = layout.encode(row.prompt, text, feedback, s.layout,
-                                             s.critique_prefix, sys.maxsize,
-                                             version=s.layout_version)
-                        longest = max(longest, (len(full.input_ids), f"{row.source} ({name})"))
-                    break
-                truncated |= ex.prompt_tokens_cut > 0
+            examples = [layout.encode(row.prompt, response, critique, s.layout,
+                                      s.critique_prefix, s.max_length, s.overlength_policy,
+                                      s.layout_version) for _, response, critique in sides]
+            if None in examples:
+                for name, text, feedback in sides:
+                    full = layout.encode(row.prompt, text, feedback, s.layout,
+                                         s.critique_prefix, sys.maxsize,
+                                         version=s.layout_version)
+                    longest = max(longest, (len(full.input_ids), f"{row.source} ({name})"))
+                stats["dropped_overlength"] += 1
+                continue
+            # Both sides of a pair read one prompt, so their rewards compare the responses: the
+            # side that needed fewer prompt tokens cut loses as many as the other.
+            cut = max(ex.prompt_tokens_cut for ex in examples)
+            for j, ((_, response, critique), ex) in enumerate(zip(sides, examples)):
+                if ex.prompt_tokens_cut < cut:
+                    examples[j] = layout.encode(
+                        row.prompt, response, critique, s.layout, s.critique_prefix,
+                        len(ex.input_ids) + ex.prompt_tokens_cut - cut, s.overlength_policy,
+                        s.layout_version)
+            for (side, _, _), ex in zip(sides, examples):
                 record[f"{side}_input_ids"] = ex.input_ids
                 record[f"{side}_target_mask"] = ex.target_mask
                 record[f"{side}_reward_index"] = ex.reward_index
-            else:
-                stats["pairs"] += 1
-                stats["prompt_truncated"] += int(truncated)
-                yield index, record
-                continue
-            stats["dropped_overlength"] += 1
+            stats["pairs"] += 1
+            stats["prompt_truncated"] += int(cut > 0)
+            yield index, record
         if stats["rejected_rows"] > loaded.num_rejected:
             log.warning("%s: %d pairs rejected: chosen and rejected are the same tokens%s", split,
                         stats["rejected_rows"] - loaded.num_rejected,
