@@ -199,3 +199,16 @@ def test_a_source_that_is_not_jsonl_is_refused_with_what_to_do(tmp_path, make, e
     message = str(err.value)
     assert path in message and expected in message
     assert "JSONL" in message
+
+
+def test_rewards_given_in_float64_are_compared_as_given():
+    # best_of_n_metrics on rewards from another scorer (Python floats, float64): two rewards that
+    # differ were rounded to float32 first, became a tie and the lower index was picked, not the
+    # higher reward; a finite reward beyond float32's range became inf and was refused as such.
+    qualities = [np.array([0.0, 1.0]), np.array([1.0, 0.0])]
+    rewards = [[1000.0, 1000.00001], [1e39, -1e39]]
+    m = best_of_n_metrics(qualities, rewards, baseline_picks([2, 2], "first", 0), seed=0)
+    assert m["against_oracle"]["matches"] == 2
+    assert m["mean_quality"]["model"] == 1.0
+    with pytest.raises(ValueError, match="finite"):
+        best_of_n_metrics(qualities, [[0.0, float("nan")], [1.0, 0.0]], np.zeros(2, int), seed=0)

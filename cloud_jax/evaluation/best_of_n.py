@@ -225,7 +225,9 @@ def best_of_n_metrics(qualities: Sequence[np.ndarray], rewards: Sequence[np.ndar
         raise ValueError("qualities, rewards and baseline picks must be non-empty and equally long")
     model_q, base_q, best_q, mean_q = [], [], [], []
     for q, r, b in zip(qualities, rewards, baseline_pick):
-        q, r = np.asarray(q, np.float64), np.asarray(r, np.float32)
+        # float64, not float32: rewards given in float64 (another scorer's, Python floats) are
+        # compared as given (float32 ones exactly as before), not rounded into false ties.
+        q, r = np.asarray(q, np.float64), np.asarray(r, np.float64)
         if q.shape != r.shape:
             raise ValueError(f"{q.size} quality scores but {r.size} rewards for one prompt")
         if not np.all(np.isfinite(r)):
