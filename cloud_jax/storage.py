@@ -236,12 +236,17 @@ def _fs(path: str):
 def _info(url: str) -> Optional[dict]:
     """The store's entry for ``url`` ("type": "file" or "directory"); None when nothing is
     there. Only that is None: fsspec's own exists / isfile / isdir answer False to any error,
-    a refused caller's included, which would read as a missing file."""
+    a refused caller's included, which would read as a missing file. A URL ending in a slash
+    names a directory, as a local path does: an object there is None (the client drops the
+    slash and finds the object ``x`` for ``x/``)."""
     fs, inner = _fs(url)
     try:
-        return fs.info(inner)
+        info = fs.info(inner)
     except FileNotFoundError:
         return None
+    if os.fspath(url).endswith("/") and info.get("type") != "directory":
+        return None
+    return info
 
 
 def exists(path: str) -> bool:

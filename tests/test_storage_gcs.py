@@ -623,3 +623,17 @@ def test_an_evaluation_rerun_in_the_bucket_never_shows_a_report_beside_other_fil
     assert uploaded[-1] == "report.json" and "report.md" in uploaded, uploaded
     report = json.loads(storage.read_text(f"{out}/report.json"))["rewardbench"]
     assert (report["rejected_rows"], report["rejects_path"]) == (1, f"{out}/rejects.jsonl")
+
+
+def test_a_url_with_a_trailing_slash_names_a_directory_as_a_local_path_does(bucket, tmp_path):
+    """``x/`` names a directory: an object x is not one (the store's client drops the slash and
+    finds the object), as on local disk, where ``file/`` does not exist."""
+    storage.write_text_atomic(f"{bucket}/slash/x.txt", "one")
+    (tmp_path / "x.txt").write_text("one")
+    for base in (f"{bucket}/slash", str(tmp_path)):
+        assert storage.exists(f"{base}/x.txt") and storage.isfile(f"{base}/x.txt")
+        assert not storage.exists(f"{base}/x.txt/"), base
+        assert not storage.isfile(f"{base}/x.txt/") and not storage.isdir(f"{base}/x.txt/")
+        assert storage.exists(f"{base}/") and storage.isdir(f"{base}/")
+        assert not storage.exists(f"{base}/nothing/") and not storage.exists(f"{base}/nothing")
+    assert storage.exists(f"{bucket}/") and storage.isdir(f"{bucket}/")
