@@ -274,13 +274,16 @@ def makedirs(path: str) -> None:
 
 @_accessing
 def listdir(path: str) -> List[str]:
-    """Names of the entries directly under ``path`` (sorted); [] when there is none."""
+    """Names of the entries directly under ``path`` (sorted); [] when there is none. A URL in a
+    bucket that does not exist is a FileNotFoundError naming it (not an empty directory)."""
     if not is_url(path):
         return sorted(os.listdir(path)) if os.path.isdir(path) else []
     fs, inner = _fs(path)
     try:
         return sorted(basename(p) for p in fs.ls(inner, detail=False))
     except FileNotFoundError:
+        if scheme(path) in SCHEMES and _no_bucket(path):
+            raise _not_found(path) from None
         return []
 
 
@@ -326,17 +329,25 @@ def glob(pattern: str) -> List[str]:
     return sorted(f"{scheme(pattern)}://{p}" for p in found)
 
 
-def _not_found(url: str) -> FileNotFoundError:
-    """The error for a URL that a read found nothing at, naming it and what is missing: the
-    bucket, or the object (the client's own error names only its request path)."""
+def _no_bucket(url: str) -> bool:
+    """Whether the store says that the bucket of ``url`` does not exist (False when not known)."""
     bucket = url.split("://", 1)[1].split("/", 1)[0]
     fs, inner = _fs(f"{scheme(url)}://{bucket}")
     try:
         fs.info(inner)
     except FileNotFoundError:
-        return FileNotFoundError(f"{url}: no bucket {bucket!r} (or no access to it)")
-    except Exception:  # noqa: BLE001 - not known: say what the read found
+        return True
+    except Exception:  # noqa: BLE001 - not known
         pass
+    return False
+
+
+def _not_found(url: str) -> FileNotFoundError:
+    """The error for a URL that a read found nothing at, naming it and what is missing: the
+    bucket, or the object (the client's own error names only its request path)."""
+    if _no_bucket(url):
+        bucket = url.split("://", 1)[1].split("/", 1)[0]
+        return FileNotFoundError(f"{url}: no bucket {bucket!r} (or no access to it)")
     return FileNotFoundError(f"{url}: no such object")
 
 

@@ -637,3 +637,14 @@ def test_a_url_with_a_trailing_slash_names_a_directory_as_a_local_path_does(buck
         assert storage.exists(f"{base}/") and storage.isdir(f"{base}/")
         assert not storage.exists(f"{base}/nothing/") and not storage.exists(f"{base}/nothing")
     assert storage.exists(f"{bucket}/") and storage.isdir(f"{bucket}/")
+
+
+def test_a_listing_in_a_missing_bucket_names_the_url(bucket):
+    """As a read, a glob or a write does: no bucket is not an empty directory (an export or
+    a stage 2 that lists its output first would go on as if there were nothing there)."""
+    for url in ("gs://no-such-bucket/out", "gs://no-such-bucket", "gs://no-such-bucket/"):
+        with pytest.raises(FileNotFoundError,
+                           match=f"{url}: no bucket 'no-such-bucket' \\(or no access to it\\)"):
+            storage.listdir(url)
+    # A directory with nothing under it, in a bucket that exists, is empty.
+    assert storage.listdir(f"{bucket}/nothing-here") == []

@@ -38,6 +38,9 @@ def test_storage_calls_on_s3(bucket):
     assert storage.listdir(f"{base}/b") == ["x.txt", "y.txt"]
     assert not storage.exists(f"{base}/a/x.txt")
     assert Path(storage.local_copy(f"{base}/b"), "y.txt").read_text() == "two"
+    # No bucket is not an empty directory.
+    with pytest.raises(FileNotFoundError, match="s3://no-such-bucket/x: no bucket"):
+        storage.listdir("s3://no-such-bucket/x")
 
 
 def test_a_run_writes_everything_but_its_checkpoints_to_s3(bucket, tmp_path):
