@@ -511,3 +511,25 @@ def test_the_defaults_fit_together():
     for name in ("lm_pretrain", "critique_sft", "cloud"):
         assert 1 <= getattr(cfg.stages, name).total_steps <= batches, name
     assert cfg.stages.classic.total_steps == 0
+
+
+def test_a_bad_interpolation_in_an_override_names_the_override_not_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("output_dir: runs/x\n")
+    for override, key, why in (("output_dir=${nope}", "output_dir", "Interpolation key 'nope'"),
+                               ("train.total_steps=${data.nope}", "train.total_steps",
+                                "Interpolation key 'data.nope'"),
+                               ("model.num_layers=${output_dir}", "model.num_layers",
+                                "runs/x")):
+        with pytest.raises(ConfigError) as err:
+            load_config(path, ["seed=1", override, "train.log_every=1"])
+        message = str(err.value)
+        assert message.startswith(f"override {override!r}: key '{key}': "), message
+        assert why in message and str(path) not in message
+    # One in the file names the file, whatever the command line overrides beside it.
+    path.write_text("output_dir: runs/${nope}\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: key 'output_dir': "
+                                          r"Interpolation key 'nope'"):
+        load_config(path, ["seed=1"])
+    # An override that replaces the file's bad value leaves nothing to resolve there.
+    assert load_config(path, ["output_dir=runs/${seed}", "seed=3"]).output_dir == "runs/3"

@@ -374,6 +374,8 @@ def config_from_dict(data: dict, overrides: Sequence[str] = (), schema: type = C
         merged = OmegaConf.merge(base, OmegaConf.create(_checked(data or {}, schema, "", source)))
     except OmegaConfBaseException as err:
         raise _explain(err, source, schema) from None
+    # The override that last set each key: an interpolation in it is resolved only at the end.
+    set_by: dict[str, str] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. model.num_layers=4")
@@ -409,6 +411,7 @@ def config_from_dict(data: dict, overrides: Sequence[str] = (), schema: type = C
                 value = _yaml_value(value)
             OmegaConf.update(merged, key, _checked(value, declared, key, where, default=default,
                                                    override=True), merge=True)
+            set_by[key] = where
         except OmegaConfBaseException as err:
             raise _explain(err, where, schema) from None
         except yaml.YAMLError as err:  # the value is read as YAML: model.num_layers=[1
@@ -417,7 +420,9 @@ def config_from_dict(data: dict, overrides: Sequence[str] = (), schema: type = C
     try:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        raise _explain(err, source, schema) from None
+        # A value that fails to resolve is the file's, unless an override gave it.
+        raise _explain(err, _setter(getattr(err, "full_key", None), set_by, source),
+                       schema) from None
     if isinstance(cfg, Config):
         if not 0 <= cfg.seed < 2**32:  # jax.random.key keeps the low 32 bits of a larger seed
             raise ConfigError(f"seed={cfg.seed}: must be in [0, 2**32)")
@@ -430,6 +435,17 @@ def config_from_dict(data: dict, overrides: Sequence[str] = (), schema: type = C
         cfg.loss.validate()
         cfg.train.validate()
     return cfg
+
+
+def _setter(key: Optional[str], set_by: dict, source: str) -> str:
+    """Where the value of ``key`` (or of a section holding it) was given: the override that set
+    it last, else ``source``."""
+    key = re.sub(r"\[[^]]*\]", "", key or "")
+    while key:
+        if key in set_by:
+            return set_by[key]
+        key = key.rpartition(".")[0]
+    return source
 
 
 def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = (),
