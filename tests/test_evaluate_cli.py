@@ -105,10 +105,13 @@ class FakeModel:
     def __init__(self):
         self.settings = []
         self._scorer = FakeScorer()
+        self._classic = FakeScorer(classic=True)  # as rm.score(classic=True): no critiques
 
     def score(self, prompts, responses, *, num_samples, **settings):
         self.settings.append(dict(settings, num_samples=num_samples))
-        return self._scorer(prompts, responses, 1 if settings.get("classic") else num_samples)
+        if settings.get("classic"):
+            return self._classic(prompts, responses, num_samples)
+        return self._scorer(prompts, responses, num_samples)
 
 
 def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
@@ -575,3 +578,19 @@ def test_score_fn_from_model_checks_its_settings_when_made(tiny_rm):
         score_fn_from_model(tiny_rm, temperature=1.0, top_p=2.0)
     with pytest.raises(ValueError, match="batch_size"):
         score_fn_from_model(tiny_rm, batch_size=0)
+
+
+def test_a_classic_evaluation_refuses_a_scorer_that_writes_critiques(tmp_path):
+    """EvalConfig(classic=True) reports a classic reward model ("no critiques"): a score_fn that
+    samples critiques (score_fn_from_model over a CLoud model, whose kind it takes by default) is
+    refused at its first call, not reported as classic beside the critiques it wrote."""
+    rows_path, bon_path = _inputs(tmp_path)
+    rows = load_rows(rows_path, require_feedback=False).rows
+    for inputs in ({"rows": rows}, {"best_of_n_items": load_best_of_n(bon_path)}):
+        scorer = FakeScorer()
+        with pytest.raises(ValueError, match=r"EvalConfig\(classic=True\).*wrote critiques.*"
+                                             r"score_fn_from_model\(rm, classic=True\)"):
+            run_evaluation(scorer, EvalConfig(classic=True, chunk_size=8), str(tmp_path / "o"),
+                           **inputs)
+        assert len(scorer.calls) == 1
+        assert not (tmp_path / "o" / "report.json").exists()

@@ -115,6 +115,8 @@ def _score(score_fn: ScoreFn, cfg: EvalConfig, prompts: List[str], responses: Li
     # A call of a number of inputs that is no multiple of batch_size pads its last batch with
     # copies (rm.score), and one below batch_size runs smaller batches than asked for.
     chunk_size = -(-cfg.chunk_size // cfg.batch_size) * cfg.batch_size
+    if cfg.classic:
+        score_fn = _without_critiques(score_fn)
     try:
         scores = score_all(score_fn, prompts, responses, max(cfg.ks),
                            expected_samples=1 if cfg.classic else max(cfg.ks),
@@ -133,6 +135,23 @@ def _score(score_fn: ScoreFn, cfg: EvalConfig, prompts: List[str], responses: Li
                           "training run), or the compute dtype overflows (with bfloat16, try "
                           "--dtype float32)")
     return scores
+
+
+def _without_critiques(score_fn: ScoreFn) -> ScoreFn:
+    """``score_fn`` for a classic evaluation, refused at its first call that writes a critique:
+    the report would call the model classic ("no critiques") beside the critiques it wrote."""
+
+    def classic_score_fn(prompts: List[str], responses: List[str], num_samples: int):
+        out = score_fn(prompts, responses, num_samples)
+        if any(len(c) for c in out.critiques):
+            raise ValueError(
+                "EvalConfig(classic=True) evaluates a classic reward model, but the score_fn "
+                "wrote critiques (it samples them: score_fn_from_model over a CLoud model takes "
+                "the model's kind); build it with score_fn_from_model(rm, classic=True) to read "
+                "the rewards without critiques, or drop classic=True to evaluate the critiques")
+        return out
+
+    return classic_score_fn
 
 
 def _truncated_fraction(scores: Scores) -> Optional[float]:
