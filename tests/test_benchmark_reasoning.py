@@ -676,7 +676,7 @@ def test_cli(tmp_path, capsys):
     assert (f"critique bytes: mean {sum(critiques) / len(critiques):.1f}, "
             f"max {max(critiques)})") in printed.splitlines()[0]
     assert run_command(main, ["--out", str(out), "--ops", "add,div"]) == 2
-    assert "ops=" in capsys.readouterr().err
+    assert "--ops 'add,div': expected" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args,message", [
@@ -715,3 +715,32 @@ def test_make_benchmark_weighs_error_kinds_of_ones_own_equally_unless_told(tmp_p
         config = json.loads((out / "benchmark.json").read_text())["config"]
         assert config["error_weights"] == weights
 
+
+
+_LIMITS = "expected 1 <= --min-digits <= --max-digits <= 3"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--ops", "add,div"], "--ops 'add,div': expected a non-empty list of add, sub"),
+    (["--ops", "add,add"], "--ops 'add,add': lists an operation twice"),
+    (["--op-weights", "1,2,3"], "--op-weights '1,2,3': expected one finite non-negative weight"),
+    (["--digits", "4"], f"--digits 4: {_LIMITS}"),
+    (["--min-digits", "4"], f"--min-digits 4: {_LIMITS}"),
+    (["--min-digits", "0"], f"--min-digits 0: {_LIMITS}"),
+    (["--max-digits", "4"], f"--max-digits 4: {_LIMITS}"),
+    (["--min-digits", "3"], f"--max-digits 2 (its default): {_LIMITS}"),
+    (["--max-multiplier", "10"], "--max-multiplier 10: expected 2..9"),
+    (["--error-kinds", "foo"], "--error-kinds 'foo': expected a non-empty list of carry"),
+    (["--error-weights", "1,2,3,4"], "--error-weights '1,2,3,4': expected one finite"),
+    (["--error-kinds", "carry", "--ops", "mul"], "--error-kinds 'carry': op 'mul' has none"),
+    (["--train-random-share", "1"], "--train-random-share 1.0: expected a share in [0, 1)"),
+    (["--split-fractions", "0.5,0.5"], "--split-fractions '0.5,0.5': expected three positive")])
+def test_make_benchmark_names_the_flag_of_a_bad_setting(tmp_path, capsys, args, message):
+    """The benchmark's settings are checked by their config names (ops=..., min_digits); the
+    command says the flags the user typed, with what was typed."""
+    assert run_command(main, ["--out", str(tmp_path / "b"), "--no-progress", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert not re.search(r"(?<![-\w])(ops|op_weights|min_digits|max_digits|max_multiplier|"
+                         r"error_kinds|error_weights|train_random_share|split_fractions)\b", err)
+    assert not (tmp_path / "b").exists()

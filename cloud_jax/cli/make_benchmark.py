@@ -10,7 +10,9 @@ from typing import Optional, Sequence, Tuple
 
 from cloud_jax import storage
 from cloud_jax.data.synthetic.arithmetic import OPS
-from cloud_jax.data.synthetic.reasoning import ReasoningBenchmarkConfig, write_splits
+from cloud_jax.cli.common import as_flags
+from cloud_jax.data.synthetic.reasoning import (BenchmarkSettingError, ReasoningBenchmarkConfig,
+                                                write_splits)
 from cloud_jax.data.synthetic.reasoning_text import STYLES
 from cloud_jax.errors import ConfigError
 
@@ -30,6 +32,22 @@ def _error_weights(args: argparse.Namespace, d: ReasoningBenchmarkConfig) -> Tup
         return _floats(args.error_weights, "--error-weights")
     kinds = _names(args.error_kinds)
     return d.error_weights if kinds == tuple(d.error_kinds) else (1.0,) * len(kinds)
+
+
+# The flags of the settings whose config name is not the flag's.
+_FLAG_OF = {"num_train": "train", "num_eval": "eval", "num_test": "test"}
+
+
+def _in_flags(err: BenchmarkSettingError, args: argparse.Namespace) -> ConfigError:
+    """A bad setting told as the flag the user typed (--digits for a digit bound it set), with
+    what was typed; a flag left out, with its default."""
+    dest = _FLAG_OF.get(err.key, err.key)
+    if err.key in ("min_digits", "max_digits") and args.digits is not None:
+        dest = "digits"
+    typed = getattr(args, dest, None)
+    shown = (f"{err.value} (its default)" if typed is None else
+             repr(typed) if isinstance(typed, str) else str(typed))
+    return ConfigError(f"--{dest.replace('_', '-')} {shown}: {as_flags(err.why, vars(args))}")
 
 
 def _names(text: str) -> Tuple[str, ...]:
@@ -96,7 +114,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         max_multiplier=args.max_multiplier, error_kinds=_names(args.error_kinds),
         error_weights=_error_weights(args, d),
         train_random_share=args.train_random_share,
-        split_fractions=_floats(args.split_fractions, "--split-fractions")).validate()
+        split_fractions=_floats(args.split_fractions, "--split-fractions"))
+    try:
+        cfg.validate()
+    except BenchmarkSettingError as err:
+        raise _in_flags(err, args) from None
     paths = write_splits(args.out, cfg, progress=not args.no_progress)
     summary = json.loads(storage.read_text(storage.join(args.out, "benchmark.json")))
     for split, path in paths.items():

@@ -61,6 +61,15 @@ def _finite(numbers: Sequence[float]) -> bool:
     return all(math.isfinite(x) for x in numbers)
 
 
+class BenchmarkSettingError(ConfigError):
+    """A bad setting of :class:`ReasoningBenchmarkConfig`: ``key`` (its field), ``value`` and
+    ``why`` (what is wrong, the other fields by their names), for a command to tell in its flags."""
+
+    def __init__(self, key: str, value, why: str):
+        super().__init__(f"reasoning benchmark: {key}={value!r}: {why}")
+        self.key, self.value, self.why = key, value, why
+
+
 @dataclasses.dataclass(frozen=True)
 class ReasoningBenchmarkConfig:
     """What the generator makes. Difficulty: ``min_digits``/``max_digits`` (operand digits, which
@@ -98,7 +107,7 @@ class ReasoningBenchmarkConfig:
 
     def validate(self) -> "ReasoningBenchmarkConfig":
         def bad(key: str, why: str) -> ConfigError:
-            return ConfigError(f"reasoning benchmark: {key}={getattr(self, key)!r}: {why}")
+            return BenchmarkSettingError(key, getattr(self, key), why)
 
         for key in ("num_train", "num_eval", "num_test"):
             if getattr(self, key) < 0:
@@ -119,7 +128,7 @@ class ReasoningBenchmarkConfig:
             raise bad("op_weights", f"expected one finite non-negative weight per op "
                                     f"({len(self.ops)}), not all zero, or empty for equal weights")
         if not 1 <= self.min_digits <= self.max_digits <= 3:
-            raise bad("min_digits" if self.min_digits < 1 else "max_digits",
+            raise bad("min_digits" if not 1 <= self.min_digits <= 3 else "max_digits",
                       "expected 1 <= min_digits <= max_digits <= 3 (the generator enumerates the "
                       "problems with a given answer, which grows with 10**digits)")
         if not 2 <= self.max_multiplier <= 9:
