@@ -477,3 +477,11 @@ def test_an_output_directory_that_is_a_file_is_named_as_the_flag_before_any_work
         line = user_error(capsys, argv, f"{flag}={str(taken)!r}", "is a file")
         assert "File exists" not in line
     assert taken.read_text() == "x"
+
+
+def test_the_training_commands_help_names_debug(capsys):
+    """--debug is taken before argparse sees the arguments; the help says it exists."""
+    from cloud_jax.cli import train as train_cli
+    with pytest.raises(SystemExit):
+        train_cli.parse_args(["-h"])
+    assert "--debug" in capsys.readouterr().out

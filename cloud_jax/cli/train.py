@@ -27,7 +27,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[str | None, list[s
     parser = argparse.ArgumentParser(
         prog="python -m cloud_jax.train",
         description="Train a CLoud reward model (stages critique_sft, cloud, classic, "
-                    "lm_pretrain). Resumes from the newest checkpoint in output_dir.")
+                    "lm_pretrain). Resumes from the newest checkpoint in output_dir.",
+        epilog="--debug, first of all arguments (python -m cloud_jax.train --debug --config "
+               "...), shows the traceback of an error instead of its one error: line.")
     parser.add_argument("--config", help="YAML config (configs/*.yaml); defaults if omitted")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, e.g. train.total_steps=200 data.batch_pairs=16")
