@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -96,7 +96,8 @@ class RewardModel:
 
     def score(self, prompts, responses, *, num_samples: int = 1, temperature: float = 0.0,
               max_critique_tokens: int = 256, seed: int = 0,
-              on_batch: Optional[Callable[[int, int], None]] = None, **settings):
+              on_batch: Optional[Callable[[int, int], None]] = None,
+              min_prompt_cuts: Optional[Sequence[int]] = None, **settings):
         """Critiques and rewards for every (prompt, response): K critiques each (greedy at
         temperature 0), the reward read at each critique's end-of-turn token.
 
@@ -106,7 +107,11 @@ class RewardModel:
         ``top_p``, ``batch_size``, ``classic``, ...). ``classic`` defaults to the model's own kind:
         a ``vanilla`` checkpoint is scored without critiques. ``on_batch(inputs, critique_tokens)``,
         if given, is called after each batch with that batch's inputs and critique tokens (a
-        progress bar's update).
+        progress bar's update). An input too long for ``max_length`` (or the model's positions
+        less the critique budget) loses prompt tokens from the left, as few as fit;
+        ``min_prompt_cuts`` [B], optional, cuts at least that many from each (pair evaluation
+        gives both sides of a pair the larger of their :meth:`prompt_tokens_cut`, so that
+        their rewards read one prompt).
         """
         from cloud_jax.scoring.rewards import ScoreConfig, score
 
@@ -117,7 +122,18 @@ class RewardModel:
         cfg = ScoreConfig.from_settings("rm.score", dict(
             num_samples=num_samples, temperature=temperature,
             max_critique_tokens=max_critique_tokens, seed=seed, **settings), ("on_batch",))
-        return score(self, list(prompts), list(responses), cfg, on_batch)
+        return score(self, list(prompts), list(responses), cfg, on_batch,
+                     min_prompt_cuts=min_prompt_cuts)
+
+    def prompt_tokens_cut(self, prompts, responses, *, max_critique_tokens: int = 256,
+                          **settings):
+        """int [B]: the prompt tokens :meth:`score` with the same settings cuts from the left of
+        each (prompt, response) to fit (0: it fits whole)."""
+        from cloud_jax.scoring.rewards import ScoreConfig, prompt_tokens_cut
+
+        cfg = ScoreConfig.from_settings("rm.prompt_tokens_cut", dict(
+            max_critique_tokens=max_critique_tokens, **settings))
+        return prompt_tokens_cut(self, list(prompts), list(responses), cfg)
 
     def save_pretrained(self, directory: str | os.PathLike, *,
                         base_model_name_or_path: Optional[str] = None):

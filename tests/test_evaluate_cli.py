@@ -594,3 +594,44 @@ def test_a_classic_evaluation_refuses_a_scorer_that_writes_critiques(tmp_path):
                            **inputs)
         assert len(scorer.calls) == 1
         assert not (tmp_path / "o" / "report.json").exists()
+
+
+@pytest.mark.parametrize("classic", [True, False])
+def test_both_sides_of_a_pair_are_rewarded_after_one_prompt(tmp_path, tiny_rm, classic):
+    """A pair whose prompt must be cut to fit max_length: chosen and rejected lose the same
+    prompt tokens, the larger cut (the longer response's), so the two rewards compare the
+    responses after one prompt. Each side lost only what it needed: the shorter response read
+    more of the prompt. The pair's rewards are those of the pair with its prompt cut by hand,
+    whatever other rows are scored with it."""
+    from cloud_jax.data.layout import encode_critique_prefix, encode_example
+    from cloud_jax.scoring.rewards import resolve_critique_prefix, ScoreConfig
+
+    prompt = "".join(chr(97 + i % 26) for i in range(300))
+    chosen, rejected = "short", "a much longer response " * 3
+    settings = dict(classic=True) if classic else dict(temperature=0.0, max_critique_tokens=4)
+    tok, limit = tiny_rm.tokenizer, 200
+    if classic:
+        whole = len(encode_example(tok, prompt, rejected, None, "classic",
+                                   max_length=1 << 30).input_ids)
+    else:
+        prefix = resolve_critique_prefix(tiny_rm, ScoreConfig())
+        whole = len(encode_critique_prefix(tok, prompt, rejected, prefix))
+    cut = whole - limit  # the byte tokenizer: one token per character
+    assert cut > 0
+    expected = tiny_rm.score([prompt[cut:]] * 2, [chosen, rejected], max_length=limit,
+                             batch_size=2, **settings).rewards
+    cfg = EvalConfig(classic=classic, batch_size=2, chunk_size=2,
+                     max_critique_tokens=settings.get("max_critique_tokens", 256))
+    rows = [{"id": 1, "prompt": prompt, "chosen": chosen, "rejected": rejected,
+             "subset": "math-prm"},
+            {"id": 2, "prompt": "Hi", "chosen": "Hello!", "rejected": "Go away.",
+             "subset": "alpacaeval-easy"}]
+    for name, given in (("alone", rows[:1]), ("with_another", rows)):
+        report = run_evaluation(
+            score_fn_from_model(tiny_rm, batch_size=2, max_length=limit, **settings), cfg,
+            str(tmp_path / name), rows=load_rows(write_jsonl(tmp_path / f"{name}.jsonl", given),
+                                                 require_feedback=False).rows)
+        with open(report["files"]["critiques"]) as f:
+            record = json.loads(f.readline())
+        np.testing.assert_allclose([record["chosen_reward"], record["rejected_reward"]],
+                                   expected, rtol=1e-5, err_msg=name)

@@ -225,25 +225,26 @@ class ChatLayout:
 
     def critique_prefix_ids(self, prompt: str, response: str, critique_prefix: str,
                             max_length: Optional[int] = None,
-                            version: int = LAYOUT_VERSION) -> List[int]:
+                            version: int = LAYOUT_VERSION, min_prompt_cut: int = 0) -> List[int]:
         prompt, response, critique_prefix = self._texts(prompt, response, critique_prefix,
                                                         version)
         head, prompt_ids = self._piece_and_text(self.critique_texts[0], prompt, version)
         head = self._first(head)
         rest = (sum(self._piece_and_text(self.critique_texts[1], response, version), [])
                 + self._prefill_ids(critique_prefix, version))
+        cut = min(max(min_prompt_cut, 0), len(prompt_ids))
         if max_length is not None:
             excess = len(head) + len(prompt_ids) + len(rest) - max_length
             if excess > len(prompt_ids):
                 raise ValueError(f"the critique prefill is {excess - len(prompt_ids)} tokens "
                                  f"over max_length={max_length} even with the prompt cut away")
-            prompt_ids = prompt_ids[max(excess, 0):]
-        return head + prompt_ids + rest
+            cut = max(cut, excess)
+        return head + prompt_ids[cut:] + rest
 
     def encode(self, prompt: str, response: str, critique: Optional[str], layout: str,
                critique_prefix: str, max_length: int,
                overlength_policy: str = "drop",
-               version: int = LAYOUT_VERSION) -> Optional[Example]:
+               version: int = LAYOUT_VERSION, min_prompt_cut: int = 0) -> Optional[Example]:
         if layout not in LAYOUTS:
             raise ValueError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
         if overlength_policy not in OVERLENGTH_POLICIES:
@@ -274,6 +275,8 @@ class ChatLayout:
             if overlength_policy == "drop" or excess > len(prompt_ids):
                 return None
             cut = excess
+        if overlength_policy == "truncate_prompt":
+            cut = max(cut, min(min_prompt_cut, len(prompt_ids)))
         ids = np.asarray(head + prompt_ids[cut:] + middle, np.int32)
         mask = np.zeros(len(ids), np.uint8)
         if layout == "lm":
@@ -304,24 +307,27 @@ def chat_layout(tok: PreTrainedTokenizerBase) -> ChatLayout:
 def encode_critique_prefix(tok: PreTrainedTokenizerBase, prompt: str, response: str,
                            critique_prefix: str = CRITIQUE_PREFIX,
                            max_length: Optional[int] = None,
-                           version: int = LAYOUT_VERSION) -> List[int]:
+                           version: int = LAYOUT_VERSION, min_prompt_cut: int = 0) -> List[int]:
     """Tokens up to and including the critique prefix: what the sampler prefills before writing
     a critique. With ``max_length``, prompt tokens are cut from the left to fit (ValueError if
-    even an empty prompt does not)."""
+    even an empty prompt does not). ``min_prompt_cut``: prompt tokens cut from the left however
+    short the input (at most the whole prompt), so that two responses to one prompt read the
+    same prompt tokens."""
     return chat_layout(tok).critique_prefix_ids(prompt, response, critique_prefix, max_length,
-                                                version)
+                                                version, min_prompt_cut)
 
 
 def encode_example(tok: PreTrainedTokenizerBase, prompt: str, response: str,
                    critique: Optional[str], layout: str,
                    critique_prefix: str = CRITIQUE_PREFIX, max_length: int = 2048,
                    overlength_policy: str = "drop",
-                   version: int = LAYOUT_VERSION) -> Optional[Example]:
+                   version: int = LAYOUT_VERSION, min_prompt_cut: int = 0) -> Optional[Example]:
     """One response in ``layout`` (one of :data:`cloud_jax.data.config.LAYOUTS`); None when it is
-    over ``max_length`` and the policy drops it.
+    over ``max_length`` and the policy drops it. Under ``truncate_prompt``, ``min_prompt_cut``
+    prompt tokens (at most the whole prompt) are cut from the left however short the row.
 
     Loss targets: the critique and its end-of-turn token ("critique"); every token after the first
     ("lm"); none ("classic"). ``critique`` is unused by "classic".
     """
     return chat_layout(tok).encode(prompt, response, critique, layout, critique_prefix,
-                                   max_length, overlength_policy, version)
+                                   max_length, overlength_policy, version, min_prompt_cut)

@@ -109,9 +109,25 @@ class EvalConfig:
         return tuple(sorted(set(self.num_samples)))
 
 
+def _shared_cuts(score_fn: ScoreFn, prompts: List[str], responses: List[str],
+                 groups: Sequence[int]) -> Optional[np.ndarray]:
+    """The prompt tokens to cut from each input so that the inputs of one group (the two sides of
+    a pair: one prompt) read the same prompt tokens: the largest cut any of them needs to fit. None where the scorer does not say what it cuts."""
+    cut_fn = getattr(score_fn, "prompt_tokens_cut", None)
+    if cut_fn is None:
+        return None
+    cuts = np.asarray(cut_fn(prompts, responses), np.int64).reshape(len(prompts))
+    groups = np.asarray(groups)
+    most = np.zeros(int(groups.max()) + 1, np.int64)
+    np.maximum.at(most, groups, cuts)
+    return most[groups]
+
+
 def _score(score_fn: ScoreFn, cfg: EvalConfig, prompts: List[str], responses: List[str],
-           sources: Sequence[tuple[str, str]], progress: bool, desc: str) -> Scores:
-    """``sources[i]``: where response i comes from, as (``file:line``, field)."""
+           sources: Sequence[tuple[str, str]], progress: bool, desc: str,
+           groups: Optional[Sequence[int]] = None) -> Scores:
+    """``sources[i]``: where response i comes from, as (``file:line``, field); ``groups[i]``:
+    the inputs of one group share a prompt and are scored after the same prompt tokens."""
     # A call of a number of inputs that is no multiple of batch_size pads its last batch with
     # copies (rm.score), and one below batch_size runs smaller batches than asked for.
     chunk_size = -(-cfg.chunk_size // cfg.batch_size) * cfg.batch_size
@@ -120,7 +136,9 @@ def _score(score_fn: ScoreFn, cfg: EvalConfig, prompts: List[str], responses: Li
     try:
         scores = score_all(score_fn, prompts, responses, max(cfg.ks),
                            expected_samples=1 if cfg.classic else max(cfg.ks),
-                           chunk_size=chunk_size, progress=progress, desc=desc)
+                           chunk_size=chunk_size, progress=progress, desc=desc,
+                           min_prompt_cuts=None if groups is None else
+                           _shared_cuts(score_fn, prompts, responses, groups))
     except InputTooLongError as err:  # named by its row and field, not its place in the list
         where, field = sources[err.index]
         raise RowTooLongError(f"{where}: field '{field}'", err.detail) from None
@@ -180,7 +198,7 @@ def evaluate_rewardbench(rows: Sequence[PreferenceRow], score_fn: ScoreFn, cfg: 
     sources = [(r.source, "chosen") for r in rows] + [(r.source, "rejected") for r in rows]
     scores = _score(score_fn, cfg, [r.prompt for r in rows] * 2,
                     [r.chosen for r in rows] + [r.rejected for r in rows], sources, progress,
-                    "pairs (chosen + rejected)")
+                    "pairs (chosen + rejected)", groups=list(range(n)) * 2)
     subsets = [r.subset for r in rows]
     chosen, rejected = scores.sample_rewards[:n], scores.sample_rewards[n:]
     by_k = rbm.accuracy_by_k(subsets, chosen, rejected, cfg.ks, tie_credit=cfg.tie_credit)

@@ -7,6 +7,11 @@ Evaluation never touches a model directly. It calls
 
 so tests drive it with fake functions and any scorer (a classic model: K = 1, empty critique
 lists) plugs in. :func:`score_fn_from_model` builds one from a :class:`cloud_jax.RewardModel`.
+
+A scorer that cuts long prompts may also have ``score_fn.prompt_tokens_cut(prompts, responses)
+-> int [B]`` (the prompt tokens it cuts from each input to fit) and take ``min_prompt_cuts=``
+([B], cut at least that many): the evaluation then cuts both sides of a pair to the same prompt
+tokens, the larger of their two cuts.
 """
 
 from __future__ import annotations
@@ -60,12 +65,18 @@ def score_fn_from_model(rm, *, temperature: float = 0.0, max_critique_tokens: in
         batch_size=batch_size, classic=classic, **settings))
     if classic is None:
         classic = bool(rm.is_classic)
+    common = dict(temperature=temperature, max_critique_tokens=max_critique_tokens, seed=seed,
+                  batch_size=batch_size, classic=classic, **settings)
 
-    def score_fn(prompts: List[str], responses: List[str], num_samples: int) -> ScoreLike:
+    def score_fn(prompts: List[str], responses: List[str], num_samples: int,
+                 min_prompt_cuts: Optional[Sequence[int]] = None) -> ScoreLike:
+        cuts = {} if min_prompt_cuts is None else {"min_prompt_cuts": min_prompt_cuts}
         return rm.score(prompts, responses, num_samples=1 if classic else num_samples,
-                        temperature=temperature, max_critique_tokens=max_critique_tokens,
-                        seed=seed, batch_size=batch_size, classic=classic, **settings)
+                        **cuts, **common)
 
+    if hasattr(rm, "prompt_tokens_cut"):
+        score_fn.prompt_tokens_cut = lambda prompts, responses: rm.prompt_tokens_cut(
+            prompts, responses, **common)
     return score_fn
 
 
@@ -91,14 +102,16 @@ def _check(out: ScoreLike, n: int, k: int, first: int) -> tuple[np.ndarray, list
 
 def score_all(score_fn: ScoreFn, prompts: Sequence[str], responses: Sequence[str], num_samples: int,
               *, expected_samples: Optional[int] = None, chunk_size: int = 64,
-              progress: bool = False, desc: str = "scoring") -> Scores:
+              progress: bool = False, desc: str = "scoring",
+              min_prompt_cuts: Optional[Sequence[int]] = None) -> Scores:
     """Scores every (prompt, response) in chunks of ``chunk_size`` (with ``progress``, a tqdm bar on
     a terminal, a line every 30 seconds in a log: :mod:`cloud_jax.progress`).
 
     ``expected_samples`` is the K the scorer must return (``num_samples``, or 1 for a classic
     model); a scorer that returns another shape is an error, never silently reshaped. An input
     the scorer finds too long raises InputTooLongError with its index among all the inputs (not
-    within its chunk).
+    within its chunk). ``min_prompt_cuts`` [N], optional, goes to the scorer (``min_prompt_cuts=``,
+    each call its chunk's share): prompt tokens to cut from each input at least.
     """
     from cloud_jax import progress as progress_
 
@@ -112,8 +125,10 @@ def score_all(score_fn: ScoreFn, prompts: Sequence[str], responses: Sequence[str
         for start in range(0, len(prompts), chunk_size):
             end = min(start + chunk_size, len(prompts))
             try:
+                cuts = ({} if min_prompt_cuts is None
+                        else {"min_prompt_cuts": [int(c) for c in min_prompt_cuts[start:end]]})
                 out = score_fn(list(prompts[start:end]), list(responses[start:end]),
-                               num_samples)
+                               num_samples, **cuts)
             except InputTooLongError as err:
                 raise InputTooLongError(start + err.index, err.detail) from None
             rewards, crit, trunc = _check(out, end - start, k, start)

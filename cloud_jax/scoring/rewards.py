@@ -251,15 +251,18 @@ class TooLong:
 
 
 def _encode_whole_checked(rm, tok, prompts, responses, critiques, layout: str,
-                          cfg: ScoreConfig) -> tuple[list[Optional[Example]], list[TooLong]]:
+                          cfg: ScoreConfig, min_cuts: Optional[Sequence[int]] = None
+                          ) -> tuple[list[Optional[Example]], list[TooLong]]:
     """Every input in ``layout``, its prompt cut from the left to fit ``cfg.max_length`` and the
-    model's positions; None, and a :class:`TooLong`, for each that does not fit."""
+    model's positions (and by ``min_cuts[i]`` tokens at least); None, and a :class:`TooLong`, for
+    each that does not fit."""
     _warn_positions(rm, cfg)
     limit, what, fix = _token_limit(rm, cfg)
     examples, over = [], []
     for i, (p, r, c) in enumerate(zip(prompts, responses, critiques)):
         ex = encode_example(tok, p, r, c, layout, cfg.critique_prefix, limit,
-                            "truncate_prompt", cfg.layout_version)
+                            "truncate_prompt", cfg.layout_version,
+                            0 if min_cuts is None else int(min_cuts[i]))
         if ex is None:
             least = encode_example(tok, "", r, c, layout, cfg.critique_prefix, 1 << 30,
                                    "truncate_prompt", cfg.layout_version)
@@ -272,26 +275,30 @@ def _encode_whole_checked(rm, tok, prompts, responses, critiques, layout: str,
 
 
 def _encode_whole(rm, tok, prompts, responses, critiques, layout: str,
-                  cfg: ScoreConfig) -> list[Example]:
+                  cfg: ScoreConfig, min_cuts: Optional[Sequence[int]] = None) -> list[Example]:
     """Every input in ``layout``, its prompt cut from the left to fit ``cfg.max_length`` and the
-    model's positions (InputTooLongError for the first that does not fit)."""
-    examples, over = _encode_whole_checked(rm, tok, prompts, responses, critiques, layout, cfg)
+    model's positions, and by ``min_cuts[i]`` tokens at least (InputTooLongError for the first
+    that does not fit)."""
+    examples, over = _encode_whole_checked(rm, tok, prompts, responses, critiques, layout, cfg,
+                                           min_cuts)
     if over:
         raise over[0].error()
     return examples
 
 
 def _critique_prefixes(rm, tok, prompts, responses, cfg: ScoreConfig,
-                       reserved: Sequence[int]) -> tuple[list[Optional[list[int]]], list[TooLong]]:
+                       reserved: Sequence[int], min_cuts: Optional[Sequence[int]] = None
+                       ) -> tuple[list[Optional[list[int]]], list[TooLong]]:
     """Each input's critique prefill, its prompt cut from the left to fit what ``cfg.max_length``
-    and the model's positions leave after its ``reserved`` critique tokens; None, and a
-    :class:`TooLong`, for each that does not fit."""
+    and the model's positions leave after its ``reserved`` critique tokens (and by
+    ``min_cuts[i]`` tokens at least); None, and a :class:`TooLong`, for each that does not fit."""
     prefixes, over = [], []
     for i, (p, r) in enumerate(zip(prompts, responses)):
         limit, what, fix = _token_limit(rm, cfg, reserved[i])
         try:
             prefixes.append(encode_critique_prefix(tok, p, r, cfg.critique_prefix,
-                                                   limit, cfg.layout_version))
+                                                   limit, cfg.layout_version,
+                                                   0 if min_cuts is None else int(min_cuts[i])))
         except ValueError:
             least = len(encode_critique_prefix(tok, "", r, cfg.critique_prefix, None,
                                                cfg.layout_version))
@@ -324,6 +331,34 @@ def too_long(rm, prompts: Sequence[str], responses: Sequence[str],
                               [1 + cfg.max_critique_tokens] * len(prompts))[1]
 
 
+def prompt_tokens_cut(rm, prompts: Sequence[str], responses: Sequence[str],
+                      cfg: ScoreConfig = ScoreConfig()) -> np.ndarray:
+    """int [B]: the prompt tokens :func:`score` with ``cfg`` cuts from the left of each input to
+    fit ``cfg.max_length`` and the model's positions (0: the input fits whole). An input
+    :func:`too_long` lists gets more than its prompt holds. A pair's evaluation passes the larger
+    of its two sides' cuts to both (``score``'s ``min_prompt_cuts``), so chosen and rejected are
+    rewarded after the same prompt."""
+    cfg.validate()
+    cfg = dataclasses.replace(cfg, critique_prefix=resolve_critique_prefix(rm, cfg),
+                              classic=resolve_classic(rm, cfg),
+                              layout_version=resolve_layout_version(rm, cfg))
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    _check_texts(prompts=prompts, responses=responses)
+    tok = _require_tokenizer(rm)
+    if cfg.classic:
+        limit = _token_limit(rm, cfg)[0]
+        lengths = [len(encode_example(tok, p, r, None, "classic", cfg.critique_prefix, 1 << 30,
+                                      "truncate_prompt", cfg.layout_version).input_ids)
+                   for p, r in zip(prompts, responses)]
+    else:
+        limit = _token_limit(rm, cfg, 1 + cfg.max_critique_tokens)[0]
+        lengths = [len(encode_critique_prefix(tok, p, r, cfg.critique_prefix, None,
+                                              cfg.layout_version))
+                   for p, r in zip(prompts, responses)]
+    return np.maximum(np.asarray(lengths, np.int64) - limit, 0)
+
+
 def _forward_rewards(rm, examples: Sequence[Example], cfg: ScoreConfig, on_batch) -> np.ndarray:
     """float32 [N]: each example's reward at its reward index, ``cfg.batch_size`` per forward."""
     vocab = rm.config.vocab_size
@@ -349,9 +384,10 @@ def _forward_rewards(rm, examples: Sequence[Example], cfg: ScoreConfig, on_batch
     return rewards
 
 
-def _score_classic(rm, prompts, responses, cfg: ScoreConfig, on_batch) -> ScoreResult:
+def _score_classic(rm, prompts, responses, cfg: ScoreConfig, on_batch,
+                   min_cuts: Optional[Sequence[int]] = None) -> ScoreResult:
     examples = _encode_whole(rm, _require_tokenizer(rm), prompts, responses,
-                             [None] * len(prompts), "classic", cfg)
+                             [None] * len(prompts), "classic", cfg, min_cuts)
     rewards = _forward_rewards(rm, examples, cfg, on_batch)
     n = len(examples)
     return ScoreResult(rewards=rewards, sample_rewards=rewards[:, None],
@@ -422,7 +458,8 @@ def warn_greedy_samples(num_samples: int) -> None:
 
 def score(rm, prompts: Sequence[str], responses: Sequence[str], cfg: ScoreConfig = ScoreConfig(),
           on_batch: Optional[Callable[[int, int], None]] = None,
-          budgets: Optional[Sequence[int]] = None) -> ScoreResult:
+          budgets: Optional[Sequence[int]] = None,
+          min_prompt_cuts: Optional[Sequence[int]] = None) -> ScoreResult:
     """Scores every (prompt, response); ``rm`` is a :class:`cloud_jax.RewardModel`.
 
     ``on_batch(inputs_done, critique_tokens)`` is called after each batch (progress bars).
@@ -434,6 +471,11 @@ def score(rm, prompts: Sequence[str], responses: Sequence[str], cfg: ScoreConfig
     for ``cfg.max_critique_tokens`` when no budget is over it (one decode length whatever the
     budgets: the static server passes its budget limit), else for the largest budget rounded up
     to a power of two.
+
+    ``min_prompt_cuts`` [B], optional: prompt tokens each input loses from the left however short
+    it is (more where it must, to fit; at most its whole prompt). Pair evaluation gives both
+    sides of a pair the larger of their :func:`prompt_tokens_cut`, so the two rewards read one
+    prompt; without it each input loses only what it must.
     """
     cfg.validate()
     asked_classic = cfg.classic
@@ -454,8 +496,11 @@ def score(rm, prompts: Sequence[str], responses: Sequence[str], cfg: ScoreConfig
     if not prompts:
         raise ValueError("nothing to score: no prompts given")
     _check_texts(prompts=prompts, responses=responses)
+    if min_prompt_cuts is not None and (len(min_prompt_cuts) != len(prompts)
+                                        or min(min_prompt_cuts) < 0):
+        raise ValueError(f"min_prompt_cuts: one count >= 0 per input ({len(prompts)})")
     if cfg.classic:
-        return _score_classic(rm, prompts, responses, cfg, on_batch)
+        return _score_classic(rm, prompts, responses, cfg, on_batch, min_prompt_cuts)
     tok = _require_tokenizer(rm)
     stop_ids = end_of_turn_ids(tok)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -466,7 +511,8 @@ def score(rm, prompts: Sequence[str], responses: Sequence[str], cfg: ScoreConfig
     reserved = [1 + (cfg.max_critique_tokens if budgets is None else budgets[i])
                 for i in range(len(prompts))]
     _warn_positions(rm, cfg, min(reserved))
-    prefixes, over = _critique_prefixes(rm, tok, prompts, responses, cfg, reserved)
+    prefixes, over = _critique_prefixes(rm, tok, prompts, responses, cfg, reserved,
+                                        min_prompt_cuts)
     if over:
         raise over[0].error()
     model_cfg, params = _sampling_params(rm)
