@@ -635,3 +635,28 @@ def test_both_sides_of_a_pair_are_rewarded_after_one_prompt(tmp_path, tiny_rm, c
             record = json.loads(f.readline())
         np.testing.assert_allclose([record["chosen_reward"], record["rejected_reward"]],
                                    expected, rtol=1e-5, err_msg=name)
+
+
+def test_the_candidates_of_a_best_of_n_prompt_are_rewarded_after_one_prompt(tmp_path, tiny_rm):
+    """Best-of-N compares the rewards of one prompt's candidates: where the prompt must be cut
+    to fit, every candidate loses the same prompt tokens (the largest cut among them), as the
+    two sides of a pair do; a shorter candidate read more of the prompt than a longer one."""
+    from cloud_jax.data.layout import encode_example
+
+    prompt = "".join(chr(97 + i % 26) for i in range(300))
+    candidates = ["short", "a much longer response " * 3, "middling answer"]
+    tok, limit = tiny_rm.tokenizer, 200
+    cut = max(len(encode_example(tok, prompt, c, None, "classic", max_length=1 << 30).input_ids)
+              for c in candidates) - limit  # the byte tokenizer: one token per character
+    assert cut > 0
+    expected = tiny_rm.score([prompt[cut:]] * 3, candidates, max_length=limit, batch_size=2,
+                             classic=True).rewards
+    items = load_best_of_n(write_jsonl(tmp_path / "bon.jsonl", [
+        {"id": "q", "prompt": prompt, "candidates": candidates, "scores": [1, 0, 0]}]))
+    report = run_evaluation(score_fn_from_model(tiny_rm, batch_size=2, max_length=limit,
+                                                classic=True),
+                            EvalConfig(classic=True, batch_size=2), str(tmp_path / "out"),
+                            best_of_n_items=items)
+    with open(report["files"]["best_of_n_critiques"]) as f:
+        record = json.loads(f.readline())
+    np.testing.assert_allclose(record["rewards"], expected, rtol=1e-5)

@@ -112,7 +112,8 @@ class EvalConfig:
 def _shared_cuts(score_fn: ScoreFn, prompts: List[str], responses: List[str],
                  groups: Sequence[int]) -> Optional[np.ndarray]:
     """The prompt tokens to cut from each input so that the inputs of one group (the two sides of
-    a pair: one prompt) read the same prompt tokens: the largest cut any of them needs to fit. None where the scorer does not say what it cuts."""
+    a pair, the candidates of a Best-of-N prompt: one prompt each) read the same prompt tokens:
+    the largest cut any of them needs to fit. None where the scorer does not say what it cuts."""
     cut_fn = getattr(score_fn, "prompt_tokens_cut", None)
     if cut_fn is None:
         return None
@@ -228,7 +229,9 @@ def evaluate_best_of_n(items: Sequence[bon.BestOfNItem], score_fn: ScoreFn, cfg:
         prompts += [item.prompt] * len(item.candidates)
         responses += list(item.candidates)
         sources += [(item.source, f"candidates[{j}]") for j in range(len(item.candidates))]
-    scores = _score(score_fn, cfg, prompts, responses, sources, progress, "Best-of-N candidates")
+    groups = [i for i, item in enumerate(items) for _ in item.candidates]
+    scores = _score(score_fn, cfg, prompts, responses, sources, progress, "Best-of-N candidates",
+                    groups)
     offsets = np.cumsum([0] + [len(item.candidates) for item in items])
     sizes = [len(item.candidates) for item in items]
     base = bon.baseline_picks(sizes, cfg.baseline, cfg.seed)

@@ -10,8 +10,8 @@ lists) plugs in. :func:`score_fn_from_model` builds one from a :class:`cloud_jax
 
 A scorer that cuts long prompts may also have ``score_fn.prompt_tokens_cut(prompts, responses)
 -> int [B]`` (the prompt tokens it cuts from each input to fit) and take ``min_prompt_cuts=``
-([B], cut at least that many): the evaluation then cuts both sides of a pair to the same prompt
-tokens, the larger of their two cuts.
+([B], cut at least that many): the evaluation then cuts the responses to one prompt (both sides
+of a pair, a Best-of-N prompt's candidates) to the same prompt tokens, the largest cut among them.
 """
 
 from __future__ import annotations
