@@ -6,7 +6,8 @@ donates it and returns the next one. A batch is the pipeline's ``[P, 2, T]`` lay
 
 Gradient accumulation splits the P pairs into ``grad_accum_steps`` micro-batches and runs them
 with ``lax.scan``. Every micro-batch's loss is divided by the *whole* batch's token and pair counts
-(:func:`cloud_jax.training.losses.loss_normalizers`), so the summed gradients equal the full batch's.
+(:func:`cloud_jax.training.losses.loss_normalizers`), so the summed gradients equal the full batch's
+(with reward-head dropout, in expectation: each micro-batch draws its own masks).
 Micro-batch ``i`` takes pairs ``i, A + i, 2A + i, ...``: with the batch split over devices in
 contiguous blocks, every device then holds its share of every micro-batch and nothing moves.
 """
