@@ -181,6 +181,38 @@ def test_options_no_request_could_be_served_under_are_refused(rm):
         static.submit(_items([0, 1, 2, 3]), Settings())
 
 
+def test_options_under_which_not_even_an_empty_item_fits_are_refused(rm):
+    """A --max-length below what the chat template and critique prefix take alone (or a model
+    with fewer positions than that) leaves no request that could be served. The continuous
+    engine crashed at start with JAX's "Incompatible types for broadcasting" and the static
+    batcher with "input 0: the critique prefill is ... over max_length", about its own warm-up
+    input; both are a ConfigError naming the limit before anything compiles."""
+    from cloud_jax.errors import ConfigError
+
+    empty = item_lengths(rm, [Item("", "")], False, Settings())[0]
+    few = cloud_jax.RewardModel(dataclasses.replace(rm.config, max_position_embeddings=empty),
+                                rm.params, rm.tokenizer)
+    for backend in (ContinuousBackend, StaticBackend):
+        with pytest.raises(ConfigError, match=rf"max_length \(--max-length\) {empty - 1}: "
+                                              rf"not even an empty item fits: it takes {empty} "
+                                              r"tokens"):
+            backend(rm, BackendOptions(max_length=empty - 1))
+        with pytest.raises(ConfigError, match=rf"it takes {empty} tokens.*the model's "
+                                              rf"max_position_embeddings={empty}"):
+            backend(few, BackendOptions(max_length=256))
+    # An empty item just fits: the server starts and scores it.
+    st = Settings(max_critique_tokens=3)
+    want = rm.score([""], [""], max_critique_tokens=3)
+    for backend in (ContinuousBackend, StaticBackend):
+        server = backend(rm, BackendOptions(slots=2, max_length=empty, max_critique_tokens=8,
+                                            defaults=st))
+        server.start()
+        [out] = server.submit([Item("", "")], st).result(timeout=120)
+        assert out.critiques == want.critiques[0]
+        np.testing.assert_allclose(out.reward, want.rewards[0], atol=1e-5, rtol=0)
+        server.close()
+
+
 def _hold_decode_at_chunk(engine, chunk: int) -> tuple[threading.Event, threading.Event]:
     """Holds the engine's loop before decode chunk ``chunk`` until the test sets ``submitted``
     (``held`` tells it the loop is there), so a request submitted then arrives while earlier

@@ -82,7 +82,8 @@ from cloud_jax.sampling import (bucket_length, content_row_ids, method_from, pad
 from cloud_jax.sampling.loop import seen_tokens, stop_array
 from cloud_jax.sampling.methods import SamplingMethod, step_uniforms
 from cloud_jax.scoring.rewards import ScoreConfig, resolve_critique_prefix, resolve_layout_version
-from cloud_jax.serving.protocol import (InvalidField, bucket_items, check_options,
+from cloud_jax.serving.protocol import (WARMUP_ITEM, InvalidField, bucket_items,
+                                        check_an_item_fits, check_options,
                                         check_request_size, check_item_lengths, check_settings,
                                         item_lengths, prompt_text)
 from cloud_jax.serving.compiles import WARMUP_HINT, CompileWatch
@@ -381,6 +382,7 @@ class ContinuousBackend:
         # Tokenizers are not thread-safe: requests are encoded with a copy, the worker decodes with
         # the model's own.
         self._submit_tok = copy.deepcopy(tok)
+        check_an_item_fits(rm, options, False, self._submit_tok)
 
     # -- Backend protocol ---------------------------------------------------------------------
 
@@ -389,7 +391,7 @@ class ContinuousBackend:
         decode and the prefill of the item's bucket); with ``options.warmup == "buckets"`` also
         compiles the prefill of every length bucket an item can fall in."""
         warm = dataclasses.replace(self.options.defaults, max_critique_tokens=2)
-        future = self._enqueue([Item("warm-up", "warm-up")], warm)
+        future = self._enqueue([WARMUP_ITEM], warm)
         self._worker = threading.Thread(target=self._run, name="continuous-backend", daemon=True)
         self._worker.start()
         future.result()

@@ -32,6 +32,9 @@ from typing import Any, Callable, Optional, Sequence
 from cloud_jax.data.schema import ContentError, content_text, lone_surrogate
 from cloud_jax.serving.types import WARMUP, BackendOptions, InputTooLong, Item, Settings
 
+# What a backend's start() scores to compile for the default settings: the shortest item.
+WARMUP_ITEM = Item("", "")
+
 _SETTING_TYPES = {"num_samples": int, "temperature": float, "top_k": int, "top_p": float,
                   "max_critique_tokens": int, "seed": int, "repetition_penalty": float}
 
@@ -158,6 +161,25 @@ def check_options(options: BackendOptions, classic: bool) -> None:
         raise ConfigError(f"the default num_samples (--num-samples) {k} needs {k} decode rows "
                           f"per item, more than slots (--slots) {options.slots}: raise --slots "
                           "or lower --num-samples")
+
+
+def check_an_item_fits(rm, options: BackendOptions, classic: bool, tok=None) -> None:
+    """ConfigError where not even an empty item (the chat template and critique prefix alone)
+    fits ``options.max_length``, or the model's positions less the end-of-turn token: no request
+    could be served, and the warm-up (an empty item) could not run."""
+    from cloud_jax.errors import ConfigError
+
+    length = item_lengths(rm, [WARMUP_ITEM], classic, options.defaults, tok)[0]
+    positions = rm.config.max_position_embeddings
+    room = positions if classic else positions - 1
+    if length > options.max_length:
+        raise ConfigError(f"max_length (--max-length) {options.max_length}: not even an empty "
+                          f"item fits: it takes {length} tokens (the chat template"
+                          f"{'' if classic else ' and the critique prefix'}); raise --max-length")
+    if length > room:
+        raise ConfigError(f"not even an empty item fits: it takes {length} tokens, more than "
+                          f"the model's max_position_embeddings={positions} leave"
+                          f"{'' if classic else ' after the end-of-turn token'}")
 
 
 def check_request_size(items: Sequence[Item], settings: Settings, options: BackendOptions,

@@ -24,7 +24,8 @@ import numpy as np
 from cloud_jax.serving.compiles import WARMUP_HINT, CompileWatch
 from cloud_jax.serving.types import (BackendOptions, BackendStats, Item, ItemResult,
                                      QueueFull, Settings, ShuttingDown)
-from cloud_jax.serving.protocol import (InvalidField, bucket_items, check_options,
+from cloud_jax.serving.protocol import (WARMUP_ITEM, InvalidField, bucket_items,
+                                        check_an_item_fits, check_options,
                                         check_request_size, check_item_lengths, check_settings,
                                         item_lengths, prompt_text)
 
@@ -60,6 +61,8 @@ class StaticBackend:
         # Tokenizers are not thread-safe (a call may switch settings for its duration): requests
         # are checked with a copy of the model's, the worker scores with the model's own.
         self._submit_tok = copy.deepcopy(rm.tokenizer)
+        if rm.tokenizer is not None:
+            check_an_item_fits(rm, options, self.classic, self._submit_tok)
 
     # -- Backend protocol ---------------------------------------------------------------------
 
@@ -68,7 +71,7 @@ class StaticBackend:
         request takes), or with ``options.warmup == "buckets"`` those of every length bucket and
         batch size, then starts the worker."""
         warm = Settings(**{**dataclasses.asdict(self.options.defaults), "max_critique_tokens": 2})
-        self._score([Item("warm-up", "warm-up")], warm, [warm.max_critique_tokens])
+        self._score([WARMUP_ITEM], warm, [warm.max_critique_tokens])
         if self.options.warmup == "buckets":
             self._warm_buckets()
         self._worker = threading.Thread(target=self._run, name="static-backend", daemon=True)
