@@ -118,6 +118,45 @@ def test_a_request_whose_pool_cannot_be_made_fails_alone(rm, monkeypatch):
     engine.close()
 
 
+def test_a_decode_chunk_that_fails_on_the_device_fails_its_requests_and_the_engine_serves_on(
+        rm, monkeypatch):
+    """A decode chunk that fails while it runs (the device out of memory, say) has consumed the
+    pool's state it was given (donated): the engine freed the failed rows on that deleted state,
+    which raised again and ended its loop, so every later request waited forever while /health
+    said ok. The requests in flight fail with the error; the next ones are served."""
+    import functools
+
+    from cloud_jax.serving import engine as engine_module
+
+    engine = _engine(rm)
+    chunk = engine_module._chunk
+
+    def fail(_):
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory while running a decode chunk")
+
+    @functools.partial(jax.jit, donate_argnums=(0,))
+    def failing(s):  # a program that fails on the device after taking the donated state
+        jax.debug.callback(fail, s.step)
+        return s
+
+    failures = []
+
+    def chunk_once_failing(params, s, *args, **kwargs):
+        if not failures:
+            failures.append(1)
+            return failing(s)
+        return chunk(params, s, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "_chunk", chunk_once_failing)
+    st = Settings(max_critique_tokens=4)  # the defaults' pool: compiled at start
+    doomed = engine.submit(_items([0]), st)
+    with pytest.raises(Exception, match="out of memory while running a decode chunk"):
+        doomed.result(timeout=60)
+    _check(engine.submit(_items([1, 2]), st).result(timeout=60), rm, [1, 2], st)
+    assert engine.stats().busy_slots == 0 and engine.stats().queue_depth == 0
+    engine.close()
+
+
 def test_stats_are_answered_while_a_pool_is_being_allocated(rm, monkeypatch):
     """Allocating a new settings' KV cache can take a while on a big model: /health and /metrics
     (``stats``) and new submissions do not wait for it."""

@@ -932,10 +932,20 @@ class ContinuousBackend:
         return out
 
     def _fail_all(self, err: Exception) -> None:
+        """Fails every request with rows in flight (their items still queued leave the queue)
+        and drops the pools: a program that failed on the device has consumed the state donated
+        to it, so the next request of each combination gets a pool of its own (its programs are
+        compiled: making it compiles nothing)."""
+        failed = []
         for pool in self._pools.values():
-            for r, owner in enumerate(pool.owner):
+            for owner in pool.owner:
                 if owner is not None:
                     if not owner[0].future.done():
                         owner[0].future.set_exception(err)
-                    pool.owner[r] = None
-            pool.state = _free(pool.state, np.ones(pool.rows, bool))
+                    failed.append(owner[0])
+        with self._lock:
+            self._pools.clear()
+            for req in failed:
+                if not req.cancelled:
+                    req.cancelled = True
+                    self._cancel.append(req)
