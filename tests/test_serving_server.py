@@ -362,6 +362,56 @@ def test_a_request_its_client_gives_up_on_after_a_timeout_is_cancelled():
         proc.wait()
 
 
+# The waiting backend, whose close says how it was asked to close and, asked to drain, waits for
+# its requests (which never end) as a draining backend does.
+_FORCE_QUIT_SERVER = _WAITING_SERVER.rsplit("sys.exit", 1)[0] + """
+import threading
+
+class Closing(Waiting):
+    def close(self, drain=True):
+        print(f"close drain={drain}", flush=True)
+        if drain:
+            threading.Event().wait()
+
+sys.exit(serve(Closing(), Settings(), None, port=int(sys.argv[1]), log_level="info"))
+"""
+
+
+def test_a_second_ctrl_c_quits_without_draining():
+    """While the server drains after Ctrl-C, uvicorn logs "Waiting for connections to close.
+    (CTRL+C to force quit)"; a second Ctrl-C stopped uvicorn's wait, and then the server
+    drained anyway, waiting for every queued critique. It closes the backend without draining."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-c", _FORCE_QUIT_SERVER, str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert time.monotonic() < deadline and proc.poll() is None
+            try:
+                requests.get(url + "/health", timeout=1)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        sender = threading.Thread(target=lambda: requests.post(
+            url + "/v1/score", json={"items": [{"prompt": "a", "response": "b"}]}, timeout=60),
+            daemon=True)
+        sender.start()
+        while _queue_depth(url) < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1.0)  # uvicorn waits for the request's connection
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        assert "close drain=False" in proc.stdout.read()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 # The waiting backend, with a log handler that tries to connect when "ready on" is logged.
 _READY_PROBE = _WAITING_SERVER.rsplit("sys.exit", 1)[0] + """
 import logging, socket

@@ -10,7 +10,8 @@
 Bad input is answered 400 (not JSON, not an object) or 422 (a field: missing, wrong type, out of
 range, lengths that disagree), naming the field; an item longer than the server's maximum 413; a
 full queue 503 with Retry-After. A client that goes away has its request cancelled. SIGTERM (or
-Ctrl-C) stops admitting, lets every accepted request finish, then the process exits 0.
+Ctrl-C) stops admitting, lets every accepted request finish, then the process exits 0; a second
+Ctrl-C quits without waiting for them.
 """
 
 from __future__ import annotations
@@ -329,6 +330,11 @@ def serve(backend: Backend, defaults: Settings, tokenizer, *, host: str = "127.0
 
     server.handle_exit = on_signal
     server.run(sockets=[sock])
+    if server.force_exit:  # a second Ctrl-C: uvicorn stopped waiting, and so does the backend
+        log.warning("forced to quit: the requests not yet started are dropped, and those "
+                    "started end unanswered")
+        backend.close(drain=False)
+        return 0
     backend.close(drain=True)
     log.info("every accepted request answered; exiting")
     return 0
