@@ -776,6 +776,16 @@ def test_rows_in_flight_decode_on_while_a_new_sampling_combination_compiles(capl
     # into its budget of 30 chunks), held at its second chunk (the warm-up took one) until the
     # new combination's request is in.
     held, submitted = _hold_decode_at_chunk(engine, 2)
+    # From the third chunk on, the loop waits for the background compile to begin before it
+    # decodes on: on a loaded machine that thread once began after the long critique had ended.
+    decode = engine._decode
+
+    def decode_once_compiling():
+        if engine.chunks > 2:
+            started.wait(60)
+        decode()
+
+    engine._decode = decode_once_compiling
     long_settings = dataclasses.replace(hot, max_critique_tokens=120)
     long = engine.submit(_items([0]), long_settings)
     assert held.wait(60) and not long.done()
