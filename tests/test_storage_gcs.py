@@ -648,3 +648,27 @@ def test_a_listing_in_a_missing_bucket_names_the_url(bucket):
             storage.listdir(url)
     # A directory with nothing under it, in a bucket that exists, is empty.
     assert storage.listdir(f"{bucket}/nothing-here") == []
+
+
+def test_a_config_file_in_the_bucket_loads_as_a_local_one_does(bucket, tmp_path):
+    """``--config gs://...`` (train, pipeline, aot): the file is read from the bucket; it was
+    reported as a config file that does not exist."""
+    from cloud_jax.cli import train as train_cli
+    from cloud_jax.cli.common import run_command
+    from cloud_jax.errors import ConfigError
+
+    local = ROOT / "configs/tiny_cpu_cloud.yaml"
+    storage.copy_file(str(local), f"{bucket}/configs/cloud.yaml")
+    got = load_config(f"{bucket}/configs/cloud.yaml", ["seed=3"])
+    assert got == load_config(local, ["seed=3"])
+    with pytest.raises(ConfigError, match=f"config file {bucket}/configs/absent.yaml does not "
+                                          "exist"):
+        load_config(f"{bucket}/configs/absent.yaml")
+    with pytest.raises(ConfigError, match=f"config file {bucket}/configs is a directory"):
+        load_config(f"{bucket}/configs")
+    storage.write_text_atomic(f"{bucket}/configs/bad.yaml", "model: [1\n")
+    with pytest.raises(ConfigError, match=f"{bucket}/configs/bad.yaml: not valid YAML"):
+        load_config(f"{bucket}/configs/bad.yaml")
+    # The command reads it too (and stops at the data, which is not there).
+    assert run_command(train_cli.main, ["--config", f"{bucket}/configs/cloud.yaml",
+                                        f"data.train_path={tmp_path}/absent.jsonl"]) == 2

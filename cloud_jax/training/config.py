@@ -18,6 +18,7 @@ no YAML stack.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import re
 from typing import Any, Optional, Sequence
@@ -456,18 +457,22 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = (),
     data: dict = {}
     source = "<defaults>"
     if path is not None:
+        from cloud_jax import storage
+
         source = os.fspath(path)
-        if not os.path.exists(source):
-            raise ConfigError(f"config file {source} does not exist")
-        if os.path.isdir(source):
+        storage.check_path(source, "--config")
+        # A local path or a gs:// / s3:// URL, read through storage.
+        if storage.isdir(source):
             raise ConfigError(f"config file {source} is a directory: give a YAML file in it "
                               "(e.g. configs/tiny_cpu.yaml)")
+        if not storage.isfile(source):
+            raise ConfigError(f"config file {source} does not exist")
+        text = storage.read_text(source)
         try:
-            loaded = OmegaConf.load(source)
+            loaded = OmegaConf.load(io.StringIO(text))
         except Exception as err:  # yaml errors carry line numbers in their text
             raise ConfigError(f"{source}: not valid YAML: {err}") from None
-        with open(source, encoding="utf-8") as f:
-            _octal_in_file(f.read(), source)
+        _octal_in_file(text, source)
         data = OmegaConf.to_container(loaded) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: the top level must be a mapping of keys")
