@@ -672,3 +672,25 @@ def test_a_config_file_in_the_bucket_loads_as_a_local_one_does(bucket, tmp_path)
     # The command reads it too (and stops at the data, which is not there).
     assert run_command(train_cli.main, ["--config", f"{bucket}/configs/cloud.yaml",
                                         f"data.train_path={tmp_path}/absent.jsonl"]) == 2
+
+
+def test_a_tokenizer_directory_in_the_bucket_loads(bucket, tmp_path):
+    """data.tokenizer / --tokenizer given as a URL: the directory is staged in the local cache and
+    loaded; it was taken for a hub id ('Repo id must be in the form ...')."""
+    from cloud_jax.data.tokenizer import byte_tokenizer, load_tokenizer, tokenizer_fingerprint
+    from cloud_jax.errors import ConfigError
+    from cloud_jax.training.loop import load_fitting_tokenizer
+
+    byte_tokenizer().save_pretrained(str(tmp_path / "tok"))
+    storage.upload_dir(str(tmp_path / "tok"), f"{bucket}/tokenizers/byte")
+    want = tokenizer_fingerprint(load_tokenizer(str(tmp_path / "tok")))
+    assert tokenizer_fingerprint(load_tokenizer(f"{bucket}/tokenizers/byte")) == want
+    cfg = load_config(ROOT / "configs/tiny_cpu_cloud.yaml",
+                      [f"data.tokenizer={bucket}/tokenizers/byte"])
+    assert tokenizer_fingerprint(load_fitting_tokenizer(cfg)) == want
+    cfg = load_config(ROOT / "configs/tiny_cpu_cloud.yaml",
+                      [f"data.tokenizer={bucket}/tokenizers/absent"])
+    with pytest.raises(ConfigError, match=f"data.tokenizer='{bucket}/tokenizers/absent' does not "
+                                          f"load \\({bucket}/tokenizers/absent: no such "
+                                          "directory"):
+        load_fitting_tokenizer(cfg)

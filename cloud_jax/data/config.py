@@ -85,7 +85,8 @@ class DataConfig:
     eval_split: str = ""
     # Columns holding the row fields, for any row source: data.columns.prompt=question.
     columns: Columns = dataclasses.field(default_factory=Columns)
-    # "byte" (the built-in byte tokenizer), a local HF tokenizer directory or a hub id.
+    # "byte" (the built-in byte tokenizer), a HF tokenizer directory (local, or a gs:// / s3://
+    # URL, staged in the local cache) or a hub id.
     tokenizer: str = "byte"
     # Tokens per sequence at most; a run refuses one above the model's max_position_embeddings.
     max_length: int = 2048

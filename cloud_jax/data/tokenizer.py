@@ -13,6 +13,8 @@ from typing import List
 from tokenizers import Tokenizer, decoders, models, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from cloud_jax import storage
+
 # ChatML layout for tokenizers that ship without a chat template. The turn closer is the
 # tokenizer's own eos_token rather than the literal "<|im_end|>": that string is several ordinary
 # tokens in most vocabularies, while the reward must be read at one known token, and a base model's
@@ -65,13 +67,18 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def load_tokenizer(path_or_id: str) -> PreTrainedTokenizerBase:
-    """"byte", a local tokenizer directory or a hub id -> a tokenizer with a chat template.
+    """"byte", a tokenizer directory (local, or a ``gs://`` / ``s3://`` URL, staged in the local
+    cache: ``cloud_jax.storage.local_copy``) or a hub id -> a tokenizer with a chat template.
 
     Remote code is never run. A tokenizer without a chat template gets DEFAULT_CHAT_TEMPLATE.
     """
     if path_or_id == "byte":
         return byte_tokenizer()
-    tok = AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=False)
+    source = path_or_id
+    if storage.is_url(path_or_id):
+        storage.check_path(path_or_id, "tokenizer")
+        source = storage.local_copy(path_or_id)
+    tok = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     if not tok.chat_template:
         if tok.eos_token is None:
             raise ValueError(
