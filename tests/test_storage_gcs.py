@@ -694,3 +694,27 @@ def test_a_tokenizer_directory_in_the_bucket_loads(bucket, tmp_path):
                                           f"load \\({bucket}/tokenizers/absent: no such "
                                           "directory"):
         load_fitting_tokenizer(cfg)
+
+
+def test_loading_a_run_directory_in_the_bucket_names_the_url_and_downloads_nothing(
+        bucket, tmp_path, monkeypatch):
+    """cloud_jax.load (score's, evaluate's, serve's --checkpoint, init_from) of a URL that holds
+    no config.json: the error names the URL (it named the local cache copy, also in the
+    export-hf command it suggests), and the directory (a run's every checkpoint) is not
+    downloaded first."""
+    import cloud_jax
+    from cloud_jax.errors import CheckpointError
+
+    monkeypatch.setenv("CLOUD_JAX_CACHE", str(tmp_path / "cache"))
+    run_dir = f"{bucket}/a-run"
+    storage.write_text_atomic(f"{run_dir}/config.yaml", "seed: 0\n")
+    storage.write_text_atomic(f"{run_dir}/checkpoints/2/state/blob", "x" * 1000)
+    with pytest.raises(CheckpointError) as err:
+        cloud_jax.load(run_dir)
+    assert str(err.value).startswith(f"{run_dir}: no config.json"), err.value
+    assert f"export-hf --checkpoint {run_dir} --step N" in str(err.value)
+    storage.write_text_atomic(f"{bucket}/not-a-model/notes.txt", "x")
+    with pytest.raises(CheckpointError, match=f"^{bucket}/not-a-model: no config.json; expected"):
+        cloud_jax.load(f"{bucket}/not-a-model")
+    assert not list((tmp_path / "cache").rglob("blob")) and not list(
+        (tmp_path / "cache").rglob("notes.txt"))

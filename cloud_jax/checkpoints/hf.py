@@ -332,7 +332,13 @@ def resolve_path(path_or_id: str | os.PathLike) -> Path:
     (``cloud_jax.storage.local_copy``); otherwise a hub id fetched with huggingface_hub
     (safetensors only)."""
     if storage.is_url(path_or_id):
-        storage.check_path(str(path_or_id), "checkpoint")
+        url = storage.resolve(str(path_or_id))
+        storage.check_path(url, "checkpoint")
+        # Checked in the store: a directory without config.json (a training run's output_dir,
+        # all its checkpoints) is refused before anything is downloaded, and named by its URL.
+        if storage.isdir(url) and not storage.isfile(storage.join(url, "config.json")):
+            raise _no_config_json(url, storage.exists(storage.join(url, "config.yaml"))
+                                  or storage.isdir(storage.join(url, "checkpoints")))
         try:
             return Path(storage.local_copy(str(path_or_id)))
         except FileNotFoundError as err:
@@ -665,16 +671,21 @@ def save_cloud_reference(params: Params, cfg: ModelConfig, directory: str | os.P
     return directory
 
 
+def _no_config_json(directory: str, run_dir: bool) -> CheckpointError:
+    hint = ""
+    if run_dir:
+        hint = (" (this is a training run's output_dir: load its final/ directory, or "
+                "export a saved step with `python -m cloud_jax export-hf --checkpoint "
+                f"{directory} --step N --out DIR`)")
+    return CheckpointError(f"{directory}: no config.json; expected a Hugging Face or CLoud "
+                           f"reward-model directory{hint}")
+
+
 def read_config_json(directory: Path) -> dict:
     path = directory / "config.json"
     if not path.exists():
-        hint = ""
-        if (directory / "config.yaml").exists() or (directory / "checkpoints").is_dir():
-            hint = (" (this is a training run's output_dir: load its final/ directory, or "
-                    "export a saved step with `python -m cloud_jax export-hf --checkpoint "
-                    f"{directory} --step N --out DIR`)")
-        raise CheckpointError(f"{directory}: no config.json; expected a Hugging Face or CLoud "
-                              f"reward-model directory{hint}")
+        raise _no_config_json(str(directory), (directory / "config.yaml").exists()
+                              or (directory / "checkpoints").is_dir())
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as err:
