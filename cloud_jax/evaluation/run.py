@@ -160,8 +160,9 @@ def _without_critiques(score_fn: ScoreFn) -> ScoreFn:
     """``score_fn`` for a classic evaluation, refused at its first call that writes a critique:
     the report would call the model classic ("no critiques") beside the critiques it wrote."""
 
-    def classic_score_fn(prompts: List[str], responses: List[str], num_samples: int):
-        out = score_fn(prompts, responses, num_samples)
+    def classic_score_fn(prompts: List[str], responses: List[str], num_samples: int,
+                         **kwargs):
+        out = score_fn(prompts, responses, num_samples, **kwargs)
         if any(len(c) for c in out.critiques):
             raise ValueError(
                 "EvalConfig(classic=True) evaluates a classic reward model, but the score_fn "
@@ -170,6 +171,8 @@ def _without_critiques(score_fn: ScoreFn) -> ScoreFn:
                 "the rewards without critiques, or drop classic=True to evaluate the critiques")
         return out
 
+    if hasattr(score_fn, "prompt_tokens_cut"):  # what it cuts: the same scorer's
+        classic_score_fn.prompt_tokens_cut = score_fn.prompt_tokens_cut
     return classic_score_fn
 
 
