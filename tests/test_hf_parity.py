@@ -123,11 +123,52 @@ def test_keys_a_config_json_leaves_out_take_transformers_defaults_for_its_family
 
     config_class = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
                     "qwen2": transformers.Qwen2Config}[family]
-    hf = {"model_type": family, "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
-          "num_hidden_layers": 1, "num_attention_heads": 4}
+    # 32 query heads: Qwen2's default of key/value heads is 32 (Mistral's 8).
+    hf = {"model_type": family, "vocab_size": 64, "hidden_size": 64, "intermediate_size": 64,
+          "num_hidden_layers": 1, "num_attention_heads": 32}
     theirs = config_class(**{k: v for k, v in hf.items() if k != "model_type"})
     ours = model_config_from_hf(hf)
     assert ours.max_position_embeddings == theirs.max_position_embeddings
+    assert ours.num_kv_heads == theirs.num_key_value_heads
     assert ours.sliding_window == (theirs.sliding_window if family == "mistral" else None)
     if family == "mistral":
         assert model_config_from_hf({**hf, "sliding_window": None}).sliding_window is None
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_a_config_json_without_num_key_value_heads_loads_as_transformers_reads_it(family,
+                                                                                   tmp_path):
+    """MistralConfig's num_key_value_heads defaults to 8 and Qwen2Config's to 32, not to the
+    number of query heads (LlamaConfig's): a config.json that leaves the key out is read with
+    its family's default, and the model computes what transformers computes from it."""
+    import json
+
+    config_class, model_class = {
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[family]
+    heads = {"mistral": 32, "qwen2": 64}[family]  # more query heads than either default
+    shape = dict(vocab_size=97, hidden_size=2 * heads, intermediate_size=80, num_hidden_layers=1,
+                 num_attention_heads=heads, max_position_embeddings=64, rms_norm_eps=1e-5,
+                 attn_implementation="eager")
+    if family == "mistral":
+        shape["sliding_window"] = None
+    config = config_class(**shape)
+    assert config.num_key_value_heads == {"mistral": 8, "qwen2": 32}[family]
+    torch.manual_seed(0)
+    hf = model_class(config).eval()
+    hf.save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    del written["num_key_value_heads"]
+    (tmp_path / "config.json").write_text(json.dumps(written))
+    assert config_class.from_pretrained(tmp_path).num_key_value_heads == config.num_key_value_heads
+
+    cfg, params, _, _ = load_model_dir(tmp_path)
+    assert cfg.num_kv_heads == config.num_key_value_heads
+    ids, mask = _batch("left")
+    positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                 position_ids=torch.tensor(positions)).logits.numpy()
+    out = CLoudModel(cfg).apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask),
+                                reward_index_b=last_attended_index(jnp.asarray(mask)))
+    assert np.abs(np.asarray(out.logits) - ref)[mask.astype(bool)].max() < 1e-4

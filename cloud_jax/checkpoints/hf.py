@@ -58,10 +58,12 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 # What transformers takes for keys a family's config.json leaves out (its config classes'
-# defaults): the context length, and Mistral's sliding window (null in the file: none).
-_FAMILY_DEFAULTS = {"llama": {"max_position_embeddings": 2048},
-                    "mistral": {"max_position_embeddings": 4096 * 32, "sliding_window": 4096},
-                    "qwen2": {"max_position_embeddings": 32768}}
+# defaults): the context length, the number of key/value heads (None: one per query head, as
+# Llama's), and Mistral's sliding window (null in the file: none).
+_FAMILY_DEFAULTS = {"llama": {"max_position_embeddings": 2048, "num_key_value_heads": None},
+                    "mistral": {"max_position_embeddings": 4096 * 32, "num_key_value_heads": 8,
+                                "sliding_window": 4096},
+                    "qwen2": {"max_position_embeddings": 32768, "num_key_value_heads": 32}}
 
 # The keys of a transformers config.json that fix the backbone's shape and have no default here.
 _REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -122,7 +124,8 @@ def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
         intermediate_size=hf["intermediate_size"],
         num_layers=hf["num_hidden_layers"],
         num_heads=hf["num_attention_heads"],
-        num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        num_kv_heads=(hf.get("num_key_value_heads", defaults["num_key_value_heads"])
+                      or hf["num_attention_heads"]),
         head_dim=hf.get("head_dim"),
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         rope_theta=float(theta),
