@@ -194,6 +194,18 @@ def test_mismatched_checkpoint_names_the_tensors(tmp_path):
         cloud_jax.load(tmp_path)
 
 
+def test_a_tensor_whose_size_the_config_does_not_give_is_named(tmp_path):
+    """A config.json whose head counts disagree with the stored q/k/v/o tensors is a
+    CheckpointError naming the tensor and both shapes, not numpy's reshape ValueError."""
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(_base_config()).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["num_key_value_heads"] = 4  # the tensors hold 2
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"layers\.0\.self_attn\.k_proj\.weight.*\(16, 32\)"):
+        cloud_jax.load(tmp_path)
+
+
 def test_a_config_json_without_a_shape_key_or_not_an_object_is_a_checkpoint_error(tmp_path):
     """Not a KeyError, AttributeError or JSONDecodeError traceback: the file and key are named."""
     base = _base_config().to_dict()

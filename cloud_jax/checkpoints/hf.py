@@ -259,6 +259,8 @@ def weight_table(cfg: ModelConfig, with_head: bool, hf_prefix: str = "") -> dict
 
 
 def _to_ours(arr: np.ndarray, kind: str, target_shape: tuple[int, ...]) -> np.ndarray:
+    if kind in ("qkv", "qkv_bias", "o_proj") and arr.size != int(np.prod(target_shape)):
+        raise CheckpointError(f"shape {arr.shape} does not map onto {tuple(target_shape)}")
     if kind == "copy":
         out = arr
     elif kind == "linear":
