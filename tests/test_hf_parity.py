@@ -172,3 +172,91 @@ def test_a_config_json_without_num_key_value_heads_loads_as_transformers_reads_i
     out = CLoudModel(cfg).apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask),
                                 reward_index_b=last_attended_index(jnp.asarray(mask)))
     assert np.abs(np.asarray(out.logits) - ref)[mask.astype(bool)].max() < 1e-4
+
+
+def _transformers_logits(model, ids, mask):
+    positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                     position_ids=torch.tensor(positions)).logits.float().numpy()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cached_decode_step_by_step_matches_transformers(case, tmp_path):
+    """Left-padded rows: a 5-token prefill into the KV cache, then one token a step (past the
+    sliding window, llama3-scaled RoPE at each row's own positions) gives transformers' logits."""
+    from cloud_jax.model import init_cache
+
+    hf = _random_hf_model(case)
+    hf.save_pretrained(tmp_path)
+    cfg, params, _, _ = load_model_dir(tmp_path)
+    ids, mask = _batch("left")
+    ref = _transformers_logits(hf, ids, mask)
+    model = CLoudModel(cfg)
+    prefill = 5
+    out = model.apply({"params": params}, jnp.asarray(ids[:, :prefill]),
+                      jnp.asarray(mask[:, :prefill]), cache=init_cache(cfg, ids.shape[0], 16))
+    got, cache = [np.asarray(out.logits)], out.cache
+    for t in range(prefill, ids.shape[1]):
+        out = model.apply({"params": params}, jnp.asarray(ids[:, t:t + 1]),
+                          jnp.asarray(mask[:, t:t + 1]), cache=cache)
+        got.append(np.asarray(out.logits))
+        cache = out.cache
+    attended = mask.astype(bool)
+    assert np.abs(np.concatenate(got, axis=1) - ref)[attended].max() < 1e-4
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bfloat16_logits_stay_near_transformers(case, tmp_path):
+    """bfloat16 weights and compute: within a few times transformers' own bfloat16 error of its
+    float32 logits."""
+    import copy
+
+    hf = _random_hf_model(case)
+    hf.save_pretrained(tmp_path)
+    cfg, params, _, _ = load_model_dir(tmp_path, param_dtype="bfloat16", dtype="bfloat16")
+    ids, mask = _batch("left")
+    attended = mask.astype(bool)
+    ref = _transformers_logits(hf, ids, mask)
+    theirs = np.abs(_transformers_logits(copy.deepcopy(hf).to(torch.bfloat16), ids, mask)
+                    - ref)[attended].max()
+    out = CLoudModel(cfg).apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask),
+                                reward_index_b=last_attended_index(jnp.asarray(mask)))
+    assert out.logits.dtype == jnp.float32
+    ours = np.abs(np.asarray(out.logits) - ref)[attended].max()
+    assert 0 < ours < max(3 * theirs, 0.05), (ours, theirs)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_export_hf_round_trip_loads_in_transformers_with_the_same_logits_and_head(case, tmp_path,
+                                                                                 capsys):
+    """export-hf of a cloud_jax reward model: --format backbone loads in transformers with no
+    missing or unexpected keys and computes the logits the model computes; --format cloud
+    reloads with every parameter, the reward head's included, bit for bit."""
+    import jax
+
+    import cloud_jax
+    from cloud_jax.__main__ import main
+
+    _random_hf_model(case).save_pretrained(tmp_path / "hf")
+    rm = cloud_jax.load(tmp_path / "hf")
+    rm.params = {**rm.params, "reward_head": jax.tree.map(lambda x: x + 0.3,
+                                                          rm.params["reward_head"])}
+    rm.save_pretrained(tmp_path / "cloud")
+    for fmt in ("cloud", "backbone"):
+        assert main(["export-hf", "--checkpoint", str(tmp_path / "cloud"), "--out",
+                     str(tmp_path / fmt / "out"), "--format", fmt]) == 0
+    capsys.readouterr()
+    back = cloud_jax.load(tmp_path / "cloud" / "out")
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(rm.params),
+                            jax.tree.leaves(back.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b),
+                                      err_msg=jax.tree_util.keystr(path))
+    model_class = getattr(transformers, CASES[case][1])
+    hf, info = model_class.from_pretrained(tmp_path / "backbone" / "out",
+                                           output_loading_info=True, attn_implementation="eager")
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert type(hf.config).__name__ == CASES[case][0]
+    ids, mask = _batch("left")
+    ours = np.asarray(rm.forward(ids, mask)[0])
+    assert np.abs(_transformers_logits(hf.eval(), ids, mask) - ours)[mask.astype(bool)].max() < 1e-4
