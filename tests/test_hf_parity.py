@@ -260,3 +260,49 @@ def test_export_hf_round_trip_loads_in_transformers_with_the_same_logits_and_hea
     ids, mask = _batch("left")
     ours = np.asarray(rm.forward(ids, mask)[0])
     assert np.abs(_transformers_logits(hf.eval(), ids, mask) - ours)[mask.astype(bool)].max() < 1e-4
+
+
+@pytest.mark.parametrize("layout", ["standard", "feature_major"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_greedy_critiques_are_the_tokens_transformers_generates(case, layout, tmp_path):
+    """Left-padded prompts of three lengths, greedy: the sampling loop (either decode layout)
+    writes the tokens transformers' generate writes, up to a stop token (not counted), 24 steps
+    at most (far past Mistral's window of 4)."""
+    from cloud_jax.sampling import sample
+    from cloud_jax.sampling.loop import pad_prefixes
+
+    hf = _random_hf_model(case)
+    hf.save_pretrained(tmp_path)
+    cfg, params, _, _ = load_model_dir(tmp_path)
+    rng = np.random.default_rng(3)
+    prefixes = [[int(t) for t in rng.integers(3, BASE["vocab_size"], n)] for n in (9, 4, 6)]
+    steps, stop = 24, 1
+    ids, mask = pad_prefixes(prefixes, 9, 0)
+    with torch.no_grad():
+        want = hf.generate(input_ids=torch.tensor(np.asarray(ids), dtype=torch.long),
+                           attention_mask=torch.tensor(np.asarray(mask), dtype=torch.long),
+                           max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)[:, 9:].numpy()
+    out = sample(cfg, params, prefixes, max_new_tokens=steps, stop_ids=(stop,),
+                 decode_layout=layout, buckets=[9])
+    lengths = np.asarray(out.lengths).reshape(-1)
+    for row, n in enumerate(lengths):
+        ends = np.flatnonzero(want[row] == stop)
+        assert n == (ends[0] if len(ends) else steps), (row, n, want[row])
+        np.testing.assert_array_equal(np.asarray(out.tokens)[row, 0, :n], want[row, :n])
+
+
+@pytest.mark.parametrize("block", [4, 5])
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_blockwise_attention_with_a_sliding_window_matches_transformers(block, padding_side,
+                                                                        tmp_path):
+    """Causal attention in query blocks (model.causal_block_size) under Mistral's window of 4
+    over rows of up to 12 tokens: transformers' logits."""
+    hf = _random_hf_model("mistral_sliding_window")
+    hf.save_pretrained(tmp_path)
+    cfg, params, _, _ = load_model_dir(tmp_path, causal_block_size=block)
+    ids, mask = _batch(padding_side)
+    out = CLoudModel(cfg).apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask),
+                                reward_index_b=last_attended_index(jnp.asarray(mask)))
+    diff = np.abs(np.asarray(out.logits) - _transformers_logits(hf, ids, mask))
+    assert diff[mask.astype(bool)].max() < 1e-4
