@@ -1,5 +1,5 @@
-"""Progress of long work (``critique``, ``score``, ``evaluate``, stage 2 of the pipeline): a tqdm
-bar on a terminal, plain lines in a log.
+"""Progress of long work (training, ``critique``, ``score``, ``evaluate``, stage 2 of the
+pipeline): a tqdm bar on a terminal, plain lines in a log.
 
 On a terminal the bar redraws one line with carriage returns. In a file or a pipe (``2> run.log``,
 a job's or a TPU worker's log) those redraws would pile up into one ever-growing line, a redraw a
@@ -23,17 +23,18 @@ LOG_INTERVAL_S = 30.0
 
 
 def bar(total: int, unit: str, *, desc: str = "", disable: bool = False,
-        file: Optional[TextIO] = None):
+        file: Optional[TextIO] = None, initial: int = 0):
     """A progress bar over ``total`` items with tqdm's ``update(n)``, ``set_postfix(**kw)`` and
     ``close()`` (and ``with``): tqdm where ``file`` (default: stderr) is a terminal, a
-    :class:`LogProgress` elsewhere; nothing at all with ``disable``."""
+    :class:`LogProgress` elsewhere; nothing at all with ``disable``. ``initial``: items done
+    before (a resumed run), counted in the total but not in the rate."""
     from tqdm import tqdm
 
     file = sys.stderr if file is None else file
     if disable or _is_terminal(file):
         return tqdm(total=total, unit=unit, desc=desc or None, dynamic_ncols=True, file=file,
-                    disable=disable)
-    return LogProgress(total, unit, desc=desc, file=file)
+                    disable=disable, initial=initial)
+    return LogProgress(total, unit, desc=desc, file=file, initial=initial)
 
 
 def _is_terminal(file: TextIO) -> bool:
@@ -48,13 +49,15 @@ class LogProgress:
     since the last, and one when closed if any item was counted since."""
 
     def __init__(self, total: int, unit: str, *, desc: str = "", file: TextIO,
-                 interval: float = LOG_INTERVAL_S, clock: Callable[[], float] = time.monotonic):
+                 interval: float = LOG_INTERVAL_S, clock: Callable[[], float] = time.monotonic,
+                 initial: int = 0):
         self.total, self.unit, self.desc, self.file = total, unit, desc, file
         self.interval, self.clock = interval, clock
-        self.n = 0
+        self.n = self.initial = initial  # initial: done before this start (a resumed run)
         self.postfix = ""
         self.start = self.last = clock()
-        self.reported = 0  # the count the last line showed
+        self.reported = initial  # the count the last line showed
+        self.lines = 0
         self.closed = False
 
     def update(self, n: int = 1) -> None:
@@ -82,7 +85,7 @@ class LogProgress:
 
         now = self.clock()
         elapsed = now - self.start
-        since, done = ((self.start, self.n) if self.closed or not self.reported
+        since, done = ((self.start, self.n - self.initial) if self.closed or not self.lines
                        else (self.last, self.n - self.reported))
         rate = done / (now - since) if now > since else None
         parts = [f"{self.n}/{self.total} {self.unit}"
@@ -97,3 +100,4 @@ class LogProgress:
         print((f"{self.desc}: " if self.desc else "") + ", ".join(parts), file=self.file,
               flush=True)
         self.last, self.reported = now, self.n
+        self.lines += 1

@@ -65,3 +65,18 @@ def test_a_terminal_gets_tqdm_and_a_file_plain_lines():
     with progress.bar(3, "responses", file=off, disable=True) as bar:
         bar.update(3)
     assert off.getvalue() == ""
+
+
+def test_a_resumed_bar_counts_from_where_it_starts_and_rates_only_the_new_items():
+    # A training run resumed at step 40 of 100: the line shows 50/100 and the rate of the 10
+    # steps it ran, not of 50 steps in 10 seconds.
+    out, clock = io.StringIO(), Clock()
+    with progress.LogProgress(100, "steps", desc="cloud", file=out, initial=40,
+                              clock=clock) as bar:
+        clock.now += 10
+        bar.update(10)
+    assert out.getvalue() == "cloud: 50/100 steps (50.0%), 1.0 steps/s, 00:10 elapsed, 00:50 left\n"
+    quiet = io.StringIO()
+    with progress.bar(100, "steps", file=quiet, initial=100):
+        pass  # a run resumed at its end: nothing counted, no line
+    assert quiet.getvalue() == ""

@@ -4,6 +4,7 @@ uninterrupted run exactly, two processes equal one, bad data and bad settings gi
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from distributed_helpers import run_joined
 
 from cloud_jax.training.config import load_config
 from cloud_jax.errors import ConfigError
-from cloud_jax.training.loop import run
+from cloud_jax.training.loop import prepare_data, run
 from cloud_jax.data.synthetic.toy import write_toy_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +64,20 @@ def test_every_stage_learns(stage, toy, tmp_path):
         # A model that has learnt nothing scores about log(vocab) = 5.6 nats per token.
         assert ev["lm_loss"] < 0.6 * np.log(272), ev
     assert os.path.exists(os.path.join(out, "config.yaml"))
+
+
+def test_the_progress_of_a_run_logged_to_a_file_is_plain_lines(toy, tmp_path, capsys):
+    # On a pod the trainer's stderr is a worker's log file: a tqdm bar there piles its redraws
+    # (carriage returns) into one line and glues itself in front of every log line after it.
+    out = str(tmp_path / "progress")
+    cfg = tiny("critique_sft", toy, out, "train.total_steps=3", "train.eval_every=0",
+               "train.log_every=1", "train.export_final=false", "train.progress_bar=true")
+    prepare_data(cfg)  # TFDS's own bars of a first build are not the trainer's
+    capsys.readouterr()
+    run(cfg)
+    err = capsys.readouterr().err
+    assert not re.search(r"\r[^\n]*critique_sft", err), err[-2000:]
+    assert re.search(r"^critique_sft: 3/3 steps \(100\.0%\).*loss=", err, re.M), err[-2000:]
 
 
 def test_stop_and_resume_equals_uninterrupted_run(toy, tmp_path):

@@ -88,7 +88,7 @@ class TrainConfig:
     # jax.distributed.initialize(): auto when JAX_COORDINATOR_ADDRESS is set or a multi-host TPU /
     # SLURM job is detected; on: always; off: never.
     distributed: str = "auto"
-    # A tqdm progress bar on process 0.
+    # Progress on process 0: a tqdm bar on a terminal, a line every 30 s in a log file.
     progress_bar: bool = True
 
     def validate(self) -> "TrainConfig":

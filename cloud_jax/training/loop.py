@@ -25,7 +25,6 @@ from typing import Any, Optional
 import jax
 import numpy as np
 import yaml
-from tqdm.auto import tqdm
 
 from cloud_jax.model.config import ModelConfig
 from cloud_jax.training.config import Config, config_from_dict, save_config, to_dict
@@ -35,7 +34,7 @@ from cloud_jax.data.pipeline import GlobalOrder, batch_iterator
 from cloud_jax.data.schema import RowError
 from cloud_jax.data.tfds_builder import open_split, prepare_dataset
 from cloud_jax.data.tokenizer import load_tokenizer
-from cloud_jax import storage
+from cloud_jax import progress, storage
 from cloud_jax.errors import ConfigError
 from cloud_jax.training.losses import finalize_metrics
 from cloud_jax.model import count_params, init_params
@@ -641,9 +640,10 @@ def _train(cfg: Config, mesh, preemption: _PreemptionWatch) -> dict:
         summary: dict = {"step": start_step, "train": {}, "eval": {}, "final_dir": None,
                          "data": dataset.stats, "preempted": False}
         window = _LogWindow(train_step, peak)
-        bar = tqdm(total=tc.total_steps, initial=start_step, disable=not (_is_main()
-                                                                           and tc.progress_bar),
-                   desc=tc.stage, dynamic_ncols=True)
+        # A tqdm bar on a terminal; in a log (a pod worker's) a plain line every 30 seconds, as
+        # carriage-return redraws there would pile up in front of every log line.
+        bar = progress.bar(tc.total_steps, "steps", desc=tc.stage, initial=start_step,
+                           disable=not (_is_main() and tc.progress_bar))
         setup.callback(bar.close)
         preemption.start()
         setup.pop_all()
