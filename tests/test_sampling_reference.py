@@ -247,3 +247,18 @@ def test_a_bfloat16_greedy_critique_follows_full_forwards(layout):
             row = logits[len(prefix) + t - 1]
             assert row[token] >= row.max() - 0.05, (b, t)
         np.testing.assert_allclose(out.rewards[b, 0], float(full.rewards[0]), atol=0.05, rtol=0)
+
+
+def test_a_top_k_that_is_no_whole_number_is_a_clear_error():
+    """top_k=2.0 (a YAML or JSON number, a Python float) passed every check and failed at the
+    first draw inside the sampler ("Shapes must be 1D sequences of concrete values of integer
+    type"), naming no setting; True was taken for k=1."""
+    from cloud_jax.scoring.rewards import ScoreConfig
+
+    for bad in (2.0, 2.5, True):
+        with pytest.raises(ValueError, match=rf"top_k={bad!r}: must be a whole number >= 1"):
+            TopK(bad)
+        with pytest.raises(ValueError, match=rf"top_k={bad!r}: must be a whole number >= 1"):
+            ScoreConfig(temperature=1.0, top_k=bad).validate()
+    assert TopK(np.int64(3)).k == 3
+    assert np.asarray(TopK(np.int64(2))(jnp.asarray([[0.0, 5.0, 4.0]]), _keys(1))).shape == (1,)

@@ -131,6 +131,9 @@ class TopK:
     temperature: float = 1.0
 
     def __post_init__(self):
+        # A float (2.0) would fail only at the first draw, inside the sampler, naming nothing.
+        if isinstance(self.k, bool) or not isinstance(self.k, (int, np.integer)):
+            raise ValueError(f"top_k={self.k!r}: must be a whole number >= 1")
         if self.k < 1:
             raise ValueError(f"top_k={self.k}: must be >= 1")
         _check_temperature(self.temperature)
