@@ -115,10 +115,7 @@ class RewardModel:
         """
         from cloud_jax.scoring.rewards import ScoreConfig, score
 
-        for name, value in (("prompts", prompts), ("responses", responses)):
-            if isinstance(value, (str, bytes)):
-                raise TypeError(f"{name} must be a list of texts, got one {type(value).__name__} "
-                                f"(for one pair: rm.score([prompt], [response]))")
+        _check_lists("score", prompts, responses)
         cfg = ScoreConfig.from_settings("rm.score", dict(
             num_samples=num_samples, temperature=temperature,
             max_critique_tokens=max_critique_tokens, seed=seed, **settings), ("on_batch",))
@@ -131,6 +128,7 @@ class RewardModel:
         each (prompt, response) to fit (0: it fits whole)."""
         from cloud_jax.scoring.rewards import ScoreConfig, prompt_tokens_cut
 
+        _check_lists("prompt_tokens_cut", prompts, responses)
         cfg = ScoreConfig.from_settings("rm.prompt_tokens_cut", dict(
             max_critique_tokens=max_critique_tokens, **settings))
         return prompt_tokens_cut(self, list(prompts), list(responses), cfg)
@@ -148,6 +146,14 @@ class RewardModel:
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(str(out))
         return os.fspath(directory) if storage.is_url(directory) else out
+
+
+def _check_lists(method: str, prompts, responses) -> None:
+    """One pair given as two strings is refused, not read as pairs of characters."""
+    for name, value in (("prompts", prompts), ("responses", responses)):
+        if isinstance(value, (str, bytes)):
+            raise TypeError(f"{name} must be a list of texts, got one {type(value).__name__} "
+                            f"(for one pair: rm.{method}([prompt], [response]))")
 
 
 def _load_tokenizer(directory: Path):

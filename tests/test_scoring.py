@@ -273,6 +273,17 @@ def test_a_text_that_is_not_a_string_is_named_not_called_too_long(rm):
             rm.score(["p", "q"], ["r", "a\udc80b"], classic=classic)
 
 
+def test_prompt_tokens_cut_refuses_one_pair_given_as_two_strings(rm):
+    # As rm.score: two strings are one pair, not pairs of characters (it returned one count per
+    # character, each 0, which an evaluation would have passed on as the pair's cuts).
+    with pytest.raises(TypeError, match=r"prompts must be a list of texts.*"
+                                        r"rm.prompt_tokens_cut\(\[prompt\]"):
+        rm.prompt_tokens_cut("ab", ["cd", "ef"])
+    with pytest.raises(TypeError, match=r"responses must be a list of texts"):
+        rm.prompt_tokens_cut(["ab"], b"cd")
+    assert rm.prompt_tokens_cut(["ab"], ["cd"]).tolist() == [0]
+
+
 def test_a_text_holding_a_lone_surrogate_is_named_not_a_tokenizer_error(rm, tmp_path):
     # A JSON "\ud800" escape decodes to a lone surrogate, which no tokenizer takes.
     for classic in (False, True):
