@@ -284,6 +284,17 @@ def test_prompt_tokens_cut_refuses_one_pair_given_as_two_strings(rm):
     assert rm.prompt_tokens_cut(["ab"], ["cd"]).tolist() == [0]
 
 
+def test_a_critique_prefix_that_is_no_string_is_refused_with_the_settings(rm):
+    # It passed the settings' check and failed in the tokenization as "'int' object has no
+    # attribute 'rstrip'", naming no setting.
+    for prefix in (5, b"Critique: ", ["Critique: "]):
+        with pytest.raises(ValueError, match=r"critique_prefix=.*: must be a string"):
+            ScoreConfig(critique_prefix=prefix).validate()
+        with pytest.raises(ValueError, match=r"critique_prefix=.*: must be a string"):
+            rm.score(PROMPTS, RESPONSES, critique_prefix=prefix)
+    ScoreConfig(critique_prefix="").validate()
+
+
 def test_a_text_holding_a_lone_surrogate_is_named_not_a_tokenizer_error(rm, tmp_path):
     # A JSON "\ud800" escape decodes to a lone surrogate, which no tokenizer takes.
     for classic in (False, True):

@@ -111,6 +111,9 @@ class ScoreConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                 raise ValueError(f"{name}={value!r}: must be a whole number")
+        if self.critique_prefix is not None and not isinstance(self.critique_prefix, str):
+            raise ValueError(f"critique_prefix={self.critique_prefix!r}: must be a string (None: "
+                             "the model's own)")
         if self.classic is not None and not isinstance(self.classic, (bool, np.bool_)):
             raise ValueError(f"classic={self.classic!r}: must be True, False or None")
         if self.max_length is not None and self.max_length < 1:
