@@ -596,6 +596,30 @@ def test_a_classic_evaluation_refuses_a_scorer_that_writes_critiques(tmp_path):
         assert not (tmp_path / "o" / "report.json").exists()
 
 
+def test_an_evaluation_whose_scorer_wrote_no_critiques_is_reported_classic(tmp_path):
+    """EvalConfig() (K = 1) over a scorer that writes no critiques (score_fn_from_model over a
+    vanilla checkpoint) is reported as the command reports that checkpoint: a classic reward
+    model. Its report said "Critiques: K = 1, temperature 0, at most 256 tokens" beside the empty
+    critiques. A scorer that writes critiques is reported with them, as before."""
+    rows_path, bon_path = _inputs(tmp_path)
+    inputs = dict(rows=load_rows(rows_path, require_feedback=False).rows,
+                  best_of_n_items=load_best_of_n(bon_path))
+    given = run_evaluation(FakeScorer(classic=True), EvalConfig(), str(tmp_path / "g"), **inputs)
+    asked = run_evaluation(FakeScorer(classic=True), EvalConfig(classic=True),
+                           str(tmp_path / "a"), **inputs)
+    assert given["settings"]["classic"] is True
+    assert (tmp_path / "g" / "report.md").read_text() == (tmp_path / "a" / "report.md").read_text()
+    for report in (given, asked):
+        del report["files"], report["wall_seconds"]
+    assert given == asked
+    assert (tmp_path / "g" / "report.md").read_text().splitlines()[2] == \
+        "Classic reward model (no critiques)"
+    with_critiques = run_evaluation(FakeScorer(), EvalConfig(), str(tmp_path / "c"), **inputs)
+    assert with_critiques["settings"]["classic"] is False
+    assert (tmp_path / "c" / "report.md").read_text().splitlines()[2].startswith(
+        "Critiques: K = 1, temperature 0")
+
+
 @pytest.mark.parametrize("classic", [True, False])
 def test_both_sides_of_a_pair_are_rewarded_after_one_prompt(tmp_path, tiny_rm, classic):
     """A pair whose prompt must be cut to fit max_length: chosen and rejected lose the same

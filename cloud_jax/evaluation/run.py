@@ -313,17 +313,26 @@ def run_evaluation(score_fn: ScoreFn, cfg: EvalConfig, output_dir: str, *,
     report: Dict[str, Any] = {"settings": {**dataclasses.asdict(cfg), "num_samples": list(cfg.ks),
                                            **(settings or {})}}
     files: Dict[str, str] = {}
+    wrote_critiques = False
     if rows:
         report["rewardbench"], records = evaluate_rewardbench(rows, score_fn, cfg,
                                                               progress=progress)
         report["rewardbench"].update(rejected_rows=rejected_rows, rejects_path=rejects_path)
+        wrote_critiques |= any(r["chosen_critiques"] or r["rejected_critiques"] for r in records)
         files["critiques"] = os.path.join(output_dir, CRITIQUES_JSONL)
         write_jsonl_atomic(files["critiques"], records)
     if best_of_n_items:
         report["best_of_n"], records = evaluate_best_of_n(best_of_n_items, score_fn, cfg,
                                                           progress=progress)
+        wrote_critiques |= any(any(c) for r in records for c in r["critiques"])
         files["best_of_n_critiques"] = os.path.join(output_dir, BEST_OF_N_JSONL)
         write_jsonl_atomic(files["best_of_n_critiques"], records)
+    if not cfg.classic and not wrote_critiques and cfg.ks == (1,):
+        # A scorer that wrote no critiques at K = 1 (score_fn_from_model over a vanilla
+        # checkpoint) read one reward per response: a classic evaluation, reported as the
+        # command reports that checkpoint, not with a critique budget and temperature.
+        log.info("the scorer wrote no critiques: reported as a classic reward model")
+        report["settings"]["classic"] = True
     report["wall_seconds"] = time.perf_counter() - start
     files.update(write_report(report, output_dir))
     report["files"] = files
