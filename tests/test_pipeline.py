@@ -425,3 +425,36 @@ def test_scoring_holds_data_max_length_to_the_positions_without_a_warning(tmp_pa
     assert [c for rec in results["_records"] for c in (rec["chosen_critiques"][0],
                                                        rec["rejected_critiques"][0])] == \
         [c[0] for c in want.critiques]
+
+
+def test_oracle_critique_pairs_are_rewarded_after_one_prompt():
+    """The oracle-critique accuracy compares chosen and rejected after the same prompt tokens,
+    as the evaluation's pairs: a prompt too long for max_length loses the larger of the two
+    sides' cuts on both (each side lost only its own, so the two rewards read different
+    prompts)."""
+    import dataclasses
+
+    import numpy as np
+    from model_helpers import TINY, tiny_reward_model
+
+    from cloud_jax.data.schema import PreferenceRow
+    from cloud_jax.experiments.cloud_vs_classic import run
+    from cloud_jax.scoring.rewards import ScoreConfig, prompt_tokens_cut, teacher_forced_rewards
+
+    rm = tiny_reward_model(5, dataclasses.replace(TINY, max_position_embeddings=128))
+    row = PreferenceRow(id="r0", prompt="Why? " * 30, chosen="Yes.",
+                        rejected="No, that is not right at all.", chosen_feedback="Right.",
+                        rejected_feedback="Wrong: the sum is off by one.", subset="s",
+                        source="rows.jsonl:1")
+    short = dataclasses.replace(row, id="r1", prompt="Why?")
+    cfg = ScoreConfig(batch_size=4, max_length=80, critique_prefix="")
+    sides = ([row.prompt] * 2, [row.chosen, row.rejected],
+             [row.chosen_feedback, row.rejected_feedback])
+    cuts = prompt_tokens_cut(rm, *sides[:2], cfg, critiques=sides[2])
+    assert 0 < cuts[0] < cuts[1]  # each side alone would lose a different part of the prompt
+    got = run._oracle_rewards(rm, [row, short], cfg)
+    cut = int(cuts[1])
+    want = teacher_forced_rewards(rm, [row.prompt[cut:]] * 2, *sides[1:], cfg)
+    np.testing.assert_allclose(got[0], want, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(got[1], teacher_forced_rewards(
+        rm, [short.prompt] * 2, *sides[1:], cfg), atol=1e-6, rtol=0)

@@ -335,21 +335,31 @@ def too_long(rm, prompts: Sequence[str], responses: Sequence[str],
 
 
 def prompt_tokens_cut(rm, prompts: Sequence[str], responses: Sequence[str],
-                      cfg: ScoreConfig = ScoreConfig()) -> np.ndarray:
+                      cfg: ScoreConfig = ScoreConfig(),
+                      critiques: Optional[Sequence[str]] = None) -> np.ndarray:
     """int [B]: the prompt tokens :func:`score` with ``cfg`` cuts from the left of each input to
     fit ``cfg.max_length`` and the model's positions (0: the input fits whole). An input
     :func:`too_long` lists gets more than its prompt holds. A pair's evaluation passes the larger
     of its two sides' cuts to both (``score``'s ``min_prompt_cuts``), so chosen and rejected are
-    rewarded after the same prompt."""
+    rewarded after the same prompt. With ``critiques``: what :func:`teacher_forced_rewards`
+    cuts, reading each input after its critique."""
     cfg.validate()
     cfg = dataclasses.replace(cfg, critique_prefix=resolve_critique_prefix(rm, cfg),
                               classic=resolve_classic(rm, cfg),
                               layout_version=resolve_layout_version(rm, cfg))
-    if len(prompts) != len(responses):
-        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    _check_texts(prompts=prompts, responses=responses)
+    if len(prompts) != len(responses) or (critiques is not None
+                                          and len(critiques) != len(prompts)):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses"
+                         + ("" if critiques is None else f" and {len(critiques)} critiques"))
+    _check_texts(prompts=prompts, responses=responses,
+                 **({} if critiques is None else {"critiques": critiques}))
     tok = _require_tokenizer(rm)
-    if cfg.classic:
+    if critiques is not None:
+        limit = _token_limit(rm, cfg)[0]
+        lengths = [len(encode_example(tok, p, r, c, "critique", cfg.critique_prefix, 1 << 30,
+                                      "truncate_prompt", cfg.layout_version).input_ids)
+                   for p, r, c in zip(prompts, responses, critiques)]
+    elif cfg.classic:
         limit = _token_limit(rm, cfg)[0]
         lengths = [len(encode_example(tok, p, r, None, "classic", cfg.critique_prefix, 1 << 30,
                                       "truncate_prompt", cfg.layout_version).input_ids)
@@ -400,11 +410,14 @@ def _score_classic(rm, prompts, responses, cfg: ScoreConfig, on_batch,
 
 def teacher_forced_rewards(rm, prompts: Sequence[str], responses: Sequence[str],
                            critiques: Sequence[str], cfg: ScoreConfig = ScoreConfig(),
-                           on_batch: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
+                           on_batch: Optional[Callable[[int, int], None]] = None,
+                           min_prompt_cuts: Optional[Sequence[int]] = None) -> np.ndarray:
     """float32 [B]: the reward a CLoud model gives each (prompt, response) after the critique
     given (e.g. the oracle's) rather than one it samples, read by one forward over
     ``[prompt][response][critique prefix + critique]<end-of-turn>``. Uses ``cfg``'s
-    ``batch_size``, ``max_length``, ``critique_prefix`` and ``length_buckets``."""
+    ``batch_size``, ``max_length``, ``critique_prefix`` and ``length_buckets``.
+    ``min_prompt_cuts`` [B], optional, as :func:`score`'s (a pair gives both sides the larger of
+    their :func:`prompt_tokens_cut` with ``critiques``)."""
     cfg.validate()
     cfg = dataclasses.replace(cfg, critique_prefix=resolve_critique_prefix(rm, cfg),
                               layout_version=resolve_layout_version(rm, cfg))
@@ -412,8 +425,11 @@ def teacher_forced_rewards(rm, prompts: Sequence[str], responses: Sequence[str],
         raise ValueError(f"{len(prompts)} prompts, {len(responses)} responses and "
                          f"{len(critiques)} critiques: one each per input")
     _check_texts(prompts=prompts, responses=responses, critiques=critiques)
+    if min_prompt_cuts is not None and (len(min_prompt_cuts) != len(prompts)
+                                        or min(min_prompt_cuts, default=0) < 0):
+        raise ValueError(f"min_prompt_cuts: one count >= 0 per input ({len(prompts)})")
     examples = _encode_whole(rm, _require_tokenizer(rm), prompts, responses, critiques,
-                             "critique", cfg)
+                             "critique", cfg, min_prompt_cuts)
     return _forward_rewards(rm, examples, cfg, on_batch)
 
 

@@ -201,7 +201,7 @@ def _arm_rows(cfg: PipelineConfig, train_path: str, rows):
 
 def _evaluate(cfg: PipelineConfig, rows, cloud_dir: str, classic_dir: str,
               timer: _Timer) -> Dict[str, Any]:
-    from cloud_jax.scoring.rewards import ScoreConfig, fit_max_length, teacher_forced_rewards
+    from cloud_jax.scoring.rewards import ScoreConfig, fit_max_length
 
     ev = cfg.evaluation
     out_dir = os.path.join(cfg.output_dir, "eval")
@@ -245,12 +245,9 @@ def _evaluate(cfg: PipelineConfig, rows, cloud_dir: str, classic_dir: str,
             "truncated_fraction": arms[name]["rewardbench"]["truncated_fraction"]}
         for name, recs in written.items()}
     oracle_rewards = timer.run(
-        "evaluate_cloud_oracle", teacher_forced_rewards, rm,
-        [row.prompt for row in rows for _ in range(2)],
-        [text for row in rows for text in (row.chosen, row.rejected)],
-        [oracle_critique(row, side) for row in rows for side in ("chosen", "rejected")],
+        "evaluate_cloud_oracle", _oracle_rewards, rm, rows,
         ScoreConfig(batch_size=ev.batch_size, max_length=fit_max_length(rm, cfg.data.max_length),
-                    **prefix)).reshape(-1, 2)
+                    **prefix))
     diag["cloud_accuracy_with_oracle_critiques"] = float(
         np.mean(oracle_rewards[:, 0] > oracle_rewards[:, 1]))
     acc = lambda report, k: report["rewardbench"]["accuracy_vs_k"][str(k)]  # noqa: E731
@@ -262,6 +259,21 @@ def _evaluate(cfg: PipelineConfig, rows, cloud_dir: str, classic_dir: str,
         "diagnostics": diag,
         "_records": written["greedy"],
     }
+
+
+def _oracle_rewards(rm, rows, score_cfg) -> np.ndarray:
+    """float32 [N, 2]: each row's (chosen, rejected) rewards after their oracle critiques, both
+    sides read after the same prompt tokens (the larger of their cuts where the prompt must be
+    cut to fit), as the evaluation compares a pair."""
+    from cloud_jax.scoring.rewards import prompt_tokens_cut, teacher_forced_rewards
+
+    prompts = [row.prompt for row in rows for _ in range(2)]
+    responses = [text for row in rows for text in (row.chosen, row.rejected)]
+    critiques = [oracle_critique(row, side) for row in rows for side in ("chosen", "rejected")]
+    cuts = prompt_tokens_cut(rm, prompts, responses, score_cfg, critiques=critiques)
+    shared = np.repeat(cuts.reshape(-1, 2).max(axis=1), 2)
+    return teacher_forced_rewards(rm, prompts, responses, critiques, score_cfg,
+                                  min_prompt_cuts=shared).reshape(-1, 2)
 
 
 # --- driver ---------------------------------------------------------------------------------
