@@ -388,6 +388,8 @@ def test_scoring_holds_data_max_length_to_the_positions_without_a_warning(tmp_pa
 
     from model_helpers import TINY, tiny_reward_model
 
+    import numpy as np
+
     from cloud_jax.data.schema import load_rows
     from cloud_jax.experiments.cloud_vs_classic import run
     from cloud_jax.scoring.rewards import ScoreConfig, score
@@ -422,9 +424,16 @@ def test_scoring_holds_data_max_length_to_the_positions_without_a_warning(tmp_pa
     got = load_rows(critiqued, require_feedback=True).rows
     assert [t for r in got for t in (r.chosen_feedback, r.rejected_feedback)] == \
         [c[0] for c in want.critiques]
+    # The evaluation reads both sides of a pair after one prompt: the larger of their cuts.
+    sides = ([r.prompt for r in rows for _ in range(2)],
+             [t for r in rows for t in (r.chosen, r.rejected)])
+    settings = dict(max_critique_tokens=64, max_length=63, critique_prefix="", batch_size=4)
+    cuts = rm.prompt_tokens_cut(*sides, **settings)
+    paired = rm.score(*sides, min_prompt_cuts=np.repeat(cuts.reshape(-1, 2).max(axis=1), 2),
+                      **settings)
     assert [c for rec in results["_records"] for c in (rec["chosen_critiques"][0],
                                                        rec["rejected_critiques"][0])] == \
-        [c[0] for c in want.critiques]
+        [c[0] for c in paired.critiques]
 
 
 def test_oracle_critique_pairs_are_rewarded_after_one_prompt():
