@@ -81,8 +81,14 @@ class RewardModel:
         if int(xp.max(given)) >= self.config.vocab_size or int(xp.min(given)) < 0:
             raise ValueError(f"token ids must lie in [0, vocab_size={self.config.vocab_size})")
         ids = jnp.asarray(given, jnp.int32)
-        mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask,
-                                                                             jnp.int32)
+        if attention_mask is None:
+            mask = jnp.ones_like(ids)
+        else:
+            given_mask = xp.asarray(attention_mask)
+            if given_mask.size and not bool(xp.all((given_mask == 0) | (given_mask == 1))):
+                raise ValueError("attention_mask holds values other than 0 or 1 (1: attended, "
+                                 "0: padding)")
+            mask = jnp.asarray(given_mask, jnp.int32)
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
         if not bool(jnp.all(jnp.any(mask > 0, axis=1))):

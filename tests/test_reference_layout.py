@@ -281,6 +281,14 @@ def test_forward_rejects_bad_input():
         rm.forward(np.array([[2**32 + 5]]))
     with pytest.raises(ValueError, match="empty"):
         rm.forward(np.zeros((0, 4), np.int32))
+    # A mask value other than 0 and 1 would shift positions (2) or be read as attended by the
+    # reward index but not by the model (-1), or be cut to 0 by the int cast (0.5).
+    for bad in ([[1, 2]], [[1, -1]], [[1.0, 0.5]]):
+        with pytest.raises(ValueError, match="attention_mask.*0 or 1"):
+            rm.forward(np.array([[1, 2]]), np.array(bad))
+    np.testing.assert_array_equal(
+        np.asarray(rm.forward(np.array([[1, 5]]), np.array([[True, True]]))[1]),
+        np.asarray(rm.forward(np.array([[1, 5]]), np.array([[1.0, 1.0]]))[1]))
     # Integer ids of any width and a jax array are taken.
     want = np.asarray(rm.forward(np.array([[1, 5]], np.int32))[1])
     for ids in (np.array([[1, 5]], np.int64), np.array([[1, 5]], np.uint8),
