@@ -686,6 +686,55 @@ def test_a_max_length_past_the_models_positions_is_refused(toy, tmp_path):
     assert not (tmp_path / "b" / "config.yaml").exists()
 
 
+def test_a_cloud_run_trains_after_the_prefix_and_layout_its_init_from_export_records(
+        toy, tmp_path, caplog):
+    """A critique_sft export records data.critique_prefix and data.layout_version; a cloud run
+    from it that leaves those keys at their defaults trains (and exports) with the recorded ones,
+    as scoring and stage 2 read that model. A value the run sets otherwise is kept and warned of,
+    naming both values and the key."""
+    import dataclasses
+    import logging
+
+    import yaml
+
+    import cloud_jax
+    from cloud_jax.data.config import CRITIQUE_PREFIX, LAYOUT_VERSION
+
+    base = tiny("critique_sft", toy, str(tmp_path / "unused"))
+    init = tmp_path / "sft_final"
+    cloud_jax.from_config(base.model, seed=1).save_pretrained(str(init))
+    config = json.loads((init / "config.json").read_text())
+    config.update(critique_prefix="Judge: ", layout_version=2)
+    (init / "config.json").write_text(json.dumps(config))
+
+    out = tmp_path / "cloud"
+    # The default prefix is ~100 bytes: room for the rows, were it (wrongly) the one used.
+    cfg = tiny("cloud", toy, str(out), f"init_from={init}", "train.total_steps=1",
+               "train.eval_every=0", "data.max_length=288", "data.eval_path=")
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+        cfg.data, critique_prefix=CRITIQUE_PREFIX, layout_version=LAYOUT_VERSION))
+    assert LAYOUT_VERSION != 2
+    run(cfg)
+    saved = yaml.safe_load((out / "config.yaml").read_text())["data"]
+    assert (saved["critique_prefix"], saved["layout_version"]) == ("Judge: ", 2)
+    exported = json.loads((out / "final" / "config.json").read_text())
+    assert (exported["critique_prefix"], exported["layout_version"]) == ("Judge: ", 2)
+
+    # Set to another value: kept (as --critique-prefix is when scoring), and named.
+    from cloud_jax.training.loop import follow_init_from
+
+    cfg = tiny("cloud", toy, str(tmp_path / "other"), f"init_from={init}")
+    assert cfg.data.critique_prefix == "Critique: "
+    with caplog.at_level(logging.WARNING):
+        kept = follow_init_from(cfg)
+    assert kept.data.critique_prefix == "Critique: " and kept.data.layout_version == 2
+    assert ("data.critique_prefix='Critique: ', but init_from=" in caplog.text
+            and "set data.critique_prefix='Judge: '" in caplog.text), caplog.text
+    # classic reads no critiques: nothing to follow.
+    classic = tiny("classic", toy, str(tmp_path / "classic"), f"init_from={init}")
+    assert follow_init_from(classic) == classic
+
+
 def test_init_from_a_qwen2_checkpoint_implies_its_bias_and_warns_only_of_keys_set(
         toy, tmp_path, caplog):
     """A qwen2 model section need not say attention_bias: true (the family has it); keys left at

@@ -735,6 +735,39 @@ def layout_version_of(directory: Path, config: dict) -> int:
     return REFERENCE_LAYOUT_VERSION
 
 
+def critique_settings_of(path_or_id: str | os.PathLike) -> Optional[tuple[str, int]]:
+    """``(critique_prefix, layout_version)`` a CLoud export records when its model was trained to
+    write critiques (its config.json has ``critique_prefix``: critique_sft and cloud exports);
+    None for any other checkpoint (a plain HF model, a classic or reference export), or where no
+    config.json can be read (loading the weights then says why). Reads config.json only."""
+    name = str(path_or_id)
+    try:
+        if storage.is_url(name):
+            text = storage.read_text(storage.join(storage.resolve(name), "config.json"))
+            directory = Path(name)
+        elif os.path.isdir(name):
+            directory = Path(name)
+            text = (directory / "config.json").read_text()
+        elif is_hub_id(name):
+            from huggingface_hub import hf_hub_download
+            text = Path(hf_hub_download(name, "config.json")).read_text()
+            directory = Path(name)
+        else:
+            return None
+        config = json.loads(text)
+    except Exception:  # noqa: BLE001 - the weights' load reports an unreadable checkpoint
+        return None
+    if not isinstance(config, dict) or not is_cloud_reference(config):
+        return None
+    prefix = config.get("critique_prefix")
+    if prefix is None:
+        return None
+    if not isinstance(prefix, str):
+        raise CheckpointError(f"{directory}/config.json: critique_prefix must be a string, "
+                              f"got {prefix!r}")
+    return prefix, layout_version_of(directory, config)
+
+
 def is_cloud_reference(config: dict) -> bool:
     return "feedback_method" in config or "base_model_name_or_path" in config
 

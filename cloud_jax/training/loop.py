@@ -28,8 +28,9 @@ import yaml
 
 from cloud_jax.model.config import ModelConfig
 from cloud_jax.training.config import Config, config_from_dict, save_config, to_dict
-from cloud_jax.checkpoints.hf import (base_model_name_of, is_hub_id, save_cloud_reference,
-                                      staged_export)
+from cloud_jax.checkpoints.hf import (base_model_name_of, critique_settings_of, is_hub_id,
+                                      save_cloud_reference, staged_export)
+from cloud_jax.data.config import DataConfig
 from cloud_jax.data.pipeline import GlobalOrder, batch_iterator
 from cloud_jax.data.schema import RowError
 from cloud_jax.data.tfds_builder import open_split, prepare_dataset
@@ -103,6 +104,34 @@ def check_paths(cfg: Config) -> None:
     # Last: these ask the store.
     for key in _OUTPUT_PATHS:
         storage.check_bucket(operator.attrgetter(key)(cfg), key)
+
+
+def follow_init_from(cfg: Config) -> Config:
+    """``cfg`` with the critique prefix and layout version of the init_from export, where that
+    model was trained to write critiques (it records ``critique_prefix``: a critique_sft or cloud
+    export) and the stage's rows carry critiques. As scoring resolves them: a data key left at
+    its default takes the recorded value (logged); a key set to another value than the recorded
+    one is kept, with a warning naming both. Without this a cloud stage left at the default
+    prefix trained after another text than its critique_sft model (and stage 2's critiques)."""
+    if not cfg.init_from or not stage_record(cfg.train.stage).needs_feedback:
+        return cfg
+    recorded = critique_settings_of(cfg.init_from)
+    if recorded is None:
+        return cfg
+    defaults, data = DataConfig(), cfg.data
+    for key, value in zip(("critique_prefix", "layout_version"), recorded):
+        mine = getattr(data, key)
+        if mine == value:
+            continue
+        if mine == getattr(defaults, key):
+            log.info("init_from=%s records %s %r: the run uses it (data.%s is at its default, "
+                     "%r)", cfg.init_from, key, value, key, mine)
+            data = dataclasses.replace(data, **{key: value})
+        else:
+            log.warning("data.%s=%r, but init_from=%s was trained with %r (and stage 2 writes "
+                        "its critiques after that model's); set data.%s=%r to train as it was",
+                        key, mine, cfg.init_from, value, key, value)
+    return dataclasses.replace(cfg, data=data)
 
 
 def run_checkpoint_dir(checkpoint_dir: str, output_dir: str) -> str:
@@ -553,6 +582,7 @@ def run(cfg: Config) -> dict:
         raise ConfigError("output_dir is empty: name the run's directory, e.g. "
                           "output_dir=runs/my_run (output_dir=. for the current directory)")
     check_paths(cfg)
+    cfg = follow_init_from(cfg)
     mesh = make_mesh(cfg.mesh)
     platform = mesh.devices.flat[0].platform
     if cfg.model.attention_impl == "cudnn" and platform != "gpu":
