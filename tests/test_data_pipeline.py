@@ -506,3 +506,37 @@ def test_truncate_prompt_gives_both_sides_of_a_pair_the_same_prompt(tmp_path):
     assert tok.decode(record["rejected_input_ids"]) == (
         "<bos><|user|>6789abcdef<eot><|assistant|>abc<eot><|user|>C: no<eot>")
     assert dataset.stats["train"]["prompt_truncated"] == 1
+
+
+def test_a_first_build_logged_to_a_file_has_no_progress_bars(tmp_path, monkeypatch):
+    """TFDS draws tqdm bars while it builds a dataset; in a log file (a pod worker's stderr) their
+    carriage-return redraws pile up, and the last one, with no newline, glues itself in front of
+    the next log line. They are off where stderr is no terminal, for the build only; on a
+    terminal they stay."""
+    import io
+
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    _write(tmp_path / "train.jsonl", _rows())
+    tok = byte_tokenizer()
+    before = tqdm_utils._active
+    log_file = tmp_path / "stderr.log"
+    with open(log_file, "w") as f:
+        monkeypatch.setattr(sys, "stderr", f)
+        prepare_dataset(_cfg(tmp_path), tok, "critique")
+        print("the next log line", file=f)
+    monkeypatch.undo()
+    text = log_file.read_text()
+    # No bar, its redraws (carriage returns, cursor moves) or the blanks that erase it.
+    assert text.strip(" \n") == "the next log line", repr(text[-2000:])
+    assert tqdm_utils._active == before  # the build changes no global setting of TFDS's
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    prepare_dataset(_cfg(tmp_path, tfds_dir=str(tmp_path / "tfds2")), tok, "critique")
+    monkeypatch.undo()
+    assert "splits/s" in term.getvalue() or not before  # TFDS's bars, where they are on

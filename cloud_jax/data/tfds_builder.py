@@ -37,6 +37,7 @@ upload's files).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -50,7 +51,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from transformers import PreTrainedTokenizerBase
 
-from cloud_jax import storage
+from cloud_jax import progress, storage
 from cloud_jax.data.config import LAYOUTS, DataConfig
 from cloud_jax.data.layout import chat_layout
 from cloud_jax.data.schema import (PreferenceRow, check_split, expand_paths, load_rows,
@@ -327,9 +328,10 @@ def prepare_dataset(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, layout:
                 storage.join(remote_version, _UPLOADED)):
             storage.download_dir(remote_version, builder.data_dir)
             log.info("tokenized dataset %s downloaded from %s", config_name, remote_version)
-        builder.download_and_prepare(
-            download_dir=os.path.join(data_dir, "downloads"),
-            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        with _tfds_bars_on_a_terminal_only():
+            builder.download_and_prepare(
+                download_dir=os.path.join(data_dir, "downloads"),
+                download_config=tfds.download.DownloadConfig(try_download_gcs=False))
         if remote_version and not storage.exists(storage.join(remote_version, _UPLOADED)):
             storage.upload_dir(builder.data_dir, remote_version)
             # Written last: a copy without it is incomplete and is never downloaded.
@@ -339,6 +341,25 @@ def prepare_dataset(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, layout:
         stats = dict(tfds.builder_from_directory(builder.data_dir).info.metadata or {})
     return PreparedDataset(data_dir=data_dir, config_name=config_name, stats=stats,
                            split_fingerprints=split_fingerprints)
+
+
+@contextlib.contextmanager
+def _tfds_bars_on_a_terminal_only():
+    """TFDS's own tqdm bars (a build's splits, examples, shuffling) off while it builds, where
+    stderr is no terminal (a log file, a pipe): there their redraws and cursor moves would pile
+    up, and the last one, left without a newline, would glue itself in front of the next log
+    line. TFDS's setting is put back afterwards, whatever it was."""
+    if progress._is_terminal(sys.stderr):
+        yield
+        return
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    before = getattr(tqdm_utils, "_active", True)
+    tfds.display_progress_bar(False)
+    try:
+        yield
+    finally:
+        tfds.display_progress_bar(before)
 
 
 def _remove_unfinished_builds(config_dir: str) -> None:
