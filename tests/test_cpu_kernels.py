@@ -324,6 +324,20 @@ def test_a_build_is_cached_and_rebuilt_for_a_new_cache_dir(tmp_path, monkeypatch
     assert [x.name for x in tmp_path.iterdir()] == [first.name]  # no temporary files left
 
 
+def test_a_cached_build_is_readable_as_the_umask_allows(tmp_path, monkeypatch):
+    """A cache shared by several users (a cache dir set up by one account, used by another) is
+    only of use when the others can load its library: the file takes the umask's permissions, as
+    any file the compiler writes, not those of a private temporary file (0600)."""
+    monkeypatch.setenv("CLOUD_JAX_KERNEL_CACHE", str(tmp_path))
+    old = os.umask(0o022)
+    try:
+        built = cpu_kernels.build()
+    finally:
+        os.umask(old)
+    assert built.stat().st_mode & 0o777 == 0o755
+    assert [x.name for x in tmp_path.iterdir()] == [built.name]  # no temporary files left
+
+
 def test_without_a_compiler_decoding_warns_once_and_uses_xla(tmp_path, monkeypatch):
     saved = dict(cpu_kernels._state)
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))

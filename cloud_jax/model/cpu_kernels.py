@@ -198,19 +198,16 @@ def build(compiler: Optional[str] = None, source: Optional[Path] = None,
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Built under a unique name, then renamed: concurrent builds (test workers) never see a
-    # partial file.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
-    cmd = [compiler, *flags, "-I", include, str(source_path), "-o", tmp]
-    try:
+    # Built in a unique directory, then renamed: concurrent builds (test workers) never see a
+    # partial file. The compiler creates the file itself, so it takes the umask's permissions
+    # (a cache shared between users stays loadable), not a private temporary file's 0600.
+    with tempfile.TemporaryDirectory(prefix=".build-", dir=out.parent) as work:
+        tmp = os.path.join(work, out.name)
+        cmd = [compiler, *flags, "-I", include, str(source_path), "-o", tmp]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr.strip()[-2000:]}")
         os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return out
 
 
