@@ -435,6 +435,28 @@ def test_a_failed_build_says_what_the_compiler_said(tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "cache") == []
 
 
+def test_cxx_may_carry_arguments_as_make_takes_it(tmp_path, monkeypatch):
+    """CXX is a command, as make and CMake read it ("ccache g++", "g++ -march=haswell"): its
+    program is looked up and its arguments come first; a CXX that names no program says so."""
+    log = tmp_path / "args"
+    fake = tmp_path / "fake-cxx"
+    fake.write_text('#!/bin/sh\necho "$@" >> "%s"\nwhile [ "$1" != "-o" ]; do shift; done\n'
+                    'touch "$2"\n' % log)
+    fake.chmod(0o755)
+    monkeypatch.setenv("CLOUD_JAX_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setenv("CXX", "fake-cxx -DFROM_CXX=1")
+    assert cpu_kernels._compiler() is not None
+    built = cpu_kernels.build()
+    assert built.exists()
+    args = log.read_text().split()
+    assert args[0] == "-DFROM_CXX=1" and "-O3" in args
+    monkeypatch.setenv("CXX", "no-such-cxx -DFROM_CXX=1")
+    assert cpu_kernels._compiler() is None
+    with pytest.raises(RuntimeError, match="CXX='no-such-cxx -DFROM_CXX=1' names no program"):
+        cpu_kernels.build()
+
+
 def test_another_source_and_flags_build_another_library(tmp_path, monkeypatch):
     """build(source=, extra_flags=) (tools/attention_ab.py's two versions): the extra flags
     reach the compiler after the usual ones, with the source given, and the library is cached

@@ -31,7 +31,8 @@ new token per row in fp32 over a shared prefix with keys stored [.., head_dim, s
 fp32 2-D operands. Anything else goes to XLA (:func:`cloud_jax.model.layers.gqa_attention`, an
 einsum), which gives the same values (tests hold them equal).
 
-The source is compiled once per machine with the system C++ compiler (``$CXX``, else ``c++``,
+The source is compiled once per machine with the system C++ compiler (``$CXX``, a command with
+any arguments as make takes it, else ``c++``,
 ``g++`` or ``clang++``) against the FFI headers that jaxlib ships, and cached under
 ``$CLOUD_JAX_KERNEL_CACHE`` (default ``~/.cache/cloud_jax/kernels``), keyed by the source,
 jaxlib's version, the compiler, its flags and the CPU. It targets this CPU (``-march=native``);
@@ -50,6 +51,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -105,13 +107,25 @@ def _check(kernel: str) -> None:
         raise ValueError(f"kernel {kernel!r}: expected one of {', '.join(KERNELS)}")
 
 
-def _compiler() -> Optional[str]:
-    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++", "clang++"]
-    for name in names:
+def _compiler_command() -> Optional[list[str]]:
+    """The compiler's command: ``$CXX`` (a program and its arguments, as make takes it, e.g.
+    ``ccache g++``), else the first of ``c++``, ``g++``, ``clang++`` found; None when there is
+    none."""
+    cxx = os.environ.get("CXX", "").strip()
+    try:
+        words = shlex.split(cxx)
+    except ValueError:  # unbalanced quotes: taken as one name, which no program has
+        words = [cxx]
+    for name in words[:1] or ["c++", "g++", "clang++"]:
         found = shutil.which(name)
         if found:
-            return found
+            return [found, *words[1:]]
     return None
+
+
+def _compiler() -> Optional[str]:
+    command = _compiler_command()
+    return None if command is None else shlex.join(command)
 
 
 def _arch() -> str:
@@ -184,9 +198,12 @@ def build(compiler: Optional[str] = None, source: Optional[Path] = None,
     ``source`` (default ``cpu_kernels.cc``) and ``extra_flags`` (e.g. ``("-DNAME=1",)``, after
     the usual flags) build another version of the kernels, cached apart: how
     ``tools/attention_ab.py`` compares two versions in one process."""
-    compiler = compiler or _compiler()
-    if compiler is None:
-        raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
+    command = [compiler] if compiler else _compiler_command()
+    if command is None:
+        named = (f": CXX={os.environ['CXX']!r} names no program on PATH"
+                 if os.environ.get("CXX", "").strip() else "")
+        raise RuntimeError(f"no C++ compiler found{named} (set CXX, or install g++ or clang++)")
+    compiler = shlex.join(command)
     include = jax.ffi.include_dir()
     source_path = Path(source) if source is not None else _SOURCE
     code = source_path.read_bytes()
@@ -203,7 +220,7 @@ def build(compiler: Optional[str] = None, source: Optional[Path] = None,
     # (a cache shared between users stays loadable), not a private temporary file's 0600.
     with tempfile.TemporaryDirectory(prefix=".build-", dir=out.parent) as work:
         tmp = os.path.join(work, out.name)
-        cmd = [compiler, *flags, "-I", include, str(source_path), "-o", tmp]
+        cmd = [*command, *flags, "-I", include, str(source_path), "-o", tmp]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr.strip()[-2000:]}")
