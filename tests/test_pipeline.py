@@ -467,3 +467,34 @@ def test_oracle_critique_pairs_are_rewarded_after_one_prompt():
     np.testing.assert_allclose(got[0], want, atol=1e-6, rtol=0)
     np.testing.assert_allclose(got[1], teacher_forced_rewards(
         rm, [short.prompt] * 2, *sides[1:], cfg), atol=1e-6, rtol=0)
+
+
+def test_a_base_model_s_recorded_critique_prefix_reaches_every_stage(tmp_path, caplog):
+    """init_from an export that records a critique prefix, the pipeline's data.critique_prefix at
+    its default: the training stages take the recorded prefix (follow_init_from), and so must the
+    stages the pipeline runs itself. Self-critique and the evaluation sampled after the default
+    prefix, so the cloud stage trained after "Judge: " on critiques written after another text,
+    and was evaluated after that other text."""
+    import dataclasses
+
+    import cloud_jax
+    from cloud_jax.data.config import CRITIQUE_PREFIX
+
+    cfg = load_pipeline_config(DEMO, TINY + [f"output_dir={tmp_path / 'run'}"])
+    init = tmp_path / "sft_export"
+    cloud_jax.from_config(cfg.model, seed=1).save_pretrained(str(init))
+    config = json.loads((init / "config.json").read_text())
+    config.update(critique_prefix="Judge: ", layout_version=2)
+    (init / "config.json").write_text(json.dumps(config))
+    cfg = dataclasses.replace(cfg, init_from=str(init), data=dataclasses.replace(
+        cfg.data, critique_prefix=CRITIQUE_PREFIX))
+    rewards._warn_once.cache_clear()
+    with caplog.at_level("WARNING"):
+        run_pipeline(cfg)
+    out = tmp_path / "run"
+    assert "but the model was trained with" not in caplog.text, caplog.text
+    for stage in ("critique_sft", "cloud"):
+        exported = json.loads((out / stage / "final" / "config.json").read_text())
+        assert (exported["critique_prefix"], exported["layout_version"]) == ("Judge: ", 2)
+    provenance = json.loads((out / "self_critique" / "provenance.json").read_text())
+    assert provenance["sampling"]["critique_prefix"] == "Judge: "

@@ -159,7 +159,7 @@ def _self_critique(cfg: PipelineConfig, sft_dir: str, train_path: str) -> str:
     max_length = fit_max_length(rm, cfg.data.max_length, 1 + sc.max_critique_tokens)
     score_cfg = ScoreConfig(temperature=sc.temperature, max_critique_tokens=sc.max_critique_tokens,
                             batch_size=sc.batch_size, seed=sc.seed, max_length=max_length,
-                            critique_prefix=cfg.data.critique_prefix,
+                            critique_prefix=_trained_prefix(rm, cfg),
                             decode_phases=sc.decode_phases).validate()
     rows = load_rows(train_path, require_feedback=False).rows
     bars = []
@@ -181,6 +181,16 @@ def _self_critique(cfg: PipelineConfig, sft_dir: str, train_path: str) -> str:
     if summary.unusable:
         log.warning("%d self-critiques are empty or hold NUL characters", summary.unusable)
     return summary.glob
+
+
+def _trained_prefix(rm, cfg: PipelineConfig) -> str:
+    """The critique prefix a stage's model was trained with, as its export records it: a stage
+    started from an export that records one takes it where data.critique_prefix is at its default
+    (cloud_jax.training.loop.follow_init_from), so stage 2 writes, and the evaluation reads, the
+    critiques after the text that the SFT and cloud stages trained after. data.critique_prefix
+    where the export records none."""
+    trained = getattr(rm, "critique_prefix", None)
+    return cfg.data.critique_prefix if trained is None else trained
 
 
 def _arm_rows(cfg: PipelineConfig, train_path: str, rows):
@@ -221,6 +231,7 @@ def _evaluate(cfg: PipelineConfig, rows, cloud_dir: str, classic_dir: str,
                         EvalConfig(classic=True, **common), os.path.join(out_dir, "classic"),
                         rows=rows, progress=True)
     rm = cloud_jax.load(cloud_dir, dtype=cfg.model.dtype)
+    prefix = dict(critique_prefix=_trained_prefix(rm, cfg))
     shared = dict(max_length=fit_max_length(rm, cfg.data.max_length,
                                             1 + ev.max_critique_tokens), **prefix)
     greedy = timer.run("evaluate_cloud_greedy", run_evaluation,
