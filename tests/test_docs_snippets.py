@@ -5,6 +5,7 @@ call of a cloud_jax function, class or method the snippet can resolve must accep
 is given (and the number of positional arguments), every attribute read from a resolved object
 must exist, and every dotted config override must be a key of the config schema. A snippet's
 third-party names (TRL, tunix) and its placeholders (``prompts``, ``policy``) are left alone.
+The tests and repository files the docs cite as evidence exist.
 """
 
 import ast
@@ -306,4 +307,60 @@ def test_the_attributes_the_docs_name_exist():
                 if m.group(2) not in ("py", "md", "json") and \
                         not _has_attribute(classes[m.group(1)], m.group(2)):
                     missing.append(f"{path.name}:{n}: {m.group(0)}")
+    assert missing == []
+
+
+# Files the docs name that are gone on purpose: their lines tell the history (docs/BENCHMARKS.md,
+# docs/RESULTS.md: "since renamed", "now ...").
+_RENAMED = {"cloud_jax/model/cpu_attention.cc", "cloud_jax/model/cpu_attention.py",
+            "tests/test_cpu_attention.py"}
+
+
+def _test_names():
+    """{test file name: the functions, classes and module-level names it defines}."""
+    found = {}
+    for path in (ROOT / "tests").glob("test_*.py"):
+        tree = ast.parse(path.read_text())
+        names = {node.name for node in ast.walk(tree)
+                 if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+        names |= {target.id for node in tree.body if isinstance(node, ast.Assign)
+                  for target in node.targets if isinstance(target, ast.Name)}
+        found[path.name] = names
+    return found
+
+
+def _expanded(pattern):
+    """``a_{1,2}.json`` -> ``a_1.json``, ``a_2.json``."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if m is None:
+        return [pattern]
+    return [out for choice in m.group(1).split(",")
+            for out in _expanded(pattern[:m.start()] + choice + pattern[m.end():])]
+
+
+def test_the_tests_and_files_the_docs_cite_exist():
+    """Every ``tests/test_x.py::name`` and backticked ``test_name`` the docs cite as evidence is a
+    test (or a name) of tests/, and every repository path they name (``cloud_jax/...``,
+    ``configs/...``, ``tests/...``, ``docs/...``; braces and globs expanded) exists: a test or a
+    file renamed or removed shows here until the docs say so."""
+    tests = _test_names()
+    every = set().union(*tests.values())
+    missing = []
+    for path in DOCS:
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            where = f"{path.name}:{n}"
+            for m in re.finditer(r"tests/(test_\w+\.py)::(\w+)", line):
+                if m.group(2) not in tests.get(m.group(1), ()):
+                    missing.append(f"{where}: {m.group(0)}")
+            for m in re.finditer(r"`(test_\w+)`", line):
+                if m.group(1) not in every:
+                    missing.append(f"{where}: {m.group(1)}")
+            for m in re.finditer(r"(?<![\w/.-])((?:cloud_jax|configs|tests|tools|tpu_scripts|"
+                                 r"notebooks|docs)/[\w./{},*-]*[\w*}])", line):
+                name = m.group(1)
+                if name in _RENAMED or re.search(r"/[A-Z]+\.", name):  # configs/X.yaml
+                    continue
+                for one in _expanded(name):
+                    if not list(ROOT.glob(one)):
+                        missing.append(f"{where}: {one}")
     assert missing == []
