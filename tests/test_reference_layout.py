@@ -515,3 +515,38 @@ def test_the_hub_id_a_plain_hf_directory_records_reaches_a_stage_s_export(tmp_pa
         export_params(cfg, rm.config, rm.params, None, str(tmp_path / f"export_{name}"))
         written = json.loads((tmp_path / f"export_{name}" / "config.json").read_text())
         assert written["base_model_name_or_path"] == (hub_id or "base_config")
+
+
+def test_a_hub_base_model_is_asked_for_its_config_json_only(tmp_path, monkeypatch):
+    """A reference checkpoint names its backbone by hub id and carries no copy of its config (the
+    authors' own): loading it fetches that model's config.json, not its weights too (16 GB for an
+    8B base, read for nothing)."""
+    import fnmatch
+
+    import huggingface_hub
+
+    _write_reference_checkpoint(tmp_path / "ckpt", _base_config())
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    config["base_model_name_or_path"] = "owner/base-model"
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "hub").mkdir()
+    shutil.copy(tmp_path / "ckpt" / "base" / "config.json", tmp_path / "hub" / "config.json")
+    asked = []
+
+    def snapshot(repo_id, allow_patterns=None, **kwargs):
+        asked.append((repo_id, allow_patterns))
+        return str(tmp_path / "hub")
+
+    def one_file(repo_id, filename, **kwargs):
+        asked.append((repo_id, [filename]))
+        return str(tmp_path / "hub" / filename)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", one_file)
+    rm = cloud_jax.load(tmp_path / "ckpt")
+    assert rm.config.num_layers == 2 and asked and all(repo == "owner/base-model"
+                                                       for repo, _ in asked)
+    for _, patterns in asked:
+        assert patterns is not None and not any(
+            fnmatch.fnmatch(name, pattern) for pattern in patterns
+            for name in ("model.safetensors", "model-00001-of-00004.safetensors")), asked

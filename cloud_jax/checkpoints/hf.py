@@ -367,6 +367,17 @@ def resolve_path(path_or_id: str | os.PathLike) -> Path:
     return Path(local)
 
 
+def _hub_config_dir(repo_id: str) -> Path:
+    """A local directory holding the ``config.json`` of the hub model ``repo_id`` (that file only,
+    no weights)."""
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(repo_id, allow_patterns=["config.json"]))
+    except Exception as err:
+        raise CheckpointError(f"{repo_id}: fetching its config.json from the hub failed: "
+                              f"{err}") from None
+
+
 def safetensors_files(directory: Path) -> list[Path]:
     """The weight files of a directory: an index's shards, or every *.safetensors file."""
     index = directory / "model.safetensors.index.json"
@@ -787,6 +798,9 @@ def cloud_base_config(directory: Path, config: dict) -> dict:
         raise CheckpointError(f"{directory}/config.json: no base_model_config and no "
                               "base_model_name_or_path, so the backbone shape is unknown")
     try:
+        if isinstance(base, str) and is_hub_id(base):
+            # The config only: resolve_path would fetch the base model's weights too.
+            return read_config_json(_hub_config_dir(base))
         return read_config_json(resolve_path(base))
     except CheckpointError as err:
         raise CheckpointError(
