@@ -760,8 +760,7 @@ def critique_settings_of(path_or_id: str | os.PathLike) -> Optional[tuple[str, i
             directory = Path(name)
             text = (directory / "config.json").read_text()
         elif is_hub_id(name):
-            from huggingface_hub import hf_hub_download
-            text = Path(hf_hub_download(name, "config.json")).read_text()
+            text = (_hub_config_dir(name) / "config.json").read_text()
             directory = Path(name)
         else:
             return None
