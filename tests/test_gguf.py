@@ -250,6 +250,22 @@ def test_converting_into_a_directory_with_a_sharded_model_drops_its_index(tmp_pa
     assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
 
 
+def test_a_chat_template_file_left_in_the_output_does_not_replace_the_files(tmp_path):
+    """transformers reads chat_template.jinja before tokenizer_config.json's template: one left by
+    an earlier model in the output directory would be the converted model's template."""
+    from transformers import AutoTokenizer
+
+    write_tiny_llama_gguf(tmp_path / "m.gguf")
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "chat_template.jinja").write_text("{{ 'another model' }}")
+    assert run_command(convert_cli.main, ["--gguf", str(tmp_path / "m.gguf"), "--out", str(out),
+                                          "--overwrite"]) == 0
+    rendered = AutoTokenizer.from_pretrained(out).apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False)
+    assert rendered == "<|im_start|>user\nhi<|im_end|>\n"
+
+
 def test_an_unreadable_model_file_in_the_output_is_replaced_not_a_crash(tmp_path, capsys):
     """A weight file there that does not read (cut short, not safetensors) is no conversion of
     this file: --overwrite replaces it, and without it the directory is not empty."""

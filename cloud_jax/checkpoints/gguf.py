@@ -343,7 +343,9 @@ def convert_gguf_to_hf(gguf_path: PathLike, out_dir: PathLike) -> pathlib.Path:
     # config.json goes first and comes back last: a conversion stopped part-way never leaves an
     # earlier model's config beside these weights (nor this config beside its weights).
     (out_dir / "config.json").unlink(missing_ok=True)
-    # The chat template goes into tokenizer_config.json, where every transformers version looks.
+    # The chat template goes into tokenizer_config.json, where every transformers version looks;
+    # transformers 5 reads a chat_template.jinja first, so an earlier model's would be this one's.
+    (out_dir / "chat_template.jinja").unlink(missing_ok=True)
     tokenizer.save_pretrained(out_dir, save_jinja_files=False)
     # An index (and its shards) from an earlier model in out_dir would be what a load reads.
     for stale in out_dir.iterdir():

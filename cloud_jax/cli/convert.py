@@ -27,7 +27,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="write into --out although it is not empty: files of the names "
                              "the model has are replaced, an earlier model's weight files "
-                             "removed, and the other files left as they are")
+                             "and chat_template.jinja removed, and the other files left as "
+                             "they are")
     args = parser.parse_args(argv)
     storage.check_output_dir(args.out, "--out")
     if args.gguf and storage.is_url(args.gguf):
