@@ -55,9 +55,11 @@ def tiny_tokenizer_metadata():
     return tokens, types, ["h i", "Ġ hi"]
 
 
-def write_tiny_llama_gguf(path, *, tied=True, architecture="llama", drop=(), float64=()):
+def write_tiny_llama_gguf(path, *, tied=True, architecture="llama", drop=(), float64=(),
+                          extra=None):
     """A tiny Llama GGUF laid out as llama.cpp writes one; returns the HF tensors it should give.
-    The tensors named in ``float64`` are stored as F64, a type gguf cannot dequantize."""
+    The tensors named in ``float64`` are stored as F64, a type gguf cannot dequantize; ``extra``
+    ({name: array}) are written too."""
     tokens, types, merges = tiny_tokenizer_metadata()
     c = TINY
     q_dim, kv_dim = c["heads"] * c["head_dim"], c["kv_heads"] * c["head_dim"]
@@ -121,7 +123,7 @@ def write_tiny_llama_gguf(path, *, tied=True, architecture="llama", drop=(), flo
     writer.add_pad_token_id(2)
     writer.add_add_bos_token(False)
     writer.add_chat_template(CHAT_TEMPLATE)
-    for name, w in gguf_tensors.items():
+    for name, w in {**gguf_tensors, **(extra or {})}.items():
         if name in float64:
             writer.add_tensor(name, w.astype(np.float64))
         elif name not in drop:
@@ -299,6 +301,18 @@ def test_rejects_missing_tensor(tmp_path):
         gguf_convert.GGUFConversionError, match=r"missing \['blk\.1\.ffn_up\.weight'\]"
     ):
         gguf_convert.convert_gguf_to_hf(tmp_path / "m.gguf", tmp_path / "hf")
+
+
+def test_a_llama_3_1_frequency_table_is_refused_as_such(tmp_path):
+    """llama.cpp writes Llama-3.1/3.2's RoPE scaling as a rope_freqs tensor (no scaling type in
+    the metadata): the error says that RoPE scaling is what is not supported, not only that a
+    tensor is unexpected."""
+    write_tiny_llama_gguf(tmp_path / "m.gguf",
+                          extra={"rope_freqs.weight": np.ones(TINY["head_dim"] // 2, np.float32)})
+    with pytest.raises(gguf_convert.GGUFConversionError,
+                       match=r"rope_freqs\.weight.*RoPE scaling.*not supported"):
+        gguf_convert.convert_gguf_to_hf(tmp_path / "m.gguf", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
 
 
 def test_a_tensor_type_that_cannot_be_dequantized_is_named_and_nothing_written(tmp_path, capsys):

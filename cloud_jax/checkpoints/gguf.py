@@ -103,12 +103,19 @@ def llama_config_from_gguf(
             f"{gguf_path}: general.architecture is {architecture!r}; "
             "only 'llama' files can be converted."
         )
-    # Mixture-of-experts files and Llama-3.1 frequency tables show up as unexpected tensors later.
+    # Mixture-of-experts files show up as unexpected tensors later.
     rope_scaling = metadata.get("llama.rope.scaling.type", "none")
     if rope_scaling != "none":
         raise GGUFConversionError(
             f"{gguf_path}: llama.rope.scaling.type is {rope_scaling!r}; "
             "RoPE scaling is not supported."
+        )
+    if "rope_freqs.weight" in tensor_names:
+        # llama.cpp's form of Llama-3.1's "llama3" scaling: a table of factors, no scaling type.
+        raise GGUFConversionError(
+            f"{gguf_path}: the file holds rope_freqs.weight, the frequency factors of Llama-3.1 "
+            "style RoPE scaling; RoPE scaling is not supported in a GGUF file (load the model's "
+            "Hugging Face checkpoint instead)."
         )
 
     # transformers' table of llama.cpp metadata keys -> LlamaConfig fields (its GGUF loader's).
