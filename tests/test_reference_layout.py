@@ -550,3 +550,28 @@ def test_a_hub_base_model_is_asked_for_its_config_json_only(tmp_path, monkeypatc
         assert patterns is not None and not any(
             fnmatch.fnmatch(name, pattern) for pattern in patterns
             for name in ("model.safetensors", "model-00001-of-00004.safetensors")), asked
+
+
+def test_a_hub_model_is_fetched_without_its_mistral_format_weights(tmp_path, monkeypatch):
+    """Mistral's repositories hold their weights twice: the transformers shards and
+    consolidated.safetensors (mistral-inference's names, never read here). Only the first are
+    fetched: the second doubles the download (14.5 GB more for Mistral-7B-Instruct-v0.3)."""
+    import fnmatch
+
+    import huggingface_hub
+
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(_base_config()).save_pretrained(tmp_path / "hub")
+    asked = []
+
+    def snapshot(repo_id, allow_patterns=None, **kwargs):
+        asked.append(allow_patterns)
+        return str(tmp_path / "hub")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    assert cloud_jax.load("owner/model").config.num_layers == 2
+    patterns = asked[0]
+    for name in ("model.safetensors", "model-00001-of-00003.safetensors",
+                 "model.safetensors.index.json", "config.json", "tokenizer.json"):
+        assert any(fnmatch.fnmatch(name, p) for p in patterns), (name, patterns)
+    assert not any(fnmatch.fnmatch("consolidated.safetensors", p) for p in patterns), patterns

@@ -359,7 +359,7 @@ def resolve_path(path_or_id: str | os.PathLike) -> Path:
     try:
         from huggingface_hub import snapshot_download
         local = snapshot_download(str(path_or_id), allow_patterns=[
-            "*.json", "*.safetensors", "tokenizer*", "*.jinja"])
+            "*.json", "model*.safetensors", "tokenizer*", "*.jinja"])
     except Exception as err:
         raise CheckpointError(
             f"{path_or_id}: not a local directory, and fetching it as a hub id failed: {err}"
