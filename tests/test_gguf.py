@@ -56,10 +56,11 @@ def tiny_tokenizer_metadata():
 
 
 def write_tiny_llama_gguf(path, *, tied=True, architecture="llama", drop=(), float64=(),
-                          extra=None):
+                          extra=None, split=None):
     """A tiny Llama GGUF laid out as llama.cpp writes one; returns the HF tensors it should give.
     The tensors named in ``float64`` are stored as F64, a type gguf cannot dequantize; ``extra``
-    ({name: array}) are written too."""
+    ({name: array}) are written too; ``split`` (no, count) marks the file as one part of a model
+    that llama.cpp's gguf-split cut into parts."""
     tokens, types, merges = tiny_tokenizer_metadata()
     c = TINY
     q_dim, kv_dim = c["heads"] * c["head_dim"], c["kv_heads"] * c["head_dim"]
@@ -123,6 +124,9 @@ def write_tiny_llama_gguf(path, *, tied=True, architecture="llama", drop=(), flo
     writer.add_pad_token_id(2)
     writer.add_add_bos_token(False)
     writer.add_chat_template(CHAT_TEMPLATE)
+    if split:
+        writer.add_uint16(gguf.Keys.Split.LLM_KV_SPLIT_NO, split[0])
+        writer.add_uint16(gguf.Keys.Split.LLM_KV_SPLIT_COUNT, split[1])
     for name, w in {**gguf_tensors, **(extra or {})}.items():
         if name in float64:
             writer.add_tensor(name, w.astype(np.float64))
@@ -313,6 +317,21 @@ def test_a_llama_3_1_frequency_table_is_refused_as_such(tmp_path):
                        match=r"rope_freqs\.weight.*RoPE scaling.*not supported"):
         gguf_convert.convert_gguf_to_hf(tmp_path / "m.gguf", tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_one_part_of_a_split_model_is_refused_as_such(tmp_path):
+    """A model that llama.cpp's gguf-split cut into parts (model-00001-of-00002.gguf, ...) is
+    refused naming the parts and how to join them, not as missing tensors or a missing
+    architecture."""
+    write_tiny_llama_gguf(tmp_path / "m-00001-of-00002.gguf", split=(0, 2),
+                          drop=("blk.1.ffn_up.weight", "blk.1.ffn_down.weight"))
+    with pytest.raises(gguf_convert.GGUFConversionError,
+                       match=r"part 1 of 2 .*gguf-split --merge"):
+        gguf_convert.convert_gguf_to_hf(tmp_path / "m-00001-of-00002.gguf", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    # A whole model that records itself as its only part converts.
+    write_tiny_llama_gguf(tmp_path / "whole.gguf", split=(0, 1))
+    gguf_convert.convert_gguf_to_hf(tmp_path / "whole.gguf", tmp_path / "hf")
 
 
 def test_a_tensor_type_that_cannot_be_dequantized_is_named_and_nothing_written(tmp_path, capsys):

@@ -338,6 +338,14 @@ def convert_gguf_to_hf(gguf_path: PathLike, out_dir: PathLike) -> pathlib.Path:
         metadata = {name: field.contents() for name, field in reader.fields.items()}
     except (ValueError, IndexError, KeyError, struct.error, OverflowError) as err:
         raise GGUFConversionError(f"{gguf_path}: not a readable GGUF file ({err})") from None
+    parts = metadata.get(gguf.Keys.Split.LLM_KV_SPLIT_COUNT, 1)
+    if parts > 1:
+        part = metadata.get(gguf.Keys.Split.LLM_KV_SPLIT_NO, 0) + 1
+        raise GGUFConversionError(
+            f"{gguf_path}: the file is part {part} of {parts} of a model cut by llama.cpp's "
+            "gguf-split; join the parts first (llama-gguf-split --merge FIRST_PART OUT.gguf) "
+            "and convert the joined file."
+        )
     config = llama_config_from_gguf(metadata, [t.name for t in reader.tensors], gguf_path)
     types = ", ".join(
         f"{n} {k}" for k, n in Counter(t.tensor_type.name for t in reader.tensors).items()
