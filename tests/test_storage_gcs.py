@@ -329,6 +329,23 @@ def test_convert_gguf_writes_a_url_output_to_the_bucket(bucket, tmp_path, capsys
     assert not os.path.exists("gs:")
 
 
+def test_convert_gguf_over_a_url_output_removes_an_earlier_chat_template(bucket, tmp_path):
+    """As on disk: a chat_template.jinja an earlier model left there would be read before the
+    converted model's template."""
+    from test_gguf import write_tiny_llama_gguf
+
+    from cloud_jax.cli import convert
+    from cloud_jax.cli.common import run_command
+
+    write_tiny_llama_gguf(tmp_path / "m.gguf")
+    out = f"{bucket}/converted_over"
+    storage.write_text_atomic(f"{out}/chat_template.jinja", "{{ 'another model' }}")
+    assert run_command(convert.main, ["--gguf", str(tmp_path / "m.gguf"), "--out", out,
+                                      "--overwrite"]) == 0
+    assert "chat_template.jinja" not in storage.listdir(out)
+    assert "config.json" in storage.listdir(out)
+
+
 def test_make_benchmark_writes_every_file_to_the_bucket(bucket, tmp_path, monkeypatch):
     from cloud_jax.cli import make_benchmark
     from cloud_jax.cli.common import run_command

@@ -59,6 +59,9 @@ def _convert(parser: argparse.ArgumentParser, args: argparse.Namespace, gguf_pat
 
     with staged_export(args.out) as local:
         convert_gguf_to_hf(gguf_path, local)
+        # As convert_gguf_to_hf does on disk: transformers would read an earlier model's
+        # chat_template.jinja before the template in tokenizer_config.json.
+        storage.remove(storage.join(args.out, "chat_template.jinja"))
     print(f"uploaded to {args.out}")
     return 0
 
