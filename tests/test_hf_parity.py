@@ -55,12 +55,8 @@ def _batch(padding_side, seed=1):
     return ids, mask
 
 
-@pytest.mark.parametrize("padding_side", ["right", "left"])
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_logits_match_transformers(case, padding_side, tmp_path):
-    hf = _random_hf_model(case)
-    hf.save_pretrained(tmp_path)
-    cfg, params, _, _ = load_model_dir(tmp_path)
+def _both_logits(hf, cfg, params, padding_side):
+    """(ours, transformers', mask, our model output) over :func:`_batch`'s rows."""
     ids, mask = _batch(padding_side)
     positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
     with torch.no_grad():
@@ -68,7 +64,16 @@ def test_logits_match_transformers(case, padding_side, tmp_path):
                  position_ids=torch.tensor(positions)).logits.numpy()
     out = CLoudModel(cfg).apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask),
                                 reward_index_b=last_attended_index(jnp.asarray(mask)))
-    ours = np.asarray(out.logits)
+    return np.asarray(out.logits), ref, mask, out
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_logits_match_transformers(case, padding_side, tmp_path):
+    hf = _random_hf_model(case)
+    hf.save_pretrained(tmp_path)
+    cfg, params, _, _ = load_model_dir(tmp_path)
+    ours, ref, mask, out = _both_logits(hf, cfg, params, padding_side)
     attended = mask.astype(bool)
     assert np.abs(ref).max() > 1.0, "logits too small for the comparison to mean much"
     np.testing.assert_array_less(np.abs(ours - ref)[attended].max(), 1e-4)
@@ -164,14 +169,8 @@ def test_a_config_json_without_num_key_value_heads_loads_as_transformers_reads_i
 
     cfg, params, _, _ = load_model_dir(tmp_path)
     assert cfg.num_kv_heads == config.num_key_value_heads
-    ids, mask = _batch("left")
-    positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-    with torch.no_grad():
-        ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                 position_ids=torch.tensor(positions)).logits.numpy()
-    out = CLoudModel(cfg).apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask),
-                                reward_index_b=last_attended_index(jnp.asarray(mask)))
-    assert np.abs(np.asarray(out.logits) - ref)[mask.astype(bool)].max() < 1e-4
+    ours, ref, mask, _ = _both_logits(hf, cfg, params, "left")
+    assert np.abs(ours - ref)[mask.astype(bool)].max() < 1e-4
 
 
 def _transformers_logits(model, ids, mask):
