@@ -354,22 +354,25 @@ def prompt_tokens_cut(rm, prompts: Sequence[str], responses: Sequence[str],
     _check_texts(prompts=prompts, responses=responses,
                  **({} if critiques is None else {"critiques": critiques}))
     tok = _require_tokenizer(rm)
-    if critiques is not None:
+    if critiques is not None or cfg.classic:  # one forward over the whole input
+        method = "classic" if critiques is None else "critique"
         limit = _token_limit(rm, cfg)[0]
-        lengths = [len(encode_example(tok, p, r, c, "critique", cfg.critique_prefix, 1 << 30,
+        lengths = [len(encode_example(tok, p, r, c, method, cfg.critique_prefix, 1 << 30,
                                       "truncate_prompt", cfg.layout_version).input_ids)
-                   for p, r, c in zip(prompts, responses, critiques)]
-    elif cfg.classic:
-        limit = _token_limit(rm, cfg)[0]
-        lengths = [len(encode_example(tok, p, r, None, "classic", cfg.critique_prefix, 1 << 30,
-                                      "truncate_prompt", cfg.layout_version).input_ids)
-                   for p, r in zip(prompts, responses)]
+                   for p, r, c in zip(prompts, responses,
+                                      [None] * len(prompts) if critiques is None else critiques)]
     else:
         limit = _token_limit(rm, cfg, 1 + cfg.max_critique_tokens)[0]
         lengths = [len(encode_critique_prefix(tok, p, r, cfg.critique_prefix, None,
                                               cfg.layout_version))
                    for p, r in zip(prompts, responses)]
     return np.maximum(np.asarray(lengths, np.int64) - limit, 0)
+
+
+def _check_min_prompt_cuts(min_prompt_cuts: Optional[Sequence[int]], n: int) -> None:
+    if min_prompt_cuts is not None and (len(min_prompt_cuts) != n
+                                        or min(min_prompt_cuts, default=0) < 0):
+        raise ValueError(f"min_prompt_cuts: one count >= 0 per input ({n})")
 
 
 def _forward_rewards(rm, examples: Sequence[Example], cfg: ScoreConfig, on_batch) -> np.ndarray:
@@ -425,9 +428,7 @@ def teacher_forced_rewards(rm, prompts: Sequence[str], responses: Sequence[str],
         raise ValueError(f"{len(prompts)} prompts, {len(responses)} responses and "
                          f"{len(critiques)} critiques: one each per input")
     _check_texts(prompts=prompts, responses=responses, critiques=critiques)
-    if min_prompt_cuts is not None and (len(min_prompt_cuts) != len(prompts)
-                                        or min(min_prompt_cuts, default=0) < 0):
-        raise ValueError(f"min_prompt_cuts: one count >= 0 per input ({len(prompts)})")
+    _check_min_prompt_cuts(min_prompt_cuts, len(prompts))
     examples = _encode_whole(rm, _require_tokenizer(rm), prompts, responses, critiques,
                              "critique", cfg, min_prompt_cuts)
     return _forward_rewards(rm, examples, cfg, on_batch)
@@ -515,9 +516,7 @@ def score(rm, prompts: Sequence[str], responses: Sequence[str], cfg: ScoreConfig
     if not prompts:
         raise ValueError("nothing to score: no prompts given")
     _check_texts(prompts=prompts, responses=responses)
-    if min_prompt_cuts is not None and (len(min_prompt_cuts) != len(prompts)
-                                        or min(min_prompt_cuts) < 0):
-        raise ValueError(f"min_prompt_cuts: one count >= 0 per input ({len(prompts)})")
+    _check_min_prompt_cuts(min_prompt_cuts, len(prompts))
     if cfg.classic:
         return _score_classic(rm, prompts, responses, cfg, on_batch, min_prompt_cuts)
     tok = _require_tokenizer(rm)
