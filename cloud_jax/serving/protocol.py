@@ -270,6 +270,8 @@ def item_lengths(rm, items: Sequence[Item], classic: bool, settings: Settings,
 
 
 def _list_of_strings(body: dict, name: str, required: bool = True) -> Optional[list]:
+    """The list of strings ``body[name]`` (None where an optional one is absent); it may be empty
+    (the caller checks lengths)."""
     if name not in body or body[name] is None:
         if required:
             raise InvalidField(name, "missing")
@@ -277,8 +279,6 @@ def _list_of_strings(body: dict, name: str, required: bool = True) -> Optional[l
     value = body[name]
     if not isinstance(value, list):
         raise InvalidField(name, f"expected a list of strings, got {type(value).__name__}")
-    if not value and required:  # an optional list's length is checked against the required one
-        raise InvalidField(name, "must not be empty")
     for i, v in enumerate(value):
         if not isinstance(v, str):
             raise InvalidField(f"{name}[{i}]", f"expected a string, got {type(v).__name__}")
@@ -570,7 +570,9 @@ def split_query(query: str, prompt: Optional[str], markers: ChatMarkers,
 def parse_openrlhf(body: Any, markers: ChatMarkers) -> list[Item]:
     """A ``/get_reward`` body as items; ``labels`` are accepted and unused, and so are fields
     this endpoint does not know (OpenRLHF versions add some), but for ``/v1/score``'s settings:
-    this endpoint scores with the server's defaults, so a setting sent here would be ignored."""
+    this endpoint scores with the server's defaults, so a setting sent here would be ignored.
+    An empty ``query`` list is no items: OpenRLHF cuts a batch over its reward servers in
+    ceil(n / servers) chunks, so a server past the queries gets an empty one."""
     if not isinstance(body, dict):
         raise InvalidField("body", "expected a JSON object", status=400)
     for name in _SETTING_TYPES:

@@ -144,11 +144,12 @@ def build_app(backend: Backend, defaults: Settings, tokenizer) -> Starlette:
 
             def admit():
                 items, settings = parse(read_json(raw))
-                return items, backend.submit(items, settings)
+                # No items (an empty /get_reward batch): nothing to score, an empty answer.
+                return items, backend.submit(items, settings) if items else None
 
             items, future = await asyncio.get_running_loop().run_in_executor(admitter, admit)
             metrics.admitted.inc(len(items))
-            results = await _wait(request, backend, future)
+            results = [] if future is None else await _wait(request, backend, future)
             if results is None:  # the client went away
                 status = 499
                 return Response(status_code=499)
