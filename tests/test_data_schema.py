@@ -208,6 +208,33 @@ def test_json_array_error_names_row(tmp_path):
     assert (info.value.row, info.value.field) == (1, "chosen")
 
 
+def test_a_json_file_holding_one_object_over_several_lines_is_named_as_such(tmp_path):
+    """A .json file that is not an array is read as one row object per line: one object
+    written over several lines (indented, or rows under a key) was "invalid JSON" at line 1 of a
+    file that is valid JSON, and in lenient mode every one of its lines a rejected row."""
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps(_row(0), indent=2))
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"data": [_row(0), _row(1)]}, indent=2))
+    for path in (one, wrapped):
+        for lenient in (False, True):
+            with pytest.raises(RowError) as info:
+                load_rows(str(path), require_feedback=True, lenient=lenient,
+                          rejects_path=str(tmp_path / "rejects.jsonl"))
+            assert (info.value.file, info.value.line, info.value.row, info.value.field) == (
+                str(path), None, None, None)
+            assert str(info.value).startswith(f"{path}: row: holds one JSON object over ")
+            assert "an array of row objects or one row object per line" in info.value.reason
+    assert "'data' holds a list" in str(info.value)
+    # One object on one line is a file of one row; rows one per line are rows.
+    single = tmp_path / "single.json"
+    single.write_text(json.dumps(_row(0)) + "\n\n")
+    lines = tmp_path / "lines.json"
+    lines.write_text("".join(json.dumps(_row(i)) + "\n" for i in range(3)))
+    assert [r.id for r in load_rows(str(single), require_feedback=True).rows] == ["r0"]
+    assert [r.id for r in load_rows(str(lines), require_feedback=True).rows] == ["r0", "r1", "r2"]
+
+
 def test_a_key_given_twice_in_a_row_is_a_bad_row_not_its_last_value(tmp_path):
     # JSON parsers keep one of the values without a word: the row would train on it.
     twice = json.dumps(_row(2))[:-1].encode() + b', "prompt": "Another prompt?"}'

@@ -72,6 +72,8 @@ class RowError(ValueError):
 
 
 def _location(file: str, line: Optional[int], row: Optional[int]) -> str:
+    if line is None and row is None:  # the file as a whole
+        return file
     return f"{file}:{line}" if line is not None else f"{file}[row {row}]"
 
 
@@ -391,6 +393,34 @@ def _iter_json_array(path: str) -> Iterator[_Raw]:
         yield None, i, _key_given_twice(obj), json.dumps(obj, ensure_ascii=True, default=repr)
 
 
+def _check_not_one_object(path: str) -> None:
+    """RowError for a .json file (not an array) that holds one JSON object written over several
+    lines (indented, or rows under a key): read as one row object per line, each of its lines
+    would be invalid JSON, though the file is valid JSON."""
+    with storage.open_file(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return  # named line by line
+    lines = sum(1 for line in text.splitlines() if line.strip())
+    if lines < 2:
+        return
+    try:
+        obj = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        return  # rows one per line (or bad JSON): named line by line
+    if not isinstance(obj, dict):
+        return
+    lists = [k for k, v in obj.items() if isinstance(v, list)]
+    hint = (f" (its {lists[0]!r} holds a list: write that list as the file, or its rows one per "
+            "line)" if len(obj) == 1 and lists else
+            " (write it on one line, or the rows as an array)")
+    raise RowError(path, None, None, None,
+                   f"holds one JSON object over {lines} lines; a .json file holds an array of row "
+                   f"objects or one row object per line (JSON Lines){hint}")
+
+
 def _iter_parquet(path: str) -> Iterator[_Raw]:
     import pyarrow.parquet as pq
 
@@ -453,7 +483,10 @@ def _iter_raw(path: str) -> Iterator[_Raw]:
     if ext == ".json":
         with storage.open_file(path, "rb") as f:
             head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-        return _iter_json_array(path) if head.startswith(b"[") else _iter_jsonl(path)
+        if head.startswith(b"["):
+            return _iter_json_array(path)
+        _check_not_one_object(path)
+        return _iter_jsonl(path)
     # The user's to fix (a .csv, or a README a glob picked up): a ConfigError, one `error:` line.
     raise ConfigError(f"{path}: unknown row file type {ext!r}; expected .jsonl, .json or .parquet "
                       "files (or a Hugging Face dataset directory): convert it, or leave it out "
