@@ -305,3 +305,25 @@ def test_blockwise_attention_with_a_sliding_window_matches_transformers(block, p
                                 reward_index_b=last_attended_index(jnp.asarray(mask)))
     diff = np.abs(np.asarray(out.logits) - _transformers_logits(hf, ids, mask))
     assert diff[mask.astype(bool)].max() < 1e-4
+
+
+def _llama_dict(**extra):
+    return {"model_type": "llama", "vocab_size": 64, "hidden_size": 64, "intermediate_size": 64,
+            "num_hidden_layers": 1, "num_attention_heads": 4, "max_position_embeddings": 4096,
+            **extra}
+
+
+@pytest.mark.parametrize("key", ["rope_parameters", "rope_scaling"])
+@pytest.mark.parametrize("rope_type", ["dynamic", "yarn", "longrope"])
+def test_an_unsupported_rope_type_is_refused_naming_the_key_it_was_read_from(key, rope_type):
+    """transformers 5 writes RoPE settings as rope_parameters.rope_type, 4.x as
+    rope_scaling.type: the error names the key the file holds, and the types this backbone
+    computes."""
+    from cloud_jax.checkpoints.hf import model_config_from_hf
+    from cloud_jax.errors import CheckpointError
+
+    type_key = "rope_type" if key == "rope_parameters" else "type"
+    hf = _llama_dict(**{key: {type_key: rope_type, "factor": 2.0}})
+    with pytest.raises(CheckpointError,
+                       match=rf"{key}\.{type_key}='{rope_type}'.*default, linear, llama3"):
+        model_config_from_hf(hf)

@@ -81,8 +81,10 @@ def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
         raise CheckpointError(f"the {model_type} config has no {', '.join(missing)}: the "
                               "backbone's shape is unknown")
     # transformers 5 keeps RoPE settings in `rope_parameters`; older files use `rope_scaling`.
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    rope_key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    rope = dict(hf.get(rope_key) or {})
+    type_key = "rope_type" if "rope_type" in rope else "type"
+    rope_type = rope.get(type_key, "default")
     if rope_type in ("default", None):
         scaling = RopeScalingConfig()
     elif rope_type in ("llama3", "linear"):
@@ -93,7 +95,8 @@ def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
             original_max_position_embeddings=int(
                 rope.get("original_max_position_embeddings", 8192)))
     else:
-        raise CheckpointError(f"rope type {rope_type!r} is not supported (default, linear, llama3)")
+        raise CheckpointError(f"{rope_key}.{type_key}={rope_type!r} is not supported: this "
+                              "backbone computes the RoPE types default, linear, llama3")
     # The MLP is SwiGLU (SiLU gate): another activation would load and compute something else.
     act = hf.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
