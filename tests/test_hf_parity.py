@@ -327,3 +327,33 @@ def test_an_unsupported_rope_type_is_refused_naming_the_key_it_was_read_from(key
     with pytest.raises(CheckpointError,
                        match=rf"{key}\.{type_key}='{rope_type}'.*default, linear, llama3"):
         model_config_from_hf(hf)
+
+
+def test_rope_scaling_keys_a_file_leaves_out_are_read_as_transformers_reads_them():
+    """llama3 scaling without original_max_position_embeddings takes the model's
+    max_position_embeddings, as transformers 5 fills it in (it was 8192 here, whatever the
+    model); a key transformers requires (llama3's factors, linear's factor) is refused by name
+    rather than made up."""
+    import copy
+
+    from cloud_jax.checkpoints.hf import model_config_from_hf
+    from cloud_jax.errors import CheckpointError
+
+    llama3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+              "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    hf = _llama_dict(rope_parameters=llama3)
+    # Copies: transformers fills the missing key into the dict it is given.
+    theirs = transformers.LlamaConfig(**copy.deepcopy(
+        {k: v for k, v in hf.items() if k != "model_type"}))
+    ours = model_config_from_hf(copy.deepcopy(hf)).rope_scaling
+    assert (ours.original_max_position_embeddings
+            == theirs.rope_parameters["original_max_position_embeddings"] == 4096)
+    for rope, missing in ((dict(llama3, original_max_position_embeddings=512), "low_freq_factor"),
+                          (dict(llama3, original_max_position_embeddings=512), "high_freq_factor"),
+                          (dict(llama3, original_max_position_embeddings=512), "factor"),
+                          ({"type": "linear"}, "factor")):
+        rope = {k: v for k, v in rope.items() if k != missing}
+        with pytest.raises(KeyError):  # transformers refuses it too
+            transformers.LlamaConfig(rope_parameters=dict(rope))
+        with pytest.raises(CheckpointError, match=rf"rope_scaling has no {missing}\b"):
+            model_config_from_hf(_llama_dict(rope_scaling=rope))

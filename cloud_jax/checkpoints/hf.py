@@ -88,12 +88,24 @@ def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
     if rope_type in ("default", None):
         scaling = RopeScalingConfig()
     elif rope_type in ("llama3", "linear"):
+        # What transformers requires of each type is refused by name where missing, not made up;
+        # llama3's pre-training context defaults to the model's, as transformers 5 fills it in.
+        required = (("factor", "low_freq_factor", "high_freq_factor") if rope_type == "llama3"
+                    else ("factor",))
+        missing = [key for key in required if rope.get(key) is None]
+        if missing:
+            raise CheckpointError(
+                f"{rope_key} has no {', '.join(missing)}: {rope_type} RoPE scaling needs "
+                f"{', '.join(required)} (transformers refuses the config too)")
+        original = rope.get("original_max_position_embeddings")
+        if original is None:
+            original = hf.get("max_position_embeddings",
+                              _FAMILY_DEFAULTS[model_type]["max_position_embeddings"])
         scaling = RopeScalingConfig(
-            type=rope_type, factor=float(rope.get("factor", 1.0)),
+            type=rope_type, factor=float(rope["factor"]),
             low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
             high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
-            original_max_position_embeddings=int(
-                rope.get("original_max_position_embeddings", 8192)))
+            original_max_position_embeddings=int(original))
     else:
         raise CheckpointError(f"{rope_key}.{type_key}={rope_type!r} is not supported: this "
                               "backbone computes the RoPE types default, linear, llama3")
