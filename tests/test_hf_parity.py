@@ -30,8 +30,20 @@ CASES = {
 }
 
 
+# Shapes the cases above leave out, checked by one test each way (load, export).
+MORE_CASES = {
+    "qwen2_untied_head_dim_mqa": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        head_dim=16, num_key_value_heads=1, tie_word_embeddings=False)),
+    "mistral_head_dim_window": ("MistralConfig", "MistralForCausalLM", dict(
+        head_dim=16, sliding_window=5)),
+    "llama_mha_eps_untied_theta": ("LlamaConfig", "LlamaForCausalLM", dict(
+        num_key_value_heads=6, rms_norm_eps=0.25,
+        rope_parameters={"rope_type": "default", "rope_theta": 30.0})),
+}
+
+
 def _random_hf_model(case, seed=0):
-    config_cls, model_cls, extra = CASES[case]
+    config_cls, model_cls, extra = {**CASES, **MORE_CASES}[case]
     cfg = getattr(transformers, config_cls)(**{**BASE, **extra})
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(cfg).eval()
@@ -357,3 +369,26 @@ def test_rope_scaling_keys_a_file_leaves_out_are_read_as_transformers_reads_them
             transformers.LlamaConfig(rope_parameters=dict(rope))
         with pytest.raises(CheckpointError, match=rf"rope_scaling has no {missing}\b"):
             model_config_from_hf(_llama_dict(rope_scaling=rope))
+
+
+@pytest.mark.parametrize("case", sorted(MORE_CASES))
+def test_more_shapes_load_and_export_with_transformers_logits(case, tmp_path):
+    """A head size other than hidden / heads on Qwen2 and Mistral, one key/value head, as many
+    key/value heads as query heads, an untied Qwen2, a large rms_norm_eps and a small RoPE base:
+    loaded, the logits are transformers'; exported as a backbone, transformers loads it with no
+    missing or unexpected keys and computes the same logits."""
+    from cloud_jax.checkpoints.hf import save_hf_backbone
+
+    hf = _random_hf_model(case)
+    hf.save_pretrained(tmp_path / "hf")
+    cfg, params, _, _ = load_model_dir(tmp_path / "hf")
+    ours, ref, mask, _ = _both_logits(hf, cfg, params, "left")
+    assert np.abs(ref).max() > 1.0
+    assert np.abs(ours - ref)[mask.astype(bool)].max() < 1e-4
+    save_hf_backbone(params, cfg, tmp_path / "out")
+    model_class = getattr(transformers, MORE_CASES[case][1])
+    back, info = model_class.from_pretrained(tmp_path / "out", output_loading_info=True,
+                                             attn_implementation="eager")
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ids, _ = _batch("left")
+    assert np.abs(_transformers_logits(back.eval(), ids, mask) - ref)[mask.astype(bool)].max() < 1e-4
