@@ -74,29 +74,37 @@ SAMPLE_RULES: Rules = tuple(
 )
 
 
-def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None, *,
+              flag: Optional[str] = None) -> Mesh:
     """Builds a ``data x fsdp x tensor`` mesh; one axis may be -1 to take the remaining devices.
-    Sizes that make no such mesh of ``devices`` are a ConfigError naming them."""
+    Sizes that make no such mesh of ``devices`` are a ConfigError naming them: as the config's
+    ``mesh.AXIS`` keys, or, given ``flag`` (a command's ``--mesh``), as that option's
+    ``AXIS=N``."""
     cfg = cfg or MeshConfig()
     devices = list(devices) if devices is not None else jax.devices()
+    head = flag or "mesh"
+
+    def key(axis: str) -> str:
+        return f"{flag} {axis}" if flag else f"mesh.{axis}"
+
     sizes = [cfg.data, cfg.fsdp, cfg.tensor]
     for axis, size in zip(MESH_AXES, sizes):
         if size < 1 and size != -1:
-            raise ConfigError(f"mesh.{axis}={size}: an axis size is >= 1, or -1 for the devices "
+            raise ConfigError(f"{key(axis)}={size}: an axis size is >= 1, or -1 for the devices "
                               "the other axes leave")
     if sizes.count(-1) > 1:
-        raise ConfigError(f"mesh: at most one axis may be -1, got data={cfg.data}, "
+        raise ConfigError(f"{head}: at most one axis may be -1, got data={cfg.data}, "
                           f"fsdp={cfg.fsdp}, tensor={cfg.tensor}")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if len(devices) % known:
-            raise ConfigError(f"mesh: {len(devices)} devices are not divisible by the fixed axes "
-                              f"(product {known}) of data={cfg.data}, fsdp={cfg.fsdp}, "
+            raise ConfigError(f"{head}: {len(devices)} devices are not divisible by the fixed "
+                              f"axes (product {known}) of data={cfg.data}, fsdp={cfg.fsdp}, "
                               f"tensor={cfg.tensor}")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ConfigError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but {len(devices)} devices "
-                          f"are present; set mesh.data=-1 to use them all")
+        raise ConfigError(f"{head}: data*fsdp*tensor = {math.prod(sizes)} but {len(devices)} "
+                          f"devices are present; set {key('data')}=-1 to use them all")
     mesh = jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
                          devices=devices)
     return _tensor_within_hosts(mesh)

@@ -76,3 +76,25 @@ def test_a_mesh_whose_batch_axis_leaves_hosts_sharing_rows_is_refused():
     assert "mesh.tensor within one host" in result["(1, 1, 8)"]
     assert {k: v for k, v in result.items() if k != "(1, 1, 8)"} == dict.fromkeys(
         ["(1, 2, 4)", "(2, 1, 4)", "(1, 4, 2)", "(8, 1, 1)", "(2, 2, 2)"], "ok")
+
+
+@pytest.mark.parametrize("flag,needle", [
+    ("data={n}", "set --mesh data=-1 to use them all"),
+    ("data=-1,fsdp=-1", "--mesh: at most one axis may be -1"),
+])
+def test_a_bad_mesh_flag_names_the_flag_not_the_config_keys(flag, needle):
+    # A command's --mesh has no mesh.data key to set: the error says what to pass instead.
+    import argparse
+
+    import jax
+
+    from cloud_jax.cli.common import add_model_args, load_model
+
+    parser = argparse.ArgumentParser()
+    add_model_args(parser)
+    flag = flag.format(n=len(jax.local_devices()) + 1)  # one more device than there are
+    args = parser.parse_args(["--checkpoint", "unused", "--mesh", flag])
+    with pytest.raises(ConfigError) as err:
+        load_model(args)
+    assert needle in str(err.value)
+    assert "mesh." not in str(err.value) and "--mesh: mesh:" not in str(err.value)

@@ -198,7 +198,9 @@ def load_model(args: argparse.Namespace, *, all_devices: bool = True):
     many = all_devices and len(devices) > 1
     mesh_cfg = args.mesh if args.mesh is not None else (MeshConfig() if many else None)
     try:
-        mesh = None if mesh_cfg is None else make_mesh(mesh_cfg, devices)
+        mesh = None if mesh_cfg is None else make_mesh(mesh_cfg, devices, flag="--mesh")
+    except ConfigError:
+        raise
     except ValueError as err:
         raise ConfigError(f"--mesh: {err}") from None
     overrides = {k: v for k, v in (("dtype", args.dtype), ("param_dtype", args.param_dtype),
