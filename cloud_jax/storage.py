@@ -274,17 +274,23 @@ def makedirs(path: str) -> None:
 
 @_accessing
 def listdir(path: str) -> List[str]:
-    """Names of the entries directly under ``path`` (sorted); [] when there is none. A URL in a
-    bucket that does not exist is a FileNotFoundError naming it (not an empty directory)."""
+    """Names of the entries directly under ``path`` (sorted); [] when there is none, and for a
+    file (an object), on disk as in a bucket. A URL in a bucket that does not exist is a
+    FileNotFoundError naming it (not an empty directory)."""
     if not is_url(path):
         return sorted(os.listdir(path)) if os.path.isdir(path) else []
     fs, inner = _fs(path)
     try:
-        return sorted(basename(p) for p in fs.ls(inner, detail=False))
+        entries = fs.ls(inner, detail=True)
     except FileNotFoundError:
         if scheme(path) in SCHEMES and _no_bucket(path):
             raise _not_found(path) from None
         return []
+    # The client lists an object as itself: an object is not a directory.
+    if (len(entries) == 1 and entries[0].get("type") == "file"
+            and entries[0]["name"].rstrip("/") == inner.rstrip("/")):
+        return []
+    return sorted(basename(e["name"]) for e in entries)
 
 
 @_accessing

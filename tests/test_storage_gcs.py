@@ -667,6 +667,16 @@ def test_a_listing_in_a_missing_bucket_names_the_url(bucket):
     assert storage.listdir(f"{bucket}/nothing-here") == []
 
 
+def test_listing_a_file_is_empty_in_the_bucket_as_on_disk(bucket, tmp_path):
+    """An object is not a directory: its listing is empty, as a local file's is (the store's
+    client answered with the object's own name, read by callers as an entry under it)."""
+    storage.write_text_atomic(f"{bucket}/listed/x.txt", "one")
+    (tmp_path / "x.txt").write_text("one")
+    for base in (f"{bucket}/listed", str(tmp_path)):
+        assert storage.listdir(f"{base}/x.txt") == [], base
+        assert storage.listdir(base) == ["x.txt"], base
+
+
 def test_a_config_file_in_the_bucket_loads_as_a_local_one_does(bucket, tmp_path):
     """``--config gs://...`` (train, pipeline, aot): the file is read from the bucket; it was
     reported as a config file that does not exist."""
