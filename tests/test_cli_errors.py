@@ -386,6 +386,30 @@ def test_export_and_convert_write_into_a_non_empty_out_only_when_told(capsys, fi
     assert "nothing to do" in capsys.readouterr().out
 
 
+def test_an_export_over_an_earlier_one_never_keeps_its_chat_template(files, tmp_path):
+    """A tokenizer without a chat template writes no chat_template.jinja: an earlier export's,
+    left in --out, was read back as the new model's template. It is removed; the export loads
+    with the tokenizer's own (none: cloud_jax's default)."""
+    from transformers import AutoTokenizer
+
+    from cloud_jax.data.tokenizer import DEFAULT_CHAT_TEMPLATE, load_tokenizer
+
+    plain = byte_tokenizer()
+    plain.chat_template = None
+    source = cloud_jax.load(files["ckpt"])
+    source = cloud_jax.RewardModel(source.config, source.params, plain).save_pretrained(
+        tmp_path / "no_template")
+    for fmt in ("cloud", "backbone"):
+        out = tmp_path / f"out_{fmt}"
+        out.mkdir()
+        (out / "chat_template.jinja").write_text("{{ 'an earlier model' }}")
+        assert main(["export-hf", "--checkpoint", str(source), "--out", str(out),
+                     "--format", fmt, "--overwrite"]) == 0
+        assert not (out / "chat_template.jinja").exists(), fmt
+        assert AutoTokenizer.from_pretrained(str(out)).chat_template is None, fmt
+        assert load_tokenizer(str(out)).chat_template == DEFAULT_CHAT_TEMPLATE, fmt
+
+
 def test_serve_takes_an_ipv6_host_with_or_without_brackets(capsys, tmp_path):
     """--host [::1], as a URL writes it, was handed to bind() with its brackets: 'cannot listen
     there'. Both spellings bind; the missing checkpoint is then the one error."""

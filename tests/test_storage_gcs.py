@@ -315,6 +315,25 @@ def test_an_export_over_an_earlier_sharded_one_in_the_bucket_loads_the_new_weigh
     assert not os.path.exists("gs:")
 
 
+def test_an_export_over_an_earlier_one_in_the_bucket_removes_its_chat_template(bucket):
+    """As on disk: a tokenizer without a chat template uploads none, so an earlier export's
+    chat_template.jinja would be read back as the new model's template."""
+    import cloud_jax
+    from cloud_jax.data.tokenizer import byte_tokenizer
+    from model_helpers import tiny_reward_model
+
+    plain = byte_tokenizer()
+    plain.chat_template = None
+    url = f"{bucket}/models/no_template"
+    tiny_reward_model(1).save_pretrained(url)
+    storage.write_text_atomic(f"{url}/additional_chat_templates/tool_use.jinja", "{{ 'old' }}")
+    assert "chat_template.jinja" in storage.listdir(url)
+    old = tiny_reward_model(2)
+    cloud_jax.RewardModel(old.config, old.params, plain).save_pretrained(url)
+    assert {"chat_template.jinja", "additional_chat_templates"}.isdisjoint(storage.listdir(url))
+    assert "tokenizer.json" in storage.listdir(url)
+
+
 def test_convert_gguf_writes_a_url_output_to_the_bucket(bucket, tmp_path, capsys):
     from test_gguf import write_tiny_llama_gguf
 

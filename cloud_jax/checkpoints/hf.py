@@ -633,12 +633,16 @@ def staged_export(directory: str | os.PathLike) -> Iterator[Path]:
     weights it does not describe: an export stopped part-way leaves a directory without
     ``config.json``, which no load takes for a model, until a retry completes it. The weight
     files an earlier save left there that this one does not write are deleted, as
-    :func:`write_safetensors` deletes them on disk (a stale index would be what a load reads)."""
+    :func:`write_safetensors` deletes them on disk (a stale index would be what a load reads);
+    so is an earlier tokenizer's chat template (``chat_template.jinja``, transformers'
+    ``additional_chat_templates/``): a tokenizer without one writes none, and transformers reads
+    those files before the tokenizer's config."""
     directory = os.fspath(directory)
     storage.check_path(directory, "output directory")
     config = storage.join(directory, "config.json")
     if not storage.is_url(directory):
         storage.remove(config)
+        _remove_chat_templates(directory)
         with storage.staged_output(directory) as local:
             yield Path(local)
         return
@@ -647,6 +651,7 @@ def staged_export(directory: str | os.PathLike) -> Iterator[Path]:
         yield Path(local)
         written = set(os.listdir(local))
         storage.remove(config)
+        _remove_chat_templates(directory)
         for name in storage.listdir(directory):
             if _WEIGHT_FILE.fullmatch(name) and name not in written:
                 storage.remove(storage.join(directory, name))
@@ -654,6 +659,17 @@ def staged_export(directory: str | os.PathLike) -> Iterator[Path]:
         storage.upload_dir(local, directory, last=("config.json",))
     finally:
         shutil.rmtree(local, ignore_errors=True)
+
+
+# What a tokenizer's save_pretrained writes its chat templates to (transformers 5), read on load
+# before the template in tokenizer_config.json.
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+CHAT_TEMPLATE_DIR = "additional_chat_templates"
+
+
+def _remove_chat_templates(directory: str) -> None:
+    storage.remove(storage.join(directory, CHAT_TEMPLATE_FILE))
+    storage.remove_tree(storage.join(directory, CHAT_TEMPLATE_DIR))
 
 
 def save_hf_backbone(params: Params, cfg: ModelConfig, directory: str | os.PathLike) -> Path:

@@ -36,8 +36,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "when the run's data.tokenizer does not load here")
     parser.add_argument("--overwrite", action="store_true",
                         help="write into --out although it is not empty: files of the names the "
-                             "export has are replaced, an earlier export's weight files removed, "
-                             "and the other files left as they are")
+                             "export has are replaced, an earlier export's weight files and chat "
+                             "template (chat_template.jinja) removed, and the other files left as "
+                             "they are")
     args = parser.parse_args(argv)
     if args.base_model_name and args.format == "backbone":
         parser.error("--base-model-name is recorded by a CLoud export (--format cloud); a "
