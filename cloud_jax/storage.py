@@ -103,12 +103,20 @@ def check_bucket(path: str, what: str) -> None:
 
 def check_output_dir(path: str, what: str) -> None:
     """:func:`check_path` and :func:`check_bucket`, for an output directory; a ConfigError for a
-    local path that is a file (checked before the work, not when the directory is made)."""
+    path that is a file, a local one or an object (checked before the work, not when the
+    directory is made: the files would go under the object's name, beside it)."""
     check_path(path, what)
-    if not is_url(path) and os.path.lexists(path) and not os.path.isdir(path):
+    check_bucket(path, what)
+    if is_url(path):
+        try:
+            is_file = isfile(path)
+        except PermissionError:  # a caller that may write objects but not read them: let through
+            is_file = False
+    else:
+        is_file = os.path.lexists(path) and not os.path.isdir(path)
+    if is_file:
         raise ConfigError(f"{what}={os.fspath(path)!r} is a file, not a directory: give a "
                           "directory (a new one, or one that exists)")
-    check_bucket(path, what)
 
 
 def check_output_file(path: str, what: str) -> None:

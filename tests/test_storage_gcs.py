@@ -568,6 +568,38 @@ def test_an_output_in_a_missing_bucket_is_refused_before_any_work(bucket, toy, t
             run(cfg)
 
 
+def test_an_output_directory_that_is_an_object_is_refused_as_a_local_file_is(
+        bucket, toy, tmp_path, monkeypatch, capsys):
+    """An output directory named by an object in the bucket was taken for a directory: the
+    files went under the object's name beside it. A local file is refused, before any work; an
+    object is too, with the same line."""
+    import cloud_jax
+
+    from cloud_jax.cli import evaluate, export
+    from cloud_jax.cli.common import run_command
+    from model_helpers import tiny_reward_model
+
+    def work(*args, **kwargs):
+        raise AssertionError("the work began")
+
+    model = str(tmp_path / "model")
+    tiny_reward_model(1).save_pretrained(model)
+    monkeypatch.setattr(cloud_jax, "load", work)
+    storage.write_text_atomic(f"{bucket}/an_object", "a file")
+    (tmp_path / "a_file").write_text("a file")
+    sampling = ["--checkpoint", model, "--input", toy["train"], "--max-critique-tokens", "4"]
+    for out in (f"{bucket}/an_object", str(tmp_path / "a_file")):
+        for main, argv, option in (
+                (export.main, ["--checkpoint", model, "--out", out, "--overwrite"], "--out"),
+                (evaluate.main, [*sampling, "--output-dir", out], "--output-dir")):
+            assert run_command(main, argv) == 2, (main, out)
+            err = capsys.readouterr().err.strip().splitlines()
+            assert err == [f"error: {option}={out!r} is a file, not a directory: give a "
+                           "directory (a new one, or one that exists)"], (main, err)
+    assert storage.listdir(bucket).count("an_object") == 1
+    assert not storage.exists(f"{bucket}/an_object/config.json")
+
+
 def test_convert_gguf_reads_its_gguf_from_the_bucket(bucket, tmp_path, capsys):
     """--gguf gs://... is the object (copied to a temporary local file, as the GGUF reader maps a
     local file), not a local path "gs:/..." that does not exist; a missing object is named."""
