@@ -615,8 +615,10 @@ def _remote_files(url: str) -> dict:
     for name, info in found.items():
         rel = name[len(inner):].lstrip("/")
         if rel:
-            out[rel] = [info.get("size"), info.get("etag") or info.get("md5Hash")
-                        or str(info.get("mtime") or info.get("updated"))]
+            # gcsfs names the etag "etag", s3fs "ETag" (and its time "LastModified").
+            out[rel] = [info.get("size"), info.get("etag") or info.get("ETag")
+                        or info.get("md5Hash") or str(info.get("mtime") or info.get("updated")
+                                                      or info.get("LastModified"))]
     return out
 
 

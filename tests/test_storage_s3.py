@@ -44,6 +44,19 @@ def test_storage_calls_on_s3(bucket):
         storage.listdir("s3://no-such-bucket/x")
 
 
+def test_a_directory_changed_in_s3_is_downloaded_again_at_the_same_size(bucket, tmp_path,
+                                                                         monkeypatch):
+    """The cache of a remote directory is keyed by its objects' names, sizes and etags: s3fs
+    names the etag "ETag", so only the sizes counted, and an object rewritten at the same size
+    (new weights of the same shapes) was read from the stale copy."""
+    monkeypatch.setenv("CLOUD_JAX_CACHE", str(tmp_path / "cache"))
+    url = f"{bucket}/same_size"
+    storage.write_text_atomic(f"{url}/w.bin", "one")
+    assert Path(storage.local_copy(url), "w.bin").read_text() == "one"
+    storage.write_text_atomic(f"{url}/w.bin", "two")
+    assert Path(storage.local_copy(url), "w.bin").read_text() == "two"
+
+
 def test_a_run_writes_everything_but_its_checkpoints_to_s3(bucket, tmp_path):
     train, _ = write_toy_data(str(tmp_path / "data"), n_train=32, n_eval=8)
     storage.copy_file(train, f"{bucket}/data/train.jsonl")
