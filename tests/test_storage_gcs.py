@@ -334,6 +334,36 @@ def test_an_export_over_an_earlier_one_in_the_bucket_removes_its_chat_template(b
     assert "tokenizer.json" in storage.listdir(url)
 
 
+def test_a_dataset_built_into_the_bucket_writes_its_rejects_once(bucket, tmp_path,
+                                                                   monkeypatch):
+    """An object cannot be appended to: the rejects of a lenient build into a gs:// tfds_dir
+    were rewritten whole for every bad row (each rewrite as long as all before it, and the store
+    takes about one write of an object a second). They are written locally and the file
+    copied to the bucket once the split is read, every bad row in it."""
+    from test_data_schema import _jsonl, _row, _trimming_byte_tokenizer
+
+    from cloud_jax.data.config import DataConfig
+    from cloud_jax.data.tfds_builder import prepare_dataset
+
+    monkeypatch.setenv("CLOUD_JAX_CACHE", str(tmp_path / "cache"))
+    rows = [_row(0), *(_row(i, chosen=i) for i in range(1, 5)),
+            _row(5, chosen="2.", rejected=" 2.\n"), _row(6)]
+    path = _jsonl(tmp_path / "rows.jsonl", rows)
+    writes = []
+    put = storage._put_object
+    monkeypatch.setattr(storage, "_put_object",
+                        lambda url, data: (writes.append(url), put(url, data))[1])
+    cfg = DataConfig(train_path=path, max_length=96, critique_prefix="C: ", lenient=True,
+                     tfds_dir=f"{bucket}/tfds_rejects")
+    stats = prepare_dataset(cfg, _trimming_byte_tokenizer(), "critique").stats["train"]
+    url = stats["rejects_path"]
+    assert url.startswith(f"{bucket}/tfds_rejects/") and url.endswith("rejects-train.jsonl")
+    assert (stats["rejected_rows"], stats["pairs"]) == (5, 2)
+    records = [json.loads(line) for line in storage.read_text(url).splitlines()]
+    assert [r["line"] for r in records] == [2, 3, 4, 5, 6]
+    assert writes.count(url) == 1, writes
+
+
 def test_convert_gguf_writes_a_url_output_to_the_bucket(bucket, tmp_path, capsys):
     from test_gguf import write_tiny_llama_gguf
 

@@ -45,6 +45,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 from typing import Dict, Mapping, Optional
 
 import numpy as np
@@ -148,14 +149,37 @@ class CloudPairs(tfds.core.GeneratorBasedBuilder):
                 for split, files in self._split_files.items()}
 
     def _generate_examples(self, split: str, files: list):
+        target = self._rejects_paths.get(split)
+        if not (target and storage.is_url(target)):
+            yield from self._examples(split, files, target, target)
+            return
+        # An object cannot be appended to (each bad row would rewrite all the rejects before
+        # it): the rejects are written locally and copied to the object once the split is read,
+        # also when it fails (a split with no usable pair: its rejects say why).
+        staging = tempfile.mkdtemp(prefix="cloud_jax-rejects-")
+        local = os.path.join(staging, storage.basename(target))
+        try:
+            yield from self._examples(split, files, local, target)
+        finally:
+            try:
+                if os.path.exists(local):
+                    storage.copy_file(local, target)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+
+    def _examples(self, split: str, files: list, rejects_path: Optional[str],
+                  rejects_shown_as: Optional[str]):
+        """The examples of ``split``; bad rows written to ``rejects_path`` (a local file, or the
+        configured path), which messages and the split's stats name as ``rejects_shown_as``."""
         s = self._settings
         layout = chat_layout(self._tokenizer)
         loaded = load_rows(files, require_feedback=s.require_feedback, lenient=s.lenient,
-                           rejects_path=self._rejects_paths.get(split),
+                           rejects_path=rejects_path, rejects_shown_as=rejects_shown_as,
                            split=self._source_splits.get(split, ""), columns=self._columns)
+        shown = rejects_shown_as if loaded.rejects_path else None
         stats = {"rows": len(loaded.rows) + loaded.num_rejected,
                  "rejected_rows": loaded.num_rejected, "pairs": 0, "dropped_overlength": 0,
-                 "prompt_truncated": 0, "rejects_path": loaded.rejects_path}
+                 "prompt_truncated": 0, "rejects_path": shown}
         self.info.metadata[split] = stats
         longest = (0, "")  # (tokens, where) of the longest dropped sequence, for the messages
         for index, row in enumerate(loaded.rows):
@@ -199,7 +223,7 @@ class CloudPairs(tfds.core.GeneratorBasedBuilder):
         if stats["rejected_rows"] > loaded.num_rejected:
             log.warning("%s: %d pairs rejected: chosen and rejected are the same tokens%s", split,
                         stats["rejected_rows"] - loaded.num_rejected,
-                        f" (details in {loaded.rejects_path})" if loaded.rejects_path else "")
+                        f" (details in {shown})" if shown else "")
         too_long = ""
         if stats["dropped_overlength"]:
             # Of the pairs tokenized: rows rejected as the same tokens were never measured.
