@@ -294,11 +294,11 @@ def listdir(path: str) -> List[str]:
         if scheme(path) in SCHEMES and _no_bucket(path):
             raise _not_found(path) from None
         return []
-    # The client lists an object as itself: an object is not a directory.
-    if (len(entries) == 1 and entries[0].get("type") == "file"
-            and entries[0]["name"].rstrip("/") == inner.rstrip("/")):
-        return []
-    return sorted(basename(e["name"]) for e in entries)
+    # Entries that name ``path`` itself are not under it: the client lists an object as itself
+    # (an object is not a directory), and a folder made in a console is an empty object
+    # ``name/``, listed in it.
+    here = inner.rstrip("/")
+    return sorted(basename(e["name"]) for e in entries if e["name"].rstrip("/") != here)
 
 
 @_accessing

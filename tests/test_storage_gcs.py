@@ -758,6 +758,18 @@ def test_listing_a_file_is_empty_in_the_bucket_as_on_disk(bucket, tmp_path):
         assert storage.listdir(base) == ["x.txt"], base
 
 
+def test_a_folder_made_in_the_console_lists_what_is_in_it_only(bucket):
+    """The Cloud console's "create folder" writes an empty object ``name/``: it was listed as an
+    entry of the folder, which an export-hf --out there then refused as not empty."""
+    fs, inner = storage._fs(f"{bucket}/console_folder")
+    fs.pipe_file(f"{inner}/", b"")
+    assert storage.isdir(f"{bucket}/console_folder")
+    assert storage.listdir(f"{bucket}/console_folder") == []
+    storage.write_text_atomic(f"{bucket}/console_folder/x.txt", "one")
+    assert storage.listdir(f"{bucket}/console_folder") == ["x.txt"]
+    assert storage.listdir(f"{bucket}/console_folder/") == ["x.txt"]
+
+
 def test_a_config_file_in_the_bucket_loads_as_a_local_one_does(bucket, tmp_path):
     """``--config gs://...`` (train, pipeline, aot): the file is read from the bucket; it was
     reported as a config file that does not exist."""

@@ -30,6 +30,10 @@ def test_storage_calls_on_s3(bucket):
     storage.write_text_atomic(f"{base}/a/y.txt", "two")
     assert storage.listdir(f"{base}/a") == ["x.txt", "y.txt"]
     assert storage.listdir(f"{base}/a/x.txt") == []  # an object is not a directory
+    # The console's "create folder" writes an empty object a/: not an entry of a/.
+    fs, inner = storage._fs(f"{base}/a")
+    fs.pipe_file(f"{inner}/", b"")
+    assert storage.listdir(f"{base}/a") == ["x.txt", "y.txt"]
     assert storage.glob(f"{base}/a/*.txt") == [f"{base}/a/x.txt", f"{base}/a/y.txt"]
     log = storage.AppendText(f"{base}/log.jsonl")
     log.write("1\n")
