@@ -189,6 +189,27 @@ def test_methods_draw_from_the_right_distribution():
     assert low[0] > 0.85
 
 
+def test_top_p_of_one_cuts_nothing():
+    """top_p=1.0 is no nucleus at all: in float32 the cumulative mass before a token of a
+    probability of a few 1e-7 rounds to 1.0, which the cut ``mass_before < p`` dropped, so a
+    token the temperature alone draws was never drawn. It now draws what the temperature
+    alone draws, for every uniform number."""
+    rng = np.random.default_rng(0)
+    raw = [rng.normal(size=64) * 3 for _ in range(45)][-1]
+    logits = jnp.asarray(raw, jnp.float32)[None]
+    probs = jax.nn.softmax(jnp.sort(logits, axis=-1)[:, ::-1], axis=-1)
+    assert float((jnp.cumsum(probs, axis=-1) - probs)[0, -1]) >= 1.0  # what the cut dropped
+    rare = int(np.argmin(raw))  # that token: probability 3.6e-7
+    u = jnp.asarray([0.90794736], jnp.float32)  # where the temperature alone draws it
+    for t in (1.0, 0.7):
+        us = jnp.concatenate([u, jnp.linspace(0.0, 1.0, 4001, endpoint=False)])
+        rows = jnp.repeat(logits, us.shape[0], axis=0)
+        expected = np.asarray(Temperature(t).draw(rows, us))
+        np.testing.assert_array_equal(np.asarray(TopP(1.0, t).draw(rows, us)), expected)
+        if t == 1.0:
+            assert expected[0] == rare  # drawn by both
+
+
 @pytest.mark.parametrize("temperature", [1e-37, 1e-39, 5e-324])
 def test_a_tiny_temperature_draws_as_greedy_does(temperature):
     """logits / T overflows (and a subnormal T is flushed to 0 on CPU): the draw must still be the

@@ -153,7 +153,9 @@ class TopK:
 @dataclasses.dataclass(frozen=True)
 class TopP:
     """Nucleus sampling: a draw among the fewest most likely tokens whose probability (at
-    ``temperature``) reaches ``p``; the most likely token is always kept."""
+    ``temperature``) reaches ``p``; the most likely token is always kept. ``p`` = 1 cuts
+    nothing: it draws exactly as ``Temperature(temperature)`` (in float32 the mass before a
+    token of a probability near 1e-7 can round to 1, which the cut would drop)."""
 
     p: float
     temperature: float = 1.0
@@ -170,6 +172,8 @@ class TopP:
 
     def draw(self, logits_nv: jax.Array, uniforms_n: jax.Array) -> jax.Array:
         scaled = _scale(logits_nv, self.temperature)
+        if self.p >= 1:
+            return _inverse_cdf(scaled, uniforms_n)
         order_nv = jnp.argsort(-scaled, axis=-1)
         sorted_nv = jnp.take_along_axis(scaled, order_nv, axis=-1)
         probs = jax.nn.softmax(sorted_nv, axis=-1)
