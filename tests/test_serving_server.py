@@ -369,6 +369,70 @@ def test_a_request_its_client_gives_up_on_after_a_timeout_is_cancelled():
         proc.wait()
 
 
+# A backend that answers every request at once, served with a body limit of 4096 bytes.
+_SMALL_BODY_SERVER = _WAITING_SERVER.rsplit("sys.exit", 1)[0] + """
+from cloud_jax.serving.types import ItemResult
+
+class Answering(Waiting):
+    def submit(self, items, settings):
+        future = Future()
+        future.set_result([ItemResult(0.5, [0.5], 0.0, ["ok"], [False]) for _ in items])
+        return future
+
+sys.exit(serve(Answering(), Settings(), None, port=int(sys.argv[1]), log_level="warning",
+               max_body_bytes=4096))
+"""
+
+
+def test_a_request_body_over_the_limit_is_refused_before_it_is_read():
+    """The body was read whole into memory whatever its size: a client could make the server
+    hold gigabytes. A body past the limit (--max-body-mib) is a 413 naming the flag, at once from
+    its Content-Length, or once that much of a chunked body has come."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-c", _SMALL_BODY_SERVER, str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert time.monotonic() < deadline and proc.poll() is None
+            try:
+                requests.get(url + "/health", timeout=1)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        # A terabyte announced, a few bytes sent: answered without waiting for the rest.
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as conn:
+            conn.sendall(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                         b"\r\nContent-Length: 1000000000000\r\n\r\n{\"items\": [")
+            answer = b""
+            while b"}" not in answer.partition(b"\r\n\r\n")[2]:
+                chunk = conn.recv(65536)
+                assert chunk, answer
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 413"), head
+        error = json.loads(body)
+        assert error["field"] == "body"
+        assert "1000000000000 bytes" in error["error"] and "4096" in error["error"]
+        assert "--max-body-mib" in error["error"]
+        # Chunked, with no Content-Length: refused once more than the limit has come.
+        big = json.dumps({"items": [{"prompt": "a" * 5000, "response": "b"}]}).encode()
+        answer = requests.post(url + "/v1/score", data=iter([big[:3000], big[3000:]]),
+                               headers={"Content-Type": "application/json"}, timeout=30)
+        assert answer.status_code == 413 and answer.json()["field"] == "body", answer.text
+        # Within the limit, as before.
+        small = {"items": [{"prompt": "a" * 3000, "response": "b"}]}
+        answer = requests.post(url + "/v1/score", json=small, timeout=30)
+        assert answer.status_code == 200, answer.text
+        metrics = requests.get(url + "/metrics", timeout=30).text
+        assert 'cloud_rejected_requests_total{reason="body_too_large"} 2.0' in metrics
+        assert 'cloud_requests_total{endpoint="/v1/score",status="413"} 2.0' in metrics
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 # The waiting backend, whose close says how it was asked to close and, asked to drain, waits for
 # its requests (which never end) as a draining backend does.
 _FORCE_QUIT_SERVER = _WAITING_SERVER.rsplit("sys.exit", 1)[0] + """

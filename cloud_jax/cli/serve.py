@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from typing import Optional, Sequence
 
 from cloud_jax.cli.common import add_model_args, field_error, load_model
-from cloud_jax.serving.types import WARMUP, BackendOptions, Settings
+from cloud_jax.serving.types import DEFAULT_MAX_BODY_MIB, WARMUP, BackendOptions, Settings
 
 BATCHING = ("continuous", "static")
 
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prefill tokens per item at most, and never more than the model's "
                         "positions leave after the critique budget + 1; longer items get 413 "
                         "(default %(default)s)")
+    p.add_argument("--max-body-mib", type=float, default=DEFAULT_MAX_BODY_MIB,
+                   help="the largest request body read, in MiB (2**20 bytes); a larger one gets "
+                        "413 before the rest of it is read (default %(default)s)")
     p.add_argument("--batching", choices=BATCHING, default="continuous",
                    help="continuous (default): decode slots refilled as critiques finish; "
                         "static: a batch is admitted and waits for its longest critique")
@@ -105,6 +109,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name in ("slots", "max_queue", "max_length", "num_samples", "chunk_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not (args.max_body_mib * 2**20 >= 1 and math.isfinite(args.max_body_mib)):
+        parser.error(f"--max-body-mib {args.max_body_mib:g}: must be a finite number of MiB of "
+                     "at least one byte (2**-20)")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port {args.port}: must lie in [0, 65535] (0: any free port)")
     defaults = Settings(num_samples=args.num_samples, temperature=args.temperature,
@@ -151,7 +158,8 @@ def _load_and_serve(parser, args, defaults: Settings, limit: int, sock) -> int:
     except ConfigError as err:
         parser.error(str(err))
     return serve(make_backend(args.batching, rm, options, args.chunk_steps), defaults, rm.tokenizer,
-                 host=args.host, port=args.port, log_level=args.log_level, sock=sock)
+                 host=args.host, port=args.port, log_level=args.log_level, sock=sock,
+                 max_body_bytes=int(args.max_body_mib * 2**20))
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@
     GET  /metrics      Prometheus text
 
 Bad input is answered 400 (not JSON, not an object) or 422 (a field: missing, wrong type, out of
-range, lengths that disagree), naming the field; an item longer than the server's maximum 413; a
-full queue 503 with Retry-After. A client that goes away has its request cancelled. SIGTERM (or
+range, lengths that disagree), naming the field; an item longer than the server's maximum 413, and
+a body larger than ``max_body_bytes`` 413 too, before the rest of it is read; a full queue 503
+with Retry-After. A client that goes away has its request cancelled. SIGTERM (or
 Ctrl-C) stops admitting, lets every accepted request finish, then the process exits 0; a second
 Ctrl-C quits without waiting for them.
 """
@@ -35,10 +36,35 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cloud_jax.serving.protocol import ChatMarkers, InvalidField, parse_openrlhf, parse_score
-from cloud_jax.serving.types import (Backend, BackendStats, InputTooLong, ItemResult, QueueFull,
-                                     Settings, ShuttingDown)
+from cloud_jax.serving.types import (DEFAULT_MAX_BODY_MIB, Backend, BackendStats, InputTooLong,
+                                     ItemResult, QueueFull, Settings, ShuttingDown)
 
 log = logging.getLogger(__name__)
+
+class BodyTooLarge(Exception):
+    """A request body past the server's limit (HTTP 413): refused without reading the rest."""
+
+    def __init__(self, limit: int, size: Optional[int] = None):
+        said = f"{size} bytes" if size is not None else "more bytes than that"
+        super().__init__(f"the request body holds {said}; this server reads at most {limit} "
+                         f"bytes ({limit / 2**20:g} MiB, the serve command's --max-body-mib): send "
+                         "fewer items per request, or raise --max-body-mib")
+        self.limit = limit
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request's body, or BodyTooLarge as soon as it is known to hold more than ``limit``
+    bytes: at once from its Content-Length, else once as much has arrived (a chunked body)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(limit, int(declared))
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class Metrics:
@@ -105,8 +131,10 @@ def _error(status: int, message: str, field: Optional[str] = None, **headers) ->
     return JSONResponse(body, status_code=status, headers=headers or None)
 
 
-def build_app(backend: Backend, defaults: Settings, tokenizer) -> Starlette:
-    """The app over ``backend`` (already started, or started by the caller before serving)."""
+def build_app(backend: Backend, defaults: Settings, tokenizer,
+              max_body_bytes: int = DEFAULT_MAX_BODY_MIB * 2**20) -> Starlette:
+    """The app over ``backend`` (already started, or started by the caller before serving);
+    a request body of more than ``max_body_bytes`` is a 413."""
     metrics = Metrics(backend)
     markers = ChatMarkers.of(tokenizer) if tokenizer is not None else None
     state = {"draining": False}
@@ -140,7 +168,7 @@ def build_app(backend: Backend, defaults: Settings, tokenizer) -> Starlette:
             if state["draining"] or not getattr(backend, "ready", True):
                 raise ShuttingDown("the server is not ready" if not state["draining"] else
                                    "the server is shutting down")
-            raw = await request.body()
+            raw = await _read_body(request, max_body_bytes)
 
             def admit():
                 items, settings = parse(read_json(raw))
@@ -171,6 +199,10 @@ def build_app(backend: Backend, defaults: Settings, tokenizer) -> Starlette:
             metrics.rejected.labels("invalid").inc()
             field = named(err.field)
             return _error(err.status, field + str(err)[len(err.field):], field)
+        except BodyTooLarge as err:
+            status = 413
+            metrics.rejected.labels("body_too_large").inc()
+            return _error(413, str(err), "body", Connection="close")
         except InputTooLong as err:
             status = 413
             metrics.rejected.labels("too_long").inc()
@@ -297,15 +329,17 @@ def listen_socket(host: str, port: int) -> socket.socket:
 
 def serve(backend: Backend, defaults: Settings, tokenizer, *, host: str = "127.0.0.1",
           port: int = 8000, log_level: str = "info",
-          sock: Optional[socket.socket] = None) -> int:
+          sock: Optional[socket.socket] = None,
+          max_body_bytes: int = DEFAULT_MAX_BODY_MIB * 2**20) -> int:
     """Starts the backend, serves until SIGTERM / Ctrl-C, drains, and returns 0. ``sock``: a
-    socket from :func:`listen_socket` (default: one bound to ``host:port`` here)."""
+    socket from :func:`listen_socket` (default: one bound to ``host:port`` here);
+    ``max_body_bytes``: the largest request body read (a larger one is a 413)."""
     import uvicorn
 
     if sock is None:
         sock = listen_socket(host, port)
     port = sock.getsockname()[1]  # the port the system chose for --port 0
-    app = build_app(backend, defaults, tokenizer)
+    app = build_app(backend, defaults, tokenizer, max_body_bytes)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=None, lifespan="off")
 

@@ -84,6 +84,10 @@ class BackendOptions:
 
 WARMUP = ("request", "buckets")
 
+# The largest request body the server reads by default (--max-body-mib): far above what a full
+# queue of the longest items takes, far below what would strain a host's memory.
+DEFAULT_MAX_BODY_MIB = 64
+
 
 @dataclasses.dataclass(frozen=True)
 class ItemResult:
