@@ -4,6 +4,7 @@ overload (503 + Retry-After, nothing accepted lost), and SIGTERM under load (eve
 request answered, exit 0)."""
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -744,6 +745,43 @@ def test_serve_builds_its_backend_with_the_warmup_asked_for(checkpoint, monkeypa
     with pytest.raises(SystemExit) as err:
         main(["--checkpoint", str(checkpoint), "--warmup", "all"])
     assert err.value.code == 2
+
+
+def test_sigterm_while_the_server_loads_or_compiles_exits_0(checkpoint, rm, monkeypatch, caplog):
+    """SIGTERM before the server listened (loading the model, compiling) was taken as a
+    preempted batch command's: status 75 and "run the same command again to resume", where a
+    server stops with status 0 after SIGTERM (docs/SERVING.md). It now stops there, logs that
+    nothing was accepted, and exits 0, as it does once it serves."""
+    import cloud_jax.cli.serve as serve_cli
+    from cloud_jax.cli.common import run_command
+
+    argv = ["--checkpoint", str(checkpoint), "--port", "0"]
+
+    def sigterm_then_wait(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the handler raises here
+        raise AssertionError("SIGTERM did not stop the server")
+
+    monkeypatch.setattr(serve_cli, "load_model", sigterm_then_wait)
+    with caplog.at_level(logging.WARNING, "cloud_jax.serving.server"):
+        assert run_command(serve_cli.main, argv) == 0
+    assert "stopped by SIGTERM while loading and compiling, before listening" in caplog.text
+
+    closed = []
+
+    class Compiling:  # SIGTERM while its start() compiles
+        start = staticmethod(sigterm_then_wait)
+
+        def close(self, drain=True):
+            closed.append(drain)
+
+    monkeypatch.setattr(serve_cli, "load_model", lambda *args, **kwargs: rm)
+    monkeypatch.setattr(serve_cli, "make_backend", lambda *args, **kwargs: Compiling())
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "cloud_jax.serving.server"):
+        assert run_command(serve_cli.main, argv) == 0
+    assert closed == [False]  # nothing accepted: nothing to drain
+    assert "stopped by SIGTERM while loading and compiling, before listening" in caplog.text
 
 
 def test_a_request_that_picks_top_p_or_top_k_replaces_the_servers_default_of_the_other():

@@ -7,7 +7,8 @@ Best-of-N.
     GET  /metrics      Prometheus text
 
 The server answers once the model is loaded and compiled. SIGTERM stops admitting, answers every
-accepted request and exits 0. docs/SERVING.md has the protocols, curl examples and sizing.
+accepted request and exits 0 (while the server still loads and compiles, it stops there and exits
+0). docs/SERVING.md has the protocols, curl examples and sizing.
 """
 
 from __future__ import annotations
@@ -139,8 +140,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _load_and_serve(parser, args, defaults: Settings, limit: int, sock) -> int:
-    from cloud_jax.serving.server import serve
+    from cloud_jax.errors import Preempted
+    from cloud_jax.serving.server import log_stopped_before_listening, serve
 
+    try:  # SIGTERM here (run_command raises Preempted) stops a server as it does once it serves
+        backend, tokenizer = _backend(parser, args, defaults, limit)
+    except Preempted:
+        log_stopped_before_listening()
+        return 0
+    return serve(backend, defaults, tokenizer, host=args.host, port=args.port,
+                 log_level=args.log_level, sock=sock,
+                 max_body_bytes=int(args.max_body_mib * 2**20))
+
+
+def _backend(parser, args, defaults: Settings, limit: int):
+    """(the backend, the model's tokenizer): the model loaded, the settings checked."""
     # The continuous engine runs on one device: without --mesh, it takes the first.
     rm = load_model(args, all_devices=args.batching != "continuous")
     classic = args.classic if args.classic is not None else rm.is_classic
@@ -157,9 +171,7 @@ def _load_and_serve(parser, args, defaults: Settings, limit: int, sock) -> int:
         parser.error(field_error(err.field, err, vars(args)))
     except ConfigError as err:
         parser.error(str(err))
-    return serve(make_backend(args.batching, rm, options, args.chunk_steps), defaults, rm.tokenizer,
-                 host=args.host, port=args.port, log_level=args.log_level, sock=sock,
-                 max_body_bytes=int(args.max_body_mib * 2**20))
+    return make_backend(args.batching, rm, options, args.chunk_steps), rm.tokenizer
 
 
 if __name__ == "__main__":

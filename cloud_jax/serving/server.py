@@ -12,7 +12,8 @@ range, lengths that disagree), naming the field; an item longer than the server'
 a body larger than ``max_body_bytes`` 413 too, before the rest of it is read; a full queue 503
 with Retry-After. A client that goes away has its request cancelled. SIGTERM (or
 Ctrl-C) stops admitting, lets every accepted request finish, then the process exits 0; a second
-Ctrl-C quits without waiting for them.
+Ctrl-C quits without waiting for them. SIGTERM while the model loads and compiles (before the
+socket listens, nothing accepted) stops there, and the process exits 0 too.
 """
 
 from __future__ import annotations
@@ -327,6 +328,13 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def log_stopped_before_listening() -> None:
+    """What SIGTERM while the server loads and compiles (it accepted nothing yet) logs, before
+    the process exits 0 as after any SIGTERM."""
+    log.warning("stopped by SIGTERM while loading and compiling, before listening: no request "
+                "was accepted; exiting")
+
+
 def serve(backend: Backend, defaults: Settings, tokenizer, *, host: str = "127.0.0.1",
           port: int = 8000, log_level: str = "info",
           sock: Optional[socket.socket] = None,
@@ -352,7 +360,14 @@ def serve(backend: Backend, defaults: Settings, tokenizer, *, host: str = "127.0
 
     server = Server(config)
     log.info("loading and compiling before accepting requests")
-    backend.start()
+    from cloud_jax.errors import Preempted
+
+    try:
+        backend.start()
+    except Preempted:  # SIGTERM (cloud_jax.cli.common.run_command's handler) before listening
+        log_stopped_before_listening()
+        backend.close(drain=False)
+        return 0
 
     def on_signal(sig, frame):
         # Stop admitting at once; uvicorn then waits for the requests in flight. Handled here
