@@ -98,6 +98,34 @@ def test_train(capsys, files, tmp_path):
                 "data.train_path")
 
 
+def test_a_missing_tokenizer_directory_is_named_as_one(capsys, files, tmp_path, monkeypatch):
+    # A tokenizer path not made yet (`.cache/smollm2-135m-instruct` before `make smollm2`, the
+    # smollm2 configs' data.tokenizer) says there is no such directory, as init_from does, not
+    # what the hub client says of it as a repository name ("Repo id must use alphanumeric ...").
+    from cloud_jax.cli.common import run_command
+    from cloud_jax.cli.train import main as train
+
+    monkeypatch.chdir(tmp_path)
+    for tok in (".cache/smollm2-135m-instruct", str(tmp_path / "tok" / "missing")):
+        capsys.readouterr()
+        assert run_command(train, ["--config", TINY_YAML, f"data.train_path={files['rows']}",
+                                   "data.eval_path=\"\"", f"data.tfds_dir={tmp_path / 'tfds'}",
+                                   f"data.tokenizer={tok}", "init_from=\"\"",
+                                   f"output_dir={tmp_path / 'out'}"]) == 2
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and "Traceback" not in err, err
+        assert "data.tokenizer=" in lines[0] and "no such directory" in lines[0], err
+        assert "Repo id" not in lines[0] and "repo_type" not in lines[0], err
+        capsys.readouterr()
+        assert main(["score", "--checkpoint", files["ckpt"], "--tokenizer", tok, "--input",
+                     files["rows"], "--output", str(tmp_path / "s.jsonl")]) == 2
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and "--tokenizer" in lines[0], err
+        assert "no such directory" in lines[0] and "Repo id" not in lines[0], err
+
+
 def test_a_missing_local_init_from_is_named_before_the_data_is_prepared(capsys, files, tmp_path):
     # A typo in init_from (a local path: not a hub id's owner/name form) is one error line naming
     # the key, before the rows are tokenized: that can take hours on a real dataset.

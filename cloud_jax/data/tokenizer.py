@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import os
 import re
 from typing import List
 
@@ -66,6 +67,10 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
         chat_template=BYTE_CHAT_TEMPLATE)
 
 
+# What a hub id looks like ("owner/name" or "name"); cloud_jax.checkpoints.hf.is_hub_id's form.
+_HUB_ID_FORM = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9_.-]+)?")
+
+
 def load_tokenizer(path_or_id: str) -> PreTrainedTokenizerBase:
     """"byte", a tokenizer directory (local, or a ``gs://`` / ``s3://`` URL, staged in the local
     cache: ``cloud_jax.storage.local_copy``) or a hub id -> a tokenizer with a chat template.
@@ -78,6 +83,11 @@ def load_tokenizer(path_or_id: str) -> PreTrainedTokenizerBase:
     if storage.is_url(path_or_id):
         storage.check_path(path_or_id, "tokenizer")
         source = storage.local_copy(path_or_id)
+    elif not os.path.exists(path_or_id) and not _HUB_ID_FORM.fullmatch(path_or_id):
+        # A path not made yet (.cache/smollm2-135m-instruct before `make smollm2`): the hub
+        # client would judge it as a repository name ("Repo id must use alphanumeric chars").
+        raise FileNotFoundError(f"no such directory here ({os.path.abspath(path_or_id)}), and "
+                                f"{path_or_id!r} is not a hub id (owner/name)")
     tok = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     if not tok.chat_template:
         if tok.eos_token is None:
