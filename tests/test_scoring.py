@@ -666,3 +666,25 @@ def test_a_critique_cut_at_the_budget_is_flagged_where_users_read_it(rm, tmp_pat
                     make
             finally:
                 backend.close(drain=True)
+
+
+def test_the_score_command_rewards_both_sides_of_a_pair_after_one_prompt(rm, tmp_path):
+    """A preference row's chosen and rejected rewards are compared by their reader: where the
+    prompt must be cut to fit, both sides lose the same prompt tokens (the larger cut), as
+    evaluate does; the shorter side read more of the prompt than the longer one."""
+    prompt = "".join(chr(97 + i % 26) for i in range(300))
+    chosen, rejected = "short", "a much longer response " * 3
+    tok, limit = rm.tokenizer, 200
+    cut = max(len(encode_example(tok, prompt, r, None, "classic", max_length=1 << 30).input_ids)
+              for r in (chosen, rejected)) - limit  # the byte tokenizer: one token a character
+    assert cut > 0
+    expected = rm.score([prompt[cut:]] * 2, [chosen, rejected], max_length=limit,
+                        classic=True).rewards
+    rm.save_pretrained(tmp_path / "model")
+    src, out = tmp_path / "pair.jsonl", tmp_path / "scored.jsonl"
+    src.write_text(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
+    assert main(["--checkpoint", str(tmp_path / "model"), "--input", str(src), "--output",
+                 str(out), "--max-length", str(limit), "--classic", "--no-progress"]) == 0
+    row = json.loads(out.read_text())
+    np.testing.assert_allclose([row["chosen_reward"], row["rejected_reward"]], expected,
+                               rtol=1e-5)

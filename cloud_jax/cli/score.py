@@ -1,7 +1,9 @@
 """``python -m cloud_jax score --checkpoint C --input rows.jsonl --output scored.jsonl`` writes every
 input row back with its rewards and critiques: rows with ``prompt`` + ``response`` get ``reward``,
 ``sample_rewards``, ``reward_std``, ``critiques``, ``truncated``; preference rows (``prompt``,
-``chosen``, ``rejected``) get those fields prefixed ``chosen_`` and ``rejected_``.
+``chosen``, ``rejected``) get those fields prefixed ``chosen_`` and ``rejected_``; where the
+prompt must be cut to fit, both sides lose the same prompt tokens, so the two rewards read one
+prompt.
 
 The output is written once, whole, when every row is scored: a run stopped midway (Ctrl-C,
 SIGTERM) leaves no output (nor an earlier one changed), and the same command scores every row
@@ -17,13 +19,16 @@ import dataclasses
 import sys
 from typing import Optional, Sequence
 
+import numpy as np
+
 from cloud_jax.cli.common import (add_sampling_args, columns_from_args, config_from_args,
                                   load_model, progress_bar, too_long_in_flags)
 from cloud_jax import storage
 from cloud_jax.data.jsonl import unwritable, write_jsonl_atomic
 from cloud_jax.data.schema import lone_surrogate, read_records
 from cloud_jax.errors import ConfigError, RowTooLongError
-from cloud_jax.scoring.rewards import InputTooLongError, ScoreConfig, resolve_classic, score
+from cloud_jax.scoring.rewards import (InputTooLongError, ScoreConfig, prompt_tokens_cut,
+                                      resolve_classic, score)
 
 
 def _texts(rows: list[tuple[str, dict]]) -> tuple[list[str], list[tuple[int, str]]]:
@@ -72,10 +77,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise ConfigError(f"{args.checkpoint} is a classic reward model (feedback_method "
                           f"'vanilla'): it writes no critiques, so K is 1; drop --num-samples, "
                           "or pass --no-classic to sample critiques anyway")
+    responses = [rows[i][1][f] for i, f in jobs]
+    # The two sides of a preference row are rewarded after the same prompt tokens: where the
+    # prompt must be cut to fit, both lose the larger of their two cuts (as evaluate does).
+    cuts = prompt_tokens_cut(rm, prompts, responses, cfg)
+    most = np.zeros(len(rows), np.int64)
+    np.maximum.at(most, [i for i, _ in jobs], cuts)
     bar, on_batch = progress_bar(len(jobs), "responses", args.no_progress, "score")
     try:
         with bar:
-            result = score(rm, prompts, [rows[i][1][f] for i, f in jobs], cfg, on_batch)
+            result = score(rm, prompts, responses, cfg, on_batch,
+                           min_prompt_cuts=[int(most[i]) for i, _ in jobs])
     except InputTooLongError as err:  # named by its row and field, not its place in the batch
         i, field = jobs[err.index]
         where = f"{rows[i][0]}: field '{field}'"
