@@ -6,7 +6,7 @@ from test_evaluate_helpers import FakeScorer, pair, synthetic_rows, write_jsonl
 
 from cloud_jax.data.schema import load_rows
 from cloud_jax.evaluation import EXAMPLE_COUNTS, SECTIONS, EvalConfig, score_pairs
-from cloud_jax.evaluation.rewardbench import NO_SUBSET, OTHER, pair_outcomes
+from cloud_jax.evaluation.rewardbench import NO_SUBSET, OTHER, accuracy_by_k, pair_outcomes
 from cloud_jax.evaluation.run import evaluate_rewardbench
 
 
@@ -29,6 +29,22 @@ def test_pair_outcomes_compare_exactly():
     assert out.tolist() == [1, 0, -1, 1]
     with pytest.raises(ValueError, match="finite"):
         pair_outcomes(np.array([np.nan]), np.array([0.0]))
+
+
+def test_score_pairs_compares_float64_rewards_as_given():
+    # score_pairs on rewards someone already has (Python floats, float64): RewardBench tests
+    # chosen > rejected on them as given, so two rewards that differ only beyond float32's
+    # precision are a correct pair (they were rounded to float32 first and scored as a tie, so
+    # wrong); a finite reward beyond float32's range was refused as NaN or inf.
+    s = score_pairs(["alpacaeval-easy", "alpacaeval-easy"], np.array([1.0 + 1e-10, 1e39]),
+                    np.array([1.0, -1e39]))
+    assert (s.all_rows.correct, s.all_rows.ties, s.accuracy) == (2, 0, 1.0)
+    assert pair_outcomes([0.1 + 0.2], [0.3]).tolist() == [1]  # 0.30000000000000004 > 0.3
+    assert pair_outcomes(np.float32([0.5]), np.float64([0.5])).tolist() == [0]
+    # The same through the K sweep: each K's mean reward is taken in the samples' precision.
+    by_k = accuracy_by_k(["hep-go"], np.array([[1.0 + 1e-10, 1.0]]), np.array([[1.0, 1.0]]),
+                         (1, 2))
+    assert [by_k[k].all_rows.correct for k in (1, 2)] == [1, 1]
 
 
 def test_sections_and_weighting_equal_hand_computed_values(tmp_path):

@@ -102,9 +102,13 @@ def unknown_subsets_warning(subsets: Sequence[Optional[str]]) -> Optional[str]:
 
 
 def pair_outcomes(r_chosen: np.ndarray, r_rejected: np.ndarray) -> np.ndarray:
-    """int8 [N]: CORRECT (chosen above rejected), TIE (equal) or WRONG."""
-    c = np.asarray(r_chosen, np.float32)
-    r = np.asarray(r_rejected, np.float32)
+    """int8 [N]: CORRECT (chosen above rejected), TIE (equal) or WRONG.
+
+    The rewards are compared as given, as RewardBench compares them: float32 rewards (a model's)
+    exactly as float32, float64 ones (Python floats, another scorer's) in float64, not rounded
+    to float32 first, which would turn rewards that differ into ties."""
+    c = np.asarray(r_chosen, np.float64)
+    r = np.asarray(r_rejected, np.float64)
     if c.shape != r.shape or c.ndim != 1:
         raise ValueError(f"rewards must be two [N] arrays, got shapes {c.shape} and {r.shape}")
     if not (np.all(np.isfinite(c)) and np.all(np.isfinite(r))):
@@ -233,10 +237,13 @@ def score_pairs(subsets: Sequence[Optional[str]], r_chosen: np.ndarray, r_reject
 
 
 def mean_over_first_k(sample_rewards_nk: np.ndarray, k: int) -> np.ndarray:
-    """float32 [N]: each input's reward from its first k samples (self-consistency at K = k)."""
+    """[N]: each input's reward from its first k samples (self-consistency at K = k), in the
+    samples' precision: float32 for float32 samples (a model's), float64 for float64 ones."""
+    sample_rewards_nk = np.asarray(sample_rewards_nk)
     if not 1 <= k <= sample_rewards_nk.shape[1]:
         raise ValueError(f"k={k}: only {sample_rewards_nk.shape[1]} samples per input were drawn")
-    return sample_rewards_nk[:, :k].astype(np.float32).mean(axis=1)
+    dtype = np.result_type(sample_rewards_nk.dtype, np.float32)
+    return sample_rewards_nk[:, :k].astype(dtype).mean(axis=1, dtype=dtype)
 
 
 def accuracy_by_k(subsets: Sequence[Optional[str]], chosen_nk: np.ndarray, rejected_nk: np.ndarray,
