@@ -9,7 +9,8 @@ from test_evaluate_helpers import HAND, FakeScorer, pair, synthetic_rows, write_
 
 import cloud_jax
 from cloud_jax.data.schema import load_rows
-from cloud_jax.evaluation import EvalConfig, load_best_of_n, run_evaluation, score_fn_from_model
+from cloud_jax.evaluation import (SECTIONS, EvalConfig, load_best_of_n, run_evaluation,
+                                  score_fn_from_model)
 from cloud_jax.cli import evaluate
 from cloud_jax.cli.common import run_command
 from cloud_jax.errors import INTERRUPTED_EXIT_CODE, ConfigError
@@ -68,6 +69,26 @@ def test_report_files(tmp_path):
                                               "critique 1 of chosen 1 R:1"]
     with open(out / "best_of_n_critiques.jsonl") as f:
         assert [json.loads(line)["id"] for line in f] == ["p1", "p2", "p3", "p4"]
+
+
+def test_report_md_names_the_subsets_a_weighted_section_leaves_out(tmp_path):
+    # A section's weighted number is over the subsets the file holds: report.md says which it
+    # lacks, as report.json does (missing_subsets), so a Chat number read from the markdown is
+    # not taken for the whole of Chat; sections with every subset are not listed.
+    rows = [pair(1, "alpacaeval-easy", "1", "0"), pair(2, "hep-go", "0", "1"),
+            pair(3, "math-prm", "1", "0")]
+    rows += [pair(10 + i, s, "1", "0") for i, s in enumerate(SECTIONS["Safety"])]
+    run_evaluation(FakeScorer(), EvalConfig(), str(tmp_path / "o"),
+                   rows=load_rows(write_jsonl(tmp_path / "rb.jsonl", rows),
+                                  require_feedback=False).rows)
+    md = (tmp_path / "o" / "report.md").read_text()
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    sections = report["rewardbench"]["by_k"]["1"]["sections"]
+    assert sections["Chat"]["missing_subsets"] == ["alpacaeval-length", "alpacaeval-hard",
+                                                   "mt-bench-easy", "mt-bench-med"]
+    assert ("Chat: alpacaeval-length, alpacaeval-hard, mt-bench-easy, mt-bench-med" in md)
+    assert "Reasoning: hep-cpp, hep-java, hep-js, hep-python, hep-rust" in md
+    assert "Safety:" not in md
 
 
 def test_best_of_n_only_writes_no_section_plot(tmp_path):

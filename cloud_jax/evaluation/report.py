@@ -55,6 +55,11 @@ def _rewardbench_md(rb: Mapping[str, Any]) -> List[str]:
     rows.append(["**all rows** (weighted: score)", str(top["all_rows"]["n"]), _pct(top["accuracy"]),
                  _pct(top["score"]), str(top["all_rows"]["ties"])])
     out += _table(["section", "pairs", "accuracy", "weighted", "ties"], rows)
+    partial = [f"{name}: {', '.join(s['missing_subsets'])}" for name, s in top["sections"].items()
+               if s.get("missing_subsets")]
+    if partial:  # a weighted number over part of a section: say which subsets it lacks
+        out += ["", "Subsets with no rows in the file, left out of their section's `weighted` "
+                    "(as RewardBench leaves them out): " + "; ".join(partial) + "."]
     if top.get("missing_sections") and top.get("score_official") is not None:
         out += ["", f"Sections with no rows in the file: {', '.join(top['missing_sections'])}. "
                     f"`score` leaves them out; the rewardbench package scores them 0, which "
