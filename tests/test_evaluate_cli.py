@@ -179,6 +179,23 @@ def test_cli_classic(tmp_path, monkeypatch):
     assert model.settings[0]["classic"] is True and model.settings[0]["num_samples"] == 1
 
 
+def test_a_classic_run_takes_a_repeated_k_of_one(tmp_path, monkeypatch):
+    # --num-samples 1,1 is the sweep {1} (Ks are deduplicated): with --classic, or for a vanilla
+    # checkpoint, it was refused as a K other than 1.
+    rows_path, _ = _inputs(tmp_path)
+    model = FakeModel()
+    monkeypatch.setattr(cloud_jax, "load", lambda path, **kw: model)
+    common = ["--checkpoint", "c", "--input", rows_path, "--num-samples", "1,1", "--no-progress"]
+    assert main(common + ["--output-dir", str(tmp_path / "a"), "--classic"]) == 0
+    model.feedback_method = "vanilla"
+    assert main(common + ["--output-dir", str(tmp_path / "b")]) == 0
+    for out in ("a", "b"):
+        report = json.loads((tmp_path / out / "report.json").read_text())
+        assert report["settings"]["classic"] is True
+        assert list(report["rewardbench"]["by_k"]) == ["1"]
+    assert all(s["classic"] is True and s["num_samples"] == 1 for s in model.settings)
+
+
 def test_a_rerun_into_the_same_directory_leaves_no_earlier_outputs(tmp_path, monkeypatch):
     """A Best-of-N-only rerun into the directory of a full run with --lenient rejects: the
     earlier critiques, section plot and rejects go (they would sit beside a report that does not

@@ -167,7 +167,7 @@ def _evaluate(args: argparse.Namespace, cfg: EvalConfig, sampler: dict, staging:
     settings.update(sampler)
     rm = load_model(args)
     if args.classic is None and getattr(rm, "feedback_method", "teacher") == "vanilla":
-        if tuple(cfg.num_samples) != (1,):
+        if cfg.ks != (1,):
             raise ConfigError(f"{args.checkpoint} is a classic reward model (feedback_method "
                               f"'vanilla'): it writes no critiques, so K is 1; drop "
                               f"--num-samples, or pass --no-classic to sample critiques anyway")

@@ -81,7 +81,7 @@ class EvalConfig:
         seed)."""
         if not self.num_samples or any(k < 1 for k in self.num_samples):
             raise ValueError(f"num_samples={self.num_samples}: need one or more K >= 1")
-        if self.classic and tuple(self.num_samples) != (1,):
+        if self.classic and self.ks != (1,):
             raise ValueError(f"num_samples={self.num_samples}: a classic reward model writes no "
                              "critiques, so K is 1; drop num_samples or classic")
         if self.temperature < 0:
