@@ -26,9 +26,9 @@ Each section gets two numbers:
   subsets together.
 
 ``score`` is the unweighted mean of the ``weighted`` numbers of the sections present.
-``score_official`` is the package's overall number: the mean over all four sections, a section
-with no rows in the file scoring 0 (as ``calculate_scores_per_section`` does). The two agree on a
-file with every section.
+``score_official`` is the mean over all four sections of the package's section numbers, a
+section with no rows in the file scoring 0 (as ``calculate_scores_per_section`` scores it). The
+two agree on a file with every section.
 """
 
 from __future__ import annotations
@@ -169,8 +169,9 @@ class RewardBenchScores:
 
     @property
     def score_official(self) -> Optional[float]:
-        """The rewardbench package's overall score: the mean over all four sections, a section
-        absent from the file scoring 0. None if no section is present."""
+        """The mean over all four sections of the rewardbench package's section numbers, a
+        section absent from the file scoring 0 (as ``calculate_scores_per_section`` scores it).
+        None if no section is present."""
         if not any(name != OTHER for name in self.sections):
             return None
         return float(np.mean([self.sections[name].weighted if name in self.sections else 0.0
