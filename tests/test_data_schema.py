@@ -364,3 +364,13 @@ def test_a_split_given_for_row_files_is_refused_naming_the_files(tmp_path):
         with pytest.raises(ConfigError, match=f"{a}.*split 'test' .*--split.*no splits"):
             read_records(spec, split="test")
     assert [r.id for r in load_rows(a, require_feedback=True).rows] == ["r0"]
+
+
+def test_a_blank_subset_is_no_subset_as_an_empty_one_is(tmp_path):
+    """An empty subset was read as no subset, but one of spaces only (a padded table export)
+    rejected the row as "is empty"; both are no subset now, and a subset of another type is
+    still refused."""
+    rows = [_row(0, subset=""), _row(1, subset="  \t\n"), _row(2, subset=None),
+            {k: v for k, v in _row(3).items() if k != "subset"}, _row(4, subset=" math ")]
+    result = load_rows(_jsonl(tmp_path / "rows.jsonl", rows), require_feedback=True)
+    assert [row.subset for row in result.rows] == [None, None, None, None, " math "]

@@ -132,14 +132,15 @@ def test_bad_rows_name_file_line_and_field(tmp_path, line, field, reason):
 
 
 def test_an_empty_subset_is_no_subset_as_in_preference_rows(tmp_path):
-    # A table export writes "" for a missing subset: no subset, as load_rows reads it, not an
-    # error; a subset of spaces only is still refused.
+    # A table export writes "" (or spaces) for a missing subset: no subset, as load_rows reads
+    # it, not an error; a subset that is not a string is still refused.
     row = {"id": "x", "prompt": "p", "candidates": ["a", "b"], "scores": [1, 0]}
     items = load_best_of_n(write_jsonl(tmp_path / "a.jsonl", [{**row, "subset": ""},
-                                                               {**row, "id": "y", "subset": "s"}]))
-    assert [item.subset for item in items] == [None, "s"]
+                                                               {**row, "id": "y", "subset": "s"},
+                                                               {**row, "id": "z", "subset": "  "}]))
+    assert [item.subset for item in items] == [None, "s", None]
     with pytest.raises(RowError, match="field 'subset'"):
-        load_best_of_n(write_jsonl(tmp_path / "b.jsonl", [{**row, "subset": "  "}]))
+        load_best_of_n(write_jsonl(tmp_path / "b.jsonl", [{**row, "subset": 3}]))
 
 
 def test_the_largest_scores_read_give_a_finite_report(tmp_path):

@@ -595,8 +595,10 @@ def validate_row(obj: Any, require_feedback: bool, file: str, line: Optional[int
     feedback = {f: _check_feedback(f, obj[f]) if require_feedback else None
                 for f in FEEDBACK_FIELDS}
     subset = obj.get("subset")
+    if isinstance(subset, str) and not subset.strip():
+        subset = None  # a blank subset (a table export's empty cell) is none
     if subset is not None:
-        subset = _check_text("subset", subset) if subset != "" else None
+        subset = _check_text("subset", subset)
     if texts["chosen"] == texts["rejected"]:
         raise _FieldError("rejected", "identical to chosen; the pair carries no preference")
     extra = {k: v for k, v in obj.items() if k not in KNOWN_FIELDS}

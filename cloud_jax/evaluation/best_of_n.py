@@ -125,8 +125,10 @@ def _item(path: str, line: int, obj: Any) -> BestOfNItem:
             raise RowError(path, line, None, f"scores[{j}]",
                            f"expected a number of magnitude at most {MAX_SCORE:g}, got {s:g}")
     subset = obj.get("subset")
-    if subset is not None:  # "" is no subset, as preference rows read it
-        subset = _text(path, line, "subset", subset) if subset != "" else None
+    if isinstance(subset, str) and not subset.strip():
+        subset = None  # a blank subset is none, as preference rows read it
+    if subset is not None:
+        subset = _text(path, line, "subset", subset)
     return BestOfNItem(row_id, prompt, tuple(candidates), tuple(float(s) for s in scores), subset,
                        f"{path}:{line}")
 
