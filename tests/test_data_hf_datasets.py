@@ -253,3 +253,20 @@ def test_a_split_in_a_list_mixing_a_dataset_and_files_is_the_datasets(saved, tmp
     assert [r.id for r in rows] == ["r10", "r11", "r30"]
     with pytest.raises(ConfigError, match="extra.jsonl: split 'test' given"):
         load_rows(str(extra), require_feedback=True, split="test")
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch", "pandas", "arrow"])
+def test_a_dataset_saved_with_an_output_format_is_read_as_python_rows(tmp_path, kind):
+    """A dataset saved after set_format("numpy" / "torch" / ...) comes back in that format: its
+    integer ids were numpy or torch scalars, its list feedback arrays, its rows whole tables, and
+    every row was refused as of the wrong type. It is read as the Python objects it stores."""
+    if kind == "torch":
+        pytest.importorskip("torch").set_num_threads(1)
+    rows = [_row(i, id=i, chosen_feedback=["Correct."]) for i in range(3)]
+    dataset = datasets.Dataset.from_list(rows)
+    dataset.set_format(kind)
+    dataset.save_to_disk(str(tmp_path / kind))
+    assert datasets.load_from_disk(str(tmp_path / kind)).format["type"] == kind
+    result = load_rows(str(tmp_path / kind), require_feedback=True)
+    assert [(r.id, r.prompt, r.chosen_feedback, r.rejected_feedback) for r in result.rows] == \
+        [(str(i), f"What is {i}+1?", "Correct.", "Off by one.") for i in range(3)]

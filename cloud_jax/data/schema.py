@@ -448,6 +448,11 @@ def _iter_parquet(path: str) -> Iterator[_Raw]:
 
 
 def _iter_dataset(dataset) -> Iterator[_Raw]:
+    # A dataset saved after set_format("numpy" / "torch" / "pandas" / ...) comes back in that
+    # format (ids as numpy or torch scalars, lists as arrays, rows as tables): read the Python
+    # objects it stores, every column.
+    if hasattr(dataset, "with_format"):
+        dataset = dataset.with_format(None)
     for i, obj in enumerate(dataset):
         yield None, i, obj, json.dumps(obj, ensure_ascii=True, default=repr)
 
