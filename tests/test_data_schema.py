@@ -200,6 +200,33 @@ def test_parquet_invalid_utf8_names_row_and_column(tmp_path):
     assert "invalid UTF-8" in info.value.reason
 
 
+def test_a_parquet_value_that_python_cannot_hold_is_named_with_its_own_error(tmp_path):
+    """A value pyarrow cannot give as a Python object was reported as "invalid UTF-8" (a
+    timestamp with an offset out of range, a ValueError), or stopped the load with a bare
+    OverflowError even in lenient mode (a date past year 9999). Each is a bad row naming the row,
+    the column and the actual error."""
+    table = pa.table({"id": ["a", "b"], "prompt": ["p", "q"], "chosen": ["c", "c"],
+                      "rejected": ["r", "r"],
+                      "created": pa.array([0, 10**12], type=pa.timestamp("s")),
+                      "zoned": pa.array([0, 0], type=pa.timestamp("s", tz="+99:00"))})
+    path = tmp_path / "rows.parquet"
+    pq.write_table(table.drop_columns(["zoned"]), path)
+    with pytest.raises(RowError) as info:
+        load_rows(str(path), require_feedback=False)
+    assert (info.value.row, info.value.field) == (1, "created")
+    assert "invalid UTF-8" not in info.value.reason
+    assert "OverflowError: date value out of range" in info.value.reason
+    rejects = tmp_path / "rej.jsonl"
+    result = load_rows(str(path), require_feedback=False, lenient=True, rejects_path=str(rejects))
+    assert [row.id for row in result.rows] == ["a"] and result.num_rejected == 1
+    assert json.loads(rejects.read_text())["field"] == "created"
+    pq.write_table(table.drop_columns(["created"]), path)
+    with pytest.raises(RowError) as info:
+        load_rows(str(path), require_feedback=False)
+    assert (info.value.row, info.value.field) == (0, "zoned")
+    assert "invalid UTF-8" not in info.value.reason and "cannot be read" in info.value.reason
+
+
 def test_json_array_error_names_row(tmp_path):
     path = tmp_path / "rows.json"
     path.write_text(json.dumps([_row(0), _row(1, chosen=["x"])]))

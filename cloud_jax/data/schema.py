@@ -421,6 +421,14 @@ def _check_not_one_object(path: str) -> None:
                    f"objects or one row object per line (JSON Lines){hint}")
 
 
+def _unreadable(err: Exception) -> str:
+    """Why a Parquet value cannot be read as a Python object (pyarrow's error)."""
+    if isinstance(err, UnicodeDecodeError):
+        return f"invalid UTF-8 at byte {err.start} of the value"
+    return (f"the value cannot be read as a Python object ({type(err).__name__}: {err}); cast "
+            "the column to a type that holds it, or drop the column")
+
+
 def _iter_parquet(path: str) -> Iterator[_Raw]:
     import pyarrow.parquet as pq
 
@@ -429,15 +437,15 @@ def _iter_parquet(path: str) -> Iterator[_Raw]:
     for batch in pq.ParquetFile(handle).iter_batches(batch_size=1024):
         try:
             objs: List[Any] = batch.to_pylist()
-        except (UnicodeDecodeError, ValueError):
+        except Exception:  # a value Python cannot hold: found and named value by value
             objs = []
             for i in range(batch.num_rows):
                 obj = {}
                 for name in batch.schema.names:
                     try:
                         obj[name] = batch.column(name)[i].as_py()
-                    except (UnicodeDecodeError, ValueError):
-                        obj = _FieldError(name, "invalid UTF-8")
+                    except Exception as err:  # noqa: BLE001 - named in the row's error
+                        obj = _FieldError(name, _unreadable(err))
                         break
                 objs.append(obj)
         for i, obj in enumerate(objs):
