@@ -365,3 +365,31 @@ def test_a_v0_2_template_over_a_tokenizer_with_an_inst_control_token_is_refused_
     with pytest.raises(ValueError, match=r"'\[/INST\]' is a special token to this tokenizer, "
                                          r"but the template writes text before it.*v0.3"):
         encode_example(tok, *CASES[0], "critique", PREFIX, 512)
+
+
+@pytest.mark.parametrize("style,template", [("legacy", None), ("legacy", ZEPHYR_TEMPLATE),
+                                            ("metaspace", MISTRAL_TEMPLATE)])
+def test_get_reward_queries_whose_prompt_was_cut_from_the_left_are_split(style, template):
+    """OpenRLHF 0.10+ decodes the last tokens of a prompt too long for its max_len with the
+    response as the query, and sends the whole prompt. Such a query was a 422. Cut anywhere, even
+    through the template's markers as Llama-2's legacy decode writes them (an EOS first, which is
+    no padding here; the space the decode drops from the first token), it is split into the
+    prompt's user text and the response."""
+    tok = sentencepiece_tokenizer(style)
+    if template is not None:
+        tok.chat_template = template
+    markers = ChatMarkers.of(tok)
+    prompt, response, _ = CASES[0]
+    user = {"role": "user", "content": prompt}
+    generation_prompt = tok.apply_chat_template([user], tokenize=False,
+                                                add_generation_prompt=True)
+    conversation = tok.apply_chat_template([user, {"role": "assistant", "content": response}],
+                                           tokenize=False)
+    prompt_ids = tok(generation_prompt, add_special_tokens=False)["input_ids"]
+    ids = tok(conversation, add_special_tokens=False)["input_ids"]
+    assert ids[:len(prompt_ids)] == prompt_ids
+    for kept in range(len(prompt_ids) - 1, 0, -1):
+        query = tok.decode(prompt_ids[-kept:] + ids[len(prompt_ids):] + [tok.eos_token_id],
+                           skip_special_tokens=False)
+        [item] = parse_openrlhf({"query": [query], "prompts": [generation_prompt]}, markers)
+        assert (item.prompt, item.response) == (prompt, response), (kept, query)

@@ -924,3 +924,44 @@ def test_the_metrics_that_count_since_start_are_counters():
             samples["cloud_compile_seconds_total"]) == (70, 1, 2.5)
     assert (samples["cloud_queue_depth"], samples["cloud_busy_slots"],
             samples["cloud_total_slots"]) == (2, 3, 4)
+
+
+@pytest.mark.parametrize("name", ["llama3", "chatml"])
+def test_openrlhf_queries_whose_prompt_was_cut_from_the_left_are_split(name):
+    """OpenRLHF 0.10+ keeps the last tokens of a prompt too long for its max_len, decodes them
+    with the response as the query, and sends the whole prompt in prompts: the query starts with
+    an end of the prompt. Such queries were a 422 ("does not start with its prompt"), and
+    OpenRLHF dropped the sample's reward. The response is what follows that end (a cut through a
+    character's bytes decodes to U+FFFD first), the user's text the whole prompt's; a query that
+    starts with no end of its prompt is still refused."""
+    from test_data_layout import chatml_tokenizer, llama3_tokenizer
+
+    from cloud_jax.serving.protocol import ChatMarkers, InvalidField, parse_openrlhf
+
+    tok = {"llama3": llama3_tokenizer, "chatml": chatml_tokenizer}[name]()
+    markers = ChatMarkers.of(tok)
+    question, answer = "Price in € of one apple, then what is 2+2?", "It is 4."
+    prompt = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                     add_generation_prompt=True)
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    conversation = tok.apply_chat_template([{"role": "user", "content": question},
+                                            {"role": "assistant", "content": answer}],
+                                           tokenize=False)
+    assert conversation.startswith(prompt)
+    action_ids = tok(conversation[len(prompt):], add_special_tokens=False)["input_ids"]
+    action_ids = action_ids + [tok.eos_token_id]
+    through_euro = 0
+    for kept in range(len(prompt_ids) - 1, 0, -1):
+        query = tok.decode(prompt_ids[-kept:] + action_ids, skip_special_tokens=False)
+        assert not query.startswith(prompt)
+        through_euro += query.startswith("\ufffd")  # a cut inside the bytes of the "€"
+        [item] = parse_openrlhf({"query": [query], "prompts": [prompt], "labels": [""]}, markers)
+        assert (item.prompt, item.response) == (question, answer), (kept, query)
+    assert through_euro
+    # A query of another prompt, or of none, starts with no end of this one.
+    other = tok.apply_chat_template([{"role": "user", "content": "Hi"},
+                                     {"role": "assistant", "content": answer}], tokenize=False)
+    for query in (other, "x" + prompt + answer, answer):
+        with pytest.raises(InvalidField, match="does not start with its prompt") as err:
+            parse_openrlhf({"query": [query], "prompts": [prompt]}, markers)
+        assert err.value.field == "query[0]"

@@ -13,8 +13,9 @@ OpenRLHF's remote reward model, ``POST /get_reward``::
     {"query": [prompt + response, ...], "prompts": [prompt, ...], "labels": [...]}
 
 Each query is the prompt followed by the response, usually rendered with a chat template. With
-``prompts``, the response is the query after its prompt. Without, the query is cut at its last
-assistant header (see :func:`split_query`). Either way, where the prompt part is a rendered chat
+``prompts``, the response is the query after its prompt, or after the end of it that the query
+starts with where the client cut the prompt from the left (OpenRLHF 0.10+). Without, the query
+is cut at its last assistant header (see :func:`split_query`). Either way, where the prompt part is a rendered chat
 (the model's own template), the user's text is taken out of it and the response's end-of-turn is
 dropped, so the model sees the conversation it was trained on. OpenRLHF decodes its queries from
 token ids; where the decode does not give the rendering back (a space after each special token,
@@ -534,19 +535,21 @@ def split_query(query: str, prompt: Optional[str], markers: ChatMarkers,
     tokenizer's decode does not give the rendering back (Llama-2's legacy tokenizer writes a
     space after a special token: ``'</s> \\n'`` for the template's ``'</s>\\n'``), the query is
     split at the markers in their decoded form (``markers.decoded``), after its prompt decoded
-    likewise."""
-    query = markers.unpadded(query)
+    likewise. A query that starts with an end of its prompt, not the whole of it, had its prompt cut
+    from the left (see :func:`_after_cut_prompt`)."""
+    sent, query = query, markers.unpadded(query)
     decoded = markers.decoded
     if prompt is not None:
         prompt = markers.unpadded(prompt)
-        if not query.startswith(prompt) and decoded is not None:
-            form = next((f for f in decoded.decoded_forms(prompt) if query.startswith(f)), None)
-            if form is not None:
-                prompt, markers = form, decoded
-        if not query.startswith(prompt):
-            raise InvalidField(field, "does not start with its prompt (prompts[i]); the query "
-                                      "must be the prompt followed by the response")
-        head, response = prompt, query[len(prompt):]
+        forms = [(prompt, markers)] + ([(f, decoded) for f in decoded.decoded_forms(prompt)]
+                                       if decoded is not None else [])
+        whole = next(((f, m) for f, m in forms if query.startswith(f)), None)
+        if whole is not None:
+            prompt, markers = whole
+            response = query[len(prompt):]
+        else:
+            prompt, markers, response = _after_cut_prompt((sent, query), forms, field)
+        head = prompt
         # A generation prompt may end short of the text the template writes before a response
         # (Mistral's ends at "[/INST]" and its assistant turn starts " " + response): that text
         # is the template's, not the response's.
@@ -565,6 +568,45 @@ def split_query(query: str, prompt: Optional[str], markers: ChatMarkers,
         head = query[:cut + len(markers.assistant_head)]
         response = query[cut + len(markers.assistant_head):]
     return markers.user_text(head, field), markers.response_text(response)
+
+
+def _kept_end(prompt: str, query: str) -> int:
+    """The length of the longest end of ``prompt`` that ``query`` starts with (the prefix
+    function of ``query``'s head, a separator and ``prompt``: linear in their lengths)."""
+    seq = list(query[:len(prompt)]) + [None] + list(prompt)
+    border = [0] * len(seq)
+    for i in range(1, len(seq)):
+        k = border[i - 1]
+        while k and seq[i] != seq[k]:
+            k = border[k - 1]
+        border[i] = k + (seq[i] == seq[k])
+    return border[-1]
+
+
+def _after_cut_prompt(queries: tuple, forms: list, field: str) -> tuple:
+    """(prompt, its markers, the response) of a query whose prompt was cut from the left: OpenRLHF
+    (0.10 and later) keeps the last tokens of a prompt too long for its ``max_len``, decodes them
+    with the response's as the query, and sends the whole prompt in ``prompts``. Such a query
+    starts with an end of the prompt (after the U+FFFD a cut through a character's bytes decodes
+    to; short of a space the decode drops from its first token), the response after it. Of
+    ``forms`` (the prompt as rendered and as decoded, each with its markers) and ``queries`` (the
+    query as sent, and without the padding tokens in front of it: an EOS there may be the cut
+    prompt's, not padding), the pair with the longest such end is taken, a decoded form over the
+    rendering where they keep as much (such a query is a decode); InvalidField naming ``field``
+    for a query that starts with no end of its prompt."""
+    kept, form, markers, query, skip = 0, None, None, None, 0
+    for sent in queries:
+        rest = sent.lstrip("\ufffd")
+        for f, m in forms:
+            k = _kept_end(f, rest)
+            if k and k >= kept:  # the later forms are the decoded ones
+                kept, form, markers, query, skip = k, f, m, sent, len(sent) - len(rest)
+    if not kept:
+        raise InvalidField(field, "does not start with its prompt (prompts[i]), nor with an end "
+                                  "of it (what a client that cuts a long prompt from the left "
+                                  "keeps); the query must be the prompt, or an end of it, "
+                                  "followed by the response")
+    return form, markers, query[skip + kept:]
 
 
 def parse_openrlhf(body: Any, markers: ChatMarkers) -> list[Item]:
