@@ -11,7 +11,8 @@ What differs on an object store, and how it is handled:
 - there are no directories: ``makedirs`` is a no-op for URLs, and a "directory" exists when an
   object lies under it;
 - there is no append: :class:`AppendText` keeps the text written so far and rewrites the whole
-  object at each flush (metrics files are a line per logged step, so this stays small);
+  object at each flush (a training run's metrics files flush every
+  ``train.metrics_upload_every_s`` and at each checkpoint, not at every logged step);
 - there is no rename of a directory in one call: :func:`rename` copies and deletes, object by
   object; a single object write, though, is atomic (a reader sees the old object or the whole new
   one), so :func:`write_text_atomic` and :func:`copy_file` write the object in one call (not
@@ -838,17 +839,22 @@ def copy_file(src: str, dst: str) -> None:
 
 
 class AppendText:
-    """A text file written a line at a time and flushed after each write.
+    """A text file written a line at a time.
 
-    On disk it is opened for appending. On an object store it cannot be: the text so far (with
-    what the object held when opened) is kept and the whole object rewritten at each flush, so a
-    reader always sees every line written before the last flush. ``fresh``: start empty instead
-    of after what the file holds."""
+    On disk it is opened for appending, line-buffered. On an object store it cannot be: the text
+    so far (with what the object held when opened) is kept and the whole object rewritten at each
+    :meth:`flush`, so a reader sees every line written before the last flush. Unless
+    ``buffered``, each write flushes; a ``buffered`` writer's lines reach the object only at
+    :meth:`flush` and :meth:`close` (its owner decides how often: the store allows about one write
+    per second to an object, and each rewrite sends the whole text). ``fresh``: start empty
+    instead of after what the file holds."""
 
-    def __init__(self, path: str, fresh: bool = False):
+    def __init__(self, path: str, fresh: bool = False, buffered: bool = False):
         self.path = path
         self._local: Optional[IO] = None
         self._text: List[str] = []
+        self._buffered = buffered
+        self._pending = False
         if is_url(path):
             if not fresh and exists(path):
                 self._text.append(read_text(path))
@@ -863,11 +869,23 @@ class AppendText:
             self._local.write(text)
             return
         self._text.append(text)
-        write_text_atomic(self.path, "".join(self._text))
+        self._pending = True
+        if not self._buffered:
+            self.flush()
+
+    def flush(self) -> None:
+        """Writes what was written since the last flush to the file (the object)."""
+        if self._local is not None:
+            self._local.flush()
+        elif self._pending:
+            write_text_atomic(self.path, "".join(self._text))
+            self._pending = False
 
     def close(self) -> None:
         if self._local is not None:
             self._local.close()
+        else:
+            self.flush()
 
 
 class StagedDir:

@@ -99,7 +99,9 @@ def test_a_run_in_the_bucket_is_preempted_resumes_to_the_same_losses_and_exports
     env = dict(os.environ, JAX_PLATFORMS="cpu", RELIABILITY_SLOW_STEP="0.2")
     proc = subprocess.Popen(
         [sys.executable, "-c", TRAINER, "--config", str(ROOT / "configs/tiny_cpu_cloud.yaml"),
-         *overrides(out, toy["gs_train"], gs_tfds, *steps)],
+         # Uploads every second: lines reach the bucket while it runs (the wait below), and
+         # those after the last upload only with the preemption's checkpoint.
+         *overrides(out, toy["gs_train"], gs_tfds, *steps, "train.metrics_upload_every_s=1")],
         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = f"{out}/metrics.jsonl"
     wait_for(lambda: storage.exists(metrics) and len(storage.read_text(metrics).splitlines()) >= 3,
@@ -140,6 +142,50 @@ def test_a_run_in_the_bucket_is_preempted_resumes_to_the_same_losses_and_exports
     np.testing.assert_allclose(got.rewards, want.rewards, atol=1e-5)
     assert got.critiques == want.critiques
     assert rm.base_model_name_or_path is None  # trained from scratch: nothing to point at
+
+
+def test_a_run_in_the_bucket_uploads_its_metrics_on_a_cadence_and_at_each_checkpoint(
+        toy, bucket, tmp_path, monkeypatch):
+    # log_every=1 (as the 8B and 70B configs): the metrics objects and the TensorBoard events are
+    # not written again at every logged step (the store allows one write per second to an
+    # object), only every train.metrics_upload_every_s (30 s by default), before each checkpoint
+    # (every line up to the saved step is in the bucket then) and at the end, an error's too.
+    from cloud_jax.training import checkpointing, metrics as metrics_module
+
+    out = f"{bucket}/cadence"
+    metrics, throughput = f"{out}/metrics.jsonl", f"{out}/throughput.jsonl"
+    writes, uploads, at_save = [], [], {}
+    put, upload, save = storage._put_object, storage.upload_dir, checkpointing.Checkpointer.save
+    monkeypatch.setattr(storage, "_put_object",
+                        lambda url, data: (writes.append(url), put(url, data))[1])
+    monkeypatch.setattr(storage, "upload_dir",
+                        lambda *a, **k: (uploads.append(a[1]), upload(*a, **k))[1])
+
+    def saving(self, step, *args, **kwargs):
+        at_save[step] = (sorted(train_metrics(metrics)), sorted(train_metrics(throughput)),
+                         storage.listdir(f"{out}/tensorboard"))
+        return save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(checkpointing.Checkpointer, "save", saving)
+    write = metrics_module.MetricsWriter.write
+
+    def failing_after_step_6(self, step, *args, **kwargs):
+        write(self, step, *args, **kwargs)
+        if step == 6:
+            raise RuntimeError("stopped after step 6")
+
+    monkeypatch.setattr(metrics_module.MetricsWriter, "write", failing_after_step_6)
+    cfg = tiny(out, toy["train"], toy["tfds"], "train.total_steps=8", "train.checkpoint_every=4",
+               "train.tensorboard_dir=tensorboard", f"train.checkpoint_dir={tmp_path / 'ckpt'}")
+    with pytest.raises(RuntimeError, match="stopped after step 6"):
+        run(cfg)
+    assert at_save.keys() == {4}
+    assert at_save[4][:2] == ([1, 2, 3, 4], [1, 2, 3, 4]) and at_save[4][2]
+    # Everything logged before the error reached the bucket when the run closed its files.
+    assert sorted(train_metrics(metrics)) == sorted(train_metrics(throughput)) == list(range(1, 7))
+    # Six logged steps within the cadence: the first, the checkpoint's and the end's uploads.
+    assert writes.count(metrics) <= 3 and writes.count(throughput) <= 3, writes
+    assert uploads.count(f"{out}/tensorboard") <= 3, uploads
 
 
 def _truncate_remote_arrays(step_dir):

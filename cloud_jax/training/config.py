@@ -75,6 +75,10 @@ class TrainConfig:
     metrics_file: str = "metrics.jsonl"
     # TensorBoard event files (tensorboardX, no TensorFlow) under this directory; empty: off.
     tensorboard_dir: str = "tensorboard"
+    # On an object store (gs://, s3://) the metrics files and TensorBoard events are uploaded
+    # (each upload rewrites whole objects) at most every this many seconds, and before each
+    # checkpoint and at the end; 0: after every logged step. Local files are written at once.
+    metrics_upload_every_s: float = 30.0
     # Weights & Biases project; empty: off. Needs `pip install wandb`.
     wandb_project: str = ""
     wandb_run_name: str = ""
@@ -108,6 +112,9 @@ class TrainConfig:
             raise ConfigError(f"train.keep_checkpoints={self.keep_checkpoints}: must be >= 1")
         if self.log_every < 1:
             raise ConfigError(f"train.log_every={self.log_every}: must be >= 1")
+        if not self.metrics_upload_every_s >= 0:
+            raise ConfigError(f"train.metrics_upload_every_s={self.metrics_upload_every_s}: "
+                              "must be >= 0 (seconds; 0: upload after every logged step)")
         if self.on_nonfinite not in NONFINITE_POLICIES:
             raise ConfigError(f"train.on_nonfinite={self.on_nonfinite!r}: expected one of "
                               f"{', '.join(NONFINITE_POLICIES)}")

@@ -662,7 +662,8 @@ def _train(cfg: Config, mesh, preemption: _PreemptionWatch) -> dict:
         writer = MetricsWriter(_resolve(tc.metrics_file, cfg.output_dir),
                                _resolve(tc.tensorboard_dir, cfg.output_dir), resolved_dict,
                                enabled=_is_main(), wandb_project=tc.wandb_project,
-                               wandb_run_name=tc.wandb_run_name, start_step=start_step)
+                               wandb_run_name=tc.wandb_run_name, start_step=start_step,
+                               upload_every_s=tc.metrics_upload_every_s)
         setup.callback(writer.close)
         evaluator = Evaluator(cfg, builder, eval_source) if eval_source is not None else None
         train_step = builder.train_step()
@@ -717,6 +718,9 @@ def _train(cfg: Config, mesh, preemption: _PreemptionWatch) -> dict:
                 log.info("eval at step %d: %s", step, summary["eval"])
                 window.exclude(time.perf_counter() - start)
             if save_now:
+                # Every line up to this step is in the metrics files (in the bucket) before its
+                # checkpoint can be: a run resumed from it keeps those lines and drops the rest.
+                writer.flush()
                 ckpt.save(step, state, data_iter, checkpoint_config)
             summary["step"] = step
             if preempted:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
@@ -27,6 +28,11 @@ log = logging.getLogger(__name__)
 
 # Written beside the metrics file: the timing figures kept out of it.
 THROUGHPUT_FILE = "throughput.jsonl"
+
+# How often (seconds) a run writing to an object store uploads its metrics files and TensorBoard
+# events by default (train.metrics_upload_every_s): each upload rewrites the whole object, and a
+# store allows about one write per second to one object.
+UPLOAD_EVERY_S = 30.0
 
 # Step outputs that are per-step values (averaged over a window), not additive sums.
 _MEANS = ("loss", "grad_norm")
@@ -90,16 +96,26 @@ class MetricsWriter:
 
     ``write(step, split, values, timing)``: ``values`` go to ``jsonl_path``, ``timing`` (wall-clock
     figures) to ``throughput.jsonl`` in the same directory; both go to TensorBoard and W&B.
+
+    On local disk every write is in the files at once. On an object store (where each upload
+    rewrites a whole object) the JSONL files and the TensorBoard event files are uploaded at the
+    first write, then at most every ``upload_every_s`` seconds (0: at every write), and by
+    :meth:`flush` (the training loop calls it before each checkpoint, so every line up to a
+    saved step is in the bucket when its checkpoint is) and :meth:`close` (at the end of a run,
+    a preempted or failed one's too).
     """
 
     def __init__(self, jsonl_path: str, tensorboard_dir: str, config: dict, *, enabled: bool,
-                 wandb_project: str = "", wandb_run_name: str = "", start_step: int = 0):
+                 wandb_project: str = "", wandb_run_name: str = "", start_step: int = 0,
+                 upload_every_s: float = UPLOAD_EVERY_S):
         """``start_step``: the step the run starts after (the restored checkpoint's, 0 for a
         new run). What an earlier attempt wrote about later steps (it stopped after them without
         a checkpoint: killed, out of memory) is dropped, so the files hold each step once, as an
         uninterrupted run's do."""
         self.enabled = enabled
         self._jsonl = self._throughput = self._tb = self._wandb = None
+        self._upload_every_s = upload_every_s
+        self._uploaded_at: Optional[float] = None  # the first write uploads at once
         if wandb_project:
             try:
                 import wandb
@@ -112,15 +128,15 @@ class MetricsWriter:
                                          config=config)
         if not enabled:
             return
-        # On an object store the JSONL files are rewritten whole at each write (objects cannot be
-        # appended to) and TensorBoard's event files are written locally and uploaded after each
-        # flush (cloud_jax.storage).
+        # On an object store the JSONL files are rewritten whole at each upload (objects cannot
+        # be appended to) and TensorBoard's event files are written locally and uploaded
+        # (cloud_jax.storage); both on the cadence of flush().
         if jsonl_path:
             throughput = storage.join(storage.dirname(jsonl_path) or ".", THROUGHPUT_FILE)
             for path in (jsonl_path, throughput):
                 drop_steps_after(path, start_step)
-            self._jsonl = storage.AppendText(jsonl_path)
-            self._throughput = storage.AppendText(throughput)
+            self._jsonl = storage.AppendText(jsonl_path, buffered=True)
+            self._throughput = storage.AppendText(throughput, buffered=True)
         if tensorboard_dir:
             from tensorboardX import SummaryWriter
 
@@ -143,16 +159,39 @@ class MetricsWriter:
             for k, v in numeric.items():
                 self._tb.add_scalar(f"{split}/{k}", v, step)
             self._tb.flush()
-            self._tb_dir.sync()
         if self._wandb is not None:
             self._wandb.log({f"{split}/{k}": v for k, v in numeric.items()}, step=step)
+        if (self._uploaded_at is None or
+                time.monotonic() - self._uploaded_at >= self._upload_every_s):
+            self.flush()
+
+    def flush(self) -> None:
+        """Everything written so far into the files: on an object store, uploaded now."""
+        if not self.enabled:
+            return
+        if self._jsonl is not None:
+            self._jsonl.flush()
+            self._throughput.flush()
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb_dir.sync()
+        self._uploaded_at = time.monotonic()
 
     def close(self) -> None:
+        """Uploads what is not yet in the files and closes them; every part is closed even
+        when another fails (the first failure is raised then)."""
+        closes = []
         if self._jsonl is not None:
-            self._jsonl.close()
-            self._throughput.close()
+            closes += [self._jsonl.close, self._throughput.close]
         if self._tb is not None:
-            self._tb.close()
-            self._tb_dir.close()
+            closes += [self._tb.close, self._tb_dir.close]
         if self._wandb is not None:
-            self._wandb.finish()
+            closes.append(self._wandb.finish)
+        failed = None
+        for close in closes:
+            try:
+                close()
+            except Exception as err:  # noqa: BLE001 - raised below, once the rest is closed
+                failed = failed or err
+        if failed is not None:
+            raise failed
