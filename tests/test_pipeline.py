@@ -202,7 +202,8 @@ def test_a_rerun_may_change_how_it_reports_but_not_what_its_stages_were_trained_
         _check_same_config(config(), saved)
     save_config(config(), saved)
     for override in ("train.progress_bar=true", "train.log_every=3",
-                     "self_critique.batch_size=7", "evaluation.num_examples=1"):
+                     "self_critique.batch_size=7", "evaluation.num_examples=1",
+                     "train.metrics_upload_every_s=5"):
         _check_same_config(config(override), saved)
     with pytest.raises(ConfigError, match=r"stages.cloud.total_steps differ\): the stages in "
                                           r".* rerun with the recorded settings"):

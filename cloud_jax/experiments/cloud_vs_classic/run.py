@@ -295,7 +295,8 @@ def _oracle_rewards(rm, rows, score_cfg) -> np.ndarray:
 _FREE_SETTINGS = ("evaluation", "stages.keep_checkpoints", "train.progress_bar", "train.log_every",
                   "train.tensorboard_dir", "train.wandb_project", "train.wandb_run_name",
                   "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpointing",
-                  "train.peak_flops_per_device", "data.num_threads", "data.prefetch_buffer_size",
+                  "train.peak_flops_per_device", "train.metrics_upload_every_s",
+                  "data.num_threads", "data.prefetch_buffer_size",
                   "self_critique.batch_size", "self_critique.decode_phases")
 
 
