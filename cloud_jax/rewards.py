@@ -25,8 +25,11 @@ as absent. A message's content is a string or a list of text parts (``{"type": "
 ...}``, the form of OpenAI's API and newer TRL), read joined in order with nothing between (the
 tokens of the joined string); a part of another type (an image, audio) is a ValueError naming the
 message and the part. The rewards equal ``rm.score`` on the
-same texts and settings; a non-finite one (NaN weights, an overflowing dtype) is a ValueError, not
-a reward.
+same texts and settings, but for the prompt cut: where a prompt must be cut from the left to fit
+``max_length``, the completions of one prompt text in a call (a GRPO group) all read it after the
+largest cut any of them needs (``rm.score``'s ``min_prompt_cuts``), so that their rewards, which
+the trainer compares, judge the same question. A non-finite reward (NaN weights, an overflowing
+dtype) is a ValueError, not a reward.
 
 A completion too long for the model (it does not fit ``max_length``, or the positions the
 critique budget leaves, even with the whole prompt cut away) is not scored, and the call goes on:
@@ -264,19 +267,15 @@ class CLoudReward:
             return [], []
         texts = [_prompt_text(p, i) for i, p in enumerate(prompts)]
         answers = [_completion_text(c, i) for i, c in enumerate(completions)]
-        try:
-            result, over = self.rm.score(texts, answers, **self.settings), []
-        except InputTooLongError as err:
-            if self.on_too_long == "error":
-                raise InputTooLongError(err.index, err.detail + " (or build the reward function "
-                                        "with on_too_long='skip' or 'penalty' to go on without "
-                                        "it)") from None
-            from cloud_jax.scoring.rewards import too_long
-
-            over = too_long(self.rm, texts, answers, self._cfg)
-            if not over:  # score's check and too_long's are one: never here
-                raise
-            result = self._score_the_rest(texts, answers, {o.index for o in over})
+        over, cuts = self._shared_cuts(texts, answers)
+        if over and self.on_too_long == "error":
+            err = over[0].error()
+            raise InputTooLongError(err.index, err.detail + " (or build the reward function "
+                                    "with on_too_long='skip' or 'penalty' to go on without it)")
+        if over:
+            result = self._score_the_rest(texts, answers, {o.index for o in over}, cuts)
+        else:
+            result = self.rm.score(texts, answers, min_prompt_cuts=cuts, **self.settings)
         # A NaN reaches a trainer as no reward (TRL) or as 0 (tunix's nansum), without a word.
         # (A completion too long to score has NaN rewards by design: not a fault of the model.)
         finite = (np.isfinite(np.asarray(result.rewards))
@@ -296,9 +295,30 @@ class CLoudReward:
             self._warn_too_long(over, len(texts))
         return rewards, self.last_critiques
 
-    def _score_the_rest(self, texts: list[str], answers: list[str], skipped: set):
-        """``rm.score`` over the inputs not in ``skipped``, as a result over all of them: the
-        skipped ones with NaN rewards, no critiques and no critique tokens."""
+    def _shared_cuts(self, texts: list[str], answers: list[str]
+                     ) -> tuple[list, Optional[list[int]]]:
+        """The inputs too long to score (``too_long``'s list), and the prompt tokens to cut from
+        each input (None: every input fits whole): the completions of one prompt text read the
+        same prompt tokens, the largest cut any of its scorable completions needs (a GRPO group
+        compares their rewards with one another; evaluation and Best-of-N share cuts so too)."""
+        from cloud_jax.scoring.rewards import prompt_tokens_cut, too_long
+
+        cuts = prompt_tokens_cut(self.rm, texts, answers, self._cfg)
+        if not cuts.any():  # nothing is cut, so nothing is too long either
+            return [], None
+        over = too_long(self.rm, texts, answers, self._cfg)
+        skipped = {o.index for o in over}
+        most: dict[str, int] = {}
+        for i, (text, cut) in enumerate(zip(texts, cuts.tolist())):
+            if i not in skipped:
+                most[text] = max(most.get(text, 0), cut)
+        return over, [most.get(text, 0) for text in texts]
+
+    def _score_the_rest(self, texts: list[str], answers: list[str], skipped: set,
+                        cuts: Optional[list[int]] = None):
+        """``rm.score`` over the inputs not in ``skipped`` (each cut by at least ``cuts[i]``
+        prompt tokens), as a result over all of them: the skipped ones with NaN rewards, no
+        critiques and no critique tokens."""
         from cloud_jax.scoring.rewards import ScoreResult, resolve_classic
 
         keep = [i for i in range(len(texts)) if i not in skipped]
@@ -310,7 +330,8 @@ class CLoudReward:
         critiques: list[list[str]] = [[] for _ in range(n)]
         if keep:
             part = self.rm.score([texts[i] for i in keep], [answers[i] for i in keep],
-                                 **self.settings)
+                                 min_prompt_cuts=None if cuts is None else
+                                 [cuts[i] for i in keep], **self.settings)
             sample_rewards[keep], truncated[keep] = part.sample_rewards, part.truncated
             critique_tokens[keep] = part.critique_tokens
             for j, i in enumerate(keep):

@@ -434,6 +434,54 @@ def test_a_too_long_completion_can_be_penalised_or_raise(rm):
     assert classic.last_too_long[0].tokens > 200
 
 
+# A question long enough that, under max_length=160, an answer of some length makes its prompt be
+# cut from the left.
+QUESTION = "Please explain, step by step, why 2+2 is 4."
+WORDY = "Four, because two and two make four."
+
+
+def test_the_completions_of_one_prompt_read_the_same_prompt_tokens(rm):
+    # A GRPO trainer compares the rewards of one prompt's completions with one another. Where the
+    # prompt had to be cut to fit, each completion lost as many prompt tokens as its own length
+    # needed: a short answer was judged against the whole question and a longer one against its
+    # end, so the group's rewards differed for a reason that is not the answers. They now read the
+    # largest cut among the scored completions of that prompt text in the call (evaluation's and
+    # Best-of-N's rule); a completion too long to score does not count.
+    for settings in (SHORT_MAX, dict(classic=True, max_length=60)):
+        fn = CLoudReward(rm, **settings)
+        prompts = [QUESTION, "Hi", QUESTION, QUESTION, "Hi"]
+        completions = ["4", "y" * 40, WORDY, LONG, "ok"]
+        cuts = rm.prompt_tokens_cut(prompts, completions, **settings)
+        assert cuts[0] == 0 < cuts[2] < len(QUESTION) < cuts[3]  # cuts that differ in a group
+        rewards = fn(prompts, completions)
+        assert rewards[3] is None and [o.index for o in fn.last_too_long] == [3]
+        keep = [0, 1, 2, 4]
+        shared = [int(cuts[2]), int(cuts[1]), int(cuts[2]), int(cuts[1])]
+        want = rm.score([prompts[i] for i in keep], [completions[i] for i in keep],
+                        min_prompt_cuts=shared, **settings)
+        np.testing.assert_allclose([rewards[i] for i in keep], want.rewards, atol=1e-6, rtol=0)
+        assert [fn.last_critiques[i] for i in keep] == want.critiques
+        # The short answer's reward is read after the group's cut, not after the whole question.
+        alone = rm.score(prompts[:1], completions[:1], **settings).rewards[0]
+        assert abs(rewards[0] - alone) > 1e-4
+    # Every completion fits: the rewards are rm.score's with the shared cuts too.
+    fn = CLoudReward(rm, on_too_long="error", **SHORT_MAX)
+    rewards = fn([QUESTION] * 2, ["4", WORDY])
+    cut = int(rm.prompt_tokens_cut([QUESTION], [WORDY], **SHORT_MAX)[0])
+    np.testing.assert_allclose(rewards, rm.score([QUESTION] * 2, ["4", WORDY], min_prompt_cuts=[
+        cut, cut], **SHORT_MAX).rewards, atol=1e-6, rtol=0)
+    # tunix's call: by keyword, each dataset column a numpy array holding every row once per
+    # generation (np.repeat), with its mode and the other columns; the question column scored.
+    completions = ["4", WORDY, "y" * 40, "ok"]
+    question = np.repeat(np.array([QUESTION, "Hi"]), 2)
+    rewards = fn(prompts=question, completions=completions, mode="train",
+                 answer=np.repeat(np.array(["4", "-"]), 2), trajectory_ids=["a", "b", "c", "d"])
+    cuts = rm.prompt_tokens_cut(list(question), completions, **SHORT_MAX).tolist()
+    assert cuts[0] != cuts[1]
+    np.testing.assert_allclose(rewards, rm.score(list(question), completions, min_prompt_cuts=[
+        cuts[1], cuts[1], max(cuts[2:]), max(cuts[2:])], **SHORT_MAX).rewards, atol=1e-6, rtol=0)
+
+
 def test_too_long_options_are_checked_when_built(rm):
     # Settings under which no completion fits at all (the critique budget takes every position
     # of the model) fail when built, not as every reward of the run skipped.
