@@ -140,6 +140,26 @@ def test_a_resume_may_change_how_critiques_are_batched_but_not_the_rows(setup, r
     assert "rows_sha256" in capsys.readouterr().err
 
 
+def test_a_resume_may_name_a_step_the_first_run_left_unrecorded_but_not_another(
+        setup, reference, tmp_path, capsys):
+    """A provenance whose checkpoint_step is null recorded no step (the pipeline's
+    self_critique stage wrote such before it passed the SFT stage's step): a resume that names
+    one goes on; a step other than the one recorded is refused."""
+    out = tmp_path / "unrecorded"
+    out.mkdir()
+    provenance = json.loads((reference / "provenance.json").read_text())
+    assert provenance["checkpoint_step"] == 100
+    (out / "provenance.json").write_text(json.dumps({**provenance, "checkpoint_step": None}))
+    name = "critiques-00000-of-00003.jsonl"
+    (out / name).write_bytes((reference / name).read_bytes())
+    assert run(setup, out) == 0
+    assert {n: b for n, b in files(out).items() if n != "provenance.json"} == \
+        {n: b for n, b in files(reference).items() if n != "provenance.json"}
+    capsys.readouterr()
+    assert run(setup, reference, "--checkpoint-step", "5") == 2
+    assert "checkpoint_step" in capsys.readouterr().err
+
+
 def test_a_resume_may_give_max_length_as_any_value_held_to_the_same_limit(setup, reference,
                                                                            tmp_path, capsys):
     """A max_length the model's positions hold to the same limit samples the same critiques:

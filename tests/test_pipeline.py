@@ -83,6 +83,11 @@ def test_every_stage_runs_and_results_json_holds_the_comparison(pipeline_run):
         with open(os.path.join(out, "self_critique", name)) as f:
             rewritten += [json.loads(line)["id"] for line in f]
     assert rewritten == [row["id"] for row in first]
+    # The provenance names the SFT model the critiques came from: its export and its step.
+    with open(os.path.join(out, "self_critique", "provenance.json")) as f:
+        provenance = json.load(f)
+    assert provenance["checkpoint"] == os.path.join(out, "critique_sft", "final")
+    assert provenance["checkpoint_step"] == steps["critique_sft"] == 3
     for arm in ("cloud", "classic"):
         assert saved["stages"][arm]["data"]["train"]["rows"] == 20, saved["stages"][arm]["data"]
     assert saved["stages"]["critique_sft"]["data"]["train"]["rows"] == 48

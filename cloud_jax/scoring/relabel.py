@@ -144,6 +144,10 @@ def _write_provenance(out_dir: str, provenance: dict, room: Optional[int] = None
         for key in ("rows_sha256", "weights_sha256"):
             if key not in saved:  # written before rows (weights) were fingerprinted
                 changed.pop(key, None)
+        if saved.get("checkpoint_step") is None:
+            # Not recorded (the pipeline's self_critique stage recorded none before it passed
+            # the SFT stage's step): a resume that knows the step may go on.
+            changed.pop("checkpoint_step", None)
         if changed:
             raise ConfigError(f"{path} records other settings ({', '.join(changed)} differ); "
                              "write to a new output directory or restore the settings")

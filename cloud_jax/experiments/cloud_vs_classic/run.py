@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import jax
 import numpy as np
@@ -144,7 +144,10 @@ def _drop_checkpoints(cfg: PipelineConfig, stage_cfg: Config) -> None:
                  path)
 
 
-def _self_critique(cfg: PipelineConfig, sft_dir: str, train_path: str) -> str:
+def _self_critique(cfg: PipelineConfig, sft_dir: str, train_path: str,
+                   sft_step: Optional[int] = None) -> str:
+    """Stage 2: the SFT model at ``sft_dir`` (trained ``sft_step`` steps, recorded in the
+    provenance) rewrites the critiques of ``train_path``; returns the shards' glob."""
     # Scoring loads transformers (seconds): imported where used, so that a config error is
     # reported without that wait.
     from cloud_jax.scoring.relabel import RelabelSettings, relabel
@@ -172,7 +175,7 @@ def _self_critique(cfg: PipelineConfig, sft_dir: str, train_path: str) -> str:
 
     try:
         summary = relabel(rm, rows, os.path.join(cfg.output_dir, "self_critique"), score_cfg,
-                          RelabelSettings(checkpoint=sft_dir,
+                          RelabelSettings(checkpoint=sft_dir, checkpoint_step=sft_step,
                                           input_paths=expand_paths(train_path), shard_rows=1024),
                           progress=progress_bar)
     finally:
@@ -394,7 +397,8 @@ def run_pipeline(cfg: PipelineConfig) -> Dict[str, Any]:
     sft = summaries["critique_sft"]["final_dir"]
     arm_path, arm_rows = _arm_rows(cfg, train_path, train_rows)
     log.info("self_critique: the SFT model rewrites %d x 2 train critiques", len(arm_rows))
-    critiqued = timer.run("self_critique", _self_critique, cfg, sft, arm_path)
+    critiqued = timer.run("self_critique", _self_critique, cfg, sft, arm_path,
+                          summaries["critique_sft"].get("step"))
     summaries["cloud"] = timer.run("cloud", _train, cfg, "cloud", train_path=critiqued,
                                    eval_path=eval_path, init_from=sft)
     summaries["classic"] = timer.run("classic", _train, cfg, "classic", train_path=arm_path,
