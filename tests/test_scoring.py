@@ -295,6 +295,20 @@ def test_a_critique_prefix_that_is_no_string_is_refused_with_the_settings(rm):
     ScoreConfig(critique_prefix="").validate()
 
 
+def test_a_sampling_number_given_as_no_number_is_named_with_the_setting(rm):
+    # A string (a value read from a text file or a form) failed in a comparison inside the
+    # sampler's checks as "'<=' not supported between instances of 'int' and 'str'", naming no
+    # setting.
+    for name, value in (("temperature", "0.7"), ("temperature", None), ("top_p", "0.9"),
+                        ("repetition_penalty", "1.01"), ("temperature", True)):
+        settings = {"temperature": 1.0, name: value}
+        with pytest.raises(ValueError, match=rf"{name}={value!r}: must be a number"):
+            ScoreConfig(**settings).validate()
+        with pytest.raises(ValueError, match=rf"{name}={value!r}: must be a number"):
+            rm.score(PROMPTS, RESPONSES, **settings)
+    ScoreConfig(temperature=np.float32(0.5), top_p=1, repetition_penalty=np.float64(1.1)).validate()
+
+
 def test_a_text_holding_a_lone_surrogate_is_named_not_a_tokenizer_error(rm, tmp_path):
     # A JSON "\ud800" escape decodes to a lone surrogate, which no tokenizer takes.
     for classic in (False, True):

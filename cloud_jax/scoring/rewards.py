@@ -111,6 +111,16 @@ class ScoreConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                 raise ValueError(f"{name}={value!r}: must be a whole number")
+        # Real numbers, checked as such: a string failed in a comparison inside the sampler's
+        # checks, naming no setting.
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if name == "top_p" and value is None:
+                continue
+            if isinstance(value, (bool, np.bool_)) or \
+                    not isinstance(value, (int, float, np.integer, np.floating)):
+                raise ValueError(f"{name}={value!r}: must be a number"
+                                 + (" (None: not used)" if name == "top_p" else ""))
         if self.critique_prefix is not None and not isinstance(self.critique_prefix, str):
             raise ValueError(f"critique_prefix={self.critique_prefix!r}: must be a string (None: "
                              "the model's own)")
