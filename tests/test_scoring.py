@@ -273,6 +273,19 @@ def test_a_text_that_is_not_a_string_is_named_not_called_too_long(rm):
             rm.score(["p", "q"], ["r", "a\udc80b"], classic=classic)
 
 
+def test_an_empty_given_critique_is_named_by_its_input(rm):
+    # Teacher forcing reads the reward after a critique: an empty one (what a sampled critique
+    # that ended at once decodes to) failed as "the critique layout needs a critique for every
+    # response", naming no input.
+    critiques = ["Correct.", "", "Fine."]
+    with pytest.raises(ValueError, match=r"critiques\[1\]: empty; .*a critique to read the "
+                                         r"reward after"):
+        teacher_forced_rewards(rm, PROMPTS, RESPONSES, critiques)
+    from cloud_jax.scoring.rewards import prompt_tokens_cut
+    with pytest.raises(ValueError, match=r"critiques\[1\]: empty"):
+        prompt_tokens_cut(rm, PROMPTS, RESPONSES, critiques=critiques)
+
+
 def test_prompt_tokens_cut_refuses_one_pair_given_as_two_strings(rm):
     # As rm.score: two strings are one pair, not pairs of characters (it returned one count per
     # character, each 0, which an evaluation would have passed on as the pair's cuts).

@@ -200,6 +200,16 @@ def _check_texts(**named: Sequence[Any]) -> None:
                 raise ValueError(f"{name}[{i}]: {bad}")
 
 
+def _check_critiques(critiques: Sequence[str]) -> None:
+    """A given critique must hold text: the layout reads the reward after it (an empty one is
+    what a sampled critique that ended at once decodes to)."""
+    for i, critique in enumerate(critiques):
+        if not critique:
+            raise ValueError(f"critiques[{i}]: empty; teacher forcing needs a critique to read "
+                             "the reward after (score that input with a sampled critique, or "
+                             "leave it out)")
+
+
 def _positions(rm) -> int:
     """The positions the model was built for (its max_position_embeddings)."""
     return rm.config.max_position_embeddings
@@ -363,6 +373,8 @@ def prompt_tokens_cut(rm, prompts: Sequence[str], responses: Sequence[str],
                          + ("" if critiques is None else f" and {len(critiques)} critiques"))
     _check_texts(prompts=prompts, responses=responses,
                  **({} if critiques is None else {"critiques": critiques}))
+    if critiques is not None:
+        _check_critiques(critiques)
     tok = _require_tokenizer(rm)
     if critiques is not None or cfg.classic:  # one forward over the whole input
         method = "classic" if critiques is None else "critique"
@@ -438,6 +450,7 @@ def teacher_forced_rewards(rm, prompts: Sequence[str], responses: Sequence[str],
         raise ValueError(f"{len(prompts)} prompts, {len(responses)} responses and "
                          f"{len(critiques)} critiques: one each per input")
     _check_texts(prompts=prompts, responses=responses, critiques=critiques)
+    _check_critiques(critiques)
     _check_min_prompt_cuts(min_prompt_cuts, len(prompts))
     examples = _encode_whole(rm, _require_tokenizer(rm), prompts, responses, critiques,
                              "critique", cfg, min_prompt_cuts)
