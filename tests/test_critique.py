@@ -379,3 +379,34 @@ def test_more_than_one_critique_per_response_is_refused_before_any_sampling(setu
         relabel.relabel(tiny_reward_model(2), rows, str(tmp_path / "api"),
                         relabel.ScoreConfig(num_samples=3))
     assert not sampled and not (tmp_path / "api").exists()
+
+
+def test_a_resume_with_another_recorded_tokenization_of_the_same_weights_is_refused(
+        setup, reference, tmp_path, capsys):
+    """The provenance records the critique-turn tokenization the critiques were sampled with
+    (the model's layout_version), not null: a resume whose checkpoint records another one, the
+    weights unchanged, is refused instead of mixing critiques of two layouts. A provenance of
+    an earlier release (null there) still resumes."""
+    import shutil
+
+    provenance = json.loads((reference / "provenance.json").read_text())
+    assert provenance["sampling"]["layout_version"] is not None
+    assert provenance["sampling"]["classic"] is False
+    root, ckpt, src = setup
+    older = tmp_path / "older"
+    older.mkdir()
+    (older / "provenance.json").write_text(json.dumps(
+        {**provenance, "sampling": {**provenance["sampling"], "layout_version": None,
+                                    "classic": None}}))
+    name = "critiques-00000-of-00003.jsonl"
+    (older / name).write_bytes((reference / name).read_bytes())
+    assert run(setup, older) == 0
+    other = tmp_path / "other"
+    shutil.copytree(ckpt, other)
+    config = json.loads((other / "config.json").read_text())
+    version = provenance["sampling"]["layout_version"]
+    (other / "config.json").write_text(json.dumps({**config, "layout_version": 1 if version != 1
+                                                   else 3}))
+    capsys.readouterr()
+    assert run((root, other, src), reference) == 2
+    assert "sampling.layout_version" in capsys.readouterr().err

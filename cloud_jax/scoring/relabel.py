@@ -39,7 +39,7 @@ from cloud_jax.data.schema import FEEDBACK_FIELDS, PreferenceRow, row_record
 from cloud_jax.data.schema import shard_name as _shard_name
 from cloud_jax.data.tokenizer import tokenizer_fingerprint
 from cloud_jax.scoring.rewards import (DEFAULT_MAX_LENGTH, ScoreConfig, resolve_classic,
-                                       resolve_critique_prefix, score)
+                                       resolve_critique_prefix, resolve_layout_version, score)
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,9 @@ def _write_provenance(out_dir: str, provenance: dict, room: Optional[int] = None
         for key in ("rows_sha256", "weights_sha256"):
             if key not in saved:  # written before rows (weights) were fingerprinted
                 changed.pop(key, None)
+        for key in ("sampling.layout_version", "sampling.classic"):
+            if changed.get(key, (0,))[0] is None:  # left to the model before they were recorded
+                changed.pop(key)
         if saved.get("checkpoint_step") is None:
             # Not recorded (the pipeline's self_critique stage recorded none before it passed
             # the SFT stage's step): a resume that knows the step may go on.
@@ -224,7 +227,11 @@ def relabel(rm, rows: Sequence[PreferenceRow], out_dir: str, cfg: ScoreConfig,
                           "critiques; stage 2 samples them from the critique_sft model "
                           "(feedback_method 'teacher')")
     check_writable(rows)
-    cfg = dataclasses.replace(cfg, critique_prefix=resolve_critique_prefix(rm, cfg))
+    # Recorded as sampled with: the model's prefix and critique-turn tokenization where cfg
+    # leaves them to it, so a resume with a checkpoint whose recorded tokenization changed (the
+    # weights the same) is refused rather than mixing critiques of two layouts.
+    cfg = dataclasses.replace(cfg, critique_prefix=resolve_critique_prefix(rm, cfg),
+                              layout_version=resolve_layout_version(rm, cfg), classic=False)
     num_shards = max(1, math.ceil(len(rows) / settings.shard_rows))
     # max_length None is recorded as the default it stands for, as runs before it recorded it.
     sampling = dataclasses.asdict(cfg)
