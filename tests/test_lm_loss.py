@@ -110,3 +110,28 @@ def test_chunk_size_must_be_positive():
     h, emb, targets, mask = _inputs()
     with pytest.raises(ValueError, match="chunk_size=0"):
         chunked_lm_loss(h, emb, targets, mask, 0, True)
+
+
+def test_bf16_gradients_carry_the_cotangent_unrounded():
+    """The step scales the LM sum by lm_coef / token count. That factor rounded to bf16 (1.25/75
+    is 0.34% off there) would scale every bf16 gradient by the same error, tilting the cloud
+    stage's LM term against the BT term; autodiff of the whole logits applies it exactly."""
+    h, emb, targets, _ = _inputs()
+    mask = jnp.zeros((R, T), bool).at[:, -25:].set(True)  # 75 target tokens
+    scale = 1.25 / 75  # 0.34% off in bf16
+    hb, embb = h.astype(jnp.bfloat16), emb.astype(jnp.bfloat16)
+
+    def want(h, emb):  # fp32 arithmetic on the same bf16 inputs
+        logits = jnp.einsum("btd,vd->btv", h, emb, preferred_element_type=jnp.float32)
+        return scale * lm_loss(logits, targets, mask)[0]
+
+    def got(h, emb):
+        return scale * chunked_lm_loss(h, emb, targets, mask, 8, True)[0]
+
+    w = jax.grad(want, argnums=(0, 1))(hb.astype(jnp.float32), embb.astype(jnp.float32))
+    g = jax.jit(jax.grad(got, argnums=(0, 1)))(hb, embb)
+    for a, b in zip(g, w):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        # The gradients' overall scale (their projection on the exact ones): bf16 rounding of
+        # each entry averages out, a rounded scale factor does not.
+        assert abs((a * b).sum() / (b * b).sum() - 1) < 1e-3
