@@ -412,6 +412,10 @@ CHIPS = {chip.name: chip for chip in (
     Chip("v6e", ("TPU v6",), 918e12, 31.25 * 2**30, 2, 1),
     Chip("H200", ("H200",), 989e12),
     Chip("H100", ("H100",), 989e12),
+    # The PCIe and NVL cards of a generation run slower clocks than its SXM ones.
+    Chip("H100 PCIe", ("H100 PCIe",), 756e12),
+    Chip("H100 NVL", ("H100 NVL",), 835e12),
+    Chip("H200 NVL", ("H200 NVL",), 835e12),
     Chip("A100", ("A100",), 312e12),
 )}
 

@@ -61,6 +61,19 @@ def test_the_chip_a_device_kind_names(device_kind, chip):
         assert aot.parse_slice(f"{chip}-8").chip is found
 
 
+@pytest.mark.parametrize("device_kind,peak", [
+    # NVIDIA's data sheets, bf16 dense (half the sparse figure): the PCIe and NVL cards run
+    # slower clocks than the SXM ones.
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+])
+def test_the_mfu_peak_of_a_gpu_is_that_of_its_form_factor(device_kind, peak):
+    from cloud_jax.training.metrics import peak_flops
+
+    assert peak_flops(device_kind) == peak
+    assert peak_flops(device_kind, configured=1e12) == 1e12
+
+
 @pytest.mark.parametrize("name", ["v5p-6", "v5p-4", "v5e-2", "v7-8", "v5p", "tpu-8"])
 def test_bad_slice_names(name):
     with pytest.raises(ConfigError, match="--topology"):
