@@ -797,3 +797,29 @@ def test_settings_this_machine_cannot_run_are_config_errors_before_training(
     with pytest.raises(ConfigError, match=message):
         run(tiny("classic", toy, str(tmp_path / "run"), override, "model.dtype=bfloat16",
                  "data.lenient=true"))
+
+
+def test_throughput_leaves_out_the_time_a_checkpoint_save_blocks(toy, tmp_path, monkeypatch):
+    # Like an evaluation, a save is no step's work: a window after a slow save (a synchronous
+    # one, a slow bucket) must not report the steps as slower by the save's duration.
+    import time
+
+    from cloud_jax.training import checkpointing
+
+    save = checkpointing.Checkpointer.save
+
+    def slow_save(self, *args, **kwargs):
+        time.sleep(5.0)
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(checkpointing.Checkpointer, "save", slow_save)
+    out = str(tmp_path / "slow_save")
+    run(tiny("critique_sft", toy, out, "train.total_steps=4", "train.log_every=1",
+             "train.checkpoint_every=2", "train.eval_every=0", "train.export_final=false"))
+    with open(os.path.join(out, "throughput.jsonl")) as f:
+        timing = [json.loads(line) for line in f]
+    tokens = {r["step"]: r["tokens"] for r in read_metrics(out)}
+    assert [t["step"] for t in timing] == [1, 2, 3, 4]
+    # Step 3's window starts as the save of step 2 does; a step of this model takes well under
+    # a second.
+    assert tokens[3] / timing[2]["tokens_per_s"] < 2.5, timing

@@ -522,7 +522,8 @@ def _with_total_steps(cfg: Config, num_pairs: int) -> Config:
 class _LogWindow:
     """The steps since the last log line: their metrics, model FLOPs per token, a digest of the
     global batches they read (their rows' pair indices and tokens, in order: the same on any
-    number of hosts), and the time they took (compilation and evaluation excluded)."""
+    number of hosts), and the time they took (compilation, evaluation and checkpoint saves
+    excluded)."""
 
     def __init__(self, train_step, peak: Optional[float]):
         self._step_fn, self._peak = train_step, peak
@@ -721,7 +722,10 @@ def _train(cfg: Config, mesh, preemption: _PreemptionWatch) -> dict:
                 # Every line up to this step is in the metrics files (in the bucket) before its
                 # checkpoint can be: a run resumed from it keeps those lines and drops the rest.
                 writer.flush()
+                # Like an evaluation, no step's work: kept out of the next window's throughput.
+                start = time.perf_counter()
                 ckpt.save(step, state, data_iter, checkpoint_config)
+                window.exclude(time.perf_counter() - start)
             summary["step"] = step
             if preempted:
                 ckpt.wait()
