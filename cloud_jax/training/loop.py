@@ -719,11 +719,11 @@ def _train(cfg: Config, mesh, preemption: _PreemptionWatch) -> dict:
                 log.info("eval at step %d: %s", step, summary["eval"])
                 window.exclude(time.perf_counter() - start)
             if save_now:
+                # Like an evaluation, no step's work: kept out of the next window's throughput.
+                start = time.perf_counter()
                 # Every line up to this step is in the metrics files (in the bucket) before its
                 # checkpoint can be: a run resumed from it keeps those lines and drops the rest.
                 writer.flush()
-                # Like an evaluation, no step's work: kept out of the next window's throughput.
-                start = time.perf_counter()
                 ckpt.save(step, state, data_iter, checkpoint_config)
                 window.exclude(time.perf_counter() - start)
             summary["step"] = step
