@@ -56,11 +56,11 @@ def tiny_tokenizer_metadata():
 
 
 def write_tiny_llama_gguf(path, *, tied=True, architecture="llama", drop=(), float64=(),
-                          extra=None, split=None):
+                          extra=None, split=None, pad_id=2):
     """A tiny Llama GGUF laid out as llama.cpp writes one; returns the HF tensors it should give.
     The tensors named in ``float64`` are stored as F64, a type gguf cannot dequantize; ``extra``
     ({name: array}) are written too; ``split`` (no, count) marks the file as one part of a model
-    that llama.cpp's gguf-split cut into parts."""
+    that llama.cpp's gguf-split cut into parts; ``pad_id`` is the padding token id written."""
     tokens, types, merges = tiny_tokenizer_metadata()
     c = TINY
     q_dim, kv_dim = c["heads"] * c["head_dim"], c["kv_heads"] * c["head_dim"]
@@ -121,7 +121,7 @@ def write_tiny_llama_gguf(path, *, tied=True, architecture="llama", drop=(), flo
     writer.add_token_merges(merges)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
-    writer.add_pad_token_id(2)
+    writer.add_pad_token_id(pad_id)
     writer.add_add_bos_token(False)
     writer.add_chat_template(CHAT_TEMPLATE)
     if split:
@@ -288,6 +288,21 @@ def test_an_unreadable_model_file_in_the_output_is_replaced_not_a_crash(tmp_path
     assert run_command(convert_cli.main, argv + ["--overwrite"]) == 0
     assert safetensors.numpy.load_file(out / "model.safetensors").keys() == write_tiny_llama_gguf(
         tmp_path / "again.gguf").keys()
+
+
+def test_a_special_token_id_outside_the_vocabulary_is_left_out(tmp_path, capsys):
+    """llama.cpp writes an unset id as 2**32 - 1 in some files (its loader warns "bad special
+    token" and ignores it): the conversion leaves that token out, as llama.cpp does, instead of
+    stopping with an IndexError or writing the id into config.json."""
+    from transformers import AutoTokenizer
+
+    write_tiny_llama_gguf(tmp_path / "m.gguf", pad_id=2**32 - 1)
+    out = gguf_convert.convert_gguf_to_hf(tmp_path / "m.gguf", tmp_path / "hf")
+    assert "tokenizer.ggml.padding_token_id = 4294967295" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert "pad_token_id" not in config and config["eos_token_id"] == 2
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.pad_token is None and tokenizer.eos_token == "<|im_end|>"
 
 
 def test_rejects_other_architectures(tmp_path):

@@ -88,6 +88,23 @@ def undo_rotary_permutation(w_oi: np.ndarray, num_heads: int) -> np.ndarray:
     return per_head.swapaxes(1, 2).reshape(w_oi.shape)
 
 
+def without_bad_special_token_ids(metadata: dict[str, Any]) -> dict[str, Any]:
+    """``metadata`` less the ``tokenizer.ggml.*_token_id`` keys that name no token of the
+    vocabulary, each reported in a printed line.
+
+    Some files carry an unset id as 2**32 - 1; llama.cpp's loader warns "bad special token" and
+    ignores such a key, and so does this conversion (the tokenizer and config.json then have no
+    such token)."""
+    vocab = len(metadata.get("tokenizer.ggml.tokens", ()))
+    bad = [key for key, value in metadata.items()
+           if re.fullmatch(r"tokenizer\.ggml\.\w+_token_id", key)
+           and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab)]
+    for key in bad:
+        print(f"Ignoring {key} = {metadata[key]!r}: no token of the vocabulary of {vocab} has "
+              "that id (as llama.cpp ignores it)")
+    return {key: value for key, value in metadata.items() if key not in bad}
+
+
 def _shortest_float32(value: float) -> float:
     """The shortest decimal naming the same float32 (GGUF stores 1e-05 as 9.99999974e-06)."""
     return float(str(np.float32(value)))
@@ -346,6 +363,8 @@ def convert_gguf_to_hf(gguf_path: PathLike, out_dir: PathLike) -> pathlib.Path:
             "gguf-split; join the parts first (llama-gguf-split --merge FIRST_PART OUT.gguf) "
             "and convert the joined file."
         )
+    if "tokenizer.ggml.tokens" in metadata:  # else the config names it missing
+        metadata = without_bad_special_token_ids(metadata)
     config = llama_config_from_gguf(metadata, [t.name for t in reader.tensors], gguf_path)
     types = ", ".join(
         f"{n} {k}" for k, n in Counter(t.tensor_type.name for t in reader.tensors).items()
