@@ -7,6 +7,7 @@ transformers' own GGUF loader and tokenizer.
 
 import importlib.metadata
 import json
+import re
 import subprocess
 import sys
 
@@ -56,11 +57,12 @@ def tiny_tokenizer_metadata():
 
 
 def write_tiny_llama_gguf(path, *, tied=True, architecture="llama", drop=(), float64=(),
-                          extra=None, split=None, pad_id=2):
+                          extra=None, split=None, pad_id=2, float_metadata=None):
     """A tiny Llama GGUF laid out as llama.cpp writes one; returns the HF tensors it should give.
     The tensors named in ``float64`` are stored as F64, a type gguf cannot dequantize; ``extra``
     ({name: array}) are written too; ``split`` (no, count) marks the file as one part of a model
-    that llama.cpp's gguf-split cut into parts; ``pad_id`` is the padding token id written."""
+    that llama.cpp's gguf-split cut into parts; ``pad_id`` is the padding token id written;
+    ``float_metadata`` ({key: value}) are more metadata keys, written as float32."""
     tokens, types, merges = tiny_tokenizer_metadata()
     c = TINY
     q_dim, kv_dim = c["heads"] * c["head_dim"], c["kv_heads"] * c["head_dim"]
@@ -124,6 +126,8 @@ def write_tiny_llama_gguf(path, *, tied=True, architecture="llama", drop=(), flo
     writer.add_pad_token_id(pad_id)
     writer.add_add_bos_token(False)
     writer.add_chat_template(CHAT_TEMPLATE)
+    for key, value in (float_metadata or {}).items():
+        writer.add_float32(key, value)
     if split:
         writer.add_uint16(gguf.Keys.Split.LLM_KV_SPLIT_NO, split[0])
         writer.add_uint16(gguf.Keys.Split.LLM_KV_SPLIT_COUNT, split[1])
@@ -332,6 +336,20 @@ def test_a_llama_3_1_frequency_table_is_refused_as_such(tmp_path):
                        match=r"rope_freqs\.weight.*RoPE scaling.*not supported"):
         gguf_convert.convert_gguf_to_hf(tmp_path / "m.gguf", tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("key", ["llama.rope.scaling.factor", "llama.rope.scale_linear"])
+def test_a_rope_scaling_factor_without_a_scaling_type_is_refused(tmp_path, key):
+    """llama.cpp reads a file without llama.rope.scaling.type as linear scaling by
+    llama.rope.scaling.factor (or the older llama.rope.scale_linear): such a file is refused
+    naming the key, not converted as a model without scaling; a factor of 1 scales nothing."""
+    write_tiny_llama_gguf(tmp_path / "m.gguf", float_metadata={key: 4.0})
+    with pytest.raises(gguf_convert.GGUFConversionError,
+                       match=rf"{re.escape(key)} is 4\.0.*RoPE scaling.*not supported"):
+        gguf_convert.convert_gguf_to_hf(tmp_path / "m.gguf", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    write_tiny_llama_gguf(tmp_path / "one.gguf", float_metadata={key: 1.0})
+    gguf_convert.convert_gguf_to_hf(tmp_path / "one.gguf", tmp_path / "hf")
 
 
 def test_one_part_of_a_split_model_is_refused_as_such(tmp_path):

@@ -127,6 +127,15 @@ def llama_config_from_gguf(
             f"{gguf_path}: llama.rope.scaling.type is {rope_scaling!r}; "
             "RoPE scaling is not supported."
         )
+    # Without a type llama.cpp scales linearly by this factor (the older files' key second).
+    for key in ("llama.rope.scaling.factor", "llama.rope.scale_linear"):
+        if key in metadata:
+            if metadata[key] not in (0.0, 1.0):  # 0 and 1: no scaling, for llama.cpp too
+                raise GGUFConversionError(
+                    f"{gguf_path}: {key} is {metadata[key]!r}, which llama.cpp reads as linear "
+                    "RoPE scaling; RoPE scaling is not supported."
+                )
+            break
     if "rope_freqs.weight" in tensor_names:
         # llama.cpp's form of Llama-3.1's "llama3" scaling: a table of factors, no scaling type.
         raise GGUFConversionError(
