@@ -352,6 +352,25 @@ def test_a_rope_scaling_factor_without_a_scaling_type_is_refused(tmp_path, key):
     gguf_convert.convert_gguf_to_hf(tmp_path / "one.gguf", tmp_path / "hf")
 
 
+def test_a_lora_adapter_file_is_refused_as_such(tmp_path):
+    """llama.cpp's convert_lora_to_gguf.py writes an adapter with general.architecture 'llama'
+    but no model hyperparameters: it is refused naming general.type, not as missing keys."""
+    writer = gguf.GGUFWriter(str(tmp_path / "lora.gguf"), "llama")
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 16.0)
+    writer.add_tensor("blk.0.attn_q.weight.lora_a", np.zeros((4, 32), np.float32))
+    writer.add_tensor("blk.0.attn_q.weight.lora_b", np.zeros((32, 4), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(gguf_convert.GGUFConversionError,
+                       match=r"lora\.gguf: general\.type is 'adapter'.*'lora'.*merged model's"):
+        gguf_convert.convert_gguf_to_hf(tmp_path / "lora.gguf", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
 def test_one_part_of_a_split_model_is_refused_as_such(tmp_path):
     """A model that llama.cpp's gguf-split cut into parts (model-00001-of-00002.gguf, ...) is
     refused naming the parts and how to join them, not as missing tensors or a missing

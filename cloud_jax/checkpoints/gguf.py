@@ -120,6 +120,17 @@ def llama_config_from_gguf(
             f"{gguf_path}: general.architecture is {architecture!r}; "
             "only 'llama' files can be converted."
         )
+    file_type = metadata.get("general.type", "model")
+    if file_type != "model":
+        adapter = metadata.get("adapter.type")
+        advice = (
+            f"it is an adapter (adapter.type {adapter!r}): merge it into its base model (e.g. "
+            "llama.cpp's llama-export-lora) and convert the merged model's GGUF file"
+            if file_type == "adapter" else "convert a model's GGUF file"
+        )
+        raise GGUFConversionError(
+            f"{gguf_path}: general.type is {file_type!r}, not 'model'; {advice}."
+        )
     # Mixture-of-experts files show up as unexpected tensors later.
     rope_scaling = metadata.get("llama.rope.scaling.type", "none")
     if rope_scaling != "none":
