@@ -282,8 +282,14 @@ sys.exit(serve(Waiting(), Settings(), None, port=int(sys.argv[1]), log_level="wa
 
 def _start_waiting_server(port: int) -> subprocess.Popen:
     """The server of _WAITING_SERVER on ``port``, once it answers /health."""
-    proc = subprocess.Popen([sys.executable, "-c", _WAITING_SERVER, str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return _start_script_server(_WAITING_SERVER, port)
+
+
+def _start_script_server(script: str, port: int, **popen) -> subprocess.Popen:
+    """``python -c script port``, once it answers /health (output to DEVNULL unless ``popen``
+    says otherwise)."""
+    popen = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, **popen}
+    proc = subprocess.Popen([sys.executable, "-c", script, str(port)], **popen)
     deadline = time.monotonic() + 60
     try:
         while True:
@@ -391,17 +397,8 @@ def test_a_request_body_over_the_limit_is_refused_before_it_is_read():
     its Content-Length, or once that much of a chunked body has come."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-c", _SMALL_BODY_SERVER, str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = _start_script_server(_SMALL_BODY_SERVER, port)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert time.monotonic() < deadline and proc.poll() is None
-            try:
-                requests.get(url + "/health", timeout=1)
-                break
-            except requests.ConnectionError:
-                time.sleep(0.1)
         # A terabyte announced, a few bytes sent: answered without waiting for the rest.
         with socket.create_connection(("127.0.0.1", port), timeout=20) as conn:
             conn.sendall(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
@@ -455,21 +452,14 @@ def test_a_second_ctrl_c_quits_without_draining():
     drained anyway, waiting for every queued critique. It closes the backend without draining."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-c", _FORCE_QUIT_SERVER, str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = _start_script_server(_FORCE_QUIT_SERVER, port, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert time.monotonic() < deadline and proc.poll() is None
-            try:
-                requests.get(url + "/health", timeout=1)
-                break
-            except requests.ConnectionError:
-                time.sleep(0.1)
         sender = threading.Thread(target=lambda: requests.post(
             url + "/v1/score", json={"items": [{"prompt": "a", "response": "b"}]}, timeout=60),
             daemon=True)
         sender.start()
+        deadline = time.monotonic() + 60
         while _queue_depth(url) < 1:
             assert time.monotonic() < deadline
             time.sleep(0.05)
