@@ -57,12 +57,14 @@ def tiny_tokenizer_metadata():
 
 
 def write_tiny_llama_gguf(path, *, tied=True, architecture="llama", drop=(), float64=(),
-                          extra=None, split=None, pad_id=2, float_metadata=None):
+                          extra=None, split=None, pad_id=2, float_metadata=None,
+                          tokenizer_model="gpt2"):
     """A tiny Llama GGUF laid out as llama.cpp writes one; returns the HF tensors it should give.
     The tensors named in ``float64`` are stored as F64, a type gguf cannot dequantize; ``extra``
     ({name: array}) are written too; ``split`` (no, count) marks the file as one part of a model
     that llama.cpp's gguf-split cut into parts; ``pad_id`` is the padding token id written;
-    ``float_metadata`` ({key: value}) are more metadata keys, written as float32."""
+    ``float_metadata`` ({key: value}) are more metadata keys, written as float32;
+    ``tokenizer_model`` is tokenizer.ggml.model (None: not written)."""
     tokens, types, merges = tiny_tokenizer_metadata()
     c = TINY
     q_dim, kv_dim = c["heads"] * c["head_dim"], c["kv_heads"] * c["head_dim"]
@@ -116,7 +118,8 @@ def write_tiny_llama_gguf(path, *, tied=True, architecture="llama", drop=(), flo
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_vocab_size(len(tokens))
-    writer.add_tokenizer_model("gpt2")
+    if tokenizer_model is not None:
+        writer.add_tokenizer_model(tokenizer_model)
     writer.add_tokenizer_pre("smollm")
     writer.add_token_list(tokens)
     writer.add_token_types(types)
@@ -316,6 +319,19 @@ def test_rejects_other_architectures(tmp_path):
     ):
         gguf_convert.convert_gguf_to_hf(tmp_path / "m.gguf", tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_tokenizer_model_other_than_llama_or_gpt2_is_refused_before_any_tensor(
+        tmp_path, capsys):
+    """tokenizer.ggml.model names the tokenizer; one this conversion cannot build (or none) is
+    named with the file before the tensors are dequantised, not a transformers traceback after."""
+    for model, message in (("bert", r"m\.gguf: tokenizer\.ggml\.model is 'bert'"),
+                           (None, r"m\.gguf: metadata keys \['tokenizer\.ggml\.model'\]")):
+        write_tiny_llama_gguf(tmp_path / "m.gguf", tokenizer_model=model)
+        with pytest.raises(gguf_convert.GGUFConversionError, match=message):
+            gguf_convert.convert_gguf_to_hf(tmp_path / "m.gguf", tmp_path / "hf")
+        assert "Dequantising" not in capsys.readouterr().out
+        assert not (tmp_path / "hf").exists()
 
 
 def test_rejects_missing_tensor(tmp_path):

