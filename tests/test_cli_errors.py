@@ -414,6 +414,40 @@ def test_export_and_convert_write_into_a_non_empty_out_only_when_told(capsys, fi
     assert "nothing to do" in capsys.readouterr().out
 
 
+def test_convert_from_a_url_refuses_a_non_empty_local_out_before_the_download(
+        capsys, tmp_path, monkeypatch):
+    """--gguf gs://... is copied to a local file first: a local --out that holds other files (no
+    conversion of a file of that name) is refused before that download, not after it; one that
+    holds a conversion of a file of that name still needs the file to tell, so it is copied."""
+    from test_gguf import write_tiny_llama_gguf
+
+    from cloud_jax import storage
+
+    write_tiny_llama_gguf(tmp_path / "m.gguf")
+    copies = []
+
+    def copy_file(src, dst):
+        copies.append(src)
+        shutil.copyfile(tmp_path / storage.basename(src), dst)
+
+    monkeypatch.setattr(storage, "check_path", lambda path, what: None)
+    monkeypatch.setattr(storage, "isfile", lambda path: True)
+    monkeypatch.setattr(storage, "copy_file", copy_file)
+    out = tmp_path / "other_model"
+    out.mkdir()
+    (out / "notes.txt").write_text("not a model")
+    argv = ["convert-gguf", "--gguf", "gs://bucket/m.gguf", "--out", str(out)]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert f"error: --out {out} is not empty; pass --overwrite" in capsys.readouterr().err
+    assert copies == []
+    assert main([*argv, "--overwrite"]) == 0 and copies == ["gs://bucket/m.gguf"]
+    # The same file's conversion there: the object is read to compare, and nothing written.
+    assert main(argv) == 0 and len(copies) == 2
+    assert "nothing to do" in capsys.readouterr().out
+
+
 def test_an_export_over_an_earlier_one_never_keeps_its_chat_template(files, tmp_path):
     """A tokenizer without a chat template writes no chat_template.jinja: an earlier export's,
     left in --out, was read back as the new model's template. It is removed; the export loads

@@ -20,7 +20,7 @@ import pathlib
 import re
 import struct
 from collections import Counter
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import gguf
 import numpy as np
@@ -345,6 +345,21 @@ def _is_converted(out_dir: pathlib.Path, provenance: dict[str, str]) -> bool:
             return f.metadata() == provenance
     except (safetensors.SafetensorError, OSError):  # cut short, or no safetensors file at all
         return False
+
+
+def converted_file_name(out_dir: PathLike) -> Optional[str]:
+    """The name of the GGUF file that ``out_dir`` holds a complete conversion of (by this
+    converter version); None when it holds none. Only :func:`already_converted` tells whether it
+    is the same file."""
+    out_dir = pathlib.Path(out_dir)
+    if not all((out_dir / name).is_file() for name in _OUTPUT_FILES):
+        return None
+    try:
+        with safetensors.safe_open(out_dir / "model.safetensors", framework="numpy") as f:
+            metadata = f.metadata() or {}
+    except (safetensors.SafetensorError, OSError):
+        return None
+    return metadata.get("source_gguf") if metadata.get("converter") == _CONVERTER else None
 
 
 def _provenance(gguf_path: pathlib.Path) -> dict[str, str]:

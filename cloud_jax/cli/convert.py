@@ -9,7 +9,12 @@ import tempfile
 from typing import Optional, Sequence
 
 from cloud_jax import storage
-from cloud_jax.checkpoints.gguf import already_converted, convert_gguf_to_hf, find_smollm2_gguf
+from cloud_jax.checkpoints.gguf import (
+    already_converted,
+    convert_gguf_to_hf,
+    converted_file_name,
+    find_smollm2_gguf,
+)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -35,8 +40,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         storage.check_path(args.gguf, "--gguf")
         if not storage.isfile(args.gguf):
             raise FileNotFoundError(f"--gguf {args.gguf}: no such object")
-        if not args.overwrite and storage.is_url(args.out) and storage.listdir(args.out):
-            _not_empty(parser, args.out)  # before the copy
+        # Refused before the copy: a bucket's --out always; a local one unless it holds a
+        # conversion of a file of this name (whether the same file needs the file's sha256).
+        if (not args.overwrite and storage.listdir(args.out)
+                and (storage.is_url(args.out)
+                     or converted_file_name(args.out) != storage.basename(args.gguf))):
+            _not_empty(parser, args.out)
         # The GGUF reader maps a local file: the object is copied to a temporary one.
         with tempfile.TemporaryDirectory(prefix="cloud_jax-gguf-") as tmp:
             local = os.path.join(tmp, storage.basename(args.gguf))
