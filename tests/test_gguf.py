@@ -247,6 +247,21 @@ def test_conversion_needs_no_torch_and_skips_a_converted_dir(tmp_path):
     ]
 
 
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_the_cli_reads_the_file_for_its_sha256_once_per_run(tmp_path, monkeypatch, overwrite):
+    """A GGUF file can be many GB: each run hashes it once, a rerun into its conversion too."""
+    write_tiny_llama_gguf(tmp_path / "m.gguf")
+    hashed = []
+    file_sha256 = gguf_convert._file_sha256
+    monkeypatch.setattr(gguf_convert, "_file_sha256",
+                        lambda path: hashed.append(path) or file_sha256(path))
+    argv = ["--gguf", str(tmp_path / "m.gguf"), "--out", str(tmp_path / "hf"), *overwrite]
+    for _ in range(2):
+        hashed.clear()
+        assert run_command(convert_cli.main, argv) == 0
+        assert len(hashed) == 1, hashed
+
+
 def test_converting_into_a_directory_with_a_sharded_model_drops_its_index(tmp_path):
     """An index left by an earlier model in the output directory would be what a load reads."""
     from safetensors.numpy import save_file

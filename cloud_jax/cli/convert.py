@@ -58,9 +58,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _convert(parser: argparse.ArgumentParser, args: argparse.Namespace, gguf_path) -> int:
     # What --out holds is not written over unless asked (the same file converted there already is
     # left as it is): another model's files of other names would stay beside this one's.
-    if (not args.overwrite and storage.listdir(args.out)
-            and (storage.is_url(args.out) or not already_converted(gguf_path, args.out))):
-        _not_empty(parser, args.out)
+    if not args.overwrite and storage.listdir(args.out):
+        if storage.is_url(args.out) or not already_converted(gguf_path, args.out):
+            _not_empty(parser, args.out)
+        # Told here: convert_gguf_to_hf would read the (large) file for its sha256 again.
+        print(f"{args.out} already holds {os.path.basename(gguf_path)} converted; nothing to do.")
+        return 0
     if not storage.is_url(args.out):
         convert_gguf_to_hf(gguf_path, args.out)
         return 0
