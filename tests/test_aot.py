@@ -80,6 +80,18 @@ def test_bad_slice_names(name):
         aot.parse_slice(name)
 
 
+@pytest.mark.parametrize("name,largest", [
+    # cloud.google.com/tpu/docs: a v5e or v6e pod is 256 chips, a v4 pod 4096; the largest v5p
+    # slice is 16x16x24, 6144 chips (v5p-12288), so the largest power of two here is v5p-8192.
+    ("v5e-512", "v5e-256"), ("v5litepod-512", "v5e-256"), ("v6e-1024", "v6e-256"),
+    ("v4-16384", "v4-8192"), ("v5p-16384", "v5p-8192"),
+])
+def test_a_slice_larger_than_the_generation_has_is_refused_naming_the_largest(name, largest):
+    with pytest.raises(ConfigError, match=rf"--topology '{name}': .*largest .*{largest}\b"):
+        aot.parse_slice(name)
+    aot.parse_slice(largest)
+
+
 def compile_tiny(capsys, topology: str, inputs: int) -> str:
     """aot of the tiny config with its sampling steps on ``topology``: what it printed, after the
     checks every target shares (the three steps named, each with its memory figures)."""

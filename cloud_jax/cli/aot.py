@@ -73,6 +73,9 @@ GPU_INSTALL_HINT = ("JAX's CUDA plugin is not installed: `pip install -r require
 
 
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
+# The most chips one slice of a generation holds, from the same pages: a v4 pod is 4096 chips, a
+# v5e or v6e pod 256; the largest v5p slice is 16x16x24, 6144 chips of its 8960-chip pod.
+_MOST_CHIPS = {"v4": 4096, "v5p": 6144, "v5e": 256, "v6e": 256}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +204,12 @@ def parse_slice(name: str) -> Slice:
         unit = "TensorCores (2 per chip)" if chip.cores_in_name == 2 else "chips"
         raise ConfigError(f"--topology {name!r}: the size counts {unit}; expected 1 or 4, 8, 16, "
                           f"... chips")
+    most = _MOST_CHIPS[chip.name]
+    if chips > most:
+        largest = 1 << (most.bit_length() - 1)  # the largest power of two within it
+        raise ConfigError(
+            f"--topology {name!r}: a {chip.name} slice has at most {most} chips; the largest "
+            f"given here is {chip.name}-{largest * chip.cores_in_name} ({largest} chips)")
     return Slice(name, chip, chips, _shape(chips, chip.torus_dims))
 
 
