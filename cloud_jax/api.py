@@ -71,7 +71,7 @@ class RewardModel:
         # Checked before the int32 cast, which would truncate fractions and wrap large ids (a jax
         # array, which may span hosts, is checked where it lies).
         xp = jnp if isinstance(input_ids, jax.Array) else np
-        given = xp.asarray(input_ids)
+        given = _as_batch(xp, input_ids, "input_ids")
         if given.ndim != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {given.shape}")
         if given.size == 0:
@@ -84,7 +84,7 @@ class RewardModel:
         if attention_mask is None:
             mask = jnp.ones_like(ids)
         else:
-            given_mask = xp.asarray(attention_mask)
+            given_mask = _as_batch(xp, attention_mask, "attention_mask")
             if given_mask.size and not bool(xp.all((given_mask == 0) | (given_mask == 1))):
                 raise ValueError("attention_mask holds values other than 0 or 1 (1: attended, "
                                  "0: padding)")
@@ -152,6 +152,26 @@ class RewardModel:
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(str(out))
         return os.fspath(directory) if storage.is_url(directory) else out
+
+
+def _as_batch(xp, value, name: str):
+    """``value`` as an array; rows of different lengths (lists of ids) are refused naming
+    ``name`` and saying to pad, not with numpy's message about an inhomogeneous shape."""
+    try:
+        return xp.asarray(value)
+    except (ValueError, TypeError):
+        if not isinstance(value, (list, tuple)):
+            raise
+        lengths = [len(row) if isinstance(row, (list, tuple, np.ndarray)) else None
+                   for row in value]
+        if len(set(lengths)) < 2:
+            raise
+        shown = ", ".join("not a row" if n is None else str(n) for n in lengths[:8])
+        raise ValueError(
+            f"{name} has rows of different lengths ({shown}{', ...' if len(lengths) > 8 else ''}"
+            "): pad every row to one length and pass input_ids and attention_mask (1: token, "
+            "0: padding) of shape [batch, length], e.g. a tokenizer's output with "
+            "padding=True") from None
 
 
 def _check_lists(method: str, prompts, responses) -> None:

@@ -281,6 +281,12 @@ def test_forward_rejects_bad_input():
         rm.forward(np.array([[2**32 + 5]]))
     with pytest.raises(ValueError, match="empty"):
         rm.forward(np.zeros((0, 4), np.int32))
+    # Rows of different lengths (plain lists) are named as input_ids, with what to pass.
+    with pytest.raises(ValueError, match=r"input_ids.*rows of different lengths.*pad.*"
+                                         r"attention_mask"):
+        rm.forward([[1, 2, 3], [4, 5]])
+    with pytest.raises(ValueError, match=r"attention_mask.*rows of different lengths"):
+        rm.forward([[1, 2, 3], [4, 5, 6]], [[1, 1, 1], [1, 1]])
     # A mask value other than 0 and 1 would shift positions (2) or be read as attended by the
     # reward index but not by the model (-1), or be cut to 0 by the int cast (0.5).
     for bad in ([[1, 2]], [[1, -1]], [[1.0, 0.5]]):
