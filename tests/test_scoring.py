@@ -715,3 +715,19 @@ def test_the_score_command_rewards_both_sides_of_a_pair_after_one_prompt(rm, tmp
     row = json.loads(out.read_text())
     np.testing.assert_allclose([row["chosen_reward"], row["rejected_reward"]], expected,
                                rtol=1e-5)
+
+
+def test_an_on_batch_that_is_not_callable_is_refused_before_anything_is_scored(rm, monkeypatch):
+    # It failed as "'int' object is not callable" only after the first batch had been sampled.
+    import cloud_jax.scoring.rewards as rewards
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("scored before on_batch was checked")
+
+    monkeypatch.setattr(rewards, "_forward_rewards", no_forward)
+    monkeypatch.setattr(rewards, "_sampling_params", no_forward)
+    for classic in (False, True):
+        with pytest.raises(TypeError, match=r"on_batch=5: must be callable .*or None"):
+            rm.score(PROMPTS, RESPONSES, max_critique_tokens=BUDGET, classic=classic, on_batch=5)
+    with pytest.raises(TypeError, match=r"on_batch='x': must be callable"):
+        teacher_forced_rewards(rm, PROMPTS, RESPONSES, ["c"] * 3, on_batch="x")

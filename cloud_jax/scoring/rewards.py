@@ -391,6 +391,14 @@ def prompt_tokens_cut(rm, prompts: Sequence[str], responses: Sequence[str],
     return np.maximum(np.asarray(lengths, np.int64) - limit, 0)
 
 
+def _check_on_batch(on_batch) -> None:
+    """Checked before any batch runs: a value that is no function otherwise failed only after the
+    first batch had been scored."""
+    if on_batch is not None and not callable(on_batch):
+        raise TypeError(f"on_batch={on_batch!r:.60}: must be callable as on_batch(inputs, "
+                        "critique_tokens), or None")
+
+
 def _check_min_prompt_cuts(min_prompt_cuts: Optional[Sequence[int]], n: int) -> None:
     if min_prompt_cuts is not None and (len(min_prompt_cuts) != n
                                         or min(min_prompt_cuts, default=0) < 0):
@@ -452,6 +460,7 @@ def teacher_forced_rewards(rm, prompts: Sequence[str], responses: Sequence[str],
     _check_texts(prompts=prompts, responses=responses, critiques=critiques)
     _check_critiques(critiques)
     _check_min_prompt_cuts(min_prompt_cuts, len(prompts))
+    _check_on_batch(on_batch)
     examples = _encode_whole(rm, _require_tokenizer(rm), prompts, responses, critiques,
                              "critique", cfg, min_prompt_cuts)
     return _forward_rewards(rm, examples, cfg, on_batch)
@@ -540,6 +549,7 @@ def score(rm, prompts: Sequence[str], responses: Sequence[str], cfg: ScoreConfig
         raise ValueError("nothing to score: no prompts given")
     _check_texts(prompts=prompts, responses=responses)
     _check_min_prompt_cuts(min_prompt_cuts, len(prompts))
+    _check_on_batch(on_batch)
     if cfg.classic:
         return _score_classic(rm, prompts, responses, cfg, on_batch, min_prompt_cuts)
     tok = _require_tokenizer(rm)
