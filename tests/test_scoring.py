@@ -731,3 +731,20 @@ def test_an_on_batch_that_is_not_callable_is_refused_before_anything_is_scored(r
             rm.score(PROMPTS, RESPONSES, max_critique_tokens=BUDGET, classic=classic, on_batch=5)
     with pytest.raises(TypeError, match=r"on_batch='x': must be callable"):
         teacher_forced_rewards(rm, PROMPTS, RESPONSES, ["c"] * 3, on_batch="x")
+
+
+def test_a_min_prompt_cut_that_is_no_whole_number_is_refused_not_truncated(rm):
+    # 1.5 was cut to 1 by int() without a word.
+    for fn in (lambda cuts: rm.score(PROMPTS, RESPONSES, max_critique_tokens=BUDGET,
+                                     min_prompt_cuts=cuts),
+               lambda cuts: teacher_forced_rewards(rm, PROMPTS, RESPONSES, ["c"] * 3,
+                                                   min_prompt_cuts=cuts)):
+        for bad, shown in (([0, 1.5, 0], "1.5"), (np.array([0.0, 0.0, 2.25]), "2.25"),
+                           ([0, "1", 0], "'1'"), ([True, 0, 0], "True")):
+            with pytest.raises(ValueError, match=rf"min_prompt_cuts\[\d\]={shown}: .*whole number"):
+                fn(bad)
+    # Whole numbers of any type are taken.
+    want = rm.score(PROMPTS, RESPONSES, max_critique_tokens=BUDGET, min_prompt_cuts=[0, 1, 0])
+    for cuts in (np.array([0, 1, 0], np.int64), [0.0, 1.0, 0.0]):
+        got = rm.score(PROMPTS, RESPONSES, max_critique_tokens=BUDGET, min_prompt_cuts=cuts)
+        np.testing.assert_array_equal(got.rewards, want.rewards)

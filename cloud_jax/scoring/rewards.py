@@ -400,8 +400,16 @@ def _check_on_batch(on_batch) -> None:
 
 
 def _check_min_prompt_cuts(min_prompt_cuts: Optional[Sequence[int]], n: int) -> None:
-    if min_prompt_cuts is not None and (len(min_prompt_cuts) != n
-                                        or min(min_prompt_cuts, default=0) < 0):
+    if min_prompt_cuts is None:
+        return
+    # Each a whole number: int() further down would cut 1.5 to 1 without a word.
+    for i, cut in enumerate(min_prompt_cuts):
+        if isinstance(cut, (bool, np.bool_)) or not isinstance(
+                cut, (int, float, np.integer, np.floating)) or not float(cut).is_integer():
+            shown = cut.item() if isinstance(cut, np.generic) else cut
+            raise ValueError(f"min_prompt_cuts[{i}]={shown!r:.40}: each must be a whole number of "
+                             "prompt tokens >= 0")
+    if len(min_prompt_cuts) != n or min(min_prompt_cuts, default=0) < 0:
         raise ValueError(f"min_prompt_cuts: one count >= 0 per input ({n})")
 
 
