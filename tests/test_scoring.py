@@ -748,3 +748,21 @@ def test_a_min_prompt_cut_that_is_no_whole_number_is_refused_not_truncated(rm):
     for cuts in (np.array([0, 1, 0], np.int64), [0.0, 1.0, 0.0]):
         got = rm.score(PROMPTS, RESPONSES, max_critique_tokens=BUDGET, min_prompt_cuts=cuts)
         np.testing.assert_array_equal(got.rewards, want.rewards)
+
+
+def test_length_buckets_are_checked_when_the_settings_are_made(rm):
+    # A float bucket (64.0) failed as a TypeError deep in np.full at the first batch; a bare
+    # number failed in sorted().
+    for bad, match in (((256.0, 512), r"length_buckets=\(256\.0, 512\): .*whole numbers >= 1"),
+                       ((0, 512), r"length_buckets=\(0, 512\): .*whole numbers >= 1"),
+                       (("64",), r"length_buckets=\('64',\): .*whole numbers >= 1"),
+                       (64, r"length_buckets=64: .*a list")):
+        with pytest.raises(ValueError, match=match):
+            rm.score(PROMPTS, RESPONSES, max_critique_tokens=BUDGET, length_buckets=bad)
+        with pytest.raises(ValueError, match=match):
+            ScoreConfig(length_buckets=bad).validate()
+    # Whole numbers of any integer type, in a list or tuple, are taken.
+    want = rm.score(PROMPTS, RESPONSES, max_critique_tokens=BUDGET, length_buckets=(256, 512))
+    got = rm.score(PROMPTS, RESPONSES, max_critique_tokens=BUDGET,
+                   length_buckets=[np.int64(256), 512])
+    np.testing.assert_array_equal(got.rewards, want.rewards)

@@ -121,6 +121,13 @@ class ScoreConfig:
                     not isinstance(value, (int, float, np.integer, np.floating)):
                 raise ValueError(f"{name}={value!r}: must be a number"
                                  + (" (None: not used)" if name == "top_p" else ""))
+        # Prefill lengths: a float (64.0) failed as a TypeError in np.full at the first batch.
+        buckets = self.length_buckets
+        if not isinstance(buckets, (list, tuple, np.ndarray)) or any(
+                isinstance(b, (bool, np.bool_)) or not isinstance(b, (int, np.integer)) or b < 1
+                for b in buckets):
+            raise ValueError(f"length_buckets={buckets!r:.80}: must be a list of whole numbers "
+                             ">= 1 (prefill lengths; empty: powers of two)")
         if self.critique_prefix is not None and not isinstance(self.critique_prefix, str):
             raise ValueError(f"critique_prefix={self.critique_prefix!r}: must be a string (None: "
                              "the model's own)")
