@@ -196,6 +196,21 @@ def test_a_classic_run_takes_a_repeated_k_of_one(tmp_path, monkeypatch):
     assert all(s["classic"] is True and s["num_samples"] == 1 for s in model.settings)
 
 
+def test_classic_with_several_ks_names_what_to_change(tmp_path, capsys):
+    # The command said "drop --num-samples or classic" (no such flag); the Python message told
+    # to "drop classic", which is a setting to turn off, not to leave out.
+    rows_path, _ = _inputs(tmp_path)
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", "c", "--input", rows_path, "--output-dir", str(tmp_path / "o"),
+              "--num-samples", "1,4", "--classic"])
+    err = capsys.readouterr().err
+    assert "--num-samples 1,4: a classic reward model writes no critiques, so K is 1" in err
+    assert "drop --num-samples or --classic" in err, err
+    with pytest.raises(ValueError, match=r"num_samples=\(1, 4\): .*so K is 1; set num_samples="
+                                         r"\(1,\) or classic=False$"):
+        EvalConfig(num_samples=(1, 4), classic=True).validate()
+
+
 def test_a_rerun_into_the_same_directory_leaves_no_earlier_outputs(tmp_path, monkeypatch):
     """A Best-of-N-only rerun into the directory of a full run with --lenient rejects: the
     earlier critiques, section plot and rejects go (they would sit beside a report that does not

@@ -125,6 +125,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  ("critique_prefix", args.critique_prefix)) if v is not None}
     from cloud_jax.scoring.rewards import ScoreConfig
 
+    if args.classic and cfg.ks != (1,):  # told in flags: --classic is a switch, not a value
+        parser.error(f"--num-samples {','.join(map(str, cfg.num_samples))}: a classic reward "
+                     "model writes no critiques, so K is 1; drop --num-samples or --classic")
     try:  # the sampling flags too, before the rows are read and the model loaded
         cfg.validate(best_of_n=args.best_of_n is not None)
         ScoreConfig(temperature=cfg.temperature, max_critique_tokens=cfg.max_critique_tokens,

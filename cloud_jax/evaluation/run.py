@@ -83,7 +83,8 @@ class EvalConfig:
             raise ValueError(f"num_samples={self.num_samples}: need one or more K >= 1")
         if self.classic and self.ks != (1,):
             raise ValueError(f"num_samples={self.num_samples}: a classic reward model writes no "
-                             "critiques, so K is 1; drop num_samples or classic")
+                             "critiques, so K is 1; set num_samples=(1,) or "
+                             "classic=False")
         if self.temperature < 0:
             raise ValueError(f"temperature={self.temperature}: must be >= 0")
         if self.max_critique_tokens < 1 and not self.classic:
