@@ -401,3 +401,13 @@ def test_a_blank_subset_is_no_subset_as_an_empty_one_is(tmp_path):
             {k: v for k, v in _row(3).items() if k != "subset"}, _row(4, subset=" math ")]
     result = load_rows(_jsonl(tmp_path / "rows.jsonl", rows), require_feedback=True)
     assert [row.subset for row in result.rows] == [None, None, None, None, " math "]
+    # Written back (the critique command's output) each keeps its subset field as given: a blank
+    # or null one was left out of the row.
+    from cloud_jax.data.schema import row_record
+
+    for given, row in zip(rows, result.rows):
+        written = row_record(row, chosen_feedback="new")
+        assert ("subset" in written) == ("subset" in given)
+        if "subset" in given:
+            assert written["subset"] == given["subset"]
+        assert written["chosen_feedback"] == "new"

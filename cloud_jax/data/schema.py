@@ -94,6 +94,8 @@ class PreferenceRow:
     subset: Optional[str]
     # "file:line" or "file[row i]", for messages further down the pipeline.
     source: str
+    # The other columns, as given; and a blank or null subset (``subset`` None), so that a row
+    # written back (row_record) keeps the field as it was.
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     # Where the row was read: its file, and the 1-based line (JSONL) or 0-based row index.
     file: str = ""
@@ -615,6 +617,8 @@ def validate_row(obj: Any, require_feedback: bool, file: str, line: Optional[int
     if texts["chosen"] == texts["rejected"]:
         raise _FieldError("rejected", "identical to chosen; the pair carries no preference")
     extra = {k: v for k, v in obj.items() if k not in KNOWN_FIELDS}
+    if subset is None and "subset" in obj:
+        extra["subset"] = obj["subset"]  # blank or null: read as none, written back as given
     return PreferenceRow(id=row_id, **texts, **feedback, subset=subset,
                          source=_location(file, line, index), extra=extra, file=file, line=line,
                          index=index)
