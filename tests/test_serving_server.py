@@ -474,6 +474,53 @@ def test_a_second_ctrl_c_quits_without_draining():
         proc.wait()
 
 
+# The waiting backend run as the serve command runs (under run_command's SIGTERM handler), whose
+# close, asked to drain, takes a while (a batch still running) and says when it is done.
+_SLOW_DRAIN_SERVER = _WAITING_SERVER.rsplit("sys.exit", 1)[0] + """
+import time
+from cloud_jax.cli.common import run_command
+
+class Draining(Waiting):
+    def close(self, drain=True):
+        print(f"close drain={drain}", flush=True)
+        if drain:
+            time.sleep(3)
+            print("drained", flush=True)
+
+sys.exit(run_command(lambda argv: serve(Draining(), Settings(), None, port=int(sys.argv[1]),
+                                        log_level="warning"), []))
+"""
+
+
+def test_a_second_sigterm_while_draining_is_ignored():
+    """A second SIGTERM while the backend drained (after uvicorn had answered its connections)
+    reached the batch commands' handler: "run the same command again to resume" and status 75,
+    the drain cut short. It is ignored, as during uvicorn's own wait: the drain ends, and the
+    process exits 0."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_DRAIN_SERVER, str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert time.monotonic() < deadline and proc.poll() is None
+            try:
+                requests.get(url + "/health", timeout=1)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.stdout.readline().strip() == "close drain=True"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        rest = proc.stdout.read()
+        assert "drained" in rest and "resume" not in rest, rest
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 # The waiting backend, with a log handler that tries to connect when "ready on" is logged.
 _READY_PROBE = _WAITING_SERVER.rsplit("sys.exit", 1)[0] + """
 import logging, socket

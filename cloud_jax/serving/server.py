@@ -12,8 +12,9 @@ range, lengths that disagree), naming the field; an item longer than the server'
 a body larger than ``max_body_bytes`` 413 too, before the rest of it is read; a full queue 503
 with Retry-After. A client that goes away has its request cancelled. SIGTERM (or
 Ctrl-C) stops admitting, lets every accepted request finish, then the process exits 0; a second
-Ctrl-C quits without waiting for them. SIGTERM while the model loads and compiles (before the
-socket listens, nothing accepted) stops there, and the process exits 0 too.
+SIGTERM while it does so is ignored, and a second Ctrl-C quits without waiting for them. SIGTERM
+while the model loads and compiles (before the socket listens, nothing accepted) stops there, and
+the process exits 0 too.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import logging
 import math
 import signal
 import socket
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional
@@ -385,6 +387,18 @@ def serve(backend: Backend, defaults: Settings, tokenizer, *, host: str = "127.0
                     "started end unanswered")
         backend.close(drain=False)
         return 0
-    backend.close(drain=True)
+    # uvicorn has answered its connections and restored the command's handlers; the backend may
+    # still finish a batch. A SIGTERM now is ignored, as it is during uvicorn's wait above (the
+    # command's handler would stop the drain with a preempted batch command's status 75).
+    def on_sigterm_while_draining(sig, frame):
+        log.warning("SIGTERM while draining: ignored; the requests accepted are still answered")
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm_while_draining) if main_thread else None
+    try:
+        backend.close(drain=True)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     log.info("every accepted request answered; exiting")
     return 0
