@@ -201,12 +201,9 @@ ZEPHYR_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
 
 
-def _openrlhf_request(tok, prompt, response, padding):
-    """(query, prompt) as OpenRLHF sends them: the generation prompt rendered as text and
-    tokenized without special tokens, the policy's sample (here the tokens the rendered
-    conversation has past the prompt's, then the EOS) after it, the whole decoded with
-    ``skip_special_tokens=False`` (before 0.8 a batch left- and right-padded with the pad token,
-    the EOS where there is none); the prompt is the rendered text itself."""
+def _rendered_ids(tok, prompt, response):
+    """(generation prompt as rendered, its ids, the ids of the rendered conversation), tokenized
+    without special tokens; the conversation's ids start with the prompt's."""
     user = {"role": "user", "content": prompt}
     generation_prompt = tok.apply_chat_template([user], tokenize=False,
                                                 add_generation_prompt=True)
@@ -215,6 +212,16 @@ def _openrlhf_request(tok, prompt, response, padding):
     prompt_ids = tok(generation_prompt, add_special_tokens=False)["input_ids"]
     ids = tok(conversation, add_special_tokens=False)["input_ids"]
     assert ids[:len(prompt_ids)] == prompt_ids
+    return generation_prompt, prompt_ids, ids
+
+
+def _openrlhf_request(tok, prompt, response, padding):
+    """(query, prompt) as OpenRLHF sends them: the generation prompt rendered as text and
+    tokenized without special tokens, the policy's sample (here the tokens the rendered
+    conversation has past the prompt's, then the EOS) after it, the whole decoded with
+    ``skip_special_tokens=False`` (before 0.8 a batch left- and right-padded with the pad token,
+    the EOS where there is none); the prompt is the rendered text itself."""
+    generation_prompt, prompt_ids, ids = _rendered_ids(tok, prompt, response)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     sequence = [pad] * padding + ids + [tok.eos_token_id] + [pad] * padding
     return tok.decode(sequence, skip_special_tokens=False), generation_prompt
@@ -380,14 +387,7 @@ def test_get_reward_queries_whose_prompt_was_cut_from_the_left_are_split(style, 
         tok.chat_template = template
     markers = ChatMarkers.of(tok)
     prompt, response, _ = CASES[0]
-    user = {"role": "user", "content": prompt}
-    generation_prompt = tok.apply_chat_template([user], tokenize=False,
-                                                add_generation_prompt=True)
-    conversation = tok.apply_chat_template([user, {"role": "assistant", "content": response}],
-                                           tokenize=False)
-    prompt_ids = tok(generation_prompt, add_special_tokens=False)["input_ids"]
-    ids = tok(conversation, add_special_tokens=False)["input_ids"]
-    assert ids[:len(prompt_ids)] == prompt_ids
+    generation_prompt, prompt_ids, ids = _rendered_ids(tok, prompt, response)
     for kept in range(len(prompt_ids) - 1, 0, -1):
         query = tok.decode(prompt_ids[-kept:] + ids[len(prompt_ids):] + [tok.eos_token_id],
                            skip_special_tokens=False)
